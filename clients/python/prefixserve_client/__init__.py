@@ -1,0 +1,1 @@
+"""PrefixServe Python SDK."""
