@@ -1,0 +1,58 @@
+"""Incremental detokenization with stop strings.
+
+Text is decoded from a sliding window of tokens (as vLLM does) so each step costs O(1) tokens, and incomplete UTF-8
+sequences are held back. Text that could still turn into a stop string is held back too, so a client never sees
+characters that are later cut.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
+        self.tok = tokenizer
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = list(prompt_ids[-6:])  # context so the first tokens decode with correct spacing
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # all generated text so far (complete characters)
+        self.emitted = 0  # characters of self.text already returned to the caller
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Add one token; returns (text delta safe to emit, stop string hit)."""
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            start = len(self.text)
+            self.text += new_text[len(prefix_text) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            if self.stop:
+                # a stop string may straddle the previous text; search from where it could begin
+                lo = max(0, start - self.hold)
+                hits = [(i, s) for s in self.stop if (i := self.text.find(s, lo)) != -1]
+                if hits:
+                    self.text = self.text[: min(i for i, _ in hits)]
+                    return self._flush(), True
+        safe = max(self.emitted, len(self.text) - self.hold) if self.stop else len(self.text)
+        delta = self.text[self.emitted : safe]
+        self.emitted = safe
+        return delta, False
+
+    def _flush(self) -> str:
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+    def finish(self) -> str:
+        """Remaining text at the end of generation (an incomplete UTF-8 tail is decoded with replacement)."""
+        if self.read_offset < len(self.ids):
+            prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            self.text += self._decode(self.ids[self.prefix_offset :])[len(prefix_text) :]
+            self.read_offset = len(self.ids)
+        return self._flush()

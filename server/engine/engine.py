@@ -1,0 +1,453 @@
+"""The engine: scheduler → batch → model runner → sampler → token events.
+
+`LLMEngine` is the synchronous core (one thread drives it: `add_request`, `abort`, `step`); `generate` runs a list
+of requests to completion (tests, benchmarks). `AsyncEngine` drives an `LLMEngine` on its own thread and bridges
+token events to asyncio consumers; HTTP handlers never run torch work on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.kv_cache import KVPool
+from server.engine.model_runner import ModelRunner, RowInput
+from server.engine.prefix_cache import PrefixCache, PrefixProvider
+from server.engine.sampler import make_generator, sample
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import Sequence
+from server.engine.types import Output, QueueFull, Request, RequestTooLarge, TokenEvent
+from server.model.spec import ModelBundle
+
+log = logging.getLogger("prefixserve.engine")
+
+EventCallback = Callable[[TokenEvent], None]
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 1024
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 2**20  # whole pool: prefixes + requests
+    prefix_cache_bytes: int | None = None  # default: half of the pool
+    max_model_len: int | None = None  # default: min(model max positions, 8192)
+    loader_threads: int = 2
+
+
+@dataclass
+class StepStats:
+    num_running: int
+    num_waiting: int
+    num_scheduled: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    distinct_prefixes: int
+    duration_s: float
+
+
+@dataclass
+class _Finished:
+    events: list[TokenEvent] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        provider: PrefixProvider,
+        config: EngineConfig | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
+        on_prefix_loaded: Callable[[], None] | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.cfg = cfg = config or EngineConfig()
+        sp = bundle.spec
+        self.max_model_len = min(cfg.max_model_len or 8192, sp.max_positions)
+        block_bytes = KVPool.bytes_per_block(
+            sp.num_layers, sp.num_kv_heads, sp.head_dim, cfg.block_size, bundle.dtype
+        )
+        num_blocks = max(cfg.kv_cache_bytes // block_bytes, 2)
+        self.pool = KVPool(
+            sp.num_layers,
+            sp.num_kv_heads,
+            sp.head_dim,
+            num_blocks,
+            cfg.block_size,
+            bundle.dtype,
+            bundle.device,
+        )
+        self.prefix_cache = PrefixCache(
+            self.pool,
+            provider,
+            cfg.prefix_cache_bytes if cfg.prefix_cache_bytes is not None else num_blocks * block_bytes // 2,
+            loader_threads=cfg.loader_threads,
+            on_loaded=on_prefix_loaded,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting),
+            self.pool,
+            self.prefix_cache,
+        )
+        self.runner = ModelRunner(bundle, self.pool, self.max_model_len)
+        self.eos_ids = set(sp.eos_token_ids)
+        tok_eos = getattr(bundle.tokenizer, "eos_token_id", None)
+        if tok_eos is not None:
+            self.eos_ids.add(int(tok_eos))
+        self.on_step = on_step
+        self._seqs: dict[str, Sequence] = {}
+        self._callbacks: dict[str, EventCallback] = {}
+
+    # ------------------------------------------------------------------ requests
+    def validate(self, req: Request) -> None:
+        """Raise before accepting what can never run (same checks the HTTP layer maps to 4xx/503)."""
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.bundle.spec.vocab_size
+        if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
+            raise ValueError("prompt token id out of the vocabulary")
+        total = n + req.sampling.max_tokens
+        if total > self.max_model_len:
+            raise RequestTooLarge(
+                f"prompt ({n} tokens) + max_tokens ({req.sampling.max_tokens}) exceeds the context limit "
+                f"of {self.max_model_len} tokens"
+            )
+        if self.pool.blocks_for(total) + 1 > self.pool.num_blocks // 2:
+            raise RequestTooLarge("request needs more KV cache than the configured budget allows")
+        if len(self.scheduler.waiting) >= self.cfg.max_waiting:
+            raise QueueFull(f"{len(self.scheduler.waiting)} requests already waiting")
+
+    def add_request(self, req: Request, on_event: EventCallback | None = None) -> None:
+        if req.request_id in self._seqs:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        self.validate(req)
+        gen = None if req.sampling.greedy else make_generator(req.sampling.seed, self.bundle.device)
+        seq = Sequence(req, self.bundle.tokenizer, gen)
+        self._seqs[req.request_id] = seq
+        if on_event is not None:
+            self._callbacks[req.request_id] = on_event
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        seq.aborted = True
+        self._finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[TokenEvent]:
+        t0 = time.perf_counter()
+        items = self.scheduler.schedule()
+        events: list[TokenEvent] = []
+        for seq in self.scheduler.failed:
+            events.append(self._finish(seq, "error"))
+        self.scheduler.failed.clear()
+        if not items:
+            return events
+        now = time.monotonic()
+        rows = []
+        for it in items:
+            s = it.seq
+            if s.first_scheduled is None:
+                s.first_scheduled = now
+            end = s.num_cached + it.num_tokens
+            rows.append(
+                RowInput(
+                    tokens=s.tokens[s.num_cached : end],
+                    start_pos=s.prefix_len + s.num_cached,
+                    prefix_len=s.prefix_len,
+                    prefix_blocks=s.prefix.blocks if s.prefix is not None else [],
+                    own_blocks=s.own_blocks,
+                    own_cached=s.num_cached,
+                    sample=end == s.num_tokens,
+                )
+            )
+        try:
+            inp = self.runner.prepare(rows)
+            logits = self.runner.forward(inp)
+            samplers = [it.seq for it, r in zip(items, rows, strict=True) if r.sample]
+            toks = sample(logits, [s.req.sampling for s in samplers], [s.generator for s in samplers])
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("engine step failed")
+            for it in items:
+                it.seq.error, it.seq.error_type = f"engine step failed: {e}", type(e).__name__
+                events.append(self._finish(it.seq, "error"))
+            return events
+        for it in items:
+            it.seq.num_cached += it.num_tokens
+        now = time.monotonic()
+        for seq, tok in zip(samplers, toks, strict=True):
+            ev = self._append(seq, tok, now)
+            if ev is not None:
+                events.append(ev)
+        if self.on_step is not None:
+            n_prefill = sum(it.num_tokens for it in items if it.num_tokens > 1)
+            self.on_step(
+                StepStats(
+                    num_running=len(self.scheduler.running),
+                    num_waiting=len(self.scheduler.waiting),
+                    num_scheduled=len(items),
+                    num_prefill_tokens=n_prefill,
+                    num_decode_tokens=sum(1 for it in items if it.num_tokens == 1),
+                    distinct_prefixes=len({it.seq.req.prefix for it in items}),
+                    duration_s=time.perf_counter() - t0,
+                )
+            )
+        return events
+
+    def _append(self, seq: Sequence, tok: int, now: float) -> TokenEvent | None:
+        if seq.first_token is None:
+            seq.first_token = now
+        else:
+            seq.itl.append(now - seq.last_token)
+        seq.last_token = now
+        seq.output.append(tok)
+        p = seq.req.sampling
+        reason = None
+        delta = ""
+        if (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids:
+            reason = "stop"
+        elif seq.detok is not None:
+            delta, hit = seq.detok.add(tok)
+            if hit:
+                reason = "stop"
+        if reason is None and (
+            len(seq.output) >= p.max_tokens or seq.prefix_len + seq.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            return self._finish(seq, reason, delta, [tok])
+        ev = TokenEvent(
+            seq.request_id,
+            [tok],
+            delta,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.output),
+            arrival_time=seq.arrival,
+            first_scheduled_time=seq.first_scheduled,
+        )
+        self._emit(ev)
+        return ev
+
+    def _final_text(self, seq: Sequence, delta: str) -> str:
+        if seq.detok is not None:
+            return delta + seq.detok.finish()
+        ids = [t for t in seq.output if t not in self.eos_ids]
+        return self.bundle.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _finish(
+        self, seq: Sequence, reason: str, delta: str = "", new: list[int] | None = None
+    ) -> TokenEvent:
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        self._seqs.pop(seq.request_id, None)
+        text = "" if reason in ("abort", "error") else self._final_text(seq, delta)
+        ev = TokenEvent(
+            seq.request_id,
+            new or [],
+            text,
+            finished=True,
+            finish_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.output),
+            error=seq.error,
+            error_type=seq.error_type,
+            arrival_time=seq.arrival,
+            first_scheduled_time=seq.first_scheduled,
+        )
+        self._emit(ev)
+        self._callbacks.pop(seq.request_id, None)
+        return ev
+
+    def _emit(self, ev: TokenEvent) -> None:
+        cb = self._callbacks.get(ev.request_id)
+        if cb is not None:
+            cb(ev)
+
+    # ------------------------------------------------------------------ offline
+    def generate(self, requests: list[Request]) -> list[Output]:
+        """Run `requests` to completion (continuous batching) and return their outputs in order."""
+        state: dict[str, dict] = {}
+        for r in requests:
+            state[r.request_id] = {"ids": [], "text": [], "t0": time.monotonic(), "times": []}
+            self.add_request(r)
+        done: dict[str, TokenEvent] = {}
+        while self.has_unfinished():
+            for ev in self.step():
+                st = state[ev.request_id]
+                st["ids"].extend(ev.token_ids)
+                st["text"].append(ev.text)
+                if ev.token_ids:
+                    st["times"].append(time.monotonic())
+                if ev.finished:
+                    done[ev.request_id] = ev
+        outs = []
+        for r in requests:
+            st, ev = state[r.request_id], done[r.request_id]
+            times = st["times"]
+            outs.append(
+                Output(
+                    request_id=r.request_id,
+                    token_ids=st["ids"],
+                    text="".join(st["text"]),
+                    finish_reason=ev.finish_reason or "error",
+                    prompt_tokens=ev.prompt_tokens,
+                    error=ev.error,
+                    ttft=(times[0] - st["t0"]) if times else None,
+                    itl=[b - a for a, b in zip(times, times[1:], strict=False)],
+                    e2e=(times[-1] - st["t0"]) if times else None,
+                )
+            )
+        return outs
+
+    def shutdown(self) -> None:
+        self.prefix_cache.shutdown()
+
+
+class AsyncEngine:
+    """Runs an LLMEngine on a dedicated thread; asyncio callers submit requests and read token events."""
+
+    def __init__(self, engine: LLMEngine, torch_threads: int | None = None) -> None:
+        self.engine = engine
+        self.torch_threads = torch_threads
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted, not yet seen by the engine thread
+        engine.prefix_cache.on_loaded = self._wake.set
+        self.dead: BaseException | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting + self._pending
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    def submit(self, req: Request, on_event: EventCallback) -> None:
+        """Validate and enqueue (thread-safe); raises QueueFull/RequestTooLarge/ValueError synchronously."""
+        if self.dead is not None:
+            raise RuntimeError("engine thread died") from self.dead
+        with self._lock:
+            if self.engine.num_waiting + self._pending >= self.engine.cfg.max_waiting:
+                raise QueueFull(f"{self.num_waiting} requests already waiting")
+            self._pending += 1
+        try:
+            self.engine.validate(req)
+        except BaseException:
+            with self._lock:
+                self._pending -= 1
+            raise
+        self._inbox.put(("add", req, on_event))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+        self._wake.set()
+
+    async def generate(self, req: Request) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.submit(req, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        finished = False
+        try:
+            while True:
+                ev = await q.get()
+                if ev.finished:
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(req.request_id)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                op, arg, cb = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                with self._lock:
+                    self._pending -= 1
+                try:
+                    self.engine.add_request(arg, cb)
+                except (
+                    Exception
+                ) as e:  # validated already; a race (e.g. duplicate id) still answers the caller
+                    cb(
+                        TokenEvent(
+                            arg.request_id, [], "", True, "error", error=str(e), error_type=type(e).__name__
+                        )
+                    )
+            else:
+                self.engine.abort(arg)
+
+    def _loop(self) -> None:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        try:
+            while not self._stop.is_set():
+                self._drain()
+                if self.engine.has_unfinished():
+                    events = self.engine.step()
+                    if not events and not self.engine.num_running:
+                        # only requests waiting for a prefix fetch: sleep until one arrives
+                        self._wake.wait(0.05)
+                        self._wake.clear()
+                else:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+        except BaseException as e:  # pragma: no cover - reported through /ready and submit
+            self.dead = e
+            log.exception("engine thread died")
+
+    def idle(self) -> bool:
+        return not self.engine.has_unfinished() and self._pending == 0
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every accepted request has finished (graceful shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.idle():
+                return True
+            await asyncio.sleep(0.02)
+        return self.idle()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.engine.shutdown()

@@ -1,0 +1,104 @@
+"""Paged KV cache: one preallocated pool of fixed-size blocks, a free list and reference counts.
+
+A sequence's keys/values live in a list of blocks (its block table). A tenant's prefix is copied into blocks once
+and those blocks are shared read-only (ref-counted) by every running request of that tenant: the block table of a
+request is `prefix blocks + own blocks`. The prefix's last block may be partly filled; the request's own tokens
+always start in a fresh block, so shared blocks are never written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class OutOfBlocks(Exception):
+    pass
+
+
+class KVPool:
+    """Storage: `data[L, 2, num_blocks * block_size, K, D]` (flat slots; slot = block * block_size + offset)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = device
+        # +1 block: the last block is a scratch target for padding writes; never handed out.
+        self.data = torch.zeros(
+            num_layers, 2, (num_blocks + 1) * block_size, num_kv_heads, head_dim, dtype=dtype, device=device
+        )
+        self.scratch_slot = num_blocks * block_size
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
+
+    @property
+    def block_bytes(self) -> int:
+        return self.bytes_per_block(
+            self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, self.dtype
+        )
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
+        out = [self._free.pop() for _ in range(n)]
+        for b in out:
+            self._refs[b] = 1
+        return out
+
+    def incref(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self._refs[b] += 1
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+            elif self._refs[b] < 0:  # pragma: no cover - a bug, never silently
+                raise RuntimeError(f"block {b} freed twice")
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
+
+    def write_prefix(self, blocks: list[int], kv: torch.Tensor) -> None:
+        """Copy a prefix `kv[L, 2, K, P, D]` into `blocks` (P slots, in order)."""
+        p = kv.shape[3]
+        slots = self.slots_of(blocks, p)
+        self.data[:, :, slots] = kv.permute(0, 1, 3, 2, 4).to(device=self.device, dtype=self.dtype)
+
+    def slots_of(self, blocks: list[int], num_tokens: int) -> torch.Tensor:
+        bs = self.block_size
+        idx = [b * bs + i for b in blocks for i in range(bs)][:num_tokens]
+        return torch.tensor(idx, dtype=torch.long, device=self.device)
+
+    def read(self, blocks: list[int], num_tokens: int) -> torch.Tensor:
+        """The `[L, 2, K, T, D]` stored in the first `num_tokens` slots of `blocks` (tests, debugging)."""
+        return self.data[:, :, self.slots_of(blocks, num_tokens)].permute(0, 1, 3, 2, 4)

@@ -1,0 +1,197 @@
+"""Device-resident prefix cache: LRU by bytes in front of the prefix store.
+
+Resident prefixes live in blocks of the engine's KV pool, shared read-only by every running request of that
+tenant. A miss starts a fetch on a loader thread; the engine keeps decoding other rows meanwhile and copies the
+prefix into the pool once it has arrived. Idle prefixes (no running request) are evicted least-recently-used first
+when the byte budget or the pool needs room.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from server.engine.kv_cache import KVPool, OutOfBlocks
+from server.engine.types import PrefixKey
+
+
+class PrefixProvider(Protocol):
+    """Fetches the serving form `kv [L, 2, K, P, D]` of a prefix (called on a loader thread)."""
+
+    def fetch(self, key: PrefixKey) -> torch.Tensor: ...
+
+
+class DictPrefixProvider:
+    """In-memory provider (tests, benchmarks)."""
+
+    def __init__(self, prefixes: dict[PrefixKey, torch.Tensor] | None = None) -> None:
+        self.prefixes = dict(prefixes or {})
+
+    def fetch(self, key: PrefixKey) -> torch.Tensor:
+        try:
+            return self.prefixes[key]
+        except KeyError:
+            raise LookupError(f"unknown prefix {key}") from None
+
+
+@dataclass
+class PrefixEntry:
+    key: PrefixKey
+    length: int
+    blocks: list[int]
+    nbytes: int
+    active: int = 0  # running requests holding it
+    last_used: float = field(default_factory=time.monotonic)
+    stale: bool = False  # replaced/deleted in the store: drop once idle
+
+
+@dataclass
+class PrefixLoadError:
+    key: PrefixKey
+    message: str
+    error_type: str  # class name of the original exception
+
+
+@dataclass
+class PrefixCacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_errors: int = 0
+
+
+class PrefixCache:
+    def __init__(
+        self,
+        pool: KVPool,
+        provider: PrefixProvider,
+        budget_bytes: int,
+        loader_threads: int = 2,
+        on_loaded: Callable[[], None] | None = None,
+        error_ttl_s: float = 2.0,
+    ) -> None:
+        self.pool = pool
+        self.provider = provider
+        self.budget_bytes = budget_bytes
+        self.on_loaded = on_loaded
+        self.error_ttl_s = error_ttl_s
+        self.entries: OrderedDict[PrefixKey, PrefixEntry] = OrderedDict()  # LRU order: oldest first
+        self.stats = PrefixCacheStats()
+        self._loading: dict[PrefixKey, Future] = {}
+        self._errors: dict[PrefixKey, tuple[PrefixLoadError, float]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="prefix-loader")
+        self._invalidated: list[tuple[str, str]] = []
+        self._lock = threading.Lock()  # guards _invalidated (written from store subscriber threads)
+
+    # ---------------------------------------------------------------- engine thread API
+    @property
+    def resident_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def lookup(self, key: PrefixKey, count: bool = True) -> PrefixEntry | PrefixLoadError | None:
+        """Resident entry, a load error, or None while it is being fetched (a fetch is started if needed)."""
+        e = self.entries.get(key)
+        if e is not None and not e.stale:
+            if count:
+                self.stats.hits += 1
+            return e
+        err = self._errors.get(key)
+        if err is not None:
+            if time.monotonic() - err[1] < self.error_ttl_s:
+                return err[0]
+            del self._errors[key]
+        if count:
+            self.stats.misses += 1
+        if key not in self._loading:
+            fut = self._executor.submit(self.provider.fetch, key)
+            self._loading[key] = fut
+            if self.on_loaded is not None:
+                fut.add_done_callback(lambda _f: self.on_loaded())
+        return None
+
+    def acquire(self, entry: PrefixEntry) -> None:
+        entry.active += 1
+        entry.last_used = time.monotonic()
+        self.entries.move_to_end(entry.key)
+
+    def release(self, entry: PrefixEntry) -> None:
+        entry.active -= 1
+        entry.last_used = time.monotonic()
+        if entry.active == 0 and entry.stale:
+            self._drop(entry)
+
+    def loading(self) -> bool:
+        return bool(self._loading)
+
+    def process(self) -> None:
+        """Apply invalidations and move finished fetches into the pool (engine thread, once per step)."""
+        with self._lock:
+            inval, self._invalidated = self._invalidated, []
+        for tenant, name in inval:
+            for e in [e for k, e in self.entries.items() if k.tenant_id == tenant and k.name == name]:
+                e.stale = True
+                if e.active == 0:
+                    self._drop(e)
+        for key, fut in list(self._loading.items()):
+            if not fut.done():
+                continue
+            exc = fut.exception()
+            if exc is not None:
+                del self._loading[key]
+                self.stats.load_errors += 1
+                self._errors[key] = (PrefixLoadError(key, str(exc), type(exc).__name__), time.monotonic())
+                continue
+            kv = fut.result()
+            try:
+                self._install(key, kv)
+            except OutOfBlocks:
+                continue  # retry next step once running requests free blocks
+            del self._loading[key]
+
+    def evict(self, blocks_needed: int) -> bool:
+        """Evict idle prefixes (LRU) until `blocks_needed` blocks are free; True on success."""
+        for e in [e for e in self.entries.values() if e.active == 0]:
+            if self.pool.num_free >= blocks_needed:
+                break
+            self._drop(e)
+            self.stats.evictions += 1
+        return self.pool.num_free >= blocks_needed
+
+    def invalidate(self, tenant_id: str, name: str) -> None:
+        """Thread-safe: mark a prefix name stale (store change event); applied at the next step."""
+        with self._lock:
+            self._invalidated.append((tenant_id, name))
+        if self.on_loaded is not None:
+            self.on_loaded()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- internals
+    def _install(self, key: PrefixKey, kv: torch.Tensor) -> None:
+        sp_l, two, k, p, d = kv.shape
+        n_blocks = self.pool.blocks_for(p)
+        nbytes = n_blocks * self.pool.block_bytes
+        # budget: evict idle LRU entries first
+        for e in [e for e in self.entries.values() if e.active == 0]:
+            if self.resident_bytes + nbytes <= self.budget_bytes:
+                break
+            self._drop(e)
+            self.stats.evictions += 1
+        if self.pool.num_free < n_blocks and not self.evict(n_blocks):
+            raise OutOfBlocks("no room for prefix")
+        blocks = self.pool.allocate(n_blocks)
+        self.pool.write_prefix(blocks, kv)
+        self.entries[key] = PrefixEntry(key=key, length=p, blocks=blocks, nbytes=nbytes)
+
+    def _drop(self, e: PrefixEntry) -> None:
+        if self.entries.get(e.key) is e:
+            del self.entries[e.key]
+        self.pool.free(e.blocks)

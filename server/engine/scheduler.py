@@ -1,0 +1,129 @@
+"""Continuous batching: every step decodes all running requests and admits waiting ones within a token budget.
+
+Running requests come first (one token each when decoding, or their next prefill chunk); newcomers are admitted in
+arrival order while the step's token budget, the sequence limit and free KV blocks allow. A newcomer whose prefix is
+still being fetched is skipped (others behind it go ahead). When the pool runs dry, idle prefixes are evicted first,
+then the newest running request is preempted (its blocks freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from server.engine.kv_cache import KVPool
+from server.engine.prefix_cache import PrefixCache, PrefixLoadError
+from server.engine.sequence import SeqStatus, Sequence
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 1024
+
+
+@dataclass
+class ScheduledItem:
+    seq: Sequence
+    num_tokens: int
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, pool: KVPool, prefixes: PrefixCache) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.prefixes = prefixes
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.failed: list[Sequence] = []  # prefix load failures, reported by the engine
+        self.num_preemptions = 0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    # ------------------------------------------------------------------ blocks
+    def _ensure_blocks(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.pool.blocks_for(seq.num_cached + num_tokens) - len(seq.own_blocks)
+        if need <= 0:
+            return True
+        if self.pool.num_free < need and not self.prefixes.evict(need):
+            return False
+        seq.own_blocks.extend(self.pool.allocate(need))
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        self.pool.free(seq.own_blocks)
+        seq.own_blocks = []
+        if seq.prefix is not None:
+            self.prefixes.release(seq.prefix)
+            seq.prefix = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.free(seq)
+        seq.num_cached = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> list[ScheduledItem]:
+        self.prefixes.process()
+        budget = self.cfg.max_num_batched_tokens
+        items: list[ScheduledItem] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below by an earlier row
+                continue
+            n = min(seq.to_compute, budget)
+            if n <= 0:
+                continue
+            while not self._ensure_blocks(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            items.append(ScheduledItem(seq, n))
+            budget -= n
+        # admit newcomers
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting.popleft()
+            if seq.req.prefix is not None and seq.prefix is None:
+                got = self.prefixes.lookup(seq.req.prefix, count=not seq.prefix_counted)
+                seq.prefix_counted = True
+                if isinstance(got, PrefixLoadError):
+                    seq.error, seq.error_type = got.message, got.error_type
+                    self.failed.append(seq)
+                    continue
+                if got is None:
+                    skipped.append(seq)
+                    continue
+                self.prefixes.acquire(got)
+                seq.prefix = got
+            n = min(seq.to_compute, budget)
+            if not self._ensure_blocks(seq, n):
+                if seq.prefix is not None:
+                    self.prefixes.release(seq.prefix)
+                    seq.prefix = None
+                self.waiting.appendleft(seq)
+                break
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            items.append(ScheduledItem(seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return items
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.free(seq)
+        seq.status = SeqStatus.FINISHED

@@ -1,0 +1,63 @@
+"""A request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.prefix_cache import PrefixEntry
+from server.engine.types import Request
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, req: Request, tokenizer, generator: torch.Generator | None) -> None:
+        self.req = req
+        self.request_id = req.request_id
+        self.prompt = list(req.prompt_token_ids)
+        self.output: list[int] = []
+        self.status = SeqStatus.WAITING
+        self.prefix: PrefixEntry | None = None
+        self.own_blocks: list[int] = []
+        self.num_cached = 0  # own tokens (prompt + output) whose KV is in the pool
+        self.generator = generator
+        self.detok = (
+            IncrementalDetokenizer(tokenizer, self.prompt, req.sampling.stop)
+            if (req.sampling.stop or req.stream_text)
+            else None
+        )
+        self.arrival = time.monotonic()
+        self.first_scheduled: float | None = None
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.itl: list[float] = []
+        self.prefix_counted = False
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.error_type: str | None = None
+        self.aborted = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix.length if self.prefix is not None else 0
+
+    @property
+    def to_compute(self) -> int:
+        """Own tokens not yet in the cache (prompt during prefill, 1 when decoding)."""
+        return self.num_tokens - self.num_cached

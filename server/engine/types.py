@@ -1,0 +1,108 @@
+"""Public engine types: what goes in (requests) and what comes out (token events)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class EngineError(Exception):
+    """Base class for errors the engine reports to callers."""
+
+
+class QueueFull(EngineError):
+    """The engine's waiting queue is at its limit; the caller should retry later (HTTP 503)."""
+
+
+class RequestTooLarge(EngineError):
+    """Prompt + max_tokens (+ prefix) do not fit the engine's context or KV budget (HTTP 413)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
+                raise ValueError(f"{name} must be a finite number")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class PrefixKey:
+    """A tenant's prefix at one resolved version."""
+
+    tenant_id: str
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.name}@v{self.version}"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prefix: PrefixKey | None = None
+    # Produce text deltas on every step (streaming); otherwise text is decoded once at the end.
+    stream_text: bool = False
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    # Timing (monotonic seconds): when the request was added and first scheduled.
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+
+
+@dataclass
+class Output:
+    """A finished request, as returned by LLMEngine.generate."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    error: str | None = None
+    ttft: float | None = None
+    itl: list[float] = field(default_factory=list)
+    e2e: float | None = None
