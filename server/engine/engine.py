@@ -8,6 +8,7 @@ token events to asyncio consumers; HTTP handlers never run torch work on the eve
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -316,7 +317,7 @@ class LLMEngine:
                     prompt_tokens=ev.prompt_tokens,
                     error=ev.error,
                     ttft=(times[0] - st["t0"]) if times else None,
-                    itl=[b - a for a, b in zip(times, times[1:], strict=False)],
+                    itl=[b - a for a, b in itertools.pairwise(times)],
                     e2e=(times[-1] - st["t0"]) if times else None,
                 )
             )

@@ -176,7 +176,7 @@ class PrefixCache:
 
     # ---------------------------------------------------------------- internals
     def _install(self, key: PrefixKey, kv: torch.Tensor) -> None:
-        sp_l, two, k, p, d = kv.shape
+        p = kv.shape[3]
         n_blocks = self.pool.blocks_for(p)
         nbytes = n_blocks * self.pool.block_bytes
         # budget: evict idle LRU entries first
