@@ -1,0 +1,61 @@
+"""Helpers for engine tests: random prefixes and a plain transformers reference fed the prefix as past_key_values."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from server.engine import DictPrefixProvider, EngineConfig, LLMEngine, PrefixKey
+
+
+def random_kv(spec, prefix_len: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (spec.num_layers, 2, spec.num_kv_heads, prefix_len, spec.head_dim)
+    return torch.randn(shape, generator=g) * scale
+
+
+def random_prompt(vocab: int, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+@torch.no_grad()
+def hf_greedy(model, kv: torch.Tensor | None, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Token-by-token greedy decoding with plain transformers, the prefix fed as `past_key_values`.
+
+    The prompt's first token has position P (the PEFT / transformers convention).
+    """
+    cache = DynamicCache()
+    p = 0
+    if kv is not None:
+        p = kv.shape[3]
+        dtype = next(model.parameters()).dtype
+        for layer in range(kv.shape[0]):
+            cache.update(kv[layer, 0][None].to(dtype).clone(), kv[layer, 1][None].to(dtype).clone(), layer)
+    n = len(prompt)
+    out = model(
+        input_ids=torch.tensor([prompt]),
+        past_key_values=cache,
+        attention_mask=torch.ones(1, p + n, dtype=torch.long),
+        position_ids=torch.arange(p, p + n)[None],
+        use_cache=True,
+    )
+    toks: list[int] = []
+    total = p + n
+    for _ in range(max_new_tokens):
+        t = int(out.logits[0, -1].float().argmax())
+        toks.append(t)
+        total += 1
+        out = model(
+            input_ids=torch.tensor([[t]]),
+            past_key_values=out.past_key_values,
+            attention_mask=torch.ones(1, total, dtype=torch.long),
+            position_ids=torch.tensor([[total - 1]]),
+            use_cache=True,
+        )
+    return toks
+
+
+def make_engine(bundle, prefixes: dict[PrefixKey, torch.Tensor], **cfg) -> LLMEngine:
+    cfg.setdefault("kv_cache_bytes", 8 * 2**20)
+    return LLMEngine(bundle, DictPrefixProvider(prefixes), EngineConfig(**cfg))

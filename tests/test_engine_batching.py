@@ -1,0 +1,218 @@
+"""Continuous batching mechanics: shared prefix KV, prefix cache, aborts, admission, the async driver."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from server.engine import (
+    AsyncEngine,
+    DictPrefixProvider,
+    EngineConfig,
+    LLMEngine,
+    PrefixKey,
+    QueueFull,
+    Request,
+    RequestTooLarge,
+    SamplingParams,
+)
+from server.engine.kv_cache import KVPool
+from tests.engine_utils import make_engine, random_kv, random_prompt
+
+
+def test_one_tenant_prefix_held_once_for_32_running_requests(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    sp = b.spec
+    key = PrefixKey("acme", "default", 1)
+    p = 40
+    engine = make_engine(b, {key: random_kv(sp, p, 0)}, max_num_seqs=64, kv_cache_bytes=32 * 2**20)
+    reqs = [
+        Request(
+            f"r{i}", random_prompt(sp.vocab_size, 10, i), SamplingParams(max_tokens=20, ignore_eos=True), key
+        )
+        for i in range(32)
+    ]
+    for r in reqs:
+        engine.add_request(r)
+    while len(engine.scheduler.running) < 32 or any(
+        s.num_cached < s.num_tokens - 1 for s in engine.scheduler.running
+    ):
+        engine.step()
+    running = engine.scheduler.running
+    assert len(running) == 32
+    entry = engine.prefix_cache.entries[key]
+    assert all(s.prefix is entry for s in running)
+    assert entry.active == 32
+    block_bytes = engine.pool.block_bytes
+    prefix_blocks = engine.pool.blocks_for(p)
+    own_blocks = sum(len(s.own_blocks) for s in running)
+    used_bytes = engine.pool.num_used * block_bytes
+    # allocated = one copy of the prefix + each request's own tokens; a per-request copy would add 31 more prefixes
+    assert used_bytes == (prefix_blocks + own_blocks) * block_bytes
+    assert used_bytes < (32 * prefix_blocks + own_blocks) * block_bytes / 3
+    for blk in entry.blocks:
+        assert engine.pool.refcount(blk) == 1  # held by the cache, referenced by 32 rows via the entry
+    while engine.has_unfinished():
+        engine.step()
+    assert entry.active == 0
+    assert engine.pool.num_used == prefix_blocks  # requests freed, the idle prefix stays cached
+
+
+def test_prefix_cache_lru_by_bytes(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    sp = b.spec
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(sp, 16, i) for i in range(4)}
+    # room for two 16-token prefixes (one block each)
+    budget = 2 * KVPool.bytes_per_block(sp.num_layers, sp.num_kv_heads, sp.head_dim, 16, b.dtype)
+    eng = LLMEngine(
+        b, DictPrefixProvider(keys), EngineConfig(kv_cache_bytes=8 * 2**20, prefix_cache_bytes=budget)
+    )
+    order = [0, 1, 0, 2, 3, 0]
+    kl = list(keys)
+    for n, i in enumerate(order):
+        key = kl[i]
+        eng.generate([Request(f"q{n}", [1, 2, 3], SamplingParams(max_tokens=2), key)])
+    st = eng.prefix_cache.stats
+    # 0 miss, 1 miss, 0 hit, 2 miss (evicts 1), 3 miss (evicts 0), 0 miss (evicts 2)
+    assert (st.hits, st.misses) == (1, 5)
+    assert st.evictions == 3
+    assert eng.prefix_cache.resident_bytes <= budget
+    assert set(eng.prefix_cache.entries) == {kl[3], kl[0]}
+
+
+class SlowProvider(DictPrefixProvider):
+    def __init__(self, prefixes, slow: PrefixKey, delay: float) -> None:
+        super().__init__(prefixes)
+        self.slow, self.delay = slow, delay
+
+    def fetch(self, key):
+        if key == self.slow:
+            time.sleep(self.delay)
+        return super().fetch(key)
+
+
+def test_prefix_miss_does_not_stall_other_tenants(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    sp = b.spec
+    fast, slow = PrefixKey("fast", "p", 1), PrefixKey("slow", "p", 1)
+    prov = SlowProvider({fast: random_kv(sp, 8, 0), slow: random_kv(sp, 8, 1)}, slow, delay=1.0)
+    eng = LLMEngine(b, prov, EngineConfig(kv_cache_bytes=8 * 2**20))
+    eng.add_request(Request("slow", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True), slow))
+    eng.add_request(Request("fast", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True), fast))
+    finished: dict[str, float] = {}
+    t0 = time.monotonic()
+    while eng.has_unfinished():
+        for ev in eng.step():
+            if ev.finished:
+                finished[ev.request_id] = time.monotonic() - t0
+        time.sleep(0.001)
+    assert finished["fast"] < 0.9 < finished["slow"]
+
+
+def test_unknown_prefix_finishes_with_error_and_others_continue(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    good = PrefixKey("a", "p", 1)
+    eng = make_engine(b, {good: random_kv(b.spec, 8, 0)})
+    outs = eng.generate(
+        [
+            Request("bad", [1, 2], SamplingParams(max_tokens=3), PrefixKey("a", "missing", 1)),
+            Request("good", [1, 2], SamplingParams(max_tokens=3, ignore_eos=True), good),
+        ]
+    )
+    assert outs[0].finish_reason == "error" and "missing" in (outs[0].error or "")
+    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 3
+    assert eng.pool.num_used == 1  # only the good prefix's block
+
+
+def test_abort_frees_kv(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    key = PrefixKey("a", "p", 1)
+    eng = make_engine(b, {key: random_kv(b.spec, 8, 0)})
+    eng.add_request(Request("x", random_prompt(b.spec.vocab_size, 30, 0), SamplingParams(max_tokens=50), key))
+    eng.step()
+    eng.step()
+    assert eng.pool.num_used > 1
+    assert eng.abort("x")
+    assert not eng.has_unfinished()
+    assert eng.pool.num_used == 1
+    assert not eng.abort("x")
+
+
+def test_admission_limits(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    eng = LLMEngine(
+        b, DictPrefixProvider(), EngineConfig(kv_cache_bytes=8 * 2**20, max_waiting=2, max_model_len=64)
+    )
+    with pytest.raises(RequestTooLarge):
+        eng.add_request(Request("long", [1] * 60, SamplingParams(max_tokens=10)))
+    with pytest.raises(ValueError):
+        eng.add_request(Request("empty", [], SamplingParams()))
+    with pytest.raises(ValueError):
+        eng.add_request(Request("oov", [b.spec.vocab_size], SamplingParams()))
+    eng.add_request(Request("a", [1], SamplingParams(max_tokens=4)))
+    eng.add_request(Request("b", [1], SamplingParams(max_tokens=4)))
+    with pytest.raises(QueueFull):
+        eng.add_request(Request("c", [1], SamplingParams(max_tokens=4)))
+    assert eng.num_waiting == 2
+
+
+def test_async_engine_concurrent_and_cancel(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 8 + i, i) for i in range(3)}
+    reqs = [
+        Request(
+            f"r{i}",
+            random_prompt(b.spec.vocab_size, 6 + i, i),
+            SamplingParams(max_tokens=8, ignore_eos=True),
+            k,
+        )
+        for i, k in enumerate(keys)
+    ]
+    alone = [make_engine(b, keys).generate([r])[0].token_ids for r in reqs]
+    eng = AsyncEngine(make_engine(b, keys))
+    eng.start()
+
+    async def collect(r):
+        toks = []
+        async for ev in eng.generate(r):
+            toks.extend(ev.token_ids)
+        return toks
+
+    async def cancel_one():
+        r = Request("long", [1, 2, 3], SamplingParams(max_tokens=10_000 // 20, ignore_eos=True))
+        agen = eng.generate(r)
+        async for _ev in agen:
+            break
+        await agen.aclose()  # the client went away
+
+    async def main():
+        return await asyncio.gather(*(collect(r) for r in reqs), cancel_one())
+
+    try:
+        got = asyncio.run(main())
+        assert got[:3] == alone
+        deadline = time.monotonic() + 2
+        while eng.engine.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not eng.engine.has_unfinished()  # the cancelled request was aborted, not run to the end
+        assert eng.engine.pool.num_used == sum(
+            len(e.blocks) for e in eng.engine.prefix_cache.entries.values()
+        )
+    finally:
+        eng.shutdown()
+    assert not any(t.name == "engine" and t.is_alive() for t in threading.enumerate())
+
+
+def test_kv_pool_prefix_roundtrip(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    key = PrefixKey("a", "p", 1)
+    kv = random_kv(b.spec, 21, 3)
+    eng = make_engine(b, {key: kv}, block_size=8)
+    eng.generate([Request("x", [1, 2], SamplingParams(max_tokens=1), key)])
+    entry = eng.prefix_cache.entries[key]
+    assert len(entry.blocks) == 3
+    assert torch.equal(eng.pool.read(entry.blocks, 21), kv)
