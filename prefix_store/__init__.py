@@ -1,0 +1,73 @@
+"""Trained-prefix store: versioned records of tensors (safetensors bytes) + metadata, on disk or in Redis.
+
+    from prefix_store import open_store
+    store = open_store("file:///var/lib/prefixserve")   # or "redis://127.0.0.1:6379/0?prefix=ns"
+    meta = store.put("acme", "support-bot", "prefix_tuning", {"kv": kv}, base_model_fingerprint=fp,
+                     prefix_length=16)
+    rec = store.get("acme", "support-bot", expected_fingerprint=fp)
+
+See docs/ARCHITECTURE.md (section prefix_store). This package knows bytes and tensors only; it imports nothing
+from ``server``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from prefix_store import errors
+from prefix_store.base import PrefixStore
+from prefix_store.format import KINDS, ChangeEvent, PrefixMeta, PrefixRecord
+from prefix_store.names import validate_name
+
+DEFAULT_HOME = "~/.local/share/prefixserve"
+
+
+def default_store_url() -> str:
+    """``file://`` + ``$PREFIXSERVE_HOME`` (default ``~/.local/share/prefixserve``)."""
+    home = os.environ.get("PREFIXSERVE_HOME") or DEFAULT_HOME
+    return "file://" + str(Path(home).expanduser().absolute())
+
+
+def _file_url_path(url: str) -> Path:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        raise ValueError(f"file store URL must be file:///absolute/path, got {url!r}")
+    return Path(unquote(parts.path))
+
+
+def open_store(url: str | os.PathLike[str] | None = None, **kwargs: object) -> PrefixStore:
+    """Open a store from a URL: ``file:///abs/path``, ``redis://host:port/db[?prefix=ns]`` (also ``rediss://``,
+    ``unix://``), a plain filesystem path, or None for :func:`default_store_url`. ``kwargs`` go to the backend
+    (Redis: ``socket_timeout``, ``socket_connect_timeout``). Opening never connects; use ``ping()``."""
+    if url is None:
+        url = default_store_url()
+    url = os.fspath(url)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "file":
+        from prefix_store.disk import DiskStore
+
+        return DiskStore(_file_url_path(url), **kwargs)  # type: ignore[arg-type]
+    if scheme in ("redis", "rediss", "unix"):
+        from prefix_store.redis_store import RedisStore
+
+        return RedisStore(url, **kwargs)  # type: ignore[arg-type]
+    if scheme == "" and url:
+        from prefix_store.disk import DiskStore
+
+        return DiskStore(Path(url), **kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unsupported prefix store URL {url!r}: use file:///abs/path or redis://host:port/db")
+
+
+__all__ = [
+    "KINDS",
+    "ChangeEvent",
+    "PrefixMeta",
+    "PrefixRecord",
+    "PrefixStore",
+    "default_store_url",
+    "errors",
+    "open_store",
+    "validate_name",
+]

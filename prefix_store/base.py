@@ -1,0 +1,239 @@
+"""The abstract :class:`PrefixStore`: public API, validation and change notification shared by every backend.
+
+Backends implement a handful of primitives (``_put``, ``_load``, ``_list``, ``_versions``, ``_delete``,
+``_exists``, ``ping``); names are validated and tensors encoded/verified here, so every backend refuses the same
+inputs with the same errors.
+
+Versions of a (tenant, name) start at 1, grow strictly and are never reused, not even after ``delete``: a
+``(tenant_id, name, version)`` triple therefore always denotes the same tensors, which makes it a safe cache key.
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Mapping
+
+import torch
+
+from prefix_store.errors import InvalidPrefix, PrefixNotFound
+from prefix_store.format import (
+    ChangeEvent,
+    EncodedPrefix,
+    PrefixMeta,
+    PrefixRecord,
+    check_fingerprint,
+    decode_record,
+    encode_prefix,
+    label,
+)
+from prefix_store.names import validate_name
+
+log = logging.getLogger("prefix_store")
+
+Subscriber = Callable[[ChangeEvent], None]
+
+
+def check_version(version: object) -> int | None:
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"version must be an int or None, got {type(version).__name__}")
+    return version
+
+
+class PrefixStore(abc.ABC):
+    """Versioned store of trained prefixes (see docs/ARCHITECTURE.md, section prefix_store)."""
+
+    url: str
+
+    def __init__(self) -> None:
+        self._subscribers: dict[int, Subscriber] = {}
+        self._sub_ids = itertools.count()
+        self._sub_lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------ public API
+    def put(
+        self,
+        tenant_id: str,
+        name: str,
+        kind: str,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        base_model_fingerprint: str,
+        prefix_length: int,
+        training: dict | None = None,
+        extra: dict | None = None,
+    ) -> PrefixMeta:
+        """Store a new version (atomically: readers see all of it or nothing) and return its metadata."""
+        validate_name(tenant_id, "tenant_id")
+        validate_name(name, "name")
+        enc = encode_prefix(
+            kind,
+            tensors,
+            base_model_fingerprint=base_model_fingerprint,
+            prefix_length=prefix_length,
+            training=training,
+            extra=extra,
+        )
+        meta = self._put(tenant_id, name, enc)
+        self._notify(ChangeEvent("put", tenant_id, name, meta.version))
+        return meta
+
+    def get(
+        self,
+        tenant_id: str,
+        name: str,
+        version: int | None = None,
+        *,
+        expected_fingerprint: str | None = None,
+    ) -> PrefixRecord:
+        """Load and verify a version (latest if ``version`` is None).
+
+        Raises PrefixNotFound, FingerprintMismatch (``expected_fingerprint`` given and different),
+        ChecksumMismatch (corrupted bytes) or InvalidPrefix (unparsable bytes, tensors disagreeing with metadata).
+        """
+        version = self._check_key(tenant_id, name, version)
+        meta, blob = self._load(tenant_id, name, version, with_blob=True)
+        self._check_meta(meta, tenant_id, name, version)
+        check_fingerprint(meta, expected_fingerprint)
+        assert blob is not None
+        return decode_record(meta, blob)
+
+    def get_meta(self, tenant_id: str, name: str, version: int | None = None) -> PrefixMeta:
+        version = self._check_key(tenant_id, name, version)
+        meta, _ = self._load(tenant_id, name, version, with_blob=False)
+        self._check_meta(meta, tenant_id, name, version)
+        return meta
+
+    def list(self, tenant_id: str | None = None) -> builtins.list[PrefixMeta]:
+        """Metadata of the latest version of every prefix (of one tenant, or of all), sorted by tenant, name.
+
+        A prefix whose latest metadata is unreadable is skipped (with a warning) rather than failing the listing.
+        """
+        if tenant_id is not None:
+            validate_name(tenant_id, "tenant_id")
+        out = []
+        for meta in self._list(tenant_id):
+            try:
+                self._check_meta(meta, meta.tenant_id, meta.name, meta.version)
+            except InvalidPrefix as e:
+                log.warning("skipping prefix in listing: %s", e)
+                continue
+            out.append(meta)
+        out.sort(key=lambda m: (m.tenant_id, m.name))
+        return out
+
+    def versions(self, tenant_id: str, name: str) -> builtins.list[int]:
+        """All stored versions, ascending ([] if none)."""
+        self._check_key(tenant_id, name, None)
+        return sorted(self._versions(tenant_id, name))
+
+    def delete(self, tenant_id: str, name: str) -> None:
+        """Delete every version; PrefixNotFound if there is none. Later puts continue the version sequence."""
+        self._check_key(tenant_id, name, None)
+        last = self._delete(tenant_id, name)
+        self._notify(ChangeEvent("delete", tenant_id, name, last))
+
+    def exists(self, tenant_id: str, name: str, version: int | None = None) -> bool:
+        validate_name(tenant_id, "tenant_id")
+        validate_name(name, "name")
+        v = check_version(version)
+        if v is not None and v < 1:
+            return False
+        return self._exists(tenant_id, name, v)
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise StoreUnavailable if the backend cannot be used."""
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(ChangeEvent)`` after every put/delete; returns an idempotent unsubscribe function.
+
+        Events of this store object are delivered synchronously, before put/delete returns. Backends shared by
+        several processes (Redis) also deliver other processes' events, on a background thread. Exceptions raised
+        by a callback are logged and swallowed.
+        """
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        with self._sub_lock:
+            sid = next(self._sub_ids)
+            self._subscribers[sid] = callback
+
+        def unsubscribe() -> None:
+            with self._sub_lock:
+                self._subscribers.pop(sid, None)
+
+        return unsubscribe
+
+    def close(self) -> None:
+        self._closed = True
+        with self._sub_lock:
+            self._subscribers.clear()
+
+    def __enter__(self) -> PrefixStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    # -------------------------------------------------------------------------------------------- helpers
+    def _check_key(self, tenant_id: str, name: str, version: object) -> int | None:
+        validate_name(tenant_id, "tenant_id")
+        validate_name(name, "name")
+        v = check_version(version)
+        if v is not None and v < 1:
+            raise PrefixNotFound(f"prefix {label(tenant_id, name, v)} not found (versions start at 1)")
+        return v
+
+    @staticmethod
+    def _check_meta(meta: PrefixMeta, tenant_id: str, name: str, version: int | None) -> None:
+        if (
+            meta.tenant_id != tenant_id
+            or meta.name != name
+            or (version is not None and meta.version != version)
+        ):
+            raise InvalidPrefix(
+                f"metadata stored under {label(tenant_id, name, version)} describes {meta.label}; refusing it"
+            )
+
+    def _notify(self, event: ChangeEvent) -> None:
+        with self._sub_lock:
+            callbacks = builtins.list(self._subscribers.values())
+        for cb in callbacks:
+            try:
+                cb(event)
+            except Exception:
+                log.exception("prefix store subscriber %r failed on %s", cb, event)
+
+    # ---------------------------------------------------------------------------------- backend primitives
+    @abc.abstractmethod
+    def _put(self, tenant_id: str, name: str, enc: EncodedPrefix) -> PrefixMeta:
+        """Allocate the next version, store ``enc`` under it atomically, return the metadata."""
+
+    @abc.abstractmethod
+    def _load(
+        self, tenant_id: str, name: str, version: int | None, *, with_blob: bool
+    ) -> tuple[PrefixMeta, bytes | None]:
+        """Metadata (and blob if ``with_blob``) of a version (latest if None); PrefixNotFound if absent."""
+
+    @abc.abstractmethod
+    def _list(self, tenant_id: str | None) -> builtins.list[PrefixMeta]:
+        """Latest metadata of every name (of one tenant or all)."""
+
+    @abc.abstractmethod
+    def _versions(self, tenant_id: str, name: str) -> builtins.list[int]: ...
+
+    @abc.abstractmethod
+    def _delete(self, tenant_id: str, name: str) -> int:
+        """Remove all versions; return the highest one removed; PrefixNotFound if none."""
+
+    @abc.abstractmethod
+    def _exists(self, tenant_id: str, name: str, version: int | None) -> bool: ...

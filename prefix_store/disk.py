@@ -1,0 +1,281 @@
+"""Filesystem backend (``file:///abs/path``).
+
+Layout under the root directory::
+
+    <root>/<tenant>/<name>/v<N>.safetensors   tensors of version N (safetensors bytes)
+    <root>/<tenant>/<name>/v<N>.json          metadata of version N -- the commit marker, written LAST
+    <root>/<tenant>/<name>/.tmp-*             in-flight (or crashed) writes; ignored by readers
+    <root>/<tenant>/<name>@lock               flock(2) lock of (tenant, name); holds the highest version ever
+                                              allocated, so versions are never reused, even after delete
+    <root>/@trash/                            deleted prefixes on their way out
+
+``@`` cannot occur in tenant ids or names, so bookkeeping entries never collide with them.
+
+A version exists iff its ``v<N>.json`` exists. ``put`` takes the exclusive lock, allocates N = 1 + max(counter,
+versions on disk), persists the counter, writes the blob to a temp file in the same directory (write, fsync,
+``os.replace``, fsync dir) and then the metadata the same way. A crash at any point leaves either no marker (the
+version is invisible; the leftovers are removed by the next writer, which holds the lock) or a complete record.
+``delete`` takes the lock and renames the whole ``<name>`` directory into ``@trash`` (one atomic rename) before
+removing it, so readers see all versions or none. Two writers -- threads or processes -- serialize on the lock.
+The lock needs a local filesystem with working ``flock`` (not every NFS setup has one).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefix_store.base import PrefixStore
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreUnavailable
+from prefix_store.format import EncodedPrefix, PrefixMeta, label
+from prefix_store.names import is_valid_name
+
+log = logging.getLogger("prefix_store")
+
+_META_RE = re.compile(r"v([1-9][0-9]{0,17})\.json")
+_BLOB_RE = re.compile(r"v([1-9][0-9]{0,17})\.safetensors")
+TMP_PREFIX = ".tmp-"
+TRASH = "@trash"
+LOCK_SUFFIX = "@lock"
+_COUNTER_WIDTH = 24  # the counter is rewritten in place with a fixed width (one sector, no truncation)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file next to ``path``, fsync it and rename it over ``path``."""
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _mkdir_durable(path: Path) -> None:
+    """mkdir (parents too) and fsync the parent of every directory created."""
+    if path.is_dir():
+        return
+    _mkdir_durable(path.parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return
+    _fsync_dir(path.parent)
+
+
+class DiskStore(PrefixStore):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser().absolute()
+        self.url = "file://" + str(self.root)
+        try:
+            _mkdir_durable(self.root)
+            self._empty_trash()
+        except OSError as e:  # reported by ping()/put
+            log.warning("prefix store root %s is not usable: %s", self.root, e)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _name_dir(self, tenant_id: str, name: str) -> Path:
+        return self.root / tenant_id / name
+
+    def _unavailable(self, what: str, e: OSError) -> StoreUnavailable:
+        return StoreUnavailable(f"prefix store at {self.root}: cannot {what}: {e.strerror or e}")
+
+    @contextlib.contextmanager
+    def _locked(self, tenant_id: str, name: str) -> Iterator[int]:
+        """Exclusive flock on ``<root>/<tenant>/<name>@lock``; yields its fd (which holds the version counter)."""
+        tenant_dir = self.root / tenant_id
+        _mkdir_durable(tenant_dir)
+        fd = os.open(tenant_dir / f"{name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _read_counter(fd: int) -> int:
+        raw = os.pread(fd, _COUNTER_WIDTH, 0)
+        try:
+            return int(raw.decode("ascii").strip() or 0)
+        except (UnicodeDecodeError, ValueError):
+            log.warning("ignoring unreadable version counter %r", raw[:32])
+            return 0
+
+    @staticmethod
+    def _write_counter(fd: int, version: int) -> None:
+        data = str(version).rjust(_COUNTER_WIDTH - 1).encode("ascii") + b"\n"
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+
+    @staticmethod
+    def _scan(ndir: Path) -> builtins.list[int]:
+        """Committed versions in a name directory (ascending); [] if it does not exist."""
+        try:
+            entries = os.listdir(ndir)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(int(m.group(1)) for e in entries if (m := _META_RE.fullmatch(e)))
+
+    @staticmethod
+    def _remove_leftovers(ndir: Path) -> None:
+        """Remove temp files and blobs without a marker (crashed writes). Only call while holding the lock."""
+        entries = os.listdir(ndir)
+        committed = {m.group(1) for e in entries if (m := _META_RE.fullmatch(e))}
+        for e in entries:
+            m = _BLOB_RE.fullmatch(e)
+            if e.startswith(TMP_PREFIX) or (m and m.group(1) not in committed):
+                log.info("removing leftover of an interrupted write: %s", ndir / e)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(ndir / e)
+
+    def _empty_trash(self) -> None:
+        trash = self.root / TRASH
+        if trash.is_dir():
+            for entry in os.listdir(trash):
+                shutil.rmtree(trash / entry, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------- primitives
+    def _put(self, tenant_id: str, name: str, enc: EncodedPrefix) -> PrefixMeta:
+        try:
+            with self._locked(tenant_id, name) as lock_fd:
+                ndir = self._name_dir(tenant_id, name)
+                _mkdir_durable(ndir)
+                self._remove_leftovers(ndir)
+                version = max(self._read_counter(lock_fd), *self._scan(ndir), 0) + 1
+                self._write_counter(lock_fd, version)  # before any file: a crash leaves a gap, never a reuse
+                meta = enc.meta(tenant_id, name, version, time.time())
+                _write_file_atomic(ndir / f"v{version}.safetensors", enc.blob)
+                _fsync_dir(ndir)
+                _write_file_atomic(ndir / f"v{version}.json", meta.to_json())  # the commit marker
+                _fsync_dir(ndir)
+                return meta
+        except OSError as e:
+            raise self._unavailable(f"write prefix {label(tenant_id, name)}", e) from e
+
+    def _load(
+        self, tenant_id: str, name: str, version: int | None, *, with_blob: bool
+    ) -> tuple[PrefixMeta, bytes | None]:
+        ndir = self._name_dir(tenant_id, name)
+        if version is None:
+            found = self._scan(ndir)
+            if not found:
+                raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
+            version = found[-1]
+        meta_path = ndir / f"v{version}.json"
+        try:
+            meta_bytes = meta_path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise PrefixNotFound(f"prefix {label(tenant_id, name, version)} not found") from None
+        except OSError as e:
+            raise self._unavailable(f"read {meta_path}", e) from e
+        meta = PrefixMeta.from_json(meta_bytes)
+        if not with_blob:
+            return meta, None
+        try:
+            blob = (ndir / f"v{version}.safetensors").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            if meta_path.exists():
+                raise InvalidPrefix(
+                    f"prefix {label(tenant_id, name, version)}: its tensor file is missing"
+                ) from None
+            raise PrefixNotFound(
+                f"prefix {label(tenant_id, name, version)} not found"
+            ) from None  # just deleted
+        except OSError as e:
+            raise self._unavailable(f"read prefix {label(tenant_id, name, version)}", e) from e
+        return meta, blob
+
+    @staticmethod
+    def _subdirs(path: Path) -> builtins.list[str]:
+        try:
+            entries = os.listdir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(e for e in entries if is_valid_name(e) and (path / e).is_dir())
+
+    def _list(self, tenant_id: str | None) -> builtins.list[PrefixMeta]:
+        out = []
+        try:
+            tenants = [tenant_id] if tenant_id is not None else self._subdirs(self.root)
+            for t in tenants:
+                for n in self._subdirs(self.root / t):
+                    try:
+                        meta, _ = self._load(t, n, None, with_blob=False)
+                    except PrefixNotFound:
+                        continue
+                    except InvalidPrefix as e:
+                        log.warning("skipping prefix %s in listing: %s", label(t, n), e)
+                        continue
+                    out.append(meta)
+        except OSError as e:
+            raise self._unavailable("list prefixes", e) from e
+        return out
+
+    def _versions(self, tenant_id: str, name: str) -> builtins.list[int]:
+        try:
+            return self._scan(self._name_dir(tenant_id, name))
+        except OSError as e:
+            raise self._unavailable(f"list versions of {label(tenant_id, name)}", e) from e
+
+    def _delete(self, tenant_id: str, name: str) -> int:
+        if not (self.root / tenant_id).is_dir():
+            raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
+        try:
+            with self._locked(tenant_id, name):
+                ndir = self._name_dir(tenant_id, name)
+                found = self._scan(ndir)
+                if not found:
+                    raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
+                trash = self.root / TRASH
+                _mkdir_durable(trash)
+                doomed = trash / f"{tenant_id}@{name}@{uuid.uuid4().hex}"
+                os.rename(ndir, doomed)  # one atomic step: readers see every version or none
+                _fsync_dir(ndir.parent)
+                _fsync_dir(trash)
+        except OSError as e:
+            raise self._unavailable(f"delete prefix {label(tenant_id, name)}", e) from e
+        shutil.rmtree(doomed, ignore_errors=True)
+        return found[-1]
+
+    def _exists(self, tenant_id: str, name: str, version: int | None) -> bool:
+        ndir = self._name_dir(tenant_id, name)
+        if version is None:
+            return bool(self._scan(ndir))
+        return (ndir / f"v{version}.json").is_file()
+
+    def ping(self) -> None:
+        if not self.root.is_dir():
+            try:
+                _mkdir_durable(self.root)
+            except OSError as e:
+                raise self._unavailable("create the root directory", e) from e
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise self._unavailable("write", OSError(errno.EACCES, "permission denied"))

@@ -1,0 +1,46 @@
+"""Errors raised by the prefix store. Every one subclasses :class:`StoreError`.
+
+Messages name the tenant, prefix and version involved; they never contain tensor data.
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every prefix-store error."""
+
+
+class InvalidName(StoreError, ValueError):
+    """A tenant id or prefix name does not match ``[A-Za-z0-9._-]{1,128}`` (or is ``.``/``..``)."""
+
+
+class PrefixNotFound(StoreError, LookupError):
+    """No such prefix (or no such version of it)."""
+
+
+class FingerprintMismatch(StoreError):
+    """The prefix was trained on another base model than the one the caller serves."""
+
+
+class ChecksumMismatch(StoreError):
+    """The stored tensor bytes do not match the sha256 recorded in the metadata (corruption)."""
+
+
+class InvalidPrefix(StoreError, ValueError):
+    """Bad record: unknown kind, missing/ill-shaped ``kv``, non-finite values, unparsable or truncated
+    safetensors bytes, or tensors that disagree with their metadata."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend (Redis server, filesystem) cannot be reached or cannot be written."""
+
+
+__all__ = [
+    "ChecksumMismatch",
+    "FingerprintMismatch",
+    "InvalidName",
+    "InvalidPrefix",
+    "PrefixNotFound",
+    "StoreError",
+    "StoreUnavailable",
+]

@@ -1,0 +1,343 @@
+"""Redis backend (``redis://host:port/db``, ``rediss://...``, ``unix:///path.sock?db=N``).
+
+Optional query parameter ``prefix=<ns>`` namespaces every key and the channel (default ``prefixserve``); other
+query parameters go to redis-py (``socket_timeout=...``, ``password=...``). Keys (``t`` tenant, ``n`` name,
+``v`` version; ``:`` cannot occur in names)::
+
+    <ns>:counter:<t>:<n>      INCR counter allocating versions; kept on delete, so versions are never reused
+    <ns>:blob:<t>:<n>:<v>     safetensors bytes of version v
+    <ns>:meta:<t>:<n>:<v>     metadata JSON of version v
+    <ns>:versions:<t>:<n>     sorted set of stored versions (score = version)
+    <ns>:latest:<t>:<n>       highest stored version
+    <ns>:names:<t>            set: names of tenant t with at least one version
+    <ns>:tenants              set: tenants with at least one name
+    channel <ns>:changes      JSON ChangeEvent (+ "origin") published after every put/delete
+
+A put allocates the version with INCR, then commits blob, metadata, indexes, the ``latest`` pointer (only moved
+forward, under WATCH) and the PUBLISH in one MULTI/EXEC: other clients see the whole version or nothing, and the
+change message goes out exactly when the change is visible. A delete removes every version in one WATCHed
+MULTI/EXEC. Reads of a version fetch metadata and blob with one MGET (a consistent snapshot).
+
+Connection problems raise StoreUnavailable after at most one quick reconnect attempt; sockets time out after a
+few seconds, so a dead or hung Redis never blocks a caller indefinitely.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ResponseError, WatchError
+from redis.retry import Retry
+
+from prefix_store.base import PrefixStore, Subscriber
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
+from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, label
+from prefix_store.names import is_valid_name
+
+log = logging.getLogger("prefix_store")
+
+DEFAULT_NAMESPACE = "prefixserve"
+DEFAULT_SOCKET_TIMEOUT = 5.0
+DEFAULT_CONNECT_TIMEOUT = 2.0
+_UNAVAILABLE_REPLIES = (
+    "LOADING",
+    "READONLY",
+    "MISCONF",
+    "MASTERDOWN",
+    "NOREPLICAS",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(url for redis-py, namespace)``: removes the ``prefix`` query parameter."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    namespaces = [v for k, v in query if k == "prefix"]
+    ns = namespaces[-1] if namespaces else DEFAULT_NAMESPACE
+    if not is_valid_name(ns):
+        raise ValueError(f"invalid redis key namespace {ns!r}: use letters, digits, '.', '_' and '-'")
+    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), ns
+
+
+class RedisStore(PrefixStore):
+    def __init__(
+        self,
+        url: str,
+        *,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        super().__init__()
+        client_url, self.namespace = split_url(url)
+        self.url = url
+        self._r = redis.Redis.from_url(
+            client_url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            health_check_interval=10,
+            # one quick reconnect (a pooled connection may predate a Redis restart); never retry timeouts
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(redis.ConnectionError,)),
+        )
+        kw = self._r.connection_pool.connection_kwargs
+        where = kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
+        self._where = f"{where}/{kw.get('db', 0)}"
+        self._wait_s = socket_timeout + socket_connect_timeout
+        self._channel = f"{self.namespace}:changes"
+        self._origin = uuid.uuid4().hex  # skip our own messages: local subscribers were notified already
+        self._listener: threading.Thread | None = None
+        self._listener_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"RedisStore('redis {self._where}', namespace={self.namespace!r})"
+
+    # ------------------------------------------------------------------------------------------- keys
+    def _key(self, *parts: object) -> str:
+        return ":".join((self.namespace, *map(str, parts)))
+
+    def _counter_key(self, t: str, n: str) -> str:
+        return self._key("counter", t, n)
+
+    def _blob_key(self, t: str, n: str, v: int) -> str:
+        return self._key("blob", t, n, v)
+
+    def _meta_key(self, t: str, n: str, v: int) -> str:
+        return self._key("meta", t, n, v)
+
+    def _versions_key(self, t: str, n: str) -> str:
+        return self._key("versions", t, n)
+
+    def _latest_key(self, t: str, n: str) -> str:
+        return self._key("latest", t, n)
+
+    def _names_key(self, t: str) -> str:
+        return self._key("names", t)
+
+    def _tenants_key(self) -> str:
+        return self._key("tenants")
+
+    def _message(self, event: ChangeEvent) -> str:
+        return json.dumps({**event.to_dict(), "origin": self._origin})
+
+    # ------------------------------------------------------------------------------------------ errors
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnavailable(f"redis at {self._where} is unavailable ({what}): {e}") from e
+        except ResponseError as e:
+            if str(e).startswith(_UNAVAILABLE_REPLIES):
+                raise StoreUnavailable(f"redis at {self._where} cannot serve ({what}): {e}") from e
+            raise StoreError(f"redis at {self._where} refused ({what}): {e}") from e
+
+    def _transaction(self, fn: Callable[[redis.client.Pipeline], object], watch: tuple[str, ...]) -> object:
+        """Run ``fn(pipe)`` under WATCH until EXEC succeeds; ``fn`` reads, calls ``pipe.multi()``, queues."""
+        with self._r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(*watch)
+                    result = fn(pipe)
+                    pipe.execute()
+                    return result
+                except WatchError:
+                    continue
+
+    # -------------------------------------------------------------------------------------- primitives
+    def _put(self, tenant_id: str, name: str, enc: EncodedPrefix) -> PrefixMeta:
+        t, n = tenant_id, name
+        with self._errors(f"put {label(t, n)}"):
+            version = int(self._r.incr(self._counter_key(t, n)))
+            meta = enc.meta(t, n, version, time.time())
+            meta_json = meta.to_json()
+            message = self._message(ChangeEvent("put", t, n, version))
+            latest_key = self._latest_key(t, n)
+
+            def commit(pipe: redis.client.Pipeline) -> None:
+                latest = pipe.get(latest_key)
+                pipe.multi()
+                pipe.set(self._blob_key(t, n, version), enc.blob)
+                pipe.set(self._meta_key(t, n, version), meta_json)
+                pipe.zadd(self._versions_key(t, n), {str(version): version})
+                pipe.sadd(self._names_key(t), n)
+                pipe.sadd(self._tenants_key(), t)
+                if latest is None or int(latest) < version:  # a slower writer never moves it backwards
+                    pipe.set(latest_key, version)
+                pipe.publish(self._channel, message)
+
+            self._transaction(commit, watch=(latest_key,))
+        return meta
+
+    def _resolve(self, t: str, n: str, version: int | None) -> int:
+        if version is not None:
+            return version
+        latest = self._r.get(self._latest_key(t, n))
+        if latest is None:
+            raise PrefixNotFound(f"prefix {label(t, n)} not found")
+        return int(latest)
+
+    def _load(
+        self, tenant_id: str, name: str, version: int | None, *, with_blob: bool
+    ) -> tuple[PrefixMeta, bytes | None]:
+        t, n = tenant_id, name
+        with self._errors(f"get {label(t, n, version)}"):
+            v = self._resolve(t, n, version)
+            if with_blob:
+                meta_b, blob = self._r.mget([self._meta_key(t, n, v), self._blob_key(t, n, v)])
+            else:
+                meta_b, blob = self._r.get(self._meta_key(t, n, v)), None
+        if meta_b is None:
+            raise PrefixNotFound(f"prefix {label(t, n, v)} not found")
+        if with_blob and blob is None:
+            raise InvalidPrefix(f"prefix {label(t, n, v)}: its tensor blob is missing")
+        return PrefixMeta.from_json(meta_b), blob
+
+    def _list(self, tenant_id: str | None) -> builtins.list[PrefixMeta]:
+        with self._errors("list prefixes"):
+            if tenant_id is None:
+                tenants = sorted(x.decode() for x in self._r.smembers(self._tenants_key()))
+            else:
+                tenants = [tenant_id]
+            pipe = self._r.pipeline(transaction=False)
+            for t in tenants:
+                pipe.smembers(self._names_key(t))
+            keys = [(t, n.decode()) for t, names in zip(tenants, pipe.execute(), strict=True) for n in names]
+            if not keys:
+                return []
+            latest = self._r.mget([self._latest_key(t, n) for t, n in keys])
+            found = [(t, n, int(v)) for (t, n), v in zip(keys, latest, strict=True) if v is not None]
+            metas = self._r.mget([self._meta_key(t, n, v) for t, n, v in found]) if found else []
+        out = []
+        for (t, n, v), raw in zip(found, metas, strict=True):
+            if raw is None:
+                continue  # deleted meanwhile
+            try:
+                out.append(PrefixMeta.from_json(raw))
+            except InvalidPrefix as e:
+                log.warning("skipping prefix %s in listing: %s", label(t, n, v), e)
+        return out
+
+    def _versions(self, tenant_id: str, name: str) -> builtins.list[int]:
+        with self._errors(f"versions of {label(tenant_id, name)}"):
+            return [int(x) for x in self._r.zrange(self._versions_key(tenant_id, name), 0, -1)]
+
+    def _delete(self, tenant_id: str, name: str) -> int:
+        t, n = tenant_id, name
+        versions_key, names_key, latest_key = (
+            self._versions_key(t, n),
+            self._names_key(t),
+            self._latest_key(t, n),
+        )
+
+        def commit(pipe: redis.client.Pipeline) -> int:
+            found = [int(x) for x in pipe.zrange(versions_key, 0, -1)]
+            if not found:
+                pipe.unwatch()
+                raise PrefixNotFound(f"prefix {label(t, n)} not found")
+            last_name = pipe.scard(names_key) <= 1 and pipe.sismember(names_key, n)
+            pipe.multi()
+            pipe.delete(*(self._blob_key(t, n, v) for v in found), *(self._meta_key(t, n, v) for v in found))
+            pipe.delete(versions_key, latest_key)
+            pipe.srem(names_key, n)
+            if last_name:
+                pipe.srem(self._tenants_key(), t)
+            pipe.publish(self._channel, self._message(ChangeEvent("delete", t, n, max(found))))
+            return max(found)
+
+        with self._errors(f"delete {label(t, n)}"):
+            return int(self._transaction(commit, watch=(versions_key, names_key, latest_key)))  # type: ignore[arg-type]
+
+    def _exists(self, tenant_id: str, name: str, version: int | None) -> bool:
+        with self._errors(f"exists {label(tenant_id, name, version)}"):
+            if version is None:
+                return bool(self._r.exists(self._latest_key(tenant_id, name)))
+            return bool(self._r.exists(self._meta_key(tenant_id, name, version)))
+
+    def ping(self) -> None:
+        with self._errors("ping"):
+            self._r.ping()
+
+    # ------------------------------------------------------------------------------------ pub/sub
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Also delivers events published by other processes (other replicas), on a background thread.
+
+        Waits (a few seconds at most) until the channel subscription is active, so events published after this
+        returns are not missed. If Redis is down the listener keeps reconnecting in the background; events
+        published while it is disconnected are lost.
+        """
+        unsubscribe = super().subscribe(callback)
+        with self._listener_lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            if self._listener is None or not self._listener.is_alive():
+                self._stop.clear()
+                self._subscribed.clear()
+                self._listener = threading.Thread(
+                    target=self._listen, name=f"prefix-store-pubsub-{self.namespace}", daemon=True
+                )
+                self._listener.start()
+        if not self._subscribed.wait(self._wait_s):
+            log.warning("prefix store: change subscription on redis %s not active yet; retrying", self._where)
+        return unsubscribe
+
+    def _listen(self) -> None:
+        delay = 0.05
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self._r.pubsub()
+                pubsub.subscribe(self._channel)
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=0.2)
+                    if msg is None:
+                        continue
+                    if msg["type"] == "subscribe":
+                        self._subscribed.set()
+                        delay = 0.05
+                    elif msg["type"] == "message":
+                        self._dispatch(msg["data"])
+            except Exception as e:
+                if not self._stop.is_set():
+                    log.warning("prefix store: change subscription on redis %s lost: %s", self._where, e)
+            finally:
+                self._subscribed.clear()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+            self._stop.wait(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _dispatch(self, data: bytes) -> None:
+        try:
+            d = json.loads(data)
+            if d.get("origin") == self._origin:
+                return
+            event = ChangeEvent.from_dict(d)
+        except (ValueError, AttributeError) as e:
+            log.warning("prefix store: ignoring malformed change message: %s", e)
+            return
+        self._notify(event)
+
+    def close(self) -> None:
+        with self._listener_lock:
+            super().close()
+            self._stop.set()
+            listener, self._listener = self._listener, None
+        if listener is not None and listener is not threading.current_thread():
+            listener.join(timeout=self._wait_s)
+        with contextlib.suppress(Exception):
+            self._r.close()
