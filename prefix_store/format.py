@@ -108,7 +108,7 @@ class PrefixMeta:
         shapes = typed("shapes", dict)
         for k, v in shapes.items():
             if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-                raise InvalidPrefix(f"prefix metadata: shape of {k!r} is not a list of ints")
+                raise InvalidPrefix(f"prefix metadata field 'shapes': shape of {k!r} is not a list of ints")
         training = d.get("training")
         if training is not None and not isinstance(training, dict):
             raise InvalidPrefix("prefix metadata field 'training' must be an object or null")

@@ -100,7 +100,8 @@ class RedisStore(PrefixStore):
         self._listener: threading.Thread | None = None
         self._listener_lock = threading.Lock()
         self._stop = threading.Event()
-        self._subscribed = threading.Event()
+        self._subscribed = threading.Event()  # the listener's subscription is active
+        self._settled = threading.Event()  # the listener has subscribed or failed at least once
 
     def __repr__(self) -> str:
         return f"RedisStore('redis {self._where}', namespace={self.namespace!r})"
@@ -286,13 +287,19 @@ class RedisStore(PrefixStore):
             if self._listener is None or not self._listener.is_alive():
                 self._stop.clear()
                 self._subscribed.clear()
+                self._settled.clear()
                 self._listener = threading.Thread(
                     target=self._listen, name=f"prefix-store-pubsub-{self.namespace}", daemon=True
                 )
                 self._listener.start()
-        if not self._subscribed.wait(self._wait_s):
+        self._settled.wait(self._wait_s)
+        if not self._subscribed.is_set():
             log.warning("prefix store: change subscription on redis %s not active yet; retrying", self._where)
         return unsubscribe
+
+    def wait_subscribed(self, timeout: float | None = None) -> bool:
+        """True once the change subscription is active (again, after a reconnect); False on timeout."""
+        return self._subscribed.wait(timeout)
 
     def _listen(self) -> None:
         delay = 0.05
@@ -307,6 +314,7 @@ class RedisStore(PrefixStore):
                         continue
                     if msg["type"] == "subscribe":
                         self._subscribed.set()
+                        self._settled.set()
                         delay = 0.05
                     elif msg["type"] == "message":
                         self._dispatch(msg["data"])
@@ -315,6 +323,7 @@ class RedisStore(PrefixStore):
                     log.warning("prefix store: change subscription on redis %s lost: %s", self._where, e)
             finally:
                 self._subscribed.clear()
+                self._settled.set()
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         pubsub.close()
