@@ -1,0 +1,476 @@
+"""prefix_store behaviour, identical for every backend (file in tmp_path, real Redis)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefix_store import ChangeEvent, PrefixStore, errors, open_store
+
+FP = "sha256:" + "0123456789abcdef" * 4
+OTHER_FP = "sha256:" + "fedcba9876543210" * 4
+BAD_NAMES = ["../x", "", "x" * 129, "a/b", "a b", "..", ".", "a:b", "a\nb"]
+
+
+def make_kv(P=4, L=2, K=1, D=8, fill: float | None = None, seed=0):
+    if fill is not None:
+        return torch.full((L, 2, K, P, D), float(fill))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(L, 2, K, P, D, generator=g)
+
+
+def put(store, t="acme", n="bot", kv=None, kind="prefix_tuning", fp=FP, P=4, **kw):
+    kv = make_kv(P=P) if kv is None else kv
+    return store.put(t, n, kind, {"kv": kv}, base_model_fingerprint=fp, prefix_length=kv.shape[3], **kw)
+
+
+@pytest.fixture(params=["file", "redis"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def store_url(backend, tmp_path, request) -> str:
+    if backend == "file":
+        return f"file://{tmp_path}/store"
+    return request.getfixturevalue("redis_store_url")
+
+
+@pytest.fixture
+def store(store_url):
+    s = open_store(store_url)
+    yield s
+    s.close()
+
+
+# ------------------------------------------------------------------------------- raw access to stored bytes
+def _disk_path(store, t, n, v, ext):
+    return Path(store.root) / t / n / f"v{v}.{ext}"
+
+
+def read_blob(store, t, n, v) -> bytes:
+    if hasattr(store, "root"):
+        return _disk_path(store, t, n, v, "safetensors").read_bytes()
+    return store._r.get(store._blob_key(t, n, v))
+
+
+def write_blob(store, t, n, v, data: bytes) -> None:
+    if hasattr(store, "root"):
+        _disk_path(store, t, n, v, "safetensors").write_bytes(data)
+    else:
+        store._r.set(store._blob_key(t, n, v), data)
+
+
+def write_meta_raw(store, t, n, v, data: bytes) -> None:
+    if hasattr(store, "root"):
+        _disk_path(store, t, n, v, "json").write_bytes(data)
+    else:
+        store._r.set(store._meta_key(t, n, v), data)
+
+
+def stored_nothing(store) -> bool:
+    """True if the backend holds no data at all (besides nothing-visible bookkeeping)."""
+    if hasattr(store, "root"):
+        return not any(p.is_file() and not p.name.endswith("@lock") for p in Path(store.root).rglob("*"))
+    return not list(store._r.scan_iter(match=f"{store.namespace}:*"))
+
+
+# --------------------------------------------------------------------------------------------------- tests
+def test_open_store_gives_a_prefix_store(store, backend):
+    assert isinstance(store, PrefixStore)
+    store.ping()
+    assert type(store).__name__ == {"file": "DiskStore", "redis": "RedisStore"}[backend]
+
+
+def test_put_get_roundtrip(store):
+    kv = make_kv(P=6, L=3, K=2, D=4, seed=1)
+    emb = torch.randn(6, 32)
+    t0 = time.time()
+    meta = store.put(
+        "acme",
+        "support.bot-1",
+        "prefix_tuning",
+        {"kv": kv, "embedding": emb},
+        base_model_fingerprint=FP,
+        prefix_length=6,
+        training={"steps": 30, "final_loss": 0.01},
+        extra={"prompt_format": "chat"},
+    )
+    assert (meta.tenant_id, meta.name, meta.kind, meta.version) == (
+        "acme",
+        "support.bot-1",
+        "prefix_tuning",
+        1,
+    )
+    assert meta.prefix_length == 6 and meta.base_model_fingerprint == FP and meta.dtype == "float32"
+    assert meta.shapes == {"kv": [3, 2, 2, 6, 4], "embedding": [6, 32]}
+    assert meta.training == {"steps": 30, "final_loss": 0.01} and meta.extra == {"prompt_format": "chat"}
+    assert t0 - 1 <= meta.created <= time.time() + 1
+    rec = store.get("acme", "support.bot-1", expected_fingerprint=FP)
+    assert rec.meta == meta
+    assert set(rec.tensors) == {"kv", "embedding"}
+    assert (
+        rec.kv.dtype == torch.float32
+        and torch.equal(rec.kv, kv)
+        and torch.equal(rec.tensors["embedding"], emb)
+    )
+    assert meta.sha256 == hashlib.sha256(read_blob(store, "acme", "support.bot-1", 1)).hexdigest()
+    assert store.get_meta("acme", "support.bot-1") == meta
+
+
+def test_roundtrip_keeps_half_precision_bits(store):
+    kv = make_kv(seed=3).to(torch.bfloat16)
+    meta = put(store, kv=kv)
+    rec = store.get("acme", "bot")
+    assert meta.dtype == "bfloat16" and rec.kv.dtype == torch.bfloat16
+    assert torch.equal(rec.kv.view(torch.int16), kv.view(torch.int16))
+
+
+def test_versions_increase_and_specific_versions(store):
+    for i in range(3):
+        assert put(store, kv=make_kv(fill=i)).version == i + 1
+    assert store.versions("acme", "bot") == [1, 2, 3]
+    assert store.get("acme", "bot").meta.version == 3
+    assert torch.equal(store.get("acme", "bot").kv, make_kv(fill=2))
+    assert torch.equal(store.get("acme", "bot", 1).kv, make_kv(fill=0))
+    assert store.get_meta("acme", "bot", version=2).version == 2
+    assert torch.equal(store.get("acme", "bot", version=2).kv, make_kv(fill=1))
+
+
+def test_not_found(store):
+    with pytest.raises(errors.PrefixNotFound):
+        store.get("acme", "nope")
+    with pytest.raises(errors.PrefixNotFound):
+        store.get_meta("acme", "nope")
+    put(store)
+    for v in (0, 2, 99):
+        with pytest.raises(errors.PrefixNotFound) as ei:
+            store.get("acme", "bot", v)
+        assert "acme/bot" in str(ei.value)
+    assert store.versions("acme", "nope") == []
+    assert store.versions("other", "bot") == []
+    with pytest.raises(TypeError):
+        store.get("acme", "bot", "1")
+
+
+def test_list_latest_per_tenant(store):
+    put(store, "A", "n1")
+    put(store, "A", "n1", kv=make_kv(P=5))
+    put(store, "A", "n2")
+    put(store, "B", "n1")
+    a = store.list("A")
+    assert [(m.tenant_id, m.name, m.version) for m in a] == [("A", "n1", 2), ("A", "n2", 1)]
+    assert a[0].prefix_length == 5
+    every = store.list()
+    assert [(m.tenant_id, m.name, m.version) for m in every] == [
+        ("A", "n1", 2),
+        ("A", "n2", 1),
+        ("B", "n1", 1),
+    ]
+    assert store.list("C") == []
+    with pytest.raises(errors.InvalidName):
+        store.list("../A")
+
+
+def test_delete(store):
+    put(store, "acme", "bot")
+    put(store, "acme", "bot")
+    put(store, "acme", "keep")
+    store.delete("acme", "bot")
+    with pytest.raises(errors.PrefixNotFound):
+        store.get("acme", "bot")
+    with pytest.raises(errors.PrefixNotFound):
+        store.get("acme", "bot", 1)
+    assert not store.exists("acme", "bot") and not store.exists("acme", "bot", 2)
+    assert store.versions("acme", "bot") == []
+    assert [m.name for m in store.list("acme")] == ["keep"]
+    assert store.get("acme", "keep").meta.version == 1
+    with pytest.raises(errors.PrefixNotFound):
+        store.delete("acme", "bot")
+    with pytest.raises(errors.PrefixNotFound):
+        store.delete("ghost", "bot")
+    # versions are never reused: (tenant, name, version) always names the same tensors
+    assert put(store, "acme", "bot").version == 3
+    assert store.versions("acme", "bot") == [3]
+
+
+def test_delete_last_name_removes_tenant_from_listing(store):
+    put(store, "solo", "only")
+    store.delete("solo", "only")
+    assert store.list() == []
+    assert store.list("solo") == []
+
+
+def test_exists(store):
+    assert not store.exists("acme", "bot")
+    put(store)
+    assert store.exists("acme", "bot")
+    assert store.exists("acme", "bot", 1)
+    assert not store.exists("acme", "bot", 2)
+    assert not store.exists("acme", "bot", 0)
+    assert not store.exists("acme", "other")
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_invalid_names_write_nothing(store, bad):
+    for t, n in ((bad, "bot"), ("acme", bad)):
+        with pytest.raises(errors.InvalidName):
+            put(store, t, n)
+        with pytest.raises(errors.InvalidName):
+            store.get(t, n)
+        with pytest.raises(errors.InvalidName):
+            store.exists(t, n)
+        with pytest.raises(errors.InvalidName):
+            store.delete(t, n)
+        with pytest.raises(errors.InvalidName):
+            store.versions(t, n)
+    assert store.list() == []
+    assert stored_nothing(store)
+    if hasattr(store, "root"):
+        assert not (Path(store.root).parent / "x").exists()
+
+
+def test_name_of_128_chars_is_fine(store):
+    n = "n" * 128
+    put(store, "t" * 128, n)
+    assert store.get("t" * 128, n).meta.name == n
+
+
+def test_fingerprint_mismatch_refused(store):
+    put(store, fp=FP)
+    with pytest.raises(errors.FingerprintMismatch) as ei:
+        store.get("acme", "bot", expected_fingerprint=OTHER_FP)
+    msg = str(ei.value)
+    assert FP[:12] in msg and OTHER_FP[:12] in msg and "acme/bot" in msg
+    assert FP not in msg  # shortened
+    assert torch.equal(store.get("acme", "bot", expected_fingerprint=FP).kv, make_kv())
+    assert store.get("acme", "bot").meta.base_model_fingerprint == FP  # no expectation: no check
+
+
+def test_corrupted_bytes_checksum_mismatch(store):
+    put(store)
+    blob = bytearray(read_blob(store, "acme", "bot", 1))
+    blob[-7] ^= 0x01  # inside the tensor data
+    write_blob(store, "acme", "bot", 1, bytes(blob))
+    with pytest.raises(errors.ChecksumMismatch) as ei:
+        store.get("acme", "bot")
+    assert "acme/bot" in str(ei.value) and len(str(ei.value)) < 300
+    assert store.get_meta("acme", "bot").version == 1  # metadata alone is still readable
+
+
+def test_truncated_blob_refused(store):
+    meta = put(store)
+    blob = read_blob(store, "acme", "bot", 1)
+    write_blob(store, "acme", "bot", 1, blob[: len(blob) // 2])
+    with pytest.raises((errors.ChecksumMismatch, errors.InvalidPrefix)):
+        store.get("acme", "bot")
+    # even with a checksum that matches the truncated bytes, the record is refused
+    truncated = blob[: len(blob) - 3]
+    write_blob(store, "acme", "bot", 1, truncated)
+    d = meta.to_dict() | {"sha256": hashlib.sha256(truncated).hexdigest()}
+    write_meta_raw(store, "acme", "bot", 1, type(meta).from_dict(d).to_json())
+    with pytest.raises(errors.InvalidPrefix):
+        store.get("acme", "bot")
+
+
+def test_garbage_metadata(store):
+    put(store, "acme", "bad")
+    put(store, "acme", "good")
+    write_meta_raw(store, "acme", "bad", 1, b"{not json")
+    with pytest.raises(errors.InvalidPrefix):
+        store.get("acme", "bad")
+    assert [m.name for m in store.list("acme")] == ["good"]  # listing skips it instead of failing
+
+
+def test_metadata_under_wrong_key_refused(store):
+    put(store, "acme", "a")
+    other = put(store, "acme", "b")
+    write_meta_raw(store, "acme", "a", 1, other.to_json())
+    with pytest.raises(errors.InvalidPrefix, match="describes"):
+        store.get("acme", "a")
+
+
+BAD_PUTS = {
+    "unknown kind": dict(kind="lora"),
+    "kv rank 4": dict(kv=torch.randn(2, 2, 4, 8)),
+    "kv dim1 3": dict(kv=torch.randn(2, 3, 1, 4, 8)),
+    "kv nan": dict(kv=torch.full((2, 2, 1, 4, 8), float("nan"))),
+    "kv int": dict(kv=torch.ones(2, 2, 1, 4, 8, dtype=torch.int64)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PUTS))
+def test_bad_prefix_put_writes_nothing(store, case):
+    kw = BAD_PUTS[case]
+    with pytest.raises(errors.InvalidPrefix):
+        if "kv" in kw and kw["kv"].dim() == 4:
+            store.put(
+                "acme", "bot", "prefix_tuning", {"kv": kw["kv"]}, base_model_fingerprint=FP, prefix_length=4
+            )
+        else:
+            put(store, **kw)
+    with pytest.raises(errors.InvalidPrefix):  # P disagreeing with kv
+        store.put(
+            "acme", "bot", "prefix_tuning", {"kv": make_kv(P=4)}, base_model_fingerprint=FP, prefix_length=3
+        )
+    with pytest.raises(errors.InvalidPrefix):  # no kv at all
+        store.put(
+            "acme",
+            "bot",
+            "prompt_tuning",
+            {"soft_prompt": torch.randn(4, 8)},
+            base_model_fingerprint=FP,
+            prefix_length=4,
+        )
+    assert not store.exists("acme", "bot")
+    assert store.versions("acme", "bot") == [] and store.list() == []
+    assert stored_nothing(store)
+
+
+def test_concurrent_writers_threads(store):
+    writers, per_writer = 6, 5
+    errors_seen: list[BaseException] = []
+    stop = threading.Event()
+    reads = [0]
+
+    def writer(w):
+        try:
+            for i in range(per_writer):
+                put(store, kv=make_kv(fill=w * 100 + i), training={"writer": w, "i": i})
+        except BaseException as e:  # pragma: no cover - reported below
+            errors_seen.append(e)
+
+    def reader():
+        while not stop.is_set():
+            try:
+                rec = store.get("acme", "bot")
+            except errors.PrefixNotFound:
+                continue
+            except BaseException as e:  # pragma: no cover
+                errors_seen.append(e)
+                return
+            tr = rec.meta.training
+            if not torch.equal(rec.kv, make_kv(fill=tr["writer"] * 100 + tr["i"])):
+                errors_seen.append(AssertionError(f"torn record {rec.meta.label}"))
+            reads[0] += 1
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for th in readers + threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    stop.set()
+    for th in readers:
+        th.join(10)
+    assert not errors_seen, errors_seen[:3]
+    n = writers * per_writer
+    assert store.versions("acme", "bot") == list(range(1, n + 1))
+    assert store.get_meta("acme", "bot").version == n  # the latest pointer never moved backwards
+    payloads = set()
+    for v in range(1, n + 1):
+        rec = store.get("acme", "bot", v)
+        assert rec.meta.version == v
+        tr = rec.meta.training
+        assert torch.equal(rec.kv, make_kv(fill=tr["writer"] * 100 + tr["i"]))
+        payloads.add((tr["writer"], tr["i"]))
+    assert payloads == {(w, i) for w in range(writers) for i in range(per_writer)}
+    assert reads[0] > 0
+
+
+def test_readers_never_see_torn_records_during_delete(store):
+    stop = threading.Event()
+    seen: dict[str, int] = {"ok": 0, "missing": 0}
+    problems: list[BaseException] = []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                rec = store.get("acme", "bot")
+            except errors.PrefixNotFound:
+                seen["missing"] += 1
+                continue
+            except BaseException as e:  # pragma: no cover
+                problems.append(e)
+                return
+            if not torch.equal(rec.kv, make_kv(fill=rec.meta.training["fill"])):
+                problems.append(AssertionError("torn"))
+            seen["ok"] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for i in range(15):
+        put(store, kv=make_kv(fill=i), training={"fill": i})
+        put(store, kv=make_kv(fill=i + 0.5), training={"fill": i + 0.5})
+        store.delete("acme", "bot")
+    stop.set()
+    for th in threads:
+        th.join(10)
+    assert not problems, problems[:3]
+    assert seen["missing"] > 0  # the deletes were observed
+
+
+def test_change_events_to_subscribers(store):
+    events: list[ChangeEvent] = []
+    unsubscribe = store.subscribe(events.append)
+    put(store)
+    put(store)
+    store.delete("acme", "bot")
+    assert events == [
+        ChangeEvent("put", "acme", "bot", 1),
+        ChangeEvent("put", "acme", "bot", 2),
+        ChangeEvent("delete", "acme", "bot", 2),
+    ]
+    with pytest.raises(errors.InvalidName):
+        put(store, "acme", "../bot")
+    assert len(events) == 3  # failed puts publish nothing
+    unsubscribe()
+    unsubscribe()  # idempotent
+    put(store)
+    time.sleep(0.2)
+    assert len(events) == 3
+
+
+def test_failing_subscriber_does_not_break_put(store):
+    got = []
+
+    def bad(_ev):
+        raise RuntimeError("subscriber bug")
+
+    store.subscribe(bad)
+    store.subscribe(got.append)
+    assert put(store).version == 1
+    assert got == [ChangeEvent("put", "acme", "bot", 1)]
+
+
+def test_records_survive_reopening(store, store_url):
+    kv = make_kv(seed=9)
+    meta = put(store, kv=kv)
+    put(store, "acme", "second")
+    store.close()
+    again = open_store(store_url)
+    try:
+        rec = again.get("acme", "bot")
+        assert rec.meta == meta and torch.equal(rec.kv, kv)
+        assert [m.name for m in again.list("acme")] == ["bot", "second"]
+        assert put(again, kv=kv).version == 2
+    finally:
+        again.close()
+
+
+def test_two_store_objects_share_data(store_url):
+    a, b = open_store(store_url), open_store(store_url)
+    try:
+        put(a)
+        assert b.get("acme", "bot").meta.version == 1
+        assert put(b).version == 2
+        assert a.versions("acme", "bot") == [1, 2]
+    finally:
+        a.close()
+        b.close()

@@ -1,0 +1,193 @@
+"""prefix_store disk backend: layout, crash leftovers, multi-process writers, URLs."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from prefix_store import default_store_url, errors, open_store
+from prefix_store.disk import DiskStore
+
+FP = "fp-disk-test"
+
+
+def make_kv(fill: float, P=4):
+    return torch.full((2, 2, 1, P, 8), float(fill))
+
+
+def put(store, t="acme", n="bot", fill=1.0, **kw):
+    return store.put(
+        t, n, "prefix_tuning", {"kv": make_kv(fill)}, base_model_fingerprint=FP, prefix_length=4, **kw
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(f"file://{tmp_path}/root")
+    yield s
+    s.close()
+
+
+def test_layout(store, tmp_path):
+    meta = put(store, fill=3.0)
+    ndir = tmp_path / "root" / "acme" / "bot"
+    assert sorted(os.listdir(ndir)) == ["v1.json", "v1.safetensors"]
+    assert (tmp_path / "root" / "acme" / "bot@lock").is_file()
+    on_disk = json.loads((ndir / "v1.json").read_text())
+    assert on_disk["format"] == 1 and on_disk["sha256"] == meta.sha256 and on_disk["version"] == 1
+    assert torch.equal(safetensors.torch.load_file(ndir / "v1.safetensors")["kv"], make_kv(3.0))
+    assert (ndir / "v1.safetensors").stat().st_mode & 0o644 == 0o644
+    assert store.url == f"file://{tmp_path}/root"
+
+
+def test_half_written_records_are_invisible(store, tmp_path):
+    put(store, fill=1.0)
+    ndir = tmp_path / "root" / "acme" / "bot"
+    good = (ndir / "v1.safetensors").read_bytes()
+    # crash while writing v2's blob (temp file), and a crash after the blob rename but before the marker
+    (ndir / ".tmp-deadbeef-v2.safetensors").write_bytes(good[:40])
+    (ndir / "v2.safetensors").write_bytes(good)
+    (ndir / ".tmp-cafe-v2.json").write_text("{")
+    # a name whose very first write crashed
+    half = tmp_path / "root" / "acme" / "half"
+    half.mkdir()
+    (half / "v1.safetensors").write_bytes(good[:100])
+    (half / ".tmp-x-v1.safetensors").write_bytes(good)
+    # a tenant with only a crashed write
+    (tmp_path / "root" / "ghost" / "n").mkdir(parents=True)
+    (tmp_path / "root" / "ghost" / "n" / ".tmp-1-v1.json").write_text("{}")
+
+    assert store.get("acme", "bot").meta.version == 1
+    assert store.versions("acme", "bot") == [1]
+    assert not store.exists("acme", "bot", 2)
+    with pytest.raises(errors.PrefixNotFound):
+        store.get("acme", "bot", 2)
+    assert not store.exists("acme", "half")
+    with pytest.raises(errors.PrefixNotFound):
+        store.get("acme", "half")
+    assert store.versions("acme", "half") == []
+    assert [(m.tenant_id, m.name, m.version) for m in store.list()] == [("acme", "bot", 1)]
+    assert store.list("ghost") == []
+
+    # the next writer (holding the lock) allocates v2 and removes the leftovers
+    meta = put(store, fill=2.0)
+    assert meta.version == 2
+    assert sorted(os.listdir(ndir)) == ["v1.json", "v1.safetensors", "v2.json", "v2.safetensors"]
+    assert torch.equal(store.get("acme", "bot").kv, make_kv(2.0))
+    assert put(store, "acme", "half").version == 1
+    assert sorted(os.listdir(half)) == ["v1.json", "v1.safetensors"]
+
+
+def test_missing_blob_with_marker_is_refused(store, tmp_path):
+    put(store)
+    (tmp_path / "root" / "acme" / "bot" / "v1.safetensors").unlink()
+    with pytest.raises(errors.InvalidPrefix, match="missing"):
+        store.get("acme", "bot")
+
+
+def test_version_counter_survives_delete_and_reopen(store, tmp_path):
+    for _ in range(3):
+        put(store)
+    store.delete("acme", "bot")
+    assert not (tmp_path / "root" / "acme" / "bot").exists()
+    assert not any((tmp_path / "root" / "@trash").iterdir())
+    again = open_store(f"file://{tmp_path}/root")
+    assert put(again).version == 4
+
+
+def test_trash_left_by_a_crashed_delete_is_cleaned(tmp_path):
+    trash = tmp_path / "root" / "@trash" / "acme@bot@123"
+    trash.mkdir(parents=True)
+    (trash / "v1.json").write_text("{}")
+    s = open_store(f"file://{tmp_path}/root")
+    assert not trash.exists()
+    assert s.list() == []
+
+
+def _mp_writer(root: str, writer: int, count: int, queue, barrier) -> None:
+    try:
+        store = open_store(f"file://{root}")
+        versions = []
+        barrier.wait(60)  # start writing together
+        for i in range(count):
+            meta = store.put(
+                "acme",
+                "shared",
+                "prefix_tuning",
+                {"kv": make_kv(writer * 1000 + i)},
+                base_model_fingerprint=FP,
+                prefix_length=4,
+                training={"writer": writer, "i": i},
+            )
+            versions.append(meta.version)
+        queue.put(("ok", writer, versions))
+    except BaseException as e:  # report to the parent
+        queue.put(("error", writer, repr(e)))
+
+
+def test_concurrent_writers_processes(tmp_path):
+    root = str(tmp_path / "root")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs, count = 3, 20
+    barrier = ctx.Barrier(procs)
+    ps = [ctx.Process(target=_mp_writer, args=(root, w, count, queue, barrier)) for w in range(procs)]
+    for p in ps:
+        p.start()
+    results = [queue.get(timeout=90) for _ in ps]
+    for p in ps:
+        p.join(30)
+    assert all(r[0] == "ok" for r in results), results
+    allocated = sorted(v for r in results for v in r[2])
+    assert allocated == list(range(1, procs * count + 1))
+    for r in results:
+        assert r[2] == sorted(r[2])  # each writer saw its own versions increase
+    # the writers really overlapped: some writer's versions are not one contiguous block
+    assert any(r[2][-1] - r[2][0] + 1 > count for r in results), results
+    store = open_store(f"file://{root}")
+    assert store.versions("acme", "shared") == list(range(1, procs * count + 1))
+    seen = set()
+    for v in range(1, procs * count + 1):
+        rec = store.get("acme", "shared", v)
+        tr = rec.meta.training
+        assert torch.equal(rec.kv, make_kv(tr["writer"] * 1000 + tr["i"]))
+        seen.add((tr["writer"], tr["i"]))
+    assert len(seen) == procs * count
+    assert not [p for p in (Path(root) / "acme" / "shared").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_unusable_root_is_unavailable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    s = DiskStore(blocker / "root")
+    with pytest.raises(errors.StoreUnavailable):
+        s.ping()
+    with pytest.raises(errors.StoreUnavailable):
+        put(s)
+
+
+def test_open_store_default_uses_prefixserve_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXSERVE_HOME", str(tmp_path / "home"))
+    s = open_store()
+    assert isinstance(s, DiskStore) and s.root == tmp_path / "home"
+    put(s)
+    assert (tmp_path / "home" / "acme" / "bot" / "v1.json").is_file()
+    monkeypatch.delenv("PREFIXSERVE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    assert default_store_url() == f"file://{tmp_path}/user/.local/share/prefixserve"
+    assert open_store().root == tmp_path / "user" / ".local" / "share" / "prefixserve"
+
+
+def test_store_urls(tmp_path):
+    assert open_store(f"file://localhost{tmp_path}/a").root == tmp_path / "a"
+    assert open_store(tmp_path / "b").root == tmp_path / "b"
+    assert open_store(f"file://{tmp_path}/with%20space").root == tmp_path / "with space"
+    for bad in ("file://relative/path", "ftp://x/y", "s3://bucket/x"):
+        with pytest.raises(ValueError):
+            open_store(bad)

@@ -1,0 +1,312 @@
+"""prefix_store Redis backend: keys, pub/sub between replicas, outages (real redis-server, never fakeredis)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from prefix_store import ChangeEvent, errors, open_store
+from prefix_store.redis_store import RedisStore, split_url
+from tests.fixtures.redis import free_port
+
+pytestmark = pytest.mark.redis
+
+FP = "fp-redis-test"
+
+
+def make_kv(fill: float = 1.0):
+    return torch.full((2, 2, 1, 4, 8), float(fill))
+
+
+def put(store, t="acme", n="bot", fill=1.0):
+    return store.put(t, n, "prefix_tuning", {"kv": make_kv(fill)}, base_model_fingerprint=FP, prefix_length=4)
+
+
+def wait_for(q: queue.Queue, timeout: float = 5.0):
+    return q.get(timeout=timeout)
+
+
+@pytest.fixture
+def store(redis_store_url):
+    s = open_store(redis_store_url)
+    yield s
+    s.close()
+
+
+def test_url_namespace_parsing():
+    assert split_url("redis://h:1/2?prefix=ns&socket_timeout=3") == ("redis://h:1/2?socket_timeout=3", "ns")
+    assert split_url("redis://h:1/2") == ("redis://h:1/2", "prefixserve")
+    with pytest.raises(ValueError):
+        split_url("redis://h:1/2?prefix=a b")
+    with pytest.raises(ValueError):
+        split_url("redis://h:1/2?prefix=")
+
+
+def test_key_layout(store):
+    ns = store.namespace
+    put(store)
+    put(store)
+    keys = {k.decode() for k in store._r.scan_iter(match=f"{ns}:*")}
+    assert keys == {
+        f"{ns}:counter:acme:bot",
+        f"{ns}:blob:acme:bot:1",
+        f"{ns}:meta:acme:bot:1",
+        f"{ns}:blob:acme:bot:2",
+        f"{ns}:meta:acme:bot:2",
+        f"{ns}:versions:acme:bot",
+        f"{ns}:latest:acme:bot",
+        f"{ns}:names:acme",
+        f"{ns}:tenants",
+    }
+    assert int(store._r.get(f"{ns}:latest:acme:bot")) == 2
+    assert json.loads(store._r.get(f"{ns}:meta:acme:bot:2"))["version"] == 2
+    store.delete("acme", "bot")
+    assert {k.decode() for k in store._r.scan_iter(match=f"{ns}:*")} == {f"{ns}:counter:acme:bot"}
+
+
+def test_namespaces_are_isolated(redis_store_url):
+    a = open_store(redis_store_url)
+    b = open_store(redis_store_url.replace("prefix=", "prefix=other-"))
+    try:
+        put(a, fill=1.0)
+        assert not b.exists("acme", "bot") and b.list() == []
+        put(b, fill=2.0)
+        assert torch.equal(a.get("acme", "bot").kv, make_kv(1.0))
+        assert b.get("acme", "bot").meta.version == 1
+    finally:
+        b.delete("acme", "bot")
+        b._r.delete(b._counter_key("acme", "bot"))
+        a.close()
+        b.close()
+
+
+def test_stray_blob_without_metadata_is_invisible(store):
+    put(store)
+    store._r.set(store._blob_key("acme", "bot", 2), b"partial")
+    assert store.versions("acme", "bot") == [1]
+    assert not store.exists("acme", "bot", 2)
+    assert store.get("acme", "bot").meta.version == 1
+    with pytest.raises(errors.PrefixNotFound):
+        store.get("acme", "bot", 2)
+
+
+def test_change_events_reach_other_replicas(redis_store_url):
+    replica, writer = open_store(redis_store_url), open_store(redis_store_url)
+    try:
+        got: queue.Queue = queue.Queue()
+        replica.subscribe(got.put)
+        put(writer, "acme", "bot")
+        assert wait_for(got) == ChangeEvent("put", "acme", "bot", 1)
+        put(writer, "acme", "bot")
+        assert wait_for(got) == ChangeEvent("put", "acme", "bot", 2)
+        writer.delete("acme", "bot")
+        assert wait_for(got) == ChangeEvent("delete", "acme", "bot", 2)
+        # the replica's own writes: delivered once (synchronously), not again via pub/sub
+        put(replica, "acme", "own")
+        assert got.get_nowait() == ChangeEvent("put", "acme", "own", 1)
+        time.sleep(0.5)
+        assert got.empty()
+    finally:
+        replica.close()
+        writer.close()
+
+
+def test_events_from_another_namespace_are_not_delivered(redis_store_url):
+    mine = open_store(redis_store_url)
+    other = open_store(redis_store_url.replace("prefix=", "prefix=x-"))
+    try:
+        got: queue.Queue = queue.Queue()
+        mine.subscribe(got.put)
+        put(other)
+        time.sleep(0.5)
+        assert got.empty()
+    finally:
+        other.delete("acme", "bot")
+        other._r.delete(other._counter_key("acme", "bot"))
+        mine.close()
+        other.close()
+
+
+def test_malformed_messages_are_ignored(store):
+    got: queue.Queue = queue.Queue()
+    store.subscribe(got.put)
+    channel = f"{store.namespace}:changes"
+    store._r.publish(channel, b"not json")
+    store._r.publish(channel, json.dumps({"op": "explode", "tenant_id": "a", "name": "b", "version": 1}))
+    store._r.publish(channel, json.dumps({"op": "put", "tenant_id": "a", "name": "b", "version": 3}))
+    assert wait_for(got) == ChangeEvent("put", "a", "b", 3)
+    assert got.empty()
+
+
+def test_unsubscribed_callback_gets_nothing_from_replicas(redis_store_url):
+    replica, writer = open_store(redis_store_url), open_store(redis_store_url)
+    try:
+        got: queue.Queue = queue.Queue()
+        kept: queue.Queue = queue.Queue()
+        unsubscribe = replica.subscribe(got.put)
+        replica.subscribe(kept.put)
+        unsubscribe()
+        put(writer)
+        assert wait_for(kept).version == 1
+        assert got.empty()
+    finally:
+        replica.close()
+        writer.close()
+
+
+def test_close_stops_the_listener(redis_store_url):
+    s = open_store(redis_store_url)
+    s.subscribe(lambda ev: None)
+    listener = s._listener
+    assert listener is not None and listener.is_alive()
+    s.close()
+    assert not listener.is_alive()
+
+
+def test_redis_down_is_unavailable_fast():
+    port = free_port()  # nothing listens there
+    s = open_store(f"redis://127.0.0.1:{port}/0")
+    calls = {
+        "ping": lambda: s.ping(),
+        "put": lambda: put(s),
+        "get": lambda: s.get("acme", "bot"),
+        "get_meta": lambda: s.get_meta("acme", "bot", 1),
+        "list": lambda: s.list(),
+        "versions": lambda: s.versions("acme", "bot"),
+        "exists": lambda: s.exists("acme", "bot"),
+        "delete": lambda: s.delete("acme", "bot"),
+    }
+    for name, call in calls.items():
+        t0 = time.monotonic()
+        with pytest.raises(errors.StoreUnavailable) as ei:
+            call()
+        assert time.monotonic() - t0 < 5, name
+        assert f"127.0.0.1:{port}" in str(ei.value)
+    t0 = time.monotonic()
+    s.subscribe(lambda ev: None)  # does not raise; keeps retrying in the background
+    assert time.monotonic() - t0 < 5
+    assert not s.wait_subscribed(0.1)
+    s.close()
+
+
+def test_unresponsive_redis_times_out():
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts connections, never answers
+    port = listener.getsockname()[1]
+    try:
+        s = RedisStore(f"redis://127.0.0.1:{port}/0", socket_timeout=0.5, socket_connect_timeout=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(errors.StoreUnavailable):
+            s.ping()
+        assert time.monotonic() - t0 < 3
+        s.close()
+    finally:
+        listener.close()
+
+
+def test_survives_redis_kill_and_restart(redis_server_factory):
+    srv = redis_server_factory
+    store = open_store(srv.url)
+    replica = open_store(srv.url)
+    try:
+        got: queue.Queue = queue.Queue()
+        replica.subscribe(got.put)
+        assert replica.wait_subscribed(5)
+        put(store, fill=1.0)
+        put(store, fill=2.0)
+        assert wait_for(got).version == 1 and wait_for(got).version == 2
+
+        srv.kill()
+        t0 = time.monotonic()
+        with pytest.raises(errors.StoreUnavailable):
+            store.get("acme", "bot")
+        with pytest.raises(errors.StoreUnavailable):
+            put(store, fill=3.0)
+        assert time.monotonic() - t0 < 5
+
+        srv.start()
+        # same store objects reconnect; acknowledged writes survived (AOF, fsync always)
+        rec = store.get("acme", "bot")
+        assert rec.meta.version == 2 and torch.equal(rec.kv, make_kv(2.0))
+        assert store.versions("acme", "bot") == [1, 2]
+        assert replica.wait_subscribed(10)  # the listener resubscribed by itself
+        assert put(store, fill=4.0).version >= 3
+        assert wait_for(got).version >= 3
+    finally:
+        store.close()
+        replica.close()
+
+
+def test_concurrent_puts_from_many_clients(redis_store_url):
+    stores = [open_store(redis_store_url) for _ in range(4)]
+    problems: list[BaseException] = []
+
+    def writer(s, w):
+        try:
+            for i in range(10):
+                s.put(
+                    "acme",
+                    "hot",
+                    "prompt_tuning",
+                    {"kv": make_kv(w * 100 + i)},
+                    base_model_fingerprint=FP,
+                    prefix_length=4,
+                    training={"w": w, "i": i},
+                )
+        except BaseException as e:  # pragma: no cover
+            problems.append(e)
+
+    threads = [threading.Thread(target=writer, args=(s, w)) for w, s in enumerate(stores)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    try:
+        assert not problems, problems[:3]
+        s = stores[0]
+        assert s.versions("acme", "hot") == list(range(1, 41))
+        assert s.get_meta("acme", "hot").version == 40
+        for v in range(1, 41):
+            rec = s.get("acme", "hot", v)
+            assert torch.equal(rec.kv, make_kv(rec.meta.training["w"] * 100 + rec.meta.training["i"]))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_slow_writer_never_moves_latest_backwards(redis_store_url):
+    """Writer A allocates v1, writer B allocates v2 and commits first; A's later commit must keep latest at 2."""
+    slow, fast = open_store(redis_store_url), open_store(redis_store_url)
+    allocated, b_done = threading.Event(), threading.Event()
+    original = slow._transaction
+
+    def delayed_commit(fn, watch):
+        allocated.set()  # A has its version (INCR ran before the transaction)
+        assert b_done.wait(10)
+        return original(fn, watch)
+
+    slow._transaction = delayed_commit
+    result = {}
+    th = threading.Thread(target=lambda: result.setdefault("a", put(slow, fill=1.0)))
+    try:
+        th.start()
+        assert allocated.wait(10)
+        b = put(fast, fill=2.0)
+        b_done.set()
+        th.join(10)
+        assert (result["a"].version, b.version) == (1, 2)
+        assert fast.get_meta("acme", "bot").version == 2
+        assert torch.equal(fast.get("acme", "bot").kv, make_kv(2.0))
+        assert fast.versions("acme", "bot") == [1, 2]
+    finally:
+        b_done.set()
+        slow.close()
+        fast.close()
