@@ -185,7 +185,10 @@ class DiskStore(PrefixStore):
     ) -> tuple[PrefixMeta, bytes | None]:
         ndir = self._name_dir(tenant_id, name)
         if version is None:
-            found = self._scan(ndir)
+            try:
+                found = self._scan(ndir)
+            except OSError as e:
+                raise self._unavailable(f"list versions of {label(tenant_id, name)}", e) from e
             if not found:
                 raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
             version = found[-1]
@@ -267,9 +270,12 @@ class DiskStore(PrefixStore):
 
     def _exists(self, tenant_id: str, name: str, version: int | None) -> bool:
         ndir = self._name_dir(tenant_id, name)
-        if version is None:
-            return bool(self._scan(ndir))
-        return (ndir / f"v{version}.json").is_file()
+        try:
+            if version is None:
+                return bool(self._scan(ndir))
+            return (ndir / f"v{version}.json").is_file()
+        except OSError as e:
+            raise self._unavailable(f"look up {label(tenant_id, name, version)}", e) from e
 
     def ping(self) -> None:
         if not self.root.is_dir():

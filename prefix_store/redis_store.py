@@ -196,11 +196,14 @@ class RedisStore(PrefixStore):
     ) -> tuple[PrefixMeta, bytes | None]:
         t, n = tenant_id, name
         with self._errors(f"get {label(t, n, version)}"):
-            v = self._resolve(t, n, version)
-            if with_blob:
-                meta_b, blob = self._r.mget([self._meta_key(t, n, v), self._blob_key(t, n, v)])
-            else:
-                meta_b, blob = self._r.get(self._meta_key(t, n, v)), None
+            for _attempt in range(3):  # latest may be deleted and re-put between the two round trips
+                v = self._resolve(t, n, version)
+                if with_blob:
+                    meta_b, blob = self._r.mget([self._meta_key(t, n, v), self._blob_key(t, n, v)])
+                else:
+                    meta_b, blob = self._r.get(self._meta_key(t, n, v)), None
+                if meta_b is not None or version is not None:
+                    break
         if meta_b is None:
             raise PrefixNotFound(f"prefix {label(t, n, v)} not found")
         if with_blob and blob is None:
@@ -280,10 +283,10 @@ class RedisStore(PrefixStore):
         returns are not missed. If Redis is down the listener keeps reconnecting in the background; events
         published while it is disconnected are lost.
         """
-        unsubscribe = super().subscribe(callback)
         with self._listener_lock:
             if self._closed:
                 raise StoreError("store is closed")
+            unsubscribe = super().subscribe(callback)
             if self._listener is None or not self._listener.is_alive():
                 self._stop.clear()
                 self._subscribed.clear()
