@@ -1,0 +1,364 @@
+"""The FastAPI application: `create_app(settings, *, bundle=None, store=None, job_manager=None)`.
+
+The lifespan loads the model once (unless a bundle is injected), opens the prefix store, builds the engine with a
+store-backed prefix provider, subscribes to store change events and starts the training job manager. A pure-ASGI
+middleware in front of every route assigns/echoes `X-Request-ID`, enforces the body size limit before any parsing,
+answers 503 + Retry-After while starting or draining, counts requests for metrics and writes one JSON log line per
+request (never prompt text or keys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from prefix_store import PrefixStore, open_store
+from server.api.auth import KeyRing
+from server.api.errors import SafeJSONResponse, error_body, install_error_handlers
+from server.api.metrics import Metrics
+from server.api.service import RequestInfo, Service
+from server.settings import Settings
+
+log = logging.getLogger("prefixserve.api")
+access_log = logging.getLogger("prefixserve.access")
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")
+PROBES = frozenset({"/health", "/ready", "/metrics"})
+DOCS = frozenset({"/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    keyring: KeyRing
+    metrics: Metrics
+    bundle: Any = None
+    store: PrefixStore | None = None
+    job_manager: Any = None
+    svc: Service | None = None
+    draining: bool = False
+    inflight: int = 0
+    owns_store: bool = False
+    owns_jobs: bool = False
+    _idle: asyncio.Event | None = field(default=None, repr=False)
+
+    def begin_drain(self) -> None:
+        """Stop taking new work: /ready → 503, new requests → 503 + Retry-After; in-flight ones continue."""
+        if not self.draining:
+            log.info("draining: refusing new requests, %d in flight", self.inflight)
+        self.draining = True
+        if self.svc is not None:
+            self.svc.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no HTTP request (other than probes) is in flight and the engine is idle."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.inflight == 0 and (self.svc is None or self.svc.engine.idle()):
+                return True
+            await asyncio.sleep(0.02)
+        return self.inflight == 0
+
+
+# ------------------------------------------------------------------------------------------------ middleware
+async def _send_error(
+    send: Send, status: int, message: str, code: str, request_id: str, retry_after: int
+) -> None:
+    headers = {"x-request-id": request_id}
+    if status in (429, 503):
+        headers["retry-after"] = str(retry_after)
+    resp = SafeJSONResponse(error_body(status, message, code=code), status, headers=headers)
+    await resp({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:  # pragma: no cover - responses above never read
+    return {"type": "http.disconnect"}
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        st = self.state
+        settings = st.settings
+        t0 = time.monotonic()
+        headers = dict((k.lower(), v) for k, v in scope.get("headers", []))
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+        info = RequestInfo(request_id=rid)
+        scope["prefixserve"] = info
+        path: str = scope.get("path", "")
+        method: str = scope.get("method", "GET")
+        probe = path in PROBES
+        status_box = [0]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+                hs = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                hs.append((b"x-request-id", rid.encode("latin-1")))
+                message = {**message, "headers": hs}
+            await send(message)
+
+        counted = False
+        try:
+            if st.draining and not probe:
+                await _send_error(
+                    send_wrapper, 503, "server is shutting down", "shutting_down", rid, settings.retry_after_s
+                )
+                return
+            if st.svc is None and not probe and path not in DOCS:
+                await _send_error(
+                    send_wrapper, 503, "server is starting", "starting", rid, settings.retry_after_s
+                )
+                return
+            limit = settings.max_body_bytes
+            cl = headers.get(b"content-length")
+            if cl is not None:
+                try:
+                    declared = int(cl)
+                    if declared < 0:
+                        raise ValueError
+                except ValueError:
+                    await _send_error(send_wrapper, 400, "invalid Content-Length", "bad_request", rid, 1)
+                    return
+                if declared > limit:
+                    await _send_error(
+                        send_wrapper, 413, f"request body exceeds {limit} bytes", "body_too_large", rid, 1
+                    )
+                    return
+            if method in BODY_METHODS:
+                chunks: list[bytes] = []
+                size = 0
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        status_box[0] = 499
+                        return
+                    body = msg.get("body", b"")
+                    size += len(body)
+                    if size > limit:
+                        await _send_error(
+                            send_wrapper, 413, f"request body exceeds {limit} bytes", "body_too_large", rid, 1
+                        )
+                        return
+                    chunks.append(body)
+                    if not msg.get("more_body", False):
+                        break
+                receive = _replay(b"".join(chunks), receive)
+            if not probe:
+                st.inflight += 1
+                counted = True
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if counted:
+                st.inflight -= 1
+            self._record(scope, info, method, path, status_box[0] or 500, time.monotonic() - t0, probe)
+
+    def _record(
+        self,
+        scope: Scope,
+        info: RequestInfo,
+        method: str,
+        path: str,
+        status: int,
+        latency: float,
+        probe: bool,
+    ) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path_format", None) or getattr(route, "path", None)
+        if template is None:
+            template = path if (path in PROBES or path in DOCS) else "unmatched"
+        with contextlib.suppress(Exception):
+            self.state.metrics.requests.labels(template, method, str(status)).inc()
+        fields = {
+            "event": "request",
+            "request_id": info.request_id,
+            "method": method,
+            "route": template,
+            "status": status,
+            "latency_s": round(latency, 6),
+            "principal": info.principal,
+            "tenant": info.tenant,
+            "prefix": info.prefix,
+            "version": info.version,
+            "prompt_tokens": info.prompt_tokens,
+            "completion_tokens": info.completion_tokens,
+            "queue_s": None if info.queue_s is None else round(info.queue_s, 6),
+            "ttft_s": None if info.ttft_s is None else round(info.ttft_s, 6),
+            "finish_reason": info.finish_reason,
+            "error_code": info.error_code,
+        }
+        if info.prompt is not None:  # settings.log_prompts only
+            fields["prompt"] = info.prompt[:2000]
+        fields = {k: v for k, v in fields.items() if v is not None}
+        level = logging.DEBUG if probe and status < 400 else logging.INFO
+        access_log.log(level, "%s %s %d", method, template, status, extra={"fields": fields})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+# ------------------------------------------------------------------------------------------------ lifespan
+def _load_bundle(settings: Settings) -> Any:
+    from server.model import load_model
+
+    return load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache)
+
+
+def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> Any:
+    try:
+        from server.training import JobManager
+    except ImportError as e:  # pragma: no cover - the training package ships with the server
+        log.warning("training unavailable (%s): the /prefixes training routes answer 503", e)
+        return None
+
+    return JobManager(
+        bundle,
+        store,
+        jobs_url=settings.jobs_url,
+        in_process_workers=settings.training_workers,
+        max_jobs_per_tenant=settings.max_jobs_per_tenant,
+    )
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    st: AppState = app.state.ps
+    s = st.settings
+    if not st.keyring.enabled:
+        log.warning(
+            "no API keys configured (PREFIXSERVE_API_KEYS / PREFIXSERVE_API_KEYS_FILE / PREFIXSERVE_ADMIN_KEY): "
+            "the server is OPEN, any caller may act as any tenant; use it only for local development"
+        )
+    else:
+        log.info(
+            "API keys configured for %d tenants%s",
+            len(st.keyring.tenants),
+            " and an admin key" * bool(s.admin_key),
+        )
+    t0 = time.monotonic()
+    if st.bundle is None:
+        log.info("loading model %s (device=%s, dtype=%s)", s.model, s.device, s.dtype)
+        st.bundle = await asyncio.to_thread(_load_bundle, s)
+    if st.store is None:
+        st.store = open_store(s.store_url)
+        st.owns_store = True
+    try:
+        await asyncio.to_thread(st.store.ping)
+    except Exception as e:
+        log.warning("prefix store %r not reachable at start-up (%s); /ready reports not ready", st.store, e)
+    if st.job_manager is None:
+        st.job_manager = await asyncio.to_thread(_make_job_manager, s, st.bundle, st.store)
+        st.owns_jobs = True
+        if st.job_manager is not None:
+            st.job_manager.start()
+    svc = Service.build(s, st.bundle, st.store, st.metrics, job_manager=st.job_manager)
+    svc.start()
+    st.svc = svc
+    log.info(
+        "ready: model %s (fingerprint %s…) loaded in %.1fs; store %r",
+        st.bundle.name,
+        str(st.bundle.fingerprint)[:12],
+        time.monotonic() - t0,
+        st.store,
+    )
+    try:
+        yield
+    finally:
+        st.begin_drain()
+        await svc.stop(s.shutdown_grace_s)
+        if st.owns_jobs and st.job_manager is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(st.job_manager.shutdown)
+        if st.owns_store:
+            with contextlib.suppress(Exception):
+                st.store.close()
+        log.info("stopped")
+
+
+# ------------------------------------------------------------------------------------------------ factory
+def create_app(
+    settings: Settings | None = None,
+    *,
+    bundle: Any = None,
+    store: PrefixStore | None = None,
+    job_manager: Any = None,
+) -> FastAPI:
+    """Build the app; inject `bundle` / `store` / `job_manager` to skip loading them (tests, embedding)."""
+    from server.api import routes_generate, routes_openai, routes_ops, routes_prefixes
+
+    settings = settings or Settings()
+    keyring = KeyRing(
+        settings.tenant_keys(), settings.admin_key.get_secret_value() if settings.admin_key else None
+    )
+    holder: dict[str, AppState] = {}
+
+    def snapshot() -> dict[str, Any] | None:
+        st = holder.get("st")
+        return st.svc.snapshot() if st is not None and st.svc is not None else None
+
+    metrics = Metrics(snapshot)
+    st = AppState(
+        settings=settings,
+        keyring=keyring,
+        metrics=metrics,
+        bundle=bundle,
+        store=store,
+        job_manager=job_manager,
+    )
+    holder["st"] = st
+
+    app = FastAPI(
+        title="PrefixServe",
+        version=_version(),
+        description=(
+            "Multi-tenant LLM inference: one frozen base model, per-tenant trained prefixes, mixed-tenant "
+            'continuous batching. Errors: `{"error": {"message", "type", "param", "code"}}`.'
+        ),
+        lifespan=lifespan,
+    )
+    app.state.ps = st
+    install_error_handlers(app, settings.retry_after_s)
+    app.include_router(routes_generate.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_prefixes.router)
+    app.include_router(routes_prefixes.admin_router)
+    app.include_router(routes_ops.router)
+    app.add_middleware(ServiceMiddleware, state=st)
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("prefixserve")
+    except Exception:
+        return "0.0.0"

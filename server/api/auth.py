@@ -1,0 +1,104 @@
+"""API keys: Bearer tokens mapped to tenants, plus one operator (admin) key.
+
+* Keys are compared in constant time (`hmac.compare_digest` on SHA-256 digests, every entry checked) and never
+  logged or echoed.
+* A tenant key acts only as its tenant: anything naming another tenant answers 404, exactly as if it did not exist.
+* The admin key acts as every tenant and may use the admin routes (403 for tenant keys).
+* With no key configured at all the server runs open (every caller is treated as admin) and warns at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from server.api.errors import APIError
+
+bearer_scheme = HTTPBearer(auto_error=False, description="API key: a tenant key or the admin key")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a tenant (tenant key), the operator (admin key) or anyone (open server)."""
+
+    tenant_id: str | None
+    admin: bool
+    open: bool = False
+
+    @property
+    def label(self) -> str:
+        """For logs: never the key."""
+        if self.open:
+            return "open"
+        return "admin" if self.admin else f"tenant:{self.tenant_id}"
+
+    def can_access(self, tenant_id: str) -> bool:
+        return self.admin or self.tenant_id == tenant_id
+
+    def resolve_tenant(self, requested: str | None) -> str:
+        """The tenant a request acts as: the key's own when omitted; another tenant's → 404 (no existence leak)."""
+        if requested is None:
+            if self.tenant_id is not None:
+                return self.tenant_id
+            raise APIError(422, "tenant_id is required", param="tenant_id", code="missing_tenant_id")
+        if not self.can_access(requested):
+            raise APIError(404, f"tenant {requested!r} not found", code="tenant_not_found", param="tenant_id")
+        return requested
+
+    def require_admin(self) -> None:
+        if not self.admin:
+            raise APIError(403, "this route needs the admin key", code="admin_required")
+
+
+OPEN = Principal(tenant_id=None, admin=True, open=True)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+class KeyRing:
+    def __init__(self, tenant_keys: dict[str, str], admin_key: str | None) -> None:
+        self._entries = [(_digest(k), t) for k, t in tenant_keys.items()]
+        self._admin = _digest(admin_key) if admin_key else None
+        self.enabled = bool(self._entries) or self._admin is not None
+        self.tenants = sorted({t for _, t in self._entries})
+
+    def lookup(self, key: str) -> Principal | None:
+        d = _digest(key)
+        found: Principal | None = None
+        # check every entry so the time taken does not depend on which (or whether one) matched
+        if self._admin is not None and hmac.compare_digest(d, self._admin):
+            found = Principal(tenant_id=None, admin=True)
+        for digest, tenant in self._entries:
+            if hmac.compare_digest(d, digest) and found is None:
+                found = Principal(tenant_id=tenant, admin=False)
+        return found
+
+    def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+        if not self.enabled:
+            return OPEN
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if credentials is None or not credentials.credentials:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", headers=challenge)
+        if credentials.scheme.lower() != "bearer":
+            raise APIError(401, "use 'Authorization: Bearer <key>'", headers=challenge)
+        principal = self.lookup(credentials.credentials)
+        if principal is None:
+            raise APIError(401, "invalid API key", headers=challenge)
+        return principal
+
+
+async def get_principal(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)
+) -> Principal:
+    """FastAPI dependency: the caller (401 if keys are configured and none or a wrong one is sent)."""
+    principal = request.app.state.ps.keyring.authenticate(credentials)
+    info = request.scope.get("prefixserve")
+    if info is not None:
+        info.principal = principal.label
+    return principal

@@ -1,0 +1,56 @@
+"""Small accessors shared by the routers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from prefix_store import errors
+from server.api.errors import APIError, unavailable
+from server.api.service import RequestInfo, Service
+
+T = TypeVar("T")
+
+
+def app_state(request: Request) -> Any:
+    return request.app.state.ps
+
+
+def get_service(request: Request) -> Service:
+    st = app_state(request)
+    svc = st.svc
+    if svc is None:
+        raise unavailable("server is starting", st.settings.retry_after_s, code="starting")
+    if st.draining:
+        raise unavailable("server is shutting down", st.settings.retry_after_s, code="shutting_down")
+    return svc
+
+
+def get_info(request: Request) -> RequestInfo:
+    info = request.scope.get("prefixserve")
+    if info is None:  # not behind the middleware (should not happen)
+        info = RequestInfo(request_id="unknown")
+        request.scope["prefixserve"] = info
+    return info
+
+
+async def store_call(svc: Service, fn: Callable[..., T], *args: Any, what: str = "prefix", **kw: Any) -> T:
+    """Run a blocking store call off the event loop, mapping store errors to API errors."""
+    try:
+        out = await asyncio.to_thread(fn, *args, **kw)
+    except errors.PrefixNotFound:
+        raise APIError(404, f"{what} not found", code="prefix_not_found") from None
+    except errors.InvalidName as e:
+        raise APIError(422, str(e), code="invalid_name") from None
+    except errors.StoreUnavailable:
+        svc.store_ok = False
+        raise unavailable(
+            "prefix store unavailable", svc.settings.retry_after_s, code="store_unavailable"
+        ) from None
+    except errors.StoreError as e:
+        raise APIError(422, f"stored prefix cannot be read: {e}", code="prefix_corrupt") from None
+    svc.store_ok = True
+    return out

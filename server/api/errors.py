@@ -1,0 +1,203 @@
+"""One error body everywhere: `{"error": {"message", "type", "param", "code"}}` (OpenAI's shape).
+
+Status mapping (docs/ARCHITECTURE.md, shared README §4): 400/422 invalid input, 401 missing or wrong key, 403 a route the
+key may not use, 404 unknown or another tenant's, 405 wrong method, 413 too large, 429 tenant over its limit,
+503 (always with Retry-After) saturated, draining or store down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("prefixserve.api")
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+DEFAULT_CODES = {
+    400: "bad_request",
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_value",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON with ASCII escapes: a lone surrogate echoed from hostile input can never break encoding."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code or DEFAULT_CODES.get(status)
+        self.param = param
+        self.type = type or ERROR_TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, code=self.code, param=self.param, type=self.type)
+
+
+def error_body(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    type: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": type or ERROR_TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code or DEFAULT_CODES.get(status),
+        }
+    }
+
+
+def unavailable(message: str, retry_after: int, code: str = "unavailable") -> APIError:
+    return APIError(503, message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    retry_after: int = 1,
+) -> SafeJSONResponse:
+    headers = dict(headers or {})
+    if status in (429, 503):
+        headers.setdefault("Retry-After", str(retry_after))
+    return SafeJSONResponse(error_body(status, message, code=code, param=param), status, headers=headers)
+
+
+def _loc_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def _validation_message(err: dict[str, Any]) -> str:
+    loc = _loc_param(tuple(err.get("loc", ())))
+    msg = str(err.get("msg", "invalid value"))
+    return f"{loc}: {msg}" if loc else msg
+
+
+def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> SafeJSONResponse:
+        return error_response(
+            exc.status,
+            exc.message,
+            code=exc.code,
+            param=exc.param,
+            headers=exc.headers,
+            retry_after=retry_after,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
+        errors = list(exc.errors())
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, "request body is not valid JSON", code="invalid_json")
+        if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+            return error_response(422, "request body is required", code="missing_body")
+        message = "; ".join(_validation_message(e) for e in errors[:5])
+        if len(errors) > 5:
+            message += f"; and {len(errors) - 5} more"
+        return error_response(
+            422, message, code="invalid_value", param=_loc_param(tuple(first.get("loc", ())))
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
+        status = exc.status_code
+        if status == 404:
+            message = "not found"
+        elif status == 405:
+            message = f"method {request.method} not allowed for {request.url.path}"
+        elif status == 400 and "parsing the body" in str(exc.detail):
+            return error_response(400, "request body is not valid JSON (UTF-8)", code="invalid_json")
+        else:
+            message = str(exc.detail) if exc.detail else "error"
+        return error_response(status, message, headers=getattr(exc, "headers", None), retry_after=retry_after)
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> SafeJSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal server error", code="internal_error")
+
+
+# Documented in the OpenAPI schema of every route, so clients (and schemathesis) know the error body.
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse, "description": d}
+    for s, d in {
+        400: "Invalid request",
+        401: "Missing or wrong API key",
+        403: "The key may not use this route",
+        404: "Unknown resource (or another tenant's)",
+        413: "Request too large",
+        422: "Invalid value",
+        429: "Tenant over its limit (Retry-After)",
+        500: "Internal error",
+        503: "Unavailable: saturated, draining or store down (Retry-After)",
+    }.items()
+}

@@ -1,0 +1,111 @@
+"""POST /generate (native API) with optional Server-Sent Events streaming."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from server.api.auth import Principal, get_principal
+from server.api.deps import get_info, get_service
+from server.api.errors import COMMON_ERRORS
+from server.api.schemas import DEFAULT_PREFIX, GenerateChunk, GenerateRequest, GenerateResponse
+from server.api.service import (
+    ClientDisconnected,
+    GenerationRun,
+    ResolvedPrefix,
+    race_disconnect,
+    render_prompt,
+)
+from server.api.streaming import EngineEventStream, sse
+
+router = APIRouter(tags=["generate"])
+
+SSE_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON, or with `stream: true` Server-Sent Events (`data: {GenerateChunk}` ... `data: [DONE]`)",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+DISCONNECTED = 499  # nginx's "client closed request": logged, never seen by a client
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={**SSE_DOC, **COMMON_ERRORS},
+    summary="Generate text with a tenant's prefix",
+)
+async def generate(
+    body: GenerateRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> Any:
+    svc = get_service(request)
+    info = get_info(request)
+    tenant = principal.resolve_tenant(body.tenant_id)
+    name = body.prefix or DEFAULT_PREFIX
+    info.tenant, info.prefix = tenant, name
+    if svc.settings.log_prompts:
+        info.prompt = body.prompt
+    sampling = svc.sampling(
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stop,
+    )
+    prefix = await svc.resolve(tenant, name)
+    info.version = prefix.version
+    ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.prompt, prefix.prompt_format)
+    run = await svc.generate(info, prefix, ids, sampling, stream=body.stream, receive=request.receive)
+    rid = "gen-" + run.req.request_id
+    if body.stream:
+        return EngineEventStream(run, lambda r: _frames(r, rid, prefix))
+    try:
+        res = await race_disconnect(request.receive, run.collect())
+    except ClientDisconnected:
+        return Response(status_code=DISCONNECTED)
+    finally:
+        await run.close()
+    return GenerateResponse(
+        id=rid,
+        tenant_id=tenant,
+        prefix=prefix.name,
+        prefix_version=prefix.version,
+        text=res.text,
+        finish_reason=res.finish_reason,  # type: ignore[arg-type]
+        usage=usage(res.prompt_tokens, res.completion_tokens),  # type: ignore[arg-type]
+    )
+
+
+async def _frames(run: GenerationRun, rid: str, prefix: ResolvedPrefix) -> AsyncIterator[bytes]:
+    head = {"id": rid, "tenant_id": prefix.tenant_id, "prefix": prefix.name, "prefix_version": prefix.version}
+
+    async def events() -> AsyncIterator[Any]:
+        yield run.first
+        async for ev in run.events():
+            yield ev
+
+    async for ev in events():
+        if ev.finished:
+            chunk = GenerateChunk(
+                **head,
+                text=ev.text,
+                finish_reason=ev.finish_reason,
+                usage=usage(ev.prompt_tokens, ev.completion_tokens),  # type: ignore[arg-type]
+            )
+            yield sse(chunk.model_dump())
+        elif ev.text:
+            yield sse({**head, "text": ev.text, "finish_reason": None, "usage": None})

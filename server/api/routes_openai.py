@@ -1,0 +1,307 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+`model` is `"{tenant_id}/{prefix}"`; `"{tenant_id}"` alone means that tenant's `default` prefix and
+`"{tenant_id}/base"` the base model without a prefix. A model naming another tenant answers 404 like an unknown one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import Response
+
+from prefix_store.names import is_valid_name
+from server.api.auth import Principal, get_principal
+from server.api.deps import get_info, get_service, store_call
+from server.api.errors import COMMON_ERRORS, APIError
+from server.api.routes_generate import DISCONNECTED, SSE_DOC, usage
+from server.api.schemas import (
+    BASE_PREFIX,
+    DEFAULT_PREFIX,
+    NAME_PATTERN,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    _OpenAIBase,
+)
+from server.api.service import (
+    ClientDisconnected,
+    GenerationRun,
+    race_disconnect,
+    render_messages,
+    render_prompt,
+)
+from server.api.streaming import EngineEventStream, sse
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def parse_model(model: str, principal: Principal) -> tuple[str, str]:
+    tenant, sep, name = model.partition("/")
+    if not sep:
+        name = DEFAULT_PREFIX
+    if not is_valid_name(tenant) or not is_valid_name(name) or not principal.can_access(tenant):
+        raise APIError(404, f"model {model!r} not found", code="model_not_found", param="model")
+    return tenant, name
+
+
+def check_unsupported(body: _OpenAIBase) -> None:
+    for fld in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, fld) not in (None, 0, 0.0):
+            raise APIError(400, f"{fld} is not supported (only 0)", code="unsupported_parameter", param=fld)
+    if isinstance(body, CompletionRequest):
+        if body.echo:
+            raise APIError(400, "echo is not supported", code="unsupported_parameter", param="echo")
+        if body.logprobs is not None:
+            raise APIError(400, "logprobs is not supported", code="unsupported_parameter", param="logprobs")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", code="unsupported_parameter", param="suffix")
+    if isinstance(body, ChatCompletionRequest) and body.logprobs:
+        raise APIError(400, "logprobs is not supported", code="unsupported_parameter", param="logprobs")
+
+
+def _message_text(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(
+                400, "only text content parts are supported", code="unsupported_content", param="messages"
+            )
+        parts.append(part["text"])
+    from server.api.schemas import check_text
+
+    try:
+        return check_text("".join(parts))
+    except ValueError as e:
+        raise APIError(422, str(e), param="messages") from None
+
+
+async def _run(
+    request: Request,
+    principal: Principal,
+    body: _OpenAIBase,
+    chat: bool,
+) -> tuple[Any, GenerationRun, str, int]:
+    svc = get_service(request)
+    info = get_info(request)
+    check_unsupported(body)
+    tenant, name = parse_model(body.model, principal)
+    info.tenant, info.prefix = tenant, name
+    prefix = await svc.resolve(tenant, name)
+    info.version = prefix.version
+    tok = svc.bundle.tokenizer
+    if chat:
+        assert isinstance(body, ChatCompletionRequest)
+        messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
+        if svc.settings.log_prompts:
+            info.prompt = "\n".join(m["content"] for m in messages)
+        ids = await svc.tokenize(render_messages, tok, messages)
+        requested = body.max_completion_tokens or body.max_tokens
+        if requested is None:  # OpenAI: up to the context; here also capped by max_new_tokens
+            room = svc.llm.max_model_len - prefix.prefix_length - len(ids)
+            requested = max(1, min(svc.settings.max_new_tokens, room))
+        max_tokens = requested
+    else:
+        assert isinstance(body, CompletionRequest)
+        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        if svc.settings.log_prompts:
+            info.prompt = prompt
+        ids = await svc.tokenize(render_prompt, tok, prompt, prefix.prompt_format)
+        max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+    sampling = svc.sampling(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=body.seed,
+        stop=body.stop,
+    )
+    run = await svc.generate(info, prefix, ids, sampling, stream=body.stream, receive=request.receive)
+    return svc, run, body.model, int(time.time())
+
+
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    response_model_exclude_none=False,
+    responses={**SSE_DOC, **COMMON_ERRORS},
+    summary="OpenAI-compatible text completion",
+)
+async def completions(
+    body: CompletionRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> Any:
+    _svc, run, model, created = await _run(request, principal, body, chat=False)
+    cid = "cmpl-" + run.req.request_id
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream:
+        return EngineEventStream(run, lambda r: _completion_frames(r, cid, model, created, include_usage))
+    try:
+        res = await race_disconnect(request.receive, run.collect())
+    except ClientDisconnected:
+        return Response(status_code=DISCONNECTED)
+    finally:
+        await run.close()
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": res.text, "logprobs": None, "finish_reason": res.finish_reason}],
+        "usage": usage(res.prompt_tokens, res.completion_tokens),
+        "system_fingerprint": None,
+    }
+
+
+async def _all_events(run: GenerationRun) -> AsyncIterator[Any]:
+    yield run.first
+    async for ev in run.events():
+        yield ev
+
+
+async def _completion_frames(
+    run: GenerationRun, cid: str, model: str, created: int, include_usage: bool
+) -> AsyncIterator[bytes]:
+    head = {"id": cid, "object": "text_completion", "created": created, "model": model}
+    last = None
+    async for ev in _all_events(run):
+        last = ev
+        if ev.text or ev.finished:
+            chunk = {
+                **head,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": ev.text,
+                        "logprobs": None,
+                        "finish_reason": ev.finish_reason if ev.finished else None,
+                    }
+                ],
+            }
+            if include_usage:
+                chunk["usage"] = None
+            yield sse(chunk)
+    if include_usage and last is not None:
+        yield sse({**head, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**SSE_DOC, **COMMON_ERRORS},
+    summary="OpenAI-compatible chat completion (messages rendered with the model's chat template)",
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> Any:
+    _svc, run, model, created = await _run(request, principal, body, chat=True)
+    cid = "chatcmpl-" + run.req.request_id
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream:
+        return EngineEventStream(run, lambda r: _chat_frames(r, cid, model, created, include_usage))
+    try:
+        res = await race_disconnect(request.receive, run.collect())
+    except ClientDisconnected:
+        return Response(status_code=DISCONNECTED)
+    finally:
+        await run.close()
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": res.text},
+                "logprobs": None,
+                "finish_reason": res.finish_reason,
+            }
+        ],
+        "usage": usage(res.prompt_tokens, res.completion_tokens),
+        "system_fingerprint": None,
+    }
+
+
+async def _chat_frames(
+    run: GenerationRun, cid: str, model: str, created: int, include_usage: bool
+) -> AsyncIterator[bytes]:
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        return sse(
+            {
+                **head,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                **extra,
+            }
+        )
+
+    yield chunk({"role": "assistant", "content": ""}, None)
+    last = None
+    async for ev in _all_events(run):
+        last = ev
+        if ev.text:
+            yield chunk({"content": ev.text}, None)
+        if ev.finished:
+            yield chunk({}, ev.finish_reason)
+    if include_usage and last is not None:
+        yield sse({**head, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
+
+
+# --------------------------------------------------------------------------------------------- models
+def _card(meta: Any, root: str) -> ModelCard:
+    return ModelCard(
+        id=f"{meta.tenant_id}/{meta.name}",
+        created=int(meta.created),
+        owned_by=meta.tenant_id,
+        root=root,
+        prefix_version=meta.version,
+    )
+
+
+@router.get(
+    "/models", response_model=ModelList, responses=COMMON_ERRORS, summary="Models (prefixes) of the caller"
+)
+async def list_models(request: Request, principal: Principal = Depends(get_principal)) -> ModelList:
+    svc = get_service(request)
+    metas = await store_call(svc, svc.store.list, principal.tenant_id if not principal.admin else None)
+    cards = [_card(m, svc.bundle.name) for m in metas]
+    if not principal.admin and principal.tenant_id is not None:
+        t = principal.tenant_id
+        cards.append(
+            ModelCard(id=f"{t}/{BASE_PREFIX}", created=int(svc.started_at), owned_by=t, root=svc.bundle.name)
+        )
+    return ModelList(data=cards)
+
+
+@router.get(
+    "/models/{tenant_id}/{name}",
+    response_model=ModelCard,
+    responses=COMMON_ERRORS,
+    summary="One model (prefix)",
+)
+async def get_model(
+    request: Request,
+    tenant_id: str = Path(pattern=NAME_PATTERN),
+    name: str = Path(pattern=NAME_PATTERN),
+    principal: Principal = Depends(get_principal),
+) -> ModelCard:
+    svc = get_service(request)
+    tenant, name = parse_model(f"{tenant_id}/{name}", principal)
+    if name == BASE_PREFIX:
+        return ModelCard(
+            id=f"{tenant}/{name}", created=int(svc.started_at), owned_by=tenant, root=svc.bundle.name
+        )
+    meta = await store_call(svc, svc.store.get_meta, tenant, name, what="model")
+    return _card(meta, svc.bundle.name)

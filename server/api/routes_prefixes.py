@@ -1,0 +1,256 @@
+"""Prefix training jobs and stored prefixes: /prefixes, /prefixes/jobs/..., /prefixes/{tenant_id}/{name}.
+
+Another tenant's prefix or job answers 404, exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse
+
+from prefix_store import errors
+from server.api.auth import Principal, get_principal
+from server.api.deps import app_state, get_info, get_service, store_call
+from server.api.errors import COMMON_ERRORS, APIError, unavailable
+from server.api.schemas import (
+    BASE_PREFIX,
+    NAME_PATTERN,
+    JobInfo,
+    JobList,
+    PrefixInfo,
+    PrefixList,
+    TenantInfo,
+    TenantList,
+    TrainRequest,
+)
+from server.api.service import Service
+
+log = logging.getLogger("prefixserve.api")
+
+router = APIRouter(tags=["prefixes"])
+admin_router = APIRouter(prefix="/admin", tags=["admin"])
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+
+
+# --------------------------------------------------------------------------------------------- job helpers
+def _jobs(svc: Service) -> Any:
+    if svc.job_manager is None:
+        raise unavailable(
+            "training is not enabled on this server", svc.settings.retry_after_s, code="no_training"
+        )
+    return svc.job_manager
+
+
+def _job_dict(rec: Any) -> dict[str, Any]:
+    d = rec.to_dict() if hasattr(rec, "to_dict") else dict(rec)
+    d.setdefault("job_id", getattr(rec, "job_id", None))
+    st = d.get("status")
+    d["status"] = str(getattr(st, "value", st))
+    return d
+
+
+def _job_tenant(rec: Any) -> str | None:
+    t = getattr(rec, "tenant_id", None)
+    if t is None and isinstance(rec, dict):
+        t = rec.get("tenant_id")
+    if t is None and hasattr(rec, "to_dict"):
+        t = rec.to_dict().get("tenant_id")
+    return t
+
+
+async def _call_jobs(svc: Service, fn: Any, *args: Any) -> Any:
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except errors.StoreUnavailable:
+        raise unavailable(
+            "job store unavailable", svc.settings.retry_after_s, code="store_unavailable"
+        ) from None
+
+
+async def _owned_job(svc: Service, principal: Principal, job_id: str) -> Any:
+    jm = _jobs(svc)
+    try:
+        rec = await _call_jobs(svc, jm.get, job_id)
+    except (KeyError, LookupError):
+        rec = None
+    if rec is None or not principal.can_access(_job_tenant(rec) or ""):
+        raise APIError(404, f"job {job_id!r} not found", code="job_not_found", param="job_id")
+    return rec
+
+
+def _training_errors() -> tuple[type[Exception], type[Exception]]:
+    try:
+        from server.training import TooManyJobs, TrainingValidationError
+    except ImportError:  # pragma: no cover - training always ships with the server
+        return (ValueError, RuntimeError)
+    return TrainingValidationError, TooManyJobs
+
+
+# --------------------------------------------------------------------------------------------- jobs
+@router.post(
+    "/prefixes",
+    status_code=202,
+    response_model=JobInfo,
+    responses=COMMON_ERRORS,
+    summary="Start a training job; the prefix appears in the store when it succeeds",
+)
+async def train(body: TrainRequest, request: Request, principal: Principal = Depends(get_principal)) -> Any:
+    svc = get_service(request)
+    info = get_info(request)
+    tenant = principal.resolve_tenant(body.tenant_id)
+    info.tenant, info.prefix = tenant, body.name
+    if body.name == BASE_PREFIX:
+        raise APIError(422, f"prefix name {BASE_PREFIX!r} is reserved for the base model", param="name")
+    spec = body.model_dump(exclude_none=True)
+    spec["tenant_id"] = tenant
+    jm = _jobs(svc)
+    validation_error, too_many = _training_errors()
+    try:
+        rec = await _call_jobs(svc, jm.submit, spec)
+    except too_many as e:
+        raise APIError(
+            429, str(e), code="too_many_jobs", headers={"Retry-After": str(svc.settings.retry_after_s)}
+        ) from None
+    except validation_error as e:
+        param = getattr(e, "param", None)
+        raise APIError(422, str(e), code="invalid_training_spec", param=param) from None
+    d = _job_dict(rec)
+    return JSONResponse(d, status_code=202, headers={"Location": f"/prefixes/jobs/{d['job_id']}"})
+
+
+@router.get("/prefixes/jobs", response_model=JobList, responses=COMMON_ERRORS, summary="Training jobs")
+async def list_jobs(
+    request: Request,
+    tenant_id: str | None = Query(None, pattern=NAME_PATTERN),
+    principal: Principal = Depends(get_principal),
+) -> Any:
+    svc = get_service(request)
+    jm = _jobs(svc)
+    tenant = principal.resolve_tenant(tenant_id) if (tenant_id or not principal.admin) else None
+    recs = await _call_jobs(svc, jm.list, tenant) if tenant else await _call_jobs(svc, jm.list)
+    data = [_job_dict(r) for r in recs if tenant is None or _job_tenant(r) == tenant]
+    return {"object": "list", "data": data}
+
+
+@router.get(
+    "/prefixes/jobs/{job_id}", response_model=JobInfo, responses=COMMON_ERRORS, summary="One training job"
+)
+async def get_job(
+    request: Request,
+    job_id: str = Path(pattern=JOB_ID_PATTERN),
+    principal: Principal = Depends(get_principal),
+) -> Any:
+    svc = get_service(request)
+    return _job_dict(await _owned_job(svc, principal, job_id))
+
+
+@router.post(
+    "/prefixes/jobs/{job_id}/cancel",
+    response_model=JobInfo,
+    responses=COMMON_ERRORS,
+    summary="Cancel a queued or running job",
+)
+async def cancel_job(
+    request: Request,
+    job_id: str = Path(pattern=JOB_ID_PATTERN),
+    principal: Principal = Depends(get_principal),
+) -> Any:
+    svc = get_service(request)
+    await _owned_job(svc, principal, job_id)
+    try:
+        rec = await _call_jobs(svc, _jobs(svc).cancel, job_id)
+    except (KeyError, LookupError):
+        raise APIError(404, f"job {job_id!r} not found", code="job_not_found", param="job_id") from None
+    if rec is None or not hasattr(rec, "to_dict"):
+        rec = await _owned_job(svc, principal, job_id)
+    return _job_dict(rec)
+
+
+# --------------------------------------------------------------------------------------------- prefixes
+def _prefix_info(meta: Any, versions: list[int] | None = None) -> dict[str, Any]:
+    d = meta.to_dict()
+    d.pop("format", None)
+    if versions is not None:
+        d["versions"] = versions
+    return d
+
+
+@router.get("/prefixes", response_model=PrefixList, responses=COMMON_ERRORS, summary="Stored prefixes")
+async def list_prefixes(
+    request: Request,
+    tenant_id: str | None = Query(None, pattern=NAME_PATTERN),
+    principal: Principal = Depends(get_principal),
+) -> Any:
+    svc = get_service(request)
+    tenant = principal.resolve_tenant(tenant_id) if (tenant_id or not principal.admin) else None
+    metas = await store_call(svc, svc.store.list, tenant)
+    return {"object": "list", "data": [_prefix_info(m) for m in metas]}
+
+
+def _check_prefix_access(principal: Principal, tenant_id: str, name: str) -> None:
+    if name in (".", "..") or not principal.can_access(tenant_id):
+        raise APIError(404, f"prefix {tenant_id}/{name} not found", code="prefix_not_found")
+
+
+@router.get(
+    "/prefixes/{tenant_id}/{name}",
+    response_model=PrefixInfo,
+    responses=COMMON_ERRORS,
+    summary="One stored prefix (latest version) and its versions",
+)
+async def get_prefix(
+    request: Request,
+    tenant_id: str = Path(pattern=NAME_PATTERN),
+    name: str = Path(pattern=NAME_PATTERN),
+    principal: Principal = Depends(get_principal),
+) -> Any:
+    svc = get_service(request)
+    _check_prefix_access(principal, tenant_id, name)
+    meta = await store_call(svc, svc.store.get_meta, tenant_id, name)
+    versions = await store_call(svc, svc.store.versions, tenant_id, name)
+    return _prefix_info(meta, versions)
+
+
+@router.delete(
+    "/prefixes/{tenant_id}/{name}",
+    responses=COMMON_ERRORS,
+    summary="Delete every version of a prefix",
+)
+async def delete_prefix(
+    request: Request,
+    tenant_id: str = Path(pattern=NAME_PATTERN),
+    name: str = Path(pattern=NAME_PATTERN),
+    principal: Principal = Depends(get_principal),
+) -> dict[str, Any]:
+    svc = get_service(request)
+    info = get_info(request)
+    info.tenant, info.prefix = tenant_id, name
+    _check_prefix_access(principal, tenant_id, name)
+    await store_call(svc, svc.store.delete, tenant_id, name)
+    svc.meta_cache.invalidate((tenant_id, name))
+    svc.llm.prefix_cache.invalidate(tenant_id, name)
+    return {"tenant_id": tenant_id, "name": name, "object": "prefix", "deleted": True}
+
+
+# --------------------------------------------------------------------------------------------- admin
+@admin_router.get(
+    "/tenants", response_model=TenantList, responses=COMMON_ERRORS, summary="Tenants (admin key)"
+)
+async def list_tenants(request: Request, principal: Principal = Depends(get_principal)) -> Any:
+    principal.require_admin()
+    svc = get_service(request)
+    metas = await store_call(svc, svc.store.list, None)
+    counts: dict[str, int] = {}
+    for m in metas:
+        counts[m.tenant_id] = counts.get(m.tenant_id, 0) + 1
+    keyed = set(app_state(request).keyring.tenants)
+    data = [
+        TenantInfo(tenant_id=t, prefixes=counts.get(t, 0), has_key=t in keyed)
+        for t in sorted(set(counts) | keyed)
+    ]
+    return TenantList(data=data)

@@ -1,0 +1,627 @@
+"""Runtime state of one server: model bundle, store, engine, job manager, prefix metadata cache, tenant slots.
+
+`Service.generate(...)` is the one path every generation route takes: resolve the prefix, render and tokenize the
+prompt (off the event loop), check limits, take a tenant slot, submit to the AsyncEngine and turn its token events
+into a `GenerationRun` that the route reads to completion or streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefix_store import PrefixMeta, PrefixStore, errors
+from server.api.errors import APIError, unavailable
+from server.api.metrics import Metrics, count_jobs
+from server.api.schemas import BASE_PREFIX
+from server.engine import (
+    AsyncEngine,
+    EngineConfig,
+    LLMEngine,
+    PrefixKey,
+    QueueFull,
+    Request,
+    RequestTooLarge,
+    SamplingParams,
+    TokenEvent,
+)
+from server.model.spec import ModelBundle
+from server.settings import Settings
+
+log = logging.getLogger("prefixserve.api")
+
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); avoids overflow in logits / T
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def default_prompt_format(bundle: ModelBundle) -> str:
+    try:
+        from server.model import default_prompt_format as f
+    except ImportError:  # pragma: no cover - server.model always provides it
+        f = None
+    if f is not None:
+        for arg in (bundle, bundle.tokenizer):
+            try:
+                fmt = f(arg)
+            except (TypeError, AttributeError):
+                continue
+            if fmt in ("chat", "raw"):
+                return fmt
+    return "chat" if getattr(bundle.tokenizer, "chat_template", None) else "raw"
+
+
+def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
+    from server.model import render_prompt as f
+
+    return list(f(tokenizer, prompt, fmt))
+
+
+def render_messages(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    from server.model import render_messages as f
+
+    return list(f(tokenizer, messages))
+
+
+def validate_kv(kv: Any, spec: Any, prefix_length: int) -> None:
+    from server.prefixes import validate_kv as f
+
+    f(kv, spec, prefix_length)
+
+
+class StorePrefixProvider:
+    """The engine's PrefixProvider: store record → verified `kv` (runs on the prefix cache's loader threads)."""
+
+    def __init__(self, store: PrefixStore, bundle: ModelBundle) -> None:
+        self.store = store
+        self.bundle = bundle
+
+    def fetch(self, key: PrefixKey) -> Any:
+        rec = self.store.get(
+            key.tenant_id, key.name, key.version, expected_fingerprint=self.bundle.fingerprint
+        )
+        kv = rec.tensors.get("kv")
+        if kv is None:
+            raise errors.InvalidPrefix(f"prefix {key} has no 'kv' tensor")
+        validate_kv(kv, self.bundle.spec, rec.meta.prefix_length)
+        return kv
+
+
+@dataclass(frozen=True)
+class ResolvedPrefix:
+    tenant_id: str
+    name: str | None  # None: base model
+    version: int | None
+    prefix_length: int
+    prompt_format: str
+
+    @property
+    def key(self) -> PrefixKey | None:
+        if self.name is None or self.version is None:
+            return None
+        return PrefixKey(self.tenant_id, self.name, self.version)
+
+
+@dataclass
+class RequestInfo:
+    """What the request log line and access metrics need; filled in by the handlers."""
+
+    request_id: str
+    principal: str | None = None
+    tenant: str | None = None
+    prefix: str | None = None
+    version: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    finish_reason: str | None = None
+    error_code: str | None = None
+    prompt: str | None = None  # only with settings.log_prompts
+
+
+class PrefixMetaCache:
+    """(tenant, name) → latest resolved metadata, so cached prefixes keep working while the store is down."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[tuple[str, str], tuple[ResolvedPrefix, float]] = {}
+        self._gen: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> tuple[ResolvedPrefix | None, bool, int]:
+        """(entry, fresh, generation)."""
+        with self._lock:
+            ent = self._entries.get(key)
+            gen = self._gen.get(key, 0)
+        if ent is None:
+            return None, False, gen
+        return ent[0], time.monotonic() - ent[1] < self.ttl_s, gen
+
+    def put(self, key: tuple[str, str], value: ResolvedPrefix, gen: int) -> None:
+        with self._lock:
+            if self._gen.get(key, 0) == gen:  # no invalidation raced with the fetch
+                self._entries[key] = (value, time.monotonic())
+
+    def invalidate(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+            self._gen[key] = self._gen.get(key, 0) + 1
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in list(self._entries):
+                self._entries.pop(key, None)
+                self._gen[key] = self._gen.get(key, 0) + 1
+
+
+# ----------------------------------------------------------------------------------------------- generation
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def wait_disconnect(receive: Callable[[], Any]) -> None:
+    while True:
+        msg = await receive()
+        if msg.get("type") == "http.disconnect":
+            return
+
+
+async def race_disconnect(receive: Callable[[], Any] | None, coro: Any) -> Any:
+    """Await `coro`; if the client disconnects first, cancel it (which aborts its engine request)."""
+    task = asyncio.ensure_future(coro)
+    if receive is None:
+        return await task
+    watcher = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise ClientDisconnected()
+
+
+ENGINE_ERRORS: dict[str, tuple[int, str]] = {
+    "PrefixNotFound": (404, "prefix_not_found"),
+    "LookupError": (404, "prefix_not_found"),
+    "KeyError": (404, "prefix_not_found"),
+    "StoreUnavailable": (503, "store_unavailable"),
+    "FingerprintMismatch": (422, "prefix_incompatible"),
+    "ChecksumMismatch": (422, "prefix_corrupt"),
+    "InvalidPrefix": (422, "prefix_corrupt"),
+    "OutOfBlocks": (503, "kv_cache_full"),
+}
+
+
+class GenerationRun:
+    """One submitted engine request: its events, timing metrics, tenant slot; closed exactly once."""
+
+    def __init__(
+        self,
+        svc: Service,
+        req: Request,
+        prefix: ResolvedPrefix,
+        info: RequestInfo,
+        release: Callable[[], None],
+    ) -> None:
+        self.svc = svc
+        self.req = req
+        self.prefix = prefix
+        self.info = info
+        self._release = release
+        self._agen: AsyncIterator[TokenEvent] | None = None
+        self._t0 = time.monotonic()
+        self._last_token: float | None = None
+        self.final: TokenEvent | None = None
+        self.first: TokenEvent | None = None
+        self._closed = False
+
+    async def start(self) -> TokenEvent:
+        """Submit and wait for the first event; engine refusals and prefix load failures become APIError."""
+        settings = self.svc.settings
+        self._agen = self.svc.engine.generate(self.req)
+        try:
+            ev = await self._agen.__anext__()
+        except QueueFull as e:
+            self.svc.metrics.rejected.labels("queue_full").inc()
+            raise unavailable(f"server busy: {e}", settings.retry_after_s, code="queue_full") from None
+        except RequestTooLarge as e:
+            raise APIError(413, str(e), code="context_length_exceeded", param="max_tokens") from None
+        except ValueError as e:
+            raise APIError(422, str(e), code="invalid_value") from None
+        except RuntimeError as e:
+            raise unavailable(
+                f"engine unavailable: {e}", settings.retry_after_s, code="engine_unavailable"
+            ) from None
+        self._observe(ev)
+        self.first = ev
+        if ev.finished and ev.finish_reason == "error":
+            raise self._error(ev)
+        return ev
+
+    def _error(self, ev: TokenEvent) -> APIError:
+        status, code = ENGINE_ERRORS.get(ev.error_type or "", (500, "generation_failed"))
+        self.info.error_code = code
+        if status == 404:
+            self.svc.meta_cache.invalidate((self.prefix.tenant_id, self.prefix.name or ""))
+            return APIError(404, f"prefix {self.prefix.name!r} not found", code=code, param="prefix")
+        if status == 503:
+            return unavailable(f"prefix unavailable: {ev.error}", self.svc.settings.retry_after_s, code=code)
+        if status == 422:
+            return APIError(422, f"prefix cannot be served: {ev.error}", code=code, param="prefix")
+        log.error("generation %s failed: %s (%s)", self.req.request_id, ev.error, ev.error_type)
+        return APIError(500, "generation failed", code=code)
+
+    def _observe(self, ev: TokenEvent) -> None:
+        m = self.svc.metrics
+        now = time.monotonic()
+        if ev.token_ids:
+            if self._last_token is None:
+                self.info.ttft_s = now - self._t0
+                m.ttft.observe(self.info.ttft_s)
+            else:
+                m.itl.observe(now - self._last_token)
+            self._last_token = now
+        if ev.finished:
+            self.final = ev
+            self.info.prompt_tokens = ev.prompt_tokens
+            self.info.completion_tokens = ev.completion_tokens
+            self.info.finish_reason = ev.finish_reason
+            if ev.first_scheduled_time is not None and ev.arrival_time:
+                self.info.queue_s = max(0.0, ev.first_scheduled_time - ev.arrival_time)
+                m.queue.observe(self.info.queue_s)
+            if ev.finish_reason in ("stop", "length"):
+                m.e2e.observe(now - self._t0)
+                m.prompt_tokens.inc(ev.prompt_tokens)
+                m.generation_tokens.inc(ev.completion_tokens)
+            m.request_success.labels(ev.finish_reason or "error").inc()
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """Events after the first (already returned by `start`)."""
+        assert self._agen is not None
+        if self.first is not None and self.first.finished:
+            return
+        async for ev in self._agen:
+            self._observe(ev)
+            if ev.finished and ev.finish_reason == "error":
+                raise self._error(ev)
+            yield ev
+
+    async def collect(self) -> GenerationResult:
+        first = self.first
+        assert first is not None
+        parts = [first.text]
+        async for ev in self.events():
+            parts.append(ev.text)
+        fin = self.final
+        assert fin is not None
+        return GenerationResult(
+            "".join(parts), fin.finish_reason or "stop", fin.prompt_tokens, fin.completion_tokens
+        )
+
+    async def close(self) -> None:
+        """Abort if unfinished (client gone), free the tenant slot. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._agen is not None:
+                with contextlib.suppress(Exception):
+                    await self._agen.aclose()  # its finally aborts an unfinished request
+                if self.final is None:
+                    self.info.finish_reason = self.info.finish_reason or "abort"
+                    self.svc.metrics.request_success.labels("abort").inc()
+        finally:
+            self._release()
+
+
+# ----------------------------------------------------------------------------------------------- service
+@dataclass
+class Service:
+    settings: Settings
+    bundle: ModelBundle
+    store: PrefixStore
+    engine: AsyncEngine
+    llm: LLMEngine
+    metrics: Metrics
+    job_manager: Any = None
+    meta_cache: PrefixMetaCache = field(default_factory=lambda: PrefixMetaCache(10.0))
+    draining: bool = False
+    started_at: float = field(default_factory=time.time)
+    _tenant_active: dict[str, int] = field(default_factory=dict)
+    _inflight_meta: dict[tuple[str, str], asyncio.Future] = field(default_factory=dict)
+    _unsubscribe: Callable[[], None] | None = None
+    _tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+    )
+    default_format: str = "raw"
+    store_ok: bool = True
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        bundle: ModelBundle,
+        store: PrefixStore,
+        metrics: Metrics,
+        job_manager: Any = None,
+    ) -> Service:
+        mib = 2**20
+        cfg = EngineConfig(
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_batched_tokens,
+            max_waiting=settings.max_queued,
+            kv_cache_bytes=settings.kv_cache_mb * mib,
+            prefix_cache_bytes=settings.prefix_cache_mb * mib if settings.prefix_cache_mb else None,
+            max_model_len=settings.max_model_len,
+        )
+        llm = LLMEngine(bundle, StorePrefixProvider(store, bundle), cfg, on_step=metrics.on_step)
+        engine = AsyncEngine(llm, torch_threads=settings.torch_threads)
+        svc = cls(
+            settings=settings,
+            bundle=bundle,
+            store=store,
+            engine=engine,
+            llm=llm,
+            metrics=metrics,
+            job_manager=job_manager,
+            meta_cache=PrefixMetaCache(settings.prefix_meta_ttl_s),
+        )
+        svc.default_format = default_prompt_format(bundle)
+        return svc
+
+    def start(self) -> None:
+        self.engine.start()
+        try:
+            self._unsubscribe = self.store.subscribe(self._on_store_event)
+        except Exception as e:  # store down at start-up: serve what we can, /ready says not ready
+            log.warning("could not subscribe to prefix store changes: %s", e)
+
+    def _on_store_event(self, event: Any) -> None:
+        """Store change (this process or another replica): drop cached metadata and device KV of that name."""
+        self.meta_cache.invalidate((event.tenant_id, event.name))
+        self.llm.prefix_cache.invalidate(event.tenant_id, event.name)
+
+    async def stop(self, grace_s: float) -> None:
+        self.draining = True
+        drained = await self.engine.drain(grace_s)
+        if not drained:
+            log.warning("shutdown: requests still running after %.1fs grace; aborting them", grace_s)
+        if self._unsubscribe is not None:
+            with contextlib.suppress(Exception):
+                self._unsubscribe()
+        await asyncio.to_thread(self.engine.shutdown)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ state for /ready and /metrics
+    def engine_alive(self) -> bool:
+        t = self.engine._thread
+        return self.engine.dead is None and t is not None and t.is_alive()
+
+    def snapshot(self) -> dict[str, Any]:
+        pc = self.llm.prefix_cache
+        pool = self.llm.pool
+        jobs: dict[str, int] = {}
+        if self.job_manager is not None:
+            with contextlib.suppress(Exception):
+                jobs = count_jobs(self.job_manager.list())
+        return {
+            "running": self.engine.num_running,
+            "waiting": self.engine.num_waiting,
+            "prefix_cache_hits": pc.stats.hits,
+            "prefix_cache_misses": pc.stats.misses,
+            "prefix_cache_evictions": pc.stats.evictions,
+            "prefix_cache_load_errors": pc.stats.load_errors,
+            "prefix_cache_resident_bytes": pc.resident_bytes,
+            "prefix_cache_resident_prefixes": len(pc.entries),
+            "kv_cache_usage": pool.num_used / max(pool.num_blocks, 1),
+            "jobs": jobs,
+            "ready": (not self.draining) and self.engine_alive() and self.store_ok,
+        }
+
+    # ------------------------------------------------------------------ tenant slots
+    def acquire_slot(self, tenant: str) -> Callable[[], None]:
+        n = self._tenant_active.get(tenant, 0)
+        if n >= self.settings.max_concurrent_per_tenant:
+            self.metrics.rejected.labels("tenant_limit").inc()
+            raise APIError(
+                429,
+                f"tenant has {n} requests in flight (limit {self.settings.max_concurrent_per_tenant})",
+                code="tenant_concurrency_limit",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        self._tenant_active[tenant] = n + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._tenant_active.get(tenant, 1) - 1
+            if left <= 0:
+                self._tenant_active.pop(tenant, None)
+            else:
+                self._tenant_active[tenant] = left
+
+        return release
+
+    # ------------------------------------------------------------------ prefix resolution
+    async def resolve(self, tenant: str, name: str | None) -> ResolvedPrefix:
+        """name → latest version, prefix length and prompt format (cached; stale entries served if the store is down)."""
+        if name is None or name == BASE_PREFIX:
+            return ResolvedPrefix(tenant, None, None, 0, self.default_format)
+        key = (tenant, name)
+        ent, fresh, gen = self.meta_cache.get(key)
+        if ent is not None and fresh:
+            return ent
+        try:
+            meta = await self._get_meta(key)
+        except errors.PrefixNotFound:
+            self.meta_cache.invalidate(key)
+            raise APIError(
+                404, f"prefix {name!r} not found", code="prefix_not_found", param="prefix"
+            ) from None
+        except errors.InvalidName as e:
+            raise APIError(422, str(e), code="invalid_name", param="prefix") from None
+        except errors.StoreUnavailable:
+            self.store_ok = False
+            if ent is not None:
+                return ent  # keep serving what we know; its KV is likely still resident
+            raise unavailable(
+                "prefix store unavailable", self.settings.retry_after_s, code="store_unavailable"
+            ) from None
+        except errors.StoreError as e:
+            raise APIError(
+                422, f"prefix cannot be served: {e}", code="prefix_corrupt", param="prefix"
+            ) from None
+        self.store_ok = True
+        if meta.base_model_fingerprint != self.bundle.fingerprint:
+            raise APIError(
+                422,
+                f"prefix {name!r} was trained for another base model",
+                code="prefix_incompatible",
+                param="prefix",
+            )
+        fmt = (meta.extra or {}).get("prompt_format") or self.default_format
+        if fmt not in ("chat", "raw"):
+            fmt = self.default_format
+        res = ResolvedPrefix(tenant, name, meta.version, meta.prefix_length, fmt)
+        self.meta_cache.put(key, res, gen)
+        return res
+
+    async def _get_meta(self, key: tuple[str, str]) -> PrefixMeta:
+        """Single flight: concurrent misses for one name share one store round trip."""
+        fut = self._inflight_meta.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(self.store.get_meta, *key))
+            self._inflight_meta[key] = fut
+            fut.add_done_callback(lambda _f: self._inflight_meta.pop(key, None))
+        return await asyncio.shield(fut)
+
+    # ------------------------------------------------------------------ generation
+    async def tokenize(self, fn: Callable[..., list[int]], *args: Any) -> list[int]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._tokenizer_pool, fn, *args)
+        except (ValueError, TypeError, UnicodeError) as e:
+            raise APIError(
+                422, f"cannot render the prompt: {e}", code="invalid_prompt", param="prompt"
+            ) from None
+
+    def sampling(
+        self,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+        stop: list[str] | str | None,
+    ) -> SamplingParams:
+        s = self.settings
+        if max_tokens > s.max_new_tokens:
+            raise APIError(
+                422,
+                f"max_tokens must be at most {s.max_new_tokens}",
+                code="max_tokens_too_large",
+                param="max_tokens",
+            )
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > s.max_stop_strings:
+            raise APIError(422, f"at most {s.max_stop_strings} stop strings are allowed", param="stop")
+        if any(len(x) > s.max_stop_chars for x in stops):
+            raise APIError(422, f"stop strings may be at most {s.max_stop_chars} characters", param="stop")
+        if 0 < temperature < SAMPLING_EPS:
+            temperature = 0.0
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=float(temperature),
+                top_p=float(top_p),
+                top_k=int(top_k),
+                seed=seed,
+                stop=tuple(stops),
+            )
+        except ValueError as e:
+            raise APIError(422, str(e), code="invalid_value") from None
+
+    def check_tenant(self, principal: Any, tenant: str) -> None:
+        if not principal.can_access(tenant):
+            raise APIError(404, f"tenant {tenant!r} not found", code="tenant_not_found", param="tenant_id")
+
+    async def generate(
+        self,
+        info: RequestInfo,
+        prefix: ResolvedPrefix,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        stream: bool,
+        receive: Callable[[], Any] | None,
+    ) -> GenerationRun:
+        """Limits, tenant slot, submit, first event (racing client disconnect). Caller must `close()` the run."""
+        s = self.settings
+        n = len(prompt_ids)
+        info.prompt_tokens = n
+        if n == 0:
+            raise APIError(422, "prompt renders to zero tokens", code="empty_prompt", param="prompt")
+        if n > s.max_prompt_tokens:
+            self.metrics.rejected.labels("too_long").inc()
+            raise APIError(
+                413,
+                f"prompt has {n} tokens; the limit is {s.max_prompt_tokens}",
+                code="prompt_too_long",
+                param="prompt",
+            )
+        limit = self.llm.max_model_len
+        total = prefix.prefix_length + n + sampling.max_tokens
+        if total > limit:
+            self.metrics.rejected.labels("too_long").inc()
+            raise APIError(
+                413,
+                f"prefix ({prefix.prefix_length}) + prompt ({n}) + max_tokens ({sampling.max_tokens}) tokens "
+                f"exceed the context limit of {limit}",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
+        if self.draining:
+            raise unavailable("server is shutting down", s.retry_after_s, code="shutting_down")
+        release = self.acquire_slot(prefix.tenant_id)
+        req = Request(
+            request_id=uuid.uuid4().hex,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling,
+            prefix=prefix.key,
+            stream_text=stream,
+        )
+        run = GenerationRun(self, req, prefix, info, release)
+        try:
+            await race_disconnect(receive, run.start())
+        except BaseException:
+            await run.close()
+            raise
+        return run

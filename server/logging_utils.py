@@ -1,0 +1,62 @@
+"""Logging set-up: JSON lines (default) or plain text, for the server's and uvicorn's loggers.
+
+Request log lines are emitted by the HTTP layer with `extra={"fields": {...}}`; the JSON formatter merges those
+fields into the line. Nothing here ever sees prompt text or API keys unless a caller puts them in a message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=True, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        s = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            s += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return s
+
+
+def setup_logging(level: str = "info", json_lines: bool = True, stream: Any = None) -> None:
+    """Route the prefixserve, prefix_store and uvicorn loggers to one handler on stderr."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JSONFormatter() if json_lines else TextFormatter())
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_prefixserve", False):
+            root.removeHandler(h)
+    handler._prefixserve = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(lvl)
+    for name in ("uvicorn", "uvicorn.error"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True  # one request line comes from the app instead

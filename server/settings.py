@@ -1,0 +1,155 @@
+"""Server settings: `PREFIXSERVE_*` environment variables, overridden by CLI flags (`prefixserve serve --help`).
+
+Every field maps to the environment variable `PREFIXSERVE_<FIELD>` (case-insensitive), e.g. `PREFIXSERVE_STORE_URL`.
+Secrets (`api_keys`, `admin_key`) are `SecretStr`: they never show up in reprs, logs or error messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prefix_store import default_store_url
+from prefix_store.names import is_valid_name
+
+ENV_PREFIX = "PREFIXSERVE_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    # ------------------------------------------------------------------ model and store
+    model: str = Field(
+        "smollm2", description="Base model: 'smollm2' (embedded), a HF hub id or a local folder"
+    )
+    store_url: str = Field(
+        default_factory=default_store_url,
+        description="Prefix store: file:///abs/path or redis://host:port/db[?prefix=ns]",
+    )
+    jobs_url: str | None = Field(
+        None, description="Training job queue location (default: next to the prefix store)"
+    )
+    cache: str | None = Field(None, description="Model conversion cache folder (default: the loader's own)")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = Field("auto", description="'auto', 'float32', 'bfloat16', 'float16'")
+
+    # ------------------------------------------------------------------ HTTP
+    host: str = Field("127.0.0.1", description="Bind address")
+    port: int = Field(8000, ge=0, le=65535, description="Bind port")
+
+    # ------------------------------------------------------------------ auth
+    api_keys: SecretStr | None = Field(
+        None, description="Tenant API keys 'tenantA:keyA,tenantB:keyB' (a tenant may have several keys)"
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File with one 'tenant:key' per line ('#' comments); merged with api_keys"
+    )
+    admin_key: SecretStr | None = Field(
+        None, description="Operator key: every tenant, admin routes, metrics if metrics_require_admin"
+    )
+    metrics_require_admin: bool = Field(False, description="Require the admin key for GET /metrics")
+
+    # ------------------------------------------------------------------ limits
+    max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt after rendering (413 above)")
+    max_new_tokens: int = Field(
+        1024, ge=1, description="Largest max_tokens a request may ask for (422 above)"
+    )
+    max_model_len: int | None = Field(
+        None, ge=2, description="Context limit prefix+prompt+output (default: min(model limit, 8192))"
+    )
+    max_queued: int = Field(256, ge=1, description="Requests waiting for the engine before 503 + Retry-After")
+    max_concurrent_per_tenant: int = Field(
+        64, ge=1, description="Generation requests in flight per tenant before 429 + Retry-After"
+    )
+    max_jobs_per_tenant: int = Field(2, ge=1, description="Queued + running training jobs per tenant (429)")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413 above)")
+    max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request (422 above)")
+    max_stop_chars: int = Field(256, ge=1, description="Longest stop string in characters (422 above)")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429 and 503")
+
+    # ------------------------------------------------------------------ engine
+    kv_cache_mb: int = Field(512, ge=1, description="KV cache pool (prefixes + requests) in MiB")
+    prefix_cache_mb: int | None = Field(
+        None, ge=1, description="Budget for device-resident prefixes in MiB (default: half the pool)"
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Most requests in one running batch")
+    max_batched_tokens: int = Field(2048, ge=16, description="Most tokens (prefill + decode) in one step")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    prefix_meta_ttl_s: float = Field(
+        10.0, ge=0, description="How long resolved prefix metadata is reused without asking the store"
+    )
+
+    # ------------------------------------------------------------------ training
+    training_workers: int = Field(1, ge=0, description="Training workers inside the server process (0: none)")
+
+    # ------------------------------------------------------------------ lifecycle and logs
+    shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
+    log_level: str = Field("info", description="debug, info, warning, error")
+    log_json: bool = Field(True, description="JSON log lines (one per request) instead of plain text")
+    log_prompts: bool = Field(
+        False, description="Include prompt text in request log lines (off: never logged)"
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.lower()
+        if v not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError("log_level must be one of debug, info, warning, error, critical")
+        return v
+
+    @field_validator("store_url")
+    @classmethod
+    def _expand_store(cls, v: str) -> str:
+        if v.startswith("file://~"):
+            return "file://" + str(Path(v.removeprefix("file://")).expanduser().absolute())
+        return v
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.tenant_keys()) or self.admin_key is not None
+
+    def tenant_keys(self) -> dict[str, str]:
+        """key -> tenant id, from `api_keys` and `api_keys_file` (raises ValueError on malformed entries)."""
+        out: dict[str, str] = {}
+        entries: list[tuple[str, str]] = []
+        if self.api_keys is not None:
+            for i, item in enumerate(self.api_keys.get_secret_value().split(",")):
+                if item.strip():
+                    entries.append((f"PREFIXSERVE_API_KEYS entry {i + 1}", item))
+        if self.api_keys_file is not None:
+            text = Path(self.api_keys_file).expanduser().read_text(encoding="utf-8")
+            for n, line in enumerate(text.splitlines(), 1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    entries.append((f"{self.api_keys_file} line {n}", line))
+        for where, item in entries:
+            tenant, sep, key = item.strip().partition(":")
+            tenant, key = tenant.strip(), key.strip()
+            if not sep or not key:
+                raise ValueError(f"{where}: expected 'tenant:key'")  # never echo the entry: it holds a key
+            if not is_valid_name(tenant):
+                raise ValueError(f"{where}: invalid tenant id (letters, digits, '.', '_', '-')")
+            if key in out and out[key] != tenant:
+                raise ValueError(f"{where}: the same key is given to two tenants")
+            if self.admin_key is not None and key == self.admin_key.get_secret_value():
+                raise ValueError(f"{where}: a tenant key equals the admin key")
+            out[key] = tenant
+        return out
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings without secrets (start-up log)."""
+        d = self.model_dump(exclude={"api_keys", "admin_key"})
+        d["api_keys"] = "<set>" if self.api_keys else None
+        d["admin_key"] = "<set>" if self.admin_key else None
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def settings_from(overrides: dict[str, Any] | None = None) -> Settings:
+    """Environment + `.env`-free defaults, overridden by non-None `overrides` (CLI flags)."""
+    kw = {k: v for k, v in (overrides or {}).items() if v is not None and k in Settings.model_fields}
+    return Settings(**kw)
