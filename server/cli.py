@@ -1,0 +1,467 @@
+"""`prefixserve` command line: serve, worker, train, import-peft, prefixes list.
+
+prefixserve serve [--host H] [--port P] [--model M] [--store-url URL] ...   (flags mirror PREFIXSERVE_* settings)
+prefixserve worker --store URL --model M                 (a training worker process; scale out by starting more)
+prefixserve train --tenant-id T --name N --method M --data examples.jsonl [--base-url URL]
+prefixserve import-peft ADAPTER_DIR --tenant-id T --name N --model M --store URL
+prefixserve prefixes list [--tenant-id T] --store URL
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("prefixserve.cli")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
+
+
+# ------------------------------------------------------------------------------------------------ serve
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per Settings field (`--max-prompt-tokens` ↔ PREFIXSERVE_MAX_PROMPT_TOKENS); flags win over env."""
+    from server.settings import Settings
+
+    secret = {"api_keys", "admin_key"}  # keys on the command line end up in `ps` output: env or file only
+    for name, f in Settings.model_fields.items():
+        if name in secret:
+            continue
+        ann = f.annotation
+        args = getattr(ann, "__args__", (ann,))
+        typ = next((a for a in args if a is not type(None)), str)
+        conv: Any
+        if typ in (int, float):
+            conv = typ
+        else:
+            conv = str
+        env = f"PREFIXSERVE_{name.upper()}"
+        help_ = f"{f.description or ''} [env {env}]"
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=name, type=conv, default=None, help=help_)
+
+
+def settings_from_args(ns: argparse.Namespace) -> Any:
+    from server.settings import settings_from
+
+    return settings_from(vars(ns))
+
+
+def make_server(app: Any, settings: Any) -> Any:
+    """A uvicorn Server whose first SIGTERM/SIGINT drains: /ready → 503, new requests → 503 + Retry-After,
+    in-flight requests finish (up to shutdown_grace_s), then the normal uvicorn shutdown and lifespan end."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        _loop: asyncio.AbstractEventLoop | None = None
+        _drain_started = False
+
+        async def serve(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            if self._drain_started or self._loop is None:
+                # second signal: stop now (a second SIGINT forces exit)
+                super().handle_exit(sig, frame)
+                return
+            self._drain_started = True
+            log.info(
+                "signal %s: draining for up to %.1fs", signal.Signals(sig).name, settings.shutdown_grace_s
+            )
+            app.state.ps.begin_drain()
+            self._loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            self._drain_task = asyncio.ensure_future(self._drain())
+
+        async def _drain(self) -> None:
+            idle = await app.state.ps.wait_idle(settings.shutdown_grace_s)
+            if not idle:
+                log.warning("grace period over with requests in flight; shutting down anyway")
+            self.should_exit = True
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        timeout_keep_alive=5,
+    )
+    return DrainingServer(config)
+
+
+def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_manager: Any = None) -> int:
+    """Serve until SIGTERM/SIGINT; 0 after a clean drain, 3 if start-up failed."""
+    from server.api import create_app
+    from server.logging_utils import setup_logging
+
+    setup_logging(settings.log_level, settings.log_json)
+    log.info("settings: %s", json.dumps(settings.public_dict(), default=str))
+    app = create_app(settings, bundle=bundle, store=store, job_manager=job_manager)
+    server = make_server(app, settings)
+    # uvicorn re-raises a captured signal after shutting down; a Python handler keeps that from killing us
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if not server.started:
+        log.error("server failed to start")
+        return EXIT_STARTUP
+    return EXIT_OK
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(ns)
+        settings.tenant_keys()  # fail fast on a malformed key list
+    except Exception as e:
+        print(f"prefixserve: invalid settings: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    return run_server(settings)
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def cmd_worker(ns: argparse.Namespace) -> int:
+    from server.logging_utils import setup_logging
+
+    setup_logging(ns.log_level, json_lines=True)
+    try:
+        from server import training
+    except ImportError as e:
+        print(f"prefixserve: training is not available: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    entry = None
+    for name in ("worker_main", "run_worker", "main_worker", "worker"):
+        entry = getattr(training, name, None)
+        if callable(entry):
+            break
+    if entry is None:
+        print("prefixserve: server.training has no worker entry function", file=sys.stderr)
+        return EXIT_FAIL
+    kw = {
+        "store_url": ns.store,
+        "model": ns.model,
+        "jobs_url": ns.jobs_url,
+        "device": ns.device,
+        "dtype": ns.dtype,
+        "cache_dir": ns.cache,
+    }
+    import inspect
+
+    params = inspect.signature(entry).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kw = {k: v for k, v in kw.items() if k in params}
+    rc = entry(**kw)
+    return int(rc or 0)
+
+
+# ------------------------------------------------------------------------------------------------ train
+TRAIN_OPTIONS = (  # flag, type, job field
+    ("--prefix-length", int, "prefix_length"),
+    ("--epochs", int, "epochs"),
+    ("--lr", float, "lr"),
+    ("--batch-size", int, "batch_size"),
+    ("--max-steps", int, "max_steps"),
+    ("--seed", int, "seed"),
+    ("--prompt-format", str, "prompt_format"),
+)
+
+
+def read_examples(path: str) -> list[dict[str, Any]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
+            if not isinstance(ex, dict):
+                raise ValueError(f"{path} line {n}: expected a JSON object")
+            out.append(ex)
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+def _api_key(ns: argparse.Namespace) -> str | None:
+    return ns.api_key or os.environ.get("PREFIXSERVE_API_KEY")
+
+
+def _base_url(ns: argparse.Namespace) -> str:
+    return (ns.base_url or os.environ.get("PREFIXSERVE_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
+
+
+class _HTTPJobs:
+    """Fallback when the SDK is not installed: plain httpx."""
+
+    def __init__(self, base_url: str, api_key: str | None) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=base_url, headers=headers, timeout=30)
+
+    def _check(self, r: Any) -> dict[str, Any]:
+        if r.status_code >= 400:
+            try:
+                msg = r.json()["error"]["message"]
+            except Exception:
+                msg = r.text[:200]
+            raise RuntimeError(f"HTTP {r.status_code}: {msg}")
+        return r.json()
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._check(self.client.post("/prefixes", json=spec))
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.client.get(f"/prefixes/jobs/{job_id}"))
+
+
+def _progress(job: dict[str, Any]) -> tuple[int | None, int | None, float | None]:
+    p = job.get("progress") or {}
+    step = p.get("step", job.get("step"))
+    total = p.get("total", p.get("total_steps", job.get("total_steps")))
+    loss = p.get("loss", job.get("loss"))
+    return step, total, loss
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    try:
+        examples = read_examples(ns.data)
+    except (OSError, ValueError) as e:
+        print(f"prefixserve: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    spec: dict[str, Any] = {"tenant_id": ns.tenant_id, "name": ns.name, "examples": examples}
+    if ns.method:
+        spec["method"] = ns.method
+    for flag, _typ, fld in TRAIN_OPTIONS:
+        v = getattr(ns, flag[2:].replace("-", "_"))
+        if v is not None:
+            spec[fld] = v
+    base_url, key = _base_url(ns), _api_key(ns)
+    try:
+        client = _sdk_jobs(base_url, key)
+    except Exception:
+        client = None
+    jobs = client or _HTTPJobs(base_url, key)
+    try:
+        job = jobs.submit(spec)
+    except Exception as e:
+        print(f"prefixserve: submit failed: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    job_id = job["job_id"]
+    print(f"job {job_id} {job.get('status')}", file=sys.stderr)
+    if ns.no_wait:
+        print(json.dumps(job))
+        return EXIT_OK
+    return _wait(jobs, job_id, ns.poll_interval, quiet=ns.quiet)
+
+
+def _wait(jobs: Any, job_id: str, interval: float, quiet: bool = False) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="step", desc=f"training {job_id}", disable=quiet, file=sys.stderr)
+    job: dict[str, Any] = {}
+    try:
+        while True:
+            try:
+                job = jobs.get(job_id)
+            except Exception as e:  # transient (server restarting): keep polling
+                bar.set_postfix_str(f"poll failed: {e}")
+                time.sleep(interval)
+                continue
+            step, total, loss = _progress(job)
+            if total and bar.total != total:
+                bar.total = total
+            if step is not None and step > bar.n:
+                bar.update(step - bar.n)
+            post = {"status": job.get("status")}
+            if loss is not None:
+                post["loss"] = f"{loss:.4f}"
+            bar.set_postfix(post)
+            if job.get("status") in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\nstopped waiting; job {job_id} continues on the server", file=sys.stderr)
+        return 130
+    bar.close()
+    print(json.dumps(job))
+    if job.get("status") != "succeeded":
+        print(f"job {job_id} {job.get('status')}: {job.get('error') or ''}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def _sdk_jobs(base_url: str, api_key: str | None) -> Any:
+    """Adapter over the `prefixserve_client` SDK (dict results), or None if it is not installed."""
+    try:
+        import prefixserve_client
+    except ImportError:
+        return None
+    client = prefixserve_client.Client(base_url=base_url, api_key=api_key)
+
+    def as_dict(obj: Any) -> dict[str, Any]:
+        for attr in ("model_dump", "to_dict", "dict"):
+            f = getattr(obj, attr, None)
+            if callable(f):
+                d = f()
+                break
+        else:
+            d = dict(obj)
+        d.setdefault("job_id", getattr(obj, "job_id", None) or getattr(obj, "id", None))
+        return d
+
+    class SDKJobs:
+        def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+            return as_dict(client.prefixes.train(**spec))
+
+        def get(self, job_id: str) -> dict[str, Any]:
+            jobs = client.prefixes
+            getter = getattr(jobs, "get_job", None) or getattr(jobs, "job", None)
+            if getter is None:
+                raise AttributeError("SDK has no job getter")
+            return as_dict(getter(job_id))
+
+    return SDKJobs()
+
+
+# ------------------------------------------------------------------------------------------------ store tools
+def cmd_import_peft(ns: argparse.Namespace) -> int:
+    from prefix_store import open_store
+    from server.model import load_model
+    from server.prefixes import import_peft
+
+    bundle = load_model(ns.model, device=ns.device, dtype=ns.dtype, cache_dir=ns.cache)
+    store = open_store(ns.store)
+    try:
+        meta = import_peft(ns.adapter_dir, bundle, store, ns.tenant_id, ns.name)
+    except Exception as e:
+        print(f"prefixserve: import failed: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        store.close()
+    print(json.dumps(meta.to_dict(), default=str))
+    return EXIT_OK
+
+
+def cmd_prefixes_list(ns: argparse.Namespace) -> int:
+    from prefix_store import errors, open_store
+
+    store = open_store(ns.store)
+    try:
+        metas = store.list(ns.tenant_id)
+    except errors.StoreError as e:
+        print(f"prefixserve: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        store.close()
+    if ns.json:
+        print(json.dumps([m.to_dict() for m in metas], default=str))
+        return EXIT_OK
+    rows = [("TENANT", "NAME", "VERSION", "KIND", "P", "CREATED")]
+    for m in metas:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))
+        rows.append((m.tenant_id, m.name, str(m.version), m.kind, str(m.prefix_length), created))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prefixserve", description="Multi-tenant LLM inference with trained prefixes"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("serve", help="run the HTTP server (settings: flags > PREFIXSERVE_* env > defaults)")
+    _add_settings_flags(sp)
+    sp.set_defaults(func=cmd_serve)
+
+    wp = sub.add_parser("worker", help="run a training worker that takes jobs from the job queue")
+    wp.add_argument("--store", required=True, help="prefix store URL (where trained prefixes go)")
+    wp.add_argument("--model", default="smollm2", help="base model (must match the server's)")
+    wp.add_argument("--jobs-url", default=None, help="job queue URL (default: next to the store)")
+    wp.add_argument("--device", default="auto")
+    wp.add_argument("--dtype", default="auto")
+    wp.add_argument("--cache", default=None, help="model conversion cache folder")
+    wp.add_argument("--log-level", default="info")
+    wp.set_defaults(func=cmd_worker)
+
+    tp = sub.add_parser("train", help="submit a training job to a running server and wait for it")
+    tp.add_argument("--tenant-id", required=True)
+    tp.add_argument("--name", required=True, help="prefix name")
+    tp.add_argument("--method", default=None, help="prefix_tuning, prefix_propagation or prompt_tuning")
+    tp.add_argument(
+        "--data", required=True, help='JSONL examples: {"prompt": ..., "completion": ...} per line'
+    )
+    for flag, typ, _fld in TRAIN_OPTIONS:
+        tp.add_argument(flag, type=typ, default=None)
+    tp.add_argument("--base-url", default=None, help="server URL [env PREFIXSERVE_BASE_URL]")
+    tp.add_argument("--api-key", default=None, help="tenant key [env PREFIXSERVE_API_KEY]")
+    tp.add_argument("--no-wait", action="store_true", help="print the job and return at once")
+    tp.add_argument("--poll-interval", type=float, default=1.0)
+    tp.add_argument("--quiet", action="store_true", help="no progress bar")
+    tp.set_defaults(func=cmd_train)
+
+    ip = sub.add_parser(
+        "import-peft", help="import a PEFT prefix-tuning / prompt-tuning adapter into the store"
+    )
+    ip.add_argument("adapter_dir", type=Path)
+    ip.add_argument("--tenant-id", required=True)
+    ip.add_argument("--name", required=True)
+    ip.add_argument("--model", default="smollm2")
+    ip.add_argument("--store", required=True)
+    ip.add_argument("--device", default="cpu")
+    ip.add_argument("--dtype", default="auto")
+    ip.add_argument("--cache", default=None)
+    ip.set_defaults(func=cmd_import_peft)
+
+    pp = sub.add_parser("prefixes", help="inspect the prefix store directly")
+    psub = pp.add_subparsers(dest="prefixes_command", required=True)
+    lp = psub.add_parser("list", help="latest version of every prefix")
+    lp.add_argument("--tenant-id", default=None)
+    lp.add_argument("--store", default=None, help="store URL [env PREFIXSERVE_STORE_URL]")
+    lp.add_argument("--json", action="store_true")
+    lp.set_defaults(func=cmd_prefixes_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if getattr(ns, "store", "x") is None:
+        from server.settings import Settings
+
+        ns.store = Settings().store_url
+    return int(ns.func(ns) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
