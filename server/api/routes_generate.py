@@ -65,6 +65,7 @@ async def generate(
         top_k=body.top_k,
         seed=body.seed,
         stop=body.stop,
+        ignore_eos=body.ignore_eos,
     )
     prefix = await svc.resolve(tenant, name)
     info.version = prefix.version

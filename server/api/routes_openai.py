@@ -125,6 +125,7 @@ async def _run(
         top_k=body.top_k or 0,
         seed=body.seed,
         stop=body.stop,
+        ignore_eos=body.ignore_eos,
     )
     run = await svc.generate(info, prefix, ids, sampling, stream=body.stream, receive=request.receive)
     return svc, run, body.model, int(time.time())

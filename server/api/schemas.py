@@ -65,6 +65,7 @@ class GenerateRequest(BaseModel):
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
     stream: bool = False
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (benchmarks)")
 
 
 class GenerateResponse(BaseModel):
@@ -110,6 +111,7 @@ class _OpenAIBase(BaseModel):
     stop: list[StopText] | StopText | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="Extension (vLLM): keep generating past end-of-sequence")
     n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported")
     presence_penalty: float | None = Field(None, allow_inf_nan=False, description="Only 0 is supported")
     frequency_penalty: float | None = Field(None, allow_inf_nan=False, description="Only 0 is supported")

@@ -541,6 +541,7 @@ class Service:
         top_k: int,
         seed: int | None,
         stop: list[str] | str | None,
+        ignore_eos: bool = False,
     ) -> SamplingParams:
         s = self.settings
         if max_tokens > s.max_new_tokens:
@@ -565,6 +566,7 @@ class Service:
                 top_k=int(top_k),
                 seed=seed,
                 stop=tuple(stops),
+                ignore_eos=ignore_eos,
             )
         except ValueError as e:
             raise APIError(422, str(e), code="invalid_value") from None

@@ -1,0 +1,192 @@
+"""API keys: a tenant key acts only as its tenant (others' prefixes and jobs answer 404), admin key for operations."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.server import FakeJobManager, assert_error, put_random_prefix
+
+KEY_A, KEY_B, ADMIN = "key-A-7f3c9e1d", "key-B-0b8a2d44", "admin-5e6f7a8b"
+EXAMPLES = [{"prompt": "hi", "completion": " there"}]
+
+
+@pytest.fixture
+def jobs():
+    return FakeJobManager(max_jobs_per_tenant=2)
+
+
+@pytest.fixture
+def srv(server_factory, api_bundle, tmp_path, jobs):
+    from prefix_store import open_store
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    put_random_prefix(store, api_bundle, "acme", "default", seed=1)
+    put_random_prefix(store, api_bundle, "acme", "support", seed=2)
+    put_random_prefix(store, api_bundle, "globex", "default", seed=3)
+    put_random_prefix(store, api_bundle, "globex", "secret-plan", seed=4)
+    s = server_factory(store=store, keys={"acme": KEY_A, "globex": KEY_B}, admin_key=ADMIN, job_manager=jobs)
+    yield s
+    store.close()
+
+
+def test_missing_wrong_or_malformed_key_is_401(srv):
+    anon = srv.client()
+    body = {"tenant_id": "acme", "prompt": "x", "max_tokens": 2}
+    for client in (
+        anon,
+        srv.client("wrong-key-1234"),
+        srv.client(headers={"Authorization": f"Basic {KEY_A}"}),
+    ):
+        r = client.post("/generate", json=body)
+        assert_error(r, 401, "invalid_api_key")
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert "wrong-key-1234" not in r.text and KEY_A not in r.text
+    for path in ("/v1/models", "/prefixes", "/prefixes/acme/default", "/prefixes/jobs/job0001"):
+        assert_error(anon.get(path), 401)
+    # probes stay open
+    assert anon.get("/health").status_code == 200
+    assert anon.get("/ready").status_code == 200
+    assert anon.get("/metrics").status_code == 200
+
+
+def test_tenant_key_generates_only_as_itself(srv):
+    a = srv.client(KEY_A)
+    ok = a.post("/generate", json={"prompt": "x", "max_tokens": 2})  # tenant_id defaults to the key's tenant
+    assert ok.status_code == 200 and ok.json()["tenant_id"] == "acme"
+    assert a.post("/generate", json={"tenant_id": "acme", "prompt": "x", "max_tokens": 2}).status_code == 200
+    foreign = a.post("/generate", json={"tenant_id": "globex", "prefix": "secret-plan", "prompt": "x"})
+    missing = a.post("/generate", json={"tenant_id": "globex", "prefix": "no-such", "prompt": "x"})
+    e1, e2 = assert_error(foreign, 404), assert_error(missing, 404)
+    assert e1["code"] == e2["code"]  # an existing foreign prefix looks exactly like a missing one
+    assert_error(
+        a.post("/v1/completions", json={"model": "globex/secret-plan", "prompt": "x"}), 404, "model_not_found"
+    )
+    assert_error(
+        a.post(
+            "/v1/chat/completions", json={"model": "globex", "messages": [{"role": "user", "content": "x"}]}
+        ),
+        404,
+    )
+    assert (
+        a.post("/v1/completions", json={"model": "acme/support", "prompt": "x", "max_tokens": 2}).status_code
+        == 200
+    )
+
+
+def test_models_and_prefix_listing_show_only_own(srv):
+    a, b, admin = srv.client(KEY_A), srv.client(KEY_B), srv.client(ADMIN)
+    ids = {m["id"] for m in a.get("/v1/models").json()["data"]}
+    assert ids == {"acme/default", "acme/support", "acme/base"}
+    assert {m["id"] for m in b.get("/v1/models").json()["data"]} == {
+        "globex/default",
+        "globex/secret-plan",
+        "globex/base",
+    }
+    assert len(admin.get("/v1/models").json()["data"]) == 4
+    assert {(p["tenant_id"], p["name"]) for p in a.get("/prefixes").json()["data"]} == {
+        ("acme", "default"),
+        ("acme", "support"),
+    }
+    assert_error(a.get("/prefixes", params={"tenant_id": "globex"}), 404)
+    assert len(admin.get("/prefixes").json()["data"]) == 4
+    assert len(admin.get("/prefixes", params={"tenant_id": "globex"}).json()["data"]) == 2
+    assert_error(a.get("/v1/models/globex/secret-plan"), 404)
+    assert a.get("/v1/models/acme/support").json()["id"] == "acme/support"
+
+
+def test_get_and_delete_foreign_prefix_is_404_and_harmless(srv):
+    a, b = srv.client(KEY_A), srv.client(KEY_B)
+    r_foreign, r_missing = a.get("/prefixes/globex/secret-plan"), a.get("/prefixes/globex/nothing-here")
+    assert assert_error(r_foreign, 404)["code"] == assert_error(r_missing, 404)["code"]
+    assert_error(a.delete("/prefixes/globex/secret-plan"), 404)
+    assert b.get("/prefixes/globex/secret-plan").status_code == 200  # still there
+    assert a.get("/prefixes/acme/support").json()["versions"] == [1]
+    assert a.delete("/prefixes/acme/support").json()["deleted"] is True
+    assert_error(a.get("/prefixes/acme/support"), 404)
+
+
+def test_jobs_are_isolated(srv, jobs):
+    a, b = srv.client(KEY_A), srv.client(KEY_B)
+    assert_error(a.post("/prefixes", json={"tenant_id": "globex", "name": "x", "examples": EXAMPLES}), 404)
+    r = b.post("/prefixes", json={"name": "plan2", "examples": EXAMPLES})
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    assert r.headers["location"] == f"/prefixes/jobs/{r.json()['job_id']}"
+    b_job = r.json()["job_id"]
+    assert jobs.jobs[b_job]["tenant_id"] == "globex"
+    a_job = a.post("/prefixes", json={"name": "mine", "examples": EXAMPLES}).json()["job_id"]
+    assert_error(a.get(f"/prefixes/jobs/{b_job}"), 404, "job_not_found")
+    assert_error(a.get("/prefixes/jobs/job9999"), 404, "job_not_found")
+    assert_error(a.post(f"/prefixes/jobs/{b_job}/cancel"), 404)
+    assert jobs.jobs[b_job]["status"] == "queued"  # untouched
+    assert [j["job_id"] for j in a.get("/prefixes/jobs").json()["data"]] == [a_job]
+    assert b.post(f"/prefixes/jobs/{b_job}/cancel").json()["status"] == "cancelled"
+    assert b.get(f"/prefixes/jobs/{b_job}").json()["status"] == "cancelled"
+
+
+def test_training_limits_and_validation(srv, jobs):
+    a = srv.client(KEY_A)
+    err = assert_error(a.post("/prefixes", json={"name": "x", "examples": []}), 422, "invalid_training_spec")
+    assert err["param"] == "examples"
+    assert_error(a.post("/prefixes", json={"name": "base", "examples": EXAMPLES}), 422)
+    assert_error(a.post("/prefixes", json={"name": "../x", "examples": EXAMPLES}), 422)
+    for i in range(2):
+        assert a.post("/prefixes", json={"name": f"n{i}", "examples": EXAMPLES}).status_code == 202
+    assert_error(a.post("/prefixes", json={"name": "n3", "examples": EXAMPLES}), 429, "too_many_jobs")
+    # another tenant is not affected
+    assert srv.client(KEY_B).post("/prefixes", json={"name": "n", "examples": EXAMPLES}).status_code == 202
+
+
+def test_admin_routes_need_the_admin_key(srv):
+    a, admin = srv.client(KEY_A), srv.client(ADMIN)
+    assert_error(a.get("/admin/tenants"), 403, "admin_required")
+    data = admin.get("/admin/tenants").json()["data"]
+    assert {t["tenant_id"]: t["prefixes"] for t in data} == {"acme": 2, "globex": 2}
+    assert all(t["has_key"] for t in data)
+    # the admin acts as any tenant but must name it
+    assert_error(admin.post("/generate", json={"prompt": "x"}), 422, "missing_tenant_id")
+    assert (
+        admin.post("/generate", json={"tenant_id": "globex", "prompt": "x", "max_tokens": 2}).status_code
+        == 200
+    )
+
+
+def test_metrics_can_require_admin(server_factory):
+    s = server_factory(keys={"acme": KEY_A}, admin_key=ADMIN, metrics_require_admin=True)
+    assert_error(s.client().get("/metrics"), 401)
+    assert_error(s.client(KEY_A).get("/metrics"), 403)
+    assert s.client(ADMIN).get("/metrics").status_code == 200
+
+
+def test_open_mode_without_keys(server_factory, api_bundle, caplog):
+    caplog.set_level("WARNING", logger="prefixserve.api")
+    s = server_factory()
+    assert any("OPEN" in r.getMessage() for r in caplog.records)
+    put_random_prefix(s.store, api_bundle, "anyone")
+    c = s.client()
+    assert (
+        c.post("/generate", json={"tenant_id": "anyone", "prompt": "x", "max_tokens": 2}).status_code == 200
+    )
+    assert_error(c.post("/generate", json={"prompt": "x"}), 422, "missing_tenant_id")
+
+
+def test_key_configuration_is_validated():
+    from server.settings import Settings
+
+    with pytest.raises(ValueError) as e:
+        Settings(api_keys="acme:k1,globex:k1").tenant_keys()
+    assert "k1" not in str(e.value)
+    with pytest.raises(ValueError) as e:
+        Settings(api_keys="not-a-pair-secretvalue").tenant_keys()
+    assert "secretvalue" not in str(e.value)
+    s = Settings(api_keys="acme:k1, acme:k2 ,globex:k3")
+    assert s.tenant_keys() == {"k1": "acme", "k2": "acme", "k3": "globex"}
+    assert "k1" not in repr(s) and "k1" not in str(s.public_dict())
+
+
+def test_api_keys_file(tmp_path):
+    from server.settings import Settings
+
+    f = tmp_path / "keys"
+    f.write_text("# tenants\nacme:file-key-1\n\nglobex: file-key-2\n")
+    s = Settings(api_keys_file=f, api_keys="initech:env-key")
+    assert s.tenant_keys() == {"file-key-1": "acme", "file-key-2": "globex", "env-key": "initech"}

@@ -1,0 +1,213 @@
+"""The error body `{"error": {"message", "type", "param", "code"}}` for every failure, and hostile input → clear 4xx."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from tests.fixtures.server import assert_error, put_random_prefix
+
+
+@pytest.fixture
+def srv(server_factory, api_bundle, tmp_path):
+    from prefix_store import open_store
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    put_random_prefix(store, api_bundle, "acme")
+    s = server_factory(store=store, max_body_bytes=4096, max_stop_strings=4, max_stop_chars=16)
+    yield s
+    store.close()
+
+
+def raw(client, body: bytes, path: str = "/generate"):
+    return client.post(path, content=body, headers={"content-type": "application/json"})
+
+
+def test_unknown_route_404_and_wrong_method_405(srv):
+    c = srv.client()
+    assert_error(c.get("/no/such/route"), 404, "not_found")
+    r = c.put("/generate", json={})
+    assert_error(r, 405, "method_not_allowed")
+    assert "POST" in r.headers["allow"]
+    assert_error(c.delete("/v1/models"), 405)
+
+
+def test_validation_errors_are_422_with_param(srv):
+    c = srv.client()
+    err = assert_error(c.post("/generate", json={"tenant_id": "acme"}), 422)
+    assert err["param"] == "prompt" and err["type"] == "invalid_request_error"
+    err = assert_error(c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "max_tokens": 0}), 422)
+    assert err["param"] == "max_tokens"
+    err = assert_error(c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "bogus": 1}), 422)
+    assert err["param"] == "bogus"
+    assert_error(c.post("/generate", json=[1, 2]), 422)
+    assert_error(c.post("/generate"), 422, "missing_body")
+
+
+def test_malformed_json_and_invalid_utf8_are_400(srv):
+    c = srv.client()
+    assert_error(raw(c, b'{"tenant_id": "acme", "prompt": '), 400, "invalid_json")
+    assert_error(raw(c, b'{"tenant_id": "acme", "prompt": "\xff\xfe bad"}'), 400, "invalid_json")
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", "NaN"),
+        ("temperature", "Infinity"),
+        ("top_p", "-Infinity"),
+        ("temperature", "-0.5"),
+        ("top_p", "0"),
+        ("top_p", "1.5"),
+        ("top_k", "-1"),
+        ("max_tokens", "-3"),
+        ("seed", "1e400"),
+        ("seed", str(2**70)),
+        ("prompt", '""'),
+        ("prompt", '"\\ud800 lone surrogate"'),
+        ("prompt", '"nul \\u0000 byte"'),
+        ("prompt", '"escape \\u001b[31m"'),
+        ("prompt", "123"),
+        ("stream", '"yes please"'),
+    ],
+)
+def test_hostile_values_are_4xx(srv, field, value):
+    c = srv.client()
+    body = {"tenant_id": "acme", "prompt": "hi", "max_tokens": 2}
+    text = json.dumps(body)[:-1] + f', "{field}": {value}}}'
+    err = assert_error(raw(c, text.encode()), 422)
+    assert err["param"] == field
+
+
+def test_control_characters_tab_newline_are_fine(srv):
+    c = srv.client()
+    r = c.post("/generate", json={"tenant_id": "acme", "prompt": "a\tb\nc\r\n", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_tiny_temperature_is_greedy_not_an_error(srv):
+    c = srv.client()
+    body = {"tenant_id": "acme", "prompt": "hi", "max_tokens": 8, "ignore_eos": True}
+    greedy = c.post("/generate", json=body).json()["text"]
+    r = c.post("/generate", json={**body, "temperature": 1e-300})
+    assert r.status_code == 200 and r.json()["text"] == greedy
+
+
+def test_stop_list_limits(srv):
+    c = srv.client()
+    base = {"tenant_id": "acme", "prompt": "hi", "max_tokens": 2}
+    assert_error(c.post("/generate", json={**base, "stop": [f"s{i}" for i in range(5)]}), 422)
+    assert_error(c.post("/generate", json={**base, "stop": ["x" * 17]}), 422)
+    assert_error(c.post("/generate", json={**base, "stop": [""]}), 422)
+    assert c.post("/generate", json={**base, "stop": ["a", "b", "c", "d"]}).status_code == 200
+    assert c.post("/generate", json={**base, "stop": "zz"}).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["../etc", "..", ".", "a/b", "x" * 129, "sp ace", "", "ü"])
+def test_bad_prefix_and_tenant_names(srv, name):
+    c = srv.client()
+    err = assert_error(c.post("/generate", json={"tenant_id": "acme", "prefix": name, "prompt": "x"}), 422)
+    assert err["param"] == "prefix"
+    err = assert_error(c.post("/generate", json={"tenant_id": name, "prompt": "x"}), 422)
+    assert err["param"] == "tenant_id"
+
+
+@pytest.mark.parametrize(
+    "path", ["/prefixes/acme/%2e%2e", "/prefixes/acme/..%2F..%2Fetc", "/prefixes/%2e%2e/default"]
+)
+def test_traversal_in_paths_never_reaches_the_store(srv, path):
+    c = srv.client()
+    r = c.get(path)
+    assert r.status_code in (404, 422), r.text
+    assert_error(r, r.status_code)
+    assert_error(c.delete(path), r.status_code if r.status_code != 404 else 404)
+    assert c.get("/prefixes/acme/default").status_code == 200  # untouched
+
+
+def test_body_size_limit_413_before_parsing(srv):
+    c = srv.client()
+    big = json.dumps({"tenant_id": "acme", "prompt": "x" * 5000}).encode()
+    assert_error(raw(c, big), 413, "body_too_large")
+
+    # chunked upload without Content-Length is cut off at the limit as well
+    def chunks():
+        yield b'{"tenant_id": "acme", "prompt": "'
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b'"}'
+
+    r = c.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(r, 413, "body_too_large")
+    # a lying Content-Length header is refused without reading
+    with socket.create_connection(("127.0.0.1", int(srv.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 999999999\r\n\r\n{"
+        )
+        head = sock.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413")
+    assert '"error"' in head or "content-length" in head.lower()
+
+
+def test_openai_unsupported_parameters_are_400(srv):
+    c = srv.client()
+    base = {"model": "acme/default", "prompt": "hi", "max_tokens": 2}
+    for extra, param in (
+        ({"echo": True}, "echo"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"presence_penalty": 1}, None),
+    ):
+        err = assert_error(c.post("/v1/completions", json={**base, **extra}), 400, "unsupported_parameter")
+        if param:
+            assert err["param"] == param
+    assert_error(c.post("/v1/completions", json={**base, "n": 3}), 422)
+    assert_error(c.post("/v1/completions", json={**base, "prompt": ["a", "b"]}), 422)
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": msgs}), 400)
+    assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": []}), 422)
+    assert_error(
+        c.post(
+            "/v1/chat/completions", json={"model": "acme", "messages": [{"role": "wizard", "content": "x"}]}
+        ),
+        422,
+    )
+
+
+def test_unknown_prefix_404_and_wrong_model_prefix_422(srv, api_bundle):
+    c = srv.client()
+    assert_error(c.post("/generate", json={"tenant_id": "acme", "prefix": "nope", "prompt": "x"}), 404)
+    assert_error(c.post("/generate", json={"tenant_id": "ghost", "prompt": "x"}), 404, "prefix_not_found")
+    assert_error(c.post("/v1/completions", json={"model": "acme/nope", "prompt": "x"}), 404)
+    assert_error(c.post("/v1/completions", json={"model": "a/b/c", "prompt": "x"}), 404, "model_not_found")
+    put_random_prefix(srv.store, api_bundle, "acme", "alien", fingerprint="another-model")
+    err = assert_error(c.post("/generate", json={"tenant_id": "acme", "prefix": "alien", "prompt": "x"}), 422)
+    assert err["code"] == "prefix_incompatible"
+    # the server keeps serving others
+    assert c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_openapi_documents_every_route_and_error_body(srv):
+    c = srv.client()
+    spec = c.get("/openapi.json").json()
+    paths = spec["paths"]
+    for p in (
+        "/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/prefixes",
+        "/prefixes/jobs/{job_id}",
+        "/prefixes/jobs/{job_id}/cancel",
+        "/prefixes/{tenant_id}/{name}",
+        "/health",
+        "/ready",
+        "/metrics",
+    ):
+        assert p in paths, p
+    gen = paths["/generate"]["post"]["responses"]
+    for status in ("404", "413", "422", "429", "503"):
+        ref = gen[status]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorResponse")
+    assert c.get("/docs").status_code == 200

@@ -1,0 +1,146 @@
+"""Client disconnects abort their engine request; SIGTERM drains in-flight requests and exits 0."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+from prefix_store import open_store
+from tests.fixtures.server import assert_error, metric_value, parse_sse, put_random_prefix, slow_engine
+
+
+def wait_until(pred, timeout: float = 5.0, interval: float = 0.005) -> float:
+    """Seconds until `pred()` held (AssertionError on timeout)."""
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)
+    return time.monotonic() - t0
+
+
+def engine_idle(svc) -> bool:
+    llm = svc.llm
+    return llm.num_running == 0 and llm.num_waiting == 0 and not llm._seqs
+
+
+def only_prefix_blocks_used(svc) -> bool:
+    llm = svc.llm
+    return llm.pool.num_used == sum(len(e.blocks) for e in llm.prefix_cache.entries.values())
+
+
+def test_stream_disconnect_aborts_within_a_step(server_factory, api_bundle):
+    s = server_factory()
+    put_random_prefix(s.store, api_bundle, "acme")
+    slow_engine(s.svc, 0.01)
+    c = s.client()
+    body = {"tenant_id": "acme", "prompt": "go", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with c.stream("POST", "/generate", json=body) as r:
+        lines = r.iter_lines()
+        next(lines)
+        assert s.svc.llm.num_running == 1
+    # closing the response closes the connection; the engine drops the request at its next step
+    took = wait_until(lambda: engine_idle(s.svc), timeout=2)
+    assert took < 0.5
+    assert only_prefix_blocks_used(s.svc), "the aborted request's KV blocks were not freed"
+    m = c.get("/metrics").text
+    assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "abort"}) == 1
+    assert metric_value(m, "prefixserve:generation_tokens_total") == 0  # never counted as a finished request
+    assert s.svc._tenant_active == {}
+
+
+def test_many_aborted_streams_then_a_request_completes_promptly(server_factory, api_bundle):
+    s = server_factory()
+    put_random_prefix(s.store, api_bundle, "acme")
+    c = s.client()
+    body = {"tenant_id": "acme", "prompt": "go", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    for _ in range(20):
+        with c.stream("POST", "/generate", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+    wait_until(lambda: engine_idle(s.svc), timeout=5)
+    assert only_prefix_blocks_used(s.svc)
+    t0 = time.monotonic()
+    r = c.post("/generate", json={"tenant_id": "acme", "prompt": "after", "max_tokens": 8})
+    assert r.status_code == 200 and time.monotonic() - t0 < 5
+
+
+def test_non_streaming_disconnect_aborts(server_factory, api_bundle):
+    s = server_factory()
+    put_random_prefix(s.store, api_bundle, "acme")
+    slow_engine(s.svc, 0.01)
+    payload = json.dumps(
+        {"tenant_id": "acme", "prompt": "go", "max_tokens": 400, "ignore_eos": True}
+    ).encode()
+    port = int(s.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    wait_until(lambda: s.svc.llm.num_running == 1, timeout=5)
+    sock.close()
+    took = wait_until(lambda: engine_idle(s.svc), timeout=2)
+    assert took < 0.5  # 400 tokens would take > 4 s
+    assert only_prefix_blocks_used(s.svc)
+    assert s.svc._tenant_active == {}
+
+
+def test_sigterm_drains_in_flight_and_exits_zero(subprocess_server, tmp_path):
+    from tests.fixtures.server import tiny_bundle
+
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    put_random_prefix(store, tiny_bundle(), "acme")
+    store.close()
+    sp = subprocess_server(store_url=store_url, shutdown_grace_s=30, step_delay=0.01)
+    c = sp.client()
+    assert c.get("/ready").status_code == 200
+    result: dict = {}
+    first = threading.Event()
+
+    def stream() -> None:
+        with (
+            sp.client() as sc,
+            sc.stream(
+                "POST",
+                "/generate",
+                json={
+                    "tenant_id": "acme",
+                    "prompt": "drain",
+                    "max_tokens": 150,
+                    "ignore_eos": True,
+                    "stream": True,
+                },
+            ) as r,
+        ):
+            chunks = []
+            for chunk in r.iter_text():
+                chunks.append(chunk)
+                first.set()
+            result["status"] = r.status_code
+            result["body"] = "".join(chunks)
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    assert first.wait(30)
+    sp.terminate()
+    wait_until(lambda: c.get("/ready").status_code == 503, timeout=5, interval=0.02)
+    r = c.get("/ready")
+    assert r.headers["retry-after"] and r.json()["checks"]["lifecycle"] == "shutting_down"
+    assert_error(
+        c.post("/generate", json={"tenant_id": "acme", "prompt": "late", "max_tokens": 2}),
+        503,
+        "shutting_down",
+    )
+    assert t.is_alive(), "the in-flight stream should still be running while draining"
+    t.join(60)
+    assert result["status"] == 200
+    frames = parse_sse(result["body"])
+    assert frames[-1] == "[DONE]"
+    assert frames[-2]["finish_reason"] == "length" and frames[-2]["usage"]["completion_tokens"] == 150
+    assert sp.wait(30) == 0
+    c.close()

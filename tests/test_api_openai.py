@@ -1,0 +1,133 @@
+"""The official `openai` package against /v1/completions, /v1/chat/completions and /v1/models."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.fixtures.server import parse_sse, put_random_prefix
+
+KEY = "sk-acme-1b2c3d4e"
+
+
+@pytest.fixture
+def srv(server_factory, api_bundle, tmp_path):
+    from prefix_store import open_store
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    put_random_prefix(store, api_bundle, "acme", "default", seed=11)
+    put_random_prefix(store, api_bundle, "acme", "chat-bot", seed=12, prompt_format="chat")
+    s = server_factory(store=store, keys={"acme": KEY, "globex": "sk-globex-0000"})
+    yield s
+    store.close()
+
+
+@pytest.fixture
+def oai(srv):
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+    yield client
+    client.close()
+
+
+def test_completion_equals_generate(srv, oai):
+    native = (
+        srv.client(KEY)
+        .post("/generate", json={"prompt": "Tell me", "max_tokens": 12, "ignore_eos": True})
+        .json()
+    )
+    c = oai.completions.create(
+        model="acme/default", prompt="Tell me", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert c.object == "text_completion" and c.model == "acme/default"
+    assert c.choices[0].text == native["text"]
+    assert c.choices[0].finish_reason == "length"
+    assert c.usage.prompt_tokens == native["usage"]["prompt_tokens"]
+    assert c.usage.completion_tokens == 12 and c.usage.total_tokens == c.usage.prompt_tokens + 12
+    # "acme" alone is the tenant's default prefix
+    c2 = oai.completions.create(
+        model="acme", prompt="Tell me", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert c2.choices[0].text == native["text"]
+
+
+def test_completion_streaming(oai):
+    full = oai.completions.create(
+        model="acme/default", prompt="Stream", max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    chunks = list(
+        oai.completions.create(
+            model="acme/default",
+            prompt="Stream",
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == full.choices[0].text
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+
+
+def test_chat_completion_and_streaming(srv, oai):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
+    r = oai.chat.completions.create(
+        model="acme/chat-bot", messages=msgs, max_tokens=9, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 9
+    tok = srv.svc.bundle.tokenizer
+    rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert r.usage.prompt_tokens == len(rendered)
+    stream = oai.chat.completions.create(
+        model="acme/chat-bot",
+        messages=msgs,
+        max_tokens=9,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # default max_tokens for chat: generation runs until EOS or the server's max_new_tokens
+    r2 = oai.chat.completions.create(model="acme/chat-bot", messages=msgs, temperature=0)
+    assert r2.usage.completion_tokens <= srv.svc.settings.max_new_tokens
+
+
+def test_models_and_errors(oai):
+    ids = sorted(m.id for m in oai.models.list())
+    assert ids == ["acme/base", "acme/chat-bot", "acme/default"]
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.completions.create(model="globex/default", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    bad = openai.OpenAI(base_url=oai.base_url, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.UnprocessableEntityError):
+        oai.completions.create(model="acme", prompt="x", temperature=-1)
+    base = oai.completions.create(model="acme/base", prompt="x", max_tokens=3, temperature=0)
+    assert base.choices[0].finish_reason in ("stop", "length")
+
+
+def test_raw_sse_frames_follow_openai_format(srv):
+    c = srv.client(KEY)
+    r = c.post(
+        "/v1/chat/completions",
+        json={
+            "model": "acme",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 4,
+            "stream": True,
+        },
+    )
+    assert r.text.endswith("data: [DONE]\n\n")
+    frames = parse_sse(r.text)
+    assert frames[-1] == "[DONE]"
+    assert all(f["object"] == "chat.completion.chunk" and "usage" not in f for f in frames[:-1])
+    assert len({f["id"] for f in frames[:-1]}) == 1

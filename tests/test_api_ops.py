@@ -1,0 +1,186 @@
+"""/health, /ready, /metrics, request logs, and serving through a prefix-store outage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from server.logging_utils import JSONFormatter
+from tests.fixtures.server import FakeJobManager, assert_error, metric_value, put_random_prefix
+
+KEY_A = "sk-acme-c0ffee-77"
+
+
+def test_health_and_ready(server_factory):
+    s = server_factory()
+    c = s.client()
+    assert c.get("/health").json() == {"status": "ok"}
+    r = c.get("/ready")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ready"
+    assert r.json()["checks"] == {"model": "ok", "engine": "ok", "store": "ok", "lifecycle": "serving"}
+
+
+def test_metrics_present_and_updated(server_factory, api_bundle):
+    jobs = FakeJobManager()
+    s = server_factory(job_manager=jobs)
+    put_random_prefix(s.store, api_bundle, "acme", prefix_length=10)
+    c = s.client()
+    before = c.get("/metrics").text
+    for name in (
+        "prefixserve:time_to_first_token_seconds_count",
+        "prefixserve:inter_token_latency_seconds_count",
+        "prefixserve:e2e_request_latency_seconds_count",
+        "prefixserve:request_queue_time_seconds_count",
+        "prefixserve:num_requests_running",
+        "prefixserve:num_requests_waiting",
+        "prefixserve:prompt_tokens_total",
+        "prefixserve:generation_tokens_total",
+        "prefixserve:prefix_cache_hits_total",
+        "prefixserve:prefix_cache_misses_total",
+        "prefixserve:prefix_cache_evictions_total",
+        "prefixserve:prefix_cache_resident_bytes",
+        "prefixserve:distinct_prefixes_per_batch_count",
+    ):
+        assert metric_value(before, name) == 0.0, name
+    assert metric_value(before, "prefixserve:training_jobs", {"status": "queued"}) == 0.0
+    for _ in range(3):
+        r = c.post(
+            "/generate", json={"tenant_id": "acme", "prompt": "hello", "max_tokens": 5, "ignore_eos": True}
+        )
+        assert r.status_code == 200
+    c.post(
+        "/prefixes",
+        json={"tenant_id": "acme", "name": "next", "examples": [{"prompt": "a", "completion": "b"}]},
+    )
+    c.post("/generate", json={"tenant_id": "acme", "prompt": ""})  # 422
+    deadline = time.monotonic() + 5  # request counters are written right after the response is sent
+    while True:
+        m = c.get("/metrics").text
+        done = metric_value(m, "prefixserve:http_requests_total", {"route": "/generate", "status": "422"})
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert metric_value(m, "prefixserve:generation_tokens_total") == 15
+    assert metric_value(m, "prefixserve:prompt_tokens_total") == 3 * r.json()["usage"]["prompt_tokens"]
+    assert metric_value(m, "prefixserve:time_to_first_token_seconds_count") == 3
+    assert metric_value(m, "prefixserve:inter_token_latency_seconds_count") == 12
+    assert metric_value(m, "prefixserve:e2e_request_latency_seconds_count") == 3
+    assert metric_value(m, "prefixserve:request_queue_time_seconds_count") == 3
+    assert metric_value(m, "prefixserve:prefix_cache_misses_total") >= 1
+    assert metric_value(m, "prefixserve:prefix_cache_hits_total") >= 2
+    assert metric_value(m, "prefixserve:prefix_cache_resident_bytes") > 0
+    assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "length"}) == 3
+    assert metric_value(m, "prefixserve:training_jobs", {"status": "queued"}) == 1
+    assert metric_value(m, "prefixserve:http_requests_total", {"route": "/generate", "status": "200"}) == 3
+    assert metric_value(m, "prefixserve:http_requests_total", {"route": "/generate", "status": "422"}) == 1
+    # bounded labels: no tenant, prefix or raw path ever becomes a label
+    c.get("/prefixes/acme/some-random-name-123")
+    m = c.get("/metrics").text
+    assert "acme" not in m and "some-random-name" not in m
+
+
+def test_request_log_lines_have_fields_but_no_prompt_or_key(server_factory, api_bundle, caplog):
+    caplog.set_level(logging.INFO, logger="prefixserve")
+    s = server_factory(keys={"acme": KEY_A})
+    put_random_prefix(s.store, api_bundle, "acme")
+    secret_prompt = "TOP-SECRET-PROMPT-8d1f"
+    c = s.client(KEY_A)
+    r = c.post(
+        "/generate",
+        json={"prompt": secret_prompt, "max_tokens": 4, "ignore_eos": True},
+        headers={"X-Request-ID": "trace-42"},
+    )
+    assert r.status_code == 200
+    c.post("/generate", json={"prompt": secret_prompt, "stream": True, "max_tokens": 3})
+    c.post(
+        "/v1/chat/completions",
+        json={"model": "acme", "messages": [{"role": "user", "content": secret_prompt}]},
+    )
+    s.client("sk-WRONG-key-31337").post("/generate", json={"prompt": secret_prompt})
+    deadline = time.monotonic() + 5  # the line is written right after the response is sent
+    while (
+        time.monotonic() < deadline
+        and sum(getattr(r, "fields", {}).get("event") == "request" for r in caplog.records) < 4
+    ):
+        time.sleep(0.01)
+    fmt = JSONFormatter()
+    lines = [fmt.format(rec) for rec in caplog.records]
+    blob = "\n".join(lines)
+    assert secret_prompt not in blob
+    assert KEY_A not in blob and "sk-WRONG-key-31337" not in blob
+    access = [json.loads(x) for x in lines if '"event": "request"' in x]
+    mine = next(a for a in access if a["request_id"] == "trace-42")
+    assert mine["status"] == 200 and mine["tenant"] == "acme" and mine["prefix"] == "default"
+    assert mine["version"] == 1 and mine["prompt_tokens"] > 0 and mine["completion_tokens"] == 4
+    assert mine["queue_s"] >= 0 and mine["latency_s"] > 0 and mine["finish_reason"] == "length"
+    assert mine["principal"] == "tenant:acme"
+    assert any(a["status"] == 401 for a in access), [(a["route"], a["status"]) for a in access]
+    assert sum(1 for a in access if a["route"] == "/generate") == 3
+
+
+def test_log_prompts_opt_in(server_factory, api_bundle, caplog):
+    caplog.set_level(logging.INFO, logger="prefixserve")
+    s = server_factory(log_prompts=True)
+    put_random_prefix(s.store, api_bundle, "acme")
+    s.client().post("/generate", json={"tenant_id": "acme", "prompt": "visible-prompt-1", "max_tokens": 2})
+    assert any(getattr(r, "fields", {}).get("prompt") == "visible-prompt-1" for r in caplog.records)
+
+
+@pytest.mark.redis
+def test_store_outage_cached_served_uncached_503_then_recovers(
+    server_factory, api_bundle, redis_server_factory
+):
+    from prefix_store import open_store
+
+    redis_srv = redis_server_factory
+    store = open_store(redis_srv.url, socket_timeout=1, socket_connect_timeout=0.5)
+    put_random_prefix(store, api_bundle, "acme", seed=1)
+    put_random_prefix(store, api_bundle, "globex", seed=2)
+    s = server_factory(store=store, prefix_meta_ttl_s=0)  # always revalidate: the outage path is exercised
+    c = s.client()
+    body = {"tenant_id": "acme", "prompt": "cached", "max_tokens": 6, "ignore_eos": True}
+    want = c.post("/generate", json=body).json()["text"]
+    redis_srv.kill()
+    try:
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["checks"]["store"].startswith("unavailable")
+        assert r.json()["error"]["code"] == "not_ready"
+        for _ in range(3):  # cached prefix: metadata and KV already here
+            r = c.post("/generate", json=body)
+            assert r.status_code == 200 and r.json()["text"] == want
+        assert_error(
+            c.post("/generate", json={"tenant_id": "globex", "prompt": "x"}), 503, "store_unavailable"
+        )
+        assert_error(c.get("/prefixes"), 503, "store_unavailable")
+    finally:
+        redis_srv.start()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and c.get("/ready").status_code != 200:
+        time.sleep(0.1)
+    assert c.get("/ready").status_code == 200
+    while time.monotonic() < deadline:
+        r = c.post("/generate", json={"tenant_id": "globex", "prompt": "x", "max_tokens": 2})
+        if r.status_code == 200:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 200
+    store.close()
+
+
+def test_store_change_events_invalidate_caches(server_factory, api_bundle):
+    s = server_factory()  # default metadata TTL: only change events can make it see a new version
+    put_random_prefix(s.store, api_bundle, "acme", seed=1)
+    c = s.client()
+    body = {"tenant_id": "acme", "prompt": "v", "max_tokens": 8, "ignore_eos": True}
+    v1 = c.post("/generate", json=body).json()
+    assert v1["prefix_version"] == 1
+    put_random_prefix(s.store, api_bundle, "acme", seed=99)
+    v2 = c.post("/generate", json=body).json()
+    assert v2["prefix_version"] == 2 and v2["text"] != v1["text"]
+    assert c.delete("/prefixes/acme/default").status_code == 200
+    assert_error(c.post("/generate", json=body), 404, "prefix_not_found")
