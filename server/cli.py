@@ -400,7 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    sp = sub.add_parser("serve", help="run the HTTP server (settings: flags > PREFIXSERVE_* env > defaults)")
+    sp = sub.add_parser(
+        "serve",
+        allow_abbrev=False,
+        help="run the HTTP server (settings: flags > PREFIXSERVE_* env > defaults)",
+    )
     _add_settings_flags(sp)
     sp.set_defaults(func=cmd_serve)
 

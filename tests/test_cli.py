@@ -1,0 +1,131 @@
+"""`prefixserve` CLI: settings precedence, `prefixes list`, `train` (submit + progress until done), `serve` checks."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from server import cli
+from tests.fixtures.server import FakeJobManager, put_random_prefix
+
+
+def test_settings_env_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFIXSERVE_PORT", "9001")
+    monkeypatch.setenv("PREFIXSERVE_MAX_QUEUED", "7")
+    monkeypatch.setenv("PREFIXSERVE_STORE_URL", "redis://127.0.0.1:6379/3")
+    monkeypatch.setenv("PREFIXSERVE_API_KEYS", "acme:k-1")
+    monkeypatch.setenv("PREFIXSERVE_LOG_PROMPTS", "true")
+    ns = cli.build_parser().parse_args(["serve", "--port", "9100", "--kv-cache-mb", "64", "--no-log-json"])
+    s = cli.settings_from_args(ns)
+    assert s.port == 9100  # flag beats env
+    assert s.max_queued == 7 and s.store_url == "redis://127.0.0.1:6379/3"  # env beats default
+    assert s.kv_cache_mb == 64 and s.log_json is False and s.log_prompts is True
+    assert s.tenant_keys() == {"k-1": "acme"}
+    assert s.model == "smollm2" and s.host == "127.0.0.1"
+
+
+def test_default_store_url_is_the_local_share(monkeypatch, tmp_path):
+    from server.settings import Settings
+
+    monkeypatch.delenv("PREFIXSERVE_STORE_URL", raising=False)
+    monkeypatch.delenv("PREFIXSERVE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Settings().store_url == f"file://{tmp_path}/.local/share/prefixserve"
+    assert Settings(store_url="file://~/x").store_url == f"file://{tmp_path}/x"
+
+
+def test_keys_are_not_command_line_flags():
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--api-keys", "acme:k"])
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--admin-key", "k"])
+
+
+def test_serve_refuses_bad_settings(monkeypatch, capsys):
+    monkeypatch.setenv("PREFIXSERVE_API_KEYS", "acme:same-key,globex:same-key")
+    assert cli.main(["serve", "--port", "0"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "invalid settings" in err and "same-key" not in err
+
+
+def test_prefixes_list_reads_the_store(api_bundle, tmp_path, capsys):
+    from prefix_store import open_store
+
+    url = f"file://{tmp_path / 'store'}"
+    store = open_store(url)
+    put_random_prefix(store, api_bundle, "acme", "default")
+    put_random_prefix(store, api_bundle, "acme", "default", seed=2)
+    put_random_prefix(store, api_bundle, "globex", "helper", prefix_length=5)
+    store.close()
+    assert cli.main(["prefixes", "list", "--store", url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["TENANT", "NAME", "VERSION", "KIND", "P", "CREATED"]
+    assert out[1].split()[:5] == ["acme", "default", "2", "prefix_tuning", "8"]
+    assert out[2].split()[:5] == ["globex", "helper", "1", "prefix_tuning", "5"]
+    assert cli.main(["prefixes", "list", "--store", url, "--tenant-id", "globex", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["tenant_id"], r["name"]) for r in rows] == [("globex", "helper")]
+
+
+def test_prefixes_list_store_down_fails_cleanly(capsys):
+    assert cli.main(["prefixes", "list", "--store", "redis://127.0.0.1:1/0"]) == cli.EXIT_FAIL
+    assert "prefixserve:" in capsys.readouterr().err
+
+
+def _examples(tmp_path):
+    f = tmp_path / "examples.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": " ZEBRA"}) for i in range(4)) + "\n")
+    return f
+
+
+@pytest.mark.parametrize("outcome,rc", [("succeeded", 0), ("failed", 1)])
+def test_train_submits_and_waits_with_progress(server_factory, tmp_path, capsys, monkeypatch, outcome, rc):
+    jobs = FakeJobManager()
+    s = server_factory(job_manager=jobs, keys={"acme": "k-acme-1"})
+    monkeypatch.setenv("PREFIXSERVE_API_KEY", "k-acme-1")
+
+    def finish_later() -> None:
+        deadline = time.monotonic() + 20
+        while not jobs.jobs and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        jobs.finish(next(iter(jobs.jobs)), outcome)
+
+    t = threading.Thread(target=finish_later, daemon=True)
+    t.start()
+    args = ["train", "--tenant-id", "acme", "--name", "zebra", "--method", "prefix_tuning"]
+    args += ["--data", str(_examples(tmp_path)), "--prefix-length", "8", "--epochs", "3"]
+    args += ["--base-url", s.url, "--poll-interval", "0.05"]
+    assert cli.main(args) == rc
+    t.join()
+    job = next(iter(jobs.jobs.values()))
+    assert job["tenant_id"] == "acme" and job["name"] == "zebra" and job["method"] == "prefix_tuning"
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["status"] == outcome
+    assert "training job0001" in captured.err  # the tqdm bar
+
+
+def test_train_reports_server_errors(server_factory, tmp_path, capsys):
+    s = server_factory(job_manager=FakeJobManager(), keys={"acme": "k-acme-1"})
+    args = [
+        "train",
+        "--tenant-id",
+        "acme",
+        "--name",
+        "x",
+        "--data",
+        str(_examples(tmp_path)),
+        "--base-url",
+        s.url,
+    ]
+    assert cli.main([*args, "--api-key", "wrong"]) == cli.EXIT_FAIL
+    assert "401" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    assert (
+        cli.main(["train", "--tenant-id", "acme", "--name", "x", "--data", str(bad), "--base-url", s.url])
+        == 2
+    )
