@@ -1,0 +1,38 @@
+"""Prefix kinds (prefix-tuning, prefix-propagation, prompt tuning) and their compilation to serving KV."""
+
+from server.prefixes.kinds import (
+    KINDS,
+    PrefixTuningParams,
+    cache_to_kv,
+    compile_prefix_tuning,
+    compile_prompt_tuning,
+    compile_propagation,
+    compile_record,
+    decoder_layers,
+    flat_to_kv,
+    kv_to_cache,
+    kv_to_flat,
+    prefix_forward,
+    propagation_hooks,
+    validate_kv,
+)
+from server.prefixes.peft_import import import_peft, read_peft_adapter
+
+__all__ = [
+    "KINDS",
+    "PrefixTuningParams",
+    "cache_to_kv",
+    "compile_prefix_tuning",
+    "compile_prompt_tuning",
+    "compile_propagation",
+    "compile_record",
+    "decoder_layers",
+    "flat_to_kv",
+    "import_peft",
+    "kv_to_cache",
+    "kv_to_flat",
+    "prefix_forward",
+    "propagation_hooks",
+    "read_peft_adapter",
+    "validate_kv",
+]
