@@ -25,6 +25,11 @@ def raw(client, body: bytes, path: str = "/generate"):
     return client.post(path, content=body, headers={"content-type": "application/json"})
 
 
+def assert_error_allow(r) -> list[str]:
+    assert_error(r, 405, "method_not_allowed")
+    return [m.strip() for m in r.headers["allow"].split(",")]
+
+
 def test_unknown_route_404_and_wrong_method_405(srv):
     c = srv.client()
     assert_error(c.get("/no/such/route"), 404, "not_found")
@@ -32,6 +37,9 @@ def test_unknown_route_404_and_wrong_method_405(srv):
     assert_error(r, 405, "method_not_allowed")
     assert "POST" in r.headers["allow"]
     assert_error(c.delete("/v1/models"), 405)
+    # Allow lists every method served at the path, across routes
+    assert set(assert_error_allow(c.request("OPTIONS", "/prefixes"))) == {"GET", "POST"}
+    assert set(assert_error_allow(c.put("/prefixes/acme/default"))) == {"GET", "DELETE"}
 
 
 def test_validation_errors_are_422_with_param(srv):
@@ -65,6 +73,7 @@ def test_malformed_json_and_invalid_utf8_are_400(srv):
         ("max_tokens", "-3"),
         ("seed", "1e400"),
         ("seed", str(2**70)),
+        ("seed", str(2**53)),
         ("prompt", '""'),
         ("prompt", '"\\ud800 lone surrogate"'),
         ("prompt", '"nul \\u0000 byte"'),
@@ -151,17 +160,27 @@ def test_body_size_limit_413_before_parsing(srv):
     assert '"error"' in head or "content-length" in head.lower()
 
 
-def test_openai_unsupported_parameters_are_400(srv):
+def test_openai_unsupported_parameters_are_rejected(srv):
     c = srv.client()
     base = {"model": "acme/default", "prompt": "hi", "max_tokens": 2}
     for extra, param in (
         ({"echo": True}, "echo"),
         ({"logprobs": 2}, "logprobs"),
-        ({"presence_penalty": 1}, None),
+        ({"presence_penalty": 1}, "presence_penalty"),
+        ({"frequency_penalty": -0.5}, "frequency_penalty"),
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 2}, "best_of"),
     ):
-        err = assert_error(c.post("/v1/completions", json={**base, **extra}), 400, "unsupported_parameter")
-        if param:
-            assert err["param"] == param
+        assert assert_error(c.post("/v1/completions", json={**base, **extra}), 422)["param"] == param
+    ok = {
+        "echo": False,
+        "logprobs": None,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "n": 1,
+        "user": "u",
+    }
+    assert c.post("/v1/completions", json={**base, **ok}).status_code == 200
     assert_error(c.post("/v1/completions", json={**base, "n": 3}), 422)
     assert_error(c.post("/v1/completions", json={**base, "prompt": ["a", "b"]}), 422)
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]

@@ -51,6 +51,7 @@ class AppState:
     inflight: int = 0
     owns_store: bool = False
     owns_jobs: bool = False
+    route_methods: list[tuple[Any, str, set[str]]] = field(default_factory=list)  # for 405 Allow headers
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     def begin_drain(self) -> None:
@@ -346,13 +347,65 @@ def create_app(
     )
     app.state.ps = st
     install_error_handlers(app, settings.retry_after_s)
-    app.include_router(routes_generate.router)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_prefixes.router)
-    app.include_router(routes_prefixes.admin_router)
-    app.include_router(routes_ops.router)
+    routers = (
+        routes_generate.router,
+        routes_openai.router,
+        routes_prefixes.router,
+        routes_prefixes.admin_router,
+        routes_ops.router,
+    )
+    for router in routers:
+        app.include_router(router)
+    st.route_methods = [
+        (r.path_regex, r.path, set(r.methods))
+        for router in routers
+        for r in router.routes
+        if getattr(r, "methods", None)
+    ]
     app.add_middleware(ServiceMiddleware, state=st)
+    _customize_openapi(app, settings, open_mode=not keyring.enabled)
     return app
+
+
+def _branches(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    return [b for key in ("anyOf", "oneOf") for b in schema.get(key, [])] or [schema]
+
+
+def _customize_openapi(app: FastAPI, settings: Settings, *, open_mode: bool) -> None:
+    """Put the configured limits into the schema; with no keys configured, drop the bearer requirement."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        comps = schema.get("components", {}).get("schemas", {})
+        for name in ("GenerateRequest", "CompletionRequest", "ChatCompletionRequest"):
+            props = comps.get(name, {}).get("properties", {})
+            for fld in ("max_tokens", "max_completion_tokens"):
+                for b in _branches(props.get(fld, {})):
+                    if b.get("type") == "integer":
+                        b["maximum"] = settings.max_new_tokens
+            for b in _branches(props.get("stop", {})):
+                if b.get("type") == "array":
+                    b["maxItems"] = settings.max_stop_strings
+                    b.setdefault("items", {})["maxLength"] = settings.max_stop_chars
+                elif b.get("type") == "string":
+                    b["maxLength"] = settings.max_stop_chars
+        if open_mode:
+            for item in schema.get("paths", {}).values():
+                for op in item.values():
+                    if isinstance(op, dict):
+                        op.pop("security", None)
+                        for code in ("401", "403"):
+                            op.get("responses", {}).pop(code, None)
+            schema.get("components", {}).pop("securitySchemes", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _version() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -129,15 +130,30 @@ def error_response(
     return SafeJSONResponse(error_body(status, message, code=code, param=param), status, headers=headers)
 
 
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _loc_param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    """`("body", "stop", "list[function-after[...]]", 1)` → `"stop.1"`: field names and indexes only."""
+    parts = []
+    for p in loc[1:] if loc and loc[0] in ("body", "query", "path", "header", "cookie") else loc:
+        if isinstance(p, int) or (isinstance(p, str) and _IDENT.fullmatch(p)):
+            parts.append(str(p))
     return ".".join(parts) or None
 
 
 def _validation_message(err: dict[str, Any]) -> str:
     loc = _loc_param(tuple(err.get("loc", ())))
-    msg = str(err.get("msg", "invalid value"))
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Methods served at this path by the route template that matches it first (Starlette's own Allow header
+    lists only the methods of the first route object, not of every route sharing the template)."""
+    index = getattr(getattr(request.app.state, "ps", None), "route_methods", None) or []
+    template = next((t for regex, t, _ in index if regex.match(request.url.path)), None)
+    return sorted({m for _, t, methods in index if t == template for m in methods}) if template else []
 
 
 def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
@@ -160,9 +176,10 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             return error_response(400, "request body is not valid JSON", code="invalid_json")
         if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
             return error_response(422, "request body is required", code="missing_body")
-        message = "; ".join(_validation_message(e) for e in errors[:5])
-        if len(errors) > 5:
-            message += f"; and {len(errors) - 5} more"
+        messages = list(dict.fromkeys(_validation_message(e) for e in errors))  # unions repeat themselves
+        message = "; ".join(messages[:5])
+        if len(messages) > 5:
+            message += f"; and {len(messages) - 5} more"
         return error_response(
             422, message, code="invalid_value", param=_loc_param(tuple(first.get("loc", ())))
         )
@@ -174,6 +191,9 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             message = "not found"
         elif status == 405:
             message = f"method {request.method} not allowed for {request.url.path}"
+            allowed = _allowed_methods(request)
+            if allowed:
+                return error_response(405, message, headers={"Allow": ", ".join(allowed)})
         elif status == 400 and "parsing the body" in str(exc.detail):
             return error_response(400, "request body is not valid JSON (UTF-8)", code="invalid_json")
         else:

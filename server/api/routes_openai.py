@@ -53,21 +53,6 @@ def parse_model(model: str, principal: Principal) -> tuple[str, str]:
     return tenant, name
 
 
-def check_unsupported(body: _OpenAIBase) -> None:
-    for fld in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, fld) not in (None, 0, 0.0):
-            raise APIError(400, f"{fld} is not supported (only 0)", code="unsupported_parameter", param=fld)
-    if isinstance(body, CompletionRequest):
-        if body.echo:
-            raise APIError(400, "echo is not supported", code="unsupported_parameter", param="echo")
-        if body.logprobs is not None:
-            raise APIError(400, "logprobs is not supported", code="unsupported_parameter", param="logprobs")
-        if body.suffix:
-            raise APIError(400, "suffix is not supported", code="unsupported_parameter", param="suffix")
-    if isinstance(body, ChatCompletionRequest) and body.logprobs:
-        raise APIError(400, "logprobs is not supported", code="unsupported_parameter", param="logprobs")
-
-
 def _message_text(content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
@@ -94,7 +79,6 @@ async def _run(
 ) -> tuple[Any, GenerationRun, str, int]:
     svc = get_service(request)
     info = get_info(request)
-    check_unsupported(body)
     tenant, name = parse_model(body.model, principal)
     info.tenant, info.prefix = tenant, name
     prefix = await svc.resolve(tenant, name)

@@ -32,14 +32,18 @@ def check_name(v: str) -> str:
     return v
 
 
-Text = Annotated[str, AfterValidator(check_text)]
-PromptText = Annotated[str, Field(min_length=1), AfterValidator(check_text)]
+# Documents check_text in the schema (the validator gives the clearer message).
+NO_CONTROL_CHARS = {"pattern": "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F]*$"}
+Text = Annotated[str, Field(json_schema_extra=NO_CONTROL_CHARS), AfterValidator(check_text)]
+PromptText = Annotated[
+    str, Field(min_length=1, json_schema_extra=NO_CONTROL_CHARS), AfterValidator(check_text)
+]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["acme"]), AfterValidator(check_name)]
 Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=0, le=2**31 - 1)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
-StopText = Annotated[str, Field(min_length=1), AfterValidator(check_text)]
+Seed = Annotated[int, Field(ge=-(2**53 - 1), le=2**53 - 1)]  # exact in every JSON parser
+StopText = Annotated[str, Field(min_length=1, json_schema_extra=NO_CONTROL_CHARS), AfterValidator(check_text)]
 
 
 class Usage(BaseModel):
@@ -113,18 +117,18 @@ class _OpenAIBase(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="Extension (vLLM): keep generating past end-of-sequence")
     n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported")
-    presence_penalty: float | None = Field(None, allow_inf_nan=False, description="Only 0 is supported")
-    frequency_penalty: float | None = Field(None, allow_inf_nan=False, description="Only 0 is supported")
+    presence_penalty: float | None = Field(None, ge=0, le=0, description="Only 0 is supported")
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="Only 0 is supported")
     user: str | None = Field(None, max_length=256)
 
 
 class CompletionRequest(_OpenAIBase):
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)]
     max_tokens: int | None = Field(None, ge=1, description="Default 16")
-    echo: bool | None = Field(None, description="Only false is supported")
-    logprobs: int | None = Field(None, description="Not supported")
+    echo: Literal[False] | None = Field(None, description="Only false is supported")
+    logprobs: None = Field(None, description="Not supported (null only)")
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported")
-    suffix: str | None = Field(None, description="Not supported")
+    suffix: Literal[""] | None = Field(None, description="Not supported (null or empty only)")
 
 
 class ChatMessage(BaseModel):
@@ -139,7 +143,7 @@ class ChatCompletionRequest(_OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_tokens: int | None = Field(None, ge=1, description="Default: up to the server's max_new_tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = Field(None, description="Only false is supported")
+    logprobs: Literal[False] | None = Field(None, description="Only false is supported")
 
 
 class CompletionChoice(BaseModel):

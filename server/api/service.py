@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefix_store import PrefixMeta, PrefixStore, errors
+from server import model as _model
 from server.api.errors import APIError, unavailable
 from server.api.metrics import Metrics, count_jobs
 from server.api.schemas import BASE_PREFIX
@@ -33,7 +34,7 @@ from server.engine import (
     SamplingParams,
     TokenEvent,
 )
-from server.model.spec import ModelBundle
+from server.model import ModelBundle
 from server.settings import Settings
 
 log = logging.getLogger("prefixserve.api")
@@ -43,31 +44,17 @@ SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); avoids o
 
 # ----------------------------------------------------------------------------------------------- helpers
 def default_prompt_format(bundle: ModelBundle) -> str:
-    try:
-        from server.model import default_prompt_format as f
-    except ImportError:  # pragma: no cover - server.model always provides it
-        f = None
-    if f is not None:
-        for arg in (bundle, bundle.tokenizer):
-            try:
-                fmt = f(arg)
-            except (TypeError, AttributeError):
-                continue
-            if fmt in ("chat", "raw"):
-                return fmt
-    return "chat" if getattr(bundle.tokenizer, "chat_template", None) else "raw"
+    """Format for requests without a prefix: the model's default ("chat" when it has a chat template)."""
+    fmt = _model.default_prompt_format(bundle)
+    return fmt if fmt in ("chat", "raw") else "raw"
 
 
 def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
-    from server.model import render_prompt as f
-
-    return list(f(tokenizer, prompt, fmt))
+    return list(_model.render_prompt(tokenizer, prompt, fmt))
 
 
 def render_messages(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    from server.model import render_messages as f
-
-    return list(f(tokenizer, messages))
+    return list(_model.render_messages(tokenizer, messages))
 
 
 def validate_kv(kv: Any, spec: Any, prefix_length: int) -> None:
