@@ -356,7 +356,11 @@ def cmd_import_peft(ns: argparse.Namespace) -> int:
     from server.model import load_model
     from server.prefixes import import_peft
 
-    bundle = load_model(ns.model, device=ns.device, dtype=ns.dtype, cache_dir=ns.cache)
+    try:
+        bundle = load_model(ns.model, device=ns.device, dtype=ns.dtype, cache_dir=ns.cache)
+    except Exception as e:
+        print(f"prefixserve: cannot load model {ns.model!r}: {e}", file=sys.stderr)
+        return EXIT_FAIL
     store = open_store(ns.store)
     try:
         meta = import_peft(ns.adapter_dir, bundle, store, ns.tenant_id, ns.name)

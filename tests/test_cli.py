@@ -129,3 +129,39 @@ def test_train_reports_server_errors(server_factory, tmp_path, capsys):
         cli.main(["train", "--tenant-id", "acme", "--name", "x", "--data", str(bad), "--base-url", s.url])
         == 2
     )
+
+
+def test_import_peft_into_the_store(tmp_path, capsys):
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefix_store import open_store
+    from server.model import load_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    base = make_tiny_llama(tok, seed=0)
+    base.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    torch.manual_seed(1)
+    peft_model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    url = f"file://{tmp_path / 'store'}"
+    args = ["import-peft", str(tmp_path / "adapter"), "--tenant-id", "acme", "--name", "imported"]
+    args += ["--model", str(tmp_path / "model"), "--store", url, "--cache", str(tmp_path / "cache")]
+    assert cli.main(args) == 0
+    meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (meta["tenant_id"], meta["name"], meta["prefix_length"], meta["kind"]) == (
+        "acme",
+        "imported",
+        5,
+        "prefix_tuning",
+    )
+    store = open_store(url)
+    fp = load_model(str(tmp_path / "model"), device="cpu", cache_dir=tmp_path / "cache").fingerprint
+    assert store.get("acme", "imported", expected_fingerprint=fp).tensors["kv"].shape[3] == 5
+    store.close()
+    assert cli.main([*args[:1], str(tmp_path / "nope"), *args[2:]]) == cli.EXIT_FAIL
+    bad_model = [a if a != str(tmp_path / "model") else str(tmp_path / "no-model") for a in args]
+    assert cli.main(bad_model) == cli.EXIT_FAIL
+    assert "cannot load model" in capsys.readouterr().err

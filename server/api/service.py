@@ -35,6 +35,7 @@ from server.engine import (
     TokenEvent,
 )
 from server.model import ModelBundle
+from server.prefixes import validate_kv
 from server.settings import Settings
 
 log = logging.getLogger("prefixserve.api")
@@ -55,12 +56,6 @@ def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
 
 def render_messages(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     return list(_model.render_messages(tokenizer, messages))
-
-
-def validate_kv(kv: Any, spec: Any, prefix_length: int) -> None:
-    from server.prefixes import validate_kv as f
-
-    f(kv, spec, prefix_length)
 
 
 class StorePrefixProvider:
