@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(
         None, ge=2, description="Context limit prefix+prompt+output (default: min(model limit, 8192))"
     )
-    max_queued: int = Field(256, ge=1, description="Requests waiting for the engine before 503 + Retry-After")
+    max_queued: int = Field(
+        1024, ge=1, description="Requests waiting for the engine before 503 + Retry-After"
+    )
     max_concurrent_per_tenant: int = Field(
         64, ge=1, description="Generation requests in flight per tenant before 429 + Retry-After"
     )

@@ -144,3 +144,28 @@ def test_sigterm_drains_in_flight_and_exits_zero(subprocess_server, tmp_path):
     assert frames[-2]["finish_reason"] == "length" and frames[-2]["usage"]["completion_tokens"] == 150
     assert sp.wait(30) == 0
     c.close()
+
+
+def test_engine_thread_death_fails_requests_instead_of_hanging(server_factory, api_bundle):
+    s = server_factory()
+    put_random_prefix(s.store, api_bundle, "acme")
+    c = s.client()
+    body = {"tenant_id": "acme", "prompt": "x", "max_tokens": 200, "ignore_eos": True}
+    llm = s.svc.llm
+    step = llm.step
+    calls = {"n": 0}
+
+    def dying_step():
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("simulated engine crash")
+        return step()
+
+    llm.step = dying_step
+    t0 = time.monotonic()
+    r = c.post("/generate", json=body)
+    assert_error(r, 503, "engine_dead")
+    assert time.monotonic() - t0 < 5
+    r = c.get("/ready")
+    assert r.status_code == 503 and r.json()["checks"]["engine"] == "dead"
+    assert_error(c.post("/generate", json=body), 503, "engine_unavailable")

@@ -40,6 +40,7 @@ from server.settings import Settings
 
 log = logging.getLogger("prefixserve.api")
 
+ENGINE_WATCHDOG_S = 1.0  # how often a waiting request checks that the engine thread is alive
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); avoids overflow in logits / T
 
 
@@ -225,7 +226,7 @@ class GenerationRun:
         settings = self.svc.settings
         self._agen = self.svc.engine.generate(self.req)
         try:
-            ev = await self._agen.__anext__()
+            ev = await self._next()
         except QueueFull as e:
             self.svc.metrics.rejected.labels("queue_full").inc()
             raise unavailable(f"server busy: {e}", settings.retry_after_s, code="queue_full") from None
@@ -242,6 +243,24 @@ class GenerationRun:
         if ev.finished and ev.finish_reason == "error":
             raise self._error(ev)
         return ev
+
+    async def _next(self) -> TokenEvent:
+        """Next engine event; if the engine thread dies meanwhile, fail instead of waiting forever."""
+        assert self._agen is not None
+        nxt = asyncio.ensure_future(self._agen.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({nxt}, timeout=ENGINE_WATCHDOG_S)
+                if done:
+                    return nxt.result()
+                if self.svc.engine.dead is not None:
+                    self.info.error_code = "engine_dead"
+                    raise unavailable(
+                        "the inference engine stopped", self.svc.settings.retry_after_s, code="engine_dead"
+                    )
+        finally:
+            if not nxt.done():
+                nxt.cancel()
 
     def _error(self, ev: TokenEvent) -> APIError:
         status, code = ENGINE_ERRORS.get(ev.error_type or "", (500, "generation_failed"))
@@ -285,7 +304,11 @@ class GenerationRun:
         assert self._agen is not None
         if self.first is not None and self.first.finished:
             return
-        async for ev in self._agen:
+        while True:
+            try:
+                ev = await self._next()
+            except StopAsyncIteration:
+                return
             self._observe(ev)
             if ev.finished and ev.finish_reason == "error":
                 raise self._error(ev)
@@ -389,7 +412,7 @@ class Service:
 
     async def stop(self, grace_s: float) -> None:
         self.draining = True
-        drained = await self.engine.drain(grace_s)
+        drained = await self.engine.drain(grace_s) if self.engine_alive() else False
         if not drained:
             log.warning("shutdown: requests still running after %.1fs grace; aborting them", grace_s)
         if self._unsubscribe is not None:
