@@ -1,0 +1,349 @@
+"""Asynchronous client: the same API as :class:`Client`, with coroutines and async iterators."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+
+from . import _base
+from ._base import Examples, TimeoutTypes
+from ._client import _json_or_none, _seg
+from ._exceptions import status_error_from_response
+from .types import (
+    AsyncJob,
+    DeletedPrefix,
+    Generation,
+    Health,
+    ModelList,
+    PrefixInfo,
+    Readiness,
+    StreamDelta,
+)
+
+__all__ = ["AsyncClient", "AsyncPrefixes", "AsyncStream"]
+
+
+class AsyncStream:
+    """Async iterator of :class:`StreamDelta`; the request is sent on the first ``__anext__``.
+
+    ``async with client.stream(...) as s: async for d in s: ...`` closes it early; so does ``aclose()``.
+    """
+
+    def __init__(self, client: AsyncClient, body: dict[str, Any], headers: dict[str, str]) -> None:
+        self._client = client
+        self._body = body
+        self._headers = headers
+        self._gen: AsyncIterator[StreamDelta] | None = None
+        self.response: httpx.Response | None = None
+        self.request_id: str | None = None
+
+    async def _iterate(self) -> AsyncIterator[StreamDelta]:
+        response = await self._client._open_stream("POST", "/generate", self._body, self._headers)
+        try:
+            self.response = response
+            self.request_id = response.headers.get("x-request-id")
+            if "text/event-stream" not in response.headers.get("content-type", ""):
+                await response.aread()
+                yield StreamDelta.model_validate(response.json())
+                return
+            state = _base.StreamState(self.request_id)
+            dec = _base.SSEDecoder()
+            try:
+                async for line in response.aiter_lines():
+                    ev = dec.feed(line)
+                    if ev is None:
+                        continue
+                    payload = state.handle(*ev)
+                    if payload is not None:
+                        yield StreamDelta.model_validate(payload)
+                    if state.done:
+                        return
+                ev = dec.flush()
+                if ev is not None:
+                    payload = state.handle(*ev)
+                    if payload is not None:
+                        yield StreamDelta.model_validate(payload)
+            except httpx.TransportError as e:
+                raise _base.wrap_transport_error(e) from e
+            state.check_end()
+        finally:
+            await response.aclose()
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        if self._gen is None:
+            self._gen = self._iterate()
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        if self._gen is not None:
+            await self._gen.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+class AsyncPrefixes:
+    """Training jobs and stored prefixes: ``client.prefixes`` (coroutines)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    def _job(self, data: Any) -> AsyncJob:
+        job = AsyncJob.model_validate(data)
+        job._client = self._client
+        return job
+
+    async def train(
+        self,
+        tenant_id: str | None,
+        name: str,
+        method: str | None = None,
+        examples: Examples | None = None,
+        *,
+        prefix_length: int | None = None,
+        request_id: str | None = None,
+        **hyperparameters: Any,
+    ) -> AsyncJob:
+        """See :meth:`Prefixes.train`."""
+        if examples is None:
+            raise TypeError("train() needs examples (a list of dicts or a JSONL path)")
+        body = _base.train_body(tenant_id, name, method, examples, prefix_length, hyperparameters)
+        r = await self._client._request(
+            "POST", "/prefixes", json=body, request_id=request_id, idempotent=False
+        )
+        return self._job(r.json())
+
+    async def get_job(self, job_id: str) -> AsyncJob:
+        return self._job((await self._client._request("GET", f"/prefixes/jobs/{_seg(job_id)}")).json())
+
+    async def cancel_job(self, job_id: str) -> AsyncJob:
+        r = await self._client._request("POST", f"/prefixes/jobs/{_seg(job_id)}/cancel")
+        return self._job(r.json())
+
+    async def list_jobs(self, tenant_id: str | None = None) -> builtins.list[AsyncJob]:
+        params = {"tenant_id": tenant_id} if tenant_id else None
+        data = (await self._client._request("GET", "/prefixes/jobs", params=params)).json()
+        return [self._job(d) for d in data.get("data", [])]
+
+    async def list(self, tenant_id: str | None = None) -> builtins.list[PrefixInfo]:
+        params = {"tenant_id": tenant_id} if tenant_id else None
+        data = (await self._client._request("GET", "/prefixes", params=params)).json()
+        return [PrefixInfo.model_validate(d) for d in data.get("data", [])]
+
+    async def get(self, tenant_id: str, name: str) -> PrefixInfo:
+        r = await self._client._request("GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}")
+        return PrefixInfo.model_validate(r.json())
+
+    async def delete(self, tenant_id: str, name: str) -> DeletedPrefix:
+        r = await self._client._request("DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}")
+        return DeletedPrefix.model_validate(r.json())
+
+
+class AsyncClient:
+    """Asynchronous PrefixServe client; same configuration and retry policy as :class:`Client`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: TimeoutTypes = _base.DEFAULT_TIMEOUT,
+        max_retries: int = _base.DEFAULT_MAX_RETRIES,
+        *,
+        headers: dict[str, str] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.base_url = _base.resolve_base_url(base_url)
+        self.api_key = _base.resolve_api_key(api_key)
+        self.timeout = _base.resolve_timeout(timeout)
+        self.max_retries = max_retries
+        self._headers = _base.default_headers(self.api_key, headers)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(timeout=self.timeout)
+        self.prefixes = AsyncPrefixes(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r}, max_retries={self.max_retries})"
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    close = aclose
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ transport
+    def _build(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Request:
+        return self._http.build_request(
+            method,
+            self.base_url + path,
+            json=json,
+            params=params,
+            headers={**self._headers, **(headers or {})},
+            timeout=self.timeout,
+        )
+
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        idempotent: bool = True,
+        retries: int | None = None,
+        ok_statuses: Sequence[int] = (),
+    ) -> httpx.Response:
+        max_retries = self.max_retries if retries is None else retries
+        attempt = 0
+        while True:
+            request = self._build(method, path, json, params, _base.request_headers(request_id))
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as e:
+                error: Exception = _base.wrap_transport_error(e)
+                if not _base.is_retryable_transport(e, idempotent):
+                    raise error from e
+                cause: BaseException | None = e
+            else:
+                if response.status_code < 400 or response.status_code in ok_statuses:
+                    return response
+                error, cause = status_error_from_response(response), None
+            delay = _base.retry_delay(attempt, error) if attempt < max_retries else None
+            if delay is None:
+                raise error from cause
+            attempt += 1
+            await self._sleep(delay)
+
+    async def _open_stream(
+        self, method: str, path: str, body: Any, headers: dict[str, str]
+    ) -> httpx.Response:
+        attempt = 0
+        while True:
+            request = self._build(method, path, body, None, headers)
+            try:
+                response = await self._http.send(request, stream=True)
+            except httpx.TransportError as e:
+                error: Exception = _base.wrap_transport_error(e)
+                cause: BaseException | None = e
+            else:
+                if response.status_code < 400:
+                    return response
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                error, cause = status_error_from_response(response), None
+            delay = _base.retry_delay(attempt, error) if attempt < self.max_retries else None
+            if delay is None:
+                raise error from cause
+            attempt += 1
+            await self._sleep(delay)
+
+    # ------------------------------------------------------------------ generation
+    async def generate(
+        self,
+        tenant_id: str | None,
+        prompt: str,
+        *,
+        prefix: str | None = "default",
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> Generation:
+        body = _base.generate_body(
+            tenant_id,
+            prompt,
+            prefix=prefix,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            stream=False,
+        )
+        r = await self._request("POST", "/generate", json=body, request_id=request_id)
+        gen = Generation.model_validate(r.json())
+        gen.request_id = r.headers.get("x-request-id")
+        return gen
+
+    def stream(
+        self,
+        tenant_id: str | None,
+        prompt: str,
+        *,
+        prefix: str | None = "default",
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> AsyncStream:
+        """An async iterator (not a coroutine): ``async for delta in client.stream(...)``."""
+        body = _base.generate_body(
+            tenant_id,
+            prompt,
+            prefix=prefix,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            stream=True,
+        )
+        headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
+        return AsyncStream(self, body, headers)
+
+    # ------------------------------------------------------------------ operations
+    async def health(self) -> Health:
+        return Health.model_validate((await self._request("GET", "/health")).json())
+
+    async def ready(self) -> Readiness:
+        r = await self._request("GET", "/ready", retries=0, ok_statuses=(503,))
+        if r.status_code == 503:
+            body = _json_or_none(r)
+            if not (isinstance(body, dict) and "status" in body):
+                raise status_error_from_response(r)
+            return Readiness.model_validate(body)
+        return Readiness.model_validate(r.json())
+
+    async def models(self) -> ModelList:
+        return ModelList.model_validate((await self._request("GET", "/v1/models")).json())
+
+    async def metrics(self) -> str:
+        return (await self._request("GET", "/metrics")).text

@@ -1,0 +1,258 @@
+"""What the sync and async clients share: configuration, request bodies, retry policy, SSE decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Union
+
+import httpx
+
+from ._exceptions import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    status_error_from_event,
+)
+from ._version import __version__
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+BASE_URL_ENV = "PREFIXSERVE_BASE_URL"
+API_KEY_ENV = "PREFIXSERVE_API_KEY"
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+DEFAULT_MAX_RETRIES = 3
+INITIAL_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 8.0
+# A Retry-After above this is not waited for: the error is raised at once (its .retry_after says how long).
+MAX_RETRY_AFTER_S = 60.0
+RETRY_STATUSES = frozenset({429, 503})
+
+Examples = Union[Sequence[dict[str, Any]], str, "os.PathLike[str]"]
+TimeoutTypes = Union[float, httpx.Timeout, None]
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    return url.rstrip("/")
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    return api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def resolve_timeout(timeout: Any) -> httpx.Timeout:
+    if isinstance(timeout, httpx.Timeout):
+        return timeout
+    if timeout is None:
+        return httpx.Timeout(None)
+    return httpx.Timeout(float(timeout), connect=min(float(timeout), 10.0))
+
+
+def default_headers(api_key: str | None, extra: dict[str, str] | None) -> dict[str, str]:
+    h = {"User-Agent": f"prefixserve-client/{__version__}", "Accept": "application/json"}
+    if api_key:
+        h["Authorization"] = f"Bearer {api_key}"
+    h.update(extra or {})
+    return h
+
+
+def request_headers(request_id: str | None) -> dict[str, str]:
+    return {"X-Request-ID": request_id} if request_id else {}
+
+
+def generate_body(
+    tenant_id: str | None,
+    prompt: str,
+    *,
+    prefix: str | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+    stream: bool,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "prefix": prefix,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "stream": stream,
+    }
+    if tenant_id is not None:
+        body["tenant_id"] = tenant_id
+    if seed is not None:
+        body["seed"] = seed
+    if stop is not None:
+        body["stop"] = stop if isinstance(stop, str) else list(stop)
+    return body
+
+
+def load_examples(examples: Examples) -> list[dict[str, Any]]:
+    """A list of dicts as is, or the objects of a JSONL file (one JSON object per non-blank line)."""
+    if isinstance(examples, (str, os.PathLike)):
+        path = os.fspath(examples)
+        out: list[dict[str, Any]] = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    ex = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
+                if not isinstance(ex, dict):
+                    raise ValueError(f"{path} line {n}: expected a JSON object")
+                out.append(ex)
+        return out
+    if isinstance(examples, (bytes, dict)):
+        raise TypeError("examples must be a list of dicts or the path of a JSONL file")
+    out = list(examples)
+    for i, ex in enumerate(out):
+        if not isinstance(ex, dict):
+            raise TypeError(f"examples[{i}] is {type(ex).__name__}, expected a dict")
+    return out
+
+
+def train_body(
+    tenant_id: str | None,
+    name: str,
+    method: str | None,
+    examples: Examples,
+    prefix_length: int | None,
+    hyperparameters: dict[str, Any],
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": name, "examples": load_examples(examples)}
+    if tenant_id is not None:
+        body["tenant_id"] = tenant_id
+    if method is not None:
+        body["method"] = method
+    if prefix_length is not None:
+        body["prefix_length"] = prefix_length
+    for k, v in hyperparameters.items():
+        if v is not None:
+            body[k] = v
+    return body
+
+
+# --------------------------------------------------------------------------------------------- retries
+def retry_delay(attempt: int, error: Exception) -> float | None:
+    """Seconds to wait before retry number ``attempt`` (0-based) after ``error``; None: do not retry.
+
+    Exponential backoff (0.5 s, 1 s, 2 s, ... capped at 8 s) with jitter. A ``Retry-After`` from the server is
+    honoured: the wait is never shorter than it; above ``MAX_RETRY_AFTER_S`` the error is raised instead.
+    """
+    backoff = min(MAX_BACKOFF_S, INITIAL_BACKOFF_S * (2**attempt))
+    backoff *= 0.5 + random.random() / 2  # "equal jitter": in [backoff/2, backoff]
+    if isinstance(error, APIStatusError):
+        if error.status_code not in RETRY_STATUSES:
+            return None
+        if error.retry_after is not None:
+            if error.retry_after > MAX_RETRY_AFTER_S:
+                return None
+            # honour the hint; a little jitter above it spreads out clients told the same moment
+            return error.retry_after + random.random() * min(1.0, 0.1 + error.retry_after * 0.1)
+        return backoff
+    if isinstance(error, APIConnectionError):
+        return backoff
+    return None
+
+
+def is_retryable_transport(error: httpx.TransportError, idempotent: bool) -> bool:
+    """Connection-phase failures never reached the server: always safe. Others only for idempotent calls."""
+    if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+        return True
+    return idempotent
+
+
+def wrap_transport_error(error: httpx.TransportError) -> APIConnectionError:
+    request = None
+    with contextlib.suppress(RuntimeError):
+        request = error.request
+    if isinstance(error, httpx.TimeoutException):
+        return APITimeoutError(f"request timed out: {type(error).__name__}", request=request)
+    detail = str(error) or type(error).__name__
+    return APIConnectionError(f"connection error: {detail}", request=request)
+
+
+# --------------------------------------------------------------------------------------------- SSE
+DONE = "[DONE]"
+
+
+class SSEDecoder:
+    """Server-Sent Events from lines (``iter_lines``): yields each event's data, joined across ``data:`` lines."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self._event: str | None = None
+
+    def feed(self, line: str) -> tuple[str | None, str] | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                self._event = None
+                return None
+            out = (self._event, "\n".join(self._data))
+            self._data, self._event = [], None
+            return out
+        if line.startswith(":"):
+            return None  # comment / keep-alive
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._event = value
+        return None
+
+    def flush(self) -> tuple[str | None, str] | None:
+        return self.feed("")
+
+
+def iter_sse_events(lines: Iterable[str]) -> Iterator[tuple[str | None, str]]:
+    dec = SSEDecoder()
+    for line in lines:
+        ev = dec.feed(line)
+        if ev is not None:
+            yield ev
+    ev = dec.flush()
+    if ev is not None:
+        yield ev
+
+
+class StreamState:
+    """Turns SSE events into StreamDelta payloads; raises typed errors for error events."""
+
+    def __init__(self, request_id: str | None) -> None:
+        self.request_id = request_id
+        self.done = False
+        self.finished = False
+
+    def handle(self, event: str | None, data: str) -> dict[str, Any] | None:
+        """The delta payload of one event, or None for [DONE] / events to skip."""
+        if data.strip() == DONE:
+            self.done = True
+            return None
+        try:
+            payload = json.loads(data)
+        except json.JSONDecodeError:
+            raise APIConnectionError(f"malformed stream event: {data[:200]!r}") from None
+        if not isinstance(payload, dict):
+            raise APIConnectionError(f"malformed stream event: {data[:200]!r}")
+        if event == "error" or "error" in payload:
+            raise status_error_from_event(payload, self.request_id)
+        if payload.get("finish_reason") is not None:
+            self.finished = True
+        return payload
+
+    def check_end(self) -> None:
+        if not self.done and not self.finished:
+            raise APIConnectionError("stream ended before its last event ([DONE])")

@@ -1,0 +1,368 @@
+"""Synchronous client."""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from . import _base
+from ._base import Examples, TimeoutTypes
+from ._exceptions import status_error_from_response
+from .types import (
+    DeletedPrefix,
+    Generation,
+    Health,
+    Job,
+    ModelList,
+    PrefixInfo,
+    Readiness,
+    StreamDelta,
+)
+
+__all__ = ["Client", "Prefixes", "Stream"]
+
+
+def _seg(s: str) -> str:
+    return quote(s, safe="")
+
+
+class Stream:
+    """Iterator of :class:`StreamDelta` for one streamed generation.
+
+    The request is sent on the first ``next()``; errors (HTTP status or an error event) are raised from the
+    iteration. Use it as a context manager, or call ``close()``, to end the stream early.
+    """
+
+    def __init__(self, client: Client, body: dict[str, Any], headers: dict[str, str]) -> None:
+        self._client = client
+        self._body = body
+        self._headers = headers
+        self._gen: Iterator[StreamDelta] | None = None
+        self.response: httpx.Response | None = None
+        #: X-Request-ID of the response, once it started
+        self.request_id: str | None = None
+
+    def _iterate(self) -> Iterator[StreamDelta]:
+        response = self._client._open_stream("POST", "/generate", self._body, self._headers)
+        try:
+            self.response = response
+            self.request_id = response.headers.get("x-request-id")
+            ctype = response.headers.get("content-type", "")
+            if "text/event-stream" not in ctype:  # a server that answered in one piece
+                response.read()
+                data = response.json()
+                yield StreamDelta.model_validate(data)
+                return
+            state = _base.StreamState(self.request_id)
+            try:
+                for event, data in _base.iter_sse_events(response.iter_lines()):
+                    payload = state.handle(event, data)
+                    if payload is not None:
+                        yield StreamDelta.model_validate(payload)
+                    if state.done:
+                        return
+            except httpx.TransportError as e:
+                raise _base.wrap_transport_error(e) from e
+            state.check_end()
+        finally:
+            response.close()
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> StreamDelta:
+        if self._gen is None:
+            self._gen = self._iterate()
+        return next(self._gen)
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Prefixes:
+    """Training jobs and stored prefixes: ``client.prefixes``."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def _job(self, data: Any) -> Job:
+        job = Job.model_validate(data)
+        job._client = self._client
+        return job
+
+    def train(
+        self,
+        tenant_id: str | None,
+        name: str,
+        method: str | None = None,
+        examples: Examples | None = None,
+        *,
+        prefix_length: int | None = None,
+        request_id: str | None = None,
+        **hyperparameters: Any,
+    ) -> Job:
+        """Start a training job (``POST /prefixes``); the prefix appears once the job succeeded.
+
+        ``method``: ``prefix_tuning``, ``prefix_propagation`` or ``prompt_tuning`` (None: the server's default).
+        ``examples``: a list of dicts, or the path of a JSONL file. Extra keyword arguments (``epochs``, ``lr``,
+        ``max_steps``, ...) go to the trainer, which validates them. Never retried after the request was sent,
+        so a job is not submitted twice.
+        """
+        if examples is None:
+            raise TypeError("train() needs examples (a list of dicts or a JSONL path)")
+        body = _base.train_body(tenant_id, name, method, examples, prefix_length, hyperparameters)
+        r = self._client._request("POST", "/prefixes", json=body, request_id=request_id, idempotent=False)
+        return self._job(r.json())
+
+    def get_job(self, job_id: str) -> Job:
+        return self._job(self._client._request("GET", f"/prefixes/jobs/{_seg(job_id)}").json())
+
+    def cancel_job(self, job_id: str) -> Job:
+        return self._job(self._client._request("POST", f"/prefixes/jobs/{_seg(job_id)}/cancel").json())
+
+    def list_jobs(self, tenant_id: str | None = None) -> builtins.list[Job]:
+        params = {"tenant_id": tenant_id} if tenant_id else None
+        data = self._client._request("GET", "/prefixes/jobs", params=params).json()
+        return [self._job(d) for d in data.get("data", [])]
+
+    def list(self, tenant_id: str | None = None) -> builtins.list[PrefixInfo]:
+        """Stored prefixes of a tenant (None: the key's own tenant; every tenant for the admin key)."""
+        params = {"tenant_id": tenant_id} if tenant_id else None
+        data = self._client._request("GET", "/prefixes", params=params).json()
+        return [PrefixInfo.model_validate(d) for d in data.get("data", [])]
+
+    def get(self, tenant_id: str, name: str) -> PrefixInfo:
+        r = self._client._request("GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}")
+        return PrefixInfo.model_validate(r.json())
+
+    def delete(self, tenant_id: str, name: str) -> DeletedPrefix:
+        r = self._client._request("DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}")
+        return DeletedPrefix.model_validate(r.json())
+
+
+class Client:
+    """Synchronous PrefixServe client.
+
+    ``base_url`` defaults to ``$PREFIXSERVE_BASE_URL``, then ``http://127.0.0.1:8000``; ``api_key`` to
+    ``$PREFIXSERVE_API_KEY``. 429, 503 and connection errors are retried up to ``max_retries`` times with
+    exponential backoff and jitter, never sooner than the server's ``Retry-After``; ``max_retries=0`` disables.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: TimeoutTypes = _base.DEFAULT_TIMEOUT,
+        max_retries: int = _base.DEFAULT_MAX_RETRIES,
+        *,
+        headers: dict[str, str] | None = None,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.base_url = _base.resolve_base_url(base_url)
+        self.api_key = _base.resolve_api_key(api_key)
+        self.timeout = _base.resolve_timeout(timeout)
+        self.max_retries = max_retries
+        self._headers = _base.default_headers(self.api_key, headers)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(timeout=self.timeout)
+        self.prefixes = Prefixes(self)
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"{type(self).__name__}(base_url={self.base_url!r}, max_retries={self.max_retries})"
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ transport
+    def _build(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Request:
+        return self._http.build_request(
+            method,
+            self.base_url + path,
+            json=json,
+            params=params,
+            headers={**self._headers, **(headers or {})},
+            timeout=self.timeout,
+        )
+
+    def _sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        idempotent: bool = True,
+        retries: int | None = None,
+        ok_statuses: Sequence[int] = (),
+    ) -> httpx.Response:
+        max_retries = self.max_retries if retries is None else retries
+        attempt = 0
+        while True:
+            request = self._build(method, path, json, params, _base.request_headers(request_id))
+            try:
+                response = self._http.send(request)
+            except httpx.TransportError as e:
+                error: Exception = _base.wrap_transport_error(e)
+                if not _base.is_retryable_transport(e, idempotent):
+                    raise error from e
+                cause: BaseException | None = e
+            else:
+                if response.status_code < 400 or response.status_code in ok_statuses:
+                    return response
+                error, cause = status_error_from_response(response), None
+            delay = _base.retry_delay(attempt, error) if attempt < max_retries else None
+            if delay is None:
+                raise error from cause
+            attempt += 1
+            self._sleep(delay)
+
+    def _open_stream(self, method: str, path: str, body: Any, headers: dict[str, str]) -> httpx.Response:
+        """A streamed response whose status is < 400 (retried like ``_request``); the caller closes it."""
+        attempt = 0
+        while True:
+            request = self._build(method, path, body, None, headers)
+            try:
+                response = self._http.send(request, stream=True)
+            except httpx.TransportError as e:
+                error: Exception = _base.wrap_transport_error(e)
+                cause: BaseException | None = e
+            else:
+                if response.status_code < 400:
+                    return response
+                try:
+                    response.read()
+                finally:
+                    response.close()
+                error, cause = status_error_from_response(response), None
+            delay = _base.retry_delay(attempt, error) if attempt < self.max_retries else None
+            if delay is None:
+                raise error from cause
+            attempt += 1
+            self._sleep(delay)
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        tenant_id: str | None,
+        prompt: str,
+        *,
+        prefix: str | None = "default",
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> Generation:
+        """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model."""
+        body = _base.generate_body(
+            tenant_id,
+            prompt,
+            prefix=prefix,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            stream=False,
+        )
+        r = self._request("POST", "/generate", json=body, request_id=request_id)
+        gen = Generation.model_validate(r.json())
+        gen.request_id = r.headers.get("x-request-id")
+        return gen
+
+    def stream(
+        self,
+        tenant_id: str | None,
+        prompt: str,
+        *,
+        prefix: str | None = "default",
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> Stream:
+        """Streamed ``POST /generate``: an iterator of :class:`StreamDelta` (text pieces; the last has
+        ``finish_reason`` and ``usage``)."""
+        body = _base.generate_body(
+            tenant_id,
+            prompt,
+            prefix=prefix,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            stream=True,
+        )
+        headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
+        return Stream(self, body, headers)
+
+    # ------------------------------------------------------------------ operations
+    def health(self) -> Health:
+        """``GET /health``: the process answers."""
+        return Health.model_validate(self._request("GET", "/health").json())
+
+    def ready(self) -> Readiness:
+        """``GET /ready``, not retried: ``status`` is ``"ready"`` or ``"not_ready"`` (``checks`` says why)."""
+        r = self._request("GET", "/ready", retries=0, ok_statuses=(503,))
+        if r.status_code == 503:
+            body = _json_or_none(r)
+            if not (isinstance(body, dict) and "status" in body):
+                raise status_error_from_response(r)
+            return Readiness.model_validate(body)
+        return Readiness.model_validate(r.json())
+
+    def models(self) -> ModelList:
+        """``GET /v1/models``: the key's tenant prefixes as OpenAI model ids ``tenant/prefix``."""
+        return ModelList.model_validate(self._request("GET", "/v1/models").json())
+
+    def metrics(self) -> str:
+        """``GET /metrics``: Prometheus text."""
+        return self._request("GET", "/metrics").text
+
+
+def _json_or_none(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return None

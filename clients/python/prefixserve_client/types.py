@@ -1,0 +1,234 @@
+"""Typed responses (pydantic v2). Every model keeps fields the server adds later (``extra="allow"``)."""
+
+import asyncio
+import inspect
+import time
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from ._exceptions import TrainingCancelled, TrainingFailed, WaitTimeout
+
+__all__ = [
+    "AsyncJob",
+    "DeletedPrefix",
+    "Generation",
+    "Health",
+    "Job",
+    "JobProgress",
+    "ModelCard",
+    "ModelList",
+    "PrefixInfo",
+    "Readiness",
+    "StreamDelta",
+    "Usage",
+]
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+
+
+class Usage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Generation(_Model):
+    """Answer of ``POST /generate``."""
+
+    id: str
+    tenant_id: str
+    prefix: Optional[str] = None  # None: the base model (prefix "base")
+    prefix_version: Optional[int] = None
+    text: str
+    finish_reason: Optional[str] = None  # "stop" or "length"
+    usage: Usage = Field(default_factory=Usage)
+    request_id: Optional[str] = Field(None, description="X-Request-ID of the response (not in the body)")
+
+
+class StreamDelta(_Model):
+    """One event of a streamed ``POST /generate``: new ``text``; the last one has ``finish_reason`` and ``usage``."""
+
+    id: str = ""
+    tenant_id: str = ""
+    prefix: Optional[str] = None
+    prefix_version: Optional[int] = None
+    text: str = ""
+    finish_reason: Optional[str] = None
+    usage: Optional[Usage] = None
+
+
+class Health(_Model):
+    status: str = "ok"
+
+
+class Readiness(_Model):
+    """``GET /ready``; also returned (with ``status="not_ready"``) when the server answers 503."""
+
+    status: str
+    model: Optional[str] = None
+    checks: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+
+class ModelCard(_Model):
+    id: str
+    object: str = "model"
+    created: Optional[int] = None
+    owned_by: Optional[str] = None
+    root: Optional[str] = None
+    prefix_version: Optional[int] = None
+
+
+class ModelList(_Model):
+    object: str = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+class PrefixInfo(_Model):
+    """A stored prefix (latest version); ``versions`` lists all versions (``prefixes.get`` only)."""
+
+    tenant_id: str
+    name: str
+    kind: Optional[str] = None
+    prefix_length: Optional[int] = None
+    version: Optional[int] = None
+    versions: Optional[list[int]] = None
+    created: Optional[float] = None
+    base_model_fingerprint: Optional[str] = None
+    dtype: Optional[str] = None
+    shapes: dict[str, list[int]] = Field(default_factory=dict)
+    sha256: Optional[str] = None
+    training: Optional[dict[str, Any]] = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeletedPrefix(_Model):
+    tenant_id: str
+    name: str
+    object: str = "prefix"
+    deleted: bool = True
+
+
+class JobProgress(_Model):
+    step: Optional[int] = None
+    total: Optional[int] = None
+    loss: Optional[float] = None
+
+
+class _JobBase(_Model):
+    job_id: str
+    status: str
+    tenant_id: Optional[str] = None
+    name: Optional[str] = None
+    method: Optional[str] = None
+    progress: Optional[JobProgress] = None
+    error: Optional[Any] = None
+
+    @property
+    def done(self) -> bool:
+        """The job reached a terminal status (succeeded, failed or cancelled)."""
+        return self.status in TERMINAL_STATUSES
+
+    def _update(self, other: "_JobBase") -> None:
+        for k in type(self).model_fields:
+            setattr(self, k, getattr(other, k))
+        if other.model_extra is not None and self.model_extra is not None:
+            self.model_extra.clear()
+            self.model_extra.update(other.model_extra)
+
+    def _check_final(self) -> None:
+        if self.status == "failed":
+            raise TrainingFailed(
+                f"training job {self.job_id} failed: {self.error or 'no reason given'}", self
+            )
+        if self.status == "cancelled":
+            raise TrainingCancelled(f"training job {self.job_id} was cancelled", self)
+
+
+class Job(_JobBase):
+    """A training job of a :class:`~prefixserve_client.Client`; ``refresh``, ``wait`` and ``cancel`` talk to it."""
+
+    _client: Any = PrivateAttr(default=None)
+
+    def refresh(self) -> "Job":
+        """Fetch the job's current state into this object; returns self."""
+        self._update(self._client.prefixes.get_job(self.job_id))
+        return self
+
+    def cancel(self) -> "Job":
+        """Ask the server to cancel the job (no-op once it ended); returns self, updated."""
+        self._update(self._client.prefixes.cancel_job(self.job_id))
+        return self
+
+    def wait(
+        self,
+        progress: Optional[Callable[["Job"], Any]] = None,
+        *,
+        poll_interval: float = 1.0,
+        timeout: Optional[float] = None,
+    ) -> "Job":
+        """Poll until the job ends; ``progress(job)`` is called after every poll.
+
+        Returns the job once it succeeded; raises :class:`TrainingFailed` or :class:`TrainingCancelled`
+        otherwise, and :class:`WaitTimeout` when ``timeout`` seconds passed first (the job goes on).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.refresh()
+            if progress is not None:
+                progress(self)
+            if self.done:
+                self._check_final()
+                return self
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise WaitTimeout(f"training job {self.job_id} still {self.status} after {timeout}s", self)
+            delay = poll_interval if deadline is None else min(poll_interval, max(0.0, deadline - now))
+            time.sleep(delay)
+
+
+class AsyncJob(_JobBase):
+    """A training job of an :class:`~prefixserve_client.AsyncClient`; its methods are coroutines."""
+
+    _client: Any = PrivateAttr(default=None)
+
+    async def refresh(self) -> "AsyncJob":
+        self._update(await self._client.prefixes.get_job(self.job_id))
+        return self
+
+    async def cancel(self) -> "AsyncJob":
+        self._update(await self._client.prefixes.cancel_job(self.job_id))
+        return self
+
+    async def wait(
+        self,
+        progress: Optional[Callable[["AsyncJob"], Any]] = None,
+        *,
+        poll_interval: float = 1.0,
+        timeout: Optional[float] = None,
+    ) -> "AsyncJob":
+        """Like :meth:`Job.wait`; ``progress`` may be a plain function or a coroutine function."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            await self.refresh()
+            if progress is not None:
+                r = progress(self)
+                if inspect.isawaitable(r):
+                    await r
+            if self.done:
+                self._check_final()
+                return self
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                raise WaitTimeout(f"training job {self.job_id} still {self.status} after {timeout}s", self)
+            delay = poll_interval if deadline is None else min(poll_interval, max(0.0, deadline - now))
+            await asyncio.sleep(delay)

@@ -1,0 +1,840 @@
+"""SDK (clients/python) against a scripted HTTP server on a real loopback socket (Starlette + uvicorn, no mocks).
+
+Each test scripts the answers of the routes it calls (status, JSON body, headers, SSE frames) and checks what the
+SDK sent and what it returned or raised. The real-server end-to-end test lives in tests/test_e2e*.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import prefixserve_client  # noqa: F401  (installed by `make install`)
+except ImportError:  # pragma: no cover - running from a bare checkout
+    sys.path.insert(0, str(ROOT / "clients" / "python"))
+
+import prefixserve_client as ps  # noqa: E402
+
+# ------------------------------------------------------------------------------------------ scripted server
+
+
+@dataclass
+class Resp:
+    status: int = 200
+    json: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    sse: list[str] | None = None  # raw event payloads; each becomes "data: <payload>\n\n"
+    raw: bytes | None = None  # raw body (with sse: appended as-is after the events)
+    delay: float = 0.0  # before answering
+    frame_delay: float = 0.0  # between SSE frames
+    content_type: str | None = None
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: Any
+    t: float
+
+
+def error_json(status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Scripted:
+    """Routes answer from a queue of Resp (the last one repeats); unknown routes answer 404 (server shape)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], deque[Resp]] = {}
+        self.seen: list[Seen] = []
+        self.lock = threading.Lock()
+
+    def on(self, method: str, path: str, *responses: Resp) -> None:
+        self.routes[(method, path)] = deque(responses)
+
+    def calls(self, method: str, path: str) -> list[Seen]:
+        return [s for s in self.seen if s.method == method and s.path == path]
+
+    def next(self, method: str, path: str) -> Resp:
+        with self.lock:
+            q = self.routes.get((method, path))
+            if not q:
+                return Resp(404, error_json(404, "not found", "not_found_error", "not_found"))
+            return q.popleft() if len(q) > 1 else q[0]
+
+    def app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response, StreamingResponse
+        from starlette.routing import Route
+
+        async def handle(request: Request) -> Any:
+            raw = await request.body()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = raw
+            self.seen.append(
+                Seen(
+                    request.method,
+                    request.url.path,
+                    request.url.query,
+                    {k.lower(): v for k, v in request.headers.items()},
+                    body,
+                    time.monotonic(),
+                )
+            )
+            r = self.next(request.method, request.url.path)
+            if r.delay:
+                await asyncio.sleep(r.delay)
+            headers = {"x-request-id": request.headers.get("x-request-id") or "rid-server", **r.headers}
+            if r.sse is not None:
+
+                async def frames() -> Any:
+                    for payload in r.sse or []:
+                        yield f"data: {payload}\n\n".encode()
+                        if r.frame_delay:
+                            await asyncio.sleep(r.frame_delay)
+                    if r.raw:
+                        yield r.raw
+
+                return StreamingResponse(
+                    frames(), status_code=r.status, media_type="text/event-stream", headers=headers
+                )
+            if r.raw is not None:
+                return Response(
+                    r.raw, status_code=r.status, headers=headers, media_type=r.content_type or "text/plain"
+                )
+            return JSONResponse(r.json, status_code=r.status, headers=headers)
+
+        methods = ["GET", "POST", "DELETE", "PUT", "PATCH"]
+        return Starlette(routes=[Route("/{path:path}", handle, methods=methods)])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live() -> Any:
+    import uvicorn
+
+    scripted = Scripted()
+    port = free_port()
+    config = uvicorn.Config(
+        scripted.app(), host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="sdk-scripted", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "scripted server did not start"
+        time.sleep(0.01)
+    scripted.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    yield scripted
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def srv(live: Scripted) -> Scripted:
+    live.routes.clear()
+    live.seen.clear()
+    return live
+
+
+@pytest.fixture
+def client(srv: Any) -> Any:
+    with ps.Client(srv.url, api_key="key-a", timeout=10) as c:
+        yield c
+
+
+GEN = {
+    "id": "gen-1",
+    "tenant_id": "acme",
+    "prefix": "default",
+    "prefix_version": 3,
+    "text": "hello world",
+    "finish_reason": "stop",
+    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+}
+
+
+def chunk(text: str, finish: str | None = None, usage: dict | None = None) -> str:
+    head = {"id": "gen-1", "tenant_id": "acme", "prefix": "default", "prefix_version": 3}
+    return json.dumps({**head, "text": text, "finish_reason": finish, "usage": usage})
+
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+STREAM = [chunk("he"), chunk("llo"), chunk("!", "length", USAGE), "[DONE]"]
+
+
+def no_sleep(client: Any) -> list[float]:
+    """Record the retry delays instead of sleeping them (the requests still go over the socket)."""
+    delays: list[float] = []
+    client._sleep = delays.append
+    return delays
+
+
+def free_closed_port() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+# ------------------------------------------------------------------------------------------ generate
+def test_generate_request_and_typed_response(srv: Any, client: Any) -> None:
+    srv.on("POST", "/generate", Resp(200, {**GEN, "future_field": 1}))
+    g = client.generate(
+        "acme", "Hi", max_tokens=5, temperature=0.5, top_p=0.9, top_k=4, seed=7, stop=["\n"], request_id="r-1"
+    )
+    assert isinstance(g, ps.Generation)
+    assert (g.text, g.finish_reason, g.prefix_version, g.usage.total_tokens) == ("hello world", "stop", 3, 7)
+    assert g.request_id == "r-1"
+    assert g.model_extra == {"future_field": 1}  # tolerant of fields added later
+    (seen,) = srv.calls("POST", "/generate")
+    assert seen.body == {
+        "tenant_id": "acme",
+        "prompt": "Hi",
+        "prefix": "default",
+        "max_tokens": 5,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 4,
+        "seed": 7,
+        "stop": ["\n"],
+        "stream": False,
+    }
+    assert seen.headers["authorization"] == "Bearer key-a"
+    assert seen.headers["x-request-id"] == "r-1"
+    assert seen.headers["user-agent"].startswith("prefixserve-client/")
+
+
+def test_generate_defaults_match_server_contract(srv: Any, client: Any) -> None:
+    srv.on("POST", "/generate", Resp(200, {**GEN, "prefix": None, "prefix_version": None}))
+    g = client.generate(None, "Hi", prefix="base")
+    assert g.prefix is None and g.prefix_version is None
+    body = srv.calls("POST", "/generate")[0].body
+    assert body == {
+        "prompt": "Hi",
+        "prefix": "base",
+        "max_tokens": 64,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "stream": False,
+    }  # no tenant_id (the key's tenant), no seed/stop when unset
+    assert "x-request-id" not in srv.calls("POST", "/generate")[0].headers
+
+
+# ------------------------------------------------------------------------------------------ errors
+ERROR_CASES = [
+    (400, ps.BadRequest, "invalid_request_error", "invalid_json", None),
+    (401, ps.Unauthorized, "authentication_error", "invalid_api_key", None),
+    (403, ps.Forbidden, "permission_error", "forbidden", None),
+    (404, ps.NotFound, "not_found_error", "prefix_not_found", "prefix"),
+    (405, ps.APIStatusError, "invalid_request_error", "method_not_allowed", None),
+    (409, ps.Conflict, "conflict_error", "conflict", None),
+    (413, ps.PayloadTooLarge, "invalid_request_error", "context_length_exceeded", "max_tokens"),
+    (422, ps.UnprocessableEntity, "invalid_request_error", "invalid_value", "top_p"),
+    (429, ps.RateLimited, "rate_limit_error", "rate_limited", None),
+    (500, ps.InternalServerError, "server_error", "internal_error", None),
+    (502, ps.InternalServerError, "server_error", None, None),
+    (503, ps.ServiceUnavailable, "service_unavailable_error", "queue_full", None),
+]
+
+
+@pytest.mark.parametrize(("status", "cls", "type_", "code", "param"), ERROR_CASES)
+def test_error_mapping(srv: Any, status: int, cls: type, type_: str, code: Any, param: Any) -> None:
+    headers = {"Retry-After": "2"} if status in (429, 503) else {}
+    srv.on(
+        "POST", "/generate", Resp(status, error_json(status, f"boom {status}", type_, code, param), headers)
+    )
+    with ps.Client(srv.url, max_retries=0) as c, pytest.raises(cls) as ei:
+        c.generate("acme", "Hi", request_id="rid-err")
+    e = ei.value
+    assert type(e) is cls
+    assert isinstance(e, ps.APIStatusError) and isinstance(e, ps.PrefixServeError)
+    assert (e.status_code, e.message, e.type, e.code, e.param) == (
+        status,
+        f"boom {status}",
+        type_,
+        code,
+        param,
+    )
+    assert e.request_id == "rid-err"
+    assert e.retry_after == (2.0 if status in (429, 503) else None)
+    assert f"boom {status}" in str(e) and "rid-err" in str(e)
+    assert len(srv.calls("POST", "/generate")) == 1
+
+
+def test_error_without_json_body(srv: Any) -> None:
+    srv.on("GET", "/health", Resp(502, raw=b"<html>bad gateway</html>", content_type="text/html"))
+    with ps.Client(srv.url, max_retries=0) as c, pytest.raises(ps.InternalServerError) as ei:
+        c.health()
+    assert ei.value.status_code == 502 and "bad gateway" in ei.value.message and ei.value.code is None
+
+
+# ------------------------------------------------------------------------------------------ retries
+def test_429_retry_after_honoured_then_success(srv: Any, client: Any) -> None:
+    srv.on(
+        "POST",
+        "/generate",
+        Resp(429, error_json(429, "slow down", "rate_limit_error", "rate_limited"), {"Retry-After": "1"}),
+        Resp(200, GEN),
+    )
+    t0 = time.monotonic()
+    g = client.generate("acme", "Hi")
+    elapsed = time.monotonic() - t0
+    assert g.text == "hello world"
+    first, second = srv.calls("POST", "/generate")
+    assert second.t - first.t >= 1.0  # waited at least Retry-After
+    assert elapsed >= 1.0
+    assert second.body == first.body
+
+
+def test_503_retry_after_http_date(srv: Any, client: Any) -> None:
+    from email.utils import formatdate
+
+    when = formatdate(time.time() + 2, usegmt=True)  # second resolution: at least ~1 s ahead
+    srv.on(
+        "GET",
+        "/v1/models",
+        Resp(503, error_json(503, "busy", "service_unavailable_error"), {"Retry-After": when}),
+        Resp(200, {"object": "list", "data": [{"id": "acme/default", "created": 1, "owned_by": "acme"}]}),
+    )
+    models = client.models()
+    assert [m.id for m in models.data] == ["acme/default"]
+    first, second = srv.calls("GET", "/v1/models")
+    assert second.t - first.t >= 1.0
+
+
+def test_retries_stop_at_max_retries(srv: Any) -> None:
+    srv.on(
+        "POST",
+        "/generate",
+        Resp(503, error_json(503, "busy", "service_unavailable_error"), {"Retry-After": "0"}),
+    )
+    with ps.Client(srv.url, max_retries=2) as c:
+        delays = no_sleep(c)
+        with pytest.raises(ps.ServiceUnavailable) as ei:
+            c.generate("acme", "Hi")
+    assert len(srv.calls("POST", "/generate")) == 3  # 1 + 2 retries
+    assert len(delays) == 2 and ei.value.retry_after == 0.0
+
+
+def test_max_retries_zero_disables(srv: Any) -> None:
+    srv.on("POST", "/generate", Resp(429, error_json(429, "limit", "rate_limit_error"), {"Retry-After": "1"}))
+    with ps.Client(srv.url, max_retries=0) as c:
+        t0 = time.monotonic()
+        with pytest.raises(ps.RateLimited) as ei:
+            c.generate("acme", "Hi")
+        assert time.monotonic() - t0 < 0.9
+    assert ei.value.retry_after == 1.0
+    assert len(srv.calls("POST", "/generate")) == 1
+
+
+def test_backoff_grows_with_jitter_when_no_retry_after(srv: Any) -> None:
+    srv.on("GET", "/health", Resp(503, error_json(503, "x", "service_unavailable_error")))  # no Retry-After
+    with ps.Client(srv.url, max_retries=4) as c:
+        delays = no_sleep(c)
+        with pytest.raises(ps.ServiceUnavailable):
+            c.health()
+    assert len(delays) == 4
+    for i, d in enumerate(delays):
+        cap = min(8.0, 0.5 * 2**i)
+        assert cap / 2 <= d <= cap
+    assert len(srv.calls("GET", "/health")) == 5
+
+
+def test_huge_retry_after_not_waited(srv: Any, client: Any) -> None:
+    srv.on(
+        "POST", "/generate", Resp(429, error_json(429, "later", "rate_limit_error"), {"Retry-After": "3600"})
+    )
+    delays = no_sleep(client)
+    with pytest.raises(ps.RateLimited) as ei:
+        client.generate("acme", "Hi")
+    assert delays == [] and ei.value.retry_after == 3600.0
+
+
+def test_other_errors_not_retried(srv: Any, client: Any) -> None:
+    srv.on("POST", "/generate", Resp(500, error_json(500, "internal", "server_error")))
+    delays = no_sleep(client)
+    with pytest.raises(ps.InternalServerError):
+        client.generate("acme", "Hi")
+    assert delays == [] and len(srv.calls("POST", "/generate")) == 1
+
+
+def test_connection_error_retried_then_raised() -> None:
+    with ps.Client(free_closed_port(), max_retries=2) as c:
+        delays = no_sleep(c)
+        with pytest.raises(ps.APIConnectionError) as ei:
+            c.health()
+    assert len(delays) == 2 and not isinstance(ei.value, ps.APIStatusError)
+
+
+def test_timeout_maps_to_api_timeout_error(srv: Any) -> None:
+    srv.on("GET", "/health", Resp(200, {"status": "ok"}, delay=1.5))
+    with ps.Client(srv.url, timeout=0.3, max_retries=0) as c, pytest.raises(ps.APITimeoutError):
+        c.health()
+
+
+def test_training_submit_not_resent_after_read_timeout(srv: Any) -> None:
+    srv.on("POST", "/prefixes", Resp(202, {"job_id": "j1", "status": "queued"}, delay=1.0))
+    with ps.Client(srv.url, timeout=0.3, max_retries=3) as c:
+        delays = no_sleep(c)
+        with pytest.raises(ps.APITimeoutError):
+            c.prefixes.train("acme", "p", "prefix_tuning", [{"input": "a", "output": "b"}])
+    assert delays == [] and len(srv.calls("POST", "/prefixes")) == 1
+
+
+# ------------------------------------------------------------------------------------------ streaming
+def test_stream_parses_deltas_until_done(srv: Any, client: Any) -> None:
+    srv.on("POST", "/generate", Resp(200, sse=[*STREAM, chunk("never")]))
+    with client.stream("acme", "Hi", max_tokens=3, request_id="s-1") as s:
+        deltas = list(s)
+        assert s.request_id == "s-1"
+    assert all(isinstance(d, ps.StreamDelta) for d in deltas)
+    assert "".join(d.text for d in deltas) == "hello!"  # nothing after [DONE]
+    assert [d.finish_reason for d in deltas] == [None, None, "length"]
+    assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 3
+    (seen,) = srv.calls("POST", "/generate")
+    assert seen.body["stream"] is True and seen.headers["accept"] == "text/event-stream"
+
+
+def test_stream_sse_details(srv: Any, client: Any) -> None:
+    """Comments, CRLF line ends, multi-line data and events split across TCP writes."""
+    raw = (
+        b": keep-alive\r\n\r\n"
+        + b"data: "
+        + chunk("a").encode()
+        + b"\r\n\r\n"
+        + b'data: {"id":"gen-1","tenant_id":"acme","prefix":"default",\ndata: "prefix_version":3,"text":"b"}\n\n'
+        + b"data: "
+        + chunk("c", "stop", USAGE).encode()
+        + b"\n\ndata: [DONE]\n\n"
+    )
+    srv.on("POST", "/generate", Resp(200, sse=[], raw=raw))
+    assert [d.text for d in client.stream("acme", "Hi")] == ["a", "b", "c"]
+
+
+def test_stream_error_event_raises_typed_error(srv: Any, client: Any) -> None:
+    err = error_json(503, "prefix unavailable: store down", "service_unavailable_error", "store_unavailable")
+    srv.on("POST", "/generate", Resp(200, sse=[chunk("par"), json.dumps(err), "[DONE]"]))
+    got: list[str] = []
+    with pytest.raises(ps.ServiceUnavailable) as ei:
+        for d in client.stream("acme", "Hi", request_id="s-err"):
+            got.append(d.text)
+    assert got == ["par"]
+    e = ei.value
+    assert (e.status_code, e.code, e.in_stream, e.request_id) == (503, "store_unavailable", True, "s-err")
+
+
+def test_stream_error_event_status_from_type(srv: Any, client: Any) -> None:
+    srv.on(
+        "POST", "/generate", Resp(200, sse=[json.dumps(error_json(500, "generation failed", "server_error"))])
+    )
+    with pytest.raises(ps.InternalServerError) as ei:
+        list(client.stream("acme", "Hi"))
+    assert ei.value.status_code == 500 and ei.value.in_stream
+
+
+def test_stream_http_error_before_start_and_retry(srv: Any, client: Any) -> None:
+    srv.on(
+        "POST",
+        "/generate",
+        Resp(429, error_json(429, "limit", "rate_limit_error"), {"Retry-After": "0"}),
+        Resp(200, sse=STREAM),
+    )
+    delays = no_sleep(client)
+    assert "".join(d.text for d in client.stream("acme", "Hi")) == "hello!"
+    assert len(delays) == 1 and len(srv.calls("POST", "/generate")) == 2
+    srv.on("POST", "/generate", Resp(404, error_json(404, "prefix 'x' not found", "not_found_error")))
+    with pytest.raises(ps.NotFound):
+        next(iter(client.stream("acme", "Hi", prefix="x")))
+
+
+def test_stream_truncated_raises_connection_error(srv: Any, client: Any) -> None:
+    srv.on("POST", "/generate", Resp(200, sse=[chunk("he"), chunk("llo")]))  # no final event, no [DONE]
+    with pytest.raises(ps.APIConnectionError):
+        list(client.stream("acme", "Hi"))
+
+
+def test_stream_close_early(srv: Any, client: Any) -> None:
+    srv.on(
+        "POST", "/generate", Resp(200, sse=[chunk(str(i)) for i in range(50)] + ["[DONE]"], frame_delay=0.02)
+    )
+    s = client.stream("acme", "Hi")
+    first = next(s)
+    s.close()
+    assert first.text == "0" and s.response is not None and s.response.is_closed
+
+
+# ------------------------------------------------------------------------------------------ ops
+def test_health_ready_models(srv: Any, client: Any) -> None:
+    srv.on("GET", "/health", Resp(200, {"status": "ok"}))
+    srv.on("GET", "/ready", Resp(200, {"status": "ready", "model": "smollm2", "checks": {"model": "ok"}}))
+    srv.on(
+        "GET",
+        "/v1/models",
+        Resp(
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": "acme/default",
+                        "object": "model",
+                        "created": 1,
+                        "owned_by": "acme",
+                        "root": "smollm2",
+                        "prefix_version": 2,
+                    }
+                ],
+            },
+        ),
+    )
+    assert client.health().status == "ok"
+    r = client.ready()
+    assert r.ready and r.model == "smollm2"
+    (m,) = client.models().data
+    assert (m.id, m.prefix_version, m.root) == ("acme/default", 2, "smollm2")
+
+
+def test_ready_not_ready_is_a_value_not_retried(srv: Any, client: Any) -> None:
+    body = {
+        "status": "not_ready",
+        "model": None,
+        "checks": {"model": "loading", "lifecycle": "serving"},
+        **error_json(503, "not ready: model: loading", "service_unavailable_error", "not_ready"),
+    }
+    srv.on("GET", "/ready", Resp(503, body, {"Retry-After": "5"}))
+    delays = no_sleep(client)
+    r = client.ready()
+    assert not r.ready and r.checks["model"] == "loading" and delays == []
+    # the middleware's 503 while draining has only an error body: that one raises
+    srv.on(
+        "GET",
+        "/ready",
+        Resp(
+            503,
+            error_json(503, "server is shutting down", "service_unavailable_error", "shutting_down"),
+            {"Retry-After": "1"},
+        ),
+    )
+    with pytest.raises(ps.ServiceUnavailable):
+        client.ready()
+
+
+# ------------------------------------------------------------------------------------------ prefixes
+JOB = {"job_id": "job0001", "status": "queued", "tenant_id": "acme", "name": "faq", "method": "prefix_tuning"}
+PREFIX = {
+    "tenant_id": "acme",
+    "name": "faq",
+    "kind": "prefix_tuning",
+    "prefix_length": 8,
+    "version": 2,
+    "versions": [1, 2],
+    "created": 1.5,
+    "base_model_fingerprint": "fp",
+    "dtype": "float32",
+    "shapes": {"k": [30, 8, 3, 64]},
+    "sha256": "ab",
+    "training": {"steps": 10},
+    "extra": {},
+}
+
+
+def test_train_body_and_job(srv: Any, client: Any, tmp_path: Path) -> None:
+    srv.on("POST", "/prefixes", Resp(202, {**JOB, "progress": {"step": 0, "total": 10, "loss": None}}))
+    examples = [{"input": "q1", "output": "a1"}, {"input": "q2", "output": "a2"}]
+    job = client.prefixes.train("acme", "faq", "prefix_tuning", examples, prefix_length=8, epochs=2, lr=0.01)
+    assert isinstance(job, ps.Job) and job.job_id == "job0001" and job.status == "queued" and not job.done
+    assert job.progress is not None and job.progress.total == 10
+    body = srv.calls("POST", "/prefixes")[0].body
+    assert body == {
+        "tenant_id": "acme",
+        "name": "faq",
+        "method": "prefix_tuning",
+        "examples": examples,
+        "prefix_length": 8,
+        "epochs": 2,
+        "lr": 0.01,
+    }
+    assert job.model_dump()["job_id"] == "job0001"  # what the CLI adapter reads
+
+    path = tmp_path / "ex.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in examples) + "\n\n", encoding="utf-8")
+    client.prefixes.train("acme", "faq", examples=str(path))
+    client.prefixes.train("acme", "faq", examples=path)
+    for seen in srv.calls("POST", "/prefixes")[1:]:
+        assert seen.body == {"tenant_id": "acme", "name": "faq", "examples": examples}
+
+    path.write_text('{"input": 1}\nnot json\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2"):
+        client.prefixes.train("acme", "faq", examples=path)
+    with pytest.raises(TypeError):
+        client.prefixes.train("acme", "faq", examples=["not a dict"])  # type: ignore[list-item]
+
+
+def test_train_validation_error(srv: Any, client: Any) -> None:
+    srv.on(
+        "POST",
+        "/prefixes",
+        Resp(
+            422,
+            error_json(
+                422, "epochs: must be >= 1", "invalid_request_error", "invalid_training_spec", "epochs"
+            ),
+        ),
+    )
+    with pytest.raises(ps.UnprocessableEntity) as ei:
+        client.prefixes.train("acme", "faq", "prefix_tuning", [{"input": "a"}], epochs=0)
+    assert ei.value.param == "epochs"
+
+
+def _job(status: str, step: int, **kw: Any) -> Resp:
+    return Resp(
+        200, {**JOB, "status": status, "progress": {"step": step, "total": 3, "loss": 1.0 / (step + 1)}, **kw}
+    )
+
+
+def test_job_wait_progress_success(srv: Any, client: Any) -> None:
+    srv.on("POST", "/prefixes", Resp(202, JOB))
+    srv.on(
+        "GET",
+        "/prefixes/jobs/job0001",
+        _job("queued", 0),
+        _job("running", 1),
+        _job("running", 2),
+        _job("succeeded", 3, extra_field="x"),
+    )
+    seen: list[tuple[str, int]] = []
+    job = client.prefixes.train("acme", "faq", "prefix_tuning", [{"input": "a", "output": "b"}])
+    final = job.wait(progress=lambda j: seen.append((j.status, j.progress.step)), poll_interval=0.01)
+    assert final is job and job.status == "succeeded" and job.done
+    assert seen == [("queued", 0), ("running", 1), ("running", 2), ("succeeded", 3)]
+    assert job.model_extra == {"extra_field": "x"}
+
+
+def test_job_wait_failed_and_cancelled(srv: Any, client: Any) -> None:
+    srv.on("GET", "/prefixes/jobs/job0001", _job("running", 1), _job("failed", 1, error="loss is NaN"))
+    job = client.prefixes.get_job("job0001")
+    with pytest.raises(ps.TrainingFailed) as ei:
+        job.wait(poll_interval=0.01)
+    assert ei.value.job.status == "failed" and "loss is NaN" in str(ei.value)
+    assert isinstance(ei.value, ps.TrainingError)
+
+    srv.on("POST", "/prefixes/jobs/job0001/cancel", Resp(200, {**JOB, "status": "cancelled"}))
+    srv.on("GET", "/prefixes/jobs/job0001", Resp(200, {**JOB, "status": "cancelled"}))
+    job = ps.Job.model_validate(JOB)
+    job._client = client
+    assert job.cancel().status == "cancelled"
+    assert len(srv.calls("POST", "/prefixes/jobs/job0001/cancel")) == 1
+    with pytest.raises(ps.TrainingCancelled):
+        job.wait(poll_interval=0.01)
+
+
+def test_job_wait_timeout(srv: Any, client: Any) -> None:
+    srv.on("GET", "/prefixes/jobs/job0001", _job("running", 1))
+    job = client.prefixes.get_job("job0001")
+    t0 = time.monotonic()
+    with pytest.raises(ps.WaitTimeout) as ei:
+        job.wait(poll_interval=0.05, timeout=0.3)
+    assert 0.3 <= time.monotonic() - t0 < 2.0
+    assert isinstance(ei.value, TimeoutError) and ei.value.job.status == "running"
+
+
+def test_prefix_list_get_delete(srv: Any, client: Any) -> None:
+    srv.on("GET", "/prefixes", Resp(200, {"object": "list", "data": [{**PREFIX, "versions": None}]}))
+    srv.on("GET", "/prefixes/acme/faq", Resp(200, PREFIX))
+    srv.on(
+        "DELETE",
+        "/prefixes/acme/faq",
+        Resp(200, {"tenant_id": "acme", "name": "faq", "object": "prefix", "deleted": True}),
+    )
+    srv.on("GET", "/prefixes/jobs", Resp(200, {"object": "list", "data": [JOB]}))
+    (p,) = client.prefixes.list("acme")
+    assert isinstance(p, ps.PrefixInfo) and (p.name, p.version, p.kind) == ("faq", 2, "prefix_tuning")
+    assert srv.calls("GET", "/prefixes")[0].query == "tenant_id=acme"
+    info = client.prefixes.get("acme", "faq")
+    assert info.versions == [1, 2] and info.shapes["k"] == [30, 8, 3, 64]
+    d = client.prefixes.delete("acme", "faq")
+    assert d.deleted and d.name == "faq"
+    (j,) = client.prefixes.list_jobs("acme")
+    assert j.job_id == "job0001"
+    with pytest.raises(ps.NotFound):
+        client.prefixes.get("acme", "missing")
+
+
+# ------------------------------------------------------------------------------------------ configuration
+def test_env_vars(srv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    srv.on("GET", "/health", Resp(200, {"status": "ok"}))
+    monkeypatch.setenv("PREFIXSERVE_BASE_URL", srv.url + "/")
+    monkeypatch.setenv("PREFIXSERVE_API_KEY", "env-key")
+    with ps.Client() as c:
+        assert c.base_url == srv.url and c.health().status == "ok"
+        assert "env-key" not in repr(c)
+    assert srv.calls("GET", "/health")[0].headers["authorization"] == "Bearer env-key"
+    with ps.Client(api_key="explicit") as c:  # arguments beat the environment
+        c.health()
+    assert srv.calls("GET", "/health")[1].headers["authorization"] == "Bearer explicit"
+
+    monkeypatch.delenv("PREFIXSERVE_BASE_URL")
+    monkeypatch.delenv("PREFIXSERVE_API_KEY")
+    with ps.Client() as c:
+        assert c.base_url == "http://127.0.0.1:8000" and c.api_key is None
+    with ps.Client(srv.url) as c:
+        c.health()
+    assert "authorization" not in srv.calls("GET", "/health")[2].headers
+    with pytest.raises(ValueError):
+        ps.Client(max_retries=-1)
+
+
+def test_async_env_vars(srv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    srv.on("GET", "/health", Resp(200, {"status": "ok"}))
+    monkeypatch.setenv("PREFIXSERVE_BASE_URL", srv.url)
+    monkeypatch.setenv("PREFIXSERVE_API_KEY", "env-key")
+
+    async def main() -> None:
+        async with ps.AsyncClient() as c:
+            assert (await c.health()).status == "ok"
+
+    asyncio.run(main())
+    assert srv.calls("GET", "/health")[0].headers["authorization"] == "Bearer env-key"
+
+
+# ------------------------------------------------------------------------------------------ async parity
+def test_async_generate_stream_and_errors(srv: Any) -> None:
+    srv.on("POST", "/generate", Resp(200, GEN))
+
+    async def main() -> None:
+        async with ps.AsyncClient(srv.url, api_key="key-a") as c:
+            g = await c.generate("acme", "Hi", seed=1, request_id="ra")
+            assert isinstance(g, ps.Generation) and g.text == "hello world" and g.request_id == "ra"
+
+            srv.on("POST", "/generate", Resp(200, sse=STREAM))
+            deltas = [d async for d in c.stream("acme", "Hi")]
+            assert "".join(d.text for d in deltas) == "hello!" and deltas[-1].finish_reason == "length"
+
+            err = error_json(404, "prefix 'x' not found", "not_found_error", "prefix_not_found")
+            srv.on("POST", "/generate", Resp(200, sse=[chunk("a"), json.dumps(err), "[DONE]"]))
+            with pytest.raises(ps.NotFound) as ei:
+                async for _ in c.stream("acme", "Hi"):
+                    pass
+            assert ei.value.in_stream
+
+            srv.on("POST", "/generate", Resp(200, sse=[chunk("a")]))
+            with pytest.raises(ps.APIConnectionError):
+                async for _ in c.stream("acme", "Hi"):
+                    pass
+
+            for status, cls, type_, code, param in ERROR_CASES:
+                srv.on("GET", "/v1/models", Resp(status, error_json(status, "e", type_, code, param)))
+                with pytest.raises(cls) as ei2:
+                    await ps.AsyncClient(srv.url, max_retries=0).models()
+                assert type(ei2.value) is cls and ei2.value.code == code
+
+    asyncio.run(main())
+    assert srv.calls("POST", "/generate")[0].body["seed"] == 1
+
+
+def test_async_retry_after_honoured(srv: Any) -> None:
+    srv.on(
+        "POST",
+        "/generate",
+        Resp(503, error_json(503, "busy", "service_unavailable_error", "queue_full"), {"Retry-After": "1"}),
+        Resp(200, GEN),
+    )
+
+    async def main() -> float:
+        async with ps.AsyncClient(srv.url) as c:
+            t0 = time.monotonic()
+            await c.generate("acme", "Hi")
+            return time.monotonic() - t0
+
+    assert asyncio.run(main()) >= 1.0
+    first, second = srv.calls("POST", "/generate")
+    assert second.t - first.t >= 1.0
+
+
+def test_async_retries_stop_and_connection_errors(srv: Any) -> None:
+    srv.on("GET", "/health", Resp(429, error_json(429, "limit", "rate_limit_error"), {"Retry-After": "0"}))
+
+    async def main() -> None:
+        async with ps.AsyncClient(srv.url, max_retries=2) as c:
+            delays: list[float] = []
+
+            async def rec(d: float) -> None:
+                delays.append(d)
+
+            c._sleep = rec
+            with pytest.raises(ps.RateLimited):
+                await c.health()
+            assert len(delays) == 2
+        async with ps.AsyncClient(free_closed_port(), max_retries=1) as c:
+            c._sleep = rec
+            with pytest.raises(ps.APIConnectionError):
+                await c.health()
+            assert len(delays) == 3
+        async with ps.AsyncClient(srv.url, max_retries=0) as c:
+            srv.on("GET", "/ready", Resp(200, {"status": "ok"}, delay=1.0))
+            c.timeout = __import__("httpx").Timeout(0.2)
+            with pytest.raises(ps.APITimeoutError):
+                await c.ready()
+
+    asyncio.run(main())
+    assert len(srv.calls("GET", "/health")) == 3
+
+
+def test_async_prefixes_and_job_wait(srv: Any) -> None:
+    srv.on("POST", "/prefixes", Resp(202, JOB))
+    srv.on("GET", "/prefixes/jobs/job0001", _job("running", 1), _job("succeeded", 3))
+    srv.on("GET", "/prefixes", Resp(200, {"object": "list", "data": [PREFIX]}))
+    srv.on("GET", "/prefixes/acme/faq", Resp(200, PREFIX))
+    srv.on("DELETE", "/prefixes/acme/faq", Resp(200, {"tenant_id": "acme", "name": "faq", "deleted": True}))
+
+    async def main() -> None:
+        async with ps.AsyncClient(srv.url) as c:
+            job = await c.prefixes.train(
+                "acme", "faq", "prompt_tuning", [{"input": "a", "output": "b"}], prefix_length=4
+            )
+            assert isinstance(job, ps.AsyncJob)
+            steps: list[int] = []
+
+            async def progress(j: ps.AsyncJob) -> None:
+                steps.append(j.progress.step)
+
+            done = await job.wait(progress, poll_interval=0.01)
+            assert done.status == "succeeded" and steps == [1, 3]
+            assert [p.name for p in await c.prefixes.list("acme")] == ["faq"]
+            assert (await c.prefixes.get("acme", "faq")).versions == [1, 2]
+            assert (await c.prefixes.delete("acme", "faq")).deleted
+
+            srv.on("GET", "/prefixes/jobs/job0001", _job("failed", 1, error="boom"))
+            with pytest.raises(ps.TrainingFailed):
+                await job.wait(poll_interval=0.01)
+            srv.on("POST", "/prefixes/jobs/job0001/cancel", Resp(200, {**JOB, "status": "cancelled"}))
+            assert (await job.cancel()).status == "cancelled"
+            srv.on("GET", "/prefixes/jobs/job0001", Resp(200, {**JOB, "status": "cancelled"}))
+            with pytest.raises(ps.TrainingCancelled):
+                await job.wait(poll_interval=0.01)
+
+    asyncio.run(main())
+    assert srv.calls("POST", "/prefixes")[0].body["prefix_length"] == 4
