@@ -1,0 +1,162 @@
+"""The SDK distribution (clients/python): light imports, its own dependencies, public API, model tolerance."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENT = ROOT / "clients" / "python"
+PKG = CLIENT / "prefixserve_client"
+if str(CLIENT) not in sys.path:
+    sys.path.insert(0, str(CLIENT))
+
+import prefixserve_client as ps  # noqa: E402
+
+HEAVY = ("torch", "server", "prefix_store", "transformers", "numpy", "safetensors", "fastapi", "uvicorn")
+
+
+def test_fresh_import_pulls_no_server_or_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]);"
+        "import prefixserve_client as p;"
+        "c = p.Client('http://127.0.0.1:9'); a = p.AsyncClient('http://127.0.0.1:9');"
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY)!r}))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(CLIENT)],
+        cwd=tmp_path,  # not the repo root: `server` is not importable by accident
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_sources_import_only_httpx_pydantic_and_stdlib() -> None:
+    allowed = set(sys.stdlib_module_names) | {"httpx", "pydantic", "prefixserve_client"}
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_distribution_metadata() -> None:
+    meta = tomllib.loads((CLIENT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert meta["name"] == "prefixserve-client"
+    deps = sorted(d.split(">")[0].split("=")[0].split("<")[0].strip() for d in meta["dependencies"])
+    assert deps == ["httpx", "pydantic"]
+    assert meta["version"] == ps.__version__
+    assert (CLIENT / "README.md").is_file() and (PKG / "py.typed").is_file()
+
+
+def test_public_api() -> None:
+    for name in ps.__all__:
+        assert hasattr(ps, name), name
+    status = {
+        ps.BadRequest: 400,
+        ps.Unauthorized: 401,
+        ps.Forbidden: 403,
+        ps.NotFound: 404,
+        ps.Conflict: 409,
+        ps.PayloadTooLarge: 413,
+        ps.UnprocessableEntity: 422,
+        ps.RateLimited: 429,
+        ps.ServiceUnavailable: 503,
+    }
+    from prefixserve_client._exceptions import error_class
+
+    for cls, code in status.items():
+        assert issubclass(cls, ps.APIStatusError) and error_class(code) is cls
+    assert error_class(500) is ps.InternalServerError and error_class(504) is ps.InternalServerError
+    assert issubclass(ps.APIStatusError, ps.PrefixServeError)
+    assert issubclass(ps.APITimeoutError, ps.APIConnectionError)
+    assert issubclass(ps.APIConnectionError, ps.PrefixServeError)
+    assert issubclass(ps.TrainingFailed, ps.TrainingError) and issubclass(
+        ps.TrainingCancelled, ps.TrainingError
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", 1.0), ("0", 0.0), (" 2.5 ", 2.5), ("-3", 0.0), ("soon", None), (None, None), ("nan", None)],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    from prefixserve_client._exceptions import parse_retry_after
+
+    assert parse_retry_after(value) == expected
+
+
+def test_models_tolerate_extra_and_missing_optional_fields() -> None:
+    g = ps.Generation.model_validate(
+        {
+            "id": "g",
+            "tenant_id": "t",
+            "text": "x",
+            "finish_reason": "stop",
+            "new": [1],
+            "usage": {"prompt_tokens": 1},
+        }
+    )
+    assert g.model_extra == {"new": [1]} and g.usage.prompt_tokens == 1 and g.usage.total_tokens == 0
+    d = ps.StreamDelta.model_validate({"text": "a", "logprobs": None})
+    assert d.finish_reason is None and d.usage is None
+    job = ps.Job.model_validate({"job_id": "j", "status": "running", "progress": {"step": 1, "eta_s": 3}})
+    assert job.progress is not None and job.progress.model_extra == {"eta_s": 3} and not job.done
+    p = ps.PrefixInfo.model_validate({"tenant_id": "t", "name": "n"})
+    assert p.versions is None and p.shapes == {}
+
+
+def test_sse_decoder() -> None:
+    from prefixserve_client._base import iter_sse_events
+
+    lines = [": ping", "event: error", 'data: {"a":', "data: 1}", "", "", "data:[DONE]", "id: 3"]
+    assert list(iter_sse_events(lines)) == [("error", '{"a":\n1}'), (None, "[DONE]")]
+
+
+def test_py39_syntax_for_runtime_annotations() -> None:
+    """The distribution supports Python 3.9: pydantic models must not use `X | Y` annotations (evaluated at
+    runtime), and every module with such annotations elsewhere defers them."""
+    for path in PKG.rglob("*.py"):
+        src = path.read_text(encoding="utf-8")
+        tree = ast.parse(src)
+        future = any(
+            isinstance(n, ast.ImportFrom)
+            and n.module == "__future__"
+            and any(a.name == "annotations" for a in n.names)
+            for n in tree.body
+        )
+        if path.name == "types.py":
+            assert not future, "types.py: pydantic evaluates annotations; keep Optional[...] there"
+            for node in ast.walk(tree):
+                if isinstance(node, ast.AnnAssign):
+                    assert not any(isinstance(n, ast.BinOp) for n in ast.walk(node.annotation)), ast.unparse(
+                        node
+                    )
+        else:
+            has_union = any(
+                isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr)
+                for a in ast.walk(tree)
+                if isinstance(a, ast.arg | ast.AnnAssign | ast.FunctionDef | ast.AsyncFunctionDef)
+                for n in ast.walk(
+                    a.annotation if isinstance(a, ast.arg | ast.AnnAssign) else (a.returns or ast.Pass())
+                )
+            )
+            assert future or not has_union, path.name
