@@ -1,0 +1,934 @@
+"""Engine benchmark: our continuous-batching engine against transformers, in one process and one run.
+
+Systems (shared/README.md §5, issue 6), all on identical random prompts, greedy, exactly `--new-tokens` each:
+  a  naive: per request, sequentially, transformers `generate` with that tenant's prefix as `past_key_values`
+  b  transformers batched `generate`, prefixes left-padded to the longest P (attention-mask zeros)
+  c  our engine, every request the same tenant
+  d  our engine, every request a different tenant (tenant = request index mod --tenants)
+  e  CUDA only: transformers `generate(cache_implementation="static")` (auto-compiled), one tenant, no prefix
+
+All requests arrive at the start of a system's run: TTFT and e2e are measured from that moment (queueing
+included, so sequential systems show their queueing), ITL between consecutive tokens of one request.
+
+`--cache-test`: 1,000 tenants, a prefix cache that holds ~100 prefixes, Zipf-like tenant draws; reports hit rate,
+evictions and throughput against the same stream with every prefix resident.
+
+Examples:
+  .venv/bin/python benchmarks/bench_engine.py --model smollm2 --tenants 8 --requests 8 --prompt-len 64 \
+      --new-tokens 32 --prefix-len 32 --dtype float32
+  .venv/bin/python benchmarks/bench_engine.py --model smollm2-135m-config --tenants 16 --requests 16
+  .venv/bin/python benchmarks/bench_engine.py --model smollm2 --cache-test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    PeakMemory,
+    fmt,
+    loadavg,
+    machine_info,
+    markdown_table,
+    mib,
+    ms,
+    percentile,
+)
+from server.engine import (  # noqa: E402
+    DictPrefixProvider,
+    EngineConfig,
+    LLMEngine,
+    PrefixKey,
+    Request,
+    SamplingParams,
+    StepStats,
+)
+
+SYSTEM_NAMES = {
+    "a": "a naive HF generate + prefix (sequential)",
+    "b": "b HF batched generate, padded prefixes",
+    "c": "c engine, one tenant",
+    "d": "d engine, every request its own tenant",
+    "e": "e HF static cache, compiled (no prefix)",
+}
+JSON_KEYS = {
+    "a": "naive_tok_s",
+    "b": "hf_batched_tok_s",
+    "c": "engine_single_tok_s",
+    "d": "engine_mixed_tok_s",
+    "e": "hf_static_tok_s",
+}
+
+
+# ---------------------------------------------------------------------------- model
+def random_config(name: str, vocab: int):
+    """Configs for random-weight runs. `vocab`: the (SmolLM2) tokenizer's size, used where the shape allows."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if name == "gpt2":
+        # GPT-2 124M shape; vocabulary resized to the SmolLM2 tokenizer we reuse (49,152 vs 50,257).
+        return GPT2Config(vocab_size=vocab, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+    if name == "smollm2-135m-config":
+        return LlamaConfig(
+            hidden_size=576,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            hidden_act="silu",
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if name == "llama-1b-config":  # Llama-3.2-1B shape
+        return LlamaConfig(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            intermediate_size=8192,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            hidden_act="silu",
+            bos_token_id=128000,
+            eos_token_id=128001,
+        )
+    raise ValueError(f"unknown model config {name!r}")
+
+
+def build_bundle(model: str, device: str, dtype: str):
+    from server.model import bundle_from_model, ensure_embedded_converted, load_model, resolve_dtype
+
+    if model == "smollm2" or Path(model).expanduser().is_dir():
+        return load_model(model, device=device, dtype=dtype), "real weights"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ensure_embedded_converted())
+    cfg = random_config(model, len(tok))
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    dt = resolve_dtype(dtype, dev)
+    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    hf = hf.to(device=dev, dtype=dt)
+    return bundle_from_model(hf, tok, name=model, fingerprint=f"random-{model}"), "random weights"
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        key = p.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, reps: int = 10) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write counted), best of `reps`."""
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return 2 * nbytes / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------- workload
+def random_kv(spec, prefix_len: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(spec.kv_shape(prefix_len), generator=g)
+
+
+@dataclass
+class Work:
+    prompts: list[list[int]]
+    tenant_of: list[int]  # request -> tenant (system d, a, b)
+    kvs: list[torch.Tensor]  # tenant -> kv [L,2,K,P,D] float32 (CPU)
+
+
+def make_work(spec, vocab: int, tenants: int, requests: int, prefix_lens: list[int], prompt_len: int) -> Work:
+    g = torch.Generator().manual_seed(1234)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(requests)]
+    kvs = [random_kv(spec, prefix_lens[t % len(prefix_lens)], seed=t) for t in range(tenants)]
+    return Work(prompts, [i % tenants for i in range(requests)], kvs)
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class SysResult:
+    key: str
+    tokens: list[list[int]]
+    ttft: list[float]
+    itl: list[float]
+    e2e: list[float]
+    wall: float
+    mem: PeakMemory
+    batch: int = 1
+    step_ms: float | None = None  # median pure-decode step at full batch (engine)
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tok_s(self) -> float:
+        return self.n_tokens / self.wall
+
+
+class _Stamp(LogitsProcessor):
+    """Records the time at which each generation step's logits are ready (one token per row follows)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.times: list[float] = []
+        self.device = device
+
+    def __call__(self, input_ids, scores):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _hf_gen_kwargs(model, new_tokens: int) -> dict:
+    # eos_token_id=None: generate exactly new_tokens and never mask EOS, matching the engine's ignore_eos greedy
+    # tokens (min_new_tokens alone would set the EOS logit to -inf and change the argmax where EOS wins).
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = 0
+    return dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=pad,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+
+
+def _cache_from(kv_rows: list[torch.Tensor], pmax: int, device, dtype) -> tuple[DynamicCache, list[int]]:
+    """DynamicCache holding each row's prefix right-aligned in `pmax` slots (left padding); returns P per row."""
+    n_layers, _, k, _, d = kv_rows[0].shape
+    cache = DynamicCache()
+    for layer in range(n_layers):
+        keys = torch.zeros(len(kv_rows), k, pmax, d, dtype=dtype, device=device)
+        vals = torch.zeros_like(keys)
+        for i, kv in enumerate(kv_rows):
+            p = kv.shape[3]
+            keys[i, :, pmax - p :] = kv[layer, 0].to(device=device, dtype=dtype)
+            vals[i, :, pmax - p :] = kv[layer, 1].to(device=device, dtype=dtype)
+        cache.update(keys, vals, layer)
+    return cache, [kv.shape[3] for kv in kv_rows]
+
+
+@torch.inference_mode()
+def run_naive(bundle, work: Work, new_tokens: int) -> SysResult:
+    model, dev, dt = bundle.hf_model, bundle.device, bundle.dtype
+    kw = _hf_gen_kwargs(model, new_tokens)
+    toks, ttft, itl, e2e = [], [], [], []
+    with PeakMemory(str(dev)) as mem:
+        t0 = time.perf_counter()
+        for prompt, tenant in zip(work.prompts, work.tenant_of, strict=True):
+            kv = work.kvs[tenant]
+            cache, _ = _cache_from([kv], kv.shape[3], dev, dt)
+            stamp = _Stamp(dev)
+            ids = torch.tensor([prompt], device=dev)
+            mask = torch.ones(1, kv.shape[3] + len(prompt), dtype=torch.long, device=dev)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                logits_processor=LogitsProcessorList([stamp]),
+                **kw,
+            )
+            toks.append(out[0, len(prompt) :].tolist())
+            ttft.append(stamp.times[0] - t0)
+            e2e.append(stamp.times[-1] - t0)
+            itl.extend(b - a for a, b in zip(stamp.times, stamp.times[1:], strict=False))
+        wall = time.perf_counter() - t0
+    return SysResult("a", toks, ttft, itl, e2e, wall, mem, batch=1)
+
+
+@torch.inference_mode()
+def run_hf_batched(bundle, work: Work, new_tokens: int) -> SysResult:
+    model, dev, dt = bundle.hf_model, bundle.device, bundle.dtype
+    kw = _hf_gen_kwargs(model, new_tokens)
+    with PeakMemory(str(dev)) as mem:
+        t0 = time.perf_counter()
+        rows = [work.kvs[t] for t in work.tenant_of]
+        pmax = max(kv.shape[3] for kv in rows)
+        cache, plens = _cache_from(rows, pmax, dev, dt)
+        tlen = len(work.prompts[0])
+        assert all(len(p) == tlen for p in work.prompts), "batched HF path assumes equal prompt lengths"
+        ids = torch.tensor(work.prompts, device=dev)
+        mask = torch.ones(len(rows), pmax + tlen, dtype=torch.long, device=dev)
+        for i, p in enumerate(plens):
+            mask[i, : pmax - p] = 0
+        stamp = _Stamp(dev)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            logits_processor=LogitsProcessorList([stamp]),
+            **kw,
+        )
+        wall = time.perf_counter() - t0
+    toks = [out[i, tlen:].tolist() for i in range(len(rows))]
+    n = len(rows)
+    steps = [b - a for a, b in zip(stamp.times, stamp.times[1:], strict=False)]
+    return SysResult(
+        "b",
+        toks,
+        [stamp.times[0] - t0] * n,
+        steps * n,
+        [stamp.times[-1] - t0] * n,
+        wall,
+        mem,
+        batch=n,
+        step_ms=ms(percentile(steps, 50)),
+    )
+
+
+@torch.inference_mode()
+def run_hf_static(bundle, work: Work, new_tokens: int, warmups: int = 2) -> SysResult:
+    """CUDA: transformers' strongest path, static cache (generate auto-compiles the forward), no prefix."""
+    model, dev = bundle.hf_model, bundle.device
+    kw = _hf_gen_kwargs(model, new_tokens)
+    ids = torch.tensor(work.prompts, device=dev)
+    mask = torch.ones_like(ids)
+    t_compile = time.perf_counter()
+    for _ in range(warmups):  # first calls compile (and capture CUDA graphs)
+        model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kw)
+    t_compile = time.perf_counter() - t_compile
+    with PeakMemory(str(dev)) as mem:
+        stamp = _Stamp(dev)
+        t0 = time.perf_counter()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            cache_implementation="static",
+            logits_processor=LogitsProcessorList([stamp]),
+            **kw,
+        )
+        sync(dev)
+        wall = time.perf_counter() - t0
+    tlen = ids.shape[1]
+    n = ids.shape[0]
+    toks = [out[i, tlen:].tolist() for i in range(n)]
+    steps = [b - a for a, b in zip(stamp.times, stamp.times[1:], strict=False)]
+    return SysResult(
+        "e",
+        toks,
+        [stamp.times[0] - t0] * n,
+        steps * n,
+        [stamp.times[-1] - t0] * n,
+        wall,
+        mem,
+        batch=n,
+        step_ms=ms(percentile(steps, 50)),
+        note=f"warm-up/compile {t_compile:.1f}s",
+    )
+
+
+class EngineHarness:
+    """One LLMEngine over every tenant's prefix (all resident after warm-up), step durations recorded."""
+
+    def __init__(self, bundle, work: Work, args) -> None:
+        self.keys = [PrefixKey(f"t{t}", "bench", 1) for t in range(len(work.kvs))]
+        provider = DictPrefixProvider(dict(zip(self.keys, work.kvs, strict=True)))
+        sp = bundle.spec
+        from server.engine.kv_cache import KVPool
+
+        bs = args.block_size
+        bb = KVPool.bytes_per_block(sp.num_layers, sp.num_kv_heads, sp.head_dim, bs, bundle.dtype)
+        per_req = -(-(len(work.prompts[0]) + args.new_tokens) // bs) + 1
+        prefix_blocks = sum(-(-kv.shape[3] // bs) for kv in work.kvs)
+        n_req = min(args.max_num_seqs, len(work.prompts))
+        blocks = int((n_req * per_req + prefix_blocks) * 1.25) + 16
+        blocks = max(blocks, 4 * per_req)
+        self.cfg = EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=bs,
+            kv_cache_bytes=blocks * bb,
+            prefix_cache_bytes=(prefix_blocks + 1) * bb,
+        )
+        self.steps: list[StepStats] = []
+        self.engine = LLMEngine(bundle, provider, self.cfg, on_step=self.steps.append)
+        self.device = bundle.device
+        self.n = 0
+
+    def warmup(self, tenants: list[int], prompt_len: int) -> None:
+        """Make the prefixes resident (device cache hits afterwards) and warm the kernels."""
+        reqs = [
+            Request(
+                f"warm{self.n}-{t}",
+                [1] * prompt_len,
+                SamplingParams(max_tokens=2, ignore_eos=True),
+                self.keys[t],
+            )
+            for t in tenants
+        ]
+        self.n += 1
+        self.engine.generate(reqs)
+
+    def run(self, key: str, work: Work, tenant_of: list[int], new_tokens: int) -> SysResult:
+        reqs = [
+            Request(
+                f"{key}{self.n}-{i}",
+                list(p),
+                SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                self.keys[tenant_of[i]],
+            )
+            for i, p in enumerate(work.prompts)
+        ]
+        self.n += 1
+        self.steps.clear()
+        gc.collect()
+        with PeakMemory(str(self.device)) as mem:
+            t0 = time.perf_counter()
+            outs = self.engine.generate(reqs)
+            sync(self.device)
+            wall = time.perf_counter() - t0
+        errs = [o.error for o in outs if o.error]
+        if errs:
+            raise RuntimeError(f"engine errors: {errs[:3]}")
+        full = max((s.num_decode_tokens for s in self.steps if s.num_prefill_tokens == 0), default=0)
+        dec = [s.duration_s for s in self.steps if s.num_prefill_tokens == 0 and s.num_decode_tokens == full]
+        itl = [x for o in outs for x in o.itl]
+        return SysResult(
+            key,
+            [o.token_ids for o in outs],
+            [o.ttft for o in outs],
+            itl,
+            [o.e2e for o in outs],
+            wall,
+            mem,
+            batch=full,
+            step_ms=ms(percentile(dec, 50)),
+            extra={
+                "steps": len(self.steps),
+                "distinct_prefixes_max": max((s.distinct_prefixes for s in self.steps), default=0),
+            },
+        )
+
+
+# ---------------------------------------------------------------------------- report
+def result_rows(results: dict[str, SysResult]) -> list[list]:
+    rows = []
+    for k, r in results.items():
+        rows.append(
+            [
+                SYSTEM_NAMES[k],
+                r.batch,
+                fmt(r.tok_s),
+                fmt(ms(percentile(r.ttft, 50))),
+                fmt(ms(percentile(r.ttft, 99))),
+                fmt(ms(percentile(r.itl, 50))),
+                fmt(ms(percentile(r.itl, 99))),
+                fmt(ms(percentile(r.e2e, 50))),
+                fmt(r.wall, 2),
+                fmt(r.step_ms),
+                mib(r.mem.peak),
+                mib(r.mem.delta),
+            ]
+        )
+    return rows
+
+
+HEADERS = [
+    "system",
+    "batch",
+    "out tok/s",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "ITL p50 ms",
+    "ITL p99 ms",
+    "e2e p50 ms",
+    "wall s",
+    "decode step ms",
+    "peak MiB",
+    "peak Δ MiB",
+]
+
+
+def compare_tokens(ref: SysResult, other: SysResult, prompts_n: int) -> list[str]:
+    bad = []
+    for i in range(prompts_n):
+        a, b = ref.tokens[i], other.tokens[i]
+        if a != b:
+            j = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            bad.append(
+                f"request {i}: first difference at token {j}: {ref.key}={a[j : j + 4]} {other.key}={b[j : j + 4]}"
+            )
+    return bad
+
+
+def parse_prefix_lens(s: str) -> list[int]:
+    return [int(x) for x in str(s).split(",") if x]
+
+
+def main_bench(args) -> dict:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    load_before = loadavg()
+    bundle, weights_kind = build_bundle(args.model, args.device, args.dtype)
+    dev = bundle.device
+    spec = bundle.spec
+    vocab = min(spec.vocab_size, len(bundle.tokenizer))
+    prefix_lens = parse_prefix_lens(args.prefix_len)
+    work = make_work(spec, vocab, args.tenants, args.requests, prefix_lens, args.prompt_len)
+    wbytes = weight_bytes(bundle.hf_model)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if "e" in systems and dev.type != "cuda":
+        print("note: system e (static-cache compiled generate) runs on CUDA only; skipped", file=sys.stderr)
+        systems.remove("e")
+    bw = copy_bandwidth(dev)
+    print(
+        f"# {bundle.name} ({weights_kind}) on {dev} {str(bundle.dtype).removeprefix('torch.')}: "
+        f"{args.tenants} tenants, {args.requests} requests, prefix {args.prefix_len}, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens; load avg before {load_before}",
+        file=sys.stderr,
+    )
+    # Warm-up every system once on a small slice, so no system pays first-call costs inside its timing.
+    small = Work(work.prompts[:2], work.tenant_of[:2], work.kvs)
+    harness = None
+    if "c" in systems or "d" in systems:
+        harness = EngineHarness(bundle, work, args)
+        harness.warmup(sorted(set(work.tenant_of) | {0}), args.prompt_len)
+    if "a" in systems:
+        run_naive(bundle, Work(small.prompts[:1], small.tenant_of[:1], work.kvs), 2)
+    if "b" in systems:
+        run_hf_batched(bundle, small, 2)
+
+    results: dict[str, SysResult] = {}
+    for s in systems:
+        print(f"running {SYSTEM_NAMES[s]} ...", file=sys.stderr, flush=True)
+        gc.collect()
+        if s == "a":
+            results[s] = run_naive(bundle, work, args.new_tokens)
+        elif s == "b":
+            results[s] = run_hf_batched(bundle, work, args.new_tokens)
+        elif s == "c":
+            results[s] = harness.run("c", work, [0] * len(work.prompts), args.new_tokens)
+        elif s == "d":
+            results[s] = harness.run("d", work, work.tenant_of, args.new_tokens)
+        elif s == "e":
+            results[s] = run_hf_static(bundle, work, args.new_tokens)
+        r = results[s]
+        print(f"  {r.tok_s:,.1f} tok/s, wall {r.wall:.2f}s", file=sys.stderr, flush=True)
+    load_after = loadavg()
+
+    # ---------------------------------------------------------------- report
+    n = len(work.prompts)
+    for r in results.values():
+        bad_len = [i for i, t in enumerate(r.tokens) if len(t) != args.new_tokens]
+        if bad_len:
+            print(
+                f"WARNING: system {r.key} produced wrong token counts for requests {bad_len[:8]}",
+                file=sys.stderr,
+            )
+    mismatches: dict[str, list[str]] = {}
+    if "a" in results and "d" in results:
+        mismatches["a_vs_d"] = compare_tokens(results["a"], results["d"], n)
+    if "a" in results and "b" in results:
+        mismatches["a_vs_b"] = compare_tokens(results["a"], results["b"], n)
+    ratios = {}
+    tps = {k: r.tok_s for k, r in results.items()}
+    for other in ("c", "a", "b", "e"):
+        if "d" in tps and other in tps:
+            ratios[f"d/{other}"] = round(tps["d"] / tps[other], 3)
+    floor_ms = wbytes / bw * 1000
+
+    info = machine_info(str(dev))
+    cmd = "python benchmarks/bench_engine.py " + " ".join(sys.argv[1:])
+    lines = []
+    lines.append(
+        f"**{bundle.name}** ({weights_kind}, {spec.num_layers} layers, {wbytes / 1e6:,.0f} MB of weights) on "
+        f"{info.get('gpu') or info['cpu']} ({info['cores']} cores), {str(bundle.dtype).removeprefix('torch.')}, "
+        f"torch {info['torch']}, transformers {info.get('transformers')}, {info['date']}"
+    )
+    lines.append("")
+    lines.append(
+        f"Workload: {args.tenants} tenants, {args.requests} requests, prefix {args.prefix_len}, prompt "
+        f"{args.prompt_len}, {args.new_tokens} new tokens (greedy, ignore EOS), max_num_seqs {args.max_num_seqs}. "
+        f"Load average before {load_before}, after {load_after}."
+    )
+    lines.append("")
+    lines.append(f"Command: `{cmd}`")
+    lines.append("")
+    lines.append(markdown_table(HEADERS, result_rows(results)))
+    lines.append("")
+    lines.append("Ratios (output tok/s): " + ", ".join(f"{k} = **{v:.2f}**" for k, v in ratios.items()))
+    lines.append("")
+    dstep = results["d"].step_ms if "d" in results else None
+    lines.append(
+        f"Decode step vs memory-bandwidth floor: weights {wbytes / 1e6:,.1f} MB / measured copy bandwidth "
+        f"{bw / 1e9:,.1f} GB/s = floor **{floor_ms:.3f} ms**/step; engine (d) decode step at batch "
+        f"{results['d'].batch if 'd' in results else '-'}: **{fmt(dstep, 2)} ms** "
+        f"({(dstep / floor_ms) if dstep else float('nan'):.1f}x the floor)"
+        + (f"; engine (c): {fmt(results['c'].step_ms, 2)} ms" if "c" in results else "")
+    )
+    lines.append("")
+    for name, bad in mismatches.items():
+        if bad:
+            lines.append(f"Correctness {name}: **{len(bad)}/{n} requests differ** (greedy tokens)")
+            lines.extend(f"- {b}" for b in bad[:16])
+        else:
+            lines.append(f"Correctness {name}: all {n} requests produce identical greedy tokens.")
+    report = "\n".join(lines)
+    print(report)
+    out = {JSON_KEYS[k]: round(r.tok_s, 2) for k, r in results.items()}
+    out.update(
+        {
+            "ratios": ratios,
+            "step_ms": {k: (round(r.step_ms, 3) if r.step_ms else None) for k, r in results.items()},
+            "floor_ms": round(floor_ms, 4),
+            "copy_bw_gbs": round(bw / 1e9, 2),
+            "weight_bytes": wbytes,
+            "peak_mib": {k: round(r.mem.peak / 2**20, 1) if r.mem.peak else None for k, r in results.items()},
+            "mismatches": {k: len(v) for k, v in mismatches.items()},
+            "model": bundle.name,
+            "weights": weights_kind,
+            "device": str(dev),
+            "dtype": str(bundle.dtype).removeprefix("torch."),
+            "tenants": args.tenants,
+            "requests": args.requests,
+            "prefix_len": args.prefix_len,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
+        }
+    )
+    if args.profile and harness is not None:
+        profile_engine(harness, work, args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report + "\n\n```json\n" + json.dumps(out) + "\n```\n")
+    print(json.dumps(out))
+    return out
+
+
+# ---------------------------------------------------------------------------- profiling
+def profile_engine(harness: EngineHarness, work: Work, args) -> None:
+    """Where a mixed-tenant decode step spends its time: torch.profiler op table and a Python-side split."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = harness.engine
+    reqs = [
+        Request(
+            f"prof{harness.n}-{i}",
+            list(p),
+            SamplingParams(max_tokens=args.new_tokens, ignore_eos=True),
+            harness.keys[work.tenant_of[i]],
+        )
+        for i, p in enumerate(work.prompts)
+    ]
+    harness.n += 1
+    for r in reqs:
+        eng.add_request(r)
+    eng.step()  # prefill
+    eng.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if harness.device.type == "cuda" else [])
+    n_steps = min(10, args.new_tokens - 3)
+    with profile(activities=acts) as prof:
+        for _ in range(n_steps):
+            eng.step()
+    print(f"\n### torch.profiler: {n_steps} decode steps, batch {len(reqs)}, every row its own tenant\n")
+    sort = "self_cuda_time_total" if harness.device.type == "cuda" else "self_cpu_time_total"
+    print("```")
+    print(prof.key_averages().table(sort_by=sort, row_limit=18))
+    print("```")
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(min(8, max(args.new_tokens - 3 - n_steps, 1))):
+        if not eng.has_unfinished():
+            break
+        eng.step()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(22)
+    print("\n### cProfile (cumulative), same engine, following decode steps\n\n```")
+    print(s.getvalue())
+    print("```")
+    while eng.has_unfinished():
+        eng.step()
+
+
+# ---------------------------------------------------------------------------- cache test
+class SlowProvider:
+    """A store stand-in: builds the tenant's kv on demand (deterministic), optionally sleeping to mimic I/O."""
+
+    def __init__(self, spec, prefix_len: int, latency_s: float) -> None:
+        self.spec = spec
+        self.prefix_len = prefix_len
+        self.latency_s = latency_s
+        self.fetches = 0
+
+    def fetch(self, key: PrefixKey) -> torch.Tensor:
+        self.fetches += 1
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        return random_kv(self.spec, self.prefix_len, seed=int(key.tenant_id[1:]))
+
+
+def zipf_draws(n_tenants: int, n: int, s: float, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    w = 1.0 / torch.arange(1, n_tenants + 1, dtype=torch.float64) ** s
+    return torch.multinomial(w / w.sum(), n, replacement=True, generator=g).tolist()
+
+
+def main_cache_test(args) -> dict:
+    from server.engine.kv_cache import KVPool
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    load_before = loadavg()
+    bundle, weights_kind = build_bundle(args.model, args.device, args.dtype)
+    sp = bundle.spec
+    p = parse_prefix_lens(args.prefix_len)[0]
+    bs = args.block_size
+    bb = KVPool.bytes_per_block(sp.num_layers, sp.num_kv_heads, sp.head_dim, bs, bundle.dtype)
+    pre_blocks = -(-p // bs)
+    per_req = -(-(args.prompt_len + args.new_tokens) // bs) + 1
+    n_ten, cap, n_req = args.cache_tenants, args.cache_capacity, args.cache_requests
+    vocab = min(sp.vocab_size, len(bundle.tokenizer))
+    stream = zipf_draws(n_ten, n_req, args.zipf_s, seed=7)
+    warm_stream = zipf_draws(n_ten, n_req, args.zipf_s, seed=8)
+    g = torch.Generator().manual_seed(99)
+    prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(n_req)]
+    distinct = sorted(set(stream))
+
+    def make(budget_prefixes: int) -> tuple[LLMEngine, SlowProvider]:
+        prov = SlowProvider(sp, p, args.fetch_latency_ms / 1000)
+        budget = budget_prefixes * pre_blocks * bb
+        # pool: the prefix budget + running requests' own blocks + the prefixes they pin, with headroom
+        blocks = budget_prefixes * pre_blocks + args.max_num_seqs * (per_req + pre_blocks) + 64
+        cfg = EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=bs,
+            kv_cache_bytes=blocks * bb,
+            prefix_cache_bytes=budget,
+        )
+        return LLMEngine(bundle, prov, cfg), prov
+
+    def reqs(tag: str, tenants: list[int], prompt_len: int | None, max_tokens: int) -> list[Request]:
+        return [
+            Request(
+                f"{tag}-{i}",
+                prompts[i][:prompt_len] if prompt_len else list(prompts[i]),
+                SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                PrefixKey(f"t{t}", "bench", 1),
+            )
+            for i, t in enumerate(tenants)
+        ]
+
+    results = {}
+    for label, budget, warm in (
+        ("LRU cache", cap, warm_stream),
+        ("all resident", len(distinct) + 1, distinct),
+    ):
+        eng, prov = make(budget)
+        # fill the cache: the bounded cache with a different Zipf stream (steady state), the resident one with
+        # every tenant the measured stream will use
+        eng.generate(reqs(f"warm-{label}", warm, 1, 1))
+        st0 = (eng.prefix_cache.stats.hits, eng.prefix_cache.stats.misses, eng.prefix_cache.stats.evictions)
+        f0 = prov.fetches
+        gc.collect()
+        t0 = time.perf_counter()
+        outs = eng.generate(reqs(f"run-{label}", stream, None, args.new_tokens))
+        wall = time.perf_counter() - t0
+        st = eng.prefix_cache.stats
+        hits, misses, ev = st.hits - st0[0], st.misses - st0[1], st.evictions - st0[2]
+        errs = [o.error for o in outs if o.error]
+        if errs:
+            raise RuntimeError(f"engine errors: {errs[:3]}")
+        ntok = sum(len(o.token_ids) for o in outs)
+        results[label] = dict(
+            tok_s=ntok / wall,
+            wall=wall,
+            hits=hits,
+            misses=misses,
+            hit_rate=hits / max(hits + misses, 1),
+            evictions=ev,
+            fetches=prov.fetches - f0,
+            resident=len(eng.prefix_cache.entries),
+            budget_mib=budget * pre_blocks * bb / 2**20,
+            ttft_p50=ms(percentile([o.ttft for o in outs], 50)),
+            ttft_p99=ms(percentile([o.ttft for o in outs], 99)),
+            itl_p50=ms(percentile([x for o in outs for x in o.itl], 50)),
+            itl_p99=ms(percentile([x for o in outs for x in o.itl], 99)),
+        )
+        eng.shutdown()
+        del eng
+        gc.collect()
+    load_after = loadavg()
+    info = machine_info(str(bundle.device))
+    ratio = results["LRU cache"]["tok_s"] / results["all resident"]["tok_s"]
+    # expected LRU-ish hit rate for these draws: share of requests to the `cap` most popular tenants
+    w = [1.0 / (k + 1) ** args.zipf_s for k in range(n_ten)]
+    top = sum(w[:cap]) / sum(w)
+    lines = [
+        f"**Prefix cache test**: {bundle.name} ({weights_kind}) on {info.get('gpu') or info['cpu']} "
+        f"({info['cores']} cores), {str(bundle.dtype).removeprefix('torch.')}, torch {info['torch']}, {info['date']}",
+        "",
+        f"{n_ten} tenants (prefix {p}, {pre_blocks * bb / 2**20:.2f} MiB each in the pool), cache budget {cap} "
+        f"prefixes, {n_req} requests with Zipf(s={args.zipf_s}) tenant draws ({len(distinct)} distinct tenants), "
+        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, max_num_seqs {args.max_num_seqs}, store fetch "
+        f"latency {args.fetch_latency_ms} ms + kv build. Load average before {load_before}, after {load_after}.",
+        "",
+        f"Command: `python benchmarks/bench_engine.py {' '.join(sys.argv[1:])}`",
+        "",
+        markdown_table(
+            [
+                "cache",
+                "budget MiB",
+                "hit rate",
+                "hits",
+                "misses",
+                "evictions",
+                "store fetches",
+                "out tok/s",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "ITL p50 ms",
+                "ITL p99 ms",
+            ],
+            [
+                [
+                    k,
+                    fmt(r["budget_mib"]),
+                    f"{r['hit_rate']:.1%}",
+                    r["hits"],
+                    r["misses"],
+                    r["evictions"],
+                    r["fetches"],
+                    fmt(r["tok_s"]),
+                    fmt(r["ttft_p50"]),
+                    fmt(r["ttft_p99"]),
+                    fmt(r["itl_p50"]),
+                    fmt(r["itl_p99"]),
+                ]
+                for k, r in results.items()
+            ],
+        ),
+        "",
+        f"Throughput LRU cache / all resident = **{ratio:.2f}**; share of requests to the {cap} most popular "
+        f"tenants (ideal static-cache hit rate) {top:.1%}.",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    out = {
+        "cache_hit_rate": round(results["LRU cache"]["hit_rate"], 4),
+        "cache_evictions": results["LRU cache"]["evictions"],
+        "cache_tok_s": round(results["LRU cache"]["tok_s"], 2),
+        "resident_tok_s": round(results["all resident"]["tok_s"], 2),
+        "cache_vs_resident": round(ratio, 3),
+        "model": bundle.name,
+        "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report + "\n\n```json\n" + json.dumps(out) + "\n```\n")
+    print(json.dumps(out))
+    return out
+
+
+def parse_args(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument(
+        "--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16"
+    )
+    ap.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 (real weights), a local HF folder, or gpt2 | smollm2-135m-config | llama-1b-config (random)",
+    )
+    ap.add_argument("--tenants", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument(
+        "--prefix-len", default="32", help="P, or a comma list cycled over tenants (e.g. 16,32,64)"
+    )
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--systems", default="a,b,c,d,e", help="subset of a,b,c,d,e (e: CUDA only)")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--profile", action="store_true", help="also profile engine decode steps (torch.profiler, cProfile)"
+    )
+    ap.add_argument("--out", default="", help="also write the report (markdown + JSON) to this file")
+    g = ap.add_argument_group("--cache-test")
+    g.add_argument("--cache-test", action="store_true")
+    g.add_argument("--cache-tenants", type=int, default=1000)
+    g.add_argument("--cache-capacity", type=int, default=100, help="prefix cache budget, in prefixes")
+    g.add_argument("--cache-requests", type=int, default=256)
+    g.add_argument("--zipf-s", type=float, default=1.0)
+    g.add_argument("--fetch-latency-ms", type=float, default=2.0)
+    args = ap.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.cache_test:
+        main_cache_test(args)
+    else:
+        main_bench(args)
+
+
+if __name__ == "__main__":
+    main()
