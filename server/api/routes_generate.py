@@ -23,10 +23,21 @@ from server.api.streaming import EngineEventStream, sse
 
 router = APIRouter(tags=["generate"])
 
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "One Server-Sent Event; `data` is a JSON chunk, the last event's `data` is `[DONE]`",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "JSON, or with `stream: true` Server-Sent Events (`data: {GenerateChunk}` ... `data: [DONE]`)",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "JSON, or with `stream: true` Server-Sent Events (`data: {chunk}` ... `data: [DONE]`)",
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
     }
 }
 
