@@ -50,7 +50,7 @@ def loadavg() -> list[float]:
         return []
 
 
-def machine_info(device: str | None = None) -> dict[str, Any]:
+def machine_info(device: str | None = None, libs: bool = True) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -58,6 +58,8 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "loadavg": loadavg(),
     }
+    if not libs:
+        return info
     try:
         import torch
 

@@ -1,0 +1,344 @@
+"""HTTP load generator against a running PrefixServe server (in the spirit of vLLM's benchmark_serving).
+
+Closed-loop: at each concurrency level C of the sweep, C workers keep one request in flight each until
+`--requests` requests have completed. Requests cycle over tenants (mixed tenants in every batch). Reports
+req/s, output tok/s, TTFT p50/p99 (streaming: time to the first SSE chunk carrying text), ITL p50/p99
+(between text chunks), e2e p50/p99 and errors by status.
+
+Prefixes: `--tenants N` uses tenants `bench-t0..N-1` with prefix `--prefix` (default `base`: the base model, no
+prefix); `--model-list t0/p,t1/base,...` names them explicitly. `--seed-store file:///...` first writes a random
+prefix `--prefix` for each of the N tenants into that store (needs torch and the server package; start the server
+on the same store afterwards, or before: the server reads prefixes on demand).
+
+Examples:
+  prefixserve serve --port 8011 --store-url file:///tmp/ps-bench-store &
+  python benchmarks/bench_http.py --base-url http://127.0.0.1:8011 --tenants 8 --concurrency 1,4,16 \
+      --requests 32 --prompt-len 64 --max-tokens 32 --stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from benchmarks.common import fmt, loadavg, machine_info, markdown_table, ms, percentile  # noqa: E402
+
+_WORDS_TEXT = (
+    "the of and to in is was for on that with as by at from his her it an are were this be had not which "
+    "have one you they their all but or more when there can has been if who no time will into only new "
+    "some could these two may first then do any like my now over such our man me even most made after also "
+    "did many before must through back years where much your way well down should because each just those "
+    "people how too little state good very make world still own see men work long get here between both life "
+    "being under never day same another know while last might us great old year off come since against go "
+    "came right used take three river city garden music paper window school table water market light story"
+)
+WORDS = _WORDS_TEXT.split()
+
+
+@dataclass
+class Result:
+    ok: bool
+    status: int
+    ttft: float | None = None
+    e2e: float | None = None
+    itl: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+
+
+def make_prompt(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def _payload(args, tenant: str, prefix: str, prompt: str) -> tuple[str, dict]:
+    if args.endpoint == "completions":
+        model = f"{tenant}/{prefix}"
+        return "/v1/completions", {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": args.max_tokens,
+            "temperature": 0.0,
+            "stream": args.stream,
+            "ignore_eos": args.ignore_eos,
+            **({"stream_options": {"include_usage": True}} if args.stream else {}),
+        }
+    return "/generate", {
+        "tenant_id": tenant,
+        "prefix": prefix,
+        "prompt": prompt,
+        "max_tokens": args.max_tokens,
+        "temperature": 0.0,
+        "stream": args.stream,
+        "ignore_eos": args.ignore_eos,
+    }
+
+
+def _chunk_text(obj: dict) -> str:
+    if "choices" in obj:  # OpenAI completion chunk
+        return "".join((c.get("text") or "") for c in obj.get("choices") or [])
+    return obj.get("text") or ""
+
+
+async def one_request(client: httpx.AsyncClient, args, tenant: str, prefix: str, prompt: str) -> Result:
+    path, body = _payload(args, tenant, prefix, prompt)
+    t0 = time.perf_counter()
+    try:
+        if not args.stream:
+            r = await client.post(path, json=body)
+            t1 = time.perf_counter()
+            if r.status_code != 200:
+                return Result(False, r.status_code, error=r.text[:200])
+            usage = r.json().get("usage") or {}
+            return Result(
+                True,
+                200,
+                e2e=t1 - t0,
+                prompt_tokens=usage.get("prompt_tokens", 0),
+                completion_tokens=usage.get("completion_tokens", 0),
+            )
+        res = Result(True, 200)
+        last = None
+        async with client.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return Result(False, r.status_code, error=r.text[:200])
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    return Result(False, 200, error=json.dumps(obj["error"])[:200])
+                now = time.perf_counter()
+                if _chunk_text(obj):
+                    if res.ttft is None:
+                        res.ttft = now - t0
+                    elif last is not None:
+                        res.itl.append(now - last)
+                    last = now
+                usage = obj.get("usage")
+                if usage:
+                    res.prompt_tokens = usage.get("prompt_tokens", 0)
+                    res.completion_tokens = usage.get("completion_tokens", 0)
+        res.e2e = time.perf_counter() - t0
+        return res
+    except httpx.HTTPError as e:
+        return Result(False, 0, error=f"{type(e).__name__}: {e}")
+
+
+async def run_level(args, targets: list[tuple[str, str]], concurrency: int, prompts: list[str]) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    timeout = httpx.Timeout(args.timeout, connect=10.0)
+    results: list[Result] = []
+    counter = iter(range(args.requests))
+    async with httpx.AsyncClient(
+        base_url=args.base_url, headers=headers, limits=limits, timeout=timeout
+    ) as client:
+
+        async def worker() -> None:
+            for i in counter:
+                tenant, prefix = targets[i % len(targets)]
+                results.append(await one_request(client, args, tenant, prefix, prompts[i % len(prompts)]))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        dur = time.perf_counter() - t0
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.completion_tokens for r in ok)
+    errors = Counter(r.status for r in results if not r.ok)
+    first_err = next((r.error for r in results if not r.ok), "")
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "completed": len(ok),
+        "errors": dict(errors),
+        "first_error": first_err,
+        "duration_s": dur,
+        "req_s": len(ok) / dur,
+        "out_tok_s": out_tokens / dur,
+        "mean_prompt_tokens": (sum(r.prompt_tokens for r in ok) / len(ok)) if ok else None,
+        "mean_completion_tokens": (out_tokens / len(ok)) if ok else None,
+        "ttft_p50_ms": ms(percentile([r.ttft for r in ok if r.ttft is not None], 50)),
+        "ttft_p99_ms": ms(percentile([r.ttft for r in ok if r.ttft is not None], 99)),
+        "itl_p50_ms": ms(percentile([x for r in ok for x in r.itl], 50)),
+        "itl_p99_ms": ms(percentile([x for r in ok for x in r.itl], 99)),
+        "e2e_p50_ms": ms(percentile([r.e2e for r in ok], 50)),
+        "e2e_p99_ms": ms(percentile([r.e2e for r in ok], 99)),
+    }
+
+
+def seed_store(args, tenants: list[str]) -> None:
+    """Write a random prefix `args.prefix` for every tenant into `args.seed_store` (for the server's base model)."""
+    import torch
+
+    from prefix_store import open_store
+    from server.model import load_model
+
+    bundle = load_model(args.seed_model, device="cpu", dtype="float32")
+    store = open_store(args.seed_store)
+    spec = bundle.spec
+    for i, t in enumerate(tenants):
+        g = torch.Generator().manual_seed(i)
+        kv = torch.randn(spec.kv_shape(args.seed_prefix_len), generator=g)
+        store.put(
+            t,
+            args.prefix,
+            "prefix_tuning",
+            {"kv": kv},
+            base_model_fingerprint=bundle.fingerprint,
+            prefix_length=args.seed_prefix_len,
+            extra={"prompt_format": "raw"},
+        )
+    store.close()
+    print(
+        f"seeded {len(tenants)} prefixes {args.prefix!r} (P={args.seed_prefix_len}) into {args.seed_store}",
+        file=sys.stderr,
+    )
+
+
+def parse_args(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-url", default=os.environ.get("PREFIXSERVE_BASE_URL", "http://127.0.0.1:8000"))
+    ap.add_argument("--api-key", default=os.environ.get("PREFIXSERVE_API_KEY"))
+    ap.add_argument(
+        "--tenants", type=int, default=8, help="tenants bench-t0..N-1 (ignored with --model-list)"
+    )
+    ap.add_argument("--tenant-prefix", default="bench-t", help="tenant id stem for --tenants")
+    ap.add_argument("--prefix", default="base", help="prefix name for --tenants ('base': the base model)")
+    ap.add_argument(
+        "--model-list", default="", help="comma list of tenant/prefix targets, cycled over requests"
+    )
+    ap.add_argument("--concurrency", default="1,4,16", help="comma list: the sweep")
+    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt length in words (~tokens)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--stream", action="store_true", help="SSE streaming (needed for TTFT/ITL)")
+    ap.add_argument("--endpoint", choices=["generate", "completions"], default="generate")
+    ap.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--warmup", type=int, default=2, help="requests before the sweep (not measured)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seed-store", default="", help="first write random prefixes for the tenants into this store"
+    )
+    ap.add_argument("--seed-model", default="smollm2")
+    ap.add_argument("--seed-prefix-len", type=int, default=32)
+    ap.add_argument("--out", default="", help="also write the report (markdown + JSON) to this file")
+    return ap.parse_args(argv)
+
+
+async def amain(args) -> dict:
+    if args.model_list:
+        targets = []
+        for item in args.model_list.split(","):
+            t, _, p = item.strip().partition("/")
+            targets.append((t, p or "default"))
+    else:
+        targets = [(f"{args.tenant_prefix}{i}", args.prefix) for i in range(args.tenants)]
+    if args.seed_store:
+        seed_store(args, sorted({t for t, _ in targets}))
+    rng = random.Random(args.seed)
+    n_prompts = max(args.requests, 1)
+    prompts = [make_prompt(rng, args.prompt_len) for _ in range(n_prompts)]
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    load_before = loadavg()
+    if args.warmup:
+        warm = argparse.Namespace(**{**vars(args), "requests": args.warmup})
+        await run_level(warm, targets, min(args.warmup, len(targets)), prompts)
+    rows = []
+    for c in levels:
+        r = await run_level(args, targets, c, prompts)
+        rows.append(r)
+        print(
+            f"concurrency {c}: {r['req_s']:.2f} req/s, {r['out_tok_s']:.1f} tok/s, errors {r['errors']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    load_after = loadavg()
+    info = machine_info(libs=False)
+    lines = [
+        f"HTTP benchmark against {args.base_url} ({args.endpoint}, {'streaming' if args.stream else 'non-streaming'}), "
+        f"{len(targets)} targets ({', '.join(f'{t}/{p}' for t, p in targets[:4])}{', ...' if len(targets) > 4 else ''}), "
+        f"{args.requests} requests per level, prompt {args.prompt_len} words, max_tokens {args.max_tokens}"
+        f"{' (ignore_eos)' if args.ignore_eos else ''}. Client on {info['cpu']} ({info['cores']} cores), "
+        f"{info['date']}, load average before {load_before}, after {load_after}.",
+        "",
+        f"Command: `python benchmarks/bench_http.py {' '.join(sys.argv[1:])}`",
+        "",
+        markdown_table(
+            [
+                "concurrency",
+                "ok/total",
+                "errors",
+                "req/s",
+                "out tok/s",
+                "prompt tok",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "ITL p50 ms",
+                "ITL p99 ms",
+                "e2e p50 ms",
+                "e2e p99 ms",
+            ],
+            [
+                [
+                    r["concurrency"],
+                    f"{r['completed']}/{r['requests']}",
+                    ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0",
+                    fmt(r["req_s"], 2),
+                    fmt(r["out_tok_s"]),
+                    fmt(r["mean_prompt_tokens"], 0),
+                    fmt(r["ttft_p50_ms"]),
+                    fmt(r["ttft_p99_ms"]),
+                    fmt(r["itl_p50_ms"]),
+                    fmt(r["itl_p99_ms"]),
+                    fmt(r["e2e_p50_ms"]),
+                    fmt(r["e2e_p99_ms"]),
+                ]
+                for r in rows
+            ],
+        ),
+    ]
+    errs = [f"- concurrency {r['concurrency']}: {r['first_error']}" for r in rows if r["first_error"]]
+    if errs:
+        lines += ["", "First error per level:", *errs]
+    report = "\n".join(lines)
+    print(report)
+    out = {
+        "levels": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+        "base_url": args.base_url,
+        "stream": args.stream,
+        "endpoint": args.endpoint,
+        "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report + "\n\n```json\n" + json.dumps(out) + "\n```\n")
+    print(json.dumps(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(amain(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
