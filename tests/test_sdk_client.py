@@ -1,7 +1,7 @@
 """SDK (clients/python) against a scripted HTTP server on a real loopback socket (Starlette + uvicorn, no mocks).
 
 Each test scripts the answers of the routes it calls (status, JSON body, headers, SSE frames) and checks what the
-SDK sent and what it returned or raised. The real-server end-to-end test lives in tests/test_e2e*.py.
+SDK sent and what it returned or raised. Acceptance against the real server is a separate end-to-end test.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Resp:
     delay: float = 0.0  # before answering
     frame_delay: float = 0.0  # between SSE frames
     content_type: str | None = None
+    echo_id: bool = True  # echo X-Request-ID like the server does
 
 
 @dataclass
@@ -102,7 +103,9 @@ class Scripted:
             r = self.next(request.method, request.url.path)
             if r.delay:
                 await asyncio.sleep(r.delay)
-            headers = {"x-request-id": request.headers.get("x-request-id") or "rid-server", **r.headers}
+            headers = dict(r.headers)
+            if r.echo_id:
+                headers["x-request-id"] = request.headers.get("x-request-id") or "rid-server"
             if r.sse is not None:
 
                 async def frames() -> Any:
@@ -284,6 +287,17 @@ def test_error_mapping(srv: Any, status: int, cls: type, type_: str, code: Any, 
     assert len(srv.calls("POST", "/generate")) == 1
 
 
+def test_error_request_id_falls_back_to_the_sent_one(srv: Any) -> None:
+    srv.on("POST", "/generate", Resp(409, error_json(409, "busy", "conflict_error"), echo_id=False))
+    with ps.Client(srv.url, max_retries=0) as c:
+        with pytest.raises(ps.Conflict) as ei:
+            c.generate("acme", "Hi", request_id="mine")
+        assert ei.value.request_id == "mine"
+        with pytest.raises(ps.Conflict) as ei:
+            c.generate("acme", "Hi")
+        assert ei.value.request_id is None
+
+
 def test_error_without_json_body(srv: Any) -> None:
     srv.on("GET", "/health", Resp(502, raw=b"<html>bad gateway</html>", content_type="text/html"))
     with ps.Client(srv.url, max_retries=0) as c, pytest.raises(ps.InternalServerError) as ei:
@@ -400,7 +414,7 @@ def test_training_submit_not_resent_after_read_timeout(srv: Any) -> None:
     with ps.Client(srv.url, timeout=0.3, max_retries=3) as c:
         delays = no_sleep(c)
         with pytest.raises(ps.APITimeoutError):
-            c.prefixes.train("acme", "p", "prefix_tuning", [{"input": "a", "output": "b"}])
+            c.prefixes.train("acme", "p", "prefix_tuning", [{"prompt": "a", "completion": "b"}])
     assert delays == [] and len(srv.calls("POST", "/prefixes")) == 1
 
 
@@ -416,6 +430,18 @@ def test_stream_parses_deltas_until_done(srv: Any, client: Any) -> None:
     assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 3
     (seen,) = srv.calls("POST", "/generate")
     assert seen.body["stream"] is True and seen.headers["accept"] == "text/event-stream"
+
+
+def test_stream_token_ids(srv: Any, client: Any) -> None:
+    frames = [
+        json.dumps({"id": "g", "text": "he", "token_ids": [101, 102], "finish_reason": None}),
+        json.dumps({"id": "g", "text": "y", "token_ids": [7], "finish_reason": "stop", "usage": USAGE}),
+        "[DONE]",
+    ]
+    srv.on("POST", "/generate", Resp(200, sse=frames))
+    deltas = list(client.stream("acme", "Hi"))
+    assert [d.token_ids for d in deltas] == [[101, 102], [7]]
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].usage.total_tokens == 8
 
 
 def test_stream_sse_details(srv: Any, client: Any) -> None:
@@ -444,6 +470,14 @@ def test_stream_error_event_raises_typed_error(srv: Any, client: Any) -> None:
     assert got == ["par"]
     e = ei.value
     assert (e.status_code, e.code, e.in_stream, e.request_id) == (503, "store_unavailable", True, "s-err")
+
+
+def test_stream_error_event_explicit_status(srv: Any, client: Any) -> None:
+    err = {"error": {"message": "too long", "type": "invalid_request_error", "code": "x", "status": 413}}
+    srv.on("POST", "/generate", Resp(200, sse=[json.dumps(err), "[DONE]"]))
+    with pytest.raises(ps.PayloadTooLarge) as ei:
+        list(client.stream("acme", "Hi"))
+    assert ei.value.status_code == 413 and ei.value.message == "too long"
 
 
 def test_stream_error_event_status_from_type(srv: Any, client: Any) -> None:
@@ -562,11 +596,23 @@ PREFIX = {
 
 
 def test_train_body_and_job(srv: Any, client: Any, tmp_path: Path) -> None:
-    srv.on("POST", "/prefixes", Resp(202, {**JOB, "progress": {"step": 0, "total": 10, "loss": None}}))
-    examples = [{"input": "q1", "output": "a1"}, {"input": "q2", "output": "a2"}]
-    job = client.prefixes.train("acme", "faq", "prefix_tuning", examples, prefix_length=8, epochs=2, lr=0.01)
-    assert isinstance(job, ps.Job) and job.job_id == "job0001" and job.status == "queued" and not job.done
-    assert job.progress is not None and job.progress.total == 10
+    srv.on("POST", "/prefixes", Resp(202, {**JOB, "progress": {"step": 0, "total_steps": 10, "loss": None}}))
+    examples = [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "completion": "a2"}]
+    job = client.prefixes.train(
+        "acme",
+        "faq",
+        "prefix_tuning",
+        examples,
+        prefix_length=8,
+        hyperparameters={"epochs": 5, "batch_size": 4},
+        epochs=2,  # keyword arguments win over the dict
+        learning_rate=0.01,
+        seed=None,  # None: left to the server
+    )
+    assert isinstance(job, ps.Job) and isinstance(job, ps.JobInfo)
+    assert job.job_id == "job0001" and job.status == "queued" and not job.done
+    assert job.progress is not None and job.progress.total_steps == 10 and job.progress.total == 10
+    assert job.progress.fraction == 0.0
     body = srv.calls("POST", "/prefixes")[0].body
     assert body == {
         "tenant_id": "acme",
@@ -574,10 +620,11 @@ def test_train_body_and_job(srv: Any, client: Any, tmp_path: Path) -> None:
         "method": "prefix_tuning",
         "examples": examples,
         "prefix_length": 8,
-        "epochs": 2,
-        "lr": 0.01,
+        "hyperparameters": {"epochs": 2, "batch_size": 4, "learning_rate": 0.01},
     }
     assert job.model_dump()["job_id"] == "job0001"  # what the CLI adapter reads
+    with pytest.raises(TypeError):
+        client.prefixes.train("acme", "faq", examples=examples, hyperparameters=[("epochs", 1)])
 
     path = tmp_path / "ex.jsonl"
     path.write_text("\n".join(json.dumps(e) for e in examples) + "\n\n", encoding="utf-8")
@@ -586,7 +633,7 @@ def test_train_body_and_job(srv: Any, client: Any, tmp_path: Path) -> None:
     for seen in srv.calls("POST", "/prefixes")[1:]:
         assert seen.body == {"tenant_id": "acme", "name": "faq", "examples": examples}
 
-    path.write_text('{"input": 1}\nnot json\n', encoding="utf-8")
+    path.write_text('{"prompt": "x"}\nnot json\n', encoding="utf-8")
     with pytest.raises(ValueError, match="line 2"):
         client.prefixes.train("acme", "faq", examples=path)
     with pytest.raises(TypeError):
@@ -605,14 +652,13 @@ def test_train_validation_error(srv: Any, client: Any) -> None:
         ),
     )
     with pytest.raises(ps.UnprocessableEntity) as ei:
-        client.prefixes.train("acme", "faq", "prefix_tuning", [{"input": "a"}], epochs=0)
+        client.prefixes.train("acme", "faq", "prefix_tuning", [{"prompt": "a"}], epochs=0)
     assert ei.value.param == "epochs"
 
 
 def _job(status: str, step: int, **kw: Any) -> Resp:
-    return Resp(
-        200, {**JOB, "status": status, "progress": {"step": step, "total": 3, "loss": 1.0 / (step + 1)}, **kw}
-    )
+    progress = {"step": step, "total_steps": 3, "loss": 1.0 / (step + 1), "epoch": step // 2}
+    return Resp(200, {**JOB, "status": status, "progress": progress, **kw})
 
 
 def test_job_wait_progress_success(srv: Any, client: Any) -> None:
@@ -623,14 +669,27 @@ def test_job_wait_progress_success(srv: Any, client: Any) -> None:
         _job("queued", 0),
         _job("running", 1),
         _job("running", 2),
-        _job("succeeded", 3, extra_field="x"),
+        _job(
+            "succeeded",
+            3,
+            extra_field="x",
+            created=100.0,
+            started=101.5,
+            finished=130.25,
+            prefix_version=2,
+            summary={"final_loss": 0.25, "total_steps": 3},
+        ),
     )
     seen: list[tuple[str, int]] = []
-    job = client.prefixes.train("acme", "faq", "prefix_tuning", [{"input": "a", "output": "b"}])
+    job = client.prefixes.train("acme", "faq", "prefix_tuning", [{"prompt": "a", "completion": "b"}])
     final = job.wait(progress=lambda j: seen.append((j.status, j.progress.step)), poll_interval=0.01)
     assert final is job and job.status == "succeeded" and job.done
     assert seen == [("queued", 0), ("running", 1), ("running", 2), ("succeeded", 3)]
     assert job.model_extra == {"extra_field": "x"}
+    assert (job.created, job.started, job.finished, job.prefix_version) == (100.0, 101.5, 130.25, 2)
+    assert job.summary == {"final_loss": 0.25, "total_steps": 3}
+    assert job.progress is not None and (job.progress.total_steps, job.progress.epoch) == (3, 1)
+    assert job.progress.fraction == 1.0 and job.error is None
 
 
 def test_job_wait_failed_and_cancelled(srv: Any, client: Any) -> None:
@@ -813,7 +872,7 @@ def test_async_prefixes_and_job_wait(srv: Any) -> None:
     async def main() -> None:
         async with ps.AsyncClient(srv.url) as c:
             job = await c.prefixes.train(
-                "acme", "faq", "prompt_tuning", [{"input": "a", "output": "b"}], prefix_length=4
+                "acme", "faq", "prompt_tuning", [{"prompt": "a", "completion": "b"}], prefix_length=4
             )
             assert isinstance(job, ps.AsyncJob)
             steps: list[int] = []

@@ -111,13 +111,15 @@ class AsyncPrefixes:
         examples: Examples | None = None,
         *,
         prefix_length: int | None = None,
+        hyperparameters: dict[str, Any] | None = None,
         request_id: str | None = None,
-        **hyperparameters: Any,
+        **kwargs: Any,
     ) -> AsyncJob:
         """See :meth:`Prefixes.train`."""
         if examples is None:
             raise TypeError("train() needs examples (a list of dicts or a JSONL path)")
-        body = _base.train_body(tenant_id, name, method, examples, prefix_length, hyperparameters)
+        hp = _base.merge_hyperparameters(hyperparameters, kwargs)
+        body = _base.train_body(tenant_id, name, method, examples, prefix_length, hp)
         r = await self._client._request(
             "POST", "/prefixes", json=body, request_id=request_id, idempotent=False
         )

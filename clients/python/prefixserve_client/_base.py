@@ -129,6 +129,8 @@ def train_body(
     prefix_length: int | None,
     hyperparameters: dict[str, Any],
 ) -> dict[str, Any]:
+    """``POST /prefixes`` body: hyperparameters travel nested under ``"hyperparameters"`` (None values dropped,
+    so the server's defaults apply)."""
     body: dict[str, Any] = {"name": name, "examples": load_examples(examples)}
     if tenant_id is not None:
         body["tenant_id"] = tenant_id
@@ -136,10 +138,17 @@ def train_body(
         body["method"] = method
     if prefix_length is not None:
         body["prefix_length"] = prefix_length
-    for k, v in hyperparameters.items():
-        if v is not None:
-            body[k] = v
+    hp = {k: v for k, v in hyperparameters.items() if v is not None}
+    if hp:
+        body["hyperparameters"] = hp
     return body
+
+
+def merge_hyperparameters(hyperparameters: dict[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``train(..., hyperparameters={...}, epochs=3)``: both forms, keyword arguments win."""
+    if hyperparameters is not None and not isinstance(hyperparameters, dict):
+        raise TypeError("hyperparameters must be a dict")
+    return {**(hyperparameters or {}), **kwargs}
 
 
 # --------------------------------------------------------------------------------------------- retries

@@ -110,19 +110,24 @@ class Prefixes:
         examples: Examples | None = None,
         *,
         prefix_length: int | None = None,
+        hyperparameters: dict[str, Any] | None = None,
         request_id: str | None = None,
-        **hyperparameters: Any,
+        **kwargs: Any,
     ) -> Job:
         """Start a training job (``POST /prefixes``); the prefix appears once the job succeeded.
 
         ``method``: ``prefix_tuning``, ``prefix_propagation`` or ``prompt_tuning`` (None: the server's default).
-        ``examples``: a list of dicts, or the path of a JSONL file. Extra keyword arguments (``epochs``, ``lr``,
-        ``max_steps``, ...) go to the trainer, which validates them. Never retried after the request was sent,
-        so a job is not submitted twice.
+        ``examples``: a list of ``{"prompt", "completion"}`` dicts, or the path of a JSONL file of them.
+        ``prefix_length=None``: the server's default. Hyperparameters (``epochs``, ``learning_rate``,
+        ``batch_size``, ``seed``, ``warmup_ratio``, ``weight_decay``, ``max_grad_norm``, ``prompt_format``, ...)
+        as keyword arguments and/or a ``hyperparameters`` dict (keywords win) are sent as the body's
+        ``"hyperparameters"`` object; the server validates them (422, ``param`` naming the field). A submission
+        is never re-sent once the request went out (no duplicate jobs); 429/503 and connect failures are retried.
         """
         if examples is None:
             raise TypeError("train() needs examples (a list of dicts or a JSONL path)")
-        body = _base.train_body(tenant_id, name, method, examples, prefix_length, hyperparameters)
+        hp = _base.merge_hyperparameters(hyperparameters, kwargs)
+        body = _base.train_body(tenant_id, name, method, examples, prefix_length, hp)
         r = self._client._request("POST", "/prefixes", json=body, request_id=request_id, idempotent=False)
         return self._job(r.json())
 

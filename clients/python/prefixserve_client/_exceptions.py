@@ -223,6 +223,17 @@ def _error_fields(body: Any) -> dict[str, Any]:
     return {}
 
 
+def _request_id(response: httpx.Response) -> str | None:
+    """The echoed ``X-Request-ID``, else the one this client sent."""
+    rid = response.headers.get("x-request-id")
+    if rid:
+        return rid
+    try:
+        return response.request.headers.get("x-request-id")
+    except RuntimeError:  # a response built without its request
+        return None
+
+
 def status_error_from_response(response: httpx.Response, body: Any = None) -> APIStatusError:
     """The typed error for an HTTP error response (its body must already be read)."""
     if body is None:
@@ -244,7 +255,7 @@ def status_error_from_response(response: httpx.Response, body: Any = None) -> AP
     return cls(
         fields.pop("message"),
         status_code=response.status_code,
-        request_id=response.headers.get("x-request-id"),
+        request_id=_request_id(response),
         retry_after=parse_retry_after(response.headers.get("retry-after")),
         body=body,
         response=response,
@@ -255,7 +266,12 @@ def status_error_from_response(response: httpx.Response, body: Any = None) -> AP
 def status_error_from_event(body: dict[str, Any], request_id: str | None = None) -> APIStatusError:
     """The typed error for a ``data: {"error": {...}}`` event inside a stream."""
     fields = _error_fields(body) or {"message": "error event", "type": None, "param": None, "code": None}
-    status = _CODE_STATUS.get(fields.get("code") or "") or _TYPE_STATUS.get(fields.get("type") or "", 500)
+    err = body.get("error")
+    explicit = err.get("status") if isinstance(err, dict) else None
+    if isinstance(explicit, int) and not isinstance(explicit, bool) and 400 <= explicit <= 599:
+        status = explicit  # a server that says which status the error would have had
+    else:
+        status = _CODE_STATUS.get(fields.get("code") or "") or _TYPE_STATUS.get(fields.get("type") or "", 500)
     return error_class(status)(
         fields.pop("message"), status_code=status, request_id=request_id, body=body, in_stream=True, **fields
     )

@@ -3,9 +3,9 @@
 import asyncio
 import inspect
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
 
 from ._exceptions import TrainingCancelled, TrainingFailed, WaitTimeout
 
@@ -15,6 +15,7 @@ __all__ = [
     "Generation",
     "Health",
     "Job",
+    "JobInfo",
     "JobProgress",
     "ModelCard",
     "ModelList",
@@ -58,6 +59,7 @@ class StreamDelta(_Model):
     prefix: Optional[str] = None
     prefix_version: Optional[int] = None
     text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
     finish_reason: Optional[str] = None
     usage: Optional[Usage] = None
 
@@ -118,26 +120,49 @@ class DeletedPrefix(_Model):
 
 
 class JobProgress(_Model):
+    """Training progress: optimizer ``step`` of ``total_steps``, last ``loss``, current ``epoch``."""
+
     step: Optional[int] = None
-    total: Optional[int] = None
+    total_steps: Optional[int] = Field(None, validation_alias=AliasChoices("total_steps", "total"))
     loss: Optional[float] = None
+    epoch: Optional[Union[int, float]] = None
+
+    @property
+    def total(self) -> Optional[int]:
+        """Alias of ``total_steps``."""
+        return self.total_steps
+
+    @property
+    def fraction(self) -> Optional[float]:
+        """``step / total_steps`` in [0, 1], or None while unknown."""
+        if self.step is None or not self.total_steps:
+            return None
+        return min(1.0, max(0.0, self.step / self.total_steps))
 
 
-class _JobBase(_Model):
+class JobInfo(_Model):
+    """State of a training job (``GET /prefixes/jobs/{job_id}``). ``created``/``started``/``finished`` are timestamps as
+    the server sends them (unix seconds); ``prefix_version`` is the stored version once it succeeded; ``summary`` the trainer's report."""
+
     job_id: str
-    status: str
+    status: str  # queued | running | succeeded | failed | cancelled
     tenant_id: Optional[str] = None
     name: Optional[str] = None
     method: Optional[str] = None
     progress: Optional[JobProgress] = None
+    created: Optional[Union[float, str]] = None
+    started: Optional[Union[float, str]] = None
+    finished: Optional[Union[float, str]] = None
     error: Optional[Any] = None
+    prefix_version: Optional[int] = None
+    summary: Optional[dict[str, Any]] = None
 
     @property
     def done(self) -> bool:
         """The job reached a terminal status (succeeded, failed or cancelled)."""
         return self.status in TERMINAL_STATUSES
 
-    def _update(self, other: "_JobBase") -> None:
+    def _update(self, other: "JobInfo") -> None:
         for k in type(self).model_fields:
             setattr(self, k, getattr(other, k))
         if other.model_extra is not None and self.model_extra is not None:
@@ -153,7 +178,7 @@ class _JobBase(_Model):
             raise TrainingCancelled(f"training job {self.job_id} was cancelled", self)
 
 
-class Job(_JobBase):
+class Job(JobInfo):
     """A training job of a :class:`~prefixserve_client.Client`; ``refresh``, ``wait`` and ``cancel`` talk to it."""
 
     _client: Any = PrivateAttr(default=None)
@@ -195,7 +220,7 @@ class Job(_JobBase):
             time.sleep(delay)
 
 
-class AsyncJob(_JobBase):
+class AsyncJob(JobInfo):
     """A training job of an :class:`~prefixserve_client.AsyncClient`; its methods are coroutines."""
 
     _client: Any = PrivateAttr(default=None)
