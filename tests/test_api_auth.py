@@ -125,8 +125,16 @@ def test_jobs_are_isolated(srv, jobs):
 
 def test_training_limits_and_validation(srv, jobs):
     a = srv.client(KEY_A)
-    err = assert_error(a.post("/prefixes", json={"name": "x", "examples": []}), 422, "invalid_training_spec")
-    assert err["param"] == "examples"
+    assert assert_error(a.post("/prefixes", json={"name": "x", "examples": []}), 422)["param"] == "examples"
+    bad = {"name": "x", "examples": [{"prompt": "a", "completion": "b", "label": 1}]}
+    assert assert_error(a.post("/prefixes", json=bad), 422)["param"] == "examples.0.label"
+    assert_error(a.post("/prefixes", json={"name": "x", "examples": EXAMPLES, "method": "lora"}), 422)
+    # the trainer's own validation comes back as 422 naming its field
+    jobs.reject_next = ("learning rate too high", "learning_rate")
+    err = assert_error(
+        a.post("/prefixes", json={"name": "x", "examples": EXAMPLES}), 422, "invalid_training_spec"
+    )
+    assert err["param"] == "learning_rate"
     assert_error(a.post("/prefixes", json={"name": "base", "examples": EXAMPLES}), 422)
     assert_error(a.post("/prefixes", json={"name": "../x", "examples": EXAMPLES}), 422)
     for i in range(2):

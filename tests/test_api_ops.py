@@ -127,7 +127,14 @@ def test_log_prompts_opt_in(server_factory, api_bundle, caplog):
     s = server_factory(log_prompts=True)
     put_random_prefix(s.store, api_bundle, "acme")
     s.client().post("/generate", json={"tenant_id": "acme", "prompt": "visible-prompt-1", "max_tokens": 2})
-    assert any(getattr(r, "fields", {}).get("prompt") == "visible-prompt-1" for r in caplog.records)
+
+    def logged() -> bool:
+        return any(getattr(r, "fields", {}).get("prompt") == "visible-prompt-1" for r in caplog.records)
+
+    deadline = time.monotonic() + 5  # the line is written right after the response is sent
+    while not logged() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert logged()
 
 
 @pytest.mark.redis

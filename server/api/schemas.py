@@ -221,8 +221,16 @@ class PrefixList(BaseModel):
     data: list[PrefixInfo]
 
 
+class TrainExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    completion: str = Field(min_length=1)
+
+
 class TrainRequest(BaseModel):
-    """A training job. Fields beyond these are passed to the trainer, which validates them (422 naming the field)."""
+    """A training job. Hyperparameters beyond the listed ones (`warmup_ratio`, `weight_decay`, ...) go to the
+    trainer, which validates them (422 naming the field)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -230,10 +238,20 @@ class TrainRequest(BaseModel):
     name: Name = Field(
         description=f"Prefix name to create (a new version if it exists); {BASE_PREFIX!r} is reserved"
     )
-    method: str | None = Field(
-        None,
-        max_length=64,
-        description="prefix_tuning, prefix_propagation or prompt_tuning (trainer default)",
+    method: Literal["prefix_tuning", "prefix_propagation", "prompt_tuning"] | None = Field(
+        None, description="Training method (default: the trainer's, prefix_tuning)"
+    )
+    examples: list[TrainExample] = Field(min_length=1, description="Training pairs")
+    prefix_length: int | None = Field(
+        None, ge=1, le=256, description="Virtual tokens P (default: the trainer's)"
+    )
+    epochs: int | None = Field(None, ge=1, le=100)
+    learning_rate: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    batch_size: int | None = Field(None, ge=1, le=64)
+    max_steps: int | None = Field(None, ge=1, le=100_000)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    prompt_format: Literal["chat", "raw"] | None = Field(
+        None, description="How prompts are rendered in training and later serving (default: the model's)"
     )
 
 
