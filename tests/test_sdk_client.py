@@ -897,3 +897,23 @@ def test_async_prefixes_and_job_wait(srv: Any) -> None:
 
     asyncio.run(main())
     assert srv.calls("POST", "/prefixes")[0].body["prefix_length"] == 4
+
+
+def test_async_stream_retry_after_then_close_early(srv: Any) -> None:
+    srv.on(
+        "POST",
+        "/generate",
+        Resp(503, error_json(503, "busy", "service_unavailable_error", "queue_full"), {"Retry-After": "1"}),
+        Resp(200, sse=[chunk(str(i)) for i in range(50)] + ["[DONE]"], frame_delay=0.02),
+    )
+
+    async def main() -> None:
+        async with ps.AsyncClient(srv.url) as c:
+            async with c.stream("acme", "Hi", request_id="as-1") as s:
+                first = await s.__anext__()
+                assert first.text == "0" and s.request_id == "as-1"
+            assert s.response is not None and s.response.is_closed
+
+    asyncio.run(main())
+    first, second = srv.calls("POST", "/generate")
+    assert second.t - first.t >= 1.0
