@@ -420,32 +420,33 @@ def test_dockerignore() -> None:
 
 
 # ------------------------------------------------------------------------------------------ README
+DOCKER_CMD = re.compile(r"(sudo\s+)?docker(-compose)?\s")
+
+
 def readme_commands(path: Path = README) -> list[str]:
-    """Shell commands (docker / docker compose) from the README's docker section; [] when it has none."""
+    """docker / docker compose commands the README tells users to run: lines of fenced shell blocks and inline
+    code spans (`docker compose up`); [] when the README has none yet."""
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8")
-    m = re.search(r"^(#{1,6})\s+[^\n]*docker[^\n]*$", text, re.I | re.M)
-    if not m:
-        return []
-    level = len(m.group(1))
-    rest = text[m.end() :]
-    end = re.search(rf"^#{{1,{level}}}\s", rest, re.M)
-    section = rest[: end.start()] if end else rest
     cmds: list[str] = []
-    for block in re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", section, re.S):
+    fenced = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+    for block in fenced.findall(text):
         joined = re.sub(r"\s*\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = line.strip().removeprefix("$ ").split(" #")[0].strip()
-            if re.match(r"(sudo\s+)?docker(-compose)?\b", line):
+            if DOCKER_CMD.match(line + " "):
                 cmds.append(line)
+    for span in re.findall(r"(?<!`)`([^`\n]+)`(?!`)", fenced.sub("", text)):
+        if DOCKER_CMD.match(span.strip() + " "):
+            cmds.append(span.strip())
     return cmds
 
 
 def test_readme_docker_commands(compose: dict[str, Any]) -> None:
     cmds = readme_commands()
     if not cmds:
-        pytest.skip("README.md has no docker section with docker commands yet")
+        pytest.skip("README.md has no docker commands (docker section) yet")
     profiles = {p for s in compose["services"].values() for p in s.get("profiles", [])}
     services = set(compose["services"])
     for cmd in cmds:
@@ -474,12 +475,15 @@ def test_readme_docker_commands(compose: dict[str, Any]) -> None:
 def test_readme_commands_helper(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(
-        "# X\n\n## Docker\n\n```bash\ndocker build -f docker/Dockerfile \\\n  --build-arg VARIANT=cuda -t ps .\n"
-        "$ docker compose --profile gpu up server-gpu  # gpu\necho hi\n```\n\n## Other\n```bash\ndocker ps\n```\n",
+        "# X\n\nRun `docker compose up` or `make serve`.\n\n## Docker\n\n```bash\n"
+        "docker build -f docker/Dockerfile \\\n  --build-arg VARIANT=cuda -t ps .\n"
+        "$ docker compose --profile gpu up server-gpu  # gpu\necho hi\n```\n\n## Other\n```\ndocker ps\n```\n",
         encoding="utf-8",
     )
     assert readme_commands(readme) == [
         "docker build -f docker/Dockerfile --build-arg VARIANT=cuda -t ps .",
         "docker compose --profile gpu up server-gpu",
+        "docker ps",
+        "docker compose up",
     ]
     assert readme_commands(tmp_path / "missing.md") == []
