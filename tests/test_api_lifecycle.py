@@ -42,8 +42,8 @@ def test_stream_disconnect_aborts_within_a_step(server_factory, api_bundle):
         next(lines)
         assert s.svc.llm.num_running == 1
     # closing the response closes the connection; the engine drops the request at its next step
-    took = wait_until(lambda: engine_idle(s.svc), timeout=2)
-    assert took < 0.5
+    took = wait_until(lambda: engine_idle(s.svc), timeout=3)
+    assert took < 1.5  # generating the 400 tokens would take > 4 s
     assert only_prefix_blocks_used(s.svc), "the aborted request's KV blocks were not freed"
     m = c.get("/metrics").text
     assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "abort"}) == 1
@@ -83,8 +83,8 @@ def test_non_streaming_disconnect_aborts(server_factory, api_bundle):
     )
     wait_until(lambda: s.svc.llm.num_running == 1, timeout=5)
     sock.close()
-    took = wait_until(lambda: engine_idle(s.svc), timeout=2)
-    assert took < 0.5  # 400 tokens would take > 4 s
+    took = wait_until(lambda: engine_idle(s.svc), timeout=3)
+    assert took < 1.5  # 400 tokens would take > 4 s
     assert only_prefix_blocks_used(s.svc)
     assert s.svc._tenant_active == {}
 
@@ -96,7 +96,7 @@ def test_sigterm_drains_in_flight_and_exits_zero(subprocess_server, tmp_path):
     store = open_store(store_url)
     put_random_prefix(store, tiny_bundle(), "acme")
     store.close()
-    sp = subprocess_server(store_url=store_url, shutdown_grace_s=30, step_delay=0.01)
+    sp = subprocess_server(store_url=store_url, shutdown_grace_s=60, step_delay=0.02)
     c = sp.client()
     assert c.get("/ready").status_code == 200
     result: dict = {}
@@ -141,8 +141,8 @@ def test_sigterm_drains_in_flight_and_exits_zero(subprocess_server, tmp_path):
     assert result["status"] == 200
     frames = parse_sse(result["body"])
     assert frames[-1] == "[DONE]"
-    assert frames[-2]["finish_reason"] == "length" and frames[-2]["usage"]["completion_tokens"] == 150
-    assert sp.wait(30) == 0
+    assert frames[-2]["finish_reason"] == "length" and frames[-2]["usage"]["completion_tokens"] == 250
+    assert sp.wait(60) == 0
     c.close()
 
 

@@ -115,8 +115,17 @@ class ServiceMiddleware:
                 hs = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 hs.append((b"x-request-id", rid.encode("latin-1")))
                 message = {**message, "headers": hs}
+            elif (
+                message["type"] == "http.response.body"
+                and not message.get("more_body", False)
+                and not recorded
+            ):
+                # log and count before the last byte leaves: a client that saw the response can see its log line
+                recorded.append(True)
+                self._record(scope, info, method, path, status_box[0] or 500, time.monotonic() - t0, probe)
             await send(message)
 
+        recorded: list[bool] = []
         counted = False
         try:
             if st.draining and not probe:
@@ -170,7 +179,8 @@ class ServiceMiddleware:
         finally:
             if counted:
                 st.inflight -= 1
-            self._record(scope, info, method, path, status_box[0] or 500, time.monotonic() - t0, probe)
+            if not recorded:
+                self._record(scope, info, method, path, status_box[0] or 500, time.monotonic() - t0, probe)
 
     def _record(
         self,
