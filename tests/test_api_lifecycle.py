@@ -111,7 +111,7 @@ def test_sigterm_drains_in_flight_and_exits_zero(subprocess_server, tmp_path):
                 json={
                     "tenant_id": "acme",
                     "prompt": "drain",
-                    "max_tokens": 150,
+                    "max_tokens": 250,
                     "ignore_eos": True,
                     "stream": True,
                 },
