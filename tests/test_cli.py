@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,11 +82,24 @@ def _examples(tmp_path):
     return f
 
 
+CLIENT_DIR = str(Path(__file__).resolve().parents[1] / "clients" / "python")
+
+
+@pytest.mark.parametrize("via", ["sdk", "httpx"])
 @pytest.mark.parametrize("outcome,rc", [("succeeded", 0), ("failed", 1)])
-def test_train_submits_and_waits_with_progress(server_factory, tmp_path, capsys, monkeypatch, outcome, rc):
+def test_train_submits_and_waits_with_progress(
+    server_factory, tmp_path, capsys, monkeypatch, outcome, rc, via
+):
     jobs = FakeJobManager()
     s = server_factory(job_manager=jobs, keys={"acme": "k-acme-1"})
     monkeypatch.setenv("PREFIXSERVE_API_KEY", "k-acme-1")
+    used: list[object] = []
+    if via == "sdk":
+        monkeypatch.syspath_prepend(CLIENT_DIR)
+        real = cli._sdk_jobs
+        monkeypatch.setattr(cli, "_sdk_jobs", lambda *a: used.append(real(*a)) or used[-1])
+    else:
+        monkeypatch.setattr(cli, "_sdk_jobs", lambda *a: None)
 
     def finish_later() -> None:
         deadline = time.monotonic() + 20
@@ -106,6 +120,8 @@ def test_train_submits_and_waits_with_progress(server_factory, tmp_path, capsys,
     captured = capsys.readouterr()
     assert json.loads(captured.out.strip().splitlines()[-1])["status"] == outcome
     assert "training job0001" in captured.err  # the tqdm bar
+    if via == "sdk":
+        assert used and used[0] is not None, "the SDK should have been used"
 
 
 def test_train_reports_server_errors(server_factory, tmp_path, capsys):
