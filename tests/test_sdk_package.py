@@ -64,6 +64,8 @@ def test_distribution_metadata() -> None:
     deps = sorted(d.split(">")[0].split("=")[0].split("<")[0].strip() for d in meta["dependencies"])
     assert deps == ["httpx", "pydantic"]
     assert meta["version"] == ps.__version__
+    # an SPDX string: setuptools deprecated the `{text = ...}` table (builds stop working after 2027-02-18)
+    assert meta["license"] == "Apache-2.0"
     assert (CLIENT / "README.md").is_file() and (PKG / "py.typed").is_file()
 
 
