@@ -230,3 +230,26 @@ def test_openapi_documents_every_route_and_error_body(srv):
         ref = gen[status]["content"]["application/json"]["schema"]["$ref"]
         assert ref.endswith("/ErrorResponse")
     assert c.get("/docs").status_code == 200
+
+
+def test_corrupt_or_truncated_record_is_refused_and_others_keep_serving(srv, api_bundle, tmp_path):
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    c = srv.client()
+    root = Path(urlsplit(srv.store.url).path)
+    put_random_prefix(srv.store, api_bundle, "acme", "flipped", seed=5)
+    put_random_prefix(srv.store, api_bundle, "acme", "truncated", seed=6)
+    blob = root / "acme" / "flipped" / "v1.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    short = root / "acme" / "truncated" / "v1.safetensors"
+    short.write_bytes(short.read_bytes()[:100])
+    for name in ("flipped", "truncated"):
+        err = assert_error(
+            c.post("/generate", json={"tenant_id": "acme", "prefix": name, "prompt": "x"}), 422
+        )
+        assert err["code"] == "prefix_corrupt" and err["param"] == "prefix"
+    ok = c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
