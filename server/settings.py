@@ -23,7 +23,8 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ model and store
     model: str = Field(
-        "smollm2", description="Base model: 'smollm2' (embedded), a HF hub id or a local folder"
+        "smollm2",
+        description="Base model: 'smollm2' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder",
     )
     store_url: str = Field(
         default_factory=default_store_url,
@@ -32,7 +33,9 @@ class Settings(BaseSettings):
     jobs_url: str | None = Field(
         None, description="Training job queue location (default: next to the prefix store)"
     )
-    cache: str | None = Field(None, description="Model conversion cache folder (default: the loader's own)")
+    cache: str | None = Field(
+        None, description="Model conversion cache folder (default: ~/.cache/prefixserve)"
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     dtype: str = Field("auto", description="'auto', 'float32', 'bfloat16', 'float16'")
 
