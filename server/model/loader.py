@@ -128,7 +128,7 @@ def compute_fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
 
 def _folder_stamp(folder: Path) -> dict[str, list[int]]:
     return {
-        p.name: [p.stat().st_size, int(p.stat().st_mtime)]
+        p.name: [p.stat().st_size, p.stat().st_mtime_ns]
         for p in sorted(folder.iterdir())
         if p.suffix in (".safetensors", ".bin", ".json", ".model", ".gguf")
         and p.name != FINGERPRINT_FILE
@@ -177,40 +177,59 @@ def embedded_gguf_dir() -> Path:
     return folder
 
 
+def _remove_stale_temp_dirs(parent: Path, max_age_s: float = 3600.0) -> None:
+    """Temp folders left by a crashed conversion (never picked up by loads; only disk space)."""
+    now = time.time()
+    for d in parent.glob(".tmp-convert-*"):
+        with contextlib.suppress(OSError):
+            if now - d.stat().st_mtime > max_age_s:
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
-    """Folder of the dequantized embedded model, converting the GGUF once (atomic: temp dir + rename)."""
+    """Folder of the dequantized embedded model, converting the GGUF once (atomic: temp dir + rename).
+
+    `cache_dir` (default `$PREFIXSERVE_CACHE` or `~/.cache/prefixserve`) holds `models/smollm2-135m-instruct`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache_dir / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists():
         return target
     src = embedded_gguf_dir()
-    log.info("converting the embedded SmolLM2-135M-Instruct GGUF once into %s (~20 s)", target)
+    log.info("converting the embedded SmolLM2-135M-Instruct GGUF once into %s (~20-60 s)", target)
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32, local_files_only=True
+    )
+    gguf_eos = tok.eos_token_id
     tok.eos_token = CHAT_EOS
     eos_id = tok.convert_tokens_to_ids(CHAT_EOS)
+    eos_ids = [eos_id] + ([gguf_eos] if gguf_eos is not None and gguf_eos != eos_id else [])
     model.config.eos_token_id = eos_id
     if model.generation_config is not None:
-        model.generation_config.eos_token_id = eos_id
+        model.generation_config.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_id
         model.generation_config.pad_token_id = eos_id
-    for attr in ("hf_quantizer",):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
+    # the GGUF quantizer has already dequantized every tensor: save a plain float32 checkpoint
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    with contextlib.suppress(AttributeError):
         delattr(model.config, "quantization_config")
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(target.parent)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-convert-"))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by service users
         os.replace(tmp, target)
-    except OSError:
+    except BaseException as e:  # crash / interrupt: never leave a folder that a later load would pick up
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # another process may have won the race
-            raise
+        if isinstance(e, OSError) and (target / "config.json").exists():  # another process won the race
+            return target
+        raise
     log.info("converted in %.1fs", time.perf_counter() - t0)
     return target
 
@@ -262,6 +281,8 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dev = resolve_device(device)  # bad arguments fail before any work
+    dt = resolve_dtype(dtype, dev)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if model in (None, "", EMBEDDED_NAME):
         folder, name = ensure_embedded_converted(cache), "SmolLM2-135M-Instruct"
@@ -270,13 +291,16 @@ def load_model(
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
         name = folder.name
-    cfg = AutoConfig.from_pretrained(folder)
+    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
     spec_from_config(cfg)  # refuse unsupported families before loading weights
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # fp32 first: the fingerprint is taken on the fp32 weights, then the model is cast to the serving dtype.
+    # sdpa: the fused kernel on CPU and GPU, GQA-aware, numerically equal to eager within float tolerance; this
+    # model is the reference/training path (the engine runs its own kernels), and sdpa keeps it fast.
+    hf = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+    )
     _freeze(hf)
     fingerprint = _cached_fingerprint(folder, cache, hf, tokenizer)
     hf = hf.to(device=dev, dtype=dt)
