@@ -12,14 +12,16 @@ from server.prefixes.kinds import (
     flat_to_kv,
     kv_to_cache,
     kv_to_flat,
+    kv_to_past_key_values,
     prefix_forward,
     propagation_hooks,
     validate_kv,
 )
-from server.prefixes.peft_import import import_peft, read_peft_adapter
+from server.prefixes.peft_import import PeftAdapter, import_peft, read_peft_adapter
 
 __all__ = [
     "KINDS",
+    "PeftAdapter",
     "PrefixTuningParams",
     "cache_to_kv",
     "compile_prefix_tuning",
@@ -31,6 +33,7 @@ __all__ = [
     "import_peft",
     "kv_to_cache",
     "kv_to_flat",
+    "kv_to_past_key_values",
     "prefix_forward",
     "propagation_hooks",
     "read_peft_adapter",

@@ -14,6 +14,7 @@ prompt's first token has position P, exactly as transformers' `past_key_values` 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,16 +41,32 @@ def kv_to_flat(kv: torch.Tensor) -> torch.Tensor:
     return kv.permute(3, 0, 1, 2, 4).reshape(p, layers * two * k * d)
 
 
-def kv_to_cache(kv: torch.Tensor, batch: int = 1, dtype: torch.dtype | None = None) -> DynamicCache:
-    """A transformers DynamicCache holding the prefix for `batch` rows (differentiable: no copies, no detach)."""
+def kv_to_past_key_values(
+    kv: torch.Tensor,
+    batch: int = 1,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> DynamicCache:
+    """A transformers `DynamicCache` holding the prefix `kv [L, 2, K, P, D]` for `batch` rows.
+
+    Feed it as `past_key_values` with an attention mask of `P + T` ones; the prompt then starts at position P.
+    Differentiable (no detach): gradients reach `kv` (prefix-tuning training). The cache copies on first update.
+    """
+    if kv.dim() != 5 or kv.shape[1] != 2:
+        raise InvalidPrefix(f"prefix kv must be [L, 2, K, P, D], got {list(kv.shape)}")
     cache = DynamicCache()
     for layer in range(kv.shape[0]):
         k = kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1)
         v = kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1)
-        if dtype is not None:
-            k, v = k.to(dtype), v.to(dtype)
+        if dtype is not None or device is not None:
+            k, v = k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)
         cache.update(k, v, layer)
     return cache
+
+
+def kv_to_cache(kv: torch.Tensor, batch: int = 1, dtype: torch.dtype | None = None) -> DynamicCache:
+    """Alias of `kv_to_past_key_values` (kept for callers of the first version)."""
+    return kv_to_past_key_values(kv, batch=batch, dtype=dtype)
 
 
 def cache_to_kv(cache: Any, num_layers: int, row: int = 0) -> torch.Tensor:
@@ -59,6 +76,11 @@ def cache_to_kv(cache: Any, num_layers: int, row: int = 0) -> torch.Tensor:
         lay = cache.layers[layer]
         out.append(torch.stack([lay.keys[row], lay.values[row]]))
     return torch.stack(out).float()
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise InvalidPrefix(f"{what} contains NaN or infinite values")
 
 
 def validate_kv(kv: Any, spec: ModelSpec, prefix_length: int) -> None:
@@ -71,14 +93,16 @@ def validate_kv(kv: Any, spec: ModelSpec, prefix_length: int) -> None:
             f"prefix kv has shape {list(kv.shape)}, this base model needs {list(want)} "
             "(layers, key/value, kv heads, prefix length, head dim)"
         )
-    if not torch.isfinite(kv).all():
-        raise InvalidPrefix("prefix kv contains NaN or infinite values")
+    _check_finite(kv, "prefix kv")
 
 
 # ------------------------------------------------------------------------------------------------ prefix-tuning
 class PrefixTuningParams(nn.Module):
     """Trainable prefix-tuning parameters with the MLP reparameterization (or the direct KV when projection=False).
 
+    projection=True: `embedding [P, E]` → Linear(E→hidden) → tanh → Linear(hidden→L·2·K·D); E defaults to the
+    model's hidden size H (Li & Liang). PEFT uses E = K·D (its `token_dim`, smaller than H under grouped-query
+    attention), so imported PEFT encoders keep their own E. projection=False: `embedding [P, L·2·K·D]` is the prefix.
     State-dict names: `embedding`, `mlp.0.weight`, `mlp.0.bias`, `mlp.2.weight`, `mlp.2.bias`.
     """
 
@@ -89,22 +113,26 @@ class PrefixTuningParams(nn.Module):
         hidden: int = 512,
         projection: bool = True,
         init_embedding: torch.Tensor | None = None,
+        embed_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
         self.prefix_length = prefix_length
         self.projection = projection
         out = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
-        if projection:
-            emb = (
-                init_embedding.clone().float()
-                if init_embedding is not None
-                else torch.randn(prefix_length, spec.hidden_size) * 0.02
-            )
-            self.embedding = nn.Parameter(emb)
-            self.mlp = nn.Sequential(nn.Linear(spec.hidden_size, hidden), nn.Tanh(), nn.Linear(hidden, out))
+        width = (embed_dim or spec.hidden_size) if projection else out
+        if init_embedding is not None:
+            if tuple(init_embedding.shape) != (prefix_length, width):
+                raise ValueError(
+                    f"init_embedding must be [{prefix_length}, {width}], got {list(init_embedding.shape)}"
+                )
+            emb = init_embedding.detach().clone().float()
         else:
-            self.embedding = nn.Parameter(torch.randn(prefix_length, out) * 0.02)
+            emb = torch.randn(prefix_length, width) * 0.02
+        self.embedding = nn.Parameter(emb)
+        if projection:
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, out))
+        else:
             self.mlp = None
 
     def flat(self) -> torch.Tensor:
@@ -117,16 +145,32 @@ class PrefixTuningParams(nn.Module):
 def compile_prefix_tuning(
     params: PrefixTuningParams | dict[str, torch.Tensor], spec: ModelSpec
 ) -> torch.Tensor:
-    """Serving form of prefix-tuning parameters (a module or its state dict)."""
+    """Serving form of prefix-tuning parameters: a `PrefixTuningParams` or its state dict (`embedding` and, with
+    the MLP, `mlp.0.weight`, `mlp.0.bias`, `mlp.2.weight`, `mlp.2.bias`). Raises InvalidPrefix if they do not fit."""
     if isinstance(params, dict):
+        if "embedding" not in params:
+            raise InvalidPrefix(f"prefix-tuning tensors need 'embedding' (got {', '.join(sorted(params))})")
         emb = params["embedding"]
         projection = "mlp.0.weight" in params
-        hidden = params["mlp.0.weight"].shape[0] if projection else 512
-        mod = PrefixTuningParams(spec, emb.shape[0], hidden=hidden, projection=projection)
-        mod.load_state_dict({k: v.float() for k, v in params.items()})
+        if emb.dim() != 2 or emb.shape[0] < 1:
+            raise InvalidPrefix(f"prefix-tuning embedding must be [P, ...], got {list(emb.shape)}")
+        hidden = params["mlp.0.weight"].shape[0] if projection else 1
+        mod = PrefixTuningParams(
+            spec,
+            emb.shape[0],
+            hidden=hidden,
+            projection=projection,
+            embed_dim=emb.shape[1] if projection else None,
+        )
+        try:
+            mod.load_state_dict({k: v.detach().float() for k, v in params.items()})
+        except RuntimeError as e:
+            raise InvalidPrefix(f"prefix-tuning tensors do not fit this base model: {e}") from None
         params = mod
     with torch.no_grad():
-        return params.kv().detach().float().contiguous()
+        kv = params.kv().detach().float().contiguous()
+    validate_kv(kv, spec, kv.shape[3])
+    return kv
 
 
 # ------------------------------------------------------------------------------------------------ propagation
@@ -144,27 +188,51 @@ def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
 
 @contextlib.contextmanager
 def propagation_hooks(hf_model: nn.Module, additions: torch.Tensor, prefix_len: int) -> Iterator[None]:
-    """While active, `additions[l]` is added to the hidden states of the first `prefix_len` positions at the input
-    of decoder layer l (differentiable). Assumes each forward starts at position 0 (training, compilation)."""
+    """While active, `additions[l]` (`additions [L, P, H]`) is added to the hidden states of the prefix positions
+    at the input of decoder layer l; differentiable, so training can use it.
+
+    The prefix positions are the tokens whose position id is `< prefix_len` (position ids reach every decoder
+    layer of Llama-family and GPT-2 models in transformers 5): with the usual position ids `0..T-1` that is
+    `hidden_states[:, :P]`; a later forward that continues from a cache (positions >= P) gets nothing added. If a
+    layer receives no position ids, the first `prefix_len` positions of a forward at least that long get it.
+
+    Thread-local: the hooks act only in the thread that entered the context, so a training thread (or a compile)
+    never changes forwards that other threads run on the shared frozen model at the same time.
+    """
+    layers = decoder_layers(hf_model)
+    if additions.dim() != 3 or additions.shape[0] != len(layers) or additions.shape[1] != prefix_len:
+        raise ValueError(
+            f"additions must be [L={len(layers)}, P={prefix_len}, H], got {list(additions.shape)}"
+        )
+    owner = threading.get_ident()
     handles = []
 
     def make(layer_idx: int):
         def hook(_mod, args, kwargs):
+            if threading.get_ident() != owner:
+                return None
             if args:
                 h, rest = args[0], args[1:]
             else:
                 h, rest = kwargs["hidden_states"], ()
-            if h.shape[1] < prefix_len:
-                return None
-            add = additions[layer_idx].to(h.dtype)
-            h = torch.cat([h[:, :prefix_len] + add, h[:, prefix_len:]], dim=1)
+            add = additions[layer_idx].to(device=h.device, dtype=h.dtype)  # [P, H]
+            pos = kwargs.get("position_ids")
+            if pos is not None:
+                pos = pos.to(h.device)
+                in_prefix = (pos >= 0) & (pos < prefix_len)  # [1 or B, T]; no .any(): avoids a device sync
+                delta = add[pos.clamp(0, prefix_len - 1)] * in_prefix.unsqueeze(-1).to(h.dtype)
+                h = h + delta
+            else:
+                if h.shape[1] < prefix_len:
+                    return None
+                h = torch.cat([h[:, :prefix_len] + add, h[:, prefix_len:]], dim=1)
             if args:
                 return (h, *rest), kwargs
             return args, {**kwargs, "hidden_states": h}
 
         return hook
 
-    for i, layer in enumerate(decoder_layers(hf_model)):
+    for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(make(i), with_kwargs=True))
     try:
         yield
@@ -213,26 +281,33 @@ def _record_kv(
 
 def compile_propagation(bundle: ModelBundle, additions: torch.Tensor) -> torch.Tensor:
     """Run the frozen model once over P zero-embedded positions with the additions and record each layer's K/V."""
-    layers, p, h = additions.shape
-    if layers != bundle.spec.num_layers or h != bundle.spec.hidden_size:
+    sp = bundle.spec
+    if additions.dim() != 3 or additions.shape[0] != sp.num_layers or additions.shape[2] != sp.hidden_size:
         raise InvalidPrefix(
-            f"additions {list(additions.shape)} do not fit the model (L={bundle.spec.num_layers}, H={h})"
+            f"additions {list(additions.shape)} do not fit this base model: need [L={sp.num_layers}, P, "
+            f"H={sp.hidden_size}]"
         )
-    return _record_kv(bundle, torch.zeros(p, h), additions)
+    if additions.shape[1] < 1:
+        raise InvalidPrefix("prefix length must be at least 1")
+    _check_finite(additions, "additions")
+    return _record_kv(bundle, torch.zeros(additions.shape[1], sp.hidden_size), additions.float())
 
 
 def compile_prompt_tuning(bundle: ModelBundle, soft_prompt: torch.Tensor) -> torch.Tensor:
     """Run the frozen model once over the soft prompt and record each layer's K/V."""
-    if soft_prompt.dim() != 2 or soft_prompt.shape[1] != bundle.spec.hidden_size:
+    if soft_prompt.dim() != 2 or soft_prompt.shape[1] != bundle.spec.hidden_size or soft_prompt.shape[0] < 1:
         raise InvalidPrefix(
-            f"soft prompt {list(soft_prompt.shape)} does not fit hidden size {bundle.spec.hidden_size}"
+            f"soft prompt {list(soft_prompt.shape)} does not fit this base model: need [P, H={bundle.spec.hidden_size}]"
         )
-    return _record_kv(bundle, soft_prompt, None)
+    _check_finite(soft_prompt, "soft prompt")
+    return _record_kv(bundle, soft_prompt.float(), None)
 
 
 def compile_record(bundle: ModelBundle, kind: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Serving kv from the trained tensors of any kind."""
     if kind == "prefix_tuning":
+        if "embedding" not in tensors and "kv" in tensors:  # imported from PEFT: the kv is the parameter
+            return tensors["kv"].float().contiguous()
         return compile_prefix_tuning(
             {k: v for k, v in tensors.items() if k == "embedding" or k.startswith("mlp.")}, bundle.spec
         )
