@@ -1,119 +1,179 @@
-"""PEFT adapters (prefix tuning with/without projection, prompt tuning) imported into the store generate exactly
-what PEFT's own `generate` produces."""
+"""PEFT adapters (prefix tuning with/without projection, prompt tuning) saved with `save_pretrained`, imported into
+a file store, generate token for token what PEFT's own `generate` produces (fp32, greedy), when a plain
+transformers loop is fed the stored kv as `past_key_values`."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from safetensors.torch import save_file
 
 from prefix_store import open_store
 from prefix_store.errors import InvalidPrefix
-from server.engine import PrefixKey, Request, SamplingParams
-from server.prefixes import import_peft
-from tests.engine_utils import make_engine, random_prompt
-from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer, tiny_llama
+from server.prefixes import compile_record, import_peft, kv_to_past_key_values
+from tests.fixtures.models import make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer, tiny_gpt2, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 NEW = 8
+BUILDERS = {"llama": (make_tiny_llama, tiny_llama), "gpt2": (make_tiny_gpt2, tiny_gpt2)}
 
 
-def _peft_model(cfg, seed: int):
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 9, 17)]
+
+
+def _peft_model(family: str, cfg):
     tok = make_tiny_tokenizer()
-    base = make_tiny_llama(tok, seed=0)
-    torch.manual_seed(seed)
-    return get_peft_model(base, cfg), tok
+    pm = get_peft_model(BUILDERS[family][0](tok, seed=0), cfg)
+    torch.manual_seed(cfg.num_virtual_tokens)
+    with torch.no_grad():  # default inits are near zero; a larger one makes the adapter change the output
+        for q in pm.prompt_encoder["default"].parameters():
+            q.normal_(0, 1.0 if isinstance(cfg, PromptTuningConfig) else 0.5)
+    return pm.eval()
 
 
+@torch.no_grad()
 def _peft_greedy(peft_model, prompt: list[int]) -> list[int]:
     ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = peft_model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW,
-            min_new_tokens=NEW,
-            do_sample=False,
-        )
+    out = peft_model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False
+    )
     return out[0, len(prompt) :].tolist()
 
 
+@torch.no_grad()
+def _loop_greedy(model, kv: torch.Tensor | None, prompt: list[int], eos: tuple[int, ...]) -> list[int]:
+    """Plain transformers decoding loop; the prefix kv fed as past_key_values, the prompt from position P."""
+    p = 0 if kv is None else kv.shape[3]
+    cache = kv_to_past_key_values(kv) if kv is not None else None
+    out = model(
+        input_ids=torch.tensor([prompt]),
+        past_key_values=cache,
+        attention_mask=torch.ones(1, p + len(prompt), dtype=torch.long),
+        use_cache=True,
+    )
+    toks: list[int] = []
+    while len(toks) < NEW:
+        t = int(out.logits[0, -1].argmax())
+        toks.append(t)
+        if t in eos:
+            break
+        out = model(
+            input_ids=torch.tensor([[t]]),
+            past_key_values=out.past_key_values,
+            attention_mask=torch.ones(1, p + len(prompt) + len(toks), dtype=torch.long),
+            use_cache=True,
+        )
+    return toks
+
+
 CASES = [
-    (
-        "prefix_proj_p4",
-        PrefixTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32
-        ),
-    ),
-    (
-        "prefix_noproj_p10",
-        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10, prefix_projection=False),
-    ),
-    ("prompt_p6", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6)),
-    ("prompt_p13", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=13)),
-]
+    ("llama-prefix-proj-p4", "llama", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                         prefix_projection=True, encoder_hidden_size=32)),
+    ("llama-prefix-noproj-p10", "llama", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)),
+    ("llama-prompt-p6", "llama", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6)),
+    ("llama-prompt-p13", "llama", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=13)),
+    ("gpt2-prefix-proj-p3", "gpt2", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                       prefix_projection=True, encoder_hidden_size=16)),
+    ("gpt2-prompt-p5", "gpt2", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "cfg"), CASES, ids=[c[0] for c in CASES])
-def test_imported_adapter_generates_like_peft(name, cfg, tmp_path):
-    peft_model, _tok = _peft_model(cfg, seed=len(name))
-    if isinstance(cfg, PromptTuningConfig):  # default init is too close to zero to change outputs much
-        with torch.no_grad():
-            for p in peft_model.prompt_encoder.parameters():
-                p.normal_(0, 1.0)
-    peft_model.eval()
+@pytest.mark.parametrize(("name", "family", "cfg"), CASES, ids=[c[0] for c in CASES])
+def test_imported_adapter_generates_like_peft(name, family, cfg, tmp_path):
+    peft_model = _peft_model(family, cfg)
     peft_model.save_pretrained(tmp_path / "adapter")
-    bundle = tiny_llama(seed=0)  # the same base model, loaded separately
+    bundle = BUILDERS[family][1](seed=0)  # the same base model, built separately
     store = open_store(f"file://{tmp_path / 'store'}")
-    meta = import_peft(tmp_path / "adapter", bundle, store, "acme", name.replace("_", "-"))
-    assert meta.prefix_length == cfg.num_virtual_tokens
+    meta = import_peft(tmp_path / "adapter", bundle, store, "acme", name)
+    p = cfg.num_virtual_tokens
+    is_prompt = isinstance(cfg, PromptTuningConfig)
+    assert meta.kind == ("prompt_tuning" if is_prompt else "prefix_tuning")
+    assert meta.prefix_length == p
     assert meta.base_model_fingerprint == bundle.fingerprint
-    rec = store.get("acme", meta.name, expected_fingerprint=bundle.fingerprint)
-    key = PrefixKey("acme", meta.name, meta.version)
-    engine = make_engine(bundle, {key: rec.tensors["kv"]})
-    prompts = [random_prompt(bundle.spec.vocab_size, n, i) for i, n in enumerate((3, 9, 17))]
-    outs = engine.generate(
-        [
-            Request(f"r{i}", pr, SamplingParams(max_tokens=NEW, ignore_eos=True), key)
-            for i, pr in enumerate(prompts)
-        ]
-    )
-    no_prefix = make_engine(bundle, {}).generate(
-        [Request("np", prompts[0], SamplingParams(max_tokens=NEW, ignore_eos=True))]
-    )
-    for pr, out in zip(prompts, outs, strict=True):
-        assert out.token_ids == _peft_greedy(peft_model, pr)
-    assert outs[0].token_ids != no_prefix[0].token_ids  # the adapter really changes the output
+    assert meta.extra["prompt_format"] == "raw" and meta.extra["source"] == "peft"
+    rec = store.get("acme", name, expected_fingerprint=bundle.fingerprint)
+    kv = rec.tensors["kv"]
+    assert tuple(kv.shape) == bundle.spec.kv_shape(p) and kv.dtype == torch.float32
+    if is_prompt:
+        torch.testing.assert_close(rec.tensors["soft_prompt"], peft_model.get_prompt(batch_size=1)[0])
+    eos = bundle.spec.eos_token_ids
+    prompts = _prompts(bundle.spec.vocab_size)
+    for pr in prompts:
+        ours = _loop_greedy(bundle.hf_model, kv, pr, eos)
+        assert ours == _peft_greedy(peft_model, pr), pr
+    # the adapter really changes the output
+    assert any(_loop_greedy(bundle.hf_model, None, pr, eos) != _peft_greedy(peft_model, pr) for pr in prompts)
 
 
-def test_import_refuses_adapter_of_another_shape(tmp_path):
-    tok = make_tiny_tokenizer()
-    other = get_peft_model(
-        make_tiny_llama(tok, seed=0, layers=3),
-        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+def test_raw_prefix_encoder_state_dict_with_mlp(tmp_path):
+    """`prefix_encoder.embedding.weight` + `prefix_encoder.transform.*` (the encoder's own weights, GQA width K*D)
+    import too, keep the MLP for further training, and generate like PEFT."""
+    cfg = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=20
     )
+    peft_model = _peft_model("llama", cfg)
+    d = tmp_path / "raw"
+    peft_model.save_pretrained(d)
+    enc = peft_model.prompt_encoder["default"].state_dict()
+    save_file(
+        {f"prefix_encoder.{k}": v.contiguous() for k, v in enc.items()}, str(d / "adapter_model.safetensors")
+    )
+    bundle = tiny_llama(seed=0)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    meta = import_peft(d, bundle, store, "acme", "raw")
+    rec = store.get("acme", "raw")
+    sp = bundle.spec
+    assert meta.shapes["embedding"] == [5, sp.num_kv_heads * sp.head_dim]
+    assert meta.shapes["mlp.0.weight"] == [20, sp.num_kv_heads * sp.head_dim]
+    torch.testing.assert_close(compile_record(bundle, "prefix_tuning", rec.tensors), rec.tensors["kv"])
+    for pr in _prompts(sp.vocab_size):
+        assert _loop_greedy(bundle.hf_model, rec.tensors["kv"], pr, sp.eos_token_ids) == _peft_greedy(
+            peft_model, pr
+        )
+
+
+@pytest.mark.parametrize(
+    ("base_kw", "cfg", "match"),
+    [
+        ({"layers": 3}, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "3 layers"),
+        ({"kv_heads": 4}, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "key/value heads"),
+        ({"hidden": 32, "heads": 2, "kv_heads": 1}, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+         "does not fit"),
+    ],
+    ids=["layers", "kv-heads", "hidden"],
+)  # fmt: skip
+def test_import_refuses_adapter_of_another_base_model(base_kw, cfg, match, tmp_path):
+    other = get_peft_model(make_tiny_llama(make_tiny_tokenizer(), seed=0, **base_kw), cfg)
     other.save_pretrained(tmp_path / "adapter")
     store = open_store(f"file://{tmp_path / 'store'}")
-    with pytest.raises(InvalidPrefix, match="does not fit"):
+    with pytest.raises(InvalidPrefix, match=match):
         import_peft(tmp_path / "adapter", tiny_llama(seed=0), store, "acme", "x")
     assert store.list("acme") == []
 
 
-def test_import_refuses_lora(tmp_path):
-    d = tmp_path / "lora"
-    d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(InvalidPrefix, match="unsupported PEFT type"):
-        import_peft(d, tiny_llama(seed=0), open_store(f"file://{tmp_path / 's'}"), "acme", "x")
-
-
-def test_cli_import_peft_help():
-    out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "import-peft", "--help"], capture_output=True, text=True
-    )
-    assert out.returncode == 0
-    for flag in ("--tenant-id", "--name", "--model", "--store"):
-        assert flag in out.stdout
+def test_import_refuses_unsupported_or_broken_folders(tmp_path):
+    bundle = tiny_llama(seed=0)
+    store = open_store(f"file://{tmp_path / 's'}")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(InvalidPrefix, match="unsupported PEFT type 'LORA'"):
+        import_peft(lora, bundle, store, "acme", "x")
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
+        import_peft(tmp_path / "nope", bundle, store, "acme", "x")
+    pm = get_peft_model(make_tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    pm.save_pretrained(tmp_path / "trunc")
+    st = tmp_path / "trunc" / "adapter_model.safetensors"
+    st.write_bytes(st.read_bytes()[:-40])
+    with pytest.raises(InvalidPrefix, match="cannot read"):
+        import_peft(tmp_path / "trunc", bundle, store, "acme", "x")
+    st.unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model"):
+        import_peft(tmp_path / "trunc", bundle, store, "acme", "x")
+    assert store.list("acme") == []

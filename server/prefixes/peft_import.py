@@ -1,103 +1,157 @@
-"""Import adapters saved by PEFT's `save_pretrained` (PREFIX_TUNING with or without projection, PROMPT_TUNING).
+"""Import adapters saved by PEFT's `save_pretrained`: PREFIX_TUNING (with or without `prefix_projection`) and
+PROMPT_TUNING, for a causal-LM base model.
 
-PEFT saves a prefix-tuning adapter as `prompt_embeddings [P, L*2*K*D]` (with projection, the MLP output is what it
-saves) and a prompt-tuning adapter as `prompt_embeddings [P, H]`. Both become a stored prefix: `kv` plus the
-trained tensor. The files are read directly; PEFT itself is not needed at import time.
+What PEFT writes (peft 0.13+, checked against the installed source, `BasePromptEncoder._get_adapter_state_dict`):
+one tensor `prompt_embeddings`. For prefix tuning it is the prefix encoder's *output* `[P, L*2*K*D]` (with the
+projection, the MLP is applied before saving and the MLP itself is not saved; K = `num_key_value_heads` for GQA
+models, PEFT's `token_dim = K*D`); for prompt tuning it is the soft prompt `[P, H]`. PEFT's `get_prompt` views the
+prefix as `[P, L*2, K, D]` (layer-major, key then value) and the prompt's first token gets position P; prompt
+tuning's virtual tokens are real positions 0..P-1. Raw state dicts of the prefix encoder
+(`...prefix_encoder.embedding.weight` + `...transform.{0,2}.{weight,bias}`) are accepted too.
+
+The files are read directly; PEFT itself is not imported.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file
 
 from prefix_store import PrefixMeta, PrefixStore
 from prefix_store.errors import InvalidPrefix
-from server.model.spec import ModelBundle
-from server.prefixes.kinds import compile_prompt_tuning, flat_to_kv, validate_kv
+from server.model.spec import ModelBundle, ModelSpec
+from server.prefixes.kinds import compile_prefix_tuning, compile_prompt_tuning, flat_to_kv, validate_kv
 
 _KIND = {"PREFIX_TUNING": "prefix_tuning", "PROMPT_TUNING": "prompt_tuning"}
+_MLP_KEYS = {f"transform.{i}.{w}": f"mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+
+
+class PeftAdapter(NamedTuple):
+    kind: str  # "prefix_tuning" | "prompt_tuning"
+    tensors: dict[str, torch.Tensor]  # "kv" plus the trained tensors in our names
+    prefix_length: int
+    config: dict[str, Any]  # adapter_config.json
 
 
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     st = folder / "adapter_model.safetensors"
-    if st.exists():
-        return load_file(str(st))
-    binf = folder / "adapter_model.bin"
-    if binf.exists():
-        return torch.load(binf, map_location="cpu", weights_only=True)
+    try:
+        if st.exists():
+            return load_file(str(st))
+        binf = folder / "adapter_model.bin"
+        if binf.exists():
+            return torch.load(binf, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / corrupt file
+        raise InvalidPrefix(f"cannot read the adapter weights in {folder}: {e}") from None
     raise FileNotFoundError(f"{folder} has no adapter_model.safetensors or adapter_model.bin")
 
 
-def _prompt_embeddings(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    for key, t in weights.items():
-        if key == "prompt_embeddings" or key.endswith(".prompt_embeddings"):
-            return t
-    raise InvalidPrefix(
-        f"adapter has no prompt_embeddings tensor (found: {', '.join(sorted(weights)) or 'nothing'})"
-    )
+def _find(weights: dict[str, torch.Tensor], suffix: str) -> torch.Tensor | None:
+    hits = [k for k in weights if k == suffix or k.endswith("." + suffix)]
+    if len(hits) > 1:
+        raise InvalidPrefix(f"adapter holds several {suffix!r} tensors ({', '.join(sorted(hits))})")
+    return weights[hits[0]] if hits else None
 
 
-def read_peft_adapter(
-    adapter_dir: str | Path, bundle: ModelBundle
-) -> tuple[str, dict[str, torch.Tensor], int]:
-    """(kind, tensors incl. compiled kv, prefix length) for a PEFT adapter folder on this base model."""
+def _check_config(cfg: dict[str, Any], spec: ModelSpec) -> None:
+    """The adapter's own record of the base model's depth, when present, must match (clear error first)."""
+    if cfg.get("num_layers") is not None and int(cfg["num_layers"]) != spec.num_layers:
+        raise InvalidPrefix(
+            f"adapter was made for a base model with {cfg['num_layers']} layers; this one has "
+            f"{spec.num_layers} (the adapter does not fit this base model)"
+        )
+
+
+def read_peft_adapter(adapter_dir: str | Path, bundle: ModelBundle) -> PeftAdapter:
+    """Read a PEFT adapter folder and compile it to the serving kv for this base model."""
     folder = Path(adapter_dir)
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} has no adapter_config.json (not a PEFT adapter folder)")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise InvalidPrefix(f"{cfg_path} is not valid JSON: {e}") from None
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type not in _KIND:
         raise InvalidPrefix(f"unsupported PEFT type {peft_type!r}: expected PREFIX_TUNING or PROMPT_TUNING")
     if int(cfg.get("num_transformer_submodules") or 1) != 1:
         raise InvalidPrefix("encoder-decoder adapters are not supported: the base model is a causal decoder")
-    emb = _prompt_embeddings(_load_weights(folder)).float()
     spec = bundle.spec
-    p = emb.shape[0]
-    if p != int(cfg.get("num_virtual_tokens", p)):
+    _check_config(cfg, spec)
+    weights = _load_weights(folder)
+    saved = _find(weights, "prompt_embeddings")
+    raw_emb = _find(weights, "embedding.weight") if saved is None else None
+    if saved is None and raw_emb is None:
         raise InvalidPrefix(
-            f"adapter has {p} virtual tokens, its config says {cfg.get('num_virtual_tokens')}"
+            "adapter has no prompt_embeddings / prefix_encoder.embedding.weight tensor "
+            f"(found: {', '.join(sorted(weights)) or 'nothing'})"
         )
+    emb = (saved if saved is not None else raw_emb).float()
+    if emb.dim() != 2 or emb.shape[0] < 1:
+        raise InvalidPrefix(f"adapter embedding must be [P, ...], got {list(emb.shape)}")
+    p = emb.shape[0]
+    if cfg.get("num_virtual_tokens") is not None and p != int(cfg["num_virtual_tokens"]):
+        raise InvalidPrefix(f"adapter has {p} virtual tokens, its config says {cfg['num_virtual_tokens']}")
+
     if peft_type == "PREFIX_TUNING":
-        want = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
-        if emb.dim() != 2 or emb.shape[1] != want:
+        k_heads = cfg.get("num_attention_heads")
+        if k_heads is not None and int(k_heads) != spec.num_kv_heads:
             raise InvalidPrefix(
-                f"prefix-tuning adapter width {list(emb.shape)} does not fit this base model "
-                f"(expected [P, {want}] = L*2*K*D for L={spec.num_layers}, K={spec.num_kv_heads}, D={spec.head_dim})"
+                f"adapter was made with {k_heads} key/value heads; this base model has {spec.num_kv_heads} "
+                "(the adapter does not fit this base model)"
             )
-        kv = flat_to_kv(emb, spec).contiguous()
-        tensors = {"kv": kv}
+        mlp = {ours: _find(weights, theirs) for theirs, ours in _MLP_KEYS.items()}
+        if saved is None and all(t is not None for t in mlp.values()):  # raw encoder with the MLP
+            tensors = {"embedding": emb, **{k: v.float() for k, v in mlp.items()}}
+            kv = compile_prefix_tuning(tensors, spec)
+            tensors = {"kv": kv, **tensors}
+        else:
+            want = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
+            if emb.shape[1] != want:
+                raise InvalidPrefix(
+                    f"prefix-tuning adapter width {list(emb.shape)} does not fit this base model (expected "
+                    f"[P, {want}] = L*2*K*D for L={spec.num_layers}, K={spec.num_kv_heads}, D={spec.head_dim})"
+                )
+            # the saved tensor *is* the prefix (PEFT's layout); kv is its [L, 2, K, P, D] view, no copy kept
+            tensors = {"kv": flat_to_kv(emb, spec).contiguous()}
     else:
-        if emb.dim() != 2 or emb.shape[1] != spec.hidden_size:
+        if emb.shape[1] != spec.hidden_size:
             raise InvalidPrefix(
-                f"prompt-tuning adapter {list(emb.shape)} does not fit hidden size {spec.hidden_size}"
+                f"prompt-tuning adapter {list(emb.shape)} does not fit this base model (expected [P, "
+                f"{spec.hidden_size}])"
             )
-        kv = compile_prompt_tuning(bundle, emb)
-        tensors = {"kv": kv, "soft_prompt": emb.contiguous()}
+        tensors = {"kv": compile_prompt_tuning(bundle, emb), "soft_prompt": emb.contiguous()}
     validate_kv(tensors["kv"], spec, p)
-    return _KIND[peft_type], tensors, p
+    return PeftAdapter(_KIND[peft_type], tensors, p, cfg)
 
 
 def import_peft(
     adapter_dir: str | Path, bundle: ModelBundle, store: PrefixStore, tenant_id: str, name: str
 ) -> PrefixMeta:
-    """Store a PEFT adapter as a prefix of `tenant_id`/`name` (new version)."""
-    kind, tensors, p = read_peft_adapter(adapter_dir, bundle)
-    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    """Store a PEFT adapter folder as a new version of prefix `tenant_id`/`name` for this base model.
+
+    Raises FileNotFoundError (no adapter files), InvalidPrefix (unsupported type, shapes that do not fit the base
+    model, unreadable weights) and the store's own errors (InvalidName, StoreUnavailable).
+    """
+    ad = read_peft_adapter(adapter_dir, bundle)
+    cfg = ad.config
     return store.put(
         tenant_id,
         name,
-        kind,
-        tensors,
+        ad.kind,
+        ad.tensors,
         base_model_fingerprint=bundle.fingerprint,
-        prefix_length=p,
+        prefix_length=ad.prefix_length,
         training={
             "source": "peft",
             "peft_type": cfg.get("peft_type"),
             "prefix_projection": cfg.get("prefix_projection"),
+            "base_model_name_or_path": cfg.get("base_model_name_or_path"),
         },
         extra={"prompt_format": "raw", "source": "peft"},
     )
