@@ -1,0 +1,121 @@
+"""Training jobs through the HTTP API with the real JobManager, and `prefixserve worker` taking queued jobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.fixtures.server import REPO, assert_error, metric_value
+
+EXAMPLES = [{"prompt": f"Say the word {i}", "completion": " ZEBRA"} for i in range(8)]
+
+
+def wait_job(client, job_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/prefixes/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def test_train_then_serve_new_versions(server_factory):
+    s = server_factory(keys={"acme": "k-acme"}, max_jobs_per_tenant=1)
+    c = s.client("k-acme")
+    body = {"name": "zebra", "method": "prefix_tuning", "examples": EXAMPLES, "prefix_length": 4, "epochs": 2}
+    r = c.post("/prefixes", json=body)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["tenant_id"] == "acme" and job["name"] == "zebra"
+    assert_error(c.post("/prefixes", json=body), 429, "too_many_jobs")  # one active job per tenant here
+    done = wait_job(c, job["job_id"])
+    assert done["status"] == "succeeded", done
+    assert done["prefix_version"] == 1 and done["progress"]["step"] >= 1
+    info = c.get("/prefixes/acme/zebra").json()
+    assert info["version"] == 1 and info["kind"] == "prefix_tuning" and info["prefix_length"] == 4
+    g1 = c.post("/generate", json={"prefix": "zebra", "prompt": "Say the word 3", "max_tokens": 6})
+    assert g1.status_code == 200 and g1.json()["prefix_version"] == 1
+    # a second job for the same name makes version 2, served at once (store change event drops cached metadata)
+    job2 = c.post("/prefixes", json={**body, "epochs": 1, "seed": 7}).json()
+    assert wait_job(c, job2["job_id"])["status"] == "succeeded"
+    g2 = c.post("/generate", json={"prefix": "zebra", "prompt": "Say the word 3", "max_tokens": 6})
+    assert g2.json()["prefix_version"] == 2
+    assert c.get("/prefixes/acme/zebra").json()["versions"] == [1, 2]
+    m = c.get("/metrics").text
+    assert metric_value(m, "prefixserve:training_jobs", {"status": "succeeded"}) == 2
+    jobs = c.get("/prefixes/jobs").json()["data"]
+    assert sorted(j["job_id"] for j in jobs) == sorted([job["job_id"], job2["job_id"]])
+
+
+def test_cancel_a_job_writes_nothing(server_factory):
+    s = server_factory(training_workers=0)  # nobody runs it: it stays queued until cancelled
+    c = s.client()
+    job = c.post("/prefixes", json={"tenant_id": "acme", "name": "never", "examples": EXAMPLES}).json()
+    assert c.get(f"/prefixes/jobs/{job['job_id']}").json()["status"] == "queued"
+    assert c.post(f"/prefixes/jobs/{job['job_id']}/cancel").json()["status"] == "cancelled"
+    assert_error(c.get("/prefixes/acme/never"), 404)
+    assert_error(c.get("/prefixes/jobs/job-does-not-exist"), 404, "job_not_found")
+    assert_error(c.post("/prefixes/jobs/job-does-not-exist/cancel"), 404)
+
+
+def test_trainer_validation_is_422_with_param(server_factory):
+    s = server_factory()
+    c = s.client()
+    err = assert_error(
+        c.post("/prefixes", json={"tenant_id": "acme", "name": "x", "examples": EXAMPLES, "warmup_ratio": 7}),
+        422,
+    )
+    assert err["param"] == "warmup_ratio"
+    err = assert_error(
+        c.post("/prefixes", json={"tenant_id": "acme", "name": "x", "examples": EXAMPLES, "bogus": 1}), 422
+    )
+    assert err["param"] == "bogus"
+
+
+def test_worker_process_runs_queued_jobs(server_factory, tmp_path):
+    from server.model import load_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(tok, seed=0).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    bundle = load_model(str(tmp_path / "model"), device="cpu", cache_dir=tmp_path / "cache")
+    s = server_factory(bundle=bundle, training_workers=0)
+    c = s.client()
+    job = c.post(
+        "/prefixes", json={"tenant_id": "acme", "name": "w", "examples": EXAMPLES, "epochs": 1}
+    ).json()
+    time.sleep(0.5)
+    assert c.get(f"/prefixes/jobs/{job['job_id']}").json()["status"] == "queued"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFIXSERVE_CACHE": str(tmp_path / "cache")}
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "worker",
+            "--store",
+            s.store.url,
+            "--model",
+            str(tmp_path / "model"),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        done = wait_job(c, job["job_id"], timeout=180)
+        assert done["status"] == "succeeded", done
+        r = c.post(
+            "/generate",
+            json={"tenant_id": "acme", "prefix": "w", "prompt": "Say the word 1", "max_tokens": 4},
+        )
+        assert r.status_code == 200 and r.json()["prefix_version"] == 1
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        rc = worker.wait(60)
+    assert rc == 0, worker.stderr.read().decode()[-2000:]
