@@ -286,10 +286,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except Exception as e:
         log.warning("prefix store %r not reachable at start-up (%s); /ready reports not ready", st.store, e)
     if st.job_manager is None:
-        st.job_manager = await asyncio.to_thread(_make_job_manager, s, st.bundle, st.store)
-        st.owns_jobs = True
-        if st.job_manager is not None:
-            st.job_manager.start()
+        try:
+            st.job_manager = await asyncio.to_thread(_make_job_manager, s, st.bundle, st.store)
+            st.owns_jobs = True
+            if st.job_manager is not None:
+                st.job_manager.start()
+        except Exception as e:  # serving does not depend on training: start without it
+            log.error("training jobs unavailable (%s): the /prefixes training routes answer 503", e)
+            st.job_manager = None
     svc = Service.build(s, st.bundle, st.store, st.metrics, job_manager=st.job_manager)
     svc.start()
     st.svc = svc

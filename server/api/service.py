@@ -432,7 +432,8 @@ class Service:
         jobs: dict[str, int] = {}
         if self.job_manager is not None:
             with contextlib.suppress(Exception):
-                jobs = count_jobs(self.job_manager.list())
+                counts = getattr(self.job_manager, "counts", None)
+                jobs = dict(counts()) if callable(counts) else count_jobs(self.job_manager.list())
         return {
             "running": self.engine.num_running,
             "waiting": self.engine.num_waiting,
