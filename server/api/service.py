@@ -434,6 +434,8 @@ class Service:
             with contextlib.suppress(Exception):
                 counts = getattr(self.job_manager, "counts", None)
                 jobs = dict(counts()) if callable(counts) else count_jobs(self.job_manager.list())
+        # the engine thread mutates these while we read: copy the entries in one C-level call
+        entries = list(pc.entries.values())
         return {
             "running": self.engine.num_running,
             "waiting": self.engine.num_waiting,
@@ -441,8 +443,8 @@ class Service:
             "prefix_cache_misses": pc.stats.misses,
             "prefix_cache_evictions": pc.stats.evictions,
             "prefix_cache_load_errors": pc.stats.load_errors,
-            "prefix_cache_resident_bytes": pc.resident_bytes,
-            "prefix_cache_resident_prefixes": len(pc.entries),
+            "prefix_cache_resident_bytes": sum(e.nbytes for e in entries),
+            "prefix_cache_resident_prefixes": len(entries),
             "kv_cache_usage": pool.num_used / max(pool.num_blocks, 1),
             "jobs": jobs,
             "ready": (not self.draining) and self.engine_alive() and self.store_ok,
