@@ -204,7 +204,8 @@ def test_queue_full_503_with_retry_after(server_factory, api_bundle, tmp_path):
     with c.stream("POST", "/generate", json={**long, "stream": True}) as r:
         lines = r.iter_lines()
         next(lines)
-        waiting = threading.Thread(target=lambda: s.client().post("/generate", json=long), daemon=True)
+        short = {**long, "max_tokens": 20}
+        waiting = threading.Thread(target=lambda: s.client().post("/generate", json=short), daemon=True)
         waiting.start()
         deadline = time.monotonic() + 5
         while s.svc.engine.num_waiting < 1 and time.monotonic() < deadline:
