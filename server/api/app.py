@@ -295,7 +295,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             log.error("training jobs unavailable (%s): the /prefixes training routes answer 503", e)
             st.job_manager = None
     svc = Service.build(s, st.bundle, st.store, st.metrics, job_manager=st.job_manager)
-    svc.start()
+    await asyncio.to_thread(svc.start)
     st.svc = svc
     log.info(
         "ready: model %s (fingerprint %s…) loaded in %.1fs; store %r",

@@ -399,6 +399,8 @@ class Service:
         return svc
 
     def start(self) -> None:
+        """Start the engine thread and subscribe to store changes (may block a few seconds if Redis is down:
+        call it off the event loop)."""
         self.engine.start()
         try:
             self._unsubscribe = self.store.subscribe(self._on_store_event)
