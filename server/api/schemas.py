@@ -253,6 +253,9 @@ class TrainRequest(BaseModel):
     prompt_format: Literal["chat", "raw"] | None = Field(
         None, description="How prompts are rendered in training and later serving (default: the model's)"
     )
+    hyperparameters: dict[str, Any] | None = Field(
+        None, description="Hyperparameters as one object (the same keys as at the top level; not both)"
+    )
 
 
 class JobInfo(BaseModel):
