@@ -1,0 +1,410 @@
+"""Training jobs on disk (one host): a directory next to the file prefix store.
+
+Layout (``<root>``: e.g. ``/var/lib/prefixserve.jobs``)::
+
+    records/<job_id>.json     the JobRecord (written atomically: temp file, fsync, rename)
+    examples/<job_id>.json    the examples (deleted when the job ends)
+    locks/<job_id>.lock       flock-ed by the worker running the job for as long as it runs
+    queue/<created>-<job_id>  marker of a queued job (FIFO by name)
+    running/<job_id>          marker of a running job (what the reclaimer scans)
+    active/<tenant>/<job_id>  queued or running jobs of a tenant (the per-tenant limit)
+    cancel/<job_id>           exists once a cancel was requested (the trainer stats it every step)
+    submit.lock               serializes the per-tenant limit check with the creation
+
+Ownership: a worker claims a job by taking a non-blocking ``flock`` on its lock file and keeps it until the job
+ends; the kernel drops the lock when the process dies (SIGKILL included). So "status running and the lock is free"
+means the worker died: any worker's reclaimer (at start-up and every few seconds) puts such a job back in the queue
+(or fails it with the reason once it has been started ``max_attempts`` times). A worker that is alive but whose
+heartbeat stopped for ``stale_after_s`` (hung) gets its job failed with the reason; its late writes are refused.
+flock is per host: run workers of one job directory on one machine (use Redis for several machines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefix_store.errors import StoreUnavailable
+from server.training.records import ACTIVE, JobRecord, TooManyJobs
+
+log = logging.getLogger("prefixserve.training.jobs")
+
+
+class LostClaim(RuntimeError):
+    """The job is no longer this worker's (reclaimed or failed by another worker)."""
+
+
+@dataclass
+class DiskClaim:
+    record: JobRecord
+    examples: list[dict[str, str]]
+    worker_id: str
+    fd: int
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8"):
+        pass
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+class DiskJobBackend:
+    kind = "disk"
+
+    def __init__(self, root: str | os.PathLike[str], *, max_attempts: int = 2, stale_after_s: float = 60.0,
+                 retention_s: float = 7 * 86400) -> None:  # fmt: skip
+        self.root = Path(root).expanduser().absolute()
+        self.url = "file://" + str(self.root)
+        self.max_attempts = max_attempts
+        self.stale_after_s = stale_after_s
+        self.retention_s = retention_s
+        self._dirs = {
+            n: self.root / n for n in ("records", "examples", "locks", "queue", "running", "active", "cancel")
+        }
+        try:
+            for d in self._dirs.values():
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # reported by ping()/submit
+            log.warning("job directory %s is not usable: %s", self.root, e)
+
+    def __repr__(self) -> str:
+        return f"DiskJobBackend({str(self.root)!r})"
+
+    # ------------------------------------------------------------------------------------------ paths
+    def _record(self, job_id: str) -> Path:
+        return self._dirs["records"] / f"{job_id}.json"
+
+    def _examples(self, job_id: str) -> Path:
+        return self._dirs["examples"] / f"{job_id}.json"
+
+    def _lock(self, job_id: str) -> Path:
+        return self._dirs["locks"] / f"{job_id}.lock"
+
+    def _cancel(self, job_id: str) -> Path:
+        return self._dirs["cancel"] / job_id
+
+    def _running(self, job_id: str) -> Path:
+        return self._dirs["running"] / job_id
+
+    def _active(self, tenant_id: str, job_id: str) -> Path:
+        return self._dirs["active"] / tenant_id / job_id
+
+    @contextlib.contextmanager
+    def _errors(self, what: str):
+        try:
+            yield
+        except OSError as e:
+            raise StoreUnavailable(f"job directory {self.root}: cannot {what}: {e}") from e
+
+    def _read(self, job_id: str) -> JobRecord | None:
+        try:
+            return JobRecord.from_json(self._record(job_id).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as e:
+            log.warning("unreadable job record %s: %s", job_id, e)
+            return None
+
+    def _write(self, rec: JobRecord) -> None:
+        _write_atomic(self._record(rec.job_id), rec.to_json())
+
+    def _trylock(self, job_id: str) -> int | None:
+        fd = os.open(self._lock(job_id), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def _unlock(fd: int) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def _enqueue(self, rec: JobRecord) -> None:
+        _touch(self._dirs["queue"] / f"{int(time.time() * 1e6):020d}-{rec.job_id}")
+
+    def _end(self, rec: JobRecord) -> None:
+        """Bookkeeping of a job that reached a terminal status (its record already written)."""
+        _unlink(self._active(rec.tenant_id, rec.job_id))
+        _unlink(self._running(rec.job_id))
+        _unlink(self._examples(rec.job_id))
+        _unlink(self._cancel(rec.job_id))
+
+    # ------------------------------------------------------------------------------------------ API side
+    def ping(self) -> None:
+        with self._errors("write"):
+            probe = self.root / f".ping-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+
+    def create(self, rec: JobRecord, examples: list[dict[str, str]], max_active: int) -> None:
+        with self._errors("create the job"):
+            tdir = self._dirs["active"] / rec.tenant_id
+            tdir.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(self.root / "submit.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                active = [p.name for p in tdir.iterdir()]
+                if len(active) >= max_active:
+                    raise TooManyJobs(
+                        f"tenant {rec.tenant_id!r} already has {len(active)} queued or running training jobs "
+                        f"(max {max_active}); wait for one to finish or cancel one"
+                    )
+                _write_atomic(self._examples(rec.job_id), json.dumps(examples))
+                self._write(rec)
+                _touch(self._active(rec.tenant_id, rec.job_id))
+                self._enqueue(rec)
+            finally:
+                self._unlock(lock_fd)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._errors("read the job"):
+            rec = self._read(job_id)
+            if rec is not None and rec.status == "running" and self._cancel(job_id).exists():
+                rec.cancel_requested = True
+            return rec
+
+    def list(self, tenant_id: str | None = None) -> list[JobRecord]:
+        out = []
+        with self._errors("list jobs"):
+            for p in self._dirs["records"].glob("*.json"):
+                rec = self._read(p.stem)
+                if rec is not None and (tenant_id is None or rec.tenant_id == tenant_id):
+                    out.append(rec)
+        out.sort(key=lambda r: (r.created, r.job_id))
+        return out
+
+    def cancel(self, job_id: str) -> JobRecord | None:
+        with self._errors("cancel the job"):
+            rec = self._read(job_id)
+            if rec is None or rec.terminal:
+                return rec
+            fd = self._trylock(job_id)
+            if fd is None:  # a worker holds it: it is (about to be) running; flag it
+                _touch(self._cancel(job_id))
+                rec = self._read(job_id) or rec
+                rec.cancel_requested = True
+                return rec
+            try:
+                rec = self._read(job_id)
+                if rec is None or rec.terminal:
+                    return rec
+                if rec.status == "queued":
+                    rec.status, rec.finished, rec.cancel_requested = "cancelled", time.time(), True
+                    rec.error = "cancelled before it started"
+                    self._write(rec)
+                    self._end(rec)
+                else:  # "running" with a free lock: its worker died; the reclaimer ends it cancelled
+                    _touch(self._cancel(job_id))
+                    rec.cancel_requested = True
+                return rec
+            finally:
+                self._unlock(fd)
+
+    # ------------------------------------------------------------------------------------------ worker side
+    def claim(self, worker_id: str) -> DiskClaim | None:
+        """Take the oldest queued job (non-blocking); None if there is none."""
+        with self._errors("claim a job"):
+            for marker in sorted(self._dirs["queue"].iterdir()):
+                job_id = marker.name.split("-", 1)[1] if "-" in marker.name else marker.name
+                fd = self._trylock(job_id)
+                if fd is None:
+                    continue
+                try:
+                    rec = self._read(job_id)
+                    if rec is None or rec.status != "queued":
+                        _unlink(marker)
+                        self._unlock(fd)
+                        continue
+                    examples = json.loads(self._examples(job_id).read_text(encoding="utf-8"))
+                    now = time.time()
+                    rec.status, rec.worker, rec.started, rec.heartbeat = "running", worker_id, now, now
+                    rec.attempts += 1
+                    _touch(self._running(job_id))
+                    self._write(rec)
+                    _unlink(marker)
+                except BaseException:
+                    self._unlock(fd)
+                    raise
+                return DiskClaim(rec, examples, worker_id, fd)
+        return None
+
+    def cancel_requested(self, claim: DiskClaim) -> bool:
+        return self._cancel(claim.record.job_id).exists()
+
+    def heartbeat(self, claim: DiskClaim, progress: dict[str, Any] | None) -> bool:
+        """Record a sign of life (and the latest progress); returns whether a cancel was requested."""
+        with self._errors("heartbeat"):
+            cur = self._read(claim.record.job_id)
+            if cur is None or cur.status != "running" or cur.worker != claim.worker_id:
+                raise LostClaim(f"job {claim.record.job_id} is no longer run by {claim.worker_id}")
+            rec = claim.record
+            rec.heartbeat = time.time()
+            if progress is not None:
+                rec.progress = dict(progress)
+            self._write(rec)
+            return self._cancel(rec.job_id).exists()
+
+    def owns(self, claim: DiskClaim) -> bool:
+        cur = self._read(claim.record.job_id)
+        return cur is not None and cur.status == "running" and cur.worker == claim.worker_id
+
+    def finish(self, claim: DiskClaim, status: str, **fields: Any) -> JobRecord:
+        """End the job (terminal status) and release it. Raises LostClaim if it was taken away meanwhile."""
+        try:
+            with self._errors("finish the job"):
+                if not self.owns(claim):
+                    raise LostClaim(f"job {claim.record.job_id} is no longer run by {claim.worker_id}")
+                rec = claim.record
+                rec.status, rec.finished = status, time.time()
+                for k, v in fields.items():
+                    setattr(rec, k, v)
+                if status == "cancelled":
+                    rec.cancel_requested = True
+                self._write(rec)
+                self._end(rec)
+                return rec
+        finally:
+            self._unlock(claim.fd)
+
+    def requeue(self, claim: DiskClaim, reason: str) -> None:
+        """Give a running job back to the queue without counting the attempt (worker shutting down)."""
+        try:
+            with self._errors("requeue the job"):
+                if not self.owns(claim):
+                    return
+                rec = claim.record
+                rec.status, rec.worker, rec.started, rec.heartbeat = "queued", None, None, None
+                rec.attempts = max(0, rec.attempts - 1)
+                rec.progress = {"step": 0, "total_steps": None, "loss": None, "epoch": 0}
+                rec.error = reason
+                self._write(rec)
+                _unlink(self._running(rec.job_id))
+                self._enqueue(rec)
+        finally:
+            self._unlock(claim.fd)
+
+    def release(self, claim: DiskClaim) -> None:
+        """Let go of a claim without touching the record (it was taken over)."""
+        self._unlock(claim.fd)
+
+    def reclaim_stale(self) -> list[str]:
+        """Requeue or fail the running jobs whose worker died (lock free) or hung (no heartbeat)."""
+        touched = []
+        try:
+            markers = list(self._dirs["running"].iterdir())
+        except OSError:
+            return touched
+        for marker in markers:
+            job_id = marker.name
+            fd = self._trylock(job_id)
+            if fd is None:
+                rec = self._read(job_id)
+                if (
+                    rec is not None
+                    and rec.status == "running"
+                    and rec.heartbeat is not None
+                    and time.time() - rec.heartbeat > self.stale_after_s
+                ):
+                    rec.status, rec.finished = "failed", time.time()
+                    rec.error = (
+                        f"worker {rec.worker} stopped heartbeating ({time.time() - rec.heartbeat:.0f}s "
+                        f"> {self.stale_after_s:g}s) while holding the job; marked failed"
+                    )
+                    self._write(rec)
+                    self._end(rec)
+                    touched.append(job_id)
+                    log.warning("job %s: %s", job_id, rec.error)
+                continue
+            try:
+                rec = self._read(job_id)
+                if rec is None or rec.status != "running":
+                    _unlink(marker)
+                    continue
+                touched.append(job_id)
+                self._recover(rec)
+            finally:
+                self._unlock(fd)
+        return touched
+
+    def _recover(self, rec: JobRecord) -> None:
+        dead = rec.worker
+        if self._cancel(rec.job_id).exists():
+            rec.status, rec.finished, rec.cancel_requested = "cancelled", time.time(), True
+            rec.error = f"cancelled; its worker {dead} died"
+        elif rec.attempts >= self.max_attempts:
+            rec.status, rec.finished = "failed", time.time()
+            rec.error = (
+                f"worker {dead} died while running the job (attempt {rec.attempts} of {self.max_attempts}); "
+                "giving up"
+            )
+        else:
+            rec.status, rec.worker, rec.started, rec.heartbeat = "queued", None, None, None
+            rec.progress = {"step": 0, "total_steps": None, "loss": None, "epoch": 0}
+            rec.error = f"worker {dead} died during attempt {rec.attempts}; requeued"
+            self._write(rec)
+            _unlink(self._running(rec.job_id))
+            self._enqueue(rec)
+            log.warning("job %s: %s", rec.job_id, rec.error)
+            return
+        self._write(rec)
+        self._end(rec)
+        log.warning("job %s: %s", rec.job_id, rec.error)
+
+    def prune(self) -> int:
+        """Delete terminal jobs older than the retention period; returns how many."""
+        if self.retention_s <= 0:
+            return 0
+        n = 0
+        cutoff = time.time() - self.retention_s
+        for p in self._dirs["records"].glob("*.json"):
+            rec = self._read(p.stem)
+            if rec is not None and rec.status not in ACTIVE and (rec.finished or rec.created) < cutoff:
+                _unlink(p)
+                _unlink(self._lock(rec.job_id))
+                n += 1
+        return n
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,431 @@
+"""Training jobs in Redis: a Stream with a consumer group is the queue, each job a hash.
+
+Keys (``<ns>``: the store URL's ``prefix`` namespace, default ``prefixserve``)::
+
+    <ns>:jobs:queue            Stream; entries {"job_id"}; consumer group "trainers"
+    <ns>:jobs:job:<job_id>     Hash: one field per JobRecord field (JSON values) + "examples" while the job is open
+    <ns>:jobs:index            ZSET job_id -> created (every job)
+    <ns>:jobs:tenant:<tenant>  ZSET job_id -> created (a tenant's jobs)
+    <ns>:jobs:active:<tenant>  SET of the tenant's queued or running jobs (the per-tenant limit)
+
+Life of a job: ``submit`` checks the tenant's limit and creates the hash + stream entry atomically (Lua). Workers
+``XREADGROUP`` (blocking); claiming sets ``running`` only from ``queued`` (Lua). While it runs, a heartbeat thread
+``XCLAIM``s the entry to itself every ``heartbeat_s`` (resetting its idle time) and stamps ``heartbeat``. A worker
+that dies stops doing that; once the entry has been idle longer than ``stale_after_s`` another worker's
+``XAUTOCLAIM`` takes it over and runs the job again, or, when it was already started ``max_attempts`` times, fails
+it with the reason. Every transition checks that the job is still owned by the worker that asks (a worker that was
+presumed dead cannot overwrite the outcome). Terminal jobs expire after ``retention_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, fields
+from typing import Any
+
+import redis
+
+from prefix_store.errors import StoreUnavailable
+from server.training.records import JobRecord, TooManyJobs
+
+log = logging.getLogger("prefixserve.training.jobs")
+
+GROUP = "trainers"
+RECORD_FIELDS = [f.name for f in fields(JobRecord)]
+
+
+class LostClaim(RuntimeError):
+    """The job is no longer this worker's (reclaimed or failed by another worker)."""
+
+
+# KEYS: active set, job hash, index, tenant zset, stream. ARGV: max_active, job_id, created, field, value, ...
+_CREATE = """
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('SADD', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+redis.call('XADD', KEYS[5], '*', 'job_id', ARGV[2])
+return 1
+"""
+
+# KEYS: job hash. ARGV: worker, now, max_attempts.
+# -> {'claimed', attempts} | {'cancelled'} | {'exhausted', attempts, old worker} | {<status>} | {'missing'}
+_CLAIM = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {'missing'} end
+st = cjson.decode(st)
+if st ~= 'queued' and st ~= 'running' then return {st} end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local cancel = redis.call('HGET', KEYS[1], 'cancel_requested')
+if cancel == 'true' then return {'cancelled'} end
+if st == 'running' and attempts >= tonumber(ARGV[3]) then
+  return {'exhausted', attempts, redis.call('HGET', KEYS[1], 'worker')}
+end
+attempts = attempts + 1
+redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', cjson.encode(ARGV[1]), 'attempts', attempts,
+           'started', ARGV[2], 'heartbeat', ARGV[2], 'progress', ARGV[4])
+return {'claimed', attempts}
+"""
+
+# KEYS: job hash. ARGV: worker, now, progress json or ''. -> -1 lost, 0 ok, 1 cancel requested
+_HEARTBEAT = """
+local w = redis.call('HGET', KEYS[1], 'worker')
+local st = redis.call('HGET', KEYS[1], 'status')
+if (not w) or (not st) or w == 'null' or cjson.decode(w) ~= ARGV[1] or cjson.decode(st) ~= 'running' then
+  return -1
+end
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[3]) end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == 'true' then return 1 end
+return 0
+"""
+
+# KEYS: job hash, active set, stream. ARGV: owner ('' = any), job_id, entry id or '', ttl, field, value, ...
+_FINISH = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 0 end
+st = cjson.decode(st)
+if ARGV[1] ~= '' then
+  local w = redis.call('HGET', KEYS[1], 'worker')
+  if (not w) or w == 'null' or cjson.decode(w) ~= ARGV[1] or st ~= 'running' then return 0 end
+elseif st ~= 'queued' and st ~= 'running' then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HDEL', KEYS[1], 'examples')
+redis.call('SREM', KEYS[2], ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('XACK', KEYS[3], 'trainers', ARGV[3])
+  redis.call('XDEL', KEYS[3], ARGV[3])
+end
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+return 1
+"""
+
+# KEYS: job hash, stream. ARGV: worker, entry id, reason json, attempts delta applied (int)
+_REQUEUE = """
+local w = redis.call('HGET', KEYS[1], 'worker')
+local st = redis.call('HGET', KEYS[1], 'status')
+if (not w) or w == 'null' or cjson.decode(w) ~= ARGV[1] or cjson.decode(st) ~= 'running' then return 0 end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1') - tonumber(ARGV[4])
+if attempts < 0 then attempts = 0 end
+redis.call('HSET', KEYS[1], 'status', '"queued"', 'worker', 'null', 'started', 'null', 'heartbeat', 'null',
+           'attempts', attempts, 'error', ARGV[3],
+           'progress', '{"epoch": 0, "loss": null, "step": 0, "total_steps": null}')
+redis.call('XACK', KEYS[2], 'trainers', ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'job_id', cjson.decode(redis.call('HGET', KEYS[1], 'job_id')))
+return 1
+"""
+
+# KEYS: job hash, active set. ARGV: job_id, now, ttl. -> previous status ('missing' if none)
+_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+st = cjson.decode(st)
+if st == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished', ARGV[2], 'cancel_requested', 'true',
+             'error', '"cancelled before it started"')
+  redis.call('HDEL', KEYS[1], 'examples')
+  redis.call('SREM', KEYS[2], ARGV[1])
+  if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+elseif st == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
+end
+return st
+"""
+
+EMPTY_PROGRESS = json.dumps({"epoch": 0, "loss": None, "step": 0, "total_steps": None}, sort_keys=True)
+
+
+@dataclass
+class RedisClaim:
+    record: JobRecord
+    examples: list[dict[str, str]]
+    worker_id: str
+    entry_id: str
+
+
+def _dec(v: bytes | str | None) -> Any:
+    if v is None:
+        return None
+    return json.loads(v)
+
+
+class RedisJobBackend:
+    kind = "redis"
+
+    def __init__(self, url: str, namespace: str, *, max_attempts: int = 2, stale_after_s: float = 60.0,
+                 retention_s: float = 7 * 86400, socket_timeout: float = 5.0) -> None:  # fmt: skip
+        self.url = url
+        self.ns = namespace
+        self.max_attempts = max_attempts
+        self.stale_after_s = stale_after_s
+        self.retention_s = retention_s
+        self._r = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        )
+        self._stream = f"{namespace}:jobs:queue"
+        self._index = f"{namespace}:jobs:index"
+        self._create = self._r.register_script(_CREATE)
+        self._claim = self._r.register_script(_CLAIM)
+        self._heartbeat = self._r.register_script(_HEARTBEAT)
+        self._finish = self._r.register_script(_FINISH)
+        self._requeue = self._r.register_script(_REQUEUE)
+        self._cancel = self._r.register_script(_CANCEL)
+        self._group_ready = False
+
+    def __repr__(self) -> str:
+        return f"RedisJobBackend(namespace={self.ns!r})"
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.ns}:jobs:job:{job_id}"
+
+    def _tenant(self, tenant_id: str) -> str:
+        return f"{self.ns}:jobs:tenant:{tenant_id}"
+
+    def _active(self, tenant_id: str) -> str:
+        return f"{self.ns}:jobs:active:{tenant_id}"
+
+    @contextlib.contextmanager
+    def _errors(self, what: str):
+        try:
+            yield
+        except redis.RedisError as e:
+            raise StoreUnavailable(f"job queue (redis): cannot {what}: {e}") from e
+
+    def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self._r.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    @staticmethod
+    def _encode(rec: JobRecord) -> dict[str, str]:
+        d = rec.to_dict()
+        return {k: json.dumps(d[k], sort_keys=True, allow_nan=False) for k in RECORD_FIELDS}
+
+    def _decode(self, h: dict[bytes, bytes]) -> JobRecord | None:
+        if not h:
+            return None
+        d = {}
+        for k, v in h.items():
+            key = k.decode() if isinstance(k, bytes) else k
+            if key in RECORD_FIELDS:
+                d[key] = _dec(v)
+        try:
+            return JobRecord.from_dict(d)
+        except TypeError as e:
+            log.warning("unreadable job record: %s", e)
+            return None
+
+    def _read(self, job_id: str) -> JobRecord | None:
+        vals = self._r.hmget(self._job(job_id), RECORD_FIELDS)
+        if all(v is None for v in vals):
+            return None
+        return self._decode(dict(zip(RECORD_FIELDS, vals, strict=True)))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------------------ API side
+    def ping(self) -> None:
+        with self._errors("ping"):
+            self._r.ping()
+
+    def create(self, rec: JobRecord, examples: list[dict[str, str]], max_active: int) -> None:
+        with self._errors("create the job"):
+            self._ensure_group()
+            enc = self._encode(rec)
+            enc["examples"] = json.dumps(examples)
+            flat: list[str] = []
+            for k, v in enc.items():
+                flat += [k, v]
+            keys = [self._active(rec.tenant_id), self._job(rec.job_id), self._index, self._tenant(rec.tenant_id),
+                    self._stream]  # fmt: skip
+            ok = self._create(keys=keys, args=[max_active, rec.job_id, rec.created, *flat])
+        if int(ok) < 0:
+            n = self._r.scard(self._active(rec.tenant_id))
+            raise TooManyJobs(
+                f"tenant {rec.tenant_id!r} already has {n} queued or running training jobs (max {max_active}); "
+                "wait for one to finish or cancel one"
+            )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._errors("read the job"):
+            return self._read(job_id)
+
+    def list(self, tenant_id: str | None = None) -> list[JobRecord]:
+        with self._errors("list jobs"):
+            zkey = self._index if tenant_id is None else self._tenant(tenant_id)
+            ids = [i.decode() for i in self._r.zrange(zkey, 0, -1)]
+            pipe = self._r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self._job(i), RECORD_FIELDS)
+            rows = pipe.execute()
+            out, gone = [], []
+            for i, vals in zip(ids, rows, strict=True):
+                if all(v is None for v in vals):
+                    gone.append(i)
+                    continue
+                rec = self._decode(dict(zip(RECORD_FIELDS, vals, strict=True)))
+                if rec is not None:
+                    out.append(rec)
+            if gone:  # expired terminal jobs: drop them from the indexes
+                self._r.zrem(zkey, *gone)
+                if tenant_id is None:
+                    self._r.zrem(self._index, *gone)
+        out.sort(key=lambda r: (r.created, r.job_id))
+        return out
+
+    def cancel(self, job_id: str) -> JobRecord | None:
+        with self._errors("cancel the job"):
+            rec = self._read(job_id)
+            if rec is None:
+                return None
+            self._cancel(
+                keys=[self._job(job_id), self._active(rec.tenant_id)],
+                args=[job_id, json.dumps(time.time()), int(self.retention_s)],
+            )
+            return self._read(job_id)
+
+    # ------------------------------------------------------------------------------------------ worker side
+    def claim(self, worker_id: str, block_ms: int = 1000) -> RedisClaim | None:
+        """Take over a stale job (XAUTOCLAIM) or read a new one (XREADGROUP, blocking up to ``block_ms``)."""
+        with self._errors("claim a job"):
+            self._ensure_group()
+            entries: list[tuple[bytes, dict]] = []
+            res = self._r.xautoclaim(
+                self._stream, GROUP, worker_id, min_idle_time=int(self.stale_after_s * 1000), start_id="0-0",
+                count=10,
+            )  # fmt: skip
+            entries.extend(e for e in res[1] if e and e[1] is not None)
+            for entry_id in res[2] if len(res) > 2 else []:  # deleted entries still pending: drop them
+                self._r.xack(self._stream, GROUP, entry_id)
+            if not entries:
+                got = self._r.xreadgroup(GROUP, worker_id, {self._stream: ">"}, count=1, block=block_ms)
+                for _stream, msgs in got or []:
+                    entries.extend(msgs)
+            claim = None
+            for entry_id, data in entries:
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                if claim is not None:  # more than one reclaimed at once: leave the others pending for later
+                    continue
+                claim = self._take(worker_id, eid, data)
+            return claim
+
+    def _ack(self, entry_id: str) -> None:
+        self._r.xack(self._stream, GROUP, entry_id)
+        self._r.xdel(self._stream, entry_id)
+
+    def _take(self, worker_id: str, entry_id: str, data: dict) -> RedisClaim | None:
+        raw = data.get(b"job_id") or data.get("job_id")
+        job_id = raw.decode() if isinstance(raw, bytes) else raw
+        if not job_id:
+            self._ack(entry_id)
+            return None
+        res = self._claim(keys=[self._job(job_id)], args=[worker_id, json.dumps(time.time()), self.max_attempts,
+                                                         EMPTY_PROGRESS])  # fmt: skip
+        what = res[0].decode() if isinstance(res[0], bytes) else res[0]
+        if what == "claimed":
+            rec = self._read(job_id)
+            ex = self._r.hget(self._job(job_id), "examples")
+            if rec is None or ex is None:
+                self._ack(entry_id)
+                return None
+            if int(res[1]) > 1:
+                log.warning("job %s: taken over by %s (attempt %d)", job_id, worker_id, int(res[1]))
+            return RedisClaim(rec, json.loads(ex), worker_id, entry_id)
+        if what in ("cancelled", "exhausted"):
+            rec = self._read(job_id)
+            if rec is not None:
+                if what == "cancelled":
+                    vals = {"status": "cancelled", "finished": time.time(), "cancel_requested": True,
+                            "error": f"cancelled; its worker {rec.worker} went away" if rec.worker else
+                            "cancelled before it started"}  # fmt: skip
+                else:
+                    dead = _dec(res[2]) if len(res) > 2 else rec.worker
+                    vals = {"status": "failed", "finished": time.time(),
+                            "error": f"worker {dead} stopped heartbeating while running the job (attempt "
+                                     f"{rec.attempts} of {self.max_attempts}); giving up"}  # fmt: skip
+                    log.warning("job %s: %s", job_id, vals["error"])
+                self._end(rec, "", entry_id, vals)
+            else:
+                self._ack(entry_id)
+            return None
+        self._ack(entry_id)  # terminal or missing: nothing to do
+        return None
+
+    def _end(self, rec: JobRecord, owner: str, entry_id: str, vals: dict[str, Any]) -> bool:
+        flat: list[str] = []
+        for k, v in vals.items():
+            flat += [k, json.dumps(v, sort_keys=True, allow_nan=False)]
+        ok = self._finish(
+            keys=[self._job(rec.job_id), self._active(rec.tenant_id), self._stream],
+            args=[owner, rec.job_id, entry_id, int(self.retention_s), *flat],
+        )
+        return bool(int(ok))
+
+    def cancel_requested(self, claim: RedisClaim) -> bool:
+        with self._errors("read the cancel flag"):
+            return self._r.hget(self._job(claim.record.job_id), "cancel_requested") == b"true"
+
+    def heartbeat(self, claim: RedisClaim, progress: dict[str, Any] | None) -> bool:
+        with self._errors("heartbeat"):
+            pipe = self._r.pipeline(transaction=False)
+            pipe.xclaim(self._stream, GROUP, claim.worker_id, 0, [claim.entry_id], justid=True)
+            pipe.execute()
+            res = self._heartbeat(
+                keys=[self._job(claim.record.job_id)],
+                args=[claim.worker_id, json.dumps(time.time()),
+                      json.dumps(progress, sort_keys=True) if progress is not None else ""],
+            )  # fmt: skip
+        if int(res) < 0:
+            raise LostClaim(f"job {claim.record.job_id} is no longer run by {claim.worker_id}")
+        return int(res) == 1
+
+    def owns(self, claim: RedisClaim) -> bool:
+        rec = self._read(claim.record.job_id)
+        return rec is not None and rec.status == "running" and rec.worker == claim.worker_id
+
+    def finish(self, claim: RedisClaim, status: str, **fields_: Any) -> JobRecord:
+        vals = {"status": status, "finished": time.time(), **fields_}
+        if status == "cancelled":
+            vals["cancel_requested"] = True
+        with self._errors("finish the job"):
+            if not self._end(claim.record, claim.worker_id, claim.entry_id, vals):
+                raise LostClaim(f"job {claim.record.job_id} is no longer run by {claim.worker_id}")
+            return self._read(claim.record.job_id) or claim.record
+
+    def requeue(self, claim: RedisClaim, reason: str) -> None:
+        with self._errors("requeue the job"):
+            self._requeue(
+                keys=[self._job(claim.record.job_id), self._stream],
+                args=[claim.worker_id, claim.entry_id, json.dumps(reason), 1],
+            )
+
+    def release(self, claim: RedisClaim) -> None:
+        return None  # the new owner holds the stream entry now
+
+    def reclaim_stale(self) -> list[str]:
+        return []  # XAUTOCLAIM inside claim() does it
+
+    def prune(self) -> int:
+        return 0  # terminal jobs expire (retention_s)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._r.close()
+
+
+def new_consumer_name(prefix: str = "w") -> str:
+    import os
+    import socket
+
+    return f"{prefix}-{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

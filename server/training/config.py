@@ -1,0 +1,332 @@
+"""Training specs: limits, per-method default hyperparameters and validation (clear errors naming the field).
+
+A training request (the body of ``POST /prefixes`` or ``JobManager.submit``)::
+
+    {"tenant_id": "acme", "name": "support", "method": "prefix_tuning", "prefix_length": 16,
+     "examples": [{"prompt": "...", "completion": "..."}, ...],
+     "hyperparameters": {"epochs": 8, "learning_rate": 3e-3, "batch_size": 8, "seed": 0, ...}}
+
+Hyperparameters may also be given at the top level (the CLI and SDK send ``epochs``, ``lr``, ``max_steps`` there);
+``lr`` is an alias of ``learning_rate``. Unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("prefix_tuning", "prefix_propagation", "prompt_tuning")
+DEFAULT_METHOD = "prefix_tuning"
+PROMPT_FORMATS = ("chat", "raw")
+INITS = ("text", "random")
+
+
+class TrainingValidationError(ValueError):
+    """A training request is invalid. ``param`` names the offending field (e.g. ``"examples[3].completion"``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TrainingCancelled(Exception):
+    """Raised by the trainer when ``should_stop()`` answered True; nothing was produced."""
+
+
+@dataclass(frozen=True)
+class TrainingLimits:
+    """Server-side bounds on a training request (configurable per deployment)."""
+
+    max_examples: int = 1000
+    max_total_tokens: int = 200_000  # prompt + completion tokens over all examples
+    max_example_tokens: int = 2048  # one example (prefix positions come on top)
+    min_prefix_length: int = 1
+    max_prefix_length: int = 256
+    max_epochs: int = 100
+    max_batch_size: int = 64
+    max_steps: int = 100_000
+    max_prompt_chars: int = 100_000  # per prompt/completion string, before tokenizing
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Optimizer and schedule. Every method has its own defaults (see ``DEFAULTS``)."""
+
+    epochs: int = 10
+    learning_rate: float = 3e-3
+    batch_size: int = 8
+    seed: int = 0
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    prompt_format: str | None = None  # None: the model's default (chat if it has a chat template)
+    max_steps: int | None = None  # stop after this many optimizer steps (caps epochs)
+    eval_fraction: float = 0.1  # held-out share when there are >= MIN_EXAMPLES_FOR_EVAL examples
+    init: str = "text"  # "text": start from the KV of real text; "random"
+    mlp_hidden: int = 512  # prefix_tuning: width of the reparameterization MLP
+    append_eos: bool = True  # teach the model to stop after the completion
+    rms_scale: bool = (
+        True  # propagation / prompt tuning: learning rate relative to each layer's activation RMS
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+MIN_EXAMPLES_FOR_EVAL = 16
+
+# Tuned on SmolLM2-135M-Instruct (chat format) with a 24..48-example "answer starts with a tag" task and a
+# 4-label classification task (benchmarks/compare_methods.py); see the module docs of server/training/trainer.py.
+DEFAULTS: dict[str, Hyperparameters] = {
+    "prefix_tuning": Hyperparameters(epochs=10, learning_rate=3e-3),
+    "prefix_propagation": Hyperparameters(epochs=10, learning_rate=3e-3),
+    "prompt_tuning": Hyperparameters(epochs=10, learning_rate=3e-2),
+}
+DEFAULT_PREFIX_LENGTH: dict[str, int] = {"prefix_tuning": 16, "prefix_propagation": 16, "prompt_tuning": 16}
+
+HP_FIELDS = {f.name for f in dataclasses.fields(Hyperparameters)}
+HP_ALIASES = {"lr": "learning_rate"}
+TOP_LEVEL_FIELDS = {"tenant_id", "name", "method", "prefix_length", "examples", "hyperparameters"}
+
+
+def default_hyperparameters(method: str) -> Hyperparameters:
+    check_method(method)
+    return DEFAULTS[method]
+
+
+def check_method(method: Any) -> str:
+    if method is None:
+        return DEFAULT_METHOD
+    if not isinstance(method, str) or method not in METHODS:
+        raise TrainingValidationError(
+            f"unknown method {method!r}: use one of {', '.join(METHODS)}", param="method"
+        )
+    return method
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _int(value: Any, param: str, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise TrainingValidationError(f"{param} must be an integer, got {value!r}", param=param)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise TrainingValidationError(f"{param} must be in {lo}..{hi}, got {value}", param=param)
+    return value
+
+
+def _float(value: Any, param: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TrainingValidationError(f"{param} must be a number, got {value!r}", param=param)
+    v = float(value)
+    if not math.isfinite(v):
+        raise TrainingValidationError(f"{param} must be finite, got {value!r}", param=param)
+    if (v <= lo if lo_open else v < lo) or v > hi:
+        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise TrainingValidationError(f"{param} must be in {bound}, got {value!r}", param=param)
+    return v
+
+
+def resolve_hyperparameters(
+    method: str,
+    given: Mapping[str, Any] | Hyperparameters | None,
+    limits: TrainingLimits | None = None,
+    *,
+    params: Mapping[str, str] | None = None,
+) -> Hyperparameters:
+    """Method defaults overridden by ``given`` (validated; unknown keys refused). Errors name the field as it was
+    given: ``params[key]`` if present, else ``hyperparameters.<key>``."""
+    params = params or {}
+    limits = limits or TrainingLimits()
+    base = DEFAULTS[check_method(method)]
+    if given is None:
+        given = {}
+    if isinstance(given, Hyperparameters):
+        given = given.to_dict()
+    if not isinstance(given, Mapping):
+        raise TrainingValidationError("hyperparameters must be an object", param="hyperparameters")
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for key, v in given.items():
+        name = HP_ALIASES.get(key, key)
+        label = params.get(key, f"hyperparameters.{key}")
+        if name not in HP_FIELDS:
+            raise TrainingValidationError(
+                f"unknown hyperparameter {key!r}: known are {', '.join(sorted(HP_FIELDS | set(HP_ALIASES)))}",
+                param=label,
+            )
+        labels[name] = label
+        if v is None and name not in ("prompt_format", "max_steps"):
+            continue
+        values[name] = v
+
+    def p(n: str) -> str:
+        return labels[n]
+
+    out: dict[str, Any] = {}
+    for name, v in values.items():
+        if name == "epochs":
+            out[name] = _int(v, p(name), 1, limits.max_epochs)
+        elif name == "learning_rate":
+            out[name] = _float(v, p(name), 0.0, 10.0, lo_open=True)
+        elif name == "batch_size":
+            out[name] = _int(v, p(name), 1, limits.max_batch_size)
+        elif name == "seed":
+            out[name] = _int(v, p(name), 0, 2**63 - 1)
+        elif name == "warmup_ratio":
+            out[name] = _float(v, p(name), 0.0, 0.9)
+        elif name == "weight_decay":
+            out[name] = _float(v, p(name), 0.0, 10.0)
+        elif name == "max_grad_norm":
+            out[name] = _float(v, p(name), 0.0, 1e6)  # 0 disables clipping
+        elif name == "prompt_format":
+            if v is not None and v not in PROMPT_FORMATS:
+                raise TrainingValidationError(
+                    f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {v!r}", param=p(name)
+                )
+            out[name] = v
+        elif name == "max_steps":
+            out[name] = None if v is None else _int(v, p(name), 1, limits.max_steps)
+        elif name == "eval_fraction":
+            out[name] = _float(v, p(name), 0.0, 0.5)
+        elif name == "init":
+            if v not in INITS:
+                raise TrainingValidationError(
+                    f"init must be one of {', '.join(INITS)}, got {v!r}", param=p(name)
+                )
+            out[name] = v
+        elif name == "mlp_hidden":
+            out[name] = _int(v, p(name), 1, 8192)
+        elif name in ("append_eos", "rms_scale"):
+            if not isinstance(v, bool):
+                raise TrainingValidationError(f"{name} must be true or false, got {v!r}", param=p(name))
+            out[name] = v
+    return dataclasses.replace(base, **out)
+
+
+def check_prefix_length(value: Any, limits: TrainingLimits | None = None) -> int:
+    limits = limits or TrainingLimits()
+    return _int(value, "prefix_length", limits.min_prefix_length, limits.max_prefix_length)
+
+
+def check_examples(examples: Any, limits: TrainingLimits | None = None) -> list[dict[str, str]]:
+    """Shape checks (no tokenizer): a non-empty list of {"prompt": str, "completion": non-empty str}."""
+    limits = limits or TrainingLimits()
+    if not isinstance(examples, list):
+        raise TrainingValidationError("examples must be a list of {prompt, completion} objects", "examples")
+    if not examples:
+        raise TrainingValidationError("examples: at least one example is required", "examples")
+    if len(examples) > limits.max_examples:
+        raise TrainingValidationError(
+            f"too many examples: {len(examples)} (max {limits.max_examples})", param="examples"
+        )
+    out = []
+    for i, ex in enumerate(examples):
+        where = f"examples[{i}]"
+        if not isinstance(ex, Mapping):
+            raise TrainingValidationError(f"{where} must be an object with prompt and completion", where)
+        extra = set(ex) - {"prompt", "completion"}
+        if extra:
+            raise TrainingValidationError(
+                f"{where} has unknown fields {sorted(extra)}: use prompt and completion", where
+            )
+        prompt, completion = ex.get("prompt"), ex.get("completion")
+        if not isinstance(prompt, str):
+            raise TrainingValidationError(f"{where}.prompt must be a string", f"{where}.prompt")
+        if not isinstance(completion, str):
+            raise TrainingValidationError(f"{where}.completion must be a string", f"{where}.completion")
+        if not completion.strip():
+            raise TrainingValidationError(f"{where}.completion is empty", f"{where}.completion")
+        for key, s in (("prompt", prompt), ("completion", completion)):
+            if len(s) > limits.max_prompt_chars:
+                raise TrainingValidationError(
+                    f"{where}.{key} is {len(s)} characters long (max {limits.max_prompt_chars})",
+                    f"{where}.{key}",
+                )
+        out.append({"prompt": prompt, "completion": completion})
+    return out
+
+
+def load_examples(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Examples from a JSONL file (one ``{"prompt", "completion"}`` object a line) or an iterable of dicts."""
+    if isinstance(source, (str, Path)):
+        rows: list[Any] = []
+        with open(source, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise TrainingValidationError(
+                        f"{source} line {n}: not JSON ({e.msg})", "examples"
+                    ) from None
+        return check_examples(rows, TrainingLimits(max_examples=10**9))
+    return check_examples(list(source), TrainingLimits(max_examples=10**9))
+
+
+@dataclass
+class TrainSpec:
+    """A validated request (before tokenization)."""
+
+    tenant_id: str
+    name: str
+    method: str
+    prefix_length: int
+    examples: list[dict[str, str]]
+    hyperparameters: Hyperparameters
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_request(request: Mapping[str, Any], limits: TrainingLimits | None = None) -> TrainSpec:
+    """Validate a job request's structure (names, method, prefix length, examples, hyperparameters)."""
+    from prefix_store.errors import InvalidName
+    from prefix_store.names import validate_name
+
+    limits = limits or TrainingLimits()
+    if not isinstance(request, Mapping):
+        raise TrainingValidationError("the training request must be an object", None)
+    for key in ("tenant_id", "name"):
+        try:
+            validate_name(request.get(key), key)
+        except InvalidName as e:
+            raise TrainingValidationError(str(e), param=key) from None
+    method = check_method(request.get("method"))
+    hp: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    nested = request.get("hyperparameters")
+    if nested is not None and not isinstance(nested, Mapping):
+        raise TrainingValidationError("hyperparameters must be an object", param="hyperparameters")
+    for key, v in request.items():
+        if key in TOP_LEVEL_FIELDS:
+            continue
+        if HP_ALIASES.get(key, key) in HP_FIELDS:
+            hp[key] = v
+            labels[key] = key
+        else:
+            raise TrainingValidationError(f"unknown field {key!r}", param=key)
+    for key, v in (nested or {}).items():
+        if HP_ALIASES.get(key, key) in {HP_ALIASES.get(k, k) for k in hp}:
+            # nested wins over top level only if the top level did not set it; both set: refuse ambiguity
+            raise TrainingValidationError(
+                f"{key!r} given both at the top level and in hyperparameters", param=f"hyperparameters.{key}"
+            )
+        hp[key] = v
+    hyper = resolve_hyperparameters(method, hp, limits, params=labels)
+    plen = request.get("prefix_length")
+    prefix_length = DEFAULT_PREFIX_LENGTH[method] if plen is None else check_prefix_length(plen, limits)
+    examples = check_examples(request.get("examples"), limits)
+    return TrainSpec(
+        tenant_id=request["tenant_id"],
+        name=request["name"],
+        method=method,
+        prefix_length=prefix_length,
+        examples=examples,
+        hyperparameters=hyper,
+    )

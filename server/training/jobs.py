@@ -1,0 +1,389 @@
+"""Durable training jobs: submit, list, cancel; workers inside the server (threads) or in separate processes.
+
+    jm = JobManager(bundle, store)                 # jobs next to the store: Redis if the store is redis://, else disk
+    jm.start()                                     # in-process workers (default 1 thread)
+    rec = jm.submit({"tenant_id": "acme", "name": "support", "method": "prefix_tuning", "examples": [...]})
+    jm.get(rec.job_id).status                      # queued -> running -> succeeded | failed | cancelled
+    jm.cancel(rec.job_id)                          # stops within one optimizer step; nothing is written
+    jm.shutdown()                                  # running jobs go back to the queue for the next worker
+
+On success the prefix is written with ``store.put`` (kind = method, the compiled ``kv`` + the trained tensors, the
+training summary, ``extra={"prompt_format": ...}``) and only then is the job marked ``succeeded`` with the
+``prefix_version``: the prefix becomes visible exactly when the job succeeds. Failure or cancel writes nothing.
+
+Backends: ``backend_redis`` (a Stream + consumer group; XAUTOCLAIM takes over jobs of dead workers) and
+``backend_disk`` (one JSON per job, flock ownership; dead workers' jobs are reclaimed by any worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from prefix_store.errors import StoreError
+from server.training.config import (
+    TrainingCancelled,
+    TrainingLimits,
+    TrainingValidationError,
+    parse_request,
+)
+from server.training.data import encode_examples
+from server.training.records import ACTIVE, JobNotFound, JobRecord, TooManyJobs, new_job_id
+from server.training.trainer import TrainingDiverged, default_train_threads, train_prefix
+
+log = logging.getLogger("prefixserve.training.jobs")
+
+
+class _Shutdown(Exception):
+    """The worker is stopping: the job goes back to the queue."""
+
+
+class _Lost(Exception):
+    """Another worker took the job over (we were presumed dead)."""
+
+
+# ------------------------------------------------------------------------------------------------ backends
+def jobs_location(store: Any, jobs_url: str | None = None) -> str:
+    """Where jobs live: ``jobs_url`` if given, else next to the store (Redis: same server and namespace; disk:
+    the sibling directory ``<store root>.jobs``)."""
+    if jobs_url:
+        return jobs_url
+    url = getattr(store, "url", None) or ""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("redis", "rediss", "unix"):
+        return url
+    root = getattr(store, "root", None)
+    if root is None and scheme == "file":
+        root = Path(unquote(urlsplit(url).path))
+    if root is None:
+        raise ValueError(f"cannot place training jobs next to store {store!r}: pass jobs_url")
+    root = Path(root)
+    return "file://" + str(root.parent / f"{root.name}.jobs")
+
+
+def open_backend(location: str, *, max_attempts: int, stale_after_s: float, retention_s: float) -> Any:
+    parts = urlsplit(location)
+    scheme = parts.scheme.lower()
+    if scheme in ("redis", "rediss", "unix"):
+        from prefix_store.redis_store import split_url
+        from server.training.backend_redis import RedisJobBackend
+
+        client_url, ns = split_url(location)
+        return RedisJobBackend(client_url, ns, max_attempts=max_attempts, stale_after_s=stale_after_s,
+                               retention_s=retention_s)  # fmt: skip
+    from server.training.backend_disk import DiskJobBackend
+
+    path = Path(unquote(parts.path)) if scheme == "file" else Path(location)
+    return DiskJobBackend(
+        path, max_attempts=max_attempts, stale_after_s=stale_after_s, retention_s=retention_s
+    )
+
+
+def _is_lost(e: BaseException) -> bool:
+    return type(e).__name__ == "LostClaim"
+
+
+# ------------------------------------------------------------------------------------------------ manager
+class JobManager:
+    """Training jobs of one base model and one prefix store.
+
+    ``in_process_workers`` threads train inside this process (0: only queue jobs, for ``prefixserve worker``
+    processes to run). Each job trains with ``train_threads`` intra-op threads (default: half the cores), set on
+    the worker thread only, so the serving threads keep theirs.
+    """
+
+    def __init__(
+        self,
+        bundle: Any,
+        store: Any,
+        *,
+        jobs_url: str | None = None,
+        in_process_workers: int = 1,
+        max_jobs_per_tenant: int = 4,
+        limits: TrainingLimits | None = None,
+        train_threads: int | None = None,
+        heartbeat_s: float = 2.0,
+        stale_after_s: float = 30.0,
+        max_attempts: int = 2,
+        poll_s: float = 0.5,
+        retention_s: float = 7 * 86400,
+        worker_name: str | None = None,
+    ) -> None:
+        if stale_after_s <= heartbeat_s:
+            raise ValueError("stale_after_s must be larger than heartbeat_s")
+        self.bundle = bundle
+        self.store = store
+        self.limits = limits or TrainingLimits()
+        self.in_process_workers = in_process_workers
+        self.max_jobs_per_tenant = max_jobs_per_tenant
+        self.train_threads = train_threads if train_threads is not None else default_train_threads()
+        self.heartbeat_s = heartbeat_s
+        self.poll_s = poll_s
+        self.location = jobs_location(store, jobs_url)
+        self.backend = open_backend(
+            self.location, max_attempts=max_attempts, stale_after_s=stale_after_s, retention_s=retention_s
+        )
+        self.worker_name = worker_name or f"{os.uname().nodename[:32]}-{os.getpid()}"
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        # job_id -> cancel event of the jobs running in this process
+        self._running: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._started = False
+        self._last_reclaim = 0.0
+
+    def __repr__(self) -> str:
+        return f"JobManager({self.backend!r}, workers={self.in_process_workers})"
+
+    # ------------------------------------------------------------------------------------------ API
+    def validate(self, request: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Full validation of a request (structure, names, limits, tokenization); returns (spec, hyperparameters)."""
+        spec = parse_request(request, self.limits)
+        hp = spec.hyperparameters
+        from server.model import default_prompt_format
+
+        fmt = hp.prompt_format or default_prompt_format(self.bundle)
+        encode_examples(self.bundle, spec.examples, fmt, spec.prefix_length, append_eos=hp.append_eos,
+                        limits=self.limits)  # fmt: skip
+        return spec, {**hp.to_dict(), "prompt_format": fmt}
+
+    def submit(self, request: dict[str, Any]) -> JobRecord:
+        """Validate and queue a job. Raises TrainingValidationError (bad request), TooManyJobs (tenant limit),
+        prefix_store.errors.StoreUnavailable (job backend down)."""
+        spec, hp = self.validate(request)
+        rec = JobRecord(
+            job_id=new_job_id(),
+            tenant_id=spec.tenant_id,
+            name=spec.name,
+            method=spec.method,
+            prefix_length=spec.prefix_length,
+            hyperparameters=hp,
+            num_examples=len(spec.examples),
+        )
+        self.backend.create(rec, spec.examples, self.max_jobs_per_tenant)
+        log.info(
+            "job %s queued: %s/%s %s P=%d, %d examples",
+            rec.job_id, rec.tenant_id, rec.name, rec.method, rec.prefix_length, rec.num_examples,
+        )  # fmt: skip
+        self._wake.set()
+        return rec
+
+    def get(self, job_id: str) -> JobRecord | None:
+        rec = self.backend.get(job_id)
+        if rec is not None and rec.status == "running" and job_id in self._running:
+            rec.cancel_requested = rec.cancel_requested or self._running[job_id].is_set()
+        return rec
+
+    def list(self, tenant_id: str | None = None) -> list[JobRecord]:
+        return self.backend.list(tenant_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued job at once, a running one within one optimizer step. Raises JobNotFound."""
+        ev = self._running.get(job_id)
+        if ev is not None:
+            ev.set()
+        rec = self.backend.cancel(job_id)
+        if rec is None:
+            raise JobNotFound(f"job {job_id!r} not found")
+        return rec
+
+    def ping(self) -> None:
+        self.backend.ping()
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.list():
+            out[r.status] = out.get(r.status, 0) + 1
+        return out
+
+    # ------------------------------------------------------------------------------------------ workers
+    def start(self) -> None:
+        """Start the in-process worker threads (idempotent)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            self._stop.clear()
+            for i in range(self.in_process_workers):
+                t = threading.Thread(target=self.work, name=f"prefixserve-trainer-{i}", daemon=True,
+                                     kwargs={"worker_id": f"{self.worker_name}-t{i}"})  # fmt: skip
+                t.start()
+                self._threads.append(t)
+        if self.in_process_workers:
+            log.info("training: %d in-process worker(s), jobs at %r", self.in_process_workers, self.backend)
+
+    def shutdown(self, wait: bool = True, timeout: float | None = 30.0) -> None:
+        """Stop the workers; a running job stops at its next step and goes back to the queue."""
+        self._stop.set()
+        self._wake.set()
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for t in self._threads:
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._started = False
+        if wait and not self._threads:
+            self.backend.close()
+
+    close = shutdown
+
+    def work(self, worker_id: str | None = None, *, max_jobs: int | None = None,
+             stop: threading.Event | None = None) -> int:  # fmt: skip
+        """Worker loop: claim and run jobs until ``stop``/shutdown (or ``max_jobs`` ran); returns jobs run."""
+        worker_id = worker_id or f"{self.worker_name}-w"
+        stop = stop or self._stop
+        done = 0
+        while not (stop.is_set() or self._stop.is_set()) and (max_jobs is None or done < max_jobs):
+            try:
+                if self.run_one(worker_id, block_s=self.poll_s, stop=stop):
+                    done += 1
+            except Exception as e:  # backend down: keep trying, quietly
+                log.warning("training worker %s: %s", worker_id, e)
+                stop.wait(min(5.0, max(self.poll_s, 1.0)))
+        return done
+
+    def _maybe_reclaim(self) -> None:
+        now = time.monotonic()
+        if now - self._last_reclaim < max(1.0, self.heartbeat_s):
+            return
+        self._last_reclaim = now
+        with contextlib.suppress(Exception):
+            self.backend.reclaim_stale()
+
+    def run_one(self, worker_id: str, block_s: float = 0.0, stop: threading.Event | None = None) -> bool:
+        """Claim one job (waiting up to ``block_s``) and run it to its end; returns whether one ran."""
+        stop = stop or self._stop
+        self._maybe_reclaim()
+        if self.backend.kind == "redis":
+            claim = self.backend.claim(worker_id, block_ms=max(1, int(block_s * 1000)))
+        else:
+            claim = self.backend.claim(worker_id)
+            if claim is None and block_s > 0:
+                self._wake.wait(block_s)
+                self._wake.clear()
+                claim = self.backend.claim(worker_id)
+        if claim is None:
+            return False
+        self._run(claim, stop)
+        return True
+
+    def _run(self, claim: Any, stop: threading.Event) -> None:
+        rec: JobRecord = claim.record
+        job_id = rec.job_id
+        cancel_ev = threading.Event()
+        lost_ev = threading.Event()
+        self._running[job_id] = cancel_ev
+        progress: dict[str, Any] = dict(rec.progress)
+        dirty = threading.Event()
+        hb_stop = threading.Event()
+
+        def beat() -> None:
+            while not hb_stop.wait(self.heartbeat_s if not dirty.is_set() else 0.2):
+                try:
+                    snap = dict(progress) if dirty.is_set() else None
+                    dirty.clear()
+                    if self.backend.heartbeat(claim, snap):
+                        cancel_ev.set()
+                except Exception as e:
+                    if _is_lost(e):
+                        lost_ev.set()
+                        return
+                    log.warning("job %s: heartbeat failed: %s", job_id, e)
+
+        hb = threading.Thread(target=beat, name=f"prefixserve-heartbeat-{job_id}", daemon=True)
+        hb.start()
+
+        def should_stop() -> bool:
+            if stop.is_set() or self._stop.is_set() or lost_ev.is_set() or cancel_ev.is_set():
+                return True
+            try:  # the cancel flag straight from the backend before every step (one stat / one HGET)
+                if self.backend.cancel_requested(claim):
+                    cancel_ev.set()
+            except Exception:
+                pass
+            return cancel_ev.is_set()
+
+        def on_progress(step: int, total: int, loss: float, epoch: int) -> None:
+            progress.update(step=step, total_steps=total, loss=round(loss, 6) if math.isfinite(loss) else None,
+                            epoch=epoch)  # fmt: skip
+            dirty.set()
+
+        log.info("job %s running on %s (attempt %d)", job_id, claim.worker_id, rec.attempts)
+        try:
+            self._execute(claim, rec, should_stop, on_progress, cancel_ev, lost_ev, stop, progress)
+        finally:
+            hb_stop.set()
+            hb.join(timeout=10)
+            self._running.pop(job_id, None)
+
+    def _execute(self, claim, rec, should_stop, on_progress, cancel_ev, lost_ev, stop, progress) -> None:
+        hp = dict(rec.hyperparameters)
+        try:
+            try:
+                result = train_prefix(
+                    self.bundle, rec.method, claim.examples, rec.prefix_length, hp,
+                    progress_cb=on_progress, should_stop=should_stop, limits=self.limits,
+                    num_threads=self.train_threads,
+                )  # fmt: skip
+            except TrainingCancelled:
+                if lost_ev.is_set():
+                    raise _Lost() from None
+                if cancel_ev.is_set():
+                    raise
+                raise _Shutdown() from None
+            if lost_ev.is_set() or not self.backend.owns(claim):
+                raise _Lost()
+            summary = dict(result.summary)
+            summary["job_id"] = rec.job_id
+            meta = self.store.put(
+                rec.tenant_id,
+                rec.name,
+                rec.method,
+                result.tensors,
+                base_model_fingerprint=self.bundle.fingerprint,
+                prefix_length=rec.prefix_length,
+                training=summary,
+                extra={"prompt_format": result.prompt_format},
+            )
+            final = {**progress, "step": summary["steps"], "total_steps": summary["total_steps"],
+                     "loss": summary["last_step_loss"], "epoch": summary["epochs"]}  # fmt: skip
+            self.backend.finish(claim, "succeeded", prefix_version=meta.version, summary=summary,
+                                progress=final, error=None)  # fmt: skip
+            log.info("job %s succeeded: %s/%s v%d in %.1fs", rec.job_id, rec.tenant_id, rec.name, meta.version,
+                     summary["wall_time_s"])  # fmt: skip
+        except TrainingCancelled:
+            self._finish(claim, "cancelled", error="cancelled by request", progress=dict(progress))
+        except _Shutdown:
+            with contextlib.suppress(Exception):
+                self.backend.requeue(claim, "worker shut down while running the job; requeued")
+            log.info("job %s: worker stopping, requeued", rec.job_id)
+        except _Lost:
+            log.warning("job %s was taken over by another worker; dropping this run", rec.job_id)
+            with contextlib.suppress(Exception):
+                self.backend.release(claim)
+        except (TrainingValidationError, TrainingDiverged, StoreError, ValueError) as e:
+            self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
+        except Exception as e:
+            log.error("job %s failed:\n%s", rec.job_id, traceback.format_exc())
+            self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
+
+    def _finish(self, claim: Any, status: str, **fields: Any) -> None:
+        try:
+            self.backend.finish(claim, status, **fields)
+            log.info("job %s %s%s", claim.record.job_id, status, f": {fields.get('error')}" if fields.get("error")
+                     and status != "cancelled" else "")  # fmt: skip
+        except Exception as e:
+            log.warning("job %s: could not record %s: %s", claim.record.job_id, status, e)
+
+
+__all__ = ["ACTIVE", "JobManager", "JobNotFound", "JobRecord", "TooManyJobs", "jobs_location", "open_backend"]

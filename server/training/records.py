@@ -1,0 +1,78 @@
+"""Job records and the errors of the job system."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE = frozenset({"queued", "running"})
+
+
+class TooManyJobs(RuntimeError):
+    """The tenant already has ``max_jobs_per_tenant`` queued or running jobs (HTTP 429)."""
+
+
+class JobNotFound(LookupError):
+    """No job with that id."""
+
+
+def new_job_id() -> str:
+    return f"job-{uuid.uuid4().hex[:20]}"
+
+
+def _progress() -> dict[str, Any]:
+    return {"step": 0, "total_steps": None, "loss": None, "epoch": 0}
+
+
+@dataclass
+class JobRecord:
+    """A training job as the API shows it (``to_dict()``), plus bookkeeping (attempts, worker, heartbeat)."""
+
+    job_id: str
+    tenant_id: str
+    name: str
+    method: str
+    prefix_length: int
+    status: str = "queued"
+    progress: dict[str, Any] = field(default_factory=_progress)
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    prefix_version: int | None = None
+    summary: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    num_examples: int = 0
+    attempts: int = 0  # how many times a worker started it
+    worker: str | None = None  # the worker running it (or that last ran it)
+    heartbeat: float | None = None  # last sign of life of that worker (unix seconds)
+    cancel_requested: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["object"] = "training_job"
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), allow_nan=False, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobRecord:
+        known = {f for f in cls.__dataclass_fields__}
+        rec = cls(**{k: v for k, v in d.items() if k in known})
+        if not isinstance(rec.progress, dict):
+            rec.progress = _progress()
+        return rec
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> JobRecord:
+        return cls.from_dict(json.loads(text))

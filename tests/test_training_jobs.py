@@ -1,0 +1,482 @@
+"""Durable training jobs on disk and in Redis (real Redis): lifecycle, the prefix visible only once the job
+succeeded, failure and cancel write nothing, per-tenant limits, validation, workers that die mid-job (their job is
+taken over or failed with a reason, never stuck running), graceful shutdown requeues, and serving is unaffected
+while a job trains on the same model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefix_store import open_store
+from prefix_store.errors import StoreUnavailable
+from server.engine import DictPrefixProvider, EngineConfig, LLMEngine, PrefixKey, Request, SamplingParams
+from server.model import render_prompt
+from server.training import (
+    JobManager,
+    JobNotFound,
+    TooManyJobs,
+    TrainingValidationError,
+    run_worker,
+)
+from server.training import jobs as jobs_mod
+from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"heartbeat_s": 0.1, "stale_after_s": 1.5, "poll_s": 0.05, "train_threads": 1}
+
+
+def request_(tenant="acme", name="bot", method="prefix_tuning", n=8, epochs=4, **hp):
+    return {
+        "tenant_id": tenant,
+        "name": name,
+        "method": method,
+        "prefix_length": 3,
+        "examples": [{"prompt": f"q{i}", "completion": "zebra"} for i in range(n)],
+        "hyperparameters": {"epochs": epochs, "batch_size": 2, **hp},
+    }
+
+
+def wait_for(pred, timeout=60.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_status(jm, job_id, statuses, timeout=60.0):
+    statuses = {statuses} if isinstance(statuses, str) else set(statuses)
+
+    def check():
+        r = jm.get(job_id)
+        return r if r is not None and r.status in statuses else None
+
+    return wait_for(check, timeout, what=f"job {job_id} in {statuses}")
+
+
+@pytest.fixture(params=["disk", "redis"])
+def store(request, tmp_path):
+    if request.param == "disk":
+        st = open_store(f"file://{tmp_path / 'store'}")
+    else:
+        st = open_store(request.getfixturevalue("redis_store_url"))
+    yield st
+    st.close()
+
+
+@pytest.fixture
+def managers(tiny_llama_bundle, store):
+    made: list[JobManager] = []
+
+    def make(**kw) -> JobManager:
+        kw = {**FAST, "in_process_workers": 0, **kw}
+        jm = JobManager(tiny_llama_bundle, store, **kw)
+        made.append(jm)
+        return jm
+
+    yield make
+    for jm in made:
+        jm.shutdown(wait=True, timeout=30)
+
+
+# ------------------------------------------------------------------------------------------------ lifecycle
+@pytest.mark.parametrize("method", ["prefix_tuning", "prefix_propagation", "prompt_tuning"])
+def test_lifecycle_prefix_visible_only_after_success(managers, store, tiny_llama_bundle, method):
+    api = managers()  # the server side: validates and queues, runs nothing
+    rec = api.submit(request_(method=method, epochs=40))
+    assert rec.status == "queued" and rec.job_id.startswith("job-")
+    d = api.get(rec.job_id).to_dict()
+    json.dumps(d)
+    for key in ("job_id", "tenant_id", "name", "method", "prefix_length", "status", "progress", "created",
+                "started", "finished", "error", "prefix_version", "summary", "hyperparameters"):  # fmt: skip
+        assert key in d, key
+    assert d["hyperparameters"]["epochs"] == 40 and d["hyperparameters"]["prompt_format"] == "chat"
+    assert [r.job_id for r in api.list("acme")] == [rec.job_id] and api.list("other") == []
+    time.sleep(0.2)
+    assert api.get(rec.job_id).status == "queued" and not store.exists("acme", "bot")
+
+    worker = managers(in_process_workers=1)
+    worker.start()
+    running = wait_for(lambda: (r := api.get(rec.job_id)).status == "running" and r.progress["step"] > 0 and r,
+                       what="running with progress")  # fmt: skip
+    assert running.progress["total_steps"] == 160 and running.started >= running.created
+    assert not store.exists("acme", "bot")  # not before the job succeeded
+    done = wait_status(api, rec.job_id, ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert done.finished >= done.started and done.attempts == 1 and done.error is None
+    assert done.progress["step"] == done.progress["total_steps"] == 160
+    meta = store.get_meta("acme", "bot")
+    assert done.prefix_version == meta.version == 1
+    assert meta.kind == method and meta.prefix_length == 3
+    assert meta.base_model_fingerprint == tiny_llama_bundle.fingerprint
+    assert meta.extra == {"prompt_format": "chat"}
+    assert meta.training["job_id"] == rec.job_id and meta.training["steps"] == 160
+    assert done.summary["final_loss"] == meta.training["final_loss"]
+    kv = store.get("acme", "bot", expected_fingerprint=tiny_llama_bundle.fingerprint).tensors["kv"]
+    assert kv.shape[3] == 3
+    assert api.counts() == {"succeeded": 1}
+
+
+def test_failure_is_recorded_and_writes_nothing(managers, store, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("boom: out of ideas")
+
+    monkeypatch.setattr(jobs_mod, "train_prefix", boom)
+    jm = managers(in_process_workers=1)
+    jm.start()
+    rec = jm.submit(request_())
+    done = wait_status(jm, rec.job_id, ("succeeded", "failed"))
+    assert done.status == "failed" and "boom: out of ideas" in done.error
+    assert done.prefix_version is None and store.list() == []
+
+
+def test_store_failure_fails_the_job(managers, store, monkeypatch):
+    def down(*a, **k):
+        raise StoreUnavailable("prefix store down")
+
+    monkeypatch.setattr(store, "put", down)
+    jm = managers(in_process_workers=1)
+    jm.start()
+    rec = jm.submit(request_(epochs=1))
+    done = wait_status(jm, rec.job_id, ("succeeded", "failed"))
+    assert done.status == "failed" and "prefix store down" in done.error
+
+
+# ------------------------------------------------------------------------------------------------ cancel
+def test_cancel_queued_job(managers, store):
+    jm = managers()
+    rec = jm.submit(request_())
+    c = jm.cancel(rec.job_id)
+    assert c.status == "cancelled" and c.finished is not None
+    worker = managers(in_process_workers=1)
+    worker.start()
+    time.sleep(0.5)
+    assert jm.get(rec.job_id).status == "cancelled" and jm.get(rec.job_id).attempts == 0
+    assert not store.exists("acme", "bot")
+    with pytest.raises(JobNotFound):
+        jm.cancel("job-doesnotexist")
+    assert jm.get("job-doesnotexist") is None
+
+
+@pytest.mark.parametrize("where", ["same_process", "other_manager"])
+def test_cancel_running_job_within_one_step(managers, store, monkeypatch, where):
+    """Cancel through the manager that runs the job (in-process flag) or through another one (the backend's flag,
+    read before every step): at most one optimizer step completes after cancel() returned; nothing is written."""
+    steps: list[tuple[float, int]] = []
+    real = jobs_mod.train_prefix
+
+    def spy(*a, **k):
+        cb = k["progress_cb"]
+
+        def record(step, total, loss, epoch):
+            steps.append((time.monotonic(), step))
+            time.sleep(0.02)  # steps of a real model take a while; keep them > one backend round trip
+            cb(step, total, loss, epoch)
+
+        return real(*a, **{**k, "progress_cb": record})
+
+    monkeypatch.setattr(jobs_mod, "train_prefix", spy)
+    worker = managers(in_process_workers=1)
+    api = worker if where == "same_process" else managers()
+    worker.start()
+    rec = api.submit(request_(epochs=100))
+    wait_for(lambda: len(steps) >= 3, what="3 steps")
+    c = api.cancel(rec.job_id)
+    t_cancel = time.monotonic()
+    assert c.status in ("running", "cancelled") and c.cancel_requested
+    done = wait_status(api, rec.job_id, ("cancelled", "succeeded", "failed"))
+    assert done.status == "cancelled" and done.prefix_version is None
+    after = [s for t, s in steps if t > t_cancel]
+    assert len(after) <= 1, after
+    assert not store.exists("acme", "bot") and store.list() == []
+
+
+# ------------------------------------------------------------------------------------------------ limits
+def test_too_many_jobs_per_tenant(managers):
+    jm = managers(max_jobs_per_tenant=2)
+    a = jm.submit(request_(name="a"))
+    jm.submit(request_(name="b"))
+    with pytest.raises(TooManyJobs, match="2 queued or running"):
+        jm.submit(request_(name="c"))
+    jm.submit(request_(tenant="other", name="c"))  # per tenant
+    jm.cancel(a.job_id)
+    jm.submit(request_(name="c"))  # a slot is free again
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"tenant_id": "bad/tenant"}, "tenant_id"),
+        ({"name": ""}, "name"),
+        ({"name": ".."}, "name"),
+        ({"method": "lora"}, "method"),
+        ({"examples": []}, "examples"),
+        ({"examples": [{"prompt": "a", "completion": ""}]}, "examples[0].completion"),
+        ({"prefix_length": 1000}, "prefix_length"),
+        ({"hyperparameters": {"epochs": 1000}}, "hyperparameters.epochs"),
+        ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate"),
+        ({"hyperparameters": "fast"}, "hyperparameters"),
+        ({"lr": 0, "hyperparameters": {}}, "lr"),
+        ({"epochs": 0, "hyperparameters": {}}, "epochs"),
+        ({"epochs": 2}, "hyperparameters.epochs"),  # given twice
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_submit_validates_synchronously(managers, patch, param):
+    jm = managers()
+    req = {**request_(), **patch}
+    with pytest.raises(TrainingValidationError) as ei:
+        jm.submit(req)
+    assert ei.value.param == param, str(ei.value)
+    assert jm.list() == []
+
+
+def test_top_level_hyperparameters_like_the_cli_and_sdk_send(managers):
+    jm = managers()
+    req = request_()
+    del req["hyperparameters"]
+    rec = jm.submit({**req, "epochs": 3, "lr": 0.002, "max_steps": 5, "seed": 4, "prompt_format": "raw"})
+    hp = rec.hyperparameters
+    assert (hp["epochs"], hp["learning_rate"], hp["max_steps"], hp["seed"]) == (3, 0.002, 5, 4)
+    assert hp["prompt_format"] == "raw"
+    defaults = jm.submit({"tenant_id": "t2", "name": "n", "examples": req["examples"]})
+    assert defaults.method == "prefix_tuning" and defaults.prefix_length == 16
+
+
+def test_token_limit_checked_at_submit(tiny_llama_bundle, store):
+    from server.training import TrainingLimits
+
+    jm = JobManager(
+        tiny_llama_bundle, store, in_process_workers=0, limits=TrainingLimits(max_total_tokens=100)
+    )
+    with pytest.raises(TrainingValidationError, match="100 tokens") as ei:
+        jm.submit(request_(n=8))
+    assert ei.value.param == "examples"
+    jm.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ dead workers
+def _ghost_claim(jm: JobManager):
+    """A worker that takes the job and then never heartbeats again (as if it had died)."""
+    if jm.backend.kind == "redis":
+        return wait_for(lambda: jm.backend.claim("ghost-worker", block_ms=100), what="ghost claim")
+    return wait_for(lambda: jm.backend.claim("ghost-worker"), what="ghost claim")
+
+
+def _kill_ghost(jm: JobManager, claim) -> None:
+    if jm.backend.kind == "disk":  # the kernel drops a dead process's flock: do what it would do
+        os.close(claim.fd)
+
+
+def test_dead_worker_job_is_taken_over(managers, store):
+    api = managers()
+    rec = api.submit(request_(epochs=2))
+    ghost = _ghost_claim(api)
+    assert api.get(rec.job_id).status == "running" and api.get(rec.job_id).worker == "ghost-worker"
+    _kill_ghost(api, ghost)
+    worker = managers(in_process_workers=1)
+    worker.start()
+    done = wait_status(api, rec.job_id, ("succeeded", "failed"), timeout=60)
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 2 and done.worker != "ghost-worker"
+    assert store.get_meta("acme", "bot").version == done.prefix_version
+
+
+def test_dead_worker_job_fails_with_reason_after_max_attempts(managers, store):
+    api = managers(max_attempts=1)
+    rec = api.submit(request_(epochs=2))
+    ghost = _ghost_claim(api)
+    _kill_ghost(api, ghost)
+    worker = managers(in_process_workers=1, max_attempts=1)
+    worker.start()
+    done = wait_status(api, rec.job_id, ("succeeded", "failed"), timeout=60)
+    assert done.status == "failed"
+    assert "ghost-worker" in done.error and "giving up" in done.error
+    assert store.list() == []
+    # the slot of the tenant is free again
+    assert api.submit(request_(name="next")).status == "queued"
+
+
+def test_ghost_cannot_overwrite_the_outcome(managers, store):
+    """A worker presumed dead that comes back cannot record anything for the job it lost."""
+    from server.training.backend_disk import LostClaim as DiskLost
+    from server.training.backend_redis import LostClaim as RedisLost
+
+    api = managers()
+    rec = api.submit(request_(epochs=1))
+    ghost = _ghost_claim(api)
+    _kill_ghost(api, ghost)
+    worker = managers(in_process_workers=1)
+    worker.start()
+    wait_status(api, rec.job_id, "succeeded", timeout=60)
+    if api.backend.kind == "disk":
+        ghost.fd = os.open(os.devnull, os.O_RDONLY)  # its old fd was closed above
+    with pytest.raises((DiskLost, RedisLost)):
+        api.backend.heartbeat(ghost, {"step": 1})
+    with pytest.raises((DiskLost, RedisLost)):
+        api.backend.finish(ghost, "failed", error="late")
+    assert api.get(rec.job_id).status == "succeeded"
+
+
+WORKER_SCRIPT = """
+import sys
+from server.training import worker_main
+sys.exit(worker_main(sys.argv[1], model=sys.argv[2], jobs_url=None, device="cpu", dtype="float32",
+                     heartbeat_s=0.1, stale_after_s=1.5, poll_s=0.05, train_threads=1))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_sigkilled_worker_process_job_is_reclaimed(managers, store, tiny_model_dir, tmp_path):
+    """`prefixserve worker` (worker_main) in a subprocess takes the job; SIGKILL mid-job; an in-process worker
+    takes it over and it succeeds (the subprocess never wrote anything)."""
+    api = managers()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFIXSERVE_CACHE": str(tmp_path / "cache")}
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER_SCRIPT, store.url, str(tiny_model_dir)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        rec = api.submit(request_(epochs=100))
+        running = wait_for(
+            lambda: (r := api.get(rec.job_id)).status == "running" and r.progress["step"] > 0 and r,
+            timeout=120, what="the subprocess worker running the job",
+        )  # fmt: skip
+        assert running.worker.endswith("-proc") and str(proc.pid) in running.worker
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert api.get(rec.job_id).status == "running"  # nobody knows yet
+    worker = managers(in_process_workers=1)
+    worker.start()
+    done = wait_status(api, rec.job_id, ("succeeded", "failed"), timeout=300)
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 2 and done.worker != running.worker
+    assert store.get_meta("acme", "bot").version == 1
+
+
+def test_worker_process_sigterm_requeues_its_job(managers, store, tiny_model_dir, tmp_path):
+    api = managers()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFIXSERVE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, store.url, str(tiny_model_dir)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        rec = api.submit(request_(epochs=100))
+        wait_for(
+            lambda: api.get(rec.job_id).status == "running", timeout=120, what="running in the subprocess"
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r = api.get(rec.job_id)
+    assert r.status == "queued" and r.attempts == 0 and "requeued" in r.error
+    assert not store.exists("acme", "bot")
+
+
+# ------------------------------------------------------------------------------------------------ shutdown, worker
+def test_shutdown_requeues_and_next_worker_finishes(managers, store):
+    jm = managers(in_process_workers=1)
+    jm.start()
+    rec = jm.submit(request_(epochs=100))
+    wait_for(lambda: jm.get(rec.job_id).progress["step"] > 0, what="progress")
+    jm.shutdown(wait=True)
+    r = jm.get(rec.job_id) if jm.backend.kind == "disk" else managers().get(rec.job_id)
+    assert r.status == "queued" and r.attempts == 0
+    nxt = managers(in_process_workers=1)
+    nxt.start()
+    done = wait_status(nxt, rec.job_id, ("succeeded", "failed"), timeout=120)
+    assert done.status == "succeeded" and done.attempts == 1
+
+
+def test_run_worker_runs_queued_jobs(managers, store, tiny_llama_bundle):
+    api = managers()
+    ids = [api.submit(request_(name=f"p{i}", epochs=1)).job_id for i in range(2)]
+    n = run_worker(store.url, bundle=tiny_llama_bundle, max_jobs=2, train_threads=1, poll_s=0.05,
+                   heartbeat_s=0.1, stale_after_s=1.5)  # fmt: skip
+    assert n == 2
+    assert [api.get(i).status for i in ids] == ["succeeded", "succeeded"]
+    assert {m.name for m in store.list("acme")} == {"p0", "p1"}
+
+
+def test_ping_reports_an_unreachable_backend(tiny_llama_bundle, tmp_path):
+    st = open_store(f"file://{tmp_path / 's'}")
+    jm = JobManager(tiny_llama_bundle, st, jobs_url="redis://127.0.0.1:1/0", in_process_workers=0)
+    with pytest.raises(StoreUnavailable):
+        jm.ping()
+    with pytest.raises(StoreUnavailable):
+        jm.submit(request_())
+    jm.shutdown()
+
+
+def test_jobs_live_next_to_the_store(tiny_llama_bundle, tmp_path, redis_store_url):
+    st = open_store(f"file://{tmp_path / 'store'}")
+    jm = JobManager(tiny_llama_bundle, st, in_process_workers=0)
+    assert jm.backend.kind == "disk" and jm.backend.root == tmp_path / "store.jobs"
+    jm.submit(request_())
+    assert len(list((tmp_path / "store.jobs" / "records").glob("*.json"))) == 1
+    jm.shutdown()
+    rs = open_store(redis_store_url)
+    jr = JobManager(tiny_llama_bundle, rs, in_process_workers=0)
+    assert jr.backend.kind == "redis" and jr.backend.ns == rs.namespace
+    jr.shutdown()
+    rs.close()
+
+
+# ------------------------------------------------------------------------------------------------ serving meanwhile
+def test_serving_unaffected_while_a_propagation_job_trains(managers, tiny_llama_bundle):
+    """The trainer's hooks act only in its own thread: the engine's outputs on the shared model are identical
+    while a prefix-propagation job trains, and generation keeps going."""
+    b = tiny_llama_bundle
+    key = PrefixKey("t", "p", 1)
+    kv = torch.randn(
+        b.spec.num_layers,
+        2,
+        b.spec.num_kv_heads,
+        4,
+        b.spec.head_dim,
+        generator=torch.Generator().manual_seed(3),
+    )
+    engine = LLMEngine(b, DictPrefixProvider({key: kv}), EngineConfig(kv_cache_bytes=8 * 2**20))
+    prompts = [render_prompt(b.tokenizer, f"hello {i}", "chat") for i in range(4)]
+
+    def gen():
+        reqs = [Request(f"r{i}-{time.monotonic_ns()}", p, SamplingParams(max_tokens=12, ignore_eos=True),
+                        key if i % 2 else None) for i, p in enumerate(prompts)]  # fmt: skip
+        return [o.token_ids for o in engine.generate(reqs)]
+
+    before = gen()
+    jm = managers(in_process_workers=1)
+    jm.start()
+    rec = jm.submit(request_(method="prefix_propagation", epochs=100))
+    wait_for(lambda: jm.get(rec.job_id).progress["step"] > 0, what="training running")
+    during = [gen() for _ in range(3)]
+    assert jm.get(rec.job_id).status == "running"
+    jm.cancel(rec.job_id)
+    assert all(d == before for d in during)
