@@ -70,9 +70,7 @@ class Hyperparameters:
     init: str = "text"  # "text": start from the KV of real text; "random"
     mlp_hidden: int = 512  # prefix_tuning: width of the reparameterization MLP
     append_eos: bool = True  # teach the model to stop after the completion
-    rms_scale: bool = (
-        True  # propagation / prompt tuning: learning rate relative to each layer's activation RMS
-    )
+    rms_scale: bool = True  # propagation: learning rate relative to each layer's hidden-state RMS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,9 +81,9 @@ MIN_EXAMPLES_FOR_EVAL = 16
 # Tuned on SmolLM2-135M-Instruct (chat format) with a 24..48-example "answer starts with a tag" task and a
 # 4-label classification task (benchmarks/compare_methods.py); see the module docs of server/training/trainer.py.
 DEFAULTS: dict[str, Hyperparameters] = {
-    "prefix_tuning": Hyperparameters(epochs=10, learning_rate=3e-3),
-    "prefix_propagation": Hyperparameters(epochs=10, learning_rate=3e-3),
-    "prompt_tuning": Hyperparameters(epochs=10, learning_rate=3e-2),
+    "prefix_tuning": Hyperparameters(epochs=6, learning_rate=3e-4),
+    "prefix_propagation": Hyperparameters(epochs=6, learning_rate=1e-2),
+    "prompt_tuning": Hyperparameters(epochs=8, learning_rate=1e-1),
 }
 DEFAULT_PREFIX_LENGTH: dict[str, int] = {"prefix_tuning": 16, "prefix_propagation": 16, "prompt_tuning": 16}
 

@@ -253,12 +253,17 @@ class JobManager:
         return done
 
     def _maybe_reclaim(self) -> None:
+        """Every few seconds: take care of jobs whose worker died (disk; Redis does it in claim). At the first
+        call also delete terminal jobs past their retention."""
         now = time.monotonic()
         if now - self._last_reclaim < max(1.0, self.heartbeat_s):
             return
+        first = self._last_reclaim == 0.0
         self._last_reclaim = now
         with contextlib.suppress(Exception):
             self.backend.reclaim_stale()
+            if first:
+                self.backend.prune()
 
     def run_one(self, worker_id: str, block_s: float = 0.0, stop: threading.Event | None = None) -> bool:
         """Claim one job (waiting up to ``block_s``) and run it to its end; returns whether one ran."""
@@ -343,6 +348,8 @@ class JobManager:
                 raise _Shutdown() from None
             if lost_ev.is_set() or not self.backend.owns(claim):
                 raise _Lost()
+            if cancel_ev.is_set() or self.backend.cancel_requested(claim):
+                raise TrainingCancelled("cancelled after the last step")
             summary = dict(result.summary)
             summary["job_id"] = rec.job_id
             meta = self.store.put(

@@ -36,7 +36,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -361,24 +361,23 @@ class _Propagation(_Method):
 
 
 class _PromptTuning(_Method):
-    """soft_prompt = raw * scale, scale = the embeddings' typical RMS when ``rms_scale`` (a relative learning
-    rate, as for propagation's layer 0)."""
+    """A soft prompt ``[P, H]`` at the input (the classic absolute learning rate: one layer, one scale)."""
 
     kind = "prompt_tuning"
 
     def __init__(self, bundle, prefix_length, hp, init_ids, gen) -> None:
         super().__init__(bundle, prefix_length, hp, init_ids, gen)
-        self.scale = float(_layer_rms(bundle, init_ids)[0]) if hp.rms_scale else 1.0
         if hp.init == "text":  # Lester et al.: initialise from vocabulary embeddings
             sp = _token_embeddings(bundle, init_ids)
         else:
             std = float(self.embed.weight.float().std())
             sp = torch.randn(prefix_length, bundle.spec.hidden_size, generator=gen) * std
-        self.raw = nn.Parameter((sp / self.scale).to(self.device))
+        self.scale = 1.0
+        self.raw = nn.Parameter(sp.to(self.device))
 
     @property
     def soft_prompt(self) -> torch.Tensor:
-        return self.raw * self.scale
+        return self.raw
 
     def parameters(self):
         return [self.raw]
@@ -562,7 +561,6 @@ def _train(
     best_loss = math.inf
     step = 0
     epoch = 0
-    stopped = False
     log.info(
         "training %s P=%d on %d examples (%d held out), %d steps, lr %g, batch %d",
         method_name, prefix_length, len(train_idx), len(eval_idx), total_steps, hp.learning_rate, hp.batch_size,
@@ -603,9 +601,6 @@ def _train(
             ev = evaluate_loss(method, eval_batches)
             if ev is not None:
                 eval_curve.append([epoch, round(ev, 6)])
-    if should_stop is not None and should_stop():
-        stopped = True
-        raise TrainingCancelled(f"cancelled after the last step ({step})")
 
     with torch.no_grad():
         kv = method.compile()
@@ -638,7 +633,6 @@ def _train(
         "num_threads": torch.get_num_threads(),
         "prompt_format": fmt,
         "hyperparameters": {**hp.to_dict(), "prompt_format": fmt},
-        "cancelled": stopped,
     }
     log.info(
         "trained %s in %.1fs: %d steps, final loss %s, held-out %s",
@@ -647,28 +641,15 @@ def _train(
     return TrainResult(tensors=tensors, summary=summary, prompt_format=fmt)
 
 
-def training_loss(method: _Method, batch: Batch) -> torch.Tensor:
-    """Mean completion-token loss of ``batch`` computed the training way (used by the consistency tests)."""
-    s, n = method.loss_sum(batch)
-    return s / max(n, 1)
-
-
 __all__ = [
     "TrainResult",
     "TrainingCancelled",
     "TrainingDiverged",
     "TrainingValidationError",
     "build_method",
+    "default_train_threads",
     "evaluate_loss",
     "lr_factor",
     "train_prefix",
     "trainable_parameter_count",
-    "training_loss",
 ]
-
-
-def _unused(*_: Any) -> None:  # keep field import used for dataclass default factories in future edits
-    return None
-
-
-_ = field
