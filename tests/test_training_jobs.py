@@ -359,7 +359,7 @@ def test_sigkilled_worker_process_job_is_reclaimed(managers, store, tiny_model_d
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        rec = api.submit(request_(epochs=100))
+        rec = api.submit(request_(epochs=30))
         running = wait_for(
             lambda: (r := api.get(rec.job_id)).status == "running" and r.progress["step"] > 0 and r,
             timeout=120, what="the subprocess worker running the job",
@@ -381,10 +381,13 @@ def test_sigkilled_worker_process_job_is_reclaimed(managers, store, tiny_model_d
 
 
 def test_worker_process_sigterm_requeues_its_job(managers, store, tiny_model_dir, tmp_path):
+    """`prefixserve worker` itself (the CLI): SIGTERM mid-job puts the job back in the queue and exits 0."""
     api = managers()
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFIXSERVE_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, store.url, str(tiny_model_dir)], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    cli = ["-m", "server", "worker", "--store", store.url, "--model", str(tiny_model_dir), "--device", "cpu",
+           "--dtype", "float32", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, *cli], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         rec = api.submit(request_(epochs=100))
         wait_for(
@@ -404,7 +407,7 @@ def test_worker_process_sigterm_requeues_its_job(managers, store, tiny_model_dir
 def test_shutdown_requeues_and_next_worker_finishes(managers, store):
     jm = managers(in_process_workers=1)
     jm.start()
-    rec = jm.submit(request_(epochs=100))
+    rec = jm.submit(request_(epochs=30))
     wait_for(lambda: jm.get(rec.job_id).progress["step"] > 0, what="progress")
     jm.shutdown(wait=True)
     r = jm.get(rec.job_id) if jm.backend.kind == "disk" else managers().get(rec.job_id)

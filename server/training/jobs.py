@@ -323,15 +323,19 @@ class JobManager:
                             epoch=epoch)  # fmt: skip
             dirty.set()
 
+        def halt() -> None:  # no heartbeat may write after the final transition
+            hb_stop.set()
+            if hb is not threading.current_thread():
+                hb.join(timeout=10)
+
         log.info("job %s running on %s (attempt %d)", job_id, claim.worker_id, rec.attempts)
         try:
-            self._execute(claim, rec, should_stop, on_progress, cancel_ev, lost_ev, stop, progress)
+            self._execute(claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt)
         finally:
-            hb_stop.set()
-            hb.join(timeout=10)
+            halt()
             self._running.pop(job_id, None)
 
-    def _execute(self, claim, rec, should_stop, on_progress, cancel_ev, lost_ev, stop, progress) -> None:
+    def _execute(self, claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt) -> None:
         hp = dict(rec.hyperparameters)
         try:
             try:
@@ -364,24 +368,30 @@ class JobManager:
             )
             final = {**progress, "step": summary["steps"], "total_steps": summary["total_steps"],
                      "loss": summary["last_step_loss"], "epoch": summary["epochs"]}  # fmt: skip
+            halt()
             self.backend.finish(claim, "succeeded", prefix_version=meta.version, summary=summary,
                                 progress=final, error=None)  # fmt: skip
             log.info("job %s succeeded: %s/%s v%d in %.1fs", rec.job_id, rec.tenant_id, rec.name, meta.version,
                      summary["wall_time_s"])  # fmt: skip
         except TrainingCancelled:
+            halt()
             self._finish(claim, "cancelled", error="cancelled by request", progress=dict(progress))
         except _Shutdown:
+            halt()
             with contextlib.suppress(Exception):
                 self.backend.requeue(claim, "worker shut down while running the job; requeued")
             log.info("job %s: worker stopping, requeued", rec.job_id)
         except _Lost:
+            halt()
             log.warning("job %s was taken over by another worker; dropping this run", rec.job_id)
             with contextlib.suppress(Exception):
                 self.backend.release(claim)
         except (TrainingValidationError, TrainingDiverged, StoreError, ValueError) as e:
+            halt()
             self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
         except Exception as e:
             log.error("job %s failed:\n%s", rec.job_id, traceback.format_exc())
+            halt()
             self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
 
     def _finish(self, claim: Any, status: str, **fields: Any) -> None:
