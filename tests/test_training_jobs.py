@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = {"heartbeat_s": 0.1, "stale_after_s": 1.5, "poll_s": 0.05, "train_threads": 1}
+FAST = {"heartbeat_s": 0.1, "stale_after_s": 1.5, "poll_s": 0.05, "train_threads": 1, "train_nice": 0}
 
 
 def request_(tenant="acme", name="bot", method="prefix_tuning", n=8, epochs=4, **hp):
@@ -333,6 +334,7 @@ def test_ghost_cannot_overwrite_the_outcome(managers, store):
 
 WORKER_SCRIPT = """
 import sys
+import threading
 from server.training import worker_main
 sys.exit(worker_main(sys.argv[1], model=sys.argv[2], jobs_url=None, device="cpu", dtype="float32",
                      heartbeat_s=0.1, stale_after_s=1.5, poll_s=0.05, train_threads=1))
@@ -483,3 +485,25 @@ def test_serving_unaffected_while_a_propagation_job_trains(managers, tiny_llama_
     assert jm.get(rec.job_id).status == "running"
     jm.cancel(rec.job_id)
     assert all(d == before for d in during)
+
+
+def test_in_process_training_thread_yields_the_cpu_to_serving(managers, monkeypatch):
+    """In-process workers train at a lower OS priority (nice +train_nice, per thread) with their own torch
+    thread count; the calling (serving) thread keeps its priority and threads."""
+    seen = {}
+    real = jobs_mod.train_prefix
+
+    def spy(*a, **k):
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        res = real(*a, **k)
+        seen["threads"] = k["num_threads"]
+        return res
+
+    monkeypatch.setattr(jobs_mod, "train_prefix", spy)
+    base_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    jm = managers(in_process_workers=1, train_nice=5)
+    jm.start()
+    rec = jm.submit(request_(epochs=1))
+    assert wait_status(jm, rec.job_id, ("succeeded", "failed")).status == "succeeded"
+    assert seen["nice"] == min(19, base_nice + 5) and seen["threads"] == 1
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base_nice

@@ -97,7 +97,10 @@ class JobManager:
 
     ``in_process_workers`` threads train inside this process (0: only queue jobs, for ``prefixserve worker``
     processes to run). Each job trains with ``train_threads`` intra-op threads (default: half the cores), set on
-    the worker thread only, so the serving threads keep theirs.
+    the worker thread only, so the serving threads keep theirs; in-process worker threads also run at OS priority
+    ``nice +train_nice`` (Linux, per thread) so that serving wins the CPU when both want it. The trade-off: training
+    in the server is slower (it gets the cores serving leaves idle); for heavy training run ``prefixserve worker``
+    processes (on other machines, or other cores) and set the server's ``training_workers`` to 0.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class JobManager:
         poll_s: float = 0.5,
         retention_s: float = 7 * 86400,
         worker_name: str | None = None,
+        train_nice: int = 10,
     ) -> None:
         if stale_after_s <= heartbeat_s:
             raise ValueError("stale_after_s must be larger than heartbeat_s")
@@ -125,6 +129,7 @@ class JobManager:
         self.in_process_workers = in_process_workers
         self.max_jobs_per_tenant = max_jobs_per_tenant
         self.train_threads = train_threads if train_threads is not None else default_train_threads()
+        self.train_nice = train_nice
         self.heartbeat_s = heartbeat_s
         self.poll_s = poll_s
         self.location = jobs_location(store, jobs_url)
@@ -214,12 +219,22 @@ class JobManager:
             self._started = True
             self._stop.clear()
             for i in range(self.in_process_workers):
-                t = threading.Thread(target=self.work, name=f"prefixserve-trainer-{i}", daemon=True,
-                                     kwargs={"worker_id": f"{self.worker_name}-t{i}"})  # fmt: skip
+                t = threading.Thread(target=self._in_process_worker, name=f"prefixserve-trainer-{i}",
+                                     daemon=True, args=(f"{self.worker_name}-t{i}",))  # fmt: skip
                 t.start()
                 self._threads.append(t)
         if self.in_process_workers:
             log.info("training: %d in-process worker(s), jobs at %r", self.in_process_workers, self.backend)
+
+    def _in_process_worker(self, worker_id: str) -> None:
+        """A worker thread inside the server: lower its scheduling priority (Linux: per thread) so that under CPU
+        contention the engine's threads win; training still gets every idle cycle."""
+        if self.train_nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.train_nice)
+            except OSError as e:  # not fatal: just no priority drop
+                log.debug("could not lower the training thread's priority: %s", e)
+        self.work(worker_id)
 
     def shutdown(self, wait: bool = True, timeout: float | None = 30.0) -> None:
         """Stop the workers; a running job stops at its next step and goes back to the queue."""
