@@ -11,7 +11,7 @@ the answer's first position), expected calibration error (10 equal-width bins ov
 renormalized over the four labels), the probability mass the model puts on the labels at all, and wall time.
 
     .venv/bin/python benchmarks/compare_methods.py                  # SmolLM2-135M-Instruct on CPU
-    .venv/bin/python benchmarks/compare_methods.py --epochs 4 --train 64 --test 64 --prefix-length 16
+    .venv/bin/python benchmarks/compare_methods.py --epochs 10 --train 64 --test 64 --prefix-length 16
 
 Prints a markdown table and one JSON line (``{"benchmark": "compare_methods", ...}``).
 """
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=64)
     ap.add_argument("--test", type=int, default=64)
     ap.add_argument("--prefix-length", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
