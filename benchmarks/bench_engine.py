@@ -75,6 +75,9 @@ JSON_KEYS = {
 
 
 # ---------------------------------------------------------------------------- model
+PACKED = {"auto": None, "on": True, "off": False}
+
+
 def random_config(name: str, vocab: int):
     """Configs for random-weight runs. `vocab`: the (SmolLM2) tokenizer's size, used where the shape allows."""
     from transformers import GPT2Config, LlamaConfig
@@ -396,6 +399,7 @@ class EngineHarness:
             block_size=bs,
             kv_cache_bytes=blocks * bb,
             prefix_cache_bytes=(prefix_blocks + 1) * bb,
+            packed_weights=PACKED[args.packed_weights],
         )
         self.steps: list[StepStats] = []
         self.engine = LLMEngine(bundle, provider, self.cfg, on_step=self.steps.append)
@@ -567,6 +571,7 @@ def main_bench(args) -> dict:
             )
     results: dict[str, SysResult] = {s: max(rs, key=lambda r: r.tok_s) for s, rs in runs.items()}
     load_after = loadavg()
+    engine_packed = harness is not None and harness.engine.runner.packed
 
     # ---------------------------------------------------------------- report
     n = len(work.prompts)
@@ -600,8 +605,8 @@ def main_bench(args) -> dict:
     lines.append("")
     lines.append(
         f"Workload: {args.tenants} tenants, {args.requests} requests, prefix {args.prefix_len}, prompt "
-        f"{args.prompt_len}, {args.new_tokens} new tokens (greedy, ignore EOS), max_num_seqs {args.max_num_seqs}. "
-        f"Load average before {load_before}, after {load_after}."
+        f"{args.prompt_len}, {args.new_tokens} new tokens (greedy, ignore EOS), max_num_seqs {args.max_num_seqs}, "
+        f"engine linears {'oneDNN prepacked' if engine_packed else 'F.linear'}. Load average before {load_before}, after {load_after}."
     )
     lines.append("")
     lines.append(f"Command: `{cmd}`")
@@ -653,6 +658,7 @@ def main_bench(args) -> dict:
             "prefix_len": args.prefix_len,
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
+            "engine_packed_weights": engine_packed,
             "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
         }
     )
@@ -769,6 +775,7 @@ def main_cache_test(args) -> dict:
             block_size=bs,
             kv_cache_bytes=blocks * bb,
             prefix_cache_bytes=budget,
+            packed_weights=PACKED[args.packed_weights],
         )
         return LLMEngine(bundle, prov, cfg), prov
 
@@ -920,6 +927,12 @@ def parse_args(argv: list[str] | None = None):
         "--repeats", type=int, default=1, help="interleaved repeats; the best run per system is reported"
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--packed-weights",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="engine: CPU fp32 oneDNN-prepacked linears (auto: where available, the server's default)",
+    )
     ap.add_argument(
         "--profile", action="store_true", help="also profile engine decode steps (torch.profiler, cProfile)"
     )

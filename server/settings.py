@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="Most requests in one running batch")
     max_batched_tokens: int = Field(2048, ge=16, description="Most tokens (prefill + decode) in one step")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    cpu_packed_weights: bool | None = Field(
+        None,
+        description="CPU fp32: oneDNN-prepacked linear weights (faster decode, one more copy of the weights; "
+        "default: on where available)",
+    )
     prefix_meta_ttl_s: float = Field(
         10.0, ge=0, description="How long resolved prefix metadata is reused without asking the store"
     )

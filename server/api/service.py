@@ -382,6 +382,7 @@ class Service:
             kv_cache_bytes=settings.kv_cache_mb * mib,
             prefix_cache_bytes=settings.prefix_cache_mb * mib if settings.prefix_cache_mb else None,
             max_model_len=settings.max_model_len,
+            packed_weights=settings.cpu_packed_weights,
         )
         llm = LLMEngine(bundle, StorePrefixProvider(store, bundle), cfg, on_step=metrics.on_step)
         engine = AsyncEngine(llm, torch_threads=settings.torch_threads)

@@ -42,6 +42,10 @@ class EngineConfig:
     prefix_cache_bytes: int | None = None  # default: half of the pool
     max_model_len: int | None = None  # default: min(model max positions, 8192)
     loader_threads: int = 2
+    packed_weights: bool | None = None  # CPU fp32 oneDNN-prepacked linears (None: where available)
+    graphs: str = (
+        "auto"  # decode steps as CUDA graphs: auto (on CUDA) | cuda | off | eager (padded, no capture)
+    )
 
 
 @dataclass
@@ -98,7 +102,14 @@ class LLMEngine:
             self.pool,
             self.prefix_cache,
         )
-        self.runner = ModelRunner(bundle, self.pool, self.max_model_len)
+        self.runner = ModelRunner(
+            bundle,
+            self.pool,
+            self.max_model_len,
+            packed_weights=cfg.packed_weights,
+            graphs=cfg.graphs,
+            max_graph_batch=cfg.max_num_seqs,
+        )
         self.eos_ids = set(sp.eos_token_ids)
         tok_eos = getattr(bundle.tokenizer, "eos_token_id", None)
         if tok_eos is not None:

@@ -3,8 +3,9 @@
 The frozen transformers model provides the weights (shared, never copied: the fused QKV and gate/up matrices are
 built once and the transformers modules are re-pointed at views of them). Every row of a batch attends to its own
 block table: its tenant's shared prefix blocks followed by its own blocks. Linear layers run on the flattened tokens
-(no padding); attention runs in two groups, one query token per row (decode) and padded multi-token rows
-(prefill chunks), each with a boolean mask built from the logical position of every gathered key slot.
+(no padding; decode rows' tokens first). Attention runs in two groups, one query token per row (decode) and padded
+multi-token rows (prefill chunks), each with an additive mask built once per step from the logical position of every
+gathered key slot. All index tensors are built on the host in `prepare`, so the forward never syncs with the device.
 """
 
 from __future__ import annotations
@@ -36,21 +37,65 @@ class RowInput:
 
 @dataclass
 class _Group:
-    rows: torch.Tensor  # [G] row indices
-    tok_idx: torch.Tensor  # [G, Q] flat token index (padding -> N, a zero row)
-    valid_q: torch.Tensor  # [G, Q] bool
-    gather: torch.Tensor  # [G, S] pool slot of each key (padding -> scratch slot)
-    mask: torch.Tensor  # [G, 1, Q, S] bool, True = attend
+    """Rows attended together: `g` rows of `q` query slots over `s` gathered key slots each."""
+
+    g: int
+    q: int
+    s: int
+    gather: torch.Tensor  # [g * s] pool slot of each key (padding -> scratch slot)
+    mask: torch.Tensor  # [g, 1, q, s] additive float mask (0 attend, -inf not)
+    tok_idx: torch.Tensor | None = None  # prefill: [g * q] flat token of each query slot (padding -> 0)
+    out_idx: torch.Tensor | None = None  # prefill: [n] query slot of each flat token of the group, in order
 
 
 @dataclass
 class StepInputs:
+    """A step's tensors. Flat token order: every decode row's token first, then the prefill rows' tokens."""
+
     input_ids: torch.Tensor  # [N]
     positions: torch.Tensor  # [N]
     write_slots: torch.Tensor  # [N]
-    sample_idx: torch.Tensor  # [R] flat index of tokens whose logits are needed
-    groups: list[_Group]
-    num_tokens: int
+    sample_idx: torch.Tensor  # [R] flat index of the tokens whose logits are needed, in row order
+    decode: _Group | None  # one query token per row: rows 0..g-1 of the flat order
+    prefill: _Group | None  # padded multi-token rows
+    num_tokens: int  # flat tokens, padding rows included
+    num_rows: int = 0  # rows of the step (sampled logits returned)
+    graph_key: tuple[int, int] | None = None  # (batch, key slots) bucket: a padded decode step for a graph
+
+
+class _Linear:
+    """`y = x @ W.T + b`; on CPU optionally through oneDNN with the weight reordered once (prepacked).
+
+    MKL's sgemm repacks the weight on every call, which dominates decode-sized GEMMs (few rows, weights not cache
+    resident): measured on a 2-core AVX2 EPYC, one SmolLM2 decode step's GEMMs at 8 rows took 113 ms through
+    `F.linear` and 81 ms prepacked (benchmarks/results/cpu-profile-2026-11-23.md). The packed copy costs the
+    weight's bytes once more; the transformers module keeps the original (training and prefix compilation use it).
+    """
+
+    __slots__ = ("b", "packed", "w")
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, pack: bool) -> None:
+        self.w = w
+        self.b = b
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 8) if pack else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
+        return F.linear(x, self.w, self.b)
+
+
+def cpu_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN prepacked fp32 linears: CPU, float32, a torch built with oneDNN, and the private ops present."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ones(4, 4)
+        p = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4), p, None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(torch.equal(y, torch.full((2, 4), 4.0)))
 
 
 def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,13 +119,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, bundle: ModelBundle, pool: KVPool, max_model_len: int) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        pool: KVPool,
+        max_model_len: int,
+        packed_weights: bool | None = None,
+        graphs: str = "auto",
+        max_graph_batch: int = 64,
+    ) -> None:
+        """`packed_weights`: oneDNN-prepacked linears on CPU (None: whenever available, see `_Linear`).
+
+        `graphs`: decode steps as CUDA graphs at bucketed (batch, key slots) shapes: "auto" (on CUDA), "cuda",
+        "off", or "eager" (the same padded static-buffer path run without capture: tests it on any device).
+        """
         self.bundle = bundle
         self.spec = bundle.spec
         self.pool = pool
         self.device = bundle.device
         self.dtype = bundle.dtype
         self.max_model_len = max_model_len
+        avail = cpu_packing_available(self.device, self.dtype)
+        if packed_weights and not avail:
+            raise ValueError("packed_weights needs a float32 CPU model and a torch built with oneDNN")
+        self.packed = avail if packed_weights is None else bool(packed_weights)
         m = bundle.hf_model
         cfg = m.config
         self.family = self.spec.family
@@ -90,6 +152,17 @@ class ModelRunner:
             self._init_gpt2(m, cfg)
         else:  # pragma: no cover - spec_from_config already refuses
             raise ValueError(self.family)
+        if graphs == "auto":
+            graphs = "cuda" if self.device.type == "cuda" else "off"
+        if graphs not in ("cuda", "eager", "off"):
+            raise ValueError(f"graphs must be auto, cuda, eager or off, not {graphs!r}")
+        if graphs == "cuda" and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.graph_mode = graphs
+        self.graphs = _DecodeGraphs(self, max_graph_batch) if graphs != "off" else None
+
+    def _lin(self, w: torch.Tensor, b: torch.Tensor | None = None) -> _Linear:
+        return _Linear(w, b, self.packed)
 
     # ------------------------------------------------------------------ weights
     def _init_llama(self, m, cfg) -> None:
@@ -104,17 +177,15 @@ class ModelRunner:
             self.layers.append(
                 dict(
                     ln1=layer.input_layernorm.weight,
-                    qkv_w=qkv_w,
-                    qkv_b=qkv_b,
-                    o_w=a.o_proj.weight,
-                    o_b=a.o_proj.bias,
+                    qkv=self._lin(qkv_w, qkv_b),
+                    o=self._lin(a.o_proj.weight, a.o_proj.bias),
                     ln2=layer.post_attention_layernorm.weight,
-                    gu_w=gu_w,
-                    down_w=mlp.down_proj.weight,
+                    gu=self._lin(gu_w),
+                    down=self._lin(mlp.down_proj.weight),
                 )
             )
         self.norm = base.norm.weight
-        self.lm_head = m.lm_head.weight
+        self.lm_head = self._lin(m.lm_head.weight)
         act = getattr(cfg, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} for the native llama path")
@@ -142,115 +213,149 @@ class ModelRunner:
         self.wpe = t.wpe.weight
         self.eps = cfg.layer_norm_epsilon
         self.act = ACT2FN[cfg.activation_function]
+        # Conv1D keeps weights as [in, out]: F.linear takes the transposed view without a copy.
         self.layers = [
             dict(
                 ln1=(b.ln_1.weight, b.ln_1.bias),
-                attn_w=b.attn.c_attn.weight,
-                attn_b=b.attn.c_attn.bias,
-                proj_w=b.attn.c_proj.weight,
-                proj_b=b.attn.c_proj.bias,
+                qkv=self._lin(b.attn.c_attn.weight.t(), b.attn.c_attn.bias),
+                o=self._lin(b.attn.c_proj.weight.t(), b.attn.c_proj.bias),
                 ln2=(b.ln_2.weight, b.ln_2.bias),
-                fc_w=b.mlp.c_fc.weight,
-                fc_b=b.mlp.c_fc.bias,
-                fc2_w=b.mlp.c_proj.weight,
-                fc2_b=b.mlp.c_proj.bias,
+                fc=self._lin(b.mlp.c_fc.weight.t(), b.mlp.c_fc.bias),
+                fc2=self._lin(b.mlp.c_proj.weight.t(), b.mlp.c_proj.bias),
             )
             for b in t.h
         ]
         self.ln_f = (t.ln_f.weight, t.ln_f.bias)
-        self.lm_head = m.lm_head.weight
+        self.lm_head = self._lin(m.lm_head.weight)
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, rows: list[RowInput]) -> StepInputs:
-        pool = self.pool
-        bs = pool.block_size
+        """Host-side step tensors: everything the forward needs, so it never syncs with the device.
+
+        A decode-only step that fits a graph bucket is padded to the bucket's batch and key-slot sizes: padding
+        rows read token 0 at position 0, write the scratch slot and attend only to it; their logits are dropped.
+        """
+        bs = self.pool.block_size
+        decode = [r for r in rows if len(r.tokens) == 1]
+        prefill = [r for r in rows if len(r.tokens) > 1]
+        key = None
+        if self.graphs is not None and not prefill:
+            slots = max(len(r.prefix_blocks) + len(r.own_blocks) for r in decode) * bs
+            key = self.graphs.bucket(len(decode), slots)
         ids: list[int] = []
         positions: list[int] = []
         write_slots: list[int] = []
-        sample_idx: list[int] = []
-        starts: list[int] = []
-        for r in rows:
-            starts.append(len(ids))
+        flat_start: dict[int, int] = {}
+        for r in decode + prefill:
+            flat_start[id(r)] = len(ids)
             n = len(r.tokens)
             ids.extend(r.tokens)
             positions.extend(range(r.start_pos, r.start_pos + n))
             for j in range(r.own_cached, r.own_cached + n):
                 write_slots.append(r.own_blocks[j // bs] * bs + j % bs)
-            if r.sample:
-                sample_idx.append(len(ids) - 1)
-        n_tok = len(ids)
+        sample_idx = [flat_start[id(r)] + len(r.tokens) - 1 for r in rows if r.sample]
+        n_dec = len(decode)
+        if key is not None:
+            pad = key[0] - len(ids)
+            ids.extend([0] * pad)
+            positions.extend([0] * pad)
+            write_slots.extend([self.pool.scratch_slot] * pad)
+            n_dec = key[0]
         dev = self.device
-        groups = []
-        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
-        prefill = [i for i, r in enumerate(rows) if len(r.tokens) > 1]
-        for members in (decode, prefill):
-            if members:
-                groups.append(self._group(rows, members, starts, n_tok))
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            write_slots=torch.tensor(write_slots, dtype=torch.long, device=dev),
-            sample_idx=torch.tensor(sample_idx, dtype=torch.long, device=dev),
-            groups=groups,
-            num_tokens=n_tok,
+            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
+            write_slots=torch.tensor(write_slots, dtype=torch.long).to(dev, non_blocking=True),
+            sample_idx=torch.tensor(sample_idx, dtype=torch.long).to(dev, non_blocking=True),
+            decode=self._group(decode, n_dec, 0, key[1] if key else None) if decode else None,
+            prefill=self._group(prefill, len(prefill), len(decode)) if prefill else None,
+            num_tokens=len(ids),
+            num_rows=len(rows),
+            graph_key=key,
         )
 
-    def _group(self, rows: list[RowInput], members: list[int], starts: list[int], n_tok: int) -> _Group:
+    def _group(self, members: list[RowInput], g: int, first_token: int, slots: int | None = None) -> _Group:
+        """Key slots and masks for `members` padded to `g` rows (padding rows see only the scratch slot) and, if
+        given, to `slots` key slots per row (padding slots point at the scratch block, masked)."""
         bs = self.pool.block_size
-        dev = self.device
-        q_max = max(len(rows[i].tokens) for i in members)
-        nb_max = max(len(rows[i].prefix_blocks) + len(rows[i].own_blocks) for i in members)
-        g = len(members)
+        q_max = max(len(r.tokens) for r in members)
+        nb_max = max(len(r.prefix_blocks) + len(r.own_blocks) for r in members)
+        if slots is not None:
+            nb_max = slots // bs
         tables = torch.full((g, nb_max), self.pool.num_blocks, dtype=torch.long)  # pad -> scratch block
-        tok_idx = torch.full((g, q_max), n_tok, dtype=torch.long)
         q_pos = torch.full((g, q_max), _BIG - 1, dtype=torch.long)
-        prefix_len = torch.empty(g, dtype=torch.long)
-        prefix_slots = torch.empty(g, dtype=torch.long)
-        own_valid = torch.empty(g, dtype=torch.long)
-        for gi, i in enumerate(members):
-            r = rows[i]
+        prefix_len = torch.zeros(g, dtype=torch.long)
+        prefix_slots = torch.zeros(g, dtype=torch.long)
+        own_valid = torch.ones(g, dtype=torch.long)  # a padding row attends to its first (scratch) slot
+        tok_idx = torch.zeros(g, q_max, dtype=torch.long)
+        out_idx: list[int] = []
+        t = first_token
+        for gi, r in enumerate(members):
             table = r.prefix_blocks + r.own_blocks
             tables[gi, : len(table)] = torch.tensor(table, dtype=torch.long)
             n = len(r.tokens)
-            tok_idx[gi, :n] = torch.arange(starts[i], starts[i] + n)
             q_pos[gi, :n] = torch.arange(r.start_pos, r.start_pos + n)
+            tok_idx[gi, :n] = torch.arange(t, t + n)
+            out_idx.extend(range(gi * q_max, gi * q_max + n))
+            t += n
             prefix_len[gi] = r.prefix_len
             prefix_slots[gi] = len(r.prefix_blocks) * bs
             own_valid[gi] = r.own_cached + n
         s = nb_max * bs
         j = torch.arange(s)[None]
-        gather = (tables[:, :, None] * bs + torch.arange(bs)[None, None]).reshape(g, s)
+        gather = (tables[:, :, None] * bs + torch.arange(bs)[None, None]).reshape(g * s)
         in_prefix = j < prefix_slots[:, None]
         own_j = j - prefix_slots[:, None]
         valid = torch.where(in_prefix, j < prefix_len[:, None], own_j < own_valid[:, None])
         k_pos = torch.where(in_prefix, j, prefix_len[:, None] + own_j)
         k_pos = torch.where(valid, k_pos, torch.full_like(k_pos, _BIG))
-        mask = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]
+        allowed = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # [g, 1, q, s]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+        rep = self.spec.num_heads // self.spec.num_kv_heads
+        if q_max > 1 and rep > 1:  # query heads of a KV head are folded into the query axis (see `_attend`)
+            mask = mask.repeat(1, 1, rep, 1)
+        dev = self.device
+        prefill = q_max > 1
         return _Group(
-            rows=torch.tensor(members, dtype=torch.long, device=dev),
-            tok_idx=tok_idx.to(dev),
-            valid_q=(tok_idx < n_tok).to(dev),
-            gather=gather.to(dev),
-            mask=mask.to(dev),
+            g=g,
+            q=q_max,
+            s=s,
+            gather=gather.to(dev, non_blocking=True),
+            mask=mask.to(dev, non_blocking=True),
+            tok_idx=tok_idx.reshape(-1).to(dev, non_blocking=True) if prefill else None,
+            out_idx=torch.tensor(out_idx, dtype=torch.long).to(dev, non_blocking=True) if prefill else None,
         )
 
     # ------------------------------------------------------------------ forward
+    def _attend(self, kv: torch.Tensor, q: torch.Tensor, grp: _Group, scale: float | None) -> torch.Tensor:
+        """q: [g, Hq, Q, D] -> [g, Hq, Q, D] over the group's gathered key slots.
+
+        Grouped-query attention without repeating K/V: the Hq/K query heads that share a KV head (transformers'
+        `repeat_kv` order) are folded into the query axis, `[g, K, rep*Q, D]`, against `[g, K, S, D]` keys; the
+        mask was repeated to match in `_group`. A plain SDPA call then serves every backend (no `enable_gqa`).
+        """
+        g, hq, nq, d = q.shape
+        k_heads = kv.shape[2]
+        kvg = kv.index_select(1, grp.gather).view(2, grp.g, grp.s, k_heads, d).transpose(2, 3)  # [2,g,K,S,D]
+        qf = q.reshape(g, k_heads, hq // k_heads * nq, d)
+        o = F.scaled_dot_product_attention(qf, kvg[0], kvg[1], attn_mask=grp.mask, scale=scale)
+        return o.view(g, hq, nq, d)
+
     def _attention(self, layer: int, q: torch.Tensor, inp: StepInputs, scale: float | None) -> torch.Tensor:
-        """q: [N, Hq, D] (keys/values of this step already written) -> [N, Hq*D]."""
-        n, hq, d = q.shape
-        kv = self.pool.data[layer]
-        out = q.new_zeros(n + 1, hq, d)
-        q_ext = torch.cat([q, q.new_zeros(1, hq, d)], dim=0)
-        for g in inp.groups:
-            qg = q_ext[g.tok_idx].transpose(1, 2)  # [G, Hq, Q, D]
-            kg = kv[0][g.gather].transpose(1, 2)  # [G, K, S, D]
-            vg = kv[1][g.gather].transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=kg.shape[1] != hq
-            )  # [G, Hq, Q, D]
-            o = o.transpose(1, 2)  # [G, Q, Hq, D]
-            out[g.tok_idx[g.valid_q]] = o[g.valid_q]
-        return out[:n].reshape(n, hq * d)
+        """q: [N, Hq, D] (keys/values of this step already written) -> [N, Hq*D], no host sync."""
+        _, hq, d = q.shape
+        kv = self.pool.data[layer]  # [2, slots, K, D]
+        outs = []
+        if inp.decode is not None:
+            g = inp.decode.g
+            o = self._attend(kv, q[:g].unsqueeze(2), inp.decode, scale)  # [g, Hq, 1, D]
+            outs.append(o.reshape(g, hq * d))
+        if inp.prefill is not None:
+            p = inp.prefill
+            qp = q.index_select(0, p.tok_idx).view(p.g, p.q, hq, d).transpose(1, 2)
+            o = self._attend(kv, qp, p, scale).transpose(1, 2).reshape(p.g * p.q, hq * d)
+            outs.append(o.index_select(0, p.out_idx))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         kv = self.pool.data[layer]
@@ -266,23 +371,27 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """Run one step; returns float32 logits `[R, vocab]` for `inp.sample_idx`."""
+        if inp.graph_key is not None and self.graphs is not None:
+            return self.graphs.run(inp)
+        return self._forward(inp)
+
+    def _forward(self, inp: StepInputs) -> torch.Tensor:
         if self.family == "llama":
             h = self._llama(inp)
         else:
             h = self._gpt2(inp)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
     def _llama(self, inp: StepInputs) -> torch.Tensor:
         sp = self.spec
         hq, hk, d = sp.num_heads, sp.num_kv_heads, sp.head_dim
         n = inp.num_tokens
         h = F.embedding(inp.input_ids, self.embed)
-        cos = self.cos[inp.positions][:, None]
-        sin = self.sin[inp.positions][:, None]
+        cos = self.cos.index_select(0, inp.positions)[:, None]
+        sin = self.sin.index_select(0, inp.positions)[:, None]
         for li, L in enumerate(self.layers):
             x = self._rms(h, L["ln1"], self.eps)
-            qkv = F.linear(x, L["qkv_w"], L["qkv_b"])
-            q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+            q, k, v = L["qkv"](x).split([hq * d, hk * d, hk * d], dim=-1)
             q = q.view(n, hq, d)
             k = k.view(n, hk, d)
             v = v.view(n, hk, d)
@@ -290,11 +399,11 @@ class ModelRunner:
             k = k * cos + _rotate_half(k) * sin
             self._write_kv(li, k, v, inp.write_slots)
             o = self._attention(li, q, inp, None)
-            h = h + F.linear(o, L["o_w"], L["o_b"])
+            h = h + L["o"](o)
             x = self._rms(h, L["ln2"], self.eps)
-            gate, up = F.linear(x, L["gu_w"]).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, L["down_w"])
-        h = h[inp.sample_idx]
+            gate, up = L["gu"](x).chunk(2, dim=-1)
+            h = h + L["down"](F.silu(gate) * up)
+        h = h.index_select(0, inp.sample_idx)
         return self._rms(h, self.norm, self.eps)
 
     def _gpt2(self, inp: StepInputs) -> torch.Tensor:
@@ -304,12 +413,122 @@ class ModelRunner:
         h = F.embedding(inp.input_ids, self.wte) + F.embedding(inp.positions, self.wpe)
         for li, L in enumerate(self.layers):
             x = F.layer_norm(h, (sp.hidden_size,), *L["ln1"], self.eps)
-            qkv = torch.addmm(L["attn_b"], x, L["attn_w"])
-            q, k, v = qkv.view(n, 3, hq, d).unbind(1)
+            q, k, v = L["qkv"](x).view(n, 3, hq, d).unbind(1)
             self._write_kv(li, k, v, inp.write_slots)
             o = self._attention(li, q, inp, self.scale)
-            h = h + torch.addmm(L["proj_b"], o, L["proj_w"])
+            h = h + L["o"](o)
             x = F.layer_norm(h, (sp.hidden_size,), *L["ln2"], self.eps)
-            h = h + torch.addmm(L["fc2_b"], self.act(torch.addmm(L["fc_b"], x, L["fc_w"])), L["fc2_w"])
-        h = h[inp.sample_idx]
+            h = h + L["fc2"](self.act(L["fc"](x)))
+        h = h.index_select(0, inp.sample_idx)
         return F.layer_norm(h, (sp.hidden_size,), *self.ln_f, self.eps)
+
+
+class _DecodeGraphs:
+    """Decode steps replayed as CUDA graphs, one per (batch, key slots) bucket, captured on first use.
+
+    The graphs read static device buffers (token ids, positions, KV write slots, gathered key slots, additive mask)
+    that `run` fills from a prepared, padded step: the step itself launches no host sync. Batch buckets follow
+    vLLM (1, 2, 4, 8, then multiples of 8 up to `max_batch`); key-slot buckets are powers of two from 256, so the
+    gathered attention of a short sequence never pays for the longest context. Steps that fit no bucket (prefill
+    chunks, a longer context) run eagerly. All graphs share one memory pool; a graph's logits are copied out
+    before the next replay. In "eager" mode the same static buffers run without capture (any device).
+    """
+
+    MIN_SLOTS = 256
+
+    def __init__(self, runner: ModelRunner, max_batch: int) -> None:
+        self.runner = runner
+        self.capture = runner.graph_mode == "cuda"
+        self.batches = sorted({b for b in (1, 2, 4) if b <= max_batch} | set(range(8, max_batch + 1, 8)))
+        if self.batches[-1] < max_batch:
+            self.batches.append(max_batch)
+        need = runner.max_model_len + 1024  # the context plus room for a prefix
+        self.max_slots = self.MIN_SLOTS
+        while self.max_slots < need:
+            self.max_slots *= 2
+        b, s, dev = self.batches[-1], self.max_slots, runner.device
+        self.ids = torch.zeros(b, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(b, dtype=torch.long, device=dev)
+        self.write = torch.full((b,), runner.pool.scratch_slot, dtype=torch.long, device=dev)
+        self.sample = torch.arange(b, device=dev)
+        self.gather = torch.full((b * s,), runner.pool.scratch_slot, dtype=torch.long, device=dev)
+        self.mask = torch.zeros(b * s, dtype=runner.dtype, device=dev)
+        self.entries: dict[tuple[int, int], tuple[object | None, StepInputs, torch.Tensor | None]] = {}
+        self.pool = None
+        self.num_captured = 0
+        self.num_replays = 0
+
+    def bucket(self, batch: int, slots: int) -> tuple[int, int] | None:
+        if batch > self.batches[-1] or slots > self.max_slots:
+            return None
+        b = next(x for x in self.batches if x >= batch)
+        s = self.MIN_SLOTS
+        while s < slots:
+            s *= 2
+        return b, s
+
+    def _views(self, b: int, s: int) -> StepInputs:
+        grp = _Group(g=b, q=1, s=s, gather=self.gather[: b * s], mask=self.mask[: b * s].view(b, 1, 1, s))
+        return StepInputs(
+            input_ids=self.ids[:b],
+            positions=self.pos[:b],
+            write_slots=self.write[:b],
+            sample_idx=self.sample[:b],
+            decode=grp,
+            prefill=None,
+            num_tokens=b,
+            num_rows=b,
+            graph_key=(b, s),
+        )
+
+    def _fill(self, st: StepInputs, inp: StepInputs | None) -> None:
+        assert st.decode is not None
+        if (
+            inp is None
+        ):  # harmless contents for warm-up and capture: every row reads and writes the scratch slot
+            st.input_ids.zero_()
+            st.positions.zero_()
+            st.write_slots.fill_(self.runner.pool.scratch_slot)
+            st.decode.gather.fill_(self.runner.pool.scratch_slot)
+            st.decode.mask.fill_(float("-inf"))
+            st.decode.mask[..., 0] = 0
+            return
+        assert inp.decode is not None
+        st.input_ids.copy_(inp.input_ids)
+        st.positions.copy_(inp.positions)
+        st.write_slots.copy_(inp.write_slots)
+        st.decode.gather.copy_(inp.decode.gather)
+        st.decode.mask.copy_(inp.decode.mask)
+
+    def _capture(self, key: tuple[int, int]) -> tuple[object | None, StepInputs, torch.Tensor | None]:
+        st = self._views(*key)
+        self._fill(st, None)
+        graph = None
+        out = None
+        if self.capture:
+            side = torch.cuda.Stream(device=self.runner.device)
+            side.wait_stream(torch.cuda.current_stream(self.runner.device))
+            with torch.cuda.stream(side):  # warm-up outside the graph (allocator, library handles)
+                self.runner._forward(st)
+            torch.cuda.current_stream(self.runner.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.runner._forward(st)
+            self.pool = graph.pool()
+            self.num_captured += 1
+        entry = (graph, st, out)
+        self.entries[key] = entry
+        return entry
+
+    def run(self, inp: StepInputs) -> torch.Tensor:
+        key = inp.graph_key
+        assert key is not None
+        graph, st, out = self.entries.get(key) or self._capture(key)
+        self._fill(st, inp)
+        if graph is None:
+            out = self.runner._forward(st)
+        else:
+            graph.replay()  # type: ignore[attr-defined]
+        self.num_replays += 1
+        assert out is not None
+        return out[: inp.num_rows].clone()
