@@ -198,3 +198,37 @@ def test_api_keys_file(tmp_path):
     f.write_text("# tenants\nacme:file-key-1\n\nglobex: file-key-2\n")
     s = Settings(api_keys_file=f, api_keys="initech:env-key")
     assert s.tenant_keys() == {"file-key-1": "acme", "file-key-2": "globex", "env-key": "initech"}
+
+
+def test_keys_compared_in_constant_time_every_entry_checked(monkeypatch):
+    """Key lookup goes through hmac.compare_digest against every configured key, whichever (if any) matches."""
+    from server.api import auth
+
+    ring = auth.KeyRing({KEY_A: "acme", KEY_B: "globex", "key-C-1f2e3d4c": "initech"}, ADMIN)
+    calls: list[tuple[bytes, bytes]] = []
+    real = auth.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    for key, want in ((KEY_A, "acme"), ("key-C-1f2e3d4c", "initech"), ("nope-0000", None), (ADMIN, None)):
+        calls.clear()
+        p = ring.lookup(key)
+        assert len(calls) == 4, key  # admin + 3 tenant keys, no early exit
+        assert all(isinstance(a, bytes) and len(a) == 32 for c in calls for a in c)  # digests, not raw keys
+        assert (p.tenant_id if p else None) == want
+    assert ring.lookup(ADMIN).admin
+
+
+def test_metrics_carry_no_keys_and_no_per_tenant_labels(srv):
+    """After traffic from two tenants, failed auth and training calls, /metrics names neither keys nor tenants."""
+    a, b = srv.client(KEY_A), srv.client(KEY_B)
+    assert a.post("/generate", json={"tenant_id": "acme", "prompt": "x", "max_tokens": 2}).status_code == 200
+    assert b.post("/generate", json={"prompt": "y", "max_tokens": 2}).status_code == 200
+    srv.client("stolen-key-9999").post("/generate", json={"tenant_id": "acme", "prompt": "z"})
+    text = srv.client(ADMIN).get("/metrics").text
+    assert "prefixserve:" in text
+    for secret in (KEY_A, KEY_B, ADMIN, "stolen-key-9999", "acme", "globex", "secret-plan"):
+        assert secret not in text, secret

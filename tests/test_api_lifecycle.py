@@ -56,15 +56,18 @@ def test_many_aborted_streams_then_a_request_completes_promptly(server_factory, 
     put_random_prefix(s.store, api_bundle, "acme")
     c = s.client()
     body = {"tenant_id": "acme", "prompt": "go", "max_tokens": 300, "ignore_eos": True, "stream": True}
-    for _ in range(20):
+    t_start = time.monotonic()
+    for _ in range(200):  # vLLM's abort test: 200 streams dropped after their first event
         with c.stream("POST", "/generate", json=body) as r:
+            assert r.status_code == 200
             lines = r.iter_lines()
             next(lines)
-    wait_until(lambda: engine_idle(s.svc), timeout=5)
+    wait_until(lambda: engine_idle(s.svc), timeout=10)
     assert only_prefix_blocks_used(s.svc)
     t0 = time.monotonic()
     r = c.post("/generate", json={"tenant_id": "acme", "prompt": "after", "max_tokens": 8})
     assert r.status_code == 200 and time.monotonic() - t0 < 5
+    print(f"\n200 aborted streams in {t0 - t_start:.1f} s; next request {time.monotonic() - t0:.3f} s")
 
 
 def test_non_streaming_disconnect_aborts(server_factory, api_bundle):

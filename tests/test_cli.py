@@ -181,3 +181,18 @@ def test_import_peft_into_the_store(tmp_path, capsys):
     bad_model = [a if a != str(tmp_path / "model") else str(tmp_path / "no-model") for a in args]
     assert cli.main(bad_model) == cli.EXIT_FAIL
     assert "cannot load model" in capsys.readouterr().err
+
+
+def test_readme_settings_table_is_current():
+    """The README's settings table is what scripts/settings_table.py prints from `Settings` (one source)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("settings_table", root / "scripts" / "settings_table.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.table().strip() in (root / "README.md").read_text(encoding="utf-8"), (
+        "README settings table is stale: run `.venv/bin/python scripts/settings_table.py` and paste it"
+    )

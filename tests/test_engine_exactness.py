@@ -186,3 +186,42 @@ def test_graph_buckets():
     assert g.bucket(9, 257) == (16, 512)
     assert g.bucket(64, 4096) == (64, 4096)
     assert g.bucket(65, 10) is None and g.bucket(1, 4097) is None
+
+
+def _tiny_family(family: str):
+    import transformers
+
+    from server.model import bundle_from_model
+    from tests.fixtures.models import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config}[family]  # fmt: skip
+    torch.manual_seed(0)
+    cfg = cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+              initializer_range=0.5, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    if family == "qwen3":  # make the per-head q/k norms matter (they start at ones)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return bundle_from_model(model, tok, name=f"tiny-{family}")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_models_are_exact(family):
+    """Mistral, Qwen2 (biased QKV) and Qwen3 (per-head q/k RMSNorm) through the native path: mixed batch ==
+    transformers reference fed the prefix as past_key_values."""
+    bundle = _tiny_family(family)
+    if family == "qwen2":
+        assert bundle.hf_model.model.layers[0].self_attn.q_proj.bias is not None
+    keys, reqs, engine = _mixed(bundle)
+    mixed = engine.generate(reqs)
+    for r, out in zip(reqs, mixed, strict=True):
+        kv = keys[r.prefix] if r.prefix is not None else None
+        assert out.token_ids == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, NEW), (
+            family,
+            r.request_id,
+        )

@@ -71,7 +71,8 @@ def _tiny(family: str, tok, seed: int = 0):
         return make_tiny_gpt2(tok, seed=seed)
     if family == "llama":
         return make_tiny_llama(tok, seed=seed)
-    cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family]
+    cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config}[family]  # fmt: skip
     torch.manual_seed(seed)
     cfg = cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -79,7 +80,7 @@ def _tiny(family: str, tok, seed: int = 0):
     return transformers.AutoModelForCausalLM.from_config(cfg)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
 def test_local_folder_families(family, tmp_path):
     tok = make_tiny_tokenizer()
     path = _save(_tiny(family, tok), tok, tmp_path / family)
@@ -93,6 +94,15 @@ def test_local_folder_families(family, tmp_path):
     with torch.no_grad():
         out = b.hf_model(input_ids=torch.tensor([[1, 2, 3]]))
     assert out.logits.shape == (1, 3, len(tok))
+
+
+def test_sliding_window_caps_the_context():
+    """Full attention equals sliding-window attention only within the window: the context is capped there."""
+    mk = transformers.MistralConfig
+    assert spec_from_config(mk(sliding_window=64, max_position_embeddings=1024)).max_positions == 64
+    assert spec_from_config(mk(sliding_window=None, max_position_embeddings=1024)).max_positions == 1024
+    q2 = transformers.Qwen2Config(sliding_window=64, use_sliding_window=False, max_position_embeddings=1024)
+    assert spec_from_config(q2).max_positions == 1024  # configured but unused
 
 
 def test_fingerprint_stable_and_discriminating(tmp_path, monkeypatch):
@@ -130,7 +140,9 @@ def test_unsupported_or_missing_models_are_refused(tmp_path):
     BertConfig(num_hidden_layers=1).save_pretrained(
         tmp_path / "bert"
     )  # no weights: refused before loading them
-    with pytest.raises(ValueError, match=r"unsupported model_type 'bert'.*llama, mistral, qwen2, gpt2"):
+    with pytest.raises(
+        ValueError, match=r"unsupported model_type 'bert'.*llama, mistral, qwen2, qwen3, gpt2"
+    ):
         load_model(str(tmp_path / "bert"), cache_dir=tmp_path / "c")
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_model(str(tmp_path / "empty-or-hub-id"))

@@ -382,6 +382,34 @@ def test_sigkilled_worker_process_job_is_reclaimed(managers, store, tiny_model_d
     assert store.get_meta("acme", "bot").version == 1
 
 
+def test_sigkilled_server_during_training_leaves_nothing_and_job_is_reclaimed(
+    managers, store, subprocess_server
+):
+    """A `prefixserve serve` process training in-process is SIGKILLed mid-job: no prefix (or half of one) is
+    visible, and another worker takes the job over once its heartbeat is stale; it then succeeds exactly once."""
+    import httpx
+
+    srv = subprocess_server(store_url=store.url, training_workers=1)
+    r = httpx.post(f"{srv.url}/prefixes", json=request_(epochs=100), timeout=30)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    api = managers()
+    running = wait_for(
+        lambda: (j := api.get(job_id)).status == "running" and j.progress["step"] > 0 and j,
+        timeout=120, what="the server's in-process worker running the job",
+    )  # fmt: skip
+    srv.proc.send_signal(signal.SIGKILL)
+    assert srv.proc.wait(10) == -signal.SIGKILL
+    assert not store.exists("acme", "bot") and store.list("acme") == []
+    assert api.get(job_id).status == "running"  # nobody knows yet
+    worker = managers(in_process_workers=1)
+    worker.start()
+    done = wait_status(api, job_id, ("succeeded", "failed"), timeout=300)
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 2 and done.worker != running.worker
+    assert [m.version for m in store.list("acme")] == [1]
+
+
 def test_worker_process_sigterm_requeues_its_job(managers, store, tiny_model_dir, tmp_path):
     """`prefixserve worker` itself (the CLI): SIGTERM mid-job puts the job back in the queue and exits 0."""
     api = managers()

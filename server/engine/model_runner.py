@@ -177,6 +177,9 @@ class ModelRunner:
             self.layers.append(
                 dict(
                     ln1=layer.input_layernorm.weight,
+                    # Qwen3: RMSNorm over each head's query/key before RoPE (None elsewhere)
+                    q_norm=a.q_norm.weight if getattr(a, "q_norm", None) is not None else None,
+                    k_norm=a.k_norm.weight if getattr(a, "k_norm", None) is not None else None,
                     qkv=self._lin(qkv_w, qkv_b),
                     o=self._lin(a.o_proj.weight, a.o_proj.bias),
                     ln2=layer.post_attention_layernorm.weight,
@@ -395,6 +398,9 @@ class ModelRunner:
             q = q.view(n, hq, d)
             k = k.view(n, hk, d)
             v = v.view(n, hk, d)
+            if L["q_norm"] is not None:
+                q = self._rms(q, L["q_norm"], self.eps)
+                k = self._rms(k, L["k_norm"], self.eps)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             self._write_kv(li, k, v, inp.write_slots)

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # "llama" (also mistral, qwen2) or "gpt2"
+    family: str  # "llama" (also mistral, qwen2, qwen3) or "gpt2"
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -35,6 +35,12 @@ def spec_from_config(config: Any, eos_token_ids: tuple[int, ...] = ()) -> ModelS
     mt = getattr(config, "model_type", "")
     if mt in LLAMA_LIKE:
         heads = config.num_attention_heads
+        max_positions = config.max_position_embeddings
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True):
+            # the engine attends to the whole context: within the window that is exactly sliding-window attention,
+            # so the context is capped there rather than silently computing something else beyond it
+            max_positions = min(max_positions, int(window))
         return ModelSpec(
             family="llama",
             num_layers=config.num_hidden_layers,
@@ -43,7 +49,7 @@ def spec_from_config(config: Any, eos_token_ids: tuple[int, ...] = ()) -> ModelS
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             hidden_size=config.hidden_size,
             vocab_size=config.vocab_size,
-            max_positions=config.max_position_embeddings,
+            max_positions=max_positions,
             eos_token_ids=eos_token_ids,
         )
     if mt == "gpt2":
