@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 6 as one prepared run for the device machine (its image has torch + transformers +
+# pytest, not the service's dependencies; the engine is benchmarked in-process). Writes under $OUT (or ./gpu-out).
+#
+#   here, once:  echo /.gpu-tok/ >> .git/info/exclude; mkdir -p .gpu-tok
+#                cp ~/.cache/prefixserve/models/smollm2-135m-instruct/tokenizer* .gpu-tok/   (after `make install`)
+#   device run:  bash benchmarks/gpu_check.sh   with carry [".gpu-tok"], timeout_s 600 (about 6-8 min on an H200)
+#
+# 1. CUDA-path tests: CUDA-graph decode == eager == transformers (fp32), no host sync inside a decode step, bf16.
+# 2. Issue 6 GPU targets: SmolLM2-135M's shape, random bf16 weights, 64 tenants each with its own prefix of 32,
+#    prompts 128, 128 new tokens, systems a (first 8 requests; sequential), b, c, d, e (static cache, compiled).
+# 3. The same with a ~1B config (Llama-3.2-1B shape), systems b, c, d, e.
+set -u
+OUT="${OUT:-gpu-out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+timeout 150 "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" tests/test_engine_cuda.py 2>&1 \
+  | tee "$OUT/cuda-tests.log"
+timeout 240 "$PY" benchmarks/bench_engine.py --device cuda --model smollm2-135m-config --tenants 64 --requests 64 \
+  --prefix-len 32 --prompt-len 128 --new-tokens 128 --systems a,b,c,d,e --naive-requests 8 --tokenizer .gpu-tok \
+  --out "$OUT/gpu-smollm2-135m-config.md" 2>&1 | tail -40 | tee "$OUT/bench-135m.log"
+timeout 180 "$PY" benchmarks/bench_engine.py --device cuda --model llama-1b-config --tenants 64 --requests 64 \
+  --prefix-len 32 --prompt-len 128 --new-tokens 128 --systems b,c,d,e --tokenizer .gpu-tok \
+  --out "$OUT/gpu-llama-1b-config.md" 2>&1 | tail -40 | tee "$OUT/bench-1b.log"
