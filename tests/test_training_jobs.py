@@ -390,14 +390,18 @@ def test_sigkilled_server_during_training_leaves_nothing_and_job_is_reclaimed(
     import httpx
 
     srv = subprocess_server(store_url=store.url, training_workers=1)
-    r = httpx.post(f"{srv.url}/prefixes", json=request_(epochs=100), timeout=30)
+    # long enough (1,600 optimizer steps) that the kill lands mid-job; the server persists progress only on its
+    # heartbeats (every 2 s), so "running" is what the test can see
+    r = httpx.post(f"{srv.url}/prefixes", json=request_(n=32, epochs=100), timeout=30)
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
     api = managers()
     running = wait_for(
-        lambda: (j := api.get(job_id)).status == "running" and j.progress["step"] > 0 and j,
-        timeout=120, what="the server's in-process worker running the job",
+        lambda: (j := api.get(job_id)).status != "queued" and j,
+        timeout=120, interval=0.01, what="the server's in-process worker taking the job",
     )  # fmt: skip
+    assert running.status == "running", f"job ended {running.status} before the kill: make it longer"
+    time.sleep(0.2)
     srv.proc.send_signal(signal.SIGKILL)
     assert srv.proc.wait(10) == -signal.SIGKILL
     assert not store.exists("acme", "bot") and store.list("acme") == []
