@@ -139,21 +139,27 @@ class ModelRunner:
         self.device = bundle.device
         self.dtype = bundle.dtype
         self.max_model_len = max_model_len
-        avail = cpu_packing_available(self.device, self.dtype)
+        self.family = self.spec.family
+        self.graph_mode, self.graphs = (
+            "off",
+            None,
+        )  # set below; the hf path's start-up probe runs without them
+        avail = cpu_packing_available(self.device, self.dtype) and self.family != "hf"
         if packed_weights and not avail:
-            raise ValueError("packed_weights needs a float32 CPU model and a torch built with oneDNN")
+            raise ValueError("packed_weights needs a float32 CPU model, a native family and oneDNN")
         self.packed = avail if packed_weights is None else bool(packed_weights)
         m = bundle.hf_model
         cfg = m.config
-        self.family = self.spec.family
         if self.family == "llama":
             self._init_llama(m, cfg)
         elif self.family == "gpt2":
             self._init_gpt2(m, cfg)
+        elif self.family == "hf":
+            self._init_hf(m)
         else:  # pragma: no cover - spec_from_config already refuses
             raise ValueError(self.family)
         if graphs == "auto":
-            graphs = "cuda" if self.device.type == "cuda" else "off"
+            graphs = "cuda" if self.device.type == "cuda" and self.family != "hf" else "off"
         if graphs not in ("cuda", "eager", "off"):
             raise ValueError(f"graphs must be auto, cuda, eager or off, not {graphs!r}")
         if graphs == "cuda" and self.device.type != "cuda":
@@ -230,6 +236,72 @@ class ModelRunner:
         ]
         self.ln_f = (t.ln_f.weight, t.ln_f.bias)
         self.lm_head = self._lin(m.lm_head.weight)
+
+    def _init_hf(self, m) -> None:
+        """Any other decoder-only model: transformers' modeling code with the engine's paged attention plugged in
+        (server/engine/hf_attention.py), checked against the model's own forward before serving."""
+        from server.engine import hf_attention
+
+        if not getattr(m, "_supports_attention_backend", False):
+            raise ValueError(
+                f"{type(m).__name__} does not route attention through transformers' AttentionInterface; "
+                "it cannot be served"
+            )
+        hf_attention.register()
+        m.config._attn_implementation = hf_attention.NAME  # other threads still get SDPA (see hf_attention)
+        self.hf_model = m
+        try:
+            self._probe_hf()
+        except Exception as e:
+            m.config._attn_implementation = "sdpa"
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(
+                f"{type(m).__name__} cannot be served through the engine's attention path: {type(e).__name__}: {e}"
+            ) from e
+
+    @torch.inference_mode()
+    def _probe_hf(self) -> None:
+        """A prefix, a 5-token prompt and one decode step through the engine's path must give the logits of the
+        model's own forward fed the prefix as past_key_values; otherwise the model is refused."""
+        from server.prefixes.kinds import kv_to_past_key_values
+
+        sp, pool = self.spec, self.pool
+        g = torch.Generator().manual_seed(0)
+        p, prompt, nxt = 3, [1, 2, 3, 4, 5], 6
+        kv = torch.randn(sp.kv_shape(p), generator=g)
+        pre = pool.allocate(pool.blocks_for(p))
+        own = pool.allocate(pool.blocks_for(len(prompt) + 1))
+        try:
+            pool.write_prefix(pre, kv)
+            rows = [RowInput(prompt, p, p, pre, own, 0, True)]
+            first = self.forward(self.prepare(rows))[0]
+            second = self.forward(self.prepare([RowInput([nxt], p + 5, p, pre, own, 5, True)]))[0]
+        finally:
+            pool.free(pre)
+            pool.free(own)
+        dev = self.device
+        cache = kv_to_past_key_values(kv, dtype=self.dtype, device=dev)
+        ids = torch.tensor([[*prompt, nxt]], device=dev)
+        ref = (
+            self.hf_model(
+                input_ids=ids,
+                past_key_values=cache,
+                attention_mask=torch.ones(1, p + 6, dtype=torch.long, device=dev),
+                position_ids=torch.arange(p, p + 6, device=dev)[None],
+                use_cache=True,
+            )
+            .logits[0, -2:]
+            .float()
+        )
+        scale = ref.abs().max().clamp_min(1.0)
+        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+        err = max((first - ref[0]).abs().max(), (second - ref[1]).abs().max()) / scale
+        if not err <= tol:
+            raise ValueError(
+                f"{type(self.hf_model).__name__}: the engine's attention path does not reproduce the model's own "
+                f"forward (relative logit error {float(err):.2e}); this model family cannot be served"
+            )
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, rows: list[RowInput]) -> StepInputs:
@@ -379,11 +451,25 @@ class ModelRunner:
         return self._forward(inp)
 
     def _forward(self, inp: StepInputs) -> torch.Tensor:
+        if self.family == "hf":
+            return self._hf(inp)
         if self.family == "llama":
             h = self._llama(inp)
         else:
             h = self._gpt2(inp)
         return self.lm_head(h).float()
+
+    def _hf(self, inp: StepInputs) -> torch.Tensor:
+        from server.engine.hf_attention import step_context
+
+        with step_context(self, inp):
+            out = self.hf_model(
+                input_ids=inp.input_ids[None],
+                position_ids=inp.positions[None],
+                use_cache=False,
+                logits_to_keep=inp.sample_idx,
+            )
+        return out.logits[0].float()
 
     def _llama(self, inp: StepInputs) -> torch.Tensor:
         sp = self.spec

@@ -12,7 +12,7 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # "llama" (also mistral, qwen2, qwen3) or "gpt2"
+    family: str  # native: "llama" (also mistral, qwen2, qwen3) or "gpt2"; "hf": transformers' modeling code
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -31,40 +31,82 @@ class ModelSpec:
         return (self.num_layers, 2, self.num_kv_heads, prefix_length, self.head_dim)
 
 
+def _capped_by_window(config: Any, max_positions: int) -> int:
+    """The engine attends to the whole context: within a sliding window that is exactly sliding-window attention,
+    so the context is capped at the window rather than silently computing something else beyond it."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        return min(max_positions, int(window))
+    return max_positions
+
+
 def spec_from_config(config: Any, eos_token_ids: tuple[int, ...] = ()) -> ModelSpec:
     mt = getattr(config, "model_type", "")
-    if mt in LLAMA_LIKE:
+    if mt != "gpt2":
+        if mt not in LLAMA_LIKE:
+            _check_generic(config, mt)
         heads = config.num_attention_heads
-        max_positions = config.max_position_embeddings
-        window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", True):
-            # the engine attends to the whole context: within the window that is exactly sliding-window attention,
-            # so the context is capped there rather than silently computing something else beyond it
-            max_positions = min(max_positions, int(window))
+        max_positions = (
+            getattr(config, "max_position_embeddings", None)
+            or getattr(config, "n_positions", None)
+            or getattr(config, "max_sequence_length", None)
+            or 2048
+        )
         return ModelSpec(
-            family="llama",
+            family="llama" if mt in LLAMA_LIKE else "hf",
             num_layers=config.num_hidden_layers,
             num_heads=heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             hidden_size=config.hidden_size,
             vocab_size=config.vocab_size,
-            max_positions=max_positions,
+            max_positions=_capped_by_window(config, int(max_positions)),
             eos_token_ids=eos_token_ids,
         )
-    if mt == "gpt2":
-        return ModelSpec(
-            family="gpt2",
-            num_layers=config.n_layer,
-            num_heads=config.n_head,
-            num_kv_heads=config.n_head,
-            head_dim=config.n_embd // config.n_head,
-            hidden_size=config.n_embd,
-            vocab_size=config.vocab_size,
-            max_positions=config.n_positions,
-            eos_token_ids=eos_token_ids,
+    return ModelSpec(
+        family="gpt2",
+        num_layers=config.n_layer,
+        num_heads=config.n_head,
+        num_kv_heads=config.n_head,
+        head_dim=config.n_embd // config.n_head,
+        hidden_size=config.n_embd,
+        vocab_size=config.vocab_size,
+        max_positions=config.n_positions,
+        eos_token_ids=eos_token_ids,
+    )
+
+
+def _check_generic(config: Any, mt: str) -> None:
+    """Other decoder-only causal LMs run through transformers' own modeling code with the engine's paged attention
+    (server/engine/hf_attention.py); the engine checks the result against the model's own forward at start-up.
+    Refused here, before any weights load: what is not a decoder-only causal LM, and attention the engine does not
+    compute (logit soft-capping, layers that are not attention)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    native = ", ".join((*LLAMA_LIKE, "gpt2"))
+    if (
+        mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        or getattr(config, "is_encoder_decoder", False)
+    ):
+        raise ValueError(
+            f"unsupported model_type {mt!r}: not a decoder-only causal LM (native: {native}; other decoder-only "
+            "transformers models run through their own modeling code)"
         )
-    raise ValueError(f"unsupported model_type {mt!r}: supported are {', '.join((*LLAMA_LIKE, 'gpt2'))}")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError(f"unsupported model_type {mt!r}: attention logit soft-capping is not implemented")
+    layer_types = getattr(config, "layer_types", None) or ()
+    odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if odd:
+        raise ValueError(
+            f"unsupported model_type {mt!r}: layers of type {odd} (only attention layers are served)"
+        )
+    for attr in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
+        if not isinstance(getattr(config, attr, None), int):
+            raise ValueError(f"unsupported model_type {mt!r}: its config has no integer {attr}")
 
 
 @dataclass

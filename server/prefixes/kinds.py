@@ -183,6 +183,11 @@ def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
         except AttributeError:
             continue
         return obj
+    # other families: the first module list with one entry per hidden layer (model.decoder.layers, gpt_neox.layers)
+    n = getattr(hf_model.config, "num_hidden_layers", None)
+    for mod in hf_model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return mod
     raise ValueError(f"cannot find decoder layers in {type(hf_model).__name__}")
 
 

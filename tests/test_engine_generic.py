@@ -1,0 +1,148 @@
+"""Decoder-only families without a native forward run through transformers' own modeling code with the engine's
+paged attention plugged in: exact against the model's own forward fed the prefix as past_key_values, every prefix
+kind compiles for them, other threads keep plain SDPA, and what cannot be served is refused with a reason."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import transformers
+
+from server.engine import PrefixKey, Request, SamplingParams
+from server.engine.hf_attention import NAME
+from server.model import bundle_from_model, load_model, spec_from_config
+from server.prefixes import compile_propagation, kv_to_past_key_values
+from tests.engine_utils import hf_greedy, make_engine, random_kv, random_prompt
+from tests.fixtures.models import make_tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+NEW = 8
+FAMILIES = {  # model_type -> config extras (a mix of GQA, MoE, parallel blocks, learned positions, norms)
+    "phi3": {"num_key_value_heads": 2},
+    "gemma": {"num_key_value_heads": 2, "head_dim": 16},
+    "olmo2": {"num_key_value_heads": 2},
+    "gpt_neox": {},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "mixtral": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+}
+
+
+def tiny(model_type: str, seed: int = 0, **extra):
+    tok = make_tiny_tokenizer()
+    cfg = transformers.AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, initializer_range=0.5, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False,
+        **{**FAMILIES.get(model_type, {}), **extra},
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    return model, tok
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_generic_family_mixed_batch_is_exact(model_type):
+    model, tok = tiny(model_type)
+    b = bundle_from_model(model, tok, name=model_type)
+    assert b.spec.family == "hf"
+    sp = b.spec
+    keys = {PrefixKey(f"t{i}", "d", 1): random_kv(sp, p, seed=i) for i, p in enumerate((8, 20, 37))}
+    kl = list(keys)
+    reqs = [
+        Request(
+            f"r{i}",
+            random_prompt(sp.vocab_size, (5, 17, 33, 1)[i % 4], seed=i),
+            SamplingParams(max_tokens=NEW, ignore_eos=True),
+            kl[i % 3] if i != 6 else None,
+        )
+        for i in range(7)
+    ]
+    eng = make_engine(b, keys, max_num_batched_tokens=24)  # chunked prefill mixed with decode steps
+    assert (
+        b.hf_model.config._attn_implementation == NAME and not eng.runner.packed and eng.runner.graphs is None
+    )
+    outs = eng.generate(reqs)
+    for r, o in zip(reqs, outs, strict=True):
+        kv = keys[r.prefix] if r.prefix is not None else None
+        assert o.token_ids == hf_greedy(b.hf_model, kv, r.prompt_token_ids, NEW), (model_type, r.request_id)
+    assert len({tuple(o.token_ids) for o in outs[:3]}) == 3  # the prefixes matter
+
+
+def test_other_threads_keep_sdpa_and_propagation_compiles():
+    """After the engine switched the shared model to its attention, a forward on another thread (training, prefix
+    compilation) equals the plain SDPA model's; a prefix-propagation prefix compiled on it serves exactly."""
+    model, tok = tiny("gemma")
+    ref_model, _ = tiny("gemma")  # same seed: same weights, untouched SDPA
+    b = bundle_from_model(model, tok, name="gemma")
+    kv = random_kv(b.spec, 5, seed=1)
+    eng = make_engine(b, {})
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    got: dict[str, torch.Tensor] = {}
+
+    def other_thread() -> None:
+        with torch.no_grad():
+            got["x"] = model(input_ids=ids, past_key_values=kv_to_past_key_values(kv)).logits
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    with torch.no_grad():
+        want = ref_model(input_ids=ids, past_key_values=kv_to_past_key_values(kv)).logits
+    torch.testing.assert_close(got["x"], want)
+    additions = torch.randn(
+        b.spec.num_layers, 4, b.spec.hidden_size, generator=torch.Generator().manual_seed(2)
+    )
+    pkv = compile_propagation(b, additions)
+    key = PrefixKey("acme", "prop", 1)
+    eng = make_engine(b, {key: pkv})
+    out = eng.generate([Request("p", [7, 8, 9], SamplingParams(max_tokens=NEW, ignore_eos=True), key)])[0]
+    assert out.token_ids == hf_greedy(b.hf_model, pkv, [7, 8, 9], NEW)
+
+
+def test_generic_family_loads_from_a_local_folder(tmp_path):
+    model, tok = tiny("olmo2")
+    model.save_pretrained(tmp_path / "olmo2")
+    tok.save_pretrained(tmp_path / "olmo2")
+    b = load_model(str(tmp_path / "olmo2"), device="cpu", cache_dir=tmp_path / "cache")
+    assert b.spec.family == "hf" and b.spec.num_kv_heads == 2
+    eng = make_engine(b, {})
+    out = eng.generate([Request("x", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))])[0]
+    assert out.token_ids == hf_greedy(b.hf_model, None, [5, 6, 7], 4)
+
+
+def test_unservable_models_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="not a decoder-only causal LM"):
+        spec_from_config(transformers.BertConfig())
+    with pytest.raises(ValueError, match="not a decoder-only causal LM"):
+        spec_from_config(transformers.T5Config())
+    with pytest.raises(ValueError, match="soft-capping"):
+        spec_from_config(transformers.Gemma2Config())
+    model, tok = tiny("falcon")  # modeling code that does not go through transformers' AttentionInterface
+    b = bundle_from_model(model, tok, name="falcon")
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        make_engine(b, {})
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prefix_propagation", "prompt_tuning"])
+def test_training_works_on_a_generic_family(method):
+    """The trainer (its own thread of forwards with gradients) fits every kind on a generic-family model that an
+    engine is serving; the result serves exactly."""
+    from server.training import train_prefix
+
+    model, tok = tiny("phi3")
+    b = bundle_from_model(model, tok, name="phi3")
+    make_engine(b, {})  # switches the shared model to the engine's attention first
+    lr = {"prefix_tuning": 3e-3, "prefix_propagation": 1e-1, "prompt_tuning": 3e-1}[method]
+    ex = [{"prompt": f"question {i}?", "completion": "zebra"} for i in range(6)]
+    res = train_prefix(b, method, ex, 3, {"learning_rate": lr, "epochs": 12, "batch_size": 3})
+    s = res.summary
+    assert s["final_loss"] < s["epoch_losses"][0]
+    kv = res.tensors["kv"]
+    key = PrefixKey("acme", method, 1)
+    req = Request("x", [4, 2], SamplingParams(max_tokens=5, ignore_eos=True), key)
+    out = make_engine(b, {key: kv}).generate([req])[0]
+    assert out.token_ids == hf_greedy(b.hf_model, kv, [4, 2], 5)
