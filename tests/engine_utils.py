@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from server.engine import DictPrefixProvider, EngineConfig, LLMEngine, PrefixKey
+from server.engine import DictPrefixProvider, EngineConfig, LLMEngine, PrefixKey, Request, SamplingParams
 
 
 def random_kv(spec, prefix_len: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -59,3 +59,22 @@ def hf_greedy(model, kv: torch.Tensor | None, prompt: list[int], max_new_tokens:
 def make_engine(bundle, prefixes: dict[PrefixKey, torch.Tensor], **cfg) -> LLMEngine:
     cfg.setdefault("kv_cache_bytes", 8 * 2**20)
     return LLMEngine(bundle, DictPrefixProvider(prefixes), EngineConfig(**cfg))
+
+
+def mixed_workload(
+    spec, prefix_lens: tuple[int, ...], n: int, new_tokens: int, no_prefix: int | None = None
+) -> tuple[dict[PrefixKey, torch.Tensor], list[Request]]:
+    """One tenant per prefix length (random kv) and `n` greedy requests cycling over the tenants and over prompt
+    lengths 5/17/33/1; request `no_prefix` (if given) runs without any prefix."""
+    keys = {PrefixKey(f"t{i}", "default", 1): random_kv(spec, p, seed=i) for i, p in enumerate(prefix_lens)}
+    kl = list(keys)
+    reqs = [
+        Request(
+            f"r{i}",
+            random_prompt(spec.vocab_size, (5, 17, 33, 1)[i % 4], seed=i),
+            SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+            kl[i % len(kl)] if i != no_prefix else None,
+        )
+        for i in range(n)
+    ]
+    return keys, reqs

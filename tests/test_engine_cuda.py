@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.model_runner import RowInput
 from server.model import bundle_from_model
-from tests.engine_utils import make_engine, random_kv, random_prompt
+from tests.engine_utils import make_engine, mixed_workload
 from tests.fixtures.models import make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(
@@ -64,19 +63,7 @@ def _hf_greedy_cuda(model, kv: torch.Tensor | None, prompt: list[int], n: int) -
 
 
 def _mixed(bundle):
-    sp = bundle.spec
-    keys = {PrefixKey(f"t{i}", "default", 1): random_kv(sp, p, seed=i) for i, p in enumerate((8, 20, 64))}
-    kl = list(keys)
-    reqs = [
-        Request(
-            f"r{i}",
-            random_prompt(sp.vocab_size, (5, 17, 33, 1)[i % 4], seed=i),
-            SamplingParams(max_tokens=NEW, ignore_eos=True),
-            kl[i % 3] if i != 9 else None,
-        )
-        for i in range(10)
-    ]
-    return keys, reqs
+    return mixed_workload(bundle.spec, (8, 20, 64), 10, NEW, no_prefix=9)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

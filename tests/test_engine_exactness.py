@@ -8,24 +8,14 @@ import torch
 
 from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.model_runner import ModelRunner, RowInput, cpu_packing_available
-from tests.engine_utils import hf_greedy, make_engine, random_kv, random_prompt
+from tests.engine_utils import hf_greedy, make_engine, mixed_workload, random_kv
 
 PREFIX_LENS = (8, 20, 64)
-PROMPT_LENS = (5, 17, 33, 1)
 NEW = 10
 
 
 def _mixed(bundle, **cfg):
-    sp = bundle.spec
-    keys = {
-        PrefixKey(f"tenant{i}", "default", 1): random_kv(sp, p, seed=i) for i, p in enumerate(PREFIX_LENS)
-    }
-    kl = list(keys)
-    reqs = []
-    for i in range(10):
-        prefix = kl[i % 3] if i != 9 else None  # one row without any prefix
-        prompt = random_prompt(sp.vocab_size, PROMPT_LENS[i % 4], seed=i)
-        reqs.append(Request(f"r{i}", prompt, SamplingParams(max_tokens=NEW, ignore_eos=True), prefix))
+    keys, reqs = mixed_workload(bundle.spec, PREFIX_LENS, 10, NEW, no_prefix=9)  # prompts 5/17/33/1
     return keys, reqs, make_engine(bundle, keys, **cfg)
 
 

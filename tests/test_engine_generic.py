@@ -14,7 +14,7 @@ from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.hf_attention import NAME
 from server.model import bundle_from_model, load_model, spec_from_config
 from server.prefixes import compile_propagation, kv_to_past_key_values
-from tests.engine_utils import hf_greedy, make_engine, random_kv, random_prompt
+from tests.engine_utils import hf_greedy, make_engine, mixed_workload, random_kv
 from tests.fixtures.models import make_tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -49,18 +49,7 @@ def test_generic_family_mixed_batch_is_exact(model_type):
     model, tok = tiny(model_type)
     b = bundle_from_model(model, tok, name=model_type)
     assert b.spec.family == "hf"
-    sp = b.spec
-    keys = {PrefixKey(f"t{i}", "d", 1): random_kv(sp, p, seed=i) for i, p in enumerate((8, 20, 37))}
-    kl = list(keys)
-    reqs = [
-        Request(
-            f"r{i}",
-            random_prompt(sp.vocab_size, (5, 17, 33, 1)[i % 4], seed=i),
-            SamplingParams(max_tokens=NEW, ignore_eos=True),
-            kl[i % 3] if i != 6 else None,
-        )
-        for i in range(7)
-    ]
+    keys, reqs = mixed_workload(b.spec, (8, 20, 37), 7, NEW, no_prefix=6)
     eng = make_engine(b, keys, max_num_batched_tokens=24)  # chunked prefill mixed with decode steps
     assert (
         b.hf_model.config._attn_implementation == NAME and not eng.runner.packed and eng.runner.graphs is None
