@@ -357,25 +357,25 @@ class ModelRunner:
         nb_max = max(len(r.prefix_blocks) + len(r.own_blocks) for r in members)
         if slots is not None:
             nb_max = slots // bs
-        tables = torch.full((g, nb_max), self.pool.num_blocks, dtype=torch.long)  # pad -> scratch block
-        q_pos = torch.full((g, q_max), _BIG - 1, dtype=torch.long)
-        prefix_len = torch.zeros(g, dtype=torch.long)
-        prefix_slots = torch.zeros(g, dtype=torch.long)
-        own_valid = torch.ones(g, dtype=torch.long)  # a padding row attends to its first (scratch) slot
-        tok_idx = torch.zeros(g, q_max, dtype=torch.long)
-        out_idx: list[int] = []
-        t = first_token
-        for gi, r in enumerate(members):
-            table = r.prefix_blocks + r.own_blocks
-            tables[gi, : len(table)] = torch.tensor(table, dtype=torch.long)
-            n = len(r.tokens)
-            q_pos[gi, :n] = torch.arange(r.start_pos, r.start_pos + n)
-            tok_idx[gi, :n] = torch.arange(t, t + n)
-            out_idx.extend(range(gi * q_max, gi * q_max + n))
-            t += n
-            prefix_len[gi] = r.prefix_len
-            prefix_slots[gi] = len(r.prefix_blocks) * bs
-            own_valid[gi] = r.own_cached + n
+        # per-row facts as plain lists, turned into tensors once (a per-row torch op costs more than the row)
+        pad = g - len(members)
+        scratch = self.pool.num_blocks
+        tables = torch.tensor(
+            [(r.prefix_blocks + r.own_blocks + [scratch] * nb_max)[:nb_max] for r in members]
+            + [[scratch] * nb_max] * pad,
+            dtype=torch.long,
+        )  # pad -> scratch block
+        q_len = torch.tensor([len(r.tokens) for r in members] + [0] * pad, dtype=torch.long)
+        starts = torch.tensor([r.start_pos for r in members] + [0] * pad, dtype=torch.long)
+        prefix_len = torch.tensor([r.prefix_len for r in members] + [0] * pad, dtype=torch.long)
+        prefix_slots = torch.tensor([len(r.prefix_blocks) * bs for r in members] + [0] * pad, dtype=torch.long)
+        # a padding row attends to its first (scratch) slot
+        own_valid = torch.tensor([r.own_cached + len(r.tokens) for r in members] + [1] * pad, dtype=torch.long)
+        qj = torch.arange(q_max)[None]
+        valid_q = qj < q_len[:, None]
+        q_pos = torch.where(valid_q, starts[:, None] + qj, _BIG - 1)
+        tok_idx = torch.where(valid_q, first_token + (torch.cumsum(q_len, 0) - q_len)[:, None] + qj, 0)
+        out_idx = valid_q.reshape(-1).nonzero().reshape(-1) if q_max > 1 else None  # host tensor: no device sync
         s = nb_max * bs
         j = torch.arange(s)[None]
         gather = (tables[:, :, None] * bs + torch.arange(bs)[None, None]).reshape(g * s)
@@ -398,7 +398,7 @@ class ModelRunner:
             gather=gather.to(dev, non_blocking=True),
             mask=mask.to(dev, non_blocking=True),
             tok_idx=tok_idx.reshape(-1).to(dev, non_blocking=True) if prefill else None,
-            out_idx=torch.tensor(out_idx, dtype=torch.long).to(dev, non_blocking=True) if prefill else None,
+            out_idx=out_idx.to(dev, non_blocking=True) if out_idx is not None else None,
         )
 
     # ------------------------------------------------------------------ forward
