@@ -368,14 +368,20 @@ class ModelRunner:
         q_len = torch.tensor([len(r.tokens) for r in members] + [0] * pad, dtype=torch.long)
         starts = torch.tensor([r.start_pos for r in members] + [0] * pad, dtype=torch.long)
         prefix_len = torch.tensor([r.prefix_len for r in members] + [0] * pad, dtype=torch.long)
-        prefix_slots = torch.tensor([len(r.prefix_blocks) * bs for r in members] + [0] * pad, dtype=torch.long)
+        prefix_slots = torch.tensor(
+            [len(r.prefix_blocks) * bs for r in members] + [0] * pad, dtype=torch.long
+        )
         # a padding row attends to its first (scratch) slot
-        own_valid = torch.tensor([r.own_cached + len(r.tokens) for r in members] + [1] * pad, dtype=torch.long)
+        own_valid = torch.tensor(
+            [r.own_cached + len(r.tokens) for r in members] + [1] * pad, dtype=torch.long
+        )
         qj = torch.arange(q_max)[None]
         valid_q = qj < q_len[:, None]
         q_pos = torch.where(valid_q, starts[:, None] + qj, _BIG - 1)
         tok_idx = torch.where(valid_q, first_token + (torch.cumsum(q_len, 0) - q_len)[:, None] + qj, 0)
-        out_idx = valid_q.reshape(-1).nonzero().reshape(-1) if q_max > 1 else None  # host tensor: no device sync
+        out_idx = (
+            valid_q.reshape(-1).nonzero().reshape(-1) if q_max > 1 else None
+        )  # host tensor: no device sync
         s = nb_max * bs
         j = torch.arange(s)[None]
         gather = (tables[:, :, None] * bs + torch.arange(bs)[None, None]).reshape(g * s)
