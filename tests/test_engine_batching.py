@@ -216,3 +216,26 @@ def test_kv_pool_prefix_roundtrip(tiny_llama_bundle):
     entry = eng.prefix_cache.entries[key]
     assert len(entry.blocks) == 3
     assert torch.equal(eng.pool.read(entry.blocks, 21), kv)
+
+
+def test_one_overflowing_request_fails_alone(tiny_llama_bundle):
+    """A prefix whose values overflow the attention (finite, so it passes validation) gives non-finite logits: that
+    request alone ends with an error; greedy and sampled neighbours in the same batch finish as they do alone."""
+    b = tiny_llama_bundle
+    good, bad = PrefixKey("good", "p", 1), PrefixKey("evil", "p", 1)
+    keys = {good: random_kv(b.spec, 6, 1), bad: random_kv(b.spec, 6, 2) * 1e37}
+    assert torch.isfinite(keys[bad]).all()  # a store would accept it
+    prompt = random_prompt(b.spec.vocab_size, 7, 3)
+    reqs = [
+        Request("g", prompt, SamplingParams(max_tokens=6, ignore_eos=True), good),
+        Request("s", prompt, SamplingParams(max_tokens=6, temperature=0.8, seed=5, ignore_eos=True), good),
+        Request("bad", prompt, SamplingParams(max_tokens=6, temperature=0.8, seed=5, ignore_eos=True), bad),
+        Request("nop", prompt, SamplingParams(max_tokens=6, ignore_eos=True)),
+    ]
+    outs = {o.request_id: o for o in make_engine(b, keys).generate(reqs)}
+    assert outs["bad"].finish_reason == "error" and "non-finite" in (outs["bad"].error or "")
+    for r in reqs:
+        if r.request_id != "bad":
+            alone = make_engine(b, keys).generate([r])[0]
+            assert outs[r.request_id].finish_reason == "length"
+            assert outs[r.request_id].token_ids == alone.token_ids, r.request_id

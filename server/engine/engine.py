@@ -200,7 +200,7 @@ class LLMEngine:
             inp = self.runner.prepare(rows)
             logits = self.runner.forward(inp)
             samplers = [it.seq for it, r in zip(items, rows, strict=True) if r.sample]
-            toks = sample(logits, [s.req.sampling for s in samplers], [s.generator for s in samplers])
+            toks, failed = sample(logits, [s.req.sampling for s in samplers], [s.generator for s in samplers])
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
             for it in items:
@@ -210,7 +210,12 @@ class LLMEngine:
         for it in items:
             it.seq.num_cached += it.num_tokens
         now = time.monotonic()
-        for seq, tok in zip(samplers, toks, strict=True):
+        for i, (seq, tok) in enumerate(zip(samplers, toks, strict=True)):
+            if i in failed:  # this request alone ends with an error; the rest of the batch carries on
+                log.warning("request %s: %s", seq.request_id, failed[i])
+                seq.error, seq.error_type = failed[i], "SamplingError"
+                events.append(self._finish(seq, "error"))
+                continue
             ev = self._append(seq, tok, now)
             if ev is not None:
                 events.append(ev)

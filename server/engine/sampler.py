@@ -39,12 +39,23 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    """logits: float32 `[R, vocab]`; one token per row."""
-    out = logits.argmax(-1).tolist()
+) -> tuple[list[int], dict[int, str]]:
+    """logits: float32 `[R, vocab]`; one token per row, and the rows that could not be sampled with the reason.
+
+    A row whose logits are not finite (a prefix or input that overflows) or whose sampling fails is reported on its
+    own: the other rows of the batch are unaffected, so one tenant's request can never fail its neighbours'.
+    """
+    both = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()  # one device sync
+    out, finite = both[0], both[1]
+    failed = {
+        i: "the model produced non-finite logits for this request" for i, ok in enumerate(finite) if not ok
+    }
     for i, p in enumerate(params):
-        if p.greedy:
+        if p.greedy or i in failed:
             continue
-        probs = filter_logits(logits[i], p).softmax(-1)
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-    return out
+        try:
+            probs = filter_logits(logits[i], p).softmax(-1)
+            out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+        except RuntimeError as e:
+            failed[i] = f"sampling failed: {e}"
+    return out, failed
