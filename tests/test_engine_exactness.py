@@ -129,14 +129,15 @@ def test_packed_weights_refused_where_unavailable(tiny_llama_bundle):
         ModelRunner(b, make_engine(tiny_llama_bundle, {}).pool, 64, packed_weights=True)
 
 
+@pytest.mark.parametrize("block_size", [16, 24])
 @pytest.mark.parametrize("bundle_name", ["tiny_llama_bundle", "tiny_gpt2_bundle"])
-def test_padded_graph_decode_path_is_exact(bundle_name, request):
+def test_padded_graph_decode_path_is_exact(bundle_name, block_size, request):
     """The CUDA-graph decode path (static buffers, batch and key slots padded to buckets, padding rows writing the
     scratch slot) run eagerly: same tokens as the unpadded path, with requests joining mid-flight."""
     bundle = request.getfixturevalue(bundle_name)
     keys, reqs, plain = _mixed(bundle, graphs="off")
     ref = {o.request_id: o.token_ids for o in plain.generate(reqs)}
-    eng = make_engine(bundle, keys, graphs="eager", max_num_seqs=12)
+    eng = make_engine(bundle, keys, graphs="eager", max_num_seqs=12, block_size=block_size)
     graphs = eng.runner.graphs
     assert graphs is not None and graphs.batches == [1, 2, 4, 8, 12]
     got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
@@ -151,7 +152,7 @@ def test_padded_graph_decode_path_is_exact(bundle_name, request):
     assert got == ref
     # decode steps really went through the padded buffers, at several batch buckets
     assert graphs.num_replays > NEW and len({b for b, _ in graphs.entries}) >= 3
-    assert all(s % graphs.MIN_SLOTS == 0 for _, s in graphs.entries)
+    assert all(s % graphs.min_slots == 0 for _, s in graphs.entries)
     # (padding rows write only the scratch slot: `got == ref` above would break if they touched a live block)
     # and nothing leaked
     assert eng.pool.num_used == sum(len(e.blocks) for e in eng.prefix_cache.entries.values())
@@ -167,7 +168,7 @@ def test_graph_buckets():
         max_model_len=2048,
         device=torch.device("cpu"),
         dtype=torch.float32,
-        pool=SimpleNamespace(scratch_slot=7),
+        pool=SimpleNamespace(scratch_slot=7, block_size=16),
     )
     g = _DecodeGraphs(runner, 64)  # type: ignore[arg-type]
     assert g.batches == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
@@ -176,6 +177,9 @@ def test_graph_buckets():
     assert g.bucket(9, 257) == (16, 512)
     assert g.bucket(64, 4096) == (64, 4096)
     assert g.bucket(65, 10) is None and g.bucket(1, 4097) is None
+    runner.pool.block_size = 24  # buckets stay whole numbers of blocks
+    g = _DecodeGraphs(runner, 8)  # type: ignore[arg-type]
+    assert g.min_slots == 264 and g.bucket(1, 300) == (1, 528) and g.max_slots % 24 == 0
 
 
 def _tiny_family(family: str):

@@ -540,8 +540,10 @@ class _DecodeGraphs:
         self.batches = sorted({b for b in (1, 2, 4) if b <= max_batch} | set(range(8, max_batch + 1, 8)))
         if self.batches[-1] < max_batch:
             self.batches.append(max_batch)
+        bs = runner.pool.block_size
+        self.min_slots = -(-self.MIN_SLOTS // bs) * bs  # every bucket is a whole number of blocks
         need = runner.max_model_len + 1024  # the context plus room for a prefix
-        self.max_slots = self.MIN_SLOTS
+        self.max_slots = self.min_slots
         while self.max_slots < need:
             self.max_slots *= 2
         b, s, dev = self.batches[-1], self.max_slots, runner.device
@@ -560,7 +562,7 @@ class _DecodeGraphs:
         if batch > self.batches[-1] or slots > self.max_slots:
             return None
         b = next(x for x in self.batches if x >= batch)
-        s = self.MIN_SLOTS
+        s = self.min_slots
         while s < slots:
             s *= 2
         return b, s
