@@ -21,23 +21,27 @@ def random_prompt(vocab: int, n: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def hf_greedy(model, kv: torch.Tensor | None, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Token-by-token greedy decoding with plain transformers, the prefix fed as `past_key_values`.
+    """Token-by-token greedy decoding with plain transformers, the prefix fed as `past_key_values`, on the model's
+    own device and dtype.
 
     The prompt's first token has position P (the PEFT / transformers convention).
     """
+    param = next(model.parameters())
+    dev, dtype = param.device, param.dtype
     cache = DynamicCache()
     p = 0
     if kv is not None:
         p = kv.shape[3]
-        dtype = next(model.parameters()).dtype
         for layer in range(kv.shape[0]):
-            cache.update(kv[layer, 0][None].to(dtype).clone(), kv[layer, 1][None].to(dtype).clone(), layer)
+            cache.update(
+                kv[layer, 0][None].to(dev, dtype).clone(), kv[layer, 1][None].to(dev, dtype).clone(), layer
+            )
     n = len(prompt)
     out = model(
-        input_ids=torch.tensor([prompt]),
+        input_ids=torch.tensor([prompt], device=dev),
         past_key_values=cache,
-        attention_mask=torch.ones(1, p + n, dtype=torch.long),
-        position_ids=torch.arange(p, p + n)[None],
+        attention_mask=torch.ones(1, p + n, dtype=torch.long, device=dev),
+        position_ids=torch.arange(p, p + n, device=dev)[None],
         use_cache=True,
     )
     toks: list[int] = []
@@ -47,10 +51,10 @@ def hf_greedy(model, kv: torch.Tensor | None, prompt: list[int], max_new_tokens:
         toks.append(t)
         total += 1
         out = model(
-            input_ids=torch.tensor([[t]]),
+            input_ids=torch.tensor([[t]], device=dev),
             past_key_values=out.past_key_values,
-            attention_mask=torch.ones(1, total, dtype=torch.long),
-            position_ids=torch.tensor([[total - 1]]),
+            attention_mask=torch.ones(1, total, dtype=torch.long, device=dev),
+            position_ids=torch.tensor([[total - 1]], device=dev),
             use_cache=True,
         )
     return toks

@@ -11,7 +11,7 @@ import torch
 
 from server.engine.model_runner import RowInput
 from server.model import bundle_from_model
-from tests.engine_utils import make_engine, mixed_workload
+from tests.engine_utils import hf_greedy, make_engine, mixed_workload
 from tests.fixtures.models import make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(
@@ -25,41 +25,6 @@ def _bundle(family: str, dtype: torch.dtype = torch.float32):
     tok = make_tiny_tokenizer()
     model = (make_tiny_llama if family == "llama" else make_tiny_gpt2)(tok, seed=0)
     return bundle_from_model(model.to("cuda", dtype), tok, name=f"tiny-{family}-cuda")
-
-
-@torch.no_grad()
-def _hf_greedy_cuda(model, kv: torch.Tensor | None, prompt: list[int], n: int) -> list[int]:
-    """transformers on the device, the prefix as past_key_values, the prompt from position P."""
-    from transformers import DynamicCache
-
-    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    cache, p = DynamicCache(), 0
-    if kv is not None:
-        p = kv.shape[3]
-        for layer in range(kv.shape[0]):
-            cache.update(kv[layer, 0][None].to(dev, dtype), kv[layer, 1][None].to(dev, dtype), layer)
-    ids = torch.tensor([prompt], device=dev)
-    total = p + len(prompt)
-    out = model(
-        input_ids=ids,
-        past_key_values=cache,
-        attention_mask=torch.ones(1, total, dtype=torch.long, device=dev),
-        position_ids=torch.arange(p, total, device=dev)[None],
-        use_cache=True,
-    )
-    toks: list[int] = []
-    for _ in range(n):
-        t = int(out.logits[0, -1].float().argmax())
-        toks.append(t)
-        total += 1
-        out = model(
-            input_ids=torch.tensor([[t]], device=dev),
-            past_key_values=out.past_key_values,
-            attention_mask=torch.ones(1, total, dtype=torch.long, device=dev),
-            position_ids=torch.tensor([[total - 1]], device=dev),
-            use_cache=True,
-        )
-    return toks
 
 
 def _mixed(bundle):
@@ -78,7 +43,7 @@ def test_cuda_graph_decode_is_exact_fp32(family):
     assert g is not None and g.num_captured >= 1 and g.num_replays >= NEW - 1
     for r, toks in zip(reqs, got, strict=True):
         kv = keys[r.prefix] if r.prefix is not None else None
-        assert toks == _hf_greedy_cuda(bundle.hf_model, kv, r.prompt_token_ids, NEW), r.request_id
+        assert toks == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, NEW), r.request_id
 
 
 def test_decode_step_launches_no_host_sync():

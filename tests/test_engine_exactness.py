@@ -183,19 +183,11 @@ def test_graph_buckets():
 
 
 def _tiny_family(family: str):
-    import transformers
-
     from server.model import bundle_from_model
-    from tests.fixtures.models import make_tiny_tokenizer
+    from tests.fixtures.models import make_tiny_causal_lm, make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
-    cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config}[family]  # fmt: skip
-    torch.manual_seed(0)
-    cfg = cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-              initializer_range=0.5, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model = make_tiny_causal_lm(family, tok, num_key_value_heads=2, head_dim=16)
     if family == "qwen3":  # make the per-head q/k norms matter (they start at ones)
         with torch.no_grad():
             for layer in model.model.layers:

@@ -15,7 +15,7 @@ from server.engine.hf_attention import NAME
 from server.model import bundle_from_model, load_model, spec_from_config
 from server.prefixes import compile_propagation, kv_to_past_key_values
 from tests.engine_utils import hf_greedy, make_engine, mixed_workload, random_kv
-from tests.fixtures.models import make_tiny_tokenizer
+from tests.fixtures.models import make_tiny_causal_lm, make_tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -30,18 +30,9 @@ FAMILIES = {  # model_type -> config extras (a mix of GQA, MoE, parallel blocks,
 }
 
 
-def tiny(model_type: str, seed: int = 0, **extra):
+def tiny(model_type: str, seed: int = 0):
     tok = make_tiny_tokenizer()
-    cfg = transformers.AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=512, initializer_range=0.5, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False,
-        **{**FAMILIES.get(model_type, {}), **extra},
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    return model, tok
+    return make_tiny_causal_lm(model_type, tok, seed, **FAMILIES.get(model_type, {})), tok
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))

@@ -24,7 +24,7 @@ from server.model import (
     spec_from_config,
 )
 from server.model import loader as loader_mod
-from tests.fixtures.models import make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer
+from tests.fixtures.models import make_tiny_causal_lm, make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -71,13 +71,7 @@ def _tiny(family: str, tok, seed: int = 0):
         return make_tiny_gpt2(tok, seed=seed)
     if family == "llama":
         return make_tiny_llama(tok, seed=seed)
-    cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config}[family]  # fmt: skip
-    torch.manual_seed(seed)
-    cfg = cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              eos_token_id=tok.eos_token_id, tie_word_embeddings=False)  # fmt: skip
-    return transformers.AutoModelForCausalLM.from_config(cfg)
+    return make_tiny_causal_lm(family, tok, seed, num_key_value_heads=2, max_position_embeddings=256)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])

@@ -43,9 +43,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: min(model max positions, 8192)
     loader_threads: int = 2
     packed_weights: bool | None = None  # CPU fp32 oneDNN-prepacked linears (None: where available)
-    graphs: str = (
-        "auto"  # decode steps as CUDA graphs: auto (on CUDA) | cuda | off | eager (padded, no capture)
-    )
+    # decode steps as CUDA graphs: auto (on CUDA) | cuda | off | eager (the padded path without capture)
+    graphs: str = "auto"
 
 
 @dataclass

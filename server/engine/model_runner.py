@@ -140,10 +140,9 @@ class ModelRunner:
         self.dtype = bundle.dtype
         self.max_model_len = max_model_len
         self.family = self.spec.family
-        self.graph_mode, self.graphs = (
-            "off",
-            None,
-        )  # set below; the hf path's start-up probe runs without them
+        # set at the end; the hf path's start-up probe runs before them, without graphs
+        self.graph_mode: str = "off"
+        self.graphs: _DecodeGraphs | None = None
         avail = cpu_packing_available(self.device, self.dtype) and self.family != "hf"
         if packed_weights and not avail:
             raise ValueError("packed_weights needs a float32 CPU model, a native family and oneDNN")
@@ -249,7 +248,6 @@ class ModelRunner:
             )
         hf_attention.register()
         m.config._attn_implementation = hf_attention.NAME  # other threads still get SDPA (see hf_attention)
-        self.hf_model = m
         try:
             self._probe_hf()
         except Exception as e:
@@ -269,14 +267,14 @@ class ModelRunner:
         sp, pool = self.spec, self.pool
         g = torch.Generator().manual_seed(0)
         p, prompt, nxt = 3, [1, 2, 3, 4, 5], 6
+        n = len(prompt)
         kv = torch.randn(sp.kv_shape(p), generator=g)
         pre = pool.allocate(pool.blocks_for(p))
-        own = pool.allocate(pool.blocks_for(len(prompt) + 1))
+        own = pool.allocate(pool.blocks_for(n + 1))
         try:
             pool.write_prefix(pre, kv)
-            rows = [RowInput(prompt, p, p, pre, own, 0, True)]
-            first = self.forward(self.prepare(rows))[0]
-            second = self.forward(self.prepare([RowInput([nxt], p + 5, p, pre, own, 5, True)]))[0]
+            first = self.forward(self.prepare([RowInput(prompt, p, p, pre, own, 0, True)]))[0]
+            second = self.forward(self.prepare([RowInput([nxt], p + n, p, pre, own, n, True)]))[0]
         finally:
             pool.free(pre)
             pool.free(own)
@@ -284,11 +282,11 @@ class ModelRunner:
         cache = kv_to_past_key_values(kv, dtype=self.dtype, device=dev)
         ids = torch.tensor([[*prompt, nxt]], device=dev)
         ref = (
-            self.hf_model(
+            self.bundle.hf_model(
                 input_ids=ids,
                 past_key_values=cache,
-                attention_mask=torch.ones(1, p + 6, dtype=torch.long, device=dev),
-                position_ids=torch.arange(p, p + 6, device=dev)[None],
+                attention_mask=torch.ones(1, p + n + 1, dtype=torch.long, device=dev),
+                position_ids=torch.arange(p, p + n + 1, device=dev)[None],
                 use_cache=True,
             )
             .logits[0, -2:]
@@ -299,7 +297,7 @@ class ModelRunner:
         err = max((first - ref[0]).abs().max(), (second - ref[1]).abs().max()) / scale
         if not err <= tol:
             raise ValueError(
-                f"{type(self.hf_model).__name__}: the engine's attention path does not reproduce the model's own "
+                f"{type(self.bundle.hf_model).__name__}: the engine's attention path does not reproduce the model's own "
                 f"forward (relative logit error {float(err):.2e}); this model family cannot be served"
             )
 
@@ -469,7 +467,7 @@ class ModelRunner:
         from server.engine.hf_attention import step_context
 
         with step_context(self, inp):
-            out = self.hf_model(
+            out = self.bundle.hf_model(
                 input_ids=inp.input_ids[None],
                 position_ids=inp.positions[None],
                 use_cache=False,
@@ -526,8 +524,8 @@ class _DecodeGraphs:
 
     The graphs read static device buffers (token ids, positions, KV write slots, gathered key slots, additive mask)
     that `run` fills from a prepared, padded step: the step itself launches no host sync. Batch buckets follow
-    vLLM (1, 2, 4, 8, then multiples of 8 up to `max_batch`); key-slot buckets are powers of two from 256, so the
-    gathered attention of a short sequence never pays for the longest context. Steps that fit no bucket (prefill
+    vLLM (1, 2, 4, 8, then multiples of 8 up to `max_batch`); key-slot buckets start at 256 rounded up to whole KV
+    blocks and double, so the gathered attention of a short sequence never pays for the longest context. Steps that fit no bucket (prefill
     chunks, a longer context) run eagerly. All graphs share one memory pool; a graph's logits are copied out
     before the next replay. In "eager" mode the same static buffers run without capture (any device).
     """
@@ -583,9 +581,8 @@ class _DecodeGraphs:
 
     def _fill(self, st: StepInputs, inp: StepInputs | None) -> None:
         assert st.decode is not None
-        if (
-            inp is None
-        ):  # harmless contents for warm-up and capture: every row reads and writes the scratch slot
+        if inp is None:
+            # harmless contents for warm-up and capture: every row reads and writes the scratch slot
             st.input_ids.zero_()
             st.positions.zero_()
             st.write_slots.fill_(self.runner.pool.scratch_slot)
