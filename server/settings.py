@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413 above)")
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request (422 above)")
     max_stop_chars: int = Field(256, ge=1, description="Longest stop string in characters (422 above)")
+    max_logprobs: int = Field(
+        20,
+        ge=0,
+        le=1000,
+        description="Most top log-probabilities per generated token a request may ask for (422 above)",
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429 and 503")
 
     # ------------------------------------------------------------------ engine

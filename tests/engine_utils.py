@@ -20,11 +20,20 @@ def random_prompt(vocab: int, n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def hf_greedy(model, kv: torch.Tensor | None, prompt: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(
+    model,
+    kv: torch.Tensor | None,
+    prompt: list[int],
+    max_new_tokens: int,
+    processor=None,
+    logprobs_out: list[torch.Tensor] | None = None,
+) -> list[int]:
     """Token-by-token greedy decoding with plain transformers, the prefix fed as `past_key_values`, on the model's
     own device and dtype.
 
-    The prompt's first token has position P (the PEFT / transformers convention).
+    The prompt's first token has position P (the PEFT / transformers convention). `processor(input_ids, scores)` (a
+    transformers LogitsProcessor) changes the scores before the argmax; `logprobs_out` receives each step's
+    log-softmax of the raw logits.
     """
     param = next(model.parameters())
     dev, dtype = param.device, param.dtype
@@ -47,7 +56,12 @@ def hf_greedy(model, kv: torch.Tensor | None, prompt: list[int], max_new_tokens:
     toks: list[int] = []
     total = p + n
     for _ in range(max_new_tokens):
-        t = int(out.logits[0, -1].float().argmax())
+        scores = out.logits[0, -1].float()[None]
+        if logprobs_out is not None:
+            logprobs_out.append(torch.log_softmax(scores[0], -1).cpu())
+        if processor is not None:
+            scores = processor(torch.tensor([prompt + toks], device=dev), scores)
+        t = int(scores[0].argmax())
         toks.append(t)
         total += 1
         out = model(

@@ -165,9 +165,11 @@ def test_openai_unsupported_parameters_are_rejected(srv):
     base = {"model": "acme/default", "prompt": "hi", "max_tokens": 2}
     for extra, param in (
         ({"echo": True}, "echo"),
-        ({"logprobs": 2}, "logprobs"),
-        ({"presence_penalty": 1}, "presence_penalty"),
-        ({"frequency_penalty": -0.5}, "frequency_penalty"),
+        ({"logprobs": 21}, "logprobs"),  # over the server's max_logprobs (20)
+        ({"logprobs": -1}, "logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 2}, "best_of"),
     ):
@@ -181,6 +183,17 @@ def test_openai_unsupported_parameters_are_rejected(srv):
         "user": "u",
     }
     assert c.post("/v1/completions", json={**base, **ok}).status_code == 200
+    chat = {"model": "acme", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    err = assert_error(c.post("/v1/chat/completions", json={**chat, "top_logprobs": 2}), 422)
+    assert err["param"] == "top_logprobs"  # OpenAI: top_logprobs needs logprobs=true
+    err = assert_error(
+        c.post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21}), 422
+    )
+    assert err["param"] == "top_logprobs" and err["code"] == "logprobs_too_large"
+    assert_error(c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "logprobs": 21}), 422)
+    assert_error(
+        c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "repetition_penalty": 2.5}), 422
+    )
     assert_error(c.post("/v1/completions", json={**base, "n": 3}), 422)
     assert_error(c.post("/v1/completions", json={**base, "prompt": ["a", "b"]}), 422)
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]

@@ -216,3 +216,68 @@ def test_queue_full_503_with_retry_after(server_factory, api_bundle, tmp_path):
     m = c.get("/metrics").text
     assert metric_value(m, "prefixserve:requests_rejected_total", {"reason": "queue_full"}) == 1.0
     store.close()
+
+
+def test_logprobs_streamed_and_whole_agree(srv):
+    """`logprobs: N`: one entry per generated token, greedy token first in its own top-N, values the same whether
+    streamed (entries spread over the chunks, none lost to held-back text) or not."""
+    c = srv.client()
+    req = {
+        "tenant_id": "acme",
+        "prompt": "Once upon a time",
+        "max_tokens": 10,
+        "ignore_eos": True,
+        "logprobs": 3,
+    }
+    full = gen(c, **req).json()
+    lps = full["logprobs"]
+    assert len(lps) == full["usage"]["completion_tokens"] == 10
+    for lp in lps:
+        assert lp["logprob"] <= 0 and len(lp["top_logprobs"]) == 3
+        top = lp["top_logprobs"]
+        assert top[0]["id"] == lp["id"] and top[0]["logprob"] == pytest.approx(lp["logprob"])
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        decoded = srv.svc.bundle.tokenizer.decode([lp["id"]])
+        assert lp["text"] == decoded or ("\ufffd" in decoded and lp["text"].startswith("bytes:"))
+    chunks = parse_sse(c.post("/generate", json={**req, "stream": True}).text)[:-1]
+    streamed = [lp for ch in chunks for lp in ch["logprobs"]]
+    assert [lp["id"] for lp in streamed] == [lp["id"] for lp in lps]
+    assert [lp["logprob"] for lp in streamed] == pytest.approx([lp["logprob"] for lp in lps], abs=1e-4)
+    # without the field nothing is computed or returned
+    assert gen(c, **{**req, "logprobs": None}).json()["logprobs"] is None
+    zero = gen(c, **{**req, "logprobs": 0}).json()["logprobs"]
+    assert [lp["top_logprobs"] for lp in zero] == [[]] * 10
+
+
+def test_penalties_change_greedy_output(srv):
+    c = srv.client()
+    req = {"tenant_id": "globex", "prompt": "la la la la", "max_tokens": 16, "ignore_eos": True}
+    plain = gen(c, **req).json()
+    for extra in ({"repetition_penalty": 1.8}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
+        r = gen(c, **req, **extra).json()
+        assert r["text"] != plain["text"], f"{extra} changed nothing"
+        assert gen(c, **req, **extra).json()["text"] == r["text"]  # still deterministic
+    # a penalty of 0 / 1 is the plain request
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1}
+    assert gen(c, **req, **neutral).json()["text"] == plain["text"]
+
+
+def test_sdk_logprobs_and_penalties(srv):
+    """The SDK sends the new fields only when set and parses logprobs, whole and streamed."""
+    import sys
+    from pathlib import Path
+
+    try:
+        import prefixserve_client as ps
+    except ImportError:  # pragma: no cover - bare checkout
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python"))
+        import prefixserve_client as ps
+
+    with ps.Client(srv.url) as c:
+        kw = dict(prefix="default", max_tokens=8, logprobs=2, repetition_penalty=1.3, presence_penalty=0.5)
+        g = c.generate("acme", "Once upon a time", **kw)
+        assert g.logprobs is not None and len(g.logprobs) == g.usage.completion_tokens > 0
+        assert all(isinstance(lp, ps.TokenLogprob) and len(lp.top_logprobs) == 2 for lp in g.logprobs)
+        streamed = [lp for d in c.stream("acme", "Once upon a time", **kw) for lp in (d.logprobs or [])]
+        assert [lp.id for lp in streamed] == [lp.id for lp in g.logprobs]
+        assert c.generate("acme", "Once upon a time", max_tokens=4).logprobs is None

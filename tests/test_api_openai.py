@@ -131,3 +131,73 @@ def test_raw_sse_frames_follow_openai_format(srv):
     assert frames[-1] == "[DONE]"
     assert all(f["object"] == "chat.completion.chunk" and "usage" not in f for f in frames[:-1])
     assert len({f["id"] for f in frames[:-1]}) == 1
+
+
+def test_logprobs_in_openai_formats(oai):
+    """The `openai` package parses our logprobs: completions (legacy tokens / token_logprobs / top_logprobs /
+    text_offset, streamed the same) and chat (content entries with bytes and top_logprobs)."""
+    kw = dict(model="acme/default", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    c = oai.completions.create(prompt="Tell me", logprobs=2, **kw)
+    lp = c.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == c.usage.completion_tokens == 8
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    for tok, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert value <= 0 and tok in top and top[tok] == pytest.approx(value)
+        assert len(top) == 2  # greedy: the sampled token is one of the top 2
+    stream = oai.completions.create(prompt="Tell me", logprobs=2, stream=True, **kw)
+    streamed = [
+        x for ch in stream for x in (ch.choices[0].logprobs.token_logprobs if ch.choices[0].logprobs else [])
+    ]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+    chat = oai.chat.completions.create(
+        model="acme/chat-bot",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 6
+    for entry in content:
+        raw = bytes(entry.bytes)
+        try:
+            assert raw.decode("utf-8") == entry.token
+        except UnicodeDecodeError:  # part of a character: OpenAI's "bytes:\xNN" spelling, never a bare U+FFFD
+            assert entry.token == "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+    plain = oai.chat.completions.create(
+        model="acme/chat-bot", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0
+    )
+    assert plain.choices[0].logprobs is None
+
+
+def test_openai_penalties_are_applied(oai):
+    kw = dict(model="acme/default", prompt="la la la", max_tokens=32, temperature=0)
+    plain = oai.completions.create(logprobs=0, extra_body={"ignore_eos": True}, **kw).choices[0]
+    assert len(set(plain.logprobs.tokens)) < 32, "precondition: the plain output repeats a token"
+    for extra in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 1.8}):
+        assert (
+            oai.completions.create(extra_body={"ignore_eos": True, **extra}, **kw).choices[0].text
+            != plain.text
+        )
+
+
+def test_token_texts_keep_exact_bytes(api_bundle):
+    """Byte-level tokens of a multi-byte character read back as their bytes ("bytes:\\xNN" text, never U+FFFD), and
+    every token's bytes concatenate to the encoded text."""
+    from server.api.logprobs import TokenTexts
+
+    tok = api_bundle.tokenizer
+    texts = TokenTexts(tok)
+    s = "Café naïve 日本 ok"
+    ids = tok(s, add_special_tokens=False)["input_ids"]
+    entries = [texts.entry(i) for i in ids]
+    assert b"".join(raw for _, raw in entries) == s.encode("utf-8")
+    partial = [t for t, raw in entries if t.startswith("bytes:")]
+    assert partial, "the tiny tokenizer should split some character into several tokens"
+    assert all("\ufffd" not in t for t, _ in entries)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert texts(eos) == "<|im_end|>"

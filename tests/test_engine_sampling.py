@@ -7,7 +7,7 @@ import torch
 
 from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.sampler import filter_logits
-from tests.engine_utils import make_engine, random_kv, random_prompt
+from tests.engine_utils import hf_greedy, make_engine, random_kv, random_prompt
 
 
 @pytest.fixture
@@ -126,6 +126,153 @@ def test_sampling_params_validation():
         dict(top_k=-1),
         dict(max_tokens=0),
         dict(stop=("",)),
+        dict(presence_penalty=2.5),
+        dict(frequency_penalty=float("inf")),
+        dict(repetition_penalty=0),
+        dict(logprobs=-1),
     ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+# ------------------------------------------------------------------------------------------ penalties, logprobs
+class OpenAIPenalties:
+    """Reference for OpenAI's presence/frequency penalties over the generated tokens (no transformers processor)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.n, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for t in set(input_ids[0, self.n :].tolist()):
+            count = int((input_ids[0, self.n :] == t).sum())
+            scores[0, t] -= self.frequency * count + self.presence
+        return scores
+
+
+def test_penalties_in_a_mixed_batch_match_transformers_and_alone(setup):
+    """Greedy rows with repetition / presence / frequency penalties next to plain greedy and sampled rows: each
+    equals a transformers reference decoding with the same penalty, and the same request alone."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    b, keys = setup
+    k0, k1 = list(keys)
+    new = 16
+    # a short vocabulary slice makes repeats likely, so the penalties have something to act on
+    prompts = [[t % 40 for t in random_prompt(b.spec.vocab_size, n, i)] for i, n in enumerate((9, 4, 13, 6))]
+    cases = [
+        (
+            SamplingParams(max_tokens=new, ignore_eos=True, repetition_penalty=1.8),
+            k0,
+            lambda p: RepetitionPenaltyLogitsProcessor(1.8),
+        ),
+        (
+            SamplingParams(max_tokens=new, ignore_eos=True, repetition_penalty=0.7),
+            None,
+            lambda p: RepetitionPenaltyLogitsProcessor(0.7),
+        ),
+        (
+            SamplingParams(max_tokens=new, ignore_eos=True, presence_penalty=1.5),
+            k1,
+            lambda p: OpenAIPenalties(len(p), 1.5, 0.0),
+        ),
+        (
+            SamplingParams(max_tokens=new, ignore_eos=True, frequency_penalty=2.0, presence_penalty=-0.5),
+            k0,
+            lambda p: OpenAIPenalties(len(p), -0.5, 2.0),
+        ),
+    ]
+    reqs = [Request(f"p{i}", prompts[i], sp, key) for i, (sp, key, _) in enumerate(cases)]
+    plain = [
+        Request(f"g{i}", prompts[i], SamplingParams(max_tokens=new, ignore_eos=True), cases[i][1])
+        for i in range(4)
+    ]
+    noise = [Request("s", random_prompt(b.spec.vocab_size, 5, 9), _sampled(3), k1)]
+    outs = make_engine(b, keys).generate([*reqs, *plain, *noise])
+    for i, (r, (_, key, proc)) in enumerate(zip(reqs, cases, strict=True)):
+        kv = keys[key] if key is not None else None
+        ref = hf_greedy(b.hf_model, kv, r.prompt_token_ids, new, processor=proc(r.prompt_token_ids))
+        assert outs[i].token_ids == ref, f"{r.request_id}: differs from the transformers reference"
+        assert outs[i].token_ids == make_engine(b, keys).generate([r])[0].token_ids
+        assert outs[i].token_ids != outs[4 + i].token_ids, f"{r.request_id}: the penalty changed nothing"
+        assert outs[4 + i].token_ids == hf_greedy(b.hf_model, kv, r.prompt_token_ids, new)
+
+
+def test_apply_penalties_formulas():
+    from server.engine.sampler import apply_penalties
+
+    row = torch.tensor([2.0, -2.0, 1.0, 0.5, 3.0])
+    rep = apply_penalties(row, SamplingParams(repetition_penalty=2.0), [0, 1], [1])
+    assert rep.tolist() == [1.0, -4.0, 1.0, 0.5, 3.0]
+    pf = apply_penalties(row, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [4], [2, 2, 3])
+    assert pf.tolist() == [
+        2.0,
+        -2.0,
+        1.0 - 0.5 - 0.5,
+        0.5 - 0.25 - 0.5,
+        3.0,
+    ]  # the prompt token 4 is not penalized
+    assert row.tolist() == [2.0, -2.0, 1.0, 0.5, 3.0]  # the input is left alone
+
+
+def test_logprobs_match_transformers_in_a_mixed_batch(setup):
+    """Reported log-probabilities are the model's own: equal (fp32) to log_softmax of a transformers reference at
+    each step, for greedy rows in a mixed batch; top-k lists are sorted and hold the greedy token first."""
+    b, keys = setup
+    k0, k1 = list(keys)
+    new = 8
+    reqs = [
+        Request(
+            "a",
+            random_prompt(b.spec.vocab_size, 7, 1),
+            SamplingParams(max_tokens=new, ignore_eos=True, logprobs=5),
+            k0,
+        ),
+        Request(
+            "b",
+            random_prompt(b.spec.vocab_size, 3, 2),
+            SamplingParams(max_tokens=new, ignore_eos=True, logprobs=0),
+            k1,
+        ),
+        Request(
+            "c",
+            random_prompt(b.spec.vocab_size, 11, 3),
+            SamplingParams(max_tokens=new, ignore_eos=True),
+            None,
+        ),
+        Request("d", random_prompt(b.spec.vocab_size, 5, 4), _sampled(7, logprobs=3), k1),
+    ]
+    outs = make_engine(b, keys).generate(reqs)
+    assert outs[2].logprobs is None
+    for r, out in zip(reqs[:2], outs[:2], strict=True):
+        ref_lp: list[torch.Tensor] = []
+        ref = hf_greedy(b.hf_model, keys[r.prefix], r.prompt_token_ids, new, logprobs_out=ref_lp)
+        assert out.token_ids == ref
+        assert out.logprobs is not None and len(out.logprobs) == new
+        for tok, lp, ref_row in zip(out.token_ids, out.logprobs, ref_lp, strict=True):
+            assert lp.token_id == tok
+            assert lp.logprob == pytest.approx(float(ref_row[tok]), abs=1e-4)
+            k = r.sampling.logprobs
+            assert len(lp.top) == k
+            if k:
+                want = ref_row.topk(k)
+                assert [t for t, _ in lp.top] == want.indices.tolist()
+                assert [v for _, v in lp.top] == pytest.approx(want.values.tolist(), abs=1e-4)
+                assert lp.top[0][0] == tok
+    sampled = outs[3].logprobs
+    assert sampled is not None and len(sampled) == len(outs[3].token_ids) == 12
+    assert all(lp.logprob <= lp.top[0][1] + 1e-6 and len(lp.top) == 3 for lp in sampled)
+    assert [lp.token_id for lp in sampled] == outs[3].token_ids
+
+
+def test_logprobs_skip_rows_that_failed():
+    from server.engine.sampler import sample
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 0.0, 1.0]])
+    p = SamplingParams(logprobs=2)
+    res = sample(logits, [p, p], [None, None])
+    assert res.tokens[0] == 2 and list(res.failed) == [1]
+    assert list(res.logprobs) == [0]
+    want = torch.log_softmax(logits[0], -1)
+    assert res.logprobs[0].logprob == pytest.approx(float(want[2]))
+    assert [t for t, _ in res.logprobs[0].top] == [2, 1]

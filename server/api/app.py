@@ -398,10 +398,15 @@ def _customize_openapi(app: FastAPI, settings: Settings, *, open_mode: bool) -> 
         comps = schema.get("components", {}).get("schemas", {})
         for name in ("GenerateRequest", "CompletionRequest", "ChatCompletionRequest"):
             props = comps.get(name, {}).get("properties", {})
-            for fld in ("max_tokens", "max_completion_tokens"):
+            for fld, limit in (
+                ("max_tokens", settings.max_new_tokens),
+                ("max_completion_tokens", settings.max_new_tokens),
+                ("logprobs", settings.max_logprobs),
+                ("top_logprobs", settings.max_logprobs),
+            ):
                 for b in _branches(props.get(fld, {})):
                     if b.get("type") == "integer":
-                        b["maximum"] = settings.max_new_tokens
+                        b["maximum"] = limit
             for b in _branches(props.get("stop", {})):
                 if b.get("type") == "array":
                     b["maxItems"] = settings.max_stop_strings

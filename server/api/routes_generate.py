@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS
+from server.api.logprobs import generate_logprobs
 from server.api.schemas import DEFAULT_PREFIX, GenerateChunk, GenerateRequest, GenerateResponse
 from server.api.service import (
     ClientDisconnected,
@@ -20,6 +21,7 @@ from server.api.service import (
     render_prompt,
 )
 from server.api.streaming import EngineEventStream, sse
+from server.engine import TokenEvent, TokenLogprob
 
 router = APIRouter(tags=["generate"])
 
@@ -77,6 +79,10 @@ async def generate(
         seed=body.seed,
         stop=body.stop,
         ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logprobs=body.logprobs,
     )
     prefix = await svc.resolve(tenant, name)
     info.version = prefix.version
@@ -84,7 +90,7 @@ async def generate(
     run = await svc.generate(info, prefix, ids, sampling, stream=body.stream, receive=request.receive)
     rid = "gen-" + run.req.request_id
     if body.stream:
-        return EngineEventStream(run, lambda r: _frames(r, rid, prefix))
+        return EngineEventStream(run, lambda r: _frames(r, rid, prefix, svc.token_text))
     try:
         res = await race_disconnect(request.receive, run.collect())
     except ClientDisconnected:
@@ -99,25 +105,40 @@ async def generate(
         text=res.text,
         finish_reason=res.finish_reason,  # type: ignore[arg-type]
         usage=usage(res.prompt_tokens, res.completion_tokens),  # type: ignore[arg-type]
+        logprobs=None if res.logprobs is None else generate_logprobs(res.logprobs, svc.token_text),  # type: ignore[arg-type]
     )
 
 
-async def _frames(run: GenerationRun, rid: str, prefix: ResolvedPrefix) -> AsyncIterator[bytes]:
+async def all_events(run: GenerationRun) -> AsyncIterator[TokenEvent]:
+    """The run's first event (returned by its start) and the rest."""
+    assert run.first is not None
+    yield run.first
+    async for ev in run.events():
+        yield ev
+
+
+async def chunked_events(run: GenerationRun) -> AsyncIterator[tuple[TokenEvent, list[TokenLogprob] | None]]:
+    """The events worth a stream chunk (new text, or the end) with the logprobs of every token since the previous
+    chunk: a token whose text is held back (part of a character, a possible stop string) still gets reported."""
+    pending: list[TokenLogprob] = []
+    want = run.req.sampling.logprobs is not None
+    async for ev in all_events(run):
+        pending.extend(ev.logprobs or [])
+        if ev.text or ev.finished:
+            yield ev, (pending if want else None)
+            pending = []
+
+
+async def _frames(
+    run: GenerationRun, rid: str, prefix: ResolvedPrefix, text: Callable[[int], str]
+) -> AsyncIterator[bytes]:
     head = {"id": rid, "tenant_id": prefix.tenant_id, "prefix": prefix.name, "prefix_version": prefix.version}
-
-    async def events() -> AsyncIterator[Any]:
-        yield run.first
-        async for ev in run.events():
-            yield ev
-
-    async for ev in events():
-        if ev.finished:
-            chunk = GenerateChunk(
-                **head,
-                text=ev.text,
-                finish_reason=ev.finish_reason,
-                usage=usage(ev.prompt_tokens, ev.completion_tokens),  # type: ignore[arg-type]
-            )
-            yield sse(chunk.model_dump())
-        elif ev.text:
-            yield sse({**head, "text": ev.text, "finish_reason": None, "usage": None})
+    async for ev, lps in chunked_events(run):
+        chunk = GenerateChunk(
+            **head,
+            text=ev.text,
+            finish_reason=ev.finish_reason if ev.finished else None,  # type: ignore[arg-type]
+            usage=usage(ev.prompt_tokens, ev.completion_tokens) if ev.finished else None,  # type: ignore[arg-type]
+            logprobs=None if lps is None else generate_logprobs(lps, text),  # type: ignore[arg-type]
+        )
+        yield sse(chunk.model_dump())

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -17,7 +17,8 @@ from prefix_store.names import is_valid_name
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError
-from server.api.routes_generate import DISCONNECTED, SSE_DOC, usage
+from server.api.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
 from server.api.schemas import (
     BASE_PREFIX,
     DEFAULT_PREFIX,
@@ -95,6 +96,11 @@ async def _run(
             room = svc.llm.max_model_len - prefix.prefix_length - len(ids)
             requested = max(1, min(svc.settings.max_new_tokens, room))
         max_tokens = requested
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(
+                422, "top_logprobs needs logprobs to be true", code="invalid_value", param="top_logprobs"
+            )
+        logprobs, logprobs_param = ((body.top_logprobs or 0) if body.logprobs else None), "top_logprobs"
     else:
         assert isinstance(body, CompletionRequest)
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
@@ -102,6 +108,7 @@ async def _run(
             info.prompt = prompt
         ids = await svc.tokenize(render_prompt, tok, prompt, prefix.prompt_format)
         max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+        logprobs, logprobs_param = body.logprobs, "logprobs"
     sampling = svc.sampling(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -110,6 +117,11 @@ async def _run(
         seed=body.seed,
         stop=body.stop,
         ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logprobs=logprobs,
+        logprobs_param=logprobs_param,
     )
     run = await svc.generate(info, prefix, ids, sampling, stream=body.stream, receive=request.receive)
     return svc, run, body.model, int(time.time())
@@ -125,11 +137,13 @@ async def _run(
 async def completions(
     body: CompletionRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> Any:
-    _svc, run, model, created = await _run(request, principal, body, chat=False)
+    svc, run, model, created = await _run(request, principal, body, chat=False)
     cid = "cmpl-" + run.req.request_id
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return EngineEventStream(run, lambda r: _completion_frames(r, cid, model, created, include_usage))
+        return EngineEventStream(
+            run, lambda r: _completion_frames(r, cid, model, created, include_usage, svc.token_text)
+        )
     try:
         res = await race_disconnect(request.receive, run.collect())
     except ClientDisconnected:
@@ -141,40 +155,52 @@ async def completions(
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": res.text, "logprobs": None, "finish_reason": res.finish_reason}],
+        "choices": [
+            {
+                "index": 0,
+                "text": res.text,
+                "logprobs": None
+                if res.logprobs is None
+                else completion_logprobs(res.logprobs, svc.token_text),
+                "finish_reason": res.finish_reason,
+            }
+        ],
         "usage": usage(res.prompt_tokens, res.completion_tokens),
         "system_fingerprint": None,
     }
 
 
-async def _all_events(run: GenerationRun) -> AsyncIterator[Any]:
-    yield run.first
-    async for ev in run.events():
-        yield ev
-
-
 async def _completion_frames(
-    run: GenerationRun, cid: str, model: str, created: int, include_usage: bool
+    run: GenerationRun,
+    cid: str,
+    model: str,
+    created: int,
+    include_usage: bool,
+    text: Callable[[int], str],
 ) -> AsyncIterator[bytes]:
     head = {"id": cid, "object": "text_completion", "created": created, "model": model}
     last = None
-    async for ev in _all_events(run):
+    offset = 0
+    async for ev, lps in chunked_events(run):
         last = ev
-        if ev.text or ev.finished:
-            chunk = {
-                **head,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": ev.text,
-                        "logprobs": None,
-                        "finish_reason": ev.finish_reason if ev.finished else None,
-                    }
-                ],
-            }
-            if include_usage:
-                chunk["usage"] = None
-            yield sse(chunk)
+        logprobs = None
+        if lps is not None:
+            logprobs = completion_logprobs(lps, text, offset)
+            offset += sum(len(t) for t in logprobs["tokens"])
+        chunk = {
+            **head,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": ev.text,
+                    "logprobs": logprobs,
+                    "finish_reason": ev.finish_reason if ev.finished else None,
+                }
+            ],
+        }
+        if include_usage:
+            chunk["usage"] = None
+        yield sse(chunk)
     if include_usage and last is not None:
         yield sse({**head, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
 
@@ -188,11 +214,13 @@ async def _completion_frames(
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> Any:
-    _svc, run, model, created = await _run(request, principal, body, chat=True)
+    svc, run, model, created = await _run(request, principal, body, chat=True)
     cid = "chatcmpl-" + run.req.request_id
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return EngineEventStream(run, lambda r: _chat_frames(r, cid, model, created, include_usage))
+        return EngineEventStream(
+            run, lambda r: _chat_frames(r, cid, model, created, include_usage, svc.token_text)
+        )
     try:
         res = await race_disconnect(request.receive, run.collect())
     except ClientDisconnected:
@@ -208,7 +236,7 @@ async def chat_completions(
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": res.text},
-                "logprobs": None,
+                "logprobs": None if res.logprobs is None else chat_logprobs(res.logprobs, svc.token_text),
                 "finish_reason": res.finish_reason,
             }
         ],
@@ -218,28 +246,35 @@ async def chat_completions(
 
 
 async def _chat_frames(
-    run: GenerationRun, cid: str, model: str, created: int, include_usage: bool
+    run: GenerationRun,
+    cid: str,
+    model: str,
+    created: int,
+    include_usage: bool,
+    text: TokenTexts,
 ) -> AsyncIterator[bytes]:
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+    def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> bytes:
         return sse(
             {
                 **head,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                 **extra,
             }
         )
 
     yield chunk({"role": "assistant", "content": ""}, None)
     last = None
-    async for ev in _all_events(run):
+    async for ev, lps in chunked_events(run):
         last = ev
+        logprobs = None if lps is None else chat_logprobs(lps, text)
         if ev.text:
-            yield chunk({"content": ev.text}, None)
+            yield chunk({"content": ev.text}, None, logprobs)
+            logprobs = None if lps is None else {"content": []}
         if ev.finished:
-            yield chunk({}, ev.finish_reason)
+            yield chunk({}, ev.finish_reason, logprobs)
     if include_usage and last is not None:
         yield sse({**head, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
 

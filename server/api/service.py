@@ -21,6 +21,7 @@ from typing import Any
 from prefix_store import PrefixMeta, PrefixStore, errors
 from server import model as _model
 from server.api.errors import APIError, unavailable
+from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
 from server.api.schemas import BASE_PREFIX
 from server.engine import (
@@ -33,6 +34,7 @@ from server.engine import (
     RequestTooLarge,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
 )
 from server.model import ModelBundle
 from server.prefixes import validate_kv
@@ -152,6 +154,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 class ClientDisconnected(Exception):
@@ -318,12 +321,18 @@ class GenerationRun:
         first = self.first
         assert first is not None
         parts = [first.text]
+        lps = list(first.logprobs or [])
         async for ev in self.events():
             parts.append(ev.text)
+            lps.extend(ev.logprobs or [])
         fin = self.final
         assert fin is not None
         return GenerationResult(
-            "".join(parts), fin.finish_reason or "stop", fin.prompt_tokens, fin.completion_tokens
+            "".join(parts),
+            fin.finish_reason or "stop",
+            fin.prompt_tokens,
+            fin.completion_tokens,
+            lps if self.req.sampling.logprobs is not None else None,
         )
 
     async def close(self) -> None:
@@ -363,6 +372,10 @@ class Service:
     )
     default_format: str = "raw"
     store_ok: bool = True
+    token_text: TokenTexts = field(init=False)  # id -> text for reported log-probabilities
+
+    def __post_init__(self) -> None:
+        self.token_text = TokenTexts(self.bundle.tokenizer)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -553,6 +566,11 @@ class Service:
         seed: int | None,
         stop: list[str] | str | None,
         ignore_eos: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logprobs: int | None = None,
+        logprobs_param: str = "logprobs",
     ) -> SamplingParams:
         s = self.settings
         if max_tokens > s.max_new_tokens:
@@ -567,6 +585,13 @@ class Service:
             raise APIError(422, f"at most {s.max_stop_strings} stop strings are allowed", param="stop")
         if any(len(x) > s.max_stop_chars for x in stops):
             raise APIError(422, f"stop strings may be at most {s.max_stop_chars} characters", param="stop")
+        if logprobs is not None and logprobs > s.max_logprobs:
+            raise APIError(
+                422,
+                f"{logprobs_param} must be at most {s.max_logprobs}",
+                code="logprobs_too_large",
+                param=logprobs_param,
+            )
         if 0 < temperature < SAMPLING_EPS:
             temperature = 0.0
         try:
@@ -578,6 +603,10 @@ class Service:
                 seed=seed,
                 stop=tuple(stops),
                 ignore_eos=ignore_eos,
+                presence_penalty=float(presence_penalty),
+                frequency_penalty=float(frequency_penalty),
+                repetition_penalty=float(repetition_penalty),
+                logprobs=logprobs,
             )
         except ValueError as e:
             raise APIError(422, str(e), code="invalid_value") from None

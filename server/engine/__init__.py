@@ -11,6 +11,7 @@ from server.engine.types import (
     RequestTooLarge,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "SamplingParams",
     "StepStats",
     "TokenEvent",
+    "TokenLogprob",
 ]

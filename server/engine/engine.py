@@ -24,7 +24,7 @@ from server.engine.prefix_cache import PrefixCache, PrefixProvider
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
-from server.engine.types import Output, QueueFull, Request, RequestTooLarge, TokenEvent
+from server.engine.types import Output, QueueFull, Request, RequestTooLarge, TokenEvent, TokenLogprob
 from server.model.spec import ModelBundle
 
 log = logging.getLogger("prefixserve.engine")
@@ -199,7 +199,12 @@ class LLMEngine:
             inp = self.runner.prepare(rows)
             logits = self.runner.forward(inp)
             samplers = [it.seq for it, r in zip(items, rows, strict=True) if r.sample]
-            toks, failed = sample(logits, [s.req.sampling for s in samplers], [s.generator for s in samplers])
+            res = sample(
+                logits,
+                [s.req.sampling for s in samplers],
+                [s.generator for s in samplers],
+                [(s.prompt, s.output) for s in samplers],
+            )
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
             for it in items:
@@ -209,13 +214,13 @@ class LLMEngine:
         for it in items:
             it.seq.num_cached += it.num_tokens
         now = time.monotonic()
-        for i, (seq, tok) in enumerate(zip(samplers, toks, strict=True)):
-            if i in failed:  # this request alone ends with an error; the rest of the batch carries on
-                log.warning("request %s: %s", seq.request_id, failed[i])
-                seq.error, seq.error_type = failed[i], "SamplingError"
+        for i, (seq, tok) in enumerate(zip(samplers, res.tokens, strict=True)):
+            if i in res.failed:  # this request alone ends with an error; the rest of the batch carries on
+                log.warning("request %s: %s", seq.request_id, res.failed[i])
+                seq.error, seq.error_type = res.failed[i], "SamplingError"
                 events.append(self._finish(seq, "error"))
                 continue
-            ev = self._append(seq, tok, now)
+            ev = self._append(seq, tok, now, res.logprobs.get(i))
             if ev is not None:
                 events.append(ev)
         if self.on_step is not None:
@@ -233,7 +238,9 @@ class LLMEngine:
             )
         return events
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> TokenEvent | None:
+    def _append(
+        self, seq: Sequence, tok: int, now: float, lp: TokenLogprob | None = None
+    ) -> TokenEvent | None:
         if seq.first_token is None:
             seq.first_token = now
         else:
@@ -253,14 +260,16 @@ class LLMEngine:
             len(seq.output) >= p.max_tokens or seq.prefix_len + seq.num_tokens >= self.max_model_len
         ):
             reason = "length"
+        lps = [lp] if lp is not None else None
         if reason is not None:
-            return self._finish(seq, reason, delta, [tok])
+            return self._finish(seq, reason, delta, [tok], lps)
         ev = TokenEvent(
             seq.request_id,
             [tok],
             delta,
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.output),
+            logprobs=lps,
             arrival_time=seq.arrival,
             first_scheduled_time=seq.first_scheduled,
         )
@@ -274,7 +283,12 @@ class LLMEngine:
         return self.bundle.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _finish(
-        self, seq: Sequence, reason: str, delta: str = "", new: list[int] | None = None
+        self,
+        seq: Sequence,
+        reason: str,
+        delta: str = "",
+        new: list[int] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> TokenEvent:
         self.scheduler.finish(seq)
         seq.finish_reason = reason
@@ -290,6 +304,7 @@ class LLMEngine:
             completion_tokens=len(seq.output),
             error=seq.error,
             error_type=seq.error_type,
+            logprobs=logprobs,
             arrival_time=seq.arrival,
             first_scheduled_time=seq.first_scheduled,
         )
@@ -307,7 +322,7 @@ class LLMEngine:
         """Run `requests` to completion (continuous batching) and return their outputs in order."""
         state: dict[str, dict] = {}
         for r in requests:
-            state[r.request_id] = {"ids": [], "text": [], "t0": time.monotonic(), "times": []}
+            state[r.request_id] = {"ids": [], "text": [], "t0": time.monotonic(), "times": [], "lps": []}
             self.add_request(r)
         done: dict[str, TokenEvent] = {}
         while self.has_unfinished():
@@ -315,6 +330,7 @@ class LLMEngine:
                 st = state[ev.request_id]
                 st["ids"].extend(ev.token_ids)
                 st["text"].append(ev.text)
+                st["lps"].extend(ev.logprobs or [])
                 if ev.token_ids:
                     st["times"].append(time.monotonic())
                 if ev.finished:
@@ -334,6 +350,7 @@ class LLMEngine:
                     ttft=(times[0] - st["t0"]) if times else None,
                     itl=[b - a for a, b in itertools.pairwise(times)],
                     e2e=(times[-1] - st["t0"]) if times else None,
+                    logprobs=st["lps"] if r.sampling.logprobs is not None else None,
                 )
             )
         return outs

@@ -1,14 +1,17 @@
 """Per-request sampling: greedy rows vectorized, sampled rows with their own seeded generator.
 
 A request's generator is seeded from its `seed` (or a random one), so the same seed gives the same tokens whatever
-else shares the batch.
+else shares the batch. Penalties (presence, frequency, repetition) change the scores a row samples from; reported
+log-probabilities are the model's own (before penalties, temperature and top-k/top-p), like vLLM's default.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from server.engine.types import SamplingParams
+from server.engine.types import SamplingParams, TokenLogprob
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -37,15 +40,55 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> tuple[list[int], dict[int, str]]:
-    """logits: float32 `[R, vocab]`; one token per row, and the rows that could not be sampled with the reason.
+def apply_penalties(
+    row: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]
+) -> torch.Tensor:
+    """Repetition penalty over prompt + output (transformers' RepetitionPenaltyLogitsProcessor, vLLM), then
+    OpenAI's frequency and presence penalties over the generated tokens, on one row of float32 logits."""
+    vocab = row.shape[-1]
+    row = row.clone()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(prompt + output, device=row.device).clamp_(0, vocab - 1).unique()
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, device=row.device), minlength=vocab)[:vocab].to(
+            row.dtype
+        )
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return row
 
-    A row whose logits are not finite (a prefix or input that overflows) or whose sampling fails is reported on its
-    own: the other rows of the batch are unaffected, so one tenant's request can never fail its neighbours'.
+
+@dataclass
+class SampleOutput:
+    tokens: list[int]  # one per row
+    failed: dict[int, str] = field(default_factory=dict)  # row -> why it could not be sampled
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # rows that asked for them
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    histories: list[tuple[list[int], list[int]]] | None = None,
+) -> SampleOutput:
+    """logits: float32 `[R, vocab]`; one token per row, the rows that could not be sampled with the reason, and the
+    log-probabilities of the rows that asked for them.
+
+    `histories[i]` is row i's (prompt, output) tokens, needed only for rows with penalties. Greedy rows without
+    penalties cost one vectorized argmax and one device sync for the whole batch. A row whose logits are not finite
+    (a prefix or input that overflows) or whose sampling fails is reported on its own: the other rows of the batch are
+    unaffected, so one tenant's request can never fail its neighbours'.
     """
-    both = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()  # one device sync
+    scores = logits
+    penalized = [i for i, p in enumerate(params) if p.penalized]
+    if penalized:
+        if histories is None:
+            raise ValueError("rows with penalties need their token histories")
+        scores = logits.clone()
+        for i in penalized:
+            scores[i] = apply_penalties(logits[i], params[i], *histories[i])
+    both = torch.stack([scores.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()  # one device sync
     out, finite = both[0], both[1]
     failed = {
         i: "the model produced non-finite logits for this request" for i, ok in enumerate(finite) if not ok
@@ -54,8 +97,32 @@ def sample(
         if p.greedy or i in failed:
             continue
         try:
-            probs = filter_logits(logits[i], p).softmax(-1)
+            probs = filter_logits(scores[i], p).softmax(-1)
             out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
         except RuntimeError as e:
             failed[i] = f"sampling failed: {e}"
-    return out, failed
+    res = SampleOutput(out, failed)
+    want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in failed]
+    if want:
+        res.logprobs = _logprobs(
+            logits, want, [out[i] for i in want], [params[i].logprobs or 0 for i in want]
+        )
+    return res
+
+
+def _logprobs(
+    logits: torch.Tensor, rows: list[int], tokens: list[int], tops: list[int]
+) -> dict[int, TokenLogprob]:
+    """The model's log-probabilities (raw logits, as vLLM reports by default) of the sampled tokens and the top-k
+    alternatives of each row, read back in one transfer."""
+    lp = torch.log_softmax(logits[rows].float(), dim=-1)
+    idx = torch.tensor(tokens, device=lp.device)[:, None]
+    k = max(tops)
+    values, ids = lp.topk(k, dim=-1)
+    # one transfer: [chosen | top values | top ids] (ids are exact in float32 below 2**24)
+    host = torch.cat([lp.gather(1, idx), values, ids.float()], dim=1).tolist()
+    out = {}
+    for h, r, tok, n in zip(host, rows, tokens, tops, strict=True):
+        top = tuple((int(t), v) for t, v in zip(h[1 + k : 1 + k + n], h[1 : 1 + n], strict=True))
+        out[r] = TokenLogprob(tok, h[0], top)
+    return out

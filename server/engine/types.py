@@ -31,11 +31,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # OpenAI semantics over the generated tokens: logit -= frequency * count + presence * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # transformers / vLLM semantics over prompt and generated tokens: positive logits / r, negative * r.
+    repetition_penalty: float = 1.0
+    # Log-probabilities to report per generated token: None none, 0 the sampled token's, k also the top k.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
                 raise ValueError(f"{name} must be a finite number")
@@ -45,6 +52,13 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2]")
+        if not 0 < self.repetition_penalty <= 2.0:
+            raise ValueError("repetition_penalty must be in (0, 2]")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError("logprobs must be >= 0")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -53,6 +67,20 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before penalties, temperature and top-k/top-p) and,
+    when asked for, the most likely tokens at that step, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +116,8 @@ class TokenEvent:
     completion_tokens: int = 0
     error: str | None = None
     error_type: str | None = None
+    # One per entry of token_ids when the request asked for logprobs, else None.
+    logprobs: list[TokenLogprob] | None = None
     # Timing (monotonic seconds): when the request was added and first scheduled.
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
@@ -106,3 +136,4 @@ class Output:
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     e2e: float | None = None
+    logprobs: list[TokenLogprob] | None = None

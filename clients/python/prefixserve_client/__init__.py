@@ -44,6 +44,8 @@ from .types import (
     PrefixInfo,
     Readiness,
     StreamDelta,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -81,6 +83,8 @@ __all__ = [
     "ServiceUnavailable",
     "Stream",
     "StreamDelta",
+    "TokenLogprob",
+    "TopLogprob",
     "TrainingCancelled",
     "TrainingError",
     "TrainingFailed",

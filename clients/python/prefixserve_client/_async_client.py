@@ -282,6 +282,10 @@ class AsyncClient:
         top_k: int = 0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logprobs: int | None = None,
         request_id: str | None = None,
     ) -> Generation:
         body = _base.generate_body(
@@ -295,6 +299,10 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             stream=False,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            logprobs=logprobs,
         )
         r = await self._request("POST", "/generate", json=body, request_id=request_id)
         gen = Generation.model_validate(r.json())
@@ -313,6 +321,10 @@ class AsyncClient:
         top_k: int = 0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logprobs: int | None = None,
         request_id: str | None = None,
     ) -> AsyncStream:
         """An async iterator (not a coroutine): ``async for delta in client.stream(...)``."""
@@ -327,6 +339,10 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             stream=True,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            logprobs=logprobs,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return AsyncStream(self, body, headers)

@@ -75,7 +75,13 @@ def generate_body(
     seed: int | None,
     stop: str | Sequence[str] | None,
     stream: bool,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logprobs: int | None = None,
 ) -> dict[str, Any]:
+    """The JSON body of ``POST /generate``; optional fields are sent only when set (older servers refuse unknown
+    fields)."""
     body: dict[str, Any] = {
         "prompt": prompt,
         "prefix": prefix,
@@ -91,6 +97,14 @@ def generate_body(
         body["seed"] = seed
     if stop is not None:
         body["stop"] = stop if isinstance(stop, str) else list(stop)
+    if presence_penalty:
+        body["presence_penalty"] = presence_penalty
+    if frequency_penalty:
+        body["frequency_penalty"] = frequency_penalty
+    if repetition_penalty != 1.0:
+        body["repetition_penalty"] = repetition_penalty
+    if logprobs is not None:
+        body["logprobs"] = logprobs
     return body
 
 

@@ -291,6 +291,10 @@ class Client:
         top_k: int = 0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logprobs: int | None = None,
         request_id: str | None = None,
     ) -> Generation:
         """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model."""
@@ -305,6 +309,10 @@ class Client:
             seed=seed,
             stop=stop,
             stream=False,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            logprobs=logprobs,
         )
         r = self._request("POST", "/generate", json=body, request_id=request_id)
         gen = Generation.model_validate(r.json())
@@ -323,6 +331,10 @@ class Client:
         top_k: int = 0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logprobs: int | None = None,
         request_id: str | None = None,
     ) -> Stream:
         """Streamed ``POST /generate``: an iterator of :class:`StreamDelta` (text pieces; the last has
@@ -338,6 +350,10 @@ class Client:
             seed=seed,
             stop=stop,
             stream=True,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            logprobs=logprobs,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return Stream(self, body, headers)

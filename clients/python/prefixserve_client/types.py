@@ -22,6 +22,8 @@ __all__ = [
     "PrefixInfo",
     "Readiness",
     "StreamDelta",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
 ]
 
@@ -38,6 +40,22 @@ class Usage(_Model):
     total_tokens: int = 0
 
 
+class TopLogprob(_Model):
+    id: int
+    text: str
+    logprob: float
+
+
+class TokenLogprob(_Model):
+    """A generated token with its log-probability (the model's, before penalties and temperature) and the most
+    likely tokens at that step. ``text`` is ``"bytes:\\xNN..."`` for a token holding part of a character."""
+
+    id: int
+    text: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class Generation(_Model):
     """Answer of ``POST /generate``."""
 
@@ -48,6 +66,7 @@ class Generation(_Model):
     text: str
     finish_reason: Optional[str] = None  # "stop" or "length"
     usage: Usage = Field(default_factory=Usage)
+    logprobs: Optional[list[TokenLogprob]] = None  # with ``logprobs=N``: one per generated token
     request_id: Optional[str] = Field(None, description="X-Request-ID of the response (not in the body)")
 
 
@@ -62,6 +81,7 @@ class StreamDelta(_Model):
     token_ids: list[int] = Field(default_factory=list)
     finish_reason: Optional[str] = None
     usage: Optional[Usage] = None
+    logprobs: Optional[list[TokenLogprob]] = None  # with ``logprobs=N``: the tokens since the previous delta
 
 
 class Health(_Model):
