@@ -194,8 +194,9 @@ def test_openai_unsupported_parameters_are_rejected(srv):
     assert_error(
         c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "repetition_penalty": 2.5}), 422
     )
-    assert_error(c.post("/v1/completions", json={**base, "n": 3}), 422)
-    assert_error(c.post("/v1/completions", json={**base, "prompt": ["a", "b"]}), 422)
+    assert_error(c.post("/v1/completions", json={**base, "n": 65}), 422)
+    assert_error(c.post("/v1/completions", json={**base, "prompt": ["a"] * 65}), 422)
+    assert_error(c.post("/v1/completions", json={**base, "prompt": []}), 422)
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": msgs}), 400)
     assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": []}), 422)

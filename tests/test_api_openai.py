@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.fixtures.server import parse_sse, put_random_prefix
+from tests.fixtures.server import metric_value, parse_sse, put_random_prefix
 
 KEY = "sk-acme-1b2c3d4e"
 
@@ -201,3 +201,107 @@ def test_token_texts_keep_exact_bytes(api_bundle):
     assert all("\ufffd" not in t for t, _ in entries)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     assert texts(eos) == "<|im_end|>"
+
+
+# ------------------------------------------------------------------------------------- n and prompt lists
+def test_n_choices_and_prompt_lists(oai):
+    """`n` samples per prompt and lists of prompts: choice i is prompt i // n, sample i % n; with a seed, sample j
+    equals a single request seeded seed + j; prompt tokens count once per prompt."""
+    kw = dict(model="acme/default", max_tokens=8, extra_body={"ignore_eos": True})
+    c = oai.completions.create(prompt="Tell me", n=3, temperature=1.0, seed=40, **kw)
+    assert [ch.index for ch in c.choices] == [0, 1, 2]
+    singles = [oai.completions.create(prompt="Tell me", temperature=1.0, seed=40 + j, **kw) for j in range(3)]
+    assert [ch.text for ch in c.choices] == [s.choices[0].text for s in singles]
+    assert len({ch.text for ch in c.choices}) > 1, "differently seeded samples should differ"
+    assert c.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert c.usage.completion_tokens == 24
+
+    prompts = ["Tell me", "Once upon a time there was"]
+    many = oai.completions.create(prompt=prompts, n=2, temperature=0, logprobs=1, **kw)
+    alone = [oai.completions.create(prompt=p, temperature=0, **kw) for p in prompts]
+    assert [ch.text for ch in many.choices] == [alone[0].choices[0].text] * 2 + [alone[1].choices[0].text] * 2
+    assert all(len(ch.logprobs.tokens) == 8 for ch in many.choices)
+    assert many.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert many.usage.completion_tokens == 32
+
+    # streamed: chunks of the four choices interleave; each index's text equals the whole answer's
+    texts = ["", "", "", ""]
+    usage = None
+    for chunk in oai.completions.create(
+        prompt=prompts, n=2, temperature=0, stream=True, stream_options={"include_usage": True}, **kw
+    ):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+        usage = chunk.usage or usage
+    assert texts == [ch.text for ch in many.choices]
+    assert (
+        usage is not None
+        and usage.completion_tokens == 32
+        and usage.prompt_tokens == many.usage.prompt_tokens
+    )
+
+
+def test_chat_n_choices_streamed(oai):
+    kw = dict(
+        model="acme/chat-bot",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=1.0,
+        seed=7,
+        n=2,
+        extra_body={"ignore_eos": True},
+    )
+    whole = oai.chat.completions.create(**kw)
+    assert [ch.index for ch in whole.choices] == [0, 1] and whole.usage.completion_tokens == 12
+    parts = ["", ""]
+    finish = [None, None]
+    for chunk in oai.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            parts[ch.index] += ch.delta.content or ""
+            finish[ch.index] = ch.finish_reason or finish[ch.index]
+    assert parts == [ch.message.content for ch in whole.choices]
+    assert finish == ["length", "length"]
+
+
+def test_n_over_the_tenant_limit_is_refused(server_factory, api_bundle, tmp_path):
+    from tests.fixtures.server import assert_error
+
+    s = server_factory(max_concurrent_per_tenant=4)
+    c = s.client()
+    body = {"model": "acme/base", "prompt": ["a", "b"], "max_tokens": 2}
+    err = assert_error(c.post("/v1/completions", json={**body, "n": 3}), 422, "too_many_choices")
+    assert err["param"] == "n"
+    ok = c.post("/v1/completions", json={**body, "n": 2})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
+
+
+def test_abandoned_multi_choice_stream_frees_every_request(srv):
+    """A client that leaves an n=4 stream early: all four engine requests end (none keeps running)."""
+    import time
+
+    import httpx
+
+    body = {
+        "model": "acme/default",
+        "prompt": "x",
+        "n": 4,
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    headers = {"authorization": f"Bearer {KEY}"}
+    with (
+        httpx.Client(base_url=srv.url, headers=headers, timeout=30) as c,
+        c.stream("POST", "/v1/completions", json=body) as r,
+    ):
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break
+    deadline = time.monotonic() + 10
+    while srv.svc.llm.num_running + srv.svc.llm.num_waiting and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.svc.llm.num_running == 0 and srv.svc.llm.num_waiting == 0
+    m = httpx.get(srv.url + "/metrics").text
+    assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "abort"}) == 4
+    assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "length"}) is None

@@ -90,7 +90,7 @@ async def generate(
     run = await svc.generate(info, prefix, ids, sampling, stream=body.stream, receive=request.receive)
     rid = "gen-" + run.req.request_id
     if body.stream:
-        return EngineEventStream(run, lambda r: _frames(r, rid, prefix, svc.token_text))
+        return EngineEventStream(run, lambda: _frames(run, rid, prefix, svc.token_text))
     try:
         res = await race_disconnect(request.receive, run.collect())
     except ClientDisconnected:

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -33,12 +35,14 @@ from server.api.schemas import (
 )
 from server.api.service import (
     ClientDisconnected,
+    GenerationResult,
     GenerationRun,
+    Service,
     race_disconnect,
     render_messages,
     render_prompt,
 )
-from server.api.streaming import EngineEventStream, sse
+from server.api.streaming import EngineEventStream, merge, sse
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -72,12 +76,44 @@ def _message_text(content: Any) -> str:
         raise APIError(422, str(e), param="messages") from None
 
 
-async def _run(
-    request: Request,
-    principal: Principal,
-    body: _OpenAIBase,
-    chat: bool,
-) -> tuple[Any, GenerationRun, str, int]:
+@dataclass
+class _Choices:
+    """The engine requests behind one OpenAI call: choice i is `runs[i]` (prompt i // n, sample i % n)."""
+
+    svc: Service
+    runs: list[GenerationRun]
+    prompt_tokens: int  # over the distinct prompts, as OpenAI counts them
+    model: str
+    created: int
+
+    @property
+    def text(self) -> TokenTexts:
+        return self.svc.token_text
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        return usage(self.prompt_tokens, completion_tokens)
+
+    def streamed_tokens(self) -> int:
+        return sum(r.final.completion_tokens for r in self.runs if r.final is not None)
+
+    async def collect(self, request: Request) -> list[GenerationResult] | Response:
+        """Every choice's result, or 499 if the client left first; the runs are closed either way."""
+        try:
+            results = await race_disconnect(
+                request.receive, asyncio.gather(*(r.collect() for r in self.runs))
+            )
+        except ClientDisconnected:
+            return Response(status_code=DISCONNECTED)
+        finally:
+            for r in self.runs:
+                await r.close()
+        info = get_info(request)
+        info.prompt_tokens = self.prompt_tokens
+        info.completion_tokens = sum(x.completion_tokens for x in results)
+        return results
+
+
+async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat: bool) -> _Choices:
     svc = get_service(request)
     info = get_info(request)
     tenant, name = parse_model(body.model, principal)
@@ -90,10 +126,10 @@ async def _run(
         messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
         if svc.settings.log_prompts:
             info.prompt = "\n".join(m["content"] for m in messages)
-        ids = await svc.tokenize(render_messages, tok, messages)
+        prompts = [await svc.tokenize(render_messages, tok, messages)]
         requested = body.max_completion_tokens or body.max_tokens
         if requested is None:  # OpenAI: up to the context; here also capped by max_new_tokens
-            room = svc.llm.max_model_len - prefix.prefix_length - len(ids)
+            room = svc.llm.max_model_len - prefix.prefix_length - len(prompts[0])
             requested = max(1, min(svc.settings.max_new_tokens, room))
         max_tokens = requested
         if body.top_logprobs and not body.logprobs:
@@ -103,10 +139,10 @@ async def _run(
         logprobs, logprobs_param = ((body.top_logprobs or 0) if body.logprobs else None), "top_logprobs"
     else:
         assert isinstance(body, CompletionRequest)
-        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if svc.settings.log_prompts:
-            info.prompt = prompt
-        ids = await svc.tokenize(render_prompt, tok, prompt, prefix.prompt_format)
+            info.prompt = "\n".join(texts)
+        prompts = [await svc.tokenize(render_prompt, tok, t, prefix.prompt_format) for t in texts]
         max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
         logprobs, logprobs_param = body.logprobs, "logprobs"
     sampling = svc.sampling(
@@ -123,8 +159,23 @@ async def _run(
         logprobs=logprobs,
         logprobs_param=logprobs_param,
     )
-    run = await svc.generate(info, prefix, ids, sampling, stream=body.stream, receive=request.receive)
-    return svc, run, body.model, int(time.time())
+    n = body.n or 1
+    if n * len(prompts) > svc.settings.max_concurrent_per_tenant:
+        raise APIError(
+            422,
+            f"n x prompts = {n * len(prompts)} exceeds the {svc.settings.max_concurrent_per_tenant} requests a "
+            "tenant may run at once",
+            code="too_many_choices",
+            param="n",
+        )
+    # sample j of a prompt draws from seed + j: the choices differ, and each is reproducible
+    jobs = [
+        (ids, sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + j))
+        for ids in prompts
+        for j in range(n)
+    ]
+    runs = await svc.generate_many(info, prefix, jobs, stream=body.stream, receive=request.receive)
+    return _Choices(svc, runs, sum(len(ids) for ids in prompts), body.model, int(time.time()))
 
 
 @router.post(
@@ -137,52 +188,38 @@ async def _run(
 async def completions(
     body: CompletionRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> Any:
-    svc, run, model, created = await _run(request, principal, body, chat=False)
-    cid = "cmpl-" + run.req.request_id
+    ch = await _start(request, principal, body, chat=False)
+    cid = "cmpl-" + ch.runs[0].req.request_id
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return EngineEventStream(
-            run, lambda r: _completion_frames(r, cid, model, created, include_usage, svc.token_text)
-        )
-    try:
-        res = await race_disconnect(request.receive, run.collect())
-    except ClientDisconnected:
-        return Response(status_code=DISCONNECTED)
-    finally:
-        await run.close()
+        return EngineEventStream(ch.runs, lambda: _completion_frames(ch, cid, include_usage))
+    results = await ch.collect(request)
+    if isinstance(results, Response):
+        return results
     return {
         "id": cid,
         "object": "text_completion",
-        "created": created,
-        "model": model,
+        "created": ch.created,
+        "model": ch.model,
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "text": res.text,
-                "logprobs": None
-                if res.logprobs is None
-                else completion_logprobs(res.logprobs, svc.token_text),
+                "logprobs": None if res.logprobs is None else completion_logprobs(res.logprobs, ch.text),
                 "finish_reason": res.finish_reason,
             }
+            for i, res in enumerate(results)
         ],
-        "usage": usage(res.prompt_tokens, res.completion_tokens),
+        "usage": ch.usage(sum(res.completion_tokens for res in results)),
         "system_fingerprint": None,
     }
 
 
-async def _completion_frames(
-    run: GenerationRun,
-    cid: str,
-    model: str,
-    created: int,
-    include_usage: bool,
-    text: Callable[[int], str],
+async def _completion_choice(
+    run: GenerationRun, index: int, head: dict[str, Any], include_usage: bool, text: TokenTexts
 ) -> AsyncIterator[bytes]:
-    head = {"id": cid, "object": "text_completion", "created": created, "model": model}
-    last = None
     offset = 0
     async for ev, lps in chunked_events(run):
-        last = ev
         logprobs = None
         if lps is not None:
             logprobs = completion_logprobs(lps, text, offset)
@@ -191,7 +228,7 @@ async def _completion_frames(
             **head,
             "choices": [
                 {
-                    "index": 0,
+                    "index": index,
                     "text": ev.text,
                     "logprobs": logprobs,
                     "finish_reason": ev.finish_reason if ev.finished else None,
@@ -201,8 +238,15 @@ async def _completion_frames(
         if include_usage:
             chunk["usage"] = None
         yield sse(chunk)
-    if include_usage and last is not None:
-        yield sse({**head, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
+
+
+async def _completion_frames(ch: _Choices, cid: str, include_usage: bool) -> AsyncIterator[bytes]:
+    head = {"id": cid, "object": "text_completion", "created": ch.created, "model": ch.model}
+    choices = [_completion_choice(r, i, head, include_usage, ch.text) for i, r in enumerate(ch.runs)]
+    async for frame in merge(choices):
+        yield frame
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": ch.usage(ch.streamed_tokens())})
 
 
 @router.post(
@@ -214,69 +258,62 @@ async def _completion_frames(
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> Any:
-    svc, run, model, created = await _run(request, principal, body, chat=True)
-    cid = "chatcmpl-" + run.req.request_id
+    ch = await _start(request, principal, body, chat=True)
+    cid = "chatcmpl-" + ch.runs[0].req.request_id
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return EngineEventStream(
-            run, lambda r: _chat_frames(r, cid, model, created, include_usage, svc.token_text)
-        )
-    try:
-        res = await race_disconnect(request.receive, run.collect())
-    except ClientDisconnected:
-        return Response(status_code=DISCONNECTED)
-    finally:
-        await run.close()
+        return EngineEventStream(ch.runs, lambda: _chat_frames(ch, cid, include_usage))
+    results = await ch.collect(request)
+    if isinstance(results, Response):
+        return results
     return {
         "id": cid,
         "object": "chat.completion",
-        "created": created,
-        "model": model,
+        "created": ch.created,
+        "model": ch.model,
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": res.text},
-                "logprobs": None if res.logprobs is None else chat_logprobs(res.logprobs, svc.token_text),
+                "logprobs": None if res.logprobs is None else chat_logprobs(res.logprobs, ch.text),
                 "finish_reason": res.finish_reason,
             }
+            for i, res in enumerate(results)
         ],
-        "usage": usage(res.prompt_tokens, res.completion_tokens),
+        "usage": ch.usage(sum(res.completion_tokens for res in results)),
         "system_fingerprint": None,
     }
 
 
-async def _chat_frames(
-    run: GenerationRun,
-    cid: str,
-    model: str,
-    created: int,
-    include_usage: bool,
-    text: TokenTexts,
+async def _chat_choice(
+    run: GenerationRun, index: int, head: dict[str, Any], extra: dict[str, Any], text: TokenTexts
 ) -> AsyncIterator[bytes]:
-    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-    extra = {"usage": None} if include_usage else {}
-
     def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> bytes:
         return sse(
             {
                 **head,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                 **extra,
             }
         )
 
     yield chunk({"role": "assistant", "content": ""}, None)
-    last = None
     async for ev, lps in chunked_events(run):
-        last = ev
         logprobs = None if lps is None else chat_logprobs(lps, text)
         if ev.text:
             yield chunk({"content": ev.text}, None, logprobs)
             logprobs = None if lps is None else {"content": []}
         if ev.finished:
             yield chunk({}, ev.finish_reason, logprobs)
-    if include_usage and last is not None:
-        yield sse({**head, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
+
+
+async def _chat_frames(ch: _Choices, cid: str, include_usage: bool) -> AsyncIterator[bytes]:
+    head = {"id": cid, "object": "chat.completion.chunk", "created": ch.created, "model": ch.model}
+    extra = {"usage": None} if include_usage else {}
+    async for frame in merge([_chat_choice(r, i, head, extra, ch.text) for i, r in enumerate(ch.runs)]):
+        yield frame
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": ch.usage(ch.streamed_tokens())})
 
 
 # --------------------------------------------------------------------------------------------- models

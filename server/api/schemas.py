@@ -158,7 +158,13 @@ class _OpenAIBase(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="Extension (vLLM): keep generating past end-of-sequence")
-    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported")
+    n: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Choices per prompt (each a separate request of the batch; with a seed, choice j draws from "
+        "seed + j)",
+    )
     presence_penalty: Penalty | None = Field(None, description=PRESENCE_DOC)
     frequency_penalty: Penalty | None = Field(None, description=FREQUENCY_DOC)
     repetition_penalty: RepetitionPenalty | None = Field(
@@ -168,7 +174,9 @@ class _OpenAIBase(BaseModel):
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)]
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=64)] = Field(
+        description="A prompt, or a list of prompts (choice index = prompt index x n + sample index)"
+    )
     max_tokens: int | None = Field(None, ge=1, description="Default 16")
     echo: Literal[False] | None = Field(None, description="Only false is supported")
     logprobs: TopLogprobs | None = Field(

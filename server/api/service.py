@@ -615,6 +615,43 @@ class Service:
         if not principal.can_access(tenant):
             raise APIError(404, f"tenant {tenant!r} not found", code="tenant_not_found", param="tenant_id")
 
+    async def generate_many(
+        self,
+        info: RequestInfo,
+        prefix: ResolvedPrefix,
+        jobs: list[tuple[list[int], SamplingParams]],
+        *,
+        stream: bool,
+        receive: Callable[[], Any] | None,
+    ) -> list[GenerationRun]:
+        """Several engine requests of one HTTP request (OpenAI `n`, prompt lists), submitted together so they share
+        engine steps; each takes a tenant slot. If any cannot start, the others are closed and its error raised."""
+        if len(jobs) == 1:
+            ids, sampling = jobs[0]
+            return [await self.generate(info, prefix, ids, sampling, stream=stream, receive=receive)]
+        tasks = [
+            asyncio.ensure_future(self.generate(info, prefix, ids, sp, stream=stream, receive=None))
+            for ids, sp in jobs
+        ]
+
+        async def start_all() -> list[GenerationRun]:
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+            errors = [d for d in done if isinstance(d, BaseException)]
+            if errors:
+                raise errors[0]
+            return done  # type: ignore[return-value]
+
+        try:
+            return await race_disconnect(receive, start_all())
+        except BaseException:
+            for t in tasks:
+                t.cancel()  # a run still starting closes itself when cancelled
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    run = await t
+                    await run.close()
+            raise
+
     async def generate(
         self,
         info: RequestInfo,

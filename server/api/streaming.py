@@ -1,12 +1,14 @@
 """Server-Sent Events: `data: {json}\\n\\n` frames ending with `data: [DONE]\\n\\n`.
 
-`EngineEventStream` is a StreamingResponse that always closes its GenerationRun: on normal end, on error and when
-the client disconnects (Starlette cancels the streaming task; the run's close aborts the engine request, which frees
-its KV within one engine step), even when the body iterator was never started.
+`EngineEventStream` is a StreamingResponse that always closes its GenerationRuns: on normal end, on error and when
+the client disconnects (Starlette cancels the streaming task; a run's close aborts its engine request, which frees
+its KV within one engine step), even when the body iterator was never started. `merge` interleaves the frames of
+several runs (OpenAI `n` and prompt lists) in the order they are produced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -28,23 +30,61 @@ def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n\n"
 
 
+async def merge(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+    """Frames of several streams as each is produced; the first error of any stream is raised (the rest stop)."""
+    if len(streams) == 1:
+        async for frame in streams[0]:
+            yield frame
+        return
+    q: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[bytes]) -> None:
+        try:
+            async for frame in stream:
+                await q.put(frame)
+            await q.put(None)
+        except Exception as e:
+            await q.put(e)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await q.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 class EngineEventStream(StreamingResponse):
-    def __init__(self, run: GenerationRun, frames: Callable[[GenerationRun], AsyncIterator[bytes]]) -> None:
-        self.run = run
+    def __init__(
+        self, runs: GenerationRun | list[GenerationRun], frames: Callable[[], AsyncIterator[bytes]]
+    ) -> None:
+        self.runs = runs if isinstance(runs, list) else [runs]
         super().__init__(self._body(frames), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def _body(self, frames: Callable[[GenerationRun], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+    async def _close(self) -> None:
+        for run in self.runs:
+            await run.close()
+
+    async def _body(self, frames: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
         try:
-            async for frame in frames(self.run):
+            async for frame in frames():
                 yield frame
         except APIError as e:  # failure after the stream began: an error frame, then [DONE]
             yield sse(e.body())
         finally:
-            await self.run.close()
+            await self._close()
         yield DONE
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.run.close()
+            await self._close()
