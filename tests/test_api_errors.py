@@ -164,12 +164,17 @@ def test_openai_unsupported_parameters_are_rejected(srv):
     c = srv.client()
     base = {"model": "acme/default", "prompt": "hi", "max_tokens": 2}
     for extra, param in (
-        ({"echo": True}, "echo"),
+        ({"max_tokens": 0}, "max_tokens"),  # 0 only with echo
+        ({"prompt": [1, -2]}, "prompt"),
         ({"logprobs": 21}, "logprobs"),  # over the server's max_logprobs (20)
         ({"logprobs": -1}, "logprobs"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
+        (
+            {"repetition_penalty": 1e-219},
+            "repetition_penalty",
+        ),  # found by schemathesis: overflowed the logits
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 2}, "best_of"),
     ):
@@ -197,6 +202,9 @@ def test_openai_unsupported_parameters_are_rejected(srv):
     assert_error(c.post("/v1/completions", json={**base, "n": 65}), 422)
     assert_error(c.post("/v1/completions", json={**base, "prompt": ["a"] * 65}), 422)
     assert_error(c.post("/v1/completions", json={**base, "prompt": []}), 422)
+    assert_error(c.post("/v1/completions", json={**base, "prompt": [[1, 2], []]}), 422)
+    out_of_vocab = assert_error(c.post("/v1/completions", json={**base, "prompt": [1, 10**9]}), 422)
+    assert "vocabulary" in out_of_vocab["message"]
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": msgs}), 400)
     assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": []}), 422)

@@ -305,3 +305,62 @@ def test_abandoned_multi_choice_stream_frees_every_request(srv):
     m = httpx.get(srv.url + "/metrics").text
     assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "abort"}) == 4
     assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "length"}) is None
+
+
+# ------------------------------------------------------------------------------------- echo, token-id prompts
+def test_echo_prompt_logprobs_for_loglikelihood(srv, oai):
+    """lm-eval's loglikelihood request: token-id prompt, echo, max_tokens 0, logprobs. The prompt comes back with a
+    null first entry; a continuation token scored this way has the log-probability it had when generated."""
+    from server.api.service import render_prompt
+
+    tok = srv.svc.bundle.tokenizer
+    ctx = render_prompt(tok, "Once upon a time", "raw")  # what /generate feeds for this prefix (raw format)
+    kw = dict(model="acme/default", temperature=0, extra_body={"ignore_eos": True})
+    gen = oai.completions.create(prompt=ctx, max_tokens=3, logprobs=1, **kw).choices[0]
+    # the legacy format has no token ids: take the continuation's from /generate
+    native = srv.client(KEY).post(
+        "/generate",
+        json={
+            "tenant_id": "acme",
+            "prompt": "Once upon a time",
+            "max_tokens": 3,
+            "ignore_eos": True,
+            "logprobs": 0,
+        },
+    )
+    assert native.status_code == 200
+    cont = [lp["id"] for lp in native.json()["logprobs"]]
+    scored = oai.completions.create(prompt=ctx + cont, max_tokens=0, echo=True, logprobs=1, **kw)
+    ch = scored.choices[0]
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(ctx) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[len(ctx) :] == pytest.approx(gen.logprobs.token_logprobs, abs=1e-4)
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert ch.text == tok.decode(ctx + cont) and ch.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ctx) + 3
+    # a batch of token-id prompts, as lm-eval sends them
+    two = oai.completions.create(prompt=[ctx, ctx + cont], max_tokens=0, echo=True, logprobs=0, **kw)
+    assert [len(c.logprobs.tokens) for c in two.choices] == [len(ctx), len(ctx) + 3]
+    assert two.choices[1].logprobs.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+
+def test_echo_with_completion_whole_and_streamed(oai):
+    kw = dict(
+        model="acme/default", prompt="Tell me", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
+    plain = oai.completions.create(**kw).choices[0]
+    echoed = oai.completions.create(echo=True, logprobs=2, **kw)
+    ch = echoed.choices[0]
+    assert ch.text == "Tell me" + plain.text
+    n_prompt = echoed.usage.prompt_tokens
+    assert len(ch.logprobs.tokens) == n_prompt + 5 and echoed.usage.completion_tokens == 5
+    assert ch.logprobs.text_offset == [
+        sum(len(t) for t in ch.logprobs.tokens[:i]) for i in range(n_prompt + 5)
+    ]
+    chunks = list(oai.completions.create(echo=True, logprobs=2, stream=True, **kw))
+    assert chunks[0].choices[0].text == "Tell me"
+    assert "".join(c.choices[0].text for c in chunks) == ch.text
+    streamed = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(ch.logprobs.token_logprobs[1:], abs=1e-4)
+    # echo without logprobs: text only
+    assert oai.completions.create(echo=True, **kw).choices[0].logprobs is None

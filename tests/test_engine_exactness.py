@@ -8,7 +8,7 @@ import torch
 
 from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.model_runner import ModelRunner, RowInput, cpu_packing_available
-from tests.engine_utils import hf_greedy, make_engine, mixed_workload, random_kv
+from tests.engine_utils import hf_greedy, make_engine, mixed_workload, random_kv, random_prompt
 
 PREFIX_LENS = (8, 20, 64)
 NEW = 10
@@ -211,3 +211,44 @@ def test_other_llama_family_models_are_exact(family):
             family,
             r.request_id,
         )
+
+
+def test_one_token_prefill_chunk_next_to_decode_rows(tiny_llama_bundle):
+    """A step of decode rows plus a 1-token, non-final prefill chunk (the token budget left one token) looks like a
+    decode-only step but has a row that samples nothing: it must not take the graph path, whose logits are one per
+    row (found while adding prompt logprobs: before, such a step failed every request in it on a GPU)."""
+    bundle = tiny_llama_bundle
+    keys = {PrefixKey("t0", "default", 1): random_kv(bundle.spec, 8, seed=0)}
+    k = next(iter(keys))
+    reqs = [
+        Request(
+            f"d{i}", random_prompt(bundle.spec.vocab_size, 1 + i, i), SamplingParams(40, ignore_eos=True), k
+        )
+        for i in range(3)
+    ]
+    late = Request(
+        "late", random_prompt(bundle.spec.vocab_size, 33, 9), SamplingParams(5, ignore_eos=True), k
+    )
+    ref = {o.request_id: o.token_ids for o in make_engine(bundle, keys).generate([*reqs, late])}
+    eng = make_engine(bundle, keys, graphs="eager", max_num_batched_tokens=4)
+    seen = []
+    prepare = eng.runner.prepare
+
+    def spy(rows):
+        seen.append(all(len(r.tokens) == 1 for r in rows) and not all(r.sample for r in rows))
+        return prepare(rows)
+
+    eng.runner.prepare = spy
+    got: dict[str, list[int]] = {r.request_id: [] for r in [*reqs, late]}
+    for r in reqs:
+        eng.add_request(r)
+    for _ in range(6):  # the three prompts (1 + 2 + 3 tokens) go in, then all three decode
+        for ev in eng.step():
+            got[ev.request_id].extend(ev.token_ids)
+    eng.add_request(late)  # its 33 tokens advance one per step next to the 3 decode rows
+    while eng.has_unfinished():
+        for ev in eng.step():
+            assert ev.finish_reason != "error", ev.error
+            got[ev.request_id].extend(ev.token_ids)
+    assert any(seen), "the step shape under test never occurred"
+    assert got == ref

@@ -276,3 +276,76 @@ def test_logprobs_skip_rows_that_failed():
     want = torch.log_softmax(logits[0], -1)
     assert res.logprobs[0].logprob == pytest.approx(float(want[2]))
     assert [t for t, _ in res.logprobs[0].top] == [2, 1]
+
+
+@torch.no_grad()
+def _hf_prompt_logprobs(model, kv, prompt):
+    """log_softmax of a transformers forward over the prompt with the prefix as past_key_values: row t predicts
+    prompt[t + 1]."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    p = 0
+    if kv is not None:
+        p = kv.shape[3]
+        for layer in range(kv.shape[0]):
+            cache.update(kv[layer, 0][None].clone(), kv[layer, 1][None].clone(), layer)
+    n = len(prompt)
+    out = model(
+        input_ids=torch.tensor([prompt]),
+        past_key_values=cache,
+        attention_mask=torch.ones(1, p + n, dtype=torch.long),
+        position_ids=torch.arange(p, p + n)[None],
+    )
+    return torch.log_softmax(out.logits[0].float(), -1)
+
+
+@pytest.mark.parametrize("budget,preempt", [(2048, False), (8, False), (8, True)])
+def test_prompt_logprobs_match_transformers(setup, budget, preempt):
+    """Prompt log-probabilities (OpenAI echo + logprobs): None for the first token, then log_softmax of a
+    transformers forward with the tenant's prefix, exact across chunked prefill (budget 8), preemption with
+    recomputation, and next to requests that ask for none; generated tokens are unchanged."""
+    b, keys = setup
+    k0, k1 = list(keys)
+    new = 40 if preempt else 3  # with preemption: outputs long enough that the pool runs out mid-flight
+    prompts = [random_prompt(b.spec.vocab_size, n, 20 + n) for n in (33, 1, 12)]
+    reqs = [
+        Request("a", prompts[0], SamplingParams(max_tokens=new, ignore_eos=True, prompt_logprobs=2), k0),
+        Request("b", prompts[1], SamplingParams(max_tokens=new, ignore_eos=True, prompt_logprobs=0), k1),
+        Request("c", prompts[2], SamplingParams(max_tokens=new, ignore_eos=True, logprobs=1), None),
+        Request("d", prompts[2], SamplingParams(max_tokens=new, ignore_eos=True, prompt_logprobs=1), None),
+    ]
+    cfg = {"max_num_batched_tokens": budget}
+    if preempt:
+        sp = b.spec
+        cfg["kv_cache_bytes"] = 14 * sp.num_layers * 2 * 16 * sp.num_kv_heads * sp.head_dim * 4  # 14 blocks
+    eng = make_engine(b, keys, **cfg)
+    outs = eng.generate(reqs)
+    if preempt:
+        assert eng.scheduler.num_preemptions > 0
+    plain = make_engine(b, keys).generate(
+        [
+            Request(
+                r.request_id,
+                r.prompt_token_ids,
+                SamplingParams(r.sampling.max_tokens, ignore_eos=True),
+                r.prefix,
+            )
+            for r in reqs
+        ]
+    )
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert outs[2].prompt_logprobs is None
+    for r, out in zip(reqs, outs, strict=True):
+        if r.sampling.prompt_logprobs is None:
+            continue
+        plp = out.prompt_logprobs
+        prompt = r.prompt_token_ids
+        assert plp is not None and len(plp) == len(prompt) and plp[0] is None
+        ref = _hf_prompt_logprobs(b.hf_model, keys[r.prefix] if r.prefix else None, prompt)
+        for t in range(1, len(prompt)):
+            lp = plp[t]
+            assert lp is not None and lp.token_id == prompt[t]
+            assert lp.logprob == pytest.approx(float(ref[t - 1, prompt[t]]), abs=1e-4)
+            k = r.sampling.prompt_logprobs or 0
+            assert [i for i, _ in lp.top] == (ref[t - 1].topk(k).indices.tolist() if k else [])

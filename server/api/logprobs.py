@@ -94,24 +94,27 @@ def generate_logprobs(lps: Iterable[TokenLogprob], text: Callable[[int], str]) -
 
 
 def completion_logprobs(
-    lps: list[TokenLogprob], text: Callable[[int], str], offset: int = 0
+    lps: list[TokenLogprob], text: Callable[[int], str], offset: int = 0, first_token: int | None = None
 ) -> dict[str, Any]:
-    """OpenAI legacy format; `offset` is the character offset of the first token (streaming continues it)."""
-    tokens, offsets, tops = [], [], []
-    for lp in lps:
-        t = text(lp.token_id)
+    """OpenAI legacy format; `offset` is the character offset of the first token (streaming continues it).
+    `first_token`: echoed prompts start with a token nothing predicts, reported with null log-probabilities."""
+    tokens, offsets, values, tops = [], [], [], []
+    entries: list[tuple[int, TokenLogprob | None]] = [(first_token, None)] if first_token is not None else []
+    entries += [(lp.token_id, lp) for lp in lps]
+    for token_id, lp in entries:
+        t = text(token_id)
         tokens.append(t)
         offsets.append(offset)
         offset += len(t)
+        if lp is None:
+            values.append(None)
+            tops.append(None)
+            continue
         top = {text(i): _lp(v) for i, v in lp.top}
         top.setdefault(t, _lp(lp.logprob))  # OpenAI: the sampled token is always there (up to N+1 entries)
+        values.append(_lp(lp.logprob))
         tops.append(top)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [_lp(lp.logprob) for lp in lps],
-        "top_logprobs": tops,
-        "text_offset": offsets,
-    }
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 def chat_logprobs(lps: Iterable[TokenLogprob], texts: TokenTexts) -> dict[str, Any]:

@@ -85,6 +85,9 @@ class _Choices:
     prompt_tokens: int  # over the distinct prompts, as OpenAI counts them
     model: str
     created: int
+    n: int = 1
+    echo: list[tuple[str, list[int]]] | None = None  # completions with echo: each prompt's text and token ids
+    hide_output: bool = False  # echo with max_tokens 0: one token is generated and not shown
 
     @property
     def text(self) -> TokenTexts:
@@ -94,7 +97,12 @@ class _Choices:
         return usage(self.prompt_tokens, completion_tokens)
 
     def streamed_tokens(self) -> int:
+        if self.hide_output:
+            return 0
         return sum(r.final.completion_tokens for r in self.runs if r.final is not None)
+
+    def echoed(self, index: int) -> tuple[str, list[int]] | None:
+        return None if self.echo is None else self.echo[index // self.n]
 
     async def collect(self, request: Request) -> list[GenerationResult] | Response:
         """Every choice's result, or 499 if the client left first; the runs are closed either way."""
@@ -109,7 +117,7 @@ class _Choices:
                 await r.close()
         info = get_info(request)
         info.prompt_tokens = self.prompt_tokens
-        info.completion_tokens = sum(x.completion_tokens for x in results)
+        info.completion_tokens = 0 if self.hide_output else sum(x.completion_tokens for x in results)
         return results
 
 
@@ -121,6 +129,8 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     prefix = await svc.resolve(tenant, name)
     info.version = prefix.version
     tok = svc.bundle.tokenizer
+    echo: list[tuple[str, list[int]]] | None = None
+    hide_output = False
     if chat:
         assert isinstance(body, ChatCompletionRequest)
         messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
@@ -139,11 +149,25 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         logprobs, logprobs_param = ((body.top_logprobs or 0) if body.logprobs else None), "top_logprobs"
     else:
         assert isinstance(body, CompletionRequest)
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        raw: Any = body.prompt
+        items: list[Any] = [raw] if isinstance(raw, str) or isinstance(raw[0], int) else list(raw)
         if svc.settings.log_prompts:
-            info.prompt = "\n".join(texts)
-        prompts = [await svc.tokenize(render_prompt, tok, t, prefix.prompt_format) for t in texts]
-        max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+            info.prompt = "\n".join(str(x) for x in items)
+        prompts = [
+            await svc.tokenize(render_prompt, tok, x, prefix.prompt_format) if isinstance(x, str) else list(x)
+            for x in items
+        ]
+        max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        if body.echo:
+            echo = [
+                (x if isinstance(x, str) else await svc.tokenize(_decode, tok, x), ids)
+                for x, ids in zip(items, prompts, strict=True)
+            ]
+        elif max_tokens == 0:
+            raise APIError(
+                422, "max_tokens may be 0 only with echo", code="invalid_value", param="max_tokens"
+            )
+        hide_output, max_tokens = max_tokens == 0, max(1, max_tokens)
         logprobs, logprobs_param = body.logprobs, "logprobs"
     sampling = svc.sampling(
         max_tokens=max_tokens,
@@ -158,6 +182,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         logprobs=logprobs,
         logprobs_param=logprobs_param,
+        prompt_logprobs=logprobs if echo is not None else None,
     )
     n = body.n or 1
     if n * len(prompts) > svc.settings.max_concurrent_per_tenant:
@@ -175,7 +200,13 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         for j in range(n)
     ]
     runs = await svc.generate_many(info, prefix, jobs, stream=body.stream, receive=request.receive)
-    return _Choices(svc, runs, sum(len(ids) for ids in prompts), body.model, int(time.time()))
+    return _Choices(
+        svc, runs, sum(len(ids) for ids in prompts), body.model, int(time.time()), n, echo, hide_output
+    )
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 @router.post(
@@ -201,48 +232,76 @@ async def completions(
         "object": "text_completion",
         "created": ch.created,
         "model": ch.model,
-        "choices": [
-            {
-                "index": i,
-                "text": res.text,
-                "logprobs": None if res.logprobs is None else completion_logprobs(res.logprobs, ch.text),
-                "finish_reason": res.finish_reason,
-            }
-            for i, res in enumerate(results)
-        ],
-        "usage": ch.usage(sum(res.completion_tokens for res in results)),
+        "choices": [_completion_choice_body(ch, i, res) for i, res in enumerate(results)],
+        "usage": ch.usage(0 if ch.hide_output else sum(res.completion_tokens for res in results)),
         "system_fingerprint": None,
     }
 
 
+def _echo_part(ch: _Choices, index: int, plps: list[Any] | None, want_logprobs: bool) -> tuple[str, Any]:
+    """The echoed prompt of a choice: its text and, when asked for, its log-probabilities (first token null)."""
+    echoed = ch.echoed(index)
+    assert echoed is not None
+    text, ids = echoed
+    if not want_logprobs:
+        return text, None
+    rest = [lp for lp in (plps or [])[1:] if lp is not None]
+    return text, completion_logprobs(rest, ch.text, 0, first_token=ids[0])
+
+
+def _join_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    if a is None or b is None:
+        return a or b
+    return {k: a[k] + b[k] for k in a}
+
+
+def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> dict[str, Any]:
+    want = res.logprobs is not None
+    text, logprobs = "", None
+    if ch.echo is not None:
+        text, logprobs = _echo_part(ch, index, res.prompt_logprobs, want)
+    if not ch.hide_output:
+        offset = sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
+        gen = completion_logprobs(res.logprobs, ch.text, offset) if res.logprobs is not None else None
+        text, logprobs = text + res.text, _join_logprobs(logprobs, gen)
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason}
+
+
 async def _completion_choice(
-    run: GenerationRun, index: int, head: dict[str, Any], include_usage: bool, text: TokenTexts
+    ch: _Choices, run: GenerationRun, index: int, head: dict[str, Any], include_usage: bool
 ) -> AsyncIterator[bytes]:
-    offset = 0
-    async for ev, lps in chunked_events(run):
-        logprobs = None
-        if lps is not None:
-            logprobs = completion_logprobs(lps, text, offset)
-            offset += sum(len(t) for t in logprobs["tokens"])
-        chunk = {
+    def chunk(text: str, logprobs: Any, finish: str | None) -> bytes:
+        c = {
             **head,
-            "choices": [
-                {
-                    "index": index,
-                    "text": ev.text,
-                    "logprobs": logprobs,
-                    "finish_reason": ev.finish_reason if ev.finished else None,
-                }
-            ],
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         }
         if include_usage:
-            chunk["usage"] = None
-        yield sse(chunk)
+            c["usage"] = None
+        return sse(c)
+
+    want = run.req.sampling.logprobs is not None
+    offset = 0
+    if ch.echo is not None:
+        assert run.first is not None
+        text, logprobs = _echo_part(ch, index, run.first.prompt_logprobs, want)
+        offset = sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
+        yield chunk(text, logprobs, None)
+    async for ev, lps in chunked_events(run):
+        finish = ev.finish_reason if ev.finished else None
+        if ch.hide_output:  # echo with max_tokens 0: the one generated token is not part of the answer
+            if ev.finished:
+                yield chunk("", None, finish)
+            continue
+        logprobs = None
+        if lps is not None:
+            logprobs = completion_logprobs(lps, ch.text, offset)
+            offset += sum(len(t) for t in logprobs["tokens"])
+        yield chunk(ev.text, logprobs, finish)
 
 
 async def _completion_frames(ch: _Choices, cid: str, include_usage: bool) -> AsyncIterator[bytes]:
     head = {"id": cid, "object": "text_completion", "created": ch.created, "model": ch.model}
-    choices = [_completion_choice(r, i, head, include_usage, ch.text) for i, r in enumerate(ch.runs)]
+    choices = [_completion_choice(ch, r, i, head, include_usage) for i, r in enumerate(ch.runs)]
     async for frame in merge(choices):
         yield frame
     if include_usage:

@@ -155,6 +155,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class ClientDisconnected(Exception):
@@ -333,6 +334,7 @@ class GenerationRun:
             fin.prompt_tokens,
             fin.completion_tokens,
             lps if self.req.sampling.logprobs is not None else None,
+            first.prompt_logprobs,
         )
 
     async def close(self) -> None:
@@ -571,6 +573,7 @@ class Service:
         repetition_penalty: float = 1.0,
         logprobs: int | None = None,
         logprobs_param: str = "logprobs",
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         s = self.settings
         if max_tokens > s.max_new_tokens:
@@ -607,6 +610,7 @@ class Service:
                 frequency_penalty=float(frequency_penalty),
                 repetition_penalty=float(repetition_penalty),
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         except ValueError as e:
             raise APIError(422, str(e), code="invalid_value") from None

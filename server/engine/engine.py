@@ -21,7 +21,7 @@ import torch
 from server.engine.kv_cache import KVPool
 from server.engine.model_runner import ModelRunner, RowInput
 from server.engine.prefix_cache import PrefixCache, PrefixProvider
-from server.engine.sampler import make_generator, sample
+from server.engine.sampler import make_generator, sample, token_logprobs
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
 from server.engine.types import Output, QueueFull, Request, RequestTooLarge, TokenEvent, TokenLogprob
@@ -184,6 +184,7 @@ class LLMEngine:
             if s.first_scheduled is None:
                 s.first_scheduled = now
             end = s.num_cached + it.num_tokens
+            plp = s.prompt_logprobs
             rows.append(
                 RowInput(
                     tokens=s.tokens[s.num_cached : end],
@@ -193,12 +194,17 @@ class LLMEngine:
                     own_blocks=s.own_blocks,
                     own_cached=s.num_cached,
                     sample=end == s.num_tokens,
+                    all_logits=plp is not None and len(plp) < len(s.prompt) and s.num_cached < len(s.prompt),
                 )
             )
         try:
             inp = self.runner.prepare(rows)
             logits = self.runner.forward(inp)
             samplers = [it.seq for it, r in zip(items, rows, strict=True) if r.sample]
+            if any(r.all_logits for r in rows):
+                logits = self._prompt_logprobs(items, rows, logits)
+            if logits.shape[0] != len(samplers):
+                raise RuntimeError(f"{logits.shape[0]} logit rows for {len(samplers)} sampling rows")
             res = sample(
                 logits,
                 [s.req.sampling for s in samplers],
@@ -238,6 +244,31 @@ class LLMEngine:
             )
         return events
 
+    def _prompt_logprobs(self, items: list, rows: list[RowInput], logits: torch.Tensor) -> torch.Tensor:
+        """Record the prompt log-probabilities of rows with `all_logits` (logit j of a chunk starting at own token a
+        predicts prompt token a + j + 1) and return the logit rows of the sampling rows only."""
+        keep: list[int] = []
+        i = 0
+        for it, r in zip(items, rows, strict=True):
+            if not r.all_logits:
+                if r.sample:
+                    keep.append(i)
+                    i += 1
+                continue
+            seq, n = it.seq, len(r.tokens)
+            plp = seq.prompt_logprobs
+            first = len(plp)  # the next prompt token without a log-probability
+            targets = range(max(first, r.own_cached + 1), min(r.own_cached + n + 1, len(seq.prompt)))
+            if targets and targets[0] == first:  # in order; a recomputation after preemption adds nothing
+                lrows = [i + t - 1 - r.own_cached for t in targets]
+                top = seq.req.sampling.prompt_logprobs or 0
+                got = token_logprobs(logits, lrows, [seq.prompt[t] for t in targets], [top] * len(lrows))
+                plp.extend(got[j] for j in lrows)
+            if r.sample:
+                keep.append(i + n - 1)
+            i += n
+        return logits.index_select(0, torch.tensor(keep, dtype=torch.long, device=logits.device))
+
     def _append(
         self, seq: Sequence, tok: int, now: float, lp: TokenLogprob | None = None
     ) -> TokenEvent | None:
@@ -261,8 +292,9 @@ class LLMEngine:
         ):
             reason = "length"
         lps = [lp] if lp is not None else None
+        plps = seq.prompt_logprobs if len(seq.output) == 1 else None
         if reason is not None:
-            return self._finish(seq, reason, delta, [tok], lps)
+            return self._finish(seq, reason, delta, [tok], lps, plps)
         ev = TokenEvent(
             seq.request_id,
             [tok],
@@ -270,6 +302,7 @@ class LLMEngine:
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.output),
             logprobs=lps,
+            prompt_logprobs=plps,
             arrival_time=seq.arrival,
             first_scheduled_time=seq.first_scheduled,
         )
@@ -289,6 +322,7 @@ class LLMEngine:
         delta: str = "",
         new: list[int] | None = None,
         logprobs: list[TokenLogprob] | None = None,
+        prompt_logprobs: list[TokenLogprob | None] | None = None,
     ) -> TokenEvent:
         self.scheduler.finish(seq)
         seq.finish_reason = reason
@@ -305,6 +339,7 @@ class LLMEngine:
             error=seq.error,
             error_type=seq.error_type,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             arrival_time=seq.arrival,
             first_scheduled_time=seq.first_scheduled,
         )
@@ -322,7 +357,14 @@ class LLMEngine:
         """Run `requests` to completion (continuous batching) and return their outputs in order."""
         state: dict[str, dict] = {}
         for r in requests:
-            state[r.request_id] = {"ids": [], "text": [], "t0": time.monotonic(), "times": [], "lps": []}
+            state[r.request_id] = {
+                "ids": [],
+                "text": [],
+                "t0": time.monotonic(),
+                "times": [],
+                "lps": [],
+                "plps": None,
+            }
             self.add_request(r)
         done: dict[str, TokenEvent] = {}
         while self.has_unfinished():
@@ -331,6 +373,7 @@ class LLMEngine:
                 st["ids"].extend(ev.token_ids)
                 st["text"].append(ev.text)
                 st["lps"].extend(ev.logprobs or [])
+                st["plps"] = ev.prompt_logprobs or st["plps"]
                 if ev.token_ids:
                     st["times"].append(time.monotonic())
                 if ev.finished:
@@ -351,6 +394,7 @@ class LLMEngine:
                     itl=[b - a for a, b in itertools.pairwise(times)],
                     e2e=(times[-1] - st["t0"]) if times else None,
                     logprobs=st["lps"] if r.sampling.logprobs is not None else None,
+                    prompt_logprobs=st["plps"],
                 )
             )
         return outs

@@ -33,6 +33,7 @@ class RowInput:
     own_blocks: list[int]
     own_cached: int  # own tokens already in the cache before this step
     sample: bool  # whether the last token's logits are needed
+    all_logits: bool = False  # logits of every token of the row (prompt logprobs), in order
 
 
 @dataclass
@@ -55,7 +56,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [N]
     positions: torch.Tensor  # [N]
     write_slots: torch.Tensor  # [N]
-    sample_idx: torch.Tensor  # [R] flat index of the tokens whose logits are needed, in row order
+    sample_idx: torch.Tensor  # flat index of the tokens whose logits are needed, in row order
     decode: _Group | None  # one query token per row: rows 0..g-1 of the flat order
     prefill: _Group | None  # padded multi-token rows
     num_tokens: int  # flat tokens, padding rows included
@@ -312,7 +313,9 @@ class ModelRunner:
         decode = [r for r in rows if len(r.tokens) == 1]
         prefill = [r for r in rows if len(r.tokens) > 1]
         key = None
-        if self.graphs is not None and not prefill:
+        # graphs return one logit row per batch row: only for steps where every row samples its one token (a
+        # 1-token prefill chunk that is not the prompt's last token samples nothing)
+        if self.graphs is not None and not prefill and all(r.sample and not r.all_logits for r in decode):
             slots = max(len(r.prefix_blocks) + len(r.own_blocks) for r in decode) * bs
             key = self.graphs.bucket(len(decode), slots)
         ids: list[int] = []
@@ -326,7 +329,13 @@ class ModelRunner:
             positions.extend(range(r.start_pos, r.start_pos + n))
             for j in range(r.own_cached, r.own_cached + n):
                 write_slots.append(r.own_blocks[j // bs] * bs + j % bs)
-        sample_idx = [flat_start[id(r)] + len(r.tokens) - 1 for r in rows if r.sample]
+        sample_idx: list[int] = []
+        for r in rows:
+            end = flat_start[id(r)] + len(r.tokens)
+            if r.all_logits:
+                sample_idx.extend(range(flat_start[id(r)], end))
+            elif r.sample:
+                sample_idx.append(end - 1)
         n_dec = len(decode)
         if key is not None:
             pad = key[0] - len(ids)

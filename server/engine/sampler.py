@@ -104,13 +104,13 @@ def sample(
     res = SampleOutput(out, failed)
     want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in failed]
     if want:
-        res.logprobs = _logprobs(
+        res.logprobs = token_logprobs(
             logits, want, [out[i] for i in want], [params[i].logprobs or 0 for i in want]
         )
     return res
 
 
-def _logprobs(
+def token_logprobs(
     logits: torch.Tensor, rows: list[int], tokens: list[int], tops: list[int]
 ) -> dict[int, TokenLogprob]:
     """The model's log-probabilities (raw logits, as vLLM reports by default) of the sampled tokens and the top-k

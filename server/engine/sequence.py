@@ -9,7 +9,7 @@ import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.prefix_cache import PrefixEntry
-from server.engine.types import Request
+from server.engine.types import Request, TokenLogprob
 
 
 class SeqStatus(enum.Enum):
@@ -44,6 +44,10 @@ class Sequence:
         self.error: str | None = None
         self.error_type: str | None = None
         self.aborted = False
+        # prompt tokens whose log-probability is known (first token: None); filled during prefill when asked for
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] if req.sampling.prompt_logprobs is not None else None
+        )
 
     @property
     def tokens(self) -> list[int]:

@@ -38,6 +38,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # Log-probabilities to report per generated token: None none, 0 the sampled token's, k also the top k.
     logprobs: int | None = None
+    # The same for every prompt token after the first (OpenAI `echo` + `logprobs`, lm-eval's loglikelihood).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -55,10 +57,12 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2]")
-        if not 0 < self.repetition_penalty <= 2.0:
-            raise ValueError("repetition_penalty must be in (0, 2]")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError("logprobs must be >= 0")
+        if not 0.01 <= self.repetition_penalty <= 2.0:  # dividing by less overflows float32 logits
+            raise ValueError("repetition_penalty must be in [0.01, 2]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -118,6 +122,9 @@ class TokenEvent:
     error_type: str | None = None
     # One per entry of token_ids when the request asked for logprobs, else None.
     logprobs: list[TokenLogprob] | None = None
+    # With prompt_logprobs, on the request's first event: one per prompt token, None for the first (nothing
+    # predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     # Timing (monotonic seconds): when the request was added and first scheduled.
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
@@ -137,3 +144,4 @@ class Output:
     itl: list[float] = field(default_factory=list)
     e2e: float | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
