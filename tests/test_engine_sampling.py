@@ -349,3 +349,23 @@ def test_prompt_logprobs_match_transformers(setup, budget, preempt):
             assert lp.logprob == pytest.approx(float(ref[t - 1, prompt[t]]), abs=1e-4)
             k = r.sampling.prompt_logprobs or 0
             assert [i for i, _ in lp.top] == (ref[t - 1].topk(k).indices.tolist() if k else [])
+
+
+def test_prompt_logprobs_prefill_is_chunked(setup):
+    """A long prompt with prompt logprobs is prefilled in chunks of at most PROMPT_LOGPROBS_CHUNK tokens (its logits
+    are [tokens, vocab] float32), and every prompt token still gets its log-probability."""
+    from server.engine.scheduler import PROMPT_LOGPROBS_CHUNK
+
+    b, keys = setup
+    n = PROMPT_LOGPROBS_CHUNK + 100
+    eng = make_engine(b, keys, max_num_batched_tokens=2048, kv_cache_bytes=64 * 2**20)
+    sizes: list[int] = []
+    prepare = eng.runner.prepare
+    eng.runner.prepare = lambda rows: (sizes.extend(len(r.tokens) for r in rows), prepare(rows))[1]
+    prompt = random_prompt(b.spec.vocab_size, n, 5)
+    out = eng.generate([Request("r", prompt, SamplingParams(max_tokens=2, prompt_logprobs=0), None)])[0]
+    assert sizes[:2] == [PROMPT_LOGPROBS_CHUNK, 100]
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == n
+    assert all(
+        lp is not None and lp.token_id == t for lp, t in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)
+    )

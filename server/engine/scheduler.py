@@ -23,6 +23,9 @@ class SchedulerConfig:
     max_waiting: int = 1024
 
 
+PROMPT_LOGPROBS_CHUNK = 512  # 512 x a 128k vocabulary x 4 bytes = 256 MiB of logits at most
+
+
 @dataclass
 class ScheduledItem:
     seq: Sequence
@@ -71,6 +74,15 @@ class Scheduler:
         self.num_preemptions += 1
 
     # ------------------------------------------------------------------ schedule
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        """Tokens of `seq` to run this step. A prefill with prompt logprobs returns every position's logits
+        ([tokens, vocab] float32), so its chunks are capped to bound that memory."""
+        n = min(seq.to_compute, budget)
+        if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt):
+            n = min(n, PROMPT_LOGPROBS_CHUNK)
+        return n
+
     def schedule(self) -> list[ScheduledItem]:
         self.prefixes.process()
         budget = self.cfg.max_num_batched_tokens
@@ -78,7 +90,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running:  # preempted below by an earlier row
                 continue
-            n = min(seq.to_compute, budget)
+            n = self._chunk(seq, budget)
             if n <= 0:
                 continue
             while not self._ensure_blocks(seq, n):
@@ -106,7 +118,7 @@ class Scheduler:
                     continue
                 self.prefixes.acquire(got)
                 seq.prefix = got
-            n = min(seq.to_compute, budget)
+            n = self._chunk(seq, budget)
             if not self._ensure_blocks(seq, n):
                 if seq.prefix is not None:
                     self.prefixes.release(seq.prefix)
