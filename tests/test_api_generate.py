@@ -274,10 +274,51 @@ def test_sdk_logprobs_and_penalties(srv):
         import prefixserve_client as ps
 
     with ps.Client(srv.url) as c:
-        kw = dict(prefix="default", max_tokens=8, logprobs=2, repetition_penalty=1.3, presence_penalty=0.5)
+        kw = dict(
+            prefix="default",
+            max_tokens=8,
+            logprobs=2,
+            repetition_penalty=1.3,
+            presence_penalty=0.5,
+            logit_bias={5: -100.0},
+            min_tokens=2,
+            stop_token_ids=[6],
+        )
         g = c.generate("acme", "Once upon a time", **kw)
         assert g.logprobs is not None and len(g.logprobs) == g.usage.completion_tokens > 0
         assert all(isinstance(lp, ps.TokenLogprob) and len(lp.top_logprobs) == 2 for lp in g.logprobs)
+        assert 5 not in [lp.id for lp in g.logprobs]
         streamed = [lp for d in c.stream("acme", "Once upon a time", **kw) for lp in (d.logprobs or [])]
         assert [lp.id for lp in streamed] == [lp.id for lp in g.logprobs]
         assert c.generate("acme", "Once upon a time", max_tokens=4).logprobs is None
+
+
+def test_logit_bias_min_tokens_stop_token_ids(srv):
+    c = srv.client()
+    req = {
+        "tenant_id": "acme",
+        "prompt": "Once upon a time",
+        "max_tokens": 6,
+        "logprobs": 0,
+        "ignore_eos": True,
+    }
+    plain = [lp["id"] for lp in gen(c, **req).json()["logprobs"]]
+    forced = (plain[0] + 11) % 200
+    r = gen(c, **req, logit_bias={str(forced): 100}).json()
+    assert [lp["id"] for lp in r["logprobs"]] == [forced] * 6
+    banned = gen(c, **req, logit_bias={str(plain[0]): -100}).json()
+    assert banned["logprobs"][0]["id"] != plain[0]
+    stop = gen(c, **{**req, "stop_token_ids": [plain[1]]}).json()
+    assert [lp["id"] for lp in stop["logprobs"]] == plain[:2] and stop["finish_reason"] == "stop"
+    held = gen(c, **{**req, "stop_token_ids": [plain[1]], "min_tokens": 6}).json()
+    assert held["usage"]["completion_tokens"] == 6 and plain[1] not in [lp["id"] for lp in held["logprobs"]]
+    vocab = srv.svc.bundle.spec.vocab_size
+    for bad, param in (
+        ({"logit_bias": {"x1": 5}}, "logit_bias"),
+        ({"logit_bias": {"3": 101}}, "logit_bias"),
+        ({"logit_bias": {str(vocab): 1}}, "logit_bias"),
+        ({"stop_token_ids": [vocab]}, "stop_token_ids"),
+        ({"min_tokens": 7}, "min_tokens"),
+    ):
+        err = assert_error(gen(c, **req, **bad), 422)
+        assert err["param"].split(".")[0] == param, (bad, err)

@@ -364,3 +364,12 @@ def test_echo_with_completion_whole_and_streamed(oai):
     assert streamed[0] is None and streamed[1:] == pytest.approx(ch.logprobs.token_logprobs[1:], abs=1e-4)
     # echo without logprobs: text only
     assert oai.completions.create(echo=True, **kw).choices[0].logprobs is None
+
+
+def test_openai_logit_bias(oai):
+    kw = dict(
+        model="acme/default", prompt="Tell me", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
+    forced = oai.completions.create(logit_bias={"65": 100}, **kw).choices[0]
+    ids = oai.completions.create(logit_bias={"65": 100}, logprobs=0, **kw).choices[0]
+    assert forced.text == ids.text and len(set(ids.logprobs.tokens)) == 1

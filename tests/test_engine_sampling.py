@@ -130,6 +130,9 @@ def test_sampling_params_validation():
         dict(frequency_penalty=float("inf")),
         dict(repetition_penalty=0),
         dict(logprobs=-1),
+        dict(max_tokens=4, min_tokens=5),
+        dict(logit_bias=((3, 101.0),)),
+        dict(logit_bias=((-1, 1.0),)),
     ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
@@ -199,12 +202,12 @@ def test_penalties_in_a_mixed_batch_match_transformers_and_alone(setup):
 
 
 def test_apply_penalties_formulas():
-    from server.engine.sampler import apply_penalties
+    from server.engine.sampler import process_scores
 
     row = torch.tensor([2.0, -2.0, 1.0, 0.5, 3.0])
-    rep = apply_penalties(row, SamplingParams(repetition_penalty=2.0), [0, 1], [1])
+    rep = process_scores(row, SamplingParams(repetition_penalty=2.0), [0, 1], [1])
     assert rep.tolist() == [1.0, -4.0, 1.0, 0.5, 3.0]
-    pf = apply_penalties(row, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [4], [2, 2, 3])
+    pf = process_scores(row, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [4], [2, 2, 3])
     assert pf.tolist() == [
         2.0,
         -2.0,
@@ -369,3 +372,49 @@ def test_prompt_logprobs_prefill_is_chunked(setup):
     assert all(
         lp is not None and lp.token_id == t for lp, t in zip(out.prompt_logprobs[1:], prompt[1:], strict=True)
     )
+
+
+def test_logit_bias_and_min_tokens_match_transformers(setup):
+    """logit_bias equals transformers' SequenceBiasLogitsProcessor and min_tokens its MinNewTokensLengthLogitsProcessor
+    (greedy, in one mixed batch with a plain row); the plain row is untouched."""
+    from transformers import MinNewTokensLengthLogitsProcessor, SequenceBiasLogitsProcessor
+
+    b, keys = setup
+    k0, k1 = list(keys)
+    new = 10
+    prompt = random_prompt(b.spec.vocab_size, 6, 3)
+    plain = make_engine(b, keys).generate(
+        [Request("p", prompt, SamplingParams(max_tokens=new, ignore_eos=True), k0)]
+    )
+    first, second = plain[0].token_ids[0], plain[0].token_ids[1]
+    forced = (first + 7) % b.spec.vocab_size
+    bias = ((first, -100.0), (forced, 8.0))
+    reqs = [
+        Request("bias", prompt, SamplingParams(max_tokens=new, ignore_eos=True, logit_bias=bias), k0),
+        # the greedy second token is a stop token: it ends the request unless min_tokens holds it off
+        Request("stop", prompt, SamplingParams(max_tokens=new, stop_token_ids=(second,)), k0),
+        Request("min", prompt, SamplingParams(max_tokens=new, stop_token_ids=(second,), min_tokens=6), k0),
+        Request("plain", prompt, SamplingParams(max_tokens=new, ignore_eos=True), k0),
+        Request(
+            "other",
+            random_prompt(b.spec.vocab_size, 4, 4),
+            SamplingParams(max_tokens=new, ignore_eos=True),
+            k1,
+        ),
+    ]
+    eng = make_engine(b, keys)
+    outs = {o.request_id: o for o in eng.generate(reqs)}
+    kv = keys[k0]
+    ends = {second, *eng.eos_ids}  # min_tokens holds off end-of-sequence too
+    ref_bias = hf_greedy(
+        b.hf_model, kv, prompt, new, processor=SequenceBiasLogitsProcessor([[[t], v] for t, v in bias])
+    )
+    assert outs["bias"].token_ids == ref_bias and ref_bias[0] != first
+    assert outs["stop"].token_ids == plain[0].token_ids[:2] and outs["stop"].finish_reason == "stop"
+    min_proc = MinNewTokensLengthLogitsProcessor(len(prompt), 6, eos_token_id=sorted(ends))
+    ref_min = hf_greedy(b.hf_model, kv, prompt, new, processor=min_proc)
+    got = outs["min"].token_ids
+    assert not ends & set(got[:6])
+    cut = next((i + 1 for i, t in enumerate(ref_min) if t in ends and i >= 6), new)
+    assert got == ref_min[:cut]  # and it stops at the first end token after the minimum
+    assert outs["plain"].token_ids == plain[0].token_ids

@@ -83,6 +83,9 @@ async def generate(
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
         logprobs=body.logprobs,
+        logit_bias=body.logit_bias,
+        min_tokens=body.min_tokens,
+        stop_token_ids=body.stop_token_ids,
     )
     prefix = await svc.resolve(tenant, name)
     info.version = prefix.version

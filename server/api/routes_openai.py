@@ -183,6 +183,9 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         logprobs=logprobs,
         logprobs_param=logprobs_param,
         prompt_logprobs=logprobs if echo is not None else None,
+        logit_bias=body.logit_bias,
+        min_tokens=body.min_tokens or 0,
+        stop_token_ids=body.stop_token_ids,
     )
     n = body.n or 1
     if n * len(prompts) > svc.settings.max_concurrent_per_tenant:

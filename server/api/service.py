@@ -574,6 +574,9 @@ class Service:
         logprobs: int | None = None,
         logprobs_param: str = "logprobs",
         prompt_logprobs: int | None = None,
+        logit_bias: dict[str, float] | None = None,
+        min_tokens: int = 0,
+        stop_token_ids: list[int] | None = None,
     ) -> SamplingParams:
         s = self.settings
         if max_tokens > s.max_new_tokens:
@@ -595,6 +598,14 @@ class Service:
                 code="logprobs_too_large",
                 param=logprobs_param,
             )
+        vocab = self.bundle.spec.vocab_size
+        bias = tuple((int(t), float(v)) for t, v in (logit_bias or {}).items())
+        if any(t >= vocab for t, _ in bias):
+            raise APIError(422, f"logit_bias token ids must be below {vocab}", param="logit_bias")
+        if any(t >= vocab for t in stop_token_ids or ()):
+            raise APIError(422, f"stop_token_ids must be below {vocab}", param="stop_token_ids")
+        if min_tokens > max_tokens:
+            raise APIError(422, "min_tokens must be at most max_tokens", param="min_tokens")
         if 0 < temperature < SAMPLING_EPS:
             temperature = 0.0
         try:
@@ -611,6 +622,9 @@ class Service:
                 repetition_penalty=float(repetition_penalty),
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
+                logit_bias=bias,
+                min_tokens=min_tokens,
+                stop_token_ids=tuple(stop_token_ids or ()),
             )
         except ValueError as e:
             raise APIError(422, str(e), code="invalid_value") from None

@@ -210,6 +210,7 @@ class LLMEngine:
                 [s.req.sampling for s in samplers],
                 [s.generator for s in samplers],
                 [(s.prompt, s.output) for s in samplers],
+                self.eos_ids,
             )
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")

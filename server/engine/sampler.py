@@ -7,6 +7,7 @@ log-probabilities are the model's own (before penalties, temperature and top-k/t
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -40,13 +41,27 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def apply_penalties(
-    row: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]
+def process_scores(
+    row: torch.Tensor,
+    p: SamplingParams,
+    prompt: list[int],
+    output: list[int],
+    eos_ids: Collection[int] = (),
 ) -> torch.Tensor:
-    """Repetition penalty over prompt + output (transformers' RepetitionPenaltyLogitsProcessor, vLLM), then
-    OpenAI's frequency and presence penalties over the generated tokens, on one row of float32 logits."""
+    """One row of float32 logits -> the scores it samples from, in vLLM's order: min_tokens (end-of-sequence and
+    stop_token_ids at -inf until `min_tokens` are generated), logit_bias, repetition penalty over prompt + output
+    (transformers' RepetitionPenaltyLogitsProcessor), then OpenAI's frequency and presence penalties over the
+    generated tokens. Token ids past the vocabulary are ignored."""
     vocab = row.shape[-1]
     row = row.clone()
+    if len(output) < p.min_tokens:
+        banned = [t for t in {*eos_ids, *p.stop_token_ids} if 0 <= t < vocab]
+        if banned:
+            row[torch.tensor(banned, device=row.device)] = float("-inf")
+    bias = [(t, b) for t, b in p.logit_bias if t < vocab]
+    if bias:
+        ids = torch.tensor([t for t, _ in bias], device=row.device)
+        row.index_add_(0, ids, torch.tensor([b for _, b in bias], dtype=row.dtype, device=row.device))
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(prompt + output, device=row.device).clamp_(0, vocab - 1).unique()
         vals = row[seen]
@@ -71,23 +86,25 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]] | None = None,
+    eos_ids: Collection[int] = (),
 ) -> SampleOutput:
     """logits: float32 `[R, vocab]`; one token per row, the rows that could not be sampled with the reason, and the
     log-probabilities of the rows that asked for them.
 
-    `histories[i]` is row i's (prompt, output) tokens, needed only for rows with penalties. Greedy rows without
-    penalties cost one vectorized argmax and one device sync for the whole batch. A row whose logits are not finite
+    `histories[i]` is row i's (prompt, output) tokens, needed only for rows whose scores are processed (penalties,
+    logit_bias, min_tokens with `eos_ids`). Greedy rows without processing cost one vectorized argmax and one device
+    sync for the whole batch. A row whose logits are not finite
     (a prefix or input that overflows) or whose sampling fails is reported on its own: the other rows of the batch are
     unaffected, so one tenant's request can never fail its neighbours'.
     """
     scores = logits
-    penalized = [i for i, p in enumerate(params) if p.penalized]
-    if penalized:
+    processed = [i for i, p in enumerate(params) if p.processed]
+    if processed:
         if histories is None:
-            raise ValueError("rows with penalties need their token histories")
+            raise ValueError("rows with processed scores need their token histories")
         scores = logits.clone()
-        for i in penalized:
-            scores[i] = apply_penalties(logits[i], params[i], *histories[i])
+        for i in processed:
+            scores[i] = process_scores(logits[i], params[i], *histories[i], eos_ids)
     both = torch.stack([scores.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()  # one device sync
     out, finite = both[0], both[1]
     failed = {

@@ -40,6 +40,10 @@ class SamplingParams:
     logprobs: int | None = None
     # The same for every prompt token after the first (OpenAI `echo` + `logprobs`, lm-eval's loglikelihood).
     prompt_logprobs: int | None = None
+    # OpenAI: (token id, bias) added to the logits before sampling (-100 bans, +100 forces).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM: end-of-sequence and stop_token_ids are banned until this many tokens are generated.
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -59,6 +63,14 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2]")
         if not 0.01 <= self.repetition_penalty <= 2.0:  # dividing by less overflows float32 logits
             raise ValueError("repetition_penalty must be in [0.01, 2]")
+        if self.min_tokens < 0:
+            raise ValueError("min_tokens must be >= 0")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must be at most max_tokens")
+        bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        if any(t < 0 or not -100.0 <= b <= 100.0 for t, b in bias):
+            raise ValueError("logit_bias needs token ids >= 0 and biases in [-100, 100]")
+        object.__setattr__(self, "logit_bias", bias)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -73,8 +85,15 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     @property
-    def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+    def processed(self) -> bool:
+        """Whether the row's scores differ from the logits (bias, min_tokens or penalties)."""
+        return bool(
+            self.logit_bias
+            or self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )
 
 
 @dataclass(frozen=True)

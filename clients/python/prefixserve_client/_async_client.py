@@ -286,6 +286,9 @@ class AsyncClient:
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
         logprobs: int | None = None,
+        logit_bias: dict[int, float] | None = None,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] | None = None,
         request_id: str | None = None,
     ) -> Generation:
         body = _base.generate_body(
@@ -303,6 +306,9 @@ class AsyncClient:
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,
             logprobs=logprobs,
+            logit_bias=logit_bias,
+            min_tokens=min_tokens,
+            stop_token_ids=stop_token_ids,
         )
         r = await self._request("POST", "/generate", json=body, request_id=request_id)
         gen = Generation.model_validate(r.json())
@@ -325,6 +331,9 @@ class AsyncClient:
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
         logprobs: int | None = None,
+        logit_bias: dict[int, float] | None = None,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] | None = None,
         request_id: str | None = None,
     ) -> AsyncStream:
         """An async iterator (not a coroutine): ``async for delta in client.stream(...)``."""
@@ -343,6 +352,9 @@ class AsyncClient:
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,
             logprobs=logprobs,
+            logit_bias=logit_bias,
+            min_tokens=min_tokens,
+            stop_token_ids=stop_token_ids,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return AsyncStream(self, body, headers)

@@ -79,6 +79,9 @@ def generate_body(
     frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0,
     logprobs: int | None = None,
+    logit_bias: dict[int, float] | None = None,
+    min_tokens: int = 0,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /generate``; optional fields are sent only when set (older servers refuse unknown
     fields)."""
@@ -105,6 +108,12 @@ def generate_body(
         body["repetition_penalty"] = repetition_penalty
     if logprobs is not None:
         body["logprobs"] = logprobs
+    if logit_bias:
+        body["logit_bias"] = {str(int(t)): float(b) for t, b in logit_bias.items()}
+    if min_tokens:
+        body["min_tokens"] = min_tokens
+    if stop_token_ids:
+        body["stop_token_ids"] = [int(t) for t in stop_token_ids]
     return body
 
 

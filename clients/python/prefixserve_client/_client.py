@@ -295,6 +295,9 @@ class Client:
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
         logprobs: int | None = None,
+        logit_bias: dict[int, float] | None = None,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] | None = None,
         request_id: str | None = None,
     ) -> Generation:
         """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model."""
@@ -313,6 +316,9 @@ class Client:
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,
             logprobs=logprobs,
+            logit_bias=logit_bias,
+            min_tokens=min_tokens,
+            stop_token_ids=stop_token_ids,
         )
         r = self._request("POST", "/generate", json=body, request_id=request_id)
         gen = Generation.model_validate(r.json())
@@ -335,6 +341,9 @@ class Client:
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
         logprobs: int | None = None,
+        logit_bias: dict[int, float] | None = None,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] | None = None,
         request_id: str | None = None,
     ) -> Stream:
         """Streamed ``POST /generate``: an iterator of :class:`StreamDelta` (text pieces; the last has
@@ -354,6 +363,9 @@ class Client:
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,
             logprobs=logprobs,
+            logit_bias=logit_bias,
+            min_tokens=min_tokens,
+            stop_token_ids=stop_token_ids,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return Stream(self, body, headers)
