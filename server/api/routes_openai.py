@@ -97,9 +97,15 @@ class _Choices:
         return usage(self.prompt_tokens, completion_tokens)
 
     def streamed_tokens(self) -> int:
-        if self.hide_output:
-            return 0
-        return sum(r.final.completion_tokens for r in self.runs if r.final is not None)
+        """Completion tokens of a finished stream, also written to the request's log line (shared by the runs)."""
+        total = (
+            0
+            if self.hide_output
+            else sum(r.final.completion_tokens for r in self.runs if r.final is not None)
+        )
+        info = self.runs[0].info
+        info.prompt_tokens, info.completion_tokens = self.prompt_tokens, total
+        return total
 
     def echoed(self, index: int) -> tuple[str, list[int]] | None:
         return None if self.echo is None else self.echo[index // self.n]
@@ -307,8 +313,9 @@ async def _completion_frames(ch: _Choices, cid: str, include_usage: bool) -> Asy
     choices = [_completion_choice(ch, r, i, head, include_usage) for i, r in enumerate(ch.runs)]
     async for frame in merge(choices):
         yield frame
+    tokens = ch.streamed_tokens()
     if include_usage:
-        yield sse({**head, "choices": [], "usage": ch.usage(ch.streamed_tokens())})
+        yield sse({**head, "choices": [], "usage": ch.usage(tokens)})
 
 
 @router.post(
@@ -374,8 +381,9 @@ async def _chat_frames(ch: _Choices, cid: str, include_usage: bool) -> AsyncIter
     extra = {"usage": None} if include_usage else {}
     async for frame in merge([_chat_choice(r, i, head, extra, ch.text) for i, r in enumerate(ch.runs)]):
         yield frame
+    tokens = ch.streamed_tokens()
     if include_usage:
-        yield sse({**head, "choices": [], "usage": ch.usage(ch.streamed_tokens())})
+        yield sse({**head, "choices": [], "usage": ch.usage(tokens)})
 
 
 # --------------------------------------------------------------------------------------------- models
