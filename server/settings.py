@@ -91,8 +91,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
     cpu_packed_weights: bool | None = Field(
         None,
-        description="CPU fp32: oneDNN-prepacked linear weights (faster decode, one more copy of the weights; "
-        "default: on where available)",
+        description="CPU float32, or bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX): oneDNN-prepacked linear "
+        "weights (faster decode, one more copy of the weights; default: on where available)",
     )
     prefix_meta_ttl_s: float = Field(
         10.0, ge=0, description="How long resolved prefix metadata is reused without asking the store"

@@ -42,7 +42,7 @@ class EngineConfig:
     prefix_cache_bytes: int | None = None  # default: half of the pool
     max_model_len: int | None = None  # default: min(model max positions, 8192)
     loader_threads: int = 2
-    packed_weights: bool | None = None  # CPU fp32 oneDNN-prepacked linears (None: where available)
+    packed_weights: bool | None = None  # CPU fp32/bf16 oneDNN-prepacked linears (None: where available)
     # decode steps as CUDA graphs: auto (on CUDA) | cuda | off | eager (the padded path without capture)
     graphs: str = "auto"
 

@@ -87,16 +87,21 @@ class _Linear:
 
 
 def cpu_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN prepacked fp32 linears: CPU, float32, a torch built with oneDNN, and the private ops present."""
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    """oneDNN prepacked linears: CPU, a torch built with oneDNN, the private ops present, and float32 or bfloat16 on
+    a CPU with native bf16 instructions (AVX512-BF16 / AMX; elsewhere bf16 GEMMs are emulated and slower)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
-        w = torch.ones(4, 4)
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        w = torch.ones(4, 4, dtype=dtype)
         p = torch.ops.mkldnn._reorder_linear_weight(w, 8)
-        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4), p, None, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4, dtype=dtype), p, None, "none", [], "")
     except (AttributeError, RuntimeError):
         return False
-    return bool(torch.equal(y, torch.full((2, 4), 4.0)))
+    return bool(torch.equal(y.float(), torch.full((2, 4), 4.0)))
 
 
 def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -146,7 +151,10 @@ class ModelRunner:
         self.graphs: _DecodeGraphs | None = None
         avail = cpu_packing_available(self.device, self.dtype) and self.family != "hf"
         if packed_weights and not avail:
-            raise ValueError("packed_weights needs a float32 CPU model, a native family and oneDNN")
+            raise ValueError(
+                "packed_weights needs a CPU model in float32 (or bfloat16 on a CPU with native bf16), a native family "
+                "and oneDNN"
+            )
         self.packed = avail if packed_weights is None else bool(packed_weights)
         m = bundle.hf_model
         cfg = m.config
