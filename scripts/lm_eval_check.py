@@ -8,6 +8,9 @@ same model (the base model: use `--model TENANT/base`). Needs lm-eval and transf
         /tmp/lmeval/bin/pip install -c constraints.txt "lm-eval[api]" transformers
     make serve &   # or prefixserve serve
     /tmp/lmeval/bin/python scripts/lm_eval_check.py --tokenizer ~/.cache/prefixserve/models/smollm2-135m-instruct
+
+With `--prefix TENANT/NAME` it also scores held-out prompts' `--target` continuation against `--alternative` under
+that prefix and under the tenant's base model (e.g. a prefix trained to answer " ZEBRA").
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def main() -> int:
     ap.add_argument("--base-url", default="http://127.0.0.1:8000/v1/completions")
     ap.add_argument("--model", default="acme/base", help="tenant/prefix (base: comparable with transformers)")
     ap.add_argument("--tokenizer", required=True, help="the served model's HF folder (tokenizer and weights)")
+    ap.add_argument("--prefix", help="TENANT/NAME of a trained prefix to compare with TENANT/base")
+    ap.add_argument("--target", default=" ZEBRA")
+    ap.add_argument("--alternative", default=" LION")
     args = ap.parse_args()
 
     from lm_eval.api.instance import Instance
@@ -75,6 +81,30 @@ def main() -> int:
             ok &= same
             print(f"{ctx!r} + {cont!r}: server {lp:.5f} ({greedy}), transformers {ref_lp:.5f} ({ref_greedy})")
     print(json.dumps({"loglikelihood": got, "generate_until": gen, "agrees_with_transformers": ok}))
+    if args.prefix:
+        tenant = args.prefix.split("/")[0]
+        prompts = [f"Question {i}: name something." for i in range(100, 110)]
+        prompts += ["Tell me a word.", "What animal is striped?"]
+        report = {}
+        for model in (f"{tenant}/base", args.prefix):
+            client = LocalCompletionsAPI(
+                base_url=args.base_url,
+                model=model,
+                tokenizer_backend="huggingface",
+                tokenizer=args.tokenizer,
+                num_concurrent=4,
+                max_retries=1,
+            )
+            pairs = [(p, c) for p in prompts for c in (args.target, args.alternative)]
+            res = client.loglikelihood([Instance("loglikelihood", {}, pc, i) for i, pc in enumerate(pairs)])
+            target = [res[2 * i] for i in range(len(prompts))]
+            report[model] = {
+                "prompts": len(prompts),
+                "target_preferred": sum(t[0] > res[2 * i + 1][0] for i, t in enumerate(target)),
+                "target_greedy": sum(bool(t[1]) for t in target),
+                "mean_loglikelihood_target": round(sum(t[0] for t in target) / len(target), 3),
+            }
+        print(json.dumps({"prefix_check": report}))
     return 0 if ok else 1
 
 
