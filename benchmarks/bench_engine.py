@@ -402,6 +402,7 @@ class EngineHarness:
             kv_cache_bytes=blocks * bb,
             prefix_cache_bytes=(prefix_blocks + 1) * bb,
             packed_weights=PACKED[args.packed_weights],
+            prompt_cache=args.prompt_cache,
         )
         self.steps: list[StepStats] = []
         self.engine = LLMEngine(bundle, provider, self.cfg, on_step=self.steps.append)
@@ -669,6 +670,7 @@ def main_bench(args) -> dict:
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
             "engine_packed_weights": engine_packed,
+            "engine_prompt_cache": args.prompt_cache,
             "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
         }
     )
@@ -786,6 +788,7 @@ def main_cache_test(args) -> dict:
             kv_cache_bytes=blocks * bb,
             prefix_cache_bytes=budget,
             packed_weights=PACKED[args.packed_weights],
+            prompt_cache=args.prompt_cache,
         )
         return LLMEngine(bundle, prov, cfg), prov
 
@@ -911,6 +914,136 @@ def main_cache_test(args) -> dict:
     return out
 
 
+def main_prompt_cache_test(args) -> dict:
+    """Tenants with their own prefix and their own system prompt; every request = its tenant's system prompt + a
+    unique question. The same workload on an engine without and with the prompt cache (system prompts cached by one
+    earlier request per tenant, the steady state of a server), greedy outputs compared."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    load_before = loadavg()
+    bundle, weights_kind = build_bundle(args.model, args.device, args.dtype, args.tokenizer)
+    sp = bundle.spec
+    p = parse_prefix_lens(args.prefix_len)[0]
+    vocab = min(sp.vocab_size, len(bundle.tokenizer))
+    g = torch.Generator().manual_seed(5)
+    systems = [
+        torch.randint(0, vocab, (args.system_prompt_len,), generator=g).tolist() for _ in range(args.tenants)
+    ]
+    questions = [
+        torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)
+    ]
+    keys = [PrefixKey(f"t{t}", "bench", 1) for t in range(args.tenants)]
+    kvs = {k: random_kv(sp, p, seed=t) for t, k in enumerate(keys)}
+
+    def reqs(tag: str, sys_only: bool = False) -> list[Request]:
+        if sys_only:  # one earlier request per tenant with its system prompt (caches it)
+            return [
+                Request(
+                    f"{tag}-{t}", systems[t] + [1], SamplingParams(max_tokens=1, ignore_eos=True), keys[t]
+                )
+                for t in range(args.tenants)
+            ]
+        return [
+            Request(
+                f"{tag}-{i}",
+                systems[i % args.tenants] + questions[i],
+                SamplingParams(max_tokens=args.new_tokens, ignore_eos=True),
+                keys[i % args.tenants],
+            )
+            for i in range(args.requests)
+        ]
+
+    results: dict[str, dict] = {}
+    tokens: dict[str, list[list[int]]] = {}
+    for rep in range(args.repeats):
+        for label, on in (("prompt cache off", False), ("prompt cache on", True)):
+            cfg = EngineConfig(
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                block_size=args.block_size,
+                kv_cache_bytes=args.kv_cache_mb * 2**20,
+                packed_weights=PACKED[args.packed_weights],
+                prompt_cache=on,
+            )
+            eng = LLMEngine(bundle, DictPrefixProvider(kvs), cfg)
+            eng.generate(reqs(f"warm{rep}", sys_only=True))
+            h0, q0 = eng.scheduler.cache_hit_tokens, eng.scheduler.cache_query_tokens
+            gc.collect()
+            t0 = time.perf_counter()
+            outs = eng.generate(reqs(f"run{rep}"))
+            sync(bundle.device)
+            wall = time.perf_counter() - t0
+            if any(o.error for o in outs):
+                raise RuntimeError(f"engine errors: {[o.error for o in outs if o.error][:3]}")
+            ntok = sum(len(o.token_ids) for o in outs)
+            r = dict(
+                tok_s=ntok / wall,
+                wall=wall,
+                hit_tokens=eng.scheduler.cache_hit_tokens - h0,
+                query_tokens=eng.scheduler.cache_query_tokens - q0,
+                ttft_p50=ms(percentile([o.ttft for o in outs], 50)),
+                ttft_p99=ms(percentile([o.ttft for o in outs], 99)),
+                itl_p50=ms(percentile([x for o in outs for x in o.itl], 50)),
+            )
+            if label not in results or r["tok_s"] > results[label]["tok_s"]:
+                results[label] = r
+            tokens[label] = [o.token_ids for o in outs]
+            eng.shutdown()
+            del eng
+            gc.collect()
+    same = tokens["prompt cache off"] == tokens["prompt cache on"]
+    ratio = results["prompt cache on"]["tok_s"] / results["prompt cache off"]["tok_s"]
+    on = results["prompt cache on"]
+    info = machine_info(str(bundle.device))
+    load_after = loadavg()
+    lines = [
+        f"**Prompt cache test**: {bundle.name} ({weights_kind}) on {info.get('gpu') or info['cpu']} "
+        f"({info['cores']} cores), {str(bundle.dtype).removeprefix('torch.')}, torch {info['torch']}, {info['date']}",
+        "",
+        f"{args.tenants} tenants, each with its own prefix (P={p}) and system prompt ({args.system_prompt_len} "
+        f"tokens); {args.requests} requests = system prompt + a unique {args.prompt_len}-token question, "
+        f"{args.new_tokens} new tokens; best of {args.repeats}. Load average before {load_before}, after {load_after}.",
+        "",
+        f"Command: `python benchmarks/bench_engine.py {' '.join(sys.argv[1:])}`",
+        "",
+        markdown_table(
+            ["engine", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "prompt tokens from cache"],
+            [
+                [
+                    k,
+                    fmt(r["tok_s"]),
+                    fmt(r["ttft_p50"]),
+                    fmt(r["ttft_p99"]),
+                    fmt(r["itl_p50"]),
+                    f"{r['hit_tokens']} / {r['query_tokens']}" if k.endswith("on") else "-",
+                ]
+                for k, r in results.items()
+            ],
+        ),
+        "",
+        f"Throughput on / off = **{ratio:.2f}**, TTFT p50 {fmt(results['prompt cache off']['ttft_p50'])} -> "
+        f"{fmt(on['ttft_p50'])} ms; greedy outputs identical: {same}.",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    out = {
+        "prompt_cache_on_tok_s": round(on["tok_s"], 2),
+        "prompt_cache_off_tok_s": round(results["prompt cache off"]["tok_s"], 2),
+        "on_vs_off": round(ratio, 3),
+        "hit_tokens": on["hit_tokens"],
+        "query_tokens": on["query_tokens"],
+        "outputs_identical": same,
+        "model": bundle.name,
+        "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report + "\n\n```json\n" + json.dumps(out) + "\n```\n")
+    print(json.dumps(out))
+    if not same:
+        raise SystemExit("prompt cache changed the greedy outputs")
+    return out
+
+
 def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -953,6 +1086,12 @@ def parse_args(argv: list[str] | None = None):
         help="engine: CPU fp32 oneDNN-prepacked linears (auto: where available, the server's default)",
     )
     ap.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        help="engine: keep the prompt cache on (off by default here: repeats run the same prompts, which would "
+        "then be served from the cache instead of measuring prefill)",
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="also profile engine decode steps (torch.profiler, cProfile)"
     )
     ap.add_argument("--out", default="", help="also write the report (markdown + JSON) to this file")
@@ -963,6 +1102,10 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--cache-requests", type=int, default=256)
     g.add_argument("--zipf-s", type=float, default=1.0)
     g.add_argument("--fetch-latency-ms", type=float, default=2.0)
+    g = ap.add_argument_group("--prompt-cache-test")
+    g.add_argument("--prompt-cache-test", action="store_true")
+    g.add_argument("--system-prompt-len", type=int, default=256)
+    g.add_argument("--kv-cache-mb", type=int, default=512)
     args = ap.parse_args(argv)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
@@ -974,6 +1117,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.cache_test:
         main_cache_test(args)
+    elif args.prompt_cache_test:
+        main_prompt_cache_test(args)
     else:
         main_bench(args)
 

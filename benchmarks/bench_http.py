@@ -257,15 +257,19 @@ async def amain(args) -> dict:
         seed_store(args, sorted({t for t, _ in targets}))
     rng = random.Random(args.seed)
     n_prompts = max(args.requests, 1)
-    prompts = [make_prompt(rng, args.prompt_len) for _ in range(n_prompts)]
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     load_before = loadavg()
+
+    def fresh_prompts() -> list[str]:
+        # new prompts for the warm-up and every level: none is served from the server's prompt cache
+        return [make_prompt(rng, args.prompt_len) for _ in range(n_prompts)]
+
     if args.warmup:
         warm = argparse.Namespace(**{**vars(args), "requests": args.warmup})
-        await run_level(warm, targets, min(args.warmup, len(targets)), prompts)
+        await run_level(warm, targets, min(args.warmup, len(targets)), fresh_prompts())
     rows = []
     for c in levels:
-        r = await run_level(args, targets, c, prompts)
+        r = await run_level(args, targets, c, fresh_prompts())
         rows.append(r)
         print(
             f"concurrency {c}: {r['req_s']:.2f} req/s, {r['out_tok_s']:.1f} tok/s, errors {r['errors']}",

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="Most requests in one running batch")
     max_batched_tokens: int = Field(2048, ge=16, description="Most tokens (prefill + decode) in one step")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    prompt_cache: bool = Field(
+        True,
+        description="Reuse the KV of identical leading prompt tokens of earlier requests of the same tenant and prefix "
+        "(full blocks; free blocks keep it until reused)",
+    )
     cpu_packed_weights: bool | None = Field(
         None,
         description="CPU float32, or bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX): oneDNN-prepacked linear "

@@ -322,3 +322,26 @@ def test_logit_bias_min_tokens_stop_token_ids(srv):
     ):
         err = assert_error(gen(c, **req, **bad), 422)
         assert err["param"].split(".")[0] == param, (bad, err)
+
+
+def test_prompt_cache_is_per_tenant_and_in_metrics(srv):
+    """The same long prompt twice for one tenant reuses its cached blocks (metrics count the hit tokens); the same
+    prompt with another tenant's base model (same tokens, same model) does not: the cache is salted by tenant."""
+    c = srv.client()
+    prompt = " ".join(f"word{i}" for i in range(60))
+    llm = srv.svc.llm
+
+    def hits() -> int:
+        return llm.scheduler.cache_hit_tokens
+
+    first = gen(c, tenant_id="acme", prefix="base", prompt=prompt, max_tokens=4, ignore_eos=True).json()
+    h0 = hits()
+    other = gen(c, tenant_id="globex", prefix="base", prompt=prompt, max_tokens=4, ignore_eos=True).json()
+    assert hits() == h0, "another tenant must not hit acme's cached prompt"
+    again = gen(c, tenant_id="acme", prefix="base", prompt=prompt, max_tokens=4, ignore_eos=True).json()
+    assert hits() - h0 >= 3 * 16 and again["text"] == first["text"] == other["text"]
+    m = c.get("/metrics").text
+    assert metric_value(m, "prefixserve:prompt_cache_hit_tokens_total") == hits()
+    assert (
+        metric_value(m, "prefixserve:prompt_cache_query_tokens_total") >= 3 * first["usage"]["prompt_tokens"]
+    )

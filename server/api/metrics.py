@@ -56,6 +56,22 @@ class _EngineCollector(Collector):
         g = GaugeMetricFamily(P + "kv_cache_usage_perc", "Fraction of KV cache blocks in use")
         g.add_metric([], s.get("kv_cache_usage", 0.0))
         yield g
+        for name, doc in (
+            ("prompt_cache_query_tokens", "Own tokens of admitted requests looked up in the prompt cache"),
+            (
+                "prompt_cache_hit_tokens",
+                "Of those, tokens whose KV came from the prompt cache (not recomputed)",
+            ),
+            ("prompt_cache_evictions", "Cached prompt blocks reused for other data"),
+        ):
+            c = CounterMetricFamily(P + name, doc)
+            c.add_metric([], s.get(name, 0))
+            yield c
+        g = GaugeMetricFamily(
+            P + "prompt_cache_blocks", "KV blocks holding cached prompt tokens (in use or free)"
+        )
+        g.add_metric([], s.get("prompt_cache_blocks", 0))
+        yield g
         jobs = GaugeMetricFamily(P + "training_jobs", "Training jobs by status", labels=["status"])
         counts: dict[str, int] = s.get("jobs", {})
         for st in sorted(set(JOB_STATUSES) | set(counts)):

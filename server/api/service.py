@@ -398,6 +398,7 @@ class Service:
             prefix_cache_bytes=settings.prefix_cache_mb * mib if settings.prefix_cache_mb else None,
             max_model_len=settings.max_model_len,
             packed_weights=settings.cpu_packed_weights,
+            prompt_cache=settings.prompt_cache,
         )
         llm = LLMEngine(bundle, StorePrefixProvider(store, bundle), cfg, on_step=metrics.on_step)
         engine = AsyncEngine(llm, torch_threads=settings.torch_threads)
@@ -464,6 +465,10 @@ class Service:
             "prefix_cache_resident_bytes": sum(e.nbytes for e in entries),
             "prefix_cache_resident_prefixes": len(entries),
             "kv_cache_usage": pool.num_used / max(pool.num_blocks, 1),
+            "prompt_cache_query_tokens": self.llm.scheduler.cache_query_tokens,
+            "prompt_cache_hit_tokens": self.llm.scheduler.cache_hit_tokens,
+            "prompt_cache_evictions": pool.cache_evictions,
+            "prompt_cache_blocks": pool.num_cached,
             "jobs": jobs,
             "ready": (not self.draining) and self.engine_alive() and self.store_ok,
         }
@@ -714,6 +719,7 @@ class Service:
             sampling=sampling,
             prefix=prefix.key,
             stream_text=stream,
+            cache_salt=prefix.tenant_id,  # cached prompt blocks are never shared across tenants
         )
         run = GenerationRun(self, req, prefix, info, release)
         try:

@@ -45,6 +45,7 @@ class EngineConfig:
     packed_weights: bool | None = None  # CPU fp32/bf16 oneDNN-prepacked linears (None: where available)
     # decode steps as CUDA graphs: auto (on CUDA) | cuda | off | eager (the padded path without capture)
     graphs: str = "auto"
+    prompt_cache: bool = True  # reuse cached KV blocks of identical leading tokens (same salt and prefix)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class LLMEngine:
             on_loaded=on_prefix_loaded,
         )
         self.scheduler = Scheduler(
-            SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting),
+            SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting, cfg.prompt_cache),
             self.pool,
             self.prefix_cache,
         )
@@ -220,6 +221,7 @@ class LLMEngine:
             return events
         for it in items:
             it.seq.num_cached += it.num_tokens
+            self.scheduler.cache_computed(it.seq)
         now = time.monotonic()
         for i, (seq, tok) in enumerate(zip(samplers, res.tokens, strict=True)):
             if i in res.failed:  # this request alone ends with an error; the rest of the batch carries on

@@ -4,9 +4,20 @@ A sequence's keys/values live in a list of blocks (its block table). A tenant's 
 and those blocks are shared read-only (ref-counted) by every running request of that tenant: the block table of a
 request is `prefix blocks + own blocks`. The prefix's last block may be partly filled; the request's own tokens
 always start in a fresh block, so shared blocks are never written.
+
+Prompt caching (vLLM's automatic prefix caching, nano-vllm's block manager): a full block of a request's own tokens
+can be registered under a key `(parent node, its tokens)`, where the chain starts at a root naming the tenant's cache
+salt and prefix version (the same tokens after another prefix or for another tenant never match). Keys are compared
+by value (no hash collisions can hand one request another's KV). A registered block whose last user leaves goes to the
+end of the free queue still holding its KV: a later request with the same leading tokens takes it back instead of
+recomputing; allocation takes the oldest free block first and forgets whatever it held.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
 
 import torch
 
@@ -40,8 +51,13 @@ class KVPool:
             num_layers, 2, (num_blocks + 1) * block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
         self.scratch_slot = num_blocks * block_size
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
         self._refs = [0] * num_blocks
+        # prompt cache: key -> (block, node id); block -> key (node ids are never reused)
+        self._cached: dict[Hashable, tuple[int, int]] = {}
+        self._key_of: dict[int, Hashable] = {}
+        self._node_ids = itertools.count(1)
+        self.cache_evictions = 0
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype) -> int:
@@ -65,25 +81,63 @@ class KVPool:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a registered prompt-cache entry (in use or free)."""
+        return len(self._key_of)
+
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
-        out = [self._free.pop() for _ in range(n)]
-        for b in out:
+        out = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            key = self._key_of.pop(b, None)
+            if key is not None:  # its cached KV is about to be overwritten
+                del self._cached[key]
+                self.cache_evictions += 1
             self._refs[b] = 1
+            out.append(b)
         return out
 
     def incref(self, blocks: list[int]) -> None:
         for b in blocks:
             self._refs[b] += 1
 
-    def free(self, blocks: list[int]) -> None:
+    def free(self, blocks: Iterable[int]) -> None:
+        """Drop one reference of each block; a block nobody uses goes to the end of the free queue (a registered
+        one keeps its KV until it is allocated again). Free a sequence's blocks last-first, so its tail goes first."""
         for b in blocks:
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                self._free[b] = None
             elif self._refs[b] < 0:  # pragma: no cover - a bug, never silently
                 raise RuntimeError(f"block {b} freed twice")
+
+    # ------------------------------------------------------------------ prompt cache
+    def lookup(self, key: Hashable) -> tuple[int, int] | None:
+        """(block, node id) registered under `key`, or None."""
+        return self._cached.get(key)
+
+    def acquire(self, blocks: list[int]) -> None:
+        """Take a reference on cached blocks found by `lookup` (taking free ones back out of the free queue)."""
+        for b in blocks:
+            if self._refs[b] == 0:
+                del self._free[b]
+            self._refs[b] += 1
+
+    def register(self, block: int, key: Hashable) -> int:
+        """Register `block` (a full block of computed KV, in use) under `key`; returns the key's node id. If the key
+        is already registered (the same tokens computed by another request meanwhile), that entry is kept."""
+        hit = self._cached.get(key)
+        if hit is not None:
+            return hit[1]
+        if block in self._key_of:  # pragma: no cover - a bug: a block's content has one key
+            raise RuntimeError(f"block {block} is already registered")
+        node = next(self._node_ids)
+        self._cached[key] = (block, node)
+        self._key_of[block] = key
+        return node
 
     def refcount(self, block: int) -> int:
         return self._refs[block]

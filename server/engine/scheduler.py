@@ -21,6 +21,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_waiting: int = 1024
+    prompt_cache: bool = True  # reuse the KV of full blocks of earlier requests' identical leading tokens
 
 
 PROMPT_LOGPROBS_CHUNK = 512  # 512 x a 128k vocabulary x 4 bytes = 256 MiB of logits at most
@@ -41,6 +42,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.failed: list[Sequence] = []  # prefix load failures, reported by the engine
         self.num_preemptions = 0
+        self.cache_query_tokens = 0  # own tokens of admitted requests (prompt cache on)
+        self.cache_hit_tokens = 0  # of which found in the prompt cache
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -59,11 +62,44 @@ class Scheduler:
         return True
 
     def free(self, seq: Sequence) -> None:
-        self.pool.free(seq.own_blocks)
+        self.pool.free(reversed(seq.own_blocks))  # tail first: cached leading blocks outlive it
         seq.own_blocks = []
+        seq.cache_nodes = []
         if seq.prefix is not None:
             self.prefixes.release(seq.prefix)
             seq.prefix = None
+
+    # ------------------------------------------------------------------ prompt cache
+    def _match_cached(self, seq: Sequence) -> None:
+        """Start a newcomer on the cached blocks of its longest cached run of leading full blocks (at least its last
+        token is always computed: the step needs its logits)."""
+        if not self.cfg.prompt_cache or seq.num_cached or seq.prompt_logprobs is not None:
+            return
+        bs, toks = self.pool.block_size, seq.tokens
+        parent: object = seq.cache_root
+        blocks: list[int] = []
+        for i in range((len(toks) - 1) // bs):
+            hit = self.pool.lookup((parent, tuple(toks[i * bs : (i + 1) * bs])))
+            if hit is None:
+                break
+            blocks.append(hit[0])
+            seq.cache_nodes.append(hit[1])
+            parent = hit[1]
+        self.pool.acquire(blocks)
+        seq.own_blocks = blocks
+        seq.num_cached = len(blocks) * bs
+        self.cache_query_tokens += len(toks)
+        self.cache_hit_tokens += seq.num_cached
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """After a step: register the sequence's newly completed full blocks."""
+        if not self.cfg.prompt_cache or seq.status is not SeqStatus.RUNNING:
+            return
+        bs = self.pool.block_size
+        for i in range(len(seq.cache_nodes), seq.num_cached // bs):
+            parent = seq.cache_nodes[-1] if seq.cache_nodes else seq.cache_root
+            key = (parent, tuple(seq.tokens[i * bs : (i + 1) * bs]))
+            seq.cache_nodes.append(self.pool.register(seq.own_blocks[i], key))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -118,11 +154,11 @@ class Scheduler:
                     continue
                 self.prefixes.acquire(got)
                 seq.prefix = got
+            self._match_cached(seq)
             n = self._chunk(seq, budget)
             if not self._ensure_blocks(seq, n):
-                if seq.prefix is not None:
-                    self.prefixes.release(seq.prefix)
-                    seq.prefix = None
+                self.free(seq)  # its prefix and any cached blocks it took
+                seq.num_cached = 0
                 self.waiting.appendleft(seq)
                 break
             seq.status = SeqStatus.RUNNING

@@ -126,6 +126,9 @@ class Request:
     prefix: PrefixKey | None = None
     # Produce text deltas on every step (streaming); otherwise text is decoded once at the end.
     stream_text: bool = False
+    # Prompt-cache namespace (vLLM's cache_salt): requests share cached prompt blocks only with the same salt and
+    # prefix; the server salts with the tenant id so one tenant cannot time another's prompts.
+    cache_salt: str | None = None
 
 
 @dataclass

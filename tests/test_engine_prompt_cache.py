@@ -1,0 +1,155 @@
+"""Prompt cache (automatic prefix caching): full blocks of identical leading tokens are reused, never across cache
+salts (tenants) or prefixes, and outputs stay token-identical to the uncached engine and to transformers."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine import PrefixKey, Request, SamplingParams
+from tests.engine_utils import hf_greedy, make_engine, random_kv, random_prompt
+
+NEW = 6
+BS = 16
+
+
+@pytest.fixture
+def tenants(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    return b, {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 8 + 5 * i, seed=i) for i in range(2)}
+
+
+def _computed_tokens(eng) -> list[int]:
+    """Spy: the number of tokens each step computes."""
+    seen: list[int] = []
+    prepare = eng.runner.prepare
+
+    def spy(rows):
+        seen.append(sum(len(r.tokens) for r in rows))
+        return prepare(rows)
+
+    eng.runner.prepare = spy
+    return seen
+
+
+def _req(rid, prompt, key, salt=None, **kw):
+    kw.setdefault("max_tokens", NEW)
+    return Request(rid, prompt, SamplingParams(ignore_eos=True, **kw), key, cache_salt=salt)
+
+
+def test_shared_system_prompt_is_computed_once_and_stays_exact(tenants):
+    b, keys = tenants
+    k0, k1 = list(keys)
+    system = random_prompt(b.spec.vocab_size, 2 * BS + 5, 1)  # two full blocks and a bit
+    asks = [random_prompt(b.spec.vocab_size, 3 + i, 10 + i) for i in range(4)]
+    first = _req("warm", system + asks[0], k0, "acme")
+    later = [
+        _req("same-tenant-1", system + asks[1], k0, "acme"),
+        _req("same-tenant-2", system + asks[2], k0, "acme"),
+        _req("other-prefix", system + asks[1], k1, "acme"),  # same tokens, another prefix: other KV
+        _req("other-salt", system + asks[2], k0, "globex"),  # same tokens and prefix, another tenant
+        _req("no-prefix", system + asks[3], None, "acme"),
+    ]
+    eng = make_engine(b, keys)
+    computed = _computed_tokens(eng)
+    outs = {o.request_id: o.token_ids for o in eng.generate([first])}
+    assert (
+        eng.scheduler.cache_hit_tokens == 0 and eng.pool.num_cached == 2
+    )  # its two full prompt blocks... and more
+    outs.update({o.request_id: o.token_ids for o in eng.generate(later)})
+    # only the two same-tenant, same-prefix requests hit: 2 blocks each
+    assert eng.scheduler.cache_hit_tokens == 2 * 2 * BS
+    assert sum(computed) == sum(len(r.prompt_token_ids) + NEW - 1 for r in [first, *later]) - 2 * 2 * BS
+    plain = make_engine(b, keys, prompt_cache=False)
+    for r in [first, *later]:
+        ref = hf_greedy(b.hf_model, keys[r.prefix] if r.prefix else None, r.prompt_token_ids, NEW)
+        assert outs[r.request_id] == ref, r.request_id
+        assert outs[r.request_id] == plain.generate([r])[0].token_ids
+    assert plain.scheduler.cache_hit_tokens == 0 and plain.pool.num_cached == 0
+
+
+def test_whole_prompt_cached_still_computes_its_last_token(tenants):
+    """A repeated prompt of exactly two blocks: the first block is reused, the last token is recomputed (its logits
+    are needed), and the answer is the same."""
+    b, keys = tenants
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 2 * BS, 3)
+    eng = make_engine(b, keys)
+    a = eng.generate([_req("a", prompt, k0)])[0].token_ids
+    computed = _computed_tokens(eng)
+    again = eng.generate([_req("b", prompt, k0)])[0].token_ids
+    assert again == a == hf_greedy(b.hf_model, keys[k0], prompt, NEW)
+    assert eng.scheduler.cache_hit_tokens == BS and computed[0] == BS
+
+
+def test_generated_tokens_are_cached_for_the_next_turn(tenants):
+    """A multi-turn conversation: the next turn's prompt starts with the previous prompt and answer; their full
+    blocks (output included) come from the cache."""
+    b, keys = tenants
+    k0 = next(iter(keys))
+    turn1 = random_prompt(b.spec.vocab_size, 20, 4)
+    eng = make_engine(b, keys)
+    ans = eng.generate([_req("t1", turn1, k0, max_tokens=30)])[0].token_ids
+    turn2 = turn1 + ans + random_prompt(b.spec.vocab_size, 5, 5)
+    out = eng.generate([_req("t2", turn2, k0)])[0].token_ids
+    assert (
+        eng.scheduler.cache_hit_tokens == ((20 + 30 - 1) // BS) * BS
+    )  # every full block of turn 1 and its answer
+    assert out == hf_greedy(b.hf_model, keys[k0], turn2, NEW)
+
+
+def test_cached_blocks_are_evicted_under_pressure_and_nothing_leaks(tenants):
+    """A pool too small to keep every prompt: cached blocks are reused for new data (evictions), outputs stay exact
+    and, once idle, the only blocks in use are the resident prefixes'."""
+    b, keys = tenants
+    sp = b.spec
+    block_bytes = sp.num_layers * 2 * BS * sp.num_kv_heads * sp.head_dim * 4
+    eng = make_engine(b, keys, kv_cache_bytes=16 * block_bytes)
+    ks = list(keys)
+    reqs = [_req(f"r{i}", random_prompt(sp.vocab_size, 40, 100 + i), ks[i % 2]) for i in range(8)]
+    outs = [eng.generate([r])[0].token_ids for r in reqs]  # one after another: each leaves its blocks cached
+    assert eng.pool.cache_evictions > 0
+    again = eng.generate(reqs[-1:])[0].token_ids  # the newest is still cached
+    assert eng.scheduler.cache_hit_tokens >= 2 * BS and again == outs[-1]
+    for r, o in zip(reqs, outs, strict=True):
+        assert o == hf_greedy(b.hf_model, keys[r.prefix], r.prompt_token_ids, NEW)
+    assert eng.pool.num_used == sum(len(e.blocks) for e in eng.prefix_cache.entries.values())
+
+
+def test_abort_and_preemption_release_cached_blocks(tenants):
+    b, keys = tenants
+    k0 = next(iter(keys))
+    sp = b.spec
+    prompt = random_prompt(sp.vocab_size, 3 * BS + 1, 7)
+    eng = make_engine(b, keys)
+    ref = eng.generate([_req("warm", prompt, k0)])[0].token_ids
+    # admitted onto cached blocks, then aborted before it finishes
+    eng.add_request(_req("x", prompt, k0, max_tokens=20))
+    eng.step()
+    assert eng.scheduler.cache_hit_tokens == 3 * BS
+    eng.abort("x")
+    assert eng.pool.num_used == sum(len(e.blocks) for e in eng.prefix_cache.entries.values())
+    # preemption with cached blocks in the block table: a tiny pool and chunked prefill
+    block_bytes = sp.num_layers * 2 * BS * sp.num_kv_heads * sp.head_dim * 4
+    small = make_engine(b, keys, kv_cache_bytes=12 * block_bytes, max_num_batched_tokens=8)
+    head = prompt[: 2 * BS + 1]
+    small.generate([_req("warm", head, k0)])  # caches head's first two blocks
+    reqs = [
+        _req(f"p{i}", head + random_prompt(sp.vocab_size, 4, 20 + i), k0, max_tokens=30) for i in range(5)
+    ]
+    outs = small.generate(reqs)  # 2 shared + 5 x 3 own blocks + the prefix's > 12: someone is preempted
+    assert small.scheduler.num_preemptions > 0 and small.scheduler.cache_hit_tokens > 0
+    for r, o in zip(reqs, outs, strict=True):
+        assert o.token_ids == hf_greedy(b.hf_model, keys[k0], r.prompt_token_ids, 30)
+    assert ref == hf_greedy(b.hf_model, keys[k0], prompt, NEW)
+    assert small.pool.num_used == sum(len(e.blocks) for e in small.prefix_cache.entries.values())
+
+
+def test_prompt_logprobs_requests_do_not_read_the_cache(tenants):
+    b, keys = tenants
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 2 * BS + 3, 8)
+    eng = make_engine(b, keys)
+    eng.generate([_req("warm", prompt, k0)])
+    out = eng.generate([_req("lp", prompt, k0, prompt_logprobs=0)])[0]
+    assert eng.scheduler.cache_hit_tokens == 0
+    assert out.prompt_logprobs is not None and all(lp is not None for lp in out.prompt_logprobs[1:])
