@@ -373,3 +373,20 @@ def test_openai_logit_bias(oai):
     forced = oai.completions.create(logit_bias={"65": 100}, **kw).choices[0]
     ids = oai.completions.create(logit_bias={"65": 100}, logprobs=0, **kw).choices[0]
     assert forced.text == ids.text and len(set(ids.logprobs.tokens)) == 1
+
+
+def test_n_samples_of_one_prompt_share_its_prefill(srv, oai):
+    """With the prompt cache on, samples 2..n of a prompt start after the first has its first token and take its
+    cached prompt blocks (n - 1 prefills saved); greedy choices are all the same answer, equal to a single request."""
+    sched = srv.svc.llm.scheduler
+    prompt = " ".join(f"w{i}" for i in range(40))  # never sent before: nothing of it is cached yet
+    kw = dict(
+        model="acme/default", prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
+    h0 = sched.cache_hit_tokens
+    many = oai.completions.create(n=4, **kw)
+    blocks = (many.usage.prompt_tokens - 1) // 16
+    assert blocks >= 2
+    assert sched.cache_hit_tokens - h0 == 3 * blocks * 16  # the first sample computed it, three reused it
+    single = oai.completions.create(**kw)
+    assert [c.text for c in many.choices] == [single.choices[0].text] * 4

@@ -647,29 +647,41 @@ class Service:
         stream: bool,
         receive: Callable[[], Any] | None,
     ) -> list[GenerationRun]:
-        """Several engine requests of one HTTP request (OpenAI `n`, prompt lists), submitted together so they share
-        engine steps; each takes a tenant slot. If any cannot start, the others are closed and its error raised."""
+        """Several engine requests of one HTTP request (OpenAI `n`, prompt lists); each takes a tenant slot. Distinct
+        prompts start together (they share engine steps). With the prompt cache on, further samples of a prompt start
+        once its first has its first token: its prompt blocks are cached by then, so the others skip that prefill.
+        If any cannot start, the others are closed and its error raised."""
         if len(jobs) == 1:
             ids, sampling = jobs[0]
             return [await self.generate(info, prefix, ids, sampling, stream=stream, receive=receive)]
-        tasks = [
-            asyncio.ensure_future(self.generate(info, prefix, ids, sp, stream=stream, receive=None))
-            for ids, sp in jobs
-        ]
+        seen: set[tuple[int, ...]] = set()
+        waves: tuple[list[int], list[int]] = ([], [])
+        for i, (ids, _) in enumerate(jobs):
+            key = tuple(ids)
+            waves[1 if self.settings.prompt_cache and key in seen else 0].append(i)
+            seen.add(key)
+        tasks: list[asyncio.Future[GenerationRun] | None] = [None] * len(jobs)
 
         async def start_all() -> list[GenerationRun]:
-            done = await asyncio.gather(*tasks, return_exceptions=True)
-            errors = [d for d in done if isinstance(d, BaseException)]
-            if errors:
-                raise errors[0]
-            return done  # type: ignore[return-value]
+            for wave in waves:
+                for i in wave:
+                    ids, sp = jobs[i]
+                    tasks[i] = asyncio.ensure_future(
+                        self.generate(info, prefix, ids, sp, stream=stream, receive=None)
+                    )
+                done = await asyncio.gather(*(tasks[i] for i in wave), return_exceptions=True)  # type: ignore[misc]
+                errors = [d for d in done if isinstance(d, BaseException)]
+                if errors:
+                    raise errors[0]
+            return [t.result() for t in tasks if t is not None]
 
         try:
             return await race_disconnect(receive, start_all())
         except BaseException:
-            for t in tasks:
+            started = [t for t in tasks if t is not None]
+            for t in started:
                 t.cancel()  # a run still starting closes itself when cancelled
-            for t in tasks:
+            for t in started:
                 with contextlib.suppress(BaseException):
                     run = await t
                     await run.close()
