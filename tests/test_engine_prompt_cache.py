@@ -153,3 +153,25 @@ def test_prompt_logprobs_requests_do_not_read_the_cache(tenants):
     out = eng.generate([_req("lp", prompt, k0, prompt_logprobs=0)])[0]
     assert eng.scheduler.cache_hit_tokens == 0
     assert out.prompt_logprobs is not None and all(lp is not None for lp in out.prompt_logprobs[1:])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_prompt_cache_on_other_forwards(family, tiny_gpt2_bundle):
+    """The native GPT-2 forward and the generic transformers path (Phi-3) read cached blocks exactly too."""
+    if family == "gpt2":
+        b = tiny_gpt2_bundle
+    else:
+        from server.model.loader import bundle_from_model
+        from tests.fixtures.models import make_tiny_causal_lm, make_tiny_tokenizer
+
+        tok = make_tiny_tokenizer()
+        b = bundle_from_model(make_tiny_causal_lm("phi3", tok, 0, num_key_value_heads=2), tok, name="phi3")
+    keys = {PrefixKey("t", "p", 1): random_kv(b.spec, 11, seed=5)}
+    k = next(iter(keys))
+    system = random_prompt(b.spec.vocab_size, 2 * BS + 2, 6)
+    eng = make_engine(b, keys)
+    reqs = [_req(f"r{i}", system + random_prompt(b.spec.vocab_size, 4, 30 + i), k) for i in range(3)]
+    outs = [eng.generate([r])[0].token_ids for r in reqs]
+    assert eng.scheduler.cache_hit_tokens == 2 * 2 * BS
+    for r, o in zip(reqs, outs, strict=True):
+        assert o == hf_greedy(b.hf_model, keys[k], r.prompt_token_ids, NEW)
