@@ -127,6 +127,57 @@ class _Choices:
         return results
 
 
+@dataclass
+class _Plan:
+    """What a chat or completion body asks of the engine, before sampling parameters."""
+
+    prompts: list[list[int]]
+    max_tokens: int
+    logprobs: int | None
+    logprobs_param: str
+    echo: list[tuple[str, list[int]]] | None = None  # completions with echo: each prompt's text and token ids
+    hide_output: bool = False  # echo with max_tokens 0
+
+
+async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefix: Any) -> _Plan:
+    messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
+    if svc.settings.log_prompts:
+        info.prompt = "\n".join(m["content"] for m in messages)
+    ids = await svc.tokenize(render_messages, svc.bundle.tokenizer, messages)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:  # OpenAI: up to the context; here also capped by max_new_tokens
+        room = svc.llm.max_model_len - prefix.prefix_length - len(ids)
+        max_tokens = max(1, min(svc.settings.max_new_tokens, room))
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(
+            422, "top_logprobs needs logprobs to be true", code="invalid_value", param="top_logprobs"
+        )
+    return _Plan([ids], max_tokens, (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs")
+
+
+async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, prefix: Any) -> _Plan:
+    tok = svc.bundle.tokenizer
+    raw: Any = body.prompt
+    items: list[Any] = [raw] if isinstance(raw, str) or isinstance(raw[0], int) else list(raw)
+    if svc.settings.log_prompts:
+        info.prompt = "\n".join(str(x) for x in items)
+    # text is rendered in the prefix's prompt format; token ids are used as given
+    prompts = [
+        await svc.tokenize(render_prompt, tok, x, prefix.prompt_format) if isinstance(x, str) else list(x)
+        for x in items
+    ]
+    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    plan = _Plan(prompts, max(1, max_tokens), body.logprobs, "logprobs", hide_output=max_tokens == 0)
+    if body.echo:
+        plan.echo = [
+            (x if isinstance(x, str) else await svc.tokenize(_decode, tok, x), ids)
+            for x, ids in zip(items, prompts, strict=True)
+        ]
+    elif max_tokens == 0:
+        raise APIError(422, "max_tokens may be 0 only with echo", code="invalid_value", param="max_tokens")
+    return plan
+
+
 async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat: bool) -> _Choices:
     svc = get_service(request)
     info = get_info(request)
@@ -134,49 +185,14 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     info.tenant, info.prefix = tenant, name
     prefix = await svc.resolve(tenant, name)
     info.version = prefix.version
-    tok = svc.bundle.tokenizer
-    echo: list[tuple[str, list[int]]] | None = None
-    hide_output = False
     if chat:
         assert isinstance(body, ChatCompletionRequest)
-        messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
-        if svc.settings.log_prompts:
-            info.prompt = "\n".join(m["content"] for m in messages)
-        prompts = [await svc.tokenize(render_messages, tok, messages)]
-        requested = body.max_completion_tokens or body.max_tokens
-        if requested is None:  # OpenAI: up to the context; here also capped by max_new_tokens
-            room = svc.llm.max_model_len - prefix.prefix_length - len(prompts[0])
-            requested = max(1, min(svc.settings.max_new_tokens, room))
-        max_tokens = requested
-        if body.top_logprobs and not body.logprobs:
-            raise APIError(
-                422, "top_logprobs needs logprobs to be true", code="invalid_value", param="top_logprobs"
-            )
-        logprobs, logprobs_param = ((body.top_logprobs or 0) if body.logprobs else None), "top_logprobs"
+        plan = await _chat_plan(svc, info, body, prefix)
     else:
         assert isinstance(body, CompletionRequest)
-        raw: Any = body.prompt
-        items: list[Any] = [raw] if isinstance(raw, str) or isinstance(raw[0], int) else list(raw)
-        if svc.settings.log_prompts:
-            info.prompt = "\n".join(str(x) for x in items)
-        prompts = [
-            await svc.tokenize(render_prompt, tok, x, prefix.prompt_format) if isinstance(x, str) else list(x)
-            for x in items
-        ]
-        max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        if body.echo:
-            echo = [
-                (x if isinstance(x, str) else await svc.tokenize(_decode, tok, x), ids)
-                for x, ids in zip(items, prompts, strict=True)
-            ]
-        elif max_tokens == 0:
-            raise APIError(
-                422, "max_tokens may be 0 only with echo", code="invalid_value", param="max_tokens"
-            )
-        hide_output, max_tokens = max_tokens == 0, max(1, max_tokens)
-        logprobs, logprobs_param = body.logprobs, "logprobs"
+        plan = await _completion_plan(svc, info, body, prefix)
     sampling = svc.sampling(
-        max_tokens=max_tokens,
+        max_tokens=plan.max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
@@ -186,32 +202,31 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        logprobs=logprobs,
-        logprobs_param=logprobs_param,
-        prompt_logprobs=logprobs if echo is not None else None,
+        logprobs=plan.logprobs,
+        logprobs_param=plan.logprobs_param,
+        prompt_logprobs=plan.logprobs if plan.echo is not None else None,
         logit_bias=body.logit_bias,
         min_tokens=body.min_tokens or 0,
         stop_token_ids=body.stop_token_ids,
     )
     n = body.n or 1
-    if n * len(prompts) > svc.settings.max_concurrent_per_tenant:
+    if n * len(plan.prompts) > svc.settings.max_concurrent_per_tenant:
         raise APIError(
             422,
-            f"n x prompts = {n * len(prompts)} exceeds the {svc.settings.max_concurrent_per_tenant} requests a "
-            "tenant may run at once",
+            f"n x prompts = {n * len(plan.prompts)} exceeds the {svc.settings.max_concurrent_per_tenant} requests "
+            "a tenant may run at once",
             code="too_many_choices",
             param="n",
         )
     # sample j of a prompt draws from seed + j: the choices differ, and each is reproducible
     jobs = [
         (ids, sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + j))
-        for ids in prompts
+        for ids in plan.prompts
         for j in range(n)
     ]
     runs = await svc.generate_many(info, prefix, jobs, stream=body.stream, receive=request.receive)
-    return _Choices(
-        svc, runs, sum(len(ids) for ids in prompts), body.model, int(time.time()), n, echo, hide_output
-    )
+    prompt_tokens = sum(len(ids) for ids in plan.prompts)
+    return _Choices(svc, runs, prompt_tokens, body.model, int(time.time()), n, plan.echo, plan.hide_output)
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
