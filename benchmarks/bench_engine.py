@@ -676,10 +676,7 @@ def main_bench(args) -> dict:
     )
     if args.profile and harness is not None:
         profile_engine(harness, work, args)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report + "\n\n```json\n" + json.dumps(out) + "\n```\n")
-    print(json.dumps(out))
+    emit(args, report, out)
     return out
 
 
@@ -907,11 +904,16 @@ def main_cache_test(args) -> dict:
         "model": bundle.name,
         "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
     }
+    emit(args, report, out)
+    return out
+
+
+def emit(args, report: str, out: dict) -> None:
+    """The JSON line on stdout (last), and with --out the markdown report and the JSON in one file."""
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report + "\n\n```json\n" + json.dumps(out) + "\n```\n")
     print(json.dumps(out))
-    return out
 
 
 def main_prompt_cache_test(args) -> dict:
@@ -1035,10 +1037,7 @@ def main_prompt_cache_test(args) -> dict:
         "model": bundle.name,
         "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report + "\n\n```json\n" + json.dumps(out) + "\n```\n")
-    print(json.dumps(out))
+    emit(args, report, out)
     if not same:
         raise SystemExit("prompt cache changed the greedy outputs")
     return out

@@ -112,13 +112,16 @@ def test_packed_cpu_weights_match_plain_linears(bundle_name, request):
     assert got == [o.token_ids for o in plain.generate(reqs)]
     # logits agree to float32 rounding, not only their argmax
     prompt = reqs[0].prompt_token_ids
-    logits = []
-    for eng in (packed, plain):
-        blocks = eng.pool.allocate(eng.pool.blocks_for(len(prompt)))
-        row = RowInput(prompt, 0, 0, [], blocks, 0, True)
-        logits.append(eng.runner.forward(eng.runner.prepare([row])))
-        eng.pool.free(blocks)
-    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(packed, prompt), _logits(plain, prompt), rtol=1e-4, atol=1e-4)
+
+
+def _logits(eng, prompt: list[int]) -> torch.Tensor:
+    """One forward of `prompt` (no prefix) through the engine's runner: the last token's logits."""
+    blocks = eng.pool.allocate(eng.pool.blocks_for(len(prompt)))
+    row = RowInput(prompt, 0, 0, [], blocks, 0, True)
+    out = eng.runner.forward(eng.runner.prepare([row]))
+    eng.pool.free(blocks)
+    return out
 
 
 def test_packed_weights_refused_where_unavailable(tiny_llama_bundle):
@@ -145,13 +148,7 @@ def test_packed_bf16_weights_on_cpus_with_native_bf16():
     packed, plain = make_engine(bundle, keys), make_engine(bundle, keys, packed_weights=False)
     assert packed.runner.packed and not plain.runner.packed
     prompt = random_prompt(bundle.spec.vocab_size, 12, 2)
-    logits = []
-    for eng in (packed, plain):
-        blocks = eng.pool.allocate(eng.pool.blocks_for(len(prompt)))
-        row = RowInput(prompt, 0, 0, [], blocks, 0, True)
-        logits.append(eng.runner.forward(eng.runner.prepare([row])))
-        eng.pool.free(blocks)
-    torch.testing.assert_close(logits[0], logits[1], rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(_logits(packed, prompt), _logits(plain, prompt), rtol=2e-2, atol=5e-2)
     req = Request("r", prompt, SamplingParams(max_tokens=8, ignore_eos=True), next(iter(keys)))
     assert len(packed.generate([req])[0].token_ids) == 8
 
