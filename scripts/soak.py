@@ -64,6 +64,8 @@ async def load(url: str, tenants: int, concurrency: int, deadline: float, stats:
                     "max_tokens": rnd.randint(1, 32),
                     "temperature": rnd.choice([0.0, 0.8]),
                     "stream": rnd.random() < 0.5,
+                    "logprobs": rnd.choice([None, None, 0, 3]),
+                    "repetition_penalty": rnd.choice([1.0, 1.0, 1.3]),
                 }
                 try:
                     if body["stream"]:
