@@ -242,6 +242,7 @@ def test_logprobs_streamed_and_whole_agree(srv):
     chunks = parse_sse(c.post("/generate", json={**req, "stream": True}).text)[:-1]
     streamed = [lp for ch in chunks for lp in ch["logprobs"]]
     assert [lp["id"] for lp in streamed] == [lp["id"] for lp in lps]
+    assert [t for ch in chunks for t in ch["token_ids"]] == [lp["id"] for lp in lps]  # ids of every token too
     assert [lp["logprob"] for lp in streamed] == pytest.approx([lp["logprob"] for lp in lps], abs=1e-4)
     # without the field nothing is computed or returned
     assert gen(c, **{**req, "logprobs": None}).json()["logprobs"] is None
@@ -288,8 +289,10 @@ def test_sdk_logprobs_and_penalties(srv):
         assert g.logprobs is not None and len(g.logprobs) == g.usage.completion_tokens > 0
         assert all(isinstance(lp, ps.TokenLogprob) and len(lp.top_logprobs) == 2 for lp in g.logprobs)
         assert 5 not in [lp.id for lp in g.logprobs]
-        streamed = [lp for d in c.stream("acme", "Once upon a time", **kw) for lp in (d.logprobs or [])]
+        deltas = list(c.stream("acme", "Once upon a time", **kw))
+        streamed = [lp for d in deltas for lp in (d.logprobs or [])]
         assert [lp.id for lp in streamed] == [lp.id for lp in g.logprobs]
+        assert [t for d in deltas for t in d.token_ids] == [lp.id for lp in g.logprobs]
         assert c.generate("acme", "Once upon a time", max_tokens=4).logprobs is None
 
 

@@ -120,26 +120,31 @@ async def all_events(run: GenerationRun) -> AsyncIterator[TokenEvent]:
         yield ev
 
 
-async def chunked_events(run: GenerationRun) -> AsyncIterator[tuple[TokenEvent, list[TokenLogprob] | None]]:
-    """The events worth a stream chunk (new text, or the end) with the logprobs of every token since the previous
-    chunk: a token whose text is held back (part of a character, a possible stop string) still gets reported."""
+async def chunked_events(
+    run: GenerationRun,
+) -> AsyncIterator[tuple[TokenEvent, list[int], list[TokenLogprob] | None]]:
+    """The events worth a stream chunk (new text, or the end) with the ids and logprobs of every token since the
+    previous chunk: a token whose text is held back (part of a character, a possible stop string) is still reported."""
+    ids: list[int] = []
     pending: list[TokenLogprob] = []
     want = run.req.sampling.logprobs is not None
     async for ev in all_events(run):
+        ids.extend(ev.token_ids)
         pending.extend(ev.logprobs or [])
         if ev.text or ev.finished:
-            yield ev, (pending if want else None)
-            pending = []
+            yield ev, ids, (pending if want else None)
+            ids, pending = [], []
 
 
 async def _frames(
     run: GenerationRun, rid: str, prefix: ResolvedPrefix, text: Callable[[int], str]
 ) -> AsyncIterator[bytes]:
     head = {"id": rid, "tenant_id": prefix.tenant_id, "prefix": prefix.name, "prefix_version": prefix.version}
-    async for ev, lps in chunked_events(run):
+    async for ev, ids, lps in chunked_events(run):
         chunk = GenerateChunk(
             **head,
             text=ev.text,
+            token_ids=ids,
             finish_reason=ev.finish_reason if ev.finished else None,  # type: ignore[arg-type]
             usage=usage(ev.prompt_tokens, ev.completion_tokens) if ev.finished else None,  # type: ignore[arg-type]
             logprobs=None if lps is None else generate_logprobs(lps, text),  # type: ignore[arg-type]

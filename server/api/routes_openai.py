@@ -310,7 +310,7 @@ async def _completion_choice(
         text, logprobs = _echo_part(ch, index, run.first.prompt_logprobs, want)
         offset = sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
         yield chunk(text, logprobs, None)
-    async for ev, lps in chunked_events(run):
+    async for ev, _ids, lps in chunked_events(run):
         finish = ev.finish_reason if ev.finished else None
         if ch.hide_output:  # echo with max_tokens 0: the one generated token is not part of the answer
             if ev.finished:
@@ -382,7 +382,7 @@ async def _chat_choice(
         )
 
     yield chunk({"role": "assistant", "content": ""}, None)
-    async for ev, lps in chunked_events(run):
+    async for ev, _ids, lps in chunked_events(run):
         logprobs = None if lps is None else chat_logprobs(lps, text)
         if ev.text:
             yield chunk({"content": ev.text}, None, logprobs)

@@ -147,6 +147,9 @@ class GenerateChunk(BaseModel):
     prefix: str | None
     prefix_version: int | None
     text: str
+    token_ids: list[int] = Field(
+        default_factory=list, description="The tokens generated since the last event"
+    )
     finish_reason: Literal["stop", "length"] | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprobInfo] | None = Field(
