@@ -76,3 +76,46 @@ def test_bf16_default_and_greedy_close_to_fp32():
     t16 = [o.token_ids for o in make_engine(b16, keys).generate(reqs)]
     first_agree = sum(a[0] == b[0] for a, b in zip(t32, t16, strict=True))
     assert first_agree >= 8, (t32, t16)
+
+
+def _cached_logprobs_penalties(bundle, graphs: str) -> None:
+    """A shared system prompt (prompt cache), logprobs, prompt logprobs and penalties next to plain rows, graphed
+    decode: tokens equal the uncached eager engine and transformers; logprobs match to fp32 rounding."""
+    from server.engine import PrefixKey, Request, SamplingParams
+    from tests.engine_utils import random_kv, random_prompt
+
+    keys = {PrefixKey("t", "p", 1): random_kv(bundle.spec, 11, seed=1)}
+    k = next(iter(keys))
+    system = random_prompt(bundle.spec.vocab_size, 40, 2)
+
+    def reqs(tag: str) -> list:
+        out = []
+        for i in range(6):
+            sp = SamplingParams(
+                max_tokens=NEW,
+                ignore_eos=True,
+                logprobs=2 if i % 2 else None,
+                prompt_logprobs=1 if i == 3 else None,
+                repetition_penalty=1.3 if i == 4 else 1.0,
+            )
+            out.append(
+                Request(f"{tag}{i}", system + random_prompt(bundle.spec.vocab_size, 3 + i, 10 + i), sp, k)
+            )
+        return out
+
+    graphed = make_engine(bundle, keys, graphs=graphs, max_num_seqs=16)
+    graphed.generate(reqs("warm"))  # caches the system prompt's blocks
+    got = graphed.generate(reqs("run"))
+    assert graphed.scheduler.cache_hit_tokens > 0
+    plain = make_engine(bundle, keys, graphs="off", prompt_cache=False).generate(reqs("run"))
+    for a, b in zip(got, plain, strict=True):
+        assert a.token_ids == b.token_ids, a.request_id
+        if b.logprobs is not None:
+            assert [x.token_id for x in a.logprobs] == [x.token_id for x in b.logprobs]
+            assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-3)
+    r = reqs("ref")[0]
+    assert got[0].token_ids == hf_greedy(bundle.hf_model, keys[k], r.prompt_token_ids, NEW)
+
+
+def test_cuda_graphs_with_prompt_cache_logprobs_and_penalties():
+    _cached_logprobs_penalties(_bundle("llama"), "cuda")
