@@ -348,3 +348,29 @@ def test_prompt_cache_is_per_tenant_and_in_metrics(srv):
     assert (
         metric_value(m, "prefixserve:prompt_cache_query_tokens_total") >= 3 * first["usage"]["prompt_tokens"]
     )
+
+
+def test_tokenize_counts_what_generate_feeds_and_detokenize_round_trips(srv):
+    c = srv.client()
+    for prefix, prompt in (("default", "Once upon a time"), ("chatty", "hi there")):  # raw and chat formats
+        t = c.post("/tokenize", json={"tenant_id": "acme", "prefix": prefix, "prompt": prompt})
+        assert t.status_code == 200, t.text
+        tok = t.json()
+        g = gen(c, tenant_id="acme", prefix=prefix, prompt=prompt, max_tokens=1).json()
+        assert tok["count"] == len(tok["tokens"]) == g["usage"]["prompt_tokens"]
+        assert tok["prefix_length"] == (8 if prefix == "default" else 6)
+        assert tok["prompt_format"] == ("raw" if prefix == "default" else "chat")
+        assert tok["max_model_len"] == srv.svc.llm.max_model_len
+    msgs = [{"role": "user", "content": "hi there"}]
+    chat = c.post("/tokenize", json={"tenant_id": "acme", "prefix": "base", "messages": msgs}).json()
+    assert chat["prompt_format"] == "chat" and chat["prefix_length"] == 0 and chat["count"] > 2
+    raw = c.post(
+        "/tokenize", json={"tenant_id": "acme", "prefix": "default", "prompt": "Once upon a time"}
+    ).json()
+    back = c.post("/detokenize", json={"tokens": raw["tokens"]})
+    assert back.status_code == 200 and back.json()["prompt"] == "Once upon a time"
+    # bad input: unknown prefix, both or neither of prompt/messages, ids past the vocabulary
+    assert_error(c.post("/tokenize", json={"tenant_id": "acme", "prefix": "nope", "prompt": "x"}), 404)
+    assert_error(c.post("/tokenize", json={"tenant_id": "acme", "prompt": "x", "messages": msgs}), 422)
+    assert_error(c.post("/tokenize", json={"tenant_id": "acme"}), 422)
+    assert_error(c.post("/detokenize", json={"tokens": [srv.svc.bundle.spec.vocab_size]}), 422)

@@ -10,14 +10,25 @@ from fastapi.responses import Response
 
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
-from server.api.errors import COMMON_ERRORS
+from server.api.errors import COMMON_ERRORS, APIError
 from server.api.logprobs import generate_logprobs
-from server.api.schemas import DEFAULT_PREFIX, GenerateChunk, GenerateRequest, GenerateResponse
+from server.api.schemas import (
+    DEFAULT_PREFIX,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerateChunk,
+    GenerateRequest,
+    GenerateResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from server.api.service import (
     ClientDisconnected,
     GenerationRun,
     ResolvedPrefix,
+    message_text,
     race_disconnect,
+    render_messages,
     render_prompt,
 )
 from server.api.streaming import EngineEventStream, sse
@@ -150,3 +161,52 @@ async def _frames(
             logprobs=None if lps is None else generate_logprobs(lps, text),  # type: ignore[arg-type]
         )
         yield sse(chunk.model_dump())
+
+
+@router.post(
+    "/tokenize",
+    response_model=TokenizeResponse,
+    responses=COMMON_ERRORS,
+    summary="Token ids of a prompt (or chat messages) as a generation with that prefix would feed them",
+)
+async def tokenize(
+    body: TokenizeRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> TokenizeResponse:
+    svc = get_service(request)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(422, "give exactly one of prompt and messages", code="invalid_value", param="prompt")
+    tenant = principal.resolve_tenant(body.tenant_id)
+    prefix = await svc.resolve(tenant, body.prefix or DEFAULT_PREFIX)
+    tok = svc.bundle.tokenizer
+    if body.messages is not None:
+        messages = [{"role": m.role, "content": message_text(m.content)} for m in body.messages]
+        ids, fmt = await svc.tokenize(render_messages, tok, messages), "chat"
+    else:
+        assert body.prompt is not None
+        ids, fmt = (
+            await svc.tokenize(render_prompt, tok, body.prompt, prefix.prompt_format),
+            prefix.prompt_format,
+        )
+    return TokenizeResponse(
+        tokens=ids,
+        count=len(ids),
+        prefix_length=prefix.prefix_length,
+        max_model_len=svc.llm.max_model_len,
+        prompt_format=fmt,
+    )
+
+
+@router.post(
+    "/detokenize", response_model=DetokenizeResponse, responses=COMMON_ERRORS, summary="Text of token ids"
+)
+async def detokenize(
+    body: DetokenizeRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> DetokenizeResponse:
+    svc = get_service(request)
+    vocab = svc.bundle.spec.vocab_size
+    if any(t >= vocab for t in body.tokens):
+        raise APIError(422, f"token ids must be below {vocab}", code="invalid_value", param="tokens")
+    text = svc.bundle.tokenizer.decode(
+        body.tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    return DetokenizeResponse(prompt=text)

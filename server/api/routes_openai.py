@@ -38,6 +38,7 @@ from server.api.service import (
     GenerationResult,
     GenerationRun,
     Service,
+    message_text,
     race_disconnect,
     render_messages,
     render_prompt,
@@ -56,24 +57,6 @@ def parse_model(model: str, principal: Principal) -> tuple[str, str]:
     if not is_valid_name(tenant) or not is_valid_name(name) or not principal.can_access(tenant):
         raise APIError(404, f"model {model!r} not found", code="model_not_found", param="model")
     return tenant, name
-
-
-def _message_text(content: Any) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(
-                400, "only text content parts are supported", code="unsupported_content", param="messages"
-            )
-        parts.append(part["text"])
-    from server.api.schemas import check_text
-
-    try:
-        return check_text("".join(parts))
-    except ValueError as e:
-        raise APIError(422, str(e), param="messages") from None
 
 
 @dataclass
@@ -140,7 +123,7 @@ class _Plan:
 
 
 async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefix: Any) -> _Plan:
-    messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
+    messages = [{"role": m.role, "content": message_text(m.content)} for m in body.messages]
     if svc.settings.log_prompts:
         info.prompt = "\n".join(m["content"] for m in messages)
     ids = await svc.tokenize(render_messages, svc.bundle.tokenizer, messages)

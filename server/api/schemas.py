@@ -416,3 +416,35 @@ class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     model: str | None = None
     checks: dict[str, str]
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant_id: Name | None = Field(None, description="Tenant; defaults to the API key's tenant")
+    prefix: Name | None = Field(DEFAULT_PREFIX, description="Whose prompt format and length to apply")
+    prompt: PromptText | None = Field(
+        None, description="Rendered in the prefix's prompt format, as /generate does"
+    )
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, max_length=1024, description="Rendered with the chat template, as /v1/chat does"
+    )
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    prefix_length: int = Field(description="Positions the prefix takes before the prompt")
+    max_model_len: int = Field(description="Context limit: prefix + prompt + output")
+    prompt_format: str
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(max_length=65536)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

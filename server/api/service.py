@@ -23,7 +23,7 @@ from server import model as _model
 from server.api.errors import APIError, unavailable
 from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
-from server.api.schemas import BASE_PREFIX
+from server.api.schemas import BASE_PREFIX, check_text
 from server.engine import (
     AsyncEngine,
     EngineConfig,
@@ -59,6 +59,23 @@ def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
 
 def render_messages(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     return list(_model.render_messages(tokenizer, messages))
+
+
+def message_text(content: Any) -> str:
+    """The text of an OpenAI chat message's content (a string or text parts; other parts are refused)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(
+                400, "only text content parts are supported", code="unsupported_content", param="messages"
+            )
+        parts.append(part["text"])
+    try:
+        return check_text("".join(parts))
+    except ValueError as e:
+        raise APIError(422, str(e), param="messages") from None
 
 
 class StorePrefixProvider:
