@@ -294,6 +294,19 @@ def test_sdk_logprobs_and_penalties(srv):
         assert [lp.id for lp in streamed] == [lp.id for lp in g.logprobs]
         assert [t for d in deltas for t in d.token_ids] == [lp.id for lp in g.logprobs]
         assert c.generate("acme", "Once upon a time", max_tokens=4).logprobs is None
+        t = c.tokenize("acme", "Once upon a time")
+        assert isinstance(t, ps.Tokenized) and t.count == g.usage.prompt_tokens == len(t.tokens)
+        assert t.room == srv.svc.llm.max_model_len - 8 - t.count  # acme's default prefix has 8 positions
+        assert c.detokenize(t.tokens) == "Once upon a time"
+        with pytest.raises(TypeError):
+            c.tokenize("acme")  # neither prompt nor messages
+
+    async def async_tokenize() -> int:
+        async with ps.AsyncClient(srv.url) as ac:
+            msgs = [{"role": "user", "content": "hi"}]
+            return (await ac.tokenize("acme", prefix="base", messages=msgs)).count
+
+    assert asyncio.run(async_tokenize()) > 1
 
 
 def test_logit_bias_min_tokens_stop_token_ids(srv):

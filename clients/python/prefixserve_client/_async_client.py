@@ -22,6 +22,7 @@ from .types import (
     PrefixInfo,
     Readiness,
     StreamDelta,
+    Tokenized,
 )
 
 __all__ = ["AsyncClient", "AsyncPrefixes", "AsyncStream"]
@@ -371,6 +372,21 @@ class AsyncClient:
                 raise status_error_from_response(r)
             return Readiness.model_validate(body)
         return Readiness.model_validate(r.json())
+
+    async def tokenize(
+        self,
+        tenant_id: str | None,
+        prompt: str | None = None,
+        *,
+        prefix: str | None = "default",
+        messages: Sequence[dict[str, Any]] | None = None,
+    ) -> Tokenized:
+        body = _base.tokenize_body(tenant_id, prompt, prefix, messages)
+        return Tokenized.model_validate((await self._request("POST", "/tokenize", json=body)).json())
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        r = await self._request("POST", "/detokenize", json={"tokens": [int(t) for t in tokens]})
+        return str(r.json()["prompt"])
 
     async def models(self) -> ModelList:
         return ModelList.model_validate((await self._request("GET", "/v1/models")).json())

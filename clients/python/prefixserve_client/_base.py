@@ -117,6 +117,21 @@ def generate_body(
     return body
 
 
+def tokenize_body(
+    tenant_id: str | None, prompt: str | None, prefix: str | None, messages: Sequence[dict[str, Any]] | None
+) -> dict[str, Any]:
+    if (prompt is None) == (messages is None):
+        raise TypeError("give exactly one of prompt and messages")
+    body: dict[str, Any] = {"prefix": prefix}
+    if tenant_id is not None:
+        body["tenant_id"] = tenant_id
+    if prompt is not None:
+        body["prompt"] = prompt
+    else:
+        body["messages"] = list(messages or [])
+    return body
+
+
 def load_examples(examples: Examples) -> list[dict[str, Any]]:
     """A list of dicts as is, or the objects of a JSONL file (one JSON object per non-blank line)."""
     if isinstance(examples, (str, os.PathLike)):

@@ -22,6 +22,7 @@ from .types import (
     PrefixInfo,
     Readiness,
     StreamDelta,
+    Tokenized,
 )
 
 __all__ = ["Client", "Prefixes", "Stream"]
@@ -384,6 +385,25 @@ class Client:
                 raise status_error_from_response(r)
             return Readiness.model_validate(body)
         return Readiness.model_validate(r.json())
+
+    def tokenize(
+        self,
+        tenant_id: str | None,
+        prompt: str | None = None,
+        *,
+        prefix: str | None = "default",
+        messages: Sequence[dict[str, Any]] | None = None,
+    ) -> Tokenized:
+        """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
+        prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output."""
+        body = _base.tokenize_body(tenant_id, prompt, prefix, messages)
+        return Tokenized.model_validate(self._request("POST", "/tokenize", json=body).json())
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """``POST /detokenize``: the text of token ids."""
+        return str(
+            self._request("POST", "/detokenize", json={"tokens": [int(t) for t in tokens]}).json()["prompt"]
+        )
 
     def models(self) -> ModelList:
         """``GET /v1/models``: the key's tenant prefixes as OpenAI model ids ``tenant/prefix``."""

@@ -23,6 +23,7 @@ __all__ = [
     "Readiness",
     "StreamDelta",
     "TokenLogprob",
+    "Tokenized",
     "TopLogprob",
     "Usage",
 ]
@@ -112,6 +113,21 @@ class ModelCard(_Model):
 class ModelList(_Model):
     object: str = "list"
     data: list[ModelCard] = Field(default_factory=list)
+
+
+class Tokenized(_Model):
+    """Answer of ``POST /tokenize``: the ids a generation with that prefix would feed."""
+
+    tokens: list[int] = Field(default_factory=list)
+    count: int = 0
+    prefix_length: int = 0
+    max_model_len: Optional[int] = None
+    prompt_format: Optional[str] = None
+
+    @property
+    def room(self) -> Optional[int]:
+        """Output tokens that still fit the context after the prefix and this prompt (None if unknown)."""
+        return None if self.max_model_len is None else self.max_model_len - self.prefix_length - self.count
 
 
 class PrefixInfo(_Model):
