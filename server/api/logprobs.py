@@ -117,6 +117,11 @@ def completion_logprobs(
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
+def text_length(logprobs: dict[str, Any] | None) -> int:
+    """Characters covered by a legacy-format logprobs block (where the next block's text_offset starts)."""
+    return sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
+
+
 def chat_logprobs(lps: Iterable[TokenLogprob], texts: TokenTexts) -> dict[str, Any]:
     def entry(token_id: int, value: float) -> dict[str, Any]:
         t, raw = texts.entry(token_id)

@@ -26,7 +26,7 @@ from server.api.service import (
     ClientDisconnected,
     GenerationRun,
     ResolvedPrefix,
-    message_text,
+    chat_messages,
     race_disconnect,
     render_messages,
     render_prompt,
@@ -179,8 +179,7 @@ async def tokenize(
     prefix = await svc.resolve(tenant, body.prefix or DEFAULT_PREFIX)
     tok = svc.bundle.tokenizer
     if body.messages is not None:
-        messages = [{"role": m.role, "content": message_text(m.content)} for m in body.messages]
-        ids, fmt = await svc.tokenize(render_messages, tok, messages), "chat"
+        ids, fmt = await svc.tokenize(render_messages, tok, chat_messages(body.messages)), "chat"
     else:
         assert body.prompt is not None
         ids, fmt = (

@@ -19,7 +19,7 @@ from prefix_store.names import is_valid_name
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError
-from server.api.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from server.api.logprobs import TokenTexts, chat_logprobs, completion_logprobs, text_length
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
 from server.api.schemas import (
     BASE_PREFIX,
@@ -38,7 +38,7 @@ from server.api.service import (
     GenerationResult,
     GenerationRun,
     Service,
-    message_text,
+    chat_messages,
     race_disconnect,
     render_messages,
     render_prompt,
@@ -60,38 +60,53 @@ def parse_model(model: str, principal: Principal) -> tuple[str, str]:
 
 
 @dataclass
+class _Plan:
+    """What a chat or completion body asks of the engine, before sampling parameters."""
+
+    prompts: list[list[int]]
+    max_tokens: int
+    logprobs: int | None
+    logprobs_param: str
+    echo: list[tuple[str, list[int]]] | None = None  # completions with echo: each prompt's text and token ids
+    hide_output: bool = False  # echo with max_tokens 0
+
+
+@dataclass
 class _Choices:
     """The engine requests behind one OpenAI call: choice i is `runs[i]` (prompt i // n, sample i % n)."""
 
     svc: Service
     runs: list[GenerationRun]
-    prompt_tokens: int  # over the distinct prompts, as OpenAI counts them
+    plan: _Plan
     model: str
     created: int
     n: int = 1
-    echo: list[tuple[str, list[int]]] | None = None  # completions with echo: each prompt's text and token ids
-    hide_output: bool = False  # echo with max_tokens 0: one token is generated and not shown
+    completion_tokens: int = 0  # set once every choice has finished (`collect`, `finish_stream`)
 
     @property
     def text(self) -> TokenTexts:
         return self.svc.token_text
 
-    def usage(self, completion_tokens: int) -> dict[str, int]:
-        return usage(self.prompt_tokens, completion_tokens)
+    @property
+    def prompt_tokens(self) -> int:
+        """Over the distinct prompts, as OpenAI counts them."""
+        return sum(len(ids) for ids in self.plan.prompts)
 
-    def streamed_tokens(self) -> int:
-        """Completion tokens of a finished stream, also written to the request's log line (shared by the runs)."""
-        total = (
-            0
-            if self.hide_output
-            else sum(r.final.completion_tokens for r in self.runs if r.final is not None)
-        )
+    def usage(self) -> dict[str, int]:
+        return usage(self.prompt_tokens, self.completion_tokens)
+
+    def _account(self, counts: list[int]) -> None:
+        """Completion tokens of all choices (none shown with echo and max_tokens 0), also for the request's log line
+        (one RequestInfo shared by the runs)."""
+        self.completion_tokens = 0 if self.plan.hide_output else sum(counts)
         info = self.runs[0].info
-        info.prompt_tokens, info.completion_tokens = self.prompt_tokens, total
-        return total
+        info.prompt_tokens, info.completion_tokens = self.prompt_tokens, self.completion_tokens
+
+    def finish_stream(self) -> None:
+        self._account([r.final.completion_tokens for r in self.runs if r.final is not None])
 
     def echoed(self, index: int) -> tuple[str, list[int]] | None:
-        return None if self.echo is None else self.echo[index // self.n]
+        return None if self.plan.echo is None else self.plan.echo[index // self.n]
 
     async def collect(self, request: Request) -> list[GenerationResult] | Response:
         """Every choice's result, or 499 if the client left first; the runs are closed either way."""
@@ -104,26 +119,12 @@ class _Choices:
         finally:
             for r in self.runs:
                 await r.close()
-        info = get_info(request)
-        info.prompt_tokens = self.prompt_tokens
-        info.completion_tokens = 0 if self.hide_output else sum(x.completion_tokens for x in results)
+        self._account([x.completion_tokens for x in results])
         return results
 
 
-@dataclass
-class _Plan:
-    """What a chat or completion body asks of the engine, before sampling parameters."""
-
-    prompts: list[list[int]]
-    max_tokens: int
-    logprobs: int | None
-    logprobs_param: str
-    echo: list[tuple[str, list[int]]] | None = None  # completions with echo: each prompt's text and token ids
-    hide_output: bool = False  # echo with max_tokens 0
-
-
 async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefix: Any) -> _Plan:
-    messages = [{"role": m.role, "content": message_text(m.content)} for m in body.messages]
+    messages = chat_messages(body.messages)
     if svc.settings.log_prompts:
         info.prompt = "\n".join(m["content"] for m in messages)
     ids = await svc.tokenize(render_messages, svc.bundle.tokenizer, messages)
@@ -208,8 +209,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         for j in range(n)
     ]
     runs = await svc.generate_many(info, prefix, jobs, stream=body.stream, receive=request.receive)
-    prompt_tokens = sum(len(ids) for ids in plan.prompts)
-    return _Choices(svc, runs, prompt_tokens, body.model, int(time.time()), n, plan.echo, plan.hide_output)
+    return _Choices(svc, runs, plan, body.model, int(time.time()), n)
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
@@ -240,7 +240,7 @@ async def completions(
         "created": ch.created,
         "model": ch.model,
         "choices": [_completion_choice_body(ch, i, res) for i, res in enumerate(results)],
-        "usage": ch.usage(0 if ch.hide_output else sum(res.completion_tokens for res in results)),
+        "usage": ch.usage(),
         "system_fingerprint": None,
     }
 
@@ -265,10 +265,10 @@ def _join_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[s
 def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> dict[str, Any]:
     want = res.logprobs is not None
     text, logprobs = "", None
-    if ch.echo is not None:
+    if ch.plan.echo is not None:
         text, logprobs = _echo_part(ch, index, res.prompt_logprobs, want)
-    if not ch.hide_output:
-        offset = sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
+    if not ch.plan.hide_output:
+        offset = text_length(logprobs)
         gen = completion_logprobs(res.logprobs, ch.text, offset) if res.logprobs is not None else None
         text, logprobs = text + res.text, _join_logprobs(logprobs, gen)
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason}
@@ -288,21 +288,21 @@ async def _completion_choice(
 
     want = run.req.sampling.logprobs is not None
     offset = 0
-    if ch.echo is not None:
+    if ch.plan.echo is not None:
         assert run.first is not None
         text, logprobs = _echo_part(ch, index, run.first.prompt_logprobs, want)
-        offset = sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
+        offset = text_length(logprobs)
         yield chunk(text, logprobs, None)
     async for ev, _ids, lps in chunked_events(run):
         finish = ev.finish_reason if ev.finished else None
-        if ch.hide_output:  # echo with max_tokens 0: the one generated token is not part of the answer
+        if ch.plan.hide_output:  # echo with max_tokens 0: the one generated token is not part of the answer
             if ev.finished:
                 yield chunk("", None, finish)
             continue
         logprobs = None
         if lps is not None:
             logprobs = completion_logprobs(lps, ch.text, offset)
-            offset += sum(len(t) for t in logprobs["tokens"])
+            offset += text_length(logprobs)
         yield chunk(ev.text, logprobs, finish)
 
 
@@ -311,9 +311,9 @@ async def _completion_frames(ch: _Choices, cid: str, include_usage: bool) -> Asy
     choices = [_completion_choice(ch, r, i, head, include_usage) for i, r in enumerate(ch.runs)]
     async for frame in merge(choices):
         yield frame
-    tokens = ch.streamed_tokens()
+    ch.finish_stream()
     if include_usage:
-        yield sse({**head, "choices": [], "usage": ch.usage(tokens)})
+        yield sse({**head, "choices": [], "usage": ch.usage()})
 
 
 @router.post(
@@ -347,7 +347,7 @@ async def chat_completions(
             }
             for i, res in enumerate(results)
         ],
-        "usage": ch.usage(sum(res.completion_tokens for res in results)),
+        "usage": ch.usage(),
         "system_fingerprint": None,
     }
 
@@ -379,9 +379,9 @@ async def _chat_frames(ch: _Choices, cid: str, include_usage: bool) -> AsyncIter
     extra = {"usage": None} if include_usage else {}
     async for frame in merge([_chat_choice(r, i, head, extra, ch.text) for i, r in enumerate(ch.runs)]):
         yield frame
-    tokens = ch.streamed_tokens()
+    ch.finish_stream()
     if include_usage:
-        yield sse({**head, "choices": [], "usage": ch.usage(tokens)})
+        yield sse({**head, "choices": [], "usage": ch.usage()})
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +61,7 @@ def render_messages(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]
     return list(_model.render_messages(tokenizer, messages))
 
 
-def message_text(content: Any) -> str:
+def _message_text(content: Any) -> str:
     """The text of an OpenAI chat message's content (a string or text parts; other parts are refused)."""
     if content is None or isinstance(content, str):
         return content or ""
@@ -76,6 +76,11 @@ def message_text(content: Any) -> str:
         return check_text("".join(parts))
     except ValueError as e:
         raise APIError(422, str(e), param="messages") from None
+
+
+def chat_messages(messages: Iterable[Any]) -> list[dict[str, str]]:
+    """OpenAI chat messages (role + content) as the chat template takes them."""
+    return [{"role": m.role, "content": _message_text(m.content)} for m in messages]
 
 
 class StorePrefixProvider:
