@@ -56,14 +56,17 @@ def main() -> int:
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    lm = LocalCompletionsAPI(
-        base_url=args.base_url,
-        model=args.model,
-        tokenizer_backend="huggingface",
-        tokenizer=args.tokenizer,
-        num_concurrent=4,
-        max_retries=1,
-    )
+    def client(model: str) -> LocalCompletionsAPI:
+        return LocalCompletionsAPI(
+            base_url=args.base_url,
+            model=model,
+            tokenizer_backend="huggingface",
+            tokenizer=args.tokenizer,
+            num_concurrent=4,
+            max_retries=1,
+        )
+
+    lm = client(args.model)
     got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)])
     gen = lm.generate_until(
         [
@@ -87,16 +90,10 @@ def main() -> int:
         prompts += ["Tell me a word.", "What animal is striped?"]
         report = {}
         for model in (f"{tenant}/base", args.prefix):
-            client = LocalCompletionsAPI(
-                base_url=args.base_url,
-                model=model,
-                tokenizer_backend="huggingface",
-                tokenizer=args.tokenizer,
-                num_concurrent=4,
-                max_retries=1,
-            )
             pairs = [(p, c) for p in prompts for c in (args.target, args.alternative)]
-            res = client.loglikelihood([Instance("loglikelihood", {}, pc, i) for i, pc in enumerate(pairs)])
+            res = client(model).loglikelihood(
+                [Instance("loglikelihood", {}, pc, i) for i, pc in enumerate(pairs)]
+            )
             target = [res[2 * i] for i in range(len(prompts))]
             report[model] = {
                 "prompts": len(prompts),

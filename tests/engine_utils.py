@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from server.engine import DictPrefixProvider, EngineConfig, LLMEngine, PrefixKey, Request, SamplingParams
+from server.engine.kv_cache import KVPool
 
 
 def random_kv(spec, prefix_len: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -72,6 +73,14 @@ def hf_greedy(
             use_cache=True,
         )
     return toks
+
+
+def pool_bytes(bundle, blocks: int, block_size: int = 16) -> int:
+    """kv_cache_bytes for a pool of `blocks` KV blocks of the bundle's model."""
+    sp = bundle.spec
+    return blocks * KVPool.bytes_per_block(
+        sp.num_layers, sp.num_kv_heads, sp.head_dim, block_size, bundle.dtype
+    )
 
 
 def make_engine(bundle, prefixes: dict[PrefixKey, torch.Tensor], **cfg) -> LLMEngine:

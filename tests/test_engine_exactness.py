@@ -8,7 +8,7 @@ import torch
 
 from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.model_runner import ModelRunner, RowInput, cpu_packing_available
-from tests.engine_utils import hf_greedy, make_engine, mixed_workload, random_kv, random_prompt
+from tests.engine_utils import hf_greedy, make_engine, mixed_workload, pool_bytes, random_kv, random_prompt
 
 PREFIX_LENS = (8, 20, 64)
 NEW = 10
@@ -43,9 +43,7 @@ def test_chunked_prefill_and_preemption_stay_exact(bundle_name, request):
     keys, reqs, _ = _mixed(bundle)
     ref = make_engine(bundle, keys).generate(reqs)
     # tiny token budget forces chunked prefill; a tiny pool forces preemption and recompute
-    sp = bundle.spec
-    block_bytes = sp.num_layers * 2 * 16 * sp.num_kv_heads * sp.head_dim * 4
-    small = make_engine(bundle, keys, max_num_batched_tokens=8, kv_cache_bytes=14 * block_bytes)
+    small = make_engine(bundle, keys, max_num_batched_tokens=8, kv_cache_bytes=pool_bytes(bundle, 14))
     outs = small.generate(reqs)
     assert small.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]

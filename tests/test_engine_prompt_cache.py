@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine import PrefixKey, Request, SamplingParams
-from tests.engine_utils import hf_greedy, make_engine, random_kv, random_prompt
+from tests.engine_utils import hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
 
 NEW = 6
 BS = 16
@@ -102,8 +102,7 @@ def test_cached_blocks_are_evicted_under_pressure_and_nothing_leaks(tenants):
     and, once idle, the only blocks in use are the resident prefixes'."""
     b, keys = tenants
     sp = b.spec
-    block_bytes = sp.num_layers * 2 * BS * sp.num_kv_heads * sp.head_dim * 4
-    eng = make_engine(b, keys, kv_cache_bytes=16 * block_bytes)
+    eng = make_engine(b, keys, kv_cache_bytes=pool_bytes(b, 16))
     ks = list(keys)
     reqs = [_req(f"r{i}", random_prompt(sp.vocab_size, 40, 100 + i), ks[i % 2]) for i in range(8)]
     outs = [eng.generate([r])[0].token_ids for r in reqs]  # one after another: each leaves its blocks cached
@@ -129,8 +128,7 @@ def test_abort_and_preemption_release_cached_blocks(tenants):
     eng.abort("x")
     assert eng.pool.num_used == sum(len(e.blocks) for e in eng.prefix_cache.entries.values())
     # preemption with cached blocks in the block table: a tiny pool and chunked prefill
-    block_bytes = sp.num_layers * 2 * BS * sp.num_kv_heads * sp.head_dim * 4
-    small = make_engine(b, keys, kv_cache_bytes=12 * block_bytes, max_num_batched_tokens=8)
+    small = make_engine(b, keys, kv_cache_bytes=pool_bytes(b, 12), max_num_batched_tokens=8)
     head = prompt[: 2 * BS + 1]
     small.generate([_req("warm", head, k0)])  # caches head's first two blocks
     reqs = [

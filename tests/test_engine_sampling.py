@@ -7,7 +7,7 @@ import torch
 
 from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.sampler import filter_logits
-from tests.engine_utils import hf_greedy, make_engine, random_kv, random_prompt
+from tests.engine_utils import hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
 
 
 @pytest.fixture
@@ -320,8 +320,7 @@ def test_prompt_logprobs_match_transformers(setup, budget, preempt):
     ]
     cfg = {"max_num_batched_tokens": budget}
     if preempt:
-        sp = b.spec
-        cfg["kv_cache_bytes"] = 14 * sp.num_layers * 2 * 16 * sp.num_kv_heads * sp.head_dim * 4  # 14 blocks
+        cfg["kv_cache_bytes"] = pool_bytes(b, 14)
     eng = make_engine(b, keys, **cfg)
     outs = eng.generate(reqs)
     if preempt:

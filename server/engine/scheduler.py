@@ -27,6 +27,11 @@ class SchedulerConfig:
 PROMPT_LOGPROBS_CHUNK = 512  # 512 x a 128k vocabulary x 4 bytes = 256 MiB of logits at most
 
 
+def _block_key(parent: object, tokens: list[int], i: int, bs: int) -> tuple[object, tuple[int, ...]]:
+    """Prompt-cache key of own block i: its parent node (or the chain's root) and its tokens, compared by value."""
+    return parent, tuple(tokens[i * bs : (i + 1) * bs])
+
+
 @dataclass
 class ScheduledItem:
     seq: Sequence
@@ -79,7 +84,7 @@ class Scheduler:
         parent: object = seq.cache_root
         blocks: list[int] = []
         for i in range((len(toks) - 1) // bs):
-            hit = self.pool.lookup((parent, tuple(toks[i * bs : (i + 1) * bs])))
+            hit = self.pool.lookup(_block_key(parent, toks, i, bs))
             if hit is None:
                 break
             blocks.append(hit[0])
@@ -98,7 +103,7 @@ class Scheduler:
         bs = self.pool.block_size
         for i in range(len(seq.cache_nodes), seq.num_cached // bs):
             parent = seq.cache_nodes[-1] if seq.cache_nodes else seq.cache_root
-            key = (parent, tuple(seq.tokens[i * bs : (i + 1) * bs]))
+            key = _block_key(parent, seq.tokens, i, bs)
             seq.cache_nodes.append(self.pool.register(seq.own_blocks[i], key))
 
     def _preempt(self, seq: Sequence) -> None:
