@@ -93,9 +93,9 @@ def sample(
 
     `histories[i]` is row i's (prompt, output) tokens, needed only for rows whose scores are processed (penalties,
     logit_bias, min_tokens with `eos_ids`). Greedy rows without processing cost one vectorized argmax and one device
-    sync for the whole batch. A row whose logits are not finite
-    (a prefix or input that overflows) or whose sampling fails is reported on its own: the other rows of the batch are
-    unaffected, so one tenant's request can never fail its neighbours'.
+    sync for the whole batch. A row whose logits are not finite (a prefix or input that overflows) or whose sampling
+    fails is reported on its own: the other rows of the batch are unaffected, so one tenant's request can never fail
+    its neighbours'.
     """
     scores = logits
     processed = [i for i, p in enumerate(params) if p.processed]
