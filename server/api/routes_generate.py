@@ -97,6 +97,7 @@ async def generate(
         logit_bias=body.logit_bias,
         min_tokens=body.min_tokens,
         stop_token_ids=body.stop_token_ids,
+        structured=await svc.structured(body.structured_outputs),
     )
     prefix = await svc.resolve(tenant, name)
     info.version = prefix.version

@@ -175,6 +175,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     else:
         assert isinstance(body, CompletionRequest)
         plan = await _completion_plan(svc, info, body, prefix)
+    structured = await svc.structured(body.structured_outputs, body.response_format)
     sampling = svc.sampling(
         max_tokens=plan.max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -192,6 +193,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         logit_bias=body.logit_bias,
         min_tokens=body.min_tokens or 0,
         stop_token_ids=body.stop_token_ids,
+        structured=structured,
     )
     n = body.n or 1
     if n * len(plan.prompts) > svc.settings.max_concurrent_per_tenant:

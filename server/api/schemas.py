@@ -73,6 +73,57 @@ REPETITION_DOC = (
 )
 
 
+STRUCTURED_DOC = (
+    "Constrain the output (vLLM's structured_outputs): exactly one of `json` (a JSON schema), `json_object` (any "
+    "JSON object), `regex`, `choice` (one of these strings) or `grammar` (Lark or GBNF)"
+)
+
+
+class StructuredOutputsParam(BaseModel):
+    """What the output must match; give exactly one of json, json_object, regex, choice, grammar. A complete
+    match ends the output (finish_reason `stop`); `max_tokens` can still cut it short (`length`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_schema: dict[str, Any] | bool | str | None = Field(
+        None,
+        alias="json",
+        description="A JSON schema (an object, or its JSON text): the output is one such value",
+    )
+    json_object: bool | None = Field(None, description="true: the output is one JSON object")
+    regex: str | None = Field(
+        None, min_length=1, description="The whole output matches this regular expression"
+    )
+    choice: (
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=4096)] | None
+    ) = Field(None, description="The output is exactly one of these strings")
+    grammar: str | None = Field(
+        None, min_length=1, description="A context-free grammar (llguidance's Lark syntax, or GBNF)"
+    )
+    disable_any_whitespace: bool = Field(
+        False,
+        description="JSON without whitespace between tokens (keeps small models from emitting blank lines)",
+    )
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: `text` (no constraint), `json_object` or `json_schema` (its `schema`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -108,6 +159,7 @@ class GenerateRequest(BaseModel):
         description="Return each generated token's log-probability under the model and the N most likely tokens "
         "at that step (0: only the token's own)",
     )
+    structured_outputs: StructuredOutputsParam | None = Field(None, description=STRUCTURED_DOC)
 
 
 class TopLogprob(BaseModel):
@@ -195,6 +247,13 @@ class _OpenAIBase(BaseModel):
     min_tokens: int | None = Field(None, ge=0, description="Extension (" + MIN_TOKENS_DOC + ")")
     stop_token_ids: TokenIdList | None = Field(None, description="Extension (" + STOP_TOKEN_IDS_DOC + ")")
     user: str | None = Field(None, max_length=256)
+    response_format: ResponseFormat | None = Field(
+        None,
+        description='OpenAI: `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {name, schema}}`',
+    )
+    structured_outputs: StructuredOutputsParam | None = Field(
+        None, description="Extension (vLLM; not with response_format): " + STRUCTURED_DOC
+    )
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]

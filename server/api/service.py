@@ -23,16 +23,19 @@ from server import model as _model
 from server.api.errors import APIError, unavailable
 from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
-from server.api.schemas import BASE_PREFIX, check_text
+from server.api.schemas import BASE_PREFIX, ResponseFormat, StructuredOutputsParam, check_text
+from server.api.structured import engine_spec
 from server.engine import (
     AsyncEngine,
     EngineConfig,
+    GrammarError,
     LLMEngine,
     PrefixKey,
     QueueFull,
     Request,
     RequestTooLarge,
     SamplingParams,
+    StructuredOutputs,
     TokenEvent,
     TokenLogprob,
 )
@@ -604,6 +607,7 @@ class Service:
         logit_bias: dict[str, float] | None = None,
         min_tokens: int = 0,
         stop_token_ids: list[int] | None = None,
+        structured: StructuredOutputs | None = None,
     ) -> SamplingParams:
         s = self.settings
         if max_tokens > s.max_new_tokens:
@@ -652,9 +656,26 @@ class Service:
                 logit_bias=bias,
                 min_tokens=min_tokens,
                 stop_token_ids=tuple(stop_token_ids or ()),
+                structured=structured,
             )
         except ValueError as e:
             raise APIError(422, str(e), code="invalid_value") from None
+
+    async def structured(
+        self, so: StructuredOutputsParam | None, response_format: ResponseFormat | None = None
+    ) -> StructuredOutputs | None:
+        """The engine spec of a body's structured_outputs / response_format, compiled now (off the event loop;
+        repeated specs come from the compiler's cache), so an invalid schema, regex or grammar is a 422 naming it."""
+        spec, param = engine_spec(so, response_format)
+        if spec is None:
+            return None
+        try:
+            await asyncio.to_thread(self.llm.grammars.compile, spec)
+        except GrammarError as e:
+            raise APIError(
+                422, f"invalid {param}: {e}", code="invalid_structured_output", param=param
+            ) from None
+        return spec
 
     def check_tenant(self, principal: Any, tenant: str) -> None:
         if not principal.can_access(tenant):

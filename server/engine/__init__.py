@@ -2,6 +2,7 @@
 
 from server.engine.engine import AsyncEngine, EngineConfig, LLMEngine, StepStats
 from server.engine.prefix_cache import DictPrefixProvider, PrefixCache, PrefixProvider
+from server.engine.structured import GrammarError
 from server.engine.types import (
     EngineError,
     Output,
@@ -10,6 +11,7 @@ from server.engine.types import (
     Request,
     RequestTooLarge,
     SamplingParams,
+    StructuredOutputs,
     TokenEvent,
     TokenLogprob,
 )
@@ -19,6 +21,7 @@ __all__ = [
     "DictPrefixProvider",
     "EngineConfig",
     "EngineError",
+    "GrammarError",
     "LLMEngine",
     "Output",
     "PrefixCache",
@@ -29,6 +32,7 @@ __all__ = [
     "RequestTooLarge",
     "SamplingParams",
     "StepStats",
+    "StructuredOutputs",
     "TokenEvent",
     "TokenLogprob",
 ]

@@ -24,6 +24,7 @@ from server.engine.prefix_cache import PrefixCache, PrefixProvider
 from server.engine.sampler import make_generator, sample, token_logprobs
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
+from server.engine.structured import GrammarCompiler, fill_masks
 from server.engine.types import Output, QueueFull, Request, RequestTooLarge, TokenEvent, TokenLogprob
 from server.model.spec import ModelBundle
 
@@ -114,6 +115,9 @@ class LLMEngine:
         tok_eos = getattr(bundle.tokenizer, "eos_token_id", None)
         if tok_eos is not None:
             self.eos_ids.add(int(tok_eos))
+        # structured outputs: end-of-sequence inside a grammar is the tokenizer's (the chat turn's end)
+        eos = int(tok_eos) if tok_eos is not None else (sp.eos_token_ids[0] if sp.eos_token_ids else None)
+        self.grammars = GrammarCompiler(bundle.tokenizer, sp.vocab_size, eos)
         self.on_step = on_step
         self._seqs: dict[str, Sequence] = {}
         self._callbacks: dict[str, EventCallback] = {}
@@ -143,7 +147,8 @@ class LLMEngine:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         self.validate(req)
         gen = None if req.sampling.greedy else make_generator(req.sampling.seed, self.bundle.device)
-        seq = Sequence(req, self.bundle.tokenizer, gen)
+        so = req.sampling.structured
+        seq = Sequence(req, self.bundle.tokenizer, gen, self.grammars.constraint(so) if so else None)
         self._seqs[req.request_id] = seq
         if on_event is not None:
             self._callbacks[req.request_id] = on_event
@@ -206,12 +211,19 @@ class LLMEngine:
                 logits = self._prompt_logprobs(items, rows, logits)
             if logits.shape[0] != len(samplers):
                 raise RuntimeError(f"{logits.shape[0]} logit rows for {len(samplers)} sampling rows")
+            # structured outputs: grammar masks on the CPU while a GPU forward may still be running
+            constrained = [i for i, s in enumerate(samplers) if s.constraint is not None]
+            masks = None
+            if constrained:
+                cons = [samplers[i].constraint for i in constrained]
+                masks = (constrained, fill_masks(cons, logits.shape[-1]))  # type: ignore[arg-type]
             res = sample(
                 logits,
                 [s.req.sampling for s in samplers],
                 [s.generator for s in samplers],
                 [(s.prompt, s.output) for s in samplers],
                 self.eos_ids,
+                masks,
             )
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
@@ -282,6 +294,12 @@ class LLMEngine:
         seq.last_token = now
         seq.output.append(tok)
         p = seq.req.sampling
+        if seq.constraint is not None and not seq.constraint.accept(
+            tok
+        ):  # the mask allowed it: cannot happen
+            seq.error = f"structured output: token {tok} outside the grammar ({seq.constraint.error})"
+            seq.error_type = "GrammarError"
+            return self._finish(seq, "error")
         reason = None
         delta = ""
         if (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids:
@@ -290,6 +308,8 @@ class LLMEngine:
             delta, hit = seq.detok.add(tok)
             if hit:
                 reason = "stop"
+        if reason is None and seq.constraint is not None and seq.constraint.done:
+            reason = "stop"  # the grammar is complete: nothing but end-of-sequence could follow
         if reason is None and (
             len(seq.output) >= p.max_tokens or seq.prefix_len + seq.num_tokens >= self.max_model_len
         ):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.structured import apply_masks
 from server.engine.types import SamplingParams, TokenLogprob
 
 
@@ -87,9 +88,13 @@ def sample(
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]] | None = None,
     eos_ids: Collection[int] = (),
+    masks: tuple[list[int], torch.Tensor] | None = None,
 ) -> SampleOutput:
     """logits: float32 `[R, vocab]`; one token per row, the rows that could not be sampled with the reason, and the
     log-probabilities of the rows that asked for them.
+
+    `masks` = (rows, int32 bitmasks) of structured-output rows: their disallowed tokens are set to -inf after every
+    other processing, so nothing (a +100 logit_bias included) can bring a token outside the grammar back.
 
     `histories[i]` is row i's (prompt, output) tokens, needed only for rows whose scores are processed (penalties,
     logit_bias, min_tokens with `eos_ids`). Greedy rows without processing cost one vectorized argmax and one device
@@ -99,17 +104,26 @@ def sample(
     """
     scores = logits
     processed = [i for i, p in enumerate(params) if p.processed]
-    if processed:
-        if histories is None:
+    if processed or masks is not None:
+        if processed and histories is None:
             raise ValueError("rows with processed scores need their token histories")
         scores = logits.clone()
         for i in processed:
-            scores[i] = process_scores(logits[i], params[i], *histories[i], eos_ids)
-    both = torch.stack([scores.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()  # one device sync
-    out, finite = both[0], both[1]
+            scores[i] = process_scores(logits[i], params[i], *histories[i], eos_ids)  # type: ignore[index]
+        if masks is not None:
+            apply_masks(scores, *masks)
+    checks = [scores.argmax(-1), torch.isfinite(logits).all(-1).long()]
+    if masks is not None:
+        checks.append(torch.isfinite(scores).any(-1).long())
+    host = torch.stack(checks).tolist()  # one device sync
+    out, finite = host[0], host[1]
     failed = {
         i: "the model produced non-finite logits for this request" for i, ok in enumerate(finite) if not ok
     }
+    if masks is not None:
+        for i, live in enumerate(host[2]):
+            if not live and i not in failed:
+                failed[i] = "no token can continue the output within its structured-output constraint"
     for i, p in enumerate(params):
         if p.greedy or i in failed:
             continue

@@ -9,6 +9,7 @@ import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.prefix_cache import PrefixEntry
+from server.engine.structured import Constraint
 from server.engine.types import Request, TokenLogprob
 
 
@@ -19,7 +20,13 @@ class SeqStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, req: Request, tokenizer, generator: torch.Generator | None) -> None:
+    def __init__(
+        self,
+        req: Request,
+        tokenizer,
+        generator: torch.Generator | None,
+        constraint: Constraint | None = None,
+    ) -> None:
         self.req = req
         self.request_id = req.request_id
         self.prompt = list(req.prompt_token_ids)
@@ -32,6 +39,7 @@ class Sequence:
         self.cache_root = ("root", req.cache_salt, req.prefix)
         self.cache_nodes: list[int] = []
         self.generator = generator
+        self.constraint = constraint  # structured outputs: the grammar's state after the output so far
         self.detok = (
             IncrementalDetokenizer(tokenizer, self.prompt, req.sampling.stop)
             if (req.sampling.stop or req.stream_text)

@@ -21,6 +21,25 @@ class RequestTooLarge(EngineError):
     """Prompt + max_tokens (+ prefix) do not fit the engine's context or KV budget (HTTP 413)."""
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What the output must match (vLLM's `structured_outputs`). `spec` is the JSON schema as JSON text (`json`),
+    the regular expression (`regex`), the choices as a JSON list of strings (`choice`), the grammar in Lark or GBNF
+    syntax (`grammar`), or empty (`json_object`: any JSON object). `any_whitespace` False allows no whitespace
+    between JSON tokens (vLLM's `disable_any_whitespace`)."""
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    spec: str = ""
+    any_whitespace: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
@@ -44,6 +63,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # vLLM: end-of-sequence and stop_token_ids are banned until this many tokens are generated.
     min_tokens: int = 0
+    # The output is constrained to this JSON schema / regex / choice / grammar (server.engine.structured).
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

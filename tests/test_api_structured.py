@@ -1,0 +1,237 @@
+"""Structured outputs over HTTP: `structured_outputs` on /generate and the /v1 routes, OpenAI's `response_format`
+(through the official `openai` package, its `parse` helper included), streaming, n choices, and 422s that name the
+field and change nothing (tiny random Llama: only the constraint makes its output valid)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.fixtures.server import assert_error, metric_value, parse_sse, put_random_prefix
+
+KEY = "sk-acme-struct-1"
+ITEM = {
+    "type": "object",
+    "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}, "qty": {"type": "integer"}},
+    "required": ["sku", "qty"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture
+def srv(server_factory, api_bundle, tmp_path):
+    from prefix_store import open_store
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    put_random_prefix(store, api_bundle, "acme", "default", seed=21)
+    s = server_factory(store=store, keys={"acme": KEY})
+    yield s
+    store.close()
+
+
+@pytest.fixture
+def oai(srv):
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+    yield client
+    client.close()
+
+
+def gen(srv, **body):
+    body.setdefault("prompt", "Order something")
+    body.setdefault("max_tokens", 64)
+    return srv.client(KEY).post("/generate", json=body)
+
+
+def check_item(text: str) -> None:
+    obj = json.loads(text)
+    assert set(obj) == {"sku", "qty"} and isinstance(obj["qty"], int), obj
+    assert re.fullmatch(r"[A-Z]{2}[0-9]{2}", obj["sku"]), obj
+
+
+def test_generate_json_schema_regex_choice_grammar(srv):
+    r = gen(srv, structured_outputs={"json": ITEM, "disable_any_whitespace": True}, temperature=1.0, seed=3)
+    assert r.status_code == 200, r.text
+    assert r.json()["finish_reason"] == "stop"
+    check_item(r.json()["text"])
+    assert " " not in r.json()["text"]
+    # the schema may also come as JSON text
+    r = gen(srv, structured_outputs={"json": json.dumps(ITEM), "disable_any_whitespace": True})
+    check_item(r.json()["text"])
+    r = gen(srv, structured_outputs={"regex": r"\d{4}-\d{2}-\d{2}"}, temperature=1.0, seed=1)
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", r.json()["text"]), r.json()  # \d is ASCII
+    r = gen(srv, structured_outputs={"choice": ["red", "green", "blue"]}, temperature=1.0, seed=2)
+    assert r.json()["text"] in ("red", "green", "blue") and r.json()["finish_reason"] == "stop"
+    r = gen(
+        srv, structured_outputs={"grammar": 'start: "ok" | "error: " /[a-z]{3}/'}, temperature=1.0, seed=4
+    )
+    assert re.fullmatch(r"ok|error: [a-z]{3}", r.json()["text"]), r.json()
+    r = gen(srv, structured_outputs={"json_object": True}, temperature=1.0, seed=5, max_tokens=200)
+    if r.json()["finish_reason"] == "stop":
+        assert isinstance(json.loads(r.json()["text"]), dict)
+    else:
+        assert r.json()["text"].startswith("{")
+
+
+def test_generate_streamed_text_matches(srv):
+    r = gen(
+        srv, structured_outputs={"regex": r"[a-z]{3}(-[0-9]{1,3}){2}"}, stream=True, temperature=1.0, seed=9
+    )
+    assert r.status_code == 200
+    chunks = parse_sse(r.text)
+    assert chunks[-1] == "[DONE]"
+    text = "".join(c["text"] for c in chunks[:-1])
+    assert re.fullmatch(r"[a-z]{3}(-[0-9]{1,3}){2}", text), text
+    assert chunks[-2]["finish_reason"] == "stop"
+
+
+class Item(BaseModel):
+    sku: str = Field(pattern=r"^[A-Z]{2}[0-9]{2}$")
+    qty: int
+
+
+def test_openai_response_format_and_parse(oai):
+    c = oai.chat.completions.create(
+        model="acme/default",
+        messages=[{"role": "user", "content": "Order"}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "item", "schema": ITEM, "strict": True},
+        },
+        max_tokens=64,
+        temperature=0,
+    )
+    check_item(c.choices[0].message.content)
+    assert c.choices[0].finish_reason == "stop"
+    # the openai package's parse(): a pydantic model as response_format, the answer parsed back into it
+    parsed = oai.chat.completions.parse(
+        model="acme/default",
+        messages=[{"role": "user", "content": "Order"}],
+        response_format=Item,
+        max_tokens=64,
+        temperature=1.0,
+        seed=7,
+    )
+    item = parsed.choices[0].message.parsed
+    assert isinstance(item, Item) and re.fullmatch(r"[A-Z]{2}[0-9]{2}", item.sku)
+    j = oai.completions.create(
+        model="acme/default",
+        prompt="x",
+        max_tokens=120,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    assert j.choices[0].text.startswith("{")
+    # "text" is no constraint: the same as leaving it out
+    plain = dict(
+        model="acme/default", prompt="x", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    a = oai.completions.create(**plain)
+    plain["extra_body"] = {"ignore_eos": True, "response_format": {"type": "text"}}
+    assert oai.completions.create(**plain).choices[0].text == a.choices[0].text
+
+
+def test_openai_n_choices_and_streamed_chat(oai):
+    c = oai.completions.create(
+        model="acme/default",
+        prompt=["a", "b"],
+        n=3,
+        max_tokens=16,
+        temperature=1.0,
+        seed=11,
+        extra_body={"structured_outputs": {"choice": ["alpha", "beta", "gamma", "delta"]}},
+    )
+    texts = [ch.text for ch in c.choices]
+    assert len(texts) == 6 and set(texts) <= {"alpha", "beta", "gamma", "delta"}
+    assert len(set(texts)) > 1
+    stream = oai.chat.completions.create(
+        model="acme/default",
+        messages=[{"role": "user", "content": "Order"}],
+        max_tokens=64,
+        temperature=1.0,
+        seed=12,
+        stream=True,
+        extra_body={"structured_outputs": {"json": ITEM, "disable_any_whitespace": True}},
+    )
+    parts = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+    check_item("".join(parts))
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
+        ({"structured_outputs": {"json": {"type": "frobnicate"}}}, "structured_outputs.json"),
+        ({"structured_outputs": {"grammar": "start: nowhere"}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {}}, "structured_outputs"),
+        ({"structured_outputs": {"json_object": False}}, "structured_outputs"),
+    ],
+)
+def test_invalid_structured_outputs_are_422_naming_the_field(srv, body, param):
+    err = assert_error(gen(srv, **body), 422)
+    assert err["param"] == param, err
+    assert srv.svc.engine.num_waiting == 0 and srv.svc.engine.num_running == 0
+
+
+def test_schema_level_errors_and_nothing_changes(srv, oai):
+    c = srv.client(KEY)
+
+    def finished() -> float | None:
+        return metric_value(
+            c.get("/metrics").text, "prefixserve:request_success_total", {"finished_reason": "stop"}
+        )
+
+    assert gen(srv, structured_outputs={"choice": ["fine"]}).json()["text"] == "fine"
+    before = finished()
+    assert before is not None and before >= 1
+    for body in (
+        {"structured_outputs": {"choice": []}},
+        {"structured_outputs": {"choice": ["a", ""]}},
+        {"structured_outputs": {"regex": "a", "whitespace_pattern": " "}},  # not ours: named, not ignored
+    ):
+        assert_error(gen(srv, **body), 422)
+    base = {"model": "acme/default", "prompt": "x", "max_tokens": 4}
+    err = assert_error(
+        c.post(
+            "/v1/completions",
+            json={**base, "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+        ),
+        422,
+    )
+    assert err["param"] == "structured_outputs"
+    err = assert_error(
+        c.post(
+            "/v1/completions",
+            json={**base, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        ),
+        422,
+    )
+    assert err["param"] == "response_format"
+    err = assert_error(
+        c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "acme/default",
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": 3}},
+                },
+            },
+        ),
+        422,
+        code="invalid_structured_output",
+    )
+    assert err["param"] == "response_format.json_schema.schema"
+    with pytest.raises(openai.UnprocessableEntityError):
+        oai.completions.create(
+            model="acme/default", prompt="x", extra_body={"structured_outputs": {"regex": "("}}
+        )
+    assert finished() == before  # nothing was queued or run
+    assert srv.svc.engine.num_waiting == 0 and srv.svc.engine.num_running == 0
+    assert gen(srv, structured_outputs={"choice": ["fine"]}).json()["text"] == "fine"
+    assert finished() == before + 1

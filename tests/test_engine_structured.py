@@ -1,0 +1,255 @@
+"""Structured outputs in the engine: outputs match their JSON schema / regex / choice / grammar, a complete match
+ends the request, and constrained rows in a mixed-tenant batch equal the same request alone and a plain
+transformers reference whose logits are masked by llguidance directly (not through the engine's code)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from server.engine import GrammarError, PrefixKey, Request, SamplingParams, StructuredOutputs
+from server.engine.structured import GrammarCompiler, allowed_tokens, fill_masks
+from tests.engine_utils import hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+JSON_COMPACT = StructuredOutputs("json", json.dumps(PERSON), any_whitespace=False)
+REGEX = StructuredOutputs("regex", r"[0-9]{3}-[a-z]{2,5}(\.[a-z]{2})?")
+CHOICE = StructuredOutputs("choice", json.dumps(["yes", "no", "it depends"]))
+LARK = StructuredOutputs("grammar", 'start: "(" expr ")"\nexpr: /[a-z]{1,3}/ | "(" expr ")"')
+
+
+def check_person(text: str) -> None:
+    obj = json.loads(text)
+    assert set(obj) == {"name", "age", "tags"}, obj
+    assert isinstance(obj["name"], str) and len(obj["name"]) <= 6
+    assert isinstance(obj["age"], int) and 0 <= obj["age"] <= 150
+    assert isinstance(obj["tags"], list) and len(obj["tags"]) <= 3 and set(obj["tags"]) <= {"a", "b", "c"}
+
+
+def matches(so: StructuredOutputs, text: str) -> bool:
+    if so is JSON_COMPACT:
+        check_person(text)
+        return " " not in text and "\n" not in text
+    if so is REGEX:
+        return re.fullmatch(REGEX.spec, text, re.ASCII) is not None
+    if so is CHOICE:
+        return text in json.loads(CHOICE.spec)
+    if so is LARK:
+        return re.fullmatch(r"(\()+[a-z]{1,3}(\))+", text) is not None and text.count("(") == text.count(")")
+    raise AssertionError(so)
+
+
+def _req(
+    rid: str, spec, so, seed: int, temperature: float = 0.0, prefix=None, max_tokens: int = 64
+) -> Request:
+    return Request(
+        rid,
+        random_prompt(spec.vocab_size, 5 + seed % 7, seed),
+        SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured=so),
+        prefix,
+    )
+
+
+@pytest.mark.parametrize("so", [JSON_COMPACT, REGEX, CHOICE, LARK], ids=["json", "regex", "choice", "lark"])
+def test_outputs_match_their_spec_and_a_complete_match_stops(tiny_llama_bundle, so):
+    b = tiny_llama_bundle
+    reqs = [_req(f"r{i}", b.spec, so, seed=i, temperature=0.0 if i == 0 else 1.5) for i in range(8)]
+    outs = make_engine(b, {}).generate(reqs)
+    for o in outs:
+        assert o.error is None, o.error
+        assert o.finish_reason == "stop", (o.text, o.token_ids)
+        assert len(o.token_ids) < 64
+        assert matches(so, o.text), o.text
+        if so is not REGEX:  # these grammars end by themselves: no end-of-sequence token needed
+            assert b.tokenizer.eos_token_id not in o.token_ids
+        else:  # after 2-5 letters the regex may end (end-of-sequence allowed) or go on with ".xx"
+            assert o.token_ids[-1] == b.tokenizer.eos_token_id or o.text.count(".") == 1
+    assert len({o.text for o in outs}) > 1, "sampled rows should differ"
+
+
+def test_unconstrained_model_does_not_match_on_its_own(tiny_llama_bundle):
+    """The constraint is what makes the outputs above match (the random model alone never writes such text)."""
+    b = tiny_llama_bundle
+    outs = make_engine(b, {}).generate(
+        [_req(f"r{i}", b.spec, None, seed=i, temperature=1.5) for i in range(8)]
+    )
+    for so in (JSON_COMPACT, REGEX, CHOICE):
+        for o in outs:
+            try:
+                ok = matches(so, o.text)
+            except (ValueError, AssertionError):
+                ok = False
+            assert not ok, o.text
+
+
+def test_max_tokens_cuts_a_constrained_output_short(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    out = make_engine(b, {}).generate([_req("r", b.spec, JSON_COMPACT, seed=0, max_tokens=4)])[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 4
+    assert out.text.startswith('{"')
+
+
+def test_logit_bias_cannot_force_a_token_outside_the_grammar(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    x = b.tokenizer.convert_tokens_to_ids("x")
+    p = SamplingParams(max_tokens=16, structured=REGEX, logit_bias=((x, 100.0),))
+    out = make_engine(b, {}).generate([Request("r", random_prompt(b.spec.vocab_size, 5, 0), p)])[0]
+    assert out.finish_reason == "stop" and matches(REGEX, out.text), out.text
+    # the bias does act where the grammar allows the token: a regex allowing x takes it every time
+    p = SamplingParams(
+        max_tokens=16, structured=StructuredOutputs("regex", "[a-z]{1,4}"), logit_bias=((x, 100.0),)
+    )
+    assert make_engine(b, {}).generate([Request("r", [1, 2, 3], p)])[0].text == "xxxx"
+
+
+class _LLGuidanceReference:
+    """A transformers LogitsProcessor masking with llguidance's own API (bitmask bytes → numpy), independent of
+    server.engine.structured."""
+
+    def __init__(self, tokenizer, vocab: int, grammar: str, prompt_len: int) -> None:
+        import llguidance
+        import llguidance.hf
+
+        tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
+        self.matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
+        self.vocab, self.n = vocab, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        gen = input_ids[0, self.n :].tolist()
+        if gen:
+            self.matcher.consume_token(gen[-1])
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = torch.from_numpy(bits[: self.vocab].astype(bool))
+        if not allowed.any():  # the grammar is complete (its end was consumed): nothing more to compare
+            return scores
+        return scores.masked_fill(~allowed[None], float("-inf"))
+
+
+def _reference_grammar(so: StructuredOutputs) -> str:
+    from llguidance import LLMatcher, grammar_from
+
+    if so.kind == "json":
+        return LLMatcher.grammar_from_json_schema(
+            json.loads(so.spec), overrides={"whitespace_flexible": False}
+        )
+    return grammar_from({"regex": "regex", "choice": "choice", "grammar": "grammar"}[so.kind], so.spec)
+
+
+def test_mixed_batch_constrained_rows_equal_alone_and_transformers_reference(tiny_llama_bundle):
+    """fp32 exactness anchor with structured outputs: tenants with their own prefixes, constrained (greedy and
+    seeded) and unconstrained rows in one continuous batch, joining mid-flight; each equals its request alone, and
+    the greedy constrained rows equal transformers decoding with the same prefix KV and llguidance's mask."""
+    b = tiny_llama_bundle
+    keys = {PrefixKey(f"t{i}", "default", 1): random_kv(b.spec, p, seed=i) for i, p in enumerate((8, 20, 13))}
+    kl = list(keys)
+    specs = [JSON_COMPACT, REGEX, None, CHOICE, LARK, JSON_COMPACT, None, REGEX]
+    reqs = [
+        _req(f"r{i}", b.spec, so, seed=i, temperature=1.0 if i in (5, 7) else 0.0, prefix=kl[i % 3])
+        for i, so in enumerate(specs)
+    ]
+    eng = make_engine(b, keys, max_num_batched_tokens=24)  # chunked prefill: newcomers join running rows
+    mixed = eng.generate(reqs)
+    for r, m in zip(reqs, mixed, strict=True):
+        alone = make_engine(b, keys).generate([r])[0]
+        assert m.token_ids == alone.token_ids, r.request_id
+        so = r.sampling.structured
+        if so is None:
+            continue
+        assert m.finish_reason == "stop" and matches(so, m.text), (r.request_id, m.text)
+        if r.sampling.temperature == 0.0:
+            proc = _LLGuidanceReference(
+                b.tokenizer, b.spec.vocab_size, _reference_grammar(so), len(r.prompt_token_ids)
+            )
+            ref = hf_greedy(b.hf_model, keys[r.prefix], r.prompt_token_ids, len(m.token_ids), processor=proc)
+            assert ref == m.token_ids, r.request_id
+
+
+def test_constrained_rows_survive_preemption(tiny_llama_bundle):
+    """A preempted row is recomputed from its tokens; its grammar state stays where its output got to."""
+    b = tiny_llama_bundle
+    reqs = [
+        _req(f"r{i}", b.spec, JSON_COMPACT if i % 2 else REGEX, seed=i, temperature=1.0, max_tokens=60)
+        for i in range(10)
+    ]
+    roomy = make_engine(b, {}).generate(reqs)
+    eng = make_engine(b, {}, kv_cache_bytes=pool_bytes(b, 40, block_size=4), block_size=4)
+    tight = eng.generate(reqs)
+    assert eng.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
+    assert all(
+        o.finish_reason == "stop" and matches(r.sampling.structured, o.text)
+        for r, o in zip(reqs, tight, strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("so", "needle"),
+    [
+        (StructuredOutputs("regex", "a(b"), "unclosed group"),
+        (StructuredOutputs("json", "{not json"), "not valid JSON"),
+        (StructuredOutputs("json", '["a list"]'), "must be an object"),
+        (StructuredOutputs("json", json.dumps({"type": "frobnicate"})), "frobnicate"),
+        (StructuredOutputs("choice", "[]"), "non-empty list"),
+        (StructuredOutputs("choice", '["ok", 3]'), "non-empty list"),
+        (StructuredOutputs("grammar", "start: undefined_rule"), "undefined_rule"),
+        (StructuredOutputs("regex", "a\ud800"), "surrogate"),
+    ],
+)
+def test_invalid_specs_raise_grammar_error(tiny_llama_bundle, so, needle):
+    g = GrammarCompiler(tiny_llama_bundle.tokenizer, tiny_llama_bundle.spec.vocab_size, 0)
+    with pytest.raises(GrammarError, match=re.escape(needle)):
+        g.compile(so)
+    assert g.compilations == 0
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="kind"):
+        StructuredOutputs("yaml", "x")  # type: ignore[arg-type]
+
+
+def test_compiled_specs_are_cached_and_each_request_gets_its_own_matcher(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    g = GrammarCompiler(b.tokenizer, b.spec.vocab_size, b.tokenizer.eos_token_id, cache_size=2)
+    g.compile(REGEX)
+    g.compile(REGEX)
+    assert g.compilations == 1
+    c1, c2 = g.constraint(REGEX), g.constraint(REGEX)
+    assert g.compilations == 1
+    one = b.tokenizer.convert_tokens_to_ids("1")
+    assert c1.accept(one)
+    masks = allowed_tokens(fill_masks([c1, c2], b.spec.vocab_size), b.spec.vocab_size)
+    digits = {b.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}
+    assert set(masks[1].nonzero().flatten().tolist()) == digits  # c2 still at the start
+    assert set(masks[0].nonzero().flatten().tolist()) == digits  # c1 after one digit: still digits
+    assert not c1.accept(b.tokenizer.convert_tokens_to_ids("-")) and c1.error  # after one digit '-' is wrong
+    g.compile(CHOICE)
+    g.compile(LARK)  # evicts REGEX (LRU of 2)
+    g.constraint(REGEX)
+    assert g.compilations == 4
+
+
+def test_masks_never_allow_tokens_past_the_tokenizer(tiny_llama_bundle):
+    """A model whose logits are wider than its tokenizer's vocabulary (padded embeddings): the extra ids are never
+    allowed, and JSON's end-of-sequence is the tokenizer's."""
+    tok = tiny_llama_bundle.tokenizer
+    g = GrammarCompiler(tok, 320, tok.eos_token_id)
+    c = g.constraint(StructuredOutputs("regex", "(.|\n)*"))
+    allowed = allowed_tokens(fill_masks([c], 320), 320)[0]
+    assert allowed.shape == (320,)
+    assert not allowed[len(tok) :].any()
+    ascii_ids = tok.encode("".join(map(chr, range(32, 127))) + "\n\t", add_special_tokens=False)
+    assert len(ascii_ids) == 97 and allowed[ascii_ids].all()
+    assert allowed[tok.eos_token_id]  # the regex accepts here, so the output may end
