@@ -235,3 +235,18 @@ def test_schema_level_errors_and_nothing_changes(srv, oai):
     assert srv.svc.engine.num_waiting == 0 and srv.svc.engine.num_running == 0
     assert gen(srv, structured_outputs={"choice": ["fine"]}).json()["text"] == "fine"
     assert finished() == before + 1
+
+
+def test_sdk_structured_outputs_against_the_server(srv):
+    from prefixserve_client import Client, UnprocessableEntity
+
+    with Client(srv.url, api_key=KEY, max_retries=0) as c:
+        g = c.generate("acme", "Order", structured_outputs=Item, max_tokens=400)  # a random model: whitespace
+        assert g.finish_reason == "stop", g.text
+        item = Item.model_validate_json(g.text)
+        assert re.fullmatch(r"[A-Z]{2}[0-9]{2}", item.sku)
+        parts = [d.text for d in c.stream("acme", "Pick", structured_outputs={"choice": ["left", "right"]})]
+        assert "".join(parts) in ("left", "right")
+        with pytest.raises(UnprocessableEntity) as ei:
+            c.generate("acme", "x", structured_outputs={"regex": "("})
+        assert ei.value.param == "structured_outputs.regex" and ei.value.code == "invalid_structured_output"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from server.engine import GrammarError, PrefixKey, Request, SamplingParams, StructuredOutputs
-from server.engine.structured import GrammarCompiler, allowed_tokens, fill_masks
+from server.engine.structured import MAX_JSON_WHITESPACE, GrammarCompiler, allowed_tokens, fill_masks
 from tests.engine_utils import hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
 
 PERSON = {
@@ -100,6 +100,21 @@ def test_max_tokens_cuts_a_constrained_output_short(tiny_llama_bundle):
     out = make_engine(b, {}).generate([_req("r", b.spec, JSON_COMPACT, seed=0, max_tokens=4)])[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 4
     assert out.text.startswith('{"')
+
+
+def test_json_whitespace_is_bounded(tiny_llama_bundle):
+    """Pretty-printing is allowed, endless blank lines are not: a +100 bias on the space token fills every gap
+    between JSON tokens with exactly the maximum run of whitespace, and the object still completes."""
+    b = tiny_llama_bundle
+    space = b.tokenizer.convert_tokens_to_ids("Ġ")
+    so = StructuredOutputs("json", JSON_COMPACT.spec)  # any_whitespace (the default)
+    p = SamplingParams(max_tokens=600, structured=so, logit_bias=((space, 100.0),))
+    out = make_engine(b, {}).generate([Request("r", [1, 2, 3], p)])[0]
+    assert out.finish_reason == "stop", out.text
+    check_person(out.text)
+    outside_strings = re.sub(r'"[^"]*"', '""', out.text)
+    assert {len(m) for m in re.findall(r"\s+", outside_strings)} == {MAX_JSON_WHITESPACE}
+    assert json.loads(out.text)["name"] == " " * 6  # inside a string a space is content (up to maxLength)
 
 
 def test_logit_bias_cannot_force_a_token_outside_the_grammar(tiny_llama_bundle):
@@ -253,3 +268,45 @@ def test_masks_never_allow_tokens_past_the_tokenizer(tiny_llama_bundle):
     ascii_ids = tok.encode("".join(map(chr, range(32, 127))) + "\n\t", add_special_tokens=False)
     assert len(ascii_ids) == 97 and allowed[ascii_ids].all()
     assert allowed[tok.eos_token_id]  # the regex accepts here, so the output may end
+
+
+@pytest.mark.slow
+def test_smollm2_answers_in_the_schema(smollm2_bundle):
+    """The real model, greedy, chat prompts: constrained answers parse and carry the facts of the prompt; the same
+    request unconstrained does not come back as bare JSON."""
+    from server.model import render_prompt
+
+    b = smollm2_bundle
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}},
+        "required": ["name", "age", "city"],
+        "additionalProperties": False,
+    }
+    ask = "Give me JSON for a person named Alice who is 30 and lives in Paris."
+    prompt = render_prompt(b.tokenizer, ask, "chat")
+    so = StructuredOutputs("json", json.dumps(schema))
+    yes_no = StructuredOutputs("choice", json.dumps(["yes", "no"]))
+    date = StructuredOutputs("regex", r"\d{4}-\d{2}-\d{2}")
+    reqs = [
+        Request("json", prompt, SamplingParams(max_tokens=80, structured=so)),
+        Request("free", prompt, SamplingParams(max_tokens=80)),
+        Request(
+            "choice",
+            render_prompt(b.tokenizer, "Is Paris in France? Answer yes or no.", "chat"),
+            SamplingParams(max_tokens=8, structured=yes_no),
+        ),
+        Request(
+            "date",
+            render_prompt(b.tokenizer, "When did the Apollo 11 moon landing happen?", "chat"),
+            SamplingParams(max_tokens=16, structured=date),
+        ),
+    ]
+    out = {o.request_id: o for o in make_engine(b, {}, kv_cache_bytes=64 * 2**20).generate(reqs)}
+    assert out["json"].finish_reason == "stop"
+    person = json.loads(out["json"].text)
+    assert person["name"] == "Alice" and person["city"] == "Paris" and isinstance(person["age"], int)
+    with pytest.raises(ValueError):
+        json.loads(out["free"].text)
+    assert out["choice"].text == "yes"
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", out["date"].text), out["date"].text

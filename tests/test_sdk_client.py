@@ -229,6 +229,35 @@ def test_generate_request_and_typed_response(srv: Any, client: Any) -> None:
     assert seen.headers["user-agent"].startswith("prefixserve-client/")
 
 
+def test_generate_structured_outputs_body(srv: Any, client: Any) -> None:
+    from pydantic import BaseModel
+
+    class Item(BaseModel):
+        sku: str
+        qty: int
+
+    srv.on("POST", "/generate", Resp(200, {**GEN, "text": '{"sku":"AB12","qty":3}'}))
+    g = client.generate("acme", "Hi", structured_outputs=Item)
+    assert Item.model_validate_json(g.text) == Item(sku="AB12", qty=3)
+    client.generate("acme", "Hi", structured_outputs={"regex": "[0-9]+"})
+    list(client.stream("acme", "Hi", structured_outputs={"choice": ["a", "b"]}))
+    sent = [c.body["structured_outputs"] for c in srv.calls("POST", "/generate")]
+    assert sent == [{"json": Item.model_json_schema()}, {"regex": "[0-9]+"}, {"choice": ["a", "b"]}]
+    assert sent[0]["json"]["required"] == ["sku", "qty"]
+    with pytest.raises(TypeError, match="structured_outputs"):
+        client.generate("acme", "Hi", structured_outputs="[0-9]+")  # type: ignore[arg-type]
+    assert len(srv.calls("POST", "/generate")) == 3  # nothing sent for the bad argument
+
+    async def main() -> None:
+        async with ps.AsyncClient(srv.url, api_key="key-a") as c:
+            await c.generate("acme", "Hi", structured_outputs={"json_object": True})
+            [d async for d in c.stream("acme", "Hi", structured_outputs=Item)]
+
+    asyncio.run(main())
+    sent = [c.body["structured_outputs"] for c in srv.calls("POST", "/generate")][3:]
+    assert sent == [{"json_object": True}, {"json": Item.model_json_schema()}]
+
+
 def test_generate_defaults_match_server_contract(srv: Any, client: Any) -> None:
     srv.on("POST", "/generate", Resp(200, {**GEN, "prefix": None, "prefix_version": None}))
     g = client.generate(None, "Hi", prefix="base")

@@ -26,6 +26,11 @@ import torch
 
 from server.engine.types import StructuredOutputs
 
+# Whitespace a JSON output may have between two tokens: enough for pretty-printing (a newline and 8 levels of
+# 4-space indentation), bounded so that a model cannot spend its whole budget on blank lines.
+MAX_JSON_WHITESPACE = 33
+JSON_WHITESPACE = rf"[\x20\x0A\x0D\x09]{{0,{MAX_JSON_WHITESPACE}}}"
+
 
 class GrammarError(ValueError):
     """The spec cannot be compiled (invalid JSON schema, regex or grammar) or the model's tokenizer cannot be
@@ -48,10 +53,9 @@ def _grammar_text(so: StructuredOutputs) -> str:
                 raise GrammarError("a JSON schema must be an object (or true/false)")
             if isinstance(schema, bool):
                 schema = {} if schema else {"not": {}}
+        ws = {"whitespace_pattern": JSON_WHITESPACE} if so.any_whitespace else {"whitespace_flexible": False}
         try:
-            return LLMatcher.grammar_from_json_schema(
-                schema, overrides={"whitespace_flexible": so.any_whitespace}
-            )
+            return LLMatcher.grammar_from_json_schema(schema, overrides=ws)  # type: ignore[arg-type]
         except ValueError as e:
             raise GrammarError(f"invalid JSON schema: {e}") from None
     if so.kind == "choice":

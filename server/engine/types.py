@@ -28,8 +28,9 @@ STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 class StructuredOutputs:
     """What the output must match (vLLM's `structured_outputs`). `spec` is the JSON schema as JSON text (`json`),
     the regular expression (`regex`), the choices as a JSON list of strings (`choice`), the grammar in Lark or GBNF
-    syntax (`grammar`), or empty (`json_object`: any JSON object). `any_whitespace` False allows no whitespace
-    between JSON tokens (vLLM's `disable_any_whitespace`)."""
+    syntax (`grammar`), or empty (`json_object`: any JSON object). JSON may have whitespace between tokens, at most
+    33 characters at a time (pretty-printing, but no endless blank lines); `any_whitespace` False allows none
+    (vLLM's `disable_any_whitespace`)."""
 
     kind: Literal["json", "json_object", "regex", "choice", "grammar"]
     spec: str = ""

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from . import _base
-from ._base import Examples, TimeoutTypes
+from ._base import Examples, StructuredOutputsArg, TimeoutTypes
 from ._client import _json_or_none, _seg
 from ._exceptions import status_error_from_response
 from .types import (
@@ -290,6 +290,7 @@ class AsyncClient:
         logit_bias: dict[int, float] | None = None,
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] | None = None,
+        structured_outputs: StructuredOutputsArg | None = None,
         request_id: str | None = None,
     ) -> Generation:
         body = _base.generate_body(
@@ -310,6 +311,7 @@ class AsyncClient:
             logit_bias=logit_bias,
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
+            structured_outputs=structured_outputs,
         )
         r = await self._request("POST", "/generate", json=body, request_id=request_id)
         gen = Generation.model_validate(r.json())
@@ -335,6 +337,7 @@ class AsyncClient:
         logit_bias: dict[int, float] | None = None,
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] | None = None,
+        structured_outputs: StructuredOutputsArg | None = None,
         request_id: str | None = None,
     ) -> AsyncStream:
         """An async iterator (not a coroutine): ``async for delta in client.stream(...)``."""
@@ -356,6 +359,7 @@ class AsyncClient:
             logit_bias=logit_bias,
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
+            structured_outputs=structured_outputs,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return AsyncStream(self, body, headers)

@@ -6,10 +6,11 @@ import contextlib
 import json
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import httpx
+from pydantic import BaseModel
 
 from ._exceptions import (
     APIConnectionError,
@@ -31,6 +32,9 @@ MAX_RETRY_AFTER_S = 60.0
 RETRY_STATUSES = frozenset({429, 503})
 
 Examples = Union[Sequence[dict[str, Any]], str, "os.PathLike[str]"]
+# {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...} / {"json_object": True}, or a pydantic model
+# class (its JSON schema)
+StructuredOutputsArg = Union[Mapping[str, Any], type]
 TimeoutTypes = Union[float, httpx.Timeout, None]
 
 
@@ -82,6 +86,7 @@ def generate_body(
     logit_bias: dict[int, float] | None = None,
     min_tokens: int = 0,
     stop_token_ids: Sequence[int] | None = None,
+    structured_outputs: StructuredOutputsArg | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /generate``; optional fields are sent only when set (older servers refuse unknown
     fields)."""
@@ -114,7 +119,21 @@ def generate_body(
         body["min_tokens"] = min_tokens
     if stop_token_ids:
         body["stop_token_ids"] = [int(t) for t in stop_token_ids]
+    if structured_outputs is not None:
+        body["structured_outputs"] = structured_outputs_body(structured_outputs)
     return body
+
+
+def structured_outputs_body(value: StructuredOutputsArg) -> dict[str, Any]:
+    """The ``structured_outputs`` object: a mapping as given, a pydantic model class as ``{"json": its schema}``."""
+    if isinstance(value, type) and issubclass(value, BaseModel):
+        return {"json": value.model_json_schema()}
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(
+        "structured_outputs must be a dict ({'json': schema}, {'regex': ...}, {'choice': [...]}, {'grammar': ...}, "
+        "{'json_object': True}) or a pydantic model class"
+    )
 
 
 def tokenize_body(

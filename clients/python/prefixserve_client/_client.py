@@ -11,7 +11,7 @@ from urllib.parse import quote
 import httpx
 
 from . import _base
-from ._base import Examples, TimeoutTypes
+from ._base import Examples, StructuredOutputsArg, TimeoutTypes
 from ._exceptions import status_error_from_response
 from .types import (
     DeletedPrefix,
@@ -299,9 +299,13 @@ class Client:
         logit_bias: dict[int, float] | None = None,
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] | None = None,
+        structured_outputs: StructuredOutputsArg | None = None,
         request_id: str | None = None,
     ) -> Generation:
-        """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model."""
+        """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model.
+        ``structured_outputs``: what the text must match, ``{"json": schema}``, a pydantic model class (its schema;
+        then ``Model.model_validate_json(gen.text)``), ``{"regex": ...}``, ``{"choice": [...]}``,
+        ``{"grammar": ...}`` or ``{"json_object": True}``."""
         body = _base.generate_body(
             tenant_id,
             prompt,
@@ -320,6 +324,7 @@ class Client:
             logit_bias=logit_bias,
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
+            structured_outputs=structured_outputs,
         )
         r = self._request("POST", "/generate", json=body, request_id=request_id)
         gen = Generation.model_validate(r.json())
@@ -345,6 +350,7 @@ class Client:
         logit_bias: dict[int, float] | None = None,
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] | None = None,
+        structured_outputs: StructuredOutputsArg | None = None,
         request_id: str | None = None,
     ) -> Stream:
         """Streamed ``POST /generate``: an iterator of :class:`StreamDelta` (text pieces; the last has
@@ -367,6 +373,7 @@ class Client:
             logit_bias=logit_bias,
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
+            structured_outputs=structured_outputs,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return Stream(self, body, headers)
