@@ -56,6 +56,7 @@ from server.engine import (  # noqa: E402
     Request,
     SamplingParams,
     StepStats,
+    StructuredOutputs,
 )
 
 SYSTEM_NAMES = {
@@ -423,12 +424,19 @@ class EngineHarness:
         self.n += 1
         self.engine.generate(reqs)
 
-    def run(self, key: str, work: Work, tenant_of: list[int], new_tokens: int) -> SysResult:
+    def run(
+        self,
+        key: str,
+        work: Work,
+        tenant_of: list[int],
+        new_tokens: int,
+        structured: StructuredOutputs | None = None,
+    ) -> SysResult:
         reqs = [
             Request(
                 f"{key}{self.n}-{i}",
                 list(p),
-                SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                SamplingParams(max_tokens=new_tokens, ignore_eos=True, structured=structured),
                 self.keys[tenant_of[i]],
             )
             for i, p in enumerate(work.prompts)
@@ -1043,6 +1051,132 @@ def main_prompt_cache_test(args) -> dict:
     return out
 
 
+# --structured-test: a regex that admits any text (a mask every step, the model's greedy choice kept wherever it is
+# text) and a JSON array of objects that stays open for as long as the model keeps adding items.
+STRUCTURED_SPECS = {
+    "regex (.|\\n)*": StructuredOutputs("regex", "(.|\n)*"),
+    "JSON schema: array of objects": StructuredOutputs(
+        "json",
+        json.dumps(
+            {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                    "required": ["name", "age"],
+                },
+            }
+        ),
+    ),
+}
+
+
+def _time_masks() -> list[float]:
+    """Record the host time of each step's grammar masks (fill on the CPU + apply to the logits)."""
+    import server.engine.engine as engine_mod
+    import server.engine.sampler as sampler_mod
+
+    times: list[float] = []
+    fill, apply = engine_mod.fill_masks, sampler_mod.apply_masks
+
+    def timed_fill(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fill(*a, **k)
+        finally:
+            times.append(time.perf_counter() - t0)
+
+    def timed_apply(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return apply(*a, **k)
+        finally:
+            times[-1] += time.perf_counter() - t0
+
+    engine_mod.fill_masks, sampler_mod.apply_masks = timed_fill, timed_apply
+    return times
+
+
+def main_structured_test(args) -> dict:
+    """Engine d (every request its own tenant) without and with structured outputs on every row, interleaved
+    repeats, best of each: tok/s and the full-batch decode step, whose difference is the cost of the grammar
+    masks (computed on the CPU once per row per step, applied to the logits)."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    load_before = loadavg()
+    bundle, weights_kind = build_bundle(args.model, args.device, args.dtype, args.tokenizer)
+    spec = bundle.spec
+    vocab = min(spec.vocab_size, len(bundle.tokenizer))
+    work = make_work(
+        spec, vocab, args.tenants, args.requests, parse_prefix_lens(args.prefix_len), args.prompt_len
+    )
+    harness = EngineHarness(bundle, work, args)
+    harness.warmup(sorted(set(work.tenant_of)), args.prompt_len)
+    configs: dict[str, StructuredOutputs | None] = {"unconstrained": None, **STRUCTURED_SPECS}
+    for so in STRUCTURED_SPECS.values():
+        harness.engine.grammars.compile(so)  # as the HTTP layer does before queueing
+    mask_s = _time_masks()
+    best: dict[str, SysResult] = {}
+    for _ in range(args.repeats):
+        for label, so in configs.items():
+            mask_s.clear()
+            r = harness.run("s", work, work.tenant_of, args.new_tokens, so)
+            r.extra["mask_ms"] = 1000 * sum(mask_s) / len(mask_s) if mask_s else None
+            if label not in best or r.tok_s > best[label].tok_s:
+                best[label] = r
+    info = machine_info(str(bundle.device))
+    load_after = loadavg()
+    base = best["unconstrained"]
+    rows = [
+        [
+            label,
+            fmt(r.tok_s),
+            r.n_tokens,
+            r.batch,
+            fmt(r.step_ms),
+            "-" if r.extra["mask_ms"] is None else fmt(r.extra["mask_ms"]),
+            fmt(ms(percentile(r.itl, 50))),
+        ]
+        for label, r in best.items()
+    ]
+    lines = [
+        f"**Structured outputs test**: {bundle.name} ({weights_kind}) on {info.get('gpu') or info['cpu']} "
+        f"({info['cores']} cores), {str(bundle.dtype).removeprefix('torch.')}, torch {info['torch']}, {info['date']}",
+        "",
+        f"Engine d: {args.requests} requests, each its own tenant's prefix (P={args.prefix_len}), prompt "
+        f"{args.prompt_len}, up to {args.new_tokens} new tokens, greedy, every row constrained (or none); best of "
+        f"{args.repeats} interleaved. Load average before {load_before}, after {load_after}. `masks ms/step`: host "
+        "time of the grammar masks (fill + apply) per step with constrained rows. A constrained row ends when its "
+        "grammar is complete (or, where it accepts, at end-of-sequence), so its tokens and throughput differ.",
+        "",
+        f"Command: `python benchmarks/bench_engine.py {' '.join(sys.argv[1:])}`",
+        "",
+        markdown_table(
+            [
+                "constraint",
+                "out tok/s",
+                "tokens",
+                "full batch",
+                "decode step ms",
+                "masks ms/step",
+                "ITL p50 ms",
+            ],
+            rows,
+        ),
+    ]
+    report = "\n".join(lines)
+    print(report)
+    out = {
+        "unconstrained_tok_s": round(base.tok_s, 2),
+        **{f"{k.split()[0].lower()}_tok_s": round(best[k].tok_s, 2) for k in STRUCTURED_SPECS},
+        "step_ms": {k: r.step_ms for k, r in best.items()},
+        "mask_ms_per_step": {k: r.extra["mask_ms"] for k, r in best.items()},
+        "model": bundle.name,
+        "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
+    }
+    emit(args, report, out)
+    return out
+
+
 def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -1105,6 +1239,9 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--prompt-cache-test", action="store_true")
     g.add_argument("--system-prompt-len", type=int, default=256)
     g.add_argument("--kv-cache-mb", type=int, default=512)
+    ap.add_argument(
+        "--structured-test", action="store_true", help="engine d without / with structured outputs"
+    )
     args = ap.parse_args(argv)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
@@ -1118,6 +1255,8 @@ def main(argv: list[str] | None = None) -> None:
         main_cache_test(args)
     elif args.prompt_cache_test:
         main_prompt_cache_test(args)
+    elif args.structured_test:
+        main_structured_test(args)
     else:
         main_bench(args)
 

@@ -210,7 +210,11 @@ def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def apply_masks(scores: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-    """Set the disallowed tokens of `rows` of `scores` to -inf, in place (one transfer of the bitmasks)."""
-    allowed = allowed_tokens(bitmask.to(scores.device, non_blocking=True), scores.shape[-1])
+    """Set the disallowed tokens of `rows` (distinct, ascending) of `scores` to -inf, in place (one transfer of
+    the bitmasks)."""
+    disallowed = ~allowed_tokens(bitmask.to(scores.device, non_blocking=True), scores.shape[-1])
+    if len(rows) == scores.shape[0]:  # every row constrained: no gather
+        scores.masked_fill_(disallowed, float("-inf"))
+        return
     idx = torch.tensor(rows, device=scores.device)
-    scores[idx] = scores[idx].masked_fill(~allowed, float("-inf"))
+    scores.index_copy_(0, idx, scores.index_select(0, idx).masked_fill_(disallowed, float("-inf")))
