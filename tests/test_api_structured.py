@@ -250,3 +250,19 @@ def test_sdk_structured_outputs_against_the_server(srv):
         with pytest.raises(UnprocessableEntity) as ei:
             c.generate("acme", "x", structured_outputs={"regex": "("})
         assert ei.value.param == "structured_outputs.regex" and ei.value.code == "invalid_structured_output"
+
+
+def test_grammar_past_the_parser_limits_is_a_422_and_the_server_carries_on(srv):
+    """The lexer's limits are reached only once the output gets to the nested repeats: a stream has started by
+    then, so its last event is the error; a whole answer is a 422 (the compiled grammar keeps what it built, so
+    from then on it fails at once)."""
+    so = {"regex": "b{1,5}((a{60}){60}){60}"}
+    r = gen(srv, structured_outputs=so, stream=True)
+    assert r.status_code == 200
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "structured_output_failed"
+    assert "too many expressions" in events[-2]["error"]["message"]
+    assert re.fullmatch("b{1,5}a*", "".join(e.get("text", "") for e in events[:-2]))
+    err = assert_error(gen(srv, structured_outputs=so), 422, code="structured_output_failed")
+    assert err["param"] == "structured_outputs" and "too many expressions" in err["message"]
+    assert gen(srv, structured_outputs={"choice": ["fine"]}).json()["text"] == "fine"

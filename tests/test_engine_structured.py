@@ -210,6 +210,61 @@ def test_constrained_rows_survive_preemption(tiny_llama_bundle):
     )
 
 
+def test_a_grammar_past_the_parser_limits_fails_its_request_alone(tiny_llama_bundle):
+    """Counted repeats nested in a regex pass the first mask, then blow the lexer's state budget once the output
+    reaches them: that request ends with an error naming the limit (without llguidance's parser state and grammar
+    dump), its neighbours are unaffected."""
+    b = tiny_llama_bundle
+    so = StructuredOutputs("regex", "b{1,5}((a{60}){60}){60}")
+    free = _req("free", b.spec, None, seed=1, max_tokens=8)
+    out = make_engine(b, {}).generate([_req("bad", b.spec, so, seed=0), free])
+    assert out[0].finish_reason == "error" and "too many expressions" in out[0].error, out[0]
+    generated = b.tokenizer.decode(out[0].token_ids)  # an error has no text: the tokens say how far it got
+    assert re.fullmatch("b{1,5}a?", generated), generated
+    assert "<state>" not in out[0].error and "a{60}" not in out[0].error
+    assert out[1].error is None and out[1].token_ids == make_engine(b, {}).generate([free])[0].token_ids
+
+
+def test_a_grammar_too_slow_to_follow_fails_alone(tiny_llama_bundle):
+    """A grammar whose masks take over the engine's budget (here ~17 ms a token against 3 ms) ends after three
+    slow masks; a cheap grammar and a free row in the same steps carry on. Its first mask is refused at compile
+    time when it already takes three budgets."""
+    b = tiny_llama_bundle
+    slow = StructuredOutputs("regex", "xyz((a{40}){40}){40}")
+    cheap = StructuredOutputs("regex", "[a-z]{30}")
+    eng = make_engine(b, {}, mask_budget_ms=3)
+    with pytest.raises(GrammarError, match="too expensive to follow: its first token mask took"):
+        eng.grammars.compile(slow)
+    # compiled by a lenient compiler (a grammar that passed its check): the step budget still catches it
+    eng.grammars = GrammarCompiler(
+        b.tokenizer, b.spec.vocab_size, b.tokenizer.eos_token_id, mask_budget_ms=1e4
+    )
+    reqs = [_req("slow", b.spec, slow, 0, max_tokens=30), _req("cheap", b.spec, cheap, 1, max_tokens=40)]
+    reqs.append(_req("free", b.spec, None, 2, max_tokens=30))
+    out = eng.generate(reqs)
+    assert (
+        out[0].finish_reason == "error"
+        and "too expensive to follow: 3 token masks took over 3 ms" in out[0].error
+    )
+    assert len(out[0].token_ids) < 10
+    assert out[1].finish_reason == "stop" and matches_regex(cheap, out[1].text)
+    assert out[2].finish_reason == "length" and out[2].error is None
+
+
+def matches_regex(so: StructuredOutputs, text: str) -> bool:
+    return re.fullmatch(so.spec, text, re.ASCII) is not None
+
+
+def test_thousands_of_choices(tiny_llama_bundle):
+    """A choice is one regex lexeme, not a grammar rule per string (the parser stops at 2,000 alternatives)."""
+    b = tiny_llama_bundle
+    options = [f"option {i}" for i in range(4096)]
+    so = StructuredOutputs("choice", json.dumps(options))
+    outs = make_engine(b, {}).generate([_req(f"c{i}", b.spec, so, seed=i, temperature=1.0) for i in range(4)])
+    assert all(o.finish_reason == "stop" and o.text in options for o in outs), [o.text for o in outs]
+    assert len({o.text for o in outs}) > 1
+
+
 @pytest.mark.parametrize(
     ("so", "needle"),
     [

@@ -224,6 +224,8 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
     "ChecksumMismatch": (422, "prefix_corrupt"),
     "InvalidPrefix": (422, "prefix_corrupt"),
     "OutOfBlocks": (503, "kv_cache_full"),
+    # the request's grammar went past the parser's limits while generating (or let no token through)
+    "GrammarError": (422, "structured_output_failed"),
 }
 
 
@@ -299,6 +301,10 @@ class GenerationRun:
             return APIError(404, f"prefix {self.prefix.name!r} not found", code=code, param="prefix")
         if status == 503:
             return unavailable(f"prefix unavailable: {ev.error}", self.svc.settings.retry_after_s, code=code)
+        if code == "structured_output_failed":
+            return APIError(
+                422, ev.error or "structured output failed", code=code, param="structured_outputs"
+            )
         if status == 422:
             return APIError(422, f"prefix cannot be served: {ev.error}", code=code, param="prefix")
         log.error("generation %s failed: %s (%s)", self.req.request_id, ev.error, ev.error_type)

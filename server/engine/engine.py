@@ -24,7 +24,7 @@ from server.engine.prefix_cache import PrefixCache, PrefixProvider
 from server.engine.sampler import make_generator, sample, token_logprobs
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
-from server.engine.structured import GrammarCompiler, fill_masks
+from server.engine.structured import MASK_BUDGET_MS, Constraint, GrammarCompiler, MaskBudget
 from server.engine.types import Output, QueueFull, Request, RequestTooLarge, TokenEvent, TokenLogprob
 from server.model.spec import ModelBundle
 
@@ -47,6 +47,8 @@ class EngineConfig:
     # decode steps as CUDA graphs: auto (on CUDA) | cuda | off | eager (the padded path without capture)
     graphs: str = "auto"
     prompt_cache: bool = True  # reuse cached KV blocks of identical leading tokens (same salt and prefix)
+    # structured outputs: a request whose grammar masks take longer than this (3 times) ends with an error
+    mask_budget_ms: float = MASK_BUDGET_MS
 
 
 @dataclass
@@ -117,7 +119,10 @@ class LLMEngine:
             self.eos_ids.add(int(tok_eos))
         # structured outputs: end-of-sequence inside a grammar is the tokenizer's (the chat turn's end)
         eos = int(tok_eos) if tok_eos is not None else (sp.eos_token_ids[0] if sp.eos_token_ids else None)
-        self.grammars = GrammarCompiler(bundle.tokenizer, sp.vocab_size, eos)
+        self.grammars = GrammarCompiler(
+            bundle.tokenizer, sp.vocab_size, eos, mask_budget_ms=cfg.mask_budget_ms
+        )
+        self.mask_budget = MaskBudget(cfg.mask_budget_ms / 1000)
         self.on_step = on_step
         self._seqs: dict[str, Sequence] = {}
         self._callbacks: dict[str, EventCallback] = {}
@@ -214,9 +219,12 @@ class LLMEngine:
             # structured outputs: grammar masks on the CPU while a GPU forward may still be running
             constrained = [i for i, s in enumerate(samplers) if s.constraint is not None]
             masks = None
+            grammar_failed: dict[int, str] = {}  # rows whose grammar cannot go on (limits, time budget)
             if constrained:
-                cons = [samplers[i].constraint for i in constrained]
-                masks = (constrained, fill_masks(cons, logits.shape[-1]))  # type: ignore[arg-type]
+                cons: list[Constraint] = [samplers[i].constraint for i in constrained]  # type: ignore[misc]
+                bitmask, bad = self.mask_budget.fill(cons, logits.shape[-1])
+                masks = (constrained, bitmask)
+                grammar_failed = {constrained[j]: why for j, why in bad.items()}
             res = sample(
                 logits,
                 [s.req.sampling for s in samplers],
@@ -236,6 +244,10 @@ class LLMEngine:
             self.scheduler.cache_computed(it.seq)
         now = time.monotonic()
         for i, (seq, tok) in enumerate(zip(samplers, res.tokens, strict=True)):
+            if i in grammar_failed:
+                seq.error, seq.error_type = f"structured output: {grammar_failed[i]}", "GrammarError"
+                events.append(self._finish(seq, "error"))
+                continue
             if i in res.failed:  # this request alone ends with an error; the rest of the batch carries on
                 log.warning("request %s: %s", seq.request_id, res.failed[i])
                 seq.error, seq.error_type = res.failed[i], "SamplingError"
@@ -294,11 +306,9 @@ class LLMEngine:
         seq.last_token = now
         seq.output.append(tok)
         p = seq.req.sampling
-        if seq.constraint is not None and not seq.constraint.accept(
-            tok
-        ):  # the mask allowed it: cannot happen
-            seq.error = f"structured output: token {tok} outside the grammar ({seq.constraint.error})"
-            seq.error_type = "GrammarError"
+        # the mask allowed the token, so a refusal is a parser/lexer limit the grammar ran into
+        if seq.constraint is not None and not seq.constraint.accept(tok):
+            seq.error, seq.error_type = f"structured output: {seq.constraint.error}", "GrammarError"
             return self._finish(seq, "error")
         reason = None
         delta = ""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -32,9 +33,33 @@ MAX_JSON_WHITESPACE = 33
 JSON_WHITESPACE = rf"[\x20\x0A\x0D\x09]{{0,{MAX_JSON_WHITESPACE}}}"
 
 
+# llguidance's parser limits, tighter than its defaults (step lexer fuel 200k, initial 1M, 250k lexer states): a
+# request's masks are computed on the engine thread, so one tenant's grammar must not slow every step. Measured on
+# this project's CPU (SmolLM2's vocabulary): realistic grammars (a 40-property schema with patterns and enums,
+# maxLength 1000, date-time/email/uuid formats, an SQL-like Lark grammar) stay under 0.5 ms a mask either way, while
+# the regex ((a{50}){50}){50} cost 46 ms a step (235 ms at worst) with the defaults and is refused at its first mask
+# with these (a 422 before it is queued: `compile` computes that first mask).
+GRAMMAR_LIMITS = {"step_lexer_fuel": 50_000, "initial_lexer_fuel": 200_000, "max_lexer_states": 50_000}
+# The limits do not bound a mask's time well ((a{300}){300} passes them at 55 ms a step), so the engine also times
+# masks (`MaskBudget`): a request whose mask takes over the budget MASK_STRIKES times ends with an error, and a
+# grammar whose first mask already takes MASK_STRIKES budgets is refused when it is compiled.
+MASK_BUDGET_MS = 10.0
+MASK_STRIKES = 3
+
+
 class GrammarError(ValueError):
     """The spec cannot be compiled (invalid JSON schema, regex or grammar) or the model's tokenizer cannot be
     constrained; the message says why."""
+
+
+def _regex_literal(text: str) -> str:
+    """`text` as a regex matching exactly it (every character but ASCII letters and digits as \\x{..})."""
+    return "".join(c if c.isascii() and c.isalnum() else f"\\x{{{ord(c):x}}}" for c in text)
+
+
+def _without_dump(error: str) -> str:
+    """llguidance's error without the parser state and grammar dump it appends (user content, possibly huge)."""
+    return error.split("\n<state>", 1)[0].strip()
 
 
 def _grammar_text(so: StructuredOutputs) -> str:
@@ -51,8 +76,10 @@ def _grammar_text(so: StructuredOutputs) -> str:
                 raise GrammarError(f"the JSON schema is not valid JSON: {e}") from None
             if not isinstance(schema, (dict, bool)):
                 raise GrammarError("a JSON schema must be an object (or true/false)")
-            if isinstance(schema, bool):
-                schema = {} if schema else {"not": {}}
+            if schema is False:
+                raise GrammarError("the schema false admits no value")
+            if schema is True:
+                schema = {}
         ws = {"whitespace_pattern": JSON_WHITESPACE} if so.any_whitespace else {"whitespace_flexible": False}
         try:
             return LLMatcher.grammar_from_json_schema(schema, overrides=ws)  # type: ignore[arg-type]
@@ -65,7 +92,9 @@ def _grammar_text(so: StructuredOutputs) -> str:
             choices = None
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
             raise GrammarError("choice must be a non-empty list of non-empty strings")
-        return grammar_from("choice", so.spec)
+        # one regex lexeme (a trie for the lexer) rather than one grammar alternative per string: the parser limits
+        # a rule to 2,000 alternatives, the lexer has no such limit (4,096 choices: first mask 0.2 ms)
+        return LLMatcher.grammar_from_lark(f"start: /({'|'.join(map(_regex_literal, choices))})/")
     if so.kind == "regex":
         # JSON Schema / ECMAScript classes, as in JSON schemas' `pattern`: \d is [0-9] and \w [0-9A-Za-z_]
         # (Rust's regex would take every Unicode digit and letter)
@@ -79,10 +108,12 @@ def _grammar_text(so: StructuredOutputs) -> str:
 class Constraint:
     """One request's position in its grammar."""
 
-    __slots__ = ("matcher",)
+    __slots__ = ("matcher", "slowest_s", "strikes")
 
     def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
+        self.strikes = 0  # masks that took longer than the budget
+        self.slowest_s = 0.0
 
     def accept(self, token: int) -> bool:
         """Advance by the sampled token; False if the grammar does not allow it (the matcher is then in error)."""
@@ -94,21 +125,33 @@ class Constraint:
         return bool(self.matcher.is_stopped())
 
     @property
+    def failed(self) -> bool:
+        """The matcher is in an error state (a token outside the grammar, or a parser/lexer limit exceeded)."""
+        return bool(self.matcher.is_error())
+
+    @property
     def error(self) -> str:
-        return str(self.matcher.get_error())
+        return _without_dump(str(self.matcher.get_error()))
 
 
 class GrammarCompiler:
     """Compiles specs against one tokenizer; compiled matchers are kept (LRU) and copied per request. Thread-safe."""
 
     def __init__(
-        self, tokenizer: Any, vocab_size: int, eos_token_id: int | None, cache_size: int = 256
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        eos_token_id: int | None,
+        cache_size: int = 256,
+        mask_budget_ms: float = MASK_BUDGET_MS,
     ) -> None:
         self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._eos = eos_token_id
         self._cache_size = cache_size
+        self.mask_budget_s = mask_budget_ms / 1000
         self._lltok: Any = None
+        self._limits: Any = None
         self._compiled: OrderedDict[StructuredOutputs, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.compilations = 0  # distinct specs compiled (cache misses)
@@ -130,6 +173,13 @@ class GrammarCompiler:
                 raise GrammarError(f"structured outputs are not available for this tokenizer: {e}") from None
         return self._lltok
 
+    def _parser_limits(self) -> Any:
+        if self._limits is None:
+            from llguidance import LLParserLimits
+
+            self._limits = LLParserLimits(**GRAMMAR_LIMITS)
+        return self._limits
+
     def _compiled_matcher(self, so: StructuredOutputs) -> Any:
         with self._lock:
             m = self._compiled.get(so)
@@ -140,13 +190,22 @@ class GrammarCompiler:
         from llguidance import LLMatcher
 
         try:
-            m = LLMatcher(tok, _grammar_text(so), log_level=0)
+            m = LLMatcher(tok, _grammar_text(so), log_level=0, limits=self._parser_limits())
         except GrammarError:
             raise
         except ValueError as e:  # e.g. text that is not valid Unicode (lone surrogates)
             raise GrammarError(str(e)) from None
+        t0 = time.perf_counter()
+        if not m.is_error():
+            m.compute_bitmask()  # the first step: a grammar over the parser's or lexer's limits fails here already
+        first_s = time.perf_counter() - t0
         if m.is_error():
-            raise GrammarError(m.get_error().strip())
+            raise GrammarError(_without_dump(m.get_error()))
+        if first_s > MASK_STRIKES * self.mask_budget_s:
+            raise GrammarError(
+                f"the grammar is too expensive to follow: its first token mask took {1000 * first_s:.0f} ms "
+                f"(the budget is {1000 * self.mask_budget_s:.0f} ms a token)"
+            )
         with self._lock:
             self.compilations += 1
             self._compiled[so] = m
@@ -183,21 +242,60 @@ def mask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def fill_masks(constraints: list[Constraint], vocab_size: int) -> torch.Tensor:
+def fill_masks(
+    constraints: list[Constraint], vocab_size: int, timings: list[float] | None = None
+) -> torch.Tensor:
     """Bitmasks (int32 `[R, ceil(vocab / 32)]`, bit j of word w = token 32w + j allowed) of the constraints' next
-    tokens, computed in parallel threads outside the GIL."""
+    tokens, computed outside the GIL: in parallel threads, or one by one with each row's time appended to
+    `timings`."""
     out = torch.empty((len(constraints), mask_words(vocab_size)), dtype=torch.int32)
-    if len(constraints) == 1:
-        row = out[0]
-        constraints[0].matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
-    else:
+    if timings is None and len(constraints) > 1:
         _executor().unsafe_compute_mask_ptr(
             [(c.matcher, i) for i, c in enumerate(constraints)],
             out.data_ptr(),
             out.shape[1] * 4,
             len(constraints),
         )
+        return out
+    for c, row in zip(constraints, out, strict=True):
+        t0 = time.perf_counter()
+        c.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+        if timings is not None:
+            timings.append(time.perf_counter() - t0)
     return out
+
+
+class MaskBudget:
+    """One request's grammar must not slow every step. When a step's masks (computed in parallel) take longer than
+    the budget, the next step times each row; a row over the budget MASK_STRIKES times fails. A single row is always
+    timed."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
+        self._audit = False
+
+    def fill(self, constraints: list[Constraint], vocab_size: int) -> tuple[torch.Tensor, dict[int, str]]:
+        """(bitmasks, {index in `constraints`: why that row cannot go on})."""
+        timings: list[float] | None = [] if self._audit or len(constraints) == 1 else None
+        t0 = time.perf_counter()
+        bitmask = fill_masks(constraints, vocab_size, timings)
+        self._audit = timings is None and time.perf_counter() - t0 > self.budget_s
+        live = bitmask.ne(0).any(1).tolist()
+        failed: dict[int, str] = {}
+        for i, c in enumerate(constraints):
+            if timings is not None and timings[i] > self.budget_s:
+                c.strikes += 1
+                c.slowest_s = max(c.slowest_s, timings[i])
+            if c.failed:
+                failed[i] = c.error
+            elif c.strikes >= MASK_STRIKES:
+                failed[i] = (
+                    f"the grammar is too expensive to follow: {c.strikes} token masks took over "
+                    f"{1000 * self.budget_s:.0f} ms (the slowest {1000 * c.slowest_s:.0f} ms)"
+                )
+            elif not live[i]:
+                failed[i] = "the grammar allows no further token"
+        return bitmask, failed
 
 
 _BITS = torch.arange(32, dtype=torch.int32)
