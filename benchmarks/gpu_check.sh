@@ -4,9 +4,12 @@
 #
 #   here, once:  echo /.gpu-tok/ >> .git/info/exclude; mkdir -p .gpu-tok
 #                cp ~/.cache/prefixserve/models/smollm2-135m-instruct/tokenizer* .gpu-tok/   (after `make install`)
-#   device run:  bash benchmarks/gpu_check.sh   with carry [".gpu-tok"], timeout_s 600 (about 6-8 min on an H200)
+#                echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#                  --python-version 3.12 --implementation cp --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1
+#   device run:  bash benchmarks/gpu_check.sh   with carry [".gpu-tok", ".whl"], timeout_s 600 (6-8 min on an H200)
 #
-# 1. CUDA-path tests: CUDA-graph decode == eager == transformers (fp32), no host sync inside a decode step, bf16.
+# 1. CUDA-path tests: CUDA-graph decode == eager == transformers (fp32), no host sync inside a decode step, bf16,
+#    structured-output rows on graphed steps.
 # 2. Issue 6 GPU targets: SmolLM2-135M's shape, random bf16 weights, 64 tenants each with its own prefix of 32,
 #    prompts 128, 128 new tokens, systems a (first 8 requests; sequential), b, c, d, e (static cache, compiled).
 # 3. The same with a ~1B config (Llama-3.2-1B shape), systems b, c, d, e.
@@ -15,6 +18,10 @@ OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (llguidance for the structured-outputs CUDA test)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"

@@ -325,6 +325,13 @@ def test_masks_never_allow_tokens_past_the_tokenizer(tiny_llama_bundle):
     assert allowed[tok.eos_token_id]  # the regex accepts here, so the output may end
 
 
+def test_padded_decode_path_with_structured_rows(tiny_llama_bundle):
+    """The body of the CUDA-graph test (tests/test_engine_cuda.py) on the padded static-buffer path, eagerly."""
+    from tests.test_engine_cuda import structured_rows_graphed
+
+    structured_rows_graphed(tiny_llama_bundle, "eager")
+
+
 @pytest.mark.slow
 def test_smollm2_answers_in_the_schema(smollm2_bundle):
     """The real model, greedy, chat prompts: constrained answers parse and carry the facts of the prompt; the same
