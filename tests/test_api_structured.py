@@ -266,3 +266,38 @@ def test_grammar_past_the_parser_limits_is_a_422_and_the_server_carries_on(srv):
     err = assert_error(gen(srv, structured_outputs=so), 422, code="structured_output_failed")
     assert err["param"] == "structured_outputs" and "too many expressions" in err["message"]
     assert gen(srv, structured_outputs={"choice": ["fine"]}).json()["text"] == "fine"
+
+
+def test_vllm_guided_fields_are_honoured_not_ignored(oai, srv):
+    """Older vLLM clients send guided_json / guided_regex / guided_choice / guided_grammar: the /v1 routes take
+    extra fields silently, so these must act (or be refused), never be dropped."""
+    c = oai.completions.create(
+        model="acme/default",
+        prompt="x",
+        max_tokens=16,
+        temperature=1.0,
+        seed=3,
+        extra_body={"guided_choice": ["up", "down"]},
+    )
+    assert c.choices[0].text in ("up", "down")
+    c = oai.completions.create(
+        model="acme/default",
+        prompt="x",
+        max_tokens=16,
+        temperature=1.0,
+        seed=4,
+        extra_body={"guided_regex": "[0-9]{5}"},
+    )
+    assert re.fullmatch("[0-9]{5}", c.choices[0].text)
+    chat = oai.chat.completions.create(
+        model="acme/default",
+        messages=[{"role": "user", "content": "Order"}],
+        max_tokens=64,
+        temperature=0,
+        extra_body={"guided_json": ITEM},
+    )
+    check_item(chat.choices[0].message.content)
+    body = {"model": "acme/default", "prompt": "x", "guided_regex": "a", "structured_outputs": {"regex": "b"}}
+    assert (
+        assert_error(srv.client(KEY).post("/v1/completions", json=body), 422)["param"] == "structured_outputs"
+    )

@@ -175,7 +175,11 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     else:
         assert isinstance(body, CompletionRequest)
         plan = await _completion_plan(svc, info, body, prefix)
-    structured = await svc.structured(body.structured_outputs, body.response_format)
+    try:
+        so = body.structured_param()
+    except ValueError as e:
+        raise APIError(422, str(e), param="structured_outputs") from None
+    structured = await svc.structured(so, body.response_format)
     sampling = svc.sampling(
         max_tokens=plan.max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,

@@ -254,6 +254,35 @@ class _OpenAIBase(BaseModel):
     structured_outputs: StructuredOutputsParam | None = Field(
         None, description="Extension (vLLM; not with response_format): " + STRUCTURED_DOC
     )
+    # vLLM's earlier names for the same (still sent by older clients; never silently ignored)
+    guided_json: dict[str, Any] | bool | str | None = Field(
+        None, description="Deprecated: structured_outputs.json"
+    )
+    guided_regex: str | None = Field(None, min_length=1, description="Deprecated: structured_outputs.regex")
+    guided_choice: (
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=4096)] | None
+    ) = Field(None, description="Deprecated: structured_outputs.choice")
+    guided_grammar: str | None = Field(
+        None, min_length=1, description="Deprecated: structured_outputs.grammar"
+    )
+
+    def structured_param(self) -> StructuredOutputsParam | None:
+        """structured_outputs, or the same built from the guided_* fields."""
+        guided = {
+            k: v
+            for k, v in (
+                ("json", self.guided_json),
+                ("regex", self.guided_regex),
+                ("choice", self.guided_choice),
+                ("grammar", self.guided_grammar),
+            )
+            if v is not None
+        }
+        if not guided:
+            return self.structured_outputs
+        if self.structured_outputs is not None:
+            raise ValueError("give structured_outputs or the guided_* fields, not both")
+        return StructuredOutputsParam.model_validate(guided)
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
