@@ -79,13 +79,17 @@ STRUCTURED_DOC = (
 )
 
 
+JsonSchemaValue = dict[str, Any] | bool | str  # a schema, true, or its JSON text
+Choices = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=4096)]
+
+
 class StructuredOutputsParam(BaseModel):
     """What the output must match; give exactly one of json, json_object, regex, choice, grammar. A complete
     match ends the output (finish_reason `stop`); `max_tokens` can still cut it short (`length`)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    json_schema: dict[str, Any] | bool | str | None = Field(
+    json_schema: JsonSchemaValue | None = Field(
         None,
         alias="json",
         description="A JSON schema (an object, or its JSON text): the output is one such value",
@@ -94,9 +98,7 @@ class StructuredOutputsParam(BaseModel):
     regex: str | None = Field(
         None, min_length=1, description="The whole output matches this regular expression"
     )
-    choice: (
-        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=4096)] | None
-    ) = Field(None, description="The output is exactly one of these strings")
+    choice: Choices | None = Field(None, description="The output is exactly one of these strings")
     grammar: str | None = Field(
         None, min_length=1, description="A context-free grammar (llguidance's Lark syntax, or GBNF)"
     )
@@ -255,13 +257,9 @@ class _OpenAIBase(BaseModel):
         None, description="Extension (vLLM; not with response_format): " + STRUCTURED_DOC
     )
     # vLLM's earlier names for the same (still sent by older clients; never silently ignored)
-    guided_json: dict[str, Any] | bool | str | None = Field(
-        None, description="Deprecated: structured_outputs.json"
-    )
+    guided_json: JsonSchemaValue | None = Field(None, description="Deprecated: structured_outputs.json")
     guided_regex: str | None = Field(None, min_length=1, description="Deprecated: structured_outputs.regex")
-    guided_choice: (
-        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=4096)] | None
-    ) = Field(None, description="Deprecated: structured_outputs.choice")
+    guided_choice: Choices | None = Field(None, description="Deprecated: structured_outputs.choice")
     guided_grammar: str | None = Field(
         None, min_length=1, description="Deprecated: structured_outputs.grammar"
     )

@@ -122,7 +122,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(
             bundle.tokenizer, sp.vocab_size, eos, mask_budget_ms=cfg.mask_budget_ms
         )
-        self.mask_budget = MaskBudget(cfg.mask_budget_ms / 1000)
+        self.mask_budget = MaskBudget(self.grammars.mask_budget_s)
         self.on_step = on_step
         self._seqs: dict[str, Sequence] = {}
         self._callbacks: dict[str, EventCallback] = {}

@@ -5,8 +5,8 @@ The constraint engine is llguidance (one of vLLM's backends): a grammar compiles
 every step a matcher yields the bitmask of the tokens that keep the output inside the grammar. Here:
 
 - `GrammarCompiler.compile` (called by the HTTP layer off the event loop, so a bad spec is a 422 before anything is
-  queued) checks and compiles a spec and keeps the result in an LRU; the engine thread's `matcher` then only copies
-  the compiled matcher for each request.
+  queued) checks and compiles a spec and keeps the result in an LRU; the engine thread's `constraint` then only
+  copies the compiled matcher for each request.
 - In a step, `fill_masks` computes the constrained rows' bitmasks on the CPU after the forward was launched (on a GPU
   the work overlaps the forward), `apply_masks` sets the disallowed tokens' scores to -inf after every other score
   processing, and the sampled token advances the matcher. A grammar that is complete ends the request ("stop");

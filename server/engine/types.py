@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -21,7 +21,8 @@ class RequestTooLarge(EngineError):
     """Prompt + max_tokens (+ prefix) do not fit the engine's context or KV budget (HTTP 413)."""
 
 
-STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class StructuredOutputs:
     33 characters at a time (pretty-printing, but no endless blank lines); `any_whitespace` False allows none
     (vLLM's `disable_any_whitespace`)."""
 
-    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    kind: StructuredKind
     spec: str = ""
     any_whitespace: bool = True
 
