@@ -975,7 +975,15 @@ def main_prompt_cache_test(args) -> dict:
                 prompt_cache=on,
             )
             eng = LLMEngine(bundle, DictPrefixProvider(kvs), cfg)
-            eng.generate(reqs(f"warm{rep}", sys_only=True))
+            if args.cold:  # prefixes resident, system prompts not: the burst itself computes them
+                eng.generate(
+                    [
+                        Request(f"prefix{rep}-{t}", [1], SamplingParams(max_tokens=1), k)
+                        for t, k in enumerate(keys)
+                    ]
+                )
+            else:
+                eng.generate(reqs(f"warm{rep}", sys_only=True))
             h0, q0 = eng.scheduler.cache_hit_tokens, eng.scheduler.cache_query_tokens
             gc.collect()
             t0 = time.perf_counter()
@@ -1011,7 +1019,13 @@ def main_prompt_cache_test(args) -> dict:
         "",
         f"{args.tenants} tenants, each with its own prefix (P={p}) and system prompt ({args.system_prompt_len} "
         f"tokens); {args.requests} requests = system prompt + a unique {args.prompt_len}-token question, "
-        f"{args.new_tokens} new tokens; best of {args.repeats}. Load average before {load_before}, after {load_after}.",
+        f"{args.new_tokens} new tokens; best of {args.repeats}. "
+        + (
+            "Cold: the requests arrive together, no system prompt cached before. "
+            if args.cold
+            else "Warm: one earlier request per tenant cached its system prompt. "
+        )
+        + f"Load average before {load_before}, after {load_after}.",
         "",
         f"Command: `python benchmarks/bench_engine.py {' '.join(sys.argv[1:])}`",
         "",
@@ -1042,6 +1056,7 @@ def main_prompt_cache_test(args) -> dict:
         "hit_tokens": on["hit_tokens"],
         "query_tokens": on["query_tokens"],
         "outputs_identical": same,
+        "cold": args.cold,
         "model": bundle.name,
         "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
     }
@@ -1238,6 +1253,11 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--prompt-cache-test", action="store_true")
     g.add_argument("--system-prompt-len", type=int, default=256)
     g.add_argument("--kv-cache-mb", type=int, default=512)
+    g.add_argument(
+        "--cold",
+        action="store_true",
+        help="no earlier request per tenant: the requests arrive together and their system prompts are not cached",
+    )
     ap.add_argument(
         "--structured-test", action="store_true", help="engine d without / with structured outputs"
     )

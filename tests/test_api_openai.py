@@ -376,8 +376,8 @@ def test_openai_logit_bias(oai):
 
 
 def test_n_samples_of_one_prompt_share_its_prefill(srv, oai):
-    """With the prompt cache on, samples 2..n of a prompt start after the first has its first token and take its
-    cached prompt blocks (n - 1 prefills saved); greedy choices are all the same answer, equal to a single request."""
+    """With the prompt cache on, the n samples of a prompt start together and samples 2..n take the prompt blocks the
+    first computes (n - 1 prefills saved); greedy choices are all the same answer, equal to a single request."""
     sched = srv.svc.llm.scheduler
     prompt = " ".join(f"w{i}" for i in range(40))  # never sent before: nothing of it is cached yet
     kw = dict(

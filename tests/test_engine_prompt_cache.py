@@ -3,6 +3,8 @@ salts (tenants) or prefixes, and outputs stay token-identical to the uncached en
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from server.engine import PrefixKey, Request, SamplingParams
@@ -173,3 +175,66 @@ def test_prompt_cache_on_other_forwards(family, tiny_gpt2_bundle):
     assert eng.scheduler.cache_hit_tokens == 2 * 2 * BS
     for r, o in zip(reqs, outs, strict=True):
         assert o == hf_greedy(b.hf_model, keys[k], r.prompt_token_ids, NEW)
+
+
+def test_identical_prompts_arriving_together_share_one_prefill(tenants):
+    """OpenAI `n` or a burst with one system prompt: requests admitted in the same step take the full blocks the
+    first one computes in that very step (each layer writes the batch's KV before any row attends). Greedy rows
+    equal transformers; sampled rows equal the uncached engine."""
+    b, keys = tenants
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 3 * BS + 7, 8)
+    reqs = [_req("greedy-0", prompt, k0), _req("greedy-1", prompt, k0)] + [
+        _req(f"seed-{i}", prompt, k0, temperature=1.0, seed=i) for i in range(2)
+    ]
+    eng = make_engine(b, keys)
+    computed = _computed_tokens(eng)
+    outs = {o.request_id: o.token_ids for o in eng.generate(reqs)}
+    assert computed[0] == len(prompt) + 3 * (len(prompt) - 3 * BS)  # one prefill, three tails
+    assert eng.scheduler.cache_hit_tokens == 3 * 3 * BS
+    ref = hf_greedy(b.hf_model, keys[k0], prompt, NEW)
+    assert outs["greedy-0"] == outs["greedy-1"] == ref
+    plain = make_engine(b, keys, prompt_cache=False)
+    for r in reqs:
+        assert outs[r.request_id] == plain.generate([r])[0].token_ids, r.request_id
+
+
+def test_a_newcomer_joins_a_chunked_prefill_on_the_blocks_done_so_far(tenants):
+    """The first request's prefill spans steps (token budget 40): the second, admitted in its last chunk's step,
+    takes the blocks of the earlier chunk and the block completed in that same step."""
+    b, keys = tenants
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 3 * BS + 12, 9)
+    eng = make_engine(b, keys, max_num_batched_tokens=40)
+    computed = _computed_tokens(eng)
+    outs = eng.generate([_req("a", prompt, k0), _req("b", prompt, k0)])
+    assert computed[:2] == [40, (len(prompt) - 40) + 12]
+    assert eng.scheduler.cache_hit_tokens == 3 * BS
+    ref = hf_greedy(b.hf_model, keys[k0], prompt, NEW)
+    assert [o.token_ids for o in outs] == [ref, ref]
+
+
+def test_a_failed_step_leaves_no_cache_entries_behind(tenants):
+    """Blocks are registered when scheduled; if the step's forward fails, those entries are dropped (their KV was
+    never written), so the next request with that prompt computes it instead of reading garbage."""
+    b, keys = tenants
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 3 * BS + 2, 10)
+    eng = make_engine(b, keys)
+    forward = eng.runner.forward
+
+    def broken(inp):
+        raise RuntimeError("device lost")
+
+    eng.runner.forward = broken
+    eng.add_request(_req("lost", prompt, k0))
+    events = []
+    for _ in range(500):  # the first steps may only wait for the prefix's fetch
+        if events := eng.step():
+            break
+        time.sleep(0.01)
+    assert [e.finish_reason for e in events] == ["error"] and eng.pool.num_cached == 0
+    eng.runner.forward = forward
+    out = eng.generate([_req("again", prompt, k0)])[0].token_ids
+    assert eng.scheduler.cache_hit_tokens == 0
+    assert out == hf_greedy(b.hf_model, keys[k0], prompt, NEW)

@@ -696,38 +696,30 @@ class Service:
         stream: bool,
         receive: Callable[[], Any] | None,
     ) -> list[GenerationRun]:
-        """Several engine requests of one HTTP request (OpenAI `n`, prompt lists); each takes a tenant slot. Distinct
-        prompts start together (they share engine steps). With the prompt cache on, further samples of a prompt start
-        once its first has its first token: its prompt blocks are cached by then, so the others skip that prefill.
-        If any cannot start, the others are closed and its error raised."""
+        """Several engine requests of one HTTP request (OpenAI `n`, prompt lists); each takes a tenant slot. All start
+        together: with the prompt cache on, samples of one prompt share its prefill in the engine (the first
+        admitted computes its full blocks, the others take them in the same step). If any cannot start, the others
+        are closed and its error raised."""
         if len(jobs) == 1:
             ids, sampling = jobs[0]
             return [await self.generate(info, prefix, ids, sampling, stream=stream, receive=receive)]
-        seen: set[tuple[int, ...]] = set()
-        waves: tuple[list[int], list[int]] = ([], [])
-        for i, (ids, _) in enumerate(jobs):
-            key = tuple(ids)
-            waves[1 if self.settings.prompt_cache and key in seen else 0].append(i)
-            seen.add(key)
-        tasks: list[asyncio.Future[GenerationRun] | None] = [None] * len(jobs)
+        tasks: list[asyncio.Future[GenerationRun]] = []
 
         async def start_all() -> list[GenerationRun]:
-            for wave in waves:
-                for i in wave:
-                    ids, sp = jobs[i]
-                    tasks[i] = asyncio.ensure_future(
-                        self.generate(info, prefix, ids, sp, stream=stream, receive=None)
-                    )
-                done = await asyncio.gather(*(tasks[i] for i in wave), return_exceptions=True)  # type: ignore[misc]
-                errors = [d for d in done if isinstance(d, BaseException)]
-                if errors:
-                    raise errors[0]
-            return [t.result() for t in tasks if t is not None]
+            for ids, sp in jobs:
+                tasks.append(
+                    asyncio.ensure_future(self.generate(info, prefix, ids, sp, stream=stream, receive=None))
+                )
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+            errors = [d for d in done if isinstance(d, BaseException)]
+            if errors:
+                raise errors[0]
+            return [t.result() for t in tasks]
 
         try:
             return await race_disconnect(receive, start_all())
         except BaseException:
-            started = [t for t in tasks if t is not None]
+            started = list(tasks)
             for t in started:
                 t.cancel()  # a run still starting closes itself when cancelled
             for t in started:

@@ -235,13 +235,13 @@ class LLMEngine:
             )
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
+            self.scheduler.rollback()
             for it in items:
                 it.seq.error, it.seq.error_type = f"engine step failed: {e}", type(e).__name__
                 events.append(self._finish(it.seq, "error"))
             return events
         for it in items:
             it.seq.num_cached += it.num_tokens
-            self.scheduler.cache_computed(it.seq)
         now = time.monotonic()
         for i, (seq, tok) in enumerate(zip(samplers, res.tokens, strict=True)):
             if i in grammar_failed:

@@ -139,6 +139,13 @@ class KVPool:
         self._key_of[block] = key
         return node
 
+    def forget(self, blocks: Iterable[int]) -> None:
+        """Unregister `blocks` (their KV was never computed); they stay allocated to whoever holds them."""
+        for b in blocks:
+            key = self._key_of.pop(b, None)
+            if key is not None:
+                del self._cached[key]
+
     def refcount(self, block: int) -> int:
         return self._refs[block]
 

@@ -49,6 +49,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.cache_query_tokens = 0  # own tokens of admitted requests (prompt cache on)
         self.cache_hit_tokens = 0  # of which found in the prompt cache
+        self._fresh: list[int] = []  # blocks registered by the step being scheduled (see `_register`)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -96,15 +97,28 @@ class Scheduler:
         self.cache_query_tokens += len(toks)
         self.cache_hit_tokens += seq.num_cached
 
-    def cache_computed(self, seq: Sequence) -> None:
-        """After a step: register the sequence's newly completed full blocks."""
-        if not self.cfg.prompt_cache or seq.status is not SeqStatus.RUNNING:
+    def _register(self, seq: Sequence, upto: int) -> None:
+        """Register the full own blocks that this step's `upto` own tokens complete, before the step runs.
+
+        Registering at scheduling (as vLLM v1 does) lets a request admitted later in the same step take blocks
+        whose KV this step computes: every layer writes the whole batch's keys/values before any row attends, so
+        such a row reads them in the same forward. Identical prompts arriving together (OpenAI `n`, a shared system
+        prompt) are prefilled once. If the step fails, `rollback` forgets these entries (their KV was never
+        written)."""
+        if not self.cfg.prompt_cache:
             return
         bs = self.pool.block_size
-        for i in range(len(seq.cache_nodes), seq.num_cached // bs):
+        for i in range(len(seq.cache_nodes), upto // bs):
             parent = seq.cache_nodes[-1] if seq.cache_nodes else seq.cache_root
             key = _block_key(parent, seq.tokens, i, bs)
+            if self.pool.lookup(key) is None:
+                self._fresh.append(seq.own_blocks[i])
             seq.cache_nodes.append(self.pool.register(seq.own_blocks[i], key))
+
+    def rollback(self) -> None:
+        """The scheduled step failed: drop the prompt-cache entries it registered (their KV is not valid)."""
+        self.pool.forget(self._fresh)
+        self._fresh = []
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -126,6 +140,7 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledItem]:
         self.prefixes.process()
+        self._fresh = []
         budget = self.cfg.max_num_batched_tokens
         items: list[ScheduledItem] = []
         for seq in list(self.running):
@@ -142,6 +157,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue
             items.append(ScheduledItem(seq, n))
+            self._register(seq, seq.num_cached + n)
             budget -= n
         # admit newcomers
         skipped: list[Sequence] = []
@@ -169,6 +185,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             items.append(ScheduledItem(seq, n))
+            self._register(seq, seq.num_cached + n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return items
