@@ -160,6 +160,27 @@ def test_admission_limits(tiny_llama_bundle):
     assert eng.num_waiting == 2
 
 
+def test_prefix_plus_prompt_beyond_the_context_fails_that_request_alone(tiny_llama_bundle):
+    """The prefix's length is known once it is fetched: a prompt that fits alone but not after its prefix ends with
+    an error before it runs (its positions would be past the model's), and the batch around it is unaffected; a
+    prompt that fills the context exactly gets one token and stops for length."""
+    b = tiny_llama_bundle
+    key = PrefixKey("t", "p", 1)
+    kvs = {key: random_kv(b.spec, 20, 0)}
+    eng = make_engine(b, kvs, max_model_len=64)
+    ok = Request(
+        "ok", random_prompt(b.spec.vocab_size, 10, 1), SamplingParams(max_tokens=4, ignore_eos=True), key
+    )
+    full = Request("full", random_prompt(b.spec.vocab_size, 44, 2), SamplingParams(max_tokens=1), key)
+    over = Request("over", random_prompt(b.spec.vocab_size, 45, 3), SamplingParams(max_tokens=1), key)
+    outs = {o.request_id: o for o in eng.generate([ok, over, full])}
+    assert outs["over"].finish_reason == "error"
+    assert "prefix (20) + prompt (45) tokens exceed the context limit of 64" in (outs["over"].error or "")
+    assert outs["full"].finish_reason == "length" and len(outs["full"].token_ids) == 1
+    assert outs["ok"].token_ids == make_engine(b, kvs).generate([ok])[0].token_ids
+    assert not eng.has_unfinished() and eng.pool.num_used == 2  # only the prefix's blocks
+
+
 def test_async_engine_concurrent_and_cancel(tiny_llama_bundle):
     b = tiny_llama_bundle
     keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 8 + i, i) for i in range(3)}

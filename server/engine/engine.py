@@ -101,7 +101,13 @@ class LLMEngine:
             on_loaded=on_prefix_loaded,
         )
         self.scheduler = Scheduler(
-            SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting, cfg.prompt_cache),
+            SchedulerConfig(
+                cfg.max_num_seqs,
+                cfg.max_num_batched_tokens,
+                cfg.max_waiting,
+                cfg.prompt_cache,
+                self.max_model_len,
+            ),
             self.pool,
             self.prefix_cache,
         )

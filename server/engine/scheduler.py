@@ -22,6 +22,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_waiting: int = 1024
     prompt_cache: bool = True  # reuse the KV of full blocks of earlier requests' identical leading tokens
+    max_model_len: int | None = None  # positions the model has: prefix + prompt beyond it fail that request
 
 
 PROMPT_LOGPROBS_CHUNK = 512  # 512 x a 128k vocabulary x 4 bytes = 256 MiB of logits at most
@@ -172,6 +173,12 @@ class Scheduler:
                     continue
                 if got is None:
                     skipped.append(seq)
+                    continue
+                limit = self.cfg.max_model_len
+                if limit is not None and got.length + len(seq.prompt) > limit:
+                    seq.error = f"prefix ({got.length}) + prompt ({len(seq.prompt)}) tokens exceed the context limit of {limit}"
+                    seq.error_type = "RequestTooLarge"
+                    self.failed.append(seq)
                     continue
                 self.prefixes.acquire(got)
                 seq.prefix = got
