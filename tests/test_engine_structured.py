@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -244,11 +245,77 @@ def test_a_grammar_too_slow_to_follow_fails_alone(tiny_llama_bundle):
     out = eng.generate(reqs)
     assert (
         out[0].finish_reason == "error"
-        and "too expensive to follow: 3 token masks took over 3 ms" in out[0].error
+        and "too expensive to follow: 3 token masks over the time budget (3 ms a mask" in out[0].error
     )
     assert len(out[0].token_ids) < 10
     assert out[1].finish_reason == "stop" and matches_regex(cheap, out[1].text)
     assert out[2].finish_reason == "length" and out[2].error is None
+
+
+class _Row:
+    """A constraint as MaskBudget sees it."""
+
+    def __init__(self) -> None:
+        self.strikes, self.slowest_s, self.failed, self.error = 0, 0.0, False, ""
+
+
+def test_many_rows_under_the_budget_are_charged_to_their_tenant(monkeypatch):
+    """Eight rows of one tenant at 9 ms a mask (each under the 10 ms budget, 72 ms a step together) and two cheap
+    rows of another tenant: once a step's masks take over the budget, the next step is timed row by row; the step
+    total may be 40 ms, so the heavy tenant's costliest rows are struck until the rest fit (4 of 8: 36 ms + 2 ms),
+    and end after three strikes. The cheap tenant is never struck."""
+    from server.engine import structured
+
+    cost = [0.009] * 8 + [0.001] * 2
+    owners = ["heavy"] * 8 + ["light"] * 2
+
+    def fake_fill(constraints, vocab_size, timings=None):
+        if timings is None:
+            time.sleep(0.015)  # the parallel fill of a 72 ms step over 2 cores: over the 10 ms budget
+        else:
+            timings.extend(cost)
+        return torch.ones(len(constraints), structured.mask_words(vocab_size), dtype=torch.int32)
+
+    monkeypatch.setattr(structured, "fill_masks", fake_fill)
+    budget = structured.MaskBudget(0.010)
+    rows = [_Row() for _ in cost]
+    failed: dict[int, str] = {}
+    for _ in range(6):  # parallel (over) -> timed -> parallel -> timed ...
+        _, failed = budget.fill(rows, 64, owners)  # type: ignore[arg-type]
+    assert sorted(failed) == [0, 1, 2, 3]
+    assert "10 ms a mask, 40 ms for a step's masks together; the slowest took 9.0 ms" in failed[0]
+    assert [r.strikes for r in rows] == [3] * 4 + [0] * 6
+    # without owners every row is one tenant's: still only as many rows as needed to fit
+    rows = [_Row() for _ in cost]
+    budget = structured.MaskBudget(0.010)
+    for _ in range(6):
+        _, failed = budget.fill(rows, 64)  # type: ignore[arg-type]
+    assert sorted(failed) == [0, 1, 2, 3]
+
+
+def test_the_engine_charges_mask_time_to_each_rows_tenant(tiny_llama_bundle):
+    """The engine hands MaskBudget each constrained row's tenant: the cache salt (the server's tenant id), else the
+    prefix's tenant."""
+    b = tiny_llama_bundle
+    key = PrefixKey("globex", "p", 1)
+    eng = make_engine(b, {key: random_kv(b.spec, 4, 0)})
+    seen: list[list] = []
+    fill = eng.mask_budget.fill
+
+    def spy(constraints, vocab_size, owners=None):
+        seen.append(list(owners))
+        return fill(constraints, vocab_size, owners)
+
+    eng.mask_budget.fill = spy  # type: ignore[method-assign]
+    so = StructuredOutputs("regex", "[a-z]{4}")
+    salted = _req("salted", b.spec, so, 0, max_tokens=8)
+    salted.cache_salt = "acme"
+    by_prefix = _req("by-prefix", b.spec, so, 1, max_tokens=8)
+    by_prefix.prefix = key
+    free = _req("free", b.spec, None, 2, max_tokens=8)
+    eng.generate([salted, by_prefix, free])
+    assert seen and all(o == ["acme", "globex"] for o in seen if len(o) == 2)
+    assert ["acme", "globex"] in seen
 
 
 def matches_regex(so: StructuredOutputs, text: str) -> bool:

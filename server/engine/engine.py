@@ -228,7 +228,8 @@ class LLMEngine:
             grammar_failed: dict[int, str] = {}  # rows whose grammar cannot go on (limits, time budget)
             if constrained:
                 cons: list[Constraint] = [samplers[i].constraint for i in constrained]  # type: ignore[misc]
-                bitmask, bad = self.mask_budget.fill(cons, logits.shape[-1])
+                owners = [samplers[i].req.tenant for i in constrained]
+                bitmask, bad = self.mask_budget.fill(cons, logits.shape[-1], owners)
                 masks = (constrained, bitmask)
                 grammar_failed = {constrained[j]: why for j, why in bad.items()}
             res = sample(

@@ -153,6 +153,14 @@ class Request:
     # prefix; the server salts with the tenant id so one tenant cannot time another's prompts.
     cache_salt: str | None = None
 
+    @property
+    def tenant(self) -> str | None:
+        """Whose request this is, for per-tenant accounting: the cache salt (the server's tenant id), else the
+        prefix's tenant."""
+        if self.cache_salt is not None:
+            return self.cache_salt
+        return self.prefix.tenant_id if self.prefix is not None else None
+
 
 @dataclass
 class TokenEvent:
