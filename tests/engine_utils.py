@@ -105,3 +105,23 @@ def mixed_workload(
         for i in range(n)
     ]
     return keys, reqs
+
+
+@torch.no_grad()
+def hf_prompt_logprobs(model, kv, prompt):
+    """log_softmax of a transformers forward over the prompt with the prefix as past_key_values: row t predicts
+    prompt[t + 1]."""
+    cache = DynamicCache()
+    p = 0
+    if kv is not None:
+        p = kv.shape[3]
+        for layer in range(kv.shape[0]):
+            cache.update(kv[layer, 0][None].clone(), kv[layer, 1][None].clone(), layer)
+    n = len(prompt)
+    out = model(
+        input_ids=torch.tensor([prompt]),
+        past_key_values=cache,
+        attention_mask=torch.ones(1, p + n, dtype=torch.long),
+        position_ids=torch.arange(p, p + n)[None],
+    )
+    return torch.log_softmax(out.logits[0].float(), -1)

@@ -250,6 +250,36 @@ def test_logprobs_streamed_and_whole_agree(srv):
     assert [lp["top_logprobs"] for lp in zero] == [[]] * 10
 
 
+def test_prompt_logprobs_score_a_text_under_a_prefix(srv):
+    """`prompt_logprobs: N` on /generate: one entry per prompt token (null first), equal to transformers fed the
+    stored prefix KV; sent once, on the first streamed chunk; over the server's max_logprobs is a 422."""
+    from tests.engine_utils import hf_prompt_logprobs
+
+    c = srv.client()
+    text = "Once upon a time there was a prefix"
+    req = {"tenant_id": "globex", "prompt": text, "max_tokens": 2, "ignore_eos": True, "prompt_logprobs": 2}
+    body = gen(c, **req).json()
+    ids = c.post("/tokenize", json={"tenant_id": "globex", "prompt": text}).json()["tokens"]
+    plp = body["prompt_logprobs"]
+    assert len(plp) == len(ids) == body["usage"]["prompt_tokens"] and plp[0] is None
+    kv = srv.svc.store.get("globex", "default").kv
+    ref = hf_prompt_logprobs(srv.svc.bundle.hf_model, kv, ids)
+    for t in range(1, len(ids)):
+        lp = plp[t]
+        assert lp["id"] == ids[t] and lp["text"] == srv.svc.token_text(ids[t])
+        assert lp["logprob"] == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-4)
+        assert [x["id"] for x in lp["top_logprobs"]] == ref[t - 1].topk(2).indices.tolist()
+    assert (
+        body["logprobs"] is None
+        and gen(c, **{**req, "prompt_logprobs": None}).json()["prompt_logprobs"] is None
+    )
+    chunks = parse_sse(c.post("/generate", json={**req, "stream": True}).text)[:-1]
+    assert chunks[0]["prompt_logprobs"] == plp and all(ch["prompt_logprobs"] is None for ch in chunks[1:])
+    assert "".join(ch["text"] for ch in chunks) == body["text"]
+    r = gen(c, **{**req, "prompt_logprobs": 21})
+    assert assert_error(r, 422, "logprobs_too_large")["param"] == "prompt_logprobs"
+
+
 def test_penalties_change_greedy_output(srv):
     c = srv.client()
     req = {"tenant_id": "globex", "prompt": "la la la la", "max_tokens": 16, "ignore_eos": True}
@@ -294,6 +324,12 @@ def test_sdk_logprobs_and_penalties(srv):
         assert [lp.id for lp in streamed] == [lp.id for lp in g.logprobs]
         assert [t for d in deltas for t in d.token_ids] == [lp.id for lp in g.logprobs]
         assert c.generate("acme", "Once upon a time", max_tokens=4).logprobs is None
+        scored = c.generate("acme", "Once upon a time", max_tokens=1, prompt_logprobs=1)
+        plp = scored.prompt_logprobs
+        assert plp is not None and len(plp) == scored.usage.prompt_tokens and plp[0] is None
+        assert all(isinstance(lp, ps.TokenLogprob) and len(lp.top_logprobs) == 1 for lp in plp[1:])
+        first = next(iter(c.stream("acme", "Once upon a time", max_tokens=1, prompt_logprobs=1)))
+        assert first.prompt_logprobs == plp
         t = c.tokenize("acme", "Once upon a time")
         assert isinstance(t, ps.Tokenized) and t.count == g.usage.prompt_tokens == len(t.tokens)
         assert t.room == srv.svc.llm.max_model_len - 8 - t.count  # acme's default prefix has 8 positions

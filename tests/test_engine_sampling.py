@@ -7,7 +7,14 @@ import torch
 
 from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.sampler import filter_logits
-from tests.engine_utils import hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
+from tests.engine_utils import (
+    hf_greedy,
+    hf_prompt_logprobs,
+    make_engine,
+    pool_bytes,
+    random_kv,
+    random_prompt,
+)
 
 
 @pytest.fixture
@@ -281,28 +288,6 @@ def test_logprobs_skip_rows_that_failed():
     assert [t for t, _ in res.logprobs[0].top] == [2, 1]
 
 
-@torch.no_grad()
-def _hf_prompt_logprobs(model, kv, prompt):
-    """log_softmax of a transformers forward over the prompt with the prefix as past_key_values: row t predicts
-    prompt[t + 1]."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    p = 0
-    if kv is not None:
-        p = kv.shape[3]
-        for layer in range(kv.shape[0]):
-            cache.update(kv[layer, 0][None].clone(), kv[layer, 1][None].clone(), layer)
-    n = len(prompt)
-    out = model(
-        input_ids=torch.tensor([prompt]),
-        past_key_values=cache,
-        attention_mask=torch.ones(1, p + n, dtype=torch.long),
-        position_ids=torch.arange(p, p + n)[None],
-    )
-    return torch.log_softmax(out.logits[0].float(), -1)
-
-
 @pytest.mark.parametrize("budget,preempt", [(2048, False), (8, False), (8, True)])
 def test_prompt_logprobs_match_transformers(setup, budget, preempt):
     """Prompt log-probabilities (OpenAI echo + logprobs): None for the first token, then log_softmax of a
@@ -344,7 +329,7 @@ def test_prompt_logprobs_match_transformers(setup, budget, preempt):
         plp = out.prompt_logprobs
         prompt = r.prompt_token_ids
         assert plp is not None and len(plp) == len(prompt) and plp[0] is None
-        ref = _hf_prompt_logprobs(b.hf_model, keys[r.prefix] if r.prefix else None, prompt)
+        ref = hf_prompt_logprobs(b.hf_model, keys[r.prefix] if r.prefix else None, prompt)
         for t in range(1, len(prompt)):
             lp = plp[t]
             assert lp is not None and lp.token_id == prompt[t]

@@ -93,6 +93,15 @@ def generate_logprobs(lps: Iterable[TokenLogprob], text: Callable[[int], str]) -
     ]
 
 
+def generate_prompt_logprobs(
+    lps: list[TokenLogprob | None] | None, text: Callable[[int], str]
+) -> list[dict[str, Any] | None] | None:
+    """/generate's `prompt_logprobs`: the engine's per prompt token entries (None for the first) in its format."""
+    if lps is None:
+        return None
+    return [None if lp is None else generate_logprobs([lp], text)[0] for lp in lps]
+
+
 def completion_logprobs(
     lps: list[TokenLogprob], text: Callable[[int], str], offset: int = 0, first_token: int | None = None
 ) -> dict[str, Any]:

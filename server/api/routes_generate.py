@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError
-from server.api.logprobs import generate_logprobs
+from server.api.logprobs import generate_logprobs, generate_prompt_logprobs
 from server.api.schemas import (
     DEFAULT_PREFIX,
     DetokenizeRequest,
@@ -94,6 +94,7 @@ async def generate(
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
         logprobs=body.logprobs,
+        prompt_logprobs=body.prompt_logprobs,
         logit_bias=body.logit_bias,
         min_tokens=body.min_tokens,
         stop_token_ids=body.stop_token_ids,
@@ -121,6 +122,7 @@ async def generate(
         finish_reason=res.finish_reason,  # type: ignore[arg-type]
         usage=usage(res.prompt_tokens, res.completion_tokens),  # type: ignore[arg-type]
         logprobs=None if res.logprobs is None else generate_logprobs(res.logprobs, svc.token_text),  # type: ignore[arg-type]
+        prompt_logprobs=generate_prompt_logprobs(res.prompt_logprobs, svc.token_text),  # type: ignore[arg-type]
     )
 
 
@@ -152,6 +154,8 @@ async def _frames(
     run: GenerationRun, rid: str, prefix: ResolvedPrefix, text: Callable[[int], str]
 ) -> AsyncIterator[bytes]:
     head = {"id": rid, "tenant_id": prefix.tenant_id, "prefix": prefix.name, "prefix_version": prefix.version}
+    assert run.first is not None
+    prompt_lps = run.first.prompt_logprobs  # on the first chunk sent
     async for ev, ids, lps in chunked_events(run):
         chunk = GenerateChunk(
             **head,
@@ -160,7 +164,9 @@ async def _frames(
             finish_reason=ev.finish_reason if ev.finished else None,  # type: ignore[arg-type]
             usage=usage(ev.prompt_tokens, ev.completion_tokens) if ev.finished else None,  # type: ignore[arg-type]
             logprobs=None if lps is None else generate_logprobs(lps, text),  # type: ignore[arg-type]
+            prompt_logprobs=generate_prompt_logprobs(prompt_lps, text),  # type: ignore[arg-type]
         )
+        prompt_lps = None
         yield sse(chunk.model_dump())
 
 

@@ -161,6 +161,11 @@ class GenerateRequest(BaseModel):
         description="Return each generated token's log-probability under the model and the N most likely tokens "
         "at that step (0: only the token's own)",
     )
+    prompt_logprobs: TopLogprobs | None = Field(
+        None,
+        description="Also return each prompt token's log-probability given the prefix and the tokens before it, and "
+        "the N most likely tokens at that position (0: only the token's own): scores a text under a tenant's prefix",
+    )
     structured_outputs: StructuredOutputsParam | None = Field(None, description=STRUCTURED_DOC)
 
 
@@ -191,6 +196,11 @@ class GenerateResponse(BaseModel):
     logprobs: list[TokenLogprobInfo] | None = Field(
         None, description="With `logprobs`: one per generated token"
     )
+    prompt_logprobs: list[TokenLogprobInfo | None] | None = Field(
+        None,
+        description="With `prompt_logprobs`: one per prompt token, null for the first (a prefix is keys and values "
+        "only: nothing predicts the prompt's first token)",
+    )
 
 
 class GenerateChunk(BaseModel):
@@ -208,6 +218,10 @@ class GenerateChunk(BaseModel):
     usage: Usage | None = None
     logprobs: list[TokenLogprobInfo] | None = Field(
         None, description="With `logprobs`: the tokens since the last event"
+    )
+    prompt_logprobs: list[TokenLogprobInfo | None] | None = Field(
+        None,
+        description="With `prompt_logprobs`: on the first event only, one per prompt token (null for the first)",
     )
 
 

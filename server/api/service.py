@@ -635,6 +635,13 @@ class Service:
                 code="logprobs_too_large",
                 param=logprobs_param,
             )
+        if prompt_logprobs is not None and prompt_logprobs > s.max_logprobs:
+            raise APIError(
+                422,
+                f"prompt_logprobs must be at most {s.max_logprobs}",
+                code="logprobs_too_large",
+                param="prompt_logprobs",
+            )
         vocab = self.bundle.spec.vocab_size
         bias = tuple((int(t), float(v)) for t, v in (logit_bias or {}).items())
         if any(t >= vocab for t, _ in bias):

@@ -83,6 +83,7 @@ def generate_body(
     frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0,
     logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
     logit_bias: dict[int, float] | None = None,
     min_tokens: int = 0,
     stop_token_ids: Sequence[int] | None = None,
@@ -113,6 +114,8 @@ def generate_body(
         body["repetition_penalty"] = repetition_penalty
     if logprobs is not None:
         body["logprobs"] = logprobs
+    if prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs
     if logit_bias:
         body["logit_bias"] = {str(int(t)): float(b) for t, b in logit_bias.items()}
     if min_tokens:

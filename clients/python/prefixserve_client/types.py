@@ -68,6 +68,8 @@ class Generation(_Model):
     finish_reason: Optional[str] = None  # "stop" or "length"
     usage: Usage = Field(default_factory=Usage)
     logprobs: Optional[list[TokenLogprob]] = None  # with ``logprobs=N``: one per generated token
+    # with ``prompt_logprobs=N``: one per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
     request_id: Optional[str] = Field(None, description="X-Request-ID of the response (not in the body)")
 
 
@@ -83,6 +85,9 @@ class StreamDelta(_Model):
     finish_reason: Optional[str] = None
     usage: Optional[Usage] = None
     logprobs: Optional[list[TokenLogprob]] = None  # with ``logprobs=N``: the tokens since the previous delta
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = (
+        None  # with ``prompt_logprobs=N``: first delta only
+    )
 
 
 class Health(_Model):
