@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         if typ is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typing.get_origin(ann) is typing.Literal:
+            p.add_argument(flag, dest=name, choices=list(typing.get_args(ann)), default=None, help=help_)
         else:
             p.add_argument(flag, dest=name, type=conv, default=None, help=help_)
 

@@ -7,7 +7,7 @@ Secrets (`api_keys`, `admin_key`) are `SecretStr`: they never show up in reprs, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         True,
         description="Reuse the KV of identical leading prompt tokens of earlier requests of the same tenant and prefix "
         "(full blocks; free blocks keep it until reused)",
+    )
+    scheduling_policy: Literal["fair", "fcfs"] = Field(
+        "fair",
+        description="Order in which waiting requests start: 'fair' lets tenants take turns (the tenant with the fewest "
+        "running requests first), 'fcfs' is arrival order",
     )
     cpu_packed_weights: bool | None = Field(
         None,

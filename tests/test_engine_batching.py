@@ -181,6 +181,49 @@ def test_prefix_plus_prompt_beyond_the_context_fails_that_request_alone(tiny_lla
     assert not eng.has_unfinished() and eng.pool.num_used == 2  # only the prefix's blocks
 
 
+@pytest.mark.parametrize("fair", [True, False])
+def test_tenants_take_turns_when_the_batch_is_full(tiny_llama_bundle, fair):
+    """Room for two running requests; tenant A queues six, then B and C one each. Fair admission starts B's and
+    C's in the first free slots (the tenant with the fewest running goes first, each tenant in arrival order);
+    first-come-first-served holds them behind all of A's. Outputs are the same either way."""
+    b = tiny_llama_bundle
+    keys = {t: PrefixKey(t, "p", 1) for t in "ABC"}
+    kvs = {k: random_kv(b.spec, 4 + i, i) for i, k in enumerate(keys.values())}
+    reqs = [
+        Request(
+            rid,
+            random_prompt(b.spec.vocab_size, 6, j),
+            SamplingParams(max_tokens=3, ignore_eos=True),
+            keys[rid[0]],
+            cache_salt=rid[0],
+        )
+        for j, rid in enumerate(["A1", "A2", "A3", "A4", "A5", "A6", "B1", "C1"])
+    ]
+    eng = make_engine(b, kvs, max_num_seqs=2, fair_scheduling=fair)
+    for k in kvs:  # prefixes resident: admission order is the scheduler's alone
+        eng.generate([Request(f"warm-{k.tenant_id}", [1], SamplingParams(max_tokens=1), k)])
+    started: list[str] = []
+    prepare = eng.runner.prepare
+
+    def spy(rows):
+        for it in eng.scheduler.running:
+            if it.request_id not in started:
+                started.append(it.request_id)
+        return prepare(rows)
+
+    eng.runner.prepare = spy
+    outs = {o.request_id: o.token_ids for o in eng.generate(reqs)}
+    if fair:
+        # A1, then B1 (B has none running, A one); once both finish, A2 (ties go to the oldest waiting), then C1
+        # (none running) before A3
+        assert started == ["A1", "B1", "A2", "C1", "A3", "A4", "A5", "A6"], started
+    else:
+        assert started == ["A1", "A2", "A3", "A4", "A5", "A6", "B1", "C1"], started
+    alone = make_engine(b, kvs)
+    for r in reqs:
+        assert outs[r.request_id] == alone.generate([r])[0].token_ids, r.request_id
+
+
 def test_async_engine_concurrent_and_cancel(tiny_llama_bundle):
     b = tiny_llama_bundle
     keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 8 + i, i) for i in range(3)}

@@ -430,6 +430,7 @@ class Service:
             max_model_len=settings.max_model_len,
             packed_weights=settings.cpu_packed_weights,
             prompt_cache=settings.prompt_cache,
+            fair_scheduling=settings.scheduling_policy == "fair",
         )
         llm = LLMEngine(bundle, StorePrefixProvider(store, bundle), cfg, on_step=metrics.on_step)
         engine = AsyncEngine(llm, torch_threads=settings.torch_threads)

@@ -47,6 +47,9 @@ class EngineConfig:
     # decode steps as CUDA graphs: auto (on CUDA) | cuda | off | eager (the padded path without capture)
     graphs: str = "auto"
     prompt_cache: bool = True  # reuse cached KV blocks of identical leading tokens (same salt and prefix)
+    fair_scheduling: bool = (
+        True  # tenants take turns at admission (Request.tenant); False: first come first served
+    )
     # structured outputs: a request whose grammar masks take longer than this (3 times) ends with an error
     mask_budget_ms: float = MASK_BUDGET_MS
 
@@ -107,6 +110,7 @@ class LLMEngine:
                 cfg.max_waiting,
                 cfg.prompt_cache,
                 self.max_model_len,
+                cfg.fair_scheduling,
             ),
             self.pool,
             self.prefix_cache,

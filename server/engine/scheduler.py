@@ -1,14 +1,17 @@
 """Continuous batching: every step decodes all running requests and admits waiting ones within a token budget.
 
-Running requests come first (one token each when decoding, or their next prefill chunk); newcomers are admitted in
-arrival order while the step's token budget, the sequence limit and free KV blocks allow. A newcomer whose prefix is
+Running requests come first (one token each when decoding, or their next prefill chunk); newcomers are admitted while
+the step's token budget, the sequence limit and free KV blocks allow, tenants taking turns (the tenant with the fewest
+running requests first, each tenant's own in arrival order; `fair=False`: arrival order). A newcomer whose prefix is
 still being fetched is skipped (others behind it go ahead). When the pool runs dry, idle prefixes are evicted first,
 then the newest running request is preempted (its blocks freed, recomputed later).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from server.engine.kv_cache import KVPool
@@ -23,6 +26,7 @@ class SchedulerConfig:
     max_waiting: int = 1024
     prompt_cache: bool = True  # reuse the KV of full blocks of earlier requests' identical leading tokens
     max_model_len: int | None = None  # positions the model has: prefix + prompt beyond it fail that request
+    fair: bool = True  # tenants take turns at admission (see `Scheduler._admission_order`); False: FCFS
 
 
 PROMPT_LOGPROBS_CHUNK = 512  # 512 x a 128k vocabulary x 4 bytes = 256 MiB of logits at most
@@ -125,6 +129,7 @@ class Scheduler:
         self.running.remove(seq)
         self.free(seq)
         seq.num_cached = 0
+        seq.preempted = True
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -160,25 +165,38 @@ class Scheduler:
             items.append(ScheduledItem(seq, n))
             self._register(seq, seq.num_cached + n)
             budget -= n
-        # admit newcomers
-        skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-            seq = self.waiting.popleft()
+        if self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            items.extend(self._admit(budget))
+        return items
+
+    def _admit(self, budget: int) -> list[ScheduledItem]:
+        """Admit waiting requests in `_admission_order` while the token budget, the sequence limit and free blocks
+        allow; a request whose prefix is still being fetched is passed over, the first that does not fit stops."""
+        items: list[ScheduledItem] = []
+        taken: set[int] = set()  # id() of sequences leaving the waiting queue
+        counts: dict[str | None, int] = {}  # running requests per tenant, as admissions go on
+        if self.cfg.fair:
+            for r in self.running:
+                counts[r.req.tenant] = counts.get(r.req.tenant, 0) + 1
+        for seq in self._admission_order(counts):
+            if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
+                break
             if seq.req.prefix is not None and seq.prefix is None:
                 got = self.prefixes.lookup(seq.req.prefix, count=not seq.prefix_counted)
                 seq.prefix_counted = True
                 if isinstance(got, PrefixLoadError):
                     seq.error, seq.error_type = got.message, got.error_type
                     self.failed.append(seq)
+                    taken.add(id(seq))
                     continue
                 if got is None:
-                    skipped.append(seq)
-                    continue
+                    continue  # still being fetched: others go ahead
                 limit = self.cfg.max_model_len
                 if limit is not None and got.length + len(seq.prompt) > limit:
                     seq.error = f"prefix ({got.length}) + prompt ({len(seq.prompt)}) tokens exceed the context limit of {limit}"
                     seq.error_type = "RequestTooLarge"
                     self.failed.append(seq)
+                    taken.add(id(seq))
                     continue
                 self.prefixes.acquire(got)
                 seq.prefix = got
@@ -187,15 +205,43 @@ class Scheduler:
             if not self._ensure_blocks(seq, n):
                 self.free(seq)  # its prefix and any cached blocks it took
                 seq.num_cached = 0
-                self.waiting.appendleft(seq)
                 break
             seq.status = SeqStatus.RUNNING
+            seq.preempted = False
             self.running.append(seq)
+            taken.add(id(seq))
+            counts[seq.req.tenant] = counts.get(seq.req.tenant, 0) + 1
             items.append(ScheduledItem(seq, n))
             self._register(seq, seq.num_cached + n)
             budget -= n
-        self.waiting.extendleft(reversed(skipped))
+        if taken:
+            self.waiting = deque(s for s in self.waiting if id(s) not in taken)
         return items
+
+    def _admission_order(self, counts: dict[str | None, int]) -> Iterator[Sequence]:
+        """Waiting requests in the order they may start. First-come-first-served unless `cfg.fair`: then preempted
+        requests first (they were running), then tenants take turns, the one with the fewest running requests
+        first (ties: whose oldest waiting request came first), each tenant's requests in arrival order. So one
+        tenant's burst cannot hold every other tenant's requests behind it. `counts` (running per tenant) is
+        read each time a tenant's turn comes round, so the caller's admissions count."""
+        if not self.cfg.fair:
+            yield from list(self.waiting)
+            return
+        queues: dict[str | None, deque[tuple[int, Sequence]]] = {}
+        for i, seq in enumerate(self.waiting):
+            if seq.preempted:
+                yield seq
+            else:
+                queues.setdefault(seq.req.tenant, deque()).append((i, seq))
+        heap = [(counts.get(t, 0), q[0][0], k) for k, (t, q) in enumerate(queues.items())]
+        tenants = list(queues)
+        heapq.heapify(heap)
+        while heap:
+            _, _, k = heapq.heappop(heap)
+            q = queues[tenants[k]]
+            yield q.popleft()[1]
+            if q:
+                heapq.heappush(heap, (counts.get(tenants[k], 0), q[0][0], k))
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

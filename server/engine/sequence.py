@@ -32,6 +32,7 @@ class Sequence:
         self.prompt = list(req.prompt_token_ids)
         self.output: list[int] = []
         self.status = SeqStatus.WAITING
+        self.preempted = False  # waits to resume: admitted before requests that never ran
         self.prefix: PrefixEntry | None = None
         self.own_blocks: list[int] = []
         self.num_cached = 0  # own tokens (prompt + output) whose KV is in the pool
