@@ -99,6 +99,14 @@ class Settings(BaseSettings):
         description="Order in which waiting requests start: 'fair' lets tenants take turns (the tenant with the fewest "
         "running requests first), 'fcfs' is arrival order",
     )
+    speculative_tokens: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Speculative decoding by prompt lookup: up to this many tokens drafted a step from the request's "
+        "own earlier text and verified in one forward (greedy requests without logprobs, penalties or structured "
+        "outputs; outputs unchanged); 0 turns it off",
+    )
     cpu_packed_weights: bool | None = Field(
         None,
         description="CPU float32, or bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX): oneDNN-prepacked linear "

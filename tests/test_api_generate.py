@@ -165,6 +165,34 @@ def test_prompt_and_context_limits(server_factory, api_bundle, tmp_path):
     store.close()
 
 
+def test_speculative_decoding_setting_keeps_outputs_and_counts_drafts(srv, server_factory, tmp_path):
+    """`speculative_tokens`: the same greedy text as a server without it (stream and whole), sampled requests work
+    as usual, and /metrics counts drafted and accepted tokens."""
+    from prefix_store import open_store
+
+    store = open_store(f"file://{tmp_path / 'spec-store'}")
+    put_random_prefix(
+        store, srv.svc.bundle, "acme", "default", prefix_length=8, seed=0
+    )  # acme's prefix of `srv`
+    spec = server_factory(store=store, speculative_tokens=4)
+    assert spec.svc.llm.scheduler.cfg.spec_tokens == 4
+    # the random model seldom repeats a 2-gram: with 1-grams it drafts surely
+    spec.svc.llm.scheduler.cfg.spec_min_n = 1
+    req = {"tenant_id": "acme", "prompt": "abc abc abc abc abc abc", "max_tokens": 24, "ignore_eos": True}
+    want = gen(srv.client(), **req).json()["text"]
+    c = spec.client()
+    assert gen(c, **req).json()["text"] == want
+    chunks = parse_sse(c.post("/generate", json={**req, "stream": True}).text)[:-1]
+    assert "".join(ch["text"] for ch in chunks) == want
+    assert gen(c, **req, temperature=0.8, seed=1).status_code == 200
+    m = c.get("/metrics").text
+    drafted = metric_value(m, "prefixserve:spec_decode_num_draft_tokens_total")
+    accepted = metric_value(m, "prefixserve:spec_decode_num_accepted_tokens_total")
+    assert drafted > 0 and 0 <= accepted <= drafted
+    assert drafted == spec.svc.llm.scheduler.spec_draft_tokens
+    store.close()
+
+
 def test_tenant_concurrency_limit_429(server_factory, api_bundle, tmp_path):
     from prefix_store import open_store
 

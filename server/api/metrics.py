@@ -63,6 +63,11 @@ class _EngineCollector(Collector):
                 "Of those, tokens whose KV came from the prompt cache (not recomputed)",
             ),
             ("prompt_cache_evictions", "Cached prompt blocks reused for other data"),
+            ("spec_decode_num_draft_tokens", "Speculative (prompt-lookup) tokens drafted and verified"),
+            (
+                "spec_decode_num_accepted_tokens",
+                "Of those, tokens the model agreed with (emitted without a step)",
+            ),
         ):
             c = CounterMetricFamily(P + name, doc)
             c.add_metric([], s.get(name, 0))

@@ -431,6 +431,7 @@ class Service:
             packed_weights=settings.cpu_packed_weights,
             prompt_cache=settings.prompt_cache,
             fair_scheduling=settings.scheduling_policy == "fair",
+            speculative_tokens=settings.speculative_tokens,
         )
         llm = LLMEngine(bundle, StorePrefixProvider(store, bundle), cfg, on_step=metrics.on_step)
         engine = AsyncEngine(llm, torch_threads=settings.torch_threads)
@@ -501,6 +502,8 @@ class Service:
             "prompt_cache_hit_tokens": self.llm.scheduler.cache_hit_tokens,
             "prompt_cache_evictions": pool.cache_evictions,
             "prompt_cache_blocks": pool.num_cached,
+            "spec_decode_num_draft_tokens": self.llm.scheduler.spec_draft_tokens,
+            "spec_decode_num_accepted_tokens": self.llm.scheduler.spec_accepted_tokens,
             "jobs": jobs,
             "ready": (not self.draining) and self.engine_alive() and self.store_ok,
         }

@@ -22,8 +22,9 @@ from server.engine.kv_cache import KVPool
 from server.engine.model_runner import ModelRunner, RowInput
 from server.engine.prefix_cache import PrefixCache, PrefixProvider
 from server.engine.sampler import make_generator, sample, token_logprobs
-from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import Sequence
+from server.engine.scheduler import ScheduledItem, Scheduler, SchedulerConfig
+from server.engine.sequence import SeqStatus, Sequence
+from server.engine.spec import accept
 from server.engine.structured import MASK_BUDGET_MS, Constraint, GrammarCompiler, MaskBudget
 from server.engine.types import Output, QueueFull, Request, RequestTooLarge, TokenEvent, TokenLogprob
 from server.model.spec import ModelBundle
@@ -47,9 +48,12 @@ class EngineConfig:
     # decode steps as CUDA graphs: auto (on CUDA) | cuda | off | eager (the padded path without capture)
     graphs: str = "auto"
     prompt_cache: bool = True  # reuse cached KV blocks of identical leading tokens (same salt and prefix)
-    fair_scheduling: bool = (
-        True  # tenants take turns at admission (Request.tenant); False: first come first served
-    )
+    # tenants take turns at admission (Request.tenant); False: first come first served
+    fair_scheduling: bool = True
+    # speculative decoding by prompt lookup (server.engine.spec): up to this many drafted tokens a step per greedy
+    # row, from its own earlier n-grams of spec_ngram (min, max) tokens; 0: off
+    speculative_tokens: int = 0
+    spec_ngram: tuple[int, int] = (2, 4)
     # structured outputs: a request whose grammar masks take longer than this (3 times) ends with an error
     mask_budget_ms: float = MASK_BUDGET_MS
 
@@ -111,6 +115,8 @@ class LLMEngine:
                 cfg.prompt_cache,
                 self.max_model_len,
                 cfg.fair_scheduling,
+                cfg.speculative_tokens,
+                *cfg.spec_ngram,
             ),
             self.pool,
             self.prefix_cache,
@@ -204,26 +210,30 @@ class LLMEngine:
             s = it.seq
             if s.first_scheduled is None:
                 s.first_scheduled = now
-            end = s.num_cached + it.num_tokens
+            end = s.num_cached + it.num_tokens - len(it.draft)
             plp = s.prompt_logprobs
             rows.append(
                 RowInput(
-                    tokens=s.tokens[s.num_cached : end],
+                    tokens=s.tokens[s.num_cached : end] + it.draft,
                     start_pos=s.prefix_len + s.num_cached,
                     prefix_len=s.prefix_len,
                     prefix_blocks=s.prefix.blocks if s.prefix is not None else [],
                     own_blocks=s.own_blocks,
                     own_cached=s.num_cached,
                     sample=end == s.num_tokens,
-                    all_logits=plp is not None and len(plp) < len(s.prompt) and s.num_cached < len(s.prompt),
+                    all_logits=bool(it.draft)  # a verified draft needs the logits of every position
+                    or (plp is not None and len(plp) < len(s.prompt) and s.num_cached < len(s.prompt)),
                 )
             )
         try:
             inp = self.runner.prepare(rows)
             logits = self.runner.forward(inp)
-            samplers = [it.seq for it, r in zip(items, rows, strict=True) if r.sample]
+            samplers = [it.seq for it, r in zip(items, rows, strict=True) if r.sample and not it.draft]
+            verified: list[tuple[ScheduledItem, list[int] | None]] = []
             if any(r.all_logits for r in rows):
-                logits = self._prompt_logprobs(items, rows, logits)
+                logits, spec_logits = self._split_logits(items, rows, logits)
+                if spec_logits is not None:
+                    verified = self._verify(items, spec_logits)
             if logits.shape[0] != len(samplers):
                 raise RuntimeError(f"{logits.shape[0]} logit rows for {len(samplers)} sampling rows")
             # structured outputs: grammar masks on the CPU while a GPU forward may still be running
@@ -252,7 +262,7 @@ class LLMEngine:
                 events.append(self._finish(it.seq, "error"))
             return events
         for it in items:
-            it.seq.num_cached += it.num_tokens
+            it.seq.num_cached += it.num_tokens - len(it.draft)
         now = time.monotonic()
         for i, (seq, tok) in enumerate(zip(samplers, res.tokens, strict=True)):
             if i in grammar_failed:
@@ -267,25 +277,47 @@ class LLMEngine:
             ev = self._append(seq, tok, now, res.logprobs.get(i))
             if ev is not None:
                 events.append(ev)
+        for it, emitted in verified:
+            seq = it.seq
+            if seq.status is not SeqStatus.RUNNING:  # ended by an earlier row's event callback (abort)
+                continue
+            if emitted is None:
+                seq.error = "the model produced non-finite logits for this request"
+                seq.error_type = "SamplingError"
+                events.append(self._finish(seq, "error"))
+                continue
+            self.scheduler.draft_verified(seq, len(emitted) - 1)
+            seq.num_cached += len(emitted) - 1  # the accepted drafts' KV was written by this step
+            for tok in emitted:
+                ev = self._append(seq, tok, now)
+                if ev is not None:
+                    events.append(ev)
+                    if ev.finished:
+                        break
+            self.scheduler.register_accepted(seq)
         if self.on_step is not None:
-            n_prefill = sum(it.num_tokens for it in items if it.num_tokens > 1)
+            n_prefill = sum(it.num_tokens for it in items if it.num_tokens > 1 and not it.draft)
             self.on_step(
                 StepStats(
                     num_running=len(self.scheduler.running),
                     num_waiting=len(self.scheduler.waiting),
                     num_scheduled=len(items),
                     num_prefill_tokens=n_prefill,
-                    num_decode_tokens=sum(1 for it in items if it.num_tokens == 1),
+                    num_decode_tokens=sum(1 for it in items if it.num_tokens == 1 or it.draft),
                     distinct_prefixes=len({it.seq.req.prefix for it in items}),
                     duration_s=time.perf_counter() - t0,
                 )
             )
         return events
 
-    def _prompt_logprobs(self, items: list, rows: list[RowInput], logits: torch.Tensor) -> torch.Tensor:
-        """Record the prompt log-probabilities of rows with `all_logits` (logit j of a chunk starting at own token a
-        predicts prompt token a + j + 1) and return the logit rows of the sampling rows only."""
+    def _split_logits(
+        self, items: list[ScheduledItem], rows: list[RowInput], logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split a step's logits with `all_logits` rows: record the prompt log-probabilities of prompt chunks
+        (logit j of a chunk starting at own token a predicts prompt token a + j + 1) and return the logit rows of the
+        sampling rows (their last position) and, if any, every position of the rows verifying a draft, in order."""
         keep: list[int] = []
+        spec: list[int] = []
         i = 0
         for it, r in zip(items, rows, strict=True):
             if not r.all_logits:
@@ -294,6 +326,10 @@ class LLMEngine:
                     i += 1
                 continue
             seq, n = it.seq, len(r.tokens)
+            if it.draft:
+                spec.extend(range(i, i + n))
+                i += n
+                continue
             plp = seq.prompt_logprobs
             first = len(plp)  # the next prompt token without a log-probability
             targets = range(max(first, r.own_cached + 1), min(r.own_cached + n + 1, len(seq.prompt)))
@@ -305,7 +341,28 @@ class LLMEngine:
             if r.sample:
                 keep.append(i + n - 1)
             i += n
-        return logits.index_select(0, torch.tensor(keep, dtype=torch.long, device=logits.device))
+        dev = logits.device
+        sampled = logits.index_select(0, torch.tensor(keep, dtype=torch.long, device=dev))
+        if not spec:
+            return sampled, None
+        return sampled, logits.index_select(0, torch.tensor(spec, dtype=torch.long, device=dev))
+
+    def _verify(
+        self, items: list[ScheduledItem], spec_logits: torch.Tensor
+    ) -> list[tuple[ScheduledItem, list[int] | None]]:
+        """The tokens each draft-verifying row emits (server.engine.spec.accept), from one argmax over all their
+        positions (one device sync); None for a row whose logits are not finite (it fails alone, as in `sample`)."""
+        host = torch.stack([spec_logits.argmax(-1), torch.isfinite(spec_logits).all(-1).long()]).tolist()
+        greedy, finite = host[0], host[1]
+        out: list[tuple[ScheduledItem, list[int] | None]] = []
+        i = 0
+        for it in items:
+            if it.draft:
+                n = len(it.draft) + 1
+                ok = all(finite[i : i + n])
+                out.append((it, accept(it.draft, greedy[i : i + n]) if ok else None))
+                i += n
+        return out
 
     def _append(
         self, seq: Sequence, tok: int, now: float, lp: TokenLogprob | None = None

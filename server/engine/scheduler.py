@@ -12,11 +12,12 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.engine.kv_cache import KVPool
 from server.engine.prefix_cache import PrefixCache, PrefixLoadError
 from server.engine.sequence import SeqStatus, Sequence
+from server.engine.spec import NgramIndex, speculable
 
 
 @dataclass
@@ -27,6 +28,10 @@ class SchedulerConfig:
     prompt_cache: bool = True  # reuse the KV of full blocks of earlier requests' identical leading tokens
     max_model_len: int | None = None  # positions the model has: prefix + prompt beyond it fail that request
     fair: bool = True  # tenants take turns at admission (see `Scheduler._admission_order`); False: FCFS
+    # speculative decoding by prompt lookup (server.engine.spec): draft tokens a step per eligible decoding row
+    spec_tokens: int = 0
+    spec_min_n: int = 2
+    spec_max_n: int = 4
 
 
 PROMPT_LOGPROBS_CHUNK = 512  # 512 x a 128k vocabulary x 4 bytes = 256 MiB of logits at most
@@ -40,7 +45,8 @@ def _block_key(parent: object, tokens: list[int], i: int, bs: int) -> tuple[obje
 @dataclass
 class ScheduledItem:
     seq: Sequence
-    num_tokens: int
+    num_tokens: int  # computed this step: own tokens (prefill chunk, or the last token when decoding) + draft
+    draft: list[int] = field(default_factory=list)  # speculative tokens after the row's last token, to verify
 
 
 class Scheduler:
@@ -55,6 +61,8 @@ class Scheduler:
         self.cache_query_tokens = 0  # own tokens of admitted requests (prompt cache on)
         self.cache_hit_tokens = 0  # of which found in the prompt cache
         self._fresh: list[int] = []  # blocks registered by the step being scheduled (see `_register`)
+        self.spec_draft_tokens = 0  # drafted tokens scheduled for verification
+        self.spec_accepted_tokens = 0  # of which the model agreed with (counted by the engine)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -120,6 +128,18 @@ class Scheduler:
                 self._fresh.append(seq.own_blocks[i])
             seq.cache_nodes.append(self.pool.register(seq.own_blocks[i], key))
 
+    def draft_verified(self, seq: Sequence, accepted: int) -> None:
+        """Count a verified draft's accepted tokens; a row whose draft failed entirely backs off (1, 3, 7, then 15
+        steps without drafting after 1, 2, 3, 4+ failures in a row)."""
+        self.spec_accepted_tokens += accepted
+        seq.spec_misses = 0 if accepted else seq.spec_misses + 1
+        seq.spec_wait = (1 << min(seq.spec_misses, 4)) - 1
+
+    def register_accepted(self, seq: Sequence) -> None:
+        """After a verified step: register the blocks that the row's accepted draft tokens completed."""
+        if seq.status is SeqStatus.RUNNING:
+            self._register(seq, seq.num_cached)
+
     def rollback(self) -> None:
         """The scheduled step failed: drop the prompt-cache entries it registered (their KV is not valid)."""
         self.pool.forget(self._fresh)
@@ -155,6 +175,8 @@ class Scheduler:
             n = self._chunk(seq, budget)
             if n <= 0:
                 continue
+            draft = self._draft(seq, budget) if n == 1 and seq.to_compute == 1 else []
+            n += len(draft)
             while not self._ensure_blocks(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -162,12 +184,33 @@ class Scheduler:
                     break
             if seq.status is not SeqStatus.RUNNING:
                 continue
-            items.append(ScheduledItem(seq, n))
-            self._register(seq, seq.num_cached + n)
+            items.append(ScheduledItem(seq, n, draft))
+            self._register(seq, seq.num_cached + n - len(draft))  # drafted tokens are not known to be right
+            self.spec_draft_tokens += len(draft)
             budget -= n
         if self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             items.extend(self._admit(budget))
         return items
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """Speculative tokens for a decoding row (prompt lookup), within the step's budget, the tokens the request
+        may still produce, the model's positions and the blocks the row holds or the pool has free beyond one per
+        running row (what their plain decode steps may need): a draft never preempts or evicts anything."""
+        cfg = self.cfg
+        if cfg.spec_tokens <= 0 or not speculable(seq.req.sampling):
+            return []
+        if seq.spec_wait > 0:  # its recent drafts all failed: decode plainly for a while
+            seq.spec_wait -= 1
+            return []
+        k = min(cfg.spec_tokens, budget - 1, seq.req.sampling.max_tokens - len(seq.output) - 1)
+        if cfg.max_model_len is not None:
+            k = min(k, cfg.max_model_len - seq.prefix_len - seq.num_tokens)
+        spare = max(0, self.pool.num_free - len(self.running))
+        room = (len(seq.own_blocks) + spare) * self.pool.block_size - seq.num_cached - 1
+        k = min(k, room)
+        if seq.ngrams is None:
+            seq.ngrams = NgramIndex(cfg.spec_min_n, cfg.spec_max_n)
+        return seq.ngrams.propose(seq.tokens, k)
 
     def _admit(self, budget: int) -> list[ScheduledItem]:
         """Admit waiting requests in `_admission_order` while the token budget, the sequence limit and free blocks

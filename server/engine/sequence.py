@@ -9,6 +9,7 @@ import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.prefix_cache import PrefixEntry
+from server.engine.spec import NgramIndex
 from server.engine.structured import Constraint
 from server.engine.types import Request, TokenLogprob
 
@@ -41,6 +42,11 @@ class Sequence:
         self.cache_nodes: list[int] = []
         self.generator = generator
         self.constraint = constraint  # structured outputs: the grammar's state after the output so far
+        # speculative decoding: the n-grams of its tokens (built on first use), drafts in a row of which nothing was
+        # accepted, and steps to decode without drafting (2^misses - 1 after a miss, at most 15)
+        self.ngrams: NgramIndex | None = None
+        self.spec_misses = 0
+        self.spec_wait = 0
         self.detok = (
             IncrementalDetokenizer(tokenizer, self.prompt, req.sampling.stop)
             if (req.sampling.stop or req.stream_text)

@@ -1,0 +1,244 @@
+"""Speculative decoding by prompt lookup: drafts from a row's own n-grams, verified in one step. Greedy outputs are
+token-identical to plain decoding and to transformers; rows that cannot speculate are untouched."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.engine import PrefixKey, Request, SamplingParams
+from server.engine.spec import NgramIndex, accept, speculable
+from tests.engine_utils import hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
+
+
+def test_ngram_index_proposes_what_followed_the_longest_latest_match():
+    idx = NgramIndex(2, 3)
+    assert idx.propose([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]
+    # the 3-gram [7, 1, 2] wins over the later 2-gram [1, 2]
+    assert NgramIndex(2, 3).propose([7, 1, 2, 8, 5, 1, 2, 9, 7, 1, 2], 3) == [8, 5, 1]
+    assert NgramIndex(2, 3).propose([1, 2, 3, 4, 5], 3) == []  # no earlier occurrence
+    assert NgramIndex(1, 1).propose([4, 4, 4], 5) == [4]  # the draft stops at the sequence's end
+    # incremental: the index grows with the sequence
+    grow = NgramIndex(2, 2)
+    toks = [1, 2, 3]
+    assert grow.propose(toks, 2) == []
+    toks += [1, 2]
+    assert grow.propose(toks, 2) == [3, 1]
+    assert grow.propose(toks, 0) == []
+
+
+def test_accept_takes_the_agreeing_drafts_and_the_models_next_token():
+    assert accept([3, 4, 5], [3, 4, 9, 0]) == [3, 4, 9]
+    assert accept([3, 4, 5], [0, 4, 5, 6]) == [0]
+    assert accept([3, 4, 5], [3, 4, 5, 6]) == [3, 4, 5, 6]
+
+
+def test_only_plain_greedy_rows_speculate():
+    assert speculable(SamplingParams())
+    assert not speculable(SamplingParams(temperature=0.7))
+    assert not speculable(SamplingParams(logprobs=0))
+    assert not speculable(SamplingParams(repetition_penalty=1.2))
+    assert not speculable(SamplingParams(logit_bias=((3, 1.0),)))
+    assert not speculable(SamplingParams(min_tokens=2))
+
+
+def _repetitive(vocab: int, seed: int, unit: int = 7, times: int = 3) -> list[int]:
+    return random_prompt(vocab, unit, seed) * times
+
+
+@pytest.fixture
+def setup(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 6 + 3 * i, seed=i) for i in range(3)}
+    return b, keys
+
+
+class _Oracle:
+    """A proposer that knows the plain engine's greedy outputs: it drafts the true next tokens, with the last one
+    wrong every third step (partial acceptance) and all of them wrong every fifth (nothing accepted)."""
+
+    def __init__(self, refs: dict[tuple[int, ...], list[int]]) -> None:
+        self.refs = refs
+        self.calls = 0
+
+    def __call__(self, min_n: int, max_n: int) -> _Oracle:
+        return self  # stands in for NgramIndex(min_n, max_n)
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        self.calls += 1
+        for prompt, out in self.refs.items():
+            if (
+                tuple(tokens[: len(prompt)]) == prompt
+                and tokens[len(prompt) :] == out[: len(tokens) - len(prompt)]
+            ):
+                draft = out[len(tokens) - len(prompt) :][:k]
+                if draft and self.calls % 5 == 0:
+                    return [(t + 1) % 250 for t in draft]
+                if len(draft) > 1 and self.calls % 3 == 0:
+                    draft[-1] = (draft[-1] + 1) % 250
+                return draft
+        return []
+
+
+def test_verified_drafts_keep_outputs_exact_in_a_mixed_batch(setup, monkeypatch):
+    """Drafts (right, partly right, wrong) for three tenants' greedy rows, next to a sampled row, a logprobs row
+    and a penalised row (which never speculate): every output equals the plain engine's, the greedy ones
+    transformers' too, and the accepted drafts make rows emit several tokens a step."""
+    from server.engine import scheduler
+
+    b, keys = setup
+    ks = list(keys)
+    vocab = b.spec.vocab_size
+    new = 24
+    greedy = [
+        Request(
+            f"g{i}",
+            random_prompt(vocab, 9 + i, 10 + i),
+            SamplingParams(max_tokens=new, ignore_eos=True),
+            ks[i],
+        )
+        for i in range(3)
+    ]
+    others = [
+        Request(
+            "seeded",
+            random_prompt(vocab, 8, 20),
+            SamplingParams(max_tokens=new, temperature=0.9, seed=3),
+            ks[0],
+        ),
+        Request(
+            "lp",
+            random_prompt(vocab, 8, 21),
+            SamplingParams(max_tokens=new, ignore_eos=True, logprobs=2),
+            ks[1],
+        ),
+        Request(
+            "pen", random_prompt(vocab, 8, 22), SamplingParams(max_tokens=new, repetition_penalty=1.3), None
+        ),
+    ]
+    reqs = greedy + others
+    plain_eng = make_engine(b, keys)
+    plain = {o.request_id: o for o in plain_eng.generate(reqs)}
+    oracle = _Oracle({tuple(r.prompt_token_ids): plain[r.request_id].token_ids for r in greedy})
+    monkeypatch.setattr(scheduler, "NgramIndex", oracle)
+    spec = make_engine(b, keys, speculative_tokens=4)
+    computed: list[int] = []
+    prepare = spec.runner.prepare
+
+    def spy(rows):
+        computed.append(sum(len(r.tokens) for r in rows))
+        return prepare(rows)
+
+    spec.runner.prepare = spy
+    outs = {o.request_id: o for o in spec.generate(reqs)}
+    for r in reqs:
+        assert outs[r.request_id].token_ids == plain[r.request_id].token_ids, r.request_id
+    for r in greedy:
+        assert outs[r.request_id].token_ids == hf_greedy(b.hf_model, keys[r.prefix], r.prompt_token_ids, new)
+    lp = outs["lp"].logprobs
+    assert lp is not None and [x.logprob for x in lp] == pytest.approx(
+        [x.logprob for x in plain["lp"].logprobs]
+    )
+    sched = spec.scheduler
+    assert 0 < sched.spec_accepted_tokens < sched.spec_draft_tokens  # some drafts right, some wrong
+    # every token's KV is computed once (accepted drafts are not recomputed); only rejected drafts are extra
+    useful = sum(len(r.prompt_token_ids) + len(outs[r.request_id].token_ids) - 1 for r in reqs)
+    assert sum(computed) == useful + sched.spec_draft_tokens - sched.spec_accepted_tokens
+    # tokens of one step arrive together (microseconds apart); plain decoding spaces them a step apart
+    assert all(min(outs[r.request_id].itl) < 1e-4 for r in greedy)
+    assert min(x for o in plain.values() for x in o.itl) > 1e-4
+
+
+def test_prompt_lookup_on_the_tiny_model_changes_nothing(setup):
+    """Real n-gram drafts from repetitive prompts (the random model rarely agrees with them): outputs unchanged."""
+    b, keys = setup
+    ks = list(keys)
+    vocab = b.spec.vocab_size
+    reqs = [
+        Request(f"r{i}", _repetitive(vocab, 30 + i), SamplingParams(max_tokens=16, ignore_eos=True), ks[i])
+        for i in range(3)
+    ]
+    spec = make_engine(b, keys, speculative_tokens=4, spec_ngram=(1, 3))
+    outs = spec.generate(reqs)
+    assert spec.scheduler.spec_draft_tokens > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in make_engine(b, keys).generate(reqs)]
+
+
+def test_limits_hold_within_an_accepted_draft(setup):
+    """max_tokens, a stop token met inside an accepted draft, and the context limit all end the row exactly where
+    plain decoding would."""
+    b, keys = setup
+    k0 = next(iter(keys))
+    vocab = b.spec.vocab_size
+    prompt = _repetitive(vocab, 30)
+    base = make_engine(b, keys).generate(
+        [Request("x", prompt, SamplingParams(max_tokens=20, ignore_eos=True), k0)]
+    )
+    full = base[0].token_ids
+    stop_at = full[9]
+    reqs = [
+        Request("len", prompt, SamplingParams(max_tokens=5, ignore_eos=True), k0),
+        Request(
+            "stop", prompt, SamplingParams(max_tokens=20, ignore_eos=True, stop_token_ids=(stop_at,)), k0
+        ),
+    ]
+    outs = {
+        o.request_id: o for o in make_engine(b, keys, speculative_tokens=6, spec_ngram=(1, 3)).generate(reqs)
+    }
+    assert outs["len"].token_ids == full[:5] and outs["len"].finish_reason == "length"
+    assert outs["stop"].token_ids == full[: full.index(stop_at) + 1] and outs["stop"].finish_reason == "stop"
+    # context limit: the prefix (6) + prompt (21) + 9 tokens = 36 positions (max_tokens within it alone)
+    short = make_engine(b, keys, speculative_tokens=6, spec_ngram=(1, 3), max_model_len=36)
+    out = short.generate([Request("ctx", prompt, SamplingParams(max_tokens=15, ignore_eos=True), k0)])[0]
+    assert out.token_ids == full[:9] and out.finish_reason == "length"
+
+
+def test_accepted_tokens_fill_the_prompt_cache_and_survive_preemption(setup):
+    """Blocks completed by accepted drafts are registered (the next turn reuses them), and a pool small enough to
+    preempt mid-flight still gives the plain engine's outputs."""
+    b, keys = setup
+    k0 = next(iter(keys))
+    vocab = b.spec.vocab_size
+    prompt = _repetitive(vocab, 40, unit=6, times=4)
+    eng = make_engine(b, keys, speculative_tokens=4, spec_ngram=(1, 3))
+    ans = eng.generate([Request("t1", prompt, SamplingParams(max_tokens=40, ignore_eos=True), k0)])[
+        0
+    ].token_ids
+    turn2 = prompt + ans + random_prompt(vocab, 3, 41)
+    h0 = eng.scheduler.cache_hit_tokens
+    out = eng.generate([Request("t2", turn2, SamplingParams(max_tokens=4, ignore_eos=True), k0)])[0].token_ids
+    assert eng.scheduler.cache_hit_tokens - h0 == ((len(prompt) + 40 - 1) // 16) * 16
+    assert out == hf_greedy(b.hf_model, keys[k0], turn2, 4)
+    reqs = [
+        Request(f"p{i}", _repetitive(vocab, 50 + i), SamplingParams(max_tokens=40, ignore_eos=True), k)
+        for i, k in enumerate(list(keys) * 2)
+    ]
+    small = make_engine(b, keys, speculative_tokens=4, spec_ngram=(1, 3), kv_cache_bytes=pool_bytes(b, 20))
+    got = small.generate(reqs)
+    assert small.scheduler.num_preemptions > 0 and small.scheduler.spec_accepted_tokens > 0
+    plain = make_engine(b, keys).generate(reqs)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+
+
+@pytest.mark.slow
+def test_smollm2_copying_text_accepts_drafts_and_stays_exact(smollm2_bundle):
+    """The real model asked to repeat a passage copies it: prompt lookup drafts the passage, most drafts are
+    accepted, and the greedy output is the plain engine's token for token."""
+    from server.model import render_prompt
+
+    b = smollm2_bundle
+    passage = (
+        "The prefix store keeps every trained prefix on disk or in Redis. Each record holds the tensors, the base "
+        "model fingerprint, the checksum of the bytes and a summary of the training run."
+    )
+    prompt = render_prompt(b.tokenizer, f"Repeat this text exactly, word for word:\n\n{passage}", "chat")
+    req = Request("copy", prompt, SamplingParams(max_tokens=48))
+    spec = make_engine(b, {}, speculative_tokens=4, kv_cache_bytes=64 * 2**20)
+    out = spec.generate([req])[0]
+    plain = make_engine(b, {}, kv_cache_bytes=64 * 2**20).generate([req])[0]
+    assert out.token_ids == plain.token_ids
+    assert "prefix store keeps every trained prefix" in b.tokenizer.decode(out.token_ids)
+    sched = spec.scheduler
+    assert sched.spec_accepted_tokens >= len(out.token_ids) // 2, (
+        sched.spec_accepted_tokens,
+        sched.spec_draft_tokens,
+    )
