@@ -165,3 +165,21 @@ def test_cuda_graphs_with_structured_outputs():
         "llguidance", reason="structured outputs need llguidance (gpu_check.sh installs .whl/)"
     )
     structured_rows_graphed(_bundle("llama"), "cuda")
+
+
+def test_speculative_drafts_beside_cuda_graph_steps():
+    """Prompt lookup on CUDA: steps with drafts run eagerly, the others replay graphs; fp32 greedy outputs equal
+    the plain graphed engine's, and repetitive prompts get drafts verified."""
+    bundle = _bundle("llama")
+    keys, reqs = _mixed(bundle)
+    vocab = bundle.spec.vocab_size
+    reqs = [r for r in reqs if r.sampling.greedy]
+    for r in reqs:  # repeat each prompt's head so that its n-grams recur
+        r.prompt_token_ids = (r.prompt_token_ids[:6] * 3)[: max(len(r.prompt_token_ids), 6)]
+        assert all(t < vocab for t in r.prompt_token_ids)
+    spec = make_engine(bundle, keys, graphs="cuda", max_num_seqs=16, speculative_tokens=4, spec_ngram=(1, 3))
+    plain = make_engine(bundle, keys, graphs="cuda", max_num_seqs=16)
+    assert [o.token_ids for o in spec.generate(reqs)] == [o.token_ids for o in plain.generate(reqs)]
+    assert spec.scheduler.spec_draft_tokens > 0
+    g = spec.runner.graphs
+    assert g is not None and g.num_replays > 0
