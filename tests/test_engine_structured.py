@@ -378,6 +378,25 @@ def test_compiled_specs_are_cached_and_each_request_gets_its_own_matcher(tiny_ll
     assert g.compilations == 4
 
 
+def test_a_compiled_spec_carries_its_grammar_past_cache_eviction(tiny_llama_bundle):
+    """What the server queues is `compile`'s result, grammar attached: evicted from the LRU meanwhile, the engine
+    still starts from it instead of compiling on its own thread. `cached` never compiles."""
+    b = tiny_llama_bundle
+    g = GrammarCompiler(b.tokenizer, b.spec.vocab_size, b.tokenizer.eos_token_id, cache_size=1)
+    assert g.cached(REGEX) is None and g.compilations == 0
+    ready = g.compile(REGEX)
+    assert ready == REGEX and ready.compiled is not None and g.cached(REGEX).compiled is ready.compiled
+    g.compile(CHOICE)  # evicts REGEX
+    assert g.cached(REGEX) is None
+    c = g.constraint(ready)
+    assert g.compilations == 2  # no third compilation
+    one = b.tokenizer.convert_tokens_to_ids("1")
+    assert c.accept(one)
+    assert g.constraint(ready).accept(one)  # each constraint is its own copy at the grammar's start
+    out = make_engine(b, {}).generate([_req("r", b.spec, ready, 0, max_tokens=20)])[0]
+    assert out.finish_reason == "stop" and matches_regex(REGEX, out.text)
+
+
 def test_masks_never_allow_tokens_past_the_tokenizer(tiny_llama_bundle):
     """A model whose logits are wider than its tokenizer's vocabulary (padded embeddings): the extra ids are never
     allowed, and JSON's end-of-sequence is the tokenizer's."""

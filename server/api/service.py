@@ -681,18 +681,22 @@ class Service:
     async def structured(
         self, so: StructuredOutputsParam | None, response_format: ResponseFormat | None = None
     ) -> StructuredOutputs | None:
-        """The engine spec of a body's structured_outputs / response_format, compiled now (off the event loop;
-        repeated specs come from the compiler's cache), so an invalid schema, regex or grammar is a 422 naming it."""
+        """The engine spec of a body's structured_outputs / response_format with its grammar compiled and attached
+        (off the event loop unless the compiler's cache has it), so an invalid schema, regex or grammar is a 422
+        naming it and the engine never compiles on its thread."""
         spec, param = engine_spec(so, response_format)
         if spec is None:
             return None
+        grammars = self.llm.grammars
+        hit = grammars.cached(spec)
+        if hit is not None:
+            return hit
         try:
-            await asyncio.to_thread(self.llm.grammars.compile, spec)
+            return await asyncio.to_thread(grammars.compile, spec)
         except GrammarError as e:
             raise APIError(
                 422, f"invalid {param}: {e}", code="invalid_structured_output", param=param
             ) from None
-        return spec
 
     def check_tenant(self, principal: Any, tenant: str) -> None:
         if not principal.can_access(tenant):

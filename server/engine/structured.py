@@ -17,6 +17,7 @@ llguidance is imported on first use: a server that never gets a constrained requ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -218,15 +219,26 @@ class GrammarCompiler:
                 self._compiled.popitem(last=False)
         return m
 
-    def compile(self, so: StructuredOutputs) -> None:
-        """Check `so` and keep its compiled matcher; raises GrammarError with the reason. Can take up to a second
-        for a large grammar (llguidance releases the GIL meanwhile): call it off the event loop and the engine
-        thread."""
-        self._compiled_matcher(so)
+    def compile(self, so: StructuredOutputs) -> StructuredOutputs:
+        """Check `so` and return it with its compiled grammar attached (`compiled`, also kept in the LRU cache);
+        raises GrammarError with the reason. Can take up to a second for a large grammar (llguidance releases the
+        GIL meanwhile): call it off the event loop and the engine thread, unless `cached` has it."""
+        return dataclasses.replace(so, compiled=self._compiled_matcher(so))
+
+    def cached(self, so: StructuredOutputs) -> StructuredOutputs | None:
+        """`so` with its compiled grammar attached if the cache holds it (no compilation), else None."""
+        with self._lock:
+            m = self._compiled.get(so)
+            if m is None:
+                return None
+            self._compiled.move_to_end(so)
+        return dataclasses.replace(so, compiled=m)
 
     def constraint(self, so: StructuredOutputs) -> Constraint:
-        """A fresh matcher at the start of `so`'s grammar (compiled now if it is no longer cached)."""
-        return Constraint(self._compiled_matcher(so).deep_copy())
+        """A fresh matcher at the start of `so`'s grammar: from `so.compiled` when attached, else from the cache
+        (compiled now if it is no longer there)."""
+        m = so.compiled if so.compiled is not None else self._compiled_matcher(so)
+        return Constraint(m.deep_copy())
 
 
 _EXECUTOR: Any = None

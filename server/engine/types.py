@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -36,6 +36,9 @@ class StructuredOutputs:
     kind: StructuredKind
     spec: str = ""
     any_whitespace: bool = True
+    # The compiled grammar (GrammarCompiler.compile's result) when the caller compiled it first: the engine starts
+    # from it instead of its compiler's LRU cache, which may have evicted it meanwhile. Not part of equality.
+    compiled: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in STRUCTURED_KINDS:
