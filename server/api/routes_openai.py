@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -44,6 +44,7 @@ from server.api.service import (
     render_prompt,
 )
 from server.api.streaming import EngineEventStream, merge, sse
+from server.api.tools import ToolPlan, call_id, template_messages, tool_plan
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -69,6 +70,7 @@ class _Plan:
     logprobs_param: str
     echo: list[tuple[str, list[int]]] | None = None  # completions with echo: each prompt's text and token ids
     hide_output: bool = False  # echo with max_tokens 0
+    tools: ToolPlan = field(default_factory=ToolPlan)  # chat: function calling
 
 
 @dataclass
@@ -124,10 +126,11 @@ class _Choices:
 
 
 async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefix: Any) -> _Plan:
-    messages = chat_messages(body.messages)
+    tools = tool_plan(body)
+    messages = template_messages(body, chat_messages(body.messages))
     if svc.settings.log_prompts:
         info.prompt = "\n".join(m["content"] for m in messages)
-    ids = await svc.tokenize(render_messages, svc.bundle.tokenizer, messages)
+    ids = await svc.tokenize(render_messages, svc.bundle.tokenizer, messages, tools.tools)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # OpenAI: up to the context; here also capped by max_new_tokens
         room = svc.llm.max_model_len - prefix.prefix_length - len(ids)
@@ -136,7 +139,8 @@ async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefi
         raise APIError(
             422, "top_logprobs needs logprobs to be true", code="invalid_value", param="top_logprobs"
         )
-    return _Plan([ids], max_tokens, (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return _Plan([ids], max_tokens, logprobs, "top_logprobs", tools=tools)
 
 
 async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, prefix: Any) -> _Plan:
@@ -175,11 +179,15 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     else:
         assert isinstance(body, CompletionRequest)
         plan = await _completion_plan(svc, info, body, prefix)
-    try:
-        so = body.structured_param()
-    except ValueError as e:
-        raise APIError(422, str(e), param="structured_outputs") from None
-    structured = await svc.structured(so, body.response_format)
+    forced = plan.tools.structured()
+    if forced is not None:  # tool_choice named or required (tool_plan refused other constraints beside it)
+        structured = await svc.compile_spec(forced, "tool_choice")
+    else:
+        try:
+            so = body.structured_param()
+        except ValueError as e:
+            raise APIError(422, str(e), param="structured_outputs") from None
+        structured = await svc.structured(so, body.response_format)
     sampling = svc.sampling(
         max_tokens=plan.max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -344,22 +352,32 @@ async def chat_completions(
         "object": "chat.completion",
         "created": ch.created,
         "model": ch.model,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": res.text},
-                "logprobs": None if res.logprobs is None else chat_logprobs(res.logprobs, ch.text),
-                "finish_reason": res.finish_reason,
-            }
-            for i, res in enumerate(results)
-        ],
+        "choices": [_chat_choice_body(ch.plan.tools, i, res, ch.text) for i, res in enumerate(results)],
         "usage": ch.usage(),
         "system_fingerprint": None,
     }
 
 
+def _chat_choice_body(tools: ToolPlan, index: int, res: GenerationResult, text: TokenTexts) -> dict[str, Any]:
+    content, calls = tools.parse(res.text)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": None if res.logprobs is None else chat_logprobs(res.logprobs, text),
+        "finish_reason": tools.finish_reason(res.finish_reason, calls),
+    }
+
+
 async def _chat_choice(
-    run: GenerationRun, index: int, head: dict[str, Any], extra: dict[str, Any], text: TokenTexts
+    run: GenerationRun,
+    index: int,
+    head: dict[str, Any],
+    extra: dict[str, Any],
+    text: TokenTexts,
+    tools: ToolPlan,
 ) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> bytes:
         return sse(
@@ -370,6 +388,40 @@ async def _chat_choice(
             }
         )
 
+    if tools.mode == "named":  # the arguments stream as they come (OpenAI's tool_calls deltas)
+        assert tools.named is not None
+        call = {
+            "index": 0,
+            "id": call_id(),
+            "type": "function",
+            "function": {"name": tools.named, "arguments": ""},
+        }
+        yield chunk({"role": "assistant", "content": None, "tool_calls": [call]}, None)
+        async for ev, _ids, lps in chunked_events(run):
+            logprobs = None if lps is None else chat_logprobs(lps, text)
+            if ev.text:
+                yield chunk(
+                    {"tool_calls": [{"index": 0, "function": {"arguments": ev.text}}]}, None, logprobs
+                )
+                logprobs = None if lps is None else {"content": []}
+            if ev.finished:
+                yield chunk({}, ev.finish_reason, logprobs)
+        return
+    if tools.mode in ("required", "auto"):  # calls are known once the text is complete: one delta at the end
+        parts: list[str] = []
+        lp_all: list[Any] = []
+        async for ev, _ids, lps in chunked_events(run):
+            parts.append(ev.text)
+            lp_all.extend(lps or [])
+            if ev.finished:
+                content, calls = tools.parse("".join(parts))
+                delta: dict[str, Any] = {"role": "assistant", "content": content}
+                if calls:
+                    delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
+                want = run.req.sampling.logprobs is not None
+                yield chunk(delta, None, chat_logprobs(lp_all, text) if want else None)
+                yield chunk({}, tools.finish_reason(ev.finish_reason, calls))
+        return
     yield chunk({"role": "assistant", "content": ""}, None)
     async for ev, _ids, lps in chunked_events(run):
         logprobs = None if lps is None else chat_logprobs(lps, text)
@@ -383,7 +435,8 @@ async def _chat_choice(
 async def _chat_frames(ch: _Choices, cid: str, include_usage: bool) -> AsyncIterator[bytes]:
     head = {"id": cid, "object": "chat.completion.chunk", "created": ch.created, "model": ch.model}
     extra = {"usage": None} if include_usage else {}
-    async for frame in merge([_chat_choice(r, i, head, extra, ch.text) for i, r in enumerate(ch.runs)]):
+    choices = [_chat_choice(r, i, head, extra, ch.text, ch.plan.tools) for i, r in enumerate(ch.runs)]
+    async for frame in merge(choices):
         yield frame
     ch.finish_stream()
     if include_usage:

@@ -328,12 +328,51 @@ class CompletionRequest(_OpenAIBase):
     suffix: Literal[""] | None = Field(None, description="Not supported (null or empty only)")
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's earlier tool calls")
+    tool_call_id: str | None = Field(None, description="A tool turn: the call it answers")
+
+
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments (an object)")
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: ToolName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_OpenAIBase):
@@ -344,6 +383,16 @@ class ChatCompletionRequest(_OpenAIBase):
     top_logprobs: TopLogprobs | None = Field(
         None, description="With logprobs: also the N most likely tokens at each step"
     )
+    tools: list[ChatTool] | None = Field(
+        None, max_length=128, description="Functions the model may call (rendered by the chat template)"
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description="'auto' (default with tools): calls the model writes as <tool_call>{json}</tool_call> are "
+        "parsed; 'required': one or more calls, forced by structured outputs; a named function: that call, forced; "
+        "'none': text only",
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call ('required')")
 
 
 class CompletionLogprobs(BaseModel):
@@ -375,7 +424,8 @@ class CompletionResponse(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatTopLogprob(BaseModel):
@@ -396,7 +446,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionResponse(BaseModel):

@@ -60,8 +60,10 @@ def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
     return list(_model.render_prompt(tokenizer, prompt, fmt))
 
 
-def render_messages(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    return list(_model.render_messages(tokenizer, messages))
+def render_messages(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    return list(_model.render_messages(tokenizer, messages, tools))
 
 
 def _message_text(content: Any) -> str:
@@ -687,6 +689,10 @@ class Service:
         spec, param = engine_spec(so, response_format)
         if spec is None:
             return None
+        return await self.compile_spec(spec, param)
+
+    async def compile_spec(self, spec: StructuredOutputs, param: str) -> StructuredOutputs:
+        """`spec` with its grammar compiled and attached; 422 naming `param` if it is invalid."""
         grammars = self.llm.grammars
         hit = grammars.cached(spec)
         if hit is not None:

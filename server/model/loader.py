@@ -77,9 +77,14 @@ def default_prompt_format(tokenizer_or_bundle: Any) -> str:
     return "chat" if getattr(tok, "chat_template", None) else "raw"
 
 
-def render_messages(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """Messages through the tokenizer's chat template, ending with the assistant turn's opening."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def render_messages(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Messages (and OpenAI tools, for a template that describes them) through the tokenizer's chat template,
+    ending with the assistant turn's opening."""
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools or None, add_generation_prompt=True, tokenize=False
+    )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -1,0 +1,174 @@
+"""OpenAI function calling on /v1/chat/completions (vLLM's semantics).
+
+`tools` go to the chat template (`apply_chat_template(tools=...)`: a template that knows tools describes them to the
+model; one that does not, SmolLM2's included, ignores them). `tool_choice` decides what comes back:
+
+- a named function: the output is forced, by structured outputs, to be that function's arguments (its `parameters`
+  JSON schema); the message is that one call, `finish_reason` "stop" (OpenAI's, for a forced call);
+- "required": the output is forced to be a JSON list of one or more `{"name", "parameters"}` of the given tools (at
+  most one with `parallel_tool_calls: false`); the message is those calls, `finish_reason` "tool_calls";
+- "auto" (the default with tools): free text; calls the model writes as `<tool_call>{"name", "arguments"}</tool_call>`
+  (the Hermes format of Qwen2.5, Hermes and many fine-tunes) become `tool_calls`, the rest stays `content`;
+- "none": free text.
+
+A forced call is valid JSON for its schema, not necessarily a good call: the model should also be told about the
+tools (a template with tool support, or the caller's own system message).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.api.errors import APIError
+from server.api.schemas import ChatCompletionRequest, NamedToolChoice
+from server.engine import StructuredOutputs
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _call(name: str, arguments: Any) -> dict[str, Any]:
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": text}}
+
+
+@dataclass
+class ToolPlan:
+    """What a chat body's tools ask for: the mode, the tools for the template, the schema a forced call follows."""
+
+    mode: str = "none"  # none | auto | named | required
+    tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI tool objects, for the chat template
+    named: str | None = None
+    parallel: bool = True
+
+    @property
+    def forced(self) -> bool:
+        return self.mode in ("named", "required")
+
+    def structured(self) -> StructuredOutputs | None:
+        """The constraint of a forced call (vLLM's: the parameters schema, or a list of name + parameters), as
+        compact JSON (no whitespace between tokens: a small model sampling at temperature 1 would spend its
+        max_tokens on blank space)."""
+        params = {
+            t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in self.tools
+        }
+        if self.mode == "named":
+            assert self.named is not None
+            return StructuredOutputs("json", json.dumps(params[self.named]), any_whitespace=False)
+        if self.mode == "required":
+            one_of = [
+                {
+                    "type": "object",
+                    "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
+                    "required": ["name", "parameters"],
+                    "additionalProperties": False,
+                }
+                for name, schema in params.items()
+            ]
+            calls: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
+            if not self.parallel:
+                calls["maxItems"] = 1
+            return StructuredOutputs("json", json.dumps(calls), any_whitespace=False)
+        return None
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """(content, tool_calls) of a finished output."""
+        if self.mode == "named":
+            assert self.named is not None
+            return None, [_call(self.named, text)]
+        if self.mode == "required":
+            try:
+                calls = json.loads(text)
+            except ValueError:  # cut short by max_tokens: not a complete list
+                return text, None
+            return None, [_call(c["name"], c["parameters"]) for c in calls]
+        if self.mode == "auto":
+            names = {t["function"]["name"] for t in self.tools}
+            calls, kept, last = [], [], 0
+            for m in _HERMES.finditer(text):
+                try:
+                    obj = json.loads(m.group(1))
+                except ValueError:
+                    continue
+                if not isinstance(obj, dict) or obj.get("name") not in names:
+                    continue
+                calls.append(_call(obj["name"], obj.get("arguments", obj.get("parameters", {}))))
+                kept.append(text[last : m.start()])
+                last = m.end()
+            if calls:
+                content = ("".join(kept) + text[last:]).strip()
+                return content or None, calls
+        return text, None
+
+    def finish_reason(self, engine_reason: str | None, calls: list[dict[str, Any]] | None) -> str:
+        if calls and self.mode != "named":
+            return "tool_calls"
+        return engine_reason or "stop"
+
+
+def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
+    """The body's tools and tool_choice, checked (422 naming the field)."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    choice = body.tool_choice
+    if not tools:
+        if choice not in (None, "none"):
+            raise APIError(422, "tool_choice needs tools", code="invalid_value", param="tool_choice")
+        return ToolPlan()
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise APIError(422, "tool names must be unique", code="invalid_value", param="tools")
+    for t in tools:
+        params = t["function"].get("parameters")
+        if params is not None and params.get("type", "object") != "object":
+            raise APIError(
+                422, "a function's parameters must be a JSON schema of an object", code="invalid_value",
+                param="tools",
+            )  # fmt: skip
+    plan = ToolPlan(tools=tools, parallel=body.parallel_tool_calls is not False)
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise APIError(
+                422, f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                code="invalid_value", param="tool_choice",
+            )  # fmt: skip
+        plan.mode, plan.named = "named", choice.function.name
+    else:
+        plan.mode = choice or "auto"
+    if plan.forced and (body.response_format is not None and body.response_format.type != "text"):
+        raise APIError(422, "give tool_choice or response_format, not both", param="response_format")
+    if plan.forced and body.structured_param() is not None:
+        raise APIError(422, "give tool_choice or structured_outputs, not both", param="structured_outputs")
+    return plan
+
+
+def template_messages(body: ChatCompletionRequest, texts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages for the template: `texts` (role + content) with earlier turns' tool calls (arguments as objects,
+    as transformers' templates take them) and tool results' ids."""
+    out = []
+    for m, t in zip(body.messages, texts, strict=True):
+        msg = dict(t)
+        if m.tool_calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _args(c.function.arguments)}}
+                for c in m.tool_calls
+            ]  # fmt: skip
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None and m.role == "tool":
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+def _args(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
