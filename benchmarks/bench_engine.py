@@ -916,6 +916,33 @@ def main_cache_test(args) -> dict:
     return out
 
 
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The model, device and run flags every engine benchmark script takes (bench_fairness.py, bench_spec.py)."""
+    ap.add_argument(
+        "--model", default="smollm2", help="smollm2 | a local HF folder | a config name (random weights)"
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--tokenizer", default="")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--packed-weights", choices=list(PACKED), default="auto")
+    ap.add_argument("--out", default="", help="also write the report (markdown + JSON) to this file")
+
+
+def setup_run(args) -> tuple[object, str, list[float]]:
+    """Resolve `--dtype auto`, stay offline, set the threads, note the load and build the model: (bundle, weights
+    kind, load average before)."""
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = loadavg()
+    bundle, weights_kind = build_bundle(args.model, args.device, args.dtype, args.tokenizer)
+    return bundle, weights_kind, load_before
+
+
 def emit(args, report: str, out: dict) -> None:
     """The JSON line on stdout (last), and with --out the markdown report and the JSON in one file."""
     if args.out:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.bench_engine import PACKED, build_bundle, emit, random_kv, sync  # noqa: E402
+from benchmarks.bench_engine import PACKED, add_common_args, emit, random_kv, setup_run, sync  # noqa: E402
 from benchmarks.common import fmt, loadavg, machine_info, markdown_table, ms, percentile  # noqa: E402
 from server.engine import DictPrefixProvider, EngineConfig, LLMEngine, PrefixKey, Request, SamplingParams  # noqa: E402
 
@@ -87,10 +86,7 @@ def run(bundle, args, fair: bool, reqs, kvs) -> tuple[dict, dict[str, list[int]]
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--tokenizer", default="")
+    add_common_args(ap)
     ap.add_argument("--heavy-requests", type=int, default=32)
     ap.add_argument("--light-tenants", type=int, default=4)
     ap.add_argument("--light-requests", type=int, default=1)
@@ -99,18 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prefix-len", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--packed-weights", choices=list(PACKED), default="auto")
-    ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = loadavg()
-    bundle, weights_kind = build_bundle(args.model, args.device, args.dtype, args.tokenizer)
+    bundle, weights_kind, load_before = setup_run(args)
     vocab = min(bundle.spec.vocab_size, len(bundle.tokenizer))
     reqs, keys, _ = workload(args, vocab)
     kvs = {k: random_kv(bundle.spec, args.prefix_len, seed=i) for i, k in enumerate(keys.values())}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.bench_engine import PACKED, build_bundle, emit, random_kv, sync  # noqa: E402
+from benchmarks.bench_engine import PACKED, add_common_args, emit, random_kv, setup_run, sync  # noqa: E402
 from benchmarks.common import fmt, loadavg, machine_info, markdown_table, ms, percentile  # noqa: E402
 from server.engine import DictPrefixProvider, EngineConfig, LLMEngine, PrefixKey, Request, SamplingParams  # noqa: E402
 from server.model import render_prompt  # noqa: E402
@@ -98,10 +97,7 @@ def run(bundle, args, k: int, reqs: list[Request], kvs) -> tuple[dict, list[list
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--tokenizer", default="")
+    add_common_args(ap)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument(
@@ -114,18 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k", default="4", help="draft lengths to compare with 0 (off), comma separated")
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--ngram-max", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--packed-weights", choices=list(PACKED), default="auto")
-    ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = loadavg()
-    bundle, weights_kind = build_bundle(args.model, args.device, args.dtype, args.tokenizer)
+    bundle, weights_kind, load_before = setup_run(args)
     ks = [0] + [int(x) for x in args.k.split(",") if int(x) > 0]
     keys: list[PrefixKey | None] = [None] * args.batch
     kvs: dict[PrefixKey, torch.Tensor] = {}

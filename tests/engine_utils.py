@@ -125,3 +125,16 @@ def hf_prompt_logprobs(model, kv, prompt):
         position_ids=torch.arange(p, p + n)[None],
     )
     return torch.log_softmax(out.logits[0].float(), -1)
+
+
+def computed_tokens(eng: LLMEngine) -> list[int]:
+    """Spy on `eng`: the number of tokens each step computes, appended as steps run."""
+    seen: list[int] = []
+    prepare = eng.runner.prepare
+
+    def spy(rows):
+        seen.append(sum(len(r.tokens) for r in rows))
+        return prepare(rows)
+
+    eng.runner.prepare = spy  # type: ignore[method-assign]
+    return seen

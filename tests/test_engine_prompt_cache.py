@@ -8,7 +8,7 @@ import time
 import pytest
 
 from server.engine import PrefixKey, Request, SamplingParams
-from tests.engine_utils import hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
+from tests.engine_utils import computed_tokens, hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
 
 NEW = 6
 BS = 16
@@ -18,19 +18,6 @@ BS = 16
 def tenants(tiny_llama_bundle):
     b = tiny_llama_bundle
     return b, {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 8 + 5 * i, seed=i) for i in range(2)}
-
-
-def _computed_tokens(eng) -> list[int]:
-    """Spy: the number of tokens each step computes."""
-    seen: list[int] = []
-    prepare = eng.runner.prepare
-
-    def spy(rows):
-        seen.append(sum(len(r.tokens) for r in rows))
-        return prepare(rows)
-
-    eng.runner.prepare = spy
-    return seen
 
 
 def _req(rid, prompt, key, salt=None, **kw):
@@ -52,7 +39,7 @@ def test_shared_system_prompt_is_computed_once_and_stays_exact(tenants):
         _req("no-prefix", system + asks[3], None, "acme"),
     ]
     eng = make_engine(b, keys)
-    computed = _computed_tokens(eng)
+    computed = computed_tokens(eng)
     outs = {o.request_id: o.token_ids for o in eng.generate([first])}
     assert (
         eng.scheduler.cache_hit_tokens == 0 and eng.pool.num_cached == 2
@@ -77,7 +64,7 @@ def test_whole_prompt_cached_still_computes_its_last_token(tenants):
     prompt = random_prompt(b.spec.vocab_size, 2 * BS, 3)
     eng = make_engine(b, keys)
     a = eng.generate([_req("a", prompt, k0)])[0].token_ids
-    computed = _computed_tokens(eng)
+    computed = computed_tokens(eng)
     again = eng.generate([_req("b", prompt, k0)])[0].token_ids
     assert again == a == hf_greedy(b.hf_model, keys[k0], prompt, NEW)
     assert eng.scheduler.cache_hit_tokens == BS and computed[0] == BS
@@ -188,7 +175,7 @@ def test_identical_prompts_arriving_together_share_one_prefill(tenants):
         _req(f"seed-{i}", prompt, k0, temperature=1.0, seed=i) for i in range(2)
     ]
     eng = make_engine(b, keys)
-    computed = _computed_tokens(eng)
+    computed = computed_tokens(eng)
     outs = {o.request_id: o.token_ids for o in eng.generate(reqs)}
     assert computed[0] == len(prompt) + 3 * (len(prompt) - 3 * BS)  # one prefill, three tails
     assert eng.scheduler.cache_hit_tokens == 3 * 3 * BS
@@ -206,7 +193,7 @@ def test_a_newcomer_joins_a_chunked_prefill_on_the_blocks_done_so_far(tenants):
     k0 = next(iter(keys))
     prompt = random_prompt(b.spec.vocab_size, 3 * BS + 12, 9)
     eng = make_engine(b, keys, max_num_batched_tokens=40)
-    computed = _computed_tokens(eng)
+    computed = computed_tokens(eng)
     outs = eng.generate([_req("a", prompt, k0), _req("b", prompt, k0)])
     assert computed[:2] == [40, (len(prompt) - 40) + 12]
     assert eng.scheduler.cache_hit_tokens == 3 * BS

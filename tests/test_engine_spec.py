@@ -7,7 +7,7 @@ import pytest
 
 from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.spec import NgramIndex, accept, speculable
-from tests.engine_utils import hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
+from tests.engine_utils import computed_tokens, hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
 
 
 def test_ngram_index_proposes_what_followed_the_longest_latest_match():
@@ -121,14 +121,7 @@ def test_verified_drafts_keep_outputs_exact_in_a_mixed_batch(setup, monkeypatch)
     oracle = _Oracle({tuple(r.prompt_token_ids): plain[r.request_id].token_ids for r in greedy})
     monkeypatch.setattr(scheduler, "NgramIndex", oracle)
     spec = make_engine(b, keys, speculative_tokens=4)
-    computed: list[int] = []
-    prepare = spec.runner.prepare
-
-    def spy(rows):
-        computed.append(sum(len(r.tokens) for r in rows))
-        return prepare(rows)
-
-    spec.runner.prepare = spy
+    computed = computed_tokens(spec)
     outs = {o.request_id: o for o in spec.generate(reqs)}
     for r in reqs:
         assert outs[r.request_id].token_ids == plain[r.request_id].token_ids, r.request_id
