@@ -235,3 +235,39 @@ def test_smollm2_copying_text_accepts_drafts_and_stays_exact(smollm2_bundle):
         sched.spec_accepted_tokens,
         sched.spec_draft_tokens,
     )
+
+
+def test_a_step_with_a_long_prefill_chunk_runs_no_drafts(setup, monkeypatch):
+    """Drafting rows share the prefill group's padding to its longest chunk: beside a newcomer's long prompt they
+    decode plainly that step, and outputs stay the plain engine's."""
+    from server.engine import scheduler
+
+    b, keys = setup
+    k0 = next(iter(keys))
+    vocab = b.spec.vocab_size
+    first = Request("first", random_prompt(vocab, 8, 60), SamplingParams(max_tokens=12, ignore_eos=True), k0)
+    plain = make_engine(b, keys).generate([first])[0].token_ids
+    monkeypatch.setattr(scheduler, "NgramIndex", _Oracle({tuple(first.prompt_token_ids): plain}))
+    eng = make_engine(b, keys, speculative_tokens=4)
+    seen: list[list[int]] = []  # each step's rows' token counts
+    prepare = eng.runner.prepare
+
+    def spy(rows):
+        seen.append(sorted(len(r.tokens) for r in rows))
+        return prepare(rows)
+
+    eng.runner.prepare = spy  # type: ignore[method-assign]
+    eng.add_request(first)
+    while not eng.scheduler.running or eng.scheduler.running[0].num_cached < 10:
+        eng.step()  # "first" is decoding with drafts by now
+    late = Request("late", random_prompt(vocab, 40, 61), SamplingParams(max_tokens=4, ignore_eos=True), k0)
+    eng.add_request(late)
+    outs: dict[str, list[int]] = {}
+    steps_before = len(seen)
+    while eng.has_unfinished():
+        for ev in eng.step():
+            outs.setdefault(ev.request_id, []).extend(ev.token_ids)
+    assert any(n > 1 for step in seen[:steps_before] for n in step)  # "first" was drafting before
+    assert seen[steps_before] == [1, 40]  # the newcomer's 40-token prompt and "first" with one token, no draft
+    assert eng.scheduler.spec_accepted_tokens > 0
+    assert outs["late"] == make_engine(b, keys).generate([late])[0].token_ids

@@ -190,7 +190,21 @@ class Scheduler:
             budget -= n
         if self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             items.extend(self._admit(budget))
+        self._drop_drafts_beside_long_prefills(items)
         return items
+
+    def _drop_drafts_beside_long_prefills(self, items: list[ScheduledItem]) -> None:
+        """Rows verifying a draft are attended with the step's prefill chunks, each padded to the longest chunk's
+        length: next to a long prompt chunk a 5-token draft would cost that chunk's attention. Such a step decodes
+        those rows plainly (their extra blocks stay theirs for the tokens to come)."""
+        longest = max((it.num_tokens for it in items if not it.draft), default=1)
+        if longest <= self.cfg.spec_tokens + 1:
+            return
+        for it in items:
+            if it.draft:
+                self.spec_draft_tokens -= len(it.draft)
+                it.num_tokens -= len(it.draft)
+                it.draft = []
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """Speculative tokens for a decoding row (prompt lookup), within the step's budget, the tokens the request
