@@ -193,6 +193,21 @@ def test_speculative_decoding_setting_keeps_outputs_and_counts_drafts(srv, serve
     store.close()
 
 
+def test_scheduling_policy_setting_reaches_the_engine(srv, server_factory, tmp_path):
+    """Fair admission by default; `scheduling_policy: fcfs` gives arrival order; anything else is refused."""
+    from prefix_store import open_store
+    from server.settings import Settings
+
+    assert srv.svc.llm.scheduler.cfg.fair is True
+    store = open_store(f"file://{tmp_path / 'fcfs-store'}")
+    fcfs = server_factory(store=store, scheduling_policy="fcfs")
+    assert fcfs.svc.llm.scheduler.cfg.fair is False
+    assert gen(fcfs.client(), tenant_id="acme", prefix="base", prompt="hi", max_tokens=2).status_code == 200
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        Settings(scheduling_policy="random")
+    store.close()
+
+
 def test_tenant_concurrency_limit_429(server_factory, api_bundle, tmp_path):
     from prefix_store import open_store
 

@@ -268,6 +268,42 @@ def test_a_step_with_a_long_prefill_chunk_runs_no_drafts(setup, monkeypatch):
         for ev in eng.step():
             outs.setdefault(ev.request_id, []).extend(ev.token_ids)
     assert any(n > 1 for step in seen[:steps_before] for n in step)  # "first" was drafting before
-    assert seen[steps_before] == [1, 40]  # the newcomer's 40-token prompt and "first" with one token, no draft
+    assert seen[steps_before] == [
+        1,
+        40,
+    ]  # the newcomer's 40-token prompt and "first" with one token, no draft
     assert eng.scheduler.spec_accepted_tokens > 0
     assert outs["late"] == make_engine(b, keys).generate([late])[0].token_ids
+
+
+def test_stop_strings_inside_accepted_drafts_end_where_plain_decoding_does(tiny_llama_bundle, monkeypatch):
+    """A stop string completed by the second of four accepted tokens: the text ends before it, the tokens after it
+    are never emitted, exactly as without drafts (streamed text included)."""
+    from server.engine import scheduler
+
+    b = tiny_llama_bundle
+    prompt = random_prompt(b.spec.vocab_size, 10, 70)
+    full = make_engine(b, {}).generate(
+        [Request("x", prompt, SamplingParams(max_tokens=20, ignore_eos=True))]
+    )[0]
+    text = b.tokenizer.decode(full.token_ids)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # two characters from the middle of the output
+    assert stop and stop in text
+    monkeypatch.setattr(scheduler, "NgramIndex", _Oracle({tuple(prompt): full.token_ids}))
+    req = Request("s", prompt, SamplingParams(max_tokens=20, ignore_eos=True, stop=(stop,)), stream_text=True)
+    spec = make_engine(b, {}, speculative_tokens=4)
+    events = []
+    spec.add_request(req, events.append)
+    while spec.has_unfinished():
+        spec.step()
+    plain_events = []
+    plain = make_engine(b, {})
+    plain.add_request(req, plain_events.append)
+    while plain.has_unfinished():
+        plain.step()
+    assert spec.scheduler.spec_accepted_tokens > 0
+    assert (
+        "".join(e.text for e in events) == "".join(e.text for e in plain_events) == text[: text.index(stop)]
+    )
+    assert [t for e in events for t in e.token_ids] == [t for e in plain_events for t in e.token_ids]
+    assert events[-1].finish_reason == plain_events[-1].finish_reason == "stop"
