@@ -133,12 +133,26 @@ def test_auto_parses_hermes_tool_call_blocks(oai):
         "city": "Paris",
         "unit": "c",
     }
-    streamed = list(oai.chat.completions.create(extra_body=regex, stream=True, **kw))
-    delta = next(c.choices[0].delta for c in streamed if c.choices and c.choices[0].delta.tool_calls)
-    assert delta.content == "Let me check." and delta.tool_calls[0].function.name == "get_weather"
-    plain = oai.chat.completions.create(extra_body={"structured_outputs": {"regex": "no tools here"}}, **kw)
-    assert plain.choices[0].message.content == "no tools here" and plain.choices[0].message.tool_calls is None
+    # streamed: the text before the tag arrives as it is generated, the call in one delta at the end
+    streamed = [
+        c.choices[0] for c in oai.chat.completions.create(extra_body=regex, stream=True, **kw) if c.choices
+    ]
+    contents = [c.delta.content for c in streamed if c.delta.content]
+    assert "".join(contents) == "Let me check." and len(contents) > 1
+    (calls,) = [c.delta.tool_calls for c in streamed if c.delta.tool_calls]
+    assert calls[0].function.name == "get_weather" and calls[0].function.arguments == call.function.arguments
+    assert streamed[-1].finish_reason == "tool_calls"
+    # no call: plain text, streamed as usual (held back only while it could be the start of a tag)
+    plain_kw = dict(extra_body={"structured_outputs": {"regex": "no tools <here"}}, **kw)
+    plain = oai.chat.completions.create(**plain_kw)
+    assert (
+        plain.choices[0].message.content == "no tools <here" and plain.choices[0].message.tool_calls is None
+    )
     assert plain.choices[0].finish_reason == "stop"
+    pieces = [
+        c.choices[0].delta.content for c in oai.chat.completions.create(stream=True, **plain_kw) if c.choices
+    ]
+    assert "".join(p for p in pieces if p) == "no tools <here" and len([p for p in pieces if p]) > 2
 
 
 def test_tools_and_tool_turns_reach_the_chat_template(srv):
@@ -202,6 +216,19 @@ def test_bad_tool_requests_are_422_naming_the_field(srv, body, param, needle):
         assert err["param"] == param and needle in err["message"], err
     else:
         assert param in (err["param"] or "") or param in err["message"], err
+
+
+def test_held_back_is_the_longest_tag_prefix_at_the_end():
+    from server.api.tools import held_back
+
+    assert [held_back(t) for t in ("abc", "abc<", "abc<tool_", "<tool_call", "a<b", "")] == [
+        0,
+        1,
+        6,
+        10,
+        0,
+        0,
+    ]
 
 
 def test_tool_plan_parse_edge_cases():

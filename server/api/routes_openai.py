@@ -44,7 +44,7 @@ from server.api.service import (
     render_prompt,
 )
 from server.api.streaming import EngineEventStream, merge, sse
-from server.api.tools import ToolPlan, call_id, template_messages, tool_plan
+from server.api.tools import TOOL_TAG, ToolPlan, call_id, held_back, template_messages, tool_plan
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -407,7 +407,7 @@ async def _chat_choice(
             if ev.finished:
                 yield chunk({}, ev.finish_reason, logprobs)
         return
-    if tools.mode in ("required", "auto"):  # calls are known once the text is complete: one delta at the end
+    if tools.mode == "required":  # the calls are known once the JSON is complete: one delta at the end
         parts: list[str] = []
         lp_all: list[Any] = []
         async for ev, _ids, lps in chunked_events(run):
@@ -421,6 +421,39 @@ async def _chat_choice(
                 want = run.req.sampling.logprobs is not None
                 yield chunk(delta, None, chat_logprobs(lp_all, text) if want else None)
                 yield chunk({}, tools.finish_reason(ev.finish_reason, calls))
+        return
+    if (
+        tools.mode == "auto"
+    ):  # text streams until a <tool_call> tag starts; calls come in one delta at the end
+        yield chunk({"role": "assistant", "content": ""}, None)
+        want = run.req.sampling.logprobs is not None
+        full, sent, in_call = "", 0, False
+        pending: list[Any] = []  # logprobs of the tokens not yet sent with a chunk
+
+        def take_logprobs() -> Any:
+            out = chat_logprobs(pending, text) if want else None
+            pending.clear()
+            return out
+
+        async for ev, _ids, lps in chunked_events(run):
+            pending.extend(lps or [])
+            full += ev.text
+            if not in_call:
+                tag = full.find(TOOL_TAG, sent)
+                in_call = tag >= 0
+                upto = tag if in_call else len(full) - held_back(full)
+                if upto > sent:
+                    yield chunk({"content": full[sent:upto]}, None, take_logprobs())
+                    sent = upto
+            if ev.finished:
+                outside, calls = tools.split_calls(full)
+                rest = (outside if calls else full)[sent:]
+                delta: dict[str, Any] = {"content": rest} if rest else {}
+                if calls:
+                    delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
+                if delta:
+                    yield chunk(delta, None, take_logprobs())
+                yield chunk({}, tools.finish_reason(ev.finish_reason, calls), take_logprobs())
         return
     yield chunk({"role": "assistant", "content": ""}, None)
     async for ev, _ids, lps in chunked_events(run):

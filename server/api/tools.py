@@ -11,6 +11,10 @@ model; one that does not, SmolLM2's included, ignores them). `tool_choice` decid
   (the Hermes format of Qwen2.5, Hermes and many fine-tunes) become `tool_calls`, the rest stays `content`;
 - "none": free text.
 
+Streaming: a named call's arguments stream as `tool_calls` deltas; "auto" streams the text until a `<tool_call>`
+tag starts (`held_back`: a possible tag's first characters wait) and sends the calls in one delta at the end;
+"required" sends its calls at the end.
+
 A forced call is valid JSON for its schema, not necessarily a good call: the model should also be told about the
 tools (a template with tool support, or the caller's own system message).
 """
@@ -90,27 +94,42 @@ class ToolPlan:
                 return text, None
             return None, [_call(c["name"], c["parameters"]) for c in calls]
         if self.mode == "auto":
-            names = {t["function"]["name"] for t in self.tools}
-            calls, kept, last = [], [], 0
-            for m in _HERMES.finditer(text):
-                try:
-                    obj = json.loads(m.group(1))
-                except ValueError:
-                    continue
-                if not isinstance(obj, dict) or obj.get("name") not in names:
-                    continue
-                calls.append(_call(obj["name"], obj.get("arguments", obj.get("parameters", {}))))
-                kept.append(text[last : m.start()])
-                last = m.end()
+            outside, calls = self.split_calls(text)
             if calls:
-                content = ("".join(kept) + text[last:]).strip()
-                return content or None, calls
+                return outside.strip() or None, calls
         return text, None
+
+    def split_calls(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """("auto") The text outside the valid <tool_call> blocks (of known tools, with JSON inside), and the calls."""
+        names = {t["function"]["name"] for t in self.tools}
+        calls, kept, last = [], [], 0
+        for m in _HERMES.finditer(text):
+            try:
+                obj = json.loads(m.group(1))
+            except ValueError:
+                continue
+            if not isinstance(obj, dict) or obj.get("name") not in names:
+                continue
+            calls.append(_call(obj["name"], obj.get("arguments", obj.get("parameters", {}))))
+            kept.append(text[last : m.start()])
+            last = m.end()
+        return "".join(kept) + text[last:], calls
 
     def finish_reason(self, engine_reason: str | None, calls: list[dict[str, Any]] | None) -> str:
         if calls and self.mode != "named":
             return "tool_calls"
         return engine_reason or "stop"
+
+
+TOOL_TAG = "<tool_call>"
+
+
+def held_back(text: str) -> int:
+    """How many trailing characters of `text` could start a <tool_call> tag (held back from a stream)."""
+    for k in range(min(len(TOOL_TAG) - 1, len(text)), 0, -1):
+        if text.endswith(TOOL_TAG[:k]):
+            return k
+    return 0
 
 
 def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
