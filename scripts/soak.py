@@ -94,6 +94,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--sample-s", type=float, default=10.0)
     ap.add_argument("--max-growth-mb", type=float, default=64.0)
+    ap.add_argument(
+        "--settings", default="{}", help="more server settings as JSON, e.g. '{\"speculative_tokens\": 4}'"
+    )
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="soak-")
@@ -101,6 +104,7 @@ def main() -> int:
     seed_prefixes(store_url, args.tenants)
     port = free_port()
     settings = {"kv_cache_mb": 64, "max_model_len": 512, "training_workers": 0, "log_level": "warning"}
+    settings.update(json.loads(args.settings))
     cmd = [sys.executable, "-m", "tests.fixtures.server", "--port", str(port), "--store-url", store_url]
     cmd += ["--settings", json.dumps(settings)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -131,6 +135,12 @@ def main() -> int:
             await task
 
         asyncio.run(run())
+        counters = {}
+        for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+            name, _, value = line.partition(" ")
+            if name.endswith("_total") and ("spec_decode" in name or "prompt_cache" in name):
+                counters[name.removeprefix("prefixserve:")] = float(value)
+        print(json.dumps({"engine_counters": counters}))
         warm = [r for t, r in samples if t >= samples[-1][0] / 3] or [samples[-1][1]]
         growth = max(warm) - warm[0]
         print(json.dumps({"requests": stats, "rss_after_warmup_mb": [round(warm[0], 1), round(max(warm), 1)],
