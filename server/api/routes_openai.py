@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -371,6 +371,9 @@ def _chat_choice_body(tools: ToolPlan, index: int, res: GenerationResult, text: 
     }
 
 
+Chunk = Callable[..., bytes]  # (delta, finish_reason, logprobs=None) -> one SSE frame of a choice
+
+
 async def _chat_choice(
     run: GenerationRun,
     index: int,
@@ -388,73 +391,16 @@ async def _chat_choice(
             }
         )
 
-    if tools.mode == "named":  # the arguments stream as they come (OpenAI's tool_calls deltas)
-        assert tools.named is not None
-        call = {
-            "index": 0,
-            "id": call_id(),
-            "type": "function",
-            "function": {"name": tools.named, "arguments": ""},
-        }
-        yield chunk({"role": "assistant", "content": None, "tool_calls": [call]}, None)
-        async for ev, _ids, lps in chunked_events(run):
-            logprobs = None if lps is None else chat_logprobs(lps, text)
-            if ev.text:
-                yield chunk(
-                    {"tool_calls": [{"index": 0, "function": {"arguments": ev.text}}]}, None, logprobs
-                )
-                logprobs = None if lps is None else {"content": []}
-            if ev.finished:
-                yield chunk({}, ev.finish_reason, logprobs)
-        return
-    if tools.mode == "required":  # the calls are known once the JSON is complete: one delta at the end
-        parts: list[str] = []
-        lp_all: list[Any] = []
-        async for ev, _ids, lps in chunked_events(run):
-            parts.append(ev.text)
-            lp_all.extend(lps or [])
-            if ev.finished:
-                content, calls = tools.parse("".join(parts))
-                delta: dict[str, Any] = {"role": "assistant", "content": content}
-                if calls:
-                    delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
-                want = run.req.sampling.logprobs is not None
-                yield chunk(delta, None, chat_logprobs(lp_all, text) if want else None)
-                yield chunk({}, tools.finish_reason(ev.finish_reason, calls))
-        return
-    if (
-        tools.mode == "auto"
-    ):  # text streams until a <tool_call> tag starts; calls come in one delta at the end
-        yield chunk({"role": "assistant", "content": ""}, None)
-        want = run.req.sampling.logprobs is not None
-        full, sent, in_call = "", 0, False
-        pending: list[Any] = []  # logprobs of the tokens not yet sent with a chunk
+    stream = {"named": _stream_named, "required": _stream_required, "auto": _stream_auto}.get(
+        tools.mode, _stream_text
+    )
+    async for frame in stream(run, chunk, text, tools):
+        yield frame
 
-        def take_logprobs() -> Any:
-            out = chat_logprobs(pending, text) if want else None
-            pending.clear()
-            return out
 
-        async for ev, _ids, lps in chunked_events(run):
-            pending.extend(lps or [])
-            full += ev.text
-            if not in_call:
-                tag = full.find(TOOL_TAG, sent)
-                in_call = tag >= 0
-                upto = tag if in_call else len(full) - held_back(full)
-                if upto > sent:
-                    yield chunk({"content": full[sent:upto]}, None, take_logprobs())
-                    sent = upto
-            if ev.finished:
-                outside, calls = tools.split_calls(full)
-                rest = (outside if calls else full)[sent:]
-                delta: dict[str, Any] = {"content": rest} if rest else {}
-                if calls:
-                    delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
-                if delta:
-                    yield chunk(delta, None, take_logprobs())
-                yield chunk({}, tools.finish_reason(ev.finish_reason, calls), take_logprobs())
-        return
+async def _stream_text(
+    run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
+) -> AsyncIterator[bytes]:
     yield chunk({"role": "assistant", "content": ""}, None)
     async for ev, _ids, lps in chunked_events(run):
         logprobs = None if lps is None else chat_logprobs(lps, text)
@@ -463,6 +409,82 @@ async def _chat_choice(
             logprobs = None if lps is None else {"content": []}
         if ev.finished:
             yield chunk({}, ev.finish_reason, logprobs)
+
+
+async def _stream_named(
+    run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
+) -> AsyncIterator[bytes]:
+    """A forced named call: its arguments stream as they come (OpenAI's tool_calls deltas)."""
+    assert tools.named is not None
+    call = {
+        "index": 0,
+        "id": call_id(),
+        "type": "function",
+        "function": {"name": tools.named, "arguments": ""},
+    }
+    yield chunk({"role": "assistant", "content": None, "tool_calls": [call]}, None)
+    async for ev, _ids, lps in chunked_events(run):
+        logprobs = None if lps is None else chat_logprobs(lps, text)
+        if ev.text:
+            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": ev.text}}]}, None, logprobs)
+            logprobs = None if lps is None else {"content": []}
+        if ev.finished:
+            yield chunk({}, ev.finish_reason, logprobs)
+
+
+async def _stream_required(
+    run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
+) -> AsyncIterator[bytes]:
+    """'required': the calls are known once their JSON list is complete, so they come in one delta at the end."""
+    parts: list[str] = []
+    lps_all: list[Any] = []
+    async for ev, _ids, lps in chunked_events(run):
+        parts.append(ev.text)
+        lps_all.extend(lps or [])
+        if ev.finished:
+            content, calls = tools.parse("".join(parts))
+            delta: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
+            want = run.req.sampling.logprobs is not None
+            yield chunk(delta, None, chat_logprobs(lps_all, text) if want else None)
+            yield chunk({}, tools.finish_reason(ev.finish_reason, calls))
+
+
+async def _stream_auto(
+    run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
+) -> AsyncIterator[bytes]:
+    """'auto': the text streams until a <tool_call> tag starts (a possible tag's first characters wait); the calls
+    and any text after them come in one delta at the end, with the logprobs not sent yet."""
+    yield chunk({"role": "assistant", "content": ""}, None)
+    want = run.req.sampling.logprobs is not None
+    full, sent, in_call = "", 0, False
+    pending: list[Any] = []  # logprobs of the tokens not yet sent with a chunk
+
+    def take_logprobs() -> Any:
+        out = chat_logprobs(pending, text) if want else None
+        pending.clear()
+        return out
+
+    async for ev, _ids, lps in chunked_events(run):
+        pending.extend(lps or [])
+        full += ev.text
+        if not in_call:
+            tag = full.find(TOOL_TAG, sent)
+            in_call = tag >= 0
+            upto = tag if in_call else len(full) - held_back(full)
+            if upto > sent:
+                yield chunk({"content": full[sent:upto]}, None, take_logprobs())
+                sent = upto
+        if ev.finished:
+            outside, calls = tools.split_calls(full)
+            rest = (outside if calls else full)[sent:]
+            delta: dict[str, Any] = {"content": rest} if rest else {}
+            if calls:
+                delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
+            if delta:
+                yield chunk(delta, None, take_logprobs())
+            yield chunk({}, tools.finish_reason(ev.finish_reason, calls), take_logprobs())
 
 
 async def _chat_frames(ch: _Choices, cid: str, include_usage: bool) -> AsyncIterator[bytes]:
