@@ -401,14 +401,9 @@ async def _chat_choice(
 async def _stream_text(
     run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
 ) -> AsyncIterator[bytes]:
-    yield chunk({"role": "assistant", "content": ""}, None)
-    async for ev, _ids, lps in chunked_events(run):
-        logprobs = None if lps is None else chat_logprobs(lps, text)
-        if ev.text:
-            yield chunk({"content": ev.text}, None, logprobs)
-            logprobs = None if lps is None else {"content": []}
-        if ev.finished:
-            yield chunk({}, ev.finish_reason, logprobs)
+    first = {"role": "assistant", "content": ""}
+    async for frame in _stream_pieces(run, chunk, text, first, lambda piece: {"content": piece}):
+        yield frame
 
 
 async def _stream_named(
@@ -422,11 +417,28 @@ async def _stream_named(
         "type": "function",
         "function": {"name": tools.named, "arguments": ""},
     }
-    yield chunk({"role": "assistant", "content": None, "tool_calls": [call]}, None)
+    first = {"role": "assistant", "content": None, "tool_calls": [call]}
+
+    def piece(args: str) -> dict[str, Any]:
+        return {"tool_calls": [{"index": 0, "function": {"arguments": args}}]}
+
+    async for frame in _stream_pieces(run, chunk, text, first, piece):
+        yield frame
+
+
+async def _stream_pieces(
+    run: GenerationRun,
+    chunk: Chunk,
+    text: TokenTexts,
+    first: dict[str, Any],
+    delta: Callable[[str], dict[str, Any]],
+) -> AsyncIterator[bytes]:
+    """The `first` delta, then `delta(text piece)` as the text comes, then the finish reason."""
+    yield chunk(first, None)
     async for ev, _ids, lps in chunked_events(run):
         logprobs = None if lps is None else chat_logprobs(lps, text)
         if ev.text:
-            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": ev.text}}]}, None, logprobs)
+            yield chunk(delta(ev.text), None, logprobs)
             logprobs = None if lps is None else {"content": []}
         if ev.finished:
             yield chunk({}, ev.finish_reason, logprobs)
