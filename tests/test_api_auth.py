@@ -16,17 +16,16 @@ def jobs():
 
 
 @pytest.fixture
-def srv(server_factory, api_bundle, tmp_path, jobs):
-    from prefix_store import open_store
-
-    store = open_store(f"file://{tmp_path / 'store'}")
-    put_random_prefix(store, api_bundle, "acme", "default", seed=1)
-    put_random_prefix(store, api_bundle, "acme", "support", seed=2)
-    put_random_prefix(store, api_bundle, "globex", "default", seed=3)
-    put_random_prefix(store, api_bundle, "globex", "secret-plan", seed=4)
-    s = server_factory(store=store, keys={"acme": KEY_A, "globex": KEY_B}, admin_key=ADMIN, job_manager=jobs)
-    yield s
-    store.close()
+def srv(server_factory, jobs):
+    prefixes = {
+        ("acme", "default"): {"seed": 1},
+        ("acme", "support"): {"seed": 2},
+        ("globex", "default"): {"seed": 3},
+        ("globex", "secret-plan"): {"seed": 4},
+    }
+    return server_factory(
+        prefixes=prefixes, keys={"acme": KEY_A, "globex": KEY_B}, admin_key=ADMIN, job_manager=jobs
+    )
 
 
 def test_missing_wrong_or_malformed_key_is_401(srv):

@@ -11,14 +11,10 @@ from tests.fixtures.server import assert_error, put_random_prefix
 
 
 @pytest.fixture
-def srv(server_factory, api_bundle, tmp_path):
-    from prefix_store import open_store
-
-    store = open_store(f"file://{tmp_path / 'store'}")
-    put_random_prefix(store, api_bundle, "acme")
-    s = server_factory(store=store, max_body_bytes=4096, max_stop_strings=4, max_stop_chars=16)
-    yield s
-    store.close()
+def srv(server_factory):
+    return server_factory(
+        prefixes={("acme", "default"): {}}, max_body_bytes=4096, max_stop_strings=4, max_stop_chars=16
+    )
 
 
 def raw(client, body: bytes, path: str = "/generate"):

@@ -15,16 +15,10 @@ TENANTS = ("acme", "globex", "initech")
 
 
 @pytest.fixture
-def srv(server_factory, api_bundle, tmp_path):
-    from prefix_store import open_store
-
-    store = open_store(f"file://{tmp_path / 'store'}")
-    for i, t in enumerate(TENANTS):
-        put_random_prefix(store, api_bundle, t, "default", prefix_length=8 + 4 * i, seed=i)
-    put_random_prefix(store, api_bundle, "acme", "chatty", prefix_length=6, seed=42, prompt_format="chat")
-    s = server_factory(store=store)
-    yield s
-    store.close()
+def srv(server_factory):
+    prefixes = {(t, "default"): {"prefix_length": 8 + 4 * i, "seed": i} for i, t in enumerate(TENANTS)}
+    prefixes["acme", "chatty"] = {"prefix_length": 6, "seed": 42, "prompt_format": "chat"}
+    return server_factory(prefixes=prefixes)
 
 
 def gen(client: httpx.Client, **body) -> httpx.Response:
@@ -165,16 +159,11 @@ def test_prompt_and_context_limits(server_factory, api_bundle, tmp_path):
     store.close()
 
 
-def test_speculative_decoding_setting_keeps_outputs_and_counts_drafts(srv, server_factory, tmp_path):
+def test_speculative_decoding_setting_keeps_outputs_and_counts_drafts(srv, server_factory):
     """`speculative_tokens`: the same greedy text as a server without it (stream and whole), sampled requests work
     as usual, and /metrics counts drafted and accepted tokens."""
-    from prefix_store import open_store
-
-    store = open_store(f"file://{tmp_path / 'spec-store'}")
-    put_random_prefix(
-        store, srv.svc.bundle, "acme", "default", prefix_length=8, seed=0
-    )  # acme's prefix of `srv`
-    spec = server_factory(store=store, speculative_tokens=4)
+    acme = {("acme", "default"): {"prefix_length": 8, "seed": 0}}  # acme's prefix of `srv`
+    spec = server_factory(prefixes=acme, speculative_tokens=4)
     assert spec.svc.llm.scheduler.cfg.spec_tokens == 4
     # the random model seldom repeats a 2-gram: with 1-grams it drafts surely
     spec.svc.llm.scheduler.cfg.spec_min_n = 1
@@ -190,22 +179,18 @@ def test_speculative_decoding_setting_keeps_outputs_and_counts_drafts(srv, serve
     accepted = metric_value(m, "prefixserve:spec_decode_num_accepted_tokens_total")
     assert drafted > 0 and 0 <= accepted <= drafted
     assert drafted == spec.svc.llm.scheduler.spec_draft_tokens
-    store.close()
 
 
-def test_scheduling_policy_setting_reaches_the_engine(srv, server_factory, tmp_path):
+def test_scheduling_policy_setting_reaches_the_engine(srv, server_factory):
     """Fair admission by default; `scheduling_policy: fcfs` gives arrival order; anything else is refused."""
-    from prefix_store import open_store
     from server.settings import Settings
 
     assert srv.svc.llm.scheduler.cfg.fair is True
-    store = open_store(f"file://{tmp_path / 'fcfs-store'}")
-    fcfs = server_factory(store=store, scheduling_policy="fcfs")
+    fcfs = server_factory(scheduling_policy="fcfs")
     assert fcfs.svc.llm.scheduler.cfg.fair is False
     assert gen(fcfs.client(), tenant_id="acme", prefix="base", prompt="hi", max_tokens=2).status_code == 200
     with pytest.raises(ValueError, match="scheduling_policy"):
         Settings(scheduling_policy="random")
-    store.close()
 
 
 def test_tenant_concurrency_limit_429(server_factory, api_bundle, tmp_path):

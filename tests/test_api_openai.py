@@ -5,21 +5,18 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.fixtures.server import metric_value, parse_sse, put_random_prefix
+from tests.fixtures.server import metric_value, parse_sse
 
 KEY = "sk-acme-1b2c3d4e"
 
 
 @pytest.fixture
-def srv(server_factory, api_bundle, tmp_path):
-    from prefix_store import open_store
-
-    store = open_store(f"file://{tmp_path / 'store'}")
-    put_random_prefix(store, api_bundle, "acme", "default", seed=11)
-    put_random_prefix(store, api_bundle, "acme", "chat-bot", seed=12, prompt_format="chat")
-    s = server_factory(store=store, keys={"acme": KEY, "globex": "sk-globex-0000"})
-    yield s
-    store.close()
+def srv(server_factory):
+    prefixes = {
+        ("acme", "default"): {"seed": 11},
+        ("acme", "chat-bot"): {"seed": 12, "prompt_format": "chat"},
+    }
+    return server_factory(prefixes=prefixes, keys={"acme": KEY, "globex": "sk-globex-0000"})
 
 
 @pytest.fixture

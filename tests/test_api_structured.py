@@ -11,7 +11,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.fixtures.server import assert_error, metric_value, parse_sse, put_random_prefix
+from tests.fixtures.server import assert_error, metric_value, parse_sse
 
 KEY = "sk-acme-struct-1"
 ITEM = {
@@ -23,14 +23,8 @@ ITEM = {
 
 
 @pytest.fixture
-def srv(server_factory, api_bundle, tmp_path):
-    from prefix_store import open_store
-
-    store = open_store(f"file://{tmp_path / 'store'}")
-    put_random_prefix(store, api_bundle, "acme", "default", seed=21)
-    s = server_factory(store=store, keys={"acme": KEY})
-    yield s
-    store.close()
+def srv(server_factory):
+    return server_factory(prefixes={("acme", "default"): {"seed": 21}}, keys={"acme": KEY})
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 
 from server.api.schemas import ChatCompletionRequest
 from server.api.tools import tool_plan
-from tests.fixtures.server import put_random_prefix
 
 KEY = "sk-acme-tools"
 WEATHER = {
@@ -43,15 +42,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture
-def srv(server_factory, api_bundle, tmp_path):
+def srv(server_factory):
     pytest.importorskip("llguidance")
-    from prefix_store import open_store
-
-    store = open_store(f"file://{tmp_path / 'store'}")
-    put_random_prefix(store, api_bundle, "acme", "default", seed=5)
-    s = server_factory(store=store, keys={"acme": KEY})
-    yield s
-    store.close()
+    return server_factory(prefixes={("acme", "default"): {"seed": 5}}, keys={"acme": KEY})
 
 
 @pytest.fixture
