@@ -24,7 +24,7 @@ from server.engine.prefix_cache import PrefixCache, PrefixProvider
 from server.engine.sampler import make_generator, sample, token_logprobs
 from server.engine.scheduler import ScheduledItem, Scheduler, SchedulerConfig
 from server.engine.sequence import SeqStatus, Sequence
-from server.engine.spec import accept
+from server.engine.spec import accept, accept_sampled
 from server.engine.structured import MASK_BUDGET_MS, Constraint, GrammarCompiler, MaskBudget
 from server.engine.types import Output, QueueFull, Request, RequestTooLarge, TokenEvent, TokenLogprob
 from server.model.spec import ModelBundle
@@ -350,8 +350,9 @@ class LLMEngine:
     def _verify(
         self, items: list[ScheduledItem], spec_logits: torch.Tensor
     ) -> list[tuple[ScheduledItem, list[int] | None]]:
-        """The tokens each draft-verifying row emits (server.engine.spec.accept), from one argmax over all their
-        positions (one device sync); None for a row whose logits are not finite (it fails alone, as in `sample`)."""
+        """The tokens each draft-verifying row emits: greedy rows by `spec.accept` from one argmax over all their
+        positions (one device sync), sampled rows by speculative sampling (`spec.accept_sampled`, with the row's
+        generator); None for a row whose logits are not finite (it fails alone, as in `sample`)."""
         host = torch.stack([spec_logits.argmax(-1), torch.isfinite(spec_logits).all(-1).long()]).tolist()
         greedy, finite = host[0], host[1]
         out: list[tuple[ScheduledItem, list[int] | None]] = []
@@ -359,8 +360,14 @@ class LLMEngine:
         for it in items:
             if it.draft:
                 n = len(it.draft) + 1
-                ok = all(finite[i : i + n])
-                out.append((it, accept(it.draft, greedy[i : i + n]) if ok else None))
+                p = it.seq.req.sampling
+                if not all(finite[i : i + n]):
+                    out.append((it, None))
+                elif p.greedy:
+                    out.append((it, accept(it.draft, greedy[i : i + n])))
+                else:
+                    rows = spec_logits[i : i + n]
+                    out.append((it, accept_sampled(it.draft, rows, p, it.seq.generator)))
                 i += n
         return out
 

@@ -9,18 +9,23 @@ context (summaries, code edits, extraction, JSON with the prompt's values) emits
 
 A row whose drafts all fail backs off (it decodes 1, 3, 7, then 15 steps without drafting after 1, 2, 3, 4+
 failures in a row): on the CPU a draft can push a step's row count into the next GEMM bucket, so failing drafts are
-not free. Only rows whose next token is a plain argmax draft: greedy, no penalties, logit_bias or min_tokens, no logprobs, no
-structured outputs (each needs a per-position treatment the verifier does not do).
+not free. Sampled rows (temperature, top-k, top-p) verify by speculative sampling (`accept_sampled`): the emitted tokens are
+distributed exactly as without drafts. Not for rows with penalties, logit_bias, min_tokens, logprobs or structured
+outputs (each needs a per-position treatment the verifier does not do).
 """
 
 from __future__ import annotations
 
+import torch
+
+from server.engine.sampler import filter_logits
 from server.engine.types import SamplingParams
 
 
 def speculable(p: SamplingParams) -> bool:
-    """Whether a row with these parameters may decode with drafts (its next token is the logits' argmax)."""
-    return p.greedy and not p.processed and p.logprobs is None and p.structured is None
+    """Whether a row with these parameters may decode with drafts: its next token comes from the logits alone
+    (greedy, or sampled with temperature / top-k / top-p), nothing reported or constrained per position."""
+    return not p.processed and p.logprobs is None and p.structured is None
 
 
 class NgramIndex:
@@ -52,6 +57,25 @@ class NgramIndex:
             if e is not None:
                 return tokens[e + 1 : e + 1 + k]
         return []
+
+
+def accept_sampled(
+    draft: list[int], logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None
+) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) with a one-token draft distribution: drafted
+    token d at position i is kept with probability p_i(d) (the row's filtered distribution there); the first one
+    rejected is replaced by a draw from p_i without d, renormalized; if all are kept, one more token is drawn from
+    the last position. The emitted tokens are distributed exactly as plain sampling's (a seeded row is reproducible,
+    but its random stream differs from decoding without drafts). `logits`: `[len(draft) + 1, vocab]` float32."""
+    dev = logits.device
+    for i, d in enumerate(draft):
+        probs = filter_logits(logits[i], p).softmax(-1)
+        if float(torch.rand((), generator=generator, device=dev)) < float(probs[d]):
+            continue
+        probs[d] = 0.0  # p(d) < 1 here, so the rest has mass
+        return [*draft[:i], int(torch.multinomial(probs, 1, generator=generator))]
+    probs = filter_logits(logits[len(draft)], p).softmax(-1)
+    return [*draft, int(torch.multinomial(probs, 1, generator=generator))]
 
 
 def accept(draft: list[int], greedy: list[int]) -> list[int]:
