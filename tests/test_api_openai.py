@@ -387,3 +387,47 @@ def test_n_samples_of_one_prompt_share_its_prefill(srv, oai):
     assert sched.cache_hit_tokens - h0 == 3 * blocks * 16  # the first sample computed it, three reused it
     single = oai.completions.create(**kw)
     assert [c.text for c in many.choices] == [single.choices[0].text] * 4
+
+
+def test_continue_final_message_and_chat_template_kwargs(srv, oai):
+    """vLLM's chat-template extensions: continue_final_message renders the last assistant message open (the model
+    continues it), chat_template_kwargs reach the template, and their misuse is a 422 naming the field."""
+    tok = srv.svc.bundle.tokenizer
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My answer is"}]
+    want = tok.apply_chat_template(
+        msgs, add_generation_prompt=False, continue_final_message=True, tokenize=False
+    )
+    assert want.endswith("My answer is")  # no end-of-turn after it
+    ids = tok(want, add_special_tokens=False)["input_ids"]
+    seen: list[dict] = []
+    apply = tok.apply_chat_template
+
+    def spy(messages, **kw):
+        seen.append(kw)
+        return apply(messages, **kw)
+
+    tok.apply_chat_template = spy
+    try:
+        r = oai.chat.completions.create(
+            model="acme/default",
+            messages=msgs,
+            max_tokens=3,
+            extra_body={
+                "add_generation_prompt": False,
+                "continue_final_message": True,
+                "chat_template_kwargs": {"enable_thinking": False},
+            },
+        )
+    finally:
+        tok.apply_chat_template = apply
+    assert r.usage.prompt_tokens == len(ids)
+    assert seen[-1]["continue_final_message"] is True and seen[-1]["enable_thinking"] is False
+    c = srv.client(KEY)
+    for extra, param in (
+        ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt still true
+        ({"continue_final_message": True, "add_generation_prompt": False, "messages": msgs[:1]}, "continue_final_message"),
+        ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+    ):  # fmt: skip
+        body = {"model": "acme/default", "messages": msgs, "max_tokens": 2, **extra}
+        resp = c.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 422 and resp.json()["error"]["param"] == param, resp.text

@@ -393,6 +393,17 @@ class ChatCompletionRequest(_OpenAIBase):
         "'none': text only",
     )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call ('required')")
+    add_generation_prompt: bool = Field(
+        True, description="Extension (vLLM): end the prompt with the assistant turn's opening"
+    )
+    continue_final_message: bool = Field(
+        False,
+        description="Extension (vLLM): the last message is an assistant message to continue (needs "
+        "add_generation_prompt false), e.g. to start the answer with given text",
+    )
+    chat_template_kwargs: dict[str, str | int | float | bool | None] | None = Field(
+        None, max_length=32, description="Extension (vLLM): extra variables for the chat template"
+    )
 
 
 class CompletionLogprobs(BaseModel):

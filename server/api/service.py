@@ -61,9 +61,9 @@ def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
 
 
 def render_messages(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **options: Any
 ) -> list[int]:
-    return list(_model.render_messages(tokenizer, messages, tools))
+    return list(_model.render_messages(tokenizer, messages, tools, **options))
 
 
 def _message_text(content: Any) -> str:
@@ -592,10 +592,12 @@ class Service:
 
     # ------------------------------------------------------------------ generation
     async def tokenize(self, fn: Callable[..., list[int]], *args: Any) -> list[int]:
+        from jinja2 import TemplateError  # transformers' chat templates are jinja2
+
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._tokenizer_pool, fn, *args)
-        except (ValueError, TypeError, UnicodeError) as e:
+        except (ValueError, TypeError, UnicodeError, TemplateError) as e:
             raise APIError(
                 422, f"cannot render the prompt: {e}", code="invalid_prompt", param="prompt"
             ) from None

@@ -78,12 +78,25 @@ def default_prompt_format(tokenizer_or_bundle: Any) -> str:
 
 
 def render_messages(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Messages (and OpenAI tools, for a template that describes them) through the tokenizer's chat template,
-    ending with the assistant turn's opening."""
+    ending with the assistant turn's opening (or, with `continue_final_message`, inside the last assistant message,
+    which the model then continues). `template_kwargs` are extra variables for the template (vLLM's
+    `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`)."""
     text = tokenizer.apply_chat_template(
-        messages, tools=tools or None, add_generation_prompt=True, tokenize=False
+        messages,
+        tools=tools or None,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        tokenize=False,
+        **(template_kwargs or {}),
     )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
