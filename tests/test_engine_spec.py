@@ -37,7 +37,7 @@ def test_which_rows_speculate():
     assert speculable(SamplingParams())
     assert speculable(SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=1))
     assert not speculable(SamplingParams(structured=StructuredOutputs("regex", "a+")))
-    assert not speculable(SamplingParams(logprobs=0))
+    assert speculable(SamplingParams(logprobs=3))  # read from the verified positions
     assert not speculable(SamplingParams(repetition_penalty=1.2))
     assert not speculable(SamplingParams(logit_bias=((3, 1.0),)))
     assert not speculable(SamplingParams(min_tokens=2))
@@ -82,9 +82,10 @@ class _Oracle:
 
 
 def test_verified_drafts_keep_outputs_exact_in_a_mixed_batch(setup, monkeypatch):
-    """Drafts (right, partly right, wrong) for three tenants' greedy rows, next to a sampled row, a logprobs row
-    and a penalised row (which never speculate): every output equals the plain engine's, the greedy ones
-    transformers' too, and the accepted drafts make rows emit several tokens a step."""
+    """Drafts (right, partly right, wrong) for three tenants' greedy rows and a row asking for logprobs, next to a
+    sampled row (no drafts offered) and a penalised row (which never speculates): every output equals the plain
+    engine's, the greedy ones transformers' too, the logprobs are the plain engine's, and the accepted drafts make
+    rows emit several tokens a step."""
     from server.engine import scheduler
 
     b, keys = setup
@@ -120,7 +121,8 @@ def test_verified_drafts_keep_outputs_exact_in_a_mixed_batch(setup, monkeypatch)
     reqs = greedy + others
     plain_eng = make_engine(b, keys)
     plain = {o.request_id: o for o in plain_eng.generate(reqs)}
-    oracle = _Oracle({tuple(r.prompt_token_ids): plain[r.request_id].token_ids for r in greedy})
+    drafted = [*greedy, others[1]]  # the logprobs row drafts too
+    oracle = _Oracle({tuple(r.prompt_token_ids): plain[r.request_id].token_ids for r in drafted})
     monkeypatch.setattr(scheduler, "NgramIndex", oracle)
     spec = make_engine(b, keys, speculative_tokens=4)
     computed = computed_tokens(spec)
@@ -129,10 +131,11 @@ def test_verified_drafts_keep_outputs_exact_in_a_mixed_batch(setup, monkeypatch)
         assert outs[r.request_id].token_ids == plain[r.request_id].token_ids, r.request_id
     for r in greedy:
         assert outs[r.request_id].token_ids == hf_greedy(b.hf_model, keys[r.prefix], r.prompt_token_ids, new)
-    lp = outs["lp"].logprobs
-    assert lp is not None and [x.logprob for x in lp] == pytest.approx(
-        [x.logprob for x in plain["lp"].logprobs]
-    )
+    lp, want = outs["lp"].logprobs, plain["lp"].logprobs
+    assert lp is not None and want is not None and len(lp) == len(want) == new
+    assert [x.logprob for x in lp] == pytest.approx([x.logprob for x in want], abs=1e-4)
+    assert [[t for t, _ in x.top] for x in lp] == [[t for t, _ in x.top] for x in want]
+    assert min(outs["lp"].itl) < 1e-4  # its drafts were accepted: several tokens in one step
     sched = spec.scheduler
     assert 0 < sched.spec_accepted_tokens < sched.spec_draft_tokens  # some drafts right, some wrong
     # every token's KV is computed once (accepted drafts are not recomputed); only rejected drafts are extra

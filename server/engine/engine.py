@@ -229,7 +229,7 @@ class LLMEngine:
             inp = self.runner.prepare(rows)
             logits = self.runner.forward(inp)
             samplers = [it.seq for it, r in zip(items, rows, strict=True) if r.sample and not it.draft]
-            verified: list[tuple[ScheduledItem, list[int] | None]] = []
+            verified: list[tuple[ScheduledItem, list[int] | None, list[TokenLogprob] | None]] = []
             if any(r.all_logits for r in rows):
                 logits, spec_logits = self._split_logits(items, rows, logits)
                 if spec_logits is not None:
@@ -277,7 +277,7 @@ class LLMEngine:
             ev = self._append(seq, tok, now, res.logprobs.get(i))
             if ev is not None:
                 events.append(ev)
-        for it, emitted in verified:
+        for it, emitted, emitted_lps in verified:
             seq = it.seq
             if seq.status is not SeqStatus.RUNNING:  # ended by an earlier row's event callback (abort)
                 continue
@@ -288,8 +288,8 @@ class LLMEngine:
                 continue
             self.scheduler.draft_verified(seq, len(emitted) - 1)
             seq.num_cached += len(emitted) - 1  # the accepted drafts' KV was written by this step
-            for tok in emitted:
-                ev = self._append(seq, tok, now)
+            for j, tok in enumerate(emitted):
+                ev = self._append(seq, tok, now, emitted_lps[j] if emitted_lps else None)
                 if ev is not None:
                     events.append(ev)
                     if ev.finished:
@@ -349,25 +349,32 @@ class LLMEngine:
 
     def _verify(
         self, items: list[ScheduledItem], spec_logits: torch.Tensor
-    ) -> list[tuple[ScheduledItem, list[int] | None]]:
-        """The tokens each draft-verifying row emits: greedy rows by `spec.accept` from one argmax over all their
-        positions (one device sync), sampled rows by speculative sampling (`spec.accept_sampled`, with the row's
-        generator); None for a row whose logits are not finite (it fails alone, as in `sample`)."""
+    ) -> list[tuple[ScheduledItem, list[int] | None, list[TokenLogprob] | None]]:
+        """The tokens each draft-verifying row emits, and their log-probabilities if it asked: greedy rows by
+        `spec.accept` from one argmax over all their positions (one device sync), sampled rows by speculative
+        sampling (`spec.accept_sampled`, with the row's generator); position j's logits are what the j-th emitted
+        token was chosen from, so its log-probability comes from there. None for a row whose logits are not finite
+        (it fails alone, as in `sample`)."""
         host = torch.stack([spec_logits.argmax(-1), torch.isfinite(spec_logits).all(-1).long()]).tolist()
         greedy, finite = host[0], host[1]
-        out: list[tuple[ScheduledItem, list[int] | None]] = []
+        out: list[tuple[ScheduledItem, list[int] | None, list[TokenLogprob] | None]] = []
         i = 0
         for it in items:
             if it.draft:
                 n = len(it.draft) + 1
                 p = it.seq.req.sampling
-                if not all(finite[i : i + n]):
-                    out.append((it, None))
-                elif p.greedy:
-                    out.append((it, accept(it.draft, greedy[i : i + n])))
-                else:
-                    rows = spec_logits[i : i + n]
-                    out.append((it, accept_sampled(it.draft, rows, p, it.seq.generator)))
+                emitted: list[int] | None = None
+                lps: list[TokenLogprob] | None = None
+                if all(finite[i : i + n]):
+                    if p.greedy:
+                        emitted = accept(it.draft, greedy[i : i + n])
+                    else:
+                        emitted = accept_sampled(it.draft, spec_logits[i : i + n], p, it.seq.generator)
+                    if p.logprobs is not None:
+                        rows = list(range(i, i + len(emitted)))
+                        got = token_logprobs(spec_logits, rows, emitted, [p.logprobs] * len(rows))
+                        lps = [got[r] for r in rows]
+                out.append((it, emitted, lps))
                 i += n
         return out
 

@@ -10,8 +10,9 @@ context (summaries, code edits, extraction, JSON with the prompt's values) emits
 A row whose drafts all fail backs off (it decodes 1, 3, 7, then 15 steps without drafting after 1, 2, 3, 4+
 failures in a row): on the CPU a draft can push a step's row count into the next GEMM bucket, so failing drafts are
 not free. Sampled rows (temperature, top-k, top-p) verify by speculative sampling (`accept_sampled`): the emitted tokens are
-distributed exactly as without drafts. Not for rows with penalties, logit_bias, min_tokens, logprobs or structured
-outputs (each needs a per-position treatment the verifier does not do).
+distributed exactly as without drafts; requested logprobs come from the verified positions' logits. Not for rows
+with penalties, logit_bias, min_tokens or structured outputs (each needs a per-position treatment of the scores
+that the verifier does not do).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from server.engine.types import SamplingParams
 
 def speculable(p: SamplingParams) -> bool:
     """Whether a row with these parameters may decode with drafts: its next token comes from the logits alone
-    (greedy, or sampled with temperature / top-k / top-p), nothing reported or constrained per position."""
-    return not p.processed and p.logprobs is None and p.structured is None
+    (greedy, or sampled with temperature / top-k / top-p; logprobs are read from the verified positions), no
+    per-position score processing or grammar."""
+    return not p.processed and p.structured is None
 
 
 class NgramIndex:
