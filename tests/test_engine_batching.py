@@ -174,7 +174,7 @@ def test_prefix_plus_prompt_beyond_the_context_fails_that_request_alone(tiny_lla
     full = Request("full", random_prompt(b.spec.vocab_size, 44, 2), SamplingParams(max_tokens=1), key)
     over = Request("over", random_prompt(b.spec.vocab_size, 45, 3), SamplingParams(max_tokens=1), key)
     outs = {o.request_id: o for o in eng.generate([ok, over, full])}
-    assert outs["over"].finish_reason == "error"
+    assert outs["over"].finish_reason == "error" and outs["over"].error_type == "RequestTooLarge"
     assert "prefix (20) + prompt (45) tokens exceed the context limit of 64" in (outs["over"].error or "")
     assert outs["full"].finish_reason == "length" and len(outs["full"].token_ids) == 1
     assert outs["ok"].token_ids == make_engine(b, kvs).generate([ok])[0].token_ids

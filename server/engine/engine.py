@@ -505,6 +505,7 @@ class LLMEngine:
                     finish_reason=ev.finish_reason or "error",
                     prompt_tokens=ev.prompt_tokens,
                     error=ev.error,
+                    error_type=ev.error_type,
                     ttft=(times[0] - st["t0"]) if times else None,
                     itl=[b - a for a, b in itertools.pairwise(times)],
                     e2e=(times[-1] - st["t0"]) if times else None,

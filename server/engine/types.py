@@ -196,6 +196,7 @@ class Output:
     finish_reason: FinishReason
     prompt_tokens: int
     error: str | None = None
+    error_type: str | None = None  # the error's kind: RequestTooLarge, GrammarError, SamplingError, ...
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     e2e: float | None = None
