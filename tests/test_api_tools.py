@@ -199,6 +199,7 @@ def test_tools_and_tool_turns_reach_the_chat_template(srv):
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "tools", "object"),
         ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format", "not both"),
         ({"tools": [WEATHER], "tool_choice": "required", "structured_outputs": {"regex": "a"}}, "structured_outputs", "not both"),
+        ({"tools": [WEATHER], "tool_choice": "required", "structured_outputs": {"regex": "a"}, "guided_regex": "b"}, "structured_outputs", "not both"),
     ],
 )  # fmt: skip
 def test_bad_tool_requests_are_422_naming_the_field(srv, body, param, needle):

@@ -231,14 +231,20 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     else:
         assert isinstance(body, CompletionRequest)
         plan = await _completion_plan(svc, info, body, prefix)
+    try:
+        so = body.structured_param()
+    except ValueError as e:
+        raise APIError(422, str(e), param="structured_outputs") from None
     forced = plan.tools.structured()
-    if forced is not None:  # tool_choice named or required (tool_plan refused other constraints beside it)
+    if forced is not None:  # tool_choice named or required: the only constraint on the output
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(422, "give tool_choice or response_format, not both", param="response_format")
+        if so is not None:
+            raise APIError(
+                422, "give tool_choice or structured_outputs, not both", param="structured_outputs"
+            )
         structured = await svc.compile_spec(forced, "tool_choice")
     else:
-        try:
-            so = body.structured_param()
-        except ValueError as e:
-            raise APIError(422, str(e), param="structured_outputs") from None
         structured = await svc.structured(so, body.response_format)
     sampling = svc.sampling(
         max_tokens=plan.max_tokens,

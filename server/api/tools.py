@@ -60,27 +60,27 @@ class ToolPlan:
         """The constraint of a forced call (vLLM's: the parameters schema, or a list of name + parameters), as
         compact JSON (no whitespace between tokens: a small model sampling at temperature 1 would spend its
         max_tokens on blank space)."""
+        if not self.forced:
+            return None
         params = {
             t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in self.tools
         }
         if self.mode == "named":
             assert self.named is not None
             return StructuredOutputs("json", json.dumps(params[self.named]), any_whitespace=False)
-        if self.mode == "required":
-            one_of = [
-                {
-                    "type": "object",
-                    "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
-                    "required": ["name", "parameters"],
-                    "additionalProperties": False,
-                }
-                for name, schema in params.items()
-            ]
-            calls: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
-            if not self.parallel:
-                calls["maxItems"] = 1
-            return StructuredOutputs("json", json.dumps(calls), any_whitespace=False)
-        return None
+        one_of = [
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for name, schema in params.items()
+        ]
+        calls: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
+        if not self.parallel:
+            calls["maxItems"] = 1
+        return StructuredOutputs("json", json.dumps(calls), any_whitespace=False)
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
         """(content, tool_calls) of a finished output."""
@@ -133,7 +133,8 @@ def held_back(text: str) -> int:
 
 
 def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
-    """The body's tools and tool_choice, checked (422 naming the field)."""
+    """The body's tools and tool_choice, checked (422 naming the field). A forced call excludes other output
+    constraints: the route checks that beside response_format and structured_outputs."""
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     choice = body.tool_choice
     if not tools:
@@ -160,10 +161,6 @@ def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
         plan.mode, plan.named = "named", choice.function.name
     else:
         plan.mode = choice or "auto"
-    if plan.forced and (body.response_format is not None and body.response_format.type != "text"):
-        raise APIError(422, "give tool_choice or response_format, not both", param="response_format")
-    if plan.forced and body.structured_param() is not None:
-        raise APIError(422, "give tool_choice or structured_outputs, not both", param="structured_outputs")
     return plan
 
 
