@@ -21,7 +21,7 @@ import torch
 from server.engine.kv_cache import KVPool
 from server.engine.model_runner import ModelRunner, RowInput
 from server.engine.prefix_cache import PrefixCache, PrefixProvider
-from server.engine.sampler import make_generator, sample, token_logprobs
+from server.engine.sampler import NON_FINITE, make_generator, sample, token_logprobs
 from server.engine.scheduler import ScheduledItem, Scheduler, SchedulerConfig
 from server.engine.sequence import SeqStatus, Sequence
 from server.engine.spec import accept, accept_sampled
@@ -50,8 +50,8 @@ class EngineConfig:
     prompt_cache: bool = True  # reuse cached KV blocks of identical leading tokens (same salt and prefix)
     # tenants take turns at admission (Request.tenant); False: first come first served
     fair_scheduling: bool = True
-    # speculative decoding by prompt lookup (server.engine.spec): up to this many drafted tokens a step per greedy
-    # row, from its own earlier n-grams of spec_ngram (min, max) tokens; 0: off
+    # speculative decoding by prompt lookup (server.engine.spec): up to this many drafted tokens a step per eligible
+    # row (greedy or sampled, see spec.speculable), from its own earlier n-grams of spec_ngram (min, max) tokens; 0: off
     speculative_tokens: int = 0
     spec_ngram: tuple[int, int] = (2, 4)
     # structured outputs: a request whose grammar masks take longer than this (3 times) ends with an error
@@ -282,7 +282,7 @@ class LLMEngine:
             if seq.status is not SeqStatus.RUNNING:  # ended by an earlier row's event callback (abort)
                 continue
             if emitted is None:
-                seq.error = "the model produced non-finite logits for this request"
+                seq.error = NON_FINITE
                 seq.error_type = "SamplingError"
                 events.append(self._finish(seq, "error"))
                 continue

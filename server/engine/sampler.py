@@ -15,6 +15,8 @@ import torch
 from server.engine.structured import apply_masks
 from server.engine.types import SamplingParams, TokenLogprob
 
+NON_FINITE = "the model produced non-finite logits for this request"
+
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
@@ -117,9 +119,7 @@ def sample(
         checks.append(torch.isfinite(scores).any(-1).long())
     host = torch.stack(checks).tolist()  # one device sync
     out, finite = host[0], host[1]
-    failed = {
-        i: "the model produced non-finite logits for this request" for i, ok in enumerate(finite) if not ok
-    }
+    failed = {i: NON_FINITE for i, ok in enumerate(finite) if not ok}
     if masks is not None:
         for i, live in enumerate(host[2]):
             if not live and i not in failed:

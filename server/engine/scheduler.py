@@ -197,6 +197,8 @@ class Scheduler:
         """Rows verifying a draft are attended with the step's prefill chunks, each padded to the longest chunk's
         length: next to a long prompt chunk a 5-token draft would cost that chunk's attention. Such a step decodes
         those rows plainly (their extra blocks stay theirs for the tokens to come)."""
+        if self.cfg.spec_tokens <= 0:
+            return
         longest = max((it.num_tokens for it in items if not it.draft), default=1)
         if longest <= self.cfg.spec_tokens + 1:
             return
@@ -235,6 +237,12 @@ class Scheduler:
         if self.cfg.fair:
             for r in self.running:
                 counts[r.req.tenant] = counts.get(r.req.tenant, 0) + 1
+
+        def fail(seq: Sequence, error: str, error_type: str) -> None:  # reported by the engine after the step
+            seq.error, seq.error_type = error, error_type
+            self.failed.append(seq)
+            taken.add(id(seq))
+
         for seq in self._admission_order(counts):
             if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
                 break
@@ -242,18 +250,14 @@ class Scheduler:
                 got = self.prefixes.lookup(seq.req.prefix, count=not seq.prefix_counted)
                 seq.prefix_counted = True
                 if isinstance(got, PrefixLoadError):
-                    seq.error, seq.error_type = got.message, got.error_type
-                    self.failed.append(seq)
-                    taken.add(id(seq))
+                    fail(seq, got.message, got.error_type)
                     continue
                 if got is None:
                     continue  # still being fetched: others go ahead
                 limit = self.cfg.max_model_len
                 if limit is not None and got.length + len(seq.prompt) > limit:
-                    seq.error = f"prefix ({got.length}) + prompt ({len(seq.prompt)}) tokens exceed the context limit of {limit}"
-                    seq.error_type = "RequestTooLarge"
-                    self.failed.append(seq)
-                    taken.add(id(seq))
+                    why = f"prefix ({got.length}) + prompt ({len(seq.prompt)}) tokens exceed the context limit of {limit}"
+                    fail(seq, why, "RequestTooLarge")
                     continue
                 self.prefixes.acquire(got)
                 seq.prefix = got
