@@ -186,12 +186,19 @@ class GrammarCompiler:
             self._limits = LLParserLimits(**GRAMMAR_LIMITS)
         return self._limits
 
-    def _compiled_matcher(self, so: StructuredOutputs) -> Any:
+    def _hit(self, so: StructuredOutputs) -> Any:
+        """`so`'s compiled matcher from the LRU cache (now the most recent), or None."""
         with self._lock:
             m = self._compiled.get(so)
             if m is not None:
                 self._compiled.move_to_end(so)
-                return m
+            return m
+
+    def _compiled_matcher(self, so: StructuredOutputs) -> Any:
+        m = self._hit(so)
+        if m is not None:
+            return m
+        with self._lock:
             tok = self._tokenizer()
         from llguidance import LLMatcher
 
@@ -227,12 +234,8 @@ class GrammarCompiler:
 
     def cached(self, so: StructuredOutputs) -> StructuredOutputs | None:
         """`so` with its compiled grammar attached if the cache holds it (no compilation), else None."""
-        with self._lock:
-            m = self._compiled.get(so)
-            if m is None:
-                return None
-            self._compiled.move_to_end(so)
-        return dataclasses.replace(so, compiled=m)
+        m = self._hit(so)
+        return None if m is None else dataclasses.replace(so, compiled=m)
 
     def constraint(self, so: StructuredOutputs) -> Constraint:
         """A fresh matcher at the start of `so`'s grammar: from `so.compiled` when attached, else from the cache
