@@ -327,25 +327,20 @@ def encode_prefix(
     )
 
 
-def decode_record(meta: PrefixMeta, blob: bytes) -> PrefixRecord:
-    """Verify ``blob`` against ``meta`` and deserialize it.
-
-    Raises :class:`ChecksumMismatch` if the sha256 differs, :class:`InvalidPrefix` if the bytes do not parse as
-    safetensors or the tensors disagree with the metadata (names, shapes, kv dtype, kv invariants).
-    """
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != meta.sha256:
-        raise ChecksumMismatch(
-            f"prefix {meta.label}: stored tensor bytes are corrupted (sha256 of {len(blob)} bytes is "
-            f"{digest[:12]}…, metadata records {meta.sha256[:12]}…); refusing to serve it"
-        )
+def load_safetensors(blob: bytes, what: str) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; :class:`InvalidPrefix` naming ``what`` if they are not a valid file."""
     try:
-        tensors = safetensors.torch.load(blob)
+        return safetensors.torch.load(blob)
     except Exception as e:
         msg = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
         raise InvalidPrefix(
-            f"prefix {meta.label}: tensor bytes are not a valid safetensors file ({len(blob)} bytes): {msg}"
+            f"{what}: tensor bytes are not a valid safetensors file ({len(blob)} bytes): {msg}"
         ) from None
+
+
+def check_against_meta(meta: PrefixMeta, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`InvalidPrefix` unless ``tensors`` are the ones ``meta`` describes (names, shapes, kv dtype)
+    and a valid record body for its kind."""
     if set(tensors) != set(meta.shapes):
         raise InvalidPrefix(
             f"prefix {meta.label}: tensors {sorted(tensors)} do not match metadata {sorted(meta.shapes)}"
@@ -363,4 +358,20 @@ def decode_record(meta: PrefixMeta, blob: bytes) -> PrefixRecord:
         validate_tensors(meta.kind, tensors, meta.prefix_length)
     except InvalidPrefix as e:
         raise InvalidPrefix(f"prefix {meta.label}: {e}") from None
+
+
+def decode_record(meta: PrefixMeta, blob: bytes) -> PrefixRecord:
+    """Verify ``blob`` against ``meta`` and deserialize it.
+
+    Raises :class:`ChecksumMismatch` if the sha256 differs, :class:`InvalidPrefix` if the bytes do not parse as
+    safetensors or the tensors disagree with the metadata (names, shapes, kv dtype, kv invariants).
+    """
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != meta.sha256:
+        raise ChecksumMismatch(
+            f"prefix {meta.label}: stored tensor bytes are corrupted (sha256 of {len(blob)} bytes is "
+            f"{digest[:12]}…, metadata records {meta.sha256[:12]}…); refusing to serve it"
+        )
+    tensors = load_safetensors(blob, f"prefix {meta.label}")
+    check_against_meta(meta, tensors)
     return PrefixRecord(meta=meta, tensors=tensors)

@@ -1,10 +1,12 @@
-"""`prefixserve` command line: serve, worker, train, import-peft, prefixes list.
+"""`prefixserve` command line: serve, worker, train, import-peft, prefixes list / export / import.
 
 prefixserve serve [--host H] [--port P] [--model M] [--store-url URL] ...   (flags mirror PREFIXSERVE_* settings)
 prefixserve worker --store URL --model M                 (a training worker process; scale out by starting more)
 prefixserve train --tenant-id T --name N --method M --data examples.jsonl [--base-url URL]
 prefixserve import-peft ADAPTER_DIR --tenant-id T --name N --model M --store URL
 prefixserve prefixes list [--tenant-id T] --store URL
+prefixserve prefixes export TENANT NAME [--version V] -o FILE --store URL     (a file POST .../upload takes back)
+prefixserve prefixes import FILE --tenant-id T --name N --store URL           (an export, into any store)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -354,8 +357,22 @@ def _sdk_jobs(base_url: str, api_key: str | None) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ store tools
+def _on_store(url: str, op: Callable[[Any], Any], failure: str, catch: type[Exception] | None = None) -> Any:
+    """`op(store)` on the store at `url` (closed afterwards); None after printing `failure` and the error."""
+    from prefix_store import errors, open_store
+
+    caught = catch or errors.StoreError
+    store = open_store(url)
+    try:
+        return op(store)
+    except caught as e:
+        print(f"prefixserve: {failure}{e}", file=sys.stderr)
+        return None
+    finally:
+        store.close()
+
+
 def cmd_import_peft(ns: argparse.Namespace) -> int:
-    from prefix_store import open_store
     from server.model import load_model
     from server.prefixes import import_peft
 
@@ -364,29 +381,22 @@ def cmd_import_peft(ns: argparse.Namespace) -> int:
     except Exception as e:
         print(f"prefixserve: cannot load model {ns.model!r}: {e}", file=sys.stderr)
         return EXIT_FAIL
-    store = open_store(ns.store)
-    try:
-        meta = import_peft(ns.adapter_dir, bundle, store, ns.tenant_id, ns.name)
-    except Exception as e:
-        print(f"prefixserve: import failed: {e}", file=sys.stderr)
+    meta = _on_store(
+        ns.store,
+        lambda s: import_peft(ns.adapter_dir, bundle, s, ns.tenant_id, ns.name),
+        "import failed: ",
+        Exception,
+    )
+    if meta is None:
         return EXIT_FAIL
-    finally:
-        store.close()
     print(json.dumps(meta.to_dict(), default=str))
     return EXIT_OK
 
 
 def cmd_prefixes_list(ns: argparse.Namespace) -> int:
-    from prefix_store import errors, open_store
-
-    store = open_store(ns.store)
-    try:
-        metas = store.list(ns.tenant_id)
-    except errors.StoreError as e:
-        print(f"prefixserve: {e}", file=sys.stderr)
+    metas = _on_store(ns.store, lambda s: s.list(ns.tenant_id), "")
+    if metas is None:
         return EXIT_FAIL
-    finally:
-        store.close()
     if ns.json:
         print(json.dumps([m.to_dict() for m in metas], default=str))
         return EXIT_OK
@@ -397,6 +407,37 @@ def cmd_prefixes_list(ns: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def cmd_prefixes_export(ns: argparse.Namespace) -> int:
+    from prefix_store.export import export_prefix
+
+    rec = _on_store(ns.store, lambda s: s.get(ns.tenant_id, ns.name, ns.version), "")
+    if rec is None:
+        return EXIT_FAIL
+    out = Path(ns.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(export_prefix(rec))
+    os.replace(tmp, out)
+    print(json.dumps({"file": str(out), **rec.meta.to_dict()}, default=str))
+    return EXIT_OK
+
+
+def cmd_prefixes_import(ns: argparse.Namespace) -> int:
+    from prefix_store import errors
+    from prefix_store.export import read_export
+    from server.prefixes.transfer import exported
+
+    try:
+        incoming = exported(read_export(Path(ns.file).read_bytes()), ns.prompt_format)
+    except (OSError, errors.StoreError) as e:
+        print(f"prefixserve: cannot import {ns.file}: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    meta = _on_store(ns.store, lambda s: incoming.put(s, ns.tenant_id, ns.name), "import failed: ")
+    if meta is None:
+        return EXIT_FAIL
+    print(json.dumps(meta.to_dict(), default=str))
     return EXIT_OK
 
 
@@ -461,6 +502,24 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--store", default=None, help="store URL [env PREFIXSERVE_STORE_URL]")
     lp.add_argument("--json", action="store_true")
     lp.set_defaults(func=cmd_prefixes_list)
+    ep = psub.add_parser("export", help="write one version of a prefix to a file (upload it to any server)")
+    ep.add_argument("tenant_id")
+    ep.add_argument("name")
+    ep.add_argument("--version", type=int, default=None, help="default: the latest")
+    ep.add_argument("-o", "--output", required=True, help="file to write (a safetensors file)")
+    ep.add_argument("--store", default=None, help="store URL [env PREFIXSERVE_STORE_URL]")
+    ep.set_defaults(func=cmd_prefixes_export)
+    mp = psub.add_parser(
+        "import", help="store an exported prefix as a new version (kept for the base model it was made on)"
+    )
+    mp.add_argument("file")
+    mp.add_argument("--tenant-id", required=True)
+    mp.add_argument("--name", required=True)
+    mp.add_argument(
+        "--prompt-format", choices=("chat", "raw"), default=None, help="default: the export's own"
+    )
+    mp.add_argument("--store", default=None, help="store URL [env PREFIXSERVE_STORE_URL]")
+    mp.set_defaults(func=cmd_prefixes_import)
     return p
 
 

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     )
     max_jobs_per_tenant: int = Field(2, ge=1, description="Queued + running training jobs per tenant (429)")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413 above)")
+    max_upload_bytes: int = Field(
+        67_108_864,
+        ge=1024,
+        description="Largest prefix upload (POST /prefixes/{tenant_id}/{name}/upload: an export or a PEFT adapter; "
+        "413 above)",
+    )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request (422 above)")
     max_stop_chars: int = Field(256, ge=1, description="Longest stop string in characters (422 above)")
     max_logprobs: int = Field(

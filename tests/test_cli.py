@@ -183,6 +183,50 @@ def test_import_peft_into_the_store(tmp_path, capsys):
     assert "cannot load model" in capsys.readouterr().err
 
 
+def test_prefixes_export_then_import_moves_a_prefix_between_stores(tmp_path, capsys, redis_store_url):
+    """A file store's prefix, exported and imported into a Redis store (a migration), is the same record there;
+    a damaged file is refused and writes nothing."""
+    import torch
+
+    from prefix_store import open_store
+    from tests.fixtures.server import put_random_prefix, tiny_bundle
+
+    redis_url = redis_store_url
+    src_url = f"file://{tmp_path / 'src'}"
+    src = open_store(src_url)
+    bundle = tiny_bundle()
+    put_random_prefix(src, bundle, "acme", "faq", prefix_length=5, seed=1)
+    put_random_prefix(src, bundle, "acme", "faq", prefix_length=5, seed=2, prompt_format="chat")
+    out = tmp_path / "faq.safetensors"
+    assert (
+        cli.main(["prefixes", "export", "acme", "faq", "--version", "1", "-o", str(out), "--store", src_url])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["version"] == 1
+    dst = open_store(redis_url)
+    args = ["prefixes", "import", str(out), "--tenant-id", "globex", "--name", "faq", "--store", redis_url]
+    assert cli.main(args) == 0
+    meta = json.loads(capsys.readouterr().out)
+    got = dst.get("globex", "faq", expected_fingerprint=bundle.fingerprint)
+    assert meta["version"] == got.meta.version == 1
+    assert torch.equal(got.kv, src.get("acme", "faq", 1).kv)
+    assert (
+        got.meta.extra["imported_from"]["prefix"] == "'acme/faq' v1"
+        and got.meta.extra["prompt_format"] == "raw"
+    )
+    bad = bytearray(out.read_bytes())
+    bad[-1] ^= 1
+    out.write_bytes(bytes(bad))
+    assert cli.main(args) == cli.EXIT_FAIL
+    assert "changed since export" in capsys.readouterr().err
+    assert dst.versions("globex", "faq") == [1]
+    assert (
+        cli.main(["prefixes", "export", "acme", "nope", "-o", str(out), "--store", src_url]) == cli.EXIT_FAIL
+    )
+    src.close()
+    dst.close()
+
+
 def test_readme_settings_table_is_current():
     """The README's settings table is what scripts/settings_table.py prints from `Settings` (one source)."""
     import importlib.util

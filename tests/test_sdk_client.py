@@ -447,6 +447,36 @@ def test_training_submit_not_resent_after_read_timeout(srv: Any) -> None:
     assert delays == [] and len(srv.calls("POST", "/prefixes")) == 1
 
 
+def test_prefix_upload_is_multipart_retried_on_503_never_resent_after_timeout(
+    srv: Any, tmp_path: Path
+) -> None:
+    path = "/prefixes/acme/faq/upload"
+    srv.on(
+        "POST",
+        path,
+        Resp(503, error_json(503, "busy", "service_unavailable"), {"Retry-After": "1"}),
+        Resp(201, PREFIX),
+    )
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    with ps.Client(srv.url, max_retries=2) as c:
+        delays = no_sleep(c)
+        info = c.prefixes.upload("acme", "faq", tmp_path, prompt_format="raw")
+        assert info.name == "faq" and len(delays) == 1 and delays[0] >= 1.0  # honours Retry-After
+        (seen, _) = srv.calls("POST", path)
+        assert seen.headers["content-type"].startswith("multipart/form-data; boundary=")
+        for part in (b'name="file"; filename="adapter_model.safetensors"', b"weights", b'name="adapter_config"',
+                     b'{"peft_type": "PROMPT_TUNING"}', b'name="prompt_format"', b"raw"):  # fmt: skip
+            assert part in seen.body
+    srv.seen.clear()
+    srv.on("POST", path, Resp(201, PREFIX, delay=1.0))
+    with ps.Client(srv.url, timeout=0.3, max_retries=3) as c:
+        delays = no_sleep(c)
+        with pytest.raises(ps.APITimeoutError):
+            c.prefixes.upload("acme", "faq", b"bytes")
+    assert delays == [] and len(srv.calls("POST", path)) == 1
+
+
 # ------------------------------------------------------------------------------------------ streaming
 def test_stream_parses_deltas_until_done(srv: Any, client: Any) -> None:
     srv.on("POST", "/generate", Resp(200, sse=[*STREAM, chunk("never")]))

@@ -36,6 +36,9 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")
 PROBES = frozenset({"/health", "/ready", "/metrics"})
 DOCS = frozenset({"/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+UPLOAD_PATH_RE = re.compile(
+    r"/prefixes/[^/]+/[^/]+/upload"
+)  # takes max_upload_bytes instead of max_body_bytes
 
 
 @dataclass
@@ -138,7 +141,8 @@ class ServiceMiddleware:
                     send_wrapper, 503, "server is starting", "starting", rid, settings.retry_after_s
                 )
                 return
-            limit = settings.max_body_bytes
+            upload = method == "POST" and UPLOAD_PATH_RE.fullmatch(path) is not None
+            limit = settings.max_upload_bytes if upload else settings.max_body_bytes
             cl = headers.get(b"content-length")
             if cl is not None:
                 try:

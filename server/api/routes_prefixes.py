@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
 
 from prefix_store import errors
+from prefix_store.export import export_prefix
 from server.api.auth import Principal, get_principal
 from server.api.deps import app_state, get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError, unavailable
@@ -28,6 +29,7 @@ from server.api.schemas import (
     TrainRequest,
 )
 from server.api.service import Service
+from server.prefixes.transfer import InvalidAdapterConfig, from_upload
 
 log = logging.getLogger("prefixserve.api")
 
@@ -235,6 +237,100 @@ async def delete_prefix(
     svc.meta_cache.invalidate((tenant_id, name))
     svc.llm.prefix_cache.invalidate(tenant_id, name)
     return {"tenant_id": tenant_id, "name": name, "object": "prefix", "deleted": True}
+
+
+@router.get(
+    "/prefixes/{tenant_id}/{name}/download",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The prefix export: a safetensors file with the record's metadata in its header",
+        },
+        **COMMON_ERRORS,
+    },
+    summary="Download one version of a prefix as a file (upload it to this or another server)",
+)
+async def download_prefix(
+    request: Request,
+    tenant_id: str = Path(pattern=NAME_PATTERN),
+    name: str = Path(pattern=NAME_PATTERN),
+    version: int | None = Query(None, ge=1, description="Version to export (default: the latest)"),
+    principal: Principal = Depends(get_principal),
+) -> Response:
+    svc = get_service(request)
+    info = get_info(request)
+    info.tenant, info.prefix = tenant_id, name
+    _check_prefix_access(principal, tenant_id, name)
+    rec = await store_call(svc, svc.store.get, tenant_id, name, version)
+    data = await asyncio.to_thread(export_prefix, rec)
+    filename = f"{tenant_id}--{name}--v{rec.meta.version}.safetensors"
+    headers = {
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        "X-Prefix-Version": str(rec.meta.version),
+    }
+    return Response(data, media_type="application/octet-stream", headers=headers)
+
+
+_UPLOAD_ERRORS: dict[type[Exception], str] = {
+    errors.FingerprintMismatch: "prefix_incompatible",
+    errors.ChecksumMismatch: "prefix_corrupt",
+    errors.InvalidPrefix: "invalid_prefix",
+}
+
+
+@router.post(
+    "/prefixes/{tenant_id}/{name}/upload",
+    status_code=201,
+    response_model=PrefixInfo,
+    responses=COMMON_ERRORS,
+    summary="Store an uploaded prefix (a PrefixServe export, or a PEFT adapter) as a new version",
+)
+async def upload_prefix(
+    request: Request,
+    tenant_id: str = Path(pattern=NAME_PATTERN),
+    name: str = Path(pattern=NAME_PATTERN),
+    file: UploadFile = File(
+        description="A prefix export (GET .../download) or, with adapter_config, a PEFT adapter_model.safetensors"
+    ),
+    adapter_config: UploadFile | None = File(
+        None,
+        description="PEFT's adapter_config.json (PREFIX_TUNING or PROMPT_TUNING) when `file` is its weights",
+    ),
+    prompt_format: Literal["chat", "raw"] | None = Form(
+        None,
+        description="How prompts are rendered for this prefix (default: the export's own; 'raw' for PEFT adapters)",
+    ),
+    principal: Principal = Depends(get_principal),
+) -> Any:
+    svc = get_service(request)
+    info = get_info(request)
+    info.tenant, info.prefix = tenant_id, name
+    _check_prefix_access(principal, tenant_id, name)
+    if name == BASE_PREFIX:
+        raise APIError(422, f"prefix name {BASE_PREFIX!r} is reserved for the base model", param="name")
+    data = await file.read()
+    config = await adapter_config.read() if adapter_config is not None else None
+    try:
+        incoming = await asyncio.to_thread(from_upload, data, svc.bundle, config, prompt_format)
+    except tuple(_UPLOAD_ERRORS) as e:
+        code = next(c for cls, c in _UPLOAD_ERRORS.items() if isinstance(e, cls))
+        param = "adapter_config" if isinstance(e, InvalidAdapterConfig) else "file"
+        raise APIError(422, str(e), code=code, param=param) from None
+    limit = svc.llm.max_model_len
+    if incoming.prefix_length >= limit:
+        raise APIError(
+            413,
+            f"prefix of {incoming.prefix_length} positions leaves no room in the context limit of {limit} tokens",
+            code="prefix_too_long",
+            param="file",
+        )
+    meta = await store_call(svc, incoming.put, svc.store, tenant_id, name)
+    svc.meta_cache.invalidate((tenant_id, name))
+    log.info("stored uploaded prefix %s (%s, P=%d)", meta.label, incoming.kind, incoming.prefix_length)
+    return JSONResponse(
+        _prefix_info(meta), status_code=201, headers={"Location": f"/prefixes/{tenant_id}/{name}"}
+    )
 
 
 # --------------------------------------------------------------------------------------------- admin

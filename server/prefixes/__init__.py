@@ -17,7 +17,8 @@ from server.prefixes.kinds import (
     propagation_hooks,
     validate_kv,
 )
-from server.prefixes.peft_import import PeftAdapter, import_peft, read_peft_adapter
+from server.prefixes.peft_import import PeftAdapter, read_peft_adapter
+from server.prefixes.transfer import import_peft
 
 __all__ = [
     "KINDS",

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file
 
-from prefix_store import PrefixMeta, PrefixStore
 from prefix_store.errors import InvalidPrefix
 from server.model.spec import ModelBundle, ModelSpec
 from server.prefixes.kinds import compile_prefix_tuning, compile_prompt_tuning, flat_to_kv, validate_kv
@@ -57,13 +56,20 @@ def _find(weights: dict[str, torch.Tensor], suffix: str) -> torch.Tensor | None:
     return weights[hits[0]] if hits else None
 
 
-def _check_config(cfg: dict[str, Any], spec: ModelSpec) -> None:
-    """The adapter's own record of the base model's depth, when present, must match (clear error first)."""
+def check_peft_config(cfg: dict[str, Any], spec: ModelSpec) -> str:
+    """The adapter's PEFT type (ours supported), checked before any weight is read; the adapter's own record of the
+    base model's depth, when present, must match (clear error first)."""
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type not in _KIND:
+        raise InvalidPrefix(f"unsupported PEFT type {peft_type!r}: expected PREFIX_TUNING or PROMPT_TUNING")
+    if int(cfg.get("num_transformer_submodules") or 1) != 1:
+        raise InvalidPrefix("encoder-decoder adapters are not supported: the base model is a causal decoder")
     if cfg.get("num_layers") is not None and int(cfg["num_layers"]) != spec.num_layers:
         raise InvalidPrefix(
             f"adapter was made for a base model with {cfg['num_layers']} layers; this one has "
             f"{spec.num_layers} (the adapter does not fit this base model)"
         )
+    return peft_type
 
 
 def read_peft_adapter(adapter_dir: str | Path, bundle: ModelBundle) -> PeftAdapter:
@@ -72,18 +78,26 @@ def read_peft_adapter(adapter_dir: str | Path, bundle: ModelBundle) -> PeftAdapt
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} has no adapter_config.json (not a PEFT adapter folder)")
+    cfg = parse_adapter_config(cfg_path.read_bytes(), str(cfg_path))
+    check_peft_config(cfg, bundle.spec)
+    return peft_adapter(cfg, _load_weights(folder), bundle)
+
+
+def parse_adapter_config(data: bytes, what: str = "adapter_config.json") -> dict[str, Any]:
+    """PEFT's adapter_config.json as a dict (InvalidPrefix if it is not a JSON object)."""
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(data)
     except ValueError as e:
-        raise InvalidPrefix(f"{cfg_path} is not valid JSON: {e}") from None
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type not in _KIND:
-        raise InvalidPrefix(f"unsupported PEFT type {peft_type!r}: expected PREFIX_TUNING or PROMPT_TUNING")
-    if int(cfg.get("num_transformer_submodules") or 1) != 1:
-        raise InvalidPrefix("encoder-decoder adapters are not supported: the base model is a causal decoder")
+        raise InvalidPrefix(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise InvalidPrefix(f"{what} must be a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def peft_adapter(cfg: dict[str, Any], weights: dict[str, torch.Tensor], bundle: ModelBundle) -> PeftAdapter:
+    """Compile a PEFT adapter (its config and its saved tensors) to the serving kv for this base model."""
     spec = bundle.spec
-    _check_config(cfg, spec)
-    weights = _load_weights(folder)
+    peft_type = check_peft_config(cfg, spec)
     saved = _find(weights, "prompt_embeddings")
     raw_emb = _find(weights, "embedding.weight") if saved is None else None
     if saved is None and raw_emb is None:
@@ -128,30 +142,3 @@ def read_peft_adapter(adapter_dir: str | Path, bundle: ModelBundle) -> PeftAdapt
         tensors = {"kv": compile_prompt_tuning(bundle, emb), "soft_prompt": emb.contiguous()}
     validate_kv(tensors["kv"], spec, p)
     return PeftAdapter(_KIND[peft_type], tensors, p, cfg)
-
-
-def import_peft(
-    adapter_dir: str | Path, bundle: ModelBundle, store: PrefixStore, tenant_id: str, name: str
-) -> PrefixMeta:
-    """Store a PEFT adapter folder as a new version of prefix `tenant_id`/`name` for this base model.
-
-    Raises FileNotFoundError (no adapter files), InvalidPrefix (unsupported type, shapes that do not fit the base
-    model, unreadable weights) and the store's own errors (InvalidName, StoreUnavailable).
-    """
-    ad = read_peft_adapter(adapter_dir, bundle)
-    cfg = ad.config
-    return store.put(
-        tenant_id,
-        name,
-        ad.kind,
-        ad.tensors,
-        base_model_fingerprint=bundle.fingerprint,
-        prefix_length=ad.prefix_length,
-        training={
-            "source": "peft",
-            "peft_type": cfg.get("peft_type"),
-            "prefix_projection": cfg.get("prefix_projection"),
-            "base_model_name_or_path": cfg.get("base_model_name_or_path"),
-        },
-        extra={"prompt_format": "raw", "source": "peft"},
-    )

@@ -151,6 +151,47 @@ class AsyncPrefixes:
         r = await self._client._request("DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}")
         return DeletedPrefix.model_validate(r.json())
 
+    async def upload(
+        self,
+        tenant_id: str,
+        name: str,
+        source: _base.PathLike | bytes,
+        *,
+        adapter_config: _base.PathLike | bytes | None = None,
+        prompt_format: str | None = None,
+        request_id: str | None = None,
+    ) -> PrefixInfo:
+        """Store a prefix made elsewhere as a new version of ``tenant_id``/``name`` (``POST .../upload``).
+
+        ``source``: a file from :meth:`download` (this or another server with the same base model), or a PEFT
+        prefix-tuning / prompt-tuning adapter: its ``save_pretrained`` folder, its ``adapter_model.safetensors``
+        (with ``adapter_config.json`` beside it or given as ``adapter_config``), or bytes. ``prompt_format``
+        (``"chat"`` / ``"raw"``): how prompts are rendered for it (default: the export's own; ``"raw"`` for PEFT).
+        The server refuses a prefix for another base model (422 ``prefix_incompatible``), a damaged file
+        (``prefix_corrupt``) or an unsupported adapter (``invalid_prefix``) and then stores nothing. Never re-sent
+        once the request went out (no duplicate versions); 429/503 and connect failures are retried.
+        """
+        files, form = await asyncio.to_thread(_base.upload_form, source, adapter_config, prompt_format)
+        path = f"/prefixes/{_seg(tenant_id)}/{_seg(name)}/upload"
+        r = await self._client._request(
+            "POST", path, files=files, data=form, request_id=request_id, idempotent=False
+        )
+        return PrefixInfo.model_validate(r.json())
+
+    async def download(
+        self, tenant_id: str, name: str, *, version: int | None = None, path: _base.PathLike | None = None
+    ) -> bytes:
+        """One version (default: the latest) as a prefix export file (safetensors with the record's metadata);
+        written to ``path`` too when given (atomically). :meth:`upload` takes it back, here or on another
+        server with the same base model."""
+        params = {"version": version} if version is not None else None
+        r = await self._client._request(
+            "GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}/download", params=params
+        )
+        if path is not None:
+            await asyncio.to_thread(_base.write_file_atomic, path, r.content)
+        return r.content
+
 
 class AsyncClient:
     """Asynchronous PrefixServe client; same configuration and retry policy as :class:`Client`."""
@@ -199,12 +240,16 @@ class AsyncClient:
         json: Any = None,
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        files: dict[str, Any] | None = None,
+        data: dict[str, str] | None = None,
     ) -> httpx.Request:
         return self._http.build_request(
             method,
             self.base_url + path,
             json=json,
             params=params,
+            files=files,
+            data=data,
             headers={**self._headers, **(headers or {})},
             timeout=self.timeout,
         )
@@ -223,11 +268,13 @@ class AsyncClient:
         idempotent: bool = True,
         retries: int | None = None,
         ok_statuses: Sequence[int] = (),
+        files: dict[str, Any] | None = None,
+        data: dict[str, str] | None = None,
     ) -> httpx.Response:
         max_retries = self.max_retries if retries is None else retries
         attempt = 0
         while True:
-            request = self._build(method, path, json, params, _base.request_headers(request_id))
+            request = self._build(method, path, json, params, _base.request_headers(request_id), files, data)
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as e:

@@ -7,6 +7,7 @@ import json
 import os
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import httpx
@@ -209,6 +210,61 @@ def merge_hyperparameters(hyperparameters: dict[str, Any] | None, kwargs: dict[s
     if hyperparameters is not None and not isinstance(hyperparameters, dict):
         raise TypeError("hyperparameters must be a dict")
     return {**(hyperparameters or {}), **kwargs}
+
+
+# --------------------------------------------------------------------------------------------- prefix files
+PathLike = Union[str, "os.PathLike[str]"]
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def upload_form(
+    source: PathLike | bytes, adapter_config: PathLike | bytes | None, prompt_format: str | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``files`` and ``data`` of ``POST /prefixes/{tenant_id}/{name}/upload``.
+
+    ``source``: a prefix export file (``prefixes.download``), a PEFT adapter folder (``save_pretrained``'s
+    adapter_config.json + adapter_model.safetensors), a PEFT ``adapter_model.safetensors`` with its
+    adapter_config.json beside it, or the bytes of either kind of file (PEFT: with ``adapter_config``)."""
+    if isinstance(source, (bytes, bytearray)):
+        weights, weights_name = bytes(source), "prefix.safetensors"
+    else:
+        path = Path(source)
+        if path.is_dir():
+            if adapter_config is None:
+                adapter_config = path / PEFT_CONFIG
+            path = path / PEFT_WEIGHTS
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{path} not found: upload PEFT adapters saved as safetensors (save_pretrained's default)"
+                )
+        elif adapter_config is None and path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).exists():
+            adapter_config = path.parent / PEFT_CONFIG
+        weights, weights_name = path.read_bytes(), path.name
+    files: dict[str, Any] = {"file": (weights_name, weights, "application/octet-stream")}
+    if adapter_config is not None:
+        cfg = (
+            adapter_config
+            if isinstance(adapter_config, (bytes, bytearray))
+            else Path(adapter_config).read_bytes()
+        )
+        files["adapter_config"] = (PEFT_CONFIG, bytes(cfg), "application/json")
+    return files, ({"prompt_format": prompt_format} if prompt_format is not None else {})
+
+
+def write_file_atomic(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 # --------------------------------------------------------------------------------------------- retries

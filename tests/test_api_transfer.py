@@ -1,0 +1,224 @@
+"""Prefixes moved between tenants and servers: GET .../download (an export file) and POST .../upload (an export, or
+a PEFT adapter's adapter_config.json + adapter_model.safetensors), through the HTTP API."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from safetensors.torch import load as st_load
+
+from prefix_store.export import read_export
+from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+from tests.fixtures.server import assert_error, put_random_prefix
+
+PROMPT = "Once upon a time"
+
+
+def upload(c, tenant: str, name: str, data: bytes, config: bytes | None = None, **form: str):
+    files = {"file": ("prefix.safetensors", io.BytesIO(data), "application/octet-stream")}
+    if config is not None:
+        files["adapter_config"] = ("adapter_config.json", io.BytesIO(config), "application/json")
+    return c.post(f"/prefixes/{tenant}/{name}/upload", files=files, data=form)
+
+
+def greedy_ids(c, tenant: str, prefix: str, prompt: str = PROMPT, n: int = 8) -> list[int]:
+    body = {"tenant_id": tenant, "prefix": prefix, "prompt": prompt, "max_tokens": n, "logprobs": 0}
+    r = c.post("/generate", json={**body, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return [lp["id"] for lp in r.json()["logprobs"]]
+
+
+def test_download_then_upload_to_another_tenant_serves_the_same_tokens(server_factory):
+    s = server_factory(
+        keys={"acme": "k-a", "globex": "k-g"},
+        prefixes={("acme", "support"): {"prefix_length": 6, "seed": 3}, ("acme", "other"): {"seed": 4}},
+    )
+    a, g = s.client("k-a"), s.client("k-g")
+    put_random_prefix(s.store, s.app.state.ps.bundle, "acme", "support", prefix_length=6, seed=5)  # version 2
+    r = a.get("/prefixes/acme/support/download")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["x-prefix-version"] == "2"
+    assert 'filename="acme--support--v2.safetensors"' in r.headers["content-disposition"]
+    exported = read_export(r.content)
+    assert exported.meta.version == 2 and exported.meta.prefix_length == 6
+    stored = s.store.get("acme", "support")
+    assert torch.equal(exported.kv, stored.kv)
+    assert set(st_load(r.content)) == {"kv"}  # any safetensors reader opens it
+    v1 = a.get("/prefixes/acme/support/download", params={"version": 1})
+    assert v1.headers["x-prefix-version"] == "1" and torch.equal(
+        read_export(v1.content).kv, s.store.get("acme", "support", 1).kv
+    )
+
+    up = upload(g, "globex", "copied", r.content)
+    assert up.status_code == 201, up.text
+    info = up.json()
+    assert up.headers["location"] == "/prefixes/globex/copied"
+    assert info["tenant_id"] == "globex" and info["version"] == 1 and info["prefix_length"] == 6
+    assert info["extra"]["imported_from"] == {"prefix": "'acme/support' v2", "sha256": stored.meta.sha256}
+    assert info["extra"]["prompt_format"] == "raw"  # the exported prefix's own
+    assert torch.equal(s.store.get("globex", "copied").kv, stored.kv)
+    ours = greedy_ids(a, "acme", "support")
+    assert greedy_ids(g, "globex", "copied") == ours
+    assert greedy_ids(a, "acme", "other") != ours  # the prefix decides the tokens: the comparison can fail
+    # a second upload of the same name is a new version; prompt_format can be set
+    again = upload(g, "globex", "copied", r.content, prompt_format="chat")
+    assert again.status_code == 201 and again.json()["version"] == 2
+    assert again.json()["extra"]["prompt_format"] == "chat"
+    assert g.get("/prefixes/globex/copied").json()["versions"] == [1, 2]
+
+
+def _peft(cfg, tmp_path):
+    pm = get_peft_model(make_tiny_llama(make_tiny_tokenizer(), seed=0), cfg)  # the server's tiny base model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for q in pm.prompt_encoder["default"].parameters():
+            q.normal_(0, 0.5)
+    pm.eval().save_pretrained(tmp_path)
+    return (
+        pm,
+        (tmp_path / "adapter_config.json").read_bytes(),
+        (tmp_path / "adapter_model.safetensors").read_bytes(),
+    )
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24
+        ),
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    ],
+    ids=["prefix-tuning", "prompt-tuning"],
+)
+def test_peft_adapter_upload_generates_like_peft(cfg, server_factory, tmp_path):
+    s = server_factory()
+    c = s.client()
+    pm, config, weights = _peft(cfg, tmp_path)
+    r = upload(c, "acme", "peft", weights, config)
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["kind"] == ("prompt_tuning" if isinstance(cfg, PromptTuningConfig) else "prefix_tuning")
+    assert info["prefix_length"] == cfg.num_virtual_tokens and info["extra"]["source"] == "peft"
+    ids = c.post("/tokenize", json={"tenant_id": "acme", "prefix": "peft", "prompt": PROMPT}).json()["tokens"]
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        ref = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False)
+    want = ref[0, len(ids) :].tolist()
+    eos = s.app.state.ps.bundle.spec.eos_token_ids
+    got = greedy_ids(c, "acme", "peft")[: len(want)]
+    assert got == want and not set(want) & set(eos)
+    assert got != greedy_ids(c, "acme", "base")  # the adapter changes the output
+
+
+def test_refused_uploads_are_4xx_and_store_nothing(server_factory, tmp_path):
+    from tests.fixtures.models import tiny_llama
+
+    s = server_factory(keys={"acme": "k-a", "globex": "k-g"}, max_upload_bytes=64 * 1024, max_model_len=64)
+    a = s.client("k-a")
+    bundle = s.app.state.ps.bundle
+    put_random_prefix(s.store, bundle, "globex", "mine", prefix_length=4)
+    good = s.client("k-g").get("/prefixes/globex/mine/download").content
+    # another base model's export: refused with both fingerprints' reason
+    other = tiny_llama(seed=1)
+    put_random_prefix(s.store, other, "globex", "foreign", fingerprint=other.fingerprint)
+    from prefix_store.export import export_prefix
+
+    foreign = export_prefix(s.store.get("globex", "foreign"))
+    err = assert_error(upload(a, "acme", "x", foreign), 422, "prefix_incompatible")
+    assert err["param"] == "file" and "base model" in err["message"]
+    # one flipped byte in the tensor data
+    bad = bytearray(good)
+    bad[-3] ^= 0x40
+    assert_error(upload(a, "acme", "x", bytes(bad)), 422, "prefix_corrupt")
+    assert_error(upload(a, "acme", "x", good[:-10]), 422, "invalid_prefix")  # truncated
+    err = assert_error(upload(a, "acme", "x", b"\x00" * 100), 422, "invalid_prefix")
+    assert "PEFT" in err["message"] and err["param"] == "file"
+    # PEFT: a LoRA config, a config that is not JSON, weights that are not safetensors
+    _, config, weights = _peft(PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), tmp_path)
+    lora = json.dumps({**json.loads(config), "peft_type": "LORA"}).encode()
+    err = assert_error(upload(a, "acme", "x", weights, lora), 422, "invalid_prefix")
+    assert err["param"] == "adapter_config" and "LORA" in err["message"]
+    assert assert_error(upload(a, "acme", "x", weights, b"{nope"), 422)["param"] == "adapter_config"
+    assert assert_error(upload(a, "acme", "x", b"PK\x03\x04pickle", config), 422)["param"] == "file"
+    assert_error(upload(a, "acme", "x", good, prompt_format="markdown"), 422)
+    assert_error(a.post("/prefixes/acme/x/upload", data={"prompt_format": "raw"}), 422)  # no file part
+    assert_error(upload(a, "acme", "base", good), 422)  # reserved name
+    assert_error(
+        upload(a, "globex", "x", good), 404, "prefix_not_found"
+    )  # another tenant's: no existence leak
+    assert_error(upload(a, "acme", "x", b"\x00" * (65 * 1024)), 413, "body_too_large")
+    put_random_prefix(s.store, bundle, "globex", "long", prefix_length=64)
+    too_long = s.client("k-g").get("/prefixes/globex/long/download").content
+    assert_error(upload(a, "acme", "x", too_long), 413, "prefix_too_long")
+    assert s.store.list("acme") == []
+    # and a good one goes through afterwards
+    assert upload(a, "acme", "x", good).status_code == 201
+
+
+def test_download_errors(server_factory):
+    s = server_factory(keys={"acme": "k-a", "globex": "k-g"}, prefixes={("globex", "mine"): {}})
+    a = s.client("k-a")
+    assert_error(a.get("/prefixes/acme/nope/download"), 404, "prefix_not_found")
+    assert_error(a.get("/prefixes/globex/mine/download"), 404, "prefix_not_found")  # no existence leak
+    g = s.client("k-g")
+    assert_error(g.get("/prefixes/globex/mine/download", params={"version": 9}), 404, "prefix_not_found")
+    assert_error(g.get("/prefixes/globex/mine/download", params={"version": 0}), 422)
+    assert g.get("/prefixes/globex/mine/download").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ SDK, real server
+def test_sdk_download_and_upload(server_factory, tmp_path):
+    import prefixserve_client as ps
+
+    s = server_factory(keys={"acme": "k-a", "globex": "k-g"}, prefixes={("acme", "support"): {"seed": 9}})
+    with ps.Client(s.url, api_key="k-a") as a, ps.Client(s.url, api_key="k-g") as g:
+        out = tmp_path / "support.safetensors"
+        data = a.prefixes.download("acme", "support", path=out)
+        assert out.read_bytes() == data and read_export(data).meta.name == "support"
+        info = g.prefixes.upload("globex", "copy", out)
+        assert isinstance(info, ps.PrefixInfo) and (info.tenant_id, info.name, info.version) == (
+            "globex",
+            "copy",
+            1,
+        )
+        assert (
+            g.generate("globex", PROMPT, prefix="copy", max_tokens=6).text
+            == a.generate("acme", PROMPT, prefix="support", max_tokens=6).text
+        )
+        # a PEFT folder as save_pretrained wrote it
+        folder = tmp_path / "peft"
+        _peft(PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), folder)
+        assert a.prefixes.upload("acme", "from-peft", folder).kind == "prompt_tuning"
+        # the weights file alone finds its adapter_config.json beside it; bytes need it given
+        assert a.prefixes.upload("acme", "from-peft", folder / "adapter_model.safetensors").version == 2
+        with pytest.raises(ps.UnprocessableEntity) as e:
+            a.prefixes.upload("acme", "x", (folder / "adapter_model.safetensors").read_bytes())
+        assert e.value.code == "invalid_prefix" and e.value.param == "file"
+        with pytest.raises(ps.NotFound):
+            a.prefixes.download("globex", "copy")
+        with pytest.raises(FileNotFoundError, match="safetensors"):
+            a.prefixes.upload("acme", "x", tmp_path)  # a folder without adapter files
+    assert [m.name for m in s.store.list("acme")] == ["from-peft", "support"]
+
+
+def test_async_sdk_download_and_upload(server_factory, tmp_path):
+    import asyncio
+
+    import prefixserve_client as ps
+
+    s = server_factory(prefixes={("acme", "support"): {"seed": 2}})
+
+    async def main() -> None:
+        async with ps.AsyncClient(s.url) as c:
+            data = await c.prefixes.download("acme", "support", version=1, path=tmp_path / "f")
+            assert (tmp_path / "f").read_bytes() == data
+            info = await c.prefixes.upload("acme", "again", data, prompt_format="chat")
+            assert info.version == 1 and info.extra["prompt_format"] == "chat"
+
+    asyncio.run(main())
+    assert torch.equal(s.store.get("acme", "again").kv, s.store.get("acme", "support").kv)
