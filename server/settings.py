@@ -70,6 +70,22 @@ class Settings(BaseSettings):
         64, ge=1, description="Generation requests in flight per tenant before 429 + Retry-After"
     )
     max_jobs_per_tenant: int = Field(2, ge=1, description="Queued + running training jobs per tenant (429)")
+    tenant_requests_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="Generation requests per minute per tenant (429 + Retry-After above; none: unlimited)",
+    )
+    tenant_tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per minute per tenant, prompt + max_tokens charged at admission and the unused part "
+        "refunded (429 + Retry-After above; none: unlimited)",
+    )
+    tenant_limits_file: Path | None = Field(
+        None,
+        description="JSON of per-tenant overrides: {tenant or '*': {requests_per_minute, tokens_per_minute, "
+        "max_concurrent}}",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413 above)")
     max_upload_bytes: int = Field(
         67_108_864,

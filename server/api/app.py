@@ -25,8 +25,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prefix_store import PrefixStore, open_store
 from server.api.auth import KeyRing
 from server.api.errors import SafeJSONResponse, error_body, install_error_handlers
+from server.api.limits import RateLimiter
 from server.api.metrics import Metrics
-from server.api.service import RequestInfo, Service
+from server.api.service import RequestInfo, Service, rate_limiter
 from server.settings import Settings
 
 log = logging.getLogger("prefixserve.api")
@@ -53,6 +54,7 @@ class AppState:
     draining: bool = False
     inflight: int = 0
     owns_store: bool = False
+    limiter: RateLimiter | None = None
     owns_jobs: bool = False
     route_methods: list[tuple[Any, str, set[str]]] = field(default_factory=list)  # for 405 Allow headers
     _idle: asyncio.Event | None = field(default=None, repr=False)
@@ -117,6 +119,7 @@ class ServiceMiddleware:
                 status_box[0] = message["status"]
                 hs = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 hs.append((b"x-request-id", rid.encode("latin-1")))
+                hs.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in info.headers.items())
                 message = {**message, "headers": hs}
             elif (
                 message["type"] == "http.response.body"
@@ -298,7 +301,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except Exception as e:  # serving does not depend on training: start without it
             log.error("training jobs unavailable (%s): the /prefixes training routes answer 503", e)
             st.job_manager = None
-    svc = Service.build(s, st.bundle, st.store, st.metrics, job_manager=st.job_manager)
+    svc = Service.build(s, st.bundle, st.store, st.metrics, job_manager=st.job_manager, limiter=st.limiter)
     await asyncio.to_thread(svc.start)
     st.svc = svc
     log.info(
@@ -331,12 +334,13 @@ def create_app(
     job_manager: Any = None,
 ) -> FastAPI:
     """Build the app; inject `bundle` / `store` / `job_manager` to skip loading them (tests, embedding)."""
-    from server.api import routes_generate, routes_openai, routes_ops, routes_prefixes
+    from server.api import routes_generate, routes_openai, routes_ops, routes_prefixes, routes_usage
 
     settings = settings or Settings()
     keyring = KeyRing(
         settings.tenant_keys(), settings.admin_key.get_secret_value() if settings.admin_key else None
     )
+    limiter = rate_limiter(settings)  # a bad tenant limits file fails here, before the model loads
     holder: dict[str, AppState] = {}
 
     def snapshot() -> dict[str, Any] | None:
@@ -351,6 +355,7 @@ def create_app(
         bundle=bundle,
         store=store,
         job_manager=job_manager,
+        limiter=limiter,
     )
     holder["st"] = st
 
@@ -371,6 +376,7 @@ def create_app(
         routes_prefixes.router,
         routes_prefixes.admin_router,
         routes_ops.router,
+        routes_usage.router,
     )
     for router in routers:
         app.include_router(router)

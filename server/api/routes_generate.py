@@ -55,11 +55,12 @@ SSE_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -103,7 +104,9 @@ async def generate(
     prefix = await svc.resolve(tenant, name)
     info.version = prefix.version
     ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.prompt, prefix.prompt_format)
-    run = await svc.generate(info, prefix, ids, sampling, stream=body.stream, receive=request.receive)
+    (run,) = await svc.generate_many(
+        info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive
+    )
     rid = "gen-" + run.req.request_id
     if body.stream:
         return EngineEventStream(run, lambda: _frames(run, rid, prefix, svc.token_text))
@@ -120,7 +123,7 @@ async def generate(
         prefix_version=prefix.version,
         text=res.text,
         finish_reason=res.finish_reason,  # type: ignore[arg-type]
-        usage=usage(res.prompt_tokens, res.completion_tokens),  # type: ignore[arg-type]
+        usage=usage(res.prompt_tokens, res.completion_tokens, res.cached_tokens),  # type: ignore[arg-type]
         logprobs=None if res.logprobs is None else generate_logprobs(res.logprobs, svc.token_text),  # type: ignore[arg-type]
         prompt_logprobs=generate_prompt_logprobs(res.prompt_logprobs, svc.token_text),  # type: ignore[arg-type]
     )
@@ -162,7 +165,7 @@ async def _frames(
             text=ev.text,
             token_ids=ids,
             finish_reason=ev.finish_reason if ev.finished else None,  # type: ignore[arg-type]
-            usage=usage(ev.prompt_tokens, ev.completion_tokens) if ev.finished else None,  # type: ignore[arg-type]
+            usage=usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens) if ev.finished else None,  # type: ignore[arg-type]
             logprobs=None if lps is None else generate_logprobs(lps, text),  # type: ignore[arg-type]
             prompt_logprobs=generate_prompt_logprobs(prompt_lps, text),  # type: ignore[arg-type]
         )

@@ -85,6 +85,7 @@ class _Choices:
     created: int
     n: int = 1
     completion_tokens: int = 0  # set once every choice has finished (`collect`, `finish_stream`)
+    cached_tokens: int = 0  # of the prompt tokens, taken from the prompt cache (likewise)
 
     @property
     def text(self) -> TokenTexts:
@@ -95,18 +96,24 @@ class _Choices:
         """Over the distinct prompts, as OpenAI counts them."""
         return sum(len(ids) for ids in self.plan.prompts)
 
-    def usage(self) -> dict[str, int]:
-        return usage(self.prompt_tokens, self.completion_tokens)
+    def usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
-    def _account(self, counts: list[int]) -> None:
+    def _account(self) -> None:
         """Completion tokens of all choices (none shown with echo and max_tokens 0), also for the request's log line
-        (one RequestInfo shared by the runs)."""
-        self.completion_tokens = 0 if self.plan.hide_output else sum(counts)
+        (one RequestInfo shared by the runs); cached prompt tokens per distinct prompt (its samples share one
+        prefill: the sample that computed it took the fewest from the cache)."""
+        finals = [r.final for r in self.runs]
+        self.completion_tokens = 0 if self.plan.hide_output else sum(f.completion_tokens for f in finals if f)
+        self.cached_tokens = sum(
+            min(f.cached_tokens if f else 0 for f in finals[p * self.n : (p + 1) * self.n])
+            for p in range(len(self.plan.prompts))
+        )
         info = self.runs[0].info
         info.prompt_tokens, info.completion_tokens = self.prompt_tokens, self.completion_tokens
 
     def finish_stream(self) -> None:
-        self._account([r.final.completion_tokens for r in self.runs if r.final is not None])
+        self._account()
 
     def echoed(self, index: int) -> tuple[str, list[int]] | None:
         return None if self.plan.echo is None else self.plan.echo[index // self.n]
@@ -122,7 +129,7 @@ class _Choices:
         finally:
             for r in self.runs:
                 await r.close()
-        self._account([x.completion_tokens for x in results])
+        self._account()
         return results
 
 

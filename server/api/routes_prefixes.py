@@ -121,6 +121,7 @@ async def train(body: TrainRequest, request: Request, principal: Principal = Dep
     except validation_error as e:
         param = getattr(e, "param", None)
         raise APIError(422, str(e), code="invalid_training_spec", param=param) from None
+    svc.usage.training_job(tenant)
     d = _job_dict(rec)
     return JSONResponse(d, status_code=202, headers={"Location": f"/prefixes/jobs/{d['job_id']}"})
 

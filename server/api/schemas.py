@@ -126,10 +126,17 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        0, description="Prompt tokens whose KV came from the prompt cache (earlier requests of the tenant)"
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 # --------------------------------------------------------------------------------------------- /generate
@@ -609,3 +616,44 @@ class DetokenizeRequest(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# --------------------------------------------------------------------------------------------- /usage
+class UsageCounts(BaseModel):
+    requests: int = Field(description="Generation requests admitted (one per HTTP request, whatever its n)")
+    completions: int = Field(description="Engine requests that ended (finished, aborted or failed)")
+    aborted: int = Field(description="... of which the client left before the end")
+    failed: int = Field(description="... of which failed (their tokens are not counted)")
+    prompt_tokens: int
+    cached_tokens: int = Field(description="Prompt tokens taken from the prompt cache (not computed)")
+    completion_tokens: int
+    total_tokens: int
+
+
+class RateLimitState(BaseModel):
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    max_concurrent: int | None
+    remaining_requests: int | None = Field(
+        description="Left of the per-minute request budget now (null: no limit)"
+    )
+    remaining_tokens: int | None = Field(
+        description="Left of the per-minute token budget now (null: no limit)"
+    )
+    in_flight: int = Field(description="Generation requests of the tenant running or queued now")
+
+
+class TenantUsageInfo(UsageCounts):
+    tenant_id: str
+    rejected: int = Field(description="Requests refused by a rate or concurrency limit (429)")
+    training_jobs: int = Field(description="Training jobs submitted")
+    prefixes: dict[str, UsageCounts] = Field(
+        description="The same counts per prefix name ('base': no prefix)"
+    )
+    limits: RateLimitState
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage"] = "usage"
+    since: float = Field(description="Unix time the counts start from (this server process's start)")
+    data: list[TenantUsageInfo]

@@ -21,10 +21,12 @@ from typing import Any
 from prefix_store import PrefixMeta, PrefixStore, errors
 from server import model as _model
 from server.api.errors import APIError, unavailable
+from server.api.limits import RateLimiter, TenantLimit, load_limits_file
 from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
 from server.api.schemas import BASE_PREFIX, ResponseFormat, StructuredOutputsParam, check_text
 from server.api.structured import engine_spec
+from server.api.usage import UsageMeter
 from server.engine import (
     AsyncEngine,
     EngineConfig,
@@ -137,6 +139,7 @@ class RequestInfo:
     finish_reason: str | None = None
     error_code: str | None = None
     prompt: str | None = None  # only with settings.log_prompts
+    headers: dict[str, str] = field(default_factory=dict)  # added to the response (x-ratelimit-*)
 
 
 class PrefixMetaCache:
@@ -181,6 +184,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
@@ -241,12 +245,16 @@ class GenerationRun:
         prefix: ResolvedPrefix,
         info: RequestInfo,
         release: Callable[[], None],
+        reserved_tokens: int = 0,
     ) -> None:
         self.svc = svc
         self.req = req
         self.prefix = prefix
         self.info = info
         self._release = release
+        self.reserved_tokens = reserved_tokens  # charged to the tenant's tokens-per-minute budget
+        self.generated = 0  # tokens generated so far
+        self._cached_tokens = 0
         self._agen: AsyncIterator[TokenEvent] | None = None
         self._t0 = time.monotonic()
         self._last_token: float | None = None
@@ -315,6 +323,8 @@ class GenerationRun:
     def _observe(self, ev: TokenEvent) -> None:
         m = self.svc.metrics
         now = time.monotonic()
+        self.generated += len(ev.token_ids)
+        self._cached_tokens = ev.cached_tokens
         if ev.token_ids:
             if self._last_token is None:
                 self.info.ttft_s = now - self._t0
@@ -366,12 +376,14 @@ class GenerationRun:
             fin.finish_reason or "stop",
             fin.prompt_tokens,
             fin.completion_tokens,
+            fin.cached_tokens,
             lps if self.req.sampling.logprobs is not None else None,
             first.prompt_logprobs,
         )
 
     async def close(self) -> None:
-        """Abort if unfinished (client gone), free the tenant slot. Idempotent."""
+        """Abort if unfinished (client gone), free the tenant slot, account usage and refund unused tokens.
+        Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -384,9 +396,37 @@ class GenerationRun:
                     self.svc.metrics.request_success.labels("abort").inc()
         finally:
             self._release()
+            self._account()
+
+    def _account(self) -> None:
+        """Usage of an engine request that ran (the engine sent an event): its prompt and generated tokens unless
+        it produced nothing and did not finish (failed, or aborted before its first token); the rest of its
+        reservation goes back to the tenant's token budget."""
+        consumed = 0
+        if self.first is not None:
+            fin = self.final
+            outcome = fin.finish_reason or "stop" if fin is not None else "abort"
+            if self.generated or outcome in ("stop", "length"):
+                consumed = len(self.req.prompt_token_ids) + self.generated
+            prompt = len(self.req.prompt_token_ids) if consumed else 0
+            cached = self._cached_tokens if consumed else 0
+            self.svc.usage.completion(
+                self.prefix.tenant_id, self.prefix.name, outcome, prompt, cached, self.generated
+            )
+        self.svc.limiter.refund_tokens(self.prefix.tenant_id, self.reserved_tokens - consumed)
 
 
 # ----------------------------------------------------------------------------------------------- service
+def rate_limiter(settings: Settings) -> RateLimiter:
+    """Every tenant's limits from the settings, overridden per tenant by `tenant_limits_file` (ValueError if bad)."""
+    default = TenantLimit(
+        requests_per_minute=settings.tenant_requests_per_minute,
+        tokens_per_minute=settings.tenant_tokens_per_minute,
+        max_concurrent=settings.max_concurrent_per_tenant,
+    )
+    return RateLimiter(default, load_limits_file(settings.tenant_limits_file))
+
+
 @dataclass
 class Service:
     settings: Settings
@@ -407,6 +447,8 @@ class Service:
     )
     default_format: str = "raw"
     store_ok: bool = True
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(TenantLimit()))
+    usage: UsageMeter = field(default_factory=UsageMeter)
     token_text: TokenTexts = field(init=False)  # id -> text for reported log-probabilities
 
     def __post_init__(self) -> None:
@@ -421,6 +463,7 @@ class Service:
         store: PrefixStore,
         metrics: Metrics,
         job_manager: Any = None,
+        limiter: RateLimiter | None = None,
     ) -> Service:
         mib = 2**20
         cfg = EngineConfig(
@@ -446,6 +489,7 @@ class Service:
             metrics=metrics,
             job_manager=job_manager,
             meta_cache=PrefixMetaCache(settings.prefix_meta_ttl_s),
+            limiter=limiter or rate_limiter(settings),
         )
         svc.default_format = default_prompt_format(bundle)
         return svc
@@ -511,13 +555,18 @@ class Service:
         }
 
     # ------------------------------------------------------------------ tenant slots
+    def in_flight(self, tenant: str) -> int:
+        return self._tenant_active.get(tenant, 0)
+
     def acquire_slot(self, tenant: str) -> Callable[[], None]:
         n = self._tenant_active.get(tenant, 0)
-        if n >= self.settings.max_concurrent_per_tenant:
+        limit = self.limiter.limit(tenant).max_concurrent or self.settings.max_concurrent_per_tenant
+        if n >= limit:
             self.metrics.rejected.labels("tenant_limit").inc()
+            self.usage.rejected(tenant)
             raise APIError(
                 429,
-                f"tenant has {n} requests in flight (limit {self.settings.max_concurrent_per_tenant})",
+                f"tenant has {n} requests in flight (limit {limit})",
                 code="tenant_concurrency_limit",
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
@@ -719,49 +768,42 @@ class Service:
         stream: bool,
         receive: Callable[[], Any] | None,
     ) -> list[GenerationRun]:
-        """Several engine requests of one HTTP request (OpenAI `n`, prompt lists); each takes a tenant slot. All start
-        together: with the prompt cache on, samples of one prompt share its prefill in the engine (the first
-        admitted computes its full blocks, the others take them in the same step). If any cannot start, the others
-        are closed and its error raised."""
-        if len(jobs) == 1:
-            ids, sampling = jobs[0]
-            return [await self.generate(info, prefix, ids, sampling, stream=stream, receive=receive)]
-        tasks: list[asyncio.Future[GenerationRun]] = []
-
-        async def start_all() -> list[GenerationRun]:
-            for ids, sp in jobs:
-                tasks.append(
-                    asyncio.ensure_future(self.generate(info, prefix, ids, sp, stream=stream, receive=None))
-                )
-            done = await asyncio.gather(*tasks, return_exceptions=True)
-            errors = [d for d in done if isinstance(d, BaseException)]
-            if errors:
-                raise errors[0]
-            return [t.result() for t in tasks]
-
+        """Start the engine requests of one HTTP generation request (one, or several for OpenAI `n` and prompt
+        lists). Every limit is checked before anything runs; the tenant's rate limits are charged once, for all of
+        them (a refused request costs nothing), then each takes a tenant slot. All start together: with the prompt
+        cache on, samples of one prompt share its prefill in the engine (the first admitted computes its full
+        blocks, the others take them in the same step). If any cannot start, the others are closed and its error
+        raised. Callers must `close()` every run (which refunds the tokens it did not use)."""
+        for ids, sampling in jobs:
+            self._check(info, prefix, ids, sampling)
+        tenant = prefix.tenant_id
+        costs = [len(ids) + sp.max_tokens for ids, sp in jobs]
         try:
-            return await race_disconnect(receive, start_all())
-        except BaseException:
-            started = list(tasks)
-            for t in started:
-                t.cancel()  # a run still starting closes itself when cancelled
-            for t in started:
-                with contextlib.suppress(BaseException):
-                    run = await t
-                    await run.close()
+            self._charge(tenant, self.limiter.charge_tokens, tenant, sum(costs))
+            try:
+                self._charge(tenant, self.limiter.charge_request, tenant)
+            except APIError:
+                self.limiter.refund_tokens(tenant, sum(costs))
+                raise
+            runs = await self._start_runs(info, prefix, jobs, costs, stream=stream, receive=receive)
+            self.usage.request(tenant, prefix.name)
+            return runs
+        finally:
+            info.headers.update(self.limiter.headers(tenant))
+
+    def _charge(self, tenant: str, charge: Callable[..., None], *args: Any) -> None:
+        try:
+            charge(*args)
+        except APIError as e:
+            if e.status == 429:
+                self.metrics.rejected.labels("rate_limit").inc()
+                self.usage.rejected(tenant)
             raise
 
-    async def generate(
-        self,
-        info: RequestInfo,
-        prefix: ResolvedPrefix,
-        prompt_ids: list[int],
-        sampling: SamplingParams,
-        *,
-        stream: bool,
-        receive: Callable[[], Any] | None,
-    ) -> GenerationRun:
-        """Limits, tenant slot, submit, first event (racing client disconnect). Caller must `close()` the run."""
+    def _check(
+        self, info: RequestInfo, prefix: ResolvedPrefix, prompt_ids: list[int], sampling: SamplingParams
+    ) -> None:
+        """The request-size limits (413/422) and draining (503), before anything is charged or started."""
         s = self.settings
         n = len(prompt_ids)
         info.prompt_tokens = n
@@ -788,6 +830,51 @@ class Service:
             )
         if self.draining:
             raise unavailable("server is shutting down", s.retry_after_s, code="shutting_down")
+
+    async def _start_runs(
+        self,
+        info: RequestInfo,
+        prefix: ResolvedPrefix,
+        jobs: list[tuple[list[int], SamplingParams]],
+        costs: list[int],
+        *,
+        stream: bool,
+        receive: Callable[[], Any] | None,
+    ) -> list[GenerationRun]:
+        """Every run is made (slot taken, its tokens handed over) before anything is awaited, so each reservation
+        has an owner whatever fails next; then all start together, racing the client's disconnect."""
+        runs: list[GenerationRun] = []
+        try:
+            for (ids, sampling), cost in zip(jobs, costs, strict=True):
+                runs.append(self._make_run(info, prefix, ids, sampling, cost, stream))
+        except BaseException:  # the tokens of the runs not made go back here, those of the made ones on close
+            self.limiter.refund_tokens(prefix.tenant_id, sum(costs[len(runs) :]))
+            for r in runs:
+                await r.close()
+            raise
+        tasks = [asyncio.ensure_future(r.start()) for r in runs]
+        try:
+            await race_disconnect(receive, asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for r in runs:
+                await r.close()
+            raise
+        return runs
+
+    def _make_run(
+        self,
+        info: RequestInfo,
+        prefix: ResolvedPrefix,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        reserved: int,
+        stream: bool,
+    ) -> GenerationRun:
+        """A run holding a tenant slot and `reserved` charged tokens (refunded by its `close()`). Not yet
+        submitted."""
         release = self.acquire_slot(prefix.tenant_id)
         req = Request(
             request_id=uuid.uuid4().hex,
@@ -797,10 +884,4 @@ class Service:
             stream_text=stream,
             cache_salt=prefix.tenant_id,  # cached prompt blocks are never shared across tenants
         )
-        run = GenerationRun(self, req, prefix, info, release)
-        try:
-            await race_disconnect(receive, run.start())
-        except BaseException:
-            await run.close()
-            raise
-        return run
+        return GenerationRun(self, req, prefix, info, release, reserved)

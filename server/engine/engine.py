@@ -210,6 +210,7 @@ class LLMEngine:
             s = it.seq
             if s.first_scheduled is None:
                 s.first_scheduled = now
+                s.cached_prompt_tokens = s.num_cached
             end = s.num_cached + it.num_tokens - len(it.draft)
             plp = s.prompt_logprobs
             rows.append(
@@ -416,6 +417,7 @@ class LLMEngine:
             delta,
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.output),
+            cached_tokens=seq.cached_prompt_tokens,
             logprobs=lps,
             prompt_logprobs=plps,
             arrival_time=seq.arrival,
@@ -451,6 +453,7 @@ class LLMEngine:
             finish_reason=reason,  # type: ignore[arg-type]
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.output),
+            cached_tokens=seq.cached_prompt_tokens,
             error=seq.error,
             error_type=seq.error_type,
             logprobs=logprobs,

@@ -37,6 +37,7 @@ class Sequence:
         self.prefix: PrefixEntry | None = None
         self.own_blocks: list[int] = []
         self.num_cached = 0  # own tokens (prompt + output) whose KV is in the pool
+        self.cached_prompt_tokens = 0  # prompt tokens taken from the prompt cache when first scheduled
         # prompt cache: the root of this request's key chain and the node ids of its full own blocks so far
         self.cache_root = ("root", req.cache_salt, req.prefix)
         self.cache_nodes: list[int] = []

@@ -174,6 +174,8 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # prompt tokens whose KV came from the prompt cache (not computed for this request), OpenAI's cached_tokens
+    cached_tokens: int = 0
     error: str | None = None
     error_type: str | None = None
     # One per entry of token_ids when the request asked for logprobs, else None.

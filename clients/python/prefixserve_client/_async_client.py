@@ -23,6 +23,7 @@ from .types import (
     Readiness,
     StreamDelta,
     Tokenized,
+    UsageReport,
 )
 
 __all__ = ["AsyncClient", "AsyncPrefixes", "AsyncStream"]
@@ -448,3 +449,7 @@ class AsyncClient:
 
     async def metrics(self) -> str:
         return (await self._request("GET", "/metrics")).text
+
+    async def usage(self, tenant_id: str | None = None) -> UsageReport:
+        params = {"tenant_id": tenant_id} if tenant_id else None
+        return UsageReport.model_validate((await self._request("GET", "/usage", params=params)).json())

@@ -23,6 +23,7 @@ from .types import (
     Readiness,
     StreamDelta,
     Tokenized,
+    UsageReport,
 )
 
 __all__ = ["Client", "Prefixes", "Stream"]
@@ -468,6 +469,12 @@ class Client:
     def metrics(self) -> str:
         """``GET /metrics``: Prometheus text."""
         return self._request("GET", "/metrics").text
+
+    def usage(self, tenant_id: str | None = None) -> UsageReport:
+        """``GET /usage``: tokens and requests since the server started, with the rate limits and what is left of
+        them; the key's own tenant (the admin key: every tenant, or ``tenant_id``)."""
+        params = {"tenant_id": tenant_id} if tenant_id else None
+        return UsageReport.model_validate(self._request("GET", "/usage", params=params).json())
 
 
 def _json_or_none(r: httpx.Response) -> Any:

@@ -35,10 +35,19 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
 
 
+class PromptTokensDetails(_Model):
+    cached_tokens: int = 0  # prompt tokens taken from the server's prompt cache
+
+
 class Usage(_Model):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.prompt_tokens_details.cached_tokens if self.prompt_tokens_details else 0
 
 
 class TopLogprob(_Model):
@@ -298,3 +307,43 @@ class AsyncJob(JobInfo):
                 raise WaitTimeout(f"training job {self.job_id} still {self.status} after {timeout}s", self)
             delay = poll_interval if deadline is None else min(poll_interval, max(0.0, deadline - now))
             await asyncio.sleep(delay)
+
+
+class UsageCounts(_Model):
+    """Counts of a tenant (or one of its prefixes) since the server started."""
+
+    requests: int = 0  # generation requests admitted (one per HTTP request, whatever its n)
+    completions: int = 0  # engine requests that ended: finished, aborted or failed
+    aborted: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, taken from the prompt cache
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class RateLimitState(_Model):
+    """The tenant's limits (None: unlimited) and what is left of them now."""
+
+    requests_per_minute: Optional[int] = None
+    tokens_per_minute: Optional[int] = None
+    max_concurrent: Optional[int] = None
+    remaining_requests: Optional[int] = None
+    remaining_tokens: Optional[int] = None
+    in_flight: int = 0
+
+
+class TenantUsage(UsageCounts):
+    tenant_id: str
+    rejected: int = 0  # refused by a rate or concurrency limit (429)
+    training_jobs: int = 0
+    prefixes: dict[str, UsageCounts] = Field(default_factory=dict)  # per prefix name ("base": no prefix)
+    limits: RateLimitState = Field(default_factory=RateLimitState)
+
+
+class UsageReport(_Model):
+    """``GET /usage``: per-tenant counts of one server process since ``since`` (unix time)."""
+
+    object: str = "usage"
+    since: float = 0.0
+    data: list[TenantUsage] = Field(default_factory=list)

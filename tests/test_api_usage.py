@@ -1,0 +1,323 @@
+"""Per-tenant usage (GET /usage), cached prompt tokens in responses, and per-tenant rate limits (requests and tokens
+per minute, per-tenant overrides, OpenAI's x-ratelimit-* headers)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from server.api.errors import APIError
+from server.api.limits import Bucket, RateLimiter, TenantLimit, _duration, parse_limits
+from tests.fixtures.server import assert_error, slow_engine
+
+LONG = " ".join(f"word{i}" for i in range(40))  # several KV blocks of 16 tokens
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def gen(c, tenant: str | None = None, **kw):
+    body = {"prefix": "base", "prompt": "Once upon a time", "max_tokens": 6, "ignore_eos": True, **kw}
+    if tenant:
+        body["tenant_id"] = tenant
+    return c.post("/generate", json=body)
+
+
+# ------------------------------------------------------------------------------------------ usage
+def test_usage_per_tenant_and_prefix_matches_what_responses_reported(server_factory):
+    s = server_factory(
+        keys={"acme": "k-a", "globex": "k-g"}, admin_key="adm", prefixes={("acme", "default"): {"seed": 1}}
+    )
+    a, g, adm = s.client("k-a"), s.client("k-g"), s.client("adm")
+    reported = []
+    for body in ({"prefix": "default"}, {"prefix": "base"}, {"prefix": "default", "prompt": LONG}):
+        r = gen(a, **body)
+        assert r.status_code == 200, r.text
+        reported.append(r.json()["usage"])
+    # the same prompt again: its leading blocks come from the prompt cache
+    again = gen(a, prefix="default", prompt=LONG).json()["usage"]
+    assert again["prompt_tokens_details"]["cached_tokens"] >= 16
+    assert reported[2]["prompt_tokens_details"]["cached_tokens"] == 0
+    reported.append(again)
+    comp = a.post("/v1/completions", json={"model": "acme/default", "prompt": LONG, "max_tokens": 3, "n": 2})
+    assert comp.status_code == 200, comp.text
+    cu = comp.json()["usage"]
+    assert cu["prompt_tokens_details"]["cached_tokens"] >= 16  # the prompt was cached by the requests above
+    assert gen(g, max_tokens=2).status_code == 200
+
+    (mine,) = a.get("/usage").json()["data"]
+    assert mine["tenant_id"] == "acme" and mine["requests"] == 5 and mine["completions"] == 6
+    # n=2: each sample counts its prompt (the engine ran both); completions as reported
+    want_prompt = sum(u["prompt_tokens"] for u in reported) + 2 * cu["prompt_tokens"]
+    assert mine["prompt_tokens"] == want_prompt
+    assert (
+        mine["completion_tokens"] == sum(u["completion_tokens"] for u in reported) + cu["completion_tokens"]
+    )
+    assert mine["total_tokens"] == mine["prompt_tokens"] + mine["completion_tokens"]
+    assert (
+        mine["cached_tokens"]
+        >= again["prompt_tokens_details"]["cached_tokens"] + cu["prompt_tokens_details"]["cached_tokens"]
+    )
+    assert mine["aborted"] == mine["failed"] == mine["rejected"] == 0
+    assert set(mine["prefixes"]) == {"default", "base"}
+    assert mine["prefixes"]["base"]["requests"] == 1 and mine["prefixes"]["default"]["requests"] == 4
+    assert sum(p["prompt_tokens"] for p in mine["prefixes"].values()) == mine["prompt_tokens"]
+    assert mine["limits"] == {
+        "requests_per_minute": None,
+        "tokens_per_minute": None,
+        "max_concurrent": 64,
+        "remaining_requests": None,
+        "remaining_tokens": None,
+        "in_flight": 0,
+    }
+    # a tenant sees only itself; the admin every tenant, or one
+    assert_error(a.get("/usage", params={"tenant_id": "globex"}), 404, "tenant_not_found")
+    assert [d["tenant_id"] for d in g.get("/usage").json()["data"]] == ["globex"]
+    assert [d["tenant_id"] for d in adm.get("/usage").json()["data"]] == ["acme", "globex"]
+    assert adm.get("/usage", params={"tenant_id": "acme"}).json()["data"][0]["requests"] == 5
+    assert_error(s.client().get("/usage"), 401)
+
+
+def test_aborted_stream_and_failed_request_are_counted(server_factory):
+    s = server_factory()
+    slow_engine(s.svc, 0.02)
+    c = s.client()
+    body = {
+        "tenant_id": "acme",
+        "prefix": "base",
+        "prompt": "Hi",
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    seen = 0
+    with c.stream("POST", "/generate", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                seen += len(json.loads(line[6:])["token_ids"])
+                if seen >= 3:
+                    break
+    deadline = time.monotonic() + 10
+    while True:
+        (u,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
+        if u["aborted"] == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert u["aborted"] == 1 and u["completions"] == 1 and u["requests"] == 1
+    assert seen <= u["completion_tokens"] < 200 and u["prompt_tokens"] > 0
+    # a prefix that cannot be served: the request fails in the engine, no tokens counted
+    s.svc.llm.prefix_cache.provider.fetch = lambda key: (_ for _ in ()).throw(RuntimeError("broken"))
+    from tests.fixtures.server import put_random_prefix
+
+    put_random_prefix(s.store, s.state.bundle, "acme", "bad")
+    assert gen(c, "acme", prefix="bad").status_code >= 500
+    (u2,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
+    assert (
+        u2["failed"] == 1
+        and u2["prompt_tokens"] == u["prompt_tokens"]
+        and u2["prefixes"]["bad"]["failed"] == 1
+    )
+
+
+# ------------------------------------------------------------------------------------------ rate limits
+def test_requests_per_minute_429_with_retry_after_and_headers(server_factory):
+    s = server_factory(keys={"acme": "k-a", "globex": "k-g"}, tenant_requests_per_minute=2)
+    clock = Clock()
+    s.svc.limiter.clock = clock
+    a, g = s.client("k-a"), s.client("k-g")
+    r = gen(a)
+    assert r.status_code == 200
+    assert (
+        r.headers["x-ratelimit-limit-requests"] == "2" and r.headers["x-ratelimit-remaining-requests"] == "1"
+    )
+    assert "x-ratelimit-limit-tokens" not in r.headers  # no token limit configured
+    assert gen(a, stream=True).headers["x-ratelimit-remaining-requests"] == "0"  # streams carry them too
+    err = assert_error(gen(a), 429, "rate_limit_exceeded")
+    assert "2 requests per minute" in err["message"]
+    limited = gen(a)
+    assert 25 <= int(limited.headers["retry-after"]) <= 30  # one request refills in 30 s
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert gen(g).status_code == 200  # other tenants have their own budget
+    clock.t += 30
+    assert gen(a).status_code == 200
+    (u,) = a.get("/usage").json()["data"]
+    assert u["rejected"] == 2 and u["requests"] == 3 and u["limits"]["remaining_requests"] == 0
+    m = s.client("k-a").get("/metrics").text
+    assert 'prefixserve:requests_rejected_total{reason="rate_limit"} 2.0' in m
+
+
+def test_tokens_per_minute_charges_prompt_plus_max_tokens_and_refunds_the_rest(server_factory, tmp_path):
+    f = tmp_path / "limits.json"
+    f.write_text(json.dumps({"acme": {"tokens_per_minute": 200}}))
+    s = server_factory(tenant_limits_file=str(f))
+    clock = Clock()
+    s.svc.limiter.clock = clock
+    c = s.client()
+    p = c.post(
+        "/tokenize", json={"tenant_id": "acme", "prefix": "base", "prompt": "Once upon a time"}
+    ).json()["count"]
+    # the third greedy token (from an unlimited tenant) ends acme's request early
+    ids = [lp["id"] for lp in gen(c, "probe", max_tokens=3, logprobs=0).json()["logprobs"]]
+    err = assert_error(gen(c, "acme", max_tokens=300), 413, "tokens_per_minute_exceeded")  # can never fit
+    assert err["param"] == "max_tokens"
+    r = gen(c, "acme", max_tokens=100, ignore_eos=False, stop_token_ids=[ids[2]])
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ratelimit-limit-tokens"] == "200"
+    assert r.headers["x-ratelimit-remaining-tokens"] == str(
+        200 - p - 100
+    )  # the reservation, taken at admission
+    u = r.json()["usage"]
+    assert u["prompt_tokens"] == p and u["completion_tokens"] == 3
+    (rep,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
+    assert rep["limits"]["remaining_tokens"] == 200 - p - 3  # after the run, only what it used stays charged
+    left = 200 - p - 3
+    big = gen(c, "acme", max_tokens=left)  # prompt + left > left: refused, Retry-After until it fits
+    assert big.status_code == 429 and int(big.headers["retry-after"]) == -(-p * 60 // 200)
+    clock.t += 60
+    assert gen(c, "acme", max_tokens=left).status_code == 200
+    # n samples are charged together: more than the whole budget is a 413, less but more than is left a 429,
+    # and either way nothing is taken
+    clock.t += 60
+    body = {"model": "acme/base", "prompt": "Once upon a time", "max_tokens": 70 - p, "n": 3}
+    assert_error(c.post("/v1/completions", json=body), 413, "tokens_per_minute_exceeded")
+    assert c.post("/v1/completions", json={**body, "n": 2}).status_code == 200
+    assert_error(c.post("/v1/completions", json={**body, "n": 2}), 429, "rate_limit_exceeded")
+    clock.t += 60
+    assert s.svc.limiter.state("acme")["remaining_tokens"] == 200
+    (rep,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
+    assert rep["rejected"] == 2 and rep["limits"]["tokens_per_minute"] == 200  # the two 429s
+    assert (
+        c.get("/usage", params={"tenant_id": "probe"}).json()["data"][0]["limits"]["remaining_tokens"] is None
+    )
+
+
+def test_per_tenant_overrides_from_the_limits_file(server_factory, tmp_path):
+    f = tmp_path / "limits.json"
+    f.write_text(
+        json.dumps(
+            {
+                "*": {"requests_per_minute": 1},
+                "vip": {"requests_per_minute": None},
+                "solo": {"max_concurrent": 1, "requests_per_minute": None, "tokens_per_minute": 1000},
+            }
+        )
+    )
+    s = server_factory(tenant_limits_file=str(f))
+    s.svc.limiter.clock = Clock()
+    c = s.client()
+    assert gen(c, "acme").status_code == 200
+    assert_error(gen(c, "acme"), 429, "rate_limit_exceeded")
+    for _ in range(3):
+        assert gen(c, "vip").status_code == 200
+    slow_engine(s.svc, 0.02)
+    out: list[int] = []
+    t = threading.Thread(target=lambda: out.append(gen(c, "solo", max_tokens=60).status_code))
+    t.start()
+    deadline = time.monotonic() + 10
+    while s.svc.in_flight("solo") == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert_error(gen(c, "solo"), 429, "tenant_concurrency_limit")
+    t.join(30)
+    assert out == [200]
+    # two samples where one slot is left: refused, and neither sample's tokens stay charged
+    before = s.svc.limiter.state("solo")["remaining_tokens"]  # the clock stands still
+    body = {"model": "solo/base", "prompt": "Hi", "max_tokens": 5, "n": 2}
+    assert_error(c.post("/v1/completions", json=body), 429, "tenant_concurrency_limit")
+    assert s.svc.limiter.state("solo")["remaining_tokens"] == before < 1000
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[1]", "expected a JSON object"),
+        ('{"acme": {"requests_per_minute": 0}}', "positive integer"),
+        ('{"acme": {"rpm": 5}}', "unknown field"),
+        ("{nope", "tenant limits file"),
+    ],
+)
+def test_bad_limits_file_fails_at_start(tmp_path, match, text):
+    from server.api import create_app
+    from server.settings import Settings
+
+    f = tmp_path / "limits.json"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        create_app(Settings(tenant_limits_file=f, store_url=f"file://{tmp_path}/s"))
+
+
+# ------------------------------------------------------------------------------------------ units
+def test_bucket_refills_at_its_rate_and_caps_refunds():
+    b = Bucket(60, now=0.0)  # one unit a second
+    assert b.take(60, 0.0) == 0.0 and b.remaining(0.0) == 0
+    assert b.take(5, 2.0) == pytest.approx(3.0)  # 2 units back after 2 s; 3 more seconds for 5
+    assert b.remaining(2.0) == 2  # nothing taken by a refused take
+    b.give(1000, 2.0)
+    assert b.remaining(2.0) == 60 and b.reset_s(2.0) == 0.0
+    assert b.take(30, 2.0) == 0.0 and b.reset_s(2.0) == pytest.approx(30.0)
+
+
+def test_rate_limiter_overrides_and_headers():
+    clock = Clock()
+    rl = RateLimiter(
+        TenantLimit(requests_per_minute=10, max_concurrent=8),
+        parse_limits(
+            {
+                "*": {"tokens_per_minute": 100},
+                "big": {"tokens_per_minute": 1000, "requests_per_minute": None},
+            },
+            "x",
+        ),
+        clock,
+    )
+    assert rl.limit("any") == TenantLimit(10, 100, 8) and rl.limit("big") == TenantLimit(None, 1000, 8)
+    rl.charge_tokens("any", 60)
+    with pytest.raises(APIError) as e:
+        rl.charge_tokens("any", 60)
+    assert e.value.status == 429 and e.value.headers["Retry-After"] == "12"  # 20 missing at 100/60 a second
+    rl.refund_tokens("any", 30)
+    rl.charge_tokens("any", 60)
+    h = rl.headers("any")
+    assert h["x-ratelimit-limit-tokens"] == "100" and h["x-ratelimit-remaining-tokens"] == "10"
+    assert h["x-ratelimit-reset-tokens"] == "54s" and h["x-ratelimit-limit-requests"] == "10"
+    assert "x-ratelimit-limit-requests" not in rl.headers("big")
+    for _ in range(1000):
+        rl.charge_request("big")  # unlimited requests
+    assert _duration(0.04) == "0.1s" and _duration(360) == "6m0s" and _duration(61.2) == "1m2s"
+    with pytest.raises(ValueError, match="unknown field"):
+        parse_limits({"a": {"tpm": 1}}, "x")
+
+
+def test_sdk_usage_and_cached_tokens(server_factory):
+    import prefixserve_client as ps
+
+    s = server_factory(keys={"acme": "k-a"}, admin_key="adm", tenant_tokens_per_minute=5000)
+    s.svc.limiter.clock = Clock()
+    with ps.Client(s.url, api_key="k-a") as c:
+        g1 = c.generate("acme", LONG, prefix="base", max_tokens=4)
+        g2 = c.generate("acme", LONG, prefix="base", max_tokens=4)
+        assert g1.usage.cached_tokens == 0 and g2.usage.cached_tokens >= 16
+        rep = c.usage()
+        assert isinstance(rep, ps.UsageReport) and rep.since <= time.time()
+        (u,) = rep.data
+        assert isinstance(u, ps.TenantUsage) and u.tenant_id == "acme" and u.requests == 2
+        assert u.prompt_tokens == g1.usage.prompt_tokens + g2.usage.prompt_tokens
+        assert u.cached_tokens == g2.usage.cached_tokens and u.prefixes["base"].completion_tokens == 8
+        assert u.limits.tokens_per_minute == 5000 and u.limits.remaining_tokens == 5000 - u.total_tokens
+        with pytest.raises(ps.NotFound):
+            c.usage("globex")
+
+    async def main() -> None:
+        async with ps.AsyncClient(s.url, api_key="adm") as a:
+            assert [t.tenant_id for t in (await a.usage()).data] == ["acme"]
+
+    import asyncio
+
+    asyncio.run(main())
