@@ -206,7 +206,8 @@ def test_per_tenant_overrides_from_the_limits_file(server_factory, tmp_path):
             {
                 "*": {"requests_per_minute": 1},
                 "vip": {"requests_per_minute": None},
-                "solo": {"max_concurrent": 1, "requests_per_minute": None, "tokens_per_minute": 1000},
+                "solo": {"max_concurrent": 1, "requests_per_minute": None},
+                "duo": {"max_concurrent": 2, "requests_per_minute": None, "tokens_per_minute": 1000},
             }
         )
     )
@@ -218,20 +219,30 @@ def test_per_tenant_overrides_from_the_limits_file(server_factory, tmp_path):
     for _ in range(3):
         assert gen(c, "vip").status_code == 200
     slow_engine(s.svc, 0.02)
-    out: list[int] = []
-    t = threading.Thread(target=lambda: out.append(gen(c, "solo", max_tokens=60).status_code))
-    t.start()
-    deadline = time.monotonic() + 10
-    while s.svc.in_flight("solo") == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+
+    def in_background(tenant: str) -> tuple[threading.Thread, list[int]]:
+        out: list[int] = []
+        t = threading.Thread(target=lambda: out.append(gen(c, tenant, max_tokens=60).status_code))
+        t.start()
+        deadline = time.monotonic() + 10
+        while s.svc.in_flight(tenant) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return t, out
+
+    t, out = in_background("solo")
     assert_error(gen(c, "solo"), 429, "tenant_concurrency_limit")
+    err = assert_error(c.post("/v1/completions", json={"model": "solo/base", "prompt": "Hi", "n": 2}), 422)
+    assert err["code"] == "too_many_choices" and "1 requests" in err["message"]  # the tenant's own limit
     t.join(30)
     assert out == [200]
     # two samples where one slot is left: refused, and neither sample's tokens stay charged
-    before = s.svc.limiter.state("solo")["remaining_tokens"]  # the clock stands still
-    body = {"model": "solo/base", "prompt": "Hi", "max_tokens": 5, "n": 2}
+    t, out = in_background("duo")
+    before = s.svc.limiter.state("duo")["remaining_tokens"]  # the clock stands still
+    body = {"model": "duo/base", "prompt": "Hi", "max_tokens": 5, "n": 2}
     assert_error(c.post("/v1/completions", json=body), 429, "tenant_concurrency_limit")
-    assert s.svc.limiter.state("solo")["remaining_tokens"] == before < 1000
+    assert s.svc.limiter.state("duo")["remaining_tokens"] == before < 1000
+    t.join(30)
+    assert out == [200]
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from server.engine import (
     SamplingParams,
 )
 from server.engine.kv_cache import KVPool
-from tests.engine_utils import make_engine, random_kv, random_prompt
+from tests.engine_utils import make_engine, pool_bytes, random_kv, random_prompt
 
 
 def test_one_tenant_prefix_held_once_for_32_running_requests(tiny_llama_bundle):
@@ -222,6 +222,72 @@ def test_tenants_take_turns_when_the_batch_is_full(tiny_llama_bundle, fair):
     alone = make_engine(b, kvs)
     for r in reqs:
         assert outs[r.request_id] == alone.generate([r])[0].token_ids, r.request_id
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_lower_priority_starts_first_and_is_preempted_last(tiny_llama_bundle, fair):
+    """Priorities order admission before tenants' turns or arrival (vLLM's priority policy); within one priority
+    the policy of before. When the pool runs dry the highest value is preempted (the newest among equals), so a
+    priority-0 request keeps its blocks while a priority-5 one is recomputed. Outputs stay exact."""
+    b = tiny_llama_bundle
+    keys = {t: PrefixKey(t, "p", 1) for t in "AB"}
+    kvs = {k: random_kv(b.spec, 20, i) for i, k in enumerate(keys.values())}  # 2 blocks of 16 each
+
+    def req(rid: str, prio: int, n: int = 6, new: int = 3) -> Request:
+        return Request(
+            rid,
+            random_prompt(b.spec.vocab_size, n, len(rid) + ord(rid[-1])),
+            SamplingParams(max_tokens=new, ignore_eos=True),
+            keys[rid[0]],
+            cache_salt=rid[0],
+            priority=prio,
+        )
+
+    reqs = [req("A1", 0), req("A2", 5), req("A3", 0), req("B1", 5), req("B2", -1), req("A4", 1)]
+    eng = make_engine(b, kvs, max_num_seqs=1, fair_scheduling=fair)
+    for k in kvs:
+        eng.generate([Request(f"warm-{k.tenant_id}", [1], SamplingParams(max_tokens=1), k)])
+    started: list[str] = []
+    prepare = eng.runner.prepare
+
+    def spy(rows):
+        started.extend(s.request_id for s in eng.scheduler.running if s.request_id not in started)
+        return prepare(rows)
+
+    eng.runner.prepare = spy
+    outs = {o.request_id: o.token_ids for o in eng.generate(reqs)}
+    assert (
+        started == ["B2", "A1", "A3", "A4", "A2", "B1"] if not fair else ["B2", "A1", "A3", "A4", "B1", "A2"]
+    )
+    alone = make_engine(b, kvs)
+    for r in reqs:
+        assert outs[r.request_id] == alone.generate([r])[0].token_ids, r.request_id
+
+    # preemption: two requests of 4 blocks each beside the two prefixes' 4 on a pool of 10. The low-priority one
+    # started first and is older, yet it yields when the high-priority one joins (the newest would be taken before)
+    small = make_engine(b, kvs, max_num_batched_tokens=8, kv_cache_bytes=pool_bytes(b, 10))
+    low, high = req("A5", 5, n=20, new=30), req("B3", 0, n=20, new=30)
+    victims: list[str] = []
+    preempt = small.scheduler._preempt
+
+    def record(seq):
+        victims.append(seq.request_id)
+        preempt(seq)
+
+    small.scheduler._preempt = record
+    got: dict[str, list[int]] = {"A5": [], "B3": []}
+    small.add_request(low)
+    for _ in range(6):
+        for ev in small.step():
+            got[ev.request_id].extend(ev.token_ids)
+    assert got["A5"], "the low-priority request should be decoding before the other arrives"
+    small.add_request(high)
+    while small.has_unfinished():
+        for ev in small.step():
+            got[ev.request_id].extend(ev.token_ids)
+    assert victims and set(victims) == {"A5"}, victims
+    for r in (low, high):
+        assert got[r.request_id] == alone.generate([r])[0].token_ids
 
 
 def test_async_engine_concurrent_and_cancel(tiny_llama_bundle):

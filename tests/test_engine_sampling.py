@@ -60,6 +60,59 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(setup):
     assert outs[1].token_ids == greedy[0].token_ids
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(min_p=0.05),
+        dict(min_p=0.3, temperature=0.7),
+        dict(min_p=0.1, top_k=20),
+        dict(min_p=0.02, top_p=0.9, temperature=1.3),
+        dict(min_p=1.0),
+    ],
+)
+def test_min_p_matches_transformers(kw):
+    """min_p after temperature, top-k and top-p, as transformers' generate orders its warpers: the same scores."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    p = SamplingParams(**{"temperature": 1.0, **kw})
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(p.temperature)])
+    if p.top_k:
+        warpers.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(p.top_p))
+    warpers.append(MinPLogitsWarper(p.min_p))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        logits = torch.randn(1, 300, generator=g) * 3
+        want = warpers(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0]
+        got = filter_logits(logits[0], p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got[torch.isfinite(got)], want[torch.isfinite(want)])
+    kept = torch.isfinite(filter_logits(logits[0], SamplingParams(temperature=1.0, min_p=kw["min_p"])))
+    assert 1 <= int(kept.sum()) < 300 or kw["min_p"] == 0
+
+
+def test_min_p_one_keeps_only_the_most_likely_token(setup):
+    b, keys = setup
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 9, 2)
+    greedy = make_engine(b, keys).generate(
+        [Request("g", prompt, SamplingParams(max_tokens=12, ignore_eos=True), k0)]
+    )
+    (out,) = make_engine(b, keys).generate(
+        [Request("m", prompt, _sampled(7, temperature=3.0, min_p=1.0), k0)]
+    )
+    assert out.token_ids == greedy[0].token_ids
+    (hot,) = make_engine(b, keys).generate([Request("h", prompt, _sampled(7, temperature=3.0), k0)])
+    assert hot.token_ids != greedy[0].token_ids  # without min_p this temperature wanders off
+
+
 def test_filter_logits_top_k_top_p():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
     k2 = filter_logits(logits, SamplingParams(temperature=1.0, top_k=2))
@@ -88,10 +141,9 @@ def test_stop_string_truncates_and_streams_consistently(setup):
             break
     assert cut_at is not None, "no greedy continuation with a usable stop string"
     stop = text[cut_at : cut_at + 2]
-    for stream in (False, True):
-        r = Request(
-            "s", prompt, SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,)), k0, stream_text=stream
-        )
+    for stream, include in ((False, False), (True, False), (False, True), (True, True)):
+        sp = SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,), include_stop_str_in_output=include)
+        r = Request("s", prompt, sp, k0, stream_text=stream)
         eng = make_engine(b, keys)
         eng.add_request(r)
         deltas = []
@@ -101,8 +153,9 @@ def test_stop_string_truncates_and_streams_consistently(setup):
                 deltas.append(ev.text)
                 last = ev
         assert last.finish_reason == "stop"
-        assert "".join(deltas) == text[:cut_at]
-        assert stop not in "".join(deltas)
+        # vLLM's include_stop_str_in_output: the text ends with the stop string instead of before it
+        assert "".join(deltas) == (text[: cut_at + len(stop)] if include else text[:cut_at])
+        assert (stop in "".join(deltas)) == include
         if stream and cut_at > 4:
             assert len([d for d in deltas if d]) >= 2  # text arrived incrementally
 
@@ -130,6 +183,9 @@ def test_sampling_params_validation():
         dict(temperature=-1),
         dict(top_p=0),
         dict(top_p=1.5),
+        dict(min_p=-0.1),
+        dict(min_p=1.01),
+        dict(min_p=float("nan")),
         dict(top_k=-1),
         dict(max_tokens=0),
         dict(stop=("",)),

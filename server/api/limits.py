@@ -8,9 +8,10 @@ Retry-After of when the request would fit; a single request larger than the whol
 never fit: 413.
 
 Limits come from the settings (every tenant) and an optional JSON file of per-tenant overrides (keys are tenant
-ids, ``"*"`` sets every tenant's default; null lifts a limit):
+ids, ``"*"`` sets every tenant's default; null lifts a limit). ``priority`` is a tenant's scheduling tier, added to
+each of its requests' own priority (lower runs first):
 
-    {"*": {"requests_per_minute": 600}, "acme": {"tokens_per_minute": 200000, "max_concurrent": 16}}
+    {"*": {"requests_per_minute": 600}, "acme": {"tokens_per_minute": 200000, "max_concurrent": 16, "priority": -1}}
 
 Everything here runs on the event loop (no locks). Counts are per server process, like the Prometheus counters.
 """
@@ -27,7 +28,8 @@ from typing import Any
 
 from server.api.errors import APIError
 
-FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent")
+FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent", "priority")
+MAX_PRIORITY = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,14 @@ class TenantLimit:
     requests_per_minute: int | None = None  # None: unlimited
     tokens_per_minute: int | None = None
     max_concurrent: int | None = None  # generation requests in flight (None: the server's default)
+    priority: int = 0  # added to every request's own priority (lower runs first): a tenant's tier
 
     def merged(self, other: dict[str, Any]) -> TenantLimit:
         return replace(self, **other)
 
 
 def parse_limits(data: Any, where: str) -> dict[str, dict[str, int | None]]:
-    """`{tenant or "*": {field: positive int or null}}` (raises ValueError naming the entry)."""
+    """`{tenant or "*": {field: positive int or null; priority: any int}}` (raises ValueError naming the entry)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a JSON object of tenant id -> limits")
     out: dict[str, dict[str, int | None]] = {}
@@ -54,7 +57,12 @@ def parse_limits(data: Any, where: str) -> dict[str, dict[str, int | None]]:
                 f"{where}: {tenant!r} has unknown field(s) {unknown} (known: {', '.join(FIELDS)})"
             )
         for k, v in entry.items():
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            if k == "priority":
+                if isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_PRIORITY:
+                    raise ValueError(
+                        f"{where}: {tenant!r}.priority must be an integer in ±{MAX_PRIORITY}, got {v!r}"
+                    )
+            elif v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{where}: {tenant!r}.{k} must be a positive integer or null, got {v!r}")
         out[str(tenant)] = dict(entry)
     return out

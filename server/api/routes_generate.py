@@ -30,6 +30,7 @@ from server.api.service import (
     race_disconnect,
     render_messages,
     render_prompt,
+    truncate_prompt,
 )
 from server.api.streaming import EngineEventStream, sse
 from server.engine import TokenEvent, TokenLogprob
@@ -79,6 +80,7 @@ async def generate(
     svc = get_service(request)
     info = get_info(request)
     tenant = principal.resolve_tenant(body.tenant_id)
+    priority = svc.check_priority(principal, body.priority)
     name = body.prefix or DEFAULT_PREFIX
     info.tenant, info.prefix = tenant, name
     if svc.settings.log_prompts:
@@ -88,8 +90,10 @@ async def generate(
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
+        min_p=body.min_p,
         seed=body.seed,
         stop=body.stop,
+        include_stop_str_in_output=body.include_stop_str_in_output,
         ignore_eos=body.ignore_eos,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
@@ -104,8 +108,9 @@ async def generate(
     prefix = await svc.resolve(tenant, name)
     info.version = prefix.version
     ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.prompt, prefix.prompt_format)
+    ids = truncate_prompt(ids, body.truncate_prompt_tokens)
     (run,) = await svc.generate_many(
-        info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive
+        info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive, priority=priority
     )
     rid = "gen-" + run.req.request_id
     if body.stream:

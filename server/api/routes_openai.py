@@ -43,6 +43,7 @@ from server.api.service import (
     race_disconnect,
     render_messages,
     render_prompt,
+    truncate_prompt,
 )
 from server.api.streaming import EngineEventStream, merge, sse
 from server.api.tools import TOOL_TAG, ToolPlan, call_id, held_back, template_messages, tool_plan
@@ -189,7 +190,9 @@ async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefi
     if svc.settings.log_prompts:
         info.prompt = "\n".join(m["content"] for m in messages)
     render = functools.partial(render_messages, **_template_options(body))
-    ids = await svc.tokenize(render, svc.bundle.tokenizer, messages, tools.tools)
+    ids = truncate_prompt(
+        await svc.tokenize(render, svc.bundle.tokenizer, messages, tools.tools), body.truncate_prompt_tokens
+    )
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # OpenAI: up to the context; here also capped by max_new_tokens
         room = svc.llm.max_model_len - prefix.prefix_length - len(ids)
@@ -210,14 +213,24 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
         info.prompt = "\n".join(str(x) for x in items)
     # text is rendered in the prefix's prompt format; token ids are used as given
     prompts = [
-        await svc.tokenize(render_prompt, tok, x, prefix.prompt_format) if isinstance(x, str) else list(x)
+        truncate_prompt(
+            await svc.tokenize(render_prompt, tok, x, prefix.prompt_format)
+            if isinstance(x, str)
+            else list(x),
+            body.truncate_prompt_tokens,
+        )
         for x in items
     ]
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     plan = _Plan(prompts, max(1, max_tokens), body.logprobs, "logprobs", hide_output=max_tokens == 0)
     if body.echo:
-        plan.echo = [
-            (x if isinstance(x, str) else await svc.tokenize(_decode, tok, x), ids)
+        plan.echo = [  # the prompt as it was used (truncated, if asked to)
+            (
+                x
+                if isinstance(x, str) and body.truncate_prompt_tokens is None
+                else await svc.tokenize(_decode, tok, ids),
+                ids,
+            )
             for x, ids in zip(items, prompts, strict=True)
         ]
     elif max_tokens == 0:
@@ -230,6 +243,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     info = get_info(request)
     tenant, name = parse_model(body.model, principal)
     info.tenant, info.prefix = tenant, name
+    priority = svc.check_priority(principal, body.priority)
     prefix = await svc.resolve(tenant, name)
     info.version = prefix.version
     if chat:
@@ -258,8 +272,10 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
         seed=body.seed,
         stop=body.stop,
+        include_stop_str_in_output=body.include_stop_str_in_output,
         ignore_eos=body.ignore_eos,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
@@ -273,11 +289,11 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         structured=structured,
     )
     n = body.n or 1
-    if n * len(plan.prompts) > svc.settings.max_concurrent_per_tenant:
+    most = svc.max_concurrent(prefix.tenant_id)
+    if n * len(plan.prompts) > most:
         raise APIError(
             422,
-            f"n x prompts = {n * len(plan.prompts)} exceeds the {svc.settings.max_concurrent_per_tenant} requests "
-            "a tenant may run at once",
+            f"n x prompts = {n * len(plan.prompts)} exceeds the {most} requests the tenant may run at once",
             code="too_many_choices",
             param="n",
         )
@@ -287,7 +303,9 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         for ids in plan.prompts
         for j in range(n)
     ]
-    runs = await svc.generate_many(info, prefix, jobs, stream=body.stream, receive=request.receive)
+    runs = await svc.generate_many(
+        info, prefix, jobs, stream=body.stream, receive=request.receive, priority=priority
+    )
     return _Choices(svc, runs, plan, body.model, int(time.time()), n)
 
 

@@ -59,6 +59,18 @@ LOGIT_BIAS_DOC = (
     "OpenAI: token id (as a string) -> bias added to its logit before sampling (-100 bans, 100 forces)"
 )
 MIN_TOKENS_DOC = "vLLM: end-of-sequence and stop_token_ids cannot end the output before this many tokens"
+MIN_P_DOC = (
+    "vLLM: drop tokens less likely than min_p times the most likely one (after top-k and top-p; 0 disables)"
+)
+INCLUDE_STOP_DOC = "vLLM: end the text with the stop string that ended it (default: the text stops before it)"
+TRUNCATE_DOC = "vLLM: keep only the last N prompt tokens (after rendering), so a long prompt fits instead of being refused"
+PRIORITY_DOC = (
+    "vLLM: scheduling priority, lower starts first and is preempted last (added to the tenant's own tier); "
+    "below 0 needs the admin key"
+)
+Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]
+MinP = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+TruncatePromptTokens = Annotated[int, Field(ge=1)]
 STOP_TOKEN_IDS_DOC = (
     "vLLM: token ids that end the output (it keeps the token; its text unless it is a special token)"
 )
@@ -153,8 +165,12 @@ class GenerateRequest(BaseModel):
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
     top_k: TopK = 0
+    min_p: MinP = Field(0.0, description=MIN_P_DOC)
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
+    include_stop_str_in_output: bool = Field(False, description=INCLUDE_STOP_DOC)
+    truncate_prompt_tokens: TruncatePromptTokens | None = Field(None, description=TRUNCATE_DOC)
+    priority: Priority = Field(0, description=PRIORITY_DOC)
     stream: bool = False
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (benchmarks)")
     presence_penalty: Penalty = Field(0.0, description=PRESENCE_DOC)
@@ -249,8 +265,14 @@ class _OpenAIBase(BaseModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = Field(None, description="Extension (vLLM): top-k sampling, 0 disables")
+    min_p: MinP | None = Field(None, description="Extension (" + MIN_P_DOC + ")")
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
+    include_stop_str_in_output: bool = Field(False, description="Extension (" + INCLUDE_STOP_DOC + ")")
+    truncate_prompt_tokens: TruncatePromptTokens | None = Field(
+        None, description="Extension (" + TRUNCATE_DOC + ")"
+    )
+    priority: Priority = Field(0, description="Extension (" + PRIORITY_DOC + ")")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="Extension (vLLM): keep generating past end-of-sequence")

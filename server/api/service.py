@@ -58,6 +58,11 @@ def default_prompt_format(bundle: ModelBundle) -> str:
     return fmt if fmt in ("chat", "raw") else "raw"
 
 
+def truncate_prompt(ids: list[int], keep: int | None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last `keep` tokens (all when None)."""
+    return ids[-keep:] if keep is not None and len(ids) > keep else ids
+
+
 def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
     return list(_model.render_prompt(tokenizer, prompt, fmt))
 
@@ -558,9 +563,13 @@ class Service:
     def in_flight(self, tenant: str) -> int:
         return self._tenant_active.get(tenant, 0)
 
+    def max_concurrent(self, tenant: str) -> int:
+        """Generation requests the tenant may have in flight (its own limit, else the server's)."""
+        return self.limiter.limit(tenant).max_concurrent or self.settings.max_concurrent_per_tenant
+
     def acquire_slot(self, tenant: str) -> Callable[[], None]:
         n = self._tenant_active.get(tenant, 0)
-        limit = self.limiter.limit(tenant).max_concurrent or self.settings.max_concurrent_per_tenant
+        limit = self.max_concurrent(tenant)
         if n >= limit:
             self.metrics.rejected.labels("tenant_limit").inc()
             self.usage.rejected(tenant)
@@ -660,6 +669,8 @@ class Service:
         top_k: int,
         seed: int | None,
         stop: list[str] | str | None,
+        min_p: float = 0.0,
+        include_stop_str_in_output: bool = False,
         ignore_eos: bool = False,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
@@ -715,8 +726,10 @@ class Service:
                 temperature=float(temperature),
                 top_p=float(top_p),
                 top_k=int(top_k),
+                min_p=float(min_p),
                 seed=seed,
                 stop=tuple(stops),
+                include_stop_str_in_output=include_stop_str_in_output,
                 ignore_eos=ignore_eos,
                 presence_penalty=float(presence_penalty),
                 frequency_penalty=float(frequency_penalty),
@@ -755,6 +768,15 @@ class Service:
                 422, f"invalid {param}: {e}", code="invalid_structured_output", param=param
             ) from None
 
+    @staticmethod
+    def check_priority(principal: Any, priority: int) -> int:
+        """A request's own priority: tenants may lower theirs (> 0), only the operator may raise one (< 0)."""
+        if priority < 0 and not principal.admin:
+            raise APIError(
+                403, "a priority below 0 needs the admin key", code="priority_not_allowed", param="priority"
+            )
+        return priority
+
     def check_tenant(self, principal: Any, tenant: str) -> None:
         if not principal.can_access(tenant):
             raise APIError(404, f"tenant {tenant!r} not found", code="tenant_not_found", param="tenant_id")
@@ -767,6 +789,7 @@ class Service:
         *,
         stream: bool,
         receive: Callable[[], Any] | None,
+        priority: int = 0,
     ) -> list[GenerationRun]:
         """Start the engine requests of one HTTP generation request (one, or several for OpenAI `n` and prompt
         lists). Every limit is checked before anything runs; the tenant's rate limits are charged once, for all of
@@ -785,7 +808,8 @@ class Service:
             except APIError:
                 self.limiter.refund_tokens(tenant, sum(costs))
                 raise
-            runs = await self._start_runs(info, prefix, jobs, costs, stream=stream, receive=receive)
+            priority += self.limiter.limit(tenant).priority  # the tenant's tier
+            runs = await self._start_runs(info, prefix, jobs, costs, priority, stream=stream, receive=receive)
             self.usage.request(tenant, prefix.name)
             return runs
         finally:
@@ -837,6 +861,7 @@ class Service:
         prefix: ResolvedPrefix,
         jobs: list[tuple[list[int], SamplingParams]],
         costs: list[int],
+        priority: int,
         *,
         stream: bool,
         receive: Callable[[], Any] | None,
@@ -846,7 +871,7 @@ class Service:
         runs: list[GenerationRun] = []
         try:
             for (ids, sampling), cost in zip(jobs, costs, strict=True):
-                runs.append(self._make_run(info, prefix, ids, sampling, cost, stream))
+                runs.append(self._make_run(info, prefix, ids, sampling, cost, priority, stream))
         except BaseException:  # the tokens of the runs not made go back here, those of the made ones on close
             self.limiter.refund_tokens(prefix.tenant_id, sum(costs[len(runs) :]))
             for r in runs:
@@ -871,6 +896,7 @@ class Service:
         prompt_ids: list[int],
         sampling: SamplingParams,
         reserved: int,
+        priority: int,
         stream: bool,
     ) -> GenerationRun:
         """A run holding a tenant slot and `reserved` charged tokens (refunded by its `close()`). Not yet
@@ -883,5 +909,6 @@ class Service:
             prefix=prefix.key,
             stream_text=stream,
             cache_salt=prefix.tenant_id,  # cached prompt blocks are never shared across tenants
+            priority=priority,
         )
         return GenerationRun(self, req, prefix, info, release, reserved)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
+    def __init__(
+        self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...], include_stop: bool = False
+    ) -> None:
         self.tok = tokenizer
         self.stop = stop
+        self.include_stop = include_stop  # the text ends with the stop string that ended it (else before it)
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = list(prompt_ids[-6:])  # context so the first tokens decode with correct spacing
         self.prefix_offset = 0
@@ -37,7 +40,8 @@ class IncrementalDetokenizer:
                 lo = max(0, start - self.hold)
                 hits = [(i, s) for s in self.stop if (i := self.text.find(s, lo)) != -1]
                 if hits:
-                    self.text = self.text[: min(i for i, _ in hits)]
+                    i, s = min(hits, key=lambda h: (h[0], -len(h[1])))  # the first; at one place the longest
+                    self.text = self.text[: i + len(s) if self.include_stop else i]
                     return self._flush(), True
         safe = max(self.emitted, len(self.text) - self.hold) if self.stop else len(self.text)
         delta = self.text[self.emitted : safe]

@@ -28,7 +28,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k then top-p (nucleus) on one row of float32 logits."""
+    """Temperature, top-k, top-p (nucleus) then min-p on one row of float32 logits (transformers' order)."""
     logits = logits / p.temperature
     vocab = logits.shape[-1]
     if 0 < p.top_k < vocab:
@@ -41,6 +41,11 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         remove = cum - probs > p.top_p  # keep the smallest set whose mass reaches top_p
         remove[0] = False
         logits = logits.masked_fill(torch.zeros_like(remove).scatter(0, order, remove), float("-inf"))
+    if p.min_p > 0.0:
+        probs = logits.softmax(
+            -1
+        )  # relative to the most likely token: the same before or after renormalizing
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     return logits
 
 

@@ -4,7 +4,8 @@ Running requests come first (one token each when decoding, or their next prefill
 the step's token budget, the sequence limit and free KV blocks allow, tenants taking turns (the tenant with the fewest
 running requests first, each tenant's own in arrival order; `fair=False`: arrival order). A newcomer whose prefix is
 still being fetched is skipped (others behind it go ahead). When the pool runs dry, idle prefixes are evicted first,
-then the newest running request is preempted (its blocks freed, recomputed later).
+then the newest running request is preempted (its blocks freed, recomputed later). Requests carry a priority (vLLM's;
+default 0): a lower one is admitted before every higher one and preempted after them.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class Scheduler:
             draft = self._draft(seq, budget) if n == 1 and seq.to_compute == 1 else []
             n += len(draft)
             while not self._ensure_blocks(seq, n):
-                victim = self.running[-1]
+                victim = self._victim()
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -279,17 +280,31 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if id(s) not in taken)
         return items
 
+    def _victim(self) -> Sequence:
+        """The running request to preempt: the lowest priority (highest value), the newest among those."""
+        running = self.running
+        return running[max(range(len(running)), key=lambda i: (running[i].req.priority, i))]
+
     def _admission_order(self, counts: dict[str | None, int]) -> Iterator[Sequence]:
-        """Waiting requests in the order they may start. First-come-first-served unless `cfg.fair`: then preempted
-        requests first (they were running), then tenants take turns, the one with the fewest running requests
-        first (ties: whose oldest waiting request came first), each tenant's requests in arrival order. So one
-        tenant's burst cannot hold every other tenant's requests behind it. `counts` (running per tenant) is
-        read each time a tenant's turn comes round, so the caller's admissions count."""
+        """Waiting requests in the order they may start: by priority (lower first), and within a priority
+        first-come-first-served unless `cfg.fair`: then preempted requests first (they were running), then tenants
+        take turns, the one with the fewest running requests first (ties: whose oldest waiting request came first),
+        each tenant's requests in arrival order. So one tenant's burst cannot hold every other tenant's requests
+        behind it. `counts` (running per tenant) is read each time a tenant's turn comes round, so the caller's
+        admissions count."""
+        levels = sorted({seq.req.priority for seq in self.waiting})
+        if len(levels) <= 1:
+            yield from self._order_within(list(self.waiting), counts)
+            return
+        for level in levels:
+            yield from self._order_within([s for s in self.waiting if s.req.priority == level], counts)
+
+    def _order_within(self, waiting: list[Sequence], counts: dict[str | None, int]) -> Iterator[Sequence]:
         if not self.cfg.fair:
-            yield from list(self.waiting)
+            yield from waiting
             return
         queues: dict[str | None, deque[tuple[int, Sequence]]] = {}
-        for i, seq in enumerate(self.waiting):
+        for i, seq in enumerate(waiting):
             if seq.preempted:
                 yield seq
             else:

@@ -49,7 +49,9 @@ class Sequence:
         self.spec_misses = 0
         self.spec_wait = 0
         self.detok = (
-            IncrementalDetokenizer(tokenizer, self.prompt, req.sampling.stop)
+            IncrementalDetokenizer(
+                tokenizer, self.prompt, req.sampling.stop, req.sampling.include_stop_str_in_output
+            )
             if (req.sampling.stop or req.stream_text)
             else None
         )

@@ -51,8 +51,12 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    # vLLM / transformers: drop tokens less likely than min_p x the most likely one (after top-k and top-p)
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # vLLM: keep the stop string that ended the output at its end (default: cut before it)
+    include_stop_str_in_output: bool = False
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     # OpenAI semantics over the generated tokens: logit -= frequency * count + presence * (count > 0).
@@ -74,7 +78,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
-        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
                 raise ValueError(f"{name} must be a finite number")
@@ -84,6 +95,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2]")
@@ -155,6 +168,8 @@ class Request:
     # Prompt-cache namespace (vLLM's cache_salt): requests share cached prompt blocks only with the same salt and
     # prefix; the server salts with the tenant id so one tenant cannot time another's prompts.
     cache_salt: str | None = None
+    # Scheduling priority (vLLM's): lower starts first, and is preempted last when memory runs short.
+    priority: int = 0
 
     @property
     def tenant(self) -> str | None:

@@ -340,6 +340,10 @@ class AsyncClient:
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] | None = None,
         structured_outputs: StructuredOutputsArg | None = None,
+        min_p: float = 0.0,
+        include_stop_str_in_output: bool = False,
+        truncate_prompt_tokens: int | None = None,
+        priority: int = 0,
         request_id: str | None = None,
     ) -> Generation:
         body = _base.generate_body(
@@ -362,6 +366,10 @@ class AsyncClient:
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
             structured_outputs=structured_outputs,
+            min_p=min_p,
+            include_stop_str_in_output=include_stop_str_in_output,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            priority=priority,
         )
         r = await self._request("POST", "/generate", json=body, request_id=request_id)
         gen = Generation.model_validate(r.json())
@@ -389,6 +397,10 @@ class AsyncClient:
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] | None = None,
         structured_outputs: StructuredOutputsArg | None = None,
+        min_p: float = 0.0,
+        include_stop_str_in_output: bool = False,
+        truncate_prompt_tokens: int | None = None,
+        priority: int = 0,
         request_id: str | None = None,
     ) -> AsyncStream:
         """An async iterator (not a coroutine): ``async for delta in client.stream(...)``."""
@@ -412,6 +424,10 @@ class AsyncClient:
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
             structured_outputs=structured_outputs,
+            min_p=min_p,
+            include_stop_str_in_output=include_stop_str_in_output,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            priority=priority,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return AsyncStream(self, body, headers)

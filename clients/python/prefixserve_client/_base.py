@@ -89,6 +89,10 @@ def generate_body(
     min_tokens: int = 0,
     stop_token_ids: Sequence[int] | None = None,
     structured_outputs: StructuredOutputsArg | None = None,
+    min_p: float = 0.0,
+    include_stop_str_in_output: bool = False,
+    truncate_prompt_tokens: int | None = None,
+    priority: int = 0,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /generate``; optional fields are sent only when set (older servers refuse unknown
     fields)."""
@@ -125,6 +129,14 @@ def generate_body(
         body["stop_token_ids"] = [int(t) for t in stop_token_ids]
     if structured_outputs is not None:
         body["structured_outputs"] = structured_outputs_body(structured_outputs)
+    if min_p:
+        body["min_p"] = min_p
+    if include_stop_str_in_output:
+        body["include_stop_str_in_output"] = True
+    if truncate_prompt_tokens is not None:
+        body["truncate_prompt_tokens"] = truncate_prompt_tokens
+    if priority:
+        body["priority"] = priority
     return body
 
 

@@ -347,12 +347,18 @@ class Client:
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] | None = None,
         structured_outputs: StructuredOutputsArg | None = None,
+        min_p: float = 0.0,
+        include_stop_str_in_output: bool = False,
+        truncate_prompt_tokens: int | None = None,
+        priority: int = 0,
         request_id: str | None = None,
     ) -> Generation:
         """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model.
         ``structured_outputs``: what the text must match, ``{"json": schema}``, a pydantic model class (its schema;
         then ``Model.model_validate_json(gen.text)``), ``{"regex": ...}``, ``{"choice": [...]}``,
-        ``{"grammar": ...}`` or ``{"json_object": True}``."""
+        ``{"grammar": ...}`` or ``{"json_object": True}``. vLLM's ``min_p``, ``include_stop_str_in_output``,
+        ``truncate_prompt_tokens`` (keep the prompt's last N tokens) and ``priority`` (lower starts first; a tenant
+        key may only lower its own: > 0) mean what they mean there."""
         body = _base.generate_body(
             tenant_id,
             prompt,
@@ -373,6 +379,10 @@ class Client:
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
             structured_outputs=structured_outputs,
+            min_p=min_p,
+            include_stop_str_in_output=include_stop_str_in_output,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            priority=priority,
         )
         r = self._request("POST", "/generate", json=body, request_id=request_id)
         gen = Generation.model_validate(r.json())
@@ -400,6 +410,10 @@ class Client:
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] | None = None,
         structured_outputs: StructuredOutputsArg | None = None,
+        min_p: float = 0.0,
+        include_stop_str_in_output: bool = False,
+        truncate_prompt_tokens: int | None = None,
+        priority: int = 0,
         request_id: str | None = None,
     ) -> Stream:
         """Streamed ``POST /generate``: an iterator of :class:`StreamDelta` (text pieces; the last has
@@ -424,6 +438,10 @@ class Client:
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
             structured_outputs=structured_outputs,
+            min_p=min_p,
+            include_stop_str_in_output=include_stop_str_in_output,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            priority=priority,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return Stream(self, body, headers)

@@ -1,0 +1,152 @@
+"""vLLM's request parameters on every generation route: min_p, include_stop_str_in_output, truncate_prompt_tokens and
+priority (with the tenant's tier from the limits file)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.fixtures.server import assert_error
+
+WORDS = " ".join(f"w{i}" for i in range(60))
+
+
+@pytest.fixture
+def srv(server_factory, tmp_path):
+    f = tmp_path / "limits.json"
+    f.write_text(json.dumps({"vip": {"priority": -10}, "batch": {"priority": 7}}))
+    return server_factory(
+        keys={"acme": "k-a", "vip": "k-v", "batch": "k-b"},
+        admin_key="adm",
+        tenant_limits_file=str(f),
+        max_prompt_tokens=40,
+    )
+
+
+def generate(c, **kw):
+    body = {"prefix": "base", "prompt": "Once upon a time", "max_tokens": 10, "ignore_eos": True, **kw}
+    r = c.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_min_p_reaches_the_sampler_on_every_route(srv):
+    c = srv.client("k-a")
+    greedy = generate(c)["text"]
+    hot = dict(temperature=3.0, seed=11)
+    assert generate(c, **hot)["text"] != greedy  # this temperature wanders off ...
+    assert generate(c, **hot, min_p=1.0)["text"] == greedy  # ... unless only the most likely token is left
+    body = {"model": "acme/base", "prompt": "Once upon a time", "max_tokens": 10, "ignore_eos": True, **hot}
+    comp = c.post("/v1/completions", json={**body, "min_p": 1.0}).json()["choices"][0]["text"]
+    plain = c.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    assert comp == plain
+    assert_error(c.post("/generate", json={"prompt": "x", "prefix": "base", "min_p": 1.5}), 422)
+
+
+def test_include_stop_str_in_output(srv):
+    c = srv.client("k-a")
+    text = generate(c, max_tokens=16)["text"]
+    stop = next(
+        text[i : i + 2]
+        for i in range(2, len(text) - 2)
+        if text[i : i + 2].strip() and text.find(text[i : i + 2]) == i
+    )
+    cut = text.index(stop)
+    assert generate(c, max_tokens=16, stop=[stop])["text"] == text[:cut]
+    assert generate(c, max_tokens=16, stop=[stop], include_stop_str_in_output=True)["text"] == text[: cut + 2]
+    body = {
+        "model": "acme/base",
+        "prompt": "Once upon a time",
+        "max_tokens": 16,
+        "ignore_eos": True,
+        "stop": [stop],
+        "temperature": 0,
+    }
+    r = c.post("/v1/completions", json={**body, "include_stop_str_in_output": True, "stream": True})
+    chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    assert "".join(ch["choices"][0]["text"] for ch in chunks) == text[: cut + 2]
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(srv):
+    c = srv.client("k-a")
+    assert_error(c.post("/generate", json={"prefix": "base", "prompt": WORDS}), 413, "prompt_too_long")
+    full = c.post("/tokenize", json={"prefix": "base", "prompt": WORDS}).json()["tokens"]
+    assert len(full) > 40
+    r = generate(c, prompt=WORDS, truncate_prompt_tokens=30)
+    assert r["usage"]["prompt_tokens"] == 30
+    # the same as sending the last 30 tokens as they are
+    ids_body = {
+        "model": "acme/base",
+        "prompt": full[-30:],
+        "max_tokens": 10,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    ref = c.post("/v1/completions", json=ids_body).json()["choices"][0]["text"]
+    assert r["text"] == ref
+    comp = c.post(
+        "/v1/completions", json={**ids_body, "prompt": WORDS, "truncate_prompt_tokens": 30, "echo": True}
+    )
+    echoed = comp.json()["choices"][0]["text"]
+    assert echoed.endswith(ref) and len(echoed) < len(WORDS) + len(
+        ref
+    )  # echo shows the prompt as it was used
+    chat = c.post(
+        "/v1/chat/completions",
+        json={
+            "model": "acme/base",
+            "messages": [{"role": "user", "content": WORDS}],
+            "truncate_prompt_tokens": 25,
+        },
+    )
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 25
+    assert_error(
+        c.post("/generate", json={"prefix": "base", "prompt": "x", "truncate_prompt_tokens": 0}), 422
+    )
+
+
+def test_priority_tenants_lower_their_own_the_tier_adds(srv, monkeypatch):
+    seen: list[tuple[str | None, int]] = []
+    eng = srv.svc.engine
+    orig = eng.generate
+
+    def spy(req):
+        seen.append((req.cache_salt, req.priority))
+        return orig(req)
+
+    monkeypatch.setattr(eng, "generate", spy)
+    a, v, b = srv.client("k-a"), srv.client("k-v"), srv.client("k-b")
+    generate(a, priority=3)
+    generate(v)
+    generate(b, priority=2)
+    chat = {"model": "batch/base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 2}
+    assert b.post("/v1/chat/completions", json={**chat, "priority": 1}).status_code == 200
+    err = assert_error(generate_raw(a, priority=-1), 403, "priority_not_allowed")
+    assert err["param"] == "priority"
+    assert_error(a.post("/v1/completions", json={"model": "acme/base", "prompt": "x", "priority": -5}), 403)
+    generate(srv.client("adm"), tenant_id="acme", priority=-5)  # the operator may raise one
+    assert seen == [("acme", 3), ("vip", -10), ("batch", 9), ("batch", 8), ("batch", 8), ("acme", -5)]
+
+
+def generate_raw(c, **kw):
+    return c.post("/generate", json={"prefix": "base", "prompt": "x", "max_tokens": 2, **kw})
+
+
+def test_sdk_sends_the_parameters(srv):
+    import prefixserve_client as ps
+
+    with ps.Client(srv.url, api_key="k-a") as c:
+        g = c.generate(
+            None, WORDS, prefix="base", max_tokens=4, truncate_prompt_tokens=20, min_p=0.5, priority=2
+        )
+        assert g.usage.prompt_tokens == 20
+        with pytest.raises(ps.Forbidden):
+            c.generate(None, "x", prefix="base", priority=-1)
+        text = c.generate(None, "Once upon a time", prefix="base", max_tokens=12).text
+        stop = text.strip()[:1]
+        streamed = "".join(
+            d.text for d in c.stream(None, "Once upon a time", prefix="base", max_tokens=12, stop=[stop],
+                                     include_stop_str_in_output=True)
+        )  # fmt: skip
+        assert streamed == text[: text.index(stop) + 1]
