@@ -231,6 +231,21 @@ def test_schema_level_errors_and_nothing_changes(srv, oai):
     assert finished() == before + 1
 
 
+def test_unknown_prefix_is_a_404_before_its_grammar_is_compiled(srv):
+    """Compiling a schema can take tens of milliseconds: a request for a prefix that does not exist is refused
+    first, and its grammar never reaches the compiler."""
+    compiler = srv.svc.llm.grammars
+    compiled = []
+    orig = compiler.compile
+    compiler.compile = lambda spec: compiled.append(spec) or orig(spec)
+    try:
+        assert_error(gen(srv, prefix="nope", structured_outputs={"regex": "[a-z]+"}), 404, "prefix_not_found")
+        assert compiled == []
+        assert gen(srv, structured_outputs={"regex": "[a-z]+"}).status_code == 200 and len(compiled) == 1
+    finally:
+        compiler.compile = orig
+
+
 def test_sdk_structured_outputs_against_the_server(srv):
     from prefixserve_client import Client, UnprocessableEntity
 

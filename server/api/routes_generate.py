@@ -85,6 +85,8 @@ async def generate(
     info.tenant, info.prefix = tenant, name
     if svc.settings.log_prompts:
         info.prompt = body.prompt
+    prefix = await svc.resolve(tenant, name)  # an unknown prefix is a 404 before any grammar is compiled
+    info.version = prefix.version
     sampling = svc.sampling(
         max_tokens=body.max_tokens,
         temperature=body.temperature,
@@ -105,8 +107,6 @@ async def generate(
         stop_token_ids=body.stop_token_ids,
         structured=await svc.structured(body.structured_outputs),
     )
-    prefix = await svc.resolve(tenant, name)
-    info.version = prefix.version
     ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.prompt, prefix.prompt_format)
     ids = truncate_prompt(ids, body.truncate_prompt_tokens)
     (run,) = await svc.generate_many(
