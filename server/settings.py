@@ -121,6 +121,11 @@ class Settings(BaseSettings):
         description="Order in which waiting requests start: 'fair' lets tenants take turns (the tenant with the fewest "
         "running requests first), 'fcfs' is arrival order",
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral", "pythonic"] = Field(
+        "auto",
+        description="How tool_choice 'auto' finds the calls a model writes: 'hermes' (<tool_call> blocks), "
+        "'llama3_json', 'mistral' ([TOOL_CALLS]), 'pythonic' ([f(a=1)]); 'auto' picks what the chat template asks for",
+    )
     speculative_tokens: int = Field(
         0,
         ge=0,

@@ -1,6 +1,7 @@
 """OpenAI function calling on /v1/chat/completions with the official `openai` package: forced calls (a named function,
-"required") follow the tools' schemas, "auto" parses Hermes-style <tool_call> blocks, tools reach the chat template,
-and bad tool requests are 422s that name the field."""
+"required") follow the tools' schemas, "auto" parses the calls a model writes (Hermes <tool_call> blocks, Llama 3 JSON,
+Mistral [TOOL_CALLS], pythonic lists: the parser detected from the chat template or set), tools reach the chat
+template, and bad tool requests are 422s that name the field."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import openai
 import pytest
 
 from server.api.schemas import ChatCompletionRequest
+from server.api.tool_parsers import detect, get_parser
 from server.api.tools import tool_plan
 
 KEY = "sk-acme-tools"
@@ -148,6 +150,49 @@ def test_auto_parses_hermes_tool_call_blocks(oai):
     assert "".join(p for p in pieces if p) == "no tools <here" and len([p for p in pieces if p]) > 2
 
 
+def test_auto_with_a_pythonic_model_detected_from_its_template(server_factory):
+    """A model whose chat template asks for pythonic calls (Llama 3.2 / 4 style) gets the pythonic parser without
+    any setting; its calls come back as tool_calls, streamed in one delta with no text sent before them."""
+    from tests.fixtures.models import tiny_llama
+
+    b = tiny_llama()
+    b.tokenizer.chat_template = (
+        "{% if tools %}You may call functions: [func_name1(params_name1=params_value1, params_name2=params_value2...), "
+        "func_name2(params)]\n{% endif %}" + b.tokenizer.chat_template
+    )
+    s = server_factory(bundle=b, keys={"acme": KEY})
+    assert s.svc.tool_parser.name == "pythonic"
+    text = "[get_weather(city='Paris', unit='c'), get_time(zone='UTC')]"
+    regex = "".join("\\" + ch if ch in "[]().'" else ch for ch in text)
+    body = {
+        "model": "acme/base",
+        "messages": ASK,
+        "tools": [WEATHER, TIME],
+        "temperature": 0,
+        "max_tokens": 80,
+    }
+    body["structured_outputs"] = {"regex": regex}
+    c = s.client(KEY)
+    ch = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] is None
+    assert [
+        (t["function"]["name"], json.loads(t["function"]["arguments"])) for t in ch["message"]["tool_calls"]
+    ] == [
+        ("get_weather", {"city": "Paris", "unit": "c"}),
+        ("get_time", {"zone": "UTC"}),
+    ]
+    frames = [json.loads(x[6:]) for x in c.post("/v1/chat/completions", json={**body, "stream": True}).text.split("\n\n") if x.startswith("data: {")]  # fmt: skip
+    deltas = [f["choices"][0]["delta"] for f in frames if f["choices"]]
+    assert not any(d.get("content") for d in deltas)  # the call was held back whole, never sent as text
+    (calls,) = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    # the setting wins over the template
+    s2 = server_factory(bundle=b, keys={"acme": KEY}, tool_call_parser="hermes")
+    assert s2.svc.tool_parser.name == "hermes"
+    plain = s2.client(KEY).post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert plain["message"]["content"] == text and plain["message"]["tool_calls"] is None
+
+
 def test_tools_and_tool_turns_reach_the_chat_template(srv):
     """A template that knows tools gets them, and earlier calls and results are rendered as turns."""
     seen: list[dict] = []
@@ -212,17 +257,81 @@ def test_bad_tool_requests_are_422_naming_the_field(srv, body, param, needle):
         assert param in (err["param"] or "") or param in err["message"], err
 
 
-def test_held_back_is_the_longest_tag_prefix_at_the_end():
-    from server.api.tools import held_back
+def test_hermes_holds_back_from_a_tag_or_the_longest_tag_prefix_at_the_end():
+    hermes = get_parser("hermes")
+    texts = ("abc", "abc<", "abc<tool_", "<tool_call", "a<b", "", "hi <tool_call>{...")
+    assert [hermes.hold_from(t) for t in texts] == [3, 3, 3, 0, 3, 0, 3]
 
-    assert [held_back(t) for t in ("abc", "abc<", "abc<tool_", "<tool_call", "a<b", "")] == [
-        0,
-        1,
-        6,
-        10,
-        0,
-        0,
-    ]
+
+NAMES = {"get_weather", "get_time"}
+# outputs as the models write them (special tokens already dropped by decoding, as the server decodes)
+PARSER_CASES = [
+    # llama 3.1 / 3.2 JSON: one object, several with ';', the python tag kept or not, "arguments" accepted too
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}',
+     [("get_weather", {"city": "Paris", "unit": "c"})], ""),
+    ("llama3_json", '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}; {"name": "get_weather", "arguments": {"city": "Oslo"}}',
+     [("get_time", {"zone": "UTC"}), ("get_weather", {"city": "Oslo"})], ""),
+    ("llama3_json", 'The weather is {"name": "get_weather"}', [], None),  # not at the start: text
+    ("llama3_json", '{"name": "rm", "parameters": {}}', [], None),  # not one of the tools
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Par', [], None),  # cut short
+    # mistral: [TOOL_CALLS] (a special token: usually already gone) and a JSON list
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}]',
+     [("get_weather", {"city": "Paris", "unit": "c"})], ""),
+    ("mistral", ' [{"name": "get_time", "arguments": {"zone": "UTC"}}, {"name": "get_weather", "arguments": {}}]',
+     [("get_time", {"zone": "UTC"}), ("get_weather", {})], " "),
+    ("mistral", "[1, 2, 3] are numbers", [], None),
+    # pythonic: a list of calls with keyword literals; nothing is evaluated
+    ("pythonic", '[get_weather(city="Paris", unit="c"), get_time(zone=\'UTC\')]',
+     [("get_weather", {"city": "Paris", "unit": "c"}), ("get_time", {"zone": "UTC"})], ""),
+    ("pythonic", "[get_time(zone=None, days=[1, 2], opts={'a': True})]",
+     [("get_time", {"zone": None, "days": [1, 2], "opts": {"a": True}})], ""),
+    ("pythonic", "[get_time(zone=__import__('os').system('x'))]", [], None),  # not a literal: text
+    ("pythonic", "[get_time('UTC')]", [], None),  # positional arguments: not the format
+    ("pythonic", "[rm(path='/')]", [], None),
+    ("pythonic", "Sure: [get_time(zone='UTC')]", [], None),
+    # hermes blocks anywhere, the text around them kept
+    ("hermes", 'Let me look.<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call> Done.',
+     [("get_time", {"zone": "UTC"})], "Let me look. Done."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("parser", "text", "calls", "outside"), PARSER_CASES)
+def test_tool_parsers_find_the_calls_of_each_format(parser, text, calls, outside):
+    got_outside, got = get_parser(parser).split(text, NAMES)
+    assert got == calls
+    assert got_outside == (text if outside is None else outside)
+
+
+@pytest.mark.parametrize(
+    ("parser", "stream", "sent_before_end"),
+    [
+        ("llama3_json", ['{"na', 'me": "get_time", ', '"parameters": {"zone": "UTC"}}'], ""),
+        ("llama3_json", ["The ", "answer is 4."], "The answer is 4."),
+        ("mistral", ["[", '{"name": "get_time", "arguments": {}}]'], ""),
+        ("pythonic", ["  [get_", "time(zone='UTC')]"], "  "),
+        ("pythonic", ["No", " call here ["], "No call here ["),
+        ("hermes", ["Sure. <tool", "_call>{...", "}</tool_call>"], "Sure. "),
+    ],
+)
+def test_hold_from_never_sends_what_could_be_a_call(parser, stream, sent_before_end):
+    p = get_parser(parser)
+    full, sent = "", 0
+    for piece in stream:
+        full += piece
+        sent = max(sent, p.hold_from(full))
+    assert full[:sent] == sent_before_end
+
+
+def test_detect_the_parser_from_the_chat_template():
+    assert detect(None) == detect("{{ messages }}") == "hermes"
+    assert detect("{%- for tool in tools %}<tool_call>{{ tool }}</tool_call>{%- endfor %}") == "hermes"
+    assert detect("{{ '[AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS]' + tool_calls|tojson }}") == "mistral"
+    llama31 = 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    assert detect(llama31) == detect("{{- '<|python_tag|>' + tool_call.arguments.code }}") == "llama3_json"
+    assert (
+        detect("[func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]")
+        == "pythonic"
+    )
 
 
 def test_tool_plan_parse_edge_cases():

@@ -305,11 +305,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(svc.start)
     st.svc = svc
     log.info(
-        "ready: model %s (fingerprint %s…) loaded in %.1fs; store %r",
+        "ready: model %s (fingerprint %s…) loaded in %.1fs; store %r; tool calls parsed as %s",
         st.bundle.name,
         str(st.bundle.fingerprint)[:12],
         time.monotonic() - t0,
         st.store,
+        svc.tool_parser.name,
     )
     try:
         yield

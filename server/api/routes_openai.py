@@ -46,7 +46,7 @@ from server.api.service import (
     truncate_prompt,
 )
 from server.api.streaming import EngineEventStream, merge, sse
-from server.api.tools import TOOL_TAG, ToolPlan, call_id, held_back, template_messages, tool_plan
+from server.api.tools import ToolPlan, call_id, template_messages, tool_plan
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -185,7 +185,7 @@ def _template_options(body: ChatCompletionRequest) -> dict[str, Any]:
 
 
 async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefix: Any) -> _Plan:
-    tools = tool_plan(body)
+    tools = tool_plan(body, svc.tool_parser)
     messages = template_messages(body, chat_messages(body.messages))
     if svc.settings.log_prompts:
         info.prompt = "\n".join(m["content"] for m in messages)
@@ -549,11 +549,11 @@ async def _stream_required(
 async def _stream_auto(
     run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
 ) -> AsyncIterator[bytes]:
-    """'auto': the text streams until a <tool_call> tag starts (a possible tag's first characters wait); the calls
-    and any text after them come in one delta at the end, with the logprobs not sent yet."""
+    """'auto': the text streams until where a call could start (the parser's `hold_from`); the calls and any text
+    after them come in one delta at the end, with the logprobs not sent yet."""
     yield chunk({"role": "assistant", "content": ""}, None)
     want = run.req.sampling.logprobs is not None
-    full, sent, in_call = "", 0, False
+    full, sent = "", 0
     pending: list[Any] = []  # logprobs of the tokens not yet sent with a chunk
 
     def take_logprobs() -> Any:
@@ -564,13 +564,10 @@ async def _stream_auto(
     async for ev, _ids, lps in chunked_events(run):
         pending.extend(lps or [])
         full += ev.text
-        if not in_call:
-            tag = full.find(TOOL_TAG, sent)
-            in_call = tag >= 0
-            upto = tag if in_call else len(full) - held_back(full)
-            if upto > sent:
-                yield chunk({"content": full[sent:upto]}, None, take_logprobs())
-                sent = upto
+        upto = tools.parser.hold_from(full)
+        if upto > sent:
+            yield chunk({"content": full[sent:upto]}, None, take_logprobs())
+            sent = upto
         if ev.finished:
             outside, calls = tools.split_calls(full)
             rest = (outside if calls else full)[sent:]

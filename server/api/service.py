@@ -26,6 +26,7 @@ from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
 from server.api.schemas import BASE_PREFIX, ResponseFormat, StructuredOutputsParam, check_text
 from server.api.structured import engine_spec
+from server.api.tool_parsers import ToolParser, detect, get_parser
 from server.api.usage import UsageMeter
 from server.engine import (
     AsyncEngine,
@@ -452,6 +453,7 @@ class Service:
     )
     default_format: str = "raw"
     store_ok: bool = True
+    tool_parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(TenantLimit()))
     usage: UsageMeter = field(default_factory=UsageMeter)
     token_text: TokenTexts = field(init=False)  # id -> text for reported log-probabilities
@@ -497,6 +499,10 @@ class Service:
             limiter=limiter or rate_limiter(settings),
         )
         svc.default_format = default_prompt_format(bundle)
+        parser = settings.tool_call_parser
+        if parser == "auto":
+            parser = detect(getattr(bundle.tokenizer, "chat_template", None))
+        svc.tool_parser = get_parser(parser)
         return svc
 
     def start(self) -> None:

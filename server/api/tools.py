@@ -7,13 +7,15 @@ model; one that does not, SmolLM2's included, ignores them). `tool_choice` decid
   JSON schema); the message is that one call, `finish_reason` "stop" (OpenAI's, for a forced call);
 - "required": the output is forced to be a JSON list of one or more `{"name", "parameters"}` of the given tools (at
   most one with `parallel_tool_calls: false`); the message is those calls, `finish_reason` "tool_calls";
-- "auto" (the default with tools): free text; calls the model writes as `<tool_call>{"name", "arguments"}</tool_call>`
-  (the Hermes format of Qwen2.5, Hermes and many fine-tunes) become `tool_calls`, the rest stays `content`;
+- "auto" (the default with tools): free text; calls the model writes in its format (`server.api.tool_parsers`:
+  Hermes `<tool_call>` blocks, Llama 3 JSON, Mistral `[TOOL_CALLS]`, pythonic lists; the setting `tool_call_parser`,
+  detected from the chat template by default) become `tool_calls`, the rest stays `content`;
 - "none": free text.
 
-Streaming: a named call's arguments stream as `tool_calls` deltas; "auto" streams the text until a `<tool_call>`
-tag starts (`held_back`: a possible tag's first characters wait) and sends the calls in one delta at the end;
-"required" sends its calls at the end.
+Streaming: a named call's arguments stream as `tool_calls` deltas; "auto" streams the text until where a call could
+start (the parser's `hold_from`: a `<tool_call>` tag or its first characters; for the formats that are the whole
+output, an output that begins like one) and sends the calls in one delta at the end; "required" sends its calls at
+the end.
 
 A forced call is valid JSON for its schema, not necessarily a good call: the model should also be told about the
 tools (a template with tool support, or the caller's own system message).
@@ -22,16 +24,14 @@ tools (a template with tool support, or the caller's own system message).
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from server.api.errors import APIError
 from server.api.schemas import ChatCompletionRequest, NamedToolChoice
+from server.api.tool_parsers import ToolParser, get_parser
 from server.engine import StructuredOutputs
-
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 def call_id() -> str:
@@ -51,6 +51,7 @@ class ToolPlan:
     tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI tool objects, for the chat template
     named: str | None = None
     parallel: bool = True
+    parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))  # how "auto" finds calls
 
     @property
     def forced(self) -> bool:
@@ -100,20 +101,9 @@ class ToolPlan:
         return text, None
 
     def split_calls(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """("auto") The text outside the valid <tool_call> blocks (of known tools, with JSON inside), and the calls."""
-        names = {t["function"]["name"] for t in self.tools}
-        calls, kept, last = [], [], 0
-        for m in _HERMES.finditer(text):
-            try:
-                obj = json.loads(m.group(1))
-            except ValueError:
-                continue
-            if not isinstance(obj, dict) or obj.get("name") not in names:
-                continue
-            calls.append(_call(obj["name"], obj.get("arguments", obj.get("parameters", {}))))
-            kept.append(text[last : m.start()])
-            last = m.end()
-        return "".join(kept) + text[last:], calls
+        """("auto") The text outside the calls the parser finds (of known tools), and the calls."""
+        outside, calls = self.parser.split(text, {t["function"]["name"] for t in self.tools})
+        return outside, [_call(name, args) for name, args in calls]
 
     def finish_reason(self, engine_reason: str | None, calls: list[dict[str, Any]] | None) -> str:
         if calls and self.mode != "named":
@@ -121,18 +111,7 @@ class ToolPlan:
         return engine_reason or "stop"
 
 
-TOOL_TAG = "<tool_call>"
-
-
-def held_back(text: str) -> int:
-    """How many trailing characters of `text` could start a <tool_call> tag (held back from a stream)."""
-    for k in range(min(len(TOOL_TAG) - 1, len(text)), 0, -1):
-        if text.endswith(TOOL_TAG[:k]):
-            return k
-    return 0
-
-
-def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
+def tool_plan(body: ChatCompletionRequest, parser: ToolParser | None = None) -> ToolPlan:
     """The body's tools and tool_choice, checked (422 naming the field). A forced call excludes other output
     constraints: the route checks that beside response_format and structured_outputs."""
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
@@ -152,6 +131,8 @@ def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
                 param="tools",
             )  # fmt: skip
     plan = ToolPlan(tools=tools, parallel=body.parallel_tool_calls is not False)
+    if parser is not None:
+        plan.parser = parser
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
             raise APIError(

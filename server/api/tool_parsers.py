@@ -1,0 +1,208 @@
+"""How models write tool calls, for `tool_choice: "auto"` (vLLM's `--tool-call-parser`).
+
+Each parser finds the calls a model wrote in its output and says where, in a stream, text could be the start of
+one (so it is held back instead of sent as content):
+
+- ``hermes``: ``<tool_call>{"name", "arguments"}</tool_call>`` blocks anywhere in the text (Qwen2.5/3, Hermes, many
+  fine-tunes);
+- ``llama3_json``: the output is one or more ``{"name", "parameters"}`` objects separated by ``;``, after the
+  ``<|python_tag|>`` special token or without it (Llama 3.1 / 3.2 JSON tool calling);
+- ``mistral``: ``[TOOL_CALLS]`` then a JSON list of ``{"name", "arguments"}`` (the marker is a special token that
+  decoding drops, so a bare list at the start of the output counts too);
+- ``pythonic``: the output is a Python list of calls, ``[get_weather(city="Paris"), get_time()]`` (Llama 3.2 / 4
+  pythonic, ToolACE), read with ``ast`` (literals only; nothing is evaluated).
+
+Only calls of the request's tools count; anything that does not parse stays content. ``detect`` picks the parser
+a chat template was written for (``auto``, the default setting): the tokens the template itself tells the model
+to write.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+Calls = list[tuple[str, Any]]  # (function name, arguments as a JSON value)
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+HERMES_TAG = "<tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+MISTRAL_TAG = "[TOOL_CALLS]"
+
+
+def _tag_prefix_at_end(text: str, tag: str) -> int:
+    """How many trailing characters of `text` could start `tag`."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+def _args(obj: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if k in obj:
+            return obj[k]
+    return {}
+
+
+# ------------------------------------------------------------------------------------------------ hermes
+def _hermes_split(text: str, names: set[str]) -> tuple[str, Calls]:
+    calls: Calls = []
+    kept, last = [], 0
+    for m in _HERMES.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except ValueError:
+            continue
+        if not isinstance(obj, dict) or obj.get("name") not in names:
+            continue
+        calls.append((obj["name"], _args(obj, "arguments", "parameters")))
+        kept.append(text[last : m.start()])
+        last = m.end()
+    return "".join(kept) + text[last:], calls
+
+
+def _hermes_hold(text: str) -> int:
+    tag = text.find(HERMES_TAG)
+    return tag if tag >= 0 else len(text) - _tag_prefix_at_end(text, HERMES_TAG)
+
+
+# ------------------------------------------------------------------------------------------------ start-anchored
+def _lead(text: str, tags: tuple[str, ...]) -> tuple[str, str]:
+    """(the leading whitespace, the body after it and any of `tags`)."""
+    ws = text[: len(text) - len(text.lstrip())]
+    body = text[len(ws) :]
+    for tag in tags:
+        if body.startswith(tag):
+            body = body[len(tag) :].lstrip()
+    return ws, body
+
+
+def _start_hold(text: str, tags: tuple[str, ...], opener: str) -> int:
+    """Start-anchored formats: everything is held from the first non-space character when the output begins as a
+    call could (the opener or a tag, or a prefix of a tag); else nothing is."""
+    i = len(text) - len(text.lstrip())
+    rest = text[i:]
+    if not rest:
+        return i
+    if rest.startswith(opener) or any(rest.startswith(t) or t.startswith(rest) for t in tags):
+        return i
+    return len(text)
+
+
+def _json_objects(body: str) -> list[Any] | None:
+    """`{...}; {...}` (semicolons or whitespace between), or None if anything else is there."""
+    dec = json.JSONDecoder()
+    out, i = [], 0
+    while True:
+        while i < len(body) and body[i] in " \t\r\n;":
+            i += 1
+        if i >= len(body):
+            return out or None
+        try:
+            obj, i = dec.raw_decode(body, i)
+        except ValueError:
+            return None
+        out.append(obj)
+
+
+def _llama3_split(text: str, names: set[str]) -> tuple[str, Calls]:
+    ws, body = _lead(text, (PYTHON_TAG,))
+    objs = _json_objects(body)
+    if not objs or not all(isinstance(o, dict) and o.get("name") in names for o in objs):
+        return text, []
+    return ws, [(o["name"], _args(o, "parameters", "arguments")) for o in objs]
+
+
+def _mistral_split(text: str, names: set[str]) -> tuple[str, Calls]:
+    ws, body = _lead(text, (MISTRAL_TAG,))
+    try:
+        calls, end = json.JSONDecoder().raw_decode(body)
+    except ValueError:
+        return text, []
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        return text, []
+    if not all(isinstance(c, dict) and c.get("name") in names for c in calls):
+        return text, []
+    return ws + body[end:].strip(), [(c["name"], _args(c, "arguments", "parameters")) for c in calls]
+
+
+def _literal(node: ast.expr) -> Any:
+    value = ast.literal_eval(node)  # literals only: strings, numbers, lists, dicts, True/False/None
+    json.dumps(value)  # and JSON-representable (no tuples of sets, bytes, ...)
+    return value
+
+
+def _pythonic_split(text: str, names: set[str]) -> tuple[str, Calls]:
+    ws, body = _lead(text, (PYTHON_TAG,))
+    body = body.strip()
+    if not body.startswith("["):
+        return text, []
+    try:
+        tree = ast.parse(body, mode="eval")
+    except (SyntaxError, ValueError):
+        return text, []
+    if not isinstance(tree.body, ast.List) or not tree.body.elts:
+        return text, []
+    calls: Calls = []
+    for node in tree.body.elts:
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names):
+            return text, []
+        if node.args or any(k.arg is None for k in node.keywords):
+            return text, []  # keyword arguments only, as the format has them
+        try:
+            calls.append((node.func.id, {k.arg: _literal(k.value) for k in node.keywords}))  # type: ignore[misc]
+        except (ValueError, TypeError, SyntaxError):
+            return text, []
+    return ws, calls
+
+
+# ------------------------------------------------------------------------------------------------ registry
+class ToolParser:
+    def __init__(
+        self, name: str, split: Callable[[str, set[str]], tuple[str, Calls]], hold: Callable[[str], int]
+    ) -> None:
+        self.name = name
+        self._split = split
+        self._hold = hold
+
+    def split(self, text: str, names: set[str]) -> tuple[str, Calls]:
+        """(the text outside the calls, the calls of known tools) of a finished output; the outside text begins
+        with whatever of the output precedes the first call (what a stream may already have sent)."""
+        return self._split(text, names)
+
+    def hold_from(self, text: str) -> int:
+        """In a stream: the text from this index on may be (the start of) a call, so it waits."""
+        return self._hold(text)
+
+
+_REGISTRY = {
+    "hermes": ToolParser("hermes", _hermes_split, _hermes_hold),
+    "llama3_json": ToolParser("llama3_json", _llama3_split, lambda t: _start_hold(t, (PYTHON_TAG,), "{")),
+    "mistral": ToolParser("mistral", _mistral_split, lambda t: _start_hold(t, (MISTRAL_TAG,), "[")),
+    "pythonic": ToolParser("pythonic", _pythonic_split, lambda t: _start_hold(t, (PYTHON_TAG,), "[")),
+}
+
+
+def get_parser(name: str) -> ToolParser:
+    return _REGISTRY[name]
+
+
+def detect(chat_template: str | None) -> str:
+    """The parser a chat template was written for; hermes when it says nothing recognizable."""
+    t = chat_template or ""
+    if MISTRAL_TAG in t:
+        return "mistral"
+    if HERMES_TAG in t:
+        return "hermes"
+    if "[func_name1(" in t or "func_name1(param" in t:  # Llama 3.2 / 4 pythonic system prompt
+        return "pythonic"
+    if PYTHON_TAG in t or '"parameters": dictionary of argument name and its value' in t:
+        return "llama3_json"
+    return "hermes"
