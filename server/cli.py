@@ -263,6 +263,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     spec: dict[str, Any] = {"tenant_id": ns.tenant_id, "name": ns.name, "examples": examples}
     if ns.method:
         spec["method"] = ns.method
+    if ns.init_from:
+        name, _, version = ns.init_from.partition("@")
+        spec["init_from"] = {"name": name, **({"version": int(version)} if version.isdigit() else {})}
     for flag, _typ, fld in TRAIN_OPTIONS:
         v = getattr(ns, flag[2:].replace("-", "_"))
         if v is not None:
@@ -475,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, typ, _fld in TRAIN_OPTIONS:
         tp.add_argument(flag, type=typ, default=None)
+    tp.add_argument(
+        "--init-from", default=None, metavar="NAME[@VERSION]", help="continue training from a stored prefix"
+    )
     tp.add_argument("--base-url", default=None, help="server URL [env PREFIXSERVE_BASE_URL]")
     tp.add_argument("--api-key", default=None, help="tenant key [env PREFIXSERVE_API_KEY]")
     tp.add_argument("--no-wait", action="store_true", help="print the job and return at once")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.fixtures.server import REPO, assert_error, metric_value
+from tests.fixtures.server import REPO, assert_error, metric_value, put_random_prefix
 
 EXAMPLES = [{"prompt": f"Say the word {i}", "completion": " ZEBRA"} for i in range(8)]
 
@@ -48,6 +48,62 @@ def test_train_then_serve_new_versions(server_factory):
     assert metric_value(m, "prefixserve:training_jobs", {"status": "succeeded"}) == 2
     jobs = c.get("/prefixes/jobs").json()["data"]
     assert sorted(j["job_id"] for j in jobs) == sorted([job["job_id"], job2["job_id"]])
+
+
+def test_continue_training_from_a_stored_version(server_factory):
+    """init_from continues a tenant's prefix: the job takes the source's method, prefix length and prompt format,
+    pins its version, starts at the loss the source reached and makes a new version; what cannot be continued is
+    refused before a job exists."""
+    s = server_factory(keys={"acme": "k-acme", "globex": "k-g"})
+    c = s.client("k-acme")
+    body = {"name": "zebra", "method": "prompt_tuning", "examples": EXAMPLES, "prefix_length": 4, "epochs": 6,
+            "learning_rate": 0.3, "prompt_format": "raw"}  # fmt: skip
+    v1 = wait_job(c, c.post("/prefixes", json=body).json()["job_id"])
+    assert v1["status"] == "succeeded" and v1["prefix_version"] == 1
+    more = {
+        "name": "zebra",
+        "examples": EXAMPLES,
+        "epochs": 2,
+        "learning_rate": 0.3,
+        "init_from": {"name": "zebra"},
+    }
+    r = c.post("/prefixes", json=more)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["init_from"] == {"name": "zebra", "version": 1} and job["method"] == "prompt_tuning"
+    assert job["prefix_length"] == 4 and job["hyperparameters"]["prompt_format"] == "raw"
+    v2 = wait_job(c, job["job_id"])
+    assert v2["status"] == "succeeded" and v2["prefix_version"] == 2, v2
+    s1, s2 = v1["summary"], v2["summary"]
+    assert s2["init_from"] == {"name": "zebra", "version": 1}
+    start, end, resumed = s1["loss_curve"][0][1], s1["final_loss"], s2["loss_curve"][0][1]
+    assert abs(resumed - end) < 0.25 * (start - end), (start, end, resumed)  # it started where v1 ended
+    meta = c.get("/prefixes/acme/zebra").json()
+    assert meta["version"] == 2 and meta["training"]["init_from"] == {"name": "zebra", "version": 1}
+    # branch from a pinned version under another name, with the SDK
+    import prefixserve_client as ps
+
+    with ps.Client(s.url, api_key="k-acme") as sdk:
+        branch = sdk.prefixes.train(None, "zebra-b", examples=EXAMPLES, epochs=1, init_from=("zebra", 1))
+        assert branch.init_from == {"name": "zebra", "version": 1}
+        assert branch.wait(timeout=120).status == "succeeded"
+    # refused up front
+    assert_error(c.post("/prefixes", json={**more, "init_from": {"name": "nope"}}), 404, "prefix_not_found")
+    assert_error(c.post("/prefixes", json={**more, "init_from": {"name": "zebra", "version": 9}}), 404)
+    g = s.client("k-g")  # another tenant's prefix does not exist for globex
+    assert_error(g.post("/prefixes", json={**more, "init_from": {"name": "zebra"}}), 404, "prefix_not_found")
+    err = assert_error(c.post("/prefixes", json={**more, "method": "prefix_tuning"}), 422)
+    assert err["param"] == "method"
+    assert (
+        assert_error(c.post("/prefixes", json={**more, "prefix_length": 8}), 422)["param"] == "prefix_length"
+    )
+    put_random_prefix(
+        s.store, s.state.bundle, "acme", "served-only"
+    )  # kv only, as an upload of a served prefix
+    err = assert_error(c.post("/prefixes", json={**more, "init_from": {"name": "served-only"}}), 422)
+    assert err["param"] == "init_from" and "no trained tensors" in err["message"]
+    assert_error(c.post("/prefixes", json={**more, "init_from": {"name": "zebra", "bogus": 1}}), 422)
+    assert [v["status"] for v in c.get("/prefixes/jobs").json()["data"]].count("succeeded") == 3
 
 
 def test_cancel_a_job_writes_nothing(server_factory):

@@ -89,6 +89,30 @@ def test_loss_falls_and_base_weights_bit_identical(request, bundle_name, method)
         assert s[key] is not None, key
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_warm_start_continues_from_a_stored_version(tiny_llama_bundle, method):
+    """init_tensors (a finished run's tensors) start training where that run ended: with a vanishing learning rate
+    the result is that run's prefix again, and a real continuation starts at the loss the first run reached."""
+    b = tiny_llama_bundle
+    first = train_prefix(b, method, examples(), 4, {**FAST[method], "epochs": 10, "batch_size": 4})
+    still = train_prefix(
+        b, method, examples(), 4, {"learning_rate": 1e-12, "epochs": 1}, init_tensors=first.tensors
+    )
+    torch.testing.assert_close(still.tensors["kv"], first.tensors["kv"], atol=1e-5, rtol=1e-5)
+    more = train_prefix(
+        b, method, examples(), 4, {**FAST[method], "epochs": 2, "batch_size": 4}, init_tensors=first.tensors
+    )
+    fresh_start = first.summary["loss_curve"][0][1]
+    assert more.summary["loss_curve"][0][1] < 0.5 * fresh_start
+    assert more.summary["loss_curve"][0][1] == pytest.approx(first.summary["final_loss"], rel=0.5, abs=0.05)
+    # tensors of another size or kind are refused before any compute
+    with pytest.raises(TrainingValidationError) as e:
+        train_prefix(b, method, examples(), 5, {"epochs": 1}, init_tensors=first.tensors)
+    assert e.value.param == "init_from"
+    with pytest.raises(TrainingValidationError, match="init_from"):
+        train_prefix(b, method, examples(), 4, {"epochs": 1}, init_tensors={"kv": first.tensors["kv"]})
+
+
 def test_parameter_counts(tiny_llama_bundle):
     sp = tiny_llama_bundle.spec  # L=2, H=64, K=2, D=16
     assert trainable_parameter_count("prefix_propagation", sp, 8) == 2 * 8 * 64

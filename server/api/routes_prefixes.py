@@ -85,6 +85,12 @@ async def _owned_job(svc: Service, principal: Principal, job_id: str) -> Any:
     return rec
 
 
+def _init_not_found() -> type[Exception]:
+    from server.training.config import InitFromNotFound
+
+    return InitFromNotFound
+
+
 def _training_errors() -> tuple[type[Exception], type[Exception]]:
     try:
         from server.training import TooManyJobs, TrainingValidationError
@@ -114,6 +120,8 @@ async def train(body: TrainRequest, request: Request, principal: Principal = Dep
     validation_error, too_many = _training_errors()
     try:
         rec = await _call_jobs(svc, jm.submit, spec)
+    except _init_not_found() as e:
+        raise APIError(404, str(e), code="prefix_not_found", param="init_from") from None
     except too_many as e:
         raise APIError(
             429, str(e), code="too_many_jobs", headers={"Retry-After": str(svc.settings.retry_after_s)}

@@ -542,6 +542,15 @@ class TrainExample(BaseModel):
     completion: str = Field(min_length=1)
 
 
+class InitFrom(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name = Field(description="A prefix of the same tenant (the job's own name continues that prefix)")
+    version: int | None = Field(
+        None, ge=1, description="Its version (default: the latest, pinned at submission)"
+    )
+
+
 class TrainRequest(BaseModel):
     """A training job. Hyperparameters beyond the listed ones (`warmup_ratio`, `weight_decay`, ...) go to the
     trainer, which validates them (422 naming the field)."""
@@ -569,6 +578,11 @@ class TrainRequest(BaseModel):
     )
     hyperparameters: dict[str, Any] | None = Field(
         None, description="Hyperparameters as one object (the same keys as at the top level; not both)"
+    )
+    init_from: InitFrom | None = Field(
+        None,
+        description="Continue training from a stored version instead of a fresh init (its method, prefix length, "
+        "prompt format and MLP width unless given); the result is a new version of `name`",
     )
 
 

@@ -2,6 +2,8 @@
 
 from server.prefixes.kinds import (
     KINDS,
+    PREFIX_TUNING_KEYS,
+    TRAINED_KEYS,
     PrefixTuningParams,
     cache_to_kv,
     compile_prefix_tuning,
@@ -14,6 +16,7 @@ from server.prefixes.kinds import (
     kv_to_flat,
     kv_to_past_key_values,
     prefix_forward,
+    prefix_tuning_params,
     propagation_hooks,
     validate_kv,
 )
@@ -22,6 +25,8 @@ from server.prefixes.transfer import import_peft
 
 __all__ = [
     "KINDS",
+    "PREFIX_TUNING_KEYS",
+    "TRAINED_KEYS",
     "PeftAdapter",
     "PrefixTuningParams",
     "cache_to_kv",
@@ -36,6 +41,7 @@ __all__ = [
     "kv_to_flat",
     "kv_to_past_key_values",
     "prefix_forward",
+    "prefix_tuning_params",
     "propagation_hooks",
     "read_peft_adapter",
     "validate_kv",

@@ -142,31 +142,46 @@ class PrefixTuningParams(nn.Module):
         return flat_to_kv(self.flat(), self.spec)
 
 
+def prefix_tuning_params(tensors: dict[str, torch.Tensor], spec: ModelSpec) -> PrefixTuningParams:
+    """The module of a prefix-tuning state dict (`embedding` and, with the MLP, `mlp.0.weight`, `mlp.0.bias`,
+    `mlp.2.weight`, `mlp.2.bias`: `PREFIX_TUNING_KEYS`). Raises InvalidPrefix if they do not fit."""
+    if "embedding" not in tensors:
+        raise InvalidPrefix(f"prefix-tuning tensors need 'embedding' (got {', '.join(sorted(tensors))})")
+    emb = tensors["embedding"]
+    projection = "mlp.0.weight" in tensors
+    if emb.dim() != 2 or emb.shape[0] < 1:
+        raise InvalidPrefix(f"prefix-tuning embedding must be [P, ...], got {list(emb.shape)}")
+    hidden = tensors["mlp.0.weight"].shape[0] if projection else 1
+    mod = PrefixTuningParams(
+        spec,
+        emb.shape[0],
+        hidden=hidden,
+        projection=projection,
+        embed_dim=emb.shape[1] if projection else None,
+    )
+    try:
+        mod.load_state_dict({k: v.detach().float() for k, v in tensors.items()})
+    except RuntimeError as e:
+        raise InvalidPrefix(f"prefix-tuning tensors do not fit this base model: {e}") from None
+    return mod
+
+
+PREFIX_TUNING_KEYS = ("embedding", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
+# what a stored version must hold to continue training from it (its trained tensors, not just the served kv)
+TRAINED_KEYS: dict[str, tuple[str, ...]] = {
+    "prefix_tuning": PREFIX_TUNING_KEYS,
+    "prefix_propagation": ("additions",),
+    "prompt_tuning": ("soft_prompt",),
+}
+
+
 def compile_prefix_tuning(
     params: PrefixTuningParams | dict[str, torch.Tensor], spec: ModelSpec
 ) -> torch.Tensor:
     """Serving form of prefix-tuning parameters: a `PrefixTuningParams` or its state dict (`embedding` and, with
     the MLP, `mlp.0.weight`, `mlp.0.bias`, `mlp.2.weight`, `mlp.2.bias`). Raises InvalidPrefix if they do not fit."""
     if isinstance(params, dict):
-        if "embedding" not in params:
-            raise InvalidPrefix(f"prefix-tuning tensors need 'embedding' (got {', '.join(sorted(params))})")
-        emb = params["embedding"]
-        projection = "mlp.0.weight" in params
-        if emb.dim() != 2 or emb.shape[0] < 1:
-            raise InvalidPrefix(f"prefix-tuning embedding must be [P, ...], got {list(emb.shape)}")
-        hidden = params["mlp.0.weight"].shape[0] if projection else 1
-        mod = PrefixTuningParams(
-            spec,
-            emb.shape[0],
-            hidden=hidden,
-            projection=projection,
-            embed_dim=emb.shape[1] if projection else None,
-        )
-        try:
-            mod.load_state_dict({k: v.detach().float() for k, v in params.items()})
-        except RuntimeError as e:
-            raise InvalidPrefix(f"prefix-tuning tensors do not fit this base model: {e}") from None
-        params = mod
+        params = prefix_tuning_params(params, spec)
     with torch.no_grad():
         kv = params.kv().detach().float().contiguous()
     validate_kv(kv, spec, kv.shape[3])

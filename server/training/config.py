@@ -34,6 +34,10 @@ class TrainingValidationError(ValueError):
         self.param = param
 
 
+class InitFromNotFound(TrainingValidationError):
+    """`init_from` names a prefix (or version) the tenant does not have (the API answers 404)."""
+
+
 class TrainingCancelled(Exception):
     """Raised by the trainer when ``should_stop()`` answered True; nothing was produced."""
 
@@ -89,7 +93,15 @@ DEFAULT_PREFIX_LENGTH: dict[str, int] = {"prefix_tuning": 16, "prefix_propagatio
 
 HP_FIELDS = {f.name for f in dataclasses.fields(Hyperparameters)}
 HP_ALIASES = {"lr": "learning_rate"}
-TOP_LEVEL_FIELDS = {"tenant_id", "name", "method", "prefix_length", "examples", "hyperparameters"}
+TOP_LEVEL_FIELDS = {
+    "tenant_id",
+    "name",
+    "method",
+    "prefix_length",
+    "examples",
+    "hyperparameters",
+    "init_from",
+}
 
 
 def default_hyperparameters(method: str) -> Hyperparameters:
@@ -280,6 +292,7 @@ class TrainSpec:
     examples: list[dict[str, str]]
     hyperparameters: Hyperparameters
     extra: dict[str, Any] = field(default_factory=dict)
+    init_from: dict[str, Any] | None = None  # {"name", "version"}: continue training from that stored version
 
 
 def parse_request(request: Mapping[str, Any], limits: TrainingLimits | None = None) -> TrainSpec:
@@ -327,4 +340,27 @@ def parse_request(request: Mapping[str, Any], limits: TrainingLimits | None = No
         prefix_length=prefix_length,
         examples=examples,
         hyperparameters=hyper,
+        init_from=check_init_from(request.get("init_from")),
     )
+
+
+def check_init_from(value: Any) -> dict[str, Any] | None:
+    """`{"name": prefix name, "version": int or null (latest)}`, or None."""
+    from prefix_store.errors import InvalidName
+    from prefix_store.names import validate_name
+
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TrainingValidationError('init_from must be an object {"name", "version"}', param="init_from")
+    unknown = sorted(set(value) - {"name", "version"})
+    if unknown:
+        raise TrainingValidationError(f"init_from: unknown field(s) {unknown}", param="init_from")
+    try:
+        name = validate_name(value.get("name"), "init_from.name")
+    except InvalidName as e:
+        raise TrainingValidationError(str(e), param="init_from.name") from None
+    version = value.get("version")
+    if version is not None:
+        version = _int(version, "init_from.version", lo=1)
+    return {"name": name, "version": version}

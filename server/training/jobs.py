@@ -28,11 +28,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from prefix_store.errors import StoreError
+from prefix_store.errors import PrefixNotFound, StoreError
+from prefix_store.names import is_valid_name
+from server.prefixes import TRAINED_KEYS
 from server.training.config import (
+    InitFromNotFound,
     TrainingCancelled,
     TrainingLimits,
     TrainingValidationError,
+    check_init_from,
     parse_request,
 )
 from server.training.data import encode_examples
@@ -152,6 +156,7 @@ class JobManager:
     # ------------------------------------------------------------------------------------------ API
     def validate(self, request: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """Full validation of a request (structure, names, limits, tokenization); returns (spec, hyperparameters)."""
+        request = self._resolve_init_from(request)
         spec = parse_request(request, self.limits)
         hp = spec.hyperparameters
         from server.model import default_prompt_format
@@ -160,6 +165,50 @@ class JobManager:
         encode_examples(self.bundle, spec.examples, fmt, spec.prefix_length, append_eos=hp.append_eos,
                         limits=self.limits)  # fmt: skip
         return spec, {**hp.to_dict(), "prompt_format": fmt}
+
+    def _resolve_init_from(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`init_from` pinned to a stored version of the tenant's that this base model can continue: the job takes
+        its method, prefix length, prompt format and (prefix-tuning) MLP width unless the request sets them, and
+        must agree with them if it does."""
+        src = check_init_from(request.get("init_from"))
+        tenant = request.get("tenant_id")
+        if src is None or not is_valid_name(tenant):  # a bad tenant id is parse_request's to refuse
+            return request
+        try:
+            meta = self.store.get_meta(tenant, src["name"], src["version"])
+        except PrefixNotFound:
+            v = "" if src["version"] is None else f" version {src['version']}"
+            raise InitFromNotFound(
+                f"init_from: prefix {src['name']!r}{v} not found", param="init_from"
+            ) from None
+        if meta.base_model_fingerprint != self.bundle.fingerprint:
+            raise TrainingValidationError(
+                f"init_from: {meta.label} was trained for another base model", param="init_from"
+            )
+        out = dict(request)
+        for key, have in (("method", meta.kind), ("prefix_length", meta.prefix_length)):
+            if out.get(key) is None:
+                out[key] = have
+            elif out[key] != have:
+                raise TrainingValidationError(
+                    f"init_from: {meta.label} has {key} {have!r}, the request {out[key]!r}", param=key
+                )
+        missing = [k for k in TRAINED_KEYS[meta.kind] if k not in meta.shapes]
+        if missing:
+            raise TrainingValidationError(
+                f"init_from: {meta.label} has no trained tensors to continue from (missing {', '.join(missing)}; a "
+                "prefix imported from PEFT or uploaded as served holds only what is needed to serve it)",
+                param="init_from",
+            )
+        given = set(out) | set(out.get("hyperparameters") or {})
+        inherited = {"prompt_format": (meta.extra or {}).get("prompt_format")}
+        if meta.kind == "prefix_tuning":
+            inherited["mlp_hidden"] = meta.shapes["mlp.0.weight"][0]
+        for key, value in inherited.items():
+            if value is not None and key not in given:
+                out[key] = value
+        out["init_from"] = {"name": meta.name, "version": meta.version}
+        return out
 
     def submit(self, request: dict[str, Any]) -> JobRecord:
         """Validate and queue a job. Raises TrainingValidationError (bad request), TooManyJobs (tenant limit),
@@ -173,6 +222,7 @@ class JobManager:
             prefix_length=spec.prefix_length,
             hyperparameters=hp,
             num_examples=len(spec.examples),
+            init_from=spec.init_from,
         )
         self.backend.create(rec, spec.examples, self.max_jobs_per_tenant)
         log.info(
@@ -353,11 +403,19 @@ class JobManager:
     def _execute(self, claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt) -> None:
         hp = dict(rec.hyperparameters)
         try:
+            init = None
+            if (
+                rec.init_from is not None
+            ):  # the pinned version (gone since submission: the job fails, saying so)
+                src = rec.init_from
+                init = self.store.get(
+                    rec.tenant_id, src["name"], src["version"], expected_fingerprint=self.bundle.fingerprint
+                ).tensors
             try:
                 result = train_prefix(
                     self.bundle, rec.method, claim.examples, rec.prefix_length, hp,
                     progress_cb=on_progress, should_stop=should_stop, limits=self.limits,
-                    num_threads=self.train_threads,
+                    num_threads=self.train_threads, init_tensors=init,
                 )  # fmt: skip
             except TrainingCancelled:
                 if lost_ev.is_set():
@@ -371,6 +429,8 @@ class JobManager:
                 raise TrainingCancelled("cancelled after the last step")
             summary = dict(result.summary)
             summary["job_id"] = rec.job_id
+            if rec.init_from is not None:
+                summary["init_from"] = dict(rec.init_from)
             meta = self.store.put(
                 rec.tenant_id,
                 rec.name,

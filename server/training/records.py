@@ -48,6 +48,7 @@ class JobRecord:
     summary: dict[str, Any] | None = None
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     num_examples: int = 0
+    init_from: dict[str, Any] | None = None  # {"name", "version"}: the stored version training continues from
     attempts: int = 0  # how many times a worker started it
     worker: str | None = None  # the worker running it (or that last ran it)
     heartbeat: float | None = None  # last sign of life of that worker (unix seconds)

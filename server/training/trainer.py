@@ -44,14 +44,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from prefix_store.errors import InvalidPrefix
 from server.model import default_prompt_format
 from server.prefixes import (
+    PREFIX_TUNING_KEYS,
     PrefixTuningParams,
     compile_prefix_tuning,
     compile_prompt_tuning,
     compile_propagation,
     kv_to_flat,
     kv_to_past_key_values,
+    prefix_tuning_params,
     propagation_hooks,
 )
 from server.training.config import (
@@ -186,6 +189,24 @@ class _Method:
     def trained_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def warm_start(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Start from a stored version's trained tensors (`trained_tensors()` of an earlier run) instead of the
+        init; raises TrainingValidationError if they are missing or do not fit."""
+        raise NotImplementedError
+
+    def _stored(self, tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = tensors.get(key)
+        if t is None:
+            raise TrainingValidationError(
+                f"init_from: that version has no {key!r} tensor to continue from (only {', '.join(sorted(tensors))})",
+                param="init_from",
+            )
+        if tuple(t.shape) != shape:
+            raise TrainingValidationError(
+                f"init_from: its {key!r} is {list(t.shape)}, this job needs {list(shape)}", param="init_from"
+            )
+        return t.detach().float().to(self.device).clone()
+
     def compile(self) -> torch.Tensor:
         """Serving kv ``[L, 2, K, P, D]`` through the ``server.prefixes`` compile function of the kind."""
         raise NotImplementedError
@@ -293,6 +314,25 @@ class _PrefixTuning(_Method):
     def trained_tensors(self):
         return {k: v.detach().float().cpu().contiguous() for k, v in self.mod.state_dict().items()}
 
+    def warm_start(self, tensors):
+        missing = [k for k in PREFIX_TUNING_KEYS if k not in tensors]
+        if missing:
+            raise TrainingValidationError(
+                f"init_from: that version has no MLP to continue training (missing {', '.join(missing)}; a prefix "
+                "imported from PEFT holds only its kv)",
+                param="init_from",
+            )
+        try:
+            mod = prefix_tuning_params({k: tensors[k] for k in PREFIX_TUNING_KEYS}, self.bundle.spec)
+        except InvalidPrefix as e:
+            raise TrainingValidationError(f"init_from: {e}", param="init_from") from None
+        if mod.prefix_length != self.P:
+            raise TrainingValidationError(
+                f"init_from: that version has {mod.prefix_length} positions, this job {self.P}",
+                param="init_from",
+            )
+        self.mod = mod.to(self.device)
+
     def compile(self):
         return compile_prefix_tuning(self.trained_tensors(), self.bundle.spec).cpu().contiguous()
 
@@ -356,6 +396,10 @@ class _Propagation(_Method):
     def trained_tensors(self):
         return {"additions": self.additions.detach().float().cpu().contiguous()}
 
+    def warm_start(self, tensors):
+        add = self._stored(tensors, "additions", tuple(self.raw.shape))
+        self.raw = nn.Parameter((add / self.scale).contiguous())
+
     def compile(self):
         return compile_propagation(self.bundle, self.trained_tensors()["additions"]).contiguous()
 
@@ -400,6 +444,9 @@ class _PromptTuning(_Method):
     def trained_tensors(self):
         return {"soft_prompt": self.soft_prompt.detach().float().cpu().contiguous()}
 
+    def warm_start(self, tensors):
+        self.raw = nn.Parameter(self._stored(tensors, "soft_prompt", tuple(self.raw.shape)))
+
     def compile(self):
         return compile_prompt_tuning(self.bundle, self.trained_tensors()["soft_prompt"]).contiguous()
 
@@ -413,10 +460,14 @@ METHOD_CLASSES: dict[str, type[_Method]] = {
 
 def build_method(
     bundle: Any, method: str, prefix_length: int, hp: Hyperparameters, examples: list[dict[str, str]],
-    gen: torch.Generator,
+    gen: torch.Generator, init_tensors: dict[str, torch.Tensor] | None = None,
 ) -> _Method:  # fmt: skip
+    """The method's trainable prefix: from its init, or continuing from `init_tensors` (a stored version's)."""
     init_ids = _text_init_ids(bundle, examples, prefix_length)
-    return METHOD_CLASSES[method](bundle, prefix_length, hp, init_ids, gen)
+    m = METHOD_CLASSES[method](bundle, prefix_length, hp, init_ids, gen)
+    if init_tensors is not None:
+        m.warm_start(init_tensors)
+    return m
 
 
 def trainable_parameter_count(method: str, spec: Any, prefix_length: int, mlp_hidden: int = 512) -> int:
@@ -504,13 +555,15 @@ def train_prefix(
     should_stop: Callable[[], bool] | None = None,
     limits: TrainingLimits | None = None,
     num_threads: int | None = None,
+    init_tensors: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train a prefix of ``prefix_length`` positions for ``method`` on ``examples`` and compile it to serving KV.
 
     ``hyperparameters`` override the method's defaults (``server.training.config.DEFAULTS``). ``should_stop()`` is
     checked before every optimizer step (raises ``TrainingCancelled``); ``progress_cb(step, total_steps, loss,
-    epoch)`` is called after every step. Raises ``TrainingValidationError`` for bad input (before any compute),
-    ``TrainingDiverged`` if the loss becomes non-finite.
+    epoch)`` is called after every step. ``init_tensors`` (a stored version's tensors of the same method and
+    prefix length) continue training from there instead of the init. Raises ``TrainingValidationError`` for bad
+    input (before any compute), ``TrainingDiverged`` if the loss becomes non-finite.
     """
     t_start = time.perf_counter()
     limits = limits or TrainingLimits()
@@ -523,7 +576,17 @@ def train_prefix(
 
     with _threads(num_threads):
         return _train(
-            bundle, method, examples, data, prefix_length, hp, fmt, t_start, progress_cb, should_stop
+            bundle,
+            method,
+            examples,
+            data,
+            prefix_length,
+            hp,
+            fmt,
+            t_start,
+            progress_cb,
+            should_stop,
+            init_tensors,
         )
 
 
@@ -538,10 +601,12 @@ def _train(
     t_start: float,
     progress_cb: ProgressCallback | None,
     should_stop: Callable[[], bool] | None,
+    init_tensors: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     gen = torch.Generator().manual_seed(hp.seed)
     train_idx, eval_idx = _split(len(data), hp, gen)
-    method = build_method(bundle, method_name, prefix_length, hp, [examples[i] for i in train_idx], gen)
+    train_examples = [examples[i] for i in train_idx]
+    method = build_method(bundle, method_name, prefix_length, hp, train_examples, gen, init_tensors)
     params = method.parameters()
     device = method.device
     pad = pad_token_id(bundle)

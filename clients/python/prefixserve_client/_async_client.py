@@ -115,13 +115,14 @@ class AsyncPrefixes:
         prefix_length: int | None = None,
         hyperparameters: dict[str, Any] | None = None,
         request_id: str | None = None,
+        init_from: str | tuple[str, int] | None = None,
         **kwargs: Any,
     ) -> AsyncJob:
         """See :meth:`Prefixes.train`."""
         if examples is None:
             raise TypeError("train() needs examples (a list of dicts or a JSONL path)")
         hp = _base.merge_hyperparameters(hyperparameters, kwargs)
-        body = _base.train_body(tenant_id, name, method, examples, prefix_length, hp)
+        body = _base.train_body(tenant_id, name, method, examples, prefix_length, hp, init_from)
         r = await self._client._request(
             "POST", "/prefixes", json=body, request_id=request_id, idempotent=False
         )

@@ -201,6 +201,7 @@ def train_body(
     examples: Examples,
     prefix_length: int | None,
     hyperparameters: dict[str, Any],
+    init_from: str | tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """``POST /prefixes`` body: hyperparameters travel nested under ``"hyperparameters"`` (None values dropped,
     so the server's defaults apply)."""
@@ -214,6 +215,9 @@ def train_body(
     hp = {k: v for k, v in hyperparameters.items() if v is not None}
     if hp:
         body["hyperparameters"] = hp
+    if init_from is not None:
+        name, version = (init_from, None) if isinstance(init_from, str) else init_from
+        body["init_from"] = {"name": name, **({"version": version} if version is not None else {})}
     return body
 
 

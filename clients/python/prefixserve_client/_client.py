@@ -114,6 +114,7 @@ class Prefixes:
         prefix_length: int | None = None,
         hyperparameters: dict[str, Any] | None = None,
         request_id: str | None = None,
+        init_from: str | tuple[str, int] | None = None,
         **kwargs: Any,
     ) -> Job:
         """Start a training job (``POST /prefixes``); the prefix appears once the job succeeded.
@@ -123,13 +124,16 @@ class Prefixes:
         ``prefix_length=None``: the server's default. Hyperparameters (``epochs``, ``learning_rate``,
         ``batch_size``, ``seed``, ``warmup_ratio``, ``weight_decay``, ``max_grad_norm``, ``prompt_format``, ...)
         as keyword arguments and/or a ``hyperparameters`` dict (keywords win) are sent as the body's
-        ``"hyperparameters"`` object; the server validates them (422, ``param`` naming the field). A submission
-        is never re-sent once the request went out (no duplicate jobs); 429/503 and connect failures are retried.
+        ``"hyperparameters"`` object; the server validates them (422, ``param`` naming the field).
+        ``init_from="faq"`` (latest version) or ``("faq", 3)`` continues training from that stored prefix of the
+        tenant (its method, prefix length and prompt format unless given; the result is a new version of ``name``).
+        A submission is never re-sent once the request went out (no duplicate jobs); 429/503 and connect failures
+        are retried.
         """
         if examples is None:
             raise TypeError("train() needs examples (a list of dicts or a JSONL path)")
         hp = _base.merge_hyperparameters(hyperparameters, kwargs)
-        body = _base.train_body(tenant_id, name, method, examples, prefix_length, hp)
+        body = _base.train_body(tenant_id, name, method, examples, prefix_length, hp, init_from)
         r = self._client._request("POST", "/prefixes", json=body, request_id=request_id, idempotent=False)
         return self._job(r.json())
 

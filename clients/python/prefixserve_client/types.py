@@ -206,6 +206,7 @@ class JobInfo(_Model):
     error: Optional[Any] = None
     prefix_version: Optional[int] = None
     summary: Optional[dict[str, Any]] = None
+    init_from: Optional[dict[str, Any]] = None  # {"name", "version"} the job continues from
 
     @property
     def done(self) -> bool:
