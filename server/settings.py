@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         description="Tokens per minute per tenant, prompt + max_tokens charged at admission and the unused part "
         "refunded (429 + Retry-After above; none: unlimited)",
     )
+    limits_url: str | None = Field(
+        None,
+        description="redis://host:port/db[?prefix=ns] shared by replicas for per-tenant rate limits and usage counts "
+        "(which then outlive restarts); default: each server process counts alone",
+    )
     tenant_limits_file: Path | None = Field(
         None,
         description="JSON of per-tenant overrides: {tenant or '*': {requests_per_minute, tokens_per_minute, "

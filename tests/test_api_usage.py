@@ -3,6 +3,7 @@ per minute, per-tenant overrides, OpenAI's x-ratelimit-* headers)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -22,6 +23,11 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+def remaining(c, tenant: str) -> int | None:
+    """What is left of the tenant's token budget, as GET /usage reports it."""
+    return c.get("/usage", params={"tenant_id": tenant}).json()["data"][0]["limits"]["remaining_tokens"]
 
 
 def gen(c, tenant: str | None = None, **kw):
@@ -191,7 +197,7 @@ def test_tokens_per_minute_charges_prompt_plus_max_tokens_and_refunds_the_rest(s
     assert c.post("/v1/completions", json={**body, "n": 2}).status_code == 200
     assert_error(c.post("/v1/completions", json={**body, "n": 2}), 429, "rate_limit_exceeded")
     clock.t += 60
-    assert s.svc.limiter.state("acme")["remaining_tokens"] == 200
+    assert remaining(c, "acme") == 200
     (rep,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
     assert rep["rejected"] == 2 and rep["limits"]["tokens_per_minute"] == 200  # the two 429s
     assert (
@@ -237,10 +243,10 @@ def test_per_tenant_overrides_from_the_limits_file(server_factory, tmp_path):
     assert out == [200]
     # two samples where one slot is left: refused, and neither sample's tokens stay charged
     t, out = in_background("duo")
-    before = s.svc.limiter.state("duo")["remaining_tokens"]  # the clock stands still
+    before = remaining(c, "duo")  # the clock stands still
     body = {"model": "duo/base", "prompt": "Hi", "max_tokens": 5, "n": 2}
     assert_error(c.post("/v1/completions", json=body), 429, "tenant_concurrency_limit")
-    assert s.svc.limiter.state("duo")["remaining_tokens"] == before < 1000
+    assert remaining(c, "duo") == before < 1000
     t.join(30)
     assert out == [200]
 
@@ -267,43 +273,95 @@ def test_bad_limits_file_fails_at_start(tmp_path, match, text):
 # ------------------------------------------------------------------------------------------ units
 def test_bucket_refills_at_its_rate_and_caps_refunds():
     b = Bucket(60, now=0.0)  # one unit a second
-    assert b.take(60, 0.0) == 0.0 and b.remaining(0.0) == 0
-    assert b.take(5, 2.0) == pytest.approx(3.0)  # 2 units back after 2 s; 3 more seconds for 5
-    assert b.remaining(2.0) == 2  # nothing taken by a refused take
-    b.give(1000, 2.0)
-    assert b.remaining(2.0) == 60 and b.reset_s(2.0) == 0.0
-    assert b.take(30, 2.0) == 0.0 and b.reset_s(2.0) == pytest.approx(30.0)
+    assert b.wait(60) == 0.0
+    b.add(-60)
+    assert b.level == 0
+    assert b.refill(2.0) == pytest.approx(2.0) and b.wait(5) == pytest.approx(3.0)  # 3 more seconds for 5
+    b.add(1000)
+    assert b.level == 60  # never above capacity
+
+
+DEFAULT_LIMIT = TenantLimit(requests_per_minute=10, max_concurrent=8)
+OVERRIDES = {"*": {"tokens_per_minute": 100}, "big": {"tokens_per_minute": 1000, "requests_per_minute": None}}
 
 
 def test_rate_limiter_overrides_and_headers():
     clock = Clock()
-    rl = RateLimiter(
-        TenantLimit(requests_per_minute=10, max_concurrent=8),
-        parse_limits(
-            {
-                "*": {"tokens_per_minute": 100},
-                "big": {"tokens_per_minute": 1000, "requests_per_minute": None},
-            },
-            "x",
-        ),
-        clock,
-    )
-    assert rl.limit("any") == TenantLimit(10, 100, 8) and rl.limit("big") == TenantLimit(None, 1000, 8)
-    rl.charge_tokens("any", 60)
-    with pytest.raises(APIError) as e:
-        rl.charge_tokens("any", 60)
-    assert e.value.status == 429 and e.value.headers["Retry-After"] == "12"  # 20 missing at 100/60 a second
-    rl.refund_tokens("any", 30)
-    rl.charge_tokens("any", 60)
-    h = rl.headers("any")
-    assert h["x-ratelimit-limit-tokens"] == "100" and h["x-ratelimit-remaining-tokens"] == "10"
-    assert h["x-ratelimit-reset-tokens"] == "54s" and h["x-ratelimit-limit-requests"] == "10"
-    assert "x-ratelimit-limit-requests" not in rl.headers("big")
-    for _ in range(1000):
-        rl.charge_request("big")  # unlimited requests
+    rl = RateLimiter(DEFAULT_LIMIT, parse_limits(OVERRIDES, "x"), clock)
+
+    async def main() -> None:
+        assert rl.limit("any") == TenantLimit(10, 100, 8) and rl.limit("big") == TenantLimit(None, 1000, 8)
+        h = await rl.charge("any", 60)
+        assert h["x-ratelimit-limit-tokens"] == "100" and h["x-ratelimit-remaining-tokens"] == "40"
+        assert h["x-ratelimit-limit-requests"] == "10" and h["x-ratelimit-remaining-requests"] == "9"
+        with pytest.raises(APIError) as e:
+            await rl.charge("any", 60)  # tokens short: 20 missing at 100/60 a second; nothing taken
+        assert e.value.status == 429 and e.value.headers["Retry-After"] == "12"
+        assert e.value.headers["x-ratelimit-remaining-requests"] == "9"
+        await rl.refund("any", 30)
+        h = await rl.charge("any", 60)
+        assert h["x-ratelimit-remaining-tokens"] == "10" and h["x-ratelimit-reset-tokens"] == "54s"
+        with pytest.raises(APIError) as e:
+            await rl.charge("any", 101)  # more than the whole budget: never fits
+        assert e.value.status == 413 and e.value.code == "tokens_per_minute_exceeded"
+        for _ in range(8):
+            await rl.charge("any", 0)
+        with pytest.raises(APIError) as e:  # the 11th request in the minute
+            await rl.charge("any", 0)
+        assert e.value.code == "rate_limit_exceeded" and "10 requests per minute" in e.value.message
+        state = await rl.state("any")
+        assert state["remaining_requests"] == 0 and state["remaining_tokens"] == 10
+        assert "x-ratelimit-limit-requests" not in await rl.charge("big", 5)
+        for _ in range(100):
+            await rl.charge("big", 1)  # no request limit
+        assert (await rl.state("big"))["remaining_requests"] is None
+        clock.t += 30  # half a minute refills half of each budget
+        state = await rl.state("any")
+        assert state["remaining_requests"] == 5 and state["remaining_tokens"] == 60
+
+    asyncio.run(main())
     assert _duration(0.04) == "0.1s" and _duration(360) == "6m0s" and _duration(61.2) == "1m2s"
     with pytest.raises(ValueError, match="unknown field"):
         parse_limits({"a": {"tpm": 1}}, "x")
+
+
+def test_redis_rate_limiter_shares_budgets_and_falls_back_when_redis_is_down(redis_store_url):
+    """The buckets in Redis: two limiters (two replicas) draw on one budget, refunds and request limits included;
+    with Redis gone each counts alone instead of refusing work. (Redis keeps the time: budgets refill while the
+    test runs, 100 tokens and 10 requests a minute, hence the ranges.)"""
+    from server.api.limits import RedisRateLimiter
+
+    async def main() -> None:
+        a = RedisRateLimiter(redis_store_url, DEFAULT_LIMIT, parse_limits(OVERRIDES, "x"))
+        b = RedisRateLimiter(redis_store_url, DEFAULT_LIMIT, parse_limits(OVERRIDES, "x"))
+        try:
+            h = await a.charge("any", 60)
+            assert h["x-ratelimit-remaining-tokens"] == "40" and h["x-ratelimit-remaining-requests"] == "9"
+            with pytest.raises(APIError) as e:  # replica b sees replica a's spending
+                await b.charge("any", 60)
+            assert e.value.status == 429 and 8 <= int(e.value.headers["Retry-After"]) <= 12
+            assert 40 <= (await b.state("any"))["remaining_tokens"] <= 45
+            await b.refund("any", 30)
+            assert 70 <= (await a.state("any"))["remaining_tokens"] <= 75
+            for _ in range(9):
+                await (a if _ % 2 else b).charge("any", 0)
+            with pytest.raises(APIError) as e:
+                await a.charge("any", 0)
+            assert e.value.code == "rate_limit_exceeded" and "requests per minute" in e.value.message
+            with pytest.raises(APIError) as e:
+                await b.charge("any", 101)
+            assert e.value.status == 413
+            assert (await a.state("big"))["remaining_requests"] is None
+        finally:
+            await a.close()
+            await b.close()
+        down = RedisRateLimiter("redis://127.0.0.1:1/0", DEFAULT_LIMIT, parse_limits(OVERRIDES, "x"))
+        assert (await down.charge("any", 60))["x-ratelimit-remaining-tokens"] == "40"  # its own buckets
+        with pytest.raises(APIError):
+            await down.charge("any", 60)
+        await down.close()
+
+    asyncio.run(main())
 
 
 def test_sdk_usage_and_cached_tokens(server_factory):
@@ -332,3 +390,36 @@ def test_sdk_usage_and_cached_tokens(server_factory):
     import asyncio
 
     asyncio.run(main())
+
+
+def test_replicas_share_rate_limits_and_usage_through_redis(server_factory, redis_store_url):
+    """limits_url: two servers draw on one budget and add to one set of usage counts, which outlive a restart;
+    with that Redis down, requests are still served (each replica counting alone) and /usage is a 503."""
+    one = server_factory(limits_url=redis_store_url, tenant_requests_per_minute=3)
+    two = server_factory(limits_url=redis_store_url, tenant_requests_per_minute=3)
+    c1, c2 = one.client(), two.client()
+    assert gen(c1, "acme").status_code == 200
+    assert gen(c2, "acme").status_code == 200
+    r = gen(c1, "acme")
+    assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert_error(gen(c2, "acme"), 429, "rate_limit_exceeded")  # the third was spent on the other replica
+    assert gen(c2, "globex").status_code == 200
+    deadline = time.monotonic() + 10  # the other replica flushes its counts within a second
+    while True:
+        (u,) = c2.get("/usage", params={"tenant_id": "acme"}).json()["data"]
+        if u["requests"] == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert u["requests"] == 3 and u["completions"] == 3 and u["rejected"] == 1  # both replicas' counts
+    assert u["completion_tokens"] == 3 * 6 and u["limits"]["remaining_requests"] == 0
+    since = c1.get("/usage").json()["since"]
+    assert {d["tenant_id"] for d in c1.get("/usage").json()["data"]} == {"acme", "globex"}
+    one.stop()
+    two.stop()
+    three = server_factory(limits_url=redis_store_url)  # a restart: the counts are still there
+    body = three.client().get("/usage", params={"tenant_id": "acme"}).json()
+    assert body["data"][0]["requests"] == 3 and body["since"] == since
+    dead = server_factory(limits_url="redis://127.0.0.1:1/0", tenant_requests_per_minute=100)
+    d = dead.client()
+    assert gen(d, "acme").status_code == 200
+    assert_error(d.get("/usage"), 503, "store_unavailable")

@@ -303,6 +303,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             st.job_manager = None
     svc = Service.build(s, st.bundle, st.store, st.metrics, job_manager=st.job_manager, limiter=st.limiter)
     await asyncio.to_thread(svc.start)
+    svc.usage.start()
     st.svc = svc
     log.info(
         "ready: model %s (fingerprint %s…) loaded in %.1fs; store %r; tool calls parsed as %s",
@@ -317,6 +318,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         st.begin_drain()
         await svc.stop(s.shutdown_grace_s)
+        for closing in (svc.usage.close, svc.limiter.close):  # the last usage counts go out here
+            with contextlib.suppress(Exception):
+                await closing()
         if st.owns_jobs and st.job_manager is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(st.job_manager.shutdown)

@@ -13,12 +13,16 @@ each of its requests' own priority (lower runs first):
 
     {"*": {"requests_per_minute": 600}, "acme": {"tokens_per_minute": 200000, "max_concurrent": 16, "priority": -1}}
 
-Everything here runs on the event loop (no locks). Counts are per server process, like the Prometheus counters.
+The buckets live in the server process (`RateLimiter`), or with ``limits_url`` in Redis (`RedisRateLimiter`), so
+every replica of a deployment draws on the same budget; if Redis does not answer, each replica falls back to its own
+buckets for a while and says so in its log (a limit is then per replica, never a reason to refuse work). Everything
+here runs on the event loop.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from server.api.errors import APIError
+
+log = logging.getLogger("prefixserve.limits")
 
 FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent", "priority")
 MAX_PRIORITY = 1_000_000
@@ -88,30 +94,29 @@ class Bucket:
         self.rate = capacity / 60.0
         self.t = now
 
-    def _refill(self, now: float) -> None:
+    def refill(self, now: float) -> float:
         self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
         self.t = now
+        return self.level
 
-    def take(self, cost: int, now: float) -> float:
-        """Take `cost` if there is that much; else the seconds until there would be (nothing taken)."""
-        self._refill(now)
-        if self.level >= cost:
-            self.level -= cost
-            return 0.0
-        return (cost - self.level) / self.rate
+    def wait(self, cost: int) -> float:
+        """Seconds until `cost` would fit (0: it fits now); call after `refill`."""
+        return 0.0 if self.level >= cost else (cost - self.level) / self.rate
 
-    def give(self, amount: int, now: float) -> None:
-        self._refill(now)
+    def add(self, amount: float) -> None:
+        """Take (negative) or give back (positive), never above capacity."""
         self.level = min(self.capacity, self.level + amount)
 
-    def remaining(self, now: float) -> int:
-        self._refill(now)
-        return int(self.level)
 
-    def reset_s(self, now: float) -> float:
-        """Seconds until full again."""
-        self._refill(now)
-        return (self.capacity - self.level) / self.rate
+@dataclass
+class Levels:
+    """A tenant's budgets after an operation: what is left (None: no such limit) and, if the operation was refused
+    (nothing taken), how long until it would fit and which limit refused it."""
+
+    requests: float | None
+    tokens: float | None
+    wait_s: float = 0.0
+    short: str = ""  # "requests" | "tokens"
 
 
 def _duration(seconds: float) -> str:
@@ -123,6 +128,8 @@ def _duration(seconds: float) -> str:
 
 
 class RateLimiter:
+    """Per-tenant budgets in this process."""
+
     def __init__(
         self,
         default: TenantLimit,
@@ -139,14 +146,7 @@ class RateLimiter:
     def limit(self, tenant: str) -> TenantLimit:
         return self.overrides.get(tenant, self.default)
 
-    @property
-    def active(self) -> bool:
-        """Whether any tenant has a rate limit at all."""
-        return any(
-            lim.requests_per_minute or lim.tokens_per_minute
-            for lim in (self.default, *self.overrides.values())
-        )
-
+    # ------------------------------------------------------------------ the one operation, per backend
     def _bucket(
         self, table: dict[str, Bucket], tenant: str, capacity: int | None, now: float
     ) -> Bucket | None:
@@ -155,76 +155,175 @@ class RateLimiter:
         b = table.get(tenant)
         if b is None or b.capacity != capacity:
             b = table[tenant] = Bucket(capacity, now)
+        b.refill(now)
         return b
 
-    def charge_request(self, tenant: str) -> None:
-        now = self.clock()
-        lim = self.limit(tenant)
-        b = self._bucket(self._requests, tenant, lim.requests_per_minute, now)
-        if b is not None:
-            wait = b.take(1, now)
-            if wait:
-                raise _limited(
-                    f"tenant is over its limit of {lim.requests_per_minute} requests per minute", wait
-                )
+    async def _apply(self, tenant: str, lim: TenantLimit, requests: int, tokens: int) -> Levels:
+        """Take `requests` and `tokens` (negative tokens: give back) if both fit, else nothing."""
+        return self._apply_local(tenant, lim, requests, tokens)
 
-    def charge_tokens(self, tenant: str, tokens: int) -> None:
+    def _apply_local(self, tenant: str, lim: TenantLimit, requests: int, tokens: int) -> Levels:
         now = self.clock()
+        rb = self._bucket(self._requests, tenant, lim.requests_per_minute, now)
+        tb = self._bucket(self._tokens, tenant, lim.tokens_per_minute, now)
+        wait_t = tb.wait(tokens) if tb is not None and tokens > 0 else 0.0
+        wait_r = rb.wait(requests) if rb is not None and requests > 0 else 0.0
+        if not (wait_t or wait_r):
+            if rb is not None:
+                rb.add(-requests)
+            if tb is not None:
+                tb.add(-tokens)
+        return Levels(
+            None if rb is None else rb.level,
+            None if tb is None else tb.level,
+            max(wait_t, wait_r),
+            "tokens" if wait_t else "requests" if wait_r else "",
+        )
+
+    # ------------------------------------------------------------------ API
+    async def charge(self, tenant: str, tokens: int) -> dict[str, str]:
+        """Charge one request and `tokens` (prompt + max_tokens of all its samples), both or neither; returns the
+        x-ratelimit-* headers. Raises APIError 413 (more tokens than the whole budget) or 429 + Retry-After."""
         lim = self.limit(tenant)
-        b = self._bucket(self._tokens, tenant, lim.tokens_per_minute, now)
-        if b is None:
-            return
-        if tokens > b.capacity:
+        if lim.tokens_per_minute is not None and tokens > lim.tokens_per_minute:
             raise APIError(
                 413,
                 f"request needs {tokens} tokens (prompt + max_tokens), more than the tenant's limit of "
-                f"{b.capacity} tokens per minute; lower max_tokens",
+                f"{lim.tokens_per_minute} tokens per minute; lower max_tokens",
                 code="tokens_per_minute_exceeded",
                 param="max_tokens",
             )
-        wait = b.take(tokens, now)
-        if wait:
-            raise _limited(
-                f"tenant is over its limit of {b.capacity} tokens per minute (this request needs {tokens})",
-                wait,
+        lv = await self._apply(tenant, lim, 1, tokens)
+        headers = self._headers(lim, lv)
+        if lv.wait_s:
+            what = (
+                f"{lim.tokens_per_minute} tokens per minute (this request needs {tokens})"
+                if lv.short == "tokens"
+                else f"{lim.requests_per_minute} requests per minute"
             )
+            headers["Retry-After"] = str(max(1, math.ceil(lv.wait_s)))
+            raise APIError(
+                429, f"tenant is over its limit of {what}", code="rate_limit_exceeded", headers=headers
+            )
+        return headers
 
-    def refund_tokens(self, tenant: str, tokens: int) -> None:
-        b = self._tokens.get(tenant)
-        if b is not None and tokens > 0:
-            b.give(tokens, self.clock())
+    async def refund(self, tenant: str, tokens: int) -> None:
+        """Give back tokens a request did not use."""
+        lim = self.limit(tenant)
+        if tokens > 0 and lim.tokens_per_minute is not None:
+            await self._apply(tenant, lim, 0, -tokens)
 
-    def state(self, tenant: str) -> dict[str, Any]:
+    async def state(self, tenant: str) -> dict[str, Any]:
         """The tenant's limits and what is left of them now (None where unlimited)."""
-        now = self.clock()
         lim = self.limit(tenant)
+        lv = await self._apply(tenant, lim, 0, 0)
         out: dict[str, Any] = {f.name: getattr(lim, f.name) for f in fields(lim)}
-        for kind, table, cap in (
-            ("requests", self._requests, lim.requests_per_minute),
-            ("tokens", self._tokens, lim.tokens_per_minute),
-        ):
-            b = self._bucket(table, tenant, cap, now)
-            out[f"remaining_{kind}"] = None if b is None else b.remaining(now)
+        out["remaining_requests"] = None if lv.requests is None else int(lv.requests)
+        out["remaining_tokens"] = None if lv.tokens is None else int(lv.tokens)
         return out
 
-    def headers(self, tenant: str) -> dict[str, str]:
+    @staticmethod
+    def _headers(lim: TenantLimit, lv: Levels) -> dict[str, str]:
         """OpenAI's x-ratelimit-* response headers for the limits this tenant has."""
-        now = self.clock()
-        lim = self.limit(tenant)
         out: dict[str, str] = {}
-        for kind, table, cap in (
-            ("requests", self._requests, lim.requests_per_minute),
-            ("tokens", self._tokens, lim.tokens_per_minute),
+        for kind, cap, level in (
+            ("requests", lim.requests_per_minute, lv.requests),
+            ("tokens", lim.tokens_per_minute, lv.tokens),
         ):
-            b = self._bucket(table, tenant, cap, now)
-            if b is not None:
-                out[f"x-ratelimit-limit-{kind}"] = str(b.capacity)
-                out[f"x-ratelimit-remaining-{kind}"] = str(b.remaining(now))
-                out[f"x-ratelimit-reset-{kind}"] = _duration(b.reset_s(now))
+            if cap is not None and level is not None:
+                out[f"x-ratelimit-limit-{kind}"] = str(cap)
+                out[f"x-ratelimit-remaining-{kind}"] = str(int(level))
+                out[f"x-ratelimit-reset-{kind}"] = _duration((cap - level) * 60.0 / cap)
         return out
 
+    async def close(self) -> None:
+        pass
 
-def _limited(message: str, wait_s: float) -> APIError:
-    return APIError(
-        429, message, code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait_s)))}
-    )
+
+# Both buckets of a tenant in one atomic step, on Redis' own clock (replicas' clocks may differ).
+# KEYS: requests bucket, tokens bucket. ARGV: requests capacity, tokens capacity (0: no limit), requests, tokens.
+# Returns {refused?, wait seconds, "requests" | "tokens" | "", requests level, tokens level} (levels -1: no limit).
+_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function level(key, cap)
+  if cap <= 0 then return nil end
+  local v = redis.call('HMGET', key, 'level', 'ts')
+  local l, ts = tonumber(v[1]), tonumber(v[2])
+  if l == nil then return cap end
+  return math.min(cap, l + (now - ts) * cap / 60)
+end
+local rcap, tcap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rcost, tcost = tonumber(ARGV[3]), tonumber(ARGV[4])
+local r, k = level(KEYS[1], rcap), level(KEYS[2], tcap)
+local wait, short = 0, ''
+if k ~= nil and tcost > 0 and k < tcost then wait, short = (tcost - k) * 60 / tcap, 'tokens' end
+if r ~= nil and rcost > 0 and r < rcost and short == '' then wait, short = (rcost - r) * 60 / rcap, 'requests' end
+if short == '' then
+  if r ~= nil then r = r - rcost end
+  if k ~= nil then k = math.min(tcap, k - tcost) end
+end
+for i, pair in ipairs({{KEYS[1], r}, {KEYS[2], k}}) do
+  if pair[2] ~= nil then
+    redis.call('HSET', pair[1], 'level', tostring(pair[2]), 'ts', tostring(now))
+    redis.call('EXPIRE', pair[1], 120)
+  end
+end
+return {short ~= '' and 1 or 0, tostring(wait), short, tostring(r or -1), tostring(k or -1)}
+"""
+
+FALLBACK_S = 5.0  # after Redis failed, use the local buckets this long before asking it again
+
+
+class RedisRateLimiter(RateLimiter):
+    """The same budgets kept in Redis, shared by every server process that points at it (`limits_url`)."""
+
+    def __init__(
+        self,
+        url: str,
+        default: TenantLimit,
+        overrides: dict[str, dict[str, int | None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = 0.5,
+    ) -> None:
+        import redis.asyncio as aioredis
+
+        from prefix_store.redis_store import split_url
+
+        super().__init__(default, overrides, clock)
+        client_url, self.namespace = split_url(url)
+        self._r = aioredis.Redis.from_url(
+            client_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self._script = self._r.register_script(_LUA)
+        self._down_until = 0.0
+
+    def _key(self, tenant: str, kind: str) -> str:
+        return f"{self.namespace}:ratelimit:{tenant}:{kind}"
+
+    async def _apply(self, tenant: str, lim: TenantLimit, requests: int, tokens: int) -> Levels:
+        if lim.requests_per_minute is None and lim.tokens_per_minute is None:
+            return Levels(None, None)
+        if self.clock() < self._down_until:
+            return self._apply_local(tenant, lim, requests, tokens)
+        try:
+            res = await self._script(
+                keys=[self._key(tenant, "requests"), self._key(tenant, "tokens")],
+                args=[lim.requests_per_minute or 0, lim.tokens_per_minute or 0, requests, tokens],
+            )
+        except Exception as e:  # Redis down or slow: never refuse work for it
+            self._down_until = self.clock() + FALLBACK_S
+            log.warning(
+                "rate limits: redis unavailable (%s); this replica counts alone for %.0fs", e, FALLBACK_S
+            )
+            return self._apply_local(tenant, lim, requests, tokens)
+        refused, wait, short, r, k = (x.decode() if isinstance(x, bytes) else x for x in res)
+        return Levels(
+            None if float(r) < 0 else float(r),
+            None if float(k) < 0 else float(k),
+            float(wait) if int(refused) else 0.0,
+            short,
+        )
+
+    async def close(self) -> None:
+        await self._r.aclose()

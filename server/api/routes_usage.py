@@ -5,20 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from redis.exceptions import RedisError
 
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_service
-from server.api.errors import COMMON_ERRORS
+from server.api.errors import COMMON_ERRORS, unavailable
 from server.api.schemas import NAME_PATTERN, UsageReport
 from server.api.service import Service
 
 router = APIRouter(tags=["usage"])
 
 
-def tenant_usage(svc: Service, tenant: str) -> dict[str, Any]:
-    limits = svc.limiter.state(tenant)
+async def tenant_usage(svc: Service, tenant: str) -> dict[str, Any]:
+    limits = await svc.limiter.state(tenant)
     limits["in_flight"] = svc.in_flight(tenant)
-    return {**svc.usage.report(tenant), "limits": limits}
+    return {**await svc.usage.report(tenant), "limits": limits}
 
 
 @router.get(
@@ -35,8 +36,15 @@ async def usage(
     principal: Principal = Depends(get_principal),
 ) -> Any:
     svc = get_service(request)
-    if tenant_id is None and principal.admin:
-        tenants = svc.usage.tenants()
-    else:
-        tenants = [principal.resolve_tenant(tenant_id)]
-    return {"object": "usage", "since": svc.usage.since, "data": [tenant_usage(svc, t) for t in tenants]}
+    try:
+        if tenant_id is None and principal.admin:
+            tenants = await svc.usage.tenants()
+        else:
+            tenants = [principal.resolve_tenant(tenant_id)]
+        data = [await tenant_usage(svc, t) for t in tenants]
+        since = await svc.usage.since()
+    except (RedisError, OSError):  # counts in Redis (limits_url) that does not answer
+        raise unavailable(
+            "usage store unavailable", svc.settings.retry_after_s, code="store_unavailable"
+        ) from None
+    return {"object": "usage", "since": since, "data": data}

@@ -21,13 +21,13 @@ from typing import Any
 from prefix_store import PrefixMeta, PrefixStore, errors
 from server import model as _model
 from server.api.errors import APIError, unavailable
-from server.api.limits import RateLimiter, TenantLimit, load_limits_file
+from server.api.limits import RateLimiter, RedisRateLimiter, TenantLimit, load_limits_file
 from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
 from server.api.schemas import BASE_PREFIX, ResponseFormat, StructuredOutputsParam, check_text
 from server.api.structured import engine_spec
 from server.api.tool_parsers import ToolParser, detect, get_parser
-from server.api.usage import UsageMeter
+from server.api.usage import RedisUsageMeter, UsageMeter
 from server.engine import (
     AsyncEngine,
     EngineConfig,
@@ -402,9 +402,9 @@ class GenerationRun:
                     self.svc.metrics.request_success.labels("abort").inc()
         finally:
             self._release()
-            self._account()
+            await self._account()
 
-    def _account(self) -> None:
+    async def _account(self) -> None:
         """Usage of an engine request that ran (the engine sent an event): its prompt and generated tokens unless
         it produced nothing and did not finish (failed, or aborted before its first token); the rest of its
         reservation goes back to the tenant's token budget."""
@@ -419,7 +419,7 @@ class GenerationRun:
             self.svc.usage.completion(
                 self.prefix.tenant_id, self.prefix.name, outcome, prompt, cached, self.generated
             )
-        self.svc.limiter.refund_tokens(self.prefix.tenant_id, self.reserved_tokens - consumed)
+        await self.svc.limiter.refund(self.prefix.tenant_id, self.reserved_tokens - consumed)
 
 
 # ----------------------------------------------------------------------------------------------- service
@@ -430,7 +430,10 @@ def rate_limiter(settings: Settings) -> RateLimiter:
         tokens_per_minute=settings.tenant_tokens_per_minute,
         max_concurrent=settings.max_concurrent_per_tenant,
     )
-    return RateLimiter(default, load_limits_file(settings.tenant_limits_file))
+    overrides = load_limits_file(settings.tenant_limits_file)
+    if settings.limits_url:
+        return RedisRateLimiter(settings.limits_url, default, overrides)
+    return RateLimiter(default, overrides)
 
 
 @dataclass
@@ -497,6 +500,7 @@ class Service:
             job_manager=job_manager,
             meta_cache=PrefixMetaCache(settings.prefix_meta_ttl_s),
             limiter=limiter or rate_limiter(settings),
+            usage=RedisUsageMeter(settings.limits_url) if settings.limits_url else UsageMeter(),
         )
         svc.default_format = default_prompt_format(bundle)
         parser = settings.tool_call_parser
@@ -808,27 +812,16 @@ class Service:
         tenant = prefix.tenant_id
         costs = [len(ids) + sp.max_tokens for ids, sp in jobs]
         try:
-            self._charge(tenant, self.limiter.charge_tokens, tenant, sum(costs))
-            try:
-                self._charge(tenant, self.limiter.charge_request, tenant)
-            except APIError:
-                self.limiter.refund_tokens(tenant, sum(costs))
-                raise
-            priority += self.limiter.limit(tenant).priority  # the tenant's tier
-            runs = await self._start_runs(info, prefix, jobs, costs, priority, stream=stream, receive=receive)
-            self.usage.request(tenant, prefix.name)
-            return runs
-        finally:
-            info.headers.update(self.limiter.headers(tenant))
-
-    def _charge(self, tenant: str, charge: Callable[..., None], *args: Any) -> None:
-        try:
-            charge(*args)
+            info.headers.update(await self.limiter.charge(tenant, sum(costs)))
         except APIError as e:
             if e.status == 429:
                 self.metrics.rejected.labels("rate_limit").inc()
                 self.usage.rejected(tenant)
             raise
+        priority += self.limiter.limit(tenant).priority  # the tenant's tier
+        runs = await self._start_runs(info, prefix, jobs, costs, priority, stream=stream, receive=receive)
+        self.usage.request(tenant, prefix.name)
+        return runs
 
     def _check(
         self, info: RequestInfo, prefix: ResolvedPrefix, prompt_ids: list[int], sampling: SamplingParams
@@ -879,7 +872,7 @@ class Service:
             for (ids, sampling), cost in zip(jobs, costs, strict=True):
                 runs.append(self._make_run(info, prefix, ids, sampling, cost, priority, stream))
         except BaseException:  # the tokens of the runs not made go back here, those of the made ones on close
-            self.limiter.refund_tokens(prefix.tenant_id, sum(costs[len(runs) :]))
+            await self.limiter.refund(prefix.tenant_id, sum(costs[len(runs) :]))
             for r in runs:
                 await r.close()
             raise

@@ -1,97 +1,200 @@
-"""Per-tenant usage since the server started: what a multi-tenant operator bills and a tenant checks.
+"""Per-tenant usage: what a multi-tenant operator bills and a tenant checks (`GET /usage`).
 
 Prometheus metrics carry no tenant labels (ids are private, and thousands of tenants would blow up the series), so
-per-tenant counts live here and are served as JSON by `GET /usage` (a tenant sees its own; the admin key every
-tenant). Like Prometheus counters they are per process and start at zero with it (`since`); sum them over
-replicas. Every engine request counts its prompt (the part taken from the prompt cache also as `cached_tokens`)
-and the tokens it generated, also when the client left before the end; a request the engine failed counts no
-tokens. Runs on the event loop only.
+per-tenant counts live here. Every engine request counts its prompt (the part taken from the prompt cache also as
+`cached_tokens`) and the tokens it generated, also when the client left before the end; a request the engine
+failed counts no tokens.
+
+`UsageMeter` counts in the server process from its start (`since`), like the Prometheus counters. With
+``limits_url`` the counts go to Redis instead (`RedisUsageMeter`): every replica adds to the same counters, which
+outlive restarts; they are flushed in batches every second, kept and retried while Redis does not answer, and
+flushed before a report. Counting runs on the event loop only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
 from typing import Any
 
+log = logging.getLogger("prefixserve.usage")
+
 BASE = "base"  # the prefix name of requests without a prefix
+COUNT_FIELDS = (
+    "requests",  # generation requests admitted (one per HTTP request, whatever its `n`)
+    "completions",  # engine requests that ended: finished, aborted by the client, or failed
+    "aborted",
+    "failed",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+)
+TENANT_FIELDS = ("rejected", "training_jobs")  # refused by a rate or concurrency limit (429); jobs submitted
 
 
-@dataclass
-class Counts:
-    requests: int = 0  # generation requests admitted (one per HTTP request, whatever its `n`)
-    completions: int = 0  # engine requests that ended: finished, aborted by the client, or failed
-    aborted: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
+def _both(prefix: str | None, **counts: int) -> dict[str, int]:
+    """The tenant's counters and the same of its prefix (`p:{prefix}:{field}`; names hold no ':')."""
+    return {**counts, **{f"p:{prefix or BASE}:{k}": v for k, v in counts.items()}}
 
-    def to_dict(self) -> dict[str, int]:
-        d = asdict(self)
-        d["total_tokens"] = self.prompt_tokens + self.completion_tokens
+
+def tenant_report(tenant: str, flat: dict[str, int]) -> dict[str, Any]:
+    """`GET /usage`'s entry of a tenant from its flat counters."""
+
+    def counts(get: Any) -> dict[str, int]:
+        d = {k: int(get(k)) for k in COUNT_FIELDS}
+        d["total_tokens"] = d["prompt_tokens"] + d["completion_tokens"]
         return d
 
-
-@dataclass
-class TenantUsage:
-    counts: Counts = field(default_factory=Counts)
-    rejected: int = 0  # refused by a rate or concurrency limit (429)
-    training_jobs: int = 0  # training jobs submitted
-    prefixes: dict[str, Counts] = field(default_factory=dict)
-
-    def prefix(self, name: str | None) -> Counts:
-        key = name or BASE
-        c = self.prefixes.get(key)
-        if c is None:
-            c = self.prefixes[key] = Counts()
-        return c
+    prefixes = sorted({k.split(":")[1] for k in flat if k.startswith("p:")})
+    return {
+        "tenant_id": tenant,
+        **counts(lambda k: flat.get(k, 0)),
+        **{k: int(flat.get(k, 0)) for k in TENANT_FIELDS},
+        "prefixes": {p: counts(lambda k, p=p: flat.get(f"p:{p}:{k}", 0)) for p in prefixes},
+    }
 
 
 class UsageMeter:
     def __init__(self) -> None:
-        self.since = time.time()
-        self._tenants: dict[str, TenantUsage] = {}
+        self._since = time.time()
+        self._counts: dict[str, Counter[str]] = {}
 
-    def _tenant(self, tenant: str) -> TenantUsage:
-        u = self._tenants.get(tenant)
-        if u is None:
-            u = self._tenants[tenant] = TenantUsage()
-        return u
+    # ------------------------------------------------------------------ counting
+    def _add(self, tenant: str, counts: dict[str, int]) -> None:
+        c = self._counts.get(tenant)
+        if c is None:
+            c = self._counts[tenant] = Counter()
+        c.update({k: v for k, v in counts.items() if v})
 
     def request(self, tenant: str, prefix: str | None) -> None:
-        u = self._tenant(tenant)
-        for c in (u.counts, u.prefix(prefix)):
-            c.requests += 1
+        self._add(tenant, _both(prefix, requests=1))
 
     def completion(
         self, tenant: str, prefix: str | None, outcome: str, prompt: int, cached: int, completion: int
     ) -> None:
         """One engine request ended: `outcome` is its finish reason (stop, length, abort, error)."""
-        u = self._tenant(tenant)
-        for c in (u.counts, u.prefix(prefix)):
-            c.completions += 1
-            c.aborted += outcome == "abort"
-            c.failed += outcome == "error"
-            c.prompt_tokens += prompt
-            c.cached_tokens += cached
-            c.completion_tokens += completion
+        self._add(
+            tenant,
+            _both(
+                prefix,
+                completions=1,
+                aborted=int(outcome == "abort"),
+                failed=int(outcome == "error"),
+                prompt_tokens=prompt,
+                cached_tokens=cached,
+                completion_tokens=completion,
+            ),
+        )
 
     def rejected(self, tenant: str) -> None:
-        self._tenant(tenant).rejected += 1
+        self._add(tenant, {"rejected": 1})
 
     def training_job(self, tenant: str) -> None:
-        self._tenant(tenant).training_jobs += 1
+        self._add(tenant, {"training_jobs": 1})
 
-    def tenants(self) -> list[str]:
-        return sorted(self._tenants)
+    # ------------------------------------------------------------------ reading
+    async def since(self) -> float:
+        return self._since
 
-    def report(self, tenant: str) -> dict[str, Any]:
-        u = self._tenants.get(tenant) or TenantUsage()
-        return {
-            "tenant_id": tenant,
-            **u.counts.to_dict(),
-            "rejected": u.rejected,
-            "training_jobs": u.training_jobs,
-            "prefixes": {name: c.to_dict() for name, c in sorted(u.prefixes.items())},
-        }
+    async def tenants(self) -> list[str]:
+        return sorted(self._counts)
+
+    async def report(self, tenant: str) -> dict[str, Any]:
+        return tenant_report(tenant, dict(self._counts.get(tenant, {})))
+
+    def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+FLUSH_S = 1.0
+
+
+class RedisUsageMeter(UsageMeter):
+    """Counters in Redis (hash `{ns}:usage:{tenant}`, set `{ns}:usage:tenants`, `{ns}:usage:since`), shared by every
+    replica that points at it; this process only holds what it has not flushed yet."""
+
+    def __init__(self, url: str, timeout_s: float = 1.0) -> None:
+        import redis.asyncio as aioredis
+
+        from prefix_store.redis_store import split_url
+
+        super().__init__()
+        client_url, self.namespace = split_url(url)
+        self._r = aioredis.Redis.from_url(
+            client_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.namespace, "usage", *parts))
+
+    def start(self) -> None:
+        """Flush every second (call on the event loop)."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            with contextlib.suppress(Exception):
+                await self.flush()
+
+    async def flush(self) -> None:
+        """Send the pending counts (one transaction); on failure they stay pending and the error is raised."""
+        if not self._counts:
+            return
+        pending, self._counts = self._counts, {}
+        try:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.setnx(self._key("since"), repr(self._since))
+                pipe.sadd(self._key("tenants"), *pending)
+                for tenant, counts in pending.items():
+                    for field, n in counts.items():
+                        pipe.hincrby(self._key(tenant), field, n)
+                await pipe.execute()
+        except Exception as e:
+            for tenant, counts in pending.items():  # back in front of whatever came meanwhile
+                self._add(tenant, counts)
+            if not self._failing:
+                log.warning("usage: redis unavailable (%s); counts are kept here until it answers", e)
+            self._failing = True
+            raise
+        if self._failing:
+            log.info("usage: redis answers again; pending counts flushed")
+        self._failing = False
+
+    async def since(self) -> float:
+        await self.flush()
+        v = await self._r.get(self._key("since"))
+        return float(v) if v is not None else self._since
+
+    async def tenants(self) -> list[str]:
+        await self.flush()
+        return sorted(
+            t.decode() if isinstance(t, bytes) else t for t in await self._r.smembers(self._key("tenants"))
+        )
+
+    async def report(self, tenant: str) -> dict[str, Any]:
+        await self.flush()
+        raw = await self._r.hgetall(self._key(tenant))
+        return tenant_report(
+            tenant, {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.flush()  # the last counts of a stopping server
+        if self._counts:
+            log.warning("usage: %d tenants' last counts could not reach redis", len(self._counts))
+        await self._r.aclose()
