@@ -85,18 +85,13 @@ async def _owned_job(svc: Service, principal: Principal, job_id: str) -> Any:
     return rec
 
 
-def _init_not_found() -> type[Exception]:
-    from server.training.config import InitFromNotFound
-
-    return InitFromNotFound
-
-
-def _training_errors() -> tuple[type[Exception], type[Exception]]:
+def _training_errors() -> tuple[type[Exception], type[Exception], type[Exception]]:
+    """(invalid request, too many jobs, init_from not found): the job manager's exception classes."""
     try:
-        from server.training import TooManyJobs, TrainingValidationError
+        from server.training import InitFromNotFound, TooManyJobs, TrainingValidationError
     except ImportError:  # pragma: no cover - training always ships with the server
-        return (ValueError, RuntimeError)
-    return TrainingValidationError, TooManyJobs
+        return (ValueError, RuntimeError, LookupError)
+    return TrainingValidationError, TooManyJobs, InitFromNotFound
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -117,10 +112,10 @@ async def train(body: TrainRequest, request: Request, principal: Principal = Dep
     spec = body.model_dump(exclude_none=True)
     spec["tenant_id"] = tenant
     jm = _jobs(svc)
-    validation_error, too_many = _training_errors()
+    validation_error, too_many, init_not_found = _training_errors()
     try:
         rec = await _call_jobs(svc, jm.submit, spec)
-    except _init_not_found() as e:
+    except init_not_found as e:
         raise APIError(404, str(e), code="prefix_not_found", param="init_from") from None
     except too_many as e:
         raise APIError(
