@@ -213,7 +213,7 @@ def test_per_tenant_overrides_from_the_limits_file(server_factory, tmp_path):
                 "*": {"requests_per_minute": 1},
                 "vip": {"requests_per_minute": None},
                 "solo": {"max_concurrent": 1, "requests_per_minute": None},
-                "duo": {"max_concurrent": 2, "requests_per_minute": None, "tokens_per_minute": 1000},
+                "duo": {"max_concurrent": 2, "requests_per_minute": 100, "tokens_per_minute": 1000},
             }
         )
     )
@@ -241,12 +241,18 @@ def test_per_tenant_overrides_from_the_limits_file(server_factory, tmp_path):
     assert err["code"] == "too_many_choices" and "1 requests" in err["message"]  # the tenant's own limit
     t.join(30)
     assert out == [200]
-    # two samples where one slot is left: refused, and neither sample's tokens stay charged
+    # two samples where one slot is left: refused, and neither the request nor its samples' tokens stay charged
     t, out = in_background("duo")
-    before = remaining(c, "duo")  # the clock stands still
+
+    def budget() -> tuple[int, int]:
+        lim = c.get("/usage", params={"tenant_id": "duo"}).json()["data"][0]["limits"]
+        return lim["remaining_requests"], lim["remaining_tokens"]
+
+    before = budget()  # the clock stands still
+    assert before[0] == 99 and before[1] < 1000
     body = {"model": "duo/base", "prompt": "Hi", "max_tokens": 5, "n": 2}
     assert_error(c.post("/v1/completions", json=body), 429, "tenant_concurrency_limit")
-    assert remaining(c, "duo") == before < 1000
+    assert budget() == before
     t.join(30)
     assert out == [200]
 
@@ -298,7 +304,9 @@ def test_rate_limiter_overrides_and_headers():
             await rl.charge("any", 60)  # tokens short: 20 missing at 100/60 a second; nothing taken
         assert e.value.status == 429 and e.value.headers["Retry-After"] == "12"
         assert e.value.headers["x-ratelimit-remaining-requests"] == "9"
-        await rl.refund("any", 30)
+        await rl.refund("any", 30, requests=1)  # a request refused after its charge is given back
+        assert (await rl.state("any"))["remaining_requests"] == 10
+        await rl.charge("any", 0)  # (back to where it was)
         h = await rl.charge("any", 60)
         assert h["x-ratelimit-remaining-tokens"] == "10" and h["x-ratelimit-reset-tokens"] == "54s"
         with pytest.raises(APIError) as e:
@@ -343,6 +351,9 @@ def test_redis_rate_limiter_shares_budgets_and_falls_back_when_redis_is_down(red
             assert 40 <= (await b.state("any"))["remaining_tokens"] <= 45
             await b.refund("any", 30)
             assert 70 <= (await a.state("any"))["remaining_tokens"] <= 75
+            await a.refund("any", 0, requests=5)  # a refund never lifts a budget above its capacity
+            assert (await b.state("any"))["remaining_requests"] == 10
+            await a.charge("any", 0)
             for _ in range(9):
                 await (a if _ % 2 else b).charge("any", 0)
             with pytest.raises(APIError) as e:

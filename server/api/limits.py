@@ -2,7 +2,8 @@
 
 A generation request is charged one request when it is admitted, and each engine request it makes (OpenAI `n`,
 prompt lists) ``prompt + max_tokens`` tokens; what a request did not use is refunded when it ends, so the token
-budget follows what tenants really consumed. A bucket holds one minute of budget and refills continuously, so a
+budget follows what tenants really consumed, and a request the server then refuses to start (the tenant's
+concurrency limit, a full queue) is given back whole. A bucket holds one minute of budget and refills continuously, so a
 tenant may burst up to its per-minute limit and then proceeds at the limit's pace. Over the limit: 429 with a
 Retry-After of when the request would fit; a single request larger than the whole per-minute token budget can
 never fit: 413.
@@ -159,7 +160,7 @@ class RateLimiter:
         return b
 
     async def _apply(self, tenant: str, lim: TenantLimit, requests: int, tokens: int) -> Levels:
-        """Take `requests` and `tokens` (negative tokens: give back) if both fit, else nothing."""
+        """Take `requests` and `tokens` (negative: give back, never above capacity) if both fit, else nothing."""
         return self._apply_local(tenant, lim, requests, tokens)
 
     def _apply_local(self, tenant: str, lim: TenantLimit, requests: int, tokens: int) -> Levels:
@@ -207,11 +208,14 @@ class RateLimiter:
             )
         return headers
 
-    async def refund(self, tenant: str, tokens: int) -> None:
-        """Give back tokens a request did not use."""
+    async def refund(self, tenant: str, tokens: int, requests: int = 0) -> None:
+        """Give back tokens a request did not use, and `requests` the server refused to start after charging them
+        (the tenant's concurrency limit, a full queue): a refusal costs the tenant nothing."""
         lim = self.limit(tenant)
-        if tokens > 0 and lim.tokens_per_minute is not None:
-            await self._apply(tenant, lim, 0, -tokens)
+        tokens = tokens if lim.tokens_per_minute is not None else 0
+        requests = requests if lim.requests_per_minute is not None else 0
+        if tokens > 0 or requests > 0:
+            await self._apply(tenant, lim, -max(requests, 0), -max(tokens, 0))
 
     async def state(self, tenant: str) -> dict[str, Any]:
         """The tenant's limits and what is left of them now (None where unlimited)."""
@@ -260,7 +264,7 @@ local wait, short = 0, ''
 if k ~= nil and tcost > 0 and k < tcost then wait, short = (tcost - k) * 60 / tcap, 'tokens' end
 if r ~= nil and rcost > 0 and r < rcost and short == '' then wait, short = (rcost - r) * 60 / rcap, 'requests' end
 if short == '' then
-  if r ~= nil then r = r - rcost end
+  if r ~= nil then r = math.min(rcap, r - rcost) end
   if k ~= nil then k = math.min(tcap, k - tcost) end
 end
 for i, pair in ipairs({{KEYS[1], r}, {KEYS[2], k}}) do

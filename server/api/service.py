@@ -819,7 +819,11 @@ class Service:
                 self.usage.rejected(tenant)
             raise
         priority += self.limiter.limit(tenant).priority  # the tenant's tier
-        runs = await self._start_runs(info, prefix, jobs, costs, priority, stream=stream, receive=receive)
+        try:
+            runs = await self._start_runs(info, prefix, jobs, costs, priority, stream=stream, receive=receive)
+        except APIError:  # refused by the server (concurrency limit, full queue): the request is given back too
+            await self.limiter.refund(tenant, 0, requests=1)
+            raise
         self.usage.request(tenant, prefix.name)
         return runs
 
