@@ -222,3 +222,39 @@ def test_async_sdk_download_and_upload(server_factory, tmp_path):
 
     asyncio.run(main())
     assert torch.equal(s.store.get("acme", "again").kv, s.store.get("acme", "support").kv)
+
+
+def test_uploads_beyond_the_concurrency_limit_get_503_and_store_nothing(server_factory, monkeypatch):
+    """While `max_concurrent_uploads` uploads are being parsed, another gets 503 + Retry-After (each parse holds
+    its file and tensors in memory); once they finish, uploads go through again."""
+    import threading
+
+    import server.api.routes_prefixes as routes
+
+    s = server_factory(keys={"acme": "k-a", "globex": "k-g"}, max_concurrent_uploads=1)
+    a = s.client("k-a")
+    put_random_prefix(s.store, s.app.state.ps.bundle, "globex", "mine", prefix_length=4)
+    good = s.client("k-g").get("/prefixes/globex/mine/download").content
+    entered, release = threading.Event(), threading.Event()
+    real = routes.from_upload
+
+    def held(*args, **kw):
+        entered.set()
+        assert release.wait(30)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(routes, "from_upload", held)
+    out: list[int] = []
+    t = threading.Thread(target=lambda: out.append(upload(a, "acme", "first", good).status_code))
+    t.start()
+    try:
+        assert entered.wait(30)
+        r = upload(a, "acme", "second", good)
+        assert_error(r, 503, "too_many_uploads")
+        assert int(r.headers["retry-after"]) >= 1
+    finally:
+        release.set()
+        t.join(30)
+    assert out == [201]
+    assert [m.name for m in s.store.list("acme")] == ["first"]
+    assert upload(a, "acme", "second", good).status_code == 201

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from prefix_store import errors
 from prefix_store.export import export_prefix
+from prefix_store.format import PrefixMeta
 from server.api.auth import Principal, get_principal
 from server.api.deps import app_state, get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError, unavailable
@@ -29,7 +30,7 @@ from server.api.schemas import (
     TrainRequest,
 )
 from server.api.service import Service
-from server.prefixes.transfer import InvalidAdapterConfig, from_upload
+from server.prefixes.transfer import IncomingPrefix, InvalidAdapterConfig, from_upload
 
 log = logging.getLogger("prefixserve.api")
 
@@ -313,14 +314,35 @@ async def upload_prefix(
     _check_prefix_access(principal, tenant_id, name)
     if name == BASE_PREFIX:
         raise APIError(422, f"prefix name {BASE_PREFIX!r} is reserved for the base model", param="name")
-    data = await file.read()
-    config = await adapter_config.read() if adapter_config is not None else None
+    # the body is spooled to a temporary file by now; reading and parsing it holds it in memory, so few at once
+    if svc.uploads_active >= svc.settings.max_concurrent_uploads:
+        raise unavailable(
+            f"{svc.uploads_active} prefix uploads are being processed; retry shortly",
+            svc.settings.retry_after_s,
+            code="too_many_uploads",
+        )
+    svc.uploads_active += 1
     try:
-        incoming = await asyncio.to_thread(from_upload, data, svc.bundle, config, prompt_format)
-    except tuple(_UPLOAD_ERRORS) as e:
-        code = next(c for cls, c in _UPLOAD_ERRORS.items() if isinstance(e, cls))
-        param = "adapter_config" if isinstance(e, InvalidAdapterConfig) else "file"
-        raise APIError(422, str(e), code=code, param=param) from None
+        data = await file.read()
+        config = await adapter_config.read() if adapter_config is not None else None
+        try:
+            incoming = await asyncio.to_thread(from_upload, data, svc.bundle, config, prompt_format)
+        except tuple(_UPLOAD_ERRORS) as e:
+            code = next(c for cls, c in _UPLOAD_ERRORS.items() if isinstance(e, cls))
+            param = "adapter_config" if isinstance(e, InvalidAdapterConfig) else "file"
+            raise APIError(422, str(e), code=code, param=param) from None
+        del data, config
+        meta = await _store_upload(svc, incoming, tenant_id, name)
+    finally:
+        svc.uploads_active -= 1
+    log.info("stored uploaded prefix %s (%s, P=%d)", meta.label, incoming.kind, incoming.prefix_length)
+    return JSONResponse(
+        _prefix_info(meta), status_code=201, headers={"Location": f"/prefixes/{tenant_id}/{name}"}
+    )
+
+
+async def _store_upload(svc: Service, incoming: IncomingPrefix, tenant_id: str, name: str) -> PrefixMeta:
+    """Check that the parsed upload fits this server's context limit, then store it as a new version."""
     limit = svc.llm.max_model_len
     if incoming.prefix_length >= limit:
         raise APIError(
@@ -331,10 +353,7 @@ async def upload_prefix(
         )
     meta = await store_call(svc, incoming.put, svc.store, tenant_id, name)
     svc.meta_cache.invalidate((tenant_id, name))
-    log.info("stored uploaded prefix %s (%s, P=%d)", meta.label, incoming.kind, incoming.prefix_length)
-    return JSONResponse(
-        _prefix_info(meta), status_code=201, headers={"Location": f"/prefixes/{tenant_id}/{name}"}
-    )
+    return meta
 
 
 # --------------------------------------------------------------------------------------------- admin

@@ -456,6 +456,9 @@ class Service:
     )
     default_format: str = "raw"
     store_ok: bool = True
+    uploads_active: int = (
+        0  # prefix uploads being parsed and stored (at most settings.max_concurrent_uploads)
+    )
     tool_parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(TenantLimit()))
     usage: UsageMeter = field(default_factory=UsageMeter)
@@ -821,7 +824,9 @@ class Service:
         priority += self.limiter.limit(tenant).priority  # the tenant's tier
         try:
             runs = await self._start_runs(info, prefix, jobs, costs, priority, stream=stream, receive=receive)
-        except APIError:  # refused by the server (concurrency limit, full queue): the request is given back too
+        except (
+            APIError
+        ):  # refused by the server (concurrency limit, full queue): the request is given back too
             await self.limiter.refund(tenant, 0, requests=1)
             raise
         self.usage.request(tenant, prefix.name)
