@@ -451,3 +451,59 @@ def test_tokenize_counts_what_generate_feeds_and_detokenize_round_trips(srv):
     assert_error(c.post("/tokenize", json={"tenant_id": "acme", "prompt": "x", "messages": msgs}), 422)
     assert_error(c.post("/tokenize", json={"tenant_id": "acme"}), 422)
     assert_error(c.post("/detokenize", json={"tokens": [srv.svc.bundle.spec.vocab_size]}), 422)
+
+
+def test_pinned_prefix_version_serves_that_version(srv):
+    """`prefix_version` (and `model: "tenant/prefix@V"` on /v1) serves a stored version, not the latest: after a
+    new version is stored, pinning the old one gives exactly the tokens the old one gave as the latest, and one
+    server serves both versions (different lengths)."""
+    import sys
+    from pathlib import Path
+
+    try:
+        import prefixserve_client as ps
+    except ImportError:  # pragma: no cover - bare checkout
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python"))
+        import prefixserve_client as ps
+
+    c = srv.client()
+    prompt = "The quick brown fox"
+    body = {"tenant_id": "globex", "prompt": prompt, "ignore_eos": True, "logprobs": 0}
+    v1 = gen(c, **body).json()
+    assert v1["prefix_version"] == 1
+    put_random_prefix(srv.store, srv.svc.bundle, "globex", prefix_length=5, seed=99)  # version 2
+    v2 = gen(c, **body).json()
+    pinned = gen(c, **body, prefix_version=1).json()
+    assert v2["prefix_version"] == 2 and pinned["prefix_version"] == 1
+    ids = {k: [lp["id"] for lp in r["logprobs"]] for k, r in (("v1", v1), ("v2", v2), ("pinned", pinned))}
+    assert ids["pinned"] == ids["v1"] != ids["v2"]
+    assert gen(c, **body, prefix_version=2).json()["text"] == v2["text"]
+    # the same pins through the OpenAI routes, the SDK and /tokenize (each version's own prefix length)
+    oa = {"prompt": prompt, "max_tokens": 12, "ignore_eos": True, "temperature": 0}
+    r = c.post("/v1/completions", json={**oa, "model": "globex/default@1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == v1["text"] and r.json()["model"] == "globex/default@1"
+    assert (
+        c.post("/v1/completions", json={**oa, "model": "globex@1"}).json()["choices"][0]["text"] == v1["text"]
+    )
+    with ps.Client(srv.url) as sdk:
+        assert sdk.generate("globex", prompt, max_tokens=12, prefix_version=1).prefix_version == 1
+        assert sdk.tokenize("globex", prompt, prefix_version=1).prefix_length == 12
+        assert sdk.tokenize("globex", prompt).prefix_length == 5
+    # versions that do not exist or cannot be: 404 / 422, nothing runs
+    err = assert_error(gen(c, **body, prefix_version=7), 404, "prefix_not_found")
+    assert "version 7" in err["message"]
+    assert_error(c.post("/v1/completions", json={**oa, "model": "globex/default@7"}), 404, "prefix_not_found")
+    for model in (
+        "globex/default@0",
+        "globex/default@x",
+        "globex/base@1",
+        "globex/default@",
+        "globex/default@1@2",
+    ):
+        assert_error(c.post("/v1/completions", json={**oa, "model": model}), 404, "model_not_found")
+    assert_error(gen(c, **body, prefix="base", prefix_version=1), 422)
+    assert_error(gen(c, **body, prefix_version=0), 422)
+    # deleting the name drops its pinned versions too
+    assert c.delete("/prefixes/globex/default").status_code == 200
+    assert_error(gen(c, **body, prefix_version=1), 404, "prefix_not_found")

@@ -85,7 +85,8 @@ async def generate(
     info.tenant, info.prefix = tenant, name
     if svc.settings.log_prompts:
         info.prompt = body.prompt
-    prefix = await svc.resolve(tenant, name)  # an unknown prefix is a 404 before any grammar is compiled
+    # an unknown prefix is a 404 before any grammar is compiled
+    prefix = await svc.resolve(tenant, name, body.prefix_version)
     info.version = prefix.version
     sampling = svc.sampling(
         max_tokens=body.max_tokens,
@@ -191,7 +192,7 @@ async def tokenize(
     if (body.prompt is None) == (body.messages is None):
         raise APIError(422, "give exactly one of prompt and messages", code="invalid_value", param="prompt")
     tenant = principal.resolve_tenant(body.tenant_id)
-    prefix = await svc.resolve(tenant, body.prefix or DEFAULT_PREFIX)
+    prefix = await svc.resolve(tenant, body.prefix or DEFAULT_PREFIX, body.prefix_version)
     tok = svc.bundle.tokenizer
     if body.messages is not None:
         ids, fmt = await svc.tokenize(render_messages, tok, chat_messages(body.messages)), "chat"

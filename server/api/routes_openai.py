@@ -53,13 +53,22 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def parse_model(model: str, principal: Principal) -> tuple[str, str]:
+def parse_model(model: str, principal: Principal) -> tuple[str, str, int | None]:
+    """`tenant[/prefix][@version]` → (tenant, prefix name, pinned version or None for the latest)."""
     tenant, sep, name = model.partition("/")
-    if not sep:
-        name = DEFAULT_PREFIX
-    if not is_valid_name(tenant) or not is_valid_name(name) or not principal.can_access(tenant):
+    if not sep:  # "tenant" or "tenant@3": its default prefix
+        tenant, at, version = model.partition("@")
+        name = DEFAULT_PREFIX + at + version
+    name, at, version = name.partition("@")
+    pinned = int(version) if at and version.isascii() and version.isdigit() and int(version) > 0 else None
+    if (
+        not is_valid_name(tenant)
+        or not is_valid_name(name)
+        or (at and (pinned is None or name == BASE_PREFIX))
+        or not principal.can_access(tenant)
+    ):
         raise APIError(404, f"model {model!r} not found", code="model_not_found", param="model")
-    return tenant, name
+    return tenant, name, pinned
 
 
 @dataclass
@@ -241,10 +250,10 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
 async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat: bool) -> _Choices:
     svc = get_service(request)
     info = get_info(request)
-    tenant, name = parse_model(body.model, principal)
+    tenant, name, version = parse_model(body.model, principal)
     info.tenant, info.prefix = tenant, name
     priority = svc.check_priority(principal, body.priority)
-    prefix = await svc.resolve(tenant, name)
+    prefix = await svc.resolve(tenant, name, version, param="model")
     info.version = prefix.version
     if chat:
         assert isinstance(body, ChatCompletionRequest)
@@ -629,7 +638,7 @@ async def get_model(
     principal: Principal = Depends(get_principal),
 ) -> ModelCard:
     svc = get_service(request)
-    tenant, name = parse_model(f"{tenant_id}/{name}", principal)
+    tenant, name, _ = parse_model(f"{tenant_id}/{name}", principal)
     if name == BASE_PREFIX:
         return ModelCard(
             id=f"{tenant}/{name}", created=int(svc.started_at), owned_by=tenant, root=svc.bundle.name

@@ -69,6 +69,11 @@ PRIORITY_DOC = (
     "below 0 needs the admin key"
 )
 Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]
+PrefixVersion = Annotated[int, Field(ge=1)]
+PREFIX_VERSION_DOC = (
+    "Serve this stored version of the prefix (default: the latest); the /v1 routes take it as `model: "
+    '"tenant/prefix@version"`'
+)
 MinP = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 TruncatePromptTokens = Annotated[int, Field(ge=1)]
 STOP_TOKEN_IDS_DOC = (
@@ -160,6 +165,7 @@ class GenerateRequest(BaseModel):
         DEFAULT_PREFIX,
         description=f"Prefix name (null means {DEFAULT_PREFIX!r}); {BASE_PREFIX!r} means the base model, no prefix",
     )
+    prefix_version: PrefixVersion | None = Field(None, description=PREFIX_VERSION_DOC)
     prompt: PromptText
     max_tokens: int = Field(64, ge=1)
     temperature: Temperature = 0.0
@@ -628,6 +634,7 @@ class TokenizeRequest(BaseModel):
 
     tenant_id: Name | None = Field(None, description="Tenant; defaults to the API key's tenant")
     prefix: Name | None = Field(DEFAULT_PREFIX, description="Whose prompt format and length to apply")
+    prefix_version: PrefixVersion | None = Field(None, description=PREFIX_VERSION_DOC)
     prompt: PromptText | None = Field(
         None, description="Rendered in the prefix's prompt format, as /generate does"
     )

@@ -149,38 +149,35 @@ class RequestInfo:
 
 
 class PrefixMetaCache:
-    """(tenant, name) → latest resolved metadata, so cached prefixes keep working while the store is down."""
+    """(tenant, name, version or None for the latest) → resolved metadata, so cached prefixes keep working while
+    the store is down. Invalidation is per name: a change to a name drops its latest and every pinned version."""
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
-        self._entries: dict[tuple[str, str], tuple[ResolvedPrefix, float]] = {}
+        self._entries: dict[tuple[str, str], dict[int | None, tuple[ResolvedPrefix, float]]] = {}
         self._gen: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str]) -> tuple[ResolvedPrefix | None, bool, int]:
+    def get(
+        self, key: tuple[str, str], version: int | None = None
+    ) -> tuple[ResolvedPrefix | None, bool, int]:
         """(entry, fresh, generation)."""
         with self._lock:
-            ent = self._entries.get(key)
+            ent = self._entries.get(key, {}).get(version)
             gen = self._gen.get(key, 0)
         if ent is None:
             return None, False, gen
         return ent[0], time.monotonic() - ent[1] < self.ttl_s, gen
 
-    def put(self, key: tuple[str, str], value: ResolvedPrefix, gen: int) -> None:
+    def put(self, key: tuple[str, str], value: ResolvedPrefix, gen: int, version: int | None = None) -> None:
         with self._lock:
             if self._gen.get(key, 0) == gen:  # no invalidation raced with the fetch
-                self._entries[key] = (value, time.monotonic())
+                self._entries.setdefault(key, {})[version] = (value, time.monotonic())
 
     def invalidate(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._entries.pop(key, None)
             self._gen[key] = self._gen.get(key, 0) + 1
-
-    def clear(self) -> None:
-        with self._lock:
-            for key in list(self._entries):
-                self._entries.pop(key, None)
-                self._gen[key] = self._gen.get(key, 0) + 1
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -449,7 +446,7 @@ class Service:
     draining: bool = False
     started_at: float = field(default_factory=time.time)
     _tenant_active: dict[str, int] = field(default_factory=dict)
-    _inflight_meta: dict[tuple[str, str], asyncio.Future] = field(default_factory=dict)
+    _inflight_meta: dict[tuple[str, str, int | None], asyncio.Future] = field(default_factory=dict)
     _unsubscribe: Callable[[], None] | None = None
     _tokenizer_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
@@ -609,23 +606,29 @@ class Service:
         return release
 
     # ------------------------------------------------------------------ prefix resolution
-    async def resolve(self, tenant: str, name: str | None) -> ResolvedPrefix:
-        """name → latest version, prefix length and prompt format (cached; stale entries served if the store is down)."""
+    async def resolve(
+        self, tenant: str, name: str | None, version: int | None = None, param: str = "prefix"
+    ) -> ResolvedPrefix:
+        """name → its latest version (or the pinned `version`), prefix length and prompt format (cached; stale
+        entries served if the store is down). `param` names the request field in errors."""
         if name is None or name == BASE_PREFIX:
+            if version is not None:
+                raise APIError(
+                    422, "the base model has no versions", code="invalid_value", param="prefix_version"
+                )
             return ResolvedPrefix(tenant, None, None, 0, self.default_format)
         key = (tenant, name)
-        ent, fresh, gen = self.meta_cache.get(key)
+        ent, fresh, gen = self.meta_cache.get(key, version)
         if ent is not None and fresh:
             return ent
         try:
-            meta = await self._get_meta(key)
+            meta = await self._get_meta(key, version)
         except errors.PrefixNotFound:
             self.meta_cache.invalidate(key)
-            raise APIError(
-                404, f"prefix {name!r} not found", code="prefix_not_found", param="prefix"
-            ) from None
+            what = f"prefix {name!r}" if version is None else f"prefix {name!r} version {version}"
+            raise APIError(404, f"{what} not found", code="prefix_not_found", param=param) from None
         except errors.InvalidName as e:
-            raise APIError(422, str(e), code="invalid_name", param="prefix") from None
+            raise APIError(422, str(e), code="invalid_name", param=param) from None
         except errors.StoreUnavailable:
             self.store_ok = False
             if ent is not None:
@@ -634,31 +637,30 @@ class Service:
                 "prefix store unavailable", self.settings.retry_after_s, code="store_unavailable"
             ) from None
         except errors.StoreError as e:
-            raise APIError(
-                422, f"prefix cannot be served: {e}", code="prefix_corrupt", param="prefix"
-            ) from None
+            raise APIError(422, f"prefix cannot be served: {e}", code="prefix_corrupt", param=param) from None
         self.store_ok = True
         if meta.base_model_fingerprint != self.bundle.fingerprint:
             raise APIError(
                 422,
                 f"prefix {name!r} was trained for another base model",
                 code="prefix_incompatible",
-                param="prefix",
+                param=param,
             )
         fmt = (meta.extra or {}).get("prompt_format") or self.default_format
         if fmt not in ("chat", "raw"):
             fmt = self.default_format
         res = ResolvedPrefix(tenant, name, meta.version, meta.prefix_length, fmt)
-        self.meta_cache.put(key, res, gen)
+        self.meta_cache.put(key, res, gen, version)
         return res
 
-    async def _get_meta(self, key: tuple[str, str]) -> PrefixMeta:
-        """Single flight: concurrent misses for one name share one store round trip."""
-        fut = self._inflight_meta.get(key)
+    async def _get_meta(self, key: tuple[str, str], version: int | None) -> PrefixMeta:
+        """Single flight: concurrent misses for one name (and version) share one store round trip."""
+        k = (*key, version)
+        fut = self._inflight_meta.get(k)
         if fut is None:
-            fut = asyncio.ensure_future(asyncio.to_thread(self.store.get_meta, *key))
-            self._inflight_meta[key] = fut
-            fut.add_done_callback(lambda _f: self._inflight_meta.pop(key, None))
+            fut = asyncio.ensure_future(asyncio.to_thread(self.store.get_meta, *key, version))
+            self._inflight_meta[k] = fut
+            fut.add_done_callback(lambda _f: self._inflight_meta.pop(k, None))
         return await asyncio.shield(fut)
 
     # ------------------------------------------------------------------ generation

@@ -326,6 +326,7 @@ class AsyncClient:
         prompt: str,
         *,
         prefix: str | None = "default",
+        prefix_version: int | None = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -351,6 +352,7 @@ class AsyncClient:
             tenant_id,
             prompt,
             prefix=prefix,
+            prefix_version=prefix_version,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -383,6 +385,7 @@ class AsyncClient:
         prompt: str,
         *,
         prefix: str | None = "default",
+        prefix_version: int | None = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -409,6 +412,7 @@ class AsyncClient:
             tenant_id,
             prompt,
             prefix=prefix,
+            prefix_version=prefix_version,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -452,9 +456,10 @@ class AsyncClient:
         prompt: str | None = None,
         *,
         prefix: str | None = "default",
+        prefix_version: int | None = None,
         messages: Sequence[dict[str, Any]] | None = None,
     ) -> Tokenized:
-        body = _base.tokenize_body(tenant_id, prompt, prefix, messages)
+        body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version)
         return Tokenized.model_validate((await self._request("POST", "/tokenize", json=body)).json())
 
     async def detokenize(self, tokens: Sequence[int]) -> str:

@@ -74,6 +74,7 @@ def generate_body(
     *,
     prefix: str | None,
     max_tokens: int,
+    prefix_version: int | None = None,
     temperature: float,
     top_p: float,
     top_k: int,
@@ -107,6 +108,8 @@ def generate_body(
     }
     if tenant_id is not None:
         body["tenant_id"] = tenant_id
+    if prefix_version is not None:
+        body["prefix_version"] = prefix_version
     if seed is not None:
         body["seed"] = seed
     if stop is not None:
@@ -153,11 +156,17 @@ def structured_outputs_body(value: StructuredOutputsArg) -> dict[str, Any]:
 
 
 def tokenize_body(
-    tenant_id: str | None, prompt: str | None, prefix: str | None, messages: Sequence[dict[str, Any]] | None
+    tenant_id: str | None,
+    prompt: str | None,
+    prefix: str | None,
+    messages: Sequence[dict[str, Any]] | None,
+    prefix_version: int | None = None,
 ) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt and messages")
     body: dict[str, Any] = {"prefix": prefix}
+    if prefix_version is not None:
+        body["prefix_version"] = prefix_version
     if tenant_id is not None:
         body["tenant_id"] = tenant_id
     if prompt is not None:

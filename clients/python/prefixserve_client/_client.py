@@ -336,6 +336,7 @@ class Client:
         prompt: str,
         *,
         prefix: str | None = "default",
+        prefix_version: int | None = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -357,7 +358,8 @@ class Client:
         priority: int = 0,
         request_id: str | None = None,
     ) -> Generation:
-        """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model.
+        """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model;
+        ``prefix_version`` pins a stored version of the prefix (default: the latest).
         ``structured_outputs``: what the text must match, ``{"json": schema}``, a pydantic model class (its schema;
         then ``Model.model_validate_json(gen.text)``), ``{"regex": ...}``, ``{"choice": [...]}``,
         ``{"grammar": ...}`` or ``{"json_object": True}``. vLLM's ``min_p``, ``include_stop_str_in_output``,
@@ -367,6 +369,7 @@ class Client:
             tenant_id,
             prompt,
             prefix=prefix,
+            prefix_version=prefix_version,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -399,6 +402,7 @@ class Client:
         prompt: str,
         *,
         prefix: str | None = "default",
+        prefix_version: int | None = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -426,6 +430,7 @@ class Client:
             tenant_id,
             prompt,
             prefix=prefix,
+            prefix_version=prefix_version,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -471,11 +476,12 @@ class Client:
         prompt: str | None = None,
         *,
         prefix: str | None = "default",
+        prefix_version: int | None = None,
         messages: Sequence[dict[str, Any]] | None = None,
     ) -> Tokenized:
         """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
         prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output."""
-        body = _base.tokenize_body(tenant_id, prompt, prefix, messages)
+        body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version)
         return Tokenized.model_validate(self._request("POST", "/tokenize", json=body).json())
 
     def detokenize(self, tokens: Sequence[int]) -> str:
