@@ -133,10 +133,15 @@ class PrefixStore(abc.ABC):
         self._check_key(tenant_id, name, None)
         return sorted(self._versions(tenant_id, name))
 
-    def delete(self, tenant_id: str, name: str) -> None:
-        """Delete every version; PrefixNotFound if there is none. Later puts continue the version sequence."""
-        self._check_key(tenant_id, name, None)
-        last = self._delete(tenant_id, name)
+    def delete(self, tenant_id: str, name: str, version: int | None = None) -> None:
+        """Delete every version, or only ``version``; PrefixNotFound if there is none (or not that one). Deleting
+        the latest version makes the one before it the latest; deleting the only one deletes the name. Later puts
+        continue the version sequence (a version number is never reused)."""
+        version = self._check_key(tenant_id, name, version)
+        if version is None:
+            last = self._delete(tenant_id, name)
+        else:
+            last = self._delete_version(tenant_id, name, version)
         self._notify(ChangeEvent("delete", tenant_id, name, last))
 
     def exists(self, tenant_id: str, name: str, version: int | None = None) -> bool:
@@ -234,6 +239,11 @@ class PrefixStore(abc.ABC):
     @abc.abstractmethod
     def _delete(self, tenant_id: str, name: str) -> int:
         """Remove all versions; return the highest one removed; PrefixNotFound if none."""
+
+    @abc.abstractmethod
+    def _delete_version(self, tenant_id: str, name: str, version: int) -> int:
+        """Remove one version atomically (readers see it whole or not at all; the latest pointer moves back to the
+        highest remaining); return it; PrefixNotFound if absent."""
 
     @abc.abstractmethod
     def _exists(self, tenant_id: str, name: str, version: int | None) -> bool: ...

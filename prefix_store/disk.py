@@ -183,15 +183,12 @@ class DiskStore(PrefixStore):
     def _load(
         self, tenant_id: str, name: str, version: int | None, *, with_blob: bool
     ) -> tuple[PrefixMeta, bytes | None]:
+        if version is None:  # the latest, looked up again if it is deleted between the listing and the read
+            for _attempt in range(3):
+                with contextlib.suppress(PrefixNotFound):
+                    return self._load(tenant_id, name, self._latest(tenant_id, name), with_blob=with_blob)
+            return self._load(tenant_id, name, self._latest(tenant_id, name), with_blob=with_blob)
         ndir = self._name_dir(tenant_id, name)
-        if version is None:
-            try:
-                found = self._scan(ndir)
-            except OSError as e:
-                raise self._unavailable(f"list versions of {label(tenant_id, name)}", e) from e
-            if not found:
-                raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
-            version = found[-1]
         meta_path = ndir / f"v{version}.json"
         try:
             meta_bytes = meta_path.read_bytes()
@@ -215,6 +212,15 @@ class DiskStore(PrefixStore):
         except OSError as e:
             raise self._unavailable(f"read prefix {label(tenant_id, name, version)}", e) from e
         return meta, blob
+
+    def _latest(self, tenant_id: str, name: str) -> int:
+        try:
+            found = self._scan(self._name_dir(tenant_id, name))
+        except OSError as e:
+            raise self._unavailable(f"list versions of {label(tenant_id, name)}", e) from e
+        if not found:
+            raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
+        return found[-1]
 
     @staticmethod
     def _subdirs(path: Path) -> builtins.list[str]:
@@ -253,20 +259,44 @@ class DiskStore(PrefixStore):
             raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
         try:
             with self._locked(tenant_id, name):
-                ndir = self._name_dir(tenant_id, name)
-                found = self._scan(ndir)
-                if not found:
-                    raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
-                trash = self.root / TRASH
-                _mkdir_durable(trash)
-                doomed = trash / f"{tenant_id}@{name}@{uuid.uuid4().hex}"
-                os.rename(ndir, doomed)  # one atomic step: readers see every version or none
-                _fsync_dir(ndir.parent)
-                _fsync_dir(trash)
+                return self._delete_locked(tenant_id, name)
         except OSError as e:
             raise self._unavailable(f"delete prefix {label(tenant_id, name)}", e) from e
+
+    def _delete_locked(self, tenant_id: str, name: str) -> int:
+        """Every version, in one rename into the trash (call holding the name's lock)."""
+        ndir = self._name_dir(tenant_id, name)
+        found = self._scan(ndir)
+        if not found:
+            raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
+        trash = self.root / TRASH
+        _mkdir_durable(trash)
+        doomed = trash / f"{tenant_id}@{name}@{uuid.uuid4().hex}"
+        os.rename(ndir, doomed)  # one atomic step: readers see every version or none
+        _fsync_dir(ndir.parent)
+        _fsync_dir(trash)
         shutil.rmtree(doomed, ignore_errors=True)
         return found[-1]
+
+    def _delete_version(self, tenant_id: str, name: str, version: int) -> int:
+        ndir = self._name_dir(tenant_id, name)
+        if not ndir.is_dir():
+            raise PrefixNotFound(f"prefix {label(tenant_id, name, version)} not found")
+        try:
+            with self._locked(tenant_id, name):
+                found = self._scan(ndir)
+                if version not in found:
+                    raise PrefixNotFound(f"prefix {label(tenant_id, name, version)} not found")
+                if found == [version]:  # the last one: the name goes, in the one-step way
+                    return self._delete_locked(tenant_id, name)
+                os.unlink(ndir / f"v{version}.json")  # the commit marker first: from here the version is gone
+                _fsync_dir(ndir)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(ndir / f"v{version}.safetensors")
+                _fsync_dir(ndir)
+        except OSError as e:
+            raise self._unavailable(f"delete prefix {label(tenant_id, name, version)}", e) from e
+        return version
 
     def _exists(self, tenant_id: str, name: str, version: int | None) -> bool:
         ndir = self._name_dir(tenant_id, name)

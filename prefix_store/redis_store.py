@@ -16,7 +16,9 @@ query parameters go to redis-py (``socket_timeout=...``, ``password=...``). Keys
 A put allocates the version with INCR, then commits blob, metadata, indexes, the ``latest`` pointer (only moved
 forward, under WATCH) and the PUBLISH in one MULTI/EXEC: other clients see the whole version or nothing, and the
 change message goes out exactly when the change is visible. A delete removes every version in one WATCHed
-MULTI/EXEC. Reads of a version fetch metadata and blob with one MGET (a consistent snapshot).
+MULTI/EXEC; deleting one version removes its keys and moves ``latest`` back to the highest remaining one in another
+(the name goes with its last version). Reads of a version fetch metadata and blob with one MGET (a consistent
+snapshot).
 
 Connection problems raise StoreUnavailable after at most one quick reconnect attempt; sockets time out after a
 few seconds, so a dead or hung Redis never blocks a caller indefinitely.
@@ -252,18 +254,48 @@ class RedisStore(PrefixStore):
             if not found:
                 pipe.unwatch()
                 raise PrefixNotFound(f"prefix {label(t, n)} not found")
-            last_name = pipe.scard(names_key) <= 1 and pipe.sismember(names_key, n)
-            pipe.multi()
-            pipe.delete(*(self._blob_key(t, n, v) for v in found), *(self._meta_key(t, n, v) for v in found))
-            pipe.delete(versions_key, latest_key)
-            pipe.srem(names_key, n)
-            if last_name:
-                pipe.srem(self._tenants_key(), t)
-            pipe.publish(self._channel, self._message(ChangeEvent("delete", t, n, max(found))))
+            self._queue_delete_name(pipe, t, n, found)
             return max(found)
 
         with self._errors(f"delete {label(t, n)}"):
             return int(self._transaction(commit, watch=(versions_key, names_key, latest_key)))  # type: ignore[arg-type]
+
+    def _queue_delete_name(
+        self, pipe: redis.client.Pipeline, t: str, n: str, found: builtins.list[int]
+    ) -> None:
+        """Inside a transaction watching the name's versions, names and latest keys: read what is needed, then
+        queue the removal of every version and of the name from the indexes, and its change message."""
+        names_key = self._names_key(t)
+        last_name = pipe.scard(names_key) <= 1 and pipe.sismember(names_key, n)
+        pipe.multi()
+        pipe.delete(*(self._blob_key(t, n, v) for v in found), *(self._meta_key(t, n, v) for v in found))
+        pipe.delete(self._versions_key(t, n), self._latest_key(t, n))
+        pipe.srem(names_key, n)
+        if last_name:
+            pipe.srem(self._tenants_key(), t)
+        pipe.publish(self._channel, self._message(ChangeEvent("delete", t, n, max(found))))
+
+    def _delete_version(self, tenant_id: str, name: str, version: int) -> int:
+        t, n = tenant_id, name
+        versions_key, latest_key = self._versions_key(t, n), self._latest_key(t, n)
+
+        def commit(pipe: redis.client.Pipeline) -> None:
+            found = [int(x) for x in pipe.zrange(versions_key, 0, -1)]
+            if version not in found:
+                pipe.unwatch()
+                raise PrefixNotFound(f"prefix {label(t, n, version)} not found")
+            if found == [version]:  # the last one: the name goes
+                self._queue_delete_name(pipe, t, n, found)
+                return
+            pipe.multi()
+            pipe.delete(self._blob_key(t, n, version), self._meta_key(t, n, version))
+            pipe.zrem(versions_key, str(version))
+            pipe.set(latest_key, max(v for v in found if v != version))
+            pipe.publish(self._channel, self._message(ChangeEvent("delete", t, n, version)))
+
+        with self._errors(f"delete {label(t, n, version)}"):
+            self._transaction(commit, watch=(versions_key, self._names_key(t), latest_key))
+        return version
 
     def _exists(self, tenant_id: str, name: str, version: int | None) -> bool:
         with self._errors(f"exists {label(tenant_id, name, version)}"):

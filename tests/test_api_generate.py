@@ -507,3 +507,32 @@ def test_pinned_prefix_version_serves_that_version(srv):
     # deleting the name drops its pinned versions too
     assert c.delete("/prefixes/globex/default").status_code == 200
     assert_error(gen(c, **body, prefix_version=1), 404, "prefix_not_found")
+
+
+def test_deleting_the_latest_version_rolls_back(srv):
+    """DELETE ?version=N removes one version: deleting the latest serves the one before it at once (metadata and
+    device KV caches dropped), exactly as that version generated before; the others stay."""
+    c = srv.client()
+    body = {"tenant_id": "initech", "prompt": "The quick brown fox", "ignore_eos": True}
+    v1 = gen(c, **body).json()
+    put_random_prefix(srv.store, srv.svc.bundle, "initech", prefix_length=6, seed=7)
+    put_random_prefix(srv.store, srv.svc.bundle, "initech", prefix_length=9, seed=8)
+    assert gen(c, **body).json()["prefix_version"] == 3
+    v2 = gen(c, **body, prefix_version=2).json()
+    assert_error(c.delete("/prefixes/initech/default", params={"version": 9}), 404, "prefix_not_found")
+    assert_error(c.delete("/prefixes/initech/default", params={"version": 0}), 422)
+    r = c.delete("/prefixes/initech/default", params={"version": 3})
+    assert r.status_code == 200 and r.json() == {
+        "tenant_id": "initech",
+        "name": "default",
+        "object": "prefix",
+        "deleted": True,
+        "version": 3,
+    }
+    now = gen(c, **body).json()
+    assert now["prefix_version"] == 2 and now["text"] == v2["text"] != v1["text"]
+    assert c.get("/prefixes/initech/default").json()["versions"] == [1, 2]
+    assert_error(gen(c, **body, prefix_version=3), 404, "prefix_not_found")
+    r = c.delete("/prefixes/initech/default", params={"version": 2})
+    assert r.status_code == 200
+    assert gen(c, **body).json()["text"] == v1["text"]

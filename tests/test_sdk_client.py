@@ -926,7 +926,12 @@ def test_async_prefixes_and_job_wait(srv: Any) -> None:
     srv.on("GET", "/prefixes/jobs/job0001", _job("running", 1), _job("succeeded", 3))
     srv.on("GET", "/prefixes", Resp(200, {"object": "list", "data": [PREFIX]}))
     srv.on("GET", "/prefixes/acme/faq", Resp(200, PREFIX))
-    srv.on("DELETE", "/prefixes/acme/faq", Resp(200, {"tenant_id": "acme", "name": "faq", "deleted": True}))
+    srv.on(
+        "DELETE",
+        "/prefixes/acme/faq",
+        Resp(200, {"tenant_id": "acme", "name": "faq", "deleted": True, "version": 2}),
+        Resp(200, {"tenant_id": "acme", "name": "faq", "deleted": True}),
+    )
 
     async def main() -> None:
         async with ps.AsyncClient(srv.url) as c:
@@ -943,7 +948,9 @@ def test_async_prefixes_and_job_wait(srv: Any) -> None:
             assert done.status == "succeeded" and steps == [1, 3]
             assert [p.name for p in await c.prefixes.list("acme")] == ["faq"]
             assert (await c.prefixes.get("acme", "faq")).versions == [1, 2]
-            assert (await c.prefixes.delete("acme", "faq")).deleted
+            assert (await c.prefixes.delete("acme", "faq", version=2)).version == 2
+            gone = await c.prefixes.delete("acme", "faq")
+            assert gone.deleted and gone.version is None
 
             srv.on("GET", "/prefixes/jobs/job0001", _job("failed", 1, error="boom"))
             with pytest.raises(ps.TrainingFailed):
@@ -956,6 +963,7 @@ def test_async_prefixes_and_job_wait(srv: Any) -> None:
 
     asyncio.run(main())
     assert srv.calls("POST", "/prefixes")[0].body["prefix_length"] == 4
+    assert [s.query for s in srv.calls("DELETE", "/prefixes/acme/faq")] == ["version=2", ""]
 
 
 def test_async_stream_retry_after_then_close_early(srv: Any) -> None:

@@ -199,6 +199,78 @@ def test_delete(store):
     assert store.versions("acme", "bot") == [3]
 
 
+def test_delete_one_version(store):
+    """Deleting a version leaves the others; deleting the latest makes the one before it the latest (what a
+    rollback needs); deleting the only one deletes the name; numbers are never reused."""
+    for i in range(3):
+        put(store, "acme", "bot", kv=make_kv(fill=i))
+    put(store, "acme", "keep")
+    events: list[ChangeEvent] = []
+    store.subscribe(events.append)
+    store.delete("acme", "bot", 2)
+    assert store.versions("acme", "bot") == [1, 3] and not store.exists("acme", "bot", 2)
+    with pytest.raises(errors.PrefixNotFound):
+        store.get("acme", "bot", 2)
+    with pytest.raises(errors.PrefixNotFound):
+        store.delete("acme", "bot", 2)
+    store.delete("acme", "bot", 3)  # the latest: back to version 1
+    latest = store.get("acme", "bot")
+    assert latest.meta.version == 1 and torch.equal(latest.kv, make_kv(fill=0))
+    assert store.get_meta("acme", "bot").version == 1
+    assert {m.name: m.version for m in store.list("acme")} == {"bot": 1, "keep": 1}
+    assert put(store, "acme", "bot").version == 4
+    store.delete("acme", "bot", 4)
+    store.delete("acme", "bot", 1)  # the last one: the name is gone
+    assert [m.name for m in store.list("acme")] == ["keep"] and not store.exists("acme", "bot")
+    store.delete("acme", "keep", 1)
+    assert store.list() == []
+    with pytest.raises(errors.PrefixNotFound):
+        store.delete("acme", "bot", 1)
+    with pytest.raises(errors.PrefixNotFound):
+        store.delete("acme", "bot", 0)
+    assert events == [
+        ChangeEvent("delete", "acme", "bot", 2),
+        ChangeEvent("delete", "acme", "bot", 3),
+        ChangeEvent("put", "acme", "bot", 4),
+        ChangeEvent("delete", "acme", "bot", 4),
+        ChangeEvent("delete", "acme", "bot", 1),
+        ChangeEvent("delete", "acme", "keep", 1),
+    ]
+    assert put(store, "acme", "bot").version == 5
+
+
+def test_latest_readers_during_version_deletes_see_a_whole_record(store):
+    """While the latest version is deleted over and over (and new ones put), readers of "the latest" get a whole
+    record every time: never a torn one, never not-found (an older version always remains)."""
+    put(store, kv=make_kv(fill=-1), training={"fill": -1})
+    stop = threading.Event()
+    seen = {"ok": 0}
+    problems: list[BaseException] = []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                rec = store.get("acme", "bot")
+            except BaseException as e:  # pragma: no cover
+                problems.append(e)
+                return
+            if not torch.equal(rec.kv, make_kv(fill=rec.meta.training["fill"])):
+                problems.append(AssertionError("torn"))
+            seen["ok"] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for i in range(20):
+        v = put(store, kv=make_kv(fill=i), training={"fill": i}).version
+        store.delete("acme", "bot", v)
+    stop.set()
+    for th in threads:
+        th.join(10)
+    assert not problems, problems[:3]
+    assert seen["ok"] > 0 and store.versions("acme", "bot") == [1]
+
+
 def test_delete_last_name_removes_tenant_from_listing(store):
     put(store, "solo", "only")
     store.delete("solo", "only")

@@ -226,22 +226,30 @@ async def get_prefix(
 @router.delete(
     "/prefixes/{tenant_id}/{name}",
     responses=COMMON_ERRORS,
-    summary="Delete every version of a prefix",
+    summary="Delete every version of a prefix, or one",
 )
 async def delete_prefix(
     request: Request,
     tenant_id: str = Path(pattern=NAME_PATTERN),
     name: str = Path(pattern=NAME_PATTERN),
+    version: int | None = Query(
+        None,
+        ge=1,
+        description="Delete only this version (deleting the latest makes the one before it the latest: a rollback)",
+    ),
     principal: Principal = Depends(get_principal),
 ) -> dict[str, Any]:
     svc = get_service(request)
     info = get_info(request)
-    info.tenant, info.prefix = tenant_id, name
+    info.tenant, info.prefix, info.version = tenant_id, name, version
     _check_prefix_access(principal, tenant_id, name)
-    await store_call(svc, svc.store.delete, tenant_id, name)
+    await store_call(svc, svc.store.delete, tenant_id, name, version)
     svc.meta_cache.invalidate((tenant_id, name))
     svc.llm.prefix_cache.invalidate(tenant_id, name)
-    return {"tenant_id": tenant_id, "name": name, "object": "prefix", "deleted": True}
+    out: dict[str, Any] = {"tenant_id": tenant_id, "name": name, "object": "prefix", "deleted": True}
+    if version is not None:
+        out["version"] = version
+    return out
 
 
 @router.get(

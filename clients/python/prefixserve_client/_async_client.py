@@ -149,8 +149,10 @@ class AsyncPrefixes:
         r = await self._client._request("GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}")
         return PrefixInfo.model_validate(r.json())
 
-    async def delete(self, tenant_id: str, name: str) -> DeletedPrefix:
-        r = await self._client._request("DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}")
+    async def delete(self, tenant_id: str, name: str, version: int | None = None) -> DeletedPrefix:
+        """Every version of the prefix, or only ``version`` (deleting the latest rolls back to the one before)."""
+        params = {"version": version} if version is not None else None
+        r = await self._client._request("DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params)
         return DeletedPrefix.model_validate(r.json())
 
     async def upload(

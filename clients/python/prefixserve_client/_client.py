@@ -158,8 +158,10 @@ class Prefixes:
         r = self._client._request("GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}")
         return PrefixInfo.model_validate(r.json())
 
-    def delete(self, tenant_id: str, name: str) -> DeletedPrefix:
-        r = self._client._request("DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}")
+    def delete(self, tenant_id: str, name: str, version: int | None = None) -> DeletedPrefix:
+        """Every version of the prefix, or only ``version`` (deleting the latest rolls back to the one before)."""
+        params = {"version": version} if version is not None else None
+        r = self._client._request("DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params)
         return DeletedPrefix.model_validate(r.json())
 
     def upload(
