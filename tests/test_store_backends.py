@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -239,18 +240,23 @@ def test_delete_one_version(store):
     assert put(store, "acme", "bot").version == 5
 
 
-def test_latest_readers_during_version_deletes_see_a_whole_record(store):
-    """While the latest version is deleted over and over (and new ones put), readers of "the latest" get a whole
-    record every time: never a torn one, never not-found (an older version always remains)."""
-    put(store, kv=make_kv(fill=-1), training={"fill": -1})
+def read_latest_during(store, writes: Callable[[], None], missing_ok: bool) -> dict[str, int]:
+    """Two threads read the latest ("acme", "bot") while `writes()` runs; every record read must be whole (its
+    tensors match the fill its metadata records). Returns the counts of records read and of not-found answers
+    (which fail the test unless `missing_ok`)."""
     stop = threading.Event()
-    seen = {"ok": 0}
+    seen = {"ok": 0, "missing": 0}
     problems: list[BaseException] = []
 
     def reader():
         while not stop.is_set():
             try:
                 rec = store.get("acme", "bot")
+            except errors.PrefixNotFound as e:
+                seen["missing"] += 1
+                if not missing_ok:
+                    problems.append(e)
+                continue
             except BaseException as e:  # pragma: no cover
                 problems.append(e)
                 return
@@ -261,13 +267,27 @@ def test_latest_readers_during_version_deletes_see_a_whole_record(store):
     threads = [threading.Thread(target=reader) for _ in range(2)]
     for th in threads:
         th.start()
-    for i in range(20):
-        v = put(store, kv=make_kv(fill=i), training={"fill": i}).version
-        store.delete("acme", "bot", v)
-    stop.set()
-    for th in threads:
-        th.join(10)
+    try:
+        writes()
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(10)
     assert not problems, problems[:3]
+    return seen
+
+
+def test_latest_readers_during_version_deletes_see_a_whole_record(store):
+    """While the latest version is deleted over and over (and new ones put), readers of "the latest" get a whole
+    record every time: never a torn one, never not-found (an older version always remains)."""
+    put(store, kv=make_kv(fill=-1), training={"fill": -1})
+
+    def writes() -> None:
+        for i in range(20):
+            v = put(store, kv=make_kv(fill=i), training={"fill": i}).version
+            store.delete("acme", "bot", v)
+
+    seen = read_latest_during(store, writes, missing_ok=False)
     assert seen["ok"] > 0 and store.versions("acme", "bot") == [1]
 
 
@@ -456,36 +476,13 @@ def test_concurrent_writers_threads(store):
 
 
 def test_readers_never_see_torn_records_during_delete(store):
-    stop = threading.Event()
-    seen: dict[str, int] = {"ok": 0, "missing": 0}
-    problems: list[BaseException] = []
+    def writes() -> None:
+        for i in range(15):
+            put(store, kv=make_kv(fill=i), training={"fill": i})
+            put(store, kv=make_kv(fill=i + 0.5), training={"fill": i + 0.5})
+            store.delete("acme", "bot")
 
-    def reader():
-        while not stop.is_set():
-            try:
-                rec = store.get("acme", "bot")
-            except errors.PrefixNotFound:
-                seen["missing"] += 1
-                continue
-            except BaseException as e:  # pragma: no cover
-                problems.append(e)
-                return
-            if not torch.equal(rec.kv, make_kv(fill=rec.meta.training["fill"])):
-                problems.append(AssertionError("torn"))
-            seen["ok"] += 1
-
-    threads = [threading.Thread(target=reader) for _ in range(2)]
-    for th in threads:
-        th.start()
-    for i in range(15):
-        put(store, kv=make_kv(fill=i), training={"fill": i})
-        put(store, kv=make_kv(fill=i + 0.5), training={"fill": i + 0.5})
-        store.delete("acme", "bot")
-    stop.set()
-    for th in threads:
-        th.join(10)
-    assert not problems, problems[:3]
-    assert seen["missing"] > 0  # the deletes were observed
+    assert read_latest_during(store, writes, missing_ok=True)["missing"] > 0  # the deletes were observed
 
 
 def test_change_events_to_subscribers(store):
