@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         description="JSON of per-tenant overrides: {tenant or '*': {requests_per_minute, tokens_per_minute, "
         "max_concurrent}}",
     )
+    config_reload_s: float = Field(
+        2.0,
+        ge=0,
+        description="How often api_keys_file and tenant_limits_file are checked for changes (0: never); a change "
+        "applies once the file has stayed the same for one interval, a bad file is logged and the old one kept",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413 above)")
     max_upload_bytes: int = Field(
         67_108_864,

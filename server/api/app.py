@@ -27,6 +27,7 @@ from server.api.auth import KeyRing
 from server.api.errors import SafeJSONResponse, error_body, install_error_handlers
 from server.api.limits import RateLimiter
 from server.api.metrics import Metrics
+from server.api.reload import ConfigReloader
 from server.api.service import RequestInfo, Service, rate_limiter
 from server.settings import Settings
 
@@ -305,6 +306,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(svc.start)
     svc.usage.start()
     st.svc = svc
+    reloader = asyncio.create_task(ConfigReloader(st, s.config_reload_s).run(), name="config-reload")
     log.info(
         "ready: model %s (fingerprint %s…) loaded in %.1fs; store %r; tool calls parsed as %s",
         st.bundle.name,
@@ -316,6 +318,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        reloader.cancel()
         st.begin_drain()
         await svc.stop(s.shutdown_grace_s)
         for closing in (svc.usage.close, svc.limiter.close):  # the last usage counts go out here

@@ -137,12 +137,19 @@ class RateLimiter:
         overrides: dict[str, dict[str, int | None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        overrides = dict(overrides or {})
-        self.default = default.merged(overrides.pop("*", {}))
-        self.overrides = {t: self.default.merged(o) for t, o in overrides.items()}
+        self.reconfigure(default, overrides)
         self.clock = clock
         self._requests: dict[str, Bucket] = {}
         self._tokens: dict[str, Bucket] = {}
+
+    def reconfigure(self, default: TenantLimit, overrides: dict[str, dict[str, int | None]] | None) -> None:
+        """New limits (a reloaded limits file), effective from the next request; an in-process bucket whose
+        capacity changed starts full at its new capacity (in Redis its level is capped at it), the others keep
+        their levels."""
+        overrides = dict(overrides or {})
+        base = default.merged(overrides.pop("*", {}))
+        self.overrides = {t: base.merged(o) for t, o in overrides.items()}
+        self.default = base
 
     def limit(self, tenant: str) -> TenantLimit:
         return self.overrides.get(tenant, self.default)

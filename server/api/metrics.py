@@ -143,6 +143,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            P + "config_reloads",
+            "Reloads of the API keys file and the tenant limits file, by file and result (ok, error)",
+            ["file", "result"],
+            registry=r,
+        )
         if state is not None:
             r.register(_EngineCollector(state))
 

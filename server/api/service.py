@@ -420,17 +420,21 @@ class GenerationRun:
 
 
 # ----------------------------------------------------------------------------------------------- service
-def rate_limiter(settings: Settings) -> RateLimiter:
-    """Every tenant's limits from the settings, overridden per tenant by `tenant_limits_file` (ValueError if bad)."""
-    default = TenantLimit(
+def default_limit(settings: Settings) -> TenantLimit:
+    """Every tenant's limits from the settings (before the limits file's overrides)."""
+    return TenantLimit(
         requests_per_minute=settings.tenant_requests_per_minute,
         tokens_per_minute=settings.tenant_tokens_per_minute,
         max_concurrent=settings.max_concurrent_per_tenant,
     )
+
+
+def rate_limiter(settings: Settings) -> RateLimiter:
+    """Every tenant's limits from the settings, overridden per tenant by `tenant_limits_file` (ValueError if bad)."""
     overrides = load_limits_file(settings.tenant_limits_file)
     if settings.limits_url:
-        return RedisRateLimiter(settings.limits_url, default, overrides)
-    return RateLimiter(default, overrides)
+        return RedisRateLimiter(settings.limits_url, default_limit(settings), overrides)
+    return RateLimiter(default_limit(settings), overrides)
 
 
 @dataclass
