@@ -167,7 +167,7 @@ class DeletedPrefix(_Model):
     name: str
     object: str = "prefix"
     deleted: bool = True
-    version: int | None = None  # the one version deleted; None: every version
+    version: Optional[int] = None  # the one version deleted; None: every version
 
 
 class JobProgress(_Model):
