@@ -531,7 +531,11 @@ def test_deleting_the_latest_version_rolls_back(srv):
     }
     now = gen(c, **body).json()
     assert now["prefix_version"] == 2 and now["text"] == v2["text"] != v1["text"]
-    assert c.get("/prefixes/initech/default").json()["versions"] == [1, 2]
+    info = c.get("/prefixes/initech/default").json()
+    assert info["version"] == 2 and info["versions"] == [1, 2] and info["prefix_length"] == 6
+    one = c.get("/prefixes/initech/default", params={"version": 1}).json()
+    assert one["version"] == 1 and one["versions"] == [1, 2] and one["prefix_length"] == 16
+    assert_error(c.get("/prefixes/initech/default", params={"version": 3}), 404, "prefix_not_found")
     assert_error(gen(c, **body, prefix_version=3), 404, "prefix_not_found")
     r = c.delete("/prefixes/initech/default", params={"version": 2})
     assert r.status_code == 200

@@ -948,6 +948,7 @@ def test_async_prefixes_and_job_wait(srv: Any) -> None:
             assert done.status == "succeeded" and steps == [1, 3]
             assert [p.name for p in await c.prefixes.list("acme")] == ["faq"]
             assert (await c.prefixes.get("acme", "faq")).versions == [1, 2]
+            assert (await c.prefixes.get("acme", "faq", version=1)).versions == [1, 2]
             assert (await c.prefixes.delete("acme", "faq", version=2)).version == 2
             gone = await c.prefixes.delete("acme", "faq")
             assert gone.deleted and gone.version is None
@@ -964,6 +965,7 @@ def test_async_prefixes_and_job_wait(srv: Any) -> None:
     asyncio.run(main())
     assert srv.calls("POST", "/prefixes")[0].body["prefix_length"] == 4
     assert [s.query for s in srv.calls("DELETE", "/prefixes/acme/faq")] == ["version=2", ""]
+    assert [s.query for s in srv.calls("GET", "/prefixes/acme/faq")] == ["", "version=1"]
 
 
 def test_async_stream_retry_after_then_close_early(srv: Any) -> None:

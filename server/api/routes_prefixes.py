@@ -208,17 +208,18 @@ def _check_prefix_access(principal: Principal, tenant_id: str, name: str) -> Non
     "/prefixes/{tenant_id}/{name}",
     response_model=PrefixInfo,
     responses=COMMON_ERRORS,
-    summary="One stored prefix (latest version) and its versions",
+    summary="One stored prefix (its latest version, or the one asked for) and its versions",
 )
 async def get_prefix(
     request: Request,
     tenant_id: str = Path(pattern=NAME_PATTERN),
     name: str = Path(pattern=NAME_PATTERN),
+    version: int | None = Query(None, ge=1, description="This version's metadata (default: the latest)"),
     principal: Principal = Depends(get_principal),
 ) -> Any:
     svc = get_service(request)
     _check_prefix_access(principal, tenant_id, name)
-    meta = await store_call(svc, svc.store.get_meta, tenant_id, name)
+    meta = await store_call(svc, svc.store.get_meta, tenant_id, name, version)
     versions = await store_call(svc, svc.store.versions, tenant_id, name)
     return _prefix_info(meta, versions)
 

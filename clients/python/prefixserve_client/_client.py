@@ -154,8 +154,10 @@ class Prefixes:
         data = self._client._request("GET", "/prefixes", params=params).json()
         return [PrefixInfo.model_validate(d) for d in data.get("data", [])]
 
-    def get(self, tenant_id: str, name: str) -> PrefixInfo:
-        r = self._client._request("GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}")
+    def get(self, tenant_id: str, name: str, version: int | None = None) -> PrefixInfo:
+        """The latest version's metadata (or ``version``'s), with ``.versions``: every stored version."""
+        params = {"version": version} if version is not None else None
+        r = self._client._request("GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params)
         return PrefixInfo.model_validate(r.json())
 
     def delete(self, tenant_id: str, name: str, version: int | None = None) -> DeletedPrefix:
