@@ -431,3 +431,26 @@ def test_continue_final_message_and_chat_template_kwargs(srv, oai):
         body = {"model": "acme/default", "messages": msgs, "max_tokens": 2, **extra}
         resp = c.post("/v1/chat/completions", json=body)
         assert resp.status_code == 422 and resp.json()["error"]["param"] == param, resp.text
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_continuous_usage_stats_on_every_chunk(oai, route):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage so far (completion
+    tokens growing to the total), the final usage chunk the request's; without it chunks carry usage null."""
+    common = {"max_tokens": 8, "temperature": 0, "stream": True, "extra_body": {"ignore_eos": True}}
+
+    def chunks(**opts):
+        if route == "chat":
+            msgs = [{"role": "user", "content": "Count"}]
+            return list(oai.chat.completions.create(model="acme/chat-bot", messages=msgs, **common, **opts))
+        return list(oai.completions.create(model="acme/default", prompt="Count", **common, **opts))
+
+    got = chunks(stream_options={"include_usage": True, "continuous_usage_stats": True})
+    *per_choice, last = got
+    assert not last.choices and last.usage.completion_tokens == 8
+    counts = [c.usage.completion_tokens for c in per_choice]
+    assert counts == sorted(counts) and counts[-1] == 8 and counts[0] < 8
+    assert all(c.usage.prompt_tokens == last.usage.prompt_tokens for c in per_choice)
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in per_choice)
+    plain = chunks(stream_options={"include_usage": True})
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage.completion_tokens == 8

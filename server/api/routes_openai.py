@@ -11,7 +11,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
@@ -334,9 +334,8 @@ async def completions(
 ) -> Any:
     ch = await _start(request, principal, body, chat=False)
     cid = "cmpl-" + ch.runs[0].req.request_id
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return EngineEventStream(ch.runs, lambda: _completion_frames(ch, cid, include_usage))
+        return EngineEventStream(ch.runs, lambda: _completion_frames(ch, cid, _usage_mode(body)))
     results = await ch.collect(request)
     if isinstance(results, Response):
         return results
@@ -380,16 +379,41 @@ def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> 
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason}
 
 
+UsageMode = Literal[
+    "", "final", "continuous"
+]  # stream_options: no usage / a last usage chunk / usage on every chunk
+
+
+def _usage_mode(body: _OpenAIBase) -> UsageMode:
+    o = body.stream_options
+    if o is None or not o.include_usage:
+        return ""
+    return "continuous" if o.continuous_usage_stats else "final"
+
+
+def _chunk_usage(mode: UsageMode, run: GenerationRun, hidden: bool = False) -> dict[str, Any]:
+    """The `usage` member of a choice's chunk: none, null (the whole request's comes last), or that choice's so
+    far (vLLM's continuous_usage_stats)."""
+    if not mode:
+        return {}
+    if mode == "final":
+        return {"usage": None}
+    return {
+        "usage": usage(
+            len(run.req.prompt_token_ids), 0 if hidden else run.generated, run.cached_tokens_so_far
+        )
+    }
+
+
 async def _completion_choice(
-    ch: _Choices, run: GenerationRun, index: int, head: dict[str, Any], include_usage: bool
+    ch: _Choices, run: GenerationRun, index: int, head: dict[str, Any], usage_mode: UsageMode
 ) -> AsyncIterator[bytes]:
     def chunk(text: str, logprobs: Any, finish: str | None) -> bytes:
         c = {
             **head,
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            **_chunk_usage(usage_mode, run, ch.plan.hide_output),
         }
-        if include_usage:
-            c["usage"] = None
         return sse(c)
 
     want = run.req.sampling.logprobs is not None
@@ -412,13 +436,13 @@ async def _completion_choice(
         yield chunk(ev.text, logprobs, finish)
 
 
-async def _completion_frames(ch: _Choices, cid: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def _completion_frames(ch: _Choices, cid: str, usage_mode: UsageMode) -> AsyncIterator[bytes]:
     head = {"id": cid, "object": "text_completion", "created": ch.created, "model": ch.model}
-    choices = [_completion_choice(ch, r, i, head, include_usage) for i, r in enumerate(ch.runs)]
+    choices = [_completion_choice(ch, r, i, head, usage_mode) for i, r in enumerate(ch.runs)]
     async for frame in merge(choices):
         yield frame
     ch.finish_stream()
-    if include_usage:
+    if usage_mode:
         yield sse({**head, "choices": [], "usage": ch.usage()})
 
 
@@ -433,9 +457,8 @@ async def chat_completions(
 ) -> Any:
     ch = await _start(request, principal, body, chat=True)
     cid = "chatcmpl-" + ch.runs[0].req.request_id
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return EngineEventStream(ch.runs, lambda: _chat_frames(ch, cid, include_usage))
+        return EngineEventStream(ch.runs, lambda: _chat_frames(ch, cid, _usage_mode(body)))
     results = await ch.collect(request)
     if isinstance(results, Response):
         return results
@@ -470,7 +493,7 @@ async def _chat_choice(
     run: GenerationRun,
     index: int,
     head: dict[str, Any],
-    extra: dict[str, Any],
+    usage_mode: UsageMode,
     text: TokenTexts,
     tools: ToolPlan,
 ) -> AsyncIterator[bytes]:
@@ -479,7 +502,7 @@ async def _chat_choice(
             {
                 **head,
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-                **extra,
+                **_chunk_usage(usage_mode, run),
             }
         )
 
@@ -588,14 +611,13 @@ async def _stream_auto(
             yield chunk({}, tools.finish_reason(ev.finish_reason, calls), take_logprobs())
 
 
-async def _chat_frames(ch: _Choices, cid: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_frames(ch: _Choices, cid: str, usage_mode: UsageMode) -> AsyncIterator[bytes]:
     head = {"id": cid, "object": "chat.completion.chunk", "created": ch.created, "model": ch.model}
-    extra = {"usage": None} if include_usage else {}
-    choices = [_chat_choice(r, i, head, extra, ch.text, ch.plan.tools) for i, r in enumerate(ch.runs)]
+    choices = [_chat_choice(r, i, head, usage_mode, ch.text, ch.plan.tools) for i, r in enumerate(ch.runs)]
     async for frame in merge(choices):
         yield frame
     ch.finish_stream()
-    if include_usage:
+    if usage_mode:
         yield sse({**head, "choices": [], "usage": ch.usage()})
 
 

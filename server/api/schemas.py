@@ -256,7 +256,10 @@ class GenerateChunk(BaseModel):
 
 # --------------------------------------------------------------------------------------------- OpenAI
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="A last chunk with the whole request's usage")
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM: with include_usage, every chunk carries its choice's usage so far"
+    )
 
 
 class _OpenAIBase(BaseModel):

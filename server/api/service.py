@@ -384,6 +384,11 @@ class GenerationRun:
             first.prompt_logprobs,
         )
 
+    @property
+    def cached_tokens_so_far(self) -> int:
+        """Prompt tokens this run took from the prompt cache (known from its first event on)."""
+        return self._cached_tokens
+
     async def close(self) -> None:
         """Abort if unfinished (client gone), free the tenant slot, account usage and refund unused tokens.
         Idempotent."""
