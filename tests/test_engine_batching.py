@@ -62,26 +62,80 @@ def test_one_tenant_prefix_held_once_for_32_running_requests(tiny_llama_bundle):
     assert engine.pool.num_used == prefix_blocks  # requests freed, the idle prefix stays cached
 
 
-def test_prefix_cache_lru_by_bytes(tiny_llama_bundle):
-    b = tiny_llama_bundle
+def _two_prefix_cache(b, n: int, aging_accesses: int | None = None) -> tuple[LLMEngine, list[PrefixKey]]:
+    """An engine whose prefix cache has room for two 16-token prefixes (one block each), and `n` prefix keys."""
     sp = b.spec
-    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(sp, 16, i) for i in range(4)}
-    # room for two 16-token prefixes (one block each)
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(sp, 16, i) for i in range(n)}
     budget = 2 * KVPool.bytes_per_block(sp.num_layers, sp.num_kv_heads, sp.head_dim, 16, b.dtype)
     eng = LLMEngine(
         b, DictPrefixProvider(keys), EngineConfig(kv_cache_bytes=8 * 2**20, prefix_cache_bytes=budget)
     )
-    order = [0, 1, 0, 2, 3, 0]
-    kl = list(keys)
+    if aging_accesses is not None:
+        eng.prefix_cache.aging_accesses = aging_accesses
+    return eng, list(keys)
+
+
+def _run_in_order(eng: LLMEngine, keys: list[PrefixKey], order: list[int]) -> None:
     for n, i in enumerate(order):
-        key = kl[i]
-        eng.generate([Request(f"q{n}", [1, 2, 3], SamplingParams(max_tokens=2), key)])
+        eng.generate([Request(f"q{n}", [1, 2, 3], SamplingParams(max_tokens=2), keys[i])])
+
+
+def test_prefix_cache_by_bytes_evicts_least_frequently_used(tiny_llama_bundle):
+    eng, kl = _two_prefix_cache(tiny_llama_bundle, 4)
+    _run_in_order(eng, kl, [0, 1, 0, 2, 3, 0])
     st = eng.prefix_cache.stats
-    # 0 miss, 1 miss, 0 hit, 2 miss (evicts 1), 3 miss (evicts 0), 0 miss (evicts 2)
-    assert (st.hits, st.misses) == (1, 5)
-    assert st.evictions == 3
-    assert eng.prefix_cache.resident_bytes <= budget
+    # 0 miss, 1 miss, 0 hit, 2 miss (evicts 1: used once), 3 miss (evicts 2, not the more popular but older 0),
+    # 0 hit (plain LRU would have evicted 0 for 3 and missed here)
+    assert (st.hits, st.misses) == (2, 4)
+    assert st.evictions == 2
+    assert eng.prefix_cache.resident_bytes <= eng.prefix_cache.budget_bytes
     assert set(eng.prefix_cache.entries) == {kl[3], kl[0]}
+
+
+def test_prefix_cache_frequencies_age(tiny_llama_bundle):
+    """Counts are halved every `aging_accesses` requests: a tenant popular long ago loses to today's ones."""
+    eng, kl = _two_prefix_cache(tiny_llama_bundle, 4, aging_accesses=4)
+    pc = eng.prefix_cache
+    _run_in_order(eng, kl, [0, 0, 0])  # 0: 3
+    assert pc.frequency(kl[0]) == 3
+    _run_in_order(eng, kl, [1])  # 4th request: halved, 0: 1, 1: 0 (dropped)
+    assert (pc.frequency(kl[0]), pc.frequency(kl[1])) == (1, 0)
+    _run_in_order(eng, kl, [2, 2, 1])  # 2 evicts 1 (count 0); then 1 evicts 0 (count 1 < 2's 2)
+    assert (pc.frequency(kl[0]), pc.frequency(kl[1]), pc.frequency(kl[2])) == (1, 1, 2)
+    assert set(pc.entries) == {kl[1], kl[2]}  # without aging 0 (3 requests) would have stayed and 2 gone
+
+
+class CountingProvider(DictPrefixProvider):
+    def __init__(self, prefixes) -> None:
+        super().__init__(prefixes)
+        self.fetches = 0
+
+    def fetch(self, key):
+        self.fetches += 1
+        return super().fetch(key)
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_prefixes_fetched_for_waiting_requests_are_not_evicted_before_use(tiny_llama_bundle, policy):
+    """Many tenants waiting at once with room for two prefixes: every prefix is fetched once per time its
+    requests need it, never evicted between its arrival and its request taking it (that would fetch it again and
+    again: a newcomer has the lowest frequency)."""
+    b = tiny_llama_bundle
+    sp = b.spec
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(sp, 16, i) for i in range(8)}
+    prov = CountingProvider(keys)
+    budget = 2 * KVPool.bytes_per_block(sp.num_layers, sp.num_kv_heads, sp.head_dim, 16, b.dtype)
+    cfg = EngineConfig(kv_cache_bytes=8 * 2**20, prefix_cache_bytes=budget, max_num_seqs=2)
+    eng = LLMEngine(b, prov, cfg)
+    eng.prefix_cache.policy = policy
+    reqs = [
+        Request(f"q{i}", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True), k)
+        for i, k in enumerate(keys)
+    ]
+    outs = eng.generate(reqs)
+    assert all(o.error is None and len(o.token_ids) == 3 for o in outs)
+    st = eng.prefix_cache.stats
+    assert st.misses == 8 and prov.fetches == 8, (st, prov.fetches)
 
 
 class SlowProvider(DictPrefixProvider):
@@ -93,6 +147,44 @@ class SlowProvider(DictPrefixProvider):
         if key == self.slow:
             time.sleep(self.delay)
         return super().fetch(key)
+
+
+def test_a_prefix_left_by_an_aborted_request_stops_holding_fetches_back(tiny_llama_bundle):
+    """A prefix fetched for a request aborted before it ran is protected (and counted against `max_pending`)
+    only for `fresh_s`: afterwards other tenants' prefixes are fetched again."""
+    b = tiny_llama_bundle
+    sp = b.spec
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(sp, 16, i) for i in range(4)}
+    kl = list(keys)
+    budget = 2 * KVPool.bytes_per_block(sp.num_layers, sp.num_kv_heads, sp.head_dim, 16, b.dtype)
+    prov = SlowProvider(keys, kl[1], delay=0.3)
+    eng = LLMEngine(
+        b, prov, EngineConfig(kv_cache_bytes=8 * 2**20, prefix_cache_bytes=budget, max_num_seqs=2)
+    )
+    pc = eng.prefix_cache
+    pc.fresh_s, pc.max_pending = 0.5, 1
+    eng.add_request(Request("busy", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True), kl[0]))
+    eng.add_request(Request("gone", [1, 2, 3], SamplingParams(max_tokens=2), kl[1]))
+
+    def step_until(cond) -> None:
+        deadline = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < deadline
+            eng.step()
+
+    step_until(lambda: kl[1] in pc._loading)
+    assert eng.abort("gone")
+    step_until(lambda: kl[1] in pc.entries)  # arrived with nobody to take it
+    assert pc._fresh() == 1
+    eng.add_request(Request("next", [1, 2, 3], SamplingParams(max_tokens=2), kl[2]))
+    eng.step()
+    assert kl[2] not in pc._loading and kl[2] not in pc.entries  # held back: one pending already
+    t0 = time.monotonic()
+    done: set[str] = set()
+    while "next" not in done:
+        assert time.monotonic() - t0 < 10, "a dead request's prefix blocks fetching"
+        done |= {ev.request_id for ev in eng.step() if ev.finished}
+    assert time.monotonic() - t0 >= 0.3 and pc._fresh() == 0
 
 
 def test_prefix_miss_does_not_stall_other_tenants(tiny_llama_bundle):

@@ -106,6 +106,7 @@ class LLMEngine:
             cfg.prefix_cache_bytes if cfg.prefix_cache_bytes is not None else num_blocks * block_bytes // 2,
             loader_threads=cfg.loader_threads,
             on_loaded=on_prefix_loaded,
+            max_pending=cfg.max_num_seqs,  # no more prefixes ahead of use than requests can start
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
