@@ -1,4 +1,4 @@
-"""`prefixserve` command line: serve, worker, train, import-peft, prefixes list / export / import.
+"""`prefixserve` command line: serve, worker, train, import-peft, prefixes list / export / import / delete.
 
 prefixserve serve [--host H] [--port P] [--model M] [--store-url URL] ...   (flags mirror PREFIXSERVE_* settings)
 prefixserve worker --store URL --model M                 (a training worker process; scale out by starting more)
@@ -7,6 +7,7 @@ prefixserve import-peft ADAPTER_DIR --tenant-id T --name N --model M --store URL
 prefixserve prefixes list [--tenant-id T] --store URL
 prefixserve prefixes export TENANT NAME [--version V] -o FILE --store URL     (a file POST .../upload takes back)
 prefixserve prefixes import FILE --tenant-id T --name N --store URL           (an export, into any store)
+prefixserve prefixes delete TENANT NAME [--version V] --store URL             (one version, or every version)
 """
 
 from __future__ import annotations
@@ -444,6 +445,19 @@ def cmd_prefixes_import(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_prefixes_delete(ns: argparse.Namespace) -> int:
+    what = f"{ns.tenant_id}/{ns.name}" + (
+        f" version {ns.version}" if ns.version is not None else " (all versions)"
+    )
+    if (
+        _on_store(ns.store, lambda s: s.delete(ns.tenant_id, ns.name, ns.version) or True, "delete failed: ")
+        is None
+    ):
+        return EXIT_FAIL
+    print(f"deleted {what}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -526,6 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mp.add_argument("--store", default=None, help="store URL [env PREFIXSERVE_STORE_URL]")
     mp.set_defaults(func=cmd_prefixes_import)
+    dp = psub.add_parser(
+        "delete", help="delete a prefix (every version), or one version (deleting the latest rolls back)"
+    )
+    dp.add_argument("tenant_id")
+    dp.add_argument("name")
+    dp.add_argument("--version", type=int, default=None, help="only this version")
+    dp.add_argument("--store", default=None, help="store URL [env PREFIXSERVE_STORE_URL]")
+    dp.set_defaults(func=cmd_prefixes_delete)
     return p
 
 

@@ -223,6 +223,17 @@ def test_prefixes_export_then_import_moves_a_prefix_between_stores(tmp_path, cap
     assert (
         cli.main(["prefixes", "export", "acme", "nope", "-o", str(out), "--store", src_url]) == cli.EXIT_FAIL
     )
+    # delete: one version (the latest: the one before becomes the latest), then the name
+    capsys.readouterr()
+    assert cli.main(["prefixes", "delete", "acme", "faq", "--version", "2", "--store", src_url]) == 0
+    assert "deleted acme/faq version 2" in capsys.readouterr().out
+    assert src.versions("acme", "faq") == [1] and src.get_meta("acme", "faq").version == 1
+    assert (
+        cli.main(["prefixes", "delete", "acme", "faq", "--version", "2", "--store", src_url]) == cli.EXIT_FAIL
+    )
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(["prefixes", "delete", "globex", "faq", "--store", redis_url]) == 0
+    assert dst.versions("globex", "faq") == []
     src.close()
     dst.close()
 
