@@ -540,3 +540,48 @@ def test_deleting_the_latest_version_rolls_back(srv):
     r = c.delete("/prefixes/initech/default", params={"version": 2})
     assert r.status_code == 200
     assert gen(c, **body).json()["text"] == v1["text"]
+
+
+def test_versions_put_and_deleted_under_pinned_load(srv):
+    """Requests pinned to versions that are being stored and deleted meanwhile: each answers 200 with the version
+    it asked for, or 404 for one already deleted — never a 5xx, never another version's output."""
+    import random
+
+    c = srv.client()
+    store, bundle = srv.store, srv.svc.bundle
+    live = list(store.versions("acme", "default"))
+    statuses: list[tuple[int, int, int | None]] = []  # (asked version, status, served version)
+    stop = threading.Event()
+
+    def client_loop(seed: int) -> None:
+        rnd = random.Random(seed)
+        cl = srv.client()
+        while not stop.is_set():
+            v = rnd.choice(live[-4:])  # the oldest of these is the next to go
+            body = {"tenant_id": "acme", "prompt": "Hi", "max_tokens": 3, "prefix_version": v}
+            r = cl.post("/generate", json=body)
+            statuses.append(
+                (v, r.status_code, r.json().get("prefix_version") if r.status_code == 200 else None)
+            )
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(12):
+            live.append(
+                put_random_prefix(store, bundle, "acme", prefix_length=4 + i % 5, seed=100 + i).version
+            )
+            time.sleep(0.05)
+            if len(live) > 3:
+                store.delete("acme", "default", live[-4])
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert statuses and {s for _, s, _ in statuses} <= {200, 404}, sorted({s for _, s, _ in statuses})
+    assert all(served == asked for asked, s, served in statuses if s == 200)
+    assert sum(s == 200 for _, s, _ in statuses) > 10
+    assert any(s == 404 for _, s, _ in statuses)  # requests did race the deletes
+    assert c.get("/health").status_code == 200
