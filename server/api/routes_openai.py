@@ -379,9 +379,8 @@ def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> 
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason}
 
 
-UsageMode = Literal[
-    "", "final", "continuous"
-]  # stream_options: no usage / a last usage chunk / usage on every chunk
+# stream_options: no usage / a last usage chunk / usage on every chunk
+UsageMode = Literal["", "final", "continuous"]
 
 
 def _usage_mode(body: _OpenAIBase) -> UsageMode:
@@ -398,11 +397,7 @@ def _chunk_usage(mode: UsageMode, run: GenerationRun, hidden: bool = False) -> d
         return {}
     if mode == "final":
         return {"usage": None}
-    return {
-        "usage": usage(
-            len(run.req.prompt_token_ids), 0 if hidden else run.generated, run.cached_tokens_so_far
-        )
-    }
+    return {"usage": usage(len(run.req.prompt_token_ids), 0 if hidden else run.generated, run.cached_tokens)}
 
 
 async def _completion_choice(

@@ -257,7 +257,7 @@ class GenerationRun:
         self._release = release
         self.reserved_tokens = reserved_tokens  # charged to the tenant's tokens-per-minute budget
         self.generated = 0  # tokens generated so far
-        self._cached_tokens = 0
+        self.cached_tokens = 0  # prompt tokens taken from the prompt cache (known from the first event on)
         self._agen: AsyncIterator[TokenEvent] | None = None
         self._t0 = time.monotonic()
         self._last_token: float | None = None
@@ -327,7 +327,7 @@ class GenerationRun:
         m = self.svc.metrics
         now = time.monotonic()
         self.generated += len(ev.token_ids)
-        self._cached_tokens = ev.cached_tokens
+        self.cached_tokens = ev.cached_tokens
         if ev.token_ids:
             if self._last_token is None:
                 self.info.ttft_s = now - self._t0
@@ -384,11 +384,6 @@ class GenerationRun:
             first.prompt_logprobs,
         )
 
-    @property
-    def cached_tokens_so_far(self) -> int:
-        """Prompt tokens this run took from the prompt cache (known from its first event on)."""
-        return self._cached_tokens
-
     async def close(self) -> None:
         """Abort if unfinished (client gone), free the tenant slot, account usage and refund unused tokens.
         Idempotent."""
@@ -417,7 +412,7 @@ class GenerationRun:
             if self.generated or outcome in ("stop", "length"):
                 consumed = len(self.req.prompt_token_ids) + self.generated
             prompt = len(self.req.prompt_token_ids) if consumed else 0
-            cached = self._cached_tokens if consumed else 0
+            cached = self.cached_tokens if consumed else 0
             self.svc.usage.completion(
                 self.prefix.tenant_id, self.prefix.name, outcome, prompt, cached, self.generated
             )
