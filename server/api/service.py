@@ -457,9 +457,8 @@ class Service:
     )
     default_format: str = "raw"
     store_ok: bool = True
-    uploads_active: int = (
-        0  # prefix uploads being parsed and stored (at most settings.max_concurrent_uploads)
-    )
+    # prefix uploads being parsed and stored (at most settings.max_concurrent_uploads)
+    uploads_active: int = 0
     tool_parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(TenantLimit()))
     usage: UsageMeter = field(default_factory=UsageMeter)
