@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from prefix_store import errors
 from prefix_store.base import PrefixStore
@@ -37,13 +37,36 @@ def _file_url_path(url: str) -> Path:
     return Path(unquote(parts.path))
 
 
+def _take_keep_versions(url: str) -> tuple[str, int | None]:
+    """(the URL without its ``keep_versions`` query parameter, its value or None)."""
+    parts = urlsplit(url)
+    if not parts.scheme or "keep_versions" not in parts.query:
+        return url, None
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    values = [v for k, v in query if k == "keep_versions"]
+    if not values[-1].isascii() or not values[-1].isdigit() or int(values[-1]) < 1:
+        raise ValueError(f"keep_versions must be a positive integer, got {values[-1]!r}")
+    rest = urlencode([(k, v) for k, v in query if k != "keep_versions"])
+    return urlunsplit(parts._replace(query=rest)), int(values[-1])
+
+
 def open_store(url: str | os.PathLike[str] | None = None, **kwargs: object) -> PrefixStore:
     """Open a store from a URL: ``file:///abs/path``, ``redis://host:port/db[?prefix=ns]`` (also ``rediss://``,
     ``unix://``), a plain filesystem path, or None for :func:`default_store_url`. ``kwargs`` go to the backend
-    (Redis: ``socket_timeout``, ``socket_connect_timeout``). Opening never connects; use ``ping()``."""
+    (Redis: ``socket_timeout``, ``socket_connect_timeout``). Opening never connects; use ``ping()``.
+
+    ``?keep_versions=N`` on any URL keeps only the newest N versions of each name: every put through this store
+    deletes the older ones (it is part of the URL so that every process writing the store, servers and training
+    workers alike, applies the same policy)."""
     if url is None:
         url = default_store_url()
-    url = os.fspath(url)
+    url, keep = _take_keep_versions(os.fspath(url))
+    store = _open(url, **kwargs)
+    store.keep_versions = keep
+    return store
+
+
+def _open(url: str, **kwargs: object) -> PrefixStore:
     scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
         from prefix_store.disk import DiskStore

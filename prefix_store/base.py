@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import builtins
+import contextlib
 import itertools
 import logging
 import threading
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from prefix_store.errors import InvalidPrefix, PrefixNotFound
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError
 from prefix_store.format import (
     ChangeEvent,
     EncodedPrefix,
@@ -55,6 +56,7 @@ class PrefixStore(abc.ABC):
         self._sub_ids = itertools.count()
         self._sub_lock = threading.Lock()
         self._closed = False
+        self.keep_versions: int | None = None  # newest versions kept per name after a put (None: all)
 
     # ------------------------------------------------------------------------------------------ public API
     def put(
@@ -82,7 +84,21 @@ class PrefixStore(abc.ABC):
         )
         meta = self._put(tenant_id, name, enc)
         self._notify(ChangeEvent("put", tenant_id, name, meta.version))
+        if self.keep_versions is not None:
+            self._prune(tenant_id, name, meta.version)
         return meta
+
+    def _prune(self, tenant_id: str, name: str, written: int) -> None:
+        """Delete all but the newest `keep_versions` versions (never the one just written). A failure here is
+        logged, not raised: the put itself succeeded."""
+        assert self.keep_versions is not None
+        try:
+            others = [v for v in self.versions(tenant_id, name) if v != written]  # ascending
+            for v in others[: max(0, len(others) - (self.keep_versions - 1))]:
+                with contextlib.suppress(PrefixNotFound):  # another writer pruned it first
+                    self.delete(tenant_id, name, v)
+        except StoreError as e:
+            log.warning("could not prune old versions of %s: %s", label(tenant_id, name), e)
 
     def get(
         self,

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     )
     store_url: str = Field(
         default_factory=default_store_url,
-        description="Prefix store: file:///abs/path or redis://host:port/db[?prefix=ns]",
+        description="Prefix store: file:///abs/path or redis://host:port/db[?prefix=ns]; add keep_versions=N to "
+        "keep only the newest N versions of each prefix",
     )
     jobs_url: str | None = Field(
         None, description="Training job queue location (default: next to the prefix store)"

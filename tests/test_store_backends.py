@@ -291,6 +291,31 @@ def test_latest_readers_during_version_deletes_see_a_whole_record(store):
     assert seen["ok"] > 0 and store.versions("acme", "bot") == [1]
 
 
+def test_keep_versions_in_the_url_prunes_old_versions(store_url):
+    """`?keep_versions=N` on the store URL: each put keeps the newest N versions of its name (other names and
+    tenants untouched), numbers keep counting; a bad value is refused when the store is opened."""
+    sep = "&" if "?" in store_url else "?"
+    s = open_store(f"{store_url}{sep}keep_versions=2")
+    try:
+        assert s.keep_versions == 2
+        for i in range(4):
+            put(s, "acme", "bot", kv=make_kv(fill=i))
+        put(s, "acme", "other")
+        assert s.versions("acme", "bot") == [3, 4] and s.versions("acme", "other") == [1]
+        assert torch.equal(s.get("acme", "bot", 3).kv, make_kv(fill=2))
+        plain = open_store(store_url)  # the same data without the policy: no pruning through it
+        put(plain, "acme", "bot")
+        assert plain.versions("acme", "bot") == [3, 4, 5]
+        plain.close()
+        put(s, "acme", "bot")
+        assert s.versions("acme", "bot") == [5, 6]
+    finally:
+        s.close()
+    for bad in ("0", "x", "-1"):
+        with pytest.raises(ValueError, match="keep_versions"):
+            open_store(f"{store_url}{sep}keep_versions={bad}")
+
+
 def test_delete_last_name_removes_tenant_from_listing(store):
     put(store, "solo", "only")
     store.delete("solo", "only")
