@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from prefix_store import errors
 from prefix_store.base import PrefixStore
 from prefix_store.format import KINDS, ChangeEvent, PrefixMeta, PrefixRecord
 from prefix_store.names import validate_name
+from prefix_store.urls import pop_query_param
 
 DEFAULT_HOME = "~/.local/share/prefixserve"
 
@@ -39,15 +40,14 @@ def _file_url_path(url: str) -> Path:
 
 def _take_keep_versions(url: str) -> tuple[str, int | None]:
     """(the URL without its ``keep_versions`` query parameter, its value or None)."""
-    parts = urlsplit(url)
-    if not parts.scheme or "keep_versions" not in parts.query:
+    if not urlsplit(url).scheme:  # a plain path: no query
         return url, None
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    values = [v for k, v in query if k == "keep_versions"]
-    if not values[-1].isascii() or not values[-1].isdigit() or int(values[-1]) < 1:
-        raise ValueError(f"keep_versions must be a positive integer, got {values[-1]!r}")
-    rest = urlencode([(k, v) for k, v in query if k != "keep_versions"])
-    return urlunsplit(parts._replace(query=rest)), int(values[-1])
+    url, value = pop_query_param(url, "keep_versions")
+    if value is None:
+        return url, None
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
+        raise ValueError(f"keep_versions must be a positive integer, got {value!r}")
+    return url, int(value)
 
 
 def open_store(url: str | os.PathLike[str] | None = None, **kwargs: object) -> PrefixStore:

@@ -34,7 +34,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -45,6 +44,7 @@ from prefix_store.base import PrefixStore, Subscriber
 from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
 from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, label
 from prefix_store.names import is_valid_name
+from prefix_store.urls import pop_query_param
 
 log = logging.getLogger("prefix_store")
 
@@ -64,14 +64,11 @@ _UNAVAILABLE_REPLIES = (
 
 def split_url(url: str) -> tuple[str, str]:
     """``(url for redis-py, namespace)``: removes the ``prefix`` query parameter."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    namespaces = [v for k, v in query if k == "prefix"]
-    ns = namespaces[-1] if namespaces else DEFAULT_NAMESPACE
+    client_url, ns = pop_query_param(url, "prefix")
+    ns = DEFAULT_NAMESPACE if ns is None else ns
     if not is_valid_name(ns):
         raise ValueError(f"invalid redis key namespace {ns!r}: use letters, digits, '.', '_' and '-'")
-    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), ns
+    return client_url, ns
 
 
 class RedisStore(PrefixStore):

@@ -345,9 +345,7 @@ def create_app(
     from server.api import routes_generate, routes_openai, routes_ops, routes_prefixes, routes_usage
 
     settings = settings or Settings()
-    keyring = KeyRing(
-        settings.tenant_keys(), settings.admin_key.get_secret_value() if settings.admin_key else None
-    )
+    keyring = KeyRing.from_settings(settings)
     limiter = rate_limiter(settings)  # a bad tenant limits file fails here, before the model loads
     holder: dict[str, AppState] = {}
 

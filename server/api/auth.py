@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -62,6 +63,12 @@ def _digest(key: str) -> bytes:
 
 
 class KeyRing:
+    @classmethod
+    def from_settings(cls, settings: Any) -> KeyRing:
+        """The keys of `settings` (`api_keys`, `api_keys_file`, `admin_key`); ValueError on a malformed entry."""
+        admin = settings.admin_key.get_secret_value() if settings.admin_key else None
+        return cls(settings.tenant_keys(), admin)
+
     def __init__(self, tenant_keys: dict[str, str], admin_key: str | None) -> None:
         self._entries = [(_digest(k), t) for k, t in tenant_keys.items()]
         self._admin = _digest(admin_key) if admin_key else None

@@ -61,8 +61,7 @@ class ConfigReloader:
             w.applied = w.seen = signature(w.path)
 
     def _keys(self) -> str:
-        s = self.state.settings
-        ring = KeyRing(s.tenant_keys(), s.admin_key.get_secret_value() if s.admin_key else None)
+        ring = KeyRing.from_settings(self.state.settings)
         if self.state.keyring.enabled and not ring.enabled:
             raise ValueError("it holds no key: the server would be open to everyone")
         self.state.keyring = ring
