@@ -8,6 +8,7 @@ Layout under the root directory::
     <root>/<tenant>/<name>@lock               flock(2) lock of (tenant, name); holds the highest version ever
                                               allocated, so versions are never reused, even after delete
     <root>/@trash/                            deleted prefixes on their way out
+    <root>/@changes/                          change journal: one JSON line per put/delete, for other processes
 
 ``@`` cannot occur in tenant ids or names, so bookkeeping entries never collide with them.
 
@@ -18,6 +19,11 @@ version is invisible; the leftovers are removed by the next writer, which holds 
 ``delete`` takes the lock and renames the whole ``<name>`` directory into ``@trash`` (one atomic rename) before
 removing it, so readers see all versions or none. Two writers -- threads or processes -- serialize on the lock.
 The lock needs a local filesystem with working ``flock`` (not every NFS setup has one).
+
+Other processes sharing the directory (server replicas, a training worker, the ``prefixserve prefixes`` CLI) learn
+of changes through the journal in ``@changes`` (``prefix_store/journal.py``): every committed put/delete appends one
+line while it still holds the name's lock, and a subscribed store follows the journal on a background thread (every
+``poll_s``, 0.5 s), delivering the changes other store objects made -- what pub/sub does for the Redis backend.
 """
 
 from __future__ import annotations
@@ -26,18 +32,21 @@ import builtins
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from prefix_store.base import PrefixStore
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreUnavailable
-from prefix_store.format import EncodedPrefix, PrefixMeta, label
+from prefix_store import journal
+from prefix_store.base import PrefixStore, Subscriber
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
+from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, label
 from prefix_store.names import is_valid_name
 
 log = logging.getLogger("prefix_store")
@@ -47,6 +56,7 @@ _BLOB_RE = re.compile(r"v([1-9][0-9]{0,17})\.safetensors")
 TMP_PREFIX = ".tmp-"
 TRASH = "@trash"
 LOCK_SUFFIX = "@lock"
+CHANGES = "@changes"
 _COUNTER_WIDTH = 24  # the counter is rewritten in place with a fixed width (one sector, no truncation)
 
 
@@ -91,10 +101,22 @@ def _mkdir_durable(path: Path) -> None:
 
 
 class DiskStore(PrefixStore):
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        poll_s: float = 0.5,
+        changes_max_bytes: int = 1 << 20,
+    ) -> None:
         super().__init__()
         self.root = Path(root).expanduser().absolute()
         self.url = "file://" + str(self.root)
+        self.poll_s = poll_s
+        self.changes_max_bytes = changes_max_bytes
+        self._origin = uuid.uuid4().hex  # skip our own journal lines: local subscribers were notified already
+        self._follower_thread: threading.Thread | None = None
+        self._follower_lock = threading.Lock()
+        self._stop = threading.Event()
         try:
             _mkdir_durable(self.root)
             self._empty_trash()
@@ -176,6 +198,7 @@ class DiskStore(PrefixStore):
                 _fsync_dir(ndir)
                 _write_file_atomic(ndir / f"v{version}.json", meta.to_json())  # the commit marker
                 _fsync_dir(ndir)
+                self._journal(ChangeEvent("put", tenant_id, name, version))
                 return meta
         except OSError as e:
             raise self._unavailable(f"write prefix {label(tenant_id, name)}", e) from e
@@ -259,7 +282,9 @@ class DiskStore(PrefixStore):
             raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
         try:
             with self._locked(tenant_id, name):
-                return self._delete_locked(tenant_id, name)
+                last = self._delete_locked(tenant_id, name)
+                self._journal(ChangeEvent("delete", tenant_id, name, last))
+                return last
         except OSError as e:
             raise self._unavailable(f"delete prefix {label(tenant_id, name)}", e) from e
 
@@ -288,12 +313,15 @@ class DiskStore(PrefixStore):
                 if version not in found:
                     raise PrefixNotFound(f"prefix {label(tenant_id, name, version)} not found")
                 if found == [version]:  # the last one: the name goes, in the one-step way
-                    return self._delete_locked(tenant_id, name)
+                    last = self._delete_locked(tenant_id, name)
+                    self._journal(ChangeEvent("delete", tenant_id, name, last))
+                    return last
                 os.unlink(ndir / f"v{version}.json")  # the commit marker first: from here the version is gone
                 _fsync_dir(ndir)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(ndir / f"v{version}.safetensors")
                 _fsync_dir(ndir)
+                self._journal(ChangeEvent("delete", tenant_id, name, version))
         except OSError as e:
             raise self._unavailable(f"delete prefix {label(tenant_id, name, version)}", e) from e
         return version
@@ -315,3 +343,60 @@ class DiskStore(PrefixStore):
                 raise self._unavailable("create the root directory", e) from e
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise self._unavailable("write", OSError(errno.EACCES, "permission denied"))
+
+    # -------------------------------------------------------------------------------- change journal
+    def _journal(self, event: ChangeEvent) -> None:
+        """Append `event` for other processes (call holding the name's lock). A failure is logged, not raised: the
+        change itself is committed (other processes then see it within their metadata TTL)."""
+        line = json.dumps({**event.to_dict(), "origin": self._origin}, separators=(",", ":")).encode() + b"\n"
+        try:
+            journal.append(self.root / CHANGES, line, self.changes_max_bytes)
+        except OSError as e:
+            log.warning("prefix store: could not record %s in the change journal: %s", event, e)
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Also delivers the changes other processes (and other store objects) make under the same root, read from
+        the journal every `poll_s` on a background thread."""
+        with self._follower_lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            unsubscribe = super().subscribe(callback)
+            if self._follower_thread is None:
+                follower = journal.Follower(self.root / CHANGES)  # from here on, no change is missed
+                self._follower_thread = threading.Thread(
+                    target=self._follow, args=(follower,), name="prefix-store-journal", daemon=True
+                )
+                self._follower_thread.start()
+        return unsubscribe
+
+    def _follow(self, follower: journal.Follower) -> None:
+        try:
+            while not self._stop.wait(self.poll_s):
+                try:
+                    lines = follower.poll()
+                except OSError as e:
+                    log.warning("prefix store: cannot read the change journal %s: %s", follower.jdir, e)
+                    continue
+                for line in lines:
+                    self._dispatch(line)
+        finally:
+            follower.close()
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            d = json.loads(line)
+            if d.get("origin") == self._origin:
+                return
+            event = ChangeEvent.from_dict(d)
+        except (ValueError, AttributeError) as e:
+            log.warning("prefix store: ignoring malformed change journal line: %s", e)
+            return
+        self._notify(event)
+
+    def close(self) -> None:
+        with self._follower_lock:
+            super().close()
+            self._stop.set()
+            thread, self._follower_thread = self._follower_thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)

@@ -175,3 +175,35 @@ def test_worker_process_runs_queued_jobs(server_factory, tmp_path):
         worker.send_signal(signal.SIGTERM)
         rc = worker.wait(60)
     assert rc == 0, worker.stderr.read().decode()[-2000:]
+
+
+def test_changes_by_another_process_reach_a_server_on_a_file_store(server_factory, api_bundle):
+    """The CLI or a training worker changing a file store the server uses: the server serves the new version, and
+    stops serving a deleted prefix, within a poll of the store's change journal, not after its metadata TTL."""
+    from prefix_store import open_store
+
+    s = server_factory(prefixes={("acme", "bot"): {}}, prefix_meta_ttl_s=600)
+    c = s.client()
+    body = {"tenant_id": "acme", "prefix": "bot", "prompt": "hello", "max_tokens": 2}
+    assert c.post("/generate", json=body).json()["prefix_version"] == 1  # resolved and cached for 10 minutes
+    other = open_store(s.store.url)  # another process's view of the same directory
+    try:
+        put_random_prefix(other, api_bundle, "acme", "bot", seed=5)
+
+        def served() -> tuple[int, int | None]:
+            deadline = time.monotonic() + 5
+            while True:
+                r = c.post("/generate", json=body)
+                v = r.json().get("prefix_version") if r.status_code == 200 else None
+                if (r.status_code, v) != (200, 1) or time.monotonic() > deadline:
+                    return r.status_code, v
+                time.sleep(0.05)
+
+        assert served() == (200, 2)
+        other.delete("acme", "bot")
+        deadline = time.monotonic() + 5
+        while (r := c.post("/generate", json=body)).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert_error(r, 404, "prefix_not_found")
+    finally:
+        other.close()

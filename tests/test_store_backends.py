@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -77,7 +78,8 @@ def write_meta_raw(store, t, n, v, data: bytes) -> None:
 def stored_nothing(store) -> bool:
     """True if the backend holds no data at all (besides nothing-visible bookkeeping)."""
     if hasattr(store, "root"):
-        return not any(p.is_file() and not p.name.endswith("@lock") for p in Path(store.root).rglob("*"))
+        bookkeeping = ("@lock", "@changes")  # lock files, the change journal
+        return not any(p.is_file() and not p.name.endswith(bookkeeping) for p in Path(store.root).rglob("*"))
     return not list(store._r.scan_iter(match=f"{store.namespace}:*"))
 
 
@@ -529,6 +531,31 @@ def test_change_events_to_subscribers(store):
     put(store)
     time.sleep(0.2)
     assert len(events) == 3
+
+
+def test_change_events_reach_other_store_objects(store_url):
+    """Another replica or process (here: another store object on the same URL) learns of every change: Redis
+    through pub/sub, the file store through its change journal."""
+    replica, writer = open_store(store_url), open_store(store_url)
+    try:
+        got: queue.Queue = queue.Queue()
+        replica.subscribe(got.put)
+        put(writer, "acme", "bot")
+        assert got.get(timeout=5) == ChangeEvent("put", "acme", "bot", 1)
+        put(writer, "acme", "bot")
+        assert got.get(timeout=5) == ChangeEvent("put", "acme", "bot", 2)
+        writer.delete("acme", "bot", 1)
+        assert got.get(timeout=5) == ChangeEvent("delete", "acme", "bot", 1)
+        writer.delete("acme", "bot")
+        assert got.get(timeout=5) == ChangeEvent("delete", "acme", "bot", 2)
+        # the replica's own writes: delivered once (synchronously), not again from the other channel
+        put(replica, "acme", "own")
+        assert got.get_nowait() == ChangeEvent("put", "acme", "own", 1)
+        time.sleep(1.2)
+        assert got.empty()
+    finally:
+        replica.close()
+        writer.close()
 
 
 def test_failing_subscriber_does_not_break_put(store):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,102 @@ def test_store_urls(tmp_path):
     for bad in ("file://relative/path", "ftp://x/y", "s3://bucket/x"):
         with pytest.raises(ValueError):
             open_store(bad)
+
+
+# ------------------------------------------------------------------------------------------ change journal
+def _drain(q, n, timeout=10.0):
+    return [q.get(timeout=timeout) for _ in range(n)]
+
+
+def test_changes_made_by_another_process_reach_subscribers(tmp_path):
+    """What a server learns when the CLI (`prefixserve prefixes delete`) or a training worker changes a file store."""
+    import queue
+    import subprocess
+    import sys
+    import textwrap
+
+    root = tmp_path / "root"
+    replica = DiskStore(root)
+    got: queue.Queue = queue.Queue()
+    replica.subscribe(got.put)
+    script = textwrap.dedent(f"""
+        import torch
+        from prefix_store import open_store
+        s = open_store("file://{root}")
+        for fill in (1.0, 2.0):
+            s.put("acme", "bot", "prefix_tuning", {{"kv": torch.full((2, 2, 1, 4, 8), fill)}},
+                  base_model_fingerprint="{FP}", prefix_length=4)
+        s.delete("acme", "bot", 1)
+        s.delete("acme", "bot")
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    events = _drain(got, 4)
+    assert [(e.op, e.version) for e in events] == [("put", 1), ("put", 2), ("delete", 1), ("delete", 2)]
+    assert {(e.tenant_id, e.name) for e in events} == {("acme", "bot")}
+    replica.close()
+
+
+def test_journal_rotation_loses_no_change(tmp_path):
+    import queue
+
+    root = tmp_path / "root"
+    follower = DiskStore(root, poll_s=0.05)
+    writer = DiskStore(root, changes_max_bytes=400)  # a new segment every few lines
+    got: queue.Queue = queue.Queue()
+    follower.subscribe(got.put)
+    segments = set()
+    for i in range(40):
+        put(writer, n=f"p{i}")
+        segments.update(os.listdir(root / "@changes"))
+        if i % 7 == 0:
+            time.sleep(0.12)  # the follower reads some segments as they grow, others only once they are final
+    events = _drain(got, 40)
+    assert [e.name for e in events] == [f"p{i}" for i in range(40)]
+    assert len(segments - {"lock"}) > 5  # the journal really did rotate
+    assert len(os.listdir(root / "@changes")) <= 3  # old segments are removed (two left, and the lock)
+    follower.close()
+    writer.close()
+
+
+def test_a_follower_far_behind_goes_on_from_the_oldest_segment(tmp_path, caplog):
+    from prefix_store import journal
+
+    jdir = tmp_path / "j"
+    follower = journal.Follower(jdir)
+    for i in range(30):  # many rotations before the first poll: segments 1..N-2 are gone
+        journal.append(jdir, b"%d\n" % i, max_bytes=8)
+    lines = follower.poll()
+    assert lines and lines[-1] == b"29" and len(lines) < 30
+    assert "rotated past this reader" in caplog.text
+    journal.append(jdir, b"30\n", max_bytes=8)
+    assert follower.poll() == [b"30"]
+    follower.close()
+
+
+def test_malformed_journal_lines_are_ignored(tmp_path):
+    import queue
+
+    root = tmp_path / "root"
+    store = DiskStore(root, poll_s=0.05)
+    got: queue.Queue = queue.Queue()
+    store.subscribe(got.put)
+    segment = max(int(e) for e in os.listdir(root / "@changes") if e.isdigit())
+    with open(root / "@changes" / str(segment), "ab") as f:
+        f.write(b"not json\n")
+        f.write(b'{"op": "explode", "tenant_id": "a", "name": "b", "version": 1}\n')
+        f.write(b'{"op": "put", "tenant_id": "a", "name": "b", "version": 3}\n')
+    assert got.get(timeout=5).version == 3
+    time.sleep(0.2)
+    assert got.empty()
+    store.close()
+
+
+def test_close_stops_the_journal_follower(tmp_path):
+    store = DiskStore(tmp_path / "root", poll_s=0.05)
+    store.subscribe(lambda ev: None)
+    thread = store._follower_thread
+    assert thread is not None and thread.is_alive()
+    store.close()
+    assert not thread.is_alive()
+    with pytest.raises(errors.StoreError):
+        store.subscribe(lambda ev: None)

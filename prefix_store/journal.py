@@ -1,0 +1,147 @@
+"""The file store's change journal: how other processes sharing a store directory learn of puts and deletes.
+
+What Redis pub/sub is for the Redis backend. Layout, under the store root::
+
+    <root>/@changes/<N>     segment N: one line (JSON) per change, appended with O_APPEND in one write
+    <root>/@changes/lock    flock(2): writers hold it shared while they append, a rotation holds it exclusive
+
+Writers append to the highest segment. Past ``max_bytes`` a writer starts segment N+1 (exclusive lock) and removes
+the segments below N. Because appends hold the lock shared, once segment N+1 exists segment N is final: a follower
+that sees N+1 reads N to its end and then follows N+1 from its start, so it misses no line across rotations. A
+follower more than one whole segment behind (megabytes of changes between two polls) has lost lines: it says so
+and goes on from the oldest segment left (the server's metadata TTL bounds what it then serves stale).
+
+The journal is for live notification only: not fsynced, never replayed; a follower starts at its end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger("prefix_store")
+
+LOCK = "lock"
+
+
+def _segments(jdir: Path) -> list[int]:
+    try:
+        return sorted(int(e) for e in os.listdir(jdir) if e.isdigit())
+    except FileNotFoundError:
+        return []
+
+
+@contextlib.contextmanager
+def _flock(jdir: Path, mode: int) -> Iterator[None]:
+    fd = os.open(jdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _first_segment(jdir: Path) -> int:
+    """The highest segment, creating the journal (segment 1) if there is none yet."""
+    os.makedirs(jdir, exist_ok=True)
+    segs = _segments(jdir)
+    if segs:
+        return segs[-1]
+    with _flock(jdir, fcntl.LOCK_EX):
+        segs = _segments(jdir)
+        if not segs:
+            os.close(os.open(jdir / "1", os.O_WRONLY | os.O_CREAT, 0o644))
+            return 1
+        return segs[-1]
+
+
+def append(jdir: Path, line: bytes, max_bytes: int) -> None:
+    """Append one line (ending in a newline) to the journal in `jdir`; rotate past `max_bytes`. Raises OSError."""
+    _first_segment(jdir)
+    with _flock(jdir, fcntl.LOCK_SH):
+        seg = _segments(jdir)[-1]  # the current one: no rotation runs while we hold the lock shared
+        fd = os.open(jdir / str(seg), os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    if size <= max_bytes:
+        return
+    with _flock(jdir, fcntl.LOCK_EX):
+        segs = _segments(jdir)
+        if segs[-1] != seg:  # another writer rotated first
+            return
+        os.close(os.open(jdir / str(seg + 1), os.O_WRONLY | os.O_CREAT, 0o644))
+        for old in segs:
+            if old < seg:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(jdir / str(old))
+
+
+class Follower:
+    """Reads the lines appended to the journal since it was created, in order, across rotations."""
+
+    def __init__(self, jdir: Path) -> None:
+        self.jdir = jdir
+        self._seg = 0
+        self._fd: int | None = None
+        self._partial = b""
+        self._start()
+
+    def _start(self) -> None:
+        try:
+            self._switch(os.open(self.jdir / str(seg := _first_segment(self.jdir)), os.O_RDONLY), seg)
+        except OSError as e:  # the root is not usable yet: tried again at the next poll
+            log.debug("change journal %s not readable yet: %s", self.jdir, e)
+            return
+        assert self._fd is not None
+        os.lseek(self._fd, 0, os.SEEK_END)
+
+    def _switch(self, fd: int, seg: int) -> None:
+        self.close()
+        self._fd, self._seg, self._partial = fd, seg, b""
+
+    def _drain(self) -> list[bytes]:
+        assert self._fd is not None
+        chunks = [self._partial]
+        while chunk := os.read(self._fd, 1 << 16):
+            chunks.append(chunk)
+        *lines, self._partial = b"".join(chunks).split(b"\n")
+        return [ln for ln in lines if ln]
+
+    def poll(self) -> list[bytes]:
+        """The complete lines written since the last poll, in order. Raises OSError."""
+        if self._fd is None:
+            self._start()
+            return []
+        lines = self._drain()
+        while True:
+            try:
+                fd = os.open(self.jdir / str(self._seg + 1), os.O_RDONLY)
+            except FileNotFoundError:
+                later = [s for s in _segments(self.jdir) if s > self._seg + 1]
+                if not later:
+                    return lines
+                log.warning(
+                    "prefix store: the change journal %s rotated past this reader (segment %d to %d); changes "
+                    "in between were missed (cached metadata expires after its TTL)",
+                    self.jdir,
+                    self._seg,
+                    later[0],
+                )
+                fd, nxt = os.open(self.jdir / str(later[0]), os.O_RDONLY), later[0]
+            else:
+                nxt = self._seg + 1
+                lines += self._drain()  # the next segment exists, so this one is final: read it to its end
+            self._switch(fd, nxt)
+            lines += self._drain()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
