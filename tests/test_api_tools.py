@@ -12,7 +12,7 @@ import pytest
 
 from server.api.schemas import ChatCompletionRequest
 from server.api.tool_parsers import detect, get_parser
-from server.api.tools import tool_plan
+from server.api.tools import CallListStream, tool_plan
 
 KEY = "sk-acme-tools"
 WEATHER = {
@@ -105,11 +105,59 @@ def test_required_gives_one_or_more_calls_of_the_tools(oai):
     one = oai.chat.completions.create(parallel_tool_calls=False, temperature=0, max_tokens=200, **kw)
     assert len(one.choices[0].message.tool_calls) == 1
     streamed = list(oai.chat.completions.create(parallel_tool_calls=False, temperature=0, max_tokens=200, stream=True, **kw))  # fmt: skip
-    calls = [tc for c in streamed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [(c.function.name, c.function.arguments) for c in calls] == [
-        (c.function.name, c.function.arguments) for c in one.choices[0].message.tool_calls
-    ]
+    deltas = [tc for c in streamed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert (
+        deltas[0].id.startswith("call_")
+        and deltas[0].function.name == one.choices[0].message.tool_calls[0].function.name
+    )
+    assert len(deltas) > 2 and all(
+        d.index == 0 and d.function.name is None for d in deltas[1:]
+    )  # arguments in pieces
+    assert (
+        "".join(d.function.arguments for d in deltas)
+        == one.choices[0].message.tool_calls[0].function.arguments
+    )
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_required_calls_stream_as_they_are_written(oai):
+    """Several calls (sampled, seeded): the openai package's own stream accumulator rebuilds from the deltas the
+    message the same request gives unstreamed."""
+    kw = dict(
+        model="acme/default", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200
+    )
+    many = 0
+    for seed in (0, 4, 10):  # 4 and 10 write two calls with this fixture's prefix
+        plain = oai.chat.completions.create(temperature=1.0, seed=seed, **kw).choices[0]
+        with oai.chat.completions.stream(temperature=1.0, seed=seed, **kw) as stream:
+            streamed = stream.get_final_completion().choices[0]
+        assert streamed.finish_reason == plain.finish_reason == "tool_calls"
+        want = [(c.function.name, c.function.arguments) for c in plain.message.tool_calls]
+        assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == want
+        assert len({c.id for c in streamed.message.tool_calls}) == len(want)
+        many += len(want) > 1
+    assert many  # some seed wrote more than one call
+
+
+def test_call_list_stream_follows_the_json_as_it_grows():
+    text = '[{"name":"get_weather","parameters":{"city":"Pa\\"ri}s","unit":"c"}},{"parameters":{"zone":"U[TC"},"name":"get_time"}]'
+    s = CallListStream()
+    deltas = [d for i in range(len(text)) for d in s.feed(text[i])]  # a character at a time
+    assert deltas[0]["function"] == {"name": "get_weather", "arguments": ""} and deltas[0]["index"] == 0
+    assert sum(d["index"] == 0 for d in deltas) > 5  # the first call's arguments as they come
+    # arguments written before the name wait for it, then come with it
+    assert deltas[-1]["index"] == 1 and deltas[-1]["function"] == {
+        "name": "get_time",
+        "arguments": '{"zone":"U[TC"}',
+    }
+    by_index: dict[int, str] = {}
+    for d in deltas:
+        by_index[d["index"]] = by_index.get(d["index"], "") + d["function"]["arguments"]
+    calls = s.calls()
+    assert [c["function"]["arguments"] for c in calls] == [by_index[0], by_index[1]]
+    assert json.loads(by_index[0]) == {"city": 'Pa"ri}s', "unit": "c"}
+    assert [c["id"] for c in calls] == [deltas[0]["id"], deltas[-1]["id"]]
+    assert CallListStream().feed('[{"name":"get_ti') == []  # no name yet, nothing to send
 
 
 def test_auto_parses_hermes_tool_call_blocks(oai):

@@ -46,7 +46,7 @@ from server.api.service import (
     truncate_prompt,
 )
 from server.api.streaming import EngineEventStream, merge, sse
-from server.api.tools import ToolPlan, call_id, template_messages, tool_plan
+from server.api.tools import CallListStream, ToolPlan, call_id, template_messages, tool_plan
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -557,20 +557,25 @@ async def _stream_pieces(
 async def _stream_required(
     run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
 ) -> AsyncIterator[bytes]:
-    """'required': the calls are known once their JSON list is complete, so they come in one delta at the end."""
-    parts: list[str] = []
-    lps_all: list[Any] = []
+    """'required': each call's id and name as soon as its name is written, then its arguments as they come (the
+    output is a JSON list the grammar forces: `CallListStream` follows it). A list cut short by max_tokens ends
+    with what was sent and finish_reason "length"."""
+    yield chunk({"role": "assistant", "content": None}, None)
+    want = run.req.sampling.logprobs is not None
+    calls = CallListStream()
+    pending: list[Any] = []  # logprobs of the tokens not yet sent with a chunk
+    full = ""
     async for ev, _ids, lps in chunked_events(run):
-        parts.append(ev.text)
-        lps_all.extend(lps or [])
+        pending.extend(lps or [])
+        full += ev.text
+        deltas = calls.feed(ev.text)
+        if deltas:
+            yield chunk({"tool_calls": deltas}, None, chat_logprobs(pending, text) if want else None)
+            pending = []
         if ev.finished:
-            content, calls = tools.parse("".join(parts))
-            delta: dict[str, Any] = {"role": "assistant", "content": content}
-            if calls:
-                delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
-            want = run.req.sampling.logprobs is not None
-            yield chunk(delta, None, chat_logprobs(lps_all, text) if want else None)
-            yield chunk({}, tools.finish_reason(ev.finish_reason, calls))
+            _, done = tools.parse(full)
+            logprobs = chat_logprobs(pending, text) if want else None
+            yield chunk({}, tools.finish_reason(ev.finish_reason, done), logprobs)
 
 
 async def _stream_auto(

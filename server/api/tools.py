@@ -12,10 +12,10 @@ model; one that does not, SmolLM2's included, ignores them). `tool_choice` decid
   detected from the chat template by default) become `tool_calls`, the rest stays `content`;
 - "none": free text.
 
-Streaming: a named call's arguments stream as `tool_calls` deltas; "auto" streams the text until where a call could
-start (the parser's `hold_from`: a `<tool_call>` tag or its first characters; for the formats that are the whole
-output, an output that begins like one) and sends the calls in one delta at the end; "required" sends its calls at
-the end.
+Streaming: a named call's arguments stream as `tool_calls` deltas; so do "required" calls (`CallListStream`: each
+call's id and name once its name is written, then its arguments as they come); "auto" streams the text until where
+a call could start (the parser's `hold_from`: a `<tool_call>` tag or its first characters; for the formats that are
+the whole output, an output that begins like one) and sends the calls in one delta at the end.
 
 A forced call is valid JSON for its schema, not necessarily a good call: the model should also be told about the
 tools (a template with tool support, or the caller's own system message).
@@ -90,10 +90,12 @@ class ToolPlan:
             return None, [_call(self.named, text)]
         if self.mode == "required":
             try:
-                calls = json.loads(text)
+                json.loads(text)
             except ValueError:  # cut short by max_tokens: not a complete list
                 return text, None
-            return None, [_call(c["name"], c["parameters"]) for c in calls]
+            stream = CallListStream()
+            stream.feed(text)
+            return None, stream.calls()  # the arguments as written, as a stream sends them
         if self.mode == "auto":
             outside, calls = self.split_calls(text)
             if calls:
@@ -109,6 +111,103 @@ class ToolPlan:
         if calls and self.mode != "named":
             return "tool_calls"
         return engine_reason or "stop"
+
+
+@dataclass
+class _StreamedCall:
+    index: int
+    id: str = field(default_factory=call_id)
+    name: str | None = None
+    args: list[str] = field(default_factory=list)  # the arguments' text as written, a character at a time
+    sent: int = 0  # characters of `args` sent
+    announced: bool = False  # its id and name were sent
+
+
+class CallListStream:
+    """Follows a "required" output, ``[{"name": ..., "parameters": {...}}, ...]`` (JSON the grammar forces), as it
+    grows, and says what can be sent: a call's id and name once its name is complete, then the text of its
+    arguments as it comes (vLLM streams required calls this way). Arguments written before the name wait for it.
+
+    `feed(text)` returns the `tool_calls` delta entries of the new text (at most one per call); `calls()` the calls
+    complete so far, with the same ids and the arguments as written.
+    """
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._in_str = self._esc = False
+        self._after_colon = False  # in a call object, between a key's ':' and the end of its value
+        self._key: str | None = None
+        self._str: list[str] = []  # a string at the call object's level (a key, or a value) as written
+        self._calls: list[_StreamedCall] = []
+        self._complete = 0  # how many call objects are closed
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        first = max(len(self._calls) - 1, 0)  # the earlier calls were sent whole
+        for ch in text:
+            self._step(ch)
+        return [d for c in self._calls[first:] if (d := self._delta(c)) is not None]
+
+    def calls(self) -> list[dict[str, Any]]:
+        return [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": "".join(c.args)}}
+            for c in self._calls[: self._complete]
+        ]
+
+    @staticmethod
+    def _delta(call: _StreamedCall) -> dict[str, Any] | None:
+        if call.name is None:
+            return None
+        new = "".join(call.args[call.sent :])
+        call.sent = len(call.args)
+        if not call.announced:
+            call.announced = True
+            fn = {"name": call.name, "arguments": new}
+            return {"index": call.index, "id": call.id, "type": "function", "function": fn}
+        return {"index": call.index, "function": {"arguments": new}} if new else None
+
+    def _step(self, ch: str) -> None:
+        d = self._depth
+        in_args = d >= 2 and self._after_colon and self._key == "parameters"
+        if in_args and not (d == 2 and not self._in_str and ch in ",}"):  # not the end of the value
+            self._calls[-1].args.append(ch)
+        if self._in_str:
+            if self._esc:
+                self._esc = False
+            elif ch == "\\":
+                self._esc = True
+            elif ch == '"':
+                self._in_str = False
+                if d == 2:
+                    self._end_string()
+                return
+            if d == 2:
+                self._str.append(ch)
+        elif ch == '"':
+            self._in_str, self._str = True, []
+        elif ch in "{[":
+            self._depth += 1
+            if d == 1 and ch == "{":
+                self._calls.append(_StreamedCall(index=len(self._calls)))
+        elif ch in "}]":
+            self._depth -= 1
+            if d == 2:
+                self._complete += 1
+                self._after_colon, self._key = False, None
+        elif d == 2 and ch == ":":
+            self._after_colon = True
+        elif d == 2 and ch == ",":
+            self._after_colon, self._key = False, None
+
+    def _end_string(self) -> None:
+        raw = "".join(self._str)
+        try:
+            value = json.loads(f'"{raw}"')
+        except ValueError:
+            value = raw
+        if not self._after_colon:
+            self._key = value
+        elif self._key == "name":
+            self._calls[-1].name = value
 
 
 def tool_plan(body: ChatCompletionRequest, parser: ToolParser | None = None) -> ToolPlan:
