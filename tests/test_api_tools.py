@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from server.api.schemas import ChatCompletionRequest
-from server.api.tool_parsers import detect, get_parser
+from server.api.tool_parsers import AutoStream, detect, get_parser
 from server.api.tools import CallListStream, tool_plan
 
 KEY = "sk-acme-tools"
@@ -198,6 +198,37 @@ def test_auto_parses_hermes_tool_call_blocks(oai):
     assert "".join(p for p in pieces if p) == "no tools <here" and len([p for p in pieces if p]) > 2
 
 
+def test_auto_streams_each_hermes_call_when_its_block_closes(oai):
+    """Two calls with text around them: each call is sent once its block closes, before what follows is generated,
+    and the text in between streams as it comes; the openai package rebuilds the unstreamed message."""
+    one = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}</tool_call>'
+    two = '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
+    text = f"Checking.{one} and then {two} ok"
+    kw = dict(model="acme/default", messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=400)
+    escaped = "".join("\\" + ch if ch in "{}.[]()" else ch for ch in text)
+    kw["extra_body"] = {"structured_outputs": {"regex": escaped}}
+    plain = oai.chat.completions.create(**kw).choices[0]
+    assert plain.message.content == "Checking. and then  ok" and plain.finish_reason == "tool_calls"
+    assert [c.function.name for c in plain.message.tool_calls] == ["get_weather", "get_time"]
+    chunks = [c.choices[0] for c in oai.chat.completions.create(stream=True, **kw) if c.choices]
+    order = [
+        ("call", c.delta.tool_calls[0].index) if c.delta.tool_calls else ("text", c.delta.content)
+        for c in chunks
+        if c.delta.tool_calls or c.delta.content
+    ]
+    first_call, second_call = order.index(("call", 0)), order.index(("call", 1))
+    between = "".join(t for _, t in order[first_call + 1 : second_call])
+    assert between == " and then " and second_call - first_call > 2  # streamed between the two calls
+    assert "".join(t for k, t in order[second_call + 1 :]) == " ok"
+    with oai.chat.completions.stream(**kw) as stream:
+        rebuilt = stream.get_final_completion().choices[0]
+    assert rebuilt.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in rebuilt.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in plain.message.tool_calls
+    ]
+    assert rebuilt.message.content == "Checking. and then  ok"
+
+
 def test_auto_with_a_pythonic_model_detected_from_its_template(server_factory):
     """A model whose chat template asks for pythonic calls (Llama 3.2 / 4 style) gets the pythonic parser without
     any setting; its calls come back as tool_calls, streamed in one delta with no text sent before them."""
@@ -348,6 +379,22 @@ def test_tool_parsers_find_the_calls_of_each_format(parser, text, calls, outside
     got_outside, got = get_parser(parser).split(text, NAMES)
     assert got == calls
     assert got_outside == (text if outside is None else outside)
+
+
+@pytest.mark.parametrize(("parser", "text", "calls", "outside"), PARSER_CASES)
+def test_auto_stream_gives_what_split_gives_whatever_the_pieces(parser, text, calls, outside):
+    for size in (1, 3, 7, len(text)):
+        follow = AutoStream(get_parser(parser), NAMES)
+        items = []
+        pieces = [text[i : i + size] for i in range(0, len(text), size)]
+        for j, piece in enumerate(pieces):
+            items += follow.feed(piece, final=j == len(pieces) - 1)
+        assert [v for k, v in items if k == "call"] == calls
+        assert "".join(v for k, v in items if k == "content") == (text if outside is None else outside)
+        if parser == "hermes" and calls:  # a block's call comes as soon as it closes, not at the end
+            follow = AutoStream(get_parser(parser), NAMES)
+            end = text.index("</tool_call>") + len("</tool_call>")
+            assert ("call", calls[0]) in follow.feed(text[:end])
 
 
 @pytest.mark.parametrize(

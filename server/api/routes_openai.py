@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -581,34 +582,31 @@ async def _stream_required(
 async def _stream_auto(
     run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
 ) -> AsyncIterator[bytes]:
-    """'auto': the text streams until where a call could start (the parser's `hold_from`); the calls and any text
-    after them come in one delta at the end, with the logprobs not sent yet."""
+    """'auto': the text as soon as it cannot be the start of a call, each call as soon as it is complete
+    (`AutoStream`), in output order; a chunk's logprobs are those of the tokens since the previous chunk."""
     yield chunk({"role": "assistant", "content": ""}, None)
     want = run.req.sampling.logprobs is not None
-    full, sent = "", 0
+    follow = tools.auto_stream()
+    sent: list[dict[str, Any]] = []  # the calls sent
     pending: list[Any] = []  # logprobs of the tokens not yet sent with a chunk
 
     def take_logprobs() -> Any:
-        out = chat_logprobs(pending, text) if want else None
-        pending.clear()
+        nonlocal pending
+        out, pending = (chat_logprobs(pending, text) if want else None), []
         return out
 
     async for ev, _ids, lps in chunked_events(run):
         pending.extend(lps or [])
-        full += ev.text
-        upto = tools.parser.hold_from(full)
-        if upto > sent:
-            yield chunk({"content": full[sent:upto]}, None, take_logprobs())
-            sent = upto
+        for kind, group in itertools.groupby(follow.feed(ev.text, final=ev.finished), key=lambda it: it[0]):
+            values = [v for _, v in group]
+            if kind == "content":
+                yield chunk({"content": "".join(values)}, None, take_logprobs())
+            else:
+                calls = [{"index": len(sent) + j, **tools.call(*c)} for j, c in enumerate(values)]
+                sent += calls
+                yield chunk({"tool_calls": calls}, None, take_logprobs())
         if ev.finished:
-            outside, calls = tools.split_calls(full)
-            rest = (outside if calls else full)[sent:]
-            delta: dict[str, Any] = {"content": rest} if rest else {}
-            if calls:
-                delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(calls)]
-            if delta:
-                yield chunk(delta, None, take_logprobs())
-            yield chunk({}, tools.finish_reason(ev.finish_reason, calls), take_logprobs())
+            yield chunk({}, tools.finish_reason(ev.finish_reason, sent), take_logprobs())
 
 
 async def _chat_frames(ch: _Choices, cid: str, usage_mode: UsageMode) -> AsyncIterator[bytes]:

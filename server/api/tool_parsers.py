@@ -164,13 +164,24 @@ def _pythonic_split(text: str, names: set[str]) -> tuple[str, Calls]:
 
 
 # ------------------------------------------------------------------------------------------------ registry
+Item = tuple[str, Any]  # ("content", text) or ("call", (name, arguments)), in output order
+
+
 class ToolParser:
     def __init__(
-        self, name: str, split: Callable[[str, set[str]], tuple[str, Calls]], hold: Callable[[str], int]
+        self,
+        name: str,
+        split: Callable[[str, set[str]], tuple[str, Calls]],
+        hold: Callable[[str], int],
+        *,
+        blocks: bool = False,
     ) -> None:
         self.name = name
         self._split = split
         self._hold = hold
+        self.blocks = (
+            blocks  # calls are closed blocks anywhere in the text (hermes): each is final once closed
+        )
 
     def split(self, text: str, names: set[str]) -> tuple[str, Calls]:
         """(the text outside the calls, the calls of known tools) of a finished output; the outside text begins
@@ -182,8 +193,60 @@ class ToolParser:
         return self._hold(text)
 
 
+class AutoStream:
+    """tool_choice "auto" in a stream: what of the output can be sent so far, in output order. Text goes as soon
+    as it cannot be the start of a call; with a block format (hermes) each call goes as soon as its block closes
+    (and text after it streams again); with the formats that are the whole output, the calls go at the end.
+    What `feed` returns over a whole output is what `ToolParser.split` makes of it: the same calls, the same text."""
+
+    def __init__(self, parser: ToolParser, names: set[str]) -> None:
+        self.parser, self.names = parser, names
+        self.full = ""
+        self.sent = 0  # self.full[:sent] has been returned
+
+    def feed(self, text: str, *, final: bool = False) -> list[Item]:
+        self.full += text
+        items = self._blocks(final) if self.parser.blocks else self._whole(final)
+        return [(k, v) for k, v in items if v != ""]
+
+    def _whole(self, final: bool) -> list[Item]:
+        if not final:
+            upto = self.parser.hold_from(self.full)
+            if upto <= self.sent:
+                return []
+            piece, self.sent = self.full[self.sent : upto], upto
+            return [("content", piece)]
+        outside, calls = self.parser.split(self.full, self.names)
+        rest = (outside if calls else self.full)[self.sent :]
+        self.sent = len(self.full)
+        return [("content", rest), *(("call", c) for c in calls)]
+
+    def _blocks(self, final: bool) -> list[Item]:
+        items: list[Item] = []
+        while True:
+            rest = self.full[self.sent :]
+            i = rest.find(HERMES_TAG)
+            if i < 0:
+                upto = len(rest) if final else len(rest) - _tag_prefix_at_end(rest, HERMES_TAG)
+                items.append(("content", rest[:upto]))
+                self.sent += upto
+                return items
+            items.append(("content", rest[:i]))
+            self.sent += i
+            m = _HERMES.match(rest, i)
+            if m is None:  # not closed yet (or never: at the end it is text)
+                if final:
+                    items.append(("content", rest[i:]))
+                    self.sent = len(self.full)
+                return items
+            block = m.group(0)
+            _, calls = self.parser.split(block, self.names)
+            items.append(("call", calls[0]) if calls else ("content", block))
+            self.sent += len(block)
+
+
 _REGISTRY = {
-    "hermes": ToolParser("hermes", _hermes_split, _hermes_hold),
+    "hermes": ToolParser("hermes", _hermes_split, _hermes_hold, blocks=True),
     "llama3_json": ToolParser("llama3_json", _llama3_split, lambda t: _start_hold(t, (PYTHON_TAG,), "{")),
     "mistral": ToolParser("mistral", _mistral_split, lambda t: _start_hold(t, (MISTRAL_TAG,), "[")),
     "pythonic": ToolParser("pythonic", _pythonic_split, lambda t: _start_hold(t, (PYTHON_TAG,), "[")),

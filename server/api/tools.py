@@ -13,9 +13,10 @@ model; one that does not, SmolLM2's included, ignores them). `tool_choice` decid
 - "none": free text.
 
 Streaming: a named call's arguments stream as `tool_calls` deltas; so do "required" calls (`CallListStream`: each
-call's id and name once its name is written, then its arguments as they come); "auto" streams the text until where
-a call could start (the parser's `hold_from`: a `<tool_call>` tag or its first characters; for the formats that are
-the whole output, an output that begins like one) and sends the calls in one delta at the end.
+call's id and name once its name is written, then its arguments as they come); "auto" (`AutoStream`) streams the
+text until where a call could start (the parser's `hold_from`: a `<tool_call>` tag or its first characters; for the
+formats that are the whole output, an output that begins like one), sends each hermes call as soon as its block
+closes (text after it streams again), and the calls of the whole-output formats at the end.
 
 A forced call is valid JSON for its schema, not necessarily a good call: the model should also be told about the
 tools (a template with tool support, or the caller's own system message).
@@ -30,7 +31,7 @@ from typing import Any
 
 from server.api.errors import APIError
 from server.api.schemas import ChatCompletionRequest, NamedToolChoice
-from server.api.tool_parsers import ToolParser, get_parser
+from server.api.tool_parsers import AutoStream, ToolParser, get_parser
 from server.engine import StructuredOutputs
 
 
@@ -101,6 +102,15 @@ class ToolPlan:
             if calls:
                 return outside.strip() or None, calls
         return text, None
+
+    def auto_stream(self) -> AutoStream:
+        """("auto") Follows a streamed output: the text and calls that can be sent so far."""
+        return AutoStream(self.parser, {t["function"]["name"] for t in self.tools})
+
+    @staticmethod
+    def call(name: str, arguments: Any) -> dict[str, Any]:
+        """A `tool_calls` entry (new id) of a call a parser found."""
+        return _call(name, arguments)
 
     def split_calls(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         """("auto") The text outside the calls the parser finds (of known tools), and the calls."""
