@@ -91,8 +91,8 @@ def read_export(data: bytes) -> PrefixRecord:
             f"{EXPORT_FORMAT_VERSION!r})"
         )
     try:
-        meta_dict = json.loads(header.get("meta", ""))
-    except ValueError as e:
+        meta_dict = json.loads(str(header.get("meta", "")))
+    except (ValueError, RecursionError) as e:
         raise InvalidPrefix(f"prefix export metadata is not valid JSON: {e}") from None
     meta = PrefixMeta.from_dict(meta_dict)
     tensors = load_safetensors(data, f"prefix export {meta.label}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -121,7 +122,7 @@ class PrefixMeta:
             kind=typed("kind", str),
             prefix_length=typed("prefix_length", int),
             version=typed("version", int),
-            created=float(typed("created", (int, float))),
+            created=_finite_float(typed("created", (int, float)), "created"),
             base_model_fingerprint=typed("base_model_fingerprint", str),
             dtype=typed("dtype", str),
             shapes={k: list(v) for k, v in shapes.items()},
@@ -181,6 +182,16 @@ class ChangeEvent:
 
 
 # ------------------------------------------------------------------------------------------------- validation
+def _finite_float(value: float, field: str) -> float:
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise InvalidPrefix(f"prefix metadata field {field!r} must be a finite number")
+    return out
+
+
 def _check_prefix_length(prefix_length: object) -> int:
     if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or prefix_length < 1:
         raise InvalidPrefix(f"prefix_length must be a positive int, got {prefix_length!r}")

@@ -155,6 +155,23 @@ def test_refused_uploads_are_4xx_and_store_nothing(server_factory, tmp_path):
     put_random_prefix(s.store, bundle, "globex", "long", prefix_length=64)
     too_long = s.client("k-g").get("/prefixes/globex/long/download").content
     assert_error(upload(a, "acme", "x", too_long), 413, "prefix_too_long")
+    # parseable files with fields of the wrong type or out of range (crafted, not made by any tool)
+    header_len = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8 : 8 + header_len])
+    meta = json.loads(header["__metadata__"]["meta"])
+    for bad_meta in ("5", json.dumps({**meta, "created": 10**400}), json.dumps({**meta, "created": "NaN"})):
+        crafted = json.dumps(
+            {**header, "__metadata__": {**header["__metadata__"], "meta": bad_meta}}
+        ).encode()
+        err = assert_error(
+            upload(a, "acme", "x", len(crafted).to_bytes(8, "little") + crafted + good[8 + header_len :]), 422
+        )
+        assert err["code"] == "invalid_prefix" and err["param"] == "file"
+    for field, value in (("num_layers", "abc"), ("num_transformer_submodules", [1]), ("num_virtual_tokens", "3.5"),
+                         ("num_virtual_tokens", float("inf")), ("num_layers", True)):  # fmt: skip
+        cfg = json.dumps({**json.loads(config), field: value}).encode()
+        err = assert_error(upload(a, "acme", "x", weights, cfg), 422, "invalid_prefix")
+        assert field in err["message"]
     assert s.store.list("acme") == []
     # and a good one goes through afterwards
     assert upload(a, "acme", "x", good).status_code == 201

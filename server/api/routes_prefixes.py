@@ -340,6 +340,19 @@ async def upload_prefix(
             code = next(c for cls, c in _UPLOAD_ERRORS.items() if isinstance(e, cls))
             param = "adapter_config" if isinstance(e, InvalidAdapterConfig) else "file"
             raise APIError(422, str(e), code=code, param=param) from None
+        except (
+            ValueError,
+            TypeError,
+            OverflowError,
+            RecursionError,
+        ) as e:  # a file malformed in a way not foreseen
+            log.warning("upload for %s/%s refused: unreadable file", tenant_id, name, exc_info=True)
+            raise APIError(
+                422,
+                f"the uploaded file could not be read: {type(e).__name__}: {e}",
+                code="invalid_prefix",
+                param="file",
+            ) from None
         del data, config
         meta = await _store_upload(svc, incoming, tenant_id, name)
     finally:

@@ -56,15 +56,31 @@ def _find(weights: dict[str, torch.Tensor], suffix: str) -> torch.Tensor | None:
     return weights[hits[0]] if hits else None
 
 
+def _int(cfg: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    """An integer field of the config (None when absent or null); InvalidPrefix when it is not a whole number."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidPrefix(f"adapter config field {key!r} must be an integer, got {value!r}")
+    try:
+        out = int(value)
+    except (ValueError, OverflowError):
+        raise InvalidPrefix(f"adapter config field {key!r} must be an integer, got {value!r}") from None
+    if isinstance(value, float) and out != value:
+        raise InvalidPrefix(f"adapter config field {key!r} must be an integer, got {value!r}")
+    return out
+
+
 def check_peft_config(cfg: dict[str, Any], spec: ModelSpec) -> str:
     """The adapter's PEFT type (ours supported), checked before any weight is read; the adapter's own record of the
     base model's depth, when present, must match (clear error first)."""
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type not in _KIND:
         raise InvalidPrefix(f"unsupported PEFT type {peft_type!r}: expected PREFIX_TUNING or PROMPT_TUNING")
-    if int(cfg.get("num_transformer_submodules") or 1) != 1:
+    if (_int(cfg, "num_transformer_submodules") or 1) != 1:
         raise InvalidPrefix("encoder-decoder adapters are not supported: the base model is a causal decoder")
-    if cfg.get("num_layers") is not None and int(cfg["num_layers"]) != spec.num_layers:
+    if _int(cfg, "num_layers", spec.num_layers) != spec.num_layers:
         raise InvalidPrefix(
             f"adapter was made for a base model with {cfg['num_layers']} layers; this one has "
             f"{spec.num_layers} (the adapter does not fit this base model)"
@@ -109,12 +125,12 @@ def peft_adapter(cfg: dict[str, Any], weights: dict[str, torch.Tensor], bundle: 
     if emb.dim() != 2 or emb.shape[0] < 1:
         raise InvalidPrefix(f"adapter embedding must be [P, ...], got {list(emb.shape)}")
     p = emb.shape[0]
-    if cfg.get("num_virtual_tokens") is not None and p != int(cfg["num_virtual_tokens"]):
+    if _int(cfg, "num_virtual_tokens", p) != p:
         raise InvalidPrefix(f"adapter has {p} virtual tokens, its config says {cfg['num_virtual_tokens']}")
 
     if peft_type == "PREFIX_TUNING":
-        k_heads = cfg.get("num_attention_heads")
-        if k_heads is not None and int(k_heads) != spec.num_kv_heads:
+        k_heads = _int(cfg, "num_attention_heads", spec.num_kv_heads)
+        if k_heads != spec.num_kv_heads:
             raise InvalidPrefix(
                 f"adapter was made with {k_heads} key/value heads; this base model has {spec.num_kv_heads} "
                 "(the adapter does not fit this base model)"
