@@ -36,6 +36,7 @@ from prefix_store.names import validate_name
 log = logging.getLogger("prefix_store")
 
 Subscriber = Callable[[ChangeEvent], None]
+MAX_VERSION = 10**18 - 1  # the highest version any backend stores (a file store's names hold 18 digits)
 
 
 def check_version(version: object) -> int | None:
@@ -164,7 +165,7 @@ class PrefixStore(abc.ABC):
         validate_name(tenant_id, "tenant_id")
         validate_name(name, "name")
         v = check_version(version)
-        if v is not None and v < 1:
+        if v is not None and not 1 <= v <= MAX_VERSION:
             return False
         return self._exists(tenant_id, name, v)
 
@@ -212,6 +213,8 @@ class PrefixStore(abc.ABC):
         v = check_version(version)
         if v is not None and v < 1:
             raise PrefixNotFound(f"prefix {label(tenant_id, name, v)} not found (versions start at 1)")
+        if v is not None and v > MAX_VERSION:
+            raise PrefixNotFound(f"prefix {tenant_id}/{name} has no version that high (at most {MAX_VERSION})")
         return v
 
     @staticmethod

@@ -504,6 +504,17 @@ def test_pinned_prefix_version_serves_that_version(srv):
         assert_error(c.post("/v1/completions", json={**oa, "model": model}), 404, "model_not_found")
     assert_error(gen(c, **body, prefix="base", prefix_version=1), 422)
     assert_error(gen(c, **body, prefix_version=0), 422)
+    # versions beyond any store's range are not found, and do not make the store look down (a file name that long
+    # fails with ENAMETOOLONG: it once gave 503 store_unavailable and flipped /ready)
+    huge = 10**300
+    assert_error(gen(c, **body, prefix_version=huge), 404, "prefix_not_found")
+    assert_error(c.post("/tokenize", json={"tenant_id": "globex", "prompt": "x", "prefix_version": huge}), 404)
+    assert_error(c.get("/prefixes/globex/default", params={"version": huge}), 404, "prefix_not_found")
+    assert_error(c.get("/prefixes/globex/default/download", params={"version": huge}), 404)
+    assert_error(c.delete("/prefixes/globex/default", params={"version": huge}), 404)
+    model = f"globex/default@{10**30}"
+    assert_error(c.post("/v1/completions", json={**oa, "model": model}), 404, "model_not_found")
+    assert c.get("/ready").status_code == 200 and srv.svc.store_ok
     # deleting the name drops its pinned versions too
     assert c.delete("/prefixes/globex/default").status_code == 200
     assert_error(gen(c, **body, prefix_version=1), 404, "prefix_not_found")

@@ -61,7 +61,8 @@ def parse_model(model: str, principal: Principal) -> tuple[str, str, int | None]
         tenant, at, version = model.partition("@")
         name = DEFAULT_PREFIX + at + version
     name, at, version = name.partition("@")
-    pinned = int(version) if at and version.isascii() and version.isdigit() and int(version) > 0 else None
+    digits = at and version.isascii() and version.isdigit() and len(version) <= 18
+    pinned = int(version) if digits and int(version) > 0 else None
     if (
         not is_valid_name(tenant)
         or not is_valid_name(name)
