@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -129,6 +130,14 @@ def test_trainer_validation_is_422_with_param(server_factory):
         c.post("/prefixes", json={"tenant_id": "acme", "name": "x", "examples": EXAMPLES, "bogus": 1}), 422
     )
     assert err["param"] == "bogus"
+    # text a tokenizer cannot take (a lone surrogate, escaped in the JSON) or control characters: 422, no job
+    for field, bad in (("prompt", "\ud800"), ("completion", " \ud800"), ("prompt", "a\u0000b")):
+        examples = [{**EXAMPLES[0], field: bad}]
+        body = json.dumps({"tenant_id": "acme", "name": "x", "examples": examples}, ensure_ascii=True)
+        r = c.post("/prefixes", content=body, headers={"content-type": "application/json"})
+        err = assert_error(r, 422)
+        assert err["param"] == f"examples.0.{field}", err
+    assert c.get("/prefixes/jobs").json()["data"] == []
 
 
 def test_worker_process_runs_queued_jobs(server_factory, tmp_path):

@@ -547,8 +547,8 @@ class PrefixList(BaseModel):
 class TrainExample(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
-    completion: str = Field(min_length=1)
+    prompt: Text
+    completion: Text = Field(min_length=1)
 
 
 class InitFrom(BaseModel):
