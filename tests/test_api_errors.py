@@ -271,3 +271,28 @@ def test_corrupt_or_truncated_record_is_refused_and_others_keep_serving(srv, api
         assert err["code"] == "prefix_corrupt" and err["param"] == "prefix"
     ok = c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_a_failure_inside_a_stream_ends_it_with_an_error_frame_and_done(srv, monkeypatch, caplog):
+    """A bug that surfaces after the 200 went out: the client still gets an error event (with the status the error
+    would have had) and the end of the stream, not a cut connection; the server keeps serving."""
+    from server.api import routes_generate
+    from tests.fixtures.server import parse_sse
+
+    def broken(**kw):
+        raise RuntimeError("bug in a chunk")
+
+    monkeypatch.setattr(routes_generate, "GenerateChunk", broken)
+    c = srv.client()
+    r = c.post("/generate", json={"tenant_id": "acme", "prompt": "hello", "max_tokens": 4, "stream": True})
+    assert r.status_code == 200
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"] == {
+        "message": "internal server error", "type": "server_error", "param": None, "code": "internal_error",
+        "status": 500,
+    }  # fmt: skip
+    assert "stream failed" in caplog.text
+    monkeypatch.undo()
+    r = c.post("/generate", json={"tenant_id": "acme", "prompt": "hello", "max_tokens": 4})
+    assert r.status_code == 200

@@ -508,7 +508,9 @@ def test_pinned_prefix_version_serves_that_version(srv):
     # fails with ENAMETOOLONG: it once gave 503 store_unavailable and flipped /ready)
     huge = 10**300
     assert_error(gen(c, **body, prefix_version=huge), 404, "prefix_not_found")
-    assert_error(c.post("/tokenize", json={"tenant_id": "globex", "prompt": "x", "prefix_version": huge}), 404)
+    assert_error(
+        c.post("/tokenize", json={"tenant_id": "globex", "prompt": "x", "prefix_version": huge}), 404
+    )
     assert_error(c.get("/prefixes/globex/default", params={"version": huge}), 404, "prefix_not_found")
     assert_error(c.get("/prefixes/globex/default/download", params={"version": huge}), 404)
     assert_error(c.delete("/prefixes/globex/default", params={"version": huge}), 404)

@@ -271,7 +271,17 @@ def test_grammar_past_the_parser_limits_is_a_422_and_the_server_carries_on(srv):
     events = parse_sse(r.text)
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "structured_output_failed"
     assert "too many expressions" in events[-2]["error"]["message"]
+    assert events[-2]["error"]["status"] == 422  # the status it would have had: the SDK raises the same class
     assert re.fullmatch("b{1,5}a*", "".join(e.get("text", "") for e in events[:-2]))
+    from prefixserve_client import Client, UnprocessableEntity
+
+    fresh = {
+        "regex": "c{1,5}((a{60}){60}){60}"
+    }  # another grammar: it too fails only once the stream has begun
+    with Client(srv.url, api_key=KEY, max_retries=0) as c, pytest.raises(UnprocessableEntity) as ei:
+        for _ in c.stream("acme", "x", structured_outputs=fresh):
+            pass
+    assert ei.value.in_stream and ei.value.code == "structured_output_failed"
     err = assert_error(gen(srv, structured_outputs=so), 422, code="structured_output_failed")
     assert err["param"] == "structured_outputs" and "too many expressions" in err["message"]
     assert gen(srv, structured_outputs={"choice": ["fine"]}).json()["text"] == "fine"

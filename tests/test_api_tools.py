@@ -398,6 +398,26 @@ def test_auto_stream_gives_what_split_gives_whatever_the_pieces(parser, text, ca
 
 
 @pytest.mark.parametrize(
+    ("parser", "text"),
+    [
+        ("hermes", "<tool_call>" + "[" * 50_000 + "]" * 50_000 + "</tool_call>"),
+        ("llama3_json", '{"name": "get_time", "parameters": ' + "[" * 50_000 + "]" * 50_000 + "}"),
+        ("mistral", "[TOOL_CALLS]" + "[" * 50_000 + "]" * 50_000),
+        ("pythonic", "[get_time(zone=" + "[" * 50_000 + "]" * 50_000 + ")]"),
+        ("pythonic", "[get_time(zone=" + "-" * 50_000 + "1)]"),
+    ],
+)
+def test_outputs_nested_too_deep_for_the_parsers_stay_text(parser, text):
+    """JSON or Python nested deeper than the parsers' recursion limit: text, not a 500."""
+    assert get_parser(parser).split(text, NAMES) == (text, [])
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "required"}
+    )
+    deep = "[" * 50_000 + "]" * 50_000
+    assert tool_plan(body).parse(deep) == (deep, None)
+
+
+@pytest.mark.parametrize(
     ("parser", "stream", "sent_before_end"),
     [
         ("llama3_json", ['{"na', 'me": "get_time", ', '"parameters": {"zone": "UTC"}}'], ""),

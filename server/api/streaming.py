@@ -62,6 +62,14 @@ async def merge(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
             t.cancel()
 
 
+def stream_error(e: APIError) -> dict[str, Any]:
+    """The error frame of a stream that has begun (HTTP 200 sent): the error body with the status the error would
+    have had (the SDK raises the same class as for the unstreamed request)."""
+    body = e.body()
+    body["error"]["status"] = e.status
+    return body
+
+
 class EngineEventStream(StreamingResponse):
     def __init__(
         self, runs: GenerationRun | list[GenerationRun], frames: Callable[[], AsyncIterator[bytes]]
@@ -78,7 +86,10 @@ class EngineEventStream(StreamingResponse):
             async for frame in frames():
                 yield frame
         except APIError as e:  # failure after the stream began: an error frame, then [DONE]
-            yield sse(e.body())
+            yield sse(stream_error(e))
+        except Exception:  # a bug: the client still gets an error frame and the end of the stream
+            log.exception("stream failed")
+            yield sse(stream_error(APIError(500, "internal server error", code="internal_error")))
         finally:
             await self._close()
         yield DONE

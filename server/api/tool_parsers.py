@@ -56,7 +56,7 @@ def _hermes_split(text: str, names: set[str]) -> tuple[str, Calls]:
     for m in _HERMES.finditer(text):
         try:
             obj = json.loads(m.group(1))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting too deep
             continue
         if not isinstance(obj, dict) or obj.get("name") not in names:
             continue
@@ -105,7 +105,7 @@ def _json_objects(body: str) -> list[Any] | None:
             return out or None
         try:
             obj, i = dec.raw_decode(body, i)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting too deep
             return None
         out.append(obj)
 
@@ -122,7 +122,7 @@ def _mistral_split(text: str, names: set[str]) -> tuple[str, Calls]:
     ws, body = _lead(text, (MISTRAL_TAG,))
     try:
         calls, end = json.JSONDecoder().raw_decode(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep
         return text, []
     if isinstance(calls, dict):
         calls = [calls]
@@ -146,7 +146,7 @@ def _pythonic_split(text: str, names: set[str]) -> tuple[str, Calls]:
         return text, []
     try:
         tree = ast.parse(body, mode="eval")
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return text, []
     if not isinstance(tree.body, ast.List) or not tree.body.elts:
         return text, []
@@ -158,7 +158,7 @@ def _pythonic_split(text: str, names: set[str]) -> tuple[str, Calls]:
             return text, []  # keyword arguments only, as the format has them
         try:
             calls.append((node.func.id, {k.arg: _literal(k.value) for k in node.keywords}))  # type: ignore[misc]
-        except (ValueError, TypeError, SyntaxError):
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             return text, []
     return ws, calls
 

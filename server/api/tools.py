@@ -92,7 +92,7 @@ class ToolPlan:
         if self.mode == "required":
             try:
                 json.loads(text)
-            except ValueError:  # cut short by max_tokens: not a complete list
+            except (ValueError, RecursionError):  # cut short by max_tokens: not a complete list
                 return text, None
             stream = CallListStream()
             stream.feed(text)
@@ -276,5 +276,5 @@ def template_messages(body: ChatCompletionRequest, texts: list[dict[str, Any]]) 
 def _args(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
