@@ -90,12 +90,14 @@ class PrefixStore(abc.ABC):
         return meta
 
     def _prune(self, tenant_id: str, name: str, written: int) -> None:
-        """Delete all but the newest `keep_versions` versions (never the one just written). A failure here is
-        logged, not raised: the put itself succeeded."""
+        """Delete the versions older than the `keep_versions` newest up to the one just written. Only older ones:
+        a put that finished at the same time as a newer one must not delete that one (with both pruning, each
+        counting from its own version, nothing kept would be deleted). A failure here is logged, not raised: the
+        put itself succeeded."""
         assert self.keep_versions is not None
         try:
-            others = [v for v in self.versions(tenant_id, name) if v != written]  # ascending
-            for v in others[: max(0, len(others) - (self.keep_versions - 1))]:
+            older = [v for v in self.versions(tenant_id, name) if v < written]  # ascending
+            for v in older[: max(0, len(older) - (self.keep_versions - 1))]:
                 with contextlib.suppress(PrefixNotFound):  # another writer pruned it first
                     self.delete(tenant_id, name, v)
         except StoreError as e:

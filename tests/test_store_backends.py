@@ -318,6 +318,24 @@ def test_keep_versions_in_the_url_prunes_old_versions(store_url):
             open_store(f"{store_url}{sep}keep_versions={bad}")
 
 
+def test_keep_versions_never_prunes_a_newer_version(store_url):
+    """Two writers finishing at once (a training job and an upload): the first one's prune runs after the second
+    one's put. Counting from its own version, it deletes only older ones, so the newest survives."""
+    sep = "&" if "?" in store_url else "?"
+    s = open_store(f"{store_url}{sep}keep_versions=1")
+    plain = open_store(store_url)
+    try:
+        put(plain, "acme", "bot")  # v1: writer A's put ...
+        put(plain, "acme", "bot")  # v2: ... and writer B's, before either pruned
+        s._prune("acme", "bot", written=1)  # A prunes late
+        assert s.versions("acme", "bot") == [1, 2]
+        s._prune("acme", "bot", written=2)  # B prunes
+        assert s.versions("acme", "bot") == [2]
+    finally:
+        s.close()
+        plain.close()
+
+
 def test_delete_last_name_removes_tenant_from_listing(store):
     put(store, "solo", "only")
     store.delete("solo", "only")
