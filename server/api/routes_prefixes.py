@@ -96,6 +96,24 @@ def _training_errors() -> tuple[type[Exception], type[Exception], type[Exception
 
 
 # --------------------------------------------------------------------------------------------- jobs
+JOBS_SEGMENT = "jobs"  # /prefixes/jobs/... are the job routes
+
+
+def _check_new_prefix(tenant_id: str, name: str, tenant_param: str) -> None:
+    """Names no stored prefix may have: `base` (the base model alone) and the tenant `jobs`, whose prefixes'
+    routes (/prefixes/jobs/{name}) would be the job routes."""
+    if name == BASE_PREFIX:
+        raise APIError(422, f"prefix name {BASE_PREFIX!r} is reserved for the base model", param="name")
+    if tenant_id == JOBS_SEGMENT:
+        raise APIError(
+            422,
+            f"tenant id {JOBS_SEGMENT!r} cannot store prefixes: /prefixes/{JOBS_SEGMENT}/... are the training job "
+            "routes",
+            code="invalid_value",
+            param=tenant_param,
+        )
+
+
 @router.post(
     "/prefixes",
     status_code=202,
@@ -108,8 +126,7 @@ async def train(body: TrainRequest, request: Request, principal: Principal = Dep
     info = get_info(request)
     tenant = principal.resolve_tenant(body.tenant_id)
     info.tenant, info.prefix = tenant, body.name
-    if body.name == BASE_PREFIX:
-        raise APIError(422, f"prefix name {BASE_PREFIX!r} is reserved for the base model", param="name")
+    _check_new_prefix(tenant, body.name, "tenant_id")
     spec = body.model_dump(exclude_none=True)
     spec["tenant_id"] = tenant
     jm = _jobs(svc)
@@ -321,8 +338,7 @@ async def upload_prefix(
     info = get_info(request)
     info.tenant, info.prefix = tenant_id, name
     _check_prefix_access(principal, tenant_id, name)
-    if name == BASE_PREFIX:
-        raise APIError(422, f"prefix name {BASE_PREFIX!r} is reserved for the base model", param="name")
+    _check_new_prefix(tenant_id, name, "tenant_id")
     # the body is spooled to a temporary file by now; reading and parsing it holds it in memory, so few at once
     if svc.uploads_active >= svc.settings.max_concurrent_uploads:
         raise unavailable(
