@@ -296,3 +296,59 @@ def test_a_failure_inside_a_stream_ends_it_with_an_error_frame_and_done(srv, mon
     monkeypatch.undo()
     r = c.post("/generate", json={"tenant_id": "acme", "prompt": "hello", "max_tokens": 4})
     assert r.status_code == 200
+
+
+def test_uploads_are_authenticated_before_their_body_is_read(server_factory):
+    """An upload may be up to max_upload_bytes: a client without a valid key is refused on its headers alone,
+    before the server takes in any of the body (here it never sends one: the answer still comes)."""
+    s = server_factory(keys={"acme": "k-acme"})
+    port = int(s.url.rsplit(":", 1)[1])
+    for auth in (b"", b"Authorization: Bearer wrong\r\n", b"Authorization: Basic k-acme\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /prefixes/acme/x/upload HTTP/1.1\r\nHost: x\r\n" + auth
+                + b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n\r\n"
+            )  # fmt: skip
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(4096)
+            head, body = data.decode().split("\r\n\r\n", 1)
+            length = int(
+                next(h for h in head.lower().split("\r\n") if h.startswith("content-length")).split(":")[1]
+            )
+            while len(body) < length:
+                body += sock.recv(4096).decode()
+        assert head.startswith("HTTP/1.1 401") and "www-authenticate: bearer" in head.lower(), head
+        assert "key" in json.loads(body)["error"]["message"], body
+    # with the key the body is read (and, being empty here, refused by the route)
+    r = s.client("k-acme").post(
+        "/prefixes/acme/x/upload", content=b"", headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert r.status_code == 422
+
+
+def test_buffered_bodies_are_replayed_in_chunks():
+    import asyncio
+    import io
+
+    from server.api.app import _replay
+
+    body = bytes(range(256)) * (10 * 1024 + 3)  # 2.5 MiB and a bit
+
+    async def collect() -> list[dict]:
+        async def client_next():
+            return {"type": "http.disconnect"}
+
+        receive = _replay(io.BytesIO(body), len(body), client_next)
+        msgs = [await receive()]
+        while msgs[-1].get("more_body"):
+            msgs.append(await receive())
+        msgs.append(await receive())  # then whatever the client sends
+        return msgs
+
+    msgs = asyncio.run(collect())
+    assert [len(m["body"]) for m in msgs[:-1]] == [1 << 20, 1 << 20, len(body) - (2 << 20)]
+    assert b"".join(m["body"] for m in msgs[:-1]) == body
+    assert [m["more_body"] for m in msgs[:-1]] == [True, True, False] and msgs[-1][
+        "type"
+    ] == "http.disconnect"

@@ -139,7 +139,9 @@ def test_trainer_validation_is_422_with_param(server_factory):
         assert err["param"] == f"examples.0.{field}", err
     assert c.get("/prefixes/jobs").json()["data"] == []
     # the tenant "jobs" cannot store prefixes: GET /prefixes/jobs/{name} is a job's route
-    err = assert_error(c.post("/prefixes", json={"tenant_id": "jobs", "name": "faq", "examples": EXAMPLES}), 422)
+    err = assert_error(
+        c.post("/prefixes", json={"tenant_id": "jobs", "name": "faq", "examples": EXAMPLES}), 422
+    )
     assert err["param"] == "tenant_id" and "job routes" in err["message"]
     files = {"file": ("p.safetensors", b"\0" * 64, "application/octet-stream")}
     assert assert_error(c.post("/prefixes/jobs/faq/upload", files=files), 422)["param"] == "tenant_id"

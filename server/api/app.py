@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from fastapi import FastAPI
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefix_store import PrefixStore, open_store
 from server.api.auth import KeyRing
-from server.api.errors import SafeJSONResponse, error_body, install_error_handlers
+from server.api.errors import APIError, SafeJSONResponse, install_error_handlers
 from server.api.limits import RateLimiter
 from server.api.metrics import Metrics
 from server.api.reload import ConfigReloader
@@ -82,11 +85,24 @@ class AppState:
 async def _send_error(
     send: Send, status: int, message: str, code: str, request_id: str, retry_after: int
 ) -> None:
-    headers = {"x-request-id": request_id}
-    if status in (429, 503):
-        headers["retry-after"] = str(retry_after)
-    resp = SafeJSONResponse(error_body(status, message, code=code), status, headers=headers)
+    await _send_api_error(send, APIError(status, message, code=code), request_id, retry_after)
+
+
+async def _send_api_error(send: Send, e: APIError, request_id: str, retry_after: int) -> None:
+    headers = {"x-request-id": request_id, **e.headers}
+    if e.status in (429, 503):
+        headers.setdefault("retry-after", str(retry_after))
+    resp = SafeJSONResponse(e.body(), e.status, headers=headers)
     await resp({"type": "http"}, _no_receive, send)
+
+
+def _authenticate_early(keyring: KeyRing, headers: dict[bytes, bytes]) -> None:
+    """The route's own API-key check (APIError 401), made before a large body is read: an unauthenticated client
+    cannot make the server take in up to max_upload_bytes."""
+    value = headers.get(b"authorization", b"").decode("latin-1").strip()
+    scheme, _, token = value.partition(" ")
+    creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()) if value else None
+    keyring.authenticate(creds)
 
 
 async def _no_receive() -> Message:  # pragma: no cover - responses above never read
@@ -134,6 +150,7 @@ class ServiceMiddleware:
 
         recorded: list[bool] = []
         counted = False
+        body_buf: IO[bytes] | None = None
         try:
             if st.draining and not probe:
                 await _send_error(
@@ -161,8 +178,16 @@ class ServiceMiddleware:
                         send_wrapper, 413, f"request body exceeds {limit} bytes", "body_too_large", rid, 1
                     )
                     return
+            if upload:
+                try:
+                    _authenticate_early(st.keyring, headers)
+                except APIError as e:
+                    await _send_api_error(send_wrapper, e, rid, 1)
+                    return
             if method in BODY_METHODS:
-                chunks: list[bytes] = []
+                # read whole before the route runs (the limit holds whatever Content-Length said); an upload's
+                # body goes to a file past 1 MiB, so concurrent uploads do not each hold it in memory
+                body_buf = tempfile.SpooledTemporaryFile(max_size=1 << 20) if upload else io.BytesIO()  # noqa: SIM115
                 size = 0
                 while True:
                     msg = await receive()
@@ -176,15 +201,18 @@ class ServiceMiddleware:
                             send_wrapper, 413, f"request body exceeds {limit} bytes", "body_too_large", rid, 1
                         )
                         return
-                    chunks.append(body)
+                    body_buf.write(body)
                     if not msg.get("more_body", False):
                         break
-                receive = _replay(b"".join(chunks), receive)
+                body_buf.seek(0)
+                receive = _replay(body_buf, size, receive)
             if not probe:
                 st.inflight += 1
                 counted = True
             await self.app(scope, receive, send_wrapper)
         finally:
+            if body_buf is not None:
+                body_buf.close()
             if counted:
                 st.inflight -= 1
             if not recorded:
@@ -231,15 +259,20 @@ class ServiceMiddleware:
         access_log.log(level, "%s %s %d", method, template, status, extra={"fields": fields})
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
+def _replay(body: IO[bytes], size: int, receive: Receive, chunk: int = 1 << 20) -> Receive:
+    """The buffered body (`size` bytes), in chunks of at most `chunk`, then whatever the client sends next."""
+    sent, done = 0, False
 
     async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        nonlocal sent, done
+        if done:
+            return await receive()
+        data = body.read(min(chunk, size - sent))
+        sent += len(data)
+        if sent >= size or not data:
+            done = True
+            body.close()
+        return {"type": "http.request", "body": data, "more_body": not done}
 
     return replay
 
