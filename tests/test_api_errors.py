@@ -352,3 +352,20 @@ def test_buffered_bodies_are_replayed_in_chunks():
     assert [m["more_body"] for m in msgs[:-1]] == [True, True, False] and msgs[-1][
         "type"
     ] == "http.disconnect"
+
+
+def test_a_prefix_and_request_too_large_for_the_kv_cache_is_a_413(server_factory):
+    """Within the context limit, yet the tenant's prefix and the request's own tokens can never be in the KV cache
+    at once (a small cache): a 413 at once, not a request that waits forever."""
+    from tests.fixtures.models import tiny_llama
+
+    deep = tiny_llama(layers=8)  # 4x the KV bytes a token: 1 MiB holds 32 blocks
+    prefixes = {("acme", "long"): {"prefix_length": 300}}
+    s = server_factory(bundle=deep, kv_cache_mb=1, max_model_len=1024, prefixes=prefixes)
+    assert s.svc.llm.pool.num_blocks == 32  # blocks of 16 tokens: the prefix takes 19
+    body = {"tenant_id": "acme", "prefix": "long", "prompt": "hello", "ignore_eos": True}
+    err = assert_error(
+        s.client().post("/generate", json={**body, "max_tokens": 230}), 413, "request_too_large"
+    )
+    assert "the cache holds 32" in err["message"]
+    assert s.client().post("/generate", json={**body, "max_tokens": 20}).status_code == 200

@@ -461,3 +461,91 @@ def test_one_overflowing_request_fails_alone(tiny_llama_bundle):
             alone = make_engine(b, keys).generate([r])[0]
             assert outs[r.request_id].finish_reason == "length"
             assert outs[r.request_id].token_ids == alone.token_ids, r.request_id
+
+
+def test_a_priority_victim_scheduled_earlier_in_the_step_does_not_break_the_batch(tiny_llama_bundle):
+    """A low-priority row admitted first is scheduled ahead of the rows that run short of blocks later in the same
+    step; preempting it must not leave its (now blockless) row in the batch — that failed the whole step, every
+    request of it ending in an error. Rows are now scheduled in the order they keep their places, so a victim is
+    never one already scheduled; outputs stay exact."""
+    b = tiny_llama_bundle
+    key = PrefixKey("t", "p", 1)
+    kvs = {key: random_kv(b.spec, 32, 0)}  # 2 blocks
+    eng = make_engine(b, kvs, kv_cache_bytes=pool_bytes(b, 8), max_num_batched_tokens=64)
+    sp = SamplingParams(max_tokens=14, ignore_eos=True)
+    a = Request("A", random_prompt(b.spec.vocab_size, 33, 1), sp, priority=5, cache_salt="a")
+    rest = [
+        Request(r, random_prompt(b.spec.vocab_size, 16, i), sp, key, cache_salt=r)
+        for i, r in ((2, "B"), (3, "C"))
+    ]
+    victims: list[str] = []
+    preempt = eng.scheduler._preempt
+
+    def record(seq):
+        victims.append(seq.request_id)
+        preempt(seq)
+
+    eng.scheduler._preempt = record
+    got: dict[str, list[int]] = {}
+    done: dict[str, str | None] = {}
+    eng.add_request(a)
+    while "A" not in got:
+        for ev in eng.step():
+            got.setdefault(ev.request_id, []).extend(ev.token_ids)
+    for r in rest:
+        eng.add_request(r)
+    while eng.has_unfinished():
+        for ev in eng.step():
+            got.setdefault(ev.request_id, []).extend(ev.token_ids)
+            if ev.finished:
+                done[ev.request_id] = ev.error
+    assert "A" in victims  # the case at hand: the low-priority row yielded
+    assert done == {"A": None, "B": None, "C": None}
+    alone = make_engine(b, kvs)
+    for r in (a, *rest):
+        assert got[r.request_id] == alone.generate([r])[0].token_ids, r.request_id
+    assert (
+        eng.pool.num_free + sum(len(e.blocks) for e in eng.prefix_cache.entries.values())
+        == eng.pool.num_blocks
+    )
+
+
+@pytest.mark.parametrize(("prefix_len", "prompt_len", "new"), [(180, 20, 80), (300, 5, 4)])
+def test_a_prefix_and_request_that_can_never_fit_fail_instead_of_waiting_forever(
+    tiny_llama_bundle, prefix_len, prompt_len, new
+):
+    """Prefix blocks + the request's own blocks beyond the whole KV pool (a small pool, a long prefix), or a prefix
+    alone as large as the pool: the request fails with RequestTooLarge (HTTP 413) at once. It used to preempt
+    itself forever, or wait forever for room to install the prefix, with no event at all."""
+    b = tiny_llama_bundle
+    key = PrefixKey("t", "p", 1)
+    eng = make_engine(b, {key: random_kv(b.spec, prefix_len, 0)}, kv_cache_bytes=pool_bytes(b, 16))
+    req = Request("r", random_prompt(b.spec.vocab_size, prompt_len, 1), SamplingParams(max_tokens=new, ignore_eos=True), key)  # fmt: skip
+    eng.add_request(req)  # its own blocks alone fit: accepted
+    events = []
+    for _ in range(200):
+        events += [ev for ev in eng.step() if ev.finished]
+        if not eng.has_unfinished():
+            break
+    assert not eng.has_unfinished()
+    (ev,) = events
+    assert ev.finish_reason == "error" and ev.error_type == "RequestTooLarge"
+    assert "KV cache blocks; the cache holds 16" in ev.error
+    ok = Request("ok", random_prompt(b.spec.vocab_size, 5, 2), SamplingParams(max_tokens=3))
+    assert eng.generate([ok])[0].finish_reason in ("length", "stop")  # and the engine carries on
+
+
+def test_a_stop_token_id_is_not_text_streamed_or_not(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    eng = make_engine(b, {})
+    prompt = random_prompt(b.spec.vocab_size, 10, 5)
+    base = eng.generate([Request("x", prompt, SamplingParams(max_tokens=8, ignore_eos=True))])[0]
+    stop = base.token_ids[3]
+    texts = set()
+    for stream in (False, True):
+        for strings in ((), ("\x00never",)):
+            sp = SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=(stop,), stop=strings)
+            out = eng.generate([Request(f"s{stream}{len(strings)}", prompt, sp, stream_text=stream)])[0]
+            assert out.finish_reason == "stop" and out.token_ids == base.token_ids[:4]
+            texts.add(out.text)
+    assert texts == {b.tokenizer.decode(base.token_ids[:3])}

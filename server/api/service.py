@@ -233,6 +233,7 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
     "ChecksumMismatch": (422, "prefix_corrupt"),
     "InvalidPrefix": (422, "prefix_corrupt"),
     "OutOfBlocks": (503, "kv_cache_full"),
+    "RequestTooLarge": (413, "request_too_large"),  # its prefix and the request can never fit the KV cache
     # the request's grammar went past the parser's limits while generating (or let no token through)
     "GrammarError": (422, "structured_output_failed"),
 }
@@ -320,6 +321,8 @@ class GenerationRun:
             )
         if status == 422:
             return APIError(422, f"prefix cannot be served: {ev.error}", code=code, param="prefix")
+        if status == 413:
+            return APIError(413, ev.error or "request too large for the KV cache", code=code)
         log.error("generation %s failed: %s (%s)", self.req.request_id, ev.error, ev.error_type)
         return APIError(500, "generation failed", code=code)
 

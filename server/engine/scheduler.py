@@ -170,7 +170,12 @@ class Scheduler:
         self._fresh = []
         budget = self.cfg.max_num_batched_tokens
         items: list[ScheduledItem] = []
-        for seq in list(self.running):
+        # rows in the order they keep their places (priority, then age): a row short of blocks preempts the last
+        # in this order (`_victim`), which is never one already scheduled in this step
+        running = self.running
+        for seq in [
+            running[i] for i in sorted(range(len(running)), key=lambda i: (running[i].req.priority, i))
+        ]:
             if seq not in self.running:  # preempted below by an earlier row
                 continue
             n = self._chunk(seq, budget)
@@ -258,6 +263,15 @@ class Scheduler:
                 limit = self.cfg.max_model_len
                 if limit is not None and got.length + len(seq.prompt) > limit:
                     why = f"prefix ({got.length}) + prompt ({len(seq.prompt)}) tokens exceed the context limit of {limit}"
+                    fail(seq, why, "RequestTooLarge")
+                    continue
+                need = len(got.blocks) + self.pool.blocks_for(len(seq.prompt) + seq.req.sampling.max_tokens)
+                if need > self.pool.num_blocks:  # could never run, however long it waited
+                    why = (
+                        f"prefix ({got.length}) + prompt ({len(seq.prompt)}) + max_tokens "
+                        f"({seq.req.sampling.max_tokens}) need {need} KV cache blocks; the cache holds "
+                        f"{self.pool.num_blocks}"
+                    )
                     fail(seq, why, "RequestTooLarge")
                     continue
                 self.prefixes.acquire(got)
