@@ -35,7 +35,10 @@ def test_accept_takes_the_agreeing_drafts_and_the_models_next_token():
 def test_which_rows_speculate():
     """Greedy and sampled rows; not those whose scores are processed, reported or constrained per position."""
     assert speculable(SamplingParams())
-    assert speculable(SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=1))
+    assert speculable(SamplingParams(temperature=0.7, top_k=5, top_p=0.9))
+    # a seeded sampled row would draw differently on the steps it drafts, which depend on the rest of the batch
+    assert not speculable(SamplingParams(temperature=0.7, seed=1))
+    assert speculable(SamplingParams(seed=1))  # greedy: the seed plays no part
     assert not speculable(SamplingParams(structured=StructuredOutputs("regex", "a+")))
     assert speculable(SamplingParams(logprobs=3))  # read from the verified positions
     assert not speculable(SamplingParams(repetition_penalty=1.2))
@@ -332,7 +335,7 @@ def test_speculative_sampling_keeps_the_sampling_distribution(tiny_llama_bundle,
     the greedy continuation: the tokens after the first have the same distribution with and without drafts (total
     variation 0.02-0.05 here, against 0.14 when the replacement is drawn from p without removing the rejected draft
     and 0.66 when drafts are kept without the p(d) test). The first token comes from the prefill in both, the same
-    per seed; a seed reproduces its output with drafts too."""
+    per seed; with drafts on every step, a seed reproduces its output too."""
     from collections import Counter
 
     from server.engine import scheduler
@@ -353,6 +356,9 @@ def test_speculative_sampling_keeps_the_sampling_distribution(tiny_llama_bundle,
 
     plain = [o.token_ids for o in make_engine(b, {}, **one_batch).generate(reqs())]
     monkeypatch.setattr(scheduler, "NgramIndex", _FixedDraft(greedy.token_ids[1:3]))
+    # seeds pair each drafting row with its plain twin here; served seeded rows do not draft (see
+    # test_which_rows_speculate), so let them for the test of the verifier itself
+    monkeypatch.setattr(scheduler, "speculable", lambda p: not p.processed and p.structured is None)
     spec_eng = make_engine(b, {}, speculative_tokens=2, **one_batch)
     spec = [o.token_ids for o in spec_eng.generate(reqs())]
     sched = spec_eng.scheduler
@@ -372,3 +378,45 @@ def test_speculative_sampling_keeps_the_sampling_distribution(tiny_llama_bundle,
     assert 0.3 < share < 0.9, share
     again = make_engine(b, {}, speculative_tokens=2, **one_batch).generate(reqs(5))
     assert [o.token_ids for o in again] == spec[:5]
+
+
+def test_a_seeded_sampled_row_gives_the_same_output_whatever_shares_its_batch(tiny_llama_bundle):
+    """With drafting on, a seeded sampled request alone and beside long prompts arriving now and then (steps next
+    to a long prefill drop their drafts) gives the same tokens, and those of the engine without drafts: seeded
+    sampled rows do not draft. A model rigged to repeat its last token, so prompt lookup would draft all along."""
+    import torch
+
+    from server.model import bundle_from_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    m = make_tiny_llama(tok, seed=0)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        m.lm_head.weight.copy_(m.model.embed_tokens.weight * 0.25)
+    b = bundle_from_model(m, tok, name="repeater")
+    prompt = random_prompt(b.spec.vocab_size, 8, 0)
+
+    def run(sp: SamplingParams, neighbours: bool) -> tuple[list[int], int]:
+        eng = make_engine(b, {}, speculative_tokens=4)
+        eng.add_request(Request("x", prompt, sp))
+        got: list[int] = []
+        for i in range(400):
+            if neighbours and i % 3 == 1:
+                eng.add_request(
+                    Request(f"n{i}", random_prompt(b.spec.vocab_size, 60, i), SamplingParams(max_tokens=1))
+                )
+            got += [t for ev in eng.step() if ev.request_id == "x" for t in ev.token_ids]
+            if not eng.has_unfinished():
+                break
+        return got, eng.scheduler.spec_draft_tokens
+
+    seeded = SamplingParams(max_tokens=40, temperature=1.0, seed=1234, ignore_eos=True)
+    alone, drafted = run(seeded, False)
+    beside, _ = run(seeded, True)
+    plain = make_engine(b, {}).generate([Request("x", prompt, seeded)])[0].token_ids
+    assert alone == beside == plain and len(alone) == 40 and drafted == 0
+    unseeded = SamplingParams(max_tokens=40, temperature=1.0, ignore_eos=True)
+    assert run(unseeded, False)[1] > 0  # the same row without a seed drafts: the model does invite it
