@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tests.fixtures.server import REPO, assert_error, metric_value, put_random_prefix
 
@@ -104,6 +105,11 @@ def test_continue_training_from_a_stored_version(server_factory):
     err = assert_error(c.post("/prefixes", json={**more, "init_from": {"name": "served-only"}}), 422)
     assert err["param"] == "init_from" and "no trained tensors" in err["message"]
     assert_error(c.post("/prefixes", json={**more, "init_from": {"name": "zebra", "bogus": 1}}), 422)
+    # a version whose stored metadata is unreadable (a damaged disk): 422 naming it, not a 500
+    meta_file = next(Path(s.store.root).glob("acme/served-only/v1.json"))
+    meta_file.write_text("{ damaged")
+    err = assert_error(c.post("/prefixes", json={**more, "init_from": {"name": "served-only"}}), 422)
+    assert err["param"] == "init_from"
     assert [v["status"] for v in c.get("/prefixes/jobs").json()["data"]].count("succeeded") == 3
 
 

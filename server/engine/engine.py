@@ -432,7 +432,9 @@ class LLMEngine:
             return delta + seq.detok.finish()
         out = seq.output
         if seq.finish_reason == "stop" and out and out[-1] in seq.req.sampling.stop_token_ids:
-            out = out[:-1]  # the token that stopped it is not text (as when streamed: it never reaches the detok)
+            out = out[
+                :-1
+            ]  # the token that stopped it is not text (as when streamed: it never reaches the detok)
         ids = [t for t in out if t not in self.eos_ids]
         return self.bundle.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 

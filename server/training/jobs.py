@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from prefix_store.errors import PrefixNotFound, StoreError
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError
 from prefix_store.names import is_valid_name
 from server.prefixes import TRAINED_KEYS
 from server.training.config import (
@@ -181,6 +181,8 @@ class JobManager:
             raise InitFromNotFound(
                 f"init_from: prefix {src['name']!r}{v} not found", param="init_from"
             ) from None
+        except InvalidPrefix as e:  # its stored metadata is unreadable: nothing to continue from
+            raise TrainingValidationError(f"init_from: {e}", param="init_from") from None
         if meta.base_model_fingerprint != self.bundle.fingerprint:
             raise TrainingValidationError(
                 f"init_from: {meta.label} was trained for another base model", param="init_from"
