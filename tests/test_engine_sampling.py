@@ -458,3 +458,32 @@ def test_logit_bias_and_min_tokens_match_transformers(setup):
     cut = next((i + 1 for i, t in enumerate(ref_min) if t in ends and i >= 6), new)
     assert got == ref_min[:cut]  # and it stops at the first end token after the minimum
     assert outs["plain"].token_ids == plain[0].token_ids
+
+
+class _ByteTokenizer:
+    """Tokens that are byte strings, some ending inside a UTF-8 character (as byte-level BPE merges can)."""
+
+    def __init__(self, vocab: dict[int, bytes]) -> None:
+        self.vocab = vocab
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:
+        return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_a_stop_string_held_back_with_a_partial_character_is_still_cut():
+    """A token that completes a stop string and starts a multi-byte character is held back until the character is
+    complete; when the output ends there (max_tokens), the stop string is still found and cut, and it counts."""
+    from server.engine.detokenizer import IncrementalDetokenizer
+
+    tok = _ByteTokenizer({1: b"say ", 2: b"EN", 3: b"D\xe2", 4: b"\x82\xac", 5: b"x"})
+    d = IncrementalDetokenizer(tok, [5], ("END",))
+    deltas = [d.add(1), d.add(2), d.add(3)]
+    assert all(not hit for _, hit in deltas)  # held: "D" comes with half of a character
+    assert "".join(t for t, _ in deltas) + d.finish() == "say " and d.stopped
+    # the character completed by the next token: cut then, as before
+    d = IncrementalDetokenizer(tok, [5], ("END",))
+    out = [d.add(i) for i in (1, 2, 3, 4)]
+    assert out[-1][1] and "".join(t for t, _ in out) == "say " and d.stopped
+    # no stop string in it: the text is all there
+    d = IncrementalDetokenizer(tok, [5], ("ZZZ",))
+    assert "".join(d.add(i)[0] for i in (1, 2, 3, 4)) + d.finish() == "say END€" and not d.stopped

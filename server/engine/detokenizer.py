@@ -21,6 +21,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self.text = ""  # all generated text so far (complete characters)
         self.emitted = 0  # characters of self.text already returned to the caller
+        self.stopped = False  # a stop string ended the text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -35,18 +36,26 @@ class IncrementalDetokenizer:
             self.text += new_text[len(prefix_text) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            if self.stop:
-                # a stop string may straddle the previous text; search from where it could begin
-                lo = max(0, start - self.hold)
-                hits = [(i, s) for s in self.stop if (i := self.text.find(s, lo)) != -1]
-                if hits:
-                    i, s = min(hits, key=lambda h: (h[0], -len(h[1])))  # the first; at one place the longest
-                    self.text = self.text[: i + len(s) if self.include_stop else i]
-                    return self._flush(), True
+            if self._cut_at_stop(start):
+                return self._flush(), True
         safe = max(self.emitted, len(self.text) - self.hold) if self.stop else len(self.text)
         delta = self.text[self.emitted : safe]
         self.emitted = safe
         return delta, False
+
+    def _cut_at_stop(self, start: int) -> bool:
+        """Whether the text from `start` on completes a stop string; if so the text ends there."""
+        if not self.stop:
+            return False
+        # a stop string may straddle the previous text; search from where it could begin
+        lo = max(0, start - self.hold)
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, lo)) != -1]
+        if not hits:
+            return False
+        i, s = min(hits, key=lambda h: (h[0], -len(h[1])))  # the first; at one place the longest
+        self.text = self.text[: i + len(s) if self.include_stop else i]
+        self.stopped = True
+        return True
 
     def _flush(self) -> str:
         delta = self.text[self.emitted :]
@@ -54,9 +63,12 @@ class IncrementalDetokenizer:
         return delta
 
     def finish(self) -> str:
-        """Remaining text at the end of generation (an incomplete UTF-8 tail is decoded with replacement)."""
-        if self.read_offset < len(self.ids):
+        """Remaining text at the end of generation (an incomplete UTF-8 tail is decoded with replacement). Text held
+        back as an incomplete character may hold a stop string: it is cut there too (`stopped` says so)."""
+        if self.read_offset < len(self.ids) and not self.stopped:
             prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            start = len(self.text)
             self.text += self._decode(self.ids[self.prefix_offset :])[len(prefix_text) :]
             self.read_offset = len(self.ids)
+            self._cut_at_stop(start)
         return self._flush()

@@ -451,6 +451,9 @@ class LLMEngine:
         seq.finish_reason = reason
         self._seqs.pop(seq.request_id, None)
         text = "" if reason in ("abort", "error") else self._final_text(seq, delta)
+        if reason == "length" and seq.detok is not None and seq.detok.stopped:
+            # the last token completed a stop string that was held back with a partial character
+            reason = seq.finish_reason = "stop"
         ev = TokenEvent(
             seq.request_id,
             new or [],
