@@ -14,8 +14,10 @@ import abc
 import builtins
 import contextlib
 import itertools
+import json
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Mapping
 
 import torch
@@ -58,6 +60,7 @@ class PrefixStore(abc.ABC):
         self._sub_lock = threading.Lock()
         self._closed = False
         self.keep_versions: int | None = None  # newest versions kept per name after a put (None: all)
+        self._origin = uuid.uuid4().hex  # marks the changes this object publishes to other processes
 
     # ------------------------------------------------------------------------------------------ public API
     def put(
@@ -216,7 +219,9 @@ class PrefixStore(abc.ABC):
         if v is not None and v < 1:
             raise PrefixNotFound(f"prefix {label(tenant_id, name, v)} not found (versions start at 1)")
         if v is not None and v > MAX_VERSION:
-            raise PrefixNotFound(f"prefix {tenant_id}/{name} has no version that high (at most {MAX_VERSION})")
+            raise PrefixNotFound(
+                f"prefix {tenant_id}/{name} has no version that high (at most {MAX_VERSION})"
+            )
         return v
 
     @staticmethod
@@ -229,6 +234,23 @@ class PrefixStore(abc.ABC):
             raise InvalidPrefix(
                 f"metadata stored under {label(tenant_id, name, version)} describes {meta.label}; refusing it"
             )
+
+    def _change_message(self, event: ChangeEvent) -> str:
+        """A change as other processes read it (Redis pub/sub, the file store's journal): JSON with our origin."""
+        return json.dumps({**event.to_dict(), "origin": self._origin}, separators=(",", ":"))
+
+    def _notify_foreign(self, message: bytes | str) -> None:
+        """Deliver a change message another store object published (our own were delivered as they were made); a
+        malformed one is logged and dropped."""
+        try:
+            d = json.loads(message)
+            if d.get("origin") == self._origin:
+                return
+            event = ChangeEvent.from_dict(d)
+        except (ValueError, AttributeError) as e:
+            log.warning("prefix store %r: ignoring a malformed change message: %s", self, e)
+            return
+        self._notify(event)
 
     def _notify(self, event: ChangeEvent) -> None:
         with self._sub_lock:

@@ -32,7 +32,6 @@ import builtins
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
@@ -113,7 +112,6 @@ class DiskStore(PrefixStore):
         self.url = "file://" + str(self.root)
         self.poll_s = poll_s
         self.changes_max_bytes = changes_max_bytes
-        self._origin = uuid.uuid4().hex  # skip our own journal lines: local subscribers were notified already
         self._follower_thread: threading.Thread | None = None
         self._follower_lock = threading.Lock()
         self._stop = threading.Event()
@@ -348,7 +346,7 @@ class DiskStore(PrefixStore):
     def _journal(self, event: ChangeEvent) -> None:
         """Append `event` for other processes (call holding the name's lock). A failure is logged, not raised: the
         change itself is committed (other processes then see it within their metadata TTL)."""
-        line = json.dumps({**event.to_dict(), "origin": self._origin}, separators=(",", ":")).encode() + b"\n"
+        line = self._change_message(event).encode() + b"\n"
         try:
             journal.append(self.root / CHANGES, line, self.changes_max_bytes)
         except OSError as e:
@@ -378,20 +376,9 @@ class DiskStore(PrefixStore):
                     log.warning("prefix store: cannot read the change journal %s: %s", follower.jdir, e)
                     continue
                 for line in lines:
-                    self._dispatch(line)
+                    self._notify_foreign(line)
         finally:
             follower.close()
-
-    def _dispatch(self, line: bytes) -> None:
-        try:
-            d = json.loads(line)
-            if d.get("origin") == self._origin:
-                return
-            event = ChangeEvent.from_dict(d)
-        except (ValueError, AttributeError) as e:
-            log.warning("prefix store: ignoring malformed change journal line: %s", e)
-            return
-        self._notify(event)
 
     def close(self) -> None:
         with self._follower_lock:

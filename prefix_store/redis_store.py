@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import redis
@@ -95,7 +93,6 @@ class RedisStore(PrefixStore):
         self._where = f"{where}/{kw.get('db', 0)}"
         self._wait_s = socket_timeout + socket_connect_timeout
         self._channel = f"{self.namespace}:changes"
-        self._origin = uuid.uuid4().hex  # skip our own messages: local subscribers were notified already
         self._listener: threading.Thread | None = None
         self._listener_lock = threading.Lock()
         self._stop = threading.Event()
@@ -130,9 +127,6 @@ class RedisStore(PrefixStore):
     def _tenants_key(self) -> str:
         return self._key("tenants")
 
-    def _message(self, event: ChangeEvent) -> str:
-        return json.dumps({**event.to_dict(), "origin": self._origin})
-
     # ------------------------------------------------------------------------------------------ errors
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -164,7 +158,7 @@ class RedisStore(PrefixStore):
             version = int(self._r.incr(self._counter_key(t, n)))
             meta = enc.meta(t, n, version, time.time())
             meta_json = meta.to_json()
-            message = self._message(ChangeEvent("put", t, n, version))
+            message = self._change_message(ChangeEvent("put", t, n, version))
             latest_key = self._latest_key(t, n)
 
             def commit(pipe: redis.client.Pipeline) -> None:
@@ -270,7 +264,7 @@ class RedisStore(PrefixStore):
         pipe.srem(names_key, n)
         if last_name:
             pipe.srem(self._tenants_key(), t)
-        pipe.publish(self._channel, self._message(ChangeEvent("delete", t, n, max(found))))
+        pipe.publish(self._channel, self._change_message(ChangeEvent("delete", t, n, max(found))))
 
     def _delete_version(self, tenant_id: str, name: str, version: int) -> int:
         t, n = tenant_id, name
@@ -288,7 +282,7 @@ class RedisStore(PrefixStore):
             pipe.delete(self._blob_key(t, n, version), self._meta_key(t, n, version))
             pipe.zrem(versions_key, str(version))
             pipe.set(latest_key, max(v for v in found if v != version))
-            pipe.publish(self._channel, self._message(ChangeEvent("delete", t, n, version)))
+            pipe.publish(self._channel, self._change_message(ChangeEvent("delete", t, n, version)))
 
         with self._errors(f"delete {label(t, n, version)}"):
             self._transaction(commit, watch=(versions_key, self._names_key(t), latest_key))
@@ -349,7 +343,7 @@ class RedisStore(PrefixStore):
                         self._settled.set()
                         delay = 0.05
                     elif msg["type"] == "message":
-                        self._dispatch(msg["data"])
+                        self._notify_foreign(msg["data"])
             except Exception as e:
                 if not self._stop.is_set():
                     log.warning("prefix store: change subscription on redis %s lost: %s", self._where, e)
@@ -361,17 +355,6 @@ class RedisStore(PrefixStore):
                         pubsub.close()
             self._stop.wait(delay)
             delay = min(delay * 2, 1.0)
-
-    def _dispatch(self, data: bytes) -> None:
-        try:
-            d = json.loads(data)
-            if d.get("origin") == self._origin:
-                return
-            event = ChangeEvent.from_dict(d)
-        except (ValueError, AttributeError) as e:
-            log.warning("prefix store: ignoring malformed change message: %s", e)
-            return
-        self._notify(event)
 
     def close(self) -> None:
         with self._listener_lock:

@@ -24,6 +24,19 @@ from server.engine.kv_cache import KVPool
 from tests.engine_utils import make_engine, pool_bytes, random_kv, random_prompt
 
 
+def record_preemptions(engine: LLMEngine) -> list[str]:
+    """The ids of the requests `engine` preempts from now on, in order."""
+    victims: list[str] = []
+    preempt = engine.scheduler._preempt
+
+    def record(seq):
+        victims.append(seq.request_id)
+        preempt(seq)
+
+    engine.scheduler._preempt = record
+    return victims
+
+
 def test_one_tenant_prefix_held_once_for_32_running_requests(tiny_llama_bundle):
     b = tiny_llama_bundle
     sp = b.spec
@@ -359,14 +372,7 @@ def test_lower_priority_starts_first_and_is_preempted_last(tiny_llama_bundle, fa
     # started first and is older, yet it yields when the high-priority one joins (the newest would be taken before)
     small = make_engine(b, kvs, max_num_batched_tokens=8, kv_cache_bytes=pool_bytes(b, 10))
     low, high = req("A5", 5, n=20, new=30), req("B3", 0, n=20, new=30)
-    victims: list[str] = []
-    preempt = small.scheduler._preempt
-
-    def record(seq):
-        victims.append(seq.request_id)
-        preempt(seq)
-
-    small.scheduler._preempt = record
+    victims = record_preemptions(small)
     got: dict[str, list[int]] = {"A5": [], "B3": []}
     small.add_request(low)
     for _ in range(6):
@@ -478,14 +484,7 @@ def test_a_priority_victim_scheduled_earlier_in_the_step_does_not_break_the_batc
         Request(r, random_prompt(b.spec.vocab_size, 16, i), sp, key, cache_salt=r)
         for i, r in ((2, "B"), (3, "C"))
     ]
-    victims: list[str] = []
-    preempt = eng.scheduler._preempt
-
-    def record(seq):
-        victims.append(seq.request_id)
-        preempt(seq)
-
-    eng.scheduler._preempt = record
+    victims = record_preemptions(eng)
     got: dict[str, list[int]] = {}
     done: dict[str, str | None] = {}
     eng.add_request(a)
