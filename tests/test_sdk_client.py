@@ -986,3 +986,61 @@ def test_async_stream_retry_after_then_close_early(srv: Any) -> None:
     asyncio.run(main())
     first, second = srv.calls("POST", "/generate")
     assert second.t - first.t >= 1.0
+
+
+def test_an_error_body_that_breaks_off_is_a_connection_error_retried_streamed_or_not() -> None:
+    """A 503 whose body stops half-way (the server's connection dropped): every call raises the SDK's
+    APIConnectionError after its retries — stream() too, sync and async (it leaked httpx's own error, unretried)."""
+    hits = [0]
+
+    def serve(sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            hits[0] += 1
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(
+                next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+            )
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 0\r\n"
+                b'Content-Length: 200\r\n\r\n{"error": {"message": "bu'
+            )
+            conn.close()
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    threading.Thread(target=serve, args=(sock,), daemon=True).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with ps.Client(url, max_retries=1) as c:
+            c._sleep = lambda s: None
+            for call in (lambda: c.generate("acme", "hi"), lambda: list(c.stream("acme", "hi"))):
+                hits[0] = 0
+                with pytest.raises(ps.APIConnectionError):
+                    call()
+                assert hits[0] == 2  # retried once
+
+        async def main() -> None:
+            async with ps.AsyncClient(url, max_retries=1) as c:
+
+                async def no_sleep(s: float) -> None:
+                    return None
+
+                c._sleep = no_sleep
+                hits[0] = 0
+                with pytest.raises(ps.APIConnectionError):
+                    [d async for d in c.stream("acme", "hi")]
+                assert hits[0] == 2
+
+        asyncio.run(main())
+    finally:
+        sock.close()

@@ -49,7 +49,10 @@ class AsyncStream:
             self.response = response
             self.request_id = response.headers.get("x-request-id")
             if "text/event-stream" not in response.headers.get("content-type", ""):
-                await response.aread()
+                try:
+                    await response.aread()
+                except httpx.TransportError as e:
+                    raise _base.wrap_transport_error(e) from e
                 yield StreamDelta.model_validate(response.json())
                 return
             state = _base.StreamState(self.request_id)
@@ -314,9 +317,13 @@ class AsyncClient:
                     return response
                 try:
                     await response.aread()
+                    error, cause = status_error_from_response(response), None
+                except (
+                    httpx.TransportError
+                ) as e:  # the error body broke off: a connection error, retried as one
+                    error, cause = _base.wrap_transport_error(e), e
                 finally:
                     await response.aclose()
-                error, cause = status_error_from_response(response), None
             delay = _base.retry_delay(attempt, error) if attempt < self.max_retries else None
             if delay is None:
                 raise error from cause

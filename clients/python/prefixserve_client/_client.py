@@ -56,7 +56,10 @@ class Stream:
             self.request_id = response.headers.get("x-request-id")
             ctype = response.headers.get("content-type", "")
             if "text/event-stream" not in ctype:  # a server that answered in one piece
-                response.read()
+                try:
+                    response.read()
+                except httpx.TransportError as e:
+                    raise _base.wrap_transport_error(e) from e
                 data = response.json()
                 yield StreamDelta.model_validate(data)
                 return
@@ -324,9 +327,13 @@ class Client:
                     return response
                 try:
                     response.read()
+                    error, cause = status_error_from_response(response), None
+                except (
+                    httpx.TransportError
+                ) as e:  # the error body broke off: a connection error, retried as one
+                    error, cause = _base.wrap_transport_error(e), e
                 finally:
                     response.close()
-                error, cause = status_error_from_response(response), None
             delay = _base.retry_delay(attempt, error) if attempt < self.max_retries else None
             if delay is None:
                 raise error from cause
