@@ -363,6 +363,16 @@ def test_redis_rate_limiter_shares_budgets_and_falls_back_when_redis_is_down(red
                 await b.charge("any", 101)
             assert e.value.status == 413
             assert (await a.state("big"))["remaining_requests"] is None
+            # both budgets short at once: Retry-After is the longer wait (1 request a minute: ~60 s, not the
+            # tokens' 12 s), as the local limiter says, or a client that honours it only comes back to a 429
+            slow = {"slow": {"requests_per_minute": 1, "tokens_per_minute": 100}}
+            for rl in (RedisRateLimiter(redis_store_url, DEFAULT_LIMIT, parse_limits(slow, "x")),
+                       RateLimiter(DEFAULT_LIMIT, parse_limits(slow, "x"))):  # fmt: skip
+                await rl.charge("slow", 60)
+                with pytest.raises(APIError) as e:
+                    await rl.charge("slow", 60)
+                assert 55 <= int(e.value.headers["Retry-After"]) <= 60, (rl, e.value.headers)
+                await rl.close()
         finally:
             await a.close()
             await b.close()

@@ -267,9 +267,11 @@ end
 local rcap, tcap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rcost, tcost = tonumber(ARGV[3]), tonumber(ARGV[4])
 local r, k = level(KEYS[1], rcap), level(KEYS[2], tcap)
-local wait, short = 0, ''
-if k ~= nil and tcost > 0 and k < tcost then wait, short = (tcost - k) * 60 / tcap, 'tokens' end
-if r ~= nil and rcost > 0 and r < rcost and short == '' then wait, short = (rcost - r) * 60 / rcap, 'requests' end
+local wait_t, wait_r = 0, 0
+if k ~= nil and tcost > 0 and k < tcost then wait_t = (tcost - k) * 60 / tcap end
+if r ~= nil and rcost > 0 and r < rcost then wait_r = (rcost - r) * 60 / rcap end
+local wait, short = math.max(wait_t, wait_r), ''
+if wait_t > 0 then short = 'tokens' elseif wait_r > 0 then short = 'requests' end
 if short == '' then
   if r ~= nil then r = math.min(rcap, r - rcost) end
   if k ~= nil then k = math.min(tcap, k - tcost) end
