@@ -116,3 +116,31 @@ def test_a_change_applies_only_once_the_file_stays_the_same(tmp_path):
     second = state.keyring
     r.check()
     assert state.keyring is second  # applied once
+
+
+def test_a_change_made_while_the_server_starts_is_applied(api_bundle, tmp_path):
+    """The files are read when the app is built; a key rotated while the model loads (tens of seconds on a first
+    start) is applied by the reloader, not taken for what was loaded."""
+    from prefix_store import open_store
+    from server.api import create_app
+    from server.settings import Settings
+    from tests.fixtures.server import LiveServer, start_server
+
+    keys = tmp_path / "keys.txt"
+    replace(keys, "acme:k-old\n")
+    store = open_store(f"file://{tmp_path}/store")
+    settings = Settings(
+        store_url=store.url, api_keys_file=str(keys), config_reload_s=POLL_S, kv_cache_mb=16, max_model_len=512,
+        training_workers=0, shutdown_grace_s=5,
+    )  # fmt: skip
+    app = create_app(settings, bundle=api_bundle, store=store)  # the keys are read here
+    time.sleep(0.02)
+    replace(keys, "acme:k-new\n")  # rotated before the server is up
+    server, thread, url = start_server(app)
+    live = LiveServer(url, app, server, thread, store)
+    try:
+        eventually(lambda: live.client("k-new").get("/v1/models").status_code == 200)
+        assert_error(live.client("k-old").get("/v1/models"), 401)
+    finally:
+        live.stop()
+        store.close()

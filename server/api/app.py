@@ -30,7 +30,7 @@ from server.api.auth import KeyRing
 from server.api.errors import APIError, SafeJSONResponse, install_error_handlers
 from server.api.limits import RateLimiter
 from server.api.metrics import Metrics
-from server.api.reload import ConfigReloader
+from server.api.reload import ConfigReloader, loaded_signatures
 from server.api.service import RequestInfo, Service, rate_limiter
 from server.settings import Settings
 
@@ -61,6 +61,7 @@ class AppState:
     limiter: RateLimiter | None = None
     owns_jobs: bool = False
     route_methods: list[tuple[Any, str, set[str]]] = field(default_factory=list)  # for 405 Allow headers
+    config_loaded: dict[str, Any] = field(default_factory=dict)  # signatures of the config files as read
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     def begin_drain(self) -> None:
@@ -378,6 +379,7 @@ def create_app(
     from server.api import routes_generate, routes_openai, routes_ops, routes_prefixes, routes_usage
 
     settings = settings or Settings()
+    config_loaded = loaded_signatures(settings)  # before the files are read
     keyring = KeyRing.from_settings(settings)
     limiter = rate_limiter(settings)  # a bad tenant limits file fails here, before the model loads
     holder: dict[str, AppState] = {}
@@ -395,6 +397,7 @@ def create_app(
         store=store,
         job_manager=job_manager,
         limiter=limiter,
+        config_loaded=config_loaded,
     )
     holder["st"] = st
 

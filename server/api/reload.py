@@ -36,6 +36,17 @@ def signature(path: Path) -> Signature:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def loaded_signatures(settings: Any) -> dict[str, Signature]:
+    """The files' signatures as start-up is about to read them: a change made after this (during the model load,
+    say) is then applied by the reloader's first polls instead of being taken for what was loaded."""
+    out: dict[str, Signature] = {}
+    if settings.api_keys_file is not None:
+        out["api_keys"] = signature(Path(settings.api_keys_file).expanduser())
+    if settings.tenant_limits_file is not None:
+        out["tenant_limits"] = signature(Path(settings.tenant_limits_file).expanduser())
+    return out
+
+
 @dataclass
 class Watched:
     name: str  # metric label
@@ -57,8 +68,9 @@ class ConfigReloader:
             self.files.append(Watched("api_keys", Path(s.api_keys_file).expanduser(), self._keys))
         if s.tenant_limits_file is not None and self.state.limiter is not None:
             self.files.append(Watched("tenant_limits", Path(s.tenant_limits_file).expanduser(), self._limits))
+        loaded = getattr(self.state, "config_loaded", {})
         for w in self.files:  # what was loaded at start-up
-            w.applied = w.seen = signature(w.path)
+            w.applied = w.seen = loaded[w.name] if w.name in loaded else signature(w.path)
 
     def _keys(self) -> str:
         ring = KeyRing.from_settings(self.state.settings)
