@@ -240,9 +240,14 @@ def test_queue_full_503_with_retry_after(server_factory, api_bundle, tmp_path):
             time.sleep(0.01)
         assert s.svc.engine.num_waiting == 1
         assert_error(gen(c, tenant_id="acme", prompt="third"), 503, "queue_full")
+        several = {"model": "acme/default", "prompt": "x", "n": 3, "max_tokens": 5}
+        assert_error(c.post("/v1/completions", json=several), 503, "queue_full")
     waiting.join(60)
     m = c.get("/metrics").text
-    assert metric_value(m, "prefixserve:requests_rejected_total", {"reason": "queue_full"}) == 1.0
+    # one per refused HTTP request (not per sample), and a refused request is not an aborted one: the only abort
+    # is the stream closed above
+    assert metric_value(m, "prefixserve:requests_rejected_total", {"reason": "queue_full"}) == 2.0
+    assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "abort"}) == 1.0
     store.close()
 
 

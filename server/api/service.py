@@ -264,6 +264,7 @@ class GenerationRun:
         self._last_token: float | None = None
         self.final: TokenEvent | None = None
         self.first: TokenEvent | None = None
+        self.refused = False  # the engine refused it (full queue, too large): it never ran, nor was aborted
         self._closed = False
 
     async def start(self) -> TokenEvent:
@@ -273,13 +274,16 @@ class GenerationRun:
         try:
             ev = await self._next()
         except QueueFull as e:
-            self.svc.metrics.rejected.labels("queue_full").inc()
+            self.refused = True
             raise unavailable(f"server busy: {e}", settings.retry_after_s, code="queue_full") from None
         except RequestTooLarge as e:
+            self.refused = True
             raise APIError(413, str(e), code="context_length_exceeded", param="max_tokens") from None
         except ValueError as e:
+            self.refused = True
             raise APIError(422, str(e), code="invalid_value") from None
         except RuntimeError as e:
+            self.refused = True
             raise unavailable(
                 f"engine unavailable: {e}", settings.retry_after_s, code="engine_unavailable"
             ) from None
@@ -397,7 +401,7 @@ class GenerationRun:
             if self._agen is not None:
                 with contextlib.suppress(Exception):
                     await self._agen.aclose()  # its finally aborts an unfinished request
-                if self.final is None:
+                if self.final is None and not self.refused:
                     self.info.finish_reason = self.info.finish_reason or "abort"
                     self.svc.metrics.request_success.labels("abort").inc()
         finally:
@@ -834,7 +838,11 @@ class Service:
             runs = await self._start_runs(info, prefix, jobs, costs, priority, stream=stream, receive=receive)
         except (
             APIError
-        ):  # refused by the server (concurrency limit, full queue): the request is given back too
+        ) as e:  # refused by the server (concurrency limit, full queue): the request is given back too
+            if e.code == "queue_full":
+                self.metrics.rejected.labels(
+                    "queue_full"
+                ).inc()  # once per HTTP request, as the other reasons
             await self.limiter.refund(tenant, 0, requests=1)
             raise
         self.usage.request(tenant, prefix.name)
