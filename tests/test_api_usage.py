@@ -131,6 +131,15 @@ def test_aborted_stream_and_failed_request_are_counted(server_factory):
         and u2["prompt_tokens"] == u["prompt_tokens"]
         and u2["prefixes"]["bad"]["failed"] == 1
     )
+    # one that fails after generating (its grammar goes past the parser's limits mid-output): the caller got an
+    # error, so none of its tokens count either, nor stay charged
+    pytest.importorskip("llguidance")
+    so = {"regex": "b{1,5}((a{60}){60}){60}"}
+    body = {"tenant_id": "acme", "prefix": "base", "prompt": "Hi", "max_tokens": 50, "structured_outputs": so}
+    assert_error(c.post("/generate", json=body), 422, "structured_output_failed")
+    (u3,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
+    assert u3["failed"] == 2 and u3["completion_tokens"] == u2["completion_tokens"]
+    assert u3["prompt_tokens"] == u2["prompt_tokens"]
 
 
 # ------------------------------------------------------------------------------------------ rate limits
@@ -200,6 +209,16 @@ def test_tokens_per_minute_charges_prompt_plus_max_tokens_and_refunds_the_rest(s
     assert remaining(c, "acme") == 200
     (rep,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
     assert rep["rejected"] == 2 and rep["limits"]["tokens_per_minute"] == 200  # the two 429s
+    # echo with max_tokens 0 (lm-eval's scoring): the prompt is billed, the one token run to score it is not
+    score = {"model": "acme/base", "prompt": "Once upon a time", "echo": True, "max_tokens": 0, "logprobs": 0}
+    r = c.post("/v1/completions", json=score)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 0
+    assert remaining(c, "acme") == 200 - p
+    (after,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
+    assert (
+        after["completion_tokens"] == rep["completion_tokens"]
+        and after["prompt_tokens"] == rep["prompt_tokens"] + p
+    )
     assert (
         c.get("/usage", params={"tenant_id": "probe"}).json()["data"][0]["limits"]["remaining_tokens"] is None
     )

@@ -317,6 +317,10 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     runs = await svc.generate_many(
         info, prefix, jobs, stream=body.stream, receive=request.receive, priority=priority
     )
+    for run in runs:
+        run.bill_output = (
+            not plan.hide_output
+        )  # echo with max_tokens 0: the one token run is not the caller's
     return _Choices(svc, runs, plan, body.model, int(time.time()), n)
 
 

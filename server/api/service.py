@@ -265,6 +265,7 @@ class GenerationRun:
         self.final: TokenEvent | None = None
         self.first: TokenEvent | None = None
         self.refused = False  # the engine refused it (full queue, too large): it never ran, nor was aborted
+        self.bill_output = True  # False: its generated tokens are not part of the answer (echo, max_tokens 0)
         self._closed = False
 
     async def start(self) -> TokenEvent:
@@ -410,18 +411,20 @@ class GenerationRun:
 
     async def _account(self) -> None:
         """Usage of an engine request that ran (the engine sent an event): its prompt and generated tokens unless
-        it produced nothing and did not finish (failed, or aborted before its first token); the rest of its
+        it failed (the caller got an error, not an answer) or was aborted before its first token; the rest of its
         reservation goes back to the tenant's token budget."""
         consumed = 0
         if self.first is not None:
             fin = self.final
             outcome = fin.finish_reason or "stop" if fin is not None else "abort"
-            if self.generated or outcome in ("stop", "length"):
-                consumed = len(self.req.prompt_token_ids) + self.generated
+            generated = self.generated if self.bill_output else 0
+            if outcome != "error" and (self.generated or outcome in ("stop", "length")):
+                consumed = len(self.req.prompt_token_ids) + generated
             prompt = len(self.req.prompt_token_ids) if consumed else 0
             cached = self.cached_tokens if consumed else 0
+            counted = generated if consumed else 0
             self.svc.usage.completion(
-                self.prefix.tenant_id, self.prefix.name, outcome, prompt, cached, self.generated
+                self.prefix.tenant_id, self.prefix.name, outcome, prompt, cached, counted
             )
         await self.svc.limiter.refund(self.prefix.tenant_id, self.reserved_tokens - consumed)
 
