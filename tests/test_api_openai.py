@@ -130,6 +130,24 @@ def test_raw_sse_frames_follow_openai_format(srv):
     assert len({f["id"] for f in frames[:-1]}) == 1
 
 
+def expected_offsets(tokens: list[str]) -> list[int]:
+    """text_offset as characters of the text: the complete characters of the tokens' bytes before each one (a
+    `bytes:\\xNN` token adds what its bytes complete, not the length of its spelling)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out, n = [], 0
+    for t in tokens:
+        out.append(n)
+        raw = (
+            bytes(int(h, 16) for h in t[len("bytes:") :].split("\\x")[1:])
+            if t.startswith("bytes:")
+            else t.encode()
+        )
+        n += len(decoder.decode(raw))
+    return out
+
+
 def test_logprobs_in_openai_formats(oai):
     """The `openai` package parses our logprobs: completions (legacy tokens / token_logprobs / top_logprobs /
     text_offset, streamed the same) and chat (content entries with bytes and top_logprobs)."""
@@ -137,15 +155,16 @@ def test_logprobs_in_openai_formats(oai):
     c = oai.completions.create(prompt="Tell me", logprobs=2, **kw)
     lp = c.choices[0].logprobs
     assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == c.usage.completion_tokens == 8
-    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    assert lp.text_offset == expected_offsets(lp.tokens)
+    assert lp.text_offset[-1] <= len(c.choices[0].text)
     for tok, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert value <= 0 and tok in top and top[tok] == pytest.approx(value)
         assert len(top) == 2  # greedy: the sampled token is one of the top 2
     stream = oai.completions.create(prompt="Tell me", logprobs=2, stream=True, **kw)
-    streamed = [
-        x for ch in stream for x in (ch.choices[0].logprobs.token_logprobs if ch.choices[0].logprobs else [])
-    ]
+    chunks = [ch.choices[0].logprobs for ch in stream if ch.choices[0].logprobs]
+    streamed = [x for c in chunks for x in c.token_logprobs]
     assert streamed == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert [x for c in chunks for x in c.text_offset] == lp.text_offset  # continued across chunks
 
     chat = oai.chat.completions.create(
         model="acme/chat-bot",
@@ -351,9 +370,10 @@ def test_echo_with_completion_whole_and_streamed(oai):
     assert ch.text == "Tell me" + plain.text
     n_prompt = echoed.usage.prompt_tokens
     assert len(ch.logprobs.tokens) == n_prompt + 5 and echoed.usage.completion_tokens == 5
-    assert ch.logprobs.text_offset == [
-        sum(len(t) for t in ch.logprobs.tokens[:i]) for i in range(n_prompt + 5)
-    ]
+    assert ch.logprobs.text_offset == expected_offsets(ch.logprobs.tokens)
+    assert ch.logprobs.text_offset[n_prompt] == len(
+        "Tell me"
+    )  # the completion starts after the echoed prompt
     chunks = list(oai.completions.create(echo=True, logprobs=2, stream=True, **kw))
     assert chunks[0].choices[0].text == "Tell me"
     assert "".join(c.choices[0].text for c in chunks) == ch.text

@@ -9,6 +9,7 @@ and the chat format carries the exact bytes.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -102,19 +103,36 @@ def generate_prompt_logprobs(
     return [None if lp is None else generate_logprobs([lp], text)[0] for lp in lps]
 
 
+class TextOffsets:
+    """Where each token of a choice starts in its text, in characters (the legacy format's `text_offset`): the
+    complete characters of all the bytes before it. A token holding the rest of a character split across tokens
+    starts where that character does, and a `bytes:\\xNN` token counts the characters it adds to the text, not the
+    length of its spelling."""
+
+    def __init__(self, texts: TokenTexts) -> None:
+        self._texts = texts
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = 0
+
+    def take(self, token_id: int) -> int:
+        at = self.chars
+        self.chars += len(self._decoder.decode(self._texts.entry(token_id)[1]))
+        return at
+
+
 def completion_logprobs(
-    lps: list[TokenLogprob], text: Callable[[int], str], offset: int = 0, first_token: int | None = None
+    lps: list[TokenLogprob], text: TokenTexts, offsets: TextOffsets, first_token: int | None = None
 ) -> dict[str, Any]:
-    """OpenAI legacy format; `offset` is the character offset of the first token (streaming continues it).
-    `first_token`: echoed prompts start with a token nothing predicts, reported with null log-probabilities."""
-    tokens, offsets, values, tops = [], [], [], []
+    """OpenAI legacy format; `offsets` follows the choice's text across calls (a stream's chunks, echo then
+    output). `first_token`: echoed prompts start with a token nothing predicts, reported with null
+    log-probabilities."""
+    tokens, starts, values, tops = [], [], [], []
     entries: list[tuple[int, TokenLogprob | None]] = [(first_token, None)] if first_token is not None else []
     entries += [(lp.token_id, lp) for lp in lps]
     for token_id, lp in entries:
         t = text(token_id)
         tokens.append(t)
-        offsets.append(offset)
-        offset += len(t)
+        starts.append(offsets.take(token_id))
         if lp is None:
             values.append(None)
             tops.append(None)
@@ -123,12 +141,7 @@ def completion_logprobs(
         top.setdefault(t, _lp(lp.logprob))  # OpenAI: the sampled token is always there (up to N+1 entries)
         values.append(_lp(lp.logprob))
         tops.append(top)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-
-
-def text_length(logprobs: dict[str, Any] | None) -> int:
-    """Characters covered by a legacy-format logprobs block (where the next block's text_offset starts)."""
-    return sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": starts}
 
 
 def chat_logprobs(lps: Iterable[TokenLogprob], texts: TokenTexts) -> dict[str, Any]:

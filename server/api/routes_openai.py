@@ -21,7 +21,7 @@ from prefix_store.names import is_valid_name
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError
-from server.api.logprobs import TokenTexts, chat_logprobs, completion_logprobs, text_length
+from server.api.logprobs import TextOffsets, TokenTexts, chat_logprobs, completion_logprobs
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
 from server.api.schemas import (
     BASE_PREFIX,
@@ -356,15 +356,18 @@ async def completions(
     }
 
 
-def _echo_part(ch: _Choices, index: int, plps: list[Any] | None, want_logprobs: bool) -> tuple[str, Any]:
-    """The echoed prompt of a choice: its text and, when asked for, its log-probabilities (first token null)."""
+def _echo_part(
+    ch: _Choices, index: int, plps: list[Any] | None, offsets: TextOffsets | None
+) -> tuple[str, Any]:
+    """The echoed prompt of a choice: its text and, when asked for (`offsets`), its log-probabilities (first token
+    null)."""
     echoed = ch.echoed(index)
     assert echoed is not None
     text, ids = echoed
-    if not want_logprobs:
+    if offsets is None:
         return text, None
     rest = [lp for lp in (plps or [])[1:] if lp is not None]
-    return text, completion_logprobs(rest, ch.text, 0, first_token=ids[0])
+    return text, completion_logprobs(rest, ch.text, offsets, first_token=ids[0])
 
 
 def _join_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -374,13 +377,16 @@ def _join_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[s
 
 
 def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> dict[str, Any]:
-    want = res.logprobs is not None
+    offsets = TextOffsets(ch.text) if res.logprobs is not None else None
     text, logprobs = "", None
     if ch.plan.echo is not None:
-        text, logprobs = _echo_part(ch, index, res.prompt_logprobs, want)
+        text, logprobs = _echo_part(ch, index, res.prompt_logprobs, offsets)
     if not ch.plan.hide_output:
-        offset = text_length(logprobs)
-        gen = completion_logprobs(res.logprobs, ch.text, offset) if res.logprobs is not None else None
+        gen = (
+            completion_logprobs(res.logprobs, ch.text, offsets)
+            if offsets and res.logprobs is not None
+            else None
+        )
         text, logprobs = text + res.text, _join_logprobs(logprobs, gen)
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason}
 
@@ -417,12 +423,10 @@ async def _completion_choice(
         }
         return sse(c)
 
-    want = run.req.sampling.logprobs is not None
-    offset = 0
+    offsets = TextOffsets(ch.text) if run.req.sampling.logprobs is not None else None
     if ch.plan.echo is not None:
         assert run.first is not None
-        text, logprobs = _echo_part(ch, index, run.first.prompt_logprobs, want)
-        offset = text_length(logprobs)
+        text, logprobs = _echo_part(ch, index, run.first.prompt_logprobs, offsets)
         yield chunk(text, logprobs, None)
     async for ev, _ids, lps in chunked_events(run):
         finish = ev.finish_reason if ev.finished else None
@@ -431,9 +435,8 @@ async def _completion_choice(
                 yield chunk("", None, finish)
             continue
         logprobs = None
-        if lps is not None:
-            logprobs = completion_logprobs(lps, ch.text, offset)
-            offset += text_length(logprobs)
+        if lps is not None and offsets is not None:
+            logprobs = completion_logprobs(lps, ch.text, offsets)
         yield chunk(ev.text, logprobs, finish)
 
 
