@@ -156,6 +156,57 @@ def test_store_failure_fails_the_job(managers, store, monkeypatch):
     assert done.status == "failed" and "prefix store down" in done.error
 
 
+def test_a_failure_to_record_success_after_storing_does_not_fail_the_job(managers, store, monkeypatch):
+    """The prefix is stored (and served from then on); recording `succeeded` then hits a passing job-queue error:
+    it is retried, and the job ends succeeded with that version, never failed beside a served prefix."""
+    jm = managers(in_process_workers=1)
+    real, calls = jm.backend.finish, []
+
+    def flaky(claim, status, **kw):
+        calls.append(status)
+        if len(calls) == 1:
+            raise StoreUnavailable("job queue: a passing error")
+        return real(claim, status, **kw)
+
+    monkeypatch.setattr(jm.backend, "finish", flaky)
+    monkeypatch.setattr(jobs_mod.time, "sleep", lambda s: None)
+    jm.start()
+    rec = jm.submit(request_(epochs=1))
+    done = wait_status(jm, rec.job_id, ("succeeded", "failed"))
+    assert calls == ["succeeded", "succeeded"]
+    assert done.status == "succeeded" and done.prefix_version == 1 and store.versions("acme", "bot") == [1]
+
+
+def test_a_job_whose_prefix_an_earlier_run_stored_is_not_trained_again(managers, store, monkeypatch):
+    """A worker died between storing the prefix and recording the job's success: the run that picks the job up
+    again finds the version by the job id in its summary and records it, instead of storing a second one."""
+    api = managers()
+    rec = api.submit(request_(epochs=1))
+    kv = {"kv": torch.zeros(2, 2, 2, 3, 16)}
+    mine = store.put("acme", "bot", "prompt_tuning", kv, base_model_fingerprint="x", prefix_length=3,
+                     training={"job_id": rec.job_id, "steps": 4, "total_steps": 4, "epochs": 1})  # fmt: skip
+    store.put(
+        "acme",
+        "bot",
+        "prompt_tuning",
+        kv,
+        base_model_fingerprint="x",
+        prefix_length=3,
+        training={"job_id": "job-of-another-run"},
+    )  # a newer version, another job's: passed over
+
+    def never(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(jobs_mod, "train_prefix", never)
+    worker = managers(in_process_workers=1)
+    worker.start()
+    done = wait_status(api, rec.job_id, ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert done.prefix_version == mine.version == 1 and store.versions("acme", "bot") == [1, 2]
+    assert done.progress["step"] == 4
+
+
 # ------------------------------------------------------------------------------------------------ cancel
 def test_cancel_queued_job(managers, store):
     jm = managers()

@@ -161,6 +161,12 @@ class DiskJobBackend:
         with contextlib.suppress(OSError):
             os.close(fd)
 
+    def _let_go(self, claim: DiskClaim) -> None:
+        """Release the claim's lock, once (a descriptor closed twice could be another job's lock by then)."""
+        fd, claim.fd = claim.fd, -1
+        if fd >= 0:
+            self._unlock(fd)
+
     def _enqueue(self, rec: JobRecord) -> None:
         _touch(self._dirs["queue"] / f"{int(time.time() * 1e6):020d}-{rec.job_id}")
 
@@ -306,7 +312,7 @@ class DiskJobBackend:
                 self._end(rec)
                 return rec
         finally:
-            self._unlock(claim.fd)
+            self._let_go(claim)
 
     def requeue(self, claim: DiskClaim, reason: str) -> None:
         """Give a running job back to the queue without counting the attempt (worker shutting down)."""
@@ -323,11 +329,11 @@ class DiskJobBackend:
                 _unlink(self._running(rec.job_id))
                 self._enqueue(rec)
         finally:
-            self._unlock(claim.fd)
+            self._let_go(claim)
 
     def release(self, claim: DiskClaim) -> None:
         """Let go of a claim without touching the record (it was taken over)."""
-        self._unlock(claim.fd)
+        self._let_go(claim)
 
     def reclaim_stale(self) -> list[str]:
         """Requeue or fail the running jobs whose worker died (lock free) or hung (no heartbeat)."""

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError
+from prefix_store.format import PrefixMeta
 from prefix_store.names import is_valid_name
 from server.prefixes import TRAINED_KEYS
 from server.training.config import (
@@ -89,6 +90,11 @@ def open_backend(location: str, *, max_attempts: int, stale_after_s: float, rete
     return DiskJobBackend(
         path, max_attempts=max_attempts, stale_after_s=stale_after_s, retention_s=retention_s
     )
+
+
+def _final_progress(progress: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    return {**progress, "step": summary.get("steps"), "total_steps": summary.get("total_steps"),
+            "loss": summary.get("last_step_loss"), "epoch": summary.get("epochs")}  # fmt: skip
 
 
 def _is_lost(e: BaseException) -> bool:
@@ -405,6 +411,15 @@ class JobManager:
     def _execute(self, claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt) -> None:
         hp = dict(rec.hyperparameters)
         try:
+            stored = self._stored_by(rec)
+            if (
+                stored is not None
+            ):  # an earlier run stored it and died before recording that: no second version
+                halt()
+                summary = dict(stored.training or {})
+                log.info("job %s: found its prefix already stored as version %d", rec.job_id, stored.version)
+                self._record_success(claim, stored.version, summary, _final_progress(progress, summary))
+                return
             init = None
             if (
                 rec.init_from is not None
@@ -443,13 +458,8 @@ class JobManager:
                 training=summary,
                 extra={"prompt_format": result.prompt_format},
             )
-            final = {**progress, "step": summary["steps"], "total_steps": summary["total_steps"],
-                     "loss": summary["last_step_loss"], "epoch": summary["epochs"]}  # fmt: skip
             halt()
-            self.backend.finish(claim, "succeeded", prefix_version=meta.version, summary=summary,
-                                progress=final, error=None)  # fmt: skip
-            log.info("job %s succeeded: %s/%s v%d in %.1fs", rec.job_id, rec.tenant_id, rec.name, meta.version,
-                     summary["wall_time_s"])  # fmt: skip
+            self._record_success(claim, meta.version, summary, _final_progress(progress, summary))
         except TrainingCancelled:
             halt()
             self._finish(claim, "cancelled", error="cancelled by request", progress=dict(progress))
@@ -470,6 +480,47 @@ class JobManager:
             log.error("job %s failed:\n%s", rec.job_id, traceback.format_exc())
             halt()
             self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
+
+    def _stored_by(self, rec: JobRecord) -> PrefixMeta | None:
+        """The version this job already stored, if any: a run that died (or could not record its success) after
+        `store.put` left it, with the job id in its training summary. Only versions made since the job was
+        submitted are looked at."""
+        for v in reversed(self.store.versions(rec.tenant_id, rec.name)):
+            try:
+                meta = self.store.get_meta(rec.tenant_id, rec.name, v)
+            except PrefixNotFound:
+                continue
+            if meta.created < rec.created:
+                return None
+            if (meta.training or {}).get("job_id") == rec.job_id:
+                return meta
+        return None
+
+    def _record_success(
+        self, claim: Any, version: int, summary: dict[str, Any], progress: dict[str, Any]
+    ) -> None:
+        """Record that the job stored `version`. Its prefix is visible from the put on, so a failure to record it
+        is retried, never turned into `failed`; if it keeps failing the job stays running, is picked up again once
+        stale, and that run finds the stored version (`_stored_by`) instead of training again."""
+        rec = claim.record
+        for attempt in range(5):
+            try:
+                self.backend.finish(claim, "succeeded", prefix_version=version, summary=summary, progress=progress,
+                                    error=None)  # fmt: skip
+            except Exception as e:
+                if _is_lost(e):  # taken over: the new owner records this version
+                    log.warning("job %s was taken over after storing version %d", rec.job_id, version)
+                    return
+                log.warning(
+                    "job %s: could not record its success (attempt %d): %s", rec.job_id, attempt + 1, e
+                )
+                time.sleep(min(8.0, 0.5 * 2**attempt))
+                continue
+            log.info("job %s succeeded: %s/%s v%d in %.1fs", rec.job_id, rec.tenant_id, rec.name, version,
+                     summary.get("wall_time_s", 0.0))  # fmt: skip
+            return
+        log.error("job %s: stored version %d but could not record it; it will be recorded when the job is picked "
+                  "up again", rec.job_id, version)  # fmt: skip
 
     def _finish(self, claim: Any, status: str, **fields: Any) -> None:
         try:
