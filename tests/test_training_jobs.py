@@ -590,3 +590,11 @@ def test_in_process_training_thread_yields_the_cpu_to_serving(managers, monkeypa
     assert wait_status(jm, rec.job_id, ("succeeded", "failed")).status == "succeeded"
     assert seen["nice"] == min(19, base_nice + 5) and seen["threads"] == 1
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base_nice
+
+
+def test_workers_on_the_same_host_and_pid_have_different_ids(managers):
+    """Pods of one Deployment differ only at the end of a long host name and all run as pid 1: ids made from host
+    and pid alone collided, and a presumed-dead worker's late writes were taken for the new owner's."""
+    a, b = managers(), managers()
+    assert a.worker_name != b.worker_name
+    assert a.worker_name.startswith(os.uname().nodename[-40:] + f"-{os.getpid()}-")

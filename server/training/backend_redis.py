@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -422,10 +421,3 @@ class RedisJobBackend:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._r.close()
-
-
-def new_consumer_name(prefix: str = "w") -> str:
-    import os
-    import socket
-
-    return f"{prefix}-{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

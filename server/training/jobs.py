@@ -24,6 +24,7 @@ import os
 import threading
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -146,7 +147,9 @@ class JobManager:
         self.backend = open_backend(
             self.location, max_attempts=max_attempts, stale_after_s=stale_after_s, retention_s=retention_s
         )
-        self.worker_name = worker_name or f"{os.uname().nodename[:32]}-{os.getpid()}"
+        # host and pid say where it runs; the random part keeps two workers apart even when those are the same
+        # (pods of one Deployment differ only at the end of a long name, and all run as pid 1)
+        self.worker_name = worker_name or f"{os.uname().nodename[-40:]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
