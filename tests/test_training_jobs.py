@@ -598,3 +598,39 @@ def test_workers_on_the_same_host_and_pid_have_different_ids(managers):
     a, b = managers(), managers()
     assert a.worker_name != b.worker_name
     assert a.worker_name.startswith(os.uname().nodename[-40:] + f"-{os.getpid()}-")
+
+
+def test_redis_jobs_cancelled_while_queued_leave_no_pending_entries(tiny_llama_bundle, redis_store_url):
+    """A worker reading the stream entry of a job cancelled while it was queued acknowledges and drops it (it was
+    left pending for good and handed out again to every worker after stale_after_s)."""
+    store = open_store(redis_store_url)
+    api = JobManager(tiny_llama_bundle, store, **{**FAST, "in_process_workers": 0})
+    try:
+        ids = [api.submit(request_(name=f"b{i}")).job_id for i in range(3)]
+        for j in ids:
+            api.cancel(j)
+        for _ in range(3):
+            assert api.run_one("w1", block_s=0.1) is False
+        r, stream = api.backend._r, api.backend._stream
+        assert r.xlen(stream) == 0 and r.xpending(stream, "trainers")["pending"] == 0
+        assert [api.get(j).status for j in ids] == ["cancelled"] * 3
+    finally:
+        api.shutdown()
+        store.close()
+
+
+def test_redis_job_queue_survives_losing_its_stream(tiny_llama_bundle, redis_store_url):
+    """The stream key gone (a Redis restart without persistence, a flush): the next submit makes a bare stream, and
+    the workers create the consumer group again instead of failing with NOGROUP forever."""
+    store = open_store(redis_store_url)
+    jm = JobManager(tiny_llama_bundle, store, **{**FAST, "in_process_workers": 1})
+    try:
+        jm.start()
+        first = jm.submit(request_(epochs=1))
+        assert wait_status(jm, first.job_id, ("succeeded", "failed")).status == "succeeded"
+        jm.backend._r.delete(jm.backend._stream)
+        second = jm.submit(request_(name="bot2", epochs=1))
+        assert wait_status(jm, second.job_id, ("succeeded", "failed"), timeout=30).status == "succeeded"
+    finally:
+        jm.shutdown(wait=True, timeout=30)
+        store.close()

@@ -58,10 +58,10 @@ _CLAIM = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
 st = cjson.decode(st)
-if st ~= 'queued' and st ~= 'running' then return {st} end
+if st ~= 'queued' and st ~= 'running' then return {'ended', st} end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 local cancel = redis.call('HGET', KEYS[1], 'cancel_requested')
-if cancel == 'true' then return {'cancelled'} end
+if cancel == 'true' then return {'cancel_requested'} end
 if st == 'running' and attempts >= tonumber(ARGV[3]) then
   return {'exhausted', attempts, redis.call('HGET', KEYS[1], 'worker')}
 end
@@ -208,6 +208,16 @@ class RedisJobBackend:
                 raise
         self._group_ready = True
 
+    def _group_lost(self, e: redis.ResponseError) -> bool:
+        """The stream (and its consumer group) went away (a Redis restart without persistence, a flush, a
+        failover to an empty replica) and a later XADD made a bare one: create the group again."""
+        if "NOGROUP" not in str(e):
+            return False
+        log.warning("job queue (redis): the consumer group of %s is gone; creating it again", self._stream)
+        self._group_ready = False
+        self._ensure_group()
+        return True
+
     @staticmethod
     def _encode(rec: JobRecord) -> dict[str, str]:
         d = rec.to_dict()
@@ -298,26 +308,34 @@ class RedisJobBackend:
     def claim(self, worker_id: str, block_ms: int = 1000) -> RedisClaim | None:
         """Take over a stale job (XAUTOCLAIM) or read a new one (XREADGROUP, blocking up to ``block_ms``)."""
         with self._errors("claim a job"):
-            self._ensure_group()
-            entries: list[tuple[bytes, dict]] = []
-            res = self._r.xautoclaim(
-                self._stream, GROUP, worker_id, min_idle_time=int(self.stale_after_s * 1000), start_id="0-0",
-                count=10,
-            )  # fmt: skip
-            entries.extend(e for e in res[1] if e and e[1] is not None)
-            for entry_id in res[2] if len(res) > 2 else []:  # deleted entries still pending: drop them
-                self._r.xack(self._stream, GROUP, entry_id)
-            if not entries:
-                got = self._r.xreadgroup(GROUP, worker_id, {self._stream: ">"}, count=1, block=block_ms)
-                for _stream, msgs in got or []:
-                    entries.extend(msgs)
-            claim = None
-            for entry_id, data in entries:
-                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                if claim is not None:  # more than one reclaimed at once: leave the others pending for later
-                    continue
-                claim = self._take(worker_id, eid, data)
-            return claim
+            try:
+                return self._claim_once(worker_id, block_ms)
+            except redis.ResponseError as e:
+                if self._group_lost(e):
+                    return None  # the next poll reads from the new group (jobs queued since are in it)
+                raise
+
+    def _claim_once(self, worker_id: str, block_ms: int) -> RedisClaim | None:
+        self._ensure_group()
+        entries: list[tuple[bytes, dict]] = []
+        res = self._r.xautoclaim(
+            self._stream, GROUP, worker_id, min_idle_time=int(self.stale_after_s * 1000), start_id="0-0",
+            count=10,
+        )  # fmt: skip
+        entries.extend(e for e in res[1] if e and e[1] is not None)
+        for entry_id in res[2] if len(res) > 2 else []:  # deleted entries still pending: drop them
+            self._r.xack(self._stream, GROUP, entry_id)
+        if not entries:
+            got = self._r.xreadgroup(GROUP, worker_id, {self._stream: ">"}, count=1, block=block_ms)
+            for _stream, msgs in got or []:
+                entries.extend(msgs)
+        claim = None
+        for entry_id, data in entries:
+            eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            if claim is not None:  # more than one reclaimed at once: leave the others pending for later
+                continue
+            claim = self._take(worker_id, eid, data)
+        return claim
 
     def _ack(self, entry_id: str) -> None:
         self._r.xack(self._stream, GROUP, entry_id)
@@ -341,10 +359,10 @@ class RedisJobBackend:
             if int(res[1]) > 1:
                 log.warning("job %s: taken over by %s (attempt %d)", job_id, worker_id, int(res[1]))
             return RedisClaim(rec, json.loads(ex), worker_id, entry_id)
-        if what in ("cancelled", "exhausted"):
+        if what in ("cancel_requested", "exhausted"):
             rec = self._read(job_id)
             if rec is not None:
-                if what == "cancelled":
+                if what == "cancel_requested":
                     vals = {"status": "cancelled", "finished": time.time(), "cancel_requested": True,
                             "error": f"cancelled; its worker {rec.worker} went away" if rec.worker else
                             "cancelled before it started"}  # fmt: skip
@@ -358,7 +376,7 @@ class RedisJobBackend:
             else:
                 self._ack(entry_id)
             return None
-        self._ack(entry_id)  # terminal or missing: nothing to do
+        self._ack(entry_id)  # ended (a job cancelled while queued, say) or missing: nothing to do
         return None
 
     def _end(self, rec: JobRecord, owner: str, entry_id: str, vals: dict[str, Any]) -> bool:
