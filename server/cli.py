@@ -222,6 +222,18 @@ def _base_url(ns: argparse.Namespace) -> str:
     return (ns.base_url or os.environ.get("PREFIXSERVE_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
 
 
+class _HTTPError(RuntimeError):
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def _permanent(e: Exception) -> bool:
+    """An error that polling again will not cure: a 4xx other than 429 (the SDK's errors and ours carry it)."""
+    status = getattr(e, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status != 429
+
+
 class _HTTPJobs:
     """Fallback when the SDK is not installed: plain httpx."""
 
@@ -237,7 +249,7 @@ class _HTTPJobs:
                 msg = r.json()["error"]["message"]
             except Exception:
                 msg = r.text[:200]
-            raise RuntimeError(f"HTTP {r.status_code}: {msg}")
+            raise _HTTPError(r.status_code, f"HTTP {r.status_code}: {msg}")
         return r.json()
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -265,8 +277,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.method:
         spec["method"] = ns.method
     if ns.init_from:
-        name, _, version = ns.init_from.partition("@")
-        spec["init_from"] = {"name": name, **({"version": int(version)} if version.isdigit() else {})}
+        name, at, version = ns.init_from.partition("@")
+        if at and not version.isdigit():
+            print(
+                f"prefixserve: --init-from {ns.init_from!r}: expected NAME or NAME@VERSION", file=sys.stderr
+            )
+            return EXIT_USAGE
+        spec["init_from"] = {"name": name, **({"version": int(version)} if at else {})}
     for flag, _typ, fld in TRAIN_OPTIONS:
         v = getattr(ns, flag[2:].replace("-", "_"))
         if v is not None:
@@ -299,8 +316,12 @@ def _wait(jobs: Any, job_id: str, interval: float, quiet: bool = False) -> int:
         while True:
             try:
                 job = jobs.get(job_id)
-            except Exception as e:  # transient (server restarting): keep polling
-                bar.set_postfix_str(f"poll failed: {e}")
+            except Exception as e:
+                if _permanent(e):  # gone, or the key no longer reaches it
+                    bar.close()
+                    print(f"prefixserve: cannot follow job {job_id}: {e}", file=sys.stderr)
+                    return EXIT_FAIL
+                bar.set_postfix_str(f"poll failed: {e}")  # transient (server restarting): keep polling
                 time.sleep(interval)
                 continue
             step, total, loss = _progress(job)
@@ -348,6 +369,10 @@ def _sdk_jobs(base_url: str, api_key: str | None) -> Any:
 
     class SDKJobs:
         def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+            spec = dict(spec)
+            src = spec.get("init_from")
+            if isinstance(src, dict):  # the SDK takes "name" or ("name", version)
+                spec["init_from"] = (src["name"], src["version"]) if "version" in src else src["name"]
             return as_dict(client.prefixes.train(**spec))
 
         def get(self, job_id: str) -> dict[str, Any]:
@@ -366,7 +391,11 @@ def _on_store(url: str, op: Callable[[Any], Any], failure: str, catch: type[Exce
     from prefix_store import errors, open_store
 
     caught = catch or errors.StoreError
-    store = open_store(url)
+    try:
+        store = open_store(url)
+    except ValueError as e:  # not a store URL
+        print(f"prefixserve: {failure}{e}", file=sys.stderr)
+        return None
     try:
         return op(store)
     except caught as e:
@@ -398,7 +427,11 @@ def cmd_import_peft(ns: argparse.Namespace) -> int:
 
 
 def cmd_prefixes_list(ns: argparse.Namespace) -> int:
-    metas = _on_store(ns.store, lambda s: s.list(ns.tenant_id), "")
+    def listing(store: Any) -> Any:
+        store.ping()  # an unusable store is an error, not an empty list
+        return store.list(ns.tenant_id)
+
+    metas = _on_store(ns.store, listing, "")
     if metas is None:
         return EXIT_FAIL
     if ns.json:

@@ -71,9 +71,16 @@ def test_prefixes_list_reads_the_store(api_bundle, tmp_path, capsys):
     assert [(r["tenant_id"], r["name"]) for r in rows] == [("globex", "helper")]
 
 
-def test_prefixes_list_store_down_fails_cleanly(capsys):
+def test_prefixes_list_store_down_fails_cleanly(capsys, tmp_path):
     assert cli.main(["prefixes", "list", "--store", "redis://127.0.0.1:1/0"]) == cli.EXIT_FAIL
     assert "prefixserve:" in capsys.readouterr().err
+    # a file store that cannot be used, or no store URL at all: an error, not an empty list
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert cli.main(["prefixes", "list", "--store", f"file://{blocker}/store"]) == cli.EXIT_FAIL
+    assert "prefixserve:" in capsys.readouterr().err
+    assert cli.main(["prefixes", "list", "--store", "bogus://x"]) == cli.EXIT_FAIL
+    assert "unsupported prefix store URL" in capsys.readouterr().err
 
 
 def _examples(tmp_path):
@@ -112,11 +119,12 @@ def test_train_submits_and_waits_with_progress(
     t.start()
     args = ["train", "--tenant-id", "acme", "--name", "zebra", "--method", "prefix_tuning"]
     args += ["--data", str(_examples(tmp_path)), "--prefix-length", "8", "--epochs", "3"]
-    args += ["--base-url", s.url, "--poll-interval", "0.05"]
+    args += ["--base-url", s.url, "--poll-interval", "0.05", "--init-from", "zebra@3"]
     assert cli.main(args) == rc
     t.join()
     job = next(iter(jobs.jobs.values()))
     assert job["tenant_id"] == "acme" and job["name"] == "zebra" and job["method"] == "prefix_tuning"
+    assert job["init_from"] == {"name": "zebra", "version": 3}  # the SDK takes it as ("zebra", 3)
     captured = capsys.readouterr()
     assert json.loads(captured.out.strip().splitlines()[-1])["status"] == outcome
     assert "training job0001" in captured.err  # the tqdm bar
@@ -139,6 +147,12 @@ def test_train_reports_server_errors(server_factory, tmp_path, capsys):
     ]
     assert cli.main([*args, "--api-key", "wrong"]) == cli.EXIT_FAIL
     assert "401" in capsys.readouterr().err
+    assert cli.main([*args, "--api-key", "k-acme-1", "--init-from", "zebra@latest"]) == cli.EXIT_USAGE
+    # a job that cannot be read (gone, or not this key's): an error at once, not polling forever
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FakeJobManager, "get", lambda self, job_id: None)
+        assert cli.main([*args, "--api-key", "k-acme-1", "--poll-interval", "0.05"]) == cli.EXIT_FAIL
+        assert "cannot follow job" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     assert (
