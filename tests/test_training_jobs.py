@@ -280,6 +280,8 @@ def test_too_many_jobs_per_tenant(managers):
         ({"prefix_length": 1000}, "prefix_length"),
         ({"hyperparameters": {"epochs": 1000}}, "hyperparameters.epochs"),
         ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate"),
+        ({"hyperparameters": {"weight_decay": 10**400}}, "hyperparameters.weight_decay"),  # no float holds it
+        ({"hyperparameters": {"learning_rate": float("nan")}}, "hyperparameters.learning_rate"),
         ({"hyperparameters": "fast"}, "hyperparameters"),
         ({"lr": 0, "hyperparameters": {}}, "lr"),
         ({"epochs": 0, "hyperparameters": {}}, "epochs"),

@@ -134,7 +134,10 @@ def _int(value: Any, param: str, lo: int | None = None, hi: int | None = None) -
 def _float(value: Any, param: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TrainingValidationError(f"{param} must be a number, got {value!r}", param=param)
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an integer too large for a float
+        v = math.inf
     if not math.isfinite(v):
         raise TrainingValidationError(f"{param} must be finite, got {value!r}", param=param)
     if (v <= lo if lo_open else v < lo) or v > hi:

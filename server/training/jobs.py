@@ -211,13 +211,20 @@ class JobManager:
                 "prefix imported from PEFT or uploaded as served holds only what is needed to serve it)",
                 param="init_from",
             )
-        given = set(out) | set(out.get("hyperparameters") or {})
+        hp_given = out.get("hyperparameters") or {}
         inherited = {"prompt_format": (meta.extra or {}).get("prompt_format")}
         if meta.kind == "prefix_tuning":
             inherited["mlp_hidden"] = meta.shapes["mlp.0.weight"][0]
-        for key, value in inherited.items():
-            if value is not None and key not in given:
-                out[key] = value
+        for key, have in inherited.items():
+            if have is None:
+                continue
+            asked = out.get(key, hp_given.get(key) if isinstance(hp_given, dict) else None)
+            if asked is None:
+                out[key] = have
+            elif asked != have:  # what it was trained with is what it continues with
+                raise TrainingValidationError(
+                    f"init_from: {meta.label} has {key} {have!r}, the request {asked!r}", param=key
+                )
         out["init_from"] = {"name": meta.name, "version": meta.version}
         return out
 
