@@ -204,6 +204,23 @@ def _remove_stale_temp_dirs(parent: Path, max_age_s: float = 3600.0) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        _fsync_dir(d)
+
+
 def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
     """Folder of the dequantized embedded model, converting the GGUF once (atomic: temp dir + rename).
 
@@ -242,7 +259,9 @@ def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by service users
+        _fsync_tree(tmp)  # on disk before the rename makes it the cache: after a power loss, whole or absent
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
     except BaseException as e:  # crash / interrupt: never leave a folder that a later load would pick up
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and (target / "config.json").exists():  # another process won the race
