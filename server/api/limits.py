@@ -148,11 +148,13 @@ class RateLimiter:
         their levels."""
         overrides = dict(overrides or {})
         base = default.merged(overrides.pop("*", {}))
-        self.overrides = {t: base.merged(o) for t, o in overrides.items()}
-        self.default = base
+        # one assignment: the reloader runs this on a thread, and a request must never see the new overrides with
+        # the old default (or the reverse)
+        self._limits = ({t: base.merged(o) for t, o in overrides.items()}, base)
 
     def limit(self, tenant: str) -> TenantLimit:
-        return self.overrides.get(tenant, self.default)
+        overrides, default = self._limits
+        return overrides.get(tenant, default)
 
     # ------------------------------------------------------------------ the one operation, per backend
     def _bucket(
