@@ -98,7 +98,9 @@ def test_continue_training_from_a_stored_version(server_factory):
     assert err["param"] == "method"
     err = assert_error(c.post("/prefixes", json={**more, "prompt_format": "chat"}), 422)  # v1 was trained raw
     assert err["param"] == "prompt_format"
-    assert c.post("/prefixes", json={**more, "prompt_format": "raw", "epochs": 1}).status_code == 202  # the same
+    assert (
+        c.post("/prefixes", json={**more, "prompt_format": "raw", "epochs": 1}).status_code == 202
+    )  # the same
     assert (
         assert_error(c.post("/prefixes", json={**more, "prefix_length": 8}), 422)["param"] == "prefix_length"
     )

@@ -274,3 +274,28 @@ def test_one_token_prefill_chunk_next_to_decode_rows(tiny_llama_bundle):
             got[ev.request_id].extend(ev.token_ids)
     assert any(seen), "the step shape under test never occurred"
     assert got == ref
+
+
+@pytest.mark.parametrize("biases", [{"attention_bias": True}, {"mlp_bias": True}])
+def test_llama_configs_with_biases_are_exact(biases):
+    """Llama's `attention_bias` and `mlp_bias` (the MLP's biases were dropped by the native path: wrong tokens from
+    the first one on). Random bias values: transformers initializes them to zero, which would hide it."""
+    from server.model import bundle_from_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(tok, seed=3, **biases)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn_like(p))
+    b = bundle_from_model(model, tok, name="biased")
+    assert b.spec.family == "llama"
+    key = PrefixKey("t", "p", 1)
+    kv = random_kv(b.spec, 5, seed=1)
+    prompt = random_prompt(b.spec.vocab_size, 12, seed=2)
+    out = make_engine(b, {key: kv}).generate(
+        [Request("a", prompt, SamplingParams(max_tokens=8, ignore_eos=True), key)]
+    )
+    assert out[0].token_ids == hf_greedy(model, kv, prompt, 8)

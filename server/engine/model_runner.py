@@ -205,7 +205,7 @@ class ModelRunner:
         for layer in base.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv_w, qkv_b = _fuse([a.q_proj, a.k_proj, a.v_proj])
-            gu_w, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+            gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj])  # biases: Llama's `mlp_bias`
             self.layers.append(
                 dict(
                     ln1=layer.input_layernorm.weight,
@@ -215,8 +215,8 @@ class ModelRunner:
                     qkv=self._lin(qkv_w, qkv_b),
                     o=self._lin(a.o_proj.weight, a.o_proj.bias),
                     ln2=layer.post_attention_layernorm.weight,
-                    gu=self._lin(gu_w),
-                    down=self._lin(mlp.down_proj.weight),
+                    gu=self._lin(gu_w, gu_b),
+                    down=self._lin(mlp.down_proj.weight, mlp.down_proj.bias),
                 )
             )
         self.norm = base.norm.weight
