@@ -487,3 +487,44 @@ def test_a_stop_string_held_back_with_a_partial_character_is_still_cut():
     # no stop string in it: the text is all there
     d = IncrementalDetokenizer(tok, [5], ("ZZZ",))
     assert "".join(d.add(i)[0] for i in (1, 2, 3, 4)) + d.finish() == "say END€" and not d.stopped
+
+
+def test_text_is_the_same_streamed_or_not_with_a_sentencepiece_style_tokenizer():
+    """Metaspace decoders (Llama 2, Mistral) drop the leading space of whatever they decode first: an output decoded
+    alone lost its first space, so a request's text depended on whether it was streamed or had a stop string."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from server.model import bundle_from_model
+    from tests.engine_utils import make_engine
+    from tests.fixtures.models import make_tiny_llama
+
+    words = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "▁The",
+        "▁capital",
+        "▁of",
+        "▁France",
+        "▁is",
+        "▁Paris",
+        "▁a",
+        "▁city",
+        ".",
+    ]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+    b = bundle_from_model(make_tiny_llama(tok, seed=0), tok, name="metaspace")
+    prompt = tok("The capital of France is")["input_ids"]
+    sp = SamplingParams(max_tokens=5, ignore_eos=True)
+    outs = make_engine(b, {}).generate([
+        Request("plain", prompt, sp),
+        Request("streamed", prompt, sp, stream_text=True),
+        Request("stop", prompt, SamplingParams(max_tokens=5, ignore_eos=True, stop=("zzz",))),
+    ])  # fmt: skip
+    assert len({o.text for o in outs}) == 1 and outs[0].text.startswith(" ")

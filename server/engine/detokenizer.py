@@ -7,6 +7,21 @@ characters that are later cut.
 
 from __future__ import annotations
 
+CONTEXT_TOKENS = 6  # prompt tokens decoded before the output: a first token's leading space depends on them
+
+
+def decode_output(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """The text of `ids` as they follow the prompt, decoded at once: the same text an `IncrementalDetokenizer` gives
+    (SentencePiece-style decoders drop the leading space of whatever they decode first, so the output is decoded
+    after the end of the prompt and that part taken off)."""
+
+    def decode(t: list[int]) -> str:
+        return tokenizer.decode(t, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    ctx = list(prompt_ids[-CONTEXT_TOKENS:])
+    before, whole = decode(ctx), decode(ctx + ids)
+    return whole[len(before) :] if whole.startswith(before) else decode(ids)
+
 
 class IncrementalDetokenizer:
     def __init__(
@@ -16,7 +31,9 @@ class IncrementalDetokenizer:
         self.stop = stop
         self.include_stop = include_stop  # the text ends with the stop string that ended it (else before it)
         self.hold = max((len(s) for s in stop), default=1) - 1
-        self.ids: list[int] = list(prompt_ids[-6:])  # context so the first tokens decode with correct spacing
+        self.ids: list[int] = list(
+            prompt_ids[-CONTEXT_TOKENS:]
+        )  # so the first tokens decode with their spacing
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""  # all generated text so far (complete characters)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.detokenizer import decode_output
 from server.engine.kv_cache import KVPool
 from server.engine.model_runner import ModelRunner, RowInput
 from server.engine.prefix_cache import PrefixCache, PrefixProvider
@@ -436,7 +437,7 @@ class LLMEngine:
                 :-1
             ]  # the token that stopped it is not text (as when streamed: it never reaches the detok)
         ids = [t for t in out if t not in self.eos_ids]
-        return self.bundle.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode_output(self.bundle.tokenizer, seq.prompt, ids)
 
     def _finish(
         self,
