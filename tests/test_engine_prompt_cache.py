@@ -123,8 +123,15 @@ def test_abort_and_preemption_release_cached_blocks(tenants):
     reqs = [
         _req(f"p{i}", head + random_prompt(sp.vocab_size, 4, 20 + i), k0, max_tokens=30) for i in range(5)
     ]
+    q0, h0 = small.scheduler.cache_query_tokens, small.scheduler.cache_hit_tokens
     outs = small.generate(reqs)  # 2 shared + 5 x 3 own blocks + the prefix's > 12: someone is preempted
-    assert small.scheduler.num_preemptions > 0 and small.scheduler.cache_hit_tokens > 0
+    sched = small.scheduler
+    assert sched.num_preemptions > 0 and sched.cache_hit_tokens > h0
+    # counted once per admission (a preempted request's second admission counts again), not on every step a
+    # request waits for blocks: before, these grew by the waiting requests' tokens each step (about 10x this)
+    admissions = len(reqs) + sched.num_preemptions
+    assert sched.cache_query_tokens - q0 <= admissions * (len(reqs[0].prompt_token_ids) + 30)
+    assert sched.cache_hit_tokens - h0 <= admissions * 2 * BS
     for r, o in zip(reqs, outs, strict=True):
         assert o.token_ids == hf_greedy(b.hf_model, keys[k0], r.prompt_token_ids, 30)
     assert ref == hf_greedy(b.hf_model, keys[k0], prompt, NEW)

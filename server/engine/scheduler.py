@@ -90,11 +90,11 @@ class Scheduler:
             seq.prefix = None
 
     # ------------------------------------------------------------------ prompt cache
-    def _match_cached(self, seq: Sequence) -> None:
+    def _match_cached(self, seq: Sequence) -> bool:
         """Start a newcomer on the cached blocks of its longest cached run of leading full blocks (at least its last
-        token is always computed: the step needs its logits)."""
+        token is always computed: the step needs its logits). Whether the cache was asked."""
         if not self.cfg.prompt_cache or seq.num_cached or seq.prompt_logprobs is not None:
-            return
+            return False
         bs, toks = self.pool.block_size, seq.tokens
         parent: object = seq.cache_root
         blocks: list[int] = []
@@ -108,8 +108,7 @@ class Scheduler:
         self.pool.acquire(blocks)
         seq.own_blocks = blocks
         seq.num_cached = len(blocks) * bs
-        self.cache_query_tokens += len(toks)
-        self.cache_hit_tokens += seq.num_cached
+        return True
 
     def _register(self, seq: Sequence, upto: int) -> None:
         """Register the full own blocks that this step's `upto` own tokens complete, before the step runs.
@@ -276,12 +275,15 @@ class Scheduler:
                     continue
                 self.prefixes.acquire(got)
                 seq.prefix = got
-            self._match_cached(seq)
+            queried = self._match_cached(seq)
             n = self._chunk(seq, budget)
             if not self._ensure_blocks(seq, n):
                 self.free(seq)  # its prefix and any cached blocks it took
                 seq.num_cached = 0
                 break
+            if queried:  # counted once it is admitted (it may wait, and be matched again, many steps first)
+                self.cache_query_tokens += len(seq.tokens)
+                self.cache_hit_tokens += seq.num_cached
             seq.status = SeqStatus.RUNNING
             seq.preempted = False
             self.running.append(seq)
