@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     store_url: str = Field(
         default_factory=default_store_url,
         description="Prefix store: file:///abs/path or redis://host:port/db[?prefix=ns]; add keep_versions=N to "
-        "keep only the newest N versions of each prefix",
+        "keep only the newest N versions of each prefix; default: $PREFIXSERVE_HOME if set",
     )
     jobs_url: str | None = Field(
         None, description="Training job queue location (default: next to the prefix store)"
@@ -54,7 +54,9 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None, description="Operator key: every tenant, admin routes, metrics if metrics_require_admin"
     )
-    metrics_require_admin: bool = Field(False, description="Require the admin key for GET /metrics")
+    metrics_require_admin: bool = Field(
+        False, description="Require the admin key for GET /metrics (needs an admin key; an open server warns)"
+    )
 
     # ------------------------------------------------------------------ limits
     max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt after rendering (413 above)")
@@ -89,8 +91,8 @@ class Settings(BaseSettings):
     )
     tenant_limits_file: Path | None = Field(
         None,
-        description="JSON of per-tenant overrides: {tenant or '*': {requests_per_minute, tokens_per_minute, "
-        "max_concurrent}}",
+        description="JSON of per-tenant limits: {tenant or '*': {requests_per_minute, tokens_per_minute, "
+        "max_concurrent, priority}}; '*' sets every tenant's defaults, a tenant's entry overrides them field by field",
     )
     config_reload_s: float = Field(
         2.0,

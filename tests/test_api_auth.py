@@ -174,6 +174,10 @@ def test_open_mode_without_keys(server_factory, api_bundle, caplog):
         c.post("/generate", json={"tenant_id": "anyone", "prompt": "x", "max_tokens": 2}).status_code == 200
     )
     assert_error(c.post("/generate", json={"prompt": "x"}), 422, "missing_tenant_id")
+    # metrics_require_admin cannot protect anything without an admin key: said at start-up
+    caplog.clear()
+    server_factory(metrics_require_admin=True)
+    assert any("metrics_require_admin" in r.getMessage() and "open" in r.getMessage() for r in caplog.records)
 
 
 def test_key_configuration_is_validated():

@@ -50,7 +50,7 @@ def test_prefix_changes_output_and_base_means_no_prefix(srv):
     prompt = "The quick brown fox"
     outs = {t: gen(c, tenant_id=t, prompt=prompt, ignore_eos=True).json()["text"] for t in TENANTS}
     base = gen(c, tenant_id="acme", prefix="base", prompt=prompt, ignore_eos=True).json()
-    assert base["prefix"] is None and base["prefix_version"] is None
+    assert base["prefix"] == "base" and base["prefix_version"] is None
     assert len(set(outs.values()) | {base["text"]}) == 4, "each prefix (and none) should steer differently"
     # prefix null means "default"
     assert (

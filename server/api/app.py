@@ -310,7 +310,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "no API keys configured (PREFIXSERVE_API_KEYS / PREFIXSERVE_API_KEYS_FILE / PREFIXSERVE_ADMIN_KEY): "
             "the server is OPEN, any caller may act as any tenant; use it only for local development"
         )
-    else:
+    if s.metrics_require_admin and not s.admin_key:
+        log.warning(
+            "metrics_require_admin is set but no admin key is configured: %s",
+            "no key can read GET /metrics"
+            if st.keyring.enabled
+            else "GET /metrics stays open (no keys at all)",
+        )
+    if st.keyring.enabled:
         log.info(
             "API keys configured for %d tenants%s",
             len(st.keyring.tenants),

@@ -13,6 +13,7 @@ from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError
 from server.api.logprobs import generate_logprobs, generate_prompt_logprobs
 from server.api.schemas import (
+    BASE_PREFIX,
     DEFAULT_PREFIX,
     DetokenizeRequest,
     DetokenizeResponse,
@@ -125,7 +126,7 @@ async def generate(
     return GenerateResponse(
         id=rid,
         tenant_id=tenant,
-        prefix=prefix.name,
+        prefix=prefix.name or BASE_PREFIX,
         prefix_version=prefix.version,
         text=res.text,
         finish_reason=res.finish_reason,  # type: ignore[arg-type]
@@ -162,7 +163,12 @@ async def chunked_events(
 async def _frames(
     run: GenerationRun, rid: str, prefix: ResolvedPrefix, text: Callable[[int], str]
 ) -> AsyncIterator[bytes]:
-    head = {"id": rid, "tenant_id": prefix.tenant_id, "prefix": prefix.name, "prefix_version": prefix.version}
+    head = {
+        "id": rid,
+        "tenant_id": prefix.tenant_id,
+        "prefix": prefix.name or BASE_PREFIX,  # the base model alone: "base", as asked
+        "prefix_version": prefix.version,
+    }
     assert run.first is not None
     prompt_lps = run.first.prompt_logprobs  # on the first chunk sent
     async for ev, ids, lps in chunked_events(run):

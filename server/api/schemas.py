@@ -217,7 +217,7 @@ class TokenLogprobInfo(BaseModel):
 class GenerateResponse(BaseModel):
     id: str
     tenant_id: str
-    prefix: str | None = Field(description="Prefix name, null for the base model")
+    prefix: str = Field(description='Prefix name ("base": the base model alone)')
     prefix_version: int | None
     text: str
     finish_reason: Literal["stop", "length"]
@@ -237,7 +237,7 @@ class GenerateChunk(BaseModel):
 
     id: str
     tenant_id: str
-    prefix: str | None
+    prefix: str
     prefix_version: int | None
     text: str
     token_ids: list[int] = Field(

@@ -71,7 +71,7 @@ class Generation(_Model):
 
     id: str
     tenant_id: str
-    prefix: Optional[str] = None  # None: the base model (prefix "base")
+    prefix: Optional[str] = None  # "base": the base model alone (None from servers before 2026-12-04)
     prefix_version: Optional[int] = None
     text: str
     finish_reason: Optional[str] = None  # "stop" or "length"
