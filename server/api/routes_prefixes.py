@@ -99,7 +99,7 @@ def _training_errors() -> tuple[type[Exception], type[Exception], type[Exception
 JOBS_SEGMENT = "jobs"  # /prefixes/jobs/... are the job routes
 
 
-def _check_new_prefix(tenant_id: str, name: str, tenant_param: str) -> None:
+def _check_new_prefix(tenant_id: str, name: str) -> None:
     """Names no stored prefix may have: `base` (the base model alone) and the tenant `jobs`, whose prefixes'
     routes (/prefixes/jobs/{name}) would be the job routes."""
     if name == BASE_PREFIX:
@@ -110,7 +110,7 @@ def _check_new_prefix(tenant_id: str, name: str, tenant_param: str) -> None:
             f"tenant id {JOBS_SEGMENT!r} cannot store prefixes: /prefixes/{JOBS_SEGMENT}/... are the training job "
             "routes",
             code="invalid_value",
-            param=tenant_param,
+            param="tenant_id",
         )
 
 
@@ -126,7 +126,7 @@ async def train(body: TrainRequest, request: Request, principal: Principal = Dep
     info = get_info(request)
     tenant = principal.resolve_tenant(body.tenant_id)
     info.tenant, info.prefix = tenant, body.name
-    _check_new_prefix(tenant, body.name, "tenant_id")
+    _check_new_prefix(tenant, body.name)
     spec = body.model_dump(exclude_none=True)
     spec["tenant_id"] = tenant
     jm = _jobs(svc)
@@ -338,7 +338,7 @@ async def upload_prefix(
     info = get_info(request)
     info.tenant, info.prefix = tenant_id, name
     _check_prefix_access(principal, tenant_id, name)
-    _check_new_prefix(tenant_id, name, "tenant_id")
+    _check_new_prefix(tenant_id, name)
     # the body is spooled to a temporary file by now; reading and parsing it holds it in memory, so few at once
     if svc.uploads_active >= svc.settings.max_concurrent_uploads:
         raise unavailable(
@@ -356,12 +356,7 @@ async def upload_prefix(
             code = next(c for cls, c in _UPLOAD_ERRORS.items() if isinstance(e, cls))
             param = "adapter_config" if isinstance(e, InvalidAdapterConfig) else "file"
             raise APIError(422, str(e), code=code, param=param) from None
-        except (
-            ValueError,
-            TypeError,
-            OverflowError,
-            RecursionError,
-        ) as e:  # a file malformed in a way not foreseen
+        except (ValueError, TypeError, OverflowError, RecursionError) as e:  # malformed in a way not foreseen
             log.warning("upload for %s/%s refused: unreadable file", tenant_id, name, exc_info=True)
             raise APIError(
                 422,

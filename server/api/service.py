@@ -417,14 +417,13 @@ class GenerationRun:
         if self.first is not None:
             fin = self.final
             outcome = fin.finish_reason or "stop" if fin is not None else "abort"
-            generated = self.generated if self.bill_output else 0
-            if outcome != "error" and (self.generated or outcome in ("stop", "length")):
-                consumed = len(self.req.prompt_token_ids) + generated
-            prompt = len(self.req.prompt_token_ids) if consumed else 0
-            cached = self.cached_tokens if consumed else 0
-            counted = generated if consumed else 0
+            billed = outcome != "error" and bool(self.generated or outcome in ("stop", "length"))
+            prompt = len(self.req.prompt_token_ids) if billed else 0
+            generated = self.generated if billed and self.bill_output else 0
+            cached = self.cached_tokens if billed else 0
+            consumed = prompt + generated
             self.svc.usage.completion(
-                self.prefix.tenant_id, self.prefix.name, outcome, prompt, cached, counted
+                self.prefix.tenant_id, self.prefix.name, outcome, prompt, cached, generated
             )
         await self.svc.limiter.refund(self.prefix.tenant_id, self.reserved_tokens - consumed)
 

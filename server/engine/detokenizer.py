@@ -31,9 +31,8 @@ class IncrementalDetokenizer:
         self.stop = stop
         self.include_stop = include_stop  # the text ends with the stop string that ended it (else before it)
         self.hold = max((len(s) for s in stop), default=1) - 1
-        self.ids: list[int] = list(
-            prompt_ids[-CONTEXT_TOKENS:]
-        )  # so the first tokens decode with their spacing
+        # context, so the first tokens decode with their spacing
+        self.ids: list[int] = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""  # all generated text so far (complete characters)

@@ -433,9 +433,8 @@ class LLMEngine:
             return delta + seq.detok.finish()
         out = seq.output
         if seq.finish_reason == "stop" and out and out[-1] in seq.req.sampling.stop_token_ids:
-            out = out[
-                :-1
-            ]  # the token that stopped it is not text (as when streamed: it never reaches the detok)
+            # the token that stopped it is not text (as when streamed: it never reaches the detokenizer)
+            out = out[:-1]
         ids = [t for t in out if t not in self.eos_ids]
         return decode_output(self.bundle.tokenizer, seq.prompt, ids)
 

@@ -180,7 +180,8 @@ class PrefixCache:
             n_blocks = self.pool.blocks_for(kv.shape[3])
             if n_blocks >= self.pool.num_blocks:  # would never fit, with room for a request beside it
                 del self._loading[key]
-                why = f"prefix of {kv.shape[3]} tokens needs {n_blocks} KV cache blocks; the cache holds {self.pool.num_blocks}"
+                why = f"prefix of {kv.shape[3]} tokens needs {n_blocks} KV cache blocks; the cache holds "
+                why += str(self.pool.num_blocks)
                 self._errors[key] = (PrefixLoadError(key, why, "RequestTooLarge"), time.monotonic())
                 continue
             try:

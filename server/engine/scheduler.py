@@ -172,9 +172,8 @@ class Scheduler:
         # rows in the order they keep their places (priority, then age): a row short of blocks preempts the last
         # in this order (`_victim`), which is never one already scheduled in this step
         running = self.running
-        for seq in [
-            running[i] for i in sorted(range(len(running)), key=lambda i: (running[i].req.priority, i))
-        ]:
+        order = sorted(range(len(running)), key=lambda i: (running[i].req.priority, i))
+        for seq in [running[i] for i in order]:
             if seq not in self.running:  # preempted below by an earlier row
                 continue
             n = self._chunk(seq, budget)
