@@ -131,6 +131,7 @@ def test_aborted_stream_and_failed_request_are_counted(server_factory):
         and u2["prompt_tokens"] == u["prompt_tokens"]
         and u2["prefixes"]["bad"]["failed"] == 1
     )
+    assert u2["requests"] == u2["completions"] == 2  # the failed one is a request too, not only a completion
     # one that fails after generating (its grammar goes past the parser's limits mid-output): the caller got an
     # error, so none of its tokens count either, nor stay charged
     pytest.importorskip("llguidance")

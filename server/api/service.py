@@ -838,14 +838,16 @@ class Service:
         priority += self.limiter.limit(tenant).priority  # the tenant's tier
         try:
             runs = await self._start_runs(info, prefix, jobs, costs, priority, stream=stream, receive=receive)
-        except (
-            APIError
-        ) as e:  # refused by the server (concurrency limit, full queue): the request is given back too
-            if e.code == "queue_full":
+        except APIError as e:
+            if getattr(
+                e, "ran", False
+            ):  # the engine took it, then it failed (its prefix could not be loaded, say)
+                self.usage.request(tenant, prefix.name)  # counted, as its failed completion is
+            elif e.code == "queue_full":
                 self.metrics.rejected.labels(
                     "queue_full"
                 ).inc()  # once per HTTP request, as the other reasons
-            await self.limiter.refund(tenant, 0, requests=1)
+            await self.limiter.refund(tenant, 0, requests=1)  # refused or failed: the request costs nothing
             raise
         self.usage.request(tenant, prefix.name)
         return runs
@@ -906,12 +908,14 @@ class Service:
         tasks = [asyncio.ensure_future(r.start()) for r in runs]
         try:
             await race_disconnect(receive, asyncio.gather(*tasks))
-        except BaseException:
+        except BaseException as e:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for r in runs:
                 await r.close()
+            if isinstance(e, APIError) and any(r.first is not None for r in runs):
+                e.ran = True  # type: ignore[attr-defined]  # not refused: the engine ran it
             raise
         return runs
 
