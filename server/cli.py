@@ -405,9 +405,22 @@ def _on_store(url: str, op: Callable[[Any], Any], failure: str, catch: type[Exce
         store.close()
 
 
+def _reserved(tenant_id: str, name: str) -> bool:
+    """Print why, if a stored prefix may not have this tenant id or name (what the API refuses too)."""
+    from server.api.schemas import reserved
+
+    problem = reserved(tenant_id, name)
+    if problem is not None:
+        print(f"prefixserve: {problem[1]}", file=sys.stderr)
+    return problem is not None
+
+
 def cmd_import_peft(ns: argparse.Namespace) -> int:
     from server.model import load_model
     from server.prefixes import import_peft
+
+    if _reserved(ns.tenant_id, ns.name):
+        return EXIT_USAGE
 
     try:
         bundle = load_model(ns.model, device=ns.device, dtype=ns.dtype, cache_dir=ns.cache)
@@ -466,6 +479,8 @@ def cmd_prefixes_import(ns: argparse.Namespace) -> int:
     from prefix_store.export import read_export
     from server.prefixes.transfer import exported
 
+    if _reserved(ns.tenant_id, ns.name):
+        return EXIT_USAGE
     try:
         incoming = exported(read_export(Path(ns.file).read_bytes()), ns.prompt_format)
     except (OSError, errors.StoreError) as e:

@@ -19,7 +19,6 @@ from server.api.auth import Principal, get_principal
 from server.api.deps import app_state, get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError, unavailable
 from server.api.schemas import (
-    BASE_PREFIX,
     NAME_PATTERN,
     JobInfo,
     JobList,
@@ -28,6 +27,7 @@ from server.api.schemas import (
     TenantInfo,
     TenantList,
     TrainRequest,
+    reserved,
 )
 from server.api.service import Service
 from server.prefixes.transfer import IncomingPrefix, InvalidAdapterConfig, from_upload
@@ -96,22 +96,11 @@ def _training_errors() -> tuple[type[Exception], type[Exception], type[Exception
 
 
 # --------------------------------------------------------------------------------------------- jobs
-JOBS_SEGMENT = "jobs"  # /prefixes/jobs/... are the job routes
-
-
 def _check_new_prefix(tenant_id: str, name: str) -> None:
-    """Names no stored prefix may have: `base` (the base model alone) and the tenant `jobs`, whose prefixes'
-    routes (/prefixes/jobs/{name}) would be the job routes."""
-    if name == BASE_PREFIX:
-        raise APIError(422, f"prefix name {BASE_PREFIX!r} is reserved for the base model", param="name")
-    if tenant_id == JOBS_SEGMENT:
-        raise APIError(
-            422,
-            f"tenant id {JOBS_SEGMENT!r} cannot store prefixes: /prefixes/{JOBS_SEGMENT}/... are the training job "
-            "routes",
-            code="invalid_value",
-            param="tenant_id",
-        )
+    """Names no stored prefix may have (`schemas.reserved`): 422 naming the field."""
+    problem = reserved(tenant_id, name)
+    if problem is not None:
+        raise APIError(422, problem[1], code="invalid_value", param=problem[0])
 
 
 @router.post(
