@@ -167,10 +167,9 @@ class PrefixStore(abc.ABC):
         self._notify(ChangeEvent("delete", tenant_id, name, last))
 
     def exists(self, tenant_id: str, name: str, version: int | None = None) -> bool:
-        validate_name(tenant_id, "tenant_id")
-        validate_name(name, "name")
-        v = check_version(version)
-        if v is not None and not 1 <= v <= MAX_VERSION:
+        try:
+            v = self._check_key(tenant_id, name, version)
+        except PrefixNotFound:  # a version no store can hold
             return False
         return self._exists(tenant_id, name, v)
 

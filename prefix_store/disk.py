@@ -280,14 +280,12 @@ class DiskStore(PrefixStore):
             raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
         try:
             with self._locked(tenant_id, name):
-                last = self._delete_locked(tenant_id, name)
-                self._journal(ChangeEvent("delete", tenant_id, name, last))
-                return last
+                return self._delete_locked(tenant_id, name)
         except OSError as e:
             raise self._unavailable(f"delete prefix {label(tenant_id, name)}", e) from e
 
     def _delete_locked(self, tenant_id: str, name: str) -> int:
-        """Every version, in one rename into the trash (call holding the name's lock)."""
+        """Every version, in one rename into the trash, then the journal line (call holding the name's lock)."""
         ndir = self._name_dir(tenant_id, name)
         found = self._scan(ndir)
         if not found:
@@ -298,6 +296,7 @@ class DiskStore(PrefixStore):
         os.rename(ndir, doomed)  # one atomic step: readers see every version or none
         _fsync_dir(ndir.parent)
         _fsync_dir(trash)
+        self._journal(ChangeEvent("delete", tenant_id, name, found[-1]))
         shutil.rmtree(doomed, ignore_errors=True)
         return found[-1]
 
@@ -311,9 +310,7 @@ class DiskStore(PrefixStore):
                 if version not in found:
                     raise PrefixNotFound(f"prefix {label(tenant_id, name, version)} not found")
                 if found == [version]:  # the last one: the name goes, in the one-step way
-                    last = self._delete_locked(tenant_id, name)
-                    self._journal(ChangeEvent("delete", tenant_id, name, last))
-                    return last
+                    return self._delete_locked(tenant_id, name)
                 os.unlink(ndir / f"v{version}.json")  # the commit marker first: from here the version is gone
                 _fsync_dir(ndir)
                 with contextlib.suppress(FileNotFoundError):
