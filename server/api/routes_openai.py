@@ -318,9 +318,8 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         info, prefix, jobs, stream=body.stream, receive=request.receive, priority=priority
     )
     for run in runs:
-        run.bill_output = (
-            not plan.hide_output
-        )  # echo with max_tokens 0: the one token run is not the caller's
+        # echo with max_tokens 0: the one token run to score the prompt is not the caller's
+        run.bill_output = not plan.hide_output
     return _Choices(svc, runs, plan, body.model, int(time.time()), n)
 
 
@@ -563,6 +562,19 @@ async def _stream_pieces(
             yield chunk({}, ev.finish_reason, logprobs)
 
 
+class _PendingLogprobs:
+    """A chat stream's logprobs of the tokens not sent with a chunk yet (None throughout when not asked for)."""
+
+    def __init__(self, run: GenerationRun, text: TokenTexts) -> None:
+        self.want = run.req.sampling.logprobs is not None
+        self.text = text
+        self.items: list[Any] = []
+
+    def take(self) -> Any:
+        out, self.items = (chat_logprobs(self.items, self.text) if self.want else None), []
+        return out
+
+
 async def _stream_required(
     run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
 ) -> AsyncIterator[bytes]:
@@ -570,21 +582,15 @@ async def _stream_required(
     output is a JSON list the grammar forces: `CallListStream` follows it). A list cut short by max_tokens ends
     with what was sent and finish_reason "length"."""
     yield chunk({"role": "assistant", "content": None}, None)
-    want = run.req.sampling.logprobs is not None
     calls = CallListStream()
-    pending: list[Any] = []  # logprobs of the tokens not yet sent with a chunk
-    full = ""
+    pending = _PendingLogprobs(run, text)
     async for ev, _ids, lps in chunked_events(run):
-        pending.extend(lps or [])
-        full += ev.text
+        pending.items.extend(lps or [])
         deltas = calls.feed(ev.text)
         if deltas:
-            yield chunk({"tool_calls": deltas}, None, chat_logprobs(pending, text) if want else None)
-            pending = []
+            yield chunk({"tool_calls": deltas}, None, pending.take())
         if ev.finished:
-            _, done = tools.parse(full)
-            logprobs = chat_logprobs(pending, text) if want else None
-            yield chunk({}, tools.finish_reason(ev.finish_reason, done), logprobs)
+            yield chunk({}, tools.finish_reason(ev.finish_reason, calls.result()), pending.take())
 
 
 async def _stream_auto(
@@ -593,28 +599,21 @@ async def _stream_auto(
     """'auto': the text as soon as it cannot be the start of a call, each call as soon as it is complete
     (`AutoStream`), in output order; a chunk's logprobs are those of the tokens since the previous chunk."""
     yield chunk({"role": "assistant", "content": ""}, None)
-    want = run.req.sampling.logprobs is not None
     follow = tools.auto_stream()
     sent: list[dict[str, Any]] = []  # the calls sent
-    pending: list[Any] = []  # logprobs of the tokens not yet sent with a chunk
-
-    def take_logprobs() -> Any:
-        nonlocal pending
-        out, pending = (chat_logprobs(pending, text) if want else None), []
-        return out
-
+    pending = _PendingLogprobs(run, text)
     async for ev, _ids, lps in chunked_events(run):
-        pending.extend(lps or [])
+        pending.items.extend(lps or [])
         for kind, group in itertools.groupby(follow.feed(ev.text, final=ev.finished), key=lambda it: it[0]):
             values = [v for _, v in group]
             if kind == "content":
-                yield chunk({"content": "".join(values)}, None, take_logprobs())
+                yield chunk({"content": "".join(values)}, None, pending.take())
             else:
                 calls = [{"index": len(sent) + j, **tools.call(*c)} for j, c in enumerate(values)]
                 sent += calls
-                yield chunk({"tool_calls": calls}, None, take_logprobs())
+                yield chunk({"tool_calls": calls}, None, pending.take())
         if ev.finished:
-            yield chunk({}, tools.finish_reason(ev.finish_reason, sent), take_logprobs())
+            yield chunk({}, tools.finish_reason(ev.finish_reason, sent), pending.take())
 
 
 async def _chat_frames(ch: _Choices, cid: str, usage_mode: UsageMode) -> AsyncIterator[bytes]:

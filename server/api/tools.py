@@ -89,14 +89,11 @@ class ToolPlan:
         if self.mode == "named":
             assert self.named is not None
             return None, [_call(self.named, text)]
-        if self.mode == "required":
-            try:
-                json.loads(text)
-            except (ValueError, RecursionError):  # cut short by max_tokens: not a complete list
-                return text, None
+        if self.mode == "required":  # read as a stream reads it: the same calls, the arguments as written
             stream = CallListStream()
             stream.feed(text)
-            return None, stream.calls()  # the arguments as written, as a stream sends them
+            calls = stream.result()
+            return (None, calls) if calls else (text, None)  # none: cut short by max_tokens
         if self.mode == "auto":
             outside, calls = self.split_calls(text)
             if calls:
@@ -150,12 +147,18 @@ class CallListStream:
         self._str: list[str] = []  # a string at the call object's level (a key, or a value) as written
         self._calls: list[_StreamedCall] = []
         self._complete = 0  # how many call objects are closed
+        self.closed = False  # the list itself is closed: the output is whole (not cut short by max_tokens)
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         first = max(len(self._calls) - 1, 0)  # the earlier calls were sent whole
         for ch in text:
             self._step(ch)
         return [d for c in self._calls[first:] if (d := self._delta(c)) is not None]
+
+    def result(self) -> list[dict[str, Any]] | None:
+        """The calls of a whole list (None while it is not closed, or if it holds none)."""
+        calls = self.calls()
+        return calls if self.closed and calls else None
 
     def calls(self) -> list[dict[str, Any]]:
         return [
@@ -203,6 +206,8 @@ class CallListStream:
             if d == 2:
                 self._complete += 1
                 self._after_colon, self._key = False, None
+            elif d == 1:
+                self.closed = True
         elif d == 2 and ch == ":":
             self._after_colon = True
         elif d == 2 and ch == ",":
