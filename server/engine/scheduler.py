@@ -169,11 +169,8 @@ class Scheduler:
         self._fresh = []
         budget = self.cfg.max_num_batched_tokens
         items: list[ScheduledItem] = []
-        # rows in the order they keep their places (priority, then age): a row short of blocks preempts the last
-        # in this order (`_victim`), which is never one already scheduled in this step
-        running = self.running
-        order = sorted(range(len(running)), key=lambda i: (running[i].req.priority, i))
-        for seq in [running[i] for i in order]:
+        # a row short of blocks preempts the last in this order (`_victim`): never one already scheduled this step
+        for seq in self._ranked():
             if seq not in self.running:  # preempted below by an earlier row
                 continue
             n = self._chunk(seq, budget)
@@ -295,10 +292,14 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if id(s) not in taken)
         return items
 
-    def _victim(self) -> Sequence:
-        """The running request to preempt: the lowest priority (highest value), the newest among those."""
+    def _ranked(self) -> list[Sequence]:
+        """Running requests in the order they keep their places: priority (lower value first), then age."""
         running = self.running
-        return running[max(range(len(running)), key=lambda i: (running[i].req.priority, i))]
+        return [running[i] for i in sorted(range(len(running)), key=lambda i: (running[i].req.priority, i))]
+
+    def _victim(self) -> Sequence:
+        """The running request to preempt: the last to keep its place (lowest priority, the newest among those)."""
+        return self._ranked()[-1]
 
     def _admission_order(self, counts: dict[str | None, int]) -> Iterator[Sequence]:
         """Waiting requests in the order they may start: by priority (lower first), and within a priority
