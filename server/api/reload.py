@@ -36,15 +36,20 @@ def signature(path: Path) -> Signature:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def config_files(settings: Any) -> dict[str, Path]:
+    """The reloadable files of `settings`, by their metric label."""
+    out: dict[str, Path] = {}
+    if settings.api_keys_file is not None:
+        out["api_keys"] = Path(settings.api_keys_file).expanduser()
+    if settings.tenant_limits_file is not None:
+        out["tenant_limits"] = Path(settings.tenant_limits_file).expanduser()
+    return out
+
+
 def loaded_signatures(settings: Any) -> dict[str, Signature]:
     """The files' signatures as start-up is about to read them: a change made after this (during the model load,
     say) is then applied by the reloader's first polls instead of being taken for what was loaded."""
-    out: dict[str, Signature] = {}
-    if settings.api_keys_file is not None:
-        out["api_keys"] = signature(Path(settings.api_keys_file).expanduser())
-    if settings.tenant_limits_file is not None:
-        out["tenant_limits"] = signature(Path(settings.tenant_limits_file).expanduser())
-    return out
+    return {name: signature(path) for name, path in config_files(settings).items()}
 
 
 @dataclass
@@ -63,11 +68,10 @@ class ConfigReloader:
     files: list[Watched] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        s = self.state.settings
-        if s.api_keys_file is not None:
-            self.files.append(Watched("api_keys", Path(s.api_keys_file).expanduser(), self._keys))
-        if s.tenant_limits_file is not None and self.state.limiter is not None:
-            self.files.append(Watched("tenant_limits", Path(s.tenant_limits_file).expanduser(), self._limits))
+        appliers = {"api_keys": self._keys, "tenant_limits": self._limits}
+        for name, path in config_files(self.state.settings).items():
+            if name != "tenant_limits" or self.state.limiter is not None:
+                self.files.append(Watched(name, path, appliers[name]))
         loaded = getattr(self.state, "config_loaded", {})
         for w in self.files:  # what was loaded at start-up
             w.applied = w.seen = loaded[w.name] if w.name in loaded else signature(w.path)
