@@ -839,14 +839,12 @@ class Service:
         try:
             runs = await self._start_runs(info, prefix, jobs, costs, priority, stream=stream, receive=receive)
         except APIError as e:
-            if getattr(
-                e, "ran", False
-            ):  # the engine took it, then it failed (its prefix could not be loaded, say)
-                self.usage.request(tenant, prefix.name)  # counted, as its failed completion is
+            # the engine took it, then it failed (its prefix could not be loaded, say): a request, as its failed
+            # completion is; else refused, counted once per HTTP request as the other reasons are
+            if getattr(e, "ran", False):
+                self.usage.request(tenant, prefix.name)
             elif e.code == "queue_full":
-                self.metrics.rejected.labels(
-                    "queue_full"
-                ).inc()  # once per HTTP request, as the other reasons
+                self.metrics.rejected.labels("queue_full").inc()
             await self.limiter.refund(tenant, 0, requests=1)  # refused or failed: the request costs nothing
             raise
         self.usage.request(tenant, prefix.name)

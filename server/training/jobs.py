@@ -421,10 +421,9 @@ class JobManager:
     def _execute(self, claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt) -> None:
         hp = dict(rec.hyperparameters)
         try:
+            # an earlier run stored the prefix and died before recording that: record it, no second version
             stored = self._stored_by(rec)
-            if (
-                stored is not None
-            ):  # an earlier run stored it and died before recording that: no second version
+            if stored is not None:
                 halt()
                 summary = dict(stored.training or {})
                 log.info("job %s: found its prefix already stored as version %d", rec.job_id, stored.version)
