@@ -129,6 +129,46 @@ def test_cancel_a_job_writes_nothing(server_factory):
     assert_error(c.post("/prefixes/jobs/job-does-not-exist/cancel"), 404)
 
 
+def test_training_submission_with_an_idempotency_key_creates_one_job(server_factory):
+    """A retried submission (same Idempotency-Key, same body) answers the first one's job and creates nothing, even
+    past the per-tenant job limit; the key with another body, or a malformed key, is a 422 that creates nothing;
+    another tenant's identical key is its own."""
+    s = server_factory(keys={"acme": "k-acme", "globex": "k-g"}, training_workers=0, max_jobs_per_tenant=1)
+    c, g = s.client("k-acme"), s.client("k-g")
+    body = {"name": "once", "examples": EXAMPLES, "prefix_length": 4}
+    key = {"Idempotency-Key": "3f2c9a1e-retry-me"}
+    first = c.post("/prefixes", json=body, headers=key)
+    assert first.status_code == 202 and "idempotent-replayed" not in first.headers
+    job = first.json()
+    assert job["idempotency_key"] == "3f2c9a1e-retry-me" and "request_digest" not in job
+    again = c.post("/prefixes", json=body, headers=key)
+    assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+    assert (
+        again.json()["job_id"] == job["job_id"]
+        and again.headers["location"] == f"/prefixes/jobs/{job['job_id']}"
+    )
+    err = assert_error(
+        c.post("/prefixes", json={**body, "epochs": 3}, headers=key), 422, "idempotency_key_reused"
+    )
+    assert err["param"] == "Idempotency-Key" and job["job_id"] in err["message"]
+    for bad in (b"", b"x" * 256, b"has space", "caf\u00e9".encode()):
+        r = c.post("/prefixes", json=body, headers={"Idempotency-Key": bad})
+        assert assert_error(r, 422)["param"] == "Idempotency-Key", bad
+    assert_error(
+        c.post("/prefixes", json=body), 429, "too_many_jobs"
+    )  # without the key: a new job, over the limit
+    assert [j["job_id"] for j in c.get("/prefixes/jobs").json()["data"]] == [job["job_id"]]
+    (usage,) = c.get("/usage").json()["data"]
+    assert usage["training_jobs"] == 1  # the replay is not a second submission
+    other = g.post("/prefixes", json=body, headers=key)  # the same key of another tenant: its own job
+    assert other.status_code == 202 and "idempotent-replayed" not in other.headers
+    assert other.json()["job_id"] != job["job_id"] and other.json()["tenant_id"] == "globex"
+    # once cancelled the job is still the key's answer (a late retry must not start it again)
+    assert c.post(f"/prefixes/jobs/{job['job_id']}/cancel").json()["status"] == "cancelled"
+    replay = c.post("/prefixes", json=body, headers=key)
+    assert replay.json()["job_id"] == job["job_id"] and replay.json()["status"] == "cancelled"
+
+
 def test_trainer_validation_is_422_with_param(server_factory):
     s = server_factory()
     c = s.client()

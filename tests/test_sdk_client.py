@@ -438,13 +438,55 @@ def test_timeout_maps_to_api_timeout_error(srv: Any) -> None:
         c.health()
 
 
-def test_training_submit_not_resent_after_read_timeout(srv: Any) -> None:
-    srv.on("POST", "/prefixes", Resp(202, {"job_id": "j1", "status": "queued"}, delay=1.0))
+def test_training_submit_retried_after_read_timeout_with_the_same_idempotency_key(srv: Any) -> None:
+    """The server answers a repeated key with the first attempt's job, so a lost response is retried safely."""
+    srv.on(
+        "POST",
+        "/prefixes",
+        Resp(202, {"job_id": "j1", "status": "queued"}, delay=1.0),
+        Resp(
+            202, {"job_id": "j1", "status": "queued", "idempotency_key": "x"}, {"Idempotent-Replayed": "true"}
+        ),
+    )
+    examples = [{"prompt": "a", "completion": "b"}]
     with ps.Client(srv.url, timeout=0.3, max_retries=3) as c:
         delays = no_sleep(c)
-        with pytest.raises(ps.APITimeoutError):
-            c.prefixes.train("acme", "p", "prefix_tuning", [{"prompt": "a", "completion": "b"}])
-    assert delays == [] and len(srv.calls("POST", "/prefixes")) == 1
+        job = c.prefixes.train("acme", "p", "prefix_tuning", examples)
+        assert job.job_id == "j1" and len(delays) == 1
+        first, second = srv.calls("POST", "/prefixes")
+        key = first.headers["idempotency-key"]
+        assert (
+            key.startswith("sdk-") and second.headers["idempotency-key"] == key and first.body == second.body
+        )
+        c.prefixes.train("acme", "p", "prefix_tuning", examples)  # a new call is a new submission: a new key
+        assert srv.calls("POST", "/prefixes")[-1].headers["idempotency-key"] not in (key, None)
+        c.prefixes.train("acme", "p", "prefix_tuning", examples, idempotency_key="nightly-2026-12-04")
+        assert srv.calls("POST", "/prefixes")[-1].headers["idempotency-key"] == "nightly-2026-12-04"
+        with pytest.raises(ValueError, match="idempotency_key"):
+            c.prefixes.train("acme", "p", "prefix_tuning", examples, idempotency_key="two words")
+    assert len(srv.calls("POST", "/prefixes")) == 4
+
+
+def test_async_training_submit_sends_an_idempotency_key_and_retries(srv: Any) -> None:
+    srv.on(
+        "POST",
+        "/prefixes",
+        Resp(503, error_json(503, "busy", "service_unavailable"), {"Retry-After": "0"}),
+        Resp(202, {"job_id": "j2", "status": "queued"}),
+    )
+
+    async def main() -> Any:
+        async with ps.AsyncClient(srv.url, max_retries=2) as c:
+
+            async def no_wait(_: float) -> None:
+                return None
+
+            c._sleep = no_wait  # type: ignore[method-assign]
+            return await c.prefixes.train("acme", "p", "prefix_tuning", [{"prompt": "a", "completion": "b"}])
+
+    assert asyncio.run(main()).job_id == "j2"
+    first, second = srv.calls("POST", "/prefixes")
+    assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
 
 
 def test_prefix_upload_is_multipart_retried_on_503_never_resent_after_timeout(

@@ -22,6 +22,7 @@ from prefix_store.errors import StoreUnavailable
 from server.engine import DictPrefixProvider, EngineConfig, LLMEngine, PrefixKey, Request, SamplingParams
 from server.model import render_prompt
 from server.training import (
+    IdempotencyKeyReused,
     JobManager,
     JobNotFound,
     TooManyJobs,
@@ -266,6 +267,74 @@ def test_too_many_jobs_per_tenant(managers):
     jm.submit(request_(tenant="other", name="c"))  # per tenant
     jm.cancel(a.job_id)
     jm.submit(request_(name="c"))  # a slot is free again
+
+
+# ------------------------------------------------------------------------------------------------ idempotency
+def test_an_idempotency_key_makes_one_job_even_for_racing_submissions(managers, monkeypatch):
+    """Eight threads submit the same request with one key at once, past the quick lookup (as when a client's
+    retry arrives while its first attempt is still being handled): the backend's atomic check lets one create."""
+    jm = managers(max_jobs_per_tenant=1)
+    monkeypatch.setattr(jm.backend, "find_submitted", lambda tenant, key: None)
+    results: list[tuple] = []
+    barrier = threading.Barrier(8)
+
+    def go() -> None:
+        barrier.wait()
+        results.append(jm.submit_once(request_(), "k-1"))
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 8 and len({rec.job_id for rec, _ in results}) == 1
+    assert sorted(replayed for _, replayed in results) == [False] + [True] * 7
+    assert [r.job_id for r in jm.list()] == [results[0][0].job_id]
+
+
+def test_an_idempotency_key_replays_its_job_and_refuses_another_request(managers):
+    jm = managers(max_jobs_per_tenant=1)
+    rec, replayed = jm.submit_once(request_(), "k-1")
+    assert not replayed and rec.idempotency_key == "k-1" and "request_digest" not in rec.public_dict()
+    again, replayed = jm.submit_once(
+        request_(), "k-1"
+    )  # over the tenant's limit, but it is the same submission
+    assert replayed and again.job_id == rec.job_id
+    with pytest.raises(IdempotencyKeyReused, match=rec.job_id):
+        jm.submit_once(request_(epochs=5), "k-1")
+    with pytest.raises(TooManyJobs):
+        jm.submit_once(request_(), "k-2")  # a new key is a new job
+    other, replayed = jm.submit_once(request_(tenant="globex"), "k-1")  # keys are per tenant
+    assert not replayed and other.job_id != rec.job_id
+    assert len(jm.list()) == 2
+
+
+def test_an_idempotency_key_is_forgotten_with_its_job(managers, store):
+    """Past IDEMPOTENCY_TTL_S, or once its job's record is gone, a key makes a new job."""
+    jm = managers(retention_s=3600)
+    rec, _ = jm.submit_once(request_(), "k-1")
+    jm.cancel(rec.job_id)
+    backend = jm.backend
+    if backend.kind == "redis":
+        slot = backend._idempotency("acme", "k-1")
+        assert 0 < backend._r.ttl(slot) <= 86400  # remembered a day at most
+        backend._r.delete(backend._job(rec.job_id))  # the job's record expired (retention) before the key
+    else:
+        slot = backend._idempotency("acme", "k-1")
+        assert slot.read_text() == rec.job_id
+        rec2 = backend._read(rec.job_id)
+        rec2.finished = time.time() - 7200
+        backend._write(rec2)
+        assert backend.prune() == 1 and not slot.exists()  # the job is gone, and the key with it
+    new, replayed = jm.submit_once(request_(), "k-1")
+    assert not replayed and new.job_id != rec.job_id
+    if backend.kind == "disk":
+        os.utime(slot, (time.time() - 86400 - 60,) * 2)  # older than a day: forgotten, and pruned
+        again, replayed = jm.submit_once(request_(name="bot2"), "k-1")
+        assert not replayed and again.job_id != new.job_id
+        os.utime(backend._idempotency("acme", "k-1"), (time.time() - 86400 - 60,) * 2)
+        backend.prune()
+        assert not backend._idempotency("acme", "k-1").exists() and backend._read(again.job_id) is not None
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import asyncio
 import logging
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from prefix_store import errors
@@ -50,7 +50,7 @@ def _jobs(svc: Service) -> Any:
 
 
 def _job_dict(rec: Any) -> dict[str, Any]:
-    d = rec.to_dict() if hasattr(rec, "to_dict") else dict(rec)
+    d = rec.public_dict() if hasattr(rec, "public_dict") else dict(rec)
     d.setdefault("job_id", getattr(rec, "job_id", None))
     st = d.get("status")
     d["status"] = str(getattr(st, "value", st))
@@ -86,13 +86,36 @@ async def _owned_job(svc: Service, principal: Principal, job_id: str) -> Any:
     return rec
 
 
-def _training_errors() -> tuple[type[Exception], type[Exception], type[Exception]]:
-    """(invalid request, too many jobs, init_from not found): the job manager's exception classes."""
+def _training_errors() -> tuple[type[Exception], type[Exception], type[Exception], type[Exception]]:
+    """(invalid request, too many jobs, init_from not found, Idempotency-Key reused): the job manager's exception
+    classes."""
     try:
-        from server.training import InitFromNotFound, TooManyJobs, TrainingValidationError
+        from server.training import (
+            IdempotencyKeyReused,
+            InitFromNotFound,
+            TooManyJobs,
+            TrainingValidationError,
+        )
     except ImportError:  # pragma: no cover - training always ships with the server
-        return (ValueError, RuntimeError, LookupError)
-    return TrainingValidationError, TooManyJobs, InitFromNotFound
+        return (ValueError, RuntimeError, LookupError, KeyError)
+    return TrainingValidationError, TooManyJobs, InitFromNotFound, IdempotencyKeyReused
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def _idempotency_key(key: str | None) -> str | None:
+    """The submission's ``Idempotency-Key`` (1 to 255 visible ASCII characters), or None."""
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not all("!" <= c <= "~" for c in key):
+        raise APIError(
+            422,
+            f"{IDEMPOTENCY_HEADER} must be 1 to 255 visible ASCII characters (a UUID, say)",
+            code="invalid_value",
+            param=IDEMPOTENCY_HEADER,
+        )
+    return key
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -110,18 +133,32 @@ def _check_new_prefix(tenant_id: str, name: str) -> None:
     responses=COMMON_ERRORS,
     summary="Start a training job; the prefix appears in the store when it succeeds",
 )
-async def train(body: TrainRequest, request: Request, principal: Principal = Depends(get_principal)) -> Any:
+async def train(
+    body: TrainRequest,
+    request: Request,
+    principal: Principal = Depends(get_principal),
+    idempotency_key: str | None = Header(
+        None,
+        alias=IDEMPOTENCY_HEADER,
+        description="Makes the submission safe to retry: a repeat with the same key (same tenant, within 24 h) "
+        "creates no second job and answers the first one's, with `Idempotent-Replayed: true`; the same key with a "
+        "different request is a 422 `idempotency_key_reused`. 1 to 255 visible ASCII characters.",
+    ),
+) -> Any:
     svc = get_service(request)
     info = get_info(request)
     tenant = principal.resolve_tenant(body.tenant_id)
     info.tenant, info.prefix = tenant, body.name
     _check_new_prefix(tenant, body.name)
+    key = _idempotency_key(idempotency_key)
     spec = body.model_dump(exclude_none=True)
     spec["tenant_id"] = tenant
     jm = _jobs(svc)
-    validation_error, too_many, init_not_found = _training_errors()
+    validation_error, too_many, init_not_found, key_reused = _training_errors()
     try:
-        rec = await _call_jobs(svc, jm.submit, spec)
+        rec, replayed = await _call_jobs(svc, jm.submit_once, spec, key)
+    except key_reused as e:
+        raise APIError(422, str(e), code="idempotency_key_reused", param=IDEMPOTENCY_HEADER) from None
     except init_not_found as e:
         raise APIError(404, str(e), code="prefix_not_found", param="init_from") from None
     except too_many as e:
@@ -131,9 +168,13 @@ async def train(body: TrainRequest, request: Request, principal: Principal = Dep
     except validation_error as e:
         param = getattr(e, "param", None)
         raise APIError(422, str(e), code="invalid_training_spec", param=param) from None
-    svc.usage.training_job(tenant)
+    if not replayed:
+        svc.usage.training_job(tenant)
     d = _job_dict(rec)
-    return JSONResponse(d, status_code=202, headers={"Location": f"/prefixes/jobs/{d['job_id']}"})
+    headers = {"Location": f"/prefixes/jobs/{d['job_id']}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(d, status_code=202, headers=headers)
 
 
 @router.get("/prefixes/jobs", response_model=JobList, responses=COMMON_ERRORS, summary="Training jobs")

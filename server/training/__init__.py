@@ -15,7 +15,7 @@ from server.training.config import (
     parse_request,
 )
 from server.training.jobs import JobManager
-from server.training.records import JobNotFound, JobRecord, TooManyJobs
+from server.training.records import IdempotencyKeyReused, JobNotFound, JobRecord, TooManyJobs
 from server.training.trainer import TrainingDiverged, TrainResult, train_prefix
 from server.training.worker import run_worker, worker_main
 
@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_PREFIX_LENGTH",
     "METHODS",
     "Hyperparameters",
+    "IdempotencyKeyReused",
     "InitFromNotFound",
     "JobManager",
     "JobNotFound",

@@ -9,7 +9,8 @@ Layout (``<root>``: e.g. ``/var/lib/prefixserve.jobs``)::
     running/<job_id>          marker of a running job (what the reclaimer scans)
     active/<tenant>/<job_id>  queued or running jobs of a tenant (the per-tenant limit)
     cancel/<job_id>           exists once a cancel was requested (the trainer stats it every step)
-    submit.lock               serializes the per-tenant limit check with the creation
+    idempotency/<tenant>/<h>  the job_id submitted with Idempotency-Key k (h = sha256(k)); kept IDEMPOTENCY_TTL_S
+    submit.lock               serializes the per-tenant limit and Idempotency-Key checks with the creation
 
 Ownership: a worker claims a job by taking a non-blocking ``flock`` on its lock file and keeps it until the job
 ends; the kernel drops the lock when the process dies (SIGKILL included). So "status running and the lock is free"
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from prefix_store.errors import StoreUnavailable
-from server.training.records import ACTIVE, JobRecord, TooManyJobs
+from server.training.records import ACTIVE, IDEMPOTENCY_TTL_S, JobRecord, TooManyJobs, idempotency_slot
 
 log = logging.getLogger("prefixserve.training.jobs")
 
@@ -96,7 +97,8 @@ class DiskJobBackend:
         self.stale_after_s = stale_after_s
         self.retention_s = retention_s
         self._dirs = {
-            n: self.root / n for n in ("records", "examples", "locks", "queue", "running", "active", "cancel")
+            n: self.root / n
+            for n in ("records", "examples", "locks", "queue", "running", "active", "cancel", "idempotency")
         }
         try:
             for d in self._dirs.values():
@@ -125,6 +127,9 @@ class DiskJobBackend:
 
     def _active(self, tenant_id: str, job_id: str) -> Path:
         return self._dirs["active"] / tenant_id / job_id
+
+    def _idempotency(self, tenant_id: str, key: str) -> Path:
+        return self._dirs["idempotency"] / tenant_id / idempotency_slot(key)
 
     @contextlib.contextmanager
     def _errors(self, what: str):
@@ -184,13 +189,35 @@ class DiskJobBackend:
             probe.write_text("ok")
             probe.unlink()
 
-    def create(self, rec: JobRecord, examples: list[dict[str, str]], max_active: int) -> None:
+    def _submitted(self, tenant_id: str, key: str) -> JobRecord | None:
+        """The job a submission with this Idempotency-Key created, while it is remembered."""
+        path = self._idempotency(tenant_id, key)
+        try:
+            if time.time() - path.stat().st_mtime > IDEMPOTENCY_TTL_S:
+                return None
+            job_id = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        rec = self._read(job_id) if job_id else None
+        return rec if rec is not None and rec.tenant_id == tenant_id else None
+
+    def find_submitted(self, tenant_id: str, key: str) -> JobRecord | None:
+        with self._errors("read the job"):
+            return self._submitted(tenant_id, key)
+
+    def create(self, rec: JobRecord, examples: list[dict[str, str]], max_active: int) -> JobRecord:
+        """Queue ``rec`` and return it; or, when a job was already submitted with ``rec.idempotency_key``, return
+        that job and create nothing."""
         with self._errors("create the job"):
             tdir = self._dirs["active"] / rec.tenant_id
             tdir.mkdir(parents=True, exist_ok=True)
             lock_fd = os.open(self.root / "submit.lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                if rec.idempotency_key is not None:
+                    earlier = self._submitted(rec.tenant_id, rec.idempotency_key)
+                    if earlier is not None:
+                        return earlier
                 active = [p.name for p in tdir.iterdir()]
                 if len(active) >= max_active:
                     raise TooManyJobs(
@@ -200,7 +227,14 @@ class DiskJobBackend:
                 _write_atomic(self._examples(rec.job_id), json.dumps(examples))
                 self._write(rec)
                 _touch(self._active(rec.tenant_id, rec.job_id))
+                if (
+                    rec.idempotency_key is not None
+                ):  # before the queue marker: a job is never claimed without it
+                    slot = self._idempotency(rec.tenant_id, rec.idempotency_key)
+                    slot.parent.mkdir(parents=True, exist_ok=True)
+                    _write_atomic(slot, rec.job_id)
                 self._enqueue(rec)
+                return rec
             finally:
                 self._unlock(lock_fd)
 
@@ -399,17 +433,24 @@ class DiskJobBackend:
         log.warning("job %s: %s", rec.job_id, rec.error)
 
     def prune(self) -> int:
-        """Delete terminal jobs older than the retention period; returns how many."""
-        if self.retention_s <= 0:
-            return 0
+        """Delete terminal jobs older than the retention period (returns how many) and forget Idempotency-Keys
+        older than IDEMPOTENCY_TTL_S or whose job is gone."""
         n = 0
-        cutoff = time.time() - self.retention_s
-        for p in self._dirs["records"].glob("*.json"):
-            rec = self._read(p.stem)
-            if rec is not None and rec.status not in ACTIVE and (rec.finished or rec.created) < cutoff:
-                _unlink(p)
-                _unlink(self._lock(rec.job_id))
-                n += 1
+        if self.retention_s > 0:
+            cutoff = time.time() - self.retention_s
+            for p in self._dirs["records"].glob("*.json"):
+                rec = self._read(p.stem)
+                if rec is not None and rec.status not in ACTIVE and (rec.finished or rec.created) < cutoff:
+                    _unlink(p)
+                    _unlink(self._lock(rec.job_id))
+                    n += 1
+        for slot in self._dirs["idempotency"].glob("*/*"):
+            if slot.name.startswith("."):  # a slot being written
+                continue
+            with contextlib.suppress(OSError):
+                old = time.time() - slot.stat().st_mtime > IDEMPOTENCY_TTL_S
+                if old or not self._record(slot.read_text(encoding="utf-8").strip()).exists():
+                    _unlink(slot)
         return n
 
     def close(self) -> None:

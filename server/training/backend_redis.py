@@ -7,8 +7,11 @@ Keys (``<ns>``: the store URL's ``prefix`` namespace, default ``prefixserve``)::
     <ns>:jobs:index            ZSET job_id -> created (every job)
     <ns>:jobs:tenant:<tenant>  ZSET job_id -> created (a tenant's jobs)
     <ns>:jobs:active:<tenant>  SET of the tenant's queued or running jobs (the per-tenant limit)
+    <ns>:jobs:idem:<tenant>:<h>  the job_id submitted with Idempotency-Key k (h = sha256(k)); expires after
+                               IDEMPOTENCY_TTL_S
 
-Life of a job: ``submit`` checks the tenant's limit and creates the hash + stream entry atomically (Lua). Workers
+Life of a job: ``submit`` checks the Idempotency-Key and the tenant's limit and creates the hash + stream entry
+atomically (Lua). Workers
 ``XREADGROUP`` (blocking); claiming sets ``running`` only from ``queued`` (Lua). While it runs, a heartbeat thread
 ``XCLAIM``s the entry to itself every ``heartbeat_s`` (resetting its idle time) and stamps ``heartbeat``. A worker
 that dies stops doing that; once the entry has been idle longer than ``stale_after_s`` another worker's
@@ -29,7 +32,7 @@ from typing import Any
 import redis
 
 from prefix_store.errors import StoreUnavailable
-from server.training.records import JobRecord, TooManyJobs
+from server.training.records import IDEMPOTENCY_TTL_S, JobRecord, TooManyJobs, idempotency_slot
 
 log = logging.getLogger("prefixserve.training.jobs")
 
@@ -41,15 +44,22 @@ class LostClaim(RuntimeError):
     """The job is no longer this worker's (reclaimed or failed by another worker)."""
 
 
-# KEYS: active set, job hash, index, tenant zset, stream. ARGV: max_active, job_id, created, field, value, ...
+# KEYS: active set, job hash, index, tenant zset, stream, idempotency key (unused when ARGV[4] is '').
+# ARGV: max_active, job_id, created, job hash key prefix or '' (no Idempotency-Key), ttl, field, value, ...
+# -> {1} created | {-1} over the limit | {0, job_id} the key's earlier job (nothing created)
 _CREATE = """
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+if ARGV[4] ~= '' then
+  local earlier = redis.call('GET', KEYS[6])
+  if earlier and redis.call('EXISTS', ARGV[4] .. earlier) == 1 then return {0, earlier} end
+end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return {-1} end
+redis.call('HSET', KEYS[2], unpack(ARGV, 6))
 redis.call('SADD', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+if ARGV[4] ~= '' then redis.call('SET', KEYS[6], ARGV[2], 'EX', ARGV[5]) end
 redis.call('XADD', KEYS[5], '*', 'job_id', ARGV[2])
-return 1
+return {1}
 """
 
 # KEYS: job hash. ARGV: worker, now, max_attempts.
@@ -191,6 +201,9 @@ class RedisJobBackend:
     def _active(self, tenant_id: str) -> str:
         return f"{self.ns}:jobs:active:{tenant_id}"
 
+    def _idempotency(self, tenant_id: str, key: str) -> str:
+        return f"{self.ns}:jobs:idem:{tenant_id}:{idempotency_slot(key)}"
+
     @contextlib.contextmanager
     def _errors(self, what: str):
         try:
@@ -248,7 +261,17 @@ class RedisJobBackend:
         with self._errors("ping"):
             self._r.ping()
 
-    def create(self, rec: JobRecord, examples: list[dict[str, str]], max_active: int) -> None:
+    def find_submitted(self, tenant_id: str, key: str) -> JobRecord | None:
+        """The job a submission with this Idempotency-Key created, while it is remembered."""
+        with self._errors("read the job"):
+            job_id = self._r.get(self._idempotency(tenant_id, key))
+            rec = self._read(job_id.decode()) if job_id else None
+        return rec if rec is not None and rec.tenant_id == tenant_id else None
+
+    def create(self, rec: JobRecord, examples: list[dict[str, str]], max_active: int) -> JobRecord:
+        """Queue ``rec`` and return it; or, when a job was already submitted with ``rec.idempotency_key``, return
+        that job and create nothing."""
+        key = rec.idempotency_key
         with self._errors("create the job"):
             self._ensure_group()
             enc = self._encode(rec)
@@ -257,14 +280,22 @@ class RedisJobBackend:
             for k, v in enc.items():
                 flat += [k, v]
             keys = [self._active(rec.tenant_id), self._job(rec.job_id), self._index, self._tenant(rec.tenant_id),
-                    self._stream]  # fmt: skip
-            ok = self._create(keys=keys, args=[max_active, rec.job_id, rec.created, *flat])
-        if int(ok) < 0:
+                    self._stream, self._idempotency(rec.tenant_id, key or "")]  # fmt: skip
+            args = [max_active, rec.job_id, rec.created, "" if key is None else self._job(""),
+                    max(1, int(IDEMPOTENCY_TTL_S)), *flat]  # fmt: skip
+            out = self._create(keys=keys, args=args)
+            if int(out[0]) == 0:
+                earlier = self._read(out[1].decode())
+                if earlier is not None:
+                    return earlier
+                raise StoreUnavailable("job queue (redis): the job of this Idempotency-Key vanished; retry")
+        if int(out[0]) < 0:
             n = self._r.scard(self._active(rec.tenant_id))
             raise TooManyJobs(
                 f"tenant {rec.tenant_id!r} already has {n} queued or running training jobs (max {max_active}); "
                 "wait for one to finish or cancel one"
             )
+        return rec
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._errors("read the job"):

@@ -42,7 +42,15 @@ from server.training.config import (
     parse_request,
 )
 from server.training.data import encode_examples
-from server.training.records import ACTIVE, JobNotFound, JobRecord, TooManyJobs, new_job_id
+from server.training.records import (
+    ACTIVE,
+    IdempotencyKeyReused,
+    JobNotFound,
+    JobRecord,
+    TooManyJobs,
+    new_job_id,
+    request_digest,
+)
 from server.training.trainer import TrainingDiverged, default_train_threads, train_prefix
 
 log = logging.getLogger("prefixserve.training.jobs")
@@ -231,6 +239,23 @@ class JobManager:
     def submit(self, request: dict[str, Any]) -> JobRecord:
         """Validate and queue a job. Raises TrainingValidationError (bad request), TooManyJobs (tenant limit),
         prefix_store.errors.StoreUnavailable (job backend down)."""
+        return self.submit_once(request, None)[0]
+
+    def submit_once(self, request: dict[str, Any], idempotency_key: str | None) -> tuple[JobRecord, bool]:
+        """``submit`` that creates at most one job per ``idempotency_key`` (per tenant, while the key is
+        remembered: IDEMPOTENCY_TTL_S, or until the job's record is pruned): a repeat of a submission returns the
+        job the first one created, with True (replayed). The same key with a different request raises
+        IdempotencyKeyReused."""
+        digest = request_digest(request) if idempotency_key is not None else None
+        tenant = request.get("tenant_id")
+        if idempotency_key is not None and is_valid_name(
+            tenant
+        ):  # a replay answers even if validation would not
+            earlier = self.backend.find_submitted(
+                tenant, idempotency_key
+            )  # now (init_from deleted since, ...)
+            if earlier is not None:
+                return self._replayed(earlier, digest), True
         spec, hp = self.validate(request)
         rec = JobRecord(
             job_id=new_job_id(),
@@ -241,14 +266,28 @@ class JobManager:
             hyperparameters=hp,
             num_examples=len(spec.examples),
             init_from=spec.init_from,
+            idempotency_key=idempotency_key,
+            request_digest=digest,
         )
-        self.backend.create(rec, spec.examples, self.max_jobs_per_tenant)
+        stored = self.backend.create(rec, spec.examples, self.max_jobs_per_tenant)
+        if stored.job_id != rec.job_id:  # a concurrent submission with the same key won
+            return self._replayed(stored, digest), True
         log.info(
             "job %s queued: %s/%s %s P=%d, %d examples",
             rec.job_id, rec.tenant_id, rec.name, rec.method, rec.prefix_length, rec.num_examples,
         )  # fmt: skip
         self._wake.set()
-        return rec
+        return rec, False
+
+    @staticmethod
+    def _replayed(earlier: JobRecord, digest: str | None) -> JobRecord:
+        if earlier.request_digest != digest:
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key {earlier.idempotency_key!r} was already used for job {earlier.job_id} with a "
+                "different request; use a new key for a new job"
+            )
+        log.info("job %s: submission replayed (Idempotency-Key %r)", earlier.job_id, earlier.idempotency_key)
+        return earlier
 
     def get(self, job_id: str) -> JobRecord | None:
         rec = self.backend.get(job_id)

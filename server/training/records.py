@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -19,6 +20,25 @@ class TooManyJobs(RuntimeError):
 
 class JobNotFound(LookupError):
     """No job with that id."""
+
+
+class IdempotencyKeyReused(ValueError):
+    """An ``Idempotency-Key`` sent again with a different request (HTTP 422, as the IETF draft says)."""
+
+
+# How long a training submission's Idempotency-Key is remembered (as long as its job's record, at most this).
+IDEMPOTENCY_TTL_S = 86400.0
+
+
+def request_digest(request: dict[str, Any]) -> str:
+    """sha256 of a submission's canonical JSON: what a replayed Idempotency-Key is compared by."""
+    text = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def idempotency_slot(key: str) -> str:
+    """The file / Redis key component of an Idempotency-Key (any header value maps to 64 safe characters)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def new_job_id() -> str:
@@ -53,6 +73,8 @@ class JobRecord:
     worker: str | None = None  # the worker running it (or that last ran it)
     heartbeat: float | None = None  # last sign of life of that worker (unix seconds)
     cancel_requested: bool = False
+    idempotency_key: str | None = None  # the submission's Idempotency-Key header, if it had one
+    request_digest: str | None = None  # request_digest() of the submission (internal: compared on a replay)
 
     @property
     def terminal(self) -> bool:
@@ -61,6 +83,12 @@ class JobRecord:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["object"] = "training_job"
+        return d
+
+    def public_dict(self) -> dict[str, Any]:
+        """What the API shows (no internal bookkeeping of the submission)."""
+        d = self.to_dict()
+        d.pop("request_digest", None)
         return d
 
     def to_json(self) -> str:

@@ -119,6 +119,7 @@ class AsyncPrefixes:
         hyperparameters: dict[str, Any] | None = None,
         request_id: str | None = None,
         init_from: str | tuple[str, int] | None = None,
+        idempotency_key: str | None = None,
         **kwargs: Any,
     ) -> AsyncJob:
         """See :meth:`Prefixes.train`."""
@@ -126,8 +127,9 @@ class AsyncPrefixes:
             raise TypeError("train() needs examples (a list of dicts or a JSONL path)")
         hp = _base.merge_hyperparameters(hyperparameters, kwargs)
         body = _base.train_body(tenant_id, name, method, examples, prefix_length, hp, init_from)
+        key = _base.new_idempotency_key(idempotency_key)
         r = await self._client._request(
-            "POST", "/prefixes", json=body, request_id=request_id, idempotent=False
+            "POST", "/prefixes", json=body, request_id=request_id, idempotency_key=key
         )
         return self._job(r.json())
 
@@ -275,6 +277,7 @@ class AsyncClient:
         params: dict[str, Any] | None = None,
         request_id: str | None = None,
         idempotent: bool = True,
+        idempotency_key: str | None = None,
         retries: int | None = None,
         ok_statuses: Sequence[int] = (),
         files: dict[str, Any] | None = None,
@@ -283,7 +286,8 @@ class AsyncClient:
         max_retries = self.max_retries if retries is None else retries
         attempt = 0
         while True:
-            request = self._build(method, path, json, params, _base.request_headers(request_id), files, data)
+            headers = _base.request_headers(request_id, idempotency_key)
+            request = self._build(method, path, json, params, headers, files, data)
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as e:

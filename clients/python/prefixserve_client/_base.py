@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -64,8 +65,20 @@ def default_headers(api_key: str | None, extra: dict[str, str] | None) -> dict[s
     return h
 
 
-def request_headers(request_id: str | None) -> dict[str, str]:
-    return {"X-Request-ID": request_id} if request_id else {}
+def request_headers(request_id: str | None, idempotency_key: str | None = None) -> dict[str, str]:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    return headers
+
+
+def new_idempotency_key(given: str | None) -> str:
+    """The Idempotency-Key of a submission: ``given``, or a fresh random one (one per call, reused by its retries)."""
+    if given is None:
+        return f"sdk-{uuid.uuid4()}"
+    if not isinstance(given, str) or not 1 <= len(given) <= 255 or not all("!" <= c <= "~" for c in given):
+        raise ValueError("idempotency_key must be 1 to 255 visible ASCII characters")
+    return given
 
 
 def generate_body(

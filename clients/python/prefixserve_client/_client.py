@@ -118,6 +118,7 @@ class Prefixes:
         hyperparameters: dict[str, Any] | None = None,
         request_id: str | None = None,
         init_from: str | tuple[str, int] | None = None,
+        idempotency_key: str | None = None,
         **kwargs: Any,
     ) -> Job:
         """Start a training job (``POST /prefixes``); the prefix appears once the job succeeded.
@@ -130,14 +131,17 @@ class Prefixes:
         ``"hyperparameters"`` object; the server validates them (422, ``param`` naming the field).
         ``init_from="faq"`` (latest version) or ``("faq", 3)`` continues training from that stored prefix of the
         tenant (its method, prefix length and prompt format unless given; the result is a new version of ``name``).
-        A submission is never re-sent once the request went out (no duplicate jobs); 429/503 and connect failures
-        are retried.
+        Safe to retry: the submission carries an ``Idempotency-Key`` (``idempotency_key``, or a fresh random one
+        per call), so a retry after a lost response (429/503, connection failures, timeouts: all retried) gets the
+        job the first attempt created, never a second one. Pass your own key to make a submission repeatable
+        across processes (the server remembers it for 24 h).
         """
         if examples is None:
             raise TypeError("train() needs examples (a list of dicts or a JSONL path)")
         hp = _base.merge_hyperparameters(hyperparameters, kwargs)
         body = _base.train_body(tenant_id, name, method, examples, prefix_length, hp, init_from)
-        r = self._client._request("POST", "/prefixes", json=body, request_id=request_id, idempotent=False)
+        key = _base.new_idempotency_key(idempotency_key)
+        r = self._client._request("POST", "/prefixes", json=body, request_id=request_id, idempotency_key=key)
         return self._job(r.json())
 
     def get_job(self, job_id: str) -> Job:
@@ -286,6 +290,7 @@ class Client:
         params: dict[str, Any] | None = None,
         request_id: str | None = None,
         idempotent: bool = True,
+        idempotency_key: str | None = None,
         retries: int | None = None,
         ok_statuses: Sequence[int] = (),
         files: dict[str, Any] | None = None,
@@ -294,7 +299,8 @@ class Client:
         max_retries = self.max_retries if retries is None else retries
         attempt = 0
         while True:
-            request = self._build(method, path, json, params, _base.request_headers(request_id), files, data)
+            headers = _base.request_headers(request_id, idempotency_key)
+            request = self._build(method, path, json, params, headers, files, data)
             try:
                 response = self._http.send(request)
             except httpx.TransportError as e:

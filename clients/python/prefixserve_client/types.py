@@ -208,6 +208,7 @@ class JobInfo(_Model):
     prefix_version: Optional[int] = None
     summary: Optional[dict[str, Any]] = None
     init_from: Optional[dict[str, Any]] = None  # {"name", "version"} the job continues from
+    idempotency_key: Optional[str] = None  # the Idempotency-Key it was submitted with
 
     @property
     def done(self) -> bool:
