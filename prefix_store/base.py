@@ -53,6 +53,7 @@ class PrefixStore(abc.ABC):
     """Versioned store of trained prefixes (see docs/ARCHITECTURE.md, section prefix_store)."""
 
     url: str
+    backend: str  # "disk" or "redis"
 
     def __init__(self) -> None:
         self._subscribers: dict[int, Subscriber] = {}

@@ -100,6 +100,8 @@ def _mkdir_durable(path: Path) -> None:
 
 
 class DiskStore(PrefixStore):
+    backend = "disk"
+
     def __init__(
         self,
         root: str | os.PathLike[str],

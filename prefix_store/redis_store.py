@@ -70,6 +70,8 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 class RedisStore(PrefixStore):
+    backend = "redis"
+
     def __init__(
         self,
         url: str,

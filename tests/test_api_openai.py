@@ -98,8 +98,9 @@ def test_chat_completion_and_streaming(srv, oai):
 
 
 def test_models_and_errors(oai):
-    ids = sorted(m.id for m in oai.models.list())
-    assert ids == ["acme/base", "acme/chat-bot", "acme/default"]
+    models = oai.models.list().data
+    assert sorted(m.id for m in models) == ["acme/base", "acme/chat-bot", "acme/default"]
+    assert {m.max_model_len for m in models} == {512}  # vLLM's field: what the server was started with
     with pytest.raises(openai.NotFoundError) as e:
         oai.completions.create(model="globex/default", prompt="x", max_tokens=2)
     assert e.value.body["code"] == "model_not_found"

@@ -25,6 +25,28 @@ def test_health_and_ready(server_factory):
     assert r.json()["checks"] == {"model": "ok", "engine": "ok", "store": "ok", "lifecycle": "serving"}
 
 
+def test_info_says_what_the_server_runs(server_factory, api_bundle):
+    s = server_factory(keys={"acme": KEY_A}, max_model_len=384, max_num_seqs=12, speculative_tokens=2)
+    assert_error(s.client().get("/info"), 401)  # like every API route when keys are set
+    info = s.client(KEY_A).get("/info").json()
+    assert info["model_fingerprint"] == api_bundle.fingerprint and info["model"] == api_bundle.name
+    assert info["max_model_len"] == 384 and info["max_num_seqs"] == 12 and info["speculative_tokens"] == 2
+    assert info["dtype"] == "float32" and info["device"] == "cpu" and info["cuda_graphs"] == "off"
+    assert info["model_path"] == "llama" and info["architecture"] == "LlamaForCausalLM"
+    assert info["num_layers"] == api_bundle.spec.num_layers and info["vocab_size"] == api_bundle.spec.vocab_size
+    kv = info["kv_cache"]
+    assert kv["bytes"] == kv["blocks"] * s.svc.llm.pool.block_bytes and kv["bytes"] <= 16 * 2**20
+    assert info["store"] == "disk" and info["training"] is True
+    assert info["version"] == __import__("server").__version__ != "0+unknown"
+    import prefixserve_client as ps
+
+    with ps.Client(s.url, api_key=KEY_A) as c:
+        got = c.info()
+        assert isinstance(got, ps.ServerInfo) and got.max_model_len == 384 and got.model_fingerprint
+        assert got.model_extra["kv_cache"] == kv  # fields the SDK does not name are kept
+        assert {m.max_model_len for m in c.models().data} == {384}
+
+
 def test_metrics_present_and_updated(server_factory, api_bundle):
     jobs = FakeJobManager()
     s = server_factory(job_manager=jobs)

@@ -88,6 +88,7 @@ def test_open_store_gives_a_prefix_store(store, backend):
     assert isinstance(store, PrefixStore)
     store.ping()
     assert type(store).__name__ == {"file": "DiskStore", "redis": "RedisStore"}[backend]
+    assert store.backend == {"file": "disk", "redis": "redis"}[backend]  # what GET /info reports
 
 
 def test_put_get_roundtrip(store):

@@ -627,13 +627,24 @@ async def _chat_frames(ch: _Choices, cid: str, usage_mode: UsageMode) -> AsyncIt
 
 
 # --------------------------------------------------------------------------------------------- models
-def _card(meta: Any, root: str) -> ModelCard:
+def _card(meta: Any, svc: Service) -> ModelCard:
     return ModelCard(
         id=f"{meta.tenant_id}/{meta.name}",
         created=int(meta.created),
         owned_by=meta.tenant_id,
-        root=root,
+        root=svc.bundle.name,
         prefix_version=meta.version,
+        max_model_len=svc.llm.max_model_len,
+    )
+
+
+def _base_card(tenant: str, svc: Service) -> ModelCard:
+    return ModelCard(
+        id=f"{tenant}/{BASE_PREFIX}",
+        created=int(svc.started_at),
+        owned_by=tenant,
+        root=svc.bundle.name,
+        max_model_len=svc.llm.max_model_len,
     )
 
 
@@ -643,12 +654,9 @@ def _card(meta: Any, root: str) -> ModelCard:
 async def list_models(request: Request, principal: Principal = Depends(get_principal)) -> ModelList:
     svc = get_service(request)
     metas = await store_call(svc, svc.store.list, principal.tenant_id if not principal.admin else None)
-    cards = [_card(m, svc.bundle.name) for m in metas]
+    cards = [_card(m, svc) for m in metas]
     if not principal.admin and principal.tenant_id is not None:
-        t = principal.tenant_id
-        cards.append(
-            ModelCard(id=f"{t}/{BASE_PREFIX}", created=int(svc.started_at), owned_by=t, root=svc.bundle.name)
-        )
+        cards.append(_base_card(principal.tenant_id, svc))
     return ModelList(data=cards)
 
 
@@ -667,8 +675,6 @@ async def get_model(
     svc = get_service(request)
     tenant, name, _ = parse_model(f"{tenant_id}/{name}", principal)
     if name == BASE_PREFIX:
-        return ModelCard(
-            id=f"{tenant}/{name}", created=int(svc.started_at), owned_by=tenant, root=svc.bundle.name
-        )
+        return _base_card(tenant, svc)
     meta = await store_call(svc, svc.store.get_meta, tenant, name, what="model")
-    return _card(meta, svc.bundle.name)
+    return _card(meta, svc)

@@ -1,18 +1,20 @@
-"""GET /health (alive), GET /ready (model loaded, engine running, store reachable, not draining), GET /metrics."""
+"""GET /health (alive), GET /ready (model loaded, engine running, store reachable, not draining), GET /info (the
+model, its limits and how the server runs it), GET /metrics."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.auth import bearer_scheme
-from server.api.deps import app_state
+from server import __version__
+from server.api.auth import Principal, bearer_scheme, get_principal
+from server.api.deps import app_state, get_service
 from server.api.errors import COMMON_ERRORS, ErrorInfo, SafeJSONResponse, error_body
-from server.api.schemas import Health, Readiness
+from server.api.schemas import Health, Readiness, ServerInfo
 
 router = APIRouter(tags=["operations"])
 
@@ -61,6 +63,46 @@ async def ready(request: Request) -> Any:
         **error_body(503, f"not ready: {failing}", code="not_ready"),
     }
     return SafeJSONResponse(body, 503, headers={"Retry-After": str(st.settings.retry_after_s)})
+
+
+@router.get(
+    "/info",
+    response_model=ServerInfo,
+    responses=COMMON_ERRORS,
+    summary="The model, its limits and how this server runs it (TGI's /info)",
+)
+async def info(request: Request, principal: Principal = Depends(get_principal)) -> ServerInfo:
+    svc = get_service(request)
+    llm, settings, bundle = svc.llm, svc.settings, svc.bundle
+    pool = llm.pool
+    return ServerInfo(
+        version=__version__,
+        model=bundle.name,
+        model_fingerprint=bundle.fingerprint,
+        architecture=type(bundle.hf_model).__name__,
+        model_path=llm.runner.family,
+        dtype=str(bundle.dtype).removeprefix("torch."),
+        device=str(bundle.device),
+        num_layers=bundle.spec.num_layers,
+        vocab_size=bundle.spec.vocab_size,
+        max_model_len=llm.max_model_len,
+        max_num_seqs=llm.cfg.max_num_seqs,
+        max_batched_tokens=llm.cfg.max_num_batched_tokens,
+        max_queued=llm.cfg.max_waiting,
+        kv_cache={
+            "blocks": pool.num_blocks,
+            "block_size": pool.block_size,
+            "bytes": pool.num_blocks * pool.block_bytes,
+        },
+        prefix_cache_bytes=llm.prefix_cache.budget_bytes,
+        prompt_cache=llm.cfg.prompt_cache,
+        speculative_tokens=llm.cfg.speculative_tokens,
+        cuda_graphs=llm.runner.graph_mode if llm.runner.graph_mode == "cuda" else "off",
+        store=svc.store.backend,
+        training=svc.job_manager is not None,
+        default_prompt_format=svc.default_format,
+        tool_call_parser=svc.tool_parser.name,
+    )
 
 
 @router.get(

@@ -21,6 +21,7 @@ from .types import (
     ModelList,
     PrefixInfo,
     Readiness,
+    ServerInfo,
     StreamDelta,
     Tokenized,
     UsageReport,
@@ -480,6 +481,9 @@ class AsyncClient:
     async def detokenize(self, tokens: Sequence[int]) -> str:
         r = await self._request("POST", "/detokenize", json={"tokens": [int(t) for t in tokens]})
         return str(r.json()["prompt"])
+
+    async def info(self) -> ServerInfo:
+        return ServerInfo.model_validate((await self._request("GET", "/info")).json())
 
     async def models(self) -> ModelList:
         return ModelList.model_validate((await self._request("GET", "/v1/models")).json())

@@ -21,6 +21,7 @@ from .types import (
     ModelList,
     PrefixInfo,
     Readiness,
+    ServerInfo,
     StreamDelta,
     Tokenized,
     UsageReport,
@@ -506,6 +507,10 @@ class Client:
         return str(
             self._request("POST", "/detokenize", json={"tokens": [int(t) for t in tokens]}).json()["prompt"]
         )
+
+    def info(self) -> ServerInfo:
+        """``GET /info``: the base model, its fingerprint and limits (``max_model_len``, ...) and how it is run."""
+        return ServerInfo.model_validate(self._request("GET", "/info").json())
 
     def models(self) -> ModelList:
         """``GET /v1/models``: the key's tenant prefixes as OpenAI model ids ``tenant/prefix``."""

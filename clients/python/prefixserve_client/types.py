@@ -122,6 +122,20 @@ class ModelCard(_Model):
     owned_by: Optional[str] = None
     root: Optional[str] = None
     prefix_version: Optional[int] = None
+    max_model_len: Optional[int] = None  # context limit: prefix + prompt + output
+
+
+class ServerInfo(_Model):
+    """``GET /info``: the model, its limits and how the server runs it (every field the server sends is kept)."""
+
+    version: Optional[str] = None
+    model: Optional[str] = None
+    model_fingerprint: Optional[str] = None
+    dtype: Optional[str] = None
+    device: Optional[str] = None
+    max_model_len: Optional[int] = None
+    max_num_seqs: Optional[int] = None
+    training: Optional[bool] = None
 
 
 class ModelList(_Model):
