@@ -33,7 +33,9 @@ def test_info_says_what_the_server_runs(server_factory, api_bundle):
     assert info["max_model_len"] == 384 and info["max_num_seqs"] == 12 and info["speculative_tokens"] == 2
     assert info["dtype"] == "float32" and info["device"] == "cpu" and info["cuda_graphs"] == "off"
     assert info["model_path"] == "llama" and info["architecture"] == "LlamaForCausalLM"
-    assert info["num_layers"] == api_bundle.spec.num_layers and info["vocab_size"] == api_bundle.spec.vocab_size
+    assert (
+        info["num_layers"] == api_bundle.spec.num_layers and info["vocab_size"] == api_bundle.spec.vocab_size
+    )
     kv = info["kv_cache"]
     assert kv["bytes"] == kv["blocks"] * s.svc.llm.pool.block_bytes and kv["bytes"] <= 16 * 2**20
     assert info["store"] == "disk" and info["training"] is True

@@ -531,7 +531,9 @@ class ModelCard(BaseModel):
     owned_by: str
     root: str | None = Field(None, description="The base model")
     prefix_version: int | None = None
-    max_model_len: int | None = Field(None, description="Context limit: prefix + prompt + output (vLLM's field)")
+    max_model_len: int | None = Field(
+        None, description="Context limit: prefix + prompt + output (vLLM's field)"
+    )
 
 
 class ModelList(BaseModel):
@@ -653,19 +655,27 @@ class ServerInfo(BaseModel):
 
     version: str = Field(description="PrefixServe's version")
     model: str = Field(description="The base model (its folder or the embedded model's name)")
-    model_fingerprint: str = Field(description="Prefixes are served only for the base model of this fingerprint")
+    model_fingerprint: str = Field(
+        description="Prefixes are served only for the base model of this fingerprint"
+    )
     architecture: str = Field(description="The model's transformers class")
-    model_path: str = Field(description="`llama`/`gpt2`: the native fast path; `hf`: transformers' own modeling")
+    model_path: str = Field(
+        description="`llama`/`gpt2`: the native fast path; `hf`: transformers' own modeling"
+    )
     dtype: str
     device: str
     num_layers: int
     vocab_size: int
     max_model_len: int = Field(description="Context limit: prefix + prompt + output")
     max_num_seqs: int = Field(description="Requests decoded in one batch at most")
-    max_batched_tokens: int = Field(description="Tokens in one engine step at most (prefill chunks + decodes)")
+    max_batched_tokens: int = Field(
+        description="Tokens in one engine step at most (prefill chunks + decodes)"
+    )
     max_queued: int = Field(description="Requests waiting at most; past it 503 with Retry-After")
     kv_cache: dict[str, int] = Field(description="`blocks`, `block_size` (tokens) and `bytes` of the KV pool")
-    prefix_cache_bytes: int = Field(description="Budget of device-resident prefix KV (LRU in front of the store)")
+    prefix_cache_bytes: int = Field(
+        description="Budget of device-resident prefix KV (LRU in front of the store)"
+    )
     prompt_cache: bool
     speculative_tokens: int
     cuda_graphs: str = Field(description="`cuda`: decode steps replayed as CUDA graphs; `off` otherwise")
