@@ -73,7 +73,7 @@ async def ready(request: Request) -> Any:
 )
 async def info(request: Request, principal: Principal = Depends(get_principal)) -> ServerInfo:
     svc = get_service(request)
-    llm, settings, bundle = svc.llm, svc.settings, svc.bundle
+    llm, bundle = svc.llm, svc.bundle
     pool = llm.pool
     return ServerInfo(
         version=__version__,
