@@ -19,10 +19,16 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# Clients the compatibility tests drive. lorax-client pins huggingface-hub<1 (transformers 5 needs 2.x) but uses
+# only requests + aiohttp (dev extras): installed without its dependencies.
+$(VENV)/.test-tools: $(VENV)/.installed
+	$(PIP) install -q --no-deps lorax-client==0.6.3
+	touch $@
+
 serve: install
 	$(VENV)/bin/prefixserve serve --host $(HOST) --port $(PORT)
 
-test: install
+test: install $(VENV)/.test-tools
 	$(PY) scripts/run_tests.py
 
 lint: install

@@ -383,7 +383,14 @@ def create_app(
     job_manager: Any = None,
 ) -> FastAPI:
     """Build the app; inject `bundle` / `store` / `job_manager` to skip loading them (tests, embedding)."""
-    from server.api import routes_generate, routes_openai, routes_ops, routes_prefixes, routes_usage
+    from server.api import (
+        routes_generate,
+        routes_openai,
+        routes_ops,
+        routes_prefixes,
+        routes_tgi,
+        routes_usage,
+    )
 
     settings = settings or Settings()
     config_loaded = loaded_signatures(settings)  # before the files are read
@@ -426,6 +433,7 @@ def create_app(
         routes_prefixes.admin_router,
         routes_ops.router,
         routes_usage.router,
+        routes_tgi.router,
     )
     for router in routers:
         app.include_router(router)

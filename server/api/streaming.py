@@ -70,11 +70,25 @@ def stream_error(e: APIError) -> dict[str, Any]:
     return body
 
 
+def error_frame(e: APIError) -> bytes:
+    return sse(stream_error(e))
+
+
 class EngineEventStream(StreamingResponse):
+    """`end`: the last frame (None: none, as TGI's protocol has); `error_frame`: the frame of an error after the
+    stream began."""
+
     def __init__(
-        self, runs: GenerationRun | list[GenerationRun], frames: Callable[[], AsyncIterator[bytes]]
+        self,
+        runs: GenerationRun | list[GenerationRun],
+        frames: Callable[[], AsyncIterator[bytes]],
+        *,
+        end: bytes | None = DONE,
+        error_frame: Callable[[APIError], bytes] = error_frame,
     ) -> None:
         self.runs = runs if isinstance(runs, list) else [runs]
+        self._end = end
+        self._error_frame = error_frame
         super().__init__(self._body(frames), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _close(self) -> None:
@@ -86,13 +100,14 @@ class EngineEventStream(StreamingResponse):
             async for frame in frames():
                 yield frame
         except APIError as e:  # failure after the stream began: an error frame, then [DONE]
-            yield sse(stream_error(e))
+            yield self._error_frame(e)
         except Exception:  # a bug: the client still gets an error frame and the end of the stream
             log.exception("stream failed")
-            yield sse(stream_error(APIError(500, "internal server error", code="internal_error")))
+            yield self._error_frame(APIError(500, "internal server error", code="internal_error"))
         finally:
             await self._close()
-        yield DONE
+        if self._end is not None:
+            yield self._end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

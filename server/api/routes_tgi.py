@@ -1,0 +1,433 @@
+"""Text Generation Inference / LoRAX compatible generation under ``/tgi``.
+
+``lorax-client`` and ``text-generation`` post to their base URL: point them at ``http://HOST:PORT/tgi``
+(``POST /tgi`` answers ``[response]``, or Server-Sent Events with ``"stream": true``); ``POST /tgi/generate`` and
+``POST /tgi/generate_stream`` are TGI's own routes. ``parameters.adapter_id`` names the prefix the way ``/v1`` names
+a model (``tenant/prefix``, ``tenant/prefix@3``; ``tenant``: its ``default`` prefix); without one the key's tenant
+runs on the base model. Authentication is the server's (``Authorization: Bearer``, e.g. the clients' ``headers``);
+errors keep the server's error body.
+
+Sampling follows TGI: sampling is on with ``do_sample`` or any of ``temperature`` (other than 1), ``top_k``,
+``top_p`` < 1; greedy otherwise. ``details`` adds the finish reason (``length``, ``eos_token``, ``stop_sequence``),
+token counts, the seed and every generated token with its log-probability; ``decoder_input_details`` the prompt
+tokens (``prefill``); ``return_k_alternatives`` (LoRAX) / ``top_n_tokens`` (TGI) the most likely alternatives.
+A stream sends one event per generated token; the last carries ``generated_text`` and ``details``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.api.auth import Principal, get_principal
+from server.api.deps import get_info, get_service
+from server.api.errors import COMMON_ERRORS, APIError
+from server.api.routes_generate import DISCONNECTED, SSE_DOC, all_events
+from server.api.routes_openai import parse_model
+from server.api.schemas import BASE_PREFIX, Seed
+from server.api.service import (
+    ClientDisconnected,
+    GenerationRun,
+    ResolvedPrefix,
+    Service,
+    race_disconnect,
+    render_prompt,
+    truncate_prompt,
+)
+from server.api.streaming import EngineEventStream, sse, stream_error
+from server.engine import SamplingParams, StructuredOutputs, TokenLogprob
+
+router = APIRouter(prefix="/tgi", tags=["tgi"])
+
+
+# --------------------------------------------------------------------------------------------- request
+class TGIResponseFormat(BaseModel):
+    """LoRAX's ``response_format``: a JSON object, matching ``schema`` when given."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["json_object"]
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+
+class TGIGrammar(BaseModel):
+    """TGI's ``grammar``: ``{"type": "json", "value": <JSON schema>}`` or ``{"type": "regex", "value": "..."}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json", "regex"]
+    value: Any
+
+
+class TGIParameters(BaseModel):
+    """TGI's and LoRAX's generation parameters (every field their clients send)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str | None = Field(None, description="The prefix: `tenant/prefix[@version]` (or `tenant`)")
+    adapter_source: str | None = Field(None, description="`local` or `pbase` (prefixes live in this server)")
+    merged_adapters: dict[str, Any] | None = Field(None, description="Not supported (422)")
+    api_token: str | None = Field(None, description="Ignored: authenticate with the Authorization header")
+    do_sample: bool = False
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Default: the server's max_new_tokens, or the room"
+    )
+    ignore_eos_token: bool = False
+    repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    return_full_text: bool | None = False
+    stop: list[str] = Field(default_factory=list)
+    seed: Seed | None = None
+    temperature: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens")
+    typical_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Only 1 (off)")
+    best_of: int | None = Field(None, ge=1, description="Only 1")
+    watermark: bool = Field(False, description="Not supported (422 when true)")
+    details: bool = False
+    decoder_input_details: bool = False
+    return_k_alternatives: int | None = Field(None, ge=0, description="LoRAX: alternatives of every token")
+    top_n_tokens: int | None = Field(None, ge=0, description="TGI: the most likely tokens at every step")
+    response_format: TGIResponseFormat | None = None
+    grammar: TGIGrammar | None = None
+
+
+class TGIRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str = Field(min_length=1)
+    parameters: TGIParameters = Field(default_factory=TGIParameters)
+    stream: bool = False
+
+
+class TGIResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    generated_text: str
+    details: dict[str, Any] | None = None
+
+
+def _unsupported(param: str, message: str) -> APIError:
+    return APIError(422, message, code="unsupported_parameter", param=f"parameters.{param}")
+
+
+def _target(p: TGIParameters, principal: Principal) -> tuple[str, str, int | None]:
+    """(tenant, prefix name, pinned version) of `adapter_id`."""
+    if p.merged_adapters is not None:
+        raise _unsupported(
+            "merged_adapters", "merged adapters are not supported: name one prefix in adapter_id"
+        )
+    if p.adapter_source not in (None, "local", "pbase"):
+        raise _unsupported(
+            "adapter_source",
+            f"adapter_source {p.adapter_source!r} is not supported: prefixes are trained on or uploaded to this "
+            "server (POST /prefixes, POST /prefixes/{tenant_id}/{name}/upload)",
+        )
+    if p.adapter_id is None:
+        tenant = principal.tenant_id
+        if tenant is None:
+            raise APIError(
+                422,
+                "adapter_id is required without a tenant API key: `tenant/prefix` (`tenant/base`: the base model)",
+                code="missing_tenant_id",
+                param="parameters.adapter_id",
+            )
+        return tenant, BASE_PREFIX, None
+    try:
+        return parse_model(p.adapter_id, principal)
+    except APIError as e:
+        raise APIError(
+            404, f"adapter {p.adapter_id!r} not found", code="model_not_found", param="parameters.adapter_id"
+        ) from e
+
+
+def _sampling(
+    svc: Service, p: TGIParameters, room: int, structured: StructuredOutputs | None
+) -> SamplingParams:
+    if p.typical_p is not None and p.typical_p < 1:
+        raise _unsupported("typical_p", "typical decoding is not supported (typical_p must be 1 or absent)")
+    if p.watermark:
+        raise _unsupported("watermark", "watermarking is not supported")
+    if p.best_of is not None and p.best_of > 1:
+        raise _unsupported("best_of", "best_of above 1 is not supported (use /v1/completions with n)")
+    sample = (
+        p.do_sample
+        or (p.temperature is not None and p.temperature != 1.0)
+        or bool(p.top_k)
+        or (p.top_p is not None and p.top_p < 1.0)
+    )
+    temperature = (1.0 if p.temperature is None else p.temperature) if sample else 0.0
+    alternatives = max(p.return_k_alternatives or 0, p.top_n_tokens or 0)
+    max_tokens = p.max_new_tokens or max(1, min(svc.settings.max_new_tokens, room))
+    return svc.sampling(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=p.top_p if sample and p.top_p is not None else 1.0,
+        top_k=p.top_k if sample and p.top_k else 0,
+        seed=p.seed,
+        stop=p.stop,
+        ignore_eos=p.ignore_eos_token,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        logprobs=alternatives if (p.details or alternatives) else None,
+        logprobs_param="parameters.return_k_alternatives",
+        prompt_logprobs=0 if p.decoder_input_details else None,
+        structured=structured,
+    )
+
+
+async def _structured(svc: Service, p: TGIParameters) -> StructuredOutputs | None:
+    if p.response_format is not None and p.grammar is not None:
+        raise APIError(422, "give response_format or grammar, not both", param="parameters.grammar")
+    if p.response_format is not None:
+        schema = p.response_format.schema_
+        spec = (
+            StructuredOutputs("json_object")
+            if schema is None
+            else StructuredOutputs("json", json.dumps(schema))
+        )
+        return await svc.compile_spec(spec, "parameters.response_format")
+    if p.grammar is not None:
+        g = p.grammar
+        if g.type == "regex":
+            if not isinstance(g.value, str) or not g.value:
+                raise APIError(
+                    422, "a regex grammar's value is a pattern string", param="parameters.grammar.value"
+                )
+            return await svc.compile_spec(StructuredOutputs("regex", g.value), "parameters.grammar.value")
+        schema = json.loads(g.value) if isinstance(g.value, str) else g.value
+        if not isinstance(schema, dict):
+            raise APIError(
+                422, "a json grammar's value is a JSON schema object", param="parameters.grammar.value"
+            )
+        return await svc.compile_spec(
+            StructuredOutputs("json", json.dumps(schema)), "parameters.grammar.value"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------- response
+class _Shape:
+    """How a request's tokens are reported: their texts, which are special, why the output ended."""
+
+    def __init__(self, svc: Service, p: TGIParameters, sampling: SamplingParams) -> None:
+        self.text = svc.token_text
+        self.special = set(getattr(svc.bundle.tokenizer, "all_special_ids", None) or [])
+        self.stop_ids = set(svc.llm.eos_ids) | set(sampling.stop_token_ids)
+        self.p = p
+
+    def token(self, token_id: int, lp: TokenLogprob | None, text: str | None = None) -> dict[str, Any]:
+        tok: dict[str, Any] = {
+            "id": token_id,
+            "text": self.text(token_id) if text is None else text,
+            "logprob": _finite(lp.logprob) if lp is not None else None,
+            "special": token_id in self.special,
+        }
+        if self.p.return_k_alternatives and lp is not None:
+            tok["alternative_tokens"] = [
+                {"id": t, "text": self.text(t), "logprob": _finite(v)}
+                for t, v in lp.top[: self.p.return_k_alternatives]
+            ]
+        return tok
+
+    def top_tokens(self, lp: TokenLogprob | None) -> list[dict[str, Any]]:
+        n = self.p.top_n_tokens or 0
+        if lp is None:
+            return []
+        return [
+            {"id": t, "text": self.text(t), "logprob": _finite(v), "special": t in self.special}
+            for t, v in lp.top[:n]
+        ]
+
+    def finish_reason(self, reason: str | None, last_token: int | None) -> str:
+        if reason == "length":
+            return "length"
+        if last_token is not None and last_token in self.stop_ids and not self.p.ignore_eos_token:
+            return "eos_token"
+        return "stop_sequence"
+
+
+def _finite(x: float) -> float:
+    return x if x > -1e30 else -1e30  # -inf (an impossible token) as JSON can carry it
+
+
+def _prefill(shape: _Shape, ids: list[int], lps: list[TokenLogprob | None] | None) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": t,
+            "text": shape.text(t),
+            "logprob": None if lps is None or lps[i] is None else _finite(lps[i].logprob),
+        }  # type: ignore[union-attr]
+        for i, t in enumerate(ids)
+    ]
+
+
+async def _start(
+    body: TGIRequest, request: Request, principal: Principal
+) -> tuple[GenerationRun, _Shape, list[int]]:
+    svc = get_service(request)
+    info = get_info(request)
+    p = body.parameters
+    tenant, name, version = _target(p, principal)
+    info.tenant, info.prefix = tenant, name
+    if svc.settings.log_prompts:
+        info.prompt = body.inputs
+    prefix: ResolvedPrefix = await svc.resolve(tenant, name, version)
+    info.version = prefix.version
+    structured = await _structured(svc, p)
+    ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.inputs, prefix.prompt_format)
+    ids = truncate_prompt(ids, p.truncate)
+    sampling = _sampling(svc, p, svc.llm.max_model_len - prefix.prefix_length - len(ids), structured)
+    (run,) = await svc.generate_many(
+        info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive
+    )
+    return run, _Shape(svc, p, sampling), ids
+
+
+async def _respond(body: TGIRequest, request: Request, principal: Principal, as_list: bool) -> Any:
+    run, shape, ids = await _start(body, request, principal)
+    if body.stream:
+        return EngineEventStream(run, lambda: _frames(run, shape, body), end=None, error_frame=_error_frame)
+    try:
+        out = await race_disconnect(request.receive, _collect(run, shape, body, ids))
+    except ClientDisconnected:
+        return Response(status_code=DISCONNECTED)
+    finally:
+        await run.close()
+    return JSONResponse([out] if as_list else out)
+
+
+async def _collect(
+    run: GenerationRun, shape: _Shape, body: TGIRequest, prompt_ids: list[int]
+) -> dict[str, Any]:
+    p = body.parameters
+    parts: list[str] = []
+    token_ids: list[int] = []
+    lps: list[TokenLogprob] = []
+    final = None
+    async for ev in all_events(run):
+        parts.append(ev.text)
+        token_ids.extend(ev.token_ids)
+        lps.extend(ev.logprobs or [])
+        final = ev
+    assert final is not None and run.first is not None
+    text = "".join(parts)
+    out: dict[str, Any] = {"generated_text": body.inputs + text if p.return_full_text else text}
+    if p.details:
+        details: dict[str, Any] = {
+            "finish_reason": shape.finish_reason(final.finish_reason, token_ids[-1] if token_ids else None),
+            "prompt_tokens": final.prompt_tokens,
+            "generated_tokens": final.completion_tokens,
+            "seed": p.seed,
+            "prefill": _prefill(shape, prompt_ids, run.first.prompt_logprobs)
+            if p.decoder_input_details
+            else [],
+            "tokens": [shape.token(t, lps[i] if i < len(lps) else None) for i, t in enumerate(token_ids)],
+        }
+        if p.top_n_tokens:
+            details["top_tokens"] = [
+                shape.top_tokens(lps[i] if i < len(lps) else None) for i in range(len(token_ids))
+            ]
+        out["details"] = details
+    return out
+
+
+async def _frames(run: GenerationRun, shape: _Shape, body: TGIRequest) -> AsyncIterator[bytes]:
+    """One event per generated token; a token's text is the output text it completes (the text of an event with
+    several tokens goes with its last one; text held back, as a possible stop string, goes with the token that
+    releases it), so the texts add up to `generated_text`. The last token's event is held until the end to carry
+    `generated_text` and `details`."""
+    p = body.parameters
+    held: dict[str, Any] | None = None
+    index = 0
+    parts: list[str] = []
+    last_token: int | None = None
+    async for ev in all_events(run):
+        parts.append(ev.text)
+        lps = ev.logprobs or []
+        for i, t in enumerate(ev.token_ids):
+            if held is not None:
+                yield sse(held)
+            index += 1
+            lp = lps[i] if i < len(lps) else None
+            last = i == len(ev.token_ids) - 1
+            held = {"index": index, "token": shape.token(t, lp, ev.text if last else ""), "generated_text": None,
+                    "details": None}  # fmt: skip
+            if p.top_n_tokens:
+                held["top_tokens"] = shape.top_tokens(lp)
+            last_token = t
+        if not ev.token_ids and ev.text and held is not None:
+            held["token"]["text"] += ev.text
+        if ev.finished:
+            if held is None:
+                return
+            text = "".join(parts)
+            held["generated_text"] = body.inputs + text if p.return_full_text else text
+            held["details"] = {
+                "finish_reason": shape.finish_reason(ev.finish_reason, last_token),
+                "prompt_tokens": ev.prompt_tokens,
+                "generated_tokens": ev.completion_tokens,
+                "seed": p.seed,
+            }
+            yield sse(held)
+            return
+
+
+def _error_frame(e: APIError) -> bytes:
+    """An error after the stream began: the server's error body, plus TGI's `error_type` so the TGI and LoRAX
+    clients raise their matching exception class."""
+    body = stream_error(e)
+    body["error_type"] = (
+        "overloaded" if e.status in (429, 503) else "validation" if e.status < 500 else "generation"
+    )
+    return sse(body)
+
+
+TGI_DOC = {
+    200: {
+        "description": "JSON, or with `stream: true` Server-Sent Events (`data: {token, generated_text, details}`, "
+        "no `[DONE]`: TGI's protocol)",
+        "content": SSE_DOC[200]["content"],
+    }
+}
+
+
+@router.post(
+    "",
+    response_model=list[TGIResponse],
+    responses={**TGI_DOC, **COMMON_ERRORS},
+    summary="TGI / LoRAX compatible generation (their clients' base URL): [response], or events with stream",
+)
+async def compat_generate(
+    body: TGIRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> Any:
+    return await _respond(body, request, principal, as_list=True)
+
+
+@router.post(
+    "/generate",
+    response_model=TGIResponse,
+    responses=COMMON_ERRORS,
+    summary="TGI's /generate: one response",
+)
+async def tgi_generate(
+    body: TGIRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> Any:
+    return await _respond(body.model_copy(update={"stream": False}), request, principal, as_list=False)
+
+
+@router.post(
+    "/generate_stream",
+    responses={**TGI_DOC, **COMMON_ERRORS},
+    summary="TGI's /generate_stream: one event per token",
+)
+async def tgi_generate_stream(
+    body: TGIRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> Any:
+    return await _respond(body.model_copy(update={"stream": True}), request, principal, as_list=False)

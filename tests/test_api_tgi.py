@@ -1,0 +1,193 @@
+"""TGI / LoRAX compatible routes under /tgi: the same tokens as /generate, TGI's response and stream shapes, the
+clients' parameters mapped (or refused with a 422 naming them), and the LoRAX client itself when it is installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.fixtures.server import assert_error, put_random_prefix
+
+KEY = "sk-acme-tgi"
+PROMPT = "Tell me about the sea"
+
+
+@pytest.fixture
+def srv(server_factory, api_bundle):
+    s = server_factory(keys={"acme": KEY, "globex": "sk-globex"})
+    put_random_prefix(s.store, api_bundle, "acme", "faq", prefix_length=6, seed=3)
+    put_random_prefix(s.store, api_bundle, "globex", "faq", prefix_length=4, seed=4)
+    return s
+
+
+def events(r) -> list[dict]:
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    frames = [f for f in r.text.split("\n\n") if f.strip()]
+    assert (
+        all(f.startswith("data: ") for f in frames) and "[DONE]" not in r.text
+    )  # TGI's protocol has no [DONE]
+    return [json.loads(f[len("data: ") :]) for f in frames]
+
+
+def native(c, **kw) -> dict:
+    r = c.post("/generate", json={"prompt": PROMPT, "prefix": "faq", "max_tokens": 12, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_greedy_output_is_the_native_routes_and_details_describe_it(srv):
+    c = srv.client(KEY)
+    ref = native(c, logprobs=0)
+    body = {"inputs": PROMPT, "parameters": {"adapter_id": "acme/faq", "max_new_tokens": 12, "details": True}}
+    (out,) = c.post("/tgi", json=body).json()  # the clients' base URL answers a list
+    assert out["generated_text"] == ref["text"]
+    d = out["details"]
+    assert [t["id"] for t in d["tokens"]] == [t["id"] for t in ref["logprobs"]]
+    assert [t["logprob"] for t in d["tokens"]] == pytest.approx([t["logprob"] for t in ref["logprobs"]])
+    assert d["generated_tokens"] == ref["usage"]["completion_tokens"] == len(d["tokens"])
+    assert d["prompt_tokens"] == ref["usage"]["prompt_tokens"] and d["prefill"] == [] and d["seed"] is None
+    expected = "length" if ref["finish_reason"] == "length" else "eos_token"
+    assert d["finish_reason"] == expected and all(t["special"] in (True, False) for t in d["tokens"])
+    one = c.post("/tgi/generate", json=body).json()  # TGI's own route: one object
+    assert one["generated_text"] == ref["text"] and one["details"]["tokens"] == d["tokens"]
+    plain = c.post(
+        "/tgi/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "acme/faq@1"}}
+    ).json()
+    assert set(plain) == {"generated_text"} and plain["generated_text"].startswith(
+        ref["text"]
+    )  # no details asked
+    # another tenant's prefix of the same name is another prefix; the base model without adapter_id
+    other = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 12}}).json()
+    base = native(c, prefix="base")
+    assert other["generated_text"] == base["text"] != ref["text"]
+
+
+def test_stream_is_one_event_per_token_adding_up_to_the_text(srv):
+    c = srv.client(KEY)
+    free = native(c, max_tokens=16)["text"]
+    stop = free[len(free) // 2 : len(free) // 2 + 3]  # a stop string the output will reach
+    assert stop.strip() and stop in free
+    ref = native(c, logprobs=0, stop=[stop], max_tokens=16)
+    assert ref["finish_reason"] == "stop" and ref["text"] == free[: free.index(stop)]
+    params = {"adapter_id": "acme/faq", "max_new_tokens": 16, "stop": [stop], "details": True}
+    for path, body in (("/tgi", {"inputs": PROMPT, "parameters": params, "stream": True}),
+                       ("/tgi/generate_stream", {"inputs": PROMPT, "parameters": params})):  # fmt: skip
+        evs = events(c.post(path, json=body))
+        assert [e["index"] for e in evs] == list(range(1, len(evs) + 1))
+        assert [e["token"]["id"] for e in evs] == [t["id"] for t in ref["logprobs"]]
+        assert (
+            "".join(e["token"]["text"] for e in evs) == ref["text"]
+        )  # held-back text goes with a later token
+        assert all(e["generated_text"] is None and e["details"] is None for e in evs[:-1])
+        last = evs[-1]
+        assert last["generated_text"] == ref["text"]
+        assert last["details"]["finish_reason"] == "stop_sequence"
+        assert last["details"]["generated_tokens"] == len(evs)
+    unstreamed = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": params}).json()
+    assert (
+        unstreamed["details"]["finish_reason"] == "stop_sequence"
+        and unstreamed["generated_text"] == ref["text"]
+    )
+    # an output ended by EOS has it as its last token (forced here by logit_bias, which TGI has not): "eos_token"
+    eos = next(iter(srv.svc.llm.eos_ids))
+    forced = native(c, logit_bias={str(eos): 100.0}, logprobs=0)
+    assert forced["finish_reason"] == "stop" and forced["logprobs"][-1]["id"] == eos
+    from server.api.routes_tgi import TGIParameters, _Shape
+
+    sampling = srv.svc.sampling(max_tokens=4, temperature=0, top_p=1, top_k=0, seed=None, stop=None)
+    shape = _Shape(srv.svc, TGIParameters(), sampling)
+    assert shape.finish_reason("stop", eos) == "eos_token" and shape.finish_reason("length", eos) == "length"
+    other = next(t for t in range(10) if t not in srv.svc.llm.eos_ids)
+    assert shape.finish_reason("stop", other) == "stop_sequence"
+
+
+def test_sampling_parameters_follow_tgi(srv):
+    c = srv.client(KEY)
+    p = {"adapter_id": "acme/faq", "max_new_tokens": 10, "seed": 7}
+    # TGI samples when do_sample or a warper is set; seeded sampling is reproducible and matches /generate's
+    sampled = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "do_sample": True}}).json()
+    again = c.post(
+        "/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "temperature": 1.0, "do_sample": True}}
+    )
+    assert again.json()["generated_text"] == sampled["generated_text"]
+    ref = native(c, max_tokens=10, seed=7, temperature=1.0)
+    assert sampled["generated_text"] == ref["text"]
+    warm = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "temperature": 0.7}}).json()
+    assert warm["generated_text"] == native(c, max_tokens=10, seed=7, temperature=0.7)["text"]
+    greedy = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": p}).json()  # seed alone: greedy
+    assert greedy["generated_text"] == native(c, max_tokens=10)["text"]
+    full = c.post(
+        "/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "return_full_text": True}}
+    ).json()
+    assert full["generated_text"] == PROMPT + greedy["generated_text"]
+    # alternatives (LoRAX) and top tokens (TGI); the prompt's tokens with decoder_input_details
+    alt = {**p, "details": True, "return_k_alternatives": 3, "top_n_tokens": 2, "decoder_input_details": True}
+    d = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": alt}).json()["details"]
+    for tok, top in zip(d["tokens"], d["top_tokens"], strict=True):
+        assert len(tok["alternative_tokens"]) == 3 and len(top) == 2
+        assert tok["alternative_tokens"][0]["logprob"] >= tok["alternative_tokens"][1]["logprob"]
+        assert tok["id"] == tok["alternative_tokens"][0]["id"]  # greedy: the most likely token
+    tok = c.post("/tokenize", json={"prompt": PROMPT, "prefix": "faq"}).json()
+    assert [t["id"] for t in d["prefill"]] == tok["tokens"] and d["prefill"][0]["logprob"] is None
+    assert all(isinstance(t["logprob"], float) and t["logprob"] <= 0 for t in d["prefill"][1:])
+    # structured output: LoRAX's response_format and TGI's grammar
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    rf = {**p, "max_new_tokens": 40, "response_format": {"type": "json_object", "schema": schema}}
+    text = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": rf}).json()["generated_text"]
+    assert isinstance(json.loads(text)["n"], int)
+    rx = {**p, "grammar": {"type": "regex", "value": "(yes|no)"}}
+    assert c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": rx}).json()["generated_text"] in (
+        "yes",
+        "no",
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "param"),
+    [
+        ({"adapter_id": "globex/faq"}, 404, "parameters.adapter_id"),  # another tenant's: not found, no leak
+        ({"adapter_id": "acme/missing"}, 404, None),
+        ({"adapter_id": "acme/faq", "adapter_source": "hub"}, 422, "parameters.adapter_source"),
+        ({"merged_adapters": {"ids": ["a", "b"]}}, 422, "parameters.merged_adapters"),
+        ({"typical_p": 0.5}, 422, "parameters.typical_p"),
+        ({"watermark": True}, 422, "parameters.watermark"),
+        ({"best_of": 2}, 422, "parameters.best_of"),
+        ({"temperature": -1}, 422, None),
+        ({"max_new_tokens": 10**6}, 422, "max_tokens"),
+        ({"surprise": 1}, 422, None),
+        ({"grammar": {"type": "regex", "value": "("}}, 422, "parameters.grammar.value"),
+        ({"grammar": {"type": "json", "value": 3}}, 422, "parameters.grammar.value"),
+    ],
+)
+def test_bad_parameters_are_refused_with_the_error_body(srv, params, status, param):
+    c = srv.client(KEY)
+    err = assert_error(c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": params}), status)
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_auth_and_tenant_rules_are_the_servers(srv, server_factory):
+    assert_error(srv.client().post("/tgi", json={"inputs": PROMPT}), 401)
+    open_srv = server_factory()
+    err = assert_error(open_srv.client().post("/tgi/generate", json={"inputs": PROMPT}), 422)
+    assert err["param"] == "parameters.adapter_id"  # no tenant key: the adapter must name the tenant
+    ok = open_srv.client().post(
+        "/tgi/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "acme/base"}}
+    )
+    assert ok.status_code == 200 and isinstance(ok.json()["generated_text"], str)
+
+
+def test_the_lorax_client_works_against_it(srv):
+    lorax = pytest.importorskip("lorax", reason="lorax-client is not installed (make install adds it)")
+    client = lorax.Client(f"{srv.url}/tgi", headers={"Authorization": f"Bearer {KEY}"})
+    ref = native(srv.client(KEY), max_tokens=12, logprobs=0)
+    resp = client.generate(PROMPT, adapter_id="acme/faq", max_new_tokens=12, details=True)
+    assert resp.generated_text == ref["text"] and [t.id for t in resp.details.tokens] == [
+        t["id"] for t in ref["logprobs"]
+    ]
+    streamed = list(client.generate_stream(PROMPT, adapter_id="acme/faq", max_new_tokens=12))
+    assert "".join(r.token.text for r in streamed) == ref["text"] == streamed[-1].generated_text
+    assert streamed[-1].details.generated_tokens == len(streamed)
+    with pytest.raises(lorax.errors.NotFoundError):
+        client.generate(PROMPT, adapter_id="acme/nope")
