@@ -404,6 +404,33 @@ def _kill_ghost(jm: JobManager, claim) -> None:
         os.close(claim.fd)
 
 
+def test_disk_submission_interrupted_before_its_queue_marker(tiny_llama_bundle, tmp_path, monkeypatch):
+    """A submission refused while writing (disk full at the last step) leaves nothing; one whose process died
+    before the queue marker (its record, tenant slot and key written) is enqueued by the next reclaim and runs."""
+    store = open_store(f"file://{tmp_path / 'store'}")
+    jm = JobManager(tiny_llama_bundle, store, **{**FAST, "in_process_workers": 0}, max_jobs_per_tenant=1)
+    backend = jm.backend
+    real = backend._enqueue
+
+    def full(rec):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(backend, "_enqueue", full)
+    with pytest.raises(StoreUnavailable):
+        jm.submit_once(request_(epochs=1), "k-1")
+    assert jm.list() == [] and backend.find_submitted("acme", "k-1") is None
+    monkeypatch.setattr(backend, "_enqueue", real)
+    rec, _ = jm.submit_once(request_(epochs=1), "k-1")  # the tenant's slot was given back
+    for marker in backend._dirs["queue"].iterdir():  # the state a crash before the marker leaves
+        marker.unlink()
+    assert backend.claim("w") is None
+    assert backend.reclaim_stale() == [rec.job_id]
+    assert backend.reclaim_stale() == []  # once
+    assert jm.run_one("w") and jm.get(rec.job_id).status == "succeeded"
+    jm.shutdown()
+    store.close()
+
+
 def test_dead_worker_job_is_taken_over(managers, store):
     api = managers()
     rec = api.submit(request_(epochs=2))

@@ -224,16 +224,25 @@ class DiskJobBackend:
                         f"tenant {rec.tenant_id!r} already has {len(active)} queued or running training jobs "
                         f"(max {max_active}); wait for one to finish or cancel one"
                     )
-                _write_atomic(self._examples(rec.job_id), json.dumps(examples))
-                self._write(rec)
-                _touch(self._active(rec.tenant_id, rec.job_id))
-                if (
-                    rec.idempotency_key is not None
-                ):  # before the queue marker: a job is never claimed without it
-                    slot = self._idempotency(rec.tenant_id, rec.idempotency_key)
-                    slot.parent.mkdir(parents=True, exist_ok=True)
-                    _write_atomic(slot, rec.job_id)
-                self._enqueue(rec)
+                key = rec.idempotency_key
+                slot = None if key is None else self._idempotency(rec.tenant_id, key)
+                try:
+                    _write_atomic(self._examples(rec.job_id), json.dumps(examples))
+                    self._write(rec)
+                    _touch(self._active(rec.tenant_id, rec.job_id))
+                    if slot is not None:
+                        # before the queue marker: a job is never claimed without it
+                        slot.parent.mkdir(parents=True, exist_ok=True)
+                        _write_atomic(slot, rec.job_id)
+                    self._enqueue(rec)
+                except OSError:  # refused (the caller answers 503): leave nothing behind
+                    written = (slot, self._active(rec.tenant_id, rec.job_id), self._record(rec.job_id),
+                               self._examples(rec.job_id))  # fmt: skip
+                    for path in written:
+                        if path is not None:
+                            with contextlib.suppress(OSError):
+                                _unlink(path)
+                    raise
                 return rec
             finally:
                 self._unlock(lock_fd)
@@ -369,10 +378,43 @@ class DiskJobBackend:
         """Let go of a claim without touching the record (it was taken over)."""
         self._let_go(claim)
 
+    def _requeue_orphans(self) -> list[str]:
+        """Queued jobs without a queue marker (the submitting process died between writing the record and the
+        marker; its client got no answer, but the job holds a slot of the tenant's limit and its Idempotency-Key
+        answers with it): give them their marker. Under the submit lock, so no creation is in progress, and each
+        job's lock, so no claim is."""
+        found: list[str] = []
+        lock_fd = os.open(self.root / "submit.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            queued = {m.name.split("-", 1)[-1] for m in self._dirs["queue"].iterdir()}
+            for entry in self._dirs["active"].glob("*/*"):
+                job_id = entry.name
+                if job_id in queued or self._running(job_id).exists():
+                    continue
+                fd = self._trylock(job_id)
+                if fd is None:  # a worker holds it
+                    continue
+                try:
+                    rec = self._read(job_id)
+                    if rec is not None and rec.status == "queued":
+                        self._enqueue(rec)
+                        found.append(job_id)
+                        log.warning(
+                            "job %s: queued without a queue marker (its submitter died); enqueued", job_id
+                        )
+                finally:
+                    self._unlock(fd)
+        finally:
+            self._unlock(lock_fd)
+        return found
+
     def reclaim_stale(self) -> list[str]:
-        """Requeue or fail the running jobs whose worker died (lock free) or hung (no heartbeat)."""
+        """Requeue or fail the running jobs whose worker died (lock free) or hung (no heartbeat); enqueue queued
+        jobs whose submitter died before their queue marker."""
         touched = []
         try:
+            touched += self._requeue_orphans()
             markers = list(self._dirs["running"].iterdir())
         except OSError:
             return touched
