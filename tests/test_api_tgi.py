@@ -154,7 +154,8 @@ def test_sampling_parameters_follow_tgi(srv):
         ({"watermark": True}, 422, "parameters.watermark"),
         ({"best_of": 2}, 422, "parameters.best_of"),
         ({"temperature": -1}, 422, None),
-        ({"max_new_tokens": 10**6}, 422, "max_tokens"),
+        ({"max_new_tokens": 10**6}, 422, "parameters.max_new_tokens"),
+        ({"stop": ["x" * 10_000]}, 422, "parameters.stop"),
         ({"surprise": 1}, 422, None),
         ({"grammar": {"type": "regex", "value": "("}}, 422, "parameters.grammar.value"),
         ({"grammar": {"type": "json", "value": 3}}, 422, "parameters.grammar.value"),
@@ -165,6 +166,14 @@ def test_bad_parameters_are_refused_with_the_error_body(srv, params, status, par
     err = assert_error(c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": params}), status)
     if param is not None:
         assert err["param"] == param, err
+        if param == "parameters.max_new_tokens":
+            assert err["message"].startswith("max_new_tokens must be at most"), err
+
+
+def test_a_prompt_past_the_context_names_inputs(srv):
+    long = "sea " * 2000
+    err = assert_error(srv.client(KEY).post("/tgi/generate", json={"inputs": long}), 413)
+    assert err["param"] == "inputs", err
 
 
 def test_auth_and_tenant_rules_are_the_servers(srv, server_factory):

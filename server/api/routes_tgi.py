@@ -16,8 +16,9 @@ A stream sends one event per generated token; the last carries ``generated_text`
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -111,6 +112,29 @@ class TGIResponse(BaseModel):
 
     generated_text: str
     details: dict[str, Any] | None = None
+
+
+# the server's field names in its errors -> the TGI body's
+_PARAMS = {
+    "max_tokens": "parameters.max_new_tokens",
+    "stop": "parameters.stop",
+    "prompt": "inputs",
+    "prefix": "parameters.adapter_id",
+    "prefix_version": "parameters.adapter_id",
+}
+
+
+@contextlib.contextmanager
+def _tgi_names() -> Iterator[None]:
+    """Errors of the shared request checks name the TGI body's fields."""
+    try:
+        yield
+    except APIError as e:
+        if e.param in _PARAMS:
+            old, e.param = e.param, _PARAMS[e.param]
+            e.message = e.message.replace(old, e.param.removeprefix("parameters."), 1)
+            e.args = (e.message,)
+        raise
 
 
 def _unsupported(param: str, message: str) -> APIError:
@@ -278,15 +302,16 @@ async def _start(
     info.tenant, info.prefix = tenant, name
     if svc.settings.log_prompts:
         info.prompt = body.inputs
-    prefix: ResolvedPrefix = await svc.resolve(tenant, name, version)
-    info.version = prefix.version
-    structured = await _structured(svc, p)
-    ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.inputs, prefix.prompt_format)
-    ids = truncate_prompt(ids, p.truncate)
-    sampling = _sampling(svc, p, svc.llm.max_model_len - prefix.prefix_length - len(ids), structured)
-    (run,) = await svc.generate_many(
-        info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive
-    )
+    with _tgi_names():
+        prefix: ResolvedPrefix = await svc.resolve(tenant, name, version)
+        info.version = prefix.version
+        structured = await _structured(svc, p)
+        ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.inputs, prefix.prompt_format)
+        ids = truncate_prompt(ids, p.truncate)
+        sampling = _sampling(svc, p, svc.llm.max_model_len - prefix.prefix_length - len(ids), structured)
+        (run,) = await svc.generate_many(
+            info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive
+        )
     return run, _Shape(svc, p, sampling), ids
 
 
