@@ -489,6 +489,43 @@ def test_a_stop_string_held_back_with_a_partial_character_is_still_cut():
     assert "".join(d.add(i)[0] for i in (1, 2, 3, 4)) + d.finish() == "say END€" and not d.stopped
 
 
+def test_stop_strings_count_from_min_tokens_on():
+    """vLLM's rule: with min_tokens, a stop string ends the output only once it takes in text of the min_tokens-th
+    token or a later one; one complete before is plain text (it used to end a min_tokens=5 request after 1 token)."""
+    from server.engine.detokenizer import IncrementalDetokenizer
+
+    tok = _ByteTokenizer({1: b"a.", 2: b"b", 3: b"c.", 4: b"d", 5: b"x"})
+    d = IncrementalDetokenizer(tok, [5], (".",), min_tokens=3)
+    out = [d.add(i) for i in (1, 2, 3)]
+    assert [hit for _, hit in out] == [False, False, True]
+    assert "".join(t for t, _ in out) == "a.bc" and d.stopped  # the "." of token 1 is text; token 3's stops
+    # a stop string straddling the min_tokens-th token counts; one wholly before it does not
+    d = IncrementalDetokenizer(tok, [5], ("bc",), min_tokens=3)
+    assert [d.add(i)[1] for i in (1, 2, 3)] == [False, False, True] and d.text == "a."
+    d = IncrementalDetokenizer(tok, [5], ("a.",), min_tokens=2)
+    out = [d.add(i) for i in (1, 2, 3, 4)]
+    assert not any(hit for _, hit in out) and "".join(t for t, _ in out) + d.finish() == "a.bc.d"
+
+
+def test_min_tokens_holds_off_a_stop_string_in_the_engine(setup):
+    b, keys = setup
+    k0 = next(iter(keys))
+    eng = make_engine(b, keys)
+    for seed in range(50):  # a prompt whose first output token is whole printable text: the stop string
+        prompt = random_prompt(b.spec.vocab_size, 6, seed)
+        plain = eng.generate([Request("p", prompt, SamplingParams(max_tokens=8, ignore_eos=True), k0)])[0]
+        stop = b.tokenizer.decode(plain.token_ids[:1])
+        if stop.strip() and stop.isprintable() and stop.isascii():
+            break
+    early = eng.generate(
+        [Request("s", prompt, SamplingParams(max_tokens=8, ignore_eos=True, stop=(stop,)), k0)]
+    )
+    assert early[0].token_ids == plain.token_ids[:1] and early[0].finish_reason == "stop"
+    held = SamplingParams(max_tokens=8, ignore_eos=True, stop=(stop,), min_tokens=5)
+    out = eng.generate([Request("m", prompt, held, k0)])[0]
+    assert len(out.token_ids) >= 5 and out.token_ids == plain.token_ids[: len(out.token_ids)]
+
+
 def test_text_is_the_same_streamed_or_not_with_a_sentencepiece_style_tokenizer():
     """Metaspace decoders (Llama 2, Mistral) drop the leading space of whatever they decode first: an output decoded
     alone lost its first space, so a request's text depended on whether it was streamed or had a stop string."""

@@ -25,10 +25,20 @@ def decode_output(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
 
 class IncrementalDetokenizer:
     def __init__(
-        self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...], include_stop: bool = False
+        self,
+        tokenizer,
+        prompt_ids: list[int],
+        stop: tuple[str, ...],
+        include_stop: bool = False,
+        *,
+        min_tokens: int = 0,
     ) -> None:
+        """`min_tokens`: stop strings count only from the token that reaches it on (vLLM's rule: a match must
+        take in text of that token or a later one; EOS and stop token ids are banned until then by the sampler)."""
         self.tok = tokenizer
         self.stop = stop
+        self.min_tokens = min_tokens
+        self.generated = 0  # tokens added
         self.include_stop = include_stop  # the text ends with the stop string that ended it (else before it)
         self.hold = max((len(s) for s in stop), default=1) - 1
         # context, so the first tokens decode with their spacing
@@ -45,6 +55,7 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> tuple[str, bool]:
         """Add one token; returns (text delta safe to emit, stop string hit)."""
         self.ids.append(token_id)
+        self.generated += 1
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
@@ -61,7 +72,7 @@ class IncrementalDetokenizer:
 
     def _cut_at_stop(self, start: int) -> bool:
         """Whether the text from `start` on completes a stop string; if so the text ends there."""
-        if not self.stop:
+        if not self.stop or self.generated < self.min_tokens:
             return False
         # a stop string may straddle the previous text; search from where it could begin
         lo = max(0, start - self.hold)

@@ -50,7 +50,11 @@ class Sequence:
         self.spec_wait = 0
         self.detok = (
             IncrementalDetokenizer(
-                tokenizer, self.prompt, req.sampling.stop, req.sampling.include_stop_str_in_output
+                tokenizer,
+                self.prompt,
+                req.sampling.stop,
+                req.sampling.include_stop_str_in_output,
+                min_tokens=req.sampling.min_tokens,
             )
             if (req.sampling.stop or req.stream_text)
             else None
