@@ -247,6 +247,34 @@ def test_abort_frees_kv(tiny_llama_bundle):
     assert not eng.abort("x")
 
 
+def test_a_request_aborted_by_another_rows_callback_gets_nothing_more(tiny_llama_bundle):
+    """A callback that aborts another request in the middle of a step (a client reacting to one stream by
+    cancelling another): that request's next row in the step is skipped; it ends once, as aborted."""
+    b = tiny_llama_bundle
+    eng = make_engine(b, {})
+    seen: dict[str, list] = {"a": [], "b": []}
+
+    def on_a(ev) -> None:
+        seen["a"].append(ev)
+        if len(seen["a"]) == 3:
+            eng.abort("b")
+
+    vocab = b.spec.vocab_size
+    eng.add_request(
+        Request("a", random_prompt(vocab, 5, 1), SamplingParams(max_tokens=8, ignore_eos=True)), on_a
+    )
+    eng.add_request(
+        Request("b", random_prompt(vocab, 5, 2), SamplingParams(max_tokens=3, ignore_eos=True)),
+        seen["b"].append,
+    )
+    returned = []
+    while eng.has_unfinished():
+        returned += [e for e in eng.step() if e.request_id == "b"]
+    assert [e.finish_reason for e in seen["b"] if e.finished] == ["abort"]
+    assert not any(e.finished for e in returned) and sum(len(e.token_ids) for e in returned) == 2
+    assert eng.pool.num_used == 0
+
+
 def test_admission_limits(tiny_llama_bundle):
     b = tiny_llama_bundle
     eng = LLMEngine(

@@ -268,6 +268,8 @@ class LLMEngine:
             it.seq.num_cached += it.num_tokens - len(it.draft)
         now = time.monotonic()
         for i, (seq, tok) in enumerate(zip(samplers, res.tokens, strict=True)):
+            if seq.status is not SeqStatus.RUNNING:  # ended by an earlier row's event callback (abort)
+                continue
             if i in grammar_failed:
                 seq.error, seq.error_type = f"structured output: {grammar_failed[i]}", "GrammarError"
                 events.append(self._finish(seq, "error"))
@@ -295,7 +297,7 @@ class LLMEngine:
                 ev = self._append(seq, tok, now, emitted_lps[j] if emitted_lps else None)
                 if ev is not None:
                     events.append(ev)
-                    if ev.finished:
+                    if ev.finished or seq.status is not SeqStatus.RUNNING:  # its own callback may abort it
                         break
             self.scheduler.register_accepted(seq)
         if self.on_step is not None:
