@@ -29,6 +29,7 @@ from server.training import (
     TrainingValidationError,
     run_worker,
 )
+from server.training import backend_disk as jobs_disk
 from server.training import jobs as jobs_mod
 from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
 
@@ -404,31 +405,81 @@ def _kill_ghost(jm: JobManager, claim) -> None:
         os.close(claim.fd)
 
 
-def test_disk_submission_interrupted_before_its_queue_marker(tiny_llama_bundle, tmp_path, monkeypatch):
-    """A submission refused while writing (disk full at the last step) leaves nothing; one whose process died
-    before the queue marker (its record, tenant slot and key written) is enqueued by the next reclaim and runs."""
+class _Crash(BaseException):
+    """The process dying at that point (nothing after it runs, no clean-up)."""
+
+
+def test_disk_submission_interrupted_at_each_step(tiny_llama_bundle, tmp_path, monkeypatch):
+    """A submission refused while writing (disk full) leaves nothing. One whose process died part-way leaves either
+    nothing visible (before its record: the reclaimer drops the tenant's slot it took, a retry with its key makes
+    one job) or a job (after its record: the retry answers with it and the reclaimer enqueues it): one key, one
+    job, run once."""
     store = open_store(f"file://{tmp_path / 'store'}")
     jm = JobManager(tiny_llama_bundle, store, **{**FAST, "in_process_workers": 0}, max_jobs_per_tenant=1)
     backend = jm.backend
-    real = backend._enqueue
 
-    def full(rec):
-        raise OSError(28, "No space left on device")
+    def fail_with(exc):
+        def f(*a, **k):
+            raise exc
 
-    monkeypatch.setattr(backend, "_enqueue", full)
-    with pytest.raises(StoreUnavailable):
-        jm.submit_once(request_(epochs=1), "k-1")
+        return f
+
+    with monkeypatch.context() as m:  # disk full at the last step: 503, nothing left
+        m.setattr(backend, "_enqueue", fail_with(OSError(28, "No space left on device")))
+        with pytest.raises(StoreUnavailable):
+            jm.submit_once(request_(epochs=1), "k-1")
     assert jm.list() == [] and backend.find_submitted("acme", "k-1") is None
-    monkeypatch.setattr(backend, "_enqueue", real)
-    rec, _ = jm.submit_once(request_(epochs=1), "k-1")  # the tenant's slot was given back
-    for marker in backend._dirs["queue"].iterdir():  # the state a crash before the marker leaves
-        marker.unlink()
+    assert not any(backend._dirs["active"].glob("*/*"))
+    write_atomic = jobs_disk._write_atomic
+
+    def crash_at_key(path, text):
+        if "idempotency" in path.parts:
+            raise _Crash()
+        write_atomic(path, text)
+
+    for where, target, fn in (
+        (jobs_disk, "_write_atomic", crash_at_key),
+        (backend, "_write", fail_with(_Crash())),
+    ):
+        with monkeypatch.context() as m:  # dies writing its key, or before its record
+            m.setattr(where, target, fn)
+            with pytest.raises(_Crash):
+                jm.submit_once(request_(epochs=1), "k-1")
+        assert jm.list() == [] and backend.find_submitted("acme", "k-1") is None
+        assert backend.reclaim_stale() == []
+        assert not any(backend._dirs["active"].glob("*/*"))  # the tenant's slot is given back
+    with monkeypatch.context() as m:  # dies after the record, before the queue marker
+        m.setattr(backend, "_enqueue", fail_with(_Crash()))
+        with pytest.raises(_Crash):
+            jm.submit_once(request_(epochs=1), "k-1")
+    (rec,) = jm.list()
+    again, replayed = jm.submit_once(request_(epochs=1), "k-1")  # the client's retry
+    assert replayed and again.job_id == rec.job_id
     assert backend.claim("w") is None
     assert backend.reclaim_stale() == [rec.job_id]
     assert backend.reclaim_stale() == []  # once
     assert jm.run_one("w") and jm.get(rec.job_id).status == "succeeded"
+    assert [r.job_id for r in jm.list()] == [rec.job_id] and len(store.versions("acme", "bot")) == 1
     jm.shutdown()
     store.close()
+
+
+def test_an_idempotency_key_compares_the_request_not_its_spelling(managers):
+    """The same request written another accepted way (hyperparameters nested or at the top level, `lr`, a null or
+    absent field, 2 or 2.0) is the same submission; a different value is not."""
+    jm = managers(max_jobs_per_tenant=3)
+    base = {k: v for k, v in request_().items() if k != "hyperparameters"}
+    first, _ = jm.submit_once({**base, "hyperparameters": {"epochs": 2, "learning_rate": 0.001}}, "k")
+    for variant in (
+        {**base, "epochs": 2, "learning_rate": 1e-3},
+        {**base, "hyperparameters": {"epochs": 2.0, "lr": 0.001}},
+        {**base, "epochs": 2, "hyperparameters": {"learning_rate": 0.001, "seed": None}},
+        {**base, "init_from": None, "hyperparameters": {"epochs": 2, "learning_rate": 0.001}},
+    ):
+        rec, replayed = jm.submit_once(variant, "k")
+        assert replayed and rec.job_id == first.job_id, variant
+    with pytest.raises(IdempotencyKeyReused):
+        jm.submit_once({**base, "hyperparameters": {"epochs": 3, "learning_rate": 0.001}}, "k")
 
 
 def test_dead_worker_job_is_taken_over(managers, store):

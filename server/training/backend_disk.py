@@ -226,14 +226,16 @@ class DiskJobBackend:
                     )
                 key = rec.idempotency_key
                 slot = None if key is None else self._idempotency(rec.tenant_id, key)
+                # The order is what a crash between two steps leaves: the key first (pointing to no record it
+                # means nothing), the record last but for the queue marker (a record is a job: its key answers
+                # with it, and the reclaimer enqueues it or drops the leftovers of one never written).
                 try:
-                    _write_atomic(self._examples(rec.job_id), json.dumps(examples))
-                    self._write(rec)
-                    _touch(self._active(rec.tenant_id, rec.job_id))
                     if slot is not None:
-                        # before the queue marker: a job is never claimed without it
                         slot.parent.mkdir(parents=True, exist_ok=True)
                         _write_atomic(slot, rec.job_id)
+                    _write_atomic(self._examples(rec.job_id), json.dumps(examples))
+                    _touch(self._active(rec.tenant_id, rec.job_id))
+                    self._write(rec)
                     self._enqueue(rec)
                 except OSError:  # refused (the caller answers 503): leave nothing behind
                     written = (slot, self._active(rec.tenant_id, rec.job_id), self._record(rec.job_id),
@@ -381,8 +383,9 @@ class DiskJobBackend:
     def _requeue_orphans(self) -> list[str]:
         """Queued jobs without a queue marker (the submitting process died between writing the record and the
         marker; its client got no answer, but the job holds a slot of the tenant's limit and its Idempotency-Key
-        answers with it): give them their marker. Under the submit lock, so no creation is in progress, and each
-        job's lock, so no claim is."""
+        answers with it): give them their marker. A tenant's active entry without a record (it died before the
+        record) is dropped. Under the submit lock, so no creation is in progress, and each job's lock, so no claim
+        is."""
         found: list[str] = []
         lock_fd = os.open(self.root / "submit.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -397,7 +400,11 @@ class DiskJobBackend:
                     continue
                 try:
                     rec = self._read(job_id)
-                    if rec is not None and rec.status == "queued":
+                    if rec is None and not self._record(job_id).exists():  # its record was never written
+                        _unlink(entry)
+                        _unlink(self._examples(job_id))
+                        log.warning("job %s: a submission that died before its record; cleared", job_id)
+                    elif rec is not None and rec.status == "queued":
                         self._enqueue(rec)
                         found.append(job_id)
                         log.warning(
@@ -486,13 +493,18 @@ class DiskJobBackend:
                     _unlink(p)
                     _unlink(self._lock(rec.job_id))
                     n += 1
-        for slot in self._dirs["idempotency"].glob("*/*"):
-            if slot.name.startswith("."):  # a slot being written
-                continue
-            with contextlib.suppress(OSError):
-                old = time.time() - slot.stat().st_mtime > IDEMPOTENCY_TTL_S
-                if old or not self._record(slot.read_text(encoding="utf-8").strip()).exists():
-                    _unlink(slot)
+        lock_fd = os.open(self.root / "submit.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # no submission writes a key meanwhile
+            for slot in self._dirs["idempotency"].glob("*/*"):
+                if slot.name.startswith("."):  # the temporary file of a write that died
+                    continue
+                with contextlib.suppress(OSError):
+                    old = time.time() - slot.stat().st_mtime > IDEMPOTENCY_TTL_S
+                    if old or not self._record(slot.read_text(encoding="utf-8").strip()).exists():
+                        _unlink(slot)
+        finally:
+            self._unlock(lock_fd)
         return n
 
     def close(self) -> None:

@@ -104,6 +104,41 @@ TOP_LEVEL_FIELDS = {
 }
 
 
+def canonical_request(request: Any) -> Any:
+    """The form of a submission that its Idempotency-Key is compared by: one logical request in any of the
+    accepted spellings gives one form (hyperparameters at the top level or nested, `lr` or `learning_rate`, a field
+    null or absent, 2 or 2.0)."""
+
+    def norm(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+            return int(v)
+        if isinstance(v, Mapping):
+            return {k: norm(x) for k, x in v.items() if x is not None}
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        return v
+
+    if not isinstance(request, Mapping):
+        return request
+    out: dict[str, Any] = {}
+    hp: dict[str, Any] = {}
+    nested = request.get("hyperparameters")
+    for key, v in request.items():
+        if v is None or key == "hyperparameters":
+            continue
+        if key in TOP_LEVEL_FIELDS:
+            out[key] = norm(v)
+        else:
+            hp[HP_ALIASES.get(key, key)] = norm(v)
+    if isinstance(nested, Mapping):
+        hp.update({HP_ALIASES.get(k, k): norm(v) for k, v in nested.items() if v is not None})
+    elif nested is not None:  # not an object: invalid, compared as given
+        out["hyperparameters"] = norm(nested)
+    if hp:
+        out["hyperparameters"] = hp
+    return out
+
+
 def default_hyperparameters(method: str) -> Hyperparameters:
     check_method(method)
     return DEFAULTS[method]

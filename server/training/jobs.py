@@ -38,6 +38,7 @@ from server.training.config import (
     TrainingCancelled,
     TrainingLimits,
     TrainingValidationError,
+    canonical_request,
     check_init_from,
     parse_request,
 )
@@ -246,7 +247,7 @@ class JobManager:
         remembered: IDEMPOTENCY_TTL_S, or until the job's record is pruned): a repeat of a submission returns the
         job the first one created, with True (replayed). The same key with a different request raises
         IdempotencyKeyReused."""
-        digest = request_digest(request) if idempotency_key is not None else None
+        digest = request_digest(canonical_request(request)) if idempotency_key is not None else None
         tenant = request.get("tenant_id")
         if idempotency_key is not None and is_valid_name(
             tenant
