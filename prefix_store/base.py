@@ -24,6 +24,7 @@ import torch
 
 from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError
 from prefix_store.format import (
+    IDEMPOTENCY,
     ChangeEvent,
     EncodedPrefix,
     PrefixMeta,
@@ -87,11 +88,47 @@ class PrefixStore(abc.ABC):
             training=training,
             extra=extra,
         )
-        meta = self._put(tenant_id, name, enc)
-        self._notify(ChangeEvent("put", tenant_id, name, meta.version))
-        if self.keep_versions is not None:
-            self._prune(tenant_id, name, meta.version)
+        meta, _ = self._put(tenant_id, name, enc)
+        self._after_put(meta)
         return meta
+
+    def put_once(
+        self,
+        tenant_id: str,
+        name: str,
+        kind: str,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        idempotency_key: str,
+        digest: str,
+        base_model_fingerprint: str,
+        prefix_length: int,
+        training: dict | None = None,
+        extra: dict | None = None,
+    ) -> tuple[PrefixMeta, bool]:
+        """``put`` at most once per ``idempotency_key`` of the name: (the new version, True), or, when a stored
+        version of it was put with that key, (that version, False) and nothing is written (checked atomically
+        with the write). The key and ``digest`` (what the caller compares a repeat by) are kept in the version's
+        ``extra["idempotency"]``."""
+        validate_name(tenant_id, "tenant_id")
+        validate_name(name, "name")
+        enc = encode_prefix(
+            kind,
+            tensors,
+            base_model_fingerprint=base_model_fingerprint,
+            prefix_length=prefix_length,
+            training=training,
+            extra={**(extra or {}), IDEMPOTENCY: {"key": idempotency_key, "digest": digest}},
+        )
+        meta, created = self._put(tenant_id, name, enc, idempotency_key)
+        if created:
+            self._after_put(meta)
+        return meta, created
+
+    def _after_put(self, meta: PrefixMeta) -> None:
+        self._notify(ChangeEvent("put", meta.tenant_id, meta.name, meta.version))
+        if self.keep_versions is not None:
+            self._prune(meta.tenant_id, meta.name, meta.version)
 
     def _prune(self, tenant_id: str, name: str, written: int) -> None:
         """Delete the versions older than the `keep_versions` newest up to the one just written. Only older ones:
@@ -263,8 +300,12 @@ class PrefixStore(abc.ABC):
 
     # ---------------------------------------------------------------------------------- backend primitives
     @abc.abstractmethod
-    def _put(self, tenant_id: str, name: str, enc: EncodedPrefix) -> PrefixMeta:
-        """Allocate the next version, store ``enc`` under it atomically, return the metadata."""
+    def _put(
+        self, tenant_id: str, name: str, enc: EncodedPrefix, idempotency_key: str | None = None
+    ) -> tuple[PrefixMeta, bool]:
+        """Allocate the next version, store ``enc`` under it atomically, return (its metadata, True). With an
+        ``idempotency_key`` that a stored version of the name was put with (``put_once``): (that version's
+        metadata, False), nothing written; checked atomically with the write."""
 
     @abc.abstractmethod
     def _load(

@@ -45,7 +45,7 @@ from pathlib import Path
 from prefix_store import journal
 from prefix_store.base import PrefixStore, Subscriber
 from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
-from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, label
+from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
 
 log = logging.getLogger("prefix_store")
@@ -166,6 +166,17 @@ class DiskStore(PrefixStore):
             return []
         return sorted(int(m.group(1)) for e in entries if (m := _META_RE.fullmatch(e)))
 
+    def _put_with(self, ndir: Path, idempotency_key: str) -> PrefixMeta | None:
+        """The stored version of a name directory put with this Idempotency-Key (newest first)."""
+        for v in reversed(self._scan(ndir)):
+            try:
+                meta = PrefixMeta.from_json((ndir / f"v{v}.json").read_bytes())
+            except (FileNotFoundError, InvalidPrefix):
+                continue
+            if idempotency_key_of(meta) == idempotency_key:
+                return meta
+        return None
+
     @staticmethod
     def _remove_leftovers(ndir: Path) -> None:
         """Remove temp files and blobs without a marker (crashed writes). Only call while holding the lock."""
@@ -185,12 +196,18 @@ class DiskStore(PrefixStore):
                 shutil.rmtree(trash / entry, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------------- primitives
-    def _put(self, tenant_id: str, name: str, enc: EncodedPrefix) -> PrefixMeta:
+    def _put(
+        self, tenant_id: str, name: str, enc: EncodedPrefix, idempotency_key: str | None = None
+    ) -> tuple[PrefixMeta, bool]:
         try:
             with self._locked(tenant_id, name) as lock_fd:
                 ndir = self._name_dir(tenant_id, name)
                 _mkdir_durable(ndir)
                 self._remove_leftovers(ndir)
+                if idempotency_key is not None:
+                    earlier = self._put_with(ndir, idempotency_key)
+                    if earlier is not None:
+                        return earlier, False
                 version = max(self._read_counter(lock_fd), *self._scan(ndir), 0) + 1
                 self._write_counter(lock_fd, version)  # before any file: a crash leaves a gap, never a reuse
                 meta = enc.meta(tenant_id, name, version, time.time())
@@ -199,7 +216,7 @@ class DiskStore(PrefixStore):
                 _write_file_atomic(ndir / f"v{version}.json", meta.to_json())  # the commit marker
                 _fsync_dir(ndir)
                 self._journal(ChangeEvent("put", tenant_id, name, version))
-                return meta
+                return meta, True
         except OSError as e:
             raise self._unavailable(f"write prefix {label(tenant_id, name)}", e) from e
 

@@ -55,6 +55,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# extra[IDEMPOTENCY] = {"key", "digest"}: the Idempotency-Key a version was put with (PrefixStore.put_once)
+IDEMPOTENCY = "idempotency"
+
+
+def idempotency_key_of(meta: PrefixMeta) -> str | None:
+    entry = meta.extra.get(IDEMPOTENCY) if isinstance(meta.extra, dict) else None
+    key = entry.get("key") if isinstance(entry, dict) else None
+    return key if isinstance(key, str) else None
+
+
 # --------------------------------------------------------------------------------------------------- dataclasses
 @dataclass(frozen=True)
 class PrefixMeta:

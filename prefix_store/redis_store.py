@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -40,7 +41,7 @@ from redis.retry import Retry
 
 from prefix_store.base import PrefixStore, Subscriber
 from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
-from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, label
+from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
 from prefix_store.urls import pop_query_param
 
@@ -154,16 +155,46 @@ class RedisStore(PrefixStore):
                     continue
 
     # -------------------------------------------------------------------------------------- primitives
-    def _put(self, tenant_id: str, name: str, enc: EncodedPrefix) -> PrefixMeta:
+    def _put_with(self, reader: Any, t: str, n: str, idempotency_key: str) -> PrefixMeta | None:
+        """The stored version of the name put with this Idempotency-Key (newest first)."""
+        versions = [int(x) for x in reader.zrange(self._versions_key(t, n), 0, -1)]
+        if not versions:
+            return None
+        for raw in reversed(reader.mget([self._meta_key(t, n, v) for v in versions])):
+            if raw is None:
+                continue
+            try:
+                meta = PrefixMeta.from_json(raw)
+            except InvalidPrefix:
+                continue
+            if idempotency_key_of(meta) == idempotency_key:
+                return meta
+        return None
+
+    def _put(
+        self, tenant_id: str, name: str, enc: EncodedPrefix, idempotency_key: str | None = None
+    ) -> tuple[PrefixMeta, bool]:
         t, n = tenant_id, name
         with self._errors(f"put {label(t, n)}"):
+            if idempotency_key is not None:  # the usual repeat: after the first one finished
+                earlier = self._put_with(self._r, t, n, idempotency_key)
+                if earlier is not None:
+                    return earlier, False
             version = int(self._r.incr(self._counter_key(t, n)))
             meta = enc.meta(t, n, version, time.time())
             meta_json = meta.to_json()
             message = self._change_message(ChangeEvent("put", t, n, version))
             latest_key = self._latest_key(t, n)
+            found: list[PrefixMeta] = []
 
             def commit(pipe: redis.client.Pipeline) -> None:
+                found.clear()
+                if idempotency_key is not None:  # a concurrent one: WATCHed, so checked atomically
+                    earlier = self._put_with(pipe, t, n, idempotency_key)
+                    if earlier is not None:
+                        found.append(earlier)
+                        pipe.multi()
+                        return
                 latest = pipe.get(latest_key)
                 pipe.multi()
                 pipe.set(self._blob_key(t, n, version), enc.blob)
@@ -175,8 +206,10 @@ class RedisStore(PrefixStore):
                     pipe.set(latest_key, version)
                 pipe.publish(self._channel, message)
 
-            self._transaction(commit, watch=(latest_key,))
-        return meta
+            self._transaction(commit, watch=(latest_key, self._versions_key(t, n)))
+        if found:
+            return found[0], False
+        return meta, True
 
     def _resolve(self, t: str, n: str, version: int | None) -> int:
         if version is not None:

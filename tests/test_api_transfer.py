@@ -177,6 +177,43 @@ def test_refused_uploads_are_4xx_and_store_nothing(server_factory, tmp_path):
     assert upload(a, "acme", "x", good).status_code == 201
 
 
+def test_an_upload_with_an_idempotency_key_stores_one_version(server_factory):
+    """A retried upload (same key, same file) answers the first one's version and stores nothing; the key with
+    another file is a 422 that stores nothing; an export carries no key into the store it is uploaded to."""
+    s = server_factory(keys={"acme": "k-a"}, prefixes={("acme", "src"): {"prefix_length": 5, "seed": 1}})
+    a = s.client("k-a")
+    data = a.get("/prefixes/acme/src/download").content
+    put_random_prefix(s.store, s.app.state.ps.bundle, "acme", "src", prefix_length=5, seed=2)
+    other = a.get("/prefixes/acme/src/download").content  # its next version: another file
+    key = {"Idempotency-Key": "up-1"}
+
+    def up(content, headers=key):
+        files = {"file": ("prefix.safetensors", io.BytesIO(content), "application/octet-stream")}
+        return a.post("/prefixes/acme/copy/upload", files=files, headers=headers)
+
+    first = up(data)
+    assert (
+        first.status_code == 201
+        and "idempotent-replayed" not in first.headers
+        and first.json()["version"] == 1
+    )
+    again = up(data)
+    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["version"] == 1 and s.store.versions("acme", "copy") == [1]
+    err = assert_error(up(other), 422, "idempotency_key_reused")
+    assert err["param"] == "Idempotency-Key" and s.store.versions("acme", "copy") == [1]
+    assert assert_error(up(data, {"Idempotency-Key": "two words"}), 422)["param"] == "Idempotency-Key"
+    assert up(data, {}).json()["version"] == 2  # no key: a new version each time
+    # the downloaded version holds its upload key; uploaded elsewhere with that key it is a new version there
+    copied = a.get("/prefixes/acme/copy/download", params={"version": 1}).content
+    assert read_export(copied).meta.extra["idempotency"]["key"] == "up-1"
+    files = {"file": ("prefix.safetensors", io.BytesIO(copied), "application/octet-stream")}
+    moved = a.post("/prefixes/acme/moved/upload", files=files)
+    assert moved.status_code == 201 and "idempotency" not in s.store.get_meta("acme", "moved").extra
+    files = {"file": ("prefix.safetensors", io.BytesIO(copied), "application/octet-stream")}
+    assert a.post("/prefixes/acme/moved/upload", files=files, headers=key).json()["version"] == 2
+
+
 def test_download_errors(server_factory):
     s = server_factory(keys={"acme": "k-a", "globex": "k-g"}, prefixes={("globex", "mine"): {}})
     a = s.client("k-a")

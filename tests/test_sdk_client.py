@@ -489,7 +489,7 @@ def test_async_training_submit_sends_an_idempotency_key_and_retries(srv: Any) ->
     assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
 
 
-def test_prefix_upload_is_multipart_retried_on_503_never_resent_after_timeout(
+def test_prefix_upload_is_multipart_retried_on_503_and_after_a_timeout_with_its_key(
     srv: Any, tmp_path: Path
 ) -> None:
     path = "/prefixes/acme/faq/upload"
@@ -511,12 +511,14 @@ def test_prefix_upload_is_multipart_retried_on_503_never_resent_after_timeout(
                      b'{"peft_type": "PROMPT_TUNING"}', b'name="prompt_format"', b"raw"):  # fmt: skip
             assert part in seen.body
     srv.seen.clear()
-    srv.on("POST", path, Resp(201, PREFIX, delay=1.0))
+    # a lost response is retried with the same Idempotency-Key (the server answers the first attempt's version)
+    srv.on("POST", path, Resp(201, PREFIX, delay=1.0), Resp(201, PREFIX, {"Idempotent-Replayed": "true"}))
     with ps.Client(srv.url, timeout=0.3, max_retries=3) as c:
         delays = no_sleep(c)
-        with pytest.raises(ps.APITimeoutError):
-            c.prefixes.upload("acme", "faq", b"bytes")
-    assert delays == [] and len(srv.calls("POST", path)) == 1
+        assert c.prefixes.upload("acme", "faq", b"bytes").name == "faq" and len(delays) == 1
+    first, second = srv.calls("POST", path)
+    assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
+    assert b"bytes" in first.body and b"bytes" in second.body
 
 
 # ------------------------------------------------------------------------------------------ streaming

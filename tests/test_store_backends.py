@@ -294,6 +294,52 @@ def test_latest_readers_during_version_deletes_see_a_whole_record(store):
     assert seen["ok"] > 0 and store.versions("acme", "bot") == [1]
 
 
+def test_put_once_writes_one_version_per_idempotency_key(store, monkeypatch):
+    """A repeated put_once (a retried upload) answers with the version its key made, also when the repeats race
+    (past Redis' quick look before the transaction): one version per key, one change event; another key or name
+    is another version."""
+    if hasattr(store, "_r"):
+        real = store._put_with
+        monkeypatch.setattr(store, "_put_with", lambda r, *a: None if r is store._r else real(r, *a))
+    events: list = []
+    store.subscribe(events.append)
+
+    def once(key, n="bot", seed=0):
+        kv = make_kv(seed=seed)
+        return store.put_once(
+            "acme", n, "prefix_tuning", {"kv": kv}, idempotency_key=key, digest=f"d-{seed}",
+            base_model_fingerprint=FP, prefix_length=4,
+        )  # fmt: skip
+
+    first, created = once("k-1")
+    assert created and first.version == 1 and first.extra["idempotency"] == {"key": "k-1", "digest": "d-0"}
+    again, created = once("k-1", seed=9)  # the caller compares the digest: the store answers by key
+    assert not created and again.version == 1 and again.extra["idempotency"]["digest"] == "d-0"
+    results: list = []
+    barrier = threading.Barrier(6)
+
+    def racer():
+        barrier.wait()
+        results.append(once("k-2", seed=2))
+
+    threads = [threading.Thread(target=racer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(created for _, created in results) == [False] * 5 + [True]
+    (v2,) = {m.version for m, _ in results}  # Redis may skip numbers a repeat drew: never reuses one
+    assert once("k-1", n="other")[1] and store.versions("acme", "bot") == [1, v2]
+    deadline = time.monotonic() + 5
+    while len(events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted((e.name, e.version) for e in events if e.op == "put") == [
+        ("bot", 1),
+        ("bot", v2),
+        ("other", 1),
+    ]
+
+
 def test_keep_versions_in_the_url_prunes_old_versions(store_url):
     """`?keep_versions=N` on the store URL: each put keeps the newest N versions of its name (other names and
     tenants untouched), numbers keep counting; a bad value is refused when the store is opened."""

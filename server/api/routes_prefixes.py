@@ -6,6 +6,7 @@ Another tenant's prefix or job answers 404, exactly like a missing one.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from prefix_store import errors
 from prefix_store.export import export_prefix
-from prefix_store.format import PrefixMeta
+from prefix_store.format import IDEMPOTENCY, PrefixMeta
 from server.api.auth import Principal, get_principal
 from server.api.deps import app_state, get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError, unavailable
@@ -363,12 +364,20 @@ async def upload_prefix(
         description="How prompts are rendered for this prefix (default: the export's own; 'raw' for PEFT adapters)",
     ),
     principal: Principal = Depends(get_principal),
+    idempotency_key: str | None = Header(
+        None,
+        alias=IDEMPOTENCY_HEADER,
+        description="Makes the upload safe to retry: a repeat with the same key (same tenant and name) stores no "
+        "second version and answers the first one's, with `Idempotent-Replayed: true`; the same key with other "
+        "content is a 422 `idempotency_key_reused`. 1 to 255 visible ASCII characters.",
+    ),
 ) -> Any:
     svc = get_service(request)
     info = get_info(request)
     info.tenant, info.prefix = tenant_id, name
     _check_prefix_access(principal, tenant_id, name)
     _check_new_prefix(tenant_id, name)
+    key = _idempotency_key(idempotency_key)
     # the body is spooled to a temporary file by now; reading and parsing it holds it in memory, so few at once
     if svc.uploads_active >= svc.settings.max_concurrent_uploads:
         raise unavailable(
@@ -394,18 +403,40 @@ async def upload_prefix(
                 code="invalid_prefix",
                 param="file",
             ) from None
+        digest = _upload_digest(data, config, prompt_format) if key is not None else None
         del data, config
-        meta = await _store_upload(svc, incoming, tenant_id, name)
+        meta, created = await _store_upload(svc, incoming, tenant_id, name, key, digest)
     finally:
         svc.uploads_active -= 1
-    log.info("stored uploaded prefix %s (%s, P=%d)", meta.label, incoming.kind, incoming.prefix_length)
-    return JSONResponse(
-        _prefix_info(meta), status_code=201, headers={"Location": f"/prefixes/{tenant_id}/{name}"}
-    )
+    headers = {"Location": f"/prefixes/{tenant_id}/{name}"}
+    if created:
+        log.info("stored uploaded prefix %s (%s, P=%d)", meta.label, incoming.kind, incoming.prefix_length)
+    else:
+        if (meta.extra.get(IDEMPOTENCY) or {}).get("digest") != digest:
+            raise APIError(
+                422,
+                f"{IDEMPOTENCY_HEADER} {key!r} was already used for {meta.label} with another upload; use a new key "
+                "for a new version",
+                code="idempotency_key_reused",
+                param=IDEMPOTENCY_HEADER,
+            )
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(_prefix_info(meta), status_code=201, headers=headers)
 
 
-async def _store_upload(svc: Service, incoming: IncomingPrefix, tenant_id: str, name: str) -> PrefixMeta:
-    """Check that the parsed upload fits this server's context limit, then store it as a new version."""
+def _upload_digest(data: bytes, config: bytes | None, prompt_format: str | None) -> str:
+    """What a repeated upload's Idempotency-Key is compared by: the same file, adapter config and prompt format."""
+    h = hashlib.sha256()
+    for part in (data, config or b"", (prompt_format or "").encode()):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
+
+
+async def _store_upload(
+    svc: Service, incoming: IncomingPrefix, tenant_id: str, name: str, key: str | None, digest: str | None
+) -> tuple[PrefixMeta, bool]:
+    """Check that the parsed upload fits this server's context limit, then store it as a new version: (its
+    metadata, True), or with an Idempotency-Key already used for the name (that version, False)."""
     limit = svc.llm.max_model_len
     if incoming.prefix_length >= limit:
         raise APIError(
@@ -414,9 +445,14 @@ async def _store_upload(svc: Service, incoming: IncomingPrefix, tenant_id: str, 
             code="prefix_too_long",
             param="file",
         )
-    meta = await store_call(svc, incoming.put, svc.store, tenant_id, name)
-    svc.meta_cache.invalidate((tenant_id, name))
-    return meta
+    if key is None:
+        meta, created = await store_call(svc, incoming.put, svc.store, tenant_id, name), True
+    else:
+        assert digest is not None
+        meta, created = await store_call(svc, incoming.put_once, svc.store, tenant_id, name, key, digest)
+    if created:
+        svc.meta_cache.invalidate((tenant_id, name))
+    return meta, created
 
 
 # --------------------------------------------------------------------------------------------- admin

@@ -16,7 +16,7 @@ import torch
 from prefix_store import PrefixMeta, PrefixRecord, PrefixStore
 from prefix_store.errors import InvalidPrefix
 from prefix_store.export import is_export, read_export
-from prefix_store.format import check_fingerprint, label, load_safetensors
+from prefix_store.format import IDEMPOTENCY, check_fingerprint, label, load_safetensors
 from server.model.spec import ModelBundle
 from server.prefixes.kinds import validate_kv
 from server.prefixes.peft_import import (
@@ -57,12 +57,29 @@ class IncomingPrefix:
             extra=self.extra,
         )
 
+    def put_once(
+        self, store: PrefixStore, tenant_id: str, name: str, idempotency_key: str, digest: str
+    ) -> tuple[PrefixMeta, bool]:
+        """`put` at most once per Idempotency-Key of the name (`PrefixStore.put_once`)."""
+        return store.put_once(
+            tenant_id,
+            name,
+            self.kind,
+            self.tensors,
+            idempotency_key=idempotency_key,
+            digest=digest,
+            base_model_fingerprint=self.base_model_fingerprint,
+            prefix_length=self.prefix_length,
+            training=self.training,
+            extra=self.extra,
+        )
+
 
 def exported(rec: PrefixRecord, prompt_format: str | None = None) -> IncomingPrefix:
     """A verified export (:func:`prefix_store.export.read_export`) as it was, plus where it came from; its base
     model stays the one it was made for (servers of another base model refuse to serve it)."""
     meta = rec.meta
-    extra = dict(meta.extra)
+    extra = {k: v for k, v in meta.extra.items() if k != IDEMPOTENCY}  # the key of its upload there, not here
     extra["imported_from"] = {"prefix": label(meta.tenant_id, meta.name, meta.version), "sha256": meta.sha256}
     if prompt_format is not None:
         extra["prompt_format"] = prompt_format

@@ -172,6 +172,7 @@ class AsyncPrefixes:
         adapter_config: _base.PathLike | bytes | None = None,
         prompt_format: str | None = None,
         request_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> PrefixInfo:
         """Store a prefix made elsewhere as a new version of ``tenant_id``/``name`` (``POST .../upload``).
 
@@ -180,13 +181,20 @@ class AsyncPrefixes:
         (with ``adapter_config.json`` beside it or given as ``adapter_config``), or bytes. ``prompt_format``
         (``"chat"`` / ``"raw"``): how prompts are rendered for it (default: the export's own; ``"raw"`` for PEFT).
         The server refuses a prefix for another base model (422 ``prefix_incompatible``), a damaged file
-        (``prefix_corrupt``) or an unsupported adapter (``invalid_prefix``) and then stores nothing. Never re-sent
-        once the request went out (no duplicate versions); 429/503 and connect failures are retried.
+        (``prefix_corrupt``) or an unsupported adapter (``invalid_prefix``) and then stores nothing. Safe to retry:
+        the upload carries an ``Idempotency-Key`` (``idempotency_key``, or a fresh random one per call), so a retry
+        after a lost response (429/503, connection failures, timeouts: all retried) gets the version the first
+        attempt stored, never a second one.
         """
         files, form = await asyncio.to_thread(_base.upload_form, source, adapter_config, prompt_format)
         path = f"/prefixes/{_seg(tenant_id)}/{_seg(name)}/upload"
         r = await self._client._request(
-            "POST", path, files=files, data=form, request_id=request_id, idempotent=False
+            "POST",
+            path,
+            files=files,
+            data=form,
+            request_id=request_id,
+            idempotency_key=_base.new_idempotency_key(idempotency_key),
         )
         return PrefixInfo.model_validate(r.json())
 
