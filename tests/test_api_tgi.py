@@ -3,10 +3,15 @@ clients' parameters mapped (or refused with a 422 naming them), and the LoRAX cl
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
+from server.api.routes_tgi import TGIParameters, _items, _prompt_ids, _Shape
+from server.api.service import ResolvedPrefix
+from server.engine import TokenEvent
+from server.model import render_prompt
 from tests.fixtures.server import assert_error, put_random_prefix
 
 KEY = "sk-acme-tgi"
@@ -57,10 +62,12 @@ def test_greedy_output_is_the_native_routes_and_details_describe_it(srv):
     assert set(plain) == {"generated_text"} and plain["generated_text"].startswith(
         ref["text"]
     )  # no details asked
-    # another tenant's prefix of the same name is another prefix; the base model without adapter_id
+    # without adapter_id: the base model, fed `inputs` as they are (TGI applies no chat template)
     other = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 12}}).json()
-    base = native(c, prefix="base")
-    assert other["generated_text"] == base["text"] != ref["text"]
+    raw_ids = srv.svc.bundle.tokenizer(PROMPT)["input_ids"]
+    body = {"model": "acme/base", "prompt": raw_ids, "max_tokens": 12, "temperature": 0}
+    base = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert other["generated_text"] == base != ref["text"]
 
 
 def test_stream_is_one_event_per_token_adding_up_to_the_text(srv):
@@ -68,8 +75,10 @@ def test_stream_is_one_event_per_token_adding_up_to_the_text(srv):
     free = native(c, max_tokens=16)["text"]
     stop = free[len(free) // 2 : len(free) // 2 + 3]  # a stop string the output will reach
     assert stop.strip() and stop in free
-    ref = native(c, logprobs=0, stop=[stop], max_tokens=16)
-    assert ref["finish_reason"] == "stop" and ref["text"] == free[: free.index(stop)]
+    ref = native(c, logprobs=0, stop=[stop], max_tokens=16, include_stop_str_in_output=True)
+    assert (
+        ref["finish_reason"] == "stop" and ref["text"] == free[: free.index(stop) + len(stop)]
+    )  # TGI keeps it
     params = {"adapter_id": "acme/faq", "max_new_tokens": 16, "stop": [stop], "details": True}
     for path, body in (("/tgi", {"inputs": PROMPT, "parameters": params, "stream": True}),
                        ("/tgi/generate_stream", {"inputs": PROMPT, "parameters": params})):  # fmt: skip
@@ -93,8 +102,6 @@ def test_stream_is_one_event_per_token_adding_up_to_the_text(srv):
     eos = next(iter(srv.svc.llm.eos_ids))
     forced = native(c, logit_bias={str(eos): 100.0}, logprobs=0)
     assert forced["finish_reason"] == "stop" and forced["logprobs"][-1]["id"] == eos
-    from server.api.routes_tgi import TGIParameters, _Shape
-
     sampling = srv.svc.sampling(max_tokens=4, temperature=0, top_p=1, top_k=0, seed=None, stop=None)
     shape = _Shape(srv.svc, TGIParameters(), sampling)
     assert shape.finish_reason("stop", eos) == "eos_token" and shape.finish_reason("length", eos) == "length"
@@ -176,6 +183,71 @@ def test_a_prompt_past_the_context_names_inputs(srv):
     assert err["param"] == "inputs", err
 
 
+def test_tgi_clients_get_their_error_type_and_every_token_a_logprob(srv):
+    c = srv.client(KEY)
+    for body, status, kind in (
+        ({"inputs": PROMPT, "parameters": {"max_new_tokens": 10**6}}, 422, "validation"),
+        ({"inputs": PROMPT, "parameters": {"adapter_id": "acme/nope"}}, 404, None),  # clients: by status
+        (
+            {"inputs": PROMPT, "parameters": {"decoder_input_details": True}, "stream": True},
+            422,
+            "validation",
+        ),
+        ({"inputs": ""}, 422, "validation"),
+    ):
+        r = c.post("/tgi", json=body)
+        assert r.status_code == status and r.json().get("error_type") == kind, r.text
+        assert set(r.json()["error"]) == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }  # the server's error body as well
+    nope = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "acme/nope"}}).json()
+    assert "'acme/nope'" in nope["error"]["message"]
+    assert (
+        "error_type" not in c.post("/generate", json={"prompt": PROMPT, "prefix": "nope"}).json()
+    )  # /tgi only
+    # a stream without details: every token still has a float logprob (the lorax client requires one)
+    evs = events(c.post("/tgi/generate_stream", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 5}}))
+    assert len(evs) == 5 and all(isinstance(e["token"]["logprob"], float) for e in evs)
+    # sampling without a seed reports the one drawn, which reproduces the output; greedy reports none
+    p = {"adapter_id": "acme/faq", "max_new_tokens": 8, "do_sample": True, "details": True}
+    first = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": p}).json()
+    seed = first["details"]["seed"]
+    assert isinstance(seed, int)
+    again = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "seed": seed}}).json()
+    assert again["generated_text"] == first["generated_text"] and again["details"]["seed"] == seed
+    greedy = {**p, "do_sample": False, "seed": 5}
+    assert (
+        c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": greedy}).json()["details"]["seed"]
+        is None
+    )
+
+
+def test_text_released_by_a_special_token_goes_with_the_token_before_it(srv):
+    """Clients skip the text of special tokens: text a final EOS releases (held back as a possible stop string)
+    is reported on the token before it."""
+    eos = next(iter(srv.svc.llm.eos_ids))
+    sampling = srv.svc.sampling(max_tokens=4, temperature=0, top_p=1, top_k=0, seed=None, stop=None)
+    shape = _Shape(srv.svc, TGIParameters(), sampling)
+    evs = [TokenEvent("r", [5], "a"), TokenEvent("r", [6], ""), TokenEvent("r", [eos], "bc", finished=True)]
+
+    class Run:
+        first = evs[0]
+
+        async def events(self):
+            for ev in evs[1:]:
+                yield ev
+
+    async def collect():
+        return [item async for item in _items(Run(), shape)]
+
+    got = asyncio.run(collect())
+    assert [(t, x) for (t, _, x), _ in got] == [(5, "a"), (6, "bc"), (eos, "")]
+    assert got[-1][1] is evs[-1] and all(end is None for _, end in got[:-1])
+
+
 def test_auth_and_tenant_rules_are_the_servers(srv, server_factory):
     assert_error(srv.client().post("/tgi", json={"inputs": PROMPT}), 401)
     open_srv = server_factory()
@@ -195,8 +267,30 @@ def test_the_lorax_client_works_against_it(srv):
     assert resp.generated_text == ref["text"] and [t.id for t in resp.details.tokens] == [
         t["id"] for t in ref["logprobs"]
     ]
-    streamed = list(client.generate_stream(PROMPT, adapter_id="acme/faq", max_new_tokens=12))
-    assert "".join(r.token.text for r in streamed) == ref["text"] == streamed[-1].generated_text
-    assert streamed[-1].details.generated_tokens == len(streamed)
+    for details in (True, False):
+        streamed = list(
+            client.generate_stream(PROMPT, adapter_id="acme/faq", max_new_tokens=12, details=details)
+        )
+        assert "".join(r.token.text for r in streamed) == ref["text"] == streamed[-1].generated_text
+        assert streamed[-1].details.generated_tokens == len(streamed)
     with pytest.raises(lorax.errors.NotFoundError):
         client.generate(PROMPT, adapter_id="acme/nope")
+    with pytest.raises(lorax.errors.ValidationError):
+        client.generate(PROMPT, adapter_id="acme/faq", max_new_tokens=10**6)
+
+
+def test_truncate_keeps_the_last_tokens_of_inputs_never_the_template(srv, api_bundle):
+    tok = api_bundle.tokenizer
+    raw = tok(PROMPT)["input_ids"]
+    base = ResolvedPrefix(tenant_id="acme", name=None, version=None, prefix_length=0, prompt_format="chat")
+    assert _prompt_ids(tok, PROMPT, base, None) == raw  # the base model: inputs as they are
+    assert _prompt_ids(tok, PROMPT, base, 3) == raw[-3:]
+    chat = ResolvedPrefix(tenant_id="acme", name="faq", version=1, prefix_length=4, prompt_format="chat")
+    own = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    tail = tok.decode(own[-3:])
+    assert (
+        _prompt_ids(tok, PROMPT, chat, 3)
+        == render_prompt(tok, tail, "chat")
+        != render_prompt(tok, PROMPT, "chat")
+    )
+    assert _prompt_ids(tok, PROMPT, chat, None) == render_prompt(tok, PROMPT, "chat")

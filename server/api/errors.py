@@ -115,6 +115,16 @@ def unavailable(message: str, retry_after: int, code: str = "unavailable") -> AP
     return APIError(503, message, code=code, headers={"Retry-After": str(retry_after)})
 
 
+def tgi_error_type(status: int) -> str | None:
+    """TGI's `error_type` of an error status: its clients (text-generation, lorax) raise ValidationError,
+    OverloadedError or GenerationError by it; None where they should go by the status (404: NotFoundError)."""
+    if status in (429, 503):
+        return "overloaded"
+    if status in (400, 413, 422):
+        return "validation"
+    return "generation" if status >= 500 else None
+
+
 def error_response(
     status: int,
     message: str,
@@ -123,11 +133,17 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
     retry_after: int = 1,
+    request: Request | None = None,
 ) -> SafeJSONResponse:
+    """The error body; on the TGI-compatible routes (`/tgi...`) also TGI's top-level `error_type`."""
     headers = dict(headers or {})
     if status in (429, 503):
         headers.setdefault("Retry-After", str(retry_after))
-    return SafeJSONResponse(error_body(status, message, code=code, param=param), status, headers=headers)
+    body = error_body(status, message, code=code, param=param)
+    tgi = request is not None and (request.url.path == "/tgi" or request.url.path.startswith("/tgi/"))
+    if tgi and (kind := tgi_error_type(status)) is not None:
+        body["error_type"] = kind
+    return SafeJSONResponse(body, status, headers=headers)
 
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -166,6 +182,7 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             param=exc.param,
             headers=exc.headers,
             retry_after=retry_after,
+            request=request,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -173,15 +190,19 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
         errors = list(exc.errors())
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return error_response(400, "request body is not valid JSON", code="invalid_json")
+            return error_response(400, "request body is not valid JSON", code="invalid_json", request=request)
         if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
-            return error_response(422, "request body is required", code="missing_body")
+            return error_response(422, "request body is required", code="missing_body", request=request)
         messages = list(dict.fromkeys(_validation_message(e) for e in errors))  # unions repeat themselves
         message = "; ".join(messages[:5])
         if len(messages) > 5:
             message += f"; and {len(messages) - 5} more"
         return error_response(
-            422, message, code="invalid_value", param=_loc_param(tuple(first.get("loc", ())))
+            422,
+            message,
+            code="invalid_value",
+            param=_loc_param(tuple(first.get("loc", ()))),
+            request=request,
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -198,12 +219,14 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             return error_response(400, "request body is not valid JSON (UTF-8)", code="invalid_json")
         else:
             message = str(exc.detail) if exc.detail else "error"
-        return error_response(status, message, headers=getattr(exc, "headers", None), retry_after=retry_after)
+        return error_response(
+            status, message, headers=getattr(exc, "headers", None), retry_after=retry_after, request=request
+        )
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> SafeJSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal server error", code="internal_error")
+        return error_response(500, "internal server error", code="internal_error", request=request)
 
 
 # Documented in the OpenAPI schema of every route, so clients (and schemathesis) know the error body.

@@ -4,20 +4,28 @@
 (``POST /tgi`` answers ``[response]``, or Server-Sent Events with ``"stream": true``); ``POST /tgi/generate`` and
 ``POST /tgi/generate_stream`` are TGI's own routes. ``parameters.adapter_id`` names the prefix the way ``/v1`` names
 a model (``tenant/prefix``, ``tenant/prefix@3``; ``tenant``: its ``default`` prefix); without one the key's tenant
-runs on the base model. Authentication is the server's (``Authorization: Bearer``, e.g. the clients' ``headers``);
-errors keep the server's error body.
+runs on the base model. Authentication is the server's (``Authorization: Bearer``, e.g. the clients' ``headers``).
+Errors keep the server's error body and add TGI's top-level ``error_type`` (``validation``, ``overloaded``,
+``generation``) so the clients raise their matching exception.
 
-Sampling follows TGI: sampling is on with ``do_sample`` or any of ``temperature`` (other than 1), ``top_k``,
-``top_p`` < 1; greedy otherwise. ``details`` adds the finish reason (``length``, ``eos_token``, ``stop_sequence``),
-token counts, the seed and every generated token with its log-probability; ``decoder_input_details`` the prompt
-tokens (``prefill``); ``return_k_alternatives`` (LoRAX) / ``top_n_tokens`` (TGI) the most likely alternatives.
-A stream sends one event per generated token; the last carries ``generated_text`` and ``details``.
+As TGI does: ``inputs`` reach the base model as they are (no chat template; a prefix gets the prompt format it was
+trained with, ``inputs`` as the user message of a chat-trained one), ``truncate`` keeps the last tokens of
+``inputs`` themselves, ``generated_text`` ends with the stop sequence that ended it, sampling is on with
+``do_sample`` or any of ``temperature`` (other than 1), ``top_k``, ``top_p`` < 1 (greedy otherwise) and reports
+its seed (drawn when none is given). ``details`` adds the finish reason (``length``, ``eos_token``,
+``stop_sequence``), token counts and every generated token with its log-probability; ``decoder_input_details`` the
+prompt tokens (``prefill``; not with streaming); ``return_k_alternatives`` (LoRAX) / ``top_n_tokens`` (TGI) the
+most likely alternatives. A stream sends one event per generated token, each with its log-probability, whose texts
+add up to ``generated_text`` (text a special token such as EOS releases goes with the token before it); the last
+carries ``generated_text`` and ``details``; no ``[DONE]``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
@@ -27,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
-from server.api.errors import COMMON_ERRORS, APIError
+from server.api.errors import COMMON_ERRORS, APIError, tgi_error_type
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, all_events
 from server.api.routes_openai import parse_model
 from server.api.schemas import BASE_PREFIX, Seed
@@ -41,7 +49,7 @@ from server.api.service import (
     truncate_prompt,
 )
 from server.api.streaming import EngineEventStream, sse, stream_error
-from server.engine import SamplingParams, StructuredOutputs, TokenLogprob
+from server.engine import SamplingParams, StructuredOutputs, TokenEvent, TokenLogprob
 
 router = APIRouter(prefix="/tgi", tags=["tgi"])
 
@@ -187,20 +195,23 @@ def _sampling(
         or (p.top_p is not None and p.top_p < 1.0)
     )
     temperature = (1.0 if p.temperature is None else p.temperature) if sample else 0.0
-    alternatives = max(p.return_k_alternatives or 0, p.top_n_tokens or 0)
+    # TGI samples with a seed it reports: the given one, or one drawn here (the output can be reproduced)
+    seed = (p.seed if p.seed is not None else secrets.randbelow(2**31)) if temperature > 0 else p.seed
+    k_alt, n_top = p.return_k_alternatives or 0, p.top_n_tokens or 0
     max_tokens = p.max_new_tokens or max(1, min(svc.settings.max_new_tokens, room))
     return svc.sampling(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=p.top_p if sample and p.top_p is not None else 1.0,
         top_k=p.top_k if sample and p.top_k else 0,
-        seed=p.seed,
+        seed=seed,
         stop=p.stop,
+        include_stop_str_in_output=True,  # TGI's generated_text ends with the stop sequence
         ignore_eos=p.ignore_eos_token,
         frequency_penalty=p.frequency_penalty or 0.0,
         repetition_penalty=p.repetition_penalty or 1.0,
-        logprobs=alternatives if (p.details or alternatives) else None,
-        logprobs_param="parameters.return_k_alternatives",
+        logprobs=max(k_alt, n_top),  # every reported token has its log-probability
+        logprobs_param="parameters.top_n_tokens" if n_top > k_alt else "parameters.return_k_alternatives",
         prompt_logprobs=0 if p.decoder_input_details else None,
         structured=structured,
     )
@@ -238,24 +249,33 @@ async def _structured(svc: Service, p: TGIParameters) -> StructuredOutputs | Non
 
 # --------------------------------------------------------------------------------------------- response
 class _Shape:
-    """How a request's tokens are reported: their texts, which are special, why the output ended."""
+    """How a request's tokens are reported: their texts, which are special, why the output ended, the seed."""
 
     def __init__(self, svc: Service, p: TGIParameters, sampling: SamplingParams) -> None:
-        self.text = svc.token_text
-        self.special = set(getattr(svc.bundle.tokenizer, "all_special_ids", None) or [])
+        tok = svc.bundle.tokenizer
+        self.special = set(getattr(tok, "all_special_ids", None) or [])
         self.stop_ids = set(svc.llm.eos_ids) | set(sampling.stop_token_ids)
         self.p = p
+        self.seed = sampling.seed if sampling.temperature > 0 else None  # TGI: the seed it sampled with
 
-    def token(self, token_id: int, lp: TokenLogprob | None, text: str | None = None) -> dict[str, Any]:
+        @functools.lru_cache(maxsize=4096)
+        def piece(
+            token_id: int,
+        ) -> str:  # a token decoded alone (part of a character: U+FFFD), as TGI shows it
+            return tok.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        self.piece = piece
+
+    def token(self, token_id: int, lp: TokenLogprob | None, text: str) -> dict[str, Any]:
         tok: dict[str, Any] = {
             "id": token_id,
-            "text": self.text(token_id) if text is None else text,
+            "text": text,
             "logprob": _finite(lp.logprob) if lp is not None else None,
             "special": token_id in self.special,
         }
         if self.p.return_k_alternatives and lp is not None:
             tok["alternative_tokens"] = [
-                {"id": t, "text": self.text(t), "logprob": _finite(v)}
+                {"id": t, "text": self.piece(t), "logprob": _finite(v)}
                 for t, v in lp.top[: self.p.return_k_alternatives]
             ]
         return tok
@@ -265,7 +285,7 @@ class _Shape:
         if lp is None:
             return []
         return [
-            {"id": t, "text": self.text(t), "logprob": _finite(v), "special": t in self.special}
+            {"id": t, "text": self.piece(t), "logprob": _finite(v), "special": t in self.special}
             for t, v in lp.top[:n]
         ]
 
@@ -276,20 +296,54 @@ class _Shape:
             return "eos_token"
         return "stop_sequence"
 
+    def details(self, final: TokenEvent, last_token: int | None) -> dict[str, Any]:
+        return {
+            "finish_reason": self.finish_reason(final.finish_reason, last_token),
+            "prompt_tokens": final.prompt_tokens,
+            "generated_tokens": final.completion_tokens,
+            "seed": self.seed,
+        }
+
 
 def _finite(x: float) -> float:
     return x if x > -1e30 else -1e30  # -inf (an impossible token) as JSON can carry it
 
 
 def _prefill(shape: _Shape, ids: list[int], lps: list[TokenLogprob | None] | None) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": t,
-            "text": shape.text(t),
-            "logprob": None if lps is None or lps[i] is None else _finite(lps[i].logprob),
-        }  # type: ignore[union-attr]
-        for i, t in enumerate(ids)
-    ]
+    out = []
+    for i, t in enumerate(ids):
+        lp = lps[i] if lps is not None and i < len(lps) else None
+        out.append({"id": t, "text": shape.piece(t), "logprob": None if lp is None else _finite(lp.logprob)})
+    return out
+
+
+_Item = tuple[int, "TokenLogprob | None", str]  # a generated token: id, log-probability, the text it adds
+
+
+async def _items(run: GenerationRun, shape: _Shape) -> AsyncIterator[tuple[_Item, TokenEvent | None]]:
+    """Every generated token with the output text it adds, so the texts add up to the output text: an event's
+    text goes with its last token (text held back, a possible stop string or part of a character, goes with the
+    token that releases it), and text released by a special token (EOS) with the token before it, since clients
+    skip special tokens' text. One token behind the engine, to move that text; the last comes with the final
+    event."""
+    held: list[Any] | None = None
+    async for ev in all_events(run):
+        lps = ev.logprobs or []
+        n = len(ev.token_ids)
+        for i, t in enumerate(ev.token_ids):
+            text = ev.text if i == n - 1 else ""
+            if text and t in shape.special and held is not None:
+                held[2] += text
+                text = ""
+            if held is not None:
+                yield (held[0], held[1], held[2]), None
+            held = [t, lps[i] if i < len(lps) else None, text]
+        if not ev.token_ids and ev.text and held is not None:
+            held[2] += ev.text
+        if ev.finished:
+            if held is not None:
+                yield (held[0], held[1], held[2]), ev
+            return
 
 
 async def _start(
@@ -298,21 +352,45 @@ async def _start(
     svc = get_service(request)
     info = get_info(request)
     p = body.parameters
+    if body.stream and p.decoder_input_details:
+        raise _unsupported("decoder_input_details", "decoder_input_details is not supported when streaming")
     tenant, name, version = _target(p, principal)
     info.tenant, info.prefix = tenant, name
     if svc.settings.log_prompts:
         info.prompt = body.inputs
-    with _tgi_names():
+    try:
         prefix: ResolvedPrefix = await svc.resolve(tenant, name, version)
-        info.version = prefix.version
+    except APIError as e:
+        if e.status == 404:
+            raise APIError(
+                404, f"adapter {p.adapter_id!r} not found", code=e.code, param="parameters.adapter_id"
+            ) from None
+        raise
+    info.version = prefix.version
+    with _tgi_names():
         structured = await _structured(svc, p)
-        ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.inputs, prefix.prompt_format)
-        ids = truncate_prompt(ids, p.truncate)
+        ids = await svc.tokenize(_prompt_ids, svc.bundle.tokenizer, body.inputs, prefix, p.truncate)
         sampling = _sampling(svc, p, svc.llm.max_model_len - prefix.prefix_length - len(ids), structured)
         (run,) = await svc.generate_many(
             info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive
         )
     return run, _Shape(svc, p, sampling), ids
+
+
+def _prompt_ids(tokenizer: Any, inputs: str, prefix: ResolvedPrefix, truncate: int | None) -> list[int]:
+    """TGI feeds `inputs` as they are: the base model gets them raw. A prefix gets the prompt format it was trained
+    with (a chat-trained prefix: `inputs` as the user message). `truncate` keeps the last tokens of `inputs`
+    themselves, never cutting into a template."""
+    fmt = prefix.prompt_format if prefix.name else "raw"
+    if fmt == "raw":
+        return truncate_prompt(render_prompt(tokenizer, inputs, "raw"), truncate)
+    if truncate is not None:
+        own = tokenizer(inputs, add_special_tokens=False)["input_ids"]
+        if len(own) > truncate:
+            inputs = tokenizer.decode(
+                own[-truncate:], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+    return render_prompt(tokenizer, inputs, fmt)
 
 
 async def _respond(body: TGIRequest, request: Request, principal: Principal, as_list: bool) -> Any:
@@ -332,85 +410,51 @@ async def _collect(
     run: GenerationRun, shape: _Shape, body: TGIRequest, prompt_ids: list[int]
 ) -> dict[str, Any]:
     p = body.parameters
-    parts: list[str] = []
-    token_ids: list[int] = []
-    lps: list[TokenLogprob] = []
-    final = None
-    async for ev in all_events(run):
-        parts.append(ev.text)
-        token_ids.extend(ev.token_ids)
-        lps.extend(ev.logprobs or [])
-        final = ev
+    items: list[_Item] = []
+    final: TokenEvent | None = None
+    async for item, end in _items(run, shape):
+        items.append(item)
+        final = end or final
     assert final is not None and run.first is not None
-    text = "".join(parts)
+    text = "".join(t for _, _, t in items)
     out: dict[str, Any] = {"generated_text": body.inputs + text if p.return_full_text else text}
     if p.details:
-        details: dict[str, Any] = {
-            "finish_reason": shape.finish_reason(final.finish_reason, token_ids[-1] if token_ids else None),
-            "prompt_tokens": final.prompt_tokens,
-            "generated_tokens": final.completion_tokens,
-            "seed": p.seed,
-            "prefill": _prefill(shape, prompt_ids, run.first.prompt_logprobs)
-            if p.decoder_input_details
-            else [],
-            "tokens": [shape.token(t, lps[i] if i < len(lps) else None) for i, t in enumerate(token_ids)],
-        }
+        details = shape.details(final, items[-1][0] if items else None)
+        prompt_lps = run.first.prompt_logprobs
+        details["prefill"] = _prefill(shape, prompt_ids, prompt_lps) if p.decoder_input_details else []
+        details["tokens"] = [shape.token(t, lp, x) for t, lp, x in items]
         if p.top_n_tokens:
-            details["top_tokens"] = [
-                shape.top_tokens(lps[i] if i < len(lps) else None) for i in range(len(token_ids))
-            ]
+            details["top_tokens"] = [shape.top_tokens(lp) for _, lp, _ in items]
         out["details"] = details
     return out
 
 
 async def _frames(run: GenerationRun, shape: _Shape, body: TGIRequest) -> AsyncIterator[bytes]:
-    """One event per generated token; a token's text is the output text it completes (the text of an event with
-    several tokens goes with its last one; text held back, as a possible stop string, goes with the token that
-    releases it), so the texts add up to `generated_text`. The last token's event is held until the end to carry
-    `generated_text` and `details`."""
+    """One event per generated token (`_items`); the last carries `generated_text` and `details`."""
     p = body.parameters
-    held: dict[str, Any] | None = None
-    index = 0
     parts: list[str] = []
-    last_token: int | None = None
-    async for ev in all_events(run):
-        parts.append(ev.text)
-        lps = ev.logprobs or []
-        for i, t in enumerate(ev.token_ids):
-            if held is not None:
-                yield sse(held)
-            index += 1
-            lp = lps[i] if i < len(lps) else None
-            last = i == len(ev.token_ids) - 1
-            held = {"index": index, "token": shape.token(t, lp, ev.text if last else ""), "generated_text": None,
-                    "details": None}  # fmt: skip
-            if p.top_n_tokens:
-                held["top_tokens"] = shape.top_tokens(lp)
-            last_token = t
-        if not ev.token_ids and ev.text and held is not None:
-            held["token"]["text"] += ev.text
-        if ev.finished:
-            if held is None:
-                return
-            text = "".join(parts)
-            held["generated_text"] = body.inputs + text if p.return_full_text else text
-            held["details"] = {
-                "finish_reason": shape.finish_reason(ev.finish_reason, last_token),
-                "prompt_tokens": ev.prompt_tokens,
-                "generated_tokens": ev.completion_tokens,
-                "seed": p.seed,
-            }
-            yield sse(held)
-            return
+    index = 0
+    async for (t, lp, text), final in _items(run, shape):
+        index += 1
+        parts.append(text)
+        frame: dict[str, Any] = {"index": index, "token": shape.token(t, lp, text), "generated_text": None,
+                                 "details": None}  # fmt: skip
+        if p.top_n_tokens:
+            frame["top_tokens"] = shape.top_tokens(lp)
+        if final is not None:
+            out = "".join(parts)
+            frame["generated_text"] = body.inputs + out if p.return_full_text else out
+            frame["details"] = shape.details(final, t)
+        yield sse(frame)
 
 
 def _error_frame(e: APIError) -> bytes:
     """An error after the stream began: the server's error body, plus TGI's `error_type` so the TGI and LoRAX
     clients raise their matching exception class."""
     body = stream_error(e)
-    body["error_type"] = (
-        "overloaded" if e.status in (429, 503) else "validation" if e.status < 500 else "generation"
-    )
+    kind = tgi_error_type(e.status)
+    if kind is not None:
+        body["error_type"] = kind
     return sse(body)
 
 
