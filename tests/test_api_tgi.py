@@ -248,6 +248,14 @@ def test_text_released_by_a_special_token_goes_with_the_token_before_it(srv):
     assert got[-1][1] is evs[-1] and all(end is None for _, end in got[:-1])
 
 
+def test_tgi_info_at_the_clients_base_url(srv):
+    info = srv.client(KEY).get("/tgi/info").json()
+    assert info["max_total_tokens"] == srv.svc.llm.max_model_len == info["max_input_tokens"] + 1
+    assert info["model_sha"] == srv.svc.bundle.fingerprint and info["max_best_of"] == 1
+    assert info["max_stop_sequences"] == srv.svc.settings.max_stop_strings and info["router"] == "prefixserve"
+    assert_error(srv.client().get("/tgi/info"), 401)
+
+
 def test_auth_and_tenant_rules_are_the_servers(srv, server_factory):
     assert_error(srv.client().post("/tgi", json={"inputs": PROMPT}), 401)
     open_srv = server_factory()

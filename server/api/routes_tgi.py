@@ -33,6 +33,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from server import __version__
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, tgi_error_type
@@ -465,6 +466,29 @@ TGI_DOC = {
         "content": SSE_DOC[200]["content"],
     }
 }
+
+
+@router.get("/info", responses=COMMON_ERRORS, summary="TGI's /info: the model and the limits of this server")
+async def tgi_info(request: Request, principal: Principal = Depends(get_principal)) -> dict[str, Any]:
+    svc = get_service(request)
+    llm, settings = svc.llm, svc.settings
+    return {
+        "model_id": svc.bundle.name,
+        "model_sha": svc.bundle.fingerprint,
+        "model_dtype": str(svc.bundle.dtype).removeprefix("torch."),
+        "model_device_type": svc.bundle.device.type,
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": llm.cfg.max_num_seqs + llm.cfg.max_waiting,
+        "max_best_of": 1,
+        "max_stop_sequences": settings.max_stop_strings,
+        "max_input_tokens": llm.max_model_len - 1,
+        "max_input_length": llm.max_model_len - 1,  # TGI before 2.0
+        "max_total_tokens": llm.max_model_len,
+        "max_batch_size": llm.cfg.max_num_seqs,
+        "validation_workers": 1,
+        "router": "prefixserve",
+        "version": __version__,
+    }
 
 
 @router.post(
