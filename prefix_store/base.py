@@ -109,7 +109,8 @@ class PrefixStore(abc.ABC):
         """``put`` at most once per ``idempotency_key`` of the name: (the new version, True), or, when a stored
         version of it was put with that key, (that version, False) and nothing is written (checked atomically
         with the write). The key and ``digest`` (what the caller compares a repeat by) are kept in the version's
-        ``extra["idempotency"]``."""
+        ``extra["idempotency"]``, so the key is remembered as long as that version is stored (``keep_versions``
+        or a delete ends it)."""
         validate_name(tenant_id, "tenant_id")
         validate_name(name, "name")
         enc = encode_prefix(
@@ -121,8 +122,9 @@ class PrefixStore(abc.ABC):
             extra={**(extra or {}), IDEMPOTENCY: {"key": idempotency_key, "digest": digest}},
         )
         meta, created = self._put(tenant_id, name, enc, idempotency_key)
-        if created:
-            self._after_put(meta)
+        # also on a repeat: the first attempt may have stored it and failed after (its events lost with it);
+        # dropping caches and pruning again are harmless
+        self._after_put(meta)
         return meta, created
 
     def _after_put(self, meta: PrefixMeta) -> None:

@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 
 from prefix_store.errors import ChecksumMismatch, InvalidPrefix
-from prefix_store.format import PrefixMeta, PrefixRecord, check_against_meta, load_safetensors
+from prefix_store.format import IDEMPOTENCY, PrefixMeta, PrefixRecord, check_against_meta, load_safetensors
 
 EXPORT_FORMAT = "prefixserve.prefix"
 EXPORT_FORMAT_VERSION = "1"
@@ -45,10 +45,13 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 def export_prefix(record: PrefixRecord) -> bytes:
     """The export file of one stored version (bytes)."""
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in record.tensors.items()}
+    meta = record.meta.to_dict()
+    # the Idempotency-Key it was uploaded with belongs to that store, not to whoever gets the file
+    meta["extra"] = {k: v for k, v in (meta.get("extra") or {}).items() if k != IDEMPOTENCY}
     metadata = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
-        "meta": json.dumps(record.meta.to_dict(), sort_keys=True),
+        "meta": json.dumps(meta, sort_keys=True),
         "tensors_sha256": tensors_digest(tensors),
     }
     return safetensors.torch.save(tensors, metadata=metadata)

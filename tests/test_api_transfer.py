@@ -188,8 +188,11 @@ def test_an_upload_with_an_idempotency_key_stores_one_version(server_factory):
     key = {"Idempotency-Key": "up-1"}
 
     def up(content, headers=key):
+        return up_form(content, {}, headers)
+
+    def up_form(content, form, headers=key):
         files = {"file": ("prefix.safetensors", io.BytesIO(content), "application/octet-stream")}
-        return a.post("/prefixes/acme/copy/upload", files=files, headers=headers)
+        return a.post("/prefixes/acme/copy/upload", files=files, data=form, headers=headers)
 
     first = up(data)
     assert (
@@ -204,9 +207,12 @@ def test_an_upload_with_an_idempotency_key_stores_one_version(server_factory):
     assert err["param"] == "Idempotency-Key" and s.store.versions("acme", "copy") == [1]
     assert assert_error(up(data, {"Idempotency-Key": "two words"}), 422)["param"] == "Idempotency-Key"
     assert up(data, {}).json()["version"] == 2  # no key: a new version each time
-    # the downloaded version holds its upload key; uploaded elsewhere with that key it is a new version there
+    # leaving prompt_format out or sending the export's own is the same upload
+    assert up_form(data, {"prompt_format": "raw"}).headers["idempotent-replayed"] == "true"
+    # the key stays with this store: a download does not carry it, an upload elsewhere with it is new there
+    assert s.store.get_meta("acme", "copy", 1).extra["idempotency"]["key"] == "up-1"
     copied = a.get("/prefixes/acme/copy/download", params={"version": 1}).content
-    assert read_export(copied).meta.extra["idempotency"]["key"] == "up-1"
+    assert "idempotency" not in read_export(copied).meta.extra
     files = {"file": ("prefix.safetensors", io.BytesIO(copied), "application/octet-stream")}
     moved = a.post("/prefixes/acme/moved/upload", files=files)
     assert moved.status_code == 201 and "idempotency" not in s.store.get_meta("acme", "moved").extra

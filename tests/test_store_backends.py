@@ -296,8 +296,8 @@ def test_latest_readers_during_version_deletes_see_a_whole_record(store):
 
 def test_put_once_writes_one_version_per_idempotency_key(store, monkeypatch):
     """A repeated put_once (a retried upload) answers with the version its key made, also when the repeats race
-    (past Redis' quick look before the transaction): one version per key, one change event; another key or name
-    is another version."""
+    (past Redis' quick look before the transaction): one version per key; another key or name is another
+    version."""
     if hasattr(store, "_r"):
         real = store._put_with
         monkeypatch.setattr(store, "_put_with", lambda r, *a: None if r is store._r else real(r, *a))
@@ -331,13 +331,11 @@ def test_put_once_writes_one_version_per_idempotency_key(store, monkeypatch):
     (v2,) = {m.version for m, _ in results}  # Redis may skip numbers a repeat drew: never reuses one
     assert once("k-1", n="other")[1] and store.versions("acme", "bot") == [1, v2]
     deadline = time.monotonic() + 5
-    while len(events) < 3 and time.monotonic() < deadline:
+    while len(events) < 9 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert sorted((e.name, e.version) for e in events if e.op == "put") == [
-        ("bot", 1),
-        ("bot", v2),
-        ("other", 1),
-    ]
+    # one version per key; a repeat notifies again (its first attempt may have stored and failed before that)
+    assert {(e.name, e.version) for e in events if e.op == "put"} == {("bot", 1), ("bot", v2), ("other", 1)}
+    assert sum(1 for e in events if (e.name, e.version) == ("bot", v2)) == 6
 
 
 def test_keep_versions_in_the_url_prunes_old_versions(store_url):

@@ -403,7 +403,10 @@ async def upload_prefix(
                 code="invalid_prefix",
                 param="file",
             ) from None
-        digest = _upload_digest(data, config, prompt_format) if key is not None else None
+        effective = incoming.extra.get(
+            "prompt_format"
+        )  # given, or the export's own: the same upload either way
+        digest = _upload_digest(data, config, effective) if key is not None else None
         del data, config
         meta, created = await _store_upload(svc, incoming, tenant_id, name, key, digest)
     finally:
@@ -450,8 +453,9 @@ async def _store_upload(
     else:
         assert digest is not None
         meta, created = await store_call(svc, incoming.put_once, svc.store, tenant_id, name, key, digest)
-    if created:
-        svc.meta_cache.invalidate((tenant_id, name))
+    svc.meta_cache.invalidate(
+        (tenant_id, name)
+    )  # a repeat too: its first attempt may have failed after storing
     return meta, created
 
 

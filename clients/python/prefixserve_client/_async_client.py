@@ -184,7 +184,7 @@ class AsyncPrefixes:
         (``prefix_corrupt``) or an unsupported adapter (``invalid_prefix``) and then stores nothing. Safe to retry:
         the upload carries an ``Idempotency-Key`` (``idempotency_key``, or a fresh random one per call), so a retry
         after a lost response (429/503, connection failures, timeouts: all retried) gets the version the first
-        attempt stored, never a second one.
+        attempt stored (while the server keeps it), never a second one.
         """
         files, form = await asyncio.to_thread(_base.upload_form, source, adapter_config, prompt_format)
         path = f"/prefixes/{_seg(tenant_id)}/{_seg(name)}/upload"
