@@ -78,15 +78,8 @@ class PrefixStore(abc.ABC):
         extra: dict | None = None,
     ) -> PrefixMeta:
         """Store a new version (atomically: readers see all of it or nothing) and return its metadata."""
-        validate_name(tenant_id, "tenant_id")
-        validate_name(name, "name")
-        enc = encode_prefix(
-            kind,
-            tensors,
-            base_model_fingerprint=base_model_fingerprint,
-            prefix_length=prefix_length,
-            training=training,
-            extra=extra,
+        enc = self._encode(
+            tenant_id, name, kind, tensors, base_model_fingerprint, prefix_length, training, extra
         )
         meta, _ = self._put(tenant_id, name, enc)
         self._after_put(meta)
@@ -111,21 +104,37 @@ class PrefixStore(abc.ABC):
         with the write). The key and ``digest`` (what the caller compares a repeat by) are kept in the version's
         ``extra["idempotency"]``, so the key is remembered as long as that version is stored (``keep_versions``
         or a delete ends it)."""
-        validate_name(tenant_id, "tenant_id")
-        validate_name(name, "name")
-        enc = encode_prefix(
-            kind,
-            tensors,
-            base_model_fingerprint=base_model_fingerprint,
-            prefix_length=prefix_length,
-            training=training,
-            extra={**(extra or {}), IDEMPOTENCY: {"key": idempotency_key, "digest": digest}},
+        extra = {**(extra or {}), IDEMPOTENCY: {"key": idempotency_key, "digest": digest}}
+        enc = self._encode(
+            tenant_id, name, kind, tensors, base_model_fingerprint, prefix_length, training, extra
         )
         meta, created = self._put(tenant_id, name, enc, idempotency_key)
         # also on a repeat: the first attempt may have stored it and failed after (its events lost with it);
         # dropping caches and pruning again are harmless
         self._after_put(meta)
         return meta, created
+
+    @staticmethod
+    def _encode(
+        tenant_id: str,
+        name: str,
+        kind: str,
+        tensors: Mapping[str, torch.Tensor],
+        base_model_fingerprint: str,
+        prefix_length: int,
+        training: dict | None,
+        extra: dict | None,
+    ) -> EncodedPrefix:
+        validate_name(tenant_id, "tenant_id")
+        validate_name(name, "name")
+        return encode_prefix(
+            kind,
+            tensors,
+            base_model_fingerprint=base_model_fingerprint,
+            prefix_length=prefix_length,
+            training=training,
+            extra=extra,
+        )
 
     def _after_put(self, meta: PrefixMeta) -> None:
         self._notify(ChangeEvent("put", meta.tenant_id, meta.name, meta.version))
