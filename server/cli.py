@@ -32,6 +32,10 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 
 
 # ------------------------------------------------------------------------------------------------ serve
+# `--store` as the worker and `prefixes` commands spell it
+FLAG_ALIASES = {"store_url": ("--store",)}
+
+
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     """One flag per Settings field (`--max-prompt-tokens` ↔ PREFIXSERVE_MAX_PROMPT_TOKENS); flags win over env."""
     from server.settings import Settings
@@ -50,13 +54,13 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
             conv = str
         env = f"PREFIXSERVE_{name.upper()}"
         help_ = f"{f.description or ''} [env {env}]"
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *FLAG_ALIASES.get(name, ())]
         if typ is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(ann) is typing.Literal:
-            p.add_argument(flag, dest=name, choices=list(typing.get_args(ann)), default=None, help=help_)
+            p.add_argument(*flags, dest=name, choices=list(typing.get_args(ann)), default=None, help=help_)
         else:
-            p.add_argument(flag, dest=name, type=conv, default=None, help=help_)
+            p.add_argument(*flags, dest=name, type=conv, default=None, help=help_)
 
 
 def settings_from_args(ns: argparse.Namespace) -> Any:

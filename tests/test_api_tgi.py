@@ -56,6 +56,10 @@ def test_greedy_output_is_the_native_routes_and_details_describe_it(srv):
     assert d["finish_reason"] == expected and all(t["special"] in (True, False) for t in d["tokens"])
     one = c.post("/tgi/generate", json=body).json()  # TGI's own route: one object
     assert one["generated_text"] == ref["text"] and one["details"]["tokens"] == d["tokens"]
+    # each token's text is what it adds to the output (decoded incrementally), as streamed
+    assert "".join(t["text"] for t in d["tokens"]) == ref["text"]
+    evs = events(c.post("/tgi/generate_stream", json=body))
+    assert [t["text"] for t in d["tokens"]] == [e["token"]["text"] for e in evs]
     plain = c.post(
         "/tgi/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "acme/faq@1"}}
     ).json()
@@ -179,8 +183,11 @@ def test_bad_parameters_are_refused_with_the_error_body(srv, params, status, par
 
 def test_a_prompt_past_the_context_names_inputs(srv):
     long = "sea " * 2000
-    err = assert_error(srv.client(KEY).post("/tgi/generate", json={"inputs": long}), 413)
-    assert err["param"] == "inputs", err
+    r = srv.client(KEY).post("/tgi/generate", json={"inputs": long})
+    err = assert_error(r, 413)
+    assert err["param"] == "inputs" and r.json()["error_type"] == "validation", (
+        r.text
+    )  # lorax: ValidationError
 
 
 def test_tgi_clients_get_their_error_type_and_every_token_a_logprob(srv):
@@ -250,7 +257,11 @@ def test_text_released_by_a_special_token_goes_with_the_token_before_it(srv):
 
 def test_tgi_info_at_the_clients_base_url(srv):
     info = srv.client(KEY).get("/tgi/info").json()
-    assert info["max_total_tokens"] == srv.svc.llm.max_model_len == info["max_input_tokens"] + 1
+    settings, llm = srv.svc.settings, srv.svc.llm
+    assert info["max_input_tokens"] == min(settings.max_prompt_tokens, llm.max_model_len - 1)
+    assert info["max_total_tokens"] == min(
+        llm.max_model_len, info["max_input_tokens"] + settings.max_new_tokens
+    )
     assert info["model_sha"] == srv.svc.bundle.fingerprint and info["max_best_of"] == 1
     assert info["max_stop_sequences"] == srv.svc.settings.max_stop_strings and info["router"] == "prefixserve"
     assert_error(srv.client().get("/tgi/info"), 401)

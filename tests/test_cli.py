@@ -26,6 +26,9 @@ def test_settings_env_and_flags(monkeypatch, tmp_path):
     assert s.kv_cache_mb == 64 and s.log_json is False and s.log_prompts is True
     assert s.tenant_keys() == {"k-1": "acme"}
     assert s.model == "smollm2" and s.host == "127.0.0.1"
+    # `--store` as `worker` and `prefixes` spell it works for `serve` too
+    ns = cli.build_parser().parse_args(["serve", "--store", "redis://127.0.0.1:6379/4"])
+    assert cli.settings_from_args(ns).store_url == "redis://127.0.0.1:6379/4"
 
 
 def test_default_store_url_is_the_local_share(monkeypatch, tmp_path):

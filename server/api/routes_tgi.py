@@ -51,6 +51,7 @@ from server.api.service import (
 )
 from server.api.streaming import EngineEventStream, sse, stream_error
 from server.engine import SamplingParams, StructuredOutputs, TokenEvent, TokenLogprob
+from server.engine.detokenizer import IncrementalDetokenizer
 
 router = APIRouter(prefix="/tgi", tags=["tgi"])
 
@@ -253,7 +254,7 @@ class _Shape:
     """How a request's tokens are reported: their texts, which are special, why the output ended, the seed."""
 
     def __init__(self, svc: Service, p: TGIParameters, sampling: SamplingParams) -> None:
-        tok = svc.bundle.tokenizer
+        tok = self.tokenizer = svc.bundle.tokenizer
         self.special = set(getattr(tok, "all_special_ids", None) or [])
         self.stop_ids = set(svc.llm.eos_ids) | set(sampling.stop_token_ids)
         self.p = p
@@ -289,6 +290,15 @@ class _Shape:
             {"id": t, "text": self.piece(t), "logprob": _finite(v), "special": t in self.special}
             for t, v in lp.top[:n]
         ]
+
+    def texts(self, prompt_ids: list[int], ids: list[int]) -> list[str]:
+        """Each generated token's text, decoded incrementally as TGI's details have it (a token ending inside a
+        character: "", the next one completes it; special tokens: "")."""
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, ())
+        out = [detok.add(t)[0] for t in ids]
+        if out:
+            out[-1] += detok.finish()
+        return out
 
     def finish_reason(self, reason: str | None, last_token: int | None) -> str:
         if reason == "length":
@@ -423,7 +433,8 @@ async def _collect(
         details = shape.details(final, items[-1][0] if items else None)
         prompt_lps = run.first.prompt_logprobs
         details["prefill"] = _prefill(shape, prompt_ids, prompt_lps) if p.decoder_input_details else []
-        details["tokens"] = [shape.token(t, lp, x) for t, lp, x in items]
+        texts = shape.texts(prompt_ids, [t for t, _, _ in items])
+        details["tokens"] = [shape.token(t, lp, x) for (t, lp, _), x in zip(items, texts, strict=True)]
         if p.top_n_tokens:
             details["top_tokens"] = [shape.top_tokens(lp) for _, lp, _ in items]
         out["details"] = details
@@ -472,6 +483,7 @@ TGI_DOC = {
 async def tgi_info(request: Request, principal: Principal = Depends(get_principal)) -> dict[str, Any]:
     svc = get_service(request)
     llm, settings = svc.llm, svc.settings
+    max_input = min(settings.max_prompt_tokens, llm.max_model_len - 1)  # what a request may send (413 above)
     return {
         "model_id": svc.bundle.name,
         "model_sha": svc.bundle.fingerprint,
@@ -481,9 +493,9 @@ async def tgi_info(request: Request, principal: Principal = Depends(get_principa
         "max_concurrent_requests": llm.cfg.max_num_seqs + llm.cfg.max_waiting,
         "max_best_of": 1,
         "max_stop_sequences": settings.max_stop_strings,
-        "max_input_tokens": llm.max_model_len - 1,
-        "max_input_length": llm.max_model_len - 1,  # TGI before 2.0
-        "max_total_tokens": llm.max_model_len,
+        "max_input_tokens": max_input,
+        "max_input_length": max_input,  # TGI before 2.0
+        "max_total_tokens": min(llm.max_model_len, max_input + settings.max_new_tokens),
         "max_batch_size": llm.cfg.max_num_seqs,
         "validation_workers": 1,
         "router": "prefixserve",
