@@ -98,15 +98,13 @@ def test_continue_training_from_a_stored_version(server_factory):
     assert err["param"] == "method"
     err = assert_error(c.post("/prefixes", json={**more, "prompt_format": "chat"}), 422)  # v1 was trained raw
     assert err["param"] == "prompt_format"
-    assert (
-        c.post("/prefixes", json={**more, "prompt_format": "raw", "epochs": 1}).status_code == 202
-    )  # the same
+    # the same
+    assert c.post("/prefixes", json={**more, "prompt_format": "raw", "epochs": 1}).status_code == 202
     assert (
         assert_error(c.post("/prefixes", json={**more, "prefix_length": 8}), 422)["param"] == "prefix_length"
     )
-    put_random_prefix(
-        s.store, s.state.bundle, "acme", "served-only"
-    )  # kv only, as an upload of a served prefix
+    # kv only, as an upload of a served prefix
+    put_random_prefix(s.store, s.state.bundle, "acme", "served-only")
     err = assert_error(c.post("/prefixes", json={**more, "init_from": {"name": "served-only"}}), 422)
     assert err["param"] == "init_from" and "no trained tensors" in err["message"]
     assert_error(c.post("/prefixes", json={**more, "init_from": {"name": "zebra", "bogus": 1}}), 422)
@@ -154,9 +152,8 @@ def test_training_submission_with_an_idempotency_key_creates_one_job(server_fact
     for bad in (b"", b"x" * 256, b"has space", "caf\u00e9".encode()):
         r = c.post("/prefixes", json=body, headers={"Idempotency-Key": bad})
         assert assert_error(r, 422)["param"] == "Idempotency-Key", bad
-    assert_error(
-        c.post("/prefixes", json=body), 429, "too_many_jobs"
-    )  # without the key: a new job, over the limit
+    # without the key: a new job, over the limit
+    assert_error(c.post("/prefixes", json=body), 429, "too_many_jobs")
     assert [j["job_id"] for j in c.get("/prefixes/jobs").json()["data"]] == [job["job_id"]]
     (usage,) = c.get("/usage").json()["data"]
     assert usage["training_jobs"] == 1  # the replay is not a second submission

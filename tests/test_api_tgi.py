@@ -29,9 +29,8 @@ def srv(server_factory, api_bundle):
 def events(r) -> list[dict]:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
     frames = [f for f in r.text.split("\n\n") if f.strip()]
-    assert (
-        all(f.startswith("data: ") for f in frames) and "[DONE]" not in r.text
-    )  # TGI's protocol has no [DONE]
+    # TGI's protocol has no [DONE]
+    assert all(f.startswith("data: ") for f in frames) and "[DONE]" not in r.text
     return [json.loads(f[len("data: ") :]) for f in frames]
 
 
@@ -63,9 +62,8 @@ def test_greedy_output_is_the_native_routes_and_details_describe_it(srv):
     plain = c.post(
         "/tgi/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "acme/faq@1"}}
     ).json()
-    assert set(plain) == {"generated_text"} and plain["generated_text"].startswith(
-        ref["text"]
-    )  # no details asked
+    # no details asked
+    assert set(plain) == {"generated_text"} and plain["generated_text"].startswith(ref["text"])
     # without adapter_id: the base model, fed `inputs` as they are (TGI applies no chat template)
     other = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 12}}).json()
     raw_ids = srv.svc.bundle.tokenizer(PROMPT)["input_ids"]
@@ -80,18 +78,16 @@ def test_stream_is_one_event_per_token_adding_up_to_the_text(srv):
     stop = free[len(free) // 2 : len(free) // 2 + 3]  # a stop string the output will reach
     assert stop.strip() and stop in free
     ref = native(c, logprobs=0, stop=[stop], max_tokens=16, include_stop_str_in_output=True)
-    assert (
-        ref["finish_reason"] == "stop" and ref["text"] == free[: free.index(stop) + len(stop)]
-    )  # TGI keeps it
+    # TGI keeps it
+    assert ref["finish_reason"] == "stop" and ref["text"] == free[: free.index(stop) + len(stop)]
     params = {"adapter_id": "acme/faq", "max_new_tokens": 16, "stop": [stop], "details": True}
     for path, body in (("/tgi", {"inputs": PROMPT, "parameters": params, "stream": True}),
                        ("/tgi/generate_stream", {"inputs": PROMPT, "parameters": params})):  # fmt: skip
         evs = events(c.post(path, json=body))
         assert [e["index"] for e in evs] == list(range(1, len(evs) + 1))
         assert [e["token"]["id"] for e in evs] == [t["id"] for t in ref["logprobs"]]
-        assert (
-            "".join(e["token"]["text"] for e in evs) == ref["text"]
-        )  # held-back text goes with a later token
+        # held-back text goes with a later token
+        assert "".join(e["token"]["text"] for e in evs) == ref["text"]
         assert all(e["generated_text"] is None and e["details"] is None for e in evs[:-1])
         last = evs[-1]
         assert last["generated_text"] == ref["text"]
@@ -185,9 +181,8 @@ def test_a_prompt_past_the_context_names_inputs(srv):
     long = "sea " * 2000
     r = srv.client(KEY).post("/tgi/generate", json={"inputs": long})
     err = assert_error(r, 413)
-    assert err["param"] == "inputs" and r.json()["error_type"] == "validation", (
-        r.text
-    )  # lorax: ValidationError
+    # lorax: ValidationError
+    assert err["param"] == "inputs" and r.json()["error_type"] == "validation", r.text
 
 
 def test_tgi_clients_get_their_error_type_and_every_token_a_logprob(srv):
@@ -212,9 +207,8 @@ def test_tgi_clients_get_their_error_type_and_every_token_a_logprob(srv):
         }  # the server's error body as well
     nope = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "acme/nope"}}).json()
     assert "'acme/nope'" in nope["error"]["message"]
-    assert (
-        "error_type" not in c.post("/generate", json={"prompt": PROMPT, "prefix": "nope"}).json()
-    )  # /tgi only
+    # /tgi only
+    assert "error_type" not in c.post("/generate", json={"prompt": PROMPT, "prefix": "nope"}).json()
     # a stream without details: every token still has a float logprob (the lorax client requires one)
     evs = events(c.post("/tgi/generate_stream", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 5}}))
     assert len(evs) == 5 and all(isinstance(e["token"]["logprob"], float) for e in evs)

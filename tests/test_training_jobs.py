@@ -187,6 +187,7 @@ def test_a_job_whose_prefix_an_earlier_run_stored_is_not_trained_again(managers,
     kv = {"kv": torch.zeros(2, 2, 2, 3, 16)}
     mine = store.put("acme", "bot", "prompt_tuning", kv, base_model_fingerprint="x", prefix_length=3,
                      training={"job_id": rec.job_id, "steps": 4, "total_steps": 4, "epochs": 1})  # fmt: skip
+    # a newer version, another job's: passed over
     store.put(
         "acme",
         "bot",
@@ -195,7 +196,7 @@ def test_a_job_whose_prefix_an_earlier_run_stored_is_not_trained_again(managers,
         base_model_fingerprint="x",
         prefix_length=3,
         training={"job_id": "job-of-another-run"},
-    )  # a newer version, another job's: passed over
+    )
 
     def never(*a, **k):
         raise AssertionError("trained again")
@@ -297,9 +298,8 @@ def test_an_idempotency_key_replays_its_job_and_refuses_another_request(managers
     jm = managers(max_jobs_per_tenant=1)
     rec, replayed = jm.submit_once(request_(), "k-1")
     assert not replayed and rec.idempotency_key == "k-1" and "request_digest" not in rec.public_dict()
-    again, replayed = jm.submit_once(
-        request_(), "k-1"
-    )  # over the tenant's limit, but it is the same submission
+    # over the tenant's limit, but it is the same submission
+    again, replayed = jm.submit_once(request_(), "k-1")
     assert replayed and again.job_id == rec.job_id
     with pytest.raises(IdempotencyKeyReused, match=rec.job_id):
         jm.submit_once(request_(epochs=5), "k-1")

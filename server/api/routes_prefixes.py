@@ -403,9 +403,8 @@ async def upload_prefix(
                 code="invalid_prefix",
                 param="file",
             ) from None
-        effective = incoming.extra.get(
-            "prompt_format"
-        )  # given, or the export's own: the same upload either way
+        # the prompt format given, or the export's own: the same upload either way
+        effective = incoming.extra.get("prompt_format")
         digest = _upload_digest(data, config, effective) if key is not None else None
         del data, config
         meta, created = await _store_upload(svc, incoming, tenant_id, name, key, digest)
@@ -453,9 +452,8 @@ async def _store_upload(
     else:
         assert digest is not None
         meta, created = await store_call(svc, incoming.put_once, svc.store, tenant_id, name, key, digest)
-    svc.meta_cache.invalidate(
-        (tenant_id, name)
-    )  # a repeat too: its first attempt may have failed after storing
+    # a repeat too: its first attempt may have failed after storing
+    svc.meta_cache.invalidate((tenant_id, name))
     return meta, created
 
 

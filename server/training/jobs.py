@@ -249,12 +249,9 @@ class JobManager:
         IdempotencyKeyReused."""
         digest = request_digest(canonical_request(request)) if idempotency_key is not None else None
         tenant = request.get("tenant_id")
-        if idempotency_key is not None and is_valid_name(
-            tenant
-        ):  # a replay answers even if validation would not
-            earlier = self.backend.find_submitted(
-                tenant, idempotency_key
-            )  # now (init_from deleted since, ...)
+        if idempotency_key is not None and is_valid_name(tenant):
+            # a replay answers even if validation would not now (its init_from deleted since, ...)
+            earlier = self.backend.find_submitted(tenant, idempotency_key)
             if earlier is not None:
                 return self._replayed(earlier, digest), True
         spec, hp = self.validate(request)
