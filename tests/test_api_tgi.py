@@ -166,6 +166,7 @@ def test_sampling_parameters_follow_tgi(srv):
         ({"surprise": 1}, 422, None),
         ({"grammar": {"type": "regex", "value": "("}}, 422, "parameters.grammar.value"),
         ({"grammar": {"type": "json", "value": 3}}, 422, "parameters.grammar.value"),
+        ({"grammar": {"type": "json", "value": "{not json"}}, 422, "parameters.grammar.value"),
     ],
 )
 def test_bad_parameters_are_refused_with_the_error_body(srv, params, status, param):

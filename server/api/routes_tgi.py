@@ -238,7 +238,10 @@ async def _structured(svc: Service, p: TGIParameters) -> StructuredOutputs | Non
                     422, "a regex grammar's value is a pattern string", param="parameters.grammar.value"
                 )
             return await svc.compile_spec(StructuredOutputs("regex", g.value), "parameters.grammar.value")
-        schema = json.loads(g.value) if isinstance(g.value, str) else g.value
+        try:
+            schema = json.loads(g.value) if isinstance(g.value, str) else g.value
+        except (ValueError, RecursionError):
+            schema = None
         if not isinstance(schema, dict):
             raise APIError(
                 422, "a json grammar's value is a JSON schema object", param="parameters.grammar.value"
