@@ -166,6 +166,16 @@ class DiskJobBackend:
         with contextlib.suppress(OSError):
             os.close(fd)
 
+    @contextlib.contextmanager
+    def _submit_lock(self):
+        """Held while a job is created, and by what must not run beside a creation (orphan and key clean-up)."""
+        fd = os.open(self.root / "submit.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            self._unlock(fd)
+
     def _let_go(self, claim: DiskClaim) -> None:
         """Release the claim's lock, once (a descriptor closed twice could be another job's lock by then)."""
         fd, claim.fd = claim.fd, -1
@@ -211,9 +221,7 @@ class DiskJobBackend:
         with self._errors("create the job"):
             tdir = self._dirs["active"] / rec.tenant_id
             tdir.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(self.root / "submit.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            with self._submit_lock():
                 if rec.idempotency_key is not None:
                     earlier = self._submitted(rec.tenant_id, rec.idempotency_key)
                     if earlier is not None:
@@ -246,8 +254,6 @@ class DiskJobBackend:
                                 _unlink(path)
                     raise
                 return rec
-            finally:
-                self._unlock(lock_fd)
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._errors("read the job"):
@@ -387,9 +393,7 @@ class DiskJobBackend:
         record) is dropped. Under the submit lock, so no creation is in progress, and each job's lock, so no claim
         is."""
         found: list[str] = []
-        lock_fd = os.open(self.root / "submit.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        with self._submit_lock():
             queued = {m.name.split("-", 1)[-1] for m in self._dirs["queue"].iterdir()}
             for entry in self._dirs["active"].glob("*/*"):
                 job_id = entry.name
@@ -403,6 +407,7 @@ class DiskJobBackend:
                     if rec is None and not self._record(job_id).exists():  # its record was never written
                         _unlink(entry)
                         _unlink(self._examples(job_id))
+                        _unlink(self._lock(job_id))  # the lock file taking it made (held: no one else can)
                         log.warning("job %s: a submission that died before its record; cleared", job_id)
                     elif rec is not None and rec.status == "queued":
                         self._enqueue(rec)
@@ -412,8 +417,6 @@ class DiskJobBackend:
                         )
                 finally:
                     self._unlock(fd)
-        finally:
-            self._unlock(lock_fd)
         return found
 
     def reclaim_stale(self) -> list[str]:
@@ -493,9 +496,8 @@ class DiskJobBackend:
                     _unlink(p)
                     _unlink(self._lock(rec.job_id))
                     n += 1
-        lock_fd = os.open(self.root / "submit.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # no submission writes a key meanwhile
+        # no submission writes a key meanwhile
+        with self._submit_lock():
             for slot in self._dirs["idempotency"].glob("*/*"):
                 if slot.name.startswith("."):  # the temporary file of a write that died
                     continue
@@ -503,8 +505,6 @@ class DiskJobBackend:
                     old = time.time() - slot.stat().st_mtime > IDEMPOTENCY_TTL_S
                     if old or not self._record(slot.read_text(encoding="utf-8").strip()).exists():
                         _unlink(slot)
-        finally:
-            self._unlock(lock_fd)
         return n
 
     def close(self) -> None:
