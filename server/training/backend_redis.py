@@ -11,8 +11,7 @@ Keys (``<ns>``: the store URL's ``prefix`` namespace, default ``prefixserve``)::
                                IDEMPOTENCY_TTL_S
 
 Life of a job: ``submit`` checks the Idempotency-Key and the tenant's limit and creates the hash + stream entry
-atomically (Lua). Workers
-``XREADGROUP`` (blocking); claiming sets ``running`` only from ``queued`` (Lua). While it runs, a heartbeat thread
+atomically (Lua). Workers ``XREADGROUP`` (blocking); claiming sets ``running`` only from ``queued`` (Lua). While it runs, a heartbeat thread
 ``XCLAIM``s the entry to itself every ``heartbeat_s`` (resetting its idle time) and stamps ``heartbeat``. A worker
 that dies stops doing that; once the entry has been idle longer than ``stale_after_s`` another worker's
 ``XAUTOCLAIM`` takes it over and runs the job again, or, when it was already started ``max_attempts`` times, fails
