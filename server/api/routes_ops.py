@@ -1,4 +1,4 @@
-"""GET /health (alive), GET /ready (model loaded, engine running, store reachable, not draining), GET /info (the
+"""GET /health (alive), GET /version, GET /ready (model loaded, engine running, store reachable, not draining), GET /info (the
 model, its limits and how the server runs it), GET /metrics."""
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ class NotReady(Readiness):
 @router.get("/health", response_model=Health, summary="Liveness: the process answers")
 async def health() -> Health:
     return Health()
+
+
+@router.get("/version", summary="The server's version (vLLM's /version)")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
 
 
 @router.get(
