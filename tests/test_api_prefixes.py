@@ -99,7 +99,8 @@ def test_continue_training_from_a_stored_version(server_factory):
     err = assert_error(c.post("/prefixes", json={**more, "prompt_format": "chat"}), 422)  # v1 was trained raw
     assert err["param"] == "prompt_format"
     # the same
-    assert c.post("/prefixes", json={**more, "prompt_format": "raw", "epochs": 1}).status_code == 202
+    same = c.post("/prefixes", json={**more, "prompt_format": "raw", "epochs": 1})
+    assert same.status_code == 202
     assert (
         assert_error(c.post("/prefixes", json={**more, "prefix_length": 8}), 422)["param"] == "prefix_length"
     )
@@ -113,7 +114,9 @@ def test_continue_training_from_a_stored_version(server_factory):
     meta_file.write_text("{ damaged")
     err = assert_error(c.post("/prefixes", json={**more, "init_from": {"name": "served-only"}}), 422)
     assert err["param"] == "init_from"
-    assert [v["status"] for v in c.get("/prefixes/jobs").json()["data"]].count("succeeded") == 3
+    # the refused submissions made no job: v1, v2, the branch and the one with the same prompt format
+    assert wait_job(c, same.json()["job_id"])["status"] == "succeeded"
+    assert [v["status"] for v in c.get("/prefixes/jobs").json()["data"]] == ["succeeded"] * 4
 
 
 def test_cancel_a_job_writes_nothing(server_factory):
