@@ -453,7 +453,8 @@ class ModelRunner:
         kvg = kv.index_select(1, grp.gather).view(2, grp.g, grp.s, k_heads, d).transpose(2, 3)  # [2,g,K,S,D]
         qf = q.reshape(g, k_heads, hq // k_heads * nq, d)
         o = F.scaled_dot_product_attention(qf, kvg[0], kvg[1], attn_mask=grp.mask, scale=scale)
-        return o.view(g, hq, nq, d)
+        # CUDA's fused kernels may return a non-contiguous layout (the CPU's math kernel does not): reshape, not view
+        return o.reshape(g, hq, nq, d)
 
     def _attention(self, layer: int, q: torch.Tensor, inp: StepInputs, scale: float | None) -> torch.Tensor:
         """q: [N, Hq, D] (keys/values of this step already written) -> [N, Hq*D], no host sync."""
