@@ -125,6 +125,14 @@ def tgi_error_type(status: int) -> str | None:
     return "generation" if status >= 500 else None
 
 
+def with_tgi_error_type(body: dict[str, Any], status: int) -> dict[str, Any]:
+    """`body` (an error body) with TGI's top-level `error_type` where the status has one."""
+    kind = tgi_error_type(status)
+    if kind is not None:
+        body["error_type"] = kind
+    return body
+
+
 def error_response(
     status: int,
     message: str,
@@ -140,9 +148,8 @@ def error_response(
     if status in (429, 503):
         headers.setdefault("Retry-After", str(retry_after))
     body = error_body(status, message, code=code, param=param)
-    tgi = request is not None and (request.url.path == "/tgi" or request.url.path.startswith("/tgi/"))
-    if tgi and (kind := tgi_error_type(status)) is not None:
-        body["error_type"] = kind
+    if request is not None and (request.url.path == "/tgi" or request.url.path.startswith("/tgi/")):
+        with_tgi_error_type(body, status)
     return SafeJSONResponse(body, status, headers=headers)
 
 

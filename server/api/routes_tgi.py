@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from server import __version__
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
-from server.api.errors import COMMON_ERRORS, APIError, tgi_error_type
+from server.api.errors import COMMON_ERRORS, APIError, with_tgi_error_type
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, all_events
 from server.api.routes_openai import parse_model
 from server.api.schemas import BASE_PREFIX, Seed
@@ -372,16 +372,16 @@ async def _start(
     info.tenant, info.prefix = tenant, name
     if svc.settings.log_prompts:
         info.prompt = body.inputs
-    try:
-        prefix: ResolvedPrefix = await svc.resolve(tenant, name, version)
-    except APIError as e:
-        if e.status == 404:
-            raise APIError(
-                404, f"adapter {p.adapter_id!r} not found", code=e.code, param="parameters.adapter_id"
-            ) from None
-        raise
-    info.version = prefix.version
     with _tgi_names():
+        try:
+            prefix: ResolvedPrefix = await svc.resolve(tenant, name, version)
+        except APIError as e:
+            if e.status == 404:
+                raise APIError(
+                    404, f"adapter {p.adapter_id!r} not found", code=e.code, param="parameters.adapter_id"
+                ) from None
+            raise
+        info.version = prefix.version
         structured = await _structured(svc, p)
         ids = await svc.tokenize(_prompt_ids, svc.bundle.tokenizer, body.inputs, prefix, p.truncate)
         sampling = _sampling(svc, p, svc.llm.max_model_len - prefix.prefix_length - len(ids), structured)
@@ -466,11 +466,7 @@ async def _frames(run: GenerationRun, shape: _Shape, body: TGIRequest) -> AsyncI
 def _error_frame(e: APIError) -> bytes:
     """An error after the stream began: the server's error body, plus TGI's `error_type` so the TGI and LoRAX
     clients raise their matching exception class."""
-    body = stream_error(e)
-    kind = tgi_error_type(e.status)
-    if kind is not None:
-        body["error_type"] = kind
-    return sse(body)
+    return sse(with_tgi_error_type(stream_error(e), e.status))
 
 
 TGI_DOC = {
