@@ -285,7 +285,6 @@ class AsyncClient:
         json: Any = None,
         params: dict[str, Any] | None = None,
         request_id: str | None = None,
-        idempotent: bool = True,
         idempotency_key: str | None = None,
         retries: int | None = None,
         ok_statuses: Sequence[int] = (),
@@ -300,9 +299,8 @@ class AsyncClient:
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as e:
+                # every request is safe to send again: reads, generation, and writes with an Idempotency-Key
                 error: Exception = _base.wrap_transport_error(e)
-                if not _base.is_retryable_transport(e, idempotent):
-                    raise error from e
                 cause: BaseException | None = e
             else:
                 if response.status_code < 400 or response.status_code in ok_statuses:

@@ -328,13 +328,6 @@ def retry_delay(attempt: int, error: Exception) -> float | None:
     return None
 
 
-def is_retryable_transport(error: httpx.TransportError, idempotent: bool) -> bool:
-    """Connection-phase failures never reached the server: always safe. Others only for idempotent calls."""
-    if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
-        return True
-    return idempotent
-
-
 def wrap_transport_error(error: httpx.TransportError) -> APIConnectionError:
     request = None
     with contextlib.suppress(RuntimeError):

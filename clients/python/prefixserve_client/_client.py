@@ -298,7 +298,6 @@ class Client:
         json: Any = None,
         params: dict[str, Any] | None = None,
         request_id: str | None = None,
-        idempotent: bool = True,
         idempotency_key: str | None = None,
         retries: int | None = None,
         ok_statuses: Sequence[int] = (),
@@ -313,9 +312,8 @@ class Client:
             try:
                 response = self._http.send(request)
             except httpx.TransportError as e:
+                # every request is safe to send again: reads, generation, and writes with an Idempotency-Key
                 error: Exception = _base.wrap_transport_error(e)
-                if not _base.is_retryable_transport(e, idempotent):
-                    raise error from e
                 cause: BaseException | None = e
             else:
                 if response.status_code < 400 or response.status_code in ok_statuses:
