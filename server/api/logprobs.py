@@ -77,8 +77,12 @@ class TokenTexts:
     def __call__(self, token_id: int) -> str:
         return self.entry(token_id)[0]
 
+    def piece(self, token_id: int) -> str:
+        """The token decoded alone, part of a character as U+FFFD (TGI's token text), not in `bytes:` notation."""
+        return self.entry(token_id)[1].decode("utf-8", errors="replace")
 
-def _lp(x: float) -> float:
+
+def finite_logprob(x: float) -> float:
     return x if math.isfinite(x) else FLOOR
 
 
@@ -87,8 +91,8 @@ def generate_logprobs(lps: Iterable[TokenLogprob], text: Callable[[int], str]) -
         {
             "id": lp.token_id,
             "text": text(lp.token_id),
-            "logprob": _lp(lp.logprob),
-            "top_logprobs": [{"id": t, "text": text(t), "logprob": _lp(v)} for t, v in lp.top],
+            "logprob": finite_logprob(lp.logprob),
+            "top_logprobs": [{"id": t, "text": text(t), "logprob": finite_logprob(v)} for t, v in lp.top],
         }
         for lp in lps
     ]
@@ -137,9 +141,11 @@ def completion_logprobs(
             values.append(None)
             tops.append(None)
             continue
-        top = {text(i): _lp(v) for i, v in lp.top}
-        top.setdefault(t, _lp(lp.logprob))  # OpenAI: the sampled token is always there (up to N+1 entries)
-        values.append(_lp(lp.logprob))
+        top = {text(i): finite_logprob(v) for i, v in lp.top}
+        top.setdefault(
+            t, finite_logprob(lp.logprob)
+        )  # OpenAI: the sampled token is always there (up to N+1 entries)
+        values.append(finite_logprob(lp.logprob))
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": starts}
 
@@ -147,7 +153,7 @@ def completion_logprobs(
 def chat_logprobs(lps: Iterable[TokenLogprob], texts: TokenTexts) -> dict[str, Any]:
     def entry(token_id: int, value: float) -> dict[str, Any]:
         t, raw = texts.entry(token_id)
-        return {"token": t, "logprob": _lp(value), "bytes": list(raw)}
+        return {"token": t, "logprob": finite_logprob(value), "bytes": list(raw)}
 
     return {
         "content": [

@@ -23,7 +23,6 @@ carries ``generated_text`` and ``details``; no ``[DONE]``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +36,7 @@ from server import __version__
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, with_tgi_error_type
+from server.api.logprobs import finite_logprob
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, all_events
 from server.api.routes_openai import parse_model
 from server.api.schemas import BASE_PREFIX, Seed
@@ -262,25 +262,20 @@ class _Shape:
         self.stop_ids = set(svc.llm.eos_ids) | set(sampling.stop_token_ids)
         self.p = p
         self.seed = sampling.seed if sampling.temperature > 0 else None  # TGI: the seed it sampled with
-
-        @functools.lru_cache(maxsize=4096)
-        def piece(
-            token_id: int,
-        ) -> str:  # a token decoded alone (part of a character: U+FFFD), as TGI shows it
-            return tok.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-        self.piece = piece
+        self.piece = (
+            svc.token_text.piece
+        )  # a token decoded alone, as TGI shows alternatives and prompt tokens
 
     def token(self, token_id: int, lp: TokenLogprob | None, text: str) -> dict[str, Any]:
         tok: dict[str, Any] = {
             "id": token_id,
             "text": text,
-            "logprob": _finite(lp.logprob) if lp is not None else None,
+            "logprob": finite_logprob(lp.logprob) if lp is not None else None,
             "special": token_id in self.special,
         }
         if self.p.return_k_alternatives and lp is not None:
             tok["alternative_tokens"] = [
-                {"id": t, "text": self.piece(t), "logprob": _finite(v)}
+                {"id": t, "text": self.piece(t), "logprob": finite_logprob(v)}
                 for t, v in lp.top[: self.p.return_k_alternatives]
             ]
         return tok
@@ -290,7 +285,7 @@ class _Shape:
         if lp is None:
             return []
         return [
-            {"id": t, "text": self.piece(t), "logprob": _finite(v), "special": t in self.special}
+            {"id": t, "text": self.piece(t), "logprob": finite_logprob(v), "special": t in self.special}
             for t, v in lp.top[:n]
         ]
 
@@ -319,15 +314,13 @@ class _Shape:
         }
 
 
-def _finite(x: float) -> float:
-    return x if x > -1e30 else -1e30  # -inf (an impossible token) as JSON can carry it
-
-
 def _prefill(shape: _Shape, ids: list[int], lps: list[TokenLogprob | None] | None) -> list[dict[str, Any]]:
     out = []
     for i, t in enumerate(ids):
         lp = lps[i] if lps is not None and i < len(lps) else None
-        out.append({"id": t, "text": shape.piece(t), "logprob": None if lp is None else _finite(lp.logprob)})
+        out.append(
+            {"id": t, "text": shape.piece(t), "logprob": None if lp is None else finite_logprob(lp.logprob)}
+        )
     return out
 
 
