@@ -404,6 +404,7 @@ class EngineHarness:
             prefix_cache_bytes=(prefix_blocks + 1) * bb,
             packed_weights=PACKED[args.packed_weights],
             prompt_cache=args.prompt_cache,
+            kernels=args.kernels,
         )
         self.steps: list[StepStats] = []
         self.engine = LLMEngine(bundle, provider, self.cfg, on_step=self.steps.append)
@@ -585,6 +586,7 @@ def main_bench(args) -> dict:
     results: dict[str, SysResult] = {s: max(rs, key=lambda r: r.tok_s) for s, rs in runs.items()}
     load_after = loadavg()
     engine_packed = harness is not None and harness.engine.runner.packed
+    engine_kernels = harness.engine.runner.kernels if harness is not None else None
 
     # ---------------------------------------------------------------- report
     n = len(work.prompts)
@@ -619,7 +621,7 @@ def main_bench(args) -> dict:
     lines.append(
         f"Workload: {args.tenants} tenants, {args.requests} requests, prefix {args.prefix_len}, prompt "
         f"{args.prompt_len}, {args.new_tokens} new tokens (greedy, ignore EOS), max_num_seqs {args.max_num_seqs}, "
-        f"engine linears {'oneDNN prepacked' if engine_packed else 'F.linear'}. Load average before {load_before}, after {load_after}."
+        f"engine linears {'oneDNN prepacked' if engine_packed else 'F.linear'}, kernels {engine_kernels}. Load average before {load_before}, after {load_after}."
     )
     lines.append("")
     lines.append(f"Command: `{cmd}`")
@@ -678,6 +680,7 @@ def main_bench(args) -> dict:
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
             "engine_packed_weights": engine_packed,
+            "engine_kernels": engine_kernels,
             "engine_prompt_cache": args.prompt_cache,
             "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
         }
@@ -823,6 +826,7 @@ def main_cache_test(args) -> dict:
             prefix_cache_bytes=budget,
             packed_weights=PACKED[args.packed_weights],
             prompt_cache=args.prompt_cache,
+            kernels=args.kernels,
         )
         return LLMEngine(bundle, prov, cfg), prov
 
@@ -1293,6 +1297,12 @@ def parse_args(argv: list[str] | None = None):
         choices=("auto", "on", "off"),
         default="auto",
         help="engine: CPU fp32 oneDNN-prepacked linears (auto: where available, the server's default)",
+    )
+    ap.add_argument(
+        "--kernels",
+        choices=("auto", "triton", "torch"),
+        default="auto",
+        help="engine: Triton paged decode attention and fused kernels, or torch ops (auto: Triton on CUDA)",
     )
     ap.add_argument(
         "--prompt-cache",

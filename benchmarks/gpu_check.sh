@@ -25,7 +25,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
-timeout 150 "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" tests/test_engine_cuda.py 2>&1 \
+timeout 150 "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" tests/test_engine_cuda.py tests/test_triton_kernels.py 2>&1 \
   | tee "$OUT/cuda-tests.log"
 timeout 240 "$PY" benchmarks/bench_engine.py --device cuda --model smollm2-135m-config --tenants 64 --requests 64 \
   --prefix-len 32 --prompt-len 128 --new-tokens 128 --systems a,b,c,d,e --naive-requests 8 --tokenizer .gpu-tok \

@@ -31,12 +31,30 @@ def _mixed(bundle):
     return mixed_workload(bundle.spec, (8, 20, 64), 10, NEW, no_prefix=9)
 
 
+def _kernels_available() -> bool:
+    from server.engine import triton_ops
+
+    return torch.cuda.is_available() and triton_ops.available(torch.device("cuda"))
+
+
+KERNELS = [
+    "torch",
+    pytest.param(
+        "triton", marks=pytest.mark.skipif(not _kernels_available(), reason="triton is not installed")
+    ),
+]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_cuda_graph_decode_is_exact_fp32(family):
+def test_cuda_graph_decode_is_exact_fp32(family, kernels):
+    """Graphed decode (torch ops, or the Triton paged attention and fused kernels) equals the eager torch-op engine
+    and transformers' greedy decoding, token for token."""
     bundle = _bundle(family)
     keys, reqs = _mixed(bundle)
-    graphed = make_engine(bundle, keys, graphs="cuda", max_num_seqs=16)
-    eager = make_engine(bundle, keys, graphs="off")
+    graphed = make_engine(bundle, keys, graphs="cuda", max_num_seqs=16, kernels=kernels)
+    assert graphed.runner.kernels == kernels
+    eager = make_engine(bundle, keys, graphs="off", kernels="torch")
     got = [o.token_ids for o in graphed.generate(reqs)]
     assert got == [o.token_ids for o in eager.generate(reqs)]
     g = graphed.runner.graphs
@@ -46,11 +64,12 @@ def test_cuda_graph_decode_is_exact_fp32(family):
         assert toks == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, NEW), r.request_id
 
 
-def test_decode_step_launches_no_host_sync():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_decode_step_launches_no_host_sync(kernels):
     """With CUDA's sync debug mode set to error, a prepared decode step (graphed and eager) runs through."""
     bundle = _bundle("llama")
     for mode in ("cuda", "off"):
-        eng = make_engine(bundle, {}, graphs=mode)
+        eng = make_engine(bundle, {}, graphs=mode, kernels=kernels)
         blocks = eng.pool.allocate(2)
         rows = [RowInput([5], 7, 0, [], blocks[:1], 7, True), RowInput([9], 3, 0, [], blocks[1:], 3, True)]
         for check in (

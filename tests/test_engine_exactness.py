@@ -187,10 +187,11 @@ def test_graph_buckets():
 
     runner = SimpleNamespace(
         graph_mode="eager",
+        kernels="torch",
         max_model_len=2048,
         device=torch.device("cpu"),
         dtype=torch.float32,
-        pool=SimpleNamespace(scratch_slot=7, block_size=16),
+        pool=SimpleNamespace(scratch_slot=7, block_size=16, num_blocks=0),
     )
     g = _DecodeGraphs(runner, 64)  # type: ignore[arg-type]
     assert g.batches == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
@@ -202,6 +203,11 @@ def test_graph_buckets():
     runner.pool.block_size = 24  # buckets stay whole numbers of blocks
     g = _DecodeGraphs(runner, 8)  # type: ignore[arg-type]
     assert g.min_slots == 264 and g.bucket(1, 300) == (1, 528) and g.max_slots % 24 == 0
+    # the paged kernel reads each row's length from its inputs: one graph per batch bucket, at the widest tables
+    runner.kernels = "triton"
+    g = _DecodeGraphs(runner, 64)  # type: ignore[arg-type]
+    assert g.bucket(3, 100) == g.bucket(3, 2000) == (4, g.max_slots)
+    assert g.tables.shape == (64, g.max_slots // 24) and g.bucket(1, g.max_slots + 1) is None
 
 
 def _tiny_family(family: str):

@@ -48,6 +48,8 @@ class EngineConfig:
     packed_weights: bool | None = None  # CPU fp32/bf16 oneDNN-prepacked linears (None: where available)
     # decode steps as CUDA graphs: auto (on CUDA) | cuda | off | eager (the padded path without capture)
     graphs: str = "auto"
+    # decode attention and fused elementwise ops as Triton kernels: auto (on CUDA with triton) | triton | torch
+    kernels: str = "auto"
     prompt_cache: bool = True  # reuse cached KV blocks of identical leading tokens (same salt and prefix)
     # tenants take turns at admission (Request.tenant); False: first come first served
     fair_scheduling: bool = True
@@ -130,6 +132,7 @@ class LLMEngine:
             packed_weights=cfg.packed_weights,
             graphs=cfg.graphs,
             max_graph_batch=cfg.max_num_seqs,
+            kernels=cfg.kernels,
         )
         self.eos_ids = set(sp.eos_token_ids)
         tok_eos = getattr(bundle.tokenizer, "eos_token_id", None)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine import triton_ops
 from server.engine.kv_cache import KVPool
 from server.model.spec import ModelBundle
 
@@ -43,8 +44,12 @@ class _Group:
     g: int
     q: int
     s: int
-    gather: torch.Tensor  # [g * s] pool slot of each key (padding -> scratch slot)
-    mask: torch.Tensor  # [g, 1, q, s] additive float mask (0 attend, -inf not)
+    gather: torch.Tensor | None  # [g * s] pool slot of each key (padding -> scratch slot)
+    mask: torch.Tensor | None  # [g, 1, q, s] additive float mask (0 attend, -inf not)
+    # paged decode (Triton kernel) instead of gather + mask: block tables [g, W] and, per row, prefix length, prefix
+    # slots and key slots to read ([3, g]); padding rows read the scratch block's first slot
+    tables: torch.Tensor | None = None
+    meta: torch.Tensor | None = None
     tok_idx: torch.Tensor | None = None  # prefill: [g * q] flat token of each query slot (padding -> 0)
     out_idx: torch.Tensor | None = None  # prefill: [n] query slot of each flat token of the group, in order
 
@@ -151,11 +156,18 @@ class ModelRunner:
         packed_weights: bool | None = None,
         graphs: str = "auto",
         max_graph_batch: int = 64,
+        kernels: str = "auto",
     ) -> None:
         """`packed_weights`: oneDNN-prepacked linears on CPU (None: whenever available, see `_Linear`).
 
         `graphs`: decode steps as CUDA graphs at bucketed (batch, key slots) shapes: "auto" (on CUDA), "cuda",
         "off", or "eager" (the same padded static-buffer path run without capture: tests it on any device).
+
+        `kernels`: "triton" runs decode attention as a paged kernel reading the block tables (no gathered keys, no
+        mask) and, for Llama-family models, fuses RMSNorm (+ residual), rotary + KV write and SiLU-and-mul into one
+        kernel each (server/engine/triton_kernels.py); "torch" uses torch ops only; "auto" picks "triton" on CUDA
+        when triton is installed and the model's shape suits the kernels. On a CPU "triton" needs Triton's
+        interpreter (`TRITON_INTERPRET=1`): for tests, not speed.
         """
         self.bundle = bundle
         self.spec = bundle.spec
@@ -167,6 +179,8 @@ class ModelRunner:
         # set at the end; the hf path's start-up probe runs before them, without graphs
         self.graph_mode: str = "off"
         self.graphs: _DecodeGraphs | None = None
+        self.kernels = "torch"
+        self.fused = False
         avail = cpu_packing_available(self.device, self.dtype) and self.family != "hf"
         if packed_weights and not avail:
             raise ValueError(
@@ -184,6 +198,7 @@ class ModelRunner:
             self._init_hf(m)
         else:  # pragma: no cover - spec_from_config already refuses
             raise ValueError(self.family)
+        self._init_kernels(kernels)
         if graphs == "auto":
             graphs = "cuda" if self.device.type == "cuda" and self.family != "hf" else "off"
         if graphs not in ("cuda", "eager", "off"):
@@ -192,6 +207,27 @@ class ModelRunner:
             raise ValueError("CUDA graphs need a CUDA device")
         self.graph_mode = graphs
         self.graphs = _DecodeGraphs(self, max_graph_batch) if graphs != "off" else None
+
+    def _init_kernels(self, kernels: str) -> None:
+        if kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be auto, triton or torch, not {kernels!r}")
+        sp = self.spec
+        why = triton_ops.unsupported_reason(sp.num_heads, sp.num_kv_heads, sp.head_dim, self.pool.block_size)
+        if kernels == "auto":
+            ok = self.device.type == "cuda" and why is None and triton_ops.available(self.device)
+            kernels = "triton" if ok else "torch"
+        elif kernels == "triton":
+            if not triton_ops.available(self.device):
+                raise ValueError(
+                    "kernels='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on a CPU, for tests)"
+                )
+            if why is not None:
+                raise ValueError(f"kernels='triton' cannot serve this model: {why}")
+        self.kernels = kernels
+        # fused elementwise kernels: the native Llama path without per-head query/key norms (Qwen3)
+        self.fused = (
+            kernels == "triton" and self.family == "llama" and all(L["q_norm"] is None for L in self.layers)
+        )
 
     def _lin(self, w: torch.Tensor, b: torch.Tensor | None = None) -> _Linear:
         return _Linear(w, b, self.packed)
@@ -375,11 +411,44 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
             write_slots=torch.tensor(write_slots, dtype=torch.long).to(dev, non_blocking=True),
             sample_idx=torch.tensor(sample_idx, dtype=torch.long).to(dev, non_blocking=True),
-            decode=self._group(decode, n_dec, 0, key[1] if key else None) if decode else None,
+            decode=(
+                (
+                    self._paged_group(decode, n_dec)
+                    if self.kernels == "triton"
+                    else self._group(decode, n_dec, 0, key[1] if key else None)
+                )
+                if decode
+                else None
+            ),
             prefill=self._group(prefill, len(prefill), len(decode)) if prefill else None,
             num_tokens=len(ids),
             num_rows=len(rows),
             graph_key=key,
+        )
+
+    def _paged_group(self, members: list[RowInput], g: int) -> _Group:
+        """Decode rows for the paged kernel, padded to `g` rows: block tables and three numbers per row."""
+        bs = self.pool.block_size
+        scratch = self.pool.num_blocks
+        w = max(len(r.prefix_blocks) + len(r.own_blocks) for r in members)
+        pad = g - len(members)
+        tables = [r.prefix_blocks + r.own_blocks for r in members]
+        tables = [t + [scratch] * (w - len(t)) for t in tables] + [[scratch] * w] * pad
+        p_slots = [len(r.prefix_blocks) * bs for r in members]
+        meta = [
+            [r.prefix_len for r in members] + [0] * pad,
+            p_slots + [0] * pad,
+            [ps + r.own_cached + 1 for ps, r in zip(p_slots, members, strict=True)] + [1] * pad,
+        ]
+        dev = self.device
+        return _Group(
+            g=g,
+            q=1,
+            s=w * bs,
+            gather=None,
+            mask=None,
+            tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
+            meta=torch.tensor(meta, dtype=torch.int32).to(dev, non_blocking=True),
         )
 
     def _group(self, members: list[RowInput], g: int, first_token: int, slots: int | None = None) -> _Group:
@@ -450,6 +519,7 @@ class ModelRunner:
         """
         g, hq, nq, d = q.shape
         k_heads = kv.shape[2]
+        assert grp.gather is not None and grp.mask is not None
         kvg = kv.index_select(1, grp.gather).view(2, grp.g, grp.s, k_heads, d).transpose(2, 3)  # [2,g,K,S,D]
         qf = q.reshape(g, k_heads, hq // k_heads * nq, d)
         o = F.scaled_dot_product_attention(qf, kvg[0], kvg[1], attn_mask=grp.mask, scale=scale)
@@ -461,10 +531,16 @@ class ModelRunner:
         _, hq, d = q.shape
         kv = self.pool.data[layer]  # [2, slots, K, D]
         outs = []
-        if inp.decode is not None:
-            g = inp.decode.g
-            o = self._attend(kv, q[:g].unsqueeze(2), inp.decode, scale)  # [g, Hq, 1, D]
-            outs.append(o.reshape(g, hq * d))
+        dec = inp.decode
+        if dec is not None and dec.tables is not None:
+            assert dec.meta is not None
+            o = triton_ops.paged_decode(
+                q[: dec.g], kv[0], kv[1], dec.tables, dec.meta, self.pool.block_size, scale
+            )
+            outs.append(o.reshape(dec.g, hq * d))
+        elif dec is not None:
+            o = self._attend(kv, q[: dec.g].unsqueeze(2), dec, scale)  # [g, Hq, 1, D]
+            outs.append(o.reshape(dec.g, hq * d))
         if inp.prefill is not None:
             p = inp.prefill
             qp = q.index_select(0, p.tok_idx).view(p.g, p.q, hq, d).transpose(1, 2)
@@ -512,6 +588,8 @@ class ModelRunner:
         return out.logits[0].float()
 
     def _llama(self, inp: StepInputs) -> torch.Tensor:
+        if self.fused:
+            return self._llama_fused(inp)
         sp = self.spec
         hq, hk, d = sp.num_heads, sp.num_kv_heads, sp.head_dim
         n = inp.num_tokens
@@ -537,6 +615,28 @@ class ModelRunner:
             h = h + L["down"](F.silu(gate) * up)
         h = h.index_select(0, inp.sample_idx)
         return self._rms(h, self.norm, self.eps)
+
+    def _llama_fused(self, inp: StepInputs) -> torch.Tensor:
+        """`_llama` with the Triton kernels: the residual add rides on the next norm, rotary on the KV write."""
+        sp, ops, eps = self.spec, triton_ops, self.eps
+        h = F.embedding(inp.input_ids, self.embed)  # the residual stream, updated in place by the norms
+        x = ops.rms_norm(h, self.layers[0]["ln1"], eps)
+        last = len(self.layers) - 1
+        for li, L in enumerate(self.layers):
+            kv = self.pool.data[li]
+            q = ops.rope_write(
+                L["qkv"](x), inp.positions, inp.write_slots, self.cos, self.sin, kv[0], kv[1],
+                sp.num_heads, sp.num_kv_heads, sp.head_dim,
+            )  # fmt: skip
+            o = self._attention(li, q, inp, None)
+            x = ops.rms_norm(L["o"](o), L["ln2"], eps, residual=h)
+            down = L["down"](ops.silu_mul(L["gu"](x)))
+            if li < last:
+                x = ops.rms_norm(down, self.layers[li + 1]["ln1"], eps, residual=h)
+            else:
+                h = h + down
+        h = h.index_select(0, inp.sample_idx)
+        return ops.rms_norm(h, self.norm, eps)
 
     def _gpt2(self, inp: StepInputs) -> torch.Tensor:
         sp = self.spec
@@ -585,8 +685,15 @@ class _DecodeGraphs:
         self.pos = torch.zeros(b, dtype=torch.long, device=dev)
         self.write = torch.full((b,), runner.pool.scratch_slot, dtype=torch.long, device=dev)
         self.sample = torch.arange(b, device=dev)
-        self.gather = torch.full((b * s,), runner.pool.scratch_slot, dtype=torch.long, device=dev)
-        self.mask = torch.zeros(b * s, dtype=runner.dtype, device=dev)
+        # paged kernel: one graph per batch bucket (the kernel reads each row's length from `meta`); otherwise
+        # gathered key slots and an additive mask, bucketed by key slots too
+        self.paged = runner.kernels == "triton"
+        if self.paged:
+            self.tables = torch.full((b, s // bs), runner.pool.num_blocks, dtype=torch.int32, device=dev)
+            self.meta = torch.zeros(3, b, dtype=torch.int32, device=dev)
+        else:
+            self.gather = torch.full((b * s,), runner.pool.scratch_slot, dtype=torch.long, device=dev)
+            self.mask = torch.zeros(b * s, dtype=runner.dtype, device=dev)
         self.entries: dict[tuple[int, int], tuple[object | None, StepInputs, torch.Tensor | None]] = {}
         self.pool = None
         self.num_captured = 0
@@ -596,13 +703,18 @@ class _DecodeGraphs:
         if batch > self.batches[-1] or slots > self.max_slots:
             return None
         b = next(x for x in self.batches if x >= batch)
+        if self.paged:
+            return b, self.max_slots
         s = self.min_slots
         while s < slots:
             s *= 2
         return b, s
 
     def _views(self, b: int, s: int) -> StepInputs:
-        grp = _Group(g=b, q=1, s=s, gather=self.gather[: b * s], mask=self.mask[: b * s].view(b, 1, 1, s))
+        if self.paged:
+            grp = _Group(g=b, q=1, s=s, gather=None, mask=None, tables=self.tables[:b], meta=self.meta[:, :b])
+        else:
+            grp = _Group(g=b, q=1, s=s, gather=self.gather[: b * s], mask=self.mask[: b * s].view(b, 1, 1, s))
         return StepInputs(
             input_ids=self.ids[:b],
             positions=self.pos[:b],
@@ -616,22 +728,36 @@ class _DecodeGraphs:
         )
 
     def _fill(self, st: StepInputs, inp: StepInputs | None) -> None:
-        assert st.decode is not None
+        grp = st.decode
+        assert grp is not None
         if inp is None:
             # harmless contents for warm-up and capture: every row reads and writes the scratch slot
             st.input_ids.zero_()
             st.positions.zero_()
             st.write_slots.fill_(self.runner.pool.scratch_slot)
-            st.decode.gather.fill_(self.runner.pool.scratch_slot)
-            st.decode.mask.fill_(float("-inf"))
-            st.decode.mask[..., 0] = 0
+            if grp.tables is not None and grp.meta is not None:
+                grp.tables.fill_(self.runner.pool.num_blocks)
+                grp.meta.zero_()
+                grp.meta[2] = 1
+            else:
+                assert grp.gather is not None and grp.mask is not None
+                grp.gather.fill_(self.runner.pool.scratch_slot)
+                grp.mask.fill_(float("-inf"))
+                grp.mask[..., 0] = 0
             return
-        assert inp.decode is not None
+        src = inp.decode
+        assert src is not None
         st.input_ids.copy_(inp.input_ids)
         st.positions.copy_(inp.positions)
         st.write_slots.copy_(inp.write_slots)
-        st.decode.gather.copy_(inp.decode.gather)
-        st.decode.mask.copy_(inp.decode.mask)
+        if grp.tables is not None and grp.meta is not None:
+            assert src.tables is not None and src.meta is not None
+            grp.tables[:, : src.tables.shape[1]].copy_(src.tables)
+            grp.meta.copy_(src.meta)
+        else:
+            assert grp.gather is not None and grp.mask is not None
+            grp.gather.copy_(src.gather)
+            grp.mask.copy_(src.mask)
 
     def _capture(self, key: tuple[int, int]) -> tuple[object | None, StepInputs, torch.Tensor | None]:
         st = self._views(*key)

@@ -1,0 +1,188 @@
+"""Triton kernels of the CUDA fast path (imported only through `server.engine.triton_ops`, which checks for triton).
+
+- `paged_decode_kernel`: one query token per row against the row's keys/values read straight from the paged pool
+  through its block table (prefix blocks, then own blocks): no gathered copy of the keys, no additive mask. One
+  program per (row, KV head) computes the query heads of that KV head together (grouped-query attention) with an
+  online softmax over tiles of BN key slots.
+- `rms_norm_kernel`: RMSNorm of a row, optionally adding a residual first (`res += x`, then the norm of `res`).
+- `rope_write_kernel`: rotary embedding of a token's query and key heads; writes the rotated key and the value into
+  the KV pool at the token's slot and the rotated query to its own buffer.
+- `silu_mul_kernel`: `silu(gate) * up` of a fused gate/up projection.
+
+The elementwise kernels round where the torch reference rounds (after each product in the model's dtype) so that
+bf16 results match the eager path's up to the order of a reduction.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def paged_decode_kernel(
+    q_ptr,  # [B, Hq, D]
+    k_ptr,  # [slots, K, D] (one layer's key plane of the pool)
+    v_ptr,  # [slots, K, D]
+    tables_ptr,  # [B, W] int32: block ids, prefix blocks then own blocks
+    meta_ptr,  # [3, >=B] int32: prefix length, prefix slots (whole prefix blocks), key slots to read
+    out_ptr,  # [B, Hq, D]
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_tb,
+    stride_meta,
+    stride_ob,
+    stride_oh,
+    scale,
+    BS: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    REP: tl.constexpr,
+    RP: tl.constexpr,
+    BN: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    p_len = tl.load(meta_ptr + b)
+    p_slots = tl.load(meta_ptr + stride_meta + b)
+    total = tl.load(meta_ptr + 2 * stride_meta + b)
+    r = tl.arange(0, RP)
+    d = tl.arange(0, DP)
+    rmask = r < REP
+    dmask = d < D
+    heads = kh * REP + r
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=rmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    m = tl.full([RP], float("-inf"), tl.float32)
+    lse = tl.zeros([RP], tl.float32)
+    acc = tl.zeros([RP, DP], tl.float32)
+    for start in range(0, total, BN):
+        j = start + tl.arange(0, BN)
+        inb = j < total
+        # the prefix's last block may be partly filled: its unused slots are skipped
+        valid = inb & ((j >= p_slots) | (j < p_len))
+        blk = tl.load(tables_ptr + b * stride_tb + j // BS, mask=inb, other=0)
+        slot = blk.to(tl.int64) * BS + j % BS
+        off = slot[:, None] * stride_ks + kh * stride_kh + d[None, :]
+        lm = valid[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + off, mask=lm, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.where(valid[None, :], tl.exp(s - m_safe[:, None]), 0.0)
+        lse = lse * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + off, mask=lm, other=0.0)
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    out = acc / tl.where(lse == 0.0, 1.0, lse)[:, None]
+    tl.store(
+        out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None] & dmask[None, :],
+    )
+
+
+@triton.jit
+def rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    H,
+    eps,
+    HAS_RES: tl.constexpr,
+    BH: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BH)
+    cm = c < H
+    x = tl.load(x_ptr + row * stride_x + c, mask=cm, other=0.0)
+    if HAS_RES:
+        res = tl.load(res_ptr + row * stride_r + c, mask=cm, other=0.0)
+        x = (res.to(tl.float32) + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + row * stride_r + c, x, mask=cm)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / H
+    n = (xf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + c, mask=cm, other=0.0)
+    y = n.to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + c, y.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def rope_write_kernel(
+    qkv_ptr,  # [N, (HQ + 2 HK) * D]
+    pos_ptr,  # [N]
+    slot_ptr,  # [N]
+    cos_ptr,  # [P, D]
+    sin_ptr,
+    q_out_ptr,  # [N, HQ, D]
+    k_cache_ptr,  # [slots, HK, D]
+    v_cache_ptr,
+    stride_qkv,
+    stride_cos,
+    stride_qo,
+    stride_cs,
+    HQ: tl.constexpr,
+    HK: tl.constexpr,
+    D: tl.constexpr,
+    HP: tl.constexpr,
+    KP: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    h = tl.arange(0, HP)
+    d = tl.arange(0, D)
+    hm = h < HQ + HK
+    half = D // 2
+    rot = tl.where(d < half, d + half, d - half)
+    base = qkv_ptr + t * stride_qkv
+    x = tl.load(base + h[:, None] * D + d[None, :], mask=hm[:, None], other=0.0)
+    xr = tl.load(base + h[:, None] * D + rot[None, :], mask=hm[:, None], other=0.0)
+    xr = xr.to(tl.float32)
+    xr = tl.where((d < half)[None, :], -xr, xr)  # rotate_half: (-x2, x1)
+    c = tl.load(cos_ptr + pos * stride_cos + d)
+    s = tl.load(sin_ptr + pos * stride_cos + d)
+    dt = q_out_ptr.dtype.element_ty
+    a = (x.to(tl.float32) * c.to(tl.float32)[None, :]).to(dt)
+    bb = (xr * s.to(tl.float32)[None, :]).to(dt)
+    y = (a.to(tl.float32) + bb.to(tl.float32)).to(dt)
+    is_q = h < HQ
+    tl.store(q_out_ptr + t * stride_qo + h[:, None] * D + d[None, :], y, mask=is_q[:, None])
+    kh = tl.where(is_q, 0, h - HQ)
+    tl.store(k_cache_ptr + slot * stride_cs + kh[:, None] * D + d[None, :], y, mask=(hm & ~is_q)[:, None])
+    vh = tl.arange(0, KP)
+    vm = vh < HK
+    v = tl.load(base + (HQ + HK) * D + vh[:, None] * D + d[None, :], mask=vm[:, None], other=0.0)
+    tl.store(v_cache_ptr + slot * stride_cs + vh[:, None] * D + d[None, :], v, mask=vm[:, None])
+
+
+@triton.jit
+def silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, inter, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    im = i < inter
+    g = tl.load(gu_ptr + t * stride_gu + i, mask=im, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + t * stride_gu + inter + i, mask=im, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    act = (g * tl.sigmoid(g)).to(dt)
+    tl.store(out_ptr + t * stride_o + i, (act.to(tl.float32) * u).to(dt), mask=im)

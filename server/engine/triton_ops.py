@@ -1,0 +1,187 @@
+"""Launchers of the Triton kernels (server/engine/triton_kernels.py) for the CUDA fast path.
+
+Triton is imported on first use, so the server runs without it (CPU machines, `kernels="torch"`). On a CPU the
+kernels run only under Triton's interpreter (`TRITON_INTERPRET=1`, set before the first launch), which is how the
+test suite checks them against the torch reference on a machine without a GPU. No launcher syncs with the device:
+each one is safe inside a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+# key slots per tile of the decode attention: a multiple of every block size the engine uses (16 by default)
+_BN = 64
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _kernels() -> ModuleType | None:
+    try:
+        from server.engine import triton_kernels
+    except Exception:  # triton missing or broken: the torch path serves
+        return None
+    return triton_kernels
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device`: CUDA with triton installed, or any device when interpreted."""
+    if device.type != "cuda" and not interpreted():
+        return False
+    return _kernels() is not None
+
+
+def unsupported_reason(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> str | None:
+    """Why a model's shape cannot use the kernels (None: it can)."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two >= 16"
+    if num_heads % num_kv_heads:
+        return f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+    if _BN % block_size:
+        return f"block_size {block_size} does not divide {_BN}"
+    return None
+
+
+def _k() -> ModuleType:
+    k = _kernels()
+    if k is None:  # pragma: no cover - callers check available() first
+        raise RuntimeError("triton is not installed")
+    return k
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    meta: torch.Tensor,
+    block_size: int,
+    scale: float | None,
+) -> torch.Tensor:
+    """q: [B, Hq, D]; k/v_cache: [slots, K, D]; tables: [B, W] int32 block ids; meta: [3, >=B] int32 rows
+    (prefix length, prefix slots, key slots to read). Returns [B, Hq, D]: each row's query attending to its valid
+    prefix slots and its own slots."""
+    b, hq, d = q.shape
+    kh = k_cache.shape[1]
+    rep = hq // kh
+    out = torch.empty_like(q)
+    if b == 0:
+        return out
+    assert q.stride(2) == 1 and k_cache.stride(2) == 1 and tables.stride(1) == 1 and meta.stride(1) == 1
+    assert k_cache.stride() == v_cache.stride()
+    _k().paged_decode_kernel[(b, kh)](
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        meta,
+        out,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        tables.stride(0),
+        meta.stride(0),
+        out.stride(0),
+        out.stride(1),
+        float(scale if scale is not None else d**-0.5),
+        BS=block_size,
+        D=d,
+        DP=_pow2(max(d, 16)),
+        REP=rep,
+        RP=max(16, _pow2(rep)),
+        BN=_BN,
+        IEEE=q.dtype == torch.float32,
+    )
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`w * norm(x)` per row, with the model's rounding. With `residual`: `residual += x` in place first, then the
+    norm of `residual`. x: [N, H]."""
+    n, h = x.shape
+    out = torch.empty_like(x)
+    if n == 0:
+        return out
+    res = residual if residual is not None else x
+    assert x.stride(1) == 1 and res.stride(1) == 1
+    _k().rms_norm_kernel[(n,)](
+        x,
+        res,
+        w,
+        out,
+        x.stride(0),
+        res.stride(0),
+        out.stride(0),
+        h,
+        float(eps),
+        HAS_RES=residual is not None,
+        BH=_pow2(h),
+    )
+    return out
+
+
+def rope_write(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """qkv: [N, (Hq + 2K) * D] from the fused projection. Writes the rotated keys and the values at `slots` of
+    k/v_cache ([slots, K, D]) and returns the rotated queries [N, Hq, D]."""
+    n = qkv.shape[0]
+    q = torch.empty(n, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if n == 0:
+        return q
+    assert qkv.stride(1) == 1 and cos.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    _k().rope_write_kernel[(n,)](
+        qkv,
+        positions,
+        slots,
+        cos,
+        sin,
+        q,
+        k_cache,
+        v_cache,
+        qkv.stride(0),
+        cos.stride(0),
+        q.stride(0),
+        k_cache.stride(0),
+        HQ=num_heads,
+        HK=num_kv_heads,
+        D=head_dim,
+        HP=_pow2(num_heads + num_kv_heads),
+        KP=_pow2(num_kv_heads),
+    )
+    return q
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu: [N, 2I] (gate, then up) -> silu(gate) * up, [N, I]."""
+    n, two = gu.shape
+    inter = two // 2
+    out = torch.empty(n, inter, dtype=gu.dtype, device=gu.device)
+    if n == 0:
+        return out
+    block = min(1024, _pow2(inter))
+    _k().silu_mul_kernel[(n, -(-inter // block))](gu, out, gu.stride(0), out.stride(0), inter, BLOCK=block)
+    return out

@@ -1,0 +1,171 @@
+"""The Triton kernels of the CUDA path against the torch ops they replace, and the engine through them.
+
+On a machine without a GPU they run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
+triton loads); on a GPU machine, on the GPU. Exactness: greedy tokens through the kernels equal transformers' own
+decoding fed the same prefix KV (fp32), with mixed tenants, prefixes whose last block is partly filled and a row
+without a prefix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.engine import triton_ops
+from server.engine.model_runner import _rotate_half
+from server.model import bundle_from_model
+from tests.engine_utils import hf_greedy, make_engine, mixed_workload
+from tests.fixtures.models import make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+if not triton_ops.available(DEV):  # pragma: no cover - depends on the machine
+    pytest.skip(
+        "triton is not installed (it comes with the dev extras on Linux x86-64), or this CPU-only process imported "
+        "it before TRITON_INTERPRET=1 was set",
+        allow_module_level=True,
+    )
+
+# Triton's interpreter converts float32 to bfloat16 by truncation (a GPU rounds to nearest) and computes on bf16 bits
+# as integers: bf16 runs on a GPU only; float16 (native in numpy) covers the half-precision code paths everywhere
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            triton_ops.interpreted(), reason="bf16 rounding differs under Triton's interpreter"
+        ),
+    ),
+]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    elif dtype == torch.float16:
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-9, atol=1e-3)
+    else:
+        # the kernels round where torch rounds; a reduction in another order can move a value across one rounding
+        # boundary, then the next product's: two bf16 ulps at most
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_and_without_residual(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 96, generator=g).to(DEV, dtype)
+    res = torch.randn(7, 96, generator=g).to(DEV, dtype)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(DEV, dtype)
+
+    def ref(h):
+        hf = h.float()
+        return w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+
+    _close(triton_ops.rms_norm(x, w, 1e-5), ref(x), dtype)
+    want_res = res + x
+    r = res.clone()
+    out = triton_ops.rms_norm(x, w, 1e-5, residual=r)
+    assert torch.equal(r, want_res)  # the residual is updated in place, rounded as `res + x`
+    _close(out, ref(want_res), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gu = torch.randn(5, 2 * 80, generator=torch.Generator().manual_seed(1)).to(DEV, dtype)
+    gate, up = gu.chunk(2, dim=-1)
+    _close(triton_ops.silu_mul(gu), F.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_rotates_and_writes_the_cache(dtype):
+    hq, hk, d, n, slots = 6, 2, 16, 5, 40
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(n, (hq + 2 * hk) * d, generator=g).to(DEV, dtype)
+    pos = torch.tensor([0, 3, 9, 4, 31], device=DEV)
+    write = torch.tensor([5, 17, 0, 39, 22], device=DEV)
+    ang = torch.arange(32.0)[:, None] * torch.rand(d // 2, generator=g).repeat(2)[None]
+    cos, sin = ang.cos().to(DEV, dtype), ang.sin().to(DEV, dtype)
+    kc = torch.zeros(slots, hk, d, device=DEV, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    q = triton_ops.rope_write(qkv, pos, write, cos, sin, kc, vc, hq, hk, d)
+    rq, rk, rv = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    c, s = cos[pos][:, None], sin[pos][:, None]
+    rq, rk, rv = rq.view(n, hq, d), rk.view(n, hk, d), rv.view(n, hk, d)
+    _close(q, rq * c + _rotate_half(rq) * s, dtype)
+    _close(kc[write], rk * c + _rotate_half(rk) * s, dtype)
+    assert torch.equal(vc[write], rv)
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[write.cpu()] = False
+    assert not kc[untouched.to(DEV)].any() and not vc[untouched.to(DEV)].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hk", [(4, 2), (6, 2), (3, 3)])
+def test_paged_decode_matches_masked_sdpa(dtype, hq, hk):
+    """Rows with a partly filled last prefix block, a whole-block prefix, no prefix, and shared prefix blocks."""
+    bs, d = 16, 16
+    g = torch.Generator().manual_seed(3)
+    num_blocks = 24
+    kc = torch.randn(num_blocks * bs, hk, d, generator=g).to(DEV, dtype)
+    vc = torch.randn(num_blocks * bs, hk, d, generator=g).to(DEV, dtype)
+    # (prefix_len, prefix blocks, own tokens cached + this one, own blocks)
+    rows = [
+        (20, [3, 7], 1, [0]),
+        (20, [3, 7], 37, [1, 9, 2]),
+        (16, [4], 70, [5, 6, 8, 10, 11]),
+        (0, [], 5, [12]),
+    ]
+    b = len(rows)
+    q = torch.randn(b, hq, d, generator=g).to(DEV, dtype)
+    w = max(len(p) + len(o) for _, p, _, o in rows)
+    tables = torch.tensor(
+        [p + o + [num_blocks] * (w - len(p) - len(o)) for _, p, _, o in rows], dtype=torch.int32
+    )
+    meta = torch.tensor(
+        [[r[0] for r in rows], [len(r[1]) * bs for r in rows], [len(r[1]) * bs + r[2] for r in rows]],
+        dtype=torch.int32,
+    )
+    out = triton_ops.paged_decode(q, kc, vc, tables.to(DEV), meta.to(DEV), bs, None)
+    for i, (plen, pb, own, ob) in enumerate(rows):
+        slots = [blk * bs + j for blk in pb for j in range(bs)][:plen] + [
+            blk * bs + j for blk in ob for j in range(bs)
+        ][:own]
+        idx = torch.tensor(slots, device=DEV)
+        k = kc[idx].transpose(0, 1).repeat_interleave(hq // hk, 0).float()  # [Hq, S, D]
+        v = vc[idx].transpose(0, 1).repeat_interleave(hq // hk, 0).float()
+        want = F.scaled_dot_product_attention(q[i].float()[:, None], k, v)[:, 0]
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 2e-2)
+        torch.testing.assert_close(out[i].float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_engine_through_kernels_equals_transformers_fp32(family):
+    """Mixed tenants through the padded graph buffers ("eager" graphs on a CPU, captured on CUDA) and the paged
+    kernels give transformers' greedy tokens; a request joining mid-flight included (max_num_seqs < requests)."""
+    tok = make_tiny_tokenizer()
+    model = (make_tiny_llama if family == "llama" else make_tiny_gpt2)(tok, seed=0).to(DEV)
+    bundle = bundle_from_model(model, tok, name=f"tiny-{family}")
+    new = 5
+    keys, reqs = mixed_workload(bundle.spec, (8, 20, 64), 6, new, no_prefix=5)
+    graphs = "cuda" if DEV.type == "cuda" else "eager"
+    eng = make_engine(bundle, keys, kernels="triton", graphs=graphs, max_num_seqs=4)
+    assert eng.runner.kernels == "triton" and eng.runner.fused == (family == "llama")
+    got = [o.token_ids for o in eng.generate(reqs)]
+    assert eng.runner.graphs is not None and eng.runner.graphs.num_replays >= new - 1
+    for r, toks in zip(reqs, got, strict=True):
+        kv = keys[r.prefix] if r.prefix is not None else None
+        assert toks == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, new), r.request_id
+
+
+def test_kernels_option_is_checked():
+    tok = make_tiny_tokenizer()
+    bundle = bundle_from_model(make_tiny_llama(tok, seed=0, hidden=48, heads=4, kv_heads=2), tok, name="odd")
+    with pytest.raises(ValueError, match="head_dim 12"):
+        make_engine(bundle, {}, kernels="triton")
+    # head_dim 12 does not suit the kernels: "auto" falls back to torch ops on any device
+    assert make_engine(bundle, {}, kernels="auto").runner.kernels == "torch"
+    assert make_engine(bundle, {}, kernels="auto").runner.fused is False
+    with pytest.raises(ValueError, match="kernels must be"):
+        make_engine(bundle, {}, kernels="cuda")
