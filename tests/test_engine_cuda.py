@@ -6,6 +6,8 @@ and pytest but not the service's dependencies: `benchmarks/gpu_check.sh` runs it
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -202,3 +204,38 @@ def test_speculative_drafts_beside_cuda_graph_steps():
     assert spec.scheduler.spec_draft_tokens > 0
     g = spec.runner.graphs
     assert g is not None and g.num_replays > 0
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_async_decode_follow_ups_launch_without_host_sync(kernels):
+    """Async decode on CUDA: every follow-up step (prepared on the host, fed the previous step's tokens on the
+    device, launched, its tokens copied back behind it) runs under CUDA's sync debug mode "error"; outputs equal the
+    synchronous engine's and transformers'."""
+    bundle = _bundle("llama")
+    keys, reqs = _mixed(bundle)
+    eng = make_engine(bundle, keys, max_num_seqs=16, kernels=kernels)
+    assert eng.async_decode  # auto on CUDA
+    eng.generate(reqs)  # captures the graphs, warms the pinned-memory cache
+    follow_up = eng._follow_up
+    failures: list[BaseException] = []
+
+    def checked(fl):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return follow_up(fl)
+        except BaseException as e:
+            failures.append(e)
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    eng._follow_up = checked  # type: ignore[method-assign]
+    before = eng.num_async_steps
+    got = [o.token_ids for o in eng.generate([replace(r, request_id=r.request_id + "b") for r in reqs])]
+    assert not failures, failures
+    assert eng.num_async_steps - before >= NEW - 2
+    sync = make_engine(bundle, keys, max_num_seqs=16, kernels=kernels, async_decode="off")
+    assert got == [o.token_ids for o in sync.generate(reqs)]
+    for r, toks in zip(reqs, got, strict=True):
+        kv = keys[r.prefix] if r.prefix is not None else None
+        assert toks == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, NEW), r.request_id

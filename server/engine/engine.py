@@ -50,6 +50,9 @@ class EngineConfig:
     graphs: str = "auto"
     # decode attention and fused elementwise ops as Triton kernels: auto (on CUDA with triton) | triton | torch
     kernels: str = "auto"
+    # async decode (vLLM v1's async scheduling): greedy steps leave their tokens on the device while the next step
+    # is prepared and launched from them; auto: on CUDA without speculative decoding | on | off
+    async_decode: str = "auto"
     prompt_cache: bool = True  # reuse cached KV blocks of identical leading tokens (same salt and prefix)
     # tenants take turns at admission (Request.tenant); False: first come first served
     fair_scheduling: bool = True
@@ -70,6 +73,17 @@ class StepStats:
     num_decode_tokens: int
     distinct_prefixes: int
     duration_s: float
+
+
+@dataclass
+class _Inflight:
+    """A launched step whose sampled tokens are still on their way from the device (async decode)."""
+
+    seqs: list[Sequence]  # its sampling rows, in row order
+    tokens: torch.Tensor  # [R] on the device: what a follow-up step feeds
+    host: torch.Tensor  # [2, R] tokens and finiteness, copied to (pinned) host memory once `done` fires
+    done: torch.cuda.Event | None
+    fresh: list[int]  # prompt-cache blocks registered for it (forgotten if it fails)
 
 
 @dataclass
@@ -147,6 +161,15 @@ class LLMEngine:
         self.on_step = on_step
         self._seqs: dict[str, Sequence] = {}
         self._callbacks: dict[str, EventCallback] = {}
+        if cfg.async_decode not in ("auto", "on", "off"):
+            raise ValueError(f"async_decode must be auto, on or off, not {cfg.async_decode!r}")
+        if cfg.async_decode == "on" and cfg.speculative_tokens > 0:
+            raise ValueError("async_decode cannot run with speculative decoding")
+        self.async_decode = cfg.async_decode == "on" or (
+            cfg.async_decode == "auto" and bundle.device.type == "cuda" and cfg.speculative_tokens <= 0
+        )
+        self._inflight: _Inflight | None = None
+        self.num_async_steps = 0  # steps launched from the previous step's tokens on the device
 
     # ------------------------------------------------------------------ requests
     def validate(self, req: Request) -> None:
@@ -189,7 +212,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     @property
     def num_running(self) -> int:
@@ -201,6 +224,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[TokenEvent]:
+        if self._inflight is not None:
+            return self._advance()
         t0 = time.perf_counter()
         items = self.scheduler.schedule()
         events: list[TokenEvent] = []
@@ -242,6 +267,8 @@ class LLMEngine:
                     verified = self._verify(items, spec_logits)
             if logits.shape[0] != len(samplers):
                 raise RuntimeError(f"{logits.shape[0]} logit rows for {len(samplers)} sampling rows")
+            if self.async_decode and self._deferrable(items, rows, samplers):
+                self._inflight = self._launch_sampling(samplers, logits, self.scheduler._fresh)
             # structured outputs: grammar masks on the CPU while a GPU forward may still be running
             constrained = [i for i, s in enumerate(samplers) if s.constraint is not None]
             masks = None
@@ -252,13 +279,17 @@ class LLMEngine:
                 bitmask, bad = self.mask_budget.fill(cons, logits.shape[-1], owners)
                 masks = (constrained, bitmask)
                 grammar_failed = {constrained[j]: why for j, why in bad.items()}
-            res = sample(
-                logits,
-                [s.req.sampling for s in samplers],
-                [s.generator for s in samplers],
-                [(s.prompt, s.output) for s in samplers],
-                self.eos_ids,
-                masks,
+            res = (
+                None
+                if self._inflight is not None
+                else sample(
+                    logits,
+                    [s.req.sampling for s in samplers],
+                    [s.generator for s in samplers],
+                    [(s.prompt, s.output) for s in samplers],
+                    self.eos_ids,
+                    masks,
+                )
             )
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
@@ -270,21 +301,12 @@ class LLMEngine:
         for it in items:
             it.seq.num_cached += it.num_tokens - len(it.draft)
         now = time.monotonic()
-        for i, (seq, tok) in enumerate(zip(samplers, res.tokens, strict=True)):
-            if seq.status is not SeqStatus.RUNNING:  # ended by an earlier row's event callback (abort)
-                continue
-            if i in grammar_failed:
-                seq.error, seq.error_type = f"structured output: {grammar_failed[i]}", "GrammarError"
-                events.append(self._finish(seq, "error"))
-                continue
-            if i in res.failed:  # this request alone ends with an error; the rest of the batch carries on
-                log.warning("request %s: %s", seq.request_id, res.failed[i])
-                seq.error, seq.error_type = res.failed[i], "SamplingError"
-                events.append(self._finish(seq, "error"))
-                continue
-            ev = self._append(seq, tok, now, res.logprobs.get(i))
-            if ev is not None:
-                events.append(ev)
+        if res is not None:
+            failed = {i: (why, "SamplingError") for i, why in res.failed.items()}
+            failed.update(
+                {i: (f"structured output: {why}", "GrammarError") for i, why in grammar_failed.items()}
+            )
+            events.extend(self._deliver(samplers, res.tokens, failed, res.logprobs, now))
         for it, emitted, emitted_lps in verified:
             seq = it.seq
             if seq.status is not SeqStatus.RUNNING:  # ended by an earlier row's event callback (abort)
@@ -305,17 +327,181 @@ class LLMEngine:
             self.scheduler.register_accepted(seq)
         if self.on_step is not None:
             n_prefill = sum(it.num_tokens for it in items if it.num_tokens > 1 and not it.draft)
+            self._report(
+                len(items),
+                n_prefill,
+                sum(1 for it in items if it.num_tokens == 1 or it.draft),
+                len({it.seq.req.prefix for it in items}),
+                t0,
+            )
+        return events
+
+    def _report(self, scheduled: int, prefill: int, decode: int, prefixes: int, t0: float) -> None:
+        if self.on_step is not None:
             self.on_step(
                 StepStats(
                     num_running=len(self.scheduler.running),
                     num_waiting=len(self.scheduler.waiting),
-                    num_scheduled=len(items),
-                    num_prefill_tokens=n_prefill,
-                    num_decode_tokens=sum(1 for it in items if it.num_tokens == 1 or it.draft),
-                    distinct_prefixes=len({it.seq.req.prefix for it in items}),
+                    num_scheduled=scheduled,
+                    num_prefill_tokens=prefill,
+                    num_decode_tokens=decode,
+                    distinct_prefixes=prefixes,
                     duration_s=time.perf_counter() - t0,
                 )
             )
+
+    def _deliver(
+        self,
+        samplers: list[Sequence],
+        tokens: list[int],
+        failed: dict[int, tuple[str, str]],
+        logprobs: dict[int, TokenLogprob],
+        now: float,
+    ) -> list[TokenEvent]:
+        """Append each row's sampled token (or end the row with its error); the events, in row order."""
+        events: list[TokenEvent] = []
+        for i, (seq, tok) in enumerate(zip(samplers, tokens, strict=True)):
+            if seq.status is not SeqStatus.RUNNING:  # ended by an earlier row's event callback (abort)
+                continue
+            if i in failed:  # this request alone ends with an error; the rest of the batch carries on
+                seq.error, seq.error_type = failed[i]
+                if seq.error_type == "SamplingError":
+                    log.warning("request %s: %s", seq.request_id, seq.error)
+                events.append(self._finish(seq, "error"))
+                continue
+            ev = self._append(seq, tok, now, logprobs.get(i))
+            if ev is not None:
+                events.append(ev)
+        return events
+
+    # ------------------------------------------------------------------ async decode
+    @staticmethod
+    def _deferrable(items: list[ScheduledItem], rows: list[RowInput], samplers: list[Sequence]) -> bool:
+        """Whether a step's tokens may stay on the device: every row samples one token greedily from raw logits
+        (no penalties, bias, grammar, logprobs or drafts), which the device's argmax decides alone."""
+        if (
+            not samplers
+            or len(samplers) != len(rows)
+            or any(r.all_logits or it.draft for it, r in zip(items, rows, strict=True))
+        ):
+            return False
+        for seq in samplers:
+            p = seq.req.sampling
+            if not p.greedy or p.processed or p.logprobs is not None or seq.constraint is not None:
+                return False
+        return True
+
+    def _launch_sampling(self, seqs: list[Sequence], logits: torch.Tensor, fresh: list[int]) -> _Inflight:
+        """Greedy tokens and finiteness on the device, copied to pinned host memory behind the step's kernels; the
+        host waits for them only when it needs them (`_complete`), with the next step already queued."""
+        tokens = logits.argmax(-1)
+        packed = torch.stack([tokens, torch.isfinite(logits).all(-1).long()])
+        done = None
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = packed
+        return _Inflight(seqs, tokens, host, done, list(fresh))
+
+    def _chain_ok(self) -> bool:
+        """A follow-up step may be launched unless the scheduler has work of its own: requests it could admit, or
+        failures to report."""
+        s = self.scheduler
+        return not s.failed and not (s.waiting and len(s.running) < self.cfg.max_num_seqs)
+
+    def _follow_up(self, fl: _Inflight) -> _Inflight | None:
+        """Launch the next decode step of `fl`'s rows, fed `fl`'s tokens straight from the device. Rows whose
+        next token ends them by length are left out; a row ended by its token (end of sequence, a stop string, an
+        abort) is computed once more and its result dropped. None when a row cannot get a KV block without
+        preempting (the scheduler's next step decides)."""
+        rows: list[RowInput] = []
+        keep: list[int] = []
+        for i, seq in enumerate(fl.seqs):
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            if len(seq.output) + 2 > seq.req.sampling.max_tokens:
+                continue
+            if seq.prefix_len + seq.num_tokens + 2 > self.max_model_len:
+                continue
+            if not self.scheduler._ensure_blocks(seq, 1):
+                return None
+            pre = seq.prefix.blocks if seq.prefix is not None else []
+            rows.append(
+                RowInput(
+                    [0],
+                    seq.prefix_len + seq.num_cached,
+                    seq.prefix_len,
+                    pre,
+                    seq.own_blocks,
+                    seq.num_cached,
+                    True,
+                )
+            )
+            keep.append(i)
+        if not rows:
+            return None
+        inp = self.runner.prepare(rows)
+        src = fl.tokens
+        if len(keep) != len(fl.seqs):
+            idx = torch.tensor(keep, dtype=torch.long)
+            if src.device.type == "cuda":
+                idx = idx.pin_memory()
+            src = src.index_select(0, idx.to(src.device, non_blocking=True))
+        inp.input_ids[: len(rows)].copy_(src)
+        logits = self.runner.forward(inp)
+        seqs = [fl.seqs[i] for i in keep]
+        nxt = self._launch_sampling(seqs, logits, [])
+        for seq in seqs:
+            seq.num_cached += 1
+        self.num_async_steps += 1
+        return nxt
+
+    def _complete(self, fl: _Inflight) -> list[TokenEvent]:
+        if fl.done is not None:
+            fl.done.synchronize()
+        tokens, finite = fl.host.tolist()
+        failed = {i: (NON_FINITE, "SamplingError") for i, ok in enumerate(finite) if not ok}
+        return self._deliver(fl.seqs, tokens, failed, {}, time.monotonic())
+
+    def _advance(self) -> list[TokenEvent]:
+        """Async decode: launch the follow-up of the step in flight (when the chain may go on), then deliver the
+        step in flight's tokens while the follow-up runs."""
+        t0 = time.perf_counter()
+        fl, self._inflight = self._inflight, None
+        assert fl is not None
+        nxt = None
+        if self._chain_ok():
+            try:
+                nxt = self._follow_up(fl)
+            except Exception:  # the rows carry on through the scheduler's next (synchronous) step
+                log.exception("async follow-up step failed to launch")
+                nxt = None
+        try:
+            events = self._complete(fl)
+        except (
+            Exception
+        ) as e:  # the device failed the step: its requests (and a follow-up's) end with an error
+            log.exception("engine step failed")
+            self.pool.forget(fl.fresh)
+            events = []
+            for seq in fl.seqs + (nxt.seqs if nxt is not None else []):
+                if seq.status is SeqStatus.RUNNING:
+                    seq.error, seq.error_type = f"engine step failed: {e}", type(e).__name__
+                    events.append(self._finish(seq, "error"))
+            return events
+        if nxt is not None:
+            # prompt cache: the blocks that the follow-up's tokens (now known) complete
+            sched = self.scheduler
+            sched._fresh = []
+            for seq in nxt.seqs:
+                if seq.status is SeqStatus.RUNNING:
+                    sched._register(seq, seq.num_cached)
+            nxt.fresh, sched._fresh = sched._fresh, []
+            self._inflight = nxt
+            self._report(len(nxt.seqs), 0, len(nxt.seqs), len({s.req.prefix for s in nxt.seqs}), t0)
         return events
 
     def _split_logits(
@@ -533,6 +719,9 @@ class LLMEngine:
         return outs
 
     def shutdown(self) -> None:
+        if self._inflight is not None and self._inflight.done is not None:
+            self._inflight.done.synchronize()
+        self._inflight = None
         self.prefix_cache.shutdown()
 
 

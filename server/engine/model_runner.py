@@ -405,51 +405,66 @@ class ModelRunner:
             positions.extend([0] * pad)
             write_slots.extend([self.pool.scratch_slot] * pad)
             n_dec = key[0]
-        dev = self.device
+        n = len(ids)
+        if decode and self.kernels == "triton":
+            # one host-to-device copy for the whole step: token ids, positions, slots, sampled rows, tables
+            tables, meta = self._paged_tables(decode, n_dec)
+            flat = self._upload(ids + positions + write_slots + sample_idx + meta + tables)
+            r = len(sample_idx)
+            w = len(tables) // n_dec
+            o = 3 * n + r
+            dec: _Group | None = _Group(
+                g=n_dec,
+                q=1,
+                s=w * self.pool.block_size,
+                gather=None,
+                mask=None,
+                tables=flat[o + 3 * n_dec :].view(n_dec, w),
+                meta=flat[o : o + 3 * n_dec].view(3, n_dec),
+            )
+        else:
+            flat = self._upload(ids + positions + write_slots + sample_idx)
+            dec = self._group(decode, n_dec, 0, key[1] if key else None) if decode else None
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
-            write_slots=torch.tensor(write_slots, dtype=torch.long).to(dev, non_blocking=True),
-            sample_idx=torch.tensor(sample_idx, dtype=torch.long).to(dev, non_blocking=True),
-            decode=(
-                (
-                    self._paged_group(decode, n_dec)
-                    if self.kernels == "triton"
-                    else self._group(decode, n_dec, 0, key[1] if key else None)
-                )
-                if decode
-                else None
-            ),
+            input_ids=flat[:n],
+            positions=flat[n : 2 * n],
+            write_slots=flat[2 * n : 3 * n],
+            sample_idx=flat[3 * n : 3 * n + len(sample_idx)],
+            decode=dec,
             prefill=self._group(prefill, len(prefill), len(decode)) if prefill else None,
             num_tokens=len(ids),
             num_rows=len(rows),
             graph_key=key,
         )
 
-    def _paged_group(self, members: list[RowInput], g: int) -> _Group:
-        """Decode rows for the paged kernel, padded to `g` rows: block tables and three numbers per row."""
+    def _upload(self, values: list[int] | torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """Host values on the device without a host sync: on CUDA through pinned memory, since a copy from pageable
+        memory waits for the stream to drain (which would stop the host from preparing a step while the previous
+        one runs)."""
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def _paged_tables(self, members: list[RowInput], g: int) -> tuple[list[int], list[int]]:
+        """Decode rows for the paged kernel, padded to `g` rows: their block tables `[g, W]` (row-major; padding
+        rows and slots name the scratch block) and three numbers per row `[3, g]`: prefix length, prefix slots and
+        key slots to read (padding rows read the scratch block's first slot)."""
         bs = self.pool.block_size
         scratch = self.pool.num_blocks
         w = max(len(r.prefix_blocks) + len(r.own_blocks) for r in members)
+        tables: list[int] = []
+        for r in members:
+            tables += r.prefix_blocks
+            tables += r.own_blocks
+            tables += [scratch] * (w - len(r.prefix_blocks) - len(r.own_blocks))
         pad = g - len(members)
-        tables = [r.prefix_blocks + r.own_blocks for r in members]
-        tables = [t + [scratch] * (w - len(t)) for t in tables] + [[scratch] * w] * pad
+        tables += [scratch] * (w * pad)
         p_slots = [len(r.prefix_blocks) * bs for r in members]
-        meta = [
-            [r.prefix_len for r in members] + [0] * pad,
-            p_slots + [0] * pad,
-            [ps + r.own_cached + 1 for ps, r in zip(p_slots, members, strict=True)] + [1] * pad,
-        ]
-        dev = self.device
-        return _Group(
-            g=g,
-            q=1,
-            s=w * bs,
-            gather=None,
-            mask=None,
-            tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
-            meta=torch.tensor(meta, dtype=torch.int32).to(dev, non_blocking=True),
-        )
+        meta = [r.prefix_len for r in members] + [0] * pad
+        meta += p_slots + [0] * pad
+        meta += [ps + r.own_cached + 1 for ps, r in zip(p_slots, members, strict=True)] + [1] * pad
+        return tables, meta
 
     def _group(self, members: list[RowInput], g: int, first_token: int, slots: int | None = None) -> _Group:
         """Key slots and masks for `members` padded to `g` rows (padding rows see only the scratch slot) and, if
@@ -497,16 +512,15 @@ class ModelRunner:
         rep = self.spec.num_heads // self.spec.num_kv_heads
         if q_max > 1 and rep > 1:  # query heads of a KV head are folded into the query axis (see `_attend`)
             mask = mask.repeat(1, 1, rep, 1)
-        dev = self.device
         prefill = q_max > 1
         return _Group(
             g=g,
             q=q_max,
             s=s,
-            gather=gather.to(dev, non_blocking=True),
-            mask=mask.to(dev, non_blocking=True),
-            tok_idx=tok_idx.reshape(-1).to(dev, non_blocking=True) if prefill else None,
-            out_idx=out_idx.to(dev, non_blocking=True) if out_idx is not None else None,
+            gather=self._upload(gather),
+            mask=self._upload(mask),
+            tok_idx=self._upload(tok_idx.reshape(-1)) if prefill else None,
+            out_idx=self._upload(out_idx) if out_idx is not None else None,
         )
 
     # ------------------------------------------------------------------ forward
@@ -689,8 +703,8 @@ class _DecodeGraphs:
         # gathered key slots and an additive mask, bucketed by key slots too
         self.paged = runner.kernels == "triton"
         if self.paged:
-            self.tables = torch.full((b, s // bs), runner.pool.num_blocks, dtype=torch.int32, device=dev)
-            self.meta = torch.zeros(3, b, dtype=torch.int32, device=dev)
+            self.tables = torch.full((b, s // bs), runner.pool.num_blocks, dtype=torch.long, device=dev)
+            self.meta = torch.zeros(3, b, dtype=torch.long, device=dev)
         else:
             self.gather = torch.full((b * s,), runner.pool.scratch_slot, dtype=torch.long, device=dev)
             self.mask = torch.zeros(b * s, dtype=runner.dtype, device=dev)

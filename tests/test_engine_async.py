@@ -1,0 +1,159 @@
+"""Async decode (vLLM v1's async scheduling): a greedy step's tokens stay on the device while the engine launches the
+next step from them, then delivers them. Forced on here (`async_decode="on"`; "auto" turns it on with CUDA only):
+outputs, finish reasons, events and KV accounting equal the synchronous engine's, with requests joining mid-flight,
+ending on end-of-sequence, stop strings, length and aborts, rows that cannot be deferred (sampling, logprobs) in the
+same batch, a KV pool too small for every follow-up, and the prompt cache registering output blocks."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from server.engine import PrefixKey, Request, SamplingParams
+from server.engine.types import TokenEvent
+from tests.engine_utils import hf_greedy, make_engine, mixed_workload, pool_bytes, random_kv, random_prompt
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    from server.model import bundle_from_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    return bundle_from_model(make_tiny_llama(tok, seed=0), tok, name="tiny-llama")
+
+
+def _both(bundle, keys, reqs, **cfg):
+    on = make_engine(bundle, keys, async_decode="on", **cfg)
+    off = make_engine(bundle, keys, async_decode="off", **cfg)
+    got, want = on.generate(reqs), off.generate(reqs)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    assert [o.text for o in got] == [o.text for o in want]
+    # every request's blocks are back (shared prefix blocks stay cached alike)
+    assert on.pool.num_used == off.pool.num_used and not on.has_unfinished()
+    return on, got
+
+
+@pytest.mark.parametrize("max_num_seqs", [16, 3])
+def test_async_equals_sync_and_transformers(bundle, max_num_seqs):
+    """Mixed tenants, varied max_tokens, a third of the requests free to end on end-of-sequence; with 3 slots the
+    others join mid-flight as rows leave."""
+    keys, reqs = mixed_workload(bundle.spec, (8, 20, 64), 10, 12, no_prefix=9)
+    reqs = [
+        replace(r, sampling=replace(r.sampling, max_tokens=3 + 2 * i, ignore_eos=i % 3 != 0))
+        for i, r in enumerate(reqs)
+    ]
+    on, got = _both(bundle, keys, reqs, max_num_seqs=max_num_seqs)
+    assert on.num_async_steps >= 10  # most decode steps were launched from device tokens
+    for r, o in zip(reqs, got, strict=True):
+        if r.sampling.ignore_eos:
+            kv = keys[r.prefix] if r.prefix is not None else None
+            assert o.token_ids == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, r.sampling.max_tokens)
+
+
+def test_rows_that_cannot_be_deferred_share_the_batch(bundle):
+    """Seeded sampling, logprobs and a repetition penalty beside greedy rows: those steps sample on the host as
+    before; once they end, the greedy rows chain again. Outputs equal the synchronous engine's."""
+    keys, reqs = mixed_workload(bundle.spec, (8, 20), 6, 10)
+    special = [
+        SamplingParams(max_tokens=4, temperature=0.9, seed=7, ignore_eos=True),
+        SamplingParams(max_tokens=5, logprobs=2, ignore_eos=True),
+        SamplingParams(max_tokens=3, repetition_penalty=1.3, ignore_eos=True),
+    ]
+    reqs = [replace(r, sampling=special[i]) if i < 3 else r for i, r in enumerate(reqs)]
+    on, got = _both(bundle, keys, reqs, max_num_seqs=8)
+    assert on.num_async_steps > 0
+    assert got[1].logprobs is not None and len(got[1].logprobs) == 5
+
+
+def test_stop_strings_and_abort_from_a_callback(bundle):
+    """A row ended by a stop string or aborted by its own event callback gets no event after its last one, even
+    though a follow-up step computed one more token for it."""
+    tok = bundle.tokenizer
+    vocab = bundle.spec.vocab_size
+    base = make_engine(bundle, {}, async_decode="off")
+    probe = base.generate(
+        [Request("p", random_prompt(vocab, 9, 3), SamplingParams(max_tokens=12, ignore_eos=True))]
+    )
+    text = tok.decode(probe[0].token_ids[4:6])
+    stop = text.strip() or text
+    assert stop
+
+    def run(mode: str) -> tuple[list[TokenEvent], list]:
+        eng = make_engine(bundle, {}, async_decode=mode)
+        events: list[TokenEvent] = []
+
+        def cb(ev: TokenEvent) -> None:
+            events.append(ev)
+            if ev.request_id == "abort" and not ev.finished and ev.completion_tokens == 3:
+                eng.abort("abort")
+
+        reqs = [
+            Request(
+                "stop",
+                random_prompt(vocab, 9, 3),
+                SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,)),
+            ),
+            Request("abort", random_prompt(vocab, 7, 4), SamplingParams(max_tokens=12, ignore_eos=True)),
+            Request("plain", random_prompt(vocab, 5, 5), SamplingParams(max_tokens=12, ignore_eos=True)),
+        ]
+        for r in reqs:
+            eng.add_request(r, cb)
+        while eng.has_unfinished():
+            eng.step()
+        return events, [eng.pool.num_used, eng.num_async_steps]
+
+    on, (used_on, steps_on) = run("on")
+    off, (used_off, _) = run("off")
+    key = [(e.request_id, tuple(e.token_ids), e.text, e.finished, e.finish_reason) for e in on]
+    assert key == [(e.request_id, tuple(e.token_ids), e.text, e.finished, e.finish_reason) for e in off]
+    last = {e.request_id: e for e in on}
+    assert last["stop"].finish_reason == "stop" and last["abort"].finish_reason == "abort"
+    assert last["plain"].completion_tokens == 12 and used_on == used_off == 0 and steps_on > 0
+    for rid in ("stop", "abort"):  # nothing after the finishing event
+        idx = [i for i, e in enumerate(on) if e.request_id == rid]
+        assert on[idx[-1]].finished and all(not on[i].finished for i in idx[:-1])
+
+
+def test_tight_pool_falls_back_to_the_scheduler(bundle):
+    """A pool too small for every row's next block: the follow-up is not launched, the scheduler preempts and
+    recomputes as in synchronous mode; outputs are equal."""
+    keys = {PrefixKey("t", "d", 1): random_kv(bundle.spec, 16, seed=1)}
+    k = next(iter(keys))
+    reqs = [
+        Request(
+            f"r{i}",
+            random_prompt(bundle.spec.vocab_size, 10 + i, i),
+            SamplingParams(max_tokens=40, ignore_eos=True),
+            k,
+        )
+        for i in range(6)
+    ]
+    on, _ = _both(bundle, keys, reqs, kv_cache_bytes=pool_bytes(bundle, 16), max_num_seqs=6)
+    assert on.scheduler.num_preemptions > 0 and on.num_async_steps > 0
+
+
+def test_output_blocks_enter_the_prompt_cache(bundle):
+    """Blocks completed by tokens that async steps fed are registered: a follow-up turn whose prompt is the first
+    request's prompt and output hits the cache as far as in synchronous mode."""
+    vocab = bundle.spec.vocab_size
+    first = Request("a", random_prompt(vocab, 20, 1), SamplingParams(max_tokens=40, ignore_eos=True))
+    hits = []
+    for mode in ("on", "off"):
+        eng = make_engine(bundle, {}, async_decode=mode)
+        out = eng.generate([first])[0]
+        turn = Request("b", first.prompt_token_ids + out.token_ids + [5, 6], SamplingParams(max_tokens=2))
+        eng.generate([turn])
+        hits.append(eng.scheduler.cache_hit_tokens)
+    assert hits[0] == hits[1] >= 48  # 60 tokens fed before the last one: three full blocks
+
+
+def test_async_decode_setting(bundle):
+    assert make_engine(bundle, {}).async_decode is False  # auto: CUDA only
+    assert make_engine(bundle, {}, async_decode="on").async_decode is True
+    with pytest.raises(ValueError, match="speculative"):
+        make_engine(bundle, {}, async_decode="on", speculative_tokens=2)
+    with pytest.raises(ValueError, match="async_decode must be"):
+        make_engine(bundle, {}, async_decode="yes")
