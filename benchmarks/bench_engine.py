@@ -405,6 +405,7 @@ class EngineHarness:
             packed_weights=PACKED[args.packed_weights],
             prompt_cache=args.prompt_cache,
             kernels=args.kernels,
+            async_decode=args.async_decode,
         )
         self.steps: list[StepStats] = []
         self.engine = LLMEngine(bundle, provider, self.cfg, on_step=self.steps.append)
@@ -587,6 +588,7 @@ def main_bench(args) -> dict:
     load_after = loadavg()
     engine_packed = harness is not None and harness.engine.runner.packed
     engine_kernels = harness.engine.runner.kernels if harness is not None else None
+    engine_async = harness.engine.async_decode if harness is not None else None
 
     # ---------------------------------------------------------------- report
     n = len(work.prompts)
@@ -621,7 +623,7 @@ def main_bench(args) -> dict:
     lines.append(
         f"Workload: {args.tenants} tenants, {args.requests} requests, prefix {args.prefix_len}, prompt "
         f"{args.prompt_len}, {args.new_tokens} new tokens (greedy, ignore EOS), max_num_seqs {args.max_num_seqs}, "
-        f"engine linears {'oneDNN prepacked' if engine_packed else 'F.linear'}, kernels {engine_kernels}. Load average before {load_before}, after {load_after}."
+        f"engine linears {'oneDNN prepacked' if engine_packed else 'F.linear'}, kernels {engine_kernels}, async decode {engine_async}. Load average before {load_before}, after {load_after}."
     )
     lines.append("")
     lines.append(f"Command: `{cmd}`")
@@ -681,6 +683,7 @@ def main_bench(args) -> dict:
             "new_tokens": args.new_tokens,
             "engine_packed_weights": engine_packed,
             "engine_kernels": engine_kernels,
+            "engine_async_decode": engine_async,
             "engine_prompt_cache": args.prompt_cache,
             "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
         }
@@ -827,6 +830,7 @@ def main_cache_test(args) -> dict:
             packed_weights=PACKED[args.packed_weights],
             prompt_cache=args.prompt_cache,
             kernels=args.kernels,
+            async_decode=args.async_decode,
         )
         return LLMEngine(bundle, prov, cfg), prov
 
@@ -1303,6 +1307,12 @@ def parse_args(argv: list[str] | None = None):
         choices=("auto", "triton", "torch"),
         default="auto",
         help="engine: Triton paged decode attention and fused kernels, or torch ops (auto: Triton on CUDA)",
+    )
+    ap.add_argument(
+        "--async-decode",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="engine: launch greedy decode steps from the previous step's device tokens (auto: on CUDA)",
     )
     ap.add_argument(
         "--prompt-cache",

@@ -12,7 +12,8 @@
 #    structured-output rows on graphed steps.
 # 2. Issue 6 GPU targets: SmolLM2-135M's shape, random bf16 weights, 64 tenants each with its own prefix of 32,
 #    prompts 128, 128 new tokens, systems a (first 8 requests; sequential), b, c, d, e (static cache, compiled).
-# 3. The same with a ~1B config (Llama-3.2-1B shape), systems b, c, d, e.
+# 3. Ablation, system d only: torch ops instead of the Triton kernels, and/or async decode off.
+# 4. The same with a ~1B config (Llama-3.2-1B shape), systems b, c, d, e.
 set -u
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -30,6 +31,12 @@ timeout 150 "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" te
 timeout 240 "$PY" benchmarks/bench_engine.py --device cuda --model smollm2-135m-config --tenants 64 --requests 64 \
   --prefix-len 32 --prompt-len 128 --new-tokens 128 --systems a,b,c,d,e --naive-requests 8 --tokenizer .gpu-tok \
   --out "$OUT/gpu-smollm2-135m-config.md" 2>&1 | tail -40 | tee "$OUT/bench-135m.log"
+for abl in "torch off" "triton off" "torch on"; do  # ablation of the CUDA fast path: kernels, async decode
+  set -- $abl
+  timeout 90 "$PY" benchmarks/bench_engine.py --device cuda --model smollm2-135m-config --tenants 64 --requests 64 \
+    --prefix-len 32 --prompt-len 128 --new-tokens 128 --systems d --kernels "$1" --async-decode "$2" \
+    --tokenizer .gpu-tok --out "$OUT/gpu-135m-d-kernels-$1-async-$2.md" 2>&1 | tail -3 | tee -a "$OUT/ablation.log"
+done
 timeout 180 "$PY" benchmarks/bench_engine.py --device cuda --model llama-1b-config --tenants 64 --requests 64 \
   --prefix-len 32 --prompt-len 128 --new-tokens 128 --systems b,c,d,e --tokenizer .gpu-tok \
   --out "$OUT/gpu-llama-1b-config.md" 2>&1 | tail -40 | tee "$OUT/bench-1b.log"

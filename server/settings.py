@@ -159,6 +159,16 @@ class Settings(BaseSettings):
         description="CPU float32, or bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX): oneDNN-prepacked linear "
         "weights (faster decode, one more copy of the weights; default: on where available)",
     )
+    kernels: Literal["auto", "triton", "torch"] = Field(
+        "auto",
+        description="Decode attention as a Triton paged kernel over the block tables and, for Llama-family models, "
+        "fused norm/rotary/activation kernels ('auto': on CUDA when triton is installed); 'torch': torch ops only",
+    )
+    async_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Launch each greedy decode step from the previous step's tokens on the device, preparing it "
+        "while the previous one runs ('auto': on CUDA, unless speculative decoding is on)",
+    )
     prefix_meta_ttl_s: float = Field(
         10.0, ge=0, description="How long resolved prefix metadata is reused without asking the store"
     )

@@ -32,6 +32,7 @@ def test_info_says_what_the_server_runs(server_factory, api_bundle):
     assert info["model_fingerprint"] == api_bundle.fingerprint and info["model"] == api_bundle.name
     assert info["max_model_len"] == 384 and info["max_num_seqs"] == 12 and info["speculative_tokens"] == 2
     assert info["dtype"] == "float32" and info["device"] == "cpu" and info["cuda_graphs"] == "off"
+    assert info["kernels"] == "torch" and info["async_decode"] is False
     assert info["model_path"] == "llama" and info["architecture"] == "LlamaForCausalLM"
     assert (
         info["num_layers"] == api_bundle.spec.num_layers and info["vocab_size"] == api_bundle.spec.vocab_size

@@ -103,6 +103,8 @@ async def info(request: Request, principal: Principal = Depends(get_principal)) 
         prompt_cache=llm.cfg.prompt_cache,
         speculative_tokens=llm.cfg.speculative_tokens,
         cuda_graphs=llm.runner.graph_mode if llm.runner.graph_mode == "cuda" else "off",
+        kernels=llm.runner.kernels,
+        async_decode=llm.async_decode,
         store=svc.store.backend,
         training=svc.job_manager is not None,
         default_prompt_format=svc.default_format,

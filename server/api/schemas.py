@@ -679,6 +679,12 @@ class ServerInfo(BaseModel):
     prompt_cache: bool
     speculative_tokens: int
     cuda_graphs: str = Field(description="`cuda`: decode steps replayed as CUDA graphs; `off` otherwise")
+    kernels: str = Field(
+        description="`triton`: paged decode attention and fused kernels in Triton; `torch` otherwise"
+    )
+    async_decode: bool = Field(
+        description="Greedy decode steps are launched from the previous step's device tokens"
+    )
     store: str = Field(description="Prefix store backend: `disk` or `redis`")
     training: bool = Field(description="Training jobs are accepted (`POST /prefixes`)")
     default_prompt_format: str

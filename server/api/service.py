@@ -499,6 +499,8 @@ class Service:
             prompt_cache=settings.prompt_cache,
             fair_scheduling=settings.scheduling_policy == "fair",
             speculative_tokens=settings.speculative_tokens,
+            kernels=settings.kernels,
+            async_decode=settings.async_decode,
         )
         llm = LLMEngine(bundle, StorePrefixProvider(store, bundle), cfg, on_step=metrics.on_step)
         engine = AsyncEngine(llm, torch_threads=settings.torch_threads)

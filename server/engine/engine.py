@@ -446,10 +446,7 @@ class LLMEngine:
         inp = self.runner.prepare(rows)
         src = fl.tokens
         if len(keep) != len(fl.seqs):
-            idx = torch.tensor(keep, dtype=torch.long)
-            if src.device.type == "cuda":
-                idx = idx.pin_memory()
-            src = src.index_select(0, idx.to(src.device, non_blocking=True))
+            src = src.index_select(0, self.runner.upload(keep))
         inp.input_ids[: len(rows)].copy_(src)
         logits = self.runner.forward(inp)
         seqs = [fl.seqs[i] for i in keep]

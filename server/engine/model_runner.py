@@ -409,7 +409,7 @@ class ModelRunner:
         if decode and self.kernels == "triton":
             # one host-to-device copy for the whole step: token ids, positions, slots, sampled rows, tables
             tables, meta = self._paged_tables(decode, n_dec)
-            flat = self._upload(ids + positions + write_slots + sample_idx + meta + tables)
+            flat = self.upload(ids + positions + write_slots + sample_idx + meta + tables)
             r = len(sample_idx)
             w = len(tables) // n_dec
             o = 3 * n + r
@@ -423,7 +423,7 @@ class ModelRunner:
                 meta=flat[o : o + 3 * n_dec].view(3, n_dec),
             )
         else:
-            flat = self._upload(ids + positions + write_slots + sample_idx)
+            flat = self.upload(ids + positions + write_slots + sample_idx)
             dec = self._group(decode, n_dec, 0, key[1] if key else None) if decode else None
         return StepInputs(
             input_ids=flat[:n],
@@ -437,7 +437,7 @@ class ModelRunner:
             graph_key=key,
         )
 
-    def _upload(self, values: list[int] | torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    def upload(self, values: list[int] | torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """Host values on the device without a host sync: on CUDA through pinned memory, since a copy from pageable
         memory waits for the stream to drain (which would stop the host from preparing a step while the previous
         one runs)."""
@@ -517,10 +517,10 @@ class ModelRunner:
             g=g,
             q=q_max,
             s=s,
-            gather=self._upload(gather),
-            mask=self._upload(mask),
-            tok_idx=self._upload(tok_idx.reshape(-1)) if prefill else None,
-            out_idx=self._upload(out_idx) if out_idx is not None else None,
+            gather=self.upload(gather),
+            mask=self.upload(mask),
+            tok_idx=self.upload(tok_idx.reshape(-1)) if prefill else None,
+            out_idx=self.upload(out_idx) if out_idx is not None else None,
         )
 
     # ------------------------------------------------------------------ forward
