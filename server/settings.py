@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     )
     async_decode: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Launch each greedy decode step from the previous step's tokens on the device, preparing it "
+        description="Launch each decode step from the previous step's tokens on the device, preparing it "
         "while the previous one runs ('auto': on CUDA, unless speculative decoding is on)",
     )
     prefix_meta_ttl_s: float = Field(

@@ -54,8 +54,8 @@ def test_async_equals_sync_and_transformers(bundle, max_num_seqs):
 
 
 def test_rows_that_cannot_be_deferred_share_the_batch(bundle):
-    """Seeded sampling, logprobs and a repetition penalty beside greedy rows: those steps sample on the host as
-    before; once they end, the greedy rows chain again. Outputs equal the synchronous engine's."""
+    """Logprobs and a repetition penalty beside greedy and sampled rows: those steps sample on the host as before;
+    once they end, the other rows chain again. Outputs equal the synchronous engine's."""
     keys, reqs = mixed_workload(bundle.spec, (8, 20), 6, 10)
     special = [
         SamplingParams(max_tokens=4, temperature=0.9, seed=7, ignore_eos=True),
@@ -66,6 +66,53 @@ def test_rows_that_cannot_be_deferred_share_the_batch(bundle):
     on, got = _both(bundle, keys, reqs, max_num_seqs=8)
     assert on.num_async_steps > 0
     assert got[1].logprobs is not None and len(got[1].logprobs) == 5
+
+
+def test_seeded_sampling_is_deferred_and_reproducible(bundle):
+    """Temperature, top-k, top-p and min-p rows with seeds sample on the device with their own generators: the
+    same tokens as the synchronous engine's host-driven sampling, and the steps chain."""
+    keys, reqs = mixed_workload(bundle.spec, (8, 20, 64), 6, 14)
+    kinds = [
+        dict(temperature=1.0),
+        dict(temperature=0.8, top_k=20),
+        dict(temperature=1.2, top_p=0.9),
+        dict(temperature=1.0, min_p=0.05),
+        dict(temperature=0.7, top_k=50, top_p=0.95),
+        dict(),  # greedy
+    ]
+    reqs = [
+        replace(r, sampling=replace(r.sampling, seed=100 + i, **kinds[i % len(kinds)]))
+        for i, r in enumerate(reqs)
+    ]
+    on, got = _both(bundle, keys, reqs, max_num_seqs=8)
+    assert on.num_async_steps >= 10
+    assert len({tuple(o.token_ids) for o in got}) == len(got)
+
+
+def test_sample_on_device_flags_rows_it_cannot_sample(bundle):
+    """A row with non-finite logits, or whose temperature overflows its distribution, gets flags (no exception, no
+    device-side error); the other rows' tokens are what `sample` draws with the same seeds."""
+    import torch
+
+    from server.engine.sampler import make_generator, sample, sample_on_device
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 5
+    logits[2, 7] = float("nan")
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.9, top_p=0.8, seed=3),
+        SamplingParams(temperature=1.0, seed=4),
+        SamplingParams(temperature=1e-45, seed=5),
+    ]
+    dev = logits.device
+    got = sample_on_device(
+        logits, params, [None if p.greedy else make_generator(p.seed, dev) for p in params]
+    )
+    tokens, finite, valid = got.tolist()
+    assert finite == [1, 1, 0, 1] and valid[:2] == [1, 1] and valid[3] == 0
+    want = sample(logits[:2], params[:2], [None, make_generator(3, dev)])
+    assert tokens[:2] == want.tokens
 
 
 def test_stop_strings_and_abort_from_a_callback(bundle):

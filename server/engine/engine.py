@@ -22,7 +22,7 @@ from server.engine.detokenizer import decode_output
 from server.engine.kv_cache import KVPool
 from server.engine.model_runner import ModelRunner, RowInput
 from server.engine.prefix_cache import PrefixCache, PrefixProvider
-from server.engine.sampler import NON_FINITE, make_generator, sample, token_logprobs
+from server.engine.sampler import NON_FINITE, make_generator, sample, sample_on_device, token_logprobs
 from server.engine.scheduler import ScheduledItem, Scheduler, SchedulerConfig
 from server.engine.sequence import SeqStatus, Sequence
 from server.engine.spec import accept, accept_sampled
@@ -50,8 +50,9 @@ class EngineConfig:
     graphs: str = "auto"
     # decode attention and fused elementwise ops as Triton kernels: auto (on CUDA with triton) | triton | torch
     kernels: str = "auto"
-    # async decode (vLLM v1's async scheduling): greedy steps leave their tokens on the device while the next step
-    # is prepared and launched from them; auto: on CUDA without speculative decoding | on | off
+    # async decode (vLLM v1's async scheduling): steps whose rows sample from raw logits (greedy or temperature /
+    # top-k / top-p / min-p) leave their tokens on the device while the next step is prepared and launched from them;
+    # auto: on CUDA without speculative decoding | on | off
     async_decode: str = "auto"
     prompt_cache: bool = True  # reuse cached KV blocks of identical leading tokens (same salt and prefix)
     # tenants take turns at admission (Request.tenant); False: first come first served
@@ -81,7 +82,7 @@ class _Inflight:
 
     seqs: list[Sequence]  # its sampling rows, in row order
     tokens: torch.Tensor  # [R] on the device: what a follow-up step feeds
-    host: torch.Tensor  # [2, R] tokens and finiteness, copied to (pinned) host memory once `done` fires
+    host: torch.Tensor  # [3, R] `sample_on_device`'s rows, copied to (pinned) host memory once `done` fires
     done: torch.cuda.Event | None
     fresh: list[int]  # prompt-cache blocks registered for it (forgotten if it fails)
 
@@ -377,8 +378,9 @@ class LLMEngine:
     # ------------------------------------------------------------------ async decode
     @staticmethod
     def _deferrable(items: list[ScheduledItem], rows: list[RowInput], samplers: list[Sequence]) -> bool:
-        """Whether a step's tokens may stay on the device: every row samples one token greedily from raw logits
-        (no penalties, bias, grammar, logprobs or drafts), which the device's argmax decides alone."""
+        """Whether a step's tokens may stay on the device: every row samples one token from its raw logits (greedy,
+        or temperature / top-k / top-p / min-p with its generator; no penalties, bias, grammar, logprobs or
+        drafts), which the device decides alone."""
         if (
             not samplers
             or len(samplers) != len(rows)
@@ -387,15 +389,15 @@ class LLMEngine:
             return False
         for seq in samplers:
             p = seq.req.sampling
-            if not p.greedy or p.processed or p.logprobs is not None or seq.constraint is not None:
+            if p.processed or p.logprobs is not None or seq.constraint is not None:
                 return False
         return True
 
     def _launch_sampling(self, seqs: list[Sequence], logits: torch.Tensor, fresh: list[int]) -> _Inflight:
-        """Greedy tokens and finiteness on the device, copied to pinned host memory behind the step's kernels; the
-        host waits for them only when it needs them (`_complete`), with the next step already queued."""
-        tokens = logits.argmax(-1)
-        packed = torch.stack([tokens, torch.isfinite(logits).all(-1).long()])
+        """Tokens sampled on the device, copied to pinned host memory behind the step's kernels; the host waits
+        for them only when it needs them (`_complete`), with the next step already queued."""
+        packed = sample_on_device(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs])
+        tokens = packed[0]
         done = None
         if packed.device.type == "cuda":
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -459,8 +461,13 @@ class LLMEngine:
     def _complete(self, fl: _Inflight) -> list[TokenEvent]:
         if fl.done is not None:
             fl.done.synchronize()
-        tokens, finite = fl.host.tolist()
-        failed = {i: (NON_FINITE, "SamplingError") for i, ok in enumerate(finite) if not ok}
+        tokens, finite, valid = fl.host.tolist()
+        failed = {
+            i: ("sampling failed: the distribution is not valid", "SamplingError")
+            for i, ok in enumerate(valid)
+            if not ok
+        }
+        failed.update({i: (NON_FINITE, "SamplingError") for i, ok in enumerate(finite) if not ok})
         return self._deliver(fl.seqs, tokens, failed, {}, time.monotonic())
 
     def _advance(self) -> list[TokenEvent]:

@@ -49,6 +49,28 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def sample_on_device(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """`sample` for rows whose scores are the raw logits (no penalties, bias, masks or logprobs), without a host
+    sync: `[3, R]` int64 on the logits' device, rows (token, logits finite, sampling possible). A sampled row runs
+    the same ops with its own generator as in `sample`, so a seed gives the same tokens either way. A row whose
+    distribution is not valid draws from placeholder weights (a device-side error would end every request) and is
+    reported by its flags instead."""
+    tokens = logits.argmax(-1)
+    finite = torch.isfinite(logits).all(-1)
+    valid = torch.ones_like(finite)
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        probs = filter_logits(logits[i], p).softmax(-1)
+        ok = torch.isfinite(probs).all() & (probs.sum() > 0)
+        valid[i] = ok
+        probs = torch.where(ok, probs, torch.ones_like(probs))
+        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    return torch.stack([tokens, finite.long(), valid.long()])
+
+
 def process_scores(
     row: torch.Tensor,
     p: SamplingParams,
