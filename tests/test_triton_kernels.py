@@ -169,3 +169,65 @@ def test_kernels_option_is_checked():
     assert make_engine(bundle, {}, kernels="auto").runner.fused is False
     with pytest.raises(ValueError, match="kernels must be"):
         make_engine(bundle, {}, kernels="cuda")
+
+
+_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from server.engine import triton_kernels as K
+
+def build(fn, sig, cex, cap):
+    names = fn.arg_names
+    full = {n: ("constexpr" if n in cex else sig[n]) for n in names}
+    src = ASTSource(fn=fn, signature=full, constexprs={(names.index(k),): v for k, v in cex.items()})
+    triton.compile(src, target=GPUTarget("cuda", cap, 32))
+
+# (query heads, KV heads, head_dim, hidden, intermediate): SmolLM2-135M, Llama-3.2-1B, the tests' tiny Llama
+shapes = [(9, 3, 64, 576, 1536), (32, 8, 64, 2048, 8192), (4, 2, 16, 64, 128)]
+n = 0
+for cap in (80, 90):
+    for dt in ("bf16", "fp16", "fp32"):
+        for hq, hk, d, h, inter in shapes:
+            p, i32 = f"*{dt}", "i32"
+            rep = hq // hk
+            build(K.paged_decode_kernel,
+                  dict(q_ptr=p, k_ptr=p, v_ptr=p, tables_ptr="*i64", meta_ptr="*i64", out_ptr=p, stride_qb=i32,
+                       stride_qh=i32, stride_ks=i32, stride_kh=i32, stride_tb=i32, stride_meta=i32, stride_ob=i32,
+                       stride_oh=i32, scale="fp32"),
+                  dict(BS=16, D=d, DP=max(d, 16), REP=rep, RP=max(16, 1 << (rep - 1).bit_length()), BN=64,
+                       IEEE=dt == "fp32"), cap)
+            build(K.rms_norm_kernel,
+                  dict(x_ptr=p, res_ptr=p, w_ptr=p, out_ptr=p, stride_x=i32, stride_r=i32, stride_o=i32, H=i32,
+                       eps="fp32"),
+                  dict(HAS_RES=True, BH=1 << (h - 1).bit_length()), cap)
+            build(K.rope_write_kernel,
+                  dict(qkv_ptr=p, pos_ptr="*i64", slot_ptr="*i64", cos_ptr=p, sin_ptr=p, q_out_ptr=p, k_cache_ptr=p,
+                       v_cache_ptr=p, stride_qkv=i32, stride_cos=i32, stride_qo=i32, stride_cs=i32),
+                  dict(HQ=hq, HK=hk, D=d, HP=1 << (hq + hk - 1).bit_length(), KP=1 << (hk - 1).bit_length()), cap)
+            build(K.silu_mul_kernel, dict(gu_ptr=p, out_ptr=p, stride_gu=i32, stride_o=i32, inter=i32),
+                  dict(BLOCK=min(1024, 1 << (inter - 1).bit_length())), cap)
+            n += 4
+print(n, "compiled")
+"""
+
+
+def test_kernels_compile_for_ampere_and_hopper():
+    """Triton's interpreter checks what the kernels compute, not that they lower to GPU code: compile each one ahead
+    of time for sm_80 (A100) and sm_90 (H100/H200) with Triton's bundled ptxas, in bf16, fp16 and fp32, at the shapes
+    of SmolLM2-135M, Llama-3.2-1B and the tests' tiny Llama. Needs no GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILE], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[0] == str(2 * 3 * 3 * 4), r.stdout
