@@ -5,7 +5,10 @@ built once and the transformers modules are re-pointed at views of them). Every 
 block table: its tenant's shared prefix blocks followed by its own blocks. Linear layers run on the flattened tokens
 (no padding; decode rows' tokens first). Attention runs in two groups, one query token per row (decode) and padded
 multi-token rows (prefill chunks), each with an additive mask built once per step from the logical position of every
-gathered key slot. All index tensors are built on the host in `prepare`, so the forward never syncs with the device.
+gathered key slot. With `kernels="triton"` (CUDA) decode rows instead go through a Triton paged kernel that reads the
+block tables directly, and Llama's norms, rotary + KV write and activation are fused kernels (triton_kernels.py).
+All index tensors are built on the host in `prepare` and reach the device through pinned memory, so the forward never
+syncs with the device and the host can prepare a step while the previous one runs.
 """
 
 from __future__ import annotations
