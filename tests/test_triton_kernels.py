@@ -159,6 +159,52 @@ def test_engine_through_kernels_equals_transformers_fp32(family):
         assert toks == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, new), r.request_id
 
 
+def test_generic_family_and_qwen3_through_the_paged_kernel():
+    """A family served through transformers' modeling code (Phi-3, GQA; its start-up probe runs through the kernel)
+    and Qwen3 (native path, per-head q/k norms: paged attention without the fused elementwise kernels) give
+    transformers' greedy tokens with mixed tenants."""
+    from tests.fixtures.models import make_tiny_causal_lm
+
+    tok = make_tiny_tokenizer()
+    for model_type, extra in (("phi3", {"num_key_value_heads": 2}), ("qwen3", {"num_key_value_heads": 2})):
+        model = make_tiny_causal_lm(model_type, tok, 0, **extra).to(DEV)
+        bundle = bundle_from_model(model, tok, name=model_type)
+        keys, reqs = mixed_workload(bundle.spec, (8, 20), 4, 4, no_prefix=3)
+        eng = make_engine(bundle, keys, kernels="triton")
+        assert eng.runner.kernels == "triton" and not eng.runner.fused
+        for r, o in zip(reqs, eng.generate(reqs), strict=True):
+            kv = keys[r.prefix] if r.prefix is not None else None
+            assert o.token_ids == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, 4), (
+                model_type,
+                r.request_id,
+            )
+
+
+def test_step_inputs_are_aligned_for_the_kernels():
+    """Every integer input of a paged step starts at a 16-byte boundary whatever the token and row counts, so
+    Triton never compiles another alignment variant in the middle of serving."""
+    tok = make_tiny_tokenizer()
+    bundle = bundle_from_model(make_tiny_llama(tok, seed=0).to(DEV), tok, name="tiny")
+    eng = make_engine(bundle, {}, kernels="triton", graphs="off")
+    from server.engine.model_runner import RowInput
+
+    blocks = eng.pool.allocate(3)
+    for n_rows in (1, 2, 3):
+        rows = [RowInput([5], 4 + i, 0, [], [blocks[i]], 4 + i, True) for i in range(n_rows)]
+        rows.append(RowInput([1, 2, 3], 0, 0, [], [blocks[2]], 0, True))  # a prefill row: odd token counts
+        inp = eng.runner.prepare(rows)
+        assert inp.decode is not None and inp.decode.tables is not None and inp.decode.meta is not None
+        for t in (
+            inp.input_ids,
+            inp.positions,
+            inp.write_slots,
+            inp.sample_idx,
+            inp.decode.tables,
+            inp.decode.meta,
+        ):
+            assert t.data_ptr() % 16 == 0, n_rows
+
+
 def test_kernels_option_is_checked():
     tok = make_tiny_tokenizer()
     bundle = bundle_from_model(make_tiny_llama(tok, seed=0, hidden=48, heads=4, kv_heads=2), tok, name="odd")

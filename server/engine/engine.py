@@ -140,6 +140,10 @@ class LLMEngine:
             self.pool,
             self.prefix_cache,
         )
+        if (
+            bundle.device.type == "cuda"
+        ):  # the runner's start-up kernels launch on this thread's current device
+            torch.cuda.set_device(bundle.device)
         self.runner = ModelRunner(
             bundle,
             self.pool,
@@ -170,6 +174,7 @@ class LLMEngine:
             cfg.async_decode == "auto" and bundle.device.type == "cuda" and cfg.speculative_tokens <= 0
         )
         self._inflight: _Inflight | None = None
+        self._cuda_device = bundle.device if bundle.device.type == "cuda" else None
         self.num_async_steps = 0  # steps launched from the previous step's tokens on the device
 
     # ------------------------------------------------------------------ requests
@@ -225,6 +230,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[TokenEvent]:
+        if self._cuda_device is not None:
+            # kernels (Triton's, CUDA graphs' capture stream) launch on the calling thread's current device
+            torch.cuda.set_device(self._cuda_device)
         if self._inflight is not None:
             return self._advance()
         t0 = time.perf_counter()
@@ -403,7 +411,7 @@ class LLMEngine:
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             host.copy_(packed, non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(packed.device))
         else:
             host = packed
         return _Inflight(seqs, tokens, host, done, list(fresh))

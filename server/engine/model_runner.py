@@ -13,6 +13,7 @@ syncs with the device and the host can prepare a step while the previous one run
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ from server.engine.kv_cache import KVPool
 from server.model.spec import ModelBundle
 
 _BIG = 1 << 30
+
+log = logging.getLogger("prefixserve.engine")
 
 
 @dataclass
@@ -191,6 +194,8 @@ class ModelRunner:
                 "and oneDNN"
             )
         self.packed = avail if packed_weights is None else bool(packed_weights)
+        # before the family's set-up: the hf path's start-up probe runs through the chosen attention
+        self._init_kernels(kernels)
         m = bundle.hf_model
         cfg = m.config
         if self.family == "llama":
@@ -201,7 +206,12 @@ class ModelRunner:
             self._init_hf(m)
         else:  # pragma: no cover - spec_from_config already refuses
             raise ValueError(self.family)
-        self._init_kernels(kernels)
+        # fused elementwise kernels: the native Llama path without per-head query/key norms (Qwen3)
+        self.fused = (
+            self.kernels == "triton"
+            and self.family == "llama"
+            and all(L["q_norm"] is None for L in self.layers)
+        )
         if graphs == "auto":
             graphs = "cuda" if self.device.type == "cuda" and self.family != "hf" else "off"
         if graphs not in ("cuda", "eager", "off"):
@@ -215,22 +225,31 @@ class ModelRunner:
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch, not {kernels!r}")
         sp = self.spec
-        why = triton_ops.unsupported_reason(sp.num_heads, sp.num_kv_heads, sp.head_dim, self.pool.block_size)
         if kernels == "auto":
-            ok = self.device.type == "cuda" and why is None and triton_ops.available(self.device)
-            kernels = "triton" if ok else "torch"
+            if self.device.type != "cuda" or not triton_ops.available(self.device):
+                return
+            why = triton_ops.unsupported_reason(sp.num_heads, sp.num_kv_heads, sp.head_dim)
+            why = why or triton_ops.device_reason(self.device)
+            if why is None:
+                try:
+                    triton_ops.smoke_test(self.device, self.dtype, sp.num_heads, sp.num_kv_heads, sp.head_dim)
+                except Exception as e:  # no C compiler for Triton's launcher, a GPU it cannot target, ...
+                    why = f"{type(e).__name__}: {e}"
+            if why is not None:
+                log.warning("Triton kernels off (%s): decode runs on torch ops", why)
+                return
+            kernels = "triton"
         elif kernels == "triton":
             if not triton_ops.available(self.device):
                 raise ValueError(
                     "kernels='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on a CPU, for tests)"
                 )
+            why = triton_ops.unsupported_reason(sp.num_heads, sp.num_kv_heads, sp.head_dim)
+            why = why or triton_ops.device_reason(self.device)
             if why is not None:
-                raise ValueError(f"kernels='triton' cannot serve this model: {why}")
+                raise ValueError(f"kernels='triton' cannot serve this model here: {why}")
+            triton_ops.smoke_test(self.device, self.dtype, sp.num_heads, sp.num_kv_heads, sp.head_dim)
         self.kernels = kernels
-        # fused elementwise kernels: the native Llama path without per-head query/key norms (Qwen3)
-        self.fused = (
-            kernels == "triton" and self.family == "llama" and all(L["q_norm"] is None for L in self.layers)
-        )
 
     def _lin(self, w: torch.Tensor, b: torch.Tensor | None = None) -> _Linear:
         return _Linear(w, b, self.packed)
@@ -408,31 +427,31 @@ class ModelRunner:
             positions.extend([0] * pad)
             write_slots.extend([self.pool.scratch_slot] * pad)
             n_dec = key[0]
-        n = len(ids)
-        if decode and self.kernels == "triton":
-            # one host-to-device copy for the whole step: token ids, positions, slots, sampled rows, tables
-            tables, meta = self._paged_tables(decode, n_dec)
-            flat = self.upload(ids + positions + write_slots + sample_idx + meta + tables)
-            r = len(sample_idx)
-            w = len(tables) // n_dec
-            o = 3 * n + r
+        # one host-to-device copy for the step's integer inputs (and, for the paged kernel, its tables)
+        parts = [ids, positions, write_slots, sample_idx]
+        paged = bool(decode) and self.kernels == "triton"
+        if paged:
+            parts.extend(self._paged_tables(decode, n_dec))
+        views = self._upload_parts(parts)
+        if paged:
+            meta, tables = views[4], views[5]
+            w = tables.shape[0] // n_dec
             dec: _Group | None = _Group(
                 g=n_dec,
                 q=1,
                 s=w * self.pool.block_size,
                 gather=None,
                 mask=None,
-                tables=flat[o + 3 * n_dec :].view(n_dec, w),
-                meta=flat[o : o + 3 * n_dec].view(3, n_dec),
+                tables=tables.view(n_dec, w),
+                meta=meta.view(3, n_dec),
             )
         else:
-            flat = self.upload(ids + positions + write_slots + sample_idx)
             dec = self._group(decode, n_dec, 0, key[1] if key else None) if decode else None
         return StepInputs(
-            input_ids=flat[:n],
-            positions=flat[n : 2 * n],
-            write_slots=flat[2 * n : 3 * n],
-            sample_idx=flat[3 * n : 3 * n + len(sample_idx)],
+            input_ids=views[0],
+            positions=views[1],
+            write_slots=views[2],
+            sample_idx=views[3],
             decode=dec,
             prefill=self._group(prefill, len(prefill), len(decode)) if prefill else None,
             num_tokens=len(ids),
@@ -449,10 +468,23 @@ class ModelRunner:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
+    def _upload_parts(self, parts: list[list[int]]) -> list[torch.Tensor]:
+        """Int64 lists on the device in one copy, as views. Each part starts at an even element (16 bytes): Triton
+        specializes a kernel on its pointers' alignment, and a part's alignment must not change from step to step."""
+        flat: list[int] = []
+        starts = []
+        for p in parts:
+            starts.append(len(flat))
+            flat += p
+            if len(flat) % 2:
+                flat.append(0)
+        dev = self.upload(flat)
+        return [dev[o : o + len(p)] for o, p in zip(starts, parts, strict=True)]
+
     def _paged_tables(self, members: list[RowInput], g: int) -> tuple[list[int], list[int]]:
         """Decode rows for the paged kernel, padded to `g` rows: their block tables `[g, W]` (row-major; padding
         rows and slots name the scratch block) and three numbers per row `[3, g]`: prefix length, prefix slots and
-        key slots to read (padding rows read the scratch block's first slot)."""
+        key slots to read (padding rows read the scratch block's first slot). Returned as (meta, tables)."""
         bs = self.pool.block_size
         scratch = self.pool.num_blocks
         w = max(len(r.prefix_blocks) + len(r.own_blocks) for r in members)
@@ -467,7 +499,7 @@ class ModelRunner:
         meta = [r.prefix_len for r in members] + [0] * pad
         meta += p_slots + [0] * pad
         meta += [ps + r.own_cached + 1 for ps, r in zip(p_slots, members, strict=True)] + [1] * pad
-        return tables, meta
+        return meta, tables
 
     def _group(self, members: list[RowInput], g: int, first_token: int, slots: int | None = None) -> _Group:
         """Key slots and masks for `members` padded to `g` rows (padding rows see only the scratch slot) and, if
@@ -650,10 +682,9 @@ class ModelRunner:
             down = L["down"](ops.silu_mul(L["gu"](x)))
             if li < last:
                 x = ops.rms_norm(down, self.layers[li + 1]["ln1"], eps, residual=h)
-            else:
-                h = h + down
-        h = h.index_select(0, inp.sample_idx)
-        return ops.rms_norm(h, self.norm, eps)
+        # the last residual add rides on the final norm, for the sampled tokens only
+        idx = inp.sample_idx
+        return ops.rms_norm(down.index_select(0, idx), self.norm, eps, residual=h.index_select(0, idx))
 
     def _gpt2(self, inp: StepInputs) -> torch.Tensor:
         sp = self.spec

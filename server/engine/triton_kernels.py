@@ -9,8 +9,9 @@
   the KV pool at the token's slot and the rotated query to its own buffer.
 - `silu_mul_kernel`: `silu(gate) * up` of a fused gate/up projection.
 
-The elementwise kernels round where the torch reference rounds (after each product in the model's dtype) so that
-bf16 results match the eager path's up to the order of a reduction.
+The elementwise kernels round where the torch reference rounds (after each product in the model's dtype) and are
+compiled without fused multiply-adds (`triton_ops` launches them with `enable_fp_fusion=False`), so results match the
+eager path's up to the order of a reduction and the precision of `exp`/`rsqrt`, in bf16 and in fp32.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# the row count and table width change from step to step: not specialized (an int equal to 1 or divisible by 16
+# would otherwise compile another variant, in the middle of serving)
+@triton.jit(do_not_specialize=["stride_tb", "stride_meta"])
 def paged_decode_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [slots, K, D] (one layer's key plane of the pool)
     v_ptr,  # [slots, K, D]
-    tables_ptr,  # [B, W] int32: block ids, prefix blocks then own blocks
-    meta_ptr,  # [3, >=B] int32: prefix length, prefix slots (whole prefix blocks), key slots to read
+    tables_ptr,  # [B, W] int64: block ids, prefix blocks then own blocks
+    meta_ptr,  # [3, >=B] int64: prefix length, prefix slots (whole prefix blocks), key slots to read
     out_ptr,  # [B, Hq, D]
     stride_qb,
     stride_qh,

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-# key slots per tile of the decode attention: a multiple of every block size the engine uses (16 by default)
+# key slots per tile of the decode attention (any block size works: each slot finds its block)
 _BN = 64
 
 
@@ -38,15 +38,45 @@ def available(device: torch.device) -> bool:
     return _kernels() is not None
 
 
-def unsupported_reason(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> str | None:
+def unsupported_reason(num_heads: int, num_kv_heads: int, head_dim: int) -> str | None:
     """Why a model's shape cannot use the kernels (None: it can)."""
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two >= 16"
     if num_heads % num_kv_heads:
         return f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
-    if _BN % block_size:
-        return f"block_size {block_size} does not divide {_BN}"
     return None
+
+
+def device_reason(device: torch.device) -> str | None:
+    """Why `device` cannot run the kernels well (None: it can): Triton on CUDA needs compute capability 8.0+ for
+    bf16 matrix products (A100, H100, L4, RTX 30xx and later)."""
+    if device.type != "cuda":
+        return None if interpreted() else "not a CUDA device"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        return f"compute capability {cap[0]}.{cap[1]} (needs 8.0 or later)"
+    return None
+
+
+def smoke_test(
+    device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    """Compile and run every kernel once at the model's head shape (raises what a launch would: a missing C
+    compiler, an unsupported GPU, not enough shared memory), before the engine relies on them."""
+    kw = dict(device=device, dtype=dtype)
+    hq, hk, d = num_heads, num_kv_heads, head_dim
+    x = torch.ones(2, 32, **kw)
+    rms_norm(x, torch.ones(32, **kw), 1e-6, residual=torch.zeros(2, 32, **kw))
+    silu_mul(torch.ones(2, 64, **kw))
+    kc = torch.zeros(33, hk, d, **kw)
+    vc = torch.zeros_like(kc)
+    pos = torch.zeros(2, dtype=torch.long, device=device)
+    cs = torch.ones(4, d, **kw)
+    q = rope_write(torch.ones(2, (hq + 2 * hk) * d, **kw), pos, pos + 1, cs, cs, kc, vc, hq, hk, d)
+    meta = torch.tensor([[0, 0], [0, 0], [1, 2]], dtype=torch.long, device=device)
+    out = paged_decode(q, kc, vc, torch.zeros(2, 1, dtype=torch.long, device=device), meta, 16, None)
+    if not bool(torch.isfinite(out).all()):
+        raise RuntimeError("the paged decode kernel returned non-finite values")
 
 
 def _k() -> ModuleType:
@@ -69,7 +99,7 @@ def paged_decode(
     block_size: int,
     scale: float | None,
 ) -> torch.Tensor:
-    """q: [B, Hq, D]; k/v_cache: [slots, K, D]; tables: [B, W] int32 block ids; meta: [3, >=B] int32 rows
+    """q: [B, Hq, D]; k/v_cache: [slots, K, D]; tables: [B, W] integer block ids; meta: [3, >=B] integer rows
     (prefix length, prefix slots, key slots to read). Returns [B, Hq, D]: each row's query attending to its valid
     prefix slots and its own slots."""
     b, hq, d = q.shape
@@ -80,6 +110,7 @@ def paged_decode(
         return out
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and tables.stride(1) == 1 and meta.stride(1) == 1
     assert k_cache.stride() == v_cache.stride()
+    dp = _pow2(max(d, 16))
     _k().paged_decode_kernel[(b, kh)](
         q,
         k_cache,
@@ -98,11 +129,14 @@ def paged_decode(
         float(scale if scale is not None else d**-0.5),
         BS=block_size,
         D=d,
-        DP=_pow2(max(d, 16)),
+        DP=dp,
         REP=rep,
         RP=max(16, _pow2(rep)),
         BN=_BN,
         IEEE=q.dtype == torch.float32,
+        # fp32 at head_dim 128+ would want more shared memory than GPUs with ~100 KB per block have
+        num_stages=2 if dp * q.element_size() > 256 else 3,
+        enable_fp_fusion=True,
     )
     return out
 
@@ -130,6 +164,7 @@ def rms_norm(
         float(eps),
         HAS_RES=residual is not None,
         BH=_pow2(h),
+        enable_fp_fusion=False,
     )
     return out
 
@@ -152,7 +187,8 @@ def rope_write(
     q = torch.empty(n, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if n == 0:
         return q
-    assert qkv.stride(1) == 1 and cos.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert qkv.stride(1) == 1 and cos.stride() == sin.stride() and cos.stride(1) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
     _k().rope_write_kernel[(n,)](
         qkv,
         positions,
@@ -171,6 +207,7 @@ def rope_write(
         D=head_dim,
         HP=_pow2(num_heads + num_kv_heads),
         KP=_pow2(num_kv_heads),
+        enable_fp_fusion=False,
     )
     return q
 
@@ -182,6 +219,9 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, inter, dtype=gu.dtype, device=gu.device)
     if n == 0:
         return out
+    assert gu.stride(1) == 1
     block = min(1024, _pow2(inter))
-    _k().silu_mul_kernel[(n, -(-inter // block))](gu, out, gu.stride(0), out.stride(0), inter, BLOCK=block)
+    _k().silu_mul_kernel[(n, -(-inter // block))](
+        gu, out, gu.stride(0), out.stride(0), inter, BLOCK=block, enable_fp_fusion=False
+    )
     return out
