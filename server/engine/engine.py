@@ -276,7 +276,9 @@ class LLMEngine:
                     verified = self._verify(items, spec_logits)
             if logits.shape[0] != len(samplers):
                 raise RuntimeError(f"{logits.shape[0]} logit rows for {len(samplers)} sampling rows")
-            if self.async_decode and self._deferrable(items, rows, samplers):
+            # deferred only when it carries every running row: a chain feeds only its own rows
+            every = len(items) == len(self.scheduler.running)
+            if self.async_decode and every and self._deferrable(items, rows, samplers):
                 self._inflight = self._launch_sampling(samplers, logits, self.scheduler._fresh)
             # structured outputs: grammar masks on the CPU while a GPU forward may still be running
             constrained = [i for i, s in enumerate(samplers) if s.constraint is not None]
@@ -404,23 +406,33 @@ class LLMEngine:
     def _launch_sampling(self, seqs: list[Sequence], logits: torch.Tensor, fresh: list[int]) -> _Inflight:
         """Tokens sampled on the device, copied to pinned host memory behind the step's kernels; the host waits
         for them only when it needs them (`_complete`), with the next step already queued."""
+        cuda = logits.device.type == "cuda"
+        # allocated first: nothing after the generators draw can fail and leave them advanced
+        pinned = torch.empty((3, len(seqs)), dtype=torch.long, pin_memory=True) if cuda else None
         packed = sample_on_device(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs])
         tokens = packed[0]
         done = None
-        if packed.device.type == "cuda":
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host = packed
+        if pinned is not None:
+            host = pinned
             host.copy_(packed, non_blocking=True)
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(packed.device))
-        else:
-            host = packed
         return _Inflight(seqs, tokens, host, done, list(fresh))
 
-    def _chain_ok(self) -> bool:
-        """A follow-up step may be launched unless the scheduler has work of its own: requests it could admit, or
-        failures to report."""
+    def _chain_ok(self, fl: _Inflight) -> bool:
+        """A follow-up step may be launched unless the scheduler has work of its own: a running row that `fl` does
+        not carry (one its step left out: it must not wait for the chain to end), or a waiting request it could
+        admit now (a free slot, and a prefix that is resident, fetched or not yet asked for; one still being
+        fetched does not stop the chain)."""
         s = self.scheduler
-        return not s.failed and not (s.waiting and len(s.running) < self.cfg.max_num_seqs)
+        carried = {id(q) for q in fl.seqs}
+        if any(id(q) not in carried for q in s.running):
+            return False
+        if s.waiting and len(s.running) < self.cfg.max_num_seqs:
+            pc = self.prefix_cache
+            return not any(q.req.prefix is None or pc.settled(q.req.prefix) for q in s.waiting)
+        return True
 
     def _follow_up(self, fl: _Inflight) -> _Inflight | None:
         """Launch the next decode step of `fl`'s rows, fed `fl`'s tokens straight from the device. Rows whose
@@ -429,6 +441,8 @@ class LLMEngine:
         preempting (the scheduler's next step decides)."""
         rows: list[RowInput] = []
         keep: list[int] = []
+        # a row ended by the token being delivered may still take a block here (even evicting an idle prefix or a
+        # cached prompt block) that the synchronous engine would not have needed; it is freed with the row
         for i, seq in enumerate(fl.seqs):
             if seq.status is not SeqStatus.RUNNING:
                 continue
@@ -466,10 +480,15 @@ class LLMEngine:
         self.num_async_steps += 1
         return nxt
 
-    def _complete(self, fl: _Inflight) -> list[TokenEvent]:
+    @staticmethod
+    def _read(fl: _Inflight) -> list[list[int]]:
+        """Wait for a launched step's tokens (only the device's failures can raise here)."""
         if fl.done is not None:
             fl.done.synchronize()
-        tokens, finite, valid = fl.host.tolist()
+        return fl.host.tolist()
+
+    def _complete(self, fl: _Inflight, host: list[list[int]]) -> list[TokenEvent]:
+        tokens, finite, valid = host
         failed = {
             i: ("sampling failed: the distribution is not valid", "SamplingError")
             for i, ok in enumerate(valid)
@@ -485,17 +504,16 @@ class LLMEngine:
         fl, self._inflight = self._inflight, None
         assert fl is not None
         nxt = None
-        if self._chain_ok():
+        if self._chain_ok(fl):
             try:
                 nxt = self._follow_up(fl)
             except Exception:  # the rows carry on through the scheduler's next (synchronous) step
                 log.exception("async follow-up step failed to launch")
                 nxt = None
         try:
-            events = self._complete(fl)
-        except (
-            Exception
-        ) as e:  # the device failed the step: its requests (and a follow-up's) end with an error
+            host = self._read(fl)
+        except Exception as e:
+            # the device failed the step: its requests (and a follow-up's) end with an error
             log.exception("engine step failed")
             self.pool.forget(fl.fresh)
             events = []
@@ -504,16 +522,18 @@ class LLMEngine:
                     seq.error, seq.error_type = f"engine step failed: {e}", type(e).__name__
                     events.append(self._finish(seq, "error"))
             return events
+        # tracked before delivery: an event callback that raises still leaves the follow-up accounted for
+        self._inflight = nxt
+        events = self._complete(fl, host)
         if nxt is not None:
             # prompt cache: the blocks that the follow-up's tokens (now known) complete
             sched = self.scheduler
             sched._fresh = []
-            for seq in nxt.seqs:
-                if seq.status is SeqStatus.RUNNING:
-                    sched._register(seq, seq.num_cached)
+            live = [seq for seq in nxt.seqs if seq.status is SeqStatus.RUNNING]
+            for seq in live:
+                sched._register(seq, seq.num_cached)
             nxt.fresh, sched._fresh = sched._fresh, []
-            self._inflight = nxt
-            self._report(len(nxt.seqs), 0, len(nxt.seqs), len({s.req.prefix for s in nxt.seqs}), t0)
+            self._report(len(live), 0, len(live), len({s.req.prefix for s in live}), t0)
         return events
 
     def _split_logits(
@@ -731,9 +751,9 @@ class LLMEngine:
         return outs
 
     def shutdown(self) -> None:
-        if self._inflight is not None and self._inflight.done is not None:
-            self._inflight.done.synchronize()
-        self._inflight = None
+        fl, self._inflight = self._inflight, None
+        if fl is not None and fl.done is not None:
+            fl.done.synchronize()
         self.prefix_cache.shutdown()
 
 

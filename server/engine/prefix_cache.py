@@ -143,6 +143,14 @@ class PrefixCache:
                 fut.add_done_callback(lambda _f: self.on_loaded())
         return None
 
+    def settled(self, key: PrefixKey) -> bool:
+        """Whether the scheduler could act on a request for `key` now: resident, or a fetch that finished (to
+        install) or was never started (to start). False only while its fetch is in flight."""
+        if key in self.entries:
+            return True
+        fut = self._loading.get(key)
+        return fut is None or fut.done()
+
     def acquire(self, entry: PrefixEntry) -> None:
         entry.active += 1
         entry.used = True
