@@ -2,8 +2,9 @@
 
 - `paged_decode_kernel`: one query token per row against the row's keys/values read straight from the paged pool
   through its block table (prefix blocks, then own blocks): no gathered copy of the keys, no additive mask. One
-  program per (row, KV head) computes the query heads of that KV head together (grouped-query attention) with an
-  online softmax over tiles of BN key slots.
+  program per (row, KV head, split) computes the query heads of that KV head together (grouped-query attention) with
+  an online softmax over tiles of BN key slots. With few rows the key axis is split (flash-decoding) so that a long
+  context keeps the GPU busy, and `merge_splits_kernel` combines the splits by their log-sum-exp.
 - `rms_norm_kernel`: RMSNorm of a row, optionally adding a residual first (`res += x`, then the norm of `res`).
 - `rope_write_kernel`: rotary embedding of a token's query and key heads; writes the rotated key and the value into
   the KV pool at the token's slot and the rotated query to its own buffer.
@@ -29,7 +30,8 @@ def paged_decode_kernel(
     v_ptr,  # [slots, K, D]
     tables_ptr,  # [B, W] int64: block ids, prefix blocks then own blocks
     meta_ptr,  # [3, >=B] int64: prefix length, prefix slots (whole prefix blocks), key slots to read
-    out_ptr,  # [B, Hq, D]
+    out_ptr,  # SPLITS == 1: [B, Hq, D] in q's dtype; else float32 partials [B, Hq, SPLITS, D]
+    lse_ptr,  # SPLITS > 1: float32 [B, Hq, SPLITS] log-sum-exp of each split's scores
     stride_qb,
     stride_qh,
     stride_ks,
@@ -45,13 +47,20 @@ def paged_decode_kernel(
     REP: tl.constexpr,
     RP: tl.constexpr,
     BN: tl.constexpr,
+    SPLITS: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kh = tl.program_id(1)
+    sp = tl.program_id(2)
     p_len = tl.load(meta_ptr + b)
     p_slots = tl.load(meta_ptr + stride_meta + b)
     total = tl.load(meta_ptr + 2 * stride_meta + b)
+    # flash-decoding: split `sp` of SPLITS takes an equal share of the row's tiles (few rows, long contexts)
+    tiles = tl.cdiv(total, BN)
+    per = tl.cdiv(tiles, SPLITS)
+    lo = sp * per * BN
+    hi = tl.minimum(total, (sp + 1) * per * BN)
     r = tl.arange(0, RP)
     d = tl.arange(0, DP)
     rmask = r < REP
@@ -65,9 +74,9 @@ def paged_decode_kernel(
     m = tl.full([RP], float("-inf"), tl.float32)
     lse = tl.zeros([RP], tl.float32)
     acc = tl.zeros([RP, DP], tl.float32)
-    for start in range(0, total, BN):
+    for start in range(lo, hi, BN):
         j = start + tl.arange(0, BN)
-        inb = j < total
+        inb = j < hi
         # the prefix's last block may be partly filled: its unused slots are skipped
         valid = inb & ((j >= p_slots) | (j < p_len))
         blk = tl.load(tables_ptr + b * stride_tb + j // BS, mask=inb, other=0)
@@ -93,11 +102,39 @@ def paged_decode_kernel(
         acc = acc * alpha[:, None] + pv
         m = m_new
     out = acc / tl.where(lse == 0.0, 1.0, lse)[:, None]
-    tl.store(
-        out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=rmask[:, None] & dmask[None, :],
+    omask = rmask[:, None] & dmask[None, :]
+    if SPLITS == 1:
+        tl.store(
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=omask,
+        )
+    else:
+        # an empty split (a row shorter than the others' share) reports -inf: it weighs nothing in the merge
+        row_lse = tl.where(lse == 0.0, float("-inf"), m + tl.log(tl.where(lse == 0.0, 1.0, lse)))
+        base = (b * (REP * tl.num_programs(1)) + heads) * SPLITS + sp
+        tl.store(lse_ptr + base, row_lse, mask=rmask)
+        tl.store(out_ptr + base[:, None] * D + d[None, :], out, mask=omask)
+
+
+@triton.jit
+def merge_splits_kernel(
+    part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr
+):
+    """out[b, h] = the splits' partial outputs weighted by their share of the softmax mass. Grid (B, Hq)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row = b * tl.num_programs(1) + h
+    sidx = tl.arange(0, SPLITS)
+    d = tl.arange(0, DP)
+    lse = tl.load(lse_ptr + row * SPLITS + sidx)
+    m = tl.max(lse, axis=0)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m))
+    part = tl.load(
+        part_ptr + (row * SPLITS + sidx)[:, None] * D + d[None, :], mask=(d < D)[None, :], other=0.0
     )
+    out = tl.sum(w[:, None] * part, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit

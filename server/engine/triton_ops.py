@@ -90,6 +90,23 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: small, so that tests exercise the split path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """How many parts the key axis is split into (flash-decoding): enough programs for about two per SM when rows
+    x KV heads alone would leave most of the GPU idle, at most 16; 1 for full batches. Depends on the batch size
+    only, so a CUDA graph captured at a batch bucket keeps its split."""
+    programs = batch * num_kv_heads
+    splits = 1
+    while splits < 16 and programs * splits * 2 <= 2 * _num_sms(device):
+        splits *= 2
+    return splits
+
+
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -98,10 +115,12 @@ def paged_decode(
     meta: torch.Tensor,
     block_size: int,
     scale: float | None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """q: [B, Hq, D]; k/v_cache: [slots, K, D]; tables: [B, W] integer block ids; meta: [3, >=B] integer rows
     (prefix length, prefix slots, key slots to read). Returns [B, Hq, D]: each row's query attending to its valid
-    prefix slots and its own slots."""
+    prefix slots and its own slots. `splits` (a power of two; default `decode_splits`) parts of the key axis run in
+    parallel and are merged."""
     b, hq, d = q.shape
     kh = k_cache.shape[1]
     rep = hq // kh
@@ -110,14 +129,22 @@ def paged_decode(
         return out
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and tables.stride(1) == 1 and meta.stride(1) == 1
     assert k_cache.stride() == v_cache.stride()
+    splits = splits or decode_splits(b, kh, q.device)
+    assert splits & (splits - 1) == 0, splits
     dp = _pow2(max(d, 16))
-    _k().paged_decode_kernel[(b, kh)](
+    if splits > 1:
+        part = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    else:
+        part, lse = out, out  # lse unused
+    _k().paged_decode_kernel[(b, kh, splits)](
         q,
         k_cache,
         v_cache,
         tables,
         meta,
-        out,
+        part,
+        lse,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -133,11 +160,16 @@ def paged_decode(
         REP=rep,
         RP=max(16, _pow2(rep)),
         BN=_BN,
+        SPLITS=splits,
         IEEE=q.dtype == torch.float32,
         # fp32 at head_dim 128+ would want more shared memory than GPUs with ~100 KB per block have
         num_stages=2 if dp * q.element_size() > 256 else 3,
         enable_fp_fusion=True,
     )
+    if splits > 1:
+        _k().merge_splits_kernel[(b, hq)](
+            part, lse, out, out.stride(0), out.stride(1), D=d, DP=dp, SPLITS=splits, enable_fp_fusion=True
+        )
     return out
 
 
