@@ -6,7 +6,8 @@
 #                cp ~/.cache/prefixserve/models/smollm2-135m-instruct/tokenizer* .gpu-tok/   (after `make install`)
 #                echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
 #                  --python-version 3.12 --implementation cp --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1
-#   device run:  bash benchmarks/gpu_check.sh   with carry [".gpu-tok", ".whl"], timeout_s 600 (6-8 min on an H200)
+#   device run:  PART=1 bash benchmarks/gpu_check.sh, then PART=2 (each within one 600 s call; without PART, both),
+#                with carry [".gpu-tok", ".whl"]
 #
 # 1. CUDA-path tests: CUDA-graph decode == eager == transformers (fp32), no host sync inside a decode step, bf16,
 #    structured-output rows on graphed steps.
@@ -26,11 +27,15 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
-timeout 150 "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" tests/test_engine_cuda.py tests/test_triton_kernels.py 2>&1 \
+PART="${PART:-all}"  # 1: tests + the 135M run; 2: ablation + the 1B run (each fits one 10-minute device call)
+if [ "$PART" != 2 ]; then
+timeout 240 "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" tests/test_engine_cuda.py tests/test_triton_kernels.py 2>&1 \
   | tee "$OUT/cuda-tests.log"
-timeout 240 "$PY" benchmarks/bench_engine.py --device cuda --model smollm2-135m-config --tenants 64 --requests 64 \
+timeout 300 "$PY" benchmarks/bench_engine.py --device cuda --model smollm2-135m-config --tenants 64 --requests 64 \
   --prefix-len 32 --prompt-len 128 --new-tokens 128 --systems a,b,c,d,e --naive-requests 8 --tokenizer .gpu-tok \
   --out "$OUT/gpu-smollm2-135m-config.md" 2>&1 | tail -40 | tee "$OUT/bench-135m.log"
+fi
+[ "$PART" = 1 ] && exit 0
 for abl in "torch off" "triton off" "torch on"; do  # ablation of the CUDA fast path: kernels, async decode
   set -- $abl
   timeout 90 "$PY" benchmarks/bench_engine.py --device cuda --model smollm2-135m-config --tenants 64 --requests 64 \

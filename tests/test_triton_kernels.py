@@ -212,7 +212,9 @@ def test_step_inputs_are_aligned_for_the_kernels():
 
 def test_kernels_option_is_checked():
     tok = make_tiny_tokenizer()
-    bundle = bundle_from_model(make_tiny_llama(tok, seed=0, hidden=48, heads=4, kv_heads=2), tok, name="odd")
+    bundle = bundle_from_model(
+        make_tiny_llama(tok, seed=0, hidden=48, heads=4, kv_heads=2).to(DEV), tok, name="odd"
+    )
     with pytest.raises(ValueError, match="head_dim 12"):
         make_engine(bundle, {}, kernels="triton")
     # head_dim 12 does not suit the kernels: "auto" falls back to torch ops on any device
