@@ -503,7 +503,10 @@ class ModelRunner:
 
     def _group(self, members: list[RowInput], g: int, first_token: int, slots: int | None = None) -> _Group:
         """Key slots and masks for `members` padded to `g` rows (padding rows see only the scratch slot) and, if
-        given, to `slots` key slots per row (padding slots point at the scratch block, masked)."""
+        given, to `slots` key slots per row (padding slots point at the scratch block, masked).
+
+        The host uploads a few numbers per row (block tables, lengths, positions); the gathered slot indices and
+        the additive mask, `g x q x s` values, are built where they are used, on the device."""
         bs = self.pool.block_size
         q_max = max(len(r.tokens) for r in members)
         nb_max = max(len(r.prefix_blocks) + len(r.own_blocks) for r in members)
@@ -512,50 +515,50 @@ class ModelRunner:
         # per-row facts as plain lists, turned into tensors once (a per-row torch op costs more than the row)
         pad = g - len(members)
         scratch = self.pool.num_blocks
-        tables = torch.tensor(
-            [(r.prefix_blocks + r.own_blocks + [scratch] * nb_max)[:nb_max] for r in members]
-            + [[scratch] * nb_max] * pad,
-            dtype=torch.long,
-        )  # pad -> scratch block
-        q_len = torch.tensor([len(r.tokens) for r in members] + [0] * pad, dtype=torch.long)
-        starts = torch.tensor([r.start_pos for r in members] + [0] * pad, dtype=torch.long)
-        prefix_len = torch.tensor([r.prefix_len for r in members] + [0] * pad, dtype=torch.long)
-        prefix_slots = torch.tensor(
-            [len(r.prefix_blocks) * bs for r in members] + [0] * pad, dtype=torch.long
-        )
+        tables: list[int] = []
+        for r in members:  # pad -> scratch block
+            tables += (r.prefix_blocks + r.own_blocks + [scratch] * nb_max)[:nb_max]
+        tables += [scratch] * (nb_max * pad)
+        q_lens = [len(r.tokens) for r in members] + [0] * pad
+        info = q_lens + [r.start_pos for r in members] + [0] * pad
+        info += [r.prefix_len for r in members] + [0] * pad
+        info += [len(r.prefix_blocks) * bs for r in members] + [0] * pad
         # a padding row attends to its first (scratch) slot
-        own_valid = torch.tensor(
-            [r.own_cached + len(r.tokens) for r in members] + [1] * pad, dtype=torch.long
-        )
-        qj = torch.arange(q_max)[None]
+        info += [r.own_cached + len(r.tokens) for r in members] + [1] * pad
+        prefill = q_max > 1
+        parts = [tables, info]
+        if prefill:  # flat query slot of each real token, in order (host lists: no device sync)
+            parts.append([i * q_max + j for i, n in enumerate(q_lens) for j in range(n)])
+        views = self._upload_parts(parts)
+        dev = self.device
+        q_len, starts, prefix_len, prefix_slots, own_valid = views[1].view(5, g)
+        qj = torch.arange(q_max, device=dev)[None]
         valid_q = qj < q_len[:, None]
         q_pos = torch.where(valid_q, starts[:, None] + qj, _BIG - 1)
         tok_idx = torch.where(valid_q, first_token + (torch.cumsum(q_len, 0) - q_len)[:, None] + qj, 0)
-        out_idx = (
-            valid_q.reshape(-1).nonzero().reshape(-1) if q_max > 1 else None
-        )  # host tensor: no device sync
         s = nb_max * bs
-        j = torch.arange(s)[None]
-        gather = (tables[:, :, None] * bs + torch.arange(bs)[None, None]).reshape(g * s)
+        j = torch.arange(s, device=dev)[None]
+        gather = (
+            views[0].view(g, nb_max)[:, :, None] * bs + torch.arange(bs, device=dev)[None, None]
+        ).reshape(g * s)
         in_prefix = j < prefix_slots[:, None]
         own_j = j - prefix_slots[:, None]
         valid = torch.where(in_prefix, j < prefix_len[:, None], own_j < own_valid[:, None])
         k_pos = torch.where(in_prefix, j, prefix_len[:, None] + own_j)
         k_pos = torch.where(valid, k_pos, torch.full_like(k_pos, _BIG))
         allowed = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # [g, 1, q, s]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
         rep = self.spec.num_heads // self.spec.num_kv_heads
-        if q_max > 1 and rep > 1:  # query heads of a KV head are folded into the query axis (see `_attend`)
+        if prefill and rep > 1:  # query heads of a KV head are folded into the query axis (see `_attend`)
             mask = mask.repeat(1, 1, rep, 1)
-        prefill = q_max > 1
         return _Group(
             g=g,
             q=q_max,
             s=s,
-            gather=self.upload(gather),
-            mask=self.upload(mask),
-            tok_idx=self.upload(tok_idx.reshape(-1)) if prefill else None,
-            out_idx=self.upload(out_idx) if out_idx is not None else None,
+            gather=gather,
+            mask=mask,
+            tok_idx=tok_idx.reshape(-1) if prefill else None,
+            out_idx=views[2] if prefill else None,
         )
 
     # ------------------------------------------------------------------ forward
