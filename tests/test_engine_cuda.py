@@ -239,3 +239,32 @@ def test_async_decode_follow_ups_launch_without_host_sync(kernels):
     for r, toks in zip(reqs, got, strict=True):
         kv = keys[r.prefix] if r.prefix is not None else None
         assert toks == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, NEW), r.request_id
+
+
+def test_async_engine_thread_on_cuda():
+    """The server's engine thread (AsyncEngine) on CUDA, with the defaults a CUDA server runs (Triton kernels where
+    available, async decode, graphs): streamed tokens equal the synchronous, eager engine's."""
+    import asyncio
+
+    from server.engine.engine import AsyncEngine
+
+    bundle = _bundle("llama")
+    keys, reqs = _mixed(bundle)
+    want = [o.token_ids for o in make_engine(bundle, keys, async_decode="off", graphs="off").generate(reqs)]
+    llm = make_engine(bundle, keys, max_num_seqs=16)
+    assert llm.async_decode and llm.runner.graph_mode == "cuda"
+    ae = AsyncEngine(llm)
+    ae.start()
+
+    async def one(r):
+        return [t async for ev in ae.generate(r) for t in ev.token_ids]
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in reqs))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        ae.shutdown()
+    assert got == want
+    assert llm.num_async_steps > 0

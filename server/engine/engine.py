@@ -140,10 +140,11 @@ class LLMEngine:
             self.pool,
             self.prefix_cache,
         )
-        if (
-            bundle.device.type == "cuda"
-        ):  # the runner's start-up kernels launch on this thread's current device
-            torch.cuda.set_device(bundle.device)
+        if bundle.device.type == "cuda":
+            # the runner's start-up kernels launch on this thread's current device (an index: set_device refuses
+            # a bare torch.device("cuda"))
+            d = bundle.device
+            torch.cuda.set_device(d.index if d.index is not None else torch.cuda.current_device())
         self.runner = ModelRunner(
             bundle,
             self.pool,
@@ -174,7 +175,7 @@ class LLMEngine:
             cfg.async_decode == "auto" and bundle.device.type == "cuda" and cfg.speculative_tokens <= 0
         )
         self._inflight: _Inflight | None = None
-        self._cuda_device = bundle.device if bundle.device.type == "cuda" else None
+        self._cuda_device = self.runner.cuda_index
         self.num_async_steps = 0  # steps launched from the previous step's tokens on the device
 
     # ------------------------------------------------------------------ requests

@@ -187,6 +187,12 @@ class ModelRunner:
         self.graphs: _DecodeGraphs | None = None
         self.kernels = "torch"
         self.fused = False
+        # the CUDA device's index (None on other devices): kernels launch on the calling thread's current device
+        self.cuda_index: int | None = None
+        if self.device.type == "cuda":
+            self.cuda_index = (
+                self.device.index if self.device.index is not None else torch.cuda.current_device()
+            )
         avail = cpu_packing_available(self.device, self.dtype) and self.family != "hf"
         if packed_weights and not avail:
             raise ValueError(
