@@ -31,6 +31,12 @@ def _both(bundle, keys, reqs, **cfg):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
     assert [o.text for o in got] == [o.text for o in want]
+    for a, b in zip(got, want, strict=True):  # logprobs: the same tokens, values to float32 rounding
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for x, y in zip(a.logprobs or [], b.logprobs or [], strict=True):
+            assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=1e-5)
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+            assert [v for _, v in x.top] == pytest.approx([v for _, v in y.top], abs=1e-5)
     # every request's blocks are back (shared prefix blocks stay cached alike)
     assert on.pool.num_used == off.pool.num_used and not on.has_unfinished()
     return on, got
@@ -54,18 +60,21 @@ def test_async_equals_sync_and_transformers(bundle, max_num_seqs):
 
 
 def test_rows_that_cannot_be_deferred_share_the_batch(bundle):
-    """Logprobs and a repetition penalty beside greedy and sampled rows: those steps sample on the host as before;
-    once they end, the other rows chain again. Outputs equal the synchronous engine's."""
+    """A repetition penalty beside greedy, sampled and logprobs rows: those steps sample on the host as before;
+    once it ends, the other rows chain again (logprobs read back with the tokens). Outputs and logprobs equal the
+    synchronous engine's."""
     keys, reqs = mixed_workload(bundle.spec, (8, 20), 6, 10)
     special = [
         SamplingParams(max_tokens=4, temperature=0.9, seed=7, ignore_eos=True),
-        SamplingParams(max_tokens=5, logprobs=2, ignore_eos=True),
+        SamplingParams(max_tokens=9, logprobs=2, ignore_eos=True),
         SamplingParams(max_tokens=3, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(max_tokens=8, logprobs=0, ignore_eos=True),
     ]
-    reqs = [replace(r, sampling=special[i]) if i < 3 else r for i, r in enumerate(reqs)]
+    reqs = [replace(r, sampling=special[i]) if i < 4 else r for i, r in enumerate(reqs)]
     on, got = _both(bundle, keys, reqs, max_num_seqs=8)
     assert on.num_async_steps > 0
-    assert got[1].logprobs is not None and len(got[1].logprobs) == 5
+    assert got[1].logprobs is not None and len(got[1].logprobs) == 9 and len(got[1].logprobs[0].top) == 2
+    assert got[3].logprobs is not None and len(got[3].logprobs) == 8 and got[3].logprobs[0].top == ()
 
 
 def test_seeded_sampling_is_deferred_and_reproducible(bundle):

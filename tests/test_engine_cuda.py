@@ -209,10 +209,19 @@ def test_speculative_drafts_beside_cuda_graph_steps():
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_async_decode_follow_ups_launch_without_host_sync(kernels):
     """Async decode on CUDA: every follow-up step (prepared on the host, fed the previous step's tokens on the
-    device, launched, its tokens copied back behind it) runs under CUDA's sync debug mode "error"; outputs equal the
-    synchronous engine's and transformers'."""
+    device, launched, its tokens and logprobs copied back behind it) runs under CUDA's sync debug mode "error", with
+    seeded sampled rows and logprobs rows beside greedy ones; outputs equal the synchronous engine's, and the greedy
+    rows transformers'."""
     bundle = _bundle("llama")
     keys, reqs = _mixed(bundle)
+    reqs = [
+        replace(r, sampling=replace(r.sampling, temperature=0.8, top_p=0.9, seed=i))
+        if i % 3 == 1
+        else replace(r, sampling=replace(r.sampling, logprobs=2))
+        if i % 3 == 2
+        else r
+        for i, r in enumerate(reqs)
+    ]
     eng = make_engine(bundle, keys, max_num_seqs=16, kernels=kernels)
     assert eng.async_decode  # auto on CUDA
     eng.generate(reqs)  # captures the graphs, warms the pinned-memory cache
@@ -237,8 +246,9 @@ def test_async_decode_follow_ups_launch_without_host_sync(kernels):
     sync = make_engine(bundle, keys, max_num_seqs=16, kernels=kernels, async_decode="off")
     assert got == [o.token_ids for o in sync.generate(reqs)]
     for r, toks in zip(reqs, got, strict=True):
-        kv = keys[r.prefix] if r.prefix is not None else None
-        assert toks == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, NEW), r.request_id
+        if r.sampling.greedy:
+            kv = keys[r.prefix] if r.prefix is not None else None
+            assert toks == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, NEW), r.request_id
 
 
 def test_async_engine_thread_on_cuda():

@@ -22,7 +22,15 @@ from server.engine.detokenizer import decode_output
 from server.engine.kv_cache import KVPool
 from server.engine.model_runner import ModelRunner, RowInput
 from server.engine.prefix_cache import PrefixCache, PrefixProvider
-from server.engine.sampler import NON_FINITE, make_generator, sample, sample_on_device, token_logprobs
+from server.engine.sampler import (
+    NON_FINITE,
+    logprobs_from_host,
+    logprobs_on_device,
+    make_generator,
+    sample,
+    sample_on_device,
+    token_logprobs,
+)
 from server.engine.scheduler import ScheduledItem, Scheduler, SchedulerConfig
 from server.engine.sequence import SeqStatus, Sequence
 from server.engine.spec import accept, accept_sampled
@@ -85,6 +93,10 @@ class _Inflight:
     host: torch.Tensor  # [3, R] `sample_on_device`'s rows, copied to (pinned) host memory once `done` fires
     done: torch.cuda.Event | None
     fresh: list[int]  # prompt-cache blocks registered for it (forgotten if it fails)
+    # rows that asked for logprobs, with how many alternatives each, and every row's `logprobs_on_device` line
+    lp_rows: list[int] = field(default_factory=list)
+    lp_tops: list[int] = field(default_factory=list)
+    lp_host: torch.Tensor | None = None
 
 
 @dataclass
@@ -390,7 +402,7 @@ class LLMEngine:
     @staticmethod
     def _deferrable(items: list[ScheduledItem], rows: list[RowInput], samplers: list[Sequence]) -> bool:
         """Whether a step's tokens may stay on the device: every row samples one token from its raw logits (greedy,
-        or temperature / top-k / top-p / min-p with its generator; no penalties, bias, grammar, logprobs or
+        or temperature / top-k / top-p / min-p with its generator, logprobs or not; no penalties, bias, grammar or
         drafts), which the device decides alone."""
         if (
             not samplers
@@ -400,7 +412,7 @@ class LLMEngine:
             return False
         for seq in samplers:
             p = seq.req.sampling
-            if p.processed or p.logprobs is not None or seq.constraint is not None:
+            if p.processed or seq.constraint is not None:
                 return False
         return True
 
@@ -408,18 +420,27 @@ class LLMEngine:
         """Tokens sampled on the device, copied to pinned host memory behind the step's kernels; the host waits
         for them only when it needs them (`_complete`), with the next step already queued."""
         cuda = logits.device.type == "cuda"
+        lp_rows = [i for i, s in enumerate(seqs) if s.req.sampling.logprobs is not None]
+        lp_tops = [seqs[i].req.sampling.logprobs or 0 for i in lp_rows]
+        width = 1 + 2 * max(lp_tops) if lp_rows else 0
         # allocated first: nothing after the generators draw can fail and leave them advanced
         pinned = torch.empty((3, len(seqs)), dtype=torch.long, pin_memory=True) if cuda else None
+        lp_pinned = torch.empty((len(seqs), width), pin_memory=True) if cuda and lp_rows else None
         packed = sample_on_device(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs])
         tokens = packed[0]
+        # the model's log-probabilities of every row's token (all rows: no host-side row index), read for lp_rows
+        lp = logprobs_on_device(logits, None, tokens, lp_tops) if lp_rows else None
         done = None
-        host = packed
+        host, lp_host = packed, lp
         if pinned is not None:
             host = pinned
             host.copy_(packed, non_blocking=True)
+            if lp is not None and lp_pinned is not None:
+                lp_host = lp_pinned
+                lp_host.copy_(lp, non_blocking=True)
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(packed.device))
-        return _Inflight(seqs, tokens, host, done, list(fresh))
+        return _Inflight(seqs, tokens, host, done, list(fresh), lp_rows, lp_tops, lp_host)
 
     def _chain_ok(self, fl: _Inflight) -> bool:
         """A follow-up step may be launched unless the scheduler has work of its own: a running row that `fl` does
@@ -482,21 +503,27 @@ class LLMEngine:
         return nxt
 
     @staticmethod
-    def _read(fl: _Inflight) -> list[list[int]]:
-        """Wait for a launched step's tokens (only the device's failures can raise here)."""
+    def _read(fl: _Inflight) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Wait for a launched step's tokens and logprobs (only the device's failures can raise here)."""
         if fl.done is not None:
             fl.done.synchronize()
-        return fl.host.tolist()
+        return fl.host.tolist(), (fl.lp_host.tolist() if fl.lp_host is not None else None)
 
-    def _complete(self, fl: _Inflight, host: list[list[int]]) -> list[TokenEvent]:
-        tokens, finite, valid = host
+    def _complete(
+        self, fl: _Inflight, host: tuple[list[list[int]], list[list[float]] | None]
+    ) -> list[TokenEvent]:
+        (tokens, finite, valid), lp = host
+        logprobs = {}
+        if lp is not None:
+            rows = fl.lp_rows
+            logprobs = logprobs_from_host([lp[i] for i in rows], rows, [tokens[i] for i in rows], fl.lp_tops)
         failed = {
             i: ("sampling failed: the distribution is not valid", "SamplingError")
             for i, ok in enumerate(valid)
             if not ok
         }
         failed.update({i: (NON_FINITE, "SamplingError") for i, ok in enumerate(finite) if not ok})
-        return self._deliver(fl.seqs, tokens, failed, {}, time.monotonic())
+        return self._deliver(fl.seqs, tokens, failed, logprobs, time.monotonic())
 
     def _advance(self) -> list[TokenEvent]:
         """Async decode: launch the follow-up of the step in flight (when the chain may go on), then deliver the

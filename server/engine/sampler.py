@@ -173,12 +173,27 @@ def token_logprobs(
 ) -> dict[int, TokenLogprob]:
     """The model's log-probabilities (raw logits, as vLLM reports by default) of the sampled tokens and the top-k
     alternatives of each row, read back in one transfer."""
-    lp = torch.log_softmax(logits[rows].float(), dim=-1)
-    idx = torch.tensor(tokens, device=lp.device)[:, None]
+    idx = torch.tensor(tokens, device=logits.device)
+    return logprobs_from_host(logprobs_on_device(logits, rows, idx, tops).tolist(), rows, tokens, tops)
+
+
+def logprobs_on_device(
+    logits: torch.Tensor, rows: list[int] | None, tokens: torch.Tensor, tops: list[int]
+) -> torch.Tensor:
+    """`[len(rows), 1 + 2k]` float32 on the logits' device, one line per row (`rows` None: every row, without
+    indexing from the host): the log-probability of its token (`tokens[j]` for `rows[j]`), then the top
+    k = max(tops) values and their ids (exact in float32 below 2**24)."""
+    lp = torch.log_softmax((logits if rows is None else logits[rows]).float(), dim=-1)
     k = max(tops)
     values, ids = lp.topk(k, dim=-1)
-    # one transfer: [chosen | top values | top ids] (ids are exact in float32 below 2**24)
-    host = torch.cat([lp.gather(1, idx), values, ids.float()], dim=1).tolist()
+    return torch.cat([lp.gather(1, tokens.reshape(-1, 1)), values, ids.float()], dim=1)
+
+
+def logprobs_from_host(
+    host: list[list[float]], rows: list[int], tokens: list[int], tops: list[int]
+) -> dict[int, TokenLogprob]:
+    """`logprobs_on_device`'s lines, read back, as each row's `TokenLogprob` (its own top-n of the k)."""
+    k = max(tops)
     out = {}
     for h, r, tok, n in zip(host, rows, tokens, tops, strict=True):
         top = tuple((int(t), v) for t, v in zip(h[1 + k : 1 + k + n], h[1 : 1 + n], strict=True))
