@@ -79,8 +79,9 @@ def test_silu_mul(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_write_rotates_and_writes_the_cache(dtype):
-    hq, hk, d, n, slots = 6, 2, 16, 5, 40
+@pytest.mark.parametrize("hq,hk,d", [(6, 2, 16), (9, 3, 64)])
+def test_rope_write_rotates_and_writes_the_cache(dtype, hq, hk, d):
+    n, slots = 5, 40
     g = torch.Generator().manual_seed(2)
     qkv = torch.randn(n, (hq + 2 * hk) * d, generator=g).to(DEV, dtype)
     pos = torch.tensor([0, 3, 9, 4, 31], device=DEV)
@@ -102,11 +103,12 @@ def test_rope_write_rotates_and_writes_the_cache(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq,hk", [(4, 2), (6, 2), (3, 3)])
-def test_paged_decode_matches_masked_sdpa(dtype, hq, hk):
+# (query heads, KV heads, head_dim): GQA 2 and 3, plain multi-head, and SmolLM2-135M's 9/3 x 64
+@pytest.mark.parametrize("hq,hk,d", [(4, 2, 16), (6, 2, 16), (3, 3, 16), (9, 3, 64)])
+def test_paged_decode_matches_masked_sdpa(dtype, hq, hk, d):
     """Rows with a partly filled last prefix block, a whole-block prefix, no prefix, and shared prefix blocks; the
     key axis whole or split in up to 16 parts (some of them empty for the short rows)."""
-    bs, d = 16, 16
+    bs = 16
     g = torch.Generator().manual_seed(3)
     num_blocks = 24
     kc = torch.randn(num_blocks * bs, hk, d, generator=g).to(DEV, dtype)
