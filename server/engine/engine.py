@@ -23,6 +23,7 @@ from server.engine.kv_cache import KVPool
 from server.engine.model_runner import ModelRunner, RowInput
 from server.engine.prefix_cache import PrefixCache, PrefixProvider
 from server.engine.sampler import (
+    INVALID_DISTRIBUTION,
     NON_FINITE,
     logprobs_from_host,
     logprobs_on_device,
@@ -517,11 +518,7 @@ class LLMEngine:
         if lp is not None:
             rows = fl.lp_rows
             logprobs = logprobs_from_host([lp[i] for i in rows], rows, [tokens[i] for i in rows], fl.lp_tops)
-        failed = {
-            i: ("sampling failed: the distribution is not valid", "SamplingError")
-            for i, ok in enumerate(valid)
-            if not ok
-        }
+        failed = {i: (INVALID_DISTRIBUTION, "SamplingError") for i, ok in enumerate(valid) if not ok}
         failed.update({i: (NON_FINITE, "SamplingError") for i, ok in enumerate(finite) if not ok})
         return self._deliver(fl.seqs, tokens, failed, logprobs, time.monotonic())
 

@@ -465,11 +465,11 @@ class ModelRunner:
             graph_key=key,
         )
 
-    def upload(self, values: list[int] | torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        """Host values on the device without a host sync: on CUDA through pinned memory, since a copy from pageable
-        memory waits for the stream to drain (which would stop the host from preparing a step while the previous
-        one runs)."""
-        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    def upload(self, values: list[int]) -> torch.Tensor:
+        """Host integers on the device (int64) without a host sync: on CUDA through pinned memory, since a copy
+        from pageable memory waits for the stream to drain (which would stop the host from preparing a step while
+        the previous one runs)."""
+        t = torch.tensor(values, dtype=torch.long)
         if self.device.type == "cuda":
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
@@ -487,20 +487,23 @@ class ModelRunner:
         dev = self.upload(flat)
         return [dev[o : o + len(p)] for o, p in zip(starts, parts, strict=True)]
 
+    def _flat_tables(self, members: list[RowInput], g: int, width: int) -> list[int]:
+        """The rows' block tables (prefix blocks, then own blocks) cut or padded to `width` blocks, padded to `g`
+        rows, row-major; padding names the scratch block."""
+        scratch = self.pool.num_blocks
+        tables: list[int] = []
+        for r in members:
+            tables += (r.prefix_blocks + r.own_blocks + [scratch] * width)[:width]
+        tables += [scratch] * (width * (g - len(members)))
+        return tables
+
     def _paged_tables(self, members: list[RowInput], g: int) -> tuple[list[int], list[int]]:
         """Decode rows for the paged kernel, padded to `g` rows: their block tables `[g, W]` (row-major; padding
         rows and slots name the scratch block) and three numbers per row `[3, g]`: prefix length, prefix slots and
         key slots to read (padding rows read the scratch block's first slot). Returned as (meta, tables)."""
         bs = self.pool.block_size
-        scratch = self.pool.num_blocks
-        w = max(len(r.prefix_blocks) + len(r.own_blocks) for r in members)
-        tables: list[int] = []
-        for r in members:
-            tables += r.prefix_blocks
-            tables += r.own_blocks
-            tables += [scratch] * (w - len(r.prefix_blocks) - len(r.own_blocks))
+        tables = self._flat_tables(members, g, max(len(r.prefix_blocks) + len(r.own_blocks) for r in members))
         pad = g - len(members)
-        tables += [scratch] * (w * pad)
         p_slots = [len(r.prefix_blocks) * bs for r in members]
         meta = [r.prefix_len for r in members] + [0] * pad
         meta += p_slots + [0] * pad
@@ -520,11 +523,7 @@ class ModelRunner:
             nb_max = slots // bs
         # per-row facts as plain lists, turned into tensors once (a per-row torch op costs more than the row)
         pad = g - len(members)
-        scratch = self.pool.num_blocks
-        tables: list[int] = []
-        for r in members:  # pad -> scratch block
-            tables += (r.prefix_blocks + r.own_blocks + [scratch] * nb_max)[:nb_max]
-        tables += [scratch] * (nb_max * pad)
+        tables = self._flat_tables(members, g, nb_max)
         q_lens = [len(r.tokens) for r in members] + [0] * pad
         info = q_lens + [r.start_pos for r in members] + [0] * pad
         info += [r.prefix_len for r in members] + [0] * pad

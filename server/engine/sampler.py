@@ -16,6 +16,7 @@ from server.engine.structured import apply_masks
 from server.engine.types import SamplingParams, TokenLogprob
 
 NON_FINITE = "the model produced non-finite logits for this request"
+INVALID_DISTRIBUTION = "sampling failed: the distribution is not valid"
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
