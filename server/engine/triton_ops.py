@@ -90,6 +90,7 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@functools.cache  # asked by every layer's decode attention
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: small, so that tests exercise the split path
