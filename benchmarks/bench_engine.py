@@ -456,6 +456,7 @@ class EngineHarness:
             raise RuntimeError(f"engine errors: {errs[:3]}")
         full = max((s.num_decode_tokens for s in self.steps if s.num_prefill_tokens == 0), default=0)
         dec = [s.duration_s for s in self.steps if s.num_prefill_tokens == 0 and s.num_decode_tokens == full]
+        pre = [s.duration_s for s in self.steps if s.num_prefill_tokens > 0]
         itl = [x for o in outs for x in o.itl]
         return SysResult(
             key,
@@ -469,6 +470,9 @@ class EngineHarness:
             step_ms=ms(percentile(dec, 50)),
             extra={
                 "steps": len(self.steps),
+                "prefill_steps": len(pre),
+                # steps that ran prompt tokens (with or without decode rows), synchronous: the device's whole step
+                "prefill_step_ms": ms(percentile(pre, 50)),
                 "distinct_prefixes_max": max((s.distinct_prefixes for s in self.steps), default=0),
             },
         )
@@ -653,6 +657,14 @@ def main_bench(args) -> dict:
         + (f"; engine (c): {fmt(results['c'].step_ms, 2)} ms" if "c" in results else "")
     )
     lines.append("")
+    for k in ("c", "d"):
+        if k in results and "prefill_steps" in results[k].extra:
+            x = results[k].extra
+            lines.append(
+                f"Engine ({k}) steps: {x['steps']}, of which {x['prefill_steps']} ran prompt tokens "
+                f"(median {fmt(x['prefill_step_ms'], 2)} ms each)."
+            )
+    lines.append("")
     for name, bad in mismatches.items():
         if bad:
             lines.append(f"Correctness {name}: **{len(bad)}/{n} requests differ** (greedy tokens)")
@@ -667,6 +679,11 @@ def main_bench(args) -> dict:
             "repeats_tok_s": {k: [round(r.tok_s, 2) for r in rs] for k, rs in runs.items()},
             "ratios": ratios,
             "step_ms": {k: (round(r.step_ms, 3) if r.step_ms else None) for k, r in results.items()},
+            "prefill_step_ms": {
+                k: round(r.extra["prefill_step_ms"], 3)
+                for k, r in results.items()
+                if r.extra.get("prefill_step_ms") is not None
+            },
             "floor_ms": round(floor_ms, 4),
             "copy_bw_gbs": round(bw / 1e9, 2),
             "weight_bytes": wbytes,
@@ -716,15 +733,26 @@ def profile_engine(harness: EngineHarness, work: Work, args) -> None:
     harness.n += 1
     for r in reqs:
         eng.add_request(r)
-    eng.step()  # prefill
-    eng.step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if harness.device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if harness.device.type == "cuda" else "self_cpu_time_total"
+    # the steps that run the prompts (chunks of max_num_batched_tokens, decode rows joining from the second)
+    with profile(activities=acts) as prof:
+        n_pre = 0
+        while n_pre < 64 and (
+            eng.scheduler.waiting or any(s.num_cached < len(s.prompt) for s in eng.scheduler.running)
+        ):
+            eng.step()
+            n_pre += 1
+    print(f"\n### torch.profiler: the {n_pre} steps that run the {len(reqs)} prompts\n")
+    print("```")
+    print(prof.key_averages().table(sort_by=sort, row_limit=18))
+    print("```")
+    eng.step()
     n_steps = min(10, args.new_tokens - 3)
     with profile(activities=acts) as prof:
         for _ in range(n_steps):
             eng.step()
     print(f"\n### torch.profiler: {n_steps} decode steps, batch {len(reqs)}, every row its own tenant\n")
-    sort = "self_cuda_time_total" if harness.device.type == "cuda" else "self_cpu_time_total"
     print("```")
     print(prof.key_averages().table(sort_by=sort, row_limit=18))
     print("```")

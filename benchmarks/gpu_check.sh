@@ -6,42 +6,68 @@
 #                cp ~/.cache/prefixserve/models/smollm2-135m-instruct/tokenizer* .gpu-tok/   (after `make install`)
 #                echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
 #                  --python-version 3.12 --implementation cp --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1
-#   device run:  PART=1 bash benchmarks/gpu_check.sh, then PART=2 (each within one 600 s call; without PART, both),
-#                with carry [".gpu-tok", ".whl"]
+#   device run:  PART=1 bash benchmarks/gpu_check.sh (run timeout_s 600), then, with device time left, PART=2;
+#                carry [".gpu-tok", ".whl"]
 #
-# 1. CUDA-path tests: CUDA-graph decode == eager == transformers (fp32), no host sync inside a decode step, bf16,
-#    structured-output rows on graphed steps.
-# 2. Issue 6 GPU targets: SmolLM2-135M's shape, random bf16 weights, 64 tenants each with its own prefix of 32,
-#    prompts 128, 128 new tokens, systems a (first 8 requests; sequential), b, c, d, e (static cache, compiled).
-# 3. Ablation, system d only: torch ops instead of the Triton kernels, and/or async decode off.
-# 4. The same with a ~1B config (Llama-3.2-1B shape), systems b, c, d, e.
+# A session has 15 minutes of device time in all, machine starts included, so the stages run most important first
+# and each gets only the time left before DEADLINE (seconds from the start; default 570, inside one 600 s call).
+# A stage that would not fit is skipped and says so; a stage that fails does not stop the next.
+#   PART=1: 1. issue 6's GPU targets: SmolLM2-135M's shape, random bf16 weights, 64 tenants each with its own
+#              prefix of 32, prompts 128, 128 new tokens, systems a (first 4 requests; sequential), b, c, d, e
+#              (static cache, compiled); the table, the ratios and the engine's prefill / decode step times.
+#           2. CUDA-path tests: CUDA-graph decode == eager == transformers (fp32), both kernel choices, async decode
+#              follow-ups without host syncs, bf16 Triton kernels against the torch ops, the engine thread.
+#           3. the ablation of system d: torch ops instead of the Triton kernels, and/or async decode off.
+#   PART=2: 4. --profile of system d (torch.profiler for the prompt steps and for decode steps, cProfile of the host).
+#           5. a ~1B config (Llama-3.2-1B shape), systems b, c, d, e.
 set -u
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+PART="${PART:-1}"
+DEADLINE="${DEADLINE:-570}"
 if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (llguidance for the structured-outputs CUDA test)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
-  | tee -a "$OUT/gpu.txt"
-PART="${PART:-all}"  # 1: tests + the 135M run; 2: ablation + the 1B run (each fits one 10-minute device call)
-if [ "$PART" != 2 ]; then
-timeout 240 "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" tests/test_engine_cuda.py tests/test_triton_kernels.py 2>&1 \
-  | tee "$OUT/cuda-tests.log"
-timeout 300 "$PY" benchmarks/bench_engine.py --device cuda --model smollm2-135m-config --tenants 64 --requests 64 \
-  --prefix-len 32 --prompt-len 128 --new-tokens 128 --systems a,b,c,d,e --naive-requests 8 --tokenizer .gpu-tok \
-  --out "$OUT/gpu-smollm2-135m-config.md" 2>&1 | tail -40 | tee "$OUT/bench-135m.log"
+# (at most 8 files come back from $OUT: the stages' logs and the two reports)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/stages.txt"
+"$PY" -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" \
+  | tee -a "$OUT/stages.txt"
+
+# stage NAME NEED LOG CMD...: run CMD (output to the terminal and to $OUT/LOG) if NEED seconds are left before the
+# deadline, killed at the deadline
+stage() {
+  local name="$1" need="$2" log="$3"
+  shift 3
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt "$need" ]; then
+    echo "=== $name: skipped ($left s left, needs about $need s)" | tee -a "$OUT/stages.txt"
+    return
+  fi
+  echo "=== $name (at ${SECONDS}s, ${left}s left)" | tee -a "$OUT/stages.txt"
+  local t0=$SECONDS
+  timeout "$left" "$@" 2>&1 | grep -v -E "it/s\]|s/it\]" | tee -a "$OUT/$log"
+  echo "=== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"
+}
+
+BENCH=("$PY" benchmarks/bench_engine.py --device cuda --tenants 64 --requests 64 --prefix-len 32 --prompt-len 128
+  --new-tokens 128 --tokenizer .gpu-tok)
+if [ "$PART" = 1 ]; then
+  stage "135M shape, systems a-e" 150 bench-135m.log "${BENCH[@]}" --model smollm2-135m-config --systems a,b,c,d,e \
+    --naive-requests 4 --out "$OUT/gpu-smollm2-135m-config.md"
+  stage "CUDA-path tests" 120 cuda-tests.log "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" \
+    tests/test_engine_cuda.py tests/test_triton_kernels.py
+  for abl in "torch off" "triton off" "torch on"; do
+    set -- $abl
+    stage "ablation d: kernels $1, async decode $2" 45 ablation.log "${BENCH[@]}" --model smollm2-135m-config \
+      --systems d --kernels "$1" --async-decode "$2"
+  done
+else
+  stage "profile of system d" 90 profile-d.log "${BENCH[@]}" --model smollm2-135m-config --systems d --profile \
+    --out "$OUT/gpu-135m-d-profile.md"
+  stage "1B config, systems b-e" 150 bench-1b.log "${BENCH[@]}" --model llama-1b-config --systems b,c,d,e \
+    --out "$OUT/gpu-llama-1b-config.md"
 fi
-[ "$PART" = 1 ] && exit 0
-for abl in "torch off" "triton off" "torch on"; do  # ablation of the CUDA fast path: kernels, async decode
-  set -- $abl
-  timeout 90 "$PY" benchmarks/bench_engine.py --device cuda --model smollm2-135m-config --tenants 64 --requests 64 \
-    --prefix-len 32 --prompt-len 128 --new-tokens 128 --systems d --kernels "$1" --async-decode "$2" \
-    --tokenizer .gpu-tok --out "$OUT/gpu-135m-d-kernels-$1-async-$2.md" 2>&1 | tail -3 | tee -a "$OUT/ablation.log"
-done
-timeout 180 "$PY" benchmarks/bench_engine.py --device cuda --model llama-1b-config --tenants 64 --requests 64 \
-  --prefix-len 32 --prompt-len 128 --new-tokens 128 --systems b,c,d,e --tokenizer .gpu-tok \
-  --out "$OUT/gpu-llama-1b-config.md" 2>&1 | tail -40 | tee "$OUT/bench-1b.log"
+cat "$OUT/stages.txt"
