@@ -161,8 +161,9 @@ class Settings(BaseSettings):
     )
     kernels: Literal["auto", "triton", "torch"] = Field(
         "auto",
-        description="Decode attention as a Triton paged kernel over the block tables and, for Llama-family models, "
-        "fused norm/rotary/activation kernels ('auto': on CUDA when triton is installed); 'torch': torch ops only",
+        description="Attention as Triton paged kernels over the block tables (decode and prefill) and, for "
+        "Llama-family models, fused norm/rotary/activation kernels ('auto': on CUDA when triton is installed); "
+        "'torch': torch ops only",
     )
     async_decode: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -5,8 +5,9 @@ built once and the transformers modules are re-pointed at views of them). Every 
 block table: its tenant's shared prefix blocks followed by its own blocks. Linear layers run on the flattened tokens
 (no padding; decode rows' tokens first). Attention runs in two groups, one query token per row (decode) and padded
 multi-token rows (prefill chunks), each with an additive mask built once per step from the logical position of every
-gathered key slot. With `kernels="triton"` (CUDA) decode rows instead go through a Triton paged kernel that reads the
-block tables directly, and Llama's norms, rotary + KV write and activation are fused kernels (triton_kernels.py).
+gathered key slot. With `kernels="triton"` (CUDA) both groups instead go through Triton paged kernels that read the
+block tables directly (no gathered keys, no mask), and Llama's norms, rotary + KV write and activation are fused
+kernels (triton_kernels.py).
 All index tensors are built on the host in `prepare` and reach the device through pinned memory, so the forward never
 syncs with the device and the host can prepare a step while the previous one runs.
 """
@@ -433,33 +434,53 @@ class ModelRunner:
             positions.extend([0] * pad)
             write_slots.extend([self.pool.scratch_slot] * pad)
             n_dec = key[0]
-        # one host-to-device copy for the step's integer inputs (and, for the paged kernel, its tables)
+        # one host-to-device copy for the step's integer inputs (and, for the paged kernels, their tables)
         parts = [ids, positions, write_slots, sample_idx]
-        paged = bool(decode) and self.kernels == "triton"
-        if paged:
+        paged = self.kernels == "triton"
+        if paged and decode:
             parts.extend(self._paged_tables(decode, n_dec))
+        if paged and prefill:
+            parts.extend(self._prefill_tables(prefill))
         views = self._upload_parts(parts)
-        if paged:
+        bs = self.pool.block_size
+        dec: _Group | None = None
+        pre: _Group | None = None
+        if paged and decode:
             meta, tables = views[4], views[5]
             w = tables.shape[0] // n_dec
-            dec: _Group | None = _Group(
+            dec = _Group(
                 g=n_dec,
                 q=1,
-                s=w * self.pool.block_size,
+                s=w * bs,
                 gather=None,
                 mask=None,
                 tables=tables.view(n_dec, w),
                 meta=meta.view(3, n_dec),
             )
-        else:
-            dec = self._group(decode, n_dec, 0, key[1] if key else None) if decode else None
+        elif decode:
+            dec = self._group(decode, n_dec, 0, key[1] if key else None)
+        if paged and prefill:
+            meta, tables = views[-2], views[-1]
+            g = len(prefill)
+            w = tables.shape[0] // g
+            pre = _Group(
+                g=g,
+                q=max(len(r.tokens) for r in prefill),
+                s=w * bs,
+                gather=None,
+                mask=None,
+                tables=tables.view(g, w),
+                meta=meta.view(5, g),
+            )
+        elif prefill:
+            pre = self._group(prefill, len(prefill), len(decode))
         return StepInputs(
             input_ids=views[0],
             positions=views[1],
             write_slots=views[2],
             sample_idx=views[3],
             decode=dec,
-            prefill=self._group(prefill, len(prefill), len(decode)) if prefill else None,
+            prefill=pre,
             num_tokens=len(ids),
             num_rows=len(rows),
             graph_key=key,
@@ -509,6 +530,23 @@ class ModelRunner:
         meta += p_slots + [0] * pad
         meta += [ps + r.own_cached + 1 for ps, r in zip(p_slots, members, strict=True)] + [1] * pad
         return meta, tables
+
+    def _prefill_tables(self, members: list[RowInput]) -> tuple[list[int], list[int]]:
+        """Multi-token rows for the paged prefill kernel, which is handed their part of the flat tokens (one row
+        after another, after the decode rows'): five numbers per row `[5, g]` (its first token in that part, query
+        tokens, prefix length, prefix slots, own keys cached before the step) and their block tables `[g, W]`."""
+        bs = self.pool.block_size
+        starts = []
+        t = 0
+        for r in members:
+            starts.append(t)
+            t += len(r.tokens)
+        meta = starts + [len(r.tokens) for r in members]
+        meta += [r.prefix_len for r in members]
+        meta += [len(r.prefix_blocks) * bs for r in members]
+        meta += [r.own_cached for r in members]
+        width = max(len(r.prefix_blocks) + len(r.own_blocks) for r in members)
+        return meta, self._flat_tables(members, len(members), width)
 
     def _group(self, members: list[RowInput], g: int, first_token: int, slots: int | None = None) -> _Group:
         """Key slots and masks for `members` padded to `g` rows (padding rows see only the scratch slot) and, if
@@ -598,8 +636,14 @@ class ModelRunner:
         elif dec is not None:
             o = self._attend(kv, q[: dec.g].unsqueeze(2), dec, scale)  # [g, Hq, 1, D]
             outs.append(o.reshape(dec.g, hq * d))
-        if inp.prefill is not None:
-            p = inp.prefill
+        p = inp.prefill
+        if p is not None and p.tables is not None:
+            assert p.meta is not None
+            # the multi-token rows' tokens follow the decode rows' (one each)
+            qp = q[dec.g :] if dec is not None else q
+            o = triton_ops.paged_prefill(qp, kv[0], kv[1], p.tables, p.meta, self.pool.block_size, scale, p.q)
+            outs.append(o.reshape(qp.shape[0], hq * d))
+        elif p is not None:
             qp = q.index_select(0, p.tok_idx).view(p.g, p.q, hq, d).transpose(1, 2)
             o = self._attend(kv, qp, p, scale).transpose(1, 2).reshape(p.g * p.q, hq * d)
             outs.append(o.index_select(0, p.out_idx))

@@ -5,6 +5,9 @@
   program per (row, KV head, split) computes the query heads of that KV head together (grouped-query attention) with
   an online softmax over tiles of BN key slots. With few rows the key axis is split (flash-decoding) so that a long
   context keeps the GPU busy, and `merge_splits_kernel` combines the splits by their log-sum-exp.
+- `paged_prefill_kernel`: the multi-token rows of a step (prompt chunks, verified drafts), causal over their own
+  tokens, through the same block tables: blocks of query tokens of one head per program, flash-attention's online
+  softmax over tiles of key slots, and no key beyond the block's last query read.
 - `rms_norm_kernel`: RMSNorm of a row, optionally adding a residual first (`res += x`, then the norm of `res`).
 - `rope_write_kernel`: rotary embedding of a token's query and key heads; writes the rotated key and the value into
   the KV pool at the token's slot and the rotated query to its own buffer.
@@ -115,6 +118,95 @@ def paged_decode_kernel(
         base = (b * (REP * tl.num_programs(1)) + heads) * SPLITS + sp
         tl.store(lse_ptr + base, row_lse, mask=rmask)
         tl.store(out_ptr + base[:, None] * D + d[None, :], out, mask=omask)
+
+
+# the token and row counts and the table width change from step to step: not specialized
+@triton.jit(do_not_specialize=["stride_qt", "stride_tb", "stride_meta", "stride_ot"])
+def paged_prefill_kernel(
+    q_ptr,  # [T, Hq, D]: the tokens of the multi-token rows, row after row
+    k_ptr,  # [slots, K, D] (one layer's key plane of the pool; this step's keys already written)
+    v_ptr,  # [slots, K, D]
+    tables_ptr,  # [G, W] int64: block ids, prefix blocks then own blocks
+    meta_ptr,  # [5, >=G] int64: first token (row of q), query tokens, prefix length, prefix slots, own keys before
+    out_ptr,  # [T, Hq, D] in q's dtype
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_tb,
+    stride_meta,
+    stride_ot,
+    stride_oh,
+    scale,
+    BS: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    REP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Causal attention of a row's BM query tokens (one query head) over its prefix and its own keys, read from the
+    pool through its block table: query i (own index `cached + i`) sees every valid prefix slot and own keys up to
+    its own index. Grid (rows, query blocks, query heads); blocks past a row's tokens do nothing."""
+    row = tl.program_id(0)
+    qb = tl.program_id(1)
+    h = tl.program_id(2)
+    nq = tl.load(meta_ptr + stride_meta + row)
+    if qb * BM < nq:
+        t0 = tl.load(meta_ptr + row)
+        p_len = tl.load(meta_ptr + 2 * stride_meta + row)
+        p_slots = tl.load(meta_ptr + 3 * stride_meta + row)
+        cached = tl.load(meta_ptr + 4 * stride_meta + row)
+        kh = h // REP
+        i = qb * BM + tl.arange(0, BM)
+        qmask = i < nq
+        d = tl.arange(0, DP)
+        dmask = d < D
+        tok = (t0 + i).to(tl.int64)
+        io = qmask[:, None] & dmask[None, :]
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + d[None, :], mask=io, other=0.0)
+        own_q = cached + i  # each query's own index: it sees own keys up to it
+        # the block's last query sees the most keys: nothing beyond is read
+        hi = p_slots + cached + tl.minimum(nq, qb * BM + BM)
+        m = tl.full([BM], float("-inf"), tl.float32)
+        lse = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, DP], tl.float32)
+        for start in range(0, hi, BN):
+            j = start + tl.arange(0, BN)
+            inb = j < hi
+            in_prefix = j < p_slots
+            # the prefix's last block may be partly filled: its unused slots are skipped
+            valid = inb & (~in_prefix | (j < p_len))
+            blk = tl.load(tables_ptr + row * stride_tb + j // BS, mask=inb, other=0)
+            slot = blk.to(tl.int64) * BS + j % BS
+            off = slot[:, None] * stride_ks + kh * stride_kh + d[None, :]
+            lm = valid[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + off, mask=lm, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            seen = valid[None, :] & (in_prefix[None, :] | ((j - p_slots)[None, :] <= own_q[:, None]))
+            s = tl.where(seen, s * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.where(seen, tl.exp(s - m_safe[:, None]), 0.0)
+            lse = lse * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + off, mask=lm, other=0.0)
+            if IEEE:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        out = acc / tl.where(lse == 0.0, 1.0, lse)[:, None]
+        tl.store(
+            out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=io,
+        )
 
 
 @triton.jit

@@ -77,6 +77,13 @@ def smoke_test(
     out = paged_decode(q, kc, vc, torch.zeros(2, 1, dtype=torch.long, device=device), meta, 16, None)
     if not bool(torch.isfinite(out).all()):
         raise RuntimeError("the paged decode kernel returned non-finite values")
+    # both query-block variants of the prefill kernel: one row of 2 tokens, then one of 17
+    for n in (2, 17):
+        meta = torch.tensor([[0], [n], [0], [0], [0]], dtype=torch.long, device=device)
+        tables = torch.zeros(1, 2, dtype=torch.long, device=device)
+        out = paged_prefill(torch.ones(n, hq, d, **kw), kc, vc, tables, meta, 16, None, n)
+        if not bool(torch.isfinite(out).all()):
+            raise RuntimeError("the paged prefill kernel returned non-finite values")
 
 
 def _k() -> ModuleType:
@@ -171,6 +178,67 @@ def paged_decode(
         _k().merge_splits_kernel[(b, hq)](
             part, lse, out, out.stride(0), out.stride(1), D=d, DP=dp, SPLITS=splits, enable_fp_fusion=True
         )
+    return out
+
+
+def prefill_block(max_q: int) -> int:
+    """Query tokens per program of the prefill kernel: 16 for short rows (drafts, small chunks), else 64; two
+    compiled variants in all."""
+    return 16 if max_q <= 16 else 64
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    meta: torch.Tensor,
+    block_size: int,
+    scale: float | None,
+    max_q: int,
+) -> torch.Tensor:
+    """q: [T, Hq, D], the multi-token rows' tokens one row after another; k/v_cache: [slots, K, D] with this step's
+    keys already written; tables: [G, W] integer block ids; meta: [5, >=G] integer rows (first token in q, query
+    tokens, prefix length, prefix slots, own keys cached before the step); `max_q`: the most query tokens of a row.
+    Returns [T, Hq, D]: each token attending to its row's valid prefix slots and its own keys up to itself."""
+    t, hq, d = q.shape
+    kh = k_cache.shape[1]
+    out = torch.empty_like(q)
+    g = tables.shape[0]
+    if t == 0 or g == 0:
+        return out
+    assert q.stride(2) == 1 and k_cache.stride(2) == 1 and tables.stride(1) == 1 and meta.stride(1) == 1
+    assert k_cache.stride() == v_cache.stride()
+    dp = _pow2(max(d, 16))
+    bm = prefill_block(max_q)
+    # fp32 tiles at head_dim 128+ would want more shared memory than GPUs with ~100 KB per block have
+    bn = 32 if dp * q.element_size() > 256 else 64
+    _k().paged_prefill_kernel[(g, -(-max_q // bm), hq)](
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        meta,
+        out,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        tables.stride(0),
+        meta.stride(0),
+        out.stride(0),
+        out.stride(1),
+        float(scale if scale is not None else d**-0.5),
+        BS=block_size,
+        D=d,
+        DP=dp,
+        REP=hq // kh,
+        BM=bm,
+        BN=bn,
+        IEEE=q.dtype == torch.float32,
+        num_stages=2,
+        enable_fp_fusion=True,
+    )
     return out
 
 
