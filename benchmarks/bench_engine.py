@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -557,9 +558,17 @@ def main_bench(args) -> dict:
     # Warm-up every system once on a small slice, so no system pays first-call costs inside its timing.
     small = Work(work.prompts[:2], work.tenant_of[:2], work.kvs)
     harness = None
+    # a system that fails is reported as failed and the others still run (a device run is too short to repeat)
+    failed: dict[str, str] = {}
     if "c" in systems or "d" in systems:
-        harness = EngineHarness(bundle, work, args)
-        harness.warmup(sorted(set(work.tenant_of) | {0}), args.prompt_len)
+        try:
+            harness = EngineHarness(bundle, work, args)
+            harness.warmup(sorted(set(work.tenant_of) | {0}), args.prompt_len)
+        except Exception as e:
+            traceback.print_exc()
+            failed.update(
+                {k: f"engine start-up: {type(e).__name__}: {e}"[:500] for k in "cd" if k in systems}
+            )
     if "a" in systems:
         run_naive(bundle, Work(small.prompts[:1], small.tenant_of[:1], work.kvs), 2)
     if "b" in systems:
@@ -572,23 +581,30 @@ def main_bench(args) -> dict:
     naive_work = Work(work.prompts[:n_naive], work.tenant_of[:n_naive], work.kvs)
     for rep in range(args.repeats):
         for s in systems:
+            if s in failed:
+                continue
             print(f"[{rep + 1}/{args.repeats}] running {SYSTEM_NAMES[s]} ...", file=sys.stderr, flush=True)
             gc.collect()
-            if s == "a":
-                r = run_naive(bundle, naive_work, args.new_tokens)
-            elif s == "b":
-                r = run_hf_batched(bundle, work, args.new_tokens)
-            elif s == "c":
-                r = harness.run("c", work, [0] * len(work.prompts), args.new_tokens)
-            elif s == "d":
-                r = harness.run("d", work, work.tenant_of, args.new_tokens)
-            else:
-                r = run_hf_static(bundle, work, args.new_tokens)
+            try:
+                if s == "a":
+                    r = run_naive(bundle, naive_work, args.new_tokens)
+                elif s == "b":
+                    r = run_hf_batched(bundle, work, args.new_tokens)
+                elif s == "c":
+                    r = harness.run("c", work, [0] * len(work.prompts), args.new_tokens)
+                elif s == "d":
+                    r = harness.run("d", work, work.tenant_of, args.new_tokens)
+                else:
+                    r = run_hf_static(bundle, work, args.new_tokens)
+            except Exception as e:
+                traceback.print_exc()
+                failed[s] = f"{type(e).__name__}: {e}"[:500]
+                continue
             runs[s].append(r)
             print(
                 f"  {r.tok_s:,.1f} tok/s, wall {r.wall:.2f}s, load {loadavg()}", file=sys.stderr, flush=True
             )
-    results: dict[str, SysResult] = {s: max(rs, key=lambda r: r.tok_s) for s, rs in runs.items()}
+    results: dict[str, SysResult] = {s: max(rs, key=lambda r: r.tok_s) for s, rs in runs.items() if rs}
     load_after = loadavg()
     engine_packed = harness is not None and harness.engine.runner.packed
     engine_kernels = harness.engine.runner.kernels if harness is not None else None
@@ -634,6 +650,9 @@ def main_bench(args) -> dict:
     lines.append("")
     lines.append(markdown_table(HEADERS, result_rows(results)))
     lines.append("")
+    for k, why in failed.items():
+        lines.append(f"**System {k} failed**: {why}")
+        lines.append("")
     if "a" in results and n_naive < n:
         lines.append(
             f"System a ran the first {n_naive} of the {n} requests (sequential, so its tok/s and ITL do not depend "
@@ -676,7 +695,8 @@ def main_bench(args) -> dict:
     out = {JSON_KEYS[k]: round(r.tok_s, 2) for k, r in results.items()}
     out.update(
         {
-            "repeats_tok_s": {k: [round(r.tok_s, 2) for r in rs] for k, rs in runs.items()},
+            "repeats_tok_s": {k: [round(r.tok_s, 2) for r in rs] for k, rs in runs.items() if rs},
+            "failed": failed,
             "ratios": ratios,
             "step_ms": {k: (round(r.step_ms, 3) if r.step_ms else None) for k, r in results.items()},
             "prefill_step_ms": {
@@ -705,8 +725,11 @@ def main_bench(args) -> dict:
             "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
         }
     )
-    if args.profile and harness is not None:
-        profile_engine(harness, work, args)
+    if args.profile and harness is not None and "d" in results:
+        try:
+            profile_engine(harness, work, args)
+        except Exception:
+            traceback.print_exc()
     emit(args, report, out)
     return out
 

@@ -42,3 +42,38 @@ def test_bench_engine_runs_every_system_and_reports(tiny_folder, tmp_path, capsy
     assert "| d engine, every request its own tenant |" in report
     assert "of which" in report and "ran prompt tokens" in report
     assert "torch.profiler: the" in printed and "decode steps" in printed
+
+
+def test_a_failing_system_is_reported_and_the_others_still_run(tiny_folder, monkeypatch, capsys):
+    from benchmarks import bench_engine
+
+    calls = []
+
+    def broken(bundle, work, new_tokens):
+        calls.append(len(work.prompts))
+        if len(work.prompts) > 2:  # the timed run, not the warm-up slice
+            raise RuntimeError("simulated device failure")
+        return real(bundle, work, new_tokens)
+
+    real = bench_engine.run_hf_batched
+    monkeypatch.setattr(bench_engine, "run_hf_batched", broken)
+    argv = ["--model", str(tiny_folder), "--systems", "b,d", "--tenants", "2", "--requests", "4"]
+    argv += [
+        "--prefix-len",
+        "4",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "3",
+        "--threads",
+        "1",
+        "--repeats",
+        "2",
+    ]
+    bench_engine.main(argv)
+    printed = capsys.readouterr().out
+    got = json.loads(printed.strip().splitlines()[-1])
+    assert got["failed"] == {"b": "RuntimeError: simulated device failure"}
+    assert "hf_batched_tok_s" not in got and got["engine_mixed_tok_s"] > 0
+    assert len(got["repeats_tok_s"]["d"]) == 2 and calls == [2, 4]  # b is not retried in the second repeat
+    assert "**System b failed**: RuntimeError: simulated device failure" in printed
