@@ -576,3 +576,33 @@ def test_a_stop_token_id_is_not_text_streamed_or_not(tiny_llama_bundle):
             assert out.finish_reason == "stop" and out.token_ids == base.token_ids[:4]
             texts.add(out.text)
     assert texts == {b.tokenizer.decode(base.token_ids[:3])}
+
+
+@pytest.mark.parametrize("async_decode", ["off", "on"])
+def test_a_callback_that_raises_loses_its_request_only(tiny_llama_bundle, async_decode):
+    """A consumer whose callback raises (its event loop closed under it, a bug) aborts its own request; every other
+    row of the same steps still gets its tokens, exactly as without it, and the engine goes on."""
+    b = tiny_llama_bundle
+    vocab = b.spec.vocab_size
+    reqs = [
+        Request(f"r{i}", random_prompt(vocab, 4 + i, 30 + i), SamplingParams(max_tokens=6, ignore_eos=True))
+        for i in range(3)
+    ]
+    want = {o.request_id: o.token_ids for o in make_engine(b, {}).generate(reqs)}
+    eng = make_engine(b, {}, async_decode=async_decode)
+    seen: dict[str, list] = {r.request_id: [] for r in reqs}
+
+    def broken(ev) -> None:
+        seen["r1"].append(ev)
+        if len(seen["r1"]) == 2:
+            raise RuntimeError("event loop is closed")
+
+    for r in reqs:
+        eng.add_request(r, broken if r.request_id == "r1" else seen[r.request_id].append)
+    while eng.has_unfinished():
+        eng.step()
+    for rid in ("r0", "r2"):
+        assert [t for ev in seen[rid] for t in ev.token_ids] == want[rid]
+        assert [ev.finish_reason for ev in seen[rid] if ev.finished] == ["length"]
+    assert len(seen["r1"]) == 2 and not any(ev.finished for ev in seen["r1"])  # nothing after the failure
+    assert eng.pool.num_used == 0 and not eng._callbacks and not eng._seqs

@@ -723,9 +723,21 @@ class LLMEngine:
         return ev
 
     def _emit(self, ev: TokenEvent) -> None:
+        """Hand an event to its request's callback. A callback that raises (a consumer that went away: its event
+        loop closed, a bug) loses its request, aborted here, and nothing else: the step's other rows still get
+        their tokens and the engine thread lives on."""
         cb = self._callbacks.get(ev.request_id)
-        if cb is not None:
+        if cb is None:
+            return
+        try:
             cb(ev)
+        except Exception:
+            log.exception("request %s: its event callback failed; the request is aborted", ev.request_id)
+            self._callbacks.pop(ev.request_id, None)
+            seq = self._seqs.get(ev.request_id)
+            if seq is not None and not ev.finished:
+                seq.aborted = True
+                self._finish(seq, "abort")
 
     # ------------------------------------------------------------------ offline
     def generate(self, requests: list[Request]) -> list[Output]:
@@ -859,14 +871,15 @@ class AsyncEngine:
                     self._pending -= 1
                 try:
                     self.engine.add_request(arg, cb)
-                except (
-                    Exception
-                ) as e:  # validated already; a race (e.g. duplicate id) still answers the caller
-                    cb(
-                        TokenEvent(
-                            arg.request_id, [], "", True, "error", error=str(e), error_type=type(e).__name__
-                        )
+                except Exception as e:
+                    # validated already; a race (e.g. a duplicate id) still answers the caller
+                    ev = TokenEvent(
+                        arg.request_id, [], "", True, "error", error=str(e), error_type=type(e).__name__
                     )
+                    try:
+                        cb(ev)
+                    except Exception:
+                        log.exception("request %s: its event callback failed", arg.request_id)
             else:
                 self.engine.abort(arg)
 
