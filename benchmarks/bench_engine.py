@@ -427,6 +427,19 @@ class EngineHarness:
         self.n += 1
         self.engine.generate(reqs)
 
+    def _clear(self) -> None:
+        """Abort whatever a failed run left in the engine (requests, a step in flight)."""
+        eng = self.engine
+        for rid in list(eng._seqs):
+            eng.abort(rid)
+        for _ in range(4):
+            if not eng.has_unfinished():
+                return
+            try:
+                eng.step()
+            except Exception:
+                traceback.print_exc()
+
     def run(
         self,
         key: str,
@@ -449,7 +462,11 @@ class EngineHarness:
         gc.collect()
         with PeakMemory(str(self.device)) as mem:
             t0 = time.perf_counter()
-            outs = self.engine.generate(reqs)
+            try:
+                outs = self.engine.generate(reqs)
+            except Exception:
+                self._clear()  # the other engine system (c or d) shares this engine
+                raise
             sync(self.device)
             wall = time.perf_counter() - t0
         errs = [o.error for o in outs if o.error]
@@ -569,10 +586,16 @@ def main_bench(args) -> dict:
             failed.update(
                 {k: f"engine start-up: {type(e).__name__}: {e}"[:500] for k in "cd" if k in systems}
             )
-    if "a" in systems:
-        run_naive(bundle, Work(small.prompts[:1], small.tenant_of[:1], work.kvs), 2)
-    if "b" in systems:
-        run_hf_batched(bundle, small, 2)
+    for s, warm in (
+        ("a", lambda: run_naive(bundle, Work(small.prompts[:1], small.tenant_of[:1], work.kvs), 2)),
+        ("b", lambda: run_hf_batched(bundle, small, 2)),
+    ):
+        if s in systems:
+            try:
+                warm()
+            except Exception as e:
+                traceback.print_exc()
+                failed[s] = f"warm-up: {type(e).__name__}: {e}"[:500]
 
     # Systems interleaved (a b c d, a b c d, ...) --repeats times; each system's best run is reported, so a burst
     # of load from other processes on a shared machine hits one repeat, not one system.
@@ -604,7 +627,9 @@ def main_bench(args) -> dict:
             print(
                 f"  {r.tok_s:,.1f} tok/s, wall {r.wall:.2f}s, load {loadavg()}", file=sys.stderr, flush=True
             )
-    results: dict[str, SysResult] = {s: max(rs, key=lambda r: r.tok_s) for s, rs in runs.items() if rs}
+    # a system that failed in any repeat is reported as failed only (no tok/s, no ratio)
+    runs = {s: rs for s, rs in runs.items() if s not in failed}
+    results: dict[str, SysResult] = {s: max(rs, key=lambda r: r.tok_s) for s, rs in runs.items()}
     load_after = loadavg()
     engine_packed = harness is not None and harness.engine.runner.packed
     engine_kernels = harness.engine.runner.kernels if harness is not None else None
@@ -695,7 +720,7 @@ def main_bench(args) -> dict:
     out = {JSON_KEYS[k]: round(r.tok_s, 2) for k, r in results.items()}
     out.update(
         {
-            "repeats_tok_s": {k: [round(r.tok_s, 2) for r in rs] for k, rs in runs.items() if rs},
+            "repeats_tok_s": {k: [round(r.tok_s, 2) for r in rs] for k, rs in runs.items()},
             "failed": failed,
             "ratios": ratios,
             "step_ms": {k: (round(r.step_ms, 3) if r.step_ms else None) for k, r in results.items()},

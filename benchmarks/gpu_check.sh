@@ -26,6 +26,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 PART="${PART:-1}"
+case "$PART" in 1 | 2) ;; *) echo "PART must be 1 or 2, not $PART" >&2; exit 2 ;; esac
 DEADLINE="${DEADLINE:-570}"
 if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (llguidance for the structured-outputs CUDA test)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -48,7 +49,7 @@ stage() {
   fi
   echo "=== $name (at ${SECONDS}s, ${left}s left)" | tee -a "$OUT/stages.txt"
   local t0=$SECONDS
-  timeout "$left" "$@" 2>&1 | grep -v -E "it/s\]|s/it\]" | tee -a "$OUT/$log"
+  timeout -k 10 "$left" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]" | tee -a "$OUT/$log"
   echo "=== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"
 }
 

@@ -44,14 +44,15 @@ def test_bench_engine_runs_every_system_and_reports(tiny_folder, tmp_path, capsy
     assert "torch.profiler: the" in printed and "decode steps" in printed
 
 
-def test_a_failing_system_is_reported_and_the_others_still_run(tiny_folder, monkeypatch, capsys):
+@pytest.mark.parametrize("fail_at", [1, 2, 3])  # the warm-up slice, the first timed run, the second one
+def test_a_failing_system_is_reported_and_the_others_still_run(tiny_folder, monkeypatch, capsys, fail_at):
     from benchmarks import bench_engine
 
     calls = []
 
     def broken(bundle, work, new_tokens):
         calls.append(len(work.prompts))
-        if len(work.prompts) > 2:  # the timed run, not the warm-up slice
+        if len(calls) == fail_at:
             raise RuntimeError("simulated device failure")
         return real(bundle, work, new_tokens)
 
@@ -73,7 +74,33 @@ def test_a_failing_system_is_reported_and_the_others_still_run(tiny_folder, monk
     bench_engine.main(argv)
     printed = capsys.readouterr().out
     got = json.loads(printed.strip().splitlines()[-1])
-    assert got["failed"] == {"b": "RuntimeError: simulated device failure"}
-    assert "hf_batched_tok_s" not in got and got["engine_mixed_tok_s"] > 0
-    assert len(got["repeats_tok_s"]["d"]) == 2 and calls == [2, 4]  # b is not retried in the second repeat
-    assert "**System b failed**: RuntimeError: simulated device failure" in printed
+    why = ("warm-up: " if fail_at == 1 else "") + "RuntimeError: simulated device failure"
+    assert got["failed"] == {"b": why}
+    # a system that failed in any repeat has no tok/s and no ratio; it is not run again
+    assert "hf_batched_tok_s" not in got and "b" not in got["repeats_tok_s"] and got["ratios"] == {}
+    assert len(got["repeats_tok_s"]["d"]) == 2 and len(calls) == fail_at
+    assert f"**System b failed**: {why}" in printed and "| b HF" not in printed
+
+
+def test_a_failure_inside_the_engine_leaves_the_other_engine_system_clean(tiny_folder, monkeypatch, capsys):
+    """Systems c and d share one engine: requests that a failed c left behind are aborted, so d runs alone."""
+    from benchmarks import bench_engine
+    from server.engine.engine import LLMEngine
+
+    real_step = LLMEngine.step
+    seen = {"c": 0}
+
+    def step(self):
+        if any(s.request_id.startswith("c") for s in self.scheduler.running):
+            seen["c"] += 1
+            if seen["c"] == 2:
+                raise RuntimeError("simulated failure during system c")
+        return real_step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", step)
+    argv = ["--model", str(tiny_folder), "--systems", "c,d", "--tenants", "2", "--requests", "4"]
+    argv += ["--prefix-len", "4", "--prompt-len", "8", "--new-tokens", "3", "--threads", "1"]
+    bench_engine.main(argv)
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["failed"] == {"c": "RuntimeError: simulated failure during system c"}
+    assert got["engine_mixed_tok_s"] > 0

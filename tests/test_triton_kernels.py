@@ -249,10 +249,8 @@ def test_multi_token_rows_through_the_prefill_kernel_equal_the_torch_path():
     eng = make_engine(bundle, keys, kernels="triton", **cfg)
     ref = make_engine(bundle, keys, kernels="torch", **cfg)
     got, want = eng.generate(reqs), ref.generate(reqs)
-    assert (
-        eng.scheduler.spec_draft_tokens > 0
-        and eng.scheduler.spec_draft_tokens == ref.scheduler.spec_draft_tokens
-    )
+    # how many tokens are drafted depends on when prefixes finish loading (threads); the outputs do not
+    assert eng.scheduler.spec_draft_tokens > 0
     for a, b in zip(got, want, strict=True):
         assert a.token_ids == b.token_ids, a.request_id
     plp, plp_ref = got[-2].prompt_logprobs, want[-2].prompt_logprobs
@@ -331,20 +329,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from server.engine import triton_kernels as K
 
-def build(fn, sig, cex, cap):
+def build(fn, sig, cex, cap, **options):
     names = fn.arg_names
     full = {n: ("constexpr" if n in cex else sig[n]) for n in names}
     src = ASTSource(fn=fn, signature=full, constexprs={(names.index(k),): v for k, v in cex.items()})
-    triton.compile(src, target=GPUTarget("cuda", cap, 32))
+    k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
+    # shared memory per block: A100 163 KB, H100/H200 227 KB (opt-in maximums)
+    limit = {80: 166912, 90: 232448}[cap]
+    assert k.metadata.shared <= limit, (fn.__name__, cex, cap, k.metadata.shared)
 
-# (query heads, KV heads, head_dim, hidden, intermediate): SmolLM2-135M, Llama-3.2-1B, the tests' tiny Llama
-shapes = [(9, 3, 64, 576, 1536), (32, 8, 64, 2048, 8192), (4, 2, 16, 64, 128)]
+# (query heads, KV heads, head_dim, hidden, intermediate): SmolLM2-135M, Llama-3.2-1B, Llama-3-8B, the tests' tiny
+# Llama
+shapes = [(9, 3, 64, 576, 1536), (32, 8, 64, 2048, 8192), (32, 8, 128, 4096, 14336), (4, 2, 16, 64, 128)]
 n = 0
 for cap in (80, 90):
     for dt in ("bf16", "fp16", "fp32"):
         for hq, hk, d, h, inter in shapes:
             p, i32 = f"*{dt}", "i32"
             rep = hq // hk
+            wide = max(d, 16) * (4 if dt == "fp32" else 2) > 256  # as the launchers decide (triton_ops)
             for splits in (1, 8):
                 build(K.paged_decode_kernel,
                       dict(q_ptr=p, k_ptr=p, v_ptr=p, tables_ptr="*i64", meta_ptr="*i64",
@@ -352,14 +355,14 @@ for cap in (80, 90):
                            stride_ks=i32, stride_kh=i32, stride_tb=i32, stride_meta=i32, stride_ob=i32,
                            stride_oh=i32, scale="fp32"),
                       dict(BS=16, D=d, DP=max(d, 16), REP=rep, RP=max(16, 1 << (rep - 1).bit_length()), BN=64,
-                           SPLITS=splits, IEEE=dt == "fp32"), cap)
+                           SPLITS=splits, IEEE=dt == "fp32"), cap, num_stages=2 if wide else 3)
             for bm in (16, 64):
                 build(K.paged_prefill_kernel,
                       dict(q_ptr=p, k_ptr=p, v_ptr=p, tables_ptr="*i64", meta_ptr="*i64", out_ptr=p,
                            stride_qt=i32, stride_qh=i32, stride_ks=i32, stride_kh=i32, stride_tb=i32,
                            stride_meta=i32, stride_ot=i32, stride_oh=i32, scale="fp32"),
-                      dict(BS=16, D=d, DP=max(d, 16), REP=rep, BM=bm, BN=32 if dt == "fp32" and d >= 128 else 64,
-                           IEEE=dt == "fp32"), cap)
+                      dict(BS=16, D=d, DP=max(d, 16), REP=rep, BM=bm, BN=32 if wide else 64,
+                           IEEE=dt == "fp32"), cap, num_stages=2)
             build(K.merge_splits_kernel,
                   dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr=p, stride_ob=i32, stride_oh=i32),
                   dict(D=d, DP=max(d, 16), SPLITS=8), cap)
@@ -381,7 +384,8 @@ print(n, "compiled")
 def test_kernels_compile_for_ampere_and_hopper():
     """Triton's interpreter checks what the kernels compute, not that they lower to GPU code: compile each one ahead
     of time for sm_80 (A100) and sm_90 (H100/H200) with Triton's bundled ptxas, in bf16, fp16 and fp32, at the shapes
-    of SmolLM2-135M, Llama-3.2-1B and the tests' tiny Llama. Needs no GPU."""
+    of SmolLM2-135M, Llama-3.2-1B, Llama-3-8B and the tests' tiny Llama, with the launchers' pipeline depths,
+    within the GPUs' shared memory per block. Needs no GPU."""
     import os
     import subprocess
     import sys
@@ -395,4 +399,4 @@ def test_kernels_compile_for_ampere_and_hopper():
         [sys.executable, "-c", _COMPILE], env=env, cwd=root, capture_output=True, text=True, timeout=600
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split()[0] == str(2 * 3 * 3 * 8), r.stdout
+    assert r.stdout.split()[0] == str(2 * 3 * 4 * 8), r.stdout

@@ -243,7 +243,7 @@ class ModelRunner:
                 except Exception as e:  # no C compiler for Triton's launcher, a GPU it cannot target, ...
                     why = f"{type(e).__name__}: {e}"
             if why is not None:
-                log.warning("Triton kernels off (%s): decode runs on torch ops", why)
+                log.warning("Triton kernels off (%s): attention and elementwise ops run on torch ops", why)
                 return
             kernels = "triton"
         elif kernels == "triton":
@@ -442,7 +442,6 @@ class ModelRunner:
         if paged and prefill:
             parts.extend(self._prefill_tables(prefill))
         views = self._upload_parts(parts)
-        bs = self.pool.block_size
         dec: _Group | None = None
         pre: _Group | None = None
         if paged and decode:
