@@ -445,32 +445,11 @@ class ModelRunner:
         dec: _Group | None = None
         pre: _Group | None = None
         if paged and decode:
-            meta, tables = views[4], views[5]
-            w = tables.shape[0] // n_dec
-            dec = _Group(
-                g=n_dec,
-                q=1,
-                s=w * bs,
-                gather=None,
-                mask=None,
-                tables=tables.view(n_dec, w),
-                meta=meta.view(3, n_dec),
-            )
+            dec = self._paged_group(views[4], views[5], n_dec, 1)
         elif decode:
             dec = self._group(decode, n_dec, 0, key[1] if key else None)
         if paged and prefill:
-            meta, tables = views[-2], views[-1]
-            g = len(prefill)
-            w = tables.shape[0] // g
-            pre = _Group(
-                g=g,
-                q=max(len(r.tokens) for r in prefill),
-                s=w * bs,
-                gather=None,
-                mask=None,
-                tables=tables.view(g, w),
-                meta=meta.view(5, g),
-            )
+            pre = self._paged_group(views[-2], views[-1], len(prefill), max(len(r.tokens) for r in prefill))
         elif prefill:
             pre = self._group(prefill, len(prefill), len(decode))
         return StepInputs(
@@ -483,6 +462,20 @@ class ModelRunner:
             num_tokens=len(ids),
             num_rows=len(rows),
             graph_key=key,
+        )
+
+    def _paged_group(self, meta: torch.Tensor, tables: torch.Tensor, g: int, q: int) -> _Group:
+        """A group for the paged kernels from its uploaded views: `g` rows of at most `q` query tokens, their block
+        tables (flat, row-major) and per-row numbers (flat, one line of `g` per kind)."""
+        w = tables.shape[0] // g
+        return _Group(
+            g=g,
+            q=q,
+            s=w * self.pool.block_size,
+            gather=None,
+            mask=None,
+            tables=tables.view(g, w),
+            meta=meta.view(-1, g),
         )
 
     def upload(self, values: list[int]) -> torch.Tensor:

@@ -24,6 +24,62 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _attend_tile(
+    q,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    start,
+    hi,
+    p_len,
+    p_slots,
+    own_q,
+    kh,
+    stride_ks,
+    stride_kh,
+    d,
+    dmask,
+    scale,
+    m,
+    lse,
+    acc,
+    BS: tl.constexpr,
+    BN: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One online-softmax step of the paged kernels: key slots `start..start+BN` (below `hi`) of a row whose block
+    table starts at `table_ptr`, for query rows `q` that see every valid prefix slot and own keys up to `own_q`
+    (each query row's own index). Returns the updated running max, sum of exponentials and output accumulator."""
+    j = start + tl.arange(0, BN)
+    inb = j < hi
+    in_prefix = j < p_slots
+    # the prefix's last block may be partly filled: its unused slots are skipped
+    valid = inb & (~in_prefix | (j < p_len))
+    blk = tl.load(table_ptr + j // BS, mask=inb, other=0)
+    slot = blk.to(tl.int64) * BS + j % BS
+    off = slot[:, None] * stride_ks + kh * stride_kh + d[None, :]
+    lm = valid[:, None] & dmask[None, :]
+    k = tl.load(k_ptr + off, mask=lm, other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    seen = valid[None, :] & (in_prefix[None, :] | ((j - p_slots)[None, :] <= own_q[:, None]))
+    s = tl.where(seen, s * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.where(seen, tl.exp(s - m_safe[:, None]), 0.0)
+    lse = lse * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptr + off, mask=lm, other=0.0)
+    if IEEE:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, lse, acc * alpha[:, None] + pv
+
+
 # the row count and table width change from step to step: not specialized (an int equal to 1 or divisible by 16
 # would otherwise compile another variant, in the middle of serving)
 @triton.jit(do_not_specialize=["stride_tb", "stride_meta"])
@@ -77,33 +133,12 @@ def paged_decode_kernel(
     m = tl.full([RP], float("-inf"), tl.float32)
     lse = tl.zeros([RP], tl.float32)
     acc = tl.zeros([RP, DP], tl.float32)
+    own_q = r * 0 + total  # a decode row's one query sees every key slot of its range
     for start in range(lo, hi, BN):
-        j = start + tl.arange(0, BN)
-        inb = j < hi
-        # the prefix's last block may be partly filled: its unused slots are skipped
-        valid = inb & ((j >= p_slots) | (j < p_len))
-        blk = tl.load(tables_ptr + b * stride_tb + j // BS, mask=inb, other=0)
-        slot = blk.to(tl.int64) * BS + j % BS
-        off = slot[:, None] * stride_ks + kh * stride_kh + d[None, :]
-        lm = valid[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + off, mask=lm, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.where(valid[None, :], tl.exp(s - m_safe[:, None]), 0.0)
-        lse = lse * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + off, mask=lm, other=0.0)
-        if IEEE:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+        m, lse, acc = _attend_tile(
+            q, k_ptr, v_ptr, tables_ptr + b * stride_tb, start, hi, p_len, p_slots, own_q, kh, stride_ks,
+            stride_kh, d, dmask, scale, m, lse, acc, BS, BN, IEEE,
+        )  # fmt: skip
     out = acc / tl.where(lse == 0.0, 1.0, lse)[:, None]
     omask = rmask[:, None] & dmask[None, :]
     if SPLITS == 1:
@@ -173,34 +208,10 @@ def paged_prefill_kernel(
         lse = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, DP], tl.float32)
         for start in range(0, hi, BN):
-            j = start + tl.arange(0, BN)
-            inb = j < hi
-            in_prefix = j < p_slots
-            # the prefix's last block may be partly filled: its unused slots are skipped
-            valid = inb & (~in_prefix | (j < p_len))
-            blk = tl.load(tables_ptr + row * stride_tb + j // BS, mask=inb, other=0)
-            slot = blk.to(tl.int64) * BS + j % BS
-            off = slot[:, None] * stride_ks + kh * stride_kh + d[None, :]
-            lm = valid[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + off, mask=lm, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            seen = valid[None, :] & (in_prefix[None, :] | ((j - p_slots)[None, :] <= own_q[:, None]))
-            s = tl.where(seen, s * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.where(seen, tl.exp(s - m_safe[:, None]), 0.0)
-            lse = lse * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + off, mask=lm, other=0.0)
-            if IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
+            m, lse, acc = _attend_tile(
+                q, k_ptr, v_ptr, tables_ptr + row * stride_tb, start, hi, p_len, p_slots, own_q, kh, stride_ks,
+                stride_kh, d, dmask, scale, m, lse, acc, BS, BN, IEEE,
+            )  # fmt: skip
         out = acc / tl.where(lse == 0.0, 1.0, lse)[:, None]
         tl.store(
             out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :],
