@@ -211,7 +211,11 @@ def test_engine_through_kernels_equals_transformers_fp32(family):
     keys, reqs = mixed_workload(bundle.spec, (8, 20, 64), 6, new, no_prefix=5)
     graphs = "cuda" if DEV.type == "cuda" else "eager"
     eng = make_engine(bundle, keys, kernels="triton", graphs=graphs, max_num_seqs=4)
-    assert eng.runner.kernels == "triton" and eng.runner.fused == (family == "llama")
+    assert (
+        eng.runner.kernels == "triton"
+        and eng.runner.fused == (family == "llama")
+        and eng.runner.paged_prefill
+    )
     got = [o.token_ids for o in eng.generate(reqs)]
     assert eng.runner.graphs is not None and eng.runner.graphs.num_replays >= new - 1
     for r, toks in zip(reqs, got, strict=True):
@@ -247,6 +251,7 @@ def test_multi_token_rows_through_the_prefill_kernel_equal_the_torch_path():
     ]
     cfg = dict(max_num_batched_tokens=24, speculative_tokens=3, spec_ngram=(1, 3))
     eng = make_engine(bundle, keys, kernels="triton", **cfg)
+    assert eng.runner.paged_prefill
     ref = make_engine(bundle, keys, kernels="torch", **cfg)
     got, want = eng.generate(reqs), ref.generate(reqs)
     # how many tokens are drafted depends on when prefixes finish loading (threads); the outputs do not
@@ -306,6 +311,34 @@ def test_step_inputs_are_aligned_for_the_kernels():
             pre.meta,
         ):
             assert t.data_ptr() % 16 == 0, n_rows
+
+
+def test_a_prefill_kernel_that_cannot_start_leaves_decode_on_its_kernel(monkeypatch, caplog):
+    """Where only the prefill kernel fails its start-up launch, multi-token rows attend through torch ops and the
+    rest keeps its kernels; tokens stay transformers' own."""
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(triton_ops, "smoke_test_prefill", fail)
+    tok = make_tiny_tokenizer()
+    bundle = bundle_from_model(make_tiny_llama(tok, seed=0).to(DEV), tok, name="tiny")
+    keys, reqs = mixed_workload(bundle.spec, (8, 20), 4, 4, no_prefix=3)
+    eng = make_engine(bundle, keys, kernels="triton")
+    assert eng.runner.kernels == "triton" and eng.runner.fused and not eng.runner.paged_prefill
+    assert "Triton prefill kernel off (RuntimeError: out of resources: shared memory)" in caplog.text
+    from server.engine.model_runner import RowInput
+
+    blocks = eng.pool.allocate(2)
+    inp = eng.runner.prepare(
+        [RowInput([5], 4, 0, [], [blocks[0]], 4, True), RowInput([1, 2], 0, 0, [], [blocks[1]], 0, True)]
+    )
+    assert inp.decode is not None and inp.decode.tables is not None  # decode: the paged kernel
+    assert inp.prefill is not None and inp.prefill.tables is None and inp.prefill.mask is not None
+    eng.pool.free(blocks)
+    for r, o in zip(reqs, eng.generate(reqs), strict=True):
+        kv = keys[r.prefix] if r.prefix is not None else None
+        assert o.token_ids == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, 4), r.request_id
 
 
 def test_kernels_option_is_checked():
@@ -381,6 +414,9 @@ print(n, "compiled")
 """
 
 
+@pytest.mark.skipif(
+    DEV.type == "cuda", reason="on a GPU the kernels compile and run for real (the other tests)"
+)
 def test_kernels_compile_for_ampere_and_hopper():
     """Triton's interpreter checks what the kernels compute, not that they lower to GPU code: compile each one ahead
     of time for sm_80 (A100) and sm_90 (H100/H200) with Triton's bundled ptxas, in bf16, fp16 and fp32, at the shapes

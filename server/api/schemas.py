@@ -680,7 +680,8 @@ class ServerInfo(BaseModel):
     speculative_tokens: int
     cuda_graphs: str = Field(description="`cuda`: decode steps replayed as CUDA graphs; `off` otherwise")
     kernels: str = Field(
-        description="`triton`: paged decode attention and fused kernels in Triton; `torch` otherwise"
+        description="`triton`: paged attention (decode, and prefill where its kernel starts) and fused kernels in "
+        "Triton; `torch` otherwise"
     )
     async_decode: bool = Field(
         description="Greedy decode steps are launched from the previous step's device tokens"

@@ -187,6 +187,9 @@ class ModelRunner:
         self.graph_mode: str = "off"
         self.graphs: _DecodeGraphs | None = None
         self.kernels = "torch"
+        self.paged_prefill = (
+            False  # multi-token rows through the Triton prefill kernel (with kernels="triton")
+        )
         self.fused = False
         # the CUDA device's index (None on other devices): kernels launch on the calling thread's current device
         self.cuda_index: int | None = None
@@ -257,6 +260,18 @@ class ModelRunner:
                 raise ValueError(f"kernels='triton' cannot serve this model here: {why}")
             triton_ops.smoke_test(self.device, self.dtype, sp.num_heads, sp.num_kv_heads, sp.head_dim)
         self.kernels = kernels
+        if kernels == "triton":
+            try:
+                triton_ops.smoke_test_prefill(
+                    self.device, self.dtype, sp.num_heads, sp.num_kv_heads, sp.head_dim
+                )
+                self.paged_prefill = True
+            except Exception as e:
+                log.warning(
+                    "Triton prefill kernel off (%s: %s): multi-token rows attend through torch ops",
+                    type(e).__name__,
+                    e,
+                )
 
     def _lin(self, w: torch.Tensor, b: torch.Tensor | None = None) -> _Linear:
         return _Linear(w, b, self.packed)
@@ -439,7 +454,8 @@ class ModelRunner:
         paged = self.kernels == "triton"
         if paged and decode:
             parts.extend(self._paged_tables(decode, n_dec))
-        if paged and prefill:
+        paged_pre = paged and self.paged_prefill and bool(prefill)
+        if paged_pre:
             parts.extend(self._prefill_tables(prefill))
         views = self._upload_parts(parts)
         dec: _Group | None = None
@@ -448,7 +464,7 @@ class ModelRunner:
             dec = self._paged_group(views[4], views[5], n_dec, 1)
         elif decode:
             dec = self._group(decode, n_dec, 0, key[1] if key else None)
-        if paged and prefill:
+        if paged_pre:
             pre = self._paged_group(views[-2], views[-1], len(prefill), max(len(r.tokens) for r in prefill))
         elif prefill:
             pre = self._group(prefill, len(prefill), len(decode))

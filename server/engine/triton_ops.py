@@ -77,11 +77,21 @@ def smoke_test(
     out = paged_decode(q, kc, vc, torch.zeros(2, 1, dtype=torch.long, device=device), meta, 16, None)
     if not bool(torch.isfinite(out).all()):
         raise RuntimeError("the paged decode kernel returned non-finite values")
-    # both query-block variants of the prefill kernel: one row of 2 tokens, then one of 17
+
+
+def smoke_test_prefill(
+    device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    """`smoke_test` for the paged prefill kernel, both of its query-block variants (a row of 2 tokens, one of 17).
+    Separate: where only this kernel cannot run (its tiles want more shared memory than a GPU has, say), decode
+    keeps its kernels."""
+    kw = dict(device=device, dtype=dtype)
+    kc = torch.zeros(33, num_kv_heads, head_dim, **kw)
     for n in (2, 17):
         meta = torch.tensor([[0], [n], [0], [0], [0]], dtype=torch.long, device=device)
         tables = torch.zeros(1, 2, dtype=torch.long, device=device)
-        out = paged_prefill(torch.ones(n, hq, d, **kw), kc, vc, tables, meta, 16, None, n)
+        q = torch.ones(n, num_heads, head_dim, **kw)
+        out = paged_prefill(q, kc, torch.zeros_like(kc), tables, meta, 16, None, n)
         if not bool(torch.isfinite(out).all()):
             raise RuntimeError("the paged prefill kernel returned non-finite values")
 
