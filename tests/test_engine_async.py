@@ -349,3 +349,169 @@ def test_a_prefix_being_fetched_does_not_stop_the_chain(bundle):
         events.extend(e for e in eng.step() if e.request_id == "late")
     toks = [t for e in events for t in e.token_ids]
     assert toks == hf_greedy(bundle.hf_model, kv, late.prompt_token_ids, 6)
+
+
+def _stepped(eng) -> list[int]:
+    """Count the engine's steps (a one-element list, updated as `eng.step` runs)."""
+    n = [0]
+    step = eng.step
+
+    def counted():
+        n[0] += 1
+        return step()
+
+    eng.step = counted
+    return n
+
+
+def test_newcomers_and_prompt_chunks_join_the_chain(bundle):
+    """Requests admitted while a chain runs (three slots for ten requests), long prompts cut into chunks of an
+    8-token budget, and rows the budget left out all run in chained steps beside the rows fed device tokens: the
+    same tokens as the synchronous engine and transformers, and almost every step chained."""
+    keys, reqs = mixed_workload(bundle.spec, (8, 20), 8, 6)
+    vocab = bundle.spec.vocab_size
+    reqs += [
+        Request("long0", random_prompt(vocab, 30, 50), SamplingParams(max_tokens=5, ignore_eos=True), None),
+        Request("long1", random_prompt(vocab, 19, 51), SamplingParams(max_tokens=7, ignore_eos=True), None),
+    ]
+    for cfg in (dict(max_num_seqs=3), dict(max_num_seqs=4, max_num_batched_tokens=8)):
+        on = make_engine(bundle, keys, async_decode="on", **cfg)
+        steps = _stepped(on)
+        off = make_engine(bundle, keys, async_decode="off", **cfg)
+        got, want = on.generate(reqs), off.generate(reqs)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want], cfg
+        assert on.num_async_steps >= steps[0] - 2, (on.num_async_steps, steps[0], cfg)
+        assert on.pool.num_used == off.pool.num_used and not on.has_unfinished()
+        for r, o in zip(reqs, got, strict=True):
+            kv = keys[r.prefix] if r.prefix is not None else None
+            assert o.token_ids == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, r.sampling.max_tokens)
+
+
+def test_newcomers_that_need_the_host_break_the_chain(bundle):
+    """Requests arriving mid-chain whose tokens the host must decide (a repetition penalty, logit bias) or that
+    want prompt log-probabilities are admitted by the scheduler's own (synchronous) step, promptly; outputs and
+    logprobs equal the synchronous engine's."""
+    keys, reqs = mixed_workload(bundle.spec, (8, 20), 6, 8)
+    special = [
+        SamplingParams(max_tokens=4, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(max_tokens=5, prompt_logprobs=1, ignore_eos=True),
+        SamplingParams(max_tokens=6, logit_bias=((5, 3.0),), ignore_eos=True),
+    ]
+    reqs = [replace(r, sampling=special[i - 3]) if i >= 3 else r for i, r in enumerate(reqs)]
+    on, got = _both(bundle, keys, reqs, max_num_seqs=2)
+    assert on.num_async_steps > 0
+    plp = got[4].prompt_logprobs
+    assert plp is not None and len(plp) == len(reqs[4].prompt_token_ids)
+
+
+def test_a_newcomer_whose_prefix_fails_to_load_mid_chain_ends_alone(bundle):
+    """A request admitted while a chain runs whose prefix cannot be loaded (not in the store) ends with its error;
+    the chained rows carry on exactly."""
+    keys, reqs = mixed_workload(bundle.spec, (8,), 3, 10)
+    missing = PrefixKey("ghost", "p", 1)
+    vocab = bundle.spec.vocab_size
+    eng = make_engine(bundle, keys, async_decode="on")
+    events: list[TokenEvent] = []
+    for r in reqs:
+        eng.add_request(r, events.append)
+    for _ in range(4):
+        eng.step()
+    eng.add_request(
+        Request("ghost", random_prompt(vocab, 4, 3), SamplingParams(max_tokens=3), missing), events.append
+    )
+    while eng.has_unfinished():
+        eng.step()
+    ends = {e.request_id: e for e in events if e.finished}
+    assert ends["ghost"].finish_reason == "error" and "ghost" in (ends["ghost"].error or "")
+    want = make_engine(bundle, keys, async_decode="off").generate(reqs)
+    for r, w in zip(reqs, want, strict=True):
+        assert [t for e in events if e.request_id == r.request_id for t in e.token_ids] == w.token_ids
+    assert eng.num_async_steps >= 6
+
+
+def test_aborting_a_newcomer_whose_prompt_chunk_is_in_flight(bundle):
+    """A request admitted mid-chain is aborted while its first prompt chunk (which samples nothing) is in flight:
+    it gets nothing more, its blocks come back, and the other rows are unaffected."""
+    vocab = bundle.spec.vocab_size
+    base = [
+        Request(f"r{i}", random_prompt(vocab, 5, i), SamplingParams(max_tokens=14, ignore_eos=True))
+        for i in range(2)
+    ]
+    want = make_engine(bundle, {}, async_decode="off").generate(base)
+    eng = make_engine(bundle, {}, async_decode="on", max_num_batched_tokens=8)
+    events: list[TokenEvent] = []
+    for r in base:
+        eng.add_request(r, events.append)
+    for _ in range(3):
+        eng.step()
+    eng.add_request(
+        Request("big", random_prompt(vocab, 40, 9), SamplingParams(max_tokens=4, ignore_eos=True)),
+        events.append,
+    )
+    eng.step()  # its first chunk joins the chain
+    big = eng._seqs["big"]
+    assert big.num_cached > 0 and big.num_cached < 40 and eng._inflight is not None
+    assert big in eng._inflight.computed
+    assert eng.abort("big")
+    while eng.has_unfinished():
+        eng.step()
+    assert [e.finish_reason for e in events if e.request_id == "big"] == ["abort"]
+    for r, w in zip(base, want, strict=True):
+        assert [t for e in events if e.request_id == r.request_id for t in e.token_ids] == w.token_ids
+    assert eng.pool.num_used == 0
+
+
+def test_a_high_priority_prompt_keeps_its_share_of_a_chained_step(bundle):
+    """Chained steps are scheduled in the scheduler's order: a priority -1 prompt arriving beside seven generating
+    rows gets the token budget before them, as in synchronous mode (not one token a step after them)."""
+    vocab = bundle.spec.vocab_size
+    took = {}
+    for mode in ("off", "on"):
+        eng = make_engine(bundle, {}, async_decode=mode, max_num_batched_tokens=8, max_num_seqs=8)
+        first: dict[str, int] = {}
+        n = [0]
+
+        def cb(ev: TokenEvent, first=first, n=n) -> None:
+            if ev.token_ids:
+                first.setdefault(ev.request_id, n[0])
+
+        for i in range(7):
+            low = Request(
+                f"low{i}", random_prompt(vocab, 1, i), SamplingParams(max_tokens=80, ignore_eos=True)
+            )
+            eng.add_request(low, cb)
+        for _ in range(4):
+            eng.step()
+            n[0] += 1
+        hi = Request(
+            "H", random_prompt(vocab, 40, 99), SamplingParams(max_tokens=2, ignore_eos=True), priority=-1
+        )
+        eng.add_request(hi, cb)
+        start = n[0]
+        while "H" not in first:
+            eng.step()
+            n[0] += 1
+        took[mode] = first["H"] - start
+    assert took["on"] <= took["off"] + 2, took
+
+
+def test_a_failed_step_forgets_what_its_follow_up_registered(bundle):
+    """The device fails the step in flight after the follow-up admitted a prompt: both end with an error, and the
+    prompt blocks the follow-up registered (whose KV was never validly written) are not served to a later prompt."""
+    vocab = bundle.spec.vocab_size
+    eng = make_engine(bundle, {}, async_decode="on")
+    eng.add_request(Request("a", random_prompt(vocab, 5, 1), SamplingParams(max_tokens=20, ignore_eos=True)))
+    for _ in range(3):
+        eng.step()
+    big = random_prompt(vocab, 40, 2)
+    eng.add_request(Request("b", big, SamplingParams(max_tokens=3, ignore_eos=True)))
+
+    def boom(fl):
+        raise RuntimeError("device failed")
+
+    real, eng._read = eng._read, boom
+    events = eng.step()  # "b" joins this step's follow-up; then reading the step in flight fails
+    eng._read = real
+    assert sorted((e.request_id, e.finish_reason) for e in events) == [("a", "error"), ("b", "error")]
+    eng.generate([Request("c", big, SamplingParams(max_tokens=1, ignore_eos=True))])
+    assert eng.scheduler.cache_hit_tokens == 0

@@ -98,6 +98,9 @@ class _Inflight:
     lp_rows: list[int] = field(default_factory=list)
     lp_tops: list[int] = field(default_factory=list)
     lp_host: torch.Tensor | None = None
+    # rows the step computed without sampling (prompt chunks before the last), and its StepStats counts
+    computed: list[Sequence] = field(default_factory=list)
+    counts: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 @dataclass
@@ -290,10 +293,15 @@ class LLMEngine:
                     verified = self._verify(items, spec_logits)
             if logits.shape[0] != len(samplers):
                 raise RuntimeError(f"{logits.shape[0]} logit rows for {len(samplers)} sampling rows")
-            # deferred only when it carries every running row: a chain feeds only its own rows
-            every = len(items) == len(self.scheduler.running)
-            if self.async_decode and every and self._deferrable(items, rows, samplers):
+            computed = [it.seq for it, r in zip(items, rows, strict=True) if not r.sample]
+            # (rows only computed here continue in the chain's next step: only if they can join it)
+            if (
+                self.async_decode
+                and self._deferrable(items, rows, samplers)
+                and all(self._joinable(q) for q in computed)
+            ):
                 self._inflight = self._launch_sampling(samplers, logits, self.scheduler._fresh)
+                self._inflight.computed = computed
             # structured outputs: grammar masks on the CPU while a GPU forward may still be running
             constrained = [i for i, s in enumerate(samplers) if s.constraint is not None]
             masks = None
@@ -402,24 +410,31 @@ class LLMEngine:
     # ------------------------------------------------------------------ async decode
     @staticmethod
     def _deferrable(items: list[ScheduledItem], rows: list[RowInput], samplers: list[Sequence]) -> bool:
-        """Whether a step's tokens may stay on the device: every row samples one token from its raw logits (greedy,
-        or temperature / top-k / top-p / min-p with its generator, logprobs or not; no penalties, bias, grammar or
-        drafts), which the device decides alone."""
-        if (
-            not samplers
-            or len(samplers) != len(rows)
-            or any(r.all_logits or it.draft for it, r in zip(items, rows, strict=True))
-        ):
+        """Whether a step's tokens may stay on the device: every sampling row samples one token from its raw logits
+        (greedy, or temperature / top-k / top-p / min-p with its generator, logprobs or not; no penalties, bias,
+        grammar or drafts), which the device decides alone, and no row needs the logits of every position. Rows
+        that sample nothing (a prompt chunk before the last) may be in it: the chain's next step takes them on."""
+        if any(r.all_logits or it.draft for it, r in zip(items, rows, strict=True)):
             return False
-        for seq in samplers:
-            p = seq.req.sampling
-            if p.processed or seq.constraint is not None:
-                return False
-        return True
+        return all(LLMEngine._device_sampled(seq) for seq in samplers)
+
+    @staticmethod
+    def _device_sampled(seq: Sequence) -> bool:
+        """Whether the device alone decides the request's tokens (no penalties, bias, min_tokens or grammar)."""
+        return not seq.req.sampling.processed and seq.constraint is None
+
+    @staticmethod
+    def _joinable(seq: Sequence) -> bool:
+        """Whether a request can run in a chained step (`_follow_up`) beside rows fed device tokens: its tokens are
+        sampled on the device and it needs no logits of every position (prompt logprobs)."""
+        return LLMEngine._device_sampled(seq) and seq.prompt_logprobs is None
 
     def _launch_sampling(self, seqs: list[Sequence], logits: torch.Tensor, fresh: list[int]) -> _Inflight:
         """Tokens sampled on the device, copied to pinned host memory behind the step's kernels; the host waits
         for them only when it needs them (`_complete`), with the next step already queued."""
+        if not seqs:  # the step only computed prompt chunks: nothing to wait for
+            none = torch.empty(0, dtype=torch.long, device=logits.device)
+            return _Inflight([], none, torch.empty((3, 0), dtype=torch.long), None, list(fresh))
         cuda = logits.device.type == "cuda"
         lp_rows = [i for i, s in enumerate(seqs) if s.req.sampling.logprobs is not None]
         lp_tops = [seqs[i].req.sampling.logprobs or 0 for i in lp_rows]
@@ -444,62 +459,123 @@ class LLMEngine:
         return _Inflight(seqs, tokens, host, done, list(fresh), lp_rows, lp_tops, lp_host)
 
     def _chain_ok(self, fl: _Inflight) -> bool:
-        """A follow-up step may be launched unless the scheduler has work of its own: a running row that `fl` does
-        not carry (one its step left out: it must not wait for the chain to end), or a waiting request it could
-        admit now (a free slot, and a prefix that is resident, fetched or not yet asked for; one still being
-        fetched does not stop the chain)."""
+        """A follow-up step may be launched unless the scheduler has work the chain cannot take: a running row
+        without a token in flight, or a waiting request it could admit now (a free slot, and a prefix that is
+        resident, fetched or not yet asked for), that needs its tokens on the host (penalties, a grammar, prompt
+        logprobs: `_joinable`). The others join the follow-up; a waiting request whose prefix is still being fetched
+        does not stop the chain."""
         s = self.scheduler
         carried = {id(q) for q in fl.seqs}
-        if any(id(q) not in carried for q in s.running):
+        if any(id(q) not in carried and not self._joinable(q) for q in s.running):
             return False
         if s.waiting and len(s.running) < self.cfg.max_num_seqs:
             pc = self.prefix_cache
-            return not any(q.req.prefix is None or pc.settled(q.req.prefix) for q in s.waiting)
+            return not any(
+                not self._joinable(q) and (q.req.prefix is None or pc.settled(q.req.prefix))
+                for q in s.waiting
+            )
         return True
 
     def _follow_up(self, fl: _Inflight) -> _Inflight | None:
-        """Launch the next decode step of `fl`'s rows, fed `fl`'s tokens straight from the device. Rows whose
-        next token ends them by length are left out; a row ended by its token (end of sequence, a stop string, an
-        abort) is computed once more and its result dropped. None when a row cannot get a KV block without
-        preempting (the scheduler's next step decides)."""
-        rows: list[RowInput] = []
-        keep: list[int] = []
+        """Launch the next step of the chain (vLLM v1's async scheduling), scheduled as the scheduler's own step
+        would be: running rows in their order (priority, then age) within the token budget, then the waiting
+        requests it admits. A row with a token in flight (`fl`'s) decodes fed that token straight from the device;
+        it is left out when its next token ends it by length, and a row ended by its token (end of sequence, a stop
+        string, an abort) is computed once more and its result dropped. A running row without one runs its next
+        prompt chunk, or the token a step left it, from the host. None when a row cannot get a KV block without
+        preempting, or nothing would run (the scheduler's next step decides)."""
+        sched = self.scheduler
+        sched._fresh = []
+        in_flight = {id(q): i for i, q in enumerate(fl.seqs)}
+        keep: list[int] = []  # the carried rows, as indices into fl.seqs (and fl.tokens)
+        extra: list[tuple[Sequence, int]] = []
+        budget = self.cfg.max_num_batched_tokens
+        sched.prefixes.process()
         # a row ended by the token being delivered may still take a block here (even evicting an idle prefix or a
         # cached prompt block) that the synchronous engine would not have needed; it is freed with the row
-        for i, seq in enumerate(fl.seqs):
-            if seq.status is not SeqStatus.RUNNING:
-                continue
-            if len(seq.output) + 2 > seq.req.sampling.max_tokens:
-                continue
-            if seq.prefix_len + seq.num_tokens + 2 > self.max_model_len:
-                continue
-            if not self.scheduler._ensure_blocks(seq, 1):
+        for seq in sched._ranked():
+            if budget <= 0:
+                break
+            i = in_flight.get(id(seq))
+            if i is not None:
+                if len(seq.output) + 2 > seq.req.sampling.max_tokens:
+                    continue
+                if seq.prefix_len + seq.num_tokens + 2 > self.max_model_len:
+                    continue
+                n = 1
+            else:
+                n = sched._chunk(seq, budget)
+                if n <= 0:
+                    continue
+            if not sched._ensure_blocks(seq, n):
                 return None
-            pre = seq.prefix.blocks if seq.prefix is not None else []
+            if i is not None:
+                keep.append(i)
+            else:
+                extra.append((seq, n))
+            budget -= n
+        carried = [fl.seqs[i] for i in keep]
+        # registered once every row has its blocks (nothing to undo), before admission (a newcomer may take them)
+        for seq, n in extra:
+            sched._register(seq, seq.num_cached + n)
+        rows = [
+            RowInput(
+                [0],
+                seq.prefix_len + seq.num_cached,
+                seq.prefix_len,
+                seq.prefix.blocks if seq.prefix is not None else [],
+                seq.own_blocks,
+                seq.num_cached,
+                True,
+            )
+            for seq in carried
+        ]
+        if sched.waiting and budget > 0 and len(sched.running) < self.cfg.max_num_seqs:
+            extra += [(it.seq, it.num_tokens) for it in sched._admit(budget, only=self._joinable)]
+        if not rows and not extra:
+            return None
+        now = time.monotonic()
+        samplers = list(carried)
+        for seq, n in extra:
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+                seq.cached_prompt_tokens = seq.num_cached
+            sample = seq.num_cached + n == seq.num_tokens
             rows.append(
                 RowInput(
-                    [0],
+                    seq.tokens[seq.num_cached : seq.num_cached + n],
                     seq.prefix_len + seq.num_cached,
                     seq.prefix_len,
-                    pre,
+                    seq.prefix.blocks if seq.prefix is not None else [],
                     seq.own_blocks,
                     seq.num_cached,
-                    True,
+                    sample,
                 )
             )
-            keep.append(i)
-        if not rows:
-            return None
+            if sample:
+                samplers.append(seq)
         inp = self.runner.prepare(rows)
-        src = fl.tokens
-        if len(keep) != len(fl.seqs):
-            src = src.index_select(0, self.runner.upload(keep))
-        inp.input_ids[: len(rows)].copy_(src)
+        if carried:
+            # the carried rows come first in `rows` and, one token each, first in the step's flat tokens
+            src = fl.tokens
+            if keep != list(range(len(fl.seqs))):
+                src = src.index_select(0, self.runner.upload(keep))
+            inp.input_ids[: len(carried)].copy_(src)
         logits = self.runner.forward(inp)
-        seqs = [fl.seqs[i] for i in keep]
-        nxt = self._launch_sampling(seqs, logits, [])
-        for seq in seqs:
+        nxt = self._launch_sampling(samplers, logits, sched._fresh)
+        sched._fresh = []
+        for seq in carried:
             seq.num_cached += 1
+        for seq, n in extra:
+            seq.num_cached += n
+        nxt.computed = [seq for seq, n in extra if seq not in samplers]
+        seqs = carried + [seq for seq, _ in extra]
+        nxt.counts = (
+            len(seqs),
+            sum(n for _, n in extra if n > 1),
+            len(carried) + sum(1 for _, n in extra if n == 1),
+            len({q.req.prefix for q in seqs}),
+        )
         self.num_async_steps += 1
         return nxt
 
@@ -534,31 +610,37 @@ class LLMEngine:
                 nxt = self._follow_up(fl)
             except Exception:  # the rows carry on through the scheduler's next (synchronous) step
                 log.exception("async follow-up step failed to launch")
+                self.scheduler.rollback()
                 nxt = None
+        # requests the follow-up's admission failed (a prefix that cannot load, too large for the context)
+        events: list[TokenEvent] = [self._finish(seq, "error") for seq in self.scheduler.failed]
+        self.scheduler.failed.clear()
         try:
             host = self._read(fl)
         except Exception as e:
             # the device failed the step: its requests (and a follow-up's) end with an error
             log.exception("engine step failed")
-            self.pool.forget(fl.fresh)
-            events = []
-            for seq in fl.seqs + (nxt.seqs if nxt is not None else []):
+            # the follow-up's registered blocks too: it ran after the failure (its newcomers' KV is not valid)
+            self.pool.forget(fl.fresh + (nxt.fresh if nxt is not None else []))
+            later = nxt.seqs + nxt.computed if nxt is not None else []
+            for seq in fl.seqs + fl.computed + later:
                 if seq.status is SeqStatus.RUNNING:
                     seq.error, seq.error_type = f"engine step failed: {e}", type(e).__name__
                     events.append(self._finish(seq, "error"))
             return events
         # tracked before delivery: an event callback that raises still leaves the follow-up accounted for
         self._inflight = nxt
-        events = self._complete(fl, host)
+        events += self._complete(fl, host)
         if nxt is not None:
             # prompt cache: the blocks that the follow-up's tokens (now known) complete
             sched = self.scheduler
             sched._fresh = []
-            live = [seq for seq in nxt.seqs if seq.status is SeqStatus.RUNNING]
-            for seq in live:
-                sched._register(seq, seq.num_cached)
-            nxt.fresh, sched._fresh = sched._fresh, []
-            self._report(len(live), 0, len(live), len({s.req.prefix for s in live}), t0)
+            for seq in nxt.seqs:
+                if seq.status is SeqStatus.RUNNING:
+                    sched._register(seq, seq.num_cached)
+            nxt.fresh += sched._fresh
+            sched._fresh = []
+            self._report(*nxt.counts, t0)
         return events
 
     def _split_logits(

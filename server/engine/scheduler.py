@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from server.engine.kv_cache import KVPool
@@ -229,9 +229,10 @@ class Scheduler:
             seq.ngrams = NgramIndex(cfg.spec_min_n, cfg.spec_max_n)
         return seq.ngrams.propose(seq.tokens, k)
 
-    def _admit(self, budget: int) -> list[ScheduledItem]:
+    def _admit(self, budget: int, only: Callable[[Sequence], bool] | None = None) -> list[ScheduledItem]:
         """Admit waiting requests in `_admission_order` while the token budget, the sequence limit and free blocks
-        allow; a request whose prefix is still being fetched is passed over, the first that does not fit stops."""
+        allow; a request whose prefix is still being fetched is passed over, the first that does not fit stops.
+        `only`: requests it refuses are passed over too (the engine's async chain admits those it can defer)."""
         items: list[ScheduledItem] = []
         taken: set[int] = set()  # id() of sequences leaving the waiting queue
         counts: dict[str | None, int] = {}  # running requests per tenant, as admissions go on
@@ -247,6 +248,8 @@ class Scheduler:
         for seq in self._admission_order(counts):
             if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
                 break
+            if only is not None and not only(seq):
+                continue
             if seq.req.prefix is not None and seq.prefix is None:
                 got = self.prefixes.lookup(seq.req.prefix, count=not seq.prefix_counted)
                 seq.prefix_counted = True
