@@ -278,3 +278,22 @@ def test_async_engine_thread_on_cuda():
         ae.shutdown()
     assert got == want
     assert llm.num_async_steps > 0
+
+
+def test_a_staged_prefix_is_installed_without_a_host_sync():
+    """The prefix cache's loader threads stage a fetched prefix in pinned memory in the pool's dtype: installing it
+    (in the engine thread, maybe while a chained step runs) copies it without waiting for the device's queue."""
+    from tests.engine_utils import random_kv
+
+    bundle = _bundle("llama", torch.bfloat16)
+    eng = make_engine(bundle, {})
+    kv = random_kv(bundle.spec, 20, seed=1)
+    staged = eng.pool.stage(kv)
+    assert staged.is_pinned() and staged.dtype == torch.bfloat16
+    blocks = eng.pool.allocate(eng.pool.blocks_for(20))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eng.pool.write_prefix(blocks, staged)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(eng.pool.read(blocks, 20).cpu(), kv.to(torch.bfloat16))

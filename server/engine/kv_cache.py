@@ -149,16 +149,26 @@ class KVPool:
     def refcount(self, block: int) -> int:
         return self._refs[block]
 
+    def stage(self, kv: torch.Tensor) -> torch.Tensor:
+        """A prefix `kv[L, 2, K, P, D]` ready for `write_prefix`: for a CUDA pool, in the pool's dtype in pinned host
+        memory, so that the copy does not wait for the device's queue to drain (one from pageable memory would);
+        otherwise `kv` itself. The prefix cache's loader threads stage what they fetch, off the engine thread."""
+        if self.device.type != "cuda" or kv.device.type != "cpu":
+            return kv
+        return kv.to(dtype=self.dtype).contiguous().pin_memory()
+
     def write_prefix(self, blocks: list[int], kv: torch.Tensor) -> None:
-        """Copy a prefix `kv[L, 2, K, P, D]` into `blocks` (P slots, in order)."""
-        p = kv.shape[3]
-        slots = self.slots_of(blocks, p)
-        self.data[:, :, slots] = kv.permute(0, 1, 3, 2, 4).to(device=self.device, dtype=self.dtype)
+        """Copy a prefix `kv[L, 2, K, P, D]` into `blocks` (P slots, in order); without a host sync if `stage`d."""
+        slots = self.slots_of(blocks, kv.shape[3])
+        src = kv.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        self.data[:, :, slots] = src.permute(0, 1, 3, 2, 4)
 
     def slots_of(self, blocks: list[int], num_tokens: int) -> torch.Tensor:
         bs = self.block_size
-        idx = [b * bs + i for b in blocks for i in range(bs)][:num_tokens]
-        return torch.tensor(idx, dtype=torch.long, device=self.device)
+        idx = torch.tensor([b * bs + i for b in blocks for i in range(bs)][:num_tokens], dtype=torch.long)
+        if self.device.type == "cuda":
+            idx = idx.pin_memory()
+        return idx.to(self.device, non_blocking=True)
 
     def read(self, blocks: list[int], num_tokens: int) -> torch.Tensor:
         """The `[L, 2, K, T, D]` stored in the first `num_tokens` slots of `blocks` (tests, debugging)."""

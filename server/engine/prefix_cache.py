@@ -137,7 +137,7 @@ class PrefixCache:
         if key not in self._loading:
             if self.max_pending is not None and len(self._loading) + self._fresh() >= self.max_pending:
                 return None  # fetched once those ahead of it are in use
-            fut = self._executor.submit(self.provider.fetch, key)
+            fut = self._executor.submit(self._fetch, key)
             self._loading[key] = fut
             if self.on_loaded is not None:
                 fut.add_done_callback(lambda _f: self.on_loaded())
@@ -219,6 +219,10 @@ class PrefixCache:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- internals
+    def _fetch(self, key: PrefixKey) -> torch.Tensor:
+        """Loader thread: the provider's `kv[L, 2, K, P, D]`, staged for the pool's copy (`KVPool.stage`)."""
+        return self.pool.stage(self.provider.fetch(key))
+
     def _install(self, key: PrefixKey, kv: torch.Tensor) -> None:
         p = kv.shape[3]
         n_blocks = self.pool.blocks_for(p)
