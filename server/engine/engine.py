@@ -564,11 +564,12 @@ class LLMEngine:
         logits = self.runner.forward(inp)
         nxt = self._launch_sampling(samplers, logits, sched._fresh)
         sched._fresh = []
+        sampled = {id(q) for q in samplers}
         for seq in carried:
             seq.num_cached += 1
         for seq, n in extra:
             seq.num_cached += n
-        nxt.computed = [seq for seq, n in extra if seq not in samplers]
+        nxt.computed = [seq for seq, _ in extra if id(seq) not in sampled]
         seqs = carried + [seq for seq, _ in extra]
         nxt.counts = (
             len(seqs),
