@@ -270,13 +270,9 @@ class LLMEngine:
             end = s.num_cached + it.num_tokens - len(it.draft)
             plp = s.prompt_logprobs
             rows.append(
-                RowInput(
-                    tokens=s.tokens[s.num_cached : end] + it.draft,
-                    start_pos=s.prefix_len + s.num_cached,
-                    prefix_len=s.prefix_len,
-                    prefix_blocks=s.prefix.blocks if s.prefix is not None else [],
-                    own_blocks=s.own_blocks,
-                    own_cached=s.num_cached,
+                self._row(
+                    s,
+                    s.tokens[s.num_cached : end] + it.draft,
                     sample=end == s.num_tokens,
                     all_logits=bool(it.draft)  # a verified draft needs the logits of every position
                     or (plp is not None and len(plp) < len(s.prompt) and s.num_cached < len(s.prompt)),
@@ -368,6 +364,20 @@ class LLMEngine:
                 t0,
             )
         return events
+
+    @staticmethod
+    def _row(seq: Sequence, tokens: list[int], sample: bool, all_logits: bool = False) -> RowInput:
+        """`seq`'s row of a step: `tokens` fed from its first own token without KV (`num_cached`) on."""
+        return RowInput(
+            tokens=tokens,
+            start_pos=seq.prefix_len + seq.num_cached,
+            prefix_len=seq.prefix_len,
+            prefix_blocks=seq.prefix.blocks if seq.prefix is not None else [],
+            own_blocks=seq.own_blocks,
+            own_cached=seq.num_cached,
+            sample=sample,
+            all_logits=all_logits,
+        )
 
     def _report(self, scheduled: int, prefill: int, decode: int, prefixes: int, t0: float) -> None:
         if self.on_step is not None:
@@ -518,18 +528,7 @@ class LLMEngine:
         # registered once every row has its blocks (nothing to undo), before admission (a newcomer may take them)
         for seq, n in extra:
             sched._register(seq, seq.num_cached + n)
-        rows = [
-            RowInput(
-                [0],
-                seq.prefix_len + seq.num_cached,
-                seq.prefix_len,
-                seq.prefix.blocks if seq.prefix is not None else [],
-                seq.own_blocks,
-                seq.num_cached,
-                True,
-            )
-            for seq in carried
-        ]
+        rows = [self._row(seq, [0], sample=True) for seq in carried]  # token 0: replaced on the device
         if sched.waiting and budget > 0 and len(sched.running) < self.cfg.max_num_seqs:
             extra += [(it.seq, it.num_tokens) for it in sched._admit(budget, only=self._joinable)]
         if not rows and not extra:
@@ -541,17 +540,7 @@ class LLMEngine:
                 seq.first_scheduled = now
                 seq.cached_prompt_tokens = seq.num_cached
             sample = seq.num_cached + n == seq.num_tokens
-            rows.append(
-                RowInput(
-                    seq.tokens[seq.num_cached : seq.num_cached + n],
-                    seq.prefix_len + seq.num_cached,
-                    seq.prefix_len,
-                    seq.prefix.blocks if seq.prefix is not None else [],
-                    seq.own_blocks,
-                    seq.num_cached,
-                    sample,
-                )
-            )
+            rows.append(self._row(seq, seq.tokens[seq.num_cached : seq.num_cached + n], sample=sample))
             if sample:
                 samplers.append(seq)
         inp = self.runner.prepare(rows)
