@@ -606,3 +606,22 @@ def test_a_callback_that_raises_loses_its_request_only(tiny_llama_bundle, async_
         assert [ev.finish_reason for ev in seen[rid] if ev.finished] == ["length"]
     assert len(seen["r1"]) == 2 and not any(ev.finished for ev in seen["r1"])  # nothing after the failure
     assert eng.pool.num_used == 0 and not eng._callbacks and not eng._seqs
+
+
+def test_a_prefix_fetched_for_a_request_that_fails_admission_is_not_held_for_it(tiny_llama_bundle):
+    """A request refused at admission after its prefix was installed (prefix + prompt beyond the context) does not
+    leave that prefix counted as fetched ahead of use: other tenants' prefixes are fetched at once."""
+    b = tiny_llama_bundle
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 8 + 40 * (i == 0), i) for i in range(2)}
+    kl = list(keys)
+    eng = make_engine(b, keys, max_model_len=64, max_num_seqs=1)
+    pc = eng.prefix_cache
+    assert pc.max_pending == 1
+    too_long = Request("long", random_prompt(b.spec.vocab_size, 20, 0), SamplingParams(max_tokens=2), kl[0])
+    outs = eng.generate([too_long])
+    assert outs[0].error_type == "RequestTooLarge" and kl[0] in pc.entries
+    assert pc._fresh() == 0
+    t0 = time.monotonic()
+    ok = Request("ok", random_prompt(b.spec.vocab_size, 5, 1), SamplingParams(max_tokens=2), kl[1])
+    assert eng.generate([ok])[0].error is None
+    assert time.monotonic() - t0 < 2  # not held back for fresh_s (10 s)

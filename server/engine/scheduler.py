@@ -262,6 +262,7 @@ class Scheduler:
                 if limit is not None and got.length + len(seq.prompt) > limit:
                     why = f"prefix ({got.length}) + prompt ({len(seq.prompt)}) tokens exceed the context limit of {limit}"
                     fail(seq, why, "RequestTooLarge")
+                    got.used = True  # no longer held for this request (nor counted as a fetch ahead of use)
                     continue
                 need = len(got.blocks) + self.pool.blocks_for(len(seq.prompt) + seq.req.sampling.max_tokens)
                 if need > self.pool.num_blocks:  # could never run, however long it waited
@@ -271,6 +272,7 @@ class Scheduler:
                         f"{self.pool.num_blocks}"
                     )
                     fail(seq, why, "RequestTooLarge")
+                    got.used = True
                     continue
                 self.prefixes.acquire(got)
                 seq.prefix = got
