@@ -207,11 +207,12 @@ def test_speculative_drafts_beside_cuda_graph_steps():
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_async_decode_follow_ups_launch_without_host_sync(kernels):
+@pytest.mark.parametrize("slots", [16, 4])
+def test_async_decode_follow_ups_launch_without_host_sync(kernels, slots):
     """Async decode on CUDA: every follow-up step (prepared on the host, fed the previous step's tokens on the
     device, launched, its tokens and logprobs copied back behind it) runs under CUDA's sync debug mode "error", with
-    seeded sampled rows and logprobs rows beside greedy ones; outputs equal the synchronous engine's, and the greedy
-    rows transformers'."""
+    seeded sampled rows and logprobs rows beside greedy ones; with 4 slots for 10 requests the follow-ups also admit
+    newcomers and run their prompts. Outputs equal the synchronous engine's, and the greedy rows transformers'."""
     bundle = _bundle("llama")
     keys, reqs = _mixed(bundle)
     reqs = [
@@ -222,7 +223,7 @@ def test_async_decode_follow_ups_launch_without_host_sync(kernels):
         else r
         for i, r in enumerate(reqs)
     ]
-    eng = make_engine(bundle, keys, max_num_seqs=16, kernels=kernels)
+    eng = make_engine(bundle, keys, max_num_seqs=slots, kernels=kernels)
     assert eng.async_decode  # auto on CUDA
     eng.generate(reqs)  # captures the graphs, warms the pinned-memory cache
     follow_up = eng._follow_up
@@ -243,7 +244,7 @@ def test_async_decode_follow_ups_launch_without_host_sync(kernels):
     got = [o.token_ids for o in eng.generate([replace(r, request_id=r.request_id + "b") for r in reqs])]
     assert not failures, failures
     assert eng.num_async_steps - before >= NEW - 2
-    sync = make_engine(bundle, keys, max_num_seqs=16, kernels=kernels, async_decode="off")
+    sync = make_engine(bundle, keys, max_num_seqs=slots, kernels=kernels, async_decode="off")
     assert got == [o.token_ids for o in sync.generate(reqs)]
     for r, toks in zip(reqs, got, strict=True):
         if r.sampling.greedy:
