@@ -26,6 +26,16 @@ class OutOfBlocks(Exception):
     pass
 
 
+def upload_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host integers on `device` (int64) without a host sync: on CUDA through pinned memory, since a copy from
+    pageable memory waits for the stream to drain (which would stop the host from preparing a step while the previous
+    one runs)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class KVPool:
     """Storage: `data[L, 2, num_blocks * block_size, K, D]` (flat slots; slot = block * block_size + offset)."""
 
@@ -165,10 +175,7 @@ class KVPool:
 
     def slots_of(self, blocks: list[int], num_tokens: int) -> torch.Tensor:
         bs = self.block_size
-        idx = torch.tensor([b * bs + i for b in blocks for i in range(bs)][:num_tokens], dtype=torch.long)
-        if self.device.type == "cuda":
-            idx = idx.pin_memory()
-        return idx.to(self.device, non_blocking=True)
+        return upload_ints([b * bs + i for b in blocks for i in range(bs)][:num_tokens], self.device)
 
     def read(self, blocks: list[int], num_tokens: int) -> torch.Tensor:
         """The `[L, 2, K, T, D]` stored in the first `num_tokens` slots of `blocks` (tests, debugging)."""

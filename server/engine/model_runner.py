@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.engine import triton_ops
-from server.engine.kv_cache import KVPool
+from server.engine.kv_cache import KVPool, upload_ints
 from server.model.spec import ModelBundle
 
 _BIG = 1 << 30
@@ -495,13 +495,8 @@ class ModelRunner:
         )
 
     def upload(self, values: list[int]) -> torch.Tensor:
-        """Host integers on the device (int64) without a host sync: on CUDA through pinned memory, since a copy
-        from pageable memory waits for the stream to drain (which would stop the host from preparing a step while
-        the previous one runs)."""
-        t = torch.tensor(values, dtype=torch.long)
-        if self.device.type == "cuda":
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
+        """Host integers on the runner's device without a host sync (`kv_cache.upload_ints`)."""
+        return upload_ints(values, self.device)
 
     def _upload_parts(self, parts: list[list[int]]) -> list[torch.Tensor]:
         """Int64 lists on the device in one copy, as views. Each part starts at an even element (16 bytes): Triton

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from server.engine.kv_cache import KVPool
-from server.engine.prefix_cache import PrefixCache, PrefixLoadError
+from server.engine.prefix_cache import PrefixCache, PrefixEntry, PrefixLoadError
 from server.engine.sequence import SeqStatus, Sequence
 from server.engine.spec import NgramIndex, speculable
 
@@ -240,10 +240,14 @@ class Scheduler:
             for r in self.running:
                 counts[r.req.tenant] = counts.get(r.req.tenant, 0) + 1
 
-        def fail(seq: Sequence, error: str, error_type: str) -> None:  # reported by the engine after the step
+        def fail(seq: Sequence, error: str, error_type: str, entry: PrefixEntry | None = None) -> None:
+            """Reported by the engine after the step. `entry`: its prefix, installed for it: no longer held for
+            it (nor counted as fetched ahead of use)."""
             seq.error, seq.error_type = error, error_type
             self.failed.append(seq)
             taken.add(id(seq))
+            if entry is not None:
+                entry.used = True
 
         for seq in self._admission_order(counts):
             if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
@@ -261,8 +265,7 @@ class Scheduler:
                 limit = self.cfg.max_model_len
                 if limit is not None and got.length + len(seq.prompt) > limit:
                     why = f"prefix ({got.length}) + prompt ({len(seq.prompt)}) tokens exceed the context limit of {limit}"
-                    fail(seq, why, "RequestTooLarge")
-                    got.used = True  # no longer held for this request (nor counted as a fetch ahead of use)
+                    fail(seq, why, "RequestTooLarge", got)
                     continue
                 need = len(got.blocks) + self.pool.blocks_for(len(seq.prompt) + seq.req.sampling.max_tokens)
                 if need > self.pool.num_blocks:  # could never run, however long it waited
@@ -271,8 +274,7 @@ class Scheduler:
                         f"({seq.req.sampling.max_tokens}) need {need} KV cache blocks; the cache holds "
                         f"{self.pool.num_blocks}"
                     )
-                    fail(seq, why, "RequestTooLarge")
-                    got.used = True
+                    fail(seq, why, "RequestTooLarge", got)
                     continue
                 self.prefixes.acquire(got)
                 seq.prefix = got
