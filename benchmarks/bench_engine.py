@@ -489,7 +489,8 @@ class EngineHarness:
             extra={
                 "steps": len(self.steps),
                 "prefill_steps": len(pre),
-                # steps that ran prompt tokens (with or without decode rows), synchronous: the device's whole step
+                # steps that ran prompt tokens (with or without decode rows): a synchronous step's whole time, or
+                # for one chained by async decode the host's period between steps
                 "prefill_step_ms": ms(percentile(pre, 50)),
                 "distinct_prefixes_max": max((s.distinct_prefixes for s in self.steps), default=0),
             },
