@@ -603,3 +603,46 @@ def test_versions_put_and_deleted_under_pinned_load(srv):
     assert sum(s == 200 for _, s, _ in statuses) > 10
     assert any(s == 404 for _, s, _ in statuses)  # requests did race the deletes
     assert c.get("/health").status_code == 200
+
+
+def test_a_request_for_the_latest_runs_on_the_new_latest_if_its_version_is_pruned_first(srv, caplog):
+    """A request resolved to the latest version (v1) whose KV is fetched only after a new version (v2) was stored
+    and v1 removed (`keep_versions=1`, or a delete) runs on v2 and says so, exactly as a request pinned to v2;
+    a request pinned to v1 still gets 404, as does one whose name is gone altogether. The stale resolution is
+    put back in the metadata cache by hand: that is the state of a request resolved just before the new put."""
+    from server.api.service import ResolvedPrefix
+
+    c, svc, store = srv.client(), srv.svc, srv.store
+    key = ("umbrella", "default")
+    put_random_prefix(store, svc.bundle, *key, prefix_length=8, seed=1)
+    put_random_prefix(store, svc.bundle, *key, prefix_length=5, seed=2)
+    store.delete(*key, 1)  # never served: not resident on the device either
+
+    def resolved_before_the_put(version: int | None) -> None:
+        _, _, generation = svc.meta_cache.get(key, version)
+        svc.meta_cache.put(
+            key, ResolvedPrefix(*key, 1, 8, "raw", pinned=version is not None), generation, version
+        )
+
+    body = {"tenant_id": "umbrella", "prompt": "The quick brown fox", "ignore_eos": True}
+    want = gen(c, **body, prefix_version=2).json()
+    assert want["prefix_version"] == 2
+    resolved_before_the_put(None)
+    with caplog.at_level("INFO", logger="prefixserve.api"):
+        r = gen(c, **body)
+    assert r.status_code == 200, r.text
+    assert r.json()["prefix_version"] == 2 and r.json()["text"] == want["text"]
+    assert any("v1 is gone; running on v2" in m for m in caplog.messages), caplog.messages
+    resolved_before_the_put(None)
+    with c.stream("POST", "/generate", json={**body, "max_tokens": 12, "stream": True}) as s:
+        chunks = parse_sse(s.read().decode())
+    assert {ch["prefix_version"] for ch in chunks if isinstance(ch, dict)} == {2}
+    assert "".join(ch["text"] for ch in chunks if isinstance(ch, dict)) == want["text"]
+    # pinned to the version that is gone: the engine's 404 stands
+    resolved_before_the_put(1)
+    assert_error(gen(c, **body, prefix_version=1), 404, "prefix_not_found")
+    # the whole name gone: nothing to run on
+    store.delete(*key)
+    resolved_before_the_put(None)
+    assert_error(gen(c, **body), 404, "prefix_not_found")
+    assert c.get("/health").status_code == 200

@@ -114,6 +114,9 @@ async def generate(
     (run,) = await svc.generate_many(
         info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive, priority=priority
     )
+    prefix = (
+        run.prefix
+    )  # the version that serves it (a newer latest if the resolved one was pruned meanwhile)
     rid = "gen-" + run.req.request_id
     if body.stream:
         return EngineEventStream(run, lambda: _frames(run, rid, prefix, svc.token_text))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -48,6 +49,8 @@ from server.settings import Settings
 
 log = logging.getLogger("prefixserve.api")
 
+# a request for the latest version tries at most this many versions when each is gone before its KV is fetched
+MAX_LATEST_ATTEMPTS = 3
 ENGINE_WATCHDOG_S = 1.0  # how often a waiting request checks that the engine thread is alive
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); avoids overflow in logits / T
 
@@ -121,6 +124,7 @@ class ResolvedPrefix:
     version: int | None
     prefix_length: int
     prompt_format: str
+    pinned: bool = False  # the request named its version (else: the latest when it was resolved)
 
     @property
     def key(self) -> PrefixKey | None:
@@ -269,7 +273,55 @@ class GenerationRun:
         self._closed = False
 
     async def start(self) -> TokenEvent:
-        """Submit and wait for the first event; engine refusals and prefix load failures become APIError."""
+        """Submit and wait for the first event; engine refusals and prefix load failures become APIError.
+
+        A request for a prefix's latest version that finds it gone from the store when its KV is fetched (a new
+        version replaced it meanwhile, and `keep_versions` or a delete removed it) runs on the version that is the
+        latest now, as if it had arrived a moment later, instead of failing: it was accepted for "the latest".
+        The response reports the version that served it (`self.prefix`)."""
+        for attempt in range(1, MAX_LATEST_ATTEMPTS + 1):
+            ev = await self._submit()
+            if not (ev.finished and ev.finish_reason == "error") or attempt == MAX_LATEST_ATTEMPTS:
+                break
+            newer = await self._newer_latest(ev)
+            if newer is None:
+                break
+            log.info(
+                "request %s: prefix %s/%s v%s is gone; running on v%s, now the latest",
+                self.req.request_id,
+                newer.tenant_id,
+                newer.name,
+                self.prefix.version,
+                newer.version,
+            )
+            self.prefix = newer
+            self.info.version = newer.version
+            self.req = dataclasses.replace(self.req, request_id=uuid.uuid4().hex, prefix=newer.key)
+        self._observe(ev)
+        self.first = ev
+        if ev.finished and ev.finish_reason == "error":
+            raise self._error(ev)
+        return ev
+
+    async def _newer_latest(self, ev: TokenEvent) -> ResolvedPrefix | None:
+        """The prefix to retry a failed first event on: the name's latest version if the failure was this
+        (unpinned) version missing from the store and the latest is another version, with the same prompt format
+        (the prompt was rendered for it) and within the size limits. None: the failure stands."""
+        p = self.prefix
+        if p.pinned or p.name is None or ENGINE_ERRORS.get(ev.error_type or "", (0,))[0] != 404:
+            return None
+        self.svc.meta_cache.invalidate((p.tenant_id, p.name))
+        try:
+            newer = await self.svc.resolve(p.tenant_id, p.name)
+        except APIError:
+            return None  # gone altogether (404), or the store cannot say: the failure stands
+        if newer.version == p.version or newer.prompt_format != p.prompt_format:
+            return None
+        self.svc._check(self.info, newer, self.req.prompt_token_ids, self.req.sampling)  # 413 if it is longer
+        return newer
+
+    async def _submit(self) -> TokenEvent:
+        """Hand the request to the engine and wait for its first event."""
         settings = self.svc.settings
         self._agen = self.svc.engine.generate(self.req)
         try:
@@ -288,10 +340,6 @@ class GenerationRun:
             raise unavailable(
                 f"engine unavailable: {e}", settings.retry_after_s, code="engine_unavailable"
             ) from None
-        self._observe(ev)
-        self.first = ev
-        if ev.finished and ev.finish_reason == "error":
-            raise self._error(ev)
         return ev
 
     async def _next(self) -> TokenEvent:
@@ -663,7 +711,7 @@ class Service:
         fmt = (meta.extra or {}).get("prompt_format") or self.default_format
         if fmt not in ("chat", "raw"):
             fmt = self.default_format
-        res = ResolvedPrefix(tenant, name, meta.version, meta.prefix_length, fmt)
+        res = ResolvedPrefix(tenant, name, meta.version, meta.prefix_length, fmt, pinned=version is not None)
         self.meta_cache.put(key, res, gen, version)
         return res
 
