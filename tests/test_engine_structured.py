@@ -4,6 +4,7 @@ transformers reference whose logits are masked by llguidance directly (not throu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -458,3 +459,34 @@ def test_smollm2_answers_in_the_schema(smollm2_bundle):
         json.loads(out["free"].text)
     assert out["choice"].text == "yes"
     assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", out["date"].text), out["date"].text
+
+
+def test_min_tokens_holds_off_the_end_only_while_the_grammar_can_go_on(tiny_llama_bundle):
+    """min_tokens bans end-of-sequence while the grammar allows another token (the regex's optional `.xx` is then
+    written instead of ending), but a grammar that is complete wins: the request ends, short of min_tokens, with
+    `stop` and not an error (masking every token the grammar allows would leave nothing to sample)."""
+    b = tiny_llama_bundle
+    eos = b.tokenizer.eos_token_id
+
+    def pair(so, seed: int) -> tuple:
+        free = _req("free", b.spec, so, seed=seed)
+        held = Request("held", free.prompt_token_ids, dataclasses.replace(free.sampling, min_tokens=40))
+        return tuple(make_engine(b, {}).generate([free, held]))
+
+    ended_early = 0
+    for seed in range(6):
+        free, held = pair(REGEX, seed)
+        assert held.error is None and held.finish_reason == "stop" and len(held.token_ids) < 40
+        assert matches(REGEX, held.text) and eos not in held.token_ids
+        if free.token_ids[-1] == eos:  # free ended after the letters; held could not, so wrote ".xx"
+            ended_early += 1
+            assert held.text.startswith(free.text) and re.fullmatch(
+                r"\.[a-z]{2}", held.text[len(free.text) :]
+            )
+        else:
+            assert held.text == free.text
+    assert ended_early >= 2  # the seeds do exercise the ban
+    for so in (JSON_COMPACT, CHOICE, LARK):
+        free, held = pair(so, 3)
+        assert held.error is None and held.finish_reason == "stop" and held.text == free.text
+        assert len(held.token_ids) < 40 and matches(so, held.text)
