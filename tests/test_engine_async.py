@@ -515,3 +515,40 @@ def test_a_failed_step_forgets_what_its_follow_up_registered(bundle):
     assert sorted((e.request_id, e.finish_reason) for e in events) == [("a", "error"), ("b", "error")]
     eng.generate([Request("c", big, SamplingParams(max_tokens=1, ignore_eos=True))])
     assert eng.scheduler.cache_hit_tokens == 0
+
+
+def test_a_follow_up_that_fails_to_launch_leaves_the_prompt_cache_usable(bundle):
+    """A follow-up step that raises before it runs (a bug, not the device) is rolled back and its rows carry on
+    through the scheduler's next step: the prompt blocks it registered for a newcomer are forgotten, and the
+    newcomer registers them again when they are computed, so a later identical prompt hits the cache as if nothing
+    had failed (it used to keep dead cache nodes and lose prompt caching for the rest of its run)."""
+    vocab = bundle.spec.vocab_size
+    big = random_prompt(vocab, 40, 2)
+    hits = []
+    for fail in (False, True):
+        eng = make_engine(bundle, {}, async_decode="on")
+        eng.add_request(
+            Request("a", random_prompt(vocab, 5, 1), SamplingParams(max_tokens=20, ignore_eos=True))
+        )
+        for _ in range(3):
+            eng.step()
+        assert eng._inflight is not None
+        eng.add_request(Request("b", big, SamplingParams(max_tokens=3, ignore_eos=True)))
+        real = eng.runner.forward
+
+        def boom(inp, real=real, runner=eng.runner):
+            runner.forward = real
+            raise RuntimeError("launch bug")
+
+        if fail:
+            eng.runner.forward = boom  # the follow-up that admits "b" fails to launch
+        done = {}
+        while eng.has_unfinished():
+            for ev in eng.step():
+                if ev.finished:
+                    done[ev.request_id] = ev
+        assert eng.runner.forward == real
+        assert {k: e.finish_reason for k, e in done.items()} == {"a": "length", "b": "length"}
+        eng.generate([Request("c", big, SamplingParams(max_tokens=1, ignore_eos=True))])
+        hits.append(eng.scheduler.cache_hit_tokens)
+    assert hits == [32, 32]  # two full blocks of 16 before the prompt's last token

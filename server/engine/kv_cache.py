@@ -149,12 +149,15 @@ class KVPool:
         self._key_of[block] = key
         return node
 
-    def forget(self, blocks: Iterable[int]) -> None:
-        """Unregister `blocks` (their KV was never computed); they stay allocated to whoever holds them."""
+    def forget(self, blocks: Iterable[int]) -> set[int]:
+        """Unregister `blocks` (their KV was never computed); they stay allocated to whoever holds them. Returns
+        the node ids of the keys forgotten."""
+        nodes = set()
         for b in blocks:
             key = self._key_of.pop(b, None)
             if key is not None:
-                del self._cached[key]
+                nodes.add(self._cached.pop(key)[1])
+        return nodes
 
     def refcount(self, block: int) -> int:
         return self._refs[block]

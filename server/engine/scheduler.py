@@ -11,6 +11,7 @@ default 0): a lower one is admitted before every higher one and preempted after 
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -141,9 +142,16 @@ class Scheduler:
             self._register(seq, seq.num_cached)
 
     def rollback(self) -> None:
-        """The scheduled step failed: drop the prompt-cache entries it registered (their KV is not valid)."""
-        self.pool.forget(self._fresh)
+        """The scheduled step failed: drop the prompt-cache entries it registered (their KV is not valid). Rows
+        that carry on (an async follow-up's) lose the nodes from the first forgotten one on, so that `_register`
+        registers those blocks again once they are computed, on a live chain."""
+        dead = self.pool.forget(self._fresh)
         self._fresh = []
+        if dead:
+            for seq in itertools.chain(self.running, self.waiting):
+                cut = next((i for i, node in enumerate(seq.cache_nodes) if node in dead), None)
+                if cut is not None:
+                    del seq.cache_nodes[cut:]
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
