@@ -4,7 +4,7 @@ Optional query parameter ``prefix=<ns>`` namespaces every key and the channel (d
 query parameters go to redis-py (``socket_timeout=...``, ``password=...``). Keys (``t`` tenant, ``n`` name,
 ``v`` version; ``:`` cannot occur in names)::
 
-    <ns>:counter:<t>:<n>      INCR counter allocating versions; kept on delete, so versions are never reused
+    <ns>:counter:<t>:<n>      the last version allocated; kept on delete, so versions are never reused
     <ns>:blob:<t>:<n>:<v>     safetensors bytes of version v
     <ns>:meta:<t>:<n>:<v>     metadata JSON of version v
     <ns>:versions:<t>:<n>     sorted set of stored versions (score = version)
@@ -13,9 +13,10 @@ query parameters go to redis-py (``socket_timeout=...``, ``password=...``). Keys
     <ns>:tenants              set: tenants with at least one name
     channel <ns>:changes      JSON ChangeEvent (+ "origin") published after every put/delete
 
-A put allocates the version with INCR, then commits blob, metadata, indexes, the ``latest`` pointer (only moved
-forward, under WATCH) and the PUBLISH in one MULTI/EXEC: other clients see the whole version or nothing, and the
-change message goes out exactly when the change is visible. A delete removes every version in one WATCHed
+A put reads the counter under WATCH and commits the next version number with blob, metadata, indexes, the
+``latest`` pointer (only moved forward) and the PUBLISH in one MULTI/EXEC (retried if another writer got in first):
+other clients see the whole version or nothing, the change message goes out exactly when the change is visible,
+and numbers are dense (a failed put or an idempotent repeat takes none). A delete removes every version in one WATCHed
 MULTI/EXEC; deleting one version removes its keys and moves ``latest`` back to the highest remaining one in another
 (the name goes with its last version). Reads of a version fetch metadata and blob with one MGET (a consistent
 snapshot).
@@ -180,23 +181,29 @@ class RedisStore(PrefixStore):
                 earlier = self._put_with(self._r, t, n, idempotency_key)
                 if earlier is not None:
                     return earlier, False
-            version = int(self._r.incr(self._counter_key(t, n)))
-            meta = enc.meta(t, n, version, time.time())
-            meta_json = meta.to_json()
-            message = self._change_message(ChangeEvent("put", t, n, version))
-            latest_key = self._latest_key(t, n)
+            counter_key, latest_key = self._counter_key(t, n), self._latest_key(t, n)
             found: list[PrefixMeta] = []
+            written: list[PrefixMeta] = []
 
             def commit(pipe: redis.client.Pipeline) -> None:
                 found.clear()
+                written.clear()
                 if idempotency_key is not None:  # a concurrent one: WATCHed, so checked atomically
                     earlier = self._put_with(pipe, t, n, idempotency_key)
                     if earlier is not None:
                         found.append(earlier)
                         pipe.multi()
                         return
+                # the version number is taken in the transaction: a repeat that finds its first attempt, or a put
+                # that fails, leaves no gap in the numbering
+                version = int(pipe.get(counter_key) or 0) + 1
+                meta = enc.meta(t, n, version, time.time())
+                written.append(meta)
+                meta_json = meta.to_json()
+                message = self._change_message(ChangeEvent("put", t, n, version))
                 latest = pipe.get(latest_key)
                 pipe.multi()
+                pipe.set(counter_key, version)
                 pipe.set(self._blob_key(t, n, version), enc.blob)
                 pipe.set(self._meta_key(t, n, version), meta_json)
                 pipe.zadd(self._versions_key(t, n), {str(version): version})
@@ -206,10 +213,10 @@ class RedisStore(PrefixStore):
                     pipe.set(latest_key, version)
                 pipe.publish(self._channel, message)
 
-            self._transaction(commit, watch=(latest_key, self._versions_key(t, n)))
+            self._transaction(commit, watch=(counter_key, latest_key, self._versions_key(t, n)))
         if found:
             return found[0], False
-        return meta, True
+        return written[0], True
 
     def _resolve(self, t: str, n: str, version: int | None) -> int:
         if version is not None:

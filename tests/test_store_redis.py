@@ -261,29 +261,39 @@ def test_concurrent_puts_from_many_clients(redis_store_url):
             s.close()
 
 
-def test_slow_writer_never_moves_latest_backwards(redis_store_url):
-    """Writer A allocates v1, writer B allocates v2 and commits first; A's later commit must keep latest at 2."""
+def test_a_writer_overtaken_inside_its_transaction_takes_the_next_version(redis_store_url):
+    """Writer A reads the version counter in its transaction, writer B commits meanwhile: A's EXEC fails (the
+    counter is WATCHed) and A retries with the next number, so versions are dense, each holds its writer's tensors
+    and the latest is the last committed (no writer can commit an older number after a newer one)."""
     slow, fast = open_store(redis_store_url), open_store(redis_store_url)
-    allocated, b_done = threading.Event(), threading.Event()
+    inside, b_done = threading.Event(), threading.Event()
     original = slow._transaction
+    attempts = []
 
     def delayed_commit(fn, watch):
-        allocated.set()  # A has its version (INCR ran before the transaction)
-        assert b_done.wait(10)
-        return original(fn, watch)
+        def slow_fn(pipe):
+            out = fn(pipe)  # the counter is read and the writes queued; EXEC comes after this returns
+            attempts.append(1)
+            if len(attempts) == 1:
+                inside.set()
+                assert b_done.wait(10)
+            return out
+
+        return original(slow_fn, watch)
 
     slow._transaction = delayed_commit
     result = {}
     th = threading.Thread(target=lambda: result.setdefault("a", put(slow, fill=1.0)))
     try:
         th.start()
-        assert allocated.wait(10)
+        assert inside.wait(10)
         b = put(fast, fill=2.0)
         b_done.set()
         th.join(10)
-        assert (result["a"].version, b.version) == (1, 2)
+        assert (result["a"].version, b.version) == (2, 1) and len(attempts) == 2
         assert fast.get_meta("acme", "bot").version == 2
-        assert torch.equal(fast.get("acme", "bot").kv, make_kv(2.0))
+        assert torch.equal(fast.get("acme", "bot").kv, make_kv(1.0))
+        assert torch.equal(fast.get("acme", "bot", 1).kv, make_kv(2.0))
         assert fast.versions("acme", "bot") == [1, 2]
     finally:
         b_done.set()
