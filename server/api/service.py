@@ -286,6 +286,8 @@ class GenerationRun:
             newer = await self._newer_latest(ev)
             if newer is None:
                 break
+            if self._agen is not None:
+                await self._agen.aclose()  # its request has ended: nothing to abort
             log.info(
                 "request %s: prefix %s/%s v%s is gone; running on v%s, now the latest",
                 self.req.request_id,
