@@ -154,6 +154,10 @@ class PrefixMeta:
             raise InvalidPrefix(f"prefix metadata is not valid JSON ({e.__class__.__name__}: {e})") from None
         if isinstance(d, dict) and d.get("format", FORMAT_VERSION) != FORMAT_VERSION:
             raise InvalidPrefix(f"prefix metadata has unsupported format {d.get('format')!r}")
+        try:  # "\ud800" escapes decode to text no response can encode (stored before writes refused them)
+            json.dumps(d, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidPrefix("prefix metadata holds invalid Unicode text (a lone surrogate)") from None
         return cls.from_dict(d)
 
 
@@ -262,9 +266,13 @@ def _json_dict(value: object, what: str, allow_none: bool) -> dict | None:
     if not isinstance(value, dict):
         raise InvalidPrefix(f"{what} must be a dict, got {type(value).__name__}")
     try:
-        return json.loads(json.dumps(value, allow_nan=False))
+        # ensure_ascii=False + encode: a lone surrogate (valid in a str, not in UTF-8) is refused here, not stored to
+        # fail every response that shows it later
+        return json.loads(json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8"))
     except (TypeError, ValueError) as e:
-        raise InvalidPrefix(f"{what} must be JSON-serializable (finite numbers only): {e}") from None
+        raise InvalidPrefix(
+            f"{what} must be JSON-serializable (finite numbers, valid Unicode text only): {e}"
+        ) from None
 
 
 def check_fingerprint(meta: PrefixMeta, expected: str | None) -> None:

@@ -159,7 +159,15 @@ def test_refused_uploads_are_4xx_and_store_nothing(server_factory, tmp_path):
     header_len = int.from_bytes(good[:8], "little")
     header = json.loads(good[8 : 8 + header_len])
     meta = json.loads(header["__metadata__"]["meta"])
-    for bad_meta in ("5", json.dumps({**meta, "created": 10**400}), json.dumps({**meta, "created": "NaN"})):
+    # (extra and training are checked when stored: a NaN, or a lone surrogate that no response could encode)
+    for bad_meta in (
+        "5",
+        json.dumps({**meta, "created": 10**400}),
+        json.dumps({**meta, "created": "NaN"}),
+        json.dumps({**meta, "extra": {"x": float("nan")}}),
+        json.dumps({**meta, "extra": {"x": "\ud800"}}),
+        json.dumps({**meta, "training": {"note": ["\udfff"]}}),
+    ):
         crafted = json.dumps(
             {**header, "__metadata__": {**header["__metadata__"], "meta": bad_meta}}
         ).encode()
@@ -172,7 +180,10 @@ def test_refused_uploads_are_4xx_and_store_nothing(server_factory, tmp_path):
         cfg = json.dumps({**json.loads(config), field: value}).encode()
         err = assert_error(upload(a, "acme", "x", weights, cfg), 422, "invalid_prefix")
         assert field in err["message"]
+    cfg = json.dumps({**json.loads(config), "base_model_name_or_path": "\ud800"}).encode()
+    assert_error(upload(a, "acme", "x", weights, cfg), 422, "invalid_prefix")
     assert s.store.list("acme") == []
+    assert a.get("/prefixes").status_code == 200
     # and a good one goes through afterwards
     assert upload(a, "acme", "x", good).status_code == 201
 

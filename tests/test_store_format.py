@@ -183,6 +183,8 @@ BAD_RECORDS = {
     "embedding rank 3": dict(tensors={"kv": kv(), "embedding": torch.randn(1, 4, 16)}),
     "training not json": dict(training={"x": object()}),
     "extra nan": dict(extra={"x": float("nan")}),
+    "extra lone surrogate": dict(extra={"x": "\ud800"}),
+    "training lone surrogate key": dict(training={"\udfff": 1}),
     "extra not dict": dict(extra=["a"]),
 }
 
@@ -241,6 +243,16 @@ def test_decode_detects_metadata_disagreement():
 def test_bad_metadata_json(raw):
     with pytest.raises(errors.InvalidPrefix):
         PrefixMeta.from_json(raw)
+
+
+def test_metadata_with_a_lone_surrogate_is_refused_when_read():
+    """A record stored before writes refused them: its `\\ud800` escape decodes to text no response can encode, so
+    reading it is an InvalidPrefix (listings skip it) instead of a 500 wherever it is shown."""
+    d = enc().meta("t", "n", 1, 0.0).to_dict()
+    ok = json.dumps({**d, "extra": {"x": "\u00e9"}})
+    assert PrefixMeta.from_json(ok).extra == {"x": "\u00e9"}
+    with pytest.raises(errors.InvalidPrefix, match="surrogate"):
+        PrefixMeta.from_json(json.dumps({**d, "extra": {"x": "\ud800"}}))
 
 
 def test_metadata_field_types_checked():

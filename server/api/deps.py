@@ -37,10 +37,22 @@ def get_info(request: Request) -> RequestInfo:
     return info
 
 
-async def store_call(svc: Service, fn: Callable[..., T], *args: Any, what: str = "prefix", **kw: Any) -> T:
-    """Run a blocking store call off the event loop, mapping store errors to API errors."""
+async def store_call(
+    svc: Service,
+    fn: Callable[..., T],
+    *args: Any,
+    what: str = "prefix",
+    written_from: str | None = None,
+    **kw: Any,
+) -> T:
+    """Run a blocking store call off the event loop, mapping store errors to API errors. `written_from`: the call
+    writes what the request field of that name gave, so a record the store refuses is that field's 422."""
     try:
         out = await asyncio.to_thread(fn, *args, **kw)
+    except errors.InvalidPrefix as e:
+        if written_from is None:
+            raise APIError(422, f"stored prefix cannot be read: {e}", code="prefix_corrupt") from None
+        raise APIError(422, str(e), code="invalid_prefix", param=written_from) from None
     except errors.PrefixNotFound:
         raise APIError(404, f"{what} not found", code="prefix_not_found") from None
     except errors.InvalidName as e:

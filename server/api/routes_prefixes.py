@@ -448,10 +448,13 @@ async def _store_upload(
             param="file",
         )
     if key is None:
-        meta, created = await store_call(svc, incoming.put, svc.store, tenant_id, name), True
+        meta = await store_call(svc, incoming.put, svc.store, tenant_id, name, written_from="file")
+        created = True
     else:
         assert digest is not None
-        meta, created = await store_call(svc, incoming.put_once, svc.store, tenant_id, name, key, digest)
+        meta, created = await store_call(
+            svc, incoming.put_once, svc.store, tenant_id, name, key, digest, written_from="file"
+        )
     # a repeat too: its first attempt may have failed after storing
     svc.meta_cache.invalidate((tenant_id, name))
     return meta, created
