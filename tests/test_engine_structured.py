@@ -344,6 +344,9 @@ def test_thousands_of_choices(tiny_llama_bundle):
         (StructuredOutputs("choice", '["ok", 3]'), "non-empty list"),
         (StructuredOutputs("grammar", "start: undefined_rule"), "undefined_rule"),
         (StructuredOutputs("regex", "a\ud800"), "surrogate"),
+        # nested past the JSON parser's recursion limit (a RecursionError, once a 500)
+        (StructuredOutputs("json", "[" * 5000 + "]" * 5000), "RecursionError"),
+        (StructuredOutputs("choice", "[" * 5000 + "]" * 5000), "non-empty list"),
     ],
 )
 def test_invalid_specs_raise_grammar_error(tiny_llama_bundle, so, needle):

@@ -78,8 +78,8 @@ def _grammar_text(so: StructuredOutputs) -> str:
         else:
             try:
                 schema = json.loads(so.spec)
-            except ValueError as e:
-                raise GrammarError(f"the JSON schema is not valid JSON: {e}") from None
+            except (ValueError, RecursionError) as e:  # nested too deep for the parser: RecursionError
+                raise GrammarError(f"the JSON schema is not valid JSON: {type(e).__name__}: {e}") from None
             if not isinstance(schema, (dict, bool)):
                 raise GrammarError("a JSON schema must be an object (or true/false)")
             if schema is False:
@@ -94,7 +94,7 @@ def _grammar_text(so: StructuredOutputs) -> str:
     if so.kind == "choice":
         try:
             choices = json.loads(so.spec)
-        except ValueError:
+        except (ValueError, RecursionError):
             choices = None
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
             raise GrammarError("choice must be a non-empty list of non-empty strings")
