@@ -163,6 +163,8 @@ def test_sampling_parameters_follow_tgi(srv):
         ({"temperature": -1}, 422, None),
         ({"max_new_tokens": 10**6}, 422, "parameters.max_new_tokens"),
         ({"stop": ["x" * 10_000]}, 422, "parameters.stop"),
+        ({"stop": ["\u0000"]}, 422, None),  # the text rules of the other routes
+        ({"stop": ["\u001b"]}, 422, None),
         ({"surprise": 1}, 422, None),
         ({"grammar": {"type": "regex", "value": "("}}, 422, "parameters.grammar.value"),
         ({"grammar": {"type": "json", "value": 3}}, 422, "parameters.grammar.value"),
@@ -176,6 +178,20 @@ def test_bad_parameters_are_refused_with_the_error_body(srv, params, status, par
         assert err["param"] == param, err
         if param == "parameters.max_new_tokens":
             assert err["message"].startswith("max_new_tokens must be at most"), err
+
+
+@pytest.mark.parametrize("inputs", ["a\u0000\u001b", "a\ud800", ""])
+def test_inputs_follow_the_prompt_rules_of_the_other_routes(srv, inputs):
+    """Control characters and lone surrogates are a 422 on /tgi as on /generate and /v1 (they were generated on)."""
+    c = srv.client(KEY)
+
+    def post(path: str, body: dict):  # json.dumps escapes a lone surrogate (httpx would not encode it)
+        return c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+
+    for path in ("/tgi/generate", "/tgi/generate_stream"):
+        err = assert_error(post(path, {"inputs": inputs}), 422)
+        assert err["param"] == "inputs", err
+    assert_error(post("/generate", {"tenant_id": "acme", "prompt": inputs}), 422)
 
 
 def test_a_prompt_past_the_context_names_inputs(srv):

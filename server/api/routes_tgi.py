@@ -39,7 +39,7 @@ from server.api.errors import COMMON_ERRORS, APIError, with_tgi_error_type
 from server.api.logprobs import finite_logprob
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, all_events
 from server.api.routes_openai import parse_model
-from server.api.schemas import BASE_PREFIX, Seed
+from server.api.schemas import BASE_PREFIX, PromptText, Seed, StopText
 from server.api.service import (
     ClientDisconnected,
     GenerationRun,
@@ -92,7 +92,7 @@ class TGIParameters(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     return_full_text: bool | None = False
-    stop: list[str] = Field(default_factory=list)
+    stop: list[StopText] = Field(default_factory=list)
     seed: Seed | None = None
     temperature: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)
@@ -112,7 +112,7 @@ class TGIParameters(BaseModel):
 class TGIRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: str = Field(min_length=1)
+    inputs: PromptText
     parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: bool = False
 
