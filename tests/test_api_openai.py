@@ -382,6 +382,12 @@ def test_echo_with_completion_whole_and_streamed(oai):
     assert streamed[0] is None and streamed[1:] == pytest.approx(ch.logprobs.token_logprobs[1:], abs=1e-4)
     # echo without logprobs: text only
     assert oai.completions.create(echo=True, **kw).choices[0].logprobs is None
+    # a prefix with a chat template: the echo is the rendered prompt, the text its logprobs' tokens add up to
+    got = oai.completions.create(**{**kw, "model": "acme/chat-bot"}, echo=True, logprobs=0)
+    chat, n_prompt = got.choices[0], got.usage.prompt_tokens
+    echoed_prompt = "".join(chat.logprobs.tokens[:n_prompt])
+    assert chat.text.startswith(echoed_prompt) and chat.logprobs.text_offset[n_prompt] == len(echoed_prompt)
+    assert echoed_prompt.index("Tell me") > 0  # inside the template, after its opening
 
 
 def test_openai_logit_bias(oai):

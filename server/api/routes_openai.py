@@ -235,11 +235,12 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     plan = _Plan(prompts, max(1, max_tokens), body.logprobs, "logprobs", hide_output=max_tokens == 0)
     if body.echo:
-        plan.echo = [  # the prompt as it was used (truncated, if asked to)
+        # the prompt as it was used (truncated, if asked to; rendered in the prefix's chat template, if it has
+        # one): the text its prompt logprobs' tokens add up to
+        as_given = body.truncate_prompt_tokens is None and prefix.prompt_format == "raw"
+        plan.echo = [
             (
-                x
-                if isinstance(x, str) and body.truncate_prompt_tokens is None
-                else await svc.tokenize(_decode, tok, ids),
+                x if isinstance(x, str) and as_given else await svc.tokenize(_decode, tok, ids),
                 ids,
             )
             for x, ids in zip(items, prompts, strict=True)
