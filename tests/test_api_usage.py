@@ -208,6 +208,11 @@ def test_tokens_per_minute_charges_prompt_plus_max_tokens_and_refunds_the_rest(s
     assert_error(c.post("/v1/completions", json={**body, "n": 2}), 429, "rate_limit_exceeded")
     clock.t += 60
     assert remaining(c, "acme") == 200
+    # refused after it was charged (the engine refuses a token id past the vocabulary): its headers show the
+    # refund, not the charge
+    r = c.post("/v1/completions", json={**body, "n": 1, "prompt": [10**6]})
+    assert_error(r, 422)
+    assert r.headers["x-ratelimit-remaining-tokens"] == "200" and remaining(c, "acme") == 200
     (rep,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
     assert rep["rejected"] == 2 and rep["limits"]["tokens_per_minute"] == 200  # the two 429s
     # echo with max_tokens 0 (lm-eval's scoring): the prompt is billed, the one token run to score it is not

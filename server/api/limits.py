@@ -217,14 +217,18 @@ class RateLimiter:
             )
         return headers
 
-    async def refund(self, tenant: str, tokens: int, requests: int = 0) -> None:
+    async def refund(self, tenant: str, tokens: int, requests: int = 0) -> dict[str, str]:
         """Give back tokens a request did not use, and `requests` the server refused to start after charging them
-        (the tenant's concurrency limit, a full queue): a refusal costs the tenant nothing."""
+        (the tenant's concurrency limit, a full queue): a refusal costs the tenant nothing. Returns the
+        x-ratelimit-* headers after the refund (none for a tenant without limits)."""
         lim = self.limit(tenant)
         tokens = tokens if lim.tokens_per_minute is not None else 0
         requests = requests if lim.requests_per_minute is not None else 0
         if tokens > 0 or requests > 0:
-            await self._apply(tenant, lim, -max(requests, 0), -max(tokens, 0))
+            return self._headers(lim, await self._apply(tenant, lim, -max(requests, 0), -max(tokens, 0)))
+        if lim.tokens_per_minute is None and lim.requests_per_minute is None:
+            return {}
+        return self._headers(lim, await self._apply(tenant, lim, 0, 0))
 
     async def state(self, tenant: str) -> dict[str, Any]:
         """The tenant's limits and what is left of them now (None where unlimited)."""

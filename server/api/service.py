@@ -897,7 +897,8 @@ class Service:
                 self.usage.request(tenant, prefix.name)
             elif e.code == "queue_full":
                 self.metrics.rejected.labels("queue_full").inc()
-            await self.limiter.refund(tenant, 0, requests=1)  # refused or failed: the request costs nothing
+            # refused or failed: the request costs nothing, and its headers say so (its runs refunded their tokens)
+            info.headers.update(await self.limiter.refund(tenant, 0, requests=1))
             raise
         self.usage.request(tenant, prefix.name)
         return runs
