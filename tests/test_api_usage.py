@@ -89,6 +89,8 @@ def test_usage_per_tenant_and_prefix_matches_what_responses_reported(server_fact
     assert [d["tenant_id"] for d in g.get("/usage").json()["data"]] == ["globex"]
     assert [d["tenant_id"] for d in adm.get("/usage").json()["data"]] == ["acme", "globex"]
     assert adm.get("/usage", params={"tenant_id": "acme"}).json()["data"][0]["requests"] == 5
+    for bad in ("..", ".", "a/b", "x" * 200):  # not a tenant id: 422, not an empty report of a made-up tenant
+        assert_error(adm.get("/usage", params={"tenant_id": bad}), 422)
     assert_error(s.client().get("/usage"), 401)
 
 

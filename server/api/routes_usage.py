@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import AfterValidator
 from redis.exceptions import RedisError
 
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_service
 from server.api.errors import COMMON_ERRORS, unavailable
-from server.api.schemas import NAME_PATTERN, UsageReport
+from server.api.schemas import NAME_PATTERN, UsageReport, check_name
 from server.api.service import Service
 
 router = APIRouter(tags=["usage"])
@@ -30,7 +31,7 @@ async def tenant_usage(svc: Service, tenant: str) -> dict[str, Any]:
 )
 async def usage(
     request: Request,
-    tenant_id: str | None = Query(
+    tenant_id: Annotated[str, AfterValidator(check_name)] | None = Query(
         None, pattern=NAME_PATTERN, description="Default: the key's tenant (admin: all)"
     ),
     principal: Principal = Depends(get_principal),
