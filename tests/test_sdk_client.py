@@ -1088,3 +1088,119 @@ def test_an_error_body_that_breaks_off_is_a_connection_error_retried_streamed_or
         asyncio.run(main())
     finally:
         sock.close()
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+def test_a_delete_whose_answer_was_lost_is_not_sent_again(srv: Any) -> None:
+    """A DELETE that reached the server and timed out is raised, not repeated (the repeat would answer 404 for
+    what the first one did); one that could not connect is retried, as are 503s."""
+    deleted = {"tenant_id": "acme", "name": "faq", "object": "prefix", "deleted": True, "version": 3}
+    srv.on("DELETE", "/prefixes/acme/faq", Resp(200, deleted, delay=1.0), Resp(200, deleted))
+    with ps.Client(srv.url, timeout=0.3, max_retries=3) as c:
+        delays = no_sleep(c)
+        with pytest.raises(ps.APITimeoutError):
+            c.prefixes.delete("acme", "faq", version=3)
+        assert len(srv.calls("DELETE", "/prefixes/acme/faq")) == 1 and delays == []
+    busy = Resp(503, error_json(503, "store down", "service_unavailable_error", "store_unavailable"))
+    srv.on("DELETE", "/prefixes/acme/faq", busy, Resp(200, deleted))
+    with ps.Client(srv.url, max_retries=3) as c:
+        no_sleep(c)
+        assert c.prefixes.delete("acme", "faq", version=3).deleted
+    with ps.Client(free_closed_port(), max_retries=2) as c:  # refused before sending: safe to retry
+        delays = no_sleep(c)
+        with pytest.raises(ps.APIConnectionError):
+            c.prefixes.delete("acme", "faq")
+        assert len(delays) == 2
+
+    async def main() -> None:
+        srv.on("DELETE", "/prefixes/acme/faq", Resp(200, deleted, delay=1.0))
+        async with ps.AsyncClient(srv.url, timeout=0.3, max_retries=3) as c:
+            with pytest.raises(ps.APITimeoutError):
+                await c.prefixes.delete("acme", "faq", version=3)
+
+    before = len(srv.calls("DELETE", "/prefixes/acme/faq"))
+    asyncio.run(main())
+    assert len(srv.calls("DELETE", "/prefixes/acme/faq")) == before + 1
+
+
+def test_breaking_out_of_a_stream_closes_it_without_the_garbage_collector(srv: Any, client: Any) -> None:
+    """`for d in client.stream(...): break` and dropping the stream closes its response at once (which cancels the
+    generation on the server); it used to wait for a garbage-collector pass (the generator held its stream)."""
+    import gc
+
+    frames = [chunk(str(i)) for i in range(200)] + ["[DONE]"]
+    srv.on("POST", "/generate", Resp(200, sse=frames, frame_delay=0.01))
+    gc.disable()
+    try:
+        s = client.stream("acme", "Hi")
+        for _ in s:
+            break
+        response = s.response
+        assert response is not None and not response.is_closed
+        del s
+        assert response.is_closed
+
+        async def main() -> None:
+            async with ps.AsyncClient(srv.url) as c:
+                s = c.stream("acme", "Hi")
+                async for _ in s:
+                    break
+                response = s.response
+                assert response is not None and not response.is_closed
+                del s
+                for _ in range(20):  # the loop runs the async generator's aclose() it was handed
+                    await asyncio.sleep(0.01)
+                    if response.is_closed:
+                        break
+                assert response.is_closed
+
+        asyncio.run(main())
+    finally:
+        gc.enable()
+
+
+def test_errors_pickle_whole(srv: Any, client: Any) -> None:
+    import pickle
+
+    srv.on(
+        "GET",
+        "/prefixes/acme/missing",
+        Resp(404, error_json(404, "no", "not_found_error", "prefix_not_found", "prefix")),
+    )
+    with pytest.raises(ps.NotFound) as ei:
+        client.prefixes.get("acme", "missing")
+    back = pickle.loads(pickle.dumps(ei.value))
+    assert type(back) is ps.NotFound and str(back) == str(ei.value) and back.response is None
+    assert (back.status_code, back.code, back.param, back.message) == (
+        404,
+        "prefix_not_found",
+        "prefix",
+        "no",
+    )
+    job = ps.Job.model_validate({**JOB, "status": "failed", "error": "diverged"})
+    job._client = client
+    for err in (ps.TrainingFailed("failed", job), ps.WaitTimeout("late", job), ps.APITimeoutError("slow")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+        if hasattr(err, "job"):
+            assert back.job.job_id == job.job_id and back.job.error == "diverged"
+            with pytest.raises(RuntimeError, match="no client"):
+                back.job.refresh()
+    assert job._client is client  # pickling a job leaves the original attached
+
+
+def test_ignore_eos_is_sent_only_when_set(srv: Any, client: Any) -> None:
+    srv.on("POST", "/generate", Resp(200, GEN))
+    client.generate("acme", "Hi", ignore_eos=True)
+    client.generate("acme", "Hi")
+    first, second = srv.calls("POST", "/generate")
+    assert first.body["ignore_eos"] is True and "ignore_eos" not in second.body
+
+
+def test_a_base_url_without_a_scheme_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="http://"):
+        ps.Client("localhost:8000")
+    monkeypatch.setenv("PREFIXSERVE_BASE_URL", "127.0.0.1:8000")
+    with pytest.raises(ValueError, match="PREFIXSERVE_BASE_URL"):
+        ps.AsyncClient()
+    assert ps.Client("HTTPS://example.com/").base_url == "HTTPS://example.com"

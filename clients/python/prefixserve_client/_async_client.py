@@ -41,14 +41,25 @@ class AsyncStream:
         self._body = body
         self._headers = headers
         self._gen: AsyncIterator[StreamDelta] | None = None
-        self.response: httpx.Response | None = None
-        self.request_id: str | None = None
+        self._info = _base.StreamInfo()
 
-    async def _iterate(self) -> AsyncIterator[StreamDelta]:
-        response = await self._client._open_stream("POST", "/generate", self._body, self._headers)
+    @property
+    def response(self) -> httpx.Response | None:
+        return self._info.response
+
+    @property
+    def request_id(self) -> str | None:
+        """X-Request-ID of the response, once it started."""
+        return self._info.request_id
+
+    @staticmethod
+    async def _iterate(
+        client: AsyncClient, body: dict[str, Any], headers: dict[str, str], info: _base.StreamInfo
+    ) -> AsyncIterator[StreamDelta]:
+        response = await client._open_stream("POST", "/generate", body, headers)
         try:
-            self.response = response
-            self.request_id = response.headers.get("x-request-id")
+            info.response = response
+            info.request_id = response.headers.get("x-request-id")
             if "text/event-stream" not in response.headers.get("content-type", ""):
                 try:
                     await response.aread()
@@ -56,7 +67,7 @@ class AsyncStream:
                     raise _base.wrap_transport_error(e) from e
                 yield StreamDelta.model_validate(response.json())
                 return
-            state = _base.StreamState(self.request_id)
+            state = _base.StreamState(info.request_id)
             dec = _base.SSEDecoder()
             try:
                 async for line in response.aiter_lines():
@@ -84,7 +95,7 @@ class AsyncStream:
 
     async def __anext__(self) -> StreamDelta:
         if self._gen is None:
-            self._gen = self._iterate()
+            self._gen = self._iterate(self._client, self._body, self._headers, self._info)
         return await self._gen.__anext__()
 
     async def aclose(self) -> None:
@@ -160,7 +171,9 @@ class AsyncPrefixes:
     async def delete(self, tenant_id: str, name: str, version: int | None = None) -> DeletedPrefix:
         """Every version of the prefix, or only ``version`` (deleting the latest rolls back to the one before)."""
         params = {"version": version} if version is not None else None
-        r = await self._client._request("DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params)
+        r = await self._client._request(
+            "DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params, safe=False
+        )
         return DeletedPrefix.model_validate(r.json())
 
     async def upload(
@@ -290,7 +303,10 @@ class AsyncClient:
         ok_statuses: Sequence[int] = (),
         files: dict[str, Any] | None = None,
         data: dict[str, str] | None = None,
+        safe: bool = True,
     ) -> httpx.Response:
+        """`safe`: the request may be repeated after a failure that may have reached the server (a lost answer);
+        False for a DELETE (its repeat would answer 404 for what the first one did)."""
         max_retries = self.max_retries if retries is None else retries
         attempt = 0
         while True:
@@ -299,9 +315,10 @@ class AsyncClient:
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as e:
-                # every request is safe to send again: reads, generation, and writes with an Idempotency-Key
                 error: Exception = _base.wrap_transport_error(e)
                 cause: BaseException | None = e
+                if not _base.may_resend(e, safe):
+                    raise error from e
             else:
                 if response.status_code < 400 or response.status_code in ok_statuses:
                     return response
@@ -323,6 +340,8 @@ class AsyncClient:
             except httpx.TransportError as e:
                 error: Exception = _base.wrap_transport_error(e)
                 cause: BaseException | None = e
+                if not _base.may_resend(e, True):
+                    raise error from e
             else:
                 if response.status_code < 400:
                     return response
@@ -368,6 +387,7 @@ class AsyncClient:
         include_stop_str_in_output: bool = False,
         truncate_prompt_tokens: int | None = None,
         priority: int = 0,
+        ignore_eos: bool = False,
         request_id: str | None = None,
     ) -> Generation:
         body = _base.generate_body(
@@ -395,6 +415,7 @@ class AsyncClient:
             include_stop_str_in_output=include_stop_str_in_output,
             truncate_prompt_tokens=truncate_prompt_tokens,
             priority=priority,
+            ignore_eos=ignore_eos,
         )
         r = await self._request("POST", "/generate", json=body, request_id=request_id)
         gen = Generation.model_validate(r.json())
@@ -427,6 +448,7 @@ class AsyncClient:
         include_stop_str_in_output: bool = False,
         truncate_prompt_tokens: int | None = None,
         priority: int = 0,
+        ignore_eos: bool = False,
         request_id: str | None = None,
     ) -> AsyncStream:
         """An async iterator (not a coroutine): ``async for delta in client.stream(...)``."""
@@ -455,6 +477,7 @@ class AsyncClient:
             include_stop_str_in_output=include_stop_str_in_output,
             truncate_prompt_tokens=truncate_prompt_tokens,
             priority=priority,
+            ignore_eos=ignore_eos,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return AsyncStream(self, body, headers)

@@ -42,6 +42,9 @@ TimeoutTypes = Union[float, httpx.Timeout, None]
 
 def resolve_base_url(base_url: str | None) -> str:
     url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    if not url.lower().startswith(("http://", "https://")):  # "localhost:8000" would fail every call, retried
+        where = "base_url" if base_url else f"${BASE_URL_ENV}"
+        raise ValueError(f"{where} must start with http:// or https://, got {url!r}")
     return url.rstrip("/")
 
 
@@ -107,6 +110,7 @@ def generate_body(
     include_stop_str_in_output: bool = False,
     truncate_prompt_tokens: int | None = None,
     priority: int = 0,
+    ignore_eos: bool = False,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /generate``; optional fields are sent only when set (older servers refuse unknown
     fields)."""
@@ -153,6 +157,8 @@ def generate_body(
         body["truncate_prompt_tokens"] = truncate_prompt_tokens
     if priority:
         body["priority"] = priority
+    if ignore_eos:
+        body["ignore_eos"] = True
     return body
 
 
@@ -328,6 +334,19 @@ def retry_delay(attempt: int, error: Exception) -> float | None:
     return None
 
 
+# transport errors raised before any of the request can have reached the server
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def may_resend(error: httpx.TransportError, safe: bool) -> bool:
+    """Whether a request that failed with `error` may be sent again: one that is `safe` to repeat (reads,
+    generation, writes with an Idempotency-Key) always, another (a DELETE) only if it cannot have been sent; never a
+    URL the client cannot send to at all."""
+    if isinstance(error, httpx.UnsupportedProtocol):
+        return False
+    return safe or isinstance(error, _NOT_SENT)
+
+
 def wrap_transport_error(error: httpx.TransportError) -> APIConnectionError:
     request = None
     with contextlib.suppress(RuntimeError):
@@ -340,6 +359,15 @@ def wrap_transport_error(error: httpx.TransportError) -> APIConnectionError:
 
 # --------------------------------------------------------------------------------------------- SSE
 DONE = "[DONE]"
+
+
+class StreamInfo:
+    """What a stream's generator learns of its response. The generator holds this, never the stream object: a
+    generator referring to its own iterator makes a reference cycle, and a stream dropped after `break` would then
+    keep its connection (and its generation on the server) until the garbage collector ran."""
+
+    response: httpx.Response | None = None
+    request_id: str | None = None
 
 
 class SSEDecoder:

@@ -46,15 +46,25 @@ class Stream:
         self._body = body
         self._headers = headers
         self._gen: Iterator[StreamDelta] | None = None
-        self.response: httpx.Response | None = None
-        #: X-Request-ID of the response, once it started
-        self.request_id: str | None = None
+        self._info = _base.StreamInfo()
 
-    def _iterate(self) -> Iterator[StreamDelta]:
-        response = self._client._open_stream("POST", "/generate", self._body, self._headers)
+    @property
+    def response(self) -> httpx.Response | None:
+        return self._info.response
+
+    @property
+    def request_id(self) -> str | None:
+        """X-Request-ID of the response, once it started."""
+        return self._info.request_id
+
+    @staticmethod
+    def _iterate(
+        client: Client, body: dict[str, Any], headers: dict[str, str], info: _base.StreamInfo
+    ) -> Iterator[StreamDelta]:
+        response = client._open_stream("POST", "/generate", body, headers)
         try:
-            self.response = response
-            self.request_id = response.headers.get("x-request-id")
+            info.response = response
+            info.request_id = response.headers.get("x-request-id")
             ctype = response.headers.get("content-type", "")
             if "text/event-stream" not in ctype:  # a server that answered in one piece
                 try:
@@ -64,7 +74,7 @@ class Stream:
                 data = response.json()
                 yield StreamDelta.model_validate(data)
                 return
-            state = _base.StreamState(self.request_id)
+            state = _base.StreamState(info.request_id)
             try:
                 for event, data in _base.iter_sse_events(response.iter_lines()):
                     payload = state.handle(event, data)
@@ -83,7 +93,7 @@ class Stream:
 
     def __next__(self) -> StreamDelta:
         if self._gen is None:
-            self._gen = self._iterate()
+            self._gen = self._iterate(self._client, self._body, self._headers, self._info)
         return next(self._gen)
 
     def close(self) -> None:
@@ -171,7 +181,9 @@ class Prefixes:
     def delete(self, tenant_id: str, name: str, version: int | None = None) -> DeletedPrefix:
         """Every version of the prefix, or only ``version`` (deleting the latest rolls back to the one before)."""
         params = {"version": version} if version is not None else None
-        r = self._client._request("DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params)
+        r = self._client._request(
+            "DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params, safe=False
+        )
         return DeletedPrefix.model_validate(r.json())
 
     def upload(
@@ -303,7 +315,10 @@ class Client:
         ok_statuses: Sequence[int] = (),
         files: dict[str, Any] | None = None,
         data: dict[str, str] | None = None,
+        safe: bool = True,
     ) -> httpx.Response:
+        """`safe`: the request may be repeated after a failure that may have reached the server (a lost answer);
+        False for a DELETE (its repeat would answer 404 for what the first one did)."""
         max_retries = self.max_retries if retries is None else retries
         attempt = 0
         while True:
@@ -312,9 +327,10 @@ class Client:
             try:
                 response = self._http.send(request)
             except httpx.TransportError as e:
-                # every request is safe to send again: reads, generation, and writes with an Idempotency-Key
                 error: Exception = _base.wrap_transport_error(e)
                 cause: BaseException | None = e
+                if not _base.may_resend(e, safe):
+                    raise error from e
             else:
                 if response.status_code < 400 or response.status_code in ok_statuses:
                     return response
@@ -335,6 +351,8 @@ class Client:
             except httpx.TransportError as e:
                 error: Exception = _base.wrap_transport_error(e)
                 cause: BaseException | None = e
+                if not _base.may_resend(e, True):
+                    raise error from e
             else:
                 if response.status_code < 400:
                     return response
@@ -380,6 +398,7 @@ class Client:
         include_stop_str_in_output: bool = False,
         truncate_prompt_tokens: int | None = None,
         priority: int = 0,
+        ignore_eos: bool = False,
         request_id: str | None = None,
     ) -> Generation:
         """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model;
@@ -414,6 +433,7 @@ class Client:
             include_stop_str_in_output=include_stop_str_in_output,
             truncate_prompt_tokens=truncate_prompt_tokens,
             priority=priority,
+            ignore_eos=ignore_eos,
         )
         r = self._request("POST", "/generate", json=body, request_id=request_id)
         gen = Generation.model_validate(r.json())
@@ -446,6 +466,7 @@ class Client:
         include_stop_str_in_output: bool = False,
         truncate_prompt_tokens: int | None = None,
         priority: int = 0,
+        ignore_eos: bool = False,
         request_id: str | None = None,
     ) -> Stream:
         """Streamed ``POST /generate``: an iterator of :class:`StreamDelta` (text pieces; the last has
@@ -475,6 +496,7 @@ class Client:
             include_stop_str_in_output=include_stop_str_in_output,
             truncate_prompt_tokens=truncate_prompt_tokens,
             priority=priority,
+            ignore_eos=ignore_eos,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return Stream(self, body, headers)

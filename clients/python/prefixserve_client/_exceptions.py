@@ -41,6 +41,18 @@ __all__ = [
 class PrefixServeError(Exception):
     """Base class of every error raised by this SDK."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # picklable (a ProcessPoolExecutor worker's error reaches its parent whole), without the HTTP objects
+        state = {k: (None if k in ("request", "response") else v) for k, v in self.__dict__.items()}
+        return _restore, (type(self), self.args, state)
+
+
+def _restore(cls: type[PrefixServeError], args: tuple[Any, ...], state: dict[str, Any]) -> PrefixServeError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
 
 class APIConnectionError(PrefixServeError):
     """The server could not be reached, or the connection broke before a complete answer."""

@@ -229,6 +229,23 @@ class JobInfo(_Model):
         """The job reached a terminal status (succeeded, failed or cancelled)."""
         return self.status in TERMINAL_STATUSES
 
+    def __getstate__(self) -> dict[Any, Any]:
+        # a pickled Job leaves its client behind (an HTTP connection pool cannot be pickled)
+        state = super().__getstate__()
+        private = state.get("__pydantic_private__")
+        if private and private.get("_client") is not None:
+            state["__pydantic_private__"] = {**private, "_client": None}
+        return state
+
+    def _api(self) -> Any:
+        """The ``prefixes`` API of the job's client."""
+        client = getattr(self, "_client", None)
+        if client is None:
+            raise RuntimeError(
+                f"job {self.job_id} has no client (unpickled, or built by hand): use client.prefixes.get_job()"
+            )
+        return client.prefixes
+
     def _update(self, other: "JobInfo") -> None:
         for k in type(self).model_fields:
             setattr(self, k, getattr(other, k))
@@ -252,12 +269,12 @@ class Job(JobInfo):
 
     def refresh(self) -> "Job":
         """Fetch the job's current state into this object; returns self."""
-        self._update(self._client.prefixes.get_job(self.job_id))
+        self._update(self._api().get_job(self.job_id))
         return self
 
     def cancel(self) -> "Job":
         """Ask the server to cancel the job (no-op once it ended); returns self, updated."""
-        self._update(self._client.prefixes.cancel_job(self.job_id))
+        self._update(self._api().cancel_job(self.job_id))
         return self
 
     def wait(
@@ -293,11 +310,11 @@ class AsyncJob(JobInfo):
     _client: Any = PrivateAttr(default=None)
 
     async def refresh(self) -> "AsyncJob":
-        self._update(await self._client.prefixes.get_job(self.job_id))
+        self._update(await self._api().get_job(self.job_id))
         return self
 
     async def cancel(self) -> "AsyncJob":
-        self._update(await self._client.prefixes.cancel_job(self.job_id))
+        self._update(await self._api().cancel_job(self.job_id))
         return self
 
     async def wait(
