@@ -214,8 +214,10 @@ class DiskStore(PrefixStore):
                 _write_file_atomic(ndir / f"v{version}.safetensors", enc.blob)
                 _fsync_dir(ndir)
                 _write_file_atomic(ndir / f"v{version}.json", meta.to_json())  # the commit marker
-                _fsync_dir(ndir)
-                self._journal(ChangeEvent("put", tenant_id, name, version))
+                try:
+                    _fsync_dir(ndir)
+                finally:  # visible from the rename on: other processes hear of it even if the fsync failed
+                    self._journal(ChangeEvent("put", tenant_id, name, version))
                 return meta, True
         except OSError as e:
             raise self._unavailable(f"write prefix {label(tenant_id, name)}", e) from e

@@ -11,12 +11,16 @@ query parameters go to redis-py (``socket_timeout=...``, ``password=...``). Keys
     <ns>:latest:<t>:<n>       highest stored version
     <ns>:names:<t>            set: names of tenant t with at least one version
     <ns>:tenants              set: tenants with at least one name
+    <ns>:put:<token>          the version one put() call wrote, while the call runs: see below
     channel <ns>:changes      JSON ChangeEvent (+ "origin") published after every put/delete
 
 A put reads the counter under WATCH and commits the next version number with blob, metadata, indexes, the
 ``latest`` pointer (only moved forward) and the PUBLISH in one MULTI/EXEC (retried if another writer got in first):
 other clients see the whole version or nothing, the change message goes out exactly when the change is visible,
-and numbers are dense (a failed put or an idempotent repeat takes none). A delete removes every version in one WATCHed
+and numbers are dense (a failed put or an idempotent repeat takes none). redis-py answers a connection lost
+during EXEC with a WatchError (its reply may be lost after the write), and the transaction runs again: each put
+writes a token naming its version in the same EXEC, and a retry that finds it answers that version instead of
+writing a second one. A delete removes every version in one WATCHed
 MULTI/EXEC; deleting one version removes its keys and moves ``latest`` back to the highest remaining one in another
 (the name goes with its last version). Reads of a version fetch metadata and blob with one MGET (a consistent
 snapshot).
@@ -32,6 +36,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -51,6 +56,8 @@ log = logging.getLogger("prefix_store")
 DEFAULT_NAMESPACE = "prefixserve"
 DEFAULT_SOCKET_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 2.0
+# how long a put's token says which version it wrote: as long as the put may retry its transaction
+PUT_TOKEN_TTL_S = 3600
 _UNAVAILABLE_REPLIES = (
     "LOADING",
     "READONLY",
@@ -182,12 +189,20 @@ class RedisStore(PrefixStore):
                 if earlier is not None:
                     return earlier, False
             counter_key, latest_key = self._counter_key(t, n), self._latest_key(t, n)
+            token_key = self._key("put", uuid.uuid4().hex)
             found: list[PrefixMeta] = []
             written: list[PrefixMeta] = []
 
             def commit(pipe: redis.client.Pipeline) -> None:
                 found.clear()
                 written.clear()
+                mine = pipe.get(token_key)
+                if mine is not None:  # an earlier EXEC of this put did write, its reply was lost
+                    raw = pipe.get(self._meta_key(t, n, int(mine)))
+                    if raw is not None:
+                        written.append(PrefixMeta.from_json(raw))
+                        pipe.multi()
+                        return
                 if idempotency_key is not None:  # a concurrent one: WATCHed, so checked atomically
                     earlier = self._put_with(pipe, t, n, idempotency_key)
                     if earlier is not None:
@@ -204,6 +219,7 @@ class RedisStore(PrefixStore):
                 latest = pipe.get(latest_key)
                 pipe.multi()
                 pipe.set(counter_key, version)
+                pipe.set(token_key, version, ex=PUT_TOKEN_TTL_S)
                 pipe.set(self._blob_key(t, n, version), enc.blob)
                 pipe.set(self._meta_key(t, n, version), meta_json)
                 pipe.zadd(self._versions_key(t, n), {str(version): version})
@@ -214,6 +230,8 @@ class RedisStore(PrefixStore):
                 pipe.publish(self._channel, message)
 
             self._transaction(commit, watch=(counter_key, latest_key, self._versions_key(t, n)))
+            with contextlib.suppress(redis.RedisError):  # done with: else it expires
+                self._r.delete(token_key)
         if found:
             return found[0], False
         return written[0], True

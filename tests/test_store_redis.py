@@ -299,3 +299,30 @@ def test_a_writer_overtaken_inside_its_transaction_takes_the_next_version(redis_
         b_done.set()
         slow.close()
         fast.close()
+
+
+def test_a_put_whose_exec_reply_was_lost_writes_one_version(store, monkeypatch):
+    """redis-py answers a connection lost while watching keys (EXEC sent, its reply lost) with a WatchError, and the
+    put runs its transaction again: the token written with the version makes the retry answer that version instead
+    of writing a second one (it wrote versions 1 and 2 for one put)."""
+    import redis
+    from redis.exceptions import WatchError
+
+    real = redis.client.Pipeline.execute
+    lost: list[int] = []
+
+    def execute(self, *a, **k):
+        out = real(self, *a, **k)
+        if (
+            self.watching is False and not lost and len(out) > 3
+        ):  # the put's EXEC: it wrote, then the reply is lost
+            lost.append(1)
+            raise WatchError("A ConnectionError occurred while watching one or more keys")
+        return out
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    meta = put(store, fill=3.0)
+    assert lost == [1]
+    assert meta.version == 1 and store.versions("acme", "bot") == [1]
+    assert torch.equal(store.get("acme", "bot").kv, make_kv(3.0))
+    assert put(store, fill=4.0).version == 2  # the next put is a put of its own

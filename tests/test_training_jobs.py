@@ -125,7 +125,9 @@ def test_lifecycle_prefix_visible_only_after_success(managers, store, tiny_llama
     assert done.prefix_version == meta.version == 1
     assert meta.kind == method and meta.prefix_length == 3
     assert meta.base_model_fingerprint == tiny_llama_bundle.fingerprint
-    assert meta.extra == {"prompt_format": "chat"}
+    # stored once per job: under the job's own Idempotency-Key
+    key = {"key": f"training job {rec.job_id}", "digest": rec.job_id}
+    assert meta.extra == {"prompt_format": "chat", "idempotency": key}
     assert meta.training["job_id"] == rec.job_id and meta.training["steps"] == 160
     assert done.summary["final_loss"] == meta.training["final_loss"]
     kv = store.get("acme", "bot", expected_fingerprint=tiny_llama_bundle.fingerprint).tensors["kv"]
@@ -147,15 +149,81 @@ def test_failure_is_recorded_and_writes_nothing(managers, store, monkeypatch):
 
 
 def test_store_failure_fails_the_job(managers, store, monkeypatch):
+    """Puts that keep failing (retried, backing off) fail the job once the store says nothing was stored."""
+    tries = []
+
     def down(*a, **k):
+        tries.append(1)
         raise StoreUnavailable("prefix store down")
 
-    monkeypatch.setattr(store, "put", down)
+    monkeypatch.setattr(store, "put_once", down)
+    monkeypatch.setattr(jobs_mod.time, "sleep", lambda s: None)
     jm = managers(in_process_workers=1)
     jm.start()
     rec = jm.submit(request_(epochs=1))
     done = wait_status(jm, rec.job_id, ("succeeded", "failed"))
     assert done.status == "failed" and "prefix store down" in done.error
+    assert len(tries) == jobs_mod.TRANSIENT_ATTEMPTS and store.list() == []
+
+
+def test_a_put_that_stored_but_answered_an_error_succeeds_with_one_version(managers, store, monkeypatch):
+    """The store wrote the version and the answer was lost (a Redis EXEC whose reply timed out, a directory fsync
+    that failed after the rename): the job's retry of its put finds that version by the job's key and the job
+    succeeds with it, never failed beside a visible prefix, nor stored twice. A passing error while checking the
+    job's owner after training is waited out too (it failed the job)."""
+    real_put, real_owns = store.put_once, None
+    calls = []
+
+    def lost_answer(*a, **k):
+        calls.append(real_put(*a, **k)[1])
+        if len(calls) == 1:
+            raise StoreUnavailable("timeout reading the reply")
+        return store.get_meta(a[0], a[1]), calls[-1]
+
+    jm = managers(in_process_workers=1)
+    real_owns, blips = jm.backend.owns, []
+
+    def owns_once_down(claim):
+        if not blips:
+            blips.append(1)
+            raise StoreUnavailable("job queue: connection reset")
+        return real_owns(claim)
+
+    monkeypatch.setattr(store, "put_once", lost_answer)
+    monkeypatch.setattr(jm.backend, "owns", owns_once_down)
+    monkeypatch.setattr(jobs_mod.time, "sleep", lambda s: None)
+    jm.start()
+    rec = jm.submit(request_(epochs=1))
+    done = wait_status(jm, rec.job_id, ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert calls == [True, False] and blips == [1]  # stored once, then found by its key
+    assert done.prefix_version == 1 and store.versions("acme", "bot") == [1]
+
+
+def test_a_put_whose_outcome_cannot_be_known_leaves_the_job_running(managers, store, monkeypatch):
+    """The store stays down through the put's retries and the look that would tell whether it was stored: the job
+    is neither failed nor succeeded but left running, to be settled once stale."""
+    jm = managers(in_process_workers=1, stale_after_s=600)
+    real_versions, puts = store.versions, []
+
+    def put_down(*a, **k):
+        puts.append(1)
+        raise StoreUnavailable("prefix store down")
+
+    def versions(*a, **k):  # up at the start of the run, down from its put on
+        if puts:
+            raise StoreUnavailable("prefix store down")
+        return real_versions(*a, **k)
+
+    monkeypatch.setattr(store, "put_once", put_down)
+    monkeypatch.setattr(store, "versions", versions)
+    monkeypatch.setattr(jobs_mod.time, "sleep", lambda s: None)
+    jm.start()
+    rec = jm.submit(request_(epochs=1))
+    wait_for(lambda: puts and not jm._running, what="the run to give up")
+    assert len(puts) == jobs_mod.TRANSIENT_ATTEMPTS
+    job = jm.get(rec.job_id)
+    assert job.status == "running" and job.attempts == 1, job.error
 
 
 def test_a_failure_to_record_success_after_storing_does_not_fail_the_job(managers, store, monkeypatch):
@@ -511,6 +579,28 @@ def test_dead_worker_job_fails_with_reason_after_max_attempts(managers, store):
     assert api.submit(request_(name="next")).status == "queued"
 
 
+@pytest.mark.parametrize("ending", ["cancel", "last attempt"])
+def test_a_dead_worker_that_stored_its_prefix_ends_its_job_succeeded(managers, store, ending):
+    """The worker stored the job's prefix and died before recording it; then the job is cancelled, or that was
+    its last attempt. Whoever ends it finds the version by the job id and records `succeeded` with it: it used to
+    end `cancelled` or `failed` while its prefix was visible."""
+    api = managers(max_attempts=1)
+    rec = api.submit(request_(epochs=1))
+    ghost = _ghost_claim(api)
+    kv = {"kv": torch.zeros(2, 2, 2, 3, 16)}
+    stored = store.put("acme", "bot", "prompt_tuning", kv, base_model_fingerprint="x", prefix_length=3,
+                       training={"job_id": rec.job_id, "steps": 4, "total_steps": 4, "epochs": 1})  # fmt: skip
+    if ending == "cancel":
+        assert api.cancel(rec.job_id).status == "running"  # asked of a running job: its worker would stop
+    _kill_ghost(api, ghost)
+    worker = managers(in_process_workers=1, max_attempts=1)
+    worker.start()
+    done = wait_status(api, rec.job_id, ("succeeded", "failed", "cancelled"), timeout=60)
+    assert done.status == "succeeded", (done.status, done.error)
+    assert done.prefix_version == stored.version and done.error is None and done.progress["step"] == 4
+    assert store.versions("acme", "bot") == [stored.version]
+
+
 def test_ghost_cannot_overwrite_the_outcome(managers, store):
     """A worker presumed dead that comes back cannot record anything for the job it lost."""
     from server.training.backend_disk import LostClaim as DiskLost
@@ -714,7 +804,7 @@ def test_serving_unaffected_while_a_propagation_job_trains(managers, tiny_llama_
     rec = jm.submit(request_(method="prefix_propagation", epochs=100))
     wait_for(lambda: jm.get(rec.job_id).progress["step"] > 0, what="training running")
     during = [gen() for _ in range(3)]
-    assert jm.get(rec.job_id).status == "running"
+    assert jm.get(rec.job_id).status == "running", jm.get(rec.job_id).error
     jm.cancel(rec.job_id)
     assert all(d == before for d in during)
 

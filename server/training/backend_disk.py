@@ -29,12 +29,20 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefix_store.errors import StoreUnavailable
-from server.training.records import ACTIVE, IDEMPOTENCY_TTL_S, JobRecord, TooManyJobs, idempotency_slot
+from prefix_store.errors import StoreError, StoreUnavailable
+from server.training.records import (
+    ACTIVE,
+    IDEMPOTENCY_TTL_S,
+    JobRecord,
+    TooManyJobs,
+    found_stored,
+    idempotency_slot,
+)
 
 log = logging.getLogger("prefixserve.training.jobs")
 
@@ -96,6 +104,8 @@ class DiskJobBackend:
         self.max_attempts = max_attempts
         self.stale_after_s = stale_after_s
         self.retention_s = retention_s
+        # set by the JobManager: the prefix version a job stored, if any (None: none; may raise: the store is down)
+        self.stored_version: Callable[[JobRecord], Any] | None = None
         self._dirs = {
             n: self.root / n
             for n in ("records", "examples", "locks", "queue", "running", "active", "cancel", "idempotency")
@@ -438,6 +448,7 @@ class DiskJobBackend:
                     and rec.status == "running"
                     and rec.heartbeat is not None
                     and time.time() - rec.heartbeat > self.stale_after_s
+                    and not self._found_stored(rec)
                 ):
                     rec.status, rec.finished = "failed", time.time()
                     rec.error = (
@@ -448,6 +459,8 @@ class DiskJobBackend:
                     self._end(rec)
                     touched.append(job_id)
                     log.warning("job %s: %s", job_id, rec.error)
+                elif rec is not None and rec.status == "succeeded":
+                    touched.append(job_id)
                 continue
             try:
                 rec = self._read(job_id)
@@ -460,8 +473,35 @@ class DiskJobBackend:
                 self._unlock(fd)
         return touched
 
+    def _found_stored(self, rec: JobRecord) -> bool:
+        """End a running job whose worker is gone or hung as succeeded if a run of it stored its prefix (a cancel
+        or its last attempt must not end it as cancelled or failed while its prefix is visible). True if it was
+        ended so, or if the store cannot say now (the job is left as it is, for a later pass)."""
+        if self.stored_version is None:
+            return False
+        try:
+            meta = self.stored_version(rec)
+        except StoreError as e:
+            log.warning(
+                "job %s: cannot tell whether it stored its prefix (%s); left for later", rec.job_id, e
+            )
+            return True
+        if meta is None:
+            return False
+        for k, v in found_stored(rec, meta.version, meta.training).items():
+            setattr(rec, k, v)
+        self._write(rec)
+        self._end(rec)
+        log.warning("job %s: its worker %s stored version %d before it went away; succeeded", rec.job_id,
+                    rec.worker, meta.version)  # fmt: skip
+        return True
+
     def _recover(self, rec: JobRecord) -> None:
         dead = rec.worker
+        if (self._cancel(rec.job_id).exists() or rec.attempts >= self.max_attempts) and self._found_stored(
+            rec
+        ):
+            return
         if self._cancel(rec.job_id).exists():
             rec.status, rec.finished, rec.cancel_requested = "cancelled", time.time(), True
             rec.error = f"cancelled; its worker {dead} died"

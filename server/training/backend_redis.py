@@ -25,13 +25,14 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import redis
 
-from prefix_store.errors import StoreUnavailable
-from server.training.records import IDEMPOTENCY_TTL_S, JobRecord, TooManyJobs, idempotency_slot
+from prefix_store.errors import StoreError, StoreUnavailable
+from server.training.records import IDEMPOTENCY_TTL_S, JobRecord, TooManyJobs, found_stored, idempotency_slot
 
 log = logging.getLogger("prefixserve.training.jobs")
 
@@ -175,6 +176,8 @@ class RedisJobBackend:
         self.max_attempts = max_attempts
         self.stale_after_s = stale_after_s
         self.retention_s = retention_s
+        # set by the JobManager: the prefix version a job stored, if any (None: none; may raise: the store is down)
+        self.stored_version: Callable[[JobRecord], Any] | None = None
         self._r = redis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
         )
@@ -392,7 +395,20 @@ class RedisJobBackend:
         if what in ("cancel_requested", "exhausted"):
             rec = self._read(job_id)
             if rec is not None:
-                if what == "cancel_requested":
+                try:  # a run that stored its prefix before its worker went away: the job succeeded
+                    stored = (
+                        self.stored_version(rec) if self.stored_version is not None and rec.worker else None
+                    )
+                except StoreError as e:  # left pending: taken up again once idle
+                    log.warning(
+                        "job %s: cannot tell whether it stored its prefix (%s); left for later", job_id, e
+                    )
+                    return None
+                if stored is not None:
+                    vals = found_stored(rec, stored.version, stored.training)
+                    log.warning("job %s: its worker %s stored version %d before it went away; succeeded", job_id,
+                                rec.worker, stored.version)  # fmt: skip
+                elif what == "cancel_requested":
                     vals = {"status": "cancelled", "finished": time.time(), "cancel_requested": True,
                             "error": f"cancelled; its worker {rec.worker} went away" if rec.worker else
                             "cancelled before it started"}  # fmt: skip
@@ -438,7 +454,8 @@ class RedisJobBackend:
         return int(res) == 1
 
     def owns(self, claim: RedisClaim) -> bool:
-        rec = self._read(claim.record.job_id)
+        with self._errors("read the job"):
+            rec = self._read(claim.record.job_id)
         return rec is not None and rec.status == "running" and rec.worker == claim.worker_id
 
     def finish(self, claim: RedisClaim, status: str, **fields_: Any) -> JobRecord:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
 from prefix_store.format import PrefixMeta
 from prefix_store.names import is_valid_name
 from server.prefixes import TRAINED_KEYS
@@ -49,6 +49,7 @@ from server.training.records import (
     JobNotFound,
     JobRecord,
     TooManyJobs,
+    final_progress,
     new_job_id,
     request_digest,
 )
@@ -63,6 +64,21 @@ class _Shutdown(Exception):
 
 class _Lost(Exception):
     """Another worker took the job over (we were presumed dead)."""
+
+
+class _Undecided(Exception):
+    """The store could not say whether the trained prefix was stored: the job is left running, to be picked up
+    once stale by a run (or the reclaimer) that asks the store again (`JobManager._stored_by`)."""
+
+
+# how often a store or job-backend call after training is tried before the run gives up on it
+TRANSIENT_ATTEMPTS = 5
+
+
+def _idempotency_key(job_id: str) -> str:
+    """The Idempotency-Key a job stores its prefix under: at most one version per job, however often the put is
+    retried or the job re-run (spaces: never an HTTP Idempotency-Key, so no upload can collide with it)."""
+    return f"training job {job_id}"
 
 
 # ------------------------------------------------------------------------------------------------ backends
@@ -100,11 +116,6 @@ def open_backend(location: str, *, max_attempts: int, stale_after_s: float, rete
     return DiskJobBackend(
         path, max_attempts=max_attempts, stale_after_s=stale_after_s, retention_s=retention_s
     )
-
-
-def _final_progress(progress: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    return {**progress, "step": summary.get("steps"), "total_steps": summary.get("total_steps"),
-            "loss": summary.get("last_step_loss"), "epoch": summary.get("epochs")}  # fmt: skip
 
 
 def _is_lost(e: BaseException) -> bool:
@@ -156,6 +167,8 @@ class JobManager:
         self.backend = open_backend(
             self.location, max_attempts=max_attempts, stale_after_s=stale_after_s, retention_s=retention_s
         )
+        # a dead worker's job is ended as cancelled or failed only if it did not store its prefix first
+        self.backend.stored_version = self._stored_by
         # host and pid say where it runs; the random part keeps two workers apart even when those are the same
         # (pods of one Deployment differ only at the end of a long name, and all run as pid 1)
         self.worker_name = worker_name or f"{os.uname().nodename[-40:]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -459,12 +472,15 @@ class JobManager:
         hp = dict(rec.hyperparameters)
         try:
             # an earlier run stored the prefix and died before recording that: record it, no second version
-            stored = self._stored_by(rec)
+            try:
+                stored = self._transient("look for the job's prefix", self._stored_by, rec)
+            except StoreUnavailable as e:
+                raise _Undecided(str(e)) from e
             if stored is not None:
                 halt()
                 summary = dict(stored.training or {})
                 log.info("job %s: found its prefix already stored as version %d", rec.job_id, stored.version)
-                self._record_success(claim, stored.version, summary, _final_progress(progress, summary))
+                self._record_success(claim, stored.version, summary, final_progress(progress, summary))
                 return
             init = None
             if (
@@ -486,26 +502,44 @@ class JobManager:
                 if cancel_ev.is_set():
                     raise
                 raise _Shutdown() from None
-            if lost_ev.is_set() or not self.backend.owns(claim):
+            # the trained prefix is in memory: a backend or store blip from here on is waited out, not a failure
+            if lost_ev.is_set() or not self._transient("check the job's owner", self.backend.owns, claim):
                 raise _Lost()
-            if cancel_ev.is_set() or self.backend.cancel_requested(claim):
+            if cancel_ev.is_set() or self._transient(
+                "read the cancel flag", self.backend.cancel_requested, claim
+            ):
                 raise TrainingCancelled("cancelled after the last step")
             summary = dict(result.summary)
             summary["job_id"] = rec.job_id
             if rec.init_from is not None:
                 summary["init_from"] = dict(rec.init_from)
-            meta = self.store.put(
-                rec.tenant_id,
-                rec.name,
-                rec.method,
-                result.tensors,
-                base_model_fingerprint=self.bundle.fingerprint,
-                prefix_length=rec.prefix_length,
-                training=summary,
-                extra={"prompt_format": result.prompt_format},
-            )
+            try:
+                # put_once: a put whose answer was lost (stored, then an error) is retried without a second version
+                meta, _ = self._transient(
+                    "store the prefix",
+                    lambda: self.store.put_once(
+                        rec.tenant_id,
+                        rec.name,
+                        rec.method,
+                        result.tensors,
+                        idempotency_key=_idempotency_key(rec.job_id),
+                        digest=rec.job_id,
+                        base_model_fingerprint=self.bundle.fingerprint,
+                        prefix_length=rec.prefix_length,
+                        training=summary,
+                        extra={"prompt_format": result.prompt_format},
+                    ),
+                )
+            except StoreUnavailable as e:  # it may have been stored all the same (an answer lost): look
+                try:
+                    stored = self._stored_by(rec)
+                except StoreError:
+                    raise _Undecided(str(e)) from e
+                if stored is None:
+                    raise  # not stored: the job fails, saying why
+                meta = stored
             halt()
-            self._record_success(claim, meta.version, summary, _final_progress(progress, summary))
+            self._record_success(claim, meta.version, summary, final_progress(progress, summary))
         except TrainingCancelled:
             halt()
             self._finish(claim, "cancelled", error="cancelled by request", progress=dict(progress))
@@ -519,6 +553,12 @@ class JobManager:
             log.warning("job %s was taken over by another worker; dropping this run", rec.job_id)
             with contextlib.suppress(Exception):
                 self.backend.release(claim)
+        except _Undecided as e:
+            halt()
+            log.error("job %s: the prefix store cannot say whether the job stored its prefix (%s); left running, to "
+                      "be settled once stale", rec.job_id, e)  # fmt: skip
+            with contextlib.suppress(Exception):
+                self.backend.release(claim)
         except (TrainingValidationError, TrainingDiverged, StoreError, ValueError) as e:
             halt()
             self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
@@ -526,6 +566,20 @@ class JobManager:
             log.error("job %s failed:\n%s", rec.job_id, traceback.format_exc())
             halt()
             self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
+
+    @staticmethod
+    def _transient(what: str, fn: Any, *args: Any) -> Any:
+        """`fn(*args)`, tried again (backing off 0.5 s, 1 s, 2 s, 4 s) while it raises StoreUnavailable; the last
+        one is raised."""
+        for attempt in range(TRANSIENT_ATTEMPTS):
+            try:
+                return fn(*args)
+            except StoreUnavailable as e:
+                if attempt == TRANSIENT_ATTEMPTS - 1:
+                    raise
+                log.warning("could not %s (attempt %d): %s", what, attempt + 1, e)
+                time.sleep(min(8.0, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _stored_by(self, rec: JobRecord) -> PrefixMeta | None:
         """The version this job already stored, if any: a run that died (or could not record its success) after

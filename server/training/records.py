@@ -105,3 +105,17 @@ class JobRecord:
     @classmethod
     def from_json(cls, text: str | bytes) -> JobRecord:
         return cls.from_dict(json.loads(text))
+
+
+def final_progress(progress: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """A succeeded job's progress: its last step, from the training summary."""
+    return {**progress, "step": summary.get("steps"), "total_steps": summary.get("total_steps"),
+            "loss": summary.get("last_step_loss"), "epoch": summary.get("epochs")}  # fmt: skip
+
+
+def found_stored(rec: JobRecord, version: int, training: dict[str, Any] | None) -> dict[str, Any]:
+    """The fields that end a job as succeeded with `version`, which a run of it stored before its worker died (or
+    before it could record that): its prefix is visible, so the job succeeded, whatever else was asked since."""
+    summary = dict(training or {})
+    return {"status": "succeeded", "finished": time.time(), "prefix_version": version, "summary": summary,
+            "error": None, "progress": final_progress(rec.progress, summary)}  # fmt: skip
