@@ -203,6 +203,13 @@ def test_openai_unsupported_parameters_are_rejected(srv):
     assert "vocabulary" in out_of_vocab["message"]
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": msgs}), 400)
+    too_many = {
+        "model": "acme",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_completion_tokens": 10**6,
+    }
+    err = assert_error(c.post("/v1/chat/completions", json=too_many), 422, "max_tokens_too_large")
+    assert err["param"] == "max_completion_tokens" and err["message"].startswith("max_completion_tokens")
     assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": []}), 422)
     assert_error(
         c.post(

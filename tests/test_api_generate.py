@@ -446,6 +446,14 @@ def test_tokenize_counts_what_generate_feeds_and_detokenize_round_trips(srv):
     msgs = [{"role": "user", "content": "hi there"}]
     chat = c.post("/tokenize", json={"tenant_id": "acme", "prefix": "base", "messages": msgs}).json()
     assert chat["prompt_format"] == "chat" and chat["prefix_length"] == 0 and chat["count"] > 2
+    # text content parts are joined by newlines (vLLM's rule), not run together
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}]
+    joined = [{"role": "user", "content": "hi\nthere"}]
+    as_parts, as_text = (
+        c.post("/tokenize", json={"tenant_id": "acme", "prefix": "base", "messages": m}).json()["tokens"]
+        for m in (parts, joined)
+    )
+    assert as_parts == as_text != chat["tokens"]
     raw = c.post(
         "/tokenize", json={"tenant_id": "acme", "prefix": "default", "prompt": "Once upon a time"}
     ).json()

@@ -101,6 +101,16 @@ def test_models_and_errors(oai):
     models = oai.models.list().data
     assert sorted(m.id for m in models) == ["acme/base", "acme/chat-bot", "acme/default"]
     assert {m.max_model_len for m in models} == {512}  # vLLM's field: what the server was started with
+    # retrieve takes every id the generation routes take, and names an unknown one as they do
+    assert oai.models.retrieve("acme").id == "acme/default"
+    assert oai.models.retrieve("acme/chat-bot").id == "acme/chat-bot"
+    pinned = oai.models.retrieve("acme/default@1")
+    assert pinned.id == "acme/default@1" and pinned.prefix_version == 1
+    assert oai.models.retrieve("acme/base").id == "acme/base"
+    for unknown in ("acme/nothing", "acme/default@9", "globex/default", "acme/x/y", "acme@0"):
+        with pytest.raises(openai.NotFoundError) as e:
+            oai.models.retrieve(unknown)
+        assert e.value.body["code"] == "model_not_found", unknown
     with pytest.raises(openai.NotFoundError) as e:
         oai.completions.create(model="globex/default", prompt="x", max_tokens=2)
     assert e.value.body["code"] == "model_not_found"

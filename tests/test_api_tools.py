@@ -229,6 +229,63 @@ def test_auto_streams_each_hermes_call_when_its_block_closes(oai):
     assert rebuilt.message.content == "Checking. and then  ok"
 
 
+def test_auto_keeps_one_call_without_parallel_calls_and_says_length_when_cut_short(oai):
+    """`parallel_tool_calls: false` keeps only the first call the model wrote, streamed or not (it returned both);
+    an output cut short by max_tokens inside a call ends "length", not "tool_calls" (OpenAI's rule)."""
+    one = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}</tool_call>'
+    two = '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
+    escaped = "".join("\\" + ch if ch in "{}.[]()" else ch for ch in one + two)
+    kw = dict(model="acme/default", messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=400)
+    kw["extra_body"] = {"structured_outputs": {"regex": escaped}}
+    full = oai.chat.completions.create(**kw)
+    assert [c.function.name for c in full.choices[0].message.tool_calls] == ["get_weather", "get_time"]
+    first = oai.chat.completions.create(parallel_tool_calls=False, **kw).choices[0]
+    assert [c.function.name for c in first.message.tool_calls] == ["get_weather"]
+    assert first.finish_reason == "tool_calls"
+    chunks = list(oai.chat.completions.create(parallel_tool_calls=False, stream=True, **kw))
+    assert _streamed_calls(chunks) == [
+        (c.function.name, c.function.arguments) for c in first.message.tool_calls
+    ]
+    cut = {**kw, "max_tokens": full.usage.completion_tokens - 3}  # inside the second call
+    cut_short = oai.chat.completions.create(**cut).choices[0]
+    assert cut_short.finish_reason == "length"
+    assert [c.function.name for c in cut_short.message.tool_calls] == ["get_weather"]
+    streamed = list(oai.chat.completions.create(stream=True, **cut))
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "length"
+
+
+def _streamed_calls(chunks) -> list[tuple[str, str]]:
+    """(name, arguments) of the tool_calls deltas of a stream, joined by index."""
+    calls: dict[int, list[str]] = {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            entry = calls.setdefault(d.index, ["", ""])
+            entry[0] += d.function.name or ""
+            entry[1] += d.function.arguments or ""
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+def test_required_cut_short_gives_the_calls_begun_streamed_or_not(oai):
+    """A "required" list cut short by max_tokens: the calls begun (the last incomplete) and "length", the same
+    unstreamed as streamed (unstreamed returned the list's raw JSON as content)."""
+    kw = dict(
+        model="acme/default", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=0
+    )
+    full = oai.chat.completions.create(max_tokens=200, **kw)
+    whole = full.choices[0]
+    assert len(whole.message.tool_calls) == 1  # with this prefix, greedy: one call
+    args = whole.message.tool_calls[0].function.arguments
+    cut = dict(max_tokens=full.usage.completion_tokens - 4, **kw)  # inside its arguments
+    plain = oai.chat.completions.create(**cut).choices[0]
+    chunks = list(oai.chat.completions.create(stream=True, **cut))
+    assert plain.finish_reason == "length" and plain.message.content is None
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    got = [(c.function.name, c.function.arguments) for c in plain.message.tool_calls or []]
+    assert got == _streamed_calls(chunks)
+    assert got and got[0][0] == whole.message.tool_calls[0].function.name and args.startswith(got[0][1])
+    assert len(got[0][1]) < len(args)
+
+
 def test_auto_with_a_pythonic_model_detected_from_its_template(server_factory):
     """A model whose chat template asks for pythonic calls (Llama 3.2 / 4 style) gets the pythonic parser without
     any setting; its calls come back as tool_calls, streamed in one delta with no text sent before them."""
@@ -414,7 +471,7 @@ def test_outputs_nested_too_deep_for_the_parsers_stay_text(parser, text):
         {"model": "m", "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "required"}
     )
     deep = "[" * 50_000 + "]" * 50_000
-    assert tool_plan(body).parse(deep) == (deep, None)
+    assert tool_plan(body).parse(deep) == (None, None)  # "required": no call, and never its raw text
 
 
 @pytest.mark.parametrize(
@@ -464,6 +521,15 @@ def test_tool_plan_parse_edge_cases():
     ):
         assert plan.parse(text) == (text, None)
     req = tool_plan(ChatCompletionRequest.model_validate({**body.model_dump(), "tool_choice": "required"}))
-    assert req.parse('[{"name": "get_ti') == ('[{"name": "get_ti', None)  # cut short by max_tokens
+    # cut short by max_tokens: the calls begun, as a stream sent them; never the list's raw text
+    assert req.parse('[{"name": "get_ti') == (None, None)
+    content, calls = req.parse('[{"name":"get_weather","parameters":{"ci')
+    assert content is None and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("get_weather", '{"ci')
+    ]
+    assert req.finish_reason("length", calls) == "length" and req.finish_reason("stop", calls) == "tool_calls"
+    assert plan.finish_reason("length", calls) == "length"
+    one = tool_plan(ChatCompletionRequest.model_validate({**body.model_dump(), "parallel_tool_calls": False}))
+    assert [c["function"]["name"] for c in one.parse(two)[1]] == ["get_time"]
     schema = json.loads(req.structured().spec)
     assert schema["minItems"] == 1 and len(schema["items"]["anyOf"]) == 2

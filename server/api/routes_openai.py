@@ -26,7 +26,6 @@ from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, us
 from server.api.schemas import (
     BASE_PREFIX,
     DEFAULT_PREFIX,
-    NAME_PATTERN,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -84,6 +83,7 @@ class _Plan:
     echo: list[tuple[str, list[int]]] | None = None  # completions with echo: each prompt's text and token ids
     hide_output: bool = False  # echo with max_tokens 0
     tools: ToolPlan = field(default_factory=ToolPlan)  # chat: function calling
+    max_tokens_param: str = "max_tokens"  # the field max_tokens came from (chat: or max_completion_tokens)
 
 
 @dataclass
@@ -213,7 +213,8 @@ async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefi
             422, "top_logprobs needs logprobs to be true", code="invalid_value", param="top_logprobs"
         )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _Plan([ids], max_tokens, logprobs, "top_logprobs", tools=tools)
+    which = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    return _Plan([ids], max_tokens, logprobs, "top_logprobs", tools=tools, max_tokens_param=which)
 
 
 async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, prefix: Any) -> _Plan:
@@ -281,6 +282,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         structured = await svc.structured(so, body.response_format)
     sampling = svc.sampling(
         max_tokens=plan.max_tokens,
+        max_tokens_param=plan.max_tokens_param,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
@@ -558,7 +560,7 @@ async def _stream_pieces(
         logprobs = None if lps is None else chat_logprobs(lps, text)
         if ev.text:
             yield chunk(delta(ev.text), None, logprobs)
-            logprobs = None if lps is None else {"content": []}
+            logprobs = None  # sent: the finish chunk carries no tokens (OpenAI's null)
         if ev.finished:
             yield chunk({}, ev.finish_reason, logprobs)
 
@@ -572,7 +574,8 @@ class _PendingLogprobs:
         self.items: list[Any] = []
 
     def take(self) -> Any:
-        out, self.items = (chat_logprobs(self.items, self.text) if self.want else None), []
+        """The pending tokens' logprobs for a chunk; None when not asked for or there are none (OpenAI's null)."""
+        out, self.items = (chat_logprobs(self.items, self.text) if self.want and self.items else None), []
         return out
 
 
@@ -610,6 +613,10 @@ async def _stream_auto(
             if kind == "content":
                 yield chunk({"content": "".join(values)}, None, pending.take())
             else:
+                if not tools.parallel:  # only the first call (`ToolPlan.split_calls` does the same)
+                    values = values[: max(0, 1 - len(sent))]
+                    if not values:
+                        continue
                 calls = [{"index": len(sent) + j, **tools.call(*c)} for j, c in enumerate(values)]
                 sent += calls
                 yield chunk({"tool_calls": calls}, None, pending.take())
@@ -662,20 +669,27 @@ async def list_models(request: Request, principal: Principal = Depends(get_princ
 
 
 @router.get(
-    "/models/{tenant_id}/{name}",
+    "/models/{model:path}",
     response_model=ModelCard,
     responses=COMMON_ERRORS,
-    summary="One model (prefix)",
+    summary="One model (prefix): any id the generation routes take (`tenant`, `tenant/prefix`, `...@version`)",
 )
 async def get_model(
     request: Request,
-    tenant_id: str = Path(pattern=NAME_PATTERN),
-    name: str = Path(pattern=NAME_PATTERN),
+    model: str = Path(max_length=300),
     principal: Principal = Depends(get_principal),
 ) -> ModelCard:
     svc = get_service(request)
-    tenant, name, _ = parse_model(f"{tenant_id}/{name}", principal)
+    tenant, name, version = parse_model(model, principal)
     if name == BASE_PREFIX:
         return _base_card(tenant, svc)
-    meta = await store_call(svc, svc.store.get_meta, tenant, name, what="model")
-    return _card(meta, svc)
+    try:
+        meta = await store_call(svc, svc.store.get_meta, tenant, name, version, what="model")
+    except APIError as e:
+        if e.status == 404:  # the code the generation routes give an unknown model
+            raise APIError(404, f"model {model!r} not found", code="model_not_found", param="model") from None
+        raise
+    card = _card(meta, svc)
+    if version is not None:  # the id asked for, as the generation routes echo it
+        card.id += f"@{version}"
+    return card

@@ -88,8 +88,8 @@ def _message_text(content: Any) -> str:
                 400, "only text content parts are supported", code="unsupported_content", param="messages"
             )
         parts.append(part["text"])
-    try:
-        return check_text("".join(parts))
+    try:  # parts are joined by newlines, as vLLM does ("Hello" + "world" is not "Helloworld")
+        return check_text("\n".join(parts))
     except ValueError as e:
         raise APIError(422, str(e), param="messages") from None
 
@@ -743,6 +743,7 @@ class Service:
         self,
         *,
         max_tokens: int,
+        max_tokens_param: str = "max_tokens",
         temperature: float,
         top_p: float,
         top_k: int,
@@ -766,9 +767,9 @@ class Service:
         if max_tokens > s.max_new_tokens:
             raise APIError(
                 422,
-                f"max_tokens must be at most {s.max_new_tokens}",
+                f"{max_tokens_param} must be at most {s.max_new_tokens}",
                 code="max_tokens_too_large",
-                param="max_tokens",
+                param=max_tokens_param,
             )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > s.max_stop_strings:

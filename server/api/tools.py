@@ -92,8 +92,8 @@ class ToolPlan:
         if self.mode == "required":  # read as a stream reads it: the same calls, the arguments as written
             stream = CallListStream()
             stream.feed(text)
-            calls = stream.result()
-            return (None, calls) if calls else (text, None)  # none: cut short by max_tokens
+            # cut short by max_tokens: the calls begun (as the stream sent them), never the list's raw text
+            return None, (stream.result() or stream.begun() or None)
         if self.mode == "auto":
             outside, calls = self.split_calls(text)
             if calls:
@@ -110,12 +110,17 @@ class ToolPlan:
         return _call(name, arguments)
 
     def split_calls(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """("auto") The text outside the calls the parser finds (of known tools), and the calls."""
+        """("auto") The text outside the calls the parser finds (of known tools), and the calls (only the first
+        with `parallel_tool_calls: false`, as vLLM and OpenAI)."""
         outside, calls = self.parser.split(text, {t["function"]["name"] for t in self.tools})
+        if not self.parallel:
+            calls = calls[:1]
         return outside, [_call(name, args) for name, args in calls]
 
     def finish_reason(self, engine_reason: str | None, calls: list[dict[str, Any]] | None) -> str:
-        if calls and self.mode != "named":
+        """ "tool_calls" when calls were made, unless the output was cut short by max_tokens ("length": the
+        client must know its last call may be incomplete, as OpenAI says)."""
+        if calls and self.mode != "named" and engine_reason != "length":
             return "tool_calls"
         return engine_reason or "stop"
 
@@ -161,9 +166,17 @@ class CallListStream:
         return calls if self.closed and calls else None
 
     def calls(self) -> list[dict[str, Any]]:
+        return self._entries(self._calls[: self._complete])
+
+    def begun(self) -> list[dict[str, Any]]:
+        """The calls whose name is written (the last may be incomplete): what a stream of the output sent."""
+        return self._entries([c for c in self._calls if c.name is not None])
+
+    @staticmethod
+    def _entries(calls: list[_StreamedCall]) -> list[dict[str, Any]]:
         return [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": "".join(c.args)}}
-            for c in self._calls[: self._complete]
+            for c in calls
         ]
 
     @staticmethod
