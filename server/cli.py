@@ -29,6 +29,8 @@ from typing import Any
 log = logging.getLogger("prefixserve.cli")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
+# after the shutdown grace period: how long requests ended with a 503 get to send it before connections close
+FLUSH_S = 2
 
 
 # ------------------------------------------------------------------------------------------------ serve
@@ -98,9 +100,19 @@ def make_server(app: Any, settings: Any) -> Any:
             self._drain_task = asyncio.ensure_future(self._drain())
 
         async def _drain(self) -> None:
-            idle = await app.state.ps.wait_idle(settings.shutdown_grace_s)
+            state = app.state.ps
+            idle = await state.wait_idle(settings.shutdown_grace_s)
             if not idle:
-                log.warning("grace period over with requests in flight; shutting down anyway")
+                log.warning("grace period over with requests in flight; ending them with a 503")
+                if (
+                    state.svc is not None
+                ):  # their clients get an error (an error event in a stream), not a cut
+                    state.svc.engine.fail_all(
+                        f"the server is shutting down (its {settings.shutdown_grace_s:g}s grace period ran out); "
+                        "retry",
+                        "ShuttingDown",
+                    )
+                    await state.wait_idle(FLUSH_S)
             self.should_exit = True
 
     config = uvicorn.Config(
@@ -110,7 +122,8 @@ def make_server(app: Any, settings: Any) -> Any:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        # the drain above waited already: what is left (an upload, say) gets this long more, not a second grace
+        timeout_graceful_shutdown=FLUSH_S,
         timeout_keep_alive=5,
     )
     return DrainingServer(config)

@@ -149,6 +149,56 @@ def test_sigterm_drains_in_flight_and_exits_zero(subprocess_server, tmp_path):
     c.close()
 
 
+def test_sigterm_past_the_grace_period_ends_streams_with_an_error_and_exits_promptly(
+    subprocess_server, tmp_path
+):
+    """A stream still running when the grace period runs out ends with a 503 `shutting_down` error event (it was
+    cut off without one, and uvicorn then waited a second grace period before exiting); a non-streaming request
+    gets the 503 itself; the process exits 0 within the grace period plus a couple of seconds."""
+    from tests.fixtures.server import tiny_bundle
+
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    put_random_prefix(store, tiny_bundle(), "acme")
+    store.close()
+    sp = subprocess_server(store_url=store_url, shutdown_grace_s=1, step_delay=0.05)
+    body = {"tenant_id": "acme", "prompt": "long", "max_tokens": 400, "ignore_eos": True}
+    result: dict = {}
+    first = threading.Event()
+
+    def stream() -> None:
+        with sp.client() as sc, sc.stream("POST", "/generate", json={**body, "stream": True}) as r:
+            chunks = []
+            for chunk in r.iter_text():
+                chunks.append(chunk)
+                first.set()
+            result["stream"] = (r.status_code, "".join(chunks))
+
+    def whole() -> None:
+        with sp.client() as wc:
+            r = wc.post("/generate", json=body)
+            result["whole"] = (r.status_code, r.json(), r.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (stream, whole)]
+    for t in threads:
+        t.start()
+    assert first.wait(30)
+    t0 = time.monotonic()
+    sp.terminate()
+    assert sp.wait(30) == 0
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join(10)
+    assert took < 1 + 4, took  # grace + the flush, not two graces
+    status, text = result["stream"]
+    frames = parse_sse(text)
+    assert status == 200 and frames[-1] == "[DONE]", frames[-3:]
+    err = frames[-2]["error"]
+    assert err["code"] == "shutting_down" and err["status"] == 503 and "grace period" in err["message"]
+    status, payload, retry_after = result["whole"]
+    assert status == 503 and payload["error"]["code"] == "shutting_down" and retry_after
+
+
 def test_engine_thread_death_fails_requests_instead_of_hanging(server_factory, api_bundle):
     s = server_factory()
     put_random_prefix(s.store, api_bundle, "acme")

@@ -240,6 +240,8 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
     "RequestTooLarge": (413, "request_too_large"),  # its prefix and the request can never fit the KV cache
     # the request's grammar went past the parser's limits while generating (or let no token through)
     "GrammarError": (422, "structured_output_failed"),
+    # still running when the shutdown grace period ran out (`LLMEngine.fail_all`)
+    "ShuttingDown": (503, "shutting_down"),
 }
 
 
@@ -368,6 +370,10 @@ class GenerationRun:
         if status == 404:
             self.svc.meta_cache.invalidate((self.prefix.tenant_id, self.prefix.name or ""))
             return APIError(404, f"prefix {self.prefix.name!r} not found", code=code, param="prefix")
+        if code == "shutting_down":
+            return unavailable(
+                ev.error or "server is shutting down", self.svc.settings.retry_after_s, code=code
+            )
         if status == 503:
             return unavailable(f"prefix unavailable: {ev.error}", self.svc.settings.retry_after_s, code=code)
         if code == "structured_output_failed":

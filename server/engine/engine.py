@@ -234,6 +234,15 @@ class LLMEngine:
         self._finish(seq, "abort")
         return True
 
+    def fail_all(self, error: str, error_type: str) -> int:
+        """End every unfinished request with an error event (`error_type` names it to the API): the server is
+        going away and its clients should hear why. Returns how many."""
+        seqs = list(self._seqs.values())
+        for seq in seqs:
+            seq.error, seq.error_type = error, error_type
+            self._finish(seq, "error")
+        return len(seqs)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
 
@@ -915,6 +924,11 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id, None))
         self._wake.set()
 
+    def fail_all(self, error: str, error_type: str) -> None:
+        """`LLMEngine.fail_all` on the engine thread, after the requests submitted before this call were added."""
+        self._inbox.put(("fail_all", error, error_type))
+        self._wake.set()
+
     async def generate(self, req: Request) -> AsyncIterator[TokenEvent]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -952,6 +966,8 @@ class AsyncEngine:
                         cb(ev)
                     except Exception:
                         log.exception("request %s: its event callback failed", arg.request_id)
+            elif op == "fail_all":
+                self.engine.fail_all(arg, cb)
             else:
                 self.engine.abort(arg)
 
