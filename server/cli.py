@@ -129,14 +129,38 @@ def make_server(app: Any, settings: Any) -> Any:
     return DrainingServer(config)
 
 
+def check_model_settings(settings: Any) -> None:
+    """The device, dtype and model can be used on this machine (ValueError saying why not), before anything
+    loads: a bad one is a one-line error, not a traceback from the server's start-up."""
+    from server.model.loader import EMBEDDED_NAME, resolve_device, resolve_dtype
+
+    resolve_dtype(settings.dtype, resolve_device(settings.device))
+    if settings.model not in ("", EMBEDDED_NAME):
+        folder = Path(settings.model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"model {settings.model!r}: not {EMBEDDED_NAME!r} nor a Hugging Face model folder (no config.json)"
+            )
+
+
 def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_manager: Any = None) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean drain, 3 if start-up failed."""
+    from prefix_store.errors import StoreError
     from server.api import create_app
     from server.logging_utils import setup_logging
 
     setup_logging(settings.log_level, settings.log_json)
     log.info("settings: %s", json.dumps(settings.public_dict(), default=str))
-    app = create_app(settings, bundle=bundle, store=store, job_manager=job_manager)
+    try:
+        app = create_app(settings, bundle=bundle, store=store, job_manager=job_manager)
+    except (
+        ValueError,
+        OSError,
+        StoreError,
+    ) as e:  # a limits file that cannot be read, say: one line, no traceback
+        log.error("start-up failed: %s", e)
+        print(f"prefixserve: start-up failed: {e}", file=sys.stderr)
+        return EXIT_STARTUP
     server = make_server(app, settings)
     # uvicorn re-raises a captured signal after shutting down; a Python handler keeps that from killing us
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -155,6 +179,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(ns)
         settings.tenant_keys()  # fail fast on a malformed key list
+        check_model_settings(settings)
     except Exception as e:
         print(f"prefixserve: invalid settings: {e}", file=sys.stderr)
         return EXIT_USAGE

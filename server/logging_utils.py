@@ -6,8 +6,10 @@ fields into the line. Nothing here ever sees prompt text or API keys unless a ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -60,3 +62,10 @@ def setup_logging(level: str = "info", json_lines: bool = True, stream: Any = No
         lg.handlers.clear()
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # one request line comes from the app instead
+    if json_lines:
+        # transformers' tqdm bars ("Loading weights: 100%|...") are raw text on stderr: not JSON lines
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        with contextlib.suppress(Exception):  # transformers missing or older: nothing to quiet
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()

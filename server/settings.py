@@ -6,8 +6,10 @@ Secrets (`api_keys`, `admin_key`) are `SecretStr`: they never show up in reprs, 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -196,8 +198,27 @@ class Settings(BaseSettings):
     @field_validator("store_url")
     @classmethod
     def _expand_store(cls, v: str) -> str:
+        _check_scheme(v, "store_url", STORE_SCHEMES)
         if v.startswith("file://~"):
             return "file://" + str(Path(v.removeprefix("file://")).expanduser().absolute())
+        return v
+
+    @field_validator("jobs_url")
+    @classmethod
+    def _jobs_scheme(cls, v: str | None) -> str | None:
+        # a mistyped scheme would otherwise be a folder named after it: a job queue no worker reads
+        return v if v is None else _check_scheme(v, "jobs_url", STORE_SCHEMES)
+
+    @field_validator("limits_url")
+    @classmethod
+    def _limits_scheme(cls, v: str | None) -> str | None:
+        return v if v is None else _check_scheme(v, "limits_url", REDIS_SCHEMES)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {v!r}")
         return v
 
     # ------------------------------------------------------------------ helpers
@@ -234,11 +255,39 @@ class Settings(BaseSettings):
         return out
 
     def public_dict(self) -> dict[str, Any]:
-        """Settings without secrets (start-up log)."""
+        """Settings without secrets (start-up log): keys, and the passwords of store, jobs and limits URLs."""
         d = self.model_dump(exclude={"api_keys", "admin_key"})
         d["api_keys"] = "<set>" if self.api_keys else None
         d["admin_key"] = "<set>" if self.admin_key else None
+        for k in ("store_url", "jobs_url", "limits_url"):
+            d[k] = redact_url(d[k])
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+STORE_SCHEMES = ("", "file", "redis", "rediss", "unix")  # "": a plain path
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _check_scheme(url: str, field: str, allowed: tuple[str, ...]) -> str:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in allowed:
+        kinds = " or ".join(f"{s}://" for s in allowed if s) + (" or a path" if "" in allowed else "")
+        raise ValueError(f"{field}: unsupported scheme {scheme!r} in {redact_url(url)!r}: use {kinds}")
+    return url
+
+
+def redact_url(url: str | None) -> str | None:
+    """`url` with the password of its user info (redis://:pw@host, redis://user:pw@host) and a `password` query
+    parameter replaced by ***."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def settings_from(overrides: dict[str, Any] | None = None) -> Settings:

@@ -55,6 +55,58 @@ def test_serve_refuses_bad_settings(monkeypatch, capsys):
     assert "invalid settings" in err and "same-key" not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--device", "tpu"], "unknown device"),
+        (["--dtype", "float64"], "dtype must be"),
+        (["--store-url", "bogus://x"], "store_url: unsupported scheme"),
+        (["--jobs-url", "redsi://redis:6379/0"], "jobs_url: unsupported scheme"),  # was a folder "redsi:"
+        (["--limits-url", "file:///tmp/x"], "limits_url: unsupported scheme"),
+        (["--model", "/nonexistent/model"], "no config.json"),
+    ],
+)
+def test_serve_refuses_unusable_settings_in_one_line(args, needle, capsys, tmp_path, monkeypatch):
+    """Each is an exit 2 with a message saying why, before anything loads (they were tracebacks from start-up,
+    or a job queue folder named after a mistyped scheme, created in the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["serve", "--port", "0", *args]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "invalid settings" in err and needle in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_start_up_log_hides_url_passwords():
+    from server.settings import Settings, redact_url
+
+    s = Settings(
+        store_url="redis://:hunter2@redis:6379/0?prefix=ps",
+        limits_url="rediss://user:limitpw@cache:6380/1",
+        jobs_url="redis://redis:6379/2?password=queuepw&prefix=jobs",
+    )
+    logged = json.dumps(s.public_dict())
+    assert not any(pw in logged for pw in ("hunter2", "limitpw", "queuepw")), logged
+    assert s.public_dict()["store_url"] == "redis://:***@redis:6379/0?prefix=ps"
+    assert s.public_dict()["limits_url"] == "rediss://user:***@cache:6380/1"
+    assert redact_url("file:///data/prefixes") == "file:///data/prefixes" and redact_url(None) is None
+
+
+def test_an_unknown_jobs_url_scheme_is_refused():
+    from server.training.jobs import open_backend
+
+    with pytest.raises(ValueError, match="unsupported jobs URL"):
+        open_backend("redsi://redis:6379/0", max_attempts=2, stale_after_s=30, retention_s=60)
+
+
+def test_start_up_failure_is_one_line(tmp_path, capsys):
+    """A limits file that cannot be read fails start-up with exit 3 and its reason, not a traceback."""
+    rc = cli.main(["serve", "--port", "0", "--store-url", f"file://{tmp_path}/s", "--tenant-limits-file",
+                   str(tmp_path / "missing.json"), "--no-log-json"])  # fmt: skip
+    assert rc == cli.EXIT_STARTUP
+    err = capsys.readouterr().err
+    assert "start-up failed" in err and "missing.json" in err and "Traceback" not in err
+
+
 def test_prefixes_list_reads_the_store(api_bundle, tmp_path, capsys):
     from prefix_store import open_store
 

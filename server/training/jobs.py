@@ -112,6 +112,13 @@ def open_backend(location: str, *, max_attempts: int, stale_after_s: float, rete
                                retention_s=retention_s)  # fmt: skip
     from server.training.backend_disk import DiskJobBackend
 
+    if scheme not in (
+        "",
+        "file",
+    ):  # a mistyped scheme would be a folder of that name: a queue no worker reads
+        raise ValueError(
+            f"unsupported jobs URL {location!r}: use file:///abs/path, a path, or redis://host:port/db"
+        )
     path = Path(unquote(parts.path)) if scheme == "file" else Path(location)
     return DiskJobBackend(
         path, max_attempts=max_attempts, stale_after_s=stale_after_s, retention_s=retention_s
