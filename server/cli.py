@@ -25,6 +25,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger("prefixserve.cli")
 
@@ -428,12 +429,29 @@ def _sdk_jobs(base_url: str, api_key: str | None) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ store tools
-def _on_store(url: str, op: Callable[[Any], Any], failure: str, catch: type[Exception] | None = None) -> Any:
-    """`op(store)` on the store at `url` (closed afterwards); None after printing `failure` and the error."""
+def _on_store(
+    url: str,
+    op: Callable[[Any], Any],
+    failure: str,
+    catch: type[Exception] | None = None,
+    *,
+    existing: bool = False,
+) -> Any:
+    """`op(store)` on the store at `url` (closed afterwards); None after printing `failure` and the error.
+    `existing`: the command only reads or removes, so a file store that does not exist is an error (opening it
+    would create it, and an empty listing of a mistyped path looks like success)."""
     from prefix_store import errors, open_store
 
     caught = catch or errors.StoreError
     try:
+        if existing:
+            scheme = urlsplit(url).scheme.lower()
+            root = (
+                Path(unquote(urlsplit(url).path)) if scheme == "file" else Path(url) if not scheme else None
+            )
+            if root is not None and not root.expanduser().is_dir():
+                print(f"prefixserve: {failure}no prefix store at {root}", file=sys.stderr)
+                return None
         store = open_store(url)
     except ValueError as e:  # not a store URL
         print(f"prefixserve: {failure}{e}", file=sys.stderr)
@@ -486,7 +504,7 @@ def cmd_prefixes_list(ns: argparse.Namespace) -> int:
         store.ping()  # an unusable store is an error, not an empty list
         return store.list(ns.tenant_id)
 
-    metas = _on_store(ns.store, listing, "")
+    metas = _on_store(ns.store, listing, "", existing=True)
     if metas is None:
         return EXIT_FAIL
     if ns.json:
@@ -505,7 +523,7 @@ def cmd_prefixes_list(ns: argparse.Namespace) -> int:
 def cmd_prefixes_export(ns: argparse.Namespace) -> int:
     from prefix_store.export import export_prefix
 
-    rec = _on_store(ns.store, lambda s: s.get(ns.tenant_id, ns.name, ns.version), "")
+    rec = _on_store(ns.store, lambda s: s.get(ns.tenant_id, ns.name, ns.version), "", existing=True)
     if rec is None:
         return EXIT_FAIL
     out = Path(ns.output)
@@ -540,7 +558,12 @@ def cmd_prefixes_delete(ns: argparse.Namespace) -> int:
         f" version {ns.version}" if ns.version is not None else " (all versions)"
     )
     if (
-        _on_store(ns.store, lambda s: s.delete(ns.tenant_id, ns.name, ns.version) or True, "delete failed: ")
+        _on_store(
+            ns.store,
+            lambda s: s.delete(ns.tenant_id, ns.name, ns.version) or True,
+            "delete failed: ",
+            existing=True,
+        )
         is None
     ):
         return EXIT_FAIL

@@ -136,6 +136,16 @@ def test_prefixes_list_store_down_fails_cleanly(capsys, tmp_path):
     assert "prefixserve:" in capsys.readouterr().err
     assert cli.main(["prefixes", "list", "--store", "bogus://x"]) == cli.EXIT_FAIL
     assert "unsupported prefix store URL" in capsys.readouterr().err
+    # a path with no store: an error, and nothing created (it made the folder and listed nothing)
+    missing = tmp_path / "typo" / "store"
+    for args in (
+        ["list"],
+        ["export", "acme", "x", "-o", str(tmp_path / "x.safetensors")],
+        ["delete", "acme", "x"],
+    ):
+        assert cli.main(["prefixes", *args, "--store", f"file://{missing}"]) == cli.EXIT_FAIL, args
+        assert "no prefix store at" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
 
 
 def _examples(tmp_path):

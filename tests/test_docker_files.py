@@ -267,13 +267,20 @@ def test_installs_what_make_install_installs_minus_dev(df: Dockerfile) -> None:
 def test_entrypoint_matches_console_script(df: Dockerfile, pyproject: dict[str, Any]) -> None:
     assert pyproject["project"]["scripts"]["prefixserve"] == "server.cli:main"
     assert df.last("ENTRYPOINT").json() == ["prefixserve"]
-    assert df.last("CMD").json() == ["serve", "--host", "0.0.0.0", "--port", "8000"]
+    # settings as ENV, not flags: a flag would beat the compose file's PREFIXSERVE_* values
+    assert df.last("CMD").json() == ["serve"]
+    assert df.env()["PREFIXSERVE_HOST"] == "0.0.0.0" and df.env()["PREFIXSERVE_PORT"] == "8000"
+
+
+def test_the_import_check_imports_the_installed_packages(df: Dockerfile) -> None:
+    """Run from /, not the source folder: from /src, `import server` would find the sources, not the install."""
+    run = next(i.args for i in df.all("RUN") if "import torch, server" in i.args)
+    assert run.index("cd /") < run.index("import torch, server") < run.index("rm -rf /src")
 
 
 def test_port(df: Dockerfile, compose: dict[str, Any]) -> None:
     assert df.last("EXPOSE").args.split() == ["8000"]
-    cmd = df.last("CMD").json()
-    assert cmd[cmd.index("--port") + 1] == "8000"
+    assert df.env()["PREFIXSERVE_PORT"] == "8000"
     assert "127.0.0.1:8000/health" in df.last("HEALTHCHECK").args
     assert compose["services"]["server"]["ports"] == ["8000:8000"]
     assert compose["services"]["server-gpu"]["ports"][0].endswith(":8000")
