@@ -552,3 +552,42 @@ def test_a_follow_up_that_fails_to_launch_leaves_the_prompt_cache_usable(bundle)
         eng.generate([Request("c", big, SamplingParams(max_tokens=1, ignore_eos=True))])
         hits.append(eng.scheduler.cache_hit_tokens)
     assert hits == [32, 32]  # two full blocks of 16 before the prompt's last token
+
+
+def test_newcomers_of_a_follow_up_that_failed_to_launch_start_again_afresh(bundle):
+    """Two identical prompts arrive together (OpenAI n=2) and the follow-up that admits both fails to launch: the
+    second took the prompt-cache blocks the first registered in that step, whose KV was never written. Both go
+    back to the queue as they were, so the second cannot decode from those blocks even when the first is aborted
+    before it computes them (it did: garbage tokens)."""
+    vocab = bundle.spec.vocab_size
+    big = random_prompt(vocab, 40, 2)  # two full blocks and 8 tokens
+    sp = SamplingParams(max_tokens=5, ignore_eos=True)
+    alone = make_engine(bundle, {}, prompt_cache=False).generate([Request("x", big, sp)])[0].token_ids
+    eng = make_engine(bundle, {}, async_decode="on", max_num_batched_tokens=50)
+    eng.add_request(Request("a", random_prompt(vocab, 5, 1), SamplingParams(max_tokens=30, ignore_eos=True)))
+    for _ in range(3):
+        eng.step()
+    assert eng._inflight is not None
+    eng.add_request(Request("b", big, sp))
+    eng.add_request(Request("c", big, sp))
+    real = eng.runner.forward
+
+    def boom(inp, real=real, runner=eng.runner):
+        runner.forward = real
+        raise RuntimeError("launch failure")
+
+    eng.runner.forward = boom
+    eng.step()
+    assert eng.runner.forward == real
+    waiting = {s.request_id: s for s in eng.scheduler.waiting}
+    assert set(waiting) == {"b", "c"}  # both back in the queue, nothing counted as computed
+    assert all(s.num_cached == 0 and not s.own_blocks and s.first_scheduled is None for s in waiting.values())
+    eng.abort("b")
+    got: dict[str, list[int]] = {}
+    cached: dict[str, int] = {}
+    while eng.has_unfinished():
+        for ev in eng.step():
+            got.setdefault(ev.request_id, []).extend(ev.token_ids)
+            if ev.finished:
+                cached[ev.request_id] = ev.cached_tokens
+    assert got["c"] == alone and cached["c"] == 0

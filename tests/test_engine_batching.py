@@ -162,9 +162,10 @@ class SlowProvider(DictPrefixProvider):
         return super().fetch(key)
 
 
-def test_a_prefix_left_by_an_aborted_request_stops_holding_fetches_back(tiny_llama_bundle):
-    """A prefix fetched for a request aborted before it ran is protected (and counted against `max_pending`)
-    only for `fresh_s`: afterwards other tenants' prefixes are fetched again."""
+def test_a_prefix_left_by_an_aborted_request_does_not_hold_fetches_back(tiny_llama_bundle):
+    """A prefix fetched for a request aborted before it ran is not held for it: the abort drops its claim, so
+    the prefix arrives unclaimed and other tenants' prefixes are fetched at once (it used to count against
+    `max_pending` for `fresh_s`, 10 s: with max_num_seqs aborted loads, every tenant's next request stalled)."""
     b = tiny_llama_bundle
     sp = b.spec
     keys = {PrefixKey(f"t{i}", "p", 1): random_kv(sp, 16, i) for i in range(4)}
@@ -175,7 +176,8 @@ def test_a_prefix_left_by_an_aborted_request_stops_holding_fetches_back(tiny_lla
         b, prov, EngineConfig(kv_cache_bytes=8 * 2**20, prefix_cache_bytes=budget, max_num_seqs=2)
     )
     pc = eng.prefix_cache
-    pc.fresh_s, pc.max_pending = 0.5, 1
+    pc.max_pending = 1
+    assert pc.fresh_s >= 10
     eng.add_request(Request("busy", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True), kl[0]))
     eng.add_request(Request("gone", [1, 2, 3], SamplingParams(max_tokens=2), kl[1]))
 
@@ -186,18 +188,19 @@ def test_a_prefix_left_by_an_aborted_request_stops_holding_fetches_back(tiny_lla
             eng.step()
 
     step_until(lambda: kl[1] in pc._loading)
+    assert pc._wanted == {kl[1]: 1}
     assert eng.abort("gone")
-    step_until(lambda: kl[1] in pc.entries)  # arrived with nobody to take it
-    assert pc._fresh() == 1
+    assert pc._wanted == {}
+    step_until(lambda: kl[1] in pc.entries)  # arrived with nobody to take it: not held for anyone
+    assert pc._fresh() == 0
     eng.add_request(Request("next", [1, 2, 3], SamplingParams(max_tokens=2), kl[2]))
     eng.step()
-    assert kl[2] not in pc._loading and kl[2] not in pc.entries  # held back: one pending already
+    assert kl[2] in pc._loading or kl[2] in pc.entries  # fetched at once
     t0 = time.monotonic()
     done: set[str] = set()
     while "next" not in done:
-        assert time.monotonic() - t0 < 10, "a dead request's prefix blocks fetching"
+        assert time.monotonic() - t0 < 2, "a dead request's prefix holds fetching back"
         done |= {ev.request_id for ev in eng.step() if ev.finished}
-    assert time.monotonic() - t0 >= 0.3 and pc._fresh() == 0
 
 
 def test_prefix_miss_does_not_stall_other_tenants(tiny_llama_bundle):

@@ -191,6 +191,8 @@ class LLMEngine:
             cfg.async_decode == "auto" and bundle.device.type == "cuda" and cfg.speculative_tokens <= 0
         )
         self._inflight: _Inflight | None = None
+        self._follow_admitted: list[Sequence] = []  # the requests the last follow-up step admitted
+        self._follow_started: list[Sequence] = []  # and those it scheduled for the first time
         self._cuda_device = self.runner.cuda_index
         self.num_async_steps = 0  # steps launched from the previous step's tokens on the device
 
@@ -505,6 +507,8 @@ class LLMEngine:
         preempting, or nothing would run (the scheduler's next step decides)."""
         sched = self.scheduler
         sched._fresh = []
+        self._follow_admitted = []
+        self._follow_started = []
         in_flight = {id(q): i for i, q in enumerate(fl.seqs)}
         keep: list[int] = []  # the carried rows, as indices into fl.seqs (and fl.tokens)
         extra: list[tuple[Sequence, int]] = []
@@ -539,7 +543,9 @@ class LLMEngine:
             sched._register(seq, seq.num_cached + n)
         rows = [self._row(seq, [0], sample=True) for seq in carried]  # token 0: replaced on the device
         if sched.waiting and budget > 0 and len(sched.running) < self.cfg.max_num_seqs:
-            extra += [(it.seq, it.num_tokens) for it in sched._admit(budget, only=self._joinable)]
+            admitted = sched._admit(budget, only=self._joinable)
+            self._follow_admitted = [it.seq for it in admitted]
+            extra += [(it.seq, it.num_tokens) for it in admitted]
         if not rows and not extra:
             return None
         now = time.monotonic()
@@ -548,6 +554,7 @@ class LLMEngine:
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
                 seq.cached_prompt_tokens = seq.num_cached
+                self._follow_started.append(seq)
             sample = seq.num_cached + n == seq.num_tokens
             rows.append(self._row(seq, seq.tokens[seq.num_cached : seq.num_cached + n], sample=sample))
             if sample:
@@ -610,6 +617,9 @@ class LLMEngine:
             except Exception:  # the rows carry on through the scheduler's next (synchronous) step
                 log.exception("async follow-up step failed to launch")
                 self.scheduler.rollback()
+                self.scheduler.unadmit(self._follow_admitted)  # its newcomers: admitted again, afresh
+                for seq in self._follow_started:  # not started after all (queue time, cached prompt tokens)
+                    seq.first_scheduled = None
                 nxt = None
         # requests the follow-up's admission failed (a prefix that cannot load, too large for the context)
         events: list[TokenEvent] = [self._finish(seq, "error") for seq in self.scheduler.failed]

@@ -108,6 +108,9 @@ class PrefixCache:
         self._freq: dict[tuple[str, str], int] = {}
         self._since_aging = 0
         self._loading: dict[PrefixKey, Future] = {}
+        # waiting requests that asked for each prefix and have not taken it yet (`claim`/`unclaim`): an entry
+        # none of them still wants is not held for them (an aborted request's prefix must not block others)
+        self._wanted: dict[PrefixKey, int] = {}
         self._errors: dict[PrefixKey, tuple[PrefixLoadError, float]] = {}
         self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="prefix-loader")
         self._invalidated: list[tuple[str, str]] = []
@@ -142,6 +145,18 @@ class PrefixCache:
             if self.on_loaded is not None:
                 fut.add_done_callback(lambda _f: self.on_loaded())
         return None
+
+    def claim(self, key: PrefixKey) -> None:
+        """A waiting request wants `key` (fetched for it, held for it until it takes it or goes away)."""
+        self._wanted[key] = self._wanted.get(key, 0) + 1
+
+    def unclaim(self, key: PrefixKey) -> None:
+        """That request took the prefix, or ended before it could (aborted, failed)."""
+        n = self._wanted.get(key, 0) - 1
+        if n > 0:
+            self._wanted[key] = n
+        else:
+            self._wanted.pop(key, None)
 
     def settled(self, key: PrefixKey) -> bool:
         """Whether the scheduler could act on a request for `key` now: resident, or a fetch that finished (to
@@ -250,8 +265,10 @@ class PrefixCache:
             self._freq = {k: n // 2 for k, n in self._freq.items() if n > 1}
 
     def is_fresh(self, e: PrefixEntry, now: float) -> bool:
-        """Installed for a request that has not taken it yet (and not long ago)."""
-        return not e.used and not e.stale and now - e.installed < self.fresh_s
+        """Installed for a waiting request that has not taken it yet (and not long ago)."""
+        return (
+            not e.used and not e.stale and self._wanted.get(e.key, 0) > 0 and now - e.installed < self.fresh_s
+        )
 
     def _fresh(self) -> int:
         now = time.monotonic()

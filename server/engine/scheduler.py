@@ -89,6 +89,12 @@ class Scheduler:
         if seq.prefix is not None:
             self.prefixes.release(seq.prefix)
             seq.prefix = None
+        self._unclaim(seq)
+
+    def _unclaim(self, seq: Sequence) -> None:
+        if seq.prefix_claimed:
+            seq.prefix_claimed = False
+            self.prefixes.unclaim(seq.req.prefix)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ prompt cache
     def _match_cached(self, seq: Sequence) -> bool:
@@ -152,6 +158,19 @@ class Scheduler:
                 cut = next((i for i, node in enumerate(seq.cache_nodes) if node in dead), None)
                 if cut is not None:
                     del seq.cache_nodes[cut:]
+
+    def unadmit(self, seqs: list[Sequence]) -> None:
+        """Requests admitted by a step that failed before it ran go back to the front of the queue, as they
+        were: a newcomer may have taken prompt-cache blocks that another row of that step registered, whose KV was
+        never written (`rollback` forgets them), and its `num_cached` counts them."""
+        for seq in reversed(seqs):
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            self.running.remove(seq)
+            self.free(seq)
+            seq.num_cached = 0
+            seq.status = SeqStatus.WAITING
+            self.waiting.appendleft(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -265,6 +284,9 @@ class Scheduler:
             if seq.req.prefix is not None and seq.prefix is None:
                 got = self.prefixes.lookup(seq.req.prefix, count=not seq.prefix_counted)
                 seq.prefix_counted = True
+                if not seq.prefix_claimed:
+                    self.prefixes.claim(seq.req.prefix)
+                    seq.prefix_claimed = True
                 if isinstance(got, PrefixLoadError):
                     fail(seq, got.message, got.error_type)
                     continue
@@ -286,6 +308,7 @@ class Scheduler:
                     continue
                 self.prefixes.acquire(got)
                 seq.prefix = got
+                self._unclaim(seq)
             queried = self._match_cached(seq)
             n = self._chunk(seq, budget)
             if not self._ensure_blocks(seq, n):

@@ -65,6 +65,7 @@ class Sequence:
         self.last_token: float | None = None
         self.itl: list[float] = []
         self.prefix_counted = False
+        self.prefix_claimed = False  # a claim on its prefix in the prefix cache (asked for, not yet taken)
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_type: str | None = None
