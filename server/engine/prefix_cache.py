@@ -102,8 +102,8 @@ class PrefixCache:
         self.policy = policy  # "lru": recency alone (for comparison)
         # prefixes fetched ahead of use (loading, or resident and not yet taken) at most; more wait their turn
         self.max_pending = max_pending
-        # an entry installed for a waiting request is protected from eviction until taken, for this long at most
-        # (its request may have been aborted meanwhile)
+        # an entry installed for a waiting request is protected from eviction until taken (or that request ends:
+        # `unclaim`), for this long at most
         self.fresh_s = fresh_s
         self._freq: dict[tuple[str, str], int] = {}
         self._since_aging = 0
