@@ -192,17 +192,19 @@ class RedisStore(PrefixStore):
             token_key = self._key("put", uuid.uuid4().hex)
             found: list[PrefixMeta] = []
             written: list[PrefixMeta] = []
+            attempts: dict[int, PrefixMeta] = {}  # the metadata each run of the transaction wrote, by version
 
             def commit(pipe: redis.client.Pipeline) -> None:
                 found.clear()
                 written.clear()
                 mine = pipe.get(token_key)
-                if mine is not None:  # an earlier EXEC of this put did write, its reply was lost
-                    raw = pipe.get(self._meta_key(t, n, int(mine)))
-                    if raw is not None:
-                        written.append(PrefixMeta.from_json(raw))
-                        pipe.multi()
-                        return
+                if (
+                    mine is not None
+                ):  # an earlier EXEC of this put did write, its reply was lost: done (even if
+                    # that version was deleted since: writing it again would undo the delete)
+                    written.append(attempts[int(mine)])
+                    pipe.multi()
+                    return
                 if idempotency_key is not None:  # a concurrent one: WATCHed, so checked atomically
                     earlier = self._put_with(pipe, t, n, idempotency_key)
                     if earlier is not None:
@@ -213,6 +215,7 @@ class RedisStore(PrefixStore):
                 # that fails, leaves no gap in the numbering
                 version = int(pipe.get(counter_key) or 0) + 1
                 meta = enc.meta(t, n, version, time.time())
+                attempts[version] = meta
                 written.append(meta)
                 meta_json = meta.to_json()
                 message = self._change_message(ChangeEvent("put", t, n, version))

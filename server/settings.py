@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,7 +21,10 @@ ENV_PREFIX = "PREFIXSERVE_"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+    # hide_input_in_errors: a refused URL holds a password, an api_keys_file line a key
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, hide_input_in_errors=True
+    )
 
     # ------------------------------------------------------------------ model and store
     model: str = Field(
@@ -281,13 +284,14 @@ def redact_url(url: str | None) -> str | None:
     parameter replaced by ***."""
     if not url:
         return url
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}:***@{host}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        # the user info ends at the last "@": a password may hold "/", "?" or "#" that urlsplit would take for
+        # the end of the host (over-redacting an "@" in a query is the safe side)
+        userinfo, _, tail = rest.rpartition("@")
+        if ":" in userinfo:
+            rest = f"{userinfo.partition(':')[0]}:***@{tail}"
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", f"{scheme}{sep}{rest}")
 
 
 def settings_from(overrides: dict[str, Any] | None = None) -> Settings:

@@ -107,6 +107,14 @@ def test_models_and_errors(oai):
     pinned = oai.models.retrieve("acme/default@1")
     assert pinned.id == "acme/default@1" and pinned.prefix_version == 1
     assert oai.models.retrieve("acme/base").id == "acme/base"
+    # a trailing slash still reaches the list
+    assert sorted(
+        m.id for m in oai.get("/models/", cast_to=openai.pagination.SyncPage[openai.types.Model]).data
+    ) == [
+        "acme/base",
+        "acme/chat-bot",
+        "acme/default",
+    ]
     for unknown in ("acme/nothing", "acme/default@9", "globex/default", "acme/x/y", "acme@0"):
         with pytest.raises(openai.NotFoundError) as e:
             oai.models.retrieve(unknown)

@@ -89,6 +89,12 @@ def test_start_up_log_hides_url_passwords():
     assert s.public_dict()["store_url"] == "redis://:***@redis:6379/0?prefix=ps"
     assert s.public_dict()["limits_url"] == "rediss://user:***@cache:6380/1"
     assert redact_url("file:///data/prefixes") == "file:///data/prefixes" and redact_url(None) is None
+    assert redact_url("redis://:pa/ss?w#d@host:6379/0") == "redis://:***@host:6379/0"  # unencoded / ? #
+    assert redact_url("redis://user@host/0") == "redis://user@host/0"  # no password
+    # a refused URL's password is not echoed by the settings error either
+    with pytest.raises(ValueError) as e:
+        Settings(store_url="redsi://:hunter2@db:6379/0")
+    assert "hunter2" not in str(e.value) and "redsi" in str(e.value)
 
 
 def test_an_unknown_jobs_url_scheme_is_refused():

@@ -591,3 +591,6 @@ def test_newcomers_of_a_follow_up_that_failed_to_launch_start_again_afresh(bundl
             if ev.finished:
                 cached[ev.request_id] = ev.cached_tokens
     assert got["c"] == alone and cached["c"] == 0
+    # the prompt-cache counters count each admission that ran once: a (5 tokens) and c (40), not b or the
+    # undone admissions
+    assert (eng.scheduler.cache_query_tokens, eng.scheduler.cache_hit_tokens) == (45, 0)

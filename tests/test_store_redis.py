@@ -326,3 +326,19 @@ def test_a_put_whose_exec_reply_was_lost_writes_one_version(store, monkeypatch):
     assert meta.version == 1 and store.versions("acme", "bot") == [1]
     assert torch.equal(store.get("acme", "bot").kv, make_kv(3.0))
     assert put(store, fill=4.0).version == 2  # the next put is a put of its own
+    # the version is deleted before the retry (a delete, keep_versions): the put is still done, not written again
+    lost.clear()
+    deleting = []
+
+    def execute_then_delete(self, *a, **k):
+        out = real(self, *a, **k)
+        if self.watching is False and not lost and len(out) > 3:
+            lost.append(1)
+            deleting.append(1)
+            store.delete("acme", "bot", 3)
+            raise WatchError("A ConnectionError occurred while watching one or more keys")
+        return out
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute_then_delete)
+    assert put(store, fill=5.0).version == 3 and deleting == [1]
+    assert store.versions("acme", "bot") == [1, 2]  # not written a second time as version 4

@@ -873,3 +873,28 @@ def test_redis_job_queue_survives_losing_its_stream(tiny_llama_bundle, redis_sto
     finally:
         jm.shutdown(wait=True, timeout=30)
         store.close()
+
+
+def test_a_dead_workers_job_settles_past_an_unreadable_version(tiny_llama_bundle, tmp_path):
+    """The name's newest version has metadata refused when read (a lone surrogate, stored before writes refused
+    them): looking for the job's prefix skips it, so the dead worker's cancelled job ends cancelled (it stayed
+    running forever, "cannot tell whether it stored its prefix"), and a new job for the name trains."""
+    store = open_store(f"file://{tmp_path / 'store'}")
+    kv = {"kv": torch.zeros(2, 2, 2, 3, 16)}
+    meta = store.put("acme", "bot", "prompt_tuning", kv, base_model_fingerprint="x", prefix_length=3,
+                     extra={"note": "ok"})  # fmt: skip
+    mf = next((tmp_path / "store").rglob(f"v{meta.version}.json"))
+    mf.write_text(mf.read_text().replace('"ok"', '"\\ud800"'))
+    assert store.list("acme") == []  # refused when read
+    api = JobManager(tiny_llama_bundle, store, **{**FAST, "in_process_workers": 0, "max_attempts": 1})
+    try:
+        rec = api.submit(request_(epochs=1))
+        ghost = _ghost_claim(api)
+        assert api._stored_by(api.get(rec.job_id)) is None
+        api.cancel(rec.job_id)
+        _kill_ghost(api, ghost)
+        api.backend.reclaim_stale()
+        assert api.get(rec.job_id).status == "cancelled"
+    finally:
+        api.shutdown(wait=True, timeout=10)
+        store.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 
 from prefix_store.names import is_valid_name
 from server.api.auth import Principal, get_principal
@@ -679,6 +679,8 @@ async def get_model(
     model: str = Path(max_length=300),
     principal: Principal = Depends(get_principal),
 ) -> ModelCard:
+    if not model.strip("/"):  # "/v1/models/": to the list, as Starlette redirected before this route took paths
+        return RedirectResponse(request.url.path.rstrip("/"), status_code=307)  # type: ignore[return-value]
     svc = get_service(request)
     tenant, name, version = parse_model(model, principal)
     if name == BASE_PREFIX:

@@ -168,6 +168,9 @@ class Scheduler:
                 continue
             self.running.remove(seq)
             self.free(seq)
+            queried, hit, seq.preempted = seq.admission  # uncounted: it is counted when admitted again
+            self.cache_query_tokens -= queried
+            self.cache_hit_tokens -= hit
             seq.num_cached = 0
             seq.status = SeqStatus.WAITING
             self.waiting.appendleft(seq)
@@ -315,9 +318,14 @@ class Scheduler:
                 self.free(seq)  # its prefix and any cached blocks it took
                 seq.num_cached = 0
                 break
-            if queried:  # counted once it is admitted (it may wait, and be matched again, many steps first)
-                self.cache_query_tokens += len(seq.tokens)
-                self.cache_hit_tokens += seq.num_cached
+            # counted once it is admitted (it may wait, and be matched again, many steps first)
+            seq.admission = (
+                len(seq.tokens) if queried else 0,
+                seq.num_cached if queried else 0,
+                seq.preempted,
+            )
+            self.cache_query_tokens += seq.admission[0]
+            self.cache_hit_tokens += seq.admission[1]
             seq.status = SeqStatus.RUNNING
             seq.preempted = False
             self.running.append(seq)

@@ -66,6 +66,8 @@ class Sequence:
         self.itl: list[float] = []
         self.prefix_counted = False
         self.prefix_claimed = False  # a claim on its prefix in the prefix cache (asked for, not yet taken)
+        # at its last admission: (prompt-cache query tokens, hit tokens) counted, and whether it was preempted
+        self.admission: tuple[int, int, bool] = (0, 0, False)
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_type: str | None = None

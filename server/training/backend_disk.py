@@ -481,11 +481,14 @@ class DiskJobBackend:
             return False
         try:
             meta = self.stored_version(rec)
-        except StoreError as e:
+        except StoreUnavailable as e:
             log.warning(
                 "job %s: cannot tell whether it stored its prefix (%s); left for later", rec.job_id, e
             )
             return True
+        except StoreError as e:  # the store answers, with an error that a later pass would get too
+            log.warning("job %s: looking for its prefix failed (%s); taken as not stored", rec.job_id, e)
+            return False
         if meta is None:
             return False
         for k, v in found_stored(rec, meta.version, meta.training).items():

@@ -399,11 +399,14 @@ class RedisJobBackend:
                     stored = (
                         self.stored_version(rec) if self.stored_version is not None and rec.worker else None
                     )
-                except StoreError as e:  # left pending: taken up again once idle
+                except StoreUnavailable as e:  # left pending: taken up again once idle
                     log.warning(
                         "job %s: cannot tell whether it stored its prefix (%s); left for later", job_id, e
                     )
                     return None
+                except StoreError as e:  # the store answers, with an error a later look would get too
+                    log.warning("job %s: looking for its prefix failed (%s); taken as not stored", job_id, e)
+                    stored = None
                 if stored is not None:
                     vals = found_stored(rec, stored.version, stored.training)
                     log.warning("job %s: its worker %s stored version %d before it went away; succeeded", job_id,

@@ -595,7 +595,7 @@ class JobManager:
         for v in reversed(self.store.versions(rec.tenant_id, rec.name)):
             try:
                 meta = self.store.get_meta(rec.tenant_id, rec.name, v)
-            except PrefixNotFound:
+            except (PrefixNotFound, InvalidPrefix):  # gone, or a record that cannot be read: not this job's
                 continue
             if meta.created < rec.created:
                 return None
