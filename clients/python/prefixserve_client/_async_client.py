@@ -30,27 +30,11 @@ from .types import (
 __all__ = ["AsyncClient", "AsyncPrefixes", "AsyncStream"]
 
 
-class AsyncStream:
+class AsyncStream(_base.StreamBase):
     """Async iterator of :class:`StreamDelta`; the request is sent on the first ``__anext__``.
 
     ``async with client.stream(...) as s: async for d in s: ...`` closes it early; so does ``aclose()``.
     """
-
-    def __init__(self, client: AsyncClient, body: dict[str, Any], headers: dict[str, str]) -> None:
-        self._client = client
-        self._body = body
-        self._headers = headers
-        self._gen: AsyncIterator[StreamDelta] | None = None
-        self._info = _base.StreamInfo()
-
-    @property
-    def response(self) -> httpx.Response | None:
-        return self._info.response
-
-    @property
-    def request_id(self) -> str | None:
-        """X-Request-ID of the response, once it started."""
-        return self._info.request_id
 
     @staticmethod
     async def _iterate(

@@ -370,6 +370,26 @@ class StreamInfo:
     request_id: str | None = None
 
 
+class StreamBase:
+    """What the sync and async streams share: the request to send and what its response told."""
+
+    def __init__(self, client: Any, body: dict[str, Any], headers: dict[str, str]) -> None:
+        self._client = client
+        self._body = body
+        self._headers = headers
+        self._gen: Any = None
+        self._info = StreamInfo()
+
+    @property
+    def response(self) -> httpx.Response | None:
+        return self._info.response
+
+    @property
+    def request_id(self) -> str | None:
+        """X-Request-ID of the response, once it started."""
+        return self._info.request_id
+
+
 class SSEDecoder:
     """Server-Sent Events from lines (``iter_lines``): yields each event's data, joined across ``data:`` lines."""
 

@@ -34,28 +34,12 @@ def _seg(s: str) -> str:
     return quote(s, safe="")
 
 
-class Stream:
+class Stream(_base.StreamBase):
     """Iterator of :class:`StreamDelta` for one streamed generation.
 
     The request is sent on the first ``next()``; errors (HTTP status or an error event) are raised from the
     iteration. Use it as a context manager, or call ``close()``, to end the stream early.
     """
-
-    def __init__(self, client: Client, body: dict[str, Any], headers: dict[str, str]) -> None:
-        self._client = client
-        self._body = body
-        self._headers = headers
-        self._gen: Iterator[StreamDelta] | None = None
-        self._info = _base.StreamInfo()
-
-    @property
-    def response(self) -> httpx.Response | None:
-        return self._info.response
-
-    @property
-    def request_id(self) -> str | None:
-        """X-Request-ID of the response, once it started."""
-        return self._info.request_id
 
     @staticmethod
     def _iterate(
