@@ -679,7 +679,8 @@ async def get_model(
     model: str = Path(max_length=300),
     principal: Principal = Depends(get_principal),
 ) -> ModelCard:
-    if not model.strip("/"):  # "/v1/models/": to the list, as Starlette redirected before this route took paths
+    # "/v1/models/": to the list, as Starlette redirected before this route took paths
+    if not model.strip("/"):
         return RedirectResponse(request.url.path.rstrip("/"), status_code=307)  # type: ignore[return-value]
     svc = get_service(request)
     tenant, name, version = parse_model(model, principal)
