@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
+
+import httpx
 
 from prefix_store import open_store
 from tests.fixtures.server import assert_error, metric_value, parse_sse, put_random_prefix, slow_engine
@@ -90,6 +93,47 @@ def test_non_streaming_disconnect_aborts(server_factory, api_bundle):
     assert took < 1.5  # 400 tokens would take > 4 s
     assert only_prefix_blocks_used(s.svc)
     assert s.svc._tenant_active == {}
+
+
+def test_a_client_that_leaves_while_queued_is_a_quiet_499(server_factory, api_bundle, caplog):
+    """A client gone before its request started (queued behind a busy engine) on each route: its request is
+    aborted and recorded as 499, without an 'unhandled error' traceback or a 500 in the metrics (there was one
+    per route)."""
+    s = server_factory(max_num_seqs=1, max_queued=8)
+    put_random_prefix(s.store, api_bundle, "acme")
+    slow_engine(s.svc, 0.01)
+    hog = threading.Thread(
+        target=lambda: s.client().post(
+            "/generate", json={"tenant_id": "acme", "prompt": "hog", "max_tokens": 300, "ignore_eos": True}
+        ),
+        daemon=True,
+    )
+    hog.start()
+    wait_until(lambda: s.svc.llm.num_running == 1, timeout=5)
+    asks = [
+        ("/generate", {"tenant_id": "acme", "prompt": "q", "max_tokens": 5}),
+        ("/generate", {"tenant_id": "acme", "prompt": "q", "max_tokens": 5, "stream": True}),
+        ("/v1/completions", {"model": "acme", "prompt": "q", "max_tokens": 5}),
+        (
+            "/v1/chat/completions",
+            {"model": "acme", "messages": [{"role": "user", "content": "q"}], "max_tokens": 5},
+        ),
+        ("/tgi/generate", {"inputs": "q", "parameters": {"max_new_tokens": 5, "adapter_id": "acme"}}),
+    ]
+    with caplog.at_level("ERROR"):
+        for path, body in asks:
+            with s.client(timeout=0.3) as c, contextlib.suppress(httpx.TimeoutException):
+                c.post(path, json=body)
+            wait_until(lambda: s.svc.llm.num_waiting == 0, timeout=5)
+        hog.join(30)
+        wait_until(lambda: engine_idle(s.svc), timeout=10)
+    m = s.client().get("/metrics").text
+    for path in ("/generate", "/v1/completions", "/v1/chat/completions", "/tgi/generate"):
+        labels = {"route": path, "method": "POST"}
+        assert metric_value(m, "prefixserve:http_requests_total", {**labels, "status": "500"}) is None, path
+        assert metric_value(m, "prefixserve:http_requests_total", {**labels, "status": "499"}), path
+    assert not [r for r in caplog.records if "unhandled" in r.getMessage()]
+    assert only_prefix_blocks_used(s.svc) and s.svc._tenant_active == {}
 
 
 def test_sigterm_drains_in_flight_and_exits_zero(subprocess_server, tmp_path):

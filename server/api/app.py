@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,7 +31,7 @@ from server.api.errors import APIError, SafeJSONResponse, install_error_handlers
 from server.api.limits import RateLimiter
 from server.api.metrics import Metrics
 from server.api.reload import ConfigReloader, loaded_signatures
-from server.api.service import RequestInfo, Service, rate_limiter
+from server.api.service import ClientDisconnected, RequestInfo, Service, rate_limiter
 from server.settings import Settings
 
 log = logging.getLogger("prefixserve.api")
@@ -426,6 +426,13 @@ def create_app(
     )
     app.state.ps = st
     install_error_handlers(app, settings.retry_after_s)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        # the client left before its request started (queued, or waiting for its prefix): its engine requests are
+        # aborted already; logged as 499 (nginx's "client closed request"), never an error of the server's
+        return Response(status_code=routes_generate.DISCONNECTED)
+
     routers = (
         routes_generate.router,
         routes_openai.router,
