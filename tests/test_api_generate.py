@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -654,3 +655,27 @@ def test_a_request_for_the_latest_runs_on_the_new_latest_if_its_version_is_prune
     resolved_before_the_put(None)
     assert_error(gen(c, **body), 404, "prefix_not_found")
     assert c.get("/health").status_code == 200
+
+
+def test_a_prefix_that_changes_faster_than_a_request_can_load_it_is_a_503(srv, monkeypatch):
+    """Every version a request for the latest is given is gone again before it loads (versions put and pruned
+    many times a second): after a few tries a retryable 503, not a 404 for a name that exists."""
+    from server.api import service
+    from server.api.service import ResolvedPrefix
+
+    tries = []
+
+    async def always_newer(self, ev):  # the store had moved on again each time
+        tries.append(1)
+        return dataclasses.replace(self.prefix, version=1000 + len(tries))
+
+    monkeypatch.setattr(service.GenerationRun, "_newer_latest", always_newer)
+    c = srv.client()
+    body = {"tenant_id": "acme", "prompt": "x", "max_tokens": 2}
+    key = ("acme", "default")
+    _, _, generation = srv.svc.meta_cache.get(key)
+    srv.svc.meta_cache.put(key, ResolvedPrefix(*key, 999, 8, "raw"), generation)  # resolved: gone since
+    r = gen(c, **body)
+    err = assert_error(r, 503, "prefix_changing")
+    assert r.headers["retry-after"] and "retry" in err["message"]
+    assert len(tries) == service.MAX_LATEST_ATTEMPTS - 1

@@ -304,15 +304,32 @@ class GenerationRun:
         self._observe(ev)
         self.first = ev
         if ev.finished and ev.finish_reason == "error":
+            if attempt == MAX_LATEST_ATTEMPTS and self._churned(ev):
+                # every version it was given went away before it loaded: the name exists, it changes too fast
+                self.info.error_code = "prefix_changing"
+                raise unavailable(
+                    f"prefix {self.prefix.name!r} changed {MAX_LATEST_ATTEMPTS} times while this request waited "
+                    "for it; retry",
+                    self.svc.settings.retry_after_s,
+                    code="prefix_changing",
+                )
             raise self._error(ev)
         return ev
+
+    def _churned(self, ev: TokenEvent) -> bool:
+        """A request for the latest version whose last try also found its version gone (a 404)."""
+        return (
+            not self.prefix.pinned
+            and self.prefix.name is not None
+            and ENGINE_ERRORS.get(ev.error_type or "", (0,))[0] == 404
+        )
 
     async def _newer_latest(self, ev: TokenEvent) -> ResolvedPrefix | None:
         """The prefix to retry a failed first event on: the name's latest version if the failure was this
         (unpinned) version missing from the store and the latest is another version, with the same prompt format
         (the prompt was rendered for it) and within the size limits. None: the failure stands."""
         p = self.prefix
-        if p.pinned or p.name is None or ENGINE_ERRORS.get(ev.error_type or "", (0,))[0] != 404:
+        if not self._churned(ev):
             return None
         self.svc.meta_cache.invalidate((p.tenant_id, p.name))
         try:
