@@ -198,10 +198,9 @@ class RedisStore(PrefixStore):
                 found.clear()
                 written.clear()
                 mine = pipe.get(token_key)
-                if (
-                    mine is not None
-                ):  # an earlier EXEC of this put did write, its reply was lost: done (even if
-                    # that version was deleted since: writing it again would undo the delete)
+                # an earlier EXEC of this put did write, its reply was lost: done (even if that version was
+                # deleted since: writing it again would undo the delete)
+                if mine is not None:
                     written.append(attempts[int(mine)])
                     pipe.multi()
                     return

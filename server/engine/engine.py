@@ -192,7 +192,6 @@ class LLMEngine:
         )
         self._inflight: _Inflight | None = None
         self._follow_admitted: list[Sequence] = []  # the requests the last follow-up step admitted
-        self._follow_started: list[Sequence] = []  # and those it scheduled for the first time
         self._cuda_device = self.runner.cuda_index
         self.num_async_steps = 0  # steps launched from the previous step's tokens on the device
 
@@ -236,14 +235,12 @@ class LLMEngine:
         self._finish(seq, "abort")
         return True
 
-    def fail_all(self, error: str, error_type: str) -> int:
+    def fail_all(self, error: str, error_type: str) -> None:
         """End every unfinished request with an error event (`error_type` names it to the API): the server is
-        going away and its clients should hear why. Returns how many."""
-        seqs = list(self._seqs.values())
-        for seq in seqs:
+        going away and its clients should hear why."""
+        for seq in list(self._seqs.values()):
             seq.error, seq.error_type = error, error_type
             self._finish(seq, "error")
-        return len(seqs)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
@@ -508,7 +505,6 @@ class LLMEngine:
         sched = self.scheduler
         sched._fresh = []
         self._follow_admitted = []
-        self._follow_started = []
         in_flight = {id(q): i for i, q in enumerate(fl.seqs)}
         keep: list[int] = []  # the carried rows, as indices into fl.seqs (and fl.tokens)
         extra: list[tuple[Sequence, int]] = []
@@ -551,10 +547,6 @@ class LLMEngine:
         now = time.monotonic()
         samplers = list(carried)
         for seq, n in extra:
-            if seq.first_scheduled is None:
-                seq.first_scheduled = now
-                seq.cached_prompt_tokens = seq.num_cached
-                self._follow_started.append(seq)
             sample = seq.num_cached + n == seq.num_tokens
             rows.append(self._row(seq, seq.tokens[seq.num_cached : seq.num_cached + n], sample=sample))
             if sample:
@@ -573,6 +565,9 @@ class LLMEngine:
         for seq in carried:
             seq.num_cached += 1
         for seq, n in extra:
+            if seq.first_scheduled is None:  # once launched (a follow-up that fails to launch starts nothing)
+                seq.first_scheduled = now
+                seq.cached_prompt_tokens = seq.num_cached
             seq.num_cached += n
         nxt.computed = [seq for seq, _ in extra if id(seq) not in sampled]
         seqs = carried + [seq for seq, _ in extra]
@@ -618,8 +613,6 @@ class LLMEngine:
                 log.exception("async follow-up step failed to launch")
                 self.scheduler.rollback()
                 self.scheduler.unadmit(self._follow_admitted)  # its newcomers: admitted again, afresh
-                for seq in self._follow_started:  # not started after all (queue time, cached prompt tokens)
-                    seq.first_scheduled = None
                 nxt = None
         # requests the follow-up's admission failed (a prefix that cannot load, too large for the context)
         events: list[TokenEvent] = [self._finish(seq, "error") for seq in self.scheduler.failed]

@@ -34,14 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefix_store.errors import StoreError, StoreUnavailable
+from prefix_store.errors import StoreUnavailable
 from server.training.records import (
     ACTIVE,
     IDEMPOTENCY_TTL_S,
+    UNDECIDED,
     JobRecord,
     TooManyJobs,
     found_stored,
     idempotency_slot,
+    stored_by_dead_worker,
 )
 
 log = logging.getLogger("prefixserve.training.jobs")
@@ -477,33 +479,21 @@ class DiskJobBackend:
         """End a running job whose worker is gone or hung as succeeded if a run of it stored its prefix (a cancel
         or its last attempt must not end it as cancelled or failed while its prefix is visible). True if it was
         ended so, or if the store cannot say now (the job is left as it is, for a later pass)."""
-        if self.stored_version is None:
-            return False
-        try:
-            meta = self.stored_version(rec)
-        except StoreUnavailable as e:
-            log.warning(
-                "job %s: cannot tell whether it stored its prefix (%s); left for later", rec.job_id, e
-            )
+        meta = stored_by_dead_worker(self.stored_version, rec)
+        if meta is UNDECIDED:
             return True
-        except StoreError as e:  # the store answers, with an error that a later pass would get too
-            log.warning("job %s: looking for its prefix failed (%s); taken as not stored", rec.job_id, e)
-            return False
         if meta is None:
             return False
         for k, v in found_stored(rec, meta.version, meta.training).items():
             setattr(rec, k, v)
         self._write(rec)
         self._end(rec)
-        log.warning("job %s: its worker %s stored version %d before it went away; succeeded", rec.job_id,
-                    rec.worker, meta.version)  # fmt: skip
         return True
 
     def _recover(self, rec: JobRecord) -> None:
         dead = rec.worker
-        if (self._cancel(rec.job_id).exists() or rec.attempts >= self.max_attempts) and self._found_stored(
-            rec
-        ):
+        ending = self._cancel(rec.job_id).exists() or rec.attempts >= self.max_attempts
+        if ending and self._found_stored(rec):
             return
         if self._cancel(rec.job_id).exists():
             rec.status, rec.finished, rec.cancel_requested = "cancelled", time.time(), True

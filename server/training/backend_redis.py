@@ -31,8 +31,16 @@ from typing import Any
 
 import redis
 
-from prefix_store.errors import StoreError, StoreUnavailable
-from server.training.records import IDEMPOTENCY_TTL_S, JobRecord, TooManyJobs, found_stored, idempotency_slot
+from prefix_store.errors import StoreUnavailable
+from server.training.records import (
+    IDEMPOTENCY_TTL_S,
+    UNDECIDED,
+    JobRecord,
+    TooManyJobs,
+    found_stored,
+    idempotency_slot,
+    stored_by_dead_worker,
+)
 
 log = logging.getLogger("prefixserve.training.jobs")
 
@@ -395,22 +403,12 @@ class RedisJobBackend:
         if what in ("cancel_requested", "exhausted"):
             rec = self._read(job_id)
             if rec is not None:
-                try:  # a run that stored its prefix before its worker went away: the job succeeded
-                    stored = (
-                        self.stored_version(rec) if self.stored_version is not None and rec.worker else None
-                    )
-                except StoreUnavailable as e:  # left pending: taken up again once idle
-                    log.warning(
-                        "job %s: cannot tell whether it stored its prefix (%s); left for later", job_id, e
-                    )
+                # a run that stored its prefix before its worker went away: the job succeeded
+                stored = stored_by_dead_worker(self.stored_version, rec)
+                if stored is UNDECIDED:  # left pending: taken up again once idle
                     return None
-                except StoreError as e:  # the store answers, with an error a later look would get too
-                    log.warning("job %s: looking for its prefix failed (%s); taken as not stored", job_id, e)
-                    stored = None
                 if stored is not None:
                     vals = found_stored(rec, stored.version, stored.training)
-                    log.warning("job %s: its worker %s stored version %d before it went away; succeeded", job_id,
-                                rec.worker, stored.version)  # fmt: skip
                 elif what == "cancel_requested":
                     vals = {"status": "cancelled", "finished": time.time(), "cancel_requested": True,
                             "error": f"cancelled; its worker {rec.worker} went away" if rec.worker else

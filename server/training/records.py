@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -12,6 +13,8 @@ from typing import Any
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"queued", "running"})
+
+log = logging.getLogger("prefixserve.training.jobs")
 
 
 class TooManyJobs(RuntimeError):
@@ -119,3 +122,29 @@ def found_stored(rec: JobRecord, version: int, training: dict[str, Any] | None) 
     summary = dict(training or {})
     return {"status": "succeeded", "finished": time.time(), "prefix_version": version, "summary": summary,
             "error": None, "progress": final_progress(rec.progress, summary)}  # fmt: skip
+
+
+UNDECIDED = object()  # `stored_by_dead_worker`: the store cannot say now
+
+
+def stored_by_dead_worker(check: Any, rec: JobRecord) -> Any:
+    """What a job backend ending a dead worker's job (cancelled, or out of attempts) learns from `check(rec)`
+    (`JobManager._stored_by`; None: no check): the prefix metadata that job stored, None if it stored none (or
+    looking failed in a way a later look would too), or UNDECIDED while the store is unavailable (leave the job as
+    it is for a later pass). Logged here, the same for both backends."""
+    from prefix_store.errors import StoreError, StoreUnavailable
+
+    if check is None or not rec.worker:
+        return None
+    try:
+        meta = check(rec)
+    except StoreUnavailable as e:
+        log.warning("job %s: cannot tell whether it stored its prefix (%s); left for later", rec.job_id, e)
+        return UNDECIDED
+    except StoreError as e:
+        log.warning("job %s: looking for its prefix failed (%s); taken as not stored", rec.job_id, e)
+        return None
+    if meta is not None:
+        log.warning("job %s: its worker %s stored version %d before it went away; succeeded", rec.job_id,
+                    rec.worker, meta.version)  # fmt: skip
+    return meta
