@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import types
@@ -85,6 +86,13 @@ def make_server(app: Any, settings: Any) -> Any:
             self._loop = asyncio.get_running_loop()
             await super().serve(sockets)
 
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started and sockets:
+                # uvicorn says where it listens only for sockets it bound itself
+                host, port = sockets[0].getsockname()[:2]
+                log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+
         def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
             if self._drain_started or self._loop is None:
                 # second signal: stop now (a second SIGINT forces exit)
@@ -144,6 +152,28 @@ def check_model_settings(settings: Any) -> None:
             )
 
 
+def bind_listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (not yet listening: connections are refused until the model has loaded).
+    Bound before anything loads, so a port in use is a one-line error at once, not after the model load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # as uvicorn does: a restart may reuse a port in TIME_WAIT (not one another process listens on)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _startup_failed(e: BaseException) -> int:
+    log.error("start-up failed: %s", e)
+    print(f"prefixserve: start-up failed: {e}", file=sys.stderr)
+    return EXIT_STARTUP
+
+
 def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_manager: Any = None) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean drain, 3 if start-up failed."""
     from prefix_store.errors import StoreError
@@ -153,23 +183,27 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
     setup_logging(settings.log_level, settings.log_json)
     log.info("settings: %s", json.dumps(settings.public_dict(), default=str))
     try:
-        app = create_app(settings, bundle=bundle, store=store, job_manager=job_manager)
-    except (
-        ValueError,
-        OSError,
-        StoreError,
-    ) as e:  # a limits file that cannot be read, say: one line, no traceback
-        log.error("start-up failed: %s", e)
-        print(f"prefixserve: start-up failed: {e}", file=sys.stderr)
-        return EXIT_STARTUP
-    server = make_server(app, settings)
-    # uvicorn re-raises a captured signal after shutting down; a Python handler keeps that from killing us
-    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+        sock = bind_listen_socket(settings.host, settings.port)
+    except OSError as e:
+        return _startup_failed(
+            OSError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
+        )
     try:
-        server.run()
+        try:
+            app = create_app(settings, bundle=bundle, store=store, job_manager=job_manager)
+        except (ValueError, OSError, StoreError) as e:
+            # a limits file that cannot be read, say: one line, no traceback
+            return _startup_failed(e)
+        server = make_server(app, settings)
+        # uvicorn re-raises a captured signal after shutting down; a Python handler keeps that from killing us
+        previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            server.run(sockets=[sock])
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        sock.close()
     if not server.started:
         log.error("server failed to start")
         return EXIT_STARTUP

@@ -176,6 +176,7 @@ def test_sigterm_drains_in_flight_and_exits_zero(subprocess_server, tmp_path):
     assert first.wait(30)
     sp.terminate()
     wait_until(lambda: c.get("/ready").status_code == 503, timeout=5, interval=0.02)
+    assert c.head("/ready").status_code == 503  # to a HEAD probe too
     r = c.get("/ready")
     assert r.headers["retry-after"] and r.json()["checks"]["lifecycle"] == "shutting_down"
     assert_error(

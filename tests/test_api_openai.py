@@ -472,6 +472,7 @@ def test_continue_final_message_and_chat_template_kwargs(srv, oai):
         ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt still true
         ({"continue_final_message": True, "add_generation_prompt": False, "messages": msgs[:1]}, "continue_final_message"),
         ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
     ):  # fmt: skip
         body = {"model": "acme/default", "messages": msgs, "max_tokens": 2, **extra}
         resp = c.post("/v1/chat/completions", json=body)

@@ -23,6 +23,10 @@ def test_health_and_ready(server_factory):
     assert r.status_code == 200
     assert r.json()["status"] == "ready"
     assert r.json()["checks"] == {"model": "ok", "engine": "ok", "store": "ok", "lifecycle": "serving"}
+    # HEAD, as load balancers probe: the status without a body
+    for path in ("/health", "/ready"):
+        h = c.head(path)
+        assert h.status_code == 200 and h.content == b"", path
 
 
 def test_info_says_what_the_server_runs(server_factory, api_bundle):

@@ -126,6 +126,28 @@ def test_start_up_failure_is_one_line(tmp_path, capsys, root_logging):
     assert "start-up failed" in err and "missing.json" in err and "Traceback" not in err
 
 
+def test_a_port_in_use_fails_start_up_before_the_model_loads(tmp_path, capsys, root_logging, monkeypatch):
+    """The port is bound before anything loads: a port another process listens on is exit 3 at once, saying so,
+    instead of a model load, a "ready" line and then a bind error."""
+    import socket
+
+    import server.api
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the app was built although the port is taken")
+
+    monkeypatch.setattr(server.api, "create_app", must_not_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = cli.main(["serve", "--host", "127.0.0.1", "--port", str(port), "--store-url", f"file://{tmp_path}/s",
+                       "--no-log-json"])  # fmt: skip
+    assert rc == cli.EXIT_STARTUP
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
 def test_prefixes_list_reads_the_store(api_bundle, tmp_path, capsys):
     from prefix_store import open_store
 

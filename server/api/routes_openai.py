@@ -254,6 +254,14 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
 async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat: bool) -> _Choices:
     svc = get_service(request)
     info = get_info(request)
+    if body.stream_options is not None and not body.stream:
+        # as OpenAI and vLLM: usage chunks of a response that is not streamed is a mistake, not a no-op
+        raise APIError(
+            422,
+            "stream_options is only allowed when stream is true",
+            code="invalid_value",
+            param="stream_options",
+        )
     tenant, name, version = parse_model(body.model, principal)
     info.tenant, info.prefix = tenant, name
     priority = svc.check_priority(principal, body.priority)

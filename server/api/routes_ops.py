@@ -25,7 +25,10 @@ class NotReady(Readiness):
     error: ErrorInfo
 
 
-@router.get("/health", response_model=Health, summary="Liveness: the process answers")
+# HEAD too: load balancers and uptime checkers probe with it
+@router.api_route(
+    "/health", methods=["GET", "HEAD"], response_model=Health, summary="Liveness: the process answers"
+)
 async def health() -> Health:
     return Health()
 
@@ -35,8 +38,9 @@ async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.get(
+@router.api_route(
     "/ready",
+    methods=["GET", "HEAD"],
     response_model=Readiness,
     responses={503: {"model": NotReady, "description": "Not ready (Retry-After)"}},
     summary="Readiness: model loaded, engine running, store reachable, not shutting down",
