@@ -409,17 +409,23 @@ class EngineHarness:
             async_decode=args.async_decode,
         )
         self.steps: list[StepStats] = []
-        self.engine = LLMEngine(bundle, provider, self.cfg, on_step=self.steps.append)
+        self.total_steps = 0  # over every run (`steps` holds the current run's)
+        self.engine = LLMEngine(bundle, provider, self.cfg, on_step=self._on_step)
         self.device = bundle.device
         self.n = 0
 
+    def _on_step(self, st: StepStats) -> None:
+        self.steps.append(st)
+        self.total_steps += 1
+
     def warmup(self, tenants: list[int], prompt_len: int) -> None:
-        """Make the prefixes resident (device cache hits afterwards) and warm the kernels."""
+        """Make the prefixes resident (device cache hits afterwards) and warm the kernels: enough tokens that the
+        whole batch decodes together (and, on CUDA, async follow-up steps run), not only prompt steps."""
         reqs = [
             Request(
                 f"warm{self.n}-{t}",
                 [1] * prompt_len,
-                SamplingParams(max_tokens=2, ignore_eos=True),
+                SamplingParams(max_tokens=8, ignore_eos=True),
                 self.keys[t],
             )
             for t in tenants
@@ -635,6 +641,19 @@ def main_bench(args) -> dict:
     engine_packed = harness is not None and harness.engine.runner.packed
     engine_kernels = harness.engine.runner.kernels if harness is not None else None
     engine_async = harness.engine.async_decode if harness is not None else None
+    # what the engine's fast path really did (a fallback shows here, not only in the numbers)
+    graphs = harness.engine.runner.graphs if harness is not None else None
+    engine_paths = (
+        None
+        if harness is None
+        else {
+            "graph_mode": harness.engine.runner.graph_mode,
+            "graphs_captured": graphs.num_captured if graphs is not None else 0,
+            "graph_steps": graphs.num_replays if graphs is not None else 0,
+            "async_steps": harness.engine.num_async_steps,
+            "steps": harness.total_steps,
+        }
+    )
 
     # ---------------------------------------------------------------- report
     n = len(work.prompts)
@@ -671,6 +690,13 @@ def main_bench(args) -> dict:
         f"{args.prompt_len}, {args.new_tokens} new tokens (greedy, ignore EOS), max_num_seqs {args.max_num_seqs}, "
         f"engine linears {'oneDNN prepacked' if engine_packed else 'F.linear'}, kernels {engine_kernels}, async decode {engine_async}. Load average before {load_before}, after {load_after}."
     )
+    if engine_paths is not None:
+        lines.append("")
+        lines.append(
+            "Engine steps (all of its runs, warm-ups included): "
+            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in engine_paths.items())
+            + "."
+        )
     lines.append("")
     lines.append(f"Command: `{cmd}`")
     lines.append("")
@@ -747,6 +773,7 @@ def main_bench(args) -> dict:
             "engine_packed_weights": engine_packed,
             "engine_kernels": engine_kernels,
             "engine_async_decode": engine_async,
+            "engine_paths": engine_paths,
             "engine_prompt_cache": args.prompt_cache,
             "machine": {**info, "loadavg_before": load_before, "loadavg_after": load_after},
         }

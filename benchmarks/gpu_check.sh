@@ -10,8 +10,10 @@
 #                carry [".gpu-tok", ".whl"]
 #
 # A session has 15 minutes of device time in all, machine starts included, so the stages run most important first
-# and each gets only the time left before DEADLINE (seconds from the start; default 570, inside one 600 s call).
-# A stage that would not fit is skipped and says so; a stage that fails does not stop the next.
+# and each gets only the time left before DEADLINE (seconds from the start; default 570, inside one 600 s call;
+# for PART=2 set it to the device time left minus ~30 s), and at most its own cap, so one slow stage (a long
+# compile) cannot eat the others' time. A stage that would not fit is skipped and says so; a stage that fails does
+# not stop the next. Send PART=2 within ~30 s of PART=1 returning: an idle machine is handed back.
 #   PART=1: 1. issue 6's GPU targets: SmolLM2-135M's shape, random bf16 weights, 64 tenants each with its own
 #              prefix of 32, prompts 128, 128 new tokens, systems a (first 4 requests; sequential), b, c, d, e
 #              (static cache, compiled); the table, the ratios and the engine's prefill / decode step times.
@@ -28,6 +30,10 @@ PY="${PYTHON:-python3}"
 PART="${PART:-1}"
 case "$PART" in 1 | 2) ;; *) echo "PART must be 1 or 2, not $PART" >&2; exit 2 ;; esac
 DEADLINE="${DEADLINE:-570}"
+if [ ! -f .gpu-tok/tokenizer.json ]; then  # the device reaches no model hub: the benchmark needs this carried
+  echo "no .gpu-tok/tokenizer.json: prepare it here first (see the header) and carry it" >&2
+  exit 2
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (llguidance for the structured-outputs CUDA test)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:$PYTHONPATH"
@@ -37,38 +43,39 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 "$PY" -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/stages.txt"
 
-# stage NAME NEED LOG CMD...: run CMD (output to the terminal and to $OUT/LOG) if NEED seconds are left before the
-# deadline, killed at the deadline
+# stage NAME NEED CAP LOG CMD...: run CMD (output to the terminal and to $OUT/LOG) if NEED seconds are left before
+# the deadline, killed after CAP seconds or at the deadline, whichever comes first
 stage() {
-  local name="$1" need="$2" log="$3"
-  shift 3
+  local name="$1" need="$2" cap="$3" log="$4"
+  shift 4
   local left=$((DEADLINE - SECONDS))
   if [ "$left" -lt "$need" ]; then
     echo "=== $name: skipped ($left s left, needs about $need s)" | tee -a "$OUT/stages.txt"
     return
   fi
-  echo "=== $name (at ${SECONDS}s, ${left}s left)" | tee -a "$OUT/stages.txt"
+  local limit=$((left < cap ? left : cap))
+  echo "=== $name (at ${SECONDS}s, ${left}s left, limit ${limit}s)" | tee -a "$OUT/stages.txt"
   local t0=$SECONDS
-  timeout -k 10 "$left" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]" | tee -a "$OUT/$log"
+  timeout -k 10 "$limit" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]" | tee -a "$OUT/$log"
   echo "=== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"
 }
 
 BENCH=("$PY" benchmarks/bench_engine.py --device cuda --tenants 64 --requests 64 --prefix-len 32 --prompt-len 128
   --new-tokens 128 --tokenizer .gpu-tok)
 if [ "$PART" = 1 ]; then
-  stage "135M shape, systems a-e" 150 bench-135m.log "${BENCH[@]}" --model smollm2-135m-config --systems a,b,c,d,e \
-    --naive-requests 4 --out "$OUT/gpu-smollm2-135m-config.md"
-  stage "CUDA-path tests" 120 cuda-tests.log "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" \
-    tests/test_engine_cuda.py tests/test_triton_kernels.py
+  stage "135M shape, systems a-e" 150 300 bench-135m.log "${BENCH[@]}" --model smollm2-135m-config \
+    --systems a,b,c,d,e --naive-requests 4 --out "$OUT/gpu-smollm2-135m-config.md"
+  stage "CUDA-path tests" 120 240 cuda-tests.log "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" \
+    --timeout 120 tests/test_engine_cuda.py tests/test_triton_kernels.py
   for abl in "torch off" "triton off" "torch on"; do
     set -- $abl
-    stage "ablation d: kernels $1, async decode $2" 45 ablation.log "${BENCH[@]}" --model smollm2-135m-config \
+    stage "ablation d: kernels $1, async decode $2" 45 90 ablation.log "${BENCH[@]}" --model smollm2-135m-config \
       --systems d --kernels "$1" --async-decode "$2"
   done
 else
-  stage "profile of system d" 90 profile-d.log "${BENCH[@]}" --model smollm2-135m-config --systems d --profile \
-    --out "$OUT/gpu-135m-d-profile.md"
-  stage "1B config, systems b-e" 150 bench-1b.log "${BENCH[@]}" --model llama-1b-config --systems b,c,d,e \
+  stage "profile of system d" 90 180 profile-d.log "${BENCH[@]}" --model smollm2-135m-config --systems d \
+    --profile --out "$OUT/gpu-135m-d-profile.md"
+  stage "1B config, systems b-e" 150 300 bench-1b.log "${BENCH[@]}" --model llama-1b-config --systems b,c,d,e \
     --out "$OUT/gpu-llama-1b-config.md"
 fi
 cat "$OUT/stages.txt"

@@ -60,7 +60,8 @@ def test_cuda_graph_decode_is_exact_fp32(family, kernels):
     got = [o.token_ids for o in graphed.generate(reqs)]
     assert got == [o.token_ids for o in eager.generate(reqs)]
     g = graphed.runner.graphs
-    assert g is not None and g.num_captured >= 1 and g.num_replays >= NEW - 1
+    # every batch bucket captured at start-up, largest first
+    assert g is not None and g.num_captured >= len(g.batches) and g.num_replays >= NEW - 1
     for r, toks in zip(reqs, got, strict=True):
         kv = keys[r.prefix] if r.prefix is not None else None
         assert toks == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, NEW), r.request_id

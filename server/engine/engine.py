@@ -170,6 +170,15 @@ class LLMEngine:
             max_graph_batch=cfg.max_num_seqs,
             kernels=cfg.kernels,
         )
+        graphs = self.runner.graphs
+        if graphs is not None:
+            secs = graphs.capture_all()
+            log.info(
+                "decode graphs (%s) for batch sizes %s ready in %.1fs",
+                self.runner.graph_mode,
+                ",".join(map(str, graphs.batches)),
+                secs,
+            )
         self.eos_ids = set(sp.eos_token_ids)
         tok_eos = getattr(bundle.tokenizer, "eos_token_id", None)
         if tok_eos is not None:

@@ -15,6 +15,7 @@ syncs with the device and the host can prepare a step while the previous one run
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -801,6 +802,7 @@ class _DecodeGraphs:
         self.pool = None
         self.num_captured = 0
         self.num_replays = 0
+        self.used: set[tuple[int, int]] = set()  # the buckets steps have run at
 
     def bucket(self, batch: int, slots: int) -> tuple[int, int] | None:
         if batch > self.batches[-1] or slots > self.max_slots:
@@ -874,13 +876,25 @@ class _DecodeGraphs:
                 self.runner._forward(st)
             torch.cuda.current_stream(self.runner.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: a prefix-loader thread pinning host memory during the capture does not invalidate it
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = self.runner._forward(st)
             self.pool = graph.pool()
             self.num_captured += 1
         entry = (graph, st, out)
         self.entries[key] = entry
         return entry
+
+    def capture_all(self) -> float:
+        """Capture every batch bucket now (at the smallest key-slot bucket; the paged kernel has only one), largest
+        first so that smaller graphs reuse the larger ones' pool memory (as vLLM does): no request waits on a capture
+        or on a kernel compile mid-serving. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        slots = self.max_slots if self.paged else self.min_slots
+        for b in sorted(self.batches, reverse=True):
+            if (b, slots) not in self.entries:
+                self._capture((b, slots))
+        return time.perf_counter() - t0
 
     def run(self, inp: StepInputs) -> torch.Tensor:
         key = inp.graph_key
@@ -892,5 +906,6 @@ class _DecodeGraphs:
         else:
             graph.replay()  # type: ignore[attr-defined]
         self.num_replays += 1
+        self.used.add(key)
         assert out is not None
         return out[: inp.num_rows].clone()
