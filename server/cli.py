@@ -38,15 +38,16 @@ FLUSH_S = 2
 # ------------------------------------------------------------------------------------------------ serve
 # `--store` as the worker and `prefixes` commands spell it
 FLAG_ALIASES = {"store_url": ("--store",)}
+# keys on the command line end up in `ps` output: env or file only (and never echoed in an error)
+SECRET_FIELDS = frozenset({"api_keys", "admin_key"})
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     """One flag per Settings field (`--max-prompt-tokens` ↔ PREFIXSERVE_MAX_PROMPT_TOKENS); flags win over env."""
     from server.settings import Settings
 
-    secret = {"api_keys", "admin_key"}  # keys on the command line end up in `ps` output: env or file only
     for name, f in Settings.model_fields.items():
-        if name in secret:
+        if name in SECRET_FIELDS:
             continue
         ann = f.annotation
         args = getattr(ann, "__args__", (ann,))
@@ -138,12 +139,42 @@ def make_server(app: Any, settings: Any) -> Any:
     return DrainingServer(config)
 
 
+def describe_settings_error(e: Exception) -> str:
+    """A settings error naming what the user set (the env var and the flag), one line per field, without pydantic's
+    "For further information visit ..." links."""
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError):
+        return str(e)
+    parts = []
+    for err in e.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        where = f"PREFIXSERVE_{field.upper()} / --{field.replace('_', '-')}" if field else "settings"
+        msg = str(err["msg"])
+        given = err.get("input")
+        shown = ""
+        if err["type"] == "value_error":  # our own checks: their messages say what was given (URLs redacted)
+            msg = msg.removeprefix("Value error, ").removeprefix(f"{field}: ")
+        elif (
+            isinstance(given, (str, int, float)) and field not in SECRET_FIELDS and not field.endswith("_url")
+        ):
+            shown = f" (got {given!r})"
+        parts.append(f"{where}: {msg}{shown}")
+    return "; ".join(parts)
+
+
 def check_model_settings(settings: Any) -> None:
     """The device, dtype and model can be used on this machine (ValueError saying why not), before anything
     loads: a bad one is a one-line error, not a traceback from the server's start-up."""
     from server.model.loader import EMBEDDED_NAME, resolve_device, resolve_dtype
 
-    resolve_dtype(settings.dtype, resolve_device(settings.device))
+    device = resolve_device(settings.device)
+    resolve_dtype(settings.dtype, device)
+    if settings.kernels == "triton":
+        from server.engine import triton_ops
+
+        if not triton_ops.available(device):
+            raise ValueError(f"kernels 'triton' needs triton and a CUDA device (device here: {device.type})")
     if settings.model not in ("", EMBEDDED_NAME):
         folder = Path(settings.model).expanduser()
         if not (folder / "config.json").is_file():
@@ -216,7 +247,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         settings.tenant_keys()  # fail fast on a malformed key list
         check_model_settings(settings)
     except Exception as e:
-        print(f"prefixserve: invalid settings: {e}", file=sys.stderr)
+        print(f"prefixserve: invalid settings: {describe_settings_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     if settings.torch_threads:
         import torch

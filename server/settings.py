@@ -166,9 +166,9 @@ class Settings(BaseSettings):
     )
     kernels: Literal["auto", "triton", "torch"] = Field(
         "auto",
-        description="Attention as Triton paged kernels over the block tables (decode and prefill) and, for "
-        "Llama-family models, fused norm/rotary/activation kernels ('auto': on CUDA when triton is installed); "
-        "'torch': torch ops only",
+        description="'triton': attention as Triton paged kernels over the block tables (decode and prefill) and, "
+        "for Llama-family models, fused norm/rotary/activation kernels (needs CUDA); 'torch': torch ops only; "
+        "'auto': 'triton' on CUDA when triton is installed and works there",
     )
     async_decode: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -154,9 +154,28 @@ def test_prompt_and_context_limits(server_factory, api_bundle, tmp_path):
     err = assert_error(
         gen(c, tenant_id="acme", prompt="y" * 10, max_tokens=50), 413, "context_length_exceeded"
     )
-    assert "64" in err["message"]
+    assert "64" in err["message"] and err["param"] == "max_tokens"
     assert_error(gen(c, tenant_id="acme", prompt="y", max_tokens=51), 422, "max_tokens_too_large")
     assert gen(c, tenant_id="acme", prompt="y" * 10, max_tokens=30).status_code == 200
+    # a prompt that leaves no room for one token is the prompt's fault, named as each route names it
+    roomy = server_factory(store=store, max_prompt_tokens=200, max_model_len=64).client()
+    long = "y " * 60
+    err = assert_error(
+        gen(roomy, tenant_id="acme", prompt=long, max_tokens=1), 413, "context_length_exceeded"
+    )
+    assert err["param"] == "prompt"
+    chat = {"model": "acme/default", "messages": [{"role": "user", "content": long}], "max_tokens": 1}
+    err = assert_error(roomy.post("/v1/chat/completions", json=chat), 413, "context_length_exceeded")
+    assert err["param"] == "messages"
+    chat = {
+        "model": "acme/default",
+        "messages": [{"role": "user", "content": "y"}],
+        "max_completion_tokens": 60,
+    }
+    err = assert_error(roomy.post("/v1/chat/completions", json=chat), 413, "context_length_exceeded")
+    assert err["param"] == "max_completion_tokens"
+    tgi = roomy.post("/tgi/generate", json={"inputs": long, "parameters": {"adapter_id": "acme/default"}})
+    assert assert_error(tgi, 413)["param"] == "inputs"
     store.close()
 
 

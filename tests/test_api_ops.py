@@ -43,7 +43,7 @@ def test_info_says_what_the_server_runs(server_factory, api_bundle):
     )
     kv = info["kv_cache"]
     assert kv["bytes"] == kv["blocks"] * s.svc.llm.pool.block_bytes and kv["bytes"] <= 16 * 2**20
-    assert info["store"] == "disk" and info["training"] is True
+    assert info["store"] == "disk" and info["training"] is True and info["training_workers"] == 1
     assert info["version"] == __import__("server").__version__ != "0+unknown"
     assert s.client().get("/version").json() == {"version": info["version"]}  # open, like /health
     import prefixserve_client as ps

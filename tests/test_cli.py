@@ -60,20 +60,33 @@ def test_serve_refuses_bad_settings(monkeypatch, capsys):
     [
         (["--device", "tpu"], "unknown device"),
         (["--dtype", "float64"], "dtype must be"),
-        (["--store-url", "bogus://x"], "store_url: unsupported scheme"),
-        (["--jobs-url", "redsi://redis:6379/0"], "jobs_url: unsupported scheme"),  # was a folder "redsi:"
-        (["--limits-url", "file:///tmp/x"], "limits_url: unsupported scheme"),
+        (["--store-url", "bogus://x"], "--store-url: unsupported scheme"),
+        (["--jobs-url", "redsi://redis:6379/0"], "--jobs-url: unsupported scheme"),  # was a folder "redsi:"
+        (["--limits-url", "file:///tmp/x"], "--limits-url: unsupported scheme"),
         (["--model", "/nonexistent/model"], "no config.json"),
+        (["--device", "cpu", "--kernels", "triton"], "kernels 'triton' needs triton and a CUDA device"),
     ],
 )
 def test_serve_refuses_unusable_settings_in_one_line(args, needle, capsys, tmp_path, monkeypatch):
     """Each is an exit 2 with a message saying why, before anything loads (they were tracebacks from start-up,
     or a job queue folder named after a mistyped scheme, created in the working directory)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the suite's, for the kernel tests on a CPU)
     assert cli.main(["serve", "--port", "0", *args]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert "invalid settings" in err and needle in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_settings_errors_name_the_env_var_and_the_flag(capsys, monkeypatch):
+    """A bad value from the environment is reported under the variable the user set (and the flag), with what was
+    given, one line, no pydantic links."""
+    monkeypatch.setenv("PREFIXSERVE_MAX_NEW_TOKENS", "abc")
+    assert cli.main(["serve", "--port", "0", "--max-num-seqs", "0"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert "PREFIXSERVE_MAX_NEW_TOKENS / --max-new-tokens: Input should be a valid integer" in err
+    assert "(got 'abc')" in err and "PREFIXSERVE_MAX_NUM_SEQS / --max-num-seqs:" in err
+    assert "errors.pydantic.dev" not in err and len(err.splitlines()) == 1
 
 
 def test_start_up_log_hides_url_passwords():

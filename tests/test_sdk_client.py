@@ -1204,3 +1204,16 @@ def test_a_base_url_without_a_scheme_is_refused_at_once(monkeypatch: pytest.Monk
     with pytest.raises(ValueError, match="PREFIXSERVE_BASE_URL"):
         ps.AsyncClient()
     assert ps.Client("HTTPS://example.com/").base_url == "HTTPS://example.com"
+
+
+def test_connection_error_names_the_url_it_tried() -> None:
+    """A refused connection says which server and route it tried (a wrong base URL is the usual cause), without
+    the URL's user info or query."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = ps.Client(f"http://user:hunter2@127.0.0.1:{port}", max_retries=0)
+    with c, pytest.raises(ps.APIConnectionError) as ei:
+        c.generate("acme", "Hi")
+    msg = str(ei.value)
+    assert f"(POST http://127.0.0.1:{port}/generate)" in msg and "hunter2" not in msg

@@ -19,7 +19,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from prefix_store.names import is_valid_name
 from server.api.auth import Principal, get_principal
-from server.api.deps import get_info, get_service, store_call
+from server.api.deps import app_state, get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError
 from server.api.logprobs import TextOffsets, TokenTexts, chat_logprobs, completion_logprobs
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
@@ -214,6 +214,7 @@ async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefi
         )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     which = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    info.prompt_param, info.max_tokens_param = "messages", which
     return _Plan([ids], max_tokens, logprobs, "top_logprobs", tools=tools, max_tokens_param=which)
 
 
@@ -673,6 +674,10 @@ async def list_models(request: Request, principal: Principal = Depends(get_princ
     cards = [_card(m, svc) for m in metas]
     if not principal.admin and principal.tenant_id is not None:
         cards.append(_base_card(principal.tenant_id, svc))
+    else:
+        # the admin key, an open server: every tenant with a prefix or a key can run on the base model too
+        tenants = {m.tenant_id for m in metas} | set(app_state(request).keyring.tenants)
+        cards.extend(_base_card(t, svc) for t in sorted(tenants))
     return ModelList(data=cards)
 
 

@@ -111,6 +111,9 @@ async def info(request: Request, principal: Principal = Depends(get_principal)) 
         async_decode=llm.async_decode,
         store=svc.store.backend,
         training=svc.job_manager is not None,
+        training_workers=getattr(svc.job_manager, "in_process_workers", 0)
+        if svc.job_manager is not None
+        else 0,
         default_prompt_format=svc.default_format,
         tool_call_parser=svc.tool_parser.name,
     )

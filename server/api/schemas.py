@@ -688,6 +688,9 @@ class ServerInfo(BaseModel):
     )
     store: str = Field(description="Prefix store backend: `disk` or `redis`")
     training: bool = Field(description="Training jobs are accepted (`POST /prefixes`)")
+    training_workers: int = Field(
+        0, description="Training workers inside this server (0: jobs wait for `prefixserve worker` processes)"
+    )
     default_prompt_format: str
     tool_call_parser: str
 

@@ -149,6 +149,9 @@ class RequestInfo:
     finish_reason: str | None = None
     error_code: str | None = None
     prompt: str | None = None  # only with settings.log_prompts
+    # the body's fields that errors about the prompt's and the output's sizes name (chat: messages, ...)
+    prompt_param: str = "prompt"
+    max_tokens_param: str = "max_tokens"
     headers: dict[str, str] = field(default_factory=dict)  # added to the response (x-ratelimit-*)
 
 
@@ -942,18 +945,20 @@ class Service:
                 413,
                 f"prompt has {n} tokens; the limit is {s.max_prompt_tokens}",
                 code="prompt_too_long",
-                param="prompt",
+                param=info.prompt_param,
             )
         limit = self.llm.max_model_len
         total = prefix.prefix_length + n + sampling.max_tokens
         if total > limit:
             self.metrics.rejected.labels("too_long").inc()
+            # the prompt's fault when it leaves no room for even one token, else the output's length
+            room = prefix.prefix_length + n < limit
             raise APIError(
                 413,
                 f"prefix ({prefix.prefix_length}) + prompt ({n}) + max_tokens ({sampling.max_tokens}) tokens "
                 f"exceed the context limit of {limit}",
                 code="context_length_exceeded",
-                param="max_tokens",
+                param=info.max_tokens_param if room else info.prompt_param,
             )
         if self.draining:
             raise unavailable("server is shutting down", s.retry_after_s, code="shutting_down")

@@ -350,6 +350,12 @@ class JobManager:
                 self._threads.append(t)
         if self.in_process_workers:
             log.info("training: %d in-process worker(s), jobs at %r", self.in_process_workers, self.backend)
+        else:
+            log.info(
+                "training: no in-process workers (training_workers 0): jobs at %r wait for `prefixserve worker` "
+                "processes",
+                self.backend,
+            )
 
     def _in_process_worker(self, worker_id: str) -> None:
         """A worker thread inside the server: lower its scheduling priority (Linux: per thread) so that under CPU

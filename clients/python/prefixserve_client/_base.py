@@ -351,10 +351,15 @@ def wrap_transport_error(error: httpx.TransportError) -> APIConnectionError:
     request = None
     with contextlib.suppress(RuntimeError):
         request = error.request
+    # which server it tried: a wrong base URL (or a server not started) is the usual cause
+    where = ""
+    if request is not None:  # (no user info, no query: nothing secret in the message)
+        u = request.url
+        where = f" ({request.method} {u.scheme}://{u.netloc.decode('ascii')}{u.path})"
     if isinstance(error, httpx.TimeoutException):
-        return APITimeoutError(f"request timed out: {type(error).__name__}", request=request)
+        return APITimeoutError(f"request timed out: {type(error).__name__}{where}", request=request)
     detail = str(error) or type(error).__name__
-    return APIConnectionError(f"connection error: {detail}", request=request)
+    return APIConnectionError(f"connection error: {detail}{where}", request=request)
 
 
 # --------------------------------------------------------------------------------------------- SSE
