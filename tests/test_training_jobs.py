@@ -579,18 +579,50 @@ def test_dead_worker_job_fails_with_reason_after_max_attempts(managers, store):
     assert api.submit(request_(name="next")).status == "queued"
 
 
-@pytest.mark.parametrize("ending", ["cancel", "last attempt"])
-def test_a_dead_worker_that_stored_its_prefix_ends_its_job_succeeded(managers, store, ending):
+def test_jobs_of_dead_workers_are_taken_over_one_each_at_once(managers, store):
+    """Two jobs whose workers died: two workers polling take one each as soon as they are stale (a worker taking
+    over a stale job used to reclaim all of them, restarting the others' idle time: the second waited for another
+    stale period with a worker idle)."""
+    api = managers()
+    recs = [api.submit(request_(tenant=t, epochs=1)) for t in ("acme", "globex")]
+    ghosts = [_ghost_claim(api), _ghost_claim(api)]
+    for g in ghosts:
+        _kill_ghost(api, g)
+    kw = {"block_ms": 50} if api.backend.kind == "redis" else {}
+    if (
+        api.backend.kind == "disk"
+    ):  # (its reclaimer requeues dead workers' jobs; Redis's claim takes them over)
+        assert len(api.backend.reclaim_stale()) == 2
+    first = wait_for(lambda: api.backend.claim("w1", **kw), what="the first take-over")
+    second = api.backend.claim("w2", **kw)  # at once: the other job is as stale as the first was
+    assert second is not None, "the second stale job was not available to an idle worker"
+    assert {first.record.job_id, second.record.job_id} == {r.job_id for r in recs}
+
+
+@pytest.mark.parametrize("ending", ["cancel", "last attempt", "cancel, the worker's clock 2 minutes behind"])
+def test_a_dead_worker_that_stored_its_prefix_ends_its_job_succeeded(managers, store, ending, monkeypatch):
     """The worker stored the job's prefix and died before recording it; then the job is cancelled, or that was
     its last attempt. Whoever ends it finds the version by the job id and records `succeeded` with it: it used to
-    end `cancelled` or `failed` while its prefix was visible."""
+    end `cancelled` or `failed` while its prefix was visible (also when the worker's clock, which dates the
+    version, is behind the clock of the server that dated the job)."""
+    import types
+
+    import prefix_store.disk
+    import prefix_store.redis_store
+
     api = managers(max_attempts=1)
     rec = api.submit(request_(epochs=1))
     ghost = _ghost_claim(api)
     kv = {"kv": torch.zeros(2, 2, 2, 3, 16)}
-    stored = store.put("acme", "bot", "prompt_tuning", kv, base_model_fingerprint="x", prefix_length=3,
+    behind = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    behind.time = lambda: time.time() - (120 if "clock" in ending else 0)
+    with monkeypatch.context() as m:
+        for mod in (prefix_store.disk, prefix_store.redis_store):
+            m.setattr(mod, "time", behind)
+        stored = store.put("acme", "bot", "prompt_tuning", kv, base_model_fingerprint="x", prefix_length=3,
                        training={"job_id": rec.job_id, "steps": 4, "total_steps": 4, "epochs": 1})  # fmt: skip
-    if ending == "cancel":
+    assert stored.created < rec.created or "clock" not in ending
+    if ending.startswith("cancel"):
         assert api.cancel(rec.job_id).status == "running"  # asked of a running job: its worker would stop
     _kill_ghost(api, ghost)
     worker = managers(in_process_workers=1, max_attempts=1)

@@ -359,9 +359,11 @@ class RedisJobBackend:
     def _claim_once(self, worker_id: str, block_ms: int) -> RedisClaim | None:
         self._ensure_group()
         entries: list[tuple[bytes, dict]] = []
+        # one at a time: XAUTOCLAIM hands every entry it returns to this worker and restarts its idle time, so the
+        # other stale jobs would wait another stale period although other workers are idle
         res = self._r.xautoclaim(
             self._stream, GROUP, worker_id, min_idle_time=int(self.stale_after_s * 1000), start_id="0-0",
-            count=10,
+            count=1,
         )  # fmt: skip
         entries.extend(e for e in res[1] if e and e[1] is not None)
         for entry_id in res[2] if len(res) > 2 else []:  # deleted entries still pending: drop them

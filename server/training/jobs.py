@@ -73,6 +73,9 @@ class _Undecided(Exception):
 
 # how often a store or job-backend call after training is tried before the run gives up on it
 TRANSIENT_ATTEMPTS = 5
+# how far the clocks of the machines running servers and workers may disagree (NTP keeps them far closer): looking
+# for the version a job stored goes back this much before the job's submission time
+CLOCK_SKEW_S = 3600.0
 
 
 def _idempotency_key(job_id: str) -> str:
@@ -597,13 +600,14 @@ class JobManager:
     def _stored_by(self, rec: JobRecord) -> PrefixMeta | None:
         """The version this job already stored, if any: a run that died (or could not record its success) after
         `store.put` left it, with the job id in its training summary. Only versions made since the job was
-        submitted are looked at."""
+        submitted are looked at: a version is dated by its worker's clock, the job by its server's, so "since"
+        allows for clocks that disagree by up to CLOCK_SKEW_S."""
         for v in reversed(self.store.versions(rec.tenant_id, rec.name)):
             try:
                 meta = self.store.get_meta(rec.tenant_id, rec.name, v)
             except (PrefixNotFound, InvalidPrefix):  # gone, or a record that cannot be read: not this job's
                 continue
-            if meta.created < rec.created:
+            if meta.created < rec.created - CLOCK_SKEW_S:
                 return None
             if (meta.training or {}).get("job_id") == rec.job_id:
                 return meta
