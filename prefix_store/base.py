@@ -227,7 +227,8 @@ class PrefixStore(abc.ABC):
         """Raise StoreUnavailable if the backend cannot be used."""
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
-        """Call ``callback(ChangeEvent)`` after every put/delete; returns an idempotent unsubscribe function.
+        """Call ``callback(ChangeEvent)`` after every put/delete (and with op "resync" when events of other
+        processes may have been missed: drop everything cached); returns an idempotent unsubscribe function.
 
         Events of this store object are delivered synchronously, before put/delete returns. Backends shared by
         several processes (Redis) also deliver other processes' events, on a background thread. Exceptions raised
@@ -299,6 +300,11 @@ class PrefixStore(abc.ABC):
             log.warning("prefix store %r: ignoring a malformed change message: %s", self, e)
             return
         self._notify(event)
+
+    def _notify_resync(self) -> None:
+        """Change events may have been missed (a subscription was lost and is back): subscribers drop what they
+        cached."""
+        self._notify(ChangeEvent(op="resync", tenant_id="", name="", version=0))
 
     def _notify(self, event: ChangeEvent) -> None:
         with self._sub_lock:

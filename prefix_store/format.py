@@ -39,7 +39,9 @@ _KIND_TENSORS: dict[str, dict[str, tuple[int, dict[int, str]]]] = {
     "prompt_tuning": {"soft_prompt": (2, {0: "P"})},
 }
 
-EventOp = Literal["put", "delete"]
+# "resync" (never on the wire; tenant_id and name empty): a backend lost its change subscription, events may have
+# been missed, so subscribers drop whatever they cached
+EventOp = Literal["put", "delete", "resync"]
 
 
 def short_fingerprint(fp: str, n: int = 12) -> str:
@@ -173,7 +175,7 @@ class PrefixRecord:
 
 @dataclass(frozen=True)
 class ChangeEvent:
-    op: EventOp  # "put" | "delete"
+    op: EventOp  # "put" | "delete" | "resync"
     tenant_id: str
     name: str
     version: int  # the version written, or the highest version deleted

@@ -366,7 +366,8 @@ class RedisStore(PrefixStore):
 
         Waits (a few seconds at most) until the channel subscription is active, so events published after this
         returns are not missed. If Redis is down the listener keeps reconnecting in the background; events
-        published while it is disconnected are lost.
+        published while it is disconnected are lost, so once it is subscribed again subscribers get a "resync"
+        event (drop everything cached).
         """
         with self._listener_lock:
             if self._closed:
@@ -391,6 +392,9 @@ class RedisStore(PrefixStore):
 
     def _listen(self) -> None:
         delay = 0.05
+        # one channel: every subscribe confirmation after the first is a re-subscription, after our reconnect or
+        # redis-py's own (which re-subscribes without raising)
+        subscribed_before = False
         while not self._stop.is_set():
             pubsub = None
             try:
@@ -404,6 +408,10 @@ class RedisStore(PrefixStore):
                         self._subscribed.set()
                         self._settled.set()
                         delay = 0.05
+                        if subscribed_before:  # what was published meanwhile never reached us
+                            log.warning("prefix store: change subscription on redis %s is back", self._where)
+                            self._notify_resync()
+                        subscribed_before = True
                     elif msg["type"] == "message":
                         self._notify_foreign(msg["data"])
             except Exception as e:

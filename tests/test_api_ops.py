@@ -239,6 +239,43 @@ def test_store_outage_cached_served_uncached_503_then_recovers(
     store.close()
 
 
+@pytest.mark.redis
+def test_a_replica_drops_its_cached_prefixes_when_its_change_subscription_comes_back(
+    server_factory, api_bundle, redis_server_factory
+):
+    """Redis emptied (restarted without persistence, say) and version 1 of a name written again, with other
+    tensors, while a replica's change subscription was down (the message never reached it): the replica, which
+    had that version cached, served the old tensors for good. Once its subscription is back it drops its caches
+    and serves what the store now holds."""
+    import redis
+
+    from prefix_store import open_store
+
+    srv = redis_server_factory
+    writer = open_store(srv.url)
+    put_random_prefix(writer, api_bundle, "acme", seed=1)
+    s = server_factory(store_url=srv.url, training_workers=0)
+    c = s.client()
+    body = {"tenant_id": "acme", "prompt": "x y z", "max_tokens": 8, "ignore_eos": True}
+    old = c.post("/generate", json=body).json()["text"]
+    raw = redis.Redis(port=srv.port)
+    raw.flushall()
+    writer._channel = "nobody-listens"  # its change message is lost
+    assert put_random_prefix(writer, api_bundle, "acme", seed=2, prefix_length=13).version == 1
+    fresh = server_factory(store_url=srv.url, training_workers=0).client()
+    new = fresh.post("/generate", json=body).json()["text"]
+    assert new != old
+    assert c.post("/generate", json=body).json()["text"] == old  # nothing told the replica
+    assert raw.client_kill_filter(_type="pubsub") >= 1  # its subscription drops; redis-py subscribes again
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and c.post("/generate", json=body).json()["text"] != new:
+        time.sleep(0.1)
+    r = c.post("/generate", json=body)
+    assert r.json()["text"] == new and r.json()["prefix_version"] == 1
+    raw.close()
+    writer.close()
+
+
 def test_store_change_events_invalidate_caches(server_factory, api_bundle):
     s = server_factory()  # default metadata TTL: only change events can make it see a new version
     put_random_prefix(s.store, api_bundle, "acme", seed=1)

@@ -217,6 +217,8 @@ def test_survives_redis_kill_and_restart(redis_server_factory):
         assert rec.meta.version == 2 and torch.equal(rec.kv, make_kv(2.0))
         assert store.versions("acme", "bot") == [1, 2]
         assert replica.wait_subscribed(10)  # the listener resubscribed by itself
+        # and says that events may have been missed meanwhile
+        assert wait_for(got).op == "resync"
         assert put(store, fill=4.0).version >= 3
         assert wait_for(got).version >= 3
     finally:

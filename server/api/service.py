@@ -163,28 +163,37 @@ class PrefixMetaCache:
         self.ttl_s = ttl_s
         self._entries: dict[tuple[str, str], dict[int | None, tuple[ResolvedPrefix, float]]] = {}
         self._gen: dict[tuple[str, str], int] = {}
+        self._epoch = 0  # bumped by `clear`
         self._lock = threading.Lock()
 
     def get(
         self, key: tuple[str, str], version: int | None = None
-    ) -> tuple[ResolvedPrefix | None, bool, int]:
+    ) -> tuple[ResolvedPrefix | None, bool, tuple[int, int]]:
         """(entry, fresh, generation)."""
         with self._lock:
             ent = self._entries.get(key, {}).get(version)
-            gen = self._gen.get(key, 0)
+            gen = (self._epoch, self._gen.get(key, 0))
         if ent is None:
             return None, False, gen
         return ent[0], time.monotonic() - ent[1] < self.ttl_s, gen
 
-    def put(self, key: tuple[str, str], value: ResolvedPrefix, gen: int, version: int | None = None) -> None:
+    def put(
+        self, key: tuple[str, str], value: ResolvedPrefix, gen: tuple[int, int], version: int | None = None
+    ) -> None:
         with self._lock:
-            if self._gen.get(key, 0) == gen:  # no invalidation raced with the fetch
+            if (self._epoch, self._gen.get(key, 0)) == gen:  # no invalidation raced with the fetch
                 self._entries.setdefault(key, {})[version] = (value, time.monotonic())
 
     def invalidate(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._entries.pop(key, None)
             self._gen[key] = self._gen.get(key, 0) + 1
+
+    def clear(self) -> None:
+        """Drop every entry (change events may have been missed); fetches under way do not put theirs back."""
+        with self._lock:
+            self._entries.clear()
+            self._epoch += 1
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -609,7 +618,14 @@ class Service:
             log.warning("could not subscribe to prefix store changes: %s", e)
 
     def _on_store_event(self, event: Any) -> None:
-        """Store change (this process or another replica): drop cached metadata and device KV of that name."""
+        """Store change (this process or another replica): drop cached metadata and device KV of that name; after
+        a lost change subscription ("resync": changes may have been missed, and an emptied Redis numbers versions
+        from 1 again, so a cached version number may now name other tensors), drop them all."""
+        if event.op == "resync":
+            log.warning("prefix store change events may have been missed: dropping every cached prefix")
+            self.meta_cache.clear()
+            self.llm.prefix_cache.invalidate_all()
+            return
         self.meta_cache.invalidate((event.tenant_id, event.name))
         self.llm.prefix_cache.invalidate(event.tenant_id, event.name)
 

@@ -113,7 +113,7 @@ class PrefixCache:
         self._wanted: dict[PrefixKey, int] = {}
         self._errors: dict[PrefixKey, tuple[PrefixLoadError, float]] = {}
         self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="prefix-loader")
-        self._invalidated: list[tuple[str, str]] = []
+        self._invalidated: list[tuple[str, str] | None] = []  # None: every name
         self._lock = threading.Lock()  # guards _invalidated (written from store subscriber threads)
 
     # ---------------------------------------------------------------- engine thread API
@@ -185,8 +185,8 @@ class PrefixCache:
         """Apply invalidations and move finished fetches into the pool (engine thread, once per step)."""
         with self._lock:
             inval, self._invalidated = self._invalidated, []
-        for tenant, name in inval:
-            for e in [e for k, e in self.entries.items() if k.tenant_id == tenant and k.name == name]:
+        for which in inval:
+            for e in [e for k, e in self.entries.items() if which is None or (k.tenant_id, k.name) == which]:
                 e.stale = True
                 if e.active == 0:
                     self._drop(e)
@@ -227,6 +227,13 @@ class PrefixCache:
         """Thread-safe: mark a prefix name stale (store change event); applied at the next step."""
         with self._lock:
             self._invalidated.append((tenant_id, name))
+        if self.on_loaded is not None:
+            self.on_loaded()
+
+    def invalidate_all(self) -> None:
+        """Thread-safe: mark every prefix stale (change events may have been missed); applied at the next step."""
+        with self._lock:
+            self._invalidated.append(None)
         if self.on_loaded is not None:
             self.on_loaded()
 
