@@ -176,7 +176,10 @@ class Settings(BaseSettings):
         "while the previous one runs ('auto': on CUDA, unless speculative decoding is on)",
     )
     prefix_meta_ttl_s: float = Field(
-        10.0, ge=0, description="How long resolved prefix metadata is reused without asking the store"
+        10.0,
+        ge=0,
+        description="How long resolved prefix metadata is reused without asking the store (store events drop "
+        "it sooner; past it, it is still served while one lookup refreshes it)",
     )
 
     # ------------------------------------------------------------------ training

@@ -239,6 +239,45 @@ def test_store_outage_cached_served_uncached_503_then_recovers(
     store.close()
 
 
+def test_a_hung_store_costs_cached_prefixes_nothing(server_factory, api_bundle, tmp_path, monkeypatch):
+    """The store hangs (each lookup answers only after its timeout): requests for a cached prefix whose metadata
+    is due for a refresh are served at once from the cache, one lookup refreshing it in the background (they each
+    waited out the timeout); an uncached name gets 503 after one timeout, and the next at once, not another wait."""
+    from prefix_store import errors, open_store
+
+    store = open_store(f"file://{tmp_path / 's'}")
+    put_random_prefix(store, api_bundle, "acme", seed=1)
+    put_random_prefix(store, api_bundle, "globex", seed=2)
+    s = server_factory(store=store, prefix_meta_ttl_s=0)  # every request finds its metadata due for a refresh
+    c = s.client()
+    body = {"tenant_id": "acme", "prompt": "x y z", "max_tokens": 4}
+    want = c.post("/generate", json=body).json()["text"]
+    lookups = []
+    real_get_meta = store.get_meta
+
+    def hung(*a, **k):
+        lookups.append(a)
+        time.sleep(1.5)
+        raise errors.StoreUnavailable("timed out (as a hung Redis does)")
+
+    monkeypatch.setattr(store, "get_meta", hung)
+    for _ in range(4):
+        t0 = time.monotonic()
+        r = c.post("/generate", json=body)
+        assert r.status_code == 200 and r.json()["text"] == want
+        assert time.monotonic() - t0 < 1.0, "a cached prefix waited for the hung store"
+    t0 = time.monotonic()
+    assert_error(c.post("/generate", json={**body, "tenant_id": "globex"}), 503, "store_unavailable")
+    t1 = time.monotonic()
+    assert_error(c.post("/generate", json={**body, "tenant_id": "globex"}), 503, "store_unavailable")
+    assert t1 - t0 >= 1.4 and time.monotonic() - t1 < 0.5
+    assert len(lookups) <= 3  # one refresh at a time for acme, one lookup for globex
+    monkeypatch.setattr(store, "get_meta", real_get_meta)
+    time.sleep(1.1)  # past the fail-fast window: the store is asked again
+    assert c.post("/generate", json={**body, "tenant_id": "globex"}).status_code == 200
+    store.close()
+
+
 @pytest.mark.redis
 def test_a_replica_drops_its_cached_prefixes_when_its_change_subscription_comes_back(
     server_factory, api_bundle, redis_server_factory

@@ -51,6 +51,9 @@ log = logging.getLogger("prefixserve.api")
 
 # a request for the latest version tries at most this many versions when each is gone before its KV is fetched
 MAX_LATEST_ATTEMPTS = 3
+# after the prefix store failed a lookup, lookups of uncached names fail fast (503) for this long instead of each
+# waiting out the store's timeout
+STORE_BACKOFF_S = 1.0
 ENGINE_WATCHDOG_S = 1.0  # how often a waiting request checks that the engine thread is alive
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); avoids overflow in logits / T
 
@@ -545,6 +548,9 @@ class Service:
     started_at: float = field(default_factory=time.time)
     _tenant_active: dict[str, int] = field(default_factory=dict)
     _inflight_meta: dict[tuple[str, str, int | None], asyncio.Future] = field(default_factory=dict)
+    _revalidating: set[tuple[str, str, int | None]] = field(default_factory=set)
+    _background: set[asyncio.Future] = field(default_factory=set)  # (kept referenced until done)
+    _store_down_until: float = 0.0  # monotonic: lookups fail fast until then (the store just failed)
     _unsubscribe: Callable[[], None] | None = None
     _tokenizer_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
@@ -725,8 +731,43 @@ class Service:
             return ResolvedPrefix(tenant, None, None, 0, self.default_format)
         key = (tenant, name)
         ent, fresh, gen = self.meta_cache.get(key, version)
-        if ent is not None and fresh:
+        if ent is not None:
+            # stale: served as it is while one lookup refreshes it in the background (changes arrive as store
+            # events, which drop entries; the TTL is the backstop), so a hung store costs no request its timeout
+            if not fresh:
+                self._revalidate(key, version, gen)
             return ent
+        if time.monotonic() < self._store_down_until:  # it just failed: do not queue every request behind it
+            raise unavailable(
+                "prefix store unavailable", self.settings.retry_after_s, code="store_unavailable"
+            )
+        return await self._lookup(key, version, gen, param)
+
+    def _revalidate(self, key: tuple[str, str], version: int | None, gen: tuple[int, int]) -> None:
+        k = (*key, version)
+        if k in self._revalidating or time.monotonic() < self._store_down_until:
+            return
+        self._revalidating.add(k)
+
+        async def refresh() -> None:
+            try:
+                await self._lookup(key, version, gen, "prefix")
+            except (
+                APIError
+            ) as e:  # gone (dropped from the cache: the next request hears 404), store down, ...
+                log.debug("refreshing %s/%s@%s: %s", key[0], key[1], version, e.message)
+            finally:
+                self._revalidating.discard(k)
+
+        task = asyncio.ensure_future(refresh())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _lookup(
+        self, key: tuple[str, str], version: int | None, gen: tuple[int, int], param: str
+    ) -> ResolvedPrefix:
+        """The store's metadata for the name (and version), checked and cached; APIError if it cannot be served."""
+        tenant, name = key
         try:
             meta = await self._get_meta(key, version)
         except errors.PrefixNotFound:
@@ -737,8 +778,7 @@ class Service:
             raise APIError(422, str(e), code="invalid_name", param=param) from None
         except errors.StoreUnavailable:
             self.store_ok = False
-            if ent is not None:
-                return ent  # keep serving what we know; its KV is likely still resident
+            self._store_down_until = time.monotonic() + STORE_BACKOFF_S
             raise unavailable(
                 "prefix store unavailable", self.settings.retry_after_s, code="store_unavailable"
             ) from None
