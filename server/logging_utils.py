@@ -15,6 +15,12 @@ import time
 from typing import Any
 
 
+def logger_name(record: logging.LogRecord) -> str:
+    """uvicorn logs its start-up and shutdown under "uvicorn.error" at level info: named "uvicorn" here, so that a
+    search or an alert on "error" finds errors."""
+    return "uvicorn" if record.name == "uvicorn.error" else record.name
+
+
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -22,7 +28,7 @@ class JSONFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
-            "logger": record.name,
+            "logger": logger_name(record),
             "msg": record.getMessage(),
         }
         fields = getattr(record, "fields", None)
@@ -35,9 +41,10 @@ class JSONFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__("%(asctime)s %(levelname)s %(logger)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
+        record.logger = logger_name(record)
         s = super().format(record)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):

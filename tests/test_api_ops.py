@@ -145,6 +145,14 @@ def test_request_log_lines_have_fields_but_no_prompt_or_key(server_factory, api_
     assert KEY_A not in blob and "sk-WRONG-key-31337" not in blob
     access = [json.loads(x) for x in lines if '"event": "request"' in x]
     mine = next(a for a in access if a["request_id"] == "trace-42")
+    # uvicorn's info lines (its logger is "uvicorn.error") do not read as errors
+    up = logging.LogRecord(
+        "uvicorn.error", logging.INFO, __file__, 1, "Application startup complete.", None, None
+    )
+    assert json.loads(fmt.format(up))["logger"] == "uvicorn"
+    from server.logging_utils import TextFormatter
+
+    assert " INFO uvicorn: Application startup complete." in TextFormatter().format(up)
     assert mine["status"] == 200 and mine["tenant"] == "acme" and mine["prefix"] == "default"
     assert mine["version"] == 1 and mine["prompt_tokens"] > 0 and mine["completion_tokens"] == 4
     assert mine["queue_s"] >= 0 and mine["latency_s"] > 0 and mine["finish_reason"] == "length"

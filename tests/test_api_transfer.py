@@ -151,7 +151,8 @@ def test_refused_uploads_are_4xx_and_store_nothing(server_factory, tmp_path):
     assert_error(
         upload(a, "globex", "x", good), 404, "prefix_not_found"
     )  # another tenant's: no existence leak
-    assert_error(upload(a, "acme", "x", b"\x00" * (65 * 1024)), 413, "body_too_large")
+    err = assert_error(upload(a, "acme", "x", b"\x00" * (65 * 1024)), 413, "body_too_large")
+    assert "(max_upload_bytes)" in err["message"]  # the setting to raise
     put_random_prefix(s.store, bundle, "globex", "long", prefix_length=64)
     too_long = s.client("k-g").get("/prefixes/globex/long/download").content
     assert_error(upload(a, "acme", "x", too_long), 413, "prefix_too_long")

@@ -165,6 +165,9 @@ class ServiceMiddleware:
                 return
             upload = method == "POST" and UPLOAD_PATH_RE.fullmatch(path) is not None
             limit = settings.max_upload_bytes if upload else settings.max_body_bytes
+            too_large = (
+                f"request body exceeds {limit} bytes ({'max_upload_bytes' if upload else 'max_body_bytes'})"
+            )
             cl = headers.get(b"content-length")
             if cl is not None:
                 try:
@@ -175,9 +178,7 @@ class ServiceMiddleware:
                     await _send_error(send_wrapper, 400, "invalid Content-Length", "bad_request", rid, 1)
                     return
                 if declared > limit:
-                    await _send_error(
-                        send_wrapper, 413, f"request body exceeds {limit} bytes", "body_too_large", rid, 1
-                    )
+                    await _send_error(send_wrapper, 413, too_large, "body_too_large", rid, 1)
                     return
             if upload:
                 try:
@@ -198,9 +199,7 @@ class ServiceMiddleware:
                     body = msg.get("body", b"")
                     size += len(body)
                     if size > limit:
-                        await _send_error(
-                            send_wrapper, 413, f"request body exceeds {limit} bytes", "body_too_large", rid, 1
-                        )
+                        await _send_error(send_wrapper, 413, too_large, "body_too_large", rid, 1)
                         return
                     body_buf.write(body)
                     if not msg.get("more_body", False):

@@ -192,10 +192,14 @@ class PrefixMetaCache:
             self._entries.pop(key, None)
             self._gen[key] = self._gen.get(key, 0) + 1
 
-    def clear(self) -> None:
-        """Drop every entry (change events may have been missed); fetches under way do not put theirs back."""
+    def expire_all(self) -> None:
+        """Every entry is due for a refresh (change events may have been missed): still served, as any stale entry
+        is, while one lookup refreshes it (so a flaky store does not turn cached prefixes into 503s); fetches under
+        way do not put theirs back."""
         with self._lock:
-            self._entries.clear()
+            for versions in self._entries.values():
+                for v, (res, _t) in versions.items():
+                    versions[v] = (res, float("-inf"))
             self._epoch += 1
 
 
@@ -626,10 +630,11 @@ class Service:
     def _on_store_event(self, event: Any) -> None:
         """Store change (this process or another replica): drop cached metadata and device KV of that name; after
         a lost change subscription ("resync": changes may have been missed, and an emptied Redis numbers versions
-        from 1 again, so a cached version number may now name other tensors), drop them all."""
+        from 1 again, so a cached version number may now name other tensors), refresh all metadata and reload all
+        KV from the store."""
         if event.op == "resync":
-            log.warning("prefix store change events may have been missed: dropping every cached prefix")
-            self.meta_cache.clear()
+            log.warning("prefix store change events may have been missed: refreshing every cached prefix")
+            self.meta_cache.expire_all()
             self.llm.prefix_cache.invalidate_all()
             return
         self.meta_cache.invalidate((event.tenant_id, event.name))
