@@ -166,7 +166,7 @@ class PrefixMetaCache:
         self.ttl_s = ttl_s
         self._entries: dict[tuple[str, str], dict[int | None, tuple[ResolvedPrefix, float]]] = {}
         self._gen: dict[tuple[str, str], int] = {}
-        self._epoch = 0  # bumped by `clear`
+        self._epoch = 0  # bumped by `expire_all`
         self._lock = threading.Lock()
 
     def get(
@@ -757,9 +757,8 @@ class Service:
         async def refresh() -> None:
             try:
                 await self._lookup(key, version, gen, "prefix")
-            except (
-                APIError
-            ) as e:  # gone (dropped from the cache: the next request hears 404), store down, ...
+            except APIError as e:
+                # gone (dropped from the cache: the next request hears 404), the store down, ...
                 log.debug("refreshing %s/%s@%s: %s", key[0], key[1], version, e.message)
             finally:
                 self._revalidating.discard(k)
