@@ -232,3 +232,28 @@ def test_a_failed_step_leaves_no_cache_entries_behind(tenants):
     out = eng.generate([_req("again", prompt, k0)])[0].token_ids
     assert eng.scheduler.cache_hit_tokens == 0
     assert out == hf_greedy(b.hf_model, keys[k0], prompt, NEW)
+
+
+@pytest.mark.parametrize("how", ["its name", "every name"])
+def test_an_invalidated_prefix_takes_nothing_computed_against_its_old_tensors(tenants, how):
+    """The same version number names other tensors (a store emptied and written again; the engine hears of it as
+    an invalidation): new requests run on the new tensors, prompt blocks included (cached prompt blocks attended
+    to the old ones)."""
+    b, keys = tenants
+    k0 = next(iter(keys))
+    new_kv = random_kv(b.spec, keys[k0].shape[3], seed=99, scale=8.0)
+    prompt = random_prompt(b.spec.vocab_size, 3 * BS + 2, 5)
+    fresh = make_engine(b, {k0: new_kv}, prompt_cache=True)
+    want = fresh.generate([_req("fresh", prompt, k0)])[0].token_ids
+    eng = make_engine(b, keys, prompt_cache=True)
+    old = eng.generate([_req("old", prompt, k0)])[0].token_ids
+    assert old != want  # (the test means something)
+    provider, pc = eng.prefix_cache.provider, eng.prefix_cache
+    provider.prefixes[k0] = new_kv
+    if how == "its name":
+        pc.invalidate(k0.tenant_id, k0.name)
+    else:
+        pc.invalidate_all()
+    seen = computed_tokens(eng)
+    assert eng.generate([_req("new", prompt, k0)])[0].token_ids == want
+    assert seen[0] == len(prompt)  # no prompt block taken from the cache

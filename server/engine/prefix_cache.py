@@ -59,6 +59,22 @@ class PrefixEntry:
     installed: float = field(default_factory=time.monotonic)
 
 
+def prompt_cache_root(
+    cache_salt: str | None, prefix: PrefixKey | None
+) -> tuple[str, str | None, PrefixKey | None]:
+    """The root of a request's prompt-cache key chain: cached prompt blocks are shared only under the same salt and
+    the same prefix (its KV is what they attended to)."""
+    return ("root", cache_salt, prefix)
+
+
+def _prefix_of_block_key(key: object) -> PrefixKey | None:
+    """The prefix of a prompt-cache key whose parent is a chain's root (deeper keys hang off node ids)."""
+    parent = key[0] if isinstance(key, tuple) and key else None
+    if isinstance(parent, tuple) and len(parent) == 3 and parent[0] == "root":
+        return parent[2]
+    return None
+
+
 @dataclass
 class PrefixLoadError:
     key: PrefixKey
@@ -186,10 +202,22 @@ class PrefixCache:
         with self._lock:
             inval, self._invalidated = self._invalidated, []
         for which in inval:
-            for e in [e for k, e in self.entries.items() if which is None or (k.tenant_id, k.name) == which]:
+
+            def matches(k: PrefixKey | None, which: tuple[str, str] | None = which) -> bool:
+                return k is not None and (which is None or (k.tenant_id, k.name) == which)
+
+            for e in [e for k, e in self.entries.items() if matches(k)]:
                 e.stale = True
                 if e.active == 0:
                     self._drop(e)
+            # a fetch under way (or finished, not yet installed) may hold the old tensors: fetched again on demand
+            for k in [k for k in self._loading if matches(k)]:
+                del self._loading[k]
+            for k in [k for k in self._errors if matches(k)]:
+                del self._errors[k]
+            # prompt blocks computed against the old tensors (the same version number may name new ones after a
+            # store was emptied): unreachable from here on (their chains hang off the forgotten first blocks)
+            self.pool.forget_where(lambda key, m=matches: m(_prefix_of_block_key(key)))
         for key, fut in list(self._loading.items()):
             if not fut.done():
                 continue

@@ -8,7 +8,7 @@ import time
 import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.prefix_cache import PrefixEntry
+from server.engine.prefix_cache import PrefixEntry, prompt_cache_root
 from server.engine.spec import NgramIndex
 from server.engine.structured import Constraint
 from server.engine.types import Request, TokenLogprob
@@ -39,7 +39,7 @@ class Sequence:
         self.num_cached = 0  # own tokens (prompt + output) whose KV is in the pool
         self.cached_prompt_tokens = 0  # prompt tokens taken from the prompt cache when first scheduled
         # prompt cache: the root of this request's key chain and the node ids of its full own blocks so far
-        self.cache_root = ("root", req.cache_salt, req.prefix)
+        self.cache_root = prompt_cache_root(req.cache_salt, req.prefix)
         self.cache_nodes: list[int] = []
         self.generator = generator
         self.constraint = constraint  # structured outputs: the grammar's state after the output so far
