@@ -258,6 +258,12 @@ class Settings(BaseSettings):
             if self.admin_key is not None and key == self.admin_key.get_secret_value():
                 raise ValueError(f"{where}: a tenant key equals the admin key")
             out[key] = tenant
+        if self.api_keys_file is not None and not out and self.admin_key is None:
+            # a keys file mounted before it was filled in must not start a server open to every caller
+            raise ValueError(
+                f"PREFIXSERVE_API_KEYS_FILE {self.api_keys_file}: no 'tenant:key' line, so the server would be "
+                "open to everyone (unset it to run an open server on purpose)"
+            )
         return out
 
     def public_dict(self) -> dict[str, Any]:

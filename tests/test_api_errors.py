@@ -36,6 +36,11 @@ def test_unknown_route_404_and_wrong_method_405(srv):
     # Allow lists every method served at the path, across routes
     assert set(assert_error_allow(c.request("OPTIONS", "/prefixes"))) == {"GET", "POST"}
     assert set(assert_error_allow(c.put("/prefixes/acme/default"))) == {"GET", "DELETE"}
+    # made-up methods (any token is one) share one metric label: they cannot grow /metrics without bound
+    for i in range(5):
+        assert c.request(f"BOGUS{i}" + "X" * 200, "/x").status_code in (404, 405)
+    metrics = c.get("/metrics").text
+    assert "BOGUS" not in metrics and 'method="other"' in metrics
 
 
 def test_validation_errors_are_422_with_param(srv):

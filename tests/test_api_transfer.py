@@ -131,6 +131,17 @@ def test_refused_uploads_are_4xx_and_store_nothing(server_factory, tmp_path):
     foreign = export_prefix(s.store.get("globex", "foreign"))
     err = assert_error(upload(a, "acme", "x", foreign), 422, "prefix_incompatible")
     assert err["param"] == "file" and "base model" in err["message"]
+    # values so large that attention scores overflow (and the KV blocks they leave behind poison other tenants'
+    # rows): refused on upload, and one already in the store is not served
+    from tests.fixtures.server import random_kv
+
+    s.store.put("globex", "huge", "prefix_tuning", {"kv": random_kv(bundle, 4, 0, scale=1e6)},
+                base_model_fingerprint=bundle.fingerprint, prefix_length=4)  # fmt: skip
+    huge = s.client("k-g").get("/prefixes/globex/huge/download").content
+    err = assert_error(upload(a, "acme", "x", huge), 422)
+    assert "in magnitude" in err["message"]
+    ask = {"tenant_id": "globex", "prefix": "huge", "prompt": "x", "max_tokens": 2}
+    assert "in magnitude" in assert_error(s.client("k-g").post("/generate", json=ask), 422)["message"]
     # one flipped byte in the tensor data
     bad = bytearray(good)
     bad[-3] ^= 0x40

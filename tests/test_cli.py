@@ -78,6 +78,20 @@ def test_serve_refuses_unusable_settings_in_one_line(args, needle, capsys, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_empty_keys_file_does_not_start_an_open_server(tmp_path, capsys, monkeypatch):
+    """A keys file with no key (mounted before it was filled in, say) and no admin key: exit 2 saying why, not a
+    server every caller may use as admin. With an admin key it starts (every tenant key revoked, on purpose)."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# filled in by the deploy job\n")
+    assert cli.main(["serve", "--port", "0", "--api-keys-file", str(keys)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no 'tenant:key' line" in err and "open to everyone" in err
+    from server.settings import Settings
+
+    monkeypatch.setenv("PREFIXSERVE_ADMIN_KEY", "admin-secret-1")
+    assert Settings(api_keys_file=str(keys)).tenant_keys() == {}
+
+
 def test_settings_errors_name_the_env_var_and_the_flag(capsys, monkeypatch):
     """A bad value from the environment is reported under the variable the user set (and the flag), with what was
     given, one line, no pydantic links."""

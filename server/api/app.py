@@ -39,6 +39,7 @@ access_log = logging.getLogger("prefixserve.access")
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")
 PROBES = frozenset({"/health", "/ready", "/metrics", "/version"})
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 DOCS = frozenset({"/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 UPLOAD_PATH_RE = re.compile(
@@ -232,8 +233,12 @@ class ServiceMiddleware:
         template = getattr(route, "path_format", None) or getattr(route, "path", None)
         if template is None:
             template = path if (path in PROBES or path in DOCS) else "unmatched"
+        # any token is a valid HTTP method: unknown ones share one label (and are cut in the log), or anyone could
+        # grow the metric series (and /metrics) without bound
+        known = method in HTTP_METHODS
         with contextlib.suppress(Exception):
-            self.state.metrics.requests.labels(template, method, str(status)).inc()
+            self.state.metrics.requests.labels(template, method if known else "other", str(status)).inc()
+        method = method if known else method[:16]
         fields = {
             "event": "request",
             "request_id": info.request_id,

@@ -78,6 +78,12 @@ def cache_to_kv(cache: Any, num_layers: int, row: int = 0) -> torch.Tensor:
     return torch.stack(out).float()
 
 
+# the largest key/value entry a served prefix may hold. Real ones stay far below (SmolLM2's own KV: under 20); a
+# huge one would make attention scores overflow to inf, and the KV blocks it leaves behind when freed (masked, not
+# cleared) would then turn other tenants' rows into NaN: refused on every way in (upload, import, training, load)
+MAX_KV_ABS = 1e4
+
+
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise InvalidPrefix(f"{what} contains NaN or infinite values")
@@ -94,6 +100,11 @@ def validate_kv(kv: Any, spec: ModelSpec, prefix_length: int) -> None:
             "(layers, key/value, kv heads, prefix length, head dim)"
         )
     _check_finite(kv, "prefix kv")
+    biggest = float(kv.abs().max()) if kv.numel() else 0.0
+    if biggest > MAX_KV_ABS:
+        raise InvalidPrefix(
+            f"prefix kv holds values up to {biggest:.3g}; at most {MAX_KV_ABS:g} in magnitude is accepted"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ prefix-tuning
