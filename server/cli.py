@@ -230,6 +230,11 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
         previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             server.run(sockets=[sock])
+        except OSError as e:
+            # listen() lost the port to a server that bound it at the same time (SO_REUSEADDR lets two bind it)
+            return _startup_failed(
+                OSError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
+            )
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)

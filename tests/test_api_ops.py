@@ -286,6 +286,37 @@ def test_a_hung_store_costs_cached_prefixes_nothing(server_factory, api_bundle, 
     store.close()
 
 
+def test_a_refresh_that_finds_the_prefix_unservable_stops_serving_it(
+    server_factory, api_bundle, tmp_path, monkeypatch
+):
+    """A cached prefix whose refresh finds it replaced by one for another base model (its change event missed):
+    served as cached while the refresh runs, then the 422 the store's record calls for, not the old entry for
+    good."""
+    import dataclasses
+
+    from prefix_store import open_store
+
+    store = open_store(f"file://{tmp_path / 's'}")
+    put_random_prefix(store, api_bundle, "acme", seed=1)
+    s = server_factory(store=store, prefix_meta_ttl_s=0)
+    c = s.client()
+    body = {"tenant_id": "acme", "prompt": "x y z", "max_tokens": 2}
+    assert c.post("/generate", json=body).status_code == 200
+    real = store.get_meta
+    monkeypatch.setattr(
+        store,
+        "get_meta",
+        lambda *a, **k: dataclasses.replace(real(*a, **k), base_model_fingerprint="other-model"),
+    )
+    deadline = time.monotonic() + 10
+    r = c.post("/generate", json=body)
+    while r.status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        r = c.post("/generate", json=body)
+    assert_error(r, 422, "prefix_incompatible")
+    store.close()
+
+
 @pytest.mark.redis
 def test_a_replica_drops_its_cached_prefixes_when_its_change_subscription_comes_back(
     server_factory, api_bundle, redis_server_factory

@@ -599,6 +599,38 @@ def test_jobs_of_dead_workers_are_taken_over_one_each_at_once(managers, store):
     assert {first.record.job_id, second.record.job_id} == {r.job_id for r in recs}
 
 
+@pytest.mark.redis
+def test_a_dead_workers_job_behind_many_running_ones_is_taken_over(tiny_llama_bundle, redis_store_url):
+    """XAUTOCLAIM looks at 10 pending entries a call: a stale job queued after a dozen running ones (pending too,
+    kept fresh by their heartbeats) is still found (the scan follows its cursor)."""
+    from server.training.jobs import open_backend
+    from server.training.records import JobRecord
+
+    backend = open_backend(redis_store_url, max_attempts=2, stale_after_s=0.5, retention_s=60)
+    examples = [{"prompt": "a", "completion": "b"}]
+
+    def record(job_id: str, tenant: str) -> JobRecord:
+        return JobRecord(job_id, tenant, "bot", "prompt_tuning", 2)
+
+    try:
+        live = []
+        for i in range(12):
+            backend.create(record(f"job-live-{i:02d}", f"t{i}"), examples, 10)
+            live.append(wait_for(lambda: backend.claim("alive", block_ms=50), what="a live claim"))
+        backend.create(record("job-orphan", "orphan"), examples, 10)
+        assert wait_for(lambda: backend.claim("ghost", block_ms=50), what="the ghost's claim")
+        deadline = time.monotonic() + 10
+        got = None
+        while got is None and time.monotonic() < deadline:
+            for c in live:  # the live jobs keep beating
+                backend.heartbeat(c, {"step": 1})
+            got = backend.claim("rescuer", block_ms=50)
+            time.sleep(0.1)
+        assert got is not None and got.record.job_id == "job-orphan"
+    finally:
+        backend.close()
+
+
 @pytest.mark.parametrize("ending", ["cancel", "last attempt", "cancel, the worker's clock 2 minutes behind"])
 def test_a_dead_worker_that_stored_its_prefix_ends_its_job_succeeded(managers, store, ending, monkeypatch):
     """The worker stored the job's prefix and died before recording it; then the job is cancelled, or that was

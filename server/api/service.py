@@ -166,7 +166,7 @@ class PrefixMetaCache:
         self.ttl_s = ttl_s
         self._entries: dict[tuple[str, str], dict[int | None, tuple[ResolvedPrefix, float]]] = {}
         self._gen: dict[tuple[str, str], int] = {}
-        self._epoch = 0  # bumped by `expire_all`
+        self._epoch = 0  # bumped by `clear`
         self._lock = threading.Lock()
 
     def get(
@@ -192,14 +192,11 @@ class PrefixMetaCache:
             self._entries.pop(key, None)
             self._gen[key] = self._gen.get(key, 0) + 1
 
-    def expire_all(self) -> None:
-        """Every entry is due for a refresh (change events may have been missed): still served, as any stale entry
-        is, while one lookup refreshes it (so a flaky store does not turn cached prefixes into 503s); fetches under
-        way do not put theirs back."""
+    def clear(self) -> None:
+        """Drop every entry (change events may have been missed: a version number may now name another record,
+        with another length or prompt format); fetches under way do not put theirs back."""
         with self._lock:
-            for versions in self._entries.values():
-                for v, (res, _t) in versions.items():
-                    versions[v] = (res, float("-inf"))
+            self._entries.clear()
             self._epoch += 1
 
 
@@ -633,9 +630,10 @@ class Service:
         from 1 again, so a cached version number may now name other tensors), refresh all metadata and reload all
         KV from the store."""
         if event.op == "resync":
-            log.warning("prefix store change events may have been missed: refreshing every cached prefix")
-            self.meta_cache.expire_all()
+            log.warning("prefix store change events may have been missed: dropping every cached prefix")
+            self.meta_cache.clear()
             self.llm.prefix_cache.invalidate_all()
+            self._store_down_until = 0.0  # it answers again (the subscription is back): ask it at once
             return
         self.meta_cache.invalidate((event.tenant_id, event.name))
         self.llm.prefix_cache.invalidate(event.tenant_id, event.name)
@@ -648,6 +646,9 @@ class Service:
         if self._unsubscribe is not None:
             with contextlib.suppress(Exception):
                 self._unsubscribe()
+        for task in list(self._background):  # metadata refreshes: not after the store is closed
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.to_thread(self.engine.shutdown)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -758,8 +759,13 @@ class Service:
             try:
                 await self._lookup(key, version, gen, "prefix")
             except APIError as e:
-                # gone (dropped from the cache: the next request hears 404), the store down, ...
                 log.debug("refreshing %s/%s@%s: %s", key[0], key[1], version, e.message)
+                if (
+                    e.status != 503
+                ):  # it cannot be served as it is now (gone, another base model, corrupt): the
+                    self.meta_cache.invalidate(key)  # next request hears why; the store down: keep serving it
+            except Exception:
+                log.exception("refreshing %s/%s@%s failed", key[0], key[1], version)
             finally:
                 self._revalidating.discard(k)
 
@@ -789,6 +795,7 @@ class Service:
         except errors.StoreError as e:
             raise APIError(422, f"prefix cannot be served: {e}", code="prefix_corrupt", param=param) from None
         self.store_ok = True
+        self._store_down_until = 0.0
         if meta.base_model_fingerprint != self.bundle.fingerprint:
             raise APIError(
                 422,

@@ -800,6 +800,7 @@ class _DecodeGraphs:
             self.mask = torch.zeros(b * s, dtype=runner.dtype, device=dev)
         self.entries: dict[tuple[int, int], tuple[object | None, StepInputs, torch.Tensor | None]] = {}
         self.pool = None
+        self.logits: torch.Tensor | None = None  # the captured graphs' output (set at the first capture)
         self.num_captured = 0
         self.num_replays = 0
         self.used: set[tuple[int, int]] = set()  # the buckets steps have run at
@@ -873,12 +874,22 @@ class _DecodeGraphs:
             side = torch.cuda.Stream(device=self.runner.device)
             side.wait_stream(torch.cuda.current_stream(self.runner.device))
             with torch.cuda.stream(side):  # warm-up outside the graph (allocator, library handles)
-                self.runner._forward(st)
+                warm = self.runner._forward(st)
             torch.cuda.current_stream(self.runner.device).wait_stream(side)
+            if (
+                self.logits is None
+            ):  # every graph's logits land in one buffer (each is read before the next replay)
+                self.logits = torch.empty(
+                    (self.batches[-1], *warm.shape[1:]), dtype=warm.dtype, device=self.runner.device
+                )
+            del warm
             graph = torch.cuda.CUDAGraph()
             # thread_local: a prefix-loader thread pinning host memory during the capture does not invalidate it
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self.runner._forward(st)
+                self.logits[: key[0]].copy_(self.runner._forward(st))
+            # the forward's own output goes back to the shared pool (later captures reuse it): a logits tensor
+            # per graph, kept alive, came to gigabytes at 256 rows and a 128k vocabulary
+            out = self.logits[: key[0]]
             self.pool = graph.pool()
             self.num_captured += 1
         entry = (graph, st, out)

@@ -45,6 +45,8 @@ from server.training.records import (
 log = logging.getLogger("prefixserve.training.jobs")
 
 GROUP = "trainers"
+# XAUTOCLAIM calls one claim makes at most (each scans up to 10 pending entries): 10,000 jobs in flight
+MAX_CLAIM_SCANS = 1000
 RECORD_FIELDS = [f.name for f in fields(JobRecord)]
 
 
@@ -360,14 +362,21 @@ class RedisJobBackend:
         self._ensure_group()
         entries: list[tuple[bytes, dict]] = []
         # one at a time: XAUTOCLAIM hands every entry it returns to this worker and restarts its idle time, so the
-        # other stale jobs would wait another stale period although other workers are idle
-        res = self._r.xautoclaim(
-            self._stream, GROUP, worker_id, min_idle_time=int(self.stale_after_s * 1000), start_id="0-0",
-            count=1,
-        )  # fmt: skip
-        entries.extend(e for e in res[1] if e and e[1] is not None)
-        for entry_id in res[2] if len(res) > 2 else []:  # deleted entries still pending: drop them
-            self._r.xack(self._stream, GROUP, entry_id)
+        # other stale jobs would wait another stale period although other workers are idle. It scans at most
+        # 10 x COUNT pending entries a call (running jobs stay pending, kept fresh by their heartbeats): follow its
+        # cursor through the whole list
+        cursor: Any = "0-0"
+        for _ in range(MAX_CLAIM_SCANS):
+            res = self._r.xautoclaim(
+                self._stream, GROUP, worker_id, min_idle_time=int(self.stale_after_s * 1000), start_id=cursor,
+                count=1,
+            )  # fmt: skip
+            entries.extend(e for e in res[1] if e and e[1] is not None)
+            for entry_id in res[2] if len(res) > 2 else []:  # deleted entries still pending: drop them
+                self._r.xack(self._stream, GROUP, entry_id)
+            cursor = res[0]
+            if entries or cursor in (b"0-0", "0-0"):
+                break
         if not entries:
             got = self._r.xreadgroup(GROUP, worker_id, {self._stream: ">"}, count=1, block=block_ms)
             for _stream, msgs in got or []:
