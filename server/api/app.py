@@ -42,9 +42,8 @@ PROBES = frozenset({"/health", "/ready", "/metrics", "/version"})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 DOCS = frozenset({"/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-UPLOAD_PATH_RE = re.compile(
-    r"/prefixes/[^/]+/[^/]+/upload"
-)  # takes max_upload_bytes instead of max_body_bytes
+# takes max_upload_bytes instead of max_body_bytes
+UPLOAD_PATH_RE = re.compile(r"/prefixes/(?P<tenant>[^/]+)/(?P<name>[^/]+)/upload")
 
 
 @dataclass
@@ -98,13 +97,27 @@ async def _send_api_error(send: Send, e: APIError, request_id: str, retry_after:
     await resp({"type": "http"}, _no_receive, send)
 
 
-def _authenticate_early(keyring: KeyRing, headers: dict[bytes, bytes]) -> None:
-    """The route's own API-key check (APIError 401), made before a large body is read: an unauthenticated client
-    cannot make the server take in up to max_upload_bytes."""
+def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> None:
+    """The upload route's own checks, made before its (large) body is read: the API key (401), the tenant (404, as
+    the route answers), and the number of uploads in progress (503; counted from here, `uploads_active`). So no
+    client can make the server take in up to max_upload_bytes for nothing, nor many such bodies at once."""
+    from server.api.routes_prefixes import check_prefix_access
+
     value = headers.get(b"authorization", b"").decode("latin-1").strip()
     scheme, _, token = value.partition(" ")
     creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()) if value else None
-    keyring.authenticate(creds)
+    principal = st.keyring.authenticate(creds)
+    m = UPLOAD_PATH_RE.fullmatch(path)
+    assert m is not None
+    check_prefix_access(principal, m["tenant"], m["name"])
+    svc = st.svc
+    if svc.uploads_active >= st.settings.max_concurrent_uploads:
+        raise APIError(
+            503,
+            f"{svc.uploads_active} prefix uploads are in progress; retry shortly",
+            code="too_many_uploads",
+        )  # (Retry-After added as it is sent)
+    svc.uploads_active += 1
 
 
 async def _no_receive() -> Message:  # pragma: no cover - responses above never read
@@ -151,7 +164,7 @@ class ServiceMiddleware:
             await send(message)
 
         recorded: list[bool] = []
-        counted = False
+        counted = uploading = False
         body_buf: IO[bytes] | None = None
         try:
             if st.draining and not probe:
@@ -183,10 +196,11 @@ class ServiceMiddleware:
                     return
             if upload:
                 try:
-                    _authenticate_early(st.keyring, headers)
+                    _admit_upload(st, headers, path)
                 except APIError as e:
-                    await _send_api_error(send_wrapper, e, rid, 1)
+                    await _send_api_error(send_wrapper, e, rid, st.settings.retry_after_s)
                     return
+                uploading = True
             if method in BODY_METHODS:
                 # read whole before the route runs (the limit holds whatever Content-Length said); an upload's
                 # body goes to a file past 1 MiB, so concurrent uploads do not each hold it in memory
@@ -214,6 +228,8 @@ class ServiceMiddleware:
         finally:
             if body_buf is not None:
                 body_buf.close()
+            if uploading:
+                st.svc.uploads_active -= 1
             if counted:
                 st.inflight -= 1
             if not recorded:

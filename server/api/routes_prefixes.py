@@ -247,7 +247,7 @@ async def list_prefixes(
     return {"object": "list", "data": [_prefix_info(m) for m in metas]}
 
 
-def _check_prefix_access(principal: Principal, tenant_id: str, name: str) -> None:
+def check_prefix_access(principal: Principal, tenant_id: str, name: str) -> None:
     if name in (".", "..") or not principal.can_access(tenant_id):
         raise APIError(404, f"prefix {tenant_id}/{name} not found", code="prefix_not_found")
 
@@ -266,7 +266,7 @@ async def get_prefix(
     principal: Principal = Depends(get_principal),
 ) -> Any:
     svc = get_service(request)
-    _check_prefix_access(principal, tenant_id, name)
+    check_prefix_access(principal, tenant_id, name)
     meta = await store_call(svc, svc.store.get_meta, tenant_id, name, version)
     versions = await store_call(svc, svc.store.versions, tenant_id, name)
     return _prefix_info(meta, versions)
@@ -291,7 +291,7 @@ async def delete_prefix(
     svc = get_service(request)
     info = get_info(request)
     info.tenant, info.prefix, info.version = tenant_id, name, version
-    _check_prefix_access(principal, tenant_id, name)
+    check_prefix_access(principal, tenant_id, name)
     await store_call(svc, svc.store.delete, tenant_id, name, version)
     svc.meta_cache.invalidate((tenant_id, name))
     svc.llm.prefix_cache.invalidate(tenant_id, name)
@@ -323,7 +323,7 @@ async def download_prefix(
     svc = get_service(request)
     info = get_info(request)
     info.tenant, info.prefix = tenant_id, name
-    _check_prefix_access(principal, tenant_id, name)
+    check_prefix_access(principal, tenant_id, name)
     rec = await store_call(svc, svc.store.get, tenant_id, name, version)
     data = await asyncio.to_thread(export_prefix, rec)
     filename = f"{tenant_id}--{name}--v{rec.meta.version}.safetensors"
@@ -375,41 +375,31 @@ async def upload_prefix(
     svc = get_service(request)
     info = get_info(request)
     info.tenant, info.prefix = tenant_id, name
-    _check_prefix_access(principal, tenant_id, name)
+    check_prefix_access(principal, tenant_id, name)
     _check_new_prefix(tenant_id, name)
     key = _idempotency_key(idempotency_key)
-    # the body is spooled to a temporary file by now; reading and parsing it holds it in memory, so few at once
-    if svc.uploads_active >= svc.settings.max_concurrent_uploads:
-        raise unavailable(
-            f"{svc.uploads_active} prefix uploads are being processed; retry shortly",
-            svc.settings.retry_after_s,
-            code="too_many_uploads",
-        )
-    svc.uploads_active += 1
+    # (the middleware admitted it before reading its body: key, tenant, and a slot of max_concurrent_uploads)
+    data = await file.read()
+    config = await adapter_config.read() if adapter_config is not None else None
     try:
-        data = await file.read()
-        config = await adapter_config.read() if adapter_config is not None else None
-        try:
-            incoming = await asyncio.to_thread(from_upload, data, svc.bundle, config, prompt_format)
-        except tuple(_UPLOAD_ERRORS) as e:
-            code = next(c for cls, c in _UPLOAD_ERRORS.items() if isinstance(e, cls))
-            param = "adapter_config" if isinstance(e, InvalidAdapterConfig) else "file"
-            raise APIError(422, str(e), code=code, param=param) from None
-        except (ValueError, TypeError, OverflowError, RecursionError) as e:  # malformed in a way not foreseen
-            log.warning("upload for %s/%s refused: unreadable file", tenant_id, name, exc_info=True)
-            raise APIError(
-                422,
-                f"the uploaded file could not be read: {type(e).__name__}: {e}",
-                code="invalid_prefix",
-                param="file",
-            ) from None
-        # the prompt format given, or the export's own: the same upload either way
-        effective = incoming.extra.get("prompt_format")
-        digest = _upload_digest(data, config, effective) if key is not None else None
-        del data, config
-        meta, created = await _store_upload(svc, incoming, tenant_id, name, key, digest)
-    finally:
-        svc.uploads_active -= 1
+        incoming = await asyncio.to_thread(from_upload, data, svc.bundle, config, prompt_format)
+    except tuple(_UPLOAD_ERRORS) as e:
+        code = next(c for cls, c in _UPLOAD_ERRORS.items() if isinstance(e, cls))
+        param = "adapter_config" if isinstance(e, InvalidAdapterConfig) else "file"
+        raise APIError(422, str(e), code=code, param=param) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # malformed in a way not foreseen
+        log.warning("upload for %s/%s refused: unreadable file", tenant_id, name, exc_info=True)
+        raise APIError(
+            422,
+            f"the uploaded file could not be read: {type(e).__name__}: {e}",
+            code="invalid_prefix",
+            param="file",
+        ) from None
+    # the prompt format given, or the export's own: the same upload either way
+    effective = incoming.extra.get("prompt_format")
+    digest = _upload_digest(data, config, effective) if key is not None else None
+    del data, config
+    meta, created = await _store_upload(svc, incoming, tenant_id, name, key, digest)
     headers = {"Location": f"/prefixes/{tenant_id}/{name}"}
     if created:
         log.info("stored uploaded prefix %s (%s, P=%d)", meta.label, incoming.kind, incoming.prefix_length)
