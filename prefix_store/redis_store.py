@@ -104,6 +104,7 @@ class RedisStore(PrefixStore):
         self._where = f"{where}/{kw.get('db', 0)}"
         self._wait_s = socket_timeout + socket_connect_timeout
         self._channel = f"{self.namespace}:changes"
+        self._resync_when_subscribed = False  # set when a subscriber started caching before the subscription
         self._listener: threading.Thread | None = None
         self._listener_lock = threading.Lock()
         self._stop = threading.Event()
@@ -383,6 +384,8 @@ class RedisStore(PrefixStore):
                 self._listener.start()
         self._settled.wait(self._wait_s)
         if not self._subscribed.is_set():
+            # what the subscriber caches meanwhile may miss changes: its first subscription is a resync too
+            self._resync_when_subscribed = True
             log.warning("prefix store: change subscription on redis %s not active yet; retrying", self._where)
         return unsubscribe
 
@@ -408,7 +411,9 @@ class RedisStore(PrefixStore):
                         self._subscribed.set()
                         self._settled.set()
                         delay = 0.05
-                        if subscribed_before:  # what was published meanwhile never reached us
+                        if subscribed_before or self._resync_when_subscribed:
+                            # what was published meanwhile never reached us
+                            self._resync_when_subscribed = False
                             log.warning("prefix store: change subscription on redis %s is back", self._where)
                             self._notify_resync()
                         subscribed_before = True

@@ -88,7 +88,12 @@ def make_server(app: Any, settings: Any) -> Any:
             await super().serve(sockets)
 
         async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets)
+            try:
+                await super().startup(sockets)
+            except OSError:
+                # listen() lost the port: uvicorn shuts the app down on that only for sockets it binds itself
+                await self.lifespan.shutdown()
+                raise
             if self.started and sockets:
                 # uvicorn says where it listens only for sockets it bound itself
                 host, port = sockets[0].getsockname()[:2]

@@ -115,8 +115,8 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(
         2,
         ge=1,
-        description="Prefix uploads parsed at once (each holds up to max_upload_bytes and its tensors in memory); "
-        "more get 503 with Retry-After",
+        description="Prefix uploads received and parsed at once, one per tenant (each holds up to max_upload_bytes "
+        "and its tensors in memory); more get 503 with Retry-After",
     )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request (422 above)")
     max_stop_chars: int = Field(256, ge=1, description="Longest stop string in characters (422 above)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 import torch
@@ -341,3 +342,36 @@ def test_uploads_beyond_the_concurrency_limit_get_503_and_store_nothing(server_f
     assert out == [201]
     assert [m.name for m in s.store.list("acme")] == ["first"]
     assert upload(a, "acme", "second", good).status_code == 201
+
+
+def test_one_tenants_slow_uploads_do_not_hold_every_upload_slot(server_factory, monkeypatch):
+    """An upload holds its slot from its headers on: one per tenant (a tenant's second waits: 503), so another
+    tenant still uploads; and a body that trickles in past the deadline is a 408 that frees the slot."""
+    import socket
+
+    import server.api.app as app_module
+
+    monkeypatch.setattr(app_module, "UPLOAD_BODY_S", 1.0)
+    s = server_factory(keys={"acme": "k-a", "globex": "k-g"}, max_concurrent_uploads=2)
+    put_random_prefix(s.store, s.app.state.ps.bundle, "globex", "mine", prefix_length=4)
+    good = s.client("k-g").get("/prefixes/globex/mine/download").content
+    host, port = s.url.removeprefix("http://").split(":")
+    slow = socket.create_connection((host, int(port)))
+    try:  # acme's upload: headers and a few bytes of a 1 MB body, then nothing
+        slow.sendall(b"POST /prefixes/acme/slow/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k-a\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n")  # fmt: skip
+        deadline = time.monotonic() + 10
+        while s.app.state.ps.svc.uploads_active != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.app.state.ps.svc.uploads_active == 1
+        r = upload(s.client("k-a"), "acme", "second", good)
+        assert_error(r, 503, "too_many_uploads")
+        assert upload(s.client("k-g"), "globex", "other", good).status_code == 201
+        slow.settimeout(10)
+        assert b" 408 " in slow.recv(4096).split(b"\r\n")[0] + b" "
+        while s.app.state.ps.svc.uploads_active and time.monotonic() < deadline + 10:
+            time.sleep(0.01)
+        assert s.app.state.ps.svc.uploads_active == 0
+    finally:
+        slow.close()
+    assert upload(s.client("k-a"), "acme", "second", good).status_code == 201

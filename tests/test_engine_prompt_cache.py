@@ -257,3 +257,27 @@ def test_an_invalidated_prefix_takes_nothing_computed_against_its_old_tensors(te
     seen = computed_tokens(eng)
     assert eng.generate([_req("new", prompt, k0)])[0].token_ids == want
     assert seen[0] == len(prompt)  # no prompt block taken from the cache
+
+
+def test_blocks_a_running_request_fills_after_an_invalidation_are_not_taken_by_newcomers(tenants):
+    """A request still running on the old tensors when its prefix is invalidated goes on filling blocks (its short
+    prompt's first block fills with generated tokens); a next-turn request on the new tensors (the same version
+    number) must not take them."""
+    b, keys = tenants
+    k0 = next(iter(keys))
+    new_kv = random_kv(b.spec, keys[k0].shape[3], seed=99, scale=8.0)
+    first = random_prompt(b.spec.vocab_size, 5, 7)
+    eng = make_engine(b, keys, prompt_cache=True)
+    eng.add_request(_req("turn1", first, k0, max_tokens=3 * BS))
+    out: list[int] = []
+    for _ in range(3):
+        for ev in eng.step():
+            out.extend(ev.token_ids)
+    eng.prefix_cache.provider.prefixes[k0] = new_kv
+    eng.prefix_cache.invalidate_all()
+    while eng.has_unfinished():
+        for ev in eng.step():
+            out.extend(ev.token_ids)
+    turn2 = first + out + random_prompt(b.spec.vocab_size, 4, 8)
+    want = make_engine(b, {k0: new_kv}, prompt_cache=True).generate([_req("fresh", turn2, k0)])[0].token_ids
+    assert eng.generate([_req("turn2", turn2, k0)])[0].token_ids == want

@@ -298,6 +298,14 @@ def test_validate_and_compile_refuse_mismatches(tiny_llama_bundle):
     bad[0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(InvalidPrefix, match="NaN"):
         validate_kv(bad, sp, 4)
+    for value, why in ((float("-inf"), "infinite"), (-2e4, "in magnitude"), (1e300, "in magnitude")):
+        bad = good.double() if value == 1e300 else good.clone()
+        bad[1, 1, 0, 2, 3] = value
+        with pytest.raises(InvalidPrefix, match=why):
+            validate_kv(bad, sp, 4)
+    near = good.clone()
+    near[0, 1, 0, 0, 0] = -9999.0  # large, and still accepted
+    validate_kv(near, sp, 4)
     with pytest.raises(InvalidPrefix, match="floating"):
         validate_kv(good.long(), sp, 4)
     with pytest.raises(InvalidPrefix, match="do not fit"):

@@ -42,6 +42,8 @@ PROBES = frozenset({"/health", "/ready", "/metrics", "/version"})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 DOCS = frozenset({"/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# how long an upload's body may take to arrive (64 MiB at 1 MiB/s: about a minute)
+UPLOAD_BODY_S = 300.0
 # takes max_upload_bytes instead of max_body_bytes
 UPLOAD_PATH_RE = re.compile(r"/prefixes/(?P<tenant>[^/]+)/(?P<name>[^/]+)/upload")
 
@@ -97,10 +99,11 @@ async def _send_api_error(send: Send, e: APIError, request_id: str, retry_after:
     await resp({"type": "http"}, _no_receive, send)
 
 
-def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> None:
+def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> str:
     """The upload route's own checks, made before its (large) body is read: the API key (401), the tenant (404, as
-    the route answers), and the number of uploads in progress (503; counted from here, `uploads_active`). So no
-    client can make the server take in up to max_upload_bytes for nothing, nor many such bodies at once."""
+    the route answers), and the uploads in progress (503: at most `max_concurrent_uploads`, one per tenant, so one
+    tenant's slow uploads cannot hold every slot; counted from here, `uploads_active`). So no client can make the
+    server take in up to max_upload_bytes for nothing, nor many such bodies at once. Returns the tenant."""
     from server.api.routes_prefixes import check_prefix_access
 
     value = headers.get(b"authorization", b"").decode("latin-1").strip()
@@ -109,15 +112,21 @@ def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> None:
     principal = st.keyring.authenticate(creds)
     m = UPLOAD_PATH_RE.fullmatch(path)
     assert m is not None
-    check_prefix_access(principal, m["tenant"], m["name"])
+    tenant = m["tenant"]
+    check_prefix_access(principal, tenant, m["name"])
     svc = st.svc
+    # (Retry-After is added as the error is sent)
+    if svc.uploads_by_tenant.get(tenant, 0) >= 1:
+        raise APIError(503, "an upload of this tenant is in progress; retry shortly", code="too_many_uploads")
     if svc.uploads_active >= st.settings.max_concurrent_uploads:
         raise APIError(
             503,
             f"{svc.uploads_active} prefix uploads are in progress; retry shortly",
             code="too_many_uploads",
-        )  # (Retry-After added as it is sent)
+        )
     svc.uploads_active += 1
+    svc.uploads_by_tenant[tenant] = svc.uploads_by_tenant.get(tenant, 0) + 1
+    return tenant
 
 
 async def _no_receive() -> Message:  # pragma: no cover - responses above never read
@@ -164,7 +173,8 @@ class ServiceMiddleware:
             await send(message)
 
         recorded: list[bool] = []
-        counted = uploading = False
+        counted = False
+        uploading: str | None = None  # the tenant whose upload slot this request holds
         body_buf: IO[bytes] | None = None
         try:
             if st.draining and not probe:
@@ -196,18 +206,28 @@ class ServiceMiddleware:
                     return
             if upload:
                 try:
-                    _admit_upload(st, headers, path)
+                    uploading = _admit_upload(st, headers, path)
                 except APIError as e:
                     await _send_api_error(send_wrapper, e, rid, st.settings.retry_after_s)
                     return
-                uploading = True
             if method in BODY_METHODS:
                 # read whole before the route runs (the limit holds whatever Content-Length said); an upload's
                 # body goes to a file past 1 MiB, so concurrent uploads do not each hold it in memory
                 body_buf = tempfile.SpooledTemporaryFile(max_size=1 << 20) if upload else io.BytesIO()  # noqa: SIM115
                 size = 0
+                deadline = time.monotonic() + UPLOAD_BODY_S
                 while True:
-                    msg = await receive()
+                    if (
+                        upload
+                    ):  # it holds an upload slot: a client trickling its body may not keep it for good
+                        try:
+                            msg = await asyncio.wait_for(receive(), max(0.001, deadline - time.monotonic()))
+                        except TimeoutError:
+                            why = f"the upload's body did not arrive within {UPLOAD_BODY_S:g} s"
+                            await _send_error(send_wrapper, 408, why, "request_timeout", rid, 1)
+                            return
+                    else:
+                        msg = await receive()
                     if msg["type"] == "http.disconnect":
                         status_box[0] = 499
                         return
@@ -228,8 +248,12 @@ class ServiceMiddleware:
         finally:
             if body_buf is not None:
                 body_buf.close()
-            if uploading:
-                st.svc.uploads_active -= 1
+            if uploading is not None:
+                svc = st.svc
+                svc.uploads_active -= 1
+                left = svc.uploads_by_tenant.pop(uploading, 1) - 1
+                if left > 0:
+                    svc.uploads_by_tenant[uploading] = left
             if counted:
                 st.inflight -= 1
             if not recorded:

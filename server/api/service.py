@@ -54,6 +54,8 @@ MAX_LATEST_ATTEMPTS = 3
 # after the prefix store failed a lookup, lookups of uncached names fail fast (503) for this long instead of each
 # waiting out the store's timeout
 STORE_BACKOFF_S = 1.0
+# background refreshes of cached prefix metadata at once (each may wait out the store's timeout in a worker thread)
+MAX_REFRESHES = 2
 ENGINE_WATCHDOG_S = 1.0  # how often a waiting request checks that the engine thread is alive
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); avoids overflow in logits / T
 
@@ -560,6 +562,7 @@ class Service:
     store_ok: bool = True
     # prefix uploads being parsed and stored (at most settings.max_concurrent_uploads)
     uploads_active: int = 0
+    uploads_by_tenant: dict[str, int] = field(default_factory=dict)
     tool_parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(TenantLimit()))
     usage: UsageMeter = field(default_factory=UsageMeter)
@@ -751,7 +754,11 @@ class Service:
 
     def _revalidate(self, key: tuple[str, str], version: int | None, gen: tuple[int, int]) -> None:
         k = (*key, version)
-        if k in self._revalidating or time.monotonic() < self._store_down_until:
+        if (
+            k in self._revalidating
+            or len(self._revalidating) >= MAX_REFRESHES  # a hung store must not take every worker thread
+            or time.monotonic() < self._store_down_until
+        ):
             return
         self._revalidating.add(k)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 import torch
 
@@ -158,13 +158,6 @@ class KVPool:
             if key is not None:
                 nodes.add(self._cached.pop(key)[1])
         return nodes
-
-    def forget_where(self, stale: Callable[[Hashable], bool]) -> int:
-        """Unregister every prompt-cache key for which `stale(key)` (their blocks stay with whoever holds them);
-        returns how many."""
-        gone = [b for b, key in self._key_of.items() if stale(key)]
-        self.forget(gone)
-        return len(gone)
 
     def refcount(self, block: int) -> int:
         return self._refs[block]

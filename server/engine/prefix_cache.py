@@ -57,22 +57,18 @@ class PrefixEntry:
     stale: bool = False  # replaced/deleted in the store: drop once idle
     used: bool = False  # taken by a request since it was installed
     installed: float = field(default_factory=time.monotonic)
+    # the invalidations of its name before it was loaded: the same key loaded after another invalidation (a store
+    # emptied and written again reuses version numbers) may hold other tensors, and prompt blocks computed with one
+    # must not be taken by requests on the other (a reload after a mere eviction keeps the generation: its blocks)
+    generation: tuple[int, int] = (0, 0)
 
 
-def prompt_cache_root(
-    cache_salt: str | None, prefix: PrefixKey | None
-) -> tuple[str, str | None, PrefixKey | None]:
+def prompt_cache_root(cache_salt: str | None, prefix: PrefixEntry | None) -> tuple[object, ...]:
     """The root of a request's prompt-cache key chain: cached prompt blocks are shared only under the same salt and
-    the same prefix (its KV is what they attended to)."""
-    return ("root", cache_salt, prefix)
-
-
-def _prefix_of_block_key(key: object) -> PrefixKey | None:
-    """The prefix of a prompt-cache key whose parent is a chain's root (deeper keys hang off node ids)."""
-    parent = key[0] if isinstance(key, tuple) and key else None
-    if isinstance(parent, tuple) and len(parent) == 3 and parent[0] == "root":
-        return parent[2]
-    return None
+    the same prefix, loaded in the same generation (its KV is what they attended to)."""
+    if prefix is None:
+        return ("root", cache_salt, None, 0)
+    return ("root", cache_salt, prefix.key, prefix.generation)
 
 
 @dataclass
@@ -130,6 +126,9 @@ class PrefixCache:
         self._errors: dict[PrefixKey, tuple[PrefixLoadError, float]] = {}
         self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="prefix-loader")
         self._invalidated: list[tuple[str, str] | None] = []  # None: every name
+        # invalidations applied: of every name (`invalidate_all`), of each name (engine thread only)
+        self._epoch = 0
+        self._name_gen: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()  # guards _invalidated (written from store subscriber threads)
 
     # ---------------------------------------------------------------- engine thread API
@@ -202,6 +201,10 @@ class PrefixCache:
         with self._lock:
             inval, self._invalidated = self._invalidated, []
         for which in inval:
+            if which is None:
+                self._epoch += 1
+            else:
+                self._name_gen[which] = self._name_gen.get(which, 0) + 1
 
             def matches(k: PrefixKey | None, which: tuple[str, str] | None = which) -> bool:
                 return k is not None and (which is None or (k.tenant_id, k.name) == which)
@@ -215,9 +218,7 @@ class PrefixCache:
                 del self._loading[k]
             for k in [k for k in self._errors if matches(k)]:
                 del self._errors[k]
-            # prompt blocks computed against the old tensors (the same version number may name new ones after a
-            # store was emptied): unreachable from here on (their chains hang off the forgotten first blocks)
-            self.pool.forget_where(lambda key, m=matches: m(_prefix_of_block_key(key)))
+            # (prompt blocks computed with the old tensors hang off the old `generation`: unreachable from here on)
         for key, fut in list(self._loading.items()):
             if not fut.done():
                 continue
@@ -289,7 +290,8 @@ class PrefixCache:
             raise OutOfBlocks("no room for prefix")
         blocks = self.pool.allocate(n_blocks)
         self.pool.write_prefix(blocks, kv)
-        self.entries[key] = PrefixEntry(key=key, length=p, blocks=blocks, nbytes=nbytes)
+        gen = (self._epoch, self._name_gen.get((key.tenant_id, key.name), 0))
+        self.entries[key] = PrefixEntry(key=key, length=p, blocks=blocks, nbytes=nbytes, generation=gen)
 
     def _count(self, key: PrefixKey) -> None:
         name = (key.tenant_id, key.name)

@@ -38,8 +38,7 @@ class Sequence:
         self.own_blocks: list[int] = []
         self.num_cached = 0  # own tokens (prompt + output) whose KV is in the pool
         self.cached_prompt_tokens = 0  # prompt tokens taken from the prompt cache when first scheduled
-        # prompt cache: the root of this request's key chain and the node ids of its full own blocks so far
-        self.cache_root = prompt_cache_root(req.cache_salt, req.prefix)
+        # prompt cache: the node ids of its full own blocks so far (their chain hangs off `cache_root`)
         self.cache_nodes: list[int] = []
         self.generator = generator
         self.constraint = constraint  # structured outputs: the grammar's state after the output so far
@@ -76,6 +75,11 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
             [None] if req.sampling.prompt_logprobs is not None else None
         )
+
+    @property
+    def cache_root(self) -> tuple[object, ...]:
+        """The root of its prompt-cache key chain (see `prompt_cache_root`): known once it holds its prefix."""
+        return prompt_cache_root(self.req.cache_salt, self.prefix)
 
     @property
     def tokens(self) -> list[int]:

@@ -14,6 +14,7 @@ prompt's first token has position P, exactly as transformers' `past_key_values` 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -99,12 +100,15 @@ def validate_kv(kv: Any, spec: ModelSpec, prefix_length: int) -> None:
             f"prefix kv has shape {list(kv.shape)}, this base model needs {list(want)} "
             "(layers, key/value, kv heads, prefix length, head dim)"
         )
-    _check_finite(kv, "prefix kv")
-    biggest = float(kv.abs().max()) if kv.numel() else 0.0
-    if biggest > MAX_KV_ABS:
-        raise InvalidPrefix(
-            f"prefix kv holds values up to {biggest:.3g}; at most {MAX_KV_ABS:g} in magnitude is accepted"
-        )
+    if kv.numel():
+        lo, hi = torch.aminmax(kv)  # one pass, no copy (NaN propagates into both)
+        biggest = max(-float(lo), float(hi))
+        if not math.isfinite(biggest):
+            raise InvalidPrefix("prefix kv contains NaN or infinite values")
+        if biggest > MAX_KV_ABS:
+            raise InvalidPrefix(
+                f"prefix kv holds values up to {biggest:.3g}; at most {MAX_KV_ABS:g} in magnitude is accepted"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ prefix-tuning
