@@ -217,9 +217,8 @@ class ServiceMiddleware:
                 size = 0
                 deadline = time.monotonic() + UPLOAD_BODY_S
                 while True:
-                    if (
-                        upload
-                    ):  # it holds an upload slot: a client trickling its body may not keep it for good
+                    # an upload holds its slot: a client trickling its body may not keep it for good
+                    if upload:
                         try:
                             msg = await asyncio.wait_for(receive(), max(0.001, deadline - time.monotonic()))
                         except TimeoutError:
