@@ -589,9 +589,8 @@ def test_jobs_of_dead_workers_are_taken_over_one_each_at_once(managers, store):
     for g in ghosts:
         _kill_ghost(api, g)
     kw = {"block_ms": 50} if api.backend.kind == "redis" else {}
-    if (
-        api.backend.kind == "disk"
-    ):  # (its reclaimer requeues dead workers' jobs; Redis's claim takes them over)
+    # (the disk backend's reclaimer requeues dead workers' jobs; Redis's claim takes them over)
+    if api.backend.kind == "disk":
         assert len(api.backend.reclaim_stale()) == 2
     first = wait_for(lambda: api.backend.claim("w1", **kw), what="the first take-over")
     second = api.backend.claim("w2", **kw)  # at once: the other job is as stale as the first was

@@ -767,10 +767,10 @@ class Service:
                 await self._lookup(key, version, gen, "prefix")
             except APIError as e:
                 log.debug("refreshing %s/%s@%s: %s", key[0], key[1], version, e.message)
-                if (
-                    e.status != 503
-                ):  # it cannot be served as it is now (gone, another base model, corrupt): the
-                    self.meta_cache.invalidate(key)  # next request hears why; the store down: keep serving it
+                # it cannot be served as it is now (gone, another base model, corrupt): the next request hears
+                # why; the store down: keep serving it
+                if e.status != 503:
+                    self.meta_cache.invalidate(key)
             except Exception:
                 log.exception("refreshing %s/%s@%s failed", key[0], key[1], version)
             finally:

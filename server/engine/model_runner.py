@@ -876,9 +876,8 @@ class _DecodeGraphs:
             with torch.cuda.stream(side):  # warm-up outside the graph (allocator, library handles)
                 warm = self.runner._forward(st)
             torch.cuda.current_stream(self.runner.device).wait_stream(side)
-            if (
-                self.logits is None
-            ):  # every graph's logits land in one buffer (each is read before the next replay)
+            # every graph's logits land in one buffer (each is read before the next replay)
+            if self.logits is None:
                 self.logits = torch.empty(
                     (self.batches[-1], *warm.shape[1:]), dtype=warm.dtype, device=self.runner.device
                 )
