@@ -179,7 +179,7 @@ def test_openai_unsupported_parameters_are_rejected(srv):
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 2}, "best_of"),
     ):
-        assert assert_error(c.post("/v1/completions", json={**base, **extra}), 422)["param"] == param
+        assert assert_error(c.post("/v1/completions", json={**base, **extra}), 400)["param"] == param
     ok = {
         "echo": False,
         "logprobs": None,
@@ -190,21 +190,21 @@ def test_openai_unsupported_parameters_are_rejected(srv):
     }
     assert c.post("/v1/completions", json={**base, **ok}).status_code == 200
     chat = {"model": "acme", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
-    err = assert_error(c.post("/v1/chat/completions", json={**chat, "top_logprobs": 2}), 422)
+    err = assert_error(c.post("/v1/chat/completions", json={**chat, "top_logprobs": 2}), 400)
     assert err["param"] == "top_logprobs"  # OpenAI: top_logprobs needs logprobs=true
     err = assert_error(
-        c.post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21}), 422
+        c.post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21}), 400
     )
     assert err["param"] == "top_logprobs" and err["code"] == "logprobs_too_large"
     assert_error(c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "logprobs": 21}), 422)
     assert_error(
         c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "repetition_penalty": 2.5}), 422
     )
-    assert_error(c.post("/v1/completions", json={**base, "n": 65}), 422)
-    assert_error(c.post("/v1/completions", json={**base, "prompt": ["a"] * 65}), 422)
-    assert_error(c.post("/v1/completions", json={**base, "prompt": []}), 422)
-    assert_error(c.post("/v1/completions", json={**base, "prompt": [[1, 2], []]}), 422)
-    out_of_vocab = assert_error(c.post("/v1/completions", json={**base, "prompt": [1, 10**9]}), 422)
+    assert_error(c.post("/v1/completions", json={**base, "n": 65}), 400)
+    assert_error(c.post("/v1/completions", json={**base, "prompt": ["a"] * 65}), 400)
+    assert_error(c.post("/v1/completions", json={**base, "prompt": []}), 400)
+    assert_error(c.post("/v1/completions", json={**base, "prompt": [[1, 2], []]}), 400)
+    out_of_vocab = assert_error(c.post("/v1/completions", json={**base, "prompt": [1, 10**9]}), 400)
     assert "vocabulary" in out_of_vocab["message"]
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": msgs}), 400)
@@ -213,14 +213,14 @@ def test_openai_unsupported_parameters_are_rejected(srv):
         "messages": [{"role": "user", "content": "x"}],
         "max_completion_tokens": 10**6,
     }
-    err = assert_error(c.post("/v1/chat/completions", json=too_many), 422, "max_tokens_too_large")
+    err = assert_error(c.post("/v1/chat/completions", json=too_many), 400, "max_tokens_too_large")
     assert err["param"] == "max_completion_tokens" and err["message"].startswith("max_completion_tokens")
-    assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": []}), 422)
+    assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": []}), 400)
     assert_error(
         c.post(
             "/v1/chat/completions", json={"model": "acme", "messages": [{"role": "wizard", "content": "x"}]}
         ),
-        422,
+        400,
     )
 
 

@@ -125,7 +125,7 @@ def test_models_and_errors(oai):
     bad = openai.OpenAI(base_url=oai.base_url, api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):  # a 400, as OpenAI and vLLM answer it (not a 422)
         oai.completions.create(model="acme", prompt="x", temperature=-1)
     base = oai.completions.create(model="acme/base", prompt="x", max_tokens=3, temperature=0)
     assert base.choices[0].finish_reason in ("stop", "length")
@@ -304,7 +304,7 @@ def test_n_over_the_tenant_limit_is_refused(server_factory, api_bundle, tmp_path
     s = server_factory(max_concurrent_per_tenant=4)
     c = s.client()
     body = {"model": "acme/base", "prompt": ["a", "b"], "max_tokens": 2}
-    err = assert_error(c.post("/v1/completions", json={**body, "n": 3}), 422, "too_many_choices")
+    err = assert_error(c.post("/v1/completions", json={**body, "n": 3}), 400, "too_many_choices")
     assert err["param"] == "n"
     ok = c.post("/v1/completions", json={**body, "n": 2})
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
@@ -436,7 +436,7 @@ def test_n_samples_of_one_prompt_share_its_prefill(srv, oai):
 
 def test_continue_final_message_and_chat_template_kwargs(srv, oai):
     """vLLM's chat-template extensions: continue_final_message renders the last assistant message open (the model
-    continues it), chat_template_kwargs reach the template, and their misuse is a 422 naming the field."""
+    continues it), chat_template_kwargs reach the template, and their misuse is a 400 naming the field."""
     tok = srv.svc.bundle.tokenizer
     msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My answer is"}]
     want = tok.apply_chat_template(
@@ -476,7 +476,7 @@ def test_continue_final_message_and_chat_template_kwargs(srv, oai):
     ):  # fmt: skip
         body = {"model": "acme/default", "messages": msgs, "max_tokens": 2, **extra}
         resp = c.post("/v1/chat/completions", json=body)
-        assert resp.status_code == 422 and resp.json()["error"]["param"] == param, resp.text
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
 
 
 @pytest.mark.parametrize("route", ["completions", "chat"])

@@ -1,6 +1,6 @@
 """Structured outputs over HTTP: `structured_outputs` on /generate and the /v1 routes, OpenAI's `response_format`
-(through the official `openai` package, its `parse` helper included), streaming, n choices, and 422s that name the
-field and change nothing (tiny random Llama: only the constraint makes its output valid)."""
+(through the official `openai` package, its `parse` helper included), streaming, n choices, and 422s (400s on the
+`/v1` routes) that name the field and change nothing (tiny random Llama: only the constraint makes its output valid)."""
 
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def test_schema_level_errors_and_nothing_changes(srv, oai):
             "/v1/completions",
             json={**base, "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
         ),
-        422,
+        400,
     )
     assert err["param"] == "structured_outputs"
     err = assert_error(
@@ -202,7 +202,7 @@ def test_schema_level_errors_and_nothing_changes(srv, oai):
             "/v1/completions",
             json={**base, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
         ),
-        422,
+        400,
     )
     assert err["param"] == "response_format"
     err = assert_error(
@@ -217,11 +217,11 @@ def test_schema_level_errors_and_nothing_changes(srv, oai):
                 },
             },
         ),
-        422,
+        400,
         code="invalid_structured_output",
     )
     assert err["param"] == "response_format.json_schema.schema"
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):
         oai.completions.create(
             model="acme/default", prompt="x", extra_body={"structured_outputs": {"regex": "("}}
         )
@@ -308,5 +308,5 @@ def test_vllm_guided_fields_are_honoured_not_ignored(oai, srv):
     check_item(chat.choices[0].message.content)
     body = {"model": "acme/default", "prompt": "x", "guided_regex": "a", "structured_outputs": {"regex": "b"}}
     assert (
-        assert_error(srv.client(KEY).post("/v1/completions", json=body), 422)["param"] == "structured_outputs"
+        assert_error(srv.client(KEY).post("/v1/completions", json=body), 400)["param"] == "structured_outputs"
     )

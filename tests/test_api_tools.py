@@ -1,7 +1,7 @@
 """OpenAI function calling on /v1/chat/completions with the official `openai` package: forced calls (a named function,
 "required") follow the tools' schemas, "auto" parses the calls a model writes (Hermes <tool_call> blocks, Llama 3 JSON,
 Mistral [TOOL_CALLS], pythonic lists: the parser detected from the chat template or set), tools reach the chat
-template, and bad tool requests are 422s that name the field."""
+template, and bad tool requests are 400s that name the field."""
 
 from __future__ import annotations
 
@@ -383,9 +383,9 @@ def test_tools_and_tool_turns_reach_the_chat_template(srv):
         ({"tools": [WEATHER], "tool_choice": "required", "structured_outputs": {"regex": "a"}, "guided_regex": "b"}, "structured_outputs", "not both"),
     ],
 )  # fmt: skip
-def test_bad_tool_requests_are_422_naming_the_field(srv, body, param, needle):
+def test_bad_tool_requests_are_400_naming_the_field(srv, body, param, needle):
     r = srv.client(KEY).post("/v1/chat/completions", json={"model": "acme/default", "messages": ASK, **body})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     err = r.json()["error"]
     if needle is not None:
         assert err["param"] == param and needle in err["message"], err

@@ -213,7 +213,7 @@ def test_tokens_per_minute_charges_prompt_plus_max_tokens_and_refunds_the_rest(s
     # refused after it was charged (the engine refuses a token id past the vocabulary): its headers show the
     # refund, not the charge
     r = c.post("/v1/completions", json={**body, "n": 1, "prompt": [10**6]})
-    assert_error(r, 422)
+    assert_error(r, 400)
     assert r.headers["x-ratelimit-remaining-tokens"] == "200" and remaining(c, "acme") == 200
     (rep,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
     assert rep["rejected"] == 2 and rep["limits"]["tokens_per_minute"] == 200  # the two 429s
@@ -264,7 +264,7 @@ def test_per_tenant_overrides_from_the_limits_file(server_factory, tmp_path):
 
     t, out = in_background("solo")
     assert_error(gen(c, "solo"), 429, "tenant_concurrency_limit")
-    err = assert_error(c.post("/v1/completions", json={"model": "solo/base", "prompt": "Hi", "n": 2}), 422)
+    err = assert_error(c.post("/v1/completions", json={"model": "solo/base", "prompt": "Hi", "n": 2}), 400)
     assert err["code"] == "too_many_choices" and "1 requests" in err["message"]  # the tenant's own limit
     t.join(30)
     assert out == [200]

@@ -143,7 +143,11 @@ def error_response(
     retry_after: int = 1,
     request: Request | None = None,
 ) -> SafeJSONResponse:
-    """The error body; on the TGI-compatible routes (`/tgi...`) also TGI's top-level `error_type`."""
+    """The error body; on the TGI-compatible routes (`/tgi...`) also TGI's top-level `error_type`. On the OpenAI
+    routes (`/v1/...`) an invalid value is a 400, as OpenAI and vLLM answer it (the `openai` package raises its
+    `BadRequestError` for a 400, a bare `APIStatusError` subclass for a 422); elsewhere it stays a 422."""
+    if status == 422 and request is not None and request.url.path.startswith("/v1/"):
+        status = 400
     headers = dict(headers or {})
     if status in (429, 503):
         headers.setdefault("Retry-After", str(retry_after))
