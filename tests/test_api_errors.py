@@ -216,6 +216,19 @@ def test_openai_unsupported_parameters_are_rejected(srv):
     err = assert_error(c.post("/v1/chat/completions", json=too_many), 400, "max_tokens_too_large")
     assert err["param"] == "max_completion_tokens" and err["message"].startswith("max_completion_tokens")
     assert_error(c.post("/v1/chat/completions", json={"model": "acme", "messages": []}), 400)
+    # OpenAI's deprecated function fields: refused naming what to send instead, not silently ignored
+    ask = {"model": "acme", "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 2}
+    fn = {"name": "get_weather", "parameters": {"type": "object"}}
+    err = assert_error(
+        c.post("/v1/chat/completions", json={**ask, "functions": [fn]}), 400, "unsupported_parameter"
+    )
+    assert err["param"] == "functions" and "send tools" in err["message"]
+    err = assert_error(c.post("/v1/chat/completions", json={**ask, "function_call": "auto"}), 400)
+    assert err["param"] == "function_call"
+    # OpenAI routes this server does not have say so (clients read a bare 404 as "model not found")
+    for route in ("/v1/responses", "/v1/embeddings"):
+        err = assert_error(c.post(route, json={"model": "acme", "input": "x"}), 404)
+        assert route in err["message"] and "/v1/chat/completions" in err["message"]
     assert_error(
         c.post(
             "/v1/chat/completions", json={"model": "acme", "messages": [{"role": "wizard", "content": "x"}]}

@@ -154,7 +154,8 @@ def test_prompt_and_context_limits(server_factory, api_bundle, tmp_path):
     err = assert_error(
         gen(c, tenant_id="acme", prompt="y" * 10, max_tokens=50), 413, "context_length_exceeded"
     )
-    assert "64" in err["message"] and err["param"] == "max_tokens"
+    # vLLM's and OpenAI's words, by which clients such as LiteLLM recognise a context-window error
+    assert "maximum context length is 64 tokens" in err["message"] and err["param"] == "max_tokens"
     assert_error(gen(c, tenant_id="acme", prompt="y", max_tokens=51), 422, "max_tokens_too_large")
     assert gen(c, tenant_id="acme", prompt="y" * 10, max_tokens=30).status_code == 200
     # a prompt that leaves no room for one token is the prompt's fault, named as each route names it

@@ -263,6 +263,14 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             code="invalid_value",
             param="stream_options",
         )
+    for legacy, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+        if getattr(body, legacy, None) is not None:
+            raise APIError(
+                422,
+                f"{legacy} (deprecated by OpenAI) is not supported: send {instead}",
+                code="unsupported_parameter",
+                param=legacy,
+            )
     tenant, name, version = parse_model(body.model, principal)
     info.tenant, info.prefix = tenant, name
     priority = svc.check_priority(principal, body.priority)

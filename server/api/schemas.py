@@ -440,6 +440,11 @@ class ChatCompletionRequest(_OpenAIBase):
     tools: list[ChatTool] | None = Field(
         None, max_length=128, description="Functions the model may call (rendered by the chat template)"
     )
+    # OpenAI's deprecated form of tools: refused (naming `tools`), never silently ignored
+    functions: list[Any] | None = Field(
+        None, description="Not supported (deprecated by OpenAI): send `tools`"
+    )
+    function_call: Any = Field(None, description="Not supported (deprecated by OpenAI): send `tool_choice`")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None,
         description="'auto' (default with tools): calls the model writes as <tool_call>{json}</tool_call> are "

@@ -1029,8 +1029,9 @@ class Service:
             room = prefix.prefix_length + n < limit
             raise APIError(
                 413,
-                f"prefix ({prefix.prefix_length}) + prompt ({n}) + max_tokens ({sampling.max_tokens}) tokens "
-                f"exceed the context limit of {limit}",
+                # vLLM's and OpenAI's words first: clients (LiteLLM, ...) recognise a context-window error by them
+                f"This model's maximum context length is {limit} tokens; this request needs {total}: prefix "
+                f"({prefix.prefix_length}) + prompt ({n}) + max_tokens ({sampling.max_tokens})",
                 code="context_length_exceeded",
                 param=info.max_tokens_param if room else info.prompt_param,
             )

@@ -64,7 +64,8 @@ async def merge(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
 
 def stream_error(e: APIError) -> dict[str, Any]:
     """The error frame of a stream that has begun (HTTP 200 sent): the error body with the status the error would
-    have had (the SDK raises the same class as for the unstreamed request)."""
+    have had (prefixserve_client raises the same class as for the unstreamed request; the openai package raises
+    its base `APIError` for any error frame)."""
     body = e.body()
     body["error"]["status"] = e.status
     return body
