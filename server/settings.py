@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     metrics_require_admin: bool = Field(
         False, description="Require the admin key for GET /metrics (needs an admin key; an open server warns)"
     )
+    cors_allow_origins: str | None = Field(
+        None,
+        description="Origins browsers may call the API from (CORS: 'https://app.example.com,...', or '*' for any); "
+        "default: none, no CORS headers",
+    )
 
     # ------------------------------------------------------------------ limits
     max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt after rendering (413 above)")

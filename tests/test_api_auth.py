@@ -236,3 +236,22 @@ def test_metrics_carry_no_keys_and_no_per_tenant_labels(srv):
     assert "prefixserve:" in text
     for secret in (KEY_A, KEY_B, ADMIN, "stolen-key-9999", "acme", "globex", "secret-plan"):
         assert secret not in text, secret
+
+
+def test_cors_answers_a_browsers_preflight_only_for_allowed_origins(server_factory):
+    """With cors_allow_origins, a browser on an allowed origin gets its preflight (no key: browsers send none)
+    answered and may read the response; another origin gets no CORS headers; by default none are sent."""
+    s = server_factory(keys={"acme": KEY_A}, cors_allow_origins="https://app.example.com")
+    c = s.client()
+    pre = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+    r = c.options("/v1/chat/completions", headers=pre)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = s.client(KEY_A).get("/v1/models", headers={"Origin": "https://app.example.com"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "x-ratelimit-remaining-tokens" in r.headers["access-control-expose-headers"].lower()
+    other = c.options("/v1/chat/completions", headers={**pre, "Origin": "https://evil.example.com"})
+    assert "access-control-allow-origin" not in other.headers
+    plain = server_factory(keys={"acme": KEY_A}).client()
+    assert "access-control-allow-origin" not in plain.options("/v1/chat/completions", headers=pre).headers

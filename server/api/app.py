@@ -494,6 +494,23 @@ def create_app(
         if getattr(r, "methods", None)
     ]
     app.add_middleware(ServiceMiddleware, state=st)
+    if settings.cors_allow_origins:
+        # outermost: a browser's preflight (OPTIONS, no key) is answered before the key check
+        from starlette.middleware.cors import CORSMiddleware
+
+        origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After", "X-Request-Id", "Idempotent-Replayed", "Location"]
+            + [
+                f"x-ratelimit-{k}-{w}"
+                for k in ("limit", "remaining", "reset")
+                for w in ("requests", "tokens")
+            ],
+        )
     _customize_openapi(app, settings, open_mode=not keyring.enabled)
     return app
 
