@@ -281,3 +281,37 @@ def test_blocks_a_running_request_fills_after_an_invalidation_are_not_taken_by_n
     turn2 = first + out + random_prompt(b.spec.vocab_size, 4, 8)
     want = make_engine(b, {k0: new_kv}, prompt_cache=True).generate([_req("fresh", turn2, k0)])[0].token_ids
     assert eng.generate([_req("turn2", turn2, k0)])[0].token_ids == want
+
+
+@pytest.mark.parametrize("tensors", ["replaced", "the same"])
+def test_a_preempted_request_never_resumes_on_other_tensors(tenants, tensors):
+    """Preempted after producing tokens, its prefix invalidated meanwhile: reloaded with the same tensors (a routine
+    change event, an eviction) it resumes and finishes exactly as alone; with other tensors under the same key (a
+    store emptied and written again) it ends with a retryable error instead of continuing on them (it used to finish
+    with tokens of both)."""
+    b, keys = tenants
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 2 * BS + 3, 11)
+    want = make_engine(b, keys).generate([_req("alone", prompt, k0, max_tokens=12)])[0].token_ids
+    eng = make_engine(b, keys, prompt_cache=True)
+    eng.add_request(_req("r", prompt, k0, max_tokens=12))
+    got: list[int] = []
+    while len(got) < 3:
+        for ev in eng.step():
+            got.extend(ev.token_ids)
+    (seq,) = eng.scheduler.running
+    eng.scheduler._preempt(seq)  # as when the pool runs dry
+    if tensors == "replaced":
+        eng.prefix_cache.provider.prefixes[k0] = random_kv(b.spec, keys[k0].shape[3], seed=99, scale=8.0)
+    eng.prefix_cache.invalidate(k0.tenant_id, k0.name)
+    last = None
+    while eng.has_unfinished():
+        for ev in eng.step():
+            got.extend(ev.token_ids)
+            last = ev
+    assert last is not None and last.finished
+    if tensors == "replaced":
+        assert last.finish_reason == "error" and last.error_type == "PrefixChanged"
+        assert got == want[: len(got)]  # nothing of the other tensors
+    else:
+        assert last.finish_reason == "length" and got == want

@@ -112,6 +112,10 @@ class StorePrefixProvider:
         self.bundle = bundle
 
     def fetch(self, key: PrefixKey) -> Any:
+        return self.fetch_digested(key)[0]
+
+    def fetch_digested(self, key: PrefixKey) -> tuple[Any, str]:
+        """`kv` and the store's digest of the record's tensor bytes (checked as it was read)."""
         rec = self.store.get(
             key.tenant_id, key.name, key.version, expected_fingerprint=self.bundle.fingerprint
         )
@@ -119,7 +123,7 @@ class StorePrefixProvider:
         if kv is None:
             raise errors.InvalidPrefix(f"prefix {key} has no 'kv' tensor")
         validate_kv(kv, self.bundle.spec, rec.meta.prefix_length)
-        return kv
+        return kv, rec.meta.sha256
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,8 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
     "GrammarError": (422, "structured_output_failed"),
     # still running when the shutdown grace period ran out (`LLMEngine.fail_all`)
     "ShuttingDown": (503, "shutting_down"),
+    # preempted, and its prefix's tensors changed before it resumed (`Scheduler` refuses to mix them)
+    "PrefixChanged": (503, "prefix_changing"),
 }
 
 

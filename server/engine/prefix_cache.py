@@ -13,6 +13,7 @@ hits against LRU's 52.8%, Belady's offline optimum 70.8%).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -28,7 +29,9 @@ from server.engine.types import PrefixKey
 
 
 class PrefixProvider(Protocol):
-    """Fetches the serving form `kv [L, 2, K, P, D]` of a prefix (called on a loader thread)."""
+    """Fetches the serving form `kv [L, 2, K, P, D]` of a prefix (called on a loader thread). A provider may also
+    have `fetch_digested(key) -> (kv, digest)`, naming what `kv` holds cheaply (a store: its record's sha256);
+    without it the tensor's bytes are hashed (`kv_digest`)."""
 
     def fetch(self, key: PrefixKey) -> torch.Tensor: ...
 
@@ -45,6 +48,10 @@ class DictPrefixProvider:
         except KeyError:
             raise LookupError(f"unknown prefix {key}") from None
 
+    def fetch_digested(self, key: PrefixKey) -> tuple[torch.Tensor, str]:
+        kv = self.fetch(key)
+        return kv, f"tensor {id(kv)}"  # the dict holds it: another tensor under the key is another object
+
 
 @dataclass
 class PrefixEntry:
@@ -57,18 +64,27 @@ class PrefixEntry:
     stale: bool = False  # replaced/deleted in the store: drop once idle
     used: bool = False  # taken by a request since it was installed
     installed: float = field(default_factory=time.monotonic)
-    # the invalidations of its name before it was loaded: the same key loaded after another invalidation (a store
+    # what its tensors hold (a hash of their bytes): the same key loaded again after an invalidation (a store
     # emptied and written again reuses version numbers) may hold other tensors, and prompt blocks computed with one
-    # must not be taken by requests on the other (a reload after a mere eviction keeps the generation: its blocks)
-    generation: tuple[int, int] = (0, 0)
+    # must not be taken by requests on the other, nor a preempted request resume on them (a reload of the same
+    # tensors, after an eviction or a routine invalidation, keeps the digest: its blocks)
+    digest: str = ""
 
 
 def prompt_cache_root(cache_salt: str | None, prefix: PrefixEntry | None) -> tuple[object, ...]:
     """The root of a request's prompt-cache key chain: cached prompt blocks are shared only under the same salt and
-    the same prefix, loaded in the same generation (its KV is what they attended to)."""
+    the same prefix tensors (their KV is what they attended to)."""
     if prefix is None:
-        return ("root", cache_salt, None, 0)
-    return ("root", cache_salt, prefix.key, prefix.generation)
+        return ("root", cache_salt, None, "")
+    return ("root", cache_salt, prefix.key, prefix.digest)
+
+
+def kv_digest(kv: torch.Tensor) -> str:
+    """A hash of a prefix's tensor bytes (shape and dtype included), on a loader thread: a few ms for a few MB."""
+    t = kv.detach().contiguous()
+    h = hashlib.blake2b(f"{tuple(t.shape)} {t.dtype}".encode(), digest_size=16)
+    h.update(t.view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 @dataclass
@@ -126,9 +142,6 @@ class PrefixCache:
         self._errors: dict[PrefixKey, tuple[PrefixLoadError, float]] = {}
         self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="prefix-loader")
         self._invalidated: list[tuple[str, str] | None] = []  # None: every name
-        # invalidations applied: of every name (`invalidate_all`), of each name (engine thread only)
-        self._epoch = 0
-        self._name_gen: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()  # guards _invalidated (written from store subscriber threads)
 
     # ---------------------------------------------------------------- engine thread API
@@ -201,10 +214,6 @@ class PrefixCache:
         with self._lock:
             inval, self._invalidated = self._invalidated, []
         for which in inval:
-            if which is None:
-                self._epoch += 1
-            else:
-                self._name_gen[which] = self._name_gen.get(which, 0) + 1
 
             def matches(k: PrefixKey | None, which: tuple[str, str] | None = which) -> bool:
                 return k is not None and (which is None or (k.tenant_id, k.name) == which)
@@ -218,7 +227,7 @@ class PrefixCache:
                 del self._loading[k]
             for k in [k for k in self._errors if matches(k)]:
                 del self._errors[k]
-            # (prompt blocks computed with the old tensors hang off the old `generation`: unreachable from here on)
+            # (prompt blocks computed with other tensors hang off their digest: unreachable from new ones)
         for key, fut in list(self._loading.items()):
             if not fut.done():
                 continue
@@ -228,7 +237,7 @@ class PrefixCache:
                 self.stats.load_errors += 1
                 self._errors[key] = (PrefixLoadError(key, str(exc), type(exc).__name__), time.monotonic())
                 continue
-            kv = fut.result()
+            kv, digest = fut.result()
             n_blocks = self.pool.blocks_for(kv.shape[3])
             if n_blocks >= self.pool.num_blocks:  # would never fit, with room for a request beside it
                 del self._loading[key]
@@ -237,7 +246,7 @@ class PrefixCache:
                 self._errors[key] = (PrefixLoadError(key, why, "RequestTooLarge"), time.monotonic())
                 continue
             try:
-                self._install(key, kv)
+                self._install(key, kv, digest)
             except OutOfBlocks:
                 continue  # retry next step once running requests free blocks
             del self._loading[key]
@@ -270,11 +279,18 @@ class PrefixCache:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- internals
-    def _fetch(self, key: PrefixKey) -> torch.Tensor:
-        """Loader thread: the provider's `kv[L, 2, K, P, D]`, staged for the pool's copy (`KVPool.stage`)."""
-        return self.pool.stage(self.provider.fetch(key))
+    def _fetch(self, key: PrefixKey) -> tuple[torch.Tensor, str]:
+        """Loader thread: the provider's `kv[L, 2, K, P, D]`, staged for the pool's copy (`KVPool.stage`), and its
+        digest."""
+        fetch_digested = getattr(self.provider, "fetch_digested", None)
+        if fetch_digested is not None:
+            kv, digest = fetch_digested(key)
+        else:
+            kv = self.provider.fetch(key)
+            digest = kv_digest(kv)
+        return self.pool.stage(kv), digest
 
-    def _install(self, key: PrefixKey, kv: torch.Tensor) -> None:
+    def _install(self, key: PrefixKey, kv: torch.Tensor, digest: str = "") -> None:
         p = kv.shape[3]
         n_blocks = self.pool.blocks_for(p)
         nbytes = n_blocks * self.pool.block_bytes
@@ -290,8 +306,7 @@ class PrefixCache:
             raise OutOfBlocks("no room for prefix")
         blocks = self.pool.allocate(n_blocks)
         self.pool.write_prefix(blocks, kv)
-        gen = (self._epoch, self._name_gen.get((key.tenant_id, key.name), 0))
-        self.entries[key] = PrefixEntry(key=key, length=p, blocks=blocks, nbytes=nbytes, generation=gen)
+        self.entries[key] = PrefixEntry(key=key, length=p, blocks=blocks, nbytes=nbytes, digest=digest)
 
     def _count(self, key: PrefixKey) -> None:
         name = (key.tenant_id, key.name)

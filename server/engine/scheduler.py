@@ -309,8 +309,15 @@ class Scheduler:
                     )
                     fail(seq, why, "RequestTooLarge", got)
                     continue
+                if seq.output and seq.prefix_digest not in (None, got.digest):
+                    # preempted after it produced tokens, its prefix's tensors changed meanwhile (the same version
+                    # number after a store was emptied): resuming would continue them on other tensors
+                    why = "its prefix changed while the request waited to resume; retry"
+                    fail(seq, why, "PrefixChanged", got)
+                    continue
                 self.prefixes.acquire(got)
                 seq.prefix = got
+                seq.prefix_digest = got.digest
                 self._unclaim(seq)
             queried = self._match_cached(seq)
             n = self._chunk(seq, budget)

@@ -35,6 +35,7 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.preempted = False  # waits to resume: admitted before requests that never ran
         self.prefix: PrefixEntry | None = None
+        self.prefix_digest: str | None = None  # the tensors it first ran on (`PrefixEntry.digest`)
         self.own_blocks: list[int] = []
         self.num_cached = 0  # own tokens (prompt + output) whose KV is in the pool
         self.cached_prompt_tokens = 0  # prompt tokens taken from the prompt cache when first scheduled
