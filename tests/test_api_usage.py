@@ -122,7 +122,7 @@ def test_aborted_stream_and_failed_request_are_counted(server_factory):
     assert u["aborted"] == 1 and u["completions"] == 1 and u["requests"] == 1
     assert seen <= u["completion_tokens"] < 200 and u["prompt_tokens"] > 0
     # a prefix that cannot be served: the request fails in the engine, no tokens counted
-    s.svc.llm.prefix_cache.provider.fetch = lambda key: (_ for _ in ()).throw(RuntimeError("broken"))
+    s.svc.llm.prefix_cache.provider.fetch_digested = lambda key: (_ for _ in ()).throw(RuntimeError("broken"))
     from tests.fixtures.server import put_random_prefix
 
     put_random_prefix(s.store, s.state.bundle, "acme", "bad")
