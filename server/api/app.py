@@ -102,7 +102,7 @@ async def _send_api_error(send: Send, e: APIError, request_id: str, retry_after:
 def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> str:
     """The upload route's own checks, made before its (large) body is read: the API key (401), the tenant (404, as
     the route answers), and the uploads in progress (503: at most `max_concurrent_uploads`, one per tenant, so one
-    tenant's slow uploads cannot hold every slot; counted from here, `uploads_active`). So no client can make the
+    tenant's slow uploads cannot hold every slot; counted from here, `uploading_tenants`). So no client can make the
     server take in up to max_upload_bytes for nothing, nor many such bodies at once. Returns the tenant."""
     from server.api.routes_prefixes import check_prefix_access
 
@@ -116,7 +116,7 @@ def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> str:
     check_prefix_access(principal, tenant, m["name"])
     svc = st.svc
     # (Retry-After is added as the error is sent)
-    if svc.uploads_by_tenant.get(tenant, 0) >= 1:
+    if tenant in svc.uploading_tenants:
         raise APIError(503, "an upload of this tenant is in progress; retry shortly", code="too_many_uploads")
     if svc.uploads_active >= st.settings.max_concurrent_uploads:
         raise APIError(
@@ -124,8 +124,7 @@ def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> str:
             f"{svc.uploads_active} prefix uploads are in progress; retry shortly",
             code="too_many_uploads",
         )
-    svc.uploads_active += 1
-    svc.uploads_by_tenant[tenant] = svc.uploads_by_tenant.get(tenant, 0) + 1
+    svc.uploading_tenants.add(tenant)
     return tenant
 
 
@@ -248,11 +247,7 @@ class ServiceMiddleware:
             if body_buf is not None:
                 body_buf.close()
             if uploading is not None:
-                svc = st.svc
-                svc.uploads_active -= 1
-                left = svc.uploads_by_tenant.pop(uploading, 1) - 1
-                if left > 0:
-                    svc.uploads_by_tenant[uploading] = left
+                st.svc.uploading_tenants.discard(uploading)
             if counted:
                 st.inflight -= 1
             if not recorded:

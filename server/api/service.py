@@ -567,12 +567,16 @@ class Service:
     default_format: str = "raw"
     store_ok: bool = True
     # prefix uploads being parsed and stored (at most settings.max_concurrent_uploads)
-    uploads_active: int = 0
-    uploads_by_tenant: dict[str, int] = field(default_factory=dict)
+    uploading_tenants: set[str] = field(default_factory=set)  # one upload each at a time (`_admit_upload`)
     tool_parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(TenantLimit()))
     usage: UsageMeter = field(default_factory=UsageMeter)
     token_text: TokenTexts = field(init=False)  # id -> text for reported log-probabilities
+
+    @property
+    def uploads_active(self) -> int:
+        """Prefix uploads being received or parsed (at most `max_concurrent_uploads`)."""
+        return len(self.uploading_tenants)
 
     def __post_init__(self) -> None:
         self.token_text = TokenTexts(self.bundle.tokenizer)
