@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.engine import PrefixKey, Request, SamplingParams
-from server.engine.sampler import filter_logits
+from server.engine.sampler import filter_logits, finite_rows
 from tests.engine_utils import (
     hf_greedy,
     hf_prompt_logprobs,
@@ -111,6 +111,20 @@ def test_min_p_one_keeps_only_the_most_likely_token(setup):
     assert out.token_ids == greedy[0].token_ids
     (hot,) = make_engine(b, keys).generate([Request("h", prompt, _sampled(7, temperature=3.0), k0)])
     assert hot.token_ids != greedy[0].token_ids  # without min_p this temperature wanders off
+
+
+def test_finite_rows_flags_exactly_the_rows_with_an_inf_or_nan():
+    x = torch.randn(6, 49152)
+    x[1, 7] = float("inf")
+    x[2, 40000] = float("-inf")
+    x[3, 0] = float("nan")
+    x[4] = 3e38  # huge but finite: a plain row sum would overflow to inf
+    x[5, :100] = -0.0
+    assert (
+        finite_rows(x).tolist()
+        == torch.isfinite(x).all(-1).tolist()
+        == [True, False, False, False, True, True]
+    )
 
 
 def test_filter_logits_top_k_top_p():
