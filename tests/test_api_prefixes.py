@@ -46,6 +46,9 @@ def test_train_then_serve_new_versions(server_factory):
     g2 = c.post("/generate", json={"prefix": "zebra", "prompt": "Say the word 3", "max_tokens": 6})
     assert g2.json()["prefix_version"] == 2
     assert c.get("/prefixes/acme/zebra").json()["versions"] == [1, 2]
+    # the list names each prefix's latest version only: no `versions: null` there
+    (listed,) = c.get("/prefixes").json()["data"]
+    assert listed["version"] == 2 and "versions" not in listed
     m = c.get("/metrics").text
     assert metric_value(m, "prefixserve:training_jobs", {"status": "succeeded"}) == 2
     jobs = c.get("/prefixes/jobs").json()["data"]

@@ -553,7 +553,11 @@ class PrefixInfo(BaseModel):
     kind: str
     prefix_length: int
     version: int
-    versions: list[int] | None = None
+    versions: list[int] | None = Field(
+        None,
+        description="Every stored version, oldest first: in `GET /prefixes/{tenant_id}/{name}` only (absent elsewhere)",
+        exclude_if=lambda v: v is None,
+    )
     created: float
     base_model_fingerprint: str
     dtype: str
