@@ -42,6 +42,17 @@ FLAG_ALIASES = {"store_url": ("--store",)}
 SECRET_FIELDS = frozenset({"api_keys", "admin_key"})
 
 
+def _or_none(typ: type) -> Any:
+    """A flag's value converter for an optional number: the number, or `none` (None in the settings: no limit, or
+    automatic, as the field says)."""
+
+    def conv(v: str) -> Any:
+        return v if v.strip().lower() == "none" else typ(v)
+
+    conv.__name__ = f"{typ.__name__} or none"
+    return conv
+
+
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     """One flag per Settings field (`--max-prompt-tokens` ↔ PREFIXSERVE_MAX_PROMPT_TOKENS); flags win over env."""
     from server.settings import Settings
@@ -53,7 +64,9 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         args = getattr(ann, "__args__", (ann,))
         typ = next((a for a in args if a is not type(None)), str)
         conv: Any
-        if typ in (int, float):
+        if typ in (int, float) and type(None) in args:
+            conv = _or_none(typ)
+        elif typ in (int, float):
             conv = typ
         else:
             conv = str

@@ -189,6 +189,22 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ training
     training_workers: int = Field(1, ge=0, description="Training workers inside the server process (0: none)")
+    training_max_seconds: float | None = Field(
+        3600.0,
+        gt=0,
+        description="Training time of one job: past it, training ends after the step under way and the job "
+        "succeeds with the prefix trained so far (summary `stopped: time_limit`); none: unlimited",
+    )
+    training_max_steps: int = Field(
+        100_000, ge=1, description="Optimizer steps of one training job (422 above)"
+    )
+    training_max_examples: int = Field(1000, ge=1, description="Examples of one training job (422 above)")
+    training_max_total_tokens: int = Field(
+        200_000,
+        ge=1,
+        description="Prompt + completion tokens over all examples of one training job (422 above)",
+    )
+    training_max_prefix_length: int = Field(256, ge=1, description="Prefix length a training job may ask for")
 
     # ------------------------------------------------------------------ lifecycle and logs
     shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
@@ -197,6 +213,20 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(
         False, description="Include prompt text in request log lines (off: never logged)"
     )
+
+    @field_validator(
+        "max_model_len",
+        "tenant_requests_per_minute",
+        "tenant_tokens_per_minute",
+        "prefix_cache_mb",
+        "torch_threads",
+        "training_max_seconds",
+        mode="before",
+    )
+    @classmethod
+    def _none(cls, v: Any) -> Any:
+        """`none` as a flag or env value of an optional number: what None means there (no limit, or automatic)."""
+        return None if isinstance(v, str) and v.strip().lower() in ("none", "null", "") else v
 
     @field_validator("log_level")
     @classmethod

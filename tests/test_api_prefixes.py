@@ -55,6 +55,33 @@ def test_train_then_serve_new_versions(server_factory):
     assert sorted(j["job_id"] for j in jobs) == sorted([job["job_id"], job2["job_id"]])
 
 
+def test_training_limits_are_the_operators(server_factory):
+    """`--training-max-*` settings bound what a job may ask for (422 naming the field) and how long it may train
+    (the job succeeds with the prefix trained so far, and shows the limits it runs under)."""
+    s = server_factory(keys={"acme": "k-acme"}, training_max_prefix_length=8, training_max_seconds=1e-6)
+    c = s.client("k-acme")
+    body = {
+        "name": "zebra",
+        "method": "prompt_tuning",
+        "examples": EXAMPLES,
+        "prefix_length": 9,
+        "epochs": 50,
+    }
+    err = assert_error(c.post("/prefixes", json=body), 422, "invalid_training_spec")
+    assert err["param"] == "prefix_length" and "8" in err["message"]
+    assert c.get("/prefixes/jobs").json()["data"] == []  # nothing was queued
+    r = c.post("/prefixes", json={**body, "prefix_length": 8})
+    assert r.status_code == 202, r.text
+    assert r.json()["limits"]["max_seconds"] == 1e-6 and r.json()["limits"]["max_prefix_length"] == 8
+    done = wait_job(c, r.json()["job_id"])
+    assert done["status"] == "succeeded", done
+    assert (
+        done["summary"]["stopped"] == "time_limit"
+        and done["summary"]["steps"] < done["summary"]["total_steps"]
+    )
+    assert c.get("/prefixes/acme/zebra").json()["version"] == 1
+
+
 def test_continue_training_from_a_stored_version(server_factory):
     """init_from continues a tenant's prefix: the job takes the source's method, prefix length and prompt format,
     pins its version, starts at the loss the source reached and makes a new version; what cannot be continued is

@@ -460,6 +460,24 @@ def test_token_limit_checked_at_submit(tiny_llama_bundle, store):
     jm.shutdown()
 
 
+def test_a_job_runs_under_the_limits_it_was_accepted_with(managers):
+    """The accepting server's limits travel in the job record: a worker with other (default) limits runs the job
+    under them, both ways (a larger epoch limit it would refuse, a time limit it does not have)."""
+    from server.training import TrainingLimits
+
+    server = managers(limits=TrainingLimits(max_epochs=150, max_seconds=1e-9))
+    worker = managers()
+    rec = server.submit(request_(epochs=120))
+    assert rec.limits is not None and rec.limits["max_epochs"] == 150 and rec.limits["max_seconds"] == 1e-9
+    assert server.get(rec.job_id).public_dict()["limits"]["max_seconds"] == 1e-9  # shown with the job
+    with pytest.raises(TrainingValidationError):  # what the worker's own limits would say
+        worker.validate(request_(epochs=120))
+    assert worker.work("w1", max_jobs=1) == 1
+    done = wait_status(worker, rec.job_id, ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert done.summary["stopped"] == "time_limit" and done.summary["steps"] == 1
+
+
 # ------------------------------------------------------------------------------------------------ dead workers
 def _ghost_claim(jm: JobManager):
     """A worker that takes the job and then never heartbeats again (as if it had died)."""

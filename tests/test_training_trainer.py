@@ -151,6 +151,25 @@ def test_max_steps_caps_the_schedule(tiny_llama_bundle):
     assert res.summary["steps"] == res.summary["total_steps"] == 5
 
 
+def test_a_time_limit_ends_training_with_the_prefix_trained_so_far(tiny_llama_bundle):
+    assert (
+        train_prefix(tiny_llama_bundle, "prompt_tuning", examples(8), 2, {"epochs": 2}).summary["stopped"]
+        is None
+    )
+    # a limit reached during the first step: that step completes, then training ends (no error, a usable prefix)
+    res = train_prefix(
+        tiny_llama_bundle,
+        "prompt_tuning",
+        examples(8),
+        2,
+        {"epochs": 50},
+        limits=TrainingLimits(max_seconds=1e-9),
+    )
+    assert res.summary["stopped"] == "time_limit"
+    assert res.summary["steps"] == 1 < res.summary["total_steps"]
+    assert torch.isfinite(res.tensors["kv"]).all()
+
+
 def test_lr_schedule_warmup_then_linear_decay():
     f = [lr_factor(s, 10, 2) for s in range(10)]
     assert f[0] == 0.5 and f[1] == 1.0

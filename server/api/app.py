@@ -325,7 +325,7 @@ def _load_bundle(settings: Settings) -> Any:
 
 def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> Any:
     try:
-        from server.training import JobManager
+        from server.training import JobManager, TrainingLimits
     except ImportError as e:  # pragma: no cover - the training package ships with the server
         log.warning("training unavailable (%s): the /prefixes training routes answer 503", e)
         return None
@@ -336,6 +336,13 @@ def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> An
         jobs_url=settings.jobs_url,
         in_process_workers=settings.training_workers,
         max_jobs_per_tenant=settings.max_jobs_per_tenant,
+        limits=TrainingLimits(
+            max_examples=settings.training_max_examples,
+            max_total_tokens=settings.training_max_total_tokens,
+            max_prefix_length=settings.training_max_prefix_length,
+            max_steps=settings.training_max_steps,
+            max_seconds=settings.training_max_seconds,
+        ),
     )
 
 

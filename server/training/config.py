@@ -55,6 +55,19 @@ class TrainingLimits:
     max_batch_size: int = 64
     max_steps: int = 100_000
     max_prompt_chars: int = 100_000  # per prompt/completion string, before tokenizing
+    # training time of one job (seconds): past it, training ends after the step under way and the job succeeds with
+    # the prefix trained so far (its summary says `stopped: "time_limit"`); None: no limit
+    max_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainingLimits:
+        """The limits a job was accepted under (its record's copy); fields unknown to this version are ignored,
+        missing ones take the defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass(frozen=True)

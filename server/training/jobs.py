@@ -207,6 +207,10 @@ class JobManager:
                         limits=self.limits)  # fmt: skip
         return spec, {**hp.to_dict(), "prompt_format": fmt}
 
+    def job_limits(self, rec: JobRecord) -> TrainingLimits:
+        """The limits `rec` runs under: those it was accepted with (a record from before they were kept: ours)."""
+        return TrainingLimits.from_dict(rec.limits) if rec.limits is not None else self.limits
+
     def _resolve_init_from(self, request: dict[str, Any]) -> dict[str, Any]:
         """`init_from` pinned to a stored version of the tenant's that this base model can continue: the job takes
         its method, prefix length, prompt format and (prefix-tuning) MLP width unless the request sets them, and
@@ -287,6 +291,7 @@ class JobManager:
             hyperparameters=hp,
             num_examples=len(spec.examples),
             init_from=spec.init_from,
+            limits=self.limits.to_dict(),
             idempotency_key=idempotency_key,
             request_digest=digest,
         )
@@ -509,7 +514,7 @@ class JobManager:
             try:
                 result = train_prefix(
                     self.bundle, rec.method, claim.examples, rec.prefix_length, hp,
-                    progress_cb=on_progress, should_stop=should_stop, limits=self.limits,
+                    progress_cb=on_progress, should_stop=should_stop, limits=self.job_limits(rec),
                     num_threads=self.train_threads, init_tensors=init,
                 )  # fmt: skip
             except TrainingCancelled:

@@ -72,6 +72,9 @@ class JobRecord:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     num_examples: int = 0
     init_from: dict[str, Any] | None = None  # {"name", "version"}: the stored version training continues from
+    # the server's training limits when the job was accepted (TrainingLimits.to_dict()): the job runs under them on
+    # whichever worker takes it, whatever that worker's own defaults
+    limits: dict[str, Any] | None = None
     attempts: int = 0  # how many times a worker started it
     worker: str | None = None  # the worker running it (or that last ran it)
     heartbeat: float | None = None  # last sign of life of that worker (unix seconds)

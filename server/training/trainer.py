@@ -587,6 +587,7 @@ def train_prefix(
             progress_cb,
             should_stop,
             init_tensors,
+            limits.max_seconds,
         )
 
 
@@ -602,7 +603,10 @@ def _train(
     progress_cb: ProgressCallback | None,
     should_stop: Callable[[], bool] | None,
     init_tensors: dict[str, torch.Tensor] | None = None,
+    max_seconds: float | None = None,
 ) -> TrainResult:
+    deadline = None if max_seconds is None else t_start + max_seconds
+    stopped: str | None = None  # why training ended before total_steps
     gen = torch.Generator().manual_seed(hp.seed)
     train_idx, eval_idx = _split(len(data), hp, gen)
     train_examples = [examples[i] for i in train_idx]
@@ -630,7 +634,7 @@ def _train(
         "training %s P=%d on %d examples (%d held out), %d steps, lr %g, batch %d",
         method_name, prefix_length, len(train_idx), len(eval_idx), total_steps, hp.learning_rate, hp.batch_size,
     )  # fmt: skip
-    while step < total_steps:
+    while step < total_steps and stopped is None:
         perm = torch.randperm(len(train_idx), generator=gen).tolist()
         order = [train_idx[i] for i in perm]
         ep_sum, ep_n = 0.0, 0
@@ -659,6 +663,11 @@ def _train(
             curve.append([step, round(lv, 6)])
             if progress_cb is not None:
                 progress_cb(step, total_steps, lv, epoch + 1)
+            if deadline is not None and step < total_steps and time.perf_counter() >= deadline:
+                stopped = "time_limit"
+                log.info("training stopped at its time limit (%gs) after step %d of %d", max_seconds, step,
+                         total_steps)  # fmt: skip
+                break
         epoch += 1
         if ep_n:
             epoch_losses.append(ep_sum / ep_n)
@@ -678,6 +687,7 @@ def _train(
         "prefix_length": prefix_length,
         "steps": step,
         "total_steps": total_steps,
+        "stopped": stopped,
         "epochs": epoch,
         "examples": len(data),
         "train_examples": len(train_idx),
