@@ -466,6 +466,56 @@ def test_async_engine_concurrent_and_cancel(tiny_llama_bundle):
     assert not any(t.name == "engine" and t.is_alive() for t in threading.enumerate())
 
 
+def test_async_engine_wakes_the_event_loop_once_per_step_not_per_token(tiny_llama_bundle):
+    """A step's token events reach the asyncio loop in one thread-safe callback (each costs a lock and a self-pipe
+    write on the engine thread), in order, and every request still gets all of its tokens."""
+    b = tiny_llama_bundle
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 4 + i, i) for i in range(4)}
+    reqs = [
+        Request(
+            f"r{i}", random_prompt(b.spec.vocab_size, 5, i), SamplingParams(max_tokens=6, ignore_eos=True), k
+        )
+        for i, k in enumerate(keys)
+    ]
+    alone = [make_engine(b, keys).generate([r])[0].token_ids for r in reqs]
+    eng = AsyncEngine(make_engine(b, keys))
+    steps = 0
+    step = eng.engine.step
+
+    def counted_step():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    eng.engine.step = counted_step  # type: ignore[method-assign]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(*a, **kw):
+            nonlocal calls
+            calls += 1
+            return real(*a, **kw)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        eng.start()
+
+        async def collect(r):
+            return [t async for ev in eng.generate(r) for t in ev.token_ids]
+
+        got = await asyncio.gather(*(collect(r) for r in reqs))
+        return got, calls
+
+    try:
+        got, calls = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert got == alone
+    assert calls <= steps < sum(len(t) for t in got)
+
+
 def test_kv_pool_prefix_roundtrip(tiny_llama_bundle):
     b = tiny_llama_bundle
     key = PrefixKey("a", "p", 1)
