@@ -56,7 +56,6 @@ MAX_LATEST_ATTEMPTS = 3
 STORE_BACKOFF_S = 1.0
 # background refreshes of cached prefix metadata at once (each may wait out the store's timeout in a worker thread)
 MAX_REFRESHES = 2
-ENGINE_WATCHDOG_S = 1.0  # how often a waiting request checks that the engine thread is alive
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); avoids overflow in logits / T
 
 
@@ -266,6 +265,8 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
     "ShuttingDown": (503, "shutting_down"),
     # preempted, and its prefix's tensors changed before it resumed (`Scheduler` refuses to mix them)
     "PrefixChanged": (503, "prefix_changing"),
+    # the engine thread died while the request waited (`AsyncEngine` tells every waiting request)
+    "EngineDead": (503, "engine_dead"),
 }
 
 
@@ -388,22 +389,9 @@ class GenerationRun:
         return ev
 
     async def _next(self) -> TokenEvent:
-        """Next engine event; if the engine thread dies meanwhile, fail instead of waiting forever."""
+        """Next engine event (if the engine thread dies meanwhile, an EngineDead error event comes instead)."""
         assert self._agen is not None
-        nxt = asyncio.ensure_future(self._agen.__anext__())
-        try:
-            while True:
-                done, _ = await asyncio.wait({nxt}, timeout=ENGINE_WATCHDOG_S)
-                if done:
-                    return nxt.result()
-                if self.svc.engine.dead is not None:
-                    self.info.error_code = "engine_dead"
-                    raise unavailable(
-                        "the inference engine stopped", self.svc.settings.retry_after_s, code="engine_dead"
-                    )
-        finally:
-            if not nxt.done():
-                nxt.cancel()
+        return await self._agen.__anext__()
 
     def _error(self, ev: TokenEvent) -> APIError:
         status, code = ENGINE_ERRORS.get(ev.error_type or "", (500, "generation_failed"))
@@ -411,7 +399,7 @@ class GenerationRun:
         if status == 404:
             self.svc.meta_cache.invalidate((self.prefix.tenant_id, self.prefix.name or ""))
             return APIError(404, f"prefix {self.prefix.name!r} not found", code=code, param="prefix")
-        if code == "shutting_down":
+        if code in ("shutting_down", "engine_dead"):
             return unavailable(
                 ev.error or "server is shutting down", self.svc.settings.retry_after_s, code=code
             )

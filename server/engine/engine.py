@@ -8,6 +8,7 @@ token events to asyncio consumers; HTTP handlers never run torch work on the eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -910,6 +911,8 @@ class AsyncEngine:
         # events the engine thread produced, handed to their event loops once per step (`_flush`): one wake-up of
         # a loop per step instead of one per token (each a lock and a self-pipe write, ~5% of a busy engine thread)
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenEvent], TokenEvent]] = []
+        # the `generate` calls waiting for events: told when the engine thread dies (their requests never finish)
+        self._consumers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenEvent]]] = {}
 
     def start(self) -> None:
         if self._thread is None:
@@ -953,7 +956,13 @@ class AsyncEngine:
     async def generate(self, req: Request) -> AsyncIterator[TokenEvent]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.submit(req, lambda ev: self._post(loop, q, ev))
+        # registered before `submit` looks at `dead`: a death after that look still reaches this consumer
+        self._consumers[req.request_id] = (loop, q)
+        try:
+            self.submit(req, lambda ev: self._post(loop, q, ev))
+        except BaseException:
+            self._consumers.pop(req.request_id, None)
+            raise
         finished = False
         try:
             while True:
@@ -964,6 +973,7 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
+            self._consumers.pop(req.request_id, None)
             if not finished:
                 self.abort(req.request_id)
 
@@ -1032,11 +1042,21 @@ class AsyncEngine:
                     self._flush()  # events of requests that ended while being added or by fail_all
                     self._wake.wait(0.5)
                     self._wake.clear()
-        except BaseException as e:  # pragma: no cover - reported through /ready and submit
+        except BaseException as e:  # reported through /ready and submit, and to every waiting request
             self.dead = e
             log.exception("engine thread died")
         finally:
             self._flush()
+        if self.dead is not None:
+            self._fail_consumers(f"the inference engine stopped: {self.dead}")
+
+    def _fail_consumers(self, error: str) -> None:
+        """End every waiting `generate` with an EngineDead error event (`dead` is set first: a request submitted
+        from now on is refused instead)."""
+        for rid, (loop, q) in list(self._consumers.items()):
+            ev = TokenEvent(rid, [], "", True, "error", error=error, error_type="EngineDead")
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(q.put_nowait, ev)
 
     def idle(self) -> bool:
         return not self.engine.has_unfinished() and self._pending == 0
