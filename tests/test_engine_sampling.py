@@ -408,6 +408,38 @@ def test_prompt_logprobs_match_transformers(setup, budget, preempt):
             assert [i for i, _ in lp.top] == (ref[t - 1].topk(k).indices.tolist() if k else [])
 
 
+def test_prompt_logprobs_are_all_from_the_prefix_a_preempted_request_resumes_on(tiny_llama_bundle):
+    """Preempted mid-prefill (nothing sent yet) while its prefix's tensors are replaced: it resumes on the new
+    tensors, and every prompt logprob it reports is the new tensors' (none left from the old prefill)."""
+    from server.engine import DictPrefixProvider, EngineConfig, LLMEngine
+
+    b = tiny_llama_bundle
+    k = PrefixKey("t", "default", 1)
+    v1, v2 = random_kv(b.spec, 5, seed=1, scale=3.0), random_kv(b.spec, 5, seed=2, scale=3.0)
+    prov = DictPrefixProvider({k: v1})
+    cfg = EngineConfig(block_size=4, max_num_batched_tokens=8, kv_cache_bytes=8 * 2**20, prompt_cache=False)
+    eng = LLMEngine(b, prov, cfg)
+    prompt = random_prompt(b.spec.vocab_size, 30, seed=3)
+    events = []
+    sp = SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=0)
+    eng.add_request(Request("a", prompt, sp, k), events.append)
+    seq = eng._seqs["a"]
+    while seq.num_cached < 16:  # two prefill chunks done, their prompt logprobs known
+        eng.step()
+    assert len(seq.prompt_logprobs) == 17
+    eng.scheduler._preempt(seq)  # what the scheduler does to a running request when the KV pool runs dry
+    prov.prefixes[k] = v2  # the tenant's prefix is replaced (a store change event)
+    eng.prefix_cache.invalidate("t", "default")
+    while eng.has_unfinished():
+        eng.step()
+    assert events[-1].finish_reason == "length"
+    (plp,) = [e.prompt_logprobs for e in events if e.prompt_logprobs is not None]
+    ref = hf_prompt_logprobs(b.hf_model, v2, prompt)
+    got = torch.tensor([x.logprob for x in plp[1:]])
+    want = torch.tensor([float(ref[t - 1, prompt[t]]) for t in range(1, len(prompt))])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 def test_prompt_logprobs_prefill_is_chunked(setup):
     """A long prompt with prompt logprobs is prefilled in chunks of at most PROMPT_LOGPROBS_CHUNK tokens (its logits
     are [tokens, vocab] float32), and every prompt token still gets its log-probability."""

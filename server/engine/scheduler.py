@@ -315,6 +315,10 @@ class Scheduler:
                     why = "its prefix changed while the request waited to resume; retry"
                     fail(seq, why, "PrefixChanged", got)
                     continue
+                if seq.prefix_digest not in (None, got.digest) and seq.prompt_logprobs is not None:
+                    # preempted mid-prefill, before anything was sent: the prompt logprobs computed on the old
+                    # tensors are computed again on the new ones (every value a request reports is from one prefix)
+                    del seq.prompt_logprobs[1:]
                 self.prefixes.acquire(got)
                 seq.prefix = got
                 seq.prefix_digest = got.digest
