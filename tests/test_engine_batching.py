@@ -516,6 +516,23 @@ def test_async_engine_wakes_the_event_loop_once_per_step_not_per_token(tiny_llam
     assert calls <= steps < sum(len(t) for t in got)
 
 
+def test_dict_provider_digest_tells_a_replacement_tensor_from_a_freed_one_at_the_same_address():
+    """The in-memory provider's digest names the tensor object: a replacement that CPython happens to put where the
+    freed old tensor was (the same `id`) still gets another digest (prompt-cache blocks are keyed by it)."""
+    k = PrefixKey("t", "p", 1)
+    prov = DictPrefixProvider({k: torch.randn(3)})
+    old_id = id(prov.prefixes[k])
+    first = prov.fetch_digested(k)[1]
+    assert prov.fetch_digested(k)[1] == first  # the same tensor: the same digest
+    for _ in range(1000):  # free it, then make tensors until one reuses its address (usually at once)
+        del prov.prefixes[k]
+        prov.prefixes[k] = torch.randn(3)
+        if id(prov.prefixes[k]) == old_id:
+            break
+    assert id(prov.prefixes[k]) == old_id
+    assert prov.fetch_digested(k)[1] != first
+
+
 def test_kv_pool_prefix_roundtrip(tiny_llama_bundle):
     b = tiny_llama_bundle
     key = PrefixKey("a", "p", 1)

@@ -14,8 +14,10 @@ hits against LRU's 52.8%, Belady's offline optimum 70.8%).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +43,9 @@ class DictPrefixProvider:
 
     def __init__(self, prefixes: dict[PrefixKey, torch.Tensor] | None = None) -> None:
         self.prefixes = dict(prefixes or {})
+        # a serial number per tensor object fetched (an `id` alone is reused as soon as a replaced tensor is freed)
+        self._serials: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+        self._next_serial = itertools.count()
 
     def fetch(self, key: PrefixKey) -> torch.Tensor:
         try:
@@ -50,7 +55,11 @@ class DictPrefixProvider:
 
     def fetch_digested(self, key: PrefixKey) -> tuple[torch.Tensor, str]:
         kv = self.fetch(key)
-        return kv, f"tensor {id(kv)}"  # the dict holds it: another tensor under the key is another object
+        known = self._serials.get(id(kv))
+        if known is None or known[0]() is not kv:
+            known = (weakref.ref(kv), next(self._next_serial))
+            self._serials[id(kv)] = known
+        return kv, f"tensor {known[1]}"  # another tensor under the key is another object, another serial
 
 
 @dataclass
