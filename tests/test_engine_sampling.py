@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.engine import PrefixKey, Request, SamplingParams
-from server.engine.sampler import filter_logits, finite_rows
+from server.engine.sampler import filter_logits, finite_rows, greedy_tokens
 from tests.engine_utils import (
     hf_greedy,
     hf_prompt_logprobs,
@@ -125,6 +125,18 @@ def test_finite_rows_flags_exactly_the_rows_with_an_inf_or_nan():
         == torch.isfinite(x).all(-1).tolist()
         == [True, False, False, False, True, True]
     )
+
+
+def test_greedy_tokens_equal_argmax_ties_and_non_finite_rows_included():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (64, 4096), generator=g).float()  # many equal maxima per row: the first one wins
+    x[0] = float("-inf")
+    x[1, 100] = float("inf")
+    x[2, [5, 9]] = float("nan")
+    x[3, 4095] = 7.0
+    assert torch.equal(greedy_tokens(x), x.argmax(-1))
+    y = torch.randn(8, 49152, generator=g)
+    assert torch.equal(greedy_tokens(y), y.argmax(-1))
 
 
 def test_filter_logits_top_k_top_p():

@@ -27,6 +27,7 @@ from server.engine.sampler import (
     INVALID_DISTRIBUTION,
     NON_FINITE,
     finite_rows,
+    greedy_tokens,
     logprobs_from_host,
     logprobs_on_device,
     make_generator,
@@ -701,7 +702,7 @@ class LLMEngine:
         sampling (`spec.accept_sampled`, with the row's generator); position j's logits are what the j-th emitted
         token was chosen from, so its log-probability comes from there. None for a row whose logits are not finite
         (it fails alone, as in `sample`)."""
-        host = torch.stack([spec_logits.argmax(-1), finite_rows(spec_logits).long()]).tolist()
+        host = torch.stack([greedy_tokens(spec_logits), finite_rows(spec_logits).long()]).tolist()
         greedy, finite = host[0], host[1]
         out: list[tuple[ScheduledItem, list[int] | None, list[TokenLogprob] | None]] = []
         i = 0

@@ -26,6 +26,12 @@ def finite_rows(logits: torch.Tensor) -> torch.Tensor:
     return (logits * 0).sum(-1) == 0
 
 
+def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """`[R]` argmax of each row (the first of equal maxima, as `argmax`). On a CPU `max(-1)` finds the same index
+    several times faster (64 x 49k fp32: 0.8 ms against 2-11 ms for `argmax` on this machine)."""
+    return scores.max(-1).indices if scores.device.type == "cpu" else scores.argmax(-1)
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     if seed is None:
@@ -65,7 +71,7 @@ def sample_on_device(
     the same ops with its own generator as in `sample`, so a seed gives the same tokens either way. A row whose
     distribution is not valid draws from placeholder weights (a device-side error would end every request) and is
     reported by its flags instead."""
-    tokens = logits.argmax(-1)
+    tokens = greedy_tokens(logits)
     finite = finite_rows(logits)
     valid = torch.ones_like(finite)
     for i, p in enumerate(params):
@@ -149,7 +155,7 @@ def sample(
             scores[i] = process_scores(logits[i], params[i], *histories[i], eos_ids)  # type: ignore[index]
         if masks is not None:
             apply_masks(scores, *masks)
-    checks = [scores.argmax(-1), finite_rows(logits).long()]
+    checks = [greedy_tokens(scores), finite_rows(logits).long()]
     if masks is not None:
         checks.append(torch.isfinite(scores).any(-1).long())
     host = torch.stack(checks).tolist()  # one device sync
