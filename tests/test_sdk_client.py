@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import prefixserve_client  # noqa: F401  (installed by `make install`)
-except ImportError:  # pragma: no cover - running from a bare checkout
-    sys.path.insert(0, str(ROOT / "clients" / "python"))
+# this checkout's SDK, before any installed copy (`make install` installs it editable from wherever the venv was
+# made: another checkout's SDK would be tested instead)
+CLIENT = str(ROOT / "clients" / "python")
+if CLIENT not in sys.path:
+    sys.path.insert(0, CLIENT)
 
 import prefixserve_client as ps  # noqa: E402
 
