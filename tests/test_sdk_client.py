@@ -283,6 +283,7 @@ ERROR_CASES = [
     (403, ps.Forbidden, "permission_error", "forbidden", None),
     (404, ps.NotFound, "not_found_error", "prefix_not_found", "prefix"),
     (405, ps.APIStatusError, "invalid_request_error", "method_not_allowed", None),
+    (408, ps.RequestTimeout, "invalid_request_error", "request_timeout", None),
     (409, ps.Conflict, "conflict_error", "conflict", None),
     (413, ps.PayloadTooLarge, "invalid_request_error", "context_length_exceeded", "max_tokens"),
     (422, ps.UnprocessableEntity, "invalid_request_error", "invalid_value", "top_p"),
@@ -520,6 +521,53 @@ def test_prefix_upload_is_multipart_retried_on_503_and_after_a_timeout_with_its_
     first, second = srv.calls("POST", path)
     assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
     assert b"bytes" in first.body and b"bytes" in second.body
+
+
+def test_408_is_typed_and_retried_when_the_request_is_safe_to_repeat(srv: Any) -> None:
+    """The server answers 408 request_timeout when an upload's body arrives too slowly: RequestTimeout, retried for
+    uploads (their Idempotency-Key), generation and reads, never for a DELETE."""
+    t408 = Resp(
+        408,
+        error_json(408, "the body did not arrive within 60 s", "invalid_request_error", "request_timeout"),
+    )
+    path = "/prefixes/acme/faq/upload"
+    srv.on("POST", path, t408, Resp(201, PREFIX))
+    srv.on("POST", "/generate", t408, Resp(200, GEN))
+    deleted = {"tenant_id": "acme", "name": "faq", "object": "prefix", "deleted": True}
+    srv.on("DELETE", "/prefixes/acme/faq", t408, Resp(200, deleted))
+    with ps.Client(srv.url, max_retries=2) as c:
+        delays = no_sleep(c)
+        assert c.prefixes.upload("acme", "faq", b"bytes").name == "faq" and len(delays) == 1
+        first, second = srv.calls("POST", path)
+        assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
+        assert c.generate("acme", "Hi").text == "hello world" and len(delays) == 2
+        with pytest.raises(ps.RequestTimeout) as ei:
+            c.prefixes.delete("acme", "faq")
+        assert len(delays) == 2 and len(srv.calls("DELETE", "/prefixes/acme/faq")) == 1
+    e = ei.value
+    assert isinstance(e, ps.APIStatusError) and (e.status_code, e.code) == (408, "request_timeout")
+    srv.on("POST", path, t408)
+    with ps.Client(srv.url, max_retries=0) as c, pytest.raises(ps.RequestTimeout):
+        c.prefixes.upload("acme", "faq", b"bytes")
+
+    async def main() -> None:
+        srv.on("POST", path, t408, Resp(201, PREFIX))
+        async with ps.AsyncClient(srv.url, max_retries=2) as c:
+
+            async def no_wait(_: float) -> None:
+                return None
+
+            c._sleep = no_wait  # type: ignore[method-assign]
+            assert (await c.prefixes.upload("acme", "faq", b"bytes")).name == "faq"
+
+    srv.seen.clear()
+    asyncio.run(main())
+    assert len(srv.calls("POST", path)) == 2
+    # as an error event inside a stream (status 200): mapped by its code
+    srv.on("POST", "/generate", Resp(200, sse=[json.dumps(t408.json)]))
+    with ps.Client(srv.url) as c, pytest.raises(ps.RequestTimeout) as ei:
+        list(c.stream("acme", "Hi"))
+    assert ei.value.in_stream and ei.value.status_code == 408
 
 
 # ------------------------------------------------------------------------------------------ streaming

@@ -77,6 +77,7 @@ def test_public_api() -> None:
         ps.Unauthorized: 401,
         ps.Forbidden: 403,
         ps.NotFound: 404,
+        ps.RequestTimeout: 408,
         ps.Conflict: 409,
         ps.PayloadTooLarge: 413,
         ps.UnprocessableEntity: 422,

@@ -180,7 +180,7 @@ class AsyncPrefixes:
         The server refuses a prefix for another base model (422 ``prefix_incompatible``), a damaged file
         (``prefix_corrupt``) or an unsupported adapter (``invalid_prefix``) and then stores nothing. Safe to retry:
         the upload carries an ``Idempotency-Key`` (``idempotency_key``, or a fresh random one per call), so a retry
-        after a lost response (429/503, connection failures, timeouts: all retried) gets the version the first
+        after a lost response (408/429/503, connection failures, timeouts: all retried) gets the version the first
         attempt stored (while the server keeps it), never a second one.
         """
         files, form = await asyncio.to_thread(_base.upload_form, source, adapter_config, prompt_format)
@@ -307,7 +307,7 @@ class AsyncClient:
                 if response.status_code < 400 or response.status_code in ok_statuses:
                     return response
                 error, cause = status_error_from_response(response), None
-            delay = _base.retry_delay(attempt, error) if attempt < max_retries else None
+            delay = _base.retry_delay(attempt, error, safe) if attempt < max_retries else None
             if delay is None:
                 raise error from cause
             attempt += 1
@@ -338,7 +338,7 @@ class AsyncClient:
                     error, cause = _base.wrap_transport_error(e), e
                 finally:
                     await response.aclose()
-            delay = _base.retry_delay(attempt, error) if attempt < self.max_retries else None
+            delay = _base.retry_delay(attempt, error, True) if attempt < self.max_retries else None
             if delay is None:
                 raise error from cause
             attempt += 1

@@ -32,6 +32,9 @@ MAX_BACKOFF_S = 8.0
 # A Retry-After above this is not waited for: the error is raised at once (its .retry_after says how long).
 MAX_RETRY_AFTER_S = 60.0
 RETRY_STATUSES = frozenset({429, 503})
+# retried only for a request that is safe to repeat (reads, generation, writes with an Idempotency-Key): a server or
+# proxy may answer 408 for a request it had begun to act on
+RETRY_STATUSES_IF_SAFE = frozenset({408})
 
 Examples = Union[Sequence[dict[str, Any]], str, "os.PathLike[str]"]
 # {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...} / {"json_object": True}, or a pydantic model
@@ -312,8 +315,10 @@ def write_file_atomic(path: PathLike, data: bytes) -> None:
 
 
 # --------------------------------------------------------------------------------------------- retries
-def retry_delay(attempt: int, error: Exception) -> float | None:
+def retry_delay(attempt: int, error: Exception, safe: bool = True) -> float | None:
     """Seconds to wait before retry number ``attempt`` (0-based) after ``error``; None: do not retry.
+
+    429 and 503 are retried for every request (the server did nothing); 408 only for one that is ``safe`` to repeat.
 
     Exponential backoff (0.5 s, 1 s, 2 s, ... capped at 8 s) with jitter. A ``Retry-After`` from the server is
     honoured: the wait is never shorter than it; above ``MAX_RETRY_AFTER_S`` the error is raised instead.
@@ -321,7 +326,10 @@ def retry_delay(attempt: int, error: Exception) -> float | None:
     backoff = min(MAX_BACKOFF_S, INITIAL_BACKOFF_S * (2**attempt))
     backoff *= 0.5 + random.random() / 2  # "equal jitter": in [backoff/2, backoff]
     if isinstance(error, APIStatusError):
-        if error.status_code not in RETRY_STATUSES:
+        retried = error.status_code in RETRY_STATUSES or (
+            safe and error.status_code in RETRY_STATUSES_IF_SAFE
+        )
+        if not retried:
             return None
         if error.retry_after is not None:
             if error.retry_after > MAX_RETRY_AFTER_S:

@@ -127,7 +127,7 @@ class Prefixes:
         ``init_from="faq"`` (latest version) or ``("faq", 3)`` continues training from that stored prefix of the
         tenant (its method, prefix length and prompt format unless given; the result is a new version of ``name``).
         Safe to retry: the submission carries an ``Idempotency-Key`` (``idempotency_key``, or a fresh random one
-        per call), so a retry after a lost response (429/503, connection failures, timeouts: all retried) gets the
+        per call), so a retry after a lost response (408/429/503, connection failures, timeouts: all retried) gets the
         job the first attempt created, never a second one. Pass your own key to make a submission repeatable
         across processes (the server remembers it for 24 h).
         """
@@ -190,7 +190,7 @@ class Prefixes:
         The server refuses a prefix for another base model (422 ``prefix_incompatible``), a damaged file
         (``prefix_corrupt``) or an unsupported adapter (``invalid_prefix``) and then stores nothing. Safe to retry:
         the upload carries an ``Idempotency-Key`` (``idempotency_key``, or a fresh random one per call), so a retry
-        after a lost response (429/503, connection failures, timeouts: all retried) gets the version the first
+        after a lost response (408/429/503, connection failures, timeouts: all retried) gets the version the first
         attempt stored (while the server keeps it), never a second one.
         """
         files, form = _base.upload_form(source, adapter_config, prompt_format)
@@ -222,8 +222,9 @@ class Client:
     """Synchronous PrefixServe client.
 
     ``base_url`` defaults to ``$PREFIXSERVE_BASE_URL``, then ``http://127.0.0.1:8000``; ``api_key`` to
-    ``$PREFIXSERVE_API_KEY``. 429, 503 and connection errors are retried up to ``max_retries`` times with
-    exponential backoff and jitter, never sooner than the server's ``Retry-After``; ``max_retries=0`` disables.
+    ``$PREFIXSERVE_API_KEY``. 429, 503 and connection errors (and 408 for requests safe to repeat: all but
+    ``prefixes.delete``) are retried up to ``max_retries`` times with exponential backoff and jitter, never sooner
+    than the server's ``Retry-After``; ``max_retries=0`` disables.
     """
 
     def __init__(
@@ -319,7 +320,7 @@ class Client:
                 if response.status_code < 400 or response.status_code in ok_statuses:
                     return response
                 error, cause = status_error_from_response(response), None
-            delay = _base.retry_delay(attempt, error) if attempt < max_retries else None
+            delay = _base.retry_delay(attempt, error, safe) if attempt < max_retries else None
             if delay is None:
                 raise error from cause
             attempt += 1
@@ -349,7 +350,7 @@ class Client:
                     error, cause = _base.wrap_transport_error(e), e
                 finally:
                     response.close()
-            delay = _base.retry_delay(attempt, error) if attempt < self.max_retries else None
+            delay = _base.retry_delay(attempt, error, True) if attempt < self.max_retries else None
             if delay is None:
                 raise error from cause
             attempt += 1

@@ -28,6 +28,7 @@ __all__ = [
     "PayloadTooLarge",
     "PrefixServeError",
     "RateLimited",
+    "RequestTimeout",
     "ServiceUnavailable",
     "TrainingCancelled",
     "TrainingError",
@@ -136,6 +137,11 @@ class NotFound(APIStatusError):
     """404: unknown resource, or another tenant's (the server never reveals which)."""
 
 
+class RequestTimeout(APIStatusError):
+    """408: the request's body (an upload's) did not arrive in time and nothing was done; retried when the request
+    is safe to repeat."""
+
+
 class Conflict(APIStatusError):
     """409: conflicting state."""
 
@@ -165,6 +171,7 @@ STATUS_CLASSES: dict[int, type[APIStatusError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    408: RequestTimeout,
     409: Conflict,
     413: PayloadTooLarge,
     422: UnprocessableEntity,
@@ -184,6 +191,7 @@ _TYPE_STATUS = {
     "service_unavailable_error": 503,
 }
 _CODE_STATUS = {
+    "request_timeout": 408,
     "request_too_large": 413,
     "context_length_exceeded": 413,
     "invalid_value": 422,
