@@ -440,6 +440,33 @@ def test_timeout_maps_to_api_timeout_error(srv: Any) -> None:
         c.health()
 
 
+def test_a_given_http_clients_timeout_applies_unless_timeout_is_given(srv: Any) -> None:
+    """`http_client=httpx.Client(timeout=...)` keeps its timeout (it was overridden by the default 600 s on every
+    request); an explicit `timeout=` to our client still wins."""
+    import httpx
+
+    srv.on("GET", "/health", Resp(200, {"status": "ok"}, delay=1.0))
+    with httpx.Client(timeout=0.3) as hc:
+        c = ps.Client(srv.url, http_client=hc, max_retries=0)
+        assert c.timeout == httpx.Timeout(0.3)
+        t0 = time.monotonic()
+        with pytest.raises(ps.APITimeoutError):
+            c.health()
+        assert time.monotonic() - t0 < 0.9
+        assert ps.Client(srv.url, http_client=hc, timeout=5, max_retries=0).health().status == "ok"
+    assert ps.Client(srv.url).timeout == httpx.Timeout(600.0, connect=10.0)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=0.3) as hc:
+            c = ps.AsyncClient(srv.url, http_client=hc, max_retries=0)
+            with pytest.raises(ps.APITimeoutError):
+                await c.health()
+            c = ps.AsyncClient(srv.url, http_client=hc, timeout=5, max_retries=0)
+            assert (await c.health()).status == "ok"
+
+    asyncio.run(main())
+
+
 def test_training_submit_retried_after_read_timeout_with_the_same_idempotency_key(srv: Any) -> None:
     """The server answers a repeated key with the first attempt's job, so a lost response is retried safely."""
     srv.on(

@@ -217,7 +217,7 @@ class AsyncClient:
         self,
         base_url: str | None = None,
         api_key: str | None = None,
-        timeout: TimeoutTypes = _base.DEFAULT_TIMEOUT,
+        timeout: TimeoutTypes | _base.NotGiven = _base.NOT_GIVEN,
         max_retries: int = _base.DEFAULT_MAX_RETRIES,
         *,
         headers: dict[str, str] | None = None,
@@ -227,7 +227,7 @@ class AsyncClient:
             raise ValueError("max_retries must be >= 0")
         self.base_url = _base.resolve_base_url(base_url)
         self.api_key = _base.resolve_api_key(api_key)
-        self.timeout = _base.resolve_timeout(timeout)
+        self.timeout = _base.resolve_timeout(timeout, http_client)
         self.max_retries = max_retries
         self._headers = _base.default_headers(self.api_key, headers)
         self._owns_http = http_client is None

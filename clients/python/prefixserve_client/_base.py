@@ -43,6 +43,16 @@ StructuredOutputsArg = Union[Mapping[str, Any], type]
 TimeoutTypes = Union[float, httpx.Timeout, None]
 
 
+class NotGiven:
+    """The default of an argument the caller did not pass (``None`` means something: no timeout)."""
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN = NotGiven()
+
+
 def resolve_base_url(base_url: str | None) -> str:
     url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
     if not url.lower().startswith(("http://", "https://")):  # "localhost:8000" would fail every call, retried
@@ -55,7 +65,13 @@ def resolve_api_key(api_key: str | None) -> str | None:
     return api_key or os.environ.get(API_KEY_ENV) or None
 
 
-def resolve_timeout(timeout: Any) -> httpx.Timeout:
+def resolve_timeout(
+    timeout: Any, http_client: httpx.Client | httpx.AsyncClient | None = None
+) -> httpx.Timeout:
+    """The timeout of every request: ``timeout`` when given, else the given ``http_client``'s own, else
+    ``DEFAULT_TIMEOUT``."""
+    if isinstance(timeout, NotGiven):
+        return http_client.timeout if http_client is not None else DEFAULT_TIMEOUT
     if isinstance(timeout, httpx.Timeout):
         return timeout
     if timeout is None:

@@ -224,14 +224,16 @@ class Client:
     ``base_url`` defaults to ``$PREFIXSERVE_BASE_URL``, then ``http://127.0.0.1:8000``; ``api_key`` to
     ``$PREFIXSERVE_API_KEY``. 429, 503 and connection errors (and 408 for requests safe to repeat: all but
     ``prefixes.delete``) are retried up to ``max_retries`` times with exponential backoff and jitter, never sooner
-    than the server's ``Retry-After``; ``max_retries=0`` disables.
+    than the server's ``Retry-After``; ``max_retries=0`` disables. ``timeout`` (seconds or an ``httpx.Timeout``)
+    applies to every request; not given, it is ``http_client``'s own timeout when one is passed (httpx's default
+    is 5 s), else 600 s (10 s to connect).
     """
 
     def __init__(
         self,
         base_url: str | None = None,
         api_key: str | None = None,
-        timeout: TimeoutTypes = _base.DEFAULT_TIMEOUT,
+        timeout: TimeoutTypes | _base.NotGiven = _base.NOT_GIVEN,
         max_retries: int = _base.DEFAULT_MAX_RETRIES,
         *,
         headers: dict[str, str] | None = None,
@@ -241,7 +243,7 @@ class Client:
             raise ValueError("max_retries must be >= 0")
         self.base_url = _base.resolve_base_url(base_url)
         self.api_key = _base.resolve_api_key(api_key)
-        self.timeout = _base.resolve_timeout(timeout)
+        self.timeout = _base.resolve_timeout(timeout, http_client)
         self.max_retries = max_retries
         self._headers = _base.default_headers(self.api_key, headers)
         self._owns_http = http_client is None
