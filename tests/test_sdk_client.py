@@ -1074,8 +1074,11 @@ def test_async_prefixes_and_job_wait(srv: Any) -> None:
             assert gone.deleted and gone.version is None
 
             srv.on("GET", "/prefixes/jobs/job0001", _job("failed", 1, error="boom"))
-            with pytest.raises(ps.TrainingFailed):
+            with pytest.raises(ps.TrainingFailed) as ei:
                 await job.wait(poll_interval=0.01)
+            # the error carries the AsyncJob (typed so: TrainingError is generic in its job)
+            failed: ps.TrainingFailed[ps.AsyncJob] = ei.value
+            assert isinstance(failed.job, ps.AsyncJob) and (await failed.job.refresh()).status == "failed"
             srv.on("POST", "/prefixes/jobs/job0001/cancel", Resp(200, {**JOB, "status": "cancelled"}))
             assert (await job.cancel()).status == "cancelled"
             srv.on("GET", "/prefixes/jobs/job0001", Resp(200, {**JOB, "status": "cancelled"}))

@@ -163,3 +163,36 @@ def test_py39_syntax_for_runtime_annotations() -> None:
                 )  # (an argument without an annotation, `self`, has None)
             )
             assert future or not has_union, path.name
+
+
+def test_mypy_strict_passes_and_error_jobs_type_check_for_async_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mypy --strict` finds nothing in the package, and user code awaiting `e.job.refresh()` (an AsyncJob at
+    runtime) checks (it did not while `TrainingError.job` was annotated `Job`). Needs mypy (not a dev dependency)."""
+    api = pytest.importorskip("mypy.api")
+    out, err, rc = api.run(["--strict", "--no-incremental", str(PKG)])
+    assert rc == 0, out + err
+    user = tmp_path / "user.py"
+    user.write_text(
+        "from prefixserve_client import AsyncClient, AsyncJob, Client, TrainingFailed, WaitTimeout\n"
+        "async def a(c: AsyncClient) -> None:\n"
+        "    job = await c.prefixes.get_job('j')\n"
+        "    try:\n"
+        "        await job.wait(timeout=1)\n"
+        "    except TrainingFailed as e:\n"
+        "        await e.job.refresh()\n"
+        "    except WaitTimeout as w:\n"
+        "        await w.job.cancel()\n"
+        "def s(c: Client) -> None:\n"
+        "    try:\n"
+        "        c.prefixes.get_job('j').wait()\n"
+        "    except TrainingFailed as e:\n"
+        "        e.job.refresh()\n"
+        "def precise(e: TrainingFailed[AsyncJob]) -> AsyncJob:\n"
+        "    return e.job\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("MYPYPATH", str(CLIENT))
+    out, err, rc = api.run(["--strict", "--no-incremental", str(user)])
+    assert rc == 0, out + err

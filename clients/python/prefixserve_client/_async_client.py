@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import httpx
@@ -36,10 +36,12 @@ class AsyncStream(_base.StreamBase):
     ``async with client.stream(...) as s: async for d in s: ...`` closes it early; so does ``aclose()``.
     """
 
+    _gen: AsyncGenerator[StreamDelta, None] | None
+
     @staticmethod
     async def _iterate(
         client: AsyncClient, body: dict[str, Any], headers: dict[str, str], info: _base.StreamInfo
-    ) -> AsyncIterator[StreamDelta]:
+    ) -> AsyncGenerator[StreamDelta, None]:
         response = await client._open_stream("POST", "/generate", body, headers)
         try:
             info.response = response
@@ -84,7 +86,7 @@ class AsyncStream(_base.StreamBase):
 
     async def aclose(self) -> None:
         if self._gen is not None:
-            await self._gen.aclose()  # type: ignore[attr-defined]
+            await self._gen.aclose()
 
     async def __aenter__(self) -> AsyncStream:
         return self

@@ -339,7 +339,8 @@ def retry_delay(attempt: int, error: Exception, safe: bool = True) -> float | No
     Exponential backoff (0.5 s, 1 s, 2 s, ... capped at 8 s) with jitter. A ``Retry-After`` from the server is
     honoured: the wait is never shorter than it; above ``MAX_RETRY_AFTER_S`` the error is raised instead.
     """
-    backoff = min(MAX_BACKOFF_S, INITIAL_BACKOFF_S * (2**attempt))
+    # (int ** int is typed Any: a negative exponent gives a float)
+    backoff: float = min(MAX_BACKOFF_S, INITIAL_BACKOFF_S * (2**attempt))
     backoff *= 0.5 + random.random() / 2  # "equal jitter": in [backoff/2, backoff]
     if isinstance(error, APIStatusError):
         retried = error.status_code in RETRY_STATUSES or (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -41,10 +41,12 @@ class Stream(_base.StreamBase):
     iteration. Use it as a context manager, or call ``close()``, to end the stream early.
     """
 
+    _gen: Generator[StreamDelta, None, None] | None
+
     @staticmethod
     def _iterate(
         client: Client, body: dict[str, Any], headers: dict[str, str], info: _base.StreamInfo
-    ) -> Iterator[StreamDelta]:
+    ) -> Generator[StreamDelta, None, None]:
         response = client._open_stream("POST", "/generate", body, headers)
         try:
             info.response = response

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import email.utils
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
 
-    from .types import Job
+    from .types import JobInfo
+
+# the job an error carries: a Job from a Client, an AsyncJob from an AsyncClient
+_J = TypeVar("_J", bound="JobInfo")
 
 __all__ = [
     "APIConnectionError",
@@ -245,13 +248,14 @@ def _error_fields(body: Any) -> dict[str, Any]:
 
 def _request_id(response: httpx.Response) -> str | None:
     """The echoed ``X-Request-ID``, else the one this client sent."""
-    rid = response.headers.get("x-request-id")
+    rid: str | None = response.headers.get("x-request-id")
     if rid:
         return rid
     try:
-        return response.request.headers.get("x-request-id")
+        sent: str | None = response.request.headers.get("x-request-id")
     except RuntimeError:  # a response built without its request
         return None
+    return sent
 
 
 def status_error_from_response(response: httpx.Response, body: Any = None) -> APIStatusError:
@@ -297,27 +301,33 @@ def status_error_from_event(body: dict[str, Any], request_id: str | None = None)
     )
 
 
-class TrainingError(PrefixServeError):
-    """A training job ended without succeeding; ``job`` is its final state."""
+class TrainingError(PrefixServeError, Generic[_J]):
+    """A training job ended without succeeding; ``job`` is its final state: the job ``wait()`` was called on, a
+    :class:`~prefixserve_client.Job` (``Client``) or an :class:`~prefixserve_client.AsyncJob` (``AsyncClient``).
 
-    def __init__(self, message: str, job: Job) -> None:
+    Generic in the job's type: in ``except TrainingFailed as e`` the type checker takes ``e.job`` as ``Any`` (so
+    both ``e.job.refresh()`` and ``await e.job.refresh()`` check); annotate ``TrainingFailed[AsyncJob]`` to be
+    precise."""
+
+    def __init__(self, message: str, job: _J) -> None:
         super().__init__(message)
         self.message = message
-        self.job = job
+        self.job: _J = job
 
 
-class TrainingFailed(TrainingError):
+class TrainingFailed(TrainingError[_J]):
     """The job's status is ``failed``; ``job.error`` says why."""
 
 
-class TrainingCancelled(TrainingError):
+class TrainingCancelled(TrainingError[_J]):
     """The job's status is ``cancelled``."""
 
 
-class WaitTimeout(PrefixServeError, TimeoutError):
-    """``Job.wait(timeout=...)`` ran out of time; the job goes on on the server. ``job`` is its last state."""
+class WaitTimeout(PrefixServeError, TimeoutError, Generic[_J]):
+    """``Job.wait(timeout=...)`` ran out of time; the job goes on on the server. ``job`` is its last state (a
+    ``Job`` or an ``AsyncJob``, like :class:`TrainingError`'s)."""
 
-    def __init__(self, message: str, job: Job) -> None:
+    def __init__(self, message: str, job: _J) -> None:
         super().__init__(message)
         self.message = message
-        self.job = job
+        self.job: _J = job
