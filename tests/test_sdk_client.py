@@ -336,6 +336,74 @@ def test_error_without_json_body(srv: Any) -> None:
     assert ei.value.status_code == 502 and "bad gateway" in ei.value.message and ei.value.code is None
 
 
+def test_a_2xx_that_is_not_json_or_not_the_routes_shape_is_an_sdk_error(srv: Any) -> None:
+    """A proxy's 200 login page, or JSON of another shape, raises APIResponseValidationError (a PrefixServeError,
+    with the status and what came), not json.JSONDecodeError / pydantic.ValidationError, and is not retried; a
+    stream answered in one piece must be a whole Generation, /info a ServerInfo (it accepted anything)."""
+    import pickle
+
+    html = Resp(200, raw=b"<html>login</html>", content_type="text/html")
+    wrong = Resp(200, {"hello": 1})
+
+    def check(e: Any, body: Any, rid: str = "rid-1") -> None:
+        assert isinstance(e, ps.PrefixServeError) and not isinstance(e, ps.APIStatusError)
+        assert e.status_code == 200 and e.body == body and e.response is not None and e.request_id == rid
+        restored = pickle.loads(pickle.dumps(e))
+        assert type(restored) is ps.APIResponseValidationError and restored.body == body
+
+    with ps.Client(srv.url, max_retries=3) as c:
+        delays = no_sleep(c)
+        for resp, body in ((html, "<html>login</html>"), (wrong, {"hello": 1})):
+            srv.on("POST", "/generate", resp)
+            srv.on("GET", "/info", resp)
+            calls = [
+                (lambda: c.generate("acme", "Hi", request_id="rid-1"), "rid-1"),
+                (lambda: list(c.stream("acme", "Hi", request_id="rid-1")), "rid-1"),
+                (c.info, "rid-server"),
+            ]
+            for call, rid in calls:
+                with pytest.raises(ps.APIResponseValidationError) as ei:
+                    call()
+                check(ei.value, body, rid)
+        assert delays == []
+    e = ei.value
+    assert "GET /info" in str(e) and "model" in str(e)
+    assert len(srv.calls("POST", "/generate")) == 4 and len(srv.calls("GET", "/info")) == 2
+    # an event of the wrong shape inside a stream; a list route without its list; detokenize without its text
+    srv.on("POST", "/generate", Resp(200, sse=[chunk("he"), json.dumps({"text": ["not", "text"]}), "[DONE]"]))
+    srv.on("GET", "/prefixes", Resp(200, [PREFIX]))
+    srv.on("POST", "/detokenize", Resp(200, {"text": "hi"}))
+    with ps.Client(srv.url, max_retries=0) as c:
+        with pytest.raises(ps.APIResponseValidationError, match="text"):
+            list(c.stream("acme", "Hi"))
+        with pytest.raises(ps.APIResponseValidationError, match='"data" list'):
+            c.prefixes.list()
+        with pytest.raises(ps.APIResponseValidationError, match='"prompt"'):
+            c.detokenize([1, 2])
+
+    async def main() -> None:
+        srv.on("POST", "/generate", html)
+        srv.on("GET", "/info", wrong)
+        async with ps.AsyncClient(srv.url, max_retries=0) as c:
+            with pytest.raises(ps.APIResponseValidationError) as ei:
+                await c.generate("acme", "Hi", request_id="rid-1")
+            check(ei.value, "<html>login</html>")
+            with pytest.raises(ps.APIResponseValidationError) as ei:
+                [d async for d in c.stream("acme", "Hi", request_id="rid-1")]
+            check(ei.value, "<html>login</html>")
+            srv.on("POST", "/generate", wrong)
+            with pytest.raises(ps.APIResponseValidationError) as ei:
+                [d async for d in c.stream("acme", "Hi", request_id="rid-1")]
+            check(ei.value, {"hello": 1})
+            with pytest.raises(ps.APIResponseValidationError):
+                await c.info()
+            with pytest.raises(ps.APIResponseValidationError):
+                await c.prefixes.list_jobs()
+
+    srv.on("GET", "/prefixes/jobs", Resp(200, {"object": "list", "data": [{"status": "queued"}]}))
+    asyncio.run(main())
+
+
 # ------------------------------------------------------------------------------------------ retries
 def test_429_retry_after_honoured_then_success(srv: Any, client: Any) -> None:
     srv.on(

@@ -92,6 +92,7 @@ def test_public_api() -> None:
     assert issubclass(ps.APIStatusError, ps.PrefixServeError)
     assert issubclass(ps.APITimeoutError, ps.APIConnectionError)
     assert issubclass(ps.APIConnectionError, ps.PrefixServeError)
+    assert issubclass(ps.APIResponseValidationError, ps.PrefixServeError)
     assert issubclass(ps.TrainingFailed, ps.TrainingError) and issubclass(
         ps.TrainingCancelled, ps.TrainingError
     )

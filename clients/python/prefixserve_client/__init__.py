@@ -12,6 +12,7 @@ from ._base import API_KEY_ENV, BASE_URL_ENV, DEFAULT_BASE_URL
 from ._client import Client, Prefixes, Stream
 from ._exceptions import (
     APIConnectionError,
+    APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
     BadRequest,
@@ -62,6 +63,7 @@ __all__ = [
     "BASE_URL_ENV",
     "DEFAULT_BASE_URL",
     "APIConnectionError",
+    "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
     "AsyncClient",

@@ -51,7 +51,7 @@ class AsyncStream(_base.StreamBase):
                     await response.aread()
                 except httpx.TransportError as e:
                     raise _base.wrap_transport_error(e) from e
-                yield StreamDelta.model_validate(response.json())
+                yield _base.one_piece_delta(response)
                 return
             state = _base.StreamState(info.request_id)
             dec = _base.SSEDecoder()
@@ -62,14 +62,14 @@ class AsyncStream(_base.StreamBase):
                         continue
                     payload = state.handle(*ev)
                     if payload is not None:
-                        yield StreamDelta.model_validate(payload)
+                        yield _base.parse_model(StreamDelta, payload, response)
                     if state.done:
                         return
                 ev = dec.flush()
                 if ev is not None:
                     payload = state.handle(*ev)
                     if payload is not None:
-                        yield StreamDelta.model_validate(payload)
+                        yield _base.parse_model(StreamDelta, payload, response)
             except httpx.TransportError as e:
                 raise _base.wrap_transport_error(e) from e
             state.check_end()
@@ -101,8 +101,7 @@ class AsyncPrefixes:
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
 
-    def _job(self, data: Any) -> AsyncJob:
-        job = AsyncJob.model_validate(data)
+    def _job(self, job: AsyncJob) -> AsyncJob:
         job._client = self._client
         return job
 
@@ -129,30 +128,31 @@ class AsyncPrefixes:
         r = await self._client._request(
             "POST", "/prefixes", json=body, request_id=request_id, idempotency_key=key
         )
-        return self._job(r.json())
+        return self._job(_base.parse_response(AsyncJob, r))
 
     async def get_job(self, job_id: str) -> AsyncJob:
-        return self._job((await self._client._request("GET", f"/prefixes/jobs/{_seg(job_id)}")).json())
+        r = await self._client._request("GET", f"/prefixes/jobs/{_seg(job_id)}")
+        return self._job(_base.parse_response(AsyncJob, r))
 
     async def cancel_job(self, job_id: str) -> AsyncJob:
         r = await self._client._request("POST", f"/prefixes/jobs/{_seg(job_id)}/cancel")
-        return self._job(r.json())
+        return self._job(_base.parse_response(AsyncJob, r))
 
     async def list_jobs(self, tenant_id: str | None = None) -> builtins.list[AsyncJob]:
         params = {"tenant_id": tenant_id} if tenant_id else None
-        data = (await self._client._request("GET", "/prefixes/jobs", params=params)).json()
-        return [self._job(d) for d in data.get("data", [])]
+        r = await self._client._request("GET", "/prefixes/jobs", params=params)
+        return [self._job(job) for job in _base.parse_list(AsyncJob, r)]
 
     async def list(self, tenant_id: str | None = None) -> builtins.list[PrefixInfo]:
         params = {"tenant_id": tenant_id} if tenant_id else None
-        data = (await self._client._request("GET", "/prefixes", params=params)).json()
-        return [PrefixInfo.model_validate(d) for d in data.get("data", [])]
+        r = await self._client._request("GET", "/prefixes", params=params)
+        return _base.parse_list(PrefixInfo, r)
 
     async def get(self, tenant_id: str, name: str, version: int | None = None) -> PrefixInfo:
         """The latest version's metadata (or ``version``'s), with ``.versions``: every stored version."""
         params = {"version": version} if version is not None else None
         r = await self._client._request("GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params)
-        return PrefixInfo.model_validate(r.json())
+        return _base.parse_response(PrefixInfo, r)
 
     async def delete(self, tenant_id: str, name: str, version: int | None = None) -> DeletedPrefix:
         """Every version of the prefix, or only ``version`` (deleting the latest rolls back to the one before)."""
@@ -160,7 +160,7 @@ class AsyncPrefixes:
         r = await self._client._request(
             "DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params, safe=False
         )
-        return DeletedPrefix.model_validate(r.json())
+        return _base.parse_response(DeletedPrefix, r)
 
     async def upload(
         self,
@@ -195,7 +195,7 @@ class AsyncPrefixes:
             request_id=request_id,
             idempotency_key=_base.new_idempotency_key(idempotency_key),
         )
-        return PrefixInfo.model_validate(r.json())
+        return _base.parse_response(PrefixInfo, r)
 
     async def download(
         self, tenant_id: str, name: str, *, version: int | None = None, path: _base.PathLike | None = None
@@ -404,7 +404,7 @@ class AsyncClient:
             ignore_eos=ignore_eos,
         )
         r = await self._request("POST", "/generate", json=body, request_id=request_id)
-        gen = Generation.model_validate(r.json())
+        gen = _base.parse_response(Generation, r)
         gen.request_id = r.headers.get("x-request-id")
         return gen
 
@@ -470,7 +470,7 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ operations
     async def health(self) -> Health:
-        return Health.model_validate((await self._request("GET", "/health")).json())
+        return _base.parse_response(Health, await self._request("GET", "/health"))
 
     async def ready(self) -> Readiness:
         r = await self._request("GET", "/ready", retries=0, ok_statuses=(503,))
@@ -478,8 +478,8 @@ class AsyncClient:
             body = _json_or_none(r)
             if not (isinstance(body, dict) and "status" in body):
                 raise status_error_from_response(r)
-            return Readiness.model_validate(body)
-        return Readiness.model_validate(r.json())
+            return _base.parse_model(Readiness, body, r)
+        return _base.parse_response(Readiness, r)
 
     async def tokenize(
         self,
@@ -491,21 +491,21 @@ class AsyncClient:
         messages: Sequence[dict[str, Any]] | None = None,
     ) -> Tokenized:
         body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version)
-        return Tokenized.model_validate((await self._request("POST", "/tokenize", json=body)).json())
+        return _base.parse_response(Tokenized, await self._request("POST", "/tokenize", json=body))
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         r = await self._request("POST", "/detokenize", json={"tokens": [int(t) for t in tokens]})
-        return str(r.json()["prompt"])
+        return str(_base.parse_field(r, "prompt", str))
 
     async def info(self) -> ServerInfo:
-        return ServerInfo.model_validate((await self._request("GET", "/info")).json())
+        return _base.parse_response(ServerInfo, await self._request("GET", "/info"))
 
     async def models(self) -> ModelList:
-        return ModelList.model_validate((await self._request("GET", "/v1/models")).json())
+        return _base.parse_response(ModelList, await self._request("GET", "/v1/models"))
 
     async def metrics(self) -> str:
         return (await self._request("GET", "/metrics")).text
 
     async def usage(self, tenant_id: str | None = None) -> UsageReport:
         params = {"tenant_id": tenant_id} if tenant_id else None
-        return UsageReport.model_validate((await self._request("GET", "/usage", params=params)).json())
+        return _base.parse_response(UsageReport, await self._request("GET", "/usage", params=params))

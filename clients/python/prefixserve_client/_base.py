@@ -9,18 +9,21 @@ import random
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ._exceptions import (
     APIConnectionError,
+    APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
+    _request_id,
     status_error_from_event,
 )
 from ._version import __version__
+from .types import Generation, StreamDelta
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 BASE_URL_ENV = "PREFIXSERVE_BASE_URL"
@@ -328,6 +331,80 @@ def write_file_atomic(path: PathLike, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+# --------------------------------------------------------------------------------------------- responses
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _where(response: httpx.Response) -> str:
+    try:
+        request = response.request
+    except RuntimeError:  # a response built without its request
+        return ""
+    return f" from {request.method} {request.url.path}"
+
+
+def invalid_response(response: httpx.Response, why: str, body: Any) -> APIResponseValidationError:
+    return APIResponseValidationError(
+        f"unexpected response{_where(response)}: {why}",
+        status_code=response.status_code,
+        body=body,
+        request_id=_request_id(response),
+        response=response,
+    )
+
+
+def json_body(response: httpx.Response) -> Any:
+    """The JSON of a success response (read already); :class:`APIResponseValidationError` if it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
+        text = response.text
+        ctype = response.headers.get("content-type") or "no content-type"
+        raise invalid_response(response, f"not JSON ({ctype}): {text.strip()[:200]!r}", text) from None
+
+
+def parse_model(model: type[ModelT], data: Any, response: httpx.Response) -> ModelT:
+    """``data`` (JSON from ``response``) as ``model``; :class:`APIResponseValidationError` if it does not fit."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or '(body)'}: {err['msg']}" for err in e.errors()[:5]
+        )
+        raise invalid_response(response, f"not a {model.__name__}: {problems}", data) from e
+
+
+def parse_response(model: type[ModelT], response: httpx.Response) -> ModelT:
+    """A success response's JSON body as ``model``."""
+    return parse_model(model, json_body(response), response)
+
+
+def parse_list(model: type[ModelT], response: httpx.Response) -> list[ModelT]:
+    """The ``"data"`` list of a success response's ``{"object": "list", "data": [...]}`` body, each as ``model``."""
+    body = json_body(response)
+    items = body.get("data", []) if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise invalid_response(response, 'expected an object with a "data" list', body)
+    return [parse_model(model, item, response) for item in items]
+
+
+def one_piece_delta(response: httpx.Response) -> StreamDelta:
+    """The only delta of a streamed generation answered in one piece (not as events): the body must be a whole
+    :class:`Generation`."""
+    data = json_body(response)
+    parse_model(Generation, data, response)
+    return parse_model(StreamDelta, data, response)
+
+
+def parse_field(response: httpx.Response, name: str, kind: type[Any]) -> Any:
+    """One field of a success response's JSON object, checked to be a ``kind``."""
+    body = json_body(response)
+    value = body.get(name) if isinstance(body, dict) else None
+    if not isinstance(value, kind):
+        raise invalid_response(response, f'expected an object with "{name}" ({kind.__name__})', body)
+    return value
 
 
 # --------------------------------------------------------------------------------------------- retries

@@ -57,15 +57,14 @@ class Stream(_base.StreamBase):
                     response.read()
                 except httpx.TransportError as e:
                     raise _base.wrap_transport_error(e) from e
-                data = response.json()
-                yield StreamDelta.model_validate(data)
+                yield _base.one_piece_delta(response)
                 return
             state = _base.StreamState(info.request_id)
             try:
                 for event, data in _base.iter_sse_events(response.iter_lines()):
                     payload = state.handle(event, data)
                     if payload is not None:
-                        yield StreamDelta.model_validate(payload)
+                        yield _base.parse_model(StreamDelta, payload, response)
                     if state.done:
                         return
             except httpx.TransportError as e:
@@ -99,8 +98,7 @@ class Prefixes:
     def __init__(self, client: Client) -> None:
         self._client = client
 
-    def _job(self, data: Any) -> Job:
-        job = Job.model_validate(data)
+    def _job(self, job: Job) -> Job:
         job._client = self._client
         return job
 
@@ -139,30 +137,31 @@ class Prefixes:
         body = _base.train_body(tenant_id, name, method, examples, prefix_length, hp, init_from)
         key = _base.new_idempotency_key(idempotency_key)
         r = self._client._request("POST", "/prefixes", json=body, request_id=request_id, idempotency_key=key)
-        return self._job(r.json())
+        return self._job(_base.parse_response(Job, r))
 
     def get_job(self, job_id: str) -> Job:
-        return self._job(self._client._request("GET", f"/prefixes/jobs/{_seg(job_id)}").json())
+        r = self._client._request("GET", f"/prefixes/jobs/{_seg(job_id)}")
+        return self._job(_base.parse_response(Job, r))
 
     def cancel_job(self, job_id: str) -> Job:
-        return self._job(self._client._request("POST", f"/prefixes/jobs/{_seg(job_id)}/cancel").json())
+        r = self._client._request("POST", f"/prefixes/jobs/{_seg(job_id)}/cancel")
+        return self._job(_base.parse_response(Job, r))
 
     def list_jobs(self, tenant_id: str | None = None) -> builtins.list[Job]:
         params = {"tenant_id": tenant_id} if tenant_id else None
-        data = self._client._request("GET", "/prefixes/jobs", params=params).json()
-        return [self._job(d) for d in data.get("data", [])]
+        r = self._client._request("GET", "/prefixes/jobs", params=params)
+        return [self._job(job) for job in _base.parse_list(Job, r)]
 
     def list(self, tenant_id: str | None = None) -> builtins.list[PrefixInfo]:
         """Stored prefixes of a tenant (None: the key's own tenant; every tenant for the admin key)."""
         params = {"tenant_id": tenant_id} if tenant_id else None
-        data = self._client._request("GET", "/prefixes", params=params).json()
-        return [PrefixInfo.model_validate(d) for d in data.get("data", [])]
+        return _base.parse_list(PrefixInfo, self._client._request("GET", "/prefixes", params=params))
 
     def get(self, tenant_id: str, name: str, version: int | None = None) -> PrefixInfo:
         """The latest version's metadata (or ``version``'s), with ``.versions``: every stored version."""
         params = {"version": version} if version is not None else None
         r = self._client._request("GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params)
-        return PrefixInfo.model_validate(r.json())
+        return _base.parse_response(PrefixInfo, r)
 
     def delete(self, tenant_id: str, name: str, version: int | None = None) -> DeletedPrefix:
         """Every version of the prefix, or only ``version`` (deleting the latest rolls back to the one before)."""
@@ -170,7 +169,7 @@ class Prefixes:
         r = self._client._request(
             "DELETE", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params, safe=False
         )
-        return DeletedPrefix.model_validate(r.json())
+        return _base.parse_response(DeletedPrefix, r)
 
     def upload(
         self,
@@ -205,7 +204,7 @@ class Prefixes:
             request_id=request_id,
             idempotency_key=_base.new_idempotency_key(idempotency_key),
         )
-        return PrefixInfo.model_validate(r.json())
+        return _base.parse_response(PrefixInfo, r)
 
     def download(
         self, tenant_id: str, name: str, *, version: int | None = None, path: _base.PathLike | None = None
@@ -425,7 +424,7 @@ class Client:
             ignore_eos=ignore_eos,
         )
         r = self._request("POST", "/generate", json=body, request_id=request_id)
-        gen = Generation.model_validate(r.json())
+        gen = _base.parse_response(Generation, r)
         gen.request_id = r.headers.get("x-request-id")
         return gen
 
@@ -493,7 +492,7 @@ class Client:
     # ------------------------------------------------------------------ operations
     def health(self) -> Health:
         """``GET /health``: the process answers."""
-        return Health.model_validate(self._request("GET", "/health").json())
+        return _base.parse_response(Health, self._request("GET", "/health"))
 
     def ready(self) -> Readiness:
         """``GET /ready``, not retried: ``status`` is ``"ready"`` or ``"not_ready"`` (``checks`` says why)."""
@@ -502,8 +501,8 @@ class Client:
             body = _json_or_none(r)
             if not (isinstance(body, dict) and "status" in body):
                 raise status_error_from_response(r)
-            return Readiness.model_validate(body)
-        return Readiness.model_validate(r.json())
+            return _base.parse_model(Readiness, body, r)
+        return _base.parse_response(Readiness, r)
 
     def tokenize(
         self,
@@ -517,21 +516,20 @@ class Client:
         """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
         prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output."""
         body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version)
-        return Tokenized.model_validate(self._request("POST", "/tokenize", json=body).json())
+        return _base.parse_response(Tokenized, self._request("POST", "/tokenize", json=body))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """``POST /detokenize``: the text of token ids."""
-        return str(
-            self._request("POST", "/detokenize", json={"tokens": [int(t) for t in tokens]}).json()["prompt"]
-        )
+        r = self._request("POST", "/detokenize", json={"tokens": [int(t) for t in tokens]})
+        return str(_base.parse_field(r, "prompt", str))
 
     def info(self) -> ServerInfo:
         """``GET /info``: the base model, its fingerprint and limits (``max_model_len``, ...) and how it is run."""
-        return ServerInfo.model_validate(self._request("GET", "/info").json())
+        return _base.parse_response(ServerInfo, self._request("GET", "/info"))
 
     def models(self) -> ModelList:
         """``GET /v1/models``: the key's tenant prefixes as OpenAI model ids ``tenant/prefix``."""
-        return ModelList.model_validate(self._request("GET", "/v1/models").json())
+        return _base.parse_response(ModelList, self._request("GET", "/v1/models"))
 
     def metrics(self) -> str:
         """``GET /metrics``: Prometheus text."""
@@ -541,7 +539,7 @@ class Client:
         """``GET /usage``: tokens and requests since the server started, with the rate limits and what is left of
         them; the key's own tenant (the admin key: every tenant, or ``tenant_id``)."""
         params = {"tenant_id": tenant_id} if tenant_id else None
-        return UsageReport.model_validate(self._request("GET", "/usage", params=params).json())
+        return _base.parse_response(UsageReport, self._request("GET", "/usage", params=params))
 
 
 def _json_or_none(r: httpx.Response) -> Any:

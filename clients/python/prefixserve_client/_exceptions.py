@@ -21,6 +21,7 @@ _J = TypeVar("_J", bound="JobInfo")
 
 __all__ = [
     "APIConnectionError",
+    "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
     "BadRequest",
@@ -72,6 +73,34 @@ class APITimeoutError(APIConnectionError):
 
     def __init__(self, message: str = "request timed out", *, request: httpx.Request | None = None) -> None:
         super().__init__(message, request=request)
+
+
+class APIResponseValidationError(PrefixServeError):
+    """The server answered a success status with a body that is not what the route sends: not JSON (a proxy's
+    login page, another service at ``base_url``) or JSON of the wrong shape. ``status_code`` and ``body`` (the JSON,
+    or the text when it is not JSON) say what came; ``response`` is the response itself. Not retried."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        body: Any = None,
+        request_id: str | None = None,
+        response: httpx.Response | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.body = body
+        self.request_id = request_id
+        self.response = response
+
+    def __str__(self) -> str:
+        s = f"{self.status_code}: {self.message}" if self.status_code is not None else self.message
+        if self.request_id:
+            s += f" [request_id={self.request_id}]"
+        return s
 
 
 class APIStatusError(PrefixServeError):

@@ -129,7 +129,8 @@ class ServerInfo(_Model):
     """``GET /info``: the model, its limits and how the server runs it (every field the server sends is kept)."""
 
     version: Optional[str] = None
-    model: Optional[str] = None
+    # required: every server's /info sends it (a reply without it is not this server's /info)
+    model: str
     model_fingerprint: Optional[str] = None
     dtype: Optional[str] = None
     device: Optional[str] = None
