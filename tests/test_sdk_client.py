@@ -243,7 +243,8 @@ def test_generate_structured_outputs_body(srv: Any, client: Any) -> None:
     client.generate("acme", "Hi", structured_outputs={"regex": "[0-9]+"})
     list(client.stream("acme", "Hi", structured_outputs={"choice": ["a", "b"]}))
     sent = [c.body["structured_outputs"] for c in srv.calls("POST", "/generate")]
-    assert sent == [{"json": Item.model_json_schema()}, {"regex": "[0-9]+"}, {"choice": ["a", "b"]}]
+    strict = {**Item.model_json_schema(), "additionalProperties": False}
+    assert sent == [{"json": strict}, {"regex": "[0-9]+"}, {"choice": ["a", "b"]}]
     assert sent[0]["json"]["required"] == ["sku", "qty"]
     with pytest.raises(TypeError, match="structured_outputs"):
         client.generate("acme", "Hi", structured_outputs="[0-9]+")  # type: ignore[arg-type]
@@ -256,7 +257,71 @@ def test_generate_structured_outputs_body(srv: Any, client: Any) -> None:
 
     asyncio.run(main())
     sent = [c.body["structured_outputs"] for c in srv.calls("POST", "/generate")][3:]
-    assert sent == [{"json_object": True}, {"json": Item.model_json_schema()}]
+    assert sent == [{"json_object": True}, {"json": strict}]
+
+
+def test_a_pydantic_class_is_sent_as_a_strict_schema() -> None:
+    """Like openai's .parse(): every object schema, in $defs and nested anywhere, gets additionalProperties false
+    (without it the model may add keys until max_tokens), unless it allows extras; data and names are untouched."""
+    from prefixserve_client._base import strict_json_schema, structured_outputs_body
+    from pydantic import BaseModel, ConfigDict
+
+    class Open(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        x: int
+
+    class Closed(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        y: int
+
+    class Leaf(BaseModel):
+        z: str
+
+    class Root(BaseModel):
+        leaf: Leaf
+        leaves: list[Leaf]
+        maybe: Leaf | None = None
+        by_name: dict[str, Leaf]
+        anything: dict[str, Any]
+        open: Open
+        closed: Closed
+        properties: int = 0  # a field named like the keyword
+        config: dict[str, Any] = {"type": "object", "properties": {}}  # a default that looks like a schema
+        children: list[Root] = []
+
+    schema = Root.model_json_schema()
+    body = structured_outputs_body(Root)
+    out = body["json"]
+    assert schema == Root.model_json_schema()  # pydantic's schema itself is not changed
+    defs = out["$defs"]
+    assert set(defs) == {"Root", "Leaf", "Open", "Closed"}
+    assert defs["Root"]["additionalProperties"] is False and defs["Leaf"]["additionalProperties"] is False
+    assert defs["Open"]["additionalProperties"] is True and defs["Closed"]["additionalProperties"] is False
+    props = defs["Root"]["properties"]
+    assert props["by_name"]["additionalProperties"] == {"$ref": "#/$defs/Leaf"}
+    assert props["anything"]["additionalProperties"] is True
+    assert "additionalProperties" not in props  # a property named "properties" is not taken for a schema
+    assert props["properties"] == schema["$defs"]["Root"]["properties"]["properties"]
+    assert props["config"]["default"] == {"type": "object", "properties": {}}  # data is not walked
+    # the only changes: additionalProperties false on the three objects that did not say
+    for name in ("Root", "Leaf"):
+        assert {k: v for k, v in defs[name].items() if k != "additionalProperties"} == schema["$defs"][name]
+    assert defs["Open"] == schema["$defs"]["Open"] and defs["Closed"] == schema["$defs"]["Closed"]
+    inline = strict_json_schema(
+        {
+            "type": "object",
+            "properties": {
+                "a": {"type": "array", "items": {"type": "object", "properties": {"b": {"type": "integer"}}}},
+                "c": {"anyOf": [{"type": ["object", "null"]}, {"type": "string"}]},
+            },
+        }
+    )
+    assert inline["additionalProperties"] is False
+    assert inline["properties"]["a"]["items"]["additionalProperties"] is False
+    assert inline["properties"]["c"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in inline["properties"]["c"]["anyOf"][1]
+    # a schema given as a dict is the caller's: sent as given
+    assert structured_outputs_body({"json": {"type": "object"}}) == {"json": {"type": "object"}}
 
 
 def test_generate_defaults_match_server_contract(srv: Any, client: Any) -> None:

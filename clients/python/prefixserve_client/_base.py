@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -185,15 +186,57 @@ def generate_body(
 
 
 def structured_outputs_body(value: StructuredOutputsArg) -> dict[str, Any]:
-    """The ``structured_outputs`` object: a mapping as given, a pydantic model class as ``{"json": its schema}``."""
+    """The ``structured_outputs`` object: a mapping as given, a pydantic model class as ``{"json": its schema}``
+    made strict (:func:`strict_json_schema`)."""
     if isinstance(value, type) and issubclass(value, BaseModel):
-        return {"json": value.model_json_schema()}
+        return {"json": strict_json_schema(value.model_json_schema())}
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(
         "structured_outputs must be a dict ({'json': schema}, {'regex': ...}, {'choice': [...]}, {'grammar': ...}, "
         "{'json_object': True}) or a pydantic model class"
     )
+
+
+# keywords whose value is one schema / a list of schemas / a mapping of names to schemas (JSON Schema 2020-12 and
+# draft 7): the places a strict schema's objects can be (data keywords such as `default`, `enum`, `const` and
+# `examples` are never walked: their objects are values, not schemas)
+_SCHEMA_KEYS = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
+_SCHEMA_LIST_KEYS = ("prefixItems", "items", "anyOf", "oneOf", "allOf")
+_SCHEMA_MAP_KEYS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def strict_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a JSON schema in which every object schema without ``additionalProperties`` gets
+    ``"additionalProperties": false``, in ``$defs`` too (what ``openai``'s ``.parse()`` does to a pydantic model's
+    schema). Without it an object may hold any further key, and a constrained model may go on adding keys until
+    ``max_tokens``. An object that says what else it allows (a pydantic model with ``extra="allow"``, a ``dict``
+    field) keeps its ``additionalProperties``."""
+    out = copy.deepcopy(schema)
+    _make_strict(out)
+    return out
+
+
+def _make_strict(node: Any) -> None:
+    if not isinstance(node, dict):
+        return
+    kind = node.get("type")
+    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in node
+    if is_object and "additionalProperties" not in node:
+        node["additionalProperties"] = False
+    for key in _SCHEMA_KEYS:
+        if isinstance(node.get(key), dict):
+            _make_strict(node[key])
+    for key in _SCHEMA_LIST_KEYS:
+        if isinstance(node.get(key), list):
+            for sub in node[key]:
+                _make_strict(sub)
+    for key in _SCHEMA_MAP_KEYS:
+        if isinstance(node.get(key), dict):
+            for sub in node[key].values():
+                _make_strict(sub)
+    if isinstance(node.get("additionalProperties"), dict):
+        _make_strict(node["additionalProperties"])
 
 
 def tokenize_body(

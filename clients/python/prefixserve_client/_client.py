@@ -391,8 +391,9 @@ class Client:
     ) -> Generation:
         """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model;
         ``prefix_version`` pins a stored version of the prefix (default: the latest).
-        ``structured_outputs``: what the text must match, ``{"json": schema}``, a pydantic model class (its schema;
-        then ``Model.model_validate_json(gen.text)``), ``{"regex": ...}``, ``{"choice": [...]}``,
+        ``structured_outputs``: what the text must match, ``{"json": schema}``, a pydantic model class (its schema with
+        ``additionalProperties: false`` on every object that does not allow extras; then
+        ``Model.model_validate_json(gen.text)``), ``{"regex": ...}``, ``{"choice": [...]}``,
         ``{"grammar": ...}`` or ``{"json_object": True}``. vLLM's ``min_p``, ``include_stop_str_in_output``,
         ``truncate_prompt_tokens`` (keep the prompt's last N tokens) and ``priority`` (lower starts first; a tenant
         key may only lower its own: > 0) mean what they mean there."""
