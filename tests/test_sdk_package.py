@@ -128,6 +128,58 @@ def test_models_tolerate_extra_and_missing_optional_fields() -> None:
     assert p.versions is None and p.shapes == {}
 
 
+def _server_fields(path: Path, cls: str) -> set[str]:
+    """The annotated fields of a class of the server's source (read, not imported: the server imports torch)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
+    return {n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+
+
+def test_typed_responses_have_every_field_the_server_sends() -> None:
+    """Job and ServerInfo type what the server's replies hold (they lacked prefix_length, hyperparameters,
+    cancel_requested, limits, architecture, max_batched_tokens, max_queued, ...), Optional so that an older
+    server's replies still parse."""
+    job_sent = _server_fields(ROOT / "server" / "training" / "records.py", "JobRecord") - {"request_digest"}
+    assert {"prefix_length", "hyperparameters", "cancel_requested", "limits"} <= job_sent
+    assert job_sent <= set(ps.Job.model_fields), job_sent - set(ps.Job.model_fields)
+    info_sent = _server_fields(ROOT / "server" / "api" / "schemas.py", "ServerInfo")
+    assert {"architecture", "max_batched_tokens", "max_queued"} <= info_sent
+    assert info_sent <= set(ps.ServerInfo.model_fields), info_sent - set(ps.ServerInfo.model_fields)
+
+    record = {
+        "object": "training_job",
+        "job_id": "j",
+        "tenant_id": "acme",
+        "name": "faq",
+        "method": "prompt_tuning",
+        "prefix_length": 16,
+        "status": "succeeded",
+        "hyperparameters": {"epochs": 3},
+        "num_examples": 24,
+        "limits": {"max_seconds": 3600.0, "max_steps": None},
+        "attempts": 1,
+        "worker": "w1",
+        "heartbeat": 12.5,
+        "cancel_requested": False,
+        "summary": {"steps": 40, "total_steps": 96, "stopped": "time_limit"},
+    }
+    job = ps.Job.model_validate(record)
+    assert (job.prefix_length, job.hyperparameters, job.cancel_requested) == (16, {"epochs": 3}, False)
+    assert (job.limits, job.num_examples, job.attempts, job.worker) == (record["limits"], 24, 1, "w1")
+    assert job.stopped == "time_limit" and job.model_extra == {}
+    old = ps.Job.model_validate({"job_id": "j", "status": "running"})  # a server before these fields
+    assert (old.prefix_length, old.hyperparameters, old.cancel_requested, old.limits, old.stopped) == (
+        None,
+    ) * 5
+    info = ps.ServerInfo.model_validate(
+        {"model": "m", "architecture": "LlamaForCausalLM", "max_batched_tokens": 2048, "max_queued": 256}
+    )
+    assert (info.architecture, info.max_batched_tokens, info.max_queued) == ("LlamaForCausalLM", 2048, 256)
+    assert info.model_extra == {}
+    old_info = ps.ServerInfo.model_validate({"model": "m", "max_model_len": 2048})
+    assert (old_info.architecture, old_info.max_batched_tokens, old_info.max_queued) == (None, None, None)
+
+
 def test_sse_decoder() -> None:
     from prefixserve_client._base import iter_sse_events
 

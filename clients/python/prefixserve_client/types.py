@@ -134,9 +134,26 @@ class ServerInfo(_Model):
     model_fingerprint: Optional[str] = None
     dtype: Optional[str] = None
     device: Optional[str] = None
-    max_model_len: Optional[int] = None
-    max_num_seqs: Optional[int] = None
-    training: Optional[bool] = None
+    architecture: Optional[str] = None  # the model's transformers class
+    model_path: Optional[str] = None  # "llama"/"gpt2": the native fast path; "hf": transformers' own modeling
+    num_layers: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_model_len: Optional[int] = None  # context limit: prefix + prompt + output
+    max_num_seqs: Optional[int] = None  # requests decoded in one batch at most
+    max_batched_tokens: Optional[int] = None  # tokens in one engine step at most (prefill chunks + decodes)
+    max_queued: Optional[int] = None  # requests waiting at most; past it 503 with Retry-After
+    kv_cache: Optional[dict[str, int]] = None  # "blocks", "block_size" (tokens) and "bytes" of the KV pool
+    prefix_cache_bytes: Optional[int] = None
+    prompt_cache: Optional[bool] = None
+    speculative_tokens: Optional[int] = None
+    cuda_graphs: Optional[str] = None
+    kernels: Optional[str] = None
+    async_decode: Optional[bool] = None
+    store: Optional[str] = None  # prefix store backend: "disk" or "redis"
+    training: Optional[bool] = None  # training jobs are accepted
+    training_workers: Optional[int] = None
+    default_prompt_format: Optional[str] = None
+    tool_call_parser: Optional[str] = None
 
 
 class ModelList(_Model):
@@ -208,13 +225,24 @@ class JobProgress(_Model):
 
 class JobInfo(_Model):
     """State of a training job (``GET /prefixes/jobs/{job_id}``). ``created``/``started``/``finished`` are timestamps as
-    the server sends them (unix seconds); ``prefix_version`` is the stored version once it succeeded; ``summary`` the trainer's report."""
+    the server sends them (unix seconds); ``prefix_version`` is the stored version once it succeeded; ``summary`` the
+    trainer's report. Fields a server of an older version does not send are None."""
 
     job_id: str
     status: str  # queued | running | succeeded | failed | cancelled
+    object: str = "training_job"
     tenant_id: Optional[str] = None
     name: Optional[str] = None
     method: Optional[str] = None
+    prefix_length: Optional[int] = None
+    hyperparameters: Optional[dict[str, Any]] = None  # as submitted (the server's defaults fill the rest)
+    num_examples: Optional[int] = None
+    # the server's training limits when the job was accepted (max_seconds, max_steps, ...): it runs under them
+    limits: Optional[dict[str, Any]] = None
+    cancel_requested: Optional[bool] = None  # a cancel was asked for (a running job stops at its next step)
+    attempts: Optional[int] = None  # how many times a worker started it
+    worker: Optional[str] = None  # the worker running it (or that last ran it)
+    heartbeat: Optional[float] = None  # that worker's last sign of life (unix seconds)
     progress: Optional[JobProgress] = None
     created: Optional[Union[float, str]] = None
     started: Optional[Union[float, str]] = None
@@ -229,6 +257,13 @@ class JobInfo(_Model):
     def done(self) -> bool:
         """The job reached a terminal status (succeeded, failed or cancelled)."""
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def stopped(self) -> Optional[str]:
+        """Why training ended before its planned steps (``"time_limit"``: the job succeeded with the prefix trained
+        so far), from ``summary``; None when it ran them all, has not ended, or the server does not say."""
+        value = (self.summary or {}).get("stopped")
+        return value if isinstance(value, str) else None
 
     def __getstate__(self) -> dict[Any, Any]:
         # a pickled Job leaves its client behind (an HTTP connection pool cannot be pickled)
