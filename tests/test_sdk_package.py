@@ -98,6 +98,31 @@ def test_public_api() -> None:
     )
 
 
+def test_every_public_method_has_a_docstring_and_types_exports_every_model() -> None:
+    import inspect
+
+    from prefixserve_client import types
+    from pydantic import BaseModel
+
+    classes = (ps.Client, ps.AsyncClient, ps.Prefixes, ps.AsyncPrefixes, ps.Stream, ps.AsyncStream, ps.Job)
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls in (*classes, ps.AsyncJob, ps.JobInfo)
+        for name, obj in vars(cls).items()
+        if not name.startswith("_")
+        and (inspect.isfunction(obj) or isinstance(obj, property))
+        and not inspect.getdoc(obj.fget if isinstance(obj, property) else obj)
+    ]
+    assert missing == []
+    models = {
+        name
+        for name, obj in vars(types).items()
+        if inspect.isclass(obj) and issubclass(obj, BaseModel) and obj.__module__ == types.__name__
+    }
+    assert {m for m in models if not m.startswith("_")} == set(types.__all__)
+    assert set(types.__all__) <= set(ps.__all__)
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("1", 1.0), ("0", 0.0), (" 2.5 ", 2.5), ("-3", 0.0), ("soon", None), (None, None), ("nan", None)],

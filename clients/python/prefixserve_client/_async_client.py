@@ -85,6 +85,7 @@ class AsyncStream(_base.StreamBase):
         return await self._gen.__anext__()
 
     async def aclose(self) -> None:
+        """End the stream: its connection is closed, which cancels the generation on the server."""
         if self._gen is not None:
             await self._gen.aclose()
 
@@ -131,19 +132,23 @@ class AsyncPrefixes:
         return self._job(_base.parse_response(AsyncJob, r))
 
     async def get_job(self, job_id: str) -> AsyncJob:
+        """A training job's current state (``GET /prefixes/jobs/{job_id}``); see :meth:`Prefixes.get_job`."""
         r = await self._client._request("GET", f"/prefixes/jobs/{_seg(job_id)}")
         return self._job(_base.parse_response(AsyncJob, r))
 
     async def cancel_job(self, job_id: str) -> AsyncJob:
+        """Ask the server to cancel a training job; see :meth:`Prefixes.cancel_job`."""
         r = await self._client._request("POST", f"/prefixes/jobs/{_seg(job_id)}/cancel")
         return self._job(_base.parse_response(AsyncJob, r))
 
     async def list_jobs(self, tenant_id: str | None = None) -> builtins.list[AsyncJob]:
+        """Training jobs of a tenant (``GET /prefixes/jobs``); see :meth:`Prefixes.list_jobs`."""
         params = {"tenant_id": tenant_id} if tenant_id else None
         r = await self._client._request("GET", "/prefixes/jobs", params=params)
         return [self._job(job) for job in _base.parse_list(AsyncJob, r)]
 
     async def list(self, tenant_id: str | None = None) -> builtins.list[PrefixInfo]:
+        """Stored prefixes of a tenant (None: the key's own tenant; every tenant for the admin key)."""
         params = {"tenant_id": tenant_id} if tenant_id else None
         r = await self._client._request("GET", "/prefixes", params=params)
         return _base.parse_list(PrefixInfo, r)
@@ -240,6 +245,8 @@ class AsyncClient:
         return f"{type(self).__name__}(base_url={self.base_url!r}, max_retries={self.max_retries})"
 
     async def aclose(self) -> None:
+        """Close the connection pool (not a ``http_client`` you passed in: that one stays yours); ``close`` is the
+        same coroutine."""
         if self._owns_http:
             await self._http.aclose()
 
@@ -376,6 +383,7 @@ class AsyncClient:
         ignore_eos: bool = False,
         request_id: str | None = None,
     ) -> Generation:
+        """``POST /generate``; the arguments are those of :meth:`Client.generate`."""
         body = _base.generate_body(
             tenant_id,
             prompt,
@@ -470,9 +478,11 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ operations
     async def health(self) -> Health:
+        """``GET /health``: the process answers."""
         return _base.parse_response(Health, await self._request("GET", "/health"))
 
     async def ready(self) -> Readiness:
+        """``GET /ready``, not retried: ``status`` is ``"ready"`` or ``"not_ready"`` (``checks`` says why)."""
         r = await self._request("GET", "/ready", retries=0, ok_statuses=(503,))
         if r.status_code == 503:
             body = _json_or_none(r)
@@ -490,22 +500,30 @@ class AsyncClient:
         prefix_version: int | None = None,
         messages: Sequence[dict[str, Any]] | None = None,
     ) -> Tokenized:
+        """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
+        prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output."""
         body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version)
         return _base.parse_response(Tokenized, await self._request("POST", "/tokenize", json=body))
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
+        """``POST /detokenize``: the text of token ids."""
         r = await self._request("POST", "/detokenize", json={"tokens": [int(t) for t in tokens]})
         return str(_base.parse_field(r, "prompt", str))
 
     async def info(self) -> ServerInfo:
+        """``GET /info``: the base model, its fingerprint and limits (``max_model_len``, ...) and how it is run."""
         return _base.parse_response(ServerInfo, await self._request("GET", "/info"))
 
     async def models(self) -> ModelList:
+        """``GET /v1/models``: the key's tenant prefixes as OpenAI model ids ``tenant/prefix``."""
         return _base.parse_response(ModelList, await self._request("GET", "/v1/models"))
 
     async def metrics(self) -> str:
+        """``GET /metrics``: Prometheus text."""
         return (await self._request("GET", "/metrics")).text
 
     async def usage(self, tenant_id: str | None = None) -> UsageReport:
+        """``GET /usage``: tokens and requests since the server started, with the rate limits and what is left of
+        them; the key's own tenant (the admin key: every tenant, or ``tenant_id``)."""
         params = {"tenant_id": tenant_id} if tenant_id else None
         return _base.parse_response(UsageReport, await self._request("GET", "/usage", params=params))

@@ -82,6 +82,7 @@ class Stream(_base.StreamBase):
         return next(self._gen)
 
     def close(self) -> None:
+        """End the stream: its connection is closed, which cancels the generation on the server."""
         if self._gen is not None:
             self._gen.close()
 
@@ -140,14 +141,20 @@ class Prefixes:
         return self._job(_base.parse_response(Job, r))
 
     def get_job(self, job_id: str) -> Job:
+        """A training job's current state (``GET /prefixes/jobs/{job_id}``); 404 for another tenant's job."""
         r = self._client._request("GET", f"/prefixes/jobs/{_seg(job_id)}")
         return self._job(_base.parse_response(Job, r))
 
     def cancel_job(self, job_id: str) -> Job:
+        """Ask the server to cancel a training job (``POST /prefixes/jobs/{job_id}/cancel``): a queued job ends at
+        once, a running one at its next step (``cancel_requested`` until then); a job that ended is returned as it
+        is. Returns the job's state after the request."""
         r = self._client._request("POST", f"/prefixes/jobs/{_seg(job_id)}/cancel")
         return self._job(_base.parse_response(Job, r))
 
     def list_jobs(self, tenant_id: str | None = None) -> builtins.list[Job]:
+        """Training jobs of a tenant (``GET /prefixes/jobs``; None: the key's own tenant, every tenant for the admin
+        key)."""
         params = {"tenant_id": tenant_id} if tenant_id else None
         r = self._client._request("GET", "/prefixes/jobs", params=params)
         return [self._job(job) for job in _base.parse_list(Job, r)]
@@ -256,6 +263,7 @@ class Client:
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
+        """Close the connection pool (not a ``http_client`` you passed in: that one stays yours)."""
         if self._owns_http:
             self._http.close()
 

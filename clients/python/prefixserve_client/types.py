@@ -20,12 +20,18 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "PrefixInfo",
+    "PromptTokensDetails",
+    "RateLimitState",
     "Readiness",
+    "ServerInfo",
     "StreamDelta",
+    "TenantUsage",
     "TokenLogprob",
     "Tokenized",
     "TopLogprob",
     "Usage",
+    "UsageCounts",
+    "UsageReport",
 ]
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -346,10 +352,12 @@ class AsyncJob(JobInfo):
     _client: Any = PrivateAttr(default=None)
 
     async def refresh(self) -> "AsyncJob":
+        """Fetch the job's current state into this object; returns self."""
         self._update(await self._api().get_job(self.job_id))
         return self
 
     async def cancel(self) -> "AsyncJob":
+        """Ask the server to cancel the job (no-op once it ended); returns self, updated."""
         self._update(await self._api().cancel_job(self.job_id))
         return self
 
