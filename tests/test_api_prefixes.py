@@ -82,6 +82,41 @@ def test_training_limits_are_the_operators(server_factory):
     assert c.get("/prefixes/acme/zebra").json()["version"] == 1
 
 
+def test_hyperparameters_have_one_set_of_bounds_whatever_the_spelling(server_factory):
+    """Top-level fields, their aliases and `hyperparameters` go through the trainer's checks with the server's
+    limits: the same value is accepted or refused the same way; booleans are not numbers; and what the server could
+    not serve (a prefix filling its max_model_len) is refused before a job exists."""
+    s = server_factory(
+        keys={"acme": "k-acme"}, training_max_prefix_length=300, max_model_len=64, max_jobs_per_tenant=8
+    )
+    c = s.client("k-acme")
+    base = {"name": "z", "method": "prompt_tuning", "examples": EXAMPLES, "prefix_length": 4, "max_steps": 1}
+    for bad in ({"learning_rate": 11}, {"lr": 11}, {"hyperparameters": {"learning_rate": 11}}):
+        assert_error(c.post("/prefixes", json={**base, **bad}), 422)
+    for bad in (
+        {"epochs": True},
+        {"hyperparameters": {"epochs": True}},
+        {"learning_rate": True},
+        {"seed": "3"},
+    ):
+        assert_error(c.post("/prefixes", json={**base, **bad}), 422)
+    for ok in (
+        {"learning_rate": 5},
+        {"lr": 5},
+        {"hyperparameters": {"learning_rate": 5}},
+        {"seed": 3_000_000_000},
+    ):
+        r = c.post("/prefixes", json={**base, **ok})
+        assert r.status_code == 202, (ok, r.text)
+        assert r.json()["hyperparameters"]["learning_rate" if "seed" not in ok else "seed"] in (
+            5,
+            3_000_000_000,
+        )
+    # the operator's prefix limit (300) is above the old fixed 256, but this server serves 64 positions
+    err = assert_error(c.post("/prefixes", json={**base, "prefix_length": 257}), 422, "invalid_training_spec")
+    assert err["param"] == "prefix_length" and "64 positions" in err["message"]
+
+
 def test_continue_training_from_a_stored_version(server_factory):
     """init_from continues a tenant's prefix: the job takes the source's method, prefix length and prompt format,
     pins its version, starts at the loss the source reached and makes a new version; what cannot be continued is

@@ -86,7 +86,7 @@ def managers(tiny_llama_bundle, store):
 
     def make(**kw) -> JobManager:
         kw = {**FAST, "in_process_workers": 0, **kw}
-        jm = JobManager(tiny_llama_bundle, store, **kw)
+        jm = JobManager(kw.pop("bundle", tiny_llama_bundle), store, **kw)
         made.append(jm)
         return jm
 
@@ -476,6 +476,44 @@ def test_a_job_runs_under_the_limits_it_was_accepted_with(managers):
     done = wait_status(worker, rec.job_id, ("succeeded", "failed"))
     assert done.status == "succeeded", done.error
     assert done.summary["stopped"] == "time_limit" and done.summary["steps"] == 1
+
+
+def test_what_the_server_could_not_serve_is_refused_at_submission(managers):
+    """A prefix, or an example with it, longer than the positions this server serves (its max_model_len), and an
+    empty raw prompt (nothing before the completion; no request may be empty either) are 422s, not jobs that
+    succeed into a prefix every request then fails on."""
+    from server.training import TrainingLimits
+
+    jm = managers(limits=TrainingLimits(max_positions=40))
+    for req, param in [
+        ({**request_(), "prefix_length": 40}, "prefix_length"),
+        ({**request_(), "prefix_length": 30}, "examples[0]"),  # each example is 27 tokens (chat format)
+        (
+            {**request_(prompt_format="raw"), "examples": [{"prompt": "", "completion": "zebra"}]},
+            "examples[0].prompt",
+        ),
+    ]:
+        with pytest.raises(TrainingValidationError) as ei:
+            jm.submit(req)
+        assert ei.value.param == param, (param, ei.value)
+    assert jm.list() == []
+    assert jm.submit({**request_(), "prefix_length": 4}).status == "queued"  # what fits is taken
+
+
+def test_a_worker_with_another_base_model_fails_the_job_and_stores_nothing(
+    managers, store, tiny_llama_bundle
+):
+    import dataclasses
+
+    server = managers()
+    rec = server.submit(request_())
+    assert rec.base_model_fingerprint == tiny_llama_bundle.fingerprint
+    other = dataclasses.replace(tiny_llama_bundle, fingerprint="f" * 64)
+    worker = managers(bundle=other)
+    assert worker.work("w1", max_jobs=1) == 1
+    done = wait_status(worker, rec.job_id, ("succeeded", "failed"))
+    assert done.status == "failed" and "a worker must load the server's model" in done.error
+    assert store.versions("acme", "bot") == []
 
 
 # ------------------------------------------------------------------------------------------------ dead workers

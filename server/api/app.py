@@ -325,6 +325,7 @@ def _load_bundle(settings: Settings) -> Any:
 
 def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> Any:
     try:
+        from server.engine.engine import serving_context
         from server.training import JobManager, TrainingLimits
     except ImportError as e:  # pragma: no cover - the training package ships with the server
         log.warning("training unavailable (%s): the /prefixes training routes answer 503", e)
@@ -342,6 +343,7 @@ def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> An
             max_prefix_length=settings.training_max_prefix_length,
             max_steps=settings.training_max_steps,
             max_seconds=settings.training_max_seconds,
+            max_positions=serving_context(settings.max_model_len, bundle.spec.max_positions),
         ),
     )
 

@@ -602,14 +602,20 @@ class TrainRequest(BaseModel):
         None, description="Training method (default: the trainer's, prefix_tuning)"
     )
     examples: list[TrainExample] = Field(min_length=1, description="Training pairs")
+    # numbers are checked by the trainer, with the server's limits, as they would be inside `hyperparameters`
+    # (one set of bounds whatever the spelling); only their JSON type here (no booleans or strings)
     prefix_length: int | None = Field(
-        None, ge=1, le=256, description="Virtual tokens P (default: the trainer's)"
+        None,
+        strict=True,
+        description="Virtual tokens P (default: the trainer's; at most --training-max-prefix-length)",
     )
-    epochs: int | None = Field(None, ge=1, le=100)
-    learning_rate: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    batch_size: int | None = Field(None, ge=1, le=64)
-    max_steps: int | None = Field(None, ge=1, le=100_000)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    epochs: int | None = Field(None, strict=True, description="Passes over the examples (1..100)")
+    learning_rate: float | None = Field(None, strict=True, description="AdamW learning rate, in (0, 10]")
+    batch_size: int | None = Field(None, strict=True, description="Examples per optimizer step (1..64)")
+    max_steps: int | None = Field(
+        None, strict=True, description="Optimizer steps at most (caps epochs; at most --training-max-steps)"
+    )
+    seed: int | None = Field(None, strict=True, description="Seed of the init, data order and held-out split")
     prompt_format: Literal["chat", "raw"] | None = Field(
         None, description="How prompts are rendered in training and later serving (default: the model's)"
     )

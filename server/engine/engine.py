@@ -47,6 +47,15 @@ log = logging.getLogger("prefixserve.engine")
 EventCallback = Callable[[TokenEvent], None]
 
 
+DEFAULT_MAX_MODEL_LEN = 8192  # the context served when neither the settings nor a smaller model limit it
+
+
+def serving_context(max_model_len: int | None, model_positions: int) -> int:
+    """Positions one request may hold (prefix + prompt + output): `max_model_len` if set, else 8192, within the
+    model's own limit."""
+    return min(max_model_len or DEFAULT_MAX_MODEL_LEN, model_positions)
+
+
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 64
@@ -123,7 +132,7 @@ class LLMEngine:
         self.bundle = bundle
         self.cfg = cfg = config or EngineConfig()
         sp = bundle.spec
-        self.max_model_len = min(cfg.max_model_len or 8192, sp.max_positions)
+        self.max_model_len = serving_context(cfg.max_model_len, sp.max_positions)
         block_bytes = KVPool.bytes_per_block(
             sp.num_layers, sp.num_kv_heads, sp.head_dim, cfg.block_size, bundle.dtype
         )

@@ -55,6 +55,9 @@ class TrainingLimits:
     max_batch_size: int = 64
     max_steps: int = 100_000
     max_prompt_chars: int = 100_000  # per prompt/completion string, before tokenizing
+    # positions a served request may hold (prefix + prompt + output: the server's max_model_len); None: the model's.
+    # A prefix, and an example with it, must fit, or nothing trained could be served.
+    max_positions: int | None = None
     # training time of one job (seconds): past it, training ends after the step under way and the job succeeds with
     # the prefix trained so far (its summary says `stopped: "time_limit"`); None: no limit
     max_seconds: float | None = None

@@ -45,7 +45,14 @@ def encode_examples(
     limits = limits or TrainingLimits()
     tok = bundle.tokenizer
     eos = eos_token_id(bundle) if append_eos else None
-    max_len = min(limits.max_example_tokens, bundle.spec.max_positions - prefix_length)
+    positions = min(bundle.spec.max_positions, limits.max_positions or bundle.spec.max_positions)
+    if prefix_length >= positions:
+        raise TrainingValidationError(
+            f"prefix_length {prefix_length} leaves no room for a prompt: this server serves at most {positions} "
+            "positions (prefix + prompt + output)",
+            param="prefix_length",
+        )
+    max_len = min(limits.max_example_tokens, positions - prefix_length)
     out: list[EncodedExample] = []
     total = 0
     for i, ex in enumerate(examples):
@@ -53,6 +60,13 @@ def encode_examples(
             prompt_ids = render_prompt(tok, ex["prompt"], prompt_format)
         except ValueError as e:
             raise TrainingValidationError(str(e), param="hyperparameters.prompt_format") from None
+        if not prompt_ids:
+            # nothing before the completion: its first token would predict nothing (no target), and no request
+            # can send an empty prompt either
+            raise TrainingValidationError(
+                f"examples[{i}].prompt is empty: with the {prompt_format!r} prompt format it needs at least one token",
+                param=f"examples[{i}].prompt",
+            )
         comp_ids = list(tok(ex["completion"], add_special_tokens=False)["input_ids"])
         if not comp_ids:
             raise TrainingValidationError(
@@ -64,7 +78,7 @@ def encode_examples(
         if len(ids) > max_len:
             raise TrainingValidationError(
                 f"examples[{i}] is {len(ids)} tokens long; the limit is {max_len} "
-                f"(with a prefix of {prefix_length} positions)",
+                f"(with a prefix of {prefix_length} positions, of {positions} served)",
                 param=f"examples[{i}]",
             )
         total += len(ids)

@@ -292,6 +292,7 @@ class JobManager:
             num_examples=len(spec.examples),
             init_from=spec.init_from,
             limits=self.limits.to_dict(),
+            base_model_fingerprint=self.bundle.fingerprint,
             idempotency_key=idempotency_key,
             request_digest=digest,
         )
@@ -492,6 +493,14 @@ class JobManager:
     def _execute(self, claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt) -> None:
         hp = dict(rec.hyperparameters)
         try:
+            want = rec.base_model_fingerprint
+            if want is not None and want != self.bundle.fingerprint:
+                log.error("job %s is for base model %s; this worker loaded %s: check its --model", rec.job_id,
+                          want, self.bundle.fingerprint)  # fmt: skip
+                raise ValueError(
+                    f"the job was submitted to a server of base model {want[:16]}, and the worker that took it "
+                    f"loaded another ({self.bundle.fingerprint[:16]}); a worker must load the server's model"
+                )
             # an earlier run stored the prefix and died before recording that: record it, no second version
             try:
                 stored = self._transient("look for the job's prefix", self._stored_by, rec)

@@ -75,6 +75,9 @@ class JobRecord:
     # the server's training limits when the job was accepted (TrainingLimits.to_dict()): the job runs under them on
     # whichever worker takes it, whatever that worker's own defaults
     limits: dict[str, Any] | None = None
+    # the base model of the server that accepted it: a worker serving another model refuses to run it (what it
+    # stored could not be served: every request for the tenant's latest version would fail)
+    base_model_fingerprint: str | None = None
     attempts: int = 0  # how many times a worker started it
     worker: str | None = None  # the worker running it (or that last ran it)
     heartbeat: float | None = None  # last sign of life of that worker (unix seconds)
