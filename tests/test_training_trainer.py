@@ -151,6 +151,20 @@ def test_max_steps_caps_the_schedule(tiny_llama_bundle):
     assert res.summary["steps"] == res.summary["total_steps"] == 5
 
 
+def test_a_few_examples_still_get_the_methods_minimum_of_steps_unless_epochs_are_given(tiny_llama_bundle):
+    """8 examples at batch 8 are one step an epoch: the method's default epochs would be 8 steps (prompt tuning on
+    SmolLM2 learns nothing in 16); its min_steps (30) run instead. Epochs given are what runs."""
+    assert resolve_hyperparameters("prompt_tuning", {}).min_steps == 30
+    assert resolve_hyperparameters("prompt_tuning", {"epochs": 2}).min_steps == 0
+    assert resolve_hyperparameters("prompt_tuning", {"epochs": 2, "min_steps": 5}).min_steps == 5
+    res = train_prefix(tiny_llama_bundle, "prompt_tuning", examples(8), 2)
+    assert res.summary["steps"] == res.summary["total_steps"] == 30 and res.summary["epochs"] == 30
+    res = train_prefix(tiny_llama_bundle, "prompt_tuning", examples(8), 2, {"epochs": 2})
+    assert res.summary["steps"] == 2
+    res = train_prefix(tiny_llama_bundle, "prompt_tuning", examples(8), 2, {"min_steps": 40, "max_steps": 35})
+    assert res.summary["steps"] == 35  # max_steps still caps
+
+
 def test_a_time_limit_ends_training_with_the_prefix_trained_so_far(tiny_llama_bundle):
     assert (
         train_prefix(tiny_llama_bundle, "prompt_tuning", examples(8), 2, {"epochs": 2}).summary["stopped"]

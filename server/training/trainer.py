@@ -615,7 +615,7 @@ def _train(
     device = method.device
     pad = pad_token_id(bundle)
     steps_per_epoch = math.ceil(len(train_idx) / hp.batch_size)
-    total_steps = hp.epochs * steps_per_epoch
+    total_steps = max(hp.epochs * steps_per_epoch, hp.min_steps)
     if hp.max_steps is not None:
         total_steps = min(total_steps, hp.max_steps)
     warmup = int(hp.warmup_ratio * total_steps)
