@@ -922,7 +922,8 @@ class AsyncEngine:
         # a loop per step instead of one per token (each a lock and a self-pipe write, ~5% of a busy engine thread)
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenEvent], TokenEvent]] = []
         # the `generate` calls waiting for events: told when the engine thread dies (their requests never finish)
-        self._consumers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenEvent]]] = {}
+        # (keyed by their queue: a duplicate request id, refused by the engine, must not unregister the first one)
+        self._consumers: dict[int, tuple[str, asyncio.AbstractEventLoop, asyncio.Queue[TokenEvent]]] = {}
 
     def start(self) -> None:
         if self._thread is None:
@@ -967,11 +968,11 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[TokenEvent] = asyncio.Queue()
         # registered before `submit` looks at `dead`: a death after that look still reaches this consumer
-        self._consumers[req.request_id] = (loop, q)
+        self._consumers[id(q)] = (req.request_id, loop, q)
         try:
             self.submit(req, lambda ev: self._post(loop, q, ev))
         except BaseException:
-            self._consumers.pop(req.request_id, None)
+            self._consumers.pop(id(q), None)
             raise
         finished = False
         try:
@@ -983,7 +984,7 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._consumers.pop(req.request_id, None)
+            self._consumers.pop(id(q), None)
             if not finished:
                 self.abort(req.request_id)
 
@@ -1063,7 +1064,7 @@ class AsyncEngine:
     def _fail_consumers(self, error: str) -> None:
         """End every waiting `generate` with an EngineDead error event (`dead` is set first: a request submitted
         from now on is refused instead)."""
-        for rid, (loop, q) in list(self._consumers.items()):
+        for rid, loop, q in list(self._consumers.values()):
             ev = TokenEvent(rid, [], "", True, "error", error=error, error_type="EngineDead")
             with contextlib.suppress(RuntimeError):  # its loop is closed: nobody is waiting
                 loop.call_soon_threadsafe(q.put_nowait, ev)
