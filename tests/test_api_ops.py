@@ -51,7 +51,7 @@ def test_info_says_what_the_server_runs(server_factory, api_bundle):
     with ps.Client(s.url, api_key=KEY_A) as c:
         got = c.info()
         assert isinstance(got, ps.ServerInfo) and got.max_model_len == 384 and got.model_fingerprint
-        assert got.model_extra["kv_cache"] == kv  # fields the SDK does not name are kept
+        assert got.kv_cache == kv
         assert {m.max_model_len for m in c.models().data} == {384}
 
 

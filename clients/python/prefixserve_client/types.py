@@ -245,6 +245,8 @@ class JobInfo(_Model):
     num_examples: Optional[int] = None
     # the server's training limits when the job was accepted (max_seconds, max_steps, ...): it runs under them
     limits: Optional[dict[str, Any]] = None
+    # the base model of the server that accepted it (a worker with another model fails the job)
+    base_model_fingerprint: Optional[str] = None
     cancel_requested: Optional[bool] = None  # a cancel was asked for (a running job stops at its next step)
     attempts: Optional[int] = None  # how many times a worker started it
     worker: Optional[str] = None  # the worker running it (or that last ran it)
