@@ -192,6 +192,7 @@ class Settings(BaseSettings):
     training_max_seconds: float | None = Field(
         3600.0,
         gt=0,
+        allow_inf_nan=False,
         description="Training time of one job: past it, training ends after the step under way and the job "
         "succeeds with the prefix trained so far (summary `stopped: time_limit`); none: unlimited",
     )

@@ -65,6 +65,8 @@ def test_serve_refuses_bad_settings(monkeypatch, capsys):
         (["--limits-url", "file:///tmp/x"], "--limits-url: unsupported scheme"),
         (["--model", "/nonexistent/model"], "no config.json"),
         (["--device", "cpu", "--kernels", "triton"], "kernels 'triton' needs triton and a CUDA device"),
+        # infinity is not a limit (`none` is): it could not be written into a job record (JSON)
+        (["--training-max-seconds", "inf"], "--training-max-seconds: Input should be a finite number"),
     ],
 )
 def test_serve_refuses_unusable_settings_in_one_line(args, needle, capsys, tmp_path, monkeypatch):

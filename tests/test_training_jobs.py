@@ -516,6 +516,37 @@ def test_a_worker_with_another_base_model_fails_the_job_and_stores_nothing(
     assert store.versions("acme", "bot") == []
 
 
+def test_defaults_stay_within_the_operators_limits(managers):
+    """A prefix length or step count left to the method never exceeds the server's limits (the job would be
+    accepted, then fail on its worker), and the step limit bounds what a job runs, whatever its epochs x examples."""
+    from server.training import TrainingLimits
+
+    jm = managers(limits=TrainingLimits(max_prefix_length=8, max_steps=5))
+    req = request_(epochs=4)  # 8 examples at batch 2: 16 steps planned
+    del req["prefix_length"]  # the method's default is 16
+    rec = jm.submit(req)
+    assert rec.prefix_length == 8
+    no_epochs = request_(name="bot2")
+    del no_epochs["hyperparameters"]["epochs"]  # the method's min_steps (12) is above the limit
+    rec2 = jm.submit(no_epochs)
+    assert rec2.hyperparameters["min_steps"] == 5
+    assert jm.work("w1", max_jobs=2) == 2
+    for r in (rec, rec2):
+        done = wait_status(jm, r.job_id, ("succeeded", "failed"))
+        assert done.status == "succeeded", done.error
+        assert done.summary["steps"] == done.summary["total_steps"] == 5
+
+
+def test_a_job_given_epochs_stores_no_min_steps_for_older_workers(managers):
+    jm = managers()
+    assert "min_steps" not in jm.submit(request_(epochs=2)).hyperparameters
+    req = request_(name="bot2")
+    del req["hyperparameters"]["epochs"]
+    assert (
+        jm.submit(req).hyperparameters["min_steps"] == 12
+    )  # the method's default, which the worker must see
+
+
 # ------------------------------------------------------------------------------------------------ dead workers
 def _ghost_claim(jm: JobManager):
     """A worker that takes the job and then never heartbeats again (as if it had died)."""
@@ -684,6 +715,27 @@ def test_a_dead_workers_job_behind_many_running_ones_is_taken_over(tiny_llama_bu
         assert got is not None and got.record.job_id == "job-orphan"
     finally:
         backend.close()
+
+
+def test_a_job_whose_prefix_is_stored_succeeds_whatever_model_the_next_worker_loaded(
+    managers, store, tiny_llama_bundle
+):
+    """A run stored the job's prefix and died; a worker with another model takes the job: it records the stored
+    version (the job succeeded: its prefix is visible) instead of failing it for the model mismatch."""
+    import dataclasses
+
+    api = managers(max_attempts=3)
+    rec = api.submit(request_(epochs=1))
+    ghost = _ghost_claim(api)
+    kv = {"kv": torch.zeros(2, 2, 2, 3, 16)}
+    stored = store.put("acme", "bot", "prompt_tuning", kv, base_model_fingerprint=tiny_llama_bundle.fingerprint,
+                       prefix_length=3, training={"job_id": rec.job_id, "steps": 4, "total_steps": 4, "epochs": 1})  # fmt: skip
+    _kill_ghost(api, ghost)
+    other = dataclasses.replace(tiny_llama_bundle, fingerprint="f" * 64)
+    wrong = managers(bundle=other, in_process_workers=1, max_attempts=3)
+    wrong.start()
+    done = wait_status(api, rec.job_id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded" and done.prefix_version == stored.version, done.error
 
 
 @pytest.mark.parametrize("ending", ["cancel", "last attempt", "cancel, the worker's clock 2 minutes behind"])

@@ -1058,8 +1058,8 @@ class AsyncEngine:
             log.exception("engine thread died")
         finally:
             self._flush()
-        if self.dead is not None:
-            self._fail_consumers(f"the inference engine stopped: {self.dead}")
+        if self.dead is not None:  # what it was is in the log above, not for clients
+            self._fail_consumers("the inference engine stopped")
 
     def _fail_consumers(self, error: str) -> None:
         """End every waiting `generate` with an EngineDead error event (`dead` is set first: a request submitted

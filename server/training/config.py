@@ -280,6 +280,10 @@ def resolve_hyperparameters(
             out[name] = v
     if "epochs" in out and "min_steps" not in out:
         out["min_steps"] = 0  # epochs asked for are what runs
+    elif "min_steps" not in out:
+        out["min_steps"] = min(
+            base.min_steps, limits.max_steps
+        )  # a default never exceeds the operator's limit
     return dataclasses.replace(base, **out)
 
 
@@ -394,7 +398,9 @@ def parse_request(request: Mapping[str, Any], limits: TrainingLimits | None = No
         hp[key] = v
     hyper = resolve_hyperparameters(method, hp, limits, params=labels)
     plen = request.get("prefix_length")
-    prefix_length = DEFAULT_PREFIX_LENGTH[method] if plen is None else check_prefix_length(plen, limits)
+    # the method's default P, within the operator's limit (a limit below it makes the default smaller)
+    default_p = min(DEFAULT_PREFIX_LENGTH[method], limits.max_prefix_length)
+    prefix_length = default_p if plen is None else check_prefix_length(plen, limits)
     examples = check_examples(request.get("examples"), limits)
     return TrainSpec(
         tenant_id=request["tenant_id"],

@@ -205,7 +205,12 @@ class JobManager:
         fmt = hp.prompt_format or default_prompt_format(self.bundle)
         encode_examples(self.bundle, spec.examples, fmt, spec.prefix_length, append_eos=hp.append_eos,
                         limits=self.limits)  # fmt: skip
-        return spec, {**hp.to_dict(), "prompt_format": fmt}
+        stored = {**hp.to_dict(), "prompt_format": fmt}
+        if not stored["min_steps"]:
+            # what a request with its own epochs resolves to anyway; left out, workers from before min_steps
+            # existed (which refuse unknown hyperparameters) can still run the job
+            del stored["min_steps"]
+        return spec, stored
 
     def job_limits(self, rec: JobRecord) -> TrainingLimits:
         """The limits `rec` runs under: those it was accepted with (a record from before they were kept: ours)."""
@@ -493,14 +498,6 @@ class JobManager:
     def _execute(self, claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt) -> None:
         hp = dict(rec.hyperparameters)
         try:
-            want = rec.base_model_fingerprint
-            if want is not None and want != self.bundle.fingerprint:
-                log.error("job %s is for base model %s; this worker loaded %s: check its --model", rec.job_id,
-                          want, self.bundle.fingerprint)  # fmt: skip
-                raise ValueError(
-                    f"the job was submitted to a server of base model {want[:16]}, and the worker that took it "
-                    f"loaded another ({self.bundle.fingerprint[:16]}); a worker must load the server's model"
-                )
             # an earlier run stored the prefix and died before recording that: record it, no second version
             try:
                 stored = self._transient("look for the job's prefix", self._stored_by, rec)
@@ -512,6 +509,14 @@ class JobManager:
                 log.info("job %s: found its prefix already stored as version %d", rec.job_id, stored.version)
                 self._record_success(claim, stored.version, summary, final_progress(progress, summary))
                 return
+            want = rec.base_model_fingerprint
+            if want is not None and want != self.bundle.fingerprint:
+                log.error("job %s is for base model %s; this worker loaded %s: check its --model", rec.job_id,
+                          want, self.bundle.fingerprint)  # fmt: skip
+                raise ValueError(
+                    f"the job was submitted to a server of base model {want[:16]}, and the worker that took it "
+                    f"loaded another ({self.bundle.fingerprint[:16]}); a worker must load the server's model"
+                )
             init = None
             if (
                 rec.init_from is not None

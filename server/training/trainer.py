@@ -588,6 +588,7 @@ def train_prefix(
             should_stop,
             init_tensors,
             limits.max_seconds,
+            limits.max_steps,
         )
 
 
@@ -604,6 +605,7 @@ def _train(
     should_stop: Callable[[], bool] | None,
     init_tensors: dict[str, torch.Tensor] | None = None,
     max_seconds: float | None = None,
+    max_steps_limit: int | None = None,
 ) -> TrainResult:
     deadline = None if max_seconds is None else t_start + max_seconds
     stopped: str | None = None  # why training ended before total_steps
@@ -616,6 +618,8 @@ def _train(
     pad = pad_token_id(bundle)
     steps_per_epoch = math.ceil(len(train_idx) / hp.batch_size)
     total_steps = max(hp.epochs * steps_per_epoch, hp.min_steps)
+    if max_steps_limit is not None:  # the operator's bound on one job, whatever epochs x examples come to
+        total_steps = min(total_steps, max_steps_limit)
     if hp.max_steps is not None:
         total_steps = min(total_steps, hp.max_steps)
     warmup = int(hp.warmup_ratio * total_steps)
