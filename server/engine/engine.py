@@ -1007,7 +1007,8 @@ class AsyncEngine:
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:
-                for _, ev in batch:
+                for q, ev in batch:
+                    self._consumers.pop(id(q), None)  # its generator will never run its clean-up
                     if not ev.finished:
                         self.engine.abort(ev.request_id)
 
@@ -1057,7 +1058,12 @@ class AsyncEngine:
             self.dead = e
             log.exception("engine thread died")
         finally:
-            self._flush()
+            try:
+                self._flush()
+            except (
+                Exception
+            ):  # an engine that just died may fail an abort: its consumers are still told below
+                log.exception("could not deliver the last events")
         if self.dead is not None:  # what it was is in the log above, not for clients
             self._fail_consumers("the inference engine stopped")
 
