@@ -268,3 +268,6 @@ def test_engine_thread_death_fails_requests_instead_of_hanging(server_factory, a
     r = c.get("/ready")
     assert r.status_code == 503 and r.json()["checks"]["engine"] == "dead"
     assert_error(c.post("/generate", json=body), 503, "engine_unavailable")
+    # liveness fails too (only a restart brings the engine back), and a SIGTERM drain has nothing to wait for
+    assert_error(c.get("/health"), 503, "engine_dead")
+    assert s.svc.engine.idle()

@@ -533,6 +533,26 @@ def test_dict_provider_digest_tells_a_replacement_tensor_from_a_freed_one_at_the
     assert prov.fetch_digested(k)[1] != first
 
 
+def test_an_admitted_request_is_not_refused_for_a_queue_that_grew_since(tiny_llama_bundle):
+    """`AsyncEngine.submit` admits against the queue limit; by the time the engine thread adds the request a
+    preemption may have put running requests back in the queue: the admitted request is still taken (it was a 500)."""
+    from server.engine.types import QueueFull
+
+    b = tiny_llama_bundle
+    eng = LLMEngine(b, DictPrefixProvider(), EngineConfig(kv_cache_bytes=8 * 2**20, max_waiting=2))
+    for i in range(2):
+        eng.add_request(Request(f"w{i}", [1, 2, 3], SamplingParams(max_tokens=2)))
+    with pytest.raises(QueueFull):
+        eng.add_request(Request("new", [1, 2, 3], SamplingParams(max_tokens=2)))
+    events = []
+    eng.add_request(
+        Request("admitted", [1, 2, 3], SamplingParams(max_tokens=2)), events.append, admitted=True
+    )
+    while eng.has_unfinished():
+        eng.step()
+    assert events[-1].finished and events[-1].finish_reason in ("length", "stop")
+
+
 def test_kv_pool_prefix_roundtrip(tiny_llama_bundle):
     b = tiny_llama_bundle
     key = PrefixKey("a", "p", 1)

@@ -27,9 +27,18 @@ class NotReady(Readiness):
 
 # HEAD too: load balancers and uptime checkers probe with it
 @router.api_route(
-    "/health", methods=["GET", "HEAD"], response_model=Health, summary="Liveness: the process answers"
+    "/health",
+    methods=["GET", "HEAD"],
+    response_model=Health,
+    responses={503: {"description": "The inference engine died: restart the process (as vLLM's /health)"}},
+    summary="Liveness: the process answers and its inference engine runs",
 )
-async def health() -> Health:
+async def health(request: Request) -> Any:
+    st = app_state(request)
+    if st.svc is not None and not st.svc.engine_alive():
+        # only a restart brings a dead engine back: a liveness probe must fail (readiness alone keeps the pod)
+        body = error_body(503, "the inference engine stopped", code="engine_dead")
+        return SafeJSONResponse(body, 503, headers={"Retry-After": str(st.settings.retry_after_s)})
     return Health()
 
 

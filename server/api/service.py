@@ -267,6 +267,7 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
     "PrefixChanged": (503, "prefix_changing"),
     # the engine thread died while the request waited (`AsyncEngine` tells every waiting request)
     "EngineDead": (503, "engine_dead"),
+    "QueueFull": (503, "queue_full"),
 }
 
 
@@ -399,6 +400,8 @@ class GenerationRun:
         if status == 404:
             self.svc.meta_cache.invalidate((self.prefix.tenant_id, self.prefix.name or ""))
             return APIError(404, f"prefix {self.prefix.name!r} not found", code=code, param="prefix")
+        if code == "queue_full":
+            return unavailable(f"server busy: {ev.error}", self.svc.settings.retry_after_s, code=code)
         if code in ("shutting_down", "engine_dead"):
             return unavailable(
                 ev.error or "server is shutting down", self.svc.settings.retry_after_s, code=code

@@ -217,8 +217,9 @@ class LLMEngine:
         self.num_async_steps = 0  # steps launched from the previous step's tokens on the device
 
     # ------------------------------------------------------------------ requests
-    def validate(self, req: Request) -> None:
-        """Raise before accepting what can never run (same checks the HTTP layer maps to 4xx/503)."""
+    def validate(self, req: Request, *, check_queue: bool = True) -> None:
+        """Raise before accepting what can never run (same checks the HTTP layer maps to 4xx/503); `check_queue`
+        False: the caller admitted it against the queue already (`AsyncEngine.submit`)."""
         n = len(req.prompt_token_ids)
         if n == 0:
             raise ValueError("prompt must contain at least one token")
@@ -233,13 +234,17 @@ class LLMEngine:
             )
         if self.pool.blocks_for(total) + 1 > self.pool.num_blocks // 2:
             raise RequestTooLarge("request needs more KV cache than the configured budget allows")
-        if len(self.scheduler.waiting) >= self.cfg.max_waiting:
+        if check_queue and len(self.scheduler.waiting) >= self.cfg.max_waiting:
             raise QueueFull(f"{len(self.scheduler.waiting)} requests already waiting")
 
-    def add_request(self, req: Request, on_event: EventCallback | None = None) -> None:
+    def add_request(
+        self, req: Request, on_event: EventCallback | None = None, *, admitted: bool = False
+    ) -> None:
+        """Queue `req`. `admitted`: already counted against the queue limit when it was accepted (a preemption
+        since may have lengthened the queue: an accepted request is not refused for that)."""
         if req.request_id in self._seqs:
             raise ValueError(f"duplicate request id {req.request_id!r}")
-        self.validate(req)
+        self.validate(req, check_queue=not admitted)
         gen = None if req.sampling.greedy else make_generator(req.sampling.seed, self.bundle.device)
         so = req.sampling.structured
         seq = Sequence(req, self.bundle.tokenizer, gen, self.grammars.constraint(so) if so else None)
@@ -1022,7 +1027,7 @@ class AsyncEngine:
                 with self._lock:
                     self._pending -= 1
                 try:
-                    self.engine.add_request(arg, cb)
+                    self.engine.add_request(arg, cb, admitted=True)
                 except Exception as e:
                     # validated already; a race (e.g. a duplicate id) still answers the caller
                     ev = TokenEvent(
@@ -1076,7 +1081,8 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(q.put_nowait, ev)
 
     def idle(self) -> bool:
-        return not self.engine.has_unfinished() and self._pending == 0
+        """Every accepted request has finished (a dead engine's were all told so: nothing is left to wait for)."""
+        return self.dead is not None or (not self.engine.has_unfinished() and self._pending == 0)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every accepted request has finished (graceful shutdown)."""
