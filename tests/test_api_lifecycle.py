@@ -271,3 +271,9 @@ def test_engine_thread_death_fails_requests_instead_of_hanging(server_factory, a
     # liveness fails too (only a restart brings the engine back), and a SIGTERM drain has nothing to wait for
     assert_error(c.get("/health"), 503, "engine_dead")
     assert s.svc.engine.idle()
+    m = c.get("/metrics").text  # its requests were failed: the gauges do not keep the last step's counts
+    assert (
+        metric_value(m, "prefixserve:num_requests_running")
+        == metric_value(m, "prefixserve:num_requests_waiting")
+        == 0
+    )

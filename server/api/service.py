@@ -671,9 +671,11 @@ class Service:
                 jobs = dict(counts()) if callable(counts) else count_jobs(self.job_manager.list())
         # the engine thread mutates these while we read: copy the entries in one C-level call
         entries = list(pc.entries.values())
+        # a dead engine's requests were all failed to their clients: none is running or waiting any more
+        alive = self.engine_alive()
         return {
-            "running": self.engine.num_running,
-            "waiting": self.engine.num_waiting,
+            "running": self.engine.num_running if alive else 0,
+            "waiting": self.engine.num_waiting if alive else 0,
             "prefix_cache_hits": pc.stats.hits,
             "prefix_cache_misses": pc.stats.misses,
             "prefix_cache_evictions": pc.stats.evictions,
