@@ -281,9 +281,8 @@ def resolve_hyperparameters(
     if "epochs" in out and "min_steps" not in out:
         out["min_steps"] = 0  # epochs asked for are what runs
     elif "min_steps" not in out:
-        out["min_steps"] = min(
-            base.min_steps, limits.max_steps
-        )  # a default never exceeds the operator's limit
+        # a default never exceeds the operator's limit
+        out["min_steps"] = min(base.min_steps, limits.max_steps)
     return dataclasses.replace(base, **out)
 
 

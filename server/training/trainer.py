@@ -587,8 +587,7 @@ def train_prefix(
             progress_cb,
             should_stop,
             init_tensors,
-            limits.max_seconds,
-            limits.max_steps,
+            limits,
         )
 
 
@@ -604,10 +603,10 @@ def _train(
     progress_cb: ProgressCallback | None,
     should_stop: Callable[[], bool] | None,
     init_tensors: dict[str, torch.Tensor] | None = None,
-    max_seconds: float | None = None,
-    max_steps_limit: int | None = None,
+    limits: TrainingLimits | None = None,
 ) -> TrainResult:
-    deadline = None if max_seconds is None else t_start + max_seconds
+    limits = limits or TrainingLimits()
+    deadline = None if limits.max_seconds is None else t_start + limits.max_seconds
     stopped: str | None = None  # why training ended before total_steps
     gen = torch.Generator().manual_seed(hp.seed)
     train_idx, eval_idx = _split(len(data), hp, gen)
@@ -617,9 +616,8 @@ def _train(
     device = method.device
     pad = pad_token_id(bundle)
     steps_per_epoch = math.ceil(len(train_idx) / hp.batch_size)
-    total_steps = max(hp.epochs * steps_per_epoch, hp.min_steps)
-    if max_steps_limit is not None:  # the operator's bound on one job, whatever epochs x examples come to
-        total_steps = min(total_steps, max_steps_limit)
+    # the operator's bound on one job, whatever epochs x examples come to
+    total_steps = min(max(hp.epochs * steps_per_epoch, hp.min_steps), limits.max_steps)
     if hp.max_steps is not None:
         total_steps = min(total_steps, hp.max_steps)
     warmup = int(hp.warmup_ratio * total_steps)
@@ -669,7 +667,7 @@ def _train(
                 progress_cb(step, total_steps, lv, epoch + 1)
             if deadline is not None and step < total_steps and time.perf_counter() >= deadline:
                 stopped = "time_limit"
-                log.info("training stopped at its time limit (%gs) after step %d of %d", max_seconds, step,
+                log.info("training stopped at its time limit (%gs) after step %d of %d", limits.max_seconds, step,
                          total_steps)  # fmt: skip
                 break
         epoch += 1
