@@ -55,7 +55,7 @@ def _or_none(typ: type) -> Any:
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     """One flag per Settings field (`--max-prompt-tokens` ↔ PREFIXSERVE_MAX_PROMPT_TOKENS); flags win over env."""
-    from server.settings import Settings
+    from server.settings import Settings, optional_number
 
     for name, f in Settings.model_fields.items():
         if name in SECRET_FIELDS:
@@ -64,7 +64,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         args = getattr(ann, "__args__", (ann,))
         typ = next((a for a in args if a is not type(None)), str)
         conv: Any
-        if typ in (int, float) and type(None) in args:
+        if optional_number(ann) is not None:
             conv = _or_none(typ)
         elif typ in (int, float):
             conv = typ

@@ -11,13 +11,20 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefix_store import default_store_url
 from prefix_store.names import is_valid_name
 
 ENV_PREFIX = "PREFIXSERVE_"
+
+
+def optional_number(annotation: Any) -> type | None:
+    """int or float for a setting typed `int | None` / `float | None` (one that `none` sets to None), else None."""
+    args = getattr(annotation, "__args__", ())
+    num = [a for a in args if a in (int, float)]
+    return num[0] if num and type(None) in args else None
 
 
 class Settings(BaseSettings):
@@ -215,19 +222,14 @@ class Settings(BaseSettings):
         False, description="Include prompt text in request log lines (off: never logged)"
     )
 
-    @field_validator(
-        "max_model_len",
-        "tenant_requests_per_minute",
-        "tenant_tokens_per_minute",
-        "prefix_cache_mb",
-        "torch_threads",
-        "training_max_seconds",
-        mode="before",
-    )
+    @field_validator("*", mode="before")
     @classmethod
-    def _none(cls, v: Any) -> Any:
+    def _none(cls, v: Any, info: ValidationInfo) -> Any:
         """`none` as a flag or env value of an optional number: what None means there (no limit, or automatic)."""
-        return None if isinstance(v, str) and v.strip().lower() in ("none", "null", "") else v
+        unset = isinstance(v, str) and v.strip().lower() in ("none", "null", "")
+        if unset and optional_number(cls.model_fields[str(info.field_name)].annotation) is not None:
+            return None
+        return v
 
     @field_validator("log_level")
     @classmethod
