@@ -730,6 +730,67 @@ def test_408_is_typed_and_retried_when_the_request_is_safe_to_repeat(srv: Any) -
     assert ei.value.in_stream and ei.value.status_code == 408
 
 
+def test_gateway_errors_502_504_are_retried_when_the_request_is_safe_to_repeat(srv: Any) -> None:
+    """A proxy in front of the server answers 502/504 (bad gateway, gateway timeout) with an HTML page: retried for
+    generation and reads like a 408, never for a DELETE (the server may have acted on it)."""
+    bad_gateway = Resp(502, raw=b"<html>502 Bad Gateway</html>", content_type="text/html", echo_id=False)
+    gateway_timeout = Resp(
+        504, raw=b"<html>504 Gateway Time-out</html>", content_type="text/html", echo_id=False
+    )
+    srv.on("POST", "/generate", bad_gateway, gateway_timeout, Resp(200, GEN))
+    deleted = {"tenant_id": "acme", "name": "faq", "object": "prefix", "deleted": True}
+    srv.on("DELETE", "/prefixes/acme/faq", gateway_timeout, Resp(200, deleted))
+    with ps.Client(srv.url, max_retries=3) as c:
+        delays = no_sleep(c)
+        assert c.generate("acme", "Hi").text == "hello world" and len(delays) == 2
+        with pytest.raises(ps.InternalServerError) as ei:
+            c.prefixes.delete("acme", "faq")
+        assert ei.value.status_code == 504 and len(delays) == 2
+    assert len(srv.calls("POST", "/generate")) == 3 and len(srv.calls("DELETE", "/prefixes/acme/faq")) == 1
+    # a plain 500 (the server's own error) is not retried: repeating a failing request rarely helps
+    srv.on("POST", "/generate", Resp(500, error_json(500, "boom", "server_error")), Resp(200, GEN))
+    with ps.Client(srv.url, max_retries=3) as c, pytest.raises(ps.InternalServerError):
+        c.generate("acme", "Hi")
+
+
+def test_with_options_changes_a_few_calls_and_shares_the_pool(srv: Any) -> None:
+    """``with_options`` (as in ``openai``): a client with another timeout / retry count / headers for some calls,
+    on the same connection pool; the original keeps its own options."""
+    busy = Resp(503, error_json(503, "busy", "service_unavailable_error"), {"Retry-After": "0"})
+    with ps.Client(srv.url, api_key="k1", max_retries=2, headers={"X-Team": "a"}) as c:
+        quick = c.with_options(timeout=1.5, max_retries=0, headers={"X-Call": "b"})
+        assert quick._http is c._http and not quick._owns_http
+        assert (quick.timeout.read, quick.max_retries, quick.api_key) == (1.5, 0, "k1")
+        assert (c.timeout.read, c.max_retries) == (600.0, 2)
+        srv.on("POST", "/generate", busy, Resp(200, GEN))
+        with pytest.raises(ps.ServiceUnavailable):
+            quick.generate("acme", "Hi")
+        sent = srv.calls("POST", "/generate")[-1].headers
+        assert (sent["x-team"], sent["x-call"], sent["authorization"]) == ("a", "b", "Bearer k1")
+        srv.on("POST", "/generate", busy, Resp(200, GEN))
+        no_sleep(c)
+        assert c.generate("acme", "Hi").text == "hello world"
+        assert "x-call" not in srv.calls("POST", "/generate")[-1].headers
+        # the per-call timeout is the one httpx applies: a slow answer times out on the derived client only
+        srv.on("POST", "/generate", Resp(200, GEN, delay=1.0))
+        with pytest.raises(ps.APITimeoutError):
+            c.with_options(timeout=0.2, max_retries=0).generate("acme", "Hi")
+        # closing a derived client leaves the shared pool (and the original) open
+        quick.close()
+        assert c.generate("acme", "Hi").text == "hello world"
+
+    async def main() -> None:
+        srv.on("POST", "/generate", busy, Resp(200, GEN))
+        async with ps.AsyncClient(srv.url, max_retries=2) as c:
+            quick = c.with_options(max_retries=0)
+            assert isinstance(quick, ps.AsyncClient) and quick._http is c._http
+            with pytest.raises(ps.ServiceUnavailable):
+                await quick.generate("acme", "Hi")
+            assert (await c.generate("acme", "Hi")).text == "hello world"
+
+    asyncio.run(main())
+
+
 # ------------------------------------------------------------------------------------------ streaming
 def test_stream_parses_deltas_until_done(srv: Any, client: Any) -> None:
     srv.on("POST", "/generate", Resp(200, sse=[*STREAM, chunk("never")]))

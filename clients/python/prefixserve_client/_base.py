@@ -37,8 +37,8 @@ MAX_BACKOFF_S = 8.0
 MAX_RETRY_AFTER_S = 60.0
 RETRY_STATUSES = frozenset({429, 503})
 # retried only for a request that is safe to repeat (reads, generation, writes with an Idempotency-Key): a server or
-# proxy may answer 408 for a request it had begun to act on
-RETRY_STATUSES_IF_SAFE = frozenset({408})
+# proxy may answer 408 for a request it had begun to act on, and a proxy 502/504 for one the server received
+RETRY_STATUSES_IF_SAFE = frozenset({408, 502, 504})
 
 Examples = Union[Sequence[dict[str, Any]], str, "os.PathLike[str]"]
 # {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...} / {"json_object": True}, or a pydantic model
@@ -454,7 +454,8 @@ def parse_field(response: httpx.Response, name: str, kind: type[Any]) -> Any:
 def retry_delay(attempt: int, error: Exception, safe: bool = True) -> float | None:
     """Seconds to wait before retry number ``attempt`` (0-based) after ``error``; None: do not retry.
 
-    429 and 503 are retried for every request (the server did nothing); 408 only for one that is ``safe`` to repeat.
+    429 and 503 are retried for every request (the server did nothing); 408, 502 and 504 only for one that is ``safe``
+    to repeat.
 
     Exponential backoff (0.5 s, 1 s, 2 s, ... capped at 8 s) with jitter. A ``Retry-After`` from the server is
     honoured: the wait is never shorter than it; above ``MAX_RETRY_AFTER_S`` the error is raised instead.
