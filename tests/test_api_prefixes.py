@@ -32,7 +32,10 @@ def test_train_then_serve_new_versions(server_factory):
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["status"] == "queued" and job["tenant_id"] == "acme" and job["name"] == "zebra"
-    assert_error(c.post("/prefixes", json=body), 429, "too_many_jobs")  # one active job per tenant here
+    # one active job per tenant here; its Retry-After is a training job's wait, not the engine's 1 s
+    over = c.post("/prefixes", json=body)
+    assert_error(over, 429, "too_many_jobs")
+    assert int(over.headers["retry-after"]) > 1
     done = wait_job(c, job["job_id"])
     assert done["status"] == "succeeded", done
     assert done["prefix_version"] == 1 and done["progress"]["step"] >= 1

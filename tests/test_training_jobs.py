@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from server.training import (
     IdempotencyKeyReused,
     JobManager,
     JobNotFound,
+    JobRecord,
     TooManyJobs,
     TrainingValidationError,
     run_worker,
@@ -337,6 +339,31 @@ def test_too_many_jobs_per_tenant(managers):
     jm.submit(request_(tenant="other", name="c"))  # per tenant
     jm.cancel(a.job_id)
     jm.submit(request_(name="c"))  # a slot is free again
+
+
+def test_seconds_until_slot_estimates_the_soonest_running_job_end():
+    """The Retry-After of a submission refused with TooManyJobs: the soonest end among the tenant's running jobs,
+    from their pace (elapsed / step × steps left), bounded by their time limit; None without any estimate."""
+    now = 1_000.0
+
+    def rec(status, started=None, step=0, total=0, max_seconds=None):
+        limits = None if max_seconds is None else {"max_seconds": max_seconds}
+        return JobRecord(job_id=f"j{step}{status}", tenant_id="acme", name="n", method="prefix_tuning",
+                         prefix_length=4, status=status, started=started,
+                         progress={"step": step, "total_steps": total}, limits=limits)  # fmt: skip
+
+    def estimate(*records):
+        backend = SimpleNamespace(list=lambda tenant: list(records))
+        return JobManager.seconds_until_slot(SimpleNamespace(backend=backend), "acme", now=now)
+
+    assert estimate() is None
+    assert estimate(rec("queued"), rec("running", started=990.0)) is None  # no step yet, no limit
+    # 10 steps in 20 s, 30 left: 60 s; another at 5 of 10 steps in 50 s: 50 s, the soonest
+    assert estimate(rec("running", 980.0, 10, 40), rec("running", 950.0, 5, 10)) == pytest.approx(50.0)
+    # the time limit ends a slow job sooner than its pace would (started 100 s ago, 3600 s limit, pace says 9900)
+    assert estimate(rec("running", 900.0, 1, 100, max_seconds=150.0)) == pytest.approx(50.0)
+    assert estimate(rec("running", 990.0, 0, 100, max_seconds=30.0)) == pytest.approx(20.0)
+    assert estimate(rec("running", 990.0, 0, 100, max_seconds=float("inf"))) is None
 
 
 # ------------------------------------------------------------------------------------------------ idempotency

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, UploadFile
@@ -39,6 +40,8 @@ router = APIRouter(tags=["prefixes"])
 admin_router = APIRouter(prefix="/admin", tags=["admin"])
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+# Retry-After of a submission over the tenant's job limit when no running job of it gives an estimate
+TRAINING_RETRY_AFTER_S = 30
 
 
 # --------------------------------------------------------------------------------------------- job helpers
@@ -163,9 +166,13 @@ async def train(
     except init_not_found as e:
         raise APIError(404, str(e), code="prefix_not_found", param="init_from") from None
     except too_many as e:
-        raise APIError(
-            429, str(e), code="too_many_jobs", headers={"Retry-After": str(svc.settings.retry_after_s)}
-        ) from None
+        wait = await _call_jobs(svc, jm.seconds_until_slot, tenant)
+        # a slot frees when one of the tenant's jobs ends: its estimate, else (none has made a step yet) a
+        # training job's usual order of magnitude, not the 1 s of a busy engine
+        retry_after = max(
+            svc.settings.retry_after_s, math.ceil(wait) if wait is not None else TRAINING_RETRY_AFTER_S
+        )
+        raise APIError(429, str(e), code="too_many_jobs", headers={"Retry-After": str(retry_after)}) from None
     except validation_error as e:
         param = getattr(e, "param", None)
         raise APIError(422, str(e), code="invalid_training_spec", param=param) from None

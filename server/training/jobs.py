@@ -330,6 +330,26 @@ class JobManager:
     def list(self, tenant_id: str | None = None) -> list[JobRecord]:
         return self.backend.list(tenant_id)
 
+    def seconds_until_slot(self, tenant_id: str, now: float | None = None) -> float | None:
+        """About how long until one of ``tenant_id``'s unfinished jobs ends (the Retry-After of a submission refused
+        with TooManyJobs): the soonest estimate among its running jobs, from their pace so far and bounded by their
+        time limit; None when none has made a step yet (queued ones wait on other tenants' jobs too)."""
+        now = time.time() if now is None else now
+        soonest: float | None = None
+        for rec in self.backend.list(tenant_id):
+            if rec.status != "running" or rec.started is None:
+                continue
+            elapsed = max(0.0, now - rec.started)
+            step, total = rec.progress.get("step") or 0, rec.progress.get("total_steps") or 0
+            left = elapsed / step * max(0, total - step) if step > 0 and total > 0 else None
+            max_s = (rec.limits or {}).get("max_seconds")
+            if isinstance(max_s, (int, float)) and math.isfinite(max_s):
+                cap = max(0.0, rec.started + max_s - now)
+                left = cap if left is None else min(left, cap)
+            if left is not None:
+                soonest = left if soonest is None else min(soonest, left)
+        return soonest
+
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job at once, a running one within one optimizer step. Raises JobNotFound."""
         ev = self._running.get(job_id)
