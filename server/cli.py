@@ -42,6 +42,13 @@ FLAG_ALIASES = {"store_url": ("--store",)}
 SECRET_FIELDS = frozenset({"api_keys", "admin_key"})
 
 
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return n
+
+
 def _or_none(typ: type) -> Any:
     """A flag's value converter for an optional number: the number, or `none` (None in the settings: no limit, or
     automatic, as the field says)."""
@@ -285,32 +292,19 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
     setup_logging(ns.log_level, json_lines=True)
     try:
-        from server import training
+        from server.training import worker_main
     except ImportError as e:
         print(f"prefixserve: training is not available: {e}", file=sys.stderr)
         return EXIT_FAIL
-    entry = None
-    for name in ("worker_main", "run_worker", "main_worker", "worker"):
-        entry = getattr(training, name, None)
-        if callable(entry):
-            break
-    if entry is None:
-        print("prefixserve: server.training has no worker entry function", file=sys.stderr)
-        return EXIT_FAIL
-    kw = {
-        "store_url": ns.store,
-        "model": ns.model,
-        "jobs_url": ns.jobs_url,
-        "device": ns.device,
-        "dtype": ns.dtype,
-        "cache_dir": ns.cache,
-    }
-    import inspect
-
-    params = inspect.signature(entry).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kw = {k: v for k, v in kw.items() if k in params}
-    rc = entry(**kw)
+    rc = worker_main(
+        ns.store,
+        ns.model,
+        jobs_url=ns.jobs_url,
+        device=ns.device,
+        dtype=ns.dtype,
+        cache_dir=ns.cache,
+        train_threads=ns.threads,
+    )
     return int(rc or 0)
 
 
@@ -681,6 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--device", default="auto")
     wp.add_argument("--dtype", default="auto")
     wp.add_argument("--cache", default=None, help="model conversion cache folder")
+    wp.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads a job trains with (default: every core; a worker process exists to train)",
+    )
     wp.add_argument("--log-level", default="info")
     wp.set_defaults(func=cmd_worker)
 

@@ -67,6 +67,52 @@ def test_chat_prompt_format_is_applied(srv):
     assert r.json()["usage"]["prompt_tokens"] > raw  # rendered with the chat template
 
 
+def test_a_request_may_choose_its_prompt_format(srv):
+    """`prompt_format` overrides the prefix's (the base model's default) for one request, on /generate, /tokenize
+    and /v1/completions alike: 'raw' sends the text as it is, 'chat' as one user message through the template."""
+    c = srv.client()
+    tok = srv.svc.bundle.tokenizer
+    prompt = "Count: 1, 2, 3,"
+    raw_ids = list(tok(prompt)["input_ids"])
+    for prefix in ("chatty", "base", "default"):
+        seen = {}
+        for fmt in ("raw", "chat"):
+            body = {"tenant_id": "acme", "prefix": prefix, "prompt": prompt, "prompt_format": fmt}
+            t = c.post("/tokenize", json=body).json()
+            assert t["prompt_format"] == fmt
+            g = gen(c, **body, max_tokens=1)
+            assert g.status_code == 200, g.text
+            assert g.json()["usage"]["prompt_tokens"] == t["count"]
+            e = c.post("/v1/completions", json={"model": f"acme/{prefix}", "prompt": prompt, "max_tokens": 0,
+                                                "echo": True, "prompt_format": fmt})  # fmt: skip
+            assert e.status_code == 200, e.text
+            assert e.json()["usage"]["prompt_tokens"] == t["count"]
+            seen[fmt] = (t["tokens"], e.json()["choices"][0]["text"])
+        assert seen["raw"] == (raw_ids, prompt)  # as given, echoed as given
+        chat_ids, chat_echo = seen["chat"]
+        assert len(chat_ids) > len(raw_ids) and prompt in chat_echo and chat_echo != prompt
+    # without it: the prefix's own format (chatty: chat) as before
+    own = c.post("/tokenize", json={"tenant_id": "acme", "prefix": "chatty", "prompt": prompt}).json()
+    assert own["prompt_format"] == "chat" and own["tokens"] == seen["chat"][0]
+    r = gen(c, tenant_id="acme", prompt=prompt, prompt_format="markdown")
+    assert assert_error(r, 422)["param"] == "prompt_format"
+
+
+def test_prompt_format_chat_needs_a_chat_template():
+    from types import SimpleNamespace
+
+    from server.api.errors import APIError
+    from server.api.service import prompt_format
+
+    prefix = SimpleNamespace(prompt_format="raw")
+    templated, plain = SimpleNamespace(chat_template="{{ x }}"), SimpleNamespace(chat_template=None)
+    assert prompt_format(None, prefix, plain) == "raw" and prompt_format("chat", prefix, templated) == "chat"
+    assert prompt_format("raw", SimpleNamespace(prompt_format="chat"), plain) == "raw"
+    with pytest.raises(APIError) as ei:
+        prompt_format("chat", prefix, plain)
+    assert (ei.value.status, ei.value.param) == (422, "prompt_format")
+
+
 def test_streaming_sse_matches_non_streaming(srv):
     c = srv.client()
     req = {"tenant_id": "globex", "prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True}

@@ -31,6 +31,22 @@ def test_settings_env_and_flags(monkeypatch, tmp_path):
     assert cli.settings_from_args(ns).store_url == "redis://127.0.0.1:6379/4"
 
 
+def test_worker_flags_reach_the_worker(monkeypatch, capsys):
+    """`prefixserve worker --threads N` sets how many torch threads its jobs train with (default: every core)."""
+    import server.training
+
+    seen: list[dict] = []
+    monkeypatch.setattr(server.training, "worker_main", lambda *a, **kw: seen.append({"args": a, **kw}) or 0)
+    parse = cli.build_parser().parse_args
+    assert cli.cmd_worker(parse(["worker", "--store", "/tmp/s", "--threads", "3", "--log-level", "error"])) == 0
+    assert cli.cmd_worker(parse(["worker", "--store", "/tmp/s", "--log-level", "error"])) == 0
+    assert seen[0]["args"] == ("/tmp/s", "smollm2") and seen[0]["train_threads"] == 3
+    assert seen[1]["train_threads"] is None
+    with pytest.raises(SystemExit):
+        parse(["worker", "--store", "/tmp/s", "--threads", "0"])
+    assert "positive integer" in capsys.readouterr().err
+
+
 def test_default_store_url_is_the_local_share(monkeypatch, tmp_path):
     from server.settings import Settings
 

@@ -1470,6 +1470,21 @@ def test_ignore_eos_is_sent_only_when_set(srv: Any, client: Any) -> None:
     assert first.body["ignore_eos"] is True and "ignore_eos" not in second.body
 
 
+def test_prompt_format_is_sent_only_when_set(srv: Any, client: Any) -> None:
+    srv.on("POST", "/generate", Resp(200, GEN))
+    srv.on("POST", "/tokenize", Resp(200, {"tokens": [1, 2], "count": 2, "prompt_format": "raw"}))
+    client.generate("acme", "Count: 1, 2,", prefix="base", prompt_format="raw")
+    client.generate("acme", "Hi")
+    list(client.stream("acme", "Hi", prompt_format="chat"))
+    assert client.tokenize("acme", "Hi", prompt_format="raw").prompt_format == "raw"
+    client.tokenize("acme", messages=[{"role": "user", "content": "Hi"}])
+    first, second, third = srv.calls("POST", "/generate")
+    assert (first.body["prompt_format"], third.body["prompt_format"]) == ("raw", "chat")
+    assert "prompt_format" not in second.body
+    tok, msgs = srv.calls("POST", "/tokenize")
+    assert tok.body["prompt_format"] == "raw" and "prompt_format" not in msgs.body
+
+
 def test_a_base_url_without_a_scheme_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="http://"):
         ps.Client("localhost:8000")

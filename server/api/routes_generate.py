@@ -28,6 +28,7 @@ from server.api.service import (
     GenerationRun,
     ResolvedPrefix,
     chat_messages,
+    prompt_format,
     race_disconnect,
     render_messages,
     render_prompt,
@@ -109,7 +110,8 @@ async def generate(
         stop_token_ids=body.stop_token_ids,
         structured=await svc.structured(body.structured_outputs),
     )
-    ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.prompt, prefix.prompt_format)
+    fmt = prompt_format(body.prompt_format, prefix, svc.bundle.tokenizer)
+    ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.prompt, fmt)
     ids = truncate_prompt(ids, body.truncate_prompt_tokens)
     (run,) = await svc.generate_many(
         info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive, priority=priority
@@ -207,10 +209,8 @@ async def tokenize(
         ids, fmt = await svc.tokenize(render_messages, tok, chat_messages(body.messages)), "chat"
     else:
         assert body.prompt is not None
-        ids, fmt = (
-            await svc.tokenize(render_prompt, tok, body.prompt, prefix.prompt_format),
-            prefix.prompt_format,
-        )
+        fmt = prompt_format(body.prompt_format, prefix, tok)
+        ids = await svc.tokenize(render_prompt, tok, body.prompt, fmt)
     return TokenizeResponse(
         tokens=ids,
         count=len(ids),

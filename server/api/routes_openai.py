@@ -40,6 +40,7 @@ from server.api.service import (
     GenerationRun,
     Service,
     chat_messages,
+    prompt_format,
     race_disconnect,
     render_messages,
     render_prompt,
@@ -224,12 +225,11 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
     items: list[Any] = [raw] if isinstance(raw, str) or isinstance(raw[0], int) else list(raw)
     if svc.settings.log_prompts:
         info.prompt = "\n".join(str(x) for x in items)
-    # text is rendered in the prefix's prompt format; token ids are used as given
+    # text is rendered in the prefix's prompt format (or the one asked for); token ids are used as given
+    fmt = prompt_format(body.prompt_format, prefix, tok)
     prompts = [
         truncate_prompt(
-            await svc.tokenize(render_prompt, tok, x, prefix.prompt_format)
-            if isinstance(x, str)
-            else list(x),
+            await svc.tokenize(render_prompt, tok, x, fmt) if isinstance(x, str) else list(x),
             body.truncate_prompt_tokens,
         )
         for x in items
@@ -239,7 +239,7 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
     if body.echo:
         # the prompt as it was used (truncated, if asked to; rendered in the prefix's chat template, if it has
         # one): the text its prompt logprobs' tokens add up to
-        as_given = body.truncate_prompt_tokens is None and prefix.prompt_format == "raw"
+        as_given = body.truncate_prompt_tokens is None and fmt == "raw"
         plan.echo = [
             (
                 x if isinstance(x, str) and as_given else await svc.tokenize(_decode, tok, ids),

@@ -80,6 +80,12 @@ MIN_P_DOC = (
 )
 INCLUDE_STOP_DOC = "vLLM: end the text with the stop string that ended it (default: the text stops before it)"
 TRUNCATE_DOC = "vLLM: keep only the last N prompt tokens (after rendering), so a long prompt fits instead of being refused"
+PROMPT_FORMAT_DOC = (
+    "How a text prompt becomes tokens: 'chat' (one user message through the model's chat template, with the "
+    "assistant's turn opened) or 'raw' (the text as it is). Default: the prefix's own, the format it was trained "
+    "with; for the base model, the model's default (/info `default_prompt_format`: 'chat' when it has a chat template)"
+)
+PromptFormat = Literal["chat", "raw"]
 PRIORITY_DOC = (
     "vLLM: scheduling priority, lower starts first and is preempted last (added to the tenant's own tier); "
     "below 0 needs the admin key"
@@ -191,6 +197,7 @@ class GenerateRequest(BaseModel):
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
     include_stop_str_in_output: bool = Field(False, description=INCLUDE_STOP_DOC)
+    prompt_format: PromptFormat | None = Field(None, description=PROMPT_FORMAT_DOC)
     truncate_prompt_tokens: TruncatePromptTokens | None = Field(None, description=TRUNCATE_DOC)
     priority: Priority = Field(0, description=PRIORITY_DOC)
     stream: bool = False
@@ -364,6 +371,7 @@ class CompletionRequest(_OpenAIBase):
         description="A prompt, a list of prompts, or token ids (one list, or a list of lists; used as given, without "
         "the prefix's prompt format). Choice index = prompt index x n + sample index"
     )
+    prompt_format: PromptFormat | None = Field(None, description="Extension: " + PROMPT_FORMAT_DOC)
     max_tokens: int | None = Field(
         None,
         ge=0,
@@ -718,8 +726,9 @@ class TokenizeRequest(BaseModel):
     prefix: Name | None = Field(DEFAULT_PREFIX, description="Whose prompt format and length to apply")
     prefix_version: PrefixVersion | None = Field(None, description=PREFIX_VERSION_DOC)
     prompt: PromptText | None = Field(
-        None, description="Rendered in the prefix's prompt format, as /generate does"
+        None, description="Rendered in the prefix's prompt format (or `prompt_format`), as /generate does"
     )
+    prompt_format: PromptFormat | None = Field(None, description=PROMPT_FORMAT_DOC)
     messages: list[ChatMessage] | None = Field(
         None, min_length=1, max_length=1024, description="Rendered with the chat template, as /v1/chat does"
     )

@@ -71,6 +71,21 @@ def truncate_prompt(ids: list[int], keep: int | None) -> list[int]:
     return ids[-keep:] if keep is not None and len(ids) > keep else ids
 
 
+def prompt_format(requested: str | None, prefix: ResolvedPrefix, tokenizer: Any) -> str:
+    """The format a request's text prompt is rendered in: the one it asks for (`prompt_format`), else its
+    prefix's (for the base model: the model's default)."""
+    if requested is None:
+        return prefix.prompt_format
+    if requested == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            422,
+            "prompt_format 'chat' needs a model with a chat template; this one has none",
+            code="invalid_value",
+            param="prompt_format",
+        )
+    return requested
+
+
 def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
     return list(_model.render_prompt(tokenizer, prompt, fmt))
 

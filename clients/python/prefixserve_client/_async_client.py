@@ -402,6 +402,7 @@ class AsyncClient:
         truncate_prompt_tokens: int | None = None,
         priority: int = 0,
         ignore_eos: bool = False,
+        prompt_format: str | None = None,
         request_id: str | None = None,
     ) -> Generation:
         """``POST /generate``; the arguments are those of :meth:`Client.generate`."""
@@ -431,6 +432,7 @@ class AsyncClient:
             truncate_prompt_tokens=truncate_prompt_tokens,
             priority=priority,
             ignore_eos=ignore_eos,
+            prompt_format=prompt_format,
         )
         r = await self._request("POST", "/generate", json=body, request_id=request_id)
         gen = _base.parse_response(Generation, r)
@@ -464,6 +466,7 @@ class AsyncClient:
         truncate_prompt_tokens: int | None = None,
         priority: int = 0,
         ignore_eos: bool = False,
+        prompt_format: str | None = None,
         request_id: str | None = None,
     ) -> AsyncStream:
         """An async iterator (not a coroutine): ``async for delta in client.stream(...)``."""
@@ -493,6 +496,7 @@ class AsyncClient:
             truncate_prompt_tokens=truncate_prompt_tokens,
             priority=priority,
             ignore_eos=ignore_eos,
+            prompt_format=prompt_format,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return AsyncStream(self, body, headers)
@@ -520,10 +524,11 @@ class AsyncClient:
         prefix: str | None = "default",
         prefix_version: int | None = None,
         messages: Sequence[dict[str, Any]] | None = None,
+        prompt_format: str | None = None,
     ) -> Tokenized:
         """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
         prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output."""
-        body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version)
+        body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version, prompt_format)
         return _base.parse_response(Tokenized, await self._request("POST", "/tokenize", json=body))
 
     async def detokenize(self, tokens: Sequence[int]) -> str:

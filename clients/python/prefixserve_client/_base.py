@@ -134,6 +134,7 @@ def generate_body(
     truncate_prompt_tokens: int | None = None,
     priority: int = 0,
     ignore_eos: bool = False,
+    prompt_format: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /generate``; optional fields are sent only when set (older servers refuse unknown
     fields)."""
@@ -182,6 +183,8 @@ def generate_body(
         body["priority"] = priority
     if ignore_eos:
         body["ignore_eos"] = True
+    if prompt_format is not None:
+        body["prompt_format"] = prompt_format
     return body
 
 
@@ -245,6 +248,7 @@ def tokenize_body(
     prefix: str | None,
     messages: Sequence[dict[str, Any]] | None,
     prefix_version: int | None = None,
+    prompt_format: str | None = None,
 ) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt and messages")
@@ -255,6 +259,8 @@ def tokenize_body(
         body["tenant_id"] = tenant_id
     if prompt is not None:
         body["prompt"] = prompt
+        if prompt_format is not None:
+            body["prompt_format"] = prompt_format
     else:
         body["messages"] = list(messages or [])
     return body

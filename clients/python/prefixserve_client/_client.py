@@ -416,6 +416,7 @@ class Client:
         truncate_prompt_tokens: int | None = None,
         priority: int = 0,
         ignore_eos: bool = False,
+        prompt_format: str | None = None,
         request_id: str | None = None,
     ) -> Generation:
         """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model;
@@ -425,7 +426,9 @@ class Client:
         ``Model.model_validate_json(gen.text)``), ``{"regex": ...}``, ``{"choice": [...]}``,
         ``{"grammar": ...}`` or ``{"json_object": True}``. vLLM's ``min_p``, ``include_stop_str_in_output``,
         ``truncate_prompt_tokens`` (keep the prompt's last N tokens) and ``priority`` (lower starts first; a tenant
-        key may only lower its own: > 0) mean what they mean there."""
+        key may only lower its own: > 0) mean what they mean there. ``prompt_format``: ``"raw"`` sends the prompt
+        as it is, ``"chat"`` as one user message through the model's chat template (default: the prefix's own
+        format; the base model's is the model's default)."""
         body = _base.generate_body(
             tenant_id,
             prompt,
@@ -452,6 +455,7 @@ class Client:
             truncate_prompt_tokens=truncate_prompt_tokens,
             priority=priority,
             ignore_eos=ignore_eos,
+            prompt_format=prompt_format,
         )
         r = self._request("POST", "/generate", json=body, request_id=request_id)
         gen = _base.parse_response(Generation, r)
@@ -485,6 +489,7 @@ class Client:
         truncate_prompt_tokens: int | None = None,
         priority: int = 0,
         ignore_eos: bool = False,
+        prompt_format: str | None = None,
         request_id: str | None = None,
     ) -> Stream:
         """Streamed ``POST /generate``: an iterator of :class:`StreamDelta` (text pieces; the last has
@@ -515,6 +520,7 @@ class Client:
             truncate_prompt_tokens=truncate_prompt_tokens,
             priority=priority,
             ignore_eos=ignore_eos,
+            prompt_format=prompt_format,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return Stream(self, body, headers)
@@ -542,10 +548,11 @@ class Client:
         prefix: str | None = "default",
         prefix_version: int | None = None,
         messages: Sequence[dict[str, Any]] | None = None,
+        prompt_format: str | None = None,
     ) -> Tokenized:
         """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
         prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output."""
-        body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version)
+        body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version, prompt_format)
         return _base.parse_response(Tokenized, self._request("POST", "/tokenize", json=body))
 
     def detokenize(self, tokens: Sequence[int]) -> str:

@@ -241,7 +241,8 @@ class JobInfo(_Model):
     name: Optional[str] = None
     method: Optional[str] = None
     prefix_length: Optional[int] = None
-    hyperparameters: Optional[dict[str, Any]] = None  # as submitted (the server's defaults fill the rest)
+    # as resolved: those submitted, then the method's defaults (min_steps may run more epochs than epochs says)
+    hyperparameters: Optional[dict[str, Any]] = None
     num_examples: Optional[int] = None
     # the server's training limits when the job was accepted (max_seconds, max_steps, ...): it runs under them
     limits: Optional[dict[str, Any]] = None
