@@ -71,8 +71,23 @@ class _Undecided(Exception):
     once stale by a run (or the reclaimer) that asks the store again (`JobManager._stored_by`)."""
 
 
+class _ForeignModel(Exception):
+    """The job was submitted for another base model than this worker loaded: it goes back to the queue (the attempt
+    not counted) for a worker that loaded that model."""
+
+    def __init__(self, want: str) -> None:
+        super().__init__(want)
+        self.want = want
+
+
 # how often a store or job-backend call after training is tried before the run gives up on it
 TRANSIENT_ATTEMPTS = 5
+# once a job is trained its prefix is in memory: the job backend and the store get this long to come back
+# (backing off up to 8 s between tries) before the run gives up on recording it
+AFTER_TRAINING_PATIENCE_S = 120.0
+# a worker that gave a job back for another base model waits this long before claiming again, so that a worker
+# of that model takes it (a worker of the wrong model alone cannot spin on it)
+FOREIGN_BACKOFF_S = 2.0
 # how far the clocks of the machines running servers and workers may disagree (NTP keeps them far closer): looking
 # for the version a job stored goes back this much before the job's submission time
 CLOCK_SKEW_S = 3600.0
@@ -190,6 +205,9 @@ class JobManager:
         self._lock = threading.Lock()
         self._started = False
         self._last_reclaim = 0.0
+        # after giving back a job of another base model: no claim before this (monotonic) time
+        self._claim_after = 0.0
+        self._foreign_logged: set[str] = set()
 
     def __repr__(self) -> str:
         return f"JobManager({self.backend!r}, workers={self.in_process_workers})"
@@ -449,6 +467,10 @@ class JobManager:
         """Claim one job (waiting up to ``block_s``) and run it to its end; returns whether one ran."""
         stop = stop or self._stop
         self._maybe_reclaim()
+        wait = self._claim_after - time.monotonic()
+        if wait > 0:
+            stop.wait(wait)
+            return False
         if self.backend.kind == "redis":
             claim = self.backend.claim(worker_id, block_ms=max(1, int(block_s * 1000)))
         else:
@@ -531,12 +553,7 @@ class JobManager:
                 return
             want = rec.base_model_fingerprint
             if want is not None and want != self.bundle.fingerprint:
-                log.error("job %s is for base model %s; this worker loaded %s: check its --model", rec.job_id,
-                          want, self.bundle.fingerprint)  # fmt: skip
-                raise ValueError(
-                    f"the job was submitted to a server of base model {want[:16]}, and the worker that took it "
-                    f"loaded another ({self.bundle.fingerprint[:16]}); a worker must load the server's model"
-                )
+                raise _ForeignModel(want)
             init = None
             if (
                 rec.init_from is not None
@@ -557,11 +574,13 @@ class JobManager:
                 if cancel_ev.is_set():
                     raise
                 raise _Shutdown() from None
-            # the trained prefix is in memory: a backend or store blip from here on is waited out, not a failure
-            if lost_ev.is_set() or not self._transient("check the job's owner", self.backend.owns, claim):
+            # the trained prefix is in memory: a backend or store outage from here on is waited out (the heartbeat
+            # keeps the claim once the backend is back), not a failure
+            if lost_ev.is_set() or not self._after_training("check the job's owner", self.backend.owns, claim,
+                                                            unknown=True):  # fmt: skip
                 raise _Lost()
-            if cancel_ev.is_set() or self._transient(
-                "read the cancel flag", self.backend.cancel_requested, claim
+            if cancel_ev.is_set() or self._after_training(
+                "read the cancel flag", self.backend.cancel_requested, claim, unknown=False
             ):
                 raise TrainingCancelled("cancelled after the last step")
             summary = dict(result.summary)
@@ -570,7 +589,7 @@ class JobManager:
                 summary["init_from"] = dict(rec.init_from)
             try:
                 # put_once: a put whose answer was lost (stored, then an error) is retried without a second version
-                meta, _ = self._transient(
+                meta, _ = self._patient(
                     "store the prefix",
                     lambda: self.store.put_once(
                         rec.tenant_id,
@@ -603,6 +622,19 @@ class JobManager:
             with contextlib.suppress(Exception):
                 self.backend.requeue(claim, "worker shut down while running the job; requeued")
             log.info("job %s: worker stopping, requeued", rec.job_id)
+        except _ForeignModel as e:
+            halt()
+            reason = (
+                f"taken by a worker that loaded another base model ({self.bundle.fingerprint[:16]}) and given back: "
+                f"it runs on a worker that loaded the server's model ({e.want[:16]})"
+            )
+            with contextlib.suppress(Exception):
+                self.backend.requeue(claim, reason)
+            self._claim_after = time.monotonic() + FOREIGN_BACKOFF_S
+            if e.want not in self._foreign_logged:  # once per model, not at every pass of the job
+                self._foreign_logged.add(e.want)
+                log.error("job %s is for base model %s; this worker loaded %s: given back to the queue (check this "
+                          "worker's --model)", rec.job_id, e.want, self.bundle.fingerprint)  # fmt: skip
         except _Lost:
             halt()
             log.warning("job %s was taken over by another worker; dropping this run", rec.job_id)
@@ -635,6 +667,33 @@ class JobManager:
                 log.warning("could not %s (attempt %d): %s", what, attempt + 1, e)
                 time.sleep(min(8.0, 0.5 * 2**attempt))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _patient(what: str, fn: Any, *args: Any) -> Any:
+        """`fn(*args)`, tried again while it raises StoreUnavailable (backing off 0.5 s, 1 s, 2 s, ... 8 s) for up
+        to AFTER_TRAINING_PATIENCE_S; the last error is raised."""
+        deadline = time.monotonic() + AFTER_TRAINING_PATIENCE_S
+        attempt = 0
+        while True:
+            try:
+                return fn(*args)
+            except StoreUnavailable as e:
+                delay = min(8.0, 0.5 * 2**attempt)
+                if time.monotonic() + delay > deadline:
+                    raise
+                attempt += 1
+                log.warning("could not %s (attempt %d): %s", what, attempt, e)
+                time.sleep(delay)
+
+    def _after_training(self, what: str, fn: Any, claim: Any, *, unknown: bool) -> bool:
+        """A yes/no question to the job backend once the prefix is trained, waited out like `_patient`; if the
+        backend stays unreachable, `unknown`: the run goes on (storing is idempotent per job, so a run that lost
+        its claim meanwhile makes no second version) rather than throwing its trained prefix away."""
+        try:
+            return bool(self._patient(what, fn, claim))
+        except StoreUnavailable as e:
+            log.error("job %s: could not %s (%s); going on as if %s", claim.record.job_id, what, e, unknown)
+            return unknown
 
     def _stored_by(self, rec: JobRecord) -> PrefixMeta | None:
         """The version this job already stored, if any: a run that died (or could not record its success) after
