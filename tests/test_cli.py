@@ -38,7 +38,9 @@ def test_worker_flags_reach_the_worker(monkeypatch, capsys):
     seen: list[dict] = []
     monkeypatch.setattr(server.training, "worker_main", lambda *a, **kw: seen.append({"args": a, **kw}) or 0)
     parse = cli.build_parser().parse_args
-    assert cli.cmd_worker(parse(["worker", "--store", "/tmp/s", "--threads", "3", "--log-level", "error"])) == 0
+    assert (
+        cli.cmd_worker(parse(["worker", "--store", "/tmp/s", "--threads", "3", "--log-level", "error"])) == 0
+    )
     assert cli.cmd_worker(parse(["worker", "--store", "/tmp/s", "--log-level", "error"])) == 0
     assert seen[0]["args"] == ("/tmp/s", "smollm2") and seen[0]["train_threads"] == 3
     assert seen[1]["train_threads"] is None

