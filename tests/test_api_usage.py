@@ -440,6 +440,46 @@ def test_sdk_usage_and_cached_tokens(server_factory):
     asyncio.run(main())
 
 
+def test_redis_usage_counts_of_tenants_named_like_its_bookkeeping_keys(redis_store_url):
+    """Tenant ids `tenants` and `since` are valid: their counters must not land on the set of tenants or the start
+    time (a WRONGTYPE there made every flush fail after applying part of it, counting the others' again each
+    second); a refused transaction is not sent again."""
+    import redis as sync_redis
+
+    from prefix_store.redis_store import split_url
+    from server.api.usage import RedisUsageMeter
+
+    async def main() -> None:
+        meter = RedisUsageMeter(redis_store_url)
+        try:
+            for tenant in ("acme", "tenants", "since"):
+                meter.request(tenant, None)
+            meter.request("acme", "faq")
+            await meter.flush()
+            await meter.flush()  # nothing pending: nothing added
+            assert await meter.tenants() == ["acme", "since", "tenants"]
+            assert isinstance(await meter.since(), float)
+            reports = {t: await meter.report(t) for t in ("acme", "tenants", "since")}
+            assert [reports[t]["requests"] for t in ("acme", "tenants", "since")] == [2, 1, 1]
+            assert reports["acme"]["prefixes"]["faq"]["requests"] == 1
+            # a key of the wrong type where a tenant's counts go: redis applies the rest and refuses that one
+            client_url, ns = split_url(redis_store_url)
+            r = sync_redis.Redis.from_url(client_url)
+            r.set(f"{ns}:usage:tenant:initech", "not a hash")
+            meter.request("initech", None)
+            meter.request("acme", None)
+            with pytest.raises(sync_redis.ResponseError):
+                await meter.flush()
+            await meter.flush()
+            await meter.flush()
+            assert (await meter.report("acme"))["requests"] == 3  # once, not at every flush
+            r.close()
+        finally:
+            await meter.close()
+
+    asyncio.run(main())
+
+
 def test_replicas_share_rate_limits_and_usage_through_redis(server_factory, redis_store_url):
     """limits_url: two servers draw on one budget and add to one set of usage counts, which outlive a restart;
     with that Redis down, requests are still served (each replica counting alone) and /usage is a 503."""

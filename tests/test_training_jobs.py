@@ -581,7 +581,7 @@ def test_a_job_backend_outage_after_training_is_waited_out(managers, store, monk
     assert done.status == "succeeded" and done.attempts == 1, done.error
     assert store.versions("acme", "bot") == [done.prefix_version]
     # unreachable for longer than the patience: the run goes on as the owner (its put is idempotent per job)
-    monkeypatch.setattr(jobs_mod, "AFTER_TRAINING_PATIENCE_S", 0.2)
+    monkeypatch.setattr(jobs_mod, "AFTER_TRAINING_ATTEMPTS", 2)
 
     def unreachable(claim):
         raise StoreUnavailable("connection refused")

@@ -116,10 +116,13 @@ FLUSH_S = 1.0
 
 
 class RedisUsageMeter(UsageMeter):
-    """Counters in Redis (hash `{ns}:usage:{tenant}`, set `{ns}:usage:tenants`, `{ns}:usage:since`), shared by every
-    replica that points at it; this process only holds what it has not flushed yet."""
+    """Counters in Redis (hash `{ns}:usage:tenant:{tenant}`, set `{ns}:usage:tenants`, `{ns}:usage:since`), shared
+    by every replica that points at it; this process only holds what it has not flushed yet. A tenant's hash is one
+    level below the bookkeeping keys (tenant ids have no ':'), so no tenant id, `tenants` or `since` included, can
+    name one of them."""
 
     def __init__(self, url: str, timeout_s: float = 1.0) -> None:
+        import redis
         import redis.asyncio as aioredis
 
         from prefix_store.redis_store import split_url
@@ -131,9 +134,13 @@ class RedisUsageMeter(UsageMeter):
         )
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self._refused: type[Exception] = redis.ResponseError
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.namespace, "usage", *parts))
+
+    def _tenant_key(self, tenant: str) -> str:
+        return self._key("tenant", tenant)
 
     def start(self) -> None:
         """Flush every second (call on the event loop)."""
@@ -157,8 +164,13 @@ class RedisUsageMeter(UsageMeter):
                 pipe.sadd(self._key("tenants"), *pending)
                 for tenant, counts in pending.items():
                     for field, n in counts.items():
-                        pipe.hincrby(self._key(tenant), field, n)
+                        pipe.hincrby(self._tenant_key(tenant), field, n)
                 await pipe.execute()
+        except self._refused as e:
+            # redis ran the transaction and refused a command of it (a key of the wrong type): what it applied
+            # stays applied, so sending the counts again would count them twice, at every flush from then on
+            log.error("usage: redis refused the counts (%s); %d tenants' counts dropped", e, len(pending))
+            raise
         except Exception as e:
             for tenant, counts in pending.items():  # back in front of whatever came meanwhile
                 self._add(tenant, counts)
@@ -183,7 +195,7 @@ class RedisUsageMeter(UsageMeter):
 
     async def report(self, tenant: str) -> dict[str, Any]:
         await self.flush()
-        raw = await self._r.hgetall(self._key(tenant))
+        raw = await self._r.hgetall(self._tenant_key(tenant))
         return tenant_report(
             tenant, {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
         )

@@ -82,9 +82,9 @@ class _ForeignModel(Exception):
 
 # how often a store or job-backend call after training is tried before the run gives up on it
 TRANSIENT_ATTEMPTS = 5
-# once a job is trained its prefix is in memory: the job backend and the store get this long to come back
-# (backing off up to 8 s between tries) before the run gives up on recording it
-AFTER_TRAINING_PATIENCE_S = 120.0
+# once a job is trained its prefix is in memory: the job backend gets this many tries to answer whether the job
+# is still this worker's (backing off 0.5 s, 1 s, 2 s, 4 s, then 8 s: about 2 minutes in all) before the run goes on
+AFTER_TRAINING_ATTEMPTS = 18
 # a worker that gave a job back for another base model waits this long before claiming again, so that a worker
 # of that model takes it (a worker of the wrong model alone cannot spin on it)
 FOREIGN_BACKOFF_S = 2.0
@@ -589,7 +589,7 @@ class JobManager:
                 summary["init_from"] = dict(rec.init_from)
             try:
                 # put_once: a put whose answer was lost (stored, then an error) is retried without a second version
-                meta, _ = self._patient(
+                meta, _ = self._transient(
                     "store the prefix",
                     lambda: self.store.put_once(
                         rec.tenant_id,
@@ -670,20 +670,17 @@ class JobManager:
 
     @staticmethod
     def _patient(what: str, fn: Any, *args: Any) -> Any:
-        """`fn(*args)`, tried again while it raises StoreUnavailable (backing off 0.5 s, 1 s, 2 s, ... 8 s) for up
-        to AFTER_TRAINING_PATIENCE_S; the last error is raised."""
-        deadline = time.monotonic() + AFTER_TRAINING_PATIENCE_S
-        attempt = 0
-        while True:
+        """`fn(*args)`, tried again while it raises StoreUnavailable, AFTER_TRAINING_ATTEMPTS times in all (backing
+        off 0.5 s, 1 s, 2 s, 4 s, then 8 s); the last error is raised."""
+        for attempt in range(AFTER_TRAINING_ATTEMPTS):
             try:
                 return fn(*args)
             except StoreUnavailable as e:
-                delay = min(8.0, 0.5 * 2**attempt)
-                if time.monotonic() + delay > deadline:
+                if attempt == AFTER_TRAINING_ATTEMPTS - 1:
                     raise
-                attempt += 1
-                log.warning("could not %s (attempt %d): %s", what, attempt, e)
-                time.sleep(delay)
+                log.warning("could not %s (attempt %d): %s", what, attempt + 1, e)
+                time.sleep(min(8.0, 0.5 * 2 ** min(attempt, 4)))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _after_training(self, what: str, fn: Any, claim: Any, *, unknown: bool) -> bool:
         """A yes/no question to the job backend once the prefix is trained, waited out like `_patient`; if the
