@@ -297,7 +297,9 @@ class DiskStore(PrefixStore):
             raise self._unavailable(f"list versions of {label(tenant_id, name)}", e) from e
 
     def _delete(self, tenant_id: str, name: str) -> int:
-        if not (self.root / tenant_id).is_dir():
+        # a name that has no directory has no version: answered without taking (and so creating) its lock file, or
+        # every DELETE of a made-up name would leave one behind
+        if not self._name_dir(tenant_id, name).is_dir():
             raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
         try:
             with self._locked(tenant_id, name):

@@ -33,8 +33,11 @@ def test_settings_env_and_flags(monkeypatch, tmp_path):
 
 def test_worker_flags_reach_the_worker(monkeypatch, capsys):
     """`prefixserve worker --threads N` sets how many torch threads its jobs train with (default: every core)."""
+    import server.logging_utils
     import server.training
 
+    # (the real set-up would reconfigure this process's logging, which later tests' caplog relies on)
+    monkeypatch.setattr(server.logging_utils, "setup_logging", lambda *a, **kw: None)
     seen: list[dict] = []
     monkeypatch.setattr(server.training, "worker_main", lambda *a, **kw: seen.append({"args": a, **kw}) or 0)
     parse = cli.build_parser().parse_args

@@ -102,6 +102,22 @@ def test_version_counter_survives_delete_and_reopen(store, tmp_path):
     assert put(again).version == 4
 
 
+def test_deleting_a_name_that_never_existed_leaves_nothing_behind(store, tmp_path):
+    """A DELETE of a made-up name answers not-found without creating its lock file (any tenant could otherwise
+    add empty files to the store without limit)."""
+    put(store)
+    before = sorted(os.listdir(tmp_path / "root" / "acme"))
+    for i in range(20):
+        with pytest.raises(errors.PrefixNotFound):
+            store.delete("acme", f"junk{i}")
+        with pytest.raises(errors.PrefixNotFound):
+            store.delete("acme", f"junk{i}", version=1)
+    with pytest.raises(errors.PrefixNotFound):
+        store.delete("nobody", "junk")
+    assert sorted(os.listdir(tmp_path / "root" / "acme")) == before
+    assert not (tmp_path / "root" / "nobody").exists()
+
+
 def test_trash_left_by_a_crashed_delete_is_cleaned(tmp_path):
     trash = tmp_path / "root" / "@trash" / "acme@bot@123"
     trash.mkdir(parents=True)
