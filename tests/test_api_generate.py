@@ -573,7 +573,7 @@ def test_pinned_prefix_version_serves_that_version(srv):
     # versions that do not exist or cannot be: 404 / 422, nothing runs
     err = assert_error(gen(c, **body, prefix_version=7), 404, "prefix_not_found")
     assert "version 7" in err["message"]
-    assert_error(c.post("/v1/completions", json={**oa, "model": "globex/default@7"}), 404, "prefix_not_found")
+    assert_error(c.post("/v1/completions", json={**oa, "model": "globex/default@7"}), 404, "model_not_found")
     for model in (
         "globex/default@0",
         "globex/default@x",

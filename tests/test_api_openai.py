@@ -119,9 +119,16 @@ def test_models_and_errors(oai):
         with pytest.raises(openai.NotFoundError) as e:
             oai.models.retrieve(unknown)
         assert e.value.body["code"] == "model_not_found", unknown
-    with pytest.raises(openai.NotFoundError) as e:
-        oai.completions.create(model="globex/default", prompt="x", max_tokens=2)
-    assert e.value.body["code"] == "model_not_found"
+    # generation answers an unknown model like OpenAI, whether the tenant is another's or the prefix is missing
+    for unknown in ("globex/default", "acme/nothing", "acme/default@9"):
+        with pytest.raises(openai.NotFoundError) as e:
+            oai.completions.create(model=unknown, prompt="x", max_tokens=2)
+        assert (e.value.body["code"], e.value.body["param"]) == ("model_not_found", "model"), unknown
+        with pytest.raises(openai.NotFoundError) as e:
+            oai.chat.completions.create(
+                model=unknown, messages=[{"role": "user", "content": "x"}], max_tokens=2
+            )
+        assert e.value.body["code"] == "model_not_found", unknown
     bad = openai.OpenAI(base_url=oai.base_url, api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()

@@ -274,7 +274,14 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     tenant, name, version = parse_model(body.model, principal)
     info.tenant, info.prefix = tenant, name
     priority = svc.check_priority(principal, body.priority)
-    prefix = await svc.resolve(tenant, name, version, param="model")
+    try:
+        prefix = await svc.resolve(tenant, name, version, param="model")
+    except APIError as e:
+        if e.status == 404:  # as OpenAI says it, and as another tenant's model is answered
+            raise APIError(
+                404, f"model {body.model!r} not found", code="model_not_found", param="model"
+            ) from None
+        raise
     info.version = prefix.version
     if chat:
         assert isinstance(body, ChatCompletionRequest)
