@@ -144,7 +144,10 @@ class ServiceMiddleware:
         st = self.state
         settings = st.settings
         t0 = time.monotonic()
-        headers = dict((k.lower(), v) for k, v in scope.get("headers", []))
+        # the first of a repeated header, as Starlette's `request.headers.get` (the routes) reads it
+        headers: dict[bytes, bytes] = {}
+        for k, v in scope.get("headers", []):
+            headers.setdefault(k.lower(), v)
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         info = RequestInfo(request_id=rid)
