@@ -318,6 +318,67 @@ def test_queue_full_503_with_retry_after(server_factory, api_bundle, tmp_path):
     store.close()
 
 
+def test_a_refused_n_request_counts_one_rejection_and_no_aborts(server_factory):
+    """n=4 with room in the queue for 2: the third sample is refused, so the request is a 503; the two admitted
+    samples are withdrawn, and for the metrics they never ran (they used to count as 2 aborted requests)."""
+    s = server_factory(max_num_seqs=1, max_queued=2)
+    slow_engine(s.svc)
+    c = s.client()
+    long = {"tenant_id": "acme", "prefix": "base", "prompt": "long", "max_tokens": 300, "ignore_eos": True}
+    with c.stream("POST", "/generate", json={**long, "stream": True}) as r:
+        lines = r.iter_lines()  # (kept: a dropped line iterator closes the stream)
+        next(lines)
+        several = {"model": "acme/base", "prompt": "x", "n": 4, "max_tokens": 5}
+        assert_error(c.post("/v1/completions", json=several), 503, "queue_full")
+        m = c.get("/metrics").text
+        assert metric_value(m, "prefixserve:requests_rejected_total", {"reason": "queue_full"}) == 1.0
+        assert (
+            metric_value(m, "prefixserve:request_success_total", {"finished_reason": "abort"}) or 0.0
+        ) == 0.0
+    m = c.get("/metrics").text
+    assert (
+        metric_value(m, "prefixserve:request_success_total", {"finished_reason": "abort"}) == 1.0
+    )  # the stream
+
+
+def test_aborted_and_echo_only_requests_count_the_tokens_they_processed(server_factory):
+    """Token counters count what was processed whatever the outcome (a stream the client left counts its prompt
+    and the tokens generated so far, and its e2e latency); echo with max_tokens 0 counts no generated token."""
+    s = server_factory()
+    slow_engine(s.svc, 0.02)
+    c = s.client()
+
+    def counters() -> tuple[float, float, float]:
+        m = c.get("/metrics").text
+        return (
+            metric_value(m, "prefixserve:prompt_tokens_total") or 0.0,
+            metric_value(m, "prefixserve:generation_tokens_total") or 0.0,
+            metric_value(m, "prefixserve:e2e_request_latency_seconds_count") or 0.0,
+        )
+
+    p0, g0, e0 = counters()
+    body = {"tenant_id": "acme", "prefix": "base", "prompt": "Once upon a time", "max_tokens": 200,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    n_prompt = c.post(
+        "/tokenize", json={"tenant_id": "acme", "prefix": "base", "prompt": body["prompt"]}
+    ).json()
+    with c.stream("POST", "/generate", json=body) as r:
+        lines = r.iter_lines()
+        got = 0
+        while got < 3:
+            if next(lines).startswith("data: {"):
+                got += 1
+    deadline = time.monotonic() + 10
+    while counters()[2] == e0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p1, g1, e1 = counters()
+    assert p1 - p0 == n_prompt["count"] and 3 <= g1 - g0 < 200 and e1 - e0 == 1
+    echo = {"model": "acme/base", "prompt": "The sky is blue", "max_tokens": 0, "echo": True}
+    assert c.post("/v1/completions", json=echo).json()["usage"]["completion_tokens"] == 0
+    p2, g2, _ = counters()
+    assert p2 > p1 and g2 == g1
+
+
 def test_logprobs_streamed_and_whole_agree(srv):
     """`logprobs: N`: one entry per generated token, greedy token first in its own top-N, values the same whether
     streamed (entries spread over the chunks, none lost to held-back text) or not."""

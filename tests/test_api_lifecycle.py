@@ -50,7 +50,8 @@ def test_stream_disconnect_aborts_within_a_step(server_factory, api_bundle):
     assert only_prefix_blocks_used(s.svc), "the aborted request's KV blocks were not freed"
     m = c.get("/metrics").text
     assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "abort"}) == 1
-    assert metric_value(m, "prefixserve:generation_tokens_total") == 0  # never counted as a finished request
+    # the tokens it generated before the client left are counted (they were computed), not the 400 asked for
+    assert 0 < metric_value(m, "prefixserve:generation_tokens_total") < 50
     assert s.svc._tenant_active == {}
 
 

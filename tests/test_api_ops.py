@@ -29,6 +29,39 @@ def test_health_and_ready(server_factory):
         assert h.status_code == 200 and h.content == b"", path
 
 
+def test_metrics_ready_gauge_reads_the_store_at_scrape_time(server_factory, monkeypatch):
+    """`prefixserve:ready` answers as /ready would at the scrape, without a /ready call in between (it kept the
+    store's state of the last /ready or prefix lookup)."""
+    from prefix_store.errors import StoreUnavailable
+
+    s = server_factory()
+    c = s.client()
+    assert metric_value(c.get("/metrics").text, "prefixserve:ready") == 1.0
+
+    def down() -> None:
+        raise StoreUnavailable("the store is away")
+
+    monkeypatch.setattr(s.svc.store, "ping", down)
+    assert metric_value(c.get("/metrics").text, "prefixserve:ready") == 0.0
+    monkeypatch.undo()
+    assert metric_value(c.get("/metrics").text, "prefixserve:ready") == 1.0
+
+
+def test_requests_refused_before_routing_are_counted_under_their_route(server_factory):
+    """A body over max_body_bytes is refused (413) before the request reaches its route: its metrics and log line
+    still name the route's template, not "unmatched" (which stays for paths no route serves)."""
+    s = server_factory(max_body_bytes=4096)
+    c = s.client()
+    big = {"tenant_id": "acme", "prefix": "base", "prompt": "x" * 5000}
+    assert_error(c.post("/generate", json=big), 413, "body_too_large")
+    assert c.get("/no/such/route").status_code == 404
+    m = c.get("/metrics").text
+    series = {"route": "/generate", "method": "POST", "status": "413"}
+    assert metric_value(m, "prefixserve:http_requests_total", series) == 1.0
+    unmatched = {"route": "unmatched", "method": "GET", "status": "404"}
+    assert metric_value(m, "prefixserve:http_requests_total", unmatched) == 1.0
+
+
 def test_info_says_what_the_server_runs(server_factory, api_bundle):
     s = server_factory(keys={"acme": KEY_A}, max_model_len=384, max_num_seqs=12, speculative_tokens=2)
     assert_error(s.client().get("/info"), 401)  # like every API route when keys are set

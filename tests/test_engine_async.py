@@ -578,6 +578,7 @@ def test_newcomers_of_a_follow_up_that_failed_to_launch_start_again_afresh(bundl
 
     eng.runner.forward = boom
     eng.step()
+    counted = (eng.scheduler.cache_query_tokens, eng.scheduler.cache_hit_tokens)
     assert eng.runner.forward == real
     waiting = {s.request_id: s for s in eng.scheduler.waiting}
     assert set(waiting) == {"b", "c"}  # both back in the queue, nothing counted as computed
@@ -591,6 +592,8 @@ def test_newcomers_of_a_follow_up_that_failed_to_launch_start_again_afresh(bundl
             if ev.finished:
                 cached[ev.request_id] = ev.cached_tokens
     assert got["c"] == alone and cached["c"] == 0
-    # the prompt-cache counters count each admission that ran once: a (5 tokens) and c (40), not b or the
-    # undone admissions
-    assert (eng.scheduler.cache_query_tokens, eng.scheduler.cache_hit_tokens) == (45, 0)
+    # the prompt-cache counters (Prometheus counters) never go down: the undone admissions of b and c stay counted
+    # (a: 5 tokens, b and c: 40; c's 32 tokens found in blocks b registered in that step, forgotten since), and
+    # c's admission once the step is retried is not counted a second time
+    assert counted == (85, 32)
+    assert (eng.scheduler.cache_query_tokens, eng.scheduler.cache_hit_tokens) == (85, 32)

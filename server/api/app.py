@@ -99,6 +99,18 @@ async def _send_api_error(send: Send, e: APIError, request_id: str, retry_after:
     await resp({"type": "http"}, _no_receive, send)
 
 
+def _route_template(st: AppState, path: str, method: str) -> str | None:
+    """The template of the route a request answered before routing (413 body too large, 503 draining, ...) would
+    have taken, so that its metrics and log line name it, not "unmatched"; None if no route serves the path."""
+    fallback = None
+    for regex, template, methods in st.route_methods:
+        if regex.match(path):
+            if method in methods:
+                return template
+            fallback = fallback or template
+    return fallback
+
+
 def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> str:
     """The upload route's own checks, made before its (large) body is read: the API key (401), the tenant (404, as
     the route answers), and the uploads in progress (503: at most `max_concurrent_uploads`, one per tenant, so one
@@ -268,6 +280,8 @@ class ServiceMiddleware:
     ) -> None:
         route = scope.get("route")
         template = getattr(route, "path_format", None) or getattr(route, "path", None)
+        if template is None:
+            template = _route_template(self.state, path, method)
         if template is None:
             template = path if (path in PROBES or path in DOCS) else "unmatched"
         # any token is a valid HTTP method: unknown ones share one label (and are cut in the log), or anyone could

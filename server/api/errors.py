@@ -243,7 +243,9 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> SafeJSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        info = request.scope.get("prefixserve")
+        rid = getattr(info, "request_id", None) or "-"
+        log.error("request %s: unhandled error on %s %s", rid, request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal server error", code="internal_error", request=request)
 
 

@@ -110,7 +110,7 @@ class Metrics:
         )
         self.e2e = Histogram(
             P + "e2e_request_latency_seconds",
-            "End-to-end generation latency",
+            "End-to-end generation latency, whatever the finish reason (aborted requests included)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -120,8 +120,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter(
+            P + "prompt_tokens", "Prompt tokens processed, whatever the finish reason", registry=r
+        )
+        self.generation_tokens = Counter(
+            P + "generation_tokens",
+            "Tokens generated, whatever the finish reason (not the scoring token of echo with max_tokens 0)",
+            registry=r,
+        )
         self.distinct_prefixes = Histogram(
             P + "distinct_prefixes_per_batch",
             "Distinct prefixes (tenants) in one engine step",

@@ -341,12 +341,16 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         for ids in plan.prompts
         for j in range(n)
     ]
+    # echo with max_tokens 0: the one token run to score the prompt is not the caller's
     runs = await svc.generate_many(
-        info, prefix, jobs, stream=body.stream, receive=request.receive, priority=priority
+        info,
+        prefix,
+        jobs,
+        stream=body.stream,
+        receive=request.receive,
+        priority=priority,
+        bill_output=not plan.hide_output,
     )
-    for run in runs:
-        # echo with max_tokens 0: the one token run to score the prompt is not the caller's
-        run.bill_output = not plan.hide_output
     return _Choices(svc, runs, plan, body.model, int(time.time()), n)
 
 

@@ -42,6 +42,18 @@ async def health(request: Request) -> Any:
     return Health()
 
 
+async def check_store(svc: Any) -> str | None:
+    """Ping the prefix store (bounded by STORE_PING_TIMEOUT_S) and record the answer in `svc.store_ok`, which
+    `/metrics`' `prefixserve:ready` reads; returns what went wrong (None: reachable)."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(svc.store.ping), STORE_PING_TIMEOUT_S)
+    except Exception as e:
+        svc.store_ok = False
+        return type(e).__name__
+    svc.store_ok = True
+    return None
+
+
 @router.get("/version", summary="The server's version (vLLM's /version)")
 async def version() -> dict[str, str]:
     return {"version": __version__}
@@ -61,13 +73,8 @@ async def ready(request: Request) -> Any:
     checks["model"] = "ok" if svc is not None else "loading"
     if svc is not None:
         checks["engine"] = "ok" if svc.engine_alive() else "dead"
-        try:
-            await asyncio.wait_for(asyncio.to_thread(svc.store.ping), STORE_PING_TIMEOUT_S)
-            checks["store"] = "ok"
-            svc.store_ok = True
-        except Exception as e:
-            checks["store"] = f"unavailable ({type(e).__name__})"
-            svc.store_ok = False
+        problem = await check_store(svc)
+        checks["store"] = "ok" if problem is None else f"unavailable ({problem})"
     checks["lifecycle"] = "shutting_down" if st.draining else "serving"
     ok = all(v in ("ok", "serving") for v in checks.values())
     model = svc.bundle.name if svc is not None else None
@@ -141,5 +148,7 @@ async def metrics(request: Request) -> Response:
     st = app_state(request)
     if st.settings.metrics_require_admin:
         st.keyring.authenticate(await bearer_scheme(request)).require_admin()
+    if st.svc is not None:  # `prefixserve:ready` as /ready would answer now, not as it last did
+        await check_store(st.svc)
     data = await asyncio.to_thread(generate_latest, st.metrics.registry)
     return Response(data, media_type=CONTENT_TYPE_LATEST)

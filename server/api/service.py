@@ -333,7 +333,7 @@ class GenerationRun:
                 await self._agen.aclose()  # its request has ended: nothing to abort
             log.info(
                 "request %s: prefix %s/%s v%s is gone; running on v%s, now the latest",
-                self.req.request_id,
+                self.info.request_id,
                 newer.tenant_id,
                 newer.name,
                 self.prefix.version,
@@ -431,7 +431,9 @@ class GenerationRun:
             return APIError(422, f"prefix cannot be served: {ev.error}", code=code, param="prefix")
         if status == 413:
             return APIError(413, ev.error or "request too large for the KV cache", code=code)
-        log.error("generation %s failed: %s (%s)", self.req.request_id, ev.error, ev.error_type)
+        # the id the client and the access log know (X-Request-ID), and the engine's
+        log.error("request %s (engine request %s): generation failed: %s (%s)", self.info.request_id,
+                  self.req.request_id, ev.error, ev.error_type)  # fmt: skip
         return APIError(500, "generation failed", code=code)
 
     def _observe(self, ev: TokenEvent) -> None:
@@ -439,7 +441,8 @@ class GenerationRun:
         now = time.monotonic()
         self.generated += len(ev.token_ids)
         self.cached_tokens = ev.cached_tokens
-        if ev.token_ids:
+        # (echo with max_tokens 0: the one token generated is not part of the answer, nor of its latencies)
+        if ev.token_ids and self.bill_output:
             if self._last_token is None:
                 self.info.ttft_s = now - self._t0
                 m.ttft.observe(self.info.ttft_s)
@@ -454,10 +457,10 @@ class GenerationRun:
             if ev.first_scheduled_time is not None and ev.arrival_time:
                 self.info.queue_s = max(0.0, ev.first_scheduled_time - ev.arrival_time)
                 m.queue.observe(self.info.queue_s)
-            if ev.finish_reason in ("stop", "length"):
-                m.e2e.observe(now - self._t0)
-                m.prompt_tokens.inc(ev.prompt_tokens)
-                m.generation_tokens.inc(ev.completion_tokens)
+            # whatever the outcome: the tokens were processed, and the request took that long
+            m.e2e.observe(now - self._t0)
+            m.prompt_tokens.inc(ev.prompt_tokens)
+            m.generation_tokens.inc(ev.completion_tokens if self.bill_output else 0)
             m.request_success.labels(ev.finish_reason or "error").inc()
 
     async def events(self) -> AsyncIterator[TokenEvent]:
@@ -507,7 +510,14 @@ class GenerationRun:
                     await self._agen.aclose()  # its finally aborts an unfinished request
                 if self.final is None and not self.refused:
                     self.info.finish_reason = self.info.finish_reason or "abort"
-                    self.svc.metrics.request_success.labels("abort").inc()
+                    m = self.svc.metrics
+                    m.request_success.labels("abort").inc()
+                    m.e2e.observe(time.monotonic() - self._t0)
+                    if (
+                        self.first is not None
+                    ):  # it was prefilled (its first token came) before the client left
+                        m.prompt_tokens.inc(len(self.req.prompt_token_ids))
+                        m.generation_tokens.inc(self.generated if self.bill_output else 0)
         finally:
             self._release()
             await self._account()
@@ -988,6 +998,7 @@ class Service:
         stream: bool,
         receive: Callable[[], Any] | None,
         priority: int = 0,
+        bill_output: bool = True,
     ) -> list[GenerationRun]:
         """Start the engine requests of one HTTP generation request (one, or several for OpenAI `n` and prompt
         lists). Every limit is checked before anything runs; the tenant's rate limits are charged once, for all of
@@ -1008,7 +1019,9 @@ class Service:
             raise
         priority += self.limiter.limit(tenant).priority  # the tenant's tier
         try:
-            runs = await self._start_runs(info, prefix, jobs, costs, priority, stream=stream, receive=receive)
+            runs = await self._start_runs(
+                info, prefix, jobs, costs, priority, stream=stream, receive=receive, bill_output=bill_output
+            )
         except APIError as e:
             # the engine took it, then it failed (its prefix could not be loaded, say): a request, as its failed
             # completion is; else refused, counted once per HTTP request as the other reasons are
@@ -1066,13 +1079,17 @@ class Service:
         *,
         stream: bool,
         receive: Callable[[], Any] | None,
+        bill_output: bool = True,
     ) -> list[GenerationRun]:
         """Every run is made (slot taken, its tokens handed over) before anything is awaited, so each reservation
         has an owner whatever fails next; then all start together, racing the client's disconnect."""
         runs: list[GenerationRun] = []
         try:
             for (ids, sampling), cost in zip(jobs, costs, strict=True):
-                runs.append(self._make_run(info, prefix, ids, sampling, cost, priority, stream))
+                run = self._make_run(info, prefix, ids, sampling, cost, priority, stream)
+                # (before it starts: its first event may be its last, observed as it arrives)
+                run.bill_output = bill_output
+                runs.append(run)
         except BaseException:  # the tokens of the runs not made go back here, those of the made ones on close
             await self.limiter.refund(prefix.tenant_id, sum(costs[len(runs) :]))
             for r in runs:
@@ -1085,6 +1102,12 @@ class Service:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if isinstance(e, APIError):
+                # a sibling was refused (queue full, too large): the others had not answered yet, so for the
+                # caller none ran (one 503, not one rejection and n-1 aborts)
+                for r in runs:
+                    if r.first is None:
+                        r.refused = True
             for r in runs:
                 await r.close()
             if isinstance(e, APIError) and any(r.first is not None for r in runs):

@@ -103,7 +103,7 @@ class EngineEventStream(StreamingResponse):
         except APIError as e:  # failure after the stream began: an error frame, then [DONE]
             yield self._error_frame(e)
         except Exception:  # a bug: the client still gets an error frame and the end of the stream
-            log.exception("stream failed")
+            log.exception("request %s: stream failed", self.runs[0].info.request_id if self.runs else "-")
             yield self._error_frame(APIError(500, "internal server error", code="internal_error"))
         finally:
             await self._close()

@@ -168,9 +168,9 @@ class Scheduler:
                 continue
             self.running.remove(seq)
             self.free(seq)
-            queried, hit, seq.preempted = seq.admission  # uncounted: it is counted when admitted again
-            self.cache_query_tokens -= queried
-            self.cache_hit_tokens -= hit
+            # its counts stay (counters never go down); its next admission is not counted again
+            seq.preempted = seq.admission[2]
+            seq.admission_counted = True
             seq.num_cached = 0
             seq.status = SeqStatus.WAITING
             self.waiting.appendleft(seq)
@@ -335,8 +335,11 @@ class Scheduler:
                 seq.num_cached if queried else 0,
                 seq.preempted,
             )
-            self.cache_query_tokens += seq.admission[0]
-            self.cache_hit_tokens += seq.admission[1]
+            if seq.admission_counted:
+                seq.admission_counted = False
+            else:
+                self.cache_query_tokens += seq.admission[0]
+                self.cache_hit_tokens += seq.admission[1]
             seq.status = SeqStatus.RUNNING
             seq.preempted = False
             self.running.append(seq)

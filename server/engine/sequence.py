@@ -68,6 +68,9 @@ class Sequence:
         self.prefix_claimed = False  # a claim on its prefix in the prefix cache (asked for, not yet taken)
         # at its last admission: (prompt-cache query tokens, hit tokens) counted, and whether it was preempted
         self.admission: tuple[int, int, bool] = (0, 0, False)
+        # its last admission was undone (`Scheduler.unadmit`) after being counted: the next one is not counted again
+        # (the prompt-cache counters are Prometheus counters: they never go down)
+        self.admission_counted = False
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_type: str | None = None
