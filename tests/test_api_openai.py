@@ -415,6 +415,24 @@ def test_echo_with_completion_whole_and_streamed(oai):
     assert echoed_prompt.index("Tell me") > 0  # inside the template, after its opening
 
 
+def test_text_with_control_characters_is_taken_but_not_nul(oai):
+    """A PDF's form feeds, a terminal's ANSI escapes, a vertical tab: text as OpenAI and vLLM take it (they were a
+    400); a NUL (binary data sent by mistake) is still refused, naming the field."""
+    for text in ("page1\fpage2", "\x1b[31mred\x1b[0m", "a\x0bb"):
+        chat = oai.chat.completions.create(
+            model="acme/default", messages=[{"role": "user", "content": text}], max_tokens=2
+        )
+        assert chat.choices[0].finish_reason in ("stop", "length"), text
+        parts = [{"type": "text", "text": text}]
+        oai.chat.completions.create(
+            model="acme/default", messages=[{"role": "user", "content": parts}], max_tokens=1
+        )
+        assert oai.completions.create(model="acme/default", prompt=text, max_tokens=1).usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="acme/default", messages=[{"role": "user", "content": "a\x00b"}])
+    assert "NUL" in e.value.body["message"] and e.value.body["param"].startswith("messages.0.content")
+
+
 def test_openai_logit_bias(oai):
     kw = dict(
         model="acme/default", prompt="Tell me", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}

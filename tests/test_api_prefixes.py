@@ -249,7 +249,7 @@ def test_trainer_validation_is_422_with_param(server_factory):
         c.post("/prefixes", json={"tenant_id": "acme", "name": "x", "examples": EXAMPLES, "bogus": 1}), 422
     )
     assert err["param"] == "bogus"
-    # text a tokenizer cannot take (a lone surrogate, escaped in the JSON) or control characters: 422, no job
+    # text a tokenizer cannot take (a lone surrogate, escaped in the JSON) or a NUL (binary data): 422, no job
     for field, bad in (("prompt", "\ud800"), ("completion", " \ud800"), ("prompt", "a\u0000b")):
         examples = [{**EXAMPLES[0], field: bad}]
         body = json.dumps({"tenant_id": "acme", "name": "x", "examples": examples}, ensure_ascii=True)

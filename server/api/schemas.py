@@ -26,15 +26,14 @@ def reserved(tenant_id: str, name: str) -> tuple[str, str] | None:
 
 DEFAULT_PREFIX = "default"
 
-# C0 controls other than tab, newline and carriage return; lone surrogates cannot be encoded as UTF-8.
-_BAD_CHARS = {chr(c) for c in range(0x20) if chr(c) not in "\t\n\r"}
+# Text may hold any character a tokenizer takes: control characters too (a PDF's form feeds, a terminal's ANSI
+# escapes, as OpenAI and vLLM take them), except NUL, which is binary data sent by mistake; lone surrogates cannot
+# be encoded as UTF-8.
 
 
 def check_text(v: str) -> str:
-    if any(ch in _BAD_CHARS for ch in v):
-        raise ValueError(
-            "text contains control characters (only tab, newline and carriage return are allowed)"
-        )
+    if "\x00" in v:
+        raise ValueError("text contains a NUL character (\\u0000)")
     try:
         v.encode("utf-8")
     except UnicodeEncodeError:
@@ -49,17 +48,17 @@ def check_name(v: str) -> str:
 
 
 # Documents check_text in the schema (the validator gives the clearer message).
-NO_CONTROL_CHARS = {"pattern": "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F]*$"}
-Text = Annotated[str, Field(json_schema_extra=NO_CONTROL_CHARS), AfterValidator(check_text)]
+NO_NUL = {"pattern": "^[^\\u0000]*$"}
+Text = Annotated[str, Field(json_schema_extra=NO_NUL), AfterValidator(check_text)]
 PromptText = Annotated[
-    str, Field(min_length=1, json_schema_extra=NO_CONTROL_CHARS), AfterValidator(check_text)
+    str, Field(min_length=1, json_schema_extra=NO_NUL), AfterValidator(check_text)
 ]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["acme"]), AfterValidator(check_name)]
 Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Seed = Annotated[int, Field(ge=-(2**53 - 1), le=2**53 - 1)]  # exact in every JSON parser
-StopText = Annotated[str, Field(min_length=1, json_schema_extra=NO_CONTROL_CHARS), AfterValidator(check_text)]
+StopText = Annotated[str, Field(min_length=1, json_schema_extra=NO_NUL), AfterValidator(check_text)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 RepetitionPenalty = Annotated[float, Field(ge=0.01, le=2, allow_inf_nan=False)]  # below 0.01 logits overflow
 TopLogprobs = Annotated[int, Field(ge=0, le=1000)]  # the server's max_logprobs (default 20) is the real limit
