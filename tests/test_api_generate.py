@@ -211,16 +211,23 @@ def test_prompt_and_context_limits(server_factory, api_bundle, tmp_path):
         gen(roomy, tenant_id="acme", prompt=long, max_tokens=1), 413, "context_length_exceeded"
     )
     assert err["param"] == "prompt"
+    # the OpenAI routes answer as OpenAI and vLLM do, a 400 (clients trim or fall back on it; a 413 reaches them as
+    # a generic status error)
     chat = {"model": "acme/default", "messages": [{"role": "user", "content": long}], "max_tokens": 1}
-    err = assert_error(roomy.post("/v1/chat/completions", json=chat), 413, "context_length_exceeded")
-    assert err["param"] == "messages"
+    err = assert_error(roomy.post("/v1/chat/completions", json=chat), 400, "context_length_exceeded")
+    assert err["param"] == "messages" and "maximum context length is 64 tokens" in err["message"]
     chat = {
         "model": "acme/default",
         "messages": [{"role": "user", "content": "y"}],
         "max_completion_tokens": 60,
     }
-    err = assert_error(roomy.post("/v1/chat/completions", json=chat), 413, "context_length_exceeded")
+    err = assert_error(roomy.post("/v1/chat/completions", json=chat), 400, "context_length_exceeded")
     assert err["param"] == "max_completion_tokens"
+    # over the server's prompt limit: the same answer, saying which limit
+    over = {"model": "acme/default", "prompt": "x" * 200, "max_tokens": 1}
+    err = assert_error(c.post("/v1/completions", json=over), 400, "context_length_exceeded")
+    assert "maximum context length" in err["message"] and "the limit is 20" in err["message"]
+    assert err["param"] == "prompt"
     tgi = roomy.post("/tgi/generate", json={"inputs": long, "parameters": {"adapter_id": "acme/default"}})
     assert assert_error(tgi, 413)["param"] == "inputs"
     store.close()

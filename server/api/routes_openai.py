@@ -341,17 +341,37 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         for ids in plan.prompts
         for j in range(n)
     ]
-    # echo with max_tokens 0: the one token run to score the prompt is not the caller's
-    runs = await svc.generate_many(
-        info,
-        prefix,
-        jobs,
-        stream=body.stream,
-        receive=request.receive,
-        priority=priority,
-        bill_output=not plan.hide_output,
-    )
+    try:
+        # echo with max_tokens 0: the one token run to score the prompt is not the caller's
+        runs = await svc.generate_many(
+            info,
+            prefix,
+            jobs,
+            stream=body.stream,
+            receive=request.receive,
+            priority=priority,
+            bill_output=not plan.hide_output,
+        )
+    except APIError as e:
+        raise _as_openai_error(e) from None
     return _Choices(svc, runs, plan, body.model, int(time.time()), n)
+
+
+# the server's "too long" answers (413 on its own routes) that OpenAI gives as a 400 `context_length_exceeded`
+_CONTEXT_CODES = frozenset({"prompt_too_long", "context_length_exceeded"})
+
+
+def _as_openai_error(e: APIError) -> APIError:
+    """A request too long for the context or the prompt limit, as OpenAI and vLLM answer it: 400
+    `context_length_exceeded` with "maximum context length" in its message. That is what clients look for to trim a
+    conversation or fall back to a longer-context model (LangChain's context-overflow error, LiteLLM's
+    ContextWindowExceededError); a 413 reaches them as a generic status error."""
+    if e.status != 413 or e.code not in _CONTEXT_CODES:
+        return e
+    message = e.message
+    if e.code == "prompt_too_long":
+        message = f"This model's maximum context length for a prompt is set by this server: {e.message}"
+    return APIError(400, message, code="context_length_exceeded", param=e.param, headers=e.headers)
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:

@@ -50,9 +50,7 @@ def check_name(v: str) -> str:
 # Documents check_text in the schema (the validator gives the clearer message).
 NO_NUL = {"pattern": "^[^\\u0000]*$"}
 Text = Annotated[str, Field(json_schema_extra=NO_NUL), AfterValidator(check_text)]
-PromptText = Annotated[
-    str, Field(min_length=1, json_schema_extra=NO_NUL), AfterValidator(check_text)
-]
+PromptText = Annotated[str, Field(min_length=1, json_schema_extra=NO_NUL), AfterValidator(check_text)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["acme"]), AfterValidator(check_name)]
 Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
