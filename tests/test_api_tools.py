@@ -89,6 +89,26 @@ def test_named_function_is_forced_whole_and_streamed(oai):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_a_function_without_parameters_is_called_with_none(oai):
+    """OpenAI: omitting `parameters` defines a function with an empty parameter list. A forced call of one gets
+    `{}`, not an object the model makes up (it wrote '{"name":"name","description":"Hi' until max_tokens)."""
+    now = {"type": "function", "function": {"name": "now", "description": "The current time"}}
+    named = {"type": "function", "function": {"name": "now"}}
+    r = oai.chat.completions.create(
+        model="acme/default", messages=ASK, tools=[now], tool_choice=named, max_tokens=16, temperature=1
+    )
+    (call,) = r.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("now", {})
+    assert r.choices[0].finish_reason == "stop"
+    # "required": a list of one or more calls (this random model may go on adding some): each one's arguments {}
+    r = oai.chat.completions.create(
+        model="acme/default", messages=ASK, tools=[now], tool_choice="required", max_tokens=96, temperature=0
+    )
+    calls = r.choices[0].message.tool_calls
+    done = calls if r.choices[0].finish_reason != "length" else calls[:-1]  # the last may be cut short
+    assert done and all((c.function.name, json.loads(c.function.arguments)) == ("now", {}) for c in done)
+
+
 def test_required_gives_one_or_more_calls_of_the_tools(oai):
     kw = dict(model="acme/default", messages=ASK, tools=[WEATHER, TIME], tool_choice="required")
     for seed in range(3):

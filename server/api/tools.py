@@ -44,6 +44,9 @@ def _call(name: str, arguments: Any) -> dict[str, Any]:
     return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": text}}
 
 
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
 @dataclass
 class ToolPlan:
     """What a chat body's tools ask for: the mode, the tools for the template, the schema a forced call follows."""
@@ -64,9 +67,9 @@ class ToolPlan:
         max_tokens on blank space)."""
         if not self.forced:
             return None
-        params = {
-            t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in self.tools
-        }
+        # a function without `parameters` takes none (OpenAI: "omitting parameters defines a function with an
+        # empty parameter list"): its arguments are {}, not any object the model makes up
+        params = {t["function"]["name"]: t["function"].get("parameters") or NO_PARAMETERS for t in self.tools}
         if self.mode == "named":
             assert self.named is not None
             return StructuredOutputs("json", json.dumps(params[self.named]), any_whitespace=False)
