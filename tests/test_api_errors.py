@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from tests.fixtures.server import assert_error, put_random_prefix
+from tests.fixtures.server import assert_error, metric_value, put_random_prefix
 
 
 @pytest.fixture
@@ -290,11 +290,14 @@ def test_corrupt_or_truncated_record_is_refused_and_others_keep_serving(srv, api
     blob.write_bytes(bytes(data))
     short = root / "acme" / "truncated" / "v1.safetensors"
     short.write_bytes(short.read_bytes()[:100])
+    prompt_tokens = metric_value(c.get("/metrics").text, "prefixserve:prompt_tokens_total") or 0.0
     for name in ("flipped", "truncated"):
         err = assert_error(
             c.post("/generate", json={"tenant_id": "acme", "prefix": name, "prompt": "x"}), 422
         )
         assert err["code"] == "prefix_corrupt" and err["param"] == "prefix"
+    # refused before it was scheduled: it processed no prompt token
+    assert (metric_value(c.get("/metrics").text, "prefixserve:prompt_tokens_total") or 0.0) == prompt_tokens
     ok = c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "max_tokens": 2})
     assert ok.status_code == 200
 

@@ -480,6 +480,38 @@ def test_redis_usage_counts_of_tenants_named_like_its_bookkeeping_keys(redis_sto
     asyncio.run(main())
 
 
+def test_redis_usage_counts_survive_a_read_only_window(redis_server_factory):
+    """A Redis that refuses writes as a whole (a replica during failover, out of memory) applies nothing: the counts
+    stay pending and are sent once it takes writes again (only a part-applied transaction drops its counts)."""
+    import redis as sync_redis
+
+    from server.api.usage import RedisUsageMeter
+
+    srv = redis_server_factory
+    r = sync_redis.Redis.from_url(srv.url)
+
+    async def main() -> None:
+        meter = RedisUsageMeter(srv.url)
+        try:
+            meter.request("acme", None)
+            await meter.flush()
+            r.replicaof("127.0.0.1", 1)  # read-only: a replica of nobody reachable
+            meter.request("acme", None)
+            meter.request("acme", None)
+            with pytest.raises(sync_redis.ReadOnlyError):
+                await meter.flush()
+            r.replicaof("NO", "ONE")
+            await meter.flush()
+            assert (await meter.report("acme"))["requests"] == 3
+        finally:
+            await meter.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        r.close()
+
+
 def test_replicas_share_rate_limits_and_usage_through_redis(server_factory, redis_store_url):
     """limits_url: two servers draw on one budget and add to one set of usage counts, which outlive a restart;
     with that Redis down, requests are still served (each replica counting alone) and /usage is a 503."""

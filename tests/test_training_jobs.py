@@ -362,7 +362,8 @@ def test_seconds_until_slot_estimates_the_soonest_running_job_end():
     assert estimate(rec("running", 980.0, 10, 40), rec("running", 950.0, 5, 10)) == pytest.approx(50.0)
     # the time limit ends a slow job sooner than its pace would (started 100 s ago, 3600 s limit, pace says 9900)
     assert estimate(rec("running", 900.0, 1, 100, max_seconds=150.0)) == pytest.approx(50.0)
-    assert estimate(rec("running", 990.0, 0, 100, max_seconds=30.0)) == pytest.approx(20.0)
+    # a job at step 0 says nothing of its pace: its limit (an hour by default) is no estimate
+    assert estimate(rec("running", 995.0, 0, 100, max_seconds=3600.0)) is None
     assert estimate(rec("running", 990.0, 0, 100, max_seconds=float("inf"))) is None
 
 
@@ -528,7 +529,7 @@ def test_what_the_server_could_not_serve_is_refused_at_submission(managers):
 
 
 def test_a_worker_with_another_base_model_gives_the_job_back_for_one_with_its_model(
-    managers, store, tiny_llama_bundle
+    managers, store, tiny_llama_bundle, monkeypatch
 ):
     """A misconfigured worker (another --model) on the shared queue takes a job, sees the job's base model is not
     its own and gives it back, the attempt not counted, and claims nothing for a while: a worker of the job's model
@@ -540,7 +541,7 @@ def test_a_worker_with_another_base_model_gives_the_job_back_for_one_with_its_mo
     assert rec.base_model_fingerprint == tiny_llama_bundle.fingerprint
     other = dataclasses.replace(tiny_llama_bundle, fingerprint="f" * 64)
     wrong = managers(bundle=other)
-    assert wrong.run_one("w-wrong") is True  # took it ...
+    assert wrong.run_one("w-wrong") is False  # took it (not a job run) ...
     back = server.get(rec.job_id)
     assert back.status == "queued" and back.attempts == 0 and back.worker is None  # ... and gave it back
     assert "another base model" in back.error and store.versions("acme", "bot") == []
@@ -552,6 +553,13 @@ def test_a_worker_with_another_base_model_gives_the_job_back_for_one_with_its_mo
     done = wait_status(right, rec.job_id, ("succeeded", "failed"))
     assert done.status == "succeeded" and done.attempts == 1 and done.worker == "w-right", done.error
     assert store.versions("acme", "bot") == [done.prefix_version]
+    # with no worker of its model for FOREIGN_GIVE_UP_S, a job fails saying so (it would hold a job slot for good)
+    rec2 = server.submit(request_(name="bot2"))
+    monkeypatch.setattr(jobs_mod, "FOREIGN_GIVE_UP_S", 0.0)
+    wrong._claim_after = 0.0
+    assert wrong.run_one("w-wrong") is True
+    failed = server.get(rec2.job_id)
+    assert failed.status == "failed" and "a worker must load the server's model" in failed.error
 
 
 def test_a_job_backend_outage_after_training_is_waited_out(managers, store, monkeypatch):
@@ -563,30 +571,40 @@ def test_a_job_backend_outage_after_training_is_waited_out(managers, store, monk
     rec = jm.submit(request_(epochs=1))
     owns, cancel_requested = jm.backend.owns, jm.backend.cancel_requested
     outage: dict[str, float] = {}
+    tries: list[str] = []
 
-    def down_for_a_while(fn):
+    def down_for_a_while(fn, starts: bool):
+        # the outage begins at the ownership check after training (the cancel flag is also read before every
+        # step, which must not start it), and lasts longer than the quick tries of before (~1.5 s here)
         def call(claim):
-            outage.setdefault("start", time.monotonic())
-            if time.monotonic() - outage["start"] < 2.5:  # longer than the 5 quick tries of before (~1.5 s)
+            if starts:
+                outage.setdefault("start", time.monotonic())
+            if "start" in outage and time.monotonic() - outage["start"] < 2.5:
+                tries.append(fn.__name__)
                 raise StoreUnavailable("connection refused")
             return fn(claim)
 
         return call
 
-    monkeypatch.setattr(jm.backend, "owns", down_for_a_while(owns))
-    monkeypatch.setattr(jm.backend, "cancel_requested", down_for_a_while(cancel_requested))
+    monkeypatch.setattr(jm.backend, "owns", down_for_a_while(owns, True))
+    monkeypatch.setattr(jm.backend, "cancel_requested", down_for_a_while(cancel_requested, False))
     monkeypatch.setattr(jobs_mod, "TRANSIENT_ATTEMPTS", 3)
     assert jm.work("w1", max_jobs=1) == 1
     done = jm.get(rec.job_id)
     assert done.status == "succeeded" and done.attempts == 1, done.error
     assert store.versions("acme", "bot") == [done.prefix_version]
-    # unreachable for longer than the patience: the run goes on as the owner (its put is idempotent per job)
-    monkeypatch.setattr(jobs_mod, "AFTER_TRAINING_ATTEMPTS", 2)
+    assert tries.count("owns") >= 3  # it did wait (tries at 0, 0.5, 1.5 s into the outage)
 
     def unreachable(claim):
         raise StoreUnavailable("connection refused")
 
     claim = SimpleNamespace(record=rec)
+    # a worker shutting down does not wait: it answers at once, as if the backend stayed unreachable
+    t0 = time.monotonic()
+    assert jm._after_training("check", unreachable, claim, unknown=True, stopping=lambda: True) is True
+    assert time.monotonic() - t0 < 1.0
+    # unreachable for longer than the patience: the run goes on as the owner (its put is idempotent per job)
+    monkeypatch.setattr(jobs_mod, "AFTER_TRAINING_ATTEMPTS", 2)
     assert jm._after_training("check the job's owner", unreachable, claim, unknown=True) is True
     assert jm._after_training("read the cancel flag", unreachable, claim, unknown=False) is False
 

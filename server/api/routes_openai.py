@@ -353,7 +353,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             bill_output=not plan.hide_output,
         )
     except APIError as e:
-        raise _as_openai_error(e) from None
+        raise _as_openai_error(e, body.model) from None
     return _Choices(svc, runs, plan, body.model, int(time.time()), n)
 
 
@@ -361,16 +361,21 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
 _CONTEXT_CODES = frozenset({"prompt_too_long", "context_length_exceeded"})
 
 
-def _as_openai_error(e: APIError) -> APIError:
+def _as_openai_error(e: APIError, model: str) -> APIError:
     """A request too long for the context or the prompt limit, as OpenAI and vLLM answer it: 400
     `context_length_exceeded` with "maximum context length" in its message. That is what clients look for to trim a
     conversation or fall back to a longer-context model (LangChain's context-overflow error, LiteLLM's
-    ContextWindowExceededError); a 413 reaches them as a generic status error."""
+    ContextWindowExceededError); a 413 reaches them as a generic status error. A prefix gone between the lookup and
+    its first step is an unknown model, as any other."""
+    if e.status == 404 and e.code == "prefix_not_found":
+        return APIError(404, f"model {model!r} not found", code="model_not_found", param="model")
     if e.status != 413 or e.code not in _CONTEXT_CODES:
         return e
     message = e.message
     if e.code == "prompt_too_long":
         message = f"This model's maximum context length for a prompt is set by this server: {e.message}"
+    elif "maximum context length" not in message:  # the engine's KV-cache budget
+        message = f"This request exceeds the maximum context length this server can hold: {e.message}"
     return APIError(400, message, code="context_length_exceeded", param=e.param, headers=e.headers)
 
 

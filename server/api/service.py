@@ -457,9 +457,11 @@ class GenerationRun:
             if ev.first_scheduled_time is not None and ev.arrival_time:
                 self.info.queue_s = max(0.0, ev.first_scheduled_time - ev.arrival_time)
                 m.queue.observe(self.info.queue_s)
-            # whatever the outcome: the tokens were processed, and the request took that long
+            # whatever the outcome, the tokens it processed (none for a request refused before it was scheduled: a
+            # prefix that could not load, ...) and how long it took
             m.e2e.observe(now - self._t0)
-            m.prompt_tokens.inc(ev.prompt_tokens)
+            if ev.first_scheduled_time is not None:
+                m.prompt_tokens.inc(ev.prompt_tokens)
             m.generation_tokens.inc(ev.completion_tokens if self.bill_output else 0)
             m.request_success.labels(ev.finish_reason or "error").inc()
 

@@ -165,19 +165,24 @@ class RedisUsageMeter(UsageMeter):
                 for tenant, counts in pending.items():
                     for field, n in counts.items():
                         pipe.hincrby(self._tenant_key(tenant), field, n)
-                await pipe.execute()
-        except self._refused as e:
-            # redis ran the transaction and refused a command of it (a key of the wrong type): what it applied
-            # stays applied, so sending the counts again would count them twice, at every flush from then on
-            log.error("usage: redis refused the counts (%s); %d tenants' counts dropped", e, len(pending))
-            raise
+                # an error of one command inside EXEC comes back as its result: the others were applied
+                results = await pipe.execute(raise_on_error=False)
         except Exception as e:
+            # not applied (no answer, a transaction aborted: read-only replica, out of memory, ...): sent again
             for tenant, counts in pending.items():  # back in front of whatever came meanwhile
                 self._add(tenant, counts)
             if not self._failing:
                 log.warning("usage: redis unavailable (%s); counts are kept here until it answers", e)
             self._failing = True
             raise
+        refused = [r for r in results if isinstance(r, Exception)]
+        if refused:
+            # redis ran the transaction and refused part of it (a key of the wrong type): what it applied stays
+            # applied, so sending the counts again would count those twice, at every flush from then on
+            log.error(
+                "usage: redis refused %d of the counts (%s); they are dropped", len(refused), refused[0]
+            )
+            raise self._refused(str(refused[0]))
         if self._failing:
             log.info("usage: redis answers again; pending counts flushed")
         self._failing = False

@@ -88,6 +88,9 @@ AFTER_TRAINING_ATTEMPTS = 18
 # a worker that gave a job back for another base model waits this long before claiming again, so that a worker
 # of that model takes it (a worker of the wrong model alone cannot spin on it)
 FOREIGN_BACKOFF_S = 2.0
+# a job still given back by workers of other models this long after its submission fails, saying so: no worker of
+# its model is running (it would otherwise hold one of its tenant's job slots for good)
+FOREIGN_GIVE_UP_S = 900.0
 # how far the clocks of the machines running servers and workers may disagree (NTP keeps them far closer): looking
 # for the version a job stored goes back this much before the job's submission time
 CLOCK_SKEW_S = 3600.0
@@ -361,9 +364,10 @@ class JobManager:
             step, total = rec.progress.get("step") or 0, rec.progress.get("total_steps") or 0
             left = elapsed / step * max(0, total - step) if step > 0 and total > 0 else None
             max_s = (rec.limits or {}).get("max_seconds")
-            if isinstance(max_s, (int, float)) and math.isfinite(max_s):
-                cap = max(0.0, rec.started + max_s - now)
-                left = cap if left is None else min(left, cap)
+            if left is not None and isinstance(max_s, (int, float)) and math.isfinite(max_s):
+                # the time limit only bounds an estimate: a job at step 0 says nothing of its pace (its limit,
+                # an hour by default, would be a poor guess)
+                left = min(left, max(0.0, rec.started + max_s - now))
             if left is not None:
                 soonest = left if soonest is None else min(soonest, left)
         return soonest
@@ -481,10 +485,10 @@ class JobManager:
                 claim = self.backend.claim(worker_id)
         if claim is None:
             return False
-        self._run(claim, stop)
-        return True
+        return self._run(claim, stop)
 
-    def _run(self, claim: Any, stop: threading.Event) -> None:
+    def _run(self, claim: Any, stop: threading.Event) -> bool:
+        """Run a claimed job to its end; False if it was given back unrun (another base model's)."""
         rec: JobRecord = claim.record
         job_id = rec.job_id
         cancel_ev = threading.Event()
@@ -532,12 +536,18 @@ class JobManager:
 
         log.info("job %s running on %s (attempt %d)", job_id, claim.worker_id, rec.attempts)
         try:
-            self._execute(claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt)
+            # (False only from a give-back; every other end returns None: the job ran)
+            return self._execute(
+                claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt,
+                lambda: stop.is_set() or self._stop.is_set(),
+            ) is not False  # fmt: skip
         finally:
             halt()
             self._running.pop(job_id, None)
 
-    def _execute(self, claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt) -> None:
+    def _execute(
+        self, claim, rec, should_stop, on_progress, cancel_ev, lost_ev, progress, halt, stopping
+    ) -> bool | None:
         hp = dict(rec.hyperparameters)
         try:
             # an earlier run stored the prefix and died before recording that: record it, no second version
@@ -577,10 +587,10 @@ class JobManager:
             # the trained prefix is in memory: a backend or store outage from here on is waited out (the heartbeat
             # keeps the claim once the backend is back), not a failure
             if lost_ev.is_set() or not self._after_training("check the job's owner", self.backend.owns, claim,
-                                                            unknown=True):  # fmt: skip
+                                                            unknown=True, stopping=stopping):  # fmt: skip
                 raise _Lost()
             if cancel_ev.is_set() or self._after_training(
-                "read the cancel flag", self.backend.cancel_requested, claim, unknown=False
+                "read the cancel flag", self.backend.cancel_requested, claim, unknown=False, stopping=stopping
             ):
                 raise TrainingCancelled("cancelled after the last step")
             summary = dict(result.summary)
@@ -624,9 +634,16 @@ class JobManager:
             log.info("job %s: worker stopping, requeued", rec.job_id)
         except _ForeignModel as e:
             halt()
+            mine, theirs = self.bundle.fingerprint[:16], e.want[:16]
+            if time.time() - rec.created > FOREIGN_GIVE_UP_S:
+                self._finish(claim, "failed", progress=dict(progress), error=(
+                    f"no worker of the server's base model ({theirs}) took the job within {FOREIGN_GIVE_UP_S:.0f} s "
+                    f"of its submission; a worker that loaded another model ({mine}) gave it back: a worker must "
+                    "load the server's model"))  # fmt: skip
+                return True
             reason = (
-                f"taken by a worker that loaded another base model ({self.bundle.fingerprint[:16]}) and given back: "
-                f"it runs on a worker that loaded the server's model ({e.want[:16]})"
+                f"taken by a worker that loaded another base model ({mine}) and given back: it runs on a worker "
+                f"that loaded the server's model ({theirs})"
             )
             with contextlib.suppress(Exception):
                 self.backend.requeue(claim, reason)
@@ -635,6 +652,7 @@ class JobManager:
                 self._foreign_logged.add(e.want)
                 log.error("job %s is for base model %s; this worker loaded %s: given back to the queue (check this "
                           "worker's --model)", rec.job_id, e.want, self.bundle.fingerprint)  # fmt: skip
+            return False
         except _Lost:
             halt()
             log.warning("job %s was taken over by another worker; dropping this run", rec.job_id)
@@ -669,25 +687,28 @@ class JobManager:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
-    def _patient(what: str, fn: Any, *args: Any) -> Any:
+    def _patient(what: str, fn: Any, *args: Any, stopping: Any = None) -> Any:
         """`fn(*args)`, tried again while it raises StoreUnavailable, AFTER_TRAINING_ATTEMPTS times in all (backing
-        off 0.5 s, 1 s, 2 s, 4 s, then 8 s); the last error is raised."""
+        off 0.5 s, 1 s, 2 s, 4 s, then 8 s), and no longer once `stopping()` says the worker is shutting down; the
+        last error is raised."""
         for attempt in range(AFTER_TRAINING_ATTEMPTS):
             try:
                 return fn(*args)
             except StoreUnavailable as e:
-                if attempt == AFTER_TRAINING_ATTEMPTS - 1:
+                if attempt == AFTER_TRAINING_ATTEMPTS - 1 or (stopping is not None and stopping()):
                     raise
                 log.warning("could not %s (attempt %d): %s", what, attempt + 1, e)
-                time.sleep(min(8.0, 0.5 * 2 ** min(attempt, 4)))
+                deadline = time.monotonic() + min(8.0, 0.5 * 2 ** min(attempt, 4))
+                while time.monotonic() < deadline and not (stopping is not None and stopping()):
+                    time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _after_training(self, what: str, fn: Any, claim: Any, *, unknown: bool) -> bool:
+    def _after_training(self, what: str, fn: Any, claim: Any, *, unknown: bool, stopping: Any = None) -> bool:
         """A yes/no question to the job backend once the prefix is trained, waited out like `_patient`; if the
         backend stays unreachable, `unknown`: the run goes on (storing is idempotent per job, so a run that lost
         its claim meanwhile makes no second version) rather than throwing its trained prefix away."""
         try:
-            return bool(self._patient(what, fn, claim))
+            return bool(self._patient(what, fn, claim, stopping=stopping))
         except StoreUnavailable as e:
             log.error("job %s: could not %s (%s); going on as if %s", claim.record.job_id, what, e, unknown)
             return unknown
