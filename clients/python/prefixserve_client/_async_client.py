@@ -217,8 +217,10 @@ class AsyncPrefixes:
         return r.content
 
 
-class AsyncClient:
+class AsyncClient(_base.WithOptions):
     """Asynchronous PrefixServe client; same configuration and retry policy as :class:`Client`."""
+
+    _http: httpx.AsyncClient
 
     def __init__(
         self,
@@ -241,26 +243,6 @@ class AsyncClient:
         self._http = http_client or httpx.AsyncClient(timeout=self.timeout)
         self.prefixes = AsyncPrefixes(self)
         self._extra_headers = dict(headers or {})
-
-    def with_options(
-        self,
-        *,
-        timeout: TimeoutTypes | _base.NotGiven = _base.NOT_GIVEN,
-        max_retries: int | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> AsyncClient:
-        """A client like this one with some options changed, for a call or a few:
-        ``client.with_options(timeout=5, max_retries=0).generate(...)``. It shares this client's connection pool
-        (closing it leaves the pool open; closing this client closes the pool for both); ``headers`` are added to
-        this client's own."""
-        return type(self)(
-            self.base_url,
-            self.api_key,
-            self.timeout if isinstance(timeout, _base.NotGiven) else timeout,
-            self.max_retries if max_retries is None else max_retries,
-            headers={**self._extra_headers, **(headers or {})},
-            http_client=self._http,
-        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, max_retries={self.max_retries})"

@@ -83,6 +83,40 @@ def resolve_timeout(
     return httpx.Timeout(float(timeout), connect=min(float(timeout), 10.0))
 
 
+_Client = TypeVar("_Client", bound="WithOptions")
+
+
+class WithOptions:
+    """`with_options`, for the sync and the async client alike (both take these constructor arguments)."""
+
+    base_url: str
+    api_key: str | None
+    timeout: httpx.Timeout
+    max_retries: int
+    _extra_headers: dict[str, str]
+    _http: Any
+
+    def with_options(
+        self: _Client,
+        *,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+        max_retries: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> _Client:
+        """A client like this one with some options changed, for a call or a few:
+        ``client.with_options(timeout=5, max_retries=0).generate(...)``. It shares this client's connection pool
+        (closing it leaves the pool open; closing this client closes the pool for both); ``headers`` are added to
+        this client's own."""
+        return type(self)(  # type: ignore[call-arg]
+            self.base_url,
+            self.api_key,
+            self.timeout if isinstance(timeout, NotGiven) else timeout,
+            self.max_retries if max_retries is None else max_retries,
+            headers={**self._extra_headers, **(headers or {})},
+            http_client=self._http,
+        )
+
+
 def default_headers(api_key: str | None, extra: dict[str, str] | None) -> dict[str, str]:
     h = {"User-Agent": f"prefixserve-client/{__version__}", "Accept": "application/json"}
     if api_key:

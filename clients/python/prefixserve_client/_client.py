@@ -226,7 +226,7 @@ class Prefixes:
         return r.content
 
 
-class Client:
+class Client(_base.WithOptions):
     """Synchronous PrefixServe client.
 
     ``base_url`` defaults to ``$PREFIXSERVE_BASE_URL``, then ``http://127.0.0.1:8000``; ``api_key`` to
@@ -236,6 +236,8 @@ class Client:
     applies to every request; not given, it is ``http_client``'s own timeout when one is passed (httpx's default
     is 5 s), else 600 s (10 s to connect).
     """
+
+    _http: httpx.Client
 
     def __init__(
         self,
@@ -258,26 +260,6 @@ class Client:
         self._http = http_client or httpx.Client(timeout=self.timeout)
         self.prefixes = Prefixes(self)
         self._extra_headers = dict(headers or {})
-
-    def with_options(
-        self,
-        *,
-        timeout: TimeoutTypes | _base.NotGiven = _base.NOT_GIVEN,
-        max_retries: int | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Client:
-        """A client like this one with some options changed, for a call or a few:
-        ``client.with_options(timeout=5, max_retries=0).generate(...)``. It shares this client's connection pool
-        (closing it leaves the pool open; closing this client closes the pool for both); ``headers`` are added to
-        this client's own."""
-        return type(self)(
-            self.base_url,
-            self.api_key,
-            self.timeout if isinstance(timeout, _base.NotGiven) else timeout,
-            self.max_retries if max_retries is None else max_retries,
-            headers={**self._extra_headers, **(headers or {})},
-            http_client=self._http,
-        )
 
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}(base_url={self.base_url!r}, max_retries={self.max_retries})"
