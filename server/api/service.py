@@ -515,9 +515,8 @@ class GenerationRun:
                     m = self.svc.metrics
                     m.request_success.labels("abort").inc()
                     m.e2e.observe(time.monotonic() - self._t0)
-                    if (
-                        self.first is not None
-                    ):  # it was prefilled (its first token came) before the client left
+                    # it was prefilled (its first token came) before the client left
+                    if self.first is not None:
                         m.prompt_tokens.inc(len(self.req.prompt_token_ids))
                         m.generation_tokens.inc(self.generated if self.bill_output else 0)
         finally:

@@ -673,42 +673,33 @@ class JobManager:
             self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
 
     @staticmethod
-    def _transient(what: str, fn: Any, *args: Any) -> Any:
-        """`fn(*args)`, tried again (backing off 0.5 s, 1 s, 2 s, 4 s) while it raises StoreUnavailable; the last
-        one is raised."""
-        for attempt in range(TRANSIENT_ATTEMPTS):
+    def _transient(what: str, fn: Any, *args: Any, attempts: int | None = None, stopping: Any = None) -> Any:
+        """`fn(*args)`, tried again while it raises StoreUnavailable, `attempts` times in all (TRANSIENT_ATTEMPTS by
+        default), backing off 0.5 s, 1 s, 2 s, 4 s, then 8 s, and no longer once `stopping()` says the worker is
+        shutting down; the last error is raised."""
+        n = TRANSIENT_ATTEMPTS if attempts is None else attempts
+        for attempt in range(n):
             try:
                 return fn(*args)
             except StoreUnavailable as e:
-                if attempt == TRANSIENT_ATTEMPTS - 1:
+                if attempt == n - 1 or (stopping is not None and stopping()):
                     raise
                 log.warning("could not %s (attempt %d): %s", what, attempt + 1, e)
-                time.sleep(min(8.0, 0.5 * 2**attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    @staticmethod
-    def _patient(what: str, fn: Any, *args: Any, stopping: Any = None) -> Any:
-        """`fn(*args)`, tried again while it raises StoreUnavailable, AFTER_TRAINING_ATTEMPTS times in all (backing
-        off 0.5 s, 1 s, 2 s, 4 s, then 8 s), and no longer once `stopping()` says the worker is shutting down; the
-        last error is raised."""
-        for attempt in range(AFTER_TRAINING_ATTEMPTS):
-            try:
-                return fn(*args)
-            except StoreUnavailable as e:
-                if attempt == AFTER_TRAINING_ATTEMPTS - 1 or (stopping is not None and stopping()):
-                    raise
-                log.warning("could not %s (attempt %d): %s", what, attempt + 1, e)
-                deadline = time.monotonic() + min(8.0, 0.5 * 2 ** min(attempt, 4))
-                while time.monotonic() < deadline and not (stopping is not None and stopping()):
+                delay = min(8.0, 0.5 * 2 ** min(attempt, 4))
+                if stopping is None:
+                    time.sleep(delay)
+                    continue
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not stopping():
                     time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _after_training(self, what: str, fn: Any, claim: Any, *, unknown: bool, stopping: Any = None) -> bool:
-        """A yes/no question to the job backend once the prefix is trained, waited out like `_patient`; if the
-        backend stays unreachable, `unknown`: the run goes on (storing is idempotent per job, so a run that lost
-        its claim meanwhile makes no second version) rather than throwing its trained prefix away."""
+        """A yes/no question to the job backend once the prefix is trained, tried AFTER_TRAINING_ATTEMPTS times
+        (about 2 min); if the backend stays unreachable, `unknown`: the run goes on (storing is idempotent per job,
+        so a run that lost its claim meanwhile makes no second version) rather than throwing its prefix away."""
         try:
-            return bool(self._patient(what, fn, claim, stopping=stopping))
+            return bool(self._transient(what, fn, claim, attempts=AFTER_TRAINING_ATTEMPTS, stopping=stopping))
         except StoreUnavailable as e:
             log.error("job %s: could not %s (%s); going on as if %s", claim.record.job_id, what, e, unknown)
             return unknown
