@@ -54,6 +54,11 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
+def model_not_found(model: str) -> APIError:
+    """OpenAI's answer to a model that does not exist, or is another tenant's (no existence leak)."""
+    return APIError(404, f"model {model!r} not found", code="model_not_found", param="model")
+
+
 def parse_model(model: str, principal: Principal) -> tuple[str, str, int | None]:
     """`tenant[/prefix][@version]` → (tenant, prefix name, pinned version or None for the latest)."""
     tenant, sep, name = model.partition("/")
@@ -69,7 +74,7 @@ def parse_model(model: str, principal: Principal) -> tuple[str, str, int | None]
         or (at and (pinned is None or name == BASE_PREFIX))
         or not principal.can_access(tenant)
     ):
-        raise APIError(404, f"model {model!r} not found", code="model_not_found", param="model")
+        raise model_not_found(model)
     return tenant, name, pinned
 
 
@@ -277,11 +282,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     try:
         prefix = await svc.resolve(tenant, name, version, param="model")
     except APIError as e:
-        if e.status == 404:  # as OpenAI says it, and as another tenant's model is answered
-            raise APIError(
-                404, f"model {body.model!r} not found", code="model_not_found", param="model"
-            ) from None
-        raise
+        raise _as_openai_error(e, body.model) from None
     info.version = prefix.version
     if chat:
         assert isinstance(body, ChatCompletionRequest)
@@ -368,7 +369,7 @@ def _as_openai_error(e: APIError, model: str) -> APIError:
     ContextWindowExceededError); a 413 reaches them as a generic status error. A prefix gone between the lookup and
     its first step is an unknown model, as any other."""
     if e.status == 404 and e.code == "prefix_not_found":
-        return APIError(404, f"model {model!r} not found", code="model_not_found", param="model")
+        return model_not_found(model)
     if e.status != 413 or e.code not in _CONTEXT_CODES:
         return e
     message = e.message
@@ -747,7 +748,7 @@ async def get_model(
         meta = await store_call(svc, svc.store.get_meta, tenant, name, version, what="model")
     except APIError as e:
         if e.status == 404:  # the code the generation routes give an unknown model
-            raise APIError(404, f"model {model!r} not found", code="model_not_found", param="model") from None
+            raise model_not_found(model) from None
         raise
     card = _card(meta, svc)
     if version is not None:  # the id asked for, as the generation routes echo it
