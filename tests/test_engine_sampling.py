@@ -565,6 +565,38 @@ def test_stop_strings_count_from_min_tokens_on():
     assert not any(hit for _, hit in out) and "".join(t for t, _ in out) + d.finish() == "a.bc.d"
 
 
+def test_a_longer_stop_string_does_not_widen_the_min_tokens_window():
+    """Each stop string reaches back into earlier text by its own length: a short one that lay wholly before the
+    min_tokens-th token matched once a longer stop string (that never occurs) was also given."""
+    from server.engine.detokenizer import IncrementalDetokenizer
+
+    tok = _ByteTokenizer({1: b" with", 2: b" a", 3: b" quick", 4: b" a b", 9: b"x"})
+    for stop in ((" a",), (" a", "zzzzzzzz")):
+        d = IncrementalDetokenizer(tok, [9], stop, min_tokens=3)
+        out = [d.add(i) for i in (1, 2, 3, 4)]
+        assert [hit for _, hit in out] == [False, False, False, True], stop
+        assert "".join(t for t, _ in out) == " with a quick" and d.text == " with a quick"
+
+
+@pytest.mark.parametrize("stop", [(), ("zz",)])
+def test_an_output_that_completes_the_prompts_last_character_keeps_it(stop):
+    """A token-id prompt may end inside a character (its text ends in U+FFFD); the output token that completes the
+    character brings that character. It was dropped when streamed or with a stop string, and decoding the output
+    at once turned it into U+FFFD: the text now is the same every way."""
+    from server.engine.detokenizer import IncrementalDetokenizer, decode_output
+
+    dog = "\N{DOG FACE}".encode()
+    tok = _ByteTokenizer({1: b"Dogs: " + dog[:3], 2: dog[3:], 3: dog, 4: dog[:2], 5: b"x"})
+    prompt = [5, 1]
+    d = IncrementalDetokenizer(tok, prompt, stop)
+    streamed = "".join(d.add(i)[0] for i in (2, 3, 4)) + d.finish()
+    want = "\N{DOG FACE}\N{DOG FACE}\ufffd"
+    assert streamed == want and decode_output(tok, prompt, [2, 3, 4]) == want
+    # a prompt's incomplete character that the output does not complete stays the prompt's
+    d = IncrementalDetokenizer(tok, prompt, stop)
+    assert d.add(3)[0] + d.finish() == "\N{DOG FACE}" == decode_output(tok, prompt, [3])
+
+
 def test_min_tokens_holds_off_a_stop_string_in_the_engine(setup):
     b, keys = setup
     k0 = next(iter(keys))

@@ -8,6 +8,18 @@ characters that are later cut.
 from __future__ import annotations
 
 CONTEXT_TOKENS = 6  # prompt tokens decoded before the output: a first token's leading space depends on them
+REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
+
+
+def kept_length(before: str, after: str) -> int:
+    """How much of `before` (the text of some tokens) the text of those tokens and more (`after`) keeps as it was:
+    all of it, except that a prompt ending inside a character decodes to U+FFFD there, and the output tokens that
+    complete the character turn it into that character, which is output text."""
+    whole = len(before.rstrip(REPLACEMENT))
+    n = whole
+    while n < len(before) and n < len(after) and after[n] == before[n]:
+        n += 1
+    return n
 
 
 def decode_output(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
@@ -20,7 +32,9 @@ def decode_output(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
 
     ctx = list(prompt_ids[-CONTEXT_TOKENS:])
     before, whole = decode(ctx), decode(ctx + ids)
-    return whole[len(before) :] if whole.startswith(before) else decode(ids)
+    if not whole.startswith(before.rstrip(REPLACEMENT)):
+        return decode(ids)
+    return whole[kept_length(before, whole) :]
 
 
 class IncrementalDetokenizer:
@@ -58,9 +72,10 @@ class IncrementalDetokenizer:
         self.generated += 1
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+        kept = kept_length(prefix_text, new_text)
+        if len(new_text) > kept and not new_text.endswith(REPLACEMENT):
             start = len(self.text)
-            self.text += new_text[len(prefix_text) :]
+            self.text += new_text[kept:]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
             if self._cut_at_stop(start):
@@ -74,9 +89,9 @@ class IncrementalDetokenizer:
         """Whether the text from `start` on completes a stop string; if so the text ends there."""
         if not self.stop or self.generated < self.min_tokens:
             return False
-        # a stop string may straddle the previous text; search from where it could begin
-        lo = max(0, start - self.hold)
-        hits = [(i, s) for s in self.stop if (i := self.text.find(s, lo)) != -1]
+        # a match ends in the new text (so it takes in text of the min_tokens-th token or a later one); it may
+        # straddle the previous text, each stop string by its own length
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, max(0, start - len(s) + 1))) != -1]
         if not hits:
             return False
         i, s = min(hits, key=lambda h: (h[0], -len(h[1])))  # the first; at one place the longest
@@ -94,8 +109,9 @@ class IncrementalDetokenizer:
         back as an incomplete character may hold a stop string: it is cut there too (`stopped` says so)."""
         if self.read_offset < len(self.ids) and not self.stopped:
             prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            new_text = self._decode(self.ids[self.prefix_offset :])
             start = len(self.text)
-            self.text += self._decode(self.ids[self.prefix_offset :])[len(prefix_text) :]
+            self.text += new_text[kept_length(prefix_text, new_text) :]
             self.read_offset = len(self.ids)
             self._cut_at_stop(start)
         return self._flush()
