@@ -667,7 +667,7 @@ async def _stream_auto(
             if kind == "content":
                 yield chunk({"content": "".join(values)}, None, pending.take())
             else:
-                if not tools.parallel:  # only the first call (`ToolPlan.split_calls` does the same)
+                if not tools.parallel:  # only the first call (`ToolPlan.parse` does the same)
                     values = values[: max(0, 1 - len(sent))]
                     if not values:
                         continue

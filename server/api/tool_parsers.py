@@ -197,17 +197,36 @@ class AutoStream:
     """tool_choice "auto" in a stream: what of the output can be sent so far, in output order. Text goes as soon
     as it cannot be the start of a call; with a block format (hermes) each call goes as soon as its block closes
     (and text after it streams again); with the formats that are the whole output, the calls go at the end.
-    What `feed` returns over a whole output is what `ToolParser.split` makes of it: the same calls, the same text."""
+    What `feed` returns over a whole output is what `ToolParser.split` makes of it (the same calls, the same text),
+    except blank runs: whitespace alone before a call, between calls or after the last is not content (it waits
+    until text follows it, and goes with that text). Whatever the pieces the output comes in, the items are the
+    same: the server answers a request that is not streamed with one `feed` of the whole output."""
 
     def __init__(self, parser: ToolParser, names: set[str]) -> None:
         self.parser, self.names = parser, names
         self.full = ""
         self.sent = 0  # self.full[:sent] has been returned
+        self.blank = ""  # whitespace since the start or the last call, not sent yet
+        self.in_blank = True  # nothing but whitespace since the start or the last call
+        self.called = False
 
     def feed(self, text: str, *, final: bool = False) -> list[Item]:
         self.full += text
         items = self._blocks(final) if self.parser.blocks else self._whole(final)
-        return [(k, v) for k, v in items if v != ""]
+        out: list[Item] = []
+        for kind, value in items:
+            if kind == "call":
+                self.blank, self.in_blank, self.called = "", True, True
+                out.append((kind, value))
+            elif self.in_blank and not value.strip():
+                self.blank += value
+            else:
+                out.append((kind, self.blank + value))
+                self.blank, self.in_blank = "", False
+        if final and self.blank and not self.called:
+            out.append(("content", self.blank))
+            self.blank = ""
+        return [(k, v) for k, v in out if v != ""]
 
     def _whole(self, final: bool) -> list[Item]:
         if not final:

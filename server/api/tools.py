@@ -97,10 +97,14 @@ class ToolPlan:
             stream.feed(text)
             # cut short by max_tokens: the calls begun (as the stream sent them), never the list's raw text
             return None, (stream.result() or stream.begun() or None)
-        if self.mode == "auto":
-            outside, calls = self.split_calls(text)
+        if self.mode == "auto":  # read as a stream reads it: the same text, the same calls
+            items = self.auto_stream().feed(text, final=True)
+            calls = [v for k, v in items if k == "call"]
             if calls:
-                return outside.strip() or None, calls
+                if not self.parallel:  # only the first (as vLLM and OpenAI)
+                    calls = calls[:1]
+                content = "".join(v for k, v in items if k == "content")
+                return content or None, [_call(name, args) for name, args in calls]
         return text, None
 
     def auto_stream(self) -> AutoStream:
@@ -111,14 +115,6 @@ class ToolPlan:
     def call(name: str, arguments: Any) -> dict[str, Any]:
         """A `tool_calls` entry (new id) of a call a parser found."""
         return _call(name, arguments)
-
-    def split_calls(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """("auto") The text outside the calls the parser finds (of known tools), and the calls (only the first
-        with `parallel_tool_calls: false`, as vLLM and OpenAI)."""
-        outside, calls = self.parser.split(text, {t["function"]["name"] for t in self.tools})
-        if not self.parallel:
-            calls = calls[:1]
-        return outside, [_call(name, args) for name, args in calls]
 
     def finish_reason(self, engine_reason: str | None, calls: list[dict[str, Any]] | None) -> str:
         """ "tool_calls" when calls were made, unless the output was cut short by max_tokens ("length": the
