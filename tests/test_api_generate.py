@@ -601,6 +601,63 @@ def test_tokenize_counts_what_generate_feeds_and_detokenize_round_trips(srv):
     assert_error(c.post("/detokenize", json={"tokens": [srv.svc.bundle.spec.vocab_size]}), 422)
 
 
+def test_tokenize_renders_messages_as_chat_completions_does(srv):
+    """/tokenize takes what /v1/chat/completions renders messages with (tools, earlier turns' tool calls,
+    add_generation_prompt, continue_final_message, chat_template_kwargs) and gives the ids the chat would feed;
+    they used to be refused or dropped, so a count for a tool-using chat could not be had."""
+    c = srv.client()
+    tok = srv.svc.bundle.tokenizer
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
+    msgs = [
+        {"role": "user", "content": "What time is it?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+        {"role": "assistant", "content": "It is"},
+    ]
+    opts = {
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    seen: list[tuple[list, dict]] = []
+    apply = tok.apply_chat_template
+
+    def spy(messages, **kw):
+        seen.append((messages, kw))
+        return apply(messages, **kw)
+
+    tok.apply_chat_template = spy
+    try:
+        body = {"tenant_id": "acme", "prefix": "base", "messages": msgs, "tools": [tool], **opts}
+        t = c.post("/tokenize", json=body)
+        chat = c.post(
+            "/v1/chat/completions",
+            json={"model": "acme/base", "messages": msgs, "tools": [tool], "max_tokens": 1, **opts},
+        )
+    finally:
+        tok.apply_chat_template = apply
+    assert t.status_code == 200 and chat.status_code == 200, (t.text, chat.text)
+    assert t.json()["count"] == chat.json()["usage"]["prompt_tokens"]
+    (tok_msgs, tok_kw), (chat_msgs, chat_kw) = seen
+    assert tok_msgs == chat_msgs and tok_kw == chat_kw
+    assert tok_kw["tools"][0]["function"]["name"] == "get_time" and tok_kw["continue_final_message"] is True
+    assert tok_msgs[1]["tool_calls"][0]["function"]["arguments"] == {"zone": "UTC"}
+    assert tok_kw["enable_thinking"] is False
+    # the options change the ids: the default ends with the assistant turn's opening, not inside "It is"
+    plain = c.post("/tokenize", json={"tenant_id": "acme", "prefix": "base", "messages": msgs}).json()
+    assert plain["tokens"] != t.json()["tokens"]
+    # chat fields with a prompt, or misused, are a 422 naming the field
+    for extra, param in (
+        ({"prompt": "x", "tools": [tool]}, "tools"),
+        ({"prompt": "x", "add_generation_prompt": False}, "add_generation_prompt"),
+        ({"messages": msgs, "continue_final_message": True}, "continue_final_message"),
+        ({"messages": msgs, "chat_template_kwargs": {"tools": 1}}, "chat_template_kwargs"),
+    ):
+        err = assert_error(c.post("/tokenize", json={"tenant_id": "acme", **extra}), 422)
+        assert err["param"] == param, err
+
+
 def test_pinned_prefix_version_serves_that_version(srv):
     """`prefix_version` (and `model: "tenant/prefix@V"` on /v1) serves a stored version, not the latest: after a
     new version is stored, pinning the old one gives exactly the tokens the old one gave as the latest, and one

@@ -1506,3 +1506,30 @@ def test_connection_error_names_the_url_it_tried() -> None:
         c.generate("acme", "Hi")
     msg = str(ei.value)
     assert f"(POST http://127.0.0.1:{port}/generate)" in msg and "hunter2" not in msg
+
+
+def test_tokenize_sends_what_chat_renders_messages_with(srv: Any, client: Any) -> None:
+    """tools and the chat-template options go to /tokenize with messages (sync and async alike), only when set;
+    with a prompt they are refused before any request."""
+    srv.on("POST", "/tokenize", Resp(200, {"tokens": [1, 2], "count": 2, "prompt_format": "chat"}))
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "It is"}]
+    tool = {"type": "function", "function": {"name": "get_time"}}
+    opts = {"add_generation_prompt": False, "continue_final_message": True, "chat_template_kwargs": {"x": 1}}
+    client.tokenize("acme", messages=msgs, tools=(tool,), **opts)
+
+    async def go() -> None:
+        async with ps.AsyncClient(srv.url, api_key="key-a") as c:
+            await c.tokenize("acme", messages=msgs, tools=[tool], **opts)
+
+    asyncio.run(go())
+    client.tokenize("acme", messages=msgs)
+    sync, asyn, plain = srv.calls("POST", "/tokenize")
+    assert (
+        sync.body
+        == asyn.body
+        == {"prefix": "default", "tenant_id": "acme", "messages": msgs, "tools": [tool], **opts}
+    )
+    assert set(plain.body) == {"prefix", "tenant_id", "messages"}
+    with pytest.raises(TypeError, match="tools need messages"):
+        client.tokenize("acme", "Hi", tools=[tool])
+    assert len(srv.calls("POST", "/tokenize")) == 3

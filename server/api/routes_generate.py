@@ -9,12 +9,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from server.api.auth import Principal, get_principal
+from server.api.chat_template import render_chat
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError
 from server.api.logprobs import generate_logprobs, generate_prompt_logprobs
 from server.api.schemas import (
     BASE_PREFIX,
     DEFAULT_PREFIX,
+    ChatTemplateFields,
     DetokenizeRequest,
     DetokenizeResponse,
     GenerateChunk,
@@ -27,14 +29,13 @@ from server.api.service import (
     ClientDisconnected,
     GenerationRun,
     ResolvedPrefix,
-    chat_messages,
     prompt_format,
     race_disconnect,
-    render_messages,
     render_prompt,
     truncate_prompt,
 )
 from server.api.streaming import EngineEventStream, sse
+from server.api.tools import template_messages
 from server.engine import TokenEvent, TokenLogprob
 
 router = APIRouter(tags=["generate"])
@@ -206,8 +207,15 @@ async def tokenize(
     prefix = await svc.resolve(tenant, body.prefix or DEFAULT_PREFIX, body.prefix_version)
     tok = svc.bundle.tokenizer
     if body.messages is not None:
-        ids, fmt = await svc.tokenize(render_messages, tok, chat_messages(body.messages)), "chat"
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
+        messages = template_messages(body.messages)
+        ids, fmt = await render_chat(svc, body, messages, tools), "chat"
     else:
+        chat_only = body.model_fields_set & {"tools", *ChatTemplateFields.model_fields}
+        if chat_only:
+            raise APIError(
+                422, f"{min(chat_only)} needs messages", code="invalid_value", param=min(chat_only)
+            )
         assert body.prompt is not None
         fmt = prompt_format(body.prompt_format, prefix, tok)
         ids = await svc.tokenize(render_prompt, tok, body.prompt, fmt)

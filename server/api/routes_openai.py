@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +18,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from prefix_store.names import is_valid_name
 from server.api.auth import Principal, get_principal
+from server.api.chat_template import render_chat
 from server.api.deps import app_state, get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError
 from server.api.logprobs import TextOffsets, TokenTexts, chat_logprobs, completion_logprobs
@@ -39,10 +39,8 @@ from server.api.service import (
     GenerationResult,
     GenerationRun,
     Service,
-    chat_messages,
     prompt_format,
     race_disconnect,
-    render_messages,
     render_prompt,
     truncate_prompt,
 )
@@ -151,65 +149,12 @@ class _Choices:
         return results
 
 
-# apply_chat_template's own parameters: not for chat_template_kwargs
-_TEMPLATE_PARAMS = frozenset(
-    [
-        "conversation",
-        "messages",
-        "tools",
-        "documents",
-        "chat_template",
-        "add_generation_prompt",
-        "continue_final_message",
-        "tokenize",
-        "padding",
-        "truncation",
-        "max_length",
-        "return_tensors",
-        "return_dict",
-        "return_assistant_tokens_mask",
-        "tokenizer_kwargs",
-    ]
-)
-
-
-def _template_options(body: ChatCompletionRequest) -> dict[str, Any]:
-    """vLLM's chat-template extensions, checked: continue_final_message continues a final assistant message (and
-    so excludes add_generation_prompt); chat_template_kwargs may not override the rendering's own parameters."""
-    if body.continue_final_message:
-        if body.add_generation_prompt:
-            raise APIError(
-                422, "continue_final_message needs add_generation_prompt false", code="invalid_value",
-                param="continue_final_message",
-            )  # fmt: skip
-        if body.messages[-1].role != "assistant":
-            raise APIError(
-                422, "continue_final_message needs the last message to be the assistant's", code="invalid_value",
-                param="continue_final_message",
-            )  # fmt: skip
-    extra = dict(body.chat_template_kwargs or {})
-    clash = sorted(_TEMPLATE_PARAMS & extra.keys())
-    if clash:
-        raise APIError(
-            422, f"chat_template_kwargs may not set {', '.join(clash)}", code="invalid_value",
-            param="chat_template_kwargs",
-        )  # fmt: skip
-    return {
-        "add_generation_prompt": body.add_generation_prompt,
-        "continue_final_message": body.continue_final_message,
-        "template_kwargs": extra,
-    }
-
-
 async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefix: Any) -> _Plan:
     tools = tool_plan(body, svc.tool_parser)
-    messages = template_messages(body, chat_messages(body.messages))
+    messages = template_messages(body.messages)
     if svc.settings.log_prompts:
         info.prompt = "\n".join(m["content"] for m in messages)
-    render = functools.partial(render_messages, **_template_options(body))
-    ids = truncate_prompt(
-        await svc.tokenize(render, svc.bundle.tokenizer, messages, tools.tools), body.truncate_prompt_tokens
-    )
+    ids = truncate_prompt(await render_chat(svc, body, messages, tools.tools), body.truncate_prompt_tokens)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # OpenAI: up to the context; here also capped by max_new_tokens
         room = svc.llm.max_model_len - prefix.prefix_length - len(ids)

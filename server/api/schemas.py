@@ -434,7 +434,23 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_OpenAIBase):
+class ChatTemplateFields(BaseModel):
+    """How messages are rendered (vLLM's extensions): the same on /v1/chat/completions and /tokenize."""
+
+    add_generation_prompt: bool = Field(
+        True, description="Extension (vLLM): end the prompt with the assistant turn's opening"
+    )
+    continue_final_message: bool = Field(
+        False,
+        description="Extension (vLLM): the last message is an assistant message to continue (needs "
+        "add_generation_prompt false), e.g. to start the answer with given text",
+    )
+    chat_template_kwargs: dict[str, str | int | float | bool | None] | None = Field(
+        None, max_length=32, description="Extension (vLLM): extra variables for the chat template"
+    )
+
+
+class ChatCompletionRequest(_OpenAIBase, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_tokens: int | None = Field(None, ge=1, description="Default: up to the server's max_new_tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -457,17 +473,6 @@ class ChatCompletionRequest(_OpenAIBase):
         "'none': text only",
     )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call ('required')")
-    add_generation_prompt: bool = Field(
-        True, description="Extension (vLLM): end the prompt with the assistant turn's opening"
-    )
-    continue_final_message: bool = Field(
-        False,
-        description="Extension (vLLM): the last message is an assistant message to continue (needs "
-        "add_generation_prompt false), e.g. to start the answer with given text",
-    )
-    chat_template_kwargs: dict[str, str | int | float | bool | None] | None = Field(
-        None, max_length=32, description="Extension (vLLM): extra variables for the chat template"
-    )
 
 
 class CompletionLogprobs(BaseModel):
@@ -716,7 +721,10 @@ class ServerInfo(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateFields):
+    """A prompt, or chat messages with what /v1/chat/completions takes to render them (the template fields and
+    tools count only with messages)."""
+
     model_config = ConfigDict(extra="forbid")
 
     tenant_id: Name | None = Field(None, description="Tenant; defaults to the API key's tenant")
@@ -728,6 +736,9 @@ class TokenizeRequest(BaseModel):
     prompt_format: PromptFormat | None = Field(None, description=PROMPT_FORMAT_DOC)
     messages: list[ChatMessage] | None = Field(
         None, min_length=1, max_length=1024, description="Rendered with the chat template, as /v1/chat does"
+    )
+    tools: list[ChatTool] | None = Field(
+        None, max_length=128, description="With messages: the tools the chat template describes, as /v1/chat"
     )
 
 

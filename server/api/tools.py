@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.api.errors import APIError
-from server.api.schemas import ChatCompletionRequest, NamedToolChoice
+from server.api.schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from server.api.service import chat_messages
 from server.api.tool_parsers import AutoStream, ToolParser, get_parser
 from server.engine import StructuredOutputs
 
@@ -271,11 +272,11 @@ def tool_plan(body: ChatCompletionRequest, parser: ToolParser | None = None) -> 
     return plan
 
 
-def template_messages(body: ChatCompletionRequest, texts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat messages for the template: `texts` (role + content) with earlier turns' tool calls (arguments as objects,
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Chat messages for the template: role and text content with earlier turns' tool calls (arguments as objects,
     as transformers' templates take them) and tool results' ids."""
     out = []
-    for m, t in zip(body.messages, texts, strict=True):
+    for m, t in zip(messages, chat_messages(messages), strict=True):
         msg = dict(t)
         if m.tool_calls:
             msg["tool_calls"] = [

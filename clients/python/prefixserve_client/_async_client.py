@@ -507,10 +507,17 @@ class AsyncClient(_base.WithOptions):
         prefix_version: int | None = None,
         messages: Sequence[dict[str, Any]] | None = None,
         prompt_format: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> Tokenized:
         """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
-        prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output."""
-        body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version, prompt_format)
+        prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output.
+        ``messages`` are rendered with what a chat completion renders them with: ``tools``,
+        ``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``."""
+        chat = _base.chat_options(tools, add_generation_prompt, continue_final_message, chat_template_kwargs)
+        body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version, prompt_format, chat)
         return _base.parse_response(Tokenized, await self._request("POST", "/tokenize", json=body))
 
     async def detokenize(self, tokens: Sequence[int]) -> str:

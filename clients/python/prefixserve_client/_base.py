@@ -276,6 +276,22 @@ def _make_strict(node: Any) -> None:
         _make_strict(node["additionalProperties"])
 
 
+def chat_options(
+    tools: Sequence[dict[str, Any]] | None,
+    add_generation_prompt: bool | None,
+    continue_final_message: bool | None,
+    chat_template_kwargs: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What /tokenize renders chat messages with besides them (as a chat completion does): the ones given."""
+    given = {
+        "tools": None if tools is None else list(tools),
+        "add_generation_prompt": add_generation_prompt,
+        "continue_final_message": continue_final_message,
+        "chat_template_kwargs": chat_template_kwargs,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def tokenize_body(
     tenant_id: str | None,
     prompt: str | None,
@@ -283,9 +299,12 @@ def tokenize_body(
     messages: Sequence[dict[str, Any]] | None,
     prefix_version: int | None = None,
     prompt_format: str | None = None,
+    chat: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt and messages")
+    if chat and messages is None:
+        raise TypeError(f"{', '.join(sorted(chat))} need messages")
     body: dict[str, Any] = {"prefix": prefix}
     if prefix_version is not None:
         body["prefix_version"] = prefix_version
@@ -297,6 +316,7 @@ def tokenize_body(
             body["prompt_format"] = prompt_format
     else:
         body["messages"] = list(messages or [])
+        body.update(chat or {})
     return body
 
 
