@@ -386,6 +386,43 @@ def test_echo_prompt_logprobs_for_loglikelihood(srv, oai):
     assert two.choices[1].logprobs.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-4)
 
 
+def test_prompt_logprobs_on_the_v1_routes(srv, oai):
+    """vLLM's `prompt_logprobs` extension: per prompt token (null first) the prompt token and the N most likely,
+    keyed by id with logprob, rank and decoded_token; the same numbers echo + logprobs gives; on completions per
+    choice, on chat once; refused with stream (as vLLM). It used to be ignored without a word."""
+    tok = srv.svc.bundle.tokenizer
+    ids = tok("Once upon a time there was", add_special_tokens=False)["input_ids"]
+    kw = dict(model="acme/default", temperature=0, max_tokens=1)
+    r = oai.completions.create(
+        prompt=ids, echo=True, logprobs=1, extra_body={"prompt_logprobs": 3}, **kw
+    ).model_dump()
+    ch = r["choices"][0]
+    plps, echoed = ch["prompt_logprobs"], ch["logprobs"]
+    assert len(plps) == len(ids) and plps[0] is None
+    for t in range(1, len(ids)):
+        entry = plps[t]
+        own = entry[str(ids[t])]
+        assert own["logprob"] == pytest.approx(echoed["token_logprobs"][t], abs=1e-5)
+        assert own["decoded_token"] == echoed["tokens"][t]
+        # the 3 most likely (ranks 1, 2, 3, in logprob order) and the prompt token (one of them, or below them)
+        others = sorted((e for e in entry.values() if e is not own), key=lambda e: e["rank"])
+        top = sorted([*others, own], key=lambda e: e["rank"]) if own["rank"] <= 3 else others
+        assert [e["rank"] for e in top] == [1, 2, 3] and len(entry) == (3 if own["rank"] <= 3 else 4)
+        assert sorted((e["logprob"] for e in top), reverse=True) == [e["logprob"] for e in top]
+        assert own["rank"] <= 3 or own["logprob"] <= top[-1]["logprob"]
+        assert len(echoed["top_logprobs"][t]) <= 2  # echo's own number (1) + the token, not prompt_logprobs'
+    assert oai.completions.create(prompt=ids, **kw).model_dump()["choices"][0]["prompt_logprobs"] is None
+    msgs = [{"role": "user", "content": "Hello there"}]
+    chat = oai.chat.completions.create(
+        messages=msgs, n=2, extra_body={"prompt_logprobs": 0}, **kw
+    ).model_dump()
+    cp = chat["prompt_logprobs"]
+    assert len(cp) == chat["usage"]["prompt_tokens"] and cp[0] is None and all(len(e) == 1 for e in cp[1:])
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(prompt=ids, stream=True, extra_body={"prompt_logprobs": 1}, **kw)
+    assert e.value.body["param"] == "prompt_logprobs"
+
+
 def test_echo_with_completion_whole_and_streamed(oai):
     kw = dict(
         model="acme/default", prompt="Tell me", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}

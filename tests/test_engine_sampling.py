@@ -351,6 +351,7 @@ def test_logprobs_match_transformers_in_a_mixed_batch(setup):
                 assert [t for t, _ in lp.top] == want.indices.tolist()
                 assert [v for _, v in lp.top] == pytest.approx(want.values.tolist(), abs=1e-4)
                 assert lp.top[0][0] == tok
+            assert lp.rank == 1  # greedy: the most likely
     sampled = outs[3].logprobs
     assert sampled is not None and len(sampled) == len(outs[3].token_ids) == 12
     assert all(lp.logprob <= lp.top[0][1] + 1e-6 and len(lp.top) == 3 for lp in sampled)
@@ -418,6 +419,10 @@ def test_prompt_logprobs_match_transformers(setup, budget, preempt):
             assert lp.logprob == pytest.approx(float(ref[t - 1, prompt[t]]), abs=1e-4)
             k = r.sampling.prompt_logprobs or 0
             assert [i for i, _ in lp.top] == (ref[t - 1].topk(k).indices.tolist() if k else [])
+            # rank (vLLM's): the tokens at least as likely, itself included (fp32 near-ties either way)
+            v = ref[t - 1, prompt[t]]
+            above, tied = int((ref[t - 1] > v + 1e-4).sum()), int((ref[t - 1] >= v - 1e-4).sum())
+            assert lp.rank is not None and above + 1 <= lp.rank <= tied
 
 
 def test_prompt_logprobs_are_all_from_the_prefix_a_preempted_request_resumes_on(tiny_llama_bundle):

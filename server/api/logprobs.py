@@ -107,6 +107,31 @@ def generate_prompt_logprobs(
     return [None if lp is None else generate_logprobs([lp], text)[0] for lp in lps]
 
 
+def vllm_prompt_logprobs(
+    lps: list[TokenLogprob | None] | None, k: int, text: Callable[[int], str]
+) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs` of the /v1 routes: per prompt token (None for the first), token id (as a string) ->
+    {logprob, rank, decoded_token} for the prompt's token and the k most likely there."""
+    if lps is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {
+            str(lp.token_id): {
+                "logprob": finite_logprob(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": text(lp.token_id),
+            }
+        }
+        for rank, (t, v) in enumerate(lp.top[:k], 1):
+            entry.setdefault(str(t), {"logprob": finite_logprob(v), "rank": rank, "decoded_token": text(t)})
+        out.append(entry)
+    return out
+
+
 class TextOffsets:
     """Where each token of a choice starts in its text, in characters (the legacy format's `text_offset`): the
     complete characters of all the bytes before it. A token holding the rest of a character split across tokens

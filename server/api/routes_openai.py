@@ -21,7 +21,13 @@ from server.api.auth import Principal, get_principal
 from server.api.chat_template import render_chat
 from server.api.deps import app_state, get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError
-from server.api.logprobs import TextOffsets, TokenTexts, chat_logprobs, completion_logprobs
+from server.api.logprobs import (
+    TextOffsets,
+    TokenTexts,
+    chat_logprobs,
+    completion_logprobs,
+    vllm_prompt_logprobs,
+)
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
 from server.api.schemas import (
     BASE_PREFIX,
@@ -87,6 +93,7 @@ class _Plan:
     echo: list[tuple[str, list[int]]] | None = None  # completions with echo: each prompt's text and token ids
     hide_output: bool = False  # echo with max_tokens 0
     tools: ToolPlan = field(default_factory=ToolPlan)  # chat: function calling
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs (not echo's)
     max_tokens_param: str = "max_tokens"  # the field max_tokens came from (chat: or max_completion_tokens)
 
 
@@ -213,6 +220,13 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             code="invalid_value",
             param="stream_options",
         )
+    if body.prompt_logprobs is not None and body.stream:  # as vLLM
+        raise APIError(
+            422,
+            "prompt_logprobs are not available when stream is true",
+            code="invalid_value",
+            param="prompt_logprobs",
+        )
     for legacy, instead in (("functions", "tools"), ("function_call", "tool_choice")):
         if getattr(body, legacy, None) is not None:
             raise APIError(
@@ -235,6 +249,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     else:
         assert isinstance(body, CompletionRequest)
         plan = await _completion_plan(svc, info, body, prefix)
+    plan.prompt_logprobs = body.prompt_logprobs
     try:
         so = body.structured_param()
     except ValueError as e:
@@ -266,7 +281,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         logprobs=plan.logprobs,
         logprobs_param=plan.logprobs_param,
-        prompt_logprobs=plan.logprobs if plan.echo is not None else None,
+        prompt_logprobs=_engine_prompt_logprobs(plan),
         logit_bias=body.logit_bias,
         min_tokens=body.min_tokens or 0,
         stop_token_ids=body.stop_token_ids,
@@ -305,6 +320,15 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
 
 # the server's "too long" answers (413 on its own routes) that OpenAI gives as a 400 `context_length_exceeded`
 _CONTEXT_CODES = frozenset({"prompt_too_long", "context_length_exceeded"})
+
+
+def _engine_prompt_logprobs(plan: _Plan) -> int | None:
+    """The alternatives per prompt token the engine reports: for echo with logprobs and for prompt_logprobs, the
+    more of the two (each answer takes its own number)."""
+    asked = [
+        k for k in (plan.logprobs if plan.echo is not None else None, plan.prompt_logprobs) if k is not None
+    ]
+    return max(asked) if asked else None
 
 
 def _as_openai_error(e: APIError, model: str) -> APIError:
@@ -367,7 +391,8 @@ def _echo_part(
     text, ids = echoed
     if offsets is None:
         return text, None
-    rest = [lp for lp in (plps or [])[1:] if lp is not None]
+    k = ch.plan.logprobs or 0  # the engine may report more alternatives (for prompt_logprobs)
+    rest = [replace(lp, top=lp.top[:k]) for lp in (plps or [])[1:] if lp is not None]
     return text, completion_logprobs(rest, ch.text, offsets, first_token=ids[0])
 
 
@@ -389,7 +414,13 @@ def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> 
             else None
         )
         text, logprobs = text + res.text, _join_logprobs(logprobs, gen)
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason}
+    body = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason}
+    return {**body, "prompt_logprobs": _prompt_logprobs(ch, res)}
+
+
+def _prompt_logprobs(ch: _Choices, res: GenerationResult) -> Any:
+    k = ch.plan.prompt_logprobs
+    return None if k is None else vllm_prompt_logprobs(res.prompt_logprobs, k, ch.text)
 
 
 # stream_options: no usage / a last usage chunk / usage on every chunk
@@ -475,6 +506,7 @@ async def chat_completions(
         "choices": [_chat_choice_body(ch.plan.tools, i, res, ch.text) for i, res in enumerate(results)],
         "usage": ch.usage(),
         "system_fingerprint": None,
+        "prompt_logprobs": _prompt_logprobs(ch, results[0]),  # one prompt, whatever n
     }
 
 

@@ -298,6 +298,11 @@ class _OpenAIBase(BaseModel):
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
     include_stop_str_in_output: bool = Field(False, description="Extension (" + INCLUDE_STOP_DOC + ")")
+    prompt_logprobs: TopLogprobs | None = Field(
+        None,
+        description="Extension (vLLM): the log-probability of each prompt token and of the N most likely tokens "
+        "there (null for the first; not with stream)",
+    )
     truncate_prompt_tokens: TruncatePromptTokens | None = Field(
         None, description="Extension (" + TRUNCATE_DOC + ")"
     )
@@ -485,11 +490,24 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's prompt logprob entry (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = Field(None, description="How many tokens are at least as likely, this one included")
+    decoded_token: str | None = None
+
+
+# one per prompt token (null for the first: nothing comes before it but the prefix)
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
+    prompt_logprobs: PromptLogprobs | None = Field(None, description="Extension (vLLM): with prompt_logprobs")
 
 
 class CompletionResponse(BaseModel):
@@ -537,6 +555,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, description="Extension (vLLM): with prompt_logprobs")
 
 
 class ModelCard(BaseModel):

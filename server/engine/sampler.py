@@ -194,13 +194,16 @@ def token_logprobs(
 def logprobs_on_device(
     logits: torch.Tensor, rows: list[int] | None, tokens: torch.Tensor, tops: list[int]
 ) -> torch.Tensor:
-    """`[len(rows), 1 + 2k]` float32 on the logits' device, one line per row (`rows` None: every row, without
+    """`[len(rows), 2 + 2k]` float32 on the logits' device, one line per row (`rows` None: every row, without
     indexing from the host): the log-probability of its token (`tokens[j]` for `rows[j]`), then the top
-    k = max(tops) values and their ids (exact in float32 below 2**24)."""
+    k = max(tops) values and their ids (exact in float32 below 2**24), then the token's rank (vLLM's: how many
+    tokens are at least as likely, itself included)."""
     lp = torch.log_softmax((logits if rows is None else logits[rows]).float(), dim=-1)
     k = max(tops)
     values, ids = lp.topk(k, dim=-1)
-    return torch.cat([lp.gather(1, tokens.reshape(-1, 1)), values, ids.float()], dim=1)
+    own = lp.gather(1, tokens.reshape(-1, 1))
+    rank = (lp >= own).sum(dim=1, keepdim=True).float()
+    return torch.cat([own, values, ids.float(), rank], dim=1)
 
 
 def logprobs_from_host(
@@ -211,5 +214,5 @@ def logprobs_from_host(
     out = {}
     for h, r, tok, n in zip(host, rows, tokens, tops, strict=True):
         top = tuple((int(t), v) for t, v in zip(h[1 + k : 1 + k + n], h[1 : 1 + n], strict=True))
-        out[r] = TokenLogprob(tok, h[0], top)
+        out[r] = TokenLogprob(tok, h[0], top, int(h[1 + 2 * k]))
     return out

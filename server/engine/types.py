@@ -143,6 +143,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # how many tokens are at least as likely, itself included (1: the most likely)
 
 
 @dataclass(frozen=True)
