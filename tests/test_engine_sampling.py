@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -201,6 +203,31 @@ def test_eos_and_max_tokens(setup):
     )[0]
     assert out.finish_reason == "stop"
     assert out.token_ids == full.token_ids[: first + 1]
+
+
+def test_a_stop_token_ids_text_is_kept_with_include_stop_str_in_output(setup):
+    """vLLM's rule: include_stop_str_in_output keeps the text of a stop token id that ended the output (it was
+    always dropped); without it the text is dropped; the same whether streamed, with a stop string or neither."""
+    b, keys = setup
+    k0 = next(iter(keys))
+    eng = make_engine(b, keys)
+    for seed in range(50):  # an output whose third token is printable text of its own, not seen before
+        prompt = random_prompt(b.spec.vocab_size, 6, seed)
+        full = eng.generate([Request("f", prompt, SamplingParams(max_tokens=6, ignore_eos=True), k0)])[0]
+        piece = b.tokenizer.decode(full.token_ids[2:3])
+        if piece.strip() and piece.isprintable() and full.token_ids[2] not in full.token_ids[:2]:
+            break
+    stop_tok = full.token_ids[2]
+    for include in (False, True):
+        sp = SamplingParams(max_tokens=6, stop_token_ids=(stop_tok,), include_stop_str_in_output=include)
+        outs = eng.generate([
+            Request("plain", prompt, sp, k0),
+            Request("streamed", prompt, sp, k0, stream_text=True),
+            Request("stop", prompt, dataclasses.replace(sp, stop=("zzzz",)), k0),
+        ])  # fmt: skip
+        want = b.tokenizer.decode(full.token_ids[: 3 if include else 2])
+        assert [o.text for o in outs] == [want] * 3, include
+        assert all(o.finish_reason == "stop" and o.token_ids == full.token_ids[:3] for o in outs)
 
 
 def test_sampling_params_validation():

@@ -757,6 +757,8 @@ class LLMEngine:
         delta = ""
         if (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids:
             reason = "stop"
+            if seq.detok is not None and p.include_stop_str_in_output and tok in p.stop_token_ids:
+                delta = seq.detok.add(tok)[0]  # its text ends the output (vLLM's; a special token has none)
         elif seq.detok is not None:
             delta, hit = seq.detok.add(tok)
             if hit:
@@ -790,7 +792,13 @@ class LLMEngine:
         if seq.detok is not None:
             return delta + seq.detok.finish()
         out = seq.output
-        if seq.finish_reason == "stop" and out and out[-1] in seq.req.sampling.stop_token_ids:
+        p = seq.req.sampling
+        if (
+            seq.finish_reason == "stop"
+            and out
+            and out[-1] in p.stop_token_ids
+            and not p.include_stop_str_in_output
+        ):
             # the token that stopped it is not text (as when streamed: it never reaches the detokenizer)
             out = out[:-1]
         ids = [t for t in out if t not in self.eos_ids]
