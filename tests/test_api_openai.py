@@ -423,6 +423,27 @@ def test_prompt_logprobs_on_the_v1_routes(srv, oai):
     assert e.value.body["param"] == "prompt_logprobs"
 
 
+def test_chat_echo_starts_the_answer_with_the_final_assistant_message(oai):
+    """vLLM's chat `echo`: with a final assistant message (continue_final_message) the content starts with it,
+    streamed (a chunk right after the role) or not; with a final user message it changes nothing. It used to be
+    ignored without a word."""
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My answer is"}]
+    kw = dict(model="acme/default", messages=msgs, max_tokens=4, temperature=0)
+    cont = {"add_generation_prompt": False, "continue_final_message": True}
+    plain = oai.chat.completions.create(**kw, extra_body=cont).choices[0].message.content
+    echoed = oai.chat.completions.create(**kw, extra_body={**cont, "echo": True}).choices[0].message.content
+    assert echoed == "My answer is" + plain
+    chunks = list(oai.chat.completions.create(**kw, stream=True, extra_body={**cont, "echo": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant" and deltas[1].content == "My answer is"
+    assert "".join(d.content or "" for d in deltas) == echoed
+    user_last = dict(kw, messages=msgs[:1])
+    assert (
+        oai.chat.completions.create(**user_last, extra_body={"echo": True}).choices[0].message.content
+        == oai.chat.completions.create(**user_last).choices[0].message.content
+    )
+
+
 def test_echo_with_completion_whole_and_streamed(oai):
     kw = dict(
         model="acme/default", prompt="Tell me", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}

@@ -94,6 +94,7 @@ class _Plan:
     hide_output: bool = False  # echo with max_tokens 0
     tools: ToolPlan = field(default_factory=ToolPlan)  # chat: function calling
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs (not echo's)
+    chat_echo: str = ""  # chat with echo: the last (assistant) message's text, which the content starts with
     max_tokens_param: str = "max_tokens"  # the field max_tokens came from (chat: or max_completion_tokens)
 
 
@@ -173,7 +174,10 @@ async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefi
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     which = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     info.prompt_param, info.max_tokens_param = "messages", which
-    return _Plan([ids], max_tokens, logprobs, "top_logprobs", tools=tools, max_tokens_param=which)
+    echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
+    plan = _Plan([ids], max_tokens, logprobs, "top_logprobs", tools=tools, max_tokens_param=which)
+    plan.chat_echo = echo
+    return plan
 
 
 async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, prefix: Any) -> _Plan:
@@ -503,15 +507,18 @@ async def chat_completions(
         "object": "chat.completion",
         "created": ch.created,
         "model": ch.model,
-        "choices": [_chat_choice_body(ch.plan.tools, i, res, ch.text) for i, res in enumerate(results)],
+        "choices": [_chat_choice_body(ch.plan, i, res, ch.text) for i, res in enumerate(results)],
         "usage": ch.usage(),
         "system_fingerprint": None,
         "prompt_logprobs": _prompt_logprobs(ch, results[0]),  # one prompt, whatever n
     }
 
 
-def _chat_choice_body(tools: ToolPlan, index: int, res: GenerationResult, text: TokenTexts) -> dict[str, Any]:
+def _chat_choice_body(plan: _Plan, index: int, res: GenerationResult, text: TokenTexts) -> dict[str, Any]:
+    tools = plan.tools
     content, calls = tools.parse(res.text)
+    if plan.chat_echo:
+        content = plan.chat_echo + (content or "")
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = calls
@@ -533,6 +540,7 @@ async def _chat_choice(
     usage_mode: UsageMode,
     text: TokenTexts,
     tools: ToolPlan,
+    echo: str = "",
 ) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> bytes:
         return sse(
@@ -546,7 +554,11 @@ async def _chat_choice(
     stream = {"named": _stream_named, "required": _stream_required, "auto": _stream_auto}.get(
         tools.mode, _stream_text
     )
-    async for frame in stream(run, chunk, text, tools):
+    frames = stream(run, chunk, text, tools)
+    yield await anext(frames)  # the role: every stream starts with it
+    if echo:  # vLLM's: the echoed message right after the role
+        yield chunk({"content": echo}, None)
+    async for frame in frames:
         yield frame
 
 
@@ -657,7 +669,10 @@ async def _stream_auto(
 
 async def _chat_frames(ch: _Choices, cid: str, usage_mode: UsageMode) -> AsyncIterator[bytes]:
     head = {"id": cid, "object": "chat.completion.chunk", "created": ch.created, "model": ch.model}
-    choices = [_chat_choice(r, i, head, usage_mode, ch.text, ch.plan.tools) for i, r in enumerate(ch.runs)]
+    choices = [
+        _chat_choice(r, i, head, usage_mode, ch.text, ch.plan.tools, ch.plan.chat_echo)
+        for i, r in enumerate(ch.runs)
+    ]
     async for frame in merge(choices):
         yield frame
     ch.finish_stream()

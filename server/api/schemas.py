@@ -478,6 +478,11 @@ class ChatCompletionRequest(_OpenAIBase, ChatTemplateFields):
         "'none': text only",
     )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call ('required')")
+    echo: bool = Field(
+        False,
+        description="Extension (vLLM): when the last message is the assistant's (continue_final_message), the "
+        "answer's content starts with it",
+    )
 
 
 class CompletionLogprobs(BaseModel):
