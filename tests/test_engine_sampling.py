@@ -385,6 +385,20 @@ def test_logprobs_match_transformers_in_a_mixed_batch(setup):
     assert [lp.token_id for lp in sampled] == outs[3].token_ids
 
 
+@pytest.mark.parametrize("k", [0, 1, 5])
+def test_logprobs_lines_are_as_wide_as_the_buffers_sized_for_them(k):
+    """The async CUDA step sizes its pinned host buffer with `logprobs_width` before the line exists (a copy into
+    a buffer of another width fails on the GPU only); the line's rank is the token's place, ties included."""
+    from server.engine.sampler import logprobs_from_host, logprobs_on_device, logprobs_width
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0, -1.0, 2.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    line = logprobs_on_device(logits, None, torch.tensor([2, 0]), [k, k])
+    assert line.shape == (2, logprobs_width(k))
+    got = logprobs_from_host(line.tolist(), [0, 1], [2, 0], [k, k])
+    assert [got[0].rank, got[1].rank] == [4, 1]  # 3.0, 3.0, 2.0 are above 1.0; 5.0 is the most likely
+    assert [t for t, _ in got[1].top] == [0, 1, 2, 3, 4][:k]
+
+
 def test_logprobs_skip_rows_that_failed():
     from server.engine.sampler import sample
 

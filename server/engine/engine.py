@@ -30,6 +30,7 @@ from server.engine.sampler import (
     greedy_tokens,
     logprobs_from_host,
     logprobs_on_device,
+    logprobs_width,
     make_generator,
     sample,
     sample_on_device,
@@ -482,7 +483,7 @@ class LLMEngine:
         cuda = logits.device.type == "cuda"
         lp_rows = [i for i, s in enumerate(seqs) if s.req.sampling.logprobs is not None]
         lp_tops = [seqs[i].req.sampling.logprobs or 0 for i in lp_rows]
-        width = 1 + 2 * max(lp_tops) if lp_rows else 0
+        width = logprobs_width(max(lp_tops)) if lp_rows else 0
         # allocated first: nothing after the generators draw can fail and leave them advanced
         pinned = torch.empty((3, len(seqs)), dtype=torch.long, pin_memory=True) if cuda else None
         lp_pinned = torch.empty((len(seqs), width), pin_memory=True) if cuda and lp_rows else None

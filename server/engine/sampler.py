@@ -191,10 +191,15 @@ def token_logprobs(
     return logprobs_from_host(logprobs_on_device(logits, rows, idx, tops).tolist(), rows, tokens, tops)
 
 
+def logprobs_width(k: int) -> int:
+    """Columns of a `logprobs_on_device` line with k alternatives."""
+    return 2 + 2 * k
+
+
 def logprobs_on_device(
     logits: torch.Tensor, rows: list[int] | None, tokens: torch.Tensor, tops: list[int]
 ) -> torch.Tensor:
-    """`[len(rows), 2 + 2k]` float32 on the logits' device, one line per row (`rows` None: every row, without
+    """`[len(rows), logprobs_width(k)]` float32 on the logits' device, one line per row (`rows` None: every row, without
     indexing from the host): the log-probability of its token (`tokens[j]` for `rows[j]`), then the top
     k = max(tops) values and their ids (exact in float32 below 2**24), then the token's rank (vLLM's: how many
     tokens are at least as likely, itself included)."""
