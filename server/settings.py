@@ -84,7 +84,9 @@ class Settings(BaseSettings):
         None, ge=2, description="Context limit prefix+prompt+output (default: min(model limit, 8192))"
     )
     max_queued: int = Field(
-        1024, ge=1, description="Requests waiting for the engine before 503 + Retry-After"
+        1024,
+        ge=1,
+        description="Requests waiting beyond the batch's free rows (max_num_seqs) before 503 + Retry-After",
     )
     max_concurrent_per_tenant: int = Field(
         64, ge=1, description="Generation requests in flight per tenant before 429 + Retry-After"

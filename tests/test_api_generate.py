@@ -314,8 +314,11 @@ def test_queue_full_503_with_retry_after(server_factory, api_bundle, tmp_path):
             time.sleep(0.01)
         assert s.svc.engine.num_waiting == 1
         assert_error(gen(c, tenant_id="acme", prompt="third"), 503, "queue_full")
-        several = {"model": "acme/default", "prompt": "x", "n": 3, "max_tokens": 5}
+        several = {"model": "acme/default", "prompt": "x", "n": 2, "max_tokens": 5}
         assert_error(c.post("/v1/completions", json=several), 503, "queue_full")
+        # more samples than a full batch and queue hold (1 + 1) can never be taken: not a 503 to retry
+        err = assert_error(c.post("/v1/completions", json={**several, "n": 3}), 400, "too_many_choices")
+        assert "the server takes" in err["message"]
     waiting.join(60)
     m = c.get("/metrics").text
     # one per refused HTTP request (not per sample), and a refused request is not an aborted one: the only abort
@@ -325,8 +328,20 @@ def test_queue_full_503_with_retry_after(server_factory, api_bundle, tmp_path):
     store.close()
 
 
+def test_a_burst_on_an_idle_server_fills_the_batch_before_the_queue(server_factory):
+    """The queue limit counts requests waiting beyond the batch's free rows: on an idle server with 4 rows and a
+    queue of 1, n=5 is all taken (4 rows + 1 queued); n=6 never fits (a 400, not a 503 to retry). Requests not yet
+    given a row used to count as queued, so the second sample of a burst was a 503 on an idle server."""
+    s = server_factory(max_num_seqs=4, max_queued=1)
+    c = s.client()
+    body = {"model": "acme/base", "prompt": "x", "n": 5, "max_tokens": 2, "temperature": 0}
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 5, r.text
+    assert_error(c.post("/v1/completions", json={**body, "n": 6}), 400, "too_many_choices")
+
+
 def test_a_refused_n_request_counts_one_rejection_and_no_aborts(server_factory):
-    """n=4 with room in the queue for 2: the third sample is refused, so the request is a 503; the two admitted
+    """n=3 with room in the queue for 2 (the one row busy): the third sample is refused, so the request is a 503; the two admitted
     samples are withdrawn, and for the metrics they never ran (they used to count as 2 aborted requests)."""
     s = server_factory(max_num_seqs=1, max_queued=2)
     slow_engine(s.svc)
@@ -335,7 +350,7 @@ def test_a_refused_n_request_counts_one_rejection_and_no_aborts(server_factory):
     with c.stream("POST", "/generate", json={**long, "stream": True}) as r:
         lines = r.iter_lines()  # (kept: a dropped line iterator closes the stream)
         next(lines)
-        several = {"model": "acme/base", "prompt": "x", "n": 4, "max_tokens": 5}
+        several = {"model": "acme/base", "prompt": "x", "n": 3, "max_tokens": 5}
         assert_error(c.post("/v1/completions", json=several), 503, "queue_full")
         m = c.get("/metrics").text
         assert metric_value(m, "prefixserve:requests_rejected_total", {"reason": "queue_full"}) == 1.0

@@ -281,7 +281,9 @@ def test_a_request_aborted_by_another_rows_callback_gets_nothing_more(tiny_llama
 def test_admission_limits(tiny_llama_bundle):
     b = tiny_llama_bundle
     eng = LLMEngine(
-        b, DictPrefixProvider(), EngineConfig(kv_cache_bytes=8 * 2**20, max_waiting=2, max_model_len=64)
+        b,
+        DictPrefixProvider(),
+        EngineConfig(kv_cache_bytes=8 * 2**20, max_waiting=2, max_model_len=64, max_num_seqs=1),
     )
     with pytest.raises(RequestTooLarge):
         eng.add_request(Request("long", [1] * 60, SamplingParams(max_tokens=10)))
@@ -289,11 +291,12 @@ def test_admission_limits(tiny_llama_bundle):
         eng.add_request(Request("empty", [], SamplingParams()))
     with pytest.raises(ValueError):
         eng.add_request(Request("oov", [b.spec.vocab_size], SamplingParams()))
-    eng.add_request(Request("a", [1], SamplingParams(max_tokens=4)))
-    eng.add_request(Request("b", [1], SamplingParams(max_tokens=4)))
+    # the queue limit counts what waits beyond the batch's free rows: one row, then two queued
+    for name in "abc":
+        eng.add_request(Request(name, [1], SamplingParams(max_tokens=4)))
     with pytest.raises(QueueFull):
-        eng.add_request(Request("c", [1], SamplingParams(max_tokens=4)))
-    assert eng.num_waiting == 2
+        eng.add_request(Request("d", [1], SamplingParams(max_tokens=4)))
+    assert eng.num_waiting == 3 and eng.capacity == 3
 
 
 def test_prefix_plus_prompt_beyond_the_context_fails_that_request_alone(tiny_llama_bundle):
@@ -539,8 +542,10 @@ def test_an_admitted_request_is_not_refused_for_a_queue_that_grew_since(tiny_lla
     from server.engine.types import QueueFull
 
     b = tiny_llama_bundle
-    eng = LLMEngine(b, DictPrefixProvider(), EngineConfig(kv_cache_bytes=8 * 2**20, max_waiting=2))
-    for i in range(2):
+    eng = LLMEngine(
+        b, DictPrefixProvider(), EngineConfig(kv_cache_bytes=8 * 2**20, max_waiting=2, max_num_seqs=1)
+    )
+    for i in range(3):
         eng.add_request(Request(f"w{i}", [1, 2, 3], SamplingParams(max_tokens=2)))
     with pytest.raises(QueueFull):
         eng.add_request(Request("new", [1, 2, 3], SamplingParams(max_tokens=2)))

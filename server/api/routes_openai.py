@@ -292,11 +292,17 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         structured=structured,
     )
     n = body.n or 1
-    most = svc.max_concurrent(prefix.tenant_id)
+    # more than the tenant may run, or than the engine takes (a full batch and queue), can never be accepted: not
+    # a 503 to retry
+    tenant_most, server_most = svc.max_concurrent(prefix.tenant_id), svc.llm.capacity
+    most, who = (
+        min(tenant_most, server_most),
+        "the tenant may run" if tenant_most <= server_most else "the server takes",
+    )
     if n * len(plan.prompts) > most:
         raise APIError(
             422,
-            f"n x prompts = {n * len(plan.prompts)} exceeds the {most} requests the tenant may run at once",
+            f"n x prompts = {n * len(plan.prompts)} exceeds the {most} requests {who} at once",
             code="too_many_choices",
             param="n",
         )

@@ -482,7 +482,7 @@ async def tgi_info(request: Request, principal: Principal = Depends(get_principa
         "model_dtype": str(svc.bundle.dtype).removeprefix("torch."),
         "model_device_type": svc.bundle.device.type,
         "model_pipeline_tag": "text-generation",
-        "max_concurrent_requests": llm.cfg.max_num_seqs + llm.cfg.max_waiting,
+        "max_concurrent_requests": llm.capacity,
         "max_best_of": 1,
         "max_stop_sequences": settings.max_stop_strings,
         "max_input_tokens": max_input,

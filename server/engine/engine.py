@@ -235,8 +235,20 @@ class LLMEngine:
             )
         if self.pool.blocks_for(total) + 1 > self.pool.num_blocks // 2:
             raise RequestTooLarge("request needs more KV cache than the configured budget allows")
-        if check_queue and len(self.scheduler.waiting) >= self.cfg.max_waiting:
-            raise QueueFull(f"{len(self.scheduler.waiting)} requests already waiting")
+        if check_queue and self.queued(0) >= self.cfg.max_waiting:
+            raise QueueFull(f"{self.queued(0)} requests already waiting for a place in the batch")
+
+    @property
+    def capacity(self) -> int:
+        """Requests the engine takes at once: a batch's rows and a full queue behind them."""
+        return self.cfg.max_num_seqs + self.cfg.max_waiting
+
+    def queued(self, pending: int) -> int:
+        """Requests waiting beyond the batch's free rows (`pending`: submitted, not added yet): what the queue limit
+        counts. Requests that a free row takes at the next step are not queued: a burst on an idle engine fills
+        the batch before the queue."""
+        free = max(0, self.cfg.max_num_seqs - len(self.scheduler.running))
+        return max(0, len(self.scheduler.waiting) + pending - free)
 
     def add_request(
         self, req: Request, on_event: EventCallback | None = None, *, admitted: bool = False
@@ -957,8 +969,9 @@ class AsyncEngine:
         if self.dead is not None:
             raise RuntimeError("engine thread died") from self.dead
         with self._lock:
-            if self.engine.num_waiting + self._pending >= self.engine.cfg.max_waiting:
-                raise QueueFull(f"{self.num_waiting} requests already waiting")
+            queued = self.engine.queued(self._pending)
+            if queued >= self.engine.cfg.max_waiting:
+                raise QueueFull(f"{queued} requests already waiting for a place in the batch")
             self._pending += 1
         try:
             self.engine.validate(req)
