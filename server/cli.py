@@ -96,12 +96,15 @@ def settings_from_args(ns: argparse.Namespace) -> Any:
 
 def make_server(app: Any, settings: Any) -> Any:
     """A uvicorn Server whose first SIGTERM/SIGINT drains: /ready → 503, new requests → 503 + Retry-After,
-    in-flight requests finish (up to shutdown_grace_s), then the normal uvicorn shutdown and lifespan end."""
+    in-flight requests finish (up to shutdown_grace_s), then the normal uvicorn shutdown and lifespan end. A second
+    signal ends the drain now: what is in flight ends with the same 503 as at the end of the grace period (not a
+    cut connection), and `forced` says so (the process then exits 1); a third is uvicorn's own forced exit."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         _loop: asyncio.AbstractEventLoop | None = None
         _drain_started = False
+        forced = False  # a second signal ended the drain early
 
         async def serve(self, sockets: Any = None) -> None:
             self._loop = asyncio.get_running_loop()
@@ -120,9 +123,14 @@ def make_server(app: Any, settings: Any) -> Any:
                 log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
 
         def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
-            if self._drain_started or self._loop is None:
-                # second signal: stop now (a second SIGINT forces exit)
+            if self._loop is None or self.forced:
+                # not serving yet, or a third signal: uvicorn's own exit (forced, for a repeated SIGINT)
                 super().handle_exit(sig, frame)
+                return
+            if self._drain_started:
+                self.forced = True
+                log.warning("signal %s again: ending the requests in flight now", signal.Signals(sig).name)
+                self._loop.call_soon_threadsafe(self._start_cut)
                 return
             self._drain_started = True
             log.info(
@@ -134,20 +142,23 @@ def make_server(app: Any, settings: Any) -> Any:
         def _start_drain(self) -> None:
             self._drain_task = asyncio.ensure_future(self._drain())
 
+        def _start_cut(self) -> None:
+            self._cut_task = asyncio.ensure_future(self._end_in_flight("it was signalled a second time"))
+
         async def _drain(self) -> None:
-            state = app.state.ps
-            idle = await state.wait_idle(settings.shutdown_grace_s)
-            if not idle:
+            idle = await app.state.ps.wait_idle(settings.shutdown_grace_s)
+            if not idle and not self.forced:
                 log.warning("grace period over with requests in flight; ending them with a 503")
-                if (
-                    state.svc is not None
-                ):  # their clients get an error (an error event in a stream), not a cut
-                    state.svc.engine.fail_all(
-                        f"the server is shutting down (its {settings.shutdown_grace_s:g}s grace period ran out); "
-                        "retry",
-                        "ShuttingDown",
-                    )
-                    await state.wait_idle(FLUSH_S)
+                await self._end_in_flight(f"its {settings.shutdown_grace_s:g}s grace period ran out")
+            self.should_exit = True
+
+        async def _end_in_flight(self, why: str) -> None:
+            """Requests in flight end with a 503 `shutting_down` (an error event in a stream), not a cut; then
+            the server stops."""
+            state = app.state.ps
+            if state.svc is not None:
+                state.svc.engine.fail_all(f"the server is shutting down ({why}); retry", "ShuttingDown")
+                await state.wait_idle(FLUSH_S)
             self.should_exit = True
 
     config = uvicorn.Config(
@@ -231,7 +242,7 @@ def _startup_failed(e: BaseException) -> int:
 
 
 def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_manager: Any = None) -> int:
-    """Serve until SIGTERM/SIGINT; 0 after a clean drain, 3 if start-up failed."""
+    """Serve until SIGTERM/SIGINT; 0 after a drain, 1 after a second signal cut it short, 3 if start-up failed."""
     from prefix_store.errors import StoreError
     from server.api import create_app
     from server.logging_utils import setup_logging
@@ -268,7 +279,7 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
     if not server.started:
         log.error("server failed to start")
         return EXIT_STARTUP
-    return EXIT_OK
+    return EXIT_FAIL if server.forced else EXIT_OK
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:

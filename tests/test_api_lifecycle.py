@@ -245,6 +245,58 @@ def test_sigterm_past_the_grace_period_ends_streams_with_an_error_and_exits_prom
     assert status == 503 and payload["error"]["code"] == "shutting_down" and retry_after
 
 
+def test_a_second_sigterm_ends_the_drain_with_503s_and_exits_1(subprocess_server, tmp_path):
+    """A second signal during the drain ends what is in flight as the end of the grace period does (a 503
+    `shutting_down`: an error event in a stream, the JSON error otherwise) and exits 1, so a supervisor can tell a
+    cut drain from a clean one. It used to hand over to uvicorn: streams cut without an error event, a plain-text
+    500 for the rest, tracebacks in the log, and exit 0."""
+    from tests.fixtures.server import tiny_bundle
+
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    put_random_prefix(store, tiny_bundle(), "acme")
+    store.close()
+    sp = subprocess_server(store_url=store_url, shutdown_grace_s=60, step_delay=0.05)
+    body = {"tenant_id": "acme", "prompt": "long", "max_tokens": 400, "ignore_eos": True}
+    result: dict = {}
+    first = threading.Event()
+
+    def stream() -> None:
+        with sp.client() as sc, sc.stream("POST", "/generate", json={**body, "stream": True}) as r:
+            chunks = []
+            for chunk in r.iter_text():
+                chunks.append(chunk)
+                first.set()
+            result["stream"] = (r.status_code, "".join(chunks))
+
+    def whole() -> None:
+        with sp.client() as wc:
+            r = wc.post("/generate", json=body)
+            result["whole"] = (r.status_code, r.json(), r.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (stream, whole)]
+    for t in threads:
+        t.start()
+    assert first.wait(30)
+    c = sp.client()
+    sp.terminate()
+    wait_until(lambda: c.get("/ready").status_code == 503, timeout=5, interval=0.02)
+    t0 = time.monotonic()
+    sp.terminate()
+    assert sp.wait(30) == 1
+    assert time.monotonic() - t0 < 5  # the flush, not the 60 s grace
+    for t in threads:
+        t.join(10)
+    status, text = result["stream"]
+    frames = parse_sse(text)
+    assert status == 200 and frames[-1] == "[DONE]", frames[-3:]
+    err = frames[-2]["error"]
+    assert err["code"] == "shutting_down" and err["status"] == 503 and "second time" in err["message"]
+    status, payload, retry_after = result["whole"]
+    assert status == 503 and payload["error"]["code"] == "shutting_down" and retry_after
+    c.close()
+
+
 def test_engine_thread_death_fails_requests_instead_of_hanging(server_factory, api_bundle):
     s = server_factory()
     put_random_prefix(s.store, api_bundle, "acme")
