@@ -63,6 +63,10 @@ class _EngineCollector(Collector):
                 "Of those, tokens whose KV came from the prompt cache (not recomputed)",
             ),
             ("prompt_cache_evictions", "Cached prompt blocks reused for other data"),
+            (
+                "num_preemptions",
+                "Running requests put back in the queue for KV room (their KV recomputed when they resume)",
+            ),
             ("spec_decode_num_draft_tokens", "Speculative (prompt-lookup) tokens drafted and verified"),
             (
                 "spec_decode_num_accepted_tokens",
