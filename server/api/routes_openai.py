@@ -175,9 +175,9 @@ async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefi
     which = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     info.prompt_param, info.max_tokens_param = "messages", which
     echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
-    plan = _Plan([ids], max_tokens, logprobs, "top_logprobs", tools=tools, max_tokens_param=which)
-    plan.chat_echo = echo
-    return plan
+    return _Plan(
+        [ids], max_tokens, logprobs, "top_logprobs", tools=tools, max_tokens_param=which, chat_echo=echo
+    )
 
 
 async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, prefix: Any) -> _Plan:
