@@ -127,7 +127,7 @@ def test_training_limits_and_validation(srv, jobs):
     a = srv.client(KEY_A)
     assert assert_error(a.post("/prefixes", json={"name": "x", "examples": []}), 422)["param"] == "examples"
     bad = {"name": "x", "examples": [{"prompt": "a", "completion": "b", "label": 1}]}
-    assert assert_error(a.post("/prefixes", json=bad), 422)["param"] == "examples.0.label"
+    assert assert_error(a.post("/prefixes", json=bad), 422)["param"] == "examples[0].label"
     assert_error(a.post("/prefixes", json={"name": "x", "examples": EXAMPLES, "method": "lora"}), 422)
     # the trainer's own validation comes back as 422 naming its field
     jobs.reject_next = ("learning rate too high", "learning_rate")

@@ -488,7 +488,7 @@ def test_text_with_control_characters_is_taken_but_not_nul(oai):
         assert oai.completions.create(model="acme/default", prompt=text, max_tokens=1).usage.prompt_tokens > 0
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model="acme/default", messages=[{"role": "user", "content": "a\x00b"}])
-    assert "NUL" in e.value.body["message"] and e.value.body["param"].startswith("messages.0.content")
+    assert "NUL" in e.value.body["message"] and e.value.body["param"].startswith("messages[0].content")
 
 
 def test_openai_routes_answer_too_long_and_gone_as_openai_does():

@@ -255,7 +255,7 @@ def test_trainer_validation_is_422_with_param(server_factory):
         body = json.dumps({"tenant_id": "acme", "name": "x", "examples": examples}, ensure_ascii=True)
         r = c.post("/prefixes", content=body, headers={"content-type": "application/json"})
         err = assert_error(r, 422)
-        assert err["param"] == f"examples.0.{field}", err
+        assert err["param"] == f"examples[0].{field}", err
     assert c.get("/prefixes/jobs").json()["data"] == []
     # the tenant "jobs" cannot store prefixes: GET /prefixes/jobs/{name} is a job's route
     err = assert_error(

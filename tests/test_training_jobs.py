@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -452,6 +453,9 @@ def test_an_idempotency_key_is_forgotten_with_its_job(managers, store):
         ({"lr": 0, "hyperparameters": {}}, "lr"),
         ({"epochs": 0, "hyperparameters": {}}, "epochs"),
         ({"epochs": 2}, "hyperparameters.epochs"),  # given twice
+        # the learning rate under both its names: refused, not one silently winning
+        ({"lr": 0.1, "learning_rate": 0.2, "hyperparameters": {}}, "learning_rate"),
+        ({"hyperparameters": {"lr": 0.1, "learning_rate": 0.2}}, "hyperparameters.learning_rate"),
         ({"surprise": 1}, "surprise"),
     ],
 )
@@ -462,6 +466,34 @@ def test_submit_validates_synchronously(managers, patch, param):
         jm.submit(req)
     assert ei.value.param == param, str(ei.value)
     assert jm.list() == []
+
+
+def test_both_names_of_the_learning_rate_nested_say_so():
+    from server.training.config import parse_request
+
+    with pytest.raises(
+        TrainingValidationError, match=re.escape("'hyperparameters.lr' and 'hyperparameters.learning_rate'")
+    ):
+        parse_request(request_(lr=0.1, learning_rate=0.2))
+
+
+def test_a_warm_start_of_prompt_tuning_defaults_to_a_lower_learning_rate():
+    """Continuing a prompt-tuning prefix at the method's fresh-start 1e-1 threw the trained soft prompt away (a
+    fresh AdamW moves every coordinate by ~lr at once): `init_from` without a learning rate takes 1e-2; one given
+    is kept, and the other methods keep their defaults."""
+    from server.training.config import DEFAULTS, parse_request
+
+    def lr(method, **extra):
+        req = {**request_(method=method), "hyperparameters": None, **extra}
+        return parse_request(req).hyperparameters.learning_rate
+
+    warm = {"init_from": {"name": "bot"}}
+    assert lr("prompt_tuning") == DEFAULTS["prompt_tuning"].learning_rate == 0.1
+    assert lr("prompt_tuning", **warm) == 1e-2
+    assert lr("prompt_tuning", **warm, lr=0.05) == lr("prompt_tuning", **warm, learning_rate=0.05) == 0.05
+    assert lr("prompt_tuning", **warm, hyperparameters={"learning_rate": 0.05}) == 0.05
+    for method in ("prefix_tuning", "prefix_propagation"):
+        assert lr(method, **warm) == DEFAULTS[method].learning_rate
 
 
 def test_top_level_hyperparameters_like_the_cli_and_sdk_send(managers):

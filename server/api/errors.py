@@ -161,12 +161,15 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _loc_param(loc: tuple[Any, ...]) -> str | None:
-    """`("body", "stop", "list[function-after[...]]", 1)` → `"stop.1"`: field names and indexes only."""
-    parts = []
+    """`("body", "messages", 0, "content")` → `"messages[0].content"` (the spelling the training checks use too):
+    field names and indexes only, pydantic's type tags (`"list[function-after[...]]"`) left out."""
+    out = ""
     for p in loc[1:] if loc and loc[0] in ("body", "query", "path", "header", "cookie") else loc:
-        if isinstance(p, int) or (isinstance(p, str) and _IDENT.fullmatch(p)):
-            parts.append(str(p))
-    return ".".join(parts) or None
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif isinstance(p, str) and _IDENT.fullmatch(p):
+            out += f".{p}" if out else p
+    return out or None
 
 
 def _validation_message(err: dict[str, Any]) -> str:
