@@ -1094,6 +1094,45 @@ def test_job_wait_timeout(srv: Any, client: Any) -> None:
     assert isinstance(ei.value, TimeoutError) and ei.value.job.status == "running"
 
 
+def test_job_wait_rides_out_a_server_restart(srv: Any) -> None:
+    """The server away for a while (a restart: its job is requeued and goes on) is polled through, sync and async;
+    an error that is not the server being away, or an outage past `max_outage`, is raised. `wait` used to give up
+    after the request retries (~3 s), with the job still training."""
+    away = Resp(
+        503, {"error": {"message": "restarting", "type": "x", "param": None, "code": "shutting_down"}}
+    )
+    gone = Resp(502, {"error": {"message": "bad gateway", "type": "x", "param": None, "code": None}})
+    script = [_job("running", 1), away, gone, away, _job("running", 2), _job("succeeded", 3)]
+    with ps.Client(srv.url, max_retries=0) as c:
+        srv.on("GET", "/prefixes/jobs/job0001", *script)
+        job = c.prefixes.get_job("job0001")
+        assert job.wait(poll_interval=0.01).status == "succeeded"
+
+        async def go() -> str:
+            async with ps.AsyncClient(srv.url, max_retries=0) as ac:
+                srv.on("GET", "/prefixes/jobs/job0001", *script)
+                ajob = await ac.prefixes.get_job("job0001")
+                return (await ajob.wait(poll_interval=0.01)).status
+
+        assert asyncio.run(go()) == "succeeded"
+        # not the server being away: raised at once
+        srv.on("GET", "/prefixes/jobs/job0001", _job("running", 1), Resp(404, {"error": {"message": "no"}}))
+        job = c.prefixes.get_job("job0001")
+        with pytest.raises(ps.NotFound):
+            job.wait(poll_interval=0.01)
+        # away for longer than max_outage: the last error
+        srv.on("GET", "/prefixes/jobs/job0001", _job("running", 1), away)
+        job = c.prefixes.get_job("job0001")
+        t0 = time.monotonic()
+        with pytest.raises(ps.ServiceUnavailable):
+            job.wait(poll_interval=0.02, max_outage=0.2)
+        assert 0.2 <= time.monotonic() - t0 < 3
+    with ps.Client("http://127.0.0.1:9", max_retries=0) as dead:  # nothing listens: connection refused
+        job._client = dead
+        with pytest.raises(ps.APIConnectionError):
+            job.wait(poll_interval=0.02, max_outage=0.1)
+
+
 def test_prefix_list_get_delete(srv: Any, client: Any) -> None:
     srv.on("GET", "/prefixes", Resp(200, {"object": "list", "data": [{**PREFIX, "versions": None}]}))
     srv.on("GET", "/prefixes/acme/faq", Resp(200, PREFIX))

@@ -7,7 +7,13 @@ from typing import Any, Callable, Optional, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
 
-from ._exceptions import TrainingCancelled, TrainingFailed, WaitTimeout
+from ._exceptions import (
+    APIConnectionError,
+    APIStatusError,
+    TrainingCancelled,
+    TrainingFailed,
+    WaitTimeout,
+)
 
 __all__ = [
     "AsyncJob",
@@ -307,6 +313,36 @@ class JobInfo(_Model):
             raise TrainingCancelled(f"training job {self.job_id} was cancelled", self)
 
 
+# A poll that fails because the server is away (restarting, behind a proxy that answers 502/503/504) is not the
+# end of a wait: the job lives in the server's queue and goes on. Polling goes on until the server has been away
+# this long in a row (or the wait's timeout comes first); then the last error is raised.
+WAIT_OUTAGE_S = 120.0
+_AWAY_STATUSES = frozenset({502, 503, 504})
+
+
+def _server_away(e: Exception) -> bool:
+    return isinstance(e, APIConnectionError) or (
+        isinstance(e, APIStatusError) and e.status_code in _AWAY_STATUSES
+    )
+
+
+class _Outage:
+    """How long the server has been away during a wait."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.since: Optional[float] = None
+
+    def check(self, e: Exception, now: float, deadline: Optional[float]) -> None:
+        """Raise `e` unless the server is just away, not for too long, and the wait's time is not up."""
+        if not _server_away(e):
+            raise e
+        if self.since is None:
+            self.since = now
+        if now - self.since >= self.limit or (deadline is not None and now >= deadline):
+            raise e
+
+
 class Job(JobInfo):
     """A training job of a :class:`~prefixserve_client.Client`; ``refresh``, ``wait`` and ``cancel`` talk to it."""
 
@@ -328,15 +364,25 @@ class Job(JobInfo):
         *,
         poll_interval: float = 1.0,
         timeout: Optional[float] = None,
+        max_outage: float = WAIT_OUTAGE_S,
     ) -> "Job":
         """Poll until the job ends; ``progress(job)`` is called after every poll.
 
         Returns the job once it succeeded; raises :class:`TrainingFailed` or :class:`TrainingCancelled`
-        otherwise, and :class:`WaitTimeout` when ``timeout`` seconds passed first (the job goes on).
+        otherwise, and :class:`WaitTimeout` when ``timeout`` seconds passed first (the job goes on). A server
+        that is away for a while (restarting: the job is requeued and goes on) is polled again until it has been
+        away ``max_outage`` seconds in a row; then the connection (or 502/503/504) error is raised.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        outage = _Outage(max_outage)
         while True:
-            self.refresh()
+            try:
+                self.refresh()
+            except (APIConnectionError, APIStatusError) as e:
+                outage.check(e, time.monotonic(), deadline)
+                time.sleep(poll_interval)
+                continue
+            outage.since = None
             if progress is not None:
                 progress(self)
             if self.done:
@@ -370,12 +416,20 @@ class AsyncJob(JobInfo):
         *,
         poll_interval: float = 1.0,
         timeout: Optional[float] = None,
+        max_outage: float = WAIT_OUTAGE_S,
     ) -> "AsyncJob":
         """Like :meth:`Job.wait`; ``progress`` may be a plain function or a coroutine function."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        outage = _Outage(max_outage)
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except (APIConnectionError, APIStatusError) as e:
+                outage.check(e, loop.time(), deadline)
+                await asyncio.sleep(poll_interval)
+                continue
+            outage.since = None
             if progress is not None:
                 r = progress(self)
                 if inspect.isawaitable(r):
