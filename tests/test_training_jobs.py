@@ -1031,11 +1031,30 @@ def test_shutdown_requeues_and_next_worker_finishes(managers, store):
     wait_for(lambda: jm.get(rec.job_id).progress["step"] > 0, what="progress")
     jm.shutdown(wait=True)
     r = jm.get(rec.job_id) if jm.backend.kind == "disk" else managers().get(rec.job_id)
-    assert r.status == "queued" and r.attempts == 0
+    assert r.status == "queued" and r.attempts == 0 and "requeued" in r.error  # why it waits again
     nxt = managers(in_process_workers=1)
     nxt.start()
+    # running again: the reason of the attempt given back is no error of this one (clients read `error` as failure)
+    wait_for(lambda: nxt.get(rec.job_id).status != "queued", what="claimed again")
+    assert nxt.get(rec.job_id).error is None
     done = wait_status(nxt, rec.job_id, ("succeeded", "failed"), timeout=120)
-    assert done.status == "succeeded" and done.attempts == 1
+    assert done.status == "succeeded" and done.attempts == 1 and done.error is None
+
+
+def test_terminal_jobs_are_pruned_hourly_not_once_per_process(managers, monkeypatch):
+    """A long-lived worker prunes terminal jobs past retention at its first reclaim and then every PRUNE_EVERY_S
+    (it pruned once, so a server running for weeks kept every record and every list read them all)."""
+    jm = managers()
+    pruned = []
+    monkeypatch.setattr(jm.backend, "prune", lambda: pruned.append(1) or 0)
+    clock = [1000.0]
+    fake_time = SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fake_time.monotonic = lambda: clock[0]
+    monkeypatch.setattr(jobs_mod, "time", fake_time)  # this module's clock only
+    for dt in (0, 5, 60, jobs_mod.PRUNE_EVERY_S - 60, 1, jobs_mod.PRUNE_EVERY_S):
+        clock[0] += dt
+        jm._maybe_reclaim()
+    assert len(pruned) == 3  # at the start, past the first hour, past the second
 
 
 def test_run_worker_runs_queued_jobs(managers, store, tiny_llama_bundle):

@@ -329,6 +329,7 @@ class DiskJobBackend:
                     examples = json.loads(self._examples(job_id).read_text(encoding="utf-8"))
                     now = time.time()
                     rec.status, rec.worker, rec.started, rec.heartbeat = "running", worker_id, now, now
+                    rec.error = None  # why an earlier attempt was given back: not an error of this one
                     rec.attempts += 1
                     _touch(self._running(job_id))
                     self._write(rec)

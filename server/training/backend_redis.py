@@ -87,7 +87,7 @@ if st == 'running' and attempts >= tonumber(ARGV[3]) then
 end
 attempts = attempts + 1
 redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', cjson.encode(ARGV[1]), 'attempts', attempts,
-           'started', ARGV[2], 'heartbeat', ARGV[2], 'progress', ARGV[4])
+           'started', ARGV[2], 'heartbeat', ARGV[2], 'progress', ARGV[4], 'error', 'null')
 return {'claimed', attempts}
 """
 

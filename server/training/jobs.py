@@ -94,6 +94,9 @@ FOREIGN_GIVE_UP_S = 900.0
 # how far the clocks of the machines running servers and workers may disagree (NTP keeps them far closer): looking
 # for the version a job stored goes back this much before the job's submission time
 CLOCK_SKEW_S = 3600.0
+# how often a worker deletes terminal jobs past their retention (and stale Idempotency-Keys): at its first reclaim,
+# then this often (a long-lived process used to prune once, so old records piled up and every list read them all)
+PRUNE_EVERY_S = 3600.0
 
 
 def _idempotency_key(job_id: str) -> str:
@@ -208,6 +211,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._started = False
         self._last_reclaim = 0.0
+        self._last_prune: float | None = None  # monotonic time of the last prune (None: not yet)
         # after giving back a job of another base model: no claim before this (monotonic) time
         self._claim_after = 0.0
         self._foreign_logged: set[str] = set()
@@ -456,15 +460,15 @@ class JobManager:
 
     def _maybe_reclaim(self) -> None:
         """Every few seconds: take care of jobs whose worker died (disk; Redis does it in claim). At the first
-        call also delete terminal jobs past their retention."""
+        call and every PRUNE_EVERY_S also delete terminal jobs past their retention."""
         now = time.monotonic()
         if now - self._last_reclaim < max(1.0, self.heartbeat_s):
             return
-        first = self._last_reclaim == 0.0
         self._last_reclaim = now
         with contextlib.suppress(Exception):
             self.backend.reclaim_stale()
-            if first:
+            if self._last_prune is None or now - self._last_prune >= PRUNE_EVERY_S:
+                self._last_prune = now
                 self.backend.prune()
 
     def run_one(self, worker_id: str, block_s: float = 0.0, stop: threading.Event | None = None) -> bool:
