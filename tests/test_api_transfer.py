@@ -375,3 +375,30 @@ def test_one_tenants_slow_uploads_do_not_hold_every_upload_slot(server_factory, 
     finally:
         slow.close()
     assert upload(s.client("k-a"), "acme", "second", good).status_code == 201
+
+
+def test_a_body_that_trickles_in_past_the_deadline_is_a_408(server_factory, monkeypatch):
+    """Any request body, not only an upload's, has a deadline: a client sending a /generate body a byte at a time
+    (or never finishing it) held its connection and task for as long as it liked."""
+    import socket
+
+    import server.api.app as app_module
+
+    monkeypatch.setattr(app_module, "BODY_S", 1.0)
+    s = server_factory()
+    host, port = s.url.removeprefix("http://").split(":")
+    slow = socket.create_connection((host, int(port)))
+    try:
+        slow.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"tenant_id\": ")  # fmt: skip
+        slow.settimeout(10)
+        t0 = time.monotonic()
+        head = slow.recv(4096)
+        assert b" 408 " in head.split(b"\r\n")[0] + b" " and b"request_timeout" in head
+        assert 0.9 <= time.monotonic() - t0 < 5
+    finally:
+        slow.close()
+    r = s.client().post(
+        "/generate", json={"tenant_id": "acme", "prefix": "base", "prompt": "hi", "max_tokens": 1}
+    )
+    assert r.status_code == 200

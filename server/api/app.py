@@ -44,6 +44,8 @@ DOCS = frozenset({"/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # how long an upload's body may take to arrive (64 MiB at 1 MiB/s: about a minute)
 UPLOAD_BODY_S = 300.0
+# ... and any other body (max_body_bytes, 1 MiB by default): a client trickling one in holds a connection and a task
+BODY_S = 60.0
 # takes max_upload_bytes instead of max_body_bytes
 UPLOAD_PATH_RE = re.compile(r"/prefixes/(?P<tenant>[^/]+)/(?P<name>[^/]+)/upload")
 
@@ -229,18 +231,16 @@ class ServiceMiddleware:
                 # body goes to a file past 1 MiB, so concurrent uploads do not each hold it in memory
                 body_buf = tempfile.SpooledTemporaryFile(max_size=1 << 20) if upload else io.BytesIO()  # noqa: SIM115
                 size = 0
-                deadline = time.monotonic() + UPLOAD_BODY_S
+                allowed = UPLOAD_BODY_S if upload else BODY_S
+                deadline = time.monotonic() + allowed
                 while True:
-                    # an upload holds its slot: a client trickling its body may not keep it for good
-                    if upload:
-                        try:
-                            msg = await asyncio.wait_for(receive(), max(0.001, deadline - time.monotonic()))
-                        except TimeoutError:
-                            why = f"the upload's body did not arrive within {UPLOAD_BODY_S:g} s"
-                            await _send_error(send_wrapper, 408, why, "request_timeout", rid, 1)
-                            return
-                    else:
-                        msg = await receive()
+                    # a client trickling its body may not keep its connection (an upload: its slot) for good
+                    try:
+                        msg = await asyncio.wait_for(receive(), max(0.001, deadline - time.monotonic()))
+                    except TimeoutError:
+                        why = f"the {'upload' if upload else 'request'}'s body did not arrive within {allowed:g} s"
+                        await _send_error(send_wrapper, 408, why, "request_timeout", rid, 1)
+                        return
                     if msg["type"] == "http.disconnect":
                         status_box[0] = 499
                         return
