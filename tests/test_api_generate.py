@@ -668,6 +668,7 @@ def test_tokenize_renders_messages_as_chat_completions_does(srv):
         ({"prompt": "x", "add_generation_prompt": False}, "add_generation_prompt"),
         ({"messages": msgs, "continue_final_message": True}, "continue_final_message"),
         ({"messages": msgs, "chat_template_kwargs": {"tools": 1}}, "chat_template_kwargs"),
+        ({"messages": msgs, "prompt_format": "raw"}, "prompt_format"),  # was ignored without a word
     ):
         err = assert_error(c.post("/tokenize", json={"tenant_id": "acme", **extra}), 422)
         assert err["param"] == param, err

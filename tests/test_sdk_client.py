@@ -1571,4 +1571,6 @@ def test_tokenize_sends_what_chat_renders_messages_with(srv: Any, client: Any) -
     assert set(plain.body) == {"prefix", "tenant_id", "messages"}
     with pytest.raises(TypeError, match="tools need messages"):
         client.tokenize("acme", "Hi", tools=[tool])
+    with pytest.raises(TypeError, match="prompt_format applies to prompt"):
+        client.tokenize("acme", messages=msgs, prompt_format="raw")
     assert len(srv.calls("POST", "/tokenize")) == 3

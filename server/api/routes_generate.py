@@ -207,6 +207,8 @@ async def tokenize(
     prefix = await svc.resolve(tenant, body.prefix or DEFAULT_PREFIX, body.prefix_version)
     tok = svc.bundle.tokenizer
     if body.messages is not None:
+        if body.prompt_format is not None:  # messages always go through the chat template
+            raise APIError(422, "prompt_format applies to prompt, not to messages", param="prompt_format")
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
         messages = template_messages(body.messages)
         ids, fmt = await render_chat(svc, body, messages, tools), "chat"

@@ -303,6 +303,8 @@ def tokenize_body(
 ) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt and messages")
+    if prompt_format is not None and messages is not None:
+        raise TypeError("prompt_format applies to prompt; messages always go through the chat template")
     if chat and messages is None:
         raise TypeError(f"{', '.join(sorted(chat))} need messages")
     body: dict[str, Any] = {"prefix": prefix}
