@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from server.api.routes_tgi import TGIParameters, _items, _prompt_ids, _Shape
+from server.api.routes_tgi import TGIParameters, TGIRequest, _frames, _prompt_ids, _Shape
 from server.api.service import ResolvedPrefix
 from server.engine import TokenEvent
 from server.model import render_prompt
@@ -55,8 +55,8 @@ def test_greedy_output_is_the_native_routes_and_details_describe_it(srv):
     assert d["finish_reason"] == expected and all(t["special"] in (True, False) for t in d["tokens"])
     one = c.post("/tgi/generate", json=body).json()  # TGI's own route: one object
     assert one["generated_text"] == ref["text"] and one["details"]["tokens"] == d["tokens"]
-    # each token's text is what it adds to the output (decoded incrementally), as streamed
-    assert "".join(t["text"] for t in d["tokens"]) == ref["text"]
+    # each token's text is its own (decoded incrementally; a special token's is its spelling), as streamed
+    assert "".join(t["text"] for t in d["tokens"] if not t["special"]) == ref["text"]
     evs = events(c.post("/tgi/generate_stream", json=body))
     assert [t["text"] for t in d["tokens"]] == [e["token"]["text"] for e in evs]
     plain = c.post(
@@ -86,8 +86,12 @@ def test_stream_is_one_event_per_token_adding_up_to_the_text(srv):
         evs = events(c.post(path, json=body))
         assert [e["index"] for e in evs] == list(range(1, len(evs) + 1))
         assert [e["token"]["id"] for e in evs] == [t["id"] for t in ref["logprobs"]]
-        # held-back text goes with a later token
-        assert "".join(e["token"]["text"] for e in evs) == ref["text"]
+        # each token carries its own text, as without the stop string (a possible stop string held back made
+        # them lag, and lumped texts together); the output text is cut at the stop string
+        plain = {"inputs": PROMPT, "parameters": {**params, "stop": []}}
+        free_evs = events(c.post("/tgi/generate_stream", json=plain))
+        assert [e["token"]["text"] for e in evs] == [e["token"]["text"] for e in free_evs[: len(evs)]]
+        assert "".join(e["token"]["text"] for e in evs).startswith(ref["text"])
         assert all(e["generated_text"] is None and e["details"] is None for e in evs[:-1])
         last = evs[-1]
         assert last["generated_text"] == ref["text"]
@@ -103,10 +107,12 @@ def test_stream_is_one_event_per_token_adding_up_to_the_text(srv):
     forced = native(c, logit_bias={str(eos): 100.0}, logprobs=0)
     assert forced["finish_reason"] == "stop" and forced["logprobs"][-1]["id"] == eos
     sampling = srv.svc.sampling(max_tokens=4, temperature=0, top_p=1, top_k=0, seed=None, stop=None)
-    shape = _Shape(srv.svc, TGIParameters(), sampling)
-    assert shape.finish_reason("stop", eos) == "eos_token" and shape.finish_reason("length", eos) == "length"
+    shape = _Shape(srv.svc, TGIParameters(stop=["END"]), sampling)
+    assert shape.finish_reason("stop", eos, "x") == "eos_token"
+    assert shape.finish_reason("length", eos, "x") == "length"
     other = next(t for t in range(10) if t not in srv.svc.llm.eos_ids)
-    assert shape.finish_reason("stop", other) == "stop_sequence"
+    assert shape.finish_reason("stop", other, "the END") == "stop_sequence"
+    assert shape.finish_reason("stop", other, "the") == "eos_token"  # a grammar completed: no stop matched
 
 
 def test_sampling_parameters_follow_tgi(srv):
@@ -143,11 +149,13 @@ def test_sampling_parameters_follow_tgi(srv):
     rf = {**p, "max_new_tokens": 40, "response_format": {"type": "json_object", "schema": schema}}
     text = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": rf}).json()["generated_text"]
     assert isinstance(json.loads(text)["n"], int)
-    rx = {**p, "grammar": {"type": "regex", "value": "(yes|no)"}}
-    assert c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": rx}).json()["generated_text"] in (
-        "yes",
-        "no",
-    )
+    rx = {**p, "grammar": {"type": "regex", "value": "(yes|no)"}, "details": True}
+    out = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": rx}).json()
+    assert out["generated_text"] in ("yes", "no")
+    # the grammar complete: TGI's eos_token (it was "stop_sequence", with no stop sequence given)
+    assert out["details"]["finish_reason"] == "eos_token"
+    streamed = events(c.post("/tgi/generate_stream", json={"inputs": PROMPT, "parameters": rx}))
+    assert streamed[-1]["details"]["finish_reason"] == "eos_token"
 
 
 @pytest.mark.parametrize(
@@ -242,13 +250,18 @@ def test_tgi_clients_get_their_error_type_and_every_token_a_logprob(srv):
     )
 
 
-def test_text_released_by_a_special_token_goes_with_the_token_before_it(srv):
-    """Clients skip the text of special tokens: text a final EOS releases (held back as a possible stop string)
-    is reported on the token before it."""
+def test_a_special_token_has_its_spelling_and_the_text_it_releases_is_the_outputs(srv):
+    """TGI shows a special token (EOS) with its spelling and `special: true`; text a final EOS releases (held
+    back as a possible stop string) is in `generated_text`, not pinned on some other token."""
     eos = next(iter(srv.svc.llm.eos_ids))
     sampling = srv.svc.sampling(max_tokens=4, temperature=0, top_p=1, top_k=0, seed=None, stop=None)
     shape = _Shape(srv.svc, TGIParameters(), sampling)
-    evs = [TokenEvent("r", [5], "a"), TokenEvent("r", [6], ""), TokenEvent("r", [eos], "bc", finished=True)]
+    tok = srv.svc.bundle.tokenizer
+    a, b = (
+        tok("a", add_special_tokens=False)["input_ids"][0],
+        tok("b", add_special_tokens=False)["input_ids"][0],
+    )
+    evs = [TokenEvent("r", [a], "a"), TokenEvent("r", [b], ""), TokenEvent("r", [eos], "b", finished=True)]
 
     class Run:
         first = evs[0]
@@ -257,12 +270,17 @@ def test_text_released_by_a_special_token_goes_with_the_token_before_it(srv):
             for ev in evs[1:]:
                 yield ev
 
-    async def collect():
-        return [item async for item in _items(Run(), shape)]
+    body = TGIRequest(inputs="x", parameters=TGIParameters(details=True))
+    frames = asyncio.run(_collect_frames(_frames(Run(), shape, body, [a])))
+    assert [(f["token"]["id"], f["token"]["text"], f["token"]["special"]) for f in frames] == [
+        (a, "a", False), (b, "b", False), (eos, tok.decode([eos]), True)
+    ]  # fmt: skip
+    assert frames[-1]["generated_text"] == "ab" and frames[-1]["details"]["finish_reason"] == "eos_token"
+    assert all(f["generated_text"] is None for f in frames[:-1])
 
-    got = asyncio.run(collect())
-    assert [(t, x) for (t, _, x), _ in got] == [(5, "a"), (6, "bc"), (eos, "")]
-    assert got[-1][1] is evs[-1] and all(end is None for _, end in got[:-1])
+
+async def _collect_frames(gen) -> list[dict]:
+    return [json.loads(f.decode().removeprefix("data: ")) async for f in gen]
 
 
 def test_tgi_info_at_the_clients_base_url(srv):
@@ -273,6 +291,7 @@ def test_tgi_info_at_the_clients_base_url(srv):
         llm.max_model_len, info["max_input_tokens"] + settings.max_new_tokens
     )
     assert info["model_sha"] == srv.svc.bundle.fingerprint and info["max_best_of"] == 1
+    assert info["max_new_tokens"] == settings.max_new_tokens
     assert info["max_stop_sequences"] == srv.svc.settings.max_stop_strings and info["router"] == "prefixserve"
     assert_error(srv.client().get("/tgi/info"), 401)
 

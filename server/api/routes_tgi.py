@@ -289,25 +289,34 @@ class _Shape:
             for t, v in lp.top[:n]
         ]
 
-    def texts(self, prompt_ids: list[int], ids: list[int]) -> list[str]:
-        """Each generated token's text, decoded incrementally as TGI's details have it (a token ending inside a
-        character: "", the next one completes it; special tokens: "")."""
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, ())
-        out = [detok.add(t)[0] for t in ids]
-        if out:
-            out[-1] += detok.finish()
-        return out
+    def detokenizer(self, prompt_ids: list[int]) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, ())
 
-    def finish_reason(self, reason: str | None, last_token: int | None) -> str:
+    def token_text(self, detok: IncrementalDetokenizer, token_id: int, last: bool) -> str:
+        """A generated token's own text, decoded incrementally as TGI has it: a token ending inside a character
+        gives "" and the next one completes it; a special token (EOS) its own spelling (`special` says what it
+        is). Not the output text a stop string may hold back: that is `generated_text`'s."""
+        text = self.piece(token_id) if token_id in self.special else detok.add(token_id)[0]
+        return text + detok.finish() if last else text
+
+    def texts(self, prompt_ids: list[int], ids: list[int]) -> list[str]:
+        detok = self.detokenizer(prompt_ids)
+        return [self.token_text(detok, t, i == len(ids) - 1) for i, t in enumerate(ids)]
+
+    def finish_reason(self, reason: str | None, last_token: int | None, text: str) -> str:
         if reason == "length":
             return "length"
         if last_token is not None and last_token in self.stop_ids and not self.p.ignore_eos_token:
             return "eos_token"
-        return "stop_sequence"
+        if any(text.endswith(s) for s in self.p.stop or ()):  # TGI keeps the stop sequence in the text
+            return "stop_sequence"
+        # the grammar is complete: TGI ends it with EOS (no stop sequence matched)
+        return "eos_token"
 
-    def details(self, final: TokenEvent, last_token: int | None) -> dict[str, Any]:
+    def details(self, final: TokenEvent, last_token: int | None, text: str) -> dict[str, Any]:
+        """`text`: the output text (a stop sequence it ends with is why it stopped)."""
         return {
-            "finish_reason": self.finish_reason(final.finish_reason, last_token),
+            "finish_reason": self.finish_reason(final.finish_reason, last_token, text),
             "prompt_tokens": final.prompt_tokens,
             "generated_tokens": final.completion_tokens,
             "seed": self.seed,
@@ -324,33 +333,14 @@ def _prefill(shape: _Shape, ids: list[int], lps: list[TokenLogprob | None] | Non
     return out
 
 
-_Item = tuple[int, "TokenLogprob | None", str]  # a generated token: id, log-probability, the text it adds
-
-
-async def _items(run: GenerationRun, shape: _Shape) -> AsyncIterator[tuple[_Item, TokenEvent | None]]:
-    """Every generated token with the output text it adds, so the texts add up to the output text: an event's
-    text goes with its last token (text held back, a possible stop string or part of a character, goes with the
-    token that releases it), and text released by a special token (EOS) with the token before it, since clients
-    skip special tokens' text. One token behind the engine, to move that text; the last comes with the final
-    event."""
-    held: list[Any] | None = None
+async def _tokens(run: GenerationRun) -> AsyncIterator[tuple[TokenEvent, int, TokenLogprob | None, bool]]:
+    """Every generated token as it comes: (its event, id, log-probability, whether it is the output's last). Only
+    an abort or an error ends a request without a token (the client is gone, or the error is raised)."""
     async for ev in all_events(run):
         lps = ev.logprobs or []
         n = len(ev.token_ids)
         for i, t in enumerate(ev.token_ids):
-            text = ev.text if i == n - 1 else ""
-            if text and t in shape.special and held is not None:
-                held[2] += text
-                text = ""
-            if held is not None:
-                yield (held[0], held[1], held[2]), None
-            held = [t, lps[i] if i < len(lps) else None, text]
-        if not ev.token_ids and ev.text and held is not None:
-            held[2] += ev.text
-        if ev.finished:
-            if held is not None:
-                yield (held[0], held[1], held[2]), ev
-            return
+            yield ev, t, (lps[i] if i < len(lps) else None), ev.finished and i == n - 1
 
 
 async def _start(
@@ -403,7 +393,9 @@ def _prompt_ids(tokenizer: Any, inputs: str, prefix: ResolvedPrefix, truncate: i
 async def _respond(body: TGIRequest, request: Request, principal: Principal, as_list: bool) -> Any:
     run, shape, ids = await _start(body, request, principal)
     if body.stream:
-        return EngineEventStream(run, lambda: _frames(run, shape, body), end=None, error_frame=_error_frame)
+        return EngineEventStream(
+            run, lambda: _frames(run, shape, body, ids), end=None, error_frame=_error_frame
+        )
     try:
         out = await race_disconnect(request.receive, _collect(run, shape, body, ids))
     except ClientDisconnected:
@@ -417,42 +409,53 @@ async def _collect(
     run: GenerationRun, shape: _Shape, body: TGIRequest, prompt_ids: list[int]
 ) -> dict[str, Any]:
     p = body.parameters
-    items: list[_Item] = []
+    ids: list[int] = []
+    lps: list[TokenLogprob | None] = []
+    parts: list[str] = []
     final: TokenEvent | None = None
-    async for item, end in _items(run, shape):
-        items.append(item)
-        final = end or final
+    async for ev in all_events(run):
+        parts.append(ev.text)
+        ids.extend(ev.token_ids)
+        lps.extend((ev.logprobs or [None] * len(ev.token_ids))[: len(ev.token_ids)])
+        final = ev
     assert final is not None and run.first is not None
-    text = "".join(t for _, _, t in items)
+    text = "".join(parts)
     out: dict[str, Any] = {"generated_text": body.inputs + text if p.return_full_text else text}
     if p.details:
-        details = shape.details(final, items[-1][0] if items else None)
+        details = shape.details(final, ids[-1] if ids else None, text)
         prompt_lps = run.first.prompt_logprobs
         details["prefill"] = _prefill(shape, prompt_ids, prompt_lps) if p.decoder_input_details else []
-        texts = shape.texts(prompt_ids, [t for t, _, _ in items])
-        details["tokens"] = [shape.token(t, lp, x) for (t, lp, _), x in zip(items, texts, strict=True)]
+        texts = shape.texts(prompt_ids, ids)
+        details["tokens"] = [shape.token(t, lp, x) for t, lp, x in zip(ids, lps, texts, strict=True)]
         if p.top_n_tokens:
-            details["top_tokens"] = [shape.top_tokens(lp) for _, lp, _ in items]
+            details["top_tokens"] = [shape.top_tokens(lp) for lp in lps]
         out["details"] = details
     return out
 
 
-async def _frames(run: GenerationRun, shape: _Shape, body: TGIRequest) -> AsyncIterator[bytes]:
-    """One event per generated token (`_items`); the last carries `generated_text` and `details`."""
+async def _frames(
+    run: GenerationRun, shape: _Shape, body: TGIRequest, prompt_ids: list[int]
+) -> AsyncIterator[bytes]:
+    """One event per generated token, sent as it comes, with the token's own text; the last carries
+    `generated_text` (the output text: a stop string cuts it) and `details`."""
     p = body.parameters
+    detok = shape.detokenizer(prompt_ids)
     parts: list[str] = []
+    seen: TokenEvent | None = None
     index = 0
-    async for (t, lp, text), final in _items(run, shape):
+    async for ev, t, lp, last in _tokens(run):
+        if ev is not seen:
+            parts.append(ev.text)
+            seen = ev
         index += 1
-        parts.append(text)
-        frame: dict[str, Any] = {"index": index, "token": shape.token(t, lp, text), "generated_text": None,
-                                 "details": None}  # fmt: skip
+        frame: dict[str, Any] = {"index": index, "token": shape.token(t, lp, shape.token_text(detok, t, last)),
+                                 "generated_text": None, "details": None}  # fmt: skip
         if p.top_n_tokens:
             frame["top_tokens"] = shape.top_tokens(lp)
-        if final is not None:
+        if last:
             out = "".join(parts)
             frame["generated_text"] = body.inputs + out if p.return_full_text else out
-            frame["details"] = shape.details(final, t)
+            frame["details"] = shape.details(ev, t, out)
         yield sse(frame)
 
 
@@ -488,6 +491,8 @@ async def tgi_info(request: Request, principal: Principal = Depends(get_principa
         "max_input_tokens": max_input,
         "max_input_length": max_input,  # TGI before 2.0
         "max_total_tokens": min(llm.max_model_len, max_input + settings.max_new_tokens),
+        # not TGI's: its two limits cannot say that max_new_tokens is capped on its own as well
+        "max_new_tokens": settings.max_new_tokens,
         "max_batch_size": llm.cfg.max_num_seqs,
         "validation_workers": 1,
         "router": "prefixserve",
