@@ -105,6 +105,24 @@ def test_prefix_cache_by_bytes_evicts_least_frequently_used(tiny_llama_bundle):
     assert set(eng.prefix_cache.entries) == {kl[3], kl[0]}
 
 
+def test_prefix_cache_is_back_within_its_budget_once_its_prefixes_are_idle(tiny_llama_bundle):
+    """Four tenants at once with room for two: the budget stretches while their prefixes are in use, and comes
+    back once they are idle (they stayed resident, over the budget, until the next install)."""
+    eng, kl = _two_prefix_cache(tiny_llama_bundle, 4)
+    pc = eng.prefix_cache
+    outs = eng.generate(
+        [Request(f"q{i}", [1, 2, 3], SamplingParams(max_tokens=3), k) for i, k in enumerate(kl)]
+    )
+    assert all(o.finish_reason in ("length", "stop") for o in outs)
+    assert pc.resident_bytes <= pc.budget_bytes and len(pc.entries) == 2
+    assert pc.stats.evictions == 2
+    # what stays is served from the cache
+    hits = pc.stats.hits
+    kept = next(iter(pc.entries))
+    eng.generate([Request("again", [1, 2, 3], SamplingParams(max_tokens=2), kept)])
+    assert pc.stats.hits == hits + 1
+
+
 def test_prefix_cache_frequencies_age(tiny_llama_bundle):
     """Counts are halved every `aging_accesses` requests: a tenant popular long ago loses to today's ones."""
     eng, kl = _two_prefix_cache(tiny_llama_bundle, 4, aging_accesses=4)

@@ -212,8 +212,13 @@ class PrefixCache:
     def release(self, entry: PrefixEntry) -> None:
         entry.active -= 1
         entry.last_used = time.monotonic()
-        if entry.active == 0 and entry.stale:
-            self._drop(entry)
+        if entry.active == 0:
+            if entry.stale:
+                self._drop(entry)
+            elif self.resident_bytes > self.budget_bytes:
+                # the budget stretched for prefixes in use: back within it once they are idle, not only at the
+                # next install (idle prefixes held the pool's blocks and the metrics over the budget meanwhile)
+                self._trim(0)
 
     def loading(self) -> bool:
         return bool(self._loading)
@@ -303,19 +308,23 @@ class PrefixCache:
         p = kv.shape[3]
         n_blocks = self.pool.blocks_for(p)
         nbytes = n_blocks * self.pool.block_bytes
-        # budget: evict idle entries, least frequently used first; never one fetched for a request that has not
-        # taken it yet (the budget stretches for those: at most `max_pending` of them)
-        now = time.monotonic()
-        for e in self._victims():
-            if self.resident_bytes + nbytes <= self.budget_bytes or self.is_fresh(e, now):
-                break
-            self._drop(e)
-            self.stats.evictions += 1
+        self._trim(nbytes)
         if self.pool.num_free < n_blocks and not self.evict(n_blocks):
             raise OutOfBlocks("no room for prefix")
         blocks = self.pool.allocate(n_blocks)
         self.pool.write_prefix(blocks, kv)
         self.entries[key] = PrefixEntry(key=key, length=p, blocks=blocks, nbytes=nbytes, digest=digest)
+
+    def _trim(self, incoming: int) -> None:
+        """Evict idle entries, least frequently used first, until `incoming` more bytes fit the budget; never one
+        fetched for a request that has not taken it yet (the budget stretches for those: at most `max_pending` of
+        them), nor one in use."""
+        now = time.monotonic()
+        for e in self._victims():
+            if self.resident_bytes + incoming <= self.budget_bytes or self.is_fresh(e, now):
+                break
+            self._drop(e)
+            self.stats.evictions += 1
 
     def _count(self, key: PrefixKey) -> None:
         name = (key.tenant_id, key.name)
