@@ -294,6 +294,14 @@ def test_tgi_info_at_the_clients_base_url(srv):
     assert info["max_new_tokens"] == settings.max_new_tokens
     assert info["max_stop_sequences"] == srv.svc.settings.max_stop_strings and info["router"] == "prefixserve"
     assert_error(srv.client().get("/tgi/info"), 401)
+    # TGI's /health (InferenceClient.health_check): readiness, no key needed, as /ready
+    assert srv.client().get("/tgi/health").status_code == 200
+    srv.app.state.ps.draining = True
+    try:
+        r = srv.client().get("/tgi/health")
+        assert r.status_code == 503 and r.headers["retry-after"]
+    finally:
+        srv.app.state.ps.draining = False
 
 
 def test_auth_and_tenant_rules_are_the_servers(srv, server_factory):

@@ -39,6 +39,7 @@ from server.api.errors import COMMON_ERRORS, APIError, with_tgi_error_type
 from server.api.logprobs import finite_logprob
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, all_events
 from server.api.routes_openai import parse_model
+from server.api.routes_ops import ready
 from server.api.schemas import BASE_PREFIX, PromptText, Seed, StopText
 from server.api.service import (
     ClientDisconnected,
@@ -472,6 +473,15 @@ TGI_DOC = {
         "content": SSE_DOC[200]["content"],
     }
 }
+
+
+@router.get(
+    "/health",
+    responses={503: {"description": "Not ready to serve (Retry-After)"}},
+    summary="TGI's /health (what InferenceClient.health_check asks): 200 when this server can serve, as /ready",
+)
+async def tgi_health(request: Request) -> Any:
+    return await ready(request)
 
 
 @router.get("/info", responses=COMMON_ERRORS, summary="TGI's /info: the model and the limits of this server")
