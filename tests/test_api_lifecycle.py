@@ -195,54 +195,66 @@ def test_sigterm_drains_in_flight_and_exits_zero(subprocess_server, tmp_path):
     c.close()
 
 
+class _TwoLongRequests:
+    """A subprocess server with a prefix, one streamed and one whole long request in flight on it; `finish()`
+    collects their outcomes once the server has gone."""
+
+    def __init__(self, subprocess_server, tmp_path, grace_s: float) -> None:
+        from tests.fixtures.server import tiny_bundle
+
+        store_url = f"file://{tmp_path / 'store'}"
+        store = open_store(store_url)
+        put_random_prefix(store, tiny_bundle(), "acme")
+        store.close()
+        self.sp = sp = subprocess_server(store_url=store_url, shutdown_grace_s=grace_s, step_delay=0.05)
+        body = {"tenant_id": "acme", "prompt": "long", "max_tokens": 400, "ignore_eos": True}
+        self.result: dict = {}
+        first = threading.Event()
+
+        def stream() -> None:
+            with sp.client() as sc, sc.stream("POST", "/generate", json={**body, "stream": True}) as r:
+                chunks = []
+                for chunk in r.iter_text():
+                    chunks.append(chunk)
+                    first.set()
+                self.result["stream"] = (r.status_code, "".join(chunks))
+
+        def whole() -> None:
+            with sp.client() as wc:
+                r = wc.post("/generate", json=body)
+                self.result["whole"] = (r.status_code, r.json(), r.headers.get("retry-after"))
+
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (stream, whole)]
+        for t in self.threads:
+            t.start()
+        assert first.wait(30)
+
+    def assert_ended_with_503s(self, why: str) -> None:
+        """The stream ended with a 503 `shutting_down` error event (then [DONE]), the whole request with the 503."""
+        for t in self.threads:
+            t.join(10)
+        status, text = self.result["stream"]
+        frames = parse_sse(text)
+        assert status == 200 and frames[-1] == "[DONE]", frames[-3:]
+        err = frames[-2]["error"]
+        assert err["code"] == "shutting_down" and err["status"] == 503 and why in err["message"]
+        status, payload, retry_after = self.result["whole"]
+        assert status == 503 and payload["error"]["code"] == "shutting_down" and retry_after
+
+
 def test_sigterm_past_the_grace_period_ends_streams_with_an_error_and_exits_promptly(
     subprocess_server, tmp_path
 ):
     """A stream still running when the grace period runs out ends with a 503 `shutting_down` error event (it was
     cut off without one, and uvicorn then waited a second grace period before exiting); a non-streaming request
     gets the 503 itself; the process exits 0 within the grace period plus a couple of seconds."""
-    from tests.fixtures.server import tiny_bundle
-
-    store_url = f"file://{tmp_path / 'store'}"
-    store = open_store(store_url)
-    put_random_prefix(store, tiny_bundle(), "acme")
-    store.close()
-    sp = subprocess_server(store_url=store_url, shutdown_grace_s=1, step_delay=0.05)
-    body = {"tenant_id": "acme", "prompt": "long", "max_tokens": 400, "ignore_eos": True}
-    result: dict = {}
-    first = threading.Event()
-
-    def stream() -> None:
-        with sp.client() as sc, sc.stream("POST", "/generate", json={**body, "stream": True}) as r:
-            chunks = []
-            for chunk in r.iter_text():
-                chunks.append(chunk)
-                first.set()
-            result["stream"] = (r.status_code, "".join(chunks))
-
-    def whole() -> None:
-        with sp.client() as wc:
-            r = wc.post("/generate", json=body)
-            result["whole"] = (r.status_code, r.json(), r.headers.get("retry-after"))
-
-    threads = [threading.Thread(target=f, daemon=True) for f in (stream, whole)]
-    for t in threads:
-        t.start()
-    assert first.wait(30)
+    two = _TwoLongRequests(subprocess_server, tmp_path, grace_s=1)
     t0 = time.monotonic()
-    sp.terminate()
-    assert sp.wait(30) == 0
+    two.sp.terminate()
+    assert two.sp.wait(30) == 0
     took = time.monotonic() - t0
-    for t in threads:
-        t.join(10)
     assert took < 1 + 4, took  # grace + the flush, not two graces
-    status, text = result["stream"]
-    frames = parse_sse(text)
-    assert status == 200 and frames[-1] == "[DONE]", frames[-3:]
-    err = frames[-2]["error"]
-    assert err["code"] == "shutting_down" and err["status"] == 503 and "grace period" in err["message"]
-    status, payload, retry_after = result["whole"]
-    assert status == 503 and payload["error"]["code"] == "shutting_down" and retry_after
+    two.assert_ended_with_503s("grace period")
 
 
 def test_a_second_sigterm_ends_the_drain_with_503s_and_exits_1(subprocess_server, tmp_path):
@@ -250,51 +262,15 @@ def test_a_second_sigterm_ends_the_drain_with_503s_and_exits_1(subprocess_server
     `shutting_down`: an error event in a stream, the JSON error otherwise) and exits 1, so a supervisor can tell a
     cut drain from a clean one. It used to hand over to uvicorn: streams cut without an error event, a plain-text
     500 for the rest, tracebacks in the log, and exit 0."""
-    from tests.fixtures.server import tiny_bundle
-
-    store_url = f"file://{tmp_path / 'store'}"
-    store = open_store(store_url)
-    put_random_prefix(store, tiny_bundle(), "acme")
-    store.close()
-    sp = subprocess_server(store_url=store_url, shutdown_grace_s=60, step_delay=0.05)
-    body = {"tenant_id": "acme", "prompt": "long", "max_tokens": 400, "ignore_eos": True}
-    result: dict = {}
-    first = threading.Event()
-
-    def stream() -> None:
-        with sp.client() as sc, sc.stream("POST", "/generate", json={**body, "stream": True}) as r:
-            chunks = []
-            for chunk in r.iter_text():
-                chunks.append(chunk)
-                first.set()
-            result["stream"] = (r.status_code, "".join(chunks))
-
-    def whole() -> None:
-        with sp.client() as wc:
-            r = wc.post("/generate", json=body)
-            result["whole"] = (r.status_code, r.json(), r.headers.get("retry-after"))
-
-    threads = [threading.Thread(target=f, daemon=True) for f in (stream, whole)]
-    for t in threads:
-        t.start()
-    assert first.wait(30)
-    c = sp.client()
-    sp.terminate()
-    wait_until(lambda: c.get("/ready").status_code == 503, timeout=5, interval=0.02)
+    two = _TwoLongRequests(subprocess_server, tmp_path, grace_s=60)
+    with two.sp.client() as c:
+        two.sp.terminate()
+        wait_until(lambda: c.get("/ready").status_code == 503, timeout=5, interval=0.02)
     t0 = time.monotonic()
-    sp.terminate()
-    assert sp.wait(30) == 1
+    two.sp.terminate()
+    assert two.sp.wait(30) == 1
     assert time.monotonic() - t0 < 5  # the flush, not the 60 s grace
-    for t in threads:
-        t.join(10)
-    status, text = result["stream"]
-    frames = parse_sse(text)
-    assert status == 200 and frames[-1] == "[DONE]", frames[-3:]
-    err = frames[-2]["error"]
-    assert err["code"] == "shutting_down" and err["status"] == 503 and "second time" in err["message"]
-    status, payload, retry_after = result["whole"]
-    assert status == 503 and payload["error"]["code"] == "shutting_down" and retry_after
-    c.close()
+    two.assert_ended_with_503s("second time")
 
 
 def test_engine_thread_death_fails_requests_instead_of_hanging(server_factory, api_bundle):

@@ -36,83 +36,47 @@ class Expect:
     exercises: frozenset[str]  # Counters fields that must be non-zero
 
 
-# Chosen from the fuzzer's counters over seeds 0-299; each stayed non-zero in repeated runs (prefix fetches run on
+def _expect(model: str, fault_site: str, features: str) -> Expect:
+    return Expect(model, fault_site, frozenset(features.split()))
+
+
+# Chosen from the fuzzer's counters over seeds 0-299; each usually shows these (prefix fetches run on
 # loader threads, so the counts vary a little from run to run).
 SEEDS: dict[int, Expect] = {
-    199: Expect(
+    199: _expect(
         "llama",
         "forward_before",
-        frozenset(
-            {
-                "preemptions",
-                "prefix_evictions",
-                "spec_accepted_tokens",
-                "cache_hit_tokens",
-                "prefix_replaced",
-                "fault_failed_requests",
-            }
-        ),
+        "preemptions prefix_evictions spec_accepted_tokens cache_hit_tokens prefix_replaced fault_failed_requests",
     ),
-    282: Expect(
+    282: _expect(
         "gpt2",
         "forward_after",
-        frozenset(
-            {
-                "preemptions",
-                "prefix_evictions",
-                "spec_accepted_tokens",
-                "cache_hit_tokens",
-                "fault_failed_requests",
-            }
-        ),
+        "preemptions prefix_evictions spec_accepted_tokens cache_hit_tokens fault_failed_requests",
     ),
-    163: Expect(
+    163: _expect(
         "gpt2",
         "sample_on_device",
-        frozenset(
-            {"preemptions", "prefix_evictions", "async_steps", "cache_hit_tokens", "fault_failed_requests"}
-        ),
+        "preemptions prefix_evictions async_steps cache_hit_tokens fault_failed_requests",
     ),
-    265: Expect(
-        "phi3",
-        "read",
-        frozenset({"prefix_evictions", "async_steps", "prefix_replaced", "fault_failed_requests"}),
+    265: _expect("phi3", "read", "prefix_evictions async_steps prefix_replaced fault_failed_requests"),
+    60: _expect(
+        "llama", "forward_after", "prefix_evictions async_steps cache_hit_tokens fault_failed_requests"
     ),
-    60: Expect(
-        "llama",
-        "forward_after",
-        frozenset({"prefix_evictions", "async_steps", "cache_hit_tokens", "fault_failed_requests"}),
+    109: _expect(
+        "llama", "sample_on_device", "prefix_evictions async_steps prefix_replaced fault_failed_requests"
     ),
-    109: Expect(
-        "llama",
-        "sample_on_device",
-        frozenset({"prefix_evictions", "async_steps", "prefix_replaced", "fault_failed_requests"}),
+    48: _expect(
+        "gpt2", "forward_before", "prefix_evictions async_steps cache_hit_tokens fault_failed_requests"
     ),
-    48: Expect(
-        "gpt2",
-        "forward_before",
-        frozenset({"prefix_evictions", "async_steps", "cache_hit_tokens", "fault_failed_requests"}),
-    ),
-    244: Expect(
+    244: _expect(
         "phi3",
         "forward_before",
-        frozenset(
-            {
-                "preemptions",
-                "prefix_evictions",
-                "spec_accepted_tokens",
-                "cache_hit_tokens",
-                "prefix_replaced",
-                "fault_failed_requests",
-            }
-        ),
+        "preemptions prefix_evictions spec_accepted_tokens cache_hit_tokens prefix_replaced fault_failed_requests",
     ),
-    3: Expect(
-        "llama",
-        "forward_before",
-        frozenset({"preemptions", "prefix_evictions", "cache_hit_tokens", "fault_failed_requests"}),
+    3: _expect(
+        "llama", "forward_before", "preemptions prefix_evictions cache_hit_tokens fault_failed_requests"
     ),
-    4: Expect("llama", "forward_after", frozenset({"prefix_evictions", "async_steps", "prefix_replaced"})),
+    4: _expect("llama", "forward_after", "prefix_evictions async_steps prefix_replaced"),
 }
 
 QUICK_SEED = 10  # gpt2, no async decode, a fraction of a second: for the fuzzer's own checks below
