@@ -15,9 +15,10 @@ trained with, ``inputs`` as the user message of a chat-trained one), ``truncate`
 its seed (drawn when none is given). ``details`` adds the finish reason (``length``, ``eos_token``,
 ``stop_sequence``), token counts and every generated token with its log-probability; ``decoder_input_details`` the
 prompt tokens (``prefill``; not with streaming); ``return_k_alternatives`` (LoRAX) / ``top_n_tokens`` (TGI) the
-most likely alternatives. A stream sends one event per generated token, each with its log-probability, whose texts
-add up to ``generated_text`` (text a special token such as EOS releases goes with the token before it); the last
-carries ``generated_text`` and ``details``; no ``[DONE]``.
+most likely alternatives. A stream sends one event per generated token as it comes, each with the token's own text
+(decoded incrementally; a special token such as EOS: its spelling, ``special: true``) and log-probability; the last
+carries ``generated_text`` (cut at a stop sequence, which a token's text is not) and ``details``; no ``[DONE]``.
+A completed grammar ends as TGI's does: ``eos_token``.
 """
 
 from __future__ import annotations
@@ -334,14 +335,23 @@ def _prefill(shape: _Shape, ids: list[int], lps: list[TokenLogprob | None] | Non
     return out
 
 
-async def _tokens(run: GenerationRun) -> AsyncIterator[tuple[TokenEvent, int, TokenLogprob | None, bool]]:
-    """Every generated token as it comes: (its event, id, log-probability, whether it is the output's last). Only
-    an abort or an error ends a request without a token (the client is gone, or the error is raised)."""
+async def _tokens(
+    run: GenerationRun,
+) -> AsyncIterator[tuple[TokenEvent, str, int, TokenLogprob | None, bool]]:
+    """Every generated token as it comes: (its event, the output text the event adds (with its first token, else
+    ""), id, log-probability, whether it is the output's last). Only an abort or an error ends a request without a
+    token (the client is gone, or the error is raised)."""
     async for ev in all_events(run):
         lps = ev.logprobs or []
         n = len(ev.token_ids)
         for i, t in enumerate(ev.token_ids):
-            yield ev, t, (lps[i] if i < len(lps) else None), ev.finished and i == n - 1
+            yield (
+                ev,
+                (ev.text if i == 0 else ""),
+                t,
+                (lps[i] if i < len(lps) else None),
+                ev.finished and i == n - 1,
+            )
 
 
 async def _start(
@@ -414,10 +424,10 @@ async def _collect(
     lps: list[TokenLogprob | None] = []
     parts: list[str] = []
     final: TokenEvent | None = None
-    async for ev in all_events(run):
-        parts.append(ev.text)
-        ids.extend(ev.token_ids)
-        lps.extend((ev.logprobs or [None] * len(ev.token_ids))[: len(ev.token_ids)])
+    async for ev, text, t, lp, _last in _tokens(run):
+        parts.append(text)
+        ids.append(t)
+        lps.append(lp)
         final = ev
     assert final is not None and run.first is not None
     text = "".join(parts)
@@ -442,12 +452,9 @@ async def _frames(
     p = body.parameters
     detok = shape.detokenizer(prompt_ids)
     parts: list[str] = []
-    seen: TokenEvent | None = None
     index = 0
-    async for ev, t, lp, last in _tokens(run):
-        if ev is not seen:
-            parts.append(ev.text)
-            seen = ev
+    async for ev, text, t, lp, last in _tokens(run):
+        parts.append(text)
         index += 1
         frame: dict[str, Any] = {"index": index, "token": shape.token(t, lp, shape.token_text(detok, t, last)),
                                  "generated_text": None, "details": None}  # fmt: skip
