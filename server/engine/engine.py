@@ -235,8 +235,8 @@ class LLMEngine:
             )
         if self.pool.blocks_for(total) + 1 > self.pool.num_blocks // 2:
             raise RequestTooLarge("request needs more KV cache than the configured budget allows")
-        if check_queue and self.queued(0) >= self.cfg.max_waiting:
-            raise QueueFull(f"{self.queued(0)} requests already waiting for a place in the batch")
+        if check_queue and (queued := self.queued(0)) >= self.cfg.max_waiting:
+            raise QueueFull(f"{queued} requests already waiting for a place in the batch")
 
     @property
     def capacity(self) -> int:
