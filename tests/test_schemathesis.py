@@ -14,7 +14,7 @@ from tests.fixtures.server import FakeJobManager, put_random_prefix
 
 KEY = "sk-tenant-acme-0123456789"
 ADMIN = "sk-admin-0123456789"
-PUBLIC = ("/health", "/ready", "/metrics", "/version")
+PUBLIC = ("/health", "/ready", "/metrics", "/version", "/tgi/health")
 # Schema-valid bodies may still be refused for reasons the schema cannot express (tenant_id is optional in the
 # schema because an API key implies it, but an open server needs it; a prompt over the model's context is 413).
 # Everything else is checked: no 5xx, documented status codes, content types, response bodies against the schema.
