@@ -25,10 +25,8 @@ class NotReady(Readiness):
     error: ErrorInfo
 
 
-# HEAD too: load balancers and uptime checkers probe with it
-@router.api_route(
+@router.get(
     "/health",
-    methods=["GET", "HEAD"],
     response_model=Health,
     responses={503: {"description": "The inference engine died: restart the process (as vLLM's /health)"}},
     summary="Liveness: the process answers and its inference engine runs",
@@ -59,9 +57,8 @@ async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.api_route(
+@router.get(
     "/ready",
-    methods=["GET", "HEAD"],
     response_model=Readiness,
     responses={503: {"model": NotReady, "description": "Not ready (Retry-After)"}},
     summary="Readiness: model loaded, engine running, store reachable, not shutting down",
@@ -88,6 +85,14 @@ async def ready(request: Request) -> Any:
         **error_body(503, f"not ready: {failing}", code="not_ready"),
     }
     return SafeJSONResponse(body, 503, headers={"Retry-After": str(st.settings.retry_after_s)})
+
+
+# HEAD too, as load balancers and uptime checkers probe; out of the OpenAPI document, where a second operation of one
+# function would repeat its operation id
+for _probe in (health, ready):
+    router.add_api_route(
+        f"/{_probe.__name__}", _probe, methods=["HEAD"], response_model=None, include_in_schema=False
+    )
 
 
 @router.get(
