@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 
@@ -303,6 +305,43 @@ def test_chat_n_choices_streamed(oai):
             finish[ch.index] = ch.finish_reason or finish[ch.index]
     assert parts == [ch.message.content for ch in whole.choices]
     assert finish == ["length", "length"]
+
+
+def test_each_streamed_choice_starts_with_its_own_first_token(server_factory, api_bundle):
+    """With one batch row, choice 1 of an n=2 stream waits for choice 0 to finish: choice 0 streams meanwhile (as
+    vLLM's), instead of the stream opening once every choice has its first token."""
+
+    from tests.fixtures.server import slow_engine
+
+    s = server_factory(prefixes={("acme", "default"): {}}, max_num_seqs=1)
+    slow_engine(s.svc, 0.02)
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+    kw = dict(
+        model="acme/default",
+        prompt="Tell me",
+        n=2,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    whole = client.completions.create(**kw)
+    texts = ["", ""]
+    waiting_at_first = None
+    for chunk in client.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            if waiting_at_first is None and ch.text:
+                waiting_at_first = (ch.index, s.svc.llm.num_waiting)
+            texts[ch.index] += ch.text
+    assert waiting_at_first == (0, 1), "choice 0 should stream while choice 1 still waits for the batch row"
+    assert texts == [ch.text for ch in whole.choices] and texts[0] == texts[1]
+    # a client that leaves while choice 1 still waits: both engine requests end, the waiting one too
+    stream = client.completions.create(stream=True, **{**kw, "max_tokens": 200})
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 10
+    while s.svc.llm.num_running + s.svc.llm.num_waiting and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert s.svc.llm.num_running + s.svc.llm.num_waiting == 0
 
 
 def test_n_over_the_tenant_limit_is_refused(server_factory, api_bundle, tmp_path):

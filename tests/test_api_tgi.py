@@ -266,6 +266,9 @@ def test_a_special_token_has_its_spelling_and_the_text_it_releases_is_the_output
     class Run:
         first = evs[0]
 
+        async def started(self):
+            return self.first
+
         async def events(self):
             for ev in evs[1:]:
                 yield ev

@@ -144,8 +144,7 @@ async def generate(
 
 async def all_events(run: GenerationRun) -> AsyncIterator[TokenEvent]:
     """The run's first event (returned by its start) and the rest."""
-    assert run.first is not None
-    yield run.first
+    yield await run.started()
     async for ev in run.events():
         yield ev
 
@@ -175,8 +174,7 @@ async def _frames(
         "prefix": prefix.name or BASE_PREFIX,  # the base model alone: "base", as asked
         "prefix_version": prefix.version,
     }
-    assert run.first is not None
-    prompt_lps = run.first.prompt_logprobs  # on the first chunk sent
+    prompt_lps = (await run.started()).prompt_logprobs  # on the first chunk sent
     async for ev, ids, lps in chunked_events(run):
         chunk = GenerateChunk(
             **head,

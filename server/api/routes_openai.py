@@ -467,8 +467,7 @@ async def _completion_choice(
 
     offsets = TextOffsets(ch.text) if run.req.sampling.logprobs is not None else None
     if ch.plan.echo is not None:
-        assert run.first is not None
-        text, logprobs = _echo_part(ch, index, run.first.prompt_logprobs, offsets)
+        text, logprobs = _echo_part(ch, index, (await run.started()).prompt_logprobs, offsets)
         yield chunk(text, logprobs, None)
     async for ev, _ids, lps in chunked_events(run):
         finish = ev.finish_reason if ev.finished else None

@@ -286,6 +286,12 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A done callback that reads a task's outcome, so that asyncio does not log an exception nobody awaited."""
+    if not task.cancelled():
+        task.exception()
+
+
 class GenerationRun:
     """One submitted engine request: its events, timing metrics, tenant slot; closed exactly once."""
 
@@ -311,6 +317,7 @@ class GenerationRun:
         self._last_token: float | None = None
         self.final: TokenEvent | None = None
         self.first: TokenEvent | None = None
+        self._starting: asyncio.Future[TokenEvent] | None = None  # `start` under way (`_start_runs`' task)
         self.refused = False  # the engine refused it (full queue, too large): it never ran, nor was aborted
         self.bill_output = True  # False: its generated tokens are not part of the answer (echo, max_tokens 0)
         self._closed = False
@@ -356,6 +363,14 @@ class GenerationRun:
                 )
             raise self._error(ev)
         return ev
+
+    async def started(self) -> TokenEvent:
+        """The first event: at once if `start` has it, else once its task (`Service._start_runs`) does; raises
+        what `start` raised."""
+        if self.first is not None:
+            return self.first
+        assert self._starting is not None
+        return await self._starting
 
     def _churned(self, ev: TokenEvent) -> bool:
         """A request for the latest version whose last try also found its version gone (a 404)."""
@@ -507,18 +522,25 @@ class GenerationRun:
             return
         self._closed = True
         try:
-            if self._agen is not None:
+            starting = self._starting
+            if starting is not None and not starting.done():
+                # a stream that ended before this choice's first event: its task aborts the engine request as it
+                # unwinds. Not awaited: close runs in the cancelled scope of a client gone, where any await that
+                # suspends raises at once
+                starting.cancel()
+                starting.add_done_callback(_retrieved)
+            elif self._agen is not None:
                 with contextlib.suppress(Exception):
                     await self._agen.aclose()  # its finally aborts an unfinished request
-                if self.final is None and not self.refused:
-                    self.info.finish_reason = self.info.finish_reason or "abort"
-                    m = self.svc.metrics
-                    m.request_success.labels("abort").inc()
-                    m.e2e.observe(time.monotonic() - self._t0)
-                    # it was prefilled (its first token came) before the client left
-                    if self.first is not None:
-                        m.prompt_tokens.inc(len(self.req.prompt_token_ids))
-                        m.generation_tokens.inc(self.generated if self.bill_output else 0)
+            if self._agen is not None and self.final is None and not self.refused:
+                self.info.finish_reason = self.info.finish_reason or "abort"
+                m = self.svc.metrics
+                m.request_success.labels("abort").inc()
+                m.e2e.observe(time.monotonic() - self._t0)
+                # it was prefilled (its first token came) before the client left
+                if self.first is not None:
+                    m.prompt_tokens.inc(len(self.req.prompt_token_ids))
+                    m.generation_tokens.inc(self.generated if self.bill_output else 0)
         finally:
             self._release()
             await self._account()
@@ -1084,7 +1106,9 @@ class Service:
         bill_output: bool = True,
     ) -> list[GenerationRun]:
         """Every run is made (slot taken, its tokens handed over) before anything is awaited, so each reservation
-        has an owner whatever fails next; then all start together, racing the client's disconnect."""
+        has an owner whatever fails next; then all start together, racing the client's disconnect. Returns once
+        every run has its first event, or for a stream of several once the first has (the others' `started()`
+        waits for theirs; one that fails then fails the stream, as a later error would)."""
         runs: list[GenerationRun] = []
         try:
             for (ids, sampling), cost in zip(jobs, costs, strict=True):
@@ -1098,8 +1122,19 @@ class Service:
                 await r.close()
             raise
         tasks = [asyncio.ensure_future(r.start()) for r in runs]
+        for r, t in zip(runs, tasks, strict=True):
+            r._starting = t
         try:
-            await race_disconnect(receive, asyncio.gather(*tasks))
+            if stream and len(tasks) > 1:
+                # a stream opens with the first choice's first event, and each choice streams from its own (as
+                # vLLM's), not once the slowest sibling has one (queued behind a full batch, say). A refusal is
+                # known by then: each run is submitted in its task's first step, before any engine event can come
+                await race_disconnect(receive, asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED))
+                for t in tasks:
+                    if t.done() and not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+            else:
+                await race_disconnect(receive, asyncio.gather(*tasks))
         except BaseException as e:
             for t in tasks:
                 t.cancel()
