@@ -543,3 +543,44 @@ def test_replicas_share_rate_limits_and_usage_through_redis(server_factory, redi
     d = dead.client()
     assert gen(d, "acme").status_code == 200
     assert_error(d.get("/usage"), 503, "store_unavailable")
+
+
+def test_a_stream_left_early_refunds_its_unused_tokens_when_the_limiter_awaits(server_factory, tmp_path):
+    """A client that leaves a stream: each run's close gives back the tokens it did not use, also when the limiter
+    suspends to do it (Redis's does): Starlette closes the body in the cancelled scope of the disconnect, where
+    such an await raised at once, and the refund (and the closing of the other choices) was lost."""
+    import httpx
+
+    f = tmp_path / "limits.json"
+    f.write_text(json.dumps({"acme": {"tokens_per_minute": 1_000}}))
+    s = server_factory(tenant_limits_file=str(f))
+    slow_engine(s.svc, 0.02)
+    lim = s.svc.limiter
+    apply = lim._apply
+
+    async def suspending(*a, **kw):
+        await asyncio.sleep(0.01)
+        return await apply(*a, **kw)
+
+    lim._apply = suspending
+    lim.clock = Clock()  # no refill meanwhile
+    body = {
+        "model": "acme/base",
+        "prompt": "x",
+        "n": 2,
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.Client(base_url=s.url, timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break
+    c = s.client()
+    deadline = time.monotonic() + 10
+    while (s.svc.llm.num_running or remaining(c, "acme") < 900) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert s.svc.llm.num_running == 0
+    # charged 2 x (prompt + 400) at admission; after the close only what the two choices used stays charged
+    assert remaining(c, "acme") >= 900

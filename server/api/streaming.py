@@ -88,13 +88,25 @@ class EngineEventStream(StreamingResponse):
         error_frame: Callable[[APIError], bytes] = error_frame,
     ) -> None:
         self.runs = runs if isinstance(runs, list) else [runs]
+        self._closing: asyncio.Future[None] | None = None
         self._end = end
         self._error_frame = error_frame
         super().__init__(self._body(frames), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _close(self) -> None:
+        """Close every run, once, to the end. Shielded: the body is closed in the cancelled scope of a client that
+        left, where any await that suspends (the Redis limiter's refund) raises at once; the closing goes on in its
+        own task, which the response's last `_close` waits for."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close_runs())
+        await asyncio.shield(self._closing)
+
+    async def _close_runs(self) -> None:
         for run in self.runs:
-            await run.close()
+            try:
+                await run.close()
+            except Exception:  # a bug: the other runs are still closed
+                log.exception("request %s: closing a run failed", run.info.request_id)
 
     async def _body(self, frames: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
         try:
