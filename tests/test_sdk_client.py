@@ -7,6 +7,7 @@ SDK sent and what it returned or raised. Acceptance against the real server is a
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import socket
 import sys
@@ -1574,3 +1575,112 @@ def test_tokenize_sends_what_chat_renders_messages_with(srv: Any, client: Any) -
     with pytest.raises(TypeError, match="prompt_format applies to prompt"):
         client.tokenize("acme", messages=msgs, prompt_format="raw")
     assert len(srv.calls("POST", "/tokenize")) == 3
+
+
+# ------------------------------------------------------------------------------- what a user trips on (SDK hunt)
+def test_a_finished_stream_gives_its_connection_back_to_the_pool(srv: Any) -> None:
+    """A stream read to [DONE] leaves its connection for the next request, sync and async (it was closed unread,
+    so every stream opened a new connection)."""
+    srv.on("POST", "/generate", Resp(200, sse=STREAM))
+    with ps.Client(srv.url) as c:
+        for _ in range(3):
+            assert "".join(d.text for d in c.stream("acme", "Hi")) == "hello!"
+        pool = c._http._transport._pool
+        assert len(pool.connections) == 1 and pool.connections[0].is_idle()
+
+    async def go() -> int:
+        async with ps.AsyncClient(srv.url) as ac:
+            for _ in range(3):
+                assert "".join([d.text async for d in ac.stream("acme", "Hi")]) == "hello!"
+            return len(ac._http._transport._pool.connections)
+
+    assert asyncio.run(go()) == 1
+
+
+def test_a_value_no_header_can_carry_is_a_value_error_at_once(
+    srv: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API key with a trailing newline (read from a file), a non-ASCII one, a request id of spaces: a ValueError
+    naming it, before anything is sent (each was a transport error, retried with backoff, then a misleading
+    connection error)."""
+    for key in ("key-a\n", "ké", " key"):
+        with pytest.raises(ValueError, match="api_key"):
+            ps.Client(srv.url, api_key=key)
+        with pytest.raises(ValueError, match="api_key"):
+            ps.AsyncClient(srv.url, api_key=key)
+    monkeypatch.setenv("PREFIXSERVE_API_KEY", "key-from-env\n")
+    with pytest.raises(ValueError, match="PREFIXSERVE_API_KEY"):
+        ps.Client(srv.url)
+    monkeypatch.delenv("PREFIXSERVE_API_KEY")
+    with pytest.raises(ValueError, match="header 'X-Team'"):
+        ps.Client(srv.url, headers={"X-Team": "a\r\nb"})
+    srv.on("POST", "/generate", Resp(200, GEN))
+    with ps.Client(srv.url) as c:
+        with pytest.raises(ValueError, match="request_id"):
+            c.generate("acme", "Hi", request_id=" ")
+        assert c.generate("acme", "Hi", request_id="ok id").text == "hello world"
+    assert len(srv.calls("POST", "/generate")) == 1
+
+
+def test_dot_segments_are_refused_not_resolved_to_another_route(client: Any) -> None:
+    for name in (".", "..", ""):
+        with pytest.raises(ValueError, match="not a valid"):
+            client.prefixes.get("acme", name)
+        with pytest.raises(ValueError, match="not a valid"):
+            client.prefixes.get_job(name)
+    with pytest.raises(ValueError, match="not a valid"):
+        client.prefixes.delete("..", "faq")
+
+
+def test_a_stream_closed_before_it_is_sent_never_is(srv: Any) -> None:
+    srv.on("POST", "/generate", Resp(200, sse=STREAM))
+    with ps.Client(srv.url) as c:
+        s = c.stream("acme", "Hi")
+        s.close()
+        assert list(s) == []
+
+    async def go() -> list[Any]:
+        async with ps.AsyncClient(srv.url) as ac:
+            s = ac.stream("acme", "Hi")
+            await s.aclose()
+            return [d async for d in s]
+
+    assert asyncio.run(go()) == []
+    assert srv.calls("POST", "/generate") == []
+
+
+def test_a_lone_surrogate_reaches_the_server_as_an_escape(srv: Any, client: Any) -> None:
+    """Text UTF-8 cannot carry (a broken decode's lone surrogate) is sent JSON-escaped for the server to judge (it
+    answers a 422 naming the field), not a UnicodeEncodeError from the HTTP library; other text stays UTF-8."""
+    srv.on("POST", "/generate", Resp(200, GEN))
+    client.generate("acme", "bad \ud800 héllo")
+    client.generate("acme", "héllo")
+    bad, good = srv.calls("POST", "/generate")
+    assert bad.body["prompt"] == "bad \ud800 héllo" and good.body["prompt"] == "héllo"
+    assert bad.headers["content-type"] == "application/json"
+
+
+def test_a_deep_copy_of_a_job_shares_its_client(srv: Any, client: Any) -> None:
+    srv.on("GET", "/prefixes/jobs/job0001", _job("running", 1))
+    job = client.prefixes.get_job("job0001")
+    for twin in (copy.deepcopy(job), job.model_copy(deep=True)):
+        assert twin == job and twin._client is client
+        assert twin.refresh().status == "running"
+
+
+def test_job_wait_timeout_bounds_a_slow_poll_and_an_outage(srv: Any) -> None:
+    """`wait(timeout=...)` ends near its timeout even when a poll hangs (each poll used the client's own read
+    timeout, 600 s by default), and a server away past the timeout is a WaitTimeout (the job goes on), not the
+    connection error."""
+    srv.on("GET", "/prefixes/jobs/job0001", _job("running", 1), Resp(200, _job("running", 2).json, delay=3))
+    with ps.Client(srv.url, max_retries=0) as c:
+        job = c.prefixes.get_job("job0001")
+        t0 = time.monotonic()
+        with pytest.raises(ps.WaitTimeout):
+            job.wait(poll_interval=0.05, timeout=0.5)
+        assert time.monotonic() - t0 < 2.0
+    with ps.Client("http://127.0.0.1:9", max_retries=0) as dead:  # nothing listens: connection refused
+        job._client = dead
+        with pytest.raises(ps.WaitTimeout) as ei:
+            job.wait(poll_interval=0.02, timeout=0.2)
+        assert isinstance(ei.value.__cause__, ps.APIConnectionError)

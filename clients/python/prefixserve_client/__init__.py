@@ -2,7 +2,7 @@
 
 >>> from prefixserve_client import Client
 >>> with Client() as client:  # PREFIXSERVE_BASE_URL / PREFIXSERVE_API_KEY
-...     print(client.generate("acme", "Hello").text)
+...     print(client.generate("acme", "Hello", prefix="base").text)  # "base": no prefix
 
 Only httpx and pydantic are needed: this package never imports torch or the server.
 """

@@ -30,6 +30,12 @@ from .types import (
 __all__ = ["AsyncClient", "AsyncPrefixes", "AsyncStream"]
 
 
+async def _nothing() -> AsyncGenerator[StreamDelta, None]:
+    """The stream of a stream closed before it was sent."""
+    return
+    yield
+
+
 class AsyncStream(_base.StreamBase):
     """Async iterator of :class:`StreamDelta`; the request is sent on the first ``__anext__``.
 
@@ -55,8 +61,9 @@ class AsyncStream(_base.StreamBase):
                 return
             state = _base.StreamState(info.request_id)
             dec = _base.SSEDecoder()
+            lines = response.aiter_lines()
             try:
-                async for line in response.aiter_lines():
+                async for line in lines:
                     ev = dec.feed(line)
                     if ev is None:
                         continue
@@ -64,6 +71,7 @@ class AsyncStream(_base.StreamBase):
                     if payload is not None:
                         yield _base.parse_model(StreamDelta, payload, response)
                     if state.done:
+                        await _base.adrain(lines)
                         return
                 ev = dec.flush()
                 if ev is not None:
@@ -85,9 +93,11 @@ class AsyncStream(_base.StreamBase):
         return await self._gen.__anext__()
 
     async def aclose(self) -> None:
-        """End the stream: its connection is closed, which cancels the generation on the server."""
-        if self._gen is not None:
-            await self._gen.aclose()
+        """End the stream: its connection is closed, which cancels the generation on the server (not sent yet:
+        it never is)."""
+        if self._gen is None:
+            self._gen = _nothing()
+        await self._gen.aclose()
 
     async def __aenter__(self) -> AsyncStream:
         return self
@@ -262,26 +272,6 @@ class AsyncClient(_base.WithOptions):
         await self.aclose()
 
     # ------------------------------------------------------------------ transport
-    def _build(
-        self,
-        method: str,
-        path: str,
-        json: Any = None,
-        params: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-        files: dict[str, Any] | None = None,
-        data: dict[str, str] | None = None,
-    ) -> httpx.Request:
-        return self._http.build_request(
-            method,
-            self.base_url + path,
-            json=json,
-            params=params,
-            files=files,
-            data=data,
-            headers={**self._headers, **(headers or {})},
-            timeout=self.timeout,
-        )
 
     async def _sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -8,7 +8,7 @@ import json
 import os
 import random
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -66,7 +66,25 @@ def resolve_base_url(base_url: str | None) -> str:
 
 
 def resolve_api_key(api_key: str | None) -> str | None:
-    return api_key or os.environ.get(API_KEY_ENV) or None
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    if key is not None:
+        check_header_value("api_key" if api_key else f"${API_KEY_ENV}", key)
+    return key
+
+
+def check_header_value(what: str, value: str) -> str:
+    """`value` if an HTTP header can carry it (visible ASCII and spaces), else ValueError naming `what`: httpx
+    would refuse it at every call, each time a transport error (a key read from a file keeps its newline)."""
+    if (
+        not isinstance(value, str)
+        or not all(" " <= ch <= "~" or ch == "\t" for ch in value)
+        or value != value.strip(" \t")
+    ):
+        raise ValueError(
+            f"{what} {value!r} cannot be sent in an HTTP header: only visible ASCII characters, with spaces "
+            "between them (a trailing newline from a file or an environment variable?)"
+        )
+    return value
 
 
 def resolve_timeout(
@@ -94,7 +112,35 @@ class WithOptions:
     timeout: httpx.Timeout
     max_retries: int
     _extra_headers: dict[str, str]
+    _headers: dict[str, str]
     _http: Any
+
+    def _build(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        files: dict[str, Any] | None = None,
+        data: dict[str, str] | None = None,
+    ) -> httpx.Request:
+        content = None
+        headers = {**self._headers, **(headers or {})}
+        if json is not None:
+            content = encode_json(json)
+            headers["Content-Type"] = "application/json"
+        request: httpx.Request = self._http.build_request(
+            method,
+            self.base_url + path,
+            content=content,
+            params=params,
+            files=files,
+            data=data,
+            headers=headers,
+            timeout=self.timeout,
+        )
+        return request
 
     def with_options(
         self: _Client,
@@ -117,18 +163,28 @@ class WithOptions:
         )
 
 
+def encode_json(obj: Any) -> bytes:
+    """A request's JSON body, UTF-8. Text that UTF-8 cannot carry (a lone surrogate, from a broken decode) is sent
+    as JSON escapes, for the server to answer with its 422 naming the field, not a UnicodeEncodeError here."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
 def default_headers(api_key: str | None, extra: dict[str, str] | None) -> dict[str, str]:
     h = {"User-Agent": f"prefixserve-client/{__version__}", "Accept": "application/json"}
     if api_key:
         h["Authorization"] = f"Bearer {api_key}"
-    h.update(extra or {})
+    for name, value in (extra or {}).items():
+        h[name] = check_header_value(f"header {name!r}", value)
     return h
 
 
 def request_headers(request_id: str | None, idempotency_key: str | None = None) -> dict[str, str]:
-    headers = {"X-Request-ID": request_id} if request_id else {}
+    headers = {"X-Request-ID": check_header_value("request_id", request_id)} if request_id else {}
     if idempotency_key is not None:
-        headers["Idempotency-Key"] = idempotency_key
+        headers["Idempotency-Key"] = check_header_value("idempotency_key", idempotency_key)
     return headers
 
 
@@ -550,8 +606,8 @@ def may_resend(error: httpx.TransportError, safe: bool) -> bool:
     """Whether a request that failed with `error` may be sent again: one that is `safe` to repeat (reads,
     generation, writes with an Idempotency-Key) always, another (a DELETE) only if it cannot have been sent; never a
     URL the client cannot send to at all."""
-    if isinstance(error, httpx.UnsupportedProtocol):
-        return False
+    if isinstance(error, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
+        return False  # (a request this client cannot send: it would fail again)
     return safe or isinstance(error, _NOT_SENT)
 
 
@@ -643,6 +699,31 @@ def iter_sse_events(lines: Iterable[str]) -> Iterator[tuple[str | None, str]]:
     ev = dec.flush()
     if ev is not None:
         yield ev
+
+
+# what a stream may still send after [DONE] that is read to keep its connection (more: the connection is dropped)
+DRAIN_BYTES = 65536
+
+
+def drain(lines: Iterator[str]) -> None:
+    """Read a stream's body to its end after [DONE] (nothing or a blank line is left), so that its connection
+    goes back to the pool: closed unread, it is dropped and the next request opens a new one."""
+    left = DRAIN_BYTES
+    with contextlib.suppress(httpx.HTTPError):
+        for line in lines:
+            left -= len(line) + 1
+            if left < 0:
+                return
+
+
+async def adrain(lines: AsyncIterator[str]) -> None:
+    """`drain` for an async stream."""
+    left = DRAIN_BYTES
+    with contextlib.suppress(httpx.HTTPError):
+        async for line in lines:
+            left -= len(line) + 1
+            if left < 0:
+                return
 
 
 class StreamState:

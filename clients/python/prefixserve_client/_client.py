@@ -31,7 +31,17 @@ __all__ = ["Client", "Prefixes", "Stream"]
 
 
 def _seg(s: str) -> str:
+    """`s` as one URL path segment. "", "." and ".." cannot be one (httpx would resolve them, sending the request
+    to another route): no tenant, prefix or job has such a name."""
+    if s in ("", ".", ".."):
+        raise ValueError(f"{s!r} is not a valid tenant id, prefix name or job id")
     return quote(s, safe="")
+
+
+def _nothing() -> Generator[StreamDelta, None, None]:
+    """The stream of a stream closed before it was sent."""
+    return
+    yield
 
 
 class Stream(_base.StreamBase):
@@ -60,12 +70,14 @@ class Stream(_base.StreamBase):
                 yield _base.one_piece_delta(response)
                 return
             state = _base.StreamState(info.request_id)
+            lines = response.iter_lines()
             try:
-                for event, data in _base.iter_sse_events(response.iter_lines()):
+                for event, data in _base.iter_sse_events(lines):
                     payload = state.handle(event, data)
                     if payload is not None:
                         yield _base.parse_model(StreamDelta, payload, response)
                     if state.done:
+                        _base.drain(lines)
                         return
             except httpx.TransportError as e:
                 raise _base.wrap_transport_error(e) from e
@@ -82,9 +94,11 @@ class Stream(_base.StreamBase):
         return next(self._gen)
 
     def close(self) -> None:
-        """End the stream: its connection is closed, which cancels the generation on the server."""
-        if self._gen is not None:
-            self._gen.close()
+        """End the stream: its connection is closed, which cancels the generation on the server (not sent yet:
+        it never is)."""
+        if self._gen is None:
+            self._gen = _nothing()
+        self._gen.close()
 
     def __enter__(self) -> Stream:
         return self
@@ -277,26 +291,6 @@ class Client(_base.WithOptions):
         self.close()
 
     # ------------------------------------------------------------------ transport
-    def _build(
-        self,
-        method: str,
-        path: str,
-        json: Any = None,
-        params: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-        files: dict[str, Any] | None = None,
-        data: dict[str, str] | None = None,
-    ) -> httpx.Request:
-        return self._http.build_request(
-            method,
-            self.base_url + path,
-            json=json,
-            params=params,
-            files=files,
-            data=data,
-            headers={**self._headers, **(headers or {})},
-            timeout=self.timeout,
-        )
 
     def _sleep(self, seconds: float) -> None:
         time.sleep(seconds)

@@ -288,13 +288,26 @@ class JobInfo(_Model):
             state["__pydantic_private__"] = {**private, "_client": None}
         return state
 
-    def _api(self) -> Any:
-        """The ``prefixes`` API of the job's client."""
+    def __deepcopy__(self, memo: Optional[dict[int, Any]] = None) -> Any:
+        # a deep copy shares the job's client (its connection pool is not data, and cannot be copied)
+        memo = {} if memo is None else memo
+        client = getattr(self, "_client", None)
+        if client is not None:
+            memo[id(client)] = client
+        return super().__deepcopy__(memo)
+
+    def _api(self, deadline: Optional[float] = None, now: float = 0.0) -> Any:
+        """The ``prefixes`` API of the job's client; with a `deadline`, through a client whose requests time out
+        by then (a poll of ``wait(timeout=...)``)."""
         client = getattr(self, "_client", None)
         if client is None:
             raise RuntimeError(
                 f"job {self.job_id} has no client (unpickled, or built by hand): use client.prefixes.get_job()"
             )
+        if deadline is not None:
+            left = max(0.05, deadline - now)
+            read = client.timeout.read
+            client = client.with_options(timeout=left if read is None else min(left, read))
         return client.prefixes
 
     def _update(self, other: "JobInfo") -> None:
@@ -333,14 +346,23 @@ class _Outage:
         self.limit = limit
         self.since: Optional[float] = None
 
-    def check(self, e: Exception, now: float, deadline: Optional[float]) -> None:
-        """Raise `e` unless the server is just away, not for too long, and the wait's time is not up."""
+    def check(
+        self, e: Exception, now: float, deadline: Optional[float], job: "JobInfo", timeout: Any
+    ) -> None:
+        """Raise `e` unless the server is just away, and not for too long; WaitTimeout if the wait's time is up
+        meanwhile (the job goes on: the server was away, not the job gone)."""
         if not _server_away(e):
             raise e
         if self.since is None:
             self.since = now
-        if now - self.since >= self.limit or (deadline is not None and now >= deadline):
+        if deadline is not None and now >= deadline:
+            raise _wait_timeout(job, timeout) from e
+        if now - self.since >= self.limit:
             raise e
+
+
+def _wait_timeout(job: "JobInfo", timeout: Any) -> WaitTimeout[Any]:
+    return WaitTimeout(f"training job {job.job_id} still {job.status} after {timeout}s", job)
 
 
 class Job(JobInfo):
@@ -377,10 +399,13 @@ class Job(JobInfo):
         outage = _Outage(max_outage)
         while True:
             try:
-                self.refresh()
+                self._update(self._api(deadline, time.monotonic()).get_job(self.job_id))
             except (APIConnectionError, APIStatusError) as e:
-                outage.check(e, time.monotonic(), deadline)
-                time.sleep(poll_interval)
+                now = time.monotonic()
+                outage.check(e, now, deadline, self, timeout)
+                time.sleep(
+                    poll_interval if deadline is None else min(poll_interval, max(0.0, deadline - now))
+                )
                 continue
             outage.since = None
             if progress is not None:
@@ -390,7 +415,7 @@ class Job(JobInfo):
                 return self
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                raise WaitTimeout(f"training job {self.job_id} still {self.status} after {timeout}s", self)
+                raise _wait_timeout(self, timeout)
             delay = poll_interval if deadline is None else min(poll_interval, max(0.0, deadline - now))
             time.sleep(delay)
 
@@ -424,10 +449,13 @@ class AsyncJob(JobInfo):
         outage = _Outage(max_outage)
         while True:
             try:
-                await self.refresh()
+                self._update(await self._api(deadline, loop.time()).get_job(self.job_id))
             except (APIConnectionError, APIStatusError) as e:
-                outage.check(e, loop.time(), deadline)
-                await asyncio.sleep(poll_interval)
+                now = loop.time()
+                outage.check(e, now, deadline, self, timeout)
+                await asyncio.sleep(
+                    poll_interval if deadline is None else min(poll_interval, max(0.0, deadline - now))
+                )
                 continue
             outage.since = None
             if progress is not None:
@@ -439,7 +467,7 @@ class AsyncJob(JobInfo):
                 return self
             now = loop.time()
             if deadline is not None and now >= deadline:
-                raise WaitTimeout(f"training job {self.job_id} still {self.status} after {timeout}s", self)
+                raise _wait_timeout(self, timeout)
             delay = poll_interval if deadline is None else min(poll_interval, max(0.0, deadline - now))
             await asyncio.sleep(delay)
 
