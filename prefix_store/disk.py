@@ -54,6 +54,8 @@ _META_RE = re.compile(r"v([1-9][0-9]{0,17})\.json")
 _BLOB_RE = re.compile(r"v([1-9][0-9]{0,17})\.safetensors")
 TMP_PREFIX = ".tmp-"
 TRASH = "@trash"
+# a temp file (or a blob without its marker) this old is a crashed write's: no put takes that long
+LEFTOVER_AGE_S = 3600.0
 LOCK_SUFFIX = "@lock"
 CHANGES = "@changes"
 _COUNTER_WIDTH = 24  # the counter is rewritten in place with a fixed width (one sector, no truncation)
@@ -70,7 +72,7 @@ def _fsync_dir(path: Path) -> None:
 def _write_file_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp file next to ``path``, fsync it and rename it over ``path``."""
     tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
             view = memoryview(data)
@@ -122,6 +124,8 @@ class DiskStore(PrefixStore):
             self._empty_trash()
         except OSError as e:  # reported by ping()/put
             log.warning("prefix store root %s is not usable: %s", self.root, e)
+        else:
+            threading.Thread(target=self._sweep_leftovers, name="prefix-store-sweep", daemon=True).start()
 
     # ------------------------------------------------------------------------------------------ helpers
     def _name_dir(self, tenant_id: str, name: str) -> Path:
@@ -135,7 +139,7 @@ class DiskStore(PrefixStore):
         """Exclusive flock on ``<root>/<tenant>/<name>@lock``; yields its fd (which holds the version counter)."""
         tenant_dir = self.root / tenant_id
         _mkdir_durable(tenant_dir)
-        fd = os.open(tenant_dir / f"{name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(tenant_dir / f"{name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield fd
@@ -188,6 +192,34 @@ class DiskStore(PrefixStore):
                 log.info("removing leftover of an interrupted write: %s", ndir / e)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(ndir / e)
+
+    def _sweep_leftovers(self, min_age_s: float = LEFTOVER_AGE_S) -> int:
+        """Remove what writes that crashed left behind (temp files, blobs without a marker) older than `min_age_s`,
+        in every name directory; returns how many. Run in the background when the store opens: a put cleans its own
+        name's leftovers, but a name no put comes back to (or one whose first put crashed) kept them for good."""
+        removed = 0
+        cutoff = time.time() - min_age_s
+        try:
+            for t in self._subdirs(self.root):
+                for n in self._subdirs(self.root / t):
+                    ndir = self.root / t / n
+                    entries = os.listdir(ndir)
+                    committed = {m.group(1) for e in entries if (m := _META_RE.fullmatch(e))}
+                    for e in entries:
+                        m = _BLOB_RE.fullmatch(e)
+                        if not (e.startswith(TMP_PREFIX) or (m and m.group(1) not in committed)):
+                            continue
+                        with contextlib.suppress(FileNotFoundError):
+                            if (ndir / e).stat().st_mtime < cutoff:
+                                os.unlink(ndir / e)
+                                removed += 1
+        except OSError as e:
+            log.warning(
+                "prefix store %s: sweeping the leftovers of interrupted writes failed: %s", self.root, e
+            )
+        if removed:
+            log.info("prefix store %s: removed %d leftovers of interrupted writes", self.root, removed)
+        return removed
 
     def _empty_trash(self) -> None:
         trash = self.root / TRASH
@@ -315,7 +347,7 @@ class DiskStore(PrefixStore):
             raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
         trash = self.root / TRASH
         _mkdir_durable(trash)
-        doomed = trash / f"{tenant_id}@{name}@{uuid.uuid4().hex}"
+        doomed = trash / uuid.uuid4().hex  # (tenant and name can be as long as a file name may be, not both)
         os.rename(ndir, doomed)  # one atomic step: readers see every version or none
         _fsync_dir(ndir.parent)
         _fsync_dir(trash)

@@ -37,7 +37,7 @@ def _segments(jdir: Path) -> list[int]:
 
 @contextlib.contextmanager
 def _flock(jdir: Path, mode: int) -> Iterator[None]:
-    fd = os.open(jdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(jdir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, mode)
         yield
@@ -54,7 +54,7 @@ def _first_segment(jdir: Path) -> int:
     with _flock(jdir, fcntl.LOCK_EX):
         segs = _segments(jdir)
         if not segs:
-            os.close(os.open(jdir / "1", os.O_WRONLY | os.O_CREAT, 0o644))
+            os.close(os.open(jdir / "1", os.O_WRONLY | os.O_CREAT, 0o600))
             return 1
         return segs[-1]
 
@@ -76,7 +76,7 @@ def append(jdir: Path, line: bytes, max_bytes: int) -> None:
         segs = _segments(jdir)
         if segs[-1] != seg:  # another writer rotated first
             return
-        os.close(os.open(jdir / str(seg + 1), os.O_WRONLY | os.O_CREAT, 0o644))
+        os.close(os.open(jdir / str(seg + 1), os.O_WRONLY | os.O_CREAT, 0o600))
         for old in segs:
             if old < seg:
                 with contextlib.suppress(FileNotFoundError):

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
         description="Largest prefix upload (POST /prefixes/{tenant_id}/{name}/upload: an export or a PEFT adapter; "
         "413 above)",
     )
+    max_upload_prefix_length: int = Field(
+        1024,
+        ge=1,
+        description="Longest prefix (positions) an upload may store (413 above); checked before a PEFT adapter's "
+        "kv is computed, whose few bytes of weights can stand for a kv thousands of times their size",
+    )
     max_concurrent_uploads: int = Field(
         2,
         ge=1,

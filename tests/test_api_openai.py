@@ -99,6 +99,19 @@ def test_chat_completion_and_streaming(srv, oai):
     assert r2.usage.completion_tokens <= srv.svc.settings.max_new_tokens
 
 
+def test_a_prefix_for_another_base_model_is_not_a_model_here(srv, oai):
+    """Listed and retrievable it looked servable, and every generation with it was a 400 prefix_incompatible."""
+    from tests.fixtures.server import put_random_prefix
+
+    put_random_prefix(srv.store, srv.svc.bundle, "acme", "foreign", fingerprint="another-base-model")
+    assert "acme/foreign" not in {m.id for m in oai.models.list().data}
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.models.retrieve("acme/foreign")
+    assert e.value.body["code"] == "model_not_found" and "another base model" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model="acme/foreign", prompt="x", max_tokens=2)
+
+
 def test_models_and_errors(oai):
     models = oai.models.list().data
     assert sorted(m.id for m in models) == ["acme/base", "acme/chat-bot", "acme/default"]

@@ -405,3 +405,63 @@ def test_a_body_that_trickles_in_past_the_deadline_is_a_408(server_factory, monk
         "/generate", json={"tenant_id": "acme", "prefix": "base", "prompt": "hi", "max_tokens": 1}
     )
     assert r.status_code == 200
+
+
+def test_an_upload_stores_no_more_than_a_prefix_of_its_limits(server_factory):
+    """PEFT weights of a few bytes that stand for a kv thousands of times their size (a raw prefix encoder of width
+    1) are refused past max_upload_prefix_length before the kv is computed; an export carries only the tensors and
+    metadata a record holds, and not the training job id its summary names (a job here would take the version for
+    the one it stored)."""
+    from safetensors.torch import save
+
+    from prefix_store.export import export_prefix
+    from tests.fixtures.server import random_kv
+
+    s = server_factory(max_upload_prefix_length=16)
+    c = s.client()
+    bundle = s.app.state.ps.bundle
+    spec = bundle.spec
+    width = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
+
+    def amplifier(p: int) -> tuple[bytes, bytes]:
+        torch.manual_seed(0)
+        w = {
+            "base_model.prefix_encoder.embedding.weight": torch.full((p, 1), 0.01),
+            "base_model.prefix_encoder.transform.0.weight": torch.full((1, 1), 0.01),
+            "base_model.prefix_encoder.transform.0.bias": torch.zeros(1),
+            "base_model.prefix_encoder.transform.2.weight": torch.randn(width, 1) * 0.1,
+            "base_model.prefix_encoder.transform.2.bias": torch.randn(width) * 0.1,
+        }
+        cfg = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": p,
+               "prefix_projection": True}  # fmt: skip
+        return save(w), json.dumps(cfg).encode()
+
+    err = assert_error(upload(c, "acme", "amp", *amplifier(17)), 413, "prefix_too_long")
+    assert "max_upload_prefix_length" in err["message"] and err["param"] == "file"
+    assert upload(c, "acme", "amp", *amplifier(16)).status_code == 201
+    # exports (made here by putting odd records in the store and downloading them)
+    kv = random_kv(bundle, 4, 0)
+    fp, h = bundle.fingerprint, spec.hidden_size
+
+    def export(tensors=None, training=None, extra=None, kind="prompt_tuning") -> bytes:
+        s.store.put("globex", "odd", kind, {"kv": kv, **(tensors or {})}, base_model_fingerprint=fp,
+                    prefix_length=4, training=training, extra=extra or {})  # fmt: skip
+        return export_prefix(s.store.get("globex", "odd"))
+
+    for odd, why in (
+        (export({"junk": torch.zeros(8)}), "unexpected tensors ['junk']"),
+        (export({"soft_prompt": torch.zeros(4, h + 1)}), "does not fit"),
+        (export({"soft_prompt": torch.zeros(4, h, dtype=torch.int64)}), "floating-point"),
+        (export(extra={"prompt_format": "evil"}), "prompt_format"),
+        (export(training={"note": "x" * 70_000}), "training summary"),
+    ):
+        err = assert_error(upload(c, "acme", "x", odd), 422, "invalid_prefix")
+        assert why in err["message"], err
+    assert s.store.versions("acme", "x") == []
+    good = export({"soft_prompt": torch.zeros(4, h)}, training={"job_id": "job-elsewhere", "steps": 3})
+    r = upload(c, "acme", "x", good)
+    assert r.status_code == 201, r.text
+    training = s.store.get_meta("acme", "x").training
+    assert (
+        "job_id" not in training and training["exported_job_id"] == "job-elsewhere" and training["steps"] == 3
+    )

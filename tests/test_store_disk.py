@@ -43,7 +43,11 @@ def test_layout(store, tmp_path):
     on_disk = json.loads((ndir / "v1.json").read_text())
     assert on_disk["format"] == 1 and on_disk["sha256"] == meta.sha256 and on_disk["version"] == 1
     assert torch.equal(safetensors.torch.load_file(ndir / "v1.safetensors")["kv"], make_kv(3.0))
-    assert (ndir / "v1.safetensors").stat().st_mode & 0o644 == 0o644
+    # readable by the server's user only (prefixes are tenants' data), the lock and the journal too
+    for f in (ndir / "v1.safetensors", ndir / "v1.json", tmp_path / "root" / "acme" / "bot@lock"):
+        assert f.stat().st_mode & 0o777 == 0o600, f
+    journal = [p for p in (tmp_path / "root").rglob("*") if p.is_file() and "acme" not in p.parts]
+    assert journal and all(p.stat().st_mode & 0o777 == 0o600 for p in journal), journal
     assert store.url == f"file://{tmp_path}/root"
 
 
@@ -116,6 +120,38 @@ def test_deleting_a_name_that_never_existed_leaves_nothing_behind(store, tmp_pat
         store.delete("nobody", "junk")
     assert sorted(os.listdir(tmp_path / "root" / "acme")) == before
     assert not (tmp_path / "root" / "nobody").exists()
+
+
+def test_a_name_as_long_as_names_may_be_is_deleted(store, tmp_path):
+    """Tenant and name of 128 characters each: the trash entry of their delete was named after both (over the
+    255-byte file name limit), so the delete failed as a store outage and the prefix stayed."""
+    t, n = "t" * 128, "n" * 128
+    put(store, t, n)
+    put(store, t, n)
+    store.delete(t, n, version=1)
+    assert store.versions(t, n) == [2]
+    store.delete(t, n)
+    assert not store.exists(t, n) and not (tmp_path / "root" / t / n).exists()
+
+
+def test_leftovers_of_crashed_writes_are_swept_when_old(tmp_path):
+    """A name whose only write crashed, or that no put comes back to, keeps its temp files until a store opens and
+    sweeps those old enough to be a crash's (a write in progress is left alone)."""
+    s = open_store(f"file://{tmp_path}/root")
+    put(s)
+    ndir = tmp_path / "root" / "acme" / "bot"
+    orphan = tmp_path / "root" / "acme" / "orphan"
+    orphan.mkdir()
+    old = [orphan / ".tmp-dead-v1.safetensors", ndir / ".tmp-dead-v2.json", ndir / "v2.safetensors"]
+    fresh = ndir / ".tmp-live-v3.safetensors"
+    for f in (*old, fresh):
+        f.write_bytes(b"x" * 10)
+    hour_ago = time.time() - 2 * 3600
+    for f in old:
+        os.utime(f, (hour_ago, hour_ago))
+    assert isinstance(s, DiskStore) and s._sweep_leftovers() == 3
+    assert not any(f.exists() for f in old) and fresh.exists()
+    assert s.get("acme", "bot").meta.version == 1
 
 
 def test_trash_left_by_a_crashed_delete_is_cleaned(tmp_path):

@@ -713,7 +713,8 @@ def _base_card(tenant: str, svc: Service) -> ModelCard:
 async def list_models(request: Request, principal: Principal = Depends(get_principal)) -> ModelList:
     svc = get_service(request)
     metas = await store_call(svc, svc.store.list, principal.tenant_id if not principal.admin else None)
-    cards = [_card(m, svc) for m in metas]
+    # a prefix made for another base model is not a model this server serves (its generation is a 400)
+    cards = [_card(m, svc) for m in metas if m.base_model_fingerprint == svc.bundle.fingerprint]
     if not principal.admin and principal.tenant_id is not None:
         cards.append(_base_card(principal.tenant_id, svc))
     else:
@@ -747,6 +748,13 @@ async def get_model(
         if e.status == 404:  # the code the generation routes give an unknown model
             raise model_not_found(model) from None
         raise
+    if meta.base_model_fingerprint != svc.bundle.fingerprint:
+        raise APIError(
+            404,
+            f"model {model!r} is a prefix for another base model, not served here",
+            code="model_not_found",
+            param="model",
+        )
     card = _card(meta, svc)
     if version is not None:  # the id asked for, as the generation routes echo it
         card.id += f"@{version}"

@@ -32,6 +32,7 @@ from server.api.schemas import (
     reserved,
 )
 from server.api.service import Service
+from server.prefixes.peft_import import PrefixTooLong
 from server.prefixes.transfer import IncomingPrefix, InvalidAdapterConfig, from_upload
 
 log = logging.getLogger("prefixserve.api")
@@ -389,7 +390,11 @@ async def upload_prefix(
     data = await file.read()
     config = await adapter_config.read() if adapter_config is not None else None
     try:
-        incoming = await asyncio.to_thread(from_upload, data, svc.bundle, config, prompt_format)
+        incoming = await asyncio.to_thread(
+            from_upload, data, svc.bundle, config, prompt_format, svc.settings.max_upload_prefix_length
+        )
+    except PrefixTooLong as e:
+        raise APIError(413, str(e), code="prefix_too_long", param="file") from None
     except tuple(_UPLOAD_ERRORS) as e:
         code = next(c for cls, c in _UPLOAD_ERRORS.items() if isinstance(e, cls))
         param = "adapter_config" if isinstance(e, InvalidAdapterConfig) else "file"

@@ -190,6 +190,31 @@ TRAINED_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+def check_trained_tensors(kind: str, tensors: dict[str, torch.Tensor], spec: ModelSpec) -> None:
+    """Raise InvalidPrefix unless the tensors besides `kv` are the kind's trained tensors (`TRAINED_KEYS`: what
+    `init_from` continues from), floating-point and fitting this base model. A record made elsewhere (an upload)
+    carries nothing else."""
+    trained_keys = TRAINED_KEYS.get(kind, ())
+    odd = sorted(set(tensors) - {"kv", *trained_keys})
+    if odd:
+        raise InvalidPrefix(
+            f"unexpected tensors {odd} in a {kind} prefix (it holds 'kv' and may hold {', '.join(trained_keys)})"
+        )
+    trained = {k: tensors[k] for k in trained_keys if k in tensors}
+    for key, t in trained.items():
+        if not t.is_floating_point():
+            raise InvalidPrefix(f"tensor {key!r} must be floating-point, got {t.dtype}")
+    if kind == "prefix_tuning" and trained:
+        prefix_tuning_params(trained, spec)
+        return
+    for key, t in trained.items():  # additions [L, P, H], soft_prompt [P, H]: L and P are checked with the kv
+        if t.shape[-1] != spec.hidden_size:
+            raise InvalidPrefix(
+                f"tensor {key!r} of shape {list(t.shape)} does not fit this base model (hidden size "
+                f"{spec.hidden_size})"
+            )
+
+
 def compile_prefix_tuning(
     params: PrefixTuningParams | dict[str, torch.Tensor], spec: ModelSpec
 ) -> torch.Tensor:

@@ -72,6 +72,17 @@ def _int(cfg: dict[str, Any], key: str, default: int | None = None) -> int | Non
     return out
 
 
+class PrefixTooLong(InvalidPrefix):
+    """A prefix longer than this server takes from elsewhere (`max_upload_prefix_length`): a 413."""
+
+
+def check_prefix_length(p: int, limit: int | None) -> None:
+    if limit is not None and p > limit:
+        raise PrefixTooLong(
+            f"prefix of {p} positions is longer than this server takes ({limit}: max_upload_prefix_length)"
+        )
+
+
 def check_peft_config(cfg: dict[str, Any], spec: ModelSpec) -> str:
     """The adapter's PEFT type (ours supported), checked before any weight is read; the adapter's own record of the
     base model's depth, when present, must match (clear error first)."""
@@ -110,8 +121,15 @@ def parse_adapter_config(data: bytes, what: str = "adapter_config.json") -> dict
     return cfg
 
 
-def peft_adapter(cfg: dict[str, Any], weights: dict[str, torch.Tensor], bundle: ModelBundle) -> PeftAdapter:
-    """Compile a PEFT adapter (its config and its saved tensors) to the serving kv for this base model."""
+def peft_adapter(
+    cfg: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    bundle: ModelBundle,
+    max_prefix_length: int | None = None,
+) -> PeftAdapter:
+    """Compile a PEFT adapter (its config and its saved tensors) to the serving kv for this base model; one of
+    more than `max_prefix_length` virtual tokens raises PrefixTooLong before anything is computed (a few bytes of
+    MLP weights can stand for a kv thousands of times their size)."""
     spec = bundle.spec
     peft_type = check_peft_config(cfg, spec)
     saved = _find(weights, "prompt_embeddings")
@@ -127,6 +145,7 @@ def peft_adapter(cfg: dict[str, Any], weights: dict[str, torch.Tensor], bundle: 
     p = emb.shape[0]
     if _int(cfg, "num_virtual_tokens", p) != p:
         raise InvalidPrefix(f"adapter has {p} virtual tokens, its config says {cfg['num_virtual_tokens']}")
+    check_prefix_length(p, max_prefix_length)
 
     if peft_type == "PREFIX_TUNING":
         k_heads = _int(cfg, "num_attention_heads", spec.num_kv_heads)

@@ -7,6 +7,8 @@ whole, or nothing is written. `prefixserve prefixes import` stores a verified ex
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,11 @@ from prefix_store.errors import InvalidPrefix
 from prefix_store.export import is_export, read_export
 from prefix_store.format import IDEMPOTENCY, check_fingerprint, label, load_safetensors
 from server.model.spec import ModelBundle
-from server.prefixes.kinds import validate_kv
+from server.prefixes.kinds import check_trained_tensors, validate_kv
 from server.prefixes.peft_import import (
     PeftAdapter,
     check_peft_config,
+    check_prefix_length,
     parse_adapter_config,
     peft_adapter,
     read_peft_adapter,
@@ -88,14 +91,39 @@ def exported(rec: PrefixRecord, prompt_format: str | None = None) -> IncomingPre
     )
 
 
-def from_export(data: bytes, bundle: ModelBundle, prompt_format: str | None = None) -> IncomingPrefix:
-    """A PrefixServe export (`GET /prefixes/{t}/{n}/download`) made on this base model.
+# the most JSON an uploaded export's `training` summary or `extra` metadata may hold (each listing repeats it)
+MAX_UPLOAD_META_BYTES = 65536
 
-    Raises InvalidPrefix, ChecksumMismatch (changed bytes) or FingerprintMismatch (another base model)."""
+
+def from_export(
+    data: bytes, bundle: ModelBundle, prompt_format: str | None = None, max_prefix_length: int | None = None
+) -> IncomingPrefix:
+    """A PrefixServe export (`GET /prefixes/{t}/{n}/download`) made on this base model, as an upload stores it:
+    its tensors the kind's own (`check_trained_tensors`), its metadata of a bounded size with a prompt format this
+    server knows, and not the training job id its summary names (a job of this server would take it for its own).
+
+    Raises InvalidPrefix, PrefixTooLong, ChecksumMismatch (changed bytes) or FingerprintMismatch (another base
+    model)."""
     rec = read_export(data)
     check_fingerprint(rec.meta, bundle.fingerprint)
+    check_prefix_length(rec.meta.prefix_length, max_prefix_length)
     validate_kv(rec.kv, bundle.spec, rec.meta.prefix_length)
-    return exported(rec, prompt_format)
+    check_trained_tensors(rec.meta.kind, rec.tensors, bundle.spec)
+    incoming = exported(rec, prompt_format)
+    fmt = incoming.extra.get("prompt_format")
+    if fmt is not None and fmt not in PROMPT_FORMATS:
+        raise InvalidPrefix(f"the export's prompt_format {fmt!r} is not one of {', '.join(PROMPT_FORMATS)}")
+    training = incoming.training
+    if isinstance(training, dict) and "job_id" in training:
+        training = {k: v for k, v in training.items() if k != "job_id"}
+        training["exported_job_id"] = rec.meta.training["job_id"]  # type: ignore[index]
+    for what, value in (("training summary", training), ("metadata", incoming.extra)):
+        size = len(json.dumps(value, default=str))
+        if size > MAX_UPLOAD_META_BYTES:
+            raise InvalidPrefix(
+                f"the export's {what} is {size} bytes of JSON; at most {MAX_UPLOAD_META_BYTES}"
+            )
+    return dataclasses.replace(incoming, training=training)
 
 
 def from_peft_adapter(
@@ -125,7 +153,11 @@ def import_peft(
 
 
 def from_peft(
-    weights: bytes, adapter_config: bytes, bundle: ModelBundle, prompt_format: str | None = None
+    weights: bytes,
+    adapter_config: bytes,
+    bundle: ModelBundle,
+    prompt_format: str | None = None,
+    max_prefix_length: int | None = None,
 ) -> IncomingPrefix:
     """A PEFT PREFIX_TUNING / PROMPT_TUNING adapter: its adapter_config.json and adapter_model.safetensors bytes
     (pickled .bin weights are not taken over the network)."""
@@ -134,23 +166,28 @@ def from_peft(
         check_peft_config(cfg, bundle.spec)
     except InvalidPrefix as e:
         raise InvalidAdapterConfig(str(e)) from None
-    ad = peft_adapter(cfg, load_safetensors(weights, "adapter weights"), bundle)
+    ad = peft_adapter(cfg, load_safetensors(weights, "adapter weights"), bundle, max_prefix_length)
     return from_peft_adapter(ad, bundle, prompt_format)
 
 
 def from_upload(
-    data: bytes, bundle: ModelBundle, adapter_config: bytes | None = None, prompt_format: str | None = None
+    data: bytes,
+    bundle: ModelBundle,
+    adapter_config: bytes | None = None,
+    prompt_format: str | None = None,
+    max_prefix_length: int | None = None,
 ) -> IncomingPrefix:
-    """An uploaded file: with `adapter_config`, a PEFT adapter's weights; without, a PrefixServe export."""
+    """An uploaded file: with `adapter_config`, a PEFT adapter's weights; without, a PrefixServe export. A prefix
+    longer than `max_prefix_length` raises PrefixTooLong."""
     if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
         raise InvalidPrefix(
             f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, not {prompt_format!r}"
         )
     if adapter_config is not None:
-        return from_peft(data, adapter_config, bundle, prompt_format)
+        return from_peft(data, adapter_config, bundle, prompt_format, max_prefix_length)
     if not is_export(data):
         raise InvalidPrefix(
             "the file is not a PrefixServe prefix export (GET /prefixes/{tenant_id}/{name}/download); "
             "for a PEFT adapter send its adapter_model.safetensors together with its adapter_config.json"
         )
-    return from_export(data, bundle, prompt_format)
+    return from_export(data, bundle, prompt_format, max_prefix_length)
