@@ -107,6 +107,112 @@ def test_unservable_models_are_refused_with_a_reason():
         make_engine(b, {})
 
 
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "original_max_position_embeddings": 32,
+    "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
+    "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_longrope_models_are_served_within_their_original_context(model_type):
+    """Longrope (Phi-3/3.5/4 long-context) picks its frequencies by the longest position of each forward call: the
+    native path took the long ones for every row (its table reaches past the original context) and the generic
+    path took whichever the batch's longest row called for. Served within the original context, a row is exact
+    alone and beside others."""
+    tok = make_tiny_tokenizer()
+    extra = {"original_max_position_embeddings": 32} if model_type == "phi3" else {}
+    m = make_tiny_causal_lm(model_type, tok, num_key_value_heads=2, rope_parameters=LONGROPE, **extra)
+    b = bundle_from_model(m, tok, name=model_type)
+    assert b.spec.max_positions == 32
+    ka, kb = PrefixKey("a", "d", 1), PrefixKey("b", "d", 1)
+    kvs = {ka: random_kv(b.spec, 4, 1), kb: random_kv(b.spec, 12, 2)}
+    short = Request("short", [5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True), ka)
+    longer = Request("longer", list(range(10, 22)), SamplingParams(max_tokens=6, ignore_eos=True), kb)
+    want = hf_greedy(b.hf_model, kvs[ka], [5, 6, 7], 6)
+    assert make_engine(b, kvs).generate([short])[0].token_ids == want
+    mixed = make_engine(b, kvs).generate([short, longer])
+    assert mixed[0].token_ids == want
+    assert mixed[1].token_ids == hf_greedy(b.hf_model, kvs[kb], list(range(10, 22)), 6)
+
+
+def test_a_family_without_sdpa_loads_with_eager_attention_and_is_judged_on_it(tmp_path):
+    """transformers has no SDPA attention for granite_swa: the CLI refused it with transformers' advice to load it
+    with eager attention, which no flag could do. It loads with eager, and the engine refuses it for what it is
+    (attention sinks), leaving the model with the attention it was loaded with."""
+    tok = make_tiny_tokenizer()
+    model = make_tiny_causal_lm("granite_swa", tok, attn_implementation="eager", num_key_value_heads=2)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    b = load_model(str(tmp_path / "m"), device="cpu", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"GraniteSWAForCausalLM .* attention sinks"):
+        make_engine(b, {})
+    assert b.hf_model.config._attn_implementation == "eager"
+
+
+def test_a_model_loaded_with_eager_attention_keeps_it_outside_the_engine():
+    """Other threads (training, compilation) and the start-up check get the attention the model was loaded with,
+    not SDPA in its place (for a family whose eager attention does more than SDPA's, that was another model)."""
+    model, tok = tiny("olmo2")
+    model.config._attn_implementation = "eager"
+    ref, _ = tiny("olmo2")
+    ref.config._attn_implementation = "eager"
+    b = bundle_from_model(model, tok, name="olmo2")
+    kv = random_kv(b.spec, 5, seed=1)
+    key = PrefixKey("acme", "p", 1)
+    eng = make_engine(b, {key: kv})
+    assert model.config._prefixserve_fallback == "eager"
+    out = eng.generate([Request("x", [4, 2, 9], SamplingParams(max_tokens=5, ignore_eos=True), key)])[0]
+    assert out.token_ids == hf_greedy(ref, kv, [4, 2, 9], 5)
+    calls: list[str] = []
+    from transformers.models.olmo2 import modeling_olmo2
+
+    real = modeling_olmo2.eager_attention_forward
+
+    def spy(*a, **kw):
+        calls.append("eager")
+        return real(*a, **kw)
+
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(modeling_olmo2, "eager_attention_forward", spy)
+        t = threading.Thread(target=lambda: model(input_ids=ids))
+        t.start()
+        t.join()
+    assert calls == ["eager"] * b.spec.num_layers
+
+
+def test_attention_the_engine_does_not_compute_is_refused_at_start_up():
+    """gpt_oss's attention sinks: the engine dropped them, and its start-up check compared against the model after
+    the switch (whose fallback dropped them too), so it served different tokens than the model's own."""
+    tok = make_tiny_tokenizer()
+    cfg = transformers.AutoConfig.for_model(
+        "gpt_oss", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        initializer_range=0.5, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    b = bundle_from_model(m, tok, name="gpt_oss")
+    with pytest.raises(ValueError, match="attention sinks"):
+        make_engine(b, {})
+    assert m.config._attn_implementation == "eager"  # given back as it was loaded
+    # multi-head latent attention: refused by its config, with a reason (it failed deep in the KV cache before)
+    with pytest.raises(ValueError, match="latent attention"):
+        spec_from_config(transformers.AutoConfig.for_model("deepseek_v3"))
+
+
+def test_a_model_with_zero_dim_buffers_gets_a_fingerprint():
+    """Apertus' xIELU activation keeps 0-dim buffers, which the fingerprint could not view as bytes (start-up
+    crashed)."""
+    model, tok = tiny("apertus")
+    assert any(t.dim() == 0 for t in model.state_dict().values())
+    b = bundle_from_model(model, tok, name="apertus")
+    assert len(b.fingerprint) == 64
+
+
 @pytest.mark.parametrize("method", ["prefix_tuning", "prefix_propagation", "prompt_tuning"])
 def test_training_works_on_a_generic_family(method):
     """The trainer (its own thread of forwards with gradients) fits every kind on a generic-family model that an

@@ -355,15 +355,20 @@ class ModelRunner:
                 "it cannot be served"
             )
         hf_attention.register()
-        m.config._attn_implementation = hf_attention.NAME  # other threads still get SDPA (see hf_attention)
+        loaded = m.config._attn_implementation or "sdpa"
+        if loaded != hf_attention.NAME:  # (a second engine on the same model keeps the first one's record)
+            setattr(m.config, hf_attention.FALLBACK, loaded)
+        # other threads, and this one outside a step, still get the attention it was loaded with (see hf_attention)
+        m.config._attn_implementation = hf_attention.NAME
         try:
             self._probe_hf()
         except Exception as e:
-            m.config._attn_implementation = "sdpa"
-            if isinstance(e, ValueError):
+            m.config._attn_implementation = getattr(m.config, hf_attention.FALLBACK, "sdpa")
+            if isinstance(e, ValueError) and str(e).startswith(type(m).__name__):
                 raise
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             raise ValueError(
-                f"{type(m).__name__} cannot be served through the engine's attention path: {type(e).__name__}: {e}"
+                f"{type(m).__name__} cannot be served through the engine's attention path: {why}"
             ) from e
 
     @torch.inference_mode()

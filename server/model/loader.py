@@ -146,7 +146,7 @@ def compute_fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
             continue
         seen.add(t.data_ptr())
         h.update(name.encode() + b"\0" + str(tuple(t.shape)).encode())
-        a = t.detach().to("cpu", torch.float32).contiguous()
+        a = t.detach().to("cpu", torch.float32).contiguous().reshape(-1)  # (0-dim buffers too: xIELU's beta)
         h.update(memoryview(a.view(torch.uint8).numpy()))
     return h.hexdigest()
 
@@ -341,10 +341,19 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     # fp32 first: the fingerprint is taken on the fp32 weights, then the model is cast to the serving dtype.
     # sdpa: the fused kernel on CPU and GPU, GQA-aware, numerically equal to eager within float tolerance; this
-    # model is the reference/training path (the engine runs its own kernels), and sdpa keeps it fast.
-    hf = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
-    )
+    # model is the reference/training path (the engine runs its own kernels), and sdpa keeps it fast. A family
+    # without SDPA support gets its own eager attention (the engine then checks its path against that).
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+        )
+    except ValueError as e:
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        log.info("%s has no SDPA attention in transformers; loading it with eager attention", name)
+        hf = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+        )
     _freeze(hf)
     fingerprint = _cached_fingerprint(folder, cache, hf, tokenizer)
     hf = hf.to(device=dev, dtype=dt)

@@ -35,13 +35,53 @@ def _capped_by_window(config: Any, max_positions: int) -> int:
     """The engine attends to the whole context: within a sliding window that is exactly sliding-window attention,
     so the context is capped at the window rather than silently computing something else beyond it."""
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
+    if window and int(window) > 0 and getattr(config, "use_sliding_window", True):
         return min(max_positions, int(window))
     return max_positions
 
 
+# rotary scalings whose frequencies transformers picks by the longest position of each forward call: beyond the
+# original context, a row's rotations would depend on what else is in the batch
+LENGTH_DEPENDENT_ROPE = ("longrope", "dynamic")
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """The rotary scaling of a config (transformers 5's `rope_parameters`, earlier `rope_scaling`); {} if none."""
+    for attr in ("rope_parameters", "rope_scaling"):
+        rp = getattr(config, attr, None)
+        if isinstance(rp, dict) and rp:
+            if all(isinstance(v, dict) for v in rp.values()):  # per layer type: one of them is enough to cap
+                rp = next((v for v in rp.values() if v.get("rope_type") in LENGTH_DEPENDENT_ROPE), {})
+            return rp
+    return {}
+
+
+def _capped_by_rope(config: Any, max_positions: int) -> int:
+    """Longrope (Phi-3/3.5/4 long-context) and dynamic NTK scaling switch frequencies once a forward call reaches
+    past the original context, for every position of that call; the engine batches rows of any length, so it serves
+    them within the original context, where the frequencies are the ones every row gets alone."""
+    rp = _rope_parameters(config)
+    if rp.get("rope_type", rp.get("type")) not in LENGTH_DEPENDENT_ROPE:
+        return max_positions
+    original = rp.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None
+    )
+    return min(max_positions, int(original)) if original else max_positions
+
+
 def spec_from_config(config: Any, eos_token_ids: tuple[int, ...] = ()) -> ModelSpec:
     mt = getattr(config, "model_type", "")
+    try:
+        return _spec_from_config(config, mt, eos_token_ids)
+    except ValueError:
+        raise
+    except Exception as e:  # a config this code cannot read (an attribute transformers will not give, ...)
+        raise ValueError(
+            f"unsupported model_type {mt!r}: its config cannot be read ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _spec_from_config(config: Any, mt: str, eos_token_ids: tuple[int, ...]) -> ModelSpec:
     if mt != "gpt2":
         if mt not in LLAMA_LIKE:
             _check_generic(config, mt)
@@ -60,7 +100,7 @@ def spec_from_config(config: Any, eos_token_ids: tuple[int, ...] = ()) -> ModelS
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             hidden_size=config.hidden_size,
             vocab_size=config.vocab_size,
-            max_positions=_capped_by_window(config, int(max_positions)),
+            max_positions=_capped_by_rope(config, _capped_by_window(config, int(max_positions))),
             eos_token_ids=eos_token_ids,
         )
     return ModelSpec(
@@ -107,6 +147,12 @@ def _check_generic(config: Any, mt: str) -> None:
     for attr in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
         if not isinstance(getattr(config, attr, None), int):
             raise ValueError(f"unsupported model_type {mt!r}: its config has no integer {attr}")
+    latent = [a for a in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim") if getattr(config, a, None)]
+    if latent:
+        raise ValueError(
+            f"unsupported model_type {mt!r}: multi-head latent attention or key and value heads of different sizes "
+            f"({', '.join(latent)}); the engine's KV cache holds keys and values of one head size"
+        )
 
 
 @dataclass
