@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,8 @@ def _capped_by_window(config: Any, max_positions: int) -> int:
 # rotary scalings whose frequencies transformers picks by the longest position of each forward call: beyond the
 # original context, a row's rotations would depend on what else is in the batch
 LENGTH_DEPENDENT_ROPE = ("longrope", "dynamic")
+_CAPPED: set[tuple[str, int]] = set()  # the models whose cap was logged
+log = logging.getLogger("prefixserve.model")
 
 
 def _rope_parameters(config: Any) -> dict[str, Any]:
@@ -66,7 +69,19 @@ def _capped_by_rope(config: Any, max_positions: int) -> int:
     original = rp.get("original_max_position_embeddings") or getattr(
         config, "original_max_position_embeddings", None
     )
-    return min(max_positions, int(original)) if original else max_positions
+    if not original or int(original) >= max_positions:
+        return max_positions
+    said = (getattr(config, "name_or_path", ""), int(original))
+    if said not in _CAPPED:
+        _CAPPED.add(said)
+        log.warning(
+            "%s: %s rotary scaling; served within its original context of %d positions (of %d)",
+            said[0] or getattr(config, "model_type", "model"),
+            rp.get("rope_type", rp.get("type")),
+            int(original),
+            max_positions,
+        )
+    return int(original)
 
 
 def spec_from_config(config: Any, eos_token_ids: tuple[int, ...] = ()) -> ModelSpec:
