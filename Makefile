@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# `make serve HOST=0.0.0.0 PORT=9000`; the server's own PREFIXSERVE_HOST / PREFIXSERVE_PORT work too
+HOST ?= $(or $(PREFIXSERVE_HOST),127.0.0.1)
+PORT ?= $(or $(PREFIXSERVE_PORT),8000)
 
 .PHONY: install serve test lint format bench clean
 

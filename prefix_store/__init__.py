@@ -32,10 +32,42 @@ def default_store_url() -> str:
 
 
 def _file_url_path(url: str) -> Path:
+    if url.startswith("file://~"):  # file://~/store: the user's home, as the server's settings take it
+        return Path(unquote(urlsplit("file:///" + url.removeprefix("file://")).path[1:])).expanduser()
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
         raise ValueError(f"file store URL must be file:///absolute/path, got {url!r}")
     return Path(unquote(parts.path))
+
+
+def file_store_root(url: str) -> Path | None:
+    """The folder of a file store URL (or plain path), `~` expanded; None for another backend. ValueError if it is
+    a file URL with no absolute path."""
+    url, _ = _take_keep_versions(url)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "file":
+        return _file_url_path(url).expanduser()
+    return Path(url).expanduser() if not scheme and url else None
+
+
+def check_store_url(url: str) -> None:
+    """ValueError unless `url` is a store URL `open_store` takes (scheme, an absolute file path, keep_versions, a
+    numeric Redis db), decided without opening or connecting to anything: a mistyped URL is an error at start-up,
+    not after the model has loaded."""
+    url, _ = _take_keep_versions(url)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "file":
+        _file_url_path(url)
+    elif scheme in ("redis", "rediss"):
+        db = urlsplit(url).path.strip("/")
+        if db and not (db.isascii() and db.isdigit()):
+            raise ValueError(
+                f"the Redis database in a store URL is a number (redis://host:port/0), got {db!r}"
+            )
+    elif scheme != "unix" and not (scheme == "" and url):
+        raise ValueError(
+            f"unsupported prefix store URL {url!r}: use file:///abs/path or redis://host:port/db"
+        )
 
 
 def _take_keep_versions(url: str) -> tuple[str, int | None]:
@@ -67,6 +99,7 @@ def open_store(url: str | os.PathLike[str] | None = None, **kwargs: object) -> P
 
 
 def _open(url: str, **kwargs: object) -> PrefixStore:
+    check_store_url(url)
     scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
         from prefix_store.disk import DiskStore
@@ -89,8 +122,10 @@ __all__ = [
     "PrefixMeta",
     "PrefixRecord",
     "PrefixStore",
+    "check_store_url",
     "default_store_url",
     "errors",
+    "file_store_root",
     "open_store",
     "validate_name",
 ]

@@ -49,6 +49,7 @@ from prefix_store.base import PrefixStore, Subscriber
 from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
 from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
+from prefix_store.outage import RepeatedFailure
 from prefix_store.urls import pop_query_param
 
 log = logging.getLogger("prefix_store")
@@ -146,6 +147,10 @@ class RedisStore(PrefixStore):
             yield
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise StoreUnavailable(f"redis at {self._where} is unavailable ({what}): {e}") from e
+        except (
+            redis.exceptions.InvalidResponse
+        ) as e:  # not a Redis server at that address (an HTTP port, say)
+            raise StoreUnavailable(f"redis at {self._where} does not answer as Redis ({what}): {e}") from e
         except ResponseError as e:
             if str(e).startswith(_UNAVAILABLE_REPLIES):
                 raise StoreUnavailable(f"redis at {self._where} cannot serve ({what}): {e}") from e
@@ -398,6 +403,7 @@ class RedisStore(PrefixStore):
         # one channel: every subscribe confirmation after the first is a re-subscription, after our reconnect or
         # redis-py's own (which re-subscribes without raising)
         subscribed_before = False
+        lost = RepeatedFailure(log, f"prefix store: change subscription on redis {self._where} lost")
         while not self._stop.is_set():
             pubsub = None
             try:
@@ -411,6 +417,7 @@ class RedisStore(PrefixStore):
                         self._subscribed.set()
                         self._settled.set()
                         delay = 0.05
+                        lost.recovered()
                         if subscribed_before or self._resync_when_subscribed:
                             # what was published meanwhile never reached us
                             self._resync_when_subscribed = False
@@ -421,7 +428,7 @@ class RedisStore(PrefixStore):
                         self._notify_foreign(msg["data"])
             except Exception as e:
                 if not self._stop.is_set():
-                    log.warning("prefix store: change subscription on redis %s lost: %s", self._where, e)
+                    lost.failed(e)
             finally:
                 self._subscribed.clear()
                 self._settled.set()

@@ -26,9 +26,11 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+
+from server import __version__
 
 log = logging.getLogger("prefixserve.cli")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 # after the shutdown grace period: how long requests ended with a 503 get to send it before connections close
@@ -298,10 +300,38 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ worker
+def env_settings(ns: argparse.Namespace, fields: dict[str, str]) -> Any:
+    """The settings a command other than `serve` uses: its flag (`fields`: setting -> flag attribute), else the
+    setting's PREFIXSERVE_* variable, else its default, validated as the server validates them. Only these are
+    read, so a bad variable the command does not use does not stop it. Raises ValueError (pydantic's)."""
+    from server.settings import ENV_PREFIX, Settings
+
+    given: dict[str, Any] = {}
+    for field, attr in fields.items():
+        value = getattr(ns, attr, None)
+        if value is None:
+            value = os.environ.get(ENV_PREFIX + field.upper()) or None
+        if value is not None:
+            given[field] = value
+    return Settings(_env_prefix=ENV_PREFIX + "CLI_UNREAD_", **given)  # type: ignore[call-arg]
+
+
+WORKER_SETTINGS = {"store_url": "store", "model": "model", "jobs_url": "jobs_url", "device": "device",
+                   "dtype": "dtype", "cache": "cache", "log_level": "log_level", "log_json": "log_json"}  # fmt: skip
+
+
 def cmd_worker(ns: argparse.Namespace) -> int:
     from server.logging_utils import setup_logging
 
-    setup_logging(ns.log_level, json_lines=True)
+    try:
+        st = env_settings(ns, WORKER_SETTINGS)
+    except ValueError as e:
+        print(f"prefixserve: invalid settings: {describe_settings_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    ns.store, ns.model, ns.jobs_url, ns.device, ns.dtype, ns.cache = (
+        st.store_url, st.model, st.jobs_url, st.device, st.dtype, st.cache
+    )  # fmt: skip
+    setup_logging(st.log_level, json_lines=st.log_json)
     try:
         from server.training import worker_main
     except ImportError as e:
@@ -533,16 +563,13 @@ def _on_store(
     """`op(store)` on the store at `url` (closed afterwards); None after printing `failure` and the error.
     `existing`: the command only reads or removes, so a file store that does not exist is an error (opening it
     would create it, and an empty listing of a mistyped path looks like success)."""
-    from prefix_store import errors, open_store
+    from prefix_store import errors, file_store_root, open_store
 
     caught = catch or errors.StoreError
     try:
         if existing:
-            scheme = urlsplit(url).scheme.lower()
-            root = (
-                Path(unquote(urlsplit(url).path)) if scheme == "file" else Path(url) if not scheme else None
-            )
-            if root is not None and not root.expanduser().is_dir():
+            root = file_store_root(url)
+            if root is not None and not root.is_dir():
                 print(f"prefixserve: {failure}no prefix store at {root}", file=sys.stderr)
                 return None
         store = open_store(url)
@@ -574,9 +601,14 @@ def cmd_import_peft(ns: argparse.Namespace) -> int:
 
     if _reserved(ns.tenant_id, ns.name):
         return EXIT_USAGE
-
     try:
-        bundle = load_model(ns.model, device=ns.device, dtype=ns.dtype, cache_dir=ns.cache)
+        st = env_settings(ns, {k: v for k, v in WORKER_SETTINGS.items() if not k.startswith(("log", "jobs"))})
+    except ValueError as e:
+        print(f"prefixserve: invalid settings: {describe_settings_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    ns.store = st.store_url
+    try:
+        bundle = load_model(st.model, device=st.device, dtype=st.dtype, cache_dir=st.cache)
     except Exception as e:
         print(f"prefixserve: cannot load model {ns.model!r}: {e}", file=sys.stderr)
         return EXIT_FAIL
@@ -621,8 +653,12 @@ def cmd_prefixes_export(ns: argparse.Namespace) -> int:
         return EXIT_FAIL
     out = Path(ns.output)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(export_prefix(rec))
-    os.replace(tmp, out)
+    try:
+        tmp.write_bytes(export_prefix(rec))
+        os.replace(tmp, out)
+    except OSError as e:
+        print(f"prefixserve: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAIL
     print(json.dumps({"file": str(out), **rec.meta.to_dict()}, default=str))
     return EXIT_OK
 
@@ -669,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prefixserve", description="Multi-tenant LLM inference with trained prefixes"
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     sp = sub.add_parser(
@@ -679,20 +716,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(sp)
     sp.set_defaults(func=cmd_serve)
 
-    wp = sub.add_parser("worker", help="run a training worker that takes jobs from the job queue")
-    wp.add_argument("--store", required=True, help="prefix store URL (where trained prefixes go)")
-    wp.add_argument("--model", default="smollm2", help="base model (must match the server's)")
-    wp.add_argument("--jobs-url", default=None, help="job queue URL (default: next to the store)")
-    wp.add_argument("--device", default="auto")
-    wp.add_argument("--dtype", default="auto")
-    wp.add_argument("--cache", default=None, help="model conversion cache folder")
+    wp = sub.add_parser(
+        "worker",
+        help="run a training worker that takes jobs from the job queue (flags > PREFIXSERVE_* env > defaults)",
+    )
+    wp.add_argument(
+        "--store",
+        default=None,
+        help="prefix store URL, where trained prefixes go [env PREFIXSERVE_STORE_URL]",
+    )
+    wp.add_argument("--model", default=None, help="base model, the server's [env PREFIXSERVE_MODEL; smollm2]")
+    wp.add_argument(
+        "--jobs-url", default=None, help="job queue URL [env PREFIXSERVE_JOBS_URL; next to the store]"
+    )
+    wp.add_argument("--device", default=None, help="[env PREFIXSERVE_DEVICE; auto]")
+    wp.add_argument("--dtype", default=None, help="[env PREFIXSERVE_DTYPE; auto]")
+    wp.add_argument("--cache", default=None, help="model conversion cache folder [env PREFIXSERVE_CACHE]")
     wp.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
         help="torch threads a job trains with (default: every core; a worker process exists to train)",
     )
-    wp.add_argument("--log-level", default="info")
+    wp.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="[env PREFIXSERVE_LOG_LEVEL; info]")
+    wp.add_argument(
+        "--log-json",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="JSON log lines [env PREFIXSERVE_LOG_JSON; on]",
+    )
     wp.set_defaults(func=cmd_worker)
 
     tp = sub.add_parser("train", help="submit a training job to a running server and wait for it")
@@ -720,11 +772,11 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("adapter_dir", type=Path)
     ip.add_argument("--tenant-id", required=True)
     ip.add_argument("--name", required=True)
-    ip.add_argument("--model", default="smollm2")
-    ip.add_argument("--store", required=True)
-    ip.add_argument("--device", default="cpu")
-    ip.add_argument("--dtype", default="auto")
-    ip.add_argument("--cache", default=None)
+    ip.add_argument("--model", default=None, help="[env PREFIXSERVE_MODEL; smollm2]")
+    ip.add_argument("--store", default=None, help="store URL [env PREFIXSERVE_STORE_URL]")
+    ip.add_argument("--device", default=None, help="[env PREFIXSERVE_DEVICE; auto]")
+    ip.add_argument("--dtype", default=None, help="[env PREFIXSERVE_DTYPE; auto]")
+    ip.add_argument("--cache", default=None, help="[env PREFIXSERVE_CACHE]")
     ip.set_defaults(func=cmd_import_peft)
 
     pp = sub.add_parser("prefixes", help="inspect the prefix store directly")
@@ -766,10 +818,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if getattr(ns, "store", "x") is None:
-        from server.settings import Settings
-
-        ns.store = Settings().store_url
+    if getattr(ns, "store", "x") is None and ns.command == "prefixes":
+        try:
+            ns.store = env_settings(ns, {"store_url": "store"}).store_url
+        except ValueError as e:
+            print(f"prefixserve: invalid settings: {describe_settings_error(e)}", file=sys.stderr)
+            return EXIT_USAGE
     return int(ns.func(ns) or 0)
 
 

@@ -48,8 +48,17 @@ class TextFormatter(logging.Formatter):
         s = super().format(record)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            s += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            s += " " + " ".join(f"{k}={_one_line(v)}" for k, v in fields.items() if v is not None)
         return s
+
+
+def _one_line(v: Any) -> str:
+    """A field's value on the line: text with line breaks or other control characters (a logged prompt) escaped
+    as Python would write them, so no value can start a line that looks like another record."""
+    text = str(v)
+    if any(ch < " " or ch == "\x7f" for ch in text):
+        return repr(text)
+    return text
 
 
 def setup_logging(level: str = "info", json_lines: bool = True, stream: Any = None) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prefix_store import default_store_url
+from prefix_store import check_store_url, default_store_url
 from prefix_store.names import is_valid_name
 
 ENV_PREFIX = "PREFIXSERVE_"
@@ -29,8 +29,13 @@ def optional_number(annotation: Any) -> type | None:
 
 class Settings(BaseSettings):
     # hide_input_in_errors: a refused URL holds a password, an api_keys_file line a key
+    # env_ignore_empty: `PREFIXSERVE_HOST=` is unset, not "" (which uvicorn binds as every interface)
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, hide_input_in_errors=True
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,
+        env_ignore_empty=True,
     )
 
     # ------------------------------------------------------------------ model and store
@@ -252,14 +257,21 @@ class Settings(BaseSettings):
     def _expand_store(cls, v: str) -> str:
         _check_scheme(v, "store_url", STORE_SCHEMES)
         if v.startswith("file://~"):
-            return "file://" + str(Path(v.removeprefix("file://")).expanduser().absolute())
+            v = "file://" + str(Path(v.removeprefix("file://")).expanduser().absolute())
+        check_store_url(v)  # a relative file path, keep_versions=0, a Redis db that is not a number
         return v
 
     @field_validator("jobs_url")
     @classmethod
     def _jobs_scheme(cls, v: str | None) -> str | None:
         # a mistyped scheme would otherwise be a folder named after it: a job queue no worker reads
-        return v if v is None else _check_scheme(v, "jobs_url", STORE_SCHEMES)
+        if v is None:
+            return v
+        _check_scheme(v, "jobs_url", STORE_SCHEMES)
+        if v.startswith("file://~"):
+            v = "file://" + str(Path(v.removeprefix("file://")).expanduser().absolute())
+        check_store_url(v)
+        return v
 
     @field_validator("limits_url")
     @classmethod
@@ -272,6 +284,15 @@ class Settings(BaseSettings):
         if v not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _compatible(self) -> Settings:
+        if self.async_decode == "on" and self.speculative_tokens > 0:
+            raise ValueError(
+                "async_decode on cannot run with speculative_tokens > 0 (a step's drafts need the tokens "
+                "sampled before it); use async_decode auto or off"
+            )
+        return self
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -88,6 +88,14 @@ def test_serve_refuses_bad_settings(monkeypatch, capsys):
         (["--device", "cpu", "--kernels", "triton"], "kernels 'triton' needs triton and a CUDA device"),
         # infinity is not a limit (`none` is): it could not be written into a job record (JSON)
         (["--training-max-seconds", "inf"], "--training-max-seconds: Input should be a finite number"),
+        # decided before the model loads (they were tracebacks after it, with no one-line reason)
+        (["--store-url", "file://relative/path"], "file:///absolute/path"),
+        (["--store-url", "file:///x?keep_versions=0"], "keep_versions must be a positive integer"),
+        (["--store-url", "redis://127.0.0.1:6379/abc"], "the Redis database in a store URL is a number"),
+        (
+            ["--speculative-tokens", "4", "--async-decode", "on"],
+            "async_decode on cannot run with speculative",
+        ),
     ],
 )
 def test_serve_refuses_unusable_settings_in_one_line(args, needle, capsys, tmp_path, monkeypatch):
@@ -427,3 +435,156 @@ def test_readme_settings_table_is_current():
     assert mod.table().strip() in (root / "README.md").read_text(encoding="utf-8"), (
         "README settings table is stale: run `.venv/bin/python scripts/settings_table.py` and paste it"
     )
+
+
+def test_an_empty_variable_is_unset(monkeypatch):
+    """`PREFIXSERVE_HOST=` (an empty value, as compose and shells pass through) is the default, not "": uvicorn
+    binds "" to every interface, which made an open server reachable from anywhere."""
+    from server.settings import Settings
+
+    for name in (
+        "PREFIXSERVE_HOST",
+        "PREFIXSERVE_API_KEYS_FILE",
+        "PREFIXSERVE_LIMITS_URL",
+        "PREFIXSERVE_PORT",
+    ):
+        monkeypatch.setenv(name, "")
+    s = Settings()
+    assert (s.host, s.api_keys_file, s.limits_url, s.port) == ("127.0.0.1", None, None, 8000)
+
+
+def test_worker_and_import_peft_read_the_environment(monkeypatch, tmp_path, capsys):
+    """The worker took neither PREFIXSERVE_STORE_URL (`--store` was required) nor PREFIXSERVE_MODEL (a worker next to
+    a server on another model loaded SmolLM2 and handed every job back); flags still win."""
+    import server.logging_utils
+    import server.training
+
+    monkeypatch.setattr(server.logging_utils, "setup_logging", lambda *a, **kw: None)
+    seen: list[dict] = []
+    monkeypatch.setattr(server.training, "worker_main", lambda *a, **kw: seen.append({"args": a, **kw}) or 0)
+    monkeypatch.setenv("PREFIXSERVE_STORE_URL", f"file://{tmp_path}/env-store")
+    monkeypatch.setenv("PREFIXSERVE_MODEL", "/models/mine")
+    monkeypatch.setenv("PREFIXSERVE_DTYPE", "bfloat16")
+    monkeypatch.setenv("PREFIXSERVE_PORT", "not-a-port")  # not the worker's: no matter
+    assert cli.main(["worker"]) == 0
+    assert (
+        seen[-1]["args"] == (f"file://{tmp_path}/env-store", "/models/mine")
+        and seen[-1]["dtype"] == "bfloat16"
+    )
+    assert cli.main(["worker", "--store", f"file://{tmp_path}/flag", "--model", "smollm2"]) == 0
+    assert seen[-1]["args"] == (f"file://{tmp_path}/flag", "smollm2")
+    monkeypatch.setenv("PREFIXSERVE_DTYPE", "float64")
+    assert cli.main(["worker"]) == cli.EXIT_USAGE
+    assert "PREFIXSERVE_DTYPE / --dtype: dtype must be" in capsys.readouterr().err
+
+
+def test_prefixes_commands_read_only_the_store_setting(api_bundle, tmp_path, capsys, monkeypatch):
+    """A bad variable the command does not use no longer stops it (every setting was read, and a traceback came
+    out); `file://~/...` works as for `serve`; a file that cannot be written is one line, exit 1."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    put_random_prefix(cli_store(tmp_path / "shared"), api_bundle, "acme", "p")
+    monkeypatch.setenv("PREFIXSERVE_PORT", "abc")
+    assert cli.main(["prefixes", "list", "--store", "file://~/shared"]) == 0
+    assert "acme" in capsys.readouterr().out
+    monkeypatch.setenv("PREFIXSERVE_STORE_URL", "file://~/shared")
+    assert cli.main(["prefixes", "list"]) == 0
+    assert "acme" in capsys.readouterr().out
+    rc = cli.main(["prefixes", "export", "acme", "p", "-o", str(tmp_path / "missing" / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_FAIL and "cannot write" in err and "Traceback" not in err
+
+
+def cli_store(path: Path):
+    from prefix_store import open_store
+
+    return open_store(f"file://{path}")
+
+
+def test_version_flag(capsys):
+    from server import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"prefixserve {__version__}"
+
+
+def test_a_store_url_at_something_that_is_not_redis_is_unavailable(capsys):
+    """A port that answers, but not as Redis (an HTTP server): a clean "unavailable", not redis-py's InvalidResponse
+    traceback."""
+    import socket
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    stop = threading.Event()
+
+    def answer() -> None:
+        lsock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                time.sleep(0.3)
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        port = lsock.getsockname()[1]
+        assert cli.main(["prefixes", "list", "--store", f"redis://127.0.0.1:{port}/0"]) == cli.EXIT_FAIL
+        err = capsys.readouterr().err
+        assert "does not answer as Redis" in err and "Traceback" not in err
+    finally:
+        stop.set()
+        t.join(5)
+        lsock.close()
+
+
+def test_a_failure_that_repeats_is_logged_once_then_as_a_reminder(caplog):
+    import logging
+
+    from prefix_store.outage import RepeatedFailure
+
+    log = logging.getLogger("prefixserve.test.outage")
+    f = RepeatedFailure(log, "redis lost", every_s=3600)
+    with caplog.at_level(logging.DEBUG, "prefixserve.test.outage"):
+        for _ in range(50):
+            f.failed(ConnectionError("refused"))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "redis lost: refused" in warnings[0].getMessage()
+    assert f.recovered() == 50 and f.recovered() == 0
+    f.every_s = 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "prefixserve.test.outage"):
+        f.failed(ConnectionError("a"))
+        f.failed(ConnectionError("b"))
+    assert "still failing (2 attempts" in caplog.records[-1].getMessage()
+
+
+def test_text_logs_escape_line_breaks_in_fields():
+    """With --log-prompts and text logs, a prompt holding a newline and a fake record could forge a log line."""
+    import logging
+
+    from server.logging_utils import TextFormatter
+
+    r = logging.LogRecord("prefixserve.api", logging.INFO, "x", 1, "request", None, None)
+    r.fields = {"prompt": "hi\n2026-12-05 10:00:00 ERROR forged", "status": 200}
+    line = TextFormatter().format(r)
+    assert "\n" not in line and "prompt='hi\\n2026" in line and line.endswith("status=200")
+
+
+def test_make_serve_takes_the_servers_own_port_variables():
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PREFIXSERVE_PORT": "9123", "PREFIXSERVE_HOST": "0.0.0.0"}
+    out = subprocess.run(["make", "-n", "serve"], cwd=root, env=env, capture_output=True, text=True).stdout
+    assert "--host 0.0.0.0 --port 9123" in out
+    out = subprocess.run(
+        ["make", "-n", "serve", "PORT=9200"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert "--port 9200" in out.stdout

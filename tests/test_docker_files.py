@@ -298,7 +298,8 @@ def test_the_import_check_imports_the_installed_packages(df: Dockerfile) -> None
 def test_port(df: Dockerfile, compose: dict[str, Any]) -> None:
     assert df.last("EXPOSE").args.split() == ["8000"]
     assert df.env()["PREFIXSERVE_PORT"] == "8000"
-    assert "127.0.0.1:8000/health" in df.last("HEALTHCHECK").args
+    hc = df.last("HEALTHCHECK").args
+    assert "127.0.0.1:{port}/health" in hc and "os.environ.get('PREFIXSERVE_PORT') or '8000'" in hc
     assert compose["services"]["server"]["ports"] == ["8000:8000"]
     assert compose["services"]["server-gpu"]["ports"][0].endswith(":8000")
 
@@ -327,9 +328,17 @@ def test_healthcheck_uses_python_urllib_on_health(df: Dockerfile) -> None:
 def test_volumes_and_env(df: Dockerfile) -> None:
     env = df.env()
     assert env["PREFIXSERVE_CACHE"] == "/data/cache"
-    assert env["PREFIXSERVE_STORE_URL"] == "file:///data/prefixes"
+    assert env["PREFIXSERVE_STORE_URL"] == "file:///data/store/prefixes"
     volumes = [v for i in df.all("VOLUME") for v in i.json()]
-    assert "/data/cache" in volumes and "/data/prefixes" in volumes
+    assert "/data/cache" in volumes and "/data/store" in volumes
+    # the job queue goes next to a file store: on the store's volume too (jobs outlive the container)
+    from types import SimpleNamespace
+
+    from server.training.jobs import jobs_location
+
+    assert (
+        jobs_location(SimpleNamespace(url=env["PREFIXSERVE_STORE_URL"])) == "file:///data/store/prefixes.jobs"
+    )
     chown = next(i.args for i in df.all("RUN") if "chown" in i.args)
     assert "/data" in chown and "prefixserve" in chown  # volumes start owned by the non-root user
 

@@ -134,10 +134,24 @@ class LLMEngine:
         self.cfg = cfg = config or EngineConfig()
         sp = bundle.spec
         self.max_model_len = serving_context(cfg.max_model_len, sp.max_positions)
+        if cfg.max_model_len is not None and cfg.max_model_len > self.max_model_len:
+            log.warning(
+                "max_model_len %d is more than the model's %d positions: serving %d",
+                cfg.max_model_len,
+                sp.max_positions,
+                self.max_model_len,
+            )
         block_bytes = KVPool.bytes_per_block(
             sp.num_layers, sp.num_kv_heads, sp.head_dim, cfg.block_size, bundle.dtype
         )
         num_blocks = max(cfg.kv_cache_bytes // block_bytes, 2)
+        if cfg.prefix_cache_bytes is not None and cfg.prefix_cache_bytes > num_blocks * block_bytes:
+            log.warning(
+                "prefix cache budget (%d bytes) is more than the whole KV pool (%d bytes): prefixes can hold "
+                "every block, leaving none to the requests",
+                cfg.prefix_cache_bytes,
+                num_blocks * block_bytes,
+            )
         self.pool = KVPool(
             sp.num_layers,
             sp.num_kv_heads,

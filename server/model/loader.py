@@ -8,6 +8,7 @@ leaves a half folder) and later starts load that folder in about a second.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -16,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +230,24 @@ def _fsync_tree(folder: Path) -> None:
         _fsync_dir(d)
 
 
+@contextlib.contextmanager
+def _gguf_progress_as_configured() -> Iterator[None]:
+    """transformers' GGUF reader draws its tqdm bar whatever its progress-bar setting says; with the bars off (JSON
+    logs: every stderr line a JSON object) it draws none."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar  # type: ignore[attr-defined]
+
+
 def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
     """Folder of the dequantized embedded model, converting the GGUF once (atomic: temp dir + rename).
 
@@ -242,10 +262,11 @@ def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
     src = embedded_gguf_dir()
     log.info("converting the embedded SmolLM2-135M-Instruct GGUF once into %s (~20-60 s)", target)
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32, local_files_only=True
-    )
+    with _gguf_progress_as_configured():
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32, local_files_only=True
+        )
     gguf_eos = tok.eos_token_id
     tok.eos_token = CHAT_EOS
     eos_id = tok.convert_tokens_to_ids(CHAT_EOS)

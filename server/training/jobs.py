@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
 from prefix_store.format import PrefixMeta
 from prefix_store.names import is_valid_name
+from prefix_store.outage import RepeatedFailure
 from server.prefixes import TRAINED_KEYS
 from server.training.config import (
     InitFromNotFound,
@@ -449,13 +450,17 @@ class JobManager:
         worker_id = worker_id or f"{self.worker_name}-w"
         stop = stop or self._stop
         done = 0
+        down = RepeatedFailure(log, f"training worker {worker_id}")
         while not (stop.is_set() or self._stop.is_set()) and (max_jobs is None or done < max_jobs):
             try:
                 if self.run_one(worker_id, block_s=self.poll_s, stop=stop):
                     done += 1
             except Exception as e:  # backend down: keep trying, quietly
-                log.warning("training worker %s: %s", worker_id, e)
+                down.failed(e)
                 stop.wait(min(5.0, max(self.poll_s, 1.0)))
+            else:
+                if down.recovered():
+                    log.warning("training worker %s: the job queue answers again", worker_id)
         return done
 
     def _maybe_reclaim(self) -> None:
