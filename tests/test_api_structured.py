@@ -310,3 +310,19 @@ def test_vllm_guided_fields_are_honoured_not_ignored(oai, srv):
     assert (
         assert_error(srv.client(KEY).post("/v1/completions", json=body), 400)["param"] == "structured_outputs"
     )
+    # guided_whitespace_pattern "" is vLLM's "no whitespace between JSON tokens" (it was dropped: blank lines came);
+    # another pattern is refused, naming it
+    for so in ({"guided_json": ITEM}, {"structured_outputs": {"json": ITEM}}):
+        for seed in range(3):
+            c = oai.completions.create(
+                model="acme/default", prompt="x", max_tokens=64, temperature=1.0, seed=seed,
+                extra_body={**so, "guided_whitespace_pattern": ""},
+            )  # fmt: skip
+            text = c.choices[0].text
+            outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+            assert not re.search(r"\s", outside_strings), text
+            if c.choices[0].finish_reason == "stop":
+                check_item(text)
+    bad = {"model": "acme/default", "prompt": "x", "guided_json": ITEM, "guided_whitespace_pattern": "[ ]?"}
+    err = assert_error(srv.client(KEY).post("/v1/completions", json=bad), 400)
+    assert err["param"] == "guided_whitespace_pattern"

@@ -584,3 +584,70 @@ def test_tool_plan_parse_edge_cases():
     assert [c["function"]["name"] for c in one.parse(two)[1]] == ["get_time"]
     schema = json.loads(req.structured().spec)
     assert schema["minItems"] == 1 and len(schema["items"]["anyOf"]) == 2
+
+
+PERSON = {
+    "type": "function",
+    "function": {
+        "name": "person",
+        "parameters": {  # as pydantic (and openai.pydantic_function_tool) write a nested model
+            "$defs": {
+                "Addr": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "enum": ["Rome", "Oslo"]}},
+                    "required": ["city"],
+                    "additionalProperties": False,
+                }
+            },
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 8}, "addr": {"$ref": "#/$defs/Addr"}},
+            "required": ["name", "addr"],
+            "additionalProperties": False,
+        },
+    },
+}
+TREE = {
+    "type": "function",
+    "function": {
+        "name": "tree",
+        "parameters": {  # recursive through its root; draft-07 `definitions` too
+            "definitions": {"label": {"type": "string", "enum": ["a", "b"]}},
+            "type": "object",
+            "properties": {
+                "label": {"$ref": "#/definitions/label"},
+                "sub": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
+            },
+            "required": ["label", "sub"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _check_tree(obj) -> None:
+    assert set(obj) == {"label", "sub"} and obj["label"] in ("a", "b"), obj
+    if obj["sub"] is not None:
+        _check_tree(obj["sub"])
+
+
+def test_required_calls_of_tools_whose_parameters_hold_references(oai):
+    """`required` placed each tool's schema inside the list's schema, where its references (pydantic's
+    `#/$defs/...`, draft-07 `#/definitions/...`, a recursive `#`) pointed into the list: a 400, or a call of the wrong
+    shape for `#`. Every call now has its tool's own shape."""
+    kw = dict(
+        model="acme/default", messages=ASK, tools=[PERSON, TREE], tool_choice="required", max_tokens=300
+    )
+    seen = set()
+    for seed in range(4):
+        ch = oai.chat.completions.create(temperature=1.0, seed=seed, **kw).choices[0]
+        if ch.finish_reason != "tool_calls":
+            continue
+        for call in ch.message.tool_calls:
+            args = json.loads(call.function.arguments)
+            seen.add(call.function.name)
+            if call.function.name == "person":
+                assert set(args) == {"name", "addr"} and len(args["name"]) <= 8
+                assert args["addr"] == {"city": "Rome"} or args["addr"] == {"city": "Oslo"}
+            else:
+                _check_tree(args)
+    assert seen, "no request finished with its calls"

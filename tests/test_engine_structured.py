@@ -493,3 +493,23 @@ def test_min_tokens_holds_off_the_end_only_while_the_grammar_can_go_on(tiny_llam
         free, held = pair(so, 3)
         assert held.error is None and held.finish_reason == "stop" and held.text == free.text
         assert len(held.token_ids) < 40 and matches(so, held.text)
+
+
+def test_refusals_are_said_in_the_requests_terms():
+    """llguidance's words for two refusals named an option no request can set ('coerce_one_of') or an internal
+    type ('NoExtensionBias')."""
+    from tests.fixtures.models import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    g = GrammarCompiler(tok, len(tok), tok.eos_token_id)
+    for schema, words in (
+        ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "use anyOf"),
+        ({"$ref": "#"}, "refers only to itself"),
+    ):
+        with pytest.raises(GrammarError) as e:
+            g.compile(StructuredOutputs("json", json.dumps(schema)))
+        assert (
+            words in str(e.value)
+            and "coerce_one_of" not in str(e.value)
+            and "NoExtension" not in str(e.value)
+        )

@@ -257,7 +257,8 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     try:
         so = body.structured_param()
     except ValueError as e:
-        raise APIError(422, str(e), param="structured_outputs") from None
+        param = str(e).partition(":")[0] if str(e).startswith("guided_") else "structured_outputs"
+        raise APIError(422, str(e), param=param) from None
     forced = plan.tools.structured()
     if forced is not None:  # tool_choice named or required: the only constraint on the output
         if body.response_format is not None and body.response_format.type != "text":

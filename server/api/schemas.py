@@ -340,10 +340,18 @@ class _OpenAIBase(BaseModel):
     guided_grammar: str | None = Field(
         None, min_length=1, description="Deprecated: structured_outputs.grammar"
     )
+    guided_whitespace_pattern: str | None = Field(
+        None,
+        description='Deprecated (vLLM): "" (no whitespace between JSON tokens) is '
+        "structured_outputs.disable_any_whitespace; another pattern is refused",
+    )
+    guided_decoding_backend: str | None = Field(
+        None, max_length=64, description="Deprecated (vLLM): accepted and unused (one backend: llguidance)"
+    )
 
     def structured_param(self) -> StructuredOutputsParam | None:
         """structured_outputs, or the same built from the guided_* fields."""
-        guided = {
+        guided: dict[str, Any] = {
             k: v
             for k, v in (
                 ("json", self.guided_json),
@@ -353,10 +361,20 @@ class _OpenAIBase(BaseModel):
             )
             if v is not None
         }
+        ws = self.guided_whitespace_pattern
+        if ws is not None and ws != "":
+            raise ValueError(
+                "guided_whitespace_pattern: only '' (no whitespace between JSON tokens) is supported; other "
+                "patterns are not (structured_outputs.disable_any_whitespace is the same as '')"
+            )
         if not guided:
+            if ws is not None and self.structured_outputs is not None:
+                return self.structured_outputs.model_copy(update={"disable_any_whitespace": True})
             return self.structured_outputs
         if self.structured_outputs is not None:
             raise ValueError("give structured_outputs or the guided_* fields, not both")
+        if ws is not None:
+            guided["disable_any_whitespace"] = True
         return StructuredOutputsParam.model_validate(guided)
 
 

@@ -48,6 +48,20 @@ def _call(name: str, arguments: Any) -> dict[str, Any]:
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
+def _rebased(schema: Any, base: str) -> Any:
+    """`schema` with every local reference (`#...`, a JSON pointer from its root) made relative to `base`, where it
+    is placed inside another schema; other references (a URL) stay."""
+    if isinstance(schema, dict):
+        out = {k: _rebased(v, base) for k, v in schema.items()}
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            out["$ref"] = base + ref[1:]
+        return out
+    if isinstance(schema, list):
+        return [_rebased(v, base) for v in schema]
+    return schema
+
+
 @dataclass
 class ToolPlan:
     """What a chat body's tools ask for: the mode, the tools for the template, the schema a forced call follows."""
@@ -74,16 +88,22 @@ class ToolPlan:
         if self.mode == "named":
             assert self.named is not None
             return StructuredOutputs("json", json.dumps(params[self.named]), any_whitespace=False)
+        # each tool's schema under the list's $defs, its own references ("#", "#/$defs/...", "#/definitions/...",
+        # written against its root) rewritten to point there: in place, they pointed into the list's schema
+        defs = {f"tool{i}": _rebased(schema, f"#/$defs/tool{i}") for i, schema in enumerate(params.values())}
         one_of = [
             {
                 "type": "object",
-                "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
+                "properties": {
+                    "name": {"type": "string", "enum": [name]},
+                    "parameters": {"$ref": f"#/$defs/tool{i}"},
+                },
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
             }
-            for name, schema in params.items()
+            for i, name in enumerate(params)
         ]
-        calls: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
+        calls: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}, "$defs": defs}
         if not self.parallel:
             calls["maxItems"] = 1
         return StructuredOutputs("json", json.dumps(calls), any_whitespace=False)

@@ -53,9 +53,26 @@ MASK_STRIKES = 3
 MASK_STEP_BUDGETS = 4
 
 
+# llguidance messages that name its internals or options a request cannot set, said in the request's terms
+_PLAIN_WORDS = (
+    (
+        "oneOf constraints are not supported",
+        "oneOf whose branches may match the same value is not supported; use anyOf",
+    ),
+    ("NoExtensionBias", "a $ref cycle that never reaches a value (a schema that refers only to itself)"),
+)
+
+
 class GrammarError(ValueError):
     """The spec cannot be compiled (invalid JSON schema, regex or grammar) or the model's tokenizer cannot be
     constrained; the message says why."""
+
+    def __init__(self, message: str) -> None:
+        for needle, plain in _PLAIN_WORDS:
+            if needle in message:
+                message = plain
+                break
+        super().__init__(message)
 
 
 def _regex_literal(text: str) -> str:
