@@ -156,6 +156,14 @@ def test_sampling_parameters_follow_tgi(srv):
     assert out["details"]["finish_reason"] == "eos_token"
     streamed = events(c.post("/tgi/generate_stream", json={"inputs": PROMPT, "parameters": rx}))
     assert streamed[-1]["details"]["finish_reason"] == "eos_token"
+    # TGI 3's json_schema grammar (huggingface_hub sends it): {name, schema}
+    js = {
+        **p,
+        "max_new_tokens": 40,
+        "grammar": {"type": "json_schema", "value": {"name": "n", "schema": schema}},
+    }
+    out = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": js}).json()
+    assert isinstance(json.loads(out["generated_text"])["n"], int)
 
 
 @pytest.mark.parametrize(
@@ -176,6 +184,11 @@ def test_sampling_parameters_follow_tgi(srv):
         ({"grammar": {"type": "regex", "value": "("}}, 422, "parameters.grammar.value"),
         ({"grammar": {"type": "json", "value": 3}}, 422, "parameters.grammar.value"),
         ({"grammar": {"type": "json", "value": "{not json"}}, 422, "parameters.grammar.value"),
+        (
+            {"grammar": {"type": "json_schema", "value": {"name": "x"}}},
+            422,
+            "parameters.grammar.value.schema",
+        ),
     ],
 )
 def test_bad_parameters_are_refused_with_the_error_body(srv, params, status, param):

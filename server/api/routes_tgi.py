@@ -69,11 +69,12 @@ class TGIResponseFormat(BaseModel):
 
 
 class TGIGrammar(BaseModel):
-    """TGI's ``grammar``: ``{"type": "json", "value": <JSON schema>}`` or ``{"type": "regex", "value": "..."}``."""
+    """TGI's ``grammar``: ``{"type": "json", "value": <JSON schema>}``, ``{"type": "regex", "value": "..."}`` or
+    (TGI 3) ``{"type": "json_schema", "value": {"name": ..., "schema": <JSON schema>}}``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["json", "regex"]
+    type: Literal["json", "regex", "json_schema"]
     value: Any
 
 
@@ -244,6 +245,14 @@ async def _structured(svc: Service, p: TGIParameters) -> StructuredOutputs | Non
             schema = json.loads(g.value) if isinstance(g.value, str) else g.value
         except (ValueError, RecursionError):
             schema = None
+        if g.type == "json_schema":
+            schema = schema.get("schema") if isinstance(schema, dict) else None
+            if not isinstance(schema, dict):
+                raise APIError(
+                    422,
+                    'a json_schema grammar\'s value is {"name": ..., "schema": <JSON schema object>}',
+                    param="parameters.grammar.value.schema",
+                )
         if not isinstance(schema, dict):
             raise APIError(
                 422, "a json grammar's value is a JSON schema object", param="parameters.grammar.value"
