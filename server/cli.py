@@ -243,6 +243,13 @@ def _startup_failed(e: BaseException) -> int:
     return EXIT_STARTUP
 
 
+def _ignore_hangup(*_: Any) -> None:
+    log.warning(
+        "SIGHUP ignored: the keys and limits files are re-read when they change (config_reload_s); SIGTERM drains "
+        "and stops the server"
+    )
+
+
 def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_manager: Any = None) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a drain, 1 after a second signal cut it short, 3 if start-up failed."""
     from prefix_store.errors import StoreError
@@ -266,6 +273,8 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
         server = make_server(app, settings)
         # uvicorn re-raises a captured signal after shutting down; a Python handler keeps that from killing us
         previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+        # SIGHUP (a closed terminal, `systemctl reload`) killed the server at once, without a drain
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _ignore_hangup)
         try:
             server.run(sockets=[sock])
         except OSError as e:

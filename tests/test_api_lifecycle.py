@@ -195,6 +195,21 @@ def test_sigterm_drains_in_flight_and_exits_zero(subprocess_server, tmp_path):
     c.close()
 
 
+def test_sighup_does_not_stop_the_server(subprocess_server, tmp_path):
+    """SIGHUP (a closed terminal, `systemctl reload`) killed the server at once (exit 129, no drain)."""
+    import signal
+
+    sp = subprocess_server(store_url=f"file://{tmp_path / 'store'}")
+    c = sp.client()
+    assert c.get("/ready").status_code == 200
+    sp.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert sp.proc.poll() is None and c.get("/ready").status_code == 200
+    sp.terminate()
+    assert sp.wait(60) == 0
+    c.close()
+
+
 class _TwoLongRequests:
     """A subprocess server with a prefix, one streamed and one whole long request in flight on it; `finish()`
     collects their outcomes once the server has gone."""
