@@ -394,9 +394,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if st.store is None:
         st.store = open_store(s.store_url)
         st.owns_store = True
+    store_reachable = True
     try:
         await asyncio.to_thread(st.store.ping)
     except Exception as e:
+        store_reachable = False
         log.warning("prefix store %r not reachable at start-up (%s); /ready reports not ready", st.store, e)
     if st.job_manager is None:
         try:
@@ -413,7 +415,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     st.svc = svc
     reloader = asyncio.create_task(ConfigReloader(st, s.config_reload_s).run(), name="config-reload")
     log.info(
-        "ready: model %s (fingerprint %s…) loaded in %.1fs; store %r; tool calls parsed as %s",
+        "%s: model %s (fingerprint %s…) loaded in %.1fs; store %r; tool calls parsed as %s",
+        "ready" if store_reachable else "started, not ready until the prefix store answers",
         st.bundle.name,
         str(st.bundle.fingerprint)[:12],
         time.monotonic() - t0,
