@@ -212,6 +212,30 @@ def test_sse_decoder() -> None:
     assert list(iter_sse_events(lines)) == [("error", '{"a":\n1}'), (None, "[DONE]")]
 
 
+def test_py39_annotations_evaluate() -> None:
+    """No annotation anywhere in the package is written `X | Y`: `typing.get_type_hints` evaluates annotations even
+    when `from __future__ import annotations` defers them, and on Python 3.9 `X | None` fails there (pydantic's
+    validate_call, typer, sphinx autodoc on the SDK's methods)."""
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for a in ast.walk(tree):
+            if isinstance(a, ast.arg | ast.AnnAssign):
+                ann = a.annotation
+            elif isinstance(a, ast.FunctionDef | ast.AsyncFunctionDef):
+                ann = a.returns
+            else:
+                continue
+            if ann is None:
+                continue
+            texts = [
+                n.value for n in ast.walk(ann) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            ]
+            pep604 = any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(ann))
+            assert not pep604 and not any("|" in t for t in texts), (
+                f"{path.name}:{a.lineno}: {ast.unparse(ann)}"
+            )
+
+
 def test_py39_syntax_for_runtime_annotations() -> None:
     """The distribution supports Python 3.9: pydantic models must not use `X | Y` annotations (evaluated at
     runtime), and every module with such annotations elsewhere defers them."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any
+from typing import Any, Optional, Union
 
 import httpx
 
@@ -42,7 +42,7 @@ class AsyncStream(_base.StreamBase):
     ``async with client.stream(...) as s: async for d in s: ...`` closes it early; so does ``aclose()``.
     """
 
-    _gen: AsyncGenerator[StreamDelta, None] | None
+    _gen: Optional[AsyncGenerator[StreamDelta, None]]
 
     @staticmethod
     async def _iterate(
@@ -118,16 +118,16 @@ class AsyncPrefixes:
 
     async def train(
         self,
-        tenant_id: str | None,
+        tenant_id: Optional[str],
         name: str,
-        method: str | None = None,
-        examples: Examples | None = None,
+        method: Optional[str] = None,
+        examples: Optional[Examples] = None,
         *,
-        prefix_length: int | None = None,
-        hyperparameters: dict[str, Any] | None = None,
-        request_id: str | None = None,
-        init_from: str | tuple[str, int] | None = None,
-        idempotency_key: str | None = None,
+        prefix_length: Optional[int] = None,
+        hyperparameters: Optional[dict[str, Any]] = None,
+        request_id: Optional[str] = None,
+        init_from: Optional[Union[str, tuple[str, int]]] = None,
+        idempotency_key: Optional[str] = None,
         **kwargs: Any,
     ) -> AsyncJob:
         """See :meth:`Prefixes.train`."""
@@ -151,25 +151,25 @@ class AsyncPrefixes:
         r = await self._client._request("POST", f"/prefixes/jobs/{_seg(job_id)}/cancel")
         return self._job(_base.parse_response(AsyncJob, r))
 
-    async def list_jobs(self, tenant_id: str | None = None) -> builtins.list[AsyncJob]:
+    async def list_jobs(self, tenant_id: Optional[str] = None) -> builtins.list[AsyncJob]:
         """Training jobs of a tenant (``GET /prefixes/jobs``); see :meth:`Prefixes.list_jobs`."""
         params = {"tenant_id": tenant_id} if tenant_id else None
         r = await self._client._request("GET", "/prefixes/jobs", params=params)
         return [self._job(job) for job in _base.parse_list(AsyncJob, r)]
 
-    async def list(self, tenant_id: str | None = None) -> builtins.list[PrefixInfo]:
+    async def list(self, tenant_id: Optional[str] = None) -> builtins.list[PrefixInfo]:
         """Stored prefixes of a tenant (None: the key's own tenant; every tenant for the admin key)."""
         params = {"tenant_id": tenant_id} if tenant_id else None
         r = await self._client._request("GET", "/prefixes", params=params)
         return _base.parse_list(PrefixInfo, r)
 
-    async def get(self, tenant_id: str, name: str, version: int | None = None) -> PrefixInfo:
+    async def get(self, tenant_id: str, name: str, version: Optional[int] = None) -> PrefixInfo:
         """The latest version's metadata (or ``version``'s), with ``.versions``: every stored version."""
         params = {"version": version} if version is not None else None
         r = await self._client._request("GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params)
         return _base.parse_response(PrefixInfo, r)
 
-    async def delete(self, tenant_id: str, name: str, version: int | None = None) -> DeletedPrefix:
+    async def delete(self, tenant_id: str, name: str, version: Optional[int] = None) -> DeletedPrefix:
         """Every version of the prefix, or only ``version`` (deleting the latest rolls back to the one before)."""
         params = {"version": version} if version is not None else None
         r = await self._client._request(
@@ -181,12 +181,12 @@ class AsyncPrefixes:
         self,
         tenant_id: str,
         name: str,
-        source: _base.PathLike | bytes,
+        source: Union[_base.PathLike, bytes],
         *,
-        adapter_config: _base.PathLike | bytes | None = None,
-        prompt_format: str | None = None,
-        request_id: str | None = None,
-        idempotency_key: str | None = None,
+        adapter_config: Optional[Union[_base.PathLike, bytes]] = None,
+        prompt_format: Optional[str] = None,
+        request_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
     ) -> PrefixInfo:
         """Store a prefix made elsewhere as a new version of ``tenant_id``/``name`` (``POST .../upload``).
 
@@ -213,7 +213,12 @@ class AsyncPrefixes:
         return _base.parse_response(PrefixInfo, r)
 
     async def download(
-        self, tenant_id: str, name: str, *, version: int | None = None, path: _base.PathLike | None = None
+        self,
+        tenant_id: str,
+        name: str,
+        *,
+        version: Optional[int] = None,
+        path: Optional[_base.PathLike] = None,
     ) -> bytes:
         """One version (default: the latest) as a prefix export file (safetensors with the record's metadata);
         written to ``path`` too when given (atomically). :meth:`upload` takes it back, here or on another
@@ -234,13 +239,13 @@ class AsyncClient(_base.WithOptions):
 
     def __init__(
         self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        timeout: TimeoutTypes | _base.NotGiven = _base.NOT_GIVEN,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        timeout: Union[TimeoutTypes, _base.NotGiven] = _base.NOT_GIVEN,
         max_retries: int = _base.DEFAULT_MAX_RETRIES,
         *,
-        headers: dict[str, str] | None = None,
-        http_client: httpx.AsyncClient | None = None,
+        headers: Optional[dict[str, str]] = None,
+        http_client: Optional[httpx.AsyncClient] = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -282,13 +287,13 @@ class AsyncClient(_base.WithOptions):
         path: str,
         *,
         json: Any = None,
-        params: dict[str, Any] | None = None,
-        request_id: str | None = None,
-        idempotency_key: str | None = None,
-        retries: int | None = None,
+        params: Optional[dict[str, Any]] = None,
+        request_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        retries: Optional[int] = None,
         ok_statuses: Sequence[int] = (),
-        files: dict[str, Any] | None = None,
-        data: dict[str, str] | None = None,
+        files: Optional[dict[str, Any]] = None,
+        data: Optional[dict[str, str]] = None,
         safe: bool = True,
     ) -> httpx.Response:
         """`safe`: the request may be repeated after a failure that may have reached the server (a lost answer);
@@ -302,7 +307,7 @@ class AsyncClient(_base.WithOptions):
                 response = await self._http.send(request)
             except httpx.TransportError as e:
                 error: Exception = _base.wrap_transport_error(e)
-                cause: BaseException | None = e
+                cause: Optional[BaseException] = e
                 if not _base.may_resend(e, safe):
                     raise error from e
             else:
@@ -325,7 +330,7 @@ class AsyncClient(_base.WithOptions):
                 response = await self._http.send(request, stream=True)
             except httpx.TransportError as e:
                 error: Exception = _base.wrap_transport_error(e)
-                cause: BaseException | None = e
+                cause: Optional[BaseException] = e
                 if not _base.may_resend(e, True):
                     raise error from e
             else:
@@ -349,33 +354,33 @@ class AsyncClient(_base.WithOptions):
     # ------------------------------------------------------------------ generation
     async def generate(
         self,
-        tenant_id: str | None,
+        tenant_id: Optional[str],
         prompt: str,
         *,
-        prefix: str | None = "default",
-        prefix_version: int | None = None,
+        prefix: Optional[str] = "default",
+        prefix_version: Optional[int] = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
+        seed: Optional[int] = None,
+        stop: Optional[Union[str, Sequence[str]]] = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
-        logprobs: int | None = None,
-        prompt_logprobs: int | None = None,
-        logit_bias: dict[int, float] | None = None,
+        logprobs: Optional[int] = None,
+        prompt_logprobs: Optional[int] = None,
+        logit_bias: Optional[dict[int, float]] = None,
         min_tokens: int = 0,
-        stop_token_ids: Sequence[int] | None = None,
-        structured_outputs: StructuredOutputsArg | None = None,
+        stop_token_ids: Optional[Sequence[int]] = None,
+        structured_outputs: Optional[StructuredOutputsArg] = None,
         min_p: float = 0.0,
         include_stop_str_in_output: bool = False,
-        truncate_prompt_tokens: int | None = None,
+        truncate_prompt_tokens: Optional[int] = None,
         priority: int = 0,
         ignore_eos: bool = False,
-        prompt_format: str | None = None,
-        request_id: str | None = None,
+        prompt_format: Optional[str] = None,
+        request_id: Optional[str] = None,
     ) -> Generation:
         """``POST /generate``; the arguments are those of :meth:`Client.generate`."""
         body = _base.generate_body(
@@ -413,33 +418,33 @@ class AsyncClient(_base.WithOptions):
 
     def stream(
         self,
-        tenant_id: str | None,
+        tenant_id: Optional[str],
         prompt: str,
         *,
-        prefix: str | None = "default",
-        prefix_version: int | None = None,
+        prefix: Optional[str] = "default",
+        prefix_version: Optional[int] = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
+        seed: Optional[int] = None,
+        stop: Optional[Union[str, Sequence[str]]] = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
-        logprobs: int | None = None,
-        prompt_logprobs: int | None = None,
-        logit_bias: dict[int, float] | None = None,
+        logprobs: Optional[int] = None,
+        prompt_logprobs: Optional[int] = None,
+        logit_bias: Optional[dict[int, float]] = None,
         min_tokens: int = 0,
-        stop_token_ids: Sequence[int] | None = None,
-        structured_outputs: StructuredOutputsArg | None = None,
+        stop_token_ids: Optional[Sequence[int]] = None,
+        structured_outputs: Optional[StructuredOutputsArg] = None,
         min_p: float = 0.0,
         include_stop_str_in_output: bool = False,
-        truncate_prompt_tokens: int | None = None,
+        truncate_prompt_tokens: Optional[int] = None,
         priority: int = 0,
         ignore_eos: bool = False,
-        prompt_format: str | None = None,
-        request_id: str | None = None,
+        prompt_format: Optional[str] = None,
+        request_id: Optional[str] = None,
     ) -> AsyncStream:
         """An async iterator (not a coroutine): ``async for delta in client.stream(...)``."""
         body = _base.generate_body(
@@ -490,17 +495,17 @@ class AsyncClient(_base.WithOptions):
 
     async def tokenize(
         self,
-        tenant_id: str | None,
-        prompt: str | None = None,
+        tenant_id: Optional[str],
+        prompt: Optional[str] = None,
         *,
-        prefix: str | None = "default",
-        prefix_version: int | None = None,
-        messages: Sequence[dict[str, Any]] | None = None,
-        prompt_format: str | None = None,
-        tools: Sequence[dict[str, Any]] | None = None,
-        add_generation_prompt: bool | None = None,
-        continue_final_message: bool | None = None,
-        chat_template_kwargs: dict[str, Any] | None = None,
+        prefix: Optional[str] = "default",
+        prefix_version: Optional[int] = None,
+        messages: Optional[Sequence[dict[str, Any]]] = None,
+        prompt_format: Optional[str] = None,
+        tools: Optional[Sequence[dict[str, Any]]] = None,
+        add_generation_prompt: Optional[bool] = None,
+        continue_final_message: Optional[bool] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
     ) -> Tokenized:
         """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
         prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output.
@@ -527,7 +532,7 @@ class AsyncClient(_base.WithOptions):
         """``GET /metrics``: Prometheus text."""
         return (await self._request("GET", "/metrics")).text
 
-    async def usage(self, tenant_id: str | None = None) -> UsageReport:
+    async def usage(self, tenant_id: Optional[str] = None) -> UsageReport:
         """``GET /usage``: tokens and requests since the server started, with the rate limits and what is left of
         them; the key's own tenant (the admin key: every tenant, or ``tenant_id``)."""
         params = {"tenant_id": tenant_id} if tenant_id else None

@@ -10,7 +10,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Optional, TypeVar, Union
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -40,7 +40,7 @@ RETRY_STATUSES = frozenset({429, 503})
 # proxy may answer 408 for a request it had begun to act on, and a proxy 502/504 for one the server received
 RETRY_STATUSES_IF_SAFE = frozenset({408, 502, 504})
 
-Examples = Union[Sequence[dict[str, Any]], str, "os.PathLike[str]"]
+Examples = Union[Sequence[dict[str, Any]], str, os.PathLike[str]]
 # {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...} / {"json_object": True}, or a pydantic model
 # class (its JSON schema)
 StructuredOutputsArg = Union[Mapping[str, Any], type]
@@ -57,7 +57,7 @@ class NotGiven:
 NOT_GIVEN = NotGiven()
 
 
-def resolve_base_url(base_url: str | None) -> str:
+def resolve_base_url(base_url: Optional[str]) -> str:
     url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
     if not url.lower().startswith(("http://", "https://")):  # "localhost:8000" would fail every call, retried
         where = "base_url" if base_url else f"${BASE_URL_ENV}"
@@ -65,7 +65,7 @@ def resolve_base_url(base_url: str | None) -> str:
     return url.rstrip("/")
 
 
-def resolve_api_key(api_key: str | None) -> str | None:
+def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
     key = api_key or os.environ.get(API_KEY_ENV) or None
     if key is not None:
         check_header_value("api_key" if api_key else f"${API_KEY_ENV}", key)
@@ -88,7 +88,7 @@ def check_header_value(what: str, value: str) -> str:
 
 
 def resolve_timeout(
-    timeout: Any, http_client: httpx.Client | httpx.AsyncClient | None = None
+    timeout: Any, http_client: Optional[Union[httpx.Client, httpx.AsyncClient]] = None
 ) -> httpx.Timeout:
     """The timeout of every request: ``timeout`` when given, else the given ``http_client``'s own, else
     ``DEFAULT_TIMEOUT``."""
@@ -108,7 +108,7 @@ class WithOptions:
     """`with_options`, for the sync and the async client alike (both take these constructor arguments)."""
 
     base_url: str
-    api_key: str | None
+    api_key: Optional[str]
     timeout: httpx.Timeout
     max_retries: int
     _extra_headers: dict[str, str]
@@ -120,10 +120,10 @@ class WithOptions:
         method: str,
         path: str,
         json: Any = None,
-        params: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-        files: dict[str, Any] | None = None,
-        data: dict[str, str] | None = None,
+        params: Optional[dict[str, Any]] = None,
+        headers: Optional[dict[str, str]] = None,
+        files: Optional[dict[str, Any]] = None,
+        data: Optional[dict[str, str]] = None,
     ) -> httpx.Request:
         content = None
         headers = {**self._headers, **(headers or {})}
@@ -145,9 +145,9 @@ class WithOptions:
     def with_options(
         self: _Client,
         *,
-        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
-        max_retries: int | None = None,
-        headers: dict[str, str] | None = None,
+        timeout: Union[TimeoutTypes, NotGiven] = NOT_GIVEN,
+        max_retries: Optional[int] = None,
+        headers: Optional[dict[str, str]] = None,
     ) -> _Client:
         """A client like this one with some options changed, for a call or a few:
         ``client.with_options(timeout=5, max_retries=0).generate(...)``. It shares this client's connection pool
@@ -172,7 +172,7 @@ def encode_json(obj: Any) -> bytes:
         return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
-def default_headers(api_key: str | None, extra: dict[str, str] | None) -> dict[str, str]:
+def default_headers(api_key: Optional[str], extra: Optional[dict[str, str]]) -> dict[str, str]:
     h = {"User-Agent": f"prefixserve-client/{__version__}", "Accept": "application/json"}
     if api_key:
         h["Authorization"] = f"Bearer {api_key}"
@@ -181,14 +181,14 @@ def default_headers(api_key: str | None, extra: dict[str, str] | None) -> dict[s
     return h
 
 
-def request_headers(request_id: str | None, idempotency_key: str | None = None) -> dict[str, str]:
+def request_headers(request_id: Optional[str], idempotency_key: Optional[str] = None) -> dict[str, str]:
     headers = {"X-Request-ID": check_header_value("request_id", request_id)} if request_id else {}
     if idempotency_key is not None:
         headers["Idempotency-Key"] = check_header_value("idempotency_key", idempotency_key)
     return headers
 
 
-def new_idempotency_key(given: str | None) -> str:
+def new_idempotency_key(given: Optional[str]) -> str:
     """The Idempotency-Key of a submission: ``given``, or a fresh random one (one per call, reused by its retries)."""
     if given is None:
         return f"sdk-{uuid.uuid4()}"
@@ -198,33 +198,33 @@ def new_idempotency_key(given: str | None) -> str:
 
 
 def generate_body(
-    tenant_id: str | None,
+    tenant_id: Optional[str],
     prompt: str,
     *,
-    prefix: str | None,
+    prefix: Optional[str],
     max_tokens: int,
-    prefix_version: int | None = None,
+    prefix_version: Optional[int] = None,
     temperature: float,
     top_p: float,
     top_k: int,
-    seed: int | None,
-    stop: str | Sequence[str] | None,
+    seed: Optional[int],
+    stop: Optional[Union[str, Sequence[str]]],
     stream: bool,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0,
-    logprobs: int | None = None,
-    prompt_logprobs: int | None = None,
-    logit_bias: dict[int, float] | None = None,
+    logprobs: Optional[int] = None,
+    prompt_logprobs: Optional[int] = None,
+    logit_bias: Optional[dict[int, float]] = None,
     min_tokens: int = 0,
-    stop_token_ids: Sequence[int] | None = None,
-    structured_outputs: StructuredOutputsArg | None = None,
+    stop_token_ids: Optional[Sequence[int]] = None,
+    structured_outputs: Optional[StructuredOutputsArg] = None,
     min_p: float = 0.0,
     include_stop_str_in_output: bool = False,
-    truncate_prompt_tokens: int | None = None,
+    truncate_prompt_tokens: Optional[int] = None,
     priority: int = 0,
     ignore_eos: bool = False,
-    prompt_format: str | None = None,
+    prompt_format: Optional[str] = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /generate``; optional fields are sent only when set (older servers refuse unknown
     fields)."""
@@ -333,10 +333,10 @@ def _make_strict(node: Any) -> None:
 
 
 def chat_options(
-    tools: Sequence[dict[str, Any]] | None,
-    add_generation_prompt: bool | None,
-    continue_final_message: bool | None,
-    chat_template_kwargs: dict[str, Any] | None,
+    tools: Optional[Sequence[dict[str, Any]]],
+    add_generation_prompt: Optional[bool],
+    continue_final_message: Optional[bool],
+    chat_template_kwargs: Optional[dict[str, Any]],
 ) -> dict[str, Any]:
     """What /tokenize renders chat messages with besides them (as a chat completion does): the ones given."""
     given = {
@@ -349,13 +349,13 @@ def chat_options(
 
 
 def tokenize_body(
-    tenant_id: str | None,
-    prompt: str | None,
-    prefix: str | None,
-    messages: Sequence[dict[str, Any]] | None,
-    prefix_version: int | None = None,
-    prompt_format: str | None = None,
-    chat: dict[str, Any] | None = None,
+    tenant_id: Optional[str],
+    prompt: Optional[str],
+    prefix: Optional[str],
+    messages: Optional[Sequence[dict[str, Any]]],
+    prefix_version: Optional[int] = None,
+    prompt_format: Optional[str] = None,
+    chat: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt and messages")
@@ -406,13 +406,13 @@ def load_examples(examples: Examples) -> list[dict[str, Any]]:
 
 
 def train_body(
-    tenant_id: str | None,
+    tenant_id: Optional[str],
     name: str,
-    method: str | None,
+    method: Optional[str],
     examples: Examples,
-    prefix_length: int | None,
+    prefix_length: Optional[int],
     hyperparameters: dict[str, Any],
-    init_from: str | tuple[str, int] | None = None,
+    init_from: Optional[Union[str, tuple[str, int]]] = None,
 ) -> dict[str, Any]:
     """``POST /prefixes`` body: hyperparameters travel nested under ``"hyperparameters"`` (None values dropped,
     so the server's defaults apply)."""
@@ -432,7 +432,9 @@ def train_body(
     return body
 
 
-def merge_hyperparameters(hyperparameters: dict[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+def merge_hyperparameters(
+    hyperparameters: Optional[dict[str, Any]], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     """``train(..., hyperparameters={...}, epochs=3)``: both forms, keyword arguments win."""
     if hyperparameters is not None and not isinstance(hyperparameters, dict):
         raise TypeError("hyperparameters must be a dict")
@@ -440,13 +442,15 @@ def merge_hyperparameters(hyperparameters: dict[str, Any] | None, kwargs: dict[s
 
 
 # --------------------------------------------------------------------------------------------- prefix files
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike[str]]
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def upload_form(
-    source: PathLike | bytes, adapter_config: PathLike | bytes | None, prompt_format: str | None
+    source: Union[PathLike, bytes],
+    adapter_config: Optional[Union[PathLike, bytes]],
+    prompt_format: Optional[str],
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """``files`` and ``data`` of ``POST /prefixes/{tenant_id}/{name}/upload``.
 
@@ -569,7 +573,7 @@ def parse_field(response: httpx.Response, name: str, kind: type[Any]) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- retries
-def retry_delay(attempt: int, error: Exception, safe: bool = True) -> float | None:
+def retry_delay(attempt: int, error: Exception, safe: bool = True) -> Optional[float]:
     """Seconds to wait before retry number ``attempt`` (0-based) after ``error``; None: do not retry.
 
     429 and 503 are retried for every request (the server did nothing); 408, 502 and 504 only for one that is ``safe``
@@ -635,8 +639,8 @@ class StreamInfo:
     generator referring to its own iterator makes a reference cycle, and a stream dropped after `break` would then
     keep its connection (and its generation on the server) until the garbage collector ran."""
 
-    response: httpx.Response | None = None
-    request_id: str | None = None
+    response: Optional[httpx.Response] = None
+    request_id: Optional[str] = None
 
 
 class StreamBase:
@@ -650,11 +654,11 @@ class StreamBase:
         self._info = StreamInfo()
 
     @property
-    def response(self) -> httpx.Response | None:
+    def response(self) -> Optional[httpx.Response]:
         return self._info.response
 
     @property
-    def request_id(self) -> str | None:
+    def request_id(self) -> Optional[str]:
         """X-Request-ID of the response, once it started."""
         return self._info.request_id
 
@@ -664,9 +668,9 @@ class SSEDecoder:
 
     def __init__(self) -> None:
         self._data: list[str] = []
-        self._event: str | None = None
+        self._event: Optional[str] = None
 
-    def feed(self, line: str) -> tuple[str | None, str] | None:
+    def feed(self, line: str) -> Optional[tuple[Optional[str], str]]:
         line = line.rstrip("\r\n")
         if not line:
             if not self._data:
@@ -686,11 +690,11 @@ class SSEDecoder:
             self._event = value
         return None
 
-    def flush(self) -> tuple[str | None, str] | None:
+    def flush(self) -> Optional[tuple[Optional[str], str]]:
         return self.feed("")
 
 
-def iter_sse_events(lines: Iterable[str]) -> Iterator[tuple[str | None, str]]:
+def iter_sse_events(lines: Iterable[str]) -> Iterator[tuple[Optional[str], str]]:
     dec = SSEDecoder()
     for line in lines:
         ev = dec.feed(line)
@@ -729,12 +733,12 @@ async def adrain(lines: AsyncIterator[str]) -> None:
 class StreamState:
     """Turns SSE events into StreamDelta payloads; raises typed errors for error events."""
 
-    def __init__(self, request_id: str | None) -> None:
+    def __init__(self, request_id: Optional[str]) -> None:
         self.request_id = request_id
         self.done = False
         self.finished = False
 
-    def handle(self, event: str | None, data: str) -> dict[str, Any] | None:
+    def handle(self, event: Optional[str], data: str) -> Optional[dict[str, Any]]:
         """The delta payload of one event, or None for [DONE] / events to skip."""
         if data.strip() == DONE:
             self.done = True

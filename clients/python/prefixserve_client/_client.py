@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import time
 from collections.abc import Generator, Sequence
-from typing import Any
+from typing import Any, Optional, Union
 from urllib.parse import quote
 
 import httpx
@@ -51,7 +51,7 @@ class Stream(_base.StreamBase):
     iteration. Use it as a context manager, or call ``close()``, to end the stream early.
     """
 
-    _gen: Generator[StreamDelta, None, None] | None
+    _gen: Optional[Generator[StreamDelta, None, None]]
 
     @staticmethod
     def _iterate(
@@ -119,16 +119,16 @@ class Prefixes:
 
     def train(
         self,
-        tenant_id: str | None,
+        tenant_id: Optional[str],
         name: str,
-        method: str | None = None,
-        examples: Examples | None = None,
+        method: Optional[str] = None,
+        examples: Optional[Examples] = None,
         *,
-        prefix_length: int | None = None,
-        hyperparameters: dict[str, Any] | None = None,
-        request_id: str | None = None,
-        init_from: str | tuple[str, int] | None = None,
-        idempotency_key: str | None = None,
+        prefix_length: Optional[int] = None,
+        hyperparameters: Optional[dict[str, Any]] = None,
+        request_id: Optional[str] = None,
+        init_from: Optional[Union[str, tuple[str, int]]] = None,
+        idempotency_key: Optional[str] = None,
         **kwargs: Any,
     ) -> Job:
         """Start a training job (``POST /prefixes``); the prefix appears once the job succeeded.
@@ -166,25 +166,25 @@ class Prefixes:
         r = self._client._request("POST", f"/prefixes/jobs/{_seg(job_id)}/cancel")
         return self._job(_base.parse_response(Job, r))
 
-    def list_jobs(self, tenant_id: str | None = None) -> builtins.list[Job]:
+    def list_jobs(self, tenant_id: Optional[str] = None) -> builtins.list[Job]:
         """Training jobs of a tenant (``GET /prefixes/jobs``; None: the key's own tenant, every tenant for the admin
         key)."""
         params = {"tenant_id": tenant_id} if tenant_id else None
         r = self._client._request("GET", "/prefixes/jobs", params=params)
         return [self._job(job) for job in _base.parse_list(Job, r)]
 
-    def list(self, tenant_id: str | None = None) -> builtins.list[PrefixInfo]:
+    def list(self, tenant_id: Optional[str] = None) -> builtins.list[PrefixInfo]:
         """Stored prefixes of a tenant (None: the key's own tenant; every tenant for the admin key)."""
         params = {"tenant_id": tenant_id} if tenant_id else None
         return _base.parse_list(PrefixInfo, self._client._request("GET", "/prefixes", params=params))
 
-    def get(self, tenant_id: str, name: str, version: int | None = None) -> PrefixInfo:
+    def get(self, tenant_id: str, name: str, version: Optional[int] = None) -> PrefixInfo:
         """The latest version's metadata (or ``version``'s), with ``.versions``: every stored version."""
         params = {"version": version} if version is not None else None
         r = self._client._request("GET", f"/prefixes/{_seg(tenant_id)}/{_seg(name)}", params=params)
         return _base.parse_response(PrefixInfo, r)
 
-    def delete(self, tenant_id: str, name: str, version: int | None = None) -> DeletedPrefix:
+    def delete(self, tenant_id: str, name: str, version: Optional[int] = None) -> DeletedPrefix:
         """Every version of the prefix, or only ``version`` (deleting the latest rolls back to the one before)."""
         params = {"version": version} if version is not None else None
         r = self._client._request(
@@ -196,12 +196,12 @@ class Prefixes:
         self,
         tenant_id: str,
         name: str,
-        source: _base.PathLike | bytes,
+        source: Union[_base.PathLike, bytes],
         *,
-        adapter_config: _base.PathLike | bytes | None = None,
-        prompt_format: str | None = None,
-        request_id: str | None = None,
-        idempotency_key: str | None = None,
+        adapter_config: Optional[Union[_base.PathLike, bytes]] = None,
+        prompt_format: Optional[str] = None,
+        request_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
     ) -> PrefixInfo:
         """Store a prefix made elsewhere as a new version of ``tenant_id``/``name`` (``POST .../upload``).
 
@@ -228,7 +228,12 @@ class Prefixes:
         return _base.parse_response(PrefixInfo, r)
 
     def download(
-        self, tenant_id: str, name: str, *, version: int | None = None, path: _base.PathLike | None = None
+        self,
+        tenant_id: str,
+        name: str,
+        *,
+        version: Optional[int] = None,
+        path: Optional[_base.PathLike] = None,
     ) -> bytes:
         """One version (default: the latest) as a prefix export file (safetensors with the record's metadata);
         written to ``path`` too when given (atomically). :meth:`upload` takes it back, here or on another
@@ -255,13 +260,13 @@ class Client(_base.WithOptions):
 
     def __init__(
         self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        timeout: TimeoutTypes | _base.NotGiven = _base.NOT_GIVEN,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        timeout: Union[TimeoutTypes, _base.NotGiven] = _base.NOT_GIVEN,
         max_retries: int = _base.DEFAULT_MAX_RETRIES,
         *,
-        headers: dict[str, str] | None = None,
-        http_client: httpx.Client | None = None,
+        headers: Optional[dict[str, str]] = None,
+        http_client: Optional[httpx.Client] = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -301,13 +306,13 @@ class Client(_base.WithOptions):
         path: str,
         *,
         json: Any = None,
-        params: dict[str, Any] | None = None,
-        request_id: str | None = None,
-        idempotency_key: str | None = None,
-        retries: int | None = None,
+        params: Optional[dict[str, Any]] = None,
+        request_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        retries: Optional[int] = None,
         ok_statuses: Sequence[int] = (),
-        files: dict[str, Any] | None = None,
-        data: dict[str, str] | None = None,
+        files: Optional[dict[str, Any]] = None,
+        data: Optional[dict[str, str]] = None,
         safe: bool = True,
     ) -> httpx.Response:
         """`safe`: the request may be repeated after a failure that may have reached the server (a lost answer);
@@ -321,7 +326,7 @@ class Client(_base.WithOptions):
                 response = self._http.send(request)
             except httpx.TransportError as e:
                 error: Exception = _base.wrap_transport_error(e)
-                cause: BaseException | None = e
+                cause: Optional[BaseException] = e
                 if not _base.may_resend(e, safe):
                     raise error from e
             else:
@@ -343,7 +348,7 @@ class Client(_base.WithOptions):
                 response = self._http.send(request, stream=True)
             except httpx.TransportError as e:
                 error: Exception = _base.wrap_transport_error(e)
-                cause: BaseException | None = e
+                cause: Optional[BaseException] = e
                 if not _base.may_resend(e, True):
                     raise error from e
             else:
@@ -367,33 +372,33 @@ class Client(_base.WithOptions):
     # ------------------------------------------------------------------ generation
     def generate(
         self,
-        tenant_id: str | None,
+        tenant_id: Optional[str],
         prompt: str,
         *,
-        prefix: str | None = "default",
-        prefix_version: int | None = None,
+        prefix: Optional[str] = "default",
+        prefix_version: Optional[int] = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
+        seed: Optional[int] = None,
+        stop: Optional[Union[str, Sequence[str]]] = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
-        logprobs: int | None = None,
-        prompt_logprobs: int | None = None,
-        logit_bias: dict[int, float] | None = None,
+        logprobs: Optional[int] = None,
+        prompt_logprobs: Optional[int] = None,
+        logit_bias: Optional[dict[int, float]] = None,
         min_tokens: int = 0,
-        stop_token_ids: Sequence[int] | None = None,
-        structured_outputs: StructuredOutputsArg | None = None,
+        stop_token_ids: Optional[Sequence[int]] = None,
+        structured_outputs: Optional[StructuredOutputsArg] = None,
         min_p: float = 0.0,
         include_stop_str_in_output: bool = False,
-        truncate_prompt_tokens: int | None = None,
+        truncate_prompt_tokens: Optional[int] = None,
         priority: int = 0,
         ignore_eos: bool = False,
-        prompt_format: str | None = None,
-        request_id: str | None = None,
+        prompt_format: Optional[str] = None,
+        request_id: Optional[str] = None,
     ) -> Generation:
         """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model;
         ``prefix_version`` pins a stored version of the prefix (default: the latest).
@@ -440,33 +445,33 @@ class Client(_base.WithOptions):
 
     def stream(
         self,
-        tenant_id: str | None,
+        tenant_id: Optional[str],
         prompt: str,
         *,
-        prefix: str | None = "default",
-        prefix_version: int | None = None,
+        prefix: Optional[str] = "default",
+        prefix_version: Optional[int] = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
+        seed: Optional[int] = None,
+        stop: Optional[Union[str, Sequence[str]]] = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
-        logprobs: int | None = None,
-        prompt_logprobs: int | None = None,
-        logit_bias: dict[int, float] | None = None,
+        logprobs: Optional[int] = None,
+        prompt_logprobs: Optional[int] = None,
+        logit_bias: Optional[dict[int, float]] = None,
         min_tokens: int = 0,
-        stop_token_ids: Sequence[int] | None = None,
-        structured_outputs: StructuredOutputsArg | None = None,
+        stop_token_ids: Optional[Sequence[int]] = None,
+        structured_outputs: Optional[StructuredOutputsArg] = None,
         min_p: float = 0.0,
         include_stop_str_in_output: bool = False,
-        truncate_prompt_tokens: int | None = None,
+        truncate_prompt_tokens: Optional[int] = None,
         priority: int = 0,
         ignore_eos: bool = False,
-        prompt_format: str | None = None,
-        request_id: str | None = None,
+        prompt_format: Optional[str] = None,
+        request_id: Optional[str] = None,
     ) -> Stream:
         """Streamed ``POST /generate``: an iterator of :class:`StreamDelta` (text pieces; the last has
         ``finish_reason`` and ``usage``)."""
@@ -518,17 +523,17 @@ class Client(_base.WithOptions):
 
     def tokenize(
         self,
-        tenant_id: str | None,
-        prompt: str | None = None,
+        tenant_id: Optional[str],
+        prompt: Optional[str] = None,
         *,
-        prefix: str | None = "default",
-        prefix_version: int | None = None,
-        messages: Sequence[dict[str, Any]] | None = None,
-        prompt_format: str | None = None,
-        tools: Sequence[dict[str, Any]] | None = None,
-        add_generation_prompt: bool | None = None,
-        continue_final_message: bool | None = None,
-        chat_template_kwargs: dict[str, Any] | None = None,
+        prefix: Optional[str] = "default",
+        prefix_version: Optional[int] = None,
+        messages: Optional[Sequence[dict[str, Any]]] = None,
+        prompt_format: Optional[str] = None,
+        tools: Optional[Sequence[dict[str, Any]]] = None,
+        add_generation_prompt: Optional[bool] = None,
+        continue_final_message: Optional[bool] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
     ) -> Tokenized:
         """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
         prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output.
@@ -555,7 +560,7 @@ class Client(_base.WithOptions):
         """``GET /metrics``: Prometheus text."""
         return self._request("GET", "/metrics").text
 
-    def usage(self, tenant_id: str | None = None) -> UsageReport:
+    def usage(self, tenant_id: Optional[str] = None) -> UsageReport:
         """``GET /usage``: tokens and requests since the server started, with the rate limits and what is left of
         them; the key's own tenant (the admin key: every tenant, or ``tenant_id``)."""
         params = {"tenant_id": tenant_id} if tenant_id else None

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import email.utils
 import time
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
+
+import httpx
 
 if TYPE_CHECKING:  # pragma: no cover
-    import httpx
-
     from .types import JobInfo
 
 # the job an error carries: a Job from a Client, an AsyncJob from an AsyncClient
@@ -62,7 +62,7 @@ def _restore(cls: type[PrefixServeError], args: tuple[Any, ...], state: dict[str
 class APIConnectionError(PrefixServeError):
     """The server could not be reached, or the connection broke before a complete answer."""
 
-    def __init__(self, message: str = "connection error", *, request: httpx.Request | None = None) -> None:
+    def __init__(self, message: str = "connection error", *, request: Optional[httpx.Request] = None) -> None:
         super().__init__(message)
         self.message = message
         self.request = request
@@ -71,7 +71,9 @@ class APIConnectionError(PrefixServeError):
 class APITimeoutError(APIConnectionError):
     """The request timed out (connect, read, write or pool timeout)."""
 
-    def __init__(self, message: str = "request timed out", *, request: httpx.Request | None = None) -> None:
+    def __init__(
+        self, message: str = "request timed out", *, request: Optional[httpx.Request] = None
+    ) -> None:
         super().__init__(message, request=request)
 
 
@@ -84,10 +86,10 @@ class APIResponseValidationError(PrefixServeError):
         self,
         message: str,
         *,
-        status_code: int | None = None,
+        status_code: Optional[int] = None,
         body: Any = None,
-        request_id: str | None = None,
-        response: httpx.Response | None = None,
+        request_id: Optional[str] = None,
+        response: Optional[httpx.Response] = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -113,13 +115,13 @@ class APIStatusError(PrefixServeError):
         message: str,
         *,
         status_code: int,
-        type: str | None = None,
-        param: str | None = None,
-        code: str | None = None,
-        request_id: str | None = None,
-        retry_after: float | None = None,
+        type: Optional[str] = None,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        request_id: Optional[str] = None,
+        retry_after: Optional[float] = None,
         body: Any = None,
-        response: httpx.Response | None = None,
+        response: Optional[httpx.Response] = None,
         in_stream: bool = False,
     ) -> None:
         super().__init__(message)
@@ -239,7 +241,7 @@ def error_class(status_code: int) -> type[APIStatusError]:
     return APIStatusError
 
 
-def parse_retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: Optional[str]) -> Optional[float]:
     """``Retry-After`` as seconds: delta-seconds or an HTTP date; None if absent or unparsable."""
     if value is None:
         return None
@@ -275,13 +277,13 @@ def _error_fields(body: Any) -> dict[str, Any]:
     return {}
 
 
-def _request_id(response: httpx.Response) -> str | None:
+def _request_id(response: httpx.Response) -> Optional[str]:
     """The echoed ``X-Request-ID``, else the one this client sent."""
-    rid: str | None = response.headers.get("x-request-id")
+    rid: Optional[str] = response.headers.get("x-request-id")
     if rid:
         return rid
     try:
-        sent: str | None = response.request.headers.get("x-request-id")
+        sent: Optional[str] = response.request.headers.get("x-request-id")
     except RuntimeError:  # a response built without its request
         return None
     return sent
@@ -316,7 +318,7 @@ def status_error_from_response(response: httpx.Response, body: Any = None) -> AP
     )
 
 
-def status_error_from_event(body: dict[str, Any], request_id: str | None = None) -> APIStatusError:
+def status_error_from_event(body: dict[str, Any], request_id: Optional[str] = None) -> APIStatusError:
     """The typed error for a ``data: {"error": {...}}`` event inside a stream."""
     fields = _error_fields(body) or {"message": "error event", "type": None, "param": None, "code": None}
     err = body.get("error")
