@@ -203,7 +203,10 @@ class DiskStore(PrefixStore):
             for t in self._subdirs(self.root):
                 for n in self._subdirs(self.root / t):
                     ndir = self.root / t / n
-                    entries = os.listdir(ndir)
+                    try:
+                        entries = os.listdir(ndir)
+                    except FileNotFoundError:  # deleted meanwhile
+                        continue
                     committed = {m.group(1) for e in entries if (m := _META_RE.fullmatch(e))}
                     for e in entries:
                         m = _BLOB_RE.fullmatch(e)

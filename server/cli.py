@@ -258,6 +258,9 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
 
     setup_logging(settings.log_level, settings.log_json)
     log.info("settings: %s", json.dumps(settings.public_dict(), default=str))
+    # SIGHUP (a closed terminal, `systemctl reload`) killed the server at once, without a drain; from here on,
+    # during the model load too, it is ignored
+    signal.signal(signal.SIGHUP, _ignore_hangup)
     try:
         sock = bind_listen_socket(settings.host, settings.port)
     except OSError as e:
@@ -273,8 +276,6 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
         server = make_server(app, settings)
         # uvicorn re-raises a captured signal after shutting down; a Python handler keeps that from killing us
         previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
-        # SIGHUP (a closed terminal, `systemctl reload`) killed the server at once, without a drain
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _ignore_hangup)
         try:
             server.run(sockets=[sock])
         except OSError as e:
@@ -610,6 +611,8 @@ def cmd_import_peft(ns: argparse.Namespace) -> int:
 
     if _reserved(ns.tenant_id, ns.name):
         return EXIT_USAGE
+    if ns.device is None and not os.environ.get("PREFIXSERVE_DEVICE"):
+        ns.device = "cpu"  # (a one-off compilation: fp32 on the CPU, beside a server that holds the GPU)
     try:
         st = env_settings(ns, {k: v for k, v in WORKER_SETTINGS.items() if not k.startswith(("log", "jobs"))})
     except ValueError as e:
@@ -619,7 +622,7 @@ def cmd_import_peft(ns: argparse.Namespace) -> int:
     try:
         bundle = load_model(st.model, device=st.device, dtype=st.dtype, cache_dir=st.cache)
     except Exception as e:
-        print(f"prefixserve: cannot load model {ns.model!r}: {e}", file=sys.stderr)
+        print(f"prefixserve: cannot load model {st.model!r}: {e}", file=sys.stderr)
         return EXIT_FAIL
     meta = _on_store(
         ns.store,
@@ -747,7 +750,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch threads a job trains with (default: every core; a worker process exists to train)",
     )
-    wp.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="[env PREFIXSERVE_LOG_LEVEL; info]")
+    wp.add_argument(
+        "--log-level",
+        default=None,
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="[env PREFIXSERVE_LOG_LEVEL; info]",
+    )
     wp.add_argument(
         "--log-json",
         default=None,
@@ -783,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--name", required=True)
     ip.add_argument("--model", default=None, help="[env PREFIXSERVE_MODEL; smollm2]")
     ip.add_argument("--store", default=None, help="store URL [env PREFIXSERVE_STORE_URL]")
-    ip.add_argument("--device", default=None, help="[env PREFIXSERVE_DEVICE; auto]")
+    ip.add_argument("--device", default=None, help="[env PREFIXSERVE_DEVICE; cpu]")
     ip.add_argument("--dtype", default=None, help="[env PREFIXSERVE_DTYPE; auto]")
     ip.add_argument("--cache", default=None, help="[env PREFIXSERVE_CACHE]")
     ip.set_defaults(func=cmd_import_peft)

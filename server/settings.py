@@ -134,8 +134,9 @@ class Settings(BaseSettings):
     max_upload_prefix_length: int = Field(
         1024,
         ge=1,
-        description="Longest prefix (positions) an upload may store (413 above); checked before a PEFT adapter's "
-        "kv is computed, whose few bytes of weights can stand for a kv thousands of times their size",
+        description="Longest prefix (positions) an upload may store (413 above; never less than "
+        "training_max_prefix_length); checked before a PEFT adapter's kv is computed, whose few bytes of weights "
+        "can stand for a kv thousands of times their size",
     )
     max_concurrent_uploads: int = Field(
         2,

@@ -651,3 +651,28 @@ def test_required_calls_of_tools_whose_parameters_hold_references(oai):
             else:
                 _check_tree(args)
     assert seen, "no request finished with its calls"
+
+
+def test_rebasing_a_tools_schema_leaves_its_data_alone():
+    """Only references are rewritten: a `{"$ref": ...}` inside const/enum/default/examples is a value the output
+    holds, and a subschema with its own `$id` resolves its references against itself."""
+    from server.api.tools import _rebased
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"$ref": "#/$defs/A"},
+            "b": {"const": {"$ref": "#/x"}},
+            "c": {"enum": [{"$ref": "#"}], "default": {"$ref": "#"}},
+            "d": {"$id": "https://example.com/d", "properties": {"e": {"$ref": "#/$defs/E"}}},
+        },
+        "$defs": {"A": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+    }
+    out = _rebased(schema, "#/$defs/tool0")
+    assert out["properties"]["a"] == {"$ref": "#/$defs/tool0/$defs/A"}
+    assert out["$defs"]["A"]["anyOf"][0] == {"$ref": "#/$defs/tool0"}
+    assert (
+        out["properties"]["b"] == schema["properties"]["b"]
+        and out["properties"]["c"] == schema["properties"]["c"]
+    )
+    assert out["properties"]["d"] == schema["properties"]["d"]

@@ -417,7 +417,7 @@ def test_an_upload_stores_no_more_than_a_prefix_of_its_limits(server_factory):
     from prefix_store.export import export_prefix
     from tests.fixtures.server import random_kv
 
-    s = server_factory(max_upload_prefix_length=16)
+    s = server_factory(max_upload_prefix_length=16, training_max_prefix_length=8)
     c = s.client()
     bundle = s.app.state.ps.bundle
     spec = bundle.spec

@@ -476,6 +476,21 @@ def test_worker_and_import_peft_read_the_environment(monkeypatch, tmp_path, caps
     monkeypatch.setenv("PREFIXSERVE_DTYPE", "float64")
     assert cli.main(["worker"]) == cli.EXIT_USAGE
     assert "PREFIXSERVE_DTYPE / --dtype: dtype must be" in capsys.readouterr().err
+    monkeypatch.delenv("PREFIXSERVE_DTYPE")
+    assert cli.main(["worker", "--log-level", "INFO"]) == 0  # as `serve` and PREFIXSERVE_LOG_LEVEL take it
+    # import-peft compiles on the CPU unless told (beside a server that holds the GPU), and names the model it tried
+    import server.model
+
+    tried: list[dict] = []
+
+    def refuse(model, **kw):
+        tried.append({"model": model, **kw})
+        raise OSError("no such model")
+
+    monkeypatch.setattr(server.model, "load_model", refuse)
+    assert cli.main(["import-peft", str(tmp_path), "--tenant-id", "acme", "--name", "p"]) == cli.EXIT_FAIL
+    assert tried[-1]["model"] == "/models/mine" and tried[-1]["device"] == "cpu"
+    assert "cannot load model '/models/mine'" in capsys.readouterr().err
 
 
 def test_prefixes_commands_read_only_the_store_setting(api_bundle, tmp_path, capsys, monkeypatch):

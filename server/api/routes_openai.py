@@ -269,7 +269,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             )
         structured = await svc.compile_spec(forced, "tool_choice")
     else:
-        structured = await svc.structured(so, body.response_format)
+        structured = await svc.structured(so, body.response_format, body.guided_whitespace_pattern == "")
     sampling = svc.sampling(
         max_tokens=plan.max_tokens,
         max_tokens_param=plan.max_tokens_param,

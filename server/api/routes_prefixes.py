@@ -391,7 +391,13 @@ async def upload_prefix(
     config = await adapter_config.read() if adapter_config is not None else None
     try:
         incoming = await asyncio.to_thread(
-            from_upload, data, svc.bundle, config, prompt_format, svc.settings.max_upload_prefix_length
+            from_upload,
+            data,
+            svc.bundle,
+            config,
+            prompt_format,
+            # (what this server's own training may make comes back in, whatever the upload limit says)
+            max(svc.settings.max_upload_prefix_length, svc.settings.training_max_prefix_length),
         )
     except PrefixTooLong as e:
         raise APIError(413, str(e), code="prefix_too_long", param="file") from None

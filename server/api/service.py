@@ -528,7 +528,6 @@ class GenerationRun:
                 # unwinds. Not awaited: close runs in the cancelled scope of a client gone, where any await that
                 # suspends raises at once
                 starting.cancel()
-                starting.add_done_callback(_retrieved)
             elif self._agen is not None:
                 with contextlib.suppress(Exception):
                     await self._agen.aclose()  # its finally aborts an unfinished request
@@ -977,12 +976,15 @@ class Service:
             raise APIError(422, str(e), code="invalid_value") from None
 
     async def structured(
-        self, so: StructuredOutputsParam | None, response_format: ResponseFormat | None = None
+        self,
+        so: StructuredOutputsParam | None,
+        response_format: ResponseFormat | None = None,
+        compact: bool = False,
     ) -> StructuredOutputs | None:
         """The engine spec of a body's structured_outputs / response_format with its grammar compiled and attached
         (off the event loop unless the compiler's cache has it), so an invalid schema, regex or grammar is a 422
         naming it and the engine never compiles on its thread."""
-        spec, param = engine_spec(so, response_format)
+        spec, param = engine_spec(so, response_format, compact)
         if spec is None:
             return None
         return await self.compile_spec(spec, param)
@@ -1124,6 +1126,7 @@ class Service:
         tasks = [asyncio.ensure_future(r.start()) for r in runs]
         for r, t in zip(runs, tasks, strict=True):
             r._starting = t
+            t.add_done_callback(_retrieved)  # a sibling that fails after its stream ended: nobody awaits it
         try:
             if stream and len(tasks) > 1:
                 # a stream opens with the first choice's first event, and each choice streams from its own (as

@@ -28,22 +28,23 @@ def _given(so: StructuredOutputsParam) -> dict[str, str]:
 
 
 def engine_spec(
-    so: StructuredOutputsParam | None, rf: ResponseFormat | None = None
+    so: StructuredOutputsParam | None, rf: ResponseFormat | None = None, compact: bool = False
 ) -> tuple[StructuredOutputs | None, str]:
-    """(spec or None, the body field that errors about it name)."""
+    """(spec or None, the body field that errors about it name). `compact`: a response_format's JSON without
+    whitespace between tokens (vLLM's `guided_whitespace_pattern: ""`)."""
     if rf is not None and rf.type != "text":
         if so is not None:
             raise APIError(
                 422, "give response_format or structured_outputs, not both", param="structured_outputs"
             )
         if rf.type == "json_object":
-            return StructuredOutputs("json_object"), "response_format"
+            return StructuredOutputs("json_object", any_whitespace=not compact), "response_format"
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise APIError(
                 422, "response_format of type json_schema needs json_schema.schema", param="response_format"
             )
         return StructuredOutputs(
-            "json", json.dumps(rf.json_schema.schema_)
+            "json", json.dumps(rf.json_schema.schema_), any_whitespace=not compact
         ), "response_format.json_schema.schema"
     if so is None:
         return None, ""

@@ -48,17 +48,24 @@ def _call(name: str, arguments: Any) -> dict[str, Any]:
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-def _rebased(schema: Any, base: str) -> Any:
+# keywords whose values are data, not schemas: a {"$ref": ...} there is a value the output holds, never rewritten
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "example"})
+
+
+def _rebased(schema: Any, base: str, top: bool = True) -> Any:
     """`schema` with every local reference (`#...`, a JSON pointer from its root) made relative to `base`, where it
-    is placed inside another schema; other references (a URL) stay."""
+    is placed inside another schema; other references (a URL) stay, as do data (`const`, `enum`, ...) and a
+    subschema with its own `$id` (its references are relative to it)."""
     if isinstance(schema, dict):
-        out = {k: _rebased(v, base) for k, v in schema.items()}
+        if not top and "$id" in schema:
+            return schema
+        out = {k: v if k in _DATA_KEYWORDS else _rebased(v, base, False) for k, v in schema.items()}
         ref = schema.get("$ref")
         if isinstance(ref, str) and ref.startswith("#"):
             out["$ref"] = base + ref[1:]
         return out
     if isinstance(schema, list):
-        return [_rebased(v, base) for v in schema]
+        return [_rebased(v, base, False) for v in schema]
     return schema
 
 

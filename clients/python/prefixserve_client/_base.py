@@ -68,23 +68,39 @@ def resolve_base_url(base_url: Optional[str]) -> str:
 def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
     key = api_key or os.environ.get(API_KEY_ENV) or None
     if key is not None:
-        check_header_value("api_key" if api_key else f"${API_KEY_ENV}", key)
+        check_header_value("api_key" if api_key else f"${API_KEY_ENV}", key, secret=True)
     return key
 
 
-def check_header_value(what: str, value: str) -> str:
-    """`value` if an HTTP header can carry it (visible ASCII and spaces), else ValueError naming `what`: httpx
-    would refuse it at every call, each time a transport error (a key read from a file keeps its newline)."""
-    if (
-        not isinstance(value, str)
-        or not all(" " <= ch <= "~" or ch == "\t" for ch in value)
-        or value != value.strip(" \t")
-    ):
+def check_header_value(what: str, value: str, secret: bool = False) -> str:
+    """`value` if an HTTP header can carry it (visible ASCII, spaces between), else ValueError naming `what` and
+    the first character it cannot carry: httpx would refuse it at every call, each time a transport error (a key
+    read from a file keeps its newline). A `secret` value (a key) is never shown, only where it goes wrong."""
+    bad = None
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, not {type(value).__name__}")
+    for i, ch in enumerate(value):
+        if not (" " <= ch <= "~" or ch == "\t"):
+            bad = f"{ch!r} at position {i}"
+            break
+    if bad is None and value != value.strip(" \t"):
+        bad = "leading or trailing whitespace"
+    if bad is not None:
+        shown = "" if secret else f" {value!r}"
         raise ValueError(
-            f"{what} {value!r} cannot be sent in an HTTP header: only visible ASCII characters, with spaces "
-            "between them (a trailing newline from a file or an environment variable?)"
+            f"{what}{shown} cannot be sent in an HTTP header: {bad} (only visible ASCII characters, with spaces "
+            "between them; a trailing newline from a file or an environment variable?)"
         )
     return value
+
+
+# headers whose values are credentials: never shown in an error
+_SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "x-api-key", "api-key")
+
+
+def _secret_header(name: str) -> bool:
+    n = name.lower()
+    return n in _SECRET_HEADERS or n.endswith(("-key", "-token", "-secret"))
 
 
 def resolve_timeout(
@@ -177,7 +193,7 @@ def default_headers(api_key: Optional[str], extra: Optional[dict[str, str]]) -> 
     if api_key:
         h["Authorization"] = f"Bearer {api_key}"
     for name, value in (extra or {}).items():
-        h[name] = check_header_value(f"header {name!r}", value)
+        h[name] = check_header_value(f"header {name!r}", value, secret=_secret_header(name))
     return h
 
 

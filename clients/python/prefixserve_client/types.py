@@ -305,9 +305,11 @@ class JobInfo(_Model):
                 f"job {self.job_id} has no client (unpickled, or built by hand): use client.prefixes.get_job()"
             )
         if deadline is not None:
+            # one attempt, bounded by the time left: the wait's own loop polls again (a client's retries would
+            # each take that time again, and their backoff on top)
             left = max(0.05, deadline - now)
             read = client.timeout.read
-            client = client.with_options(timeout=left if read is None else min(left, read))
+            client = client.with_options(timeout=left if read is None else min(left, read), max_retries=0)
         return client.prefixes
 
     def _update(self, other: "JobInfo") -> None:
