@@ -31,9 +31,16 @@ def default_store_url() -> str:
     return "file://" + str(Path(home).expanduser().absolute())
 
 
+def expand_home(url: str) -> str:
+    """`file://~/store` (the user's home) as `file:///home/user/store`; any other URL as it is."""
+    if not url.startswith("file://~"):
+        return url
+    path, sep, query = url.removeprefix("file://").partition("?")
+    return "file://" + str(Path(path).expanduser().absolute()) + sep + query
+
+
 def _file_url_path(url: str) -> Path:
-    if url.startswith("file://~"):  # file://~/store: the user's home, as the server's settings take it
-        return Path(unquote(urlsplit("file:///" + url.removeprefix("file://")).path[1:])).expanduser()
+    url = expand_home(url)
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
         raise ValueError(f"file store URL must be file:///absolute/path, got {url!r}")

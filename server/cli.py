@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from server import __version__
+from server.settings import LOG_LEVELS
 
 log = logging.getLogger("prefixserve.cli")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 # after the shutdown grace period: how long requests ended with a 503 get to send it before connections close
@@ -300,8 +300,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         settings.tenant_keys()  # fail fast on a malformed key list
         check_model_settings(settings)
     except Exception as e:
-        print(f"prefixserve: invalid settings: {describe_settings_error(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return invalid_settings(e)
     if settings.torch_threads:
         import torch
 
@@ -310,6 +309,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ worker
+def invalid_settings(e: Exception) -> int:
+    """The one-line answer to settings that cannot be used; the usage exit code."""
+    print(f"prefixserve: invalid settings: {describe_settings_error(e)}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def env_settings(ns: argparse.Namespace, fields: dict[str, str]) -> Any:
     """The settings a command other than `serve` uses: its flag (`fields`: setting -> flag attribute), else the
     setting's PREFIXSERVE_* variable, else its default, validated as the server validates them. Only these are
@@ -336,8 +341,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     try:
         st = env_settings(ns, WORKER_SETTINGS)
     except ValueError as e:
-        print(f"prefixserve: invalid settings: {describe_settings_error(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return invalid_settings(e)
     ns.store, ns.model, ns.jobs_url, ns.device, ns.dtype, ns.cache = (
         st.store_url, st.model, st.jobs_url, st.device, st.dtype, st.cache
     )  # fmt: skip
@@ -616,8 +620,7 @@ def cmd_import_peft(ns: argparse.Namespace) -> int:
     try:
         st = env_settings(ns, {k: v for k, v in WORKER_SETTINGS.items() if not k.startswith(("log", "jobs"))})
     except ValueError as e:
-        print(f"prefixserve: invalid settings: {describe_settings_error(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return invalid_settings(e)
     ns.store = st.store_url
     try:
         bundle = load_model(st.model, device=st.device, dtype=st.dtype, cache_dir=st.cache)
@@ -840,8 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ns.store = env_settings(ns, {"store_url": "store"}).store_url
         except ValueError as e:
-            print(f"prefixserve: invalid settings: {describe_settings_error(e)}", file=sys.stderr)
-            return EXIT_USAGE
+            return invalid_settings(e)
     return int(ns.func(ns) or 0)
 
 

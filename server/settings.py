@@ -14,10 +14,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prefix_store import check_store_url, default_store_url
+from prefix_store import check_store_url, default_store_url, expand_home
 from prefix_store.names import is_valid_name
 
 ENV_PREFIX = "PREFIXSERVE_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def optional_number(annotation: Any) -> type | None:
@@ -249,16 +250,15 @@ class Settings(BaseSettings):
     @classmethod
     def _level(cls, v: str) -> str:
         v = v.lower()
-        if v not in ("debug", "info", "warning", "error", "critical"):
-            raise ValueError("log_level must be one of debug, info, warning, error, critical")
+        if v not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         return v
 
     @field_validator("store_url")
     @classmethod
     def _expand_store(cls, v: str) -> str:
         _check_scheme(v, "store_url", STORE_SCHEMES)
-        if v.startswith("file://~"):
-            v = "file://" + str(Path(v.removeprefix("file://")).expanduser().absolute())
+        v = expand_home(v)
         check_store_url(v)  # a relative file path, keep_versions=0, a Redis db that is not a number
         return v
 
@@ -269,8 +269,7 @@ class Settings(BaseSettings):
         if v is None:
             return v
         _check_scheme(v, "jobs_url", STORE_SCHEMES)
-        if v.startswith("file://~"):
-            v = "file://" + str(Path(v.removeprefix("file://")).expanduser().absolute())
+        v = expand_home(v)
         check_store_url(v)
         return v
 
