@@ -182,16 +182,22 @@ class DiskStore(PrefixStore):
         return None
 
     @staticmethod
-    def _remove_leftovers(ndir: Path) -> None:
-        """Remove temp files and blobs without a marker (crashed writes). Only call while holding the lock."""
+    def _remove_leftovers(ndir: Path, older_than: float | None = None) -> int:
+        """Remove temp files and blobs without a marker (crashed writes), or only those last changed before the
+        unix time `older_than`; returns how many. Without `older_than` only call while holding the lock."""
         entries = os.listdir(ndir)
         committed = {m.group(1) for e in entries if (m := _META_RE.fullmatch(e))}
+        removed = 0
         for e in entries:
             m = _BLOB_RE.fullmatch(e)
-            if e.startswith(TMP_PREFIX) or (m and m.group(1) not in committed):
-                log.info("removing leftover of an interrupted write: %s", ndir / e)
-                with contextlib.suppress(FileNotFoundError):
+            if not (e.startswith(TMP_PREFIX) or (m and m.group(1) not in committed)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if older_than is None or (ndir / e).stat().st_mtime < older_than:
+                    log.info("removing leftover of an interrupted write: %s", ndir / e)
                     os.unlink(ndir / e)
+                    removed += 1
+        return removed
 
     def _sweep_leftovers(self, min_age_s: float = LEFTOVER_AGE_S) -> int:
         """Remove what writes that crashed left behind (temp files, blobs without a marker) older than `min_age_s`,
@@ -202,20 +208,8 @@ class DiskStore(PrefixStore):
         try:
             for t in self._subdirs(self.root):
                 for n in self._subdirs(self.root / t):
-                    ndir = self.root / t / n
-                    try:
-                        entries = os.listdir(ndir)
-                    except FileNotFoundError:  # deleted meanwhile
-                        continue
-                    committed = {m.group(1) for e in entries if (m := _META_RE.fullmatch(e))}
-                    for e in entries:
-                        m = _BLOB_RE.fullmatch(e)
-                        if not (e.startswith(TMP_PREFIX) or (m and m.group(1) not in committed)):
-                            continue
-                        with contextlib.suppress(FileNotFoundError):
-                            if (ndir / e).stat().st_mtime < cutoff:
-                                os.unlink(ndir / e)
-                                removed += 1
+                    with contextlib.suppress(FileNotFoundError):  # (a name deleted meanwhile)
+                        removed += self._remove_leftovers(self.root / t / n, older_than=cutoff)
         except OSError as e:
             log.warning(
                 "prefix store %s: sweeping the leftovers of interrupted writes failed: %s", self.root, e
