@@ -1,6 +1,6 @@
 """The abstract :class:`PrefixStore`: public API, validation and change notification shared by every backend.
 
-Backends implement a handful of primitives (``_put``, ``_load``, ``_list``, ``_versions``, ``_delete``,
+Backends implement a handful of primitives (``_put``, ``_load``, ``_names``, ``_metas``, ``_versions``, ``_delete``,
 ``_exists``, ``ping``); names are validated and tensors encoded/verified here, so every backend refuses the same
 inputs with the same errors.
 
@@ -186,18 +186,38 @@ class PrefixStore(abc.ABC):
 
         A prefix whose latest metadata is unreadable is skipped (with a warning) rather than failing the listing.
         """
+        return self.list_page(tenant_id)[0]
+
+    def list_page(
+        self, tenant_id: str | None = None, *, after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> tuple[builtins.list[PrefixMeta], bool]:
+        """One page of :meth:`list`: the prefixes sorted after the (tenant_id, name) ``after`` (a cursor: the last one
+        of the page before), at most ``limit`` of them (None: all), and whether more follow.
+
+        Only the page's metadata is read: names are listed first, so a page costs its size, not the store's.
+        """
         if tenant_id is not None:
             validate_name(tenant_id, "tenant_id")
-        out = []
-        for meta in self._list(tenant_id):
-            try:
-                self._check_meta(meta, meta.tenant_id, meta.name, meta.version)
-            except InvalidPrefix as e:
-                log.warning("skipping prefix in listing: %s", e)
-                continue
-            out.append(meta)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        keys = sorted(k for k in self._names(tenant_id) if after is None or k > after)
+        want = len(keys) if limit is None else limit + 1  # one more than the page: tells whether more follow
+        out: builtins.list[PrefixMeta] = []
+        i = 0
+        while i < len(keys) and len(out) < want:
+            batch = keys[i : i + want - len(out)]
+            i += len(batch)
+            for meta in self._metas(batch):
+                try:
+                    self._check_meta(meta, meta.tenant_id, meta.name, meta.version)
+                except InvalidPrefix as e:
+                    log.warning("skipping prefix in listing: %s", e)
+                    continue
+                out.append(meta)
         out.sort(key=lambda m: (m.tenant_id, m.name))
-        return out
+        if limit is not None and len(out) > limit:
+            return out[:limit], True
+        return out, False
 
     def versions(self, tenant_id: str, name: str) -> builtins.list[int]:
         """All stored versions, ascending ([] if none)."""
@@ -331,8 +351,14 @@ class PrefixStore(abc.ABC):
         """Metadata (and blob if ``with_blob``) of a version (latest if None); PrefixNotFound if absent."""
 
     @abc.abstractmethod
-    def _list(self, tenant_id: str | None) -> builtins.list[PrefixMeta]:
-        """Latest metadata of every name (of one tenant or all)."""
+    def _names(self, tenant_id: str | None) -> builtins.list[tuple[str, str]]:
+        """(tenant_id, name) of every name that may hold a version (of one tenant or all), in any order: cheap, no
+        metadata read."""
+
+    @abc.abstractmethod
+    def _metas(self, keys: builtins.list[tuple[str, str]]) -> builtins.list[PrefixMeta]:
+        """Latest metadata of each (tenant_id, name), in any order; a name without a version, or whose metadata is
+        unreadable, is left out (the latter with a warning)."""
 
     @abc.abstractmethod
     def _versions(self, tenant_id: str, name: str) -> builtins.list[int]: ...

@@ -301,20 +301,25 @@ class DiskStore(PrefixStore):
             return []
         return sorted(e for e in entries if is_valid_name(e) and (path / e).is_dir())
 
-    def _list(self, tenant_id: str | None) -> builtins.list[PrefixMeta]:
-        out = []
+    def _names(self, tenant_id: str | None) -> builtins.list[tuple[str, str]]:
         try:
             tenants = [tenant_id] if tenant_id is not None else self._subdirs(self.root)
-            for t in tenants:
-                for n in self._subdirs(self.root / t):
-                    try:
-                        meta, _ = self._load(t, n, None, with_blob=False)
-                    except PrefixNotFound:
-                        continue
-                    except InvalidPrefix as e:
-                        log.warning("skipping prefix %s in listing: %s", label(t, n), e)
-                        continue
-                    out.append(meta)
+            return [(t, n) for t in tenants for n in self._subdirs(self.root / t)]
+        except OSError as e:
+            raise self._unavailable("list prefixes", e) from e
+
+    def _metas(self, keys: builtins.list[tuple[str, str]]) -> builtins.list[PrefixMeta]:
+        out = []
+        try:
+            for t, n in keys:
+                try:
+                    meta, _ = self._load(t, n, None, with_blob=False)
+                except PrefixNotFound:
+                    continue
+                except InvalidPrefix as e:
+                    log.warning("skipping prefix %s in listing: %s", label(t, n), e)
+                    continue
+                out.append(meta)
         except OSError as e:
             raise self._unavailable("list prefixes", e) from e
         return out

@@ -271,18 +271,21 @@ class RedisStore(PrefixStore):
             raise InvalidPrefix(f"prefix {label(t, n, v)}: its tensor blob is missing")
         return PrefixMeta.from_json(meta_b), blob
 
-    def _list(self, tenant_id: str | None) -> builtins.list[PrefixMeta]:
+    def _names(self, tenant_id: str | None) -> builtins.list[tuple[str, str]]:
         with self._errors("list prefixes"):
             if tenant_id is None:
-                tenants = sorted(x.decode() for x in self._r.smembers(self._tenants_key()))
+                tenants = [x.decode() for x in self._r.smembers(self._tenants_key())]
             else:
                 tenants = [tenant_id]
             pipe = self._r.pipeline(transaction=False)
             for t in tenants:
                 pipe.smembers(self._names_key(t))
-            keys = [(t, n.decode()) for t, names in zip(tenants, pipe.execute(), strict=True) for n in names]
-            if not keys:
-                return []
+            return [(t, n.decode()) for t, names in zip(tenants, pipe.execute(), strict=True) for n in names]
+
+    def _metas(self, keys: builtins.list[tuple[str, str]]) -> builtins.list[PrefixMeta]:
+        if not keys:
+            return []
+        with self._errors("list prefixes"):
             latest = self._r.mget([self._latest_key(t, n) for t, n in keys])
             found = [(t, n, int(v)) for (t, n), v in zip(keys, latest, strict=True) if v is not None]
             metas = self._r.mget([self._meta_key(t, n, v) for t, n, v in found]) if found else []

@@ -90,6 +90,24 @@ def test_models_and_prefix_listing_show_only_own(srv):
     assert_error(a.get("/prefixes", params={"tenant_id": "globex"}), 404)
     assert len(admin.get("/prefixes").json()["data"]) == 4
     assert len(admin.get("/prefixes", params={"tenant_id": "globex"}).json()["data"]) == 2
+    # paging: a tenant's cursor never reaches another tenant's prefixes
+    first = a.get("/prefixes", params={"limit": 1}).json()
+    assert [p["name"] for p in first["data"]] == ["default"] and first["has_more"] is True
+    assert first["first_id"] == first["last_id"] == "acme/default"
+    rest = a.get("/prefixes", params={"limit": 1, "after": first["last_id"]}).json()
+    assert [p["name"] for p in rest["data"]] == ["support"] and rest["has_more"] is False
+    assert a.get("/prefixes", params={"after": "acme/support"}).json()["data"] == []
+    ids, after = [], None
+    while True:
+        page = admin.get("/prefixes", params={"limit": 3, **({"after": after} if after else {})}).json()
+        ids += [f"{p['tenant_id']}/{p['name']}" for p in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert ids == ["acme/default", "acme/support", "globex/default", "globex/secret-plan"]
+    assert admin.get("/prefixes").json()["has_more"] is False
+    for bad in ({"limit": 0}, {"limit": 10_001}, {"after": "acme"}, {"after": "acme/../x"}, {"after": "/x"}):
+        assert assert_error(a.get("/prefixes", params=bad), 422)["param"] in ("limit", "after")
     assert_error(a.get("/v1/models/globex/secret-plan"), 404)
     assert a.get("/v1/models/acme/support").json()["id"] == "acme/support"
 

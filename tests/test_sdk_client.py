@@ -1156,6 +1156,22 @@ def test_prefix_list_get_delete(srv: Any, client: Any) -> None:
         client.prefixes.get("acme", "missing")
 
 
+def test_prefix_pages(srv: Any, client: Any) -> None:
+    def page(names: list[str], more: bool) -> Resp:
+        data = [{**PREFIX, "name": n, "versions": None} for n in names]
+        return Resp(200, {"object": "list", "data": data, "has_more": more, "last_id": f"acme/{names[-1]}"})
+
+    srv.on("GET", "/prefixes", page(["a", "b"], True), page(["c"], False))
+    assert [p.name for p in client.prefixes.iter("acme", page_size=2)] == ["a", "b", "c"]
+    queries = [c.query for c in srv.calls("GET", "/prefixes")]
+    assert queries == ["tenant_id=acme&limit=2", "tenant_id=acme&limit=2&after=acme%2Fb"]
+    # a server without paging: one page with everything
+    srv.on("GET", "/prefixes", Resp(200, {"object": "list", "data": [{**PREFIX, "versions": None}]}))
+    one = client.prefixes.list(limit=5)
+    assert isinstance(one, ps.PrefixPage) and one.has_more is False and one.last_id == "acme/faq"
+    assert [p.name for p in client.prefixes.iter()] == ["faq"]
+
+
 # ------------------------------------------------------------------------------------------ configuration
 def test_env_vars(srv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     srv.on("GET", "/health", Resp(200, {"status": "ok"}))

@@ -181,6 +181,28 @@ def test_list_latest_per_tenant(store):
         store.list("../A")
 
 
+def test_list_pages_by_cursor(store):
+    for t, n in [("A", "n1"), ("A", "n2"), ("A", "n3"), ("B", "n1"), ("B", "n2")]:
+        put(store, t, n)
+    store.delete("A", "n2")  # a gap: a page still holds `limit` prefixes
+    keys = [(m.tenant_id, m.name) for m in store.list()]
+    assert keys == [("A", "n1"), ("A", "n3"), ("B", "n1"), ("B", "n2")]
+    pages, after = [], None
+    while True:
+        page, more = store.list_page(after=after, limit=3 if not pages else 1)
+        pages.append([(m.tenant_id, m.name) for m in page])
+        if not more:
+            break
+        after = (page[-1].tenant_id, page[-1].name)
+    assert pages == [keys[:3], [keys[3]]]  # the last page is exact: no empty page with has_more
+    assert store.list_page(after=("A", "n1"), limit=2) == (store.list()[1:3], True)
+    assert store.list_page(after=("A", "zz"), limit=10)[0] == store.list()[2:]  # a cursor needs not exist
+    assert store.list_page("B", after=("A", "n3")) == (store.list("B"), False)
+    assert store.list_page(after=("B", "n2"), limit=1) == ([], False)
+    with pytest.raises(ValueError):
+        store.list_page(limit=0)
+
+
 def test_delete(store):
     put(store, "acme", "bot")
     put(store, "acme", "bot")

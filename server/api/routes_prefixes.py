@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prefix_store import errors
 from prefix_store.export import export_prefix
 from prefix_store.format import IDEMPOTENCY, PrefixMeta
+from prefix_store.names import MAX_NAME_LENGTH, is_valid_name
 from server.api.auth import Principal, get_principal
 from server.api.deps import app_state, get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError, unavailable
@@ -235,6 +236,9 @@ async def cancel_job(
 
 
 # --------------------------------------------------------------------------------------------- prefixes
+MAX_LIST_LIMIT = 10_000  # one page of GET /prefixes at most
+
+
 def _prefix_info(meta: Any, versions: list[int] | None = None) -> dict[str, Any]:
     d = meta.to_dict()
     d.pop("format", None)
@@ -247,12 +251,42 @@ def _prefix_info(meta: Any, versions: list[int] | None = None) -> dict[str, Any]
 async def list_prefixes(
     request: Request,
     tenant_id: str | None = Query(None, pattern=NAME_PATTERN),
+    limit: int | None = Query(
+        None, ge=1, le=MAX_LIST_LIMIT, description="At most this many prefixes (a page); absent: all of them"
+    ),
+    after: str | None = Query(
+        None,
+        max_length=2 * MAX_NAME_LENGTH + 1,
+        description="`tenant_id/name` cursor: the prefixes sorted after it (the `last_id` of the page before)",
+    ),
     principal: Principal = Depends(get_principal),
 ) -> Any:
     svc = get_service(request)
     tenant = principal.resolve_tenant(tenant_id) if (tenant_id or not principal.admin) else None
-    metas = await store_call(svc, svc.store.list, tenant)
-    return {"object": "list", "data": [_prefix_info(m) for m in metas]}
+    cursor = _list_cursor(after)
+    metas, has_more = await store_call(svc, svc.store.list_page, tenant, after=cursor, limit=limit)
+    ids = [f"{m.tenant_id}/{m.name}" for m in metas]
+    return {
+        "object": "list",
+        "data": [_prefix_info(m) for m in metas],
+        "has_more": has_more,
+        "first_id": ids[0] if ids else None,
+        "last_id": ids[-1] if ids else None,
+    }
+
+
+def _list_cursor(after: str | None) -> tuple[str, str] | None:
+    if after is None:
+        return None
+    tenant_id, sep, name = after.partition("/")
+    if not (sep and is_valid_name(tenant_id) and is_valid_name(name)):
+        raise APIError(
+            422,
+            "after must be a `tenant_id/name` cursor (the last_id of a listing)",
+            code="invalid_value",
+            param="after",
+        )
+    return tenant_id, name
 
 
 def check_prefix_access(principal: Principal, tenant_id: str, name: str) -> None:

@@ -622,6 +622,15 @@ class PrefixInfo(BaseModel):
 class PrefixList(BaseModel):
     object: Literal["list"] = "list"
     data: list[PrefixInfo]
+    has_more: bool = Field(
+        False, description="More prefixes follow this page: ask again with `after=last_id`"
+    )
+    first_id: str | None = Field(
+        None, description="`tenant_id/name` of the page's first prefix (None: empty)"
+    )
+    last_id: str | None = Field(
+        None, description="`tenant_id/name` of the page's last prefix: the next `after`"
+    )
 
 
 class TrainExample(BaseModel):

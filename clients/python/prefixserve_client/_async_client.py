@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Optional, Union
 
 import httpx
@@ -20,6 +20,7 @@ from .types import (
     Health,
     ModelList,
     PrefixInfo,
+    PrefixPage,
     Readiness,
     ServerInfo,
     StreamDelta,
@@ -157,11 +158,27 @@ class AsyncPrefixes:
         r = await self._client._request("GET", "/prefixes/jobs", params=params)
         return [self._job(job) for job in _base.parse_list(AsyncJob, r)]
 
-    async def list(self, tenant_id: Optional[str] = None) -> builtins.list[PrefixInfo]:
-        """Stored prefixes of a tenant (None: the key's own tenant; every tenant for the admin key)."""
-        params = {"tenant_id": tenant_id} if tenant_id else None
-        r = await self._client._request("GET", "/prefixes", params=params)
-        return _base.parse_list(PrefixInfo, r)
+    async def list(
+        self, tenant_id: Optional[str] = None, *, limit: Optional[int] = None, after: Optional[str] = None
+    ) -> PrefixPage:
+        """Stored prefixes of a tenant (None: the key's own tenant; every tenant for the admin key), sorted by
+        tenant and name: all of them, or one page of at most ``limit`` after the ``after`` cursor (the ``last_id`` of
+        the page before). See :meth:`iter` to walk every page."""
+        params = _base.list_params(tenant_id, limit, after)
+        return _base.parse_page(await self._client._request("GET", "/prefixes", params=params))
+
+    async def iter(
+        self, tenant_id: Optional[str] = None, *, page_size: int = 1000
+    ) -> AsyncIterator[PrefixInfo]:
+        """Every stored prefix (as :meth:`list`), fetched a page of ``page_size`` at a time."""
+        after = None
+        while True:
+            page = await self.list(tenant_id, limit=page_size, after=after)
+            for item in page:
+                yield item
+            if not page.has_more or page.last_id is None:
+                return
+            after = page.last_id
 
     async def get(self, tenant_id: str, name: str, version: Optional[int] = None) -> PrefixInfo:
         """The latest version's metadata (or ``version``'s), with ``.versions``: every stored version."""

@@ -24,7 +24,7 @@ from ._exceptions import (
     status_error_from_event,
 )
 from ._version import __version__
-from .types import Generation, StreamDelta
+from .types import Generation, PrefixInfo, PrefixPage, StreamDelta
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 BASE_URL_ENV = "PREFIXSERVE_BASE_URL"
@@ -569,6 +569,24 @@ def parse_list(model: type[ModelT], response: httpx.Response) -> list[ModelT]:
     if not isinstance(items, list):
         raise invalid_response(response, 'expected an object with a "data" list', body)
     return [parse_model(model, item, response) for item in items]
+
+
+def list_params(
+    tenant_id: Optional[str], limit: Optional[int], after: Optional[str]
+) -> Optional[dict[str, Any]]:
+    """Query of ``GET /prefixes``: only what is given."""
+    params = {"tenant_id": tenant_id, "limit": limit, "after": after}
+    return {k: v for k, v in params.items() if v is not None and v != ""} or None
+
+
+def parse_page(response: httpx.Response) -> PrefixPage:
+    """A ``GET /prefixes`` body as a :class:`PrefixPage` (a server without paging: one page, ``has_more`` False)."""
+    items = parse_list(PrefixInfo, response)
+    body = response.json()
+    last = body.get("last_id")
+    if last is None and items:
+        last = f"{items[-1].tenant_id}/{items[-1].name}"
+    return PrefixPage(items, has_more=body.get("has_more") is True, last_id=last)
 
 
 def one_piece_delta(response: httpx.Response) -> StreamDelta:

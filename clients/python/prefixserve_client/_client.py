@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Optional, Union
 from urllib.parse import quote
 
@@ -20,6 +20,7 @@ from .types import (
     Job,
     ModelList,
     PrefixInfo,
+    PrefixPage,
     Readiness,
     ServerInfo,
     StreamDelta,
@@ -173,10 +174,24 @@ class Prefixes:
         r = self._client._request("GET", "/prefixes/jobs", params=params)
         return [self._job(job) for job in _base.parse_list(Job, r)]
 
-    def list(self, tenant_id: Optional[str] = None) -> builtins.list[PrefixInfo]:
-        """Stored prefixes of a tenant (None: the key's own tenant; every tenant for the admin key)."""
-        params = {"tenant_id": tenant_id} if tenant_id else None
-        return _base.parse_list(PrefixInfo, self._client._request("GET", "/prefixes", params=params))
+    def list(
+        self, tenant_id: Optional[str] = None, *, limit: Optional[int] = None, after: Optional[str] = None
+    ) -> PrefixPage:
+        """Stored prefixes of a tenant (None: the key's own tenant; every tenant for the admin key), sorted by
+        tenant and name: all of them, or one page of at most ``limit`` after the ``after`` cursor (the ``last_id`` of
+        the page before). See :meth:`iter` to walk every page."""
+        params = _base.list_params(tenant_id, limit, after)
+        return _base.parse_page(self._client._request("GET", "/prefixes", params=params))
+
+    def iter(self, tenant_id: Optional[str] = None, *, page_size: int = 1000) -> Iterator[PrefixInfo]:
+        """Every stored prefix (as :meth:`list`), fetched a page of ``page_size`` at a time."""
+        after = None
+        while True:
+            page = self.list(tenant_id, limit=page_size, after=after)
+            yield from page
+            if not page.has_more or page.last_id is None:
+                return
+            after = page.last_id
 
     def get(self, tenant_id: str, name: str, version: Optional[int] = None) -> PrefixInfo:
         """The latest version's metadata (or ``version``'s), with ``.versions``: every stored version."""

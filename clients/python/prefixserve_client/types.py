@@ -3,6 +3,7 @@
 import asyncio
 import inspect
 import time
+from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
@@ -26,6 +27,7 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "PrefixInfo",
+    "PrefixPage",
     "PromptTokensDetails",
     "RateLimitState",
     "Readiness",
@@ -204,6 +206,21 @@ class PrefixInfo(_Model):
     sha256: Optional[str] = None
     training: Optional[dict[str, Any]] = None
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrefixPage(list[PrefixInfo]):
+    """A page of ``prefixes.list``: a list of :class:`PrefixInfo`, plus ``has_more`` (more follow: ask again with
+    ``after=page.last_id``) and ``last_id`` (``"tenant_id/name"`` of the last item; None when empty)."""
+
+    def __init__(
+        self, items: Iterable[PrefixInfo] = (), has_more: bool = False, last_id: Optional[str] = None
+    ) -> None:
+        super().__init__(items)
+        self.has_more = has_more
+        self.last_id = last_id
+
+    def __repr__(self) -> str:
+        return f"PrefixPage({list.__repr__(self)}, has_more={self.has_more!r}, last_id={self.last_id!r})"
 
 
 class DeletedPrefix(_Model):
