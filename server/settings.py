@@ -145,6 +145,12 @@ class Settings(BaseSettings):
         description="Prefix uploads received and parsed at once, one per tenant (each holds up to max_upload_bytes "
         "and its tensors in memory); more get 503 with Retry-After",
     )
+    max_concurrent_downloads: int = Field(
+        4,
+        ge=1,
+        description="Prefix downloads read from the store and encoded at once (each holds its record about three "
+        "times in memory meanwhile); more get 503 with Retry-After",
+    )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request (422 above)")
     max_stop_chars: int = Field(256, ge=1, description="Longest stop string in characters (422 above)")
     max_logprobs: int = Field(

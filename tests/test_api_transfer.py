@@ -255,6 +255,40 @@ def test_download_errors(server_factory):
     assert g.get("/prefixes/globex/mine/download").status_code == 200
 
 
+def test_downloads_at_once_are_bounded(server_factory):
+    """Each download holds its record about three times in memory while it is read and encoded: past
+    `max_concurrent_downloads` of them a download is a 503 with Retry-After, and the slot comes back after each."""
+    import threading
+
+    s = server_factory(keys={"acme": "k-a"}, prefixes={("acme", "big"): {}}, max_concurrent_downloads=1)
+    a = s.client("k-a")
+    entered, release = threading.Event(), threading.Event()
+    read = s.store.get
+
+    def slow_get(*args, **kw):
+        entered.set()
+        release.wait(30)
+        return read(*args, **kw)
+
+    s.store.get = slow_get
+    first: list = []
+    t = threading.Thread(target=lambda: first.append(a.get("/prefixes/acme/big/download")))
+    t.start()
+    try:
+        assert entered.wait(30)
+        busy = a.get("/prefixes/acme/big/download")
+        assert_error(busy, 503, "too_many_downloads")
+        assert int(busy.headers["retry-after"]) >= 1
+    finally:
+        release.set()
+        t.join(30)
+    assert first[0].status_code == 200
+    del s.store.get
+    assert a.get("/prefixes/acme/big/download").status_code == 200
+    assert_error(a.get("/prefixes/acme/nope/download"), 404)  # a failed read gives its slot back too
+    assert a.get("/prefixes/acme/big/download").status_code == 200
+
+
 # ------------------------------------------------------------------------------------------ SDK, real server
 def test_sdk_download_and_upload(server_factory, tmp_path):
     import prefixserve_client as ps

@@ -366,12 +366,24 @@ async def download_prefix(
     info = get_info(request)
     info.tenant, info.prefix = tenant_id, name
     check_prefix_access(principal, tenant_id, name)
-    rec = await store_call(svc, svc.store.get, tenant_id, name, version)
-    data = await asyncio.to_thread(export_prefix, rec)
-    filename = f"{tenant_id}--{name}--v{rec.meta.version}.safetensors"
+    if svc.downloads_active >= svc.settings.max_concurrent_downloads:
+        raise unavailable(
+            f"{svc.downloads_active} prefix downloads are in progress; retry shortly",
+            svc.settings.retry_after_s,
+            code="too_many_downloads",
+        )
+    svc.downloads_active += 1
+    try:  # (the record and its encoding, in memory until here; then only the file's bytes)
+        rec = await store_call(svc, svc.store.get, tenant_id, name, version)
+        data = await asyncio.to_thread(export_prefix, rec)
+        stored = rec.meta.version
+        del rec
+    finally:
+        svc.downloads_active -= 1
+    filename = f"{tenant_id}--{name}--v{stored}.safetensors"
     headers = {
         "Content-Disposition": f'attachment; filename="{filename}"',
-        "X-Prefix-Version": str(rec.meta.version),
+        "X-Prefix-Version": str(stored),
     }
     return Response(data, media_type="application/octet-stream", headers=headers)
 

@@ -606,6 +606,9 @@ class Service:
     store_ok: bool = True
     # prefix uploads being parsed and stored (at most settings.max_concurrent_uploads)
     uploading_tenants: set[str] = field(default_factory=set)  # one upload each at a time (`_admit_upload`)
+    downloads_active: int = (
+        0  # prefix downloads being read and encoded (at most settings.max_concurrent_downloads)
+    )
     tool_parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(TenantLimit()))
     usage: UsageMeter = field(default_factory=UsageMeter)
