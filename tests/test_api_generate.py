@@ -886,3 +886,31 @@ def test_a_prefix_that_changes_faster_than_a_request_can_load_it_is_a_503(srv, m
     err = assert_error(r, 503, "prefix_changing")
     assert r.headers["retry-after"] and "retry" in err["message"]
     assert len(tries) == service.MAX_LATEST_ATTEMPTS - 1
+
+
+def test_meta_cache_refuses_a_fetch_raced_by_a_change_and_stays_bounded():
+    from server.api.service import PrefixMetaCache, ResolvedPrefix
+
+    cache = PrefixMetaCache(ttl_s=60)
+    a, b = ("acme", "a"), ("acme", "b")
+    _, _, began = cache.get(a)
+    cache.invalidate(b)  # another name's change does not matter
+    cache.put(a, ResolvedPrefix(*a, 1, 8, "raw"), began)
+    assert cache.get(a)[0] is not None
+    _, _, began = cache.get(a)
+    cache.invalidate(a)  # this name changed while it was fetched: its result may be stale
+    cache.put(a, ResolvedPrefix(*a, 1, 8, "raw"), began)
+    assert cache.get(a)[0] is None
+    _, _, began = cache.get(a)
+    for i in range(
+        3 * PrefixMetaCache.MAX_GENERATIONS
+    ):  # names that change once each: not remembered forever
+        cache.invalidate(("t", f"n{i}"))
+    assert len(cache._changed_at) <= PrefixMetaCache.MAX_GENERATIONS
+    cache.put(
+        a, ResolvedPrefix(*a, 1, 8, "raw"), began
+    )  # begun before what was forgotten: refused to be safe
+    assert cache.get(a)[0] is None
+    _, _, began = cache.get(a)
+    cache.put(a, ResolvedPrefix(*a, 2, 8, "raw"), began)
+    assert cache.get(a)[0].version == 2

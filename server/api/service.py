@@ -182,20 +182,25 @@ class PrefixMetaCache:
     """(tenant, name, version or None for the latest) → resolved metadata, so cached prefixes keep working while
     the store is down. Invalidation is per name: a change to a name drops its latest and every pinned version."""
 
+    MAX_GENERATIONS = 4096  # names remembered as changed; past it every fetch under way is refused once
+
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._entries: dict[tuple[str, str], dict[int | None, tuple[ResolvedPrefix, float]]] = {}
-        self._gen: dict[tuple[str, str], int] = {}
+        # name -> the change count at its last invalidation; a fetch that began before it does not put its result
+        self._changed_at: dict[tuple[str, str], int] = {}
+        self._changes = 0
+        self._floor = 0  # fetches that began before it are refused (`_changed_at` was forgotten then)
         self._epoch = 0  # bumped by `clear`
         self._lock = threading.Lock()
 
     def get(
         self, key: tuple[str, str], version: int | None = None
     ) -> tuple[ResolvedPrefix | None, bool, tuple[int, int]]:
-        """(entry, fresh, generation)."""
+        """(entry, fresh, generation: give it back to `put`)."""
         with self._lock:
             ent = self._entries.get(key, {}).get(version)
-            gen = (self._epoch, self._gen.get(key, 0))
+            gen = (self._epoch, self._changes)
         if ent is None:
             return None, False, gen
         return ent[0], time.monotonic() - ent[1] < self.ttl_s, gen
@@ -203,14 +208,20 @@ class PrefixMetaCache:
     def put(
         self, key: tuple[str, str], value: ResolvedPrefix, gen: tuple[int, int], version: int | None = None
     ) -> None:
+        epoch, began = gen
         with self._lock:
-            if (self._epoch, self._gen.get(key, 0)) == gen:  # no invalidation raced with the fetch
+            # no invalidation raced with the fetch
+            if epoch == self._epoch and began >= self._floor and self._changed_at.get(key, 0) <= began:
                 self._entries.setdefault(key, {})[version] = (value, time.monotonic())
 
     def invalidate(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._entries.pop(key, None)
-            self._gen[key] = self._gen.get(key, 0) + 1
+            self._changes += 1
+            if len(self._changed_at) >= self.MAX_GENERATIONS:  # bounded however many names ever change
+                self._changed_at.clear()
+                self._floor = self._changes
+            self._changed_at[key] = self._changes
 
     def clear(self) -> None:
         """Drop every entry (change events may have been missed: a version number may now name another record,
