@@ -1,9 +1,13 @@
 """HTTP load generator against a running PrefixServe server (in the spirit of vLLM's benchmark_serving).
 
-Closed-loop: at each concurrency level C of the sweep, C workers keep one request in flight each until
-`--requests` requests have completed. Requests cycle over tenants (mixed tenants in every batch). Reports
-req/s, output tok/s, TTFT p50/p99 (streaming: time to the first SSE chunk carrying text), ITL p50/p99
-(between text chunks), e2e p50/p99 and errors by status.
+Closed loop by default: at each concurrency level C of the sweep, C workers keep one request in flight each until
+`--requests` requests have completed; with `--request-rate R`, open loop: requests arrive as a Poisson process of
+rate R, at most C in flight (vLLM's --request-rate with --max-concurrency). Requests cycle over tenants (mixed tenants
+in every batch). Reports req/s, output tok/s (from the server's usage), TTFT p50/p99 (streaming: time to the first
+SSE chunk carrying text), TPOT p50/p99 ((e2e - TTFT) / (tokens - 1)), ITL p50/p99 (between text chunks), e2e
+p50/p99, errors by status and, with `--goodput ttft:MS,tpot:MS,e2e:MS`, the req/s of requests meeting every SLO. A
+request counts as completed only whole: a 200 stream cut before `[DONE]`, a bad event, or fewer tokens than
+max_tokens with ignore_eos is an error (status 200 or 0 in the table).
 
 Prefixes: `--tenants N` uses tenants `bench-t0..N-1` with prefix `--prefix` (default `base`: the base model, no
 prefix); `--model-list t0/p,t1/base,...` names them explicitly. `--seed-store file:///...` first writes a random
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import sys
@@ -94,7 +99,20 @@ def _chunk_text(obj: dict) -> str:
     return obj.get("text") or ""
 
 
+def _check_counts(args, res: Result) -> Result:
+    """A response that came back whole but with fewer tokens than it must have is a failure, not a success."""
+    if res.completion_tokens <= 0:
+        return Result(False, res.status, error="no usage / no completion tokens in the response")
+    if args.ignore_eos and res.completion_tokens != args.max_tokens:
+        return Result(
+            False, res.status, error=f"{res.completion_tokens} tokens with ignore_eos, not {args.max_tokens}"
+        )
+    return res
+
+
 async def one_request(client: httpx.AsyncClient, args, tenant: str, prefix: str, prompt: str) -> Result:
+    """One request; anything but a whole response (an error status, a cut stream, a bad event, a short count) is a
+    failed one (as vLLM's backend_request_func: success only with the stream's end)."""
     path, body = _payload(args, tenant, prefix, prompt)
     t0 = time.perf_counter()
     try:
@@ -104,15 +122,19 @@ async def one_request(client: httpx.AsyncClient, args, tenant: str, prefix: str,
             if r.status_code != 200:
                 return Result(False, r.status_code, error=r.text[:200])
             usage = r.json().get("usage") or {}
-            return Result(
-                True,
-                200,
-                e2e=t1 - t0,
-                prompt_tokens=usage.get("prompt_tokens", 0),
-                completion_tokens=usage.get("completion_tokens", 0),
+            return _check_counts(
+                args,
+                Result(
+                    True,
+                    200,
+                    e2e=t1 - t0,
+                    prompt_tokens=usage.get("prompt_tokens", 0),
+                    completion_tokens=usage.get("completion_tokens", 0),
+                ),
             )
         res = Result(True, 200)
         last = None
+        done = False
         async with client.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 await r.aread()
@@ -122,6 +144,7 @@ async def one_request(client: httpx.AsyncClient, args, tenant: str, prefix: str,
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
                 obj = json.loads(data)
                 if "error" in obj:
@@ -137,36 +160,86 @@ async def one_request(client: httpx.AsyncClient, args, tenant: str, prefix: str,
                 if usage:
                     res.prompt_tokens = usage.get("prompt_tokens", 0)
                     res.completion_tokens = usage.get("completion_tokens", 0)
+        if not done:
+            return Result(False, 200, error="the stream ended without [DONE]")
         res.e2e = time.perf_counter() - t0
-        return res
-    except httpx.HTTPError as e:
-        return Result(False, 0, error=f"{type(e).__name__}: {e}")
+        return _check_counts(args, res)
+    except Exception as e:  # one broken request (bad JSON, a reset) is counted, not the end of the sweep
+        return Result(False, 0, error=f"{type(e).__name__}: {e}"[:200])
+
+
+def tpot(r: Result) -> float | None:
+    """Time per output token after the first (vLLM's TPOT): (e2e - TTFT) / (tokens - 1)."""
+    if r.ttft is None or r.e2e is None or r.completion_tokens < 2:
+        return None
+    return (r.e2e - r.ttft) / (r.completion_tokens - 1)
+
+
+def parse_goodput(spec: str) -> dict[str, float]:
+    """`ttft:500,tpot:50,e2e:4000` (ms) -> {"ttft": 0.5, ...}: the SLOs a request must all meet to count as good."""
+    slos: dict[str, float] = {}
+    for item in (x for x in spec.split(",") if x.strip()):
+        name, _, value = item.strip().partition(":")
+        if name not in ("ttft", "tpot", "e2e") or not value:
+            raise SystemExit(f"--goodput: expected ttft:MS, tpot:MS and/or e2e:MS, got {item!r}")
+        slos[name] = float(value) / 1000.0
+    return slos
+
+
+def _good(r: Result, slos: dict[str, float]) -> bool:
+    got = {"ttft": r.ttft, "tpot": tpot(r), "e2e": r.e2e}
+    return all(got[k] is not None and got[k] <= v for k, v in slos.items())  # type: ignore[operator]
 
 
 async def run_level(args, targets: list[tuple[str, str]], concurrency: int, prompts: list[str]) -> dict:
+    """`concurrency` requests in flight at most; closed loop (each finished request starts the next) or, with
+    --request-rate R, open loop: arrivals of a Poisson process of rate R (vLLM's --request-rate with
+    --max-concurrency)."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     results: list[Result] = []
-    counter = iter(range(args.requests))
+    rate = getattr(args, "request_rate", float("inf"))
+    arrivals = random.Random(args.seed + concurrency)
     async with httpx.AsyncClient(
         base_url=args.base_url, headers=headers, limits=limits, timeout=timeout
     ) as client:
 
-        async def worker() -> None:
-            for i in counter:
-                tenant, prefix = targets[i % len(targets)]
-                results.append(await one_request(client, args, tenant, prefix, prompts[i % len(prompts)]))
+        async def one(i: int) -> None:
+            tenant, prefix = targets[i % len(targets)]
+            results.append(await one_request(client, args, tenant, prefix, prompts[i % len(prompts)]))
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        if math.isinf(rate):
+            counter = iter(range(args.requests))
+
+            async def worker() -> None:
+                for i in counter:
+                    await one(i)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            slots = asyncio.Semaphore(concurrency)
+
+            async def limited(i: int) -> None:
+                async with slots:
+                    await one(i)
+
+            tasks = []
+            for i in range(args.requests):
+                tasks.append(asyncio.create_task(limited(i)))
+                await asyncio.sleep(arrivals.expovariate(rate))
+            await asyncio.gather(*tasks)
         dur = time.perf_counter() - t0
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.completion_tokens for r in ok)
     errors = Counter(r.status for r in results if not r.ok)
     first_err = next((r.error for r in results if not r.ok), "")
+    tpots = [t for r in ok if (t := tpot(r)) is not None]
+    slos = parse_goodput(getattr(args, "goodput", "") or "")
     return {
         "concurrency": concurrency,
+        "request_rate": None if math.isinf(rate) else rate,
         "requests": len(results),
         "completed": len(ok),
         "errors": dict(errors),
@@ -174,10 +247,13 @@ async def run_level(args, targets: list[tuple[str, str]], concurrency: int, prom
         "duration_s": dur,
         "req_s": len(ok) / dur,
         "out_tok_s": out_tokens / dur,
+        "goodput_req_s": (sum(_good(r, slos) for r in ok) / dur) if slos else None,
         "mean_prompt_tokens": (sum(r.prompt_tokens for r in ok) / len(ok)) if ok else None,
         "mean_completion_tokens": (out_tokens / len(ok)) if ok else None,
         "ttft_p50_ms": ms(percentile([r.ttft for r in ok if r.ttft is not None], 50)),
         "ttft_p99_ms": ms(percentile([r.ttft for r in ok if r.ttft is not None], 99)),
+        "tpot_p50_ms": ms(percentile(tpots, 50)),
+        "tpot_p99_ms": ms(percentile(tpots, 99)),
         "itl_p50_ms": ms(percentile([x for r in ok for x in r.itl], 50)),
         "itl_p99_ms": ms(percentile([x for r in ok for x in r.itl], 99)),
         "e2e_p50_ms": ms(percentile([r.e2e for r in ok], 50)),
@@ -226,7 +302,20 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument(
         "--model-list", default="", help="comma list of tenant/prefix targets, cycled over requests"
     )
-    ap.add_argument("--concurrency", default="1,4,16", help="comma list: the sweep")
+    ap.add_argument(
+        "--concurrency", default="1,4,16", help="comma list: the sweep (requests in flight at most)"
+    )
+    ap.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests/s arriving as a Poisson process (open loop, capped by --concurrency); inf: closed loop",
+    )
+    ap.add_argument(
+        "--goodput",
+        default="",
+        help="SLOs in ms, e.g. ttft:500,tpot:50,e2e:4000: also report the req/s of requests meeting all of them",
+    )
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt length in words (~tokens)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -281,7 +370,9 @@ async def amain(args) -> dict:
     lines = [
         f"HTTP benchmark against {args.base_url} ({args.endpoint}, {'streaming' if args.stream else 'non-streaming'}), "
         f"{len(targets)} targets ({', '.join(f'{t}/{p}' for t, p in targets[:4])}{', ...' if len(targets) > 4 else ''}), "
-        f"{args.requests} requests per level, prompt {args.prompt_len} words, max_tokens {args.max_tokens}"
+        f"{args.requests} requests per level, "
+        f"{'closed loop' if math.isinf(args.request_rate) else f'Poisson arrivals at {args.request_rate:g} req/s'}, "
+        f"prompt {args.prompt_len} words, max_tokens {args.max_tokens}"
         f"{' (ignore_eos)' if args.ignore_eos else ''}. Client on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}, load average before {load_before}, after {load_after}.",
         "",
@@ -297,10 +388,13 @@ async def amain(args) -> dict:
                 "prompt tok",
                 "TTFT p50 ms",
                 "TTFT p99 ms",
+                "TPOT p50 ms",
+                "TPOT p99 ms",
                 "ITL p50 ms",
                 "ITL p99 ms",
                 "e2e p50 ms",
                 "e2e p99 ms",
+                "goodput req/s",
             ],
             [
                 [
@@ -312,10 +406,13 @@ async def amain(args) -> dict:
                     fmt(r["mean_prompt_tokens"], 0),
                     fmt(r["ttft_p50_ms"]),
                     fmt(r["ttft_p99_ms"]),
+                    fmt(r["tpot_p50_ms"]),
+                    fmt(r["tpot_p99_ms"]),
                     fmt(r["itl_p50_ms"]),
                     fmt(r["itl_p99_ms"]),
                     fmt(r["e2e_p50_ms"]),
                     fmt(r["e2e_p99_ms"]),
+                    fmt(r["goodput_req_s"], 2),
                 ]
                 for r in rows
             ],

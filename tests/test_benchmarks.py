@@ -104,3 +104,54 @@ def test_a_failure_inside_the_engine_leaves_the_other_engine_system_clean(tiny_f
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["failed"] == {"c": "RuntimeError: simulated failure during system c"}
     assert got["engine_mixed_tok_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- bench_http
+def _bench_http_args(url: str, *extra: str):
+    from benchmarks import bench_http
+
+    return bench_http.parse_args(
+        ["--base-url", url, "--tenants", "2", "--concurrency", "2", "--requests", "4", "--max-tokens", "3"]
+        + ["--warmup", "0", "--prompt-len", "4", *extra]
+    )
+
+
+def test_bench_http_counts_whole_responses_against_a_live_server(server_factory):
+    import asyncio
+
+    from benchmarks import bench_http
+
+    s = server_factory()
+    for extra in (["--stream", "--goodput", "ttft:60000,tpot:60000"], ["--stream", "--request-rate", "50"], []):
+        (level,) = asyncio.run(bench_http.amain(_bench_http_args(s.url, *extra)))["levels"]
+        assert (level["completed"], level["errors"]) == (4, {}), level
+        assert level["mean_completion_tokens"] == 3 and level["out_tok_s"] > 0
+        if "--stream" in extra:
+            assert level["ttft_p50_ms"] > 0 and level["tpot_p50_ms"] is not None
+        if "--goodput" in extra:
+            assert level["goodput_req_s"] == level["req_s"]  # SLOs of a minute: every request is good
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b'data: {"text": "a"}\n\n', "without [DONE]"),  # cut: no usage, no [DONE]
+        (b"data: {not json\n\n", "JSONDecodeError"),
+        (b'data: {"text": "a", "usage": {"completion_tokens": 1}}\n\ndata: [DONE]\n\n', "not 3"),  # short
+    ],
+)
+def test_bench_http_counts_a_broken_stream_as_an_error(monkeypatch, body, why):
+    import asyncio
+
+    import httpx
+
+    from benchmarks import bench_http
+
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+    )
+    real = httpx.AsyncClient
+    monkeypatch.setattr(bench_http.httpx, "AsyncClient", lambda **kw: real(transport=transport, **kw))
+    (level,) = asyncio.run(bench_http.amain(_bench_http_args("http://bench.invalid", "--stream")))["levels"]
+    assert level["completed"] == 0 and level["errors"] in ({200: 4}, {0: 4}), level
+    assert why in level["first_error"]
