@@ -48,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
     mib,
     ms,
     percentile,
+    rss_bytes,
 )
 from server.engine import (  # noqa: E402
     DictPrefixProvider,
@@ -175,6 +176,14 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, reps: int = 
         best = min(best, time.perf_counter() - t0)
     del src, dst
     return 2 * nbytes / best
+
+
+def held_bytes(device: torch.device) -> int:
+    """Memory the process holds now: CUDA allocated bytes, or CPU resident set."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return rss_bytes() or 0
 
 
 def sync(device: torch.device) -> None:
@@ -410,25 +419,32 @@ class EngineHarness:
         )
         self.steps: list[StepStats] = []
         self.total_steps = 0  # over every run (`steps` holds the current run's)
-        self.engine = LLMEngine(bundle, provider, self.cfg, on_step=self._on_step)
         self.device = bundle.device
+        before = held_bytes(self.device)
+        self.engine = LLMEngine(bundle, provider, self.cfg, on_step=self._on_step)
         self.n = 0
+        self.warmup(sorted(set(work.tenant_of) | {0}), len(work.prompts[0]))
+        # what the engine holds between its runs (KV pool, packed weights, graphs), allocated before any timed run:
+        # every system's process peak includes it, the engine's own peak delta does not
+        self.held = max(held_bytes(self.device) - before, 0)
 
     def _on_step(self, st: StepStats) -> None:
         self.steps.append(st)
         self.total_steps += 1
 
     def warmup(self, tenants: list[int], prompt_len: int) -> None:
-        """Make the prefixes resident (device cache hits afterwards) and warm the kernels: enough tokens that the
-        whole batch decodes together (and, on CUDA, async follow-up steps run), not only prompt steps."""
+        """One request per entry of `tenants` (the tenant of each): makes the prefixes resident (device cache hits
+        afterwards) and warms the kernels at the timed batch's shape, enough tokens that the whole batch decodes
+        together (and, on CUDA, async follow-up steps run and the decode graphs are captured), not only prompt
+        steps."""
         reqs = [
             Request(
-                f"warm{self.n}-{t}",
+                f"warm{self.n}-{i}",
                 [1] * prompt_len,
                 SamplingParams(max_tokens=8, ignore_eos=True),
                 self.keys[t],
             )
-            for t in tenants
+            for i, t in enumerate(tenants)
         ]
         self.n += 1
         self.engine.generate(reqs)
@@ -542,9 +558,10 @@ HEADERS = [
 ]
 
 
-def compare_tokens(ref: SysResult, other: SysResult, prompts_n: int) -> list[str]:
+def compare_tokens(ref: SysResult, other: SysResult, rows: int | list[int]) -> list[str]:
+    """The rows (the first `rows`, or those listed) whose greedy tokens differ between the two systems."""
     bad = []
-    for i in range(prompts_n):
+    for i in range(rows) if isinstance(rows, int) else rows:
         a, b = ref.tokens[i], other.tokens[i]
         if a != b:
             j = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
@@ -579,7 +596,7 @@ def main_bench(args) -> dict:
         f"{args.new_tokens} new tokens; load avg before {load_before}",
         file=sys.stderr,
     )
-    # Warm-up every system once on a small slice, so no system pays first-call costs inside its timing.
+    # Warm-up every system once, so no system pays first-call costs inside its timing.
     small = Work(work.prompts[:2], work.tenant_of[:2], work.kvs)
     harness = None
     # a system that fails is reported as failed and the others still run (a device run is too short to repeat)
@@ -587,7 +604,10 @@ def main_bench(args) -> dict:
     if "c" in systems or "d" in systems:
         try:
             harness = EngineHarness(bundle, work, args)
-            harness.warmup(sorted(set(work.tenant_of) | {0}), args.prompt_len)
+            # then each engine system's own batch once, untimed (its shapes, graphs and prefix mix)
+            for s, tenants in (("c", [0] * len(work.prompts)), ("d", work.tenant_of)):
+                if s in systems:
+                    harness.warmup(tenants, args.prompt_len)
         except Exception as e:
             traceback.print_exc()
             failed.update(
@@ -595,7 +615,7 @@ def main_bench(args) -> dict:
             )
     for s, warm in (
         ("a", lambda: run_naive(bundle, Work(small.prompts[:1], small.tenant_of[:1], work.kvs), 2)),
-        ("b", lambda: run_hf_batched(bundle, small, 2)),
+        ("b", lambda: run_hf_batched(bundle, work, 2)),  # the timed batch's shape, 2 tokens
     ):
         if s in systems:
             try:
@@ -604,13 +624,14 @@ def main_bench(args) -> dict:
                 traceback.print_exc()
                 failed[s] = f"warm-up: {type(e).__name__}: {e}"[:500]
 
-    # Systems interleaved (a b c d, a b c d, ...) --repeats times; each system's best run is reported, so a burst
+    # Systems interleaved (a b c d, b c d a, ...) --repeats times; each system's best run is reported, so a burst
     # of load from other processes on a shared machine hits one repeat, not one system.
     runs: dict[str, list[SysResult]] = {s: [] for s in systems}
     n_naive = min(args.naive_requests or len(work.prompts), len(work.prompts))
     naive_work = Work(work.prompts[:n_naive], work.tenant_of[:n_naive], work.kvs)
     for rep in range(args.repeats):
-        for s in systems:
+        # each repeat starts with another system: none always runs first (or always right after another)
+        for s in systems[rep % len(systems) :] + systems[: rep % len(systems)]:
             if s in failed:
                 continue
             print(f"[{rep + 1}/{args.repeats}] running {SYSTEM_NAMES[s]} ...", file=sys.stderr, flush=True)
@@ -665,10 +686,19 @@ def main_bench(args) -> dict:
                 file=sys.stderr,
             )
     mismatches: dict[str, list[str]] = {}
+    compared: dict[str, int] = {}
     if "a" in results and "d" in results:
-        mismatches["a_vs_d"] = compare_tokens(results["a"], results["d"], len(results["a"].tokens))
+        compared["a_vs_d"] = len(results["a"].tokens)
+        mismatches["a_vs_d"] = compare_tokens(results["a"], results["d"], compared["a_vs_d"])
     if "a" in results and "b" in results:
-        mismatches["a_vs_b"] = compare_tokens(results["a"], results["b"], len(results["a"].tokens))
+        compared["a_vs_b"] = len(results["a"].tokens)
+        mismatches["a_vs_b"] = compare_tokens(results["a"], results["b"], compared["a_vs_b"])
+    if (
+        "c" in results and "d" in results
+    ):  # c serves every request with tenant 0's prefix: d's rows of tenant 0
+        rows0 = [i for i, t in enumerate(work.tenant_of) if t == 0]
+        compared["d_vs_c"] = len(rows0)
+        mismatches["d_vs_c"] = compare_tokens(results["d"], results["c"], rows0)
     ratios = {}
     tps = {k: r.tok_s for k, r in results.items()}
     for other in ("c", "a", "b", "e"):
@@ -702,6 +732,18 @@ def main_bench(args) -> dict:
     lines.append("")
     lines.append(markdown_table(HEADERS, result_rows(results)))
     lines.append("")
+    if harness is not None:
+        lines.append(
+            f"Memory: `peak MiB` is the process's peak during a system's run (model weights included, and for every "
+            f"system the {harness.held / 2**20:,.0f} MiB the engine holds from its start: its KV pool ("
+            f"{harness.cfg.kv_cache_bytes / 2**20:,.0f} MiB configured), packed weights, graphs); `peak Δ` "
+            "is what the run itself added. The engine's own footprint is its peak Δ plus what it holds."
+        )
+        lines.append("")
+    for k, r in results.items():
+        if r.note:
+            lines.append(f"System {k}: {r.note} (not timed).")
+            lines.append("")
     for k, why in failed.items():
         lines.append(f"**System {k} failed**: {why}")
         lines.append("")
@@ -737,11 +779,16 @@ def main_bench(args) -> dict:
             )
     lines.append("")
     for name, bad in mismatches.items():
+        of = f" (of {n})" if compared[name] < n else ""
         if bad:
-            lines.append(f"Correctness {name}: **{len(bad)}/{n} requests differ** (greedy tokens)")
+            lines.append(
+                f"Correctness {name}: **{len(bad)}/{compared[name]} requests compared differ**{of} (greedy tokens)"
+            )
             lines.extend(f"- {b}" for b in bad[:16])
         else:
-            lines.append(f"Correctness {name}: all {n} requests produce identical greedy tokens.")
+            lines.append(
+                f"Correctness {name}: all {compared[name]} requests compared{of} produce identical greedy tokens."
+            )
     report = "\n".join(lines)
     print(report)
     out = {JSON_KEYS[k]: round(r.tok_s, 2) for k, r in results.items()}
@@ -761,6 +808,9 @@ def main_bench(args) -> dict:
             "weight_bytes": wbytes,
             "peak_mib": {k: round(r.mem.peak / 2**20, 1) if r.mem.peak else None for k, r in results.items()},
             "mismatches": {k: len(v) for k, v in mismatches.items()},
+            "compared": compared,
+            "engine_held_mib": round(harness.held / 2**20, 1) if harness is not None else None,
+            "notes": {k: r.note for k, r in results.items() if r.note},
             "model": bundle.name,
             "weights": weights_kind,
             "device": str(dev),

@@ -35,12 +35,17 @@ def test_bench_engine_runs_every_system_and_reports(tiny_folder, tmp_path, capsy
         assert got[k] > 0
     assert set(got["ratios"]) == {"d/a", "d/b", "d/c"}
     # fp32 greedy: the naive baseline, the padded batch and the mixed-tenant engine agree on every request
-    assert got["mismatches"] == {"a_vs_d": 0, "a_vs_b": 0}
+    assert got["mismatches"] == {"a_vs_d": 0, "a_vs_b": 0, "d_vs_c": 0}
+    # c serves tenant 0's prefix to every request: compared on d's rows of tenant 0 (requests 0 and 3 of 5)
+    assert got["compared"] == {"a_vs_d": 5, "a_vs_b": 5, "d_vs_c": 2}
+    assert got["engine_held_mib"] is not None and got["engine_held_mib"] >= 0
     # 60 prompt tokens in chunks of at most 32 tokens a step: at least two steps ran prompt tokens
     assert got["prefill_step_ms"]["d"] > 0
     report = out_md.read_text()
     assert "| d engine, every request its own tenant |" in report
     assert "of which" in report and "ran prompt tokens" in report
+    assert "all 5 requests compared produce identical greedy tokens" in report
+    assert "the engine holds from its start" in report
     assert "torch.profiler: the" in printed and "decode steps" in printed
 
 
@@ -110,10 +115,8 @@ def test_a_failure_inside_the_engine_leaves_the_other_engine_system_clean(tiny_f
 def _bench_http_args(url: str, *extra: str):
     from benchmarks import bench_http
 
-    return bench_http.parse_args(
-        ["--base-url", url, "--tenants", "2", "--concurrency", "2", "--requests", "4", "--max-tokens", "3"]
-        + ["--warmup", "0", "--prompt-len", "4", *extra]
-    )
+    argv = ["--base-url", url, "--tenants", "2", "--concurrency", "2", "--requests", "4", "--max-tokens", "3"]
+    return bench_http.parse_args([*argv, "--warmup", "0", "--prompt-len", "4", *extra])
 
 
 def test_bench_http_counts_whole_responses_against_a_live_server(server_factory):
@@ -122,7 +125,11 @@ def test_bench_http_counts_whole_responses_against_a_live_server(server_factory)
     from benchmarks import bench_http
 
     s = server_factory()
-    for extra in (["--stream", "--goodput", "ttft:60000,tpot:60000"], ["--stream", "--request-rate", "50"], []):
+    for extra in (
+        ["--stream", "--goodput", "ttft:60000,tpot:60000"],
+        ["--stream", "--request-rate", "50"],
+        [],
+    ):
         (level,) = asyncio.run(bench_http.amain(_bench_http_args(s.url, *extra)))["levels"]
         assert (level["completed"], level["errors"]) == (4, {}), level
         assert level["mean_completion_tokens"] == 3 and level["out_tok_s"] > 0
@@ -155,3 +162,13 @@ def test_bench_http_counts_a_broken_stream_as_an_error(monkeypatch, body, why):
     (level,) = asyncio.run(bench_http.amain(_bench_http_args("http://bench.invalid", "--stream")))["levels"]
     assert level["completed"] == 0 and level["errors"] in ({200: 4}, {0: 4}), level
     assert why in level["first_error"]
+
+
+def test_readme_benchmark_tables_come_from_the_result_files():
+    """README's latest CPU table and its history of runs are generated from benchmarks/results (no figure there
+    without a result file); `python benchmarks/history.py` regenerates them."""
+    from benchmarks import history
+
+    assert history.main(["--check"]) == 0
+    table = history.history()
+    assert table.count("\n") >= 20 and "session24-xeon" in table
