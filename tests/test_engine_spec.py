@@ -138,15 +138,17 @@ def test_verified_drafts_keep_outputs_exact_in_a_mixed_batch(setup, monkeypatch)
     assert lp is not None and want is not None and len(lp) == len(want) == new
     assert [x.logprob for x in lp] == pytest.approx([x.logprob for x in want], abs=1e-4)
     assert [[t for t, _ in x.top] for x in lp] == [[t for t, _ in x.top] for x in want]
-    assert min(outs["lp"].itl) < 1e-4  # its drafts were accepted: several tokens in one step
+    assert len(outs["lp"].itl) < new - 1  # its drafts were accepted: several tokens in one step
     sched = spec.scheduler
     assert 0 < sched.spec_accepted_tokens < sched.spec_draft_tokens  # some drafts right, some wrong
     # every token's KV is computed once (accepted drafts are not recomputed); only rejected drafts are extra
     useful = sum(len(r.prompt_token_ids) + len(outs[r.request_id].token_ids) - 1 for r in reqs)
     assert sum(computed) == useful + sched.spec_draft_tokens - sched.spec_accepted_tokens
-    # tokens of one step arrive together (microseconds apart); plain decoding spaces them a step apart
-    assert all(min(outs[r.request_id].itl) < 1e-4 for r in greedy)
-    assert min(x for o in plain.values() for x in o.itl) > 1e-4
+    # tokens of one step arrive together: one arrival (one inter-token gap) per step, as vLLM's per-chunk ITL, not
+    # a ~0 gap per accepted draft; plain decoding has one per token
+    assert all(len(outs[r.request_id].itl) < new - 1 for r in greedy)
+    assert all(len(o.itl) == new - 1 for o in plain.values())
+    assert min(x for o in outs.values() for x in o.itl) > 1e-4
 
 
 def test_prompt_lookup_on_the_tiny_model_changes_nothing(setup):

@@ -900,13 +900,15 @@ class LLMEngine:
             self.add_request(r)
         done: dict[str, TokenEvent] = {}
         while self.has_unfinished():
+            stamped: set[str] = set()  # a request's tokens of one step (accepted drafts) arrive at one time
             for ev in self.step():
                 st = state[ev.request_id]
                 st["ids"].extend(ev.token_ids)
                 st["text"].append(ev.text)
                 st["lps"].extend(ev.logprobs or [])
                 st["plps"] = ev.prompt_logprobs or st["plps"]
-                if ev.token_ids:
+                if ev.token_ids and ev.request_id not in stamped:
+                    stamped.add(ev.request_id)
                     st["times"].append(time.monotonic())
                 if ev.finished:
                     done[ev.request_id] = ev
