@@ -177,3 +177,20 @@ def test_import_refuses_unsupported_or_broken_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_model"):
         import_peft(tmp_path / "trunc", bundle, store, "acme", "x")
     assert store.list("acme") == []
+
+
+def test_a_prefix_with_no_room_left_in_a_learned_position_table_is_too_long():
+    """A prompt-tuning prefix compiles through the model's own positions: one of P >= the table's size (GPT-2's
+    n_positions) is a PrefixTooLong (the upload's 413), not an IndexError deep in the embedding (a 500)."""
+    from server.prefixes.kinds import PrefixTooLongForModel, compile_propagation
+    from server.prefixes.peft_import import PrefixTooLong, peft_adapter
+
+    bundle = tiny_gpt2(seed=0, n_positions=16)
+    h = bundle.spec.hidden_size
+    cfg = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM"}
+    with pytest.raises(PrefixTooLong, match="16 positions"):
+        peft_adapter({**cfg, "num_virtual_tokens": 16}, {"prompt_embeddings": torch.randn(16, h)}, bundle)
+    ok = peft_adapter({**cfg, "num_virtual_tokens": 15}, {"prompt_embeddings": torch.randn(15, h)}, bundle)
+    assert ok.prefix_length == 15
+    with pytest.raises(PrefixTooLongForModel):
+        compile_propagation(bundle, torch.randn(bundle.spec.num_layers, 16, h))

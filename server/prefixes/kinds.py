@@ -318,11 +318,25 @@ def prefix_forward(
         return hf_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
+class PrefixTooLongForModel(ValueError):
+    """A prefix with no room left for a prompt in the base model's positions."""
+
+
+def check_fits_model(p: int, spec: Any) -> None:
+    """A prefix must leave at least one of the model's positions for the prompt (and a learned-position model has no
+    position past its table to compile one at)."""
+    if p >= spec.max_positions:
+        raise PrefixTooLongForModel(
+            f"prefix of {p} positions leaves no room for a prompt: this base model has {spec.max_positions} positions"
+        )
+
+
 def _record_kv(
     bundle: ModelBundle, inputs_embeds: torch.Tensor, additions: torch.Tensor | None
 ) -> torch.Tensor:
     m = bundle.hf_model
     p = inputs_embeds.shape[0]
+    check_fits_model(p, bundle.spec)
     dev = next(m.parameters()).device
     dtype = next(m.parameters()).dtype
     with torch.no_grad():

@@ -23,7 +23,14 @@ from safetensors.torch import load_file
 
 from prefix_store.errors import InvalidPrefix
 from server.model.spec import ModelBundle, ModelSpec
-from server.prefixes.kinds import compile_prefix_tuning, compile_prompt_tuning, flat_to_kv, validate_kv
+from server.prefixes.kinds import (
+    PrefixTooLongForModel,
+    check_fits_model,
+    compile_prefix_tuning,
+    compile_prompt_tuning,
+    flat_to_kv,
+    validate_kv,
+)
 
 _KIND = {"PREFIX_TUNING": "prefix_tuning", "PROMPT_TUNING": "prompt_tuning"}
 _MLP_KEYS = {f"transform.{i}.{w}": f"mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
@@ -73,14 +80,20 @@ def _int(cfg: dict[str, Any], key: str, default: int | None = None) -> int | Non
 
 
 class PrefixTooLong(InvalidPrefix):
-    """A prefix longer than this server takes from elsewhere (`max_upload_prefix_length`): a 413."""
+    """A prefix longer than this server takes from elsewhere (`max_upload_prefix_length`), or than its base model's
+    positions leave room for: a 413."""
 
 
-def check_prefix_length(p: int, limit: int | None) -> None:
+def check_prefix_length(p: int, limit: int | None, spec: ModelSpec | None = None) -> None:
     if limit is not None and p > limit:
         raise PrefixTooLong(
             f"prefix of {p} positions is longer than this server takes ({limit}: max_upload_prefix_length)"
         )
+    if spec is not None:
+        try:
+            check_fits_model(p, spec)
+        except PrefixTooLongForModel as e:
+            raise PrefixTooLong(str(e)) from None
 
 
 def check_peft_config(cfg: dict[str, Any], spec: ModelSpec) -> str:
@@ -145,7 +158,7 @@ def peft_adapter(
     p = emb.shape[0]
     if _int(cfg, "num_virtual_tokens", p) != p:
         raise InvalidPrefix(f"adapter has {p} virtual tokens, its config says {cfg['num_virtual_tokens']}")
-    check_prefix_length(p, max_prefix_length)
+    check_prefix_length(p, max_prefix_length, spec)
 
     if peft_type == "PREFIX_TUNING":
         k_heads = _int(cfg, "num_attention_heads", spec.num_kv_heads)

@@ -106,7 +106,7 @@ def from_export(
     model)."""
     rec = read_export(data)
     check_fingerprint(rec.meta, bundle.fingerprint)
-    check_prefix_length(rec.meta.prefix_length, max_prefix_length)
+    check_prefix_length(rec.meta.prefix_length, max_prefix_length, bundle.spec)
     validate_kv(rec.kv, bundle.spec, rec.meta.prefix_length)
     check_trained_tensors(rec.meta.kind, rec.tensors, bundle.spec)
     incoming = exported(rec, prompt_format)
