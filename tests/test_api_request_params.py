@@ -66,6 +66,30 @@ def test_include_stop_str_in_output(srv):
     r = c.post("/v1/completions", json={**body, "include_stop_str_in_output": True, "stream": True})
     chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
     assert "".join(ch["choices"][0]["text"] for ch in chunks) == text[: cut + 2]
+    # vLLM's stop_reason: the stop string matched (on the last chunk of a stream), null for a length cut
+    assert [ch["choices"][0]["stop_reason"] for ch in chunks] == [None] * (len(chunks) - 1) + [stop]
+    assert c.post("/v1/completions", json=body).json()["choices"][0]["stop_reason"] == stop
+    assert c.post("/v1/completions", json={**body, "stop": []}).json()["choices"][0]["stop_reason"] is None
+    assert generate(c, max_tokens=16, stop=["\u2603", stop])["stop_reason"] == stop
+    chat = {
+        "model": "acme/base",
+        "messages": [{"role": "user", "content": "Once upon a time"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    said = c.post("/v1/chat/completions", json={**chat, "ignore_eos": True}).json()["choices"][0]
+    assert said["stop_reason"] is None and said["finish_reason"] == "length"
+    words = said["message"]["content"]
+    two = next(
+        ch for i, ch in enumerate(words) if i and ch.isascii() and ch.isprintable() and words.find(ch) == i
+    )
+    stopped = c.post("/v1/chat/completions", json={**chat, "ignore_eos": True, "stop": [two]}).json()[
+        "choices"
+    ][0]
+    assert (stopped["finish_reason"], stopped["stop_reason"]) == ("stop", two)
+    r = c.post("/v1/chat/completions", json={**chat, "ignore_eos": True, "stop": [two], "stream": True})
+    last = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")][-1]["choices"][0]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", two)
 
 
 def test_truncate_prompt_tokens_keeps_the_last_tokens(srv):

@@ -180,7 +180,7 @@ def test_stop_string_truncates_and_streams_consistently(setup):
             for ev in eng.step():
                 deltas.append(ev.text)
                 last = ev
-        assert last.finish_reason == "stop"
+        assert last.finish_reason == "stop" and last.stop_reason == stop  # vLLM's: the stop string matched
         # vLLM's include_stop_str_in_output: the text ends with the stop string instead of before it
         assert "".join(deltas) == (text[: cut_at + len(stop)] if include else text[:cut_at])
         assert (stop in "".join(deltas)) == include
@@ -195,13 +195,13 @@ def test_eos_and_max_tokens(setup):
     full = make_engine(b, keys).generate(
         [Request("f", prompt, SamplingParams(max_tokens=10, ignore_eos=True), k0)]
     )[0]
-    assert full.finish_reason == "length" and len(full.token_ids) == 10
+    assert full.finish_reason == "length" and len(full.token_ids) == 10 and full.stop_reason is None
     stop_tok = full.token_ids[4]
     first = full.token_ids.index(stop_tok)
     out = make_engine(b, keys).generate(
         [Request("e", prompt, SamplingParams(max_tokens=10, stop_token_ids=(stop_tok,)), k0)]
     )[0]
-    assert out.finish_reason == "stop"
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok  # vLLM's: the stop token id
     assert out.token_ids == full.token_ids[: first + 1]
 
 

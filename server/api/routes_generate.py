@@ -136,6 +136,7 @@ async def generate(
         prefix_version=prefix.version,
         text=res.text,
         finish_reason=res.finish_reason,  # type: ignore[arg-type]
+        stop_reason=res.stop_reason,
         usage=usage(res.prompt_tokens, res.completion_tokens, res.cached_tokens),  # type: ignore[arg-type]
         logprobs=None if res.logprobs is None else generate_logprobs(res.logprobs, svc.token_text),  # type: ignore[arg-type]
         prompt_logprobs=generate_prompt_logprobs(res.prompt_logprobs, svc.token_text),  # type: ignore[arg-type]
@@ -181,6 +182,7 @@ async def _frames(
             text=ev.text,
             token_ids=ids,
             finish_reason=ev.finish_reason if ev.finished else None,  # type: ignore[arg-type]
+            stop_reason=ev.stop_reason if ev.finished else None,
             usage=usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens) if ev.finished else None,  # type: ignore[arg-type]
             logprobs=None if lps is None else generate_logprobs(lps, text),  # type: ignore[arg-type]
             prompt_logprobs=generate_prompt_logprobs(prompt_lps, text),  # type: ignore[arg-type]

@@ -425,7 +425,13 @@ def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> 
             else None
         )
         text, logprobs = text + res.text, _join_logprobs(logprobs, gen)
-    body = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason}
+    body = {
+        "index": index,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": res.finish_reason,
+        "stop_reason": res.stop_reason,
+    }
     return {**body, "prompt_logprobs": _prompt_logprobs(ch, res)}
 
 
@@ -461,7 +467,15 @@ async def _completion_choice(
     def chunk(text: str, logprobs: Any, finish: str | None) -> bytes:
         c = {
             **head,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            "choices": [
+                {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                    "stop_reason": stop_reason(run, finish),
+                }
+            ],
             **_chunk_usage(usage_mode, run, ch.plan.hide_output),
         }
         return sse(c)
@@ -533,10 +547,16 @@ def _chat_choice_body(plan: _Plan, index: int, res: GenerationResult, text: Toke
         "message": message,
         "logprobs": None if res.logprobs is None else chat_logprobs(res.logprobs, text),
         "finish_reason": tools.finish_reason(res.finish_reason, calls),
+        "stop_reason": res.stop_reason,
     }
 
 
 Chunk = Callable[..., bytes]  # (delta, finish_reason, logprobs=None) -> one SSE frame of a choice
+
+
+def stop_reason(run: GenerationRun, finish: str | None) -> str | int | None:
+    """A stream choice's stop_reason: null until its last chunk (vLLM's)."""
+    return run.final.stop_reason if finish is not None and run.final is not None else None
 
 
 async def _chat_choice(
@@ -552,7 +572,15 @@ async def _chat_choice(
         return sse(
             {
                 **head,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                        "stop_reason": stop_reason(run, finish),
+                    }
+                ],
                 **_chunk_usage(usage_mode, run),
             }
         )

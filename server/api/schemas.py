@@ -234,6 +234,13 @@ class TokenLogprobInfo(BaseModel):
     top_logprobs: list[TopLogprob]
 
 
+STOP_REASON: Any = Field(
+    None,
+    description="What stopped it (as vLLM's): the stop string matched, or the `stop_token_ids` entry sampled; null "
+    "for end-of-sequence, a length cut, or while a stream goes on",
+)
+
+
 class GenerateResponse(BaseModel):
     id: str
     tenant_id: str
@@ -241,6 +248,7 @@ class GenerateResponse(BaseModel):
     prefix_version: int | None
     text: str
     finish_reason: Literal["stop", "length"]
+    stop_reason: str | int | None = STOP_REASON
     usage: Usage
     logprobs: list[TokenLogprobInfo] | None = Field(
         None, description="With `logprobs`: one per generated token"
@@ -264,6 +272,7 @@ class GenerateChunk(BaseModel):
         default_factory=list, description="The tokens generated since the last event"
     )
     finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | int | None = STOP_REASON
     usage: Usage | None = None
     logprobs: list[TokenLogprobInfo] | None = Field(
         None, description="With `logprobs`: the tokens since the last event"
@@ -530,6 +539,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
+    stop_reason: str | int | None = STOP_REASON
     prompt_logprobs: PromptLogprobs | None = Field(None, description="Extension (vLLM): with prompt_logprobs")
 
 
@@ -568,6 +578,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"]
+    stop_reason: str | int | None = STOP_REASON
 
 
 class ChatCompletionResponse(BaseModel):

@@ -241,6 +241,7 @@ class GenerationResult:
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
 
 
 class ClientDisconnected(Exception):
@@ -524,6 +525,7 @@ class GenerationRun:
             fin.cached_tokens,
             lps if self.req.sampling.logprobs is not None else None,
             first.prompt_logprobs,
+            fin.stop_reason,
         )
 
     async def close(self) -> None:

@@ -62,6 +62,7 @@ class IncrementalDetokenizer:
         self.text = ""  # all generated text so far (complete characters)
         self.emitted = 0  # characters of self.text already returned to the caller
         self.stopped = False  # a stop string ended the text
+        self.stop_string: str | None = None  # the one that did
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -97,6 +98,7 @@ class IncrementalDetokenizer:
         i, s = min(hits, key=lambda h: (h[0], -len(h[1])))  # the first; at one place the longest
         self.text = self.text[: i + len(s) if self.include_stop else i]
         self.stopped = True
+        self.stop_string = s
         return True
 
     def _flush(self) -> str:

@@ -784,12 +784,15 @@ class LLMEngine:
         delta = ""
         if (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids:
             reason = "stop"
+            if tok in p.stop_token_ids:
+                seq.stop_reason = tok
             if seq.detok is not None and p.include_stop_str_in_output and tok in p.stop_token_ids:
                 delta = seq.detok.add(tok)[0]  # its text ends the output (vLLM's; a special token has none)
         elif seq.detok is not None:
             delta, hit = seq.detok.add(tok)
             if hit:
                 reason = "stop"
+                seq.stop_reason = seq.detok.stop_string
         if reason is None and seq.constraint is not None and seq.constraint.done:
             reason = "stop"  # the grammar is complete: nothing but end-of-sequence could follow
         if reason is None and (
@@ -844,15 +847,18 @@ class LLMEngine:
         seq.finish_reason = reason
         self._seqs.pop(seq.request_id, None)
         text = "" if reason in ("abort", "error") else self._final_text(seq, delta)
-        if reason == "length" and seq.detok is not None and seq.detok.stopped:
-            # the last token completed a stop string that was held back with a partial character
+        if reason in ("length", "stop") and seq.detok is not None and seq.detok.stopped:
+            # (the last token completed a stop string that was held back with a partial character: it ended the
+            # text, whatever else also ended the request)
             reason = seq.finish_reason = "stop"
+            seq.stop_reason = seq.detok.stop_string
         ev = TokenEvent(
             seq.request_id,
             new or [],
             text,
             finished=True,
             finish_reason=reason,  # type: ignore[arg-type]
+            stop_reason=seq.stop_reason if reason == "stop" else None,
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.output),
             cached_tokens=seq.cached_prompt_tokens,
@@ -930,6 +936,7 @@ class LLMEngine:
                     e2e=(times[-1] - st["t0"]) if times else None,
                     logprobs=st["lps"] if r.sampling.logprobs is not None else None,
                     prompt_logprobs=st["plps"],
+                    stop_reason=ev.stop_reason,
                 )
             )
         return outs

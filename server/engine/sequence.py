@@ -59,6 +59,7 @@ class Sequence:
             if (req.sampling.stop or req.stream_text)
             else None
         )
+        self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.arrival = time.monotonic()
         self.first_scheduled: float | None = None
         self.first_token: float | None = None

@@ -188,6 +188,9 @@ class TokenEvent:
     text: str
     finished: bool = False
     finish_reason: FinishReason | None = None
+    # what stopped it (vLLM's stop_reason): the stop string matched, or the stop_token_ids entry sampled; None for
+    # EOS, a length cut, or a completed grammar
+    stop_reason: str | int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # prompt tokens whose KV came from the prompt cache (not computed for this request), OpenAI's cached_tokens
@@ -220,3 +223,4 @@ class Output:
     e2e: float | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it

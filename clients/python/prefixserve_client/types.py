@@ -89,6 +89,9 @@ class Generation(_Model):
     prefix_version: Optional[int] = None
     text: str
     finish_reason: Optional[str] = None  # "stop" or "length"
+    stop_reason: Optional[Union[str, int]] = (
+        None  # the stop string or stop token id that ended it (None: EOS, length)
+    )
     usage: Usage = Field(default_factory=Usage)
     logprobs: Optional[list[TokenLogprob]] = None  # with ``logprobs=N``: one per generated token
     # with ``prompt_logprobs=N``: one per prompt token, None for the first (nothing predicts it)
@@ -106,6 +109,7 @@ class StreamDelta(_Model):
     text: str = ""
     token_ids: list[int] = Field(default_factory=list)
     finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[str, int]] = None  # on the last event: the stop string or stop token id
     usage: Optional[Usage] = None
     logprobs: Optional[list[TokenLogprob]] = None  # with ``logprobs=N``: the tokens since the previous delta
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = (
