@@ -668,3 +668,31 @@ def test_continuous_usage_stats_on_every_chunk(oai, route):
     assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in per_choice)
     plain = chunks(stream_options={"include_usage": True})
     assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage.completion_tokens == 8
+
+
+def test_echo_of_a_prompt_ending_inside_a_character_the_output_completes(srv):
+    """A token-id prompt ending with 3 of the 4 bytes of an emoji, its output the 4th: the output brings the whole
+    character, so the echo does not show U+FFFD for the part it had (it did: "...\ufffd🌟"), whole or streamed,
+    and text_offset stays on the text."""
+    import json
+
+    import httpx
+
+    from server.engine.token_bytes import _byte_level_table
+
+    tok = srv.app.state.ps.bundle.tokenizer
+    char_of = {b: ch for ch, b in _byte_level_table().items()}
+    ids = [tok.convert_tokens_to_ids(char_of[b]) for b in "Star \N{GLOWING STAR}".encode()]
+    body = {"model": "acme/base", "prompt": ids[:-1], "max_tokens": 1, "echo": True, "logprobs": 0}
+    body["logit_bias"] = {str(ids[-1]): 100}
+    c = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    got = c.post("/v1/completions", json=body).json()["choices"][0]
+    assert got["text"] == "Star \N{GLOWING STAR}"
+    lp = got["logprobs"]
+    assert lp["text_offset"][-1] == len("Star ")  # the completing byte starts where its character does
+    r = c.post("/v1/completions", json={**body, "stream": True})
+    chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    assert "".join(ch["choices"][0]["text"] for ch in chunks) == "Star \N{GLOWING STAR}"
+    # an output that does not complete it: the echo keeps its U+FFFD
+    body["logit_bias"] = {str(ids[0]): 100}
+    assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == "Star \ufffdS"

@@ -174,3 +174,28 @@ def test_sdk_sends_the_parameters(srv):
                                      include_stop_str_in_output=True)
         )  # fmt: skip
         assert streamed == text[: text.index(stop) + 1]
+
+
+def test_skip_special_tokens_and_its_text_offsets(srv):
+    """vLLM's skip_special_tokens: false keeps special tokens' text (it was ignored without a word), streamed or not;
+    with the default, a special token the text leaves out takes no room in text_offset (later offsets drifted)."""
+    c = srv.client("k-a")
+    tok = srv.app.state.ps.bundle.tokenizer
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    body = {"model": "acme/base", "prompt": "x", "max_tokens": 3, "logprobs": 0, "ignore_eos": True}
+    for skip in (True, False):
+        forced = {**body, "skip_special_tokens": skip, "prompt": [start], "max_tokens": 1}
+        forced["logit_bias"] = {str(start): 100}
+        first = c.post("/v1/completions", json=forced).json()["choices"][0]
+        assert first["text"] == ("" if skip else "<|im_start|>")
+        gen = c.post("/generate", json={"prefix": "base", "prompt": "x", "max_tokens": 2, "ignore_eos": True,
+                                       "logit_bias": {str(start): 100}, "skip_special_tokens": skip})  # fmt: skip
+        assert gen.json()["text"] == ("" if skip else "<|im_start|><|im_start|>")
+        streamed = c.post("/v1/completions", json={**forced, "stream": True})
+        chunks = [json.loads(x[6:]) for x in streamed.text.split("\n\n") if x.startswith("data: {")]
+        assert "".join(ch["choices"][0]["text"] for ch in chunks) == first["text"]
+    # text_offset: skipped special tokens take no room (the echoed prompt's are shown, and counted)
+    both = {**body, "prompt": "x", "max_tokens": 2, "logit_bias": {str(start): 100}}
+    got = c.post("/v1/completions", json={**both, "echo": True}).json()["choices"][0]
+    assert "<|im_start|>" in got["text"]  # the rendered prompt, special tokens and all
+    assert got["logprobs"]["text_offset"][-2:] == [len(got["text"])] * 2

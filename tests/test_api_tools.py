@@ -436,6 +436,8 @@ PARSER_CASES = [
     ("mistral", ' [{"name": "get_time", "arguments": {"zone": "UTC"}}, {"name": "get_weather", "arguments": {}}]',
      [("get_time", {"zone": "UTC"}), ("get_weather", {})], " "),
     ("mistral", "[1, 2, 3] are numbers", [], None),
+    ("mistral", '{"name": "get_time", "arguments": {"zone": "UTC"}}', [("get_time", {"zone": "UTC"})], ""),  # bare
+    ("mistral", '{"name": "rm", "arguments": {}}', [], None),
     # pythonic: a list of calls with keyword literals; nothing is evaluated
     ("pythonic", '[get_weather(city="Paris", unit="c"), get_time(zone=\'UTC\')]',
      [("get_weather", {"city": "Paris", "unit": "c"}), ("get_time", {"zone": "UTC"})], ""),

@@ -570,8 +570,59 @@ class _ByteTokenizer:
     def __init__(self, vocab: dict[int, bytes]) -> None:
         self.vocab = vocab
 
-    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:
+    def decode(self, ids, skip_special_tokens=True, **kw) -> str:
         return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+
+class _ByteTexts:
+    """`TokenTexts` of a `_ByteTokenizer`: each token's own bytes."""
+
+    def __init__(self, tok: _ByteTokenizer) -> None:
+        self.tok = tok
+
+    def entry(self, token_id: int) -> tuple[str, bytes]:
+        raw = self.tok.vocab[token_id]
+        return raw.decode("utf-8", errors="replace"), raw
+
+    def dropped(self, token_id: int) -> bool:
+        return False
+
+
+def test_a_model_that_writes_u_fffd_itself_streams_and_stops():
+    """U+FFFD written by the model (whole bytes EF BF BD) is text like any other: streamed as it comes and matched
+    by a stop string. It was taken for part of a character and held back to the end, so a stop string holding it
+    never ended the output and a stream sent nothing until the end. Part of a character is still held back."""
+    from server.engine.detokenizer import IncrementalDetokenizer
+
+    tok = _ByteTokenizer({1: b"ok ", 2: "\ufffd".encode(), 3: b" more", 4: b"\xe2\x82", 5: b"\xac", 9: b"x"})
+    d = IncrementalDetokenizer(tok, [9], (), texts=_ByteTexts(tok))
+    assert [d.add(i)[0] for i in (1, 2, 3, 4, 5)] == ["ok ", "\ufffd", " more", "", "\u20ac"]
+    d = IncrementalDetokenizer(tok, [9], ("\ufffd\ufffd",), texts=_ByteTexts(tok))
+    hits = [d.add(i)[1] for i in (1, 2, 2)]
+    assert hits == [False, False, True] and d.text == "ok " and d.stop_string == "\ufffd\ufffd"
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(smollm2_bundle):
+    """vLLM's skip_special_tokens=False: the text holds `<|im_end|>` and the like, streamed or decoded at once; an
+    output's special tokens count no characters in text_offset when they are skipped."""
+    from server.api.logprobs import TextOffsets
+    from server.engine.detokenizer import IncrementalDetokenizer, decode_output
+    from server.engine.token_bytes import TokenTexts
+
+    tok = smollm2_bundle.tokenizer
+    prompt, ids = tok.encode("Hi"), tok.encode("Hello<|im_end|><|im_start|>there")
+    texts = TokenTexts(tok)
+    for skip, want in ((True, "Hellothere"), (False, "Hello<|im_end|><|im_start|>there")):
+        d = IncrementalDetokenizer(tok, prompt, (), skip_special_tokens=skip, texts=texts)
+        assert "".join(d.add(i)[0] for i in ids) + d.finish() == want
+        assert decode_output(tok, prompt, ids, skip_special_tokens=skip) == want
+        offsets = TextOffsets(texts, skip)
+        starts = [offsets.take(i) for i in ids]
+        assert all(
+            want[o:].startswith(texts(i))
+            for o, i in zip(starts, ids, strict=True)
+            if not texts.dropped(i) or not skip
+        )
 
 
 def test_a_stop_string_held_back_with_a_partial_character_is_still_cut():

@@ -10,76 +10,14 @@ and the chat format carries the exact bytes.
 from __future__ import annotations
 
 import codecs
-import json
 import math
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from server.engine import TokenLogprob
+from server.engine.token_bytes import TokenTexts
 
 FLOOR = -9999.0  # what a log-probability of -inf is reported as (JSON has no infinities; vLLM does the same)
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def _byte_level_table() -> dict[str, int]:
-    """GPT-2's reversible byte <-> printable character map (used by every byte-level BPE tokenizer)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {b: b for b in keep}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = 256 + extra
-            extra += 1
-    return {chr(c): b for b, c in chars.items()}
-
-
-def _is_byte_level(tokenizer: Any) -> bool:
-    try:
-        decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder")
-    except Exception:  # a slow tokenizer, or none of the expected attributes
-        return False
-    return '"ByteLevel"' in json.dumps(decoder)
-
-
-class TokenTexts:
-    """id -> (text, bytes) of one token, cached: the vocabulary is finite and the same tokens come back."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
-        self._cache: dict[int, tuple[str, bytes]] = {}
-        self._special = {int(i) for i in getattr(tokenizer, "all_special_ids", None) or []}
-        self._byte_table = _byte_level_table() if _is_byte_level(tokenizer) else None
-
-    def _bytes(self, token_id: int) -> bytes:
-        piece = self._tok.convert_ids_to_tokens(token_id)
-        if piece is None:  # an id past the tokenizer's vocabulary (padded embedding rows)
-            return b""
-        if token_id not in self._special:
-            if m := _BYTE_TOKEN.fullmatch(piece):
-                return bytes([int(m.group(1), 16)])
-            table = self._byte_table
-            if table is not None and all(ch in table for ch in piece):
-                return bytes(table[ch] for ch in piece)
-        text = self._tok.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return text.encode("utf-8")
-
-    def entry(self, token_id: int) -> tuple[str, bytes]:
-        hit = self._cache.get(token_id)
-        if hit is None:
-            raw = self._bytes(token_id)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-            hit = self._cache[token_id] = (text, raw)
-        return hit
-
-    def __call__(self, token_id: int) -> str:
-        return self.entry(token_id)[0]
-
-    def piece(self, token_id: int) -> str:
-        """The token decoded alone, part of a character as U+FFFD (TGI's token text), not in `bytes:` notation."""
-        return self.entry(token_id)[1].decode("utf-8", errors="replace")
 
 
 def finite_logprob(x: float) -> float:
@@ -136,32 +74,39 @@ class TextOffsets:
     """Where each token of a choice starts in its text, in characters (the legacy format's `text_offset`): the
     complete characters of all the bytes before it. A token holding the rest of a character split across tokens
     starts where that character does, and a `bytes:\\xNN` token counts the characters it adds to the text, not the
-    length of its spelling."""
+    length of its spelling. With `skip_special` an output token the text leaves out (a special token) adds nothing;
+    echoed prompt tokens are shown whole."""
 
-    def __init__(self, texts: TokenTexts) -> None:
+    def __init__(self, texts: TokenTexts, skip_special: bool = True) -> None:
         self._texts = texts
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.chars = 0
+        self.skip_special = skip_special
 
-    def take(self, token_id: int) -> int:
+    def take(self, token_id: int, prompt: bool = False) -> int:
         at = self.chars
-        self.chars += len(self._decoder.decode(self._texts.entry(token_id)[1]))
+        if prompt or not (self.skip_special and self._texts.dropped(token_id)):
+            self.chars += len(self._decoder.decode(self._texts.entry(token_id)[1]))
         return at
 
 
 def completion_logprobs(
-    lps: list[TokenLogprob], text: TokenTexts, offsets: TextOffsets, first_token: int | None = None
+    lps: list[TokenLogprob],
+    text: TokenTexts,
+    offsets: TextOffsets,
+    first_token: int | None = None,
+    prompt: bool = False,
 ) -> dict[str, Any]:
     """OpenAI legacy format; `offsets` follows the choice's text across calls (a stream's chunks, echo then
     output). `first_token`: echoed prompts start with a token nothing predicts, reported with null
-    log-probabilities."""
+    log-probabilities; `prompt`: these are (echoed) prompt tokens."""
     tokens, starts, values, tops = [], [], [], []
     entries: list[tuple[int, TokenLogprob | None]] = [(first_token, None)] if first_token is not None else []
     entries += [(lp.token_id, lp) for lp in lps]
     for token_id, lp in entries:
         t = text(token_id)
         tokens.append(t)
-        starts.append(offsets.take(token_id))
+        starts.append(offsets.take(token_id, prompt))
         if lp is None:
             values.append(None)
             tops.append(None)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -280,6 +281,8 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         seed=body.seed,
         stop=body.stop,
         include_stop_str_in_output=body.include_stop_str_in_output,
+        skip_special_tokens=body.skip_special_tokens,
+        spaces_between_special_tokens=body.spaces_between_special_tokens,
         ignore_eos=body.ignore_eos,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
@@ -404,7 +407,26 @@ def _echo_part(
         return text, None
     k = ch.plan.logprobs or 0  # the engine may report more alternatives (for prompt_logprobs)
     rest = [replace(lp, top=lp.top[:k]) for lp in (plps or [])[1:] if lp is not None]
-    return text, completion_logprobs(rest, ch.text, offsets, first_token=ids[0])
+    return text, completion_logprobs(rest, ch.text, offsets, first_token=ids[0], prompt=True)
+
+
+def _pending_tail(ch: _Choices, index: int) -> bytes:
+    """The bytes of an echoed prompt that end inside a character (its text shows U+FFFD there); b"" if none."""
+    echoed = ch.echoed(index)
+    if echoed is None or ch.plan.hide_output:
+        return b""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for t in echoed[1]:
+        decoder.decode(ch.text.entry(t)[1])
+    return decoder.getstate()[0]
+
+
+def _echo_then(echo: str, pending: bytes, output: str) -> str:
+    """Echo and output as one text: the output's first character completes a prompt that ends inside it (the
+    detokenizer gives the whole character to the output), so the echo's U+FFFD for that part is not shown too."""
+    if pending and echo.endswith("\ufffd") and output[:1].encode("utf-8").startswith(pending):
+        echo = echo[:-1]
+    return echo + output
 
 
 def _join_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -414,7 +436,8 @@ def _join_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[s
 
 
 def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> dict[str, Any]:
-    offsets = TextOffsets(ch.text) if res.logprobs is not None else None
+    skip = ch.runs[index].req.sampling.skip_special_tokens
+    offsets = TextOffsets(ch.text, skip) if res.logprobs is not None else None
     text, logprobs = "", None
     if ch.plan.echo is not None:
         text, logprobs = _echo_part(ch, index, res.prompt_logprobs, offsets)
@@ -424,7 +447,7 @@ def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> 
             if offsets and res.logprobs is not None
             else None
         )
-        text, logprobs = text + res.text, _join_logprobs(logprobs, gen)
+        text, logprobs = _echo_then(text, _pending_tail(ch, index), res.text), _join_logprobs(logprobs, gen)
     body = {
         "index": index,
         "text": text,
@@ -480,10 +503,18 @@ async def _completion_choice(
         }
         return sse(c)
 
-    offsets = TextOffsets(ch.text) if run.req.sampling.logprobs is not None else None
+    sampling = run.req.sampling
+    offsets = TextOffsets(ch.text, sampling.skip_special_tokens) if sampling.logprobs is not None else None
+    held: tuple[str, Any] | None = (
+        None  # an echo ending inside a character: sent with the output's first text
+    )
+    pending = _pending_tail(ch, index)
     if ch.plan.echo is not None:
         text, logprobs = _echo_part(ch, index, (await run.started()).prompt_logprobs, offsets)
-        yield chunk(text, logprobs, None)
+        if pending:
+            held = (text, logprobs)
+        else:
+            yield chunk(text, logprobs, None)
     async for ev, _ids, lps in chunked_events(run):
         finish = ev.finish_reason if ev.finished else None
         if ch.plan.hide_output:  # echo with max_tokens 0: the one generated token is not part of the answer
@@ -493,7 +524,11 @@ async def _completion_choice(
         logprobs = None
         if lps is not None and offsets is not None:
             logprobs = completion_logprobs(lps, ch.text, offsets)
-        yield chunk(ev.text, logprobs, finish)
+        text = ev.text
+        if held is not None:
+            text, logprobs = _echo_then(held[0], pending, text), _join_logprobs(held[1], logprobs)
+            held = None
+        yield chunk(text, logprobs, finish)
 
 
 async def _completion_frames(ch: _Choices, cid: str, usage_mode: UsageMode) -> AsyncIterator[bytes]:

@@ -76,6 +76,10 @@ MIN_P_DOC = (
     "vLLM: drop tokens less likely than min_p times the most likely one (after top-k and top-p; 0 disables)"
 )
 INCLUDE_STOP_DOC = "vLLM: end the text with the stop string that ended it (default: the text stops before it)"
+SKIP_SPECIAL_DOC = "vLLM: the text leaves out special tokens (false: keeps them, e.g. `<|im_end|>`)"
+SPACES_SPECIAL_DOC = (
+    "vLLM: spaces between special tokens in the text (slow tokenizers only; fast ones ignore it)"
+)
 TRUNCATE_DOC = "vLLM: keep only the last N prompt tokens (after rendering), so a long prompt fits instead of being refused"
 PROMPT_FORMAT_DOC = (
     "How a text prompt becomes tokens: 'chat' (one user message through the model's chat template, with the "
@@ -194,6 +198,8 @@ class GenerateRequest(BaseModel):
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
     include_stop_str_in_output: bool = Field(False, description=INCLUDE_STOP_DOC)
+    skip_special_tokens: bool = Field(True, description=SKIP_SPECIAL_DOC)
+    spaces_between_special_tokens: bool = Field(True, description=SPACES_SPECIAL_DOC)
     prompt_format: PromptFormat | None = Field(None, description=PROMPT_FORMAT_DOC)
     truncate_prompt_tokens: TruncatePromptTokens | None = Field(None, description=TRUNCATE_DOC)
     priority: Priority = Field(0, description=PRIORITY_DOC)
@@ -307,6 +313,8 @@ class _OpenAIBase(BaseModel):
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
     include_stop_str_in_output: bool = Field(False, description="Extension (" + INCLUDE_STOP_DOC + ")")
+    skip_special_tokens: bool = Field(True, description="Extension (" + SKIP_SPECIAL_DOC + ")")
+    spaces_between_special_tokens: bool = Field(True, description="Extension (" + SPACES_SPECIAL_DOC + ")")
     prompt_logprobs: TopLogprobs | None = Field(
         None,
         description="Extension (vLLM): the log-probability of each prompt token and of the N most likely tokens "

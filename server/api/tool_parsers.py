@@ -84,12 +84,12 @@ def _lead(text: str, tags: tuple[str, ...]) -> tuple[str, str]:
 
 def _start_hold(text: str, tags: tuple[str, ...], opener: str) -> int:
     """Start-anchored formats: everything is held from the first non-space character when the output begins as a
-    call could (the opener or a tag, or a prefix of a tag); else nothing is."""
+    call could (one of the `opener` characters, a tag, or a prefix of a tag); else nothing is."""
     i = len(text) - len(text.lstrip())
     rest = text[i:]
     if not rest:
         return i
-    if rest.startswith(opener) or any(rest.startswith(t) or t.startswith(rest) for t in tags):
+    if rest[0] in opener or any(rest.startswith(t) or t.startswith(rest) for t in tags):
         return i
     return len(text)
 
@@ -267,7 +267,8 @@ class AutoStream:
 _REGISTRY = {
     "hermes": ToolParser("hermes", _hermes_split, _hermes_hold, blocks=True),
     "llama3_json": ToolParser("llama3_json", _llama3_split, lambda t: _start_hold(t, (PYTHON_TAG,), "{")),
-    "mistral": ToolParser("mistral", _mistral_split, lambda t: _start_hold(t, (MISTRAL_TAG,), "[")),
+    # (a bare object is a call too: `_mistral_split` takes one)
+    "mistral": ToolParser("mistral", _mistral_split, lambda t: _start_hold(t, (MISTRAL_TAG,), "[{")),
     "pythonic": ToolParser("pythonic", _pythonic_split, lambda t: _start_hold(t, (PYTHON_TAG,), "[")),
 }
 

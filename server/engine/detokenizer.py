@@ -7,6 +7,9 @@ characters that are later cut.
 
 from __future__ import annotations
 
+import codecs
+from typing import Any
+
 CONTEXT_TOKENS = 6  # prompt tokens decoded before the output: a first token's leading space depends on them
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
@@ -22,13 +25,26 @@ def kept_length(before: str, after: str) -> int:
     return n
 
 
-def decode_output(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+def decode_text(tokenizer, ids: list[int], skip_special_tokens: bool = True, spaces: bool = True) -> str:
+    """`ids` as output text: special tokens left out or not (vLLM's skip_special_tokens), spaces between them or
+    not (its spaces_between_special_tokens: slow tokenizers only, fast ones ignore it)."""
+    return tokenizer.decode(
+        ids,
+        skip_special_tokens=skip_special_tokens,
+        spaces_between_special_tokens=spaces,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def decode_output(
+    tokenizer, prompt_ids: list[int], ids: list[int], skip_special_tokens: bool = True, spaces: bool = True
+) -> str:
     """The text of `ids` as they follow the prompt, decoded at once: the same text an `IncrementalDetokenizer` gives
     (SentencePiece-style decoders drop the leading space of whatever they decode first, so the output is decoded
     after the end of the prompt and that part taken off)."""
 
     def decode(t: list[int]) -> str:
-        return tokenizer.decode(t, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode_text(tokenizer, t, skip_special_tokens, spaces)
 
     ctx = list(prompt_ids[-CONTEXT_TOKENS:])
     before, whole = decode(ctx), decode(ctx + ids)
@@ -46,10 +62,20 @@ class IncrementalDetokenizer:
         include_stop: bool = False,
         *,
         min_tokens: int = 0,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        texts: Any = None,
     ) -> None:
         """`min_tokens`: stop strings count only from the token that reaches it on (vLLM's rule: a match must
-        take in text of that token or a later one; EOS and stop token ids are banned until then by the sampler)."""
+        take in text of that token or a later one; EOS and stop token ids are banned until then by the sampler).
+        `texts`: the tokens' own bytes (`TokenTexts`), by which text ending inside a character is held back; without
+        them, text ending in U+FFFD is (so a model that writes U+FFFD itself would be held back to the end)."""
         self.tok = tokenizer
+        self.skip_special = skip_special_tokens
+        self.spaces = spaces_between_special_tokens
+        self.texts = texts
+        # the bytes of the text so far: its last character is complete when none are pending
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stop = stop
         self.min_tokens = min_tokens
         self.generated = 0  # tokens added
@@ -57,6 +83,8 @@ class IncrementalDetokenizer:
         self.hold = max((len(s) for s in stop), default=1) - 1
         # context, so the first tokens decode with their spacing
         self.ids: list[int] = list(prompt_ids[-CONTEXT_TOKENS:])
+        for t in self.ids:
+            self._feed(t)
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""  # all generated text so far (complete characters)
@@ -65,16 +93,27 @@ class IncrementalDetokenizer:
         self.stop_string: str | None = None  # the one that did
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode_text(self.tok, ids, self.skip_special, self.spaces)
+
+    def _feed(self, token_id: int) -> None:
+        if self.texts is not None and not (self.skip_special and self.texts.dropped(token_id)):
+            self._utf8.decode(self.texts.entry(token_id)[1])
+
+    def _complete(self, text: str) -> bool:
+        """Whether the text decoded so far ends with a whole character."""
+        if self.texts is not None:
+            return not self._utf8.getstate()[0]
+        return not text.endswith(REPLACEMENT)
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Add one token; returns (text delta safe to emit, stop string hit)."""
         self.ids.append(token_id)
+        self._feed(token_id)
         self.generated += 1
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
         kept = kept_length(prefix_text, new_text)
-        if len(new_text) > kept and not new_text.endswith(REPLACEMENT):
+        if len(new_text) > kept and self._complete(new_text):
             start = len(self.text)
             self.text += new_text[kept:]
             self.prefix_offset = self.read_offset

@@ -40,6 +40,7 @@ from server.engine.scheduler import ScheduledItem, Scheduler, SchedulerConfig
 from server.engine.sequence import SeqStatus, Sequence
 from server.engine.spec import accept, accept_sampled
 from server.engine.structured import MASK_BUDGET_MS, Constraint, GrammarCompiler, MaskBudget
+from server.engine.token_bytes import TokenTexts
 from server.engine.types import Output, QueueFull, Request, RequestTooLarge, TokenEvent, TokenLogprob
 from server.model.spec import ModelBundle
 
@@ -131,6 +132,9 @@ class LLMEngine:
         on_prefix_loaded: Callable[[], None] | None = None,
     ) -> None:
         self.bundle = bundle
+        self.token_texts = TokenTexts(
+            bundle.tokenizer
+        )  # each token's bytes (the detokenizers' own, this thread's)
         self.cfg = cfg = config or EngineConfig()
         sp = bundle.spec
         self.max_model_len = serving_context(cfg.max_model_len, sp.max_positions)
@@ -274,7 +278,9 @@ class LLMEngine:
         self.validate(req, check_queue=not admitted)
         gen = None if req.sampling.greedy else make_generator(req.sampling.seed, self.bundle.device)
         so = req.sampling.structured
-        seq = Sequence(req, self.bundle.tokenizer, gen, self.grammars.constraint(so) if so else None)
+        seq = Sequence(
+            req, self.bundle.tokenizer, gen, self.grammars.constraint(so) if so else None, self.token_texts
+        )
         self._seqs[req.request_id] = seq
         if on_event is not None:
             self._callbacks[req.request_id] = on_event
@@ -786,8 +792,9 @@ class LLMEngine:
             reason = "stop"
             if tok in p.stop_token_ids:
                 seq.stop_reason = tok
-            if seq.detok is not None and p.include_stop_str_in_output and tok in p.stop_token_ids:
-                delta = seq.detok.add(tok)[0]  # its text ends the output (vLLM's; a special token has none)
+            if seq.detok is not None and p.include_stop_str_in_output:
+                # its text ends the output (vLLM's; with skip_special_tokens a special token has none)
+                delta = seq.detok.add(tok)[0]
         elif seq.detok is not None:
             delta, hit = seq.detok.add(tok)
             if hit:
@@ -826,13 +833,14 @@ class LLMEngine:
         if (
             seq.finish_reason == "stop"
             and out
-            and out[-1] in p.stop_token_ids
+            and (out[-1] in p.stop_token_ids or (not p.ignore_eos and out[-1] in self.eos_ids))
             and not p.include_stop_str_in_output
         ):
             # the token that stopped it is not text (as when streamed: it never reaches the detokenizer)
             out = out[:-1]
-        ids = [t for t in out if t not in self.eos_ids]
-        return decode_output(self.bundle.tokenizer, seq.prompt, ids)
+        return decode_output(
+            self.bundle.tokenizer, seq.prompt, out, p.skip_special_tokens, p.spaces_between_special_tokens
+        )
 
     def _finish(
         self,

@@ -11,6 +11,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.prefix_cache import PrefixEntry, prompt_cache_root
 from server.engine.spec import NgramIndex
 from server.engine.structured import Constraint
+from server.engine.token_bytes import TokenTexts
 from server.engine.types import Request, TokenLogprob
 
 
@@ -27,6 +28,7 @@ class Sequence:
         tokenizer,
         generator: torch.Generator | None,
         constraint: Constraint | None = None,
+        texts: TokenTexts | None = None,
     ) -> None:
         self.req = req
         self.request_id = req.request_id
@@ -55,6 +57,9 @@ class Sequence:
                 req.sampling.stop,
                 req.sampling.include_stop_str_in_output,
                 min_tokens=req.sampling.min_tokens,
+                skip_special_tokens=req.sampling.skip_special_tokens,
+                spaces_between_special_tokens=req.sampling.spaces_between_special_tokens,
+                texts=texts,
             )
             if (req.sampling.stop or req.stream_text)
             else None

@@ -74,6 +74,9 @@ class SamplingParams:
     min_tokens: int = 0
     # The output is constrained to this JSON schema / regex / choice / grammar (server.engine.structured).
     structured: StructuredOutputs | None = None
+    # vLLM: the text leaves out special tokens (default), and puts spaces between them (slow tokenizers only).
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -1,0 +1,81 @@
+"""Each token's own bytes and text: byte-level BPE tokens mapped back to bytes, SentencePiece `<0xNN>` byte tokens,
+otherwise `tokenizer.decode([id])` with special tokens kept. The engine's detokenizer tells a complete character from
+part of one by them; the API reports log-probabilities' tokens by them."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's reversible byte <-> printable character map (used by every byte-level BPE tokenizer)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: b for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + extra
+            extra += 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    try:
+        decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder")
+    except Exception:  # a slow tokenizer, or none of the expected attributes
+        return False
+    return '"ByteLevel"' in json.dumps(decoder)
+
+
+class TokenTexts:
+    """id -> (text, bytes) of one token, cached: the vocabulary is finite and the same tokens come back."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._cache: dict[int, tuple[str, bytes]] = {}
+        self._dropped: dict[int, bool] = {}
+        self._special = {int(i) for i in getattr(tokenizer, "all_special_ids", None) or []}
+        self._byte_table = _byte_level_table() if _is_byte_level(tokenizer) else None
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self._tok.convert_ids_to_tokens(token_id)
+        if piece is None:  # an id past the tokenizer's vocabulary (padded embedding rows)
+            return b""
+        if token_id not in self._special:
+            if m := _BYTE_TOKEN.fullmatch(piece):
+                return bytes([int(m.group(1), 16)])
+            table = self._byte_table
+            if table is not None and all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        text = self._tok.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return text.encode("utf-8")
+
+    def entry(self, token_id: int) -> tuple[str, bytes]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            hit = self._cache[token_id] = (text, raw)
+        return hit
+
+    def __call__(self, token_id: int) -> str:
+        return self.entry(token_id)[0]
+
+    def piece(self, token_id: int) -> str:
+        """The token decoded alone, part of a character as U+FFFD (TGI's token text), not in `bytes:` notation."""
+        return self.entry(token_id)[1].decode("utf-8", errors="replace")
+
+    def dropped(self, token_id: int) -> bool:
+        """The token has text of its own but `decode(..., skip_special_tokens=True)` leaves it out (a special
+        token, or an added token marked special)."""
+        hit = self._dropped.get(token_id)
+        if hit is None:
+            shown = self._tok.decode([token_id], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            hit = self._dropped[token_id] = shown == "" and self.entry(token_id)[1] != b""
+        return hit
