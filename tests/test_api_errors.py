@@ -410,3 +410,48 @@ def test_a_prefix_and_request_too_large_for_the_kv_cache_is_a_413(server_factory
     )
     assert "the cache holds 32" in err["message"]
     assert s.client().post("/generate", json={**body, "max_tokens": 20}).status_code == 200
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(server_factory, monkeypatch):
+    """More characters than max_prompt_tokens tokens can hold: a 413 without taking the shared tokenizer thread
+    (ten such prompts at once held every tenant's requests for seconds, only to be refused)."""
+    from server.api import routes_generate
+
+    srv = server_factory(max_prompt_tokens=8)
+    c = srv.client()
+    svc = srv.svc
+    most = 2 * svc.settings.max_prompt_tokens * svc.max_token_chars
+    monkeypatch.setattr(routes_generate, "render_prompt", lambda *a: pytest.fail("tokenized"))
+    big = "a" * (most + 1)
+    body = {"tenant_id": "acme", "prefix": "base", "prompt": big}
+    err = assert_error(c.post("/generate", json=body), 413, "prompt_too_long")
+    assert err["param"] == "prompt" and "characters" in err["message"]
+    body = {"model": "acme/base", "messages": [{"role": "user", "content": big}]}
+    assert assert_error(c.post("/v1/chat/completions", json=body), 400)["param"] == "messages"
+
+
+def test_tenant_gate_holds_each_tenant_to_its_share():
+    """One tenant's third tokenization waits for one of its own two; another tenant's goes at once."""
+    import asyncio
+
+    from server.api.service import TenantGate
+
+    async def run() -> list[str]:
+        gate, order, release = TenantGate(2), [], asyncio.Event()
+
+        async def job(tenant: str, name: str) -> None:
+            async with gate.hold(tenant):
+                order.append(name)
+                if tenant == "a":
+                    await release.wait()
+
+        tasks = [asyncio.create_task(job("a", f"a{i}")) for i in range(3)]
+        await asyncio.sleep(0.01)
+        await job("b", "b0")  # not behind tenant a's third
+        order.append("|")
+        release.set()
+        await asyncio.gather(*tasks)
+        assert gate._slots == {}  # nothing kept for tenants that are done
+        return order
+
+    assert asyncio.run(run()) == ["a0", "a1", "b0", "|", "a2"]

@@ -356,6 +356,22 @@ def test_invalid_specs_raise_grammar_error(tiny_llama_bundle, so, needle):
     assert g.compilations == 0
 
 
+def test_a_refused_spec_is_refused_again_without_compiling(tiny_llama_bundle, monkeypatch):
+    """A spec that failed (invalid, or too expensive to follow after seconds of work) is refused at once when sent
+    again: a tenant repeating it made the server pay the whole compilation each time."""
+    g = GrammarCompiler(tiny_llama_bundle.tokenizer, tiny_llama_bundle.spec.vocab_size, 0)
+    tries = []
+    real = g._compile_matcher
+    monkeypatch.setattr(g, "_compile_matcher", lambda so: tries.append(so) or real(so))
+    bad = StructuredOutputs("grammar", "start: undefined_rule")
+    for _ in range(3):
+        with pytest.raises(GrammarError, match="undefined_rule"):
+            g.compile(bad)
+    assert len(tries) == 1
+    g.compile(REGEX)  # a good spec still compiles
+    assert len(tries) == 2 and g.compilations == 1
+
+
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="kind"):
         StructuredOutputs("yaml", "x")  # type: ignore[arg-type]

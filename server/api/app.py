@@ -31,7 +31,7 @@ from server.api.errors import APIError, SafeJSONResponse, install_error_handlers
 from server.api.limits import RateLimiter
 from server.api.metrics import Metrics
 from server.api.reload import ConfigReloader, loaded_signatures
-from server.api.service import ClientDisconnected, RequestInfo, Service, rate_limiter
+from server.api.service import CURRENT_REQUEST, ClientDisconnected, RequestInfo, Service, rate_limiter
 from server.settings import Settings
 
 log = logging.getLogger("prefixserve.api")
@@ -166,6 +166,7 @@ class ServiceMiddleware:
         rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         info = RequestInfo(request_id=rid)
         scope["prefixserve"] = info
+        CURRENT_REQUEST.set(info)  # (this task's context: the route runs in it)
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET")
         probe = path in PROBES

@@ -67,4 +67,8 @@ async def render_chat(
     """Token ids of `messages` (the body's, as the template takes them) with the body's template options, on the
     tokenizer threads."""
     render = functools.partial(render_messages, **template_options(body))
+    chars = sum(len(str(m.get("content") or "")) for m in messages)
+    svc.check_prompt_chars(
+        chars, "messages", truncating=getattr(body, "truncate_prompt_tokens", None) is not None
+    )
     return await svc.tokenize(render, svc.bundle.tokenizer, messages, tools)

@@ -114,6 +114,7 @@ async def generate(
         structured=await svc.structured(body.structured_outputs),
     )
     fmt = prompt_format(body.prompt_format, prefix, svc.bundle.tokenizer)
+    svc.check_prompt_chars(len(body.prompt), truncating=body.truncate_prompt_tokens is not None)
     ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.prompt, fmt)
     ids = truncate_prompt(ids, body.truncate_prompt_tokens)
     (run,) = await svc.generate_many(
@@ -222,6 +223,7 @@ async def tokenize(
             )
         assert body.prompt is not None
         fmt = prompt_format(body.prompt_format, prefix, tok)
+        svc.check_prompt_chars(len(body.prompt))
         ids = await svc.tokenize(render_prompt, tok, body.prompt, fmt)
     return TokenizeResponse(
         tokens=ids,
@@ -242,7 +244,10 @@ async def detokenize(
     vocab = svc.bundle.spec.vocab_size
     if any(t >= vocab for t in body.tokens):
         raise APIError(422, f"token ids must be below {vocab}", code="invalid_value", param="tokens")
-    text = svc.bundle.tokenizer.decode(
-        body.tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False
-    )
+    # (off the event loop, as tokenizing: a long list takes a while)
+    text = await svc.tokenize(_detokenize, svc.bundle.tokenizer, body.tokens)
     return DetokenizeResponse(prompt=text)
+
+
+def _detokenize(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -189,6 +189,9 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
         info.prompt = "\n".join(str(x) for x in items)
     # text is rendered in the prefix's prompt format (or the one asked for); token ids are used as given
     fmt = prompt_format(body.prompt_format, prefix, tok)
+    for x in items:
+        if isinstance(x, str):
+            svc.check_prompt_chars(len(x), truncating=body.truncate_prompt_tokens is not None)
     prompts = [
         truncate_prompt(
             await svc.tokenize(render_prompt, tok, x, fmt) if isinstance(x, str) else list(x),
@@ -248,12 +251,15 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     except APIError as e:
         raise _as_openai_error(e, body.model) from None
     info.version = prefix.version
-    if chat:
-        assert isinstance(body, ChatCompletionRequest)
-        plan = await _chat_plan(svc, info, body, prefix)
-    else:
-        assert isinstance(body, CompletionRequest)
-        plan = await _completion_plan(svc, info, body, prefix)
+    try:  # (a prompt refused as too long before it is tokenized: OpenAI's 400 too)
+        if chat:
+            assert isinstance(body, ChatCompletionRequest)
+            plan = await _chat_plan(svc, info, body, prefix)
+        else:
+            assert isinstance(body, CompletionRequest)
+            plan = await _completion_plan(svc, info, body, prefix)
+    except APIError as e:
+        raise _as_openai_error(e, body.model) from None
     plan.prompt_logprobs = body.prompt_logprobs
     try:
         so = body.structured_param()

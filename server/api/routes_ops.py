@@ -44,7 +44,9 @@ async def check_store(svc: Any) -> str | None:
     """Ping the prefix store (bounded by STORE_PING_TIMEOUT_S) and record the answer in `svc.store_ok`, which
     `/metrics`' `prefixserve:ready` reads; returns what went wrong (None: reachable)."""
     try:
-        await asyncio.wait_for(asyncio.to_thread(svc.store.ping), STORE_PING_TIMEOUT_S)
+        # on its own thread: the default pool may be busy with every request's store lookups
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.run_in_executor(svc._probe_pool, svc.store.ping), STORE_PING_TIMEOUT_S)
     except Exception as e:
         svc.store_ok = False
         return type(e).__name__

@@ -83,7 +83,9 @@ class TGIParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    adapter_id: str | None = Field(None, description="The prefix: `tenant/prefix[@version]` (or `tenant`)")
+    adapter_id: str | None = Field(
+        None, max_length=300, description="The prefix: `tenant/prefix[@version]` (or `tenant`)"
+    )
     adapter_source: str | None = Field(None, description="`local` or `pbase` (prefixes live in this server)")
     merged_adapters: dict[str, Any] | None = Field(None, description="Not supported (422)")
     api_token: str | None = Field(None, description="Ignored: authenticate with the Authorization header")
@@ -386,6 +388,7 @@ async def _start(
             raise
         info.version = prefix.version
         structured = await _structured(svc, p)
+        svc.check_prompt_chars(len(body.inputs), "inputs", truncating=p.truncate is not None)
         ids = await svc.tokenize(_prompt_ids, svc.bundle.tokenizer, body.inputs, prefix, p.truncate)
         sampling = _sampling(svc, p, svc.llm.max_model_len - prefix.prefix_length - len(ids), structured)
         (run,) = await svc.generate_many(

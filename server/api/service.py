@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from prefix_store import PrefixMeta, PrefixStore, errors
 from server import model as _model
@@ -48,6 +50,34 @@ from server.prefixes import validate_kv
 from server.settings import Settings
 
 log = logging.getLogger("prefixserve.api")
+T = TypeVar("T")
+TOKENIZE_PER_TENANT = (
+    2  # a tenant's prompts tokenizing at once (more wait their turn, not on the pool's queue)
+)
+COMPILE_PER_TENANT = 1  # a tenant's grammars compiling at once
+
+
+class TenantGate:
+    """At most `per_tenant` holders per tenant at a time (asyncio; entries exist only while held or waited for)."""
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self._slots: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, tenant: str) -> AsyncIterator[None]:
+        sem, users = self._slots.get(tenant) or (asyncio.Semaphore(self.per_tenant), 0)
+        self._slots[tenant] = (sem, users + 1)
+        try:
+            async with sem:
+                yield
+        finally:
+            users = self._slots[tenant][1] - 1
+            if users:
+                self._slots[tenant] = (sem, users)
+            else:
+                del self._slots[tenant]
+
 
 # a request for the latest version tries at most this many versions when each is gone before its KV is fetched
 MAX_LATEST_ATTEMPTS = 3
@@ -176,6 +206,20 @@ class RequestInfo:
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
     headers: dict[str, str] = field(default_factory=dict)  # added to the response (x-ratelimit-*)
+
+
+# the request being handled (set by the middleware): whose work the shared pools do
+CURRENT_REQUEST: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(
+    "prefixserve_request", default=None
+)
+
+
+def requester() -> str:
+    """The tenant (or, before a tenant is known, the key) of the request being handled; "" outside one."""
+    info = CURRENT_REQUEST.get()
+    if info is None:
+        return ""
+    return info.tenant or info.principal or ""
 
 
 class PrefixMetaCache:
@@ -619,13 +663,26 @@ class Service:
     store_ok: bool = True
     # prefix uploads being parsed and stored (at most settings.max_concurrent_uploads)
     uploading_tenants: set[str] = field(default_factory=set)  # one upload each at a time (`_admit_upload`)
-    downloads_active: int = (
-        0  # prefix downloads being read and encoded (at most settings.max_concurrent_downloads)
+    # prefix downloads being read and encoded (at most settings.max_concurrent_downloads)
+    downloads_active: int = 0
+    # grammars compile on their own threads (half the cores, as vLLM's), never on the default pool that readiness
+    # and store lookups use, one at a time per tenant; prompts tokenize at most TOKENIZE_PER_TENANT at a time per
+    # tenant, so one tenant's many long prompts cannot queue everyone's behind them
+    _compile_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(
+            max(1, ((os.cpu_count() or 1) + 1) // 2), thread_name_prefix="grammar"
+        )
     )
+    _probe_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="store-ping")
+    )
+    _tokenize_gate: TenantGate = field(default_factory=lambda: TenantGate(TOKENIZE_PER_TENANT))
+    _compile_gate: TenantGate = field(default_factory=lambda: TenantGate(COMPILE_PER_TENANT))
     tool_parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(TenantLimit()))
     usage: UsageMeter = field(default_factory=UsageMeter)
     token_text: TokenTexts = field(init=False)  # id -> text for reported log-probabilities
+    max_token_chars: int = field(init=False, default=65)  # the most characters one token's text can have
 
     @property
     def uploads_active(self) -> int:
@@ -634,6 +691,24 @@ class Service:
 
     def __post_init__(self) -> None:
         self.token_text = TokenTexts(self.bundle.tokenizer)
+        # the most characters one token's text can have (+1: a decoder may put a space between tokens)
+        vocab = self.bundle.tokenizer.get_vocab() if hasattr(self.bundle.tokenizer, "get_vocab") else {}
+        self.max_token_chars = max((len(piece) for piece in vocab), default=64) + 1
+
+    def check_prompt_chars(self, chars: int, param: str = "prompt", truncating: bool = False) -> None:
+        """A prompt of more characters than `max_prompt_tokens` tokens can hold (twice over: normalizers may join
+        characters) is a 413 before it is tokenized: long text takes the shared tokenizer thread a while, only to
+        be refused. With truncation asked for, only the body size limit bounds it."""
+        most = 2 * self.settings.max_prompt_tokens * self.max_token_chars
+        if chars > most and not truncating:
+            self.metrics.rejected.labels("too_long").inc()
+            raise APIError(
+                413,
+                f"prompt has {chars} characters: more than {self.settings.max_prompt_tokens} tokens (the limit) "
+                "could hold",
+                code="prompt_too_long",
+                param=param,
+            )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -717,7 +792,8 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.to_thread(self.engine.shutdown)
-        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._tokenizer_pool, self._compile_pool, self._probe_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ state for /ready and /metrics
     def engine_alive(self) -> bool:
@@ -895,12 +971,15 @@ class Service:
         return await asyncio.shield(fut)
 
     # ------------------------------------------------------------------ generation
-    async def tokenize(self, fn: Callable[..., list[int]], *args: Any) -> list[int]:
+    async def tokenize(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the tokenizer's own thread (tokenizing, rendering a chat template, decoding), at most
+        TOKENIZE_PER_TENANT of the requesting tenant's at a time."""
         from jinja2 import TemplateError  # transformers' chat templates are jinja2
 
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._tokenizer_pool, fn, *args)
+            async with self._tokenize_gate.hold(requester()):
+                return await loop.run_in_executor(self._tokenizer_pool, fn, *args)
         except (ValueError, TypeError, UnicodeError, TemplateError) as e:
             raise APIError(
                 422, f"cannot render the prompt: {e}", code="invalid_prompt", param="prompt"
@@ -1015,8 +1094,10 @@ class Service:
         hit = grammars.cached(spec)
         if hit is not None:
             return hit
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(grammars.compile, spec)
+            async with self._compile_gate.hold(requester()):
+                return await loop.run_in_executor(self._compile_pool, grammars.compile, spec)
         except GrammarError as e:
             raise APIError(
                 422, f"invalid {param}: {e}", code="invalid_structured_output", param=param

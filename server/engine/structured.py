@@ -176,6 +176,8 @@ class GrammarCompiler:
         self._lltok: Any = None
         self._limits: Any = None
         self._compiled: OrderedDict[StructuredOutputs, Any] = OrderedDict()
+        # specs refused, with why: a repeat is refused at once instead of paying the compilation again
+        self._refused: OrderedDict[StructuredOutputs, str] = OrderedDict()
         self._lock = threading.Lock()
         self.compilations = 0  # distinct specs compiled (cache misses)
 
@@ -215,6 +217,20 @@ class GrammarCompiler:
         m = self._hit(so)
         if m is not None:
             return m
+        with self._lock:
+            why = self._refused.get(so)
+        if why is not None:
+            raise GrammarError(why)
+        try:
+            return self._compile_matcher(so)
+        except GrammarError as e:
+            with self._lock:
+                self._refused[so] = str(e)
+                while len(self._refused) > self._cache_size:
+                    self._refused.popitem(last=False)
+            raise
+
+    def _compile_matcher(self, so: StructuredOutputs) -> Any:
         with self._lock:
             tok = self._tokenizer()
         from llguidance import LLMatcher
