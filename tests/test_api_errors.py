@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import warnings
 
 import pytest
@@ -333,11 +334,31 @@ def test_a_failure_inside_a_stream_ends_it_with_an_error_frame_and_done(srv, mon
     assert r.status_code == 200
 
 
-def test_uploads_are_authenticated_before_their_body_is_read(server_factory):
-    """An upload may be up to max_upload_bytes: a client without a valid key is refused on its headers alone,
-    before the server takes in any of the body (here it never sends one: the answer still comes)."""
+def _answer_to_headers_alone(port: int, head: bytes) -> tuple[str, str]:
+    """Send a request's head (its Content-Length promising a body that never comes) and read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(4096)
+        head_s, body = data.decode().split("\r\n\r\n", 1)
+        length = int(
+            next(h for h in head_s.lower().split("\r\n") if h.startswith("content-length")).split(":")[1]
+        )
+        while len(body) < length:
+            body += sock.recv(4096).decode()
+    return head_s, body
+
+
+@pytest.mark.parametrize("path", ["/prefixes/acme/x/upload", "/generate", "/v1/chat/completions"])
+def test_bodies_are_read_only_for_callers_with_a_key(server_factory, path):
+    """An upload may be up to max_upload_bytes, any other body max_body_bytes: a client without a valid key is
+    refused on its headers alone, before the server takes in any of the body (here it never sends one: the answer
+    still comes). Open connections sending 1 MB bodies without a key grew the server by 1 MB each."""
     s = server_factory(keys={"acme": "k-acme"})
     port = int(s.url.rsplit(":", 1)[1])
+    ctype = b"multipart/form-data; boundary=b" if path.endswith("upload") else b"application/json"
+    length = b"10000000" if path.endswith("upload") else b"1000000"
     for auth in (
         b"",
         b"Authorization: Bearer wrong\r\n",
@@ -345,27 +366,47 @@ def test_uploads_are_authenticated_before_their_body_is_read(server_factory):
         # a repeated header is read as the routes read it, the first one (the check used to take the last)
         b"Authorization: Bearer wrong\r\nAuthorization: Bearer k-acme\r\n",
     ):
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(
-                b"POST /prefixes/acme/x/upload HTTP/1.1\r\nHost: x\r\n" + auth
-                + b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n\r\n"
-            )  # fmt: skip
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += sock.recv(4096)
-            head, body = data.decode().split("\r\n\r\n", 1)
-            length = int(
-                next(h for h in head.lower().split("\r\n") if h.startswith("content-length")).split(":")[1]
-            )
-            while len(body) < length:
-                body += sock.recv(4096).decode()
+        request = f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode() + auth
+        request += b"Content-Type: " + ctype + b"\r\nContent-Length: " + length + b"\r\n\r\n"
+        head, body = _answer_to_headers_alone(port, request)
         assert head.startswith("HTTP/1.1 401") and "www-authenticate: bearer" in head.lower(), head
         assert "key" in json.loads(body)["error"]["message"], body
+    if not path.endswith("upload"):
+        return
     # with the key the body is read (and, being empty here, refused by the route)
     r = s.client("k-acme").post(
         "/prefixes/acme/x/upload", content=b"", headers={"content-type": "multipart/form-data; boundary=b"}
     )
     assert r.status_code == 422
+
+
+def test_bodies_held_at_once_are_bounded(server_factory, monkeypatch):
+    """Request bodies received at once are held in memory up to MAX_BUFFERED_BODIES of max_body_bytes; past it a
+    new one is a 503 with Retry-After (an open server has no key to refuse them by), and the room comes back."""
+    from server.api import app as app_mod
+
+    monkeypatch.setattr(app_mod, "MAX_BUFFERED_BODIES", 1)
+    s = server_factory(max_body_bytes=4096)
+    port = int(s.url.rsplit(":", 1)[1])
+    slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        slow.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n" + b" " * 3000)
+        deadline = time.monotonic() + 5
+        while s.app.state.ps.body_bytes < 3000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = s.client().post("/generate", content=b" " * 2000, headers={"content-type": "application/json"})
+        assert_error(busy, 503, "server_busy")
+        assert int(busy.headers["retry-after"]) >= 1
+    finally:
+        slow.close()
+    deadline = time.monotonic() + 5
+    while s.app.state.ps.body_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.app.state.ps.body_bytes == 0
+    ok = s.client().post(
+        "/generate", json={"tenant_id": "acme", "prefix": "base", "prompt": "x", "max_tokens": 1}
+    )
+    assert ok.status_code == 200
 
 
 def test_buffered_bodies_are_replayed_in_chunks():

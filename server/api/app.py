@@ -46,6 +46,9 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 UPLOAD_BODY_S = 300.0
 # ... and any other body (max_body_bytes, 1 MiB by default): a client trickling one in holds a connection and a task
 BODY_S = 60.0
+# request bodies (not uploads) held in memory at once, in units of max_body_bytes: past it, 503 (a flood of slow
+# bodies, from keyed callers or on an open server, cannot grow memory without bound)
+MAX_BUFFERED_BODIES = 256
 # takes max_upload_bytes instead of max_body_bytes
 UPLOAD_PATH_RE = re.compile(r"/prefixes/(?P<tenant>[^/]+)/(?P<name>[^/]+)/upload")
 
@@ -61,6 +64,9 @@ class AppState:
     svc: Service | None = None
     draining: bool = False
     inflight: int = 0
+    body_bytes: int = (
+        0  # request bodies being received, in memory (not uploads): at most MAX_BUFFERED_BODIES full ones
+    )
     owns_store: bool = False
     limiter: RateLimiter | None = None
     owns_jobs: bool = False
@@ -113,6 +119,15 @@ def _route_template(st: AppState, path: str, method: str) -> str | None:
     return fallback
 
 
+def _header_principal(st: AppState, headers: dict[bytes, bytes]) -> Any:
+    """The caller by its Authorization header, as the routes will find it (401 APIError when keys are configured
+    and it has none or a wrong one)."""
+    value = headers.get(b"authorization", b"").decode("latin-1").strip()
+    scheme, _, token = value.partition(" ")
+    creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()) if value else None
+    return st.keyring.authenticate(creds)
+
+
 def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> str:
     """The upload route's own checks, made before its (large) body is read: the API key (401), the tenant (404, as
     the route answers), and the uploads in progress (503: at most `max_concurrent_uploads`, one per tenant, so one
@@ -120,10 +135,7 @@ def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> str:
     server take in up to max_upload_bytes for nothing, nor many such bodies at once. Returns the tenant."""
     from server.api.routes_prefixes import check_prefix_access
 
-    value = headers.get(b"authorization", b"").decode("latin-1").strip()
-    scheme, _, token = value.partition(" ")
-    creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()) if value else None
-    principal = st.keyring.authenticate(creds)
+    principal = _header_principal(st, headers)
     m = UPLOAD_PATH_RE.fullmatch(path)
     assert m is not None
     tenant = m["tenant"]
@@ -192,6 +204,7 @@ class ServiceMiddleware:
         recorded: list[bool] = []
         counted = False
         uploading: str | None = None  # the tenant whose upload slot this request holds
+        buffered = 0  # bytes of its body counted in st.body_bytes
         body_buf: IO[bytes] | None = None
         try:
             if st.draining and not probe:
@@ -221,12 +234,16 @@ class ServiceMiddleware:
                 if declared > limit:
                     await _send_error(send_wrapper, 413, too_large, "body_too_large", rid, 1)
                     return
-            if upload:
-                try:
+            try:
+                if upload:
                     uploading = _admit_upload(st, headers, path)
-                except APIError as e:
-                    await _send_api_error(send_wrapper, e, rid, st.settings.retry_after_s)
-                    return
+                elif method in BODY_METHODS and st.keyring.enabled:
+                    # a body is read only for a caller with a key: no one without one can make the server hold
+                    # up to max_body_bytes per connection
+                    _header_principal(st, headers)
+            except APIError as e:
+                await _send_api_error(send_wrapper, e, rid, st.settings.retry_after_s)
+                return
             if method in BODY_METHODS:
                 # read whole before the route runs (the limit holds whatever Content-Length said); an upload's
                 # body goes to a file past 1 MiB, so concurrent uploads do not each hold it in memory
@@ -250,6 +267,19 @@ class ServiceMiddleware:
                     if size > limit:
                         await _send_error(send_wrapper, 413, too_large, "body_too_large", rid, 1)
                         return
+                    if not upload:  # (an upload spools to a file, one per tenant)
+                        st.body_bytes += len(body)
+                        buffered += len(body)
+                        if st.body_bytes > MAX_BUFFERED_BODIES * settings.max_body_bytes:
+                            await _send_error(
+                                send_wrapper,
+                                503,
+                                "too many request bodies are being received; retry shortly",
+                                "server_busy",
+                                rid,
+                                settings.retry_after_s,
+                            )
+                            return
                     body_buf.write(body)
                     if not msg.get("more_body", False):
                         break
@@ -260,6 +290,7 @@ class ServiceMiddleware:
                 counted = True
             await self.app(scope, receive, send_wrapper)
         finally:
+            st.body_bytes -= buffered
             if body_buf is not None:
                 body_buf.close()
             if uploading is not None:
