@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request (422 above)")
     max_stop_chars: int = Field(256, ge=1, description="Longest stop string in characters (422 above)")
+    max_logprob_entries: int = Field(
+        262_144,
+        ge=1,
+        description="Most log-probability entries one request may ask for in all (choices x tokens x (top "
+        "alternatives + 1), prompt tokens with prompt_logprobs or echo included; 422 above): each is JSON to build "
+        "and send",
+    )
     max_logprobs: int = Field(
         20,
         ge=0,

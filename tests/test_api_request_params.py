@@ -199,3 +199,26 @@ def test_skip_special_tokens_and_its_text_offsets(srv):
     got = c.post("/v1/completions", json={**both, "echo": True}).json()["choices"][0]
     assert "<|im_start|>" in got["text"]  # the rendered prompt, special tokens and all
     assert got["logprobs"]["text_offset"][-2:] == [len(got["text"])] * 2
+
+
+def test_log_probabilities_asked_for_in_all_are_bounded(server_factory):
+    """n x max_tokens x (top_logprobs + 1), prompt_logprobs included, at most max_logprob_entries: each field
+    within its own limit could still ask for 1.3 million entries (85 MB of JSON built in one go). The answer's JSON
+    is the same as FastAPI's (now encoded off the event loop)."""
+    s = server_factory(max_logprob_entries=120)
+    c = s.client()
+    chat = {"model": "acme/base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    ok = c.post("/v1/chat/completions", json={**chat, "n": 2, "logprobs": True, "top_logprobs": 5})
+    assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
+    choice = ok.json()["choices"][0]
+    assert "tool_calls" in choice["message"] and choice["stop_reason"] is None  # model defaults are there
+    too_many = c.post("/v1/chat/completions", json={**chat, "n": 3, "logprobs": True, "top_logprobs": 5})
+    err = assert_error(too_many, 400, "logprobs_too_large")  # (OpenAI's status for a bad request)
+    assert err["param"] == "top_logprobs" and "max_logprob_entries" in err["message"]
+    comp = {"model": "acme/base", "prompt": [5] * 30, "max_tokens": 1, "echo": True, "logprobs": 3}
+    assert (
+        assert_error(c.post("/v1/completions", json=comp), 400, "logprobs_too_large")["param"] == "logprobs"
+    )
+    assert c.post("/v1/completions", json={**comp, "prompt": [5] * 20}).status_code == 200
+    gen = {"tenant_id": "acme", "prefix": "base", "prompt": "hi", "max_tokens": 41, "logprobs": 2}
+    assert assert_error(c.post("/generate", json=gen), 422, "logprobs_too_large")["param"] == "logprobs"

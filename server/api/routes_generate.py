@@ -117,6 +117,10 @@ async def generate(
     svc.check_prompt_chars(len(body.prompt), truncating=body.truncate_prompt_tokens is not None)
     ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.prompt, fmt)
     ids = truncate_prompt(ids, body.truncate_prompt_tokens)
+    entries = (0 if body.logprobs is None else body.max_tokens * (body.logprobs + 1)) + (
+        0 if body.prompt_logprobs is None else len(ids) * (body.prompt_logprobs + 1)
+    )
+    svc.check_logprob_entries(entries, "logprobs" if body.logprobs is not None else "prompt_logprobs")
     (run,) = await svc.generate_many(
         info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive, priority=priority
     )

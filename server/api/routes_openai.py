@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import RedirectResponse, Response
+from pydantic import BaseModel
 
 from prefix_store.names import is_valid_name
 from server.api.auth import Principal, get_principal
@@ -316,6 +318,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             code="too_many_choices",
             param="n",
         )
+    svc.check_logprob_entries(_logprob_entries(plan, n), plan.logprobs_param)
     # sample j of a prompt draws from seed + j: the choices differ, and each is reproducible
     jobs = [
         (ids, sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + j))
@@ -340,6 +343,19 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
 
 # the server's "too long" answers (413 on its own routes) that OpenAI gives as a 400 `context_length_exceeded`
 _CONTEXT_CODES = frozenset({"prompt_too_long", "context_length_exceeded"})
+
+
+def _logprob_entries(plan: _Plan, n: int) -> int:
+    """Log-probability entries the answer would hold at most: each choice's tokens (and, with echo, its prompt's)
+    with their alternatives, and each prompt's prompt_logprobs."""
+    total = 0
+    for ids in plan.prompts:
+        if plan.logprobs is not None:
+            shown = (0 if plan.hide_output else plan.max_tokens) + (len(ids) if plan.echo is not None else 0)
+            total += n * shown * (plan.logprobs + 1)
+        if plan.prompt_logprobs is not None:
+            total += len(ids) * (plan.prompt_logprobs + 1)
+    return total
 
 
 def _engine_prompt_logprobs(plan: _Plan) -> int | None:
@@ -390,15 +406,29 @@ async def completions(
     results = await ch.collect(request)
     if isinstance(results, Response):
         return results
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": ch.created,
-        "model": ch.model,
-        "choices": [_completion_choice_body(ch, i, res) for i, res in enumerate(results)],
-        "usage": ch.usage(),
-        "system_fingerprint": None,
-    }
+    return await json_off_loop(
+        CompletionResponse,
+        lambda: {
+            "id": cid,
+            "object": "text_completion",
+            "created": ch.created,
+            "model": ch.model,
+            "choices": [_completion_choice_body(ch, i, res) for i, res in enumerate(results)],
+            "usage": ch.usage(),
+            "system_fingerprint": None,
+        },
+    )
+
+
+async def json_off_loop(model: type[BaseModel], build: Callable[[], dict[str, Any]]) -> Response:
+    """`build()`'s body checked as `model` and encoded as FastAPI would, on a worker thread: an answer with
+    thousands of log-probabilities takes seconds to build, which on the event loop held every other request."""
+
+    def render() -> bytes:
+        data = model.model_validate(build()).model_dump(mode="json", by_alias=True)
+        return json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+    return Response(await asyncio.to_thread(render), media_type="application/json")
 
 
 def _echo_part(
@@ -563,16 +593,19 @@ async def chat_completions(
     results = await ch.collect(request)
     if isinstance(results, Response):
         return results
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": ch.created,
-        "model": ch.model,
-        "choices": [_chat_choice_body(ch.plan, i, res, ch.text) for i, res in enumerate(results)],
-        "usage": ch.usage(),
-        "system_fingerprint": None,
-        "prompt_logprobs": _prompt_logprobs(ch, results[0]),  # one prompt, whatever n
-    }
+    return await json_off_loop(
+        ChatCompletionResponse,
+        lambda: {
+            "id": cid,
+            "object": "chat.completion",
+            "created": ch.created,
+            "model": ch.model,
+            "choices": [_chat_choice_body(ch.plan, i, res, ch.text) for i, res in enumerate(results)],
+            "usage": ch.usage(),
+            "system_fingerprint": None,
+            "prompt_logprobs": _prompt_logprobs(ch, results[0]),  # one prompt, whatever n
+        },
+    )
 
 
 def _chat_choice_body(plan: _Plan, index: int, res: GenerationResult, text: TokenTexts) -> dict[str, Any]:

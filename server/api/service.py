@@ -695,6 +695,20 @@ class Service:
         vocab = self.bundle.tokenizer.get_vocab() if hasattr(self.bundle.tokenizer, "get_vocab") else {}
         self.max_token_chars = max((len(piece) for piece in vocab), default=64) + 1
 
+    def check_logprob_entries(self, entries: int, param: str) -> None:
+        """A request asking for more log-probability entries than `max_logprob_entries` in all is a 422 before it
+        runs (each n x max_tokens x top_logprobs entry within the per-field limits could still add up to a response
+        of 100 MB)."""
+        most = self.settings.max_logprob_entries
+        if entries > most:
+            raise APIError(
+                422,
+                f"the request asks for {entries} log-probabilities in all (choices x tokens x (alternatives + 1)); "
+                f"at most {most} (max_logprob_entries): ask for fewer choices, tokens or alternatives",
+                code="logprobs_too_large",
+                param=param,
+            )
+
     def check_prompt_chars(self, chars: int, param: str = "prompt", truncating: bool = False) -> None:
         """A prompt of more characters than `max_prompt_tokens` tokens can hold (twice over: normalizers may join
         characters) is a 413 before it is tokenized: long text takes the shared tokenizer thread a while, only to
