@@ -499,3 +499,26 @@ def test_an_upload_stores_no_more_than_a_prefix_of_its_limits(server_factory):
     assert (
         "job_id" not in training and training["exported_job_id"] == "job-elsewhere" and training["steps"] == 3
     )
+
+
+def test_a_tenants_next_upload_may_come_as_soon_as_the_last_is_answered(server_factory, monkeypatch):
+    """One upload per tenant at a time: the slot comes back with the answer, not once FastAPI has closed the
+    upload's spooled file afterwards (on a thread, for files past 1 MiB): a client uploading one file after
+    another got a 503 now and then."""
+    import asyncio
+
+    from starlette.datastructures import UploadFile
+
+    close = UploadFile.close
+
+    async def slow_close(self):  # the close after the answer, made slow
+        await asyncio.sleep(0.5)
+        await close(self)
+
+    monkeypatch.setattr(UploadFile, "close", slow_close)
+    s = server_factory(prefixes={("acme", "src"): {}})
+    c = s.client()
+    data = c.get("/prefixes/acme/src/download").content
+    for i in range(3):
+        r = upload(c, "acme", f"copy{i}", data)
+        assert r.status_code == 201, r.text

@@ -1213,3 +1213,52 @@ def test_a_dead_workers_job_settles_past_an_unreadable_version(tiny_llama_bundle
     finally:
         api.shutdown(wait=True, timeout=10)
         store.close()
+
+
+def _disk_job(backend, tenant: str, job_id: str):
+    from server.training.records import JobRecord
+
+    rec = JobRecord(job_id=job_id, tenant_id=tenant, name="bot", method="prefix_tuning", prefix_length=4)
+    return backend.create(rec, [{"prompt": "q", "completion": "a"}], max_active=1)
+
+
+def test_a_torn_examples_file_fails_its_job_and_the_queue_goes_on(tmp_path):
+    """A job whose examples file a crash left torn fails with the reason; the next job is taken (every worker
+    retried the torn one forever, and nothing else trained)."""
+    from server.training.backend_disk import DiskJobBackend
+
+    b = DiskJobBackend(tmp_path / "jobs")
+    _disk_job(b, "acme", "job-a")
+    _disk_job(b, "globex", "job-b")
+    b._examples("job-a").write_text('[{"prompt": "q", "compl')
+    claim = b.claim("w1")
+    assert claim is not None and claim.record.job_id == "job-b"
+    torn = b.get("job-a")
+    assert torn.status == "failed" and "examples could not be read" in torn.error
+    _disk_job(b, "acme", "job-c")  # the tenant's slot is free again (no 429)
+
+
+def test_a_torn_job_record_is_set_aside_and_frees_its_tenant(tmp_path):
+    """An unreadable record (torn by a crash): the job is set aside, and its tenant's only job slot comes back at
+    the next reclaim instead of answering 429 forever; stray temporary files are swept after an hour."""
+    import os
+
+    from server.training.backend_disk import DiskJobBackend
+    from server.training.records import TooManyJobs
+
+    b = DiskJobBackend(tmp_path / "jobs")
+    _disk_job(b, "acme", "job-a")
+    with pytest.raises(TooManyJobs):
+        _disk_job(b, "acme", "job-b")
+    path = b._record("job-a")
+    path.write_text(path.read_text()[:40])
+    assert b.claim("w1") is None
+    assert not path.exists() and path.with_name(path.name + ".unreadable").exists()
+    b.reclaim_stale()
+    _disk_job(b, "acme", "job-b")
+    old, new = b._dirs["records"] / ".tmp-old", b._dirs["records"] / ".tmp-new"
+    for f in (old, new):
+        f.write_text("x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    b.prune()
+    assert not old.exists() and new.exists()

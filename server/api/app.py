@@ -199,6 +199,10 @@ class ServiceMiddleware:
                 # log and count before the last byte leaves: a client that saw the response can see its log line
                 recorded.append(True)
                 self._record(scope, info, method, path, status_box[0] or 500, time.monotonic() - t0, probe)
+                if uploading is not None and st.svc is not None:
+                    # the upload is over once answered: the tenant's next one may come at once (the slot used to
+                    # come back only after FastAPI had closed the spooled file, on a thread)
+                    st.svc.uploading_tenants.discard(uploading)
             await send(message)
 
         recorded: list[bool] = []

@@ -162,6 +162,15 @@ class DiskJobBackend:
     def _write(self, rec: JobRecord) -> None:
         _write_atomic(self._record(rec.job_id), rec.to_json())
 
+    def _set_aside(self, job_id: str) -> None:
+        """Move an unreadable record out of the way (kept as `<id>.json.unreadable` for a person to look at): the job
+        is gone, and `_requeue_orphans` then frees its tenant's slot and its files, as for a record never written."""
+        path = self._record(job_id)
+        with contextlib.suppress(OSError):
+            os.replace(path, path.with_name(path.name + ".unreadable"))
+            log.error("job %s: its record is unreadable (torn by a crash?): set aside as %s.unreadable", job_id,
+                      path.name)  # fmt: skip
+
     def _trylock(self, job_id: str) -> int | None:
         fd = os.open(self._lock(job_id), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -322,11 +331,27 @@ class DiskJobBackend:
                     continue
                 try:
                     rec = self._read(job_id)
+                    if rec is None and self._record(job_id).exists():
+                        self._set_aside(
+                            job_id
+                        )  # unreadable (torn): its bookkeeping goes with the next reclaim
                     if rec is None or rec.status != "queued":
                         _unlink(marker)
                         self._unlock(fd)
                         continue
-                    examples = json.loads(self._examples(job_id).read_text(encoding="utf-8"))
+                    try:
+                        examples = json.loads(self._examples(job_id).read_text(encoding="utf-8"))
+                    except (FileNotFoundError, ValueError) as e:  # (ValueError: bad JSON or UTF-8)
+                        # not a failure of the store: this job's own file is gone or torn, and it would stay so;
+                        # it fails, and the queue goes on
+                        rec.status, rec.finished = "failed", time.time()
+                        rec.error = f"its training examples could not be read: {type(e).__name__}: {e}"[:500]
+                        self._write(rec)
+                        self._end(rec)
+                        _unlink(marker)
+                        self._unlock(fd)
+                        log.error("job %s: %s", job_id, rec.error)
+                        continue
                     now = time.time()
                     rec.status, rec.worker, rec.started, rec.heartbeat = "running", worker_id, now, now
                     rec.error = None  # why an earlier attempt was given back: not an error of this one
@@ -530,6 +555,13 @@ class DiskJobBackend:
                     _unlink(p)
                     _unlink(self._lock(rec.job_id))
                     n += 1
+        # the temporary files of writes that died (a write takes well under a minute)
+        old_tmp = time.time() - 3600
+        for d in (self._dirs["records"], self._dirs["examples"], *self._dirs["idempotency"].glob("*")):
+            for tmp in d.glob(".tmp-*"):
+                with contextlib.suppress(OSError):
+                    if tmp.stat().st_mtime < old_tmp:
+                        tmp.unlink()
         # no submission writes a key meanwhile
         with self._submit_lock():
             for slot in self._dirs["idempotency"].glob("*/*"):
