@@ -381,6 +381,56 @@ def test_tenants_take_turns_when_the_batch_is_full(tiny_llama_bundle, fair):
         assert outs[r.request_id] == alone.generate([r])[0].token_ids, r.request_id
 
 
+def test_a_tenant_that_filled_the_batch_gives_a_row_to_one_with_nothing_running(tiny_llama_bundle):
+    """Tenant A's long requests fill every row; B's request arrives: it starts within a step or two (the newest of
+    A's rows gives it its place and is recomputed later), not once A's requests end. Every output stays exact.
+    A tenant at its share, or with one row, keeps it."""
+    b = tiny_llama_bundle
+    keys = {t: PrefixKey(t, "p", 1) for t in "AB"}
+    kvs = {k: random_kv(b.spec, 4, i) for i, k in enumerate(keys.values())}
+
+    def req(rid: str, new: int) -> Request:
+        sp = SamplingParams(max_tokens=new, ignore_eos=True)
+        return Request(
+            rid, random_prompt(b.spec.vocab_size, 6, ord(rid[-1])), sp, keys[rid[0]], cache_salt=rid[0]
+        )
+
+    eng = make_engine(b, kvs, max_num_seqs=2)
+    for k in kvs:  # prefixes resident
+        eng.generate([Request(f"warm-{k.tenant_id}", [1], SamplingParams(max_tokens=1), k)])
+    a1, a2, b1 = req("A1", 40), req("A2", 40), req("B1", 3)
+    got: dict[str, list[int]] = {"A1": [], "A2": [], "B1": []}
+    eng.add_request(a1)
+    eng.add_request(a2)
+    for _ in range(3):
+        for ev in eng.step():
+            got[ev.request_id].extend(ev.token_ids)
+    eng.add_request(b1)
+    steps = 0
+    while not got["B1"] or len(got["B1"]) < 3:
+        steps += 1
+        for ev in eng.step():
+            got[ev.request_id].extend(ev.token_ids)
+    assert steps <= 4 and len(got["A1"]) < 20, (steps, len(got["A1"]))  # B did not wait for A's 40 tokens
+    assert eng.scheduler.num_fair_preemptions == 1
+    while eng.has_unfinished():
+        for ev in eng.step():
+            got[ev.request_id].extend(ev.token_ids)
+    alone = make_engine(b, kvs)
+    for r in (a1, a2, b1):
+        assert got[r.request_id] == alone.generate([r])[0].token_ids, r.request_id
+    # one row each: nobody gives theirs up for a third tenant
+    eng2 = make_engine(b, {**kvs, PrefixKey("C", "p", 1): random_kv(b.spec, 4, 9)}, max_num_seqs=2)
+    eng2.generate(
+        [
+            req("A3", 8),
+            req("B2", 8),
+            Request("C1", [1, 2], SamplingParams(max_tokens=2), PrefixKey("C", "p", 1)),
+        ]
+    )
+    assert eng2.scheduler.num_fair_preemptions == 0
+
+
 @pytest.mark.parametrize("fair", [True, False])
 def test_lower_priority_starts_first_and_is_preempted_last(tiny_llama_bundle, fair):
     """Priorities order admission before tenants' turns or arrival (vLLM's priority policy); within one priority

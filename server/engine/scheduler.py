@@ -60,6 +60,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.failed: list[Sequence] = []  # prefix load failures, reported by the engine
         self.num_preemptions = 0
+        self.num_fair_preemptions = 0  # of which made room for a tenant with nothing running
         self.cache_query_tokens = 0  # own tokens of admitted requests (prompt cache on)
         self.cache_hit_tokens = 0  # of which found in the prompt cache
         self._fresh: list[int] = []  # blocks registered by the step being scheduled (see `_register`)
@@ -197,6 +198,8 @@ class Scheduler:
     def schedule(self) -> list[ScheduledItem]:
         self.prefixes.process()
         self._fresh = []
+        if self.cfg.fair and self.waiting and len(self.running) >= self.cfg.max_num_seqs:
+            self._preempt_for_starved()
         budget = self.cfg.max_num_batched_tokens
         items: list[ScheduledItem] = []
         # a row short of blocks preempts the last in this order (`_victim`): never one already scheduled this step
@@ -351,6 +354,35 @@ class Scheduler:
         if taken:
             self.waiting = deque(s for s in self.waiting if id(s) not in taken)
         return items
+
+    def _preempt_for_starved(self) -> None:
+        """A full batch while a tenant with nothing running waits (its prefix at hand): the newest row of the
+        tenant running the most, if that is more than an even share, gives it its place. That row is recomputed
+        later and waits its tenant's turn (not ahead of the tenant it made room for). Without this, one tenant's
+        burst that filled the batch held every other tenant's requests until its own ended."""
+        counts: dict[str | None, int] = {}
+        for r in self.running:
+            counts[r.req.tenant] = counts.get(r.req.tenant, 0) + 1
+        top = max(counts, key=lambda t: counts[t])
+        if counts[top] <= max(1, self.cfg.max_num_seqs // (len(counts) + 1)):
+            return  # every running tenant is within its share (and none gives up its only row)
+        starved = next((s for s in self.waiting if s.req.tenant not in counts and self._ready(s)), None)
+        if starved is None:
+            return
+        rows = [r for r in self._ranked() if r.req.tenant == top and r.req.priority >= starved.req.priority]
+        if not rows:
+            return
+        victim = rows[-1]
+        self._preempt(victim)
+        victim.preempted = False  # (preempted rows are admitted first: this one waits its tenant's turn)
+        self.num_fair_preemptions += 1
+
+    def _ready(self, seq: Sequence) -> bool:
+        """Whether `seq` could be admitted now as far as its prefix goes (a fetch is started if it is not)."""
+        key = seq.req.prefix
+        if key is None or seq.prefix is not None:
+            return True
+        return isinstance(self.prefixes.lookup(key, count=False), PrefixEntry)
 
     def _ranked(self) -> list[Sequence]:
         """Running requests in the order they keep their places: priority (lower value first), then age."""
