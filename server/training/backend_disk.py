@@ -108,6 +108,9 @@ class DiskJobBackend:
         self.retention_s = retention_s
         # set by the JobManager: the prefix version a job stored, if any (None: none; may raise: the store is down)
         self.stored_version: Callable[[JobRecord], Any] | None = None
+        self._index: dict[
+            str, tuple[int, int, str, str]
+        ] = {}  # `_scan`'s last answer (replaced whole, never edited)
         self._dirs = {
             n: self.root / n
             for n in ("records", "examples", "locks", "queue", "running", "active", "cancel", "idempotency")
@@ -283,14 +286,49 @@ class DiskJobBackend:
                 rec.cancel_requested = True
             return rec
 
+    def _scan(self) -> dict[str, tuple[int, int, str, str]]:
+        """job id -> (inode, mtime_ns, tenant, status) of every record: a record is read again only when its file
+        changed, so listing one tenant's jobs, or counting them by status for /metrics, costs a directory scan and
+        not a read of every tenant's every record (days of finished jobs)."""
+        seen: dict[str, tuple[int, int, str, str]] = {}
+        index = self._index
+        with os.scandir(self._dirs["records"]) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".json") or entry.name.startswith("."):
+                    continue
+                job_id = entry.name[: -len(".json")]
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                hit = index.get(job_id)
+                # (every write is a new file: a rename of a fresh temporary one, so its inode tells a rewrite too)
+                if hit is None or hit[:2] != (st.st_ino, st.st_mtime_ns):
+                    rec = self._read(job_id)
+                    if rec is None:
+                        continue
+                    hit = (st.st_ino, st.st_mtime_ns, rec.tenant_id, rec.status)
+                seen[job_id] = hit
+        self._index = seen
+        return seen
+
     def list(self, tenant_id: str | None = None) -> list[JobRecord]:
         out = []
         with self._errors("list jobs"):
-            for p in self._dirs["records"].glob("*.json"):
-                rec = self._read(p.stem)
-                if rec is not None and (tenant_id is None or rec.tenant_id == tenant_id):
-                    out.append(rec)
+            for job_id, (_, _, tenant, _) in self._scan().items():
+                if tenant_id is None or tenant == tenant_id:
+                    rec = self._read(job_id)
+                    if rec is not None and (tenant_id is None or rec.tenant_id == tenant_id):
+                        out.append(rec)
         out.sort(key=lambda r: (r.created, r.job_id))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by status (from the scan: no record read unless it changed)."""
+        out: dict[str, int] = {}
+        with self._errors("count jobs"):
+            for _, _, _, status in self._scan().values():
+                out[status] = out.get(status, 0) + 1
         return out
 
     def cancel(self, job_id: str) -> JobRecord | None:

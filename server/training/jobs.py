@@ -391,6 +391,8 @@ class JobManager:
         self.backend.ping()
 
     def counts(self) -> dict[str, int]:
+        if hasattr(self.backend, "counts"):
+            return dict(self.backend.counts())
         out: dict[str, int] = {}
         for r in self.list():
             out[r.status] = out.get(r.status, 0) + 1
