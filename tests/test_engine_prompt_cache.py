@@ -37,6 +37,7 @@ def test_shared_system_prompt_is_computed_once_and_stays_exact(tenants):
         _req("other-prefix", system + asks[1], k1, "acme"),  # same tokens, another prefix: other KV
         _req("other-salt", system + asks[2], k0, "globex"),  # same tokens and prefix, another tenant
         _req("no-prefix", system + asks[3], None, "acme"),
+        _req("no-prefix-other-salt", system + asks[3], None, "globex"),  # the base model: tenants apart too
     ]
     eng = make_engine(b, keys)
     computed = computed_tokens(eng)

@@ -45,6 +45,21 @@ def test_same_seed_same_output_whatever_the_batch(setup):
     assert other_seed.token_ids != alone
 
 
+def test_requests_without_a_seed_sample_differently(setup):
+    """No seed: each request draws fresh randomness (OpenAI's and vLLM's), so the same sampled request sent twice,
+    alone or beside itself, does not give the same tokens every time."""
+    b, keys = setup
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 7, 3)
+    eng = make_engine(b, keys)
+    outs = [
+        tuple(o.token_ids)
+        for o in eng.generate([Request(f"u{i}", prompt, _sampled(None), k0) for i in range(3)])
+    ]
+    outs += [tuple(eng.generate([Request("u", prompt, _sampled(None), k0)])[0].token_ids)]
+    assert len(set(outs)) > 1, outs
+
+
 def test_top_k_one_and_tiny_top_p_equal_greedy(setup):
     b, keys = setup
     k0 = next(iter(keys))
