@@ -2,6 +2,7 @@ import pytest
 
 from server.engine import Request, SamplingParams
 from tests.engine_utils import make_engine, pool_bytes, random_prompt
+from tests.test_engine_batching import record_preemptions
 
 
 @pytest.mark.parametrize("fair", [True, False])
@@ -20,14 +21,7 @@ def test_a_preempted_request_resumes_before_newcomers(tiny_llama_bundle, fair):
         return items
 
     eng.scheduler._admit = spy
-    victims: list[str] = []
-    preempt = eng.scheduler._preempt
-
-    def rec(seq):
-        victims.append(seq.request_id)
-        preempt(seq)
-
-    eng.scheduler._preempt = rec
+    victims = record_preemptions(eng)
     for i, name in enumerate(("A1", "A2", "A3")):
         eng.add_request(
             Request(
