@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine import PrefixKey, Request, SamplingParams
-from server.engine.sampler import filter_logits, finite_rows, greedy_tokens
+from server.engine.sampler import filter_logits, finite_rows, generator_seed, greedy_tokens
 from tests.engine_utils import (
     hf_greedy,
     hf_prompt_logprobs,
@@ -43,6 +43,27 @@ def test_same_seed_same_output_whatever_the_batch(setup):
     assert mixed == alone
     other_seed = make_engine(b, keys).generate([Request("t", target.prompt_token_ids, _sampled(99), k0)])[0]
     assert other_seed.token_ids != alone
+
+
+def test_seeds_that_differ_only_above_32_bits_sample_differently(setup):
+    """A CPU generator keeps only 32 bits of its seed: 7 and 7 + 2**32 (or -1 and 2**32 - 1) must still draw
+    different tokens, and a seed below 2**32 keeps drawing what it drew before (torch's own seeding)."""
+    b, keys = setup
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 7, 0)
+
+    def run(seed):
+        eng = make_engine(b, keys)
+        return eng.generate([Request("s", prompt, _sampled(seed, temperature=1.5), k0)])[0].token_ids
+
+    assert run(7) != run(7 + 2**32)
+    assert run(-1) != run(2**32 - 1)
+    assert run(2**40) == run(2**40)
+    cpu = torch.device("cpu")
+    assert generator_seed(7, cpu) == 7 and generator_seed(2**32 - 1, cpu) == 2**32 - 1
+    assert len({generator_seed(s, cpu) for s in (7, 7 + 2**32, 7 + 2**33, -7)}) == 4
+    assert all(0 <= generator_seed(s, cpu) < 2**32 for s in (2**32, 2**53 - 1, -(2**53 - 1)))
+    assert generator_seed(7 + 2**32, torch.device("cuda")) == 7 + 2**32  # Philox keeps 64 bits
 
 
 def test_requests_without_a_seed_sample_differently(setup):

@@ -32,12 +32,33 @@ def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
     return scores.max(-1).indices if scores.device.type == "cpu" else scores.argmax(-1)
 
 
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E37_79B9_7F4A_7C15) & _U64
+    x = ((x ^ (x >> 30)) * 0xBF58_476D_1CE4_E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D0_49BB_1331_11EB) & _U64
+    return x ^ (x >> 31)
+
+
+def generator_seed(seed: int, device: torch.device) -> int:
+    """The seed given to torch for a request's `seed` (any integer, negatives as two's complement). A CPU generator
+    (mt19937) keeps only the low 32 bits of its seed, so 7 and 7 + 2**32 (or -1 and 2**32 - 1) would draw the same
+    tokens: on a CPU a seed of 2**32 or more is mixed (splitmix64) into 32 bits, so seeds that differ only above
+    bit 31 draw differently; seeds below 2**32 are used as they are. CUDA's Philox keeps all 64 bits."""
+    s = int(seed) & _U64
+    if device.type == "cpu" and s >> 32:
+        s = _splitmix64(s) & 0xFFFF_FFFF
+    return s
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        g.manual_seed(generator_seed(seed, device))
     return g
 
 
