@@ -171,4 +171,4 @@ def test_readme_benchmark_tables_come_from_the_result_files():
 
     assert history.main(["--check"]) == 0
     table = history.history()
-    assert table.count("\n") >= 20 and "session24-xeon" in table
+    assert table.count("\n") >= 20 and "session26-xeon" in table
