@@ -414,3 +414,7 @@ def test_preemptions_are_counted_on_metrics(server_factory):
     preempted = s.svc.llm.scheduler.num_preemptions
     assert preempted > 0  # the pool holds fewer than 8 of these at once
     assert metric_value(c.get("/metrics").text, "prefixserve:num_preemptions_total") == preempted
+    # all one tenant: none of these made room for a starved tenant
+    assert metric_value(c.get("/metrics").text, "prefixserve:num_fair_preemptions_total") == 0.0
+    s.svc.llm.scheduler.num_fair_preemptions = 3  # the scheduler's counter is what is exported
+    assert metric_value(c.get("/metrics").text, "prefixserve:num_fair_preemptions_total") == 3.0

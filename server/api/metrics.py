@@ -67,6 +67,10 @@ class _EngineCollector(Collector):
                 "num_preemptions",
                 "Running requests put back in the queue for KV room (their KV recomputed when they resume)",
             ),
+            (
+                "num_fair_preemptions",
+                "Of those, preemptions that made room for a tenant with nothing running (fair scheduling)",
+            ),
             ("spec_decode_num_draft_tokens", "Speculative (prompt-lookup) tokens drafted and verified"),
             (
                 "spec_decode_num_accepted_tokens",

@@ -841,6 +841,7 @@ class Service:
             "prompt_cache_evictions": pool.cache_evictions,
             "prompt_cache_blocks": pool.num_cached,
             "num_preemptions": self.llm.scheduler.num_preemptions,
+            "num_fair_preemptions": self.llm.scheduler.num_fair_preemptions,
             "spec_decode_num_draft_tokens": self.llm.scheduler.spec_draft_tokens,
             "spec_decode_num_accepted_tokens": self.llm.scheduler.spec_accepted_tokens,
             "jobs": jobs,
