@@ -1287,3 +1287,22 @@ def test_listing_one_tenants_jobs_reads_only_its_records(tmp_path, monkeypatch):
     assert b.counts() == {"queued": 29, "cancelled": 1} and reads == ["job-0003"] * (
         reads.count("job-0003") or 1
     )
+
+
+def test_redis_job_counts_read_only_each_jobs_status(redis_store_url, monkeypatch):
+    """/metrics scrapes the counts: the Redis backend reads each job's status field, not every record decoded."""
+    from server.training.jobs import open_backend
+    from server.training.records import JobRecord
+
+    b = open_backend(redis_store_url, max_attempts=2, stale_after_s=60, retention_s=60)
+    try:
+        for i in range(5):
+            b.create(JobRecord(f"job-c{i}", "acme" if i < 3 else "globex", "bot", "prompt_tuning", 2),
+                     [{"prompt": "q", "completion": "a"}], 10)  # fmt: skip
+        b.cancel("job-c1")
+        expected = {"queued": 4, "cancelled": 1}
+        assert {s: sum(r.status == s for r in b.list()) for s in expected} == expected
+        monkeypatch.setattr(b, "_decode", lambda h: pytest.fail("counts decoded a whole record"))
+        assert b.counts() == expected
+    finally:
+        b.close()
