@@ -7,6 +7,9 @@ import time
 import openai
 import pytest
 
+from server.api.logprobs import TextOffsets, TokenTexts, chat_logprobs, completion_logprobs
+from server.engine import TokenLogprob
+from tests.fixtures.models import make_tiny_tokenizer
 from tests.fixtures.server import metric_value, parse_sse
 
 KEY = "sk-acme-1b2c3d4e"
@@ -258,6 +261,53 @@ def test_token_texts_keep_exact_bytes(api_bundle):
     assert all("\ufffd" not in t for t, _ in entries)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     assert texts(eos) == "<|im_end|>"
+
+
+def _byte_id(tok, byte):
+    """The id of the byte-level token that stands for the single byte `byte`."""
+    from server.engine.token_bytes import _byte_level_table
+
+    ch = next(c for c, b in _byte_level_table().items() if b == byte)
+    return tok.convert_tokens_to_ids(ch)
+
+
+def test_chat_logprobs_carry_the_raw_bytes_of_a_partial_character():
+    """A chat logprobs entry for a token that is part of a character: OpenAI's "bytes:\\xNN" spelling, with its raw
+    bytes in `bytes`, in the entry and in its top_logprobs."""
+    tok = make_tiny_tokenizer()
+    texts = TokenTexts(tok)
+    i = _byte_id(tok, 0xE2)
+    out = chat_logprobs([TokenLogprob(i, -1.0, ((i, -1.0),), 1)], texts)["content"][0]
+    assert (
+        out["token"] == "bytes:\\xe2" and out["bytes"] == [0xE2] and out["top_logprobs"][0]["bytes"] == [0xE2]
+    )
+
+
+def test_completion_top_logprobs_always_hold_the_sampled_token():
+    """OpenAI / vLLM legacy completions: up to logprobs+1 entries, the sampled token's always among them."""
+    tok = make_tiny_tokenizer()
+    texts = TokenTexts(tok)
+    a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
+    out = completion_logprobs([TokenLogprob(a, -3.0, ((b, -0.1),), 7)], texts, TextOffsets(texts))
+    assert out["top_logprobs"][0] == {"b": -0.1, "a": -3.0}
+
+
+def test_sentencepiece_byte_fallback_tokens_are_their_byte():
+    """SentencePiece byte-fallback tokens (`<0xE2>`) read back as their byte, and text_offset counts the character
+    they complete once."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<0xE2>", "<0x82>", "<0xAC>", "▁a"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+    texts = TokenTexts(tok)
+    assert texts.entry(3) == ("bytes:\\xe2", b"\xe2")
+    offs = TextOffsets(texts)
+    assert [offs.take(i) for i in (3, 4, 5, 6)] == [0, 0, 0, 1]  # the euro sign is one character
 
 
 # ------------------------------------------------------------------------------------- n and prompt lists

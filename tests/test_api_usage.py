@@ -360,6 +360,36 @@ def test_rate_limiter_overrides_and_headers():
         parse_limits({"a": {"tpm": 1}}, "x")
 
 
+def test_star_defaults_apply_under_a_tenant_override():
+    """A tenant's override changes only the fields it names; the others come from "*", not the built-in default."""
+    rl = RateLimiter(
+        TenantLimit(),
+        parse_limits(
+            {"*": {"tokens_per_minute": 100, "max_concurrent": 4}, "acme": {"requests_per_minute": 5}}, "x"
+        ),
+    )
+    assert rl.limit("acme") == TenantLimit(5, 100, 4)
+
+
+def test_a_request_of_exactly_the_whole_token_budget_fits():
+    rl = RateLimiter(TenantLimit(tokens_per_minute=100), {})
+    h = asyncio.run(rl.charge("t", 100))
+    assert h["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_a_reloaded_limit_takes_effect_for_a_tenant_already_seen():
+    """`reconfigure` (a limits reload) applies to tenants whose buckets already exist, not only to new ones."""
+    rl = RateLimiter(TenantLimit(tokens_per_minute=100), {})
+
+    async def main():
+        await rl.charge("t", 90)
+        rl.reconfigure(TenantLimit(tokens_per_minute=1000), {})
+        h = await rl.charge("t", 500)
+        assert h["x-ratelimit-limit-tokens"] == "1000"
+
+    asyncio.run(main())
+
+
 def test_redis_rate_limiter_shares_budgets_and_falls_back_when_redis_is_down(redis_store_url):
     """The buckets in Redis: two limiters (two replicas) draw on one budget, refunds and request limits included;
     with Redis gone each counts alone instead of refusing work. (Redis keeps the time: budgets refill while the
@@ -408,6 +438,44 @@ def test_redis_rate_limiter_shares_budgets_and_falls_back_when_redis_is_down(red
         with pytest.raises(APIError):
             await down.charge("any", 60)
         await down.close()
+
+    asyncio.run(main())
+
+
+def test_redis_buckets_refill_at_capacity_per_minute(redis_store_url):
+    from server.api.limits import RedisRateLimiter
+
+    async def main():
+        rl = RedisRateLimiter(redis_store_url, TenantLimit(tokens_per_minute=600_000))  # 10,000 a second
+        try:
+            await rl.charge("t", 600_000)
+            await asyncio.sleep(0.5)
+            left = (await rl.state("t"))["remaining_tokens"]
+            assert 4_000 <= left <= 9_000, left
+        finally:
+            await rl.close()
+
+    asyncio.run(main())
+
+
+def test_redis_down_is_not_asked_again_within_the_fallback_window(monkeypatch):
+    """Once Redis failed, the limiter counts locally for a while instead of trying Redis on every request."""
+    from server.api.limits import RedisRateLimiter
+
+    async def main():
+        rl = RedisRateLimiter("redis://127.0.0.1:18099/0", TenantLimit(tokens_per_minute=100))
+        calls = []
+
+        async def failing(**kw):
+            calls.append(1)
+            raise ConnectionError("down")
+
+        rl._script = failing
+        await rl.charge("t", 10)
+        await rl.charge("t", 10)
+        await rl.charge("t", 10)
+        assert len(calls) == 1
+        await rl.close()
 
     asyncio.run(main())
 
@@ -510,6 +578,51 @@ def test_redis_usage_counts_survive_a_read_only_window(redis_server_factory):
         asyncio.run(main())
     finally:
         r.close()
+
+
+def test_redis_usage_since_is_the_first_replicas_start(redis_store_url):
+    """Replicas sharing Redis report one `since`, the start recorded by the first to flush (here the replica that
+    started earlier), not each replica's own start."""
+    from server.api.usage import RedisUsageMeter
+
+    async def main():
+        a, b = RedisUsageMeter(redis_store_url), RedisUsageMeter(redis_store_url)
+        b._since = a._since + 100.0  # started later (a restart)
+        try:
+            a.request("t", None)
+            await a.flush()
+            b.request("t", None)
+            await b.flush()
+            assert await a.since() == pytest.approx(a._since, abs=1e-3) and await b.since() == pytest.approx(
+                a._since, abs=1e-3
+            )
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_redis_usage_report_includes_what_was_just_counted(redis_store_url):
+    """A report includes what was counted just before it, not yet flushed to Redis."""
+    from server.api.usage import RedisUsageMeter
+
+    async def main():
+        m = RedisUsageMeter(redis_store_url)
+        try:
+            m.request("t", "p")
+            m.completion("t", "p", "stop", 5, 2, 3)
+            r = await m.report("t")
+            assert (r["requests"], r["prompt_tokens"], r["completion_tokens"], r["cached_tokens"]) == (
+                1,
+                5,
+                3,
+                2,
+            )
+        finally:
+            await m.close()
+
+    asyncio.run(main())
 
 
 def test_replicas_share_rate_limits_and_usage_through_redis(server_factory, redis_store_url):

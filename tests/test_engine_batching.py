@@ -75,7 +75,9 @@ def test_one_tenant_prefix_held_once_for_32_running_requests(tiny_llama_bundle):
     assert engine.pool.num_used == prefix_blocks  # requests freed, the idle prefix stays cached
 
 
-def _two_prefix_cache(b, n: int, aging_accesses: int | None = None) -> tuple[LLMEngine, list[PrefixKey]]:
+def _two_prefix_cache(
+    b, n: int, aging_accesses: int | None = None, policy: str = "lfu"
+) -> tuple[LLMEngine, list[PrefixKey]]:
     """An engine whose prefix cache has room for two 16-token prefixes (one block each), and `n` prefix keys."""
     sp = b.spec
     keys = {PrefixKey(f"t{i}", "p", 1): random_kv(sp, 16, i) for i in range(n)}
@@ -85,12 +87,23 @@ def _two_prefix_cache(b, n: int, aging_accesses: int | None = None) -> tuple[LLM
     )
     if aging_accesses is not None:
         eng.prefix_cache.aging_accesses = aging_accesses
+    eng.prefix_cache.policy = policy
     return eng, list(keys)
 
 
 def _run_in_order(eng: LLMEngine, keys: list[PrefixKey], order: list[int]) -> None:
     for n, i in enumerate(order):
         eng.generate([Request(f"q{n}", [1, 2, 3], SamplingParams(max_tokens=2), keys[i])])
+
+
+def _req(rid, prompt, key, **kw):
+    kw.setdefault("max_tokens", 6)
+    return Request(rid, prompt, SamplingParams(ignore_eos=True, **kw), key)
+
+
+def _generate_one(eng: LLMEngine, key: PrefixKey, rid: str, n: int = 2):
+    """The output of one request of `n` tokens (ignore_eos) on prompt [1, 2, 3] with prefix `key`."""
+    return eng.generate([_req(rid, [1, 2, 3], key, max_tokens=n)])[0]
 
 
 def test_prefix_cache_by_bytes_evicts_least_frequently_used(tiny_llama_bundle):
@@ -136,6 +149,28 @@ def test_prefix_cache_frequencies_age(tiny_llama_bundle):
     assert set(pc.entries) == {kl[1], kl[2]}  # without aging 0 (3 requests) would have stayed and 2 gone
 
 
+def test_lru_policy_evicts_the_least_recently_used_not_the_oldest_installed(tiny_llama_bundle):
+    eng, kl = _two_prefix_cache(tiny_llama_bundle, 3, policy="lru")
+    for i, k in enumerate([0, 1, 0, 2]):
+        _generate_one(eng, kl[k], f"q{i}")
+    assert set(eng.prefix_cache.entries) == {kl[0], kl[2]}
+
+
+def test_installing_a_prefix_trims_idle_ones_at_once(tiny_llama_bundle):
+    """Two idle prefixes fill the budget: installing a third for a new request evicts one of them right away, not
+    at the next install."""
+    eng, kl = _two_prefix_cache(tiny_llama_bundle, 3)
+    pc = eng.prefix_cache
+    _generate_one(eng, kl[0], "a")
+    _generate_one(eng, kl[1], "b")
+    eng.add_request(Request("c", [1, 2, 3], SamplingParams(max_tokens=30, ignore_eos=True), kl[2]))
+    while not eng.scheduler.running:
+        eng.step()
+    assert pc.resident_bytes <= pc.budget_bytes and len(pc.entries) == 2
+    while eng.has_unfinished():
+        eng.step()
+
+
 class CountingProvider(DictPrefixProvider):
     def __init__(self, prefixes) -> None:
         super().__init__(prefixes)
@@ -167,6 +202,61 @@ def test_prefixes_fetched_for_waiting_requests_are_not_evicted_before_use(tiny_l
     assert all(o.error is None and len(o.token_ids) == 3 for o in outs)
     st = eng.prefix_cache.stats
     assert st.misses == 8 and prov.fetches == 8, (st, prov.fetches)
+
+
+def _full_pool(b, n_prefixes):
+    """An engine with a 32-block pool (and as large a prefix budget) holding `n_prefixes` idle 2-block prefixes."""
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 20, i) for i in range(n_prefixes)}  # 2 blocks each
+    eng = make_engine(b, keys, kv_cache_bytes=pool_bytes(b, 32), prefix_cache_bytes=pool_bytes(b, 32))
+    for k in keys:
+        eng.generate([Request(f"warm-{k.tenant_id}", [1], SamplingParams(max_tokens=1), k)])
+    return eng, keys
+
+
+def test_room_for_a_request_evicts_only_the_idle_prefixes_it_needs(tiny_llama_bundle):
+    b = tiny_llama_bundle
+    eng, _keys = _full_pool(b, 15)  # 30 of 32 blocks
+    out = eng.generate(
+        [Request("r", random_prompt(b.spec.vocab_size, 40, 1), SamplingParams(max_tokens=3, ignore_eos=True))]
+    )[0]
+    assert out.finish_reason == "length"
+    assert eng.prefix_cache.stats.evictions == 1 and len(eng.prefix_cache.entries) == 14
+
+
+def test_installing_a_prefix_evicts_idle_ones_when_running_requests_hold_the_rest(tiny_llama_bundle):
+    """Idle prefixes and a long running request hold the pool: a new prefix is installed by evicting idle ones, so
+    its short request finishes before the long one."""
+    b = tiny_llama_bundle
+    eng, _keys = _full_pool(b, 10)  # 20 of 32 blocks, idle
+    V = b.spec.vocab_size
+    eng.add_request(
+        Request("long", random_prompt(V, 150, 1), SamplingParams(max_tokens=40, ignore_eos=True))
+    )  # 10+ blocks
+    eng.step()
+    new = PrefixKey("new", "p", 1)
+    eng.prefix_cache.provider.prefixes[new] = random_kv(b.spec, 40, 5)  # 3 blocks
+    eng.add_request(Request("short", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True), new))
+    done = []
+    while eng.has_unfinished():
+        done += [ev.request_id for ev in eng.step() if ev.finished]
+    assert done == ["short", "long"]
+
+
+def test_idle_prefixes_are_evicted_to_admit_a_request(tiny_llama_bundle):
+    """Idle prefixes hold 28 blocks of a 32-block pool; a request needing 10 blocks evicts them instead of waiting forever."""
+    b = tiny_llama_bundle
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 20, i) for i in range(14)}  # 2 blocks each
+    eng = make_engine(b, keys, kv_cache_bytes=pool_bytes(b, 32), prefix_cache_bytes=pool_bytes(b, 28))
+    for k in keys:
+        eng.generate([Request(f"warm-{k.tenant_id}", [1], SamplingParams(max_tokens=1), k)])
+    assert len(eng.prefix_cache.entries) == 14 and eng.pool.num_free - eng.pool.num_cached <= 4
+    eng.add_request(
+        Request(
+            "big", random_prompt(b.spec.vocab_size, 150, 1), SamplingParams(max_tokens=3, ignore_eos=True)
+        )
+    )
+    assert _step_until_done(eng, 100), "the request never ran"
+    assert eng.prefix_cache.stats.evictions >= 1
 
 
 class SlowProvider(DictPrefixProvider):
@@ -254,6 +344,114 @@ def test_unknown_prefix_finishes_with_error_and_others_continue(tiny_llama_bundl
     assert eng.pool.num_used == 1  # only the good prefix's block
 
 
+class GatedProvider(DictPrefixProvider):
+    """A provider whose fetch, once `gate` is set to an Event, returns what the store held when it started only
+    after the event is set."""
+
+    gate = None
+
+    def fetch(self, key):
+        kv = super().fetch(key)  # what the store held when the fetch started
+        if self.gate is not None:
+            self.gate.wait(10)
+        return kv
+
+
+def test_a_fetch_under_way_when_its_prefix_is_invalidated_is_not_installed(tiny_llama_bundle):
+    """A prefix invalidated while its fetch is in flight: the stale tensors that fetch returns are not installed;
+    the request runs on the new ones."""
+    b = tiny_llama_bundle
+    k0 = PrefixKey("t0", "p", 1)
+    new_kv = random_kv(b.spec, 8, seed=99, scale=8.0)
+    prompt = [1, 2, 3]
+    want = (
+        make_engine(b, {k0: new_kv})
+        .generate([Request("f", prompt, SamplingParams(max_tokens=4, ignore_eos=True), k0)])[0]
+        .token_ids
+    )
+    prov = GatedProvider({k0: random_kv(b.spec, 8, 0)})
+    prov.gate = threading.Event()
+    eng = LLMEngine(b, prov, EngineConfig(kv_cache_bytes=8 * 2**20))
+    eng.add_request(Request("r", prompt, SamplingParams(max_tokens=4, ignore_eos=True), k0))
+    eng.step()
+    assert k0 in eng.prefix_cache._loading
+    prov.prefixes[k0] = new_kv
+    eng.prefix_cache.invalidate(k0.tenant_id, k0.name)
+    prov.gate.set()
+    got = []
+    for _ in range(2000):
+        for ev in eng.step():
+            got += ev.token_ids
+        if not eng.has_unfinished():
+            break
+    assert got == want
+
+
+def test_a_prefix_created_after_a_failed_lookup_is_usable_at_once(tiny_llama_bundle):
+    """A lookup of a prefix that does not exist yet is not remembered past the store's change event for it."""
+    b = tiny_llama_bundle
+    k0 = PrefixKey("t0", "p", 1)
+    eng = make_engine(b, {})
+    assert _generate_one(eng, k0, "before").finish_reason == "error"
+    eng.prefix_cache.provider.prefixes[k0] = random_kv(b.spec, 8, 0)
+    eng.prefix_cache.invalidate(k0.tenant_id, k0.name)  # the store's change event
+    assert _generate_one(eng, k0, "after").finish_reason == "length"
+
+
+@pytest.mark.parametrize("how", ["name", "all"])
+def test_a_newcomer_after_an_invalidation_runs_on_the_new_tensors_while_the_old_are_in_use(
+    tiny_llama_bundle, how
+):
+    """A request still running on a prefix's old tensors when it is invalidated (by name or all at once): a
+    newcomer runs on the new tensors, and the old ones' blocks go back to the pool once their last user ends."""
+    b = tiny_llama_bundle
+    k0 = PrefixKey("t0", "p", 1)
+    old_kv = random_kv(b.spec, 8, seed=0)
+    new_kv = random_kv(b.spec, 8, seed=99, scale=8.0)
+    prompt = random_prompt(b.spec.vocab_size, 7, 5)
+    want = make_engine(b, {k0: new_kv}).generate([_req("fresh", prompt, k0)])[0].token_ids
+    eng = make_engine(b, {k0: old_kv})
+    eng.add_request(_req("long", random_prompt(b.spec.vocab_size, 5, 7), k0, max_tokens=60))
+    for _ in range(3):
+        eng.step()
+    assert eng.scheduler.running  # holds the old tensors
+    eng.prefix_cache.provider.prefixes[k0] = new_kv
+    if how == "name":
+        eng.prefix_cache.invalidate(k0.tenant_id, k0.name)
+    else:
+        eng.prefix_cache.invalidate_all()
+    eng.add_request(_req("new", prompt, k0))
+    got = []
+    while eng.has_unfinished():
+        for ev in eng.step():
+            if ev.request_id == "new":
+                got.extend(ev.token_ids)
+    assert got == want
+    # the old tensors' blocks went back to the pool once their last user finished: only the new prefix is held
+    (entry,) = eng.prefix_cache.entries.values()
+    assert eng.pool.num_used == len(entry.blocks)
+
+
+def test_an_idle_prefix_invalidated_and_loaded_again_leaks_no_blocks(tiny_llama_bundle):
+    """An idle cached prefix invalidated and replaced: the next request runs on the new tensors and only the new
+    prefix's blocks stay in use."""
+    b = tiny_llama_bundle
+    k0 = PrefixKey("t0", "p", 1)
+    eng = make_engine(b, {k0: random_kv(b.spec, 8, 0)})
+    _generate_one(eng, k0, "old")
+    new_kv = random_kv(b.spec, 8, seed=99, scale=8.0)
+    want = (
+        make_engine(b, {k0: new_kv})
+        .generate([Request("f", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True), k0)])[0]
+        .token_ids
+    )
+    eng.prefix_cache.provider.prefixes[k0] = new_kv
+    eng.prefix_cache.invalidate(k0.tenant_id, k0.name)
+    assert _generate_one(eng, k0, "new").token_ids == want
+    (entry,) = eng.prefix_cache.entries.values()
+    assert eng.pool.num_used == len(entry.blocks)
+
+
 def test_abort_frees_kv(tiny_llama_bundle):
     b = tiny_llama_bundle
     key = PrefixKey("a", "p", 1)
@@ -315,6 +513,38 @@ def test_admission_limits(tiny_llama_bundle):
     with pytest.raises(QueueFull):
         eng.add_request(Request("d", [1], SamplingParams(max_tokens=4)))
     assert eng.num_waiting == 3 and eng.capacity == 3
+
+
+def test_refused_requests_do_not_hold_queue_places(tiny_llama_bundle):
+    """A request that fails validation (413/400) leaves no trace in the queue count: after max_waiting of them a
+    valid request is still accepted (else every request gets 503 from then on)."""
+    b = tiny_llama_bundle
+    eng = AsyncEngine(make_engine(b, {}, max_waiting=2, max_num_seqs=1, max_model_len=64))
+    for i in range(3):
+        with pytest.raises((RequestTooLarge, ValueError)):
+            eng.submit(Request(f"bad{i}", [1] * 70, SamplingParams(max_tokens=4)), lambda ev: None)
+    assert eng.num_waiting == 0
+    for i in range(3):  # one row + two queued
+        eng.submit(Request(f"ok{i}", [1, 2], SamplingParams(max_tokens=2)), lambda ev: None)
+
+
+def test_a_request_that_fills_the_context_exactly_is_accepted(tiny_llama_bundle):
+    """vLLM's rule: prompt + max_tokens <= max_model_len."""
+    b = tiny_llama_bundle
+    eng = make_engine(b, {}, max_model_len=64)
+    out = eng.generate([Request("full", [1] * 60, SamplingParams(max_tokens=4, ignore_eos=True))])[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 4
+    with pytest.raises(RequestTooLarge):
+        eng.add_request(Request("over", [1] * 60, SamplingParams(max_tokens=5)))
+
+
+def test_kv_budget_admission_boundary(tiny_llama_bundle):
+    """A request's own blocks + one may take half of the pool, not more (16 blocks: 7 own blocks fit, 8 do not)."""
+    b = tiny_llama_bundle
+    eng = make_engine(b, {}, kv_cache_bytes=pool_bytes(b, 16))
+    eng.add_request(Request("fits", [1] * 100, SamplingParams(max_tokens=12)))  # 112 tokens: 7 blocks
+    with pytest.raises(RequestTooLarge):
+        eng.add_request(Request("over", [1] * 100, SamplingParams(max_tokens=13)))  # 113: 8 blocks
 
 
 def test_prefix_plus_prompt_beyond_the_context_fails_that_request_alone(tiny_llama_bundle):
@@ -490,6 +720,111 @@ def test_lower_priority_starts_first_and_is_preempted_last(tiny_llama_bundle, fa
         assert got[r.request_id] == alone.generate([r])[0].token_ids
 
 
+def _spy_started(eng: LLMEngine) -> list[str]:
+    """The ids of the requests `eng` runs from now on, in the order they first take a row."""
+    started = []
+    prepare = eng.runner.prepare
+
+    def spy(rows):
+        started.extend(s.request_id for s in eng.scheduler.running if s.request_id not in started)
+        return prepare(rows)
+
+    eng.runner.prepare = spy
+    return started
+
+
+def _step_until_done(eng: LLMEngine, steps: int = 400) -> bool:
+    """Step `eng` until it has nothing unfinished (True) or `steps` steps have run (False)."""
+    for _ in range(steps):
+        eng.step()
+        if not eng.has_unfinished():
+            return True
+    return False
+
+
+def test_fair_admission_counts_requests_already_running(tiny_llama_bundle):
+    """A has one request running when A2 then B1 arrive; one slot is free: B (none running) goes first."""
+    b = tiny_llama_bundle
+    eng = make_engine(b, {}, max_num_seqs=2)
+    started = _spy_started(eng)
+    V = b.spec.vocab_size
+    eng.add_request(
+        Request("A1", random_prompt(V, 6, 1), SamplingParams(max_tokens=40, ignore_eos=True), cache_salt="A")
+    )
+    for _ in range(3):
+        eng.step()
+    eng.add_request(
+        Request("A2", random_prompt(V, 6, 2), SamplingParams(max_tokens=2, ignore_eos=True), cache_salt="A")
+    )
+    eng.add_request(
+        Request("B1", random_prompt(V, 6, 3), SamplingParams(max_tokens=2, ignore_eos=True), cache_salt="B")
+    )
+    assert _step_until_done(eng)
+    assert started[:3] == ["A1", "B1", "A2"], started
+
+
+def test_a_request_that_does_not_fit_is_not_overtaken(tiny_llama_bundle):
+    """First come first served within a tenant's turn: a waiting request short of blocks holds the ones behind it."""
+    b = tiny_llama_bundle
+    eng = make_engine(b, {}, kv_cache_bytes=pool_bytes(b, 32), fair_scheduling=False)
+    started = _spy_started(eng)
+    V = b.spec.vocab_size
+    eng.add_request(
+        Request("R1", random_prompt(V, 200, 1), SamplingParams(max_tokens=8, ignore_eos=True))
+    )  # 13 blocks
+    eng.add_request(
+        Request("R2", random_prompt(V, 200, 4), SamplingParams(max_tokens=8, ignore_eos=True))
+    )  # 13 blocks
+    eng.step()
+    eng.add_request(
+        Request("BIG", random_prompt(V, 128, 2), SamplingParams(max_tokens=2, ignore_eos=True))
+    )  # 8+ blocks
+    eng.add_request(Request("SMALL", random_prompt(V, 5, 3), SamplingParams(max_tokens=2, ignore_eos=True)))
+    assert _step_until_done(eng)
+    assert started == ["R1", "R2", "BIG", "SMALL"], started
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_a_preempted_request_resumes_before_newcomers(tiny_llama_bundle, fair):
+    """A3 is preempted while A1 and A2 keep running; B1 (another tenant, none running) arrives meanwhile. The blocks
+    freed later go to A3 first (vLLM puts preempted requests back at the front of the queue)."""
+    b = tiny_llama_bundle
+    V = b.spec.vocab_size
+    eng = make_engine(b, {}, kv_cache_bytes=pool_bytes(b, 16), fair_scheduling=fair)
+    admitted: list[str] = []
+    admit = eng.scheduler._admit
+
+    def spy(*a, **kw):
+        items = admit(*a, **kw)
+        admitted.extend(it.seq.request_id for it in items)
+        return items
+
+    eng.scheduler._admit = spy
+    victims = record_preemptions(eng)
+    for i, name in enumerate(("A1", "A2", "A3")):
+        eng.add_request(
+            Request(
+                name, random_prompt(V, 60, i), SamplingParams(max_tokens=44, ignore_eos=True), cache_salt="A"
+            )
+        )
+    for _ in range(200):
+        eng.step()
+        if victims:
+            break
+    assert victims == ["A3"]
+    mark = len(admitted)
+    eng.add_request(
+        Request("B1", random_prompt(V, 5, 9), SamplingParams(max_tokens=2, ignore_eos=True), cache_salt="B")
+    )
+    for _ in range(400):
+        eng.step()
+        if not eng.has_unfinished():
+            break
+    assert not eng.has_unfinished()
+    after = [r for r in admitted[mark:] if r in ("A3", "B1")]
+    assert after[:2] == ["A3", "B1"], (admitted, victims)
+
+
 def test_async_engine_concurrent_and_cancel(tiny_llama_bundle):
     b = tiny_llama_bundle
     keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 8 + i, i) for i in range(3)}
@@ -638,6 +973,17 @@ def test_kv_pool_prefix_roundtrip(tiny_llama_bundle):
     assert torch.equal(eng.pool.read(entry.blocks, 21), kv)
 
 
+def test_the_pool_takes_the_memory_it_was_given(tiny_llama_bundle):
+    """kv_cache_bytes bounds the pool's real tensor (plus its one scratch block): block_bytes is what a block holds."""
+    b = tiny_llama_bundle
+    budget = 4 * 2**20
+    eng = make_engine(b, {}, kv_cache_bytes=budget)
+    pool = eng.pool
+    real = pool.data.numel() * pool.data.element_size()
+    assert real == (pool.num_blocks + 1) * pool.block_bytes
+    assert budget - pool.block_bytes < pool.num_blocks * pool.block_bytes <= budget
+
+
 def test_one_overflowing_request_fails_alone(tiny_llama_bundle):
     """A prefix whose values overflow the attention (finite, so it passes validation) gives non-finite logits: that
     request alone ends with an error; greedy and sampled neighbours in the same batch finish as they do alone."""
@@ -724,6 +1070,27 @@ def test_a_prefix_and_request_that_can_never_fit_fail_instead_of_waiting_forever
     assert "KV cache blocks; the cache holds 16" in ev.error
     ok = Request("ok", random_prompt(b.spec.vocab_size, 5, 2), SamplingParams(max_tokens=3))
     assert eng.generate([ok])[0].finish_reason in ("length", "stop")  # and the engine carries on
+
+
+def test_never_fit_at_one_block_past_the_pool(tiny_llama_bundle):
+    """The boundary of the test above: prefix + own blocks one block more than the pool fails with RequestTooLarge."""
+    b = tiny_llama_bundle
+    key = PrefixKey("t", "p", 1)
+    eng = make_engine(
+        b, {key: random_kv(b.spec, 288, 0)}, kv_cache_bytes=pool_bytes(b, 32)
+    )  # prefix: 18 blocks
+    # own KV: 200 prompt + 40 outputs - 1 = 239 tokens = 15 blocks; + 18 = 33 > 32
+    eng.add_request(
+        Request(
+            "r", random_prompt(b.spec.vocab_size, 200, 1), SamplingParams(max_tokens=40, ignore_eos=True), key
+        )
+    )
+    events = []
+    for _ in range(100):
+        events += [ev for ev in eng.step() if ev.finished]
+        if not eng.has_unfinished():
+            break
+    assert [(e.finish_reason, e.error_type) for e in events] == [("error", "RequestTooLarge")]
 
 
 def test_a_stop_token_id_is_not_text_streamed_or_not(tiny_llama_bundle):

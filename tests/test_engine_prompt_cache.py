@@ -57,6 +57,21 @@ def test_shared_system_prompt_is_computed_once_and_stays_exact(tenants):
     assert plain.scheduler.cache_hit_tokens == 0 and plain.pool.num_cached == 0
 
 
+def test_prompt_cache_is_not_shared_across_salts_without_a_prefix(tiny_llama_bundle):
+    """Base-model requests (no prefix) take cached blocks only under their own cache salt: another salt's request
+    of the same prompt hits nothing, the first salt's second request hits its two full blocks."""
+    b = tiny_llama_bundle
+    eng = make_engine(b, {})
+    prompt = random_prompt(b.spec.vocab_size, 40, 1)
+    sp = SamplingParams(max_tokens=2, ignore_eos=True)
+    eng.generate([Request("a", prompt, sp, cache_salt="A")])
+    h = eng.scheduler.cache_hit_tokens
+    eng.generate([Request("b", prompt, sp, cache_salt="B")])
+    assert eng.scheduler.cache_hit_tokens == h
+    eng.generate([Request("a2", prompt, sp, cache_salt="A")])
+    assert eng.scheduler.cache_hit_tokens == h + 32
+
+
 def test_whole_prompt_cached_still_computes_its_last_token(tenants):
     """A repeated prompt of exactly two blocks: the first block is reused, the last token is recomputed (its logits
     are needed), and the answer is the same."""
@@ -102,6 +117,28 @@ def test_cached_blocks_are_evicted_under_pressure_and_nothing_leaks(tenants):
     for r, o in zip(reqs, outs, strict=True):
         assert o == hf_greedy(b.hf_model, keys[r.prefix], r.prompt_token_ids, NEW)
     assert eng.pool.num_used == sum(len(e.blocks) for e in eng.prefix_cache.entries.values())
+
+
+def test_a_finished_requests_leading_blocks_outlive_its_tail(tiny_llama_bundle):
+    """Freed tail first: an allocation that takes one of its blocks takes the last, and the same prompt later still
+    finds its first three blocks (48 tokens) in the cache."""
+    b = tiny_llama_bundle
+    eng = make_engine(b, {}, kv_cache_bytes=pool_bytes(b, 32))
+    V = b.spec.vocab_size
+    x = random_prompt(V, 64, 1)
+    eng.generate(
+        [Request("x", x, SamplingParams(max_tokens=1))]
+    )  # blocks 0-3; 28 never-used blocks before them
+    # 15 + 14 blocks at once: every never-used block and one of x's
+    eng.generate(
+        [
+            Request("y1", random_prompt(V, 239, 2), SamplingParams(max_tokens=1)),
+            Request("y2", random_prompt(V, 223, 3), SamplingParams(max_tokens=1)),
+        ]
+    )
+    before = eng.scheduler.cache_hit_tokens
+    eng.generate([Request("x2", x, SamplingParams(max_tokens=1))])
+    assert eng.scheduler.cache_hit_tokens - before == 48
 
 
 def test_abort_and_preemption_release_cached_blocks(tenants):
@@ -192,6 +229,34 @@ def test_identical_prompts_arriving_together_share_one_prefill(tenants):
     plain = make_engine(b, keys, prompt_cache=False)
     for r in reqs:
         assert outs[r.request_id] == plain.generate([r])[0].token_ids, r.request_id
+
+
+def test_the_same_block_computed_by_two_requests_keeps_one_entry(tiny_llama_bundle):
+    """Two identical greedy requests compute their identical output blocks each: the first registered entry is
+    kept, the cache's maps stay inverse of each other, and evicting everything later raises nothing."""
+    b = tiny_llama_bundle
+    V = b.spec.vocab_size
+    eng = make_engine(b, {}, kv_cache_bytes=pool_bytes(b, 32))
+    prompt = random_prompt(V, 20, 1)
+    sp = SamplingParams(max_tokens=30, ignore_eos=True)
+    a, a2 = eng.generate([Request("a", prompt, sp), Request("a2", prompt, sp)])
+    assert a.token_ids == a2.token_ids
+    pool = eng.pool
+    assert {blk: key for key, (blk, _) in pool._cached.items()} == pool._key_of
+    # pressure: every block allocated again
+    for i in range(3):
+        outs = eng.generate(
+            [
+                Request(
+                    f"p{i}{j}",
+                    random_prompt(V, 200, 10 * i + j),
+                    SamplingParams(max_tokens=3, ignore_eos=True),
+                )
+                for j in range(2)
+            ]
+        )
+        assert all(o.finish_reason == "length" for o in outs), outs
+    assert {blk: key for key, (blk, _) in pool._cached.items()} == pool._key_of
 
 
 def test_a_newcomer_joins_a_chunked_prefill_on_the_blocks_done_so_far(tenants):

@@ -81,6 +81,17 @@ def test_requests_without_a_seed_sample_differently(setup):
     assert len(set(outs)) > 1, outs
 
 
+def test_unseeded_requests_are_not_all_the_same(setup):
+    """Unseeded sampled requests differ from each other beside one another in a batch and across engines: two in
+    one engine's batch and one on a fresh engine give three different outputs."""
+    b, keys = setup
+    prompt = random_prompt(b.spec.vocab_size, 6, 3)
+    sp = SamplingParams(max_tokens=16, temperature=1.5, ignore_eos=True)
+    a = make_engine(b, keys).generate([Request("a", prompt, sp, None), Request("b", prompt, sp, None)])
+    c = make_engine(b, keys).generate([Request("c", prompt, sp, None)])
+    assert len({tuple(o.token_ids) for o in [*a, *c]}) == 3
+
+
 def test_top_k_one_and_tiny_top_p_equal_greedy(setup):
     b, keys = setup
     k0 = next(iter(keys))
@@ -600,6 +611,43 @@ def test_logit_bias_and_min_tokens_match_transformers(setup):
     assert outs["plain"].token_ids == plain[0].token_ids
 
 
+@pytest.mark.parametrize("how", ["eos", "stop_token_id"])
+def test_min_tokens_boundary_exact(setup, how):
+    """An end token forced by logit_bias is held off for exactly min_tokens tokens: it is the (min_tokens+1)-th."""
+    b, keys = setup
+    eng = make_engine(b, keys)
+    prompt = random_prompt(b.spec.vocab_size, 6, 3)
+    end = min(eng.eos_ids) if how == "eos" else 5
+    extra = {} if how == "eos" else {"stop_token_ids": (end,)}
+    sp = SamplingParams(max_tokens=12, min_tokens=3, logit_bias=((end, 100.0),), **extra)
+    (out,) = eng.generate([Request("m", prompt, sp, None)])
+    assert out.finish_reason == "stop"
+    assert len(out.token_ids) == 4 and out.token_ids[3] == end and end not in out.token_ids[:3]
+
+
+def test_logprobs_are_the_models_own_whatever_logit_bias(setup):
+    """vLLM's default (raw_logprobs): a logit_bias changes what is sampled, not the reported log-probabilities."""
+    b, keys = setup
+    prompt = random_prompt(b.spec.vocab_size, 6, 3)
+    plain, biased = make_engine(b, keys).generate(
+        [
+            Request("p", prompt, SamplingParams(max_tokens=1, logprobs=5, ignore_eos=True), None),
+            Request(
+                "b",
+                prompt,
+                SamplingParams(max_tokens=1, logprobs=5, ignore_eos=True, logit_bias=((11, 50.0),)),
+                None,
+            ),
+        ]
+    )
+    assert biased.token_ids == [11]
+    assert [t for t, _ in biased.logprobs[0].top] == [t for t, _ in plain.logprobs[0].top]
+    assert [v for _, v in biased.logprobs[0].top] == pytest.approx(
+        [v for _, v in plain.logprobs[0].top], abs=1e-5
+    )
+    assert biased.logprobs[0].logprob < plain.logprobs[0].logprob  # token 11 is not the model's favourite
+
+
 class _ByteTokenizer:
     """Tokens that are byte strings, some ending inside a UTF-8 character (as byte-level BPE merges can)."""
 
@@ -709,6 +757,17 @@ def test_a_longer_stop_string_does_not_widen_the_min_tokens_window():
         out = [d.add(i) for i in (1, 2, 3, 4)]
         assert [hit for _, hit in out] == [False, False, False, True], stop
         assert "".join(t for t, _ in out) == " with a quick" and d.text == " with a quick"
+
+
+def test_one_token_completing_two_stop_strings_cuts_at_the_first():
+    """The text ends at the first place any stop string occurs, whatever their lengths or order."""
+    from server.engine.detokenizer import IncrementalDetokenizer
+
+    tok = _ByteTokenizer({1: b"xbcd", 9: b"z"})
+    for stop in (("cd", "b"), ("b", "cd")):
+        d = IncrementalDetokenizer(tok, [9], stop)
+        text, hit = d.add(1)
+        assert hit and text + d.finish() == "x", stop
 
 
 @pytest.mark.parametrize("stop", [(), ("zz",)])

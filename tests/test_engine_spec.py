@@ -422,3 +422,37 @@ def test_a_seeded_sampled_row_gives_the_same_output_whatever_shares_its_batch(ti
     assert alone == beside == plain and len(alone) == 40 and drafted == 0
     unseeded = SamplingParams(max_tokens=40, temperature=1.0, ignore_eos=True)
     assert run(unseeded, False)[1] > 0  # the same row without a seed drafts: the model does invite it
+
+
+class _AlwaysWrongDraft:
+    """Stands in for NgramIndex: always drafts as many tokens as it may (`k`), all of them token 1 (wrong)."""
+
+    def __init__(self, *a) -> None:
+        pass
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        return [1] * k
+
+
+def test_a_draft_never_preempts_a_running_request(tiny_llama_bundle, monkeypatch):
+    """Three rows on a 16-block pool that fit without preemption when decoding plainly: drafting must not take the
+    blocks the other rows' plain decode steps need (the docstring of Scheduler._draft)."""
+    from server.engine import scheduler
+
+    b = tiny_llama_bundle
+    V = b.spec.vocab_size
+    monkeypatch.setattr(scheduler, "NgramIndex", _AlwaysWrongDraft)
+
+    def preemptions(spec):
+        eng = make_engine(b, {}, kv_cache_bytes=pool_bytes(b, 16), speculative_tokens=spec)
+        reqs = [
+            Request(f"r{i}", random_prompt(V, n, i), SamplingParams(max_tokens=m, ignore_eos=True))
+            for i, (n, m) in enumerate([(60, 20), (64, 20), (99, 4)])
+        ]
+        outs = eng.generate(reqs)
+        return eng.scheduler.num_preemptions, [o.token_ids for o in outs]
+
+    plain, plain_out = preemptions(0)
+    spec, spec_out = preemptions(4)
+    assert plain == 0 and spec == 0
+    assert spec_out == plain_out
