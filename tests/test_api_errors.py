@@ -453,6 +453,40 @@ def test_a_prefix_and_request_too_large_for_the_kv_cache_is_a_413(server_factory
     assert s.client().post("/generate", json={**body, "max_tokens": 20}).status_code == 200
 
 
+def test_the_kv_caches_share_of_one_request_is_a_limit_the_api_states_and_defaults_fit(server_factory):
+    """A KV cache smaller than the context: one request's prompt + output may hold half the pool less a block.
+    /info and /tgi/info say so, a request past it is a context error naming the numbers, and the outputs that
+    default to the room left (chat without max_tokens, /tgi without max_new_tokens) stop there instead of being
+    refused (they were sized by max_model_len alone)."""
+    from tests.fixtures.models import tiny_llama
+
+    s = server_factory(bundle=tiny_llama(layers=8), kv_cache_mb=1, max_model_len=1024)
+    c = s.client()
+    info = c.get("/info").json()
+    assert (info["max_model_len"], info["max_request_tokens"]) == (1024, 240)  # 32 blocks of 16: 15 blocks
+    tgi = c.get("/tgi/info").json()
+    assert tgi["max_total_tokens"] <= 240 and tgi["max_input_tokens"] < 240
+    body = {
+        "tenant_id": "acme",
+        "prefix": "base",
+        "prompt": "hello",
+        "prompt_format": "raw",
+        "ignore_eos": True,
+    }
+    err = assert_error(c.post("/generate", json={**body, "max_tokens": 300}), 413, "context_length_exceeded")
+    assert err["param"] == "max_tokens" and "may hold 240" in err["message"], err
+    ok = c.post("/generate", json={**body, "max_tokens": 200}).json()
+    assert ok["usage"]["completion_tokens"] == 200
+    msg = {"role": "user", "content": "hello " * 25}
+    chat = c.post("/v1/chat/completions", json={"model": "acme/base", "messages": [msg], "ignore_eos": True})
+    assert chat.status_code == 200, chat.text
+    assert (
+        chat.json()["usage"]["total_tokens"] == 240 and chat.json()["choices"][0]["finish_reason"] == "length"
+    )
+    got = c.post("/tgi/generate", json={"inputs": "hello " * 25, "parameters": {"adapter_id": "acme/base"}})
+    assert got.status_code == 200, got.text
+
+
 def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(server_factory, monkeypatch):
     """More characters than max_prompt_tokens tokens can hold: a 413 without taking the shared tokenizer thread
     (ten such prompts at once held every tenant's requests for seconds, only to be refused)."""

@@ -138,7 +138,9 @@ def test_models_and_errors(oai):
             oai.models.retrieve(unknown)
         assert e.value.body["code"] == "model_not_found", unknown
     # generation answers an unknown model like OpenAI, whether the tenant is another's or the prefix is missing
-    for unknown in ("globex/default", "acme/nothing", "acme/default@9"):
+    # (the longest id: 128-character names and a version, 276 characters, is an id, not an invalid field)
+    longest = "t" * 128 + "/" + "n" * 128 + "@" + "9" * 18
+    for unknown in ("globex/default", "acme/nothing", "acme/default@9", longest):
         with pytest.raises(openai.NotFoundError) as e:
             oai.completions.create(model=unknown, prompt="x", max_tokens=2)
         assert (e.value.body["code"], e.value.body["param"]) == ("model_not_found", "model"), unknown
@@ -746,3 +748,49 @@ def test_echo_of_a_prompt_ending_inside_a_character_the_output_completes(srv):
     # an output that does not complete it: the echo keeps its U+FFFD
     body["logit_bias"] = {str(ids[0]): 100}
     assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == "Star \ufffdS"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("allowed_token_ids", [5, 6]),
+        ("bad_words", ["x"]),
+        ("use_beam_search", True),
+        ("length_penalty", 0.5),
+        ("logits_processors", ["m.Proc"]),
+        ("return_tokens_as_token_ids", True),
+        ("best_of", 3),
+    ],
+)
+def test_vllm_fields_that_would_change_the_output_are_refused_not_ignored(srv, field, value):
+    """vLLM sampling fields this server does not implement: a 400 naming the field on both routes (they were
+    ignored, so `allowed_token_ids` gave unconstrained text with a 200); their defaults are accepted, and other
+    unknown fields are still ignored, as vLLM does."""
+    c = srv.client(KEY)
+    bodies = {
+        "/v1/completions": {"model": "acme/default", "prompt": "x", "max_tokens": 2},
+        "/v1/chat/completions": {
+            "model": "acme/default",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 2,
+        },
+    }
+    default = {"use_beam_search": False, "length_penalty": 1.0, "best_of": 1}.get(field)
+    for path, body in bodies.items():
+        r = c.post(path, json={**body, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, r.text)
+        ok = c.post(path, json={**body, field: default, "some_future_field": 1})
+        assert ok.status_code == 200, (path, ok.text)
+    r = c.post("/v1/chat/completions", json={**bodies["/v1/chat/completions"], "chat_template": "{{ x }}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
+
+
+def test_token_id_prompts_out_of_the_vocabulary_name_the_prompt(srv, api_bundle):
+    c = srv.client(KEY)
+    vocab = api_bundle.spec.vocab_size
+    body = {"model": "acme/default", "max_tokens": 1}
+    r = c.post("/v1/completions", json={**body, "prompt": [5, vocab]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and str(vocab) in r.text, r.text
+    r = c.post("/v1/completions", json={**body, "prompt": [[5], [vocab - 1], [vocab + 7]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[2]", r.text
+    assert c.post("/v1/completions", json={**body, "prompt": [5, vocab - 1]}).status_code == 200

@@ -222,3 +222,26 @@ def test_log_probabilities_asked_for_in_all_are_bounded(server_factory):
     assert c.post("/v1/completions", json={**comp, "prompt": [5] * 20}).status_code == 200
     gen = {"tenant_id": "acme", "prefix": "base", "prompt": "hi", "max_tokens": 41, "logprobs": 2}
     assert assert_error(c.post("/generate", json=gen), 422, "logprobs_too_large")["param"] == "logprobs"
+    # prompt_logprobs alone is named as such on /v1 (it was "logprobs" / "top_logprobs")
+    pl = {"model": "acme/base", "prompt": [5] * 30, "max_tokens": 1, "prompt_logprobs": 4}
+    assert (
+        assert_error(c.post("/v1/completions", json=pl), 400, "logprobs_too_large")["param"]
+        == "prompt_logprobs"
+    )
+    chat_pl = {**chat, "max_tokens": 1, "prompt_logprobs": 20}
+    err = assert_error(c.post("/v1/chat/completions", json=chat_pl), 400, "logprobs_too_large")
+    assert err["param"] == "prompt_logprobs"
+    # /tgi reports every token's log-probability (and its alternatives, and the prompt's with
+    # decoder_input_details): the same bound
+    tgi = {"inputs": "hi", "parameters": {"adapter_id": "acme/base", "max_new_tokens": 61, "top_n_tokens": 1}}
+    err = assert_error(c.post("/tgi/generate", json=tgi), 422, "logprobs_too_large")
+    assert err["param"] == "parameters.top_n_tokens" and err["message"].count("122") == 1, err
+    tgi["parameters"]["max_new_tokens"] = 60
+    assert c.post("/tgi/generate", json=tgi).status_code == 200
+    plain = {"inputs": "hi", "parameters": {"adapter_id": "acme/base", "max_new_tokens": 121}}
+    err = assert_error(c.post("/tgi/generate", json=plain), 422, "logprobs_too_large")
+    assert err["param"] == "parameters.max_new_tokens"
+    details = {"inputs": "hi " * 40, "parameters": {"adapter_id": "acme/base", "max_new_tokens": 1,
+                                                    "decoder_input_details": True}}  # fmt: skip
+    err = assert_error(c.post("/tgi/generate", json=details), 422, "logprobs_too_large")
+    assert err["param"] == "parameters.decoder_input_details"

@@ -246,6 +246,13 @@ def test_tgi_clients_get_their_error_type_and_every_token_a_logprob(srv):
     assert "'acme/nope'" in nope["error"]["message"]
     # /tgi only
     assert "error_type" not in c.post("/generate", json={"prompt": PROMPT, "prefix": "nope"}).json()
+    # errors answered before the route runs (the body's size, a draining server) have it too
+    big = json.dumps({"inputs": "a" * 1_100_000}).encode()
+    for path in ("/tgi", "/tgi/generate"):
+        r = c.post(path, content=big, headers={"Content-Type": "application/json"})
+        assert (r.status_code, r.json().get("error_type")) == (413, "validation"), r.text
+    r = c.post("/generate", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "error_type" not in r.json()
     # a stream without details: every token still has a float logprob (the lorax client requires one)
     evs = events(c.post("/tgi/generate_stream", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 5}}))
     assert len(evs) == 5 and all(isinstance(e["token"]["logprob"], float) for e in evs)
@@ -366,3 +373,20 @@ def test_truncate_keeps_the_last_tokens_of_inputs_never_the_template(srv, api_bu
         != render_prompt(tok, PROMPT, "chat")
     )
     assert _prompt_ids(tok, PROMPT, chat, None) == render_prompt(tok, PROMPT, "chat")
+
+
+def test_repetition_penalty_range_is_the_engines_and_named(srv):
+    """TGI's schema said (0, 10] while the engine takes [0.01, 2]: 2.01 was a 422 naming no field."""
+    c = srv.client(KEY)
+    for bad in (2.01, 10, 0.009):
+        r = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {"repetition_penalty": bad}})
+        err = assert_error(r, 422)
+        assert err["param"] == "parameters.repetition_penalty" and r.json()["error_type"] == "validation", (
+            r.text
+        )
+    ok = c.post(
+        "/tgi/generate", json={"inputs": PROMPT, "parameters": {"repetition_penalty": 2, "max_new_tokens": 2}}
+    )
+    assert ok.status_code == 200, ok.text
+    spec = c.get("/openapi.json").json()["components"]["schemas"]["TGIParameters"]["properties"]
+    assert "10" not in json.dumps(spec["repetition_penalty"])

@@ -168,6 +168,17 @@ def test_refused_uploads_are_4xx_and_store_nothing(server_factory, tmp_path):
     put_random_prefix(s.store, bundle, "globex", "long", prefix_length=64)
     too_long = s.client("k-g").get("/prefixes/globex/long/download").content
     assert_error(upload(a, "acme", "x", too_long), 413, "prefix_too_long")
+    # a request needs a prompt token and an output token after the prefix: 63 of 64 positions could never serve
+    for p, status in ((63, 413), (62, 201)):
+        put_random_prefix(s.store, bundle, "globex", f"p{p}", prefix_length=p)
+        got = s.client("k-g").get(f"/prefixes/globex/p{p}/download").content
+        assert upload(a, "acme", f"p{p}", got).status_code == status, p
+    r = a.post(
+        "/generate",
+        json={"tenant_id": "acme", "prefix": "p62", "prompt": "a", "max_tokens": 1, "prompt_format": "raw"},
+    )
+    assert r.json()["usage"]["completion_tokens"] == 1
+    assert a.delete("/prefixes/acme/p62").status_code == 200  # (this test stores nothing else)
     # parseable files with fields of the wrong type or out of range (crafted, not made by any tool)
     header_len = int.from_bytes(good[:8], "little")
     header = json.loads(good[8 : 8 + header_len])

@@ -27,7 +27,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefix_store import PrefixStore, open_store
 from server.api.auth import KeyRing
-from server.api.errors import APIError, SafeJSONResponse, install_error_handlers
+from server.api.errors import (
+    APIError,
+    SafeJSONResponse,
+    install_error_handlers,
+    is_tgi_path,
+    with_tgi_error_type,
+)
 from server.api.limits import RateLimiter
 from server.api.metrics import Metrics
 from server.api.reload import ConfigReloader, loaded_signatures
@@ -94,16 +100,20 @@ class AppState:
 
 # ------------------------------------------------------------------------------------------------ middleware
 async def _send_error(
-    send: Send, status: int, message: str, code: str, request_id: str, retry_after: int
+    send: Send, status: int, message: str, code: str, request_id: str, retry_after: int, path: str
 ) -> None:
-    await _send_api_error(send, APIError(status, message, code=code), request_id, retry_after)
+    await _send_api_error(send, APIError(status, message, code=code), request_id, retry_after, path)
 
 
-async def _send_api_error(send: Send, e: APIError, request_id: str, retry_after: int) -> None:
+async def _send_api_error(send: Send, e: APIError, request_id: str, retry_after: int, path: str) -> None:
+    """An error answered before the route ran (with TGI's `error_type` on /tgi, as the route's own errors)."""
     headers = {"x-request-id": request_id, **e.headers}
     if e.status in (429, 503):
         headers.setdefault("retry-after", str(retry_after))
-    resp = SafeJSONResponse(e.body(), e.status, headers=headers)
+    body = e.body()
+    if is_tgi_path(path):
+        with_tgi_error_type(body, e.status)
+    resp = SafeJSONResponse(body, e.status, headers=headers)
     await resp({"type": "http"}, _no_receive, send)
 
 
@@ -213,12 +223,18 @@ class ServiceMiddleware:
         try:
             if st.draining and not probe:
                 await _send_error(
-                    send_wrapper, 503, "server is shutting down", "shutting_down", rid, settings.retry_after_s
+                    send_wrapper,
+                    503,
+                    "server is shutting down",
+                    "shutting_down",
+                    rid,
+                    settings.retry_after_s,
+                    path,
                 )
                 return
             if st.svc is None and not probe and path not in DOCS:
                 await _send_error(
-                    send_wrapper, 503, "server is starting", "starting", rid, settings.retry_after_s
+                    send_wrapper, 503, "server is starting", "starting", rid, settings.retry_after_s, path
                 )
                 return
             upload = method == "POST" and UPLOAD_PATH_RE.fullmatch(path) is not None
@@ -233,10 +249,12 @@ class ServiceMiddleware:
                     if declared < 0:
                         raise ValueError
                 except ValueError:
-                    await _send_error(send_wrapper, 400, "invalid Content-Length", "bad_request", rid, 1)
+                    await _send_error(
+                        send_wrapper, 400, "invalid Content-Length", "bad_request", rid, 1, path
+                    )
                     return
                 if declared > limit:
-                    await _send_error(send_wrapper, 413, too_large, "body_too_large", rid, 1)
+                    await _send_error(send_wrapper, 413, too_large, "body_too_large", rid, 1, path)
                     return
             try:
                 if upload:
@@ -246,7 +264,7 @@ class ServiceMiddleware:
                     # up to max_body_bytes per connection
                     _header_principal(st, headers)
             except APIError as e:
-                await _send_api_error(send_wrapper, e, rid, st.settings.retry_after_s)
+                await _send_api_error(send_wrapper, e, rid, st.settings.retry_after_s, path)
                 return
             if method in BODY_METHODS:
                 # read whole before the route runs (the limit holds whatever Content-Length said); an upload's
@@ -261,7 +279,7 @@ class ServiceMiddleware:
                         msg = await asyncio.wait_for(receive(), max(0.001, deadline - time.monotonic()))
                     except TimeoutError:
                         why = f"the {'upload' if upload else 'request'}'s body did not arrive within {allowed:g} s"
-                        await _send_error(send_wrapper, 408, why, "request_timeout", rid, 1)
+                        await _send_error(send_wrapper, 408, why, "request_timeout", rid, 1, path)
                         return
                     if msg["type"] == "http.disconnect":
                         status_box[0] = 499
@@ -269,7 +287,7 @@ class ServiceMiddleware:
                     body = msg.get("body", b"")
                     size += len(body)
                     if size > limit:
-                        await _send_error(send_wrapper, 413, too_large, "body_too_large", rid, 1)
+                        await _send_error(send_wrapper, 413, too_large, "body_too_large", rid, 1, path)
                         return
                     if not upload:  # (an upload spools to a file, one per tenant)
                         st.body_bytes += len(body)
@@ -282,6 +300,7 @@ class ServiceMiddleware:
                                 "server_busy",
                                 rid,
                                 settings.retry_after_s,
+                                path,
                             )
                             return
                     body_buf.write(body)

@@ -125,6 +125,10 @@ def tgi_error_type(status: int) -> str | None:
     return "generation" if status >= 500 else None
 
 
+def is_tgi_path(path: str) -> bool:
+    return path == "/tgi" or path.startswith("/tgi/")
+
+
 def with_tgi_error_type(body: dict[str, Any], status: int) -> dict[str, Any]:
     """`body` (an error body) with TGI's top-level `error_type` where the status has one."""
     kind = tgi_error_type(status)
@@ -152,7 +156,7 @@ def error_response(
     if status in (429, 503):
         headers.setdefault("Retry-After", str(retry_after))
     body = error_body(status, message, code=code, param=param)
-    if request is not None and (request.url.path == "/tgi" or request.url.path.startswith("/tgi/")):
+    if request is not None and is_tgi_path(request.url.path):
         with_tgi_error_type(body, status)
     return SafeJSONResponse(body, status, headers=headers)
 

@@ -168,7 +168,7 @@ async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefi
     ids = truncate_prompt(await render_chat(svc, body, messages, tools.tools), body.truncate_prompt_tokens)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # OpenAI: up to the context; here also capped by max_new_tokens
-        room = svc.llm.max_model_len - prefix.prefix_length - len(ids)
+        room = svc.llm.room(prefix.prefix_length, len(ids))
         max_tokens = max(1, min(svc.settings.max_new_tokens, room))
     if body.top_logprobs and not body.logprobs:
         raise APIError(
@@ -191,9 +191,17 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
         info.prompt = "\n".join(str(x) for x in items)
     # text is rendered in the prefix's prompt format (or the one asked for); token ids are used as given
     fmt = prompt_format(body.prompt_format, prefix, tok)
-    for x in items:
+    vocab = svc.bundle.spec.vocab_size
+    for j, x in enumerate(items):
         if isinstance(x, str):
             svc.check_prompt_chars(len(x), truncating=body.truncate_prompt_tokens is not None)
+        elif any(t >= vocab for t in x):
+            raise APIError(
+                422,
+                f"prompt token ids must be below {vocab} (the model's vocabulary)",
+                code="invalid_value",
+                param="prompt" if len(items) == 1 else f"prompt[{j}]",
+            )
     prompts = [
         truncate_prompt(
             await svc.tokenize(render_prompt, tok, x, fmt) if isinstance(x, str) else list(x),
@@ -318,7 +326,9 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             code="too_many_choices",
             param="n",
         )
-    svc.check_logprob_entries(_logprob_entries(plan, n), plan.logprobs_param)
+    svc.check_logprob_entries(
+        _logprob_entries(plan, n), plan.logprobs_param if plan.logprobs is not None else "prompt_logprobs"
+    )
     # sample j of a prompt draws from seed + j: the choices differ, and each is reproducible
     jobs = [
         (ids, sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + j))

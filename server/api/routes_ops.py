@@ -118,6 +118,7 @@ async def info(request: Request, principal: Principal = Depends(get_principal)) 
         num_layers=bundle.spec.num_layers,
         vocab_size=bundle.spec.vocab_size,
         max_model_len=llm.max_model_len,
+        max_request_tokens=llm.max_request_tokens,
         max_num_seqs=llm.cfg.max_num_seqs,
         max_batched_tokens=llm.cfg.max_num_batched_tokens,
         max_queued=llm.cfg.max_waiting,

@@ -494,10 +494,11 @@ async def _store_upload(
     """Check that the parsed upload fits this server's context limit, then store it as a new version: (its
     metadata, True), or with an Idempotency-Key already used for the name (that version, False)."""
     limit = svc.llm.max_model_len
-    if incoming.prefix_length >= limit:
+    if incoming.prefix_length + 2 > limit:  # a request needs a prompt token and an output token after it
         raise APIError(
             413,
-            f"prefix of {incoming.prefix_length} positions leaves no room in the context limit of {limit} tokens",
+            f"prefix of {incoming.prefix_length} positions leaves no room for a prompt and an output token in the "
+            f"context limit of {limit} tokens",
             code="prefix_too_long",
             param="file",
         )

@@ -41,7 +41,7 @@ from server.api.logprobs import finite_logprob
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, all_events
 from server.api.routes_openai import parse_model
 from server.api.routes_ops import ready
-from server.api.schemas import BASE_PREFIX, PromptText, Seed, StopText
+from server.api.schemas import BASE_PREFIX, PromptText, RepetitionPenalty, Seed, StopText
 from server.api.service import (
     ClientDisconnected,
     GenerationRun,
@@ -94,7 +94,7 @@ class TGIParameters(BaseModel):
         None, ge=1, description="Default: the server's max_new_tokens, or the room"
     )
     ignore_eos_token: bool = False
-    repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    repetition_penalty: RepetitionPenalty | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     return_full_text: bool | None = False
     stop: list[StopText] = Field(default_factory=list)
@@ -390,7 +390,22 @@ async def _start(
         structured = await _structured(svc, p)
         svc.check_prompt_chars(len(body.inputs), "inputs", truncating=p.truncate is not None)
         ids = await svc.tokenize(_prompt_ids, svc.bundle.tokenizer, body.inputs, prefix, p.truncate)
-        sampling = _sampling(svc, p, svc.llm.max_model_len - prefix.prefix_length - len(ids), structured)
+        sampling = _sampling(svc, p, svc.llm.room(prefix.prefix_length, len(ids)), structured)
+        # every token is reported with its log-probability and its alternatives; decoder_input_details: each
+        # prompt token's too
+        out_entries = sampling.max_tokens * (sampling.logprobs + 1)
+        in_entries = len(ids) if p.decoder_input_details else 0
+        if in_entries > out_entries:
+            which = "parameters.decoder_input_details"
+        elif sampling.logprobs:
+            which = (
+                "parameters.top_n_tokens"
+                if (p.top_n_tokens or 0) >= (p.return_k_alternatives or 0)
+                else ("parameters.return_k_alternatives")
+            )
+        else:
+            which = "parameters.max_new_tokens"
+        svc.check_logprob_entries(out_entries + in_entries, which)
         (run,) = await svc.generate_many(
             info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive
         )
@@ -507,7 +522,9 @@ async def tgi_health(request: Request) -> Any:
 async def tgi_info(request: Request, principal: Principal = Depends(get_principal)) -> dict[str, Any]:
     svc = get_service(request)
     llm, settings = svc.llm, svc.settings
-    max_input = min(settings.max_prompt_tokens, llm.max_model_len - 1)  # what a request may send (413 above)
+    # what a request may send (413 above) and hold in all (without a prefix)
+    max_total = min(llm.max_model_len, llm.max_request_tokens)
+    max_input = min(settings.max_prompt_tokens, max_total - 1)
     return {
         "model_id": svc.bundle.name,
         "model_sha": svc.bundle.fingerprint,
@@ -519,7 +536,7 @@ async def tgi_info(request: Request, principal: Principal = Depends(get_principa
         "max_stop_sequences": settings.max_stop_strings,
         "max_input_tokens": max_input,
         "max_input_length": max_input,  # TGI before 2.0
-        "max_total_tokens": min(llm.max_model_len, max_input + settings.max_new_tokens),
+        "max_total_tokens": min(max_total, max_input + settings.max_new_tokens),
         # not TGI's: its two limits cannot say that max_new_tokens is capped on its own as well
         "max_new_tokens": settings.max_new_tokens,
         "max_batch_size": llm.cfg.max_num_seqs,

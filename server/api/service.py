@@ -1194,19 +1194,25 @@ class Service:
                 code="prompt_too_long",
                 param=info.prompt_param,
             )
-        limit = self.llm.max_model_len
-        total = prefix.prefix_length + n + sampling.max_tokens
-        if total > limit:
+        limit, room = self.llm.max_model_len, self.llm.room(prefix.prefix_length, n)
+        if sampling.max_tokens > room:
             self.metrics.rejected.labels("too_long").inc()
-            # the prompt's fault when it leaves no room for even one token, else the output's length
-            room = prefix.prefix_length + n < limit
+            total = prefix.prefix_length + n + sampling.max_tokens
+            # vLLM's and OpenAI's words first: clients (LiteLLM, ...) recognise a context-window error by them
+            if total > limit:
+                why = f"This model's maximum context length is {limit} tokens; this request needs {total}: "
+            else:  # within the context, more than the KV cache holds for one request
+                why = (
+                    f"This model's maximum context length is {limit} tokens, of which the prompt and output of one "
+                    f"request may hold {self.llm.max_request_tokens} (the KV cache budget, kv_cache_mb); this "
+                    f"request needs {n + sampling.max_tokens}: "
+                )
             raise APIError(
                 413,
-                # vLLM's and OpenAI's words first: clients (LiteLLM, ...) recognise a context-window error by them
-                f"This model's maximum context length is {limit} tokens; this request needs {total}: prefix "
-                f"({prefix.prefix_length}) + prompt ({n}) + max_tokens ({sampling.max_tokens})",
+                f"{why}prefix ({prefix.prefix_length}) + prompt ({n}) + max_tokens ({sampling.max_tokens})",
                 code="context_length_exceeded",
-                param=info.max_tokens_param if room else info.prompt_param,
+                # the prompt's fault when it leaves no room for even one token, else the output's length
+                param=info.max_tokens_param if room > 0 else info.prompt_param,
             )
         if self.draining:
             raise unavailable("server is shutting down", s.retry_after_s, code="shutting_down")

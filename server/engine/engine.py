@@ -156,6 +156,17 @@ class LLMEngine:
                 cfg.prefix_cache_bytes,
                 num_blocks * block_bytes,
             )
+        # a request's own tokens (prompt + output) may hold at most half the pool less a block (`validate`)
+        self.max_request_tokens = max((num_blocks // 2 - 1) * cfg.block_size, 0)
+        if self.max_request_tokens < self.max_model_len:
+            log.warning(
+                "the KV cache (%d blocks of %d tokens) holds at most %d tokens of one request's prompt and output, "
+                "less than the context of %d: longer requests are refused (kv_cache_mb raises it)",
+                num_blocks,
+                cfg.block_size,
+                self.max_request_tokens,
+                self.max_model_len,
+            )
         self.pool = KVPool(
             sp.num_layers,
             sp.num_kv_heads,
@@ -251,10 +262,18 @@ class LLMEngine:
                 f"prompt ({n} tokens) + max_tokens ({req.sampling.max_tokens}) exceeds the context limit "
                 f"of {self.max_model_len} tokens"
             )
-        if self.pool.blocks_for(total) + 1 > self.pool.num_blocks // 2:
-            raise RequestTooLarge("request needs more KV cache than the configured budget allows")
+        if total > self.max_request_tokens:
+            raise RequestTooLarge(
+                f"prompt ({n} tokens) + max_tokens ({req.sampling.max_tokens}) is more than the "
+                f"{self.max_request_tokens} tokens of one request the KV cache budget holds"
+            )
         if check_queue and (queued := self.queued(0)) >= self.cfg.max_waiting:
             raise QueueFull(f"{queued} requests already waiting for a place in the batch")
+
+    def room(self, prefix_len: int, prompt_len: int) -> int:
+        """Most output tokens a request of this prefix and prompt length may ask for (<= 0: none fit): within the
+        context (`max_model_len`, prefix included) and the KV cache's per-request share (`max_request_tokens`)."""
+        return min(self.max_model_len - prefix_len, self.max_request_tokens) - prompt_len
 
     @property
     def capacity(self) -> int:
