@@ -254,6 +254,7 @@ def random_sampling(rng: random.Random, wl: Workload, vocab: int) -> tuple[Sampl
                     {"repetition_penalty": 1.3},
                     {"presence_penalty": 0.5, "frequency_penalty": 0.3},
                     {"logit_bias": ((5, 5.0),)},
+                    {"allowed_token_ids": tuple(range(40, 80))},
                     {"min_tokens": min(max_tokens, 3), "ignore_eos": False},
                 ]
             )

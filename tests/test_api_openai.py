@@ -753,7 +753,6 @@ def test_echo_of_a_prompt_ending_inside_a_character_the_output_completes(srv):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("allowed_token_ids", [5, 6]),
         ("bad_words", ["x"]),
         ("use_beam_search", True),
         ("length_penalty", 0.5),
@@ -764,7 +763,7 @@ def test_echo_of_a_prompt_ending_inside_a_character_the_output_completes(srv):
 )
 def test_vllm_fields_that_would_change_the_output_are_refused_not_ignored(srv, field, value):
     """vLLM sampling fields this server does not implement: a 400 naming the field on both routes (they were
-    ignored, so `allowed_token_ids` gave unconstrained text with a 200); their defaults are accepted, and other
+    ignored, so a client got text they did not constrain with a 200); their defaults are accepted, and other
     unknown fields are still ignored, as vLLM does."""
     c = srv.client(KEY)
     bodies = {
@@ -794,3 +793,35 @@ def test_token_id_prompts_out_of_the_vocabulary_name_the_prompt(srv, api_bundle)
     r = c.post("/v1/completions", json={**body, "prompt": [[5], [vocab - 1], [vocab + 7]]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[2]", r.text
     assert c.post("/v1/completions", json={**body, "prompt": [5, vocab - 1]}).status_code == 200
+
+
+def test_allowed_token_ids_constrain_every_route(srv, api_bundle):
+    """vLLM's allowed_token_ids (it was ignored on /v1): only those ids come out, on /v1 and /generate."""
+    c = srv.client(KEY)
+    vocab = api_bundle.spec.vocab_size
+    allowed = [40, 41, 42, 43]  # whole characters of the tiny tokenizer: the text round-trips to them
+    comp = {"model": "acme/default", "prompt": "x", "max_tokens": 6, "ignore_eos": True, "logprobs": 0,
+            "allowed_token_ids": allowed, "temperature": 1.0, "seed": 1}  # fmt: skip
+    out = c.post("/v1/completions", json=comp).json()["choices"][0]
+    ids = api_bundle.tokenizer.convert_tokens_to_ids(out["logprobs"]["tokens"])
+    assert len(ids) == 6 and set(ids) <= set(allowed), out
+    chat = {"model": "acme/default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+            "allowed_token_ids": allowed, "ignore_eos": True, "temperature": 0}  # fmt: skip
+    text = c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    assert set(api_bundle.tokenizer.encode(text, add_special_tokens=False)) <= set(allowed), text
+    gen = {
+        "tenant_id": "acme",
+        "prompt": "x",
+        "max_tokens": 4,
+        "ignore_eos": True,
+        "allowed_token_ids": allowed,
+    }
+    r = c.post("/generate", json={**gen, "stream": False})
+    assert r.status_code == 200 and set(
+        api_bundle.tokenizer.encode(r.json()["text"], add_special_tokens=False)
+    ) <= set(allowed), r.text
+    for bad in ([vocab], [], [-1]):
+        r = c.post("/generate", json={**gen, "allowed_token_ids": bad})
+        assert r.status_code == 422 and r.json()["error"]["param"].startswith("allowed_token_ids"), r.text
+        r = c.post("/v1/completions", json={**comp, "allowed_token_ids": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("allowed_token_ids"), r.text

@@ -611,6 +611,52 @@ def test_logit_bias_and_min_tokens_match_transformers(setup):
     assert outs["plain"].token_ids == plain[0].token_ids
 
 
+def test_allowed_token_ids_match_transformers_suppressing_every_other_token(setup):
+    """vLLM's allowed_token_ids: greedy equals transformers with every other token suppressed, in a mixed batch
+    with a plain row (untouched); a sampled row draws only allowed tokens; log-probabilities stay the model's; a
+    row left with no token (only end tokens allowed, held off by min_tokens) fails alone."""
+    from transformers import SuppressTokensLogitsProcessor
+
+    b, keys = setup
+    k0, k1 = list(keys)
+    vocab, new = b.spec.vocab_size, 8
+    prompt = random_prompt(b.spec.vocab_size, 6, 3)
+    plain = make_engine(b, keys).generate(
+        [Request("p", prompt, SamplingParams(max_tokens=new, ignore_eos=True), k0)]
+    )
+    allowed = tuple(sorted({(plain[0].token_ids[0] + d) % vocab for d in (3, 11, 50, 101, 150)}))
+    eng = make_engine(b, keys)
+    end = min(eng.eos_ids)
+    reqs = [
+        Request(
+            "greedy",
+            prompt,
+            SamplingParams(max_tokens=new, ignore_eos=True, allowed_token_ids=allowed, logprobs=2),
+            k0,
+        ),
+        Request("plain", prompt, SamplingParams(max_tokens=new, ignore_eos=True), k0),
+        Request(
+            "sampled",
+            prompt,
+            SamplingParams(
+                max_tokens=new, ignore_eos=True, allowed_token_ids=allowed, temperature=1.5, seed=3
+            ),
+            k1,
+        ),
+        Request("none", prompt, SamplingParams(max_tokens=new, allowed_token_ids=(end,), min_tokens=2), k0),
+    ]
+    outs = {o.request_id: o for o in eng.generate(reqs)}
+    suppress = SuppressTokensLogitsProcessor([t for t in range(vocab) if t not in allowed])
+    ref = hf_greedy(b.hf_model, keys[k0], prompt, new, processor=suppress)
+    assert outs["greedy"].token_ids == ref and set(ref) <= set(allowed)
+    assert outs["plain"].token_ids == plain[0].token_ids and plain[0].token_ids[0] not in allowed
+    assert set(outs["sampled"].token_ids) <= set(allowed) and len(set(outs["sampled"].token_ids)) > 1
+    # the model's own log-probabilities: the most likely token is reported even though it was not allowed
+    first = outs["greedy"].logprobs[0]
+    assert first.top[0][0] == plain[0].token_ids[0] and first.logprob < first.top[0][1]
+    assert outs["none"].finish_reason == "error" and "allowed_token_ids" in outs["none"].error
+
+
 @pytest.mark.parametrize("how", ["eos", "stop_token_id"])
 def test_min_tokens_boundary_exact(setup, how):
     """An end token forced by logit_bias is held off for exactly min_tokens tokens: it is the (min_tokens+1)-th."""

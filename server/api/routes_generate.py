@@ -109,6 +109,7 @@ async def generate(
         logprobs=body.logprobs,
         prompt_logprobs=body.prompt_logprobs,
         logit_bias=body.logit_bias,
+        allowed_token_ids=body.allowed_token_ids,
         min_tokens=body.min_tokens,
         stop_token_ids=body.stop_token_ids,
         structured=await svc.structured(body.structured_outputs),

@@ -307,6 +307,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         logprobs_param=plan.logprobs_param,
         prompt_logprobs=_engine_prompt_logprobs(plan),
         logit_bias=body.logit_bias,
+        allowed_token_ids=body.allowed_token_ids,
         min_tokens=body.min_tokens or 0,
         stop_token_ids=body.stop_token_ids,
         structured=structured,

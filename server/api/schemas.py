@@ -70,6 +70,12 @@ LogitBias = Annotated[
     Field(max_length=1024),
 ]
 TokenIdList = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=64)]
+AllowedTokenIds = Annotated[
+    list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=1 << 18)
+]
+ALLOWED_TOKEN_IDS_DOC = (
+    "vLLM: only these token ids may be sampled (the model's log-probabilities are still reported)"
+)
 LOGIT_BIAS_DOC = (
     "OpenAI: token id (as a string) -> bias added to its logit before sampling (-100 bans, 100 forces)"
 )
@@ -214,6 +220,7 @@ class GenerateRequest(BaseModel):
     logit_bias: LogitBias | None = Field(None, description=LOGIT_BIAS_DOC)
     min_tokens: int = Field(0, ge=0, description=MIN_TOKENS_DOC)
     stop_token_ids: TokenIdList | None = Field(None, description=STOP_TOKEN_IDS_DOC)
+    allowed_token_ids: AllowedTokenIds | None = Field(None, description=ALLOWED_TOKEN_IDS_DOC)
     logprobs: TopLogprobs | None = Field(
         None,
         description="Return each generated token's log-probability under the model and the N most likely tokens "
@@ -373,7 +380,9 @@ class _OpenAIBase(BaseModel):
     length_penalty: Annotated[Any, AfterValidator(_refuse_unless_one)] = Field(
         None, description="vLLM's (beam search): not supported here, only 1 or null"
     )
-    allowed_token_ids: Unsupported = Field(None, description=UNSUPPORTED_DOC)
+    allowed_token_ids: AllowedTokenIds | None = Field(
+        None, description="Extension (" + ALLOWED_TOKEN_IDS_DOC + ")"
+    )
     bad_words: Unsupported = Field(None, description=UNSUPPORTED_DOC)
     logits_processors: Unsupported = Field(None, description=UNSUPPORTED_DOC)
     return_tokens_as_token_ids: Unsupported = Field(None, description=UNSUPPORTED_DOC)

@@ -1022,6 +1022,7 @@ class Service:
         logprobs_param: str = "logprobs",
         prompt_logprobs: int | None = None,
         logit_bias: dict[str, float] | None = None,
+        allowed_token_ids: list[int] | None = None,
         min_tokens: int = 0,
         stop_token_ids: list[int] | None = None,
         structured: StructuredOutputs | None = None,
@@ -1059,6 +1060,8 @@ class Service:
             raise APIError(422, f"logit_bias token ids must be below {vocab}", param="logit_bias")
         if any(t >= vocab for t in stop_token_ids or ()):
             raise APIError(422, f"stop_token_ids must be below {vocab}", param="stop_token_ids")
+        if any(t >= vocab for t in allowed_token_ids or ()):
+            raise APIError(422, f"allowed_token_ids must be below {vocab}", param="allowed_token_ids")
         if min_tokens > max_tokens:
             raise APIError(422, "min_tokens must be at most max_tokens", param="min_tokens")
         if 0 < temperature < SAMPLING_EPS:
@@ -1082,6 +1085,7 @@ class Service:
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 logit_bias=bias,
+                allowed_token_ids=tuple(allowed_token_ids or ()),
                 min_tokens=min_tokens,
                 stop_token_ids=tuple(stop_token_ids or ()),
                 structured=structured,

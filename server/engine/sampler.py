@@ -113,12 +113,17 @@ def process_scores(
     output: list[int],
     eos_ids: Collection[int] = (),
 ) -> torch.Tensor:
-    """One row of float32 logits -> the scores it samples from, in vLLM's order: min_tokens (end-of-sequence and
+    """One row of float32 logits -> the scores it samples from, in vLLM's order: allowed_token_ids (every other
+    token at -inf), min_tokens (end-of-sequence and
     stop_token_ids at -inf until `min_tokens` are generated), logit_bias, repetition penalty over prompt + output
     (transformers' RepetitionPenaltyLogitsProcessor), then OpenAI's frequency and presence penalties over the
     generated tokens. Token ids past the vocabulary are ignored."""
     vocab = row.shape[-1]
     row = row.clone()
+    if p.allowed_token_ids:
+        ids = torch.tensor([t for t in p.allowed_token_ids if t < vocab], dtype=torch.long, device=row.device)
+        keep = row.index_select(0, ids)
+        row.fill_(float("-inf")).index_copy_(0, ids, keep)
     if len(output) < p.min_tokens:
         banned = [t for t in {*eos_ids, *p.stop_token_ids} if 0 <= t < vocab]
         if banned:
@@ -177,15 +182,20 @@ def sample(
         if masks is not None:
             apply_masks(scores, *masks)
     checks = [greedy_tokens(scores), finite_rows(logits).long()]
-    if masks is not None:
+    restricted = masks is not None or any(params[i].allowed_token_ids for i in processed)
+    if restricted:  # a row whose every token is excluded has nothing to sample (argmax would say token 0)
         checks.append(torch.isfinite(scores).any(-1).long())
     host = torch.stack(checks).tolist()  # one device sync
     out, finite = host[0], host[1]
     failed = {i: NON_FINITE for i, ok in enumerate(finite) if not ok}
-    if masks is not None:
+    if restricted:
         for i, live in enumerate(host[2]):
             if not live and i not in failed:
-                failed[i] = "no token can continue the output within its structured-output constraint"
+                failed[i] = (
+                    "no token can continue the output within its structured-output constraint"
+                    if params[i].structured is not None
+                    else "no token can be sampled: allowed_token_ids (with min_tokens) excludes every token"
+                )
     for i, p in enumerate(params):
         if p.greedy or i in failed:
             continue

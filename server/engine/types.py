@@ -70,6 +70,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # OpenAI: (token id, bias) added to the logits before sampling (-100 bans, +100 forces).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM: only these token ids may be sampled (empty: any).
+    allowed_token_ids: tuple[int, ...] = ()
     # vLLM: end-of-sequence and stop_token_ids are banned until this many tokens are generated.
     min_tokens: int = 0
     # The output is constrained to this JSON schema / regex / choice / grammar (server.engine.structured).
@@ -113,6 +115,10 @@ class SamplingParams:
         if any(t < 0 or not -100.0 <= b <= 100.0 for t, b in bias):
             raise ValueError("logit_bias needs token ids >= 0 and biases in [-100, 100]")
         object.__setattr__(self, "logit_bias", bias)
+        allowed = tuple(sorted({int(t) for t in self.allowed_token_ids}))
+        if any(t < 0 for t in allowed):
+            raise ValueError("allowed_token_ids must be >= 0")
+        object.__setattr__(self, "allowed_token_ids", allowed)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -128,9 +134,10 @@ class SamplingParams:
 
     @property
     def processed(self) -> bool:
-        """Whether the row's scores differ from the logits (bias, min_tokens or penalties)."""
+        """Whether the row's scores differ from the logits (bias, allowed tokens, min_tokens or penalties)."""
         return bool(
             self.logit_bias
+            or self.allowed_token_ids
             or self.min_tokens
             or self.presence_penalty
             or self.frequency_penalty

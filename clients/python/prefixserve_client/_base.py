@@ -232,6 +232,7 @@ def generate_body(
     logprobs: Optional[int] = None,
     prompt_logprobs: Optional[int] = None,
     logit_bias: Optional[dict[int, float]] = None,
+    allowed_token_ids: Optional[Sequence[int]] = None,
     min_tokens: int = 0,
     stop_token_ids: Optional[Sequence[int]] = None,
     structured_outputs: Optional[StructuredOutputsArg] = None,
@@ -273,6 +274,8 @@ def generate_body(
         body["prompt_logprobs"] = prompt_logprobs
     if logit_bias:
         body["logit_bias"] = {str(int(t)): float(b) for t, b in logit_bias.items()}
+    if allowed_token_ids:
+        body["allowed_token_ids"] = [int(t) for t in allowed_token_ids]
     if min_tokens:
         body["min_tokens"] = min_tokens
     if stop_token_ids:
