@@ -432,16 +432,17 @@ class EngineHarness:
         self.steps.append(st)
         self.total_steps += 1
 
-    def warmup(self, tenants: list[int], prompt_len: int) -> None:
+    def warmup(self, tenants: list[int], prompt_len: int, max_tokens: int = 8) -> None:
         """One request per entry of `tenants` (the tenant of each): makes the prefixes resident (device cache hits
         afterwards) and warms the kernels at the timed batch's shape, enough tokens that the whole batch decodes
         together (and, on CUDA, async follow-up steps run and the decode graphs are captured), not only prompt
-        steps."""
+        steps; `max_tokens` as the timed run's, so that every context-length bucket it reaches (the torch
+        kernels' graphs are captured per key-slot bucket) is captured before it."""
         reqs = [
             Request(
                 f"warm{self.n}-{i}",
                 [1] * prompt_len,
-                SamplingParams(max_tokens=8, ignore_eos=True),
+                SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                 self.keys[t],
             )
             for i, t in enumerate(tenants)
@@ -607,7 +608,7 @@ def main_bench(args) -> dict:
             # then each engine system's own batch once, untimed (its shapes, graphs and prefix mix)
             for s, tenants in (("c", [0] * len(work.prompts)), ("d", work.tenant_of)):
                 if s in systems:
-                    harness.warmup(tenants, args.prompt_len)
+                    harness.warmup(tenants, args.prompt_len, args.new_tokens)
         except Exception as e:
             traceback.print_exc()
             failed.update(

@@ -893,3 +893,20 @@ def test_text_is_the_same_streamed_or_not_with_a_sentencepiece_style_tokenizer()
         Request("stop", prompt, SamplingParams(max_tokens=5, ignore_eos=True, stop=("zzz",))),
     ])  # fmt: skip
     assert len({o.text for o in outs}) == 1 and outs[0].text.startswith(" ")
+
+
+@pytest.mark.parametrize("processed", [False, True])
+def test_a_row_whose_distribution_is_not_valid_fails_alone(setup, processed):
+    """A temperature so small that logits / temperature overflow: the row's probabilities are NaN. It fails with
+    its own error (on the host-synced path of processed rows and the device path alike), its neighbours do not."""
+    from server.engine.sampler import INVALID_DISTRIBUTION
+
+    b, keys = setup
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 6, 3)
+    extra = {"logit_bias": ((5, 1.0),)} if processed else {}
+    bad = SamplingParams(max_tokens=4, temperature=1e-38, seed=1, ignore_eos=True, **extra)
+    good = _sampled(2)
+    outs = make_engine(b, keys).generate([Request("bad", prompt, bad, k0), Request("good", prompt, good, k0)])
+    assert outs[0].finish_reason == "error" and outs[0].error == INVALID_DISTRIBUTION, outs[0]
+    assert outs[1].error is None and len(outs[1].token_ids) == 12

@@ -62,6 +62,15 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token from `probs` (a 1-D distribution), as a 0-d int64 tensor on its device, without a host sync: the
+    exponential race `argmax(p / q)`, q ~ Exp(1), which is what `torch.multinomial(probs, 1)` computes (the same
+    draws from the same generator state), less its two validity checks that each read a value back to the host (an
+    async decode step would wait on the GPU at every sampled row). The caller checks validity on the device."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax()
+
+
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, top-k, top-p (nucleus) then min-p on one row of float32 logits (transformers' order)."""
     logits = logits / p.temperature
@@ -102,7 +111,7 @@ def sample_on_device(
         ok = torch.isfinite(probs).all() & (probs.sum() > 0)
         valid[i] = ok
         probs = torch.where(ok, probs, torch.ones_like(probs))
-        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+        tokens[i] = draw(probs, generators[i])
     return torch.stack([tokens, finite.long(), valid.long()])
 
 
@@ -199,11 +208,13 @@ def sample(
     for i, p in enumerate(params):
         if p.greedy or i in failed:
             continue
-        try:
-            probs = filter_logits(scores[i], p).softmax(-1)
-            out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-        except RuntimeError as e:
-            failed[i] = f"sampling failed: {e}"
+        probs = filter_logits(scores[i], p).softmax(-1)
+        ok = torch.isfinite(probs).all() & (probs.sum() > 0)
+        token = int(torch.where(ok, draw(probs, generators[i]), -1))  # one read-back: the token, or -1
+        if token < 0:
+            failed[i] = INVALID_DISTRIBUTION
+        else:
+            out[i] = token
     res = SampleOutput(out, failed)
     want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in failed]
     if want:
