@@ -2,10 +2,8 @@
 # The GPU checks of issue 6 as one prepared run for the device machine (its image has torch + transformers +
 # pytest, not the service's dependencies; the engine is benchmarked in-process). Writes under $OUT (or ./gpu-out).
 #
-#   here, once:  echo /.gpu-tok/ >> .git/info/exclude; mkdir -p .gpu-tok
-#                cp ~/.cache/prefixserve/models/smollm2-135m-instruct/tokenizer* .gpu-tok/   (after `make install`)
-#                echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
-#                  --python-version 3.12 --implementation cp --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1
+#   here, once:  bash benchmarks/gpu_prepare.sh   (after `make install`: the tokenizer in .gpu-tok/, the llguidance
+#                wheel in .whl/, both git-ignored; it fails here, before any device time is spent, if either is missing)
 #   device run:  PART=1 bash benchmarks/gpu_check.sh (run timeout_s 600), then, with device time left, PART=2;
 #                carry [".gpu-tok", ".whl"]
 #
@@ -31,12 +29,13 @@ PART="${PART:-1}"
 case "$PART" in 1 | 2) ;; *) echo "PART must be 1 or 2, not $PART" >&2; exit 2 ;; esac
 DEADLINE="${DEADLINE:-570}"
 if [ ! -f .gpu-tok/tokenizer.json ]; then  # the device reaches no model hub: the benchmark needs this carried
-  echo "no .gpu-tok/tokenizer.json: prepare it here first (see the header) and carry it" >&2
+  echo "no .gpu-tok/tokenizer.json: run benchmarks/gpu_prepare.sh here first and carry it" >&2
   exit 2
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (llguidance for the structured-outputs CUDA test)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  # (a wheel is a zip: unpacked without pip if the image's python has none)
+  { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || for w in .whl/*.whl; do "$PY" -m zipfile -e "$w" /tmp/site; done; } && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 # (at most 8 files come back from $OUT: the stages' logs and the two reports)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/stages.txt"

@@ -172,3 +172,21 @@ def test_readme_benchmark_tables_come_from_the_result_files():
     assert history.main(["--check"]) == 0
     table = history.history()
     assert table.count("\n") >= 20 and "session26-xeon" in table
+
+
+def test_the_gpu_scripts_parse_and_the_check_refuses_to_start_unprepared(tmp_path):
+    """The device run is 15 minutes a session: its script must at least parse, and without the carried tokenizer
+    it stops at once (exit 2) instead of failing stages on the machine."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for script in ("gpu_check.sh", "gpu_prepare.sh"):
+        assert subprocess.run(["bash", "-n", str(root / "benchmarks" / script)]).returncode == 0, script
+    work = tmp_path / "repo"
+    (work / "benchmarks").mkdir(parents=True)
+    shutil.copy(root / "benchmarks" / "gpu_check.sh", work / "benchmarks")
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=work, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})  # fmt: skip
+    assert r.returncode == 2 and "gpu_prepare.sh" in r.stderr, r.stderr
