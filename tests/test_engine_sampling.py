@@ -147,6 +147,52 @@ def test_min_p_matches_transformers(kw):
     assert 1 <= int(kept.sum()) < 300 or kw["min_p"] == 0
 
 
+def test_batched_filtering_equals_each_row_alone():
+    """The batch's temperature / top-k / top-p / min-p give every row exactly (bitwise) what `filter_logits` gives
+    it alone, whatever the other rows ask for: ties, top-k past the vocabulary, rows without any filter."""
+    import random
+
+    from server.engine.sampler import filter_batch
+
+    rng = random.Random(0)
+    for trial in range(60):
+        n, vocab = rng.randint(1, 7), rng.choice([300, 4096])
+        x = torch.randn(n, vocab, generator=torch.Generator().manual_seed(trial)) * rng.choice([1, 3, 8])
+        if trial % 5 == 0:
+            x[0, : vocab // 2] = x[0, 0]  # ties at every boundary
+        params = [
+            SamplingParams(
+                temperature=rng.choice([0.3, 1.0, 1.5]),
+                top_k=rng.choice([0, 0, 1, 5, 50, vocab, vocab + 3]),
+                top_p=rng.choice([1.0, 1.0, 0.9, 0.5, 1e-6]),
+                min_p=rng.choice([0.0, 0.0, 0.05, 1.0]),
+            )
+            for _ in range(n)
+        ]
+        got = filter_batch(x, params)
+        for i, p in enumerate(params):
+            assert torch.equal(got[i], filter_logits(x[i], p)), (trial, i, p)
+
+
+def test_draws_follow_the_distribution_and_never_pick_an_impossible_token():
+    from server.engine.sampler import draw
+
+    probs = torch.tensor([[0.1, 0.0, 0.2, 0.7, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.0, 0.0, 0.0]])
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    counts = torch.zeros(3, 5)
+    for _ in range(4000):
+        counts[torch.arange(3), draw(probs, gens)[0]] += 1
+    freq = counts / 4000
+    assert (freq[probs == 0] == 0).all()
+    assert torch.allclose(freq, probs, atol=0.03), freq
+    again = [torch.Generator().manual_seed(i) for i in range(3)]
+    first = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert torch.equal(draw(probs, first)[0], draw(probs, again)[0])  # a generator's state decides the draw
+    bad = torch.tensor([[0.5, float("nan"), 0.5], [0.0, 0.0, 0.0], [1.0, float("inf"), 0.0], [0.0, 2.0, 1.0]])
+    tokens, ok = draw(bad, [None] * 4)
+    assert ok.tolist() == [False, False, False, True] and ((tokens >= 0) & (tokens < 3)).all()
+
+
 def test_min_p_one_keeps_only_the_most_likely_token(setup):
     b, keys = setup
     k0 = next(iter(keys))
