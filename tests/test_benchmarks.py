@@ -190,3 +190,15 @@ def test_the_gpu_scripts_parse_and_the_check_refuses_to_start_unprepared(tmp_pat
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=work, capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})  # fmt: skip
     assert r.returncode == 2 and "gpu_prepare.sh" in r.stderr, r.stderr
+
+
+def test_bench_sampler_prints_a_row_per_batch_and_sampling(capsys):
+    from benchmarks import bench_sampler
+
+    bench_sampler.main(["--vocab", "300", "--batches", "2,3", "--repeats", "1"])
+    rows = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| 2 |") or line.startswith("| 3 |")
+    ]
+    assert len(rows) == 2 * len(bench_sampler.CASES) and all(float(r.split("|")[3]) > 0 for r in rows)
