@@ -269,7 +269,7 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
         )
     try:
         try:
-            app = create_app(settings, bundle=bundle, store=store, job_manager=job_manager)
+            app = create_app(settings, bundle=bundle, store=store, job_manager=job_manager, freeze_gc=True)
         except (ValueError, OSError, StoreError) as e:
             # a limits file that cannot be read, say: one line, no traceback
             return _startup_failed(e)
