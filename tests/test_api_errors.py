@@ -318,10 +318,10 @@ def test_a_failure_inside_a_stream_ends_it_with_an_error_frame_and_done(srv, mon
     from server.api import routes_generate
     from tests.fixtures.server import parse_sse
 
-    def broken(**kw):
+    def broken(*a, **kw):
         raise RuntimeError("bug in a chunk")
 
-    monkeypatch.setattr(routes_generate, "GenerateChunk", broken)
+    monkeypatch.setattr(routes_generate, "generate_prompt_logprobs", broken)
     c = srv.client()
     r = c.post("/generate", json={"tenant_id": "acme", "prompt": "hello", "max_tokens": 4, "stream": True})
     assert r.status_code == 200

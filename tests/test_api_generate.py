@@ -130,6 +130,15 @@ def test_streaming_sse_matches_non_streaming(srv):
     assert chunks[-1]["finish_reason"] == "length"
     assert chunks[-1]["usage"] == full["usage"]
     assert "".join(ch["text"] for ch in chunks) == full["text"]
+    # every frame is exactly the documented schema (built as plain dicts for speed), logprobs and all
+    from server.api.schemas import GenerateChunk
+
+    more = {"logprobs": 2, "prompt_logprobs": 1, "stop": ["zzz"]}
+    frames = parse_sse(c.post("/generate", json={**req, **more, "stream": True}).text)[:-1]
+    assert frames[0]["prompt_logprobs"] and frames[-1]["usage"] and frames[-1]["logprobs"] is not None
+    for ch in chunks + frames:
+        assert list(ch) == list(GenerateChunk.model_fields)
+        assert GenerateChunk.model_validate(ch).model_dump() == ch
 
 
 def test_stop_strings_cut_the_text(srv):
