@@ -418,3 +418,30 @@ def test_preemptions_are_counted_on_metrics(server_factory):
     assert metric_value(c.get("/metrics").text, "prefixserve:num_fair_preemptions_total") == 0.0
     s.svc.llm.scheduler.num_fair_preemptions = 3  # the scheduler's counter is what is exported
     assert metric_value(c.get("/metrics").text, "prefixserve:num_fair_preemptions_total") == 3.0
+
+
+def test_a_lookup_joining_a_read_begun_before_a_new_version_does_not_cache_the_old_one(server_factory, api_bundle):
+    """Single flight: a request that joins a store read begun before a new version was stored shares that read's
+    (old) answer, but must not cache it as the latest with its own newer generation: the next request serves the
+    new version (it served the old one until the metadata TTL ran out)."""
+    s = server_factory(prefixes={("acme", "p"): {"seed": 1}}, prefix_meta_ttl_s=60)
+    real = s.store.get_meta
+
+    def slow(*a, **kw):
+        meta = real(*a, **kw)
+        time.sleep(0.6)  # the store answers late: the read was made before the new version landed
+        return meta
+
+    body = {"tenant_id": "acme", "prefix": "p", "prompt": "x", "max_tokens": 1}
+    s.store.get_meta = slow
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            a = ex.submit(lambda: s.client().post("/generate", json=body).json())
+            time.sleep(0.2)
+            put_random_prefix(s.store, api_bundle, "acme", "p", seed=2)
+            s.svc.meta_cache.invalidate(("acme", "p"))  # (what the store's change event does)
+            b = ex.submit(lambda: s.client().post("/generate", json=body).json())
+            assert a.result()["prefix_version"] == 1 and b.result()["prefix_version"] in (1, 2)
+    finally:
+        s.store.get_meta = real
+    assert s.client().post("/generate", json=body).json()["prefix_version"] == 2

@@ -128,6 +128,8 @@ def test_prefix_cache_is_back_within_its_budget_once_its_prefixes_are_idle(tiny_
     )
     assert all(o.finish_reason in ("length", "stop") for o in outs)
     assert pc.resident_bytes <= pc.budget_bytes and len(pc.entries) == 2
+    # the count /metrics reads (kept by the engine thread) is what is resident
+    assert pc.resident == (len(pc.entries), sum(e.nbytes for e in pc.entries.values()))
     assert pc.stats.evictions == 2
     # what stays is served from the cache
     hits = pc.stats.hits
@@ -167,6 +169,8 @@ def test_installing_a_prefix_trims_idle_ones_at_once(tiny_llama_bundle):
     while not eng.scheduler.running:
         eng.step()
     assert pc.resident_bytes <= pc.budget_bytes and len(pc.entries) == 2
+    # the count /metrics reads (kept by the engine thread) is what is resident
+    assert pc.resident == (len(pc.entries), sum(e.nbytes for e in pc.entries.values()))
     while eng.has_unfinished():
         eng.step()
 

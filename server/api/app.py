@@ -239,6 +239,13 @@ class ServiceMiddleware:
                     send_wrapper, 503, "server is starting", "starting", rid, settings.retry_after_s, path
                 )
                 return
+            if not probe:
+                # in flight from here, while its body is still arriving: a drain (SIGTERM) waits for it like for
+                # any other request it let in (an upload's body could take minutes, and was cut at the grace's
+                # start), and the routes serve it though the server is draining by then
+                st.inflight += 1
+                counted = True
+                info.admitted = True
             upload = method == "POST" and UPLOAD_PATH_RE.fullmatch(path) is not None
             limit = settings.max_upload_bytes if upload else settings.max_body_bytes
             too_large = (
@@ -310,9 +317,6 @@ class ServiceMiddleware:
                         break
                 body_buf.seek(0)
                 receive = _replay(body_buf, size, receive)
-            if not probe:
-                st.inflight += 1
-                counted = True
             await self.app(scope, receive, send_wrapper)
         finally:
             st.body_bytes -= buffered

@@ -24,7 +24,9 @@ def get_service(request: Request) -> Service:
     svc = st.svc
     if svc is None:
         raise unavailable("server is starting", st.settings.retry_after_s, code="starting")
-    if st.draining:
+    # a request let in before the drain began is in flight (the drain waits for it): served, not refused
+    info = request.scope.get("prefixserve")
+    if st.draining and not (info is not None and info.admitted):
         raise unavailable("server is shutting down", st.settings.retry_after_s, code="shutting_down")
     return svc
 

@@ -206,6 +206,9 @@ class RequestInfo:
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
     headers: dict[str, str] = field(default_factory=dict)  # added to the response (x-ratelimit-*)
+    admitted: bool = (
+        False  # let in before a drain began: in flight, served to the end (the drain waits for it)
+    )
 
 
 # the request being handled (set by the middleware): whose work the shared pools do
@@ -248,6 +251,11 @@ class PrefixMetaCache:
         if ent is None:
             return None, False, gen
         return ent[0], time.monotonic() - ent[1] < self.ttl_s, gen
+
+    def generation(self) -> tuple[int, int]:
+        """Now, as `get` gives it: a fetch that begins now puts its result with this."""
+        with self._lock:
+            return (self._epoch, self._changes)
 
     def put(
         self, key: tuple[str, str], value: ResolvedPrefix, gen: tuple[int, int], version: int | None = None
@@ -651,7 +659,9 @@ class Service:
     draining: bool = False
     started_at: float = field(default_factory=time.time)
     _tenant_active: dict[str, int] = field(default_factory=dict)
-    _inflight_meta: dict[tuple[str, str, int | None], asyncio.Future] = field(default_factory=dict)
+    _inflight_meta: dict[tuple[str, str, int | None], tuple[asyncio.Future, tuple[int, int]]] = field(
+        default_factory=dict
+    )
     _revalidating: set[tuple[str, str, int | None]] = field(default_factory=set)
     _background: set[asyncio.Future] = field(default_factory=set)  # (kept referenced until done)
     _store_down_until: float = 0.0  # monotonic: lookups fail fast until then (the store just failed)
@@ -822,8 +832,7 @@ class Service:
             with contextlib.suppress(Exception):
                 counts = getattr(self.job_manager, "counts", None)
                 jobs = dict(counts()) if callable(counts) else count_jobs(self.job_manager.list())
-        # the engine thread mutates these while we read: copy the entries in one C-level call
-        entries = list(pc.entries.values())
+        resident_prefixes, resident_bytes = pc.resident  # (the engine thread replaces it whole)
         # a dead engine's requests were all failed to their clients: none is running or waiting any more
         alive = self.engine_alive()
         return {
@@ -833,8 +842,8 @@ class Service:
             "prefix_cache_misses": pc.stats.misses,
             "prefix_cache_evictions": pc.stats.evictions,
             "prefix_cache_load_errors": pc.stats.load_errors,
-            "prefix_cache_resident_bytes": sum(e.nbytes for e in entries),
-            "prefix_cache_resident_prefixes": len(entries),
+            "prefix_cache_resident_bytes": resident_bytes,
+            "prefix_cache_resident_prefixes": resident_prefixes,
             "kv_cache_usage": pool.num_used / max(pool.num_blocks, 1),
             "prompt_cache_query_tokens": self.llm.scheduler.cache_query_tokens,
             "prompt_cache_hit_tokens": self.llm.scheduler.cache_hit_tokens,
@@ -944,7 +953,10 @@ class Service:
         """The store's metadata for the name (and version), checked and cached; APIError if it cannot be served."""
         tenant, name = key
         try:
-            meta = await self._get_meta(key, version)
+            meta, began = await self._get_meta(key, version)
+            # a lookup that joined a fetch begun before an invalidation (a new version stored meanwhile) must not
+            # cache what that fetch read as current: the older of the two generations decides
+            gen = min(gen, began)
         except errors.PrefixNotFound:
             self.meta_cache.invalidate(key)
             what = f"prefix {name!r}" if version is None else f"prefix {name!r} version {version}"
@@ -975,15 +987,19 @@ class Service:
         self.meta_cache.put(key, res, gen, version)
         return res
 
-    async def _get_meta(self, key: tuple[str, str], version: int | None) -> PrefixMeta:
-        """Single flight: concurrent misses for one name (and version) share one store round trip."""
+    async def _get_meta(
+        self, key: tuple[str, str], version: int | None
+    ) -> tuple[PrefixMeta, tuple[int, int]]:
+        """Single flight: concurrent misses for one name (and version) share one store round trip. Returns the
+        metadata and the cache generation at which its read began."""
         k = (*key, version)
-        fut = self._inflight_meta.get(k)
-        if fut is None:
+        flight = self._inflight_meta.get(k)
+        if flight is None:
             fut = asyncio.ensure_future(asyncio.to_thread(self.store.get_meta, *key, version))
-            self._inflight_meta[k] = fut
+            flight = self._inflight_meta[k] = (fut, self.meta_cache.generation())
             fut.add_done_callback(lambda _f: self._inflight_meta.pop(k, None))
-        return await asyncio.shield(fut)
+        fut, began = flight
+        return await asyncio.shield(fut), began
 
     # ------------------------------------------------------------------ generation
     async def tokenize(self, fn: Callable[..., T], *args: Any) -> T:
@@ -1218,7 +1234,7 @@ class Service:
                 # the prompt's fault when it leaves no room for even one token, else the output's length
                 param=info.max_tokens_param if room > 0 else info.prompt_param,
             )
-        if self.draining:
+        if self.draining and not info.admitted:
             raise unavailable("server is shutting down", s.retry_after_s, code="shutting_down")
 
     async def _start_runs(

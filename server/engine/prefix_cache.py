@@ -131,6 +131,9 @@ class PrefixCache:
         self.on_loaded = on_loaded
         self.error_ttl_s = error_ttl_s
         self.entries: OrderedDict[PrefixKey, PrefixEntry] = OrderedDict()  # LRU order: oldest first
+        # (entries, bytes) resident, replaced whole on the engine thread at every change: other threads (the
+        # /metrics scrape) read it without iterating `entries`, which the engine reorders at every lookup
+        self.resident: tuple[int, int] = (0, 0)
         self.stats = PrefixCacheStats()
         # requests per (tenant, name), halved every `aging_accesses` requests (default: 10 per resident entry)
         self.aging_accesses = aging_accesses
@@ -156,7 +159,7 @@ class PrefixCache:
     # ---------------------------------------------------------------- engine thread API
     @property
     def resident_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+        return self.resident[1]
 
     def lookup(self, key: PrefixKey, count: bool = True) -> PrefixEntry | PrefixLoadError | None:
         """Resident entry, a load error, or None while it is being fetched (a fetch is started if needed)."""
@@ -313,7 +316,10 @@ class PrefixCache:
             raise OutOfBlocks("no room for prefix")
         blocks = self.pool.allocate(n_blocks)
         self.pool.write_prefix(blocks, kv)
+        old = self.entries.get(key)
         self.entries[key] = PrefixEntry(key=key, length=p, blocks=blocks, nbytes=nbytes, digest=digest)
+        n, b = self.resident
+        self.resident = (n + 1, b + nbytes) if old is None else (n, b + nbytes - old.nbytes)
 
     def _trim(self, incoming: int) -> None:
         """Evict idle entries, least frequently used first, until `incoming` more bytes fit the budget; never one
@@ -361,4 +367,6 @@ class PrefixCache:
     def _drop(self, e: PrefixEntry) -> None:
         if self.entries.get(e.key) is e:
             del self.entries[e.key]
+            n, b = self.resident
+            self.resident = (n - 1, b - e.nbytes)
         self.pool.free(e.blocks)
