@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -45,6 +44,7 @@ from server.engine import (
     TokenEvent,
     TokenLogprob,
 )
+from server.engine.daemon_pool import DaemonThreadPool
 from server.model import ModelBundle
 from server.prefixes import validate_kv
 from server.settings import Settings
@@ -666,9 +666,7 @@ class Service:
     _background: set[asyncio.Future] = field(default_factory=set)  # (kept referenced until done)
     _store_down_until: float = 0.0  # monotonic: lookups fail fast until then (the store just failed)
     _unsubscribe: Callable[[], None] | None = None
-    _tokenizer_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
-    )
+    _tokenizer_pool: DaemonThreadPool = field(default_factory=lambda: DaemonThreadPool(1, "tokenizer"))
     default_format: str = "raw"
     store_ok: bool = True
     # prefix uploads being parsed and stored (at most settings.max_concurrent_uploads)
@@ -678,14 +676,10 @@ class Service:
     # grammars compile on their own threads (half the cores, as vLLM's), never on the default pool that readiness
     # and store lookups use, one at a time per tenant; prompts tokenize at most TOKENIZE_PER_TENANT at a time per
     # tenant, so one tenant's many long prompts cannot queue everyone's behind them
-    _compile_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(
-            max(1, ((os.cpu_count() or 1) + 1) // 2), thread_name_prefix="grammar"
-        )
+    _compile_pool: DaemonThreadPool = field(
+        default_factory=lambda: DaemonThreadPool(max(1, ((os.cpu_count() or 1) + 1) // 2), "grammar")
     )
-    _probe_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="store-ping")
-    )
+    _probe_pool: DaemonThreadPool = field(default_factory=lambda: DaemonThreadPool(1, "store-ping"))
     _tokenize_gate: TenantGate = field(default_factory=lambda: TenantGate(TOKENIZE_PER_TENANT))
     _compile_gate: TenantGate = field(default_factory=lambda: TenantGate(COMPILE_PER_TENANT))
     tool_parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))

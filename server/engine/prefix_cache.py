@@ -20,12 +20,13 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from server.engine.daemon_pool import DaemonThreadPool
 from server.engine.kv_cache import KVPool, OutOfBlocks
 from server.engine.types import PrefixKey
 
@@ -152,7 +153,9 @@ class PrefixCache:
         # none of them still wants is not held for them (an aborted request's prefix must not block others)
         self._wanted: dict[PrefixKey, int] = {}
         self._errors: dict[PrefixKey, tuple[PrefixLoadError, float]] = {}
-        self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="prefix-loader")
+        self._executor = DaemonThreadPool(
+            loader_threads, "prefix-loader"
+        )  # (a hung fetch never holds the exit)
         self._invalidated: list[tuple[str, str] | None] = []  # None: every name
         self._lock = threading.Lock()  # guards _invalidated (written from store subscriber threads)
 
