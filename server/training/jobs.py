@@ -349,8 +349,9 @@ class JobManager:
 
     def get(self, job_id: str) -> JobRecord | None:
         rec = self.backend.get(job_id)
-        if rec is not None and rec.status == "running" and job_id in self._running:
-            rec.cancel_requested = rec.cancel_requested or self._running[job_id].is_set()
+        ev = self._running.get(job_id)  # (one read: the worker thread may drop it meanwhile)
+        if rec is not None and rec.status == "running" and ev is not None:
+            rec.cancel_requested = rec.cancel_requested or ev.is_set()
         return rec
 
     def list(self, tenant_id: str | None = None) -> list[JobRecord]:
