@@ -956,3 +956,36 @@ def test_a_row_whose_distribution_is_not_valid_fails_alone(setup, processed):
     outs = make_engine(b, keys).generate([Request("bad", prompt, bad, k0), Request("good", prompt, good, k0)])
     assert outs[0].finish_reason == "error" and outs[0].error == INVALID_DISTRIBUTION, outs[0]
     assert outs[1].error is None and len(outs[1].token_ids) == 12
+
+
+@pytest.mark.parametrize("which", ["smollm2", "tiny"])
+def test_output_text_is_transformers_decode_through_the_rust_tokenizer(which, request):
+    """The detokenizer calls the `tokenizers` object directly (a third of transformers' per-call cost on the
+    engine thread): for these tokenizers that is exactly transformers' decode, special tokens skipped or not."""
+    import random
+
+    from server.engine.detokenizer import _rust_decoder, decode_text
+    from tests.fixtures.models import make_tiny_tokenizer
+
+    tok = request.getfixturevalue("smollm2_bundle").tokenizer if which == "smollm2" else make_tiny_tokenizer()
+    assert _rust_decoder(tok) is not None
+    rng = random.Random(0)
+    specials = tok.all_special_ids
+    for _ in range(500):
+        ids = [
+            rng.choice(specials) if rng.random() < 0.15 else rng.randrange(len(tok))
+            for _ in range(rng.randint(1, 9))
+        ]
+        for skip in (True, False):
+            want = tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+            assert decode_text(tok, ids, skip) == want, ids
+
+    class OwnDecode(type(tok)):  # a tokenizer with its own decoding keeps transformers' path
+        def _decode(self, *a, **kw):
+            return "own"
+
+    tok.__class__ = OwnDecode
+    try:
+        assert _rust_decoder(tok) is None and decode_text(tok, [1, 2]) == "own"
+    finally:
+        tok.__class__ = OwnDecode.__mro__[1]

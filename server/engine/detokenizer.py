@@ -25,9 +25,33 @@ def kept_length(before: str, after: str) -> int:
     return n
 
 
+_RUST_DECODE: dict[type, bool] = {}
+
+
+def _rust_decoder(tokenizer) -> Any:
+    """The `tokenizers` (Rust) object whose `decode` is exactly what transformers' `decode` does for this tokenizer
+    without clean-up (its fast backend's `_decode`, neither overridden), else None: called directly, one token's
+    decode costs a third (the engine thread decodes every token twice)."""
+    cls = type(tokenizer)
+    ok = _RUST_DECODE.get(cls)
+    if ok is None:
+        try:
+            from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+            ok = cls.decode is PreTrainedTokenizerBase.decode and cls._decode is TokenizersBackend._decode
+        except (ImportError, AttributeError):  # another transformers layout: its own decode
+            ok = False
+        _RUST_DECODE[cls] = ok
+    return getattr(tokenizer, "_tokenizer", None) if ok else None
+
+
 def decode_text(tokenizer, ids: list[int], skip_special_tokens: bool = True, spaces: bool = True) -> str:
     """`ids` as output text: special tokens left out or not (vLLM's skip_special_tokens), spaces between them or
     not (its spaces_between_special_tokens: slow tokenizers only, fast ones ignore it)."""
+    rust = _rust_decoder(tokenizer)
+    if rust is not None:
+        return rust.decode(ids, skip_special_tokens=skip_special_tokens)
     return tokenizer.decode(
         ids,
         skip_special_tokens=skip_special_tokens,
