@@ -42,7 +42,13 @@ def test_unknown_route_404_and_wrong_method_405(srv):
     # httptools, uvicorn's fast parser, a method it does not know is a 400 before the app, as in vLLM)
     for i in range(5):
         assert c.request(f"BOGUS{i}" + "X" * 200, "/x").status_code in (400, 404, 405)
-    for method in ("PROPFIND", "MKCOL", "PURGE", "LINK", "UNLINK"):  # methods the parser knows, no route serves
+    for method in (
+        "PROPFIND",
+        "MKCOL",
+        "PURGE",
+        "LINK",
+        "UNLINK",
+    ):  # methods the parser knows, no route serves
         assert c.request(method, "/generate").status_code == 405
     metrics = c.get("/metrics").text
     assert "BOGUS" not in metrics and "PROPFIND" not in metrics and 'method="other"' in metrics
@@ -533,3 +539,16 @@ def test_tenant_gate_holds_each_tenant_to_its_share():
         return order
 
     assert asyncio.run(run()) == ["a0", "a1", "b0", "|", "a2"]
+
+
+def test_a_body_sent_without_a_json_content_type_says_so(srv):
+    """`curl -d '{...}'` sends a form content type: the answer says to send JSON (it said "Input should be a valid
+    dictionary"), on /generate and /v1 alike; the same body as JSON works."""
+    c = srv.client()
+    body = json.dumps({"tenant_id": "acme", "prefix": "base", "prompt": "hi", "max_tokens": 2})
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    err = assert_error(c.post("/generate", content=body, headers=form), 415, "unsupported_media_type")
+    assert "application/json" in err["message"] and err["param"] == "content-type"
+    v1 = json.dumps({"model": "acme/base", "prompt": "hi", "max_tokens": 2})
+    assert_error(c.post("/v1/completions", content=v1, headers=form), 415, "unsupported_media_type")
+    assert c.post("/generate", content=body, headers={"Content-Type": "application/json"}).status_code == 200

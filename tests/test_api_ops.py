@@ -420,7 +420,9 @@ def test_preemptions_are_counted_on_metrics(server_factory):
     assert metric_value(c.get("/metrics").text, "prefixserve:num_fair_preemptions_total") == 3.0
 
 
-def test_a_lookup_joining_a_read_begun_before_a_new_version_does_not_cache_the_old_one(server_factory, api_bundle):
+def test_a_lookup_joining_a_read_begun_before_a_new_version_does_not_cache_the_old_one(
+    server_factory, api_bundle
+):
     """Single flight: a request that joins a store read begun before a new version was stored shares that read's
     (old) answer, but must not cache it as the latest with its own newer generation: the next request serves the
     new version (it served the old one until the metadata TTL ran out)."""

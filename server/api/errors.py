@@ -211,6 +211,16 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             return error_response(400, "request body is not valid JSON", code="invalid_json", request=request)
         if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
             return error_response(422, "request body is required", code="missing_body", request=request)
+        ctype = request.headers.get("content-type", "")
+        if tuple(first.get("loc", ())) == ("body",) and ctype and "json" not in ctype.lower():
+            # `curl -d '{...}'` sends a form: FastAPI read no JSON and said "a valid dictionary" was expected
+            return error_response(
+                415,
+                f"the request body must be JSON: send Content-Type: application/json (this one was {ctype[:80]!r})",
+                code="unsupported_media_type",
+                param="content-type",
+                request=request,
+            )
         messages = list(dict.fromkeys(_validation_message(e) for e in errors))  # unions repeat themselves
         message = "; ".join(messages[:5])
         if len(messages) > 5:
@@ -265,6 +275,7 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
         403: "The key may not use this route",
         404: "Unknown resource (or another tenant's)",
         413: "Request too large",
+        415: "The body is not JSON (Content-Type)",
         422: "Invalid value",
         429: "Tenant over its limit (Retry-After)",
         500: "Internal error",
