@@ -1717,3 +1717,11 @@ def test_job_wait_timeout_bounds_a_slow_poll_and_an_outage(srv: Any) -> None:
         with pytest.raises(ps.WaitTimeout) as ei:
             job.wait(poll_interval=0.02, timeout=0.2)
         assert isinstance(ei.value.__cause__, ps.APIConnectionError)
+
+
+def test_tokenized_room_is_within_the_context_and_the_kv_caches_share() -> None:
+    t = ps.Tokenized(tokens=[1] * 10, count=10, prefix_length=8, max_model_len=1000, max_request_tokens=100)
+    assert t.room == 90  # the KV cache's share of one request binds first
+    assert ps.Tokenized(count=10, prefix_length=8, max_model_len=50, max_request_tokens=100).room == 32
+    assert ps.Tokenized(count=10, prefix_length=8, max_model_len=50).room == 32  # an older server
+    assert ps.Tokenized(count=10).room is None

@@ -238,6 +238,7 @@ async def tokenize(
         count=len(ids),
         prefix_length=prefix.prefix_length,
         max_model_len=svc.llm.max_model_len,
+        max_request_tokens=svc.llm.max_request_tokens,
         prompt_format=fmt,
     )
 

@@ -868,6 +868,7 @@ class TokenizeResponse(BaseModel):
     count: int
     prefix_length: int = Field(description="Positions the prefix takes before the prompt")
     max_model_len: int = Field(description="Context limit: prefix + prompt + output")
+    max_request_tokens: int = Field(description="Prompt + output one request may hold in the KV cache")
     prompt_format: str
 
 

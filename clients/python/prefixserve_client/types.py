@@ -157,6 +157,8 @@ class ServerInfo(_Model):
     num_layers: Optional[int] = None
     vocab_size: Optional[int] = None
     max_model_len: Optional[int] = None  # context limit: prefix + prompt + output
+    # prompt + output one request may hold in the KV cache (a request needs both limits)
+    max_request_tokens: Optional[int] = None
     max_num_seqs: Optional[int] = None  # requests decoded in one batch at most
     max_batched_tokens: Optional[int] = None  # tokens in one engine step at most (prefill chunks + decodes)
     max_queued: Optional[int] = None  # requests waiting at most; past it 503 with Retry-After
@@ -186,12 +188,19 @@ class Tokenized(_Model):
     count: int = 0
     prefix_length: int = 0
     max_model_len: Optional[int] = None
+    max_request_tokens: Optional[int] = None  # prompt + output one request may hold in the KV cache
     prompt_format: Optional[str] = None
 
     @property
     def room(self) -> Optional[int]:
-        """Output tokens that still fit the context after the prefix and this prompt (None if unknown)."""
-        return None if self.max_model_len is None else self.max_model_len - self.prefix_length - self.count
+        """Output tokens that still fit after the prefix and this prompt: in the context and in the KV cache's share
+        of one request (None if unknown)."""
+        if self.max_model_len is None:
+            return None
+        room = self.max_model_len - self.prefix_length - self.count
+        if self.max_request_tokens is not None:
+            room = min(room, self.max_request_tokens - self.count)
+        return room
 
 
 class PrefixInfo(_Model):
