@@ -397,12 +397,10 @@ async def _start(
         in_entries = len(ids) if p.decoder_input_details else 0
         if in_entries > out_entries:
             which = "parameters.decoder_input_details"
-        elif sampling.logprobs:
-            which = (
-                "parameters.top_n_tokens"
-                if (p.top_n_tokens or 0) >= (p.return_k_alternatives or 0)
-                else ("parameters.return_k_alternatives")
-            )
+        elif (p.top_n_tokens or 0) > (p.return_k_alternatives or 0):  # (the field `_sampling` took them from)
+            which = "parameters.top_n_tokens"
+        elif p.return_k_alternatives:
+            which = "parameters.return_k_alternatives"
         else:
             which = "parameters.max_new_tokens"
         svc.check_logprob_entries(out_entries + in_entries, which)
