@@ -552,3 +552,96 @@ def test_a_body_sent_without_a_json_content_type_says_so(srv):
     v1 = json.dumps({"model": "acme/base", "prompt": "hi", "max_tokens": 2})
     assert_error(c.post("/v1/completions", content=v1, headers=form), 415, "unsupported_media_type")
     assert c.post("/generate", content=body, headers={"Content-Type": "application/json"}).status_code == 200
+
+
+def _wait(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def test_finished_requests_are_no_longer_counted_in_flight(server_factory):
+    """Each request counts in flight while it runs and not after: a drain (SIGTERM) that counted every request
+    ever answered would wait out its whole grace on an idle server."""
+    import asyncio
+
+    s = server_factory()
+    c = s.client()
+    body = {"tenant_id": "acme", "prefix": "base", "prompt": "hi", "max_tokens": 2}
+    assert c.post("/generate", json=body).status_code == 200
+    assert c.post("/generate", json={**body, "prefix": "missing"}).status_code == 404
+    assert c.post("/generate", content=b"{", headers={"content-type": "application/json"}).status_code in (
+        400,
+        422,
+    )
+    assert c.get("/health").status_code == 200
+    assert _wait(lambda: s.state.inflight == 0), s.state.inflight
+    t0 = time.monotonic()
+    assert asyncio.run(s.state.wait_idle(3.0)) is True
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_a_prompt_that_fills_the_context_exactly_is_the_prompts_fault(server_factory):
+    """No room for even one token (prompt == context): the error names the prompt, not max_tokens."""
+    s = server_factory(max_model_len=64, max_prompt_tokens=200)
+    c = s.client()
+    body = {"model": "acme/base", "prompt": [5] * 64, "max_tokens": 1}
+    err = assert_error(c.post("/v1/completions", json=body), 400, "context_length_exceeded")
+    assert err["param"] == "prompt", err
+    body["prompt"] = [5] * 63  # room for one: the output's length is at fault past it
+    assert c.post("/v1/completions", json=body).status_code == 200
+    err = assert_error(
+        c.post("/v1/completions", json={**body, "max_tokens": 2}), 400, "context_length_exceeded"
+    )
+    assert err["param"] == "max_tokens", err
+
+
+def test_chat_without_max_tokens_is_capped_at_max_new_tokens(server_factory):
+    """No max_tokens: up to the context, capped by the server's max_new_tokens (not a 400 for a field the client
+    never sent)."""
+    s = server_factory(max_new_tokens=8, max_model_len=512)
+    c = s.client()
+    chat = {"model": "acme/base", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+    r = c.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 8
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_without_max_tokens_whose_prompt_overflows_the_context_names_the_messages(server_factory):
+    s = server_factory(max_model_len=64, max_prompt_tokens=400)
+    c = s.client()
+    chat = {"model": "acme/base", "messages": [{"role": "user", "content": "y " * 100}]}
+    err = assert_error(c.post("/v1/chat/completions", json=chat), 400, "context_length_exceeded")
+    assert err["param"] == "messages", err
+
+
+def test_max_completion_tokens_wins_over_max_tokens(server_factory):
+    """OpenAI (and vLLM): max_completion_tokens supersedes the deprecated max_tokens when both are sent."""
+    s = server_factory()
+    c = s.client()
+    chat = {
+        "model": "acme/base",
+        "messages": [{"role": "user", "content": "hi"}],
+        "ignore_eos": True,
+        "max_tokens": 9,
+        "max_completion_tokens": 3,
+    }
+    r = c.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_unsupported_vllm_fields_sent_empty_are_accepted(server_factory):
+    """An empty value of a refused vLLM field is its default (clients serialise `bad_words: []`): accepted."""
+    s = server_factory()
+    c = s.client()
+    body = {"model": "acme/base", "prompt": "x", "max_tokens": 2}
+    for field, value in [("bad_words", []), ("logits_processors", []), ("return_tokens_as_token_ids", False)]:
+        r = c.post("/v1/completions", json={**body, field: value})
+        assert r.status_code == 200, (field, r.text)
+    chat = {"model": "acme/base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    assert c.post("/v1/chat/completions", json={**chat, "chat_template": ""}).status_code == 200

@@ -923,3 +923,19 @@ def test_meta_cache_refuses_a_fetch_raced_by_a_change_and_stays_bounded():
     _, _, began = cache.get(a)
     cache.put(a, ResolvedPrefix(*a, 2, 8, "raw"), began)
     assert cache.get(a)[0].version == 2
+
+
+def test_meta_cache_refuses_a_fetch_begun_before_a_resync_clear():
+    """A store resync (`clear`: a version number may now name another record) while a lookup's fetch is under
+    way: what that fetch read is not cached, though no invalidation of the name was seen."""
+    from server.api.service import PrefixMetaCache, ResolvedPrefix
+
+    cache = PrefixMetaCache(ttl_s=60)
+    a = ("acme", "a")
+    _, _, began = cache.get(a)
+    cache.clear()
+    cache.put(a, ResolvedPrefix(*a, 1, 8, "raw"), began)
+    assert cache.get(a)[0] is None
+    began = cache.generation()  # a fetch begun after the clear is cached
+    cache.put(a, ResolvedPrefix(*a, 2, 8, "raw"), began)
+    assert cache.get(a)[0].version == 2

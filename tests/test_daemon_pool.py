@@ -68,3 +68,71 @@ def test_a_hung_task_does_not_hold_the_process_exit():
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
     assert time.monotonic() - t0 < 10
+
+
+def test_max_workers_below_one_is_refused():
+    # a pool of 0 workers never runs anything: every future would wait forever
+    with pytest.raises(ValueError):
+        DaemonThreadPool(0, "t")
+
+
+def test_an_idle_worker_is_reused_rather_than_a_new_thread_started():
+    pool = DaemonThreadPool(4, "t")
+    for i in range(5):
+        assert pool.submit(lambda x: x, i).result(5) == i
+        time.sleep(0.05)  # the worker is back waiting for work
+    assert len(pool._threads) == 1
+    pool.shutdown()
+
+
+def test_shutdown_wait_stops_every_worker():
+    pool = DaemonThreadPool(3, "t")
+    gate, started = threading.Event(), threading.Semaphore(0)
+
+    def hold():
+        started.release()
+        gate.wait(5)
+
+    futs = [pool.submit(hold) for _ in range(3)]
+    for _ in range(3):
+        assert started.acquire(timeout=5)
+    assert len(pool._threads) == 3
+    gate.set()
+    for f in futs:
+        f.result(5)
+    done = threading.Event()
+    threading.Thread(target=lambda: (pool.shutdown(wait=True), done.set()), daemon=True).start()
+    assert done.wait(5), "shutdown(wait=True) did not return: a worker never saw the stop"
+    assert not any(t.is_alive() for t in pool._threads)
+
+
+def test_a_future_cancelled_before_it_runs_is_skipped_and_the_worker_lives_on():
+    pool = DaemonThreadPool(1, "t")
+    gate, started = threading.Event(), threading.Event()
+    ran = []
+
+    def hold():
+        started.set()
+        gate.wait(5)
+
+    first = pool.submit(hold)
+    assert started.wait(5)
+    second = pool.submit(ran.append, "second")
+    assert second.cancel()
+    gate.set()
+    first.result(5)
+    assert pool.submit(lambda: 7).result(5) == 7  # the one worker still serves
+    assert ran == [] and second.cancelled()
+    pool.shutdown()
+
+
+def test_a_task_raising_a_base_exception_resolves_its_future():
+    pool = DaemonThreadPool(1, "t")
+
+    def boom():
+        raise SystemExit(3)
+
+    fut = pool.submit(boom)
+    assert isinstance(fut.exception(5), SystemExit)
+    assert pool.submit(lambda: 1).result(5) == 1
+    pool.shutdown()

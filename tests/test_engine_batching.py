@@ -1160,3 +1160,13 @@ def test_a_prefix_fetched_for_a_request_that_fails_admission_is_not_held_for_it(
     ok = Request("ok", random_prompt(b.spec.vocab_size, 5, 1), SamplingParams(max_tokens=2), kl[1])
     assert eng.generate([ok])[0].error is None
     assert time.monotonic() - t0 < 2  # not held back for fresh_s (10 s)
+
+
+def test_a_negative_prompt_token_id_is_refused(tiny_llama_bundle):
+    # a negative id would index the embedding from its end on a CPU, or raise a device-side assert on CUDA
+    eng = LLMEngine(
+        tiny_llama_bundle, DictPrefixProvider(), EngineConfig(kv_cache_bytes=8 * 2**20, max_model_len=64)
+    )
+    with pytest.raises(ValueError, match="vocabulary"):
+        eng.add_request(Request("neg", [5, -1], SamplingParams(max_tokens=2)))
+    assert eng.num_waiting == 0

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from server.engine import PrefixKey, Request, SamplingParams
-from server.engine.sampler import filter_logits, finite_rows, generator_seed, greedy_tokens
+from server.engine.sampler import (
+    INVALID_DISTRIBUTION,
+    draw,
+    filter_logits,
+    finite_rows,
+    generator_seed,
+    greedy_tokens,
+    process_scores,
+    sample,
+)
 from tests.engine_utils import (
     hf_greedy,
     hf_prompt_logprobs,
@@ -1011,3 +1020,33 @@ def test_output_text_is_transformers_decode_through_the_rust_tokenizer(which, re
         assert _rust_decoder(tok) is None and decode_text(tok, [1, 2]) == "own"
     finally:
         tok.__class__ = OwnDecode.__mro__[1]
+
+
+def test_a_sampled_row_may_draw_token_zero():
+    # token 0 holds (almost) all the mass: a sampled (not greedy) row must get it, not a failure
+    logits = torch.zeros(2, 16)
+    logits[:, 0] = 50.0
+    params = [SamplingParams(max_tokens=4, temperature=1.0, seed=s) for s in (1, 2)]
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    out = sample(logits, params, gens)
+    assert out.failed == {} and out.tokens == [0, 0], (out.failed, out.tokens)
+    assert INVALID_DISTRIBUTION not in out.failed.values()
+
+
+def test_a_uniform_point_of_zero_never_picks_a_leading_token_of_weight_zero(monkeypatch):
+    # torch.rand may return exactly 0.0: the first token whose cumulative weight passes 0 is drawn, never a
+    # leading token of weight 0 (top-k / allowed_token_ids / a grammar excluded it)
+    probs = torch.tensor([[0.0, 0.0, 0.3, 0.7], [0.0, 1.0, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros(()))
+    tokens, ok = draw(probs, [None, None])
+    assert ok.tolist() == [True, True]
+    assert tokens.tolist() == [2, 1]
+
+
+def test_allowed_token_ids_past_the_vocabulary_are_ignored():
+    vocab = 8
+    row = torch.arange(vocab, dtype=torch.float32)
+    p = SamplingParams(max_tokens=1, allowed_token_ids=(1, 3, vocab, vocab + 5))
+    got = process_scores(row, p, [0], [])
+    assert torch.isfinite(got).nonzero().flatten().tolist() == [1, 3]
+    assert got[1] == 1.0 and got[3] == 3.0
