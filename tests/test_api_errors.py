@@ -645,3 +645,9 @@ def test_unsupported_vllm_fields_sent_empty_are_accepted(server_factory):
         assert r.status_code == 200, (field, r.text)
     chat = {"model": "acme/base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     assert c.post("/v1/chat/completions", json={**chat, "chat_template": ""}).status_code == 200
+
+
+def test_prompt_embeds_is_refused_not_ignored(server_factory):
+    body = {"model": "acme/base", "prompt": "x", "max_tokens": 2, "prompt_embeds": "AAAA"}
+    r = server_factory().client().post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_embeds", r.text

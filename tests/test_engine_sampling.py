@@ -167,7 +167,7 @@ def _row_by_row_filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         cum = probs.cumsum(-1)
-        remove = cum - probs > p.top_p
+        remove = cum - probs >= p.top_p
         remove[0] = False
         logits = logits.masked_fill(torch.zeros_like(remove).scatter(0, order, remove), float("-inf"))
     if p.min_p > 0.0:
@@ -1050,3 +1050,18 @@ def test_allowed_token_ids_past_the_vocabulary_are_ignored():
     got = process_scores(row, p, [0], [])
     assert torch.isfinite(got).nonzero().flatten().tolist() == [1, 3]
     assert got[1] == 1.0 and got[3] == 3.0
+
+
+@pytest.mark.parametrize("probs, top_p", [([0.25] * 4, 0.5), ([0.5, 0.25, 0.25], 0.75)])
+def test_top_p_keeps_the_smallest_set_reaching_it_as_transformers(probs, top_p):
+    """Mass landing exactly on top_p: the tokens before already reach it, so the next is not kept (it was: 3 of 4
+    equal tokens kept for top_p 0.5, where transformers and vLLM keep 2)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from server.engine.sampler import filter_batch
+
+    x = torch.tensor(probs).log()
+    p = SamplingParams(temperature=1.0, top_p=top_p)
+    want = torch.isfinite(TopPLogitsWarper(top_p)(None, x[None].clone())[0]).sum().item()
+    assert torch.isfinite(filter_logits(x, p)).sum().item() == want
+    assert torch.isfinite(filter_batch(x[None], [p])[0]).sum().item() == want

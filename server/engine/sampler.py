@@ -138,7 +138,7 @@ def _top_p_cpu(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tens
     peak = values[:, :1]
     probs = (values - peak).exp() / (sub - peak).exp().sum(-1, keepdim=True)
     cum = probs.cumsum(-1)
-    remove = cum - probs > top  # keep the smallest set whose mass reaches top_p
+    remove = cum - probs >= top  # keep the smallest set whose mass reaches top_p (transformers, vLLM)
     remove[:, 0] = False
     # beyond the candidates, every token is removed iff the candidates' mass already passes top_p
     held = (cum[:, -1:] > top).squeeze(1) | (k == vocab)
@@ -157,7 +157,7 @@ def _top_p_sorted(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.softmax(-1)
     cum = probs.cumsum(-1)
-    remove = cum - probs > top
+    remove = cum - probs >= top
     remove[:, 0] = False
     return torch.zeros_like(remove).scatter(1, order, remove)
 
