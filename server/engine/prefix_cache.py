@@ -153,9 +153,8 @@ class PrefixCache:
         # none of them still wants is not held for them (an aborted request's prefix must not block others)
         self._wanted: dict[PrefixKey, int] = {}
         self._errors: dict[PrefixKey, tuple[PrefixLoadError, float]] = {}
-        self._executor = DaemonThreadPool(
-            loader_threads, "prefix-loader"
-        )  # (a hung fetch never holds the exit)
+        # daemon threads: a fetch hung on a dead store never holds the process's exit
+        self._executor = DaemonThreadPool(loader_threads, "prefix-loader")
         self._invalidated: list[tuple[str, str] | None] = []  # None: every name
         self._lock = threading.Lock()  # guards _invalidated (written from store subscriber threads)
 

@@ -167,14 +167,15 @@ def sample_rows(
     rows: list[int],
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampled `rows` of `scores`: (`[len(rows)]` tokens, `[len(rows)]` bool: the distribution was valid),
-    on the scores' device, without a host sync. A row whose distribution is not valid (a device-side error would
-    end every request) is reported by its flag instead."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampled `rows` of `scores`: (`[len(rows)]` the rows' indices, their tokens, and bool: the distribution
+    was valid), on the scores' device, without a host sync. A row whose distribution is not valid (a device-side
+    error would end every request) is reported by its flag instead."""
+    index = _on_device(rows, torch.long, scores.device)
     if rows != list(range(scores.shape[0])):
-        scores = scores.index_select(0, _on_device(rows, torch.long, scores.device))
+        scores = scores.index_select(0, index)
     probs = filter_batch(scores, [params[i] for i in rows]).softmax(-1)
-    return draw(probs, [generators[i] for i in rows])
+    return (index, *draw(probs, [generators[i] for i in rows]))
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -195,8 +196,7 @@ def sample_on_device(
     valid = torch.ones_like(finite)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        drawn, ok = sample_rows(logits, rows, params, generators)
-        index = _on_device(rows, torch.long, logits.device)
+        index, drawn, ok = sample_rows(logits, rows, params, generators)
         tokens.index_copy_(0, index, drawn)
         valid.index_copy_(0, index, ok)
     return torch.stack([tokens, finite.long(), valid.long()])
@@ -280,12 +280,8 @@ def sample(
     checks = [greedy_tokens(scores), finite_rows(logits).long()]
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:  # sampled rows: their token, or -1 where the distribution is not valid
-        drawn, ok = sample_rows(scores, rows, params, generators)
-        checks.append(
-            checks[0]
-            .clone()
-            .index_copy_(0, _on_device(rows, torch.long, scores.device), torch.where(ok, drawn, -1))
-        )
+        index, drawn, ok = sample_rows(scores, rows, params, generators)
+        checks.append(checks[0].clone().index_copy_(0, index, torch.where(ok, drawn, -1)))
     restricted = masks is not None or any(params[i].allowed_token_ids for i in processed)
     if restricted:  # a row whose every token is excluded has nothing to sample (argmax would say token 0)
         checks.append(torch.isfinite(scores).any(-1).long())
