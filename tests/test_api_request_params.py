@@ -125,9 +125,63 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(srv):
         },
     )
     assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 25
-    assert_error(
-        c.post("/generate", json={"prefix": "base", "prompt": "x", "truncate_prompt_tokens": 0}), 422
+    for bad in (0, -2):
+        err = assert_error(
+            c.post("/generate", json={"prefix": "base", "prompt": "x", "truncate_prompt_tokens": bad}), 422
+        )
+        assert err["param"] == "truncate_prompt_tokens"
+
+
+def test_truncate_prompt_tokens_minus_one_keeps_what_fits(srv):
+    """vLLM's -1: as many of the last tokens as fit beside the output asked for, under every limit."""
+    c = srv.client("k-a")
+    full = c.post("/tokenize", json={"prefix": "base", "prompt": WORDS}).json()["tokens"]
+    # max_prompt_tokens (40) binds
+    r = generate(c, prompt=WORDS, truncate_prompt_tokens=-1)
+    assert r["usage"]["prompt_tokens"] == 40
+    ids_body = {
+        "model": "acme/base",
+        "prompt": full[-40:],
+        "max_tokens": 10,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    assert r["text"] == c.post("/v1/completions", json=ids_body).json()["choices"][0]["text"]
+    # the context binds: the output asked for leaves room for 7 prompt tokens
+    info = c.get("/info").json()
+    room = min(info["max_model_len"], info["max_request_tokens"])
+    r = generate(c, prompt=WORDS, truncate_prompt_tokens=-1, max_tokens=room - 7)
+    assert r["usage"] == {**r["usage"], "prompt_tokens": 7, "completion_tokens": room - 7}
+    comp = c.post(
+        "/v1/completions",
+        json={"model": "acme/base", "prompt": WORDS, "max_tokens": room - 5, "truncate_prompt_tokens": -1},
     )
+    assert comp.status_code == 200 and comp.json()["usage"]["prompt_tokens"] == 5
+    # chat without max_tokens leaves half the room for its output
+    chat = {
+        "model": "acme/base",
+        "messages": [{"role": "user", "content": WORDS}],
+        "truncate_prompt_tokens": -1,
+    }
+    body = c.post("/v1/chat/completions", json=chat).json()
+    assert body["usage"]["prompt_tokens"] == 40
+    # a prompt that fits is kept whole
+    short = generate(c, prompt="Once upon a time", truncate_prompt_tokens=-1)
+    assert short["usage"]["prompt_tokens"] == generate(c, prompt="Once upon a time")["usage"]["prompt_tokens"]
+
+
+def test_truncated_chat_without_max_tokens_shares_the_context(server_factory):
+    """-1 on a chat without max_tokens: half the context for the prompt's end, the other half for the answer."""
+    srv = server_factory(keys={"acme": "k-a"}, max_model_len=128)
+    chat = {
+        "model": "acme/base",
+        "messages": [{"role": "user", "content": WORDS * 5}],
+        "truncate_prompt_tokens": -1,
+        "ignore_eos": True,
+    }
+    r = srv.client("k-a").post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {**r.json()["usage"], "prompt_tokens": 64, "completion_tokens": 64}
 
 
 def test_priority_tenants_lower_their_own_the_tier_adds(srv, monkeypatch):

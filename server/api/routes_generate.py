@@ -116,7 +116,9 @@ async def generate(
     fmt = prompt_format(body.prompt_format, prefix, svc.bundle.tokenizer)
     svc.check_prompt_chars(len(body.prompt), truncating=body.truncate_prompt_tokens is not None)
     ids = await svc.tokenize(render_prompt, svc.bundle.tokenizer, body.prompt, fmt)
-    ids = truncate_prompt(ids, body.truncate_prompt_tokens)
+    ids = truncate_prompt(
+        ids, body.truncate_prompt_tokens, svc.prompt_fit(prefix.prefix_length, body.max_tokens)
+    )
     entries = (0 if body.logprobs is None else body.max_tokens * (body.logprobs + 1)) + (
         0 if body.prompt_logprobs is None else len(ids) * (body.prompt_logprobs + 1)
     )

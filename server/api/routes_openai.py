@@ -165,8 +165,13 @@ async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefi
     messages = template_messages(body.messages)
     if svc.settings.log_prompts:
         info.prompt = "\n".join(m["content"] for m in messages)
-    ids = truncate_prompt(await render_chat(svc, body, messages, tools.tools), body.truncate_prompt_tokens)
     max_tokens = body.max_completion_tokens or body.max_tokens
+    # -1 keeps room for the output asked for; without max_tokens, half the room (at most max_new_tokens)
+    half = min(svc.settings.max_new_tokens, svc.llm.room(prefix.prefix_length, 0) // 2)
+    fit = svc.prompt_fit(prefix.prefix_length, max_tokens or half)
+    ids = truncate_prompt(
+        await render_chat(svc, body, messages, tools.tools), body.truncate_prompt_tokens, fit
+    )
     if max_tokens is None:  # OpenAI: up to the context; here also capped by max_new_tokens
         room = svc.llm.room(prefix.prefix_length, len(ids))
         max_tokens = max(1, min(svc.settings.max_new_tokens, room))
@@ -202,14 +207,16 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
                 code="invalid_value",
                 param="prompt" if len(items) == 1 else f"prompt[{j}]",
             )
+    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    fit = svc.prompt_fit(prefix.prefix_length, max_tokens)
     prompts = [
         truncate_prompt(
             await svc.tokenize(render_prompt, tok, x, fmt) if isinstance(x, str) else list(x),
             body.truncate_prompt_tokens,
+            fit,
         )
         for x in items
     ]
-    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     plan = _Plan(prompts, max(1, max_tokens), body.logprobs, "logprobs", hide_output=max_tokens == 0)
     if body.echo:
         # the prompt as it was used (truncated, if asked to; rendered in the prefix's chat template, if it has

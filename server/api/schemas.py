@@ -88,7 +88,10 @@ SKIP_SPECIAL_DOC = "vLLM: the text leaves out special tokens (false: keeps them,
 SPACES_SPECIAL_DOC = (
     "vLLM: spaces between special tokens in the text (slow tokenizers only; fast ones ignore it)"
 )
-TRUNCATE_DOC = "vLLM: keep only the last N prompt tokens (after rendering), so a long prompt fits instead of being refused"
+TRUNCATE_DOC = (
+    "vLLM: keep only the last N prompt tokens (after rendering), so a long prompt fits instead of being refused; "
+    "-1: as many as fit beside max_tokens (the context, the KV cache's share of one request, max_prompt_tokens)"
+)
 PROMPT_FORMAT_DOC = (
     "How a text prompt becomes tokens: 'chat' (one user message through the model's chat template, with the "
     "assistant's turn opened) or 'raw' (the text as it is). Default: the prefix's own, the format it was trained "
@@ -106,7 +109,15 @@ PREFIX_VERSION_DOC = (
     '"tenant/prefix@version"`'
 )
 MinP = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-TruncatePromptTokens = Annotated[int, Field(ge=1)]
+
+
+def _not_zero(v: int) -> int:
+    if v == 0:
+        raise ValueError("must be -1 (as many as fit) or at least 1")
+    return v
+
+
+TruncatePromptTokens = Annotated[int, Field(ge=-1), AfterValidator(_not_zero)]
 STOP_TOKEN_IDS_DOC = (
     "vLLM: token ids that end the output (the token is among the output's token ids; its text only with "
     "include_stop_str_in_output)"

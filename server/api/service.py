@@ -96,8 +96,11 @@ def default_prompt_format(bundle: ModelBundle) -> str:
     return fmt if fmt in ("chat", "raw") else "raw"
 
 
-def truncate_prompt(ids: list[int], keep: int | None) -> list[int]:
-    """vLLM's truncate_prompt_tokens: the last `keep` tokens (all when None)."""
+def truncate_prompt(ids: list[int], keep: int | None, fit: int = 1) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last `keep` tokens (all when None); -1: the last `fit` (as many as fit,
+    see `Service.prompt_fit`)."""
+    if keep == -1:
+        keep = max(fit, 1)
     return ids[-keep:] if keep is not None and len(ids) > keep else ids
 
 
@@ -712,6 +715,12 @@ class Service:
                 code="logprobs_too_large",
                 param=param,
             )
+
+    def prompt_fit(self, prefix_len: int, max_tokens: int) -> int:
+        """Most prompt tokens a request of this prefix may keep beside `max_tokens` of output (what
+        `truncate_prompt_tokens: -1` keeps): within the context, the KV cache's per-request share and
+        `max_prompt_tokens`."""
+        return min(self.llm.room(prefix_len, 0) - max(max_tokens, 1), self.settings.max_prompt_tokens)
 
     def check_prompt_chars(self, chars: int, param: str = "prompt", truncating: bool = False) -> None:
         """A prompt of more characters than `max_prompt_tokens` tokens can hold (twice over: normalizers may join
