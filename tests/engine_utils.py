@@ -109,22 +109,39 @@ def mixed_workload(
 
 @torch.no_grad()
 def hf_prompt_logprobs(model, kv, prompt):
-    """log_softmax of a transformers forward over the prompt with the prefix as past_key_values: row t predicts
-    prompt[t + 1]."""
+    """log_softmax (float32, on the CPU) of a transformers forward over the prompt with the prefix as
+    past_key_values, on the model's own device and dtype: row t predicts prompt[t + 1]."""
+    param = next(model.parameters())
+    dev, dtype = param.device, param.dtype
     cache = DynamicCache()
     p = 0
     if kv is not None:
         p = kv.shape[3]
         for layer in range(kv.shape[0]):
-            cache.update(kv[layer, 0][None].clone(), kv[layer, 1][None].clone(), layer)
+            cache.update(
+                kv[layer, 0][None].to(dev, dtype).clone(), kv[layer, 1][None].to(dev, dtype).clone(), layer
+            )
     n = len(prompt)
     out = model(
-        input_ids=torch.tensor([prompt]),
+        input_ids=torch.tensor([prompt], device=dev),
         past_key_values=cache,
-        attention_mask=torch.ones(1, p + n, dtype=torch.long),
-        position_ids=torch.arange(p, p + n)[None],
+        attention_mask=torch.ones(1, p + n, dtype=torch.long, device=dev),
+        position_ids=torch.arange(p, p + n, device=dev)[None],
     )
-    return torch.log_softmax(out.logits[0].float(), -1)
+    return torch.log_softmax(out.logits[0].float(), -1).cpu()
+
+
+def greedy_gaps(model, keys, reqs, outs) -> torch.Tensor:
+    """Teacher-forced check of greedy outputs that need not be bit-exact (bf16): for every generated token, how far
+    (in log-probability) it falls below the most likely token of a transformers forward over the same prompt and
+    the tokens generated before it. 0 where the engine picked transformers' argmax."""
+    gaps = []
+    for r, o in zip(reqs, outs, strict=True):
+        kv = keys[r.prefix] if r.prefix is not None else None
+        n, toks = len(r.prompt_token_ids), o.token_ids
+        rows = hf_prompt_logprobs(model, kv, r.prompt_token_ids + toks)[n - 1 : n - 1 + len(toks)]
+        gaps.append(rows.max(-1).values - rows.gather(1, torch.tensor(toks)[:, None])[:, 0])
+    return torch.cat(gaps)
 
 
 def computed_tokens(eng: LLMEngine) -> list[int]:
