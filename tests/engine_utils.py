@@ -36,24 +36,8 @@ def hf_greedy(
     transformers LogitsProcessor) changes the scores before the argmax; `logprobs_out` receives each step's
     log-softmax of the raw logits.
     """
-    param = next(model.parameters())
-    dev, dtype = param.device, param.dtype
-    cache = DynamicCache()
-    p = 0
-    if kv is not None:
-        p = kv.shape[3]
-        for layer in range(kv.shape[0]):
-            cache.update(
-                kv[layer, 0][None].to(dev, dtype).clone(), kv[layer, 1][None].to(dev, dtype).clone(), layer
-            )
+    out, p, dev = _hf_forward(model, kv, prompt)
     n = len(prompt)
-    out = model(
-        input_ids=torch.tensor([prompt], device=dev),
-        past_key_values=cache,
-        attention_mask=torch.ones(1, p + n, dtype=torch.long, device=dev),
-        position_ids=torch.arange(p, p + n, device=dev)[None],
-        use_cache=True,
-    )
     toks: list[int] = []
     total = p + n
     for _ in range(max_new_tokens):
@@ -111,6 +95,13 @@ def mixed_workload(
 def hf_prompt_logprobs(model, kv, prompt):
     """log_softmax (float32, on the CPU) of a transformers forward over the prompt with the prefix as
     past_key_values, on the model's own device and dtype: row t predicts prompt[t + 1]."""
+    out, _, _ = _hf_forward(model, kv, prompt)
+    return torch.log_softmax(out.logits[0].float(), -1).cpu()
+
+
+def _hf_forward(model, kv: torch.Tensor | None, prompt: list[int]):
+    """A transformers forward over `prompt` with the prefix `kv` as past_key_values, on the model's own device and
+    dtype (the prompt's first position is the prefix length P): (output, P, device)."""
     param = next(model.parameters())
     dev, dtype = param.device, param.dtype
     cache = DynamicCache()
@@ -127,8 +118,9 @@ def hf_prompt_logprobs(model, kv, prompt):
         past_key_values=cache,
         attention_mask=torch.ones(1, p + n, dtype=torch.long, device=dev),
         position_ids=torch.arange(p, p + n, device=dev)[None],
+        use_cache=True,
     )
-    return torch.log_softmax(out.logits[0].float(), -1).cpu()
+    return out, p, dev
 
 
 def greedy_gaps(model, keys, reqs, outs) -> torch.Tensor:
