@@ -238,9 +238,9 @@ def test_openai_unsupported_parameters_are_rejected(srv):
     err = assert_error(c.post("/v1/chat/completions", json={**ask, "function_call": "auto"}), 400)
     assert err["param"] == "function_call"
     # OpenAI routes this server does not have say so (clients read a bare 404 as "model not found")
-    for route in ("/v1/responses", "/v1/embeddings"):
+    for route in ("/v1/embeddings", "/v1/audio/speech"):
         err = assert_error(c.post(route, json={"model": "acme", "input": "x"}), 404)
-        assert route in err["message"] and "/v1/chat/completions" in err["message"]
+        assert route in err["message"] and "/v1/responses" in err["message"]
     assert_error(
         c.post(
             "/v1/chat/completions", json={"model": "acme", "messages": [{"role": "wizard", "content": "x"}]}

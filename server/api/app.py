@@ -526,6 +526,7 @@ def create_app(
         routes_openai,
         routes_ops,
         routes_prefixes,
+        routes_responses,
         routes_tgi,
         routes_usage,
     )
@@ -575,6 +576,7 @@ def create_app(
     routers = (
         routes_generate.router,
         routes_openai.router,
+        routes_responses.router,
         routes_prefixes.router,
         routes_prefixes.admin_router,
         routes_ops.router,

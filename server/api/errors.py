@@ -238,12 +238,10 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
         status = exc.status_code
         if status == 404:
             message = "not found"
-            if request.url.path.startswith(
-                "/v1/"
-            ):  # an OpenAI route we do not serve (responses, embeddings, ...)
+            if request.url.path.startswith("/v1/"):  # an OpenAI route we do not serve (embeddings, ...)
                 message = (
                     f"{request.url.path} is not served here; the OpenAI routes served are /v1/completions, "
-                    "/v1/chat/completions and /v1/models"
+                    "/v1/chat/completions, /v1/responses and /v1/models"
                 )
         elif status == 405:
             message = f"method {request.method} not allowed for {request.url.path}"

@@ -677,15 +677,21 @@ async def _chat_choice(
             }
         )
 
-    stream = {"named": _stream_named, "required": _stream_required, "auto": _stream_auto}.get(
-        tools.mode, _stream_text
-    )
-    frames = stream(run, chunk, text, tools)
+    frames = chat_stream(run, chunk, text, tools)
     yield await anext(frames)  # the role: every stream starts with it
     if echo:  # vLLM's: the echoed message right after the role
         yield chunk({"content": echo}, None)
     async for frame in frames:
         yield frame
+
+
+def chat_stream(run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan) -> AsyncIterator[Any]:
+    """A chat choice as `chunk(delta, finish_reason, logprobs)` values: the role's delta first, then the content or
+    tool call deltas as they come, then the finish reason (the same for the Responses API's events)."""
+    stream = {"named": _stream_named, "required": _stream_required, "auto": _stream_auto}.get(
+        tools.mode, _stream_text
+    )
+    return stream(run, chunk, text, tools)
 
 
 async def _stream_text(

@@ -1,0 +1,525 @@
+"""OpenAI's Responses API: POST /v1/responses, served by the chat completions path.
+
+A request becomes a chat completion (`instructions` a system message, `input` the conversation, function tools and
+`text.format` as chat's `tools` and `response_format`), and its answer becomes a `response` object: a message item
+with the text and a `function_call` item per call, `usage` in the Responses API's names. Streamed, it is the
+Responses API's typed events (`response.created` ... `response.output_text.delta` ... `response.completed`).
+
+Nothing is stored (vLLM's default too): `previous_response_id`, `conversation` and `background` are refused, so a
+client sends the whole conversation in `input` (function call items and their outputs included). Built-in tools
+(web search, file search, ...), image and file inputs and `reasoning` are refused as well, never ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.api.auth import Principal, get_principal
+from server.api.errors import COMMON_ERRORS, APIError
+from server.api.logprobs import chat_logprobs
+from server.api.routes_generate import SSE_DOC
+from server.api.routes_openai import _Choices, _start, chat_stream, json_off_loop
+from server.api.schemas import (
+    MAX_MODEL_ID,
+    ChatCompletionRequest,
+    MinP,
+    Priority,
+    PromptText,
+    Seed,
+    Temperature,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
+from server.api.streaming import EngineEventStream
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+def _refused(what: str, instead: str) -> Any:
+    return Field(None, description=f"not supported ({what}): {instead}")
+
+
+class ResponsesRequest(BaseModel):
+    """OpenAI's Responses API request (the fields that apply to a server that stores nothing)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=MAX_MODEL_ID, description="As in /v1/chat/completions")
+    input: PromptText | list[dict[str, Any]] = Field(
+        description="A user message's text, or a list of items: messages ({role, content}; content a string or "
+        "input_text/output_text parts), function_call and function_call_output items"
+    )
+    instructions: PromptText | None = Field(None, description="A system message before the input")
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_logprobs: TopLogprobs | None = Field(
+        None,
+        description="With include ['message.output_text.logprobs']: the N most likely tokens at each step",
+    )
+    include: list[str] | None = Field(None, description=f"Only {LOGPROBS_INCLUDE!r}")
+    tools: list[dict[str, Any]] | None = Field(
+        None, max_length=128, description="Function tools ({type: 'function', name, description, parameters})"
+    )
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None, description="As chat's; a named function is {type: 'function', name}"
+    )
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = Field(
+        None, description="{format: {type: 'text' | 'json_object' | 'json_schema', name, schema, strict}}"
+    )
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, description="'auto': the input's oldest tokens are dropped to fit (truncate_prompt_tokens -1)"
+    )
+    stream: bool = False
+    store: bool | None = Field(None, description="Accepted; nothing is stored (the answer says store: false)")
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    user: str | None = Field(None, max_length=256)
+    # vLLM's extensions, as on the chat route
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    seed: Seed | None = None
+    priority: Priority = 0
+    ignore_eos: bool = False
+    previous_response_id: str | None = _refused("nothing is stored", "send the whole conversation in input")
+    conversation: Any = _refused("nothing is stored", "send the whole conversation in input")
+    background: bool | None = Field(None, description="Not supported: only false")
+    reasoning: Any = _refused("not a reasoning model", "leave it out")
+    prompt: Any = _refused("no stored prompt templates", "send the text in input")
+
+
+# chat's field names in errors, as the Responses request names them
+_PARAMS = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+    "truncate_prompt_tokens": "truncation",
+}
+
+
+def _param(param: str | None) -> str | None:
+    if param is None:
+        return None
+    head, dot, rest = param.partition(".")
+    head, bracket, index = head.partition("[")
+    return _PARAMS.get(head, head) + bracket + index + dot + rest
+
+
+def _unsupported(message: str, param: str) -> APIError:
+    return APIError(400, message, code="unsupported_parameter", param=param)
+
+
+def _text_of(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of text parts (input_text / output_text / text)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(422, "content must be a string or a list of parts", code="invalid_value", param=where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("input_image", "input_file", "input_audio"):
+            raise _unsupported(f"{kind} parts are not supported: this model reads text", f"{where}[{j}]")
+        else:
+            raise APIError(
+                422,
+                "a content part is {type: 'input_text', text}",
+                code="invalid_value",
+                param=f"{where}[{j}]",
+            )
+    return "".join(texts)
+
+
+def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The chat messages of `instructions` and `input`: consecutive function_call items become one assistant turn
+    with their tool_calls, a function_call_output a tool turn."""
+    out: list[dict[str, Any]] = []
+    if body.instructions is not None:
+        out.append({"role": "system", "content": body.instructions})
+    if isinstance(body.input, str):
+        return [*out, {"role": "user", "content": body.input}]
+    if not body.input:
+        raise APIError(422, "input must hold at least one item", code="invalid_value", param="input")
+    for i, item in enumerate(body.input):
+        where = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise APIError(
+                    422,
+                    "a message's role is user, system, developer or assistant",
+                    code="invalid_value",
+                    param=f"{where}.role",
+                )
+            out.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+            }
+            last = out[-1] if out else None
+            if (
+                last is not None
+                and last["role"] == "assistant"
+                and last.get("tool_calls")
+                and not last["content"]
+            ):
+                last["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text = output if isinstance(output, str) else _text_of(output, f"{where}.output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+        elif kind == "reasoning":
+            raise _unsupported("reasoning items are not supported: this is not a reasoning model", where)
+        else:
+            raise _unsupported(f"input items of type {kind!r} are not supported", f"{where}.type")
+    return out
+
+
+def _chat_tools(body: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    tools = None
+    if body.tools is not None:
+        tools = []
+        for i, t in enumerate(body.tools):
+            if t.get("type") != "function":
+                raise _unsupported(
+                    f"tool type {t.get('type')!r} is not available here: only function tools",
+                    f"tools[{i}].type",
+                )
+            fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
+            tools.append({"type": "function", "function": fn})
+    choice: Any = body.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise _unsupported(
+                "tool_choice is 'none', 'auto', 'required' or {type: 'function', name}", "tool_choice"
+            )
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return tools, choice
+
+
+def _response_format(body: ResponsesRequest) -> dict[str, Any] | None:
+    fmt = (body.text or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise APIError(
+            422,
+            "text.format.type is 'text', 'json_object' or 'json_schema'",
+            code="invalid_value",
+            param="text.format",
+        )
+    if fmt["type"] != "json_schema":
+        return {"type": fmt["type"]}
+    spec = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat completion a Responses request asks for."""
+    if body.background:
+        raise _unsupported("background responses are not supported (nothing is stored)", "background")
+    for name in ("previous_response_id", "conversation", "reasoning", "prompt"):
+        if getattr(body, name) is not None:
+            field = ResponsesRequest.model_fields[name]
+            raise _unsupported(f"{name}: {field.description}", name)
+    logprobs = LOGPROBS_INCLUDE in (body.include or [])
+    for i, what in enumerate(body.include or []):
+        if what != LOGPROBS_INCLUDE:
+            raise _unsupported(
+                f"include {what!r} is not available: only {LOGPROBS_INCLUDE!r}", f"include[{i}]"
+            )
+    tools, choice = _chat_tools(body)
+    fields: dict[str, Any] = {
+        "model": body.model,
+        "messages": _messages(body),
+        "max_tokens": body.max_output_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "seed": body.seed,
+        "priority": body.priority,
+        "ignore_eos": body.ignore_eos,
+        "stream": body.stream,
+        "tools": tools,
+        "tool_choice": choice,
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "response_format": _response_format(body),
+        "user": body.user,
+        "truncate_prompt_tokens": -1 if body.truncation == "auto" else None,
+    }
+    if logprobs or body.top_logprobs is not None:
+        fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = first.get("loc", ())
+        param = (
+            str(loc[0]) + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc[1:])
+            if loc
+            else None
+        )
+        raise APIError(
+            422, first.get("msg", "invalid value"), code="invalid_value", param=_param(param)
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------- answers
+def _usage(ch: _Choices) -> dict[str, Any]:
+    u = ch.usage()
+    return {
+        "input_tokens": u["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+        "output_tokens": u["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u["total_tokens"],
+    }
+
+
+def _item_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex[:24]}"
+
+
+def _message_item(item_id: str, text: str, logprobs: list[Any] | None, status: str) -> dict[str, Any]:
+    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [part]}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+class _Answer:
+    """The response object of one request, as it grows (streamed) or at once."""
+
+    def __init__(self, body: ResponsesRequest, rid: str, created: int) -> None:
+        self.body = body
+        self.rid = rid
+        self.created = created
+        self.output: list[dict[str, Any]] = []
+
+    def response(
+        self, status: str, usage: dict[str, Any] | None = None, reason: str | None = None
+    ) -> dict[str, Any]:
+        b = self.body
+        incomplete = status == "incomplete"
+        return {
+            "id": self.rid,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": b.instructions,
+            "max_output_tokens": b.max_output_tokens,
+            "model": b.model,
+            "output": self.output,
+            "parallel_tool_calls": b.parallel_tool_calls is not False,
+            "previous_response_id": None,
+            "reasoning": None,
+            "store": False,
+            "temperature": 1.0 if b.temperature is None else b.temperature,
+            "text": b.text or {"format": {"type": "text"}},
+            "tool_choice": b.tool_choice or ("auto" if b.tools else "none"),
+            "tools": b.tools or [],
+            "top_logprobs": b.top_logprobs,
+            "top_p": 1.0 if b.top_p is None else b.top_p,
+            "truncation": b.truncation or "disabled",
+            "usage": usage,
+            "user": b.user,
+            "metadata": b.metadata or {},
+        }
+
+
+def _status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+class ResponseObject(BaseModel):
+    """The Responses API's `response` object."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+
+
+@router.post(
+    "/responses",
+    response_model=ResponseObject,
+    responses={**SSE_DOC, **COMMON_ERRORS},
+    summary="OpenAI-compatible Responses API (stateless: send the whole conversation in input)",
+)
+async def responses(
+    body: ResponsesRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> Any:
+    chat = chat_request(body)
+    try:
+        ch = await _start(request, principal, chat, chat=True)
+    except APIError as e:
+        e.param = _param(e.param)
+        raise
+    answer = _Answer(body, "resp_" + ch.runs[0].req.request_id, ch.created)
+    if body.stream:
+        return EngineEventStream(ch.runs, lambda: _events(ch, answer), end=None, error_frame=_error_event)
+    results = await ch.collect(request)
+    if isinstance(results, Response):
+        return results
+    res = results[0]
+    content, calls = ch.plan.tools.parse(res.text)
+    if content is not None or not calls:
+        lps = None if res.logprobs is None else chat_logprobs(res.logprobs, ch.text)["content"]
+        answer.output.append(_message_item(_item_id("msg"), content or "", lps, "completed"))
+    for c in calls or []:
+        fn = c["function"]
+        answer.output.append(_call_item(_item_id("fc"), c["id"], fn["name"], fn["arguments"], "completed"))
+    return await json_off_loop(
+        ResponseObject, lambda: answer.response(_status(res.finish_reason), _usage(ch))
+    )
+
+
+def _error_event(e: APIError) -> bytes:
+    return _frame(
+        {"type": "error", "code": e.code, "message": e.message, "param": e.param, "sequence_number": 0}
+    )
+
+
+def _frame(event: dict[str, Any]) -> bytes:
+    data = json.dumps(event, ensure_ascii=True, separators=(",", ":"))
+    return f"event: {event['type']}\ndata: {data}\n\n".encode("ascii")
+
+
+async def _events(ch: _Choices, answer: _Answer) -> AsyncIterator[bytes]:
+    """The Responses API's stream of one choice: created, in_progress, each output item (added, its deltas, done)
+    as the chat deltas come, then completed (or incomplete, cut short by max_output_tokens)."""
+    seq = 0
+
+    def frame(kind: str, **fields: Any) -> bytes:
+        nonlocal seq
+        seq += 1
+        return _frame({"type": kind, "sequence_number": seq - 1, **fields})
+
+    yield frame("response.created", response=answer.response("in_progress"))
+    yield frame("response.in_progress", response=answer.response("in_progress"))
+    run = ch.runs[0]
+    want_lps = run.req.sampling.logprobs is not None
+    open_item: dict[str, Any] | None = None  # the item deltas go to
+    text: list[str] = []
+    lps: list[Any] = []
+    calls: dict[int, dict[str, Any]] = {}  # chat's tool call index -> its item
+
+    def close() -> list[bytes]:
+        nonlocal open_item
+        item, open_item = open_item, None
+        if item is None:
+            return []
+        index = answer.output.index(item)
+        if item["type"] == "message":
+            done = _message_item(item["id"], "".join(text), lps if want_lps else None, "completed")
+            part = done["content"][0]
+            item.update(done)
+            return [
+                frame("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                      text=part["text"], logprobs=lps if want_lps else []),
+                frame("response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part),
+                frame("response.output_item.done", output_index=index, item=item),
+            ]  # fmt: skip
+        item["status"] = "completed"
+        return [
+            frame("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                  arguments=item["arguments"]),
+            frame("response.output_item.done", output_index=index, item=item),
+        ]  # fmt: skip
+
+    def open_(item: dict[str, Any]) -> list[bytes]:
+        nonlocal open_item
+        out = close()
+        answer.output.append(item)
+        open_item = item
+        out.append(frame("response.output_item.added", output_index=len(answer.output) - 1, item=dict(item)))
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": "", "annotations": []}
+            out.append(frame("response.content_part.added", item_id=item["id"], output_index=len(answer.output) - 1,
+                             content_index=0, part=part))  # fmt: skip
+        return out
+
+    def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> tuple[Any, ...]:
+        return delta, finish, logprobs
+
+    finish: str | None = None
+    async for delta, reason, logprobs in chat_stream(run, chunk, ch.text, ch.plan.tools):
+        new_lps = (logprobs or {}).get("content") or []
+        piece = delta.get("content")
+        if piece:
+            if open_item is None or open_item["type"] != "message":
+                for f in open_(_message_item(_item_id("msg"), "", None, "in_progress")):
+                    yield f
+                text.clear()
+                lps.clear()
+            text.append(piece)
+            lps.extend(new_lps)
+            index = len(answer.output) - 1
+            yield frame("response.output_text.delta", item_id=open_item["id"], output_index=index,
+                        content_index=0, delta=piece, logprobs=new_lps)  # fmt: skip
+        for c in delta.get("tool_calls") or []:
+            fn = c.get("function") or {}
+            item = calls.get(c["index"])
+            if item is None:
+                item = _call_item(_item_id("fc"), c.get("id") or "", fn.get("name") or "", "", "in_progress")
+                calls[c["index"]] = item
+                for f in open_(item):
+                    yield f
+            args = fn.get("arguments") or ""
+            if args:
+                item["arguments"] += args
+                yield frame("response.function_call_arguments.delta", item_id=item["id"],
+                            output_index=answer.output.index(item), delta=args)  # fmt: skip
+        if reason is not None:
+            finish = reason
+    for f in close():
+        yield f
+    if (
+        not answer.output
+    ):  # nothing was written (an empty answer): still one message, as the unstreamed answer has
+        for f in open_(_message_item(_item_id("msg"), "", None, "in_progress")):
+            yield f
+        text.clear()
+        for f in close():
+            yield f
+    ch.finish_stream()
+    status = _status(run.final.finish_reason if run.final is not None else finish)
+    kind = "response.completed" if status == "completed" else "response.incomplete"
+    yield frame(kind, response=answer.response(status, _usage(ch)))
