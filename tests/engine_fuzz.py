@@ -255,6 +255,7 @@ def random_sampling(rng: random.Random, wl: Workload, vocab: int) -> tuple[Sampl
                     {"presence_penalty": 0.5, "frequency_penalty": 0.3},
                     {"logit_bias": ((5, 5.0),)},
                     {"allowed_token_ids": tuple(range(40, 80))},
+                    {"bad_words_token_ids": (*((t,) for t in range(40, 200)), (20, 21), (21, 20))},
                     {"min_tokens": min(max_tokens, 3), "ignore_eos": False},
                 ]
             )

@@ -753,7 +753,6 @@ def test_echo_of_a_prompt_ending_inside_a_character_the_output_completes(srv):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("bad_words", ["x"]),
         ("use_beam_search", True),
         ("length_penalty", 0.5),
         ("logits_processors", ["m.Proc"]),
@@ -825,3 +824,48 @@ def test_allowed_token_ids_constrain_every_route(srv, api_bundle):
         assert r.status_code == 422 and r.json()["error"]["param"].startswith("allowed_token_ids"), r.text
         r = c.post("/v1/completions", json={**comp, "allowed_token_ids": bad})
         assert r.status_code == 400 and r.json()["error"]["param"].startswith("allowed_token_ids"), r.text
+
+
+def test_bad_words_keep_words_out_of_every_route(srv, api_bundle):
+    """vLLM's bad_words (it was refused): a one-letter word never comes out, a two-letter word's second letter never
+    follows its first; the output up to where a word would have come is unchanged (the tiny tokenizer spells
+    text letter by letter)."""
+    c = srv.client(KEY)
+    letters = api_bundle.tokenizer.convert_tokens_to_ids(list("abcdef"))
+    gen = {
+        "tenant_id": "acme",
+        "prompt": "x",
+        "max_tokens": 12,
+        "ignore_eos": True,
+        "allowed_token_ids": letters,
+    }
+
+    def text(**kw) -> str:
+        r = c.post("/generate", json={**gen, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()["text"]
+
+    plain = text()
+    assert len(plain) == 12 and set(plain) <= set("abcdef")
+    k = next(i for i in range(2, 12) if plain[i] not in plain[:i])  # a letter's first time
+    out = text(bad_words=[plain[k]])
+    assert out[:k] == plain[:k] and plain[k] not in out
+    j = next(i for i in range(1, 11) if plain[i : i + 2] not in plain[:i] + plain[i])  # a pair's first time
+    pair = plain[j : j + 2]
+    out = text(bad_words=[pair])
+    assert out[: j + 1] == plain[: j + 1] and out[j + 1] != plain[j + 1] and pair not in out
+    comp = {"model": "acme/default", "prompt": "x", "max_tokens": 12, "ignore_eos": True, "temperature": 0,
+            "allowed_token_ids": letters, "bad_words": [plain[k]]}  # fmt: skip
+    assert c.post("/v1/completions", json=comp).json()["choices"][0]["text"] == text(bad_words=[plain[k]])
+    chat = {"model": "acme/default", "messages": [{"role": "user", "content": "x"}], **comp}
+    del chat["prompt"]
+    answer = c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    assert len(answer) == 12 and plain[k] not in answer
+    limit = srv.svc.settings.max_stop_strings
+    for bad, param in (
+        ([" "], "bad_words[0]"),
+        (["a"] * (limit + 1), "bad_words"),
+        (["a", "b" * 300], "bad_words[1]"),
+    ):
+        r = c.post("/generate", json={**gen, "bad_words": bad})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, (bad, r.text)

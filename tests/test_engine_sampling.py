@@ -1065,3 +1065,85 @@ def test_top_p_keeps_the_smallest_set_reaching_it_as_transformers(probs, top_p):
     want = torch.isfinite(TopPLogitsWarper(top_p)(None, x[None].clone())[0]).sum().item()
     assert torch.isfinite(filter_logits(x, p)).sum().item() == want
     assert torch.isfinite(filter_batch(x[None], [p])[0]).sum().item() == want
+
+
+def test_bad_words_match_transformers_no_bad_words(setup):
+    """vLLM's bad_words as token sequences: a one-token word never comes out; a longer word's last token is banned
+    only where the output ends with the rest of it. Greedy equals transformers' NoBadWordsLogitsProcessor (its
+    prefix match looks at the prompt too: the words are chosen so the prompt never ends with one's first token),
+    in a mixed batch with an untouched plain row; a row left with no token fails alone."""
+    from transformers import NoBadWordsLogitsProcessor
+
+    b, keys = setup
+    k0, k1 = list(keys)
+    new = 10
+    prompt = random_prompt(b.spec.vocab_size, 6, 4)
+    eng = make_engine(b, keys)
+    plain = eng.generate([Request("p", prompt, SamplingParams(max_tokens=new, ignore_eos=True), k0)])[
+        0
+    ].token_ids
+    one, two = (plain[2],), (plain[4], plain[5])
+    assert prompt[-1] != plain[4] and plain[5] not in plain[:5]
+
+    def params(*words, **kw):
+        return SamplingParams(max_tokens=new, ignore_eos=True, bad_words_token_ids=words, **kw)
+
+    end = min(eng.eos_ids)
+    every = tuple((t,) for t in range(b.spec.vocab_size) if t != end)
+    reqs = [
+        Request("one", prompt, params(one), k0),
+        Request("two", prompt, params(two), k0),
+        Request("plain", prompt, SamplingParams(max_tokens=new, ignore_eos=True), k0),
+        Request("sampled", prompt, params(one, temperature=1.5, seed=2), k1),
+        Request("none", prompt, params(*every, min_tokens=2), k0),
+    ]
+    outs = {o.request_id: o for o in eng.generate(reqs)}
+    for name, words in (("one", [list(one)]), ("two", [list(two)])):
+        ref = hf_greedy(b.hf_model, keys[k0], prompt, new, processor=NoBadWordsLogitsProcessor(words, end))
+        assert outs[name].token_ids == ref, name
+    got_one, got_two = outs["one"].token_ids, outs["two"].token_ids
+    assert got_one[:2] == plain[:2] and one[0] not in got_one
+    assert got_two[:5] == plain[:5] and got_two[5] != plain[5]
+    assert all(got_two[i : i + 2] != list(two) for i in range(new - 1))
+    assert outs["plain"].token_ids == plain
+    assert one[0] not in outs["sampled"].token_ids
+    assert outs["none"].finish_reason == "error" and "bad_words" in outs["none"].error
+
+
+def test_bad_word_tokens_follow_the_output():
+    from server.engine.sampler import bad_word_tokens
+
+    words = [(5,), (1, 2), (1, 2, 3), (7, 9), (200,)]
+    assert bad_word_tokens(words, [], 100) == [
+        5
+    ]  # longer words need their other tokens first; 200 is past vocab
+    assert bad_word_tokens(words, [4, 1], 100) == [2, 5]
+    assert bad_word_tokens(words, [1, 2], 100) == [3, 5]
+    assert bad_word_tokens(words, [2, 1, 7], 100) == [5, 9]
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(max_tokens=1, bad_words_token_ids=((),))
+
+
+def test_bad_words_on_the_embedded_model(smollm2_bundle):
+    """vLLM's tokenization of bad_words (the word, and its form after a space when that is other tokens of the same
+    count), and its effect: SmolLM2 completes "The capital of France is" with " Paris" unless Paris is a bad word."""
+    from server.api.service import bad_word_ids
+
+    tok = smollm2_bundle.tokenizer
+    ids = bad_word_ids(tok, ["Paris", "  antidisestablishment"])
+    enc = [
+        tuple(tok.encode(w, add_special_tokens=False)) for w in ("Paris", " Paris", "antidisestablishment")
+    ]
+    assert ids[:3] == tuple(enc) and len(ids) == 4 and len(ids[3]) == len(enc[2]) > 1
+    assert ids[3][1:] == enc[2][1:] and ids[3][0] != enc[2][0]
+    prompt = tok.encode("The capital of France is", add_special_tokens=False)
+    eng = make_engine(smollm2_bundle, {})
+    outs = [
+        tok.decode(
+            eng.generate([Request("r", prompt, SamplingParams(max_tokens=4, bad_words_token_ids=bad))])[
+                0
+            ].token_ids
+        )
+        for bad in ((), bad_word_ids(tok, ["Paris"]))
+    ]
+    assert outs[0].startswith(" Paris") and "Paris" not in outs[1], outs

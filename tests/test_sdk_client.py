@@ -234,13 +234,21 @@ def test_generate_request_and_typed_response(srv: Any, client: Any) -> None:
 def test_generate_sends_vllms_token_controls(srv: Any, client: Any) -> None:
     srv.on("POST", "/generate", Resp(200, GEN))
     client.generate(
-        "acme", "Hi", allowed_token_ids=(3, 1), logit_bias={5: 1}, min_tokens=1, stop_token_ids=[2]
+        "acme",
+        "Hi",
+        allowed_token_ids=(3, 1),
+        logit_bias={5: 1},
+        min_tokens=1,
+        stop_token_ids=[2],
+        bad_words=("darn", "heck"),
     )
     (seen,) = srv.calls("POST", "/generate")
     assert seen.body["allowed_token_ids"] == [3, 1] and seen.body["logit_bias"] == {"5": 1.0}
     assert (seen.body["min_tokens"], seen.body["stop_token_ids"]) == (1, [2])
+    assert seen.body["bad_words"] == ["darn", "heck"]
     client.generate("acme", "Hi")
-    assert "allowed_token_ids" not in srv.calls("POST", "/generate")[1].body  # only when set
+    sent = srv.calls("POST", "/generate")[1].body
+    assert "allowed_token_ids" not in sent and "bad_words" not in sent  # only when set
 
 
 def test_generate_structured_outputs_body(srv: Any, client: Any) -> None:

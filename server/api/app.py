@@ -639,7 +639,7 @@ def _customize_openapi(app: FastAPI, settings: Settings, *, open_mode: bool) -> 
                 for b in _branches(props.get(fld, {})):
                     if b.get("type") == "integer":
                         b["maximum"] = limit
-            for b in _branches(props.get("stop", {})):
+            for b in (*_branches(props.get("stop", {})), *_branches(props.get("bad_words", {}))):
                 if b.get("type") == "array":
                     b["maxItems"] = settings.max_stop_strings
                     b.setdefault("items", {})["maxLength"] = settings.max_stop_chars

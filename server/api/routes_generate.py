@@ -112,6 +112,7 @@ async def generate(
         min_tokens=body.min_tokens,
         stop_token_ids=body.stop_token_ids,
         structured=await svc.structured(body.structured_outputs),
+        bad_words_token_ids=await svc.bad_words(body.bad_words),
     )
     fmt = prompt_format(body.prompt_format, prefix, svc.bundle.tokenizer)
     svc.check_prompt_chars(len(body.prompt), truncating=body.truncate_prompt_tokens is not None)

@@ -318,6 +318,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         min_tokens=body.min_tokens or 0,
         stop_token_ids=body.stop_token_ids,
         structured=structured,
+        bad_words_token_ids=await svc.bad_words(body.bad_words),
     )
     n = body.n or 1
     # more than the tenant may run, or than the engine takes (a full batch and queue), can never be accepted: not

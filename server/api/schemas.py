@@ -73,6 +73,10 @@ TokenIdList = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(m
 AllowedTokenIds = Annotated[
     list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=1 << 18)
 ]
+BAD_WORDS_DOC = (
+    "vLLM: words the output must not contain: each word (and its form after a space) as tokens; its last token is "
+    "banned wherever the output ends with the rest (as many and as long as stop strings may be)"
+)
 ALLOWED_TOKEN_IDS_DOC = (
     "vLLM: only these token ids may be sampled (the model's log-probabilities are still reported)"
 )
@@ -232,6 +236,7 @@ class GenerateRequest(BaseModel):
     min_tokens: int = Field(0, ge=0, description=MIN_TOKENS_DOC)
     stop_token_ids: TokenIdList | None = Field(None, description=STOP_TOKEN_IDS_DOC)
     allowed_token_ids: AllowedTokenIds | None = Field(None, description=ALLOWED_TOKEN_IDS_DOC)
+    bad_words: list[StopText] | None = Field(None, description=BAD_WORDS_DOC)
     logprobs: TopLogprobs | None = Field(
         None,
         description="Return each generated token's log-probability under the model and the N most likely tokens "
@@ -394,7 +399,7 @@ class _OpenAIBase(BaseModel):
     allowed_token_ids: AllowedTokenIds | None = Field(
         None, description="Extension (" + ALLOWED_TOKEN_IDS_DOC + ")"
     )
-    bad_words: Unsupported = Field(None, description=UNSUPPORTED_DOC)
+    bad_words: list[StopText] | None = Field(None, description="Extension (" + BAD_WORDS_DOC + ")")
     logits_processors: Unsupported = Field(None, description=UNSUPPORTED_DOC)
     return_tokens_as_token_ids: Unsupported = Field(None, description=UNSUPPORTED_DOC)
     prompt_embeds: Unsupported = Field(None, description=UNSUPPORTED_DOC)

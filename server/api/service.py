@@ -96,6 +96,19 @@ def default_prompt_format(bundle: ModelBundle) -> str:
     return fmt if fmt in ("chat", "raw") else "raw"
 
 
+def bad_word_ids(tokenizer: Any, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's tokenization of bad_words: each word as written (leading whitespace dropped) and, when that is other
+    tokens of the same count, after a space (the word in the middle of a text)."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        out.append(bare)
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            out.append(spaced)
+    return tuple(out)
+
+
 def truncate_prompt(ids: list[int], keep: int | None, fit: int = 1) -> list[int]:
     """vLLM's truncate_prompt_tokens: the last `keep` tokens (all when None); -1: the last `fit` (as many as fit,
     see `Service.prompt_fit`)."""
@@ -1019,6 +1032,23 @@ class Service:
                 422, f"cannot render the prompt: {e}", code="invalid_prompt", param="prompt"
             ) from None
 
+    async def bad_words(self, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
+        """vLLM's bad_words as the token sequences the sampler bans (`bad_word_ids`), tokenized on the tokenizer's
+        thread; as many and as long as stop strings may be (422 naming `bad_words` otherwise)."""
+        if not words:
+            return ()
+        s = self.settings
+        if len(words) > s.max_stop_strings:
+            raise APIError(422, f"at most {s.max_stop_strings} bad words are allowed", param="bad_words")
+        for j, w in enumerate(words):
+            if len(w) > s.max_stop_chars or not w.strip():
+                raise APIError(
+                    422,
+                    f"a bad word is 1 to {s.max_stop_chars} characters, not only whitespace",
+                    param=f"bad_words[{j}]",
+                )
+        return await self.tokenize(bad_word_ids, self.bundle.tokenizer, words)
+
     def sampling(
         self,
         *,
@@ -1045,6 +1075,7 @@ class Service:
         min_tokens: int = 0,
         stop_token_ids: list[int] | None = None,
         structured: StructuredOutputs | None = None,
+        bad_words_token_ids: tuple[tuple[int, ...], ...] = (),
     ) -> SamplingParams:
         s = self.settings
         if max_tokens > s.max_new_tokens:
@@ -1108,6 +1139,7 @@ class Service:
                 min_tokens=min_tokens,
                 stop_token_ids=tuple(stop_token_ids or ()),
                 structured=structured,
+                bad_words_token_ids=bad_words_token_ids,
             )
         except ValueError as e:
             raise APIError(422, str(e), code="invalid_value") from None

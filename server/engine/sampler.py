@@ -210,7 +210,8 @@ def process_scores(
     eos_ids: Collection[int] = (),
 ) -> torch.Tensor:
     """One row of float32 logits -> the scores it samples from, in vLLM's order: allowed_token_ids (every other
-    token at -inf), min_tokens (end-of-sequence and
+    token at -inf), bad words (the last token of a bad word whose other tokens end the output at -inf), min_tokens
+    (end-of-sequence and
     stop_token_ids at -inf until `min_tokens` are generated), logit_bias, repetition penalty over prompt + output
     (transformers' RepetitionPenaltyLogitsProcessor), then OpenAI's frequency and presence penalties over the
     generated tokens. Token ids past the vocabulary are ignored."""
@@ -220,6 +221,10 @@ def process_scores(
         ids = torch.tensor([t for t in p.allowed_token_ids if t < vocab], dtype=torch.long, device=row.device)
         keep = row.index_select(0, ids)
         row.fill_(float("-inf")).index_copy_(0, ids, keep)
+    if p.bad_words_token_ids:
+        banned = bad_word_tokens(p.bad_words_token_ids, output, vocab)
+        if banned:
+            row[torch.tensor(banned, device=row.device)] = float("-inf")
     if len(output) < p.min_tokens:
         banned = [t for t in {*eos_ids, *p.stop_token_ids} if 0 <= t < vocab]
         if banned:
@@ -238,6 +243,17 @@ def process_scores(
         )
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     return row
+
+
+def bad_word_tokens(bad_words: Collection[tuple[int, ...]], output: list[int], vocab: int) -> list[int]:
+    """The tokens vLLM's bad_words ban next: each bad word's last token where the output ends with its other
+    tokens (a one-token word: always)."""
+    banned = set()
+    for seq in bad_words:
+        n = len(seq) - 1
+        if seq[-1] < vocab and (n == 0 or (len(output) >= n and tuple(output[-n:]) == seq[:-1])):
+            banned.add(seq[-1])
+    return sorted(banned)
 
 
 @dataclass
@@ -282,7 +298,9 @@ def sample(
     if rows:  # sampled rows: their token, or -1 where the distribution is not valid
         index, drawn, ok = sample_rows(scores, rows, params, generators)
         checks.append(checks[0].clone().index_copy_(0, index, torch.where(ok, drawn, -1)))
-    restricted = masks is not None or any(params[i].allowed_token_ids for i in processed)
+    restricted = masks is not None or any(
+        params[i].allowed_token_ids or params[i].bad_words_token_ids for i in processed
+    )
     if restricted:  # a row whose every token is excluded has nothing to sample (argmax would say token 0)
         checks.append(torch.isfinite(scores).any(-1).long())
     host = torch.stack(checks).tolist()  # one device sync
@@ -294,7 +312,7 @@ def sample(
                 failed[i] = (
                     "no token can continue the output within its structured-output constraint"
                     if params[i].structured is not None
-                    else "no token can be sampled: allowed_token_ids (with min_tokens) excludes every token"
+                    else "no token can be sampled: allowed_token_ids, bad_words and min_tokens exclude every token"
                 )
     for i in rows:
         if i in failed:

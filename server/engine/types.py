@@ -74,6 +74,9 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] = ()
     # vLLM: end-of-sequence and stop_token_ids are banned until this many tokens are generated.
     min_tokens: int = 0
+    # vLLM's bad_words, as token id sequences: a sequence's last token is banned where the output ends with the rest
+    # of it (a one-token sequence: always).
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     # The output is constrained to this JSON schema / regex / choice / grammar (server.engine.structured).
     structured: StructuredOutputs | None = None
     # vLLM: the text leaves out special tokens (default), and puts spaces between them (slow tokenizers only).
@@ -119,6 +122,10 @@ class SamplingParams:
         if any(t < 0 for t in allowed):
             raise ValueError("allowed_token_ids must be >= 0")
         object.__setattr__(self, "allowed_token_ids", allowed)
+        bad = tuple(tuple(int(t) for t in seq) for seq in self.bad_words_token_ids)
+        if any(not seq or min(seq) < 0 for seq in bad):
+            raise ValueError("bad_words_token_ids must be non-empty sequences of token ids >= 0")
+        object.__setattr__(self, "bad_words_token_ids", bad)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -134,10 +141,12 @@ class SamplingParams:
 
     @property
     def processed(self) -> bool:
-        """Whether the row's scores differ from the logits (bias, allowed tokens, min_tokens or penalties)."""
+        """Whether the row's scores differ from the logits (bias, allowed tokens, bad words, min_tokens or
+        penalties)."""
         return bool(
             self.logit_bias
             or self.allowed_token_ids
+            or self.bad_words_token_ids
             or self.min_tokens
             or self.presence_penalty
             or self.frequency_penalty

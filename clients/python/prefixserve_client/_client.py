@@ -405,6 +405,7 @@ class Client(_base.WithOptions):
         prompt_logprobs: Optional[int] = None,
         logit_bias: Optional[dict[int, float]] = None,
         allowed_token_ids: Optional[Sequence[int]] = None,
+        bad_words: Optional[Sequence[str]] = None,
         min_tokens: int = 0,
         stop_token_ids: Optional[Sequence[int]] = None,
         structured_outputs: Optional[StructuredOutputsArg] = None,
@@ -422,7 +423,7 @@ class Client(_base.WithOptions):
         ``additionalProperties: false`` on every object that does not allow extras; then
         ``Model.model_validate_json(gen.text)``), ``{"regex": ...}``, ``{"choice": [...]}``,
         ``{"grammar": ...}`` or ``{"json_object": True}``. vLLM's ``min_p``, ``include_stop_str_in_output``,
-        ``truncate_prompt_tokens`` (keep the prompt's last N tokens; -1: as many as fit) and ``priority`` (lower starts first; a tenant
+        ``truncate_prompt_tokens`` (keep the prompt's last N tokens; -1: as many as fit), ``bad_words`` (words the text must not contain) and ``priority`` (lower starts first; a tenant
         key may only lower its own: > 0) mean what they mean there. ``prompt_format``: ``"raw"`` sends the prompt
         as it is, ``"chat"`` as one user message through the model's chat template (default: the prefix's own
         format; the base model's is the model's default)."""
@@ -445,6 +446,7 @@ class Client(_base.WithOptions):
             prompt_logprobs=prompt_logprobs,
             logit_bias=logit_bias,
             allowed_token_ids=allowed_token_ids,
+            bad_words=bad_words,
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
             structured_outputs=structured_outputs,
@@ -480,6 +482,7 @@ class Client(_base.WithOptions):
         prompt_logprobs: Optional[int] = None,
         logit_bias: Optional[dict[int, float]] = None,
         allowed_token_ids: Optional[Sequence[int]] = None,
+        bad_words: Optional[Sequence[str]] = None,
         min_tokens: int = 0,
         stop_token_ids: Optional[Sequence[int]] = None,
         structured_outputs: Optional[StructuredOutputsArg] = None,
@@ -512,6 +515,7 @@ class Client(_base.WithOptions):
             prompt_logprobs=prompt_logprobs,
             logit_bias=logit_bias,
             allowed_token_ids=allowed_token_ids,
+            bad_words=bad_words,
             min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
             structured_outputs=structured_outputs,
