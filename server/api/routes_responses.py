@@ -326,9 +326,7 @@ class _Answer:
         self.created = created
         self.output: list[dict[str, Any]] = []
 
-    def response(
-        self, status: str, usage: dict[str, Any] | None = None, reason: str | None = None
-    ) -> dict[str, Any]:
+    def response(self, status: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         b = self.body
         incomplete = status == "incomplete"
         return {
