@@ -431,6 +431,9 @@ class DiskStore(PrefixStore):
                     continue
                 for line in lines:
                     self._notify_foreign(line)
+                if follower.lost:  # changes were missed: subscribers drop what they cached
+                    follower.lost = False
+                    self._notify_resync()
         finally:
             follower.close()
 

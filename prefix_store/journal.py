@@ -9,7 +9,10 @@ Writers append to the highest segment. Past ``max_bytes`` a writer starts segmen
 the segments below N. Because appends hold the lock shared, once segment N+1 exists segment N is final: a follower
 that sees N+1 reads N to its end and then follows N+1 from its start, so it misses no line across rotations. A
 follower more than one whole segment behind (megabytes of changes between two polls) has lost lines: it says so
-and goes on from the oldest segment left (the server's metadata TTL bounds what it then serves stale).
+and goes on from the oldest segment left. A journal that is replaced under a follower (a store directory restored
+from a backup or recreated: the segment it reads is gone or another file) is followed again from its end. Either way
+the follower sets `lost`, and the store tells its subscribers to drop what they cached ("resync": a restored store
+numbers versions again from its backup's, so a cached version number may now name other tensors).
 
 The journal is for live notification only: not fsynced, never replayed; a follower starts at its end.
 """
@@ -91,6 +94,7 @@ class Follower:
         self._seg = 0
         self._fd: int | None = None
         self._partial = b""
+        self.lost = False  # set when lines were missed (rotated past, or the journal was replaced); the reader clears it
         self._start()
 
     def _start(self) -> None:
@@ -114,10 +118,32 @@ class Follower:
         *lines, self._partial = b"".join(chunks).split(b"\n")
         return [ln for ln in lines if ln]
 
+    def _replaced(self) -> bool:
+        """Whether the segment being read is no longer the journal's: gone with no next segment to go on with, or
+        another file under its name."""
+        assert self._fd is not None
+        try:
+            st = os.stat(self.jdir / str(self._seg))
+        except FileNotFoundError:
+            # a rotation removes a segment only once two newer ones exist: the next one is there to go on with
+            return not any(s > self._seg for s in _segments(self.jdir))
+        mine = os.fstat(self._fd)
+        return (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev)
+
     def poll(self) -> list[bytes]:
         """The complete lines written since the last poll, in order. Raises OSError."""
         if self._fd is None:
             self._start()
+            return []
+        if self._replaced():
+            log.warning(
+                "prefix store: the change journal %s was replaced (a store directory restored or recreated); "
+                "following it from its end, every cached prefix dropped",
+                self.jdir,
+            )
+            self.close()
+            self._start()
+            self.lost = True
             return []
         lines = self._drain()
         while True:
@@ -129,11 +155,12 @@ class Follower:
                     return lines
                 log.warning(
                     "prefix store: the change journal %s rotated past this reader (segment %d to %d); changes "
-                    "in between were missed (cached metadata expires after its TTL)",
+                    "in between were missed: every cached prefix dropped",
                     self.jdir,
                     self._seg,
                     later[0],
                 )
+                self.lost = True
                 fd, nxt = os.open(self.jdir / str(later[0]), os.O_RDONLY), later[0]
             else:
                 nxt = self._seg + 1

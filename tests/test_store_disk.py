@@ -343,3 +343,47 @@ def test_close_stops_the_journal_follower(tmp_path):
     assert not thread.is_alive()
     with pytest.raises(errors.StoreError):
         store.subscribe(lambda ev: None)
+
+
+def test_a_store_restored_under_a_follower_resyncs_it(tmp_path, caplog):
+    """A store directory restored from a backup (or recreated) while a server follows its journal: the follower
+    notices that the journal it read is gone, says so, and its subscribers get a "resync" (a restored store numbers
+    versions again from its backup's: a cached version may now name other tensors); then it follows the new
+    journal."""
+    import queue
+    import shutil
+
+    root, backup = tmp_path / "root", tmp_path / "backup"
+    writer = DiskStore(root)
+    put(writer, n="a")
+    writer.close()
+    shutil.copytree(root, backup)
+    follower = DiskStore(root, poll_s=0.05)
+    got: queue.Queue = queue.Queue()
+    follower.subscribe(got.put)
+    writer = DiskStore(root)
+    put(writer, n="b")
+    assert [e.name for e in _drain(got, 1)] == ["b"]
+    writer.close()
+    shutil.rmtree(root)
+    shutil.copytree(backup, root)  # the restore: the journal's segment is another file now
+    (ev,) = _drain(got, 1)
+    assert ev.op == "resync" and "was replaced" in caplog.text
+    writer = DiskStore(root)
+    put(writer, n="c")  # changes after the restore are followed again
+    assert [(e.op, e.name) for e in _drain(got, 1)] == [("put", "c")]
+    writer.close()
+    follower.close()
+
+
+def test_a_follower_that_missed_segments_resyncs(tmp_path):
+    from prefix_store import journal
+
+    jdir = tmp_path / "j"
+    follower = journal.Follower(jdir)
+    journal.append(jdir, b"0\n", max_bytes=8)
+    assert follower.poll() == [b"0"] and not follower.lost
+    for i in range(30):
+        journal.append(jdir, b"%d\n" % i, max_bytes=8)
+    follower.poll()
+    assert follower.lost
