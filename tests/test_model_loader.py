@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +128,13 @@ def test_fingerprint_stable_and_discriminating(tmp_path, monkeypatch):
     _save(make_tiny_llama(tok, seed=5), tok, tmp_path / "m")
     c = load_model(path, device="cpu", cache_dir=tmp_path / "c1")
     assert c.fingerprint == compute_fingerprint(make_tiny_llama(tok, seed=5), tok) != a.fingerprint
+    # ...even with the same sizes and the modification times pinned (a Nix store, a reproducible image build)
+    times = {f: (f.stat().st_atime_ns, f.stat().st_mtime_ns) for f in Path(path).iterdir()}
+    _save(make_tiny_llama(tok, seed=6), tok, tmp_path / "m")
+    for f, ns in times.items():
+        os.utime(f, ns=ns)
+    d = load_model(path, device="cpu", cache_dir=tmp_path / "c1")
+    assert d.fingerprint == compute_fingerprint(make_tiny_llama(tok, seed=6), tok) != c.fingerprint
 
 
 def test_unsupported_or_missing_models_are_refused(tmp_path):

@@ -154,12 +154,20 @@ def compute_fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
 
 
 def _folder_stamp(folder: Path) -> dict[str, list[int]]:
-    return {
-        p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+    """What says a model folder's files are unchanged: size, mtime, and the file's identity (inode) and ctime,
+    which no `touch` can set back: weights replaced in place with their modification times pinned (a Nix store, a
+    reproducible image build) must not keep the old weights' fingerprint."""
+    files = [
+        p
         for p in sorted(folder.iterdir())
         if p.suffix in (".safetensors", ".bin", ".json", ".model", ".gguf")
         and p.name != FINGERPRINT_FILE
         and p.is_file()
+    ]
+    return {
+        p.name: [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns]
+        for p in files
+        for st in [p.stat()]
     }
 
 
