@@ -71,7 +71,15 @@ def check_store_url(url: str) -> None:
             raise ValueError(
                 f"the Redis database in a store URL is a number (redis://host:port/0), got {db!r}"
             )
-    elif scheme != "unix" and not (scheme == "" and url):
+    elif scheme == "" and url:
+        if not Path(url).expanduser().is_absolute():
+            # a folder under the working directory: where a mistyped URL ("rediss//host:6379/0", "host:6379/0")
+            # would quietly become a private store of one process
+            raise ValueError(
+                f"a prefix store path must be absolute, got {url!r} (or a URL: file:///abs/path, "
+                "redis://host:port/db)"
+            )
+    elif scheme != "unix":
         raise ValueError(
             f"unsupported prefix store URL {url!r}: use file:///abs/path or redis://host:port/db"
         )

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from server import __version__
-from server.settings import LOG_LEVELS
+from server.settings import LOG_LEVELS, unknown_env
 
 log = logging.getLogger("prefixserve.cli")
 
@@ -258,6 +258,8 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
 
     setup_logging(settings.log_level, settings.log_json)
     log.info("settings: %s", json.dumps(settings.public_dict(), default=str))
+    for name, close in unknown_env(os.environ):  # as vLLM warns of an unknown VLLM_* variable
+        log.warning("%s is not a setting: ignored%s", name, f" (did you mean {close}?)" if close else "")
     # SIGHUP (a closed terminal, `systemctl reload`) killed the server at once, without a drain; from here on,
     # during the model load too, it is ignored
     signal.signal(signal.SIGHUP, _ignore_hangup)

@@ -7,6 +7,7 @@ Secrets (`api_keys`, `admin_key`) are `SecretStr`: they never show up in reprs, 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -321,7 +322,9 @@ class Settings(BaseSettings):
                 if item.strip():
                     entries.append((f"PREFIXSERVE_API_KEYS entry {i + 1}", item))
         if self.api_keys_file is not None:
-            text = Path(self.api_keys_file).expanduser().read_text(encoding="utf-8")
+            text = (
+                Path(self.api_keys_file).expanduser().read_text(encoding="utf-8-sig")
+            )  # (a BOM: Windows editors)
             for n, line in enumerate(text.splitlines(), 1):
                 line = line.strip()
                 if line and not line.startswith("#"):
@@ -387,3 +390,22 @@ def settings_from(overrides: dict[str, Any] | None = None) -> Settings:
     """Environment + `.env`-free defaults, overridden by non-None `overrides` (CLI flags)."""
     kw = {k: v for k, v in (overrides or {}).items() if v is not None and k in Settings.model_fields}
     return Settings(**kw)
+
+
+# PREFIXSERVE_* variables that are not settings: the model cache and the default store folder, and the client SDK's
+OTHER_ENV = frozenset({"CACHE", "HOME", "API_KEY", "BASE_URL"})
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The PREFIXSERVE_* variables no setting reads (a typo is ignored without a word otherwise), each with the
+    closest setting's variable, if one is close."""
+    import difflib
+
+    known = [f.upper() for f in Settings.model_fields] + sorted(OTHER_ENV)
+    out = []
+    for name in sorted(environ):
+        rest = name[len(ENV_PREFIX) :]
+        if name.startswith(ENV_PREFIX) and rest not in known and not rest.startswith("CLI_UNREAD_"):
+            close = difflib.get_close_matches(rest, known, n=1, cutoff=0.8)
+            out.append((name, ENV_PREFIX + close[0] if close else None))
+    return out

@@ -58,6 +58,21 @@ def test_keys_added_and_revoked_without_restart_and_bad_files_refused(server_fac
     eventually(lambda: s.client("k-a2").get("/v1/models").status_code == 200)
 
 
+def test_an_emptied_keys_file_does_not_lock_every_tenant_out(server_factory, tmp_path):
+    """With an admin key the server would stay closed, but an emptied file (a bad ConfigMap render) would turn every
+    tenant away: refused like a missing file, the keys kept. A byte-order mark (Windows editors) is fine."""
+    keys = tmp_path / "keys.txt"
+    keys.write_bytes("\ufeffacme:k-a\n".encode())
+    s = server_factory(api_keys_file=str(keys), admin_key="adm", config_reload_s=POLL_S)
+    acme = s.client("k-a")
+    assert acme.get("/v1/models").status_code == 200
+    replace(keys, "")
+    eventually(lambda: reloads(s, "api_keys", "error") == 1)
+    assert acme.get("/v1/models").status_code == 200
+    replace(keys, "acme:k-a\nglobex:k-g\n")
+    eventually(lambda: s.client("k-g").get("/v1/models").status_code == 200)
+
+
 def test_tenant_limits_file_reloaded(server_factory, tmp_path):
     limits = tmp_path / "limits.json"
     replace(limits, json.dumps({"acme": {"requests_per_minute": 100}}))

@@ -90,6 +90,7 @@ def test_serve_refuses_bad_settings(monkeypatch, capsys):
         (["--training-max-seconds", "inf"], "--training-max-seconds: Input should be a finite number"),
         # decided before the model loads (they were tracebacks after it, with no one-line reason)
         (["--store-url", "file://relative/path"], "file:///absolute/path"),
+        (["--store-url", "rediss//127.0.0.1:6379/0"], "a prefix store path must be absolute"),
         (["--store-url", "file:///x?keep_versions=0"], "keep_versions must be a positive integer"),
         (["--store-url", "redis://127.0.0.1:6379/abc"], "the Redis database in a store URL is a number"),
         (
@@ -603,3 +604,32 @@ def test_make_serve_takes_the_servers_own_port_variables():
         ["make", "-n", "serve", "PORT=9200"], cwd=root, env=env, capture_output=True, text=True
     )
     assert "--port 9200" in out.stdout
+
+
+def test_unknown_prefixserve_variables_are_warned_of(monkeypatch, caplog, tmp_path):
+    """A mistyped PREFIXSERVE_* variable was ignored without a word (an open server for PREFIXSERVE_APIKEYS): the
+    server logs each one it does not read, with the setting it probably meant (as vLLM warns of VLLM_* ones)."""
+    import server.api
+    import server.logging_utils
+    from server.settings import Settings, unknown_env
+
+    env = {"PREFIXSERVE_MAX_QUEUD": "5", "PREFIXSERVE_APIKEYS": "a:k", "PREFIXSERVE_COLOUR": "1",
+           "PREFIXSERVE_PORT": "1", "PREFIXSERVE_CACHE": "/c", "PREFIXSERVE_API_KEY": "sdk", "OTHER": "x"}  # fmt: skip
+    assert unknown_env(env) == [
+        ("PREFIXSERVE_APIKEYS", "PREFIXSERVE_API_KEYS"),
+        ("PREFIXSERVE_COLOUR", None),
+        ("PREFIXSERVE_MAX_QUEUD", "PREFIXSERVE_MAX_QUEUED"),
+    ]
+    monkeypatch.setattr(server.logging_utils, "setup_logging", lambda *a, **kw: None)
+    monkeypatch.setenv("PREFIXSERVE_MAX_QUEUD", "5")
+
+    def no_app(*a, **kw):
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(server.api, "create_app", no_app)
+    caplog.set_level("WARNING")
+    assert cli.run_server(Settings(port=0, store_url=str(tmp_path / "s"))) == cli.EXIT_STARTUP
+    assert (
+        "PREFIXSERVE_MAX_QUEUD is not a setting: ignored (did you mean PREFIXSERVE_MAX_QUEUED?)"
+        in caplog.text
+    )

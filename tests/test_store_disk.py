@@ -241,7 +241,8 @@ def test_store_urls(tmp_path):
     assert open_store(f"file://localhost{tmp_path}/a").root == tmp_path / "a"
     assert open_store(tmp_path / "b").root == tmp_path / "b"
     assert open_store(f"file://{tmp_path}/with%20space").root == tmp_path / "with space"
-    for bad in ("file://relative/path", "ftp://x/y", "s3://bucket/x"):
+    # a plain relative path would be a folder under the working directory, where a mistyped URL ends up too
+    for bad in ("file://relative/path", "ftp://x/y", "s3://bucket/x", "rel", "rediss//h:6379/0", "h:6379/0"):
         with pytest.raises(ValueError):
             open_store(bad)
 

@@ -80,6 +80,12 @@ class ConfigReloader:
         ring = KeyRing.from_settings(self.state.settings)
         if self.state.keyring.enabled and not ring.enabled:
             raise ValueError("it holds no key: the server would be open to everyone")
+        if self.state.keyring.tenants and not ring.tenants:
+            # an emptied file (a bad ConfigMap render, `: > keys`) is a mistake far more often than a wish to lock
+            # every tenant out: kept as the missing file is (a restart applies it on purpose)
+            raise ValueError(
+                "it holds no tenant key: every tenant would be locked out (restart to apply that)"
+            )
         self.state.keyring = ring
         return f"{len(ring.tenants)} tenants"
 
