@@ -219,6 +219,25 @@ class PrefixStore(abc.ABC):
             return out[:limit], True
         return out, False
 
+    def servable_meta(self, tenant_id: str, name: str, version: int | None, fingerprint: str) -> PrefixMeta:
+        """The metadata of ``version``, or (None) of the name's latest version made for the base model with this
+        ``fingerprint``; the latest version if there is none (its fingerprint says so). Servers of two base models
+        may share a store (a blue/green model upgrade): a version trained on one model does not hide the other's
+        versions of the name, each fleet serves its own latest."""
+        meta = self.get_meta(tenant_id, name, version)
+        if version is not None or meta.base_model_fingerprint == fingerprint:
+            return meta
+        for v in reversed(self.versions(tenant_id, name)):
+            if v >= meta.version:
+                continue
+            try:
+                older = self.get_meta(tenant_id, name, v)
+            except PrefixNotFound:  # deleted meanwhile
+                continue
+            if older.base_model_fingerprint == fingerprint:
+                return older
+        return meta
+
     def versions(self, tenant_id: str, name: str) -> builtins.list[int]:
         """All stored versions, ascending ([] if none)."""
         self._check_key(tenant_id, name, None)

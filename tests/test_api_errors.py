@@ -258,8 +258,30 @@ def test_unknown_prefix_404_and_wrong_model_prefix_422(srv, api_bundle):
     put_random_prefix(srv.store, api_bundle, "acme", "alien", fingerprint="another-model")
     err = assert_error(c.post("/generate", json={"tenant_id": "acme", "prefix": "alien", "prompt": "x"}), 422)
     assert err["code"] == "prefix_incompatible"
+    assert api_bundle.fingerprint[:12] in err["message"] and "another-mod" in err["message"]
     # the server keeps serving others
     assert c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_a_version_for_another_base_model_does_not_hide_this_models_versions(srv, api_bundle):
+    """Servers of two base models on one store (a blue/green model upgrade): a version trained on the other model
+    (v2) is not this server's latest; it serves, lists and continues from its own (v1); pinned, v2 is refused."""
+    c = srv.client()
+    put_random_prefix(srv.store, api_bundle, "acme", "pt", seed=1)
+    put_random_prefix(srv.store, api_bundle, "acme", "pt", seed=2, fingerprint="the-new-model")
+    body = {"tenant_id": "acme", "prefix": "pt", "prompt": "x", "max_tokens": 2}
+    r = c.post("/generate", json=body)
+    assert r.status_code == 200 and r.json()["prefix_version"] == 1, r.text
+    assert (
+        c.post("/v1/completions", json={"model": "acme/pt", "prompt": "x", "max_tokens": 2}).status_code
+        == 200
+    )
+    cards = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+    assert cards["acme/pt"]["prefix_version"] == 1
+    assert c.get("/v1/models/acme/pt").json()["prefix_version"] == 1
+    err = assert_error(c.post("/generate", json={**body, "prefix_version": 2}), 422, "prefix_incompatible")
+    assert "the-new-mode" in err["message"]
+    assert srv.svc.servable_meta("acme", "pt").version == 1
 
 
 def test_openapi_documents_every_route_and_error_body(srv):

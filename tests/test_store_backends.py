@@ -146,6 +146,21 @@ def test_versions_increase_and_specific_versions(store):
     assert torch.equal(store.get("acme", "bot", version=2).kv, make_kv(fill=1))
 
 
+def test_servable_meta_is_the_latest_version_for_a_base_model(store):
+    """A name's versions trained on two base models (one store shared by two fleets): each fingerprint's latest."""
+    put(store, fp="model-a")  # v1
+    put(store, fp="model-b")  # v2
+    put(store, fp="model-a")  # v3
+    put(store, fp="model-b")  # v4
+    assert store.servable_meta("acme", "bot", None, "model-a").version == 3
+    assert store.servable_meta("acme", "bot", None, "model-b").version == 4
+    assert store.servable_meta("acme", "bot", 2, "model-a").version == 2  # pinned: as it is
+    store.delete("acme", "bot", 3)
+    assert store.servable_meta("acme", "bot", None, "model-a").version == 1
+    other = store.servable_meta("acme", "bot", None, "model-c")  # none: the latest, its fingerprint says so
+    assert (other.version, other.base_model_fingerprint) == (4, "model-b")
+
+
 def test_not_found(store):
     with pytest.raises(errors.PrefixNotFound):
         store.get("acme", "nope")

@@ -840,9 +840,9 @@ def _base_card(tenant: str, svc: Service) -> ModelCard:
 )
 async def list_models(request: Request, principal: Principal = Depends(get_principal)) -> ModelList:
     svc = get_service(request)
-    metas = await store_call(svc, svc.store.list, principal.tenant_id if not principal.admin else None)
-    # a prefix made for another base model is not a model this server serves (its generation is a 400)
-    cards = [_card(m, svc) for m in metas if m.base_model_fingerprint == svc.bundle.fingerprint]
+    # each name's latest version made for this base model (one made for another is not served here)
+    metas = await store_call(svc, svc.servable_list, principal.tenant_id if not principal.admin else None)
+    cards = [_card(m, svc) for m in metas]
     if not principal.admin and principal.tenant_id is not None:
         cards.append(_base_card(principal.tenant_id, svc))
     else:
@@ -871,7 +871,7 @@ async def get_model(
     if name == BASE_PREFIX:
         return _base_card(tenant, svc)
     try:
-        meta = await store_call(svc, svc.store.get_meta, tenant, name, version, what="model")
+        meta = await store_call(svc, svc.servable_meta, tenant, name, version, what="model")
     except APIError as e:
         if e.status == 404:  # the code the generation routes give an unknown model
             raise model_not_found(model) from None

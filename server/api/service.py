@@ -990,9 +990,12 @@ class Service:
         self.store_ok = True
         self._store_down_until = 0.0
         if meta.base_model_fingerprint != self.bundle.fingerprint:
+            which = f"prefix {name!r}" if version is not None else f"no version of prefix {name!r}"
             raise APIError(
                 422,
-                f"prefix {name!r} was trained for another base model",
+                f"{which} was trained for this server's base model (fingerprint "
+                f"{self.bundle.fingerprint[:12]}); {'it' if version is not None else 'the latest'} was trained for "
+                f"one with fingerprint {meta.base_model_fingerprint[:12]}",
                 code="prefix_incompatible",
                 param=param,
             )
@@ -1003,6 +1006,24 @@ class Service:
         self.meta_cache.put(key, res, gen, version)
         return res
 
+    def servable_meta(self, tenant: str, name: str, version: int | None = None) -> PrefixMeta:
+        """`PrefixStore.servable_meta` for this server's base model (blocking)."""
+        return self.store.servable_meta(tenant, name, version, self.bundle.fingerprint)
+
+    def servable_list(self, tenant_id: str | None) -> list[PrefixMeta]:
+        """Each name's latest version this server can serve (`servable_meta`), names with none left out
+        (blocking)."""
+        out = []
+        for meta in self.store.list(tenant_id):
+            if meta.base_model_fingerprint != self.bundle.fingerprint:
+                try:
+                    meta = self.servable_meta(meta.tenant_id, meta.name)
+                except errors.PrefixNotFound:
+                    continue
+            if meta.base_model_fingerprint == self.bundle.fingerprint:
+                out.append(meta)
+        return out
+
     async def _get_meta(
         self, key: tuple[str, str], version: int | None
     ) -> tuple[PrefixMeta, tuple[int, int]]:
@@ -1011,7 +1032,7 @@ class Service:
         k = (*key, version)
         flight = self._inflight_meta.get(k)
         if flight is None:
-            fut = asyncio.ensure_future(asyncio.to_thread(self.store.get_meta, *key, version))
+            fut = asyncio.ensure_future(asyncio.to_thread(self.servable_meta, *key, version))
             flight = self._inflight_meta[k] = (fut, self.meta_cache.generation())
             fut.add_done_callback(lambda _f: self._inflight_meta.pop(k, None))
         fut, began = flight

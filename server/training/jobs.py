@@ -251,7 +251,7 @@ class JobManager:
         if src is None or not is_valid_name(tenant):  # a bad tenant id is parse_request's to refuse
             return request
         try:
-            meta = self.store.get_meta(tenant, src["name"], src["version"])
+            meta = self.store.servable_meta(tenant, src["name"], src["version"], self.bundle.fingerprint)
         except PrefixNotFound:
             v = "" if src["version"] is None else f" version {src['version']}"
             raise InitFromNotFound(
