@@ -366,6 +366,8 @@ def test_rate_limiter_overrides_and_headers():
     assert _duration(0.04) == "0.1s" and _duration(360) == "6m0s" and _duration(61.2) == "1m2s"
     with pytest.raises(ValueError, match="unknown field"):
         parse_limits({"a": {"tpm": 1}}, "x")
+    with pytest.raises(ValueError, match="'bad tenant!' is not a tenant id"):  # it would apply to nobody
+        parse_limits({"bad tenant!": {"max_concurrent": 1}}, "x")
 
 
 def test_star_defaults_apply_under_a_tenant_override():

@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from prefix_store.names import is_valid_name
 from server.api.errors import APIError
 
 log = logging.getLogger("prefixserve.limits")
@@ -56,6 +57,8 @@ def parse_limits(data: Any, where: str) -> dict[str, dict[str, int | None]]:
         raise ValueError(f"{where}: expected a JSON object of tenant id -> limits")
     out: dict[str, dict[str, int | None]] = {}
     for tenant, entry in data.items():
+        if tenant != "*" and not is_valid_name(tenant):  # it would apply to nobody, without a word
+            raise ValueError(f"{where}: {tenant!r} is not a tenant id (letters, digits, '.', '_', '-') nor '*'")
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: limits of {tenant!r} must be an object")
         unknown = sorted(set(entry) - set(FIELDS))
