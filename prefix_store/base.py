@@ -194,7 +194,8 @@ class PrefixStore(abc.ABC):
         """One page of :meth:`list`: the prefixes sorted after the (tenant_id, name) ``after`` (a cursor: the last one
         of the page before), at most ``limit`` of them (None: all), and whether more follow.
 
-        Only the page's metadata is read: names are listed first, so a page costs its size, not the store's.
+        Only the page's metadata is read; the names are listed (and sorted) for every page, which is cheap beside
+        reading metadata but grows with the store (10,000 names on Redis: ~60 ms a page, measured).
         """
         if tenant_id is not None:
             validate_name(tenant_id, "tenant_id")
