@@ -76,12 +76,20 @@ class PrefixStore(abc.ABC):
         prefix_length: int,
         training: dict | None = None,
         extra: dict | None = None,
+        version: int | None = None,
+        created: float | None = None,
     ) -> PrefixMeta:
-        """Store a new version (atomically: readers see all of it or nothing) and return its metadata."""
+        """Store a new version (atomically: readers see all of it or nothing) and return its metadata.
+
+        ``version`` / ``created`` (copying another store's versions as they are: ``prefixserve prefixes copy``):
+        store it as that version, which must be above every version the name has had (VersionTaken otherwise),
+        with that creation time."""
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+            raise ValueError(f"version must be a positive int, got {version!r}")
         enc = self._encode(
             tenant_id, name, kind, tensors, base_model_fingerprint, prefix_length, training, extra
         )
-        meta, _ = self._put(tenant_id, name, enc)
+        meta, _ = self._put(tenant_id, name, enc, version=version, created=created)
         self._after_put(meta)
         return meta
 
@@ -358,10 +366,18 @@ class PrefixStore(abc.ABC):
     # ---------------------------------------------------------------------------------- backend primitives
     @abc.abstractmethod
     def _put(
-        self, tenant_id: str, name: str, enc: EncodedPrefix, idempotency_key: str | None = None
+        self,
+        tenant_id: str,
+        name: str,
+        enc: EncodedPrefix,
+        idempotency_key: str | None = None,
+        *,
+        version: int | None = None,
+        created: float | None = None,
     ) -> tuple[PrefixMeta, bool]:
-        """Allocate the next version, store ``enc`` under it atomically, return (its metadata, True). With an
-        ``idempotency_key`` that a stored version of the name was put with (``put_once``): (that version's
+        """Allocate the next version (or take ``version``: VersionTaken unless it is above every version the name
+        has had), store ``enc`` under it atomically (created now, or at ``created``), return (its metadata, True).
+        With an ``idempotency_key`` that a stored version of the name was put with (``put_once``): (that version's
         metadata, False), nothing written; checked atomically with the write."""
 
     @abc.abstractmethod

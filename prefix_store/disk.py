@@ -44,7 +44,7 @@ from pathlib import Path
 
 from prefix_store import journal
 from prefix_store.base import PrefixStore, Subscriber
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable, VersionTaken
 from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
 
@@ -226,7 +226,14 @@ class DiskStore(PrefixStore):
 
     # ---------------------------------------------------------------------------------------- primitives
     def _put(
-        self, tenant_id: str, name: str, enc: EncodedPrefix, idempotency_key: str | None = None
+        self,
+        tenant_id: str,
+        name: str,
+        enc: EncodedPrefix,
+        idempotency_key: str | None = None,
+        *,
+        version: int | None = None,
+        created: float | None = None,
     ) -> tuple[PrefixMeta, bool]:
         try:
             with self._locked(tenant_id, name) as lock_fd:
@@ -237,9 +244,14 @@ class DiskStore(PrefixStore):
                     earlier = self._put_with(ndir, idempotency_key)
                     if earlier is not None:
                         return earlier, False
-                version = max(self._read_counter(lock_fd), *self._scan(ndir), 0) + 1
+                nxt = max(self._read_counter(lock_fd), *self._scan(ndir), 0) + 1
+                if version is not None and version < nxt:
+                    raise VersionTaken(
+                        f"prefix {label(tenant_id, name)} has had version {nxt - 1}: cannot store version {version}"
+                    )
+                version = nxt if version is None else version
                 self._write_counter(lock_fd, version)  # before any file: a crash leaves a gap, never a reuse
-                meta = enc.meta(tenant_id, name, version, time.time())
+                meta = enc.meta(tenant_id, name, version, time.time() if created is None else created)
                 _write_file_atomic(ndir / f"v{version}.safetensors", enc.blob)
                 _fsync_dir(ndir)
                 _write_file_atomic(ndir / f"v{version}.json", meta.to_json())  # the commit marker

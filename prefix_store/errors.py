@@ -44,3 +44,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
 ]
+
+
+class VersionTaken(StoreError):
+    """A put asked for a version number the name has had already (copying a store keeps version numbers)."""

@@ -46,7 +46,7 @@ from redis.exceptions import ResponseError, WatchError
 from redis.retry import Retry
 
 from prefix_store.base import PrefixStore, Subscriber
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable, VersionTaken
 from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
 from prefix_store.outage import RepeatedFailure
@@ -186,8 +186,16 @@ class RedisStore(PrefixStore):
         return None
 
     def _put(
-        self, tenant_id: str, name: str, enc: EncodedPrefix, idempotency_key: str | None = None
+        self,
+        tenant_id: str,
+        name: str,
+        enc: EncodedPrefix,
+        idempotency_key: str | None = None,
+        *,
+        version: int | None = None,
+        created: float | None = None,
     ) -> tuple[PrefixMeta, bool]:
+        asked = version
         t, n = tenant_id, name
         with self._errors(f"put {label(t, n)}"):
             if idempotency_key is not None:  # the usual repeat: after the first one finished
@@ -219,7 +227,13 @@ class RedisStore(PrefixStore):
                 # the version number is taken in the transaction: a repeat that finds its first attempt, or a put
                 # that fails, leaves no gap in the numbering
                 version = int(pipe.get(counter_key) or 0) + 1
-                meta = enc.meta(t, n, version, time.time())
+                if asked is not None:
+                    if asked < version:
+                        raise VersionTaken(
+                            f"prefix {label(t, n)} has had version {version - 1}: cannot store version {asked}"
+                        )
+                    version = asked
+                meta = enc.meta(t, n, version, time.time() if created is None else created)
                 attempts[version] = meta
                 written.append(meta)
                 meta_json = meta.to_json()

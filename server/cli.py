@@ -8,6 +8,7 @@ prefixserve prefixes list [--tenant-id T] --store URL
 prefixserve prefixes export TENANT NAME [--version V] -o FILE --store URL     (a file POST .../upload takes back)
 prefixserve prefixes import FILE --tenant-id T --name N --store URL           (an export, into any store)
 prefixserve prefixes delete TENANT NAME [--version V] --store URL             (one version, or every version)
+prefixserve prefixes copy --from URL --to URL [--tenant-id T] [--name N]     (every version, numbers kept)
 """
 
 from __future__ import annotations
@@ -717,6 +718,60 @@ def cmd_prefixes_delete(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_prefixes_copy(ns: argparse.Namespace) -> int:
+    """Every version of every prefix (of one tenant, or of one name) from one store to another, each with its
+    version number and creation time (a pinned `acme/support@5` names the same prefix after a move from a file
+    store to Redis). A version the target has with the same bytes is skipped, so a copy cut short can be run
+    again; one it has with other bytes, or a number below the target's highest for that name, is reported and
+    the copy goes on (exit 1 at the end)."""
+    from prefix_store import errors, file_store_root, open_store
+
+    try:
+        root = file_store_root(ns.source)
+        if root is not None and not root.is_dir():  # opening it would create an empty store: nothing copied
+            print(f"prefixserve: copy failed: no prefix store at {root}", file=sys.stderr)
+            return EXIT_FAIL
+        src, dst = open_store(ns.source), open_store(ns.target)
+    except ValueError as e:
+        print(f"prefixserve: copy failed: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    done = {"copied": 0, "already_there": 0, "failed": 0}
+    try:
+        src.ping()
+        dst.ping()
+        names = [(m.tenant_id, m.name) for m in src.list(ns.tenant_id) if ns.name in (None, m.name)]
+        for t, n in names:
+            have = set(dst.versions(t, n))
+            for v in src.versions(t, n):
+                try:
+                    rec = src.get(t, n, v)
+                except errors.PrefixNotFound:  # deleted meanwhile
+                    continue
+                m = rec.meta
+                if v in have and dst.get_meta(t, n, v).sha256 == m.sha256:
+                    done["already_there"] += 1
+                    continue
+                try:
+                    if v in have:
+                        raise errors.VersionTaken(f"the target holds another {m.label}")
+                    dst.put(t, n, m.kind, rec.tensors, base_model_fingerprint=m.base_model_fingerprint,
+                            prefix_length=m.prefix_length, training=m.training, extra=m.extra, version=v,
+                            created=m.created)  # fmt: skip
+                except errors.VersionTaken as e:
+                    print(f"prefixserve: {m.label} not copied: {e}", file=sys.stderr)
+                    done["failed"] += 1
+                    continue
+                done["copied"] += 1
+    except errors.StoreError as e:
+        print(f"prefixserve: copy failed: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        src.close()
+        dst.close()
+    print(json.dumps(done))
+    return EXIT_FAIL if done["failed"] else EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -835,6 +890,16 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--version", type=int, default=None, help="only this version")
     dp.add_argument("--store", default=None, help="store URL [env PREFIXSERVE_STORE_URL]")
     dp.set_defaults(func=cmd_prefixes_delete)
+    cp = psub.add_parser(
+        "copy",
+        help="copy every version of every prefix (or one tenant's, one name's) to another store, keeping version "
+        "numbers and creation times (file store -> Redis, say); run it again to finish a copy cut short",
+    )
+    cp.add_argument("--from", dest="source", required=True, help="the store URL to copy from")
+    cp.add_argument("--to", dest="target", required=True, help="the store URL to copy to")
+    cp.add_argument("--tenant-id", default=None, help="only this tenant's prefixes")
+    cp.add_argument("--name", default=None, help="only prefixes of this name")
+    cp.set_defaults(func=cmd_prefixes_copy)
     return p
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from prefix_store import errors
 from server import cli
 from tests.fixtures.server import FakeJobManager, put_random_prefix
 
@@ -360,6 +361,57 @@ def test_import_peft_into_the_store(tmp_path, capsys):
     bad_model = [a if a != str(tmp_path / "model") else str(tmp_path / "no-model") for a in args]
     assert cli.main(bad_model) == cli.EXIT_FAIL
     assert "cannot load model" in capsys.readouterr().err
+
+
+def test_prefixes_copy_keeps_version_numbers_and_can_be_run_again(tmp_path, capsys, redis_store_url):
+    """A file store moved to Redis with `prefixes copy`: every version of every name, each with its number (gaps
+    left by deletes included: a pinned `acme/faq@3` names the same prefix after the move) and creation time; a
+    second run copies nothing; a version the target holds with other bytes is reported, the rest still copied."""
+    import torch
+
+    from prefix_store import open_store
+    from tests.fixtures.server import put_random_prefix, tiny_bundle
+
+    src_url = f"file://{tmp_path / 'src'}"
+    src, bundle = open_store(src_url), tiny_bundle()
+    for seed in (1, 2, 3):
+        put_random_prefix(src, bundle, "acme", "faq", prefix_length=5, seed=seed)
+    src.delete("acme", "faq", 2)
+    put_random_prefix(src, bundle, "globex", "bot", prefix_length=4, seed=4)
+    dst = open_store(redis_store_url)
+    argv = ["prefixes", "copy", "--from", src_url, "--to", redis_store_url]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == {"copied": 3, "already_there": 0, "failed": 0}
+    assert dst.versions("acme", "faq") == [1, 3] and dst.versions("globex", "bot") == [1]
+    for v in (1, 3):
+        a, b = src.get("acme", "faq", v), dst.get("acme", "faq", v)
+        assert torch.equal(a.kv, b.kv) and (a.meta.created, a.meta.sha256) == (b.meta.created, b.meta.sha256)
+    assert cli.main(argv) == 0  # again: nothing to do
+    assert json.loads(capsys.readouterr().out) == {"copied": 0, "already_there": 3, "failed": 0}
+    put_random_prefix(src, bundle, "acme", "faq", prefix_length=5, seed=5)  # v4 in the source
+    put_random_prefix(dst, bundle, "globex", "bot", prefix_length=4, seed=6)  # v2 in the target only
+    put_random_prefix(src, bundle, "globex", "bot", prefix_length=4, seed=7)  # another v2 in the source
+    assert cli.main([*argv, "--tenant-id", "acme"]) == 0
+    assert json.loads(capsys.readouterr().out)["copied"] == 1 and dst.versions("acme", "faq") == [1, 3, 4]
+    assert cli.main(argv) == cli.EXIT_FAIL
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"copied": 0, "already_there": 4, "failed": 1}
+    assert "'globex/bot' v2 not copied" in captured.err
+    # the store refuses a number below what the name has had
+    with pytest.raises(errors.VersionTaken):
+        put_random_prefix_at(dst, bundle, "acme", "faq", 2)
+    assert (
+        cli.main(["prefixes", "copy", "--from", f"file://{tmp_path / 'none'}", "--to", redis_store_url]) == 1
+    )
+    assert "no prefix store at" in capsys.readouterr().err
+
+
+def put_random_prefix_at(store, bundle, tenant, name, version):
+    from tests.fixtures.server import random_kv
+
+    kv = random_kv(bundle, 4, 0)
+    return store.put(tenant, name, "prefix_tuning", {"kv": kv}, base_model_fingerprint=bundle.fingerprint,
+                     prefix_length=4, version=version)  # fmt: skip
 
 
 def test_prefixes_export_then_import_moves_a_prefix_between_stores(tmp_path, capsys, redis_store_url):

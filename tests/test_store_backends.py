@@ -161,6 +161,21 @@ def test_servable_meta_is_the_latest_version_for_a_base_model(store):
     assert (other.version, other.base_model_fingerprint) == (4, "model-b")
 
 
+def test_a_put_may_keep_a_version_number_above_every_earlier_one(store):
+    """What copying a store's versions needs: a version stored under its number and creation time, the numbering
+    going on from there; a number the name has had (or below) is refused, nothing written."""
+    assert put(store, version=5, created=1234.5).version == 5
+    assert store.get_meta("acme", "bot", 5).created == 1234.5
+    assert put(store).version == 6
+    store.delete("acme", "bot", 6)
+    for taken in (6, 3):
+        with pytest.raises(errors.VersionTaken):
+            put(store, version=taken)
+    assert store.versions("acme", "bot") == [5]
+    with pytest.raises(ValueError):
+        put(store, version=0)
+
+
 def test_not_found(store):
     with pytest.raises(errors.PrefixNotFound):
         store.get("acme", "nope")

@@ -58,7 +58,9 @@ def parse_limits(data: Any, where: str) -> dict[str, dict[str, int | None]]:
     out: dict[str, dict[str, int | None]] = {}
     for tenant, entry in data.items():
         if tenant != "*" and not is_valid_name(tenant):  # it would apply to nobody, without a word
-            raise ValueError(f"{where}: {tenant!r} is not a tenant id (letters, digits, '.', '_', '-') nor '*'")
+            raise ValueError(
+                f"{where}: {tenant!r} is not a tenant id (letters, digits, '.', '_', '-') nor '*'"
+            )
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: limits of {tenant!r} must be an object")
         unknown = sorted(set(entry) - set(FIELDS))
