@@ -119,6 +119,9 @@ class DiskStore(PrefixStore):
         self._follower_thread: threading.Thread | None = None
         self._follower_lock = threading.Lock()
         self._stop = threading.Event()
+        self._root_seen = (
+            False  # the root existed (or was made) once: if it goes, it is not made again by a ping
+        )
         try:
             _mkdir_durable(self.root)
             self._empty_trash()
@@ -400,11 +403,18 @@ class DiskStore(PrefixStore):
             raise self._unavailable(f"look up {label(tenant_id, name, version)}", e) from e
 
     def ping(self) -> None:
-        if not self.root.is_dir():
+        if self.root.is_dir():
+            self._root_seen = True
+        elif self._root_seen:
+            # gone while in use (a restore under way, a volume unmounted): an empty one made here would be served
+            # as the store, and a restore copying into it would land in a subfolder
+            raise self._unavailable("find the root directory", OSError(errno.ENOENT, "it is gone"))
+        else:
             try:
                 _mkdir_durable(self.root)
             except OSError as e:
                 raise self._unavailable("create the root directory", e) from e
+            self._root_seen = True
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise self._unavailable("write", OSError(errno.EACCES, "permission denied"))
 

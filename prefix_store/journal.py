@@ -95,16 +95,31 @@ class Follower:
         self._fd: int | None = None
         self._partial = b""
         self.lost = False  # set when lines were missed (rotated past, or the journal was replaced); the reader clears it
+        self._gone = (
+            False  # the journal was replaced: it is not created again here, only followed once it is back
+        )
         self._start()
 
     def _start(self) -> None:
         try:
-            self._switch(os.open(self.jdir / str(seg := _first_segment(self.jdir)), os.O_RDONLY), seg)
+            if (
+                self._gone
+            ):  # never create it: a restore is writing the directory (`cp -a backup root` needs it absent)
+                segs = _segments(self.jdir)
+                if not segs:
+                    return
+                seg = segs[-1]
+            else:
+                seg = _first_segment(self.jdir)
+            self._switch(os.open(self.jdir / str(seg), os.O_RDONLY), seg)
         except OSError as e:  # the root is not usable yet: tried again at the next poll
             log.debug("change journal %s not readable yet: %s", self.jdir, e)
             return
         assert self._fd is not None
         os.lseek(self._fd, 0, os.SEEK_END)
+        if self._gone:  # what was cached between the replacement and now may be stale too: a second resync
+            self._gone = False
+            self.lost = True
 
     def _switch(self, fd: int, seg: int) -> None:
         self.close()
@@ -128,7 +143,10 @@ class Follower:
             # a rotation removes a segment only once two newer ones exist: the next one is there to go on with
             return not any(s > self._seg for s in _segments(self.jdir))
         mine = os.fstat(self._fd)
-        return (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev)
+        # another file, or this one cut shorter than what was read (a restore writing over it in place)
+        return (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev) or mine.st_size < os.lseek(
+            self._fd, 0, os.SEEK_CUR
+        )
 
     def poll(self) -> list[bytes]:
         """The complete lines written since the last poll, in order. Raises OSError."""
@@ -142,8 +160,8 @@ class Follower:
                 self.jdir,
             )
             self.close()
-            self._start()
-            self.lost = True
+            self.lost = self._gone = True
+            self._start()  # if it is back already; else at a later poll
             return []
         lines = self._drain()
         while True:

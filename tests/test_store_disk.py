@@ -366,14 +366,42 @@ def test_a_store_restored_under_a_follower_resyncs_it(tmp_path, caplog):
     put(writer, n="b")
     assert [e.name for e in _drain(got, 1)] == ["b"]
     writer.close()
+    follower.ping()
     shutil.rmtree(root)
+    time.sleep(0.3)  # polls while the directory is gone create nothing (a restore copies to where it was)
+    assert not root.exists()
+    with pytest.raises(errors.StoreUnavailable, match="it is gone"):
+        follower.ping()  # (/ready says so, and makes no empty store either)
+    assert not root.exists()
     shutil.copytree(backup, root)  # the restore: the journal's segment is another file now
-    (ev,) = _drain(got, 1)
-    assert ev.op == "resync" and "was replaced" in caplog.text
+    # one when it went, one when the restored journal is followed (what was cached in between may be stale too)
+    assert [e.op for e in _drain(got, 2)] == ["resync", "resync"] and "was replaced" in caplog.text
+    follower.ping()
     writer = DiskStore(root)
     put(writer, n="c")  # changes after the restore are followed again
     assert [(e.op, e.name) for e in _drain(got, 1)] == [("put", "c")]
     writer.close()
+    follower.close()
+
+
+def test_a_journal_written_over_in_place_resyncs_its_follower(tmp_path):
+    """A restore that writes over the journal's file in place (`cp` over it, `rsync --inplace`): same inode, but
+    shorter than what was read."""
+    from prefix_store import journal
+
+    jdir = tmp_path / "j"
+    follower = journal.Follower(jdir)
+    for i in range(5):
+        journal.append(jdir, b"%d\n" % i, max_bytes=1 << 20)
+    assert len(follower.poll()) == 5
+    segment = jdir / str(max(int(e) for e in os.listdir(jdir) if e.isdigit()))
+    with open(segment, "r+b") as f:  # the backup's shorter journal, written over the same file
+        f.write(b"0\n")
+        f.truncate()
+    assert follower.poll() == [] and follower.lost
+    follower.lost = False
+    journal.append(jdir, b"later\n", max_bytes=1 << 20)
+    assert follower.poll() == [b"later"]
     follower.close()
 
 
