@@ -404,8 +404,8 @@ def unknown_env(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
     known = [f.upper() for f in Settings.model_fields] + sorted(OTHER_ENV)
     out = []
     for name in sorted(environ):
-        rest = name[len(ENV_PREFIX) :]
-        if name.startswith(ENV_PREFIX) and rest not in known and not rest.startswith("CLI_UNREAD_"):
+        rest = name[len(ENV_PREFIX) :].upper()  # (settings read their variables whatever the case)
+        if name.upper().startswith(ENV_PREFIX) and rest not in known and not rest.startswith("CLI_UNREAD_"):
             close = difflib.get_close_matches(rest, known, n=1, cutoff=0.8)
             out.append((name, ENV_PREFIX + close[0] if close else None))
     return out

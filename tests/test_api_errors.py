@@ -280,7 +280,10 @@ def test_a_version_for_another_base_model_does_not_hide_this_models_versions(srv
     assert cards["acme/pt"]["prefix_version"] == 1
     assert c.get("/v1/models/acme/pt").json()["prefix_version"] == 1
     err = assert_error(c.post("/generate", json={**body, "prefix_version": 2}), 422, "prefix_incompatible")
-    assert "the-new-mode" in err["message"]
+    assert err["message"] == (
+        f"prefix 'pt' version 2 was not trained for this server's base model (fingerprint "
+        f"{api_bundle.fingerprint[:12]}); it was trained for one with fingerprint the-new-mode"
+    )
     assert srv.svc.servable_meta("acme", "pt").version == 1
 
 

@@ -10,7 +10,7 @@ import pytest
 from server.api.logprobs import TextOffsets, TokenTexts, chat_logprobs, completion_logprobs
 from server.engine import TokenLogprob
 from tests.fixtures.models import make_tiny_tokenizer
-from tests.fixtures.server import metric_value, parse_sse
+from tests.fixtures.server import assert_error, metric_value, parse_sse
 
 KEY = "sk-acme-1b2c3d4e"
 
@@ -861,6 +861,13 @@ def test_bad_words_keep_words_out_of_every_route(srv, api_bundle):
     del chat["prompt"]
     answer = c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
     assert len(answer) == 12 and plain[k] not in answer
+    # every token excluded is the request's doing: a 422 saying why, not a server error
+    err = assert_error(
+        c.post("/generate", json={**gen, "bad_words": list("abcdef")}), 422, "no_token_allowed"
+    )
+    assert "bad_words" in err["message"]
+    r = c.post("/v1/completions", json={**comp, "bad_words": list("abcdef")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_token_allowed", r.text
     limit = srv.svc.settings.max_stop_strings
     for bad, param in (
         ([" "], "bad_words[0]"),
@@ -869,3 +876,6 @@ def test_bad_words_keep_words_out_of_every_route(srv, api_bundle):
     ):
         r = c.post("/generate", json={**gen, "bad_words": bad})
         assert r.status_code == 422 and r.json()["error"]["param"] == param, (bad, r.text)
+    choice = {"tenant_id": "acme", "prompt": "x", "max_tokens": 4, "structured_outputs": {"choice": ["a"]}}
+    pytest.importorskip("llguidance")
+    assert_error(c.post("/generate", json={**choice, "bad_words": ["a"]}), 422, "structured_output_failed")

@@ -666,11 +666,13 @@ def test_unknown_prefixserve_variables_are_warned_of(monkeypatch, caplog, tmp_pa
     from server.settings import Settings, unknown_env
 
     env = {"PREFIXSERVE_MAX_QUEUD": "5", "PREFIXSERVE_APIKEYS": "a:k", "PREFIXSERVE_COLOUR": "1",
-           "PREFIXSERVE_PORT": "1", "PREFIXSERVE_CACHE": "/c", "PREFIXSERVE_API_KEY": "sdk", "OTHER": "x"}  # fmt: skip
+           "PREFIXSERVE_PORT": "1", "PREFIXSERVE_CACHE": "/c", "PREFIXSERVE_API_KEY": "sdk", "OTHER": "x",
+           "PREFIXSERVE_Max_Queued": "7", "prefixserve_colour2": "1"}  # fmt: skip
     assert unknown_env(env) == [
         ("PREFIXSERVE_APIKEYS", "PREFIXSERVE_API_KEYS"),
         ("PREFIXSERVE_COLOUR", None),
         ("PREFIXSERVE_MAX_QUEUD", "PREFIXSERVE_MAX_QUEUED"),
+        ("prefixserve_colour2", None),
     ]
     monkeypatch.setattr(server.logging_utils, "setup_logging", lambda *a, **kw: None)
     monkeypatch.setenv("PREFIXSERVE_MAX_QUEUD", "5")

@@ -249,6 +249,8 @@ def test_generate_sends_vllms_token_controls(srv: Any, client: Any) -> None:
     client.generate("acme", "Hi")
     sent = srv.calls("POST", "/generate")[1].body
     assert "allowed_token_ids" not in sent and "bad_words" not in sent  # only when set
+    client.generate("acme", "Hi", bad_words="Paris")  # one word, not its letters
+    assert srv.calls("POST", "/generate")[2].body["bad_words"] == ["Paris"]
 
 
 def test_generate_structured_outputs_body(srv: Any, client: Any) -> None:

@@ -356,6 +356,8 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
     "RequestTooLarge": (413, "request_too_large"),  # its prefix and the request can never fit the KV cache
     # the request's grammar went past the parser's limits while generating (or let no token through)
     "GrammarError": (422, "structured_output_failed"),
+    # allowed_token_ids, bad_words and min_tokens together left no token to sample
+    "NoTokenAllowed": (422, "no_token_allowed"),
     # still running when the shutdown grace period ran out (`LLMEngine.fail_all`)
     "ShuttingDown": (503, "shutting_down"),
     # preempted, and its prefix's tensors changed before it resumed (`Scheduler` refuses to mix them)
@@ -522,6 +524,8 @@ class GenerationRun:
             return APIError(
                 422, ev.error or "structured output failed", code=code, param="structured_outputs"
             )
+        if code == "no_token_allowed":
+            return APIError(422, ev.error or "no token can be sampled", code=code)
         if status == 422:
             return APIError(422, f"prefix cannot be served: {ev.error}", code=code, param="prefix")
         if status == 413:
@@ -990,12 +994,16 @@ class Service:
         self.store_ok = True
         self._store_down_until = 0.0
         if meta.base_model_fingerprint != self.bundle.fingerprint:
-            which = f"prefix {name!r}" if version is not None else f"no version of prefix {name!r}"
+            which = (
+                f"prefix {name!r} version {version} was not"
+                if version is not None
+                else f"no version of prefix {name!r} was"
+            )
             raise APIError(
                 422,
-                f"{which} was trained for this server's base model (fingerprint "
-                f"{self.bundle.fingerprint[:12]}); {'it' if version is not None else 'the latest'} was trained for "
-                f"one with fingerprint {meta.base_model_fingerprint[:12]}",
+                f"{which} trained for this server's base model (fingerprint {self.bundle.fingerprint[:12]}); "
+                f"{'it' if version is not None else 'the latest'} was trained for one with fingerprint "
+                f"{meta.base_model_fingerprint[:12]}",
                 code="prefix_incompatible",
                 param=param,
             )

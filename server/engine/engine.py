@@ -25,6 +25,8 @@ from server.engine.model_runner import ModelRunner, RowInput
 from server.engine.prefix_cache import PrefixCache, PrefixProvider
 from server.engine.sampler import (
     INVALID_DISTRIBUTION,
+    NO_TOKEN_ALLOWED,
+    NO_TOKEN_IN_GRAMMAR,
     NON_FINITE,
     finite_rows,
     greedy_tokens,
@@ -45,6 +47,8 @@ from server.engine.types import Output, QueueFull, Request, RequestTooLarge, Tok
 from server.model.spec import ModelBundle
 
 log = logging.getLogger("prefixserve.engine")
+# a sampling failure the request caused (every token excluded), by its reason: the API answers them as 422s
+_SAMPLING_ERRORS = {NO_TOKEN_IN_GRAMMAR: "GrammarError", NO_TOKEN_ALLOWED: "NoTokenAllowed"}
 
 EventCallback = Callable[[TokenEvent], None]
 
@@ -417,7 +421,7 @@ class LLMEngine:
             it.seq.num_cached += it.num_tokens - len(it.draft)
         now = time.monotonic()
         if res is not None:
-            failed = {i: (why, "SamplingError") for i, why in res.failed.items()}
+            failed = {i: (why, _SAMPLING_ERRORS.get(why, "SamplingError")) for i, why in res.failed.items()}
             failed.update(
                 {i: (f"structured output: {why}", "GrammarError") for i, why in grammar_failed.items()}
             )

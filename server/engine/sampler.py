@@ -17,6 +17,9 @@ from server.engine.types import SamplingParams, TokenLogprob
 
 NON_FINITE = "the model produced non-finite logits for this request"
 INVALID_DISTRIBUTION = "sampling failed: the distribution is not valid"
+# a row whose request leaves it no token (the request's fault, not the server's)
+NO_TOKEN_IN_GRAMMAR = "no token can continue the output within its structured-output constraint"
+NO_TOKEN_ALLOWED = "no token can be sampled: allowed_token_ids, bad_words and min_tokens exclude every token"
 
 
 def finite_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -309,11 +312,7 @@ def sample(
     if restricted:
         for i, live in enumerate(host[-1]):
             if not live and i not in failed:
-                failed[i] = (
-                    "no token can continue the output within its structured-output constraint"
-                    if params[i].structured is not None
-                    else "no token can be sampled: allowed_token_ids, bad_words and min_tokens exclude every token"
-                )
+                failed[i] = NO_TOKEN_IN_GRAMMAR if params[i].structured is not None else NO_TOKEN_ALLOWED
     for i in rows:
         if i in failed:
             continue

@@ -233,7 +233,7 @@ def generate_body(
     prompt_logprobs: Optional[int] = None,
     logit_bias: Optional[dict[int, float]] = None,
     allowed_token_ids: Optional[Sequence[int]] = None,
-    bad_words: Optional[Sequence[str]] = None,
+    bad_words: Optional[Union[str, Sequence[str]]] = None,
     min_tokens: int = 0,
     stop_token_ids: Optional[Sequence[int]] = None,
     structured_outputs: Optional[StructuredOutputsArg] = None,
@@ -277,8 +277,8 @@ def generate_body(
         body["logit_bias"] = {str(int(t)): float(b) for t, b in logit_bias.items()}
     if allowed_token_ids:
         body["allowed_token_ids"] = [int(t) for t in allowed_token_ids]
-    if bad_words:
-        body["bad_words"] = [str(w) for w in bad_words]
+    if bad_words:  # (one word as a string: that word, not its letters)
+        body["bad_words"] = [bad_words] if isinstance(bad_words, str) else [str(w) for w in bad_words]
     if min_tokens:
         body["min_tokens"] = min_tokens
     if stop_token_ids:
