@@ -52,23 +52,15 @@ def test_an_answer_is_the_chat_routes_answer(oai):
     assert r.object == "response" and r.id.startswith("resp_") and r.model == "acme"
     assert [item.type for item in r.output] == ["message"]
     msg = r.output[0]
-    assert msg.role == "assistant" and msg.status == "completed" and msg.content[0].type == "output_text"
+    assert msg.role == "assistant" and msg.content[0].type == "output_text"
     assert r.output_text == chat.choices[0].message.content
-    # a random model runs to the limit: incomplete, as OpenAI says of a max_output_tokens cut
+    # a random model runs to the limit: incomplete (the message too), as OpenAI says of a max_output_tokens cut
     assert chat.choices[0].finish_reason == "length"
-    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.status == msg.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     u = r.usage
     assert (u.input_tokens, u.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
     assert u.total_tokens == u.input_tokens + u.output_tokens
     assert r.instructions == "Be brief." and r.max_output_tokens == 8 and r.store is False
-
-
-def test_an_answer_that_ends_is_completed(oai):
-    # eos as the only token allowed ends it at once (with ignore_eos off)
-    r = oai.responses.create(input="Hi", **GREEDY, extra_body={"top_k": 1, "ignore_eos": False})
-    chat = _chat(oai, [{"role": "user", "content": "Hi"}], extra_body={"top_k": 1})
-    want = "incomplete" if chat.choices[0].finish_reason == "length" else "completed"
-    assert r.status == want and (r.incomplete_details is None) == (want == "completed")
 
 
 def test_the_stream_is_typed_events_that_add_up_to_the_answer(oai):
@@ -112,6 +104,12 @@ def test_the_stream_is_typed_events_that_add_up_to_the_answer(oai):
         (lp.token, round(lp.logprob, 4)) for lp in want
     ]
     assert final.output[0].content[0].logprobs == want
+    # the item added first has no part yet (content_part.added brings it): the SDK's snapshot holds one part
+    assert events[2].item.content == [] and len(final.output[0].content) == 1
+    assert final.output[0].status == "incomplete"
+    # top_logprobs alone asks for nothing: include decides (OpenAI's and vLLM's)
+    alone = oai.responses.create(input="Hello there", **GREEDY, top_logprobs=2)
+    assert alone.output[0].content[0].logprobs in (None, [])
 
 
 def test_a_forced_call_is_a_function_call_item_streamed_or_not(oai):
@@ -137,6 +135,65 @@ def test_a_forced_call_is_a_function_call_item_streamed_or_not(oai):
     assert kinds[-1] == "response.completed"
     (item,) = events[-1].response.output
     assert item.type == "function_call" and item.arguments == args and item.status == "completed"
+
+
+def test_a_call_cut_short_is_an_incomplete_item(oai):
+    """A forced call whose arguments max_output_tokens cut: the item says incomplete (its arguments are not JSON),
+    streamed or not."""
+    pytest.importorskip("llguidance")
+    ask = {"model": "acme", "input": "Weather?", "tools": [WEATHER], "tool_choice": "required",
+           "temperature": 0, "max_output_tokens": 40}  # fmt: skip
+    r = oai.responses.create(**ask)
+    assert r.status == "incomplete" and [(i.type, i.status) for i in r.output] == [
+        ("function_call", "incomplete")
+    ]
+    events = list(oai.responses.create(**ask, stream=True))
+    assert events[-1].type == "response.incomplete"
+    assert [(i.type, i.status) for i in events[-1].response.output] == [("function_call", "incomplete")]
+
+
+def test_an_error_mid_stream_is_an_error_event_and_response_failed(srv):
+    """The engine ends the request after the stream began (here: every request failed, as a shutdown does): an
+    `error` event, then `response.failed`, numbered on from the events before."""
+    import httpx
+
+    body = {"model": "acme", "input": "Hello", "max_output_tokens": 400, "ignore_eos": True, "stream": True}
+    kinds, events = [], []
+    with httpx.Client(timeout=30) as c, c.stream(
+        "POST", srv.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                kinds.append(events[-1]["type"])
+                if kinds.count("response.output_text.delta") == 3:
+                    srv.svc.engine.fail_all("the test stops it", "ShuttingDown")
+    assert kinds[-2:] == ["error", "response.failed"], kinds
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-2]["code"] == "shutting_down" and events[-1]["response"]["status"] == "failed"
+    assert events[-1]["response"]["error"]["code"] == "shutting_down"
+
+
+def test_truncation_auto_drops_whole_oldest_items_and_keeps_the_instructions(srv, oai):
+    """OpenAI's truncation "auto": an input too long loses its oldest items, whole (never the instructions), until
+    it fits; one that fits is left as it is."""
+    turns = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "w " * 8} for i in range(9)
+    ]
+    fits = oai.responses.create(input=turns[-2:], instructions="Be a pirate.", truncation="auto", **GREEDY)
+    chat = _chat(oai, [{"role": "system", "content": "Be a pirate."}, *turns[-2:]])
+    assert fits.usage.input_tokens == chat.usage.prompt_tokens  # untouched
+    with pytest.raises(openai.BadRequestError):
+        oai.responses.create(input=turns, instructions="Be a pirate.", **GREEDY)
+    cut = oai.responses.create(input=turns, instructions="Be a pirate.", truncation="auto", **GREEDY)
+    # what it kept: the instructions and the newest turns that fit, each whole
+    c = srv.client(KEY)
+    for k in range(1, 9):
+        msgs = [{"role": "system", "content": "Be a pirate."}, *turns[k:]]
+        n = c.post("/tokenize", json={"prefix": "default", "messages": msgs}).json()["count"]
+        if n <= 128:
+            break
+    assert cut.usage.input_tokens == n and k > 1
 
 
 def test_function_call_items_and_their_outputs_are_the_chat_turns(oai):
@@ -192,15 +249,6 @@ def test_text_format_json_schema_is_followed(oai):
     assert r.status == "completed" and set(json.loads(r.output_text)) == {"ok"}
 
 
-def test_truncation_auto_keeps_the_end_of_a_long_input(oai):
-    long = " ".join(f"w{i}" for i in range(200))
-    with pytest.raises(openai.BadRequestError) as e:
-        oai.responses.create(input=long, **GREEDY)
-    assert e.value.code == "context_length_exceeded"
-    r = oai.responses.create(input=long, truncation="auto", **GREEDY)
-    assert r.usage.input_tokens == 128 and r.truncation == "auto"  # max_prompt_tokens
-
-
 REFUSED = [
     ({"previous_response_id": "resp_123"}, 400, "previous_response_id"),
     ({"conversation": "conv_1"}, 400, "conversation"),
@@ -219,6 +267,10 @@ REFUSED = [
     ({"max_output_tokens": 10**6}, 400, "max_output_tokens"),
     ({"text": {"format": {"type": "yaml"}}}, 400, "text.format"),
     ({"model": "other-tenant"}, 404, "model"),
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, 400, "input[0].call_id"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, 400, "input[0].call_id"),
+    ({"tools": [{"type": "function", "parameters": {}}]}, 400, "tools[0].name"),
+    ({"prompt": {"id": "pmpt_1"}}, 400, "prompt"),
 ]
 
 

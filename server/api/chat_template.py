@@ -68,7 +68,8 @@ async def render_chat(
     tokenizer threads."""
     render = functools.partial(render_messages, **template_options(body))
     chars = sum(len(str(m.get("content") or "")) for m in messages)
-    svc.check_prompt_chars(
-        chars, "messages", truncating=getattr(body, "truncate_prompt_tokens", None) is not None
+    truncating = getattr(body, "truncate_prompt_tokens", None) is not None or getattr(
+        body, "_drop_turns", False
     )
+    svc.check_prompt_chars(chars, "messages", truncating=truncating)
     return await svc.tokenize(render, svc.bundle.tokenizer, messages, tools)

@@ -160,18 +160,61 @@ class _Choices:
         return results
 
 
+def _chat_fit(svc: Service, prefix_len: int, max_tokens: int | None, n: int) -> int:
+    """The most prompt tokens a chat keeps when it truncates (`truncate_prompt_tokens: -1`, the Responses API's
+    truncation "auto"): room for the output asked for; without max_tokens, all of a prompt that fits, else half the
+    room (at most max_new_tokens) for the output."""
+    if max_tokens is None:
+        whole = svc.prompt_fit(prefix_len, 1)
+        if n <= whole:
+            return whole
+        max_tokens = min(svc.settings.max_new_tokens, svc.llm.room(prefix_len, 0) // 2)
+    return svc.prompt_fit(prefix_len, max_tokens)
+
+
+async def _drop_turns(
+    svc: Service,
+    body: ChatCompletionRequest,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    fit: int,
+    ids: list[int],
+) -> list[int]:
+    """The prompt of the fewest oldest turns dropped (the leading system messages and the last turn kept) that fits
+    in `fit` tokens, found by bisection; the last turn alone if none does (then too long: refused as such)."""
+    head = next(
+        (i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")), len(messages)
+    )
+    if head >= len(messages) - 1:  # no turn to drop
+        return ids
+    lo, hi = (
+        head,
+        len(messages) - 1,
+    )  # keep messages[:head] + messages[k:], k from head (all) to the last alone
+    best = None
+    while lo <= hi:
+        k = (lo + hi) // 2
+        got = await render_chat(svc, body, messages[:head] + messages[k:], tools) if k > head else ids
+        if len(got) <= fit:
+            best, hi = got, k - 1
+        else:
+            lo = k + 1
+    if best is None:
+        best = await render_chat(svc, body, messages[:head] + messages[-1:], tools)
+    return best
+
+
 async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefix: Any) -> _Plan:
     tools = tool_plan(body, svc.tool_parser)
     messages = template_messages(body.messages)
     if svc.settings.log_prompts:
         info.prompt = "\n".join(m["content"] for m in messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    # -1 keeps room for the output asked for; without max_tokens, half the room (at most max_new_tokens)
-    half = min(svc.settings.max_new_tokens, svc.llm.room(prefix.prefix_length, 0) // 2)
-    fit = svc.prompt_fit(prefix.prefix_length, max_tokens or half)
-    ids = truncate_prompt(
-        await render_chat(svc, body, messages, tools.tools), body.truncate_prompt_tokens, fit
-    )
+    ids = await render_chat(svc, body, messages, tools.tools)
+    fit = _chat_fit(svc, prefix.prefix_length, max_tokens, len(ids))
+    if body._drop_turns and len(ids) > fit:
+        ids = await _drop_turns(svc, body, messages, tools.tools, fit, ids)
+    ids = truncate_prompt(ids, body.truncate_prompt_tokens, fit)
     if max_tokens is None:  # OpenAI: up to the context; here also capped by max_new_tokens
         room = svc.llm.room(prefix.prefix_length, len(ids))
         max_tokens = max(1, min(svc.settings.max_new_tokens, room))

@@ -79,7 +79,9 @@ class ResponsesRequest(BaseModel):
         None, description="{format: {type: 'text' | 'json_object' | 'json_schema', name, schema, strict}}"
     )
     truncation: Literal["auto", "disabled"] | None = Field(
-        None, description="'auto': the input's oldest tokens are dropped to fit (truncate_prompt_tokens -1)"
+        None,
+        description="'auto': an input too long for the context loses its oldest items, whole, until it fits "
+        "(instructions and the last item kept)",
     )
     stream: bool = False
     store: bool | None = Field(None, description="Accepted; nothing is stored (the answer says store: false)")
@@ -104,7 +106,6 @@ _PARAMS = {
     "max_tokens": "max_output_tokens",
     "max_completion_tokens": "max_output_tokens",
     "response_format": "text.format",
-    "truncate_prompt_tokens": "truncation",
 }
 
 
@@ -167,10 +168,16 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
                 )
             out.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
+            for field in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(field), str) or (field != "arguments" and not item[field]):
+                    raise APIError(
+                        422, f"a function_call item's {field} is a string", code="invalid_value",
+                        param=f"{where}.{field}",
+                    )  # fmt: skip
             call = {
-                "id": item.get("call_id"),
+                "id": item["call_id"],
                 "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+                "function": {"name": item["name"], "arguments": item["arguments"]},
             }
             last = out[-1] if out else None
             if (
@@ -183,6 +190,11 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str) or not item["call_id"]:
+                raise APIError(
+                    422, "a function_call_output item's call_id is a string", code="invalid_value",
+                    param=f"{where}.call_id",
+                )  # fmt: skip
             output = item.get("output")
             text = output if isinstance(output, str) else _text_of(output, f"{where}.output")
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
@@ -202,6 +214,10 @@ def _chat_tools(body: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, An
                 raise _unsupported(
                     f"tool type {t.get('type')!r} is not available here: only function tools",
                     f"tools[{i}].type",
+                )
+            if not isinstance(t.get("name"), str) or not t["name"]:
+                raise APIError(
+                    422, "a function tool's name is a string", code="invalid_value", param=f"tools[{i}].name"
                 )
             fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
             tools.append({"type": "function", "function": fn})
@@ -264,12 +280,11 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": _response_format(body),
         "user": body.user,
-        "truncate_prompt_tokens": -1 if body.truncation == "auto" else None,
     }
-    if logprobs or body.top_logprobs is not None:
+    if logprobs:  # (top_logprobs alone asks for nothing: OpenAI's and vLLM's include decides)
         fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     try:
-        return ChatCompletionRequest.model_validate(fields)
+        chat = ChatCompletionRequest.model_validate(fields)
     except ValidationError as e:
         first = e.errors()[0]
         loc = first.get("loc", ())
@@ -281,6 +296,8 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         raise APIError(
             422, first.get("msg", "invalid value"), code="invalid_value", param=_param(param)
         ) from None
+    chat._drop_turns = body.truncation == "auto"
+    return chat
 
 
 # ----------------------------------------------------------------------------------------------- answers
@@ -388,31 +405,38 @@ async def responses(
     try:
         ch = await _start(request, principal, chat, chat=True)
     except APIError as e:
-        e.param = _param(e.param)
+        _rename(e)
         raise
     answer = _Answer(body, "resp_" + ch.runs[0].req.request_id, ch.created)
     if body.stream:
-        return EngineEventStream(ch.runs, lambda: _events(ch, answer), end=None, error_frame=_error_event)
+        stream = _Stream(ch, answer)
+        return EngineEventStream(ch.runs, stream.events, end=None, error_frame=stream.failed)
     results = await ch.collect(request)
     if isinstance(results, Response):
         return results
     res = results[0]
     content, calls = ch.plan.tools.parse(res.text)
+    status = _status(res.finish_reason)
     if content is not None or not calls:
         lps = None if res.logprobs is None else chat_logprobs(res.logprobs, ch.text)["content"]
         answer.output.append(_message_item(_item_id("msg"), content or "", lps, "completed"))
     for c in calls or []:
         fn = c["function"]
         answer.output.append(_call_item(_item_id("fc"), c["id"], fn["name"], fn["arguments"], "completed"))
-    return await json_off_loop(
-        ResponseObject, lambda: answer.response(_status(res.finish_reason), _usage(ch))
-    )
+    if (
+        status == "incomplete"
+    ):  # the last item is what max_output_tokens cut (a call's arguments: not valid JSON)
+        answer.output[-1]["status"] = "incomplete"
+    return await json_off_loop(ResponseObject, lambda: answer.response(status, _usage(ch)))
 
 
-def _error_event(e: APIError) -> bytes:
-    return _frame(
-        {"type": "error", "code": e.code, "message": e.message, "param": e.param, "sequence_number": 0}
-    )
+def _rename(e: APIError) -> None:
+    """An error of the chat path in the Responses request's names."""
+    param = _param(e.param)
+    if param != e.param and e.param is not None and param is not None:
+        old, new = e.param.partition(".")[0].partition("[")[0], param.partition(".")[0].partition("[")[0]
+        e.message = e.message.replace(old, new)
+    e.param = param
 
 
 def _frame(event: dict[str, Any]) -> bytes:
@@ -420,104 +444,114 @@ def _frame(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {data}\n\n".encode("ascii")
 
 
-async def _events(ch: _Choices, answer: _Answer) -> AsyncIterator[bytes]:
+class _Stream:
     """The Responses API's stream of one choice: created, in_progress, each output item (added, its deltas, done)
-    as the chat deltas come, then completed (or incomplete, cut short by max_output_tokens)."""
-    seq = 0
+    as the chat deltas come, then completed (or incomplete: cut short by max_output_tokens, its last item too); an
+    error after the stream began is an `error` event and `response.failed`."""
 
-    def frame(kind: str, **fields: Any) -> bytes:
-        nonlocal seq
-        seq += 1
-        return _frame({"type": kind, "sequence_number": seq - 1, **fields})
+    def __init__(self, ch: _Choices, answer: _Answer) -> None:
+        self.ch = ch
+        self.answer = answer
+        self.seq = 0
+        self.open: dict[str, Any] | None = None  # the item deltas go to
+        self.text: list[str] = []  # the open message's text and logprobs
+        self.lps: list[Any] = []
+        self.calls: dict[int, dict[str, Any]] = {}  # chat's tool call index -> its item
+        self.want_lps = ch.runs[0].req.sampling.logprobs is not None
 
-    yield frame("response.created", response=answer.response("in_progress"))
-    yield frame("response.in_progress", response=answer.response("in_progress"))
-    run = ch.runs[0]
-    want_lps = run.req.sampling.logprobs is not None
-    open_item: dict[str, Any] | None = None  # the item deltas go to
-    text: list[str] = []
-    lps: list[Any] = []
-    calls: dict[int, dict[str, Any]] = {}  # chat's tool call index -> its item
+    def frame(self, kind: str, **fields: Any) -> bytes:
+        self.seq += 1
+        return _frame({"type": kind, "sequence_number": self.seq - 1, **fields})
 
-    def close() -> list[bytes]:
-        nonlocal open_item
-        item, open_item = open_item, None
+    def failed(self, e: APIError) -> bytes:
+        _rename(e)
+        error = {"code": e.code, "message": e.message}
+        return self.frame("error", code=e.code, message=e.message, param=e.param) + self.frame(
+            "response.failed", response={**self.answer.response("failed"), "error": error}
+        )
+
+    def close(self, status: str = "completed") -> list[bytes]:
+        item, self.open = self.open, None
         if item is None:
             return []
-        index = answer.output.index(item)
+        index = self.answer.output.index(item)
         if item["type"] == "message":
-            done = _message_item(item["id"], "".join(text), lps if want_lps else None, "completed")
-            part = done["content"][0]
-            item.update(done)
+            lps = list(self.lps) if self.want_lps else None
+            item.update(_message_item(item["id"], "".join(self.text), lps, status))
+            part = item["content"][0]
             return [
-                frame("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                      text=part["text"], logprobs=lps if want_lps else []),
-                frame("response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part),
-                frame("response.output_item.done", output_index=index, item=item),
+                self.frame("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                           text=part["text"], logprobs=lps or []),
+                self.frame("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                           part=part),
+                self.frame("response.output_item.done", output_index=index, item=item),
             ]  # fmt: skip
-        item["status"] = "completed"
+        item["status"] = status
         return [
-            frame("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                  arguments=item["arguments"]),
-            frame("response.output_item.done", output_index=index, item=item),
+            self.frame("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                       arguments=item["arguments"]),
+            self.frame("response.output_item.done", output_index=index, item=item),
         ]  # fmt: skip
 
-    def open_(item: dict[str, Any]) -> list[bytes]:
-        nonlocal open_item
-        out = close()
-        answer.output.append(item)
-        open_item = item
-        out.append(frame("response.output_item.added", output_index=len(answer.output) - 1, item=dict(item)))
-        if item["type"] == "message":
-            part = {"type": "output_text", "text": "", "annotations": []}
-            out.append(frame("response.content_part.added", item_id=item["id"], output_index=len(answer.output) - 1,
-                             content_index=0, part=part))  # fmt: skip
-        return out
+    def start(self, item: dict[str, Any]) -> list[bytes]:
+        out = self.close()
+        self.answer.output.append(item)
+        self.open = item
+        index = len(self.answer.output) - 1
+        if item["type"] != "message":
+            return [*out, self.frame("response.output_item.added", output_index=index, item=dict(item))]
+        self.text, self.lps = [], []
+        added = {**item, "content": []}  # its part comes with content_part.added
+        part = {"type": "output_text", "text": "", "annotations": []}
+        return [
+            *out,
+            self.frame("response.output_item.added", output_index=index, item=added),
+            self.frame("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                       part=part),
+        ]  # fmt: skip
 
-    def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> tuple[Any, ...]:
-        return delta, finish, logprobs
+    async def events(self) -> AsyncIterator[bytes]:
+        answer, run = self.answer, self.ch.runs[0]
+        yield self.frame("response.created", response=answer.response("in_progress"))
+        yield self.frame("response.in_progress", response=answer.response("in_progress"))
 
-    finish: str | None = None
-    async for delta, reason, logprobs in chat_stream(run, chunk, ch.text, ch.plan.tools):
-        new_lps = (logprobs or {}).get("content") or []
-        piece = delta.get("content")
-        if piece:
-            if open_item is None or open_item["type"] != "message":
-                for f in open_(_message_item(_item_id("msg"), "", None, "in_progress")):
-                    yield f
-                text.clear()
-                lps.clear()
-            text.append(piece)
-            lps.extend(new_lps)
-            index = len(answer.output) - 1
-            yield frame("response.output_text.delta", item_id=open_item["id"], output_index=index,
-                        content_index=0, delta=piece, logprobs=new_lps)  # fmt: skip
-        for c in delta.get("tool_calls") or []:
-            fn = c.get("function") or {}
-            item = calls.get(c["index"])
-            if item is None:
-                item = _call_item(_item_id("fc"), c.get("id") or "", fn.get("name") or "", "", "in_progress")
-                calls[c["index"]] = item
-                for f in open_(item):
-                    yield f
-            args = fn.get("arguments") or ""
-            if args:
-                item["arguments"] += args
-                yield frame("response.function_call_arguments.delta", item_id=item["id"],
-                            output_index=answer.output.index(item), delta=args)  # fmt: skip
-        if reason is not None:
-            finish = reason
-    for f in close():
-        yield f
-    if (
-        not answer.output
-    ):  # nothing was written (an empty answer): still one message, as the unstreamed answer has
-        for f in open_(_message_item(_item_id("msg"), "", None, "in_progress")):
+        def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> tuple[Any, ...]:
+            return delta, finish, logprobs
+
+        async for delta, _reason, logprobs in chat_stream(run, chunk, self.ch.text, self.ch.plan.tools):
+            new_lps = (logprobs or {}).get("content") or []
+            piece = delta.get("content")
+            if piece:
+                if self.open is None or self.open["type"] != "message":
+                    for f in self.start(_message_item(_item_id("msg"), "", None, "in_progress")):
+                        yield f
+                assert self.open is not None
+                self.text.append(piece)
+                self.lps.extend(new_lps)
+                yield self.frame("response.output_text.delta", item_id=self.open["id"],
+                                 output_index=len(answer.output) - 1, content_index=0, delta=piece,
+                                 logprobs=new_lps)  # fmt: skip
+            for c in delta.get("tool_calls") or []:
+                fn = c.get("function") or {}
+                item = self.calls.get(c["index"])
+                if item is None:
+                    item = _call_item(
+                        _item_id("fc"), c.get("id") or "", fn.get("name") or "", "", "in_progress"
+                    )
+                    self.calls[c["index"]] = item
+                    for f in self.start(item):
+                        yield f
+                args = fn.get("arguments") or ""
+                if args:
+                    item["arguments"] += args
+                    yield self.frame("response.function_call_arguments.delta", item_id=item["id"],
+                                     output_index=answer.output.index(item), delta=args)  # fmt: skip
+        self.ch.finish_stream()
+        status = _status(run.final.finish_reason if run.final is not None else None)
+        if not answer.output:  # nothing was written: still one message, as the unstreamed answer has
+            for f in self.start(_message_item(_item_id("msg"), "", None, "in_progress")):
+                yield f
+        for f in self.close(status):
             yield f
-        text.clear()
-        for f in close():
-            yield f
-    ch.finish_stream()
-    status = _status(run.final.finish_reason if run.final is not None else finish)
-    kind = "response.completed" if status == "completed" else "response.incomplete"
-    yield frame(kind, response=answer.response(status, _usage(ch)))
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        yield self.frame(kind, response=answer.response(status, _usage(self.ch)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr
 
 from prefix_store.names import MAX_NAME_LENGTH
 
@@ -581,6 +581,9 @@ class ChatCompletionRequest(_OpenAIBase, ChatTemplateFields):
         description="Extension (vLLM): when the last message is the assistant's (continue_final_message), the "
         "answer's content starts with it",
     )
+    # the Responses API's truncation "auto": the oldest turns (after the leading system messages) are dropped, whole,
+    # until the prompt fits; not a request field
+    _drop_turns: bool = PrivateAttr(False)
 
 
 class CompletionLogprobs(BaseModel):
