@@ -159,9 +159,12 @@ def test_an_error_mid_stream_is_an_error_event_and_response_failed(srv):
 
     body = {"model": "acme", "input": "Hello", "max_output_tokens": 400, "ignore_eos": True, "stream": True}
     kinds, events = [], []
-    with httpx.Client(timeout=30) as c, c.stream(
-        "POST", srv.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"}
-    ) as r:
+    with (
+        httpx.Client(timeout=30) as c,
+        c.stream(
+            "POST", srv.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ) as r,
+    ):
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
