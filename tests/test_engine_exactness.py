@@ -121,6 +121,23 @@ def test_packed_cpu_weights_match_plain_linears(bundle_name, request):
     torch.testing.assert_close(_logits(packed, prompt), _logits(plain, prompt), rtol=1e-4, atol=1e-4)
 
 
+def test_prepacked_linear_rows_do_not_depend_on_the_row_count():
+    """Each row of a prepacked linear has the same bits whatever the step's row count, at SmolLM2's shapes (random
+    weights): oneDNN gave a lone row of the 1536 -> 576 down projection other bits (3.7e-6), which moved a seeded
+    draw or a near-tie when a request decoded alone or after a prompt-cache hit (steps are padded to 2 rows)."""
+    from server.engine.model_runner import _Linear
+
+    if not cpu_packing_available(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch build has no oneDNN prepacked linear ops")
+    g = torch.Generator().manual_seed(0)
+    for n_in, n_out in ((576, 960), (576, 576), (576, 3072), (1536, 576)):
+        lin = _Linear(torch.randn(n_out, n_in, generator=g) * 0.02, None, True)
+        x = torch.randn(130, n_in, generator=g)
+        ref = lin(x)
+        for m in (1, 2, 3, 5, 9, 17, 64, 65, 129):
+            assert torch.equal(lin(x[:m]), ref[:m]), (n_in, n_out, m)
+
+
 def _logits(eng, prompt: list[int]) -> torch.Tensor:
     """One forward of `prompt` (no prefix) through the engine's runner: the last token's logits."""
     blocks = eng.pool.allocate(eng.pool.blocks_for(len(prompt)))

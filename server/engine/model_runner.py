@@ -105,14 +105,19 @@ class _Linear:
 
 
 def _row_bucket(m: int) -> int:
-    """Rows a prepacked linear runs with: m itself up to 4, then multiples of 8 up to 64, then of 64.
+    """Rows a prepacked linear runs with: at least 2, m itself up to 4, then multiples of 8 up to 64, then of 64.
+
+    At least 2: oneDNN computes a lone row with other kernels than a row among several (SmolLM2's 1536 -> 576 down
+    projection: 3.7e-6 apart), and at every other row count gives each row the same bits. So a request's logits are
+    the same whatever shares its step (a seeded draw, a near-tie: the same token alone, in a batch, or after a
+    prompt-cache hit left one token to compute), at the cost of one padding row when a request decodes alone.
 
     oneDNN (through ideep) caches a primitive, with its buffers, per input shape; with one shape per step's token
     count the cache grew the server's RSS by ~200 MB over a few thousand mixed requests (up to its 1,024 entries).
     With these buckets a model has a few hundred shapes at most, for at most 1/8 (decode) or 64 rows (prefill) of
     padding, which small-M GEMMs barely notice (they are bound by reading the weights)."""
     if m <= 4:
-        return m
+        return max(m, 2)
     step = 8 if m <= 64 else 64
     return -(-m // step) * step
 
