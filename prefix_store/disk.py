@@ -119,11 +119,13 @@ class DiskStore(PrefixStore):
         self._follower_thread: threading.Thread | None = None
         self._follower_lock = threading.Lock()
         self._stop = threading.Event()
-        self._root_seen = (
-            False  # the root existed (or was made) once: if it goes, it is not made again by a ping
-        )
+        # the root existed (or was made) once: if it goes (a restore under way, a volume unmounted), nothing here
+        # makes it again, since an empty one would be served as the store and a restore would copy into it.
+        # (A store object opened while it is gone cannot tell that from a fresh install: it makes it.)
+        self._root_seen = False
         try:
             _mkdir_durable(self.root)
+            self._root_seen = True
             self._empty_trash()
         except OSError as e:  # reported by ping()/put
             log.warning("prefix store root %s is not usable: %s", self.root, e)
@@ -141,6 +143,7 @@ class DiskStore(PrefixStore):
     def _locked(self, tenant_id: str, name: str) -> Iterator[int]:
         """Exclusive flock on ``<root>/<tenant>/<name>@lock``; yields its fd (which holds the version counter)."""
         tenant_dir = self.root / tenant_id
+        self._check_root()
         _mkdir_durable(tenant_dir)
         fd = os.open(tenant_dir / f"{name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -402,12 +405,11 @@ class DiskStore(PrefixStore):
         except OSError as e:
             raise self._unavailable(f"look up {label(tenant_id, name, version)}", e) from e
 
-    def ping(self) -> None:
+    def _check_root(self) -> None:
+        """The root, made if it never existed; StoreUnavailable if it existed and is gone (see `_root_seen`)."""
         if self.root.is_dir():
             self._root_seen = True
         elif self._root_seen:
-            # gone while in use (a restore under way, a volume unmounted): an empty one made here would be served
-            # as the store, and a restore copying into it would land in a subfolder
             raise self._unavailable("find the root directory", OSError(errno.ENOENT, "it is gone"))
         else:
             try:
@@ -415,6 +417,9 @@ class DiskStore(PrefixStore):
             except OSError as e:
                 raise self._unavailable("create the root directory", e) from e
             self._root_seen = True
+
+    def ping(self) -> None:
+        self._check_root()
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise self._unavailable("write", OSError(errno.EACCES, "permission denied"))
 

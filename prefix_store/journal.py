@@ -50,7 +50,7 @@ def _flock(jdir: Path, mode: int) -> Iterator[None]:
 
 def _first_segment(jdir: Path) -> int:
     """The highest segment, creating the journal (segment 1) if there is none yet."""
-    os.makedirs(jdir, exist_ok=True)
+    jdir.mkdir(exist_ok=True)  # not its parents: a store root that is gone (a restore) is not made again here
     segs = _segments(jdir)
     if segs:
         return segs[-1]

@@ -372,6 +372,8 @@ def test_a_store_restored_under_a_follower_resyncs_it(tmp_path, caplog):
     assert not root.exists()
     with pytest.raises(errors.StoreUnavailable, match="it is gone"):
         follower.ping()  # (/ready says so, and makes no empty store either)
+    with pytest.raises(errors.StoreUnavailable, match="it is gone"):
+        put(follower, n="during-the-restore")  # nor does a put (an import, a training job finishing): a 503
     assert not root.exists()
     shutil.copytree(backup, root)  # the restore: the journal's segment is another file now
     # one when it went, one when the restored journal is followed (what was cached in between may be stale too)
