@@ -175,6 +175,10 @@ def test_an_error_mid_stream_is_an_error_event_and_response_failed(srv):
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert events[-2]["code"] == "shutting_down" and events[-1]["response"]["status"] == "failed"
     assert events[-1]["response"]["error"]["code"] == "shutting_down"
+    # the failed response holds what was sent, cut short
+    sent = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    (item,) = events[-1]["response"]["output"]
+    assert item["content"][0]["text"] == sent != "" and item["status"] == "incomplete"
 
 
 def test_truncation_auto_drops_whole_oldest_items_and_keeps_the_instructions(srv, oai):
@@ -274,6 +278,16 @@ REFUSED = [
     ({"input": [{"type": "function_call_output", "output": "x"}]}, 400, "input[0].call_id"),
     ({"tools": [{"type": "function", "parameters": {}}]}, 400, "tools[0].name"),
     ({"prompt": {"id": "pmpt_1"}}, 400, "prompt"),
+    # the item the error is in, in the Responses request's own names (not the chat request's it becomes)
+    (
+        {
+            "instructions": "Be brief.",
+            "input": [{"role": "user", "content": "hi"}, {"role": "user", "content": "a\u0000b"}],
+        },
+        400,
+        "input[1].content",
+    ),
+    ({"tools": [{"type": "function", "name": "bad name!"}]}, 400, "tools[0].name"),
 ]
 
 

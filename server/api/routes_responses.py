@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
-from server.api.errors import COMMON_ERRORS, APIError
+from server.api.errors import COMMON_ERRORS, APIError, _loc_param
 from server.api.logprobs import chat_logprobs
 from server.api.routes_generate import SSE_DOC
 from server.api.routes_openai import _Choices, _start, chat_stream, json_off_loop
@@ -144,14 +144,17 @@ def _text_of(content: Any, where: str) -> str:
     return "".join(texts)
 
 
-def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | None]]:
     """The chat messages of `instructions` and `input`: consecutive function_call items become one assistant turn
-    with their tool_calls, a function_call_output a tool turn."""
+    with their tool_calls, a function_call_output a tool turn. Also, for each message, the input item it began with
+    (None: the instructions), to name the item in an error."""
     out: list[dict[str, Any]] = []
+    origins: list[int | None] = []
     if body.instructions is not None:
         out.append({"role": "system", "content": body.instructions})
+        origins.append(None)
     if isinstance(body.input, str):
-        return [*out, {"role": "user", "content": body.input}]
+        return [*out, {"role": "user", "content": body.input}], [*origins, 0]
     if not body.input:
         raise APIError(422, "input must hold at least one item", code="invalid_value", param="input")
     for i, item in enumerate(body.input):
@@ -167,6 +170,7 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
                     param=f"{where}.role",
                 )
             out.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
+            origins.append(i)
         elif kind == "function_call":
             for field in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(field), str) or (field != "arguments" and not item[field]):
@@ -189,6 +193,7 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
                 last["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                origins.append(i)
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str) or not item["call_id"]:
                 raise APIError(
@@ -198,11 +203,12 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             output = item.get("output")
             text = output if isinstance(output, str) else _text_of(output, f"{where}.output")
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+            origins.append(i)
         elif kind == "reasoning":
             raise _unsupported("reasoning items are not supported: this is not a reasoning model", where)
         else:
             raise _unsupported(f"input items of type {kind!r} are not supported", f"{where}.type")
-    return out
+    return out, origins
 
 
 def _chat_tools(body: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
@@ -263,9 +269,10 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
                 f"include {what!r} is not available: only {LOGPROBS_INCLUDE!r}", f"include[{i}]"
             )
     tools, choice = _chat_tools(body)
+    messages, origins = _messages(body)
     fields: dict[str, Any] = {
         "model": body.model,
-        "messages": _messages(body),
+        "messages": messages,
         "max_tokens": body.max_output_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -287,15 +294,16 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         chat = ChatCompletionRequest.model_validate(fields)
     except ValidationError as e:
         first = e.errors()[0]
-        loc = first.get("loc", ())
-        param = (
-            str(loc[0]) + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc[1:])
-            if loc
-            else None
-        )
-        raise APIError(
-            422, first.get("msg", "invalid value"), code="invalid_value", param=_param(param)
-        ) from None
+        loc = tuple(first.get("loc", ()))
+        if loc[:1] == ("messages",) and len(loc) > 1 and isinstance(loc[1], int):
+            origin = origins[loc[1]]  # the input item (or the instructions) the message came from
+            loc = ("instructions",) if origin is None else ("input", origin, *loc[2:])
+        elif loc[:1] == ("tools",) and loc[2:3] == (
+            "function",
+        ):  # a Responses tool has no `function` wrapper
+            loc = (*loc[:2], *loc[3:])
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise APIError(422, message, code="invalid_value", param=_param(_loc_param(loc))) from None
     chat._drop_turns = body.truncation == "auto"
     return chat
 
@@ -423,10 +431,11 @@ async def responses(
     for c in calls or []:
         fn = c["function"]
         answer.output.append(_call_item(_item_id("fc"), c["id"], fn["name"], fn["arguments"], "completed"))
-    if (
-        status == "incomplete"
-    ):  # the last item is what max_output_tokens cut (a call's arguments: not valid JSON)
-        answer.output[-1]["status"] = "incomplete"
+    if status == "incomplete":  # the item max_output_tokens cut (a call's arguments: not valid JSON)
+        # "auto": the text (the calls found in it are whole); else the last call
+        texts = [o for o in answer.output if o["type"] == "message"]
+        cut = texts[-1] if texts and ch.plan.tools.mode in ("none", "auto") else answer.output[-1]
+        cut["status"] = "incomplete"
     return await json_off_loop(ResponseObject, lambda: answer.response(status, _usage(ch)))
 
 
@@ -465,20 +474,30 @@ class _Stream:
 
     def failed(self, e: APIError) -> bytes:
         _rename(e)
+        if self.open is not None:  # what was sent of it, cut short
+            self._finish(self.open, "incomplete")
+            self.open = None
         error = {"code": e.code, "message": e.message}
         return self.frame("error", code=e.code, message=e.message, param=e.param) + self.frame(
             "response.failed", response={**self.answer.response("failed"), "error": error}
         )
+
+    def _finish(self, item: dict[str, Any], status: str) -> None:
+        """`item` as it ends: its text and logprobs (a message), its status."""
+        if item["type"] == "message":
+            lps = list(self.lps) if self.want_lps else None
+            item.update(_message_item(item["id"], "".join(self.text), lps, status))
+        item["status"] = status
 
     def close(self, status: str = "completed") -> list[bytes]:
         item, self.open = self.open, None
         if item is None:
             return []
         index = self.answer.output.index(item)
+        self._finish(item, status)
         if item["type"] == "message":
-            lps = list(self.lps) if self.want_lps else None
-            item.update(_message_item(item["id"], "".join(self.text), lps, status))
             part = item["content"][0]
+            lps = part.get("logprobs")
             return [
                 self.frame("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
                            text=part["text"], logprobs=lps or []),
@@ -486,7 +505,6 @@ class _Stream:
                            part=part),
                 self.frame("response.output_item.done", output_index=index, item=item),
             ]  # fmt: skip
-        item["status"] = status
         return [
             self.frame("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                        arguments=item["arguments"]),
