@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, VersionTaken
 from prefix_store.format import (
     IDEMPOTENCY,
     ChangeEvent,
@@ -48,6 +48,18 @@ def check_version(version: object) -> int | None:
     if isinstance(version, bool) or not isinstance(version, int):
         raise TypeError(f"version must be an int or None, got {type(version).__name__}")
     return version
+
+
+def version_to_take(tenant_id: str, name: str, next_version: int, asked: int | None) -> int:
+    """The version a put stores: the next one, or the one asked for (``put(version=...)``) if it is above every
+    version the name has had (VersionTaken otherwise)."""
+    if asked is None:
+        return next_version
+    if asked < next_version:
+        raise VersionTaken(
+            f"prefix {label(tenant_id, name)} has had version {next_version - 1}: cannot store version {asked}"
+        )
+    return asked
 
 
 class PrefixStore(abc.ABC):

@@ -43,8 +43,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prefix_store import journal
-from prefix_store.base import PrefixStore, Subscriber
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable, VersionTaken
+from prefix_store.base import PrefixStore, Subscriber, version_to_take
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
 from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
 
@@ -251,11 +251,7 @@ class DiskStore(PrefixStore):
                     if earlier is not None:
                         return earlier, False
                 nxt = max(self._read_counter(lock_fd), *self._scan(ndir), 0) + 1
-                if version is not None and version < nxt:
-                    raise VersionTaken(
-                        f"prefix {label(tenant_id, name)} has had version {nxt - 1}: cannot store version {version}"
-                    )
-                version = nxt if version is None else version
+                version = version_to_take(tenant_id, name, nxt, version)
                 self._write_counter(lock_fd, version)  # before any file: a crash leaves a gap, never a reuse
                 meta = enc.meta(tenant_id, name, version, time.time() if created is None else created)
                 _write_file_atomic(ndir / f"v{version}.safetensors", enc.blob)

@@ -45,8 +45,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError, WatchError
 from redis.retry import Retry
 
-from prefix_store.base import PrefixStore, Subscriber
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable, VersionTaken
+from prefix_store.base import PrefixStore, Subscriber, version_to_take
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
 from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
 from prefix_store.outage import RepeatedFailure
@@ -226,13 +226,7 @@ class RedisStore(PrefixStore):
                         return
                 # the version number is taken in the transaction: a repeat that finds its first attempt, or a put
                 # that fails, leaves no gap in the numbering
-                version = int(pipe.get(counter_key) or 0) + 1
-                if asked is not None:
-                    if asked < version:
-                        raise VersionTaken(
-                            f"prefix {label(t, n)} has had version {version - 1}: cannot store version {asked}"
-                        )
-                    version = asked
+                version = version_to_take(t, n, int(pipe.get(counter_key) or 0) + 1, asked)
                 meta = enc.meta(t, n, version, time.time() if created is None else created)
                 attempts[version] = meta
                 written.append(meta)
