@@ -164,7 +164,7 @@ def error_response(
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _loc_param(loc: tuple[Any, ...]) -> str | None:
+def loc_param(loc: tuple[Any, ...]) -> str | None:
     """`("body", "messages", 0, "content")` → `"messages[0].content"` (the spelling the training checks use too):
     field names and indexes only, pydantic's type tags (`"list[function-after[...]]"`) left out."""
     out = ""
@@ -177,7 +177,7 @@ def _loc_param(loc: tuple[Any, ...]) -> str | None:
 
 
 def _validation_message(err: dict[str, Any]) -> str:
-    loc = _loc_param(tuple(err.get("loc", ())))
+    loc = loc_param(tuple(err.get("loc", ())))
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 
@@ -229,7 +229,7 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             422,
             message,
             code="invalid_value",
-            param=_loc_param(tuple(first.get("loc", ()))),
+            param=loc_param(tuple(first.get("loc", ()))),
             request=request,
         )
 

@@ -7,7 +7,8 @@ Responses API's typed events (`response.created` ... `response.output_text.delta
 
 Nothing is stored (vLLM's default too): `previous_response_id`, `conversation` and `background` are refused, so a
 client sends the whole conversation in `input` (function call items and their outputs included). Built-in tools
-(web search, file search, ...), image and file inputs and `reasoning` are refused as well, never ignored.
+(web search, file search, ...), image and file inputs, `reasoning` and stored `prompt` templates are refused as well,
+never ignored.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
-from server.api.errors import COMMON_ERRORS, APIError, _loc_param
+from server.api.errors import COMMON_ERRORS, APIError, loc_param
 from server.api.logprobs import chat_logprobs
 from server.api.routes_generate import SSE_DOC
 from server.api.routes_openai import _Choices, _start, chat_stream, json_off_loop
@@ -298,12 +299,10 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         if loc[:1] == ("messages",) and len(loc) > 1 and isinstance(loc[1], int):
             origin = origins[loc[1]]  # the input item (or the instructions) the message came from
             loc = ("instructions",) if origin is None else ("input", origin, *loc[2:])
-        elif loc[:1] == ("tools",) and loc[2:3] == (
-            "function",
-        ):  # a Responses tool has no `function` wrapper
-            loc = (*loc[:2], *loc[3:])
+        elif loc[:1] == ("tools",) and loc[2:3] == ("function",):
+            loc = (*loc[:2], *loc[3:])  # a Responses tool has no `function` wrapper
         message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        raise APIError(422, message, code="invalid_value", param=_param(_loc_param(loc))) from None
+        raise APIError(422, message, code="invalid_value", param=_param(loc_param(loc))) from None
     chat._drop_turns = body.truncation == "auto"
     return chat
 
