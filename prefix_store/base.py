@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -96,8 +97,14 @@ class PrefixStore(abc.ABC):
         ``version`` / ``created`` (copying another store's versions as they are: ``prefixserve prefixes copy``):
         store it as that version, which must be above every version the name has had (VersionTaken otherwise),
         with that creation time."""
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
-            raise ValueError(f"version must be a positive int, got {version!r}")
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION
+        ):
+            raise ValueError(f"version must be an int in [1, {MAX_VERSION}], got {version!r}")
+        if created is not None and (
+            isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created)
+        ):
+            raise ValueError(f"created must be a finite number of unix seconds, got {created!r}")
         enc = self._encode(
             tenant_id, name, kind, tensors, base_model_fingerprint, prefix_length, training, extra
         )
@@ -258,6 +265,13 @@ class PrefixStore(abc.ABC):
             if older.base_model_fingerprint == fingerprint:
                 return older
         return meta
+
+    def names(self, tenant_id: str | None = None) -> builtins.list[tuple[str, str]]:
+        """(tenant_id, name) of every name that may hold a version (of one tenant or all), sorted; no metadata read,
+        so a name whose latest metadata is unreadable is here too (``list`` skips it)."""
+        if tenant_id is not None:
+            validate_name(tenant_id, "tenant_id")
+        return sorted(self._names(tenant_id))
 
     def versions(self, tenant_id: str, name: str) -> builtins.list[int]:
         """All stored versions, ascending ([] if none)."""

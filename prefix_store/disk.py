@@ -251,12 +251,17 @@ class DiskStore(PrefixStore):
                     if earlier is not None:
                         return earlier, False
                 nxt = max(self._read_counter(lock_fd), *self._scan(ndir), 0) + 1
-                version = version_to_take(tenant_id, name, nxt, version)
-                self._write_counter(lock_fd, version)  # before any file: a crash leaves a gap, never a reuse
+                asked, version = version, version_to_take(tenant_id, name, nxt, version)
+                if asked is None:  # before any file: a crash leaves a gap, never a reuse
+                    self._write_counter(lock_fd, version)
                 meta = enc.meta(tenant_id, name, version, time.time() if created is None else created)
                 _write_file_atomic(ndir / f"v{version}.safetensors", enc.blob)
                 _fsync_dir(ndir)
                 _write_file_atomic(ndir / f"v{version}.json", meta.to_json())  # the commit marker
+                if asked is not None:
+                    # a number asked for (a copy) is taken once committed: a copy killed before that can store it
+                    # when run again; nothing can reuse it meanwhile, the commit marker's scan counts it
+                    self._write_counter(lock_fd, version)
                 try:
                     _fsync_dir(ndir)
                 finally:  # visible from the rename on: other processes hear of it even if the fsync failed

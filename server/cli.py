@@ -735,17 +735,31 @@ def cmd_prefixes_copy(ns: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"prefixserve: copy failed: {e}", file=sys.stderr)
         return EXIT_USAGE
-    done = {"copied": 0, "already_there": 0, "failed": 0}
+    done = {"copied": 0, "already_there": 0, "pruned": 0, "failed": 0}
     try:
         src.ping()
         dst.ping()
-        names = [(m.tenant_id, m.name) for m in src.list(ns.tenant_id) if ns.name in (None, m.name)]
+        # every name, also one whose latest metadata is unreadable (a listing skips it: its good versions go too)
+        names = [(t, n) for t, n in src.names(ns.tenant_id) if ns.name in (None, n)]
+        if ns.name is not None and not names:
+            print(f"prefixserve: copy failed: no prefix named {ns.name!r} in {ns.source}", file=sys.stderr)
+            return EXIT_FAIL
         for t, n in names:
             have = set(dst.versions(t, n))
             for v in src.versions(t, n):
+                if dst.keep_versions is not None and have and v < min(have):
+                    done["pruned"] += 1  # older than what the target keeps: it would prune it again at once
+                    continue
                 try:
                     rec = src.get(t, n, v)
                 except errors.PrefixNotFound:  # deleted meanwhile
+                    continue
+                except (
+                    errors.InvalidPrefix,
+                    errors.ChecksumMismatch,
+                ) as e:  # this one only: the copy goes on
+                    print(f"prefixserve: '{t}/{n}' v{v} not copied: {e}", file=sys.stderr)
+                    done["failed"] += 1
                     continue
                 m = rec.meta
                 if v in have and dst.get_meta(t, n, v).sha256 == m.sha256:
@@ -758,7 +772,9 @@ def cmd_prefixes_copy(ns: argparse.Namespace) -> int:
                             prefix_length=m.prefix_length, training=m.training, extra=m.extra, version=v,
                             created=m.created)  # fmt: skip
                 except errors.VersionTaken as e:
-                    print(f"prefixserve: {m.label} not copied: {e}", file=sys.stderr)
+                    print(
+                        f"prefixserve: {m.label} not copied (the target was written to): {e}", file=sys.stderr
+                    )
                     done["failed"] += 1
                     continue
                 done["copied"] += 1

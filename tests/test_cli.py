@@ -381,13 +381,13 @@ def test_prefixes_copy_keeps_version_numbers_and_can_be_run_again(tmp_path, caps
     dst = open_store(redis_store_url)
     argv = ["prefixes", "copy", "--from", src_url, "--to", redis_store_url]
     assert cli.main(argv) == 0
-    assert json.loads(capsys.readouterr().out) == {"copied": 3, "already_there": 0, "failed": 0}
+    assert json.loads(capsys.readouterr().out) == {"copied": 3, "already_there": 0, "pruned": 0, "failed": 0}
     assert dst.versions("acme", "faq") == [1, 3] and dst.versions("globex", "bot") == [1]
     for v in (1, 3):
         a, b = src.get("acme", "faq", v), dst.get("acme", "faq", v)
         assert torch.equal(a.kv, b.kv) and (a.meta.created, a.meta.sha256) == (b.meta.created, b.meta.sha256)
     assert cli.main(argv) == 0  # again: nothing to do
-    assert json.loads(capsys.readouterr().out) == {"copied": 0, "already_there": 3, "failed": 0}
+    assert json.loads(capsys.readouterr().out) == {"copied": 0, "already_there": 3, "pruned": 0, "failed": 0}
     put_random_prefix(src, bundle, "acme", "faq", prefix_length=5, seed=5)  # v4 in the source
     put_random_prefix(dst, bundle, "globex", "bot", prefix_length=4, seed=6)  # v2 in the target only
     put_random_prefix(src, bundle, "globex", "bot", prefix_length=4, seed=7)  # another v2 in the source
@@ -395,7 +395,7 @@ def test_prefixes_copy_keeps_version_numbers_and_can_be_run_again(tmp_path, caps
     assert json.loads(capsys.readouterr().out)["copied"] == 1 and dst.versions("acme", "faq") == [1, 3, 4]
     assert cli.main(argv) == cli.EXIT_FAIL
     captured = capsys.readouterr()
-    assert json.loads(captured.out) == {"copied": 0, "already_there": 4, "failed": 1}
+    assert json.loads(captured.out) == {"copied": 0, "already_there": 4, "pruned": 0, "failed": 1}
     assert "'globex/bot' v2 not copied" in captured.err
     # the store refuses a number below what the name has had
     with pytest.raises(errors.VersionTaken):
@@ -404,6 +404,70 @@ def test_prefixes_copy_keeps_version_numbers_and_can_be_run_again(tmp_path, caps
         cli.main(["prefixes", "copy", "--from", f"file://{tmp_path / 'none'}", "--to", redis_store_url]) == 1
     )
     assert "no prefix store at" in capsys.readouterr().err
+    assert cli.main([*argv, "--name", "nope"]) == 1  # a typo copies nothing: not a success
+    assert "no prefix named 'nope'" in capsys.readouterr().err
+
+
+def test_prefixes_copy_goes_on_past_a_damaged_version_and_a_crash(tmp_path, capsys):
+    """One damaged source version (bad bytes, or the latest's metadata unreadable) is reported and the rest is
+    copied; a copy killed after a file store target took a version's number but before its commit can store it when
+    run again; versions older than a keep_versions target keeps are not copied again and again."""
+    from prefix_store import open_store
+    from tests.fixtures.server import put_random_prefix, tiny_bundle
+
+    src_url, dst_url = f"file://{tmp_path / 'src'}", f"file://{tmp_path / 'dst'}"
+    src, bundle = open_store(src_url), tiny_bundle()
+    for seed in (1, 2):
+        put_random_prefix(src, bundle, "acme", "a1", prefix_length=4, seed=seed)
+    put_random_prefix(src, bundle, "acme", "b2", prefix_length=4, seed=3)
+    put_random_prefix(src, bundle, "zeta", "c3", prefix_length=4, seed=4)
+    (tmp_path / "src" / "acme" / "a1" / "v2.json").write_text("{not json")  # its latest: unlisted
+    blob = tmp_path / "src" / "acme" / "b2" / "v1.safetensors"
+    data = blob.read_bytes()
+    blob.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    argv = ["prefixes", "copy", "--from", src_url, "--to", dst_url]
+    assert cli.main(argv) == 1
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"copied": 2, "already_there": 0, "pruned": 0, "failed": 2}
+    assert "'acme/a1' v2 not copied" in out.err and "'acme/b2' v1 not copied" in out.err
+    dst = open_store(dst_url)
+    assert dst.versions("acme", "a1") == [1] and dst.versions("zeta", "c3") == [1]
+    keep_url = f"file://{tmp_path / 'keep'}?keep_versions=1"
+    for seed in (5, 6, 7):
+        put_random_prefix(src, bundle, "acme", "k", prefix_length=4, seed=seed)
+    again = ["prefixes", "copy", "--from", src_url, "--to", keep_url, "--name", "k"]
+    assert cli.main(again) == 0 and cli.main(again) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {
+        "copied": 0,
+        "already_there": 1,
+        "pruned": 2,
+        "failed": 0,
+    }
+    assert open_store(keep_url).versions("acme", "k") == [3]
+
+
+def test_a_file_store_put_of_an_asked_version_takes_its_number_once_committed(tmp_path, monkeypatch):
+    """A copy killed between taking a version's number and committing it (its metadata file) can store that version
+    when run again: for an asked-for number, the counter is written after the commit."""
+    import prefix_store.disk as disk
+    from prefix_store import open_store
+
+    store = open_store(f"file://{tmp_path / 's'}")
+    real = disk._write_file_atomic
+
+    def crash_at_commit(path, data):
+        if str(path).endswith("v3.json"):
+            raise OSError("killed")
+        return real(path, data)
+
+    monkeypatch.setattr(disk, "_write_file_atomic", crash_at_commit)
+    from tests.fixtures.server import tiny_bundle
+
+    bundle = tiny_bundle()
+    with pytest.raises(errors.StoreUnavailable):
+        put_random_prefix_at(store, bundle, "acme", "faq", 3)
+    monkeypatch.undo()
+    assert put_random_prefix_at(store, bundle, "acme", "faq", 3).version == 3
 
 
 def put_random_prefix_at(store, bundle, tenant, name, version):

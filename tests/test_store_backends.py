@@ -172,8 +172,10 @@ def test_a_put_may_keep_a_version_number_above_every_earlier_one(store):
         with pytest.raises(errors.VersionTaken):
             put(store, version=taken)
     assert store.versions("acme", "bot") == [5]
-    with pytest.raises(ValueError):
-        put(store, version=0)
+    for bad in ({"version": 0}, {"version": 10**18}, {"created": float("nan")}, {"created": "yesterday"}):
+        with pytest.raises(ValueError):
+            put(store, **bad)
+    assert store.versions("acme", "bot") == [5]
 
 
 def test_not_found(store):
