@@ -95,16 +95,14 @@ class Follower:
         self._fd: int | None = None
         self._partial = b""
         self.lost = False  # set when lines were missed (rotated past, or the journal was replaced); the reader clears it
-        self._gone = (
-            False  # the journal was replaced: it is not created again here, only followed once it is back
-        )
+        # the journal was replaced: it is not created again here, only followed once it is back
+        self._gone = False
         self._start()
 
     def _start(self) -> None:
         try:
-            if (
-                self._gone
-            ):  # never create it: a restore is writing the directory (`cp -a backup root` needs it absent)
+            if self._gone:
+                # never create it: a restore is writing the directory (`cp -a backup root` needs it absent)
                 segs = _segments(self.jdir)
                 if not segs:
                     return

@@ -580,15 +580,12 @@ def _on_store(
     """`op(store)` on the store at `url` (closed afterwards); None after printing `failure` and the error.
     `existing`: the command only reads or removes, so a file store that does not exist is an error (opening it
     would create it, and an empty listing of a mistyped path looks like success)."""
-    from prefix_store import errors, file_store_root, open_store
+    from prefix_store import errors, open_store
 
     caught = catch or errors.StoreError
     try:
-        if existing:
-            root = file_store_root(url)
-            if root is not None and not root.is_dir():
-                print(f"prefixserve: {failure}no prefix store at {root}", file=sys.stderr)
-                return None
+        if existing and _no_store_at(url, failure):
+            return None
         store = open_store(url)
     except ValueError as e:  # not a store URL
         print(f"prefixserve: {failure}{e}", file=sys.stderr)
@@ -600,6 +597,18 @@ def _on_store(
         return None
     finally:
         store.close()
+
+
+def _no_store_at(url: str, failure: str) -> bool:
+    """Print why, if `url` is a file store that does not exist (opening it would create an empty one, and reading
+    or copying from that looks like success). ValueError if `url` is not a store URL."""
+    from prefix_store import file_store_root
+
+    root = file_store_root(url)
+    if root is not None and not root.is_dir():
+        print(f"prefixserve: {failure}no prefix store at {root}", file=sys.stderr)
+        return True
+    return False
 
 
 def _reserved(tenant_id: str, name: str) -> bool:
@@ -724,12 +733,10 @@ def cmd_prefixes_copy(ns: argparse.Namespace) -> int:
     store to Redis). A version the target has with the same bytes is skipped, so a copy cut short can be run
     again; one it has with other bytes, or a number below the target's highest for that name, is reported and
     the copy goes on (exit 1 at the end)."""
-    from prefix_store import errors, file_store_root, open_store
+    from prefix_store import errors, open_store
 
     try:
-        root = file_store_root(ns.source)
-        if root is not None and not root.is_dir():  # opening it would create an empty store: nothing copied
-            print(f"prefixserve: copy failed: no prefix store at {root}", file=sys.stderr)
+        if _no_store_at(ns.source, "copy failed: "):
             return EXIT_FAIL
         src, dst = open_store(ns.source), open_store(ns.target)
     except ValueError as e:

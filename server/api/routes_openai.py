@@ -187,10 +187,8 @@ async def _drop_turns(
     )
     if head >= len(messages) - 1:  # no turn to drop
         return ids
-    lo, hi = (
-        head,
-        len(messages) - 1,
-    )  # keep messages[:head] + messages[k:], k from head (all) to the last alone
+    # keep messages[:head] + messages[k:], k from head (all) to the last alone
+    lo, hi = head, len(messages) - 1
     best = None
     while lo <= hi:
         k = (lo + hi) // 2
