@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -251,20 +251,29 @@ class PrefixStore(abc.ABC):
         """The metadata of ``version``, or (None) of the name's latest version made for the base model with this
         ``fingerprint``; the latest version if there is none (its fingerprint says so). Servers of two base models
         may share a store (a blue/green model upgrade): a version trained on one model does not hide the other's
-        versions of the name, each fleet serves its own latest."""
+        versions of the name, each fleet serves its own latest. The older versions are read newest first, in
+        batches (one round trip each on Redis)."""
         meta = self.get_meta(tenant_id, name, version)
         if version is not None or meta.base_model_fingerprint == fingerprint:
             return meta
-        for v in reversed(self.versions(tenant_id, name)):
-            if v >= meta.version:
+        older = [v for v in reversed(self.versions(tenant_id, name)) if v < meta.version]
+        for v, raw in zip(older, self._raw_metas(tenant_id, name, older), strict=True):
+            if raw is None:  # deleted meanwhile
                 continue
-            try:
-                older = self.get_meta(tenant_id, name, v)
-            except PrefixNotFound:  # deleted meanwhile
-                continue
-            if older.base_model_fingerprint == fingerprint:
-                return older
+            with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
+                # a cheap look at its fingerprint first: only a match is parsed and checked in full
+                if json.loads(raw).get("base_model_fingerprint") != fingerprint:
+                    continue
+            found = PrefixMeta.from_json(raw)
+            self._check_meta(found, tenant_id, name, v)
+            if found.base_model_fingerprint == fingerprint:
+                return found
         return meta
+
+    @abc.abstractmethod
+    def _raw_metas(self, tenant_id: str, name: str, versions: builtins.list[int]) -> Iterator[bytes | None]:
+        """The stored metadata bytes of each of ``versions`` in turn (None: not stored), read as they are asked
+        for (a backend with round trips reads them in batches)."""
 
     def names(self, tenant_id: str | None = None) -> builtins.list[tuple[str, str]]:
         """(tenant_id, name) of every name that may hold a version (of one tenant or all), sorted; no metadata read,

@@ -280,13 +280,7 @@ class DiskStore(PrefixStore):
             return self._load(tenant_id, name, self._latest(tenant_id, name), with_blob=with_blob)
         ndir = self._name_dir(tenant_id, name)
         meta_path = ndir / f"v{version}.json"
-        try:
-            meta_bytes = meta_path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            raise PrefixNotFound(f"prefix {label(tenant_id, name, version)} not found") from None
-        except OSError as e:
-            raise self._unavailable(f"read {meta_path}", e) from e
-        meta = PrefixMeta.from_json(meta_bytes)
+        meta = PrefixMeta.from_json(self._meta_bytes(meta_path, tenant_id, name, version))
         if not with_blob:
             return meta, None
         try:
@@ -302,6 +296,22 @@ class DiskStore(PrefixStore):
         except OSError as e:
             raise self._unavailable(f"read prefix {label(tenant_id, name, version)}", e) from e
         return meta, blob
+
+    def _meta_bytes(self, meta_path: Path, tenant_id: str, name: str, version: int) -> bytes:
+        try:
+            return meta_path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise PrefixNotFound(f"prefix {label(tenant_id, name, version)} not found") from None
+        except OSError as e:
+            raise self._unavailable(f"read {meta_path}", e) from e
+
+    def _raw_metas(self, tenant_id: str, name: str, versions: builtins.list[int]) -> Iterator[bytes | None]:
+        ndir = self._name_dir(tenant_id, name)
+        for v in versions:
+            try:
+                yield self._meta_bytes(ndir / f"v{v}.json", tenant_id, name, v)
+            except PrefixNotFound:
+                yield None
 
     def _latest(self, tenant_id: str, name: str) -> int:
         try:

@@ -57,6 +57,7 @@ log = logging.getLogger("prefix_store")
 DEFAULT_NAMESPACE = "prefixserve"
 DEFAULT_SOCKET_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 2.0
+META_BATCH = 128  # metadata records read in one round trip when looking through older versions
 # how long a put's token says which version it wrote: as long as the put may retry its transaction
 PUT_TOKEN_TTL_S = 3600
 _UNAVAILABLE_REPLIES = (
@@ -306,6 +307,14 @@ class RedisStore(PrefixStore):
             except InvalidPrefix as e:
                 log.warning("skipping prefix %s in listing: %s", label(t, n, v), e)
         return out
+
+    def _raw_metas(self, tenant_id: str, name: str, versions: builtins.list[int]) -> Iterator[bytes | None]:
+        t, n = tenant_id, name
+        for i in range(0, len(versions), META_BATCH):
+            chunk = versions[i : i + META_BATCH]
+            with self._errors(f"get versions of {label(t, n)}"):
+                raws = self._r.mget([self._meta_key(t, n, v) for v in chunk])
+            yield from raws
 
     def _versions(self, tenant_id: str, name: str) -> builtins.list[int]:
         with self._errors(f"versions of {label(tenant_id, name)}"):

@@ -287,6 +287,34 @@ def test_a_version_for_another_base_model_does_not_hide_this_models_versions(srv
     assert srv.svc.servable_meta("acme", "pt").version == 1
 
 
+def test_a_name_with_no_version_for_this_model_is_refused_from_the_cache(srv, api_bundle, monkeypatch):
+    """Finding that no version of a name was trained for this server's base model reads every version's
+    metadata: the refusal is cached like a resolution (each request naming it cost that walk), named after the
+    asking field, and dropped when the name changes (a version for this model put: served at once)."""
+    c = srv.client()
+    for seed in range(3):
+        put_random_prefix(srv.store, api_bundle, "acme", "pt", seed=seed, fingerprint="the-new-model")
+    walks = []
+    real = srv.store.servable_meta
+    monkeypatch.setattr(srv.store, "servable_meta", lambda *a: walks.append(a) or real(*a))
+    body = {"tenant_id": "acme", "prefix": "pt", "prompt": "x", "max_tokens": 2}
+    first = assert_error(c.post("/generate", json=body), 422, "prefix_incompatible")
+    assert first["param"] == "prefix" and "no version of prefix 'pt' was" in first["message"]
+    assert len(walks) == 1
+    assert assert_error(c.post("/generate", json=body), 422, "prefix_incompatible") == first
+    err = assert_error(
+        c.post("/v1/completions", json={"model": "acme/pt", "prompt": "x", "max_tokens": 2}),
+        400,  # OpenAI's routes say 400 for what /generate says 422
+        "prefix_incompatible",
+    )
+    assert (err["param"], err["message"]) == ("model", first["message"])
+    assert len(walks) == 1
+    put_random_prefix(srv.store, api_bundle, "acme", "pt", seed=4)
+    r = c.post("/generate", json=body)
+    assert r.status_code == 200 and r.json()["prefix_version"] == 4, r.text
+    assert len(walks) == 2
+
+
 def test_openapi_documents_every_route_and_error_body(srv):
     c = srv.client()
     srv.app.openapi_schema = None  # built again here, where a warning (a repeated operation id, say) fails

@@ -68,6 +68,12 @@ def write_blob(store, t, n, v, data: bytes) -> None:
         store._r.set(store._blob_key(t, n, v), data)
 
 
+def read_meta_raw(store, t, n, v) -> bytes:
+    if hasattr(store, "root"):
+        return _disk_path(store, t, n, v, "json").read_bytes()
+    return store._r.get(store._meta_key(t, n, v))
+
+
 def write_meta_raw(store, t, n, v, data: bytes) -> None:
     if hasattr(store, "root"):
         _disk_path(store, t, n, v, "json").write_bytes(data)
@@ -159,6 +165,34 @@ def test_servable_meta_is_the_latest_version_for_a_base_model(store):
     assert store.servable_meta("acme", "bot", None, "model-a").version == 1
     other = store.servable_meta("acme", "bot", None, "model-c")  # none: the latest, its fingerprint says so
     assert (other.version, other.base_model_fingerprint) == (4, "model-b")
+
+
+def test_servable_meta_reads_older_versions_in_batches_and_checks_the_one_it_takes(
+    store, backend, monkeypatch
+):
+    """Past batch boundaries (Redis reads older metadata a batch per round trip), skipping a version deleted or
+    made for another model (even one incomplete); the match itself is checked in full (metadata describing another
+    name is refused, never served), as is a version that cannot be read at all (it might have been the match)."""
+    if backend == "redis":
+        monkeypatch.setattr("prefix_store.redis_store.META_BATCH", 2)
+    put(store, fp="model-a")  # v1
+    put(store, fp="model-a")  # v2
+    for _ in range(5):
+        put(store, fp="model-b")  # v3..v7
+    store.delete("acme", "bot", 2)
+    write_meta_raw(store, "acme", "bot", 4, b'{"base_model_fingerprint": "model-b"}')
+    assert store.servable_meta("acme", "bot", None, "model-a").version == 1
+    assert store.servable_meta("acme", "bot", None, "model-c").version == 7  # none: the latest
+    write_meta_raw(store, "acme", "bot", 4, b"{not json")
+    with pytest.raises(errors.InvalidPrefix, match="not valid JSON"):
+        store.servable_meta("acme", "bot", None, "model-a")
+    assert store.servable_meta("acme", "bot", None, "model-b").version == 7
+    store.delete("acme", "bot", 4)
+    write_meta_raw(
+        store, "acme", "bot", 1, read_meta_raw(store, "acme", "bot", 5).replace(b"model-b", b"model-a")
+    )
+    with pytest.raises(errors.InvalidPrefix, match="stored under 'acme/bot' v1 describes 'acme/bot' v5"):
+        store.servable_meta("acme", "bot", None, "model-a")
 
 
 def test_a_put_may_keep_a_version_number_above_every_earlier_one(store):

@@ -243,13 +243,14 @@ def requester() -> str:
 
 class PrefixMetaCache:
     """(tenant, name, version or None for the latest) → resolved metadata, so cached prefixes keep working while
-    the store is down. Invalidation is per name: a change to a name drops its latest and every pinned version."""
+    the store is down, and → why it cannot be served (a `Refusal`). Invalidation is per name: a change to a name
+    drops its latest and every pinned version."""
 
     MAX_GENERATIONS = 4096  # names remembered as changed; past it every fetch under way is refused once
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
-        self._entries: dict[tuple[str, str], dict[int | None, tuple[ResolvedPrefix, float]]] = {}
+        self._entries: dict[tuple[str, str], dict[int | None, tuple[ResolvedPrefix | Refusal, float]]] = {}
         # name -> the change count at its last invalidation; a fetch that began before it does not put its result
         self._changed_at: dict[tuple[str, str], int] = {}
         self._changes = 0
@@ -259,7 +260,7 @@ class PrefixMetaCache:
 
     def get(
         self, key: tuple[str, str], version: int | None = None
-    ) -> tuple[ResolvedPrefix | None, bool, tuple[int, int]]:
+    ) -> tuple[ResolvedPrefix | Refusal | None, bool, tuple[int, int]]:
         """(entry, fresh, generation: give it back to `put`)."""
         with self._lock:
             ent = self._entries.get(key, {}).get(version)
@@ -274,7 +275,11 @@ class PrefixMetaCache:
             return (self._epoch, self._changes)
 
     def put(
-        self, key: tuple[str, str], value: ResolvedPrefix, gen: tuple[int, int], version: int | None = None
+        self,
+        key: tuple[str, str],
+        value: ResolvedPrefix | Refusal,
+        gen: tuple[int, int],
+        version: int | None = None,
     ) -> None:
         epoch, began = gen
         with self._lock:
@@ -300,6 +305,19 @@ class PrefixMetaCache:
 
 
 # ----------------------------------------------------------------------------------------------- generation
+@dataclass(frozen=True)
+class Refusal:
+    """A name (or version) no version of which this server can serve (each was trained for another base model),
+    cached like a resolution: finding that out reads every version's metadata. Raised as the APIError it was."""
+
+    status: int
+    message: str
+    code: str
+
+    def error(self, param: str) -> APIError:
+        return APIError(self.status, self.message, code=self.code, param=param)
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -932,6 +950,8 @@ class Service:
             # events, which drop entries; the TTL is the backstop), so a hung store costs no request its timeout
             if not fresh:
                 self._revalidate(key, version, gen)
+            if isinstance(ent, Refusal):
+                raise ent.error(param)
             return ent
         if time.monotonic() < self._store_down_until:  # it just failed: do not queue every request behind it
             raise unavailable(
@@ -954,9 +974,9 @@ class Service:
                 await self._lookup(key, version, gen, "prefix")
             except APIError as e:
                 log.debug("refreshing %s/%s@%s: %s", key[0], key[1], version, e.message)
-                # it cannot be served as it is now (gone, another base model, corrupt): the next request hears
-                # why; the store down: keep serving it
-                if e.status != 503:
+                # it cannot be served as it is now (gone, corrupt): the next request hears why; the store down:
+                # keep serving it; another base model: the lookup cached that
+                if e.status != 503 and e.code != "prefix_incompatible":
                     self.meta_cache.invalidate(key)
             except Exception:
                 log.exception("refreshing %s/%s@%s failed", key[0], key[1], version)
@@ -999,14 +1019,15 @@ class Service:
                 if version is not None
                 else f"no version of prefix {name!r} was"
             )
-            raise APIError(
+            refusal = Refusal(
                 422,
                 f"{which} trained for this server's base model (fingerprint {self.bundle.fingerprint[:12]}); "
                 f"{'it' if version is not None else 'the latest'} was trained for one with fingerprint "
                 f"{meta.base_model_fingerprint[:12]}",
-                code="prefix_incompatible",
-                param=param,
+                "prefix_incompatible",
             )
+            self.meta_cache.put(key, refusal, gen, version)
+            raise refusal.error(param)
         fmt = (meta.extra or {}).get("prompt_format") or self.default_format
         if fmt not in ("chat", "raw"):
             fmt = self.default_format
