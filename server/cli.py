@@ -621,24 +621,34 @@ def _reserved(tenant_id: str, name: str) -> bool:
     return problem is not None
 
 
-def cmd_import_peft(ns: argparse.Namespace) -> int:
+def _load_bundle(ns: argparse.Namespace) -> Any:
+    """The base model named by `--model`/`--device`/`--dtype`/`--cache` (or their PREFIXSERVE_* variables; fp32
+    on the CPU by default: a one-off job beside a server that holds the GPU), with `ns.store` set from them too;
+    an exit code after printing why if the settings are invalid or the model does not load."""
     from server.model import load_model
-    from server.prefixes import import_peft
 
-    if _reserved(ns.tenant_id, ns.name):
-        return EXIT_USAGE
     if ns.device is None and not os.environ.get("PREFIXSERVE_DEVICE"):
-        ns.device = "cpu"  # (a one-off compilation: fp32 on the CPU, beside a server that holds the GPU)
+        ns.device = "cpu"
     try:
         st = env_settings(ns, {k: v for k, v in WORKER_SETTINGS.items() if not k.startswith(("log", "jobs"))})
     except ValueError as e:
         return invalid_settings(e)
     ns.store = st.store_url
     try:
-        bundle = load_model(st.model, device=st.device, dtype=st.dtype, cache_dir=st.cache)
+        return load_model(st.model, device=st.device, dtype=st.dtype, cache_dir=st.cache)
     except Exception as e:
         print(f"prefixserve: cannot load model {st.model!r}: {e}", file=sys.stderr)
         return EXIT_FAIL
+
+
+def cmd_import_peft(ns: argparse.Namespace) -> int:
+    from server.prefixes import import_peft
+
+    if _reserved(ns.tenant_id, ns.name):
+        return EXIT_USAGE
+    bundle = _load_bundle(ns)
+    if isinstance(bundle, int):
+        return bundle
     meta = _on_store(
         ns.store,
         lambda s: import_peft(ns.adapter_dir, bundle, s, ns.tenant_id, ns.name),
@@ -795,6 +805,57 @@ def cmd_prefixes_copy(ns: argparse.Namespace) -> int:
     return EXIT_FAIL if done["failed"] else EXIT_OK
 
 
+def cmd_prefixes_adopt(ns: argparse.Namespace) -> int:
+    """Store prefixes made on the base model with the `--from-fingerprint` again for this `--model` (see
+    server/prefixes/adopt.py): each name's newest old version, where the name has no newer one for this model.
+    Prints one JSON object: what was (or, `--dry-run`, would be) adopted, as which version."""
+    from server.prefixes import adopt
+
+    try:
+        adopt.check_abbreviation(ns.from_fingerprint)
+    except ValueError as e:
+        print(f"prefixserve: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    bundle = _load_bundle(ns)
+    if isinstance(bundle, int):
+        return bundle
+
+    def run(store: Any) -> dict[str, Any] | int:
+        store.ping()
+        try:
+            todo = adopt.plan(store, ns.from_fingerprint, bundle.fingerprint, ns.tenant_id, ns.name)
+        except ValueError as e:  # an ambiguous abbreviation, this model's own
+            print(f"prefixserve: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        out: dict[str, Any] = {
+            "fingerprint": bundle.fingerprint,
+            "from_fingerprint": next(iter(todo.fingerprints), None),
+            "already_current": todo.current,
+            "adopted": [],
+            "failed": [],
+        }
+        for a in todo.adopt:
+            if ns.dry_run:
+                out["adopted"].append(a.to_dict())
+                continue
+            try:
+                meta = adopt.adopt_one(store, a, bundle)
+            except adopt.ADOPT_ERRORS as e:
+                print(f"prefixserve: {adopt.describe(a)} not adopted: {e}", file=sys.stderr)
+                out["failed"].append({**a.to_dict(), "error": str(e)})
+                continue
+            out["adopted"].append({**a.to_dict(), "version": meta.version})
+        return out
+
+    res = _on_store(ns.store, run, "adopt failed: ", existing=True)
+    if res is None:
+        return EXIT_FAIL
+    if isinstance(res, int):
+        return res
+    print(json.dumps({"dry_run": ns.dry_run, **res}))
+    return EXIT_FAIL if res["failed"] else EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -923,6 +984,28 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--tenant-id", default=None, help="only this tenant's prefixes")
     cp.add_argument("--name", default=None, help="only prefixes of this name")
     cp.set_defaults(func=cmd_prefixes_copy)
+    ap = psub.add_parser(
+        "adopt",
+        help="store prefixes made on another base-model fingerprint again for this model, as new versions: for when "
+        "only the fingerprint moved (a transformers upgrade, a config.json edit the model never reads, the embedded "
+        "model converted again); the weights must be the same",
+    )
+    ap.add_argument(
+        "--from-fingerprint",
+        required=True,
+        metavar="HEX",
+        help="the old model's fingerprint, or its first 12+ hex digits (GET /info of the old server, "
+        "`prefixes list --json`, a prefix_incompatible error)",
+    )
+    ap.add_argument("--tenant-id", default=None, help="only this tenant's prefixes")
+    ap.add_argument("--name", default=None, help="only prefixes of this name")
+    ap.add_argument("--dry-run", action="store_true", help="say what would be adopted, store nothing")
+    ap.add_argument("--model", default=None, help="this model [env PREFIXSERVE_MODEL; smollm2]")
+    ap.add_argument("--store", default=None, help="store URL [env PREFIXSERVE_STORE_URL]")
+    ap.add_argument("--device", default=None, help="[env PREFIXSERVE_DEVICE; cpu]")
+    ap.add_argument("--dtype", default=None, help="[env PREFIXSERVE_DTYPE; auto]")
+    ap.add_argument("--cache", default=None, help="[env PREFIXSERVE_CACHE]")
+    ap.set_defaults(func=cmd_prefixes_adopt)
     return p
 
 

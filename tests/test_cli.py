@@ -363,6 +363,78 @@ def test_import_peft_into_the_store(tmp_path, capsys):
     assert "cannot load model" in capsys.readouterr().err
 
 
+def test_prefixes_adopt_stores_an_old_fingerprints_prefixes_again_for_this_model(tmp_path, capsys):
+    """A config.json field the model never reads, added (what a transformers upgrade's new defaults do too), moves
+    the fingerprint: every stored prefix is refused. `prefixes adopt --from-fingerprint OLD` stores each name's
+    newest old version again for this model (same tensors, a new version, the old one kept); one that does not fit
+    the model is reported; --dry-run stores nothing; a second run has nothing to do."""
+    import torch
+
+    from prefix_store import open_store
+    from server.model import load_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer, tiny_gpt2
+    from tests.fixtures.server import put_random_prefix
+
+    tok = make_tiny_tokenizer()
+    folder, cache = tmp_path / "model", tmp_path / "cache"
+    make_tiny_llama(tok, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    old = load_model(str(folder), device="cpu", cache_dir=cache)
+    url = f"file://{tmp_path / 'store'}"
+    store = open_store(url)
+    put_random_prefix(store, old, "acme", "a", seed=1)
+    put_random_prefix(store, old, "acme", "b", seed=2)
+    put_random_prefix(store, old, "acme", "b", seed=3)  # v2: the one adopted
+    put_random_prefix(store, tiny_gpt2(), "acme", "odd", seed=4, fingerprint=old.fingerprint)  # another shape
+    put_random_prefix(store, old, "globex", "c", seed=5, fingerprint="f" * 64)  # another model's: left alone
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "note": "edited by hand"}))
+    new_fp = load_model(str(folder), device="cpu", cache_dir=cache).fingerprint
+    assert new_fp != old.fingerprint
+    argv = ["prefixes", "adopt", "--from-fingerprint", old.fingerprint[:12], "--model", str(folder)]
+    argv += ["--store", url, "--cache", str(cache)]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dry_run"] and (plan["fingerprint"], plan["from_fingerprint"]) == (new_fp, old.fingerprint)
+    assert [(a["name"], a["from_version"]) for a in plan["adopted"]] == [("a", 1), ("b", 2), ("odd", 1)]
+    assert store.versions("acme", "b") == [1, 2]
+    assert cli.main(argv) == cli.EXIT_FAIL  # one did not fit
+    out = capsys.readouterr()
+    res = json.loads(out.out)
+    done = [(a["name"], a["from_version"], a["version"]) for a in res["adopted"]]
+    assert done == [("a", 1, 2), ("b", 2, 3)]
+    assert [f["name"] for f in res["failed"]] == ["odd"] and "'acme/odd' v1 not adopted" in out.err
+    for name, old_v, new_v in (("a", 1, 2), ("b", 2, 3)):
+        got = store.servable_meta("acme", name, None, new_fp)
+        assert got.version == new_v and got.extra["adopted_from"]["version"] == old_v
+        assert got.extra["prompt_format"] == "raw"
+        assert torch.equal(store.get("acme", name, new_v).kv, store.get("acme", name, old_v).kv)
+        assert store.servable_meta("acme", name, None, old.fingerprint).version == old_v  # the old fleet's
+    assert store.versions("globex", "c") == [1]
+    assert cli.main(argv) == cli.EXIT_FAIL  # again: only the misfit left to do
+    res = json.loads(capsys.readouterr().out)
+    assert (res["adopted"], res["already_current"], len(res["failed"])) == ([], 2, 1)
+    for bad in ("abc", "z" * 12, new_fp[:12]):
+        assert cli.main([*argv[:3], bad, *argv[4:]]) == cli.EXIT_USAGE
+        assert "prefixserve:" in capsys.readouterr().err
+    store.close()
+
+
+def test_adopt_refuses_an_abbreviation_of_two_stored_fingerprints(tmp_path):
+    from prefix_store import open_store
+    from server.prefixes import adopt
+    from tests.fixtures.server import put_random_prefix, tiny_bundle
+
+    store, bundle = open_store(f"file://{tmp_path / 's'}"), tiny_bundle()
+    put_random_prefix(store, bundle, "acme", "a", fingerprint="a" * 64)
+    assert [x.name for x in adopt.plan(store, "a" * 12, bundle.fingerprint).adopt] == ["a"]
+    put_random_prefix(store, bundle, "acme", "b", fingerprint="a" * 63 + "b")
+    with pytest.raises(adopt.AmbiguousFingerprint, match="abbreviates 2 stored fingerprints"):
+        adopt.plan(store, "a" * 12, bundle.fingerprint)
+    assert [x.name for x in adopt.plan(store, "a" * 64, bundle.fingerprint).adopt] == ["a"]
+    store.close()
+
+
 def test_prefixes_copy_keeps_version_numbers_and_can_be_run_again(tmp_path, capsys, redis_store_url):
     """A file store moved to Redis with `prefixes copy`: every version of every name, each with its number (gaps
     left by deletes included: a pinned `acme/faq@3` names the same prefix after the move) and creation time; a
