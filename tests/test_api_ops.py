@@ -195,6 +195,38 @@ def test_request_log_lines_have_fields_but_no_prompt_or_key(server_factory, api_
     assert sum(1 for a in access if a["route"] == "/generate") == 3
 
 
+def test_start_up_warns_when_every_stored_prefix_was_made_for_another_model(
+    server_factory, api_bundle, caplog
+):
+    """A store whose prefixes were all made for another base-model fingerprint (what a transformers upgrade that
+    moves it looks like: every request refused) gets one start-up warning naming the old fingerprint and the
+    command that adopts them; a store with one prefix for this model (or an older version for it) gets none."""
+    caplog.set_level(logging.WARNING, logger="prefixserve")
+    old = "ab" * 32
+    foreign = {("acme", "a"): {"fingerprint": old}, ("acme", "b"): {"fingerprint": old}}
+
+    def hints(wait_s: float = 5.0) -> list[str]:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            found = [r.getMessage() for r in caplog.records if "prefixes adopt" in r.getMessage()]
+            if found:
+                return found
+            time.sleep(0.02)
+        return []
+
+    server_factory(prefixes=foreign)
+    (msg,) = hints()
+    assert "2 were made for fingerprint abababababab" in msg and "--from-fingerprint abababababab" in msg
+    caplog.clear()
+    s = server_factory(prefixes={**foreign, ("acme", "c"): {}})
+    assert s.client().get("/health").status_code == 200
+    s2 = server_factory(prefixes={("acme", "a"): {}})
+    put_random_prefix(s2.store, api_bundle, "acme", "a", fingerprint=old)  # its latest: the other model's
+    s3 = server_factory(store=s2.store)
+    assert s3.client().get("/health").status_code == 200
+    assert hints(wait_s=1.0) == []  # (the check takes milliseconds here)
+
+
 def test_log_prompts_opt_in(server_factory, api_bundle, caplog):
     caplog.set_level(logging.INFO, logger="prefixserve")
     s = server_factory(log_prompts=True)

@@ -426,6 +426,20 @@ def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> An
     )
 
 
+def _foreign_store_hint(store: PrefixStore, fingerprint: str) -> None:
+    """Warn when the store's prefixes were all made for another base model (`adopt.foreign_store_hint`); a
+    start-up check only, never in the way of serving."""
+    from server.prefixes.adopt import foreign_store_hint
+
+    try:
+        hint = foreign_store_hint(store, fingerprint)
+    except Exception as e:
+        log.debug("start-up fingerprint check skipped: %s", e)
+        return
+    if hint is not None:
+        log.warning("%s", hint)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     st: AppState = app.state.ps
@@ -491,10 +505,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         st.store,
         svc.tool_parser.name,
     )
+    hint = (
+        asyncio.create_task(asyncio.to_thread(_foreign_store_hint, st.store, st.bundle.fingerprint))
+        if store_reachable
+        else None
+    )
     try:
         yield
     finally:
         reloader.cancel()
+        if hint is not None:
+            hint.cancel()
         st.begin_drain()
         await svc.stop(s.shutdown_grace_s)
         for closing in (svc.usage.close, svc.limiter.close):  # the last usage counts go out here

@@ -121,3 +121,28 @@ ADOPT_ERRORS = (InvalidPrefix, ChecksumMismatch, PrefixNotFound, FingerprintMism
 
 def describe(a: Adoption) -> str:
     return label(a.tenant_id, a.name, a.from_version)
+
+
+def foreign_store_hint(store: PrefixStore, fingerprint: str, sample: int = 50) -> str | None:
+    """A start-up hint, or None: the first `sample` prefixes of the store (sorted by tenant, name) hold versions,
+    none of them for this model, and most were made for one other fingerprint, which is what a fingerprint moved
+    by a transformers upgrade or a config edit looks like (every prefix refused until adopted or retrained)."""
+    metas, _ = store.list_page(limit=sample)
+    others: dict[str, int] = {}
+    for m in metas:
+        if m.base_model_fingerprint == fingerprint:
+            return None
+        others[m.base_model_fingerprint] = others.get(m.base_model_fingerprint, 0) + 1
+    if not others:
+        return None
+    for m in metas:  # an older version for this model (a blue/green store): served, nothing to say
+        if store.servable_meta(m.tenant_id, m.name, None, fingerprint).base_model_fingerprint == fingerprint:
+            return None
+    old, n = max(others.items(), key=lambda kv: kv[1])
+    return (
+        f"none of the store's first {len(metas)} prefixes has a version for this base model (fingerprint "
+        f"{fingerprint[:12]}); {n} were made for fingerprint {old[:12]}, and requests naming them are refused "
+        "(422 prefix_incompatible). If that model had these weights and tokenizer (only the fingerprint moved: a "
+        "transformers upgrade, a config.json edit), `prefixserve prefixes adopt --from-fingerprint "
+        f"{old[:12]} --model MODEL --store URL` serves them again; otherwise they must be trained again"
+    )
