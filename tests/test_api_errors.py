@@ -81,7 +81,7 @@ def test_malformed_json_and_invalid_utf8_are_400(srv):
         ("temperature", "-0.5"),
         ("top_p", "0"),
         ("top_p", "1.5"),
-        ("top_k", "-1"),
+        ("top_k", "-2"),
         ("max_tokens", "-3"),
         ("seed", "1e400"),
         ("seed", str(2**70)),
@@ -99,6 +99,24 @@ def test_hostile_values_are_4xx(srv, field, value):
     text = json.dumps(body)[:-1] + f', "{field}": {value}}}'
     err = assert_error(raw(c, text.encode()), 422)
     assert err["param"] == field
+
+
+def test_top_k_minus_one_is_off_as_in_vllm(srv):
+    """vLLM's "-1 disables" (its default before 0.10, still what many scripts send): the same output as 0."""
+    c = srv.client()
+    body = {
+        "tenant_id": "acme",
+        "prefix": "base",
+        "prompt": "hi",
+        "max_tokens": 6,
+        "temperature": 1,
+        "seed": 3,
+    }
+    outs = [c.post("/generate", json={**body, "top_k": k}).json()["text"] for k in (0, -1)]
+    assert outs[0] == outs[1]
+    r = c.post("/v1/completions", json={"model": "acme/base", "prompt": "hi", "max_tokens": 6, "temperature": 1,
+                                        "seed": 3, "top_k": -1})  # fmt: skip
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == outs[0], r.text
 
 
 def test_control_characters_other_than_nul_are_fine(srv):

@@ -115,6 +115,26 @@ def test_a_prefix_for_another_base_model_is_not_a_model_here(srv, oai):
         oai.completions.create(model="acme/foreign", prompt="x", max_tokens=2)
 
 
+def test_the_served_model_name_is_the_key_tenants_base_model(srv, oai, server_factory):
+    """What vLLM's clients send as `model`, the base model's name (`/info`'s), reaches the key's tenant on the base
+    model; without a tenant key it names no tenant: a 404 that says what to send."""
+    served = srv.client(KEY).get("/info").json()["model"]
+    want = oai.completions.create(model="acme/base", prompt="Tell me", max_tokens=6, temperature=0)
+    got = oai.completions.create(model=served, prompt="Tell me", max_tokens=6, temperature=0)
+    assert got.choices[0].text == want.choices[0].text and got.model == served
+    chat = oai.chat.completions.create(
+        model=served, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert oai.models.retrieve(served).id == "acme/base"
+    body = {"model": served, "prompt": "x", "max_tokens": 2}
+    err = assert_error(server_factory().client().post("/v1/completions", json=body), 404, "model_not_found")
+    assert (
+        err["message"]
+        == f"model {served!r} is the base model, which a request without a tenant API key names as 'tenant/base'"
+    )
+
+
 def test_models_and_errors(oai):
     models = oai.models.list().data
     assert sorted(m.id for m in models) == ["acme/base", "acme/chat-bot", "acme/default"]

@@ -327,6 +327,31 @@ def test_tgi_info_at_the_clients_base_url(srv):
         srv.app.state.ps.draining = False
 
 
+def test_openai_routes_at_the_tgi_base_url_as_tgi_serves_them(srv):
+    """TGI serves OpenAI's API at its own root: huggingface_hub's InferenceClient pointed at /tgi calls
+    /tgi/v1/chat/completions with model "tgi" (TGI ignores it), here the key's tenant on the base model: the same
+    answer as /v1 with `acme/base`."""
+    from huggingface_hub import InferenceClient
+
+    messages = [{"role": "user", "content": PROMPT}]
+    want = srv.client(KEY).post(
+        "/v1/chat/completions",
+        json={"model": "acme/base", "messages": messages, "max_tokens": 8, "temperature": 0},
+    )
+    assert want.status_code == 200, want.text
+    client = InferenceClient(base_url=srv.url + "/tgi", api_key=KEY)
+    got = client.chat_completion(messages, max_tokens=8, temperature=0)
+    assert got.choices[0].message.content == want.json()["choices"][0]["message"]["content"]
+    streamed = client.chat_completion(messages, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == got.choices[0].message.content
+    c = srv.client(KEY)
+    r = c.post("/tgi/v1/completions", json={"model": "acme/faq", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "acme/faq", r.text
+    assert {m["id"] for m in c.get("/tgi/v1/models").json()["data"]} == {"acme/faq", "acme/base"}
+    assert_error(c.post("/v1/completions", json={"model": "tgi", "prompt": "x", "max_tokens": 2}), 404)
+    assert "/tgi/v1/chat/completions" not in c.get("/openapi.json").json()["paths"]
+
+
 def test_auth_and_tenant_rules_are_the_servers(srv, server_factory):
     assert_error(srv.client().post("/tgi", json={"inputs": PROMPT}), 401)
     open_srv = server_factory()

@@ -66,8 +66,22 @@ def model_not_found(model: str) -> APIError:
     return APIError(404, f"model {model!r} not found", code="model_not_found", param="model")
 
 
-def parse_model(model: str, principal: Principal) -> tuple[str, str, int | None]:
-    """`tenant[/prefix][@version]` → (tenant, prefix name, pinned version or None for the latest)."""
+def parse_model(
+    model: str, principal: Principal, served: tuple[str, ...] = ()
+) -> tuple[str, str, int | None]:
+    """`tenant[/prefix][@version]` → (tenant, prefix name, pinned version or None for the latest). `served`: names of
+    the base model (`/info`'s): from a tenant key, such a name is the key's tenant on the base model (`tenant/base`),
+    what vLLM's clients send as `model`; without a tenant key it names no tenant (404 saying so)."""
+    if model in served:
+        if principal.tenant_id is not None and not principal.admin:
+            return principal.tenant_id, BASE_PREFIX, None
+        raise APIError(
+            404,
+            f"model {model!r} is the base model, which a request without a tenant API key names as "
+            f"'tenant/{BASE_PREFIX}'",
+            code="model_not_found",
+            param="model",
+        )
     tenant, sep, name = model.partition("/")
     if not sep:  # "tenant" or "tenant@3": its default prefix
         tenant, at, version = model.partition("@")
@@ -83,6 +97,18 @@ def parse_model(model: str, principal: Principal) -> tuple[str, str, int | None]
     ):
         raise model_not_found(model)
     return tenant, name, pinned
+
+
+# what TGI's clients send as `model` (TGI ignores it): "tgi", and huggingface_hub's InferenceClient given a base URL
+# sends "dummy"
+TGI_PLACEHOLDER_MODELS = ("tgi", "dummy")
+
+
+def served_names(request: Request, svc: Service) -> tuple[str, ...]:
+    """The `model` values that name the base model: its name, and under /tgi TGI's clients' placeholders."""
+    if request.url.path.startswith("/tgi/"):
+        return (svc.bundle.name, *TGI_PLACEHOLDER_MODELS)
+    return (svc.bundle.name,)
 
 
 @dataclass
@@ -301,7 +327,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
                 code="unsupported_parameter",
                 param=legacy,
             )
-    tenant, name, version = parse_model(body.model, principal)
+    tenant, name, version = parse_model(body.model, principal, served_names(request, svc))
     info.tenant, info.prefix = tenant, name
     priority = svc.check_priority(principal, body.priority)
     try:
@@ -908,7 +934,7 @@ async def get_model(
     if not model.strip("/"):
         return RedirectResponse(request.url.path.rstrip("/"), status_code=307)  # type: ignore[return-value]
     svc = get_service(request)
-    tenant, name, version = parse_model(model, principal)
+    tenant, name, version = parse_model(model, principal, served_names(request, svc))
     if name == BASE_PREFIX:
         return _base_card(tenant, svc)
     try:

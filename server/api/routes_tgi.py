@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from server import __version__
+from server.api import routes_openai
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, with_tgi_error_type
@@ -577,3 +578,15 @@ async def tgi_generate_stream(
     body: TGIRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> Any:
     return await _respond(body.model_copy(update={"stream": True}), request, principal, as_list=False)
+
+
+# TGI serves OpenAI's API at its own root too: huggingface_hub's `InferenceClient(base_url=".../tgi")
+# .chat_completion(...)` posts to /tgi/v1/chat/completions with model "dummy" (TGI's own clients: "tgi"), which from a
+# tenant key is the key's tenant on the base model here (`served_names`); `model: "tenant/prefix"` names a prefix, as
+# LoRAX's OpenAI routes take the adapter there. Out of the OpenAPI document, where /v1 has them.
+for _path, _endpoint, _method in (
+    ("/v1/chat/completions", routes_openai.chat_completions, "POST"),
+    ("/v1/completions", routes_openai.completions, "POST"),
+    ("/v1/models", routes_openai.list_models, "GET"),
+):
+    router.add_api_route(_path, _endpoint, methods=[_method], response_model=None, include_in_schema=False)

@@ -56,7 +56,8 @@ PromptText = Annotated[str, Field(min_length=1, json_schema_extra=NO_NUL), After
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["acme"]), AfterValidator(check_name)]
 Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
-TopK = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# 0 or -1 (vLLM's own default before 0.10, still what many scripts send): off
+TopK = Annotated[int, Field(ge=-1, le=2**31 - 1), AfterValidator(lambda k: max(k, 0))]
 Seed = Annotated[int, Field(ge=-(2**53 - 1), le=2**53 - 1)]  # exact in every JSON parser
 StopText = Annotated[str, Field(min_length=1, json_schema_extra=NO_NUL), AfterValidator(check_text)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
@@ -356,7 +357,7 @@ class _OpenAIBase(BaseModel):
     )
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: TopK | None = Field(None, description="Extension (vLLM): top-k sampling, 0 disables")
+    top_k: TopK | None = Field(None, description="Extension (vLLM): top-k sampling, 0 or -1 disables")
     min_p: MinP | None = Field(None, description="Extension (" + MIN_P_DOC + ")")
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
