@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     # ------------------------------------------------------------------ limits
     max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt after rendering (413 above)")
     max_new_tokens: int = Field(
-        1024, ge=1, description="Largest max_tokens a request may ask for (422 above)"
+        4096, ge=1, description="Largest max_tokens a request may ask for (422 above)"
     )
     max_model_len: int | None = Field(
         None, ge=2, description="Context limit prefix+prompt+output (default: min(model limit, 8192))"
