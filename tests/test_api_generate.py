@@ -625,6 +625,70 @@ def test_tokenize_counts_what_generate_feeds_and_detokenize_round_trips(srv):
     assert_error(c.post("/detokenize", json={"tokens": [srv.svc.bundle.spec.vocab_size]}), 422)
 
 
+def test_add_special_tokens_and_vllms_tokenize_fields(server_factory):
+    """vLLM's add_special_tokens (a BOS added to a text prompt, or on top of the chat template; it was accepted and
+    ignored), the same on /tokenize and the generation routes; /tokenize and /detokenize also take vLLM's `model`
+    and `return_token_strs`."""
+    from tokenizers import processors
+
+    from server.model import bundle_from_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    srv = server_factory(bundle=bundle_from_model(make_tiny_llama(tok, seed=0), tok, name="bos-llama"))
+    c = srv.client()
+
+    def tokens(**kw):
+        r = c.post("/tokenize", json={"tenant_id": "acme", "prefix": "base", **kw})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    raw = tokens(prompt="hi there", prompt_format="raw")
+    assert (
+        raw[0] == bos and tokens(prompt="hi there", prompt_format="raw", add_special_tokens=False) == raw[1:]
+    )
+    chat = tokens(prompt="hi there")
+    assert chat[0] != bos and tokens(prompt="hi there", add_special_tokens=True) == [bos, *chat]
+    msgs = [{"role": "user", "content": "hi there"}]
+    assert tokens(messages=msgs) == chat and tokens(messages=msgs, add_special_tokens=True) == [bos, *chat]
+
+    def prompt_tokens(route, **kw):
+        r = c.post(route, json={"model": "acme/base", "max_tokens": 1, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    comp = {"prompt": "hi there", "prompt_format": "raw"}
+    assert prompt_tokens("/v1/completions", **comp) == len(raw)
+    assert prompt_tokens("/v1/completions", **comp, add_special_tokens=False) == len(raw) - 1
+    assert prompt_tokens("/v1/chat/completions", messages=msgs) == len(chat)
+    assert prompt_tokens("/v1/chat/completions", messages=msgs, add_special_tokens=True) == len(chat) + 1
+    # vLLM's /tokenize: the prefix as a model id, each token's string
+    r = c.post(
+        "/tokenize",
+        json={"model": "acme/base", "prompt": "hi", "prompt_format": "raw", "return_token_strs": True},
+    )
+    assert r.status_code == 200 and r.json()["token_strs"] == tok.convert_ids_to_tokens(r.json()["tokens"]), (
+        r.text
+    )
+    assert r.json()["token_strs"][0] == "<|endoftext|>"
+    assert (
+        c.post("/tokenize", json={"tenant_id": "acme", "prefix": "base", "prompt": "hi"}).json()["token_strs"]
+        is None
+    )
+    err = assert_error(
+        c.post("/tokenize", json={"model": "acme/base", "tenant_id": "acme", "prompt": "hi"}), 422
+    )
+    assert err["param"] == "model" and "tenant_id" in err["message"]
+    assert_error(c.post("/tokenize", json={"model": "acme/nope", "prompt": "hi"}), 404)
+    d = c.post("/detokenize", json={"model": "acme/base", "tokens": raw})
+    assert d.status_code == 200 and d.json()["prompt"] == "<|endoftext|>hi there", d.text
+    assert_error(c.post("/detokenize", json={"model": "a/b/c", "tokens": raw}), 404, "model_not_found")
+
+
 def test_tokenize_renders_messages_as_chat_completions_does(srv):
     """/tokenize takes what /v1/chat/completions renders messages with (tools, earlier turns' tool calls,
     add_generation_prompt, continue_final_message, chat_template_kwargs) and gives the ids the chat would feed;

@@ -58,6 +58,7 @@ def template_options(body: ChatBody) -> dict[str, Any]:
         "add_generation_prompt": body.add_generation_prompt,
         "continue_final_message": body.continue_final_message,
         "template_kwargs": extra,
+        "add_special_tokens": bool(body.add_special_tokens),
     }
 
 

@@ -13,6 +13,7 @@ from server.api.chat_template import render_chat
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError
 from server.api.logprobs import generate_logprobs, generate_prompt_logprobs
+from server.api.model_ids import parse_model, served_names
 from server.api.schemas import (
     BASE_PREFIX,
     DEFAULT_PREFIX,
@@ -217,8 +218,17 @@ async def tokenize(
     svc = get_service(request)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(422, "give exactly one of prompt and messages", code="invalid_value", param="prompt")
-    tenant = principal.resolve_tenant(body.tenant_id)
-    prefix = await svc.resolve(tenant, body.prefix or DEFAULT_PREFIX, body.prefix_version)
+    if body.model is not None:  # vLLM's way to name it
+        named = sorted(body.model_fields_set & {"tenant_id", "prefix", "prefix_version"})
+        if named:
+            raise APIError(
+                422, f"give model or {', '.join(named)}, not both", code="invalid_value", param="model"
+            )
+        tenant, name, version = parse_model(body.model, principal, served_names(request, svc))
+        prefix = await svc.resolve(tenant, name, version, param="model")
+    else:
+        tenant = principal.resolve_tenant(body.tenant_id)
+        prefix = await svc.resolve(tenant, body.prefix or DEFAULT_PREFIX, body.prefix_version)
     tok = svc.bundle.tokenizer
     if body.messages is not None:
         if body.prompt_format is not None:  # messages always go through the chat template
@@ -235,9 +245,10 @@ async def tokenize(
         assert body.prompt is not None
         fmt = prompt_format(body.prompt_format, prefix, tok)
         svc.check_prompt_chars(len(body.prompt))
-        ids = await svc.tokenize(render_prompt, tok, body.prompt, fmt)
+        ids = await svc.tokenize(render_prompt, tok, body.prompt, fmt, body.add_special_tokens)
     return TokenizeResponse(
         tokens=ids,
+        token_strs=tok.convert_ids_to_tokens(ids) if body.return_token_strs else None,
         count=len(ids),
         prefix_length=prefix.prefix_length,
         max_model_len=svc.llm.max_model_len,
@@ -253,6 +264,10 @@ async def detokenize(
     body: DetokenizeRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> DetokenizeResponse:
     svc = get_service(request)
+    if (
+        body.model is not None
+    ):  # (vLLM's field: the text does not depend on it, but the caller must be able to use it)
+        parse_model(body.model, principal, served_names(request, svc))
     vocab = svc.bundle.spec.vocab_size
     if any(t >= vocab for t in body.tokens):
         raise APIError(422, f"token ids must be below {vocab}", code="invalid_value", param="tokens")

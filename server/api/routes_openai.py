@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel
 
-from prefix_store.names import is_valid_name
 from server.api.auth import Principal, get_principal
 from server.api.chat_template import render_chat
 from server.api.deps import app_state, get_info, get_service, store_call
@@ -31,10 +30,10 @@ from server.api.logprobs import (
     completion_logprobs,
     vllm_prompt_logprobs,
 )
+from server.api.model_ids import model_not_found, parse_model, served_names
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
 from server.api.schemas import (
     BASE_PREFIX,
-    DEFAULT_PREFIX,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -59,56 +58,6 @@ from server.api.tools import CallListStream, ToolPlan, call_id, template_message
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-def model_not_found(model: str) -> APIError:
-    """OpenAI's answer to a model that does not exist, or is another tenant's (no existence leak)."""
-    return APIError(404, f"model {model!r} not found", code="model_not_found", param="model")
-
-
-def parse_model(
-    model: str, principal: Principal, served: tuple[str, ...] = ()
-) -> tuple[str, str, int | None]:
-    """`tenant[/prefix][@version]` → (tenant, prefix name, pinned version or None for the latest). `served`: names of
-    the base model (`/info`'s): from a tenant key, such a name is the key's tenant on the base model (`tenant/base`),
-    what vLLM's clients send as `model`; without a tenant key it names no tenant (404 saying so)."""
-    if model in served:
-        if principal.tenant_id is not None and not principal.admin:
-            return principal.tenant_id, BASE_PREFIX, None
-        raise APIError(
-            404,
-            f"model {model!r} is the base model, which a request without a tenant API key names as "
-            f"'tenant/{BASE_PREFIX}'",
-            code="model_not_found",
-            param="model",
-        )
-    tenant, sep, name = model.partition("/")
-    if not sep:  # "tenant" or "tenant@3": its default prefix
-        tenant, at, version = model.partition("@")
-        name = DEFAULT_PREFIX + at + version
-    name, at, version = name.partition("@")
-    digits = at and version.isascii() and version.isdigit() and len(version) <= 18
-    pinned = int(version) if digits and int(version) > 0 else None
-    if (
-        not is_valid_name(tenant)
-        or not is_valid_name(name)
-        or (at and (pinned is None or name == BASE_PREFIX))
-        or not principal.can_access(tenant)
-    ):
-        raise model_not_found(model)
-    return tenant, name, pinned
-
-
-# what TGI's clients send as `model` (TGI ignores it): "tgi", and huggingface_hub's InferenceClient given a base URL
-# sends "dummy"
-TGI_PLACEHOLDER_MODELS = ("tgi", "dummy")
-
-
-def served_names(request: Request, svc: Service) -> tuple[str, ...]:
-    """The `model` values that name the base model: its name, and under /tgi TGI's clients' placeholders."""
-    if request.url.path.startswith("/tgi/"):
-        return (svc.bundle.name, *TGI_PLACEHOLDER_MODELS)
-    return (svc.bundle.name,)
 
 
 @dataclass
@@ -278,7 +227,9 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
     fit = svc.prompt_fit(prefix.prefix_length, max_tokens)
     prompts = [
         truncate_prompt(
-            await svc.tokenize(render_prompt, tok, x, fmt) if isinstance(x, str) else list(x),
+            await svc.tokenize(render_prompt, tok, x, fmt, body.add_special_tokens)
+            if isinstance(x, str)
+            else list(x),
             body.truncate_prompt_tokens,
             fit,
         )

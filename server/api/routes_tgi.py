@@ -39,8 +39,8 @@ from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, with_tgi_error_type
 from server.api.logprobs import finite_logprob
+from server.api.model_ids import parse_model
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, all_events
-from server.api.routes_openai import parse_model
 from server.api.routes_ops import ready
 from server.api.schemas import BASE_PREFIX, PromptText, RepetitionPenalty, Seed, StopText
 from server.api.service import (

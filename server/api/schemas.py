@@ -338,6 +338,11 @@ def _refuse_unless_one(v: Any) -> Any:
     return v
 
 
+ADD_SPECIAL_DOC = (
+    "vLLM: add the tokenizer's special tokens (a BOS) to a text prompt or not; default: as the prompt format does "
+    "(raw: the tokenizer's default; chat: what the template writes)"
+)
+
 # vLLM fields that change the output, refused rather than ignored (every other unknown field is ignored, as vLLM)
 Unsupported = Annotated[Any, AfterValidator(_refuse_unless_default)]
 UNSUPPORTED_DOC = "vLLM's; not supported here: any value but null (false, empty) is a 400"
@@ -485,6 +490,7 @@ class CompletionRequest(_OpenAIBase):
         "of the prompt tokens too, null for the first)",
     )
     suffix: Literal[""] | None = Field(None, description="Not supported (null or empty only)")
+    add_special_tokens: bool | None = Field(None, description="Extension (" + ADD_SPECIAL_DOC + ")")
 
 
 class FunctionCall(BaseModel):
@@ -556,6 +562,10 @@ class ChatTemplateFields(BaseModel):
 
 class ChatCompletionRequest(_OpenAIBase, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    add_special_tokens: bool = Field(
+        False,
+        description="Extension (vLLM): the tokenizer's special tokens (a BOS) on top of what the chat template writes",
+    )
     max_tokens: int | None = Field(None, ge=1, description="Default: up to the server's max_new_tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = Field(None, description="Return the log-probability of each output token")
@@ -881,10 +891,28 @@ class TokenizeRequest(ChatTemplateFields):
     tools: list[ChatTool] | None = Field(
         None, max_length=128, description="With messages: the tools the chat template describes, as /v1/chat"
     )
+    add_special_tokens: bool | None = Field(
+        None,
+        description=ADD_SPECIAL_DOC
+        + "; with messages, on top of what the chat template writes (default: no)",
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_MODEL_ID,
+        description="vLLM's way to name the prefix: a /v1 model id ('tenant/prefix[@version]'), instead of "
+        "tenant_id, prefix and prefix_version",
+    )
+    return_token_strs: bool = Field(
+        False, description="Extension (vLLM): also each token's string (token_strs)"
+    )
 
 
 class TokenizeResponse(BaseModel):
     tokens: list[int]
+    token_strs: list[str] | None = Field(
+        None, description="With return_token_strs: each token as the vocabulary has it"
+    )
     count: int
     prefix_length: int = Field(description="Positions the prefix takes before the prompt")
     max_model_len: int = Field(description="Context limit: prefix + prompt + output")
@@ -896,6 +924,9 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(max_length=65536)
+    model: str | None = Field(
+        None, min_length=1, max_length=MAX_MODEL_ID, description="vLLM's: a /v1 model id the caller may use"
+    )
 
 
 class DetokenizeResponse(BaseModel):

@@ -132,8 +132,8 @@ def prompt_format(requested: str | None, prefix: ResolvedPrefix, tokenizer: Any)
     return requested
 
 
-def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
-    return list(_model.render_prompt(tokenizer, prompt, fmt))
+def render_prompt(tokenizer: Any, prompt: str, fmt: str, add_special_tokens: bool | None = None) -> list[int]:
+    return list(_model.render_prompt(tokenizer, prompt, fmt, add_special_tokens))
 
 
 def render_messages(

@@ -94,11 +94,13 @@ def render_messages(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
+    add_special_tokens: bool = False,
 ) -> list[int]:
     """Messages (and OpenAI tools, for a template that describes them) through the tokenizer's chat template,
     ending with the assistant turn's opening (or, with `continue_final_message`, inside the last assistant message,
     which the model then continues). `template_kwargs` are extra variables for the template (vLLM's
-    `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`)."""
+    `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`). `add_special_tokens`: the tokenizer's own (a BOS) on
+    top of what the template writes (vLLM's option; the template usually writes them)."""
     text = tokenizer.apply_chat_template(
         messages,
         tools=tools or None,
@@ -107,21 +109,27 @@ def render_messages(
         tokenize=False,
         **(template_kwargs or {}),
     )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def render_prompt(tokenizer: Any, prompt: str, fmt: str) -> list[int]:
+def render_prompt(tokenizer: Any, prompt: str, fmt: str, add_special_tokens: bool | None = None) -> list[int]:
     """The one function that turns a prompt into tokens, at training and at serving time alike.
 
     fmt "chat": the prompt as one user message through the chat template (+ generation prompt);
     fmt "raw": plain tokenization (special tokens as the tokenizer adds them by default).
+    `add_special_tokens` (None: as the format does) adds the tokenizer's special tokens (a BOS) or not: to the raw
+    text, or on top of what the chat template writes.
     """
     if fmt == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template")
-        return render_messages(tokenizer, [{"role": "user", "content": prompt}])
+        return render_messages(
+            tokenizer, [{"role": "user", "content": prompt}], add_special_tokens=bool(add_special_tokens)
+        )
     if fmt == "raw":
-        return list(tokenizer(prompt)["input_ids"])
+        if add_special_tokens is None:
+            return list(tokenizer(prompt)["input_ids"])
+        return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
     raise ValueError(f"unknown prompt format {fmt!r}: use 'chat' or 'raw'")
 
 
