@@ -28,6 +28,8 @@ def test_health_and_ready(server_factory):
     for path in ("/health", "/ready"):
         h = c.head(path)
         assert h.status_code == 200 and h.content == b"", path
+    # vLLM's (SageMaker's) /ping: /health, GET or POST
+    assert c.get("/ping").json() == c.post("/ping").json() == {"status": "ok"}
 
 
 def test_metrics_ready_gauge_reads_the_store_at_scrape_time(server_factory, monkeypatch):

@@ -45,7 +45,7 @@ log = logging.getLogger("prefixserve.api")
 access_log = logging.getLogger("prefixserve.access")
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")
-PROBES = frozenset({"/health", "/ready", "/metrics", "/version", "/tgi/health"})
+PROBES = frozenset({"/health", "/ping", "/ready", "/metrics", "/version", "/tgi/health"})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 DOCS = frozenset({"/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

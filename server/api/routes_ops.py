@@ -95,6 +95,8 @@ for _probe in (health, ready):
     router.add_api_route(
         f"/{_probe.__name__}", _probe, methods=["HEAD"], response_model=None, include_in_schema=False
     )
+# vLLM's (and SageMaker's) liveness probe: /health under another name, GET or POST
+router.add_api_route("/ping", health, methods=["GET", "POST"], response_model=None, include_in_schema=False)
 
 
 @router.get(
