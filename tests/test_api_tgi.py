@@ -327,6 +327,12 @@ def test_tgi_info_at_the_clients_base_url(srv):
         srv.app.state.ps.draining = False
 
 
+def test_a_tgi_body_at_the_servers_own_generate_says_where_tgi_is(srv):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}
+    err = assert_error(srv.client(KEY).post("/generate", json=body), 422)
+    assert err["message"].startswith("a TGI request? TGI's protocol is served under /tgi"), err
+
+
 def test_openai_routes_at_the_tgi_base_url_as_tgi_serves_them(srv):
     """TGI serves OpenAI's API at its own root: huggingface_hub's InferenceClient pointed at /tgi calls
     /tgi/v1/chat/completions with model "tgi" (TGI ignores it), here the key's tenant on the base model: the same

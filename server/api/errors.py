@@ -225,6 +225,10 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
         message = "; ".join(messages[:5])
         if len(messages) > 5:
             message += f"; and {len(messages) - 5} more"
+        if request.url.path == "/generate" and any(
+            tuple(e.get("loc", ())) == ("body", "inputs") for e in errors
+        ):  # TGI's body at this server's root, where its clients' default base URL points
+            message = f"a TGI request? TGI's protocol is served under /tgi (/tgi/generate, /tgi/generate_stream): {message}"
         return error_response(
             422,
             message,
