@@ -187,6 +187,12 @@ class Settings(BaseSettings):
         description="Order in which waiting requests start: 'fair' lets tenants take turns (the tenant with the fewest "
         "running requests first), 'fcfs' is arrival order",
     )
+    generation_config: Literal["auto", "ignore"] = Field(
+        "auto",
+        description="'auto': a /v1 request's sampling fields it leaves out (temperature, top_p, top_k, min_p, "
+        "repetition_penalty) default to the model's generation_config.json where it sets them, as vLLM's "
+        "--generation-config auto; 'ignore': OpenAI's defaults",
+    )
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral", "pythonic"] = Field(
         "auto",
         description="How tool_choice 'auto' finds the calls a model writes: 'hermes' (<tool_call> blocks), "

@@ -135,6 +135,39 @@ def test_the_served_model_name_is_the_key_tenants_base_model(srv, oai, server_fa
     )
 
 
+def test_sampling_defaults_come_from_the_models_generation_config(server_factory):
+    """As vLLM's --generation-config auto: a /v1 request that leaves a sampling field out gets the model's
+    generation_config.json value (here top_k 1: greedy whatever the temperature), shown in /info; a field given
+    wins; generation_config=ignore keeps OpenAI's defaults."""
+    from server.model import bundle_from_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(tok, seed=0)
+    model.generation_config.top_k = 1
+    model.generation_config.repetition_penalty = 7.5  # out of the API's range: not taken
+    bundle = bundle_from_model(model, tok, name="gc-llama")
+    assert bundle.extra["generation_defaults"] == {"top_k": 1}
+    body = {"model": "acme/base", "prompt": "Tell me", "max_tokens": 8, "seed": 1, "ignore_eos": True}
+
+    def run(srv, **kw):
+        r = srv.client().post("/v1/completions", json={**body, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    auto, ignore = server_factory(bundle=bundle), server_factory(bundle=bundle, generation_config="ignore")
+    assert auto.client().get("/info").json()["sampling_defaults"] == {"top_k": 1}
+    assert ignore.client().get("/info").json()["sampling_defaults"] == {}
+    greedy = run(auto, temperature=0)
+    assert run(auto) == greedy  # temperature 1, top_k 1
+    seen = []
+    for srv in (auto, ignore):
+        real = srv.svc.sampling
+        srv.svc.sampling = lambda real=real, **kw: seen.append(kw["top_k"]) or real(**kw)
+    run(auto), run(auto, top_k=5), run(ignore)
+    assert seen == [1, 5, 0]
+
+
 def test_models_and_errors(oai):
     models = oai.models.list().data
     assert sorted(m.id for m in models) == ["acme/base", "acme/chat-bot", "acme/default"]

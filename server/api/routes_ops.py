@@ -141,6 +141,7 @@ async def info(request: Request, principal: Principal = Depends(get_principal)) 
         if svc.job_manager is not None
         else 0,
         default_prompt_format=svc.default_format,
+        sampling_defaults=svc.sampling_defaults,
         tool_call_parser=svc.tool_parser.name,
     )
 

@@ -39,6 +39,7 @@ from server.api.schemas import (
     TopLogprobs,
     TopP,
 )
+from server.api.service import Service
 from server.api.streaming import EngineEventStream
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -344,10 +345,11 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
 class _Answer:
     """The response object of one request, as it grows (streamed) or at once."""
 
-    def __init__(self, body: ResponsesRequest, rid: str, created: int) -> None:
+    def __init__(self, body: ResponsesRequest, rid: str, created: int, svc: Service) -> None:
         self.body = body
         self.rid = rid
         self.created = created
+        self.svc = svc  # (the defaults the request sampled with)
         self.output: list[dict[str, Any]] = []
 
     def response(self, status: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -368,12 +370,12 @@ class _Answer:
             "previous_response_id": None,
             "reasoning": None,
             "store": False,
-            "temperature": 1.0 if b.temperature is None else b.temperature,
+            "temperature": self.svc.openai_default("temperature", b.temperature, 1.0),
             "text": b.text or {"format": {"type": "text"}},
             "tool_choice": b.tool_choice or ("auto" if b.tools else "none"),
             "tools": b.tools or [],
             "top_logprobs": b.top_logprobs,
-            "top_p": 1.0 if b.top_p is None else b.top_p,
+            "top_p": self.svc.openai_default("top_p", b.top_p, 1.0),
             "truncation": b.truncation or "disabled",
             "usage": usage,
             "user": b.user,
@@ -414,7 +416,7 @@ async def responses(
     except APIError as e:
         _rename(e)
         raise
-    answer = _Answer(body, "resp_" + ch.runs[0].req.request_id, ch.created)
+    answer = _Answer(body, "resp_" + ch.runs[0].req.request_id, ch.created, ch.svc)
     if body.stream:
         stream = _Stream(ch, answer)
         return EngineEventStream(ch.runs, stream.events, end=None, error_frame=stream.failed)

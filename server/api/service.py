@@ -706,6 +706,8 @@ class Service:
     _unsubscribe: Callable[[], None] | None = None
     _tokenizer_pool: DaemonThreadPool = field(default_factory=lambda: DaemonThreadPool(1, "tokenizer"))
     default_format: str = "raw"
+    # sampling defaults of the /v1 routes from the model's generation config (settings.generation_config "auto")
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     store_ok: bool = True
     # prefix uploads being parsed and stored (at most settings.max_concurrent_uploads)
     uploading_tenants: set[str] = field(default_factory=set)  # one upload each at a time (`_admit_upload`)
@@ -813,6 +815,14 @@ class Service:
             usage=RedisUsageMeter(settings.limits_url) if settings.limits_url else UsageMeter(),
         )
         svc.default_format = default_prompt_format(bundle)
+        if settings.generation_config == "auto":
+            svc.sampling_defaults = dict(bundle.extra.get("generation_defaults") or {})
+            if svc.sampling_defaults:
+                log.info(
+                    "the /v1 routes' sampling defaults come from the model's generation config: %s (set "
+                    "generation_config=ignore for OpenAI's)",
+                    svc.sampling_defaults,
+                )
         parser = settings.tool_call_parser
         if parser == "auto":
             parser = detect(getattr(bundle.tokenizer, "chat_template", None))
@@ -1034,6 +1044,12 @@ class Service:
         res = ResolvedPrefix(tenant, name, meta.version, meta.prefix_length, fmt, pinned=version is not None)
         self.meta_cache.put(key, res, gen, version)
         return res
+
+    def openai_default(self, key: str, given: Any, fallback: float) -> Any:
+        """A /v1 sampling field: as given, else the model's generation-config default, else OpenAI's `fallback`."""
+        if given is not None:
+            return given
+        return self.sampling_defaults.get(key, fallback)
 
     def servable_meta(self, tenant: str, name: str, version: int | None = None) -> PrefixMeta:
         """`PrefixStore.servable_meta` for this server's base model (blocking)."""

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -316,6 +317,43 @@ def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+# what a model's generation_config.json may recommend for sampling, and the range each is taken in (the API's own)
+GENERATION_DEFAULTS = {
+    "temperature": (0.0, 100.0),
+    "top_p": (1e-9, 1.0),
+    "top_k": (0, 2**31 - 1),
+    "min_p": (0.0, 1.0),
+    "repetition_penalty": (0.01, 2.0),
+}
+
+
+def generation_defaults(model: Any) -> dict[str, float | int]:
+    """The sampling values the model's generation config sets (a Qwen folder: temperature 0.7, top_p 0.8, top_k
+    20, repetition_penalty 1.05), as vLLM's `--generation-config auto` reads them: what differs from transformers'
+    defaults; a value out of the API's range is left out (with a warning)."""
+    gc = getattr(model, "generation_config", None)
+    try:
+        given = gc.to_diff_dict() if gc is not None else {}
+    except Exception as e:  # an odd config must not stop the model loading
+        log.warning("generation config unreadable, no sampling defaults taken from it: %s", e)
+        return {}
+    out: dict[str, float | int] = {}
+    for key, (lo, hi) in GENERATION_DEFAULTS.items():
+        v = given.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+        if ok and key == "top_k" and int(v) != v:
+            ok = False
+        if not ok:
+            log.warning(
+                "generation config: %s=%r is out of range [%s, %s]; not used as a default", key, v, lo, hi
+            )
+            continue
+        out[key] = int(v) if key == "top_k" else float(v)
+    return out
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     ids: set[int] = set()
     if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -348,6 +386,7 @@ def bundle_from_model(
         device=param.device,
         dtype=param.dtype,
         name=name,
+        extra={"generation_defaults": generation_defaults(hf_model)},
     )
 
 
