@@ -174,7 +174,9 @@ def test_an_error_mid_stream_is_an_error_event_and_response_failed(srv):
     assert kinds[-2:] == ["error", "response.failed"], kinds
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert events[-2]["code"] == "shutting_down" and events[-1]["response"]["status"] == "failed"
-    assert events[-1]["response"]["error"]["code"] == "shutting_down"
+    # the response's error code is one of OpenAI's few (the SDK's type checks it): the event has ours
+    assert events[-1]["response"]["error"]["code"] == "server_error"
+    openai.types.responses.Response.model_validate(events[-1]["response"])
     # the failed response holds what was sent, cut short
     sent = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     (item,) = events[-1]["response"]["output"]
@@ -297,3 +299,123 @@ def test_what_a_stateless_text_server_refuses(srv):
         body = {"model": "acme", "input": "hi", "max_output_tokens": 4, **extra}
         err = assert_error(c.post("/v1/responses", json=body), status)
         assert err["param"] == param, (extra, err)
+
+
+def _stream_final(srv, body: dict) -> dict:
+    with srv.client(KEY).stream("POST", "/v1/responses", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    return events[-1]["response"]
+
+
+def _items(response: dict) -> list[tuple]:
+    """The output items without their ids (and call ids): what must be the same streamed or not."""
+    out = []
+    for item in response["output"]:
+        if item["type"] == "message":
+            part = item["content"][0]
+            out.append(("message", item["status"], part["text"], part.get("logprobs")))
+        else:
+            out.append((item["type"], item["status"], item["name"], item["arguments"]))
+    return out
+
+
+def test_streamed_or_not_the_same_items_text_call_text_each_with_its_own_logprobs(srv, monkeypatch):
+    """tool_choice auto with text, a call, then more text: three items in that order either way (unstreamed it
+    used to be one message of both texts before the call, with every token's logprobs); each message's logprobs
+    are its own text's; the objects pass the openai package's own types (usage's cache_write_tokens included)."""
+    pytest.importorskip("llguidance")
+    from server.api import routes_responses
+
+    text = 'Sure.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>Done.'
+    regex = text.replace("{", r"\{").replace("}", r"\}").replace(".", r"\.")
+    real = routes_responses.chat_request
+
+    def forced(body):  # the tiny model writes this (the Responses API has no structured_outputs field)
+        chat = real(body)
+        forced = type(chat).model_validate(
+            {**chat.model_dump(exclude_unset=True), "structured_outputs": {"regex": regex}}
+        )
+        forced._drop_turns = chat._drop_turns
+        return forced
+
+    monkeypatch.setattr(routes_responses, "chat_request", forced)
+    body = {
+        "model": "acme", "input": "Weather?", "tools": [WEATHER], "temperature": 0, "max_output_tokens": 120,
+        "include": ["message.output_text.logprobs"],
+    }  # fmt: skip
+    r = srv.client(KEY).post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    plain = r.json()
+    streamed = _stream_final(srv, body)
+    assert _items(plain) == _items(streamed)
+    kinds = [(k, s, t) for k, s, t, _ in _items(plain)]
+    assert kinds == [
+        ("message", "completed", "Sure."),
+        ("function_call", "completed", "get_weather"),
+        ("message", "completed", "Done."),
+    ]
+    first, last = plain["output"][0]["content"][0]["logprobs"], plain["output"][2]["content"][0]["logprobs"]
+    assert "".join(lp["token"] for lp in first) == "Sure."
+    assert "".join(lp["token"] for lp in last) == "Done."  # (the grammar ends it: no end-of-sequence token)
+    for resp in (plain, streamed):
+        openai.types.responses.Response.model_validate(resp)
+        assert resp["usage"]["input_tokens_details"]["cache_write_tokens"] == 0
+
+
+def test_message_logprobs_are_the_tokens_of_its_text_however_the_chunks_group_them():
+    from server.api.routes_responses import _TokenText
+
+    def lp(text):
+        return {"token": text, "bytes": list(text.encode()), "logprob": -1.0}
+
+    t = _TokenText()
+    # one chunk: the end of a text, a call's markup and arguments, and the start of the next text
+    t.add([lp("Su"), lp("re."), lp("<tool_call>"), lp('{"a": 1}'), lp("</tool_call>"), lp("Do")])
+    assert [e["token"] for e in t.take("Sure.")] == ["Su", "re."]
+    t.add([lp("ne."), lp("<|im_end|>")])
+    assert [e["token"] for e in t.take("Done.")] == ["Do", "ne."]
+    assert [e["token"] for e in t.rest()] == ["<|im_end|>"]  # the end-of-sequence token: the last message's
+    # a token across the text's end goes with the text; one of several bytes is one entry
+    t = _TokenText()
+    t.add([lp("ok<"), lp("tool"), lp("é")])
+    assert [e["token"] for e in t.take("ok")] == ["ok<"]
+    assert [e["token"] for e in t.take("é")] == ["é"] and t.rest() == []
+
+
+def test_developer_parts_call_outputs_metadata_and_text_format_as_openai_names_them(srv):
+    """OpenAI's `developer` role is the system message (SmolLM2-style templates do not know it: it rendered a
+    second turn after the default system prompt); text parts join with a newline as in the chat route; a call
+    output answers a call of the input; metadata within OpenAI's sizes; text.format errors name its fields."""
+    c = srv.client(KEY)
+
+    def tokens(messages):
+        r = c.post("/tokenize", json={"prefix": "base", "messages": messages})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    assert tokens(
+        [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ) == tokens([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    parts = [{"type": "input_text", "text": "Translate:"}, {"type": "input_text", "text": "good morning"}]
+    one = c.post("/v1/responses", json={**GREEDY, "input": [{"role": "user", "content": parts}]}).json()
+    chat = c.post(
+        "/v1/chat/completions",
+        json={"model": "acme", "temperature": 0, "max_tokens": 8, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": p["text"]} for p in parts]}]},
+    ).json()  # fmt: skip
+    assert one["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+    assert one["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+    assert one["tool_choice"] == "auto"
+    orphan = {"type": "function_call_output", "call_id": "call_9", "output": "12"}
+    err = assert_error(c.post("/v1/responses", json={**GREEDY, "input": [orphan]}), 400)
+    assert err["param"] == "input[0].call_id" and "call_9" in err["message"]
+    for meta in ({"k" * 65: "v"}, {"k": "v" * 513}):
+        assert_error(c.post("/v1/responses", json={**GREEDY, "input": "x", "metadata": meta}), 400)
+    fmt = {"type": "json_schema", "schema": {"type": "object"}}
+    err = assert_error(c.post("/v1/responses", json={**GREEDY, "input": "x", "text": {"format": fmt}}), 400)
+    assert err["param"] == "text.format.name", err
+    fmt = {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}
+    err = assert_error(c.post("/v1/responses", json={**GREEDY, "input": "x", "text": {"format": fmt}}), 400)
+    assert err["param"] == "text.format.schema" and "json_schema" not in err["message"], err

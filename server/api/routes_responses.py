@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -24,8 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
 from server.api.errors import COMMON_ERRORS, APIError, loc_param
-from server.api.logprobs import chat_logprobs
-from server.api.routes_generate import SSE_DOC
+from server.api.routes_generate import DISCONNECTED, SSE_DOC
 from server.api.routes_openai import _Choices, _start, chat_stream, json_off_loop
 from server.api.schemas import (
     MAX_MODEL_ID,
@@ -39,7 +38,7 @@ from server.api.schemas import (
     TopLogprobs,
     TopP,
 )
-from server.api.service import Service
+from server.api.service import ClientDisconnected, Service, race_disconnect
 from server.api.streaming import EngineEventStream
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -87,7 +86,13 @@ class ResponsesRequest(BaseModel):
     )
     stream: bool = False
     store: bool | None = Field(None, description="Accepted; nothing is stored (the answer says store: false)")
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
+        Field(
+            None,
+            max_length=16,
+            description="Up to 16 pairs, keys of 64 characters at most, values of 512 (OpenAI's)",
+        )
+    )
     user: str | None = Field(None, max_length=256)
     # vLLM's extensions, as on the chat route
     top_k: TopK | None = None
@@ -116,6 +121,9 @@ def _param(param: str | None) -> str | None:
         return None
     head, dot, rest = param.partition(".")
     head, bracket, index = head.partition("[")
+    if head == "response_format":
+        rest = rest.removeprefix("json_schema.").removeprefix("json_schema")
+        dot = "." if rest else ""
     return _PARAMS.get(head, head) + bracket + index + dot + rest
 
 
@@ -143,7 +151,7 @@ def _text_of(content: Any, where: str) -> str:
                 code="invalid_value",
                 param=f"{where}[{j}]",
             )
-    return "".join(texts)
+    return "\n".join(texts)  # as the chat route joins text parts (service._message_text)
 
 
 def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | None]]:
@@ -152,6 +160,7 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | 
     (None: the instructions), to name the item in an error."""
     out: list[dict[str, Any]] = []
     origins: list[int | None] = []
+    called: set[str] = set()  # the call ids of the function_call items so far
     if body.instructions is not None:
         out.append({"role": "system", "content": body.instructions})
         origins.append(None)
@@ -180,6 +189,7 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | 
                         422, f"a function_call item's {field} is a string", code="invalid_value",
                         param=f"{where}.{field}",
                     )  # fmt: skip
+            called.add(item["call_id"])
             call = {
                 "id": item["call_id"],
                 "type": "function",
@@ -200,6 +210,11 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | 
             if not isinstance(item.get("call_id"), str) or not item["call_id"]:
                 raise APIError(
                     422, "a function_call_output item's call_id is a string", code="invalid_value",
+                    param=f"{where}.call_id",
+                )  # fmt: skip
+            if item["call_id"] not in called:  # (OpenAI's 400: an output answers a call of the input)
+                raise APIError(
+                    422, f"no function_call item before it has call_id {item['call_id']!r}", code="invalid_value",
                     param=f"{where}.call_id",
                 )  # fmt: skip
             output = item.get("output")
@@ -313,7 +328,11 @@ def _usage(ch: _Choices) -> dict[str, Any]:
     u = ch.usage()
     return {
         "input_tokens": u["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+        # (the prompt cache's writes are not counted: 0, which the SDK's type requires)
+        "input_tokens_details": {
+            "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+            "cache_write_tokens": 0,
+        },
         "output_tokens": u["completion_tokens"],
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": u["total_tokens"],
@@ -372,7 +391,7 @@ class _Answer:
             "store": False,
             "temperature": self.svc.openai_default("temperature", b.temperature, 1.0),
             "text": b.text or {"format": {"type": "text"}},
-            "tool_choice": b.tool_choice or ("auto" if b.tools else "none"),
+            "tool_choice": b.tool_choice or "auto",  # (OpenAI's echo, with tools or not)
             "tools": b.tools or [],
             "top_logprobs": b.top_logprobs,
             "top_p": self.svc.openai_default("top_p", b.top_p, 1.0),
@@ -417,41 +436,79 @@ async def responses(
         _rename(e)
         raise
     answer = _Answer(body, "resp_" + ch.runs[0].req.request_id, ch.created, ch.svc)
+    stream = _Stream(ch, answer)
     if body.stream:
-        stream = _Stream(ch, answer)
         return EngineEventStream(ch.runs, stream.events, end=None, error_frame=stream.failed)
-    results = await ch.collect(request)
-    if isinstance(results, Response):
-        return results
-    res = results[0]
-    content, calls = ch.plan.tools.parse(res.text)
-    status = _status(res.finish_reason)
-    if content is not None or not calls:
-        lps = None if res.logprobs is None else chat_logprobs(res.logprobs, ch.text)["content"]
-        answer.output.append(_message_item(_item_id("msg"), content or "", lps, "completed"))
-    for c in calls or []:
-        fn = c["function"]
-        answer.output.append(_call_item(_item_id("fc"), c["id"], fn["name"], fn["arguments"], "completed"))
-    if status == "incomplete":  # the item max_output_tokens cut (a call's arguments: not valid JSON)
-        # "auto": the text (the calls found in it are whole); else the last call
-        texts = [o for o in answer.output if o["type"] == "message"]
-        cut = texts[-1] if texts and ch.plan.tools.mode in ("none", "auto") else answer.output[-1]
-        cut["status"] = "incomplete"
-    return await json_off_loop(ResponseObject, lambda: answer.response(status, _usage(ch)))
+    # unstreamed, the same items built the same way (the stream's events, not sent): text, a call, then more text
+    # are three items either way, each message with its own tokens' logprobs
+    try:
+        await race_disconnect(request.receive, stream.drain())
+    except ClientDisconnected:
+        return Response(status_code=DISCONNECTED)
+    finally:
+        for r in ch.runs:
+            await r.close()
+    return await json_off_loop(ResponseObject, lambda: answer.response(stream.status, _usage(ch)))
 
 
 def _rename(e: APIError) -> None:
-    """An error of the chat path in the Responses request's names."""
+    """An error of the chat path in the Responses request's names (text.format has no json_schema wrapper)."""
     param = _param(e.param)
     if param != e.param and e.param is not None and param is not None:
-        old, new = e.param.partition(".")[0].partition("[")[0], param.partition(".")[0].partition("[")[0]
-        e.message = e.message.replace(old, new)
+        old = e.param.partition(".")[0].partition("[")[0]
+        if old == "response_format":
+            for field in ("name", "schema", "strict", "description"):
+                e.message = e.message.replace(f"json_schema.{field}", field)
+        e.message = e.message.replace(old, _PARAMS.get(old, old))
     e.param = param
 
 
 def _frame(event: dict[str, Any]) -> bytes:
     data = json.dumps(event, ensure_ascii=True, separators=(",", ":"))
     return f"event: {event['type']}\ndata: {data}\n\n".encode("ascii")
+
+
+class _TokenText:
+    """The generated tokens (their logprob entries) in order, by the bytes each adds to the output: a content piece
+    takes the tokens its text is made of, passing over those before it (a tool call's markup and arguments, which
+    are no message's). By text, not by the chunks they came in: the engine's events group tokens as the consumer
+    keeps up, so a chunk may hold the end of a text and the start of a call."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray()
+        self.entries: list[tuple[int, Any]] = []  # (end offset in raw, entry) of the tokens not handed out
+        self.cursor = 0  # raw bytes handed out or passed over
+
+    def add(self, entries: list[Any]) -> None:
+        for e in entries:
+            b = e.get("bytes")
+            self.raw += bytes(b) if b is not None else str(e.get("token", "")).encode()
+            self.entries.append((len(self.raw), e))
+
+    def take(self, piece: str) -> list[Any]:
+        """The tokens of this content piece (and of any passed-over text before it)."""
+        data = piece.encode()
+        at = self.raw.find(data, self.cursor)
+        if at < 0:  # not the tokens' bytes as they are (an invalid byte shows as U+FFFD): every token so far
+            out = [e for _, e in self.entries]
+            self.entries, self.cursor = [], len(self.raw)
+            return out
+        end = at + len(data)
+        out = [e for stop, e in self.entries if stop > at and stop - len(self._bytes(e)) < end]
+        self.entries = [(stop, e) for stop, e in self.entries if stop - len(self._bytes(e)) >= end]
+        self.cursor = end
+        return out
+
+    def rest(self) -> list[Any]:
+        """The tokens after the last content piece (end-of-sequence)."""
+        out = [e for stop, e in self.entries if stop > self.cursor]
+        self.entries = []
+        return out
+
+    @staticmethod
+    def _bytes(e: Any) -> bytes:
+        b = e.get("bytes")
+        return bytes(b) if b is not None else str(e.get("token", "")).encode()
 
 
 class _Stream:
@@ -468,6 +525,13 @@ class _Stream:
         self.lps: list[Any] = []
         self.calls: dict[int, dict[str, Any]] = {}  # chat's tool call index -> its item
         self.want_lps = ch.runs[0].req.sampling.logprobs is not None
+        self.tokens = _TokenText()  # the generated tokens' logprobs, handed to the messages their text is in
+        self.status = "in_progress"
+
+    async def drain(self) -> None:
+        """The whole answer into `self.answer`, its events not sent (an unstreamed request)."""
+        async for _ in self.events():
+            pass
 
     def frame(self, kind: str, **fields: Any) -> bytes:
         self.seq += 1
@@ -478,7 +542,14 @@ class _Stream:
         if self.open is not None:  # what was sent of it, cut short
             self._finish(self.open, "incomplete")
             self.open = None
-        error = {"code": e.code, "message": e.message}
+        # the response's error codes are OpenAI's few (the SDK checks them); the `error` event has ours
+        code = {
+            429: "rate_limit_exceeded",
+            400: "invalid_prompt",
+            413: "invalid_prompt",
+            422: "invalid_prompt",
+        }
+        error = {"code": code.get(e.status, "server_error"), "message": e.message}
         return self.frame("error", code=e.code, message=e.message, param=e.param) + self.frame(
             "response.failed", response={**self.answer.response("failed"), "error": error}
         )
@@ -538,9 +609,10 @@ class _Stream:
             return delta, finish, logprobs
 
         async for delta, _reason, logprobs in chat_stream(run, chunk, self.ch.text, self.ch.plan.tools):
-            new_lps = (logprobs or {}).get("content") or []
+            self.tokens.add((logprobs or {}).get("content") or [])
             piece = delta.get("content")
             if piece:
+                new_lps = self.tokens.take(piece)
                 if self.open is None or self.open["type"] != "message":
                     for f in self.start(_message_item(_item_id("msg"), "", None, "in_progress")):
                         yield f
@@ -566,10 +638,14 @@ class _Stream:
                     yield self.frame("response.function_call_arguments.delta", item_id=item["id"],
                                      output_index=answer.output.index(item), delta=args)  # fmt: skip
         self.ch.finish_stream()
-        status = _status(run.final.finish_reason if run.final is not None else None)
+        status = self.status = _status(run.final.finish_reason if run.final is not None else None)
         if not answer.output:  # nothing was written: still one message, as the unstreamed answer has
             for f in self.start(_message_item(_item_id("msg"), "", None, "in_progress")):
                 yield f
+        if self.open is not None and self.open["type"] == "message":
+            self.lps.extend(
+                self.tokens.rest()
+            )  # the last tokens, with no text of their own (end-of-sequence)
         for f in self.close(status):
             yield f
         kind = "response.completed" if status == "completed" else "response.incomplete"

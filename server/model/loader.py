@@ -102,6 +102,11 @@ def render_messages(
     which the model then continues). `template_kwargs` are extra variables for the template (vLLM's
     `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`). `add_special_tokens`: the tokenizer's own (a BOS) on
     top of what the template writes (vLLM's option; the template usually writes them)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or "developer" not in template:
+        # OpenAI's `developer` role is its newer name for `system` (the Responses API's docs use it): a template
+        # that does not know it would render another role's turn after its own default system prompt
+        messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
     text = tokenizer.apply_chat_template(
         messages,
         tools=tools or None,
