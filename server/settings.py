@@ -193,6 +193,12 @@ class Settings(BaseSettings):
         "repetition_penalty) default to the model's generation_config.json where it sets them, as vLLM's "
         "--generation-config auto; 'ignore': OpenAI's defaults",
     )
+    reasoning_parser: Literal["none", "deepseek_r1", "qwen3"] = Field(
+        "none",
+        description="Reasoning models (vLLM's --reasoning-parser): a chat's <think>...</think> becomes the message's "
+        "reasoning_content; 'deepseek_r1': the template opens the thinking (R1 and its distills, Qwen3 Thinking); "
+        "'qwen3': the model opens it (Qwen3 hybrid); not under a structured-output constraint or a forced tool call",
+    )
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral", "pythonic"] = Field(
         "auto",
         description="How tool_choice 'auto' finds the calls a model writes: 'hermes' (<tool_call> blocks), "

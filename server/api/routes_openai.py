@@ -31,6 +31,7 @@ from server.api.logprobs import (
     vllm_prompt_logprobs,
 )
 from server.api.model_ids import model_not_found, parse_model, served_names
+from server.api.reasoning import ReasoningParser, ReasoningStream
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
 from server.api.schemas import (
     BASE_PREFIX,
@@ -54,6 +55,7 @@ from server.api.service import (
 )
 from server.api.streaming import EngineEventStream, merge, sse
 from server.api.tools import CallListStream, ToolPlan, call_id, template_messages, tool_plan
+from server.engine import StructuredOutputs
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -252,6 +254,12 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
     return plan
 
 
+def reasoning_parser(svc: Service, structured: StructuredOutputs | None) -> ReasoningParser | None:
+    """The server's reasoning parser for a chat's output; none under a constraint (a structured output, a forced
+    call), whose grammar governs the whole output from its first token: it is all answer."""
+    return svc.reasoning if structured is None else None
+
+
 async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat: bool) -> _Choices:
     svc = get_service(request)
     info = get_info(request)
@@ -312,6 +320,8 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         structured = await svc.compile_spec(forced, "tool_choice")
     else:
         structured = await svc.structured(so, body.response_format, body.guided_whitespace_pattern == "")
+    if chat:
+        plan.tools.reasoning = reasoning_parser(svc, structured)
     sampling = svc.sampling(
         max_tokens=plan.max_tokens,
         max_tokens_param=plan.max_tokens_param,
@@ -647,10 +657,13 @@ async def chat_completions(
 
 def _chat_choice_body(plan: _Plan, index: int, res: GenerationResult, text: TokenTexts) -> dict[str, Any]:
     tools = plan.tools
-    content, calls = tools.parse(res.text)
+    reasoning, answer = tools.split(res.text)
+    content, calls = tools.parse(answer) if answer is not None else (None, None)
     if plan.chat_echo:
         content = plan.chat_echo + (content or "")
     message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning is not None:  # vLLM's field (a reasoning parser is configured)
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
     return {
@@ -717,7 +730,8 @@ async def _stream_text(
     run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
 ) -> AsyncIterator[bytes]:
     first = {"role": "assistant", "content": ""}
-    async for frame in _stream_pieces(run, chunk, text, first, lambda piece: {"content": piece}):
+    pieces = _stream_pieces(run, chunk, text, first, lambda piece: {"content": piece}, tools.thinking())
+    async for frame in pieces:
         yield frame
 
 
@@ -747,13 +761,19 @@ async def _stream_pieces(
     text: TokenTexts,
     first: dict[str, Any],
     delta: Callable[[str], dict[str, Any]],
+    thinking: ReasoningStream | None = None,
 ) -> AsyncIterator[bytes]:
-    """The `first` delta, then `delta(text piece)` as the text comes, then the finish reason."""
+    """The `first` delta, then `delta(text piece)` as the text comes (the thinking first as `reasoning_content`
+    deltas, with a reasoning parser), then the finish reason."""
     yield chunk(first, None)
     async for ev, _ids, lps in chunked_events(run):
         logprobs = None if lps is None else chat_logprobs(lps, text)
-        if ev.text:
-            yield chunk(delta(ev.text), None, logprobs)
+        thought, answer = ("", ev.text) if thinking is None else thinking.feed(ev.text, final=ev.finished)
+        if thought:
+            yield chunk({"reasoning_content": thought}, None, logprobs)
+            logprobs = None
+        if answer:
+            yield chunk(delta(answer), None, logprobs)
             logprobs = None  # sent: the finish chunk carries no tokens (OpenAI's null)
         if ev.finished:
             yield chunk({}, ev.finish_reason, logprobs)
@@ -798,11 +818,15 @@ async def _stream_auto(
     (`AutoStream`), in output order; a chunk's logprobs are those of the tokens since the previous chunk."""
     yield chunk({"role": "assistant", "content": ""}, None)
     follow = tools.auto_stream()
+    thinking = tools.thinking()
     sent: list[dict[str, Any]] = []  # the calls sent
     pending = _PendingLogprobs(run, text)
     async for ev, _ids, lps in chunked_events(run):
         pending.items.extend(lps or [])
-        for kind, group in itertools.groupby(follow.feed(ev.text, final=ev.finished), key=lambda it: it[0]):
+        thought, answer = ("", ev.text) if thinking is None else thinking.feed(ev.text, final=ev.finished)
+        if thought:
+            yield chunk({"reasoning_content": thought}, None, pending.take())
+        for kind, group in itertools.groupby(follow.feed(answer, final=ev.finished), key=lambda it: it[0]):
             values = [v for _, v in group]
             if kind == "content":
                 yield chunk({"content": "".join(values)}, None, pending.take())

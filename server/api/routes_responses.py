@@ -103,7 +103,10 @@ class ResponsesRequest(BaseModel):
     previous_response_id: str | None = _refused("nothing is stored", "send the whole conversation in input")
     conversation: Any = _refused("nothing is stored", "send the whole conversation in input")
     background: bool | None = Field(None, description="Not supported: only false")
-    reasoning: Any = _refused("not a reasoning model", "leave it out")
+    reasoning: Any = _refused(
+        "reasoning options (effort, summary) are not supported (a reasoning parser only separates the thinking)",
+        "leave it out",
+    )
     prompt: Any = _refused("no stored prompt templates", "send the text in input")
 
 
@@ -222,7 +225,9 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | 
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
             origins.append(i)
         elif kind == "reasoning":
-            raise _unsupported("reasoning items are not supported: this is not a reasoning model", where)
+            # an earlier answer's thinking, sent back as OpenAI asks: not part of the prompt (reasoning models'
+            # chat templates drop earlier turns' thinking too)
+            continue
         else:
             raise _unsupported(f"input items of type {kind!r} are not supported", f"{where}.type")
     return out, origins
@@ -559,6 +564,8 @@ class _Stream:
         if item["type"] == "message":
             lps = list(self.lps) if self.want_lps else None
             item.update(_message_item(item["id"], "".join(self.text), lps, status))
+        elif item["type"] == "reasoning":
+            item["content"] = [{"type": "reasoning_text", "text": "".join(self.text)}]
         item["status"] = status
 
     def close(self, status: str = "completed") -> list[bytes]:
@@ -577,6 +584,15 @@ class _Stream:
                            part=part),
                 self.frame("response.output_item.done", output_index=index, item=item),
             ]  # fmt: skip
+        if item["type"] == "reasoning":
+            part = item["content"][0]
+            return [
+                self.frame("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                           text=part["text"]),
+                self.frame("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                           part=part),
+                self.frame("response.output_item.done", output_index=index, item=item),
+            ]  # fmt: skip
         return [
             self.frame("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                        arguments=item["arguments"]),
@@ -588,11 +604,15 @@ class _Stream:
         self.answer.output.append(item)
         self.open = item
         index = len(self.answer.output) - 1
-        if item["type"] != "message":
+        if item["type"] not in ("message", "reasoning"):
             return [*out, self.frame("response.output_item.added", output_index=index, item=dict(item))]
         self.text, self.lps = [], []
         added = {**item, "content": []}  # its part comes with content_part.added
-        part = {"type": "output_text", "text": "", "annotations": []}
+        part: dict[str, Any] = (
+            {"type": "output_text", "text": "", "annotations": []}
+            if item["type"] == "message"
+            else {"type": "reasoning_text", "text": ""}
+        )
         return [
             *out,
             self.frame("response.output_item.added", output_index=index, item=added),
@@ -610,6 +630,17 @@ class _Stream:
 
         async for delta, _reason, logprobs in chat_stream(run, chunk, self.ch.text, self.ch.plan.tools):
             self.tokens.add((logprobs or {}).get("content") or [])
+            thought = delta.get("reasoning_content")
+            if thought:  # a reasoning parser's thinking: a reasoning item (no logprobs: OpenAI's has none)
+                self.tokens.take(thought)
+                if self.open is None or self.open["type"] != "reasoning":
+                    item = {"type": "reasoning", "id": _item_id("rs"), "summary": [], "status": "in_progress"}
+                    for f in self.start(item):
+                        yield f
+                assert self.open is not None
+                self.text.append(thought)
+                yield self.frame("response.reasoning_text.delta", item_id=self.open["id"],
+                                 output_index=len(answer.output) - 1, content_index=0, delta=thought)  # fmt: skip
             piece = delta.get("content")
             if piece:
                 new_lps = self.tokens.take(piece)

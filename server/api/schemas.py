@@ -642,6 +642,9 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = Field(
+        None, description="Extension (vLLM): a reasoning model's thinking (with a reasoning_parser)"
+    )
 
 
 class ChatTopLogprob(BaseModel):

@@ -26,6 +26,7 @@ from server.api.errors import APIError, unavailable
 from server.api.limits import RateLimiter, RedisRateLimiter, TenantLimit, load_limits_file
 from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
+from server.api.reasoning import ReasoningParser, get_reasoning_parser
 from server.api.schemas import BASE_PREFIX, ResponseFormat, StructuredOutputsParam, check_text
 from server.api.structured import engine_spec
 from server.api.tool_parsers import ToolParser, detect, get_parser
@@ -706,6 +707,7 @@ class Service:
     _unsubscribe: Callable[[], None] | None = None
     _tokenizer_pool: DaemonThreadPool = field(default_factory=lambda: DaemonThreadPool(1, "tokenizer"))
     default_format: str = "raw"
+    reasoning: ReasoningParser | None = None  # settings.reasoning_parser
     # sampling defaults of the /v1 routes from the model's generation config (settings.generation_config "auto")
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     store_ok: bool = True
@@ -823,6 +825,7 @@ class Service:
                     "generation_config=ignore for OpenAI's)",
                     svc.sampling_defaults,
                 )
+        svc.reasoning = get_reasoning_parser(settings.reasoning_parser)
         parser = settings.tool_call_parser
         if parser == "auto":
             parser = detect(getattr(bundle.tokenizer, "chat_template", None))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.api.errors import APIError
+from server.api.reasoning import ReasoningParser, ReasoningStream
 from server.api.schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from server.api.service import chat_messages
 from server.api.tool_parsers import AutoStream, ToolParser, get_parser
@@ -78,6 +79,9 @@ class ToolPlan:
     named: str | None = None
     parallel: bool = True
     parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))  # how "auto" finds calls
+    # how a reasoning model's thinking is told from its answer (None: no parser, or a constraint governs the whole
+    # output, which is then the answer); the answer is what calls are parsed from
+    reasoning: ReasoningParser | None = None
 
     @property
     def forced(self) -> bool:
@@ -115,8 +119,19 @@ class ToolPlan:
             calls["maxItems"] = 1
         return StructuredOutputs("json", json.dumps(calls), any_whitespace=False)
 
+    def thinking(self) -> ReasoningStream | None:
+        """Follows a streamed output's thinking (None: no reasoning parser for this output)."""
+        return None if self.reasoning is None or self.forced else self.reasoning.stream()
+
+    def split(self, text: str) -> tuple[str | None, str | None]:
+        """(reasoning_content, the answer to parse calls from) of a finished output: the answer is all of it without
+        a reasoning parser, None when it is all thinking."""
+        if self.reasoning is None or self.forced:
+            return None, text
+        return self.reasoning.split(text)
+
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
-        """(content, tool_calls) of a finished output."""
+        """(content, tool_calls) of a finished output's answer."""
         if self.mode == "named":
             assert self.named is not None
             return None, [_call(self.named, text)]

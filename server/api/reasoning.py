@@ -1,0 +1,88 @@
+"""Reasoning models' thinking, split from their answer (vLLM's `--reasoning-parser`): `<think>...</think>`.
+
+A chat completion then carries the thinking as the message's `reasoning_content` (streamed: `reasoning_content`
+deltas) and the answer as its `content`, which tool calls are parsed from. Two conventions, as vLLM names them:
+
+- `deepseek_r1`: the chat template opens the thinking (DeepSeek-R1, its distills, Qwen3 "Thinking" models): the
+  output starts inside it, a leading `<think>` is dropped, and an output without `</think>` is all thinking (cut
+  short while thinking).
+- `qwen3`: the model opens it itself (Qwen3 hybrid models): an output that starts with `<think>` thinks until
+  `</think>`; one that does not (`enable_thinking: false`) is all answer.
+
+The whole output is split by running the stream over it, so a streamed answer and an unstreamed one are the same.
+"""
+
+from __future__ import annotations
+
+START, END = "<think>", "</think>"
+PARSERS = ("deepseek_r1", "qwen3")
+
+
+def _held(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a start of `tag` (held back: it may be the tag, cut)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ReasoningStream:
+    """Follows one output: `feed` gives the (thinking, answer) text that can be sent so far."""
+
+    def __init__(self, starts_thinking: bool) -> None:
+        self.state = "start"  # start (the opening tag may come) | thinking | answer
+        self.starts_thinking = starts_thinking
+        self.buf = ""
+        self.thought = False  # it entered the thinking
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        self.buf += text
+        thinking, answer = [], []
+        while True:
+            if self.state == "start":
+                if START.startswith(self.buf) and not final:
+                    break  # maybe the opening tag, cut
+                if self.buf.startswith(START):
+                    self.buf, self.state = self.buf[len(START) :], "thinking"
+                else:
+                    self.state = "thinking" if self.starts_thinking else "answer"
+                self.thought = self.state == "thinking"
+            elif self.state == "thinking":
+                at = self.buf.find(END)
+                if at >= 0:
+                    thinking.append(self.buf[:at])
+                    self.buf, self.state = self.buf[at + len(END) :], "answer"
+                    continue
+                keep = 0 if final else _held(self.buf, END)
+                thinking.append(self.buf[: len(self.buf) - keep])
+                self.buf = self.buf[len(self.buf) - keep :]
+                break
+            else:
+                answer.append(self.buf)
+                self.buf = ""
+                break
+        return "".join(thinking), "".join(answer)
+
+
+class ReasoningParser:
+    def __init__(self, name: str) -> None:
+        if name not in PARSERS:
+            raise ValueError(f"unknown reasoning parser {name!r}: use one of {', '.join(PARSERS)}")
+        self.name = name
+
+    def stream(self) -> ReasoningStream:
+        return ReasoningStream(starts_thinking=self.name == "deepseek_r1")
+
+    def split(self, text: str) -> tuple[str | None, str | None]:
+        """(thinking, answer) of a finished output; None where there is none (an answer of only thinking: null
+        content, as vLLM's)."""
+        stream = self.stream()
+        thinking, answer = stream.feed(text, final=True)
+        if not stream.thought:
+            return None, answer
+        return thinking, (answer or None) if stream.state == "answer" else None
+
+
+def get_reasoning_parser(name: str) -> ReasoningParser | None:
+    """The parser of the `reasoning_parser` setting ('none': None)."""
+    return None if name == "none" else ReasoningParser(name)

@@ -1,0 +1,170 @@
+"""Reasoning models (vLLM's --reasoning-parser): <think>...</think> as the message's reasoning_content, streamed or
+not, before tool calls are parsed from the answer; the Responses API's reasoning items."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import openai
+import pytest
+
+from server.api.reasoning import ReasoningParser
+from tests.fixtures.server import assert_error
+
+KEY = "sk-acme-thinks"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TEXTS = [
+    "<think>Let me see.</think>The answer.",
+    "<think>a<b</thin</think>\n\nok</think>",
+    "Let me see.</think>The answer.",
+    "no thinking here",
+    "<think>cut short while thinking",
+    "<thi",
+    "",
+    "</think>",
+]
+
+
+@pytest.mark.parametrize("name", ["deepseek_r1", "qwen3"])
+def test_a_streamed_output_splits_as_the_whole_does_however_it_is_cut(name):
+    parser = ReasoningParser(name)
+    rng = random.Random(0)
+    for text in TEXTS:
+        want = parser.split(text)
+        for _ in range(30):
+            cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 4))))
+            pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+            stream = parser.stream()
+            got = [stream.feed(p) for p in pieces] + [stream.feed("", final=True)]
+            thinking, answer = "".join(t for t, _ in got), "".join(a for _, a in got)
+            assert (thinking or None, answer) == (want[0] or None, want[1] or ""), (name, text, pieces)
+    assert parser.split("<think>x</think>y") == ("x", "y")
+    # the template opened the thinking (R1): all thinking until </think>; the model opens it (Qwen3): all answer
+    assert ReasoningParser("deepseek_r1").split("x</think>y") == ("x", "y")
+    assert ReasoningParser("qwen3").split("x</think>y") == (None, "x</think>y")
+    assert ReasoningParser("deepseek_r1").split("x") == ("x", None)
+
+
+@pytest.fixture
+def srv(server_factory, monkeypatch):
+    """A qwen3-parser server whose outputs a regex forces (the tiny model does not think by itself): the regex
+    would otherwise switch the parser off, as any constraint does."""
+    pytest.importorskip("llguidance")
+    from server.api import routes_openai
+
+    monkeypatch.setattr(routes_openai, "reasoning_parser", lambda svc, structured: svc.reasoning)
+    return server_factory(
+        prefixes={("acme", "default"): {"seed": 5}}, keys={"acme": KEY}, reasoning_parser="qwen3"
+    )
+
+
+def _forced(text: str) -> dict:
+    return {"structured_outputs": {"regex": "".join("\\" + c if c in "{}.[]()?*+|^$" else c for c in text)}}
+
+
+def _sse(srv, route: str, body: dict) -> list[dict]:
+    with srv.client(KEY).stream("POST", route, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def test_the_thinking_is_reasoning_content_streamed_or_not(srv):
+    text = "<think>Let me see.</think>The answer."
+    body = {"model": "acme", "messages": [{"role": "user", "content": "Q?"}], "temperature": 0,
+            "max_tokens": 80, **_forced(text)}  # fmt: skip
+    msg = srv.client(KEY).post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert (msg["reasoning_content"], msg["content"]) == ("Let me see.", "The answer.")
+    deltas = [c["choices"][0]["delta"] for c in _sse(srv, "/v1/chat/completions", body) if c["choices"]]
+    kinds = [k for d in deltas for k in ("reasoning_content", "content") if d.get(k)]
+    assert kinds == sorted(kinds, key=lambda k: k == "content")  # the thinking first, then the answer
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Let me see."
+    assert "".join(d.get("content") or "" for d in deltas) == "The answer."
+    # the official client reads it (an extra field of the message)
+    oai = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+    got = oai.chat.completions.create(**{k: v for k, v in body.items() if k not in ("structured_outputs",)},
+                                      extra_body=_forced(text))  # fmt: skip
+    assert got.choices[0].message.reasoning_content == "Let me see."
+
+
+def test_calls_are_parsed_from_the_answer_not_the_thinking(srv):
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    text = f"<think>Maybe {call}?</think>Sure.{call}"
+    body = {"model": "acme", "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER],
+            "temperature": 0, "max_tokens": 200, **_forced(text)}  # fmt: skip
+    choice = srv.client(KEY).post("/v1/chat/completions", json=body).json()["choices"][0]
+    msg = choice["message"]
+    assert msg["reasoning_content"] == f"Maybe {call}?" and msg["content"] == "Sure."
+    (only,) = msg["tool_calls"]
+    assert (
+        json.loads(only["function"]["arguments"]) == {"city": "Oslo"}
+        and choice["finish_reason"] == "tool_calls"
+    )
+    deltas = [c["choices"][0]["delta"] for c in _sse(srv, "/v1/chat/completions", body) if c["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == msg["reasoning_content"]
+    assert "".join(d.get("content") or "" for d in deltas) == "Sure."
+    assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls") or []] == ["get_weather"]
+
+
+def test_responses_have_a_reasoning_item_before_the_message(srv):
+    from server.api import routes_responses
+
+    text = "<think>Hmm.</think>Hi!"
+    body = {"model": "acme", "input": "Hello", "temperature": 0, "max_output_tokens": 40}
+    real = routes_responses.chat_request
+
+    def forced(b):
+        chat = real(b)
+        out = type(chat).model_validate({**chat.model_dump(exclude_unset=True), **_forced(text)})
+        out._drop_turns = chat._drop_turns
+        return out
+
+    routes_responses.chat_request = forced
+    try:
+        plain = srv.client(KEY).post("/v1/responses", json=body).json()
+        events = _sse(srv, "/v1/responses", body)
+    finally:
+        routes_responses.chat_request = real
+    streamed = events[-1]["response"]
+    for resp in (plain, streamed):
+        openai.types.responses.Response.model_validate(resp)
+        reasoning, message = resp["output"]
+        assert reasoning["type"] == "reasoning" and reasoning["content"] == [
+            {"type": "reasoning_text", "text": "Hmm."}
+        ]
+        assert message["content"][0]["text"] == "Hi!"
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == "Hmm."
+    # the reasoning item sent back in the next turn (as OpenAI asks) is taken and left out of the prompt
+    again = {**body, "input": [{"role": "user", "content": "Hello"}, reasoning, message,
+                               {"role": "user", "content": "And?"}]}  # fmt: skip
+    assert srv.client(KEY).post("/v1/responses", json=again).status_code == 200
+
+
+def test_without_a_parser_or_under_a_constraint_the_output_is_all_content(server_factory):
+    pytest.importorskip("llguidance")
+    text = "<think>x</think>y"
+    base = {
+        "model": "acme",
+        "messages": [{"role": "user", "content": "Q?"}],
+        "temperature": 0,
+        "max_tokens": 40,
+    }
+    plain = server_factory(prefixes={("acme", "default"): {"seed": 5}})  # no reasoning parser: as it was
+    msg = plain.client().post("/v1/chat/completions", json={**base, "model": "acme/default", **_forced(text)})
+    assert msg.json()["choices"][0]["message"]["content"] == text
+    assert msg.json()["choices"][0]["message"]["reasoning_content"] is None
+    # deepseek_r1 (the thinking opened by the template) under a JSON constraint: the JSON is the answer
+    r1 = server_factory(prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="deepseek_r1")
+    body = {**base, "model": "acme/default", "response_format": {"type": "json_object"}}
+    out = r1.client().post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert out["content"] and out.get("reasoning_content") is None
+    assert_error(r1.client().post("/v1/responses", json={"model": "acme/default", "input": "x",
+                                                          "reasoning": {"effort": "low"}}), 400)  # fmt: skip
