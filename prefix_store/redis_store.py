@@ -313,7 +313,7 @@ class RedisStore(PrefixStore):
         for i in range(0, len(versions), META_BATCH):
             chunk = versions[i : i + META_BATCH]
             with self._errors(f"get versions of {label(t, n)}"):
-                raws = self._r.mget([self._meta_key(t, n, v) for v in chunk])
+                raws: list[bytes | None] = self._r.mget([self._meta_key(t, n, v) for v in chunk])  # type: ignore[assignment]
             yield from raws
 
     def _versions(self, tenant_id: str, name: str) -> builtins.list[int]:

@@ -193,6 +193,11 @@ class Settings(BaseSettings):
         "repetition_penalty) default to the model's generation_config.json where it sets them, as vLLM's "
         "--generation-config auto; 'ignore': OpenAI's defaults",
     )
+    served_model_name: str | None = Field(
+        None,
+        description="Names (comma-separated) that a tenant key's /v1 `model` may give for its tenant on the base model, "
+        "as vLLM's --served-model-name (e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct'); default: the model's name",
+    )
     reasoning_parser: Literal["none", "deepseek_r1", "qwen3"] = Field(
         "none",
         description="Reasoning models (vLLM's --reasoning-parser): a chat's <think>...</think> becomes the message's "
@@ -324,6 +329,10 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.tenant_keys()) or self.admin_key is not None
+
+    def served_model_names(self) -> tuple[str, ...]:
+        """`served_model_name`'s names (empty: the model's own name is used)."""
+        return tuple(n.strip() for n in (self.served_model_name or "").split(",") if n.strip())
 
     def tenant_keys(self) -> dict[str, str]:
         """key -> tenant id, from `api_keys` and `api_keys_file` (raises ValueError on malformed entries)."""

@@ -115,10 +115,11 @@ def test_a_prefix_for_another_base_model_is_not_a_model_here(srv, oai):
         oai.completions.create(model="acme/foreign", prompt="x", max_tokens=2)
 
 
-def test_the_served_model_name_is_the_key_tenants_base_model(srv, oai, server_factory):
-    """What vLLM's clients send as `model`, the base model's name (`/info`'s), reaches the key's tenant on the base
-    model; without a tenant key it names no tenant: a 404 that says what to send."""
-    served = srv.client(KEY).get("/info").json()["model"]
+def test_the_served_model_name_is_the_key_tenants_base_model(srv, oai, server_factory, api_bundle):
+    """What vLLM's clients send as `model`, the base model's name (`served_model_name`, default the model's name),
+    reaches a tenant key's tenant on the base model; a tenant named like the model keeps its own default prefix;
+    without a tenant key it is an id like any other, and a 404 for it says what to send."""
+    served = api_bundle.name
     want = oai.completions.create(model="acme/base", prompt="Tell me", max_tokens=6, temperature=0)
     got = oai.completions.create(model=served, prompt="Tell me", max_tokens=6, temperature=0)
     assert got.choices[0].text == want.choices[0].text and got.model == served
@@ -126,13 +127,27 @@ def test_the_served_model_name_is_the_key_tenants_base_model(srv, oai, server_fa
         model=served, messages=[{"role": "user", "content": "hi"}], max_tokens=3
     )
     assert chat.choices[0].finish_reason in ("stop", "length")
-    assert oai.models.retrieve(served).id == "acme/base"
+    assert oai.models.retrieve(served).id == served  # the id asked for, as vLLM's
     body = {"model": served, "prompt": "x", "max_tokens": 2}
     err = assert_error(server_factory().client().post("/v1/completions", json=body), 404, "model_not_found")
-    assert (
-        err["message"]
-        == f"model {served!r} is the base model, which a request without a tenant API key names as 'tenant/base'"
+    assert "it names the base model only from a tenant API key" in err["message"]
+    # a tenant named like the model: its own default prefix, as before (from its key, or the admin's)
+    named = server_factory(
+        prefixes={(served, "default"): {"seed": 3}},
+        keys={served: "sk-named", "acme": KEY},
+        admin_key="sk-admin",
     )
+    prefixed = {"model": f"{served}/default", "prompt": "x", "max_tokens": 4, "temperature": 0}
+    ref = named.client("sk-named").post("/v1/completions", json=prefixed).json()["choices"][0]["text"]
+    for key in ("sk-named", "sk-admin"):
+        r = named.client(key).post("/v1/completions", json={**prefixed, "model": served})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref, r.text
+    # served_model_name: the names an operator gives it (vLLM's --served-model-name)
+    hub = server_factory(keys={"acme": KEY}, served_model_name="HuggingFaceTB/SmolLM2-135M-Instruct, smol")
+    for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", "smol"):
+        r = hub.client(KEY).post("/v1/completions", json={**body, "model": name})
+        assert r.status_code == 200, r.text
+    assert_error(hub.client(KEY).post("/v1/completions", json=body), 404, "model_not_found")
 
 
 def test_sampling_defaults_come_from_the_models_generation_config(server_factory):

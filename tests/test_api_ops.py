@@ -28,8 +28,10 @@ def test_health_and_ready(server_factory):
     for path in ("/health", "/ready"):
         h = c.head(path)
         assert h.status_code == 200 and h.content == b"", path
-    # vLLM's (SageMaker's) /ping: /health, GET or POST
+    # vLLM's (SageMaker's) /ping: /health, GET or POST, with no key where keys are configured too
     assert c.get("/ping").json() == c.post("/ping").json() == {"status": "ok"}
+    keyed = server_factory(keys={"acme": "sk-acme-ping"}).client()
+    assert keyed.post("/ping").status_code == keyed.get("/ping").status_code == 200
 
 
 def test_metrics_ready_gauge_reads_the_store_at_scrape_time(server_factory, monkeypatch):

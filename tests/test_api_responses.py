@@ -377,6 +377,24 @@ def test_message_logprobs_are_the_tokens_of_its_text_however_the_chunks_group_th
     t.add([lp("ne."), lp("<|im_end|>")])
     assert [e["token"] for e in t.take("Done.")] == ["Do", "ne."]
     assert [e["token"] for e in t.rest()] == ["<|im_end|>"]  # the end-of-sequence token: the last message's
+    # text after a call that its arguments hold too: looked for after the call's block (a hermes block is passed
+    # over once its call is sent)
+    t = _TokenText()
+    t.add(
+        [
+            lp("Sure."),
+            lp("<tool_call>"),
+            lp('{"a": "Done."}'),
+            lp("</tool_call>"),
+            lp("Done."),
+            lp("<|im_end|>"),
+        ]
+    )
+    assert [e["token"] for e in t.take("Sure.")] == ["Sure."]
+    t.pass_over("</tool_call>")
+    assert [e["token"] for e in t.take("Done.")] == ["Done."] and [e["token"] for e in t.rest()] == [
+        "<|im_end|>"
+    ]
     # a token across the text's end goes with the text; one of several bytes is one entry
     t = _TokenText()
     t.add([lp("ok<"), lp("tool"), lp("é")])

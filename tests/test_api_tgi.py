@@ -331,6 +331,9 @@ def test_a_tgi_body_at_the_servers_own_generate_says_where_tgi_is(srv):
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}
     err = assert_error(srv.client(KEY).post("/generate", json=body), 422)
     assert err["message"].startswith("a TGI request? TGI's protocol is served under /tgi"), err
+    for path in ("/", "/generate_stream"):  # where TGI's and LoRAX's clients post
+        err = assert_error(srv.client(KEY).post(path, json=body), 404)
+        assert "TGI's protocol is served under /tgi" in err["message"], (path, err)
 
 
 def test_openai_routes_at_the_tgi_base_url_as_tgi_serves_them(srv):
@@ -355,6 +358,11 @@ def test_openai_routes_at_the_tgi_base_url_as_tgi_serves_them(srv):
     assert r.status_code == 200 and r.json()["model"] == "acme/faq", r.text
     assert {m["id"] for m in c.get("/tgi/v1/models").json()["data"]} == {"acme/faq", "acme/base"}
     assert_error(c.post("/v1/completions", json={"model": "tgi", "prompt": "x", "max_tokens": 2}), 404)
+    # errors there are the OpenAI routes' (a 400 for an invalid value, no TGI error_type), as on /v1
+    bad = {"model": "tgi", "messages": [], "max_tokens": 2}
+    r = c.post("/tgi/v1/chat/completions", json=bad)
+    assert r.status_code == 400 and "error_type" not in r.json(), r.text
+    assert r.json() == c.post("/v1/chat/completions", json={**bad, "model": "acme/base"}).json()
     assert "/tgi/v1/chat/completions" not in c.get("/openapi.json").json()["paths"]
 
 

@@ -268,7 +268,7 @@ class ServiceMiddleware:
             try:
                 if upload:
                     uploading = _admit_upload(st, headers, path)
-                elif method in BODY_METHODS and st.keyring.enabled:
+                elif method in BODY_METHODS and st.keyring.enabled and not probe:  # (POST /ping: open too)
                     # a body is read only for a caller with a key: no one without one can make the server hold
                     # up to max_body_bytes per connection
                     _header_principal(st, headers)

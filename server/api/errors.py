@@ -125,8 +125,14 @@ def tgi_error_type(status: int) -> str | None:
     return "generation" if status >= 500 else None
 
 
+def is_openai_path(path: str) -> bool:
+    """An OpenAI route: /v1/..., and the same routes under /tgi/v1/ (TGI serves them at its root too)."""
+    return path.startswith(("/v1/", "/tgi/v1/"))
+
+
 def is_tgi_path(path: str) -> bool:
-    return path == "/tgi" or path.startswith("/tgi/")
+    """A TGI-protocol route (its errors carry TGI's `error_type`); not the OpenAI routes under /tgi."""
+    return (path == "/tgi" or path.startswith("/tgi/")) and not is_openai_path(path)
 
 
 def with_tgi_error_type(body: dict[str, Any], status: int) -> dict[str, Any]:
@@ -150,7 +156,7 @@ def error_response(
     """The error body; on the TGI-compatible routes (`/tgi...`) also TGI's top-level `error_type`. On the OpenAI
     routes (`/v1/...`) an invalid value is a 400, as OpenAI and vLLM answer it (the `openai` package raises its
     `BadRequestError` for a 400, a bare `APIStatusError` subclass for a 422); elsewhere it stays a 422."""
-    if status == 422 and request is not None and request.url.path.startswith("/v1/"):
+    if status == 422 and request is not None and is_openai_path(request.url.path):
         status = 400
     headers = dict(headers or {})
     if status in (429, 503):
@@ -242,6 +248,11 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
         status = exc.status_code
         if status == 404:
             message = "not found"
+            if request.url.path in ("/", "/generate_stream") and request.method == "POST":
+                # TGI's clients aimed at this server's root
+                message = (
+                    "not found: TGI's protocol is served under /tgi (/tgi/generate, /tgi/generate_stream)"
+                )
             if request.url.path.startswith("/v1/"):  # an OpenAI route we do not serve (embeddings, ...)
                 message = (
                     f"{request.url.path} is not served here; the OpenAI routes served are /v1/completions, "

@@ -11,27 +11,28 @@ from server.api.schemas import BASE_PREFIX, DEFAULT_PREFIX
 from server.api.service import Service
 
 
-def model_not_found(model: str) -> APIError:
-    """OpenAI's answer to a model that does not exist, or is another tenant's (no existence leak)."""
-    return APIError(404, f"model {model!r} not found", code="model_not_found", param="model")
+def model_not_found(model: str, served: tuple[str, ...] = ()) -> APIError:
+    """OpenAI's answer to a model that does not exist, or is another tenant's (no existence leak); for a name of
+    the base model (`served`), what to send instead."""
+    message = f"model {model!r} not found"
+    if model in served:
+        message += (
+            f": it names the base model only from a tenant API key (its tenant's); otherwise send "
+            f"'tenant/{BASE_PREFIX}'"
+        )
+    return APIError(404, message, code="model_not_found", param="model")
 
 
 def parse_model(
     model: str, principal: Principal, served: tuple[str, ...] = ()
 ) -> tuple[str, str, int | None]:
     """`tenant[/prefix][@version]` → (tenant, prefix name, pinned version or None for the latest). `served`: names of
-    the base model (`/info`'s): from a tenant key, such a name is the key's tenant on the base model (`tenant/base`),
-    what vLLM's clients send as `model`; without a tenant key it names no tenant (404 saying so)."""
-    if model in served:
-        if principal.tenant_id is not None and not principal.admin:
-            return principal.tenant_id, BASE_PREFIX, None
-        raise APIError(
-            404,
-            f"model {model!r} is the base model, which a request without a tenant API key names as "
-            f"'tenant/{BASE_PREFIX}'",
-            code="model_not_found",
-            param="model",
-        )
+    the base model (`served_model_name`): from a tenant key, such a name is the key's tenant on the base model
+    (`tenant/base`), what vLLM's clients send as `model`, unless the tenant itself has that name (then, as any
+    other id, its default prefix). Without a tenant key (admin, open server) it is an id like any other."""
+    tenant_key = principal.tenant_id is not None and not principal.admin
+    if model in served and tenant_key and principal.tenant_id != model:
+        return principal.tenant_id, BASE_PREFIX, None  # type: ignore[return-value]
     tenant, sep, name = model.partition("/")
     if not sep:  # "tenant" or "tenant@3": its default prefix
         tenant, at, version = model.partition("@")
@@ -45,7 +46,7 @@ def parse_model(
         or (at and (pinned is None or name == BASE_PREFIX))
         or not principal.can_access(tenant)
     ):
-        raise model_not_found(model)
+        raise model_not_found(model, served)
     return tenant, name, pinned
 
 
@@ -55,7 +56,8 @@ TGI_PLACEHOLDER_MODELS = ("tgi", "dummy")
 
 
 def served_names(request: Request, svc: Service) -> tuple[str, ...]:
-    """The `model` values that name the base model: its name, and under /tgi TGI's clients' placeholders."""
+    """The `model` values that name the base model: `served_model_name` (default: its name), and under /tgi TGI's
+    clients' placeholders."""
     if request.url.path.startswith("/tgi/"):
-        return (svc.bundle.name, *TGI_PLACEHOLDER_MODELS)
-    return (svc.bundle.name,)
+        return (*svc.served_names, *TGI_PLACEHOLDER_MODELS)
+    return svc.served_names

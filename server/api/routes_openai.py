@@ -292,7 +292,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     try:
         prefix = await svc.resolve(tenant, name, version, param="model")
     except APIError as e:
-        raise _as_openai_error(e, body.model) from None
+        raise _as_openai_error(e, body.model, svc.served_names) from None
     info.version = prefix.version
     try:  # (a prompt refused as too long before it is tokenized: OpenAI's 400 too)
         if chat:
@@ -302,7 +302,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             assert isinstance(body, CompletionRequest)
             plan = await _completion_plan(svc, info, body, prefix)
     except APIError as e:
-        raise _as_openai_error(e, body.model) from None
+        raise _as_openai_error(e, body.model, svc.served_names) from None
     plan.prompt_logprobs = body.prompt_logprobs
     try:
         so = body.structured_param()
@@ -384,7 +384,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             bill_output=not plan.hide_output,
         )
     except APIError as e:
-        raise _as_openai_error(e, body.model) from None
+        raise _as_openai_error(e, body.model, svc.served_names) from None
     return _Choices(svc, runs, plan, body.model, int(time.time()), n)
 
 
@@ -414,14 +414,14 @@ def _engine_prompt_logprobs(plan: _Plan) -> int | None:
     return max(asked) if asked else None
 
 
-def _as_openai_error(e: APIError, model: str) -> APIError:
+def _as_openai_error(e: APIError, model: str, served: tuple[str, ...] = ()) -> APIError:
     """A request too long for the context or the prompt limit, as OpenAI and vLLM answer it: 400
     `context_length_exceeded` with "maximum context length" in its message. That is what clients look for to trim a
     conversation or fall back to a longer-context model (LangChain's context-overflow error, LiteLLM's
     ContextWindowExceededError); a 413 reaches them as a generic status error. A prefix gone between the lookup and
     its first step is an unknown model, as any other."""
     if e.status == 404 and e.code == "prefix_not_found":
-        return model_not_found(model)
+        return model_not_found(model, served)
     if e.status != 413 or e.code not in _CONTEXT_CODES:
         return e
     message = e.message
@@ -909,9 +909,13 @@ async def get_model(
     if not model.strip("/"):
         return RedirectResponse(request.url.path.rstrip("/"), status_code=307)  # type: ignore[return-value]
     svc = get_service(request)
-    tenant, name, version = parse_model(model, principal, served_names(request, svc))
+    served = served_names(request, svc)
+    tenant, name, version = parse_model(model, principal, served)
     if name == BASE_PREFIX:
-        return _base_card(tenant, svc)
+        card = _base_card(tenant, svc)
+        if model in served:  # a name of the base model: the id asked for, as vLLM's
+            card.id = model
+        return card
     try:
         meta = await store_call(svc, svc.servable_meta, tenant, name, version, what="model")
     except APIError as e:

@@ -40,6 +40,7 @@ from server.api.schemas import (
 )
 from server.api.service import ClientDisconnected, Service, race_disconnect
 from server.api.streaming import EngineEventStream
+from server.api.tool_parsers import HERMES_END
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -490,8 +491,15 @@ class _TokenText:
             self.raw += bytes(b) if b is not None else str(e.get("token", "")).encode()
             self.entries.append((len(self.raw), e))
 
+    def pass_over(self, marker: str) -> None:
+        """The text up to the next `marker` (a call block's end) is no message's: later text is looked for after
+        it (not inside the call's arguments)."""
+        at = self.raw.find(marker.encode(), self.cursor)
+        if at >= 0:
+            self.cursor = at + len(marker)
+
     def take(self, piece: str) -> list[Any]:
-        """The tokens of this content piece (and of any passed-over text before it)."""
+        """The tokens of this content piece (those of passed-over text before it are dropped)."""
         data = piece.encode()
         at = self.raw.find(data, self.cursor)
         if at < 0:  # not the tokens' bytes as they are (an invalid byte shows as U+FFFD): every token so far
@@ -653,6 +661,8 @@ class _Stream:
                 yield self.frame("response.output_text.delta", item_id=self.open["id"],
                                  output_index=len(answer.output) - 1, content_index=0, delta=piece,
                                  logprobs=new_lps)  # fmt: skip
+            if delta.get("tool_calls") and self.ch.plan.tools.parser.blocks:
+                self.tokens.pass_over(HERMES_END)  # (a block call is sent once its block closed)
             for c in delta.get("tool_calls") or []:
                 fn = c.get("function") or {}
                 item = self.calls.get(c["index"])

@@ -871,7 +871,7 @@ class ServerInfo(BaseModel):
         0, description="Training workers inside this server (0: jobs wait for `prefixserve worker` processes)"
     )
     default_prompt_format: str
-    sampling_defaults: dict[str, float] = Field(
+    sampling_defaults: dict[str, float | int] = Field(
         default_factory=dict,
         description="The /v1 routes' defaults for sampling fields a request leaves out, from the model's "
         "generation_config.json (setting generation_config); OpenAI's for the rest",

@@ -708,6 +708,7 @@ class Service:
     _tokenizer_pool: DaemonThreadPool = field(default_factory=lambda: DaemonThreadPool(1, "tokenizer"))
     default_format: str = "raw"
     reasoning: ReasoningParser | None = None  # settings.reasoning_parser
+    served_names: tuple[str, ...] = ()  # settings.served_model_name: `model` values naming the base model
     # sampling defaults of the /v1 routes from the model's generation config (settings.generation_config "auto")
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     store_ok: bool = True
@@ -826,6 +827,7 @@ class Service:
                     svc.sampling_defaults,
                 )
         svc.reasoning = get_reasoning_parser(settings.reasoning_parser)
+        svc.served_names = settings.served_model_names() or (bundle.name,)
         parser = settings.tool_call_parser
         if parser == "auto":
             parser = detect(getattr(bundle.tokenizer, "chat_template", None))

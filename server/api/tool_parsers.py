@@ -30,6 +30,7 @@ PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 HERMES_TAG = "<tool_call>"
+HERMES_END = "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 MISTRAL_TAG = "[TOOL_CALLS]"
 

@@ -54,7 +54,7 @@ class Adoption:
 @dataclass
 class AdoptPlan:
     adopt: list[Adoption] = field(default_factory=list)
-    current: int = 0  # names with a version for this model newer than their old one: nothing to do
+    current: int = 0  # names with an old version and a newer one for this model: nothing to do
     fingerprints: set[str] = field(default_factory=set)  # the full old fingerprints the abbreviation matched
 
 
@@ -73,17 +73,20 @@ def plan(
     for t, n in store.names(tenant_id):
         if name is not None and n != name:
             continue
+        newer = False  # a version for this model newer than the versions looked at so far
         for v in reversed(store.versions(t, n)):
             try:
                 meta = store.get_meta(t, n, v)
             except (PrefixNotFound, InvalidPrefix):  # deleted meanwhile; unreadable: not one to copy
                 continue
             if meta.base_model_fingerprint == new:
-                out.current += 1
-                break
-            if meta.base_model_fingerprint.startswith(old):
-                out.adopt.append(Adoption(t, n, v, meta.base_model_fingerprint))
+                newer = True
+            elif meta.base_model_fingerprint.startswith(old):
                 out.fingerprints.add(meta.base_model_fingerprint)
+                if newer:
+                    out.current += 1
+                else:
+                    out.adopt.append(Adoption(t, n, v, meta.base_model_fingerprint))
                 break
     if len(out.fingerprints) > 1:
         raise AmbiguousFingerprint(

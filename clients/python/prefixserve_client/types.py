@@ -173,6 +173,8 @@ class ServerInfo(_Model):
     training: Optional[bool] = None  # training jobs are accepted
     training_workers: Optional[int] = None
     default_prompt_format: Optional[str] = None
+    # the /v1 routes' defaults for sampling fields a request leaves out, from the model's generation_config.json
+    sampling_defaults: Optional[dict[str, Union[float, int]]] = None
     tool_call_parser: Optional[str] = None
 
 
@@ -190,6 +192,7 @@ class Tokenized(_Model):
     max_model_len: Optional[int] = None
     max_request_tokens: Optional[int] = None  # prompt + output one request may hold in the KV cache
     prompt_format: Optional[str] = None
+    token_strs: Optional[list[str]] = None  # each token's string, when asked (return_token_strs)
 
     @property
     def room(self) -> Optional[int]:
