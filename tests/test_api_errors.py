@@ -333,6 +333,39 @@ def test_a_name_with_no_version_for_this_model_is_refused_from_the_cache(srv, ap
     assert len(walks) == 2
 
 
+def test_a_cached_refusal_is_refreshed_after_its_ttl_when_a_change_event_was_missed(
+    server_factory, api_bundle
+):
+    """The TTL is the backstop of a cached 'no version for this model': a version for it stored while the change
+    event went missing is served once the refusal is stale (the request that finds it stale still hears the
+    refusal and refreshes it in the background), and the name deleted so is a 404 after the next refresh."""
+    srv = server_factory(prefix_meta_ttl_s=0.2)
+    c = srv.client()
+    put_random_prefix(srv.store, api_bundle, "acme", "pt", seed=1, fingerprint="the-new-model")
+    body = {"tenant_id": "acme", "prefix": "pt", "prompt": "x", "max_tokens": 2}
+    assert_error(c.post("/generate", json=body), 422, "prefix_incompatible")
+    cache = srv.svc.meta_cache
+    real = cache.invalidate
+    cache.invalidate = lambda key: None  # the change events of what follows go missing
+    try:
+        put_random_prefix(srv.store, api_bundle, "acme", "pt", seed=2)  # v2: for this model
+        assert_error(c.post("/generate", json=body), 422, "prefix_incompatible")  # (fresh: from the cache)
+
+        def until(status: int) -> int:
+            deadline = time.monotonic() + 5
+            while True:
+                got = c.post("/generate", json=body).status_code
+                if got == status or time.monotonic() > deadline:
+                    return got
+                time.sleep(0.05)
+
+        assert until(200) == 200
+        srv.store.delete("acme", "pt")
+        assert until(404) == 404
+    finally:
+        cache.invalidate = real
+
+
 def test_openapi_documents_every_route_and_error_body(srv):
     c = srv.client()
     srv.app.openapi_schema = None  # built again here, where a warning (a repeated operation id, say) fails
