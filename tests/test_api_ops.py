@@ -139,6 +139,19 @@ def test_metrics_present_and_updated(server_factory, api_bundle):
     assert metric_value(m, "prefixserve:inter_token_latency_seconds_count") == 12
     assert metric_value(m, "prefixserve:e2e_request_latency_seconds_count") == 3
     assert metric_value(m, "prefixserve:request_queue_time_seconds_count") == 3
+    # vLLM's per-request histograms: sizes, and the time split into prefill and decode
+    prompt = r.json()["usage"]["prompt_tokens"]
+    assert metric_value(m, "prefixserve:request_prompt_tokens_sum") == 3 * prompt
+    assert metric_value(m, "prefixserve:request_generation_tokens_sum") == 15
+    assert metric_value(m, "prefixserve:request_params_max_tokens_sum") == 15
+    assert metric_value(m, "prefixserve:request_generation_tokens_bucket", {"le": "5.0"}) == 3
+    assert metric_value(m, "prefixserve:request_generation_tokens_bucket", {"le": "2.0"}) == 0
+    times = {
+        k: metric_value(m, f"prefixserve:request_{k}_time_seconds_sum")
+        for k in ("prefill", "decode", "inference")
+    }
+    assert all(metric_value(m, f"prefixserve:request_{k}_time_seconds_count") == 3 for k in times)
+    assert times["inference"] >= times["decode"] > 0 and times["prefill"] > 0
     assert metric_value(m, "prefixserve:prefix_cache_misses_total") >= 1
     assert metric_value(m, "prefixserve:prefix_cache_hits_total") >= 2
     assert metric_value(m, "prefixserve:prefix_cache_resident_bytes") > 0

@@ -19,6 +19,8 @@ P = "prefixserve:"
 LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
+# vLLM's (1, 2, 5 steps up to its max_model_len)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                0.75, 1.0, 2.5)  # fmt: skip
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -134,6 +136,43 @@ class Metrics:
         self.generation_tokens = Counter(
             P + "generation_tokens",
             "Tokens generated, whatever the finish reason (not the scoring token of echo with max_tokens 0)",
+            registry=r,
+        )
+        # per finished request, as vLLM's dashboards read them
+        self.request_prompt_tokens = Histogram(
+            P + "request_prompt_tokens",
+            "Prompt tokens of each finished request",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_generation_tokens = Histogram(
+            P + "request_generation_tokens",
+            "Generated tokens of each finished request",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_max_tokens = Histogram(
+            P + "request_params_max_tokens",
+            "max_tokens of each finished request",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.prefill_time = Histogram(
+            P + "request_prefill_time_seconds",
+            "Time from first scheduled to first token (the prompt's prefill)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_time = Histogram(
+            P + "request_decode_time_seconds",
+            "Time from first token to the last",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_time = Histogram(
+            P + "request_inference_time_seconds",
+            "Time from first scheduled to the end (prefill + decode)",
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.distinct_prefixes = Histogram(

@@ -582,6 +582,23 @@ class GenerationRun:
                 m.prompt_tokens.inc(ev.prompt_tokens)
             m.generation_tokens.inc(ev.completion_tokens if self.bill_output else 0)
             m.request_success.labels(ev.finish_reason or "error").inc()
+            if ev.finish_reason != "error":
+                self._observe_finished(ev, now)
+
+    def _observe_finished(self, ev: TokenEvent, now: float) -> None:
+        """vLLM's per-request histograms of a request that ran to its end: its sizes, and its time split into
+        prefill (first scheduled to first token) and decode (first token to the end)."""
+        m = self.svc.metrics
+        generated = ev.completion_tokens if self.bill_output else 0
+        m.request_prompt_tokens.observe(ev.prompt_tokens)
+        m.request_generation_tokens.observe(generated)
+        m.request_max_tokens.observe(self.req.sampling.max_tokens)
+        queue, ttft = self.info.queue_s, self.info.ttft_s
+        if queue is None or ttft is None:  # (no token of the answer: echo with max_tokens 0)
+            return
+        m.prefill_time.observe(max(0.0, ttft - queue))
+        m.decode_time.observe(max(0.0, now - self._t0 - ttft))
+        m.inference_time.observe(max(0.0, now - self._t0 - queue))
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Events after the first (already returned by `start`)."""
