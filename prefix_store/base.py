@@ -287,6 +287,19 @@ class PrefixStore(abc.ABC):
         self._check_key(tenant_id, name, None)
         return sorted(self._versions(tenant_id, name))
 
+    def version_counter(self, tenant_id: str, name: str) -> int:
+        """The highest version number the name has had, deleted versions included (0: none)."""
+        self._check_key(tenant_id, name, None)
+        return self._version_counter(tenant_id, name)
+
+    def reserve_versions(self, tenant_id: str, name: str, upto: int) -> None:
+        """Numbers up to ``upto`` are never given to a later put of the name (never lowers the counter): what a
+        copy of a store carries over, so that a number deleted at the source is not reused at the target."""
+        self._check_key(tenant_id, name, None)
+        if isinstance(upto, bool) or not isinstance(upto, int) or upto < 0:
+            raise ValueError(f"upto must be a non-negative int, got {upto!r}")
+        self._reserve_versions(tenant_id, name, upto)
+
     def delete(self, tenant_id: str, name: str, version: int | None = None) -> None:
         """Delete every version, or only ``version``; PrefixNotFound if there is none (or not that one). Deleting
         the latest version makes the one before it the latest; deleting the only one deletes the name. Later puts
@@ -433,6 +446,12 @@ class PrefixStore(abc.ABC):
 
     @abc.abstractmethod
     def _versions(self, tenant_id: str, name: str) -> builtins.list[int]: ...
+
+    @abc.abstractmethod
+    def _version_counter(self, tenant_id: str, name: str) -> int: ...
+
+    @abc.abstractmethod
+    def _reserve_versions(self, tenant_id: str, name: str, upto: int) -> None: ...
 
     @abc.abstractmethod
     def _delete(self, tenant_id: str, name: str) -> int:

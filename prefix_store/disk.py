@@ -353,6 +353,30 @@ class DiskStore(PrefixStore):
             raise self._unavailable("list prefixes", e) from e
         return out
 
+    def _version_counter(self, tenant_id: str, name: str) -> int:
+        lock = self.root / tenant_id / f"{name}{LOCK_SUFFIX}"
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            counter = 0
+        except OSError as e:
+            raise self._unavailable(f"read the version counter of {label(tenant_id, name)}", e) from e
+        else:
+            try:
+                counter = self._read_counter(fd)
+            finally:
+                os.close(fd)
+        return max(counter, *self._versions(tenant_id, name), 0)
+
+    def _reserve_versions(self, tenant_id: str, name: str, upto: int) -> None:
+        try:
+            with self._locked(tenant_id, name) as lock_fd:
+                have = max(self._read_counter(lock_fd), *self._scan(self._name_dir(tenant_id, name)), 0)
+                if upto > have:
+                    self._write_counter(lock_fd, upto)
+        except OSError as e:
+            raise self._unavailable(f"reserve versions of {label(tenant_id, name)}", e) from e
+
     def _versions(self, tenant_id: str, name: str) -> builtins.list[int]:
         try:
             return self._scan(self._name_dir(tenant_id, name))

@@ -316,6 +316,22 @@ class RedisStore(PrefixStore):
                 raws: list[bytes | None] = self._r.mget([self._meta_key(t, n, v) for v in chunk])  # type: ignore[assignment]
             yield from raws
 
+    def _version_counter(self, tenant_id: str, name: str) -> int:
+        with self._errors(f"read the version counter of {label(tenant_id, name)}"):
+            return int(self._r.get(self._counter_key(tenant_id, name)) or 0)
+
+    def _reserve_versions(self, tenant_id: str, name: str, upto: int) -> None:
+        counter_key = self._counter_key(tenant_id, name)
+
+        def commit(pipe: redis.client.Pipeline) -> None:
+            have = int(pipe.get(counter_key) or 0)
+            pipe.multi()
+            if upto > have:
+                pipe.set(counter_key, upto)
+
+        with self._errors(f"reserve versions of {label(tenant_id, name)}"):
+            self._transaction(commit, watch=(counter_key,))
+
     def _versions(self, tenant_id: str, name: str) -> builtins.list[int]:
         with self._errors(f"versions of {label(tenant_id, name)}"):
             return [int(x) for x in self._r.zrange(self._versions_key(tenant_id, name), 0, -1)]

@@ -740,7 +740,8 @@ def cmd_prefixes_delete(ns: argparse.Namespace) -> int:
 def cmd_prefixes_copy(ns: argparse.Namespace) -> int:
     """Every version of every prefix (of one tenant, or of one name) from one store to another, each with its
     version number and creation time (a pinned `acme/support@5` names the same prefix after a move from a file
-    store to Redis). A version the target has with the same bytes is skipped, so a copy cut short can be run
+    store to Redis), and each name's version counter (a number deleted at the source is not reused at the target).
+    A version the target has with the same bytes is skipped, so a copy cut short can be run
     again; one it has with other bytes, or a number below the target's highest for that name, is reported and
     the copy goes on (exit 1 at the end)."""
     from prefix_store import errors, open_store
@@ -795,6 +796,8 @@ def cmd_prefixes_copy(ns: argparse.Namespace) -> int:
                     done["failed"] += 1
                     continue
                 done["copied"] += 1
+            # the numbers the source's name has had, deleted ones too, are not given out again at the target
+            dst.reserve_versions(t, n, src.version_counter(t, n))
     except errors.StoreError as e:
         print(f"prefixserve: copy failed: {e}", file=sys.stderr)
         return EXIT_FAIL

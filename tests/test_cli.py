@@ -478,6 +478,12 @@ def test_prefixes_copy_keeps_version_numbers_and_can_be_run_again(tmp_path, caps
     assert "no prefix store at" in capsys.readouterr().err
     assert cli.main([*argv, "--name", "nope"]) == 1  # a typo copies nothing: not a success
     assert "no prefix named 'nope'" in capsys.readouterr().err
+    # a number deleted at the source is not given out again at the target (the copy carries the counter)
+    put_random_prefix(src, bundle, "acme", "faq", prefix_length=5, seed=8)  # v5
+    src.delete("acme", "faq", 5)
+    assert cli.main([*argv, "--tenant-id", "acme"]) == 0
+    capsys.readouterr()
+    assert put_random_prefix(dst, bundle, "acme", "faq", prefix_length=5, seed=9).version == 6
 
 
 def test_prefixes_copy_goes_on_past_a_damaged_version_and_a_crash(tmp_path, capsys):

@@ -195,6 +195,24 @@ def test_servable_meta_reads_older_versions_in_batches_and_checks_the_one_it_tak
         store.servable_meta("acme", "bot", None, "model-a")
 
 
+def test_the_version_counter_counts_deleted_versions_and_reserving_raises_it(store):
+    for i in range(3):
+        put(store, kv=make_kv(fill=i))
+    store.delete("acme", "bot", 3)
+    assert store.versions("acme", "bot") == [1, 2] and store.version_counter("acme", "bot") == 3
+    store.reserve_versions("acme", "bot", 2)  # never lowers it
+    assert put(store).version == 4
+    store.reserve_versions("acme", "bot", 10)
+    assert store.version_counter("acme", "bot") == 10 and put(store).version == 11
+    # a name with no version yet: numbered from there, and not listed meanwhile
+    assert store.version_counter("acme", "fresh") == 0
+    store.reserve_versions("acme", "fresh", 5)
+    assert ("acme", "fresh") not in store.names() and store.version_counter("acme", "fresh") == 5
+    assert put(store, n="fresh").version == 6
+    with pytest.raises(ValueError):
+        store.reserve_versions("acme", "bot", -1)
+
+
 def test_a_put_may_keep_a_version_number_above_every_earlier_one(store):
     """What copying a store's versions needs: a version stored under its number and creation time, the numbering
     going on from there; a number the name has had (or below) is refused, nothing written."""
