@@ -10,7 +10,8 @@ the segments below N. Because appends hold the lock shared, once segment N+1 exi
 that sees N+1 reads N to its end and then follows N+1 from its start, so it misses no line across rotations. A
 follower more than one whole segment behind (megabytes of changes between two polls) has lost lines: it says so
 and goes on from the oldest segment left. A journal that is replaced under a follower (a store directory restored
-from a backup or recreated: the segment it reads is gone or another file) is followed again from its end. Either way
+from a backup or recreated: the segment it reads is gone, another file, or written over in place — shorter than
+what was read, or with other first bytes) is followed again from its end. Either way
 the follower sets `lost`, and the store tells its subscribers to drop what they cached ("resync": a restored store
 numbers versions again from its backup's, so a cached version number may now name other tensors).
 
@@ -29,6 +30,7 @@ from pathlib import Path
 log = logging.getLogger("prefix_store")
 
 LOCK = "lock"
+HEAD_BYTES = 256  # a segment's first bytes, kept by a follower: written over in place, they differ
 
 
 def _segments(jdir: Path) -> list[int]:
@@ -94,6 +96,7 @@ class Follower:
         self._seg = 0
         self._fd: int | None = None
         self._partial = b""
+        self._head = b""  # the first HEAD_BYTES of the segment being read, as read
         self.lost = False  # set when lines were missed (rotated past, or the journal was replaced); the reader clears it
         # the journal was replaced: it is not created again here, only followed once it is back
         self._gone = False
@@ -122,6 +125,7 @@ class Follower:
     def _switch(self, fd: int, seg: int) -> None:
         self.close()
         self._fd, self._seg, self._partial = fd, seg, b""
+        self._head = os.pread(fd, HEAD_BYTES, 0)
 
     def _drain(self) -> list[bytes]:
         assert self._fd is not None
@@ -129,6 +133,8 @@ class Follower:
         while chunk := os.read(self._fd, 1 << 16):
             chunks.append(chunk)
         *lines, self._partial = b"".join(chunks).split(b"\n")
+        if len(self._head) < HEAD_BYTES:  # (a segment that was short when it was opened)
+            self._head = os.pread(self._fd, HEAD_BYTES, 0)
         return [ln for ln in lines if ln]
 
     def _replaced(self) -> bool:
@@ -141,9 +147,12 @@ class Follower:
             # a rotation removes a segment only once two newer ones exist: the next one is there to go on with
             return not any(s > self._seg for s in _segments(self.jdir))
         mine = os.fstat(self._fd)
-        # another file, or this one cut shorter than what was read (a restore writing over it in place)
-        return (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev) or mine.st_size < os.lseek(
-            self._fd, 0, os.SEEK_CUR
+        # another file, or this one written over in place (a restore: `cp` over it, `rsync --inplace`): cut shorter
+        # than what was read, or its first bytes other than they were
+        return (
+            (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev)
+            or mine.st_size < os.lseek(self._fd, 0, os.SEEK_CUR)
+            or os.pread(self._fd, len(self._head), 0) != self._head
         )
 
     def poll(self) -> list[bytes]:

@@ -404,6 +404,10 @@ def test_a_journal_written_over_in_place_resyncs_its_follower(tmp_path):
     follower.lost = False
     journal.append(jdir, b"later\n", max_bytes=1 << 20)
     assert follower.poll() == [b"later"]
+    # a longer journal written over it: the first bytes differ (its lines name other changes)
+    with open(segment, "r+b") as f:
+        f.write(b"".join(b'{"op":"put","n":%d}\n' % i for i in range(50)))
+    assert follower.poll() == [] and follower.lost
     follower.close()
 
 
