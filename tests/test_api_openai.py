@@ -148,6 +148,13 @@ def test_the_served_model_name_is_the_key_tenants_base_model(srv, oai, server_fa
         r = hub.client(KEY).post("/v1/completions", json={**body, "model": name})
         assert r.status_code == 200, r.text
     assert_error(hub.client(KEY).post("/v1/completions", json=body), 404, "model_not_found")
+    info = hub.client(KEY).get("/info").json()
+    assert info["served_model_names"] == ["HuggingFaceTB/SmolLM2-135M-Instruct", "smol"]
+    assert info["reasoning_parser"] == "none"
+    # the tenant named "smol", from its own key, names its own default prefix (none here): no base-model hint
+    own = server_factory(keys={"smol": "sk-smol"}, served_model_name="smol").client("sk-smol")
+    err = assert_error(own.post("/v1/completions", json={**body, "model": "smol"}), 404, "model_not_found")
+    assert err["message"] == "model 'smol' not found"
 
 
 def test_sampling_defaults_come_from_the_models_generation_config(server_factory):

@@ -10,7 +10,6 @@ import openai
 import pytest
 
 from server.api.reasoning import ReasoningParser
-from tests.fixtures.server import assert_error
 
 KEY = "sk-acme-thinks"
 WEATHER = {
@@ -166,5 +165,95 @@ def test_without_a_parser_or_under_a_constraint_the_output_is_all_content(server
     body = {**base, "model": "acme/default", "response_format": {"type": "json_object"}}
     out = r1.client().post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
     assert out["content"] and out.get("reasoning_content") is None
-    assert_error(r1.client().post("/v1/responses", json={"model": "acme/default", "input": "x",
-                                                          "reasoning": {"effort": "low"}}), 400)  # fmt: skip
+    # what reasoning-model clients send (Codex, the Agents SDK) is taken
+    r = r1.client().post("/v1/responses", json={"model": "acme/default", "input": "x", "max_output_tokens": 4,
+                                                "reasoning": {"effort": "low", "summary": "auto"},
+                                                "include": ["reasoning.encrypted_content"]})  # fmt: skip
+    assert r.status_code == 200, r.text
+
+
+def test_the_prompt_says_where_the_output_starts(server_factory, monkeypatch):
+    """A prompt that closed the thinking (a continued assistant message past it; `enable_thinking: false` writes an
+    empty one) starts the output in the answer, even for deepseek_r1 (whose outputs otherwise start thinking); one
+    that opened it starts in the thinking, even for qwen3."""
+    pytest.importorskip("llguidance")
+    from server.api import routes_openai
+    from server.api.reasoning import prompt_opened
+
+    assert prompt_opened("<|im_start|>assistant\n<think>\n") is True
+    assert prompt_opened("<think>\n\n</think>\n\n") is False and prompt_opened("assistant\n") is None
+    assert ReasoningParser("deepseek_r1").split("x</think>y", opened=False) == (None, "x</think>y")
+    assert ReasoningParser("qwen3").split("x</think>y", opened=True) == ("x", "y")
+    monkeypatch.setattr(routes_openai, "reasoning_parser", lambda svc, structured: svc.reasoning)
+    r1 = server_factory(prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="deepseek_r1")
+    body = {
+        "model": "acme/default", "temperature": 0, "max_tokens": 20, "add_generation_prompt": False,
+        "continue_final_message": True, **_forced(" 4."),
+        "messages": [{"role": "user", "content": "2+2?"},
+                     {"role": "assistant", "content": "<think>simple</think>The answer is"}],
+    }  # fmt: skip
+    msg = r1.client().post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert (msg["content"], msg["reasoning_content"]) == (" 4.", None)
+    # continued inside the thinking: the rest of it, then the answer
+    body["messages"][-1]["content"] = "<think>Let me"
+    body.update(_forced(" see.</think>4"))
+    msg = r1.client().post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert (msg["reasoning_content"], msg["content"]) == (" see.", "4")
+
+
+def test_include_reasoning_false_and_both_field_names(srv):
+    text = "<think>a</b>c</think>d"
+    body = {"model": "acme", "messages": [{"role": "user", "content": "Q?"}], "temperature": 0,
+            "max_tokens": 40, "logprobs": True, **_forced(text)}  # fmt: skip
+    c = srv.client(KEY)
+    choice = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["message"]["reasoning"] == choice["message"]["reasoning_content"] == "a</b>c"
+    every = [lp["token"] for lp in choice["logprobs"]["content"]]
+    chunks = [ch["choices"][0] for ch in _sse(srv, "/v1/chat/completions", body) if ch["choices"]]
+    assert all(ch["delta"].get("reasoning") == ch["delta"].get("reasoning_content") for ch in chunks)
+    # every token's logprobs, also those of text held back while it might have been the closing tag
+    assert [lp["token"] for ch in chunks if ch["logprobs"] for lp in ch["logprobs"]["content"]] == every
+    hidden = c.post("/v1/chat/completions", json={**body, "include_reasoning": False}).json()["choices"][0]
+    assert hidden["message"]["content"] == "d" and hidden["message"]["reasoning_content"] is None
+    deltas = [
+        ch["choices"][0]["delta"]
+        for ch in _sse(srv, "/v1/chat/completions", {**body, "include_reasoning": False})
+        if ch["choices"]
+    ]
+    assert (
+        not any(d.get("reasoning_content") for d in deltas)
+        and "".join(d.get("content") or "" for d in deltas) == "d"
+    )
+
+
+def test_earlier_thinking_and_reasoning_effort_reach_the_chat_template(srv):
+    """An assistant turn's reasoning_content (or reasoning; a Responses reasoning item before it) is given to the
+    chat template, which decides whether the prompt shows it (Qwen3's does inside a tool-call chain); effort
+    reaches it as reasoning_effort (gpt-oss-style templates read it)."""
+    tok = srv.svc.bundle.tokenizer
+    seen = []
+    apply = tok.apply_chat_template
+
+    def spy(messages, **kw):
+        seen.append((messages, kw))
+        return apply(messages, **kw)
+
+    tok.apply_chat_template = spy
+    try:
+        msgs = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A.", "reasoning": "hm"},
+                {"role": "user", "content": "And?"}]  # fmt: skip
+        c = srv.client(KEY)
+        r = c.post("/v1/chat/completions", json={"model": "acme", "messages": msgs, "max_tokens": 2,
+                                                 "reasoning_effort": "low"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        items = [{"role": "user", "content": "Q?"},
+                 {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
+                 {"role": "assistant", "content": "A."}, {"role": "user", "content": "And?"}]  # fmt: skip
+        r = c.post("/v1/responses", json={"model": "acme", "input": items, "max_output_tokens": 2,
+                                          "reasoning": {"effort": "low"}})  # fmt: skip
+        assert r.status_code == 200, r.text
+    finally:
+        tok.apply_chat_template = apply
+    for messages, kw in seen:
+        assert messages[1]["reasoning_content"] == "hm" and kw["reasoning_effort"] == "low"
+    assert len(seen) == 2

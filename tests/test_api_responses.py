@@ -262,7 +262,7 @@ REFUSED = [
     ({"previous_response_id": "resp_123"}, 400, "previous_response_id"),
     ({"conversation": "conv_1"}, 400, "conversation"),
     ({"background": True}, 400, "background"),
-    ({"reasoning": {"effort": "low"}}, 400, "reasoning"),
+    ({"reasoning": {"effort": "extreme"}}, 400, "reasoning.effort"),
     ({"tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
     ({"include": ["file_search_call.results"]}, 400, "include[0]"),
     (

@@ -48,6 +48,9 @@ def template_options(body: ChatBody) -> dict[str, Any]:
                 param="continue_final_message",
             )  # fmt: skip
     extra = dict(body.chat_template_kwargs or {})
+    effort = getattr(body, "reasoning_effort", None)
+    if effort is not None:
+        extra.setdefault("reasoning_effort", effort)
     clash = sorted(TEMPLATE_PARAMS & extra.keys())
     if clash:
         raise APIError(

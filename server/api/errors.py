@@ -253,7 +253,7 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
                 message = (
                     "not found: TGI's protocol is served under /tgi (/tgi/generate, /tgi/generate_stream)"
                 )
-            if request.url.path.startswith("/v1/"):  # an OpenAI route we do not serve (embeddings, ...)
+            if is_openai_path(request.url.path):  # an OpenAI route we do not serve (embeddings, ...)
                 message = (
                     f"{request.url.path} is not served here; the OpenAI routes served are /v1/completions, "
                     "/v1/chat/completions, /v1/responses and /v1/models"

@@ -33,6 +33,8 @@ def parse_model(
     tenant_key = principal.tenant_id is not None and not principal.admin
     if model in served and tenant_key and principal.tenant_id != model:
         return principal.tenant_id, BASE_PREFIX, None  # type: ignore[return-value]
+    if principal.tenant_id == model:  # its own tenant id: its default prefix (a 404 needs no base-model hint)
+        served = ()
     tenant, sep, name = model.partition("/")
     if not sep:  # "tenant" or "tenant@3": its default prefix
         tenant, at, version = model.partition("@")

@@ -26,11 +26,23 @@ def _held(text: str, tag: str) -> int:
     return 0
 
 
+def prompt_opened(tail: str) -> bool | None:
+    """What the end of a prompt says of the output's start: True, it is inside a thinking the prompt opened (a
+    template that opens it: R1, Qwen3 Thinking); False, the prompt closed it (`enable_thinking: false` writes an empty
+    `<think></think>`; a continued assistant message past its thinking); None, it says nothing."""
+    opened, closed = tail.rfind(START), tail.rfind(END)
+    if opened < 0 and closed < 0:
+        return None
+    return opened > closed
+
+
 class ReasoningStream:
     """Follows one output: `feed` gives the (thinking, answer) text that can be sent so far."""
 
-    def __init__(self, starts_thinking: bool) -> None:
-        self.state = "start"  # start (the opening tag may come) | thinking | answer
+    def __init__(self, starts_thinking: bool, answering: bool = False) -> None:
+        self.state = (
+            "answer" if answering else "start"
+        )  # start (the opening tag may come) | thinking | answer
         self.starts_thinking = starts_thinking
         self.buf = ""
         self.thought = False  # it entered the thinking
@@ -70,13 +82,17 @@ class ReasoningParser:
             raise ValueError(f"unknown reasoning parser {name!r}: use one of {', '.join(PARSERS)}")
         self.name = name
 
-    def stream(self) -> ReasoningStream:
-        return ReasoningStream(starts_thinking=self.name == "deepseek_r1")
+    def stream(self, opened: bool | None = None) -> ReasoningStream:
+        """A stream for one output; `opened`: what its prompt says (`prompt_opened`), None for the parser's own
+        convention."""
+        if opened is False:
+            return ReasoningStream(starts_thinking=False, answering=True)
+        return ReasoningStream(starts_thinking=opened is True or self.name == "deepseek_r1")
 
-    def split(self, text: str) -> tuple[str | None, str | None]:
+    def split(self, text: str, opened: bool | None = None) -> tuple[str | None, str | None]:
         """(thinking, answer) of a finished output; None where there is none (an answer of only thinking: null
         content, as vLLM's)."""
-        stream = self.stream()
+        stream = self.stream(opened)
         thinking, answer = stream.feed(text, final=True)
         if not stream.thought:
             return None, answer

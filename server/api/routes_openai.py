@@ -31,7 +31,7 @@ from server.api.logprobs import (
     vllm_prompt_logprobs,
 )
 from server.api.model_ids import model_not_found, parse_model, served_names
-from server.api.reasoning import ReasoningParser, ReasoningStream
+from server.api.reasoning import ReasoningParser, ReasoningStream, prompt_opened
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
 from server.api.schemas import (
     BASE_PREFIX,
@@ -254,6 +254,11 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
     return plan
 
 
+# prompt tokens a reasoning parser reads for the thinking's state: a generation prompt's (`<|im_start|>assistant\n
+# <think>\n`), not earlier turns' (whose thinking a template may show); a continued assistant message's whole text
+PROMPT_TAIL, PROMPT_TAIL_CONTINUED = 16, 1024
+
+
 def reasoning_parser(svc: Service, structured: StructuredOutputs | None) -> ReasoningParser | None:
     """The server's reasoning parser for a chat's output; none under a constraint (a structured output, a forced
     call), whose grammar governs the whole output from its first token: it is all answer."""
@@ -288,11 +293,12 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             )
     tenant, name, version = parse_model(body.model, principal, served_names(request, svc))
     info.tenant, info.prefix = tenant, name
+    hint = () if principal.tenant_id == body.model else svc.served_names  # (a 404's base-model hint)
     priority = svc.check_priority(principal, body.priority)
     try:
         prefix = await svc.resolve(tenant, name, version, param="model")
     except APIError as e:
-        raise _as_openai_error(e, body.model, svc.served_names) from None
+        raise _as_openai_error(e, body.model, hint) from None
     info.version = prefix.version
     try:  # (a prompt refused as too long before it is tokenized: OpenAI's 400 too)
         if chat:
@@ -302,7 +308,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             assert isinstance(body, CompletionRequest)
             plan = await _completion_plan(svc, info, body, prefix)
     except APIError as e:
-        raise _as_openai_error(e, body.model, svc.served_names) from None
+        raise _as_openai_error(e, body.model, hint) from None
     plan.prompt_logprobs = body.prompt_logprobs
     try:
         so = body.structured_param()
@@ -321,7 +327,15 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     else:
         structured = await svc.structured(so, body.response_format, body.guided_whitespace_pattern == "")
     if chat:
-        plan.tools.reasoning = reasoning_parser(svc, structured)
+        assert isinstance(body, ChatCompletionRequest)
+        tools = plan.tools
+        tools.reasoning = reasoning_parser(svc, structured)
+        if tools.reasoning is not None:
+            tools.show_reasoning = body.include_reasoning
+            # where the output starts: the generation prompt's last tokens (a template that opens the thinking, or
+            # closes it empty), or a continued assistant message's text
+            tail = plan.prompts[0][-(PROMPT_TAIL_CONTINUED if body.continue_final_message else PROMPT_TAIL) :]
+            tools.opened = prompt_opened(await svc.tokenize(_decode, svc.bundle.tokenizer, tail))
     sampling = svc.sampling(
         max_tokens=plan.max_tokens,
         max_tokens_param=plan.max_tokens_param,
@@ -384,7 +398,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             bill_output=not plan.hide_output,
         )
     except APIError as e:
-        raise _as_openai_error(e, body.model, svc.served_names) from None
+        raise _as_openai_error(e, body.model, hint) from None
     return _Choices(svc, runs, plan, body.model, int(time.time()), n)
 
 
@@ -662,8 +676,8 @@ def _chat_choice_body(plan: _Plan, index: int, res: GenerationResult, text: Toke
     if plan.chat_echo:
         content = plan.chat_echo + (content or "")
     message: dict[str, Any] = {"role": "assistant", "content": content}
-    if reasoning is not None:  # vLLM's field (a reasoning parser is configured)
-        message["reasoning_content"] = reasoning
+    if reasoning is not None and tools.show_reasoning:  # vLLM's fields (a reasoning parser is configured)
+        message["reasoning"] = message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
     return {
@@ -730,7 +744,9 @@ async def _stream_text(
     run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
 ) -> AsyncIterator[bytes]:
     first = {"role": "assistant", "content": ""}
-    pieces = _stream_pieces(run, chunk, text, first, lambda piece: {"content": piece}, tools.thinking())
+    pieces = _stream_pieces(
+        run, chunk, text, first, lambda piece: {"content": piece}, tools.thinking(), tools.show_reasoning
+    )
     async for frame in pieces:
         yield frame
 
@@ -755,6 +771,11 @@ async def _stream_named(
         yield frame
 
 
+def _thinking_delta(thought: str) -> dict[str, Any]:
+    """A thinking piece's delta, by both of vLLM's names (its current `reasoning`, its earlier `reasoning_content`)."""
+    return {"reasoning": thought, "reasoning_content": thought}
+
+
 async def _stream_pieces(
     run: GenerationRun,
     chunk: Chunk,
@@ -762,21 +783,22 @@ async def _stream_pieces(
     first: dict[str, Any],
     delta: Callable[[str], dict[str, Any]],
     thinking: ReasoningStream | None = None,
+    shown: bool = True,
 ) -> AsyncIterator[bytes]:
-    """The `first` delta, then `delta(text piece)` as the text comes (the thinking first as `reasoning_content`
-    deltas, with a reasoning parser), then the finish reason."""
+    """The `first` delta, then `delta(text piece)` as the text comes (the thinking first as `reasoning` deltas, with
+    a reasoning parser, unless not `shown`: its tokens' logprobs then go with the next chunk), then the finish
+    reason."""
     yield chunk(first, None)
+    pending = _PendingLogprobs(run, text)  # (tokens of text held back go with the chunk it comes in)
     async for ev, _ids, lps in chunked_events(run):
-        logprobs = None if lps is None else chat_logprobs(lps, text)
+        pending.items.extend(lps or [])
         thought, answer = ("", ev.text) if thinking is None else thinking.feed(ev.text, final=ev.finished)
-        if thought:
-            yield chunk({"reasoning_content": thought}, None, logprobs)
-            logprobs = None
+        if thought and shown:
+            yield chunk(_thinking_delta(thought), None, pending.take())
         if answer:
-            yield chunk(delta(answer), None, logprobs)
-            logprobs = None  # sent: the finish chunk carries no tokens (OpenAI's null)
-        if ev.finished:
-            yield chunk({}, ev.finish_reason, logprobs)
+            yield chunk(delta(answer), None, pending.take())
+        if ev.finished:  # (its tokens all sent: OpenAI's null)
+            yield chunk({}, ev.finish_reason, pending.take())
 
 
 class _PendingLogprobs:
@@ -824,8 +846,8 @@ async def _stream_auto(
     async for ev, _ids, lps in chunked_events(run):
         pending.items.extend(lps or [])
         thought, answer = ("", ev.text) if thinking is None else thinking.feed(ev.text, final=ev.finished)
-        if thought:
-            yield chunk({"reasoning_content": thought}, None, pending.take())
+        if thought and tools.show_reasoning:
+            yield chunk(_thinking_delta(thought), None, pending.take())
         for kind, group in itertools.groupby(follow.feed(answer, final=ev.finished), key=lambda it: it[0]):
             values = [v for _, v in group]
             if kind == "content":

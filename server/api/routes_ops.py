@@ -141,6 +141,8 @@ async def info(request: Request, principal: Principal = Depends(get_principal)) 
         if svc.job_manager is not None
         else 0,
         default_prompt_format=svc.default_format,
+        served_model_names=list(svc.served_names),
+        reasoning_parser=svc.reasoning.name if svc.reasoning is not None else "none",
         sampling_defaults=svc.sampling_defaults,
         tool_call_parser=svc.tool_parser.name,
     )

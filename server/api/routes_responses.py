@@ -51,6 +51,18 @@ def _refused(what: str, instead: str) -> Any:
     return Field(None, description=f"not supported ({what}): {instead}")
 
 
+class ReasoningOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # (OpenAI's earlier name)
+
+
+# include values taken with no effect: a reasoning item's encrypted content (none is written here: its text is sent)
+NO_EFFECT_INCLUDES = ("reasoning.encrypted_content",)
+
+
 class ResponsesRequest(BaseModel):
     """OpenAI's Responses API request (the fields that apply to a server that stores nothing)."""
 
@@ -104,9 +116,10 @@ class ResponsesRequest(BaseModel):
     previous_response_id: str | None = _refused("nothing is stored", "send the whole conversation in input")
     conversation: Any = _refused("nothing is stored", "send the whole conversation in input")
     background: bool | None = Field(None, description="Not supported: only false")
-    reasoning: Any = _refused(
-        "reasoning options (effort, summary) are not supported (a reasoning parser only separates the thinking)",
-        "leave it out",
+    reasoning: ReasoningOptions | None = Field(
+        None,
+        description="effort reaches the chat template as reasoning_effort (as vLLM's, for templates that read it); "
+        "summary is taken and has no effect (no summaries are written)",
     )
     prompt: Any = _refused("no stored prompt templates", "send the text in input")
 
@@ -165,6 +178,7 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | 
     out: list[dict[str, Any]] = []
     origins: list[int | None] = []
     called: set[str] = set()  # the call ids of the function_call items so far
+    thinking = ""  # a reasoning item's text, for the assistant turn after it
     if body.instructions is not None:
         out.append({"role": "system", "content": body.instructions})
         origins.append(None)
@@ -184,7 +198,10 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | 
                     code="invalid_value",
                     param=f"{where}.role",
                 )
-            out.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
+            msg = {"role": role, "content": _text_of(item.get("content"), f"{where}.content")}
+            if role == "assistant" and thinking:
+                msg["reasoning_content"], thinking = thinking, ""
+            out.append(msg)
             origins.append(i)
         elif kind == "function_call":
             for field in ("call_id", "name", "arguments"):
@@ -209,6 +226,8 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | 
                 last["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                if thinking:
+                    out[-1]["reasoning_content"], thinking = thinking, ""
                 origins.append(i)
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str) or not item["call_id"]:
@@ -226,8 +245,14 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | 
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
             origins.append(i)
         elif kind == "reasoning":
-            # an earlier answer's thinking, sent back as OpenAI asks: not part of the prompt (reasoning models'
-            # chat templates drop earlier turns' thinking too)
+            # an earlier answer's thinking, sent back as OpenAI asks: the next assistant turn's reasoning_content
+            # (its chat template decides whether the prompt shows it: Qwen3's does inside a tool-call chain)
+            parts = item.get("content") or []
+            thinking = (
+                "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+                if isinstance(parts, list)
+                else ""
+            )
             continue
         else:
             raise _unsupported(f"input items of type {kind!r} are not supported", f"{where}.type")
@@ -281,13 +306,13 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion a Responses request asks for."""
     if body.background:
         raise _unsupported("background responses are not supported (nothing is stored)", "background")
-    for name in ("previous_response_id", "conversation", "reasoning", "prompt"):
+    for name in ("previous_response_id", "conversation", "prompt"):
         if getattr(body, name) is not None:
             field = ResponsesRequest.model_fields[name]
             raise _unsupported(f"{name}: {field.description}", name)
     logprobs = LOGPROBS_INCLUDE in (body.include or [])
     for i, what in enumerate(body.include or []):
-        if what != LOGPROBS_INCLUDE:
+        if what != LOGPROBS_INCLUDE and what not in NO_EFFECT_INCLUDES:
             raise _unsupported(
                 f"include {what!r} is not available: only {LOGPROBS_INCLUDE!r}", f"include[{i}]"
             )
@@ -311,6 +336,8 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         "response_format": _response_format(body),
         "user": body.user,
     }
+    if body.reasoning is not None and body.reasoning.effort is not None:
+        fields["reasoning_effort"] = body.reasoning.effort
     if logprobs:  # (top_logprobs alone asks for nothing: OpenAI's and vLLM's include decides)
         fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     try:
@@ -661,8 +688,9 @@ class _Stream:
                 yield self.frame("response.output_text.delta", item_id=self.open["id"],
                                  output_index=len(answer.output) - 1, content_index=0, delta=piece,
                                  logprobs=new_lps)  # fmt: skip
-            if delta.get("tool_calls") and self.ch.plan.tools.parser.blocks:
-                self.tokens.pass_over(HERMES_END)  # (a block call is sent once its block closed)
+            if self.ch.plan.tools.parser.blocks:
+                for _ in delta.get("tool_calls") or []:  # (a block call is sent once its block closed)
+                    self.tokens.pass_over(HERMES_END)
             for c in delta.get("tool_calls") or []:
                 fn = c.get("function") or {}
                 item = self.calls.get(c["index"])

@@ -512,6 +512,10 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's earlier tool calls")
     tool_call_id: str | None = Field(None, description="A tool turn: the call it answers")
+    reasoning_content: Text | None = Field(
+        None, description="An assistant turn's thinking (a reasoning model's), for the chat template"
+    )
+    reasoning: Text | None = Field(None, description="The same, by vLLM's newer name")
 
 
 ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -562,6 +566,15 @@ class ChatTemplateFields(BaseModel):
 
 class ChatCompletionRequest(_OpenAIBase, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    include_reasoning: bool = Field(
+        True,
+        description="Extension (vLLM): with a reasoning parser, return the thinking (it is never content)",
+    )
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None,
+        description="Reaches the chat template as `reasoning_effort` (as vLLM's: gpt-oss-style templates read it; "
+        "others ignore it)",
+    )
     add_special_tokens: bool = Field(
         False,
         description="Extension (vLLM): the tokenizer's special tokens (a BOS) on top of what the chat template writes",
@@ -645,6 +658,7 @@ class ChatResponseMessage(BaseModel):
     reasoning_content: str | None = Field(
         None, description="Extension (vLLM): a reasoning model's thinking (with a reasoning_parser)"
     )
+    reasoning: str | None = Field(None, description="The same, by vLLM's newer name")
 
 
 class ChatTopLogprob(BaseModel):
@@ -871,6 +885,13 @@ class ServerInfo(BaseModel):
         0, description="Training workers inside this server (0: jobs wait for `prefixserve worker` processes)"
     )
     default_prompt_format: str
+    served_model_names: list[str] = Field(
+        default_factory=list,
+        description="`model` values that name a tenant key's base model (served_model_name)",
+    )
+    reasoning_parser: str = Field(
+        "none", description="How a reasoning model's thinking is split off (or none)"
+    )
     sampling_defaults: dict[str, float | int] = Field(
         default_factory=dict,
         description="The /v1 routes' defaults for sampling fields a request leaves out, from the model's "

@@ -416,6 +416,9 @@ class GenerationRun:
         self._agen: AsyncIterator[TokenEvent] | None = None
         self._t0 = time.monotonic()
         self._last_token: float | None = None
+        # this run's time to first token and queue time (the request's `info`, shared by its runs, holds the last's)
+        self._ttft: float | None = None
+        self._queue: float | None = None
         self.final: TokenEvent | None = None
         self.first: TokenEvent | None = None
         self._starting: asyncio.Future[TokenEvent] | None = None  # `start` under way (`_start_runs`' task)
@@ -562,8 +565,8 @@ class GenerationRun:
         # (echo with max_tokens 0: the one token generated is not part of the answer, nor of its latencies)
         if ev.token_ids and self.bill_output:
             if self._last_token is None:
-                self.info.ttft_s = now - self._t0
-                m.ttft.observe(self.info.ttft_s)
+                self.info.ttft_s = self._ttft = now - self._t0
+                m.ttft.observe(self._ttft)
             else:
                 m.itl.observe(now - self._last_token)
             self._last_token = now
@@ -573,8 +576,8 @@ class GenerationRun:
             self.info.completion_tokens = ev.completion_tokens
             self.info.finish_reason = ev.finish_reason
             if ev.first_scheduled_time is not None and ev.arrival_time:
-                self.info.queue_s = max(0.0, ev.first_scheduled_time - ev.arrival_time)
-                m.queue.observe(self.info.queue_s)
+                self.info.queue_s = self._queue = max(0.0, ev.first_scheduled_time - ev.arrival_time)
+                m.queue.observe(self._queue)
             # whatever the outcome, the tokens it processed (none for a request refused before it was scheduled: a
             # prefix that could not load, ...) and how long it took
             m.e2e.observe(now - self._t0)
@@ -593,7 +596,7 @@ class GenerationRun:
         m.request_prompt_tokens.observe(ev.prompt_tokens)
         m.request_generation_tokens.observe(generated)
         m.request_max_tokens.observe(self.req.sampling.max_tokens)
-        queue, ttft = self.info.queue_s, self.info.ttft_s
+        queue, ttft = self._queue, self._ttft
         if queue is None or ttft is None:  # (no token of the answer: echo with max_tokens 0)
             return
         m.prefill_time.observe(max(0.0, ttft - queue))

@@ -82,6 +82,10 @@ class ToolPlan:
     # how a reasoning model's thinking is told from its answer (None: no parser, or a constraint governs the whole
     # output, which is then the answer); the answer is what calls are parsed from
     reasoning: ReasoningParser | None = None
+    opened: bool | None = None  # what the prompt says of the thinking (`reasoning.prompt_opened`)
+    show_reasoning: bool = (
+        True  # vLLM's include_reasoning: the thinking is split off either way, shown or not
+    )
 
     @property
     def forced(self) -> bool:
@@ -121,14 +125,14 @@ class ToolPlan:
 
     def thinking(self) -> ReasoningStream | None:
         """Follows a streamed output's thinking (None: no reasoning parser for this output)."""
-        return None if self.reasoning is None or self.forced else self.reasoning.stream()
+        return None if self.reasoning is None or self.forced else self.reasoning.stream(self.opened)
 
     def split(self, text: str) -> tuple[str | None, str | None]:
         """(reasoning_content, the answer to parse calls from) of a finished output: the answer is all of it without
         a reasoning parser, None when it is all thinking."""
         if self.reasoning is None or self.forced:
             return None, text
-        return self.reasoning.split(text)
+        return self.reasoning.split(text, self.opened)
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
         """(content, tool_calls) of a finished output's answer."""
@@ -329,6 +333,11 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             msg["tool_call_id"] = m.tool_call_id
         if m.name is not None and m.role == "tool":
             msg["name"] = m.name
+        thinking = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+        if thinking is not None and m.role == "assistant":
+            # a reasoning model's earlier thinking: its template decides whether the prompt shows it (Qwen3 keeps
+            # it inside a tool-call chain)
+            msg["reasoning_content"] = thinking
         out.append(msg)
     return out
 

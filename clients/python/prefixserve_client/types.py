@@ -173,6 +173,8 @@ class ServerInfo(_Model):
     training: Optional[bool] = None  # training jobs are accepted
     training_workers: Optional[int] = None
     default_prompt_format: Optional[str] = None
+    served_model_names: Optional[list[str]] = None  # `model` values naming a tenant key's base model
+    reasoning_parser: Optional[str] = None  # how a reasoning model's thinking is split off ("none")
     # the /v1 routes' defaults for sampling fields a request leaves out, from the model's generation_config.json
     sampling_defaults: Optional[dict[str, Union[float, int]]] = None
     tool_call_parser: Optional[str] = None
