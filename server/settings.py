@@ -193,6 +193,11 @@ class Settings(BaseSettings):
         "repetition_penalty) default to the model's generation_config.json where it sets them, as vLLM's "
         "--generation-config auto; 'ignore': OpenAI's defaults",
     )
+    base_prompt_format: Literal["auto", "chat", "raw"] = Field(
+        "auto",
+        description="How a text prompt reaches the base model (no prefix): 'auto' is 'chat' for a model with a chat "
+        "template (as a chat-trained prefix's prompts), else 'raw'; 'raw' is vLLM's /v1/completions (text as sent)",
+    )
     served_model_name: str | None = Field(
         None,
         description="Names (comma-separated) that a tenant key's /v1 `model` may give for its tenant on the base model, "

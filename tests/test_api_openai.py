@@ -157,6 +157,26 @@ def test_the_served_model_name_is_the_key_tenants_base_model(srv, oai, server_fa
     assert err["message"] == "model 'smol' not found"
 
 
+def test_base_prompt_format_raw_sends_the_base_models_prompts_as_vllm_does(server_factory, api_bundle):
+    """By default a text prompt reaches a base model with a chat template through it (as a chat-trained prefix's
+    do); base_prompt_format "raw" sends it as written, as vLLM's /v1/completions; prefixes keep their own."""
+    from server.model import render_prompt
+
+    tok = api_bundle.tokenizer
+    prompt = "Count: 1, 2, 3,"
+    body = {"model": "acme/base", "prompt": prompt, "max_tokens": 2}
+    for setting, fmt in (("auto", "chat"), ("raw", "raw")):
+        srv = server_factory(
+            base_prompt_format=setting, prefixes={("acme", "faq"): {"prompt_format": "chat"}}
+        )
+        c = srv.client()
+        assert c.get("/info").json()["default_prompt_format"] == fmt
+        usage = c.post("/v1/completions", json=body).json()["usage"]
+        assert usage["prompt_tokens"] == len(render_prompt(tok, prompt, fmt)), setting
+        faq = c.post("/v1/completions", json={**body, "model": "acme/faq"}).json()["usage"]
+        assert faq["prompt_tokens"] == len(render_prompt(tok, prompt, "chat"))  # the prefix's own format
+
+
 def test_sampling_defaults_come_from_the_models_generation_config(server_factory):
     """As vLLM's --generation-config auto: a /v1 request that leaves a sampling field out gets the model's
     generation_config.json value (here top_k 1: greedy whatever the temperature), shown in /info; a field given

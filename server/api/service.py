@@ -91,8 +91,13 @@ SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); avoids o
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def default_prompt_format(bundle: ModelBundle) -> str:
-    """Format for requests without a prefix: the model's default ("chat" when it has a chat template)."""
+def default_prompt_format(bundle: ModelBundle, setting: str = "auto") -> str:
+    """Format for requests without a prefix: the `base_prompt_format` setting, by default ("auto") the model's
+    default ("chat" when it has a chat template). ValueError for "chat" on a model without a template."""
+    if setting == "chat" and not getattr(bundle.tokenizer, "chat_template", None):
+        raise ValueError("base_prompt_format 'chat' needs a model with a chat template; this one has none")
+    if setting in ("chat", "raw"):
+        return setting
     fmt = _model.default_prompt_format(bundle)
     return fmt if fmt in ("chat", "raw") else "raw"
 
@@ -837,7 +842,7 @@ class Service:
             limiter=limiter or rate_limiter(settings),
             usage=RedisUsageMeter(settings.limits_url) if settings.limits_url else UsageMeter(),
         )
-        svc.default_format = default_prompt_format(bundle)
+        svc.default_format = default_prompt_format(bundle, settings.base_prompt_format)
         if settings.generation_config == "auto":
             svc.sampling_defaults = dict(bundle.extra.get("generation_defaults") or {})
             if svc.sampling_defaults:
