@@ -292,6 +292,13 @@ class PrefixStore(abc.ABC):
         self._check_key(tenant_id, name, None)
         return self._version_counter(tenant_id, name)
 
+    def counted_names(self, tenant_id: str | None = None) -> builtins.list[tuple[str, str]]:
+        """(tenant_id, name) of every name with a version counter, sorted: those that hold a version and those whose
+        versions were all deleted (their numbers are still never given out again)."""
+        if tenant_id is not None:
+            validate_name(tenant_id, "tenant_id")
+        return sorted(self._counted_names(tenant_id))
+
     def reserve_versions(self, tenant_id: str, name: str, upto: int) -> None:
         """Numbers up to ``upto`` are never given to a later put of the name (never lowers the counter): what a
         copy of a store carries over, so that a number deleted at the source is not reused at the target."""
@@ -449,6 +456,9 @@ class PrefixStore(abc.ABC):
 
     @abc.abstractmethod
     def _version_counter(self, tenant_id: str, name: str) -> int: ...
+
+    @abc.abstractmethod
+    def _counted_names(self, tenant_id: str | None) -> builtins.list[tuple[str, str]]: ...
 
     @abc.abstractmethod
     def _reserve_versions(self, tenant_id: str, name: str, upto: int) -> None: ...

@@ -368,6 +368,23 @@ class DiskStore(PrefixStore):
                 os.close(fd)
         return max(counter, *self._versions(tenant_id, name), 0)
 
+    def _counted_names(self, tenant_id: str | None) -> builtins.list[tuple[str, str]]:
+        try:
+            tenants = [tenant_id] if tenant_id is not None else self._subdirs(self.root)
+            out = []
+            for t in tenants:
+                try:
+                    entries = os.listdir(self.root / t)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                for e in entries:
+                    n = e.removesuffix(LOCK_SUFFIX)
+                    if n != e and is_valid_name(n):
+                        out.append((t, n))
+            return out
+        except OSError as e:
+            raise self._unavailable("list prefixes", e) from e
+
     def _reserve_versions(self, tenant_id: str, name: str, upto: int) -> None:
         try:
             with self._locked(tenant_id, name) as lock_fd:

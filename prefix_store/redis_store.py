@@ -320,6 +320,17 @@ class RedisStore(PrefixStore):
         with self._errors(f"read the version counter of {label(tenant_id, name)}"):
             return int(self._r.get(self._counter_key(tenant_id, name)) or 0)
 
+    def _counted_names(self, tenant_id: str | None) -> builtins.list[tuple[str, str]]:
+        head = self._key("counter", "")  # "<ns>:counter:"; tenant ids and names hold no ':'
+        pattern = head + (f"{tenant_id}:*" if tenant_id is not None else "*")
+        out = []
+        with self._errors("list prefixes"):
+            for key in self._r.scan_iter(match=pattern, count=1000):
+                t, sep, n = (key.decode() if isinstance(key, bytes) else key)[len(head) :].partition(":")
+                if sep and is_valid_name(t) and is_valid_name(n):
+                    out.append((t, n))
+        return out
+
     def _reserve_versions(self, tenant_id: str, name: str, upto: int) -> None:
         counter_key = self._counter_key(tenant_id, name)
 

@@ -796,8 +796,11 @@ def cmd_prefixes_copy(ns: argparse.Namespace) -> int:
                     done["failed"] += 1
                     continue
                 done["copied"] += 1
-            # the numbers the source's name has had, deleted ones too, are not given out again at the target
-            dst.reserve_versions(t, n, src.version_counter(t, n))
+        # the numbers the source's names have had, deleted ones too (a name deleted whole included), are not given
+        # out again at the target
+        for t, n in src.counted_names(ns.tenant_id):
+            if ns.name in (None, n):
+                dst.reserve_versions(t, n, src.version_counter(t, n))
     except errors.StoreError as e:
         print(f"prefixserve: copy failed: {e}", file=sys.stderr)
         return EXIT_FAIL
@@ -830,6 +833,13 @@ def cmd_prefixes_adopt(ns: argparse.Namespace) -> int:
         except ValueError as e:  # an ambiguous abbreviation, this model's own
             print(f"prefixserve: {e}", file=sys.stderr)
             return EXIT_USAGE
+        if not todo.fingerprints:  # (a typo: nothing to do is not a success)
+            print(
+                f"prefixserve: no stored version was made for a fingerprint starting with {ns.from_fingerprint!r} "
+                "(the start-up warning, a prefix_incompatible error and `prefixes list --json` show them)",
+                file=sys.stderr,
+            )
+            return EXIT_FAIL
         out: dict[str, Any] = {
             "fingerprint": bundle.fingerprint,
             "from_fingerprint": next(iter(todo.fingerprints), None),

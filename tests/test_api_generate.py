@@ -683,7 +683,8 @@ def test_add_special_tokens_and_vllms_tokenize_fields(server_factory):
         c.post("/tokenize", json={"model": "acme/base", "tenant_id": "acme", "prompt": "hi"}), 422
     )
     assert err["param"] == "model" and "tenant_id" in err["message"]
-    assert_error(c.post("/tokenize", json={"model": "acme/nope", "prompt": "hi"}), 404)
+    assert_error(c.post("/tokenize", json={"model": "acme/nope", "prompt": "hi"}), 404, "model_not_found")
+    assert_error(c.post("/detokenize", json={"model": "acme/nope", "tokens": [1]}), 404, "model_not_found")
     d = c.post("/detokenize", json={"model": "acme/base", "tokens": raw})
     assert d.status_code == 200 and d.json()["prompt"] == "<|endoftext|>hi there", d.text
     assert_error(c.post("/detokenize", json={"model": "a/b/c", "tokens": raw}), 404, "model_not_found")

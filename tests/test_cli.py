@@ -417,6 +417,8 @@ def test_prefixes_adopt_stores_an_old_fingerprints_prefixes_again_for_this_model
     for bad in ("abc", "z" * 12, new_fp[:12]):
         assert cli.main([*argv[:3], bad, *argv[4:]]) == cli.EXIT_USAGE
         assert "prefixserve:" in capsys.readouterr().err
+    assert cli.main([*argv[:3], "0123456789ab", *argv[4:]]) == cli.EXIT_FAIL  # a typo: matches nothing
+    assert "no stored version was made for a fingerprint starting with" in capsys.readouterr().err
     store.close()
 
 
@@ -484,6 +486,12 @@ def test_prefixes_copy_keeps_version_numbers_and_can_be_run_again(tmp_path, caps
     assert cli.main([*argv, "--tenant-id", "acme"]) == 0
     capsys.readouterr()
     assert put_random_prefix(dst, bundle, "acme", "faq", prefix_length=5, seed=9).version == 6
+    # also for a name deleted whole at the source
+    put_random_prefix(src, bundle, "acme", "gone", prefix_length=5, seed=10)
+    src.delete("acme", "gone")
+    assert cli.main([*argv, "--tenant-id", "acme"]) == 0
+    capsys.readouterr()
+    assert put_random_prefix(dst, bundle, "acme", "gone", prefix_length=5, seed=11).version == 2
 
 
 def test_prefixes_copy_goes_on_past_a_damaged_version_and_a_crash(tmp_path, capsys):

@@ -211,6 +211,12 @@ def test_the_version_counter_counts_deleted_versions_and_reserving_raises_it(sto
     assert put(store, n="fresh").version == 6
     with pytest.raises(ValueError):
         store.reserve_versions("acme", "bot", -1)
+    # a name deleted whole keeps its counter, and is counted (not listed)
+    put(store, t="globex", n="gone")
+    store.delete("globex", "gone")
+    assert ("globex", "gone") not in store.names() and store.version_counter("globex", "gone") == 1
+    assert store.counted_names() == [("acme", "bot"), ("acme", "fresh"), ("globex", "gone")]
+    assert store.counted_names("globex") == [("globex", "gone")]
 
 
 def test_a_put_may_keep_a_version_number_above_every_earlier_one(store):

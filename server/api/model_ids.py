@@ -8,7 +8,7 @@ from prefix_store.names import is_valid_name
 from server.api.auth import Principal
 from server.api.errors import APIError
 from server.api.schemas import BASE_PREFIX, DEFAULT_PREFIX
-from server.api.service import Service
+from server.api.service import ResolvedPrefix, Service
 
 
 def model_not_found(model: str, served: tuple[str, ...] = ()) -> APIError:
@@ -50,6 +50,19 @@ def parse_model(
     ):
         raise model_not_found(model, served)
     return tenant, name, pinned
+
+
+async def resolve_model(request: Request, svc: Service, principal: Principal, model: str) -> ResolvedPrefix:
+    """The prefix (or base model) a `model` id names, as the /v1 routes resolve it: 404 `model_not_found` (with the
+    base-model hint for a served name) for one that does not exist or is another tenant's."""
+    served = served_names(request, svc)
+    tenant, name, version = parse_model(model, principal, served)
+    try:
+        return await svc.resolve(tenant, name, version, param="model")
+    except APIError as e:
+        if e.status == 404:
+            raise model_not_found(model, () if principal.tenant_id == model else served) from None
+        raise
 
 
 # what TGI's clients send as `model` (TGI ignores it): "tgi", and huggingface_hub's InferenceClient given a base URL

@@ -13,7 +13,7 @@ from server.api.chat_template import render_chat
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError
 from server.api.logprobs import generate_logprobs, generate_prompt_logprobs
-from server.api.model_ids import parse_model, served_names
+from server.api.model_ids import resolve_model
 from server.api.schemas import (
     BASE_PREFIX,
     DEFAULT_PREFIX,
@@ -224,8 +224,7 @@ async def tokenize(
             raise APIError(
                 422, f"give model or {', '.join(named)}, not both", code="invalid_value", param="model"
             )
-        tenant, name, version = parse_model(body.model, principal, served_names(request, svc))
-        prefix = await svc.resolve(tenant, name, version, param="model")
+        prefix = await resolve_model(request, svc, principal, body.model)
     else:
         tenant = principal.resolve_tenant(body.tenant_id)
         prefix = await svc.resolve(tenant, body.prefix or DEFAULT_PREFIX, body.prefix_version)
@@ -264,10 +263,8 @@ async def detokenize(
     body: DetokenizeRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> DetokenizeResponse:
     svc = get_service(request)
-    if (
-        body.model is not None
-    ):  # (vLLM's field: the text does not depend on it, but the caller must be able to use it)
-        parse_model(body.model, principal, served_names(request, svc))
+    if body.model is not None:  # (vLLM's: the text does not depend on it, but it must name a model to use)
+        await resolve_model(request, svc, principal, body.model)
     vocab = svc.bundle.spec.vocab_size
     if any(t >= vocab for t in body.tokens):
         raise APIError(422, f"token ids must be below {vocab}", code="invalid_value", param="tokens")
