@@ -10,7 +10,14 @@ import time
 import httpx
 import pytest
 
-from tests.fixtures.server import assert_error, metric_value, parse_sse, put_random_prefix, slow_engine
+from tests.fixtures.server import (
+    assert_error,
+    metric_value,
+    parse_sse,
+    put_random_prefix,
+    slow_engine,
+    template_calls,
+)
 
 TENANTS = ("acme", "globex", "initech")
 
@@ -709,23 +716,13 @@ def test_tokenize_renders_messages_as_chat_completions_does(srv):
         "continue_final_message": True,
         "chat_template_kwargs": {"enable_thinking": False},
     }
-    seen: list[tuple[list, dict]] = []
-    apply = tok.apply_chat_template
-
-    def spy(messages, **kw):
-        seen.append((messages, kw))
-        return apply(messages, **kw)
-
-    tok.apply_chat_template = spy
-    try:
+    with template_calls(tok) as seen:
         body = {"tenant_id": "acme", "prefix": "base", "messages": msgs, "tools": [tool], **opts}
         t = c.post("/tokenize", json=body)
         chat = c.post(
             "/v1/chat/completions",
             json={"model": "acme/base", "messages": msgs, "tools": [tool], "max_tokens": 1, **opts},
         )
-    finally:
-        tok.apply_chat_template = apply
     assert t.status_code == 200 and chat.status_code == 200, (t.text, chat.text)
     assert t.json()["count"] == chat.json()["usage"]["prompt_tokens"]
     (tok_msgs, tok_kw), (chat_msgs, chat_kw) = seen

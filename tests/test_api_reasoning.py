@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from server.api.reasoning import ReasoningParser
+from tests.fixtures.server import template_calls
 
 KEY = "sk-acme-thinks"
 WEATHER = {
@@ -231,15 +232,7 @@ def test_earlier_thinking_and_reasoning_effort_reach_the_chat_template(srv):
     chat template, which decides whether the prompt shows it (Qwen3's does inside a tool-call chain); effort
     reaches it as reasoning_effort (gpt-oss-style templates read it)."""
     tok = srv.svc.bundle.tokenizer
-    seen = []
-    apply = tok.apply_chat_template
-
-    def spy(messages, **kw):
-        seen.append((messages, kw))
-        return apply(messages, **kw)
-
-    tok.apply_chat_template = spy
-    try:
+    with template_calls(tok) as seen:
         msgs = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A.", "reasoning": "hm"},
                 {"role": "user", "content": "And?"}]  # fmt: skip
         c = srv.client(KEY)
@@ -252,8 +245,6 @@ def test_earlier_thinking_and_reasoning_effort_reach_the_chat_template(srv):
         r = c.post("/v1/responses", json={"model": "acme", "input": items, "max_output_tokens": 2,
                                           "reasoning": {"effort": "low"}})  # fmt: skip
         assert r.status_code == 200, r.text
-    finally:
-        tok.apply_chat_template = apply
     for messages, kw in seen:
         assert messages[1]["reasoning_content"] == "hm" and kw["reasoning_effort"] == "low"
     assert len(seen) == 2
