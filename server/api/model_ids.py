@@ -23,6 +23,12 @@ def model_not_found(model: str, served: tuple[str, ...] = ()) -> APIError:
     return APIError(404, message, code="model_not_found", param="model")
 
 
+def hinted(principal: Principal, model: str, served: tuple[str, ...]) -> tuple[str, ...]:
+    """The served names a 404 for `model` may hint at: none when `model` is the caller's own tenant id (there it
+    names its default prefix, not the base model)."""
+    return () if principal.tenant_id == model else served
+
+
 def parse_model(
     model: str, principal: Principal, served: tuple[str, ...] = ()
 ) -> tuple[str, str, int | None]:
@@ -33,8 +39,6 @@ def parse_model(
     tenant_key = principal.tenant_id is not None and not principal.admin
     if model in served and tenant_key and principal.tenant_id != model:
         return principal.tenant_id, BASE_PREFIX, None  # type: ignore[return-value]
-    if principal.tenant_id == model:  # its own tenant id: its default prefix (a 404 needs no base-model hint)
-        served = ()
     tenant, sep, name = model.partition("/")
     if not sep:  # "tenant" or "tenant@3": its default prefix
         tenant, at, version = model.partition("@")
@@ -48,7 +52,7 @@ def parse_model(
         or (at and (pinned is None or name == BASE_PREFIX))
         or not principal.can_access(tenant)
     ):
-        raise model_not_found(model, served)
+        raise model_not_found(model, hinted(principal, model, served))
     return tenant, name, pinned
 
 
@@ -61,7 +65,7 @@ async def resolve_model(request: Request, svc: Service, principal: Principal, mo
         return await svc.resolve(tenant, name, version, param="model")
     except APIError as e:
         if e.status == 404:
-            raise model_not_found(model, () if principal.tenant_id == model else served) from None
+            raise model_not_found(model, hinted(principal, model, served)) from None
         raise
 
 

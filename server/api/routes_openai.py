@@ -30,7 +30,7 @@ from server.api.logprobs import (
     completion_logprobs,
     vllm_prompt_logprobs,
 )
-from server.api.model_ids import model_not_found, parse_model, served_names
+from server.api.model_ids import hinted, model_not_found, parse_model, served_names
 from server.api.reasoning import ReasoningParser, ReasoningStream, prompt_opened
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
 from server.api.schemas import (
@@ -293,7 +293,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             )
     tenant, name, version = parse_model(body.model, principal, served_names(request, svc))
     info.tenant, info.prefix = tenant, name
-    hint = () if principal.tenant_id == body.model else svc.served_names  # (a 404's base-model hint)
+    hint = hinted(principal, body.model, svc.served_names)  # (a 404's base-model hint)
     priority = svc.check_priority(principal, body.priority)
     try:
         prefix = await svc.resolve(tenant, name, version, param="model")
