@@ -509,14 +509,17 @@ class _TokenText:
 
     def __init__(self) -> None:
         self.raw = bytearray()
-        self.entries: list[tuple[int, Any]] = []  # (end offset in raw, entry) of the tokens not handed out
+        self.entries: list[
+            tuple[int, int, Any]
+        ] = []  # (start, end) in raw and entry of the tokens not handed out
         self.cursor = 0  # raw bytes handed out or passed over
 
     def add(self, entries: list[Any]) -> None:
         for e in entries:
             b = e.get("bytes")
+            start = len(self.raw)
             self.raw += bytes(b) if b is not None else str(e.get("token", "")).encode()
-            self.entries.append((len(self.raw), e))
+            self.entries.append((start, len(self.raw), e))
 
     def pass_over(self, marker: str) -> None:
         """The text up to the next `marker` (a call block's end) is no message's: later text is looked for after
@@ -530,25 +533,20 @@ class _TokenText:
         data = piece.encode()
         at = self.raw.find(data, self.cursor)
         if at < 0:  # not the tokens' bytes as they are (an invalid byte shows as U+FFFD): every token so far
-            out = [e for _, e in self.entries]
+            out = [e for _, _, e in self.entries]
             self.entries, self.cursor = [], len(self.raw)
             return out
         end = at + len(data)
-        out = [e for stop, e in self.entries if stop > at and stop - len(self._bytes(e)) < end]
-        self.entries = [(stop, e) for stop, e in self.entries if stop - len(self._bytes(e)) >= end]
+        out = [e for start, stop, e in self.entries if stop > at and start < end]
+        self.entries = [t for t in self.entries if t[0] >= end]
         self.cursor = end
         return out
 
     def rest(self) -> list[Any]:
         """The tokens after the last content piece (end-of-sequence)."""
-        out = [e for stop, e in self.entries if stop > self.cursor]
+        out = [e for _, stop, e in self.entries if stop > self.cursor]
         self.entries = []
         return out
-
-    @staticmethod
-    def _bytes(e: Any) -> bytes:
-        b = e.get("bytes")
-        return bytes(b) if b is not None else str(e.get("token", "")).encode()
 
 
 class _Stream:
