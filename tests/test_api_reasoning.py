@@ -139,6 +139,9 @@ def test_responses_have_a_reasoning_item_before_the_message(srv):
             {"type": "reasoning_text", "text": "Hmm."}
         ]
         assert message["content"][0]["text"] == "Hi!"
+        # the thinking's tokens, its tags included (this tokenizer has one per byte)
+        details = resp["usage"]["output_tokens_details"]
+        assert details["reasoning_tokens"] == len("<think>Hmm.</think>") < resp["usage"]["output_tokens"]
     kinds = [e["type"] for e in events]
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
     assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == "Hmm."

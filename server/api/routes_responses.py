@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
 from server.api.errors import COMMON_ERRORS, APIError, loc_param
+from server.api.reasoning import END as REASONING_END
 from server.api.routes_generate import DISCONNECTED, SSE_DOC
 from server.api.routes_openai import _Choices, _start, chat_stream, json_off_loop
 from server.api.schemas import (
@@ -357,7 +358,7 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
 
 
 # ----------------------------------------------------------------------------------------------- answers
-def _usage(ch: _Choices) -> dict[str, Any]:
+def _usage(ch: _Choices, reasoning_tokens: int = 0) -> dict[str, Any]:
     u = ch.usage()
     return {
         "input_tokens": u["prompt_tokens"],
@@ -367,7 +368,7 @@ def _usage(ch: _Choices) -> dict[str, Any]:
             "cache_write_tokens": 0,
         },
         "output_tokens": u["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": u["total_tokens"],
     }
 
@@ -481,7 +482,8 @@ async def responses(
     finally:
         for r in ch.runs:
             await r.close()
-    return await json_off_loop(ResponseObject, lambda: answer.response(stream.status, _usage(ch)))
+    usage = _usage(ch, stream.reasoning_tokens())
+    return await json_off_loop(ResponseObject, lambda: answer.response(stream.status, usage))
 
 
 def _rename(e: APIError) -> None:
@@ -710,10 +712,25 @@ class _Stream:
             for f in self.start(_message_item(_item_id("msg"), "", None, "in_progress")):
                 yield f
         if self.open is not None and self.open["type"] == "message":
-            self.lps.extend(
-                self.tokens.rest()
-            )  # the last tokens, with no text of their own (end-of-sequence)
+            # the last tokens, with no text of their own (end-of-sequence)
+            self.lps.extend(self.tokens.rest())
         for f in self.close(status):
             yield f
         kind = "response.completed" if status == "completed" else "response.incomplete"
-        yield self.frame(kind, response=answer.response(status, _usage(self.ch)))
+        yield self.frame(kind, response=answer.response(status, _usage(self.ch, self.reasoning_tokens())))
+
+    def reasoning_tokens(self) -> int:
+        """Output tokens spent thinking (a reasoning item's, its tags included): those that begin before the end of
+        the output's first `</think>` (all of them if it never closed)."""
+        if not any(item["type"] == "reasoning" for item in self.answer.output):
+            return 0
+        pieces = [self.ch.text.entry(t)[1] for t in self.ch.runs[0].token_ids]
+        raw = b"".join(pieces)
+        end = raw.find(REASONING_END.encode())
+        end = len(raw) if end < 0 else end + len(REASONING_END)
+        count = start = 0
+        for piece in pieces:
+            if start >= end:
+                break
+            count, start = count + 1, start + len(piece)
+        return count

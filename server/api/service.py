@@ -417,6 +417,7 @@ class GenerationRun:
         self._release = release
         self.reserved_tokens = reserved_tokens  # charged to the tenant's tokens-per-minute budget
         self.generated = 0  # tokens generated so far
+        self.token_ids: list[int] = []  # ... and their ids
         self.cached_tokens = 0  # prompt tokens taken from the prompt cache (known from the first event on)
         self._agen: AsyncIterator[TokenEvent] | None = None
         self._t0 = time.monotonic()
@@ -566,6 +567,7 @@ class GenerationRun:
         m = self.svc.metrics
         now = time.monotonic()
         self.generated += len(ev.token_ids)
+        self.token_ids.extend(ev.token_ids)
         self.cached_tokens = ev.cached_tokens
         # (echo with max_tokens 0: the one token generated is not part of the answer, nor of its latencies)
         if ev.token_ids and self.bill_output:
