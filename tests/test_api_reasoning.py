@@ -55,11 +55,11 @@ def test_a_streamed_output_splits_as_the_whole_does_however_it_is_cut(name):
 @pytest.fixture
 def srv(server_factory, monkeypatch):
     """A qwen3-parser server whose outputs a regex forces (the tiny model does not think by itself): the regex
-    would otherwise switch the parser off, as any constraint does."""
+    covers the whole output, thinking included (`think_mode` None), where it would otherwise apply after it."""
     pytest.importorskip("llguidance")
     from server.api import routes_openai
 
-    monkeypatch.setattr(routes_openai, "reasoning_parser", lambda svc, structured: svc.reasoning)
+    monkeypatch.setattr(routes_openai, "think_mode", lambda parser, opened: None)
     return server_factory(
         prefixes={("acme", "default"): {"seed": 5}}, keys={"acme": KEY}, reasoning_parser="qwen3"
     )
@@ -151,7 +151,7 @@ def test_responses_have_a_reasoning_item_before_the_message(srv):
     assert srv.client(KEY).post("/v1/responses", json=again).status_code == 200
 
 
-def test_without_a_parser_or_under_a_constraint_the_output_is_all_content(server_factory):
+def test_without_a_parser_the_output_is_all_content(server_factory):
     pytest.importorskip("llguidance")
     text = "<think>x</think>y"
     base = {
@@ -164,12 +164,8 @@ def test_without_a_parser_or_under_a_constraint_the_output_is_all_content(server
     msg = plain.client().post("/v1/chat/completions", json={**base, "model": "acme/default", **_forced(text)})
     assert msg.json()["choices"][0]["message"]["content"] == text
     assert msg.json()["choices"][0]["message"]["reasoning_content"] is None
-    # deepseek_r1 (the thinking opened by the template) under a JSON constraint: the JSON is the answer
-    r1 = server_factory(prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="deepseek_r1")
-    body = {**base, "model": "acme/default", "response_format": {"type": "json_object"}}
-    out = r1.client().post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
-    assert out["content"] and out.get("reasoning_content") is None
     # what reasoning-model clients send (Codex, the Agents SDK) is taken
+    r1 = server_factory(prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="deepseek_r1")
     r = r1.client().post("/v1/responses", json={"model": "acme/default", "input": "x", "max_output_tokens": 4,
                                                 "reasoning": {"effort": "low", "summary": "auto"},
                                                 "include": ["reasoning.encrypted_content"]})  # fmt: skip
@@ -188,7 +184,7 @@ def test_the_prompt_says_where_the_output_starts(server_factory, monkeypatch):
     assert prompt_opened("<think>\n\n</think>\n\n") is False and prompt_opened("assistant\n") is None
     assert ReasoningParser("deepseek_r1").split("x</think>y", opened=False) == (None, "x</think>y")
     assert ReasoningParser("qwen3").split("x</think>y", opened=True) == ("x", "y")
-    monkeypatch.setattr(routes_openai, "reasoning_parser", lambda svc, structured: svc.reasoning)
+    monkeypatch.setattr(routes_openai, "think_mode", lambda parser, opened: None)
     r1 = server_factory(prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="deepseek_r1")
     body = {
         "model": "acme/default", "temperature": 0, "max_tokens": 20, "add_generation_prompt": False,
@@ -251,3 +247,79 @@ def test_earlier_thinking_and_reasoning_effort_reach_the_chat_template(srv):
     for messages, kw in seen:
         assert messages[1]["reasoning_content"] == "hm" and kw["reasoning_effort"] == "low"
     assert len(seen) == 2
+
+
+@pytest.fixture(scope="module")
+def thinking_bundle():
+    """The tiny model with the thinking tags as added tokens (not special: decoded, as Qwen3's and DeepSeek-R1's)."""
+    from tokenizers import AddedToken
+
+    from server.model import bundle_from_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    return bundle_from_model(make_tiny_llama(tok, seed=0), tok, name="tiny-thinker")
+
+
+def test_a_structured_answer_comes_after_the_thinking(server_factory, thinking_bundle):
+    """vLLM applies a structured output's grammar once the reasoning ends: the model thinks freely first, and the
+    grammar holds the answer (content), streamed or not; where the prompt closed the thinking, from the start."""
+    pytest.importorskip("llguidance")
+    tok = thinking_bundle.tokenizer
+    start, end = (str(tok.convert_tokens_to_ids(t)) for t in ("<think>", "</think>"))
+    r1 = server_factory(
+        bundle=thinking_bundle, prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="deepseek_r1"
+    )
+    c = r1.client()
+    base = {"model": "acme/default", "messages": [{"role": "user", "content": "Q?"}], "temperature": 0,
+            "max_tokens": 12, "structured_outputs": {"choice": ["yes", "no"]}}  # fmt: skip
+    # the template opened the thinking (R1's convention): the model closes it (pushed to here), then answers
+    closing = {**base, "logit_bias": {end: 100}}
+    choice = c.post("/v1/chat/completions", json=closing).json()["choices"][0]
+    msg = choice["message"]
+    assert msg["reasoning_content"] == "" and msg["content"] in ("yes", "no"), msg
+    assert choice["finish_reason"] == "stop"
+    deltas = [ch["choices"][0]["delta"] for ch in _sse_raw(c, closing) if ch["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == msg["content"]
+    # any text is thinking until </think> (the answer's grammar allows none of it): here, all of max_tokens
+    choice = c.post("/v1/chat/completions", json={**base, "logit_bias": {end: -100}}).json()["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] is None
+    thought = choice["message"]["reasoning_content"]
+    assert thought and thought.strip("yesno"), thought
+    # the prompt closed the thinking (a continued assistant message past it): the grammar holds from the start
+    closed = {**closing, "add_generation_prompt": False, "continue_final_message": True,
+              "messages": [*base["messages"], {"role": "assistant", "content": "<think>ok</think>"}]}  # fmt: skip
+    msg = c.post("/v1/chat/completions", json=closed).json()["choices"][0]["message"]
+    assert msg["content"] in ("yes", "no") and msg["reasoning_content"] is None, msg
+    # the Responses API (no logit_bias there): thinking until max_output_tokens is a reasoning item, incomplete
+    out = c.post(
+        "/v1/responses",
+        json={
+            "model": "acme/default",
+            "input": "Q?",
+            "temperature": 0,
+            "max_output_tokens": 8,
+            "text": {"format": {"type": "json_object"}},
+        },
+    )
+    out = out.json()  # fmt: skip
+    assert [item["type"] for item in out["output"]] == ["reasoning"] and out["status"] == "incomplete", out
+    # qwen3: the model opens the thinking itself (pushed to here) or answers at once
+    q = server_factory(
+        bundle=thinking_bundle, prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="qwen3"
+    )
+    msg = q.client().post("/v1/chat/completions", json={**base, "logit_bias": {start: 100, end: 50}}).json()
+    assert (msg["choices"][0]["message"]["reasoning_content"], msg["choices"][0]["message"]["content"]) in (
+        ("", "yes"),
+        ("", "no"),
+    ), msg
+    msg = q.client().post("/v1/chat/completions", json={**base, "logit_bias": {start: -100}}).json()
+    assert msg["choices"][0]["message"]["content"] in ("yes", "no")
+    assert msg["choices"][0]["message"]["reasoning_content"] is None
+
+
+def _sse_raw(client, body: dict) -> list[dict]:
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]

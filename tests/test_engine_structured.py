@@ -529,3 +529,45 @@ def test_refusals_are_said_in_the_requests_terms():
             and "coerce_one_of" not in str(e.value)
             and "NoExtension" not in str(e.value)
         )
+
+
+@pytest.mark.parametrize("tags", ["text", "added tokens"])
+def test_a_grammar_after_the_thinking_leaves_the_thinking_free(tags):
+    """`think`: any text up to the first `</think>`, then the spec's own grammar (JSON may start after whitespace,
+    other kinds at once); "opened" starts inside the thinking, "optional" may open one or answer at once. The tags are
+    single tokens where the tokenizer has them (llguidance matches those by token, not by text)."""
+    pytest.importorskip("llguidance")
+    from tokenizers import AddedToken
+
+    from tests.fixtures.models import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    if tags == "added tokens":
+        tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    compiler = GrammarCompiler(tok, len(tok), tok.eos_token_id)
+
+    def follows(so: StructuredOutputs, text: str) -> bool:
+        c = compiler.constraint(compiler.compile(so))
+        return (
+            all(c.accept(t) for t in tok.encode(text, add_special_tokens=False)) and c.matcher.is_accepting()
+        )
+
+    person = StructuredOutputs("json", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}},
+                                                   "required": ["a"], "additionalProperties": False}))  # fmt: skip
+    opened = dataclasses.replace(person, think="opened")
+    assert follows(opened, 'hmm {"a": 1} </thin\n</think>\n\n{"a": 1}')
+    assert follows(opened, '<think>x</think>{"a": 2}')  # a leading <think> is thinking text
+    assert not follows(opened, '{"a": 1}')  # the thinking is not over: no answer yet
+    assert not follows(opened, 'x</think>{"a": 1}</think>')  # the thinking ends at the first </think>
+    assert not follows(opened, 'x</think>{"b": 1}') and not follows(opened, "x</think>")
+    assert not follows(dataclasses.replace(opened, any_whitespace=False), 'x</think>\n{"a": 1}')
+    choice = StructuredOutputs("choice", json.dumps(["yes", "no"]), think="optional")
+    assert follows(choice, "<think>maybe? </think>yes") and follows(choice, "no")
+    assert not follows(choice, "maybe</think>yes")  # without <think> first, no thinking
+    assert not follows(choice, "<think>x</think>\nyes")  # a regex answer starts right after the tag
+    grammar = StructuredOutputs("grammar", 'start: "a"+', think="optional")
+    assert follows(grammar, "<think></think>aaa") and not follows(grammar, "<think></think>b")
+    regex = StructuredOutputs("regex", r"\d{3}", think="opened")
+    assert follows(regex, "think</think>123") and not follows(regex, "think</think>12a")
+    # the spec with and without thinking are two cache entries
+    assert compiler.cached(dataclasses.replace(regex, think=None)) is None

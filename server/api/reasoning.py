@@ -10,9 +10,15 @@ deltas) and the answer as its `content`, which tool calls are parsed from. Two c
   `</think>`; one that does not (`enable_thinking: false`) is all answer.
 
 The whole output is split by running the stream over it, so a streamed answer and an unstreamed one are the same.
+
+Under a structured output (a response format, vLLM's `structured_outputs`), the grammar applies to the answer: the
+model thinks freely first (`ReasoningParser.think_mode`). A forced tool call's grammar still governs the whole
+output.
 """
 
 from __future__ import annotations
+
+from server.engine.types import ThinkMode
 
 START, END = "<think>", "</think>"
 PARSERS = ("deepseek_r1", "qwen3")
@@ -88,6 +94,13 @@ class ReasoningParser:
         if opened is False:
             return ReasoningStream(starts_thinking=False, answering=True)
         return ReasoningStream(starts_thinking=opened is True or self.name == "deepseek_r1")
+
+    def think_mode(self, opened: bool | None = None) -> ThinkMode | None:
+        """How a constrained output may think before its grammar's answer, as `stream` follows it: from inside the
+        thinking, possibly from a `<think>`, or not at all (the prompt closed the thinking)."""
+        if opened is False:
+            return None
+        return "opened" if opened is True or self.name == "deepseek_r1" else "optional"
 
     def split(self, text: str, opened: bool | None = None) -> tuple[str | None, str | None]:
         """(thinking, answer) of a finished output; None where there is none (an answer of only thinking: null

@@ -55,7 +55,7 @@ from server.api.service import (
 )
 from server.api.streaming import EngineEventStream, merge, sse
 from server.api.tools import CallListStream, ToolPlan, call_id, template_messages, tool_plan
-from server.engine import StructuredOutputs
+from server.engine.types import ThinkMode
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -259,10 +259,10 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
 PROMPT_TAIL, PROMPT_TAIL_CONTINUED = 16, 1024
 
 
-def reasoning_parser(svc: Service, structured: StructuredOutputs | None) -> ReasoningParser | None:
-    """The server's reasoning parser for a chat's output; none under a constraint (a structured output, a forced
-    call), whose grammar governs the whole output from its first token: it is all answer."""
-    return svc.reasoning if structured is None else None
+def think_mode(parser: ReasoningParser, opened: bool | None) -> ThinkMode | None:
+    """How a structured output's grammar lets the model think first (vLLM applies the grammar once the reasoning
+    ends): as the parser reads the output, after what the prompt says of the thinking."""
+    return parser.think_mode(opened)
 
 
 async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat: bool) -> _Choices:
@@ -323,19 +323,22 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             raise APIError(
                 422, "give tool_choice or structured_outputs, not both", param="structured_outputs"
             )
-        structured = await svc.compile_spec(forced, "tool_choice")
-    else:
-        structured = await svc.structured(so, body.response_format, body.guided_whitespace_pattern == "")
-    if chat:
+    think = None
+    if chat and svc.reasoning is not None:
         assert isinstance(body, ChatCompletionRequest)
         tools = plan.tools
-        tools.reasoning = reasoning_parser(svc, structured)
-        if tools.reasoning is not None:
-            tools.show_reasoning = body.include_reasoning
-            # where the output starts: the generation prompt's last tokens (a template that opens the thinking, or
-            # closes it empty), or a continued assistant message's text
-            tail = plan.prompts[0][-(PROMPT_TAIL_CONTINUED if body.continue_final_message else PROMPT_TAIL) :]
-            tools.opened = prompt_opened(await svc.tokenize(_decode, svc.bundle.tokenizer, tail))
+        tools.reasoning, tools.show_reasoning = svc.reasoning, body.include_reasoning
+        # where the output starts: the generation prompt's last tokens (a template that opens the thinking, or
+        # closes it empty), or a continued assistant message's text
+        tail = plan.prompts[0][-(PROMPT_TAIL_CONTINUED if body.continue_final_message else PROMPT_TAIL) :]
+        tools.opened = prompt_opened(await svc.tokenize(_decode, svc.bundle.tokenizer, tail))
+        think = think_mode(svc.reasoning, tools.opened)
+    if forced is not None:  # (a forced call's grammar governs the whole output: it is all answer)
+        structured = await svc.compile_spec(forced, "tool_choice")
+    else:
+        structured = await svc.structured(
+            so, body.response_format, body.guided_whitespace_pattern == "", think=think
+        )
     sampling = svc.sampling(
         max_tokens=plan.max_tokens,
         max_tokens_param=plan.max_tokens_param,

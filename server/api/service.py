@@ -46,6 +46,7 @@ from server.engine import (
     TokenLogprob,
 )
 from server.engine.daemon_pool import DaemonThreadPool
+from server.engine.types import ThinkMode
 from server.model import ModelBundle
 from server.prefixes import validate_kv
 from server.settings import Settings
@@ -1247,14 +1248,15 @@ class Service:
         so: StructuredOutputsParam | None,
         response_format: ResponseFormat | None = None,
         compact: bool = False,
+        think: ThinkMode | None = None,
     ) -> StructuredOutputs | None:
         """The engine spec of a body's structured_outputs / response_format with its grammar compiled and attached
         (off the event loop unless the compiler's cache has it), so an invalid schema, regex or grammar is a 422
-        naming it and the engine never compiles on its thread."""
+        naming it and the engine never compiles on its thread. `think`: a reasoning model's thinking comes first."""
         spec, param = engine_spec(so, response_format, compact)
         if spec is None:
             return None
-        return await self.compile_spec(spec, param)
+        return await self.compile_spec(dataclasses.replace(spec, think=think), param)
 
     async def compile_spec(self, spec: StructuredOutputs, param: str) -> StructuredOutputs:
         """`spec` with its grammar compiled and attached; 422 naming `param` if it is invalid."""

@@ -79,8 +79,8 @@ class ToolPlan:
     named: str | None = None
     parallel: bool = True
     parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))  # how "auto" finds calls
-    # how a reasoning model's thinking is told from its answer (None: no parser, or a constraint governs the whole
-    # output, which is then the answer); the answer is what calls are parsed from
+    # how a reasoning model's thinking is told from its answer (None: no parser; a forced call's grammar governs the
+    # whole output, which is then the answer); the answer is what calls are parsed from
     reasoning: ReasoningParser | None = None
     opened: bool | None = None  # what the prompt says of the thinking (`reasoning.prompt_opened`)
     show_reasoning: bool = (

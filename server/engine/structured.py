@@ -11,6 +11,9 @@ every step a matcher yields the bitmask of the tokens that keep the output insid
   the work overlaps the forward), `apply_masks` sets the disallowed tokens' scores to -inf after every other score
   processing, and the sampled token advances the matcher. A grammar that is complete ends the request ("stop");
   while it may still continue, end-of-sequence is allowed exactly where the grammar accepts.
+- A reasoning model thinks first (`StructuredOutputs.think`): the grammar becomes a free thinking up to `</think>`,
+  then the request's grammar (vLLM's structured outputs with a reasoning parser). The tags are the tokenizer's added
+  tokens where it has them (Qwen3, DeepSeek-R1), else text.
 
 llguidance is imported on first use: a server that never gets a constrained request does not need it loaded.
 """
@@ -85,8 +88,48 @@ def _without_dump(error: str) -> str:
     return error.split("\n<state>", 1)[0].strip()
 
 
-def _grammar_text(so: StructuredOutputs) -> str:
-    """llguidance's grammar for a spec (it does not check validity: the matcher does)."""
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+def _grammar_text(so: StructuredOutputs, special_tags: frozenset[str] = frozenset()) -> str:
+    """llguidance's grammar for a spec (it does not check validity: the matcher does); `special_tags`: the thinking
+    tags that are one token of the tokenizer's (written `<think>` in Lark, where text is `"<think>"`)."""
+    answer = _answer_grammar(so)
+    return answer if so.think is None else _after_thinking(answer, so, special_tags)
+
+
+def _after_thinking(answer: str, so: StructuredOutputs, special_tags: frozenset[str]) -> str:
+    """`answer` (a grammar: top-level JSON or Lark text) after a thinking the grammar leaves free: a Lark grammar refers to it by name
+    (`@name`), as one more grammar of the same top-level grammar."""
+    top = json.loads(answer) if answer.lstrip().startswith("{") else {"grammars": [{"lark_grammar": answer}]}
+    first = top["grammars"][0]
+    name = first["name"] = first.get("name") or "answer"
+    rules = []
+    if THINK_END in special_tags:  # the thinking's text ends at the tag's token (which no text matches)
+        body = f"/(?s:.*)/ {THINK_END}"
+    else:  # lazy: the thinking's text is as short as it can be, so it ends at the first `</think>`
+        body = "think_text"
+        rules.append(r"think_text[lazy]: /(?s:.*)<\/think>/")
+    start_tag = THINK_START if THINK_START in special_tags else json.dumps(THINK_START)
+    if (
+        so.think == "opened"
+    ):  # the output starts inside the thinking; a leading `<think>` text is thinking text
+        rules.append(f"think: {THINK_START + '? ' if THINK_START in special_tags else ''}{body}")
+    else:
+        rules.append(f"think: {start_tag} {body}")
+    # a JSON answer may start after whitespace (models write a blank line after `</think>`), as its tokens may
+    ws = ""
+    if so.kind in ("json", "json_object") and so.any_whitespace:
+        ws = "ws? "
+        rules.append(f"ws: /[\\x20\\x0A\\x0D\\x09]{{1,{MAX_JSON_WHITESPACE}}}/")
+    answered = f"think {ws}@{name}"
+    rules.insert(0, f"start: {answered}" if so.think == "opened" else f"start: {answered} | @{name}")
+    top["grammars"] = [{"lark_grammar": "\n".join(rules)}, *top["grammars"]]
+    return json.dumps(top)
+
+
+def _answer_grammar(so: StructuredOutputs) -> str:
+    """llguidance's grammar (JSON text) of a spec's own constraint."""
     from llguidance import LLMatcher, grammar_from, regex_to_lark
 
     if so.kind in ("json", "json_object"):
@@ -175,6 +218,7 @@ class GrammarCompiler:
         self.mask_budget_s = mask_budget_ms / 1000
         self._lltok: Any = None
         self._limits: Any = None
+        self._tags: frozenset[str] | None = None
         self._compiled: OrderedDict[StructuredOutputs, Any] = OrderedDict()
         # specs refused, with why: a repeat is refused at once instead of paying the compilation again
         self._refused: OrderedDict[StructuredOutputs, str] = OrderedDict()
@@ -197,6 +241,14 @@ class GrammarCompiler:
             except Exception as e:  # the tokenizer's format is not one llguidance understands
                 raise GrammarError(f"structured outputs are not available for this tokenizer: {e}") from None
         return self._lltok
+
+    def _special_tags(self) -> frozenset[str]:
+        """The thinking tags that are the tokenizer's added tokens (one token each; llguidance matches them by
+        token, not by their text)."""
+        if self._tags is None:
+            added = self._hf_tokenizer.get_added_vocab()
+            self._tags = frozenset(t for t in (THINK_START, THINK_END) if t in added)
+        return self._tags
 
     def _parser_limits(self) -> Any:
         if self._limits is None:
@@ -236,7 +288,9 @@ class GrammarCompiler:
         from llguidance import LLMatcher
 
         try:
-            m = LLMatcher(tok, _grammar_text(so), log_level=0, limits=self._parser_limits())
+            m = LLMatcher(
+                tok, _grammar_text(so, self._special_tags()), log_level=0, limits=self._parser_limits()
+            )
         except GrammarError:
             raise
         except ValueError as e:  # e.g. text that is not valid Unicode (lone surrogates)

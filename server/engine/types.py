@@ -23,6 +23,11 @@ class RequestTooLarge(EngineError):
 
 StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
+# A reasoning model's thinking before the constrained answer (vLLM applies the grammar once the reasoning ends):
+# "opened", the output starts inside a thinking (an optional `<think>`, any text, `</think>`); "optional", it may
+# start with one (`<think>`, any text, `</think>`) or go straight to the answer.
+ThinkMode = Literal["opened", "optional"]
+THINK_MODES: tuple[str, ...] = get_args(ThinkMode)
 
 
 @dataclass(frozen=True)
@@ -31,11 +36,13 @@ class StructuredOutputs:
     the regular expression (`regex`), the choices as a JSON list of strings (`choice`), the grammar in Lark or GBNF
     syntax (`grammar`), or empty (`json_object`: any JSON object). JSON may have whitespace between tokens, at most
     33 characters at a time (pretty-printing, but no endless blank lines); `any_whitespace` False allows none
-    (vLLM's `disable_any_whitespace`)."""
+    (vLLM's `disable_any_whitespace`). `think`: the answer may follow a thinking the grammar leaves free (ThinkMode;
+    JSON may then start after up to 33 characters of whitespace, where `any_whitespace`)."""
 
     kind: StructuredKind
     spec: str = ""
     any_whitespace: bool = True
+    think: ThinkMode | None = None
     # The compiled grammar (GrammarCompiler.compile's result) when the caller compiled it first: the engine starts
     # from it instead of its compiler's LRU cache, which may have evicted it meanwhile. Not part of equality.
     compiled: Any = field(default=None, compare=False, repr=False)
@@ -43,6 +50,8 @@ class StructuredOutputs:
     def __post_init__(self) -> None:
         if self.kind not in STRUCTURED_KINDS:
             raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}")
+        if self.think is not None and self.think not in THINK_MODES:
+            raise ValueError(f"think must be one of {', '.join(THINK_MODES)}")
 
 
 @dataclass(frozen=True)
