@@ -207,7 +207,7 @@ class Settings(BaseSettings):
         "none",
         description="Reasoning models (vLLM's --reasoning-parser): a chat's <think>...</think> becomes the message's "
         "reasoning_content; 'deepseek_r1': the template opens the thinking (R1 and its distills, Qwen3 Thinking); "
-        "'qwen3': the model opens it (Qwen3 hybrid); a structured output's grammar holds the answer after the thinking; a forced tool call has none",
+        "'qwen3': the model opens it (Qwen3 hybrid); a structured output's or forced tool call's grammar holds the answer after the thinking",
     )
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral", "pythonic"] = Field(
         "auto",

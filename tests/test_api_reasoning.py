@@ -319,6 +319,54 @@ def test_a_structured_answer_comes_after_the_thinking(server_factory, thinking_b
     assert msg["choices"][0]["message"]["reasoning_content"] is None
 
 
+def test_a_forced_call_comes_after_the_thinking(server_factory, thinking_bundle):
+    """tool_choice named or required with a reasoning parser: the thinking first (free), then the call the grammar
+    holds; streamed, the named call is announced once the thinking is over."""
+    pytest.importorskip("llguidance")
+    tok = thinking_bundle.tokenizer
+    end = str(tok.convert_tokens_to_ids("</think>"))
+    r1 = server_factory(
+        bundle=thinking_bundle, prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="deepseek_r1"
+    )
+    c = r1.client()
+    # (arguments the tiny model finishes: a boolean, where a free string would run to max_tokens)
+    check = {
+        "type": "function",
+        "function": {
+            "name": "check",
+            "parameters": {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}},
+                "required": ["ok"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    named = {"model": "acme/default", "messages": [{"role": "user", "content": "Weather?"}], "tools": [check],
+             "tool_choice": {"type": "function", "function": {"name": "check"}}, "temperature": 0,
+             "max_tokens": 60, "logit_bias": {end: 100}}  # fmt: skip
+    for body in (named, {**named, "tool_choice": "required"}):
+        choice = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+        msg = choice["message"]
+        assert msg["reasoning_content"] == "" and msg["content"] is None, choice
+        assert choice["finish_reason"] in ("stop", "tool_calls"), choice
+        assert [t["function"]["name"] for t in msg["tool_calls"]] == ["check"]
+        assert json.loads(msg["tool_calls"][0]["function"]["arguments"])["ok"] in (True, False)
+    chunks = [ch["choices"][0] for ch in _sse_raw(c, named) if ch["choices"]]
+    assert "tool_calls" not in chunks[0]["delta"]  # not announced while it might still think
+    heads = [t for ch in chunks for t in ch["delta"].get("tool_calls") or [] if "id" in t]
+    assert [t["function"]["name"] for t in heads] == ["check"]
+    # all thinking (cut short by max_tokens): no call
+    choice = c.post("/v1/chat/completions", json={**named, "max_tokens": 6, "logit_bias": {end: -100}})
+    choice = choice.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and not choice["message"]["tool_calls"], choice
+    assert choice["message"]["reasoning_content"]
+    deltas = [ch["choices"][0]["delta"] for ch in _sse_raw(c, {**named, "max_tokens": 6, "logit_bias": {end: -100}})
+              if ch["choices"]]  # fmt: skip
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == choice["message"]["reasoning_content"]
+    assert not any(d.get("tool_calls") for d in deltas)
+
+
 def _sse_raw(client, body: dict) -> list[dict]:
     with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
         assert r.status_code == 200, r.read()

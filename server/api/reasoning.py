@@ -11,9 +11,8 @@ deltas) and the answer as its `content`, which tool calls are parsed from. Two c
 
 The whole output is split by running the stream over it, so a streamed answer and an unstreamed one are the same.
 
-Under a structured output (a response format, vLLM's `structured_outputs`), the grammar applies to the answer: the
-model thinks freely first (`ReasoningParser.think_mode`). A forced tool call's grammar still governs the whole
-output.
+Under a structured output (a response format, vLLM's `structured_outputs`, a forced tool call), the grammar applies
+to the answer: the model thinks freely first (`ReasoningParser.think_mode`).
 """
 
 from __future__ import annotations

@@ -333,8 +333,8 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         tail = plan.prompts[0][-(PROMPT_TAIL_CONTINUED if body.continue_final_message else PROMPT_TAIL) :]
         tools.opened = prompt_opened(await svc.tokenize(_decode, svc.bundle.tokenizer, tail))
         think = think_mode(svc.reasoning, tools.opened)
-    if forced is not None:  # (a forced call's grammar governs the whole output: it is all answer)
-        structured = await svc.compile_spec(forced, "tool_choice")
+    if forced is not None:
+        structured = await svc.compile_spec(replace(forced, think=think), "tool_choice")
     else:
         structured = await svc.structured(
             so, body.response_format, body.guided_whitespace_pattern == "", think=think
@@ -757,7 +757,8 @@ async def _stream_text(
 async def _stream_named(
     run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
 ) -> AsyncIterator[bytes]:
-    """A forced named call: its arguments stream as they come (OpenAI's tool_calls deltas)."""
+    """A forced named call: its arguments stream as they come (OpenAI's tool_calls deltas); with a reasoning parser,
+    after the thinking, the call announced with its first arguments."""
     assert tools.named is not None
     call = {
         "index": 0,
@@ -765,12 +766,20 @@ async def _stream_named(
         "type": "function",
         "function": {"name": tools.named, "arguments": ""},
     }
-    first = {"role": "assistant", "content": None, "tool_calls": [call]}
+    thinking = tools.thinking()
+    first: dict[str, Any] = {"role": "assistant", "content": None}
+    if thinking is None:
+        first["tool_calls"] = [call]
+    announce = thinking is not None
 
     def piece(args: str) -> dict[str, Any]:
+        nonlocal announce
+        if announce:
+            announce = False
+            return {"tool_calls": [{**call, "function": {"name": tools.named, "arguments": args}}]}
         return {"tool_calls": [{"index": 0, "function": {"arguments": args}}]}
 
-    async for frame in _stream_pieces(run, chunk, text, first, piece):
+    async for frame in _stream_pieces(run, chunk, text, first, piece, thinking, tools.show_reasoning):
         yield frame
 
 
@@ -826,10 +835,14 @@ async def _stream_required(
     with what was sent and finish_reason "length"."""
     yield chunk({"role": "assistant", "content": None}, None)
     calls = CallListStream()
+    thinking = tools.thinking()
     pending = _PendingLogprobs(run, text)
     async for ev, _ids, lps in chunked_events(run):
         pending.items.extend(lps or [])
-        deltas = calls.feed(ev.text)
+        thought, answer = ("", ev.text) if thinking is None else thinking.feed(ev.text, final=ev.finished)
+        if thought and tools.show_reasoning:
+            yield chunk(_thinking_delta(thought), None, pending.take())
+        deltas = calls.feed(answer)
         if deltas:
             yield chunk({"tool_calls": deltas}, None, pending.take())
         if ev.finished:

@@ -79,8 +79,8 @@ class ToolPlan:
     named: str | None = None
     parallel: bool = True
     parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))  # how "auto" finds calls
-    # how a reasoning model's thinking is told from its answer (None: no parser; a forced call's grammar governs the
-    # whole output, which is then the answer); the answer is what calls are parsed from
+    # how a reasoning model's thinking is told from its answer (None: no parser); the answer is what calls are
+    # parsed from, and what a forced call's grammar holds
     reasoning: ReasoningParser | None = None
     opened: bool | None = None  # what the prompt says of the thinking (`reasoning.prompt_opened`)
     show_reasoning: bool = (
@@ -125,12 +125,12 @@ class ToolPlan:
 
     def thinking(self) -> ReasoningStream | None:
         """Follows a streamed output's thinking (None: no reasoning parser for this output)."""
-        return None if self.reasoning is None or self.forced else self.reasoning.stream(self.opened)
+        return None if self.reasoning is None else self.reasoning.stream(self.opened)
 
     def split(self, text: str) -> tuple[str | None, str | None]:
         """(reasoning_content, the answer to parse calls from) of a finished output: the answer is all of it without
         a reasoning parser, None when it is all thinking."""
-        if self.reasoning is None or self.forced:
+        if self.reasoning is None:
             return None, text
         return self.reasoning.split(text, self.opened)
 
