@@ -356,6 +356,13 @@ def test_openai_routes_at_the_tgi_base_url_as_tgi_serves_them(srv):
     c = srv.client(KEY)
     r = c.post("/tgi/v1/completions", json={"model": "acme/faq", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["model"] == "acme/faq", r.text
+    # `model` left out (TGI ignores it; /v1 requires it): the base model, as "tgi"
+    body = {"messages": messages, "max_tokens": 8, "temperature": 0}
+    r = c.post("/tgi/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["model"] == "tgi", r.text
+    assert r.json()["choices"][0]["message"]["content"] == got.choices[0].message.content
+    assert c.post("/tgi/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert_error(c.post("/v1/chat/completions", json=body), 400)
     assert {m["id"] for m in c.get("/tgi/v1/models").json()["data"]} == {"acme/faq", "acme/base"}
     assert_error(c.post("/v1/completions", json={"model": "tgi", "prompt": "x", "max_tokens": 2}), 404)
     # errors there are the OpenAI routes' (a 400 for an invalid value, no TGI error_type), as on /v1

@@ -39,10 +39,19 @@ from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, with_tgi_error_type
 from server.api.logprobs import finite_logprob
-from server.api.model_ids import parse_model
+from server.api.model_ids import TGI_PLACEHOLDER_MODELS, parse_model
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, all_events
 from server.api.routes_ops import ready
-from server.api.schemas import BASE_PREFIX, PromptText, RepetitionPenalty, Seed, StopText
+from server.api.schemas import (
+    BASE_PREFIX,
+    MAX_MODEL_ID,
+    ChatCompletionRequest,
+    CompletionRequest,
+    PromptText,
+    RepetitionPenalty,
+    Seed,
+    StopText,
+)
 from server.api.service import (
     ClientDisconnected,
     GenerationRun,
@@ -583,10 +592,34 @@ async def tgi_generate_stream(
 # TGI serves OpenAI's API at its own root too: huggingface_hub's `InferenceClient(base_url=".../tgi")
 # .chat_completion(...)` posts to /tgi/v1/chat/completions with model "dummy" (TGI's own clients: "tgi"), which from a
 # tenant key is the key's tenant on the base model here (`served_names`); `model: "tenant/prefix"` names a prefix, as
-# LoRAX's OpenAI routes take the adapter there. Out of the OpenAPI document, where /v1 has them.
+# LoRAX's OpenAI routes take the adapter there. `model` may be left out there (TGI ignores it): "tgi". Out of the
+# OpenAPI document, where /v1 has them.
+_TGI_MODEL = Field(TGI_PLACEHOLDER_MODELS[0], min_length=1, max_length=MAX_MODEL_ID)
+
+
+class _TGIChatCompletionRequest(ChatCompletionRequest):
+    model: str = _TGI_MODEL
+
+
+class _TGICompletionRequest(CompletionRequest):
+    model: str = _TGI_MODEL
+
+
+async def _tgi_chat_completions(
+    body: _TGIChatCompletionRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> Any:
+    return await routes_openai.chat_completions(body, request, principal)
+
+
+async def _tgi_completions(
+    body: _TGICompletionRequest, request: Request, principal: Principal = Depends(get_principal)
+) -> Any:
+    return await routes_openai.completions(body, request, principal)
+
+
 for _path, _endpoint, _method in (
-    ("/v1/chat/completions", routes_openai.chat_completions, "POST"),
-    ("/v1/completions", routes_openai.completions, "POST"),
+    ("/v1/chat/completions", _tgi_chat_completions, "POST"),
+    ("/v1/completions", _tgi_completions, "POST"),
     ("/v1/models", routes_openai.list_models, "GET"),
 ):
     router.add_api_route(_path, _endpoint, methods=[_method], response_model=None, include_in_schema=False)
