@@ -269,6 +269,14 @@ def test_raw_sse_frames_follow_openai_format(srv):
     assert frames[-1] == "[DONE]"
     assert all(f["object"] == "chat.completion.chunk" and "usage" not in f for f in frames[:-1])
     assert len({f["id"] for f in frames[:-1]}) == 1
+    # the id is the request's X-Request-ID (vLLM's: the header when given), so logs and answers correlate
+    assert frames[0]["id"] == "chatcmpl-" + r.headers["x-request-id"]
+    body = {"model": "acme", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    r = c.post("/v1/chat/completions", json=body, headers={"X-Request-ID": "trace-7:a"})
+    assert r.json()["id"] == "chatcmpl-trace-7:a" and r.headers["x-request-id"] == "trace-7:a"
+    r = c.post("/v1/completions", json={"model": "acme", "prompt": "x", "max_tokens": 2, "stream": True},
+               headers={"X-Request-ID": "trace-8"})  # fmt: skip
+    assert {f["id"] for f in parse_sse(r.text)[:-1]} == {"cmpl-trace-8"}
 
 
 def expected_offsets(tokens: list[str]) -> list[int]:

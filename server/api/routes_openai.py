@@ -464,7 +464,7 @@ async def completions(
     body: CompletionRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> Any:
     ch = await _start(request, principal, body, chat=False)
-    cid = "cmpl-" + ch.runs[0].req.request_id
+    cid = "cmpl-" + get_info(request).request_id  # (vLLM: X-Request-Id, when given)
     if body.stream:
         return EngineEventStream(ch.runs, lambda: _completion_frames(ch, cid, _usage_mode(body)))
     results = await ch.collect(request)
@@ -651,7 +651,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> Any:
     ch = await _start(request, principal, body, chat=True)
-    cid = "chatcmpl-" + ch.runs[0].req.request_id
+    cid = "chatcmpl-" + get_info(request).request_id  # (vLLM: X-Request-Id, when given)
     if body.stream:
         return EngineEventStream(ch.runs, lambda: _chat_frames(ch, cid, _usage_mode(body)))
     results = await ch.collect(request)
