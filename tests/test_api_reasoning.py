@@ -29,6 +29,9 @@ TEXTS = [
     "<thi",
     "",
     "</think>",
+    "\n\n<think>a</think>b",
+    "  no thinking",
+    " \n",
 ]
 
 
@@ -50,6 +53,9 @@ def test_a_streamed_output_splits_as_the_whole_does_however_it_is_cut(name):
     assert ReasoningParser("deepseek_r1").split("x</think>y") == ("x", "y")
     assert ReasoningParser("qwen3").split("x</think>y") == (None, "x</think>y")
     assert ReasoningParser("deepseek_r1").split("x") == ("x", None)
+    # whitespace before the opening tag (vLLM's parsers take it too); kept where no tag follows
+    assert ReasoningParser("qwen3").split("\n<think>x</think>y") == ("x", "y")
+    assert ReasoningParser("qwen3").split("\n<thinks") == (None, "\n<thinks")
 
 
 @pytest.fixture

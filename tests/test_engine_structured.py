@@ -564,6 +564,9 @@ def test_a_grammar_after_the_thinking_leaves_the_thinking_free(tags):
     choice = StructuredOutputs("choice", json.dumps(["yes", "no"]), think="optional")
     assert follows(choice, "<think>maybe? </think>yes") and follows(choice, "no")
     assert not follows(choice, "maybe</think>yes")  # without <think> first, no thinking
+    assert not follows(
+        choice, "\n<think>a</think>no"
+    )  # (nor after whitespace: a model could spend its tokens there)
     assert not follows(choice, "<think>x</think>\nyes")  # a regex answer starts right after the tag
     grammar = StructuredOutputs("grammar", 'start: "a"+', think="optional")
     assert follows(grammar, "<think></think>aaa") and not follows(grammar, "<think></think>b")

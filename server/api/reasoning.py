@@ -6,8 +6,8 @@ deltas) and the answer as its `content`, which tool calls are parsed from. Two c
 - `deepseek_r1`: the chat template opens the thinking (DeepSeek-R1, its distills, Qwen3 "Thinking" models): the
   output starts inside it, a leading `<think>` is dropped, and an output without `</think>` is all thinking (cut
   short while thinking).
-- `qwen3`: the model opens it itself (Qwen3 hybrid models): an output that starts with `<think>` thinks until
-  `</think>`; one that does not (`enable_thinking: false`) is all answer.
+- `qwen3`: the model opens it itself (Qwen3 hybrid models): an output that starts with `<think>` (after whitespace,
+  if any) thinks until `</think>`; one that does not (`enable_thinking: false`) is all answer.
 
 The whole output is split by running the stream over it, so a streamed answer and an unstreamed one are the same.
 
@@ -56,11 +56,12 @@ class ReasoningStream:
         self.buf += text
         thinking, answer = [], []
         while True:
-            if self.state == "start":
-                if START.startswith(self.buf) and not final:
+            if self.state == "start":  # (whitespace before the opening tag: vLLM's parsers take it too)
+                lead = self.buf.lstrip()
+                if START.startswith(lead) and not final:
                     break  # maybe the opening tag, cut
-                if self.buf.startswith(START):
-                    self.buf, self.state = self.buf[len(START) :], "thinking"
+                if lead.startswith(START):
+                    self.buf, self.state = lead[len(START) :], "thinking"
                 else:
                     self.state = "thinking" if self.starts_thinking else "answer"
                 self.thought = self.state == "thinking"

@@ -99,8 +99,8 @@ def _grammar_text(so: StructuredOutputs, special_tags: frozenset[str] = frozense
 
 
 def _after_thinking(answer: str, so: StructuredOutputs, special_tags: frozenset[str]) -> str:
-    """`answer` (a grammar: top-level JSON or Lark text) after a thinking the grammar leaves free: a Lark grammar refers to it by name
-    (`@name`), as one more grammar of the same top-level grammar."""
+    """`answer` (a grammar: top-level JSON or Lark text) after a thinking the grammar leaves free: a Lark grammar
+    refers to it by name (`@name`), as one more grammar of the same top-level grammar."""
     top = json.loads(answer) if answer.lstrip().startswith("{") else {"grammars": [{"lark_grammar": answer}]}
     first = top["grammars"][0]
     name = first["name"] = first.get("name") or "answer"
@@ -111,11 +111,10 @@ def _after_thinking(answer: str, so: StructuredOutputs, special_tags: frozenset[
         body = "think_text"
         rules.append(r"think_text[lazy]: /(?s:.*)<\/think>/")
     start_tag = THINK_START if THINK_START in special_tags else json.dumps(THINK_START)
-    if (
-        so.think == "opened"
-    ):  # the output starts inside the thinking; a leading `<think>` text is thinking text
+    # "opened": the output starts inside the thinking (a leading `<think>` text is thinking text)
+    if so.think == "opened":
         rules.append(f"think: {THINK_START + '? ' if THINK_START in special_tags else ''}{body}")
-    else:
+    else:  # (not after whitespace, which the parser would take: a model could spend its tokens on it)
         rules.append(f"think: {start_tag} {body}")
     # a JSON answer may start after whitespace (models write a blank line after `</think>`), as its tokens may
     ws = ""
