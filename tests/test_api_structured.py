@@ -163,6 +163,15 @@ def test_openai_n_choices_and_streamed_chat(oai):
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
         ({"structured_outputs": {}}, "structured_outputs"),
         ({"structured_outputs": {"json_object": False}}, "structured_outputs"),
+        (
+            {
+                "structured_outputs": {
+                    "structural_tag": {"structures": [{"begin": "<a>"}], "triggers": ["<b"]}
+                }
+            },
+            "structured_outputs.structural_tag",
+        ),
+        ({"structured_outputs": {"structural_tag": "[]"}}, "structured_outputs.structural_tag"),
     ],
 )
 def test_invalid_structured_outputs_are_422_naming_the_field(srv, body, param):
@@ -336,3 +345,29 @@ def test_vllm_guided_fields_are_honoured_not_ignored(oai, srv):
     bad = {"model": "acme/default", "prompt": "x", "guided_json": ITEM, "guided_whitespace_pattern": "[ ]?"}
     err = assert_error(srv.client(KEY).post("/v1/completions", json=bad), 400)
     assert err["param"] == "guided_whitespace_pattern"
+
+
+def test_structural_tags_hold_what_follows_a_trigger(srv):
+    """vLLM's structural tags: free text, but a trigger must go on as a structure beginning with it, its content
+    following the schema, then its end. Pushed to write the trigger again and again (a +100 bias on "<"), the
+    tiny model writes whole structures; without them it would write "<<<<"."""
+    lt = str(srv.svc.bundle.tokenizer.convert_tokens_to_ids("<"))
+    tags = {"structures": [{"begin": "<t>", "schema": {"type": "boolean"}, "end": "</t>"}], "triggers": ["<"]}
+    r = gen(srv, structured_outputs={"structural_tag": tags}, logit_bias={lt: 100}, max_tokens=40)
+    assert r.status_code == 200, r.text
+    assert re.match(r"<t>(true|false)</t><t>(true|false)</t>", r.json()["text"]), r.json()
+    assert gen(srv, logit_bias={lt: 100}, max_tokens=8).json()["text"] == "<" * 8
+    # OpenAI's response_format, vLLM's structural_tag type (its JSON text in structured_outputs too)
+    c = srv.client(KEY)
+    body = {"model": "acme", "prompt": "x", "max_tokens": 40, "logit_bias": {lt: 100}, "temperature": 0}
+    r = c.post("/v1/completions", json={**body, "response_format": {"type": "structural_tag", **tags}})
+    assert re.match(r"<t>(true|false)</t><t>(true|false)</t>", r.json()["choices"][0]["text"]), r.json()
+    r2 = c.post("/v1/completions", json={**body, "structured_outputs": {"structural_tag": json.dumps(tags)}})
+    assert r2.json()["choices"][0]["text"] == r.json()["choices"][0]["text"]
+    err = assert_error(
+        c.post("/v1/completions", json={**body, "response_format": {"type": "structural_tag"}}), 400
+    )
+    assert err["param"] == "response_format"
+    bad = {"type": "structural_tag", "structures": [{"begin": "x", "end": ""}], "triggers": ["<"]}
+    err = assert_error(c.post("/v1/completions", json={**body, "response_format": bad}), 400)
+    assert err["code"] == "invalid_structured_output" and "starts with none of the triggers" in err["message"]

@@ -574,3 +574,48 @@ def test_a_grammar_after_the_thinking_leaves_the_thinking_free(tags):
     assert follows(regex, "think</think>123") and not follows(regex, "think</think>12a")
     # the spec with and without thinking are two cache entries
     assert compiler.cached(dataclasses.replace(regex, think=None)) is None
+
+
+@pytest.mark.parametrize("trigger", ["text", "added token"])
+def test_structural_tags(trigger):
+    """Free text; a trigger must go on as a structure that begins with it (its content a value of its schema, then
+    its end); a `<...>` trigger the tokenizer has as a token is matched as that token."""
+    pytest.importorskip("llguidance")
+    from tokenizers import AddedToken
+
+    from tests.fixtures.models import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    if trigger == "added token":
+        tok.add_tokens([AddedToken("<tool>", special=False)])
+        begins, triggers = ["<tool>"], ["<tool>"]
+    else:
+        begins, triggers = ["<function=get_weather>", "<function=get_time>"], ["<function="]
+    compiler = GrammarCompiler(tok, len(tok), tok.eos_token_id)
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+            "additionalProperties": False}  # fmt: skip
+    so = StructuredOutputs("structural_tag", json.dumps({
+        "structures": [{"begin": b, "schema": city, "end": "</function>"} for b in begins], "triggers": triggers}))  # fmt: skip
+
+    def follows(text: str) -> bool:
+        c = compiler.constraint(compiler.compile(so))
+        return (
+            all(c.accept(t) for t in tok.encode(text, add_special_tokens=False)) and c.matcher.is_accepting()
+        )
+
+    call = f'{begins[-1]}{{"city": "Oslo"}}</function>'
+    assert follows("just text") and follows(f"Sure. {call} and {call}") and follows("")
+    assert not follows(f'{begins[0]}{{"town": 1}}</function>')  # the schema holds
+    assert not follows(call[: -len("</function>")])  # the end is owed
+    if trigger == "text":
+        assert not follows('<function=get_date>{"city": "a"}</function>')  # no structure begins so
+    for bad, why in [
+        ({"structures": [], "triggers": ["<f"]}, "structures must be a list"),
+        ({"structures": [{"begin": "x"}], "triggers": ["<f"]}, "starts with none of the triggers"),
+        ({"structures": [{"begin": "<f", "schema": 3}], "triggers": ["<f"]}, "schema must be a JSON schema"),
+        ({"structures": [{"begin": "<f", "extra": 1}], "triggers": ["<f"]}, "must be an object"),
+        ({"structures": [{"begin": "<f"}], "triggers": [""]}, "non-empty strings"),
+        ([1], "must be an object"),
+    ]:
+        with pytest.raises(GrammarError, match=why):
+            compiler.compile(StructuredOutputs("structural_tag", json.dumps(bad)))

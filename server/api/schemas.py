@@ -149,8 +149,8 @@ Choices = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=
 
 
 class StructuredOutputsParam(BaseModel):
-    """What the output must match; give exactly one of json, json_object, regex, choice, grammar. A complete
-    match ends the output (finish_reason `stop`); `max_tokens` can still cut it short (`length`)."""
+    """What the output must match; give exactly one of json, json_object, regex, choice, grammar, structural_tag. A
+    complete match ends the output (finish_reason `stop`); `max_tokens` can still cut it short (`length`)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -167,6 +167,12 @@ class StructuredOutputsParam(BaseModel):
     grammar: str | None = Field(
         None, min_length=1, description="A context-free grammar (llguidance's Lark syntax, or GBNF)"
     )
+    structural_tag: dict[str, Any] | str | None = Field(
+        None,
+        description='vLLM\'s structural tags (an object, or its JSON text): {"structures": [{"begin", "schema", '
+        '"end"}], "triggers": [...]}: free text, where a trigger must go on as one of the structures that begin '
+        "with it, its content following its JSON schema, then its end",
+    )
     disable_any_whitespace: bool = Field(
         False,
         description="JSON without whitespace between tokens (keeps small models from emitting blank lines)",
@@ -182,13 +188,26 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
+class StructuralTag(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    begin: str = Field(
+        min_length=1, description="The structure's opening text; it starts with one of the triggers"
+    )
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="Its content's JSON schema")
+    end: str = Field("", description="Its closing text")
+
+
 class ResponseFormat(BaseModel):
-    """OpenAI's response_format: `text` (no constraint), `json_object` or `json_schema` (its `schema`)."""
+    """OpenAI's response_format: `text` (no constraint), `json_object` or `json_schema` (its `schema`); vLLM's
+    `structural_tag` (its `structures` and `triggers`)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    structures: list[StructuralTag] | None = None
+    triggers: list[str] | None = None
 
 
 class PromptTokensDetails(BaseModel):

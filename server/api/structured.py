@@ -23,6 +23,9 @@ def _given(so: StructuredOutputsParam) -> dict[str, str]:
         "regex": so.regex,
         "choice": None if so.choice is None else json.dumps(so.choice),
         "grammar": so.grammar,
+        "structural_tag": (
+            so.structural_tag if isinstance(so.structural_tag, str | None) else json.dumps(so.structural_tag)
+        ),
     }
     return {k: v for k, v in values.items() if v is not None}
 
@@ -39,6 +42,20 @@ def engine_spec(
             )
         if rf.type == "json_object":
             return StructuredOutputs("json_object", any_whitespace=not compact), "response_format"
+        if rf.type == "structural_tag":
+            if rf.structures is None or rf.triggers is None:
+                raise APIError(
+                    422,
+                    "response_format of type structural_tag needs structures and triggers",
+                    param="response_format",
+                )
+            tags = {
+                "structures": [s.model_dump(by_alias=True) for s in rf.structures],
+                "triggers": rf.triggers,
+            }
+            return StructuredOutputs(
+                "structural_tag", json.dumps(tags), any_whitespace=not compact
+            ), "response_format"
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise APIError(
                 422, "response_format of type json_schema needs json_schema.schema", param="response_format"

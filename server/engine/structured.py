@@ -91,29 +91,29 @@ def _without_dump(error: str) -> str:
 THINK_START, THINK_END = "<think>", "</think>"
 
 
-def _grammar_text(so: StructuredOutputs, special_tags: frozenset[str] = frozenset()) -> str:
-    """llguidance's grammar for a spec (it does not check validity: the matcher does); `special_tags`: the thinking
-    tags that are one token of the tokenizer's (written `<think>` in Lark, where text is `"<think>"`)."""
-    answer = _answer_grammar(so)
-    return answer if so.think is None else _after_thinking(answer, so, special_tags)
+def _grammar_text(so: StructuredOutputs, added: frozenset[str] = frozenset()) -> str:
+    """llguidance's grammar for a spec (it does not check validity: the matcher does); `added`: the tokenizer's
+    added tokens (a tag or trigger that is one is matched as that token, written `<think>` in Lark, not as text)."""
+    answer = _answer_grammar(so, added)
+    return answer if so.think is None else _after_thinking(answer, so, added)
 
 
-def _after_thinking(answer: str, so: StructuredOutputs, special_tags: frozenset[str]) -> str:
+def _after_thinking(answer: str, so: StructuredOutputs, added: frozenset[str]) -> str:
     """`answer` (a grammar: top-level JSON or Lark text) after a thinking the grammar leaves free: a Lark grammar
     refers to it by name (`@name`), as one more grammar of the same top-level grammar."""
     top = json.loads(answer) if answer.lstrip().startswith("{") else {"grammars": [{"lark_grammar": answer}]}
     first = top["grammars"][0]
     name = first["name"] = first.get("name") or "answer"
     rules = []
-    if THINK_END in special_tags:  # the thinking's text ends at the tag's token (which no text matches)
+    if THINK_END in added:  # the thinking's text ends at the tag's token (which no text matches)
         body = f"/(?s:.*)/ {THINK_END}"
     else:  # lazy: the thinking's text is as short as it can be, so it ends at the first `</think>`
         body = "think_text"
         rules.append(r"think_text[lazy]: /(?s:.*)<\/think>/")
-    start_tag = THINK_START if THINK_START in special_tags else json.dumps(THINK_START)
+    start_tag = THINK_START if THINK_START in added else json.dumps(THINK_START)
     # "opened": the output starts inside the thinking (a leading `<think>` text is thinking text)
     if so.think == "opened":
-        rules.append(f"think: {THINK_START + '? ' if THINK_START in special_tags else ''}{body}")
+        rules.append(f"think: {THINK_START + '? ' if THINK_START in added else ''}{body}")
     else:  # (not after whitespace, which the parser would take: a model could spend its tokens on it)
         rules.append(f"think: {start_tag} {body}")
     # a JSON answer may start after whitespace (models write a blank line after `</think>`), as its tokens may
@@ -127,10 +127,12 @@ def _after_thinking(answer: str, so: StructuredOutputs, special_tags: frozenset[
     return json.dumps(top)
 
 
-def _answer_grammar(so: StructuredOutputs) -> str:
-    """llguidance's grammar (JSON text) of a spec's own constraint."""
+def _answer_grammar(so: StructuredOutputs, added: frozenset[str] = frozenset()) -> str:
+    """llguidance's grammar (top-level JSON or Lark text) of a spec's own constraint."""
     from llguidance import LLMatcher, grammar_from, regex_to_lark
 
+    if so.kind == "structural_tag":
+        return _structural_tags(so, added)
     if so.kind in ("json", "json_object"):
         if so.kind == "json_object":
             schema: Any = {"type": "object"}
@@ -168,6 +170,58 @@ def _answer_grammar(so: StructuredOutputs) -> str:
         return grammar_from("grammar", so.spec)
     except ValueError as e:
         raise GrammarError(str(e)) from None
+
+
+# structural tags: at most this many structures and triggers (each structure's schema is compiled into the grammar)
+MAX_STRUCTURES, MAX_TRIGGERS = 128, 32
+
+
+def _structural_tags(so: StructuredOutputs, added: frozenset[str]) -> str:
+    """vLLM's structural tags as llguidance compiles them (`StructTag`, as vLLM's guidance backend): any text, where
+    a trigger must go on as one of the structures that begin with it, its content a JSON value of its schema, then
+    its end. A trigger written `<...>` is matched as the tokenizer's token where every such trigger is one."""
+    from llguidance import StructTag
+
+    try:
+        spec = json.loads(so.spec)
+    except (ValueError, RecursionError):
+        spec = None
+    if not isinstance(spec, dict) or set(spec) - {"structures", "triggers"}:
+        raise GrammarError('structural_tag must be an object {"structures": [...], "triggers": [...]}')
+    structures, triggers = spec.get("structures"), spec.get("triggers")
+    if not isinstance(triggers, list) or not 0 < len(triggers) <= MAX_TRIGGERS:
+        raise GrammarError(f"structural_tag.triggers must be a list of 1 to {MAX_TRIGGERS} strings")
+    if not all(isinstance(t, str) and t for t in triggers):
+        raise GrammarError("structural_tag.triggers must be non-empty strings")
+    if not isinstance(structures, list) or not 0 < len(structures) <= MAX_STRUCTURES:
+        raise GrammarError(f"structural_tag.structures must be a list of 1 to {MAX_STRUCTURES} objects")
+    ws = {"whitespace_pattern": JSON_WHITESPACE} if so.any_whitespace else {"whitespace_flexible": False}
+    tags = []
+    for i, s in enumerate(structures):
+        where = f"structural_tag.structures[{i}]"
+        if (
+            not isinstance(s, dict)
+            or set(s) - {"begin", "schema", "end"}
+            or not isinstance(s.get("begin"), str)
+        ):
+            raise GrammarError(f'{where} must be an object {{"begin", "schema", "end"}} with a string begin')
+        if not isinstance(s.get("end", ""), str):
+            raise GrammarError(f"{where}.end must be a string")
+        schema = s.get("schema")
+        schema = {} if schema is None or schema is True else schema
+        if not isinstance(schema, dict):
+            raise GrammarError(f"{where}.schema must be a JSON schema object")
+        trigger = next((t for t in triggers if s["begin"].startswith(t)), None)
+        if trigger is None:
+            raise GrammarError(f"{where}.begin {s['begin']!r} starts with none of the triggers")
+        # (JSON's whitespace as in a `json` spec: bounded, or none)
+        schema = {**schema, "x-guidance": {**(schema.get("x-guidance") or {}), **ws}}
+        tags.append(StructTag(trigger=trigger, begin=s["begin"], grammar=schema, end=s.get("end", "")))
+    tokens = [t for t in triggers if t.startswith("<") and t.endswith(">")]
+    try:
+        return StructTag.to_grammar(tags, assume_special=bool(tokens) and all(t in added for t in tokens))
+    except (AssertionError, ValueError) as e:
+        raise GrammarError(f"invalid structural_tag: {e}") from None
 
 
 class Constraint:
@@ -217,7 +271,7 @@ class GrammarCompiler:
         self.mask_budget_s = mask_budget_ms / 1000
         self._lltok: Any = None
         self._limits: Any = None
-        self._tags: frozenset[str] | None = None
+        self._added: frozenset[str] | None = None
         self._compiled: OrderedDict[StructuredOutputs, Any] = OrderedDict()
         # specs refused, with why: a repeat is refused at once instead of paying the compilation again
         self._refused: OrderedDict[StructuredOutputs, str] = OrderedDict()
@@ -241,13 +295,11 @@ class GrammarCompiler:
                 raise GrammarError(f"structured outputs are not available for this tokenizer: {e}") from None
         return self._lltok
 
-    def _special_tags(self) -> frozenset[str]:
-        """The thinking tags that are the tokenizer's added tokens (one token each; llguidance matches them by
-        token, not by their text)."""
-        if self._tags is None:
-            added = self._hf_tokenizer.get_added_vocab()
-            self._tags = frozenset(t for t in (THINK_START, THINK_END) if t in added)
-        return self._tags
+    def _added_tokens(self) -> frozenset[str]:
+        """The tokenizer's added tokens (llguidance matches them by token, not by their text)."""
+        if self._added is None:
+            self._added = frozenset(self._hf_tokenizer.get_added_vocab())
+        return self._added
 
     def _parser_limits(self) -> Any:
         if self._limits is None:
@@ -288,7 +340,7 @@ class GrammarCompiler:
 
         try:
             m = LLMatcher(
-                tok, _grammar_text(so, self._special_tags()), log_level=0, limits=self._parser_limits()
+                tok, _grammar_text(so, self._added_tokens()), log_level=0, limits=self._parser_limits()
             )
         except GrammarError:
             raise

@@ -21,7 +21,7 @@ class RequestTooLarge(EngineError):
     """Prompt + max_tokens (+ prefix) do not fit the engine's context or KV budget (HTTP 413)."""
 
 
-StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
 STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
 # A reasoning model's thinking before the constrained answer (vLLM applies the grammar once the reasoning ends):
 # "opened", the output starts inside a thinking (an optional `<think>`, any text, `</think>`); "optional", it may
@@ -34,7 +34,9 @@ THINK_MODES: tuple[str, ...] = get_args(ThinkMode)
 class StructuredOutputs:
     """What the output must match (vLLM's `structured_outputs`). `spec` is the JSON schema as JSON text (`json`),
     the regular expression (`regex`), the choices as a JSON list of strings (`choice`), the grammar in Lark or GBNF
-    syntax (`grammar`), or empty (`json_object`: any JSON object). JSON may have whitespace between tokens, at most
+    syntax (`grammar`), vLLM's structural tags as JSON text (`structural_tag`: `{"structures": [{"begin", "schema",
+    "end"}], "triggers": [...]}`: free text, where a trigger starts one of the structures beginning with it, its
+    content following its JSON schema), or empty (`json_object`: any JSON object). JSON may have whitespace between tokens, at most
     33 characters at a time (pretty-printing, but no endless blank lines); `any_whitespace` False allows none
     (vLLM's `disable_any_whitespace`). `think`: the answer may follow a thinking the grammar leaves free (ThinkMode;
     JSON may then start after up to 33 characters of whitespace, where `any_whitespace`)."""
