@@ -41,8 +41,8 @@ RETRY_STATUSES = frozenset({429, 503})
 RETRY_STATUSES_IF_SAFE = frozenset({408, 502, 504})
 
 Examples = Union[Sequence[dict[str, Any]], str, os.PathLike[str]]
-# {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...} / {"json_object": True}, or a pydantic model
-# class (its JSON schema)
+# {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...} / {"json_object": True} /
+# {"structural_tag": {"structures": [...], "triggers": [...]}}, or a pydantic model class (its JSON schema)
 StructuredOutputsArg = Union[Mapping[str, Any], type]
 TimeoutTypes = Union[float, httpx.Timeout, None]
 
@@ -309,7 +309,7 @@ def structured_outputs_body(value: StructuredOutputsArg) -> dict[str, Any]:
         return dict(value)
     raise TypeError(
         "structured_outputs must be a dict ({'json': schema}, {'regex': ...}, {'choice': [...]}, {'grammar': ...}, "
-        "{'json_object': True}) or a pydantic model class"
+        "{'json_object': True}, {'structural_tag': {...}}) or a pydantic model class"
     )
 
 

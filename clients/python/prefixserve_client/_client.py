@@ -422,7 +422,7 @@ class Client(_base.WithOptions):
         ``structured_outputs``: what the text must match, ``{"json": schema}``, a pydantic model class (its schema with
         ``additionalProperties: false`` on every object that does not allow extras; then
         ``Model.model_validate_json(gen.text)``), ``{"regex": ...}``, ``{"choice": [...]}``,
-        ``{"grammar": ...}`` or ``{"json_object": True}``. vLLM's ``min_p``, ``include_stop_str_in_output``,
+        ``{"grammar": ...}``, ``{"json_object": True}`` or ``{"structural_tag": {...}}``. vLLM's ``min_p``, ``include_stop_str_in_output``,
         ``truncate_prompt_tokens`` (keep the prompt's last N tokens; -1: as many as fit), ``bad_words`` (words the text must not contain) and ``priority`` (lower starts first; a tenant
         key may only lower its own: > 0) mean what they mean there. ``prompt_format``: ``"raw"`` sends the prompt
         as it is, ``"chat"`` as one user message through the model's chat template (default: the prefix's own
