@@ -339,6 +339,40 @@ def test_logprobs_in_openai_formats(oai):
     assert plain.choices[0].logprobs is None
 
 
+def test_return_tokens_as_token_ids(srv, oai):
+    """vLLM's return_tokens_as_token_ids: logprobs' tokens (and top_logprobs' keys) spelled `token_id:N`, the same
+    tokens as without it; text offsets, chat `bytes` and prompt_logprobs stay the tokens' own."""
+    texts = srv.svc.token_text
+    kw = dict(model="acme/default", prompt="Tell me", max_tokens=6, temperature=0, logprobs=2)
+    want = oai.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].logprobs
+    got = oai.completions.create(**kw, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    lp = got.choices[0].logprobs
+    ids = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    assert all(t.startswith("token_id:") for t in lp.tokens) and [texts(i) for i in ids] == want.tokens
+    assert lp.text_offset == want.text_offset and lp.token_logprobs == pytest.approx(want.token_logprobs)
+    assert all(tok in top and all(k.startswith("token_id:") for k in top)
+               for tok, top in zip(lp.tokens, lp.top_logprobs, strict=True))  # fmt: skip
+    stream = oai.completions.create(
+        **kw, stream=True, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}
+    )
+    assert [t for ch in stream if ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens] == lp.tokens
+    chat = dict(model="acme/chat-bot", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+                logprobs=True, top_logprobs=2)  # fmt: skip
+    plain = oai.chat.completions.create(**chat).choices[0].logprobs.content
+    by_id = oai.chat.completions.create(**chat, extra_body={"return_tokens_as_token_ids": True,
+                                                            "prompt_logprobs": 1})  # fmt: skip
+    content = by_id.choices[0].logprobs.content
+    assert [e.token for e in content] == [f"token_id:{i}" for i in
+                                          (int(e.token.split(":")[1]) for e in content)]  # fmt: skip
+    assert [e.bytes for e in content] == [e.bytes for e in plain]  # the token's own bytes
+    assert [texts(int(e.token.split(":")[1])) for e in content] == [e.token for e in plain]
+    prompt = by_id.model_extra["prompt_logprobs"]
+    assert all(not v["decoded_token"].startswith("token_id:") for entry in prompt[1:] for v in entry.values())
+    err = srv.client(KEY).post("/v1/completions", json={**{k: v for k, v in kw.items()},
+                                                        "return_tokens_as_token_ids": "yes please"})  # fmt: skip
+    assert err.status_code == 400
+
+
 def test_openai_penalties_are_applied(oai):
     kw = dict(model="acme/default", prompt="la la la", max_tokens=32, temperature=0)
     plain = oai.completions.create(logprobs=0, extra_body={"ignore_eos": True}, **kw).choices[0]
@@ -859,7 +893,7 @@ def test_echo_of_a_prompt_ending_inside_a_character_the_output_completes(srv):
         ("use_beam_search", True),
         ("length_penalty", 0.5),
         ("logits_processors", ["m.Proc"]),
-        ("return_tokens_as_token_ids", True),
+        ("prompt_embeds", "AAAA"),
         ("best_of", 3),
     ],
 )

@@ -55,6 +55,7 @@ from server.api.service import (
 )
 from server.api.streaming import EngineEventStream, merge, sse
 from server.api.tools import CallListStream, ToolPlan, call_id, template_messages, tool_plan
+from server.engine.token_bytes import TokenIdTexts
 from server.engine.types import ThinkMode
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -76,6 +77,9 @@ class _Plan:
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs (not echo's)
     chat_echo: str = ""  # chat with echo: the last (assistant) message's text, which the content starts with
     max_tokens_param: str = "max_tokens"  # the field max_tokens came from (chat: or max_completion_tokens)
+    token_ids_as_text: bool = (
+        False  # vLLM's return_tokens_as_token_ids: logprobs' tokens spelled `token_id:N`
+    )
 
 
 @dataclass
@@ -93,7 +97,8 @@ class _Choices:
 
     @property
     def text(self) -> TokenTexts:
-        return self.svc.token_text
+        """How the choices' log-probabilities spell their tokens."""
+        return TokenIdTexts(self.svc.token_text) if self.plan.token_ids_as_text else self.svc.token_text
 
     @property
     def prompt_tokens(self) -> int:
@@ -310,6 +315,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     except APIError as e:
         raise _as_openai_error(e, body.model, hint) from None
     plan.prompt_logprobs = body.prompt_logprobs
+    plan.token_ids_as_text = bool(body.return_tokens_as_token_ids)
     try:
         so = body.structured_param()
     except ValueError as e:
@@ -560,7 +566,7 @@ def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> 
 
 def _prompt_logprobs(ch: _Choices, res: GenerationResult) -> Any:
     k = ch.plan.prompt_logprobs
-    return None if k is None else vllm_prompt_logprobs(res.prompt_logprobs, k, ch.text)
+    return None if k is None else vllm_prompt_logprobs(res.prompt_logprobs, k, ch.svc.token_text)
 
 
 # stream_options: no usage / a last usage chunk / usage on every chunk

@@ -426,7 +426,11 @@ class _OpenAIBase(BaseModel):
     )
     bad_words: list[StopText] | None = Field(None, description="Extension (" + BAD_WORDS_DOC + ")")
     logits_processors: Unsupported = Field(None, description=UNSUPPORTED_DOC)
-    return_tokens_as_token_ids: Unsupported = Field(None, description=UNSUPPORTED_DOC)
+    return_tokens_as_token_ids: bool | None = Field(
+        None,
+        description="Extension (vLLM): log-probabilities' tokens spelled `token_id:N` (chat: their `bytes` stay the "
+        "token's own); prompt_logprobs are not changed",
+    )
     prompt_embeds: Unsupported = Field(None, description=UNSUPPORTED_DOC)
     response_format: ResponseFormat | None = Field(
         None,

@@ -79,3 +79,17 @@ class TokenTexts:
             shown = self._tok.decode([token_id], skip_special_tokens=True, clean_up_tokenization_spaces=False)
             hit = self._dropped[token_id] = shown == "" and self.entry(token_id)[1] != b""
         return hit
+
+
+class TokenIdTexts(TokenTexts):
+    """vLLM's `return_tokens_as_token_ids`: each token spelled `token_id:N` (its bytes stay its own), for clients
+    that need the ids of tokens whose texts do not tell them apart."""
+
+    def __init__(self, texts: TokenTexts) -> None:  # (no cache of its own: the spelling is the id's)
+        self._texts = texts
+
+    def entry(self, token_id: int) -> tuple[str, bytes]:
+        return f"token_id:{token_id}", self._texts.entry(token_id)[1]
+
+    def dropped(self, token_id: int) -> bool:
+        return self._texts.dropped(token_id)
