@@ -362,6 +362,18 @@ def test_a_forced_call_comes_after_the_thinking(server_factory, thinking_bundle)
     assert "tool_calls" not in chunks[0]["delta"]  # not announced while it might still think
     heads = [t for ch in chunks for t in ch["delta"].get("tool_calls") or [] if "id" in t]
     assert [t["function"]["name"] for t in heads] == ["check"]
+    # the blank line a reasoning model writes after its thinking (pushed to here) is allowed, and is not arguments
+    nl = str(tok.convert_tokens_to_ids("\u010a"))  # (byte-level "\n")
+    spaced = {**named, "logit_bias": {end: 100, nl: 50}}
+    choice = c.post("/v1/chat/completions", json={**spaced, "logprobs": True}).json()["choices"][0]
+    assert "\n" in [e["token"] for e in choice["logprobs"]["content"]]  # (it was written)
+    call = choice["message"]["tool_calls"][0]
+    assert json.loads(call["function"]["arguments"]) in ({"ok": True}, {"ok": False}), call
+    assert call["function"]["arguments"][0] == "{"
+    chunks = [ch["choices"][0] for ch in _sse_raw(c, spaced) if ch["choices"]]
+    streamed = [t for ch in chunks for t in ch["delta"].get("tool_calls") or []]
+    assert "".join(t["function"]["arguments"] for t in streamed) == call["function"]["arguments"]
+    assert streamed[0]["function"]["arguments"].startswith("{") and "id" in streamed[0]
     # all thinking (cut short by max_tokens): no call
     choice = c.post("/v1/chat/completions", json={**named, "max_tokens": 6, "logit_bias": {end: -100}})
     choice = choice.json()["choices"][0]
@@ -377,3 +389,16 @@ def _sse_raw(client, body: dict) -> list[dict]:
     with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
         assert r.status_code == 200, r.read()
         return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def test_tags_that_are_special_tokens_are_warned_about(thinking_bundle, caplog):
+    """Tags the tokenizer marks special are left out of decoded outputs (skip_special_tokens), so the parser, which
+    reads the text, cannot see them: the server says so when it starts."""
+    from tokenizers import AddedToken
+
+    from tests.fixtures.models import make_tiny_tokenizer
+
+    assert ReasoningParser.hidden_tags(thinking_bundle.tokenizer) == []
+    tok = make_tiny_tokenizer()
+    tok.add_tokens([AddedToken("<think>", special=True), AddedToken("</think>", special=True)])
+    assert ReasoningParser.hidden_tags(tok) == ["<think>", "</think>"]

@@ -568,6 +568,15 @@ def test_a_grammar_after_the_thinking_leaves_the_thinking_free(tags):
         choice, "\n<think>a</think>no"
     )  # (nor after whitespace: a model could spend its tokens there)
     assert not follows(choice, "<think>x</think>\nyes")  # a regex answer starts right after the tag
+    if tags == "added tokens":  # the tag written out as text ends the thinking too (where the parser ends it)
+        written = [tok.convert_tokens_to_ids(c) for c in "x</think>"]
+        end = tok.convert_tokens_to_ids("</think>")
+        c = compiler.constraint(compiler.compile(choice))
+        assert all(c.accept(t) for t in [tok.convert_tokens_to_ids("<think>"), *written])
+        assert not c.accept(end)  # no more thinking after it: the answer's turn
+        c = compiler.constraint(compiler.compile(choice))
+        assert all(c.accept(t) for t in [tok.convert_tokens_to_ids("<think>"), *written[:-1], end])
+        assert all(c.accept(tok.convert_tokens_to_ids(ch)) for ch in "no") and c.matcher.is_accepting()
     grammar = StructuredOutputs("grammar", 'start: "a"+', think="optional")
     assert follows(grammar, "<think></think>aaa") and not follows(grammar, "<think></think>b")
     regex = StructuredOutputs("regex", r"\d{3}", think="opened")

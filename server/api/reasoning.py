@@ -17,6 +17,8 @@ to the answer: the model thinks freely first (`ReasoningParser.think_mode`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from server.engine.types import ThinkMode
 
 START, END = "<think>", "</think>"
@@ -94,6 +96,15 @@ class ReasoningParser:
         if opened is False:
             return ReasoningStream(starts_thinking=False, answering=True)
         return ReasoningStream(starts_thinking=opened is True or self.name == "deepseek_r1")
+
+    @staticmethod
+    def hidden_tags(tokenizer: Any) -> list[str]:
+        """The tags that are the tokenizer's special tokens: decoding with skip_special_tokens (the default) drops
+        them, and the parser, which reads the text, cannot see them."""
+        special = set(getattr(tokenizer, "all_special_tokens", None) or [])
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        special |= {t.content for t in added.values() if getattr(t, "special", False)}
+        return [tag for tag in (START, END) if tag in special]
 
     def think_mode(self, opened: bool | None = None) -> ThinkMode | None:
         """How a constrained output may think before its grammar's answer, as `stream` follows it: from inside the

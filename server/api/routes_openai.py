@@ -776,12 +776,17 @@ async def _stream_named(
     first: dict[str, Any] = {"role": "assistant", "content": None}
     if thinking is None:
         first["tool_calls"] = [call]
-    announce = thinking is not None
+    announced = started = thinking is None
 
-    def piece(args: str) -> dict[str, Any]:
-        nonlocal announce
-        if announce:
-            announce = False
+    def piece(args: str) -> dict[str, Any] | None:
+        nonlocal announced, started
+        if not started:  # (the blank line a reasoning model writes after its thinking is not arguments)
+            args = args.lstrip()
+            if not args:
+                return None
+            started = True
+        if not announced:
+            announced = True
             return {"tool_calls": [{**call, "function": {"name": tools.named, "arguments": args}}]}
         return {"tool_calls": [{"index": 0, "function": {"arguments": args}}]}
 
@@ -799,7 +804,7 @@ async def _stream_pieces(
     chunk: Chunk,
     text: TokenTexts,
     first: dict[str, Any],
-    delta: Callable[[str], dict[str, Any]],
+    delta: Callable[[str], dict[str, Any] | None],
     thinking: ReasoningStream | None = None,
     shown: bool = True,
 ) -> AsyncIterator[bytes]:
@@ -813,8 +818,8 @@ async def _stream_pieces(
         thought, answer = ("", ev.text) if thinking is None else thinking.feed(ev.text, final=ev.finished)
         if thought and shown:
             yield chunk(_thinking_delta(thought), None, pending.take())
-        if answer:
-            yield chunk(delta(answer), None, pending.take())
+        if answer and (d := delta(answer)) is not None:  # (None: nothing to send yet)
+            yield chunk(d, None, pending.take())
         if ev.finished:  # (its tokens all sent: OpenAI's null)
             yield chunk({}, ev.finish_reason, pending.take())
 

@@ -855,6 +855,13 @@ class Service:
                     svc.sampling_defaults,
                 )
         svc.reasoning = get_reasoning_parser(settings.reasoning_parser)
+        if svc.reasoning is not None and (hidden := svc.reasoning.hidden_tags(bundle.tokenizer)):
+            log.warning(
+                "reasoning parser %s: %s are special tokens of this tokenizer, which outputs leave out unless a "
+                "request sends skip_special_tokens: false; without them the thinking is not told from the answer",
+                settings.reasoning_parser,
+                " and ".join(hidden),
+            )
         svc.served_names = settings.served_model_names() or (bundle.name,)
         parser = settings.tool_call_parser
         if parser == "auto":

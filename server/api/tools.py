@@ -136,9 +136,11 @@ class ToolPlan:
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
         """(content, tool_calls) of a finished output's answer."""
-        if self.mode == "named":
+        if (
+            self.mode == "named"
+        ):  # (the blank line a reasoning model writes after its thinking is not arguments)
             assert self.named is not None
-            return None, [_call(self.named, text)]
+            return None, [_call(self.named, text.lstrip())]
         if self.mode == "required":  # read as a stream reads it: the same calls, the arguments as written
             stream = CallListStream()
             stream.feed(text)

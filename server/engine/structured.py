@@ -104,21 +104,23 @@ def _after_thinking(answer: str, so: StructuredOutputs, added: frozenset[str]) -
     top = json.loads(answer) if answer.lstrip().startswith("{") else {"grammars": [{"lark_grammar": answer}]}
     first = top["grammars"][0]
     name = first["name"] = first.get("name") or "answer"
-    rules = []
-    if THINK_END in added:  # the thinking's text ends at the tag's token (which no text matches)
-        body = f"/(?s:.*)/ {THINK_END}"
-    else:  # lazy: the thinking's text is as short as it can be, so it ends at the first `</think>`
-        body = "think_text"
-        rules.append(r"think_text[lazy]: /(?s:.*)<\/think>/")
+    # lazy: the thinking's text is as short as it can be, so it ends at the first `</think>` (where the reasoning
+    # parser, which reads the text, ends it)
+    rules = [r"think_text[lazy]: /(?s:.*)<\/think>/"]
+    body = "think_text"
+    if THINK_END in added:  # or at the tag's token, after text without the tag written out
+        body = f"({body} | THINK_FREE {THINK_END})"
+        rules.append(r"THINK_FREE: /(?s:.*)/ & ~/(?s:.*)<\/think>(?s:.*)/")
     start_tag = THINK_START if THINK_START in added else json.dumps(THINK_START)
     # "opened": the output starts inside the thinking (a leading `<think>` text is thinking text)
     if so.think == "opened":
         rules.append(f"think: {THINK_START + '? ' if THINK_START in added else ''}{body}")
     else:  # (not after whitespace, which the parser would take: a model could spend its tokens on it)
         rules.append(f"think: {start_tag} {body}")
-    # a JSON answer may start after whitespace (models write a blank line after `</think>`), as its tokens may
+    # a JSON answer may start after whitespace (models write a blank line after `</think>`), even one without
+    # whitespace between its tokens
     ws = ""
-    if so.kind in ("json", "json_object") and so.any_whitespace:
+    if so.kind in ("json", "json_object"):
         ws = "ws? "
         rules.append(f"ws: /[\\x20\\x0A\\x0D\\x09]{{1,{MAX_JSON_WHITESPACE}}}/")
     answered = f"think {ws}@{name}"
