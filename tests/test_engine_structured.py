@@ -581,6 +581,9 @@ def test_a_grammar_after_the_thinking_leaves_the_thinking_free(tags):
     assert follows(grammar, "<think></think>aaa") and not follows(grammar, "<think></think>b")
     regex = StructuredOutputs("regex", r"\d{3}", think="opened")
     assert follows(regex, "think</think>123") and not follows(regex, "think</think>12a")
+    # a user grammar's references mean what they mean without the thinking (not the wrapper's names)
+    with pytest.raises(GrammarError, match="unknown grammar"):
+        compiler.compile(StructuredOutputs("grammar", 'start: "a" @answer', think="opened"))
     # the spec with and without thinking are two cache entries
     assert compiler.cached(dataclasses.replace(regex, think=None)) is None
 

@@ -103,7 +103,7 @@ def _after_thinking(answer: str, so: StructuredOutputs, added: frozenset[str]) -
     refers to it by name (`@name`), as one more grammar of the same top-level grammar."""
     top = json.loads(answer) if answer.lstrip().startswith("{") else {"grammars": [{"lark_grammar": answer}]}
     first = top["grammars"][0]
-    name = first["name"] = first.get("name") or "answer"
+    name = first["name"] = first.get("name") or "prefixserve_answer"  # (a name no user grammar refers to)
     # lazy: the thinking's text is as short as it can be, so it ends at the first `</think>` (where the reasoning
     # parser, which reads the text, ends it)
     rules = [r"think_text[lazy]: /(?s:.*)<\/think>/"]
