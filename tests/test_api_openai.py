@@ -1016,3 +1016,29 @@ def test_bad_words_keep_words_out_of_every_route(srv, api_bundle):
     choice = {"tenant_id": "acme", "prompt": "x", "max_tokens": 4, "structured_outputs": {"choice": ["a"]}}
     pytest.importorskip("llguidance")
     assert_error(c.post("/generate", json={**choice, "bad_words": ["a"]}), 422, "structured_output_failed")
+
+
+def test_sagemaker_invocations_serve_chat_and_completion_bodies(srv):
+    """SageMaker's POST /invocations (vLLM serves it): a body with `messages` is a chat completion, one with `prompt`
+    a completion, the same answers as their /v1 routes; errors as /v1's."""
+    c = srv.client(KEY)
+    chat = {"model": "acme", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
+    want = c.post("/v1/chat/completions", json=chat).json()
+    got = c.post("/invocations", json=chat).json()
+    assert got["object"] == "chat.completion"
+    assert got["choices"][0]["message"] == want["choices"][0]["message"]
+    done = {"model": "acme", "prompt": "Tell me", "max_tokens": 6, "temperature": 0}
+    want = c.post("/v1/completions", json=done).json()
+    got = c.post("/invocations", json=done).json()
+    assert got["object"] == "text_completion" and got["choices"][0]["text"] == want["choices"][0]["text"]
+    frames = parse_sse(c.post("/invocations", json={**chat, "stream": True}).text)
+    assert frames[-1] == "[DONE]" and "".join(
+        f["choices"][0]["delta"].get("content") or "" for f in frames[:-1] if f["choices"]
+    ) == c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    err = assert_error(c.post("/invocations", json={"model": "acme", "input": "x"}), 400)
+    assert "messages" in err["message"]
+    err = assert_error(c.post("/invocations", json={**done, "max_tokens": -1}), 400)
+    assert err["param"] == "max_tokens"
+    assert_error(c.post("/invocations", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert_error(srv.client().post("/invocations", json=chat), 401)
+    assert_error(c.post("/invocations", json={**chat, "model": "acme/nope"}), 404)

@@ -597,6 +597,7 @@ def create_app(
     routers = (
         routes_generate.router,
         routes_openai.router,
+        routes_openai.invocations_router,
         routes_responses.router,
         routes_prefixes.router,
         routes_prefixes.admin_router,

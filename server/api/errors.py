@@ -126,8 +126,9 @@ def tgi_error_type(status: int) -> str | None:
 
 
 def is_openai_path(path: str) -> bool:
-    """An OpenAI route: /v1/..., and the same routes under /tgi/v1/ (TGI serves them at its root too)."""
-    return path.startswith(("/v1/", "/tgi/v1/"))
+    """An OpenAI route: /v1/..., the same routes under /tgi/v1/ (TGI serves them at its root too), and SageMaker's
+    /invocations (which serves them)."""
+    return path.startswith(("/v1/", "/tgi/v1/")) or path == "/invocations"
 
 
 def is_tgi_path(path: str) -> bool:

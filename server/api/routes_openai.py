@@ -16,8 +16,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from server.api.auth import Principal, get_principal
 from server.api.chat_template import render_chat
@@ -982,3 +983,39 @@ async def get_model(
     if version is not None:  # the id asked for, as the generation routes echo it
         card.id += f"@{version}"
     return card
+
+
+# SageMaker's inference contract (vLLM serves it too): POST /invocations with a chat or completion body, told apart
+# by its fields, and GET /ping (routes_ops)
+invocations_router = APIRouter(tags=["openai"])
+
+
+@invocations_router.post(
+    "/invocations",
+    response_model=None,
+    responses={**SSE_DOC, **COMMON_ERRORS},
+    summary="SageMaker's /invocations (as vLLM's): a chat completion body (`messages`) or a completion one (`prompt`)",
+)
+async def invocations(request: Request, principal: Principal = Depends(get_principal)) -> Any:
+    try:
+        data = await request.json()
+    except ValueError:
+        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+    kind: type[ChatCompletionRequest] | type[CompletionRequest]
+    if isinstance(data, dict) and "messages" in data:
+        kind = ChatCompletionRequest
+    elif isinstance(data, dict) and "prompt" in data:
+        kind = CompletionRequest
+    else:
+        raise APIError(
+            400,
+            "/invocations takes a chat completion body (with messages) or a completion body (with prompt)",
+            code="invalid_value",
+        )
+    try:
+        body = kind.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+    if isinstance(body, ChatCompletionRequest):
+        return await chat_completions(body, request, principal)
+    return await completions(body, request, principal)
