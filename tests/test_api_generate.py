@@ -45,7 +45,10 @@ def test_generate_returns_text_usage_and_version(srv):
     n_prompt = len(srv.svc.bundle.tokenizer("Hello there", add_special_tokens=False)["input_ids"])
     assert body["usage"]["prompt_tokens"] >= n_prompt
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 10
-    assert body["id"].startswith("gen-")
+    assert body["id"] == "gen-" + r.headers["x-request-id"]  # (the request's id: logs and answers correlate)
+    r = c.post("/generate", json={"tenant_id": "acme", "prompt": "Hi", "max_tokens": 2, "stream": True},
+               headers={"X-Request-ID": "order-42"})  # fmt: skip
+    assert {e["id"] for e in parse_sse(r.text) if isinstance(e, dict)} == {"gen-order-42"}
     # greedy generation is deterministic
     assert (
         gen(c, tenant_id="acme", prompt="Hello there", max_tokens=10, ignore_eos=True).json()["text"]

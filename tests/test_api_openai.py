@@ -1022,7 +1022,12 @@ def test_sagemaker_invocations_serve_chat_and_completion_bodies(srv):
     """SageMaker's POST /invocations (vLLM serves it): a body with `messages` is a chat completion, one with `prompt`
     a completion, the same answers as their /v1 routes; errors as /v1's."""
     c = srv.client(KEY)
-    chat = {"model": "acme", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
+    chat = {
+        "model": "acme",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
     want = c.post("/v1/chat/completions", json=chat).json()
     got = c.post("/invocations", json=chat).json()
     assert got["object"] == "chat.completion"
@@ -1032,13 +1037,17 @@ def test_sagemaker_invocations_serve_chat_and_completion_bodies(srv):
     got = c.post("/invocations", json=done).json()
     assert got["object"] == "text_completion" and got["choices"][0]["text"] == want["choices"][0]["text"]
     frames = parse_sse(c.post("/invocations", json={**chat, "stream": True}).text)
-    assert frames[-1] == "[DONE]" and "".join(
-        f["choices"][0]["delta"].get("content") or "" for f in frames[:-1] if f["choices"]
-    ) == c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    assert (
+        frames[-1] == "[DONE]"
+        and "".join(f["choices"][0]["delta"].get("content") or "" for f in frames[:-1] if f["choices"])
+        == c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    )
     err = assert_error(c.post("/invocations", json={"model": "acme", "input": "x"}), 400)
     assert "messages" in err["message"]
     err = assert_error(c.post("/invocations", json={**done, "max_tokens": -1}), 400)
     assert err["param"] == "max_tokens"
-    assert_error(c.post("/invocations", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert_error(
+        c.post("/invocations", content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
     assert_error(srv.client().post("/invocations", json=chat), 401)
     assert_error(c.post("/invocations", json={**chat, "model": "acme/nope"}), 404)

@@ -131,7 +131,7 @@ async def generate(
     prefix = (
         run.prefix
     )  # the version that serves it (a newer latest if the resolved one was pruned meanwhile)
-    rid = "gen-" + run.req.request_id
+    rid = "gen-" + info.request_id  # (its X-Request-ID, as the /v1 ids)
     if body.stream:
         return EngineEventStream(run, lambda: _frames(run, rid, prefix, svc.token_text))
     try:
