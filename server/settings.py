@@ -209,10 +209,13 @@ class Settings(BaseSettings):
         "reasoning_content; 'deepseek_r1': the template opens the thinking (R1 and its distills, Qwen3 Thinking); "
         "'qwen3': the model opens it (Qwen3 hybrid); a structured output's or forced tool call's grammar holds the answer after the thinking",
     )
-    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral", "pythonic"] = Field(
+    tool_call_parser: Literal[
+        "auto", "hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "phi4_mini_json"
+    ] = Field(
         "auto",
         description="How tool_choice 'auto' finds the calls a model writes: 'hermes' (<tool_call> blocks), "
-        "'llama3_json', 'mistral' ([TOOL_CALLS]), 'pythonic' ([f(a=1)]); 'auto' picks what the chat template asks for",
+        "'llama3_json', 'mistral' ([TOOL_CALLS]), 'pythonic' ([f(a=1)]), 'qwen3_coder' (<function=f><parameter=a>), "
+        "'granite' (<|tool_call|>[...]), 'phi4_mini_json' (functools[...]); 'auto' picks what the chat template asks for",
     )
     speculative_tokens: int = Field(
         0,

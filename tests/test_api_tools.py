@@ -6,6 +6,7 @@ template, and bad tool requests are 400s that name the field."""
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
@@ -452,6 +453,20 @@ PARSER_CASES = [
     # hermes blocks anywhere, the text around them kept
     ("hermes", 'Let me look.<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call> Done.',
      [("get_time", {"zone": "UTC"})], "Let me look. Done."),
+    # qwen3_coder: hermes' blocks around XML-like functions; values are text (no schema types given here)
+    ("qwen3_coder", "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Jose\n</parameter>\n"
+     "<parameter=unit>\nc\n</parameter>\n</function>\n</tool_call>",
+     [("get_weather", {"city": "San Jose", "unit": "c"})], "Checking.\n"),
+    ("qwen3_coder", "<tool_call><function=get_time></function></tool_call><tool_call><function=get_weather>"
+     "<parameter=city>Oslo</function></tool_call>", [("get_time", {}), ("get_weather", {"city": "Oslo"})], ""),
+    ("qwen3_coder", "<tool_call><function=rm><parameter=path>/</parameter></function></tool_call>", [], None),
+    ("qwen3_coder", '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', [], None),  # hermes' JSON
+    # granite / phi4_mini_json: a tag (or none, decoded away) and a JSON list
+    ("granite", '<|tool_call|>[{"name": "get_time", "arguments": {"zone": "UTC"}}]', [("get_time", {"zone": "UTC"})], ""),
+    ("granite", "I cannot [do] that", [], None),
+    ("phi4_mini_json", 'functools[{"name": "get_weather", "arguments": {"city": "Rome"}}]',
+     [("get_weather", {"city": "Rome"})], ""),
+    ("phi4_mini_json", "functional programming", [], None),
 ]  # fmt: skip
 
 
@@ -474,7 +489,7 @@ def test_auto_stream_gives_what_split_gives_whatever_the_pieces(parser, text, ca
         # blank text beside the calls is not content (the mistral case's leading space)
         want = text if outside is None else outside if outside.strip() else ""
         assert "".join(v for k, v in items if k == "content") == want
-        if parser == "hermes" and calls:  # a block's call comes as soon as it closes, not at the end
+        if parser in ("hermes", "qwen3_coder") and calls:  # a block's call comes as soon as it closes
             follow = AutoStream(get_parser(parser), NAMES)
             end = text.index("</tool_call>") + len("</tool_call>")
             assert ("call", calls[0]) in follow.feed(text[:end])
@@ -680,3 +695,71 @@ def test_rebasing_a_tools_schema_leaves_its_data_alone():
         and out["properties"]["c"] == schema["properties"]["c"]
     )
     assert out["properties"]["d"] == schema["properties"]["d"]
+
+
+def test_qwen3_coder_values_are_read_by_their_schema_types():
+    """Qwen3-Coder writes every value as text: each is read by its parameter's type in the tool's schema (as vLLM's
+    parser does); text that is not of the type stays text, and a string parameter is never parsed."""
+    schema = {"type": "object", "properties": {
+        "n": {"type": "integer"}, "x": {"type": "number"}, "ok": {"type": "boolean"}, "tags": {"type": "array"},
+        "opts": {"type": "object"}, "s": {"type": "string"}, "maybe": {"type": ["integer", "null"]},
+        "bad": {"type": "integer"}}}  # fmt: skip
+    params = {"n": "42", "x": "2.5", "ok": "True", "tags": '["a", "b"]', "opts": "{'deep': 1}", "s": "007",
+              "maybe": "null", "bad": "many", "free": "[1]"}  # fmt: skip
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())
+    text = f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>"
+    _, calls = get_parser("qwen3_coder").split(text, {"f": schema})
+    assert calls == [("f", {"n": 42, "x": 2.5, "ok": True, "tags": ["a", "b"], "opts": {"deep": 1}, "s": "007",
+                            "maybe": None, "bad": "many", "free": "[1]"})]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("template", "parser"),
+    [
+        ("<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>", "qwen3_coder"),
+        ("Use <|tool_call|> followed by a JSON list", "granite"),
+        (
+            "In addition to plain text responses, you can chose to call functions: functools[{...}]",
+            "phi4_mini_json",
+        ),
+        ("<tool_call>{...}</tool_call>", "hermes"),
+    ],
+)
+def test_the_parser_is_detected_from_the_chat_template(template, parser):
+    from server.api.tool_parsers import detect
+
+    assert detect(template) == parser
+
+
+def test_auto_with_a_qwen3_coder_model(server_factory):
+    """Qwen3-Coder's template (functions in <tool_call> blocks, XML-like parameters) gets the qwen3_coder parser:
+    its calls come back as tool_calls with values of their schema's types, streamed as each block closes."""
+    from tests.fixtures.models import tiny_llama
+
+    b = tiny_llama()
+    b.tokenizer.chat_template = (
+        "{% if tools %}<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n"
+        "</parameter>\n</function>\n</tool_call>\n{% endif %}" + b.tokenizer.chat_template
+    )
+    s = server_factory(bundle=b, keys={"acme": KEY})
+    assert s.svc.tool_parser.name == "qwen3_coder"
+    days = {"type": "function", "function": {"name": "forecast", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}  # fmt: skip
+    text = ("Sure.\n<tool_call>\n<function=forecast>\n<parameter=city>\n10\n</parameter>\n<parameter=days>\n3\n"
+            "</parameter>\n</function>\n</tool_call>")  # fmt: skip
+    body = {"model": "acme/base", "messages": ASK, "tools": [WEATHER, days], "temperature": 0, "max_tokens": 200,
+            "structured_outputs": {"regex": re.escape(text)}}  # fmt: skip
+    c = s.client(KEY)
+    ch = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] == "Sure.\n"
+    (call,) = ch["message"]["tool_calls"]
+    # "10" stays the string the schema says city is; days is the integer 3
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == (
+        "forecast",
+        {"city": "10", "days": 3},
+    )
+    frames = [json.loads(x[6:]) for x in c.post("/v1/chat/completions", json={**body, "stream": True}).text.split("\n\n") if x.startswith("data: {")]  # fmt: skip
+    deltas = [f["choices"][0]["delta"] for f in frames if f["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Sure.\n"
+    (calls,) = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "10", "days": 3}

@@ -10,7 +10,13 @@ one (so it is held back instead of sent as content):
 - ``mistral``: ``[TOOL_CALLS]`` then a JSON list of ``{"name", "arguments"}`` (the marker is a special token that
   decoding drops, so a bare list at the start of the output counts too);
 - ``pythonic``: the output is a Python list of calls, ``[get_weather(city="Paris"), get_time()]`` (Llama 3.2 / 4
-  pythonic, ToolACE), read with ``ast`` (literals only; nothing is evaluated).
+  pythonic, ToolACE), read with ``ast`` (literals only; nothing is evaluated);
+- ``qwen3_coder``: ``<tool_call><function=NAME><parameter=P>value</parameter>...</function></tool_call>`` blocks
+  anywhere in the text (Qwen3-Coder); each value is read by its parameter's type in the tool's schema (a string
+  stays text; a number, boolean, object or array is parsed);
+- ``granite``: ``<|tool_call|>`` then a JSON list of ``{"name", "arguments"}`` (IBM Granite 3; the marker may be
+  dropped by decoding, as mistral's);
+- ``phi4_mini_json``: ``functools`` then a JSON list of ``{"name", "arguments"}`` (Phi-4-mini).
 
 Only calls of the request's tools count; anything that does not parse stays content. ``detect`` picks the parser
 a chat template was written for (``auto``, the default setting): the tokens the template itself tells the model
@@ -21,18 +27,23 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 Calls = list[tuple[str, Any]]  # (function name, arguments as a JSON value)
-PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+# the request's tools: their names, or (what ToolPlan gives) a mapping of each name to its parameters' JSON schema
+Tools = Collection[str]
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "phi4_mini_json")
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 HERMES_TAG = "<tool_call>"
 HERMES_END = "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 MISTRAL_TAG = "[TOOL_CALLS]"
+GRANITE_TAG = "<|tool_call|>"
+PHI4_TAG = "functools"
 
 
 def _tag_prefix_at_end(text: str, tag: str) -> int:
@@ -51,7 +62,7 @@ def _args(obj: dict[str, Any], *keys: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ hermes
-def _hermes_split(text: str, names: set[str]) -> tuple[str, Calls]:
+def _hermes_split(text: str, names: Tools) -> tuple[str, Calls]:
     calls: Calls = []
     kept, last = [], 0
     for m in _HERMES.finditer(text):
@@ -111,7 +122,7 @@ def _json_objects(body: str) -> list[Any] | None:
         out.append(obj)
 
 
-def _llama3_split(text: str, names: set[str]) -> tuple[str, Calls]:
+def _llama3_split(text: str, names: Tools) -> tuple[str, Calls]:
     ws, body = _lead(text, (PYTHON_TAG,))
     objs = _json_objects(body)
     if not objs or not all(isinstance(o, dict) and o.get("name") in names for o in objs):
@@ -119,8 +130,13 @@ def _llama3_split(text: str, names: set[str]) -> tuple[str, Calls]:
     return ws, [(o["name"], _args(o, "parameters", "arguments")) for o in objs]
 
 
-def _mistral_split(text: str, names: set[str]) -> tuple[str, Calls]:
-    ws, body = _lead(text, (MISTRAL_TAG,))
+def _json_list_split(tag: str) -> Callable[[str, Tools], tuple[str, Calls]]:
+    """A tag (that decoding may have dropped) then a JSON list of `{"name", "arguments"}` (or one such object)."""
+    return lambda text, names: _list_split(text, names, tag)
+
+
+def _list_split(text: str, names: Tools, tag: str) -> tuple[str, Calls]:
+    ws, body = _lead(text, (tag,))
     try:
         calls, end = json.JSONDecoder().raw_decode(body)
     except (ValueError, RecursionError):  # RecursionError: nesting too deep
@@ -140,7 +156,7 @@ def _literal(node: ast.expr) -> Any:
     return value
 
 
-def _pythonic_split(text: str, names: set[str]) -> tuple[str, Calls]:
+def _pythonic_split(text: str, names: Tools) -> tuple[str, Calls]:
     ws, body = _lead(text, (PYTHON_TAG,))
     body = body.strip()
     if not body.startswith("["):
@@ -164,6 +180,73 @@ def _pythonic_split(text: str, names: set[str]) -> tuple[str, Calls]:
     return ws, calls
 
 
+# ------------------------------------------------------------------------------------------------ qwen3_coder
+_QWEN3_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>\s*)?\Z", re.DOTALL)
+# a value ends at its closing tag, or (a model that left it out) at the next parameter or the function's end
+_QWEN3_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
+
+
+def _qwen3_value(raw: str, schema: Any) -> Any:
+    """A parameter's text read by its type in the tool's schema: a string (or a parameter the schema does not
+    describe) stays text; numbers, booleans, null, objects and arrays are parsed, and stay text if they do not."""
+    value = raw[1:] if raw.startswith("\n") else raw
+    value = value[:-1] if value.endswith("\n") else value
+    types = schema.get("type") if isinstance(schema, dict) else None
+    types = [types] if isinstance(types, str) else [t for t in types or [] if isinstance(t, str)]
+    if "null" in types and value.strip().lower() in ("null", "none"):
+        return None
+    kinds = [t for t in types if t != "null"]
+    if not kinds or "string" in kinds:
+        return value
+    text = value.strip()
+    for kind in kinds:
+        if kind == "boolean" and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if kind in ("integer", "number"):
+            try:
+                return int(text)
+            except ValueError:
+                pass
+            if kind == "number":
+                try:
+                    number = float(text)
+                except ValueError:
+                    continue
+                if math.isfinite(number):
+                    return number
+        if kind in ("object", "array"):
+            try:
+                parsed = json.loads(text)
+            except (ValueError, RecursionError):
+                try:
+                    parsed = _literal(ast.parse(text, mode="eval").body)
+                except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+                    continue
+            if isinstance(parsed, dict if kind == "object" else list):
+                return parsed
+    return value
+
+
+def _qwen3_coder_split(text: str, names: Tools) -> tuple[str, Calls]:
+    calls: Calls = []
+    kept, last = [], 0
+    for m in _HERMES.finditer(text):
+        f = _QWEN3_FUNCTION.match(m.group(1))
+        if f is None or f.group(1).strip() not in names:
+            continue
+        name = f.group(1).strip()
+        schema = names.get(name) if isinstance(names, Mapping) else None
+        props = (schema or {}).get("properties") if isinstance(schema, dict) else None
+        args = {
+            p.group(1).strip(): _qwen3_value(p.group(2), (props or {}).get(p.group(1).strip()))
+            for p in _QWEN3_PARAMETER.finditer(f.group(2))
+        }
+        calls.append((name, args))
+        kept.append(text[last : m.start()])
+        last = m.end()
+    return "".join(kept) + text[last:], calls
+
+
 # ------------------------------------------------------------------------------------------------ registry
 Item = tuple[str, Any]  # ("content", text) or ("call", (name, arguments)), in output order
 
@@ -184,7 +267,7 @@ class ToolParser:
             blocks  # calls are closed blocks anywhere in the text (hermes): each is final once closed
         )
 
-    def split(self, text: str, names: set[str]) -> tuple[str, Calls]:
+    def split(self, text: str, names: Tools) -> tuple[str, Calls]:
         """(the text outside the calls, the calls of known tools) of a finished output; the outside text begins
         with whatever of the output precedes the first call (what a stream may already have sent)."""
         return self._split(text, names)
@@ -203,7 +286,7 @@ class AutoStream:
     until text follows it, and goes with that text). Whatever the pieces the output comes in, the items are the
     same: the server answers a request that is not streamed with one `feed` of the whole output."""
 
-    def __init__(self, parser: ToolParser, names: set[str]) -> None:
+    def __init__(self, parser: ToolParser, names: Tools) -> None:
         self.parser, self.names = parser, names
         self.full = ""
         self.sent = 0  # self.full[:sent] has been returned
@@ -269,8 +352,17 @@ _REGISTRY = {
     "hermes": ToolParser("hermes", _hermes_split, _hermes_hold, blocks=True),
     "llama3_json": ToolParser("llama3_json", _llama3_split, lambda t: _start_hold(t, (PYTHON_TAG,), "{")),
     # (a bare object is a call too: `_mistral_split` takes one)
-    "mistral": ToolParser("mistral", _mistral_split, lambda t: _start_hold(t, (MISTRAL_TAG,), "[{")),
+    "mistral": ToolParser(
+        "mistral", _json_list_split(MISTRAL_TAG), lambda t: _start_hold(t, (MISTRAL_TAG,), "[{")
+    ),
     "pythonic": ToolParser("pythonic", _pythonic_split, lambda t: _start_hold(t, (PYTHON_TAG,), "[")),
+    "qwen3_coder": ToolParser("qwen3_coder", _qwen3_coder_split, _hermes_hold, blocks=True),
+    "granite": ToolParser(
+        "granite", _json_list_split(GRANITE_TAG), lambda t: _start_hold(t, (GRANITE_TAG,), "[{")
+    ),
+    "phi4_mini_json": ToolParser(
+        "phi4_mini_json", _json_list_split(PHI4_TAG), lambda t: _start_hold(t, (PHI4_TAG,), "[")
+    ),
 }
 
 
@@ -283,8 +375,14 @@ def detect(chat_template: str | None) -> str:
     t = chat_template or ""
     if MISTRAL_TAG in t:
         return "mistral"
+    if "<function=" in t and "<parameter=" in t:  # (inside hermes' <tool_call> blocks)
+        return "qwen3_coder"
     if HERMES_TAG in t:
         return "hermes"
+    if GRANITE_TAG in t:
+        return "granite"
+    if PHI4_TAG + "[" in t:
+        return "phi4_mini_json"
     if "[func_name1(" in t or "func_name1(param" in t:  # Llama 3.2 / 4 pythonic system prompt
         return "pythonic"
     if PYTHON_TAG in t or '"parameters": dictionary of argument name and its value' in t:

@@ -8,7 +8,8 @@ model; one that does not, SmolLM2's included, ignores them). `tool_choice` decid
 - "required": the output is forced to be a JSON list of one or more `{"name", "parameters"}` of the given tools (at
   most one with `parallel_tool_calls: false`); the message is those calls, `finish_reason` "tool_calls";
 - "auto" (the default with tools): free text; calls the model writes in its format (`server.api.tool_parsers`:
-  Hermes `<tool_call>` blocks, Llama 3 JSON, Mistral `[TOOL_CALLS]`, pythonic lists; the setting `tool_call_parser`,
+  Hermes `<tool_call>` blocks, Llama 3 JSON, Mistral `[TOOL_CALLS]`, pythonic lists, Qwen3-Coder's XML-like
+  blocks, Granite's `<|tool_call|>` and Phi-4-mini's `functools` lists; the setting `tool_call_parser`,
   detected from the chat template by default) become `tool_calls`, the rest stays `content`;
 - "none": free text.
 
@@ -158,7 +159,10 @@ class ToolPlan:
 
     def auto_stream(self) -> AutoStream:
         """("auto") Follows a streamed output: the text and calls that can be sent so far."""
-        return AutoStream(self.parser, {t["function"]["name"] for t in self.tools})
+        # (each tool's parameters schema: a parser that reads values by their types, qwen3_coder, needs it)
+        return AutoStream(
+            self.parser, {t["function"]["name"]: t["function"].get("parameters") for t in self.tools}
+        )
 
     @staticmethod
     def call(name: str, arguments: Any) -> dict[str, Any]:
