@@ -1051,3 +1051,44 @@ def test_sagemaker_invocations_serve_chat_and_completion_bodies(srv):
     )
     assert_error(srv.client().post("/invocations", json=chat), 401)
     assert_error(c.post("/invocations", json={**chat, "model": "acme/nope"}), 404)
+
+
+def test_return_token_ids(srv):
+    """vLLM's return_token_ids: the prompt's and the output's token ids beside the text (the prompt's once per
+    choice on completions, once per response on chat; streamed: with the first chunk, and each chunk's own
+    tokens), the same ids streamed or not; without it, null."""
+    c = srv.client(KEY)
+    tok = srv.svc.bundle.tokenizer
+    done = {"model": "acme", "prompt": "Tell me", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "n": 2}  # fmt: skip
+    r = c.post("/v1/completions", json=done).json()
+    for choice in r["choices"]:
+        assert len(choice["token_ids"]) == 6 and tok.decode(choice["token_ids"]) == choice["text"]
+        assert tok.decode(choice["prompt_token_ids"]).endswith("Tell me")
+    frames = [
+        f
+        for f in parse_sse(c.post("/v1/completions", json={**done, "stream": True}).text)[:-1]
+        if f["choices"]
+    ]
+    for i in (0, 1):
+        mine = [f["choices"][0] for f in frames if f["choices"][0]["index"] == i]
+        assert mine[0]["prompt_token_ids"] == r["choices"][i]["prompt_token_ids"]
+        assert all("prompt_token_ids" not in m for m in mine[1:])
+        assert [t for m in mine for t in m["token_ids"]] == r["choices"][i]["token_ids"]
+    plain = c.post("/v1/completions", json={**done, "return_token_ids": None}).json()["choices"][0]
+    assert plain["token_ids"] is None and plain["prompt_token_ids"] is None
+    # echo with max_tokens 0: no output tokens
+    echo = c.post("/v1/completions", json={**done, "n": 1, "echo": True, "max_tokens": 0}).json()["choices"][
+        0
+    ]
+    assert echo["token_ids"] == [] and echo["prompt_token_ids"] == r["choices"][0]["prompt_token_ids"]
+    chat = {"model": "acme/chat-bot", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    r = c.post("/v1/chat/completions", json=chat).json()
+    ids = r["choices"][0]["token_ids"]
+    assert len(ids) == 5 and tok.decode(ids) == r["choices"][0]["message"]["content"]
+    assert "Hi" in tok.decode(r["prompt_token_ids"]) and "prompt_token_ids" not in r["choices"][0]
+    frames = [f for f in parse_sse(c.post("/v1/chat/completions", json={**chat, "stream": True}).text)[:-1]]
+    assert frames[0]["prompt_token_ids"] == r["prompt_token_ids"]
+    assert all("prompt_token_ids" not in f for f in frames[1:])
+    assert [t for f in frames for t in f["choices"][0]["token_ids"]] == ids

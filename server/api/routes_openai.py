@@ -78,9 +78,9 @@ class _Plan:
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs (not echo's)
     chat_echo: str = ""  # chat with echo: the last (assistant) message's text, which the content starts with
     max_tokens_param: str = "max_tokens"  # the field max_tokens came from (chat: or max_completion_tokens)
-    token_ids_as_text: bool = (
-        False  # vLLM's return_tokens_as_token_ids: logprobs' tokens spelled `token_id:N`
-    )
+    # vLLM's return_tokens_as_token_ids: logprobs' tokens spelled `token_id:N`
+    token_ids_as_text: bool = False
+    return_token_ids: bool = False  # vLLM's: prompt_token_ids and token_ids beside the text
 
 
 @dataclass
@@ -100,6 +100,16 @@ class _Choices:
     def text(self) -> TokenTexts:
         """How the choices' log-probabilities spell their tokens."""
         return TokenIdTexts(self.svc.token_text) if self.plan.token_ids_as_text else self.svc.token_text
+
+    def token_ids(self, index: int) -> dict[str, Any]:
+        """Choice `index`'s prompt and output token ids (vLLM's return_token_ids), if asked for."""
+        if not self.plan.return_token_ids:
+            return {}
+        run = self.runs[index]
+        return {
+            "prompt_token_ids": list(run.req.prompt_token_ids),
+            "token_ids": [] if self.plan.hide_output else list(run.token_ids),
+        }
 
     @property
     def prompt_tokens(self) -> int:
@@ -317,6 +327,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         raise _as_openai_error(e, body.model, hint) from None
     plan.prompt_logprobs = body.prompt_logprobs
     plan.token_ids_as_text = bool(body.return_tokens_as_token_ids)
+    plan.return_token_ids = bool(body.return_token_ids)
     try:
         so = body.structured_param()
     except ValueError as e:
@@ -562,7 +573,7 @@ def _completion_choice_body(ch: _Choices, index: int, res: GenerationResult) -> 
         "finish_reason": res.finish_reason,
         "stop_reason": res.stop_reason,
     }
-    return {**body, "prompt_logprobs": _prompt_logprobs(ch, res)}
+    return {**body, "prompt_logprobs": _prompt_logprobs(ch, res), **ch.token_ids(index)}
 
 
 def _prompt_logprobs(ch: _Choices, res: GenerationResult) -> Any:
@@ -594,21 +605,19 @@ def _chunk_usage(mode: UsageMode, run: GenerationRun, hidden: bool = False) -> d
 async def _completion_choice(
     ch: _Choices, run: GenerationRun, index: int, head: dict[str, Any], usage_mode: UsageMode
 ) -> AsyncIterator[bytes]:
+    ids = _ChunkTokenIds(run) if ch.plan.return_token_ids else None
+
     def chunk(text: str, logprobs: Any, finish: str | None) -> bytes:
-        c = {
-            **head,
-            "choices": [
-                {
-                    "index": index,
-                    "text": text,
-                    "logprobs": logprobs,
-                    "finish_reason": finish,
-                    "stop_reason": stop_reason(run, finish),
-                }
-            ],
-            **_chunk_usage(usage_mode, run, ch.plan.hide_output),
+        choice = {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": stop_reason(run, finish),
         }
-        return sse(c)
+        if ids is not None:  # (echo with max_tokens 0: the one token generated is not part of the answer)
+            choice |= ids.take(hidden=ch.plan.hide_output)
+        return sse({**head, "choices": [choice], **_chunk_usage(usage_mode, run, ch.plan.hide_output)})
 
     sampling = run.req.sampling
     offsets = TextOffsets(ch.text, sampling.skip_special_tokens) if sampling.logprobs is not None else None
@@ -636,6 +645,28 @@ async def _completion_choice(
             text, logprobs = _echo_then(held[0], pending, text), _join_logprobs(held[1], logprobs)
             held = None
         yield chunk(text, logprobs, finish)
+
+
+def _without_prompt(ids: dict[str, Any]) -> dict[str, Any]:
+    """A chat choice's `token_ids` (the prompt's are the response's, once)."""
+    return {k: v for k, v in ids.items() if k != "prompt_token_ids"}
+
+
+class _ChunkTokenIds:
+    """A streamed choice's token ids (vLLM's return_token_ids): the prompt's with its first chunk, and with each
+    chunk the output tokens since the previous one (a token whose text is held back goes with a later chunk)."""
+
+    def __init__(self, run: GenerationRun) -> None:
+        self.run, self.sent, self.first = run, 0, True
+
+    def take(self, hidden: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.first:
+            out["prompt_token_ids"], self.first = list(self.run.req.prompt_token_ids), False
+        new = self.run.token_ids[self.sent :]
+        self.sent = len(self.run.token_ids)
+        out["token_ids"] = [] if hidden else list(new)
+        return out
 
 
 async def _completion_frames(ch: _Choices, cid: str, usage_mode: UsageMode) -> AsyncIterator[bytes]:
@@ -671,7 +702,11 @@ async def chat_completions(
             "object": "chat.completion",
             "created": ch.created,
             "model": ch.model,
-            "choices": [_chat_choice_body(ch.plan, i, res, ch.text) for i, res in enumerate(results)],
+            "choices": [
+                {**_chat_choice_body(ch.plan, i, res, ch.text), **_without_prompt(ch.token_ids(i))}
+                for i, res in enumerate(results)
+            ],
+            **({"prompt_token_ids": ch.token_ids(0)["prompt_token_ids"]} if ch.plan.return_token_ids else {}),
             "usage": ch.usage(),
             "system_fingerprint": None,
             "prompt_logprobs": _prompt_logprobs(ch, results[0]),  # one prompt, whatever n
@@ -715,23 +750,26 @@ async def _chat_choice(
     text: TokenTexts,
     tools: ToolPlan,
     echo: str = "",
+    return_token_ids: bool = False,
 ) -> AsyncIterator[bytes]:
+    ids = _ChunkTokenIds(run) if return_token_ids else None
+
     def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> bytes:
-        return sse(
-            {
-                **head,
-                "choices": [
-                    {
-                        "index": index,
-                        "delta": delta,
-                        "logprobs": logprobs,
-                        "finish_reason": finish,
-                        "stop_reason": stop_reason(run, finish),
-                    }
-                ],
-                **_chunk_usage(usage_mode, run),
-            }
-        )
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": stop_reason(run, finish),
+        }
+        top: dict[str, Any] = {}
+        if (
+            ids is not None
+        ):  # (the prompt's ids go on the chunk, as vLLM's; each chunk's own tokens on the choice)
+            taken = ids.take()
+            choice["token_ids"] = taken.pop("token_ids")
+            top = taken
+        return sse({**head, **top, "choices": [choice], **_chunk_usage(usage_mode, run)})
 
     frames = chat_stream(run, chunk, text, tools)
     yield await anext(frames)  # the role: every stream starts with it
@@ -895,7 +933,9 @@ async def _stream_auto(
 async def _chat_frames(ch: _Choices, cid: str, usage_mode: UsageMode) -> AsyncIterator[bytes]:
     head = {"id": cid, "object": "chat.completion.chunk", "created": ch.created, "model": ch.model}
     choices = [
-        _chat_choice(r, i, head, usage_mode, ch.text, ch.plan.tools, ch.plan.chat_echo)
+        _chat_choice(
+            r, i, head, usage_mode, ch.text, ch.plan.tools, ch.plan.chat_echo, ch.plan.return_token_ids
+        )
         for i, r in enumerate(ch.runs)
     ]
     async for frame in merge(choices):

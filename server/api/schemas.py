@@ -426,6 +426,11 @@ class _OpenAIBase(BaseModel):
     )
     bad_words: list[StopText] | None = Field(None, description="Extension (" + BAD_WORDS_DOC + ")")
     logits_processors: Unsupported = Field(None, description=UNSUPPORTED_DOC)
+    return_token_ids: bool | None = Field(
+        None,
+        description="Extension (vLLM): the prompt's and the output's token ids beside the text (`prompt_token_ids`, "
+        "`token_ids`; streamed: the prompt's with a choice's first chunk, each chunk's own tokens)",
+    )
     return_tokens_as_token_ids: bool | None = Field(
         None,
         description="Extension (vLLM): log-probabilities' tokens spelled `token_id:N` (chat: their `bytes` stay the "
@@ -662,6 +667,8 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None
     stop_reason: str | int | None = STOP_REASON
     prompt_logprobs: PromptLogprobs | None = Field(None, description="Extension (vLLM): with prompt_logprobs")
+    prompt_token_ids: list[int] | None = Field(None, description="Extension (vLLM): with return_token_ids")
+    token_ids: list[int] | None = Field(None, description="Extension (vLLM): with return_token_ids")
 
 
 class CompletionResponse(BaseModel):
@@ -704,6 +711,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"]
     stop_reason: str | int | None = STOP_REASON
+    token_ids: list[int] | None = Field(None, description="Extension (vLLM): with return_token_ids")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -715,6 +723,7 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     system_fingerprint: str | None = None
     prompt_logprobs: PromptLogprobs | None = Field(None, description="Extension (vLLM): with prompt_logprobs")
+    prompt_token_ids: list[int] | None = Field(None, description="Extension (vLLM): with return_token_ids")
 
 
 class ModelCard(BaseModel):
