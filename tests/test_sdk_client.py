@@ -886,6 +886,19 @@ def test_stream_error_event_status_from_type(srv: Any, client: Any) -> None:
     assert ei.value.status_code == 500 and ei.value.in_stream
 
 
+@pytest.mark.parametrize(
+    "code", ["structured_output_failed", "invalid_structured_output", "no_token_allowed"]
+)
+def test_stream_error_event_422_codes(srv: Any, client: Any, code: str) -> None:
+    """The server answers these codes with 422: an error event naming one (without its status) is an
+    UnprocessableEntity, not the 400 its type alone would say."""
+    err = error_json(422, "grammar too slow", "invalid_request_error", code, "structured_outputs")
+    srv.on("POST", "/generate", Resp(200, sse=[chunk("{"), json.dumps(err)]))
+    with pytest.raises(ps.UnprocessableEntity) as ei:
+        list(client.stream("acme", "Hi"))
+    assert (ei.value.status_code, ei.value.code, ei.value.in_stream) == (422, code, True)
+
+
 def test_stream_http_error_before_start_and_retry(srv: Any, client: Any) -> None:
     srv.on(
         "POST",

@@ -229,6 +229,11 @@ _CODE_STATUS = {
     "request_too_large": 413,
     "context_length_exceeded": 413,
     "invalid_value": 422,
+    # a request's grammar the parser cannot compile, one it gave up on while generating, sampling controls that left
+    # no token to sample: all 422 on the server
+    "invalid_structured_output": 422,
+    "structured_output_failed": 422,
+    "no_token_allowed": 422,
 }
 
 
