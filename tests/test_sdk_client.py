@@ -961,6 +961,36 @@ def test_health_ready_models(srv: Any, client: Any) -> None:
     assert (m.id, m.prefix_version, m.root) == ("acme/default", 2, "smollm2")
 
 
+def test_health_engine_dead_is_not_retried(srv: Any, client: Any) -> None:
+    """/health's 503 engine_dead (only a restart helps) is raised at once, sync and async; another 503 of /health
+    is still retried."""
+    dead = error_json(503, "the inference engine stopped", "service_unavailable_error", "engine_dead")
+    srv.on("GET", "/health", Resp(503, dead, {"Retry-After": "1"}))
+    delays = no_sleep(client)
+    with pytest.raises(ps.ServiceUnavailable) as ei:
+        client.health()
+    assert ei.value.code == "engine_dead" and delays == []
+    assert len(srv.calls("GET", "/health")) == 1
+
+    async def go() -> list[float]:
+        async with ps.AsyncClient(srv.url) as ac:
+            slept: list[float] = []
+
+            async def sleep(s: float) -> None:
+                slept.append(s)
+
+            ac._sleep = sleep  # type: ignore[method-assign]
+            with pytest.raises(ps.ServiceUnavailable, match="engine_dead"):
+                await ac.health()
+            return slept
+
+    assert asyncio.run(go()) == []
+    assert len(srv.calls("GET", "/health")) == 2
+    busy = error_json(503, "server busy", "service_unavailable_error", "queue_full")
+    srv.on("GET", "/health", Resp(503, busy, {"Retry-After": "0"}), Resp(200, {"status": "ok"}))
+    assert client.health().status == "ok" and len(delays) == 1
+
+
 def test_ready_not_ready_is_a_value_not_retried(srv: Any, client: Any) -> None:
     body = {
         "status": "not_ready",

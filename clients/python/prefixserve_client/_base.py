@@ -8,7 +8,7 @@ import json
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 
@@ -39,6 +39,8 @@ RETRY_STATUSES = frozenset({429, 503})
 # retried only for a request that is safe to repeat (reads, generation, writes with an Idempotency-Key): a server or
 # proxy may answer 408 for a request it had begun to act on, and a proxy 502/504 for one the server received
 RETRY_STATUSES_IF_SAFE = frozenset({408, 502, 504})
+# the 503 codes of GET /health that no retry can change: the inference engine died, only a restart brings it back
+FINAL_HEALTH_CODES = frozenset({"engine_dead"})
 
 Examples = Union[Sequence[dict[str, Any]], str, os.PathLike[str]]
 # {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...} / {"json_object": True} /
@@ -613,11 +615,13 @@ def parse_field(response: httpx.Response, name: str, kind: type[Any]) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- retries
-def retry_delay(attempt: int, error: Exception, safe: bool = True) -> Optional[float]:
+def retry_delay(
+    attempt: int, error: Exception, safe: bool = True, final_codes: Collection[str] = ()
+) -> Optional[float]:
     """Seconds to wait before retry number ``attempt`` (0-based) after ``error``; None: do not retry.
 
     429 and 503 are retried for every request (the server did nothing); 408, 502 and 504 only for one that is ``safe``
-    to repeat.
+    to repeat; an error whose ``code`` is in ``final_codes`` never (what it says a retry cannot change).
 
     Exponential backoff (0.5 s, 1 s, 2 s, ... capped at 8 s) with jitter. A ``Retry-After`` from the server is
     honoured: the wait is never shorter than it; above ``MAX_RETRY_AFTER_S`` the error is raised instead.
@@ -626,6 +630,8 @@ def retry_delay(attempt: int, error: Exception, safe: bool = True) -> Optional[f
     backoff: float = min(MAX_BACKOFF_S, INITIAL_BACKOFF_S * (2**attempt))
     backoff *= 0.5 + random.random() / 2  # "equal jitter": in [backoff/2, backoff]
     if isinstance(error, APIStatusError):
+        if error.code is not None and error.code in final_codes:
+            return None
         retried = error.status_code in RETRY_STATUSES or (
             safe and error.status_code in RETRY_STATUSES_IF_SAFE
         )

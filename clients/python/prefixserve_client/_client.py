@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Collection, Generator, Iterator, Sequence
 from typing import Any, Optional, Union
 from urllib.parse import quote
 
@@ -329,9 +329,11 @@ class Client(_base.WithOptions):
         files: Optional[dict[str, Any]] = None,
         data: Optional[dict[str, str]] = None,
         safe: bool = True,
+        final_codes: Collection[str] = (),
     ) -> httpx.Response:
         """`safe`: the request may be repeated after a failure that may have reached the server (a lost answer);
-        False for a DELETE (its repeat would answer 404 for what the first one did)."""
+        False for a DELETE (its repeat would answer 404 for what the first one did). An error whose code is in
+        `final_codes` is never retried."""
         max_retries = self.max_retries if retries is None else retries
         attempt = 0
         while True:
@@ -348,7 +350,7 @@ class Client(_base.WithOptions):
                 if response.status_code < 400 or response.status_code in ok_statuses:
                     return response
                 error, cause = status_error_from_response(response), None
-            delay = _base.retry_delay(attempt, error, safe) if attempt < max_retries else None
+            delay = _base.retry_delay(attempt, error, safe, final_codes) if attempt < max_retries else None
             if delay is None:
                 raise error from cause
             attempt += 1
@@ -531,8 +533,11 @@ class Client(_base.WithOptions):
 
     # ------------------------------------------------------------------ operations
     def health(self) -> Health:
-        """``GET /health``: the process answers."""
-        return _base.parse_response(Health, self._request("GET", "/health"))
+        """``GET /health``: the process answers and its inference engine runs. A 503 ``engine_dead`` (only a
+        restart brings the engine back) is raised at once, not retried."""
+        return _base.parse_response(
+            Health, self._request("GET", "/health", final_codes=_base.FINAL_HEALTH_CODES)
+        )
 
     def ready(self) -> Readiness:
         """``GET /ready``, not retried: ``status`` is ``"ready"`` or ``"not_ready"`` (``checks`` says why)."""
