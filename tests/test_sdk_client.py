@@ -1224,8 +1224,14 @@ def test_prefix_list_get_delete(srv: Any, client: Any) -> None:
 def test_prefix_pages(srv: Any, client: Any) -> None:
     def page(names: list[str], more: bool) -> Resp:
         data = [{**PREFIX, "name": n, "versions": None} for n in names]
-        return Resp(200, {"object": "list", "data": data, "has_more": more, "last_id": f"acme/{names[-1]}"})
+        ids = {"first_id": f"acme/{names[0]}", "last_id": f"acme/{names[-1]}"}
+        return Resp(200, {"object": "list", "data": data, "has_more": more, **ids})
 
+    srv.on("GET", "/prefixes", page(["a", "b"], True))
+    page1 = client.prefixes.list("acme", limit=2)
+    assert (page1.first_id, page1.last_id, page1.has_more) == ("acme/a", "acme/b", True)
+    assert "first_id='acme/a'" in repr(page1)
+    srv.seen.clear()
     srv.on("GET", "/prefixes", page(["a", "b"], True), page(["c"], False))
     assert [p.name for p in client.prefixes.iter("acme", page_size=2)] == ["a", "b", "c"]
     queries = [c.query for c in srv.calls("GET", "/prefixes")]
@@ -1234,6 +1240,8 @@ def test_prefix_pages(srv: Any, client: Any) -> None:
     srv.on("GET", "/prefixes", Resp(200, {"object": "list", "data": [{**PREFIX, "versions": None}]}))
     one = client.prefixes.list(limit=5)
     assert isinstance(one, ps.PrefixPage) and one.has_more is False and one.last_id == "acme/faq"
+    assert one.first_id == "acme/faq"  # (from the items when the server does not say)
+    assert client.prefixes.list(limit=5).first_id == "acme/faq"
     assert [p.name for p in client.prefixes.iter()] == ["faq"]
 
 

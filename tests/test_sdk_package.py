@@ -96,6 +96,19 @@ def test_public_api() -> None:
     assert issubclass(ps.TrainingFailed, ps.TrainingError) and issubclass(
         ps.TrainingCancelled, ps.TrainingError
     )
+    # the openai SDK's names, exported: the same classes
+    aliases = {
+        "BadRequestError": ps.BadRequest,
+        "AuthenticationError": ps.Unauthorized,
+        "PermissionDeniedError": ps.Forbidden,
+        "NotFoundError": ps.NotFound,
+        "ConflictError": ps.Conflict,
+        "UnprocessableEntityError": ps.UnprocessableEntity,
+        "RateLimitError": ps.RateLimited,
+        "InternalServerError": ps.InternalServerError,
+    }
+    for name, cls in aliases.items():
+        assert name in ps.__all__ and getattr(ps, name) is cls, name
 
 
 def test_every_public_method_has_a_docstring_and_types_exports_every_model() -> None:

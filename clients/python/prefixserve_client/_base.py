@@ -591,10 +591,12 @@ def parse_page(response: httpx.Response) -> PrefixPage:
     """A ``GET /prefixes`` body as a :class:`PrefixPage` (a server without paging: one page, ``has_more`` False)."""
     items = parse_list(PrefixInfo, response)
     body = response.json()
-    last = body.get("last_id")
+    first, last = body.get("first_id"), body.get("last_id")
+    if first is None and items:
+        first = f"{items[0].tenant_id}/{items[0].name}"
     if last is None and items:
         last = f"{items[-1].tenant_id}/{items[-1].name}"
-    return PrefixPage(items, has_more=body.get("has_more") is True, last_id=last)
+    return PrefixPage(items, has_more=body.get("has_more") is True, last_id=last, first_id=first)
 
 
 def one_piece_delta(response: httpx.Response) -> StreamDelta:

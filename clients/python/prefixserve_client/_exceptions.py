@@ -24,13 +24,19 @@ __all__ = [
     "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
+    "AuthenticationError",
     "BadRequest",
+    "BadRequestError",
     "Conflict",
+    "ConflictError",
     "Forbidden",
     "InternalServerError",
     "NotFound",
+    "NotFoundError",
     "PayloadTooLarge",
+    "PermissionDeniedError",
     "PrefixServeError",
+    "RateLimitError",
     "RateLimited",
     "RequestTimeout",
     "ServiceUnavailable",
@@ -39,6 +45,7 @@ __all__ = [
     "TrainingFailed",
     "Unauthorized",
     "UnprocessableEntity",
+    "UnprocessableEntityError",
     "WaitTimeout",
 ]
 
@@ -199,6 +206,15 @@ class ServiceUnavailable(APIStatusError):
 class InternalServerError(APIStatusError):
     """5xx other than 503."""
 
+
+# the openai SDK's names of the same errors (``except RateLimitError`` works with either SDK's habits)
+BadRequestError = BadRequest
+AuthenticationError = Unauthorized
+PermissionDeniedError = Forbidden
+NotFoundError = NotFound
+ConflictError = Conflict
+UnprocessableEntityError = UnprocessableEntity
+RateLimitError = RateLimited
 
 STATUS_CLASSES: dict[int, type[APIStatusError]] = {
     400: BadRequest,

@@ -228,17 +228,26 @@ class PrefixInfo(_Model):
 
 class PrefixPage(list[PrefixInfo]):
     """A page of ``prefixes.list``: a list of :class:`PrefixInfo`, plus ``has_more`` (more follow: ask again with
-    ``after=page.last_id``) and ``last_id`` (``"tenant_id/name"`` of the last item; None when empty)."""
+    ``after=page.last_id``), ``first_id`` and ``last_id`` (``"tenant_id/name"`` of the first and the last item;
+    None when empty)."""
 
     def __init__(
-        self, items: Iterable[PrefixInfo] = (), has_more: bool = False, last_id: Optional[str] = None
+        self,
+        items: Iterable[PrefixInfo] = (),
+        has_more: bool = False,
+        last_id: Optional[str] = None,
+        first_id: Optional[str] = None,
     ) -> None:
         super().__init__(items)
         self.has_more = has_more
+        self.first_id = first_id
         self.last_id = last_id
 
     def __repr__(self) -> str:
-        return f"PrefixPage({list.__repr__(self)}, has_more={self.has_more!r}, last_id={self.last_id!r})"
+        return (
+            f"PrefixPage({list.__repr__(self)}, has_more={self.has_more!r}, first_id={self.first_id!r}, "
+            f"last_id={self.last_id!r})"
+        )
 
 
 class DeletedPrefix(_Model):
