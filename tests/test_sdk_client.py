@@ -1711,8 +1711,46 @@ def test_a_value_no_header_can_carry_is_a_value_error_at_once(
     with ps.Client(srv.url) as c:
         with pytest.raises(ValueError, match="request_id"):
             c.generate("acme", "Hi", request_id=" ")
-        assert c.generate("acme", "Hi", request_id="ok id").text == "hello world"
+        assert c.generate("acme", "Hi", request_id="ok-id").text == "hello world"
     assert len(srv.calls("POST", "/generate")) == 1
+
+
+BAD_REQUEST_IDS = ["order 42", "req#1", "user@example.com", "x" * 129, "", "caf\u00e9", "a\tb"]
+
+
+def test_a_request_id_the_server_would_replace_is_refused(srv: Any, client: Any, tmp_path: Path) -> None:
+    """The server keeps an X-Request-ID only if it matches [A-Za-z0-9._:+=/-]{1,128} (else it silently uses a
+    uuid of its own): any other is a ValueError naming the pattern, before anything is sent, sync and async; the
+    longest and every allowed character go through."""
+    srv.on("POST", "/generate", Resp(200, GEN))
+    srv.on("POST", "/prefixes", Resp(200, JOB))
+    for rid in BAD_REQUEST_IDS:
+        with pytest.raises(ValueError, match=r"request_id .*\[A-Za-z0-9\._:\+=/-\]\{1,128\}"):
+            client.generate("acme", "Hi", request_id=rid)
+        with pytest.raises(ValueError, match="request_id"):
+            client.stream("acme", "Hi", request_id=rid)
+        with pytest.raises(ValueError, match="request_id"):
+            client.prefixes.train(
+                "acme", "faq", examples=[{"prompt": "a", "completion": "b"}], request_id=rid
+            )
+
+    async def go() -> None:
+        async with ps.AsyncClient(srv.url) as ac:
+            for rid in BAD_REQUEST_IDS:
+                with pytest.raises(ValueError, match="must match"):
+                    await ac.generate("acme", "Hi", request_id=rid)
+                with pytest.raises(ValueError, match="must match"):
+                    ac.stream("acme", "Hi", request_id=rid)
+
+    asyncio.run(go())
+    assert srv.seen == []
+    for rid in ("x" * 128, "Az09._:+=/-", "trace/1:span=2"):
+        assert client.generate("acme", "Hi", request_id=rid).request_id == rid
+    assert [c.headers["x-request-id"] for c in srv.calls("POST", "/generate")] == [
+        "x" * 128,
+        "Az09._:+=/-",
+        "trace/1:span=2",
+    ]
 
 
 def test_dot_segments_are_refused_not_resolved_to_another_route(client: Any) -> None:

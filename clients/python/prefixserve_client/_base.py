@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -199,8 +200,29 @@ def default_headers(api_key: Optional[str], extra: Optional[dict[str, str]]) -> 
     return h
 
 
+# the X-Request-ID the server keeps (server/api/app.py REQUEST_ID_RE): it replaces any other with a random one, so the
+# id of the answer, of its error and of the server's log lines would not be the one sent
+REQUEST_ID_PATTERN = "[A-Za-z0-9._:+=/-]{1,128}"
+_REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
+
+
+def check_request_id(request_id: str) -> str:
+    """`request_id` if the server keeps it as the request's id, else ValueError naming the pattern."""
+    if not isinstance(request_id, str):
+        raise ValueError(f"request_id must be a string, not {type(request_id).__name__}")
+    if not _REQUEST_ID_RE.fullmatch(request_id):
+        shown = (
+            repr(request_id) if len(request_id) <= 40 else f"{request_id[:40]!r}... ({len(request_id)} chars)"
+        )
+        raise ValueError(
+            f"request_id {shown} must match {REQUEST_ID_PATTERN} (1 to 128 letters, digits or ._:+=/-): the server "
+            "would replace it with an id of its own"
+        )
+    return request_id
+
+
 def request_headers(request_id: Optional[str], idempotency_key: Optional[str] = None) -> dict[str, str]:
-    headers = {"X-Request-ID": check_header_value("request_id", request_id)} if request_id else {}
+    headers = {"X-Request-ID": check_request_id(request_id)} if request_id is not None else {}
     if idempotency_key is not None:
         headers["Idempotency-Key"] = check_header_value("idempotency_key", idempotency_key)
     return headers
