@@ -39,6 +39,9 @@ class Resp:
     headers: dict[str, str] = field(default_factory=dict)
     sse: list[str] | None = None  # raw event payloads; each becomes "data: <payload>\n\n"
     raw: bytes | None = None  # raw body (with sse: appended as-is after the events)
+    raw_chunks: list[bytes] | None = (
+        None  # (with sse: written one at a time after the events, frame_delay apart)
+    )
     delay: float = 0.0  # before answering
     frame_delay: float = 0.0  # between SSE frames
     content_type: str | None = None
@@ -117,6 +120,10 @@ class Scripted:
                             await asyncio.sleep(r.frame_delay)
                     if r.raw:
                         yield r.raw
+                    for piece in r.raw_chunks or []:
+                        yield piece
+                        if r.frame_delay:
+                            await asyncio.sleep(r.frame_delay)
 
                 return StreamingResponse(
                     frames(), status_code=r.status, media_type="text/event-stream", headers=headers
@@ -855,6 +862,24 @@ def test_stream_sse_details(srv: Any, client: Any) -> None:
     )
     srv.on("POST", "/generate", Resp(200, sse=[], raw=raw))
     assert [d.text for d in client.stream("acme", "Hi")] == ["a", "b", "c"]
+
+
+def test_stream_text_keeps_unicode_line_separators(srv: Any, client: Any) -> None:
+    """A generated text with U+2028, U+2029 or U+0085 in it, sent as raw UTF-8 in the JSON, stays one event (an SSE
+    line ends only at \\r\\n, \\r or \\n; httpx's iter_lines split there and broke the JSON), sync and async; a
+    \\r\\n split between two writes is one line end."""
+    text = "line\u2028sep\u2029par\x85nel"
+    frames = [json.dumps(json.loads(chunk(text)), ensure_ascii=False)]
+    last = chunk("!", "stop", USAGE).encode()
+    pieces = [b"data: " + last + b"\r", b"\n\r", b"\ndata: [DONE]\r", b"\n\r\n"]
+    srv.on("POST", "/generate", Resp(200, sse=frames, raw_chunks=pieces, frame_delay=0.02))
+    assert [d.text for d in client.stream("acme", "Hi")] == [text, "!"]
+
+    async def go() -> list[str]:
+        async with ps.AsyncClient(srv.url) as ac:
+            return [d.text async for d in ac.stream("acme", "Hi")]
+
+    assert asyncio.run(go()) == [text, "!"]
 
 
 def test_stream_error_event_raises_typed_error(srv: Any, client: Any) -> None:

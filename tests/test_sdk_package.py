@@ -222,7 +222,34 @@ def test_sse_decoder() -> None:
     from prefixserve_client._base import iter_sse_events
 
     lines = [": ping", "event: error", 'data: {"a":', "data: 1}", "", "", "data:[DONE]", "id: 3"]
-    assert list(iter_sse_events(lines)) == [("error", '{"a":\n1}'), (None, "[DONE]")]
+    text = "\n".join(lines)
+    want = [("error", '{"a":\n1}'), (None, "[DONE]")]
+    assert list(iter_sse_events([text])) == want
+    assert list(iter_sse_events(list(text))) == want  # one character a chunk
+    assert list(iter_sse_events([text.replace("\n", "\r\n")])) == want
+    assert list(iter_sse_events([text.replace("\n", "\r")])) == want
+
+
+def test_sse_lines_end_only_at_cr_lf_or_crlf() -> None:
+    """SSE ends a line at \\r\\n, \\r or \\n only: U+2028, U+2029, U+0085, \\x0b, \\x0c, \\x1c-\\x1e (which
+    str.splitlines and httpx's iter_lines split at) stay in the line; a \\r\\n split between two chunks is one line
+    end; a line may span chunks."""
+    from prefixserve_client._base import LineSplitter, iter_sse_events
+
+    odd = "a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\x1dh\x1ei"
+    assert list(iter_sse_events([f"data: {odd}\n\n"])) == [(None, odd)]
+
+    def split(chunks: list[str]) -> list[str]:
+        s = LineSplitter()
+        return [line for c in chunks for line in s.feed(c)] + s.flush()
+
+    assert split(["a\r", "\nb\r\n"]) == ["a", "b"]  # not "a", "", "b"
+    assert split(["a\r", "", "\nb"]) == ["a", "b"]  # (an empty chunk between them)
+    assert split(["a\r", "\r\n"]) == ["a", ""]  # \r then \r\n: two line ends
+    assert split(["a\r", "b\n\n"]) == ["a", "b", ""]
+    assert split(["\n", "\n"]) == ["", ""]
+    assert split(["da", "ta: x", "y\r\n", "\r\ntail"]) == ["data: xy", "", "tail"]
+    assert split([odd, "\r"]) == [odd]
 
 
 def test_py39_annotations_evaluate() -> None:

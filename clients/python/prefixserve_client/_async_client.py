@@ -61,21 +61,19 @@ class AsyncStream(_base.StreamBase):
                 yield _base.one_piece_delta(response)
                 return
             state = _base.StreamState(info.request_id)
-            dec = _base.SSEDecoder()
-            lines = response.aiter_lines()
+            parser = _base.SSEParser()
+            # (not aiter_lines: it splits lines where SSE does not, at U+2028 and the like in a generated text)
+            chunks = response.aiter_text()
             try:
-                async for line in lines:
-                    ev = dec.feed(line)
-                    if ev is None:
-                        continue
-                    payload = state.handle(*ev)
-                    if payload is not None:
-                        yield _base.parse_model(StreamDelta, payload, response)
-                    if state.done:
-                        await _base.adrain(lines)
-                        return
-                ev = dec.flush()
-                if ev is not None:
+                async for text in chunks:
+                    for ev in parser.feed(text):
+                        payload = state.handle(*ev)
+                        if payload is not None:
+                            yield _base.parse_model(StreamDelta, payload, response)
+                        if state.done:
+                            await _base.adrain(chunks)
+                            return
+                for ev in parser.flush():
                     payload = state.handle(*ev)
                     if payload is not None:
                         yield _base.parse_model(StreamDelta, payload, response)

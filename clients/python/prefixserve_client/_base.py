@@ -733,15 +733,55 @@ class StreamBase:
         return self._info.request_id
 
 
+# SSE's line ends: "\r\n", "\r" or "\n", nothing else (str.splitlines, and httpx's iter_lines, also split on U+2028,
+# U+2029, U+0085, \x0b, \x0c and \x1c-\x1e, which may stand in a generated text)
+_SSE_EOL = re.compile("\r\n|\r|\n")
+
+
+class LineSplitter:
+    """Text chunks (``iter_text``) to lines, split only where SSE ends a line: ``\r\n``, ``\r`` or ``\n``. A line may
+    span chunks; a ``\r`` that ends a chunk and a ``\n`` that starts the next are one line end."""
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []  # the start of a line whose end has not come yet
+        self._after_cr = False
+
+    def feed(self, text: str) -> list[str]:
+        if not text:
+            return []
+        if self._after_cr and text[0] == "\n":  # the rest of a "\r\n" split between chunks
+            text = text[1:]
+        self._after_cr = text.endswith("\r")
+        lines: list[str] = []
+        pos = 0
+        for m in _SSE_EOL.finditer(text):
+            piece = text[pos : m.start()]
+            if self._pending:
+                piece = "".join(self._pending) + piece
+                self._pending = []
+            lines.append(piece)
+            pos = m.end()
+        if pos < len(text):
+            self._pending.append(text[pos:])
+        return lines
+
+    def flush(self) -> list[str]:
+        """The last line, if the text did not end with a line end."""
+        rest = "".join(self._pending)
+        self._pending = []
+        self._after_cr = False
+        return [rest] if rest else []
+
+
 class SSEDecoder:
-    """Server-Sent Events from lines (``iter_lines``): yields each event's data, joined across ``data:`` lines."""
+    """Server-Sent Events from lines (without their line ends): yields each event's data, joined across ``data:``
+    lines."""
 
     def __init__(self) -> None:
         self._data: list[str] = []
         self._event: Optional[str] = None
 
     def feed(self, line: str) -> Optional[tuple[Optional[str], str]]:
-        line = line.rstrip("\r\n")
         if not line:
             if not self._data:
                 self._event = None
@@ -764,38 +804,52 @@ class SSEDecoder:
         return self.feed("")
 
 
-def iter_sse_events(lines: Iterable[str]) -> Iterator[tuple[Optional[str], str]]:
-    dec = SSEDecoder()
-    for line in lines:
-        ev = dec.feed(line)
-        if ev is not None:
-            yield ev
-    ev = dec.flush()
-    if ev is not None:
-        yield ev
+class SSEParser:
+    """Text chunks of an event stream to its events ``(event, data)``."""
+
+    def __init__(self) -> None:
+        self._lines = LineSplitter()
+        self._events = SSEDecoder()
+
+    def feed(self, text: str) -> list[tuple[Optional[str], str]]:
+        events = (self._events.feed(line) for line in self._lines.feed(text))
+        return [ev for ev in events if ev is not None]
+
+    def flush(self) -> list[tuple[Optional[str], str]]:
+        events = [self._events.feed(line) for line in self._lines.flush()]
+        events.append(self._events.flush())
+        return [ev for ev in events if ev is not None]
+
+
+def iter_sse_events(chunks: Iterable[str]) -> Iterator[tuple[Optional[str], str]]:
+    """The events of an event stream's text chunks (``response.iter_text()``)."""
+    parser = SSEParser()
+    for text in chunks:
+        yield from parser.feed(text)
+    yield from parser.flush()
 
 
 # what a stream may still send after [DONE] that is read to keep its connection (more: the connection is dropped)
-DRAIN_BYTES = 65536
+DRAIN_CHARS = 65536
 
 
-def drain(lines: Iterator[str]) -> None:
+def drain(chunks: Iterator[str]) -> None:
     """Read a stream's body to its end after [DONE] (nothing or a blank line is left), so that its connection
     goes back to the pool: closed unread, it is dropped and the next request opens a new one."""
-    left = DRAIN_BYTES
+    left = DRAIN_CHARS
     with contextlib.suppress(httpx.HTTPError):
-        for line in lines:
-            left -= len(line) + 1
+        for text in chunks:
+            left -= len(text)
             if left < 0:
                 return
 
 
-async def adrain(lines: AsyncIterator[str]) -> None:
+async def adrain(chunks: AsyncIterator[str]) -> None:
     """`drain` for an async stream."""
-    left = DRAIN_BYTES
+    left = DRAIN_CHARS
     with contextlib.suppress(httpx.HTTPError):
-        async for line in lines:
-            left -= len(line) + 1
+        async for text in chunks:
+            left -= len(text)
             if left < 0:
                 return
 

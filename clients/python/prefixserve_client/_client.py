@@ -71,14 +71,15 @@ class Stream(_base.StreamBase):
                 yield _base.one_piece_delta(response)
                 return
             state = _base.StreamState(info.request_id)
-            lines = response.iter_lines()
+            # (not iter_lines: it splits lines where SSE does not, at U+2028 and the like in a generated text)
+            chunks = response.iter_text()
             try:
-                for event, data in _base.iter_sse_events(lines):
+                for event, data in _base.iter_sse_events(chunks):
                     payload = state.handle(event, data)
                     if payload is not None:
                         yield _base.parse_model(StreamDelta, payload, response)
                     if state.done:
-                        _base.drain(lines)
+                        _base.drain(chunks)
                         return
             except httpx.TransportError as e:
                 raise _base.wrap_transport_error(e) from e
