@@ -260,6 +260,51 @@ def test_generate_sends_vllms_token_controls(srv: Any, client: Any) -> None:
     assert srv.calls("POST", "/generate")[2].body["bad_words"] == ["Paris"]
 
 
+def test_generate_sends_special_token_controls_and_extra_body(srv: Any, client: Any) -> None:
+    """vLLM's skip_special_tokens / spaces_between_special_tokens (sent only when False) and an extra_body merged
+    into the JSON (over the SDK's own fields), for generate and stream, sync and async alike; extra_body cannot
+    set `stream`."""
+    srv.on("POST", "/generate", Resp(200, GEN))
+    kw: dict[str, Any] = {
+        "skip_special_tokens": False,
+        "spaces_between_special_tokens": False,
+        "extra_body": {"future_field": [1], "temperature": 0.25},
+    }
+    want = {
+        "prompt": "Hi",
+        "prefix": "default",
+        "max_tokens": 64,
+        "temperature": 0.25,
+        "top_p": 1.0,
+        "top_k": 0,
+        "tenant_id": "acme",
+        "skip_special_tokens": False,
+        "spaces_between_special_tokens": False,
+        "future_field": [1],
+    }
+    client.generate("acme", "Hi", **kw)
+    client.generate("acme", "Hi")
+
+    async def go() -> None:
+        async with ps.AsyncClient(srv.url) as ac:
+            await ac.generate("acme", "Hi", **kw)
+            srv.on("POST", "/generate", Resp(200, sse=STREAM))
+            assert "".join([d.text async for d in ac.stream("acme", "Hi", **kw)]) == "hello!"
+            with pytest.raises(ValueError, match="stream"):
+                await ac.generate("acme", "Hi", extra_body={"stream": True})
+
+    asyncio.run(go())
+    assert "".join(d.text for d in client.stream("acme", "Hi", **kw)) == "hello!"
+    with pytest.raises(ValueError, match="extra_body cannot set 'stream'"):
+        client.stream("acme", "Hi", extra_body={"stream": False})
+    with pytest.raises(TypeError, match="extra_body must be a mapping"):
+        client.generate("acme", "Hi", extra_body=[("a", 1)])  # type: ignore[arg-type]
+    sync, plain, asyn, asyn_stream, sync_stream = (c.body for c in srv.calls("POST", "/generate"))
+    assert sync == asyn == {**want, "stream": False}
+    assert asyn_stream == sync_stream == {**want, "stream": True}
+    assert not {"skip_special_tokens", "spaces_between_special_tokens", "future_field"} & set(plain)
+
+
 def test_generate_structured_outputs_body(srv: Any, client: Any) -> None:
     from pydantic import BaseModel
 
@@ -1689,6 +1734,74 @@ def test_tokenize_sends_what_chat_renders_messages_with(srv: Any, client: Any) -
     with pytest.raises(TypeError, match="prompt_format applies to prompt"):
         client.tokenize("acme", messages=msgs, prompt_format="raw")
     assert len(srv.calls("POST", "/tokenize")) == 3
+
+
+def test_tokenize_and_detokenize_send_vllms_fields(srv: Any, client: Any) -> None:
+    """tokenize's return_token_strs, add_special_tokens, model (instead of tenant_id/prefix/prefix_version, which
+    are then not sent) and extra_body; detokenize's model and extra_body; sync and async alike."""
+    answer = {"tokens": [1, 9], "token_strs": ["<s>", "Hi"], "count": 2, "prompt_format": "raw"}
+    srv.on("POST", "/tokenize", Resp(200, answer))
+    srv.on("POST", "/detokenize", Resp(200, {"prompt": "<s>Hi"}))
+    kw: dict[str, Any] = {"return_token_strs": True, "add_special_tokens": True, "extra_body": {"x_new": 1}}
+    t = client.tokenize(None, "Hi", model="acme/faq@2", **kw)
+    assert t.token_strs == ["<s>", "Hi"] and t.tokens == [1, 9]
+    client.tokenize("acme", "Hi", prefix="faq", add_special_tokens=False)
+    assert client.detokenize([1, 9], model="acme/faq", extra_body={"x_new": 2}) == "<s>Hi"
+    client.detokenize([1, 9])
+
+    async def go() -> None:
+        async with ps.AsyncClient(srv.url) as ac:
+            assert (await ac.tokenize(None, "Hi", model="acme/faq@2", **kw)).token_strs == ["<s>", "Hi"]
+            assert await ac.detokenize([1, 9], model="acme/faq", extra_body={"x_new": 2}) == "<s>Hi"
+            with pytest.raises(TypeError, match="give model or tenant_id, prefix, prefix_version, not both"):
+                await ac.tokenize("acme", "Hi", prefix="faq", prefix_version=1, model="acme/faq")
+
+    asyncio.run(go())
+    for bad in ({"tenant_id": "acme"}, {"prefix": "faq"}, {"prefix_version": 2}):
+        args = {"tenant_id": None, **bad}
+        with pytest.raises(TypeError, match=f"give model or {next(iter(bad))}, not both"):
+            client.tokenize(prompt="Hi", model="acme/faq", **args)
+    sync, plain, asyn = (c.body for c in srv.calls("POST", "/tokenize"))
+    want = {
+        "model": "acme/faq@2",
+        "prompt": "Hi",
+        "add_special_tokens": True,
+        "return_token_strs": True,
+        "x_new": 1,
+    }
+    assert sync == asyn == want
+    assert plain == {"prefix": "faq", "tenant_id": "acme", "prompt": "Hi", "add_special_tokens": False}
+    d_sync, d_plain, d_asyn = (c.body for c in srv.calls("POST", "/detokenize"))
+    assert d_sync == d_asyn == {"tokens": [1, 9], "model": "acme/faq", "x_new": 2}
+    assert d_plain == {"tokens": [1, 9]}
+
+
+def test_version_and_retrieve_model(srv: Any, client: Any) -> None:
+    """GET /version and GET /v1/models/{model} (the id's slash and @version kept in the path), sync and async."""
+    card = {"id": "acme/faq@3", "object": "model", "owned_by": "acme", "root": "m", "prefix_version": 3}
+    srv.on("GET", "/version", Resp(200, {"version": "0.1.0"}))
+    srv.on("GET", "/v1/models/acme/faq@3", Resp(200, card))
+    assert client.version() == "0.1.0"
+    m = client.retrieve_model("acme/faq@3")
+    assert isinstance(m, ps.ModelCard) and (m.id, m.prefix_version) == ("acme/faq@3", 3)
+    with pytest.raises(ps.NotFound):
+        client.retrieve_model("acme/nope")
+    for bad in ("", "acme/..", "acme//faq", "./x"):
+        with pytest.raises(ValueError, match="not a valid model id"):
+            client.retrieve_model(bad)
+
+    async def go() -> tuple[str, str]:
+        async with ps.AsyncClient(srv.url) as ac:
+            return await ac.version(), (await ac.retrieve_model("acme/faq@3")).id
+
+    assert asyncio.run(go()) == ("0.1.0", "acme/faq@3")
+    assert [c.path for c in srv.seen] == [
+        "/version",
+        "/v1/models/acme/faq@3",
+        "/v1/models/acme/nope",
+        "/version",
+        "/v1/models/acme/faq@3",
+    ]
 
 
 # ------------------------------------------------------------------------------- what a user trips on (SDK hunt)

@@ -218,6 +218,20 @@ def test_typed_responses_have_every_field_the_server_sends() -> None:
     assert (old_info.architecture, old_info.max_batched_tokens, old_info.max_queued) == (None, None, None)
 
 
+def test_sync_and_async_methods_take_the_same_arguments() -> None:
+    import inspect
+
+    for sync_cls, async_cls in ((ps.Client, ps.AsyncClient), (ps.Prefixes, ps.AsyncPrefixes)):
+        for name, obj in vars(sync_cls).items():
+            if name.startswith("_") or not inspect.isfunction(obj):
+                continue
+            other = getattr(async_cls, name, None)
+            assert other is not None, f"{async_cls.__name__}.{name}"
+            params = [(p.name, p.kind, p.default) for p in inspect.signature(obj).parameters.values()]
+            aparams = [(p.name, p.kind, p.default) for p in inspect.signature(other).parameters.values()]
+            assert params == aparams, name
+
+
 def test_sse_decoder() -> None:
     from prefixserve_client._base import iter_sse_events
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import httpx
@@ -18,6 +18,7 @@ from .types import (
     DeletedPrefix,
     Generation,
     Health,
+    ModelCard,
     ModelList,
     PrefixInfo,
     PrefixPage,
@@ -399,7 +400,10 @@ class AsyncClient(_base.WithOptions):
         priority: int = 0,
         ignore_eos: bool = False,
         prompt_format: Optional[str] = None,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
         request_id: Optional[str] = None,
+        extra_body: Optional[Mapping[str, Any]] = None,
     ) -> Generation:
         """``POST /generate``; the arguments are those of :meth:`Client.generate`."""
         body = _base.generate_body(
@@ -431,6 +435,9 @@ class AsyncClient(_base.WithOptions):
             priority=priority,
             ignore_eos=ignore_eos,
             prompt_format=prompt_format,
+            skip_special_tokens=skip_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
+            extra_body=extra_body,
         )
         r = await self._request("POST", "/generate", json=body, request_id=request_id)
         gen = _base.parse_response(Generation, r)
@@ -467,7 +474,10 @@ class AsyncClient(_base.WithOptions):
         priority: int = 0,
         ignore_eos: bool = False,
         prompt_format: Optional[str] = None,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
         request_id: Optional[str] = None,
+        extra_body: Optional[Mapping[str, Any]] = None,
     ) -> AsyncStream:
         """An async iterator (not a coroutine): ``async for delta in client.stream(...)``."""
         body = _base.generate_body(
@@ -499,6 +509,9 @@ class AsyncClient(_base.WithOptions):
             priority=priority,
             ignore_eos=ignore_eos,
             prompt_format=prompt_format,
+            skip_special_tokens=skip_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
+            extra_body=extra_body,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return AsyncStream(self, body, headers)
@@ -534,18 +547,42 @@ class AsyncClient(_base.WithOptions):
         add_generation_prompt: Optional[bool] = None,
         continue_final_message: Optional[bool] = None,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
+        add_special_tokens: Optional[bool] = None,
+        return_token_strs: bool = False,
+        model: Optional[str] = None,
+        extra_body: Optional[Mapping[str, Any]] = None,
     ) -> Tokenized:
         """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
         prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output.
         ``messages`` are rendered with what a chat completion renders them with: ``tools``,
-        ``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``."""
+        ``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``; the other arguments are
+        those of :meth:`Client.tokenize`."""
         chat = _base.chat_options(tools, add_generation_prompt, continue_final_message, chat_template_kwargs)
-        body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version, prompt_format, chat)
+        body = _base.tokenize_body(
+            tenant_id,
+            prompt,
+            prefix,
+            messages,
+            prefix_version,
+            prompt_format,
+            chat,
+            add_special_tokens=add_special_tokens,
+            return_token_strs=return_token_strs,
+            model=model,
+            extra_body=extra_body,
+        )
         return _base.parse_response(Tokenized, await self._request("POST", "/tokenize", json=body))
 
-    async def detokenize(self, tokens: Sequence[int]) -> str:
-        """``POST /detokenize``: the text of token ids."""
-        r = await self._request("POST", "/detokenize", json={"tokens": [int(t) for t in tokens]})
+    async def detokenize(
+        self,
+        tokens: Sequence[int],
+        *,
+        model: Optional[str] = None,
+        extra_body: Optional[Mapping[str, Any]] = None,
+    ) -> str:
+        """``POST /detokenize``: the text of token ids; the arguments are those of :meth:`Client.detokenize`."""
+        body = _base.detokenize_body(tokens, model, extra_body)
+        r = await self._request("POST", "/detokenize", json=body)
         return str(_base.parse_field(r, "prompt", str))
 
     async def info(self) -> ServerInfo:
@@ -555,6 +592,14 @@ class AsyncClient(_base.WithOptions):
     async def models(self) -> ModelList:
         """``GET /v1/models``: the key's tenant prefixes as OpenAI model ids ``tenant/prefix``."""
         return _base.parse_response(ModelList, await self._request("GET", "/v1/models"))
+
+    async def retrieve_model(self, model: str) -> ModelCard:
+        """``GET /v1/models/{model}``: one model id (as :meth:`Client.retrieve_model`)."""
+        return _base.parse_response(ModelCard, await self._request("GET", _base.model_path(model)))
+
+    async def version(self) -> str:
+        """``GET /version``: the server's version."""
+        return str(_base.parse_field(await self._request("GET", "/version"), "version", str))
 
     async def metrics(self) -> str:
         """``GET /metrics``: Prometheus text."""

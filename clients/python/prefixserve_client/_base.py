@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -28,6 +29,7 @@ from ._version import __version__
 from .types import Generation, PrefixInfo, PrefixPage, StreamDelta
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_PREFIX = "default"  # the prefix of a generation that names none
 BASE_URL_ENV = "PREFIXSERVE_BASE_URL"
 API_KEY_ENV = "PREFIXSERVE_API_KEY"
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
@@ -267,9 +269,12 @@ def generate_body(
     priority: int = 0,
     ignore_eos: bool = False,
     prompt_format: Optional[str] = None,
+    skip_special_tokens: bool = True,
+    spaces_between_special_tokens: bool = True,
+    extra_body: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /generate``; optional fields are sent only when set (older servers refuse unknown
-    fields)."""
+    fields); ``extra_body``'s fields are added last (over any of the same name)."""
     body: dict[str, Any] = {
         "prompt": prompt,
         "prefix": prefix,
@@ -321,6 +326,28 @@ def generate_body(
         body["ignore_eos"] = True
     if prompt_format is not None:
         body["prompt_format"] = prompt_format
+    if not skip_special_tokens:
+        body["skip_special_tokens"] = False
+    if not spaces_between_special_tokens:
+        body["spaces_between_special_tokens"] = False
+    return merge_extra_body(body, extra_body, reserved=("stream",))
+
+
+def merge_extra_body(
+    body: dict[str, Any], extra_body: Optional[Mapping[str, Any]], reserved: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``body`` with ``extra_body``'s fields added (as the openai SDK's ``extra_body``: fields of the server this
+    SDK has no argument for; they win over the SDK's own). ``reserved`` fields are the method's to set."""
+    if extra_body is None:
+        return body
+    if not isinstance(extra_body, Mapping):
+        raise TypeError(f"extra_body must be a mapping, not {type(extra_body).__name__}")
+    for key in extra_body:
+        if not isinstance(key, str):
+            raise TypeError(f"extra_body's keys must be strings, not {type(key).__name__}")
+        if key in reserved:
+            raise ValueError(f"extra_body cannot set {key!r}: the method sets it")
+    body.update(extra_body)
     return body
 
 
@@ -402,18 +429,41 @@ def tokenize_body(
     prefix_version: Optional[int] = None,
     prompt_format: Optional[str] = None,
     chat: Optional[dict[str, Any]] = None,
+    *,
+    add_special_tokens: Optional[bool] = None,
+    return_token_strs: bool = False,
+    model: Optional[str] = None,
+    extra_body: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
+    """The JSON body of ``POST /tokenize``. ``model`` (vLLM's ``"tenant/prefix[@version]"``) names the prefix
+    instead of ``tenant_id``, ``prefix`` and ``prefix_version``: with it those are not sent (and must be left at
+    their defaults)."""
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt and messages")
     if prompt_format is not None and messages is not None:
         raise TypeError("prompt_format applies to prompt; messages always go through the chat template")
     if chat and messages is None:
         raise TypeError(f"{', '.join(sorted(chat))} need messages")
-    body: dict[str, Any] = {"prefix": prefix}
-    if prefix_version is not None:
-        body["prefix_version"] = prefix_version
-    if tenant_id is not None:
-        body["tenant_id"] = tenant_id
+    body: dict[str, Any] = {}
+    if model is not None:
+        named = [
+            name
+            for name, given in (
+                ("tenant_id", tenant_id is not None),
+                ("prefix", prefix not in (None, DEFAULT_PREFIX)),
+                ("prefix_version", prefix_version is not None),
+            )
+            if given
+        ]
+        if named:
+            raise TypeError(f"give model or {', '.join(named)}, not both")
+        body["model"] = model
+    else:
+        body["prefix"] = prefix
+        if prefix_version is not None:
+            body["prefix_version"] = prefix_version
+        if tenant_id is not None:
+            body["tenant_id"] = tenant_id
     if prompt is not None:
         body["prompt"] = prompt
         if prompt_format is not None:
@@ -421,7 +471,29 @@ def tokenize_body(
     else:
         body["messages"] = list(messages or [])
         body.update(chat or {})
-    return body
+    if add_special_tokens is not None:
+        body["add_special_tokens"] = add_special_tokens
+    if return_token_strs:
+        body["return_token_strs"] = True
+    return merge_extra_body(body, extra_body)
+
+
+def detokenize_body(
+    tokens: Sequence[int], model: Optional[str], extra_body: Optional[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The JSON body of ``POST /detokenize``."""
+    body: dict[str, Any] = {"tokens": [int(t) for t in tokens]}
+    if model is not None:
+        body["model"] = model
+    return merge_extra_body(body, extra_body)
+
+
+def model_path(model: str) -> str:
+    """The path of ``GET /v1/models/{model}``: a model id ``tenant``, ``tenant/prefix`` or ``tenant/prefix@3``
+    (its ``/`` kept: the route takes a path)."""
+    if not isinstance(model, str) or any(seg in ("", ".", "..") for seg in model.split("/")):
+        raise ValueError(f"{model!r} is not a valid model id (tenant/prefix)")
+    return "/v1/models/" + quote(model, safe="/@")
 
 
 def load_examples(examples: Examples) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Collection, Generator, Iterator, Sequence
+from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
 from urllib.parse import quote
 
@@ -18,6 +18,7 @@ from .types import (
     Generation,
     Health,
     Job,
+    ModelCard,
     ModelList,
     PrefixInfo,
     PrefixPage,
@@ -418,7 +419,10 @@ class Client(_base.WithOptions):
         priority: int = 0,
         ignore_eos: bool = False,
         prompt_format: Optional[str] = None,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
         request_id: Optional[str] = None,
+        extra_body: Optional[Mapping[str, Any]] = None,
     ) -> Generation:
         """``POST /generate``. ``tenant_id=None`` means the key's tenant; ``prefix="base"`` the base model;
         ``prefix_version`` pins a stored version of the prefix (default: the latest).
@@ -429,7 +433,9 @@ class Client(_base.WithOptions):
         ``truncate_prompt_tokens`` (keep the prompt's last N tokens; -1: as many as fit), ``bad_words`` (words the text must not contain) and ``priority`` (lower starts first; a tenant
         key may only lower its own: > 0) mean what they mean there. ``prompt_format``: ``"raw"`` sends the prompt
         as it is, ``"chat"`` as one user message through the model's chat template (default: the prefix's own
-        format; the base model's is the model's default)."""
+        format; the base model's is the model's default). ``skip_special_tokens=False`` keeps special tokens in the
+        text, ``spaces_between_special_tokens=False`` joins them without spaces (vLLM's). ``extra_body``: more
+        fields for the JSON body (a server field this SDK has no argument for yet; they win over the SDK's)."""
         body = _base.generate_body(
             tenant_id,
             prompt,
@@ -459,6 +465,9 @@ class Client(_base.WithOptions):
             priority=priority,
             ignore_eos=ignore_eos,
             prompt_format=prompt_format,
+            skip_special_tokens=skip_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
+            extra_body=extra_body,
         )
         r = self._request("POST", "/generate", json=body, request_id=request_id)
         gen = _base.parse_response(Generation, r)
@@ -495,10 +504,13 @@ class Client(_base.WithOptions):
         priority: int = 0,
         ignore_eos: bool = False,
         prompt_format: Optional[str] = None,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
         request_id: Optional[str] = None,
+        extra_body: Optional[Mapping[str, Any]] = None,
     ) -> Stream:
         """Streamed ``POST /generate``: an iterator of :class:`StreamDelta` (text pieces; the last has
-        ``finish_reason`` and ``usage``)."""
+        ``finish_reason`` and ``usage``); the arguments are those of :meth:`generate`."""
         body = _base.generate_body(
             tenant_id,
             prompt,
@@ -528,6 +540,9 @@ class Client(_base.WithOptions):
             priority=priority,
             ignore_eos=ignore_eos,
             prompt_format=prompt_format,
+            skip_special_tokens=skip_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
+            extra_body=extra_body,
         )
         headers = {**_base.request_headers(request_id), "Accept": "text/event-stream"}
         return Stream(self, body, headers)
@@ -563,18 +578,47 @@ class Client(_base.WithOptions):
         add_generation_prompt: Optional[bool] = None,
         continue_final_message: Optional[bool] = None,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
+        add_special_tokens: Optional[bool] = None,
+        return_token_strs: bool = False,
+        model: Optional[str] = None,
+        extra_body: Optional[Mapping[str, Any]] = None,
     ) -> Tokenized:
         """``POST /tokenize``: the ids a generation with ``prefix`` would feed for ``prompt`` (in the prefix's
         prompt format) or for chat ``messages``; ``.room`` is what is left of the context for the output.
         ``messages`` are rendered with what a chat completion renders them with: ``tools``,
-        ``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``."""
+        ``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``.
+        ``add_special_tokens``: add the tokenizer's special tokens (its BOS) to the prompt (with messages: on top of
+        what the chat template writes); None: the server's default. ``return_token_strs=True``: also each token's
+        string (``.token_strs``). ``model`` (vLLM's way to name the prefix, ``"acme/faq"`` or ``"acme/faq@3"``)
+        instead of ``tenant_id`` (pass None), ``prefix`` and ``prefix_version``. ``extra_body``: more fields for the
+        JSON body."""
         chat = _base.chat_options(tools, add_generation_prompt, continue_final_message, chat_template_kwargs)
-        body = _base.tokenize_body(tenant_id, prompt, prefix, messages, prefix_version, prompt_format, chat)
+        body = _base.tokenize_body(
+            tenant_id,
+            prompt,
+            prefix,
+            messages,
+            prefix_version,
+            prompt_format,
+            chat,
+            add_special_tokens=add_special_tokens,
+            return_token_strs=return_token_strs,
+            model=model,
+            extra_body=extra_body,
+        )
         return _base.parse_response(Tokenized, self._request("POST", "/tokenize", json=body))
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        """``POST /detokenize``: the text of token ids."""
-        r = self._request("POST", "/detokenize", json={"tokens": [int(t) for t in tokens]})
+    def detokenize(
+        self,
+        tokens: Sequence[int],
+        *,
+        model: Optional[str] = None,
+        extra_body: Optional[Mapping[str, Any]] = None,
+    ) -> str:
+        """``POST /detokenize``: the text of token ids (special tokens included). ``model`` (vLLM's): a model id
+        ``tenant/prefix`` the key may use, checked by the server (the text does not depend on it)."""
+        body = _base.detokenize_body(tokens, model, extra_body)
+        r = self._request("POST", "/detokenize", json=body)
         return str(_base.parse_field(r, "prompt", str))
 
     def info(self) -> ServerInfo:
@@ -584,6 +628,16 @@ class Client(_base.WithOptions):
     def models(self) -> ModelList:
         """``GET /v1/models``: the key's tenant prefixes as OpenAI model ids ``tenant/prefix``."""
         return _base.parse_response(ModelList, self._request("GET", "/v1/models"))
+
+    def retrieve_model(self, model: str) -> ModelCard:
+        """``GET /v1/models/{model}``: one model id the key may use, ``"acme"`` / ``"acme/base"`` (the base model),
+        ``"acme/faq"`` (the latest version of a prefix) or ``"acme/faq@3"``; :class:`NotFound` for one it may not
+        (or that is not there)."""
+        return _base.parse_response(ModelCard, self._request("GET", _base.model_path(model)))
+
+    def version(self) -> str:
+        """``GET /version``: the server's version."""
+        return str(_base.parse_field(self._request("GET", "/version"), "version", str))
 
     def metrics(self) -> str:
         """``GET /metrics``: Prometheus text."""
