@@ -232,6 +232,37 @@ def test_sync_and_async_methods_take_the_same_arguments() -> None:
             assert params == aparams, name
 
 
+def test_readme_examples_and_claims() -> None:
+    """The SDK README's examples run on a fresh server (every generate/stream/tokenize names its prefix: the default
+    "default" is a 404 until trained), its structured outputs name structural_tag, and what it says a /generate body
+    always carries is what generate_body sends at the defaults."""
+    import inspect
+    import re
+
+    from prefixserve_client._base import generate_body
+
+    readme = (CLIENT / "README.md").read_text(encoding="utf-8")
+    for block in re.findall(r"```python\n(.*?)```", readme, re.S):
+        for node in ast.walk(ast.parse(block)):
+            called = (
+                node.func.attr if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else ""
+            )
+            if called in ("generate", "stream", "tokenize"):
+                assert "prefix" in {k.arg for k in node.keywords}, ast.unparse(node)  # type: ignore[attr-defined]
+    structured = readme[readme.index("`structured_outputs` holds") :]
+    assert "structural_tag" in structured[: structured.index("```")]
+    claim = re.search(r"A `/generate` body always carries (.*?);", readme, re.S)
+    assert claim is not None
+    always = set(re.findall(r"`(\w+)`", claim.group(1)))
+    params = inspect.signature(ps.Client.generate).parameters
+    defaults = {
+        n: p.default
+        for n, p in params.items()
+        if p.kind is p.KEYWORD_ONLY and n not in ("request_id", "extra_body")
+    }
+    assert set(generate_body("acme", "Hi", stream=False, **defaults)) == always
+
+
 def test_sse_decoder() -> None:
     from prefixserve_client._base import iter_sse_events
 
