@@ -630,9 +630,9 @@ class Client(_base.WithOptions):
         return _base.parse_response(ModelList, self._request("GET", "/v1/models"))
 
     def retrieve_model(self, model: str) -> ModelCard:
-        """``GET /v1/models/{model}``: one model id the key may use, ``"acme"`` / ``"acme/base"`` (the base model),
-        ``"acme/faq"`` (the latest version of a prefix) or ``"acme/faq@3"``; :class:`NotFound` for one it may not
-        (or that is not there)."""
+        """``GET /v1/models/{model}``: one model id the key may use, ``"acme/base"`` (the base model),
+        ``"acme/faq"`` (the latest version of a prefix), ``"acme/faq@3"`` (that version) or ``"acme"`` (the tenant's
+        ``default`` prefix); :class:`NotFound` for one it may not use or that is not there."""
         return _base.parse_response(ModelCard, self._request("GET", _base.model_path(model)))
 
     def version(self) -> str:
