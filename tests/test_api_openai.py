@@ -1051,6 +1051,14 @@ def test_sagemaker_invocations_serve_chat_and_completion_bodies(srv):
     )
     assert_error(srv.client().post("/invocations", json=chat), 401)
     assert_error(c.post("/invocations", json={**chat, "model": "acme/nope"}), 404)
+    # SageMaker's clients send no model: the key's tenant on the base model (as the served model name)
+    base = c.post("/v1/chat/completions", json={**chat, "model": "acme/base"}).json()["choices"][0]["message"]
+    got = c.post("/invocations", json={k: v for k, v in chat.items() if k != "model"})
+    assert got.status_code == 200 and got.json()["choices"][0]["message"] == base, got.text
+    # what /v1 says of a body that is not JSON, or none
+    assert assert_error(c.post("/invocations", content=b"x", headers={"content-type": "text/plain"}), 415)
+    assert assert_error(c.post("/invocations", content=b"", headers={"content-type": "application/json"}), 400,
+                        "missing_body")  # fmt: skip
 
 
 def test_return_token_ids(srv):

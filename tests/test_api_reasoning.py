@@ -374,6 +374,13 @@ def test_a_forced_call_comes_after_the_thinking(server_factory, thinking_bundle)
     streamed = [t for ch in chunks for t in ch["delta"].get("tool_calls") or []]
     assert "".join(t["function"]["arguments"] for t in streamed) == call["function"]["arguments"]
     assert streamed[0]["function"]["arguments"].startswith("{") and "id" in streamed[0]
+    # the thinking over but only blank text after it (cut short by max_tokens): no call begun, streamed or not
+    blank = {**spaced, "max_tokens": 4}
+    choice = c.post("/v1/chat/completions", json=blank).json()["choices"][0]
+    assert choice["finish_reason"] == "length" and not choice["message"]["tool_calls"], choice
+    assert not any(
+        ch["delta"].get("tool_calls") for ch in (f["choices"][0] for f in _sse_raw(c, blank) if f["choices"])
+    )
     # all thinking (cut short by max_tokens): no call
     choice = c.post("/v1/chat/completions", json={**named, "max_tokens": 6, "logit_bias": {end: -100}})
     choice = choice.json()["choices"][0]

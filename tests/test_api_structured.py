@@ -364,6 +364,10 @@ def test_structural_tags_hold_what_follows_a_trigger(srv):
     assert re.match(r"<t>(true|false)</t><t>(true|false)</t>", r.json()["choices"][0]["text"]), r.json()
     r2 = c.post("/v1/completions", json={**body, "structured_outputs": {"structural_tag": json.dumps(tags)}})
     assert r2.json()["choices"][0]["text"] == r.json()["choices"][0]["text"]
+    # vLLM's JSON form (the response_format's, with its type) is taken too
+    typed = {"structural_tag": json.dumps({"type": "structural_tag", **tags})}
+    r3 = c.post("/v1/completions", json={**body, "structured_outputs": typed})
+    assert r3.json()["choices"][0]["text"] == r.json()["choices"][0]["text"], r3.text
     err = assert_error(
         c.post("/v1/completions", json={**body, "response_format": {"type": "structural_tag"}}), 400
     )

@@ -362,6 +362,7 @@ def test_openai_routes_at_the_tgi_base_url_as_tgi_serves_them(srv):
     assert r.status_code == 200 and r.json()["model"] == "tgi", r.text
     assert r.json()["choices"][0]["message"]["content"] == got.choices[0].message.content
     assert c.post("/tgi/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert c.post("/tgi/v1/chat/completions", json={**body, "model": None}).json()["model"] == "tgi"
     assert_error(c.post("/v1/chat/completions", json=body), 400)
     assert {m["id"] for m in c.get("/tgi/v1/models").json()["data"]} == {"acme/faq", "acme/base"}
     assert_error(c.post("/v1/completions", json={"model": "tgi", "prompt": "x", "max_tokens": 2}), 404)

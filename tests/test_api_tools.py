@@ -461,12 +461,23 @@ PARSER_CASES = [
      "<parameter=city>Oslo</function></tool_call>", [("get_time", {}), ("get_weather", {"city": "Oslo"})], ""),
     ("qwen3_coder", "<tool_call><function=rm><parameter=path>/</parameter></function></tool_call>", [], None),
     ("qwen3_coder", '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', [], None),  # hermes' JSON
+    # two functions in one block; a last block left open (a model that ends after its call)
+    ("qwen3_coder", "<tool_call><function=get_time><parameter=zone>UTC</parameter></function>\n"
+     "<function=get_time><parameter=zone>CET</parameter></function></tool_call>",
+     [("get_time", {"zone": "UTC"}), ("get_time", {"zone": "CET"})], ""),
+    ("qwen3_coder", "Ok. <tool_call><function=get_time><parameter=zone>UTC</parameter></function>",
+     [("get_time", {"zone": "UTC"})], "Ok. "),
+    ("hermes", 'Ok. <tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}', [("get_time", {"zone": "UTC"})],
+     "Ok. "),
+    ("hermes", 'Ok. <tool_call>{"name": "get_time", "argu', [], None),  # cut short: text
     # granite / phi4_mini_json: a tag (or none, decoded away) and a JSON list
     ("granite", '<|tool_call|>[{"name": "get_time", "arguments": {"zone": "UTC"}}]', [("get_time", {"zone": "UTC"})], ""),
     ("granite", "I cannot [do] that", [], None),
+    ("granite", '<tool_call>[{"name": "get_time", "arguments": {}}]', [("get_time", {})], ""),  # Granite 3.1+
     ("phi4_mini_json", 'functools[{"name": "get_weather", "arguments": {"city": "Rome"}}]',
      [("get_weather", {"city": "Rome"})], ""),
     ("phi4_mini_json", "functional programming", [], None),
+    ("phi4_mini_json", '{"name": "get_time", "arguments": {}}', [], None),  # no marker: text (vLLM's too)
 ]  # fmt: skip
 
 
@@ -489,7 +500,9 @@ def test_auto_stream_gives_what_split_gives_whatever_the_pieces(parser, text, ca
         # blank text beside the calls is not content (the mistral case's leading space)
         want = text if outside is None else outside if outside.strip() else ""
         assert "".join(v for k, v in items if k == "content") == want
-        if parser in ("hermes", "qwen3_coder") and calls:  # a block's call comes as soon as it closes
+        if (
+            parser in ("hermes", "qwen3_coder") and calls and "</tool_call>" in text
+        ):  # a closed block goes at once
             follow = AutoStream(get_parser(parser), NAMES)
             end = text.index("</tool_call>") + len("</tool_call>")
             assert ("call", calls[0]) in follow.feed(text[:end])
@@ -703,14 +716,14 @@ def test_qwen3_coder_values_are_read_by_their_schema_types():
     schema = {"type": "object", "properties": {
         "n": {"type": "integer"}, "x": {"type": "number"}, "ok": {"type": "boolean"}, "tags": {"type": "array"},
         "opts": {"type": "object"}, "s": {"type": "string"}, "maybe": {"type": ["integer", "null"]},
-        "bad": {"type": "integer"}}}  # fmt: skip
+        "bad": {"type": "integer"}, "none": {"type": "object"}, "text": {"type": "string"}}}  # fmt: skip
     params = {"n": "42", "x": "2.5", "ok": "True", "tags": '["a", "b"]', "opts": "{'deep': 1}", "s": "007",
-              "maybe": "null", "bad": "many", "free": "[1]"}  # fmt: skip
+              "maybe": "null", "bad": "many", "free": "[1]", "none": "null", "text": "null"}  # fmt: skip
     body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())
     text = f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>"
     _, calls = get_parser("qwen3_coder").split(text, {"f": schema})
     assert calls == [("f", {"n": 42, "x": 2.5, "ok": True, "tags": ["a", "b"], "opts": {"deep": 1}, "s": "007",
-                            "maybe": None, "bad": "many", "free": "[1]"})]  # fmt: skip
+                            "maybe": None, "bad": "many", "free": "[1]", "none": None, "text": "null"})]  # fmt: skip
 
 
 @pytest.mark.parametrize(

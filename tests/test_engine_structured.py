@@ -560,7 +560,11 @@ def test_a_grammar_after_the_thinking_leaves_the_thinking_free(tags):
     assert not follows(opened, '{"a": 1}')  # the thinking is not over: no answer yet
     assert not follows(opened, 'x</think>{"a": 1}</think>')  # the thinking ends at the first </think>
     assert not follows(opened, 'x</think>{"b": 1}') and not follows(opened, "x</think>")
-    assert not follows(dataclasses.replace(opened, any_whitespace=False), 'x</think>\n{"a": 1}')
+    compact = dataclasses.replace(opened, any_whitespace=False)
+    assert follows(compact, 'x</think>\n\n{"a":1}')  # the blank line after the tag, whatever any_whitespace
+    assert not follows(compact, 'x</think>{"a": 1}') and not follows(
+        compact, "x</think>" + " " * 34 + '{"a":1}'
+    )
     choice = StructuredOutputs("choice", json.dumps(["yes", "no"]), think="optional")
     assert follows(choice, "<think>maybe? </think>yes") and follows(choice, "no")
     assert not follows(choice, "maybe</think>yes")  # without <think> first, no thinking

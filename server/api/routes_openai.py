@@ -57,7 +57,7 @@ from server.api.service import (
 from server.api.streaming import EngineEventStream, merge, sse
 from server.api.tools import CallListStream, ToolPlan, call_id, template_messages, tool_plan
 from server.engine.token_bytes import TokenIdTexts
-from server.engine.types import ThinkMode
+from server.engine.types import StructuredOutputs, ThinkMode
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -351,6 +351,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         tail = plan.prompts[0][-(PROMPT_TAIL_CONTINUED if body.continue_final_message else PROMPT_TAIL) :]
         tools.opened = prompt_opened(await svc.tokenize(_decode, svc.bundle.tokenizer, tail))
         think = think_mode(svc.reasoning, tools.opened)
+    structured: StructuredOutputs | None
     if forced is not None:
         structured = await svc.compile_spec(replace(forced, think=think), "tool_choice")
     else:
@@ -1037,8 +1038,19 @@ invocations_router = APIRouter(tags=["openai"])
     summary="SageMaker's /invocations (as vLLM's): a chat completion body (`messages`) or a completion one (`prompt`)",
 )
 async def invocations(request: Request, principal: Principal = Depends(get_principal)) -> Any:
+    ctype = request.headers.get("content-type", "")
+    if ctype and "json" not in ctype.lower():  # (as the /v1 routes answer it)
+        raise APIError(
+            415,
+            f"the request body must be JSON: send Content-Type: application/json (this one was {ctype[:80]!r})",
+            code="unsupported_media_type",
+            param="content-type",
+        )
+    raw = await request.body()
+    if not raw.strip():
+        raise APIError(422, "request body is required", code="missing_body")
     try:
-        data = await request.json()
+        data = json.loads(raw)
     except ValueError:
         raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
     kind: type[ChatCompletionRequest] | type[CompletionRequest]
@@ -1052,6 +1064,9 @@ async def invocations(request: Request, principal: Principal = Depends(get_princ
             "/invocations takes a chat completion body (with messages) or a completion body (with prompt)",
             code="invalid_value",
         )
+    # SageMaker's clients send no model (vLLM's default is its served model): the base model's served name, which a
+    # tenant key resolves to its tenant on the base model
+    data.setdefault("model", served_names(request, get_service(request))[0])
     try:
         body = kind.model_validate(data)
     except ValidationError as e:

@@ -27,11 +27,11 @@ import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from server import __version__
 from server.api import routes_openai
@@ -594,15 +594,19 @@ async def tgi_generate_stream(
 # tenant key is the key's tenant on the base model here (`served_names`); `model: "tenant/prefix"` names a prefix, as
 # LoRAX's OpenAI routes take the adapter there. `model` may be left out there (TGI ignores it): "tgi". Out of the
 # OpenAPI document, where /v1 has them.
-_TGI_MODEL = Field(TGI_PLACEHOLDER_MODELS[0], min_length=1, max_length=MAX_MODEL_ID)
+_TGIModel = Annotated[
+    str,
+    BeforeValidator(lambda v: TGI_PLACEHOLDER_MODELS[0] if v is None else v),  # (TGI's is an optional string)
+    Field(min_length=1, max_length=MAX_MODEL_ID),
+]
 
 
 class _TGIChatCompletionRequest(ChatCompletionRequest):
-    model: str = _TGI_MODEL
+    model: _TGIModel = TGI_PLACEHOLDER_MODELS[0]
 
 
 class _TGICompletionRequest(CompletionRequest):
-    model: str = _TGI_MODEL
+    model: _TGIModel = TGI_PLACEHOLDER_MODELS[0]
 
 
 async def _tgi_chat_completions(

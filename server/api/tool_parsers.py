@@ -38,11 +38,14 @@ Tools = Collection[str]
 PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "phi4_mini_json")
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+# a finished output's blocks: the last may be left open (a model that ends after the call, as vLLM's parsers take it)
+_HERMES_FINAL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
 HERMES_TAG = "<tool_call>"
 HERMES_END = "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 MISTRAL_TAG = "[TOOL_CALLS]"
 GRANITE_TAG = "<|tool_call|>"
+GRANITE_TAGS = (GRANITE_TAG, HERMES_TAG)
 PHI4_TAG = "functools"
 
 
@@ -65,7 +68,7 @@ def _args(obj: dict[str, Any], *keys: str) -> Any:
 def _hermes_split(text: str, names: Tools) -> tuple[str, Calls]:
     calls: Calls = []
     kept, last = [], 0
-    for m in _HERMES.finditer(text):
+    for m in _HERMES_FINAL.finditer(text):
         try:
             obj = json.loads(m.group(1))
         except (ValueError, RecursionError):  # RecursionError: nesting too deep
@@ -109,7 +112,8 @@ def _start_hold(text: str, tags: tuple[str, ...], opener: str) -> int:
 def _json_objects(body: str) -> list[Any] | None:
     """`{...}; {...}` (semicolons or whitespace between), or None if anything else is there."""
     dec = json.JSONDecoder()
-    out, i = [], 0
+    out: list[Any] = []
+    i = 0
     while True:
         while i < len(body) and body[i] in " \t\r\n;":
             i += 1
@@ -130,13 +134,16 @@ def _llama3_split(text: str, names: Tools) -> tuple[str, Calls]:
     return ws, [(o["name"], _args(o, "parameters", "arguments")) for o in objs]
 
 
-def _json_list_split(tag: str) -> Callable[[str, Tools], tuple[str, Calls]]:
-    """A tag (that decoding may have dropped) then a JSON list of `{"name", "arguments"}` (or one such object)."""
-    return lambda text, names: _list_split(text, names, tag)
+def _json_list_split(*tags: str, required: bool = False) -> Callable[[str, Tools], tuple[str, Calls]]:
+    """One of `tags` (that decoding may have dropped, unless `required`: a text marker) then a JSON list of
+    `{"name", "arguments"}` (or one such object)."""
+    return lambda text, names: _list_split(text, names, tags, required)
 
 
-def _list_split(text: str, names: Tools, tag: str) -> tuple[str, Calls]:
-    ws, body = _lead(text, (tag,))
+def _list_split(text: str, names: Tools, tags: tuple[str, ...], required: bool = False) -> tuple[str, Calls]:
+    ws, body = _lead(text, tags)
+    if required and len(ws) + len(body) == len(text):  # no marker
+        return text, []
     try:
         calls, end = json.JSONDecoder().raw_decode(body)
     except (ValueError, RecursionError):  # RecursionError: nesting too deep
@@ -181,7 +188,8 @@ def _pythonic_split(text: str, names: Tools) -> tuple[str, Calls]:
 
 
 # ------------------------------------------------------------------------------------------------ qwen3_coder
-_QWEN3_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>\s*)?\Z", re.DOTALL)
+# one block may hold several functions; the last one may be left open
+_QWEN3_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)(?:</function>|(?=<function=)|\Z)\s*", re.DOTALL)
 # a value ends at its closing tag, or (a model that left it out) at the next parameter or the function's end
 _QWEN3_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
 
@@ -193,11 +201,11 @@ def _qwen3_value(raw: str, schema: Any) -> Any:
     value = value[:-1] if value.endswith("\n") else value
     types = schema.get("type") if isinstance(schema, dict) else None
     types = [types] if isinstance(types, str) else [t for t in types or [] if isinstance(t, str)]
-    if "null" in types and value.strip().lower() in ("null", "none"):
-        return None
     kinds = [t for t in types if t != "null"]
     if not kinds or "string" in kinds:
         return value
+    if value.strip().lower() in ("null", "none"):  # (as vLLM's parser reads it for any type but a string)
+        return None
     text = value.strip()
     for kind in kinds:
         if kind == "boolean" and text.lower() in ("true", "false"):
@@ -227,21 +235,34 @@ def _qwen3_value(raw: str, schema: Any) -> Any:
     return value
 
 
-def _qwen3_coder_split(text: str, names: Tools) -> tuple[str, Calls]:
+def _qwen3_functions(body: str, names: Tools) -> Calls | None:
+    """The calls of one block's functions (every one of a known tool, nothing else in the block), or None."""
     calls: Calls = []
-    kept, last = [], 0
-    for m in _HERMES.finditer(text):
-        f = _QWEN3_FUNCTION.match(m.group(1))
-        if f is None or f.group(1).strip() not in names:
-            continue
-        name = f.group(1).strip()
+    at = 0
+    while at < len(body):
+        f = _QWEN3_FUNCTION.match(body, at)
+        if f is None or f.end() == at or f.group(1).strip() not in names:
+            return None
+        name, at = f.group(1).strip(), f.end()
         schema = names.get(name) if isinstance(names, Mapping) else None
-        props = (schema or {}).get("properties") if isinstance(schema, dict) else None
+        props = schema.get("properties") if isinstance(schema, dict) else None
+        props = props if isinstance(props, dict) else {}
         args = {
-            p.group(1).strip(): _qwen3_value(p.group(2), (props or {}).get(p.group(1).strip()))
+            p.group(1).strip(): _qwen3_value(p.group(2), props.get(p.group(1).strip()))
             for p in _QWEN3_PARAMETER.finditer(f.group(2))
         }
         calls.append((name, args))
+    return calls or None
+
+
+def _qwen3_coder_split(text: str, names: Tools) -> tuple[str, Calls]:
+    calls: Calls = []
+    kept, last = [], 0
+    for m in _HERMES_FINAL.finditer(text):
+        found = _qwen3_functions(m.group(1), names)
+        if found is None:
+            continue
+        calls += found
         kept.append(text[last : m.start()])
         last = m.end()
     return "".join(kept) + text[last:], calls
@@ -255,7 +276,7 @@ class ToolParser:
     def __init__(
         self,
         name: str,
-        split: Callable[[str, set[str]], tuple[str, Calls]],
+        split: Callable[[str, Tools], tuple[str, Calls]],
         hold: Callable[[str], int],
         *,
         blocks: bool = False,
@@ -337,14 +358,15 @@ class AutoStream:
             items.append(("content", rest[:i]))
             self.sent += i
             m = _HERMES.match(rest, i)
-            if m is None:  # not closed yet (or never: at the end it is text)
+            if m is None:  # not closed yet (at the end: a call if it parses as one left open, else text)
                 if final:
-                    items.append(("content", rest[i:]))
+                    _, calls = self.parser.split(rest[i:], self.names)
+                    items += [("call", c) for c in calls] if calls else [("content", rest[i:])]
                     self.sent = len(self.full)
                 return items
             block = m.group(0)
             _, calls = self.parser.split(block, self.names)
-            items.append(("call", calls[0]) if calls else ("content", block))
+            items += [("call", c) for c in calls] if calls else [("content", block)]
             self.sent += len(block)
 
 
@@ -357,11 +379,13 @@ _REGISTRY = {
     ),
     "pythonic": ToolParser("pythonic", _pythonic_split, lambda t: _start_hold(t, (PYTHON_TAG,), "[")),
     "qwen3_coder": ToolParser("qwen3_coder", _qwen3_coder_split, _hermes_hold, blocks=True),
+    # (Granite 3.0 writes the special token, decoded away; 3.1+ the text <tool_call>)
     "granite": ToolParser(
-        "granite", _json_list_split(GRANITE_TAG), lambda t: _start_hold(t, (GRANITE_TAG,), "[{")
+        "granite", _json_list_split(*GRANITE_TAGS), lambda t: _start_hold(t, GRANITE_TAGS, "[{")
     ),
+    # (functools is text: only the marker starts a call, as vLLM's parser has it)
     "phi4_mini_json": ToolParser(
-        "phi4_mini_json", _json_list_split(PHI4_TAG), lambda t: _start_hold(t, (PHI4_TAG,), "[")
+        "phi4_mini_json", _json_list_split(PHI4_TAG, required=True), lambda t: _start_hold(t, (PHI4_TAG,), "")
     ),
 }
 

@@ -137,10 +137,12 @@ class ToolPlan:
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
         """(content, tool_calls) of a finished output's answer."""
-        if (
-            self.mode == "named"
-        ):  # (the blank line a reasoning model writes after its thinking is not arguments)
+        if self.mode == "named":
             assert self.named is not None
+            # (the blank line a reasoning model writes after its thinking is not arguments; with nothing after it,
+            # no call was begun: a stream announces the call with its first arguments)
+            if self.reasoning is not None and not text.strip():
+                return None, None
             return None, [_call(self.named, text.lstrip())]
         if self.mode == "required":  # read as a stream reads it: the same calls, the arguments as written
             stream = CallListStream()

@@ -188,8 +188,11 @@ def _structural_tags(so: StructuredOutputs, added: frozenset[str]) -> str:
         spec = json.loads(so.spec)
     except (ValueError, RecursionError):
         spec = None
-    if not isinstance(spec, dict) or set(spec) - {"structures", "triggers"}:
+    # (vLLM's JSON form of a response_format carries its "type")
+    if not isinstance(spec, dict) or set(spec) - {"structures", "triggers", "type"}:
         raise GrammarError('structural_tag must be an object {"structures": [...], "triggers": [...]}')
+    if spec.get("type", "structural_tag") != "structural_tag":
+        raise GrammarError('structural_tag\'s "type", where given, must be "structural_tag"')
     structures, triggers = spec.get("structures"), spec.get("triggers")
     if not isinstance(triggers, list) or not 0 < len(triggers) <= MAX_TRIGGERS:
         raise GrammarError(f"structural_tag.triggers must be a list of 1 to {MAX_TRIGGERS} strings")

@@ -39,7 +39,8 @@ class StructuredOutputs:
     content following its JSON schema), or empty (`json_object`: any JSON object). JSON may have whitespace between tokens, at most
     33 characters at a time (pretty-printing, but no endless blank lines); `any_whitespace` False allows none
     (vLLM's `disable_any_whitespace`). `think`: the answer may follow a thinking the grammar leaves free (ThinkMode;
-    JSON may then start after up to 33 characters of whitespace, where `any_whitespace`)."""
+    JSON may then start after up to 33 characters of whitespace, the blank line models write after `</think>`,
+    whatever `any_whitespace`)."""
 
     kind: StructuredKind
     spec: str = ""
