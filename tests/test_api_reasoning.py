@@ -63,9 +63,8 @@ def srv(server_factory, monkeypatch):
     """A qwen3-parser server whose outputs a regex forces (the tiny model does not think by itself): the regex
     covers the whole output, thinking included (`think_mode` None), where it would otherwise apply after it."""
     pytest.importorskip("llguidance")
-    from server.api import routes_openai
 
-    monkeypatch.setattr(routes_openai, "think_mode", lambda parser, opened: None)
+    monkeypatch.setattr(ReasoningParser, "think_mode", lambda self, opened: None)
     return server_factory(
         prefixes={("acme", "default"): {"seed": 5}}, keys={"acme": KEY}, reasoning_parser="qwen3"
     )
@@ -183,14 +182,13 @@ def test_the_prompt_says_where_the_output_starts(server_factory, monkeypatch):
     empty one) starts the output in the answer, even for deepseek_r1 (whose outputs otherwise start thinking); one
     that opened it starts in the thinking, even for qwen3."""
     pytest.importorskip("llguidance")
-    from server.api import routes_openai
     from server.api.reasoning import prompt_opened
 
     assert prompt_opened("<|im_start|>assistant\n<think>\n") is True
     assert prompt_opened("<think>\n\n</think>\n\n") is False and prompt_opened("assistant\n") is None
     assert ReasoningParser("deepseek_r1").split("x</think>y", opened=False) == (None, "x</think>y")
     assert ReasoningParser("qwen3").split("x</think>y", opened=True) == ("x", "y")
-    monkeypatch.setattr(routes_openai, "think_mode", lambda parser, opened: None)
+    monkeypatch.setattr(ReasoningParser, "think_mode", lambda self, opened: None)
     r1 = server_factory(prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="deepseek_r1")
     body = {
         "model": "acme/default", "temperature": 0, "max_tokens": 20, "add_generation_prompt": False,

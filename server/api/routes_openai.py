@@ -32,7 +32,7 @@ from server.api.logprobs import (
     vllm_prompt_logprobs,
 )
 from server.api.model_ids import hinted, model_not_found, parse_model, served_names
-from server.api.reasoning import ReasoningParser, ReasoningStream, prompt_opened
+from server.api.reasoning import ReasoningStream, prompt_opened
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
 from server.api.schemas import (
     BASE_PREFIX,
@@ -57,7 +57,7 @@ from server.api.service import (
 from server.api.streaming import EngineEventStream, merge, sse
 from server.api.tools import CallListStream, ToolPlan, call_id, template_messages, tool_plan
 from server.engine.token_bytes import TokenIdTexts
-from server.engine.types import StructuredOutputs, ThinkMode
+from server.engine.types import StructuredOutputs
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -275,12 +275,6 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
 PROMPT_TAIL, PROMPT_TAIL_CONTINUED = 16, 1024
 
 
-def think_mode(parser: ReasoningParser, opened: bool | None) -> ThinkMode | None:
-    """How a structured output's grammar lets the model think first (vLLM applies the grammar once the reasoning
-    ends): as the parser reads the output, after what the prompt says of the thinking."""
-    return parser.think_mode(opened)
-
-
 async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat: bool) -> _Choices:
     svc = get_service(request)
     info = get_info(request)
@@ -350,7 +344,8 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         # closes it empty), or a continued assistant message's text
         tail = plan.prompts[0][-(PROMPT_TAIL_CONTINUED if body.continue_final_message else PROMPT_TAIL) :]
         tools.opened = prompt_opened(await svc.tokenize(_decode, svc.bundle.tokenizer, tail))
-        think = think_mode(svc.reasoning, tools.opened)
+        # a structured output's grammar lets the model think first (vLLM applies it once the reasoning ends)
+        think = svc.reasoning.think_mode(tools.opened)
     structured: StructuredOutputs | None
     if forced is not None:
         structured = await svc.compile_spec(replace(forced, think=think), "tool_choice")
