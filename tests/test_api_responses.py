@@ -50,6 +50,8 @@ def test_an_answer_is_the_chat_routes_answer(oai):
         oai, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     )
     assert r.object == "response" and r.id.startswith("resp_") and r.model == "acme"
+    # the id is the request's X-Request-ID (as the chat and completion ids)
+    assert oai.responses.create(input="Hi", extra_headers={"X-Request-ID": "t-9"}, **GREEDY).id == "resp_t-9"
     assert [item.type for item in r.output] == ["message"]
     msg = r.output[0]
     assert msg.role == "assistant" and msg.content[0].type == "output_text"

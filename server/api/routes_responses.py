@@ -23,6 +23,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
+from server.api.deps import get_info
 from server.api.errors import COMMON_ERRORS, APIError, loc_param
 from server.api.reasoning import END as REASONING_END
 from server.api.routes_generate import DISCONNECTED, SSE_DOC
@@ -469,7 +470,7 @@ async def responses(
     except APIError as e:
         _rename(e)
         raise
-    answer = _Answer(body, "resp_" + ch.runs[0].req.request_id, ch.created, ch.svc)
+    answer = _Answer(body, "resp_" + get_info(request).request_id, ch.created, ch.svc)  # (its X-Request-ID)
     stream = _Stream(ch, answer)
     if body.stream:
         return EngineEventStream(ch.runs, stream.events, end=None, error_frame=stream.failed)
