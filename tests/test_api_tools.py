@@ -776,3 +776,22 @@ def test_auto_with_a_qwen3_coder_model(server_factory):
     assert "".join(d.get("content") or "" for d in deltas) == "Sure.\n"
     (calls,) = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "10", "days": 3}
+
+
+@pytest.mark.parametrize("parser", ["hermes", "qwen3_coder"])
+def test_a_long_open_block_streams_in_linear_time(parser):
+    """A block left open over a long blank run (a tenant can steer its output there) is followed without
+    rescanning it at every token: the regular expression this replaced backtracked cubically over a stream (600
+    blank characters took 2.7 s, 100,000 would take days, holding the event loop). A hang guard, not a timing."""
+    import time
+
+    text = "<tool_call>" + " \n" * 50_000 + '{"name": "get_time", "arguments": {"zone": "UTC"}}'
+    follow = AutoStream(get_parser(parser), NAMES)
+    t0 = time.monotonic()
+    items = [it for i in range(0, len(text), 4) for it in follow.feed(text[i : i + 4])]
+    items += follow.feed("", final=True)
+    assert time.monotonic() - t0 < 30  # (about 0.05 s here)
+    calls = [v for k, v in items if k == "call"]
+    assert calls == (
+        [("get_time", {"zone": "UTC"})] if parser == "hermes" else []
+    )  # (an open block: at the end)

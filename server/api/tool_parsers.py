@@ -29,7 +29,7 @@ import ast
 import json
 import math
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 Calls = list[tuple[str, Any]]  # (function name, arguments as a JSON value)
@@ -37,9 +37,6 @@ Calls = list[tuple[str, Any]]  # (function name, arguments as a JSON value)
 Tools = Collection[str]
 PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "phi4_mini_json")
 
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-# a finished output's blocks: the last may be left open (a model that ends after the call, as vLLM's parsers take it)
-_HERMES_FINAL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
 HERMES_TAG = "<tool_call>"
 HERMES_END = "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -65,19 +62,35 @@ def _args(obj: dict[str, Any], *keys: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ hermes
+def _tool_call_blocks(text: str) -> Iterator[tuple[int, int, str]]:
+    """(start, end, body without its surrounding whitespace) of each `<tool_call>...</tool_call>` block of a
+    finished output; the last may be left open (a model that ends after its call: vLLM's parsers take it). Found
+    with `str.find`, in one pass: a regular expression with whitespace around a lazy body backtracks quadratically
+    over a long blank run."""
+    at = 0
+    while (i := text.find(HERMES_TAG, at)) >= 0:
+        body = i + len(HERMES_TAG)
+        j = text.find(HERMES_END, body)
+        if j < 0:
+            yield i, len(text), text[body:].strip()
+            return
+        yield i, j + len(HERMES_END), text[body:j].strip()
+        at = j + len(HERMES_END)
+
+
 def _hermes_split(text: str, names: Tools) -> tuple[str, Calls]:
     calls: Calls = []
     kept, last = [], 0
-    for m in _HERMES_FINAL.finditer(text):
+    for start, end, body in _tool_call_blocks(text):
         try:
-            obj = json.loads(m.group(1))
+            obj = json.loads(body)
         except (ValueError, RecursionError):  # RecursionError: nesting too deep
             continue
         if not isinstance(obj, dict) or obj.get("name") not in names:
             continue
         calls.append((obj["name"], _args(obj, "arguments", "parameters")))
-        kept.append(text[last : m.start()])
-        last = m.end()
+        kept.append(text[last:start])
+        last = end
     return "".join(kept) + text[last:], calls
 
 
@@ -258,13 +271,13 @@ def _qwen3_functions(body: str, names: Tools) -> Calls | None:
 def _qwen3_coder_split(text: str, names: Tools) -> tuple[str, Calls]:
     calls: Calls = []
     kept, last = [], 0
-    for m in _HERMES_FINAL.finditer(text):
-        found = _qwen3_functions(m.group(1), names)
+    for start, end, body in _tool_call_blocks(text):
+        found = _qwen3_functions(body, names)
         if found is None:
             continue
         calls += found
-        kept.append(text[last : m.start()])
-        last = m.end()
+        kept.append(text[last:start])
+        last = end
     return "".join(kept) + text[last:], calls
 
 
@@ -314,6 +327,7 @@ class AutoStream:
         self.blank = ""  # whitespace since the start or the last call, not sent yet
         self.in_blank = True  # nothing but whitespace since the start or the last call
         self.called = False
+        self._end_from = 0  # an open block's end tag is not before this index of `full`
 
     def feed(self, text: str, *, final: bool = False) -> list[Item]:
         self.full += text
@@ -346,28 +360,34 @@ class AutoStream:
         return [("content", rest), *(("call", c) for c in calls)]
 
     def _blocks(self, final: bool) -> list[Item]:
+        """Each feed looks at the new text only (an open block's end is searched for from where the last search
+        stopped), so a long output costs linear time."""
         items: list[Item] = []
+        full = self.full
         while True:
-            rest = self.full[self.sent :]
-            i = rest.find(HERMES_TAG)
+            i = full.find(HERMES_TAG, self.sent)
             if i < 0:
-                upto = len(rest) if final else len(rest) - _tag_prefix_at_end(rest, HERMES_TAG)
-                items.append(("content", rest[:upto]))
-                self.sent += upto
+                upto = len(full) if final else len(full) - _tag_prefix_at_end(full, HERMES_TAG)
+                upto = max(upto, self.sent)
+                items.append(("content", full[self.sent : upto]))
+                self.sent = upto
                 return items
-            items.append(("content", rest[:i]))
-            self.sent += i
-            m = _HERMES.match(rest, i)
-            if m is None:  # not closed yet (at the end: a call if it parses as one left open, else text)
+            items.append(("content", full[self.sent : i]))
+            self.sent = i
+            j = full.find(HERMES_END, max(i + len(HERMES_TAG), self._end_from))
+            if j < 0:  # not closed yet (at the end: a call if it parses as one left open, else text)
                 if final:
-                    _, calls = self.parser.split(rest[i:], self.names)
-                    items += [("call", c) for c in calls] if calls else [("content", rest[i:])]
-                    self.sent = len(self.full)
+                    _, calls = self.parser.split(full[i:], self.names)
+                    items += [("call", c) for c in calls] if calls else [("content", full[i:])]
+                    self.sent = len(full)
+                else:  # (the end tag, when it comes, ends after what is here)
+                    self._end_from = max(i + len(HERMES_TAG), len(full) - len(HERMES_END) + 1)
                 return items
-            block = m.group(0)
+            block = full[i : j + len(HERMES_END)]
+            self._end_from = 0
             _, calls = self.parser.split(block, self.names)
             items += [("call", c) for c in calls] if calls else [("content", block)]
-            self.sent += len(block)
+            self.sent = j + len(HERMES_END)
 
 
 _REGISTRY = {
