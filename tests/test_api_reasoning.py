@@ -56,6 +56,13 @@ def test_a_streamed_output_splits_as_the_whole_does_however_it_is_cut(name):
     # whitespace before the opening tag (vLLM's parsers take it too); kept where no tag follows
     assert ReasoningParser("qwen3").split("\n<think>x</think>y") == ("x", "y")
     assert ReasoningParser("qwen3").split("\n<thinks") == (None, "\n<thinks")
+    # not after an endless blank run (waiting for a tag there re-read it at every token): the run is the answer
+    stream = ReasoningParser("qwen3").stream()
+    assert [stream.feed(" ") for _ in range(100)][-1] == ("", " ") and stream.state == "answer"
+    assert ReasoningParser("qwen3").split(" " * 100 + "<think>x</think>y") == (
+        None,
+        " " * 100 + "<think>x</think>y",
+    )
 
 
 @pytest.fixture

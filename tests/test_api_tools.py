@@ -441,6 +441,7 @@ PARSER_CASES = [
     ("mistral", "[1, 2, 3] are numbers", [], None),
     ("mistral", '{"name": "get_time", "arguments": {"zone": "UTC"}}', [("get_time", {"zone": "UTC"})], ""),  # bare
     ("mistral", '{"name": "rm", "arguments": {}}', [], None),
+    ("mistral", " " * 65 + '[{"name": "get_time", "arguments": {}}]', [], None),  # past 64 blanks: text
     # pythonic: a list of calls with keyword literals; nothing is evaluated
     ("pythonic", '[get_weather(city="Paris", unit="c"), get_time(zone=\'UTC\')]',
      [("get_weather", {"city": "Paris", "unit": "c"}), ("get_time", {"zone": "UTC"})], ""),

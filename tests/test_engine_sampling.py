@@ -1147,3 +1147,35 @@ def test_bad_words_on_the_embedded_model(smollm2_bundle):
         for bad in ((), bad_word_ids(tok, ["Paris"]))
     ]
     assert outs[0].startswith(" Paris") and "Paris" not in outs[1], outs
+
+
+@pytest.mark.parametrize("stop", [(), ("ok",)])
+def test_the_decode_window_stays_short_when_no_text_comes(stop):
+    """Tokens that add no text (special tokens the text leaves out) or never complete a character (lone UTF-8 lead
+    bytes, which a tenant can push a model to write) do not grow the window decoded at every token: it used to
+    re-decode everything since the last complete text, quadratic on the engine thread. The text is the same as
+    decoding the whole output at once."""
+    from server.engine.detokenizer import MAX_WAITING, IncrementalDetokenizer, decode_output
+    from server.engine.token_bytes import TokenTexts
+    from tests.fixtures.models import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    texts = TokenTexts(tok)
+    byte = {texts.entry(i)[1]: i for i in range(256)}
+    lead, special = byte[b"\xe2"], tok.convert_tokens_to_ids("<|im_start|>")
+    euro = [byte[bytes([b])] for b in "€".encode()]
+    ok = tok.encode("ok", add_special_tokens=False)
+    output = [lead] * 200 + euro + [special] * 200 + ok + [lead] * 30 + euro + ok + [lead] * 2
+    prompt = tok.encode("Hi there", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, prompt, stop, texts=texts)
+    pieces, widest = [], 0
+    for t in output:
+        piece, hit = d.add(t)
+        pieces.append(piece)
+        widest = max(widest, len(d.ids) - d.prefix_offset)
+        if hit:
+            break
+    text = "".join(pieces) + ("" if d.stopped else d.finish())
+    whole = decode_output(tok, prompt, output)
+    assert text == (whole[: whole.index("ok")] if stop else whole)
+    assert widest <= 2 * MAX_WAITING + 3, widest  # (was the whole run: 200 tokens)

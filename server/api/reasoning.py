@@ -22,6 +22,7 @@ from typing import Any
 from server.engine.types import ThinkMode
 
 START, END = "<think>", "</think>"
+MAX_LEAD = 64  # whitespace characters that may come before an opening tag
 PARSERS = ("deepseek_r1", "qwen3")
 
 
@@ -60,6 +61,8 @@ class ReasoningStream:
         while True:
             if self.state == "start":  # (whitespace before the opening tag: vLLM's parsers take it too)
                 lead = self.buf.lstrip()
+                if len(self.buf) - len(lead) > MAX_LEAD:  # not an opening: no waiting on an endless blank run
+                    lead = self.buf
                 if START.startswith(lead) and not final:
                     break  # maybe the opening tag, cut
                 if lead.startswith(START):

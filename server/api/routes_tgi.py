@@ -285,6 +285,7 @@ class _Shape:
         self.stop_ids = set(svc.llm.eos_ids) | set(sampling.stop_token_ids)
         self.p = p
         self.seed = sampling.seed if sampling.temperature > 0 else None  # TGI: the seed it sampled with
+        self.token_texts = svc.token_text
         self.piece = (
             svc.token_text.piece
         )  # a token decoded alone, as TGI shows alternatives and prompt tokens
@@ -313,7 +314,8 @@ class _Shape:
         ]
 
     def detokenizer(self, prompt_ids: list[int]) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tokenizer, prompt_ids, ())
+        # (by the tokens' own bytes: text that merely ends in U+FFFD is not held back, re-decoded at every token)
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, (), texts=self.token_texts)
 
     def token_text(self, detok: IncrementalDetokenizer, token_id: int, last: bool) -> str:
         """A generated token's own text, decoded incrementally as TGI has it: a token ending inside a character

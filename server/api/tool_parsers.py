@@ -100,10 +100,18 @@ def _hermes_hold(text: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ start-anchored
+# a start-anchored call begins within this much whitespace: past it, an output is text (so a stream never re-reads
+# an endless blank run at every token)
+MAX_LEAD = 64
+_LEAD_WS = re.compile(r"\s*")
+
+
 def _lead(text: str, tags: tuple[str, ...]) -> tuple[str, str]:
-    """(the leading whitespace, the body after it and any of `tags`)."""
-    ws = text[: len(text) - len(text.lstrip())]
-    body = text[len(ws) :]
+    """(the leading whitespace, the body after it and any of `tags`); past MAX_LEAD whitespace, (the text, "")."""
+    n = _LEAD_WS.match(text, 0, MAX_LEAD + 1).end()  # type: ignore[union-attr]
+    if n > MAX_LEAD:
+        return text, ""
+    ws, body = text[:n], text[n:]
     for tag in tags:
         if body.startswith(tag):
             body = body[len(tag) :].lstrip()
@@ -112,9 +120,12 @@ def _lead(text: str, tags: tuple[str, ...]) -> tuple[str, str]:
 
 def _start_hold(text: str, tags: tuple[str, ...], opener: str) -> int:
     """Start-anchored formats: everything is held from the first non-space character when the output begins as a
-    call could (one of the `opener` characters, a tag, or a prefix of a tag); else nothing is."""
-    i = len(text) - len(text.lstrip())
-    rest = text[i:]
+    call could (one of the `opener` characters, a tag, or a prefix of a tag); else nothing is. Looks at the first
+    MAX_LEAD + 1 characters only."""
+    i = _LEAD_WS.match(text, 0, MAX_LEAD + 1).end()  # type: ignore[union-attr]
+    if i > MAX_LEAD:
+        return len(text)
+    rest = text[i : i + max(map(len, tags), default=1)]
     if not rest:
         return i
     if rest[0] in opener or any(rest.startswith(t) or t.startswith(rest) for t in tags):
@@ -202,9 +213,14 @@ def _pythonic_split(text: str, names: Tools) -> tuple[str, Calls]:
 
 # ------------------------------------------------------------------------------------------------ qwen3_coder
 # one block may hold several functions; the last one may be left open
-_QWEN3_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)(?:</function>|(?=<function=)|\Z)\s*", re.DOTALL)
+# (names are bounded: an unclosed `<parameter=` ran its name to the text's end at each one, quadratic)
+_QWEN3_FUNCTION = re.compile(
+    r"\s*<function=([^>\n]{1,256})>(.*?)(?:</function>|(?=<function=)|\Z)\s*", re.DOTALL
+)
 # a value ends at its closing tag, or (a model that left it out) at the next parameter or the function's end
-_QWEN3_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
+_QWEN3_PARAMETER = re.compile(
+    r"<parameter=([^>\n]{1,256})>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL
+)
 
 
 def _qwen3_value(raw: str, schema: Any) -> Any:
@@ -324,7 +340,7 @@ class AutoStream:
         self.parser, self.names = parser, names
         self.full = ""
         self.sent = 0  # self.full[:sent] has been returned
-        self.blank = ""  # whitespace since the start or the last call, not sent yet
+        self.blank: list[str] = []  # whitespace since the start or the last call, not sent yet (its pieces)
         self.in_blank = True  # nothing but whitespace since the start or the last call
         self.called = False
         self._end_from = 0  # an open block's end tag is not before this index of `full`
@@ -335,16 +351,16 @@ class AutoStream:
         out: list[Item] = []
         for kind, value in items:
             if kind == "call":
-                self.blank, self.in_blank, self.called = "", True, True
+                self.blank, self.in_blank, self.called = [], True, True
                 out.append((kind, value))
             elif self.in_blank and not value.strip():
-                self.blank += value
+                self.blank.append(value)
             else:
-                out.append((kind, self.blank + value))
-                self.blank, self.in_blank = "", False
+                out.append((kind, "".join(self.blank) + value))
+                self.blank, self.in_blank = [], False
         if final and self.blank and not self.called:
-            out.append(("content", self.blank))
-            self.blank = ""
+            out.append(("content", "".join(self.blank)))
+            self.blank = []
         return [(k, v) for k, v in out if v != ""]
 
     def _whole(self, final: bool) -> list[Item]:

@@ -12,6 +12,11 @@ from typing import Any
 
 CONTEXT_TOKENS = 6  # prompt tokens decoded before the output: a first token's leading space depends on them
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
+# An incomplete character holds back at most 3 bytes, so at most the last 3 (non-empty) tokens: with more tokens
+# than this waiting, the text before the last 3 is final (complete characters, or bytes that no later byte can make
+# valid), and the window moves on; without it a run of bytes that never completes (a tenant can push a model to
+# write lone lead bytes) re-decoded a growing window at every token, quadratic on the engine thread.
+MAX_WAITING = 8
 
 
 def kept_length(before: str, after: str) -> int:
@@ -131,19 +136,33 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Add one token; returns (text delta safe to emit, stop string hit)."""
+        self.generated += 1
+        if self.texts is not None and self.skip_special and self.texts.dropped(token_id):
+            # a token the text leaves out (a special token): no text, and nothing to decode again later (kept in
+            # the window, a run of them re-decoded a growing window at every token)
+            return self._emit()
         self.ids.append(token_id)
         self._feed(token_id)
-        self.generated += 1
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
         kept = kept_length(prefix_text, new_text)
-        if len(new_text) > kept and self._complete(new_text):
+        end = len(self.ids)
+        if not self._complete(new_text) and end - self.read_offset > MAX_WAITING:
+            end -= 3  # (the bytes before the last 3 tokens are final; see MAX_WAITING)
+            new_text = self._decode(self.ids[self.prefix_offset : end])
+            kept = kept_length(prefix_text, new_text)
+        elif not self._complete(new_text):
+            end = -1
+        if end > 0 and len(new_text) > kept:
             start = len(self.text)
             self.text += new_text[kept:]
             self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
+            self.read_offset = end
             if self._cut_at_stop(start):
                 return self._flush(), True
+        return self._emit()
+
+    def _emit(self) -> tuple[str, bool]:
         safe = max(self.emitted, len(self.text) - self.hold) if self.stop else len(self.text)
         delta = self.text[self.emitted : safe]
         self.emitted = safe
