@@ -34,7 +34,7 @@ from server.api.service import (
     render_prompt,
     truncate_prompt,
 )
-from server.api.streaming import EngineEventStream, sse
+from server.api.streaming import EngineEventStream, json_off_loop, sse
 from server.api.tools import template_messages
 from server.engine import TokenEvent, TokenLogprob
 
@@ -140,17 +140,21 @@ async def generate(
         return Response(status_code=DISCONNECTED)
     finally:
         await run.close()
-    return GenerateResponse(
-        id=rid,
-        tenant_id=tenant,
-        prefix=prefix.name or BASE_PREFIX,
-        prefix_version=prefix.version,
-        text=res.text,
-        finish_reason=res.finish_reason,  # type: ignore[arg-type]
-        stop_reason=res.stop_reason,
-        usage=usage(res.prompt_tokens, res.completion_tokens, res.cached_tokens),  # type: ignore[arg-type]
-        logprobs=None if res.logprobs is None else generate_logprobs(res.logprobs, svc.token_text),  # type: ignore[arg-type]
-        prompt_logprobs=generate_prompt_logprobs(res.prompt_logprobs, svc.token_text),  # type: ignore[arg-type]
+    # (built and encoded off the event loop: thousands of log-probabilities take a while)
+    return await json_off_loop(
+        GenerateResponse,
+        lambda: {
+            "id": rid,
+            "tenant_id": tenant,
+            "prefix": prefix.name or BASE_PREFIX,
+            "prefix_version": prefix.version,
+            "text": res.text,
+            "finish_reason": res.finish_reason,
+            "stop_reason": res.stop_reason,
+            "usage": usage(res.prompt_tokens, res.completion_tokens, res.cached_tokens),
+            "logprobs": None if res.logprobs is None else generate_logprobs(res.logprobs, svc.token_text),
+            "prompt_logprobs": generate_prompt_logprobs(res.prompt_logprobs, svc.token_text),
+        },
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from server.api.auth import Principal, get_principal
 from server.api.chat_template import render_chat
@@ -54,7 +54,7 @@ from server.api.service import (
     render_prompt,
     truncate_prompt,
 )
-from server.api.streaming import EngineEventStream, merge, sse
+from server.api.streaming import EngineEventStream, json_off_loop, merge, sse
 from server.api.tools import CallListStream, ToolPlan, call_id, template_messages, tool_plan
 from server.engine.token_bytes import TokenIdTexts
 from server.engine.types import StructuredOutputs
@@ -496,17 +496,6 @@ async def completions(
             "system_fingerprint": None,
         },
     )
-
-
-async def json_off_loop(model: type[BaseModel], build: Callable[[], dict[str, Any]]) -> Response:
-    """`build()`'s body checked as `model` and encoded as FastAPI would, on a worker thread: an answer with
-    thousands of log-probabilities takes seconds to build, which on the event loop held every other request."""
-
-    def render() -> bytes:
-        data = model.model_validate(build()).model_dump(mode="json", by_alias=True)
-        return json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
-
-    return Response(await asyncio.to_thread(render), media_type="application/json")
 
 
 def _echo_part(

@@ -27,7 +27,7 @@ from server.api.deps import get_info
 from server.api.errors import COMMON_ERRORS, APIError, loc_param
 from server.api.reasoning import END as REASONING_END
 from server.api.routes_generate import DISCONNECTED, SSE_DOC
-from server.api.routes_openai import _Choices, _start, chat_stream, json_off_loop
+from server.api.routes_openai import _Choices, _start, chat_stream
 from server.api.schemas import (
     MAX_MODEL_ID,
     ChatCompletionRequest,
@@ -41,7 +41,7 @@ from server.api.schemas import (
     TopP,
 )
 from server.api.service import ClientDisconnected, Service, race_disconnect
-from server.api.streaming import EngineEventStream
+from server.api.streaming import EngineEventStream, json_off_loop
 from server.api.tool_parsers import HERMES_END
 
 router = APIRouter(prefix="/v1", tags=["openai"])

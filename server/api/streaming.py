@@ -3,7 +3,8 @@
 `EngineEventStream` is a StreamingResponse that always closes its GenerationRuns: on normal end, on error and when
 the client disconnects (Starlette cancels the streaming task; a run's close aborts its engine request, which frees
 its KV within one engine step), even when the body iterator was never started. `merge` interleaves the frames of
-several runs (OpenAI `n` and prompt lists) in the order they are produced.
+several runs (OpenAI `n` and prompt lists) in the order they are produced. `json_off_loop`: a whole (unstreamed)
+answer, which can hold thousands of log-probabilities, checked and encoded on a worker thread.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from starlette.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.api.errors import APIError
@@ -127,3 +129,14 @@ class EngineEventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._close()
+
+
+async def json_off_loop(model: type[BaseModel], build: Callable[[], dict[str, Any]]) -> Response:
+    """`build()`'s body checked as `model` and encoded as FastAPI would, on a worker thread: an answer with
+    thousands of log-probabilities takes seconds to build, which on the event loop held every other request."""
+
+    def render() -> bytes:
+        data = model.model_validate(build()).model_dump(mode="json", by_alias=True)
+        return json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+    return Response(await asyncio.to_thread(render), media_type="application/json")
