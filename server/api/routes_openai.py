@@ -748,9 +748,8 @@ async def _chat_choice(
             "stop_reason": stop_reason(run, finish),
         }
         top: dict[str, Any] = {}
-        if (
-            ids is not None
-        ):  # (the prompt's ids go on the chunk, as vLLM's; each chunk's own tokens on the choice)
+        # (the prompt's ids go on the chunk, as vLLM's; each chunk's own tokens on the choice)
+        if ids is not None:
             taken = ids.take()
             choice["token_ids"] = taken.pop("token_ids")
             top = taken

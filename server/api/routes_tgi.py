@@ -23,6 +23,7 @@ A completed grammar ends as TGI's does: ``eos_token``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -470,14 +471,19 @@ async def _collect(
     text = "".join(parts)
     out: dict[str, Any] = {"generated_text": body.inputs + text if p.return_full_text else text}
     if p.details:
-        details = shape.details(final, ids[-1] if ids else None, text)
         prompt_lps = run.first.prompt_logprobs
-        details["prefill"] = _prefill(shape, prompt_ids, prompt_lps) if p.decoder_input_details else []
-        texts = shape.texts(prompt_ids, ids)
-        details["tokens"] = [shape.token(t, lp, x) for t, lp, x in zip(ids, lps, texts, strict=True)]
-        if p.top_n_tokens:
-            details["top_tokens"] = [shape.top_tokens(lp) for lp in lps]
-        out["details"] = details
+
+        def details() -> dict[str, Any]:
+            d = shape.details(final, ids[-1] if ids else None, text)
+            d["prefill"] = _prefill(shape, prompt_ids, prompt_lps) if p.decoder_input_details else []
+            texts = shape.texts(prompt_ids, ids)
+            d["tokens"] = [shape.token(t, lp, x) for t, lp, x in zip(ids, lps, texts, strict=True)]
+            if p.top_n_tokens:
+                d["top_tokens"] = [shape.top_tokens(lp) for lp in lps]
+            return d
+
+        # (on a worker thread, as the /v1 answers: every token's text and log-probabilities take a while)
+        out["details"] = await asyncio.to_thread(details)
     return out
 
 
