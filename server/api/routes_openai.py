@@ -101,15 +101,17 @@ class _Choices:
         """How the choices' log-probabilities spell their tokens."""
         return TokenIdTexts(self.svc.token_text) if self.plan.token_ids_as_text else self.svc.token_text
 
-    def token_ids(self, index: int) -> dict[str, Any]:
+    def token_ids(self, index: int, prompt: bool = True, output: bool = True) -> dict[str, Any]:
         """Choice `index`'s prompt and output token ids (vLLM's return_token_ids), if asked for."""
         if not self.plan.return_token_ids:
             return {}
         run = self.runs[index]
-        return {
-            "prompt_token_ids": list(run.req.prompt_token_ids),
-            "token_ids": [] if self.plan.hide_output else list(run.token_ids),
-        }
+        out: dict[str, Any] = {}
+        if prompt:
+            out["prompt_token_ids"] = list(run.req.prompt_token_ids)
+        if output:
+            out["token_ids"] = [] if self.plan.hide_output else list(run.token_ids)
+        return out
 
     @property
     def prompt_tokens(self) -> int:
@@ -632,11 +634,6 @@ async def _completion_choice(
         yield chunk(text, logprobs, finish)
 
 
-def _without_prompt(ids: dict[str, Any]) -> dict[str, Any]:
-    """A chat choice's `token_ids` (the prompt's are the response's, once)."""
-    return {k: v for k, v in ids.items() if k != "prompt_token_ids"}
-
-
 class _ChunkTokenIds:
     """A streamed choice's token ids (vLLM's return_token_ids): the prompt's with its first chunk, and with each
     chunk the output tokens since the previous one (a token whose text is held back goes with a later chunk)."""
@@ -688,10 +685,10 @@ async def chat_completions(
             "created": ch.created,
             "model": ch.model,
             "choices": [
-                {**_chat_choice_body(ch.plan, i, res, ch.text), **_without_prompt(ch.token_ids(i))}
+                {**_chat_choice_body(ch.plan, i, res, ch.text), **ch.token_ids(i, prompt=False)}
                 for i, res in enumerate(results)
             ],
-            **({"prompt_token_ids": ch.token_ids(0)["prompt_token_ids"]} if ch.plan.return_token_ids else {}),
+            **ch.token_ids(0, output=False),  # (one prompt, whatever n)
             "usage": ch.usage(),
             "system_fingerprint": None,
             "prompt_logprobs": _prompt_logprobs(ch, results[0]),  # one prompt, whatever n

@@ -78,20 +78,33 @@ def _tool_call_blocks(text: str) -> Iterator[tuple[int, int, str]]:
         at = j + len(HERMES_END)
 
 
-def _hermes_split(text: str, names: Tools) -> tuple[str, Calls]:
+def _blocks_split(text: str, names: Tools, read: Callable[[str, Tools], Calls | None]) -> tuple[str, Calls]:
+    """The calls `read` finds in each `<tool_call>` block (None: the block is text), and the text around them."""
     calls: Calls = []
     kept, last = [], 0
     for start, end, body in _tool_call_blocks(text):
-        try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError):  # RecursionError: nesting too deep
+        found = read(body, names)
+        if found is None:
             continue
-        if not isinstance(obj, dict) or obj.get("name") not in names:
-            continue
-        calls.append((obj["name"], _args(obj, "arguments", "parameters")))
+        calls += found
         kept.append(text[last:start])
         last = end
     return "".join(kept) + text[last:], calls
+
+
+def _hermes_call(body: str, names: Tools) -> Calls | None:
+    """A hermes block's `{"name", "arguments"}` of a known tool, or None."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep
+        return None
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return None
+    return [(obj["name"], _args(obj, "arguments", "parameters"))]
+
+
+def _hermes_split(text: str, names: Tools) -> tuple[str, Calls]:
+    return _blocks_split(text, names, _hermes_call)
 
 
 def _hermes_hold(text: str) -> int:
@@ -270,31 +283,22 @@ def _qwen3_functions(body: str, names: Tools) -> Calls | None:
     at = 0
     while at < len(body):
         f = _QWEN3_FUNCTION.match(body, at)
-        if f is None or f.end() == at or f.group(1).strip() not in names:
+        if f is None or f.end() == at or (name := f.group(1).strip()) not in names:
             return None
-        name, at = f.group(1).strip(), f.end()
+        at = f.end()
         schema = names.get(name) if isinstance(names, Mapping) else None
         props = schema.get("properties") if isinstance(schema, dict) else None
         props = props if isinstance(props, dict) else {}
-        args = {
-            p.group(1).strip(): _qwen3_value(p.group(2), props.get(p.group(1).strip()))
-            for p in _QWEN3_PARAMETER.finditer(f.group(2))
-        }
+        args = {}
+        for p in _QWEN3_PARAMETER.finditer(f.group(2)):
+            key = p.group(1).strip()
+            args[key] = _qwen3_value(p.group(2), props.get(key))
         calls.append((name, args))
     return calls or None
 
 
 def _qwen3_coder_split(text: str, names: Tools) -> tuple[str, Calls]:
-    calls: Calls = []
-    kept, last = [], 0
-    for start, end, body in _tool_call_blocks(text):
-        found = _qwen3_functions(body, names)
-        if found is None:
-            continue
-        calls += found
-        kept.append(text[last:start])
-        last = end
-    return "".join(kept) + text[last:], calls
+    return _blocks_split(text, names, _qwen3_functions)
 
 
 # ------------------------------------------------------------------------------------------------ registry

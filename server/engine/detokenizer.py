@@ -147,12 +147,13 @@ class IncrementalDetokenizer:
         new_text = self._decode(self.ids[self.prefix_offset :])
         kept = kept_length(prefix_text, new_text)
         end = len(self.ids)
-        if not self._complete(new_text) and end - self.read_offset > MAX_WAITING:
-            end -= 3  # (the bytes before the last 3 tokens are final; see MAX_WAITING)
-            new_text = self._decode(self.ids[self.prefix_offset : end])
-            kept = kept_length(prefix_text, new_text)
-        elif not self._complete(new_text):
-            end = -1
+        if not self._complete(new_text):
+            if end - self.read_offset <= MAX_WAITING:
+                end = -1  # (wait for the character's other bytes)
+            else:
+                end -= 3  # (the bytes before the last 3 tokens are final; see MAX_WAITING)
+                new_text = self._decode(self.ids[self.prefix_offset : end])
+                kept = kept_length(prefix_text, new_text)
         if end > 0 and len(new_text) > kept:
             start = len(self.text)
             self.text += new_text[kept:]
