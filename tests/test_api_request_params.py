@@ -1,5 +1,5 @@
 """vLLM's request parameters on every generation route: min_p, include_stop_str_in_output, truncate_prompt_tokens and
-priority (with the tenant's tier from the limits file)."""
+priority, and TGI's typical_p (with the tenant's tier from the limits file)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,23 @@ def test_min_p_reaches_the_sampler_on_every_route(srv):
     plain = c.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
     assert comp == plain
     assert_error(c.post("/generate", json={"prompt": "x", "prefix": "base", "min_p": 1.5}), 422)
+
+
+def test_typical_p_reaches_the_sampler(srv):
+    """TGI's typical_p on /generate and (an extension) /v1: with a tiny mass one token is left at each step (the
+    one whose surprisal is closest to the entropy), so any seed gives the same text; out of (0, 1] is a 422."""
+    c = srv.client("k-a")
+    hot = [generate(c, temperature=3.0, seed=s)["text"] for s in (1, 2)]
+    assert hot[0] != hot[1]
+    narrow = [generate(c, temperature=3.0, seed=s, typical_p=1e-9)["text"] for s in (1, 2)]
+    assert narrow[0] == narrow[1]
+    body = {"model": "acme/base", "prompt": "Once upon a time", "max_tokens": 10, "ignore_eos": True}
+    for seed in (3, 4):
+        r = c.post("/v1/completions", json={**body, "temperature": 3.0, "seed": seed, "typical_p": 1e-9})
+        assert r.json()["choices"][0]["text"] == narrow[0], r.text
+    for bad in (0, 1.5):
+        err = assert_error(c.post("/generate", json={"prompt": "x", "prefix": "base", "typical_p": bad}), 422)
+        assert "typical_p" in json.dumps(err)
 
 
 def test_include_stop_str_in_output(srv):
@@ -228,6 +245,13 @@ def test_sdk_sends_the_parameters(srv):
                                      include_stop_str_in_output=True)
         )  # fmt: skip
         assert streamed == text[: text.index(stop) + 1]
+        narrow = [
+            c.generate(None, "Once upon a time", prefix="base", max_tokens=8, temperature=3.0, seed=s,
+                       typical_p=1e-9).text
+            for s in (1, 2)
+        ]  # fmt: skip
+        assert narrow[0] == narrow[1] == generate(srv.client("k-a"), temperature=3.0, seed=9,
+                                                  typical_p=1e-9, max_tokens=8)["text"]  # fmt: skip
 
 
 def test_skip_special_tokens_and_its_text_offsets(srv):

@@ -126,6 +126,11 @@ def test_sampling_parameters_follow_tgi(srv):
     assert again.json()["generated_text"] == sampled["generated_text"]
     ref = native(c, max_tokens=10, seed=7, temperature=1.0)
     assert sampled["generated_text"] == ref["text"]
+    # typical_p is a warper too: TGI samples at temperature 1 with it, as /generate does
+    typical = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "typical_p": 0.3}}).json()
+    assert (
+        typical["generated_text"] == native(c, max_tokens=10, seed=7, temperature=1.0, typical_p=0.3)["text"]
+    )
     warm = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "temperature": 0.7}}).json()
     assert warm["generated_text"] == native(c, max_tokens=10, seed=7, temperature=0.7)["text"]
     greedy = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": p}).json()  # seed alone: greedy
@@ -173,7 +178,7 @@ def test_sampling_parameters_follow_tgi(srv):
         ({"adapter_id": "acme/missing"}, 404, None),
         ({"adapter_id": "acme/faq", "adapter_source": "hub"}, 422, "parameters.adapter_source"),
         ({"merged_adapters": {"ids": ["a", "b"]}}, 422, "parameters.merged_adapters"),
-        ({"typical_p": 0.5}, 422, "parameters.typical_p"),
+        ({"typical_p": 0}, 422, None),
         ({"watermark": True}, 422, "parameters.watermark"),
         ({"best_of": 2}, 422, "parameters.best_of"),
         ({"temperature": -1}, 422, None),

@@ -156,6 +156,50 @@ def test_min_p_matches_transformers(kw):
     assert 1 <= int(kept.sum()) < 300 or kw["min_p"] == 0
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(typical_p=0.5),
+        dict(typical_p=0.95, temperature=0.7),
+        dict(typical_p=0.2, top_k=20),
+        dict(typical_p=0.9, top_p=0.8, min_p=0.01, temperature=1.3),
+        dict(typical_p=1e-6),
+    ],
+)
+def test_typical_p_matches_transformers(kw):
+    """typical_p (TGI's and transformers' locally typical sampling) last, after temperature, top-k, top-p and min-p,
+    as transformers' generate orders its warpers: the same scores, fewer tokens than the row had."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )
+
+    p = SamplingParams(**{"temperature": 1.0, **kw})
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(p.temperature)])
+    if p.top_k:
+        warpers.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(p.top_p))
+    if p.min_p:
+        warpers.append(MinPLogitsWarper(p.min_p))
+    warpers.append(TypicalLogitsWarper(p.typical_p))
+    g = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        logits = torch.randn(1, 300, generator=g) * 3
+        want = warpers(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0]
+        got = filter_logits(logits[0], p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got[torch.isfinite(got)], want[torch.isfinite(want)])
+        without = filter_logits(logits[0], dataclasses.replace(p, typical_p=1.0))
+        assert 1 <= int(torch.isfinite(got).sum()) < int(torch.isfinite(without).sum())
+    if kw["typical_p"] < 1e-3:  # the one token whose surprisal is closest to the entropy
+        assert int(torch.isfinite(got).sum()) == 1
+
+
 def _row_by_row_filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The reference: one row, each warper as transformers writes it (a full sort for top-p)."""
     logits = logits / p.temperature
@@ -173,11 +217,15 @@ def _row_by_row_filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.min_p > 0.0:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    if p.typical_p < 1.0:
+        from transformers.generation.logits_process import TypicalLogitsWarper
+
+        logits = TypicalLogitsWarper(p.typical_p)(None, logits[None])[0]
     return logits
 
 
 def test_batched_filtering_equals_each_row_alone():
-    """The batch's temperature / top-k / top-p / min-p give every row exactly (bitwise) what a row-by-row
+    """The batch's temperature / top-k / top-p / min-p / typical-p give every row exactly (bitwise) what a row-by-row
     reference gives it, whatever the other rows ask for: ties, top-k past the vocabulary, rows without any filter,
     rows whose nucleus is more than the CPU's top-p candidates (sorted whole)."""
     import random
@@ -196,6 +244,7 @@ def test_batched_filtering_equals_each_row_alone():
                 top_k=rng.choice([0, 0, 1, 5, 50, vocab, vocab + 3]),
                 top_p=rng.choice([1.0, 1.0, 0.9, 0.5, 1e-6]),
                 min_p=rng.choice([0.0, 0.0, 0.05, 1.0]),
+                typical_p=rng.choice([1.0, 1.0, 0.9, 0.3]),
             )
             for _ in range(n)
         ]

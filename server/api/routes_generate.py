@@ -97,6 +97,7 @@ async def generate(
         top_p=body.top_p,
         top_k=body.top_k,
         min_p=body.min_p,
+        typical_p=body.typical_p,
         seed=body.seed,
         stop=body.stop,
         include_stop_str_in_output=body.include_stop_str_in_output,

@@ -362,6 +362,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         top_p=svc.openai_default("top_p", body.top_p, 1.0),
         top_k=svc.openai_default("top_k", body.top_k, 0),
         min_p=svc.openai_default("min_p", body.min_p, 0.0),
+        typical_p=body.typical_p or 1.0,
         seed=body.seed,
         stop=body.stop,
         include_stop_str_in_output=body.include_stop_str_in_output,

@@ -114,7 +114,7 @@ class TGIParameters(BaseModel):
     top_k: int | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens")
-    typical_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Only 1 (off)")
+    typical_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Typical decoding")
     best_of: int | None = Field(None, ge=1, description="Only 1")
     watermark: bool = Field(False, description="Not supported (422 when true)")
     details: bool = False
@@ -200,8 +200,6 @@ def _target(p: TGIParameters, principal: Principal) -> tuple[str, str, int | Non
 def _sampling(
     svc: Service, p: TGIParameters, room: int, structured: StructuredOutputs | None
 ) -> SamplingParams:
-    if p.typical_p is not None and p.typical_p < 1:
-        raise _unsupported("typical_p", "typical decoding is not supported (typical_p must be 1 or absent)")
     if p.watermark:
         raise _unsupported("watermark", "watermarking is not supported")
     if p.best_of is not None and p.best_of > 1:
@@ -211,6 +209,7 @@ def _sampling(
         or (p.temperature is not None and p.temperature != 1.0)
         or bool(p.top_k)
         or (p.top_p is not None and p.top_p < 1.0)
+        or (p.typical_p is not None and p.typical_p < 1.0)
     )
     temperature = (1.0 if p.temperature is None else p.temperature) if sample else 0.0
     # TGI samples with a seed it reports: the given one, or one drawn here (the output can be reproduced)
@@ -222,6 +221,7 @@ def _sampling(
         temperature=temperature,
         top_p=p.top_p if sample and p.top_p is not None else 1.0,
         top_k=p.top_k if sample and p.top_k else 0,
+        typical_p=p.typical_p if sample and p.typical_p is not None else 1.0,
         seed=seed,
         stop=p.stop,
         include_stop_str_in_output=True,  # TGI's generated_text ends with the stop sequence

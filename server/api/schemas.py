@@ -88,6 +88,10 @@ MIN_TOKENS_DOC = "vLLM: end-of-sequence and stop_token_ids cannot end the output
 MIN_P_DOC = (
     "vLLM: drop tokens less likely than min_p times the most likely one (after top-k and top-p; 0 disables)"
 )
+TYPICAL_P_DOC = (
+    "TGI / transformers: locally typical sampling, keep the tokens whose surprisal is closest to the entropy, the "
+    "fewest whose mass reaches typical_p (after min-p; 1 disables)"
+)
 INCLUDE_STOP_DOC = "vLLM: end the text with the stop string that ended it (default: the text stops before it)"
 SKIP_SPECIAL_DOC = "vLLM: the text leaves out special tokens (false: keeps them, e.g. `<|im_end|>`)"
 SPACES_SPECIAL_DOC = (
@@ -114,6 +118,7 @@ PREFIX_VERSION_DOC = (
     '"tenant/prefix@version"`'
 )
 MinP = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+TypicalP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
 
 def _not_zero(v: int) -> int:
@@ -239,6 +244,7 @@ class GenerateRequest(BaseModel):
     top_p: TopP = 1.0
     top_k: TopK = 0
     min_p: MinP = Field(0.0, description=MIN_P_DOC)
+    typical_p: TypicalP = Field(1.0, description=TYPICAL_P_DOC)
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
     include_stop_str_in_output: bool = Field(False, description=INCLUDE_STOP_DOC)
@@ -383,6 +389,7 @@ class _OpenAIBase(BaseModel):
     top_p: TopP | None = None
     top_k: TopK | None = Field(None, description="Extension (vLLM): top-k sampling, 0 or -1 disables")
     min_p: MinP | None = Field(None, description="Extension (" + MIN_P_DOC + ")")
+    typical_p: TypicalP | None = Field(None, description="Extension (" + TYPICAL_P_DOC + ")")
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
     include_stop_str_in_output: bool = Field(False, description="Extension (" + INCLUDE_STOP_DOC + ")")

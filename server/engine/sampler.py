@@ -91,10 +91,10 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tuple
 
 
 def filter_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k, top-p (nucleus) then min-p (transformers' order) on every row of `logits` (`[n, vocab]`
+    """Temperature, top-k, top-p (nucleus), min-p then typical-p (transformers' order) on every row of `logits` (`[n, vocab]`
     float32; row i with `params[i]`) in batched ops: each row gets exactly what it would get alone (each op
     computes a row as it would alone; tested against a row-by-row reference), in a few ops for all rows instead
-    of ~30 per row. A row without top-k, top-p or min-p is left as its temperature made it."""
+    of ~30 per row. A row without top-k, top-p, min-p or typical-p is left as its temperature made it."""
     dev, dtype, vocab = logits.device, logits.dtype, logits.shape[-1]
     neg = float("-inf")
     logits = logits / _on_device([p.temperature for p in params], dtype, dev).unsqueeze(1)
@@ -118,7 +118,28 @@ def filter_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
             * probs.max(-1, keepdim=True).values
         )
         logits = logits.masked_fill(probs < floor, neg)
+    if any(p.typical_p < 1.0 for p in params):
+        rows = [i for i, p in enumerate(params) if p.typical_p < 1.0]
+        index = _on_device(rows, torch.long, dev)
+        mass = _on_device([params[i].typical_p for i in rows], dtype, dev).unsqueeze(1)
+        logits = logits.index_copy(0, index, _typical(logits.index_select(0, index), mass))
     return logits
+
+
+def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (transformers' TypicalLogitsWarper, TGI's typical_p): each row of `logits` keeps
+    the tokens whose surprisal (-log p) is closest to the row's entropy, the fewest in that order whose
+    probability mass reaches the row's `mass` (`[n, 1]`), and at least one."""
+    logp = logits.log_softmax(-1)
+    p = logp.exp()
+    entropy = -(logp * p).nansum(-1, keepdim=True)  # -inf * 0 (filtered tokens) is NaN: they add nothing
+    shifted = (-logp - entropy).abs()  # +inf for filtered tokens: they sort last and stay out
+    shifted_sorted, order = shifted.sort(-1)
+    cum = p.gather(-1, order).cumsum(-1)
+    last = (cum < mass).sum(-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
+    remove_sorted = shifted_sorted > shifted_sorted.gather(-1, last)
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
 
 
 TOP_P_CANDIDATES = 1024  # on a CPU, top-p looks among this many most likely tokens before sorting a whole row
@@ -182,7 +203,8 @@ def sample_rows(
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p (nucleus) then min-p on one row of float32 logits (transformers' order)."""
+    """Temperature, top-k, top-p (nucleus), min-p then typical-p on one row of float32 logits (transformers'
+    order)."""
     return filter_batch(logits.unsqueeze(0), [p])[0]
 
 

@@ -65,6 +65,9 @@ class SamplingParams:
     top_k: int = 0
     # vLLM / transformers: drop tokens less likely than min_p x the most likely one (after top-k and top-p)
     min_p: float = 0.0
+    # TGI / transformers (locally typical sampling, Meister et al. 2022): keep the tokens whose surprisal is
+    # closest to the distribution's entropy, the fewest whose mass reaches typical_p (after min-p; 1 disables).
+    typical_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # vLLM: keep the stop string that ended the output at its end (default: cut before it)
@@ -102,6 +105,7 @@ class SamplingParams:
             "temperature",
             "top_p",
             "min_p",
+            "typical_p",
             "presence_penalty",
             "frequency_penalty",
             "repetition_penalty",
@@ -117,6 +121,8 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError("typical_p must be in (0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2]")

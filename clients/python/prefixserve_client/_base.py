@@ -264,6 +264,7 @@ def generate_body(
     stop_token_ids: Optional[Sequence[int]] = None,
     structured_outputs: Optional[StructuredOutputsArg] = None,
     min_p: float = 0.0,
+    typical_p: float = 1.0,
     include_stop_str_in_output: bool = False,
     truncate_prompt_tokens: Optional[int] = None,
     priority: int = 0,
@@ -316,6 +317,8 @@ def generate_body(
         body["structured_outputs"] = structured_outputs_body(structured_outputs)
     if min_p:
         body["min_p"] = min_p
+    if typical_p != 1.0:
+        body["typical_p"] = typical_p
     if include_stop_str_in_output:
         body["include_stop_str_in_output"] = True
     if truncate_prompt_tokens is not None:
