@@ -890,8 +890,6 @@ def test_echo_of_a_prompt_ending_inside_a_character_the_output_completes(srv):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("use_beam_search", True),
-        ("length_penalty", 0.5),
         ("logits_processors", ["m.Proc"]),
         ("prompt_embeds", "AAAA"),
         ("best_of", 3),
@@ -910,7 +908,7 @@ def test_vllm_fields_that_would_change_the_output_are_refused_not_ignored(srv, f
             "max_tokens": 2,
         },
     }
-    default = {"use_beam_search": False, "length_penalty": 1.0, "best_of": 1}.get(field)
+    default = {"best_of": 1}.get(field)
     for path, body in bodies.items():
         r = c.post(path, json={**body, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, r.text)

@@ -21,6 +21,7 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 
 from server.api.auth import Principal, get_principal
+from server.api.beam import MAX_BEAM_WIDTH, BeamParams
 from server.api.chat_template import render_chat
 from server.api.deps import app_state, get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError
@@ -337,6 +338,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             raise APIError(
                 422, "give tool_choice or structured_outputs, not both", param="structured_outputs"
             )
+    beam = _beam_params(body, plan, so is not None or forced is not None)
     think = None
     if chat and svc.reasoning is not None:
         assert isinstance(body, ChatCompletionRequest)
@@ -416,10 +418,54 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
             receive=request.receive,
             priority=priority,
             bill_output=not plan.hide_output,
+            beam=beam,
         )
     except APIError as e:
         raise _as_openai_error(e, body.model, hint) from None
     return _Choices(svc, runs, plan, body.model, int(time.time()), n)
+
+
+# what beam search does not do (vLLM ignores most of them; here they are refused rather than dropped without a word)
+_NOT_WITH_BEAMS = (
+    "stop",
+    "stop_token_ids",
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "prompt_logprobs",
+)
+
+
+def _beam_params(body: _OpenAIBase, plan: _Plan, structured: bool) -> BeamParams | None:
+    """vLLM's use_beam_search (n beams) and length_penalty, checked against what beam search cannot honour."""
+    if not body.use_beam_search:
+        if body.length_penalty not in (None, 1.0):
+            raise APIError(
+                422, "length_penalty applies to beam search only (use_beam_search)", param="length_penalty"
+            )
+        return None
+    for name in _NOT_WITH_BEAMS:
+        value = getattr(body, name, None)
+        if value not in (None, [], {}, "", 0, 0.0) and not (name == "repetition_penalty" and value == 1.0):
+            raise APIError(422, f"{name} is not supported with use_beam_search", param=name)
+    if structured or (body.response_format is not None and body.response_format.type != "text"):
+        raise APIError(
+            422,
+            "structured outputs and forced tool calls are not supported with use_beam_search",
+            param="use_beam_search",
+        )
+    if plan.echo is not None:
+        raise APIError(422, "echo is not supported with use_beam_search", param="echo")
+    n = body.n or 1
+    if n > MAX_BEAM_WIDTH:
+        raise APIError(
+            422, f"with use_beam_search, n (the beam width) is at most {MAX_BEAM_WIDTH}", param="n"
+        )
+    return BeamParams(n, 1.0 if body.length_penalty is None else body.length_penalty)
 
 
 # the server's "too long" answers (413 on its own routes) that OpenAI gives as a 400 `context_length_exceeded`

@@ -357,12 +357,6 @@ def _refuse_unless_default(v: Any) -> Any:
     return v
 
 
-def _refuse_unless_one(v: Any) -> Any:
-    if v is not None and v != 1:
-        raise ValueError("not supported by this server (beam search only; only 1 or null)")
-    return v
-
-
 ADD_SPECIAL_DOC = (
     "vLLM: add the tokenizer's special tokens (a BOS) to a text prompt or not; default: as the prompt format does "
     "(raw: the tokenizer's default; chat: what the template writes)"
@@ -424,9 +418,19 @@ class _OpenAIBase(BaseModel):
     stop_token_ids: TokenIdList | None = Field(None, description="Extension (" + STOP_TOKEN_IDS_DOC + ")")
     user: str | None = Field(None, max_length=256)
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported")
-    use_beam_search: Unsupported = Field(None, description=UNSUPPORTED_DOC)
-    length_penalty: Annotated[Any, AfterValidator(_refuse_unless_one)] = Field(
-        None, description="vLLM's (beam search): not supported here, only 1 or null"
+    use_beam_search: bool | None = Field(
+        None,
+        description="Extension (vLLM): beam search; the n best of n beams, best first (deterministic: sampling "
+        "fields do not apply; not with stop, penalties, logit_bias, allowed_token_ids, bad_words, min_tokens, "
+        "structured outputs, forced tool calls, echo or prompt_logprobs)",
+    )
+    length_penalty: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        ge=-10,
+        le=10,
+        description="Extension (vLLM, with use_beam_search): a beam's score is its summed log-probability over its "
+        "length to this power (default 1; above 0 favours longer outputs)",
     )
     allowed_token_ids: AllowedTokenIds | None = Field(
         None, description="Extension (" + ALLOWED_TOKEN_IDS_DOC + ")"

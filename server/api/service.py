@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefix_store import PrefixMeta, PrefixStore, errors
 from server import model as _model
@@ -50,6 +50,9 @@ from server.engine.types import ThinkMode
 from server.model import ModelBundle
 from server.prefixes import validate_kv
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.api.beam import BeamParams
 
 log = logging.getLogger("prefixserve.api")
 T = TypeVar("T")
@@ -393,6 +396,10 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+# what `AsyncEngine.generate` raises when it does not take a request (`GenerationRun._refusal`'s answers)
+REFUSALS = (QueueFull, RequestTooLarge, ValueError, RuntimeError)
+
+
 def _retrieved(task: asyncio.Future[Any]) -> None:
     """A done callback that reads a task's outcome, so that asyncio does not log an exception nobody awaited."""
     if not task.cancelled():
@@ -510,25 +517,23 @@ class GenerationRun:
 
     async def _submit(self) -> TokenEvent:
         """Hand the request to the engine and wait for its first event."""
-        settings = self.svc.settings
         self._agen = self.svc.engine.generate(self.req)
         try:
-            ev = await self._next()
-        except QueueFull as e:
-            self.refused = True
-            raise unavailable(f"server busy: {e}", settings.retry_after_s, code="queue_full") from None
-        except RequestTooLarge as e:
-            self.refused = True
-            raise APIError(413, str(e), code="context_length_exceeded", param="max_tokens") from None
-        except ValueError as e:
-            self.refused = True
-            raise APIError(422, str(e), code="invalid_value") from None
-        except RuntimeError as e:
-            self.refused = True
-            raise unavailable(
-                f"engine unavailable: {e}", settings.retry_after_s, code="engine_unavailable"
-            ) from None
-        return ev
+            return await self._next()
+        except REFUSALS as e:
+            raise self._refusal(e) from None
+
+    def _refusal(self, e: Exception) -> APIError:
+        """The answer to the engine refusing the request (one of `REFUSALS`): it never ran."""
+        self.refused = True
+        retry = self.svc.settings.retry_after_s
+        if isinstance(e, QueueFull):
+            return unavailable(f"server busy: {e}", retry, code="queue_full")
+        if isinstance(e, RequestTooLarge):
+            return APIError(413, str(e), code="context_length_exceeded", param="max_tokens")
+        if isinstance(e, ValueError):
+            return APIError(422, str(e), code="invalid_value")
+        return unavailable(f"engine unavailable: {e}", retry, code="engine_unavailable")
 
     async def _next(self) -> TokenEvent:
         """Next engine event (if the engine thread dies meanwhile, an EngineDead error event comes instead)."""
@@ -1305,9 +1310,10 @@ class Service:
         receive: Callable[[], Any] | None,
         priority: int = 0,
         bill_output: bool = True,
+        beam: BeamParams | None = None,
     ) -> list[GenerationRun]:
         """Start the engine requests of one HTTP generation request (one, or several for OpenAI `n` and prompt
-        lists). Every limit is checked before anything runs; the tenant's rate limits are charged once, for all of
+        lists; with `beam`, each run of `beam.width` jobs of one prompt is one beam search and its choices). Every limit is checked before anything runs; the tenant's rate limits are charged once, for all of
         them (a refused request costs nothing), then each takes a tenant slot. All start together: with the prompt
         cache on, samples of one prompt share its prefill in the engine (the first admitted computes its full
         blocks, the others take them in the same step). If any cannot start, the others are closed and its error
@@ -1326,7 +1332,15 @@ class Service:
         priority += self.limiter.limit(tenant).priority  # the tenant's tier
         try:
             runs = await self._start_runs(
-                info, prefix, jobs, costs, priority, stream=stream, receive=receive, bill_output=bill_output
+                info,
+                prefix,
+                jobs,
+                costs,
+                priority,
+                stream=stream,
+                receive=receive,
+                bill_output=bill_output,
+                beam=beam,
             )
         except APIError as e:
             # the engine took it, then it failed (its prefix could not be loaded, say): a request, as its failed
@@ -1392,6 +1406,7 @@ class Service:
         stream: bool,
         receive: Callable[[], Any] | None,
         bill_output: bool = True,
+        beam: BeamParams | None = None,
     ) -> list[GenerationRun]:
         """Every run is made (slot taken, its tokens handed over) before anything is awaited, so each reservation
         has an owner whatever fails next; then all start together, racing the client's disconnect. Returns once
@@ -1400,7 +1415,10 @@ class Service:
         runs: list[GenerationRun] = []
         try:
             for (ids, sampling), cost in zip(jobs, costs, strict=True):
-                run = self._make_run(info, prefix, ids, sampling, cost, priority, stream)
+                if beam is None:
+                    run = self._make_run(info, prefix, ids, sampling, cost, priority, stream)
+                else:
+                    run = self._make_beam_run(info, prefix, ids, sampling, cost, priority, beam, runs)
                 # (before it starts: its first event may be its last, observed as it arrives)
                 run.bill_output = bill_output
                 runs.append(run)
@@ -1440,6 +1458,30 @@ class Service:
                 e.ran = True  # type: ignore[attr-defined]  # not refused: the engine ran it
             raise
         return runs
+
+    def _make_beam_run(
+        self,
+        info: RequestInfo,
+        prefix: ResolvedPrefix,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        reserved: int,
+        priority: int,
+        beam: BeamParams,
+        made: list[GenerationRun],
+    ) -> GenerationRun:
+        """Choice `len(made) % width` of a prompt's beam search: the first choice of a prompt makes the search, the
+        next `width - 1` share it."""
+        from server.api.beam import BeamRun, BeamSearch
+
+        index = len(made) % beam.width
+        if index == 0:
+            search = BeamSearch(self, prefix, prompt_ids, sampling, beam, priority)
+        else:
+            search = made[-1].search  # type: ignore[attr-defined]
+        release = self.acquire_slot(prefix.tenant_id)
+        req = Request(uuid.uuid4().hex, prompt_ids, sampling, prefix.key, cache_salt=prefix.tenant_id)
+        return BeamRun(self, req, prefix, info, release, reserved, search, index)
 
     def _make_run(
         self,
