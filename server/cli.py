@@ -311,6 +311,44 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return run_server(settings)
 
 
+def cmd_run_batch(ns: argparse.Namespace) -> int:
+    """vLLM's `run-batch`: the OpenAI Batch JSONL file `-i` through this server's app in-process, results to `-o`;
+    exit 0 once every line has its result (a request's own error is a result), 2 on bad settings or input."""
+    import asyncio
+
+    from server.batch import read_lines, run_batch, write_lines
+    from server.logging_utils import setup_logging
+
+    try:
+        settings = settings_from_args(ns)
+        settings.tenant_keys()
+        check_model_settings(settings)
+    except Exception as e:
+        return invalid_settings(e)
+    setup_logging(settings.log_level, settings.log_json)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        lines = read_lines(ns.input_file)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"error: cannot read {ns.input_file}: {e}", file=sys.stderr)
+        return 2
+    if ns.max_concurrency is not None and ns.max_concurrency < 1:
+        print("error: --max-concurrency must be >= 1", file=sys.stderr)
+        return 2
+    outputs = asyncio.run(
+        run_batch(
+            settings, lines, concurrency=ns.max_concurrency, api_key=os.environ.get("PREFIXSERVE_API_KEY")
+        )
+    )
+    write_lines(ns.output_file, outputs)
+    failed = sum(1 for o in outputs if o["error"] is not None or o["response"]["status_code"] >= 400)
+    log.info("%d requests, %d failed; results in %s", len(outputs), failed, ns.output_file)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ worker
 def invalid_settings(e: Exception) -> int:
     """The one-line answer to settings that cannot be used; the usage exit code."""
@@ -884,6 +922,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings_flags(sp)
     sp.set_defaults(func=cmd_serve)
+
+    bp = sub.add_parser(
+        "run-batch",
+        allow_abbrev=False,
+        help="run an OpenAI Batch API JSONL file through the server in-process (vLLM's run-batch); settings as serve",
+    )
+    bp.add_argument("-i", "--input-file", required=True, help="JSONL requests ('-': stdin)")
+    bp.add_argument("-o", "--output-file", required=True, help="JSONL results, in input order ('-': stdout)")
+    bp.add_argument(
+        "--max-concurrency", type=int, default=None, help="requests in flight at once (default: max_num_seqs)"
+    )
+    _add_settings_flags(bp)
+    bp.set_defaults(func=cmd_run_batch)
 
     wp = sub.add_parser(
         "worker",

@@ -1,0 +1,186 @@
+"""Offline batch inference (`prefixserve run-batch`, vLLM's `vllm run-batch`): a file of requests in the OpenAI Batch
+API's JSONL format in, one result line per request out, run by this server's own app in-process (no port, no
+network) so every request gets exactly what it would get over HTTP: routes, prefixes, limits, errors.
+
+Input, one JSON object per line: `{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions", "body": {...}}`
+(`url`: one of `BATCH_URLS`; a streamed body is refused). Output, in input order:
+`{"id": "batch_req_...", "custom_id": "...", "response": {"status_code", "request_id", "body"}, "error": null}`; a
+request the server answers with an error has its status and error body in `response`, as OpenAI's batch output
+does; a line that is not a request (bad JSON, an unknown url) has `response: null` and `error: {"code",
+"message"}`. Requests run concurrently (`concurrency` at a time, default: the engine's batch) and a busy answer (429 /
+503 with Retry-After) is retried. The output file is written whole (a temporary file renamed) or not at all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("prefixserve.batch")
+
+BATCH_URLS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/generate",
+    "/tokenize",
+    "/detokenize",
+)
+RETRIES = 8  # busy answers (429 / 503) retried per request
+MAX_RETRY_WAIT_S = 30.0
+
+
+def _line_error(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message}
+
+
+def parse_line(line: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(request, None) for a valid input line, (None, error) otherwise; the request's custom_id may be missing only
+    in the error case."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        return None, _line_error("invalid_json", f"the line is not JSON: {e}")
+    if not isinstance(obj, dict):
+        return None, _line_error("invalid_request", "a line is a JSON object")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return None, _line_error("invalid_request", "custom_id (a non-empty string) is required")
+    if obj.get("method", "POST") != "POST":
+        return obj, _line_error("invalid_request", "method must be POST")
+    url = obj.get("url")
+    if url not in BATCH_URLS:
+        return obj, _line_error("invalid_url", f"url must be one of {', '.join(BATCH_URLS)}, not {url!r}")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return obj, _line_error("invalid_request", "body (a JSON object) is required")
+    if body.get("stream"):
+        return obj, _line_error("invalid_request", "stream is not supported in a batch")
+    return obj, None
+
+
+def _retry_after(headers: Any) -> float:
+    try:
+        return min(MAX_RETRY_WAIT_S, max(0.05, float(headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
+
+
+async def run_lines(
+    app: Any,
+    lines: list[str],
+    *,
+    concurrency: int,
+    api_key: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every line's output object, in input order. `app` must be started (its lifespan entered)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    transport = httpx.ASGITransport(app=app)
+    sem = asyncio.Semaphore(max(1, concurrency))
+    done = 0
+
+    async def one(client: httpx.AsyncClient, line: str) -> dict[str, Any]:
+        nonlocal done
+        req, error = parse_line(line)
+        out: dict[str, Any] = {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": (req or {}).get("custom_id"),
+            "response": None,
+            "error": error,
+        }
+        if error is None:
+            assert req is not None
+            async with sem:
+                for attempt in range(RETRIES + 1):
+                    r = await client.post(req["url"], json=req["body"], headers=headers)
+                    if r.status_code not in (429, 503) or attempt == RETRIES:
+                        break
+                    await asyncio.sleep(_retry_after(r.headers))
+            try:
+                body = r.json()
+            except ValueError:
+                body = {"error": {"message": r.text, "type": "server_error", "param": None, "code": None}}
+            out["response"] = {
+                "status_code": r.status_code,
+                "request_id": r.headers.get("x-request-id"),
+                "body": body,
+            }
+        done += 1
+        if progress is not None:
+            progress(done, len(lines))
+        return out
+
+    # (generous timeouts: a long generation waits its turn behind the others, in-process)
+    timeout = httpx.Timeout(None)
+    async with httpx.AsyncClient(transport=transport, base_url="http://batch", timeout=timeout) as client:
+        return await asyncio.gather(*(one(client, line) for line in lines))
+
+
+def read_lines(path: str) -> list[str]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def write_lines(path: str, outputs: list[dict[str, Any]]) -> None:
+    data = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in outputs)
+    if path == "-":
+        sys.stdout.write(data)
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+async def run_batch(
+    settings: Any,
+    lines: list[str],
+    *,
+    concurrency: int | None = None,
+    api_key: str | None = None,
+    bundle: Any = None,
+    store: Any = None,
+) -> list[dict[str, Any]]:
+    """Start the app (the model loads unless `bundle` is given), run every line, stop the app."""
+    from server.api import create_app
+
+    app = create_app(settings, bundle=bundle, store=store)
+    logging.getLogger("httpx").setLevel(
+        logging.WARNING
+    )  # (a line per request: the progress lines say enough)
+    if api_key is None and settings.admin_key is not None:
+        api_key = settings.admin_key.get_secret_value()  # the operator's own file: the operator's access
+    every = max(1, len(lines) // 20)
+    t0 = time.monotonic()
+
+    def progress(n: int, total: int) -> None:
+        if n % every == 0 or n == total:
+            log.info("%d/%d requests done (%.1f s)", n, total, time.monotonic() - t0)
+
+    async with app.router.lifespan_context(app):
+        return await run_lines(
+            app,
+            lines,
+            concurrency=concurrency or settings.max_num_seqs,
+            api_key=api_key,
+            progress=progress,
+        )

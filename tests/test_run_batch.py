@@ -1,0 +1,157 @@
+"""`prefixserve run-batch` (vLLM's run-batch): an OpenAI Batch JSONL file through the server's own app in-process:
+each line's result in input order, the same answer the HTTP route gives, errors per line, busy answers retried,
+authentication as the server's, the output written whole."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from server.batch import parse_line, run_batch
+from server.settings import Settings
+
+KEY = "sk-acme-batch"
+
+
+def line(cid, url, body, **kw):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body, **kw})
+
+
+CHAT = {
+    "model": "acme/default",
+    "messages": [{"role": "user", "content": "hi"}],
+    "max_tokens": 6,
+    "temperature": 0,
+}
+COMP = {"model": "acme/default", "prompt": "Tell me", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+
+
+def batch(srv, api_bundle, lines, api_key=None, concurrency=None, **settings):
+    s = Settings(store_url=srv.store.url, kv_cache_mb=16, max_model_len=512, **settings)
+    return asyncio.run(
+        run_batch(s, lines, concurrency=concurrency, api_key=api_key, bundle=api_bundle, store=srv.store)
+    )
+
+
+@pytest.fixture
+def srv(server_factory):
+    return server_factory(prefixes={("acme", "default"): {"seed": 3}})
+
+
+def test_results_in_input_order_equal_the_http_answers(srv, api_bundle):
+    c = srv.client()
+    lines = [
+        line("chat", "/v1/chat/completions", CHAT),
+        "not json",
+        line("comp", "/v1/completions", COMP),
+        line("missing", "/v1/completions", {**COMP, "model": "acme/nope"}),
+        line("embed", "/v1/embeddings", {"input": "x"}),
+        line("streamed", "/v1/completions", {**COMP, "stream": True}),
+        json.dumps({"url": "/v1/completions", "body": COMP}),
+        line("native", "/generate", {"tenant_id": "acme", "prompt": "Tell me", "max_tokens": 4}),
+        line("bad-field", "/v1/completions", {**COMP, "max_tokens": -1}),
+    ]
+    out = batch(srv, api_bundle, lines)
+    assert [o["custom_id"] for o in out] == [
+        "chat",
+        None,
+        "comp",
+        "missing",
+        "embed",
+        "streamed",
+        None,
+        "native",
+        "bad-field",
+    ]
+    assert len({o["id"] for o in out}) == len(out) and all(o["id"].startswith("batch_req_") for o in out)
+    by = {o["custom_id"]: o for o in out if o["custom_id"]}
+    want_chat = c.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]["content"]
+    assert by["chat"]["response"]["status_code"] == 200 and by["chat"]["error"] is None
+    assert by["chat"]["response"]["body"]["choices"][0]["message"]["content"] == want_chat
+    assert by["chat"]["response"]["body"]["id"] == "chatcmpl-" + by["chat"]["response"]["request_id"]
+    want_comp = c.post("/v1/completions", json=COMP).json()["choices"][0]["text"]
+    assert by["comp"]["response"]["body"]["choices"][0]["text"] == want_comp
+    assert (
+        by["native"]["response"]["body"]["text"]
+        == c.post("/generate", json=json.loads(lines[7])["body"]).json()["text"]
+    )
+    # an answer the server gives as an error: its status and error body (OpenAI's batch output)
+    assert by["missing"]["response"]["status_code"] == 404 and by["missing"]["error"] is None
+    assert by["missing"]["response"]["body"]["error"]["code"] == "model_not_found"
+    assert by["bad-field"]["response"]["status_code"] == 400
+    assert by["bad-field"]["response"]["body"]["error"]["param"] == "max_tokens"
+    # lines that are not requests: no response, an error saying why
+    assert out[1]["response"] is None and out[1]["error"]["code"] == "invalid_json"
+    assert by["embed"]["error"]["code"] == "invalid_url" and by["embed"]["response"] is None
+    assert "stream" in by["streamed"]["error"]["message"]
+    assert "custom_id" in out[6]["error"]["message"]
+
+
+def test_busy_answers_are_retried(srv, api_bundle, monkeypatch):
+    """More requests at once than the engine takes (a batch of 1, a queue of 1): without retries some are 503s,
+    with them every one is answered."""
+    import server.batch
+
+    lines = [line(f"r{i}", "/v1/completions", {**COMP, "prompt": f"Tell me {i}"}) for i in range(6)]
+    busy = {"concurrency": 6, "max_num_seqs": 1, "max_queued": 1}
+    monkeypatch.setattr(server.batch, "RETRIES", 0)
+    assert 503 in [o["response"]["status_code"] for o in batch(srv, api_bundle, lines, **busy)]
+    monkeypatch.setattr(server.batch, "RETRIES", 8)
+    assert [o["response"]["status_code"] for o in batch(srv, api_bundle, lines, **busy)] == [200] * 6
+
+
+def test_authentication_is_the_servers(srv, api_bundle):
+    lines = [line("x", "/v1/completions", COMP)]
+    keyed = {"api_keys": f"acme:{KEY}"}
+    assert batch(srv, api_bundle, lines, **keyed)[0]["response"]["status_code"] == 401
+    assert batch(srv, api_bundle, lines, api_key=KEY, **keyed)[0]["response"]["status_code"] == 200
+    # the operator's admin key is the batch's when no key is given
+    assert batch(srv, api_bundle, lines, admin_key="adm", **keyed)[0]["response"]["status_code"] == 200
+
+
+def test_parse_line_names_what_is_wrong():
+    assert parse_line("[1]")[1]["message"] == "a line is a JSON object"
+    assert parse_line(line("a", "/v1/completions", COMP, method="GET"))[1]["message"] == "method must be POST"
+    assert (
+        parse_line(json.dumps({"custom_id": "a", "url": "/v1/completions"}))[1]["code"] == "invalid_request"
+    )
+    req, err = parse_line(line("a", "/v1/completions", COMP))
+    assert err is None and req["body"] == COMP
+
+
+def test_the_command_writes_the_results_file(tmp_path, capsys, monkeypatch):
+    """End to end: a model folder and a store from flags; exit 0 with every line's result, the file written whole;
+    2 for an input file that cannot be read (and no output file)."""
+    from server.cli import main
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    folder = tmp_path / "model"
+    make_tiny_llama(tok, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    src = tmp_path / "in.jsonl"
+    body = {"model": "acme/base", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+    src.write_text(
+        line("one", "/v1/completions", body) + "\n\n" + line("two", "/v1/completions", body) + "\n"
+    )
+    dst = tmp_path / "out.jsonl"
+    common = [
+        "--model",
+        str(folder),
+        "--store-url",
+        f"file://{tmp_path / 'store'}",
+        "--cache",
+        str(tmp_path / "c"),
+    ]
+    common += ["--kv-cache-mb", "16", "--max-model-len", "256"]
+    assert main(["run-batch", "-i", str(src), "-o", str(dst), *common]) == 0
+    out = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == ["one", "two"]
+    texts = [o["response"]["body"]["choices"][0]["text"] for o in out]
+    assert texts[0] == texts[1] and out[0]["response"]["body"]["usage"]["completion_tokens"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    missing = tmp_path / "nope.jsonl"
+    assert main(["run-batch", "-i", str(missing), "-o", str(tmp_path / "x.jsonl"), *common]) == 2
+    assert not (tmp_path / "x.jsonl").exists() and "cannot read" in capsys.readouterr().err
