@@ -203,11 +203,14 @@ class Settings(BaseSettings):
         description="Names (comma-separated) that a tenant key's /v1 `model` may give for its tenant on the base model, "
         "as vLLM's --served-model-name (e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct'); default: the model's name",
     )
-    reasoning_parser: Literal["none", "deepseek_r1", "qwen3"] = Field(
+    reasoning_parser: Literal[
+        "none", "deepseek_r1", "qwen3", "glm45", "olmo3", "step3", "minimax_m2", "seed_oss"
+    ] = Field(
         "none",
         description="Reasoning models (vLLM's --reasoning-parser): a chat's <think>...</think> becomes the message's "
-        "reasoning_content; 'deepseek_r1': the template opens the thinking (R1 and its distills, Qwen3 Thinking); "
-        "'qwen3': the model opens it (Qwen3 hybrid); a structured output's or forced tool call's grammar holds the answer after the thinking",
+        "reasoning_content; 'deepseek_r1': the template opens the thinking (R1 and its distills, Qwen3 Thinking; also "
+        "olmo3, step3, minimax_m2, and seed_oss with <seed:think> tags); 'qwen3': the model opens it (Qwen3 hybrid; "
+        "also glm45); a structured output's or forced tool call's grammar holds the answer after the thinking",
     )
     tool_call_parser: Literal[
         "auto", "hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "granite", "phi4_mini_json"

@@ -9,7 +9,7 @@ import random
 import openai
 import pytest
 
-from server.api.reasoning import ReasoningParser
+from server.api.reasoning import END, PARSERS, START, ReasoningParser
 from tests.fixtures.server import template_calls
 
 KEY = "sk-acme-thinks"
@@ -20,6 +20,29 @@ WEATHER = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
+
+
+def test_each_parser_follows_its_models_convention():
+    """vLLM's parsers of models whose template opens the thinking (olmo3, step3, minimax_m2: the output may hold only
+    the closing tag; seed_oss with its own tags) read as deepseek_r1 does; glm45's model opens it, as qwen3's."""
+    for name in ("olmo3", "step3", "minimax_m2"):
+        p = ReasoningParser(name)
+        assert p.split("x</think>y") == ("x", "y") and p.split("<think>x</think>y") == ("x", "y")
+        assert p.split("cut short") == ("cut short", None) and p.think_mode() == "opened"
+    seed = ReasoningParser("seed_oss")
+    assert seed.split("<seed:think>a</seed:think>b") == ("a", "b") and seed.split("a</seed:think>b") == (
+        "a",
+        "b",
+    )
+    assert seed.split("<think>a</think>b") == ("<think>a</think>b", None)  # not its tags
+    assert seed.prompt_opened("...<seed:think>") is True and seed.prompt_opened("<think>") is None
+    glm = ReasoningParser("glm45")
+    assert glm.split("<think>a</think>b") == ("a", "b") and glm.split("a</think>b") == (None, "a</think>b")
+    assert glm.think_mode() == "optional" and glm.think_mode(opened=True) == "opened"
+    with pytest.raises(ValueError, match="seed_oss"):
+        ReasoningParser("nope")
+
+
 TEXTS = [
     "<think>Let me see.</think>The answer.",
     "<think>a<b</thin</think>\n\nok</think>",
@@ -35,11 +58,11 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["deepseek_r1", "qwen3"])
+@pytest.mark.parametrize("name", PARSERS)
 def test_a_streamed_output_splits_as_the_whole_does_however_it_is_cut(name):
     parser = ReasoningParser(name)
     rng = random.Random(0)
-    for text in TEXTS:
+    for text in [t.replace(START, parser.start).replace(END, parser.end) for t in TEXTS]:
         want = parser.split(text)
         for _ in range(30):
             cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 4))))
@@ -48,7 +71,9 @@ def test_a_streamed_output_splits_as_the_whole_does_however_it_is_cut(name):
             got = [stream.feed(p) for p in pieces] + [stream.feed("", final=True)]
             thinking, answer = "".join(t for t, _ in got), "".join(a for _, a in got)
             assert (thinking or None, answer) == (want[0] or None, want[1] or ""), (name, text, pieces)
-    assert parser.split("<think>x</think>y") == ("x", "y")
+    assert parser.split(f"{parser.start}x{parser.end}y") == ("x", "y")
+    if name not in ("deepseek_r1", "qwen3"):
+        return
     # the template opened the thinking (R1): all thinking until </think>; the model opens it (Qwen3): all answer
     assert ReasoningParser("deepseek_r1").split("x</think>y") == ("x", "y")
     assert ReasoningParser("qwen3").split("x</think>y") == (None, "x</think>y")
@@ -410,7 +435,36 @@ def test_tags_that_are_special_tokens_are_warned_about(thinking_bundle, caplog):
 
     from tests.fixtures.models import make_tiny_tokenizer
 
-    assert ReasoningParser.hidden_tags(thinking_bundle.tokenizer) == []
+    assert ReasoningParser("qwen3").hidden_tags(thinking_bundle.tokenizer) == []
     tok = make_tiny_tokenizer()
     tok.add_tokens([AddedToken("<think>", special=True), AddedToken("</think>", special=True)])
-    assert ReasoningParser.hidden_tags(tok) == ["<think>", "</think>"]
+    assert ReasoningParser("qwen3").hidden_tags(tok) == ["<think>", "</think>"]
+    assert ReasoningParser("seed_oss").hidden_tags(tok) == []
+
+
+def test_seed_oss_tags_bound_the_thinking_under_a_grammar(server_factory):
+    """A parser with its own tags (seed_oss): the thinking splits at `</seed:think>` and a structured answer's
+    grammar starts there, not at `</think>`."""
+    pytest.importorskip("llguidance")
+    from tokenizers import AddedToken
+
+    from server.model import bundle_from_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    tok.add_tokens([AddedToken(t, special=False) for t in ("<seed:think>", "</seed:think>", "</think>")])
+    bundle = bundle_from_model(make_tiny_llama(tok, seed=0), tok, name="tiny-seed")
+    s = server_factory(
+        bundle=bundle, prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="seed_oss"
+    )
+    end, other = (str(tok.convert_tokens_to_ids(t)) for t in ("</seed:think>", "</think>"))
+    base = {"model": "acme/default", "messages": [{"role": "user", "content": "Q?"}], "temperature": 0,
+            "max_tokens": 10, "structured_outputs": {"choice": ["yes", "no"]}}  # fmt: skip
+    msg = s.client().post("/v1/chat/completions", json={**base, "logit_bias": {end: 100}}).json()
+    msg = msg["choices"][0]["message"]
+    assert msg["reasoning_content"] == "" and msg["content"] in ("yes", "no"), msg
+    # `</think>` is thinking text here: pushed to it, the output never leaves the thinking
+    free = {k: v for k, v in base.items() if k != "structured_outputs"}
+    r = s.client().post("/v1/chat/completions", json={**free, "logit_bias": {other: 100}})
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] is None and "</think>" in choice["message"]["reasoning_content"]

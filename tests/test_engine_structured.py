@@ -592,6 +592,38 @@ def test_a_grammar_after_the_thinking_leaves_the_thinking_free(tags):
     assert compiler.cached(dataclasses.replace(regex, think=None)) is None
 
 
+@pytest.mark.parametrize("tags", ["text", "added tokens"])
+def test_the_thinking_ends_at_the_parsers_own_tag(tags):
+    """Another parser's tags (seed_oss: `<seed:think>...</seed:think>`, with regex metacharacters and `/` in them)
+    bound the thinking instead of `<think>`, as text or as the tokenizer's tokens."""
+    pytest.importorskip("llguidance")
+    from tokenizers import AddedToken
+
+    from tests.fixtures.models import make_tiny_tokenizer
+
+    start, end = "<seed:think>", "</seed:think>"
+    tok = make_tiny_tokenizer()
+    if tags == "added tokens":
+        tok.add_tokens([AddedToken(start, special=False), AddedToken(end, special=False)])
+    compiler = GrammarCompiler(tok, len(tok), tok.eos_token_id)
+
+    def follows(so: StructuredOutputs, text: str) -> bool:
+        c = compiler.constraint(compiler.compile(so))
+        return (
+            all(c.accept(t) for t in tok.encode(text, add_special_tokens=False)) and c.matcher.is_accepting()
+        )
+
+    seed = {"think_tags": (start, end)}
+    opened = StructuredOutputs("regex", r"\d{2}", think="opened", **seed)
+    assert follows(opened, "a.b*c</think>x</seed:think>42")
+    assert not follows(opened, "x</think>42") and not follows(opened, "x</seed:think>4a")
+    choice = StructuredOutputs("choice", json.dumps(["yes", "no"]), think="optional", **seed)
+    assert follows(choice, "<seed:think>hm</seed:think>no") and follows(choice, "yes")
+    assert not follows(choice, "<think>hm</think>no")
+    # another parser's tags are another grammar
+    assert compiler.cached(dataclasses.replace(opened, think_tags=("<think>", "</think>"))) is None
+
+
 @pytest.mark.parametrize("trigger", ["text", "added token"])
 def test_structural_tags(trigger):
     """Free text; a trigger must go on as a structure that begins with it (its content a value of its schema, then

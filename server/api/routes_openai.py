@@ -33,7 +33,7 @@ from server.api.logprobs import (
     vllm_prompt_logprobs,
 )
 from server.api.model_ids import hinted, model_not_found, parse_model, served_names
-from server.api.reasoning import ReasoningStream, prompt_opened
+from server.api.reasoning import ReasoningStream
 from server.api.routes_generate import DISCONNECTED, SSE_DOC, chunked_events, usage
 from server.api.schemas import (
     BASE_PREFIX,
@@ -347,7 +347,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         # where the output starts: the generation prompt's last tokens (a template that opens the thinking, or
         # closes it empty), or a continued assistant message's text
         tail = plan.prompts[0][-(PROMPT_TAIL_CONTINUED if body.continue_final_message else PROMPT_TAIL) :]
-        tools.opened = prompt_opened(await svc.tokenize(_decode, svc.bundle.tokenizer, tail))
+        tools.opened = svc.reasoning.prompt_opened(await svc.tokenize(_decode, svc.bundle.tokenizer, tail))
         # a structured output's grammar lets the model think first (vLLM applies it once the reasoning ends)
         think = svc.reasoning.think_mode(tools.opened)
     structured: StructuredOutputs | None

@@ -727,8 +727,10 @@ class _Stream:
             return 0
         pieces = [self.ch.text.entry(t)[1] for t in self.ch.runs[0].token_ids]
         raw = b"".join(pieces)
-        end = raw.find(REASONING_END.encode())
-        end = len(raw) if end < 0 else end + len(REASONING_END)
+        parser = self.ch.svc.reasoning
+        tag = (parser.end if parser is not None else REASONING_END).encode()
+        end = raw.find(tag)
+        end = len(raw) if end < 0 else end + len(tag)
         count = start = 0
         for piece in pieces:
             if start >= end:

@@ -1274,6 +1274,8 @@ class Service:
 
     async def compile_spec(self, spec: StructuredOutputs, param: str) -> StructuredOutputs:
         """`spec` with its grammar compiled and attached; 422 naming `param` if it is invalid."""
+        if spec.think is not None and self.reasoning is not None:  # (the thinking's tags are the parser's)
+            spec = dataclasses.replace(spec, think_tags=(self.reasoning.start, self.reasoning.end))
         grammars = self.llm.grammars
         hit = grammars.cached(spec)
         if hit is not None:

@@ -88,7 +88,13 @@ def _without_dump(error: str) -> str:
     return error.split("\n<state>", 1)[0].strip()
 
 
-THINK_START, THINK_END = "<think>", "</think>"
+_REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$#&-~/")
+
+
+def _regex_literal(text: str) -> str:
+    """`text` as a literal inside a Lark `/.../` regex (llguidance's Rust syntax: only its metacharacters and the
+    delimiter escaped; `\\<` there would be a word boundary)."""
+    return "".join("\\" + ch if ch in _REGEX_SPECIAL else ch for ch in text)
 
 
 def _grammar_text(so: StructuredOutputs, added: frozenset[str] = frozenset()) -> str:
@@ -106,15 +112,17 @@ def _after_thinking(answer: str, so: StructuredOutputs, added: frozenset[str]) -
     name = first["name"] = first.get("name") or "prefixserve_answer"  # (a name no user grammar refers to)
     # lazy: the thinking's text is as short as it can be, so it ends at the first `</think>` (where the reasoning
     # parser, which reads the text, ends it)
-    rules = [r"think_text[lazy]: /(?s:.*)<\/think>/"]
+    start, end = so.think_tags
+    end_rx = _regex_literal(end)
+    rules = [f"think_text[lazy]: /(?s:.*){end_rx}/"]
     body = "think_text"
-    if THINK_END in added:  # or at the tag's token, after text without the tag written out
-        body = f"({body} | THINK_FREE {THINK_END})"
-        rules.append(r"THINK_FREE: /(?s:.*)/ & ~/(?s:.*)<\/think>(?s:.*)/")
-    start_tag = THINK_START if THINK_START in added else json.dumps(THINK_START)
+    if end in added:  # or at the tag's token, after text without the tag written out
+        body = f"({body} | THINK_FREE {end})"
+        rules.append(f"THINK_FREE: /(?s:.*)/ & ~/(?s:.*){end_rx}(?s:.*)/")
+    start_tag = start if start in added else json.dumps(start)
     # "opened": the output starts inside the thinking (a leading `<think>` text is thinking text)
     if so.think == "opened":
-        rules.append(f"think: {THINK_START + '? ' if THINK_START in added else ''}{body}")
+        rules.append(f"think: {start + '? ' if start in added else ''}{body}")
     else:  # (not after whitespace, which the parser would take: a model could spend its tokens on it)
         rules.append(f"think: {start_tag} {body}")
     # a JSON answer may start after whitespace (models write a blank line after `</think>`), even one without

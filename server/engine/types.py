@@ -46,6 +46,8 @@ class StructuredOutputs:
     spec: str = ""
     any_whitespace: bool = True
     think: ThinkMode | None = None
+    # the thinking's opening and closing tags (the reasoning parser's)
+    think_tags: tuple[str, str] = ("<think>", "</think>")
     # The compiled grammar (GrammarCompiler.compile's result) when the caller compiled it first: the engine starts
     # from it instead of its compiler's LRU cache, which may have evicted it meanwhile. Not part of equality.
     compiled: Any = field(default=None, compare=False, repr=False)
