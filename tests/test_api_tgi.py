@@ -180,7 +180,9 @@ def test_sampling_parameters_follow_tgi(srv):
         ({"merged_adapters": {"ids": ["a", "b"]}}, 422, "parameters.merged_adapters"),
         ({"typical_p": 0}, 422, None),
         ({"watermark": True}, 422, "parameters.watermark"),
-        ({"best_of": 2}, 422, "parameters.best_of"),
+        ({"best_of": 2}, 422, "parameters.best_of"),  # (without sampling)
+        ({"best_of": 2, "do_sample": True, "seed": 3}, 422, "parameters.seed"),
+        ({"best_of": 5, "do_sample": True}, 422, "parameters.best_of"),
         ({"temperature": -1}, 422, None),
         ({"max_new_tokens": 10**6}, 422, "parameters.max_new_tokens"),
         ({"stop": ["x" * 10_000]}, 422, "parameters.stop"),
@@ -318,7 +320,7 @@ def test_tgi_info_at_the_clients_base_url(srv):
     assert info["max_total_tokens"] == min(
         llm.max_model_len, info["max_input_tokens"] + settings.max_new_tokens
     )
-    assert info["model_sha"] == srv.svc.bundle.fingerprint and info["max_best_of"] == 1
+    assert info["model_sha"] == srv.svc.bundle.fingerprint and info["max_best_of"] == 4
     assert info["max_new_tokens"] == settings.max_new_tokens
     assert info["max_stop_sequences"] == srv.svc.settings.max_stop_strings and info["router"] == "prefixserve"
     assert_error(srv.client().get("/tgi/info"), 401)
@@ -442,3 +444,30 @@ def test_repetition_penalty_range_is_the_engines_and_named(srv):
     assert ok.status_code == 200, ok.text
     spec = c.get("/openapi.json").json()["components"]["schemas"]["TGIParameters"]["properties"]
     assert "10" not in json.dumps(spec["repetition_penalty"])
+
+
+def test_best_of_answers_the_likeliest_of_its_samples(srv):
+    """TGI's best_of: n seeded samples, the one with the highest mean token log-probability answers; details list
+    the others as best_of_sequences, each reproducible from its seed; not streamed."""
+    c = srv.client(KEY)
+    p = {"adapter_id": "acme/faq", "max_new_tokens": 6, "do_sample": True, "best_of": 3, "details": True}
+    out = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": p}).json()
+    d = out["details"]
+    others = d["best_of_sequences"]
+    assert len(others) == 2 and all(
+        {"generated_text", "seed", "tokens", "finish_reason"} <= set(o) for o in others
+    )
+    seqs = [{"generated_text": out["generated_text"], **d}, *others]
+    assert len({s["seed"] for s in seqs}) == 3
+
+    def mean(seq):
+        return sum(t["logprob"] for t in seq["tokens"]) / len(seq["tokens"])
+
+    assert all(mean(seqs[0]) >= mean(o) for o in others)
+    for s in seqs:  # each sample is what /generate gives with its seed
+        assert s["generated_text"] == native(c, max_tokens=6, seed=s["seed"], temperature=1.0)["text"]
+    # without details: the answer alone
+    plain = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "details": False}}).json()
+    assert set(plain) == {"generated_text"}
+    err = assert_error(c.post("/tgi/generate_stream", json={"inputs": PROMPT, "parameters": p}), 422)
+    assert err["param"] == "parameters.best_of"

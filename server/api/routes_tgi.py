@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -115,7 +116,12 @@ class TGIParameters(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens")
     typical_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Typical decoding")
-    best_of: int | None = Field(None, ge=1, description="Only 1")
+    best_of: int | None = Field(
+        None,
+        ge=1,
+        description="TGI: sample this many sequences, answer the one with the highest mean token log-probability "
+        "(with sampling, without seed, not streamed; details list the others as best_of_sequences)",
+    )
     watermark: bool = Field(False, description="Not supported (422 when true)")
     details: bool = False
     decoder_input_details: bool = False
@@ -202,8 +208,6 @@ def _sampling(
 ) -> SamplingParams:
     if p.watermark:
         raise _unsupported("watermark", "watermarking is not supported")
-    if p.best_of is not None and p.best_of > 1:
-        raise _unsupported("best_of", "best_of above 1 is not supported (use /v1/completions with n)")
     sample = (
         p.do_sample
         or (p.temperature is not None and p.temperature != 1.0)
@@ -211,6 +215,8 @@ def _sampling(
         or (p.top_p is not None and p.top_p < 1.0)
         or (p.typical_p is not None and p.typical_p < 1.0)
     )
+    if (p.best_of or 1) > 1:
+        _check_best_of(p, sample)
     temperature = (1.0 if p.temperature is None else p.temperature) if sample else 0.0
     # TGI samples with a seed it reports: the given one, or one drawn here (the output can be reproduced)
     seed = (p.seed if p.seed is not None else secrets.randbelow(2**31)) if temperature > 0 else p.seed
@@ -233,6 +239,19 @@ def _sampling(
         prompt_logprobs=0 if p.decoder_input_details else None,
         structured=structured,
     )
+
+
+MAX_BEST_OF = 4  # (TGI's --max-best-of; its default is 2)
+
+
+def _check_best_of(p: TGIParameters, sample: bool) -> None:
+    """TGI's rules for best_of > 1 (its router's validation errors)."""
+    if (p.best_of or 1) > MAX_BEST_OF:
+        raise APIError(422, f"best_of must be at most {MAX_BEST_OF}", param="parameters.best_of")
+    if not sample:
+        raise APIError(422, "you must use sampling when best_of is > 1", param="parameters.best_of")
+    if p.seed is not None:
+        raise APIError(422, "seed must not be set when best_of is > 1", param="parameters.seed")
 
 
 async def _structured(svc: Service, p: TGIParameters) -> StructuredOutputs | None:
@@ -380,12 +399,15 @@ async def _tokens(
 
 async def _start(
     body: TGIRequest, request: Request, principal: Principal
-) -> tuple[GenerationRun, _Shape, list[int]]:
+) -> tuple[list[GenerationRun], list[_Shape], list[int]]:
+    """The request's runs (best_of of them, each with its own seed; else one) and how each is reported."""
     svc = get_service(request)
     info = get_info(request)
     p = body.parameters
     if body.stream and p.decoder_input_details:
         raise _unsupported("decoder_input_details", "decoder_input_details is not supported when streaming")
+    if body.stream and (p.best_of or 1) > 1:
+        raise APIError(422, "best_of != 1 is not allowed for this endpoint", param="parameters.best_of")
     tenant, name, version = _target(p, principal)
     info.tenant, info.prefix = tenant, name
     if svc.settings.log_prompts:
@@ -416,11 +438,16 @@ async def _start(
             which = "parameters.return_k_alternatives"
         else:
             which = "parameters.max_new_tokens"
-        svc.check_logprob_entries(out_entries + in_entries, which)
-        (run,) = await svc.generate_many(
-            info, prefix, [(ids, sampling)], stream=body.stream, receive=request.receive
+        best_of = p.best_of or 1
+        svc.check_logprob_entries((out_entries + in_entries) * best_of, which)
+        # best_of: each sequence samples with a seed of its own, reported with it
+        samplings = [sampling] if best_of == 1 else [
+            dataclasses.replace(sampling, seed=secrets.randbelow(2**31)) for _ in range(best_of)
+        ]  # fmt: skip
+        runs = await svc.generate_many(
+            info, prefix, [(ids, sp) for sp in samplings], stream=body.stream, receive=request.receive
         )
-    return run, _Shape(svc, p, sampling), ids
+    return runs, [_Shape(svc, p, sp) for sp in samplings], ids
 
 
 def _prompt_ids(tokenizer: Any, inputs: str, prefix: ResolvedPrefix, truncate: int | None) -> list[int]:
@@ -440,23 +467,44 @@ def _prompt_ids(tokenizer: Any, inputs: str, prefix: ResolvedPrefix, truncate: i
 
 
 async def _respond(body: TGIRequest, request: Request, principal: Principal, as_list: bool) -> Any:
-    run, shape, ids = await _start(body, request, principal)
+    runs, shapes, ids = await _start(body, request, principal)
     if body.stream:
+        (run,), (shape,) = runs, shapes
         return EngineEventStream(
             run, lambda: _frames(run, shape, body, ids), end=None, error_frame=_error_frame
         )
     try:
-        out = await race_disconnect(request.receive, _collect(run, shape, body, ids))
+        outs = await race_disconnect(
+            request.receive,
+            asyncio.gather(*(_collect(r, s, body, ids) for r, s in zip(runs, shapes, strict=True))),
+        )
     except ClientDisconnected:
         return Response(status_code=DISCONNECTED)
     finally:
-        await run.close()
+        for run in runs:
+            await run.close()
+    out = _best_of(outs, body.parameters) if len(outs) > 1 else outs[0][0]
     return JSONResponse([out] if as_list else out)
+
+
+def _best_of(outs: list[tuple[dict[str, Any], float]], p: TGIParameters) -> dict[str, Any]:
+    """TGI's best_of answer: the sequence with the highest mean token log-probability (the first of equals); with
+    details, the others as `best_of_sequences` (each its text and its details)."""
+    best = max(range(len(outs)), key=lambda i: outs[i][1])
+    out = outs[best][0]
+    if p.details:
+        out["details"]["best_of_sequences"] = [
+            {"generated_text": o["generated_text"], **o["details"]}
+            for i, (o, _) in enumerate(outs)
+            if i != best
+        ]
+    return out
 
 
 async def _collect(
     run: GenerationRun, shape: _Shape, body: TGIRequest, prompt_ids: list[int]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], float]:
+    """The answer of one run, and its mean token log-probability (what best_of picks by)."""
     p = body.parameters
     ids: list[int] = []
     lps: list[TokenLogprob | None] = []
@@ -484,7 +532,8 @@ async def _collect(
 
         # (on a worker thread, as the /v1 answers: every token's text and log-probabilities take a while)
         out["details"] = await asyncio.to_thread(details)
-    return out
+    known = [lp.logprob for lp in lps if lp is not None]
+    return out, (sum(known) / len(known) if known else float("-inf"))
 
 
 async def _frames(
@@ -548,7 +597,7 @@ async def tgi_info(request: Request, principal: Principal = Depends(get_principa
         "model_device_type": svc.bundle.device.type,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": llm.capacity,
-        "max_best_of": 1,
+        "max_best_of": MAX_BEST_OF,
         "max_stop_sequences": settings.max_stop_strings,
         "max_input_tokens": max_input,
         "max_input_length": max_input,  # TGI before 2.0
