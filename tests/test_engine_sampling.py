@@ -200,6 +200,22 @@ def test_typical_p_matches_transformers(kw):
         assert int(torch.isfinite(got).sum()) == 1
 
 
+def test_typical_p_keeps_transformers_tokens_at_the_cut_on_a_real_vocabulary():
+    """On rows of SmolLM2's vocabulary size the kept set is transformers' to the token, the cut-off included
+    (summing the probabilities in another order kept one or two tokens more or fewer, 5 rows in 300)."""
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    from server.engine.sampler import filter_batch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(150, 49152, generator=g) * 4
+    for mass in (0.9, 0.95):
+        p = SamplingParams(temperature=1.0, typical_p=mass)
+        got = filter_batch(x, [p] * len(x))
+        want = TypicalLogitsWarper(mass)(None, x.clone())
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+
+
 def _row_by_row_filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The reference: one row, each warper as transformers writes it (a full sort for top-p)."""
     logits = logits / p.temperature
