@@ -5,6 +5,8 @@ other choices are."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import openai
 import pytest
 import torch
@@ -26,24 +28,29 @@ def srv(server_factory):
 
 
 def reference(model, kv, prompt, width, max_tokens, eos=(), length_penalty=1.0):
-    """Beam search written out over plain transformers forwards (each candidate's whole sequence recomputed): every
-    beam extended by its 2 x width most likely tokens, those that end kept aside, the width best others go on; a
-    score is the summed log-probability over the length (end included) to `length_penalty`."""
+    """Transformers' beam search written out over plain forwards (each candidate's whole sequence recomputed): the
+    k = max(2, 1 + #eos) x width likeliest extensions of all beams (by summed log-probability); those of the first
+    width that end (all of them at the last step) are complete, the width likeliest others go on; a score is the
+    summed log-probability over the length (end included) to `length_penalty`; done once width are complete and no
+    running beam scores better than the worst of them."""
 
     def score(b):
         return b[1] / max(1, len(b[0])) ** length_penalty
 
+    k = max(2, 1 + len(eos)) * width
     running, done = [([], 0.0)], []
-    for _ in range(max_tokens):
+    for step in range(max_tokens):
         cands = []
         for toks, cum in running:
             out, _, _ = _hf_forward(model, kv, prompt + toks)
-            vals, ids = torch.log_softmax(out.logits[0, -1].float(), -1).topk(2 * width)
-            for v, t in zip(vals.tolist(), ids.tolist(), strict=True):
-                (done if t in eos else cands).append(([*toks, t], cum + v))
-        running = sorted(cands, key=score, reverse=True)[:width]
+            vals, ids = torch.log_softmax(out.logits[0, -1].float(), -1).topk(k)
+            cands += [([*toks, t], cum + v) for v, t in zip(vals.tolist(), ids.tolist(), strict=True)]
+        cands = sorted(cands, key=lambda c: c[1], reverse=True)[:k]
+        last = step == max_tokens - 1
+        done += [c for i, c in enumerate(cands[:width]) if last or c[0][-1] in eos]
+        running = [] if last else [c for c in cands if c[0][-1] not in eos][:width]
         done = sorted(done, key=score, reverse=True)[:width]
-        if len(done) == width and score(running[0]) <= score(done[-1]):
+        if not running or (len(done) == width and score(running[0]) <= score(done[-1])):
             break
     return sorted(done + running, key=score, reverse=True)[:width]
 
@@ -98,24 +105,43 @@ def test_beams_equal_a_transformers_reference_with_the_prefix(srv):
 
 
 def test_beams_equal_transformers_generate_num_beams(srv):
-    """Where no beam ends, transformers' own beam search (`generate(num_beams=n, num_return_sequences=n)`) keeps the
-    same beams in the same order."""
+    """transformers' own beam search (`generate(num_beams=n, num_return_sequences=n, length_penalty=...)`) keeps the
+    same beams in the same order, where beams end (at different lengths) and where none may."""
     c = srv.client(KEY)
     model = srv.svc.bundle.hf_model
-    for n, max_tokens in ((3, 6), (2, 9)):
-        got = completion(c, model="acme/base", ignore_eos=True, n=n, max_tokens=max_tokens)
-        prompt = got["choices"][0]["prompt_token_ids"]
-        out = model.generate(
-            torch.tensor([prompt]),
-            num_beams=n,
-            num_return_sequences=n,
-            do_sample=False,
-            max_new_tokens=max_tokens,
-            pad_token_id=0,
-        )
-        want = out[:, len(prompt) :].tolist()
-        assert not any(t in srv.svc.llm.eos_ids for seq in want for t in seq)  # (no beam ended there either)
-        assert [ch["token_ids"] for ch in got["choices"]] == want
+    (eos,) = srv.svc.llm.eos_ids
+    ended = 0
+    cases = [
+        (3, 6, True, 1.0),
+        (2, 9, True, 1.0),
+        (4, 12, False, 1.0),
+        (3, 20, False, 3.0),
+        (3, 20, False, -1.0),
+    ]
+    for n, max_tokens, ignore_eos, penalty in cases:
+        for prompt_text in ("Tell me", "x y z"):
+            got = completion(c, model="acme/base", prompt=prompt_text, ignore_eos=ignore_eos, n=n,
+                             max_tokens=max_tokens, length_penalty=penalty)  # fmt: skip
+            prompt = got["choices"][0]["prompt_token_ids"]
+            out = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(
+                    1, len(prompt), dtype=torch.long
+                ),  # (the prompt holds the end token)
+                num_beams=n,
+                num_return_sequences=n,
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                length_penalty=penalty,
+                eos_token_id=None if ignore_eos else eos,
+                pad_token_id=eos,
+            )
+            want = []
+            for row in out[:, len(prompt) :].tolist():  # (an ended beam is padded with more end tokens)
+                want.append(row[: row.index(eos) + 1] if not ignore_eos and eos in row else row)
+            assert [ch["token_ids"] for ch in got["choices"]] == want, (n, max_tokens, ignore_eos, penalty)
+            ended += sum(ch["finish_reason"] == "stop" for ch in got["choices"])
+    assert ended > 0  # (beams did end)
 
 
 def test_chat_streaming_logprobs_and_the_openai_package(srv):
@@ -233,3 +259,114 @@ def test_a_client_that_leaves_ends_the_search(server_factory, api_bundle):
     time.sleep(0.5)  # (a search still going would start ~2 requests every 10 ms step)
     assert len(steps) == started < 100 and engine_idle(s.svc)
     assert only_prefix_blocks_used(s.svc)
+
+
+def test_beams_that_all_end_and_the_end_tokens_text(srv, monkeypatch):
+    """Every candidate of the only beam ending (a model with several end-of-sequence ids) completes the search
+    instead of failing it; an ended beam's text leaves the end token out, even with skip_special_tokens false (its
+    id stays in token_ids)."""
+    c = srv.client(KEY)
+    body = {"model": "acme/base", "prompt": "Tell me", "max_tokens": 1, "logprobs": 2, "temperature": 0,
+            "return_tokens_as_token_ids": True}  # fmt: skip
+    first = c.post("/v1/completions", json=body).json()
+    top = [int(t.removeprefix("token_id:")) for t in first["choices"][0]["logprobs"]["top_logprobs"][0]]
+    eos = set(srv.svc.llm.eos_ids)
+    tok = srv.svc.bundle.tokenizer
+    monkeypatch.setattr(srv.svc.llm, "eos_ids", eos | set(top))
+    got = completion(c, model="acme/base", n=1, max_tokens=4)
+    assert got["choices"][0]["finish_reason"] == "stop" and len(got["choices"][0]["token_ids"]) == 1
+    monkeypatch.setattr(srv.svc.llm, "eos_ids", eos)
+    got = completion(c, model="acme/base", prompt="x y z", n=3, max_tokens=20, skip_special_tokens=False)
+    ended = [ch for ch in got["choices"] if ch["finish_reason"] == "stop"]
+    assert ended
+    for ch in ended:
+        assert ch["token_ids"][-1] in eos
+        assert ch["text"] == tok.decode(ch["token_ids"][:-1], skip_special_tokens=False)
+
+
+def test_a_full_queue_does_not_fail_an_accepted_search(server_factory, api_bundle):
+    """Its later steps are the work of an accepted request: a queue filled by others meanwhile does not refuse them
+    (it did: a 503 after work was done)."""
+    import threading
+    import time
+
+    from tests.fixtures.server import put_random_prefix, slow_engine
+
+    s = server_factory(max_num_seqs=2, max_queued=1)
+    put_random_prefix(s.store, api_bundle, "acme")
+    slow_engine(s.svc, 0.01)
+    c = s.client()
+    results: dict[str, int] = {}
+
+    def beam() -> None:
+        body = {
+            "model": "acme",
+            "prompt": "go",
+            "max_tokens": 60,
+            "n": 2,
+            "use_beam_search": True,
+            "ignore_eos": True,
+        }
+        results["beam"] = c.post("/v1/completions", json=body).status_code
+
+    t = threading.Thread(target=beam)
+    t.start()
+    time.sleep(0.3)
+    others = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, c.post("/generate", json={
+            "tenant_id": "acme", "prompt": f"p{i}", "max_tokens": 30, "ignore_eos": True}).status_code))
+        for i in range(3)
+    ]  # fmt: skip
+    for o in others:
+        o.start()
+    for th in (t, *others):
+        th.join(60)
+    assert results["beam"] == 200, results
+
+
+def test_a_prefix_replaced_and_deleted_mid_search_reruns_it_on_the_latest(server_factory, api_bundle):
+    """Its version replaced, then deleted, between two steps (keep_versions, an operator): a step cannot load it
+    again, so the search runs again on the latest version, as a request's first step would (it was a 404 naming the
+    model, which exists)."""
+    import threading
+    import time
+
+    from tests.fixtures.server import put_random_prefix
+
+    s = server_factory()
+    put_random_prefix(s.store, api_bundle, "acme", seed=1)
+    step = s.svc.llm.step
+
+    def slow_step():  # (a step's one-token requests are done by its end: `slow_engine` would not wait)
+        time.sleep(0.01)
+        return step()
+
+    s.svc.llm.step = slow_step
+    restarts = []
+    fetch = s.svc.llm.prefix_cache._fetch
+    s.svc.llm.prefix_cache._fetch = lambda key: restarts.append(key.version) or fetch(key)
+    c = s.client()
+    body = {
+        "model": "acme",
+        "prompt": "go",
+        "max_tokens": 60,
+        "n": 2,
+        "use_beam_search": True,
+        "ignore_eos": True,
+    }
+    out: dict[str, Any] = {}
+    t = threading.Thread(
+        target=lambda: out.update(r=c.post("/v1/completions", json={**body, "return_token_ids": True}))
+    )
+    t.start()
+    time.sleep(0.3)
+    put_random_prefix(s.store, api_bundle, "acme", seed=2)
+    s.store.delete("acme", "default", 1)
+    s.svc.llm.prefix_cache.invalidate("acme", "default")  # (the store's change event)
+    t.join(60)
+    assert out["r"].status_code == 200, out["r"].text
+    assert restarts[:1] == [1] and 2 in restarts  # (v1 loaded for the first steps, v2 after)
+    again = c.post("/v1/completions", json={**body, "return_token_ids": True}).json()  # on v2 from the start
+    assert [ch["token_ids"] for ch in out["r"].json()["choices"]] == [
+        ch["token_ids"] for ch in again["choices"]
+    ]

@@ -19,6 +19,7 @@ from server.engine import (
     Request,
     RequestTooLarge,
     SamplingParams,
+    TokenEvent,
 )
 from server.engine.kv_cache import KVPool
 from tests.engine_utils import make_engine, pool_bytes, random_kv, random_prompt
@@ -530,6 +531,41 @@ def test_refused_requests_do_not_hold_queue_places(tiny_llama_bundle):
     assert eng.num_waiting == 0
     for i in range(3):  # one row + two queued
         eng.submit(Request(f"ok{i}", [1, 2], SamplingParams(max_tokens=2)), lambda ev: None)
+
+
+def test_continuations_pass_a_full_queue_and_fail_after_fail_all(tiny_llama_bundle):
+    """A continuation (a beam search's later step: work accepted already) is never refused for a full queue, and
+    once the engine failed everything at shutdown, a continuation submitted after is failed the same way (it slipped
+    between steps) while a new request is still taken (the API refuses those itself while draining)."""
+    import asyncio
+
+    b = tiny_llama_bundle
+    eng = AsyncEngine(make_engine(b, {}, max_waiting=1, max_num_seqs=1, max_model_len=64))
+    for i in range(2):
+        eng.submit(Request(f"r{i}", [1, 2], SamplingParams(max_tokens=2)), lambda ev: None)
+    with pytest.raises(QueueFull):
+        eng.submit(Request("new", [1, 2], SamplingParams(max_tokens=2)), lambda ev: None)
+    eng.submit(Request("more", [1, 2], SamplingParams(max_tokens=2), continuation=True), lambda ev: None)
+    eng.start()
+    try:
+
+        async def run(req: Request) -> TokenEvent:
+            async for ev in eng.generate(req):
+                if ev.finished:
+                    return ev
+            raise AssertionError("no last event")
+
+        async def scenario() -> tuple[TokenEvent, TokenEvent]:
+            eng.fail_all("going away", "ShuttingDown")
+            cont = await run(Request("c", [3, 4], SamplingParams(max_tokens=2), continuation=True))
+            fresh = await run(Request("f", [3, 4], SamplingParams(max_tokens=2, ignore_eos=True)))
+            return cont, fresh
+
+        cont, fresh = asyncio.run(scenario())
+    finally:
+        eng.shutdown()
+    assert cont.finish_reason == "error" and cont.error_type == "ShuttingDown" and cont.error == "going away"
+    assert fresh.finish_reason == "length"
 
 
 def test_a_request_that_fills_the_context_exactly_is_accepted(tiny_llama_bundle):

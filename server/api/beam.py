@@ -21,7 +21,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from server.api.service import REFUSALS, GenerationRun, RequestInfo, ResolvedPrefix
+from server.api.errors import APIError
+from server.api.service import (
+    ENGINE_ERRORS,
+    MAX_LATEST_ATTEMPTS,
+    REFUSALS,
+    GenerationRun,
+    RequestInfo,
+    ResolvedPrefix,
+)
 from server.engine import Request, SamplingParams, TokenEvent, TokenLogprob
 from server.engine.detokenizer import decode_output
 
@@ -65,22 +73,32 @@ def best_beams(
     steps: list[TokenLogprob],
     done: list[Beam],
     width: int,
-    length_penalty: float,
     ends: Callable[[int], bool],
     report: int | None,
+    k: int,
+    last: bool = False,
 ) -> list[Beam]:
-    """One step: every running beam extended by each of its `2 x width` most likely tokens (`steps[i]`: beam i's
-    step, its `top` most likely first); the extensions that end (`ends(token)`) join `done`, the `width` best of
-    the others are returned. `report`: how many alternatives each kept token's log-probability lists."""
+    """One step, as transformers' beam search takes it: every running beam extended by its most likely tokens
+    (`steps[i]`: beam i's step, its `top` most likely first), the `k` likeliest extensions of all (by summed
+    log-probability); of those ranked in the first `width`, the ones that end (`ends(token)`; on the `last` step,
+    all of them) join `done`; the `width` likeliest that do not end go on (returned). Extensions that end below
+    the first `width` are dropped. `report`: how many alternatives each kept token's log-probability lists."""
     candidates = []
     for beam, step in zip(running, steps, strict=True):
-        for tok, lp in step.top[: 2 * width]:
-            rank = sum(v >= lp for _, v in step.top)
-            entry = TokenLogprob(tok, lp, step.top[: report or 0], rank)
-            ext = Beam([*beam.tokens, tok], beam.cum_logprob + lp, [*beam.logprobs, entry], ends(tok))
-            (done if ext.complete else candidates).append(ext)
-    candidates.sort(key=lambda b: b.score(length_penalty), reverse=True)
-    return candidates[:width]
+        for tok, lp in step.top[:k]:
+            candidates.append((beam.cum_logprob + lp, beam, step, tok, lp))
+    candidates.sort(key=lambda c: c[0], reverse=True)  # (stable: ties keep beam, then token order)
+    going: list[Beam] = []
+    for rank, (cum, beam, step, tok, lp) in enumerate(candidates[:k]):
+        ended = ends(tok)
+        if (ended or last) and rank >= width:
+            continue
+        if not ended and not last and len(going) == width:
+            continue
+        entry = TokenLogprob(tok, lp, step.top[: report or 0], sum(v >= lp for _, v in step.top))
+        ext = Beam([*beam.tokens, tok], cum, [*beam.logprobs, entry], ended)
+        (done if ended or last else going).append(ext)
+    return going
 
 
 class BeamSearch:
@@ -89,19 +107,21 @@ class BeamSearch:
     def __init__(
         self,
         svc: Service,
+        info: RequestInfo,
         prefix: ResolvedPrefix,
         prompt: list[int],
         sampling: SamplingParams,
         params: BeamParams,
         priority: int,
     ) -> None:
-        self.svc, self.prefix, self.prompt, self.sampling = svc, prefix, prompt, sampling
+        self.svc, self.info, self.prefix, self.prompt, self.sampling = svc, info, prefix, prompt, sampling
         self.params, self.priority = params, priority
         self.task: asyncio.Task[list[TokenEvent]] | None = None
         self.open = 0  # its choices not closed yet
         self.started = time.monotonic()
         self.first_scheduled: float | None = None
         self.cached_tokens = 0
+        self.steps = 0  # engine requests made
 
     def result(self) -> asyncio.Task[list[TokenEvent]]:
         if self.task is None:
@@ -115,6 +135,7 @@ class BeamSearch:
             self.task.cancel()  # every choice is gone (a client that left): its steps are aborted
 
     async def _step(self, tokens: list[int], k: int) -> TokenLogprob:
+        # (after the first, a step is work the server accepted already: never refused for a full queue)
         req = Request(
             request_id=uuid.uuid4().hex,
             prompt_token_ids=self.prompt + tokens,
@@ -122,7 +143,9 @@ class BeamSearch:
             prefix=self.prefix.key,
             cache_salt=self.prefix.tenant_id,
             priority=self.priority,
+            continuation=self.steps > 0,
         )
+        self.steps += 1
         agen = self.svc.engine.generate(req)
         try:
             async for ev in agen:
@@ -137,36 +160,65 @@ class BeamSearch:
             await agen.aclose()  # (an unfinished request is aborted)
 
     async def _search(self) -> list[TokenEvent]:
-        p, width = self.params, self.params.width
+        """The search, run again on the name's latest version if the version it ran on left the store meanwhile
+        (replaced, then deleted: a step loads it again, as a request's first step does), as if it had come then."""
+        for attempt in range(1, MAX_LATEST_ATTEMPTS + 1):
+            try:
+                return await self._run()
+            except StepFailed as e:
+                newer = None if attempt == MAX_LATEST_ATTEMPTS else await self._newer_latest(e.event)
+                if newer is None:
+                    raise
+                self.prefix = newer
+        raise AssertionError("unreachable")
+
+    async def _newer_latest(self, ev: TokenEvent) -> ResolvedPrefix | None:
+        p = self.prefix
+        if p.pinned or p.name is None or ENGINE_ERRORS.get(ev.error_type or "", (0,))[0] != 404:
+            return None
+        self.svc.meta_cache.invalidate((p.tenant_id, p.name))
+        try:
+            newer = await self.svc.resolve(p.tenant_id, p.name)
+        except APIError:
+            return None
+        if newer.version == p.version or newer.prompt_format != p.prompt_format:
+            return None
+        self.svc._check(self.info, newer, self.prompt, self.sampling)  # (413 if it no longer fits)
+        return newer
+
+    async def _run(self) -> list[TokenEvent]:
+        width, penalty = self.params.width, self.params.length_penalty
         eos = self.svc.llm.eos_ids
         ignore_eos = self.sampling.ignore_eos
-        k = max(2 * width, self.sampling.logprobs or 0)
+        # transformers' candidates per step: enough that `width` do not end whichever end-of-sequence ids come
+        k = max(2, 1 + (0 if ignore_eos else len(eos))) * width
+        want = self.sampling.logprobs or 0
         running, done = [Beam()], []
-        for _ in range(self.sampling.max_tokens):
-            steps = await asyncio.gather(*(self._step(b.tokens, k) for b in running))
+        for step in range(self.sampling.max_tokens):
+            steps = await asyncio.gather(*(self._step(b.tokens, max(k, want)) for b in running))
+            last = step == self.sampling.max_tokens - 1
             running = best_beams(
-                running,
-                steps,
-                done,
-                width,
-                p.length_penalty,
-                lambda t: not ignore_eos and t in eos,
-                self.sampling.logprobs,
+                running, steps, done, width, lambda t: not ignore_eos and t in eos, want, k, last
             )
-            done.sort(key=lambda b: b.score(p.length_penalty), reverse=True)
+            done.sort(key=lambda b: b.score(penalty), reverse=True)
             del done[width:]
-            if len(done) == width and running[0].score(p.length_penalty) <= done[-1].score(p.length_penalty):
+            if not running:
                 break
-        final = sorted(done + running, key=lambda b: b.score(p.length_penalty), reverse=True)[:width]
+            # transformers' early_stopping=False: done once no running beam scores better than the worst kept
+            if len(done) == width and running[0].score(penalty) <= done[-1].score(penalty):
+                break
+        final = sorted(done + running, key=lambda b: b.score(penalty), reverse=True)[:width]
         return [await self._event(b) for b in final]
 
     async def _event(self, beam: Beam) -> TokenEvent:
         sp = self.sampling
+        # (the end-of-sequence token is not part of the text, as in any output; its id stays in token_ids)
+        shown = beam.tokens[:-1] if beam.complete else beam.tokens
         text = await self.svc.tokenize(
             decode_output,
             self.svc.bundle.tokenizer,
             self.prompt,
-            beam.tokens,
+            shown,
             sp.skip_special_tokens,
             sp.spaces_between_special_tokens,
         )
@@ -218,6 +270,9 @@ class BeamRun(GenerationRun):
             raise self._refusal(e) from None
         if self.index >= len(events):  # (fewer beams than choices: cannot happen with 2 x width per step)
             raise RuntimeError("beam search ended with fewer beams than choices")
+        if self.search.prefix is not self.prefix:  # it ran again on the latest version
+            self.prefix = self.search.prefix
+            self.info.version = self.prefix.version
         return replace(events[self.index], request_id=self.req.request_id)
 
     async def close(self) -> None:

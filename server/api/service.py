@@ -1478,7 +1478,7 @@ class Service:
 
         index = len(made) % beam.width
         if index == 0:
-            search = BeamSearch(self, prefix, prompt_ids, sampling, beam, priority)
+            search = BeamSearch(self, info, prefix, prompt_ids, sampling, beam, priority)
         else:
             search = made[-1].search  # type: ignore[attr-defined]
         release = self.acquire_slot(prefix.tenant_id)

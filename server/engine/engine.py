@@ -996,6 +996,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._pending = 0  # submitted, not yet seen by the engine thread
+        # (error, error type) of the last `fail_all`: continuations submitted after it fail the same way
+        self._failed: tuple[str, str] | None = None
         engine.prefix_cache.on_loaded = self._wake.set
         self.dead: BaseException | None = None
         # events the engine thread produced, handed to their event loops once per step (`_flush`): one wake-up of
@@ -1024,11 +1026,11 @@ class AsyncEngine:
             raise RuntimeError("engine thread died") from self.dead
         with self._lock:
             queued = self.engine.queued(self._pending)
-            if queued >= self.engine.cfg.max_waiting:
+            if queued >= self.engine.cfg.max_waiting and not req.continuation:
                 raise QueueFull(f"{queued} requests already waiting for a place in the batch")
             self._pending += 1
         try:
-            self.engine.validate(req)
+            self.engine.validate(req, check_queue=not req.continuation)
         except BaseException:
             with self._lock:
                 self._pending -= 1
@@ -1093,6 +1095,14 @@ class AsyncEngine:
                     if not ev.finished:
                         self.engine.abort(ev.request_id)
 
+    @staticmethod
+    def _answer_error(req: Request, cb: EventCallback, error: str, error_type: str) -> None:
+        ev = TokenEvent(req.request_id, [], "", True, "error", error=error, error_type=error_type)
+        try:
+            cb(ev)
+        except Exception:
+            log.exception("request %s: its event callback failed", req.request_id)
+
     def _drain(self) -> None:
         while True:
             try:
@@ -1102,18 +1112,16 @@ class AsyncEngine:
             if op == "add":
                 with self._lock:
                     self._pending -= 1
+                if arg.continuation and self._failed is not None:
+                    self._answer_error(arg, cb, *self._failed)
+                    continue
                 try:
                     self.engine.add_request(arg, cb, admitted=True)
                 except Exception as e:
                     # validated already; a race (e.g. a duplicate id) still answers the caller
-                    ev = TokenEvent(
-                        arg.request_id, [], "", True, "error", error=str(e), error_type=type(e).__name__
-                    )
-                    try:
-                        cb(ev)
-                    except Exception:
-                        log.exception("request %s: its event callback failed", arg.request_id)
+                    self._answer_error(arg, cb, str(e), type(e).__name__)
             elif op == "fail_all":
+                self._failed = (arg, cb)
                 self.engine.fail_all(arg, cb)
             else:
                 self.engine.abort(arg)

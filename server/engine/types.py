@@ -210,6 +210,9 @@ class Request:
     cache_salt: str | None = None
     # Scheduling priority (vLLM's): lower starts first, and is preempted last when memory runs short.
     priority: int = 0
+    # A continuation of work the server accepted already (a beam search's later steps): never refused for a full
+    # queue (its first step was counted), and failed like the running requests once the engine `fail_all`ed.
+    continuation: bool = False
 
     @property
     def tenant(self) -> str | None:
