@@ -27,7 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefix_store import PrefixStore, open_store
-from server.api.auth import KeyRing
+from server.api.auth import KeyRing, with_api_key_header
 from server.api.errors import (
     APIError,
     SafeJSONResponse,
@@ -137,6 +137,7 @@ def _header_principal(st: AppState, headers: dict[bytes, bytes]) -> Any:
     value = headers.get(b"authorization", b"").decode("latin-1").strip()
     scheme, _, token = value.partition(" ")
     creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()) if value else None
+    creds = with_api_key_header(creds, headers.get(b"x-api-key", b"").decode("latin-1"))
     return st.keyring.authenticate(creds)
 
 
@@ -543,6 +544,7 @@ def create_app(
     `freeze_gc`: once started, freeze the garbage collector's view of every object alive (a server process; not
     for a process that builds many apps, whose later garbage would never be collected)."""
     from server.api import (
+        routes_anthropic,
         routes_generate,
         routes_openai,
         routes_ops,
@@ -599,6 +601,7 @@ def create_app(
         routes_openai.router,
         routes_openai.invocations_router,
         routes_responses.router,
+        routes_anthropic.router,
         routes_prefixes.router,
         routes_prefixes.admin_router,
         routes_ops.router,

@@ -91,7 +91,11 @@ class KeyRing:
             return OPEN
         challenge = {"WWW-Authenticate": "Bearer"}
         if credentials is None or not credentials.credentials:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", headers=challenge)
+            raise APIError(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                headers=challenge,
+            )
         if credentials.scheme.lower() != "bearer":
             raise APIError(401, "use 'Authorization: Bearer <key>'", headers=challenge)
         principal = self.lookup(credentials.credentials)
@@ -100,10 +104,21 @@ class KeyRing:
         return principal
 
 
+def with_api_key_header(
+    credentials: HTTPAuthorizationCredentials | None, api_key: str | None
+) -> HTTPAuthorizationCredentials | None:
+    """The key of an `Authorization: Bearer` header, else of an `x-api-key` header (what Anthropic's clients
+    send)."""
+    if credentials is None and api_key and api_key.strip():
+        return HTTPAuthorizationCredentials(scheme="Bearer", credentials=api_key.strip())
+    return credentials
+
+
 async def get_principal(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)
 ) -> Principal:
     """FastAPI dependency: the caller (401 if keys are configured and none or a wrong one is sent)."""
+    credentials = with_api_key_header(credentials, request.headers.get("x-api-key"))
     principal = request.app.state.ps.keyring.authenticate(credentials)
     info = request.scope.get("prefixserve")
     if info is not None:

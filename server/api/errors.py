@@ -144,6 +144,32 @@ def with_tgi_error_type(body: dict[str, Any], status: int) -> dict[str, Any]:
     return body
 
 
+# Anthropic's error types by status (its clients and tools read `error.type`)
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error_type(status: int) -> str:
+    return ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """An error as Anthropic's API sends it (a stream's `error` event)."""
+    return {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
+
+
 def error_response(
     status: int,
     message: str,
@@ -165,6 +191,9 @@ def error_response(
     body = error_body(status, message, code=code, param=param)
     if request is not None and is_tgi_path(request.url.path):
         with_tgi_error_type(body, status)
+    if request is not None and is_anthropic_path(request.url.path):  # Anthropic's shape, with ours kept
+        body["type"] = "error"
+        body["error"]["type"] = anthropic_error_type(status)
     return SafeJSONResponse(body, status, headers=headers)
 
 

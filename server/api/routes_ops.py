@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api.auth import Principal, bearer_scheme, get_principal
+from server.api.auth import Principal, bearer_scheme, get_principal, with_api_key_header
 from server.api.deps import app_state, get_service
 from server.api.errors import COMMON_ERRORS, ErrorInfo, SafeJSONResponse, error_body
 from server.api.schemas import Health, Readiness, ServerInfo
@@ -160,7 +160,8 @@ async def info(request: Request, principal: Principal = Depends(get_principal)) 
 async def metrics(request: Request) -> Response:
     st = app_state(request)
     if st.settings.metrics_require_admin:
-        st.keyring.authenticate(await bearer_scheme(request)).require_admin()
+        creds = with_api_key_header(await bearer_scheme(request), request.headers.get("x-api-key"))
+        st.keyring.authenticate(creds).require_admin()
     if st.svc is not None:  # `prefixserve:ready` as /ready would answer now, not as it last did
         await check_store(st.svc)
     data = await asyncio.to_thread(generate_latest, st.metrics.registry)

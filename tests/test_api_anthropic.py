@@ -1,0 +1,209 @@
+"""Anthropic's Messages API with the official `anthropic` package: the chat path's answer as Anthropic's message
+(text, tool_use and thinking blocks, stop reasons, usage), streamed as its events, its key header and error shape,
+and count_tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+anthropic = pytest.importorskip("anthropic")
+
+KEY = "sk-acme-claude"
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture
+def srv(server_factory):
+    return server_factory(
+        prefixes={("acme", "bot"): {"seed": 5, "prompt_format": "chat"}}, keys={"acme": KEY}
+    )
+
+
+@pytest.fixture
+def claude(srv):
+    with anthropic.Anthropic(base_url=srv.url, api_key=KEY, max_retries=0) as client:
+        yield client
+
+
+def chat(srv, **kw):
+    body = {"model": "acme/bot", "messages": ASK, "max_tokens": 8, "temperature": 0, **kw}
+    r = srv.client(KEY).post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_message_is_the_chat_answer(srv, claude):
+    want = chat(srv)
+    msg = claude.messages.create(model="acme/bot", max_tokens=8, messages=ASK, extra_body={"temperature": 0})
+    assert msg.type == "message" and msg.role == "assistant" and msg.model == "acme/bot"
+    assert msg.id.startswith("msg_")
+    assert [b.type for b in msg.content] == ["text"]
+    assert msg.content[0].text == want["choices"][0]["message"]["content"]
+    finish = want["choices"][0]["finish_reason"]
+    assert (
+        msg.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[finish] and msg.stop_sequence is None
+    )
+    assert msg.usage.input_tokens == want["usage"]["prompt_tokens"]
+    assert msg.usage.output_tokens == want["usage"]["completion_tokens"]
+    # the system prompt and a list of text blocks reach the template as the chat's do
+    sys_msg = claude.messages.create(
+        model="acme/bot",
+        max_tokens=8,
+        extra_body={"temperature": 0},
+        system=[{"type": "text", "text": "Be brief."}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": ASK[0]["content"]}]}],
+    )
+    want = chat(srv, messages=[{"role": "system", "content": "Be brief."}, *ASK])
+    assert sys_msg.content[0].text == want["choices"][0]["message"]["content"]
+    assert sys_msg.usage.input_tokens == want["usage"]["prompt_tokens"]
+
+
+def test_streamed_events_make_the_same_message(claude):
+    kw = {"model": "acme/bot", "max_tokens": 10, "messages": ASK, "extra_body": {"temperature": 0}}
+    whole = claude.messages.create(**kw)
+    with claude.messages.stream(**kw) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == whole.content[0].text == final.content[0].text
+    assert final.stop_reason == whole.stop_reason and final.usage.output_tokens == whole.usage.output_tokens
+    # the raw events: Anthropic's order
+    raw = claude.messages.create(**kw, stream=True)
+    kinds = [ev.type for ev in raw]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert kinds[1] == "content_block_start" and "content_block_stop" in kinds
+
+
+def test_stop_sequences(claude):
+    kw = {"model": "acme/bot", "max_tokens": 16, "messages": ASK, "extra_body": {"temperature": 0}}
+    text = claude.messages.create(**kw).content[0].text
+    stop = next(
+        text[i : i + 2]
+        for i in range(1, len(text) - 2)
+        if text[i : i + 2].strip() and text.find(text[i : i + 2]) == i
+    )
+    msg = claude.messages.create(**kw, stop_sequences=[stop])
+    assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == stop
+    assert msg.content[0].text == text[: text.index(stop)]
+
+
+def test_a_forced_tool_call_is_a_tool_use_block(srv, claude):
+    pytest.importorskip("llguidance")
+    kw = {"model": "acme/bot", "max_tokens": 40, "messages": ASK, "extra_body": {"temperature": 0}, "tools": [WEATHER],
+          "tool_choice": {"type": "tool", "name": "get_weather"}}  # fmt: skip
+    msg = claude.messages.create(**kw)
+    assert msg.stop_reason == "tool_use"
+    (use,) = [b for b in msg.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and isinstance(use.input["city"], str) and use.id
+    with claude.messages.stream(**kw) as s:
+        final = s.get_final_message()
+    (streamed,) = [b for b in final.content if b.type == "tool_use"]
+    assert streamed.input == use.input and final.stop_reason == "tool_use"
+    # the call and its result sent back: the next turn is the chat's with the same turns
+    turns = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]},
+    ]
+    nxt = claude.messages.create(
+        model="acme/bot", max_tokens=6, messages=turns, extra_body={"temperature": 0}
+    )
+    want = chat(
+        srv,
+        max_tokens=6,
+        messages=[
+            *ASK,
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": use.id, "type": "function", "function": {"name": use.name, "arguments": json.dumps(use.input)}}]},
+            {"role": "tool", "tool_call_id": use.id, "content": "sunny"},
+        ],
+    )  # fmt: skip
+    assert nxt.usage.input_tokens == want["usage"]["prompt_tokens"]
+    assert nxt.content[0].text == want["choices"][0]["message"]["content"]
+    count = claude.messages.count_tokens(model="acme/bot", messages=turns)
+    assert count.input_tokens == want["usage"]["prompt_tokens"]
+
+
+def test_errors_in_anthropics_shape(srv, claude):
+    with pytest.raises(anthropic.NotFoundError) as e:
+        claude.messages.create(model="acme/nope", max_tokens=4, messages=ASK)
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(
+            model="acme/bot",
+            max_tokens=4,
+            messages=[
+                {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "x"}}]}
+            ],
+        )
+    assert e.value.body["error"]["param"] == "messages[0].content[0].type"
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        anthropic.Anthropic(base_url=srv.url, api_key="wrong", max_retries=0).messages.create(
+            model="acme/bot", max_tokens=4, messages=ASK
+        )
+    assert e.value.body["error"]["type"] == "authentication_error"
+    c = srv.client(KEY)
+    r = c.post("/v1/messages", json={"model": "acme/bot", "messages": ASK})  # max_tokens is required
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and r.json()["type"] == "error"
+    r = c.post("/v1/messages", json={"model": "acme/bot", "max_tokens": 4, "messages": ASK,
+                                      "tool_choice": {"type": "tool"}})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    # the key as x-api-key works on the other routes too
+    r = srv.client().post("/v1/chat/completions", headers={"x-api-key": KEY},
+                          json={"model": "acme/bot", "messages": ASK, "max_tokens": 2})  # fmt: skip
+    assert r.status_code == 200, r.text
+
+
+def test_output_config_format_and_thinking_blocks(server_factory, srv, claude):
+    """output_config.format (Anthropic's structured outputs) holds the answer to its schema; with a reasoning parser
+    the thinking is a `thinking` block before the text, streamed as thinking deltas."""
+    pytest.importorskip("llguidance")
+    from tokenizers import AddedToken
+
+    from server.model import bundle_from_model
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    msg = claude.messages.create(
+        model="acme/bot",
+        max_tokens=30,
+        messages=ASK,
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+    )
+    if msg.stop_reason == "end_turn":
+        assert isinstance(json.loads(msg.content[0].text)["n"], int)
+    else:  # cut by max_tokens: still a prefix of such an object
+        assert msg.content[0].text.startswith('{"n"')
+    tok = make_tiny_tokenizer()
+    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    bundle = bundle_from_model(make_tiny_llama(tok, seed=0), tok, name="tiny-thinker")
+    s = server_factory(bundle=bundle, prefixes={("acme", "bot"): {"seed": 5}}, reasoning_parser="deepseek_r1")
+    with anthropic.Anthropic(base_url=s.url, api_key="none", max_retries=0) as c:
+        kw = {"model": "acme/bot", "max_tokens": 8, "messages": ASK, "extra_body": {"temperature": 0}}
+        whole = c.messages.create(**kw)
+        with c.messages.stream(**kw) as st:
+            final = st.get_final_message()
+    # (R1's convention: the output starts inside the thinking, which these 8 tokens do not close)
+    assert whole.content[0].type == "thinking" and whole.content[0].thinking
+    assert [(b.type, getattr(b, "thinking", None)) for b in final.content] == [
+        (b.type, getattr(b, "thinking", None)) for b in whole.content
+    ]
