@@ -88,6 +88,13 @@ def test_usage_per_tenant_and_prefix_matches_what_responses_reported(server_fact
     assert_error(a.get("/usage", params={"tenant_id": "globex"}), 404, "tenant_not_found")
     assert [d["tenant_id"] for d in g.get("/usage").json()["data"]] == ["globex"]
     assert [d["tenant_id"] for d in adm.get("/usage").json()["data"]] == ["acme", "globex"]
+    # (pages by tenant id: every tenant ever seen was one answer of megabytes)
+    page = adm.get("/usage", params={"limit": 1}).json()
+    assert (
+        [d["tenant_id"] for d in page["data"]] == ["acme"] and page["has_more"] and page["last_id"] == "acme"
+    )
+    page = adm.get("/usage", params={"limit": 1, "after": "acme"}).json()
+    assert [d["tenant_id"] for d in page["data"]] == ["globex"] and not page["has_more"]
     assert adm.get("/usage", params={"tenant_id": "acme"}).json()["data"][0]["requests"] == 5
     for bad in ("..", ".", "a/b", "x" * 200):  # not a tenant id: 422, not an empty report of a made-up tenant
         assert_error(adm.get("/usage", params={"tenant_id": bad}), 422)
@@ -707,3 +714,27 @@ def test_a_stream_left_early_refunds_its_unused_tokens_when_the_limiter_awaits(s
     assert s.svc.llm.num_running == 0
     # charged 2 x (prompt + 400) at admission; after the close only what the two choices used stays charged
     assert remaining(c, "acme") >= 900
+
+
+def test_full_rate_limit_buckets_are_forgotten():
+    """A bucket that refilled to capacity is what a new tenant gets: swept once a minute (every tenant id ever seen
+    kept its buckets for ever), the others kept with their levels."""
+    import asyncio
+
+    from server.api.limits import RateLimiter, TenantLimit
+
+    now = [0.0]
+    lim = RateLimiter(TenantLimit(requests_per_minute=10, tokens_per_minute=1000), clock=lambda: now[0])
+
+    async def scenario() -> None:
+        for i in range(200):
+            await lim.charge(f"t{i}", 10)
+        assert len(lim._requests) == len(lim._tokens) == 200
+        now[0] = 61.0  # all refilled but t-busy's, charged just now
+        for _ in range(9):
+            await lim.charge("busy", 100)
+        assert len(lim._requests) == 1 and (await lim.state("busy"))["remaining_requests"] == 1
+        now[0] = 62.0  # the sweep waits a minute: nothing to forget yet
+        assert len(lim._tokens) == 1
+
+    asyncio.run(scenario())

@@ -1206,3 +1206,24 @@ def test_a_negative_prompt_token_id_is_refused(tiny_llama_bundle):
     with pytest.raises(ValueError, match="vocabulary"):
         eng.add_request(Request("neg", [5, -1], SamplingParams(max_tokens=2)))
     assert eng.num_waiting == 0
+
+
+def test_load_errors_of_keys_never_asked_again_are_forgotten(tiny_llama_bundle):
+    """A prefix version that cannot be loaded (deleted while requested) keeps its error for error_ttl_s; past it,
+    the error is swept even though nothing asks for that version again (they piled up, one per deleted version)."""
+    import time
+
+    eng = make_engine(tiny_llama_bundle, {})
+    pc = eng.prefix_cache
+    pc.error_ttl_s = 0.05
+    for v in range(5):
+        key = PrefixKey("t", "gone", v + 1)
+        assert pc.lookup(key) is None  # a fetch starts, and fails: no such prefix
+    deadline = time.monotonic() + 5
+    while pc.loading() and time.monotonic() < deadline:
+        pc.process()
+        time.sleep(0.005)
+    assert len(pc._errors) == 5
+    time.sleep(0.06)
+    pc.process()
+    assert pc._errors == {}

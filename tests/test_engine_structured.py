@@ -592,6 +592,31 @@ def test_a_grammar_after_the_thinking_leaves_the_thinking_free(tags):
     assert compiler.cached(dataclasses.replace(regex, think=None)) is None
 
 
+def test_the_grammar_cache_is_bounded_by_its_specs_size(monkeypatch):
+    """Besides its count, the compiled-grammar cache holds at most GRAMMAR_CACHE_CHARS of spec text (large schemas
+    of one tenant held 0.5-0.8 GB at 256 entries): the oldest go first, the newest always stays."""
+    pytest.importorskip("llguidance")
+    import server.engine.structured as st
+    from tests.fixtures.models import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    compiler = GrammarCompiler(tok, len(tok), tok.eos_token_id)
+    specs = [
+        StructuredOutputs("json", json.dumps({"type": "object", "properties": {f"p{i}_{j}": {"type": "string"}
+                                                                           for j in range(20)}}))
+        for i in range(6)
+    ]  # fmt: skip
+    size = len(specs[0].spec)
+    monkeypatch.setattr(st, "GRAMMAR_CACHE_CHARS", 3 * size)
+    for so in specs:
+        compiler.compile(so)
+    assert [compiler.cached(so) is not None for so in specs] == [False] * 3 + [True] * 3
+    assert compiler._compiled_chars == sum(len(so.spec) for so in specs[3:])
+    monkeypatch.setattr(st, "GRAMMAR_CACHE_CHARS", 1)  # smaller than any: the newest alone
+    compiler.compile(specs[0])
+    assert list(compiler._compiled) == [specs[0]] and compiler._compiled_chars == size
+
+
 @pytest.mark.parametrize("tags", ["text", "added tokens"])
 def test_the_thinking_ends_at_the_parsers_own_tag(tags):
     """Another parser's tags (seed_oss: `<seed:think>...</seed:think>`, with regex metacharacters and `/` in them)

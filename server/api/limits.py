@@ -133,6 +133,9 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s}s"
 
 
+SWEEP_EVERY_S = 60.0
+
+
 class RateLimiter:
     """Per-tenant budgets in this process."""
 
@@ -146,6 +149,7 @@ class RateLimiter:
         self.clock = clock
         self._requests: dict[str, Bucket] = {}
         self._tokens: dict[str, Bucket] = {}
+        self._swept = clock()
 
     def reconfigure(self, default: TenantLimit, overrides: dict[str, dict[str, int | None]] | None) -> None:
         """New limits (a reloaded limits file), effective from the next request; an in-process bucket whose
@@ -177,8 +181,19 @@ class RateLimiter:
         """Take `requests` and `tokens` (negative: give back, never above capacity) if both fit, else nothing."""
         return self._apply_local(tenant, lim, requests, tokens)
 
+    def _sweep(self, now: float) -> None:
+        """Drop the buckets that refilled to capacity (a full bucket is what a tenant without one gets), at most
+        once a minute: a tenant seen once held its buckets for ever (one per tenant id, growing without bound)."""
+        if now - self._swept < SWEEP_EVERY_S:
+            return
+        self._swept = now
+        for table in (self._requests, self._tokens):
+            for tenant in [t for t, b in table.items() if b.refill(now) >= b.capacity]:
+                del table[tenant]
+
     def _apply_local(self, tenant: str, lim: TenantLimit, requests: int, tokens: int) -> Levels:
         now = self.clock()
+        self._sweep(now)
         rb = self._bucket(self._requests, tenant, lim.requests_per_minute, now)
         tb = self._bucket(self._tokens, tenant, lim.tokens_per_minute, now)
         wait_t = tb.wait(tokens) if tb is not None and tokens > 0 else 0.0

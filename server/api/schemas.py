@@ -1044,3 +1044,5 @@ class UsageReport(BaseModel):
     object: Literal["usage"] = "usage"
     since: float = Field(description="Unix time the counts start from (this server process's start)")
     data: list[TenantUsageInfo]
+    has_more: bool = Field(False, description="More tenants after this page: ask again with after=last_id")
+    last_id: str | None = Field(None, description="The page's last tenant id")

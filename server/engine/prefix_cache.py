@@ -153,6 +153,7 @@ class PrefixCache:
         # none of them still wants is not held for them (an aborted request's prefix must not block others)
         self._wanted: dict[PrefixKey, int] = {}
         self._errors: dict[PrefixKey, tuple[PrefixLoadError, float]] = {}
+        self._errors_swept = time.monotonic()
         # daemon threads: a fetch hung on a dead store never holds the process's exit
         self._executor = DaemonThreadPool(loader_threads, "prefix-loader")
         self._invalidated: list[tuple[str, str] | None] = []  # None: every name
@@ -228,8 +229,19 @@ class PrefixCache:
     def loading(self) -> bool:
         return bool(self._loading)
 
+    def _sweep_errors(self) -> None:
+        """Forget load errors past their TTL (at most once a TTL): an error is otherwise dropped only when its key is
+        asked for again, and a deleted version's never is (version numbers are not reused), so they piled up."""
+        now = time.monotonic()
+        if not self._errors or now - self._errors_swept < self.error_ttl_s:
+            return
+        self._errors_swept = now
+        for key in [k for k, (_, t) in self._errors.items() if now - t >= self.error_ttl_s]:
+            del self._errors[key]
+
     def process(self) -> None:
         """Apply invalidations and move finished fetches into the pool (engine thread, once per step)."""
+        self._sweep_errors()
         with self._lock:
             inval, self._invalidated = self._invalidated, []
         for which in inval:

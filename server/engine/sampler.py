@@ -135,7 +135,9 @@ def _typical(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     entropy = -(logp * p).nansum(-1, keepdim=True)  # -inf * 0 (filtered tokens) is NaN: they add nothing
     shifted = (-logp - entropy).abs()  # +inf for filtered tokens: they sort last and stay out
     shifted_sorted, order = shifted.sort(-1)
-    cum = logits.gather(-1, order).softmax(-1).cumsum(-1)  # (transformers' sums, to the bit: not p's, reordered)
+    cum = (
+        logits.gather(-1, order).softmax(-1).cumsum(-1)
+    )  # (transformers' sums, to the bit: not p's, reordered)
     last = (cum < mass).sum(-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
     remove_sorted = shifted_sorted > shifted_sorted.gather(-1, last)
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)

@@ -266,6 +266,9 @@ class Constraint:
         return _without_dump(str(self.matcher.get_error()))
 
 
+GRAMMAR_CACHE_CHARS = 2 << 20  # spec text the compiled-grammar cache holds at most (~100 MB of grammars)
+
+
 class GrammarCompiler:
     """Compiles specs against one tokenizer; compiled matchers are kept (LRU) and copied per request. Thread-safe."""
 
@@ -286,6 +289,9 @@ class GrammarCompiler:
         self._limits: Any = None
         self._added: frozenset[str] | None = None
         self._compiled: OrderedDict[StructuredOutputs, Any] = OrderedDict()
+        self._compiled_chars = (
+            0  # of the cached specs' text: what bounds the cache's memory (besides the count)
+        )
         # specs refused, with why: a repeat is refused at once instead of paying the compilation again
         self._refused: OrderedDict[StructuredOutputs, str] = OrderedDict()
         self._lock = threading.Lock()
@@ -372,9 +378,16 @@ class GrammarCompiler:
             )
         with self._lock:
             self.compilations += 1
+            if so not in self._compiled:
+                self._compiled_chars += len(so.spec)
             self._compiled[so] = m
-            while len(self._compiled) > self._cache_size:
-                self._compiled.popitem(last=False)
+            # a compiled grammar takes ~50x its spec's size (lexer states): many large schemas of one tenant held
+            # 0.5-0.8 GB at 256 entries; the newest is always kept
+            while len(self._compiled) > 1 and (
+                len(self._compiled) > self._cache_size or self._compiled_chars > GRAMMAR_CACHE_CHARS
+            ):
+                old, _ = self._compiled.popitem(last=False)
+                self._compiled_chars -= len(old.spec)
         return m
 
     def compile(self, so: StructuredOutputs) -> StructuredOutputs:
