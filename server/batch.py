@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from server.fsutil import write_atomic
 
 log = logging.getLogger("prefixserve.batch")
 
@@ -138,17 +138,7 @@ def write_lines(path: str, outputs: list[dict[str, Any]]) -> None:
         sys.stdout.write(data)
         sys.stdout.flush()
         return
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), data)
 
 
 async def run_batch(

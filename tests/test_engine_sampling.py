@@ -118,6 +118,29 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(setup):
     assert outs[1].token_ids == greedy[0].token_ids
 
 
+def _transformers_warpers(p: SamplingParams):
+    """transformers' warpers for `p`, in the order its generate applies them."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(p.temperature)])
+    if p.top_k:
+        warpers.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(p.top_p))
+    if p.min_p:
+        warpers.append(MinPLogitsWarper(p.min_p))
+    if p.typical_p < 1.0:
+        warpers.append(TypicalLogitsWarper(p.typical_p))
+    return warpers
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -130,21 +153,8 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(setup):
 )
 def test_min_p_matches_transformers(kw):
     """min_p after temperature, top-k and top-p, as transformers' generate orders its warpers: the same scores."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        MinPLogitsWarper,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
     p = SamplingParams(**{"temperature": 1.0, **kw})
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(p.temperature)])
-    if p.top_k:
-        warpers.append(TopKLogitsWarper(p.top_k))
-    if p.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(p.top_p))
-    warpers.append(MinPLogitsWarper(p.min_p))
+    warpers = _transformers_warpers(p)
     g = torch.Generator().manual_seed(3)
     for _ in range(5):
         logits = torch.randn(1, 300, generator=g) * 3
@@ -169,24 +179,8 @@ def test_min_p_matches_transformers(kw):
 def test_typical_p_matches_transformers(kw):
     """typical_p (TGI's and transformers' locally typical sampling) last, after temperature, top-k, top-p and min-p,
     as transformers' generate orders its warpers: the same scores, fewer tokens than the row had."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        MinPLogitsWarper,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-        TypicalLogitsWarper,
-    )
-
     p = SamplingParams(**{"temperature": 1.0, **kw})
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(p.temperature)])
-    if p.top_k:
-        warpers.append(TopKLogitsWarper(p.top_k))
-    if p.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(p.top_p))
-    if p.min_p:
-        warpers.append(MinPLogitsWarper(p.min_p))
-    warpers.append(TypicalLogitsWarper(p.typical_p))
+    warpers = _transformers_warpers(p)
     g = torch.Generator().manual_seed(5)
     for _ in range(5):
         logits = torch.randn(1, 300, generator=g) * 3

@@ -710,7 +710,7 @@ def test_disk_submission_interrupted_at_each_step(tiny_llama_bundle, tmp_path, m
             jm.submit_once(request_(epochs=1), "k-1")
     assert jm.list() == [] and backend.find_submitted("acme", "k-1") is None
     assert not any(backend._dirs["active"].glob("*/*"))
-    write_atomic = jobs_disk._write_atomic
+    write_atomic = jobs_disk.write_atomic
 
     def crash_at_key(path, text):
         if "idempotency" in path.parts:
@@ -718,7 +718,7 @@ def test_disk_submission_interrupted_at_each_step(tiny_llama_bundle, tmp_path, m
         write_atomic(path, text)
 
     for where, target, fn in (
-        (jobs_disk, "_write_atomic", crash_at_key),
+        (jobs_disk, "write_atomic", crash_at_key),
         (backend, "_write", fail_with(_Crash())),
     ):
         with monkeypatch.context() as m:  # dies writing its key, or before its record

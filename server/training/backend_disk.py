@@ -27,7 +27,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from prefix_store.errors import StoreUnavailable
+from server.fsutil import write_atomic
 from server.training.records import (
     ACTIVE,
     IDEMPOTENCY_TTL_S,
@@ -59,30 +59,6 @@ class DiskClaim:
     examples: list[dict[str, str]]
     worker_id: str
     fd: int
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _touch(path: Path) -> None:
@@ -163,7 +139,7 @@ class DiskJobBackend:
             return None
 
     def _write(self, rec: JobRecord) -> None:
-        _write_atomic(self._record(rec.job_id), rec.to_json())
+        write_atomic(self._record(rec.job_id), rec.to_json())
 
     def _set_aside(self, job_id: str) -> None:
         """Move an unreadable record out of the way (kept as `<id>.json.unreadable` for a person to look at): the job
@@ -264,8 +240,8 @@ class DiskJobBackend:
                 try:
                     if slot is not None:
                         slot.parent.mkdir(parents=True, exist_ok=True)
-                        _write_atomic(slot, rec.job_id)
-                    _write_atomic(self._examples(rec.job_id), json.dumps(examples))
+                        write_atomic(slot, rec.job_id)
+                    write_atomic(self._examples(rec.job_id), json.dumps(examples))
                     _touch(self._active(rec.tenant_id, rec.job_id))
                     self._write(rec)
                     self._enqueue(rec)
