@@ -128,8 +128,23 @@ async def run_lines(
 
 
 def read_lines(path: str) -> list[str]:
+    """The file's non-blank lines. Split at \\n (and \\r\\n) only: `splitlines` also splits at U+2028, U+0085,
+    ..., which JSON strings may hold as they are."""
     text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
+    return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+
+
+def duplicate_id(lines: list[str]) -> str | None:
+    """A custom_id two request lines share, if any (lines that are not requests are left to their own errors)."""
+    seen: set[str] = set()
+    for line in lines:
+        req, _ = parse_line(line)
+        cid = (req or {}).get("custom_id")
+        if isinstance(cid, str):
+            if cid in seen:
+                return cid
+            seen.add(cid)
+    return None
 
 
 def write_lines(path: str, outputs: list[dict[str, Any]]) -> None:

@@ -313,10 +313,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def cmd_run_batch(ns: argparse.Namespace) -> int:
     """vLLM's `run-batch`: the OpenAI Batch JSONL file `-i` through this server's app in-process, results to `-o`;
-    exit 0 once every line has its result (a request's own error is a result), 2 on bad settings or input."""
+    exit 0 once every line has its result (a request's own error is a result), 2 on bad settings or input (checked
+    before the model loads, the output file's folder too), 3 if the server could not start."""
     import asyncio
 
-    from server.batch import read_lines, run_batch, write_lines
+    from prefix_store.errors import StoreError
+    from server.batch import duplicate_id, read_lines, run_batch, write_lines
     from server.logging_utils import setup_logging
 
     try:
@@ -335,14 +337,24 @@ def cmd_run_batch(ns: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as e:
         print(f"error: cannot read {ns.input_file}: {e}", file=sys.stderr)
         return 2
+    problem = None
+    api_key = os.environ.get("PREFIXSERVE_API_KEY")
+    out_dir = Path(ns.output_file).resolve().parent
     if ns.max_concurrency is not None and ns.max_concurrency < 1:
-        print("error: --max-concurrency must be >= 1", file=sys.stderr)
+        problem = "--max-concurrency must be >= 1"
+    elif ns.output_file != "-" and not (out_dir.is_dir() and os.access(out_dir, os.W_OK)):
+        problem = f"cannot write {ns.output_file}: {out_dir} is not a writable folder"
+    elif settings.auth_enabled and not api_key and settings.admin_key is None:
+        problem = "this server's settings require an API key: set PREFIXSERVE_API_KEY to the tenant's key"
+    elif (dup := duplicate_id(lines)) is not None:  # (OpenAI refuses such a file)
+        problem = f"custom_id {dup!r} is given twice: each request's custom_id must be unique"
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    outputs = asyncio.run(
-        run_batch(
-            settings, lines, concurrency=ns.max_concurrency, api_key=os.environ.get("PREFIXSERVE_API_KEY")
-        )
-    )
+    try:
+        outputs = asyncio.run(run_batch(settings, lines, concurrency=ns.max_concurrency, api_key=api_key))
+    except (ValueError, OSError, StoreError) as e:  # the model or the store could not be loaded
+        return _startup_failed(e)
     write_lines(ns.output_file, outputs)
     failed = sum(1 for o in outputs if o["error"] is not None or o["response"]["status_code"] >= 400)
     log.info("%d requests, %d failed; results in %s", len(outputs), failed, ns.output_file)
@@ -928,7 +940,12 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="run an OpenAI Batch API JSONL file through the server in-process (vLLM's run-batch); settings as serve",
     )
-    bp.add_argument("-i", "--input-file", required=True, help="JSONL requests ('-': stdin)")
+    bp.add_argument(
+        "-i",
+        "--input-file",
+        required=True,
+        help="JSONL requests ('-': stdin); with API keys configured, they carry PREFIXSERVE_API_KEY (else the admin key)",
+    )
     bp.add_argument("-o", "--output-file", required=True, help="JSONL results, in input order ('-': stdout)")
     bp.add_argument(
         "--max-concurrency", type=int, default=None, help="requests in flight at once (default: max_num_seqs)"

@@ -207,3 +207,80 @@ def test_output_config_format_and_thinking_blocks(server_factory, srv, claude):
     assert [(b.type, getattr(b, "thinking", None)) for b in final.content] == [
         (b.type, getattr(b, "thinking", None)) for b in whole.content
     ]
+
+
+def test_stream_blocks_in_order_with_repeats_and_odd_tool_arguments(srv, claude, monkeypatch):
+    """Played-back chat deltas (thinking, text, a call, the same text again, a call whose arguments are not an
+    object): every block starts and stops at its own index, once; a call's input is an object streamed or not."""
+    import server.api.routes_anthropic as ra
+
+    deltas = [
+        ({"reasoning_content": "hm"}, None),
+        ({"content": "X"}, None),
+        (
+            {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+            None,
+        ),
+        ({"content": "X"}, None),
+        ({"tool_calls": [{"index": 1, "id": "c2", "function": {"name": "g", "arguments": "hello"}}]}, None),
+        ({}, "tool_calls"),
+    ]
+
+    async def playback(run, chunk, text, tools):
+        async for _ in ra.chat_stream.__wrapped__(run, chunk, text, tools):  # (the run still runs to its end)
+            pass
+        for delta, finish in deltas:
+            yield chunk(delta, finish)
+
+    playback.__wrapped__ = ra.chat_stream
+    monkeypatch.setattr(ra, "chat_stream", playback)
+    kw = {"model": "acme/bot", "max_tokens": 4, "messages": ASK}
+    events = list(claude.messages.create(**kw, stream=True))
+    starts = [(e.index, e.content_block.type) for e in events if e.type == "content_block_start"]
+    stops = [e.index for e in events if e.type == "content_block_stop"]
+    assert starts == [(0, "thinking"), (1, "text"), (2, "tool_use"), (3, "text"), (4, "tool_use")]
+    assert stops == [0, 1, 2, 3, 4]
+    partial = [e.delta.partial_json for e in events if e.type == "content_block_delta" and e.index == 4]
+    assert partial == ["{}"]
+    whole = claude.messages.create(**kw)
+    assert [b.type for b in whole.content] == ["thinking", "text", "tool_use", "text", "tool_use"]
+    assert (
+        whole.content[2].input == {"a": 1}
+        and whole.content[4].input == {}
+        and whole.stop_reason == "tool_use"
+    )
+    with claude.messages.stream(**kw) as s:
+        final = s.get_final_message()
+    assert [b.model_dump(exclude_none=True) for b in final.content] == [
+        b.model_dump(exclude_none=True) for b in whole.content
+    ]
+
+
+def test_prefill_empty_turns_and_errors_before_the_route(srv, claude):
+    c = srv.client(KEY)
+    # a last assistant turn is a prefill: the answer continues it (chat's continue_final_message), without it
+    turns = [*ASK, {"role": "assistant", "content": "The weather is"}]
+    msg = claude.messages.create(
+        model="acme/bot", max_tokens=6, messages=turns, extra_body={"temperature": 0}
+    )
+    want = chat(srv, messages=turns, max_tokens=6, continue_final_message=True, add_generation_prompt=False)
+    assert msg.content[0].text == want["choices"][0]["message"]["content"]
+    assert msg.usage.input_tokens == want["usage"]["prompt_tokens"]
+    # an empty last assistant turn says nothing; any other empty turn is refused, as Anthropic does
+    empty = claude.messages.create(
+        model="acme/bot", max_tokens=2, messages=[*ASK, {"role": "assistant", "content": ""}]
+    )
+    assert (
+        empty.usage.input_tokens == claude.messages.count_tokens(model="acme/bot", messages=ASK).input_tokens
+    )
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(
+            model="acme/bot", max_tokens=2, messages=[{"role": "user", "content": []}, *ASK]
+        )
+    assert e.value.body["error"]["param"] == "messages[0].content"
+    # answered before the route runs (the key, the method): still Anthropic's shape
+    r = srv.client().post("/v1/messages", json={"model": "acme/bot", "max_tokens": 2, "messages": ASK})
+    assert r.status_code == 401 and r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "authentication_error"
+    r = c.get("/v1/messages")
+    assert r.status_code == 405 and r.json()["type"] == "error"

@@ -111,6 +111,22 @@ def test_authentication_is_the_servers(srv, api_bundle):
     assert batch(srv, api_bundle, lines, admin_key="adm", **keyed)[0]["response"]["status_code"] == 200
 
 
+def test_lines_split_at_newlines_only(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 as they are: they do not split a line (they did: one request
+    became two invalid lines)."""
+    from server.batch import read_lines
+
+    reqs = [
+        line(f"r{i}", "/tokenize", {"prompt": f"a{ch}b"}) for i, ch in enumerate("\u2028\u2029\u0085\x1c")
+    ]
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(
+        ("\r\n".join(json.dumps(json.loads(r), ensure_ascii=False) for r in reqs) + "\n\n").encode()
+    )
+    got = read_lines(str(f))
+    assert len(got) == 4 and [parse_line(g)[1] for g in got] == [None] * 4
+
+
 def test_parse_line_names_what_is_wrong():
     assert parse_line("[1]")[1]["message"] == "a line is a JSON object"
     assert parse_line(line("a", "/v1/completions", COMP, method="GET"))[1]["message"] == "method must be POST"
@@ -155,3 +171,17 @@ def test_the_command_writes_the_results_file(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "nope.jsonl"
     assert main(["run-batch", "-i", str(missing), "-o", str(tmp_path / "x.jsonl"), *common]) == 2
     assert not (tmp_path / "x.jsonl").exists() and "cannot read" in capsys.readouterr().err
+    # refused before the model loads (a batch's results were lost at the end): an output folder that is not there,
+    # the same custom_id twice, keys required and none given
+    assert main(["run-batch", "-i", str(src), "-o", str(tmp_path / "no" / "out.jsonl"), *common]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(
+        line("one", "/v1/completions", body) + "\n" + line("one", "/v1/completions", body) + "\n"
+    )
+    assert main(["run-batch", "-i", str(twice), "-o", str(dst), *common]) == 2
+    assert "'one' is given twice" in capsys.readouterr().err
+    monkeypatch.setenv("PREFIXSERVE_API_KEYS", "acme:sk-1")
+    monkeypatch.delenv("PREFIXSERVE_API_KEY", raising=False)
+    assert main(["run-batch", "-i", str(src), "-o", str(dst), *common]) == 2
+    assert "PREFIXSERVE_API_KEY" in capsys.readouterr().err

@@ -32,8 +32,7 @@ from server.api.errors import (
     APIError,
     SafeJSONResponse,
     install_error_handlers,
-    is_tgi_path,
-    with_tgi_error_type,
+    with_path_shape,
 )
 from server.api.limits import RateLimiter
 from server.api.metrics import Metrics
@@ -112,10 +111,7 @@ async def _send_api_error(send: Send, e: APIError, request_id: str, retry_after:
     headers = {"x-request-id": request_id, **e.headers}
     if e.status in (429, 503):
         headers.setdefault("retry-after", str(retry_after))
-    body = e.body()
-    if is_tgi_path(path):
-        with_tgi_error_type(body, e.status)
-    resp = SafeJSONResponse(body, e.status, headers=headers)
+    resp = SafeJSONResponse(with_path_shape(e.body(), e.status, path), e.status, headers=headers)
     await resp({"type": "http"}, _no_receive, send)
 
 

@@ -189,12 +189,20 @@ def error_response(
     if status in (429, 503):
         headers.setdefault("Retry-After", str(retry_after))
     body = error_body(status, message, code=code, param=param)
-    if request is not None and is_tgi_path(request.url.path):
+    if request is not None:
+        with_path_shape(body, status, request.url.path)
+    return SafeJSONResponse(body, status, headers=headers)
+
+
+def with_path_shape(body: dict[str, Any], status: int, path: str) -> dict[str, Any]:
+    """An error body with what the path's protocol adds: TGI's `error_type` on /tgi, Anthropic's top-level
+    `"type": "error"` and error type on /v1/messages (ours kept beside them)."""
+    if is_tgi_path(path):
         with_tgi_error_type(body, status)
-    if request is not None and is_anthropic_path(request.url.path):  # Anthropic's shape, with ours kept
+    if is_anthropic_path(path):
         body["type"] = "error"
         body["error"]["type"] = anthropic_error_type(status)
-    return SafeJSONResponse(body, status, headers=headers)
+    return body
 
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -292,9 +300,11 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             message = f"method {request.method} not allowed for {request.url.path}"
             allowed = _allowed_methods(request)
             if allowed:
-                return error_response(405, message, headers={"Allow": ", ".join(allowed)})
+                return error_response(405, message, headers={"Allow": ", ".join(allowed)}, request=request)
         elif status == 400 and "parsing the body" in str(exc.detail):
-            return error_response(400, "request body is not valid JSON (UTF-8)", code="invalid_json")
+            return error_response(
+                400, "request body is not valid JSON (UTF-8)", code="invalid_json", request=request
+            )
         else:
             message = str(exc.detail) if exc.detail else "error"
         return error_response(

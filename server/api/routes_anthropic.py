@@ -72,7 +72,8 @@ class MessagesRequest(BaseModel):
     )
     thinking: dict[str, Any] | None = Field(
         None,
-        description="{'type': 'disabled'}: the chat template's enable_thinking false; 'enabled': as the model does",
+        description="type 'disabled': the chat template's enable_thinking false; 'enabled' / 'adaptive': true "
+        "(budget_tokens is not enforced)",
     )
     metadata: dict[str, Any] | None = None
 
@@ -103,6 +104,11 @@ def _messages(body: MessagesRequest) -> tuple[list[dict[str, Any]], list[int | N
         out.append({"role": "system", "content": _text(body.system, "system")})
         origins.append(None)
     for i, m in enumerate(body.messages):
+        # (Anthropic's rule: only a last assistant turn may be empty, and then says nothing)
+        if not m.content:
+            if m.role == "assistant" and i == len(body.messages) - 1:
+                continue
+            raise APIError(422, "message content must not be empty", param=f"messages[{i}].content")
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             origins.append(i)
@@ -127,6 +133,8 @@ def _messages(body: MessagesRequest) -> tuple[list[dict[str, Any]], list[int | N
             elif kind == "tool_result" and m.role == "user":
                 content = b.get("content", "")
                 text = _text(content, f"{where}.content") if content is not None else ""
+                if b.get("is_error"):  # (a chat template has no field for it: the model reads it in the text)
+                    text = f"Error: {text}"
                 results.append(
                     {"role": "tool", "tool_call_id": str(b.get("tool_use_id") or ""), "content": text}
                 )
@@ -248,8 +256,13 @@ def chat_request(body: MessagesRequest, stream: bool | None = None) -> ChatCompl
     user = (body.metadata or {}).get("user_id")
     if isinstance(user, str):
         fields["user"] = user[:256]
-    if (body.thinking or {}).get("type") == "disabled":
-        fields["chat_template_kwargs"] = {"enable_thinking": False}
+    thinking = (body.thinking or {}).get("type")
+    if thinking in ("disabled", "enabled", "adaptive"):
+        fields["chat_template_kwargs"] = {"enable_thinking": thinking != "disabled"}
+    last = messages[-1] if messages else {}
+    if last.get("role") == "assistant" and last.get("content") and not last.get("tool_calls"):
+        # a prefill: the answer continues the last assistant turn's text (Anthropic's), which it does not repeat
+        fields.update(continue_final_message=True, add_generation_prompt=False)
     fields.update(_output_config(body.output_config))
     try:
         return ChatCompletionRequest.model_validate(fields)
@@ -330,7 +343,7 @@ class _Stream:
         block, self.open = self.open, None
         if block is None:
             return []
-        index = self.blocks.index(block)
+        index = len(self.blocks) - 1  # (the open block is the last one)
         if block["type"] == "tool_use":
             block["input"] = _tool_input("".join(self.args.pop(index, [])))
         return [_frame({"type": "content_block_stop", "index": index})]
@@ -381,6 +394,7 @@ class _Stream:
                 yield self._delta({"type": "text_delta", "text": piece})
             for c in delta.get("tool_calls") or []:
                 fn = c.get("function") or {}
+                args = fn.get("arguments")
                 if c.get("id") or fn.get("name"):  # a call's first fragment: its own block
                     block = {
                         "type": "tool_use",
@@ -391,7 +405,10 @@ class _Stream:
                     for f in self._start(block):
                         yield f
                     self.args[len(self.blocks) - 1] = []
-                args = fn.get("arguments")
+                    if (
+                        args
+                    ):  # a whole call at once (tool_choice auto): its input as the answer has it, an object
+                        args = json.dumps(_tool_input(args), ensure_ascii=False)
                 if args and self.open is not None and self.open["type"] == "tool_use":
                     self.args[len(self.blocks) - 1].append(args)
                     yield self._delta({"type": "input_json_delta", "partial_json": args})
