@@ -1227,3 +1227,26 @@ def test_load_errors_of_keys_never_asked_again_are_forgotten(tiny_llama_bundle):
     time.sleep(0.06)
     pc.process()
     assert pc._errors == {}
+
+
+def test_idle_prefix_blocks_are_counted_as_the_cache_changes(tiny_llama_bundle):
+    """`idle_blocks` (the usage gauge's free share of resident prefixes) equals the blocks of the entries no request
+    holds after every kind of change: installs, evictions over the budget, several tenants at once, invalidations;
+    once idle, every used block is an idle prefix's (the gauge reads 0)."""
+    eng, kl = _two_prefix_cache(tiny_llama_bundle, 5)
+    pc = eng.prefix_cache
+
+    def check() -> None:
+        assert pc.idle_blocks == sum(len(e.blocks) for e in pc.entries.values() if e.active == 0)
+
+    _run_in_order(eng, kl, [0, 1, 0, 2, 3, 0])
+    check()
+    eng.generate([_req(f"m{i}", [1, 2, 3], kl[i]) for i in range(5)])  # more at once than the budget holds
+    check()
+    pc.invalidate(kl[0].tenant_id, kl[0].name)
+    eng.generate([_req("after", [4, 5], kl[1])])
+    check()
+    assert pc.entries and eng.pool.num_used - pc.idle_blocks == 0
+    eng.add_request(_req("running", [1, 2, 3], kl[2], max_tokens=50))
+    eng.step()
+    assert eng.pool.num_used - pc.idle_blocks > 0  # a running request holds its own blocks and its prefix

@@ -55,7 +55,10 @@ class _EngineCollector(Collector):
         g = GaugeMetricFamily(P + "prefix_cache_resident_prefixes", "Prefixes resident in device memory")
         g.add_metric([], s.get("prefix_cache_resident_prefixes", 0))
         yield g
-        g = GaugeMetricFamily(P + "kv_cache_usage_perc", "Fraction of KV cache blocks in use")
+        g = GaugeMetricFamily(
+            P + "kv_cache_usage_perc",
+            "Fraction of KV cache blocks in use (idle resident prefixes, evicted on demand, count as free)",
+        )
         g.add_metric([], s.get("kv_cache_usage", 0.0))
         yield g
         for name, doc in (

@@ -937,7 +937,8 @@ class Service:
             "prefix_cache_load_errors": pc.stats.load_errors,
             "prefix_cache_resident_bytes": resident_bytes,
             "prefix_cache_resident_prefixes": resident_prefixes,
-            "kv_cache_usage": pool.num_used / max(pool.num_blocks, 1),
+            # (idle resident prefixes are evicted on demand: free, as vLLM's cached blocks; 0 when idle)
+            "kv_cache_usage": max(0, pool.num_used - pc.idle_blocks) / max(pool.num_blocks, 1),
             "prompt_cache_query_tokens": self.llm.scheduler.cache_query_tokens,
             "prompt_cache_hit_tokens": self.llm.scheduler.cache_hit_tokens,
             "prompt_cache_evictions": pool.cache_evictions,

@@ -135,6 +135,9 @@ class PrefixCache:
         # (entries, bytes) resident, replaced whole on the engine thread at every change: other threads (the
         # /metrics scrape) read it without iterating `entries`, which the engine reorders at every lookup
         self.resident: tuple[int, int] = (0, 0)
+        # blocks of resident entries no running request holds (evicted on demand: free for the usage gauge, as
+        # vLLM counts its cached blocks); an int the engine thread updates, other threads read
+        self.idle_blocks = 0
         self.stats = PrefixCacheStats()
         # requests per (tenant, name), halved every `aging_accesses` requests (default: 10 per resident entry)
         self.aging_accesses = aging_accesses
@@ -210,6 +213,8 @@ class PrefixCache:
         return fut is None or fut.done()
 
     def acquire(self, entry: PrefixEntry) -> None:
+        if entry.active == 0:
+            self.idle_blocks -= len(entry.blocks)
         entry.active += 1
         entry.used = True
         entry.last_used = time.monotonic()
@@ -219,6 +224,7 @@ class PrefixCache:
         entry.active -= 1
         entry.last_used = time.monotonic()
         if entry.active == 0:
+            self.idle_blocks += len(entry.blocks)
             if entry.stale:
                 self._drop(entry)
             elif self.resident_bytes > self.budget_bytes:
@@ -331,7 +337,11 @@ class PrefixCache:
         blocks = self.pool.allocate(n_blocks)
         self.pool.write_prefix(blocks, kv)
         old = self.entries.get(key)
+        if old is not None and old.active == 0:  # (an idle entry replaced: its blocks go back)
+            self._drop(old)
+            old = None
         self.entries[key] = PrefixEntry(key=key, length=p, blocks=blocks, nbytes=nbytes, digest=digest)
+        self.idle_blocks += n_blocks
         n, b = self.resident
         self.resident = (n + 1, b + nbytes) if old is None else (n, b + nbytes - old.nbytes)
 
@@ -379,6 +389,8 @@ class PrefixCache:
         return sorted(idle, key=lambda e: (self.is_fresh(e, now), self.frequency(e.key)))
 
     def _drop(self, e: PrefixEntry) -> None:
+        if e.active == 0:
+            self.idle_blocks -= len(e.blocks)
         if self.entries.get(e.key) is e:
             del self.entries[e.key]
             n, b = self.resident
