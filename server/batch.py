@@ -30,6 +30,7 @@ BATCH_URLS = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/responses",
+    "/v1/messages",
     "/generate",
     "/tokenize",
     "/detokenize",

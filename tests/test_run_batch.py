@@ -52,6 +52,9 @@ def test_results_in_input_order_equal_the_http_answers(srv, api_bundle):
         json.dumps({"url": "/v1/completions", "body": COMP}),
         line("native", "/generate", {"tenant_id": "acme", "prompt": "Tell me", "max_tokens": 4}),
         line("bad-field", "/v1/completions", {**COMP, "max_tokens": -1}),
+        line(
+            "claude", "/v1/messages", {"model": "acme/default", "max_tokens": 4, "messages": CHAT["messages"]}
+        ),
     ]
     out = batch(srv, api_bundle, lines)
     assert [o["custom_id"] for o in out] == [
@@ -64,9 +67,14 @@ def test_results_in_input_order_equal_the_http_answers(srv, api_bundle):
         None,
         "native",
         "bad-field",
+        "claude",
     ]
     assert len({o["id"] for o in out}) == len(out) and all(o["id"].startswith("batch_req_") for o in out)
     by = {o["custom_id"]: o for o in out if o["custom_id"]}
+    assert (
+        by["claude"]["response"]["status_code"] == 200
+        and by["claude"]["response"]["body"]["type"] == "message"
+    )
     want_chat = c.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]["content"]
     assert by["chat"]["response"]["status_code"] == 200 and by["chat"]["error"] is None
     assert by["chat"]["response"]["body"]["choices"][0]["message"]["content"] == want_chat
