@@ -154,6 +154,18 @@ class Settings(BaseSettings):
     )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request (422 above)")
     max_stop_chars: int = Field(256, ge=1, description="Longest stop string in characters (422 above)")
+    watermark_gamma: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="A watermarked request's green list: this share of the vocabulary (TGI's WATERMARK_GAMMA)",
+    )
+    watermark_delta: float = Field(
+        2.0,
+        ge=0,
+        le=100,
+        description="What a watermarked request adds to its green list's logits (TGI's WATERMARK_DELTA)",
+    )
     max_logprob_entries: int = Field(
         262_144,
         ge=1,

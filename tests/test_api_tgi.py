@@ -126,6 +126,12 @@ def test_sampling_parameters_follow_tgi(srv):
     assert again.json()["generated_text"] == sampled["generated_text"]
     ref = native(c, max_tokens=10, seed=7, temperature=1.0)
     assert sampled["generated_text"] == ref["text"]
+    # the watermark (TGI's): the same seed's text as /generate's with it, and not the plain one's
+    marked = c.post(
+        "/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "do_sample": True, "watermark": True}}
+    )
+    want = native(c, max_tokens=10, seed=7, temperature=1.0, watermark=True)["text"]
+    assert marked.json()["generated_text"] == want != sampled["generated_text"]
     # typical_p is a warper too: TGI samples at temperature 1 with it, as /generate does
     typical = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "typical_p": 0.3}}).json()
     assert (
@@ -179,7 +185,6 @@ def test_sampling_parameters_follow_tgi(srv):
         ({"adapter_id": "acme/faq", "adapter_source": "hub"}, 422, "parameters.adapter_source"),
         ({"merged_adapters": {"ids": ["a", "b"]}}, 422, "parameters.merged_adapters"),
         ({"typical_p": 0}, 422, None),
-        ({"watermark": True}, 422, "parameters.watermark"),
         ({"best_of": 2}, 422, "parameters.best_of"),  # (without sampling)
         ({"best_of": 2, "do_sample": True, "seed": 3}, 422, "parameters.seed"),
         ({"best_of": 5, "do_sample": True}, 422, "parameters.best_of"),

@@ -1238,3 +1238,46 @@ def test_the_decode_window_stays_short_when_no_text_comes(stop):
     whole = decode_output(tok, prompt, output)
     assert text == (whole[: whole.index("ok")] if stop else whole)
     assert widest <= 2 * MAX_WAITING + 3, widest  # (was the whole run: 200 tokens)
+
+
+def _green_z(tokens: list[int], first_prev: int, vocab: int, gamma: float) -> float:
+    """Kirchenbauer's detector: the z-score of how many tokens fall in the green list their previous token draws."""
+    from server.engine.sampler import watermark_greenlist
+
+    prev, green = first_prev, 0
+    for t in tokens:
+        green += int(t in set(watermark_greenlist(prev, vocab, gamma).tolist()))
+        prev = t
+    n = len(tokens)
+    return (green - gamma * n) / (n * gamma * (1 - gamma)) ** 0.5
+
+
+def test_watermarked_text_is_detected_and_plain_text_is_not(setup):
+    """TGI's watermark: each step adds delta to the green list its previous token draws (TGI's hash key, CPU
+    permutation); a detector recomputing those lists finds sampled watermarked text far above chance, plain text
+    at chance; with the watermark, a row's scores differ from the logits by delta on the green list alone."""
+    from server.engine.sampler import process_scores, watermark_greenlist
+
+    b, keys = setup
+    eng = make_engine(b, keys)
+    prompt = random_prompt(b.spec.vocab_size, 7, 3)
+    vocab = b.hf_model.config.vocab_size
+    outs = eng.generate(
+        [
+            Request(
+                f"w{wm}",
+                prompt,
+                SamplingParams(max_tokens=400, temperature=1.0, seed=7, ignore_eos=True, watermark=wm),
+            )
+            for wm in (True, False)
+        ]
+    )
+    z_marked = _green_z(outs[0].token_ids, prompt[-1], vocab, 0.5)
+    z_plain = _green_z(outs[1].token_ids, prompt[-1], vocab, 0.5)
+    assert z_marked > 5 and abs(z_plain) < 3, (z_marked, z_plain)
+    row = torch.randn(vocab)
+    got = process_scores(row, SamplingParams(watermark=True, watermark_delta=1.5), [4, 9], [2])
+    green = torch.zeros(vocab, dtype=torch.bool)
+    green[watermark_greenlist(2, vocab, 0.5)] = True
+    assert int(green.sum()) == vocab // 2
+    assert torch.equal(got[green], row[green] + 1.5) and torch.equal(got[~green], row[~green])

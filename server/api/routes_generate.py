@@ -98,6 +98,7 @@ async def generate(
         top_k=body.top_k,
         min_p=body.min_p,
         typical_p=body.typical_p,
+        watermark=body.watermark,
         seed=body.seed,
         stop=body.stop,
         include_stop_str_in_output=body.include_stop_str_in_output,

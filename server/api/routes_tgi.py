@@ -122,7 +122,9 @@ class TGIParameters(BaseModel):
         description="TGI: sample this many sequences, answer the one with the highest mean token log-probability "
         "(with sampling, without seed, not streamed; details list the others as best_of_sequences)",
     )
-    watermark: bool = Field(False, description="Not supported (422 when true)")
+    watermark: bool = Field(
+        False, description="TGI's watermark: a green list of tokens favoured, drawn from the previous token"
+    )
     details: bool = False
     decoder_input_details: bool = False
     return_k_alternatives: int | None = Field(None, ge=0, description="LoRAX: alternatives of every token")
@@ -206,8 +208,6 @@ def _target(p: TGIParameters, principal: Principal) -> tuple[str, str, int | Non
 def _sampling(
     svc: Service, p: TGIParameters, room: int, structured: StructuredOutputs | None
 ) -> SamplingParams:
-    if p.watermark:
-        raise _unsupported("watermark", "watermarking is not supported")
     sample = (
         p.do_sample
         or (p.temperature is not None and p.temperature != 1.0)
@@ -228,6 +228,7 @@ def _sampling(
         top_p=p.top_p if sample and p.top_p is not None else 1.0,
         top_k=p.top_k if sample and p.top_k else 0,
         typical_p=p.typical_p if sample and p.typical_p is not None else 1.0,
+        watermark=p.watermark,
         seed=seed,
         stop=p.stop,
         include_stop_str_in_output=True,  # TGI's generated_text ends with the stop sequence

@@ -245,6 +245,9 @@ class GenerateRequest(BaseModel):
     top_k: TopK = 0
     min_p: MinP = Field(0.0, description=MIN_P_DOC)
     typical_p: TypicalP = Field(1.0, description=TYPICAL_P_DOC)
+    watermark: bool = Field(
+        False, description="TGI's watermark: a green list of tokens favoured, drawn from the previous token"
+    )
     seed: Seed | None = None
     stop: list[StopText] | StopText | None = None
     include_stop_str_in_output: bool = Field(False, description=INCLUDE_STOP_DOC)

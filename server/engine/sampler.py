@@ -236,7 +236,8 @@ def process_scores(
     output: list[int],
     eos_ids: Collection[int] = (),
 ) -> torch.Tensor:
-    """One row of float32 logits -> the scores it samples from, in vLLM's order: allowed_token_ids (every other
+    """One row of float32 logits -> the scores it samples from: TGI's watermark first (as TGI), then in vLLM's
+    order: allowed_token_ids (every other
     token at -inf), bad words (the last token of a bad word whose other tokens end the output at -inf), min_tokens
     (end-of-sequence and
     stop_token_ids at -inf until `min_tokens` are generated), logit_bias, repetition penalty over prompt + output
@@ -244,6 +245,10 @@ def process_scores(
     generated tokens. Token ids past the vocabulary are ignored."""
     vocab = row.shape[-1]
     row = row.clone()
+    if p.watermark:
+        prev = (prompt + output)[-1] if (prompt or output) else 0
+        green = watermark_greenlist(prev, vocab, p.watermark_gamma).to(row.device)
+        row[green] += p.watermark_delta
     if p.allowed_token_ids:
         ids = torch.tensor([t for t in p.allowed_token_ids if t < vocab], dtype=torch.long, device=row.device)
         keep = row.index_select(0, ids)
@@ -270,6 +275,18 @@ def process_scores(
         )
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     return row
+
+
+WATERMARK_HASH_KEY = 15485863  # TGI's (a prime): the green list's seed is it times the previous token
+
+
+def watermark_greenlist(prev_token: int, vocab: int, gamma: float) -> torch.Tensor:
+    """The watermark's green list after `prev_token`, as TGI draws it (its WatermarkLogitsProcessor): the first
+    `int(vocab * gamma)` of a random permutation of the vocabulary seeded with the hash key times the token, on a
+    CPU generator (the same list whatever device serves)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(WATERMARK_HASH_KEY * prev_token)
+    return torch.randperm(vocab, generator=g)[: int(vocab * gamma)]
 
 
 def bad_word_tokens(bad_words: Collection[tuple[int, ...]], output: list[int], vocab: int) -> list[int]:

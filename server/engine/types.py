@@ -96,6 +96,12 @@ class SamplingParams:
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     # The output is constrained to this JSON schema / regex / choice / grammar (server.engine.structured).
     structured: StructuredOutputs | None = None
+    # TGI's watermark (Kirchenbauer et al. 2023): before anything else, `watermark_delta` is added to the logits of
+    # a "green list" of `watermark_gamma` x vocabulary tokens drawn from the previous token (TGI's hashing, so its
+    # detectors find it).
+    watermark: bool = False
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
     # vLLM: the text leaves out special tokens (default), and puts spaces between them (slow tokenizers only).
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -125,6 +131,8 @@ class SamplingParams:
             raise ValueError("min_p must be in [0, 1]")
         if not 0 < self.typical_p <= 1:
             raise ValueError("typical_p must be in (0, 1]")
+        if not (0 < self.watermark_gamma < 1 and 0 <= self.watermark_delta <= 100):
+            raise ValueError("watermark_gamma must be in (0, 1) and watermark_delta in [0, 100]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2]")
@@ -161,10 +169,11 @@ class SamplingParams:
 
     @property
     def processed(self) -> bool:
-        """Whether the row's scores differ from the logits (bias, allowed tokens, bad words, min_tokens or
+        """Whether the row's scores differ from the logits (watermark, bias, allowed tokens, bad words, min_tokens or
         penalties)."""
         return bool(
-            self.logit_bias
+            self.watermark
+            or self.logit_bias
             or self.allowed_token_ids
             or self.bad_words_token_ids
             or self.min_tokens
