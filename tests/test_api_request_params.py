@@ -250,6 +250,12 @@ def test_sdk_sends_the_parameters(srv):
                        typical_p=1e-9).text
             for s in (1, 2)
         ]  # fmt: skip
+        marked = c.generate(None, "Once upon a time", prefix="base", max_tokens=8, temperature=1.0, seed=4,
+                            watermark=True).text  # fmt: skip
+        assert (
+            marked
+            == generate(srv.client("k-a"), temperature=1.0, seed=4, max_tokens=8, watermark=True)["text"]
+        )
         assert narrow[0] == narrow[1] == generate(srv.client("k-a"), temperature=3.0, seed=9,
                                                   typical_p=1e-9, max_tokens=8)["text"]  # fmt: skip
 

@@ -265,6 +265,7 @@ def generate_body(
     structured_outputs: Optional[StructuredOutputsArg] = None,
     min_p: float = 0.0,
     typical_p: float = 1.0,
+    watermark: bool = False,
     include_stop_str_in_output: bool = False,
     truncate_prompt_tokens: Optional[int] = None,
     priority: int = 0,
@@ -319,6 +320,8 @@ def generate_body(
         body["min_p"] = min_p
     if typical_p != 1.0:
         body["typical_p"] = typical_p
+    if watermark:
+        body["watermark"] = True
     if include_stop_str_in_output:
         body["include_stop_str_in_output"] = True
     if truncate_prompt_tokens is not None:

@@ -415,6 +415,7 @@ class Client(_base.WithOptions):
         structured_outputs: Optional[StructuredOutputsArg] = None,
         min_p: float = 0.0,
         typical_p: float = 1.0,
+        watermark: bool = False,
         include_stop_str_in_output: bool = False,
         truncate_prompt_tokens: Optional[int] = None,
         priority: int = 0,
@@ -430,7 +431,7 @@ class Client(_base.WithOptions):
         ``structured_outputs``: what the text must match, ``{"json": schema}``, a pydantic model class (its schema with
         ``additionalProperties: false`` on every object that does not allow extras; then
         ``Model.model_validate_json(gen.text)``), ``{"regex": ...}``, ``{"choice": [...]}``,
-        ``{"grammar": ...}``, ``{"json_object": True}`` or ``{"structural_tag": {...}}``. vLLM's ``min_p``, TGI's ``typical_p``, ``include_stop_str_in_output``,
+        ``{"grammar": ...}``, ``{"json_object": True}`` or ``{"structural_tag": {...}}``. vLLM's ``min_p``, TGI's ``typical_p`` and ``watermark``, ``include_stop_str_in_output``,
         ``truncate_prompt_tokens`` (keep the prompt's last N tokens; -1: as many as fit), ``bad_words`` (words the text must not contain) and ``priority`` (lower starts first; a tenant
         key may only lower its own: > 0) mean what they mean there. ``prompt_format``: ``"raw"`` sends the prompt
         as it is, ``"chat"`` as one user message through the model's chat template (default: the prefix's own
@@ -462,6 +463,7 @@ class Client(_base.WithOptions):
             structured_outputs=structured_outputs,
             min_p=min_p,
             typical_p=typical_p,
+            watermark=watermark,
             include_stop_str_in_output=include_stop_str_in_output,
             truncate_prompt_tokens=truncate_prompt_tokens,
             priority=priority,
@@ -502,6 +504,7 @@ class Client(_base.WithOptions):
         structured_outputs: Optional[StructuredOutputsArg] = None,
         min_p: float = 0.0,
         typical_p: float = 1.0,
+        watermark: bool = False,
         include_stop_str_in_output: bool = False,
         truncate_prompt_tokens: Optional[int] = None,
         priority: int = 0,
@@ -539,6 +542,7 @@ class Client(_base.WithOptions):
             structured_outputs=structured_outputs,
             min_p=min_p,
             typical_p=typical_p,
+            watermark=watermark,
             include_stop_str_in_output=include_stop_str_in_output,
             truncate_prompt_tokens=truncate_prompt_tokens,
             priority=priority,
