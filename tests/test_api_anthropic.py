@@ -284,3 +284,37 @@ def test_prefill_empty_turns_and_errors_before_the_route(srv, claude):
     assert r.json()["error"]["type"] == "authentication_error"
     r = c.get("/v1/messages")
     assert r.status_code == 405 and r.json()["type"] == "error"
+
+
+def test_a_call_announced_with_its_first_argument_piece_streams_whole(srv, claude, monkeypatch):
+    """A forced call under a reasoning parser is announced with the first piece of its arguments (`{"ci`): that
+    piece goes as it is, so the pieces join into the input, streamed or not (it was replaced by `{}`)."""
+    import server.api.routes_anthropic as ra
+
+    deltas = [
+        (
+            {
+                "tool_calls": [
+                    {"index": 0, "id": "c1", "function": {"name": "get_weather", "arguments": '{"ci'}}
+                ]
+            },
+            None,
+        ),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Paris"}'}}]}, None),
+        ({}, "stop"),
+    ]
+
+    async def playback(run, chunk, text, tools):
+        async for _ in playback.__wrapped__(run, chunk, text, tools):
+            pass
+        for delta, finish in deltas:
+            yield chunk(delta, finish)
+
+    playback.__wrapped__ = ra.chat_stream
+    monkeypatch.setattr(ra, "chat_stream", playback)
+    kw = {"model": "acme/bot", "max_tokens": 4, "messages": ASK}
+    events = list(claude.messages.create(**kw, stream=True))
+    pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta"]
+    assert "".join(pieces) == '{"city": "Paris"}'
+    whole = claude.messages.create(**kw)
+    assert whole.content[0].input == {"city": "Paris"} and whole.stop_reason == "tool_use"

@@ -615,6 +615,15 @@ def test_the_grammar_cache_is_bounded_by_its_specs_size(monkeypatch):
     monkeypatch.setattr(st, "GRAMMAR_CACHE_CHARS", 1)  # smaller than any: the newest alone
     compiler.compile(specs[0])
     assert list(compiler._compiled) == [specs[0]] and compiler._compiled_chars == size
+    # the refused specs (kept to refuse a repeat at once) likewise
+    monkeypatch.setattr(st, "GRAMMAR_CACHE_CHARS", 2 * size)
+    bad = [StructuredOutputs("regex", "(" * 3 + f"x{i}" + " " * (size - 5)) for i in range(4)]
+    for so in bad:
+        with pytest.raises(GrammarError):
+            compiler.compile(so)
+    assert list(compiler._refused) == bad[2:] and compiler._refused_chars == sum(
+        len(so.spec) for so in bad[2:]
+    )
 
 
 @pytest.mark.parametrize("tags", ["text", "added tokens"])

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from server.api.errors import APIError
+from server.api.errors import APIError, unavailable
 from server.api.service import (
     ENGINE_ERRORS,
     MAX_LATEST_ATTEMPTS,
@@ -166,15 +166,27 @@ class BeamSearch:
             try:
                 return await self._run()
             except StepFailed as e:
+                if attempt == MAX_LATEST_ATTEMPTS and self._churned(e.event):
+                    # every version it was given went away while it ran: the name exists, it changes too fast
+                    raise unavailable(
+                        f"prefix {self.prefix.name!r} changed {attempt} times during this beam search; retry",
+                        self.svc.settings.retry_after_s,
+                        code="prefix_changing",
+                    ) from None
                 newer = None if attempt == MAX_LATEST_ATTEMPTS else await self._newer_latest(e.event)
                 if newer is None:
                     raise
                 self.prefix = newer
         raise AssertionError("unreachable")
 
+    def _churned(self, ev: TokenEvent) -> bool:
+        """A search on the name's latest version whose step found that version gone from the store (a 404)."""
+        p = self.prefix
+        return not p.pinned and p.name is not None and ENGINE_ERRORS.get(ev.error_type or "", (0,))[0] == 404
+
     async def _newer_latest(self, ev: TokenEvent) -> ResolvedPrefix | None:
         p = self.prefix
-        if p.pinned or p.name is None or ENGINE_ERRORS.get(ev.error_type or "", (0,))[0] != 404:
+        if not self._churned(ev):
             return None
         self.svc.meta_cache.invalidate((p.tenant_id, p.name))
         try:

@@ -405,10 +405,10 @@ class _Stream:
                     for f in self._start(block):
                         yield f
                     self.args[len(self.blocks) - 1] = []
-                    if (
-                        args
-                    ):  # a whole call at once (tool_choice auto): its input as the answer has it, an object
-                        args = json.dumps(_tool_input(args), ensure_ascii=False)
+                    if args and not args.lstrip().startswith("{"):
+                        # a whole call whose arguments are not an object (tool_choice auto): its input is {} as the
+                        # unstreamed answer has it (an object's text, whole or its first piece, goes as it is)
+                        args = "{}"
                 if args and self.open is not None and self.open["type"] == "tool_use":
                     self.args[len(self.blocks) - 1].append(args)
                     yield self._delta({"type": "input_json_delta", "partial_json": args})

@@ -294,6 +294,7 @@ class GrammarCompiler:
         )
         # specs refused, with why: a repeat is refused at once instead of paying the compilation again
         self._refused: OrderedDict[StructuredOutputs, str] = OrderedDict()
+        self._refused_chars = 0
         self._lock = threading.Lock()
         self.compilations = 0  # distinct specs compiled (cache misses)
 
@@ -347,9 +348,14 @@ class GrammarCompiler:
             return self._compile_matcher(so)
         except GrammarError as e:
             with self._lock:
+                if so not in self._refused:
+                    self._refused_chars += len(so.spec)
                 self._refused[so] = str(e)
-                while len(self._refused) > self._cache_size:
-                    self._refused.popitem(last=False)
+                while len(self._refused) > 1 and (
+                    len(self._refused) > self._cache_size or self._refused_chars > GRAMMAR_CACHE_CHARS
+                ):
+                    old, _ = self._refused.popitem(last=False)
+                    self._refused_chars -= len(old.spec)
             raise
 
     def _compile_matcher(self, so: StructuredOutputs) -> Any:
