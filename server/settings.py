@@ -154,6 +154,9 @@ class Settings(BaseSettings):
     )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request (422 above)")
     max_stop_chars: int = Field(256, ge=1, description="Longest stop string in characters (422 above)")
+    max_best_of: int = Field(
+        2, ge=1, le=64, description="Most sequences a TGI request's best_of may sample (TGI's --max-best-of)"
+    )
     watermark_gamma: float = Field(
         0.5,
         gt=0,

@@ -187,7 +187,7 @@ def test_sampling_parameters_follow_tgi(srv):
         ({"typical_p": 0}, 422, None),
         ({"best_of": 2}, 422, "parameters.best_of"),  # (without sampling)
         ({"best_of": 2, "do_sample": True, "seed": 3}, 422, "parameters.seed"),
-        ({"best_of": 5, "do_sample": True}, 422, "parameters.best_of"),
+        ({"best_of": 3, "do_sample": True}, 422, "parameters.best_of"),  # (over max_best_of: TGI's 2)
         ({"temperature": -1}, 422, None),
         ({"max_new_tokens": 10**6}, 422, "parameters.max_new_tokens"),
         ({"stop": ["x" * 10_000]}, 422, "parameters.stop"),
@@ -325,7 +325,7 @@ def test_tgi_info_at_the_clients_base_url(srv):
     assert info["max_total_tokens"] == min(
         llm.max_model_len, info["max_input_tokens"] + settings.max_new_tokens
     )
-    assert info["model_sha"] == srv.svc.bundle.fingerprint and info["max_best_of"] == 4
+    assert info["model_sha"] == srv.svc.bundle.fingerprint and info["max_best_of"] == 2
     assert info["max_new_tokens"] == settings.max_new_tokens
     assert info["max_stop_sequences"] == srv.svc.settings.max_stop_strings and info["router"] == "prefixserve"
     assert_error(srv.client().get("/tgi/info"), 401)
@@ -451,9 +451,11 @@ def test_repetition_penalty_range_is_the_engines_and_named(srv):
     assert "10" not in json.dumps(spec["repetition_penalty"])
 
 
-def test_best_of_answers_the_likeliest_of_its_samples(srv):
+def test_best_of_answers_the_likeliest_of_its_samples(server_factory):
     """TGI's best_of: n seeded samples, the one with the highest mean token log-probability answers; details list
-    the others as best_of_sequences, each reproducible from its seed; not streamed."""
+    the others as best_of_sequences, each reproducible from its seed; not streamed; at most max_best_of."""
+    srv = server_factory(prefixes={("acme", "faq"): {"seed": 3}}, keys={"acme": KEY}, max_best_of=3)
+    assert srv.client(KEY).get("/tgi/info").json()["max_best_of"] == 3
     c = srv.client(KEY)
     p = {"adapter_id": "acme/faq", "max_new_tokens": 6, "do_sample": True, "best_of": 3, "details": True}
     out = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": p}).json()

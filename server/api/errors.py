@@ -293,8 +293,8 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
                 )
             if is_openai_path(request.url.path):  # an OpenAI route we do not serve (embeddings, ...)
                 message = (
-                    f"{request.url.path} is not served here; the OpenAI routes served are /v1/completions, "
-                    "/v1/chat/completions, /v1/responses and /v1/models"
+                    f"{request.url.path} is not served here; the /v1 routes served are /v1/completions, "
+                    "/v1/chat/completions, /v1/responses, /v1/models and (Anthropic's) /v1/messages"
                 )
         elif status == 405:
             message = f"method {request.method} not allowed for {request.url.path}"

@@ -216,7 +216,7 @@ def _sampling(
         or (p.typical_p is not None and p.typical_p < 1.0)
     )
     if (p.best_of or 1) > 1:
-        _check_best_of(p, sample)
+        _check_best_of(p, sample, svc.settings.max_best_of)
     temperature = (1.0 if p.temperature is None else p.temperature) if sample else 0.0
     # TGI samples with a seed it reports: the given one, or one drawn here (the output can be reproduced)
     seed = (p.seed if p.seed is not None else secrets.randbelow(2**31)) if temperature > 0 else p.seed
@@ -242,13 +242,10 @@ def _sampling(
     )
 
 
-MAX_BEST_OF = 4  # (TGI's --max-best-of; its default is 2)
-
-
-def _check_best_of(p: TGIParameters, sample: bool) -> None:
-    """TGI's rules for best_of > 1 (its router's validation errors)."""
-    if (p.best_of or 1) > MAX_BEST_OF:
-        raise APIError(422, f"best_of must be at most {MAX_BEST_OF}", param="parameters.best_of")
+def _check_best_of(p: TGIParameters, sample: bool, most: int) -> None:
+    """TGI's rules for best_of > 1 (its router's validation errors); `most`: the max_best_of setting."""
+    if (p.best_of or 1) > most:
+        raise APIError(422, f"best_of must be at most {most}", param="parameters.best_of")
     if not sample:
         raise APIError(422, "you must use sampling when best_of is > 1", param="parameters.best_of")
     if p.seed is not None:
@@ -598,7 +595,7 @@ async def tgi_info(request: Request, principal: Principal = Depends(get_principa
         "model_device_type": svc.bundle.device.type,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": llm.capacity,
-        "max_best_of": MAX_BEST_OF,
+        "max_best_of": settings.max_best_of,
         "max_stop_sequences": settings.max_stop_strings,
         "max_input_tokens": max_input,
         "max_input_length": max_input,  # TGI before 2.0
