@@ -1,7 +1,8 @@
 """Beam search (vLLM's `use_beam_search` on /v1/completions and /v1/chat/completions), run over the engine as vLLM
-runs it: each step asks the engine for one token of every live beam with its 2 x width most likely next tokens
-(the prompt cache keeps each beam's earlier tokens, so a step computes little more than the new ones), then keeps
-the `width` best continuations. A beam that picks end-of-sequence is complete.
+runs it: each step asks the engine for one token of every live beam with its most likely next tokens (the prompt
+cache keeps each beam's earlier tokens, so a step computes little more than the new ones). The rules are
+transformers' (`best_beams`; token-identical to its `generate(num_beams=...)`): of the likeliest extensions, those
+ranked in the first `width` that pick end-of-sequence are complete, the `width` likeliest others go on.
 
 Scores are transformers': a beam's summed log-probability divided by its length (its generated tokens, the end of
 sequence included) to the power `length_penalty` (above 0 favours longer outputs, below 0 shorter ones). The search
@@ -36,7 +37,7 @@ from server.engine.detokenizer import decode_output
 if TYPE_CHECKING:
     from server.api.service import Service
 
-MAX_BEAM_WIDTH = 16  # each step asks for twice this many alternatives of every beam
+MAX_BEAM_WIDTH = 16  # each step asks for (1 + end-of-sequence ids, at least 2) x this many tokens of every beam
 
 
 @dataclass(frozen=True)
