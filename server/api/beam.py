@@ -22,14 +22,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from server.api.errors import APIError, unavailable
+from server.api.errors import unavailable
 from server.api.service import (
-    ENGINE_ERRORS,
     MAX_LATEST_ATTEMPTS,
     REFUSALS,
     GenerationRun,
     RequestInfo,
     ResolvedPrefix,
+    churned,
+    newer_latest,
 )
 from server.engine import Request, SamplingParams, TokenEvent, TokenLogprob
 from server.engine.detokenizer import decode_output
@@ -37,7 +38,9 @@ from server.engine.detokenizer import decode_output
 if TYPE_CHECKING:
     from server.api.service import Service
 
-MAX_BEAM_WIDTH = 16  # each step asks for (1 + end-of-sequence ids, at least 2) x this many tokens of every beam
+MAX_BEAM_WIDTH = (
+    16  # each step asks for (1 + end-of-sequence ids, at least 2) x this many tokens of every beam
+)
 
 
 @dataclass(frozen=True)
@@ -181,23 +184,10 @@ class BeamSearch:
         raise AssertionError("unreachable")
 
     def _churned(self, ev: TokenEvent) -> bool:
-        """A search on the name's latest version whose step found that version gone from the store (a 404)."""
-        p = self.prefix
-        return not p.pinned and p.name is not None and ENGINE_ERRORS.get(ev.error_type or "", (0,))[0] == 404
+        return churned(self.prefix, ev)
 
     async def _newer_latest(self, ev: TokenEvent) -> ResolvedPrefix | None:
-        p = self.prefix
-        if not self._churned(ev):
-            return None
-        self.svc.meta_cache.invalidate((p.tenant_id, p.name))
-        try:
-            newer = await self.svc.resolve(p.tenant_id, p.name)
-        except APIError:
-            return None
-        if newer.version == p.version or newer.prompt_format != p.prompt_format:
-            return None
-        self.svc._check(self.info, newer, self.prompt, self.sampling)  # (413 if it no longer fits)
-        return newer
+        return await newer_latest(self.svc, self.info, self.prefix, ev, self.prompt, self.sampling)
 
     async def _run(self) -> list[TokenEvent]:
         width, penalty = self.params.width, self.params.length_penalty

@@ -14,17 +14,16 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, anthropic_error, loc_param
 from server.api.model_ids import parse_model, served_names
-from server.api.routes_generate import DISCONNECTED, SSE_DOC
+from server.api.routes_generate import SSE_DOC
 from server.api.routes_openai import _as_openai_error, _chat_plan, _Choices, _start, chat_stream
 from server.api.schemas import MAX_MODEL_ID, ChatCompletionRequest, StopText, TopK, TopP
-from server.api.service import ClientDisconnected, race_disconnect
 from server.api.streaming import EngineEventStream
 
 router = APIRouter(prefix="/v1", tags=["anthropic"])
@@ -450,14 +449,8 @@ async def messages(
     stream = _Stream(ch, "msg_" + get_info(request).request_id, body.model)
     if body.stream:
         return EngineEventStream(ch.runs, stream.events, end=None, error_frame=stream.failed)
-    try:
-        await race_disconnect(request.receive, stream.drain())
-    except ClientDisconnected:
-        return Response(status_code=DISCONNECTED)
-    finally:
-        for r in ch.runs:
-            await r.close()
-    return JSONResponse(stream.message(stream.blocks))
+    gone = await ch.drain(request, stream.drain)
+    return gone or JSONResponse(stream.message(stream.blocks))
 
 
 @router.post(

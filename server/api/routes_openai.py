@@ -11,7 +11,7 @@ import codecs
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -154,6 +154,19 @@ class _Choices:
                 await r.close()
         self._account()
         return results
+
+    async def drain(self, request: Request, events: Callable[[], Awaitable[None]]) -> Response | None:
+        """An unstreamed answer built from a stream's events (`events()`, its frames not sent: the Responses and
+        Anthropic routes), racing the client's disconnect: 499 if it left first, else None; the runs are closed
+        either way."""
+        try:
+            await race_disconnect(request.receive, events())
+        except ClientDisconnected:
+            return Response(status_code=DISCONNECTED)
+        finally:
+            for r in self.runs:
+                await r.close()
+        return None
 
 
 def _chat_fit(svc: Service, prefix_len: int, max_tokens: int | None, n: int) -> int:

@@ -19,14 +19,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
 from server.api.deps import get_info
 from server.api.errors import COMMON_ERRORS, APIError, loc_param
 from server.api.reasoning import END as REASONING_END
-from server.api.routes_generate import DISCONNECTED, SSE_DOC
+from server.api.routes_generate import SSE_DOC
 from server.api.routes_openai import _Choices, _start, chat_stream
 from server.api.schemas import (
     MAX_MODEL_ID,
@@ -40,7 +39,7 @@ from server.api.schemas import (
     TopLogprobs,
     TopP,
 )
-from server.api.service import ClientDisconnected, Service, race_disconnect
+from server.api.service import Service
 from server.api.streaming import EngineEventStream, json_off_loop
 from server.api.tool_parsers import HERMES_END
 
@@ -476,13 +475,9 @@ async def responses(
         return EngineEventStream(ch.runs, stream.events, end=None, error_frame=stream.failed)
     # unstreamed, the same items built the same way (the stream's events, not sent): text, a call, then more text
     # are three items either way, each message with its own tokens' logprobs
-    try:
-        await race_disconnect(request.receive, stream.drain())
-    except ClientDisconnected:
-        return Response(status_code=DISCONNECTED)
-    finally:
-        for r in ch.runs:
-            await r.close()
+    gone = await ch.drain(request, stream.drain)
+    if gone is not None:
+        return gone
     usage = _usage(ch, stream.reasoning_tokens())
     return await json_off_loop(ResponseObject, lambda: answer.response(stream.status, usage))
 

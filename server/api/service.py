@@ -406,6 +406,40 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+def churned(prefix: ResolvedPrefix, ev: TokenEvent) -> bool:
+    """Whether `ev` (a failed first event) says the latest version a request ran on left the store (a 404 for an
+    unpinned name): run again on the name's latest, as if it had come a moment later."""
+    return (
+        not prefix.pinned
+        and prefix.name is not None
+        and ENGINE_ERRORS.get(ev.error_type or "", (0,))[0] == 404
+    )
+
+
+async def newer_latest(
+    svc: Service,
+    info: RequestInfo,
+    prefix: ResolvedPrefix,
+    ev: TokenEvent,
+    prompt_ids: list[int],
+    sampling: SamplingParams,
+) -> ResolvedPrefix | None:
+    """The prefix to run a failed request again on: the name's latest version if the failure was its version missing
+    from the store (`churned`) and the latest is another version, with the same prompt format (the prompt was
+    rendered for it) and within the size limits (413 if it is longer). None: the failure stands."""
+    if not churned(prefix, ev):
+        return None
+    svc.meta_cache.invalidate((prefix.tenant_id, prefix.name or ""))
+    try:
+        newer = await svc.resolve(prefix.tenant_id, prefix.name)
+    except APIError:
+        return None  # gone altogether (404), or the store cannot say: the failure stands
+    if newer.version == prefix.version or newer.prompt_format != prefix.prompt_format:
+        return None
+    svc._check(info, newer, prompt_ids, sampling)
+    return newer
+
+
 class GenerationRun:
     """One submitted engine request: its events, timing metrics, tenant slot; closed exactly once."""
 
@@ -492,28 +526,12 @@ class GenerationRun:
 
     def _churned(self, ev: TokenEvent) -> bool:
         """A request for the latest version whose last try also found its version gone (a 404)."""
-        return (
-            not self.prefix.pinned
-            and self.prefix.name is not None
-            and ENGINE_ERRORS.get(ev.error_type or "", (0,))[0] == 404
-        )
+        return churned(self.prefix, ev)
 
     async def _newer_latest(self, ev: TokenEvent) -> ResolvedPrefix | None:
-        """The prefix to retry a failed first event on: the name's latest version if the failure was this
-        (unpinned) version missing from the store and the latest is another version, with the same prompt format
-        (the prompt was rendered for it) and within the size limits. None: the failure stands."""
-        p = self.prefix
-        if not self._churned(ev):
-            return None
-        self.svc.meta_cache.invalidate((p.tenant_id, p.name))
-        try:
-            newer = await self.svc.resolve(p.tenant_id, p.name)
-        except APIError:
-            return None  # gone altogether (404), or the store cannot say: the failure stands
-        if newer.version == p.version or newer.prompt_format != p.prompt_format:
-            return None
-        self.svc._check(self.info, newer, self.req.prompt_token_ids, self.req.sampling)  # 413 if it is longer
-        return newer
+        return await newer_latest(
+            self.svc, self.info, self.prefix, ev, self.req.prompt_token_ids, self.req.sampling
+        )
 
     async def _submit(self) -> TokenEvent:
         """Hand the request to the engine and wait for its first event."""
