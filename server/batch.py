@@ -35,8 +35,10 @@ BATCH_URLS = (
     "/tokenize",
     "/detokenize",
 )
-RETRIES = 8  # busy answers (429 / 503) retried per request
+RETRIES = 10_000  # busy answers (429 / 503) retried per request, ...
+MAX_BUSY_WAIT_S = 900.0  # ... for this long in all at most (a tenant's concurrency or token limit: minutes)
 MAX_RETRY_WAIT_S = 30.0
+FINAL_CODES = frozenset({"engine_dead", "shutting_down", "engine_unavailable"})  # busy, but no use waiting
 
 
 def _line_error(code: str, message: str) -> dict[str, Any]:
@@ -66,6 +68,17 @@ def parse_line(line: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]
     if body.get("stream"):
         return obj, _line_error("invalid_request", "stream is not supported in a batch")
     return obj, None
+
+
+def _busy(r: Any) -> bool:
+    """A 429 or 503 worth waiting for: a limit or a full queue, not a server going away."""
+    if r.status_code not in (429, 503):
+        return False
+    try:
+        code = (r.json().get("error") or {}).get("code")
+    except (ValueError, AttributeError):
+        code = None
+    return code not in FINAL_CODES
 
 
 def _retry_after(headers: Any) -> float:
@@ -103,11 +116,14 @@ async def run_lines(
         if error is None:
             assert req is not None
             async with sem:
+                waited = 0.0
                 for attempt in range(RETRIES + 1):
                     r = await client.post(req["url"], json=req["body"], headers=headers)
-                    if r.status_code not in (429, 503) or attempt == RETRIES:
+                    wait = _retry_after(r.headers)
+                    if not _busy(r) or attempt == RETRIES or waited + wait > MAX_BUSY_WAIT_S:
                         break
-                    await asyncio.sleep(_retry_after(r.headers))
+                    await asyncio.sleep(wait)
+                    waited += wait
             try:
                 body = r.json()
             except ValueError:

@@ -240,8 +240,9 @@ class Settings(BaseSettings):
         ge=0,
         le=16,
         description="Speculative decoding by prompt lookup: up to this many tokens drafted a step from the request's "
-        "own earlier text and verified in one forward (requests without penalties, logit_bias, min_tokens or "
-        "structured outputs; greedy outputs unchanged, sampled ones equally distributed); 0 turns it off",
+        "own earlier text and verified in one forward (requests without penalties, logit_bias, allowed_token_ids, "
+        "bad_words, min_tokens, a watermark, structured outputs or seeded sampling; greedy outputs unchanged, sampled "
+        "ones equally distributed); 0 turns it off",
     )
     cpu_packed_weights: bool | None = Field(
         None,

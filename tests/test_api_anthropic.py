@@ -44,6 +44,11 @@ def chat(srv, **kw):
     return r.json()
 
 
+def total_input(msg) -> int:
+    """The prompt's tokens as Anthropic's usage splits them: those not read from the (prompt) cache + those read."""
+    return msg.usage.input_tokens + msg.usage.cache_read_input_tokens + msg.usage.cache_creation_input_tokens
+
+
 def test_a_message_is_the_chat_answer(srv, claude):
     want = chat(srv)
     msg = claude.messages.create(model="acme/bot", max_tokens=8, messages=ASK, extra_body={"temperature": 0})
@@ -55,8 +60,11 @@ def test_a_message_is_the_chat_answer(srv, claude):
     assert (
         msg.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[finish] and msg.stop_sequence is None
     )
-    assert msg.usage.input_tokens == want["usage"]["prompt_tokens"]
+    assert total_input(msg) == want["usage"]["prompt_tokens"]
     assert msg.usage.output_tokens == want["usage"]["completion_tokens"]
+    # the chat just computed this prompt: most of it comes from the prompt cache, and input_tokens is the rest
+    assert msg.usage.cache_read_input_tokens > 0
+    assert msg.usage.input_tokens == want["usage"]["prompt_tokens"] - msg.usage.cache_read_input_tokens
     # the system prompt and a list of text blocks reach the template as the chat's do
     sys_msg = claude.messages.create(
         model="acme/bot",
@@ -67,7 +75,7 @@ def test_a_message_is_the_chat_answer(srv, claude):
     )
     want = chat(srv, messages=[{"role": "system", "content": "Be brief."}, *ASK])
     assert sys_msg.content[0].text == want["choices"][0]["message"]["content"]
-    assert sys_msg.usage.input_tokens == want["usage"]["prompt_tokens"]
+    assert total_input(sys_msg) == want["usage"]["prompt_tokens"]
 
 
 def test_streamed_events_make_the_same_message(claude):
@@ -132,7 +140,7 @@ def test_a_forced_tool_call_is_a_tool_use_block(srv, claude):
             {"role": "tool", "tool_call_id": use.id, "content": "sunny"},
         ],
     )  # fmt: skip
-    assert nxt.usage.input_tokens == want["usage"]["prompt_tokens"]
+    assert total_input(nxt) == want["usage"]["prompt_tokens"]
     assert nxt.content[0].text == want["choices"][0]["message"]["content"]
     count = claude.messages.count_tokens(model="acme/bot", messages=turns)
     assert count.input_tokens == want["usage"]["prompt_tokens"]
@@ -265,14 +273,12 @@ def test_prefill_empty_turns_and_errors_before_the_route(srv, claude):
     )
     want = chat(srv, messages=turns, max_tokens=6, continue_final_message=True, add_generation_prompt=False)
     assert msg.content[0].text == want["choices"][0]["message"]["content"]
-    assert msg.usage.input_tokens == want["usage"]["prompt_tokens"]
+    assert total_input(msg) == want["usage"]["prompt_tokens"]
     # an empty last assistant turn says nothing; any other empty turn is refused, as Anthropic does
     empty = claude.messages.create(
         model="acme/bot", max_tokens=2, messages=[*ASK, {"role": "assistant", "content": ""}]
     )
-    assert (
-        empty.usage.input_tokens == claude.messages.count_tokens(model="acme/bot", messages=ASK).input_tokens
-    )
+    assert total_input(empty) == claude.messages.count_tokens(model="acme/bot", messages=ASK).input_tokens
     with pytest.raises(anthropic.BadRequestError) as e:
         claude.messages.create(
             model="acme/bot", max_tokens=2, messages=[{"role": "user", "content": []}, *ASK]

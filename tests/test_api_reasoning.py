@@ -235,6 +235,11 @@ def test_the_prompt_says_where_the_output_starts(server_factory, monkeypatch):
     body.update(_forced(" see.</think>4"))
     msg = r1.client().post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
     assert (msg["reasoning_content"], msg["content"]) == (" see.", "4")
+    # continued with no tags at all (a prefill of the answer): the answer goes on, even for deepseek_r1
+    body["messages"][-1]["content"] = "The answer is"
+    body.update(_forced(" 4."))
+    msg = r1.client().post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert (msg["content"], msg["reasoning_content"]) == (" 4.", None)
 
 
 def test_include_reasoning_false_and_both_field_names(srv):

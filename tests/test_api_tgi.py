@@ -476,5 +476,9 @@ def test_best_of_answers_the_likeliest_of_its_samples(server_factory):
     # without details: the answer alone
     plain = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": {**p, "details": False}}).json()
     assert set(plain) == {"generated_text"}
+    # (TGI's router: a sampling field given, even temperature 1, makes best_of sample)
+    warm = {**p, "do_sample": False, "temperature": 1.0, "best_of": 2}
+    d = c.post("/tgi/generate", json={"inputs": PROMPT, "parameters": warm}).json()["details"]
+    assert d["seed"] is not None and d["seed"] != d["best_of_sequences"][0]["seed"]
     err = assert_error(c.post("/tgi/generate_stream", json={"inputs": PROMPT, "parameters": p}), 422)
     assert err["param"] == "parameters.best_of"

@@ -95,6 +95,12 @@ def test_usage_per_tenant_and_prefix_matches_what_responses_reported(server_fact
     )
     page = adm.get("/usage", params={"limit": 1, "after": "acme"}).json()
     assert [d["tenant_id"] for d in page["data"]] == ["globex"] and not page["has_more"]
+    import prefixserve_client as ps
+
+    with ps.Client(s.url, api_key="adm") as sdk:
+        first = sdk.usage(limit=1)
+        assert [d.tenant_id for d in first.data] == ["acme"] and first.has_more and first.last_id == "acme"
+        assert [d.tenant_id for d in sdk.usage(limit=1, after=first.last_id).data] == ["globex"]
     assert adm.get("/usage", params={"tenant_id": "acme"}).json()["data"][0]["requests"] == 5
     for bad in ("..", ".", "a/b", "x" * 200):  # not a tenant id: 422, not an empty report of a made-up tenant
         assert_error(adm.get("/usage", params={"tenant_id": bad}), 422)

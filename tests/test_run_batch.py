@@ -110,6 +110,13 @@ def test_busy_answers_are_retried(srv, api_bundle, monkeypatch):
     assert [o["response"]["status_code"] for o in batch(srv, api_bundle, lines, **busy)] == [200] * 6
 
 
+def test_a_tenants_concurrency_limit_is_waited_out(srv, api_bundle):
+    """More lines at once than the tenant may run (its limit 1): each waits its turn (it gave up after 8 tries)."""
+    lines = [line(f"r{i}", "/v1/completions", {**COMP, "prompt": f"Tell me {i}"}) for i in range(5)]
+    out = batch(srv, api_bundle, lines, concurrency=5, max_concurrent_per_tenant=1)
+    assert [o["response"]["status_code"] for o in out] == [200] * 5
+
+
 def test_authentication_is_the_servers(srv, api_bundle):
     lines = [line("x", "/v1/completions", COMP)]
     keyed = {"api_keys": f"acme:{KEY}"}

@@ -319,8 +319,9 @@ class _Stream:
 
     def usage(self) -> dict[str, Any]:
         run = self.ch.runs[0]
+        # Anthropic's split: input_tokens are the prompt tokens not read from the cache (clients add the parts up)
         return {
-            "input_tokens": self.ch.prompt_tokens,
+            "input_tokens": self.ch.prompt_tokens - run.cached_tokens,
             "output_tokens": run.generated,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": run.cached_tokens,

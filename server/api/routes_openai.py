@@ -361,6 +361,8 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         # closes it empty), or a continued assistant message's text
         tail = plan.prompts[0][-(PROMPT_TAIL_CONTINUED if body.continue_final_message else PROMPT_TAIL) :]
         tools.opened = svc.reasoning.prompt_opened(await svc.tokenize(_decode, svc.bundle.tokenizer, tail))
+        if tools.opened is None and body.continue_final_message:
+            tools.opened = False  # a continued assistant turn without thinking tags: its answer goes on
         # a structured output's grammar lets the model think first (vLLM applies it once the reasoning ends)
         think = svc.reasoning.think_mode(tools.opened)
     structured: StructuredOutputs | None

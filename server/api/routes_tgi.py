@@ -216,6 +216,8 @@ def _sampling(
         or (p.typical_p is not None and p.typical_p < 1.0)
     )
     if (p.best_of or 1) > 1:
+        # TGI's router counts any sampling field given as sampling: best_of samples then (temperature 1 included)
+        sample = sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
         _check_best_of(p, sample, svc.settings.max_best_of)
     temperature = (1.0 if p.temperature is None else p.temperature) if sample else 0.0
     # TGI samples with a seed it reports: the given one, or one drawn here (the output can be reproduced)

@@ -613,8 +613,18 @@ class AsyncClient(_base.WithOptions):
         """``GET /metrics``: Prometheus text."""
         return (await self._request("GET", "/metrics")).text
 
-    async def usage(self, tenant_id: Optional[str] = None) -> UsageReport:
+    async def usage(
+        self, tenant_id: Optional[str] = None, *, limit: Optional[int] = None, after: Optional[str] = None
+    ) -> UsageReport:
         """``GET /usage``: tokens and requests since the server started, with the rate limits and what is left of
-        them; the key's own tenant (the admin key: every tenant, or ``tenant_id``)."""
-        params = {"tenant_id": tenant_id} if tenant_id else None
-        return _base.parse_response(UsageReport, await self._request("GET", "/usage", params=params))
+        them; the key's own tenant (the admin key: every tenant, in pages by tenant id of ``limit`` (the server's
+        default: 1000) after ``after`` (the previous page's ``last_id``; ``has_more`` says whether to ask again),
+        or ``tenant_id``)."""
+        params: dict[str, Any] = {}
+        if tenant_id:
+            params["tenant_id"] = tenant_id
+        if limit is not None:
+            params["limit"] = limit
+        if after is not None:
+            params["after"] = after
+        return _base.parse_response(UsageReport, await self._request("GET", "/usage", params=params or None))

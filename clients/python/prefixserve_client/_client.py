@@ -651,11 +651,21 @@ class Client(_base.WithOptions):
         """``GET /metrics``: Prometheus text."""
         return self._request("GET", "/metrics").text
 
-    def usage(self, tenant_id: Optional[str] = None) -> UsageReport:
+    def usage(
+        self, tenant_id: Optional[str] = None, *, limit: Optional[int] = None, after: Optional[str] = None
+    ) -> UsageReport:
         """``GET /usage``: tokens and requests since the server started, with the rate limits and what is left of
-        them; the key's own tenant (the admin key: every tenant, or ``tenant_id``)."""
-        params = {"tenant_id": tenant_id} if tenant_id else None
-        return _base.parse_response(UsageReport, self._request("GET", "/usage", params=params))
+        them; the key's own tenant (the admin key: every tenant, in pages by tenant id of ``limit`` (the server's
+        default: 1000) after ``after`` (the previous page's ``last_id``; ``has_more`` says whether to ask again),
+        or ``tenant_id``)."""
+        params: dict[str, Any] = {}
+        if tenant_id:
+            params["tenant_id"] = tenant_id
+        if limit is not None:
+            params["limit"] = limit
+        if after is not None:
+            params["after"] = after
+        return _base.parse_response(UsageReport, self._request("GET", "/usage", params=params or None))
 
 
 def _json_or_none(r: httpx.Response) -> Any:

@@ -556,3 +556,5 @@ class UsageReport(_Model):
     object: str = "usage"
     since: float = 0.0
     data: list[TenantUsage] = Field(default_factory=list)
+    has_more: bool = False  # (the admin's every-tenant listing comes in pages: ask again with after=last_id)
+    last_id: Optional[str] = None
