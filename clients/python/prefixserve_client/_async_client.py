@@ -620,11 +620,5 @@ class AsyncClient(_base.WithOptions):
         them; the key's own tenant (the admin key: every tenant, in pages by tenant id of ``limit`` (the server's
         default: 1000) after ``after`` (the previous page's ``last_id``; ``has_more`` says whether to ask again),
         or ``tenant_id``)."""
-        params: dict[str, Any] = {}
-        if tenant_id:
-            params["tenant_id"] = tenant_id
-        if limit is not None:
-            params["limit"] = limit
-        if after is not None:
-            params["after"] = after
-        return _base.parse_response(UsageReport, await self._request("GET", "/usage", params=params or None))
+        params = _base.usage_params(tenant_id, limit, after)
+        return _base.parse_response(UsageReport, await self._request("GET", "/usage", params=params))

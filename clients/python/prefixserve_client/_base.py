@@ -960,3 +960,17 @@ class StreamState:
     def check_end(self) -> None:
         if not self.done and not self.finished:
             raise APIConnectionError("stream ended before its last event ([DONE])")
+
+
+def usage_params(
+    tenant_id: Optional[str], limit: Optional[int], after: Optional[str]
+) -> Optional[dict[str, Any]]:
+    """``GET /usage``'s query: the fields given (none: None)."""
+    params: dict[str, Any] = {}
+    if tenant_id:
+        params["tenant_id"] = tenant_id
+    if limit is not None:
+        params["limit"] = limit
+    if after is not None:
+        params["after"] = after
+    return params or None
