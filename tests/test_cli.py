@@ -164,19 +164,6 @@ def test_an_unknown_jobs_url_scheme_is_refused():
         open_backend("redsi://redis:6379/0", max_attempts=2, stale_after_s=30, retention_s=60)
 
 
-@pytest.fixture
-def root_logging():
-    """`serve` installs its log handler on the root logger, on the stderr of the moment (pytest's capture here):
-    put the root logger back, or later tests' threads log into a closed stream."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def test_start_up_failure_is_one_line(tmp_path, capsys, root_logging):
     """A limits file that cannot be read fails start-up with exit 3 and its reason, not a traceback."""
     rc = cli.main(["serve", "--port", "0", "--store-url", f"file://{tmp_path}/s", "--tenant-limits-file",

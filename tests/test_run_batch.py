@@ -152,7 +152,7 @@ def test_parse_line_names_what_is_wrong():
     assert err is None and req["body"] == COMP
 
 
-def test_the_command_writes_the_results_file(tmp_path, capsys, monkeypatch):
+def test_the_command_writes_the_results_file(tmp_path, capsys, monkeypatch, root_logging):
     """End to end: a model folder and a store from flags; exit 0 with every line's result, the file written whole;
     2 for an input file that cannot be read (and no output file)."""
     from server.cli import main
