@@ -1504,8 +1504,7 @@ class Service:
             search = BeamSearch(self, info, prefix, prompt_ids, sampling, beam, priority)
         else:
             search = made[-1].search  # type: ignore[attr-defined]
-        release = self.acquire_slot(prefix.tenant_id)
-        req = Request(uuid.uuid4().hex, prompt_ids, sampling, prefix.key, cache_salt=prefix.tenant_id)
+        release, req = self._slot_and_request(prefix, prompt_ids, sampling, priority, stream=False)
         return BeamRun(self, req, prefix, info, release, reserved, search, index)
 
     def _make_run(
@@ -1520,6 +1519,18 @@ class Service:
     ) -> GenerationRun:
         """A run holding a tenant slot and `reserved` charged tokens (refunded by its `close()`). Not yet
         submitted."""
+        release, req = self._slot_and_request(prefix, prompt_ids, sampling, priority, stream)
+        return GenerationRun(self, req, prefix, info, release, reserved)
+
+    def _slot_and_request(
+        self,
+        prefix: ResolvedPrefix,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        priority: int,
+        stream: bool,
+    ) -> tuple[Callable[[], None], Request]:
+        """A tenant slot (its release) and the engine request of one run."""
         release = self.acquire_slot(prefix.tenant_id)
         req = Request(
             request_id=uuid.uuid4().hex,
@@ -1530,4 +1541,4 @@ class Service:
             cache_salt=prefix.tenant_id,  # cached prompt blocks are never shared across tenants
             priority=priority,
         )
-        return GenerationRun(self, req, prefix, info, release, reserved)
+        return release, req
