@@ -141,6 +141,21 @@ def _transformers_warpers(p: SamplingParams):
     return warpers
 
 
+def _matches_transformers(p: SamplingParams, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Five random rows filtered by `p` and by transformers' warpers: the same scores (asserted); (logits, ours)."""
+    warpers = _transformers_warpers(p)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(5):
+        logits = torch.randn(1, 300, generator=g) * 3
+        want = warpers(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0]
+        got = filter_logits(logits[0], p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got[torch.isfinite(got)], want[torch.isfinite(want)])
+        out.append((logits, got))
+    return out
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -154,14 +169,7 @@ def _transformers_warpers(p: SamplingParams):
 def test_min_p_matches_transformers(kw):
     """min_p after temperature, top-k and top-p, as transformers' generate orders its warpers: the same scores."""
     p = SamplingParams(**{"temperature": 1.0, **kw})
-    warpers = _transformers_warpers(p)
-    g = torch.Generator().manual_seed(3)
-    for _ in range(5):
-        logits = torch.randn(1, 300, generator=g) * 3
-        want = warpers(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0]
-        got = filter_logits(logits[0], p)
-        assert torch.equal(torch.isinf(got), torch.isinf(want))
-        torch.testing.assert_close(got[torch.isfinite(got)], want[torch.isfinite(want)])
+    logits, _ = _matches_transformers(p, seed=3)[-1]
     kept = torch.isfinite(filter_logits(logits[0], SamplingParams(temperature=1.0, min_p=kw["min_p"])))
     assert 1 <= int(kept.sum()) < 300 or kw["min_p"] == 0
 
@@ -180,14 +188,7 @@ def test_typical_p_matches_transformers(kw):
     """typical_p (TGI's and transformers' locally typical sampling) last, after temperature, top-k, top-p and min-p,
     as transformers' generate orders its warpers: the same scores, fewer tokens than the row had."""
     p = SamplingParams(**{"temperature": 1.0, **kw})
-    warpers = _transformers_warpers(p)
-    g = torch.Generator().manual_seed(5)
-    for _ in range(5):
-        logits = torch.randn(1, 300, generator=g) * 3
-        want = warpers(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0]
-        got = filter_logits(logits[0], p)
-        assert torch.equal(torch.isinf(got), torch.isinf(want))
-        torch.testing.assert_close(got[torch.isfinite(got)], want[torch.isfinite(want)])
+    for logits, got in _matches_transformers(p, seed=5):
         without = filter_logits(logits[0], dataclasses.replace(p, typical_p=1.0))
         assert 1 <= int(torch.isfinite(got).sum()) < int(torch.isfinite(without).sum())
     if kw["typical_p"] < 1e-3:  # the one token whose surprisal is closest to the entropy
