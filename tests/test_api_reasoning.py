@@ -473,3 +473,75 @@ def test_seed_oss_tags_bound_the_thinking_under_a_grammar(server_factory):
     r = s.client().post("/v1/chat/completions", json={**free, "logit_bias": {other: 100}})
     choice = r.json()["choices"][0]
     assert choice["message"]["content"] is None and "</think>" in choice["message"]["reasoning_content"]
+
+
+def test_thinking_token_budget_cuts_the_thinking_at_its_tokens(server_factory, thinking_bundle):
+    """vLLM's thinking_token_budget: the thinking ends after that many tokens (its closing tag forced, whatever the
+    logits say), then the model answers; on /v1/chat/completions (streamed or not, under a structured output too),
+    /v1/completions (where the prompt opens the thinking) and Anthropic's thinking.budget_tokens. Without a
+    reasoning parser, or with beam search, it is refused."""
+    pytest.importorskip("llguidance")
+    tok = thinking_bundle.tokenizer
+    end = tok.convert_tokens_to_ids("</think>")
+    r1 = server_factory(
+        bundle=thinking_bundle, prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="deepseek_r1"
+    )
+    c = r1.client()
+    # the model never closes its thinking by itself here: all 12 tokens are thinking
+    base = {"model": "acme/default", "messages": [{"role": "user", "content": "Q?"}], "temperature": 0,
+            "max_tokens": 12, "return_token_ids": True, "logit_bias": {str(end): -100}}  # fmt: skip
+    free = c.post("/v1/chat/completions", json=base).json()["choices"][0]
+    assert free["message"]["content"] is None and end not in free["token_ids"]
+    cut = c.post("/v1/chat/completions", json={**base, "thinking_token_budget": 4}).json()["choices"][0]
+    ids = cut["token_ids"]
+    assert ids[:4] == free["token_ids"][:4] and ids[4] == end and len(ids) == 12, ids
+    msg = cut["message"]
+    assert msg["reasoning_content"] == _text(tok, ids[:4]) and msg["content"] == _text(tok, ids[5:]), msg
+    deltas = [
+        ch["choices"][0]["delta"] for ch in _sse_raw(c, {**base, "thinking_token_budget": 4}) if ch["choices"]
+    ]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == msg["reasoning_content"]
+    assert "".join(d.get("content") or "" for d in deltas) == msg["content"]
+    # budget 0: no thinking at all; a structured answer after a cut thinking
+    zero = c.post("/v1/chat/completions", json={**base, "thinking_token_budget": 0}).json()["choices"][0]
+    assert zero["token_ids"][0] == end and zero["message"]["reasoning_content"] == ""
+    so = {**base, "thinking_token_budget": 3, "structured_outputs": {"choice": ["yes", "no"]}}
+    done = c.post("/v1/chat/completions", json=so).json()["choices"][0]
+    assert done["token_ids"][3] == end and done["message"]["content"] in ("yes", "no"), done
+    assert done["finish_reason"] == "stop"
+    # /v1/completions (qwen3: the model opens its thinking): a prompt that ends inside one is cut, one that does
+    # not is left alone (this model never writes the opening tag)
+    q = server_factory(
+        bundle=thinking_bundle, prefixes={("acme", "default"): {"seed": 5}}, reasoning_parser="qwen3"
+    ).client()
+    comp = {"model": "acme/default", "prompt": ["Q?<think>", "Q?"], "temperature": 0, "max_tokens": 8,
+            "return_token_ids": True, "logit_bias": {str(end): -100}, "thinking_token_budget": 2}  # fmt: skip
+    opened, closed = q.post("/v1/completions", json=comp).json()["choices"]
+    assert opened["token_ids"][2] == end and end not in closed["token_ids"], (opened, closed)
+    # Anthropic: thinking.budget_tokens is the budget (its thinking block, then the answer's text)
+    body = {"model": "acme/default", "max_tokens": 12, "messages": [{"role": "user", "content": "Q?"}], "temperature": 0,
+            "thinking": {"type": "enabled", "budget_tokens": 3}}  # fmt: skip
+    blocks = c.post("/v1/messages", json=body).json()["content"]
+    ref = c.post(
+        "/v1/chat/completions",
+        json={**{k: v for k, v in base.items() if k != "logit_bias"}, "thinking_token_budget": 3},
+    ).json()["choices"][0]
+    assert blocks[0] == {"type": "thinking", "thinking": ref["message"]["reasoning_content"], "signature": ""}
+    assert end in ref["token_ids"][:4]
+    bad = c.post("/v1/messages", json={**body, "thinking": {"type": "enabled", "budget_tokens": -1}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "thinking.budget_tokens"
+    # refused: beam search, a negative budget, a server without a reasoning parser
+    r = c.post("/v1/completions", json={**comp, "use_beam_search": True, "n": 2, "logit_bias": None})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget"
+    r = c.post("/v1/chat/completions", json={**base, "thinking_token_budget": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget"
+    plain = server_factory(bundle=thinking_bundle, prefixes={("acme", "default"): {"seed": 5}})
+    r = plain.client().post("/v1/chat/completions", json={**base, "thinking_token_budget": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget", r.json()
+    assert "reasoning" in r.json()["error"]["message"]
+    # (Anthropic clients always send a budget with thinking enabled: a model without a parser just answers)
+    assert plain.client().post("/v1/messages", json=body).status_code == 200
+
+
+def _text(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=True)

@@ -7,6 +7,7 @@ import pytest
 
 from server.engine import PrefixKey, Request, SamplingParams, StructuredOutputs
 from server.engine.spec import NgramIndex, accept, speculable
+from server.engine.types import ThinkingBudget
 from tests.engine_utils import computed_tokens, hf_greedy, make_engine, pool_bytes, random_kv, random_prompt
 
 
@@ -44,6 +45,8 @@ def test_which_rows_speculate():
     assert not speculable(SamplingParams(repetition_penalty=1.2))
     assert not speculable(SamplingParams(logit_bias=((3, 1.0),)))
     assert not speculable(SamplingParams(min_tokens=2))
+    # a thinking budget forces tokens that a verified draft would skip
+    assert not speculable(SamplingParams(thinking_budget=ThinkingBudget(4, (1,), (2,))))
 
 
 def _repetitive(vocab: int, seed: int, unit: int = 7, times: int = 3) -> list[int]:

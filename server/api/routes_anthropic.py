@@ -71,8 +71,8 @@ class MessagesRequest(BaseModel):
     )
     thinking: dict[str, Any] | None = Field(
         None,
-        description="type 'disabled': the chat template's enable_thinking false; 'enabled' / 'adaptive': true "
-        "(budget_tokens is not enforced)",
+        description="type 'disabled': the chat template's enable_thinking false; 'enabled' / 'adaptive': true; "
+        "'enabled' with budget_tokens: the thinking is cut at that many tokens (with the server's reasoning parser)",
     )
     metadata: dict[str, Any] | None = None
 
@@ -258,6 +258,9 @@ def chat_request(body: MessagesRequest, stream: bool | None = None) -> ChatCompl
     thinking = (body.thinking or {}).get("type")
     if thinking in ("disabled", "enabled", "adaptive"):
         fields["chat_template_kwargs"] = {"enable_thinking": thinking != "disabled"}
+    if thinking == "enabled" and (body.thinking or {}).get("budget_tokens") is not None:
+        # enforced where the server knows the thinking's tags (`messages` drops it otherwise)
+        fields["thinking_token_budget"] = (body.thinking or {})["budget_tokens"]
     last = messages[-1] if messages else {}
     if last.get("role") == "assistant" and last.get("content") and not last.get("tool_calls"):
         # a prefill: the answer continues the last assistant turn's text (Anthropic's), which it does not repeat
@@ -275,6 +278,8 @@ def chat_request(body: MessagesRequest, stream: bool | None = None) -> ChatCompl
             loc = loc[:2]
         elif loc[:1] == ("stop",):
             loc = ("stop_sequences", *loc[1:])
+        elif loc[:1] == ("thinking_token_budget",):
+            loc = ("thinking", "budget_tokens")
         message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
         raise APIError(422, message, code="invalid_value", param=loc_param(loc)) from None
 
@@ -446,6 +451,8 @@ async def messages(
     body: MessagesRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> Any:
     chat = chat_request(body)
+    if get_service(request).reasoning is None:
+        chat.thinking_token_budget = None  # (a model without a reasoning parser: no thinking to bound)
     ch = await _start(request, principal, chat, chat=True)
     stream = _Stream(ch, "msg_" + get_info(request).request_id, body.model)
     if body.stream:

@@ -58,7 +58,7 @@ from server.api.service import (
 from server.api.streaming import EngineEventStream, json_off_loop, merge, sse
 from server.api.tools import CallListStream, ToolPlan, call_id, template_messages, tool_plan
 from server.engine.token_bytes import TokenIdTexts
-from server.engine.types import StructuredOutputs
+from server.engine.types import StructuredOutputs, ThinkingBudget
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -399,6 +399,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         structured=structured,
         bad_words_token_ids=await svc.bad_words(body.bad_words),
     )
+    budgets = await _thinking_budgets(svc, body, plan, chat)
     n = body.n or 1
     # more than the tenant may run, or than the engine takes (a full batch and queue), can never be accepted: not
     # a 503 to retry
@@ -418,9 +419,10 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         _logprob_entries(plan, n), plan.logprobs_param if plan.logprobs is not None else "prompt_logprobs"
     )
     # sample j of a prompt draws from seed + j: the choices differ, and each is reproducible
+    per_prompt = [sampling if b is None else replace(sampling, thinking_budget=b) for b in budgets]
     jobs = [
-        (ids, sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + j))
-        for ids in plan.prompts
+        (ids, sp if sp.seed is None else replace(sp, seed=sp.seed + j))
+        for ids, sp in zip(plan.prompts, per_prompt, strict=True)
         for j in range(n)
     ]
     try:
@@ -438,6 +440,33 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
     except APIError as e:
         raise _as_openai_error(e, body.model, hint) from None
     return _Choices(svc, runs, plan, body.model, int(time.time()), n)
+
+
+async def _thinking_budgets(
+    svc: Service, body: _OpenAIBase, plan: _Plan, chat: bool
+) -> list[ThinkingBudget | None]:
+    """vLLM's thinking_token_budget, one per prompt: where its output starts (inside a thinking or not) is what the
+    reasoning parser reads at the prompt's end (a chat's was read already)."""
+    tokens = body.thinking_token_budget
+    if tokens is None:
+        return [None] * len(plan.prompts)
+    if svc.reasoning is None:
+        raise APIError(
+            422,
+            "thinking_token_budget needs a reasoning model's parser (the server's --reasoning-parser): without one "
+            "the thinking's tags are not known",
+            code="unsupported_parameter",
+            param="thinking_token_budget",
+        )
+    if chat:
+        opened = [plan.tools.opened]
+    else:
+        tok = svc.bundle.tokenizer
+        opened = [
+            svc.reasoning.prompt_opened(await svc.tokenize(_decode, tok, ids[-PROMPT_TAIL:]))
+            for ids in plan.prompts
+        ]
+    return [await svc.thinking_budget(tokens, o) for o in opened]
 
 
 # what beam search does not do (vLLM ignores most of them; here they are refused rather than dropped without a word)
@@ -475,6 +504,10 @@ def _beam_params(body: _OpenAIBase, plan: _Plan, structured: bool) -> BeamParams
         )
     if plan.echo is not None:
         raise APIError(422, "echo is not supported with use_beam_search", param="echo")
+    if body.thinking_token_budget is not None:
+        raise APIError(
+            422, "thinking_token_budget is not supported with use_beam_search", param="thinking_token_budget"
+        )
     n = body.n or 1
     if n > MAX_BEAM_WIDTH:
         raise APIError(

@@ -427,6 +427,12 @@ class _OpenAIBase(BaseModel):
         "fields do not apply; not with stop, penalties, logit_bias, allowed_token_ids, bad_words, min_tokens, "
         "structured outputs, forced tool calls, echo or prompt_logprobs)",
     )
+    thinking_token_budget: int | None = Field(
+        None,
+        ge=0,
+        description="Extension (vLLM): a reasoning model writes at most this many tokens inside its thinking; its "
+        "closing tag is then forced and the answer follows (needs the server's reasoning parser)",
+    )
     length_penalty: float | None = Field(
         None,
         allow_inf_nan=False,

@@ -46,7 +46,7 @@ from server.engine import (
     TokenLogprob,
 )
 from server.engine.daemon_pool import DaemonThreadPool
-from server.engine.types import ThinkMode
+from server.engine.types import ThinkingBudget, ThinkMode
 from server.model import ModelBundle
 from server.prefixes import validate_kv
 from server.settings import Settings
@@ -117,6 +117,13 @@ def bad_word_ids(tokenizer: Any, words: list[str]) -> tuple[tuple[int, ...], ...
         if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
             out.append(spaced)
     return tuple(out)
+
+
+def _tag_ids(tokenizer: Any, start: str, end: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A reasoning parser's tags as the tokenizer encodes them (an added token: its one id)."""
+    return tuple(tokenizer.encode(start, add_special_tokens=False)), tuple(
+        tokenizer.encode(end, add_special_tokens=False)
+    )
 
 
 def truncate_prompt(ids: list[int], keep: int | None, fit: int = 1) -> list[int]:
@@ -759,6 +766,9 @@ class Service:
     _tokenizer_pool: DaemonThreadPool = field(default_factory=lambda: DaemonThreadPool(1, "tokenizer"))
     default_format: str = "raw"
     reasoning: ReasoningParser | None = None  # settings.reasoning_parser
+    _think_ids: tuple[tuple[int, ...], tuple[int, ...]] | None = (
+        None  # its tags' token ids (`thinking_budget`)
+    )
     served_names: tuple[str, ...] = ()  # settings.served_model_name: `model` values naming the base model
     # sampling defaults of the /v1 routes from the model's generation config (settings.generation_config "auto")
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
@@ -1161,6 +1171,18 @@ class Service:
             raise APIError(
                 422, f"cannot render the prompt: {e}", code="invalid_prompt", param="prompt"
             ) from None
+
+    async def thinking_budget(self, tokens: int, opened: bool | None) -> ThinkingBudget:
+        """vLLM's thinking_token_budget for an output whose prompt says `opened` of its start (the reasoning parser's
+        `prompt_opened`; None: the parser's convention), with the parser's tags as the tokenizer encodes them."""
+        parser = self.reasoning
+        assert parser is not None
+        if self._think_ids is None:
+            self._think_ids = await self.tokenize(_tag_ids, self.bundle.tokenizer, parser.start, parser.end)
+        start, end = self._think_ids
+        return ThinkingBudget(
+            tokens, start, end, opened is True or (opened is None and parser.convention.opened)
+        )
 
     async def bad_words(self, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
         """vLLM's bad_words as the token sequences the sampler bans (`bad_word_ids`), tokenized on the tokenizer's

@@ -398,6 +398,12 @@ class LLMEngine:
                 bitmask, bad = self.mask_budget.fill(cons, logits.shape[-1], owners)
                 masks = (constrained, bitmask)
                 grammar_failed = {constrained[j]: why for j, why in bad.items()}
+            # thinking budgets spent: the closing tag's tokens
+            forced = {
+                i: tok
+                for i, s in enumerate(samplers)
+                if s.thinking is not None and (tok := s.thinking.forced()) is not None
+            }
             res = (
                 None
                 if self._inflight is not None
@@ -408,6 +414,7 @@ class LLMEngine:
                     [(s.prompt, s.output) for s in samplers],
                     self.eos_ids,
                     masks,
+                    forced,
                 )
             )
         except Exception as e:  # a failed step fails its requests, never the engine
@@ -520,8 +527,9 @@ class LLMEngine:
 
     @staticmethod
     def _device_sampled(seq: Sequence) -> bool:
-        """Whether the device alone decides the request's tokens (no penalties, bias, min_tokens or grammar)."""
-        return not seq.req.sampling.processed and seq.constraint is None
+        """Whether the device alone decides the request's tokens (no penalties, bias, min_tokens, grammar or thinking
+        budget)."""
+        return not seq.req.sampling.processed and seq.constraint is None and seq.thinking is None
 
     @staticmethod
     def _joinable(seq: Sequence) -> bool:
@@ -804,6 +812,8 @@ class LLMEngine:
             seq.itl.append(now - seq.last_token)
         seq.last_token = now
         seq.output.append(tok)
+        if seq.thinking is not None:
+            seq.thinking.feed(tok)
         p = seq.req.sampling
         # the mask allowed the token, so a refusal is a parser/lexer limit the grammar ran into
         if seq.constraint is not None and not seq.constraint.accept(tok):

@@ -314,12 +314,16 @@ def sample(
     histories: list[tuple[list[int], list[int]]] | None = None,
     eos_ids: Collection[int] = (),
     masks: tuple[list[int], torch.Tensor] | None = None,
+    forced: dict[int, int] | None = None,
 ) -> SampleOutput:
     """logits: float32 `[R, vocab]`; one token per row, the rows that could not be sampled with the reason, and the
     log-probabilities of the rows that asked for them.
 
     `masks` = (rows, int32 bitmasks) of structured-output rows: their disallowed tokens are set to -inf after every
     other processing, so nothing (a +100 logit_bias included) can bring a token outside the grammar back.
+
+    `forced` = {row: token} of rows whose next token is decided (a spent thinking budget's closing tag): they take it
+    whatever their scores, unless their logits are not finite; their log-probability is the model's.
 
     `histories[i]` is row i's (prompt, output) tokens, needed only for rows whose scores are processed (penalties,
     logit_bias, min_tokens with `eos_ids`). Greedy rows without processing cost one vectorized argmax and one device
@@ -361,6 +365,10 @@ def sample(
             failed[i] = INVALID_DISTRIBUTION
         else:
             out[i] = host[2][i]
+    for i, tok in (forced or {}).items():
+        if failed.get(i) != NON_FINITE:
+            failed.pop(i, None)
+            out[i] = tok
     res = SampleOutput(out, failed)
     want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in failed]
     if want:

@@ -11,6 +11,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.prefix_cache import PrefixEntry, prompt_cache_root
 from server.engine.spec import NgramIndex
 from server.engine.structured import Constraint
+from server.engine.thinking import ThinkingState
 from server.engine.token_bytes import TokenTexts
 from server.engine.types import Request, TokenLogprob
 
@@ -45,6 +46,9 @@ class Sequence:
         self.cache_nodes: list[int] = []
         self.generator = generator
         self.constraint = constraint  # structured outputs: the grammar's state after the output so far
+        # a thinking budget: where the output stands against it
+        budget = req.sampling.thinking_budget
+        self.thinking = ThinkingState(budget) if budget is not None else None
         # speculative decoding: the n-grams of its tokens (built on first use), drafts in a row of which nothing was
         # accepted, and steps to decode without drafting (2^misses - 1 after a miss, at most 15)
         self.ngrams: NgramIndex | None = None

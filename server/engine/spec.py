@@ -26,12 +26,12 @@ from server.engine.types import SamplingParams
 def speculable(p: SamplingParams) -> bool:
     """Whether a row with these parameters may decode with drafts: its next token comes from the logits alone
     (greedy, or sampled with temperature / top-k / top-p; logprobs are read from the verified positions), no
-    per-position score processing or grammar. Not a seeded sampled row: whether a step drafts depends on the other
+    per-position score processing, grammar or thinking budget. Not a seeded sampled row: whether a step drafts depends on the other
     rows (the step's budget, free blocks, long prefills beside it), and a draft draws from the row's generator
     differently, so its output would depend on what shares its batch; a seed promises the same output whatever
     does."""
     seeded_sampling = p.seed is not None and p.temperature > 0
-    return not p.processed and p.structured is None and not seeded_sampling
+    return not p.processed and p.structured is None and p.thinking_budget is None and not seeded_sampling
 
 
 class NgramIndex:

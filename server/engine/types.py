@@ -60,6 +60,26 @@ class StructuredOutputs:
 
 
 @dataclass(frozen=True)
+class ThinkingBudget:
+    """vLLM's `thinking_token_budget`: at most `tokens` output tokens inside a thinking, then its closing tag is
+    forced (`server.engine.thinking`). `start` and `end` are the tags' token ids (the reasoning parser's tags, as the
+    tokenizer encodes them); `opened`: the output starts inside a thinking (its prompt, or the template, opened it)."""
+
+    tokens: int
+    start: tuple[int, ...]
+    end: tuple[int, ...]
+    opened: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            raise ValueError("thinking_token_budget must be >= 0")
+        if not self.start or not self.end:
+            raise ValueError("the thinking's tags must be token sequences")
+        object.__setattr__(self, "start", tuple(int(t) for t in self.start))
+        object.__setattr__(self, "end", tuple(int(t) for t in self.end))
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
     temperature: float = 0.0
@@ -105,6 +125,8 @@ class SamplingParams:
     # vLLM: the text leaves out special tokens (default), and puts spaces between them (slow tokenizers only).
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # vLLM's thinking_token_budget: a reasoning model's thinking is cut at this many tokens (its closing tag forced)
+    thinking_budget: ThinkingBudget | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
