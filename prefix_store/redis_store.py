@@ -54,6 +54,19 @@ from prefix_store.urls import pop_query_param
 
 log = logging.getLogger("prefix_store")
 
+
+def reconnect_once(for_asyncio: bool = False) -> Any:
+    """A client's retry policy: one quick reconnect on a connection error (a pooled connection may predate a Redis
+    restart), never a retry of a timeout (the command may have run)."""
+    if for_asyncio:
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        return AsyncRetry(
+            ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(redis.ConnectionError,)
+        )
+    return Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(redis.ConnectionError,))
+
+
 DEFAULT_NAMESPACE = "prefixserve"
 DEFAULT_SOCKET_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 2.0
@@ -98,8 +111,7 @@ class RedisStore(PrefixStore):
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
             health_check_interval=10,
-            # one quick reconnect (a pooled connection may predate a Redis restart); never retry timeouts
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(redis.ConnectionError,)),
+            retry=reconnect_once(),
         )
         kw = self._r.connection_pool.connection_kwargs
         where = kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"

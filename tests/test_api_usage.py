@@ -603,6 +603,73 @@ def test_redis_usage_counts_survive_a_read_only_window(redis_server_factory):
         r.close()
 
 
+def test_redis_usage_counts_once_when_redis_stalls_past_the_timeout(redis_server_factory):
+    """A flush whose reply times out while Redis stalls still runs when Redis wakes up: sent again, it must not be
+    counted twice (every stall over a second used to double the counts of the batch in flight)."""
+    import threading
+
+    import redis as sync_redis
+
+    from server.api.usage import RedisUsageMeter
+
+    srv = redis_server_factory
+    r = sync_redis.Redis.from_url(srv.url, socket_timeout=10)
+
+    async def main() -> None:
+        meter = RedisUsageMeter(srv.url, timeout_s=0.3)
+        try:
+            meter.request("acme", None)
+            await meter.flush()  # (a connection open before the stall: the batch reaches Redis)
+            for _ in range(5):
+                meter.request("acme", "faq")
+            stall = threading.Thread(target=r.execute_command, args=("DEBUG", "SLEEP", "1.5"))
+            stall.start()
+            await asyncio.sleep(0.2)
+            with pytest.raises(sync_redis.TimeoutError):
+                await meter.flush()  # Redis has the batch; the reply is lost
+            meter.request("acme", None)  # counted meanwhile
+            stall.join()
+            await meter.flush()
+            await meter.flush()
+            got = await meter.report("acme")
+            assert (got["requests"], got["prefixes"]["faq"]["requests"]) == (7, 5), got
+        finally:
+            await meter.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        r.close()
+
+
+def test_usage_and_rate_limits_reconnect_at_once_after_a_redis_restart(redis_server_factory):
+    """Connections opened before Redis restarted are stale: the next command reconnects once instead of failing
+    (a 503 on /usage while /ready said 200; a rate limiter counting alone for seconds, its shared budget then per
+    replica)."""
+    from server.api.limits import RedisRateLimiter
+    from server.api.usage import RedisUsageMeter
+
+    srv = redis_server_factory
+    limited = parse_limits({"acme": {"requests_per_minute": 10}}, "x")
+
+    async def main() -> None:
+        meter, limiter = RedisUsageMeter(srv.url), RedisRateLimiter(srv.url, DEFAULT_LIMIT, limited)
+        try:
+            meter.request("acme", None)
+            await meter.flush()
+            await limiter.charge("acme", 0)
+            srv.kill()
+            srv.start()  # (AOF: the counts and buckets survive)
+            assert (await meter.report("acme"))["requests"] == 1
+            h = await limiter.charge("acme", 0)
+            assert limiter._down_until == 0.0 and h["x-ratelimit-remaining-requests"] == "8"
+        finally:
+            await meter.close()
+            await limiter.close()
+
+    asyncio.run(main())
+
+
 def test_redis_usage_since_is_the_first_replicas_start(redis_store_url):
     """Replicas sharing Redis report one `since`, the start recorded by the first to flush (here the replica that
     started earlier), not each replica's own start."""

@@ -327,12 +327,15 @@ class RedisRateLimiter(RateLimiter):
     ) -> None:
         import redis.asyncio as aioredis
 
-        from prefix_store.redis_store import split_url
+        from prefix_store.redis_store import reconnect_once, split_url
 
         super().__init__(default, overrides, clock)
         client_url, self.namespace = split_url(url)
         self._r = aioredis.Redis.from_url(
-            client_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            client_url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=reconnect_once(for_asyncio=True),
         )
         self._script = self._r.register_script(_LUA)
         self._down_until = 0.0

@@ -7,8 +7,8 @@ failed counts no tokens.
 
 `UsageMeter` counts in the server process from its start (`since`), like the Prometheus counters. With
 ``limits_url`` the counts go to Redis instead (`RedisUsageMeter`): every replica adds to the same counters, which
-outlive restarts; they are flushed in batches every second, kept and retried while Redis does not answer, and
-flushed before a report. Counting runs on the event loop only.
+outlive restarts; they are flushed in batches every second, kept and retried while Redis does not answer (a batch
+whose reply was lost is sent again as it was, and Redis applies each batch once), and flushed before a report. Counting runs on the event loop only.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -113,6 +114,39 @@ class UsageMeter:
 
 
 FLUSH_S = 1.0
+BATCH_TTL_S = (
+    3600  # how long Redis remembers a flushed batch's id: a batch is resent within seconds of a reply lost
+)
+
+# One flush, applied at most once whatever number of times it is sent (its reply may be lost: a timeout while Redis
+# stalls, after which Redis still runs it). KEYS: the batch's marker, `since`, the tenants set, then each tenant's
+# hash; ARGV: since, the marker's TTL, then per tenant (in KEYS' order) its id, its number of fields, field, n, ...
+# Returns {1, refused, first refusal} or {0} for a batch applied before. A refused count (a key of the wrong type)
+# does not stop the others, as in a MULTI/EXEC; a write refused as a whole (read-only replica, out of memory) fails
+# the marker first, so nothing is applied.
+_FLUSH_LUA = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+  return {0}
+end
+local refused, first = 0, ''
+local function apply(reply)
+  if type(reply) == 'table' and reply.err then
+    if refused == 0 then first = reply.err end
+    refused = refused + 1
+  end
+end
+apply(redis.pcall('SETNX', KEYS[2], ARGV[1]))
+local a = 3
+for i = 4, #KEYS do
+  apply(redis.pcall('SADD', KEYS[3], ARGV[a]))
+  local n = tonumber(ARGV[a + 1])
+  for j = 0, n - 1 do
+    apply(redis.pcall('HINCRBY', KEYS[i], ARGV[a + 2 + 2 * j], ARGV[a + 3 + 2 * j]))
+  end
+  a = a + 2 + 2 * n
+end
+return {1, refused, first}
+"""
 
 
 class RedisUsageMeter(UsageMeter):
@@ -125,16 +159,22 @@ class RedisUsageMeter(UsageMeter):
         import redis
         import redis.asyncio as aioredis
 
-        from prefix_store.redis_store import split_url
+        from prefix_store.redis_store import reconnect_once, split_url
 
         super().__init__()
         client_url, self.namespace = split_url(url)
         self._r = aioredis.Redis.from_url(
-            client_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            client_url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=reconnect_once(for_asyncio=True),
         )
+        self._script = self._r.register_script(_FLUSH_LUA)
         self._task: asyncio.Task[None] | None = None
         self._failing = False
         self._refused: type[Exception] = redis.ResponseError
+        # a batch sent whose outcome is not known (no reply): sent again, as it is, before anything counted since
+        self._unconfirmed: tuple[str, dict[str, Counter[str]]] | None = None
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.namespace, "usage", *parts))
@@ -154,38 +194,43 @@ class RedisUsageMeter(UsageMeter):
                 await self.flush()
 
     async def flush(self) -> None:
-        """Send the pending counts (one transaction); on failure they stay pending and the error is raised."""
-        if not self._counts:
-            return
-        pending, self._counts = self._counts, {}
+        """Send the pending counts (a batch: one script, applied at most once, `_FLUSH_LUA`); on failure they stay
+        pending, to be sent again as they are, and the error is raised. A batch left unconfirmed by an earlier
+        flush goes first, then what was counted since."""
+        resent = self._unconfirmed is not None
+        await self._send()
+        if resent:
+            await self._send()
+
+    async def _send(self) -> None:
+        if self._unconfirmed is None:
+            if not self._counts:
+                return
+            self._unconfirmed, self._counts = (uuid.uuid4().hex, self._counts), {}
+        batch, pending = self._unconfirmed
+        tenants = list(pending)
+        args: list[Any] = [repr(self._since), BATCH_TTL_S]
+        for tenant in tenants:
+            counts = pending[tenant]
+            args += [tenant, len(counts), *(x for kv in counts.items() for x in kv)]
+        keys = [self._key("batch", batch), self._key("since"), self._key("tenants")]
         try:
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.setnx(self._key("since"), repr(self._since))
-                pipe.sadd(self._key("tenants"), *pending)
-                for tenant, counts in pending.items():
-                    for field, n in counts.items():
-                        pipe.hincrby(self._tenant_key(tenant), field, n)
-                # an error of one command inside EXEC comes back as its result: the others were applied
-                results = await pipe.execute(raise_on_error=False)
+            res = await self._script(keys=keys + [self._tenant_key(t) for t in tenants], args=args)
         except Exception as e:
-            # not applied (no answer, a transaction aborted: read-only replica, out of memory, ...): sent again
-            for tenant, counts in pending.items():  # back in front of whatever came meanwhile
-                self._add(tenant, counts)
+            # no answer (it may still have run: sent again, it is not applied twice), or refused as a whole
             if not self._failing:
                 log.warning("usage: redis unavailable (%s); counts are kept here until it answers", e)
             self._failing = True
             raise
-        refused = [r for r in results if isinstance(r, Exception)]
-        if refused:
-            # redis ran the transaction and refused part of it (a key of the wrong type): what it applied stays
-            # applied, so sending the counts again would count those twice, at every flush from then on
-            log.error(
-                "usage: redis refused %d of the counts (%s); they are dropped", len(refused), refused[0]
-            )
-            raise self._refused(str(refused[0]))
+        self._unconfirmed = None
         if self._failing:
             log.info("usage: redis answers again; pending counts flushed")
         self._failing = False
+        if int(res[0]) and int(res[1]):
+            # part of it refused (a key of the wrong type): what was applied stays applied, the rest is dropped
+            first = res[2].decode() if isinstance(res[2], bytes) else str(res[2])
+            log.error("usage: redis refused %d of the counts (%s); they are dropped", int(res[1]), first)
+            raise self._refused(first)
 
     async def since(self) -> float:
         await self.flush()
@@ -212,6 +257,7 @@ class RedisUsageMeter(UsageMeter):
                 await self._task
         with contextlib.suppress(Exception):
             await self.flush()  # the last counts of a stopping server
-        if self._counts:
-            log.warning("usage: %d tenants' last counts could not reach redis", len(self._counts))
+        if self._counts or self._unconfirmed is not None:
+            lost = set(self._counts) | set(self._unconfirmed[1] if self._unconfirmed else ())
+            log.warning("usage: %d tenants' last counts could not reach redis", len(lost))
         await self._r.aclose()
