@@ -375,3 +375,38 @@ def test_structural_tags_hold_what_follows_a_trigger(srv):
     bad = {"type": "structural_tag", "structures": [{"begin": "x", "end": ""}], "triggers": ["<"]}
     err = assert_error(c.post("/v1/completions", json={**body, "response_format": bad}), 400)
     assert err["code"] == "invalid_structured_output" and "starts with none of the triggers" in err["message"]
+
+
+def test_schemas_nested_or_chained_deep_are_refused_or_served_never_a_crash(srv):
+    """One tenant's request must not take the server down: a chain of 3,000 definitions (it overflowed the
+    compiling thread's stack: SIGSEGV) is compiled and served; one over the $ref limit is refused naming the field;
+    tool parameters nested 400 deep (a RecursionError in the chat template: a 500) are a 400."""
+    pytest.importorskip("llguidance")
+    from server.engine.structured import MAX_SCHEMA_REFS
+
+    def chain(n: int) -> dict:
+        defs = {f"d{i}": {"type": "array", "items": {"$ref": f"#/$defs/d{i + 1}"}} for i in range(n)}
+        defs[f"d{n}"] = {"type": "string"}
+        return {
+            "type": "object",
+            "properties": {"x": {"$ref": "#/$defs/d0"}},
+            "required": ["x"],
+            "$defs": defs,
+        }
+
+    c = srv.client(KEY)
+    chat = {"model": "acme", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": chain(3000)}}
+    r = c.post("/v1/chat/completions", json={**chat, "response_format": fmt})
+    assert r.status_code == 200, r.text
+    fmt["json_schema"]["schema"] = chain(MAX_SCHEMA_REFS)
+    r = c.post("/v1/chat/completions", json={**chat, "response_format": fmt})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema", r.text
+    assert "$ref references" in r.json()["error"]["message"]
+    deep: dict = {"type": "string"}
+    for _ in range(400):
+        deep = {"type": "object", "properties": {"a": deep}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
+    r = c.post("/v1/chat/completions", json={**chat, "tools": [tool]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_prompt", r.text
+    assert c.get("/health").status_code == 200

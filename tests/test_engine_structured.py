@@ -372,6 +372,52 @@ def test_a_refused_spec_is_refused_again_without_compiling(tiny_llama_bundle, mo
     assert len(tries) == 2 and g.compilations == 1
 
 
+# A chain of definitions each referring to the next, and of grammar rules: at these depths llguidance's
+# compilation overflowed an 8 MiB thread stack (SIGSEGV: the whole server gone, from one request).
+_DEEP_SPECS = """
+import json, sys
+from server.engine.structured import GrammarCompiler
+from server.engine.types import StructuredOutputs
+from tests.fixtures.models import make_tiny_tokenizer
+tok = make_tiny_tokenizer()
+g = GrammarCompiler(tok, len(tok), tok.eos_token_id)
+n = 3000
+defs = {f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}, "required": ["a"]}
+        for i in range(n)}
+defs[f"d{n}"] = {"type": "string"}
+g.compile(StructuredOutputs("json", json.dumps({"$ref": "#/$defs/d0", "$defs": defs})))
+rules = "".join(f'r{i}: "x" r{i + 1} | "y"\\n' for i in range(6000))
+g.compile(StructuredOutputs("grammar", "start: r0\\n" + rules + 'r6000: "z"\\n'))
+print("compiled", g.compilations)
+"""
+
+
+def test_deep_chains_of_references_compile_on_a_deep_stack():
+    """Run in a process of its own (a regression is a crash, not a failure)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("llguidance")
+    run = subprocess.run([sys.executable, "-c", _DEEP_SPECS], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "compiled 2" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
+def test_specs_with_too_many_references_or_rules_are_refused(tiny_llama_bundle):
+    from server.engine.structured import MAX_GRAMMAR_RULES, MAX_SCHEMA_REFS
+
+    g = GrammarCompiler(tiny_llama_bundle.tokenizer, tiny_llama_bundle.spec.vocab_size, 0)
+    n = MAX_SCHEMA_REFS  # + the root's
+    defs = {f"d{i}": {"type": "array", "items": {"$ref": f"#/$defs/d{i + 1}"}} for i in range(n)}
+    defs[f"d{n}"] = {"type": "string"}
+    with pytest.raises(GrammarError, match=f"{n + 1} \\$ref references: at most {MAX_SCHEMA_REFS}"):
+        g.compile(StructuredOutputs("json", json.dumps({"$ref": "#/$defs/d0", "$defs": defs})))
+    n = MAX_GRAMMAR_RULES  # + start
+    gbnf = "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(n - 1)) + f'r{n - 1} ::= "z"\n'
+    with pytest.raises(GrammarError, match=f"{n + 1} rules: at most {MAX_GRAMMAR_RULES}"):
+        g.compile(StructuredOutputs("grammar", gbnf))
+    assert g.compilations == 0
+
+
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="kind"):
         StructuredOutputs("yaml", "x")  # type: ignore[arg-type]

@@ -1171,6 +1171,13 @@ class Service:
             raise APIError(
                 422, f"cannot render the prompt: {e}", code="invalid_prompt", param="prompt"
             ) from None
+        except RecursionError:  # (a tool's parameters nested hundreds deep, through the template's tojson)
+            raise APIError(
+                422,
+                "cannot render the prompt: it is nested too deeply",
+                code="invalid_prompt",
+                param="prompt",
+            ) from None
 
     async def thinking_budget(self, tokens: int, opened: bool | None) -> ThinkingBudget:
         """vLLM's thinking_token_budget for an output whose prompt says `opened` of its start (the reasoning parser's

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -55,6 +56,16 @@ MASK_STRIKES = 3
 # the rest fit. Realistic grammars (0.02-0.2 ms a mask) stay far below it at any batch size we run.
 MASK_STEP_BUDGETS = 4
 
+
+# llguidance compiles a chain of references recursively: ~2,000 schema definitions referring one to the next (or
+# ~4,000 grammar rules) overflowed a thread's 8 MiB stack and killed the server (one tenant's request). A grammar
+# compiles on a thread of its own with this much stack (address space, used only as deep as the chain goes:
+# measured up to ~40 KiB a level), and a spec may hold at most so many references / rules (a third of what that
+# stack was measured to take), so no spec that fits a request can reach the stack's end.
+COMPILE_STACK_BYTES = 512 << 20
+MAX_SCHEMA_REFS = 4_000
+MAX_GRAMMAR_RULES = 20_000
+_RULE_LINE = re.compile(r"^[ \t]*[?!]?[A-Za-z_][\w.-]*(?:\{[^}\n]*\})?[ \t]*(?:::=|:)", re.MULTILINE)
 
 # llguidance messages that name its internals or options a request cannot set, said in the request's terms
 _PLAIN_WORDS = (
@@ -359,14 +370,14 @@ class GrammarCompiler:
             raise
 
     def _compile_matcher(self, so: StructuredOutputs) -> Any:
+        _check_depth(so)
         with self._lock:
             tok = self._tokenizer()
         from llguidance import LLMatcher
 
         try:
-            m = LLMatcher(
-                tok, _grammar_text(so, self._added_tokens()), log_level=0, limits=self._parser_limits()
-            )
+            text = _grammar_text(so, self._added_tokens())
+            m = _on_deep_stack(lambda: LLMatcher(tok, text, log_level=0, limits=self._parser_limits()))
         except GrammarError:
             raise
         except ValueError as e:  # e.g. text that is not valid Unicode (lone surrogates)
@@ -414,6 +425,48 @@ class GrammarCompiler:
         return Constraint(m.deep_copy())
 
 
+def _check_depth(so: StructuredOutputs) -> None:
+    """Refuse a spec whose chains of references could be deeper than a compilation's stack takes (a count of its
+    `$ref`s and of its grammar's rules bounds them: inline nesting is bounded by the JSON and grammar parsers)."""
+    refs = so.spec.count('"$ref"')
+    if refs > MAX_SCHEMA_REFS:
+        raise GrammarError(f"the schema has {refs} $ref references: at most {MAX_SCHEMA_REFS} are allowed")
+    if so.kind == "grammar":
+        rules = len(_RULE_LINE.findall(so.spec))
+        if rules > MAX_GRAMMAR_RULES:
+            raise GrammarError(f"the grammar has {rules} rules: at most {MAX_GRAMMAR_RULES} are allowed")
+
+
+def _on_deep_stack(fn: Callable[[], Any]) -> Any:
+    """`fn()` on a new thread with COMPILE_STACK_BYTES of stack (where the system will not give that much, here)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn()))
+        except BaseException as e:  # handed to the caller
+            out.append((False, e))
+
+    with _STACK_LOCK:  # (threading.stack_size is the process's setting for threads started after it)
+        old = threading.stack_size()
+        try:
+            threading.stack_size(COMPILE_STACK_BYTES)
+            t = threading.Thread(target=run, name="grammar-compile", daemon=True)
+            t.start()
+        except (RuntimeError, ValueError, MemoryError):
+            t = None
+        finally:
+            threading.stack_size(old)
+    if t is None:
+        return fn()
+    t.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
+_STACK_LOCK = threading.Lock()
 _EXECUTOR: Any = None
 _EXECUTOR_LOCK = threading.Lock()
 
