@@ -522,6 +522,51 @@ def test_bodies_held_at_once_are_bounded(server_factory, monkeypatch):
     assert ok.status_code == 200
 
 
+def test_one_tenant_or_keyless_probes_cannot_fill_the_body_room(server_factory, monkeypatch):
+    """A tenant's bodies being received may hold MAX_BUFFERED_BODIES_PER_TENANT of the room (past it, a 429 for that
+    tenant alone); keyless probe bodies (POST /ping) are not counted at all and are at most PROBE_BODY_BYTES. Both
+    used to fill the room every tenant shares: 503 server_busy for everyone."""
+    from server.api import app as app_mod
+
+    monkeypatch.setattr(app_mod, "MAX_BUFFERED_BODIES", 2)
+    monkeypatch.setattr(app_mod, "MAX_BUFFERED_BODIES_PER_TENANT", 1)
+    s = server_factory(max_body_bytes=4096, keys={"acme": "k-acme", "initech": "k-ini"})
+    port = int(s.url.rsplit(":", 1)[1])
+    st = s.app.state.ps
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    try:
+        # a keyless probe body, trickled: not counted
+        socks[0].sendall(b"POST /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n" + b" " * 3000)
+        # acme's slow body: within its share
+        socks[1].sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k-acme\r\n"
+            b"Content-Length: 4000\r\n\r\n" + b" " * 3000
+        )
+        deadline = time.monotonic() + 5
+        while st.body_bytes < 3000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert st.body_bytes == 3000 and st.tenant_body_bytes == {"acme": 3000}
+        # acme's next body is over its share; initech's still fits
+        busy = s.client("k-acme").post(
+            "/generate", content=b" " * 2000, headers={"content-type": "application/json"}
+        )
+        assert_error(busy, 429, "too_many_bodies")
+        ok = s.client("k-ini").post(
+            "/generate", json={"tenant_id": "initech", "prefix": "base", "prompt": "x", "max_tokens": 1}
+        )
+        assert ok.status_code == 200, ok.text
+        big = s.client().post("/ping", content=b" " * (app_mod.PROBE_BODY_BYTES + 1))
+        assert_error(big, 413, "body_too_large")
+    finally:
+        for sock in socks:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while (st.body_bytes or st.tenant_body_bytes) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert st.body_bytes == 0 and st.tenant_body_bytes == {}
+
+
 def test_buffered_bodies_are_replayed_in_chunks():
     import asyncio
     import io

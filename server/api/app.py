@@ -55,6 +55,12 @@ BODY_S = 60.0
 # request bodies (not uploads) held in memory at once, in units of max_body_bytes: past it, 503 (a flood of slow
 # bodies, from keyed callers or on an open server, cannot grow memory without bound)
 MAX_BUFFERED_BODIES = 256
+# ... of which one tenant's requests may hold this many (past it, 429 for that tenant): one tenant's slow bodies
+# cannot fill what every tenant shares
+MAX_BUFFERED_BODIES_PER_TENANT = 32
+# a probe (health, readiness, metrics) takes no body: at most this much is read, without a key, and it is not
+# counted against the bodies being received (a flood of keyless POST /ping bodies filled that, 503 for everyone)
+PROBE_BODY_BYTES = 4096
 # takes max_upload_bytes instead of max_body_bytes
 UPLOAD_PATH_RE = re.compile(r"/prefixes/(?P<tenant>[^/]+)/(?P<name>[^/]+)/upload")
 
@@ -73,6 +79,7 @@ class AppState:
     body_bytes: int = (
         0  # request bodies being received, in memory (not uploads): at most MAX_BUFFERED_BODIES full ones
     )
+    tenant_body_bytes: dict[str, int] = field(default_factory=dict)  # ... by tenant (keyed callers)
     owns_store: bool = False
     limiter: RateLimiter | None = None
     owns_jobs: bool = False
@@ -218,6 +225,7 @@ class ServiceMiddleware:
         counted = False
         uploading: str | None = None  # the tenant whose upload slot this request holds
         buffered = 0  # bytes of its body counted in st.body_bytes
+        owner: str | None = None  # the tenant whose share of st.body_bytes its body counts in
         body_buf: IO[bytes] | None = None
         try:
             if st.draining and not probe:
@@ -248,6 +256,8 @@ class ServiceMiddleware:
             too_large = (
                 f"request body exceeds {limit} bytes ({'max_upload_bytes' if upload else 'max_body_bytes'})"
             )
+            if probe:
+                limit, too_large = PROBE_BODY_BYTES, f"a probe's body may be at most {PROBE_BODY_BYTES} bytes"
             cl = headers.get(b"content-length")
             if cl is not None:
                 try:
@@ -268,7 +278,8 @@ class ServiceMiddleware:
                 elif method in BODY_METHODS and st.keyring.enabled and not probe:  # (POST /ping: open too)
                     # a body is read only for a caller with a key: no one without one can make the server hold
                     # up to max_body_bytes per connection
-                    _header_principal(st, headers)
+                    caller = _header_principal(st, headers)
+                    owner = None if caller.admin else caller.tenant_id
             except APIError as e:
                 await _send_api_error(send_wrapper, e, rid, st.settings.retry_after_s, path)
                 return
@@ -295,9 +306,24 @@ class ServiceMiddleware:
                     if size > limit:
                         await _send_error(send_wrapper, 413, too_large, "body_too_large", rid, 1, path)
                         return
-                    if not upload:  # (an upload spools to a file, one per tenant)
+                    if not upload and not probe:  # (an upload spools to a file, one per tenant)
                         st.body_bytes += len(body)
                         buffered += len(body)
+                        if owner is not None:
+                            held = st.tenant_body_bytes[owner] = st.tenant_body_bytes.get(owner, 0) + len(
+                                body
+                            )
+                            if held > MAX_BUFFERED_BODIES_PER_TENANT * settings.max_body_bytes:
+                                await _send_error(
+                                    send_wrapper,
+                                    429,
+                                    "too many of this tenant's request bodies are being received; retry shortly",
+                                    "too_many_bodies",
+                                    rid,
+                                    settings.retry_after_s,
+                                    path,
+                                )
+                                return
                         if st.body_bytes > MAX_BUFFERED_BODIES * settings.max_body_bytes:
                             await _send_error(
                                 send_wrapper,
@@ -317,6 +343,12 @@ class ServiceMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             st.body_bytes -= buffered
+            if owner is not None and buffered:
+                left = st.tenant_body_bytes.get(owner, 0) - buffered
+                if left > 0:
+                    st.tenant_body_bytes[owner] = left
+                else:
+                    st.tenant_body_bytes.pop(owner, None)
             if body_buf is not None:
                 body_buf.close()
             if uploading is not None:
