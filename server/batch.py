@@ -182,9 +182,12 @@ async def run_batch(
     bundle: Any = None,
     store: Any = None,
 ) -> list[dict[str, Any]]:
-    """Start the app (the model loads unless `bundle` is given), run every line, stop the app."""
+    """Start the app (the model loads unless `bundle` is given), run every line, stop the app. It runs no training
+    worker: a batch has no training lines, and a worker on a shared job queue (a Redis store's) took the
+    deployment's queued jobs, only to hand them back half done when the batch ended."""
     from server.api import create_app
 
+    settings = settings.model_copy(update={"training_workers": 0})
     app = create_app(settings, bundle=bundle, store=store)
     logging.getLogger("httpx").setLevel(
         logging.WARNING

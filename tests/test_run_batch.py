@@ -200,3 +200,16 @@ def test_the_command_writes_the_results_file(tmp_path, capsys, monkeypatch, root
     monkeypatch.delenv("PREFIXSERVE_API_KEY", raising=False)
     assert main(["run-batch", "-i", str(src), "-o", str(dst), *common]) == 2
     assert "PREFIXSERVE_API_KEY" in capsys.readouterr().err
+
+
+def test_a_batch_runs_no_training_worker(srv, api_bundle, monkeypatch):
+    """A training worker in the batch's process would join a shared job queue and take the deployment's queued
+    jobs, handing them back half done when the batch ends: the batch's app runs none, whatever the settings say."""
+    import server.api
+
+    seen = []
+    real = server.api.create_app
+    monkeypatch.setattr(server.api, "create_app", lambda s, **kw: seen.append(s) or real(s, **kw))
+    out = batch(srv, api_bundle, [line("a", "/v1/chat/completions", CHAT)], training_workers=2)
+    assert out[0]["response"]["status_code"] == 200
+    assert [s.training_workers for s in seen] == [0]
