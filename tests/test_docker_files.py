@@ -300,8 +300,12 @@ def test_port(df: Dockerfile, compose: dict[str, Any]) -> None:
     assert df.env()["PREFIXSERVE_PORT"] == "8000"
     hc = df.last("HEALTHCHECK").args
     assert "127.0.0.1:{port}/health" in hc and "os.environ.get('PREFIXSERVE_PORT') or '8000'" in hc
-    assert compose["services"]["server"]["ports"] == ["8000:8000"]
+    # published on the host's loopback only: open mode (no keys, the default) makes every caller the admin
+    assert compose["services"]["server"]["ports"] == ["127.0.0.1:8000:8000"]
+    assert compose["services"]["server-gpu"]["ports"][0].startswith("127.0.0.1:")
     assert compose["services"]["server-gpu"]["ports"][0].endswith(":8000")
+    # an init as PID 1: a SIGTERM before the server installs its handler is not dropped
+    assert all(compose["services"][s]["init"] is True for s in ("server", "server-gpu"))
 
 
 def test_non_root_user_with_home(df: Dockerfile) -> None:
@@ -443,7 +447,17 @@ def test_dockerignore() -> None:
         ".venv/bin/python",
         "clients/python/.venv/x",
         ".env",
+        "clients/python/.env",
+        "server/.env.local",
         "server/__pycache__/a.pyc",
+        "api-keys.txt",
+        "acme-default.safetensors",
+        "examples.jsonl",
+        ".cache/prefixserve/x",
+        ".whl/torch.whl",
+        "var/store/x",
+        "tests/test_api_ops.py",
+        "clients/python/prefixserve_client.egg-info/PKG-INFO",
     ):
         assert _ignored(patterns, path), f"{path} should not reach the build context"
     needed = ["pyproject.toml", "server/cli.py", "server/api/app.py", "prefix_store/__init__.py"]
