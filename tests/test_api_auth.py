@@ -121,6 +121,12 @@ def test_get_and_delete_foreign_prefix_is_404_and_harmless(srv):
     assert a.get("/prefixes/acme/support").json()["versions"] == [1]
     assert a.delete("/prefixes/acme/support").json()["deleted"] is True
     assert_error(a.get("/prefixes/acme/support"), 404)
+    # another tenant's prefix answers exactly as one of its own that does not exist (the name changed alone)
+    own = assert_error(a.get("/prefixes/acme/support"), 404)
+    foreign = assert_error(r_foreign, 404)
+    assert own == {**foreign, "message": foreign["message"].replace("globex/secret-plan", "acme/support")}
+    for call in (a.delete, lambda u: a.get(u + "/download")):
+        assert assert_error(call("/prefixes/acme/support"), 404)["message"] == own["message"]
 
 
 def test_jobs_are_isolated(srv, jobs):

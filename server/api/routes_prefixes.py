@@ -309,8 +309,10 @@ async def get_prefix(
 ) -> Any:
     svc = get_service(request)
     check_prefix_access(principal, tenant_id, name)
-    meta = await store_call(svc, svc.store.get_meta, tenant_id, name, version)
-    versions = await store_call(svc, svc.store.versions, tenant_id, name)
+    meta = await store_call(
+        svc, svc.store.get_meta, tenant_id, name, version, what=f"prefix {tenant_id}/{name}"
+    )
+    versions = await store_call(svc, svc.store.versions, tenant_id, name, what=f"prefix {tenant_id}/{name}")
     return _prefix_info(meta, versions)
 
 
@@ -334,7 +336,7 @@ async def delete_prefix(
     info = get_info(request)
     info.tenant, info.prefix, info.version = tenant_id, name, version
     check_prefix_access(principal, tenant_id, name)
-    await store_call(svc, svc.store.delete, tenant_id, name, version)
+    await store_call(svc, svc.store.delete, tenant_id, name, version, what=f"prefix {tenant_id}/{name}")
     svc.meta_cache.invalidate((tenant_id, name))
     svc.llm.prefix_cache.invalidate(tenant_id, name)
     out: dict[str, Any] = {"tenant_id": tenant_id, "name": name, "object": "prefix", "deleted": True}
@@ -374,7 +376,9 @@ async def download_prefix(
         )
     svc.downloads_active += 1
     try:  # (the record and its encoding, in memory until here; then only the file's bytes)
-        rec = await store_call(svc, svc.store.get, tenant_id, name, version)
+        rec = await store_call(
+            svc, svc.store.get, tenant_id, name, version, what=f"prefix {tenant_id}/{name}"
+        )
         data = await asyncio.to_thread(export_prefix, rec)
         stored = rec.meta.version
         del rec
