@@ -258,7 +258,14 @@ class RedisStore(PrefixStore):
                     pipe.set(latest_key, version)
                 pipe.publish(self._channel, message)
 
-            self._transaction(commit, watch=(counter_key, latest_key, self._versions_key(t, n)))
+            watched = (counter_key, latest_key, self._versions_key(t, n))
+            try:
+                self._transaction(commit, watch=watched)
+            except (redis.ConnectionError, redis.TimeoutError):
+                # no reply to EXEC: it may have run (Redis stalled, the reply was lost). Once more: a run that
+                # wrote left its token, which the retry finds (answering that version); else it writes now. The
+                # caller got a 503 for a put that was stored, and a retry without a key stored it twice.
+                self._transaction(commit, watch=watched)
             with contextlib.suppress(redis.RedisError):  # done with: else it expires
                 self._r.delete(token_key)
         if found:

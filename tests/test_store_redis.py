@@ -303,6 +303,29 @@ def test_a_writer_overtaken_inside_its_transaction_takes_the_next_version(redis_
         fast.close()
 
 
+@pytest.mark.parametrize("error", ["TimeoutError", "ConnectionError"])
+def test_a_put_whose_exec_reply_timed_out_is_stored_once_not_refused(store, monkeypatch, error):
+    """No reply to EXEC within the socket timeout (Redis stalled, a proxy held it): the put ran. It used to answer
+    503 store_unavailable for a stored version, and the client's retry (without a key) stored a second one; it now
+    asks once more and finds its token."""
+    import redis
+
+    real = redis.client.Pipeline.execute
+    lost: list[int] = []
+
+    def execute(self, *a, **k):
+        out = real(self, *a, **k)
+        if self.watching is False and not lost and len(out) > 3:  # the put's EXEC: it wrote, no reply came
+            lost.append(1)
+            raise getattr(redis, error)("Timeout reading from socket")
+        return out
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    meta = put(store, fill=3.0)
+    assert lost == [1] and meta.version == 1 and store.versions("acme", "bot") == [1]
+    assert torch.equal(store.get("acme", "bot").kv, make_kv(3.0))
+
+
 def test_a_put_whose_exec_reply_was_lost_writes_one_version(store, monkeypatch):
     """redis-py answers a connection lost while watching keys (EXEC sent, its reply lost) with a WatchError, and the
     put runs its transaction again: the token written with the version makes the retry answer that version instead
