@@ -331,6 +331,34 @@ def test_cancel_running_job_within_one_step(managers, store, monkeypatch, where)
 
 
 # ------------------------------------------------------------------------------------------------ limits
+def test_tenants_take_turns_at_the_workers(managers, store):
+    """Jobs are not first come, first served across tenants: a tenant with a running job waits behind one without,
+    and after a tenant's job the next goes to a tenant whose last job started earlier. (First come, first served,
+    one tenant's two long jobs held the only worker for up to two hours while others' waited.)"""
+    api = managers()
+    a1, a2 = (api.submit(request_(name=n, epochs=1)) for n in ("bot1", "bot2"))
+    g1 = api.submit(request_(tenant="globex", epochs=1))
+    # two workers: acme's first job runs, so the second worker takes globex's before acme's second
+    claims = [_ghost_claim(api) for _ in range(2)]
+    assert [c.record.job_id for c in claims] == [a1.job_id, g1.job_id]
+    for c in claims:
+        _kill_ghost(api, c)
+    # one worker: of two tenants that never ran a job, the older job first (initech's first), then umbrella's
+    # (initech's last start is the later one); then by last start: acme (the ghost's first claim), globex,
+    # initech, acme again
+    i1, i2 = (api.submit(request_(tenant="initech", name=n, epochs=1)) for n in ("bot1", "bot2"))
+    u1 = api.submit(request_(tenant="umbrella", epochs=1))
+    for c in claims:  # (given back: their tenants' last starts are later than any of these)
+        api.backend.requeue(c, "test: given back")
+    worker = managers(in_process_workers=1)
+    worker.start()
+    done = [wait_status(api, j.job_id, ("succeeded", "failed")) for j in (i1, i2, u1, a1, a2, g1)]
+    assert all(d.status == "succeeded" for d in done), [d.error for d in done]
+    order = [d.job_id for d in sorted(done, key=lambda d: d.started)]
+    tenants = {j.job_id: j.tenant_id for j in (i1, i2, u1, a1, a2, g1)}
+    assert [tenants[o] for o in order] == ["initech", "umbrella", "acme", "globex", "initech", "acme"], order
+
+
 def test_too_many_jobs_per_tenant(managers):
     jm = managers(max_jobs_per_tenant=2)
     a = jm.submit(request_(name="a"))

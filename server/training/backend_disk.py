@@ -5,7 +5,8 @@ Layout (``<root>``: e.g. ``/var/lib/prefixserve.jobs``)::
     records/<job_id>.json     the JobRecord (written atomically: temp file, fsync, rename)
     examples/<job_id>.json    the examples (deleted when the job ends)
     locks/<job_id>.lock       flock-ed by the worker running the job for as long as it runs
-    queue/<created>-<job_id>  marker of a queued job (FIFO by name)
+    queue/<created>-<job_id>~<tenant>  marker of a queued job (by name, within the tenants' turns: `claim`)
+    served/<tenant>           its mtime: when a job of the tenant last started (fair turns)
     running/<job_id>          marker of a running job (what the reclaimer scans)
     active/<tenant>/<job_id>  queued or running jobs of a tenant (the per-tenant limit)
     cancel/<job_id>           exists once a cancel was requested (the trainer stats it every step)
@@ -67,6 +68,13 @@ def _touch(path: Path) -> None:
         pass
 
 
+def _marker_job(name: str) -> tuple[str, str | None]:
+    """(job id, tenant) of a queue marker's name (a marker written before tenants took turns names no tenant)."""
+    rest = name.split("-", 1)[1] if "-" in name else name
+    job_id, _, tenant = rest.partition("~")
+    return job_id, tenant or None
+
+
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -89,7 +97,17 @@ class DiskJobBackend:
         ] = {}  # `_scan`'s last answer (replaced whole, never edited)
         self._dirs = {
             n: self.root / n
-            for n in ("records", "examples", "locks", "queue", "running", "active", "cancel", "idempotency")
+            for n in (
+                "records",
+                "examples",
+                "locks",
+                "queue",
+                "running",
+                "active",
+                "cancel",
+                "idempotency",
+                "served",
+            )
         }
         try:
             for d in self._dirs.values():
@@ -183,7 +201,23 @@ class DiskJobBackend:
             self._unlock(fd)
 
     def _enqueue(self, rec: JobRecord) -> None:
-        _touch(self._dirs["queue"] / f"{int(time.time() * 1e6):020d}-{rec.job_id}")
+        _touch(self._dirs["queue"] / f"{int(time.time() * 1e6):020d}-{rec.job_id}~{rec.tenant_id}")
+
+    def _turns(self, tenants: set[str]) -> dict[str, tuple[int, float]]:
+        """Each tenant's place in the turn order: (its running jobs, when its last job started); lower goes first."""
+        running: dict[str, int] = {}
+        for marker in self._dirs["running"].iterdir():
+            rec = self._read(marker.name)
+            if rec is not None and rec.tenant_id in tenants:
+                running[rec.tenant_id] = running.get(rec.tenant_id, 0) + 1
+        out = {}
+        for t in tenants:
+            try:
+                last = (self._dirs["served"] / t).stat().st_mtime
+            except FileNotFoundError:
+                last = 0.0
+            out[t] = (running.get(t, 0), last)
+        return out
 
     def _end(self, rec: JobRecord) -> None:
         """Bookkeeping of a job that reached a terminal status (its record already written)."""
@@ -336,10 +370,14 @@ class DiskJobBackend:
 
     # ------------------------------------------------------------------------------------------ worker side
     def claim(self, worker_id: str) -> DiskClaim | None:
-        """Take the oldest queued job (non-blocking); None if there is none."""
+        """Take a queued job (non-blocking); None if there is none. Tenants take turns: the oldest job of the
+        tenant with the fewest running jobs and, among those, the oldest last start (so one tenant's queued jobs,
+        up to its limit and each up to training_max_seconds, cannot hold every worker for hours); then by age."""
         with self._errors("claim a job"):
-            for marker in sorted(self._dirs["queue"].iterdir()):
-                job_id = marker.name.split("-", 1)[1] if "-" in marker.name else marker.name
+            markers = [(_marker_job(m.name), m) for m in self._dirs["queue"].iterdir()]
+            turns = self._turns({t for (_j, t), _m in markers if t is not None})
+            markers.sort(key=lambda x: (turns.get(x[0][1] or "", (0, 0.0)), x[1].name))
+            for (job_id, _tenant), marker in markers:
                 fd = self._trylock(job_id)
                 if fd is None:
                     continue
@@ -373,6 +411,9 @@ class DiskJobBackend:
                     _touch(self._running(job_id))
                     self._write(rec)
                     _unlink(marker)
+                    served = self._dirs["served"] / rec.tenant_id
+                    _touch(served)
+                    os.utime(served, (now, now))
                 except BaseException:
                     self._unlock(fd)
                     raise
@@ -446,7 +487,7 @@ class DiskJobBackend:
         is."""
         found: list[str] = []
         with self._submit_lock():
-            queued = {m.name.split("-", 1)[-1] for m in self._dirs["queue"].iterdir()}
+            queued = {_marker_job(m.name)[0] for m in self._dirs["queue"].iterdir()}
             for entry in self._dirs["active"].glob("*/*"):
                 job_id = entry.name
                 if job_id in queued or self._running(job_id).exists():

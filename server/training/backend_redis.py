@@ -7,6 +7,7 @@ Keys (``<ns>``: the store URL's ``prefix`` namespace, default ``prefixserve``)::
     <ns>:jobs:index            ZSET job_id -> created (every job)
     <ns>:jobs:tenant:<tenant>  ZSET job_id -> created (a tenant's jobs)
     <ns>:jobs:active:<tenant>  SET of the tenant's queued or running jobs (the per-tenant limit)
+    <ns>:jobs:served           HASH tenant -> when a job of it last started (fair turns, `_defer`)
     <ns>:jobs:idem:<tenant>:<h>  the job_id submitted with Idempotency-Key k (h = sha256(k)); expires after
                                IDEMPOTENCY_TTL_S
 
@@ -47,6 +48,7 @@ log = logging.getLogger("prefixserve.training.jobs")
 GROUP = "trainers"
 # XAUTOCLAIM calls one claim makes at most (each scans up to 10 pending entries): 10,000 jobs in flight
 MAX_CLAIM_SCANS = 1000
+FAIR_SCAN = 256  # queued entries a claim looks through for a tenant whose turn comes first
 RECORD_FIELDS = [f.name for f in fields(JobRecord)]
 
 
@@ -176,6 +178,19 @@ def _dec(v: bytes | str | None) -> Any:
     return json.loads(v)
 
 
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _status(v: bytes | str | None) -> str | None:
+    """A job hash's status field (JSON), None where the job is gone."""
+    return _dec(v)
+
+
+def _tenant_of(v: bytes | str | None) -> str | None:
+    return _dec(v)
+
+
 class RedisJobBackend:
     kind = "redis"
 
@@ -193,6 +208,7 @@ class RedisJobBackend:
         )
         self._stream = f"{namespace}:jobs:queue"
         self._index = f"{namespace}:jobs:index"
+        self._served = f"{namespace}:jobs:served"
         self._create = self._r.register_script(_CREATE)
         self._claim = self._r.register_script(_CLAIM)
         self._heartbeat = self._r.register_script(_HEARTBEAT)
@@ -393,10 +409,13 @@ class RedisJobBackend:
             cursor = res[0]
             if entries or cursor in (b"0-0", "0-0"):
                 break
-        if not entries:
+        for _ in range(FAIR_SCAN if not entries else 0):
             got = self._r.xreadgroup(GROUP, worker_id, {self._stream: ">"}, count=1, block=block_ms)
             for _stream, msgs in got or []:
                 entries.extend(msgs)
+            if not entries or not self._defer(*entries[0]):
+                break
+            entries = []  # gone to the queue's end: the next one
         claim = None
         for entry_id, data in entries:
             eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -404,6 +423,61 @@ class RedisJobBackend:
                 continue
             claim = self._take(worker_id, eid, data)
         return claim
+
+    def _turns(self, tenants: set[str]) -> dict[str, tuple[int, float]]:
+        """Each tenant's place in the turn order: (its running jobs, when its last job started); lower goes first."""
+        order = sorted(tenants)
+        with self._r.pipeline(transaction=False) as pipe:
+            for t in order:
+                pipe.smembers(self._active(t))
+            pipe.hmget(self._served, order)
+            *actives, served = pipe.execute()
+        with self._r.pipeline(transaction=False) as pipe:
+            for members in actives:
+                for j in members:
+                    pipe.hget(self._job(_text(j)), "status")
+            statuses = iter(pipe.execute())
+        out = {}
+        for t, members, last in zip(order, actives, served, strict=True):
+            running = sum(1 for _ in members if _status(next(statuses)) == "running")
+            out[t] = (running, float(last or 0))
+        return out
+
+    def _defer(self, entry_id: Any, data: dict) -> bool:
+        """Fair turns between tenants: a job read from the queue goes back to its end when a job of another
+        tenant waits whose turn comes first (fewer running jobs, or an older last start), so one tenant's queued
+        jobs (up to its limit, each up to training_max_seconds) cannot hold every worker for hours. Only the
+        first FAIR_SCAN queued entries are looked at."""
+        raw = data.get(b"job_id") or data.get("job_id")
+        job_id = _text(raw) if raw else None
+        if not job_id:
+            return False
+        tenant = _tenant_of(self._r.hget(self._job(job_id), "tenant_id"))
+        if tenant is None:
+            return False
+        others: set[str] = set()
+        head = self._r.xrange(self._stream, "-", "+", count=FAIR_SCAN)
+        with self._r.pipeline(transaction=False) as pipe:
+            ids = [_text(d.get(b"job_id") or d.get("job_id") or b"") for _e, d in head]
+            for j in ids:
+                pipe.hmget(self._job(j), ["tenant_id", "status"])
+            for j, (t_raw, st) in zip(ids, pipe.execute(), strict=True):
+                t = _tenant_of(t_raw)
+                if j != job_id and t is not None and t != tenant and _status(st) == "queued":
+                    others.add(t)
+        if not others:
+            return False
+        turns = self._turns(others | {tenant})
+        if min(turns[t] for t in others) >= turns[tenant]:
+            return False
+        eid = _text(entry_id)
+        with self._r.pipeline(transaction=True) as pipe:
+            pipe.xack(self._stream, GROUP, eid)
+            pipe.xdel(self._stream, eid)
+            pipe.xadd(self._stream, {"job_id": job_id})
+            pipe.execute()
+        log.debug("job %s (%s) waits for another tenant's turn", job_id, tenant)
+        return True
 
     def _ack(self, entry_id: str) -> None:
         self._r.xack(self._stream, GROUP, entry_id)
@@ -426,6 +500,7 @@ class RedisJobBackend:
                 return None
             if int(res[1]) > 1:
                 log.warning("job %s: taken over by %s (attempt %d)", job_id, worker_id, int(res[1]))
+            self._r.hset(self._served, rec.tenant_id, repr(time.time()))
             return RedisClaim(rec, json.loads(ex), worker_id, entry_id)
         if what in ("cancel_requested", "exhausted"):
             rec = self._read(job_id)
