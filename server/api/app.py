@@ -310,9 +310,8 @@ class ServiceMiddleware:
                         st.body_bytes += len(body)
                         buffered += len(body)
                         if owner is not None:
-                            held = st.tenant_body_bytes[owner] = st.tenant_body_bytes.get(owner, 0) + len(
-                                body
-                            )
+                            held = st.tenant_body_bytes.get(owner, 0) + len(body)
+                            st.tenant_body_bytes[owner] = held
                             if held > MAX_BUFFERED_BODIES_PER_TENANT * settings.max_body_bytes:
                                 await _send_error(
                                     send_wrapper,

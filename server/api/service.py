@@ -766,9 +766,8 @@ class Service:
     _tokenizer_pool: DaemonThreadPool = field(default_factory=lambda: DaemonThreadPool(1, "tokenizer"))
     default_format: str = "raw"
     reasoning: ReasoningParser | None = None  # settings.reasoning_parser
-    _think_ids: tuple[tuple[int, ...], tuple[int, ...]] | None = (
-        None  # its tags' token ids (`thinking_budget`)
-    )
+    # its tags' token ids (`thinking_budget`)
+    _think_ids: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     served_names: tuple[str, ...] = ()  # settings.served_model_name: `model` values naming the base model
     # sampling defaults of the /v1 routes from the model's generation config (settings.generation_config "auto")
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)

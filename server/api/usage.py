@@ -8,7 +8,8 @@ failed counts no tokens.
 `UsageMeter` counts in the server process from its start (`since`), like the Prometheus counters. With
 ``limits_url`` the counts go to Redis instead (`RedisUsageMeter`): every replica adds to the same counters, which
 outlive restarts; they are flushed in batches every second, kept and retried while Redis does not answer (a batch
-whose reply was lost is sent again as it was, and Redis applies each batch once), and flushed before a report. Counting runs on the event loop only.
+whose reply was lost is sent again as it was, and Redis applies each batch once), and flushed before a report.
+Counting runs on the event loop only.
 """
 
 from __future__ import annotations
@@ -114,9 +115,8 @@ class UsageMeter:
 
 
 FLUSH_S = 1.0
-BATCH_TTL_S = (
-    3600  # how long Redis remembers a flushed batch's id: a batch is resent within seconds of a reply lost
-)
+# how long Redis remembers a flushed batch's id (a batch is resent within seconds of a reply lost)
+BATCH_TTL_S = 3600
 
 # One flush, applied at most once whatever number of times it is sent (its reply may be lost: a timeout while Redis
 # stalls, after which Redis still runs it). KEYS: the batch's marker, `since`, the tenants set, then each tenant's

@@ -68,6 +68,9 @@ def _touch(path: Path) -> None:
         pass
 
 
+_DIRS = ("records", "examples", "locks", "queue", "running", "active", "cancel", "idempotency", "served")
+
+
 def _marker_job(name: str) -> tuple[str, str | None]:
     """(job id, tenant) of a queue marker's name (a marker written before tenants took turns names no tenant)."""
     rest = name.split("-", 1)[1] if "-" in name else name
@@ -95,20 +98,7 @@ class DiskJobBackend:
         self._index: dict[
             str, tuple[int, int, str, str]
         ] = {}  # `_scan`'s last answer (replaced whole, never edited)
-        self._dirs = {
-            n: self.root / n
-            for n in (
-                "records",
-                "examples",
-                "locks",
-                "queue",
-                "running",
-                "active",
-                "cancel",
-                "idempotency",
-                "served",
-            )
-        }
+        self._dirs = {n: self.root / n for n in _DIRS}
         try:
             for d in self._dirs.values():
                 d.mkdir(parents=True, exist_ok=True)
@@ -375,6 +365,8 @@ class DiskJobBackend:
         up to its limit and each up to training_max_seconds, cannot hold every worker for hours); then by age."""
         with self._errors("claim a job"):
             markers = [(_marker_job(m.name), m) for m in self._dirs["queue"].iterdir()]
+            if not markers:
+                return None
             turns = self._turns({t for (_j, t), _m in markers if t is not None})
             markers.sort(key=lambda x: (turns.get(x[0][1] or "", (0, 0.0)), x[1].name))
             for (job_id, _tenant), marker in markers:

@@ -182,15 +182,6 @@ def _text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
-def _status(v: bytes | str | None) -> str | None:
-    """A job hash's status field (JSON), None where the job is gone."""
-    return _dec(v)
-
-
-def _tenant_of(v: bytes | str | None) -> str | None:
-    return _dec(v)
-
-
 class RedisJobBackend:
     kind = "redis"
 
@@ -439,7 +430,7 @@ class RedisJobBackend:
             statuses = iter(pipe.execute())
         out = {}
         for t, members, last in zip(order, actives, served, strict=True):
-            running = sum(1 for _ in members if _status(next(statuses)) == "running")
+            running = sum(1 for _ in members if _dec(next(statuses)) == "running")
             out[t] = (running, float(last or 0))
         return out
 
@@ -452,7 +443,7 @@ class RedisJobBackend:
         job_id = _text(raw) if raw else None
         if not job_id:
             return False
-        tenant = _tenant_of(self._r.hget(self._job(job_id), "tenant_id"))
+        tenant = _dec(self._r.hget(self._job(job_id), "tenant_id"))
         if tenant is None:
             return False
         others: set[str] = set()
@@ -462,8 +453,8 @@ class RedisJobBackend:
             for j in ids:
                 pipe.hmget(self._job(j), ["tenant_id", "status"])
             for j, (t_raw, st) in zip(ids, pipe.execute(), strict=True):
-                t = _tenant_of(t_raw)
-                if j != job_id and t is not None and t != tenant and _status(st) == "queued":
+                t = _dec(t_raw)
+                if j != job_id and t is not None and t != tenant and _dec(st) == "queued":
                     others.add(t)
         if not others:
             return False
@@ -485,7 +476,7 @@ class RedisJobBackend:
 
     def _take(self, worker_id: str, entry_id: str, data: dict) -> RedisClaim | None:
         raw = data.get(b"job_id") or data.get("job_id")
-        job_id = raw.decode() if isinstance(raw, bytes) else raw
+        job_id = _text(raw) if raw else None
         if not job_id:
             self._ack(entry_id)
             return None
