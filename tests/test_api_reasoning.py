@@ -518,6 +518,16 @@ def test_thinking_token_budget_cuts_the_thinking_at_its_tokens(server_factory, t
             "return_token_ids": True, "logit_bias": {str(end): -100}, "thinking_token_budget": 2}  # fmt: skip
     opened, closed = q.post("/v1/completions", json=comp).json()["choices"]
     assert opened["token_ids"][2] == end and end not in closed["token_ids"], (opened, closed)
+    # thinking the prompt wrote itself counts (as vLLM's): "ab" is two tokens of this byte-level tokenizer
+    wrote = q.post(
+        "/v1/completions", json={**comp, "prompt": "Q?<think>ab", "thinking_token_budget": 3}
+    ).json()
+    assert wrote["choices"][0]["token_ids"][1] == end, wrote
+    # ... and a continued assistant message's (not a generation prompt's, above: the template's own tokens)
+    cont = {**base, "thinking_token_budget": 3, "add_generation_prompt": False, "continue_final_message": True,
+            "messages": [*base["messages"], {"role": "assistant", "content": "<think>ab"}]}  # fmt: skip
+    got = c.post("/v1/chat/completions", json=cont).json()["choices"][0]
+    assert got["token_ids"][1] == end, got
     # Anthropic: thinking.budget_tokens is the budget (its thinking block, then the answer's text)
     body = {"model": "acme/default", "max_tokens": 12, "messages": [{"role": "user", "content": "Q?"}], "temperature": 0,
             "thinking": {"type": "enabled", "budget_tokens": 3}}  # fmt: skip

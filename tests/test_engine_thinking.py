@@ -39,6 +39,9 @@ def test_the_state_counts_tokens_inside_a_thinking_and_forces_its_closing_tag():
     # a closing tag the model began itself is finished, not written twice
     s = ThinkingState(ThinkingBudget(2, START, END, opened=True))
     assert _feed(s, [1, 11, 12]) == [None, None, 12]
+    # a prompt that wrote 2 tokens of its thinking already (a continued message): 1 more, then the tag
+    s = ThinkingState(ThinkingBudget(3, START, END, opened=True, spent=2))
+    assert _feed(s, [1, 11, 12]) == [None, 11, 12]
     # budget 0: the closing tag at once
     s = ThinkingState(ThinkingBudget(0, START, END, opened=True))
     assert _feed(s, [11, 12, 3]) == [11, 12, None]

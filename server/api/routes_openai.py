@@ -466,7 +466,13 @@ async def _thinking_budgets(
             svc.reasoning.prompt_opened(await svc.tokenize(_decode, tok, ids[-PROMPT_TAIL:]))
             for ids in plan.prompts
         ]
-    return [await svc.thinking_budget(tokens, o) for o in opened]
+    # the thinking a prompt wrote itself (a completion's text, a continued assistant message) counts, as vLLM's;
+    # not a generation prompt's (its template's `<think>\n`)
+    counted = not chat or bool(getattr(body, "continue_final_message", False))
+    return [
+        await svc.thinking_budget(tokens, o, ids if counted and o else None)
+        for ids, o in zip(plan.prompts, opened, strict=True)
+    ]
 
 
 # what beam search does not do (vLLM ignores most of them; here they are refused rather than dropped without a word)

@@ -126,6 +126,15 @@ def _tag_ids(tokenizer: Any, start: str, end: str) -> tuple[tuple[int, ...], tup
     )
 
 
+def _last_index(ids: list[int], seq: tuple[int, ...]) -> int:
+    """Where the last occurrence of `seq` starts in `ids` (-1: none)."""
+    n = len(seq)
+    for i in range(len(ids) - n, -1, -1):
+        if ids[i] == seq[0] and tuple(ids[i : i + n]) == seq:
+            return i
+    return -1
+
+
 def truncate_prompt(ids: list[int], keep: int | None, fit: int = 1) -> list[int]:
     """vLLM's truncate_prompt_tokens: the last `keep` tokens (all when None); -1: the last `fit` (as many as fit,
     see `Service.prompt_fit`)."""
@@ -1178,17 +1187,23 @@ class Service:
                 param="prompt",
             ) from None
 
-    async def thinking_budget(self, tokens: int, opened: bool | None) -> ThinkingBudget:
+    async def thinking_budget(
+        self, tokens: int, opened: bool | None, prompt: list[int] | None = None
+    ) -> ThinkingBudget:
         """vLLM's thinking_token_budget for an output whose prompt says `opened` of its start (the reasoning parser's
-        `prompt_opened`; None: the parser's convention), with the parser's tags as the tokenizer encodes them."""
+        `prompt_opened`; None: the parser's convention), with the parser's tags as the tokenizer encodes them;
+        `prompt`: count the thinking it wrote after its last opening tag."""
         parser = self.reasoning
         assert parser is not None
         if self._think_ids is None:
             self._think_ids = await self.tokenize(_tag_ids, self.bundle.tokenizer, parser.start, parser.end)
         start, end = self._think_ids
-        return ThinkingBudget(
-            tokens, start, end, opened is True or (opened is None and parser.convention.opened)
-        )
+        spent = 0
+        if prompt is not None:
+            at = _last_index(prompt, start)
+            spent = len(prompt) - at - len(start) if at >= 0 else 0
+        inside = opened is True or (opened is None and parser.convention.opened)
+        return ThinkingBudget(tokens, start, end, inside, spent)
 
     async def bad_words(self, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
         """vLLM's bad_words as the token sequences the sampler bans (`bad_word_ids`), tokenized on the tokenizer's

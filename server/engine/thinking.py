@@ -26,7 +26,7 @@ class ThinkingState:
     def __init__(self, budget: ThinkingBudget) -> None:
         self.budget = budget
         self.inside = budget.opened
-        self.count = 0  # tokens written inside the current thinking
+        self.count = budget.spent if budget.opened else 0  # tokens written inside the current thinking
         self.recent: list[int] = []  # the output's last tokens, as many as the longer tag has
 
     def feed(self, token: int) -> None:

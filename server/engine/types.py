@@ -63,15 +63,17 @@ class StructuredOutputs:
 class ThinkingBudget:
     """vLLM's `thinking_token_budget`: at most `tokens` output tokens inside a thinking, then its closing tag is
     forced (`server.engine.thinking`). `start` and `end` are the tags' token ids (the reasoning parser's tags, as the
-    tokenizer encodes them); `opened`: the output starts inside a thinking (its prompt, or the template, opened it)."""
+    tokenizer encodes them); `opened`: the output starts inside a thinking (its prompt, or the template, opened it),
+    of which the prompt already wrote `spent` tokens (a continued assistant message's thinking, as vLLM counts)."""
 
     tokens: int
     start: tuple[int, ...]
     end: tuple[int, ...]
     opened: bool = False
+    spent: int = 0
 
     def __post_init__(self) -> None:
-        if self.tokens < 0:
+        if self.tokens < 0 or self.spent < 0:
             raise ValueError("thinking_token_budget must be >= 0")
         if not self.start or not self.end:
             raise ValueError("the thinking's tags must be token sequences")
