@@ -104,6 +104,8 @@ def make_server(app: Any, settings: Any) -> Any:
     cut connection), and `forced` says so (the process then exits 1); a third is uvicorn's own forced exit."""
     import uvicorn
 
+    from server.http_protocol import HeaderDeadlineProtocol
+
     class DrainingServer(uvicorn.Server):
         _loop: asyncio.AbstractEventLoop | None = None
         _drain_started = False
@@ -174,6 +176,7 @@ def make_server(app: Any, settings: Any) -> Any:
         # the drain above waited already: what is left (an upload, say) gets this long more, not a second grace
         timeout_graceful_shutdown=FLUSH_S,
         timeout_keep_alive=5,
+        http=HeaderDeadlineProtocol,  # (a request's headers must arrive within 30 s)
     )
     return DrainingServer(config)
 

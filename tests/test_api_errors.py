@@ -800,3 +800,50 @@ def test_prompt_embeds_is_refused_not_ignored(server_factory):
     body = {"model": "acme/base", "prompt": "x", "max_tokens": 2, "prompt_embeds": "AAAA"}
     r = server_factory().client().post("/v1/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_embeds", r.text
+
+
+def test_a_request_whose_headers_never_finish_is_closed(monkeypatch):
+    """A connection that sends part of a request's headers and stops was kept open for good (no key needed: enough
+    of them exhaust the descriptors): the server's protocol closes it once the headers are late, while complete
+    requests, and a later request on a kept-alive connection, are served."""
+    import threading
+
+    import uvicorn
+
+    from server.cli import make_server
+    from server.http_protocol import HeaderDeadlineProtocol
+    from server.settings import Settings
+
+    assert make_server(object(), Settings()).config.http is HeaderDeadlineProtocol
+    monkeypatch.setattr(HeaderDeadlineProtocol, "header_timeout_s", 0.5)
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, http=HeaderDeadlineProtocol, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        assert slow.recv(100) == b"" and time.monotonic() - t0 < 3  # closed, not answered
+        slow.close()
+        kept = socket.create_connection(("127.0.0.1", port), timeout=5)
+        for _ in range(2):
+            kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert kept.recv(1000).startswith(b"HTTP/1.1 200")
+            time.sleep(0.7)  # idle longer than the header deadline: measured from a request's first byte
+        kept.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
