@@ -174,6 +174,15 @@ def test_errors_in_anthropics_shape(srv, claude):
     r = srv.client().post("/v1/chat/completions", headers={"x-api-key": KEY},
                           json={"model": "acme/bot", "messages": ASK, "max_tokens": 2})  # fmt: skip
     assert r.status_code == 200, r.text
+    # beside an Authorization header without a key (empty, or `Bearer ` alone): the x-api-key counts either way
+    for empty in ("", "Bearer"):  # (on the wire `Bearer ` is `Bearer`: trailing blanks are not kept)
+        r = srv.client().post("/v1/messages", headers={"x-api-key": KEY, "authorization": empty},
+                              json={"model": "acme/bot", "messages": ASK, "max_tokens": 2})  # fmt: skip
+        assert r.status_code == 200, (empty, r.text)
+    # a wrong Bearer key is not rescued by a right x-api-key
+    r = srv.client().post("/v1/messages", headers={"x-api-key": KEY, "authorization": "Bearer wrong"},
+                          json={"model": "acme/bot", "messages": ASK, "max_tokens": 2})  # fmt: skip
+    assert r.status_code == 401
 
 
 def test_output_config_format_and_thinking_blocks(server_factory, srv, claude):

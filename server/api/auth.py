@@ -108,7 +108,10 @@ def with_api_key_header(
     credentials: HTTPAuthorizationCredentials | None, api_key: str | None
 ) -> HTTPAuthorizationCredentials | None:
     """The key of an `Authorization: Bearer` header, else of an `x-api-key` header (what Anthropic's clients
-    send)."""
+    send). A Bearer header without a key (`Bearer ` alone) is no key: the x-api-key one counts, as when the
+    Authorization header is empty."""
+    if credentials is not None and credentials.scheme.lower() == "bearer" and not credentials.credentials.strip():
+        credentials = None
     if credentials is None and api_key and api_key.strip():
         return HTTPAuthorizationCredentials(scheme="Bearer", credentials=api_key.strip())
     return credentials
