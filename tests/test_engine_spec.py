@@ -46,7 +46,7 @@ def test_which_rows_speculate():
     assert not speculable(SamplingParams(logit_bias=((3, 1.0),)))
     assert not speculable(SamplingParams(min_tokens=2))
     # a thinking budget forces tokens that a verified draft would skip
-    assert not speculable(SamplingParams(thinking_budget=ThinkingBudget(4, (1,), (2,))))
+    assert not speculable(SamplingParams(thinking_budget=ThinkingBudget(4, "<t>", "</t>", ((1,),))))
 
 
 def _repetitive(vocab: int, seed: int, unit: int = 7, times: int = 3) -> list[int]:

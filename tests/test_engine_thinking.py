@@ -12,43 +12,72 @@ from server.engine.thinking import ThinkingState
 from server.engine.types import ThinkingBudget
 from tests.engine_utils import hf_greedy, make_engine, random_kv, random_prompt
 
-START, END = (7,), (11, 12)  # token ids of made-up tags: a one-token opening, a two-token closing
+
+class _Bytes:
+    """Token texts of a made-up vocabulary: token i is the byte i (ASCII)."""
+
+    def entry(self, token: int) -> tuple[str, bytes]:
+        return chr(token), bytes([token])
 
 
-def _feed(state: ThinkingState, tokens: list[int]) -> list[int | None]:
-    """What `state` forces before each of `tokens` (fed after)."""
+def _ids(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def _budget(tokens: int, opened: bool = False, spent: int = 0, end: str = "</t>") -> ThinkingBudget:
+    # what is forced from each byte of the closing tag on: its bytes (one token each here)
+    rest = tuple(tuple(_ids(end[k:])) for k in range(len(end)))
+    return ThinkingBudget(tokens, "<t>", end, rest, opened, spent)
+
+
+def _feed(state: ThinkingState, text: str) -> str:
+    """What `state` forces before each token of `text` (fed after): the forced token's character, or '.'."""
     seen = []
-    for t in tokens:
-        seen.append(state.forced())
+    for t in _ids(text):
+        f = state.forced()
+        seen.append("." if f is None else chr(f))
         state.feed(t)
-    return seen
+    return "".join(seen)
 
 
-def test_the_state_counts_tokens_inside_a_thinking_and_forces_its_closing_tag():
+def test_the_state_follows_the_thinking_as_the_parser_does_and_forces_its_closing_tag():
+    b = _Bytes()
     # opened by the prompt: 3 tokens, then the closing tag, then nothing more is forced
-    s = ThinkingState(ThinkingBudget(3, START, END, opened=True))
-    assert _feed(s, [1, 2, 3, 11, 12, 4, 5]) == [None, None, None, 11, 12, None, None]
-    assert not s.inside
-    # not opened: only an opening tag starts the count (each thinking its own)
-    s = ThinkingState(ThinkingBudget(2, START, END))
-    assert _feed(s, [1, 2, 3, 7, 1, 2, 11, 12, 5, 7, 9]) == [None] * 6 + [11, 12, None, None, None]
-    assert s.forced() is None and s.inside and s.count == 1
+    s = ThinkingState(_budget(3, opened=True), b)
+    assert _feed(s, "abc</t>de") == "...</t>.." and s.state == "answer"
+    # not opened: an opening tag at the output's start (after whitespace) opens it
+    s = ThinkingState(_budget(2), b)
+    assert _feed(s, " <t>ab</t>c") == "......</t>." and s.state == "answer"
+    # ... anywhere else it is answer text, as for the parser (which never re-enters a thinking either)
+    s = ThinkingState(_budget(1), b)
+    assert _feed(s, "x<t>abcd") == "........" and s.state == "answer"
+    s = ThinkingState(_budget(1, opened=True), b)
+    assert _feed(s, "a</t><t>bcd") == ".</t>......" and s.state == "answer"
     # a thinking the model closes within its budget is left alone
-    s = ThinkingState(ThinkingBudget(5, START, END, opened=True))
-    assert _feed(s, [1, 11, 12, 2, 3, 4, 5, 6, 7]) == [None] * 9
+    s = ThinkingState(_budget(5, opened=True), b)
+    assert _feed(s, "a</t>bcdefg") == "..........."
     # a closing tag the model began itself is finished, not written twice
-    s = ThinkingState(ThinkingBudget(2, START, END, opened=True))
-    assert _feed(s, [1, 11, 12]) == [None, None, 12]
+    s = ThinkingState(_budget(3, opened=True), b)
+    assert _feed(s, "a</t>") == "...t>"
     # a prompt that wrote 2 tokens of its thinking already (a continued message): 1 more, then the tag
-    s = ThinkingState(ThinkingBudget(3, START, END, opened=True, spent=2))
-    assert _feed(s, [1, 11, 12]) == [None, 11, 12]
+    s = ThinkingState(_budget(3, opened=True, spent=2), b)
+    assert _feed(s, "a</t>") == ".</t>"
     # budget 0: the closing tag at once
-    s = ThinkingState(ThinkingBudget(0, START, END, opened=True))
-    assert _feed(s, [11, 12, 3]) == [11, 12, None]
+    s = ThinkingState(_budget(0, opened=True), b)
+    assert _feed(s, "</t>x") == "</t>."
     with pytest.raises(ValueError, match="thinking_token_budget"):
-        ThinkingBudget(-1, START, END)
+        _budget(-1)
     with pytest.raises(ValueError, match="tags"):
-        ThinkingBudget(1, (), END)
+        ThinkingBudget(1, "<t>", "", ((),))
+
+
+def test_prompt_thinking_is_counted_in_tokens_after_its_last_opening_tag():
+    from server.api.service import _tokens_after
+
+    b = _Bytes()
+    assert _tokens_after(b, _ids("q<t>x</t>y<t>abc"), b"<t>") == 3
+    assert _tokens_after(b, _ids("q<t>"), b"<t>") == 0
+    assert _tokens_after(b, _ids("no tag here"), b"<t>") == 0
 
 
 def test_a_forced_token_wins_over_the_scores_but_not_over_non_finite_logits():
@@ -80,44 +109,64 @@ def setup(tiny_llama_bundle):
 @pytest.mark.parametrize("cfg", [{}, {"async_decode": "on"}], ids=["sync", "async"])
 def test_budgeted_outputs_equal_the_models_continuation_of_the_forced_tag(setup, cfg):
     """In one mixed batch (two tenants, a plain row beside): a thinking the prompt opened is cut at its budget; an
-    opening tag the model writes itself (made the tag here: its own second greedy token) starts the count; an output
-    that never opens one is untouched; budget 0 forces the tag first. Every row equals transformers' greedy decoding
-    of its prompt followed by the tokens forced (async decoding leaves such rows to the host, which forces in
-    time; so does speculative decoding, `test_which_rows_speculate`)."""
+    opening tag the model writes at its start (made the tag here: its own first greedy token) starts the count; an
+    output that does not open one is untouched; budget 0 forces the tag first. Every row equals transformers'
+    greedy decoding of its prompt followed by the tokens forced (async decoding leaves such rows to the host, which
+    forces in time; so does speculative decoding, `test_which_rows_speculate`)."""
+    from server.engine.token_bytes import TokenTexts
+
     b, keys = setup
     k0, k1 = list(keys)
+    texts, tok = TokenTexts(b.tokenizer), b.tokenizer
     vocab, new = b.spec.vocab_size, 14
-    p0, p1 = random_prompt(vocab, 9, 1), random_prompt(vocab, 5, 2)
-    plain = {
-        r.request_id: r.token_ids
-        for r in make_engine(b, keys).generate(
-            [
-                Request("a", p0, SamplingParams(max_tokens=new, ignore_eos=True), k0),
-                Request("b", p1, SamplingParams(max_tokens=new, ignore_eos=True), k1),
-            ]
+    plain: dict[str, list[int]] = {}
+    prompts = {}
+    for seed in range(40):  # prompts whose greedy outputs start with a printable character (an opening tag)
+        p = random_prompt(vocab, 7, seed)
+        out = make_engine(b, keys).generate(
+            [Request("x", p, SamplingParams(max_tokens=new, ignore_eos=True), k1)]
         )
-    }
-    # a two-token closing tag the plain outputs do not write: forced, it is what changes them
-    end = tuple(t for t in range(vocab) if t not in plain["a"] + plain["b"])[:2]
-    opened_at, budget = plain["b"][1], 3
-    absent = next(t for t in range(vocab) if t not in plain["a"] and t not in end)
+        first = texts.entry(out[0].token_ids[0])[1]
+        if len(first) == 1 and 33 <= first[0] < 127:
+            prompts["b"], plain["b"] = p, out[0].token_ids
+            break
+    assert plain, "no prompt of 40 starts its output with a printable character"
+    prompts["a"] = random_prompt(vocab, 9, 1)
+    plain["a"] = (
+        make_engine(b, keys)
+        .generate([Request("a", prompts["a"], SamplingParams(max_tokens=new, ignore_eos=True), k0)])[0]
+        .token_ids
+    )
+    p0, p1 = prompts["a"], prompts["b"]
+    seen = {bytes(texts.entry(t)[1]) for t in plain["a"] + plain["b"]}
+    # a two-character closing tag the plain outputs do not write: forced, it is what changes them
+    end = "".join(c for c in "~}|{`^]\\[@?" if c.encode() not in seen)[:2]
+    assert len(end) == 2
+    rest = tuple(tuple(tok.encode(end[k:], add_special_tokens=False)) for k in range(len(end)))
+    opening = texts.entry(plain["b"][0])[0]  # the model's own first token, as the opening tag
+    absent = next(c for c in "ZQXJ" if c != opening and c.encode() not in seen)
+
+    def budget(n: int, start: str, opened: bool = False) -> SamplingParams:
+        return _budgeted(new, ThinkingBudget(n, start, end, rest, opened))
+
     reqs = [
-        Request("opened", p0, _budgeted(new, ThinkingBudget(4, (opened_at,), end, opened=True)), k0),
-        Request("writes-tag", p1, _budgeted(new, ThinkingBudget(budget, (opened_at,), end)), k1),
-        Request("never", p0, _budgeted(new, ThinkingBudget(2, (absent,), end)), k0),
-        Request("zero", p1, _budgeted(new, ThinkingBudget(0, (opened_at,), end, opened=True)), k1),
+        Request("opened", p0, budget(4, absent, opened=True), k0),
+        Request("writes-tag", p1, budget(3, opening), k1),
+        Request("never", p0, budget(2, absent), k0),
+        Request("zero", p1, budget(0, absent, opened=True), k1),
         Request("plain", p1, SamplingParams(max_tokens=new, ignore_eos=True), k1),
     ]
     out = {o.request_id: o.token_ids for o in make_engine(b, keys, **cfg).generate(reqs)}
+    forced = list(rest[0])
 
     def continued(kv, prompt, head):  # the model's greedy output after `head`
         return head + hf_greedy(b.hf_model, kv, prompt + head, new - len(head))
 
-    assert out["opened"] == continued(keys[k0], p0, plain["a"][:4] + list(end))
-    # the tag is its second token: 3 tokens inside the thinking after it, then the closing
-    assert out["writes-tag"] == continued(keys[k1], p1, plain["b"][: 2 + budget] + list(end))
+    assert out["opened"] == continued(keys[k0], p0, plain["a"][:4] + forced)
+    # the tag is its first token: 3 tokens inside the thinking after it, then the closing
+    assert out["writes-tag"] == continued(keys[k1], p1, plain["b"][:4] + forced)
     assert out["never"] == plain["a"]
-    assert out["zero"] == continued(keys[k1], p1, list(end))
+    assert out["zero"] == continued(keys[k1], p1, forced)
     assert out["plain"] == plain["b"]
 
 
@@ -129,10 +178,42 @@ def test_a_sampled_row_is_forced_at_its_budget_and_reproducible(setup):
     b, keys = setup
     k0 = next(iter(keys))
     prompt = random_prompt(b.spec.vocab_size, 6, 4)
-    end = (3, 4, 5)
-    sp = _budgeted(10, ThinkingBudget(2, (1,), end, opened=True), temperature=1.0, seed=7)
+    end = "</x>"
+    rest = tuple(tuple(b.tokenizer.encode(end[k:], add_special_tokens=False)) for k in range(len(end)))
+    sp = _budgeted(10, ThinkingBudget(2, "<x>", end, rest, opened=True), temperature=1.0, seed=7)
     eng = make_engine(b, keys)
     first, again = (eng.generate([Request(f"s{i}", prompt, sp, k0)])[0].token_ids for i in range(2))
     assert first == again
-    cut = next(i for i in range(len(first)) if tuple(first[i : i + 3]) == end)
-    assert cut <= 2  # at the budget, or earlier where the model began the tag itself
+    # the closing tag's tokens at the budget, or earlier where the model began the tag itself
+    tag = list(rest[0])
+    at = next(i for i in range(len(first)) if first[i : i + len(tag)] == tag)
+    assert at <= 2, first
+
+
+def test_a_closing_tag_spelled_by_other_tokens_ends_the_thinking(smollm2_bundle):
+    """On SmolLM2 `</think>` alone is [</, think, >] but after a space [ </, think, >]: the thinking ends at the tag's
+    text whatever tokens spell it, as the reasoning parser reads it (matching the tag's own token ids missed it,
+    and forced a `</think>` into the answer)."""
+    from server.api.service import _tag_rest
+    from server.engine.token_bytes import TokenTexts
+
+    tok = smollm2_bundle.tokenizer
+    spaced = tok.encode("easy </think> A: 8", add_special_tokens=False)
+    assert (
+        tok.encode("</think>", add_special_tokens=False)[0] not in spaced
+    )  # other tokens than the tag alone
+    budget = ThinkingBudget(6, "<think>", "</think>", _tag_rest(tok, "</think>"), opened=True)
+    s = ThinkingState(budget, TokenTexts(tok))
+    for t in spaced:
+        assert s.forced() is None
+        s.feed(t)
+    assert s.state == "answer"
+    # cut: the tag's first bytes written by the model, the rest forced (`</` then `think`, `>`)
+    s = ThinkingState(ThinkingBudget(1, "<think>", "</think>", budget.rest, opened=True), TokenTexts(tok))
+    for t in tok.encode("a </", add_special_tokens=False):
+        s.feed(t)
+    rest = []
+    while (f := s.forced()) is not None:
+        rest.append(f)
+        s.feed(f)
+    assert tok.decode(rest) == "think>" and s.state == "answer"

@@ -119,20 +119,37 @@ def bad_word_ids(tokenizer: Any, words: list[str]) -> tuple[tuple[int, ...], ...
     return tuple(out)
 
 
-def _tag_ids(tokenizer: Any, start: str, end: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A reasoning parser's tags as the tokenizer encodes them (an added token: its one id)."""
-    return tuple(tokenizer.encode(start, add_special_tokens=False)), tuple(
-        tokenizer.encode(end, add_special_tokens=False)
-    )
+def _tag_rest(tokenizer: Any, tag: str) -> tuple[tuple[int, ...], ...]:
+    """A closing tag's token ids from each of its bytes on (`ThinkingBudget.rest`: what is forced where the output
+    already ends with the tag's first k bytes; () where k splits a character)."""
+    raw = tag.encode()
+    out = []
+    for k in range(len(raw)):
+        try:
+            piece = raw[k:].decode()
+        except UnicodeDecodeError:
+            out.append(())
+            continue
+        out.append(tuple(tokenizer.encode(piece, add_special_tokens=False)))
+    return tuple(out)
 
 
-def _last_index(ids: list[int], seq: tuple[int, ...]) -> int:
-    """Where the last occurrence of `seq` starts in `ids` (-1: none)."""
-    n = len(seq)
-    for i in range(len(ids) - n, -1, -1):
-        if ids[i] == seq[0] and tuple(ids[i : i + n]) == seq:
-            return i
-    return -1
+def _tokens_after(texts: TokenTexts, ids: list[int], tag: bytes, most: int = 4096) -> int:
+    """How many tokens of `ids` come after the token that ends the last `tag` in their bytes (the prompt's own
+    thinking so far), looking at the last `most` tokens; 0 where there is none."""
+    follow = b""  # the bytes after the token looked at, as many as can complete a tag starting in it
+    for j in range(len(ids) - 1, max(-1, len(ids) - 1 - most), -1):
+        own = texts.entry(ids[j])[1]
+        window = own + follow
+        at = window.rfind(tag)
+        if 0 <= at < len(own):  # (the last tag: none started in the tokens after this one)
+            t, reached = j, len(own)
+            while reached < at + len(tag):  # the token in which the tag ends
+                t += 1
+                reached += len(texts.entry(ids[t])[1])
+            return len(ids) - 1 - t
+        follow = window[: len(tag) - 1]
+    return 0
 
 
 def truncate_prompt(ids: list[int], keep: int | None, fit: int = 1) -> list[int]:
@@ -775,8 +792,8 @@ class Service:
     _tokenizer_pool: DaemonThreadPool = field(default_factory=lambda: DaemonThreadPool(1, "tokenizer"))
     default_format: str = "raw"
     reasoning: ReasoningParser | None = None  # settings.reasoning_parser
-    # its tags' token ids (`thinking_budget`)
-    _think_ids: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    # the closing tag's token ids from each of its bytes on (`thinking_budget`)
+    _think_rest: tuple[tuple[int, ...], ...] | None = None
     served_names: tuple[str, ...] = ()  # settings.served_model_name: `model` values naming the base model
     # sampling defaults of the /v1 routes from the model's generation config (settings.generation_config "auto")
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
@@ -1195,15 +1212,13 @@ class Service:
         `prompt`: count the thinking it wrote after its last opening tag."""
         parser = self.reasoning
         assert parser is not None
-        if self._think_ids is None:
-            self._think_ids = await self.tokenize(_tag_ids, self.bundle.tokenizer, parser.start, parser.end)
-        start, end = self._think_ids
+        if self._think_rest is None:
+            self._think_rest = await self.tokenize(_tag_rest, self.bundle.tokenizer, parser.end)
         spent = 0
         if prompt is not None:
-            at = _last_index(prompt, start)
-            spent = len(prompt) - at - len(start) if at >= 0 else 0
+            spent = await self.tokenize(_tokens_after, self.token_text, prompt, parser.start.encode())
         inside = opened is True or (opened is None and parser.convention.opened)
-        return ThinkingBudget(tokens, start, end, inside, spent)
+        return ThinkingBudget(tokens, parser.start, parser.end, self._think_rest, inside, spent)
 
     async def bad_words(self, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
         """vLLM's bad_words as the token sequences the sampler bans (`bad_word_ids`), tokenized on the tokenizer's

@@ -48,7 +48,7 @@ class Sequence:
         self.constraint = constraint  # structured outputs: the grammar's state after the output so far
         # a thinking budget: where the output stands against it
         budget = req.sampling.thinking_budget
-        self.thinking = ThinkingState(budget) if budget is not None else None
+        self.thinking = ThinkingState(budget, texts or TokenTexts(tokenizer)) if budget is not None else None
         # speculative decoding: the n-grams of its tokens (built on first use), drafts in a row of which nothing was
         # accepted, and steps to decode without drafting (2^misses - 1 after a miss, at most 15)
         self.ngrams: NgramIndex | None = None

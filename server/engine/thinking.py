@@ -1,53 +1,77 @@
 """A thinking budget (vLLM's `thinking_token_budget`): a reasoning model writes at most N tokens inside its
 thinking; then its closing tag is forced, token by token, and the answer follows.
 
-The thinking is found in the output's token ids, as vLLM's ThinkingTokenBudgetLogitsProcessor finds it: the opening
-and closing tags' token sequences (`ThinkingBudget.start` / `end`, the tokenizer's encoding of the reasoning parser's
-tags). An output starts inside a thinking when its prompt or template opened one (`ThinkingBudget.opened`); every
-later opening tag starts a new count. The closing tag is forced from where the output already is in it (a model that
-began the tag itself is not made to write it twice). The engine takes a forced token whatever the logits say; its
-log-probability is still the model's."""
+The thinking is followed on the output's bytes (each token's own, `TokenTexts`), the way the reasoning parser
+(`server.api.reasoning.ReasoningStream`) follows the text, so the two always agree whatever tokens spell a tag (on
+SmolLM2 `</think>` and ` </think>` share no token): an output opens a thinking only with the opening tag at its start
+(after up to MAX_LEAD whitespace bytes), or starts inside one its prompt or template opened
+(`ThinkingBudget.opened`); the first closing tag ends it, and nothing after that is thinking. Once N tokens were
+written inside it, the closing tag is forced from where the output already is in it (a model that began the tag
+itself is not made to write it twice). The engine takes a forced token whatever the logits say; its log-probability
+is still the model's.
+"""
 
 from __future__ import annotations
 
+from server.engine.token_bytes import TokenTexts
 from server.engine.types import ThinkingBudget
 
-
-def _ends_with(tokens: list[int], tag: tuple[int, ...]) -> bool:
-    n = len(tag)
-    return len(tokens) >= n and tuple(tokens[-n:]) == tag
+MAX_LEAD = 64  # whitespace bytes that may come before an opening tag (the parser's MAX_LEAD)
 
 
 class ThinkingState:
-    """One output's place against its budget: whether it is inside a thinking, and how many tokens it wrote there."""
+    """One output's place against its budget: before / inside / after its thinking, and its tokens inside."""
 
-    __slots__ = ("budget", "count", "inside", "recent")
+    __slots__ = ("budget", "buf", "count", "end", "forcing", "start", "state", "texts")
 
-    def __init__(self, budget: ThinkingBudget) -> None:
+    def __init__(self, budget: ThinkingBudget, texts: TokenTexts) -> None:
         self.budget = budget
-        self.inside = budget.opened
-        self.count = budget.spent if budget.opened else 0  # tokens written inside the current thinking
-        self.recent: list[int] = []  # the output's last tokens, as many as the longer tag has
+        self.texts = texts
+        self.start, self.end = budget.start.encode(), budget.end.encode()
+        self.state = "thinking" if budget.opened else "start"  # start | thinking | answer
+        self.count = budget.spent if budget.opened else 0  # tokens written inside the thinking
+        self.buf = (
+            b""  # start: the output's bytes so far; thinking: its last bytes (a closing tag may be cut)
+        )
+        self.forcing: list[int] = []  # the closing tag's tokens still to force
 
     def feed(self, token: int) -> None:
         """The output's next token."""
-        b = self.budget
-        self.recent.append(token)
-        del self.recent[: -max(len(b.start), len(b.end))]
-        if self.inside:
+        if self.forcing:
+            self.forcing = self.forcing[1:] if self.forcing[0] == token else []
+        if self.state == "answer":
+            return
+        self.buf += self.texts.entry(token)[1]
+        if self.state == "start":
+            lead = self.buf.lstrip()
+            if len(self.buf) - len(lead) > MAX_LEAD:
+                lead = self.buf
+            if not lead.startswith(self.start):
+                if not self.start.startswith(lead):
+                    self.state = "answer"
+                return  # (else maybe the opening tag, cut)
+            self.state, self.buf = "thinking", lead[len(self.start) :]
+        else:
             self.count += 1
-            if _ends_with(self.recent, b.end):
-                self.inside, self.count = False, 0
-        elif _ends_with(self.recent, b.start):
-            self.inside, self.count = True, 0
+        if self.end in self.buf:
+            self.state, self.forcing = "answer", []
+        else:
+            self.buf = self.buf[-(len(self.end) - 1) :] if len(self.end) > 1 else b""
 
     def forced(self) -> int | None:
         """The token the output must take next (the closing tag's next one once the budget is spent), or None."""
-        b = self.budget
-        if not self.inside or self.count < b.tokens:
+        if self.state != "thinking" or self.count < self.budget.tokens:
             return None
-        # the longest end of the output that is a start of the closing tag (shorter than the whole tag)
-        for k in range(min(len(b.end) - 1, len(self.recent)), 0, -1):
-            if tuple(self.recent[-k:]) == b.end[:k]:
-                return b.end[k]
-        return b.end[0]
+        if not self.forcing:
+            # the longest end of the output that is a start of the closing tag (shorter than the whole tag)
+            k = next(
+                (
+                    k
+                    for k in range(min(len(self.end) - 1, len(self.buf)), 0, -1)
+                    if self.buf.endswith(self.end[:k])
+                ),
+                0,
+            )
+            rest = self.budget.rest
+            self.forcing = list(rest[k] if k < len(rest) and rest[k] else rest[0])
+        return self.forcing[0]

@@ -62,23 +62,25 @@ class StructuredOutputs:
 @dataclass(frozen=True)
 class ThinkingBudget:
     """vLLM's `thinking_token_budget`: at most `tokens` output tokens inside a thinking, then its closing tag is
-    forced (`server.engine.thinking`). `start` and `end` are the tags' token ids (the reasoning parser's tags, as the
-    tokenizer encodes them); `opened`: the output starts inside a thinking (its prompt, or the template, opened it),
-    of which the prompt already wrote `spent` tokens (a continued assistant message's thinking, as vLLM counts)."""
+    forced (`server.engine.thinking`). `start` and `end` are the tags' text (the reasoning parser's); the thinking is
+    found in the output's bytes, as the parser finds it in the text, whatever tokens spell a tag. `rest[k]` is the
+    token ids of the closing tag's bytes from k on (what is forced where the output ends with its first k bytes);
+    `opened`: the output starts inside a thinking (its prompt, or the template, opened it), of which the prompt
+    already wrote `spent` tokens (a continued assistant message's thinking, as vLLM counts)."""
 
     tokens: int
-    start: tuple[int, ...]
-    end: tuple[int, ...]
+    start: str
+    end: str
+    rest: tuple[tuple[int, ...], ...]
     opened: bool = False
     spent: int = 0
 
     def __post_init__(self) -> None:
         if self.tokens < 0 or self.spent < 0:
             raise ValueError("thinking_token_budget must be >= 0")
-        if not self.start or not self.end:
-            raise ValueError("the thinking's tags must be token sequences")
-        object.__setattr__(self, "start", tuple(int(t) for t in self.start))
-        object.__setattr__(self, "end", tuple(int(t) for t in self.end))
+        if not self.start or not self.end or not self.rest or not self.rest[0]:
+            raise ValueError("the thinking's tags must not be empty")
+        object.__setattr__(self, "rest", tuple(tuple(int(t) for t in r) for r in self.rest))
 
 
 @dataclass(frozen=True)
