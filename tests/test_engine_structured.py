@@ -402,8 +402,10 @@ def test_deep_chains_of_references_compile_on_a_deep_stack():
     assert run.returncode == 0 and "compiled 2" in run.stdout, (run.returncode, run.stderr[-2000:])
 
 
-def test_specs_with_too_many_references_or_rules_are_refused(tiny_llama_bundle):
-    from server.engine.structured import MAX_GRAMMAR_RULES, MAX_SCHEMA_REFS
+def test_specs_with_too_many_references_or_rules_are_refused(tiny_llama_bundle, monkeypatch):
+    import threading
+
+    from server.engine.structured import MAX_GBNF_RULES, MAX_GRAMMAR_RULES, MAX_SCHEMA_REFS
 
     g = GrammarCompiler(tiny_llama_bundle.tokenizer, tiny_llama_bundle.spec.vocab_size, 0)
     n = MAX_SCHEMA_REFS  # + the root's
@@ -411,10 +413,23 @@ def test_specs_with_too_many_references_or_rules_are_refused(tiny_llama_bundle):
     defs[f"d{n}"] = {"type": "string"}
     with pytest.raises(GrammarError, match=f"{n + 1} \\$ref references: at most {MAX_SCHEMA_REFS}"):
         g.compile(StructuredOutputs("json", json.dumps({"$ref": "#/$defs/d0", "$defs": defs})))
-    n = MAX_GRAMMAR_RULES  # + start
-    gbnf = "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(n - 1)) + f'r{n - 1} ::= "z"\n'
-    with pytest.raises(GrammarError, match=f"{n + 1} rules: at most {MAX_GRAMMAR_RULES}"):
+    # GBNF (converted in Python, quadratic in its rules: 3,000 took 6 s), whatever separates its rules
+    n = MAX_GBNF_RULES  # + root
+    gbnf = "root ::= r0\r" + "".join(f"r{i} ::= r{i + 1}\r" for i in range(n - 1)) + f'r{n - 1} ::= "z"\r'
+    with pytest.raises(GrammarError, match=f"{n + 1} GBNF rules: at most {MAX_GBNF_RULES}"):
         g.compile(StructuredOutputs("grammar", gbnf))
+    n = MAX_GRAMMAR_RULES  # + start
+    lark = "start: r0\r" + "".join(f"r{i}: r{i + 1}\r" for i in range(n - 1)) + f'r{n - 1}: "z"\r'
+    with pytest.raises(GrammarError, match=f"{n + 1} rules: at most {MAX_GRAMMAR_RULES}"):
+        g.compile(StructuredOutputs("grammar", lark))
+
+    # no thread with the deep stack: refused, not compiled on an ordinary stack (which a deep chain overflows)
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(GrammarError, match="no thread for a compilation"):
+        g.compile(REGEX)
     assert g.compilations == 0
 
 

@@ -110,7 +110,11 @@ def with_api_key_header(
     """The key of an `Authorization: Bearer` header, else of an `x-api-key` header (what Anthropic's clients
     send). A Bearer header without a key (`Bearer ` alone) is no key: the x-api-key one counts, as when the
     Authorization header is empty."""
-    if credentials is not None and credentials.scheme.lower() == "bearer" and not credentials.credentials.strip():
+    if (
+        credentials is not None
+        and credentials.scheme.lower() == "bearer"
+        and not credentials.credentials.strip()
+    ):
         credentials = None
     if credentials is None and api_key and api_key.strip():
         return HTTPAuthorizationCredentials(scheme="Bearer", credentials=api_key.strip())

@@ -222,7 +222,10 @@ class RedisUsageMeter(UsageMeter):
                 log.warning("usage: redis unavailable (%s); counts are kept here until it answers", e)
             self._failing = True
             raise
-        self._unconfirmed = None
+        if (
+            self._unconfirmed is not None and self._unconfirmed[0] == batch
+        ):  # (a flush beside may have moved on)
+            self._unconfirmed = None
         if self._failing:
             log.info("usage: redis answers again; pending counts flushed")
         self._failing = False

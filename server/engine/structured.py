@@ -65,6 +65,7 @@ MASK_STEP_BUDGETS = 4
 COMPILE_STACK_BYTES = 512 << 20
 MAX_SCHEMA_REFS = 4_000
 MAX_GRAMMAR_RULES = 20_000
+MAX_GBNF_RULES = 1_000
 _RULE_LINE = re.compile(r"^[ \t]*[?!]?[A-Za-z_][\w.-]*(?:\{[^}\n]*\})?[ \t]*(?:::=|:)", re.MULTILINE)
 
 # llguidance messages that name its internals or options a request cannot set, said in the request's terms
@@ -432,13 +433,18 @@ def _check_depth(so: StructuredOutputs) -> None:
     if refs > MAX_SCHEMA_REFS:
         raise GrammarError(f"the schema has {refs} $ref references: at most {MAX_SCHEMA_REFS} are allowed")
     if so.kind == "grammar":
-        rules = len(_RULE_LINE.findall(so.spec))
+        # GBNF is converted to Lark by llguidance in Python, in time quadratic in its rules (3,000: 6 s, holding the
+        # GIL and a compile thread): far fewer of those
+        gbnf = so.spec.count("::=")
+        if gbnf > MAX_GBNF_RULES:
+            raise GrammarError(f"the grammar has {gbnf} GBNF rules: at most {MAX_GBNF_RULES} are allowed")
+        rules = len(_RULE_LINE.findall(so.spec.replace("\r", "\n")))
         if rules > MAX_GRAMMAR_RULES:
             raise GrammarError(f"the grammar has {rules} rules: at most {MAX_GRAMMAR_RULES} are allowed")
 
 
 def _on_deep_stack(fn: Callable[[], Any]) -> Any:
-    """`fn()` on a new thread with COMPILE_STACK_BYTES of stack (where the system will not give that much, here)."""
+    """`fn()` on a new thread with COMPILE_STACK_BYTES of stack (GrammarError where the system will not give it)."""
     out: list[Any] = []
 
     def run() -> None:
@@ -457,8 +463,12 @@ def _on_deep_stack(fn: Callable[[], Any]) -> Any:
             t = None
         finally:
             threading.stack_size(old)
-    if t is None:
-        return fn()
+    if (
+        t is None
+    ):  # (an address-space limit): on an ordinary stack a spec within the limits could still overflow it
+        raise GrammarError(
+            "structured outputs are not available now: no thread for a compilation could start"
+        )
     t.join()
     ok, value = out[0]
     if not ok:

@@ -438,7 +438,7 @@ class RedisJobBackend:
         """Fair turns between tenants: a job read from the queue goes back to its end when a job of another
         tenant waits whose turn comes first (fewer running jobs, or an older last start), so one tenant's queued
         jobs (up to its limit, each up to training_max_seconds) cannot hold every worker for hours. Only the
-        first FAIR_SCAN queued entries are looked at."""
+        FAIR_SCAN entries after it are looked at."""
         raw = data.get(b"job_id") or data.get("job_id")
         job_id = _text(raw) if raw else None
         if not job_id:
@@ -447,7 +447,10 @@ class RedisJobBackend:
         if tenant is None:
             return False
         others: set[str] = set()
-        head = self._r.xrange(self._stream, "-", "+", count=FAIR_SCAN)
+        eid = _text(entry_id)
+        # the entries after this one: not delivered yet (an entry delivered to a worker that died before taking it
+        # still says queued, but no read returns it until it is stale: counting it deferred every job meanwhile)
+        head = self._r.xrange(self._stream, f"({eid}", "+", count=FAIR_SCAN)
         with self._r.pipeline(transaction=False) as pipe:
             ids = [_text(d.get(b"job_id") or d.get("job_id") or b"") for _e, d in head]
             for j in ids:
@@ -461,7 +464,6 @@ class RedisJobBackend:
         turns = self._turns(others | {tenant})
         if min(turns[t] for t in others) >= turns[tenant]:
             return False
-        eid = _text(entry_id)
         with self._r.pipeline(transaction=True) as pipe:
             pipe.xack(self._stream, GROUP, eid)
             pipe.xdel(self._stream, eid)
