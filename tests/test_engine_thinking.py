@@ -8,7 +8,7 @@ import pytest
 
 from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.sampler import NON_FINITE, sample
-from server.engine.thinking import ThinkingState
+from server.engine.thinking import ThinkingState, closing_tag_rest, tokens_after_tag
 from server.engine.types import ThinkingBudget
 from tests.engine_utils import hf_greedy, make_engine, random_kv, random_prompt
 
@@ -72,12 +72,10 @@ def test_the_state_follows_the_thinking_as_the_parser_does_and_forces_its_closin
 
 
 def test_prompt_thinking_is_counted_in_tokens_after_its_last_opening_tag():
-    from server.api.service import _tokens_after
-
     b = _Bytes()
-    assert _tokens_after(b, _ids("q<t>x</t>y<t>abc"), b"<t>") == 3
-    assert _tokens_after(b, _ids("q<t>"), b"<t>") == 0
-    assert _tokens_after(b, _ids("no tag here"), b"<t>") == 0
+    assert tokens_after_tag(b, _ids("q<t>x</t>y<t>abc"), b"<t>") == 3
+    assert tokens_after_tag(b, _ids("q<t>"), b"<t>") == 0
+    assert tokens_after_tag(b, _ids("no tag here"), b"<t>") == 0
 
 
 def test_a_forced_token_wins_over_the_scores_but_not_over_non_finite_logits():
@@ -194,7 +192,6 @@ def test_a_closing_tag_spelled_by_other_tokens_ends_the_thinking(smollm2_bundle)
     """On SmolLM2 `</think>` alone is [</, think, >] but after a space [ </, think, >]: the thinking ends at the tag's
     text whatever tokens spell it, as the reasoning parser reads it (matching the tag's own token ids missed it,
     and forced a `</think>` into the answer)."""
-    from server.api.service import _tag_rest
     from server.engine.token_bytes import TokenTexts
 
     tok = smollm2_bundle.tokenizer
@@ -202,7 +199,7 @@ def test_a_closing_tag_spelled_by_other_tokens_ends_the_thinking(smollm2_bundle)
     assert (
         tok.encode("</think>", add_special_tokens=False)[0] not in spaced
     )  # other tokens than the tag alone
-    budget = ThinkingBudget(6, "<think>", "</think>", _tag_rest(tok, "</think>"), opened=True)
+    budget = ThinkingBudget(6, "<think>", "</think>", closing_tag_rest(tok, "</think>"), opened=True)
     s = ThinkingState(budget, TokenTexts(tok))
     for t in spaced:
         assert s.forced() is None

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from server.engine.thinking import MAX_LEAD
 from server.engine.types import ThinkMode
 
 START, END = "<think>", "</think>"
-MAX_LEAD = 64  # whitespace characters that may come before an opening tag
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from server.engine import (
     TokenLogprob,
 )
 from server.engine.daemon_pool import DaemonThreadPool
+from server.engine.thinking import closing_tag_rest, tokens_after_tag
 from server.engine.types import ThinkingBudget, ThinkMode
 from server.model import ModelBundle
 from server.prefixes import validate_kv
@@ -117,39 +118,6 @@ def bad_word_ids(tokenizer: Any, words: list[str]) -> tuple[tuple[int, ...], ...
         if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
             out.append(spaced)
     return tuple(out)
-
-
-def _tag_rest(tokenizer: Any, tag: str) -> tuple[tuple[int, ...], ...]:
-    """A closing tag's token ids from each of its bytes on (`ThinkingBudget.rest`: what is forced where the output
-    already ends with the tag's first k bytes; () where k splits a character)."""
-    raw = tag.encode()
-    out = []
-    for k in range(len(raw)):
-        try:
-            piece = raw[k:].decode()
-        except UnicodeDecodeError:
-            out.append(())
-            continue
-        out.append(tuple(tokenizer.encode(piece, add_special_tokens=False)))
-    return tuple(out)
-
-
-def _tokens_after(texts: TokenTexts, ids: list[int], tag: bytes, most: int = 4096) -> int:
-    """How many tokens of `ids` come after the token that ends the last `tag` in their bytes (the prompt's own
-    thinking so far), looking at the last `most` tokens; 0 where there is none."""
-    follow = b""  # the bytes after the token looked at, as many as can complete a tag starting in it
-    for j in range(len(ids) - 1, max(-1, len(ids) - 1 - most), -1):
-        own = texts.entry(ids[j])[1]
-        window = own + follow
-        at = window.rfind(tag)
-        if 0 <= at < len(own):  # (the last tag: none started in the tokens after this one)
-            t, reached = j, len(own)
-            while reached < at + len(tag):  # the token in which the tag ends
-                t += 1
-                reached += len(texts.entry(ids[t])[1])
-            return len(ids) - 1 - t
-        follow = window[: len(tag) - 1]
-    return 0
 
 
 def truncate_prompt(ids: list[int], keep: int | None, fit: int = 1) -> list[int]:
@@ -1213,10 +1181,10 @@ class Service:
         parser = self.reasoning
         assert parser is not None
         if self._think_rest is None:
-            self._think_rest = await self.tokenize(_tag_rest, self.bundle.tokenizer, parser.end)
+            self._think_rest = await self.tokenize(closing_tag_rest, self.bundle.tokenizer, parser.end)
         spent = 0
         if prompt is not None:
-            spent = await self.tokenize(_tokens_after, self.token_text, prompt, parser.start.encode())
+            spent = await self.tokenize(tokens_after_tag, self.token_text, prompt, parser.start.encode())
         inside = opened is True or (opened is None and parser.convention.opened)
         return ThinkingBudget(tokens, parser.start, parser.end, self._think_rest, inside, spent)
 

@@ -13,10 +13,12 @@ is still the model's.
 
 from __future__ import annotations
 
+from typing import Any
+
 from server.engine.token_bytes import TokenTexts
 from server.engine.types import ThinkingBudget
 
-MAX_LEAD = 64  # whitespace bytes that may come before an opening tag (the parser's MAX_LEAD)
+MAX_LEAD = 64  # whitespace that may come before an opening tag (bytes here, characters in the parser: ASCII)
 
 
 class ThinkingState:
@@ -75,3 +77,36 @@ class ThinkingState:
             rest = self.budget.rest
             self.forcing = list(rest[k] if k < len(rest) and rest[k] else rest[0])
         return self.forcing[0]
+
+
+def closing_tag_rest(tokenizer: Any, tag: str) -> tuple[tuple[int, ...], ...]:
+    """A closing tag's token ids from each of its bytes on (`ThinkingBudget.rest`: what is forced where the output
+    already ends with the tag's first k bytes; () where k splits a character)."""
+    raw = tag.encode()
+    out = []
+    for k in range(len(raw)):
+        try:
+            piece = raw[k:].decode()
+        except UnicodeDecodeError:
+            out.append(())
+            continue
+        out.append(tuple(tokenizer.encode(piece, add_special_tokens=False)))
+    return tuple(out)
+
+
+def tokens_after_tag(texts: TokenTexts, ids: list[int], tag: bytes, most: int = 4096) -> int:
+    """How many tokens of `ids` come after the token that ends the last `tag` in their bytes (the prompt's own
+    thinking so far), looking at the last `most` tokens; 0 where there is none."""
+    follow = b""  # the bytes after the token looked at, as many as can complete a tag starting in it
+    for j in range(len(ids) - 1, max(-1, len(ids) - 1 - most), -1):
+        own = texts.entry(ids[j])[1]
+        window = own + follow
+        at = window.rfind(tag)
+        if 0 <= at < len(own):  # (the last tag: none started in the tokens after this one)
+            t, reached = j, len(own)
+            while reached < at + len(tag):  # the token in which the tag ends
+                t += 1
+                reached += len(texts.entry(ids[t])[1])
+            return len(ids) - 1 - t
+        follow = window[: len(tag) - 1]
+    return 0
