@@ -49,6 +49,21 @@ def total_input(msg) -> int:
     return msg.usage.input_tokens + msg.usage.cache_read_input_tokens + msg.usage.cache_creation_input_tokens
 
 
+def _play_deltas(monkeypatch, deltas) -> None:
+    """The chat stream's chunks replaced by `deltas` ((delta, finish) pairs), the run still running to its end."""
+    import server.api.routes_anthropic as ra
+
+    real = ra.chat_stream
+
+    async def playback(run, chunk, text, tools):
+        async for _ in real(run, chunk, text, tools):
+            pass
+        for delta, finish in deltas:
+            yield chunk(delta, finish)
+
+    monkeypatch.setattr(ra, "chat_stream", playback)
+
+
 def test_a_message_is_the_chat_answer(srv, claude):
     want = chat(srv)
     msg = claude.messages.create(model="acme/bot", max_tokens=8, messages=ASK, extra_body={"temperature": 0})
@@ -229,8 +244,6 @@ def test_output_config_format_and_thinking_blocks(server_factory, srv, claude):
 def test_stream_blocks_in_order_with_repeats_and_odd_tool_arguments(srv, claude, monkeypatch):
     """Played-back chat deltas (thinking, text, a call, the same text again, a call whose arguments are not an
     object): every block starts and stops at its own index, once; a call's input is an object streamed or not."""
-    import server.api.routes_anthropic as ra
-
     deltas = [
         ({"reasoning_content": "hm"}, None),
         ({"content": "X"}, None),
@@ -243,14 +256,7 @@ def test_stream_blocks_in_order_with_repeats_and_odd_tool_arguments(srv, claude,
         ({}, "tool_calls"),
     ]
 
-    async def playback(run, chunk, text, tools):
-        async for _ in ra.chat_stream.__wrapped__(run, chunk, text, tools):  # (the run still runs to its end)
-            pass
-        for delta, finish in deltas:
-            yield chunk(delta, finish)
-
-    playback.__wrapped__ = ra.chat_stream
-    monkeypatch.setattr(ra, "chat_stream", playback)
+    _play_deltas(monkeypatch, deltas)
     kw = {"model": "acme/bot", "max_tokens": 4, "messages": ASK}
     events = list(claude.messages.create(**kw, stream=True))
     starts = [(e.index, e.content_block.type) for e in events if e.type == "content_block_start"]
@@ -304,8 +310,6 @@ def test_prefill_empty_turns_and_errors_before_the_route(srv, claude):
 def test_a_call_announced_with_its_first_argument_piece_streams_whole(srv, claude, monkeypatch):
     """A forced call under a reasoning parser is announced with the first piece of its arguments (`{"ci`): that
     piece goes as it is, so the pieces join into the input, streamed or not (it was replaced by `{}`)."""
-    import server.api.routes_anthropic as ra
-
     deltas = [
         (
             {
@@ -319,14 +323,7 @@ def test_a_call_announced_with_its_first_argument_piece_streams_whole(srv, claud
         ({}, "stop"),
     ]
 
-    async def playback(run, chunk, text, tools):
-        async for _ in playback.__wrapped__(run, chunk, text, tools):
-            pass
-        for delta, finish in deltas:
-            yield chunk(delta, finish)
-
-    playback.__wrapped__ = ra.chat_stream
-    monkeypatch.setattr(ra, "chat_stream", playback)
+    _play_deltas(monkeypatch, deltas)
     kw = {"model": "acme/bot", "max_tokens": 4, "messages": ASK}
     events = list(claude.messages.create(**kw, stream=True))
     pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta"]
