@@ -145,6 +145,11 @@ def test_jobs_are_isolated(srv, jobs):
     assert [j["job_id"] for j in a.get("/prefixes/jobs").json()["data"]] == [a_job]
     assert b.post(f"/prefixes/jobs/{b_job}/cancel").json()["status"] == "cancelled"
     assert b.get(f"/prefixes/jobs/{b_job}").json()["status"] == "cancelled"
+    jobs.jobs[a_job]["worker"] = "trainer-host-4242-0f1e2d3c"  # host and pid: shown to the admin key only
+    assert a.get(f"/prefixes/jobs/{a_job}").json()["worker"] is None
+    assert [j["worker"] for j in a.get("/prefixes/jobs").json()["data"]] == [None]
+    admin = srv.client(ADMIN)
+    assert admin.get(f"/prefixes/jobs/{a_job}").json()["worker"] == "trainer-host-4242-0f1e2d3c"
 
 
 def test_training_limits_and_validation(srv, jobs):

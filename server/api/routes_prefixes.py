@@ -55,8 +55,12 @@ def _jobs(svc: Service) -> Any:
     return svc.job_manager
 
 
-def _job_dict(rec: Any) -> dict[str, Any]:
+def _job_dict(rec: Any, principal: Principal) -> dict[str, Any]:
     d = rec.public_dict() if hasattr(rec, "public_dict") else dict(rec)
+    if (
+        not principal.admin
+    ):  # the worker's name is its host and pid: the operator's business, not the tenant's
+        d["worker"] = None
     d.setdefault("job_id", getattr(rec, "job_id", None))
     st = d.get("status")
     d["status"] = str(getattr(st, "value", st))
@@ -180,7 +184,7 @@ async def train(
         raise APIError(422, str(e), code="invalid_training_spec", param=param) from None
     if not replayed:
         svc.usage.training_job(tenant)
-    d = _job_dict(rec)
+    d = _job_dict(rec, principal)
     headers = {"Location": f"/prefixes/jobs/{d['job_id']}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -197,7 +201,7 @@ async def list_jobs(
     jm = _jobs(svc)
     tenant = principal.resolve_tenant(tenant_id) if (tenant_id or not principal.admin) else None
     recs = await _call_jobs(svc, jm.list, tenant) if tenant else await _call_jobs(svc, jm.list)
-    data = [_job_dict(r) for r in recs if tenant is None or _job_tenant(r) == tenant]
+    data = [_job_dict(r, principal) for r in recs if tenant is None or _job_tenant(r) == tenant]
     return {"object": "list", "data": data}
 
 
@@ -210,7 +214,7 @@ async def get_job(
     principal: Principal = Depends(get_principal),
 ) -> Any:
     svc = get_service(request)
-    return _job_dict(await _owned_job(svc, principal, job_id))
+    return _job_dict(await _owned_job(svc, principal, job_id), principal)
 
 
 @router.post(
@@ -232,7 +236,7 @@ async def cancel_job(
         raise APIError(404, f"job {job_id!r} not found", code="job_not_found", param="job_id") from None
     if rec is None or not hasattr(rec, "to_dict"):
         rec = await _owned_job(svc, principal, job_id)
-    return _job_dict(rec)
+    return _job_dict(rec, principal)
 
 
 # --------------------------------------------------------------------------------------------- prefixes

@@ -300,7 +300,7 @@ class JobInfo(_Model):
     base_model_fingerprint: Optional[str] = None
     cancel_requested: Optional[bool] = None  # a cancel was asked for (a running job stops at its next step)
     attempts: Optional[int] = None  # how many times a worker started it
-    worker: Optional[str] = None  # the worker running it (or that last ran it)
+    worker: Optional[str] = None  # the worker running it (or that last ran it); None to a tenant key
     heartbeat: Optional[float] = None  # that worker's last sign of life (unix seconds)
     progress: Optional[JobProgress] = None
     created: Optional[Union[float, str]] = None
