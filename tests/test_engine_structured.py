@@ -413,6 +413,11 @@ def test_specs_with_too_many_references_or_rules_are_refused(tiny_llama_bundle, 
     defs[f"d{n}"] = {"type": "string"}
     with pytest.raises(GrammarError, match=f"{n + 1} \\$ref references: at most {MAX_SCHEMA_REFS}"):
         g.compile(StructuredOutputs("json", json.dumps({"$ref": "#/$defs/d0", "$defs": defs})))
+    # counted once parsed: "\u0024ref" is the same key to the schema compiler
+    escaped = json.dumps({"$ref": "#/$defs/d0", "$defs": defs}).replace('"$ref"', '"\\u0024ref"')
+    assert '"$ref"' not in escaped and json.loads(escaped)["$ref"] == "#/$defs/d0"
+    with pytest.raises(GrammarError, match=f"{n + 1} \\$ref references: at most {MAX_SCHEMA_REFS}"):
+        g.compile(StructuredOutputs("json", escaped))
     # GBNF (converted in Python, quadratic in its rules: 3,000 took 6 s), whatever separates its rules
     n = MAX_GBNF_RULES  # + root
     gbnf = "root ::= r0\r" + "".join(f"r{i} ::= r{i + 1}\r" for i in range(n - 1)) + f'r{n - 1} ::= "z"\r'
@@ -762,3 +767,11 @@ def test_structural_tags(trigger):
     ]:
         with pytest.raises(GrammarError, match=why):
             compiler.compile(StructuredOutputs("structural_tag", json.dumps(bad)))
+
+
+def test_compiler_errors_keep_neither_the_grammar_dump_nor_a_panic_backtrace():
+    from server.engine.structured import _without_dump
+
+    said = "panicked at src/earley/parser.rs:12: index out of bounds\n<backtrace>\n   0: llguidance::x\n   1: std"
+    assert _without_dump(said) == "panicked at src/earley/parser.rs:12: index out of bounds"
+    assert _without_dump("unexpected token 'x'\n<state>\nrule r0 ::= SECRET") == "unexpected token 'x'"

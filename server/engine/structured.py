@@ -96,8 +96,29 @@ def _regex_literal(text: str) -> str:
 
 
 def _without_dump(error: str) -> str:
-    """llguidance's error without the parser state and grammar dump it appends (user content, possibly huge)."""
-    return error.split("\n<state>", 1)[0].strip()
+    """llguidance's error without the parser state and grammar dump it appends (user content, possibly huge) and
+    without the Rust backtrace of a caught panic (the server's internals)."""
+    for mark in ("\n<state>", "<backtrace>"):
+        error = error.split(mark, 1)[0]
+    return error.strip()
+
+
+def _count_refs(spec: str) -> int:
+    """How many `$ref` keys the JSON text `spec` holds once parsed (escapes such as `\\u0024ref` included); the
+    textual count where it is not JSON (that is refused later, with its own message)."""
+    try:
+        stack = [json.loads(spec)]
+    except (ValueError, RecursionError):
+        return spec.count('"$ref"')
+    refs = 0
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            refs += "$ref" in node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return refs
 
 
 _REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$#&-~/")
@@ -382,7 +403,7 @@ class GrammarCompiler:
         except GrammarError:
             raise
         except ValueError as e:  # e.g. text that is not valid Unicode (lone surrogates)
-            raise GrammarError(str(e)) from None
+            raise GrammarError(_without_dump(str(e))) from None
         t0 = time.perf_counter()
         if not m.is_error():
             m.compute_bitmask()  # the first step: a grammar over the parser's or lexer's limits fails here already
@@ -430,6 +451,8 @@ def _check_depth(so: StructuredOutputs) -> None:
     """Refuse a spec whose chains of references could be deeper than a compilation's stack takes (a count of its
     `$ref`s and of its grammar's rules bounds them: inline nesting is bounded by the JSON and grammar parsers)."""
     refs = so.spec.count('"$ref"')
+    if so.kind in ("json", "structural_tag") and "ref" in so.spec:
+        refs = max(refs, _count_refs(so.spec))
     if refs > MAX_SCHEMA_REFS:
         raise GrammarError(f"the schema has {refs} $ref references: at most {MAX_SCHEMA_REFS} are allowed")
     if so.kind == "grammar":
