@@ -128,11 +128,13 @@ def test_a_forced_tool_call_is_a_tool_use_block(srv, claude):
     msg = claude.messages.create(**kw)
     assert msg.stop_reason == "tool_use"
     (use,) = [b for b in msg.content if b.type == "tool_use"]
-    assert use.name == "get_weather" and isinstance(use.input["city"], str) and use.id
+    assert use.name == "get_weather" and isinstance(use.input["city"], str) and use.id.startswith("toolu_")
     with claude.messages.stream(**kw) as s:
         final = s.get_final_message()
     (streamed,) = [b for b in final.content if b.type == "tool_use"]
-    assert streamed.input == use.input and final.stop_reason == "tool_use"
+    assert (
+        streamed.input == use.input and final.stop_reason == "tool_use" and streamed.id.startswith("toolu_")
+    )
     # the call and its result sent back: the next turn is the chat's with the same turns
     turns = [
         *ASK,

@@ -284,6 +284,11 @@ def chat_request(body: MessagesRequest, stream: bool | None = None) -> ChatCompl
         raise APIError(422, message, code="invalid_value", param=loc_param(loc)) from None
 
 
+def _tool_use_id(call_id: str) -> str:
+    """A chat tool call's id as Anthropic spells a tool_use block's (`toolu_...`)."""
+    return "toolu_" + call_id.removeprefix("call_") if call_id else ""
+
+
 def _frame(event: dict[str, Any]) -> bytes:
     data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
     return f"event: {event['type']}\ndata: {data}\n\n".encode()
@@ -403,7 +408,7 @@ class _Stream:
                 if c.get("id") or fn.get("name"):  # a call's first fragment: its own block
                     block = {
                         "type": "tool_use",
-                        "id": c.get("id") or "",
+                        "id": _tool_use_id(c.get("id") or ""),
                         "name": fn.get("name") or "",
                         "input": {},
                     }
