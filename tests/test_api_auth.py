@@ -210,6 +210,20 @@ def test_open_mode_without_keys(server_factory, api_bundle, caplog):
     assert any("metrics_require_admin" in r.getMessage() and "open" in r.getMessage() for r in caplog.records)
 
 
+def test_short_keys_are_said_at_start_up_without_the_keys(server_factory, caplog):
+    caplog.set_level("WARNING", logger="prefixserve.api")
+    server_factory(keys={"acme": KEY_A, "globex": "g" * 40}, admin_key="a" * 40)
+    (said,) = [r.getMessage() for r in caplog.records if "shorter than" in r.getMessage()]
+    assert "tenant acme's" in said and "globex" not in said and "admin" not in said and KEY_A not in said
+    caplog.clear()
+    server_factory(keys={"acme": "k" * 40}, admin_key=ADMIN)
+    (said,) = [r.getMessage() for r in caplog.records if "shorter than" in r.getMessage()]
+    assert "the admin's" in said and "acme" not in said and ADMIN not in said
+    caplog.clear()
+    server_factory(keys={"acme": "k" * 40}, admin_key="a" * 40)
+    assert not [r for r in caplog.records if "shorter than" in r.getMessage()]
+
+
 def test_key_configuration_is_validated():
     from server.settings import Settings
 

@@ -27,7 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefix_store import PrefixStore, open_store
-from server.api.auth import KeyRing, with_api_key_header
+from server.api.auth import MIN_KEY_CHARS, KeyRing, with_api_key_header
 from server.api.errors import (
     APIError,
     SafeJSONResponse,
@@ -490,6 +490,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             len(st.keyring.tenants),
             " and an admin key" * bool(s.admin_key),
         )
+        if st.keyring.short_keys:
+            log.warning(
+                "API keys shorter than %d characters (%s): failed keys are not throttled, so a key must be too "
+                "long to guess; make them random and long (e.g. `openssl rand -hex 24`)",
+                MIN_KEY_CHARS,
+                ", ".join(st.keyring.short_keys[:5]) + (", ..." if len(st.keyring.short_keys) > 5 else ""),
+            )
     t0 = time.monotonic()
     if st.bundle is None:
         log.info("loading model %s (device=%s, dtype=%s)", s.model, s.device, s.dtype)

@@ -58,6 +58,11 @@ class Principal:
 OPEN = Principal(tenant_id=None, admin=True, open=True)
 
 
+# a key shorter than this is said at start-up: failed keys are not throttled (a throttle keyed by client address
+# would lock out everyone behind one proxy), so a key must be too long to guess (`openssl rand -hex 24`: 48)
+MIN_KEY_CHARS = 24
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
@@ -72,6 +77,10 @@ class KeyRing:
     def __init__(self, tenant_keys: dict[str, str], admin_key: str | None) -> None:
         self._entries = [(_digest(k), t) for k, t in tenant_keys.items()]
         self._admin = _digest(admin_key) if admin_key else None
+        # which keys are short (for the start-up warning; never the keys themselves)
+        self.short_keys = sorted({f"tenant {t}'s" for k, t in tenant_keys.items() if len(k) < MIN_KEY_CHARS})
+        if admin_key and len(admin_key) < MIN_KEY_CHARS:
+            self.short_keys.insert(0, "the admin's")
         self.enabled = bool(self._entries) or self._admin is not None
         self.tenants = sorted({t for _, t in self._entries})
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.api.auth import KeyRing
+from server.api.auth import MIN_KEY_CHARS, KeyRing
 from server.api.limits import load_limits_file
 from server.api.service import default_limit
 
@@ -87,7 +87,10 @@ class ConfigReloader:
                 "it holds no tenant key: every tenant would be locked out (restart to apply that)"
             )
         self.state.keyring = ring
-        return f"{len(ring.tenants)} tenants"
+        short = f" (keys shorter than {MIN_KEY_CHARS} characters: {', '.join(ring.short_keys)})" * bool(
+            ring.short_keys
+        )
+        return f"{len(ring.tenants)} tenants{short}"
 
     def _limits(self) -> str:
         s = self.state.settings
