@@ -191,6 +191,12 @@ class Settings(BaseSettings):
     )
     max_num_seqs: int = Field(64, ge=1, description="Most requests in one running batch")
     max_batched_tokens: int = Field(2048, ge=16, description="Most tokens (prefill + decode) in one step")
+    long_prefill_token_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="While other requests decode, a prompt computes at most this many tokens a step, so a long "
+        "prompt does not hold their streams (0: no cap; default: 256 on CPU, none on CUDA)",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
     prompt_cache: bool = Field(
         True,

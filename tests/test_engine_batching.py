@@ -1250,3 +1250,50 @@ def test_idle_prefix_blocks_are_counted_as_the_cache_changes(tiny_llama_bundle):
     eng.add_request(_req("running", [1, 2, 3], kl[2], max_tokens=50))
     eng.step()
     assert eng.pool.num_used - pc.idle_blocks > 0  # a running request holds its own blocks and its prefix
+
+
+@pytest.mark.parametrize("async_decode", ["off", "on"])
+def test_a_long_prompt_beside_decoding_rows_runs_in_capped_chunks(tiny_llama_bundle, async_decode):
+    """While a row decodes, a long prompt computes at most `long_prefill_tokens` a step (one long chunk would hold
+    the decoding row's next token for its whole step); with nothing decoding it takes the whole budget; the tokens
+    are the same either way."""
+    bundle = tiny_llama_bundle
+    keys = {PrefixKey("t0", "default", 1): random_kv(bundle.spec, 8, seed=0)}
+    k = next(iter(keys))
+    streaming = Request(
+        "s", random_prompt(bundle.spec.vocab_size, 5, 1), SamplingParams(60, ignore_eos=True), k
+    )
+    long = Request(
+        "long", random_prompt(bundle.spec.vocab_size, 200, 2), SamplingParams(4, ignore_eos=True), k
+    )
+    ref = {o.request_id: o.token_ids for o in make_engine(bundle, keys).generate([streaming, long])}
+
+    def chunks(eng: LLMEngine, first: Request | None) -> tuple[list[int], dict[str, list[int]]]:
+        seen: list[int] = []
+        prepare = eng.runner.prepare
+
+        def spy(rows):
+            seen.extend(len(r.tokens) for r in rows if len(r.tokens) > 1)
+            return prepare(rows)
+
+        eng.runner.prepare = spy
+        got: dict[str, list[int]] = {}
+        if first is not None:
+            eng.add_request(first)
+            while not got.get(first.request_id):
+                for ev in eng.step():
+                    got.setdefault(ev.request_id, []).extend(ev.token_ids)
+            seen.clear()  # (its own prompt)
+        eng.add_request(long)
+        while eng.has_unfinished():
+            for ev in eng.step():
+                assert ev.finish_reason != "error", ev.error
+                got.setdefault(ev.request_id, []).extend(ev.token_ids)
+        return seen, got
+
+    cfg = {"max_num_batched_tokens": 512, "long_prefill_tokens": 48, "async_decode": async_decode}
+    seen, got = chunks(make_engine(bundle, keys, **cfg), streaming)
+    assert seen == [48, 48, 48, 48, 8] and got == ref  # 200 tokens beside the decoding row
+    seen, got = chunks(make_engine(bundle, keys, **cfg), None)
+    assert seen == [200] and got == {"long": ref["long"]}  # alone: one chunk
+    assert make_engine(bundle, keys).scheduler.cfg.long_prefill_tokens == 256  # a CPU's default

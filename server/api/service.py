@@ -846,6 +846,7 @@ class Service:
         cfg = EngineConfig(
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_batched_tokens,
+            long_prefill_tokens=settings.long_prefill_token_threshold,
             max_waiting=settings.max_queued,
             kv_cache_bytes=settings.kv_cache_mb * mib,
             prefix_cache_bytes=settings.prefix_cache_mb * mib if settings.prefix_cache_mb else None,

@@ -53,6 +53,7 @@ _SAMPLING_ERRORS = {NO_TOKEN_IN_GRAMMAR: "GrammarError", NO_TOKEN_ALLOWED: "NoTo
 EventCallback = Callable[[TokenEvent], None]
 
 
+CPU_LONG_PREFILL_TOKENS = 256  # EngineConfig.long_prefill_tokens's default on a CPU
 DEFAULT_MAX_MODEL_LEN = 8192  # the context served when neither the settings nor a smaller model limit it
 
 
@@ -88,6 +89,9 @@ class EngineConfig:
     # row (greedy or sampled, see spec.speculable), from its own earlier n-grams of spec_ngram (min, max) tokens; 0: off
     speculative_tokens: int = 0
     spec_ngram: tuple[int, int] = (2, 4)
+    # while other rows decode, a prompt computes at most this many tokens a step (0: no cap; None: 256 on a CPU,
+    # where a 2,048-token chunk of a long prompt held every stream's next token for seconds, none on CUDA)
+    long_prefill_tokens: int | None = None
     # structured outputs: a request whose grammar masks take longer than this (3 times) ends with an error
     mask_budget_ms: float = MASK_BUDGET_MS
 
@@ -198,6 +202,9 @@ class LLMEngine:
                 cfg.fair_scheduling,
                 cfg.speculative_tokens,
                 *cfg.spec_ngram,
+                CPU_LONG_PREFILL_TOKENS
+                if cfg.long_prefill_tokens is None and bundle.device.type == "cpu"
+                else cfg.long_prefill_tokens or 0,
             ),
             self.pool,
             self.prefix_cache,
@@ -599,7 +606,7 @@ class LLMEngine:
         keep: list[int] = []  # the carried rows, as indices into fl.seqs (and fl.tokens)
         extra: list[tuple[Sequence, int]] = []
         budget = self.cfg.max_num_batched_tokens
-        sched.prefixes.process()
+        sched.begin_step()
         # a row ended by the token being delivered may still take a block here (even evicting an idle prefix or a
         # cached prompt block) that the synchronous engine would not have needed; it is freed with the row
         for seq in sched._ranked():

@@ -34,6 +34,10 @@ class SchedulerConfig:
     spec_tokens: int = 0
     spec_min_n: int = 2
     spec_max_n: int = 4
+    # while other rows decode, a prompt computes at most this many tokens a step (vLLM's
+    # long_prefill_token_threshold, which applies always): a long prompt's chunk would hold every stream's next token
+    # for its whole step (seconds on a CPU); alone, a prompt takes the whole step budget. 0: no cap
+    long_prefill_tokens: int = 0
 
 
 PROMPT_LOGPROBS_CHUNK = 512  # 512 x a 128k vocabulary x 4 bytes = 256 MiB of logits at most
@@ -64,6 +68,7 @@ class Scheduler:
         self.cache_query_tokens = 0  # own tokens of admitted requests (prompt cache on)
         self.cache_hit_tokens = 0  # of which found in the prompt cache
         self._fresh: list[int] = []  # blocks registered by the step being scheduled (see `_register`)
+        self._prefill_cap = 0  # this step's cap on a prompt's chunk (`begin_step`); 0: none
         self.spec_draft_tokens = 0  # drafted tokens scheduled for verification
         self.spec_accepted_tokens = 0  # of which the model agreed with (counted by the engine)
 
@@ -186,17 +191,27 @@ class Scheduler:
         self.num_preemptions += 1
 
     # ------------------------------------------------------------------ schedule
-    @staticmethod
-    def _chunk(seq: Sequence, budget: int) -> int:
+    def begin_step(self) -> None:
+        """Before a step is planned: take in loaded prefixes, and cap prompt chunks if any row is decoding."""
+        self.prefixes.process()
+        cap = self.cfg.long_prefill_tokens
+        self._prefill_cap = (
+            cap if cap > 0 and any(s.output and s.to_compute <= 1 for s in self.running) else 0
+        )
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of `seq` to run this step. A prefill with prompt logprobs returns every position's logits
-        ([tokens, vocab] float32), so its chunks are capped to bound that memory."""
+        ([tokens, vocab] float32), so its chunks are capped to bound that memory; beside decoding rows, a prompt's
+        chunk is capped to `long_prefill_tokens` (`begin_step`)."""
         n = min(seq.to_compute, budget)
         if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt):
             n = min(n, PROMPT_LOGPROBS_CHUNK)
+        if self._prefill_cap:
+            n = min(n, self._prefill_cap)
         return n
 
     def schedule(self) -> list[ScheduledItem]:
-        self.prefixes.process()
+        self.begin_step()
         self._fresh = []
         if self.cfg.fair and self.waiting and len(self.running) >= self.cfg.max_num_seqs:
             self._preempt_for_starved()
