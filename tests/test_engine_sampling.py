@@ -1282,3 +1282,41 @@ def test_watermarked_text_is_detected_and_plain_text_is_not(setup):
     green[watermark_greenlist(2, vocab, 0.5)] = True
     assert int(green.sum()) == vocab // 2
     assert torch.equal(got[green], row[green] + 1.5) and torch.equal(got[~green], row[~green])
+
+
+def test_byte_fallback_tokenizers_keep_characters_around_byte_tokens():
+    """SentencePiece vocabularies with byte fallback (Llama 2, Mistral, Gemma) decode a run of `<0xNN>` tokens that
+    is not valid UTF-8 as a whole into U+FFFD for every byte. The prompt context decoded before the output began
+    inside a character, and an output cut inside one was re-decoded whole: characters around them turned into
+    U+FFFD, differently streamed and not. Each token's spelling keeps its "▁" as a space."""
+    from server.engine.detokenizer import IncrementalDetokenizer, decode_output
+    from server.engine.token_bytes import TokenTexts
+    from tests.fixtures.models import make_sentencepiece_tokenizer
+
+    tok = make_sentencepiece_tokenizer()
+    texts = TokenTexts(tok)
+
+    def both(prompt: list[int], ids: list[int]) -> tuple[str, str]:
+        d = IncrementalDetokenizer(tok, prompt, (), texts=texts)
+        return "".join(d.add(i)[0] for i in ids) + d.finish(), decode_output(tok, prompt, ids)
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    party = "\N{PARTY POPPER}"
+    prompt = ids("The capital " + party + party)  # its last 6 tokens begin inside the first character
+    assert len(prompt) > 6 and tok.convert_ids_to_tokens(prompt[-6]) == "<0x8E>"  # (its third byte)
+    out = ids(party + " is Paris")[1:]  # (no "▁" of its own in front)
+    assert both(prompt, out) == (party + " is Paris",) * 2
+    # cut inside a character: the text before it stays, the rest is one U+FFFD, streamed or not
+    cut = ids("日本")[:-2]  # (a "▁" in front: the normalizer puts one)
+    assert tok.convert_ids_to_tokens(cut) == ["▁", "<0xE6>", "<0x97>", "<0xA5>", "<0xE6>"]
+    assert both(ids("The capital is"), cut) == (" 日\ufffd",) * 2
+    # a prompt that ends inside a character: the output that completes it brings that character only
+    head = ids("The capital " + party + party)
+    assert both(head[:-2], head[-2:] + ids("is") + ids("日本")) == (party + " is 日本",) * 2
+    # spellings (logprobs' tokens, chat's bytes) keep the space their "▁" stands for, so they add up to the text
+    spelled = [texts(i) for i in ids("The capital is Paris.")]
+    assert spelled == [" The", " capital", " is", " Paris", "."]
+    assert [texts(i) for i in cut] == [" ", "bytes:\\xe6", "bytes:\\x97", "bytes:\\xa5", "bytes:\\xe6"]
+    assert not texts.dropped(ids(" ")[0]) and texts.dropped(tok.eos_token_id)

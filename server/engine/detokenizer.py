@@ -8,7 +8,10 @@ characters that are later cut.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
 from typing import Any
+
+from server.engine.token_bytes import fallback_byte, is_byte_fallback
 
 CONTEXT_TOKENS = 6  # prompt tokens decoded before the output: a first token's leading space depends on them
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
@@ -65,6 +68,47 @@ def decode_text(tokenizer, ids: list[int], skip_special_tokens: bool = True, spa
     )
 
 
+# A ByteFallback decoder (SentencePiece vocabularies with `<0xNN>` byte tokens: Llama 2, Mistral, Gemma) turns every
+# byte of a run of byte tokens into U+FFFD when the run is not valid UTF-8 as a whole: a window of tokens decoded from
+# the middle of a character, or up to a character not yet complete, lost the characters around it too. Windows start
+# at a character's first byte (`char_start`) and an incomplete end is decoded apart (`settled`).
+
+
+def char_start(tokenizer, ids: list[int], i: int) -> int:
+    """`i` moved back over byte fallback tokens that go on a character (at most 3: a character's bytes after its
+    first), to the character's first byte."""
+    for _ in range(3):
+        b = fallback_byte(tokenizer, ids[i]) if 0 < i < len(ids) else None
+        if b is None or not 0x80 <= b <= 0xBF:
+            break
+        i -= 1
+    return i
+
+
+def _incomplete_end(tokenizer, ids: list[int]) -> int:
+    """How many byte fallback tokens at the end of `ids` are a character begun and not yet complete (0: none)."""
+    after = 0
+    for t in reversed(ids[-4:]):
+        b = fallback_byte(tokenizer, t)
+        if b is None:
+            return 0
+        if 0x80 <= b <= 0xBF:
+            after += 1
+            continue
+        need = 1 if 0xC2 <= b <= 0xDF else 2 if 0xE0 <= b <= 0xEF else 3 if 0xF0 <= b <= 0xF4 else 0
+        return after + 1 if after < need else 0
+    return 0
+
+
+def settled(decode: Callable[[list[int]], str], tokenizer, ids: list[int], byte_fallback: bool) -> str:
+    """`decode(ids)`, where a character begun and not complete at the end is one U+FFFD after the text before it (as
+    a byte-level decoder has it, not a U+FFFD for every byte of its run)."""
+    text = decode(ids)
+    if byte_fallback and text.endswith(REPLACEMENT) and (k := _incomplete_end(tokenizer, ids)):
+        return decode(ids[:-k]) + REPLACEMENT
+    return text
+
+
 def decode_output(
     tokenizer, prompt_ids: list[int], ids: list[int], skip_special_tokens: bool = True, spaces: bool = True
 ) -> str:
@@ -75,8 +119,10 @@ def decode_output(
     def decode(t: list[int]) -> str:
         return decode_text(tokenizer, t, skip_special_tokens, spaces)
 
-    ctx = list(prompt_ids[-CONTEXT_TOKENS:])
-    before, whole = decode(ctx), decode(ctx + ids)
+    fallback = is_byte_fallback(tokenizer)
+    start = max(0, len(prompt_ids) - CONTEXT_TOKENS)
+    ctx = list(prompt_ids[char_start(tokenizer, prompt_ids, start) if fallback else start :])
+    before, whole = settled(decode, tokenizer, ctx, fallback), settled(decode, tokenizer, ctx + ids, fallback)
     if not whole.startswith(before.rstrip(REPLACEMENT)):
         return decode(ids)
     return whole[kept_length(before, whole) :]
@@ -111,7 +157,11 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop  # the text ends with the stop string that ended it (else before it)
         self.hold = max((len(s) for s in stop), default=1) - 1
         # context, so the first tokens decode with their spacing
-        self.ids: list[int] = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.fallback = is_byte_fallback(tokenizer)
+        start = max(0, len(prompt_ids) - CONTEXT_TOKENS)
+        self.ids: list[int] = list(
+            prompt_ids[char_start(tokenizer, prompt_ids, start) if self.fallback else start :]
+        )
         for t in self.ids:
             self._feed(t)
         self.prefix_offset = 0
@@ -123,6 +173,9 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return decode_text(self.tok, ids, self.skip_special, self.spaces)
+
+    def _settled(self, ids: list[int]) -> str:
+        return settled(self._decode, self.tok, ids, self.fallback)
 
     def _feed(self, token_id: int) -> None:
         if self.texts is not None and not (self.skip_special and self.texts.dropped(token_id)):
@@ -143,7 +196,8 @@ class IncrementalDetokenizer:
             return self._emit()
         self.ids.append(token_id)
         self._feed(token_id)
-        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        # (the prompt may end inside a character: its text so far ends in U+FFFD)
+        prefix_text = self._settled(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
         kept = kept_length(prefix_text, new_text)
         end = len(self.ids)
@@ -157,7 +211,10 @@ class IncrementalDetokenizer:
         if end > 0 and len(new_text) > kept:
             start = len(self.text)
             self.text += new_text[kept:]
-            self.prefix_offset = self.read_offset
+            # (the next window starts where this one's new text did, at that character's first byte)
+            self.prefix_offset = (
+                char_start(self.tok, self.ids, self.read_offset) if self.fallback else self.read_offset
+            )
             self.read_offset = end
             if self._cut_at_stop(start):
                 return self._flush(), True
@@ -193,8 +250,8 @@ class IncrementalDetokenizer:
         """Remaining text at the end of generation (an incomplete UTF-8 tail is decoded with replacement). Text held
         back as an incomplete character may hold a stop string: it is cut there too (`stopped` says so)."""
         if self.read_offset < len(self.ids) and not self.stopped:
-            prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
-            new_text = self._decode(self.ids[self.prefix_offset :])
+            prefix_text = self._settled(self.ids[self.prefix_offset : self.read_offset])
+            new_text = self._settled(self.ids[self.prefix_offset :])
             start = len(self.text)
             self.text += new_text[kept_length(prefix_text, new_text) :]
             self.read_offset = len(self.ids)

@@ -22,12 +22,38 @@ def _byte_level_table() -> dict[str, int]:
     return {chr(c): b for b, c in chars.items()}
 
 
-def _is_byte_level(tokenizer: Any) -> bool:
+def _decoder(tokenizer: Any) -> str:
+    """The fast tokenizer's decoder as JSON text ("" for a slow tokenizer, or none of the expected attributes)."""
     try:
         decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder")
-    except Exception:  # a slow tokenizer, or none of the expected attributes
-        return False
-    return '"ByteLevel"' in json.dumps(decoder)
+    except Exception:
+        return ""
+    return json.dumps(decoder, ensure_ascii=False)
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    return '"ByteLevel"' in _decoder(tokenizer)
+
+
+_FALLBACK: dict[int, tuple[Any, bool]] = {}
+
+
+def is_byte_fallback(tokenizer: Any) -> bool:
+    """A SentencePiece-style decoder with byte fallback (Llama 2, Mistral, Gemma: `<0xNN>` tokens), which turns
+    every byte of a run of byte tokens into U+FFFD when the run is not valid UTF-8 as a whole."""
+    hit = _FALLBACK.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        if len(_FALLBACK) > 64:  # (tokenizers of models loaded and dropped, e.g. by tests)
+            _FALLBACK.clear()
+        hit = _FALLBACK[id(tokenizer)] = (tokenizer, '"ByteFallback"' in _decoder(tokenizer))
+    return hit[1]
+
+
+def fallback_byte(tokenizer: Any, token_id: int) -> int | None:
+    """The byte of a byte fallback token `<0xNN>`, else None."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    m = _BYTE_TOKEN.fullmatch(piece) if isinstance(piece, str) else None
+    return None if m is None else int(m.group(1), 16)
 
 
 class TokenTexts:
@@ -38,7 +64,15 @@ class TokenTexts:
         self._cache: dict[int, tuple[str, bytes]] = {}
         self._dropped: dict[int, bool] = {}
         self._special = {int(i) for i in getattr(tokenizer, "all_special_ids", None) or []}
-        self._byte_table = _byte_level_table() if _is_byte_level(tokenizer) else None
+        try:  # added tokens are spelled as they are decoded (their text is their own, no "▁" for a space)
+            self._added = frozenset(tokenizer.get_added_vocab())
+        except Exception:
+            self._added = frozenset()
+        decoder = _decoder(tokenizer)
+        self._byte_table = _byte_level_table() if '"ByteLevel"' in decoder else None
+        # SentencePiece's "▁" for a space (Llama 2, Mistral, Gemma): its decoder drops the space that starts the
+        # text it decodes, so a token decoded alone ("▁Paris": "Paris") would lose the space it has in any text
+        self._metaspace = "▁" in decoder
 
     def _bytes(self, token_id: int) -> bytes:
         piece = self._tok.convert_ids_to_tokens(token_id)
@@ -50,6 +84,8 @@ class TokenTexts:
             table = self._byte_table
             if table is not None and all(ch in table for ch in piece):
                 return bytes(table[ch] for ch in piece)
+            if self._metaspace and piece not in self._added:
+                return piece.replace("▁", " ").encode("utf-8")
         text = self._tok.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return text.encode("utf-8")
 
@@ -77,7 +113,9 @@ class TokenTexts:
         hit = self._dropped.get(token_id)
         if hit is None:
             shown = self._tok.decode([token_id], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            hit = self._dropped[token_id] = shown == "" and self.entry(token_id)[1] != b""
+            # (decoded alone: "▁" of a SentencePiece vocabulary is "" either way, and is text)
+            kept = self._tok.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            hit = self._dropped[token_id] = shown == "" and kept != ""
         return hit
 
 
