@@ -88,14 +88,31 @@ class Scheduler:
         seq.own_blocks.extend(self.pool.allocate(need))
         return True
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: Sequence, keep_prefix: bool = False) -> None:
+        """Give back the row's blocks and, unless `keep_prefix`, its prefix. A row that goes back to waiting after
+        it produced tokens keeps its prefix (`_requeued`): resumed on a fresh lookup it would fail if its version
+        was deleted meanwhile (a rollback, `keep_versions` pruning), or run on other tensors."""
         self.pool.free(reversed(seq.own_blocks))  # tail first: cached leading blocks outlive it
         seq.own_blocks = []
         seq.cache_nodes = []
-        if seq.prefix is not None:
+        if seq.prefix is not None and not keep_prefix:
             self.prefixes.release(seq.prefix)
             seq.prefix = None
         self._unclaim(seq)
+
+    @staticmethod
+    def _requeued(seq: Sequence) -> bool:
+        """Whether a row going back to waiting keeps its prefix (see `free`)."""
+        return bool(seq.output)
+
+    def _release_waiting_prefixes(self, keep: Sequence) -> bool:
+        """Nothing runs and `keep` cannot get blocks: the prefixes that waiting rows hold (`free`) may be what
+        holds the pool. They let go (each looks its prefix up again when admitted); whether any did."""
+        held = [s for s in self.waiting if s is not keep and s.prefix is not None]
+        for s in held:
+            self.prefixes.release(s.prefix)  # type: ignore[arg-type]
+            s.prefix = None
+        return bool(held)
 
     def _unclaim(self, seq: Sequence) -> None:
         if seq.prefix_claimed:
@@ -173,7 +190,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue
             self.running.remove(seq)
-            self.free(seq)
+            self.free(seq, keep_prefix=self._requeued(seq))
             # its counts stay (counters never go down); its next admission is not counted again
             seq.preempted = seq.admission[2]
             seq.admission_counted = True
@@ -183,7 +200,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.free(seq)
+        self.free(seq, keep_prefix=self._requeued(seq))
         seq.num_cached = 0
         seq.preempted = True
         seq.status = SeqStatus.WAITING
@@ -343,8 +360,10 @@ class Scheduler:
                 self._unclaim(seq)
             queried = self._match_cached(seq)
             n = self._chunk(seq, budget)
-            if not self._ensure_blocks(seq, n):
-                self.free(seq)  # its prefix and any cached blocks it took
+            if not self._ensure_blocks(seq, n) and not (
+                not self.running and self._release_waiting_prefixes(seq) and self._ensure_blocks(seq, n)
+            ):
+                self.free(seq, keep_prefix=self._requeued(seq))  # its prefix and any cached blocks it took
                 seq.num_cached = 0
                 break
             # counted once it is admitted (it may wait, and be matched again, many steps first)
