@@ -110,6 +110,7 @@ def test_metrics_present_and_updated(server_factory, api_bundle):
         "prefixserve:generation_tokens_total",
         "prefixserve:prefix_cache_hits_total",
         "prefixserve:prefix_cache_misses_total",
+        "prefixserve:prefix_cache_fetches_total",
         "prefixserve:prefix_cache_evictions_total",
         "prefixserve:prefix_cache_resident_bytes",
         "prefixserve:distinct_prefixes_per_batch_count",
@@ -153,6 +154,7 @@ def test_metrics_present_and_updated(server_factory, api_bundle):
     assert all(metric_value(m, f"prefixserve:request_{k}_time_seconds_count") == 3 for k in times)
     assert times["inference"] >= times["decode"] > 0 and times["prefill"] > 0
     assert metric_value(m, "prefixserve:prefix_cache_misses_total") >= 1
+    assert metric_value(m, "prefixserve:prefix_cache_fetches_total") >= 1
     assert metric_value(m, "prefixserve:prefix_cache_hits_total") >= 2
     assert metric_value(m, "prefixserve:prefix_cache_resident_bytes") > 0
     assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "length"}) == 3

@@ -206,7 +206,7 @@ def test_prefixes_fetched_for_waiting_requests_are_not_evicted_before_use(tiny_l
     outs = eng.generate(reqs)
     assert all(o.error is None and len(o.token_ids) == 3 for o in outs)
     st = eng.prefix_cache.stats
-    assert st.misses == 8 and prov.fetches == 8, (st, prov.fetches)
+    assert st.misses == 8 and prov.fetches == 8 == st.fetches, (st, prov.fetches)
 
 
 def _full_pool(b, n_prefixes):
@@ -1297,3 +1297,38 @@ def test_a_long_prompt_beside_decoding_rows_runs_in_capped_chunks(tiny_llama_bun
     seen, got = chunks(make_engine(bundle, keys, **cfg), None)
     assert seen == [200] and got == {"long": ref["long"]}  # alone: one chunk
     assert make_engine(bundle, keys).scheduler.cfg.long_prefill_tokens == 256  # a CPU's default
+
+
+def test_a_prefix_fetched_for_a_waiting_request_is_not_evicted_to_install_another(tiny_llama_bundle):
+    """Short of pool blocks, installing a fetched prefix evicted another that was fetched for a waiting request and
+    not yet taken; that request then fetched it again, evicting the first: store reads in a loop. The install
+    waits instead (retried every step) until the other is taken and idle."""
+    b = tiny_llama_bundle
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 32, seed=i) for i in range(2)}  # 2 blocks each
+    kx, ky = keys
+    eng = make_engine(b, keys, kv_cache_bytes=pool_bytes(b, 8))
+    pc = eng.prefix_cache
+
+    def load(k: PrefixKey) -> bool:
+        pc.claim(k)
+        assert pc.lookup(k) is None  # a fetch starts
+        for _ in range(500):
+            pc.process()
+            if k in pc.entries:
+                return True
+            if pc._loading[k].done():  # fetched, and not installed: no room
+                pc.process()
+                return k in pc.entries
+            time.sleep(0.002)
+        raise AssertionError("fetch never finished")
+
+    assert load(kx)
+    eng.pool.allocate(eng.pool.num_free - 1)  # room for half of ky
+    assert not load(ky) and kx in pc.entries and pc.stats.evictions == 0
+    x = pc.entries[kx]
+    pc.acquire(x)  # its request takes it, then ends: idle, no longer held for anyone
+    pc.unclaim(kx)
+    pc.release(x)
+    pc.process()
+    assert ky in pc.entries and kx not in pc.entries and pc.stats.evictions == 1
+    assert pc.stats.fetches == 2

@@ -42,7 +42,11 @@ class _EngineCollector(Collector):
         yield waiting
         for name, doc in (
             ("prefix_cache_hits", "Prefix cache lookups served from device memory"),
-            ("prefix_cache_misses", "Prefix cache lookups that fetched from the store"),
+            (
+                "prefix_cache_misses",
+                "Prefix cache lookups (one per request) that found the prefix not resident",
+            ),
+            ("prefix_cache_fetches", "Prefix reads from the store (a miss joins a read under way)"),
             ("prefix_cache_evictions", "Prefixes evicted from device memory"),
             ("prefix_cache_load_errors", "Prefix fetches that failed (store down, corrupt, wrong model)"),
         ):

@@ -955,6 +955,7 @@ class Service:
             "waiting": self.engine.num_waiting if alive else 0,
             "prefix_cache_hits": pc.stats.hits,
             "prefix_cache_misses": pc.stats.misses,
+            "prefix_cache_fetches": pc.stats.fetches,
             "prefix_cache_evictions": pc.stats.evictions,
             "prefix_cache_load_errors": pc.stats.load_errors,
             "prefix_cache_resident_bytes": resident_bytes,

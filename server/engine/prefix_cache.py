@@ -108,6 +108,7 @@ class PrefixLoadError:
 class PrefixCacheStats:
     hits: int = 0
     misses: int = 0
+    fetches: int = 0  # store reads started (a miss joins one under way; an evicted prefix is read again)
     evictions: int = 0
     load_errors: int = 0
 
@@ -187,6 +188,7 @@ class PrefixCache:
             if self.max_pending is not None and len(self._loading) + self._fresh() >= self.max_pending:
                 return None  # fetched once those ahead of it are in use
             fut = self._executor.submit(self._fetch, key)
+            self.stats.fetches += 1
             self._loading[key] = fut
             if self.on_loaded is not None:
                 fut.add_done_callback(lambda _f: self.on_loaded())
@@ -288,11 +290,13 @@ class PrefixCache:
                 continue  # retry next step once running requests free blocks
             del self._loading[key]
 
-    def evict(self, blocks_needed: int) -> bool:
+    def evict(self, blocks_needed: int, spare_fresh: bool = False) -> bool:
         """Evict idle prefixes (least frequently used first) until `blocks_needed` blocks are free; True on
-        success."""
+        success. `spare_fresh`: not one fetched for a request that has not taken it yet (a prefix installed for
+        another waiting request: evicting it for this one only fetched it again, and then this one for it)."""
+        now = time.monotonic()
         for e in self._victims():
-            if self.pool.num_free >= blocks_needed:
+            if self.pool.num_free >= blocks_needed or (spare_fresh and self.is_fresh(e, now)):
                 break
             self._drop(e)
             self.stats.evictions += 1
@@ -332,7 +336,7 @@ class PrefixCache:
         n_blocks = self.pool.blocks_for(p)
         nbytes = n_blocks * self.pool.block_bytes
         self._trim(nbytes)
-        if self.pool.num_free < n_blocks and not self.evict(n_blocks):
+        if self.pool.num_free < n_blocks and not self.evict(n_blocks, spare_fresh=True):
             raise OutOfBlocks("no room for prefix")
         blocks = self.pool.allocate(n_blocks)
         self.pool.write_prefix(blocks, kv)
