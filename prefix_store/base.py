@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, VersionTaken
+from prefix_store.errors import InvalidName, InvalidPrefix, PrefixNotFound, StoreError, VersionTaken
 from prefix_store.format import (
     IDEMPOTENCY,
     ChangeEvent,
@@ -35,7 +35,7 @@ from prefix_store.format import (
     encode_prefix,
     label,
 )
-from prefix_store.names import validate_name
+from prefix_store.names import RESERVED_PREFIX_NAME, validate_name
 
 log = logging.getLogger("prefix_store")
 
@@ -154,6 +154,8 @@ class PrefixStore(abc.ABC):
     ) -> EncodedPrefix:
         validate_name(tenant_id, "tenant_id")
         validate_name(name, "name")
+        if name == RESERVED_PREFIX_NAME:
+            raise InvalidName(f"name {name!r} is reserved: it means the base model without a prefix")
         return encode_prefix(
             kind,
             tensors,

@@ -14,6 +14,8 @@ from prefix_store.errors import InvalidName
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_NAME_LENGTH = 128
+# the prefix name that means "no prefix" (the base model alone) to the server: never a stored prefix's
+RESERVED_PREFIX_NAME = "base"
 
 
 def is_valid_name(value: object) -> bool:

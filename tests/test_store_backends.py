@@ -531,6 +531,15 @@ def test_invalid_names_write_nothing(store, bad):
         assert not (Path(store.root).parent / "x").exists()
 
 
+def test_the_reserved_prefix_name_base_is_refused_and_writes_nothing(store):
+    """`tenant/base` means the base model to the server: a prefix stored as `base` could be listed, never served."""
+    with pytest.raises(errors.InvalidName, match="reserved"):
+        put(store, "acme", "base")
+    assert store.list() == [] and stored_nothing(store)
+    put(store, "base", "Base")  # a tenant named base, and names that only look like it, are names like others
+    assert [(m.tenant_id, m.name) for m in store.list()] == [("base", "Base")]
+
+
 def test_name_of_128_chars_is_fine(store):
     n = "n" * 128
     put(store, "t" * 128, n)

@@ -6,10 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr
 
-from prefix_store.names import MAX_NAME_LENGTH
+from prefix_store.names import MAX_NAME_LENGTH, RESERVED_PREFIX_NAME
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
-BASE_PREFIX = "base"  # reserved prefix name: no prefix, the base model alone
+BASE_PREFIX = RESERVED_PREFIX_NAME  # reserved prefix name: no prefix, the base model alone
 JOBS_TENANT = "jobs"  # a tenant id that cannot store prefixes: /prefixes/jobs/... are the training job routes
 
 
