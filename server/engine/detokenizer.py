@@ -85,6 +85,12 @@ def char_start(tokenizer, ids: list[int], i: int) -> int:
     return i
 
 
+def context(tokenizer, prompt_ids: list[int], byte_fallback: bool) -> list[int]:
+    """The prompt tokens decoded before the output: its last CONTEXT_TOKENS, from a character's first byte."""
+    start = max(0, len(prompt_ids) - CONTEXT_TOKENS)
+    return list(prompt_ids[char_start(tokenizer, prompt_ids, start) if byte_fallback else start :])
+
+
 def _incomplete_end(tokenizer, ids: list[int]) -> int:
     """How many byte fallback tokens at the end of `ids` are a character begun and not yet complete (0: none)."""
     after = 0
@@ -120,8 +126,7 @@ def decode_output(
         return decode_text(tokenizer, t, skip_special_tokens, spaces)
 
     fallback = is_byte_fallback(tokenizer)
-    start = max(0, len(prompt_ids) - CONTEXT_TOKENS)
-    ctx = list(prompt_ids[char_start(tokenizer, prompt_ids, start) if fallback else start :])
+    ctx = context(tokenizer, prompt_ids, fallback)
     before, whole = settled(decode, tokenizer, ctx, fallback), settled(decode, tokenizer, ctx + ids, fallback)
     if not whole.startswith(before.rstrip(REPLACEMENT)):
         return decode(ids)
@@ -158,10 +163,7 @@ class IncrementalDetokenizer:
         self.hold = max((len(s) for s in stop), default=1) - 1
         # context, so the first tokens decode with their spacing
         self.fallback = is_byte_fallback(tokenizer)
-        start = max(0, len(prompt_ids) - CONTEXT_TOKENS)
-        self.ids: list[int] = list(
-            prompt_ids[char_start(tokenizer, prompt_ids, start) if self.fallback else start :]
-        )
+        self.ids: list[int] = context(tokenizer, prompt_ids, self.fallback)
         for t in self.ids:
             self._feed(t)
         self.prefix_offset = 0
