@@ -312,6 +312,11 @@ def test_a_special_token_has_its_spelling_and_the_text_it_releases_is_the_output
     ]  # fmt: skip
     assert frames[-1]["generated_text"] == "ab" and frames[-1]["details"]["finish_reason"] == "eos_token"
     assert all(f["generated_text"] is None for f in frames[:-1])
+    # an added token marked special that `all_special_ids` leaves out (SmolLM2's <repo_name>): special all the same,
+    # with its spelling (the output text leaves it out)
+    shape.special = set()
+    assert shape.token(eos, None, "")["special"] and not shape.token(a, None, "a")["special"]
+    assert shape.token_text(shape.detokenizer([a]), eos, last=False) == tok.decode([eos])
 
 
 async def _collect_frames(gen) -> list[dict]:

@@ -310,12 +310,17 @@ class _Shape:
             svc.token_text.piece
         )  # a token decoded alone, as TGI shows alternatives and prompt tokens
 
+    def is_special(self, token_id: int) -> bool:
+        """The tokenizer's special tokens, and added tokens marked special that the output text leaves out (e.g.
+        SmolLM2's `<repo_name>`: not in `all_special_ids`, yet streamed as "" without being said special)."""
+        return token_id in self.special or self.token_texts.dropped(token_id)
+
     def token(self, token_id: int, lp: TokenLogprob | None, text: str) -> dict[str, Any]:
         tok: dict[str, Any] = {
             "id": token_id,
             "text": text,
             "logprob": finite_logprob(lp.logprob) if lp is not None else None,
-            "special": token_id in self.special,
+            "special": self.is_special(token_id),
         }
         if self.p.return_k_alternatives and lp is not None:
             tok["alternative_tokens"] = [
@@ -329,7 +334,7 @@ class _Shape:
         if lp is None:
             return []
         return [
-            {"id": t, "text": self.piece(t), "logprob": finite_logprob(v), "special": t in self.special}
+            {"id": t, "text": self.piece(t), "logprob": finite_logprob(v), "special": self.is_special(t)}
             for t, v in lp.top[:n]
         ]
 
@@ -341,7 +346,7 @@ class _Shape:
         """A generated token's own text, decoded incrementally as TGI has it: a token ending inside a character
         gives "" and the next one completes it; a special token (EOS) its own spelling (`special` says what it
         is). Not the output text a stop string may hold back: that is `generated_text`'s."""
-        text = self.piece(token_id) if token_id in self.special else detok.add(token_id)[0]
+        text = self.piece(token_id) if self.is_special(token_id) else detok.add(token_id)[0]
         return text + detok.finish() if last else text
 
     def texts(self, prompt_ids: list[int], ids: list[int]) -> list[str]:
