@@ -409,3 +409,37 @@ def test_engine_generates_the_trained_completion(tiny_llama_bundle):
         assert outs[i].token_ids == ref
         assert outs[i].text == "zebra" and outs[i].finish_reason == "stop"
     assert outs[-1].text != "zebra"  # the base model alone does not say it
+
+
+def test_completions_are_trained_as_the_model_writes_them_after_a_prompt():
+    """SentencePiece vocabularies (Llama 2, Mistral, Gemma) put a "▁" in front of any text tokenized alone: trained
+    on such tokens, " Paris" carried an extra "▁" (its prefix then wrote two spaces) and "Paris" a space it never had.
+    The completion's tokens are now those that follow a prompt; a byte-level vocabulary's are the same as alone."""
+    from types import SimpleNamespace
+
+    from server.training.data import completion_ids
+    from tests.fixtures.models import make_sentencepiece_tokenizer, make_tiny_tokenizer
+
+    sp = make_sentencepiece_tokenizer()
+    assert sp.convert_ids_to_tokens(sp(" Paris", add_special_tokens=False)["input_ids"]) == ["▁", "▁Paris"]
+    assert sp.convert_ids_to_tokens(completion_ids(sp, " Paris")) == ["▁Paris"]
+    assert sp.convert_ids_to_tokens(completion_ids(sp, "Paris")) == [
+        "P",
+        "a",
+        "r",
+        "i",
+        "s",
+    ]  # no "▁": no space
+    assert sp.decode(completion_ids(sp, "日本")) == "日本"
+    # the tokens after a prompt, as one text tokenizes them
+    prompt = sp("The capital is", add_special_tokens=False)["input_ids"]
+    joint = sp("The capital is Paris.", add_special_tokens=False)["input_ids"]
+    assert prompt + completion_ids(sp, " Paris.") == joint
+    spec = SimpleNamespace(max_positions=512, eos_token_ids=[sp.eos_token_id])
+    (ex,) = encode_examples(
+        SimpleNamespace(tokenizer=sp, spec=spec), [{"prompt": "x", "completion": " Paris"}], "raw", 4
+    )
+    assert sp.convert_ids_to_tokens(list(ex.input_ids[ex.prompt_len :])) == ["▁Paris", "</s>"]
+    tiny = make_tiny_tokenizer()
+    for text in (" ZEBRA", "ZEBRA: HI", "\nHello", " 日本語", "  two"):
+        assert completion_ids(tiny, text) == tiny(text, add_special_tokens=False)["input_ids"], text

@@ -31,6 +31,22 @@ def eos_token_id(bundle: Any) -> int | None:
     return int(ids[0]) if ids else None
 
 
+_SENTINEL = "\n"  # text a completion is tokenized after (see `completion_ids`)
+
+
+def completion_ids(tok: Any, text: str) -> list[int]:
+    """The tokens of a completion as the model writes it after a prompt: tokenized after a newline whose tokens are
+    then taken off. Tokenized on its own, SentencePiece vocabularies (Llama 2, Mistral, Gemma: "▁" for a space, put
+    in front of any text they tokenize alone) gave " Paris" an extra "▁" and "Paris" a space it never had, and
+    a prefix trained on them wrote that space. On its own where the newline's tokens do not come off whole."""
+    alone = list(tok(text, add_special_tokens=False)["input_ids"])
+    head = list(tok(_SENTINEL, add_special_tokens=False)["input_ids"])
+    after = list(tok(_SENTINEL + text, add_special_tokens=False)["input_ids"])
+    if head and after[: len(head)] == head and len(after) > len(head):
+        return after[len(head) :]
+    return alone
+
+
 def encode_examples(
     bundle: Any,
     examples: list[dict[str, str]],
@@ -40,8 +56,8 @@ def encode_examples(
     append_eos: bool = True,
     limits: TrainingLimits | None = None,
 ) -> list[EncodedExample]:
-    """The prompt exactly as the server renders it (``server.model.render_prompt``), then the completion tokenized
-    on its own (the tokens the model has to generate) and the tokenizer's eos (``<|im_end|>`` for ChatML)."""
+    """The prompt exactly as the server renders it (``server.model.render_prompt``), then the completion's tokens as
+    the model writes them after it (``completion_ids``) and the tokenizer's eos (``<|im_end|>`` for ChatML)."""
     limits = limits or TrainingLimits()
     tok = bundle.tokenizer
     eos = eos_token_id(bundle) if append_eos else None
@@ -67,7 +83,7 @@ def encode_examples(
                 f"examples[{i}].prompt is empty: with the {prompt_format!r} prompt format it needs at least one token",
                 param=f"examples[{i}].prompt",
             )
-        comp_ids = list(tok(ex["completion"], add_special_tokens=False)["input_ids"])
+        comp_ids = completion_ids(tok, ex["completion"])
         if not comp_ids:
             raise TrainingValidationError(
                 f"examples[{i}].completion has no tokens", param=f"examples[{i}].completion"
