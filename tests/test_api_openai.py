@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import openai
@@ -1103,3 +1104,48 @@ def test_return_token_ids(srv):
     assert frames[0]["prompt_token_ids"] == r["prompt_token_ids"]
     assert all("prompt_token_ids" not in f for f in frames[1:])
     assert [t for f in frames for t in f["choices"][0]["token_ids"]] == ids
+
+
+def test_echoed_raw_prompts_offsets_point_into_the_text_with_a_sentencepiece_vocabulary(server_factory):
+    """A raw prompt is echoed as given; with a BOS token and SentencePiece's "▁" its tokens' spellings ("<s>",
+    " The", ...) add up to more than it, and every offset after them pointed past the text it names."""
+    from tokenizers import processors
+
+    from server.model import bundle_from_model
+    from tests.fixtures.models import make_sentencepiece_tokenizer, make_tiny_llama
+
+    tok = make_sentencepiece_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(  # Llama 2's: <s> first
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    s = server_factory(bundle=bundle_from_model(make_tiny_llama(tok, seed=0), tok, name="sp"))
+    prompt = "The capital is"
+    body = {
+        "model": "acme/base",
+        "prompt": prompt,
+        "max_tokens": 4,
+        "echo": True,
+        "logprobs": 0,
+        "temperature": 0,
+    }
+    for stream in (False, True):
+        r = s.client().post("/v1/completions", json={**body, "stream": stream})
+        if stream:
+            chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+            text = "".join(c["choices"][0]["text"] for c in chunks)
+            lps = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+            tokens = [t for lp in lps for t in lp["tokens"]]
+            offsets = [o for lp in lps for o in lp["text_offset"]]
+        else:
+            choice = r.json()["choices"][0]
+            text, tokens, offsets = (
+                choice["text"],
+                choice["logprobs"]["tokens"],
+                choice["logprobs"]["text_offset"],
+            )
+        assert text.startswith(prompt) and tokens[:4] == ["<s>", " The", " capital", " is"], (stream, tokens)
+        assert offsets[:4] == [0, 0, 3, 11] and offsets[4] == len(prompt), (stream, offsets)
+        for t, at in zip(
+            tokens[4:], offsets[4:], strict=True
+        ):  # the output's tokens, where the text has them
+            assert t.startswith("bytes:") or text[at : at + len(t)] == t, (stream, t, at, text)

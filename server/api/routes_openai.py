@@ -613,7 +613,15 @@ def _echo_part(
         return text, None
     k = ch.plan.logprobs or 0  # the engine may report more alternatives (for prompt_logprobs)
     rest = [replace(lp, top=lp.top[:k]) for lp in (plps or [])[1:] if lp is not None]
-    return text, completion_logprobs(rest, ch.text, offsets, first_token=ids[0], prompt=True)
+    logprobs = completion_logprobs(rest, ch.text, offsets, first_token=ids[0], prompt=True)
+    over = offsets.chars - len(text)
+    if over > 0:
+        # a raw prompt is echoed as given, its tokens' spellings add up to more: a BOS token's ("<s>"), the space
+        # that SentencePiece's "▁" stands for before its first word. Both are at its start: offsets count from the
+        # echoed text, so the output's start where it does
+        logprobs["text_offset"] = [max(0, o - over) for o in logprobs["text_offset"]]
+        offsets.chars -= over
+    return text, logprobs
 
 
 def _pending_tail(ch: _Choices, index: int) -> bytes:
