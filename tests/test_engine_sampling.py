@@ -1320,3 +1320,8 @@ def test_byte_fallback_tokenizers_keep_characters_around_byte_tokens():
     assert spelled == [" The", " capital", " is", " Paris", "."]
     assert [texts(i) for i in cut] == [" ", "bytes:\\xe6", "bytes:\\x97", "bytes:\\xa5", "bytes:\\xe6"]
     assert not texts.dropped(ids(" ")[0]) and texts.dropped(tok.eos_token_id)
+    # bytes that are not UTF-8 (a stray 0xED between newlines): the decoder's U+FFFDs for their run, the same
+    # streamed and not (decoded at once, the run's other characters were lost differently)
+    stray = [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x0A, 0xED, 0x0A, 0x41)]
+    streamed, whole = both(ids("The capital is"), stray)
+    assert streamed == whole and streamed.startswith("\n")

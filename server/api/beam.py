@@ -224,6 +224,7 @@ class BeamSearch:
             shown,
             sp.skip_special_tokens,
             sp.spaces_between_special_tokens,
+            self.svc.token_text,
         )
         return TokenEvent(
             request_id="",

@@ -11,7 +11,7 @@ import codecs
 from collections.abc import Callable
 from typing import Any
 
-from server.engine.token_bytes import fallback_byte, is_byte_fallback
+from server.engine.token_bytes import TokenTexts, fallback_byte, is_byte_fallback
 
 CONTEXT_TOKENS = 6  # prompt tokens decoded before the output: a first token's leading space depends on them
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
@@ -116,11 +116,17 @@ def settled(decode: Callable[[list[int]], str], tokenizer, ids: list[int], byte_
 
 
 def decode_output(
-    tokenizer, prompt_ids: list[int], ids: list[int], skip_special_tokens: bool = True, spaces: bool = True
+    tokenizer,
+    prompt_ids: list[int],
+    ids: list[int],
+    skip_special_tokens: bool = True,
+    spaces: bool = True,
+    texts: Any = None,
 ) -> str:
     """The text of `ids` as they follow the prompt, decoded at once: the same text an `IncrementalDetokenizer` gives
     (SentencePiece-style decoders drop the leading space of whatever they decode first, so the output is decoded
-    after the end of the prompt and that part taken off)."""
+    after the end of the prompt and that part taken off). `texts`: the tokens' `TokenTexts`, as the streamed
+    text's detokenizer has them."""
 
     def decode(t: list[int]) -> str:
         return decode_text(tokenizer, t, skip_special_tokens, spaces)
@@ -128,6 +134,19 @@ def decode_output(
     fallback = is_byte_fallback(tokenizer)
     ctx = context(tokenizer, prompt_ids, fallback)
     before, whole = settled(decode, tokenizer, ctx, fallback), settled(decode, tokenizer, ctx + ids, fallback)
+    if fallback and REPLACEMENT in whole:
+        # bytes that are not UTF-8 among byte fallback tokens: the decoder turns their whole run into U+FFFD, so
+        # which characters around them survive depends on where a decoded window starts; decoded as a stream is,
+        # the text is the stream's (rare: a model writing invalid bytes)
+        d = IncrementalDetokenizer(
+            tokenizer,
+            prompt_ids,
+            (),
+            skip_special_tokens=skip_special_tokens,
+            spaces_between_special_tokens=spaces,
+            texts=texts if texts is not None else TokenTexts(tokenizer),
+        )
+        return "".join(d.add(t)[0] for t in ids) + d.finish()
     if not whole.startswith(before.rstrip(REPLACEMENT)):
         return decode(ids)
     return whole[kept_length(before, whole) :]

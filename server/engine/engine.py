@@ -879,7 +879,12 @@ class LLMEngine:
             # the token that stopped it is not text (as when streamed: it never reaches the detokenizer)
             out = out[:-1]
         return decode_output(
-            self.bundle.tokenizer, seq.prompt, out, p.skip_special_tokens, p.spaces_between_special_tokens
+            self.bundle.tokenizer,
+            seq.prompt,
+            out,
+            p.skip_special_tokens,
+            p.spaces_between_special_tokens,
+            self.token_texts,
         )
 
     def _finish(
