@@ -413,3 +413,33 @@ def test_rows_waiting_on_prefixes_they_hold_let_go_when_nothing_else_can_run(tin
             assert ev.finish_reason != "error", ev.error
             got[ev.request_id].extend(ev.token_ids)
     assert not eng.has_unfinished() and got == want
+
+
+def test_the_only_running_row_short_of_blocks_takes_them_from_prefixes_that_waiting_rows_hold(
+    tiny_llama_bundle,
+):
+    """The one running row, short of blocks that a waiting row's held prefix takes, preempted itself (losing its
+    KV) and was admitted again by small chunks, forever: the held prefixes give way instead (found by a fuzzer)."""
+    b = tiny_llama_bundle
+    kb = PrefixKey("tb", "p", 1)
+    keys = {kb: random_kv(b.spec, 44, seed=1)}  # 11 blocks of 4
+    a = _req("A", random_prompt(b.spec.vocab_size, 20, 1), None, max_tokens=12)  # 8 blocks in all
+    late = _req("B", random_prompt(b.spec.vocab_size, 4, 2), kb, max_tokens=4)
+    want = {o.request_id: o.token_ids for o in make_engine(b, keys).generate([a, late])}
+    eng = make_engine(
+        b, keys, block_size=4, kv_cache_bytes=pool_bytes(b, 18, 4), prefix_cache_bytes=pool_bytes(b, 18, 4),
+        max_num_batched_tokens=8, prompt_cache=False, long_prefill_tokens=0,
+    )  # fmt: skip
+    got: dict[str, list[int]] = {"A": [], "B": []}
+    eng.add_request(a)
+    while not got["A"]:
+        for ev in eng.step():
+            got[ev.request_id].extend(ev.token_ids)
+    eng.add_request(late)
+    for _ in range(300):
+        if not eng.has_unfinished():
+            break
+        for ev in eng.step():
+            assert ev.finish_reason != "error", ev.error
+            got[ev.request_id].extend(ev.token_ids)
+    assert not eng.has_unfinished() and got == want

@@ -212,9 +212,9 @@ class Scheduler:
         """Before a step is planned: take in loaded prefixes, and cap prompt chunks if any row is decoding."""
         self.prefixes.process()
         cap = self.cfg.long_prefill_tokens
-        self._prefill_cap = (
-            cap if cap > 0 and any(s.output and s.to_compute <= 1 for s in self.running) else 0
-        )
+        # (decoding: a row with its next token to feed, or with it in flight: the async chain's)
+        decoding = any(s.to_compute == 0 or (s.output and s.to_compute <= 1) for s in self.running)
+        self._prefill_cap = cap if cap > 0 and decoding else 0
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of `seq` to run this step. A prefill with prompt logprobs returns every position's logits
@@ -245,6 +245,8 @@ class Scheduler:
             n += len(draft)
             while not self._ensure_blocks(seq, n):
                 victim = self._victim()
+                if victim is seq and len(self.running) == 1 and self._release_waiting_prefixes(seq):
+                    continue  # the only row: the prefixes that waiting rows hold give way, not its KV
                 self._preempt(victim)
                 if victim is seq:
                     break
