@@ -526,14 +526,15 @@ class DiskJobBackend:
                     and not self._found_stored(rec)
                 ):
                     rec.status, rec.finished = "failed", time.time()
+                    # (the error is the tenant's to read: the worker's name, its host and pid, goes to the log)
                     rec.error = (
-                        f"worker {rec.worker} stopped heartbeating ({time.time() - rec.heartbeat:.0f}s "
+                        f"its worker stopped heartbeating ({time.time() - rec.heartbeat:.0f}s "
                         f"> {self.stale_after_s:g}s) while holding the job; marked failed"
                     )
                     self._write(rec)
                     self._end(rec)
                     touched.append(job_id)
-                    log.warning("job %s: %s", job_id, rec.error)
+                    log.warning("job %s (worker %s): %s", job_id, rec.worker, rec.error)
                 elif rec is not None and rec.status == "succeeded":
                     touched.append(job_id)
                 continue
@@ -570,22 +571,23 @@ class DiskJobBackend:
             return
         if self._cancel(rec.job_id).exists():
             rec.status, rec.finished, rec.cancel_requested = "cancelled", time.time(), True
-            rec.error = f"cancelled; its worker {dead} died"
+            rec.error = "cancelled; its worker died"
         elif rec.attempts >= self.max_attempts:
             rec.status, rec.finished = "failed", time.time()
             rec.error = (
-                f"worker {dead} died while running the job (attempt {rec.attempts} of {self.max_attempts}); "
+                f"its worker died while running the job (attempt {rec.attempts} of {self.max_attempts}); "
                 "giving up"
             )
         else:
             rec.status, rec.worker, rec.started, rec.heartbeat = "queued", None, None, None
             rec.progress = {"step": 0, "total_steps": None, "loss": None, "epoch": 0}
-            rec.error = f"worker {dead} died during attempt {rec.attempts}; requeued"
+            rec.error = f"its worker died during attempt {rec.attempts}; requeued"
             self._write(rec)
             _unlink(self._running(rec.job_id))
             self._enqueue(rec)
-            log.warning("job %s: %s", rec.job_id, rec.error)
+            log.warning("job %s (worker %s): %s", rec.job_id, dead, rec.error)
             return
+        log.warning("job %s (worker %s): %s", rec.job_id, dead, rec.error)
         self._write(rec)
         self._end(rec)
         log.warning("job %s: %s", rec.job_id, rec.error)

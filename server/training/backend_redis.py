@@ -506,14 +506,14 @@ class RedisJobBackend:
                     vals = found_stored(rec, stored.version, stored.training)
                 elif what == "cancel_requested":
                     vals = {"status": "cancelled", "finished": time.time(), "cancel_requested": True,
-                            "error": f"cancelled; its worker {rec.worker} went away" if rec.worker else
+                            "error": "cancelled; its worker went away" if rec.worker else
                             "cancelled before it started"}  # fmt: skip
                 else:
                     dead = _dec(res[2]) if len(res) > 2 else rec.worker
                     vals = {"status": "failed", "finished": time.time(),
-                            "error": f"worker {dead} stopped heartbeating while running the job (attempt "
+                            "error": f"its worker stopped heartbeating while running the job (attempt "
                                      f"{rec.attempts} of {self.max_attempts}); giving up"}  # fmt: skip
-                    log.warning("job %s: %s", job_id, vals["error"])
+                    log.warning("job %s (worker %s): %s", job_id, dead, vals["error"])
                 self._end(rec, "", entry_id, vals)
             else:
                 self._ack(entry_id)
