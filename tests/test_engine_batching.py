@@ -1302,11 +1302,16 @@ def test_a_long_prompt_beside_decoding_rows_runs_in_capped_chunks(tiny_llama_bun
 def test_a_prefix_fetched_for_a_waiting_request_is_not_evicted_to_install_another(tiny_llama_bundle):
     """Short of pool blocks, installing a fetched prefix evicted another that was fetched for a waiting request and
     not yet taken; that request then fetched it again, evicting the first: store reads in a loop. The install
-    waits instead (retried every step) until the other is taken and idle."""
+    waits instead (retried every step) until the other is taken and idle, and evicts nothing meanwhile (the idle
+    prefixes it could take would not make room)."""
     b = tiny_llama_bundle
-    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 32, seed=i) for i in range(2)}  # 2 blocks each
-    kx, ky = keys
-    eng = make_engine(b, keys, kv_cache_bytes=pool_bytes(b, 8))
+    kz, kx, ky = (PrefixKey(t, "p", 1) for t in "zxy")
+    keys = {
+        kz: random_kv(b.spec, 16, seed=0),
+        kx: random_kv(b.spec, 32, seed=1),
+        ky: random_kv(b.spec, 48, seed=2),
+    }
+    eng = make_engine(b, keys, kv_cache_bytes=pool_bytes(b, 8), prefix_cache_bytes=pool_bytes(b, 8))
     pc = eng.prefix_cache
 
     def load(k: PrefixKey) -> bool:
@@ -1322,13 +1327,18 @@ def test_a_prefix_fetched_for_a_waiting_request_is_not_evicted_to_install_anothe
             time.sleep(0.002)
         raise AssertionError("fetch never finished")
 
-    assert load(kx)
-    eng.pool.allocate(eng.pool.num_free - 1)  # room for half of ky
-    assert not load(ky) and kx in pc.entries and pc.stats.evictions == 0
+    assert load(kz)
+    z = pc.entries[kz]
+    pc.acquire(z)  # taken by its request, which ended: an ordinary victim
+    pc.unclaim(kz)
+    pc.release(z)
+    assert load(kx)  # for a request that has not taken it yet
+    eng.pool.allocate(eng.pool.num_free - 1)  # ky (3 blocks) would need z's 1 and x's 2
+    assert not load(ky) and kx in pc.entries and kz in pc.entries and pc.stats.evictions == 0
     x = pc.entries[kx]
     pc.acquire(x)  # its request takes it, then ends: idle, no longer held for anyone
     pc.unclaim(kx)
     pc.release(x)
     pc.process()
-    assert ky in pc.entries and kx not in pc.entries and pc.stats.evictions == 1
-    assert pc.stats.fetches == 2
+    assert ky in pc.entries and kx not in pc.entries and kz not in pc.entries and pc.stats.evictions == 2
+    assert pc.stats.fetches == 3

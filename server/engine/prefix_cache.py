@@ -295,8 +295,13 @@ class PrefixCache:
         success. `spare_fresh`: not one fetched for a request that has not taken it yet (a prefix installed for
         another waiting request: evicting it for this one only fetched it again, and then this one for it)."""
         now = time.monotonic()
-        for e in self._victims():
-            if self.pool.num_free >= blocks_needed or (spare_fresh and self.is_fresh(e, now)):
+        victims = self._victims()
+        if spare_fresh:
+            victims = [e for e in victims if not self.is_fresh(e, now)]
+            if self.pool.num_free + sum(len(e.blocks) for e in victims) < blocks_needed:
+                return False  # (evicting them would not make room: they stay)
+        for e in victims:
+            if self.pool.num_free >= blocks_needed:
                 break
             self._drop(e)
             self.stats.evictions += 1
