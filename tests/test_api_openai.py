@@ -1128,6 +1128,13 @@ def test_echoed_raw_prompts_offsets_point_into_the_text_with_a_sentencepiece_voc
         "logprobs": 0,
         "temperature": 0,
     }
+    # a special token inside the prompt: SentencePiece puts a "▁" after it too
+    mid = "The capital</s>The capital is"
+    r = s.client().post("/v1/completions", json={**body, "prompt": mid}).json()["choices"][0]
+    tokens, offsets = r["logprobs"]["tokens"], r["logprobs"]["text_offset"]
+    n = tokens.index("</s>")
+    assert tokens[n + 1] == " The" and offsets[n : n + 3] == [11, 15, 18] and offsets[n + 4] == len(mid)
+    assert offsets[:3] == [0, 0, 3]
     for stream in (False, True):
         r = s.client().post("/v1/completions", json={**body, "stream": stream})
         if stream:

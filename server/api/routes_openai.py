@@ -614,14 +614,29 @@ def _echo_part(
     k = ch.plan.logprobs or 0  # the engine may report more alternatives (for prompt_logprobs)
     rest = [replace(lp, top=lp.top[:k]) for lp in (plps or [])[1:] if lp is not None]
     logprobs = completion_logprobs(rest, ch.text, offsets, first_token=ids[0], prompt=True)
-    over = offsets.chars - len(text)
-    if over > 0:
+    if offsets.chars > len(text):
         # a raw prompt is echoed as given, its tokens' spellings add up to more: a BOS token's ("<s>"), the space
-        # that SentencePiece's "▁" stands for before its first word. Both are at its start: offsets count from the
-        # echoed text, so the output's start where it does
-        logprobs["text_offset"] = [max(0, o - over) for o in logprobs["text_offset"]]
-        offsets.chars -= over
+        # that SentencePiece's "▁" stands for before the first word and after each special token. Offsets are
+        # found in the echoed text, and the output's start where it does
+        logprobs["text_offset"] = _aligned(text, logprobs["tokens"], logprobs["text_offset"], offsets.chars)
+        offsets.chars = len(text)
     return text, logprobs
+
+
+def _aligned(text: str, tokens: list[str], starts: list[int], end: int) -> list[int]:
+    """Where `tokens` (spellings, counted from `starts`, the last ending at `end`) stand in `text`: a spelling
+    there as it is, or without its leading space, advances; one that is not there (a BOS token's) stands where the
+    next one does. A `bytes:` token advances by what it adds."""
+    out, at = [], 0
+    for i, t in enumerate(tokens):
+        out.append(min(at, len(text)))
+        if t.startswith("bytes:"):
+            at += (starts[i + 1] if i + 1 < len(starts) else end) - starts[i]
+        elif text.startswith(t, at):
+            at += len(t)
+        elif t.startswith(" ") and text.startswith(t[1:], at):
+            at += len(t) - 1
+    return out
 
 
 def _pending_tail(ch: _Choices, index: int) -> bytes:
