@@ -233,11 +233,11 @@ def test_models_and_errors(oai):
         with pytest.raises(openai.NotFoundError) as e:
             oai.models.retrieve(unknown)
         assert e.value.body["code"] == "model_not_found", unknown
-    # a path ending in a newline (Starlette's `$` matches before it) names no model, not the list or `acme`
-    for path in ("/models/%0A", "/models/acme%0A"):
+    # a path ending in a newline (Starlette's `$` matches before it) is no route: not the list, nor `acme`'s card
+    for path in ("/models/%0A", "/models/acme%0A", "/models%0A"):
         with pytest.raises(openai.NotFoundError) as e:
             oai.get(path, cast_to=openai.types.Model)
-        assert e.value.body["code"] == "model_not_found", path
+        assert e.value.body["code"] == "not_found", path
     # generation answers an unknown model like OpenAI, whether the tenant is another's or the prefix is missing
     # (the longest id: 128-character names and a version, 276 characters, is an id, not an invalid field)
     longest = "t" * 128 + "/" + "n" * 128 + "@" + "9" * 18

@@ -239,6 +239,13 @@ class ServiceMiddleware:
                     path,
                 )
                 return
+            if path.endswith("\n"):
+                # Starlette's route patterns end in `$`, which matches before a final newline: "/v1/models\n"
+                # answered as "/v1/models" (and "/v1/models/acme\n" as acme's). No path of ours ends in one
+                await _send_error(
+                    send_wrapper, 404, "not found", "not_found", rid, settings.retry_after_s, path
+                )
+                return
             if st.svc is None and not probe and path not in DOCS:
                 await _send_error(
                     send_wrapper, 503, "server is starting", "starting", rid, settings.retry_after_s, path

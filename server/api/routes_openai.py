@@ -1100,9 +1100,6 @@ async def get_model(
     model: str = Path(max_length=300),
     principal: Principal = Depends(get_principal),
 ) -> ModelCard:
-    path = request.scope.get("path", "")
-    if path.endswith("\n"):  # Starlette's `$` matches before a final newline, which `model` then lacks
-        raise model_not_found(path.partition("/models/")[2])
     # "/v1/models/": to the list, as Starlette redirected before this route took paths
     if not model.strip("/"):
         return RedirectResponse(request.url.path.rstrip("/"), status_code=307)  # type: ignore[return-value]
