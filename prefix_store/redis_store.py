@@ -285,7 +285,9 @@ class RedisStore(PrefixStore):
     ) -> tuple[PrefixMeta, bytes | None]:
         t, n = tenant_id, name
         with self._errors(f"get {label(t, n, version)}"):
-            for _attempt in range(3):  # latest may be deleted and re-put between the two round trips
+            # latest may be deleted and re-put between the two round trips (a writer deleting latest versions in a
+            # loop beat 3 tries once, on a loaded machine: the test of it failed); each try is two round trips
+            for _attempt in range(10):
                 v = self._resolve(t, n, version)
                 if with_blob:
                     meta_b, blob = self._r.mget([self._meta_key(t, n, v), self._blob_key(t, n, v)])
