@@ -406,13 +406,20 @@ def test_rows_waiting_on_prefixes_they_hold_let_go_when_nothing_else_can_run(tin
     assert all(s.prefix is not None for s in eng.scheduler.waiting)
     # 3 blocks free: either row needs 5 of its own, which the other's prefix (4 blocks, held) keeps from it
     eng.pool.allocate(eng.pool.num_free - 3)
-    for _ in range(100):
+    _run_to_the_end(eng, got, 100)
+    assert got == want
+
+
+def _run_to_the_end(eng, got: dict[str, list[int]], steps: int) -> None:
+    """Step `eng` until nothing is left, collecting tokens into `got`; fails if that takes over `steps` steps (a
+    livelock: steps that never finish anything)."""
+    for _ in range(steps):
         if not eng.has_unfinished():
-            break
+            return
         for ev in eng.step():
             assert ev.finish_reason != "error", ev.error
             got[ev.request_id].extend(ev.token_ids)
-    assert not eng.has_unfinished() and got == want
+    assert not eng.has_unfinished(), f"unfinished after {steps} steps"
 
 
 def test_the_only_running_row_short_of_blocks_takes_them_from_prefixes_that_waiting_rows_hold(
@@ -436,10 +443,5 @@ def test_the_only_running_row_short_of_blocks_takes_them_from_prefixes_that_wait
         for ev in eng.step():
             got[ev.request_id].extend(ev.token_ids)
     eng.add_request(late)
-    for _ in range(300):
-        if not eng.has_unfinished():
-            break
-        for ev in eng.step():
-            assert ev.finish_reason != "error", ev.error
-            got[ev.request_id].extend(ev.token_ids)
-    assert not eng.has_unfinished() and got == want
+    _run_to_the_end(eng, got, 300)
+    assert got == want
