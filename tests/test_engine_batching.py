@@ -1317,7 +1317,7 @@ def test_a_prefix_fetched_for_a_waiting_request_is_not_evicted_to_install_anothe
     def load(k: PrefixKey) -> bool:
         pc.claim(k)
         assert pc.lookup(k) is None  # a fetch starts
-        for _ in range(500):
+        for _ in range(5000):  # (up to 10 s: a fetch on a loader thread of a loaded machine)
             pc.process()
             if k in pc.entries:
                 return True
