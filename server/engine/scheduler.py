@@ -106,8 +106,9 @@ class Scheduler:
         return bool(seq.output)
 
     def _release_waiting_prefixes(self, keep: Sequence) -> bool:
-        """Nothing runs and `keep` cannot get blocks: the prefixes that waiting rows hold (`free`) may be what
-        holds the pool. They let go (each looks its prefix up again when admitted); whether any did."""
+        """`keep` cannot get blocks and nothing else running would free any (nothing runs, or only `keep`): the
+        prefixes that waiting rows hold (`free`) may be what holds the pool. They let go (each looks its prefix up
+        again when admitted); whether any did."""
         held = [s for s in self.waiting if s is not keep and s.prefix is not None]
         for s in held:
             self.prefixes.release(s.prefix)  # type: ignore[arg-type]
