@@ -449,3 +449,39 @@ def test_the_only_running_row_short_of_blocks_takes_them_from_prefixes_that_wait
     eng.add_request(late)
     _run_to_the_end(eng, got, 300)
     assert got == want
+
+
+def test_a_row_that_let_go_of_its_prefix_never_resumes_on_other_tensors(tiny_llama_bundle):
+    """A waiting row that let go of its prefix (`_release_waiting_prefixes`) looks it up again: if the tensors
+    under its key changed meanwhile (a store emptied and written again), it ends with a retryable PrefixChanged
+    error instead of going on with tokens of both; the row that kept its prefix finishes exactly as alone."""
+    b = tiny_llama_bundle
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 4 * BS, seed=i) for i in range(2)}
+    reqs = [
+        _req(f"r{i}", random_prompt(b.spec.vocab_size, 4 * BS + 2, 20 + i), k, max_tokens=8)
+        for i, k in enumerate(keys)
+    ]
+    want = {o.request_id: o.token_ids for o in make_engine(b, keys).generate(reqs)}
+    eng = make_engine(b, keys, kv_cache_bytes=pool_bytes(b, 40), prompt_cache=False)
+    got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    ends: dict[str, object] = {}
+    for r in reqs:
+        eng.add_request(r)
+    while not all(got.values()):
+        for ev in eng.step():
+            got[ev.request_id].extend(ev.token_ids)
+    for seq in list(eng.scheduler.running):
+        eng.scheduler._preempt(seq)
+    eng.pool.allocate(eng.pool.num_free - 3)  # one of them must let go (see the test above)
+    for k in keys:  # other tensors under the same keys
+        eng.prefix_cache.provider.prefixes[k] = random_kv(b.spec, 4 * BS, seed=50, scale=8.0)
+        eng.prefix_cache.invalidate(k.tenant_id, k.name)
+    deadline = time.monotonic() + 60
+    while eng.has_unfinished() and time.monotonic() < deadline:
+        for ev in eng.step():
+            got[ev.request_id].extend(ev.token_ids)
+            if ev.finished:
+                ends[ev.request_id] = (ev.finish_reason, ev.error_type)
+    assert sorted(ends.values()) == [("error", "PrefixChanged"), ("length", None)], ends
+    for rid, end in ends.items():
+        assert got[rid] == want[rid] if end == ("length", None) else got[rid] == want[rid][: len(got[rid])]
