@@ -383,12 +383,11 @@ def test_a_preempted_request_never_resumes_on_other_tensors(tenants, tensors):
     assert not [e for e in eng.prefix_cache.entries.values() if e.stale or e.active]
 
 
-def test_rows_waiting_on_prefixes_they_hold_let_go_when_nothing_else_can_run(tiny_llama_bundle):
-    """Preempted rows keep their prefixes while they wait. Where those hold the blocks that the first of them needs
-    and nothing runs that would free any, the others let go of theirs (and look them up again when their turn
-    comes): the engine goes on, and every row finishes as alone."""
-    b = tiny_llama_bundle
-    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 4 * BS, seed=i) for i in range(2)}  # 4 blocks each
+def _two_rows_holding_prefixes(b):
+    """An engine whose two rows, each with a prefix of 4 blocks, have produced tokens and were preempted (keeping
+    their prefixes), with 3 blocks free: either needs 5 of its own, which the other's prefix keeps from it. Returns
+    the engine, the prefixes, the tokens each gives alone, and the tokens got so far."""
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 4 * BS, seed=i) for i in range(2)}
     reqs = [
         _req(f"r{i}", random_prompt(b.spec.vocab_size, 4 * BS + 2, 20 + i), k, max_tokens=8)
         for i, k in enumerate(keys)
@@ -404,8 +403,15 @@ def test_rows_waiting_on_prefixes_they_hold_let_go_when_nothing_else_can_run(tin
     for seq in list(eng.scheduler.running):
         eng.scheduler._preempt(seq)
     assert all(s.prefix is not None for s in eng.scheduler.waiting)
-    # 3 blocks free: either row needs 5 of its own, which the other's prefix (4 blocks, held) keeps from it
     eng.pool.allocate(eng.pool.num_free - 3)
+    return eng, keys, want, got
+
+
+def test_rows_waiting_on_prefixes_they_hold_let_go_when_nothing_else_can_run(tiny_llama_bundle):
+    """Preempted rows keep their prefixes while they wait. Where those hold the blocks that the first of them needs
+    and nothing runs that would free any, the others let go of theirs (and look them up again when their turn
+    comes): the engine goes on, and every row finishes as alone."""
+    eng, _, want, got = _two_rows_holding_prefixes(tiny_llama_bundle)
     _run_to_the_end(eng, got, 100)
     assert got == want
 
@@ -456,23 +462,8 @@ def test_a_row_that_let_go_of_its_prefix_never_resumes_on_other_tensors(tiny_lla
     under its key changed meanwhile (a store emptied and written again), it ends with a retryable PrefixChanged
     error instead of going on with tokens of both; the row that kept its prefix finishes exactly as alone."""
     b = tiny_llama_bundle
-    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 4 * BS, seed=i) for i in range(2)}
-    reqs = [
-        _req(f"r{i}", random_prompt(b.spec.vocab_size, 4 * BS + 2, 20 + i), k, max_tokens=8)
-        for i, k in enumerate(keys)
-    ]
-    want = {o.request_id: o.token_ids for o in make_engine(b, keys).generate(reqs)}
-    eng = make_engine(b, keys, kv_cache_bytes=pool_bytes(b, 40), prompt_cache=False)
-    got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    eng, keys, want, got = _two_rows_holding_prefixes(b)  # one of them must let go
     ends: dict[str, object] = {}
-    for r in reqs:
-        eng.add_request(r)
-    while not all(got.values()):
-        for ev in eng.step():
-            got[ev.request_id].extend(ev.token_ids)
-    for seq in list(eng.scheduler.running):
-        eng.scheduler._preempt(seq)
-    eng.pool.allocate(eng.pool.num_free - 3)  # one of them must let go (see the test above)
     for k in keys:  # other tensors under the same keys
         eng.prefix_cache.provider.prefixes[k] = random_kv(b.spec, 4 * BS, seed=50, scale=8.0)
         eng.prefix_cache.invalidate(k.tenant_id, k.name)
