@@ -57,9 +57,8 @@ def _jobs(svc: Service) -> Any:
 
 def _job_dict(rec: Any, principal: Principal) -> dict[str, Any]:
     d = rec.public_dict() if hasattr(rec, "public_dict") else dict(rec)
-    if (
-        not principal.admin
-    ):  # the worker's name is its host and pid: the operator's business, not the tenant's
+    # the worker's name is its host and pid: the operator's business, not the tenant's
+    if not principal.admin:
         d["worker"] = None
     d.setdefault("job_id", getattr(rec, "job_id", None))
     st = d.get("status")

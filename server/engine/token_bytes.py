@@ -31,10 +31,6 @@ def _decoder(tokenizer: Any) -> str:
     return json.dumps(decoder, ensure_ascii=False)
 
 
-def _is_byte_level(tokenizer: Any) -> bool:
-    return '"ByteLevel"' in _decoder(tokenizer)
-
-
 _FALLBACK: dict[int, tuple[Any, bool]] = {}
 
 
@@ -49,11 +45,15 @@ def is_byte_fallback(tokenizer: Any) -> bool:
     return hit[1]
 
 
-def fallback_byte(tokenizer: Any, token_id: int) -> int | None:
-    """The byte of a byte fallback token `<0xNN>`, else None."""
-    piece = tokenizer.convert_ids_to_tokens(token_id)
+def _piece_byte(piece: object) -> int | None:
+    """The byte a byte fallback token's piece `<0xNN>` stands for, else None."""
     m = _BYTE_TOKEN.fullmatch(piece) if isinstance(piece, str) else None
     return None if m is None else int(m.group(1), 16)
+
+
+def fallback_byte(tokenizer: Any, token_id: int) -> int | None:
+    """The byte of a byte fallback token `<0xNN>`, else None."""
+    return _piece_byte(tokenizer.convert_ids_to_tokens(token_id))
 
 
 class TokenTexts:
@@ -79,8 +79,8 @@ class TokenTexts:
         if piece is None:  # an id past the tokenizer's vocabulary (padded embedding rows)
             return b""
         if token_id not in self._special:
-            if m := _BYTE_TOKEN.fullmatch(piece):
-                return bytes([int(m.group(1), 16)])
+            if (b := _piece_byte(piece)) is not None:
+                return bytes([b])
             table = self._byte_table
             if table is not None and all(ch in table for ch in piece):
                 return bytes(table[ch] for ch in piece)

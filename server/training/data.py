@@ -39,12 +39,11 @@ def completion_ids(tok: Any, text: str) -> list[int]:
     then taken off. Tokenized on its own, SentencePiece vocabularies (Llama 2, Mistral, Gemma: "▁" for a space, put
     in front of any text they tokenize alone) gave " Paris" an extra "▁" and "Paris" a space it never had, and
     a prefix trained on them wrote that space. On its own where the newline's tokens do not come off whole."""
-    alone = list(tok(text, add_special_tokens=False)["input_ids"])
     head = list(tok(_SENTINEL, add_special_tokens=False)["input_ids"])
     after = list(tok(_SENTINEL + text, add_special_tokens=False)["input_ids"])
     if head and after[: len(head)] == head and len(after) > len(head):
         return after[len(head) :]
-    return alone
+    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_examples(
