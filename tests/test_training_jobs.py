@@ -6,6 +6,7 @@ while a job trains on the same model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -151,8 +152,11 @@ def test_failure_is_recorded_and_writes_nothing(managers, store, monkeypatch):
     assert done.prefix_version is None and store.list() == []
 
 
-def test_store_failure_fails_the_job(managers, store, monkeypatch):
-    """Puts that keep failing (retried, backing off) fail the job once the store says nothing was stored."""
+def test_store_failure_fails_the_job(managers, store, monkeypatch, caplog):
+    """Puts that keep failing (retried, backing off) fail the job once the store says nothing was stored; every
+    retry and the failure are warnings that name the job (the failure also its prefix), and the training's own lines
+    name it too."""
+    caplog.set_level(logging.INFO, logger="prefixserve")
     tries = []
 
     def down(*a, **k):
@@ -167,6 +171,14 @@ def test_store_failure_fails_the_job(managers, store, monkeypatch):
     done = wait_status(jm, rec.job_id, ("succeeded", "failed"))
     assert done.status == "failed" and "prefix store down" in done.error
     assert len(tries) == jobs_mod.TRANSIENT_ATTEMPTS and store.list() == []
+    deadline = time.monotonic() + 5  # (the line follows the recorded outcome)
+    while time.monotonic() < deadline and not any(" failed: " in r.getMessage() for r in caplog.records):
+        time.sleep(0.01)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if rec.job_id in r.getMessage()]
+    retries = [m for lv, m in said if lv == logging.WARNING and "could not store the prefix (attempt" in m]
+    assert len(retries) == jobs_mod.TRANSIENT_ATTEMPTS - 1, said
+    assert any(lv == logging.WARNING and f"({rec.tenant_id}/{rec.name}) failed: " in m for lv, m in said), said
+    assert any(m.startswith(f"job {rec.job_id} ({rec.tenant_id}/{rec.name}): trained ") for _, m in said), said
 
 
 def test_a_put_that_stored_but_answered_an_error_succeeds_with_one_version(managers, store, monkeypatch):

@@ -23,7 +23,6 @@ import math
 import os
 import threading
 import time
-import traceback
 import uuid
 from pathlib import Path
 from typing import Any
@@ -564,7 +563,7 @@ class JobManager:
         try:
             # an earlier run stored the prefix and died before recording that: record it, no second version
             try:
-                stored = self._transient("look for the job's prefix", self._stored_by, rec)
+                stored = self._transient("look for the job's prefix", self._stored_by, rec, job=rec.job_id)
             except StoreUnavailable as e:
                 raise _Undecided(str(e)) from e
             if stored is not None:
@@ -589,6 +588,7 @@ class JobManager:
                     self.bundle, rec.method, claim.examples, rec.prefix_length, hp,
                     progress_cb=on_progress, should_stop=should_stop, limits=self.job_limits(rec),
                     num_threads=self.train_threads, init_tensors=init,
+                    label=f"job {rec.job_id} ({rec.tenant_id}/{rec.name})",
                 )  # fmt: skip
             except TrainingCancelled:
                 if lost_ev.is_set():
@@ -625,6 +625,7 @@ class JobManager:
                         training=summary,
                         extra={"prompt_format": result.prompt_format},
                     ),
+                    job=rec.job_id,
                 )
             except StoreUnavailable as e:  # it may have been stored all the same (an answer lost): look
                 try:
@@ -680,12 +681,14 @@ class JobManager:
             halt()
             self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
         except Exception as e:
-            log.error("job %s failed:\n%s", rec.job_id, traceback.format_exc())
+            log.error("job %s: unexpected error", rec.job_id, exc_info=True)
             halt()
             self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
 
     @staticmethod
-    def _transient(what: str, fn: Any, *args: Any, attempts: int | None = None, stopping: Any = None) -> Any:
+    def _transient(
+        what: str, fn: Any, *args: Any, attempts: int | None = None, stopping: Any = None, job: str = "?"
+    ) -> Any:
         """`fn(*args)`, tried again while it raises StoreUnavailable, `attempts` times in all (TRANSIENT_ATTEMPTS by
         default), backing off 0.5 s, 1 s, 2 s, 4 s, then 8 s, and no longer once `stopping()` says the worker is
         shutting down; the last error is raised."""
@@ -696,7 +699,7 @@ class JobManager:
             except StoreUnavailable as e:
                 if attempt == n - 1 or (stopping is not None and stopping()):
                     raise
-                log.warning("could not %s (attempt %d): %s", what, attempt + 1, e)
+                log.warning("job %s: could not %s (attempt %d): %s", job, what, attempt + 1, e)
                 delay = min(8.0, 0.5 * 2 ** min(attempt, 4))
                 if stopping is None:
                     time.sleep(delay)
@@ -711,7 +714,16 @@ class JobManager:
         (about 2 min); if the backend stays unreachable, `unknown`: the run goes on (storing is idempotent per job,
         so a run that lost its claim meanwhile makes no second version) rather than throwing its prefix away."""
         try:
-            return bool(self._transient(what, fn, claim, attempts=AFTER_TRAINING_ATTEMPTS, stopping=stopping))
+            return bool(
+                self._transient(
+                    what,
+                    fn,
+                    claim,
+                    attempts=AFTER_TRAINING_ATTEMPTS,
+                    stopping=stopping,
+                    job=claim.record.job_id,
+                )
+            )
         except StoreUnavailable as e:
             log.error("job %s: could not %s (%s); going on as if %s", claim.record.job_id, what, e, unknown)
             return unknown
@@ -761,8 +773,11 @@ class JobManager:
     def _finish(self, claim: Any, status: str, **fields: Any) -> None:
         try:
             self.backend.finish(claim, status, **fields)
-            log.info("job %s %s%s", claim.record.job_id, status, f": {fields.get('error')}" if fields.get("error")
-                     and status != "cancelled" else "")  # fmt: skip
+            rec = claim.record
+            # a failed job is worth a look (an operator alerts on warnings); a cancelled one is what was asked
+            log.log(logging.WARNING if status == "failed" else logging.INFO, "job %s (%s/%s) %s%s", rec.job_id,
+                    rec.tenant_id, rec.name, status, f": {fields.get('error')}" if fields.get("error")
+                    and status != "cancelled" else "")  # fmt: skip
         except Exception as e:
             log.warning("job %s: could not record %s: %s", claim.record.job_id, status, e)
 

@@ -74,6 +74,7 @@ log = logging.getLogger("prefixserve.training")
 
 ProgressCallback = Callable[[int, int, float, int], None]  # (step, total_steps, loss, epoch)
 MAX_CURVE_POINTS = 200
+PROGRESS_LOG_S = 60.0  # a long training says how far it got this often (INFO)
 
 
 class TrainingDiverged(RuntimeError):
@@ -556,13 +557,15 @@ def train_prefix(
     limits: TrainingLimits | None = None,
     num_threads: int | None = None,
     init_tensors: dict[str, torch.Tensor] | None = None,
+    label: str | None = None,
 ) -> TrainResult:
     """Train a prefix of ``prefix_length`` positions for ``method`` on ``examples`` and compile it to serving KV.
 
     ``hyperparameters`` override the method's defaults (``server.training.config.DEFAULTS``). ``should_stop()`` is
     checked before every optimizer step (raises ``TrainingCancelled``); ``progress_cb(step, total_steps, loss,
     epoch)`` is called after every step. ``init_tensors`` (a stored version's tensors of the same method and
-    prefix length) continue training from there instead of the init. Raises ``TrainingValidationError`` for bad
+    prefix length) continue training from there instead of the init. ``label`` names the training in its log lines
+    (a job's id and prefix: concurrent jobs are told apart). Raises ``TrainingValidationError`` for bad
     input (before any compute), ``TrainingDiverged`` if the loss becomes non-finite.
     """
     t_start = time.perf_counter()
@@ -588,6 +591,7 @@ def train_prefix(
             should_stop,
             init_tensors,
             limits,
+            label,
         )
 
 
@@ -604,6 +608,7 @@ def _train(
     should_stop: Callable[[], bool] | None,
     init_tensors: dict[str, torch.Tensor] | None = None,
     limits: TrainingLimits | None = None,
+    label: str | None = None,
 ) -> TrainResult:
     limits = limits or TrainingLimits()
     deadline = None if limits.max_seconds is None else t_start + limits.max_seconds
@@ -632,10 +637,12 @@ def _train(
     best_loss = math.inf
     step = 0
     epoch = 0
+    who = f"{label}: " if label else ""
     log.info(
-        "training %s P=%d on %d examples (%d held out), %d steps, lr %g, batch %d",
-        method_name, prefix_length, len(train_idx), len(eval_idx), total_steps, hp.learning_rate, hp.batch_size,
+        "%straining %s P=%d on %d examples (%d held out), %d steps, lr %g, batch %d",
+        who, method_name, prefix_length, len(train_idx), len(eval_idx), total_steps, hp.learning_rate, hp.batch_size,
     )  # fmt: skip
+    said_at = time.perf_counter()
     while step < total_steps and stopped is None:
         perm = torch.randperm(len(train_idx), generator=gen).tolist()
         order = [train_idx[i] for i in perm]
@@ -665,10 +672,15 @@ def _train(
             curve.append([step, round(lv, 6)])
             if progress_cb is not None:
                 progress_cb(step, total_steps, lv, epoch + 1)
+            if time.perf_counter() - said_at >= PROGRESS_LOG_S and step < total_steps:
+                said_at = time.perf_counter()
+                log.info(
+                    "%sstep %d of %d, loss %.6f, %.0fs so far", who, step, total_steps, lv, said_at - t_start
+                )
             if deadline is not None and step < total_steps and time.perf_counter() >= deadline:
                 stopped = "time_limit"
-                log.info("training stopped at its time limit (%gs) after step %d of %d", limits.max_seconds, step,
-                         total_steps)  # fmt: skip
+                log.info("%straining stopped at its time limit (%gs) after step %d of %d", who, limits.max_seconds,
+                         step, total_steps)  # fmt: skip
                 break
         epoch += 1
         if ep_n:
@@ -712,8 +724,9 @@ def _train(
         "hyperparameters": {**hp.to_dict(), "prompt_format": fmt},
     }
     log.info(
-        "trained %s in %.1fs: %d steps, final loss %s, held-out %s",
-        method_name, summary["wall_time_s"], step, summary["final_loss"], final_eval,
+        "%strained %s in %.1fs: %d steps, final loss %s%s",
+        who, method_name, summary["wall_time_s"], step, summary["final_loss"],
+        "" if final_eval is None else f", held-out loss {final_eval}",
     )  # fmt: skip
     return TrainResult(tensors=tensors, summary=summary, prompt_format=fmt)
 
