@@ -44,7 +44,7 @@ from pathlib import Path
 
 from prefix_store import journal
 from prefix_store.base import PrefixStore, Subscriber, version_to_take
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreRefused, StoreUnavailable
 from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
 
@@ -490,7 +490,7 @@ class DiskStore(PrefixStore):
         the journal every `poll_s` on a background thread."""
         with self._follower_lock:
             if self._closed:
-                raise StoreError("store is closed")
+                raise StoreRefused("store is closed")
             unsubscribe = super().subscribe(callback)
             if self._follower_thread is None:
                 follower = journal.Follower(self.root / CHANGES)  # from here on, no change is missed

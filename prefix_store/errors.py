@@ -35,6 +35,11 @@ class StoreUnavailable(StoreError):
     """The backend (Redis server, filesystem) cannot be reached or cannot be written."""
 
 
+class StoreRefused(StoreError):
+    """The backend refused an operation for a reason of its own (a Redis error reply such as WRONGTYPE or NOPERM,
+    a store already closed): the deployment's fault, neither the caller's nor a record's, and not transient."""
+
+
 __all__ = [
     "ChecksumMismatch",
     "FingerprintMismatch",
@@ -42,6 +47,7 @@ __all__ = [
     "InvalidPrefix",
     "PrefixNotFound",
     "StoreError",
+    "StoreRefused",
     "StoreUnavailable",
 ]
 

@@ -46,7 +46,7 @@ from redis.exceptions import ResponseError, WatchError
 from redis.retry import Retry
 
 from prefix_store.base import PrefixStore, Subscriber, version_to_take
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreRefused, StoreUnavailable
 from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
 from prefix_store.outage import RepeatedFailure
@@ -167,7 +167,7 @@ class RedisStore(PrefixStore):
         except ResponseError as e:
             if str(e).startswith(_UNAVAILABLE_REPLIES):
                 raise StoreUnavailable(f"redis at {self._where} cannot serve ({what}): {e}") from e
-            raise StoreError(f"redis at {self._where} refused ({what}): {e}") from e
+            raise StoreRefused(f"redis at {self._where} refused ({what}): {e}") from e
 
     def _transaction(self, fn: Callable[[redis.client.Pipeline], object], watch: tuple[str, ...]) -> object:
         """Run ``fn(pipe)`` under WATCH until EXEC succeeds; ``fn`` reads, calls ``pipe.multi()``, queues."""
@@ -445,7 +445,7 @@ class RedisStore(PrefixStore):
         """
         with self._listener_lock:
             if self._closed:
-                raise StoreError("store is closed")
+                raise StoreRefused("store is closed")
             unsubscribe = super().subscribe(callback)
             if self._listener is None or not self._listener.is_alive():
                 self._stop.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -34,7 +35,8 @@ def only_prefix_blocks_used(svc) -> bool:
     return llm.pool.num_used == sum(len(e.blocks) for e in llm.prefix_cache.entries.values())
 
 
-def test_stream_disconnect_aborts_within_a_step(server_factory, api_bundle):
+def test_stream_disconnect_aborts_within_a_step(server_factory, api_bundle, caplog):
+    caplog.set_level(logging.INFO, logger="prefixserve.access")
     s = server_factory()
     put_random_prefix(s.store, api_bundle, "acme")
     slow_engine(s.svc, 0.01)
@@ -51,8 +53,13 @@ def test_stream_disconnect_aborts_within_a_step(server_factory, api_bundle):
     m = c.get("/metrics").text
     assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "abort"}) == 1
     # the tokens it generated before the client left are counted (they were computed), not the 400 asked for
-    assert 0 < metric_value(m, "prefixserve:generation_tokens_total") < 50
+    generated = metric_value(m, "prefixserve:generation_tokens_total")
+    assert 0 < generated < 50
     assert s.svc._tenant_active == {}
+    # its log line says so too
+    line = next(r.fields for r in caplog.records if getattr(r, "fields", {}).get("route") == "/generate")
+    assert line["finish_reason"] == "abort" and line["completion_tokens"] == generated, line
+    assert line["prompt_tokens"] > 0
 
 
 def test_many_aborted_streams_then_a_request_completes_promptly(server_factory, api_bundle):

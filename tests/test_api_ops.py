@@ -498,3 +498,80 @@ def test_a_lookup_joining_a_read_begun_before_a_new_version_does_not_cache_the_o
     finally:
         s.store.get_meta = real
     assert s.client().post("/generate", json=body).json()["prefix_version"] == 2
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture, n: int) -> list[logging.LogRecord]:
+    """The access-log records captured so far, once at least `n` are there (each is written as its response ends)."""
+    deadline = time.monotonic() + 5
+    while True:
+        got = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "request"]
+        if len(got) >= n or time.monotonic() > deadline:
+            return got
+        time.sleep(0.01)
+
+
+def test_refusals_name_their_error_code_on_the_access_line(server_factory, api_bundle, caplog):
+    """Every refusal's access line carries the code its client got (a 404 from a route, a 422 from validation, a
+    401 from the key check, a 503 answered before routing), so an operator can match one to the other; a 5xx is a
+    warning, a 4xx is not."""
+    caplog.set_level(logging.INFO, logger="prefixserve")
+    s = server_factory(keys={"acme": KEY_A}, prefixes={("acme", "default"): {}})
+    c = s.client(KEY_A)
+    sent = {
+        "r-404": lambda h: c.post("/v1/completions", json={"model": "acme/nope", "prompt": "x"}, headers=h),
+        "r-422": lambda h: c.post("/generate", json={"prompt": "x", "max_tokens": -1}, headers=h),
+        "r-401": lambda h: s.client("sk-WRONG-key-31337").post("/generate", json={"prompt": "x"}, headers=h),
+    }
+    got = {rid: send({"X-Request-ID": rid}).json()["error"]["code"] for rid, send in sent.items()}
+    s.app.state.ps.draining = True  # answered by the middleware, before any route
+    try:
+        got["r-503"] = c.post("/generate", json={"prompt": "x"}, headers={"X-Request-ID": "r-503"}).json()[
+            "error"
+        ]["code"]
+    finally:
+        s.app.state.ps.draining = False
+    assert got == {"r-404": "model_not_found", "r-422": "invalid_value", "r-401": "invalid_api_key",
+                   "r-503": "shutting_down"}  # fmt: skip
+    lines = {r.fields["request_id"]: r for r in _access_lines(caplog, 4) if r.fields["request_id"] in got}
+    assert {rid: r.fields.get("error_code") for rid, r in lines.items()} == got
+    assert {rid: r.levelno for rid, r in lines.items()} == {
+        "r-404": logging.INFO, "r-422": logging.INFO, "r-401": logging.INFO, "r-503": logging.WARNING
+    }  # fmt: skip
+
+
+@pytest.mark.redis
+def test_store_refusal_is_a_logged_500_and_a_corrupt_record_a_logged_422(
+    server_factory, api_bundle, redis_store_url, caplog
+):
+    """A Redis error reply (here WRONGTYPE: a key overwritten by something else) is the deployment's fault: a 500
+    `store_error` whose message names no host or key, and an ERROR line with the cause under the request's id. A
+    record that does not parse is that prefix's: 422 `prefix_corrupt`, and a WARNING naming it."""
+    import redis
+
+    from prefix_store import open_store
+
+    store = open_store(redis_store_url)
+    try:
+        put_random_prefix(store, api_bundle, "acme", "wrongtype")
+        put_random_prefix(store, api_bundle, "acme", "garbled")
+        raw = redis.Redis.from_url(redis_store_url.split("?")[0])
+        meta = store._meta_key("acme", "wrongtype", 1)  # type: ignore[attr-defined]
+        raw.delete(meta)
+        raw.hset(meta, "x", "1")
+        raw.set(store._meta_key("acme", "garbled", 1), b"{not json")  # type: ignore[attr-defined]
+        caplog.set_level(logging.INFO, logger="prefixserve")
+        c = server_factory(store=store, training_workers=0).client()
+        r = c.post("/generate", json={"tenant_id": "acme", "prefix": "wrongtype", "prompt": "x"},
+                   headers={"X-Request-ID": "wt-1"})  # fmt: skip
+        assert_error(r, 500, "store_error")
+        assert "wt-1" in r.json()["error"]["message"]
+        assert "WRONGTYPE" not in r.text and "redis" not in r.text.lower() and "127.0.0.1" not in r.text
+        r = c.post("/generate", json={"tenant_id": "acme", "prefix": "garbled", "prompt": "x"},
+                   headers={"X-Request-ID": "gb-1"})  # fmt: skip
+        assert_error(r, 422, "prefix_corrupt")
+        _access_lines(caplog, 2)
+        said = [(rec.levelno, rec.getMessage()) for rec in caplog.records if rec.name == "prefixserve.api"]
+        assert any(lv == logging.ERROR and "wt-1" in m and "WRONGTYPE" in m for lv, m in said), said
+        assert any(lv == logging.WARNING and "gb-1" in m and "acme/garbled" in m for lv, m in said), said
+    finally:
+        store.close()

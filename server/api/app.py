@@ -32,6 +32,7 @@ from server.api.errors import (
     APIError,
     SafeJSONResponse,
     install_error_handlers,
+    note_error_code,
     with_path_shape,
 )
 from server.api.limits import RateLimiter
@@ -116,6 +117,7 @@ async def _send_error(
 async def _send_api_error(send: Send, e: APIError, request_id: str, retry_after: int, path: str) -> None:
     """An error answered before the route ran (with TGI's `error_type` on /tgi, as the route's own errors)."""
     headers = {"x-request-id": request_id, **e.headers}
+    note_error_code(CURRENT_REQUEST.get(), e.code)
     if e.status in (429, 503):
         headers.setdefault("retry-after", str(retry_after))
     resp = SafeJSONResponse(with_path_shape(e.body(), e.status, path), e.status, headers=headers)
@@ -407,7 +409,13 @@ class ServiceMiddleware:
         if info.prompt is not None:  # settings.log_prompts only
             fields["prompt"] = info.prompt[:2000]
         fields = {k: v for k, v in fields.items() if v is not None}
-        level = logging.DEBUG if probe and status < 400 else logging.INFO
+        # a server-side failure or refusal (5xx) stands out from the traffic: what an operator alerts on (a probe's
+        # 503 is the readiness it reports, not a failure)
+        level = logging.INFO
+        if probe and status < 400:
+            level = logging.DEBUG
+        elif status >= 500 and not probe:
+            level = logging.WARNING
         access_log.log(level, "%s %s %d", method, template, status, extra={"fields": fields})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -10,9 +11,10 @@ from fastapi import Request
 
 from prefix_store import errors
 from server.api.errors import APIError, unavailable
-from server.api.service import RequestInfo, Service
+from server.api.service import RequestInfo, Service, requester_id, store_refused
 
 T = TypeVar("T")
+log = logging.getLogger("prefixserve.api")
 
 
 def app_state(request: Request) -> Any:
@@ -64,7 +66,10 @@ async def store_call(
         raise unavailable(
             "prefix store unavailable", svc.settings.retry_after_s, code="store_unavailable"
         ) from None
+    except errors.StoreRefused as e:
+        raise store_refused(e, getattr(fn, "__name__", "a store call")) from None
     except errors.StoreError as e:
+        log.warning("request %s: stored %s cannot be read: %s", requester_id(), what, e)
         raise APIError(422, f"stored prefix cannot be read: {e}", code="prefix_corrupt") from None
     svc.store_ok = True
     return out

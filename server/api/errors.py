@@ -191,7 +191,15 @@ def error_response(
     body = error_body(status, message, code=code, param=param)
     if request is not None:
         with_path_shape(body, status, request.url.path)
+        note_error_code(request.scope.get("prefixserve"), body["error"]["code"])
     return SafeJSONResponse(body, status, headers=headers)
+
+
+def note_error_code(info: Any, code: str | None) -> None:
+    """Name an error's code on the request's access-log line (`RequestInfo.error_code`), unless a more precise
+    one (the engine's) is already there: an operator can tell a 503 `queue_full` from a 503 `store_unavailable`."""
+    if info is not None and getattr(info, "error_code", "") is None:
+        info.error_code = code
 
 
 def with_path_shape(body: dict[str, Any], status: int, path: str) -> dict[str, Any]:

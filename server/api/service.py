@@ -252,6 +252,24 @@ def requester() -> str:
     return info.tenant or info.principal or ""
 
 
+def requester_id() -> str:
+    """The X-Request-ID of the request being handled (what its client and its access-log line know); "-" outside
+    one."""
+    info = CURRENT_REQUEST.get()
+    return "-" if info is None else info.request_id
+
+
+def store_refused(e: errors.StoreRefused, doing: str) -> APIError:
+    """A 500 for a store that refused an operation (a Redis error reply: the deployment's fault, neither the
+    request's nor the record's), logged with its cause; the client's message names neither hosts nor keys."""
+    log.error("request %s: the prefix store refused %s: %s", requester_id(), doing, e)
+    return APIError(
+        500,
+        f"the prefix store failed (request {requester_id()}: the server's log has the cause)",
+        code="store_error",
+    )
+
+
 class PrefixMetaCache:
     """(tenant, name, version or None for the latest) → resolved metadata, so cached prefixes keep working while
     the store is down, and → why it cannot be served (a `Refusal`). Invalidation is per name: a change to a name
@@ -378,6 +396,7 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
     "LookupError": (404, "prefix_not_found"),
     "KeyError": (404, "prefix_not_found"),
     "StoreUnavailable": (503, "store_unavailable"),
+    "StoreRefused": (500, "store_error"),
     "FingerprintMismatch": (422, "prefix_incompatible"),
     "ChecksumMismatch": (422, "prefix_corrupt"),
     "InvalidPrefix": (422, "prefix_corrupt"),
@@ -580,6 +599,8 @@ class GenerationRun:
         if code == "no_token_allowed":
             return APIError(422, ev.error or "no token can be sampled", code=code)
         if status == 422:
+            log.warning("request %s: stored prefix %s/%s@%s cannot be served: %s", self.info.request_id,
+                        self.prefix.tenant_id, self.prefix.name, self.prefix.version, ev.error)  # fmt: skip
             return APIError(422, f"prefix cannot be served: {ev.error}", code=code, param="prefix")
         if status == 413:
             return APIError(413, ev.error or "request too large for the KV cache", code=code)
@@ -696,6 +717,11 @@ class GenerationRun:
                 if self.first is not None:
                     m.prompt_tokens.inc(len(self.req.prompt_token_ids))
                     m.generation_tokens.inc(self.generated if self.bill_output else 0)
+                    # ... and its log line says what it cost (with several choices: what they wrote together)
+                    self.info.prompt_tokens = self.info.prompt_tokens or len(self.req.prompt_token_ids)
+                    self.info.completion_tokens = (self.info.completion_tokens or 0) + (
+                        self.generated if self.bill_output else 0
+                    )
         finally:
             self._release()
             await self._account()
@@ -1088,7 +1114,13 @@ class Service:
             raise unavailable(
                 "prefix store unavailable", self.settings.retry_after_s, code="store_unavailable"
             ) from None
+        except errors.StoreRefused as e:
+            raise store_refused(
+                e, f"reading prefix {tenant}/{name}" + (f"@{version}" if version else "")
+            ) from None
         except errors.StoreError as e:
+            log.warning("request %s: stored prefix %s/%s%s cannot be served: %s", requester_id(), tenant, name,
+                        f"@{version}" if version else "", e)  # fmt: skip
             raise APIError(422, f"prefix cannot be served: {e}", code="prefix_corrupt", param=param) from None
         self.store_ok = True
         self._store_down_until = 0.0
