@@ -66,6 +66,13 @@ def check_store_url(url: str) -> None:
     if scheme == "file":
         _file_url_path(url)
     elif scheme in ("redis", "rediss"):
+        try:
+            urlsplit(url).port  # noqa: B018  (a port that is not a number raises here, as redis-py would later)
+        except ValueError:
+            where = urlsplit(url).netloc.rpartition("@")[2]  # (not the password)
+            raise ValueError(
+                f"the port in a Redis URL is a number up to 65535 (redis://host:6379/0), got {where!r}"
+            ) from None
         db = urlsplit(url).path.strip("/")
         if db and not (db.isascii() and db.isdigit()):
             raise ValueError(

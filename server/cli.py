@@ -289,6 +289,11 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
             return _startup_failed(
                 OSError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
             )
+        except SystemExit as e:
+            # uvicorn exits by itself when the app's start-up fails (the lifespan logged why): our exit code
+            if server.started:
+                raise
+            log.debug("uvicorn exited (%s) during start-up", e.code)
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)

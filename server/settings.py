@@ -340,7 +340,10 @@ class Settings(BaseSettings):
     @field_validator("limits_url")
     @classmethod
     def _limits_scheme(cls, v: str | None) -> str | None:
-        return v if v is None else _check_scheme(v, "limits_url", REDIS_SCHEMES)
+        if v is not None:
+            _check_scheme(v, "limits_url", REDIS_SCHEMES)
+            check_store_url(v)  # (its port and db, as a store's)
+        return v
 
     @field_validator("dtype")
     @classmethod

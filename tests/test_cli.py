@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from prefix_store import errors
 from server import cli
+from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
 from tests.fixtures.server import FakeJobManager, put_random_prefix
 
 
@@ -94,6 +96,9 @@ def test_serve_refuses_bad_settings(monkeypatch, capsys):
         (["--store-url", "rediss//127.0.0.1:6379/0"], "a prefix store path must be absolute"),
         (["--store-url", "file:///x?keep_versions=0"], "keep_versions must be a positive integer"),
         (["--store-url", "redis://127.0.0.1:6379/abc"], "the Redis database in a store URL is a number"),
+        # (a port redis-py cannot read was a traceback once the model had loaded; the password stays unsaid)
+        (["--store-url", "redis://:s3cret@127.0.0.1:notaport/1"], "got '127.0.0.1:notaport'"),
+        (["--limits-url", "redis://127.0.0.1:99999/0"], "the port in a Redis URL is a number up to 65535"),
         (
             ["--speculative-tokens", "4", "--async-decode", "on"],
             "async_decode on cannot run with speculative",
@@ -107,7 +112,7 @@ def test_serve_refuses_unusable_settings_in_one_line(args, needle, capsys, tmp_p
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the suite's, for the kernel tests on a CPU)
     assert cli.main(["serve", "--port", "0", *args]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
-    assert "invalid settings" in err and needle in err and "Traceback" not in err
+    assert "invalid settings" in err and needle in err and "Traceback" not in err and "s3cret" not in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -171,6 +176,27 @@ def test_start_up_failure_is_one_line(tmp_path, capsys, root_logging):
     assert rc == cli.EXIT_STARTUP
     err = capsys.readouterr().err
     assert "start-up failed" in err and "missing.json" in err and "Traceback" not in err
+
+
+def test_a_model_that_fails_to_load_says_so_in_one_line_before_the_traceback(tmp_path, caplog):
+    """A model folder whose weights are torn fails start-up (exit 3) with one error line naming the model, ahead of
+    the traceback uvicorn prints (which kept it: the line was the traceback's last, after ~50 frames)."""
+    folder = tmp_path / "torn"
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    caplog.set_level(logging.INFO)
+    rc = cli.main(["serve", "--port", "0", "--model", str(folder), "--store-url", f"file://{tmp_path}/s",
+                   "--no-log-json", "--training-workers", "0"])  # fmt: skip
+    assert rc == cli.EXIT_STARTUP  # (uvicorn's own sys.exit(3) is not let through: the same code, returned)
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("prefixserve") and r.levelno >= logging.ERROR
+    ]
+    assert any(m.startswith(f"cannot start: loading model {folder} failed: ") for m in said), said
 
 
 def test_a_port_in_use_fails_start_up_before_the_model_loads(tmp_path, capsys, root_logging, monkeypatch):

@@ -177,8 +177,12 @@ def test_store_failure_fails_the_job(managers, store, monkeypatch, caplog):
     said = [(r.levelno, r.getMessage()) for r in caplog.records if rec.job_id in r.getMessage()]
     retries = [m for lv, m in said if lv == logging.WARNING and "could not store the prefix (attempt" in m]
     assert len(retries) == jobs_mod.TRANSIENT_ATTEMPTS - 1, said
-    assert any(lv == logging.WARNING and f"({rec.tenant_id}/{rec.name}) failed: " in m for lv, m in said), said
-    assert any(m.startswith(f"job {rec.job_id} ({rec.tenant_id}/{rec.name}): trained ") for _, m in said), said
+    assert any(lv == logging.WARNING and f"({rec.tenant_id}/{rec.name}) failed: " in m for lv, m in said), (
+        said
+    )
+    assert any(m.startswith(f"job {rec.job_id} ({rec.tenant_id}/{rec.name}): trained ") for _, m in said), (
+        said
+    )
 
 
 def test_a_put_that_stored_but_answered_an_error_succeeds_with_one_version(managers, store, monkeypatch):

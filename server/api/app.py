@@ -513,12 +513,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 ", ".join(st.keyring.short_keys[:5]) + (", ..." if len(st.keyring.short_keys) > 5 else ""),
             )
     t0 = time.monotonic()
-    if st.bundle is None:
-        log.info("loading model %s (device=%s, dtype=%s)", s.model, s.device, s.dtype)
-        st.bundle = await asyncio.to_thread(_load_bundle, s)
-    if st.store is None:
-        st.store = open_store(s.store_url)
-        st.owns_store = True
+    try:
+        if st.bundle is None:
+            log.info("loading model %s (device=%s, dtype=%s)", s.model, s.device, s.dtype)
+            st.bundle = await asyncio.to_thread(_load_bundle, s)
+        if st.store is None:
+            st.store = open_store(s.store_url)
+            st.owns_store = True
+    except Exception as e:
+        # one line that says what failed, before uvicorn's traceback (it exits the process itself)
+        doing = f"loading model {s.model}" if st.bundle is None else f"opening the prefix store {st.store!r}"
+        log.error("cannot start: %s failed: %s: %s", doing, type(e).__name__, e)
+        raise
     store_reachable = True
     try:
         await asyncio.to_thread(st.store.ping)
