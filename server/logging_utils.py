@@ -47,7 +47,7 @@ class TextFormatter(logging.Formatter):
         record.logger = logger_name(record)
         s = super().format(record)
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
+        if isinstance(fields, dict) and not getattr(record, "message_says_fields", False):
             s += " " + " ".join(f"{k}={_one_line(v)}" for k, v in fields.items() if v is not None)
         return s
 

@@ -300,6 +300,13 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(
         False, description="Include prompt text in request log lines (off: never logged)"
     )
+    log_stats_interval_s: float = Field(
+        10.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Every this many seconds while requests run, one log line of throughput, running and waiting "
+        "requests, KV-cache use and cache hit rates (as vLLM's); 0: none",
+    )
 
     @field_validator("*", mode="before")
     @classmethod

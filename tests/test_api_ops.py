@@ -11,7 +11,7 @@ import time
 import pytest
 
 from server.logging_utils import JSONFormatter
-from tests.fixtures.server import FakeJobManager, assert_error, metric_value, put_random_prefix
+from tests.fixtures.server import FakeJobManager, assert_error, metric_value, put_random_prefix, slow_engine
 
 KEY_A = "sk-acme-c0ffee-77"
 
@@ -575,3 +575,47 @@ def test_store_refusal_is_a_logged_500_and_a_corrupt_record_a_logged_422(
         assert any(lv == logging.WARNING and "gb-1" in m and "acme/garbled" in m for lv, m in said), said
     finally:
         store.close()
+
+
+def test_engine_stats_lines_while_requests_run_and_none_when_idle(server_factory, caplog):
+    """vLLM's periodic line: while requests run, throughput, running/waiting and cache use each interval; one more
+    when the work ends (its last tokens); then nothing while the server is idle."""
+    caplog.set_level(logging.INFO, logger="prefixserve.stats")
+    s = server_factory(prefixes={("acme", "default"): {}}, log_stats_interval_s=0.1)
+    slow_engine(s.svc, 0.02)
+    r = s.client().post(
+        "/generate", json={"tenant_id": "acme", "prompt": "go", "max_tokens": 40, "ignore_eos": True}
+    )
+    assert r.status_code == 200
+    time.sleep(0.5)  # the line after the work, then idle intervals
+    lines = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "engine_stats"]
+    assert lines, "no engine stats line while a request ran"
+    assert any(x.fields["running"] == 1 for x in lines)
+    tokens = sum(x.fields["generation_tokens_per_s"] * x.fields["interval_s"] for x in lines)
+    assert tokens == pytest.approx(40, abs=1.5)  # every generated token shows up in some line, once
+    assert "Avg generation throughput: " in lines[0].getMessage() and "Running: " in lines[0].getMessage()
+    n = len(lines)
+    time.sleep(0.4)  # idle: no more lines
+    assert len([r for r in caplog.records if getattr(r, "fields", {}).get("event") == "engine_stats"]) == n
+
+
+def test_engine_stats_line_figures():
+    from server.api.stats_log import Sample, stats_line
+    from server.logging_utils import TextFormatter
+
+    idle = Sample(0.0, 100, 50, 0, 0, 0.0, 3, 1, 0, 64, 32, 2)
+    assert stats_line(idle, idle) is None  # nothing ran, nothing runs: no line
+    busy = Sample(10.0, 1100, 550, 2, 1, 0.25, 7, 1, 1, 128, 80, 2)
+    msg, fields = stats_line(idle, busy)
+    assert fields["prompt_tokens_per_s"] == 100.0 and fields["generation_tokens_per_s"] == 50.0
+    assert fields["prefix_cache_hit_rate_perc"] == 100.0 and fields["prompt_cache_hit_rate_perc"] == 75.0
+    assert (fields["running"], fields["waiting"], fields["kv_cache_usage_perc"]) == (2, 1, 25.0)
+    assert "Running: 2 reqs, Waiting: 1 reqs, KV cache usage: 25.0%" in msg and "(1 evicted)" in msg
+    # the interval after the work ended still gets its line (its last tokens), the next idle one none
+    assert stats_line(busy, Sample(20.0, 1100, 560, 0, 0, 0.0, 7, 1, 1, 128, 80, 2)) is not None
+    rec = logging.LogRecord("prefixserve.stats", logging.INFO, __file__, 1, "%s", (msg,), None)
+    rec.fields, rec.message_says_fields = fields, True
+    assert (
+        "running=" not in TextFormatter().format(rec)
+        and json.loads(JSONFormatter().format(rec))["running"] == 2
+    )

@@ -39,6 +39,7 @@ from server.api.limits import RateLimiter
 from server.api.metrics import Metrics
 from server.api.reload import ConfigReloader, loaded_signatures
 from server.api.service import CURRENT_REQUEST, ClientDisconnected, RequestInfo, Service, rate_limiter
+from server.api.stats_log import log_stats
 from server.settings import Settings
 
 log = logging.getLogger("prefixserve.api")
@@ -552,6 +553,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.debug("gc: %d start-up objects frozen", gc.get_freeze_count())
     st.svc = svc
     reloader = asyncio.create_task(ConfigReloader(st, s.config_reload_s).run(), name="config-reload")
+    stats = (
+        asyncio.create_task(log_stats(svc, s.log_stats_interval_s), name="engine-stats")
+        if s.log_stats_interval_s > 0
+        else None
+    )
     log.info(
         "%s: model %s (fingerprint %s…) loaded in %.1fs; store %r; tool calls parsed as %s",
         "ready" if store_reachable else "started, not ready until the prefix store answers",
@@ -570,6 +576,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         reloader.cancel()
+        if stats is not None:
+            stats.cancel()
         if hint is not None:
             hint.cancel()
         st.begin_drain()

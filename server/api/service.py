@@ -965,14 +965,15 @@ class Service:
         t = self.engine._thread
         return self.engine.dead is None and t is not None and t.is_alive()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, jobs: bool = True) -> dict[str, Any]:
+        """Engine, cache and (with `jobs`: a job backend read) training-job figures for /metrics."""
         pc = self.llm.prefix_cache
         pool = self.llm.pool
-        jobs: dict[str, int] = {}
-        if self.job_manager is not None:
+        job_counts: dict[str, int] = {}
+        if jobs and self.job_manager is not None:
             with contextlib.suppress(Exception):
                 counts = getattr(self.job_manager, "counts", None)
-                jobs = dict(counts()) if callable(counts) else count_jobs(self.job_manager.list())
+                job_counts = dict(counts()) if callable(counts) else count_jobs(self.job_manager.list())
         resident_prefixes, resident_bytes = pc.resident  # (the engine thread replaces it whole)
         # a dead engine's requests were all failed to their clients: none is running or waiting any more
         alive = self.engine_alive()
@@ -996,7 +997,7 @@ class Service:
             "num_fair_preemptions": self.llm.scheduler.num_fair_preemptions,
             "spec_decode_num_draft_tokens": self.llm.scheduler.spec_draft_tokens,
             "spec_decode_num_accepted_tokens": self.llm.scheduler.spec_accepted_tokens,
-            "jobs": jobs,
+            "jobs": job_counts,
             "ready": (not self.draining) and self.engine_alive() and self.store_ok,
         }
 
