@@ -24,7 +24,7 @@ def logger_name(record: logging.LogRecord) -> str:
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": round(record.created, 3),
+            "ts": int(record.created) + int(record.msecs) / 1000,  # (`time`'s instant, to the millisecond)
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),

@@ -619,3 +619,15 @@ def test_engine_stats_line_figures():
         "running=" not in TextFormatter().format(rec)
         and json.loads(JSONFormatter().format(rec))["running"] == 2
     )
+
+
+def test_a_json_log_lines_two_timestamps_are_the_same_millisecond():
+    """`ts` (epoch seconds) and `time` (ISO) name one instant: `ts` was rounded, `time` truncated, 1 ms apart at
+    times."""
+    fmt = JSONFormatter()
+    for i in range(3000):
+        rec = logging.LogRecord("prefixserve", logging.INFO, __file__, 1, "m", None, None)
+        rec.created = 1_765_000_000 + i * 0.000731 + 0.0006
+        rec.msecs = int((rec.created - int(rec.created)) * 1000)
+        line = json.loads(fmt.format(rec))
+        assert line["time"][-4:-1] == f"{line['ts']:.3f}"[-3:], line
