@@ -8,7 +8,8 @@ Input, one JSON object per line: `{"custom_id": "...", "method": "POST", "url": 
 request the server answers with an error has its status and error body in `response`, as OpenAI's batch output
 does; a line that is not a request (bad JSON, an unknown url) has `response: null` and `error: {"code",
 "message"}`. Requests run concurrently (`concurrency` at a time, default: the engine's batch) and a busy answer (429 /
-503 with Retry-After) is retried. The output file is written whole (a temporary file renamed) or not at all."""
+503 with Retry-After) is retried. The output file is written whole (a temporary file renamed) or not at all. An
+interrupted run (`stop`: Ctrl-C, SIGTERM) ends the requests under way and gives the lines finished before it."""
 
 from __future__ import annotations
 
@@ -95,8 +96,11 @@ async def run_lines(
     concurrency: int,
     api_key: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> list[dict[str, Any]]:
-    """Every line's output object, in input order. `app` must be started (its lifespan entered)."""
+    """Every line's output object, in input order. `app` must be started (its lifespan entered). Once `stop` is
+    set, the requests under way are ended (the engine drops them) and only the lines finished by then are
+    returned, still in input order."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -141,7 +145,19 @@ async def run_lines(
     # (generous timeouts: a long generation waits its turn behind the others, in-process)
     timeout = httpx.Timeout(None)
     async with httpx.AsyncClient(transport=transport, base_url="http://batch", timeout=timeout) as client:
-        return await asyncio.gather(*(one(client, line) for line in lines))
+        tasks = [asyncio.ensure_future(one(client, line)) for line in lines]
+        everything = asyncio.gather(*tasks)
+        if stop is None:
+            return await everything
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([everything, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not everything.done():
+            everything.cancel()
+            await asyncio.gather(everything, return_exceptions=True)
+        return [t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
 
 
 def read_lines(path: str) -> list[str]:
@@ -181,8 +197,10 @@ async def run_batch(
     api_key: str | None = None,
     bundle: Any = None,
     store: Any = None,
+    stop: asyncio.Event | None = None,
 ) -> list[dict[str, Any]]:
-    """Start the app (the model loads unless `bundle` is given), run every line, stop the app. It runs no training
+    """Start the app (the model loads unless `bundle` is given), run every line (until `stop` is set: then the
+    lines finished by then), stop the app. It runs no training
     worker: a batch has no training lines, and a worker on a shared job queue (a Redis store's) took the
     deployment's queued jobs, only to hand them back half done when the batch ended."""
     from server.api import create_app
@@ -208,4 +226,5 @@ async def run_batch(
             concurrency=concurrency or settings.max_num_seqs,
             api_key=api_key,
             progress=progress,
+            stop=stop,
         )

@@ -322,7 +322,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 def cmd_run_batch(ns: argparse.Namespace) -> int:
     """vLLM's `run-batch`: the OpenAI Batch JSONL file `-i` through this server's app in-process, results to `-o`;
     exit 0 once every line has its result (a request's own error is a result), 2 on bad settings or input (checked
-    before the model loads, the output file's folder too), 3 if the server could not start."""
+    before the model loads, the output file's folder too), 3 if the server could not start, 1 if the results could
+    not be written, 128 + the signal's number when interrupted (the lines finished by then are written)."""
     import asyncio
 
     from prefix_store.errors import StoreError
@@ -352,6 +353,8 @@ def cmd_run_batch(ns: argparse.Namespace) -> int:
         problem = "--max-concurrency must be >= 1"
     elif ns.output_file != "-" and not (out_dir.is_dir() and os.access(out_dir, os.W_OK)):
         problem = f"cannot write {ns.output_file}: {out_dir} is not a writable folder"
+    elif ns.output_file != "-" and Path(ns.output_file).is_dir():
+        problem = f"cannot write {ns.output_file}: it is a folder (give a file's path)"
     elif settings.auth_enabled and not api_key and settings.admin_key is None:
         problem = "this server's settings require an API key: set PREFIXSERVE_API_KEY to the tenant's key"
     elif (dup := duplicate_id(lines)) is not None:  # (OpenAI refuses such a file)
@@ -359,12 +362,40 @@ def cmd_run_batch(ns: argparse.Namespace) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    signalled: list[int] = []
+
+    async def main() -> list[dict[str, Any]]:
+        # Ctrl-C / SIGTERM: the requests under way end, the lines finished by then are written; a second signal
+        # kills the process (the default action, given back)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def interrupted(signum: int) -> None:
+            signalled.append(signum)
+            log.warning("signal %s: ending the batch (again to kill it); the lines done are written",
+                        signal.Signals(signum).name)  # fmt: skip
+            for s in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(s)
+            stop.set()
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(s, interrupted, s)
+        return await run_batch(settings, lines, concurrency=ns.max_concurrency, api_key=api_key, stop=stop)
+
     try:
-        outputs = asyncio.run(run_batch(settings, lines, concurrency=ns.max_concurrency, api_key=api_key))
+        outputs = asyncio.run(main())
     except (ValueError, OSError, StoreError) as e:  # the model or the store could not be loaded
         return _startup_failed(e)
-    write_lines(ns.output_file, outputs)
+    try:
+        write_lines(ns.output_file, outputs)
+    except OSError as e:
+        print(f"error: cannot write {ns.output_file}: {e}", file=sys.stderr)
+        return EXIT_FAIL
     failed = sum(1 for o in outputs if o["error"] is not None or o["response"]["status_code"] >= 400)
+    if signalled:
+        log.warning("interrupted: %d of %d requests done (%d failed), their results in %s; the others did not "
+                    "run", len(outputs), len(lines), failed, ns.output_file)  # fmt: skip
+        return 128 + signalled[0]
     log.info("%d requests, %d failed; results in %s", len(outputs), failed, ns.output_file)
     return 0
 

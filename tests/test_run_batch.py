@@ -190,6 +190,10 @@ def test_the_command_writes_the_results_file(tmp_path, capsys, monkeypatch, root
     # the same custom_id twice, keys required and none given
     assert main(["run-batch", "-i", str(src), "-o", str(tmp_path / "no" / "out.jsonl"), *common]) == 2
     assert "not a writable folder" in capsys.readouterr().err
+    assert (
+        main(["run-batch", "-i", str(src), "-o", str(tmp_path), *common]) == 2
+    )  # (a folder: a traceback at the end)
+    assert "it is a folder" in capsys.readouterr().err
     twice = tmp_path / "twice.jsonl"
     twice.write_text(
         line("one", "/v1/completions", body) + "\n" + line("one", "/v1/completions", body) + "\n"
@@ -200,6 +204,48 @@ def test_the_command_writes_the_results_file(tmp_path, capsys, monkeypatch, root
     monkeypatch.delenv("PREFIXSERVE_API_KEY", raising=False)
     assert main(["run-batch", "-i", str(src), "-o", str(dst), *common]) == 2
     assert "PREFIXSERVE_API_KEY" in capsys.readouterr().err
+
+
+def test_ctrl_c_writes_the_lines_done_and_exits_130(tmp_path, root_logging):
+    """Ctrl-C (SIGINT) mid-batch: the request under way ends, the lines finished before it are written (whole
+    results, in input order), exit 130; it was a traceback, and every finished result was lost."""
+    import logging
+    import os
+    import signal
+
+    from server.cli import main
+    from tests.fixtures.models import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    folder = tmp_path / "model"
+    make_tiny_llama(tok, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    src = tmp_path / "in.jsonl"
+    body = {"model": "acme/base", "prompt": "Hello", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    src.write_text("".join(line(f"r{i:02d}", "/v1/completions", body) + "\n" for i in range(40)))
+    dst = tmp_path / "out.jsonl"
+
+    class InterruptAfterTwo(logging.Handler):
+        sent = False
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if not self.sent and record.getMessage().startswith("2/40 requests done"):
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+
+    handler = InterruptAfterTwo()
+    logging.getLogger("prefixserve.batch").addHandler(handler)
+    try:
+        rc = main(["run-batch", "-i", str(src), "-o", str(dst), "--max-concurrency", "1", "--model", str(folder),
+                   "--store-url", f"file://{tmp_path / 'store'}", "--cache", str(tmp_path / "c"),
+                   "--kv-cache-mb", "16", "--max-model-len", "256"])  # fmt: skip
+    finally:
+        logging.getLogger("prefixserve.batch").removeHandler(handler)
+    assert handler.sent and rc == 128 + signal.SIGINT
+    out = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert 2 <= len(out) < 40, len(out)
+    assert [o["custom_id"] for o in out] == [f"r{i:02d}" for i in range(len(out))]
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 48 for o in out)
 
 
 def test_a_batch_runs_no_training_worker(srv, api_bundle, monkeypatch):
