@@ -45,6 +45,20 @@ FLAG_ALIASES = {"store_url": ("--store",)}
 SECRET_FIELDS = frozenset({"api_keys", "admin_key"})
 
 
+def _positive_float(v: str) -> float:
+    x = float(v)
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {v}")
+    return x
+
+
+def _non_negative_float(v: str) -> float:
+    x = float(v)
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {v}")
+    return x
+
+
 def _positive_int(v: str) -> int:
     n = int(v)
     if n < 1:
@@ -456,14 +470,19 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ train
-TRAIN_OPTIONS = (  # flag, type, job field
-    ("--prefix-length", int, "prefix_length"),
-    ("--epochs", int, "epochs"),
-    ("--lr", float, "lr"),
-    ("--batch-size", int, "batch_size"),
-    ("--max-steps", int, "max_steps"),
-    ("--seed", int, "seed"),
-    ("--prompt-format", str, "prompt_format"),
+TRAIN_OPTIONS = (  # flag, type, job field, help (unset: the server's default for the method)
+    ("--prefix-length", int, "prefix_length", "prefix positions P (default: the method's)"),
+    ("--epochs", int, "epochs", "passes over the examples"),
+    ("--lr", float, "lr", "learning rate (default: the method's)"),
+    ("--batch-size", int, "batch_size", "examples per optimizer step"),
+    ("--max-steps", int, "max_steps", "stop after this many optimizer steps"),
+    ("--seed", int, "seed", "seed of the initialization, split and order (the same seed: the same prefix)"),
+    (
+        "--prompt-format",
+        str,
+        "prompt_format",
+        "chat (the model's chat template) or raw (default: the server's)",
+    ),
 )
 
 
@@ -556,7 +575,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
         spec["init_from"] = {"name": name, **({"version": int(version)} if at else {})}
-    for flag, _typ, fld in TRAIN_OPTIONS:
+    for flag, _typ, fld, _help in TRAIN_OPTIONS:
         v = getattr(ns, flag[2:].replace("-", "_"))
         if v is not None:
             spec[fld] = v
@@ -576,14 +595,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.no_wait:
         print(json.dumps(job))
         return EXIT_OK
-    return _wait(jobs, job_id, ns.poll_interval, quiet=ns.quiet)
+    return _wait(jobs, job_id, ns.poll_interval, quiet=ns.quiet, give_up_after=ns.give_up_after)
 
 
-def _wait(jobs: Any, job_id: str, interval: float, quiet: bool = False) -> int:
+def _wait(jobs: Any, job_id: str, interval: float, quiet: bool = False, give_up_after: float = 600.0) -> int:
+    """Poll the job until it ends (exit 0 if it succeeded); a server that does not answer (restarting) is polled
+    on, said once on stderr, until `give_up_after` seconds without an answer (0: never)."""
     from tqdm import tqdm
 
     bar = tqdm(total=None, unit="step", desc=f"training {job_id}", disable=quiet, file=sys.stderr)
     job: dict[str, Any] = {}
+    failing_since: float | None = None
     try:
         while True:
             try:
@@ -593,9 +615,21 @@ def _wait(jobs: Any, job_id: str, interval: float, quiet: bool = False) -> int:
                     bar.close()
                     print(f"prefixserve: cannot follow job {job_id}: {e}", file=sys.stderr)
                     return EXIT_FAIL
-                bar.set_postfix_str(f"poll failed: {e}")  # transient (server restarting): keep polling
+                now = time.monotonic()
+                if failing_since is None:  # transient (server restarting): keep polling, and say so once
+                    failing_since = now
+                    bar.clear()
+                    print(f"prefixserve: the server does not answer ({e}); polling job {job_id} on"
+                          + (f" for up to {give_up_after:g}s" if give_up_after else ""), file=sys.stderr)  # fmt: skip
+                elif give_up_after and now - failing_since >= give_up_after:
+                    bar.close()
+                    print(f"prefixserve: no answer from the server for {now - failing_since:.0f}s ({e}); stopped "
+                          f"waiting, job {job_id} may go on there", file=sys.stderr)  # fmt: skip
+                    return EXIT_FAIL
+                bar.set_postfix_str(f"poll failed: {e}")
                 time.sleep(interval)
                 continue
+            failing_since = None
             step, total, loss = _progress(job)
             if total and bar.total != total:
                 bar.total = total
@@ -1036,15 +1070,22 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument(
         "--data", required=True, help='JSONL examples: {"prompt": ..., "completion": ...} per line'
     )
-    for flag, typ, _fld in TRAIN_OPTIONS:
-        tp.add_argument(flag, type=typ, default=None)
+    for flag, typ, _fld, text in TRAIN_OPTIONS:
+        tp.add_argument(flag, type=typ, default=None, help=text)
     tp.add_argument(
         "--init-from", default=None, metavar="NAME[@VERSION]", help="continue training from a stored prefix"
     )
     tp.add_argument("--base-url", default=None, help="server URL [env PREFIXSERVE_BASE_URL]")
     tp.add_argument("--api-key", default=None, help="tenant key [env PREFIXSERVE_API_KEY]")
     tp.add_argument("--no-wait", action="store_true", help="print the job and return at once")
-    tp.add_argument("--poll-interval", type=float, default=1.0)
+    tp.add_argument("--poll-interval", type=_positive_float, default=1.0, help="seconds between polls (1)")
+    tp.add_argument(
+        "--give-up-after",
+        type=_non_negative_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="stop waiting (exit 1; the job goes on) once the server has not answered for this long (600; 0: never)",
+    )
     tp.add_argument("--quiet", action="store_true", help="no progress bar")
     tp.set_defaults(func=cmd_train)
 

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -338,6 +339,42 @@ def test_train_reports_server_errors(server_factory, tmp_path, capsys):
         cli.main(["train", "--tenant-id", "acme", "--name", "x", "--data", str(bad), "--base-url", s.url])
         == 2
     )
+
+
+def test_waiting_on_a_job_gives_up_on_a_server_gone_for_long_and_says_so_once(capsys):
+    """A server that stops answering is polled on (said once on stderr, also with --quiet) until --give-up-after
+    seconds without an answer: exit 1 naming the job (it polled forever, silently with --quiet). One that answers
+    again in time resets the clock."""
+
+    class Flaky:
+        def __init__(self, answers: list[Any]) -> None:
+            self.answers, self.polls = answers, 0
+
+        def get(self, job_id: str) -> dict[str, Any]:
+            self.polls += 1
+            got = self.answers.pop(0) if self.answers else ConnectionError("Connection refused")
+            if isinstance(got, Exception):
+                raise got
+            return got
+
+    gone = Flaky([{"status": "running"}])
+    assert cli._wait(gone, "job-1", 0.01, quiet=True, give_up_after=0.2) == cli.EXIT_FAIL
+    err = capsys.readouterr().err
+    assert err.count("the server does not answer") == 1 and "stopped waiting, job job-1 may go on" in err
+    assert gone.polls > 3
+    down = ConnectionError("Connection refused")
+    back = Flaky([down] * 5 + [{"status": "running"}] + [down] * 5 + [{"status": "succeeded"}])
+    assert cli._wait(back, "job-2", 0.03, quiet=True, give_up_after=1.0) == cli.EXIT_OK
+    assert "stopped waiting" not in capsys.readouterr().err
+
+
+def test_train_refuses_a_poll_interval_that_is_not_positive(capsys):
+    for bad in ("-1", "0", "inf"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(
+                ["train", "--tenant-id", "acme", "--name", "x", "--data", "x.jsonl", "--poll-interval", bad]
+            )
+        assert e.value.code == cli.EXIT_USAGE and "--poll-interval" in capsys.readouterr().err
 
 
 def test_import_peft_into_the_store(tmp_path, capsys):
