@@ -427,11 +427,16 @@ def env_settings(ns: argparse.Namespace, fields: dict[str, str]) -> Any:
     read, so a bad variable the command does not use does not stop it. Raises ValueError (pydantic's)."""
     from server.settings import ENV_PREFIX, Settings
 
+    # (whatever the case of the variable's name, as `serve` reads them)
+    env = {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
+    for name, close in unknown_env(os.environ):  # a typo would quietly leave this command on a default
+        print(f"prefixserve: {name} is not a setting: ignored{f' (did you mean {close}?)' if close else ''}",
+              file=sys.stderr)  # fmt: skip
     given: dict[str, Any] = {}
     for field, attr in fields.items():
         value = getattr(ns, attr, None)
         if value is None:
-            value = os.environ.get(ENV_PREFIX + field.upper()) or None
+            value = env.get(ENV_PREFIX + field.upper()) or None
         if value is not None:
             given[field] = value
     return Settings(_env_prefix=ENV_PREFIX + "CLI_UNREAD_", **given)  # type: ignore[call-arg]

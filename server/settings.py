@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -313,8 +313,15 @@ class Settings(BaseSettings):
     def _none(cls, v: Any, info: ValidationInfo) -> Any:
         """`none` as a flag or env value of an optional number: what None means there (no limit, or automatic)."""
         unset = isinstance(v, str) and v.strip().lower() in ("none", "null", "")
-        if unset and optional_number(cls.model_fields[str(info.field_name)].annotation) is not None:
+        annotation = cls.model_fields[str(info.field_name)].annotation
+        if unset and optional_number(annotation) is not None:
             return None
+        if isinstance(v, str) and (
+            annotation is bool or get_origin(annotation) is Literal or info.field_name in ("dtype", "device")
+        ):
+            # a choice or a switch is read as `serve`'s log_level always was: FCFS, Float16, "true " (a numbers'
+            # surrounding spaces were already let through)
+            v = v.strip() if annotation is bool else v.strip().lower()
         return v
 
     @field_validator("log_level")
@@ -471,5 +478,7 @@ def unknown_env(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
         rest = name[len(ENV_PREFIX) :].upper()  # (settings read their variables whatever the case)
         if name.upper().startswith(ENV_PREFIX) and rest not in known and not rest.startswith("CLI_UNREAD_"):
             close = difflib.get_close_matches(rest, known, n=1, cutoff=0.8)
+            # (a flag's spelling as a variable: PREFIXSERVE_STORE for --store, the setting being STORE_URL)
+            close = close or sorted(k for k in known if k.startswith(rest + "_"))[:1]
             out.append((name, ENV_PREFIX + close[0] if close else None))
     return out

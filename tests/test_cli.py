@@ -33,6 +33,16 @@ def test_settings_env_and_flags(monkeypatch, tmp_path):
     # `--store` as `worker` and `prefixes` spell it works for `serve` too
     ns = cli.build_parser().parse_args(["serve", "--store", "redis://127.0.0.1:6379/4"])
     assert cli.settings_from_args(ns).store_url == "redis://127.0.0.1:6379/4"
+    # a choice in any case and a switch with spaces around it, as log_level always was (they were refused)
+    for name, value in {
+        "SCHEDULING_POLICY": "FCFS",
+        "DTYPE": "Float16",
+        "PROMPT_CACHE": " 0 ",
+        "KERNELS": "Torch",
+    }.items():
+        monkeypatch.setenv("PREFIXSERVE_" + name, value)
+    s = cli.settings_from_args(cli.build_parser().parse_args(["serve"]))
+    assert (s.scheduling_policy, s.dtype, s.prompt_cache, s.kernels) == ("fcfs", "float16", False, "torch")
 
 
 def test_worker_flags_reach_the_worker(monkeypatch, capsys):
@@ -757,6 +767,18 @@ def test_prefixes_commands_read_only_the_store_setting(api_bundle, tmp_path, cap
     monkeypatch.setenv("PREFIXSERVE_STORE_URL", "file://~/shared")
     assert cli.main(["prefixes", "list"]) == 0
     assert "acme" in capsys.readouterr().out
+    # a variable's name in any case, as `serve` reads it (the lower-case one listed the default store, empty); a
+    # flag's spelling as a variable is named, with the setting meant
+    monkeypatch.delenv("PREFIXSERVE_STORE_URL")
+    monkeypatch.setenv("prefixserve_store_url", "file://~/shared")
+    monkeypatch.setenv("PREFIXSERVE_STORE", "file://~/elsewhere")
+    assert cli.main(["prefixes", "list"]) == 0
+    got = capsys.readouterr()
+    assert "acme" in got.out
+    assert "PREFIXSERVE_STORE is not a setting: ignored (did you mean PREFIXSERVE_STORE_URL?)" in got.err
+    monkeypatch.delenv("prefixserve_store_url")
+    monkeypatch.delenv("PREFIXSERVE_STORE")
+    monkeypatch.setenv("PREFIXSERVE_STORE_URL", "file://~/shared")
     rc = cli.main(["prefixes", "export", "acme", "p", "-o", str(tmp_path / "missing" / "x.safetensors")])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_FAIL and "cannot write" in err and "Traceback" not in err
