@@ -113,8 +113,9 @@ def settings_from_args(ns: argparse.Namespace) -> Any:
 
 def make_server(app: Any, settings: Any) -> Any:
     """A uvicorn Server whose first SIGTERM/SIGINT drains: /ready → 503, new requests → 503 + Retry-After,
-    in-flight requests finish (up to shutdown_grace_s), then the normal uvicorn shutdown and lifespan end. A second
-    signal ends the drain now: what is in flight ends with the same 503 as at the end of the grace period (not a
+    in-flight requests finish (up to shutdown_grace_s), then the normal uvicorn shutdown and lifespan end (a signal
+    before the start-up is over exits at once, 128 + its number: nothing was served yet). A second signal ends the
+    drain now: what is in flight ends with the same 503 as at the end of the grace period (not a
     cut connection), and `forced` says so (the process then exits 1); a third is uvicorn's own forced exit."""
     import uvicorn
 
@@ -142,6 +143,11 @@ def make_server(app: Any, settings: Any) -> Any:
                 log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
 
         def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            if self._loop is not None and not self.started and not self._drain_started:
+                # still starting (a model load can take minutes, and cannot be interrupted): nothing has been
+                # served, nothing is in flight (requests were answered 503 `starting`), so nothing to drain
+                log.warning("signal %s during start-up: exiting now", signal.Signals(sig).name)
+                os._exit(128 + sig)
             if self._loop is None or self.forced:
                 # not serving yet, or a third signal: uvicorn's own exit (forced, for a repeated SIGINT)
                 super().handle_exit(sig, frame)

@@ -210,6 +210,45 @@ def test_a_model_that_fails_to_load_says_so_in_one_line_before_the_traceback(tmp
     assert any(m.startswith(f"cannot start: loading model {folder} failed: ") for m in said), said
 
 
+def test_a_signal_during_start_up_exits_at_once(monkeypatch, api_bundle, tmp_path):
+    """Ctrl-C or SIGTERM while the model loads exits at once (128 + the signal) instead of waiting out the load
+    and the warm-up, then logging "listening" and draining nothing."""
+    import asyncio
+    import signal
+
+    import server.api.app as app_mod
+    from server.api import create_app
+    from server.settings import Settings
+
+    loading, exited = threading.Event(), []
+
+    def slow_load(settings):
+        loading.set()
+        time.sleep(3)
+        return api_bundle
+
+    def fake_exit(code: int) -> None:
+        exited.append(code)
+        raise SystemExit(code)  # (ends the serving thread's handler, not the test process)
+
+    monkeypatch.setattr(app_mod, "_load_bundle", slow_load)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    s = Settings(
+        store_url=f"file://{tmp_path}/s", kv_cache_mb=16, max_model_len=256, training_workers=0, port=0
+    )
+    server = cli.make_server(create_app(s), s)
+    t = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    t.start()
+    assert loading.wait(10)
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit):
+        server.handle_exit(signal.SIGINT, None)
+    assert exited == [128 + signal.SIGINT] and time.monotonic() - t0 < 1 and not server.started
+    server.should_exit = True  # (the real process is gone by now; this one's serving thread stops)
+    t.join(10)
+    assert not t.is_alive()
+
+
 def test_a_port_in_use_fails_start_up_before_the_model_loads(tmp_path, capsys, root_logging, monkeypatch):
     """The port is bound before anything loads: a port another process listens on is exit 3 at once, saying so,
     instead of a model load, a "ready" line and then a bind error."""
