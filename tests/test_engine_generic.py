@@ -101,10 +101,17 @@ def test_unservable_models_are_refused_with_a_reason():
         spec_from_config(transformers.T5Config())
     with pytest.raises(ValueError, match="soft-capping"):
         spec_from_config(transformers.Gemma2Config())
-    model, tok = tiny("falcon")  # modeling code that does not go through transformers' AttentionInterface
-    b = bundle_from_model(model, tok, name="falcon")
-    with pytest.raises(ValueError, match="AttentionInterface"):
-        make_engine(b, {})
+    # modeling code that does not go through transformers' AttentionInterface: refused by its config, before any
+    # weights load (it was refused once they had, at the engine's start)
+    for config in (transformers.FalconConfig(), transformers.BloomConfig(), transformers.GPTJConfig()):
+        with pytest.raises(
+            ValueError, match="does not route attention through transformers' AttentionInterface"
+        ):
+            spec_from_config(config)
+    with pytest.raises(ValueError, match=r"\['chunked_attention'\] \(only full and sliding-window attention"):
+        spec_from_config(
+            transformers.Llama4TextConfig(layer_types=["chunked_attention", "full_attention"] * 24)
+        )
 
 
 LONGROPE = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -92,9 +93,16 @@ def test_local_folder_families(family, tmp_path):
     assert out.logits.shape == (1, 3, len(tok))
 
 
-def test_sliding_window_caps_the_context():
-    """Full attention equals sliding-window attention only within the window: the context is capped there."""
+def test_sliding_window_caps_the_context(caplog):
+    """Full attention equals sliding-window attention only within the window: the context is capped there, and
+    the log says so once (as for a rotary scaling's cap)."""
     mk = transformers.MistralConfig
+    caplog.set_level(logging.WARNING, logger="prefixserve.model")
+    capped = mk(sliding_window=64, max_position_embeddings=1024, name_or_path="window-test-model")
+    assert spec_from_config(capped).max_positions == 64 and spec_from_config(capped).max_positions == 64
+    said = [r.getMessage() for r in caplog.records if "window-test-model" in r.getMessage()]
+    assert said == ["window-test-model: sliding-window attention of 64 positions; served within that window (of "
+                    "1024 positions)"]  # fmt: skip
     assert spec_from_config(mk(sliding_window=64, max_position_embeddings=1024)).max_positions == 64
     assert spec_from_config(mk(sliding_window=None, max_position_embeddings=1024)).max_positions == 1024
     q2 = transformers.Qwen2Config(sliding_window=64, use_sliding_window=False, max_position_embeddings=1024)

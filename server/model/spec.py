@@ -36,8 +36,17 @@ def _capped_by_window(config: Any, max_positions: int) -> int:
     """The engine attends to the whole context: within a sliding window that is exactly sliding-window attention,
     so the context is capped at the window rather than silently computing something else beyond it."""
     window = getattr(config, "sliding_window", None)
-    if window and int(window) > 0 and getattr(config, "use_sliding_window", True):
-        return min(max_positions, int(window))
+    if window and int(window) > 0 and getattr(config, "use_sliding_window", True) and int(window) < max_positions:
+        said = (getattr(config, "name_or_path", ""), -int(window))
+        if said not in _CAPPED:  # (said once per model, as the rotary cap)
+            _CAPPED.add(said)
+            log.warning(
+                "%s: sliding-window attention of %d positions; served within that window (of %d positions)",
+                said[0] or getattr(config, "model_type", "model"),
+                int(window),
+                max_positions,
+            )
+        return int(window)
     return max_positions
 
 
@@ -157,7 +166,17 @@ def _check_generic(config: Any, mt: str) -> None:
     odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
     if odd:
         raise ValueError(
-            f"unsupported model_type {mt!r}: layers of type {odd} (only attention layers are served)"
+            f"unsupported model_type {mt!r}: layers of type {odd} (only full and sliding-window attention layers "
+            "are computed)"
+        )
+    import transformers
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[mt], None)
+    if cls is not None and not getattr(cls, "_supports_attention_backend", False):
+        # (found here rather than once its weights have loaded: for a large checkpoint, minutes)
+        raise ValueError(
+            f"unsupported model_type {mt!r}: {cls.__name__} does not route attention through transformers' "
+            "AttentionInterface, where the engine plugs its paged attention in"
         )
     for attr in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
         if not isinstance(getattr(config, attr, None), int):
