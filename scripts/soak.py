@@ -1,7 +1,7 @@
 """Soak test (not in the default suite): a server under steady mixed-tenant load for N minutes; RSS must stay flat.
 
-Starts `python -m tests.fixtures.server` (the real `prefixserve serve` path with the tiny model; `--model smollm2`
-uses the real embedded model through `prefixserve serve`), stores one prefix per tenant, then loops generate calls
+Starts `python -m tests.fixtures.server` (the real `prefixserve serve` path, with the tiny model), stores one prefix
+per tenant, then loops generate calls
 (half streamed, some aborted mid-stream) at a fixed concurrency over loopback, sampling the server's RSS every
 `--sample-s`. After a warm-up third, RSS may grow by at most `--max-growth-mb`. Exit 0 = flat, 1 = grew, 2 = errors.
 

@@ -577,6 +577,32 @@ def test_store_refusal_is_a_logged_500_and_a_corrupt_record_a_logged_422(
         store.close()
 
 
+@pytest.mark.redis
+def test_a_redis_acl_without_read_permission_is_a_store_error(
+    server_factory, api_bundle, redis_server_factory
+):
+    """A Redis user whose ACL refuses the reads (NOPERM: a deployment's mistake) gets the same logged 500
+    `store_error`, not a 422 calling every uncached prefix corrupt."""
+    import redis
+
+    from prefix_store import open_store
+
+    srv = redis_server_factory
+    admin = open_store(srv.url)
+    put_random_prefix(admin, api_bundle, "acme", "p")
+    admin.close()
+    redis.Redis(port=srv.port).execute_command("ACL", "SETUSER", "limited", "on", ">pw-limited", "~*", "&*",
+                                               "+@all", "-get", "-mget")  # fmt: skip
+    store = open_store(srv.url.replace("redis://", "redis://limited:pw-limited@"))
+    try:
+        c = server_factory(store=store, training_workers=0).client()
+        r = c.post("/generate", json={"tenant_id": "acme", "prefix": "p", "prompt": "x"})
+        assert_error(r, 500, "store_error")
+        assert "pw-limited" not in r.text and "NOPERM" not in r.text
+    finally:
+        store.close()
+
+
 def test_engine_stats_lines_while_requests_run_and_none_when_idle(server_factory, caplog):
     """vLLM's periodic line: while requests run, throughput, running/waiting and cache use each interval; one more
     when the work ends (its last tokens); then nothing while the server is idle."""
