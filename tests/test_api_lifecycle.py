@@ -212,6 +212,7 @@ def test_sighup_does_not_stop_the_server(subprocess_server, tmp_path):
     sp.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     assert sp.proc.poll() is None and c.get("/ready").status_code == 200
+    assert "SIGHUP ignored" in sp.log()  # (with a line saying so: what a reload does instead)
     sp.terminate()
     assert sp.wait(60) == 0
     c.close()
