@@ -185,10 +185,12 @@ def test_request_log_lines_have_fields_but_no_prompt_or_key(server_factory, api_
         json={"model": "acme", "messages": [{"role": "user", "content": secret_prompt}]},
     )
     s.client("sk-WRONG-key-31337").post("/generate", json={"prompt": secret_prompt})
+    # an X-Request-ID that cannot be the id (a space) is replaced, and its line still names it
+    odd = c.post("/generate", json={"prompt": "x", "max_tokens": 1}, headers={"X-Request-ID": "my trace 7"})
     deadline = time.monotonic() + 5  # the line is written right after the response is sent
     while (
         time.monotonic() < deadline
-        and sum(getattr(r, "fields", {}).get("event") == "request" for r in caplog.records) < 4
+        and sum(getattr(r, "fields", {}).get("event") == "request" for r in caplog.records) < 5
     ):
         time.sleep(0.01)
     fmt = JSONFormatter()
@@ -211,7 +213,13 @@ def test_request_log_lines_have_fields_but_no_prompt_or_key(server_factory, api_
     assert mine["queue_s"] >= 0 and mine["latency_s"] > 0 and mine["finish_reason"] == "length"
     assert mine["principal"] == "tenant:acme"
     assert any(a["status"] == 401 for a in access), [(a["route"], a["status"]) for a in access]
-    assert sum(1 for a in access if a["route"] == "/generate") == 3
+    assert sum(1 for a in access if a["route"] == "/generate") == 4
+    replaced = odd.headers["x-request-id"]
+    assert (
+        replaced != "my trace 7"
+        and next(a for a in access if a["request_id"] == replaced)["given_request_id"] == "my trace 7"
+    )
+    assert "given_request_id" not in mine
 
 
 def test_start_up_warns_when_every_stored_prefix_was_made_for_another_model(

@@ -196,6 +196,10 @@ class ServiceMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         info = RequestInfo(request_id=rid)
+        if (
+            given and rid != given
+        ):  # replaced (spaces, too long, ...): its line still names what the client sent
+            info.given_request_id = given[:128]
         scope["prefixserve"] = info
         CURRENT_REQUEST.set(info)  # (this task's context: the route runs in it)
         path: str = scope.get("path", "")
@@ -392,6 +396,7 @@ class ServiceMiddleware:
         fields = {
             "event": "request",
             "request_id": info.request_id,
+            "given_request_id": info.given_request_id,
             "method": method,
             "route": template,
             "status": status,

@@ -218,6 +218,7 @@ class RequestInfo:
     """What the request log line and access metrics need; filled in by the handlers."""
 
     request_id: str
+    given_request_id: str | None = None  # the client's X-Request-ID where it could not be used as the id
     principal: str | None = None
     tenant: str | None = None
     prefix: str | None = None

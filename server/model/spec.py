@@ -36,7 +36,12 @@ def _capped_by_window(config: Any, max_positions: int) -> int:
     """The engine attends to the whole context: within a sliding window that is exactly sliding-window attention,
     so the context is capped at the window rather than silently computing something else beyond it."""
     window = getattr(config, "sliding_window", None)
-    if window and int(window) > 0 and getattr(config, "use_sliding_window", True) and int(window) < max_positions:
+    if (
+        window
+        and int(window) > 0
+        and getattr(config, "use_sliding_window", True)
+        and int(window) < max_positions
+    ):
         said = (getattr(config, "name_or_path", ""), -int(window))
         if said not in _CAPPED:  # (said once per model, as the rotary cap)
             _CAPPED.add(said)
