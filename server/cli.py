@@ -386,16 +386,19 @@ def cmd_run_batch(ns: argparse.Namespace) -> int:
 
     async def main() -> list[dict[str, Any]]:
         # Ctrl-C / SIGTERM: the requests under way end, the lines finished by then are written; a second signal
-        # kills the process (the default action, given back)
+        # exits at once, writing nothing
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
         def interrupted(signum: int) -> None:
+            name = signal.Signals(signum).name
+            if signalled:
+                log.warning("signal %s again: exiting now, no results written", name)
+                os._exit(128 + signalled[0])
             signalled.append(signum)
-            log.warning("signal %s: ending the batch (again to kill it); the lines done are written",
-                        signal.Signals(signum).name)  # fmt: skip
-            for s in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(s)
+            log.warning(
+                "signal %s: ending the batch (again to exit at once); the lines done are written", name
+            )
             stop.set()
 
         for s in (signal.SIGINT, signal.SIGTERM):

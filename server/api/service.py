@@ -371,6 +371,11 @@ async def wait_disconnect(receive: Callable[[], Any]) -> None:
             return
 
 
+def _outcome_read(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 async def race_disconnect(receive: Callable[[], Any] | None, coro: Any) -> Any:
     """Await `coro`; if the client disconnects first, cancel it (which aborts its engine request)."""
     task = asyncio.ensure_future(coro)
@@ -382,6 +387,9 @@ async def race_disconnect(receive: Callable[[], Any] | None, coro: Any) -> Any:
     except asyncio.CancelledError:
         task.cancel()
         watcher.cancel()
+        # nobody awaits it now: its outcome is read when it ends (a gather whose parts were cancelled ends with a
+        # CancelledError *exception*, which asyncio logs as "never retrieved", one traceback per request)
+        task.add_done_callback(_outcome_read)
         raise
     if task in done:
         watcher.cancel()
