@@ -352,6 +352,61 @@ def test_auto_with_a_pythonic_model_detected_from_its_template(server_factory):
     assert plain["message"]["content"] == text and plain["message"]["tool_calls"] is None
 
 
+MISTRAL_ID_CHECK = (  # what Mistral v0.3 / Small / Nemo templates do with each earlier call
+    "{%- for message in messages %}{%- if message.tool_calls is defined and message.tool_calls %}"
+    "{%- for tool_call in message.tool_calls %}{%- if not tool_call.id is defined or tool_call.id|length != 9 %}"
+    '{{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}{%- endif %}{%- endfor %}'
+    '{{- "[TOOL_CALLS]" }}{%- endif %}{%- endfor %}'
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_mistral_models_calls_have_ids_its_template_takes_back(server_factory, stream):
+    """Mistral's templates refuse a call id that is not 9 letters and digits: its calls get such ids (as vLLM's),
+    so the usual round trip (the assistant's calls, then the tool's result) renders; ids from elsewhere (OpenAI's
+    `call_...`, Anthropic's `toolu_...`) are given to the template shortened, the same for a call and its result.
+    It was a 400 "cannot render the prompt"."""
+    import openai
+
+    from tests.fixtures.models import tiny_llama
+
+    b = tiny_llama()
+    b.tokenizer.chat_template = MISTRAL_ID_CHECK + b.tokenizer.chat_template
+    s = server_factory(bundle=b, keys={"acme": KEY})
+    assert s.svc.tool_parser.name == "mistral"
+    oai = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+    text = '[TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "UTC"}}]'
+    regex = "".join("\\" + ch if ch in "[]{}" else ch for ch in text)
+    kw = dict(model="acme/base", tools=[TIME], temperature=0, max_tokens=120)
+    asked = oai.chat.completions.create(messages=ASK, extra_body={"structured_outputs": {"regex": regex}},
+                                        stream=stream, **kw)  # fmt: skip
+    if stream:
+        (call_id,) = [t.id for c in asked if c.choices for t in c.choices[0].delta.tool_calls or [] if t.id]
+    else:
+        (call,) = asked.choices[0].message.tool_calls
+        call_id = call.id
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", call_id), call_id
+    for given in (call_id, "call_0123456789abcdef01234567", "toolu_01A09q90qw90lq917835lq9"):
+        turns = [*ASK, {"role": "assistant", "content": None, "tool_calls": [{"id": given, "type": "function",
+                 "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}]},
+                 {"role": "tool", "tool_call_id": given, "content": "12:00"}]  # fmt: skip
+        assert oai.chat.completions.create(messages=turns, **kw).choices[0].message is not None
+
+
+def test_template_call_ids():
+    from server.api.tools import template_call_id
+
+    assert (
+        template_call_id("call_abc", False) == "call_abc"
+        and template_call_id("Ab3dE5gH9", True) == "Ab3dE5gH9"
+    )
+    short = template_call_id("call_0123456789abcdef01234567", True)
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", short) and short == template_call_id(
+        "call_0123456789abcdef01234567", True
+    )
+    assert short != template_call_id("call_0123456789abcdef01234568", True)
+
+
 def test_tools_and_tool_turns_reach_the_chat_template(srv):
     """A template that knows tools gets them, and earlier calls and results are rendered as turns."""
     seen: list[dict] = []
@@ -479,6 +534,20 @@ PARSER_CASES = [
      [("get_weather", {"city": "Rome"})], ""),
     ("phi4_mini_json", "functional programming", [], None),
     ("phi4_mini_json", '{"name": "get_time", "arguments": {}}', [], None),  # no marker: text (vLLM's too)
+    # the text markers after some text (vLLM's mistral and phi4 parsers look for them anywhere); a bare list after
+    # text stays text
+    ("mistral", 'Let me check. [TOOL_CALLS][{"name": "get_time", "arguments": {}}]', [("get_time", {})],
+     "Let me check. "),
+    ("mistral", 'Let me check. [{"name": "get_time", "arguments": {}}]', [], None),
+    ("mistral", "plain [TOOL_CALLS] and not JSON", [], None),
+    ("phi4_mini_json", 'Sure. functools[{"name": "get_weather", "arguments": {"city": "Rome"}}] ok',
+     [("get_weather", {"city": "Rome"})], "Sure. ok"),
+    # a name that is not a string (a list, an object) is no tool's, in every JSON format: text, never a crash
+    ("hermes", '<tool_call>{"name": ["get_time"], "arguments": {}}</tool_call>', [], None),
+    ("llama3_json", '{"name": {"get_time": 1}, "parameters": {}}', [], None),
+    ("mistral", '[TOOL_CALLS][{"name": ["get_time"], "arguments": {}}]', [], None),
+    ("granite", '<|tool_call|>[{"name": {"a": 1}, "arguments": {}}]', [], None),
+    ("phi4_mini_json", 'functools[{"name": [1], "arguments": {}}]', [], None),
 ]  # fmt: skip
 
 
@@ -612,7 +681,16 @@ def test_tool_plan_parse_edge_cases():
         ("get_weather", '{"ci')
     ]
     assert req.finish_reason("length", calls) == "length" and req.finish_reason("stop", calls) == "tool_calls"
+    # ... but a list a stop string cut before it closed is "stop", as its stream says (it said "tool_calls")
+    assert req.finish_reason("stop", calls, '[{"name":"get_weather","parameters":{"ci') == "stop"
+    done = '[{"name":"get_weather","parameters":{"city":"Oslo","unit":"c"}}]'
+    assert req.finish_reason("stop", req.parse(done)[1], done) == "tool_calls"
     assert plan.finish_reason("length", calls) == "length"
+    # arguments the model wrote as a string: JSON text as OpenAI sends arguments (a client's json.loads works); a
+    # string that holds JSON is that JSON
+    for written, want in (('"Paris"', "Paris"), ('"{\\"city\\": \\"Oslo\\"}"', {"city": "Oslo"})):
+        _, calls = plan.parse(f'<tool_call>{{"name": "get_weather", "arguments": {written}}}</tool_call>')
+        assert json.loads(calls[0]["function"]["arguments"]) == want, calls
     one = tool_plan(ChatCompletionRequest.model_validate({**body.model_dump(), "parallel_tool_calls": False}))
     assert [c["function"]["name"] for c in one.parse(two)[1]] == ["get_time"]
     schema = json.loads(req.structured().spec)

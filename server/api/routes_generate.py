@@ -239,7 +239,7 @@ async def tokenize(
         if body.prompt_format is not None:  # messages always go through the chat template
             raise APIError(422, "prompt_format applies to prompt, not to messages", param="prompt_format")
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
-        messages = template_messages(body.messages)
+        messages = template_messages(body.messages, svc.tool_parser.short_ids)
         ids, fmt = await render_chat(svc, body, messages, tools), "chat"
     else:
         chat_only = body.model_fields_set & {"tools", *ChatTemplateFields.model_fields}

@@ -56,7 +56,7 @@ from server.api.service import (
     truncate_prompt,
 )
 from server.api.streaming import EngineEventStream, json_off_loop, merge, sse
-from server.api.tools import CallListStream, ToolPlan, call_id, template_messages, tool_plan
+from server.api.tools import CallListStream, ToolPlan, template_messages, tool_plan
 from server.engine.token_bytes import TokenIdTexts
 from server.engine.types import StructuredOutputs, ThinkingBudget
 
@@ -213,7 +213,7 @@ async def _drop_turns(
 
 async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefix: Any) -> _Plan:
     tools = tool_plan(body, svc.tool_parser)
-    messages = template_messages(body.messages)
+    messages = template_messages(body.messages, svc.tool_parser.short_ids)
     if svc.settings.log_prompts:
         info.prompt = "\n".join(m["content"] for m in messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -835,7 +835,7 @@ def _chat_choice_body(plan: _Plan, index: int, res: GenerationResult, text: Toke
         "index": index,
         "message": message,
         "logprobs": None if res.logprobs is None else chat_logprobs(res.logprobs, text),
-        "finish_reason": tools.finish_reason(res.finish_reason, calls),
+        "finish_reason": tools.finish_reason(res.finish_reason, calls, answer),
         "stop_reason": res.stop_reason,
     }
 
@@ -912,7 +912,7 @@ async def _stream_named(
     assert tools.named is not None
     call = {
         "index": 0,
-        "id": call_id(),
+        "id": tools.new_id(),
         "type": "function",
         "function": {"name": tools.named, "arguments": ""},
     }
@@ -989,7 +989,7 @@ async def _stream_required(
     output is a JSON list the grammar forces: `CallListStream` follows it). A list cut short by max_tokens ends
     with what was sent and finish_reason "length"."""
     yield chunk({"role": "assistant", "content": None}, None)
-    calls = CallListStream()
+    calls = CallListStream(tools.short_ids)
     thinking = tools.thinking()
     pending = _PendingLogprobs(run, text)
     async for ev, _ids, lps in chunked_events(run):

@@ -92,13 +92,19 @@ def _blocks_split(text: str, names: Tools, read: Callable[[str, Tools], Calls | 
     return "".join(kept) + text[last:], calls
 
 
+def _named(obj: Any, names: Tools) -> bool:
+    """`obj` is a call object of one of the tools (a name that is not a string is no tool's: a list or an object
+    there could not even be looked up)."""
+    return isinstance(obj, dict) and isinstance(obj.get("name"), str) and obj["name"] in names
+
+
 def _hermes_call(body: str, names: Tools) -> Calls | None:
     """A hermes block's `{"name", "arguments"}` of a known tool, or None."""
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nesting too deep
         return None
-    if not isinstance(obj, dict) or obj.get("name") not in names:
+    if not _named(obj, names):
         return None
     return [(obj["name"], _args(obj, "arguments", "parameters"))]
 
@@ -166,7 +172,7 @@ def _json_objects(body: str) -> list[Any] | None:
 def _llama3_split(text: str, names: Tools) -> tuple[str, Calls]:
     ws, body = _lead(text, (PYTHON_TAG,))
     objs = _json_objects(body)
-    if not objs or not all(isinstance(o, dict) and o.get("name") in names for o in objs):
+    if not objs or not all(_named(o, names) for o in objs):
         return text, []
     return ws, [(o["name"], _args(o, "parameters", "arguments")) for o in objs]
 
@@ -175,6 +181,35 @@ def _json_list_split(*tags: str, required: bool = False) -> Callable[[str, Tools
     """One of `tags` (that decoding may have dropped, unless `required`: a text marker) then a JSON list of
     `{"name", "arguments"}` (or one such object)."""
     return lambda text, names: _list_split(text, names, tags, required)
+
+
+def _marked_list_split(tag: str, required: bool = False) -> Callable[[str, Tools], tuple[str, Calls]]:
+    """As `_json_list_split`, and the text marker `tag` after some text begins the calls too (vLLM's mistral and
+    phi4_mini_json parsers look for it anywhere): the text before it is content."""
+
+    def split(text: str, names: Tools) -> tuple[str, Calls]:
+        outside, calls = _list_split(text, names, (tag,), required)
+        if calls:
+            return outside, calls
+        i = text.find(tag)
+        if i <= 0:
+            return text, []
+        after, calls = _list_split(text[i:], names, (tag,), True)
+        return (text[:i] + after, calls) if calls else (text, [])
+
+    return split
+
+
+def _marked_hold(tag: str, opener: str) -> Callable[[str], int]:
+    """`_start_hold`, and from the marker `tag` (or what could begin it at the end) wherever it is."""
+
+    def hold(text: str) -> int:
+        i = text.find(tag)
+        return min(
+            _start_hold(text, (tag,), opener), i if i >= 0 else len(text) - _tag_prefix_at_end(text, tag)
+        )
+
+    return hold
 
 
 def _list_split(text: str, names: Tools, tags: tuple[str, ...], required: bool = False) -> tuple[str, Calls]:
@@ -189,7 +224,7 @@ def _list_split(text: str, names: Tools, tags: tuple[str, ...], required: bool =
         calls = [calls]
     if not isinstance(calls, list) or not calls:
         return text, []
-    if not all(isinstance(c, dict) and c.get("name") in names for c in calls):
+    if not all(_named(c, names) for c in calls):
         return text, []
     return ws + body[end:].strip(), [(c["name"], _args(c, "arguments", "parameters")) for c in calls]
 
@@ -313,10 +348,13 @@ class ToolParser:
         hold: Callable[[str], int],
         *,
         blocks: bool = False,
+        short_ids: bool = False,
     ) -> None:
         self.name = name
         self._split = split
         self._hold = hold
+        # the model's chat template takes only 9-character alphanumeric call ids (Mistral's: vLLM makes them so)
+        self.short_ids = short_ids
         self.blocks = (
             blocks  # calls are closed blocks anywhere in the text (hermes): each is final once closed
         )
@@ -415,7 +453,7 @@ _REGISTRY = {
     "llama3_json": ToolParser("llama3_json", _llama3_split, lambda t: _start_hold(t, (PYTHON_TAG,), "{")),
     # (a bare object is a call too: `_mistral_split` takes one)
     "mistral": ToolParser(
-        "mistral", _json_list_split(MISTRAL_TAG), lambda t: _start_hold(t, (MISTRAL_TAG,), "[{")
+        "mistral", _marked_list_split(MISTRAL_TAG), _marked_hold(MISTRAL_TAG, "[{"), short_ids=True
     ),
     "pythonic": ToolParser("pythonic", _pythonic_split, lambda t: _start_hold(t, (PYTHON_TAG,), "[")),
     "qwen3_coder": ToolParser("qwen3_coder", _qwen3_coder_split, _hermes_hold, blocks=True),
@@ -425,7 +463,7 @@ _REGISTRY = {
     ),
     # (functools is text: only the marker starts a call, as vLLM's parser has it)
     "phi4_mini_json": ToolParser(
-        "phi4_mini_json", _json_list_split(PHI4_TAG, required=True), lambda t: _start_hold(t, (PHI4_TAG,), "")
+        "phi4_mini_json", _marked_list_split(PHI4_TAG, required=True), _marked_hold(PHI4_TAG, "")
     ),
 }
 

@@ -25,7 +25,11 @@ tools (a template with tool support, or the caller's own system message).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,14 +41,43 @@ from server.api.service import chat_messages
 from server.api.tool_parsers import AutoStream, ToolParser, get_parser
 from server.engine import StructuredOutputs
 
+_ALNUM = string.ascii_letters + string.digits
+_SHORT_ID = re.compile(r"[A-Za-z0-9]{9}")
 
-def call_id() -> str:
+
+def call_id(short: bool = False) -> str:
+    """A new tool call id: OpenAI's `call_...`, or (`short`) 9 letters and digits, all a Mistral chat template
+    takes (its check refuses the next turn's prompt otherwise; vLLM's Mistral ids are such)."""
+    if short:
+        return "".join(secrets.choice(_ALNUM) for _ in range(9))
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def _call(name: str, arguments: Any) -> dict[str, Any]:
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": text}}
+def template_call_id(given: str, short: bool) -> str:
+    """A call id as the chat template is given it: as sent, or (`short`) 9 letters and digits made from it (the
+    same for the assistant's call and the tool result that answers it), as vLLM shortens ids for Mistral."""
+    if not short or _SHORT_ID.fullmatch(given):
+        return given
+    n = int.from_bytes(hashlib.sha256(given.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    return "".join(_ALNUM[(n // len(_ALNUM) ** i) % len(_ALNUM)] for i in range(9))
+
+
+def _arguments_text(arguments: Any) -> str:
+    """A call's `arguments` as OpenAI sends them, JSON text: a string that is JSON already (arguments the model
+    wrote as a JSON string) as it is, any other string as a JSON string (a client's `json.loads` must work)."""
+    if isinstance(arguments, str):
+        try:
+            json.loads(arguments)
+            return arguments
+        except (ValueError, RecursionError):
+            pass
+    return json.dumps(arguments, ensure_ascii=False)
+
+
+def _call(name: str, arguments: Any, short: bool = False, raw: bool = False) -> dict[str, Any]:
+    """A `tool_calls` entry: `arguments` a JSON value a parser read, or (`raw`) the text a forced call wrote."""
+    text = arguments if raw else _arguments_text(arguments)
+    return {"id": call_id(short), "type": "function", "function": {"name": name, "arguments": text}}
 
 
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -143,9 +176,9 @@ class ToolPlan:
             # no call was begun: a stream announces the call with its first arguments)
             if self.reasoning is not None and not text.strip():
                 return None, None
-            return None, [_call(self.named, text.lstrip())]
+            return None, [_call(self.named, text.lstrip(), self.short_ids, raw=True)]
         if self.mode == "required":  # read as a stream reads it: the same calls, the arguments as written
-            stream = CallListStream()
+            stream = CallListStream(self.short_ids)
             stream.feed(text)
             # cut short by max_tokens: the calls begun (as the stream sent them), never the list's raw text
             return None, (stream.result() or stream.begun() or None)
@@ -156,7 +189,7 @@ class ToolPlan:
                 if not self.parallel:  # only the first (as vLLM and OpenAI)
                     calls = calls[:1]
                 content = "".join(v for k, v in items if k == "content")
-                return content or None, [_call(name, args) for name, args in calls]
+                return content or None, [_call(name, args, self.short_ids) for name, args in calls]
         return text, None
 
     def auto_stream(self) -> AutoStream:
@@ -166,14 +199,28 @@ class ToolPlan:
             self.parser, {t["function"]["name"]: t["function"].get("parameters") for t in self.tools}
         )
 
-    @staticmethod
-    def call(name: str, arguments: Any) -> dict[str, Any]:
-        """A `tool_calls` entry (new id) of a call a parser found."""
-        return _call(name, arguments)
+    @property
+    def short_ids(self) -> bool:
+        """Call ids of 9 letters and digits (the model's template takes no others)."""
+        return self.parser.short_ids
 
-    def finish_reason(self, engine_reason: str | None, calls: list[dict[str, Any]] | None) -> str:
+    def new_id(self) -> str:
+        return call_id(self.short_ids)
+
+    def call(self, name: str, arguments: Any) -> dict[str, Any]:
+        """A `tool_calls` entry (new id) of a call a parser found."""
+        return _call(name, arguments, self.short_ids)
+
+    def finish_reason(
+        self, engine_reason: str | None, calls: list[dict[str, Any]] | None, answer: str | None = None
+    ) -> str:
         """ "tool_calls" when calls were made, unless the output was cut short by max_tokens ("length": the
-        client must know its last call may be incomplete, as OpenAI says)."""
+        client must know its last call may be incomplete, as OpenAI says) or, "required", by a stop string before
+        its list closed (`answer`, a finished output's, says so; a stream knows it from its `CallListStream`)."""
+        if calls and self.mode == "required" and answer is not None:
+            closed = CallListStream()
+            closed.feed(answer)
+            calls = calls if closed.result() is not None else None
         if calls and self.mode != "named" and engine_reason != "length":
             return "tool_calls"
         return engine_reason or "stop"
@@ -182,7 +229,7 @@ class ToolPlan:
 @dataclass
 class _StreamedCall:
     index: int
-    id: str = field(default_factory=call_id)
+    id: str
     name: str | None = None
     args: list[str] = field(default_factory=list)  # the arguments' text as written, a character at a time
     sent: int = 0  # characters of `args` sent
@@ -198,7 +245,8 @@ class CallListStream:
     complete so far, with the same ids and the arguments as written.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, short_ids: bool = False) -> None:
+        self._short_ids = short_ids  # (`call_id`'s)
         self._depth = 0
         self._in_str = self._esc = False
         self._after_colon = False  # in a call object, between a key's ':' and the end of its value
@@ -267,7 +315,7 @@ class CallListStream:
         elif ch in "{[":
             self._depth += 1
             if d == 1 and ch == "{":
-                self._calls.append(_StreamedCall(index=len(self._calls)))
+                self._calls.append(_StreamedCall(len(self._calls), call_id(self._short_ids)))
         elif ch in "}]":
             self._depth -= 1
             if d == 2:
@@ -326,19 +374,19 @@ def tool_plan(body: ChatCompletionRequest, parser: ToolParser | None = None) -> 
     return plan
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def template_messages(messages: list[ChatMessage], short_ids: bool = False) -> list[dict[str, Any]]:
     """Chat messages for the template: role and text content with earlier turns' tool calls (arguments as objects,
-    as transformers' templates take them) and tool results' ids."""
+    as transformers' templates take them) and tool results' ids (`short_ids`: as `template_call_id` makes them)."""
     out = []
     for m, t in zip(messages, chat_messages(messages), strict=True):
         msg = dict(t)
         if m.tool_calls:
             msg["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _args(c.function.arguments)}}
+                {"id": template_call_id(c.id, short_ids), "type": "function", "function": {"name": c.function.name, "arguments": _args(c.function.arguments)}}
                 for c in m.tool_calls
             ]  # fmt: skip
         if m.tool_call_id is not None:
-            msg["tool_call_id"] = m.tool_call_id
+            msg["tool_call_id"] = template_call_id(m.tool_call_id, short_ids)
         if m.name is not None and m.role == "tool":
             msg["name"] = m.name
         thinking = m.reasoning_content if m.reasoning_content is not None else m.reasoning
