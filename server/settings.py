@@ -266,6 +266,14 @@ class Settings(BaseSettings):
         description="Launch each decode step from the previous step's tokens on the device, preparing it "
         "while the previous one runs ('auto': on CUDA, unless speculative decoding is on)",
     )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="As vLLM's: a request's tokens reach its stream (and the server) at least this many at a time "
+        "(its first token and its end at once); above 1, fewer frames and less work per token on a busy server, "
+        "in coarser steps",
+    )
     prefix_meta_ttl_s: float = Field(
         10.0,
         ge=0,

@@ -665,3 +665,17 @@ def test_a_json_log_lines_two_timestamps_are_the_same_millisecond():
         rec.msecs = int((rec.created - int(rec.created)) * 1000)
         line = json.loads(fmt.format(rec))
         assert line["time"][-4:-1] == f"{line['ts']:.3f}"[-3:], line
+
+
+def test_stream_interval_groups_a_streams_tokens(server_factory):
+    """--stream-interval 4 (vLLM's): a stream's first token comes alone, then at least 4 per frame; the text is the
+    same as unstreamed."""
+    s = server_factory(prefixes={("acme", "default"): {}}, stream_interval=4)
+    c = s.client()
+    body = {"model": "acme/default", "prompt": "go", "max_tokens": 14, "ignore_eos": True, "temperature": 0}
+    whole = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    frames = [json.loads(x[6:]) for x in c.post("/v1/completions", json={**body, "stream": True}).text.split("\n\n")
+              if x.startswith("data: {")]  # fmt: skip
+    texts = [f["choices"][0]["text"] for f in frames if f["choices"] and f["choices"][0]["text"]]
+    assert "".join(texts) == whole
+    assert 2 <= len(texts) <= 5, texts  # 14 tokens: 1, then groups of 4 (the end with what is left): 1+4+4+4+1

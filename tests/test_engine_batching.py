@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -960,6 +961,66 @@ def test_async_engine_wakes_the_event_loop_once_per_step_not_per_token(tiny_llam
         eng.shutdown()
     assert got == alone
     assert calls <= steps < sum(len(t) for t in got)
+
+
+def test_a_stream_interval_sends_tokens_in_groups_with_the_first_at_once(tiny_llama_bundle):
+    """vLLM's --stream-interval N: a request's first event comes at once, then its tokens at least N at a time
+    (logprobs and text with them), its end at once; what a consumer gets adds up to the same tokens, text and
+    logprobs as one event per step; an aborted request leaves nothing held."""
+    b = tiny_llama_bundle
+    keys = {PrefixKey(f"t{i}", "p", 1): random_kv(b.spec, 4 + i, i) for i in range(3)}
+    reqs = [
+        Request(
+            f"r{i}",
+            random_prompt(b.spec.vocab_size, 5, i),
+            SamplingParams(max_tokens=13 + i, ignore_eos=True, logprobs=1),
+            k,
+        )
+        for i, k in enumerate(keys)
+    ]
+
+    def run(
+        interval: int, abort_one: bool = False
+    ) -> tuple[list[list[list[int]]], list[str], list[int], Any]:
+        eng = AsyncEngine(make_engine(b, keys), stream_interval=interval)
+        eng.start()
+
+        async def collect(r):
+            return [
+                (ev.token_ids, ev.text, len(ev.logprobs or []), ev.finished) async for ev in eng.generate(r)
+            ]
+
+        async def cancel_one():
+            agen = eng.generate(Request("gone", [1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True)))
+            async for _ev in agen:
+                break
+            await agen.aclose()
+
+        async def main():
+            return await asyncio.gather(*(collect(r) for r in reqs), *([cancel_one()] if abort_one else []))
+
+        try:
+            got = asyncio.run(main())[: len(reqs)]
+            deadline = time.monotonic() + 2
+            while eng.engine.has_unfinished() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            eng.shutdown()
+        tokens = [[ids for ids, _, _, _ in evs] for evs in got]
+        texts = ["".join(t for _, t, _, _ in evs) for evs in got]
+        assert all(sum(n for _, _, n, _ in evs) == sum(len(i) for i, _, _, _ in evs) for evs in got)
+        assert all(evs[-1][3] and not any(f for *_, f in evs[:-1]) for evs in got)
+        return tokens, texts, [len(evs) for evs in got], eng
+
+    each, texts, _, _ = run(1)
+    grouped, texts4, events, eng = run(4, abort_one=True)
+    joined = [[t for ids in groups for t in ids] for groups in grouped]
+    assert joined == [[t for ids in steps for t in ids] for steps in each] and texts4 == texts
+    for groups in grouped:
+        assert len(groups[0]) == 1  # the first token at once (time to first token)
+        assert all(len(g) >= 4 for g in groups[1:-1]), groups  # then at least 4 at a time, the end whenever
+    assert events < [len(t) for t in each]
+    assert eng._held == {}
 
 
 def test_dict_provider_digest_tells_a_replacement_tensor_from_a_freed_one_at_the_same_address(monkeypatch):

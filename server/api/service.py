@@ -894,7 +894,9 @@ class Service:
             async_decode=settings.async_decode,
         )
         llm = LLMEngine(bundle, StorePrefixProvider(store, bundle), cfg, on_step=metrics.on_step)
-        engine = AsyncEngine(llm, torch_threads=settings.torch_threads)
+        engine = AsyncEngine(
+            llm, torch_threads=settings.torch_threads, stream_interval=settings.stream_interval
+        )
         svc = cls(
             settings=settings,
             bundle=bundle,

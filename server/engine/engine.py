@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -1001,6 +1002,26 @@ class LLMEngine:
         self.prefix_cache.shutdown()
 
 
+def merge_events(a: TokenEvent, b: TokenEvent) -> TokenEvent:
+    """One event saying what `a` then `b` (the next of the same request) say: their tokens, text and logprobs
+    joined, the counts and the end as `b` has them, the arrival and first-scheduled times and the prompt's
+    logprobs as the first that has them."""
+    logprobs = (
+        None if a.logprobs is None and b.logprobs is None else [*(a.logprobs or []), *(b.logprobs or [])]
+    )
+    return dataclasses.replace(
+        b,
+        token_ids=a.token_ids + b.token_ids,
+        text=a.text + b.text,
+        logprobs=logprobs,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+        arrival_time=a.arrival_time or b.arrival_time,
+        first_scheduled_time=a.first_scheduled_time
+        if a.first_scheduled_time is not None
+        else b.first_scheduled_time,
+    )
+
+
 def _put_all(batch: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
     for q, ev in batch:
         q.put_nowait(ev)
@@ -1009,9 +1030,14 @@ def _put_all(batch: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
 class AsyncEngine:
     """Runs an LLMEngine on a dedicated thread; asyncio callers submit requests and read token events."""
 
-    def __init__(self, engine: LLMEngine, torch_threads: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, torch_threads: int | None = None, stream_interval: int = 1) -> None:
         self.engine = engine
         self.torch_threads = torch_threads
+        # vLLM's --stream-interval: a request's tokens go to its consumer at least this many at a time (its first
+        # event and its end at once): fewer events, SSE frames and route passes per token on a busy server, at the
+        # cost of a coarser stream. The events held back, by consumer queue (`_interval`)
+        self.stream_interval = max(1, stream_interval)
+        self._held: dict[int, TokenEvent | None] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -1095,9 +1121,27 @@ class AsyncEngine:
 
     def _post(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[TokenEvent], ev: TokenEvent) -> None:
         if threading.current_thread() is self._thread:
+            if self.stream_interval > 1 and (ev := self._interval(q, ev)) is None:  # type: ignore[assignment]
+                return
             self._outbox.append((loop, q, ev))
         else:  # not from the engine thread (nothing does that today): at once
             loop.call_soon_threadsafe(q.put_nowait, ev)
+
+    def _interval(self, q: asyncio.Queue[TokenEvent], ev: TokenEvent) -> TokenEvent | None:
+        """`ev` joined to what this consumer's earlier events held back, to send now (the request's first event,
+        its last, or `stream_interval` tokens), or None: held back."""
+        key = id(q)
+        started = key in self._held
+        held = self._held.pop(key, None)
+        if held is not None:
+            ev = merge_events(held, ev)
+        if ev.finished:
+            return ev
+        if not started or len(ev.token_ids) >= self.stream_interval:
+            self._held[key] = None
+            return ev
+        self._held[key] = ev
+        return None
 
     def _flush(self) -> None:
         """Hand the step's events to their loops, one callback per loop. A loop that is closed (its consumers are
