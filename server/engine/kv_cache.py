@@ -15,6 +15,7 @@ recomputing; allocation takes the oldest free block first and forgets whatever i
 
 from __future__ import annotations
 
+import array
 import itertools
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
@@ -29,8 +30,9 @@ class OutOfBlocks(Exception):
 def upload_ints(values: list[int], device: torch.device) -> torch.Tensor:
     """Host integers on `device` (int64) without a host sync: on CUDA through pinned memory, since a copy from
     pageable memory waits for the stream to drain (which would stop the host from preparing a step while the previous
-    one runs)."""
-    t = torch.tensor(values, dtype=torch.long)
+    one runs). Through an `array` (a quarter of `torch.tensor`'s time on a list: it runs for every step)."""
+    packed = array.array("q", values)
+    t = torch.frombuffer(packed, dtype=torch.long) if packed else torch.empty(0, dtype=torch.long)
     if device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
