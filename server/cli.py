@@ -95,7 +95,9 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         else:
             conv = str
         env = f"PREFIXSERVE_{name.upper()}"
-        help_ = f"{f.description or ''} [env {env}]"
+        # the default, as vLLM's --help shows it (argparse's own would say None: the flag's default is "not given")
+        default = "" if f.default_factory is not None or f.default is None else f"; default: {f.default}"
+        help_ = f"{f.description or ''} [env {env}{default}]".replace("%", "%%")
         flags = ["--" + name.replace("_", "-"), *FLAG_ALIASES.get(name, ())]
         if typ is bool:
             p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)

@@ -678,4 +678,6 @@ def test_stream_interval_groups_a_streams_tokens(server_factory):
               if x.startswith("data: {")]  # fmt: skip
     texts = [f["choices"][0]["text"] for f in frames if f["choices"] and f["choices"][0]["text"]]
     assert "".join(texts) == whole
-    assert 2 <= len(texts) <= 5, texts  # 14 tokens: 1, then groups of 4 (the end with what is left): 1+4+4+4+1
+    assert 2 <= len(texts) <= 5, (
+        texts
+    )  # 14 tokens: 1, then groups of 4 (the end with what is left): 1+4+4+4+1

@@ -141,6 +141,17 @@ def test_an_empty_keys_file_does_not_start_an_open_server(tmp_path, capsys, monk
     assert Settings(api_keys_file=str(keys)).tenant_keys() == {}
 
 
+def test_serve_help_names_each_flags_variable_and_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # (argparse wraps the lines)
+    assert (
+        "[env PREFIXSERVE_MAX_NUM_SEQS; default: 64]" in out
+        and "[env PREFIXSERVE_STREAM_INTERVAL; default: 1]" in out
+    )
+    assert "[env PREFIXSERVE_MAX_MODEL_LEN]" in out  # (automatic: the text says how)
+
+
 def test_settings_errors_name_the_env_var_and_the_flag(capsys, monkeypatch):
     """A bad value from the environment is reported under the variable the user set (and the flag), with what was
     given, one line, no pydantic links."""
