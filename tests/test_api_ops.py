@@ -681,3 +681,22 @@ def test_stream_interval_groups_a_streams_tokens(server_factory):
     assert 2 <= len(texts) <= 5, (
         texts
     )  # 14 tokens: 1, then groups of 4 (the end with what is left): 1+4+4+4+1
+
+
+def test_the_drain_line_counts_training_jobs_running_here(server_factory, caplog):
+    """The drain's line says which training jobs this server's own workers are running (they go back to the queue
+    at shutdown): it said "0 in flight" while one trained."""
+    caplog.set_level(logging.INFO, logger="prefixserve.api")
+    s = server_factory()
+    ps = s.app.state.ps
+    saved = ps.job_manager, ps.owns_jobs
+    ps.job_manager, ps.owns_jobs = type("Jobs", (), {"num_running": 2})(), True
+    try:
+        ps.begin_drain()
+    finally:
+        ps.job_manager, ps.owns_jobs = saved
+        ps.draining = s.svc.draining = False
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("draining")]
+    assert said == [
+        "draining: refusing new requests, 0 in flight; 2 training job(s) running here go back to the queue"
+    ]

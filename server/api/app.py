@@ -93,7 +93,9 @@ class AppState:
     def begin_drain(self) -> None:
         """Stop taking new work: /ready → 503, new requests → 503 + Retry-After; in-flight ones continue."""
         if not self.draining:
-            log.info("draining: refusing new requests, %d in flight", self.inflight)
+            jobs = getattr(self.job_manager, "num_running", 0) if self.owns_jobs else 0
+            log.info("draining: refusing new requests, %d in flight%s", self.inflight,
+                     f"; {jobs} training job(s) running here go back to the queue" if jobs else "")  # fmt: skip
         self.draining = True
         if self.svc is not None:
             self.svc.draining = True

@@ -430,6 +430,11 @@ class JobManager:
                 log.debug("could not lower the training thread's priority: %s", e)
         self.work(worker_id)
 
+    @property
+    def num_running(self) -> int:
+        """Jobs this process's workers are running now."""
+        return len(self._running)
+
     def shutdown(self, wait: bool = True, timeout: float | None = 30.0) -> None:
         """Stop the workers; a running job stops at its next step and goes back to the queue."""
         self._stop.set()
