@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import openai
 import pytest
@@ -391,6 +392,49 @@ def test_a_mistral_models_calls_have_ids_its_template_takes_back(server_factory,
                  "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}]},
                  {"role": "tool", "tool_call_id": given, "content": "12:00"}]  # fmt: skip
         assert oai.chat.completions.create(messages=turns, **kw).choices[0].message is not None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_mistral_call_after_text_survives_its_special_token(server_factory, stream):
+    """Mistral's [TOOL_CALLS] is a special token: decoded away by default, a call after some text was lost (left as
+    a bare list in the content). A tools request ("auto") decodes with special tokens for this parser, as vLLM's
+    does; without tools, or with "none", nothing changes."""
+    from server.model import bundle_from_model
+    from tests.fixtures.models import SPECIALS, make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [*SPECIALS, "[TOOL_CALLS]"]})
+    b = bundle_from_model(make_tiny_llama(tok), tok, name="tiny-mistral")
+    b.tokenizer.chat_template = (
+        "{%- if tools %}[AVAILABLE_TOOLS][TOOL_CALLS]{%- endif %}" + b.tokenizer.chat_template
+    )
+    s = server_factory(bundle=b, keys={"acme": KEY})
+    assert s.svc.tool_parser.name == "mistral"
+    marker = tok.convert_tokens_to_ids("[TOOL_CALLS]")
+    call = '"[{\\"name\\": \\"get_time\\", \\"arguments\\": {}}]"'
+    grammar = f'start: "Ok. " <[{marker}]> {call}'
+    body = {"model": "acme/base", "messages": ASK, "tools": [TIME], "temperature": 0, "max_tokens": 80,
+            "structured_outputs": {"grammar": grammar}, "stream": stream}  # fmt: skip
+    c = s.client(KEY)
+
+    def answer(**kw: Any) -> tuple[str, list[str]]:
+        r = c.post("/v1/chat/completions", json={**body, **kw})
+        assert r.status_code == 200, r.text
+        if not stream:
+            m = r.json()["choices"][0]["message"]
+            return m["content"] or "", [t["function"]["name"] for t in m["tool_calls"] or []]
+        frames = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+        deltas = [f["choices"][0]["delta"] for f in frames if f["choices"]]
+        names = [
+            t["function"]["name"]
+            for d in deltas
+            for t in d.get("tool_calls") or []
+            if t.get("function", {}).get("name")
+        ]
+        return "".join(d.get("content") or "" for d in deltas), names
+
+    assert answer() == ("Ok. ", ["get_time"])
+    assert answer(tool_choice="none") == ('Ok. [{"name": "get_time", "arguments": {}}]', [])
 
 
 def test_template_call_ids():

@@ -383,7 +383,9 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
         seed=body.seed,
         stop=body.stop,
         include_stop_str_in_output=body.include_stop_str_in_output,
-        skip_special_tokens=body.skip_special_tokens,
+        # (a parser whose marker is a special token reads it in the text: vLLM's mistral parser does the same)
+        skip_special_tokens=body.skip_special_tokens
+        and not (plan.tools.mode == "auto" and plan.tools.parser.marker_is_special),
         spaces_between_special_tokens=body.spaces_between_special_tokens,
         ignore_eos=body.ignore_eos,
         presence_penalty=body.presence_penalty or 0.0,

@@ -349,12 +349,16 @@ class ToolParser:
         *,
         blocks: bool = False,
         short_ids: bool = False,
+        marker_is_special: bool = False,
     ) -> None:
         self.name = name
         self._split = split
         self._hold = hold
         # the model's chat template takes only 9-character alphanumeric call ids (Mistral's: vLLM makes them so)
         self.short_ids = short_ids
+        # its marker is a special token that decoding drops by default: "auto" requests decode with special tokens
+        # (vLLM's mistral parser turns skip_special_tokens off), or a call after some text would be lost
+        self.marker_is_special = marker_is_special
         self.blocks = (
             blocks  # calls are closed blocks anywhere in the text (hermes): each is final once closed
         )
@@ -453,7 +457,11 @@ _REGISTRY = {
     "llama3_json": ToolParser("llama3_json", _llama3_split, lambda t: _start_hold(t, (PYTHON_TAG,), "{")),
     # (a bare object is a call too: `_mistral_split` takes one)
     "mistral": ToolParser(
-        "mistral", _marked_list_split(MISTRAL_TAG), _marked_hold(MISTRAL_TAG, "[{"), short_ids=True
+        "mistral",
+        _marked_list_split(MISTRAL_TAG),
+        _marked_hold(MISTRAL_TAG, "[{"),
+        short_ids=True,
+        marker_is_special=True,
     ),
     "pythonic": ToolParser("pythonic", _pythonic_split, lambda t: _start_hold(t, (PYTHON_TAG,), "[")),
     "qwen3_coder": ToolParser("qwen3_coder", _qwen3_coder_split, _hermes_hold, blocks=True),
