@@ -52,6 +52,24 @@ def test_generic_family_mixed_batch_is_exact(model_type):
     assert len({tuple(o.token_ids) for o in outs[:3]}) == 3  # the prefixes matter
 
 
+@pytest.mark.parametrize(
+    ("model_type", "extras"),
+    [("llama", {"hidden_act": "gelu", "num_key_value_heads": 2}), ("gpt2", {"scale_attn_by_inverse_layer_idx": True,
+      "reorder_and_upcast_attn": True, "n_inner": 128})],
+)  # fmt: skip
+def test_native_families_the_native_forward_cannot_compute_run_through_transformers(model_type, extras):
+    """A Llama with another activation than SiLU, a GPT-2 with per-layer attention scaling: refused at the engine's
+    start before (the native forward does not compute them); now run by transformers' modeling code, exact."""
+    tok = make_tiny_tokenizer()
+    b = bundle_from_model(make_tiny_causal_lm(model_type, tok, 0, **extras), tok, name=model_type)
+    assert b.spec.family == "hf"
+    keys, reqs = mixed_workload(b.spec, (8, 20), 5, NEW, no_prefix=4)
+    outs = make_engine(b, keys, max_num_batched_tokens=24).generate(reqs)
+    for r, o in zip(reqs, outs, strict=True):
+        kv = keys[r.prefix] if r.prefix is not None else None
+        assert o.token_ids == hf_greedy(b.hf_model, kv, r.prompt_token_ids, NEW), (model_type, r.request_id)
+
+
 def test_other_threads_keep_sdpa_and_propagation_compiles():
     """After the engine switched the shared model to its attention, a forward on another thread (training, prefix
     compilation) equals the plain SDPA model's; a prefix-propagation prefix compiled on it serves exactly."""

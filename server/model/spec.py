@@ -110,9 +110,23 @@ def spec_from_config(config: Any, eos_token_ids: tuple[int, ...] = ()) -> ModelS
         ) from e
 
 
+def _native(config: Any, mt: str) -> bool:
+    """The engine's own forward computes this config (else transformers' modeling code runs it, as any other
+    family): Llama-like with SiLU, GPT-2 without its per-layer attention scaling or upcast variants."""
+    if mt in LLAMA_LIKE:
+        return getattr(config, "hidden_act", "silu") == "silu"
+    if mt == "gpt2":
+        return not (
+            getattr(config, "scale_attn_by_inverse_layer_idx", False)
+            or getattr(config, "reorder_and_upcast_attn", False)
+        )
+    return False
+
+
 def _spec_from_config(config: Any, mt: str, eos_token_ids: tuple[int, ...]) -> ModelSpec:
-    if mt != "gpt2":
-        if mt not in LLAMA_LIKE:
+    native = _native(config, mt)
+    if mt != "gpt2" or not native:
+        if not native:
             _check_generic(config, mt)
         heads = config.num_attention_heads
         max_positions = (
@@ -122,7 +136,7 @@ def _spec_from_config(config: Any, mt: str, eos_token_ids: tuple[int, ...]) -> M
             or 2048
         )
         return ModelSpec(
-            family="llama" if mt in LLAMA_LIKE else "hf",
+            family="llama" if native else "hf",
             num_layers=config.num_hidden_layers,
             num_heads=heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
