@@ -198,9 +198,8 @@ class ServiceMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         info = RequestInfo(request_id=rid)
-        if (
-            given and rid != given
-        ):  # replaced (spaces, too long, ...): its line still names what the client sent
+        # replaced (spaces, too long, ...): its line still names what the client sent
+        if given and rid != given:
             info.given_request_id = given[:128]
         scope["prefixserve"] = info
         CURRENT_REQUEST.set(info)  # (this task's context: the route runs in it)

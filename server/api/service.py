@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefix_store import PrefixMeta, PrefixStore, errors
+from prefix_store.format import label
 from server import model as _model
 from server.api.errors import APIError, unavailable
 from server.api.limits import RateLimiter, RedisRateLimiter, TenantLimit, load_limits_file
@@ -608,8 +609,10 @@ class GenerationRun:
         if code == "no_token_allowed":
             return APIError(422, ev.error or "no token can be sampled", code=code)
         if status == 422:
-            log.warning("request %s: stored prefix %s/%s@%s cannot be served: %s", self.info.request_id,
-                        self.prefix.tenant_id, self.prefix.name, self.prefix.version, ev.error)  # fmt: skip
+            shown = label(self.prefix.tenant_id, self.prefix.name or "", self.prefix.version)
+            log.warning(
+                "request %s: stored prefix %s cannot be served: %s", self.info.request_id, shown, ev.error
+            )
             return APIError(422, f"prefix cannot be served: {ev.error}", code=code, param="prefix")
         if status == 413:
             return APIError(413, ev.error or "request too large for the KV cache", code=code)
@@ -1127,12 +1130,10 @@ class Service:
                 "prefix store unavailable", self.settings.retry_after_s, code="store_unavailable"
             ) from None
         except errors.StoreRefused as e:
-            raise store_refused(
-                e, f"reading prefix {tenant}/{name}" + (f"@{version}" if version else "")
-            ) from None
+            raise store_refused(e, f"reading prefix {label(tenant, name, version)}") from None
         except errors.StoreError as e:
-            log.warning("request %s: stored prefix %s/%s%s cannot be served: %s", requester_id(), tenant, name,
-                        f"@{version}" if version else "", e)  # fmt: skip
+            log.warning("request %s: stored prefix %s cannot be served: %s", requester_id(),
+                        label(tenant, name, version), e)  # fmt: skip
             raise APIError(422, f"prefix cannot be served: {e}", code="prefix_corrupt", param=param) from None
         self.store_ok = True
         self._store_down_until = 0.0

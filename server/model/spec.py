@@ -42,7 +42,7 @@ def _capped_by_window(config: Any, max_positions: int) -> int:
         and getattr(config, "use_sliding_window", True)
         and int(window) < max_positions
     ):
-        said = (getattr(config, "name_or_path", ""), -int(window))
+        said = (getattr(config, "name_or_path", ""), "window", int(window))
         if said not in _CAPPED:  # (said once per model, as the rotary cap)
             _CAPPED.add(said)
             log.warning(
@@ -58,7 +58,7 @@ def _capped_by_window(config: Any, max_positions: int) -> int:
 # rotary scalings whose frequencies transformers picks by the longest position of each forward call: beyond the
 # original context, a row's rotations would depend on what else is in the batch
 LENGTH_DEPENDENT_ROPE = ("longrope", "dynamic")
-_CAPPED: set[tuple[str, int]] = set()  # the models whose cap was logged
+_CAPPED: set[tuple[str, str, int]] = set()  # (model, which cap, its length) of the caps logged
 log = logging.getLogger("prefixserve.model")
 
 
@@ -85,7 +85,7 @@ def _capped_by_rope(config: Any, max_positions: int) -> int:
     )
     if not original or int(original) >= max_positions:
         return max_positions
-    said = (getattr(config, "name_or_path", ""), int(original))
+    said = (getattr(config, "name_or_path", ""), "rope", int(original))
     if said not in _CAPPED:
         _CAPPED.add(said)
         log.warning(

@@ -587,10 +587,9 @@ class DiskJobBackend:
             self._enqueue(rec)
             log.warning("job %s (worker %s): %s", rec.job_id, dead, rec.error)
             return
-        log.warning("job %s (worker %s): %s", rec.job_id, dead, rec.error)
         self._write(rec)
         self._end(rec)
-        log.warning("job %s: %s", rec.job_id, rec.error)
+        log.warning("job %s (worker %s): %s", rec.job_id, dead, rec.error)
 
     def prune(self) -> int:
         """Delete terminal jobs older than the retention period (returns how many) and forget Idempotency-Keys
