@@ -1156,3 +1156,43 @@ def test_echoed_raw_prompts_offsets_point_into_the_text_with_a_sentencepiece_voc
             tokens[4:], offsets[4:], strict=True
         ):  # the output's tokens, where the text has them
             assert t.startswith("bytes:") or text[at : at + len(t)] == t, (stream, t, at, text)
+
+
+# Gemma 3's way with content (abridged): a string, or parts it loops over
+PARTS_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}<{{ message['role'] }}>"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_a_template_that_loops_over_content_gets_the_parts(srv):
+    """As vLLM reads a template (its syntax tree): one that loops over `message['content']` gets text parts (two
+    parts "Hello", "world" render as Gemma 3 renders them, "Helloworld"), one that prints the content gets the
+    parts joined by newlines."""
+    from server.model.chat_content import loops_over_content
+
+    assert loops_over_content(PARTS_TEMPLATE)
+    assert not loops_over_content("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert not loops_over_content("{% for m in messages %}{% for c in m['role'] %}{% endfor %}{% endfor %}")
+    assert not loops_over_content("{% for x in other %}{% for c in x.content %}{% endfor %}{% endfor %}")
+    assert not loops_over_content("{% for m in messages %")  # does not parse: strings (rendering says why)
+    tok = srv.svc.bundle.tokenizer
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}]
+    c = srv.client(KEY)
+    saved = tok.chat_template
+    try:
+        for template, text in ((PARTS_TEMPLATE, "Helloworld"), (saved, "Hello\nworld")):
+            tok.chat_template = template
+            want = tok.apply_chat_template(
+                [msgs[0], {"role": "user", "content": parts if template == PARTS_TEMPLATE else "Hello\nworld"}],
+                add_generation_prompt=True, tokenize=False,
+            )  # fmt: skip
+            assert text in want
+            r = c.post("/tokenize", json={"model": "acme/default", "messages": msgs})
+            assert r.status_code == 200, r.text
+            assert r.json()["tokens"] == tok(want, add_special_tokens=False)["input_ids"]
+    finally:
+        tok.chat_template = saved

@@ -592,6 +592,18 @@ PARSER_CASES = [
     ("mistral", '[TOOL_CALLS][{"name": ["get_time"], "arguments": {}}]', [], None),
     ("granite", '<|tool_call|>[{"name": {"a": 1}, "arguments": {}}]', [], None),
     ("phi4_mini_json", 'functools[{"name": [1], "arguments": {}}]', [], None),
+    # the marker named in text before the calls (vLLM's phi4 parser looks for `functools[`)
+    ("phi4_mini_json", 'I use functools here. functools[{"name": "get_time", "arguments": {}}]', [("get_time", {})],
+     "I use functools here. "),
+    ("mistral", 'Note [TOOL_CALLS] is the marker. [TOOL_CALLS][{"name": "get_time", "arguments": {}}]',
+     [("get_time", {})], "Note [TOOL_CALLS] is the marker. "),
+    # numbers no strict client can read back (NaN, Infinity, past a double's range): not a call, the text stays
+    ("hermes", '<tool_call>{"name": "get_time", "arguments": {"zone": 1e999}}</tool_call>', [], None),
+    ("hermes", '<tool_call>{"name": "get_time", "arguments": {"zone": NaN}}</tool_call>', [], None),
+    ("llama3_json", '{"name": "get_time", "parameters": {"zone": -Infinity}}', [], None),
+    ("pythonic", "[get_time(zone=1e999)]", [], None),
+    ("hermes", '<tool_call>{"name": "get_time", "arguments": {"zone": 1e300}}</tool_call>',
+     [("get_time", {"zone": 1e300})], ""),
 ]  # fmt: skip
 
 
@@ -918,3 +930,66 @@ def test_a_long_open_block_streams_in_linear_time(parser):
     assert calls == (
         [("get_time", {"zone": "UTC"})] if parser == "hermes" else []
     )  # (an open block: at the end)
+
+
+def test_message_fields_reach_the_template_as_vllm_passes_them(srv):
+    """What vLLM gives a chat template, given here too: a call made without arguments ("", null) as `{}` (a template
+    would write `"arguments": }`), a `name` on any turn, earlier thinking under both its names, `documents`, and
+    chat_template_kwargs of any JSON (Llama 3.1's `builtin_tools` is a list). A template's own refusal is a 400
+    naming `messages`."""
+    from tests.fixtures.server import template_calls
+
+    def call(i: int, arguments: str) -> dict[str, Any]:
+        return {
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": arguments},
+        }
+
+    history = [
+        {"role": "system", "content": "Be brief.", "name": "ops"},
+        {"role": "user", "content": "Weather?", "name": "alice"},
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning": "hm",
+            "tool_calls": [call(1, ""), call(2, "null")],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "21"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "22"},
+    ]
+    docs = [{"title": "A", "text": "alpha"}]
+    tok = srv.svc.bundle.tokenizer
+    with template_calls(tok) as seen:
+        body = {"model": "acme/default", "messages": history, "tools": [WEATHER], "max_tokens": 2,
+                "documents": docs, "chat_template_kwargs": {"builtin_tools": ["brave_search"]}}  # fmt: skip
+        r = srv.client(KEY).post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    messages, kw = seen[-1]
+    assert [c["function"]["arguments"] for c in messages[2]["tool_calls"]] == [{}, {}]
+    assert (messages[0]["name"], messages[1]["name"]) == ("ops", "alice")
+    assert messages[2]["reasoning"] == messages[2]["reasoning_content"] == "hm"
+    assert kw["documents"] == docs and kw["builtin_tools"] == ["brave_search"]
+    # the template's own error (here: a raise_exception on a role) is the client's, naming the field
+    strict = "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}{% endfor %}"
+    saved, tok.chat_template = tok.chat_template, strict
+    try:
+        r = srv.client(KEY).post("/v1/chat/completions", json={**body, "documents": None})
+    finally:
+        tok.chat_template = saved
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages" and "no tool turns" in err["message"], err
+
+
+def test_arguments_no_strict_client_could_read_are_never_sent_as_numbers():
+    """A forced call's arguments are the text the model wrote; where they are turned into an object (Anthropic's
+    `input`) or checked for JSON (a bare value), NaN, Infinity and numbers past a double's range are not read as
+    numbers: `{"x": 1e999}` made Anthropic's unstreamed answer a 500 (infinity has no JSON)."""
+    from server.api.routes_anthropic import _tool_input
+    from server.api.tools import _arguments_text
+
+    assert _tool_input('{"x": 89682e82308886}') == {} and _tool_input('{"x": NaN}') == {}
+    assert _tool_input('{"x": 1.5e3, "y": 10000000000000000000000}') == {"x": 1500.0, "y": 10**22}
+    assert json.loads(_arguments_text("NaN")) == "NaN"  # a JSON string, not a bare NaN
+    assert _arguments_text('{"x": 1}') == '{"x": 1}'

@@ -62,6 +62,7 @@ def template_options(body: ChatBody) -> dict[str, Any]:
         "continue_final_message": body.continue_final_message,
         "template_kwargs": extra,
         "add_special_tokens": bool(body.add_special_tokens),
+        "documents": body.documents,
     }
 
 
@@ -72,8 +73,9 @@ async def render_chat(
     tokenizer threads."""
     render = functools.partial(render_messages, **template_options(body))
     chars = sum(len(str(m.get("content") or "")) for m in messages)
+    chars += sum(len(v) for d in body.documents or () for v in d.values())
     truncating = getattr(body, "truncate_prompt_tokens", None) is not None or getattr(
         body, "_drop_turns", False
     )
     svc.check_prompt_chars(chars, "messages", truncating=truncating)
-    return await svc.tokenize(render, svc.bundle.tokenizer, messages, tools)
+    return await svc.tokenize(render, svc.bundle.tokenizer, messages, tools, param="messages")

@@ -25,6 +25,7 @@ from server.api.routes_generate import SSE_DOC
 from server.api.routes_openai import _as_openai_error, _chat_plan, _Choices, _start, chat_stream
 from server.api.schemas import MAX_MODEL_ID, ChatCompletionRequest, StopText, TopK, TopP
 from server.api.streaming import EngineEventStream
+from server.api.tool_parsers import loads
 
 router = APIRouter(prefix="/v1", tags=["anthropic"])
 
@@ -307,9 +308,10 @@ def _stop_reason(finish: str | None, matched: Any, called: bool) -> tuple[str, s
 
 
 def _tool_input(arguments: str) -> dict[str, Any]:
+    """A call's `input`: its arguments as an object (`{}` if they are not one a JSON answer can carry)."""
     try:
-        value = json.loads(arguments) if arguments else {}
-    except ValueError:
+        value = loads(arguments) if arguments else {}
+    except (ValueError, RecursionError):
         value = None
     return value if isinstance(value, dict) else {}
 

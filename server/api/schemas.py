@@ -603,8 +603,17 @@ class ChatTemplateFields(BaseModel):
         description="Extension (vLLM): the last message is an assistant message to continue (needs "
         "add_generation_prompt false), e.g. to start the answer with given text",
     )
-    chat_template_kwargs: dict[str, str | int | float | bool | None] | None = Field(
-        None, max_length=32, description="Extension (vLLM): extra variables for the chat template"
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        max_length=32,
+        description="Extension (vLLM): extra variables for the chat template (any JSON: Llama 3.1's "
+        "`builtin_tools` is a list)",
+    )
+    documents: list[dict[str, str]] | None = Field(
+        None,
+        max_length=128,
+        description="Extension (vLLM): documents for a retrieval template that lists them (Command R, Granite; "
+        'others ignore them), each e.g. {"title": ..., "text": ...}',
     )
     chat_template: Unsupported = Field(
         None,

@@ -154,6 +154,18 @@ def render_messages(
     return list(_model.render_messages(tokenizer, messages, tools, **options))
 
 
+class TextParts(str):
+    """A chat message's text (its parts joined by newlines, as vLLM joins them for a template that prints
+    `message.content`) that keeps the parts, for a template that loops over them (`render_messages`)."""
+
+    parts: tuple[str, ...]
+
+    def __new__(cls, parts: list[str]) -> TextParts:
+        text = super().__new__(cls, "\n".join(parts))
+        text.parts = tuple(parts)
+        return text
+
+
 def _message_text(content: Any) -> str:
     """The text of an OpenAI chat message's content (a string or text parts; other parts are refused)."""
     if content is None or isinstance(content, str):
@@ -166,7 +178,8 @@ def _message_text(content: Any) -> str:
             )
         parts.append(part["text"])
     try:  # parts are joined by newlines, as vLLM does ("Hello" + "world" is not "Helloworld")
-        return check_text("\n".join(parts))
+        check_text("\n".join(parts))
+        return TextParts(parts)
     except ValueError as e:
         raise APIError(422, str(e), param="messages") from None
 
@@ -1198,9 +1211,9 @@ class Service:
         return await asyncio.shield(fut), began
 
     # ------------------------------------------------------------------ generation
-    async def tokenize(self, fn: Callable[..., T], *args: Any) -> T:
+    async def tokenize(self, fn: Callable[..., T], *args: Any, param: str = "prompt") -> T:
         """`fn(*args)` on the tokenizer's own thread (tokenizing, rendering a chat template, decoding), at most
-        TOKENIZE_PER_TENANT of the requesting tenant's at a time."""
+        TOKENIZE_PER_TENANT of the requesting tenant's at a time. `param`: the request field an error names."""
         from jinja2 import TemplateError  # transformers' chat templates are jinja2
 
         loop = asyncio.get_running_loop()
@@ -1209,14 +1222,14 @@ class Service:
                 return await loop.run_in_executor(self._tokenizer_pool, fn, *args)
         except (ValueError, TypeError, UnicodeError, TemplateError) as e:
             raise APIError(
-                422, f"cannot render the prompt: {e}", code="invalid_prompt", param="prompt"
+                422, f"cannot render the prompt: {e}", code="invalid_prompt", param=param
             ) from None
         except RecursionError:  # (a tool's parameters nested hundreds deep, through the template's tojson)
             raise APIError(
                 422,
                 "cannot render the prompt: it is nested too deeply",
                 code="invalid_prompt",
-                param="prompt",
+                param=param,
             ) from None
 
     async def thinking_budget(

@@ -46,6 +46,28 @@ GRANITE_TAGS = (GRANITE_TAG, HERMES_TAG)
 PHI4_TAG = "functools"
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:32]}")
+    return value
+
+
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# JSON as strict clients read it: NaN/Infinity are not JSON, and a number past a double's range (`1e999`, legal JSON
+# a grammar's number allows) would be read as infinity, which no JSON answer can carry
+_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_not_a_number)
+
+
+def loads(text: str) -> Any:
+    """`json.loads`, refusing (ValueError) what a strict client could not read back: NaN, Infinity, numbers out of
+    a double's range."""
+    return _DECODER.decode(text)
+
+
 def _tag_prefix_at_end(text: str, tag: str) -> int:
     """How many trailing characters of `text` could start `tag`."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -101,7 +123,7 @@ def _named(obj: Any, names: Tools) -> bool:
 def _hermes_call(body: str, names: Tools) -> Calls | None:
     """A hermes block's `{"name", "arguments"}` of a known tool, or None."""
     try:
-        obj = json.loads(body)
+        obj = loads(body)
     except (ValueError, RecursionError):  # RecursionError: nesting too deep
         return None
     if not _named(obj, names):
@@ -154,7 +176,7 @@ def _start_hold(text: str, tags: tuple[str, ...], opener: str) -> int:
 
 def _json_objects(body: str) -> list[Any] | None:
     """`{...}; {...}` (semicolons or whitespace between), or None if anything else is there."""
-    dec = json.JSONDecoder()
+    dec = _DECODER
     out: list[Any] = []
     i = 0
     while True:
@@ -191,11 +213,13 @@ def _marked_list_split(tag: str, required: bool = False) -> Callable[[str, Tools
         outside, calls = _list_split(text, names, (tag,), required)
         if calls:
             return outside, calls
-        i = text.find(tag)
-        if i <= 0:
-            return text, []
-        after, calls = _list_split(text[i:], names, (tag,), True)
-        return (text[:i] + after, calls) if calls else (text, [])
+        i = text.find(tag, 1)
+        while i > 0:  # (the marker may be mentioned in text before the calls: each is tried)
+            after, calls = _list_split(text[i:], names, (tag,), True)
+            if calls:
+                return text[:i] + after, calls
+            i = text.find(tag, i + 1)
+        return text, []
 
     return split
 
@@ -217,7 +241,7 @@ def _list_split(text: str, names: Tools, tags: tuple[str, ...], required: bool =
     if required and len(ws) + len(body) == len(text):  # no marker
         return text, []
     try:
-        calls, end = json.JSONDecoder().raw_decode(body)
+        calls, end = _DECODER.raw_decode(body)
     except (ValueError, RecursionError):  # RecursionError: nesting too deep
         return text, []
     if isinstance(calls, dict):
@@ -231,7 +255,7 @@ def _list_split(text: str, names: Tools, tags: tuple[str, ...], required: bool =
 
 def _literal(node: ast.expr) -> Any:
     value = ast.literal_eval(node)  # literals only: strings, numbers, lists, dicts, True/False/None
-    json.dumps(value)  # and JSON-representable (no tuples of sets, bytes, ...)
+    json.dumps(value, allow_nan=False)  # and JSON-representable (no tuples of sets, bytes, `1e999`, ...)
     return value
 
 
@@ -301,7 +325,7 @@ def _qwen3_value(raw: str, schema: Any) -> Any:
                     return number
         if kind in ("object", "array"):
             try:
-                parsed = json.loads(text)
+                parsed = loads(text)
             except (ValueError, RecursionError):
                 try:
                     parsed = _literal(ast.parse(text, mode="eval").body)

@@ -38,7 +38,7 @@ from server.api.errors import APIError
 from server.api.reasoning import ReasoningParser, ReasoningStream
 from server.api.schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from server.api.service import chat_messages
-from server.api.tool_parsers import AutoStream, ToolParser, get_parser
+from server.api.tool_parsers import AutoStream, ToolParser, get_parser, loads
 from server.engine import StructuredOutputs
 
 _ALNUM = string.ascii_letters + string.digits
@@ -67,7 +67,7 @@ def _arguments_text(arguments: Any) -> str:
     wrote as a JSON string) as it is, any other string as a JSON string (a client's `json.loads` must work)."""
     if isinstance(arguments, str):
         try:
-            json.loads(arguments)
+            loads(arguments)
             return arguments
         except (ValueError, RecursionError):
             pass
@@ -387,19 +387,24 @@ def template_messages(messages: list[ChatMessage], short_ids: bool = False) -> l
             ]  # fmt: skip
         if m.tool_call_id is not None:
             msg["tool_call_id"] = template_call_id(m.tool_call_id, short_ids)
-        if m.name is not None and m.role == "tool":
+        if m.name is not None:  # (a participant's name on any turn, as vLLM passes it)
             msg["name"] = m.name
         thinking = m.reasoning_content if m.reasoning_content is not None else m.reasoning
         if thinking is not None and m.role == "assistant":
             # a reasoning model's earlier thinking: its template decides whether the prompt shows it (Qwen3 keeps
-            # it inside a tool-call chain)
-            msg["reasoning_content"] = thinking
+            # it inside a tool-call chain), under either name templates read
+            msg["reasoning_content"] = msg["reasoning"] = thinking
         out.append(msg)
     return out
 
 
 def _args(text: str) -> Any:
+    """A call's arguments as the template takes them: an object (none given, "" or null: `{}`, as vLLM renders it;
+    a template would otherwise write `"arguments": }` or `""`), else the text as it was sent."""
+    if not text.strip():
+        return {}
     try:
-        return json.loads(text)
+        args = json.loads(text)
     except (ValueError, RecursionError):
         return text
+    return {} if args is None else args

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from server.model.chat_content import content_parts, loops_over_content
 from server.model.spec import ModelBundle, spec_from_config
 
 log = logging.getLogger("prefixserve.model")
@@ -96,20 +97,26 @@ def render_messages(
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
     add_special_tokens: bool = False,
+    documents: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Messages (and OpenAI tools, for a template that describes them) through the tokenizer's chat template,
     ending with the assistant turn's opening (or, with `continue_final_message`, inside the last assistant message,
     which the model then continues). `template_kwargs` are extra variables for the template (vLLM's
     `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`). `add_special_tokens`: the tokenizer's own (a BOS) on
-    top of what the template writes (vLLM's option; the template usually writes them)."""
+    top of what the template writes (vLLM's option; the template usually writes them). `documents`: for a
+    retrieval template that lists them (Command R, Granite), as vLLM passes them. A template that loops over a
+    message's content gets it as text parts (`chat_content`)."""
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or "developer" not in template:
         # OpenAI's `developer` role is its newer name for `system` (the Responses API's docs use it): a template
         # that does not know it would render another role's turn after its own default system prompt
         messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+    if isinstance(template, str) and loops_over_content(template):
+        messages = [{**m, "content": content_parts(m.get("content"))} for m in messages]
     text = tokenizer.apply_chat_template(
         messages,
         tools=tools or None,
+        documents=documents or None,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
         tokenize=False,

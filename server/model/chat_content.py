@@ -1,0 +1,72 @@
+"""How a chat template takes a message's content: as one string, or as a list of OpenAI content parts it loops
+over (Gemma 3, Llama 4, Mistral 3 write `{% for item in message['content'] %}`). vLLM decides the same way, by
+reading the template's syntax tree, and passes parts to the second kind: joined by newlines they would render
+differently ("Hello" and "world" are "Helloworld" there, and a template reading `content[0]['text']` would index a
+string)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+from jinja2 import nodes
+
+
+def _reads(node: nodes.Node, names: set[str], key: str | None = None) -> bool:
+    """`node` is one of `names` (or its `key` item/attribute), possibly sliced, filtered or tested."""
+    while isinstance(node, (nodes.Filter, nodes.Test)) or (
+        isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)
+    ):
+        if node.node is None:
+            return False
+        node = node.node
+    if key is not None:
+        item = isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == key
+        if not (item or (isinstance(node, nodes.Getattr) and node.attr == key)):
+            return False
+        node = node.node  # type: ignore[attr-defined]
+    return isinstance(node, nodes.Name) and node.name in names
+
+
+def _aliases(root: nodes.Template, name: str) -> set[str]:
+    """`name` and every variable assigned from it (`{% set loop_messages = messages[1:] %}`), transitively."""
+    names = {name}
+    grew = True
+    while grew:
+        grew = False
+        for a in root.find_all(nodes.Assign):
+            if isinstance(a.target, nodes.Name) and a.target.name not in names and _reads(a.node, names):
+                names.add(a.target.name)
+                grew = True
+    return names
+
+
+def _loop_targets(root: nodes.Template, names: set[str], key: str | None = None) -> Iterator[str]:
+    for loop in root.find_all(nodes.For):
+        if isinstance(loop.target, nodes.Name) and _reads(loop.iter, names, key):
+            yield loop.target.name
+
+
+@functools.lru_cache(maxsize=16)
+def loops_over_content(template: str) -> bool:
+    """The template iterates over a message's `content` (so takes it as a list of parts). A template that does not
+    parse takes strings (rendering it will say what is wrong)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:  # (transformers' own environment: its extensions, `{% generation %}`, parse)
+        root = _compile_jinja_template(template).environment.parse(template)
+    except Exception:
+        return False
+    message_names = set(_loop_targets(root, _aliases(root, "messages")))
+    return bool(message_names) and next(_loop_targets(root, message_names, "content"), None) is not None
+
+
+def content_parts(content: Any) -> Any:
+    """A message's content as OpenAI text parts: a string's own parts where it keeps them (`TextParts`)."""
+    if not isinstance(content, str):
+        return content
+    parts = getattr(content, "parts", None)
+    if parts is None:
+        parts = (content,) if content else ()
+    return [{"type": "text", "text": p} for p in parts]
