@@ -612,8 +612,8 @@ def test_a_redis_acl_without_read_permission_is_a_store_error(
 
 
 def test_engine_stats_lines_while_requests_run_and_none_when_idle(server_factory, caplog):
-    """vLLM's periodic line: while requests run, throughput, running/waiting and cache use each interval; one more
-    when the work ends (its last tokens); then nothing while the server is idle."""
+    """vLLM's periodic line: while requests run, throughput (of the interval's engine steps), running/waiting and
+    cache use each interval; one more when the work ends (its last tokens); then nothing while the server is idle."""
     caplog.set_level(logging.INFO, logger="prefixserve.stats")
     s = server_factory(prefixes={("acme", "default"): {}}, log_stats_interval_s=0.1)
     slow_engine(s.svc, 0.02)
@@ -624,9 +624,13 @@ def test_engine_stats_lines_while_requests_run_and_none_when_idle(server_factory
     time.sleep(0.5)  # the line after the work, then idle intervals
     lines = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "engine_stats"]
     assert lines, "no engine stats line while a request ran"
-    assert any(x.fields["running"] == 1 for x in lines)
+    busy = [x for x in lines if x.fields["running"] == 1]
+    # the tokens show up as the steps make them, not when the request ends (the first line may precede them)
+    assert len(busy) >= 3 and all(x.fields["generation_tokens_per_s"] > 0 for x in busy[1:])
     tokens = sum(x.fields["generation_tokens_per_s"] * x.fields["interval_s"] for x in lines)
     assert tokens == pytest.approx(40, abs=1.5)  # every generated token shows up in some line, once
+    prompt = sum(x.fields["prompt_tokens_per_s"] * x.fields["interval_s"] for x in lines)
+    assert prompt == pytest.approx(r.json()["usage"]["prompt_tokens"], abs=1.5)
     assert "Avg generation throughput: " in lines[0].getMessage() and "Running: " in lines[0].getMessage()
     n = len(lines)
     time.sleep(0.4)  # idle: no more lines

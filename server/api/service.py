@@ -1024,6 +1024,9 @@ class Service:
             "num_fair_preemptions": self.llm.scheduler.num_fair_preemptions,
             "spec_decode_num_draft_tokens": self.llm.scheduler.spec_draft_tokens,
             "spec_decode_num_accepted_tokens": self.llm.scheduler.spec_accepted_tokens,
+            # tokens the engine's steps processed, counted as they run (the stats line's throughputs)
+            "prompt_tokens_computed": self.llm.num_prompt_tokens_computed,
+            "generation_tokens_computed": self.llm.num_generated_tokens,
             "jobs": job_counts,
             "ready": (not self.draining) and self.engine_alive() and self.store_ok,
         }

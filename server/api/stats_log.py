@@ -17,8 +17,8 @@ class Sample:
     """Counters and gauges read at one moment (counters only grow)."""
 
     t: float
-    prompt_tokens: float
-    generation_tokens: float
+    prompt_tokens: int  # prompt tokens computed by the engine's steps so far
+    generation_tokens: int  # tokens they generated so far
     running: int
     waiting: int
     kv_usage: float
@@ -33,11 +33,12 @@ class Sample:
 def sample(svc: Any) -> Sample:
     """What the service's metrics and engine say now (plain reads: no store call, no lock)."""
     snap = svc.snapshot(jobs=False)
-    m = svc.metrics
     return Sample(
         t=time.monotonic(),
-        prompt_tokens=m.prompt_tokens._value.get(),
-        generation_tokens=m.generation_tokens._value.get(),
+        # what the engine's steps processed in the interval (as vLLM's line), not the request-level counters
+        # that count a request's tokens when it ends (a long request would read 0 tokens/s, then a spike)
+        prompt_tokens=snap["prompt_tokens_computed"],
+        generation_tokens=snap["generation_tokens_computed"],
         running=snap["running"],
         waiting=snap["waiting"],
         kv_usage=snap["kv_cache_usage"],

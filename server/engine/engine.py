@@ -257,6 +257,10 @@ class LLMEngine:
         self._follow_admitted: list[Sequence] = []  # the requests the last follow-up step admitted
         self._cuda_device = self.runner.cuda_index
         self.num_async_steps = 0  # steps launched from the previous step's tokens on the device
+        # tokens the steps have processed so far, as they run (the periodic stats line's throughputs): prompt tokens
+        # computed (not those whose KV came from the prompt cache) and tokens generated (every accepted draft too)
+        self.num_prompt_tokens_computed = 0
+        self.num_generated_tokens = 0
 
     # ------------------------------------------------------------------ requests
     def validate(self, req: Request, *, check_queue: bool = True) -> None:
@@ -433,6 +437,7 @@ class LLMEngine:
                 events.append(self._finish(it.seq, "error"))
             return events
         for it in items:
+            self.num_prompt_tokens_computed += _prompt_part(it.seq, it.num_tokens - len(it.draft))
             it.seq.num_cached += it.num_tokens - len(it.draft)
         now = time.monotonic()
         if res is not None:
@@ -666,6 +671,7 @@ class LLMEngine:
             if seq.first_scheduled is None:  # once launched (a follow-up that fails to launch starts nothing)
                 seq.first_scheduled = now
                 seq.cached_prompt_tokens = seq.num_cached
+            self.num_prompt_tokens_computed += _prompt_part(seq, n)
             seq.num_cached += n
         nxt.computed = [seq for seq, _ in extra if id(seq) not in sampled]
         seqs = carried + [seq for seq, _ in extra]
@@ -820,6 +826,7 @@ class LLMEngine:
             seq.itl.append(now - seq.last_token)
         seq.last_token = now
         seq.output.append(tok)
+        self.num_generated_tokens += 1
         if seq.thinking is not None:
             seq.thinking.feed(tok)
         p = seq.req.sampling
@@ -1000,6 +1007,11 @@ class LLMEngine:
         if fl is not None and fl.done is not None:
             fl.done.synchronize()
         self.prefix_cache.shutdown()
+
+
+def _prompt_part(seq: Sequence, n: int) -> int:
+    """Of the `n` tokens a step feeds `seq` from its first without KV on, how many are its prompt's."""
+    return max(0, min(seq.num_cached + n, len(seq.prompt)) - seq.num_cached)
 
 
 def merge_events(a: TokenEvent, b: TokenEvent) -> TokenEvent:
