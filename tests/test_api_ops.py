@@ -687,6 +687,29 @@ def test_stream_interval_groups_a_streams_tokens(server_factory):
     )  # 14 tokens: 1, then groups of 4 (the end with what is left): 1+4+4+4+1
 
 
+def test_inter_token_latency_is_per_step_whatever_the_stream_interval(server_factory):
+    """--stream-interval 8 joins 8 steps' tokens in one event: the ITL histogram still gets one gap per step (it got
+    one 8-step gap per event: 4 samples of 8x the latency instead of 32)."""
+    s = server_factory(prefixes={("acme", "default"): {}}, stream_interval=8)
+    slow_engine(s.svc, 0.01)
+    c = s.client()
+    seen, before = {}, (0.0, 0.0)
+    for interval in (8, 1):
+        s.svc.engine.stream_interval = interval
+        body = {"tenant_id": "acme", "prompt": "go", "max_tokens": 33, "ignore_eos": True}
+        assert c.post("/generate", json=body).status_code == 200
+        m = c.get("/metrics").text
+        now = (
+            metric_value(m, "prefixserve:inter_token_latency_seconds_count"),
+            metric_value(m, "prefixserve:inter_token_latency_seconds_sum"),
+        )
+        n = now[0] - before[0]
+        seen[interval], before = (n, (now[1] - before[1]) / n), now
+    assert metric_value(m, "prefixserve:time_to_first_token_seconds_count") == 2
+    assert seen[1][0] == seen[8][0] == 32
+    assert 0.01 <= seen[8][1] < 3 * seen[1][1], seen
+
+
 def test_the_drain_line_counts_training_jobs_running_here(server_factory, caplog):
     """The drain's line says which training jobs this server's own workers are running (they go back to the queue
     at shutdown): it said "0 in flight" while one trained."""

@@ -459,3 +459,32 @@ def test_a_draft_never_preempts_a_running_request(tiny_llama_bundle, monkeypatch
     spec, spec_out = preemptions(4)
     assert plain == 0 and spec == 0
     assert spec_out == plain_out
+
+
+def test_events_carry_one_inter_token_gap_per_step_and_the_engine_counts_its_tokens(setup, monkeypatch):
+    """A step's accepted drafts share its gap (vLLM's per-step ITL, as `generate`'s Output.itl); the stats line's
+    counters: the prompt tokens computed (not those from the prompt cache) and every token generated."""
+    from server.engine import scheduler
+
+    b, keys = setup
+    k0 = next(iter(keys))
+    prompt = random_prompt(b.spec.vocab_size, 24, 60)
+    req = Request("r", prompt, SamplingParams(max_tokens=30, ignore_eos=True), k0)
+    monkeypatch.setattr(
+        scheduler, "NgramIndex", _Oracle({tuple(prompt): make_engine(b, keys).generate([req])[0].token_ids})
+    )
+    eng = make_engine(b, keys, speculative_tokens=4)
+    events: list = []
+    eng.add_request(req, events.append)
+    steps_with_tokens = 0
+    while eng.has_unfinished():
+        steps_with_tokens += any(ev.token_ids for ev in eng.step())
+    gaps = [g for ev in events for g in ev.itl]
+    tokens = sum(len(ev.token_ids) for ev in events)
+    assert eng.scheduler.spec_accepted_tokens > 0 and tokens == 30
+    assert len(gaps) == steps_with_tokens - 1 < tokens - 1 and min(gaps) > 0
+    assert (eng.num_prompt_tokens_computed, eng.num_generated_tokens) == (len(prompt), 30)
+    eng.generate([Request("again", prompt, SamplingParams(max_tokens=2, ignore_eos=True), k0)])
+    hit = eng.scheduler.cache_hit_tokens
+    assert hit > 0 and eng.num_prompt_tokens_computed == 2 * len(prompt) - hit
+    assert eng.num_generated_tokens == 32

@@ -506,7 +506,6 @@ class GenerationRun:
         self.cached_tokens = 0  # prompt tokens taken from the prompt cache (known from the first event on)
         self._agen: AsyncIterator[TokenEvent] | None = None
         self._t0 = time.monotonic()
-        self._last_token: float | None = None
         # this run's time to first token and queue time (the request's `info`, shared by its runs, holds the last's)
         self._ttft: float | None = None
         self._queue: float | None = None
@@ -642,12 +641,13 @@ class GenerationRun:
         self.cached_tokens = ev.cached_tokens
         # (echo with max_tokens 0: the one token generated is not part of the answer, nor of its latencies)
         if ev.token_ids and self.bill_output:
-            if self._last_token is None:
+            if self._ttft is None:  # (a run's first event is never held back by the stream interval)
                 self.info.ttft_s = self._ttft = now - self._t0
                 m.ttft.observe(self._ttft)
-            else:
-                m.itl.observe(now - self._last_token)
-            self._last_token = now
+            # the engine's gaps between its steps, not between events: an event joins several steps' tokens under
+            # --stream-interval (one long gap per event would skew the histogram), and vLLM's ITL is per step
+            for gap in ev.itl:
+                m.itl.observe(gap)
         if ev.finished:
             self.final = ev
             self.info.prompt_tokens = ev.prompt_tokens

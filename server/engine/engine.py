@@ -820,10 +820,13 @@ class LLMEngine:
     def _append(
         self, seq: Sequence, tok: int, now: float, lp: TokenLogprob | None = None
     ) -> TokenEvent | None:
+        gap: tuple[float, ...] = ()
         if seq.first_token is None:
             seq.first_token = now
-        else:
-            seq.itl.append(now - seq.last_token)
+        elif seq.last_token is not None and now != seq.last_token:
+            # (a step's accepted drafts share its time: one gap per step, as vLLM's ITL)
+            gap = (now - seq.last_token,)
+            seq.itl.append(gap[0])
         seq.last_token = now
         seq.output.append(tok)
         self.num_generated_tokens += 1
@@ -857,7 +860,7 @@ class LLMEngine:
         lps = [lp] if lp is not None else None
         plps = seq.prompt_logprobs if len(seq.output) == 1 else None
         if reason is not None:
-            return self._finish(seq, reason, delta, [tok], lps, plps)
+            return self._finish(seq, reason, delta, [tok], lps, plps, gap)
         ev = TokenEvent(
             seq.request_id,
             [tok],
@@ -869,6 +872,7 @@ class LLMEngine:
             prompt_logprobs=plps,
             arrival_time=seq.arrival,
             first_scheduled_time=seq.first_scheduled,
+            itl=gap,
         )
         self._emit(ev)
         return ev
@@ -903,6 +907,7 @@ class LLMEngine:
         new: list[int] | None = None,
         logprobs: list[TokenLogprob] | None = None,
         prompt_logprobs: list[TokenLogprob | None] | None = None,
+        itl: tuple[float, ...] = (),
     ) -> TokenEvent:
         self.scheduler.finish(seq)
         seq.finish_reason = reason
@@ -929,6 +934,7 @@ class LLMEngine:
             prompt_logprobs=prompt_logprobs,
             arrival_time=seq.arrival,
             first_scheduled_time=seq.first_scheduled,
+            itl=itl,
         )
         self._emit(ev)
         self._callbacks.pop(seq.request_id, None)
@@ -1016,8 +1022,8 @@ def _prompt_part(seq: Sequence, n: int) -> int:
 
 def merge_events(a: TokenEvent, b: TokenEvent) -> TokenEvent:
     """One event saying what `a` then `b` (the next of the same request) say: their tokens, text and logprobs
-    joined, the counts and the end as `b` has them, the arrival and first-scheduled times and the prompt's
-    logprobs as the first that has them."""
+    joined (and their inter-token latencies), the counts and the end as `b` has them, the arrival and
+    first-scheduled times and the prompt's logprobs as the first that has them."""
     logprobs = (
         None if a.logprobs is None and b.logprobs is None else [*(a.logprobs or []), *(b.logprobs or [])]
     )
@@ -1026,6 +1032,7 @@ def merge_events(a: TokenEvent, b: TokenEvent) -> TokenEvent:
         token_ids=a.token_ids + b.token_ids,
         text=a.text + b.text,
         logprobs=logprobs,
+        itl=a.itl + b.itl,
         prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
         arrival_time=a.arrival_time or b.arrival_time,
         first_scheduled_time=a.first_scheduled_time

@@ -73,7 +73,7 @@ class Sequence:
         self.first_scheduled: float | None = None
         self.first_token: float | None = None
         self.last_token: float | None = None
-        self.itl: list[float] = []
+        self.itl: list[float] = []  # the gaps between the steps that gave it tokens
         self.prefix_counted = False
         self.prefix_claimed = False  # a claim on its prefix in the prefix cache (asked for, not yet taken)
         # at its last admission: (prompt-cache query tokens, hit tokens) counted, and whether it was preempted

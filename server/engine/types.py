@@ -282,6 +282,9 @@ class TokenEvent:
     # Timing (monotonic seconds): when the request was added and first scheduled.
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
+    # Its tokens' inter-token latencies, by the engine's clock: one per step that gave the request tokens after
+    # its first (accepted drafts come in their step's), so the same whatever events a stream interval joins.
+    itl: tuple[float, ...] = ()
 
 
 @dataclass
