@@ -6,10 +6,11 @@ Input, one JSON object per line: `{"custom_id": "...", "method": "POST", "url": 
 (`url`: one of `BATCH_URLS`; a streamed body is refused). Output, in input order:
 `{"id": "batch_req_...", "custom_id": "...", "response": {"status_code", "request_id", "body"}, "error": null}`; a
 request the server answers with an error has its status and error body in `response`, as OpenAI's batch output
-does; a line that is not a request (bad JSON, an unknown url) has `response: null` and `error: {"code",
-"message"}`. Requests run concurrently (`concurrency` at a time, default: the engine's batch) and a busy answer (429 /
-503 with Retry-After) is retried. The output file is written whole (a temporary file renamed) or not at all. An
-interrupted run (`stop`: Ctrl-C, SIGTERM) ends the requests under way and gives the lines finished before it."""
+does; a line that is not a request (bad JSON, an unknown url), or one the server failed on (an exception in a route:
+`internal_error`), has `response: null` and `error: {"code", "message"}`. Requests run concurrently (`concurrency` at
+a time, default: the engine's batch) and a busy answer (429 / 503 with Retry-After) is retried. The output file is
+written whole (a temporary file renamed) or not at all. An interrupted run (`stop`: Ctrl-C, SIGTERM) ends the
+requests under way and gives the lines finished before it."""
 
 from __future__ import annotations
 
@@ -100,13 +101,25 @@ async def run_lines(
 ) -> list[dict[str, Any]]:
     """Every line's output object, in input order. `app` must be started (its lifespan entered). Once `stop` is
     set, the requests under way are ended (the engine drops them) and only the lines finished by then are
-    returned, still in input order."""
+    returned, still in input order. An exception that is no line's own is raised, no request left running."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     transport = httpx.ASGITransport(app=app)
     sem = asyncio.Semaphore(max(1, concurrency))
     done = 0
+
+    async def post(client: httpx.AsyncClient, req: dict[str, Any]) -> httpx.Response:
+        async with sem:
+            waited = 0.0
+            for attempt in range(RETRIES + 1):
+                r = await client.post(req["url"], json=req["body"], headers=headers)
+                wait = _retry_after(r.headers)
+                if not _busy(r) or attempt == RETRIES or waited + wait > MAX_BUSY_WAIT_S:
+                    break
+                await asyncio.sleep(wait)
+                waited += wait
+        return r
 
     async def one(client: httpx.AsyncClient, line: str) -> dict[str, Any]:
         nonlocal done
@@ -119,24 +132,23 @@ async def run_lines(
         }
         if error is None:
             assert req is not None
-            async with sem:
-                waited = 0.0
-                for attempt in range(RETRIES + 1):
-                    r = await client.post(req["url"], json=req["body"], headers=headers)
-                    wait = _retry_after(r.headers)
-                    if not _busy(r) or attempt == RETRIES or waited + wait > MAX_BUSY_WAIT_S:
-                        break
-                    await asyncio.sleep(wait)
-                    waited += wait
             try:
-                body = r.json()
-            except ValueError:
-                body = {"error": {"message": r.text, "type": "server_error", "param": None, "code": None}}
-            out["response"] = {
-                "status_code": r.status_code,
-                "request_id": r.headers.get("x-request-id"),
-                "body": body,
-            }
+                r = await post(client, req)
+            except Exception as e:
+                # a bug in a route: the app answered 500 and the in-process transport re-raised it; this line's
+                # error (vLLM's run-batch does the same), the other lines go on
+                log.error("line %r: the server failed on it: %r", out["custom_id"], e, exc_info=e)
+                out["error"] = _line_error("internal_error", f"the server failed on this request: {e!r}")
+            else:
+                try:
+                    body = r.json()
+                except ValueError:
+                    body = {"error": {"message": r.text, "type": "server_error", "param": None, "code": None}}
+                out["response"] = {
+                    "status_code": r.status_code,
+                    "request_id": r.headers.get("x-request-id"),
+                    "body": body,
+                }
         done += 1
         if progress is not None:
             progress(done, len(lines))
@@ -147,17 +159,24 @@ async def run_lines(
     async with httpx.AsyncClient(transport=transport, base_url="http://batch", timeout=timeout) as client:
         tasks = [asyncio.ensure_future(one(client, line)) for line in lines]
         everything = asyncio.gather(*tasks)
-        if stop is None:
-            return await everything
-        stopped = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait([everything, stopped], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-        if not everything.done():
+            if stop is None:
+                return await everything
+            stopped = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait([everything, stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+            if everything.done():
+                return everything.result()  # (raises a task's exception: a bug, never a short result)
             everything.cancel()
             await asyncio.gather(everything, return_exceptions=True)
-        return [t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
+            return [t.result() for t in tasks if t.done() and not t.cancelled()]
+        finally:
+            # gather ends at a task's exception with the others still running: none is left behind
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def read_lines(path: str) -> list[str]:

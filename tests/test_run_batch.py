@@ -263,3 +263,81 @@ def test_a_batch_runs_no_training_worker(srv, api_bundle, monkeypatch):
     out = batch(srv, api_bundle, [line("a", "/v1/chat/completions", CHAT)], training_workers=2)
     assert out[0]["response"]["status_code"] == 200
     assert [s.training_workers for s in seen] == [0]
+
+
+def test_a_line_the_server_fails_on_is_that_lines_error(
+    srv, api_bundle, tmp_path, monkeypatch, root_logging, caplog
+):
+    """An exception in a route (a bug: the app answers 500, the in-process transport re-raises it) is that line's
+    error, the other lines answered: it ended the batch at once, the others ran on orphaned, and the command wrote
+    the lines done by then (none here) and exited 0 saying none had failed."""
+    import logging
+
+    import server.api.routes_openai as routes
+    import server.batch
+    from server.cli import main
+
+    real_plan = routes._chat_plan
+
+    async def plan(svc, info, body, prefix):
+        if body.messages[0].content == "boom":
+            raise RuntimeError("a bug")
+        return await real_plan(svc, info, body, prefix)
+
+    monkeypatch.setattr(routes, "_chat_plan", plan)
+    real_run = server.batch.run_batch  # (the command's app on the fixtures' model and store: no model load)
+    monkeypatch.setattr(
+        server.batch,
+        "run_batch",
+        lambda s, lines, **kw: real_run(s, lines, bundle=api_bundle, store=srv.store, **kw),
+    )
+    lines = [line(f"ok{i}", "/v1/chat/completions", CHAT) for i in range(4)]
+    lines.insert(
+        1, line("boom", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "boom"}]})
+    )
+    src, dst, folder = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "model"
+    src.write_text("\n".join(lines) + "\n")
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    caplog.set_level(logging.INFO, logger="prefixserve")
+    rc = main(["run-batch", "-i", str(src), "-o", str(dst), "--max-concurrency", "2", "--model", str(folder),
+               "--store-url", srv.store.url, "--kv-cache-mb", "16", "--max-model-len", "512"])  # fmt: skip
+    assert rc == 0  # (a request's error is a result)
+    out = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == ["ok0", "boom", "ok1", "ok2", "ok3"]
+    assert out[1]["response"] is None and out[1]["error"]["code"] == "internal_error"
+    assert "a bug" in out[1]["error"]["message"]
+    assert [o["response"]["status_code"] for i, o in enumerate(out) if i != 1] == [200] * 4
+    assert "5 requests, 1 failed" in caplog.text
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_an_exception_of_the_batch_itself_is_raised(stop):
+    """A task that ends with an exception (not a line's: here the progress callback's) is raised, with no task left
+    running: it was filtered out, and the lines done at that instant returned as if they were all."""
+    from fastapi import FastAPI
+
+    from server.batch import run_lines
+
+    app = FastAPI()
+
+    @app.post("/tokenize")
+    async def tokenize(body: dict) -> dict:
+        await asyncio.sleep(0.01 * len(body["prompt"]))
+        return {"tokens": []}
+
+    def progress(n: int, total: int) -> None:
+        if n == 2:
+            raise RuntimeError("progress failed")
+
+    lines = [line(f"r{i}", "/tokenize", {"prompt": "x" * i}) for i in range(6)]
+
+    async def main():
+        before = asyncio.all_tasks()
+        with pytest.raises(RuntimeError, match="progress failed"):
+            await run_lines(
+                app, lines, concurrency=2, progress=progress, stop=asyncio.Event() if stop else None
+            )
+        assert asyncio.all_tasks() - before == set()  # nothing left running
+
+    asyncio.run(main())
