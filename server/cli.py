@@ -145,9 +145,15 @@ def make_server(app: Any, settings: Any) -> Any:
                 log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
 
         def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
-            if self._loop is not None and not self.started and not self._drain_started:
+            if (
+                self._loop is not None
+                and not self.started
+                and not self._drain_started
+                and app.state.ps.svc is None
+            ):
                 # still starting (a model load can take minutes, and cannot be interrupted): nothing has been
-                # served, nothing is in flight (requests were answered 503 `starting`), so nothing to drain
+                # served, nothing is in flight (requests were answered 503 `starting`), no training worker has
+                # started (the lifespan starts them once the service is up), so nothing to drain
                 log.warning("signal %s during start-up: exiting now", signal.Signals(sig).name)
                 os._exit(128 + sig)
             if self._loop is None or self.forced:

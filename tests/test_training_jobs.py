@@ -1375,3 +1375,46 @@ def test_redis_job_counts_read_only_each_jobs_status(redis_store_url, monkeypatc
         assert b.counts() == expected
     finally:
         b.close()
+
+
+@pytest.mark.parametrize("fail", ["build", "start"])
+def test_no_job_is_claimed_before_the_server_is_ready(tiny_llama_bundle, tmp_path, monkeypatch, fail):
+    """The server's training workers start last, once the service is up: they started before it was built and
+    warmed up, so a worker could claim a queued job that a signal during start-up (an immediate exit) or a failed
+    start-up then left running. A start-up that fails leaves the queued job queued, no worker started."""
+    import asyncio
+
+    import server.api.app as app_mod
+    from server.api import create_app
+    from server.settings import Settings
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    job = JobManager(tiny_llama_bundle, store, in_process_workers=0).submit(request_()).job_id
+    seen: list[bool] = []
+    real_build = app_mod.Service.build
+
+    def failed() -> None:
+        raise RuntimeError("start-up failed")
+
+    def build(*args, **kw):
+        seen.append(kw["job_manager"]._started)
+        if fail == "build":
+            failed()
+        svc = real_build(*args, **kw)
+        svc.start = failed  # the warm-up fails
+        return svc
+
+    monkeypatch.setattr(app_mod.Service, "build", build)
+    app = create_app(Settings(store_url=store.url, training_workers=1, kv_cache_mb=16), bundle=tiny_llama_bundle,
+                     store=store)  # fmt: skip
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(RuntimeError, match="start-up failed"):
+        asyncio.run(start())
+    jm = app.state.ps.job_manager
+    assert seen == [False] and not jm._started and not jm._threads
+    rec = JobManager(tiny_llama_bundle, store, in_process_workers=0).get(job)
+    assert rec.status == "queued" and rec.attempts == 0

@@ -542,13 +542,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             st.job_manager = await asyncio.to_thread(_make_job_manager, s, st.bundle, st.store)
             st.owns_jobs = True
-            if st.job_manager is not None:
-                st.job_manager.start()
         except Exception as e:  # serving does not depend on training: start without it
             log.error("training jobs unavailable (%s): the /prefixes training routes answer 503", e)
             st.job_manager = None
-    svc = Service.build(s, st.bundle, st.store, st.metrics, job_manager=st.job_manager, limiter=st.limiter)
-    await asyncio.to_thread(svc.start)
+    try:
+        svc = Service.build(
+            s, st.bundle, st.store, st.metrics, job_manager=st.job_manager, limiter=st.limiter
+        )
+        await asyncio.to_thread(svc.start)
+    except BaseException:
+        # start-up failed: the job manager never started (no job claimed); its job backend's connection closes
+        if st.owns_jobs and st.job_manager is not None:
+            with contextlib.suppress(Exception):
+                st.job_manager.shutdown()
+        raise
     svc.usage.start()
     if st.freeze_gc:
         # hundreds of thousands of long-lived objects (torch, transformers, the app) made every full collection
@@ -558,6 +565,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.freeze()
         log.debug("gc: %d start-up objects frozen", gc.get_freeze_count())
     st.svc = svc
+    if st.owns_jobs and st.job_manager is not None:
+        # last, once the server is ready: a worker started earlier could claim a job that a signal or a failure
+        # during start-up then left "running" (the start-up signal exits at once, with no drain)
+        try:
+            st.job_manager.start()
+        except Exception as e:  # serving does not depend on training: jobs queue for other workers
+            log.error("training workers did not start (%s): jobs wait for `prefixserve worker` processes", e)
     reloader = asyncio.create_task(ConfigReloader(st, s.config_reload_s).run(), name="config-reload")
     stats = (
         asyncio.create_task(log_stats(svc, s.log_stats_interval_s), name="engine-stats")
