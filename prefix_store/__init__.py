@@ -25,9 +25,10 @@ from prefix_store.urls import pop_query_param
 DEFAULT_HOME = "~/.local/share/prefixserve"
 
 
-def default_store_url() -> str:
-    """``file://`` + ``$PREFIXSERVE_HOME`` (default ``~/.local/share/prefixserve``)."""
-    home = os.environ.get("PREFIXSERVE_HOME") or DEFAULT_HOME
+def default_store_url(home: str | None = None) -> str:
+    """``file://`` + `home`, else ``$PREFIXSERVE_HOME`` (default ``~/.local/share/prefixserve``). (The server's
+    settings pass `home` as they read it, in any case: this package imports nothing from the server.)"""
+    home = home or os.environ.get("PREFIXSERVE_HOME") or DEFAULT_HOME
     return "file://" + str(Path(home).expanduser().absolute())
 
 

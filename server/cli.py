@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from server import __version__
-from server.settings import LOG_LEVELS, unknown_env
+from server.settings import LOG_LEVELS, env_get, unknown_env
 
 log = logging.getLogger("prefixserve.cli")
 
@@ -375,7 +375,7 @@ def cmd_run_batch(ns: argparse.Namespace) -> int:
         print(f"error: cannot read {ns.input_file}: {e}", file=sys.stderr)
         return 2
     problem = None
-    api_key = os.environ.get("PREFIXSERVE_API_KEY")
+    api_key = env_get("PREFIXSERVE_API_KEY")
     out_dir = Path(ns.output_file).resolve().parent
     if ns.max_concurrency is not None and ns.max_concurrency < 1:
         problem = "--max-concurrency must be >= 1"
@@ -444,8 +444,6 @@ def env_settings(ns: argparse.Namespace, fields: dict[str, str]) -> Any:
     read, so a bad variable the command does not use does not stop it. Raises ValueError (pydantic's)."""
     from server.settings import ENV_PREFIX, Settings
 
-    # (whatever the case of the variable's name, as `serve` reads them)
-    env = {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
     for name, close in unknown_env(os.environ):  # a typo would quietly leave this command on a default
         print(f"prefixserve: {name} is not a setting: ignored{f' (did you mean {close}?)' if close else ''}",
               file=sys.stderr)  # fmt: skip
@@ -453,7 +451,7 @@ def env_settings(ns: argparse.Namespace, fields: dict[str, str]) -> Any:
     for field, attr in fields.items():
         value = getattr(ns, attr, None)
         if value is None:
-            value = env.get(ENV_PREFIX + field.upper()) or None
+            value = env_get(ENV_PREFIX + field.upper()) or None  # (in any case, as `serve` reads them)
         if value is not None:
             given[field] = value
     return Settings(_env_prefix=ENV_PREFIX + "CLI_UNREAD_", **given)  # type: ignore[call-arg]
@@ -528,11 +526,11 @@ def read_examples(path: str) -> list[dict[str, Any]]:
 
 
 def _api_key(ns: argparse.Namespace) -> str | None:
-    return ns.api_key or os.environ.get("PREFIXSERVE_API_KEY")
+    return ns.api_key or env_get("PREFIXSERVE_API_KEY")
 
 
 def _base_url(ns: argparse.Namespace) -> str:
-    return (ns.base_url or os.environ.get("PREFIXSERVE_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
+    return (ns.base_url or env_get("PREFIXSERVE_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
 
 
 class _HTTPError(RuntimeError):
@@ -772,7 +770,7 @@ def _load_bundle(ns: argparse.Namespace) -> Any:
     an exit code after printing why if the settings are invalid or the model does not load."""
     from server.model import load_model
 
-    if ns.device is None and not os.environ.get("PREFIXSERVE_DEVICE"):
+    if ns.device is None and not env_get("PREFIXSERVE_DEVICE"):
         ns.device = "cpu"
     try:
         st = env_settings(ns, {k: v for k, v in WORKER_SETTINGS.items() if not k.startswith(("log", "jobs"))})

@@ -6,6 +6,7 @@ Secrets (`api_keys`, `admin_key`) are `SecretStr`: they never show up in reprs, 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,16 @@ from prefix_store.names import is_valid_name
 
 ENV_PREFIX = "PREFIXSERVE_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def env_get(name: str) -> str | None:
+    """The PREFIXSERVE_* variable `name` whatever the case of its name, as the settings read theirs
+    (`prefixserve_device` is `PREFIXSERVE_DEVICE`): every PREFIXSERVE_* variable is read through this. The exact
+    spelling wins if several are set."""
+    if name in os.environ:
+        return os.environ[name]
+    upper = name.upper()
+    return next((v for k, v in os.environ.items() if k.upper() == upper), None)
 
 
 def optional_number(annotation: Any) -> type | None:
@@ -46,7 +57,7 @@ class Settings(BaseSettings):
         description="Base model: 'smollm2' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder",
     )
     store_url: str = Field(
-        default_factory=default_store_url,
+        default_factory=lambda: default_store_url(env_get(ENV_PREFIX + "HOME")),
         description="Prefix store: file:///abs/path or redis://host:port/db[?prefix=ns]; add keep_versions=N to "
         "keep only the newest N versions of each prefix; default: $PREFIXSERVE_HOME if set",
     )

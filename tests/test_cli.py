@@ -76,6 +76,33 @@ def test_default_store_url_is_the_local_share(monkeypatch, tmp_path):
     assert Settings(store_url="file://~/x").store_url == f"file://{tmp_path}/x"
 
 
+def test_prefixserve_variables_are_read_in_any_case(monkeypatch, tmp_path):
+    """Every PREFIXSERVE_* variable is read whatever the case of its name, as `serve` reads its settings: the
+    model's device for import-peft, the model cache, the default store folder and the client commands' key and
+    URL read only the upper-case name (import-peft loaded on the CPU with prefixserve_device=cuda set)."""
+    import argparse
+
+    import server.model
+    from server.model.loader import default_cache_dir
+    from server.settings import Settings
+
+    for var in ("DEVICE", "CACHE", "HOME", "STORE_URL", "API_KEY", "BASE_URL"):
+        monkeypatch.delenv("PREFIXSERVE_" + var, raising=False)
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(server.model, "load_model", lambda name, **kw: seen.update(kw) or "bundle")
+    monkeypatch.setenv("prefixserve_device", "cuda")
+    ns = argparse.Namespace(device=None, dtype=None, model=None, cache=None, store=None)
+    assert cli._load_bundle(ns) == "bundle" and seen["device"] == "cuda"
+    monkeypatch.setenv("prefixserve_cache", str(tmp_path / "c"))
+    monkeypatch.setenv("Prefixserve_Home", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "c"
+    assert Settings().store_url == f"file://{tmp_path}/home"
+    monkeypatch.setenv("prefixserve_api_key", "sk-1")
+    monkeypatch.setenv("prefixserve_base_url", "http://h:1/")
+    ns = argparse.Namespace(api_key=None, base_url=None)
+    assert (cli._api_key(ns), cli._base_url(ns)) == ("sk-1", "http://h:1")
+
+
 def test_keys_are_not_command_line_flags():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "--api-keys", "acme:k"])

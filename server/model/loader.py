@@ -26,6 +26,7 @@ import torch
 
 from server.model.chat_content import content_parts, loops_over_content
 from server.model.spec import ModelBundle, spec_from_config
+from server.settings import env_get
 
 log = logging.getLogger("prefixserve.model")
 
@@ -54,7 +55,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("PREFIXSERVE_CACHE")
+    env = env_get("PREFIXSERVE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "prefixserve"
 
 
