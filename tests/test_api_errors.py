@@ -594,21 +594,72 @@ def test_buffered_bodies_are_replayed_in_chunks():
     ] == "http.disconnect"
 
 
-def test_a_prefix_and_request_too_large_for_the_kv_cache_is_a_413(server_factory):
+def test_a_long_prefixs_own_kv_blocks_bound_the_request_beside_it(server_factory, monkeypatch):
     """Within the context limit, yet the tenant's prefix and the request's own tokens can never be in the KV cache
-    at once (a small cache): a 413 at once, not a request that waits forever."""
+    at once (a small cache): the room a request has counts the prefix's blocks, as the scheduler's admission does.
+    Past it is a context error at once naming the prefix's share (it was let through, then refused by the engine
+    as a 413 `request_too_large` the /v1 clients do not know), exactly at it runs, outputs that default to the
+    room left stop within it, and a prefix that leaves no room is refused on upload and in training."""
     from tests.fixtures.models import tiny_llama
 
     deep = tiny_llama(layers=8)  # 4x the KV bytes a token: 1 MiB holds 32 blocks
-    prefixes = {("acme", "long"): {"prefix_length": 300}}
-    s = server_factory(bundle=deep, kv_cache_mb=1, max_model_len=1024, prefixes=prefixes)
-    assert s.svc.llm.pool.num_blocks == 32  # blocks of 16 tokens: the prefix takes 19
-    body = {"tenant_id": "acme", "prefix": "long", "prompt": "hello", "ignore_eos": True}
-    err = assert_error(
-        s.client().post("/generate", json={**body, "max_tokens": 230}), 413, "request_too_large"
+    prefixes = {("acme", "long"): {"prefix_length": 300}, ("acme", "huge"): {"prefix_length": 500}}
+    s = server_factory(
+        bundle=deep,
+        kv_cache_mb=1,
+        max_model_len=1024,
+        prefixes=prefixes,
+        training_workers=0,
+        training_max_prefix_length=1000,
     )
-    assert "the cache holds 32" in err["message"]
-    assert s.client().post("/generate", json={**body, "max_tokens": 20}).status_code == 200
+    llm = s.svc.llm
+    assert (llm.pool.num_blocks, llm.max_request_tokens) == (32, 240)  # the prefix's 19 blocks leave 13
+    c = s.client()
+    body = {
+        "tenant_id": "acme",
+        "prefix": "long",
+        "prompt": "hello",
+        "prompt_format": "raw",
+        "ignore_eos": True,
+    }
+    tok = c.post("/tokenize", json={"model": "acme/long", "prompt": "hello", "prompt_format": "raw"}).json()
+    assert tok["max_request_tokens"] == 13 * 16  # this prefix's, not /info's 240
+    room = 13 * 16 - tok["count"]
+    err = assert_error(
+        c.post("/generate", json={**body, "max_tokens": room + 1}), 413, "context_length_exceeded"
+    )
+    assert err["param"] == "max_tokens" and "beside this prefix may hold 208" in err["message"], err
+    assert "take 19 of the KV cache's 32 blocks" in err["message"]
+    ok = c.post("/generate", json={**body, "max_tokens": room})  # what the room says is what the engine takes
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == room, ok.text
+    comp = {"model": "acme/long", "prompt": "hello", "max_tokens": 230}
+    err = assert_error(c.post("/v1/completions", json=comp), 400, "context_length_exceeded")
+    assert err["param"] == "max_tokens" and "maximum context length" in err["message"]
+    msgs = [{"role": "user", "content": "hello"}]
+    chat = c.post("/v1/chat/completions", json={"model": "acme/long", "messages": msgs, "max_tokens": 2})
+    assert chat.status_code == 200, chat.text
+    n = chat.json()["usage"]["prompt_tokens"]
+    chat = c.post("/v1/chat/completions", json={"model": "acme/long", "messages": msgs, "ignore_eos": True})
+    assert chat.status_code == 200, chat.text  # the default output fills the room left, no more
+    assert chat.json()["usage"]["completion_tokens"] == 208 - n
+    # a prefix of 32 blocks leaves none: the prompt's fault, as any prompt that fills the context
+    huge = {"model": "acme/huge", "prompt": "hello", "max_tokens": 1}
+    err = assert_error(c.post("/v1/completions", json=huge), 400, "context_length_exceeded")
+    assert err["param"] == "prompt" and "take 32 of the KV cache's 32 blocks" in err["message"], err
+    got = c.get("/prefixes/acme/huge/download").content
+    files = {"file": ("prefix.safetensors", got, "application/octet-stream")}
+    err = assert_error(c.post("/prefixes/acme/huge2/upload", files=files), 413, "prefix_too_long")
+    assert "at most 496 fit" in err["message"], err
+    train = {"tenant_id": "acme", "name": "t", "examples": [{"prompt": "q", "completion": "zebra"}]}
+    err = assert_error(
+        c.post("/prefixes", json={**train, "prefix_length": 497}), 422, "invalid_training_spec"
+    )
+    assert err["param"] == "prefix_length" and "at most 496 positions" in err["message"], err
+    assert c.post("/prefixes", json={**train, "prefix_length": 496}).status_code == 202
+    # the engine's own refusal (a prefix found longer than its metadata said, say) is a context error too
+    monkeypatch.setattr(llm, "request_tokens", lambda prefix_len: llm.max_request_tokens)
+    err = assert_error(c.post("/v1/completions", json=comp), 400, "context_length_exceeded")
+    assert err["param"] == "max_tokens" and "the cache holds 32" in err["message"], err
 
 
 def test_the_kv_caches_share_of_one_request_is_a_limit_the_api_states_and_defaults_fit(server_factory):

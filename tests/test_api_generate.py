@@ -252,6 +252,37 @@ def test_prompt_and_context_limits(server_factory, api_bundle, tmp_path):
     store.close()
 
 
+def test_context_errors_name_the_limit_that_holds_and_what_was_asked(server_factory, api_bundle, tmp_path):
+    """On a 64-token context: echo with max_tokens 0 scores a prompt that fills the context (vLLM counts prompt + 0;
+    the hidden token after it takes no position), a prompt over both limits is told of the context's (it was told
+    of max_prompt_tokens, 4096), and a prompt that fills the context with no max_tokens asked for is blamed alone
+    in vLLM's words (it was told of a "max_tokens (1)" it never sent)."""
+    from prefix_store import open_store
+
+    store = open_store(f"file://{tmp_path / 's'}")
+    put_random_prefix(store, api_bundle, "acme", prefix_length=16)
+    c = server_factory(store=store, max_model_len=64).client()
+    for model, room in (("acme/base", 64), ("acme/default", 48)):
+        echo = {"model": model, "prompt": [65] * room, "echo": True, "max_tokens": 0, "logprobs": 0}
+        r = c.post("/v1/completions", json=echo)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert len(choice["logprobs"]["tokens"]) == room and r.json()["usage"]["completion_tokens"] == 0
+        err = assert_error(c.post("/v1/completions", json={**echo, "prompt": [65] * (room + 1)}), 400)
+        assert err["param"] == "prompt" and "max_tokens" not in err["message"], err
+        assert f"However, you requested {64 + 1} tokens" in err["message"], err
+    err = assert_error(
+        c.post("/v1/completions", json={"model": "acme/base", "prompt": [65] * 4097, "max_tokens": 1}), 400
+    )
+    assert "maximum context length is 64 tokens" in err["message"] and "4096" not in err["message"], err
+    assert err["param"] == "prompt"
+    chat = {"model": "acme/base", "messages": [{"role": "user", "content": "y " * 64}]}
+    err = assert_error(c.post("/v1/chat/completions", json=chat), 400, "context_length_exceeded")
+    assert err["param"] == "messages" and "max_tokens" not in err["message"], err
+    assert "tokens in the messages, Please reduce the length of the messages." in err["message"], err
+    store.close()
+
+
 def test_speculative_decoding_setting_keeps_outputs_and_counts_drafts(srv, server_factory):
     """`speculative_tokens`: the same greedy text as a server without it (stream and whole), sampled requests work
     as usual, and /metrics counts drafted and accepted tokens."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import io
 import logging
@@ -549,6 +550,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = Service.build(
             s, st.bundle, st.store, st.metrics, job_manager=st.job_manager, limiter=st.limiter
         )
+        if st.owns_jobs and st.job_manager is not None:
+            # known now the engine has its KV pool: a prefix too long to be installed beside a request is refused
+            # at submission, not trained into one every request fails on
+            limits = dataclasses.replace(st.job_manager.limits, max_prefix_positions=svc.llm.max_prefix_len)
+            st.job_manager.limits = limits
         await asyncio.to_thread(svc.start)
     except BaseException:
         # start-up failed: the job manager never started (no job claimed); its job backend's connection closes

@@ -257,7 +257,7 @@ async def tokenize(
         count=len(ids),
         prefix_length=prefix.prefix_length,
         max_model_len=svc.llm.max_model_len,
-        max_request_tokens=svc.llm.max_request_tokens,
+        max_request_tokens=svc.llm.request_tokens(prefix.prefix_length),
         prompt_format=fmt,
     )
 

@@ -225,6 +225,7 @@ async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefi
     if max_tokens is None:  # OpenAI: up to the context; here also capped by max_new_tokens
         room = svc.llm.room(prefix.prefix_length, len(ids))
         max_tokens = max(1, min(svc.settings.max_new_tokens, room))
+        info.max_tokens_given = False
     if body.top_logprobs and not body.logprobs:
         raise APIError(
             422, "top_logprobs needs logprobs to be true", code="invalid_value", param="top_logprobs"

@@ -500,12 +500,23 @@ async def _store_upload(
 ) -> tuple[PrefixMeta, bool]:
     """Check that the parsed upload fits this server's context limit, then store it as a new version: (its
     metadata, True), or with an Idempotency-Key already used for the name (that version, False)."""
-    limit = svc.llm.max_model_len
-    if incoming.prefix_length + 2 > limit:  # a request needs a prompt token and an output token after it
+    llm = svc.llm
+    if (
+        incoming.prefix_length > llm.max_prefix_len
+    ):  # a request needs a prompt token and an output token after it
+        if incoming.prefix_length + 2 > llm.max_model_len:
+            where = f"the context limit of {llm.max_model_len} tokens"
+        else:  # its blocks would fill the KV pool: it could never be installed beside a request
+            pool = llm.pool
+            where = (
+                f"this server's KV cache ({incoming.prefix_length} positions take "
+                f"{pool.blocks_for(incoming.prefix_length)} of its {pool.num_blocks} blocks of {pool.block_size}; "
+                f"at most {llm.max_prefix_len} fit, kv_cache_mb raises it)"
+            )
         raise APIError(
             413,
-            f"prefix of {incoming.prefix_length} positions leaves no room for a prompt and an output token in the "
-            f"context limit of {limit} tokens",
+            f"prefix of {incoming.prefix_length} positions leaves no room for a prompt and an output token in "
+            f"{where}",
             code="prefix_too_long",
             param="file",
         )

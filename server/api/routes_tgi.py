@@ -431,6 +431,7 @@ async def _start(
         svc.check_prompt_chars(len(body.inputs), "inputs", truncating=p.truncate is not None)
         ids = await svc.tokenize(_prompt_ids, svc.bundle.tokenizer, body.inputs, prefix, p.truncate)
         sampling = _sampling(svc, p, svc.llm.room(prefix.prefix_length, len(ids)), structured)
+        info.max_tokens_given = p.max_new_tokens is not None
         # every token is reported with its log-probability and its alternatives; decoder_input_details: each
         # prompt token's too
         out_entries = sampling.max_tokens * (sampling.logprobs + 1)

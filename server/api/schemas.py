@@ -1006,7 +1006,10 @@ class TokenizeResponse(BaseModel):
     count: int
     prefix_length: int = Field(description="Positions the prefix takes before the prompt")
     max_model_len: int = Field(description="Context limit: prefix + prompt + output")
-    max_request_tokens: int = Field(description="Prompt + output one request may hold in the KV cache")
+    max_request_tokens: int = Field(
+        description="Prompt + output one request of this prefix may hold in the KV cache (its share of the pool, "
+        "less than /info's where the prefix's own blocks leave less)"
+    )
     prompt_format: str
 
 

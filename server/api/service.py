@@ -247,6 +247,9 @@ class RequestInfo:
     # the body's fields that errors about the prompt's and the output's sizes name (chat: messages, ...)
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
+    # False: the output's length was not asked for (chat without max_tokens fills the room left): a prompt too
+    # long for the context is the prompt's fault alone, and its error says so
+    max_tokens_given: bool = True
     headers: dict[str, str] = field(default_factory=dict)  # added to the response (x-ratelimit-*)
     admitted: bool = (
         False  # let in before a drain began: in flight, served to the end (the drain waits for it)
@@ -466,6 +469,7 @@ async def newer_latest(
     ev: TokenEvent,
     prompt_ids: list[int],
     sampling: SamplingParams,
+    scoring: bool = False,
 ) -> ResolvedPrefix | None:
     """The prefix to run a failed request again on: the name's latest version if the failure was its version missing
     from the store (`churned`) and the latest is another version, with the same prompt format (the prompt was
@@ -479,7 +483,7 @@ async def newer_latest(
         return None  # gone altogether (404), or the store cannot say: the failure stands
     if newer.version == prefix.version or newer.prompt_format != prefix.prompt_format:
         return None
-    svc._check(info, newer, prompt_ids, sampling)
+    svc._check(info, newer, prompt_ids, sampling, scoring=scoring)
     return newer
 
 
@@ -572,7 +576,13 @@ class GenerationRun:
 
     async def _newer_latest(self, ev: TokenEvent) -> ResolvedPrefix | None:
         return await newer_latest(
-            self.svc, self.info, self.prefix, ev, self.req.prompt_token_ids, self.req.sampling
+            self.svc,
+            self.info,
+            self.prefix,
+            ev,
+            self.req.prompt_token_ids,
+            self.req.sampling,
+            not self.bill_output,
         )
 
     async def _submit(self) -> TokenEvent:
@@ -627,7 +637,9 @@ class GenerationRun:
             )
             return APIError(422, f"prefix cannot be served: {ev.error}", code=code, param="prefix")
         if status == 413:
-            return APIError(413, ev.error or "request too large for the KV cache", code=code)
+            # a context error as `Service._check`'s (the /v1 routes answer it as OpenAI does: a 400 clients know)
+            why = ev.error or "request too large for the KV cache"
+            return APIError(413, why, code="context_length_exceeded", param=self.info.max_tokens_param)
         # the id the client and the access log know (X-Request-ID), and the engine's
         log.error("request %s (engine request %s): generation failed: %s (%s)", self.info.request_id,
                   self.req.request_id, ev.error, ev.error_type)  # fmt: skip
@@ -865,7 +877,8 @@ class Service:
         """Most prompt tokens a request of this prefix may keep beside `max_tokens` of output (what
         `truncate_prompt_tokens: -1` keeps): within the context, the KV cache's per-request share and
         `max_prompt_tokens`."""
-        return min(self.llm.room(prefix_len, 0) - max(max_tokens, 1), self.settings.max_prompt_tokens)
+        fit = self.llm.room(prefix_len, 0, scoring=max_tokens == 0) - max(max_tokens, 1)
+        return min(fit, self.settings.max_prompt_tokens)
 
     def check_prompt_chars(self, chars: int, param: str = "prompt", truncating: bool = False) -> None:
         """A prompt of more characters than `max_prompt_tokens` tokens can hold (twice over: normalizers may join
@@ -1433,7 +1446,7 @@ class Service:
         blocks, the others take them in the same step). If any cannot start, the others are closed and its error
         raised. Callers must `close()` every run (which refunds the tokens it did not use)."""
         for ids, sampling in jobs:
-            self._check(info, prefix, ids, sampling)
+            self._check(info, prefix, ids, sampling, scoring=not bill_output)
         tenant = prefix.tenant_id
         costs = [len(ids) + sp.max_tokens for ids, sp in jobs]
         try:
@@ -1470,15 +1483,25 @@ class Service:
         return runs
 
     def _check(
-        self, info: RequestInfo, prefix: ResolvedPrefix, prompt_ids: list[int], sampling: SamplingParams
+        self,
+        info: RequestInfo,
+        prefix: ResolvedPrefix,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        *,
+        scoring: bool = False,
     ) -> None:
-        """The request-size limits (413/422) and draining (503), before anything is charged or started."""
-        s = self.settings
-        n = len(prompt_ids)
+        """The request-size limits (413/422) and draining (503), before anything is charged or started. `scoring`:
+        its one output token is not part of the answer (echo with max_tokens 0, `LLMEngine.room`)."""
+        s, llm = self.settings, self.llm
+        n, p = len(prompt_ids), prefix.prefix_length
         info.prompt_tokens = n
         if n == 0:
             raise APIError(422, "prompt renders to zero tokens", code="empty_prompt", param="prompt")
-        if n > s.max_prompt_tokens:
+        room = llm.room(p, n, scoring=scoring)
+        # over max_prompt_tokens where that is the lower limit; else the context (or the KV cache) is, and the
+        # context error below names it (a 4097-token prompt on a 64-token context was told of a limit of 4096)
+        if n > s.max_prompt_tokens and s.max_prompt_tokens <= n - 1 + room:
             self.metrics.rejected.labels("too_long").inc()
             raise APIError(
                 413,
@@ -1486,28 +1509,59 @@ class Service:
                 code="prompt_too_long",
                 param=info.prompt_param,
             )
-        limit, room = self.llm.max_model_len, self.llm.room(prefix.prefix_length, n)
         if sampling.max_tokens > room:
             self.metrics.rejected.labels("too_long").inc()
-            total = prefix.prefix_length + n + sampling.max_tokens
-            # vLLM's and OpenAI's words first: clients (LiteLLM, ...) recognise a context-window error by them
-            if total > limit:
-                why = f"This model's maximum context length is {limit} tokens; this request needs {total}: "
-            else:  # within the context, more than the KV cache holds for one request
-                why = (
-                    f"This model's maximum context length is {limit} tokens, of which the prompt and output of one "
-                    f"request may hold {self.llm.max_request_tokens} (the KV cache budget, kv_cache_mb); this "
-                    f"request needs {n + sampling.max_tokens}: "
-                )
             raise APIError(
                 413,
-                f"{why}prefix ({prefix.prefix_length}) + prompt ({n}) + max_tokens ({sampling.max_tokens})",
+                self._too_long_text(info, p, n, sampling.max_tokens, scoring),
                 code="context_length_exceeded",
                 # the prompt's fault when it leaves no room for even one token, else the output's length
                 param=info.max_tokens_param if room > 0 else info.prompt_param,
             )
         if self.draining and not info.admitted:
             raise unavailable("server is shutting down", s.retry_after_s, code="shutting_down")
+
+    def _too_long_text(
+        self, info: RequestInfo, prefix_len: int, n: int, max_tokens: int, scoring: bool
+    ) -> str:
+        """A context error's message (`_check`), in vLLM's words first (clients such as LiteLLM recognise a
+        context-window error by them): the limit the request is past, and what it asked for."""
+        llm, asked = self.llm, info.prompt_param
+        limit = llm.max_model_len
+        # no output length asked for (a default filling the room, or echo's hidden token): the prompt is to blame
+        hidden = scoring or not info.max_tokens_given
+        please = f"Please reduce the length of the {asked}."
+        if prefix_len + n + (0 if scoring else max_tokens) > limit:
+            head = f"This model's maximum context length is {limit} tokens"
+            if hidden and not prefix_len:  # vLLM's words for a prompt that fills the context on its own
+                return f"{head}. However, you requested {n} tokens in the {asked}, {please}"
+            if hidden:
+                return (
+                    f"{head}. However, you requested {prefix_len + n} tokens (the prefix's {prefix_len} and "
+                    f"{n} in the {asked}), {please}"
+                )
+            total = prefix_len + n + max_tokens
+        else:  # within the context, more than the KV cache holds for one request (beside this prefix's blocks)
+            held, pool = llm.request_tokens(prefix_len), llm.pool
+            head = (
+                f"This model's maximum context length is {limit} tokens, of which the prompt and output of one "
+                "request"
+            )
+            if held < llm.max_request_tokens:  # the prefix's own blocks leave less than a request's share
+                head += (
+                    f" beside this prefix may hold {held} (its {prefix_len} tokens take "
+                    f"{pool.blocks_for(prefix_len)} of the KV cache's {pool.num_blocks} blocks of "
+                    f"{pool.block_size}; kv_cache_mb raises it)"
+                )
+            else:
+                head += f" may hold {held} (the KV cache budget, kv_cache_mb)"
+            if hidden:
+                return (
+                    f"{head}. However, you requested {n} tokens in the {asked} and the next token needs one "
+                    f"more, {please}"
+                )
+            total = n + max_tokens
+        return f"{head}; this request needs {total}: prefix ({prefix_len}) + prompt ({n}) + max_tokens ({max_tokens})"
 
     async def _start_runs(
         self,

@@ -273,7 +273,9 @@ class LLMEngine:
         if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise ValueError("prompt token id out of the vocabulary")
         total = n + req.sampling.max_tokens
-        if total > self.max_model_len:
+        # the last output token takes no position (it is never fed back): a prompt filling the context may still
+        # ask for the one token after it (echo with max_tokens 0 scores a prompt so); else vLLM's prompt + output
+        if total > self.max_model_len and not (n == self.max_model_len and req.sampling.max_tokens == 1):
             raise RequestTooLarge(
                 f"prompt ({n} tokens) + max_tokens ({req.sampling.max_tokens}) exceeds the context limit "
                 f"of {self.max_model_len} tokens"
@@ -286,10 +288,28 @@ class LLMEngine:
         if check_queue and (queued := self.queued(0)) >= self.cfg.max_waiting:
             raise QueueFull(f"{queued} requests already waiting for a place in the batch")
 
-    def room(self, prefix_len: int, prompt_len: int) -> int:
+    def request_tokens(self, prefix_len: int) -> int:
+        """Prompt + output tokens one request beside a prefix of `prefix_len` may hold in the KV cache: its share
+        (`max_request_tokens`) and what the prefix's own blocks leave of the pool. The prompt starts a block of its
+        own, as the scheduler's admission counts it (`Scheduler._admit`)."""
+        left = (self.pool.num_blocks - self.pool.blocks_for(prefix_len)) * self.pool.block_size
+        return min(self.max_request_tokens, left)
+
+    def room(self, prefix_len: int, prompt_len: int, *, scoring: bool = False) -> int:
         """Most output tokens a request of this prefix and prompt length may ask for (<= 0: none fit): within the
-        context (`max_model_len`, prefix included) and the KV cache's per-request share (`max_request_tokens`)."""
-        return min(self.max_model_len - prefix_len, self.max_request_tokens) - prompt_len
+        context (`max_model_len`, prefix included) and the KV cache's share for it (`request_tokens`): exactly what
+        `validate` and the scheduler's admission accept. `scoring`: a request whose one output token is not part
+        of the answer (echo with max_tokens 0): that token takes no position, so the prompt may fill the context
+        (vLLM counts prompt + 0); the KV cache still counts it."""
+        return (
+            min(self.max_model_len - prefix_len + int(scoring), self.request_tokens(prefix_len)) - prompt_len
+        )
+
+    @property
+    def max_prefix_len(self) -> int:
+        """The longest prefix a request can be served with (a prompt token and an output token beside it): within
+        the context, and leaving a block of the KV pool (`PrefixCache` refuses to install a longer one)."""
+        return min(self.max_model_len - 2, (self.pool.num_blocks - 1) * self.pool.block_size)
 
     @property
     def capacity(self) -> int:

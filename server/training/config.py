@@ -58,6 +58,9 @@ class TrainingLimits:
     # positions a served request may hold (prefix + prompt + output: the server's max_model_len); None: the model's.
     # A prefix, and an example with it, must fit, or nothing trained could be served.
     max_positions: int | None = None
+    # the longest prefix the serving KV cache holds beside a request (`LLMEngine.max_prefix_len`: its pool of
+    # blocks); None: not known where the job is submitted
+    max_prefix_positions: int | None = None
     # training time of one job (seconds): past it, training ends after the step under way and the job succeeds with
     # the prefix trained so far (its summary says `stopped: "time_limit"`); None: no limit
     max_seconds: float | None = None

@@ -67,6 +67,13 @@ def encode_examples(
             "positions (prefix + prompt + output)",
             param="prefix_length",
         )
+    most = limits.max_prefix_positions
+    if most is not None and prefix_length > most:
+        raise TrainingValidationError(
+            f"prefix_length {prefix_length} leaves no room for a prompt in this server's KV cache: its blocks hold a "
+            f"prefix of at most {most} positions beside a request (kv_cache_mb raises it)",
+            param="prefix_length",
+        )
     max_len = min(limits.max_example_tokens, positions - prefix_length)
     out: list[EncodedExample] = []
     total = 0
