@@ -214,12 +214,48 @@ def _check_prefix_length(prefix_length: object) -> int:
     return prefix_length
 
 
+# the dtypes a stored tensor may have: what the engine and training compute in. float8 is refused too (torch has no
+# isfinite / aminmax for it, so its values could not even be checked), as are complex, integer and bool tensors
+TENSOR_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# the largest key/value entry a served prefix may hold. Real ones stay far below (SmolLM2's own KV: under 20); a
+# huge one would make attention scores overflow to inf, and the KV blocks it leaves behind when freed (masked, not
+# cleared) would then turn other tenants' rows into NaN: refused on every way in (upload, import, training, load),
+# here where no base model is needed
+MAX_KV_ABS = 1e4
+
+
+def check_tensor_dtype(key: str, t: torch.Tensor) -> None:
+    """Raise :class:`InvalidPrefix` unless ``t`` has one of :data:`TENSOR_DTYPES`."""
+    if t.dtype not in TENSOR_DTYPES:
+        allowed = ", ".join(dtype_name(d) for d in TENSOR_DTYPES)
+        raise InvalidPrefix(
+            f"tensor {key!r} has dtype {dtype_name(t.dtype)}; a prefix's tensors must be floating-point: {allowed}"
+        )
+
+
+def check_kv_values(kv: torch.Tensor) -> None:
+    """Raise :class:`InvalidPrefix` unless every entry of ``kv`` is finite and at most :data:`MAX_KV_ABS` in
+    magnitude (``kv`` of one of :data:`TENSOR_DTYPES`)."""
+    if not kv.numel():
+        return
+    lo, hi = torch.aminmax(kv)  # one pass, no copy (NaN propagates into both)
+    biggest = max(-float(lo), float(hi))
+    if not math.isfinite(biggest):
+        raise InvalidPrefix("prefix kv contains NaN or infinite values")
+    if biggest > MAX_KV_ABS:
+        raise InvalidPrefix(
+            f"prefix kv holds values up to {biggest:.3g}; at most {MAX_KV_ABS:g} in magnitude is accepted"
+        )
+
+
 def validate_tensors(kind: str, tensors: Mapping[str, torch.Tensor], prefix_length: int) -> None:
     """Raise :class:`InvalidPrefix` unless ``tensors`` is a valid record body for ``kind``.
 
-    Rules: ``kind`` in :data:`KINDS`; a floating-point ``kv`` of shape ``[L, 2, K, P, D]`` (all dims >= 1) with
-    ``P == prefix_length``; every tensor a dense tensor with finite values; kind-specific tensors (``embedding``,
-    ``additions``, ``soft_prompt``), when present, agree with ``L`` and ``P``.
+    Rules: ``kind`` in :data:`KINDS`; a ``kv`` of shape ``[L, 2, K, P, D]`` (all dims >= 1) with
+    ``P == prefix_length`` and entries at most :data:`MAX_KV_ABS` in magnitude; every tensor a dense tensor of one
+    of :data:`TENSOR_DTYPES` with finite values; kind-specific tensors (``embedding``, ``additions``,
+    ``soft_prompt``), when present, agree with ``L`` and ``P``.
     """
     if kind not in KINDS:
         raise InvalidPrefix(f"unknown prefix kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -233,12 +269,11 @@ def validate_tensors(kind: str, tensors: Mapping[str, torch.Tensor], prefix_leng
             raise InvalidPrefix(f"tensor {key!r} is a {type(t).__name__}, not a torch.Tensor")
         if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
             raise InvalidPrefix(f"tensor {key!r} must be a dense tensor with data (layout {t.layout})")
+        check_tensor_dtype(key, t)
     kv = tensors.get("kv")
     if kv is None:
         raise InvalidPrefix(f"a prefix record needs a 'kv' tensor; got {sorted(tensors)}")
     shape = tuple(kv.shape)
-    if not kv.is_floating_point():
-        raise InvalidPrefix(f"'kv' must be a floating-point tensor, got {dtype_name(kv.dtype)}")
     if kv.dim() != 5:
         raise InvalidPrefix(f"'kv' must have rank 5 [L, 2, K, P, D], got shape {list(shape)}")
     if shape[1] != 2:
@@ -258,8 +293,9 @@ def validate_tensors(kind: str, tensors: Mapping[str, torch.Tensor], prefix_leng
                 f"{kind} tensor {key!r} must have rank {rank} with {want}; got {list(t.shape)}"
             )
     for key, t in tensors.items():
-        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+        if key != "kv" and t.numel() and not bool(torch.isfinite(t).all()):
             raise InvalidPrefix(f"tensor {key!r} contains NaN or infinite values")
+    check_kv_values(kv)
 
 
 def _json_dict(value: object, what: str, allow_none: bool) -> dict | None:

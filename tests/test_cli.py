@@ -701,6 +701,33 @@ def put_random_prefix_at(store, bundle, tenant, name, version):
                      prefix_length=4, version=version)  # fmt: skip
 
 
+def test_prefixes_import_refuses_what_the_server_would_not_serve(tmp_path, capsys):
+    """The CLI has no model, so it skipped the server's kv checks: a float8 export was a raw traceback (e4m3fn) or
+    stored (e5m2, then every request for it failed), and kv over the 1e4 bound was stored for the server to refuse.
+    The store refuses them itself now: rc 1, a one-line reason, nothing stored."""
+    import torch
+
+    from prefix_store import open_store
+    from tests.fixtures.server import put_unchecked, random_kv, tiny_bundle
+
+    bundle = tiny_bundle()
+    url = f"file://{tmp_path / 'store'}"
+    base = random_kv(bundle, 4, 0)
+    src = open_store(f"file://{tmp_path / 'src'}")
+    for name, kv, why in (
+        ("e4m3", base.to(torch.float8_e4m3fn), "dtype float8_e4m3fn"),
+        ("e5m2", base.to(torch.float8_e5m2), "dtype float8_e5m2"),
+        ("huge", base * 2e4, "at most 10000 in magnitude"),
+    ):
+        out = tmp_path / f"{name}.safetensors"
+        out.write_bytes(put_unchecked(src, bundle, "acme", name, kv))
+        args = ["prefixes", "import", str(out), "--tenant-id", "acme", "--name", name, "--store", url]
+        assert cli.main(args) == cli.EXIT_FAIL
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err, err
+    assert open_store(url).list() == []
+
+
 def test_prefixes_export_then_import_moves_a_prefix_between_stores(tmp_path, capsys, redis_store_url):
     """A file store's prefix, exported and imported into a Redis store (a migration), is the same record there;
     a damaged file is refused and writes nothing."""

@@ -606,6 +606,8 @@ BAD_PUTS = {
     "kv dim1 3": dict(kv=torch.randn(2, 3, 1, 4, 8)),
     "kv nan": dict(kv=torch.full((2, 2, 1, 4, 8), float("nan"))),
     "kv int": dict(kv=torch.ones(2, 2, 1, 4, 8, dtype=torch.int64)),
+    "kv float8": dict(kv=torch.ones(2, 2, 1, 4, 8).to(torch.float8_e5m2)),
+    "kv over 1e4": dict(kv=torch.full((2, 2, 1, 4, 8), -2e4)),
 }
 
 

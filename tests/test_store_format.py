@@ -167,6 +167,15 @@ BAD_RECORDS = {
     "kv dim1 3": dict(tensors={"kv": torch.randn(2, 3, 1, 4, 8)}),
     "kv P mismatch": dict(tensors={"kv": kv(P=5)}),
     "kv int": dict(tensors={"kv": torch.ones(2, 2, 1, 4, 8, dtype=torch.int32)}),
+    "kv float8_e4m3fn": dict(tensors={"kv": kv().to(torch.float8_e4m3fn)}),
+    "kv float8_e5m2": dict(tensors={"kv": kv().to(torch.float8_e5m2)}),
+    "kv complex": dict(tensors={"kv": kv().to(torch.complex64)}),
+    "kv bool": dict(tensors={"kv": torch.ones(2, 2, 1, 4, 8, dtype=torch.bool)}),
+    "kv over MAX_KV_ABS": dict(tensors={"kv": kv().index_put_((torch.tensor([0]),), torch.tensor(-1.5e4))}),
+    "soft_prompt float8": dict(
+        kind="prompt_tuning", tensors={"kv": kv(), "soft_prompt": torch.randn(4, 16).to(torch.float8_e5m2)}
+    ),
+    "extra int": dict(tensors={"kv": kv(), "embedding": torch.ones(4, 8, dtype=torch.int64)}),
     "kv empty dim": dict(tensors={"kv": torch.randn(0, 2, 1, 4, 8)}),
     "kv nan": dict(tensors={"kv": kv().index_put_((torch.tensor([0]),), torch.tensor(float("nan")))}),
     "extra inf": dict(tensors={"kv": kv(), "embedding": torch.full((4, 8), float("inf"))}),
@@ -195,6 +204,27 @@ def test_bad_records_refused(case):
     with pytest.raises(errors.InvalidPrefix) as ei:
         enc(**kw)
     assert "tensor(" not in str(ei.value)  # never dumps tensor data
+
+
+def test_only_the_four_float_dtypes_are_stored_and_read_back():
+    """float8 has no isfinite / aminmax in torch: a float8 kv made the checks raise NotImplementedError (a 500 on
+    upload, a traceback in the CLI, a stored e5m2 prefix failing every request). It is refused with the dtype named,
+    when written and when a record that holds one is read back; kv over MAX_KV_ABS is refused by the store too."""
+    with pytest.raises(errors.InvalidPrefix) as ei:
+        enc({"kv": kv().to(torch.float8_e4m3fn)})
+    msg = str(ei.value)
+    assert "float8_e4m3fn" in msg and all(d in msg for d in ("float16", "bfloat16", "float32", "float64"))
+    good = enc()
+    meta = good.meta("t", "n", 1, 0.0)
+    for bad in (kv().to(torch.float8_e5m2), kv() * 2e4):
+        blob = safetensors.torch.save({"kv": bad})
+        d = meta.to_dict() | {"sha256": hashlib.sha256(blob).hexdigest(), "dtype": str(bad.dtype)[6:]}
+        with pytest.raises(errors.InvalidPrefix, match=r"float8_e5m2|at most 10000"):
+            decode_record(PrefixMeta.from_dict(d), blob)
+    near = kv()
+    near[0, 0, 0, 0, 0] = 9999.0
+    e = enc({"kv": near})
+    assert decode_record(e.meta("t", "n", 1, 0.0), e.blob).kv.abs().max() == 9999.0
 
 
 def test_good_kind_specific_tensors_pass():

@@ -14,7 +14,6 @@ prompt's first token has position P, exactly as transformers' `past_key_values` 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +23,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from prefix_store.errors import InvalidPrefix
+from prefix_store.format import check_kv_values, check_tensor_dtype
 from server.model.spec import ModelBundle, ModelSpec
 
 KINDS = ("prefix_tuning", "prefix_propagation", "prompt_tuning")
@@ -79,36 +79,24 @@ def cache_to_kv(cache: Any, num_layers: int, row: int = 0) -> torch.Tensor:
     return torch.stack(out).float()
 
 
-# the largest key/value entry a served prefix may hold. Real ones stay far below (SmolLM2's own KV: under 20); a
-# huge one would make attention scores overflow to inf, and the KV blocks it leaves behind when freed (masked, not
-# cleared) would then turn other tenants' rows into NaN: refused on every way in (upload, import, training, load)
-MAX_KV_ABS = 1e4
-
-
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise InvalidPrefix(f"{what} contains NaN or infinite values")
 
 
 def validate_kv(kv: Any, spec: ModelSpec, prefix_length: int) -> None:
-    """Refuse a kv tensor that does not fit this base model (raises prefix_store.errors.InvalidPrefix)."""
-    if not isinstance(kv, torch.Tensor) or not kv.is_floating_point():
+    """Refuse a kv tensor that does not fit this base model, or whose values the store would refuse (dtype,
+    non-finite, over prefix_store.format.MAX_KV_ABS; raises prefix_store.errors.InvalidPrefix)."""
+    if not isinstance(kv, torch.Tensor):
         raise InvalidPrefix("prefix 'kv' must be a floating-point tensor")
+    check_tensor_dtype("kv", kv)
     want = spec.kv_shape(prefix_length)
     if tuple(kv.shape) != want:
         raise InvalidPrefix(
             f"prefix kv has shape {list(kv.shape)}, this base model needs {list(want)} "
             "(layers, key/value, kv heads, prefix length, head dim)"
         )
-    if kv.numel():
-        lo, hi = torch.aminmax(kv)  # one pass, no copy (NaN propagates into both)
-        biggest = max(-float(lo), float(hi))
-        if not math.isfinite(biggest):
-            raise InvalidPrefix("prefix kv contains NaN or infinite values")
-        if biggest > MAX_KV_ABS:
-            raise InvalidPrefix(
-                f"prefix kv holds values up to {biggest:.3g}; at most {MAX_KV_ABS:g} in magnitude is accepted"
-            )
+    check_kv_values(kv)
 
 
 # ------------------------------------------------------------------------------------------------ prefix-tuning
