@@ -503,6 +503,7 @@ def test_an_upload_stores_no_more_than_a_prefix_of_its_limits(server_factory):
     for odd, why in (
         (export({"junk": torch.zeros(8)}), "unexpected tensors ['junk']"),
         (export({"soft_prompt": torch.zeros(4, h + 1)}), "does not fit"),
+        (export({"soft_prompt": torch.full((4, h), 2e6)}), "in magnitude"),  # it would seed init_from
         (export(extra={"prompt_format": "evil"}), "prompt_format"),
         (export(training={"note": "x" * 70_000}), "training summary"),
     ):

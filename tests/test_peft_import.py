@@ -194,3 +194,48 @@ def test_a_prefix_with_no_room_left_in_a_learned_position_table_is_too_long():
     assert ok.prefix_length == 15
     with pytest.raises(PrefixTooLongForModel):
         compile_propagation(bundle, torch.randn(bundle.spec.num_layers, 16, h))
+
+
+def test_peft_weights_must_be_floating_point_and_of_a_sane_size():
+    """Integer/bool/float8 PEFT weights were cast to float and imported (an export's int kv is refused); a soft
+    prompt of ~1e30 overflowed the norm's sum of squares (rsqrt(inf) = 0), compiled to an all-zero kv that passed
+    every check and was stored to seed later training. Both are refused now, naming the tensor."""
+    from server.prefixes.kinds import MAX_TRAINED_ABS, compile_prompt_tuning, compile_propagation
+    from server.prefixes.peft_import import peft_adapter
+
+    bundle = tiny_llama(seed=0)
+    sp = bundle.spec
+    width = sp.num_layers * 2 * sp.num_kv_heads * sp.head_dim
+    prompt = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}
+    prefix = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}
+    for cfg, emb, why in (
+        (prefix, torch.randint(-3, 3, (4, width), dtype=torch.int32), "dtype int32"),
+        (prefix, torch.randn(4, width).to(torch.float8_e4m3fn), "dtype float8_e4m3fn"),
+        (prompt, torch.randint(-3, 3, (4, sp.hidden_size)), "dtype int64"),
+        (prompt, torch.ones(4, sp.hidden_size, dtype=torch.bool), "dtype bool"),
+        (prompt, torch.randn(4, sp.hidden_size) * 1e30, "in magnitude"),
+        (prompt, torch.full((4, sp.hidden_size), float("nan")), "NaN"),
+    ):
+        with pytest.raises(InvalidPrefix, match=why):
+            peft_adapter(cfg, {"prompt_embeddings": emb}, bundle)
+    # the raw encoder's MLP weights too
+    enc = 8
+    raw = {
+        "prefix_encoder.embedding.weight": torch.randn(4, enc),
+        "prefix_encoder.transform.0.weight": torch.randn(16, enc),
+        "prefix_encoder.transform.0.bias": torch.zeros(16, dtype=torch.int64),
+        "prefix_encoder.transform.2.weight": torch.randn(width, 16),
+        "prefix_encoder.transform.2.bias": torch.zeros(width),
+    }
+    with pytest.raises(InvalidPrefix, match=r"transform\.0\.bias.*int64"):
+        peft_adapter(prefix, raw, bundle)
+    # the same bound for what is compiled (training's compile, an export's trained tensors)
+    soft = torch.randn(4, sp.hidden_size)
+    soft[0, 0] = MAX_TRAINED_ABS * 2
+    with pytest.raises(InvalidPrefix, match="in magnitude"):
+        compile_prompt_tuning(bundle, soft)
+    with pytest.raises(InvalidPrefix, match="in magnitude"):
+        compile_propagation(bundle, torch.full((sp.num_layers, 4, sp.hidden_size), -MAX_TRAINED_ABS * 2))
+    # large (what training at the largest learning rate makes) is still fine
+    ok = peft_adapter(prompt, {"prompt_embeddings": torch.randn(4, sp.hidden_size) * 1e4}, bundle)
+    assert ok.tensors["kv"].abs().max() > 0

@@ -79,9 +79,30 @@ def cache_to_kv(cache: Any, num_layers: int, row: int = 0) -> torch.Tensor:
     return torch.stack(out).float()
 
 
+# the largest entry of a trained tensor (soft prompt, propagation additions, prefix-tuning embedding / MLP weights)
+# taken from elsewhere or compiled. Training with the largest learning rate accepted (10) makes propagation
+# additions of ~8e3 within 60 steps (they are scaled by each layer's hidden-state RMS); far larger ones mean nothing
+# more (the model normalizes its hidden states) until, past ~1e18, the norm's float32 sum of squares overflows,
+# rsqrt(inf) = 0 and the prefix compiles to an all-zero kv that passes every check on the kv
+MAX_TRAINED_ABS = 1e6
+
+
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise InvalidPrefix(f"{what} contains NaN or infinite values")
+
+
+def check_trained_values(t: torch.Tensor, what: str) -> None:
+    """Refuse a trained tensor that is not floating-point, not finite or over MAX_TRAINED_ABS (InvalidPrefix)."""
+    check_tensor_dtype(what, t)
+    if not t.numel():
+        return
+    _check_finite(t, f"tensor {what!r}")
+    biggest = float(t.abs().max())
+    if biggest > MAX_TRAINED_ABS:
+        raise InvalidPrefix(
+            f"tensor {what!r} holds values up to {biggest:.3g}; at most {MAX_TRAINED_ABS:g} in magnitude is accepted"
+        )
 
 
 def validate_kv(kv: Any, spec: ModelSpec, prefix_length: int) -> None:
@@ -190,8 +211,7 @@ def check_trained_tensors(kind: str, tensors: dict[str, torch.Tensor], spec: Mod
         )
     trained = {k: tensors[k] for k in trained_keys if k in tensors}
     for key, t in trained.items():
-        if not t.is_floating_point():
-            raise InvalidPrefix(f"tensor {key!r} must be floating-point, got {t.dtype}")
+        check_trained_values(t, key)  # they seed init_from training
     if kind == "prefix_tuning" and trained:
         prefix_tuning_params(trained, spec)
         return
@@ -338,7 +358,9 @@ def _record_kv(
             past_key_values=DynamicCache(),
             use_cache=True,
         )
-    return cache_to_kv(out.past_key_values, bundle.spec.num_layers).cpu().contiguous()
+    kv = cache_to_kv(out.past_key_values, bundle.spec.num_layers).cpu().contiguous()
+    _check_finite(kv, "the compiled kv (the base model's forward overflowed)")
+    return kv
 
 
 def compile_propagation(bundle: ModelBundle, additions: torch.Tensor) -> torch.Tensor:
@@ -351,7 +373,7 @@ def compile_propagation(bundle: ModelBundle, additions: torch.Tensor) -> torch.T
         )
     if additions.shape[1] < 1:
         raise InvalidPrefix("prefix length must be at least 1")
-    _check_finite(additions, "additions")
+    check_trained_values(additions, "additions")
     return _record_kv(bundle, torch.zeros(additions.shape[1], sp.hidden_size), additions.float())
 
 
@@ -361,7 +383,7 @@ def compile_prompt_tuning(bundle: ModelBundle, soft_prompt: torch.Tensor) -> tor
         raise InvalidPrefix(
             f"soft prompt {list(soft_prompt.shape)} does not fit this base model: need [P, H={bundle.spec.hidden_size}]"
         )
-    _check_finite(soft_prompt, "soft prompt")
+    check_trained_values(soft_prompt, "soft_prompt")
     return _record_kv(bundle, soft_prompt.float(), None)
 
 

@@ -26,6 +26,7 @@ from server.model.spec import ModelBundle, ModelSpec
 from server.prefixes.kinds import (
     PrefixTooLongForModel,
     check_fits_model,
+    check_trained_values,
     compile_prefix_tuning,
     compile_prompt_tuning,
     flat_to_kv,
@@ -152,7 +153,11 @@ def peft_adapter(
             "adapter has no prompt_embeddings / prefix_encoder.embedding.weight tensor "
             f"(found: {', '.join(sorted(weights)) or 'nothing'})"
         )
-    emb = (saved if saved is not None else raw_emb).float()
+    emb = saved if saved is not None else raw_emb
+    # before any cast: an integer/bool/float8 tensor is no trained adapter (an export's int kv is refused too), and
+    # a huge soft prompt would compile to an all-zero kv (see MAX_TRAINED_ABS)
+    check_trained_values(emb, "prompt_embeddings" if saved is not None else "embedding.weight")
+    emb = emb.float()
     if emb.dim() != 2 or emb.shape[0] < 1:
         raise InvalidPrefix(f"adapter embedding must be [P, ...], got {list(emb.shape)}")
     p = emb.shape[0]
@@ -169,6 +174,8 @@ def peft_adapter(
             )
         mlp = {ours: _find(weights, theirs) for theirs, ours in _MLP_KEYS.items()}
         if saved is None and all(t is not None for t in mlp.values()):  # raw encoder with the MLP
+            for theirs, ours in _MLP_KEYS.items():
+                check_trained_values(mlp[ours], theirs)
             tensors = {"embedding": emb, **{k: v.float() for k, v in mlp.items()}}
             kv = compile_prefix_tuning(tensors, spec)
             tensors = {"kv": kv, **tensors}
