@@ -219,9 +219,8 @@ def _check_prefix_length(prefix_length: object) -> int:
 TENSOR_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # the largest key/value entry a served prefix may hold. Real ones stay far below (SmolLM2's own KV: under 20); a
-# huge one would make attention scores overflow to inf, and the KV blocks it leaves behind when freed (masked, not
-# cleared) would then turn other tenants' rows into NaN: refused on every way in (upload, import, training, load),
-# here where no base model is needed
+# huge one would make attention scores overflow to inf and every request on it fail: refused on every way in
+# (upload, import, training, load), here where no base model is needed
 MAX_KV_ABS = 1e4
 
 

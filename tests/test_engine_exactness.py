@@ -352,3 +352,24 @@ def test_llama_configs_with_biases_are_exact(biases):
         [Request("a", prompt, SamplingParams(max_tokens=8, ignore_eos=True), key)]
     )
     assert out[0].token_ids == hf_greedy(model, kv, prompt, 8)
+
+
+@pytest.mark.parametrize("graphs", ["off", "eager"])
+def test_stale_nan_in_reused_kv_blocks_is_never_read(tiny_llama_bundle, graphs):
+    """A forward that overflowed (fp16/bf16) leaves NaN keys/values in its blocks when its request fails; freed, they
+    are handed out again with their old contents past what the next owner writes (the tail of its last block, a
+    prefix's last block). Those slots are masked, but a NaN key's score stays NaN under a -inf mask and a zero weight
+    times a NaN value is NaN: every later row that got such a block failed (a 500 generation_failed). Masked slots
+    read zeros now: the same tokens as on a clean pool."""
+    bundle = tiny_llama_bundle
+    keys, reqs = mixed_workload(
+        bundle.spec, (5, 9), 6, 6, no_prefix=5
+    )  # prefixes and prompts ending mid-block
+    ref = make_engine(bundle, keys, block_size=4, graphs=graphs).generate(reqs)
+    eng = make_engine(bundle, keys, block_size=4, graphs=graphs)
+    pool = eng.pool
+    pool.data[:, :, : pool.num_blocks * pool.block_size] = float(
+        "nan"
+    )  # every block (the scratch block is never lent)
+    outs = eng.generate(reqs)
+    assert [(o.finish_reason, o.token_ids) for o in outs] == [(o.finish_reason, o.token_ids) for o in ref]

@@ -223,6 +223,25 @@ def test_engine_through_kernels_equals_transformers_fp32(family):
         assert toks == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, new), r.request_id
 
 
+def test_stale_nan_in_reused_kv_blocks_is_never_read_by_the_kernels():
+    """The paged kernels load only a row's valid key slots (`other=0` elsewhere) and drop unseen scores before the
+    softmax: NaN left in reused blocks (an overflowed forward's, see test_engine_exactness) changes no token."""
+    tok = make_tiny_tokenizer()
+    bundle = bundle_from_model(make_tiny_llama(tok, seed=0).to(DEV), tok, name="tiny")
+    keys, reqs = mixed_workload(
+        bundle.spec, (5, 9), 4, 4, no_prefix=3
+    )  # prefixes and prompts ending mid-block
+    graphs = "cuda" if DEV.type == "cuda" else "eager"
+    cfg = dict(kernels="triton", graphs=graphs, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+    ref = make_engine(bundle, keys, **cfg).generate(reqs)
+    eng = make_engine(bundle, keys, **cfg)
+    assert eng.runner.paged_prefill
+    pool = eng.pool
+    pool.data[:, :, : pool.num_blocks * pool.block_size] = float("nan")
+    got = eng.generate(reqs)
+    assert [(o.finish_reason, o.token_ids) for o in got] == [(o.finish_reason, o.token_ids) for o in ref]
+
+
 def test_multi_token_rows_through_the_prefill_kernel_equal_the_torch_path():
     """Every kind of multi-token row goes through the paged prefill kernel: prompts cut into chunks (own keys
     cached before the chunk), prompt-cache hits (a chunk starting after reused blocks), prompt logprobs (logits of

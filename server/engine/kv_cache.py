@@ -58,11 +58,14 @@ class KVPool:
         self.block_size = block_size
         self.dtype = dtype
         self.device = device
-        # +1 block: the last block is a scratch target for padding writes; never handed out.
-        self.data = torch.zeros(
-            num_layers, 2, (num_blocks + 1) * block_size, num_kv_heads, head_dim, dtype=dtype, device=device
-        )
+        # +1 block: the last block is a scratch target for padding writes (its first slot); never handed out. Its
+        # last slot is never written: the zeros that masked key slots read instead of what they hold (a reused block
+        # keeps its old contents, NaN after an overflowed forward, and a masked NaN still turns attention into NaN);
+        # a slot more where a block has only one
+        slots = (num_blocks + 1) * block_size + int(block_size == 1)
+        self.data = torch.zeros(num_layers, 2, slots, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.scratch_slot = num_blocks * block_size
+        self.zero_slot = slots - 1
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
         self._refs = [0] * num_blocks
         # prompt cache: key -> (block, node id); block -> key (node ids are never reused)

@@ -52,7 +52,7 @@ class _Group:
     g: int
     q: int
     s: int
-    gather: torch.Tensor | None  # [g * s] pool slot of each key (padding -> scratch slot)
+    gather: torch.Tensor | None  # [g * s] pool slot of each key (slots past the row's keys -> the zero slot)
     mask: torch.Tensor | None  # [g, 1, q, s] additive float mask (0 attend, -inf not)
     # paged decode (Triton kernel) instead of gather + mask: block tables [g, W] and, per row, prefix length, prefix
     # slots and key slots to read ([3, g]); padding rows read the scratch block's first slot
@@ -592,6 +592,9 @@ class ModelRunner:
         in_prefix = j < prefix_slots[:, None]
         own_j = j - prefix_slots[:, None]
         valid = torch.where(in_prefix, j < prefix_len[:, None], own_j < own_valid[:, None])
+        # slots past a row's keys (the tail of a prefix's or its own last block, padding) read the pool's zero slot,
+        # not what they hold: stale NaN there would survive the -inf mask (NaN score, 0 x NaN value)
+        gather = torch.where(valid.reshape(g * s), gather, self.pool.zero_slot)
         k_pos = torch.where(in_prefix, j, prefix_len[:, None] + own_j)
         k_pos = torch.where(valid, k_pos, torch.full_like(k_pos, _BIG))
         allowed = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # [g, 1, q, s]
