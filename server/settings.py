@@ -25,12 +25,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 def env_get(name: str) -> str | None:
     """The PREFIXSERVE_* variable `name` whatever the case of its name, as the settings read theirs
-    (`prefixserve_device` is `PREFIXSERVE_DEVICE`): every PREFIXSERVE_* variable is read through this. The exact
-    spelling wins if several are set."""
-    if name in os.environ:
-        return os.environ[name]
+    (`prefixserve_device` is `PREFIXSERVE_DEVICE`): every PREFIXSERVE_* variable is read through this. If several
+    spellings are set, the last in the environment wins, as pydantic-settings decides for the server's settings (a
+    command and the server must not read different values from one environment)."""
     upper = name.upper()
-    return next((v for k, v in os.environ.items() if k.upper() == upper), None)
+    found = [v for k, v in os.environ.items() if k.upper() == upper]
+    return found[-1] if found else None
 
 
 def optional_number(annotation: Any) -> type | None:

@@ -1194,5 +1194,27 @@ def test_a_template_that_loops_over_content_gets_the_parts(srv):
             r = c.post("/tokenize", json={"model": "acme/default", "messages": msgs})
             assert r.status_code == 200, r.text
             assert r.json()["tokens"] == tok(want, add_special_tokens=False)["input_ids"]
+        # an empty final assistant message to continue is one empty text part (no part: transformers finds nothing
+        # to continue and raises), as vLLM gives it
+        tok.chat_template = PARTS_TEMPLATE
+        for empty in ("", None):
+            opts = {"add_generation_prompt": False, "continue_final_message": True}
+            body = {
+                "model": "acme/default",
+                "messages": [*msgs, {"role": "assistant", "content": empty}],
+                **opts,
+            }
+            r = c.post("/tokenize", json=body)
+            assert r.status_code == 200, r.text
+            assert tok.decode(r.json()["tokens"]).endswith("<assistant>")
     finally:
         tok.chat_template = saved
+    # a message's text copied or pickled keeps its parts (made again from them, not from the joined text)
+    import copy
+    import pickle
+
+    from server.api.service import _message_text
+
+    text = _message_text(parts)
+    for again in (copy.copy(text), copy.deepcopy(text), pickle.loads(pickle.dumps(text))):
+        assert again == "Hello\nworld" and again.parts == ("Hello", "world")

@@ -101,6 +101,13 @@ def test_prefixserve_variables_are_read_in_any_case(monkeypatch, tmp_path):
     monkeypatch.setenv("prefixserve_base_url", "http://h:1/")
     ns = argparse.Namespace(api_key=None, base_url=None)
     assert (cli._api_key(ns), cli._base_url(ns)) == ("sk-1", "http://h:1")
+    # two spellings set: the last in the environment, for a command as for the server's settings
+    monkeypatch.setenv("PREFIXSERVE_DEVICE", "cpu")
+    monkeypatch.delenv("prefixserve_device")
+    monkeypatch.setenv("prefixserve_device", "cuda")
+    from server.settings import env_get
+
+    assert env_get("PREFIXSERVE_DEVICE") == Settings().device == "cuda"
 
 
 def test_keys_are_not_command_line_flags():

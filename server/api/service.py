@@ -165,6 +165,11 @@ class TextParts(str):
         text.parts = tuple(parts)
         return text
 
+    def __reduce__(
+        self,
+    ) -> tuple[Any, ...]:  # (copy, deepcopy, pickle: made again from its parts, not its text)
+        return TextParts, (list(self.parts),)
+
 
 def _message_text(content: Any) -> str:
     """The text of an OpenAI chat message's content (a string or text parts; other parts are refused)."""
@@ -600,7 +605,7 @@ class GenerationRun:
         if isinstance(e, QueueFull):
             return unavailable(f"server busy: {e}", retry, code="queue_full")
         if isinstance(e, RequestTooLarge):
-            return APIError(413, str(e), code="context_length_exceeded", param="max_tokens")
+            return APIError(413, str(e), code="context_length_exceeded", param=self.info.max_tokens_param)
         if isinstance(e, ValueError):
             return APIError(422, str(e), code="invalid_value")
         return unavailable(f"engine unavailable: {e}", retry, code="engine_unavailable")

@@ -63,8 +63,9 @@ _DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_not_a_number)
 
 
 def loads(text: str) -> Any:
-    """`json.loads`, refusing (ValueError) what a strict client could not read back: NaN, Infinity, numbers out of
-    a double's range."""
+    """`json.loads`, refusing (ValueError) what a strict client could not read back: NaN, Infinity, and numbers
+    with a fraction or exponent out of a double's range (read as infinity; integers stay exact, as JSON writes
+    them)."""
     return _DECODER.decode(text)
 
 

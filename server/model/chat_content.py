@@ -52,9 +52,9 @@ def _loop_targets(root: nodes.Template, names: set[str], key: str | None = None)
 def loops_over_content(template: str) -> bool:
     """The template iterates over a message's `content` (so takes it as a list of parts). A template that does not
     parse takes strings (rendering it will say what is wrong)."""
-    from transformers.utils.chat_template_utils import _compile_jinja_template
+    try:  # (transformers' own environment: its extensions, `{% generation %}`, parse; private, so guarded)
+        from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    try:  # (transformers' own environment: its extensions, `{% generation %}`, parse)
         root = _compile_jinja_template(template).environment.parse(template)
     except Exception:
         return False
@@ -63,10 +63,8 @@ def loops_over_content(template: str) -> bool:
 
 
 def content_parts(content: Any) -> Any:
-    """A message's content as OpenAI text parts: a string's own parts where it keeps them (`TextParts`)."""
+    """A message's content as OpenAI text parts: a string's own parts where it keeps them (`TextParts`), else the
+    string as one part, "" too (as vLLM's: `continue_final_message` needs a text part to continue)."""
     if not isinstance(content, str):
         return content
-    parts = getattr(content, "parts", None)
-    if parts is None:
-        parts = (content,) if content else ()
-    return [{"type": "text", "text": p} for p in parts]
+    return [{"type": "text", "text": p} for p in getattr(content, "parts", None) or (content,)]
