@@ -331,6 +331,11 @@ class PrefixStore(abc.ABC):
     def ping(self) -> None:
         """Raise StoreUnavailable if the backend cannot be used."""
 
+    def durability_warnings(self) -> builtins.list[str]:
+        """What in the backend's own configuration could lose stored prefixes (a server's start-up warnings);
+        [] where nothing is known to."""
+        return []
+
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback(ChangeEvent)`` after every put/delete (and with op "resync" when events of other
         processes may have been missed: drop everything cached); returns an idempotent unsubscribe function.

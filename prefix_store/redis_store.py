@@ -434,6 +434,31 @@ class RedisStore(PrefixStore):
         with self._errors("ping"):
             self._r.ping()
 
+    def durability_warnings(self) -> builtins.list[str]:
+        """A Redis that may evict keys when full (`allkeys-*`: prefixes are not a cache) or keeps nothing on disk
+        (a restart empties it), as BullMQ and Sidekiq warn of theirs; none where CONFIG is not allowed (a managed
+        Redis, an ACL)."""
+        try:
+            cfg: dict[str, str] = {}
+            for name in ("maxmemory-policy", "appendonly", "save"):
+                for k, v in self._r.config_get(name).items():
+                    cfg[k.decode() if isinstance(k, bytes) else k] = v.decode() if isinstance(v, bytes) else v
+        except redis.RedisError:
+            return []
+        out = []
+        policy = cfg.get("maxmemory-policy", "noeviction")
+        if policy.startswith("allkeys-"):
+            out.append(
+                f"redis {self._where}: maxmemory-policy is {policy}, so a full Redis evicts stored prefixes; set "
+                "noeviction (a full Redis then refuses new prefixes instead of losing old ones)"
+            )
+        if cfg.get("appendonly", "no") == "no" and not cfg.get("save", "").strip():
+            out.append(
+                f"redis {self._where} keeps nothing on disk (appendonly no, no save points): a Redis restart loses "
+                "every stored prefix; set appendonly yes (docker-compose.yml does)"
+            )
+        return out
+
     # ------------------------------------------------------------------------------------ pub/sub
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Also delivers events published by other processes (other replicas), on a background thread.

@@ -367,3 +367,29 @@ def test_a_put_whose_exec_reply_was_lost_writes_one_version(store, monkeypatch):
     monkeypatch.setattr(redis.client.Pipeline, "execute", execute_then_delete)
     assert put(store, fill=5.0).version == 3 and deleting == [1]
     assert store.versions("acme", "bot") == [1, 2]  # not written a second time as version 4
+
+
+def test_a_redis_configured_to_lose_prefixes_is_named(redis_server_factory):
+    """A Redis that evicts any key when full (`allkeys-*`) or keeps nothing on disk loses stored prefixes: the
+    store says so (the server logs it at start-up); none for a durable one, or where CONFIG is not allowed."""
+    srv = redis_server_factory  # (appendonly yes, noeviction)
+    store = RedisStore(srv.url)
+    try:
+        assert store.durability_warnings() == []
+        r = srv.client()
+        r.config_set("maxmemory-policy", "allkeys-lru")
+        r.config_set("appendonly", "no")
+        got = store.durability_warnings()
+        assert len(got) == 2 and "allkeys-lru" in got[0] and "keeps nothing on disk" in got[1], got
+        r.config_set("maxmemory-policy", "volatile-lru")  # (evicts only keys with a TTL: no prefix has one)
+        r.config_set("save", "3600 1")
+        assert store.durability_warnings() == []
+        r.execute_command("ACL", "SETUSER", "noconfig", "on", ">pw", "~*", "&*", "+@all", "-config")
+        limited = RedisStore(f"redis://noconfig:pw@127.0.0.1:{srv.port}/0")
+        try:
+            limited.ping()
+            assert limited.durability_warnings() == []
+        finally:
+            limited.close()
+    finally:
+        store.close()

@@ -477,11 +477,17 @@ def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> An
     )
 
 
-def _foreign_store_hint(store: PrefixStore, fingerprint: str) -> None:
-    """Warn when the store's prefixes were all made for another base model (`adopt.foreign_store_hint`); a
-    start-up check only, never in the way of serving."""
+def _store_hints(store: PrefixStore, fingerprint: str) -> None:
+    """Warn when the store's backend is configured to lose prefixes (`durability_warnings`) or its prefixes were
+    all made for another base model (`adopt.foreign_store_hint`); start-up checks only, never in the way of
+    serving."""
     from server.prefixes.adopt import foreign_store_hint
 
+    try:
+        for warning in store.durability_warnings():
+            log.warning("prefix store: %s", warning)
+    except Exception as e:
+        log.debug("start-up store configuration check skipped: %s", e)
     try:
         hint = foreign_store_hint(store, fingerprint)
     except Exception as e:
@@ -594,7 +600,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc.tool_parser.name,
     )
     hint = (
-        asyncio.create_task(asyncio.to_thread(_foreign_store_hint, st.store, st.bundle.fingerprint))
+        asyncio.create_task(asyncio.to_thread(_store_hints, st.store, st.bundle.fingerprint))
         if store_reachable
         else None
     )
