@@ -39,8 +39,18 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (llguidance for the str
 fi
 # (at most 8 files come back from $OUT: the stages' logs and the two reports)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/stages.txt"
-"$PY" -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" \
+"$PY" -c "import torch, transformers, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/stages.txt"
+echo "C compilers (Triton builds its launchers with one): $(command -v gcc cc clang | tr '\n' ' ')" | tee -a "$OUT/stages.txt"
+# without a usable GPU every stage would "pass" (CUDA tests skipped, systems failed): stop before spending the time
+"$PY" -c "import sys, torch; ok = torch.cuda.is_available(); print('CUDA usable:', ok, torch.cuda.get_device_capability() if ok else ''); sys.exit(0 if ok else 1)" \
+  > /tmp/gpu-cuda.txt 2>&1
+cuda_rc=$?
+tee -a "$OUT/stages.txt" < /tmp/gpu-cuda.txt
+if [ "$cuda_rc" != 0 ]; then
+  echo "torch sees no usable CUDA device: nothing to measure" | tee -a "$OUT/stages.txt"
+  exit 3
+fi
 
 # stage NAME NEED CAP LOG CMD...: run CMD (output to the terminal and to $OUT/LOG) if NEED seconds are left before
 # the deadline, killed after CAP seconds or at the deadline, whichever comes first
@@ -54,9 +64,16 @@ stage() {
   fi
   local limit=$((left < cap ? left : cap))
   echo "=== $name (at ${SECONDS}s, ${left}s left, limit ${limit}s)" | tee -a "$OUT/stages.txt"
-  local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]" | tee -a "$OUT/$log"
-  echo "=== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s" | tee -a "$OUT/stages.txt"
+  local t0=$SECONDS out=/tmp/gpu-stage.log
+  : > "$out"
+  timeout -k 10 "$limit" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]" | tee -a "$OUT/$log" "$out"
+  local rc=${PIPESTATUS[0]}
+  # an exit status of 0 can hide what matters: a benchmark system that failed, kernels that fell back to torch ops,
+  # tests skipped (no CUDA) rather than passed
+  local said
+  said=$(grep -o -E "System [a-e] failed|Triton kernels off|[0-9]+ (passed|failed|skipped|errors?)" "$out" \
+    | sort -u | paste -sd ';' -)
+  echo "=== $name: rc $rc, $((SECONDS - t0)) s${said:+ [$said]}" | tee -a "$OUT/stages.txt"
 }
 
 BENCH=("$PY" benchmarks/bench_engine.py --device cuda --tenants 64 --requests 64 --prefix-len 32 --prompt-len 128
@@ -66,7 +83,7 @@ if [ "$PART" = 1 ]; then
     --systems a,b,c,d,e --naive-requests 4 --out "$OUT/gpu-smollm2-135m-config.md"
   TIMEOUT=()  # a per-test limit where pytest-timeout is installed (the stage's cap holds either way)
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT=(--timeout 120); fi
-  stage "CUDA-path tests" 120 240 cuda-tests.log "$PY" -m pytest --noconftest -q -p no:cacheprovider -o addopts="" \
+  stage "CUDA-path tests" 120 240 cuda-tests.log "$PY" -m pytest --noconftest -q -rs -p no:cacheprovider -o addopts="" \
     "${TIMEOUT[@]}" tests/test_engine_cuda.py tests/test_triton_kernels.py
   for abl in "torch off" "triton off" "torch on"; do
     set -- $abl

@@ -6,7 +6,6 @@ Secrets (`api_keys`, `admin_key`) are `SecretStr`: they never show up in reprs, 
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,19 +17,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefix_store import check_store_url, default_store_url, expand_home
 from prefix_store.names import is_valid_name
+from server.env import ENV_PREFIX, env_get
 
-ENV_PREFIX = "PREFIXSERVE_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-def env_get(name: str) -> str | None:
-    """The PREFIXSERVE_* variable `name` whatever the case of its name, as the settings read theirs
-    (`prefixserve_device` is `PREFIXSERVE_DEVICE`): every PREFIXSERVE_* variable is read through this. If several
-    spellings are set, the last in the environment wins, as pydantic-settings decides for the server's settings (a
-    command and the server must not read different values from one environment)."""
-    upper = name.upper()
-    found = [v for k, v in os.environ.items() if k.upper() == upper]
-    return found[-1] if found else None
 
 
 def optional_number(annotation: Any) -> type | None:

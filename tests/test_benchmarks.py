@@ -179,6 +179,7 @@ def test_the_gpu_scripts_parse_and_the_check_refuses_to_start_unprepared(tmp_pat
     it stops at once (exit 2) instead of failing stages on the machine."""
     import shutil
     import subprocess
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
@@ -190,6 +191,19 @@ def test_the_gpu_scripts_parse_and_the_check_refuses_to_start_unprepared(tmp_pat
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=work, capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})  # fmt: skip
     assert r.returncode == 2 and "gpu_prepare.sh" in r.stderr, r.stderr
+    # prepared, but torch sees no GPU (a driver or CUDA mismatch): it stops before any stage (they would all "pass":
+    # CUDA tests skipped, systems failed), saying why
+    (work / ".gpu-tok").mkdir()
+    (work / ".gpu-tok" / "tokenizer.json").write_text("{}")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'name, memory.total'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=work, capture_output=True, text=True, env=env)
+    assert r.returncode == 3 and "no usable CUDA device" in (tmp_path / "out" / "stages.txt").read_text(), (
+        r.stdout
+    )
 
 
 def test_bench_sampler_prints_a_row_per_batch_and_sampling(capsys):
@@ -202,3 +216,38 @@ def test_bench_sampler_prints_a_row_per_batch_and_sampling(capsys):
         if line.startswith("| 2 |") or line.startswith("| 3 |")
     ]
     assert len(rows) == 2 * len(bench_sampler.CASES) and all(float(r.split("|")[3]) > 0 for r in rows)
+
+
+# what the GPU image lacks (it has torch, transformers, triton and pytest): the API stack, and jinja2 to be safe
+_NOT_ON_THE_GPU_IMAGE = r"""
+import importlib, sys
+# (None in sys.modules: `import` raises ModuleNotFoundError and importlib.util.find_spec says absent, as for a
+# package not installed)
+for name in ("fastapi", "pydantic", "pydantic_settings", "redis", "uvicorn", "starlette", "prometheus_client",
+             "httpx", "llguidance", "uvloop", "httptools", "multipart", "jinja2"):
+    sys.modules[name] = None
+for mod in sys.argv[1:]:
+    importlib.import_module(mod)
+print("imported", len(sys.argv) - 1)
+"""
+
+
+def test_the_gpu_runs_modules_import_without_the_api_stack():
+    """benchmarks/gpu_check.sh runs the engine's benchmark and CUDA tests on an image with torch, transformers,
+    triton and pytest only: what they import must not need the web packages (a pydantic import in the model
+    loader once failed every stage of that run at once)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    mods = ["server.engine", "server.model", "server.model.loader", "benchmarks.bench_engine",
+            "tests.test_engine_cuda", "tests.test_triton_kernels"]  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", _NOT_ON_THE_GPU_IMAGE, *mods],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and r.stdout.split() == ["imported", str(len(mods))], r.stderr[-3000:]

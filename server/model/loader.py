@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
-from server.model.chat_content import content_parts, loops_over_content
+from server.env import env_get
 from server.model.spec import ModelBundle, spec_from_config
-from server.settings import env_get
 
 log = logging.getLogger("prefixserve.model")
 
@@ -107,6 +106,8 @@ def render_messages(
     top of what the template writes (vLLM's option; the template usually writes them). `documents`: for a
     retrieval template that lists them (Command R, Granite), as vLLM passes them. A template that loops over a
     message's content gets it as text parts (`chat_content`)."""
+    from server.model.chat_content import content_parts, loops_over_content  # (jinja2: chats only)
+
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or "developer" not in template:
         # OpenAI's `developer` role is its newer name for `system` (the Responses API's docs use it): a template

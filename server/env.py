@@ -1,0 +1,18 @@
+"""PREFIXSERVE_* environment variables, read whatever the case of their names. Importable without the API stack
+(pydantic): the model loader and the engine use it, and the GPU image runs them without the web packages."""
+
+from __future__ import annotations
+
+import os
+
+ENV_PREFIX = "PREFIXSERVE_"
+
+
+def env_get(name: str) -> str | None:
+    """The PREFIXSERVE_* variable `name` whatever the case of its name, as the settings read theirs
+    (`prefixserve_device` is `PREFIXSERVE_DEVICE`): every PREFIXSERVE_* variable is read through this. If several
+    spellings are set, the last in the environment wins, as pydantic-settings decides for the server's settings (a
+    command and the server must not read different values from one environment)."""
+    upper = name.upper()
+    found = [v for k, v in os.environ.items() if k.upper() == upper]
+    return found[-1] if found else None
