@@ -39,7 +39,8 @@ format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 bench: install
-	$(PY) benchmarks/bench_engine.py --model smollm2 --tenants 8 --requests 8 --prompt-len 64 --new-tokens 32
+	$(PY) benchmarks/bench_engine.py --model smollm2 --tenants 8 --requests 8 --prompt-len 64 --new-tokens 32 \
+		--prefix-len 32 --dtype float32 --repeats 2 --threads 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

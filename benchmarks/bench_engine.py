@@ -729,7 +729,9 @@ def main_bench(args) -> dict:
             + "."
         )
     lines.append("")
-    lines.append(f"Command: `{cmd}`")
+    lines.append(
+        f"Command: `{cmd}` (code {info.get('commit') or 'not a git checkout'}, {info.get('memory_gib')} GiB)"
+    )
     lines.append("")
     lines.append(markdown_table(HEADERS, result_rows(results)))
     lines.append("")
@@ -739,6 +741,13 @@ def main_bench(args) -> dict:
             f"system the {harness.held / 2**20:,.0f} MiB the engine holds from its start: its KV pool ("
             f"{harness.cfg.kv_cache_bytes / 2**20:,.0f} MiB configured), packed weights, graphs); `peak Δ` "
             "is what the run itself added. The engine's own footprint is its peak Δ plus what it holds."
+            + (
+                ""
+                if str(dev).startswith("cuda")
+                else " On a CPU the systems share one process whose allocator keeps what earlier runs freed, so a "
+                "run's Δ is only what it added beyond that (it depends on the order): these columns do not rank the "
+                "systems' memory; a GPU's allocator peaks do."
+            )
         )
         lines.append("")
     for k, r in results.items():
@@ -790,6 +799,12 @@ def main_bench(args) -> dict:
             lines.append(
                 f"Correctness {name}: all {compared[name]} requests compared{of} produce identical greedy tokens."
             )
+    if any(mismatches.values()) and bundle.dtype == torch.float32:
+        lines.append("")
+        lines.append(
+            "**In float32 the systems must give the same greedy tokens: they do not here, so these ratios compare "
+            "different work and are not valid.**"
+        )
     report = "\n".join(lines)
     print(report)
     out = {JSON_KEYS[k]: round(r.tok_s, 2) for k, r in results.items()}

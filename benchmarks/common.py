@@ -12,6 +12,7 @@ import platform
 import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -50,13 +51,40 @@ def loadavg() -> list[float]:
         return []
 
 
+def git_state() -> str | None:
+    """The checkout's commit, `+dirty` when tracked files differ from it (what code a result came from); None
+    outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)  # fmt: skip
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def machine_info(device: str | None = None, libs: bool = True) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "memory_gib": memory_gib(),
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "loadavg": loadavg(),
+        "commit": git_state(),
     }
     if not libs:
         return info
