@@ -359,7 +359,10 @@ def test_a_prefix_replaced_and_deleted_mid_search_reruns_it_on_the_latest(server
         target=lambda: out.update(r=c.post("/v1/completions", json={**body, "return_token_ids": True}))
     )
     t.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 20
+    while not restarts and time.monotonic() < deadline:  # (v1 loaded: the search has begun; a fixed wait was
+        time.sleep(0.01)  # too short on a loaded machine)
+    time.sleep(0.05)
     put_random_prefix(s.store, api_bundle, "acme", seed=2)
     s.store.delete("acme", "default", 1)
     s.svc.llm.prefix_cache.invalidate("acme", "default")  # (the store's change event)

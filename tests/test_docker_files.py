@@ -137,10 +137,10 @@ def settings_env_names() -> set[str]:
     """`PREFIXSERVE_<FIELD>` for every field of `Settings` in server/settings.py (read with ast, not imported)."""
     tree = ast.parse(SETTINGS.read_text(encoding="utf-8"))
     prefix = None
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse((ROOT / "server" / "env.py").read_text(encoding="utf-8"))):
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "ENV_PREFIX" for t in node.targets):
             prefix = ast.literal_eval(node.value)
-    assert prefix, "server/settings.py: ENV_PREFIX not found"
+    assert prefix, "server/env.py: ENV_PREFIX not found"
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings")
     fields = [
         n.target.id
