@@ -52,20 +52,21 @@ def loadavg() -> list[float]:
 
 
 def git_state() -> str | None:
-    """The checkout's commit, `+dirty` when tracked files differ from it (what code a result came from); None
-    outside a git checkout."""
+    """The checkout's commit, `+dirty` when tracked files differ from it (what code a result came from); outside a
+    git checkout, what benchmarks/gpu_prepare.sh recorded for the device run (.gpu-tok/COMMIT), else None."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
+    recorded = root / ".gpu-tok" / "COMMIT"
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10)  # fmt: skip
         if head.returncode != 0:
-            return None
+            return recorded.read_text().strip() + " (recorded)" if recorded.is_file() else None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return None
+        return recorded.read_text().strip() + " (recorded)" if recorded.is_file() else None
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 

@@ -43,10 +43,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
   | tee -a "$OUT/stages.txt"
 echo "C compilers (Triton builds its launchers with one): $(command -v gcc cc clang | tr '\n' ' ')" | tee -a "$OUT/stages.txt"
 # without a usable GPU every stage would "pass" (CUDA tests skipped, systems failed): stop before spending the time
-"$PY" -c "import sys, torch; ok = torch.cuda.is_available(); print('CUDA usable:', ok, torch.cuda.get_device_capability() if ok else ''); sys.exit(0 if ok else 1)" \
-  > /tmp/gpu-cuda.txt 2>&1
+TMP=$(mktemp -d)
+# (an op run on it: torch built without kernels for this GPU reports it available all the same)
+"$PY" -c "import sys, torch; ok = torch.cuda.is_available() and torch.ones(1, device='cuda').add_(1).item() == 2; print('CUDA usable:', ok, torch.cuda.get_device_capability() if ok else ''); sys.exit(0 if ok else 1)" \
+  > "$TMP/cuda.txt" 2>&1
 cuda_rc=$?
-tee -a "$OUT/stages.txt" < /tmp/gpu-cuda.txt
+tee -a "$OUT/stages.txt" < "$TMP/cuda.txt"
 if [ "$cuda_rc" != 0 ]; then
   echo "torch sees no usable CUDA device: nothing to measure" | tee -a "$OUT/stages.txt"
   exit 3
@@ -64,7 +66,7 @@ stage() {
   fi
   local limit=$((left < cap ? left : cap))
   echo "=== $name (at ${SECONDS}s, ${left}s left, limit ${limit}s)" | tee -a "$OUT/stages.txt"
-  local t0=$SECONDS out=/tmp/gpu-stage.log
+  local t0=$SECONDS out="$TMP/stage.log"
   : > "$out"
   timeout -k 10 "$limit" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]|s/it\]" | tee -a "$OUT/$log" "$out"
   local rc=${PIPESTATUS[0]}
@@ -74,7 +76,9 @@ stage() {
   said=$(grep -o -E "System [a-e] failed|Triton kernels off|[0-9]+ (passed|failed|skipped|errors?)" "$out" \
     | sort -u | paste -sd ';' -)
   echo "=== $name: rc $rc, $((SECONDS - t0)) s${said:+ [$said]}" | tee -a "$OUT/stages.txt"
+  [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
 }
+FAILED=0
 
 BENCH=("$PY" benchmarks/bench_engine.py --device cuda --tenants 64 --requests 64 --prefix-len 32 --prompt-len 128
   --new-tokens 128 --tokenizer .gpu-tok)
@@ -97,3 +101,4 @@ else
     --out "$OUT/gpu-llama-1b-config.md"
 fi
 cat "$OUT/stages.txt"
+[ "$FAILED" = 0 ] || { echo "$FAILED stage(s) ended with a non-zero status" >&2; exit 1; }

@@ -21,5 +21,8 @@ if ! ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1
 fi
+# the code the device run runs (it gets the working tree without .git): its reports name it (benchmarks/common.py)
+{ git rev-parse --short=12 HEAD | tr -d '\n'; [ -z "$(git status --porcelain --untracked-files=no)" ] || printf '+dirty'; } \
+  > .gpu-tok/COMMIT
 test -f .gpu-tok/tokenizer.json && ls .whl/*.whl >/dev/null
 echo "ready: carry [\".gpu-tok\", \".whl\"]; $(du -sh .gpu-tok .whl | tr '\n' ' ')"

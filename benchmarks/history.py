@@ -10,6 +10,7 @@ README's history table is this script's output (a test checks they agree), so no
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -88,8 +89,16 @@ def row(path: Path, label: str, text: str) -> list[str]:
     floor = re.search(r"floor \*\*([\d.]+) ms\*\*", text)
     step = tab.get("d", {}).get("decode step ms", "-")
     bad = [int(x) for x in re.findall(r"\*\*(\d+)/\d+ requests[^*]*differ\*\*", text)]
+    # the report's own JSON line where it has one: its ratios and threads, unrounded (the table's tok/s are rounded)
+    js = re.search(r"^\{.*\}$", text, re.M)
+    data = json.loads(js.group(0)) if js else {}
+    ratios = data.get("ratios", {})
+    if threads is None and data.get("machine", {}).get("torch_threads"):
+        threads = re.match(r"(\d+)", str(data["machine"]["torch_threads"]))
 
     def ratio(o: str) -> str:
+        if f"d/{o}" in ratios:
+            return f"{ratios[f'd/{o}']:.2f}"
         return f"{tps['d'] / tps[o]:.2f}" if "d" in tps and o in tps else "-"
 
     label = label.split("(")[0].strip()

@@ -440,19 +440,22 @@ class RedisStore(PrefixStore):
         Redis, an ACL)."""
         try:
             cfg: dict[str, str] = {}
-            for name in ("maxmemory-policy", "appendonly", "save"):
+            for name in ("maxmemory", "maxmemory-policy", "appendonly", "save"):
                 for k, v in self._r.config_get(name).items():
                     cfg[k.decode() if isinstance(k, bytes) else k] = v.decode() if isinstance(v, bytes) else v
         except redis.RedisError:
             return []
         out = []
         policy = cfg.get("maxmemory-policy", "noeviction")
-        if policy.startswith("allkeys-"):
+        if (
+            policy.startswith("allkeys-") and cfg.get("maxmemory", "0") != "0"
+        ):  # (no limit: nothing is evicted)
             out.append(
                 f"redis {self._where}: maxmemory-policy is {policy}, so a full Redis evicts stored prefixes; set "
                 "noeviction (a full Redis then refuses new prefixes instead of losing old ones)"
             )
-        if cfg.get("appendonly", "no") == "no" and not cfg.get("save", "").strip():
+        # (only where the server says both: a Redis-compatible server that has neither may persist otherwise)
+        if cfg.get("appendonly") == "no" and "save" in cfg and not cfg["save"].strip():
             out.append(
                 f"redis {self._where} keeps nothing on disk (appendonly no, no save points): a Redis restart loses "
                 "every stored prefix; set appendonly yes (docker-compose.yml does)"

@@ -342,9 +342,16 @@ def test_a_prefix_replaced_and_deleted_mid_search_reruns_it_on_the_latest(server
         return step()
 
     s.svc.llm.step = slow_step
-    restarts = []
+    restarts, loaded = [], []
     fetch = s.svc.llm.prefix_cache._fetch
-    s.svc.llm.prefix_cache._fetch = lambda key: restarts.append(key.version) or fetch(key)
+
+    def counted_fetch(key):
+        restarts.append(key.version)
+        out = fetch(key)
+        loaded.append(key.version)  # (a fetch that raised is not a load)
+        return out
+
+    s.svc.llm.prefix_cache._fetch = counted_fetch
     c = s.client()
     body = {
         "model": "acme",
@@ -360,8 +367,9 @@ def test_a_prefix_replaced_and_deleted_mid_search_reruns_it_on_the_latest(server
     )
     t.start()
     deadline = time.monotonic() + 20
-    while not restarts and time.monotonic() < deadline:  # (v1 loaded: the search has begun; a fixed wait was
+    while not loaded and time.monotonic() < deadline:  # (v1 loaded: the search has begun; a fixed wait was
         time.sleep(0.01)  # too short on a loaded machine)
+    assert loaded == [1]
     time.sleep(0.05)
     put_random_prefix(s.store, api_bundle, "acme", seed=2)
     s.store.delete("acme", "default", 1)

@@ -199,7 +199,12 @@ def test_the_gpu_scripts_parse_and_the_check_refuses_to_start_unprepared(tmp_pat
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'name, memory.total'\n")
     (fake / "nvidia-smi").chmod(0o755)
-    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    env = {
+        "PATH": f"{fake}:/usr/bin:/bin",
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+        "CUDA_VISIBLE_DEVICES": "",
+    }  # fmt: skip  (a machine with a GPU too)
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=work, capture_output=True, text=True, env=env)
     assert r.returncode == 3 and "no usable CUDA device" in (tmp_path / "out" / "stages.txt").read_text(), (
         r.stdout

@@ -108,6 +108,9 @@ def test_prefixserve_variables_are_read_in_any_case(monkeypatch, tmp_path):
     from server.settings import env_get
 
     assert env_get("PREFIXSERVE_DEVICE") == Settings().device == "cuda"
+    monkeypatch.delenv("prefixserve_device")
+    monkeypatch.setenv("prefixserve_device", "")  # (empty: unset, for the settings too)
+    assert env_get("PREFIXSERVE_DEVICE") == Settings().device == "cpu"
 
 
 def test_keys_are_not_command_line_flags():

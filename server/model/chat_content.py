@@ -7,10 +7,13 @@ string)."""
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 from jinja2 import nodes
+
+log = logging.getLogger("prefixserve.model")
 
 
 def _reads(node: nodes.Node, names: set[str], key: str | None = None) -> bool:
@@ -54,7 +57,10 @@ def loops_over_content(template: str) -> bool:
     parse takes strings (rendering it will say what is wrong)."""
     try:  # (transformers' own environment: its extensions, `{% generation %}`, parse; private, so guarded)
         from transformers.utils.chat_template_utils import _compile_jinja_template
-
+    except ImportError as e:
+        log.warning("cannot read chat templates' content format (%s): every template gets text content", e)
+        return False
+    try:
         root = _compile_jinja_template(template).environment.parse(template)
     except Exception:
         return False
