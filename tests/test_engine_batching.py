@@ -1403,3 +1403,46 @@ def test_a_prefix_fetched_for_a_waiting_request_is_not_evicted_to_install_anothe
     pc.process()
     assert ky in pc.entries and kx not in pc.entries and kz not in pc.entries and pc.stats.evictions == 2
     assert pc.stats.fetches == 3
+
+
+def test_the_engine_threads_hold_when_its_first_request_comes_while_a_job_trains(tiny_llama_bundle):
+    """torch.set_num_threads in a training thread (the trainer runs on fewer threads) sets the count any thread takes
+    at its first torch op: an engine whose first request came while a job trained ran on the trainer's one thread
+    for the life of the process (prefill ~1.75x slower on 2 cores). The engine pins its own count."""
+    import torch
+
+    from server.engine import AsyncEngine
+
+    b = tiny_llama_bundle
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        eng = AsyncEngine(make_engine(b, {}))  # (its count: the process's now, 2)
+        seen: list[int] = []
+        step = eng.engine.step
+        eng.engine.step = lambda: seen.append(torch.get_num_threads()) or step()
+        training, done = threading.Event(), threading.Event()
+
+        def trainer():  # as server.training.trainer._threads(1) holds it during a job
+            torch.set_num_threads(1)
+            training.set()
+            done.wait(10)
+
+        t = threading.Thread(target=trainer)
+        t.start()
+        training.wait(10)
+        eng.start()
+
+        async def first():
+            r = Request("r", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True))
+            return [ev async for ev in eng.generate(r)]
+
+        try:
+            assert asyncio.run(first())
+        finally:
+            done.set()
+            t.join(10)
+            eng.shutdown()
+        assert seen and set(seen) == {2}, seen
+    finally:
+        torch.set_num_threads(before)

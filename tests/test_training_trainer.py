@@ -228,6 +228,34 @@ def test_cancel_within_one_step(tiny_llama_bundle, method):
     assert calls["n"] == 4  # checked before every step
 
 
+def test_cancel_while_the_held_out_examples_are_evaluated(tiny_llama_bundle, monkeypatch):
+    """The held-out loss (before step 1, after every epoch) runs over up to half of 1,000 examples: tens of seconds
+    on SmolLM2 during which a cancel waited (24-36 s measured). It is checked before each held-out batch."""
+    from server.training import trainer
+
+    evaluated: list[int] = []
+    loss_sum = trainer._Method.loss_sum
+    asked = {"stop": False}
+
+    def should_stop() -> bool:
+        return asked["stop"]
+
+    def counting(self, batch):  # the cancel arrives during the initial evaluation's second batch
+        evaluated.append(1)
+        if len(evaluated) == 2:
+            asked["stop"] = True
+        return loss_sum(self, batch)
+
+    monkeypatch.setattr(trainer._Method, "loss_sum", counting)
+    steps: list[int] = []
+    with pytest.raises(TrainingCancelled, match="evaluating"):
+        train_prefix(
+            tiny_llama_bundle, "prefix_tuning", examples(40), 2, {"epochs": 2, "batch_size": 2, "eval_fraction": 0.5},
+            progress_cb=lambda s, *_: steps.append(s), should_stop=should_stop,
+        )  # fmt: skip
+    assert steps == [] and len(evaluated) == 2  # stopped after the batch it was asked in, before any step
+
+
 # ------------------------------------------------------------------------------------------------ data
 def test_prompt_rendered_like_serving_and_completion_ends_with_eos(tiny_llama_bundle):
     b = tiny_llama_bundle

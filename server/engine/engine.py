@@ -1071,7 +1071,10 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine, torch_threads: int | None = None, stream_interval: int = 1) -> None:
         self.engine = engine
-        self.torch_threads = torch_threads
+        # the engine thread's intra-op threads, pinned (default: what the process has now, before any training):
+        # torch.set_num_threads in a training thread changes the count a thread takes at its first torch op, and
+        # the engine's first request may come while a job trains (it ran on the trainer's 1 thread for good)
+        self.torch_threads = torch_threads or torch.get_num_threads()
         # vLLM's --stream-interval: a request's tokens go to its consumer at least this many at a time (its first
         # event and its end at once): fewer events, SSE frames and route passes per token on a busy server, at the
         # cost of a coarser stream. The events held back, by consumer queue (`_interval`)
@@ -1232,8 +1235,9 @@ class AsyncEngine:
                 self.engine.abort(arg)
 
     def _loop(self) -> None:
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
+        # (get_num_threads runs torch's per-thread set-up first: set after it, the count holds at the first op)
+        torch.get_num_threads()
+        torch.set_num_threads(self.torch_threads)
         try:
             while not self._stop.is_set():
                 self._drain()

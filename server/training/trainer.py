@@ -535,9 +535,15 @@ def _threads(n: int | None) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate_loss(method: _Method, batches: list[Batch]) -> float | None:
+def evaluate_loss(
+    method: _Method, batches: list[Batch], should_stop: Callable[[], bool] | None = None
+) -> float | None:
+    """The mean token loss over the held-out `batches`; `should_stop` is checked before each batch (a held-out set
+    of hundreds of examples takes tens of seconds: a cancel waited for all of it)."""
     total, count = 0.0, 0
     for b in batches:
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled("cancelled while evaluating the held-out examples")
         s, n = method.loss_sum(b)
         total += float(s)
         count += n
@@ -630,7 +636,7 @@ def _train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
     eval_batches = list(_batches(data, eval_idx, hp.batch_size, pad, device))
 
-    initial_eval = evaluate_loss(method, eval_batches) if eval_batches else None
+    initial_eval = evaluate_loss(method, eval_batches, should_stop) if eval_batches else None
     curve: list[list[float]] = []
     eval_curve: list[list[float]] = []
     epoch_losses: list[float] = []
@@ -686,7 +692,7 @@ def _train(
         if ep_n:
             epoch_losses.append(ep_sum / ep_n)
         if eval_batches:
-            ev = evaluate_loss(method, eval_batches)
+            ev = evaluate_loss(method, eval_batches, should_stop)
             if ev is not None:
                 eval_curve.append([epoch, round(ev, 6)])
 
