@@ -280,6 +280,26 @@ def test_context_errors_name_the_limit_that_holds_and_what_was_asked(server_fact
     err = assert_error(c.post("/v1/chat/completions", json=chat), 400, "context_length_exceeded")
     assert err["param"] == "messages" and "max_tokens" not in err["message"], err
     assert "tokens in the messages, Please reduce the length of the messages." in err["message"], err
+    # a prompt that fills the context exactly: no position is left for the first output token, and it says so
+    size = {k: c.post("/tokenize", json={"model": "acme/base", "messages": [{"role": "user", "content": "a" * k}]})
+            .json()["count"] for k in range(1, 64)}  # fmt: skip
+    exact = next(k for k, n in size.items() if n == 64)
+    chat["messages"][0]["content"] = "a" * exact
+    err = assert_error(c.post("/v1/chat/completions", json=chat), 400, "context_length_exceeded")
+    assert "you requested 64 tokens in the messages and the next token needs one more" in err["message"], err
+    # each route's own name for the output's length, whichever field the error names (the prompt here)
+    long = "y " * 64
+    for route, body, name in (
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": long}], "max_completion_tokens": 5},
+         "max_completion_tokens"),
+        ("/v1/responses", {"model": "acme/base", "input": long, "max_output_tokens": 16}, "max_output_tokens"),
+        ("/tgi/generate", {"inputs": long, "parameters": {"adapter_id": "acme/base", "max_new_tokens": 5}},
+         "max_new_tokens"),
+    ):  # fmt: skip
+        r = c.post(route, json=body)
+        assert r.status_code in (400, 413), r.text
+        message = r.json()["error"]["message"]
+        assert f"+ {name} (" in message and "+ max_tokens (" not in message, message
     store.close()
 
 

@@ -491,6 +491,11 @@ def _rename(e: APIError) -> None:
             for field in ("name", "schema", "strict", "description"):
                 e.message = e.message.replace(f"json_schema.{field}", field)
         e.message = e.message.replace(old, _PARAMS.get(old, old))
+    if (
+        e.code == "context_length_exceeded"
+    ):  # (the output's length in this API's name, whichever field it names)
+        for old in ("max_tokens", "max_completion_tokens"):
+            e.message = e.message.replace(f"+ {old} (", "+ max_output_tokens (")
     e.param = param
 
 

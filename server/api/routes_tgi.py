@@ -168,6 +168,11 @@ def _tgi_names() -> Iterator[None]:
             old, e.param = e.param, _PARAMS[e.param]
             e.message = e.message.replace(old, e.param.removeprefix("parameters."), 1)
             e.args = (e.message,)
+        if e.code == "context_length_exceeded":  # (its sizes in TGI's names, whichever field it names)
+            e.message = e.message.replace("+ max_tokens (", "+ max_new_tokens (").replace(
+                "+ prompt (", "+ inputs ("
+            )
+            e.args = (e.message,)
         raise
 
 

@@ -1538,12 +1538,14 @@ class Service:
         please = f"Please reduce the length of the {asked}."
         if prefix_len + n + (0 if scoring else max_tokens) > limit:
             head = f"This model's maximum context length is {limit} tokens"
+            # (a prompt that fills the context exactly leaves no position for the first output token)
+            more = " and the next token needs one more" if prefix_len + n <= limit else ""
             if hidden and not prefix_len:  # vLLM's words for a prompt that fills the context on its own
-                return f"{head}. However, you requested {n} tokens in the {asked}, {please}"
+                return f"{head}. However, you requested {n} tokens in the {asked}{more}, {please}"
             if hidden:
                 return (
                     f"{head}. However, you requested {prefix_len + n} tokens (the prefix's {prefix_len} and "
-                    f"{n} in the {asked}), {please}"
+                    f"{n} in the {asked}){more}, {please}"
                 )
             total = prefix_len + n + max_tokens
         else:  # within the context, more than the KV cache holds for one request (beside this prefix's blocks)
@@ -1566,7 +1568,10 @@ class Service:
                     f"more, {please}"
                 )
             total = n + max_tokens
-        return f"{head}; this request needs {total}: prefix ({prefix_len}) + prompt ({n}) + max_tokens ({max_tokens})"
+        out = info.max_tokens_param.rpartition(".")[2]  # (the route's own name for the output's length)
+        return (
+            f"{head}; this request needs {total}: prefix ({prefix_len}) + prompt ({n}) + {out} ({max_tokens})"
+        )
 
     async def _start_runs(
         self,
