@@ -165,9 +165,8 @@ class TextParts(str):
         text.parts = tuple(parts)
         return text
 
-    def __reduce__(
-        self,
-    ) -> tuple[Any, ...]:  # (copy, deepcopy, pickle: made again from its parts, not its text)
+    def __reduce__(self) -> tuple[Any, ...]:
+        """(copy, deepcopy, pickle: made again from its parts, not its text)"""
         return TextParts, (list(self.parts),)
 
 
@@ -1536,17 +1535,15 @@ class Service:
         # no output length asked for (a default filling the room, or echo's hidden token): the prompt is to blame
         hidden = scoring or not info.max_tokens_given
         please = f"Please reduce the length of the {asked}."
+        requested = f"{n} tokens in the {asked}"  # (vLLM's words for a prompt that fills the context alone)
+        # (a prompt that fills its room exactly leaves no position for the first output token)
+        more = " and the next token needs one more"
         if prefix_len + n + (0 if scoring else max_tokens) > limit:
             head = f"This model's maximum context length is {limit} tokens"
-            # (a prompt that fills the context exactly leaves no position for the first output token)
-            more = " and the next token needs one more" if prefix_len + n <= limit else ""
-            if hidden and not prefix_len:  # vLLM's words for a prompt that fills the context on its own
-                return f"{head}. However, you requested {n} tokens in the {asked}{more}, {please}"
-            if hidden:
-                return (
-                    f"{head}. However, you requested {prefix_len + n} tokens (the prefix's {prefix_len} and "
-                    f"{n} in the {asked}){more}, {please}"
-                )
+            if prefix_len:
+                requested = f"{prefix_len + n} tokens (the prefix's {prefix_len} and {n} in the {asked})"
+            if prefix_len + n > limit:
+                more = ""
             total = prefix_len + n + max_tokens
         else:  # within the context, more than the KV cache holds for one request (beside this prefix's blocks)
             held, pool = llm.request_tokens(prefix_len), llm.pool
@@ -1562,12 +1559,9 @@ class Service:
                 )
             else:
                 head += f" may hold {held} (the KV cache budget, kv_cache_mb)"
-            if hidden:
-                return (
-                    f"{head}. However, you requested {n} tokens in the {asked} and the next token needs one "
-                    f"more, {please}"
-                )
             total = n + max_tokens
+        if hidden:
+            return f"{head}. However, you requested {requested}{more}, {please}"
         out = info.max_tokens_param.rpartition(".")[2]  # (the route's own name for the output's length)
         return (
             f"{head}; this request needs {total}: prefix ({prefix_len}) + prompt ({n}) + {out} ({max_tokens})"
