@@ -185,7 +185,12 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429 and 503")
 
     # ------------------------------------------------------------------ engine
-    kv_cache_mb: int = Field(512, ge=1, description="KV cache pool (prefixes + requests) in MiB")
+    kv_cache_mb: int | None = Field(
+        None,
+        ge=1,
+        description="KV cache pool (prefixes + requests) in MiB (default: 512, or more where one request at the "
+        "full context, max_model_len, needs it)",
+    )
     prefix_cache_mb: int | None = Field(
         None, ge=1, description="Budget for device-resident prefixes in MiB (default: half the pool)"
     )

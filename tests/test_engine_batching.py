@@ -521,6 +521,32 @@ def test_admission_limits(tiny_llama_bundle):
     assert eng.num_waiting == 3 and eng.capacity == 3
 
 
+def test_the_default_pool_holds_one_request_at_the_full_context(tiny_llama_bundle, monkeypatch, caplog):
+    """With no KV budget configured the pool is DEFAULT_KV_CACHE_BYTES, or more where one request at the served
+    context would not fit in its share (half the pool less a block): the default serves the whole context without a
+    warning (SmolLM2 in fp32 at 8,192 positions needs ~721 MiB, more than 512); a configured budget stays as given."""
+    import server.engine.engine as engine_mod
+
+    b = tiny_llama_bundle
+    block_bytes = KVPool.bytes_per_block(b.spec.num_layers, b.spec.num_kv_heads, b.spec.head_dim, 16, b.dtype)
+    monkeypatch.setattr(engine_mod, "DEFAULT_KV_CACHE_BYTES", 8 * block_bytes)  # 128 tokens: too few for 256
+    with caplog.at_level("WARNING", logger=engine_mod.log.name):
+        eng = LLMEngine(b, DictPrefixProvider(), EngineConfig(max_model_len=256))
+    assert eng.max_request_tokens >= eng.max_model_len == 256
+    assert eng.pool.num_blocks == 2 * (256 // 16 + 1)
+    assert "holds at most" not in caplog.text
+    eng.add_request(
+        Request("full", [1] * 200, SamplingParams(max_tokens=56))
+    )  # the whole context is admitted
+    # a short context keeps the default budget, and an explicit budget is taken as it is (with its warning)
+    assert LLMEngine(b, DictPrefixProvider(), EngineConfig(max_model_len=32)).pool.num_blocks == 8
+    with caplog.at_level("WARNING", logger=engine_mod.log.name):
+        small = LLMEngine(
+            b, DictPrefixProvider(), EngineConfig(kv_cache_bytes=8 * block_bytes, max_model_len=256)
+        )
+    assert small.pool.num_blocks == 8 and small.max_request_tokens < 256 and "holds at most" in caplog.text
+
+
 def test_refused_requests_do_not_hold_queue_places(tiny_llama_bundle):
     """A request that fails validation (413/400) leaves no trace in the queue count: after max_waiting of them a
     valid request is still accepted (else every request gets 503 from then on)."""

@@ -916,7 +916,7 @@ class Service:
             max_num_batched_tokens=settings.max_batched_tokens,
             long_prefill_tokens=settings.long_prefill_token_threshold,
             max_waiting=settings.max_queued,
-            kv_cache_bytes=settings.kv_cache_mb * mib,
+            kv_cache_bytes=settings.kv_cache_mb * mib if settings.kv_cache_mb else None,
             prefix_cache_bytes=settings.prefix_cache_mb * mib if settings.prefix_cache_mb else None,
             max_model_len=settings.max_model_len,
             packed_weights=settings.cpu_packed_weights,

@@ -56,6 +56,9 @@ EventCallback = Callable[[TokenEvent], None]
 
 CPU_LONG_PREFILL_TOKENS = 256  # EngineConfig.long_prefill_tokens's default on a CPU
 DEFAULT_MAX_MODEL_LEN = 8192  # the context served when neither the settings nor a smaller model limit it
+DEFAULT_KV_CACHE_BYTES = (
+    512 * 2**20
+)  # the pool when none is configured, unless one request at the context needs more
 
 
 def serving_context(max_model_len: int | None, model_positions: int) -> int:
@@ -64,13 +67,21 @@ def serving_context(max_model_len: int | None, model_positions: int) -> int:
     return min(max_model_len or DEFAULT_MAX_MODEL_LEN, model_positions)
 
 
+def default_kv_blocks(context: int, block_size: int, block_bytes: int) -> int:
+    """The pool's blocks when no budget is configured: 512 MiB, or more where one request at the full `context`
+    would not fit in half the pool less a block (the most one request may hold, `LLMEngine.validate`), so that the
+    default serves the whole context without a warning (vLLM likewise sizes its cache to hold max_model_len)."""
+    one_request = 2 * (-(-context // block_size) + 1)
+    return max(DEFAULT_KV_CACHE_BYTES // block_bytes, one_request)
+
+
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_waiting: int = 1024
     block_size: int = 16
-    kv_cache_bytes: int = 512 * 2**20  # whole pool: prefixes + requests
+    kv_cache_bytes: int | None = None  # whole pool: prefixes + requests (default: `default_kv_blocks`)
     prefix_cache_bytes: int | None = None  # default: half of the pool
     max_model_len: int | None = None  # default: min(model max positions, 8192)
     loader_threads: int = 2
@@ -157,7 +168,10 @@ class LLMEngine:
         block_bytes = KVPool.bytes_per_block(
             sp.num_layers, sp.num_kv_heads, sp.head_dim, cfg.block_size, bundle.dtype
         )
-        num_blocks = max(cfg.kv_cache_bytes // block_bytes, 2)
+        if cfg.kv_cache_bytes is None:
+            num_blocks = default_kv_blocks(self.max_model_len, cfg.block_size, block_bytes)
+        else:
+            num_blocks = max(cfg.kv_cache_bytes // block_bytes, 2)
         if cfg.prefix_cache_bytes is not None and cfg.prefix_cache_bytes > num_blocks * block_bytes:
             log.warning(
                 "prefix cache budget (%d bytes) is more than the whole KV pool (%d bytes): prefixes can hold "
