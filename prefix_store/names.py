@@ -16,6 +16,22 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_NAME_LENGTH = 128
 # the prefix name that means "no prefix" (the base model alone) to the server: never a stored prefix's
 RESERVED_PREFIX_NAME = "base"
+# a tenant id that cannot store prefixes: the server's /prefixes/jobs/... are the training job routes
+JOBS_TENANT = "jobs"
+
+
+def reserved(tenant_id: str, name: str) -> tuple[str, str] | None:
+    """(the field, why) when a prefix the server serves may not be stored under this tenant id or name, else None
+    (the API and the offline CLI alike; here so that the CLI's store commands need not load the HTTP app)."""
+    if name == RESERVED_PREFIX_NAME:
+        return "name", f"prefix name {RESERVED_PREFIX_NAME!r} is reserved for the base model"
+    if tenant_id == JOBS_TENANT:
+        return (
+            "tenant_id",
+            f"tenant id {JOBS_TENANT!r} cannot store prefixes: /prefixes/{JOBS_TENANT}/... are the "
+            "training job routes",
+        )
+    return None
 
 
 def is_valid_name(value: object) -> bool:

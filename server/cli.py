@@ -756,7 +756,7 @@ def _no_store_at(url: str, failure: str) -> bool:
 
 def _reserved(tenant_id: str, name: str) -> bool:
     """Print why, if a stored prefix may not have this tenant id or name (what the API refuses too)."""
-    from server.api.schemas import reserved
+    from prefix_store.names import reserved
 
     problem = reserved(tenant_id, name)
     if problem is not None:

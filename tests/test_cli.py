@@ -1023,3 +1023,21 @@ def test_unknown_prefixserve_variables_are_warned_of(monkeypatch, caplog, tmp_pa
         "PREFIXSERVE_MAX_QUEUD is not a setting: ignored (did you mean PREFIXSERVE_MAX_QUEUED?)"
         in caplog.text
     )
+
+
+def test_offline_store_commands_check_reserved_names_without_loading_the_http_app(tmp_path):
+    """`prefixes import` refuses what the API refuses (the tenant id 'jobs', the name 'base') before reading the
+    file, and the check lives in prefix_store.names: the offline command does not load fastapi and the app for it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom server.cli import main\n"
+        f"rc = main(['prefixes', 'import', {str(tmp_path / 'x.safetensors')!r}, '--tenant-id', 'jobs', '--name', 'x',"
+        f" '--store', {(tmp_path / 's').as_uri()!r}])\n"
+        "print('RC', rc, sorted(m for m in sys.modules if m.split('.')[0] == 'fastapi' or m.startswith('server.api')))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert "tenant id 'jobs' cannot store prefixes" in out.stderr
+    assert out.stdout.strip().splitlines()[-1] == f"RC {cli.EXIT_USAGE} []"

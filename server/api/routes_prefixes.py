@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prefix_store import errors
 from prefix_store.export import export_prefix
 from prefix_store.format import IDEMPOTENCY, PrefixMeta
-from prefix_store.names import MAX_NAME_LENGTH, is_valid_name
+from prefix_store.names import MAX_NAME_LENGTH, is_valid_name, reserved
 from server.api.auth import Principal, get_principal
 from server.api.deps import app_state, get_info, get_service, store_call
 from server.api.errors import COMMON_ERRORS, APIError, unavailable
@@ -30,7 +30,6 @@ from server.api.schemas import (
     TenantInfo,
     TenantList,
     TrainRequest,
-    reserved,
 )
 from server.api.service import Service
 from server.prefixes.peft_import import PrefixTooLong
@@ -129,7 +128,7 @@ def _idempotency_key(key: str | None) -> str | None:
 
 # --------------------------------------------------------------------------------------------- jobs
 def _check_new_prefix(tenant_id: str, name: str) -> None:
-    """Names no stored prefix may have (`schemas.reserved`): 422 naming the field."""
+    """Names no stored prefix may have (`prefix_store.names.reserved`): 422 naming the field."""
     problem = reserved(tenant_id, name)
     if problem is not None:
         raise APIError(422, problem[1], code="invalid_value", param=problem[0])

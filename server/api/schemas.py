@@ -10,20 +10,6 @@ from prefix_store.names import MAX_NAME_LENGTH, RESERVED_PREFIX_NAME
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 BASE_PREFIX = RESERVED_PREFIX_NAME  # reserved prefix name: no prefix, the base model alone
-JOBS_TENANT = "jobs"  # a tenant id that cannot store prefixes: /prefixes/jobs/... are the training job routes
-
-
-def reserved(tenant_id: str, name: str) -> tuple[str, str] | None:
-    """(the field, why) when a stored prefix may not have this tenant id or name, else None (API and CLI alike)."""
-    if name == BASE_PREFIX:
-        return "name", f"prefix name {BASE_PREFIX!r} is reserved for the base model"
-    if tenant_id == JOBS_TENANT:
-        return (
-            "tenant_id",
-            f"tenant id {JOBS_TENANT!r} cannot store prefixes: /prefixes/{JOBS_TENANT}/... are the "
-            "training job routes",
-        )
-    return None
 
 
 DEFAULT_PREFIX = "default"
