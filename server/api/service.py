@@ -1427,10 +1427,6 @@ class Service:
             )
         return priority
 
-    def check_tenant(self, principal: Any, tenant: str) -> None:
-        if not principal.can_access(tenant):
-            raise APIError(404, f"tenant {tenant!r} not found", code="tenant_not_found", param="tenant_id")
-
     async def generate_many(
         self,
         info: RequestInfo,

@@ -137,11 +137,6 @@ class _Inflight:
     counts: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
-@dataclass
-class _Finished:
-    events: list[TokenEvent] = field(default_factory=list)
-
-
 class LLMEngine:
     def __init__(
         self,

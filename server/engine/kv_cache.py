@@ -115,10 +115,6 @@ class KVPool:
             out.append(b)
         return out
 
-    def incref(self, blocks: list[int]) -> None:
-        for b in blocks:
-            self._refs[b] += 1
-
     def free(self, blocks: Iterable[int]) -> None:
         """Drop one reference of each block; a block nobody uses goes to the end of the free queue (a registered
         one keeps its KV until it is allocated again). Free a sequence's blocks last-first, so its tail goes first."""

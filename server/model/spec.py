@@ -23,11 +23,6 @@ class ModelSpec:
     max_positions: int
     eos_token_ids: tuple[int, ...] = ()
 
-    @property
-    def kv_shape_tail(self) -> tuple[int, int, int]:
-        """(L, 2, K) leading dims of a prefix kv tensor `[L, 2, K, P, D]` minus P and D."""
-        return (self.num_layers, 2, self.num_kv_heads)
-
     def kv_shape(self, prefix_length: int) -> tuple[int, int, int, int, int]:
         return (self.num_layers, 2, self.num_kv_heads, prefix_length, self.head_dim)
 

@@ -119,10 +119,6 @@ class Batch:
     labels: torch.Tensor  # [B, T] token id where it is a completion token, else IGNORE
     common: int = 0  # leading tokens shared by every row (all prompt tokens, before the last prompt token)
 
-    @property
-    def num_targets(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE).sum())
-
 
 def common_prefix_length(examples: list[EncodedExample]) -> int:
     """How many leading tokens all rows share, kept below every row's last prompt token (whose output predicts

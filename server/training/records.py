@@ -10,7 +10,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+# a job is queued, then running, then one of TERMINAL
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"queued", "running"})
 
