@@ -90,11 +90,6 @@ class GrammarError(ValueError):
         super().__init__(message)
 
 
-def _regex_literal(text: str) -> str:
-    """`text` as a regex matching exactly it (every character but ASCII letters and digits as \\x{..})."""
-    return "".join(c if c.isascii() and c.isalnum() else f"\\x{{{ord(c):x}}}" for c in text)
-
-
 def _without_dump(error: str) -> str:
     """llguidance's error without the parser state and grammar dump it appends (user content, possibly huge) and
     without the Rust backtrace of a caught panic (the server's internals)."""
