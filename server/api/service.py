@@ -97,7 +97,7 @@ SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); avoids o
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def default_prompt_format(bundle: ModelBundle, setting: str = "auto") -> str:
+def base_prompt_format(bundle: ModelBundle, setting: str = "auto") -> str:
     """Format for requests without a prefix: the `base_prompt_format` setting, by default ("auto") the model's
     default ("chat" when it has a chat template). ValueError for "chat" on a model without a template."""
     if setting == "chat" and not getattr(bundle.tokenizer, "chat_template", None):
@@ -942,7 +942,7 @@ class Service:
             limiter=limiter or rate_limiter(settings),
             usage=RedisUsageMeter(settings.limits_url) if settings.limits_url else UsageMeter(),
         )
-        svc.default_format = default_prompt_format(bundle, settings.base_prompt_format)
+        svc.default_format = base_prompt_format(bundle, settings.base_prompt_format)
         if settings.generation_config == "auto":
             svc.sampling_defaults = dict(bundle.extra.get("generation_defaults") or {})
             if svc.sampling_defaults:
