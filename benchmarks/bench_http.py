@@ -2,9 +2,12 @@
 
 Closed loop by default: at each concurrency level C of the sweep, C workers keep one request in flight each until
 `--requests` requests have completed; with `--request-rate R`, open loop: requests arrive as a Poisson process of
-rate R, at most C in flight (vLLM's --request-rate with --max-concurrency). Requests cycle over tenants (mixed tenants
-in every batch). Reports req/s, output tok/s (from the server's usage), TTFT p50/p99 (streaming: time to the first
-SSE chunk carrying text), TPOT p50/p99 ((e2e - TTFT) / (tokens - 1)), ITL p50/p99 (between text chunks), e2e
+rate R (`--burstiness B`: gamma-distributed gaps, as vLLM), at most C in flight (vLLM's --request-rate with
+--max-concurrency). As vLLM's get_request, the gaps are rescaled to sum to exactly N / R (the offered load is the
+rate asked for), one schedule is drawn per run from `--seed` (every level of the sweep gets the same arrivals), and
+each request is sent at its absolute target time. Requests cycle over tenants (mixed tenants in every batch).
+Reports req/s, output tok/s (from the server's usage), TTFT p50/p99 (streaming: time to the first SSE chunk
+carrying text), TPOT p50/p99 ((e2e - TTFT) / (tokens - 1)), ITL p50/p99 (between text chunks), e2e
 p50/p99, errors by status and, with `--goodput ttft:MS,tpot:MS,e2e:MS`, the req/s of requests meeting every SLO. A
 request counts as completed only whole: a 200 stream cut before `[DONE]`, a bad event, or fewer tokens than
 max_tokens with ignore_eos is an error (status 200 or 0 in the table).
@@ -192,10 +195,31 @@ def _good(r: Result, slos: dict[str, float]) -> bool:
     return all(got[k] is not None and got[k] <= v for k, v in slos.items())  # type: ignore[operator]
 
 
+def arrival_offsets(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
+    """The send times (seconds from the start of a level) of `n` open-loop requests at `rate` req/s, as vLLM's
+    get_request: gaps drawn from a gamma distribution of shape `burstiness` and scale 1 / (rate * burstiness)
+    (burstiness 1: exponential gaps, a Poisson process; below 1 burstier, above 1 more regular; the mean gap is
+    1 / rate either way), cumulated, then rescaled so that the last arrival is at exactly n / rate: the offered load
+    is the rate asked for, not the draw's (a few % off at 32 requests). A function of the seed only: every level of
+    a sweep gets the same schedule. An infinite rate sends all `n` at once."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    scale = 1.0 / (rate * burstiness)
+    offsets: list[float] = []
+    t = 0.0
+    for _ in range(n):
+        t += rng.gammavariate(burstiness, scale)  # shape 1: -log(1 - U) * scale, an exponential gap
+        offsets.append(t)
+    if t > 0:
+        offsets = [x * (n / rate) / t for x in offsets]
+    return offsets
+
+
 async def run_level(args, targets: list[tuple[str, str]], concurrency: int, prompts: list[str]) -> dict:
     """`concurrency` requests in flight at most; closed loop (each finished request starts the next) or, with
-    --request-rate R, open loop: arrivals of a Poisson process of rate R (vLLM's --request-rate with
-    --max-concurrency)."""
+    --request-rate R, open loop: request i is sent at `arrival_offsets(...)[i]` after the level's start (vLLM's
+    --request-rate with --burstiness and --max-concurrency), whether or not the ones before it were answered."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     # one client (one connection) per request in flight: a shared httpx pool of `concurrency` connections spent
     # seconds in its own connection scans at 64 (requests waited 0.7-4.4 s in the client before being sent),
@@ -204,7 +228,7 @@ async def run_level(args, targets: list[tuple[str, str]], concurrency: int, prom
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     results: list[Result] = []
     rate = getattr(args, "request_rate", float("inf"))
-    arrivals = random.Random(args.seed + concurrency)
+    burstiness = getattr(args, "burstiness", 1.0)
     async with contextlib.AsyncExitStack() as stack:
         pool: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
         for _ in range(concurrency):
@@ -232,10 +256,13 @@ async def run_level(args, targets: list[tuple[str, str]], concurrency: int, prom
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         else:
+            # absolute target times, not a chain of sleeps (which adds each wake-up's lateness to every later
+            # arrival), and nothing to wait for after the last one
             tasks = []
-            for i in range(args.requests):
+            for i, at in enumerate(arrival_offsets(args.requests, rate, burstiness, args.seed)):
+                if (delay := t0 + at - time.perf_counter()) > 0:
+                    await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(one(i)))
-                await asyncio.sleep(arrivals.expovariate(rate))
             await asyncio.gather(*tasks)
         dur = time.perf_counter() - t0
     ok = [r for r in results if r.ok]
@@ -247,6 +274,7 @@ async def run_level(args, targets: list[tuple[str, str]], concurrency: int, prom
     return {
         "concurrency": concurrency,
         "request_rate": None if math.isinf(rate) else rate,
+        "burstiness": None if math.isinf(rate) else burstiness,
         "requests": len(results),
         "completed": len(ok),
         "errors": dict(errors),
@@ -319,6 +347,12 @@ def parse_args(argv: list[str] | None = None):
         help="requests/s arriving as a Poisson process (open loop, capped by --concurrency); inf: closed loop",
     )
     ap.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="with --request-rate: gamma shape of the arrival gaps (1: Poisson; < 1 burstier, > 1 more regular)",
+    )
+    ap.add_argument(
         "--goodput",
         default="",
         help="SLOs in ms, e.g. ttft:500,tpot:50,e2e:4000: also report the req/s of requests meeting all of them",
@@ -338,7 +372,17 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--seed-model", default="smollm2")
     ap.add_argument("--seed-prefix-len", type=int, default=32)
     ap.add_argument("--out", default="", help="also write the report (markdown + JSON) to this file")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not 0 < args.burstiness < math.inf:
+        ap.error(f"--burstiness must be > 0 (1: Poisson arrivals), got {args.burstiness:g}")
+    return args
+
+
+def _arrivals(args) -> str:
+    if math.isinf(args.request_rate):
+        return "closed loop"
+    kind = "Poisson" if args.burstiness == 1 else f"gamma (burstiness {args.burstiness:g})"
+    return f"{kind} arrivals at {args.request_rate:g} req/s (rescaled to N / rate, seed {args.seed})"
 
 
 async def amain(args) -> dict:
@@ -378,7 +422,7 @@ async def amain(args) -> dict:
         f"HTTP benchmark against {args.base_url} ({args.endpoint}, {'streaming' if args.stream else 'non-streaming'}), "
         f"{len(targets)} targets ({', '.join(f'{t}/{p}' for t, p in targets[:4])}{', ...' if len(targets) > 4 else ''}), "
         f"{args.requests} requests per level, "
-        f"{'closed loop' if math.isinf(args.request_rate) else f'Poisson arrivals at {args.request_rate:g} req/s'}, "
+        f"{_arrivals(args)}, "
         f"prompt {args.prompt_len} words, max_tokens {args.max_tokens}"
         f"{' (ignore_eos)' if args.ignore_eos else ''}. Client on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}, load average before {load_before}, after {load_after}.",

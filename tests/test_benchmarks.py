@@ -164,6 +164,83 @@ def test_bench_http_counts_a_broken_stream_as_an_error(monkeypatch, body, why):
     assert why in level["first_error"]
 
 
+def _mock_server(monkeypatch, handler):
+    """Every httpx.AsyncClient bench_http opens answers through `handler(request) -> httpx.Response`."""
+    import httpx
+
+    from benchmarks import bench_http
+
+    transport = httpx.MockTransport(handler)
+    real = httpx.AsyncClient
+    monkeypatch.setattr(bench_http.httpx, "AsyncClient", lambda **kw: real(transport=transport, **kw))
+
+
+def _gaps(times: list[float]) -> list[float]:
+    from itertools import pairwise
+
+    return [b - a for a, b in pairwise(times)]
+
+
+def _usage_response(request, tokens: int = 3):
+    import httpx
+
+    return httpx.Response(200, json={"text": "x", "usage": {"prompt_tokens": 4, "completion_tokens": tokens}})
+
+
+def test_bench_http_arrival_schedule_is_rescaled_seeded_and_gamma_with_burstiness():
+    """As vLLM's get_request: gaps of mean 1/rate, rescaled so that N requests span exactly N / rate; one schedule
+    per seed; gamma gaps of shape `burstiness` (coefficient of variation 1/sqrt(burstiness))."""
+    import statistics
+
+    from benchmarks.bench_http import arrival_offsets
+
+    offs = arrival_offsets(32, 2.0, 1.0, seed=0)
+    assert len(offs) == 32 and offs[-1] == pytest.approx(16.0) and offs[0] > 0
+    assert min(_gaps(offs)) >= 0
+    assert arrival_offsets(32, 2.0, 1.0, seed=0) == offs != arrival_offsets(32, 2.0, 1.0, seed=1)
+    assert arrival_offsets(4, float("inf"), 1.0, seed=0) == [0.0] * 4
+    for burstiness in (0.25, 1.0, 4.0):
+        offs = arrival_offsets(20000, 5.0, burstiness, seed=3)
+        gaps = _gaps([0.0, *offs])
+        assert offs[-1] == pytest.approx(4000.0) and statistics.fmean(gaps) == pytest.approx(0.2)
+        cv = statistics.pstdev(gaps) / statistics.fmean(gaps)
+        assert cv == pytest.approx(burstiness**-0.5, rel=0.1), (burstiness, cv)
+
+
+def test_bench_http_open_loop_sends_one_schedule_at_every_level_and_ends_with_the_last_request(monkeypatch):
+    """At --request-rate R the level lasts N / R (plus the last answer), not N / R plus a sleep after the last
+    request; every level of the sweep gets the same arrivals, sent at their absolute target times."""
+    import asyncio
+    import time
+
+    from benchmarks import bench_http
+
+    sent: list[float] = []
+
+    def handler(request):
+        sent.append(time.perf_counter())
+        return _usage_response(request)
+
+    _mock_server(monkeypatch, handler)
+    args = _bench_http_args("http://bench.invalid", "--concurrency", "1,3", "--requests", "5")
+    args.request_rate, args.seed = 10.0, 1
+    levels = asyncio.run(bench_http.amain(args))["levels"]
+    assert [lv["completed"] for lv in levels] == [5, 5] and len(sent) == 10
+    plan = bench_http.arrival_offsets(5, 10.0, 1.0, seed=1)
+    for i, level in enumerate(levels):
+        assert level["duration_s"] == pytest.approx(0.5, abs=0.08), level  # the last arrival is at 5 / 10 s
+        gaps = _gaps(sent[5 * i : 5 * i + 5])
+        assert gaps == pytest.approx(_gaps(plan), abs=0.03), (i, gaps, plan)
+
+
+def test_bench_http_refuses_a_burstiness_of_0(capsys):
+    from benchmarks import bench_http
+
+    with pytest.raises(SystemExit) as e:
+        bench_http.parse_args(["--request-rate", "5", "--burstiness", "0"])
+    assert e.value.code == 2 and "--burstiness must be > 0" in capsys.readouterr().err
+
+
 def test_readme_benchmark_tables_come_from_the_result_files():
     """README's latest CPU table and its history of runs are generated from benchmarks/results (no figure there
     without a result file); `python benchmarks/history.py` regenerates them."""
