@@ -180,18 +180,28 @@ def tpot(r: Result) -> float | None:
 
 
 def parse_goodput(spec: str) -> dict[str, float]:
-    """`ttft:500,tpot:50,e2e:4000` (ms) -> {"ttft": 0.5, ...}: the SLOs a request must all meet to count as good."""
+    """`ttft:500,tpot:50,e2e:4000` (ms) -> {"ttft": 0.5, ...}: the SLOs a request must all meet to count as good.
+    A bad spec raises argparse.ArgumentTypeError (parse_args turns it into a usage error before any request)."""
     slos: dict[str, float] = {}
     for item in (x for x in spec.split(",") if x.strip()):
         name, _, value = item.strip().partition(":")
-        if name not in ("ttft", "tpot", "e2e") or not value:
-            raise SystemExit(f"--goodput: expected ttft:MS, tpot:MS and/or e2e:MS, got {item!r}")
-        slos[name] = float(value) / 1000.0
+        try:
+            slo_ms = float(value)
+        except ValueError:
+            slo_ms = math.nan
+        if name not in ("ttft", "tpot", "e2e") or not (0 <= slo_ms < math.inf):
+            raise argparse.ArgumentTypeError(
+                f"expected ttft:MS, tpot:MS and/or e2e:MS (a number of milliseconds >= 0, comma-separated), "
+                f"got {item.strip()!r}"
+            )
+        slos[name] = slo_ms / 1000.0
     return slos
 
 
 def _good(r: Result, slos: dict[str, float]) -> bool:
-    got = {"ttft": r.ttft, "tpot": tpot(r), "e2e": r.e2e}
+    # a request with at most one output token has no time per output token: vLLM's calculate_metrics "regard[s]
+    # tpot as 0 for goodput" (else such requests could never be good under a tpot SLO)
+    got = {"ttft": r.ttft, "tpot": 0.0 if r.completion_tokens <= 1 else tpot(r), "e2e": r.e2e}
     return all(got[k] is not None and got[k] <= v for k, v in slos.items())  # type: ignore[operator]
 
 
@@ -270,7 +280,7 @@ async def run_level(args, targets: list[tuple[str, str]], concurrency: int, prom
     errors = Counter(r.status for r in results if not r.ok)
     first_err = next((r.error for r in results if not r.ok), "")
     tpots = [t for r in ok if (t := tpot(r)) is not None]
-    slos = parse_goodput(getattr(args, "goodput", "") or "")
+    slos: dict[str, float] = getattr(args, "goodput", None) or {}
     return {
         "concurrency": concurrency,
         "request_rate": None if math.isinf(rate) else rate,
@@ -354,8 +364,10 @@ def parse_args(argv: list[str] | None = None):
     )
     ap.add_argument(
         "--goodput",
+        type=parse_goodput,
         default="",
-        help="SLOs in ms, e.g. ttft:500,tpot:50,e2e:4000: also report the req/s of requests meeting all of them",
+        help="SLOs in ms, e.g. ttft:500,tpot:50,e2e:4000: also report the req/s of requests meeting all of them "
+        "(ttft and tpot need --stream)",
     )
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt length in words (~tokens)")
@@ -373,8 +385,26 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--seed-prefix-len", type=int, default=32)
     ap.add_argument("--out", default="", help="also write the report (markdown + JSON) to this file")
     args = ap.parse_args(argv)
+    try:
+        levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        ap.error(f"--concurrency: a comma list of integers >= 1, got {args.concurrency!r}")
+    if not args.request_rate > 0:  # (also NaN)
+        ap.error(f"--request-rate must be > 0 (inf, the default: closed loop), got {args.request_rate:g}")
     if not 0 < args.burstiness < math.inf:
         ap.error(f"--burstiness must be > 0 (1: Poisson arrivals), got {args.burstiness:g}")
+    for opt, lo in (("requests", 1), ("tenants", 1), ("max_tokens", 1), ("warmup", 0)):
+        if getattr(args, opt) < lo:
+            ap.error(f"--{opt.replace('_', '-')} must be >= {lo}, got {getattr(args, opt)}")
+    if args.model_list and not all(x.strip().partition("/")[0] for x in args.model_list.split(",")):
+        ap.error(f"--model-list: a comma list of tenant/prefix targets, got {args.model_list!r}")
+    if not args.stream and {"ttft", "tpot"} & set(args.goodput):
+        ap.error(
+            "--goodput with a ttft or tpot SLO needs --stream: TTFT and TPOT are only measured on streamed "
+            "responses (without --stream every request would miss them: goodput 0)"
+        )
     return args
 
 
@@ -416,6 +446,12 @@ async def amain(args) -> dict:
             file=sys.stderr,
             flush=True,
         )
+        if not r["completed"]:
+            print(
+                f"WARNING: concurrency {c}: all {r['requests']} requests failed; first error: {r['first_error']}",
+                file=sys.stderr,
+                flush=True,
+            )
     load_after = loadavg()
     info = machine_info(libs=False)
     lines = [
@@ -489,7 +525,15 @@ async def amain(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(amain(parse_args(argv)))
+    out = asyncio.run(amain(parse_args(argv)))
+    if not any(level["completed"] for level in out["levels"]):
+        # as vLLM's calculate_metrics: a run with no completed request measured nothing (a wrong URL, key, tenant or
+        # max_tokens); its 0 req/s rows must not pass for a result
+        first = next((level["first_error"] for level in out["levels"] if level["first_error"]), "")
+        raise SystemExit(
+            f"All requests failed: nothing was measured (check --base-url, --api-key, the targets and the server's "
+            f"log). First error: {first}"
+        )
 
 
 if __name__ == "__main__":

@@ -233,12 +233,86 @@ def test_bench_http_open_loop_sends_one_schedule_at_every_level_and_ends_with_th
         assert gaps == pytest.approx(_gaps(plan), abs=0.03), (i, gaps, plan)
 
 
-def test_bench_http_refuses_a_burstiness_of_0(capsys):
+def test_bench_http_goodput_counts_a_one_token_output_as_tpot_0(monkeypatch):
+    """vLLM's calculate_metrics: 'if output_len <= 1, we regard tpot as 0 for goodput'."""
+    import asyncio
+
+    import httpx
+
+    from benchmarks import bench_http
+
+    one = bench_http.Result(True, 200, ttft=0.02, e2e=0.02, completion_tokens=1)
+    assert bench_http._good(one, {"tpot": 0.001}) and not bench_http._good(one, {"ttft": 0.001, "tpot": 1.0})
+    slow = bench_http.Result(True, 200, ttft=0.1, e2e=1.1, completion_tokens=3)  # TPOT 0.5 s
+    assert not bench_http._good(slow, {"tpot": 0.1}) and bench_http._good(slow, {"tpot": 0.5})
+    body = b'data: {"text": "a", "usage": {"prompt_tokens": 4, "completion_tokens": 1}}\n\ndata: [DONE]\n\n'
+    _mock_server(
+        monkeypatch,
+        lambda request: httpx.Response(200, content=body, headers={"content-type": "text/event-stream"}),
+    )
+    args = _bench_http_args("http://bench.invalid", "--stream", "--max-tokens", "1", "--goodput", "tpot:10")
+    (level,) = asyncio.run(bench_http.amain(args))["levels"]
+    assert level["completed"] == 4 and level["goodput_req_s"] == level["req_s"] > 0, level
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--goodput", "ttft:500"], "needs --stream"),
+        (["--goodput", "e2e:100,tpot:50"], "needs --stream"),
+        (["--stream", "--goodput", "ttft:1s"], "'ttft:1s'"),
+        (["--stream", "--goodput", "itl:5"], "'itl:5'"),
+        (["--stream", "--goodput", "e2e:-1"], "'e2e:-1'"),
+        (["--request-rate", "0"], "--request-rate must be > 0"),
+        (["--request-rate", "-2"], "--request-rate must be > 0"),
+        (["--concurrency", "0", "--request-rate", "5"], "--concurrency"),
+        (["--concurrency", "1,0"], "--concurrency"),
+        (["--concurrency", "4,x"], "--concurrency"),
+        (["--tenants", "0"], "--tenants must be >= 1"),
+        (["--requests", "0"], "--requests must be >= 1"),
+        (["--request-rate", "5", "--burstiness", "0"], "--burstiness must be > 0"),
+    ],
+)
+def test_bench_http_refuses_bad_arguments_before_any_request(capsys, argv, why):
     from benchmarks import bench_http
 
     with pytest.raises(SystemExit) as e:
-        bench_http.parse_args(["--request-rate", "5", "--burstiness", "0"])
-    assert e.value.code == 2 and "--burstiness must be > 0" in capsys.readouterr().err
+        bench_http.parse_args(argv)
+    assert e.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_bench_http_parses_goodput_up_front():
+    from benchmarks import bench_http
+
+    args = bench_http.parse_args(["--stream", "--goodput", "ttft:500,tpot:50", "--request-rate", "3"])
+    assert args.goodput == {"ttft": 0.5, "tpot": 0.05} and (args.request_rate, args.burstiness) == (3.0, 1.0)
+    assert bench_http.parse_args(["--goodput", "e2e:4000"]).goodput == {"e2e": 4.0}  # e2e needs no stream
+    assert bench_http.parse_args([]).goodput == {}
+
+
+def test_bench_http_exits_non_zero_when_every_request_failed(capsys):
+    """A closed port: every request fails (status 0); the run says so and exits non-zero, as vLLM warns."""
+    import socket
+
+    from benchmarks import bench_http
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [
+        "--base-url",
+        f"http://127.0.0.1:{port}",
+        "--concurrency",
+        "1,2",
+        "--requests",
+        "2",
+        "--warmup",
+        "0",
+    ]
+    with pytest.raises(SystemExit) as e:
+        bench_http.main(argv)
+    assert e.value.code not in (0, None) and "All requests failed" in str(e.value.code)
+    assert "concurrency 2: all 2 requests failed" in capsys.readouterr().err
 
 
 def test_readme_benchmark_tables_come_from_the_result_files():
