@@ -205,6 +205,25 @@ def _good(r: Result, slos: dict[str, float]) -> bool:
     return all(got[k] is not None and got[k] <= v for k, v in slos.items())  # type: ignore[operator]
 
 
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with the value of `--api-key` (or an abbreviation argparse accepts, or `--api-key=...`)
+    replaced by `***`: reports are committed to benchmarks/results."""
+    out: list[str] = []
+    hide = False
+    for a in argv:
+        if hide:
+            out.append("***")
+            hide = False
+            continue
+        name, eq, _ = a.partition("=")
+        if len(name) >= 3 and "--api-key".startswith(name):
+            out.append(f"{name}=***" if eq else a)
+            hide = not eq
+        else:
+            out.append(a)
+    return out
+
+
 def arrival_offsets(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
     """The send times (seconds from the start of a level) of `n` open-loop requests at `rate` req/s, as vLLM's
     get_request: gaps drawn from a gamma distribution of shape `burstiness` and scale 1 / (rate * burstiness)
@@ -385,6 +404,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--seed-prefix-len", type=int, default=32)
     ap.add_argument("--out", default="", help="also write the report (markdown + JSON) to this file")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the report's command line (redacted there)
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     except ValueError:
@@ -454,6 +474,8 @@ async def amain(args) -> dict:
             )
     load_after = loadavg()
     info = machine_info(libs=False)
+    # reports are committed to benchmarks/results: the command line without the --api-key
+    command = " ".join(redact_argv(getattr(args, "argv", sys.argv[1:])))
     lines = [
         f"HTTP benchmark against {args.base_url} ({args.endpoint}, {'streaming' if args.stream else 'non-streaming'}), "
         f"{len(targets)} targets ({', '.join(f'{t}/{p}' for t, p in targets[:4])}{', ...' if len(targets) > 4 else ''}), "
@@ -463,7 +485,7 @@ async def amain(args) -> dict:
         f"{' (ignore_eos)' if args.ignore_eos else ''}. Client on {info['cpu']} ({info['cores']} cores), "
         f"{info['date']}, load average before {load_before}, after {load_after}.",
         "",
-        f"Command: `python benchmarks/bench_http.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python benchmarks/bench_http.py {command}`",
         "",
         markdown_table(
             [

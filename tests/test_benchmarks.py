@@ -290,6 +290,33 @@ def test_bench_http_parses_goodput_up_front():
     assert bench_http.parse_args([]).goodput == {}
 
 
+@pytest.mark.parametrize(
+    "key_args", [["--api-key", "s3cret-key"], ["--api-key=s3cret-key"], ["--api", "s3cret-key"]]
+)
+def test_bench_http_report_does_not_carry_the_api_key(monkeypatch, tmp_path, capsys, key_args):
+    """Reports are committed to benchmarks/results: the key is sent, never written."""
+    import sys
+
+    from benchmarks import bench_http
+
+    auth = []
+
+    def handler(request):
+        auth.append(request.headers.get("authorization"))
+        return _usage_response(request)
+
+    _mock_server(monkeypatch, handler)
+    out = tmp_path / "report.md"
+    argv = ["--base-url", "http://bench.invalid", "--tenants", "2", "--concurrency", "1", "--requests", "2"]
+    argv += ["--max-tokens", "3", "--warmup", "0", *key_args, "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["bench_http.py", *argv])
+    bench_http.main(argv)
+    assert auth == ["Bearer s3cret-key"] * 2
+    report = out.read_text()
+    assert "s3cret-key" not in report and "s3cret-key" not in capsys.readouterr().out
+    assert f"{key_args[0].partition('=')[0]}{'=' if '=' in key_args[0] else ' '}***" in report
+
+
 def test_bench_http_exits_non_zero_when_every_request_failed(capsys):
     """A closed port: every request fails (status 0); the run says so and exits non-zero, as vLLM warns."""
     import socket
