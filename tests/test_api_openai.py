@@ -11,7 +11,7 @@ import pytest
 from server.api.logprobs import TextOffsets, TokenTexts, chat_logprobs, completion_logprobs
 from server.engine import TokenLogprob
 from tests.fixtures.models import make_tiny_tokenizer
-from tests.fixtures.server import assert_error, metric_value, parse_sse
+from tests.fixtures.server import PARTS_TEMPLATE, assert_error, metric_value, parse_sse
 
 KEY = "sk-acme-1b2c3d4e"
 
@@ -1158,15 +1158,6 @@ def test_echoed_raw_prompts_offsets_point_into_the_text_with_a_sentencepiece_voc
             assert t.startswith("bytes:") or text[at : at + len(t)] == t, (stream, t, at, text)
 
 
-# Gemma 3's way with content (abridged): a string, or parts it loops over
-PARTS_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}<{{ message['role'] }}>"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
-
 def test_a_template_that_loops_over_content_gets_the_parts(srv):
     """As vLLM reads a template (its syntax tree): one that loops over `message['content']` gets text parts (two
     parts "Hello", "world" render as Gemma 3 renders them, "Helloworld"), one that prints the content gets the
@@ -1213,8 +1204,8 @@ def test_a_template_that_loops_over_content_gets_the_parts(srv):
     import copy
     import pickle
 
-    from server.api.service import _message_text
+    from server.model.chat_content import message_text
 
-    text = _message_text(parts)
+    text = message_text(parts)
     for again in (copy.copy(text), copy.deepcopy(text), pickle.loads(pickle.dumps(text))):
         assert again == "Hello\nworld" and again.parts == ("Hello", "world")

@@ -50,6 +50,7 @@ from server.engine.daemon_pool import DaemonThreadPool
 from server.engine.thinking import closing_tag_rest, tokens_after_tag
 from server.engine.types import ThinkingBudget, ThinkMode
 from server.model import ModelBundle
+from server.model.chat_content import NotTextPart, TextParts, message_text
 from server.prefixes import validate_kv
 from server.settings import Settings
 
@@ -154,38 +155,19 @@ def render_messages(
     return list(_model.render_messages(tokenizer, messages, tools, **options))
 
 
-class TextParts(str):
-    """A chat message's text (its parts joined by newlines, as vLLM joins them for a template that prints
-    `message.content`) that keeps the parts, for a template that loops over them (`render_messages`)."""
-
-    parts: tuple[str, ...]
-
-    def __new__(cls, parts: list[str]) -> TextParts:
-        text = super().__new__(cls, "\n".join(parts))
-        text.parts = tuple(parts)
-        return text
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        """(copy, deepcopy, pickle: made again from its parts, not its text)"""
-        return TextParts, (list(self.parts),)
-
-
 def _message_text(content: Any) -> str:
-    """The text of an OpenAI chat message's content (a string or text parts; other parts are refused)."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(
-                400, "only text content parts are supported", code="unsupported_content", param="messages"
-            )
-        parts.append(part["text"])
-    try:  # parts are joined by newlines, as vLLM does ("Hello" + "world" is not "Helloworld")
-        check_text("\n".join(parts))
-        return TextParts(parts)
-    except ValueError as e:
-        raise APIError(422, str(e), param="messages") from None
+    """The text of an OpenAI chat message's content (`chat_content.message_text`: a string, or text parts kept as
+    `TextParts`; other parts are refused)."""
+    try:
+        text = message_text(content)
+    except NotTextPart as e:
+        raise APIError(400, str(e), code="unsupported_content", param="messages") from None
+    if isinstance(text, TextParts):  # (a string was checked as the request was read)
+        try:
+            check_text(text)
+        except ValueError as e:
+            raise APIError(422, str(e), param="messages") from None
+    return text
 
 
 def chat_messages(messages: Iterable[Any]) -> list[dict[str, str]]:

@@ -68,6 +68,41 @@ def loops_over_content(template: str) -> bool:
     return bool(message_names) and next(_loop_targets(root, message_names, "content"), None) is not None
 
 
+class TextParts(str):
+    """A chat message's text (its parts joined by newlines, as vLLM joins them for a template that prints
+    `message.content`) that keeps the parts, for a template that loops over them (`content_parts`)."""
+
+    parts: tuple[str, ...]
+
+    def __new__(cls, parts: list[str]) -> TextParts:
+        text = super().__new__(cls, "\n".join(parts))
+        text.parts = tuple(parts)
+        return text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """(copy, deepcopy, pickle: made again from its parts, not its text)"""
+        return TextParts, (list(self.parts),)
+
+
+class NotTextPart(ValueError):
+    """A message's content part that is not text (an image, audio, ...)."""
+
+
+def message_text(content: Any) -> str:
+    """The text of an OpenAI chat message's content as the chat template takes it: a string as it is (None: ""), a
+    list of text parts (`{"type": "text", "text": ...}`) as `TextParts` (any other part: NotTextPart). Every route
+    that takes text parts (chat, Responses, Anthropic) passes them this way, so the same parts are the same tokens."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise NotTextPart("only text content parts are supported")
+        parts.append(part["text"])
+    # joined by newlines, as vLLM does ("Hello" + "world" is not "Helloworld"), unless the template loops over them
+    return TextParts(parts)
+
+
 def content_parts(content: Any) -> Any:
     """A message's content as OpenAI text parts: a string's own parts where it keeps them (`TextParts`), else the
     string as one part, "" too (as vLLM's: `continue_final_message` needs a text part to continue)."""
