@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from tests.fixtures.server import PARTS_TEMPLATE, chat_template, template_calls
+
 anthropic = pytest.importorskip("anthropic")
 
 KEY = "sk-acme-claude"
@@ -91,6 +93,67 @@ def test_a_message_is_the_chat_answer(srv, claude):
     want = chat(srv, messages=[{"role": "system", "content": "Be brief."}, *ASK])
     assert sys_msg.content[0].text == want["choices"][0]["message"]["content"]
     assert total_input(sys_msg) == want["usage"]["prompt_tokens"]
+
+
+def _blocks(*texts: str) -> list[dict]:
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_text_blocks_reach_a_template_that_loops_over_them_as_the_chats_text_parts(srv):
+    """A list of text blocks (system, user, assistant, a tool_result's) is the chat message's text parts: a template
+    that loops over a message's content (Gemma 3's) gets them as parts, as from /v1/chat/completions ("Hello",
+    "world" render "Helloworld", not "Hello\\nworld"), so the prompt is the same tokens (the chat path runs it)."""
+    tok = srv.svc.bundle.tokenizer
+    call = {
+        "id": "toolu_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    chat_messages = [
+        {"role": "system", "content": _blocks("Be", "brief.")},
+        {"role": "user", "content": _blocks("Hello", "world")},
+        {"role": "assistant", "content": _blocks("Let me", "look."), "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": _blocks("Error: no", "network")},
+        {"role": "user", "content": _blocks("Try", "again")},
+    ]
+    use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+    result = {
+        "type": "tool_result",
+        "tool_use_id": "toolu_1",
+        "is_error": True,
+        "content": _blocks("no", "network"),
+    }
+    body = {
+        "model": "acme/bot",
+        "max_tokens": 1,
+        "system": _blocks("Be", "brief."),
+        "messages": [
+            {"role": "user", "content": _blocks("Hello", "world")},
+            {"role": "assistant", "content": [*_blocks("Let me", "look."), use]},
+            {"role": "user", "content": [result, *_blocks("Try", "again")]},
+        ],
+    }
+    c = srv.client(KEY)
+    with chat_template(tok, PARTS_TEMPLATE), template_calls(tok) as seen:
+        chat = c.post(
+            "/v1/chat/completions", json={"model": "acme/bot", "messages": chat_messages, "max_tokens": 1}
+        )
+        assert chat.status_code == 200, chat.text
+        msg = c.post("/v1/messages", json=body)
+        assert msg.status_code == 200, msg.text
+        count = c.post("/v1/messages/count_tokens", json=body)
+        assert count.status_code == 200, count.text
+        tokens = c.post("/tokenize", json={"model": "acme/bot", "messages": chat_messages}).json()["tokens"]
+    assert "<user>Helloworld</s><assistant>Let melook.</s><tool>Error: nonetwork</s>" in tok.decode(tokens)
+    usage = msg.json()["usage"]
+    total = usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"]
+    assert total == count.json()["input_tokens"] == chat.json()["usage"]["prompt_tokens"] == len(tokens)
+    # the template got the same messages (chat, messages, count_tokens, tokenize): the same parts
+    assert len(seen) == 4 and all(s[0] == seen[0][0] for s in seen)
+    # a text block's text is checked as the chat's is, and the error names the block
+    bad = {**body, "messages": [{"role": "user", "content": _blocks("a", "b\u0000")}]}
+    r = c.post("/v1/messages", json=bad)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[1].text", r.text
 
 
 def test_streamed_events_make_the_same_message(claude):

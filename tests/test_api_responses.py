@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 
-from tests.fixtures.server import assert_error
+from tests.fixtures.server import PARTS_TEMPLATE, assert_error, chat_template, template_calls
 
 KEY = "sk-acme-responses"
 WEATHER = {
@@ -291,6 +291,11 @@ REFUSED = [
         400,
         "input[1].content",
     ),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_text", "text": "a\u0000b"}]}]},
+        400,
+        "input[0].content[0].text",
+    ),
     ({"tools": [{"type": "function", "name": "bad name!"}]}, 400, "tools[0].name"),
 ]
 
@@ -301,6 +306,44 @@ def test_what_a_stateless_text_server_refuses(srv):
         body = {"model": "acme", "input": "hi", "max_output_tokens": 4, **extra}
         err = assert_error(c.post("/v1/responses", json=body), status)
         assert err["param"] == param, (extra, err)
+
+
+def _parts(kind: str, *texts: str) -> list[dict]:
+    return [{"type": kind, "text": t} for t in texts]
+
+
+def test_text_parts_reach_a_template_that_loops_over_them_as_the_chat_routes_do(srv):
+    """A message's text parts (input_text, output_text) are the chat message's text parts: a template that loops
+    over a message's content (Gemma 3's) gets them as parts, as from /v1/chat/completions ("Hello", "world" render
+    "Helloworld", not "Hello\\nworld"), so the prompt is the same tokens (the route is served by the chat route)."""
+    tok = srv.svc.bundle.tokenizer
+    chat_messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": _parts("text", "Hello", "world")},
+        {"role": "assistant", "content": _parts("text", "Hi", "there")},
+        {"role": "user", "content": _parts("text", "How", "are you?")},
+    ]
+    items = [
+        {"type": "message", "role": "user", "content": _parts("input_text", "Hello", "world")},
+        {"type": "message", "role": "assistant", "content": _parts("output_text", "Hi", "there")},
+        {"type": "message", "role": "user", "content": _parts("input_text", "How", "are you?")},
+    ]
+    c = srv.client(KEY)
+    with chat_template(tok, PARTS_TEMPLATE), template_calls(tok) as seen:
+        chat = c.post(
+            "/v1/chat/completions", json={"model": "acme", "messages": chat_messages, "max_tokens": 1}
+        )
+        assert chat.status_code == 200, chat.text
+        r = c.post(
+            "/v1/responses",
+            json={"model": "acme", "instructions": "Be brief.", "input": items, "max_output_tokens": 1},
+        )
+        assert r.status_code == 200, r.text
+        tokens = c.post("/tokenize", json={"model": "acme", "messages": chat_messages}).json()["tokens"]
+    assert "<user>Helloworld</s><assistant>Hithere</s>" in tok.decode(tokens)
+    assert r.json()["usage"]["input_tokens"] == chat.json()["usage"]["prompt_tokens"] == len(tokens)
+    # the template got the same messages (chat, responses, tokenize): the same parts
+    assert len(seen) == 3 and seen[1][0] == seen[0][0] == seen[2][0]
 
 
 def _stream_final(srv, body: dict) -> dict:

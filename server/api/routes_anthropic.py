@@ -23,7 +23,7 @@ from server.api.errors import COMMON_ERRORS, APIError, anthropic_error, loc_para
 from server.api.model_ids import parse_model, served_names
 from server.api.routes_generate import SSE_DOC
 from server.api.routes_openai import _as_openai_error, _chat_plan, _Choices, _start, chat_stream
-from server.api.schemas import MAX_MODEL_ID, ChatCompletionRequest, StopText, TopK, TopP
+from server.api.schemas import MAX_MODEL_ID, ChatCompletionRequest, StopText, TopK, TopP, check_text
 from server.api.streaming import EngineEventStream
 from server.api.tool_parsers import loads
 
@@ -82,18 +82,46 @@ class CountTokensRequest(MessagesRequest):
     max_tokens: int = Field(1, ge=1)
 
 
-def _text(value: Any, where: str) -> str:
-    """A text field or a list of text blocks as one text."""
+def _parts(texts: list[str]) -> list[dict[str, str]]:
+    """Text blocks' texts as chat's text parts, which the chat route joins or passes as parts to a template that
+    loops over them (`chat_content.message_text`), as it does a chat message's."""
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def _error_text(content: str | list[dict[str, str]]) -> str | list[dict[str, str]]:
+    """A failed tool_result's content: its text after "Error: " (a list of parts: the first's)."""
+    if isinstance(content, str) or not content:
+        return f"Error: {_joined(content)}"
+    return [{**content[0], "text": f"Error: {content[0]['text']}"}, *content[1:]]
+
+
+def _joined(content: Any) -> str:
+    """A chat message's content (None, text or text parts) as one text, as a template that prints it reads it."""
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content)
+    return content or ""
+
+
+def _checked(text: str, where: str) -> str:
+    """A text block's text, checked as chat's text is (a chat message's string content is checked as it is read)."""
+    try:
+        return check_text(text)
+    except ValueError as e:
+        raise APIError(422, str(e), param=where) from None
+
+
+def _text(value: Any, where: str) -> str | list[dict[str, str]]:
+    """A text field, or a list of text blocks as chat's text parts."""
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
         raise APIError(422, "expected text or a list of text blocks", param=where)
-    parts = []
+    texts = []
     for j, b in enumerate(value):
         if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
             raise APIError(422, "only text blocks are supported here", param=f"{where}[{j}]")
-        parts.append(b["text"])
-    return "\n".join(parts)
+        texts.append(_checked(b["text"], f"{where}[{j}].text"))
+    return _parts(texts)
 
 
 def _messages(body: MessagesRequest) -> tuple[list[dict[str, Any]], list[int | None]]:
@@ -121,7 +149,7 @@ def _messages(body: MessagesRequest) -> tuple[list[dict[str, Any]], list[int | N
             where = f"messages[{i}].content[{j}]"
             kind = b.get("type") if isinstance(b, dict) else None
             if kind == "text" and isinstance(b.get("text"), str):
-                texts.append(b["text"])
+                texts.append(_checked(b["text"], f"{where}.text"))
             elif kind == "tool_use" and m.role == "assistant":
                 if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
                     raise APIError(422, "a tool_use block has a name and an input object", param=where)
@@ -134,7 +162,7 @@ def _messages(body: MessagesRequest) -> tuple[list[dict[str, Any]], list[int | N
                 content = b.get("content", "")
                 text = _text(content, f"{where}.content") if content is not None else ""
                 if b.get("is_error"):  # (a chat template has no field for it: the model reads it in the text)
-                    text = f"Error: {text}"
+                    text = _error_text(text)
                 results.append(
                     {"role": "tool", "tool_call_id": str(b.get("tool_use_id") or ""), "content": text}
                 )
@@ -150,7 +178,7 @@ def _messages(body: MessagesRequest) -> tuple[list[dict[str, Any]], list[int | N
                     param=f"{where}.type",
                 )
         if m.role == "assistant":
-            msg: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) if texts else None}
+            msg: dict[str, Any] = {"role": "assistant", "content": _parts(texts) if texts else None}
             if calls:
                 msg["tool_calls"] = calls
             if thoughts:
@@ -163,7 +191,7 @@ def _messages(body: MessagesRequest) -> tuple[list[dict[str, Any]], list[int | N
         )  # (the answers to the previous turn's calls come first, as the chat templates expect)
         origins.extend([i] * len(results))
         if texts or not results:
-            out.append({"role": "user", "content": "\n".join(texts)})
+            out.append({"role": "user", "content": _parts(texts)})
             origins.append(i)
     return out, origins
 
@@ -263,7 +291,7 @@ def chat_request(body: MessagesRequest, stream: bool | None = None) -> ChatCompl
         # enforced where the server knows the thinking's tags (`messages` drops it otherwise)
         fields["thinking_token_budget"] = (body.thinking or {})["budget_tokens"]
     last = messages[-1] if messages else {}
-    if last.get("role") == "assistant" and last.get("content") and not last.get("tool_calls"):
+    if last.get("role") == "assistant" and _joined(last.get("content")) and not last.get("tool_calls"):
         # a prefill: the answer continues the last assistant turn's text (Anthropic's), which it does not repeat
         fields.update(continue_final_message=True, add_generation_prompt=False)
     fields.update(_output_config(body.output_config))

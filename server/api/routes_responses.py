@@ -38,6 +38,7 @@ from server.api.schemas import (
     TopK,
     TopLogprobs,
     TopP,
+    check_text,
 )
 from server.api.service import Service
 from server.api.streaming import EngineEventStream, json_off_loop
@@ -149,17 +150,22 @@ def _unsupported(message: str, param: str) -> APIError:
     return APIError(400, message, code="unsupported_parameter", param=param)
 
 
-def _text_of(content: Any, where: str) -> str:
-    """A message's content: a string, or a list of text parts (input_text / output_text / text)."""
+def _text_of(content: Any, where: str) -> str | list[dict[str, str]]:
+    """A message's content as the chat request takes it: a string, or a list of text parts (input_text /
+    output_text / text) as chat's text parts, which the chat route joins or passes as parts to a template that loops
+    over them (`chat_content.message_text`), as it does a chat message's."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise APIError(422, "content must be a string or a list of parts", code="invalid_value", param=where)
-    texts = []
+    parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            try:
+                parts.append({"type": "text", "text": check_text(part["text"])})
+            except ValueError as e:
+                raise APIError(422, str(e), code="invalid_value", param=f"{where}[{j}].text") from None
         elif kind in ("input_image", "input_file", "input_audio"):
             raise _unsupported(f"{kind} parts are not supported: this model reads text", f"{where}[{j}]")
         else:
@@ -169,7 +175,7 @@ def _text_of(content: Any, where: str) -> str:
                 code="invalid_value",
                 param=f"{where}[{j}]",
             )
-    return "\n".join(texts)  # as the chat route joins text parts (service._message_text)
+    return parts
 
 
 def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[int | None]]:
