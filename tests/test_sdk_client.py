@@ -388,7 +388,9 @@ def test_a_pydantic_class_is_sent_as_a_strict_schema() -> None:
             "type": "object",
             "properties": {
                 "a": {"type": "array", "items": {"type": "object", "properties": {"b": {"type": "integer"}}}},
-                "c": {"anyOf": [{"type": ["object", "null"]}, {"type": "string"}]},
+                "c": {"anyOf": [{"type": ["object", "null"], "properties": {}}, {"type": "string"}]},
+                # pydantic < 2.11 writes `dict[str, Any]` so (the SDK allows pydantic 2.7): an open object
+                "d": {"title": "D", "type": "object"},
             },
         }
     )
@@ -396,6 +398,7 @@ def test_a_pydantic_class_is_sent_as_a_strict_schema() -> None:
     assert inline["properties"]["a"]["items"]["additionalProperties"] is False
     assert inline["properties"]["c"]["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in inline["properties"]["c"]["anyOf"][1]
+    assert inline["properties"]["d"] == {"title": "D", "type": "object"}
     # a schema given as a dict is the caller's: sent as given
     assert structured_outputs_body({"json": {"type": "object"}}) == {"json": {"type": "object"}}
 

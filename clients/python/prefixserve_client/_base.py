@@ -383,7 +383,8 @@ def strict_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     ``"additionalProperties": false``, in ``$defs`` too (what ``openai``'s ``.parse()`` does to a pydantic model's
     schema). Without it an object may hold any further key, and a constrained model may go on adding keys until
     ``max_tokens``. An object that says what else it allows (a pydantic model with ``extra="allow"``, a ``dict``
-    field) keeps its ``additionalProperties``."""
+    field) keeps its ``additionalProperties``, and one without ``properties`` (a ``dict`` field, as pydantic before
+    2.11 writes it) stays open."""
     out = copy.deepcopy(schema)
     _make_strict(out)
     return out
@@ -392,9 +393,10 @@ def strict_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
 def _make_strict(node: Any) -> None:
     if not isinstance(node, dict):
         return
-    kind = node.get("type")
-    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in node
-    if is_object and "additionalProperties" not in node:
+    # an object that names its properties (a pydantic model, even one without fields) is closed; one that names none
+    # is a dict (any keys): pydantic before 2.11 writes `dict[str, Any]` as a bare {"type": "object"}, which
+    # closing would force to be {}
+    if "properties" in node and "additionalProperties" not in node:
         node["additionalProperties"] = False
     for key in _SCHEMA_KEYS:
         if isinstance(node.get(key), dict):
