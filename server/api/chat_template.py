@@ -67,15 +67,19 @@ def template_options(body: ChatBody) -> dict[str, Any]:
 
 
 async def render_chat(
-    svc: Service, body: ChatBody, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    svc: Service,
+    body: ChatBody,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    param: str = "messages",
 ) -> list[int]:
     """Token ids of `messages` (the body's, as the template takes them) with the body's template options, on the
-    tokenizer threads."""
+    tokenizer threads. `param`: the request's field the messages came from, which a prompt too long names."""
     render = functools.partial(render_messages, **template_options(body))
     chars = sum(len(str(m.get("content") or "")) for m in messages)
     chars += sum(len(v) for d in body.documents or () for v in d.values())
     truncating = getattr(body, "truncate_prompt_tokens", None) is not None or getattr(
         body, "_drop_turns", False
     )
-    svc.check_prompt_chars(chars, "messages", truncating=truncating)
-    return await svc.tokenize(render, svc.bundle.tokenizer, messages, tools, param="messages")
+    svc.check_prompt_chars(chars, param, truncating=truncating)
+    return await svc.tokenize(render, svc.bundle.tokenizer, messages, tools, param=param)

@@ -216,6 +216,12 @@ def with_path_shape(body: dict[str, Any], status: int, path: str) -> dict[str, A
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def field_name(param: str) -> str:
+    """A body field as a message names it: a dotted one by its last part (`parameters.max_new_tokens` →
+    `max_new_tokens`), as clients know it; the error's `param` keeps the whole path."""
+    return param.rpartition(".")[2]
+
+
 def loc_param(loc: tuple[Any, ...]) -> str | None:
     """`("body", "messages", 0, "content")` → `"messages[0].content"` (the spelling the training checks use too):
     field names and indexes only, pydantic's type tags (`"list[function-after[...]]"`) left out."""

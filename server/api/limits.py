@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from prefix_store.names import is_valid_name
-from server.api.errors import APIError
+from server.api.errors import APIError, field_name
 
 log = logging.getLogger("prefixserve.limits")
 
@@ -211,17 +211,27 @@ class RateLimiter:
         )
 
     # ------------------------------------------------------------------ API
-    async def charge(self, tenant: str, tokens: int) -> dict[str, str]:
+    async def charge(
+        self,
+        tenant: str,
+        tokens: int,
+        *,
+        prompt_param: str = "prompt",
+        max_tokens_param: str = "max_tokens",
+    ) -> dict[str, str]:
         """Charge one request and `tokens` (prompt + max_tokens of all its samples), both or neither; returns the
-        x-ratelimit-* headers. Raises APIError 413 (more tokens than the whole budget) or 429 + Retry-After."""
+        x-ratelimit-* headers. Raises APIError 413 (more tokens than the whole budget) or 429 + Retry-After.
+        `prompt_param`, `max_tokens_param`: the request's own fields for the two (`RequestInfo`'s), which the 413
+        names."""
         lim = self.limit(tenant)
         if lim.tokens_per_minute is not None and tokens > lim.tokens_per_minute:
+            out = field_name(max_tokens_param)
             raise APIError(
                 413,
-                f"request needs {tokens} tokens (prompt + max_tokens), more than the tenant's limit of "
-                f"{lim.tokens_per_minute} tokens per minute; lower max_tokens",
+                f"request needs {tokens} tokens ({field_name(prompt_param)} + {out}), more than the tenant's "
+                f"limit of {lim.tokens_per_minute} tokens per minute; lower {out}",
                 code="tokens_per_minute_exceeded",
-                param="max_tokens",
+                param=max_tokens_param,
             )
         lv = await self._apply(tenant, lim, 1, tokens)
         headers = self._headers(lim, lv)

@@ -29,6 +29,10 @@ from server.api.tool_parsers import loads
 
 router = APIRouter(prefix="/v1", tags=["anthropic"])
 
+# the body's fields that errors about the prompt's and the output's sizes name (`RequestInfo.prompt_param`,
+# `max_tokens_param`)
+PARAMS = ("messages", "max_tokens")
+
 
 class AnthropicMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -488,8 +492,10 @@ async def messages(
     chat = chat_request(body)
     if get_service(request).reasoning is None:
         chat.thinking_token_budget = None  # (a model without a reasoning parser: no thinking to bound)
+    info = get_info(request)
+    info.prompt_param, info.max_tokens_param = PARAMS
     ch = await _start(request, principal, chat, chat=True)
-    stream = _Stream(ch, "msg_" + get_info(request).request_id, body.model)
+    stream = _Stream(ch, "msg_" + info.request_id, body.model)
     if body.stream:
         return EngineEventStream(ch.runs, stream.events, end=None, error_frame=stream.failed)
     gone = await ch.drain(request, stream.drain)
@@ -505,6 +511,7 @@ async def count_tokens(
     body: CountTokensRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> dict[str, int]:
     svc, info = get_service(request), get_info(request)
+    info.prompt_param, info.max_tokens_param = PARAMS
     chat = chat_request(body, stream=False)
     tenant, name, version = parse_model(body.model, principal, served_names(request, svc))
     try:

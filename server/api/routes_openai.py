@@ -24,7 +24,7 @@ from server.api.auth import Principal, get_principal
 from server.api.beam import MAX_BEAM_WIDTH, BeamParams
 from server.api.chat_template import render_chat
 from server.api.deps import app_state, get_info, get_service, store_call
-from server.api.errors import COMMON_ERRORS, APIError
+from server.api.errors import COMMON_ERRORS, APIError, field_name
 from server.api.logprobs import (
     TextOffsets,
     TokenTexts,
@@ -78,7 +78,7 @@ class _Plan:
     tools: ToolPlan = field(default_factory=ToolPlan)  # chat: function calling
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs (not echo's)
     chat_echo: str = ""  # chat with echo: the last (assistant) message's text, which the content starts with
-    max_tokens_param: str = "max_tokens"  # the field max_tokens came from (chat: or max_completion_tokens)
+    max_tokens_param: str = "max_tokens"  # the field max_tokens came from (`RequestInfo.max_tokens_param`)
     # vLLM's return_tokens_as_token_ids: logprobs' tokens spelled `token_id:N`
     token_ids_as_text: bool = False
     return_token_ids: bool = False  # vLLM's: prompt_token_ids and token_ids beside the text
@@ -188,9 +188,11 @@ async def _drop_turns(
     tools: list[dict[str, Any]] | None,
     fit: int,
     ids: list[int],
+    param: str,
 ) -> list[int]:
     """The prompt of the fewest oldest turns dropped (the leading system messages and the last turn kept) that fits
-    in `fit` tokens, found by bisection; the last turn alone if none does (then too long: refused as such)."""
+    in `fit` tokens, found by bisection; the last turn alone if none does (then too long: refused as such). `param`:
+    the request's field the messages came from."""
     head = next(
         (i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")), len(messages)
     )
@@ -201,26 +203,34 @@ async def _drop_turns(
     best = None
     while lo <= hi:
         k = (lo + hi) // 2
-        got = await render_chat(svc, body, messages[:head] + messages[k:], tools) if k > head else ids
+        got = await render_chat(svc, body, messages[:head] + messages[k:], tools, param) if k > head else ids
         if len(got) <= fit:
             best, hi = got, k - 1
         else:
             lo = k + 1
     if best is None:
-        best = await render_chat(svc, body, messages[:head] + messages[-1:], tools)
+        best = await render_chat(svc, body, messages[:head] + messages[-1:], tools, param)
     return best
 
 
+def chat_params(body: ChatCompletionRequest) -> tuple[str, str]:
+    """The chat route's fields for the prompt and the output's length (`RequestInfo.prompt_param`,
+    `max_tokens_param`): max_completion_tokens where it was sent (it wins), else max_tokens."""
+    return "messages", "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+
+
 async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefix: Any) -> _Plan:
+    """What a chat body asks of the engine. Errors name the fields the route set on `info` (`prompt_param`,
+    `max_tokens_param`: the chat route's `chat_params`, the Responses and Messages routes' own)."""
     tools = tool_plan(body, svc.tool_parser)
     messages = template_messages(body.messages, svc.tool_parser.short_ids)
     if svc.settings.log_prompts:
         info.prompt = "\n".join(m["content"] for m in messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    ids = await render_chat(svc, body, messages, tools.tools)
+    ids = await render_chat(svc, body, messages, tools.tools, info.prompt_param)
     fit = _chat_fit(svc, prefix.prefix_length, max_tokens, len(ids))
     if body._drop_turns and len(ids) > fit:
-        ids = await _drop_turns(svc, body, messages, tools.tools, fit, ids)
+        ids = await _drop_turns(svc, body, messages, tools.tools, fit, ids, info.prompt_param)
     ids = truncate_prompt(ids, body.truncate_prompt_tokens, fit)
     if max_tokens is None:  # OpenAI: up to the context; here also capped by max_new_tokens
         room = svc.llm.room(prefix.prefix_length, len(ids))
@@ -231,11 +241,15 @@ async def _chat_plan(svc: Service, info: Any, body: ChatCompletionRequest, prefi
             422, "top_logprobs needs logprobs to be true", code="invalid_value", param="top_logprobs"
         )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    which = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    info.prompt_param, info.max_tokens_param = "messages", which
     echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
     return _Plan(
-        [ids], max_tokens, logprobs, "top_logprobs", tools=tools, max_tokens_param=which, chat_echo=echo
+        [ids],
+        max_tokens,
+        logprobs,
+        "top_logprobs",
+        tools=tools,
+        max_tokens_param=info.max_tokens_param,
+        chat_echo=echo,
     )
 
 
@@ -563,7 +577,8 @@ def _as_openai_error(e: APIError, model: str, served: tuple[str, ...] = ()) -> A
         return e
     message = e.message
     if e.code == "prompt_too_long":
-        message = f"This model's maximum context length for a prompt is set by this server: {e.message}"
+        asked = field_name(e.param or "prompt")  # (the route's own field: its message names no other's)
+        message = f"This model's maximum context length for the {asked} is set by this server: {e.message}"
     elif "maximum context length" not in message:  # the engine's KV-cache budget
         message = f"This request exceeds the maximum context length this server can hold: {e.message}"
     return APIError(400, message, code="context_length_exceeded", param=e.param, headers=e.headers)
@@ -797,6 +812,8 @@ async def _completion_frames(ch: _Choices, cid: str, usage_mode: UsageMode) -> A
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> Any:
+    info = get_info(request)
+    info.prompt_param, info.max_tokens_param = chat_params(body)
     ch = await _start(request, principal, body, chat=True)
     cid = "chatcmpl-" + get_info(request).request_id  # (vLLM: X-Request-Id, when given)
     if body.stream:

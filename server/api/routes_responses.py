@@ -470,12 +470,14 @@ async def responses(
     body: ResponsesRequest, request: Request, principal: Principal = Depends(get_principal)
 ) -> Any:
     chat = chat_request(body)
+    info = get_info(request)
+    info.prompt_param, info.max_tokens_param = "input", "max_output_tokens"
     try:
         ch = await _start(request, principal, chat, chat=True)
     except APIError as e:
         _rename(e)
         raise
-    answer = _Answer(body, "resp_" + get_info(request).request_id, ch.created, ch.svc)  # (its X-Request-ID)
+    answer = _Answer(body, "resp_" + info.request_id, ch.created, ch.svc)  # (its X-Request-ID)
     stream = _Stream(ch, answer)
     if body.stream:
         return EngineEventStream(ch.runs, stream.events, end=None, error_frame=stream.failed)
@@ -489,19 +491,14 @@ async def responses(
 
 
 def _rename(e: APIError) -> None:
-    """An error of the chat path in the Responses request's names (text.format has no json_schema wrapper)."""
+    """An error of the chat path in the Responses request's names: its `param`, and the response_format errors'
+    words (text.format has no json_schema wrapper). The errors about the prompt's and the output's sizes need
+    neither: they name `input` and `max_output_tokens` already (the route's `RequestInfo` names)."""
     param = _param(e.param)
-    if param != e.param and e.param is not None and param is not None:
-        old = e.param.partition(".")[0].partition("[")[0]
-        if old == "response_format":
-            for field in ("name", "schema", "strict", "description"):
-                e.message = e.message.replace(f"json_schema.{field}", field)
-        e.message = e.message.replace(old, _PARAMS.get(old, old))
-    if (
-        e.code == "context_length_exceeded"
-    ):  # (the output's length in this API's name, whichever field it names)
-        for old in ("max_tokens", "max_completion_tokens"):
-            e.message = e.message.replace(f"+ {old} (", "+ max_output_tokens (")
+    if e.param is not None and e.param.startswith("response_format"):
+        for field in ("name", "schema", "strict", "description"):
+            e.message = e.message.replace(f"json_schema.{field}", field)
+        e.message = e.message.replace("response_format", "text.format")
     e.param = param
 
 

@@ -148,11 +148,13 @@ class TGIResponse(BaseModel):
     details: dict[str, Any] | None = None
 
 
-# the server's field names in its errors -> the TGI body's
+# the TGI body's fields for the prompt and the output's length: the errors about their sizes name them
+# (`RequestInfo.prompt_param`, `max_tokens_param`; the messages say `max_new_tokens`)
+PROMPT_PARAM, MAX_TOKENS_PARAM = "inputs", "parameters.max_new_tokens"
+
+# the fields the shared checks name by the server's own names -> the TGI body's (their messages are the server's)
 _PARAMS = {
-    "max_tokens": "parameters.max_new_tokens",
     "stop": "parameters.stop",
-    "prompt": "inputs",
     "prefix": "parameters.adapter_id",
     "prefix_version": "parameters.adapter_id",
 }
@@ -160,19 +162,11 @@ _PARAMS = {
 
 @contextlib.contextmanager
 def _tgi_names() -> Iterator[None]:
-    """Errors of the shared request checks name the TGI body's fields."""
+    """Errors of the shared request checks name the TGI body's fields in `param`."""
     try:
         yield
     except APIError as e:
-        if e.param in _PARAMS:
-            old, e.param = e.param, _PARAMS[e.param]
-            e.message = e.message.replace(old, e.param.removeprefix("parameters."), 1)
-            e.args = (e.message,)
-        if e.code == "context_length_exceeded":  # (its sizes in TGI's names, whichever field it names)
-            e.message = e.message.replace("+ max_tokens (", "+ max_new_tokens (").replace(
-                "+ prompt (", "+ inputs ("
-            )
-            e.args = (e.message,)
+        e.param = _PARAMS.get(e.param or "", e.param)
         raise
 
 
@@ -231,6 +225,7 @@ def _sampling(
     max_tokens = p.max_new_tokens or max(1, min(svc.settings.max_new_tokens, room))
     return svc.sampling(
         max_tokens=max_tokens,
+        max_tokens_param=MAX_TOKENS_PARAM,
         temperature=temperature,
         top_p=p.top_p if sample and p.top_p is not None else 1.0,
         top_k=p.top_k if sample and p.top_k else 0,
@@ -420,6 +415,7 @@ async def _start(
         raise APIError(422, "best_of != 1 is not allowed for this endpoint", param="parameters.best_of")
     tenant, name, version = _target(p, principal)
     info.tenant, info.prefix = tenant, name
+    info.prompt_param, info.max_tokens_param = PROMPT_PARAM, MAX_TOKENS_PARAM
     if svc.settings.log_prompts:
         info.prompt = body.inputs
     with _tgi_names():
@@ -433,7 +429,7 @@ async def _start(
             raise
         info.version = prefix.version
         structured = await _structured(svc, p)
-        svc.check_prompt_chars(len(body.inputs), "inputs", truncating=p.truncate is not None)
+        svc.check_prompt_chars(len(body.inputs), PROMPT_PARAM, truncating=p.truncate is not None)
         ids = await svc.tokenize(_prompt_ids, svc.bundle.tokenizer, body.inputs, prefix, p.truncate)
         sampling = _sampling(svc, p, svc.llm.room(prefix.prefix_length, len(ids)), structured)
         info.max_tokens_given = p.max_new_tokens is not None

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from prefix_store import PrefixMeta, PrefixStore, errors
 from prefix_store.format import label
 from server import model as _model
-from server.api.errors import APIError, unavailable
+from server.api.errors import APIError, field_name, unavailable
 from server.api.limits import RateLimiter, RedisRateLimiter, TenantLimit, load_limits_file
 from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
@@ -230,7 +230,9 @@ class RequestInfo:
     finish_reason: str | None = None
     error_code: str | None = None
     prompt: str | None = None  # only with settings.log_prompts
-    # the body's fields that errors about the prompt's and the output's sizes name (chat: messages, ...)
+    # the body's fields that errors about the prompt's and the output's sizes name, each route's own (set by its
+    # handler before the checks: chat and Messages `messages`, Responses `input` and `max_output_tokens`, TGI
+    # `inputs` and `parameters.max_new_tokens`); messages name a dotted one by its last part
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
     # False: the output's length was not asked for (chat without max_tokens fills the room left): a prompt too
@@ -869,14 +871,15 @@ class Service:
     def check_prompt_chars(self, chars: int, param: str = "prompt", truncating: bool = False) -> None:
         """A prompt of more characters than `max_prompt_tokens` tokens can hold (twice over: normalizers may join
         characters) is a 413 before it is tokenized: long text takes the shared tokenizer thread a while, only to
-        be refused. With truncation asked for, only the body size limit bounds it."""
+        be refused. With truncation asked for, only the body size limit bounds it. `param`: the body's field
+        (the message names it too)."""
         most = 2 * self.settings.max_prompt_tokens * self.max_token_chars
         if chars > most and not truncating:
             self.metrics.rejected.labels("too_long").inc()
             raise APIError(
                 413,
-                f"prompt has {chars} characters: more than {self.settings.max_prompt_tokens} tokens (the limit) "
-                "could hold",
+                f"{chars} characters in the {field_name(param)}: more than {self.settings.max_prompt_tokens} "
+                "tokens (the limit) could hold",
                 code="prompt_too_long",
                 param=param,
             )
@@ -1301,7 +1304,7 @@ class Service:
         if max_tokens > s.max_new_tokens:
             raise APIError(
                 422,
-                f"{max_tokens_param} must be at most {s.max_new_tokens}",
+                f"{field_name(max_tokens_param)} must be at most {s.max_new_tokens}",
                 code="max_tokens_too_large",
                 param=max_tokens_param,
             )
@@ -1432,7 +1435,14 @@ class Service:
         tenant = prefix.tenant_id
         costs = [len(ids) + sp.max_tokens for ids, sp in jobs]
         try:
-            info.headers.update(await self.limiter.charge(tenant, sum(costs)))
+            info.headers.update(
+                await self.limiter.charge(
+                    tenant,
+                    sum(costs),
+                    prompt_param=info.prompt_param,
+                    max_tokens_param=info.max_tokens_param,
+                )
+            )
         except APIError as e:
             if e.status == 429:
                 self.metrics.rejected.labels("rate_limit").inc()
@@ -1478,8 +1488,11 @@ class Service:
         s, llm = self.settings, self.llm
         n, p = len(prompt_ids), prefix.prefix_length
         info.prompt_tokens = n
+        asked = field_name(info.prompt_param)
         if n == 0:
-            raise APIError(422, "prompt renders to zero tokens", code="empty_prompt", param="prompt")
+            raise APIError(
+                422, f"the {asked} rendered to zero tokens", code="empty_prompt", param=info.prompt_param
+            )
         room = llm.room(p, n, scoring=scoring)
         # over max_prompt_tokens where that is the lower limit; else the context (or the KV cache) is, and the
         # context error below names it (a 4097-token prompt on a 64-token context was told of a limit of 4096)
@@ -1487,7 +1500,7 @@ class Service:
             self.metrics.rejected.labels("too_long").inc()
             raise APIError(
                 413,
-                f"prompt has {n} tokens; the limit is {s.max_prompt_tokens}",
+                f"{n} tokens in the {asked}; the limit is {s.max_prompt_tokens}",
                 code="prompt_too_long",
                 param=info.prompt_param,
             )
@@ -1507,8 +1520,9 @@ class Service:
         self, info: RequestInfo, prefix_len: int, n: int, max_tokens: int, scoring: bool
     ) -> str:
         """A context error's message (`_check`), in vLLM's words first (clients such as LiteLLM recognise a
-        context-window error by them): the limit the request is past, and what it asked for."""
-        llm, asked = self.llm, info.prompt_param
+        context-window error by them): the limit the request is past, and what it asked for, in the route's own
+        field names (`RequestInfo.prompt_param`, `max_tokens_param`) wherever they occur."""
+        llm, asked = self.llm, field_name(info.prompt_param)
         limit = llm.max_model_len
         # no output length asked for (a default filling the room, or echo's hidden token): the prompt is to blame
         hidden = scoring or not info.max_tokens_given
@@ -1540,10 +1554,8 @@ class Service:
             total = n + max_tokens
         if hidden:
             return f"{head}. However, you requested {requested}{more}, {please}"
-        out = info.max_tokens_param.rpartition(".")[2]  # (the route's own name for the output's length)
-        return (
-            f"{head}; this request needs {total}: prefix ({prefix_len}) + prompt ({n}) + {out} ({max_tokens})"
-        )
+        out = field_name(info.max_tokens_param)
+        return f"{head}; this request needs {total}: prefix ({prefix_len}) + {asked} ({n}) + {out} ({max_tokens})"
 
     async def _start_runs(
         self,
