@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.fixtures.server import PARTS_TEMPLATE, chat_template, template_calls
+from tests.fixtures.server import PARTS_TEMPLATE, chat_template, size_fields_named, template_calls
 
 anthropic = pytest.importorskip("anthropic")
 
@@ -263,6 +263,29 @@ def test_errors_in_anthropics_shape(srv, claude):
     r = srv.client().post("/v1/messages", headers={"x-api-key": KEY, "authorization": "Bearer wrong"},
                           json={"model": "acme/bot", "messages": ASK, "max_tokens": 2})  # fmt: skip
     assert r.status_code == 401
+
+
+def test_size_errors_name_only_the_messages_fields(server_factory):
+    """A prompt too long for the context (or max_prompt_tokens) is told of in the Messages request's own field
+    names wherever the message names one: `messages` and `max_tokens`, never another route's (its sum of the sizes
+    said "prompt (259) + max_tokens (30)")."""
+    c = server_factory(max_model_len=64, max_prompt_tokens=200).client()
+    for text, max_tokens, param in (("hello " * 40, 30, "messages"), ("hello " * 4, 60, "max_tokens")):
+        body = {
+            "model": "acme/base",
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": text}],
+        }
+        r = c.post("/v1/messages", json=body)
+        assert r.status_code == 400 and r.json()["type"] == "error", r.text
+        err = r.json()["error"]
+        assert err["param"] == param and size_fields_named(err["message"]) == {"messages", "max_tokens"}, err
+    c = server_factory(max_model_len=64, max_prompt_tokens=20).client()
+    body = {"model": "acme/base", "max_tokens": 1, "messages": [{"role": "user", "content": "hello " * 8}]}
+    r = c.post("/v1/messages", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages" and size_fields_named(err["message"]) == {"messages"}, err
 
 
 def test_output_config_format_and_thinking_blocks(server_factory, srv, claude):

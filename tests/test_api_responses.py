@@ -9,7 +9,13 @@ import json
 import openai
 import pytest
 
-from tests.fixtures.server import PARTS_TEMPLATE, assert_error, chat_template, template_calls
+from tests.fixtures.server import (
+    PARTS_TEMPLATE,
+    assert_error,
+    chat_template,
+    size_fields_named,
+    template_calls,
+)
 
 KEY = "sk-acme-responses"
 WEATHER = {
@@ -298,6 +304,24 @@ REFUSED = [
     ),
     ({"tools": [{"type": "function", "name": "bad name!"}]}, 400, "tools[0].name"),
 ]
+
+
+def test_size_errors_name_only_the_responses_fields(server_factory):
+    """A prompt too long for the context (or max_prompt_tokens) is told of in the Responses request's own field
+    names wherever the message names one: `input` and `max_output_tokens`, never chat's (its sum of the sizes said
+    "prompt (259) + max_output_tokens (30)")."""
+    c = server_factory(max_model_len=64, max_prompt_tokens=200).client()
+    for text, more, param, named in (
+        ("hello " * 80, {}, "input", {"input"}),  # no max_output_tokens: the prompt alone is to blame
+        ("hello " * 40, {"max_output_tokens": 30}, "input", {"input", "max_output_tokens"}),
+        ("hello " * 4, {"max_output_tokens": 60}, "max_output_tokens", {"input", "max_output_tokens"}),
+    ):
+        body = {"model": "acme/base", "input": text, **more}
+        err = assert_error(c.post("/v1/responses", json=body), 400, "context_length_exceeded")
+        assert err["param"] == param and size_fields_named(err["message"]) == named, err
+    c = server_factory(max_model_len=64, max_prompt_tokens=20).client()
+    err = assert_error(c.post("/v1/responses", json={"model": "acme/base", "input": "hello " * 8}), 400)
+    assert err["param"] == "input" and size_fields_named(err["message"]) == {"input"}, err
 
 
 def test_what_a_stateless_text_server_refuses(srv):

@@ -12,7 +12,7 @@ from server.api.routes_tgi import TGIParameters, TGIRequest, _frames, _prompt_id
 from server.api.service import ResolvedPrefix
 from server.engine import TokenEvent
 from server.model import render_prompt
-from tests.fixtures.server import assert_error, put_random_prefix
+from tests.fixtures.server import assert_error, put_random_prefix, size_fields_named
 
 KEY = "sk-acme-tgi"
 PROMPT = "Tell me about the sea"
@@ -232,6 +232,35 @@ def test_a_prompt_past_the_context_names_inputs(srv):
     err = assert_error(r, 413)
     # lorax: ValidationError
     assert err["param"] == "inputs" and r.json()["error_type"] == "validation", r.text
+
+
+def test_size_errors_name_only_tgis_fields(server_factory):
+    """A prompt too long for the context (or max_prompt_tokens) is told of in TGI's own field names wherever the
+    message names one: `inputs` and `max_new_tokens`, never another route's (it asked to "reduce the length of the
+    prompt" right after "tokens in the inputs")."""
+    c = server_factory(max_model_len=64, max_prompt_tokens=200).client()
+    base = {"adapter_id": "acme/base"}
+    for inputs, params, param, named in (
+        ("hello " * 80, base, "inputs", {"inputs"}),  # no max_new_tokens: the prompt alone is to blame
+        ("hello " * 40, {**base, "max_new_tokens": 30}, "inputs", {"inputs", "max_new_tokens"}),
+        ("hello " * 8, {**base, "max_new_tokens": 60}, "parameters.max_new_tokens", {"inputs", "max_new_tokens"}),
+    ):  # fmt: skip
+        err = assert_error(
+            c.post("/tgi/generate", json={"inputs": inputs, "parameters": params}),
+            413,
+            "context_length_exceeded",
+        )
+        assert err["param"] == param and size_fields_named(err["message"]) == named, err
+    assert (
+        "Please reduce the length of the inputs."
+        in assert_error(c.post("/tgi/generate", json={"inputs": "hello " * 80, "parameters": base}), 413)[
+            "message"
+        ]
+    )
+    c = server_factory(max_model_len=64, max_prompt_tokens=20).client()
+    err = assert_error(c.post("/tgi/generate", json={"inputs": "hello " * 8, "parameters": base}), 413)
+    assert err["code"] == "prompt_too_long" and err["param"] == "inputs", err
+    assert size_fields_named(err["message"]) == {"inputs"}, err
 
 
 def test_tgi_clients_get_their_error_type_and_every_token_a_logprob(srv):
