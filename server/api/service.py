@@ -991,8 +991,7 @@ class Service:
 
     # ------------------------------------------------------------------ state for /ready and /metrics
     def engine_alive(self) -> bool:
-        t = self.engine._thread
-        return self.engine.dead is None and t is not None and t.is_alive()
+        return self.engine.alive
 
     def snapshot(self, jobs: bool = True) -> dict[str, Any]:
         """Engine, cache and (with `jobs`: a job backend read) training-job figures for /metrics."""

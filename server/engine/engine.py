@@ -1112,6 +1112,12 @@ class AsyncEngine:
             self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        """Started, its thread running, and not died of an error (a dead engine's requests were all failed)."""
+        t = self._thread
+        return self.dead is None and t is not None and t.is_alive()
+
+    @property
     def num_waiting(self) -> int:
         return self.engine.num_waiting + self._pending
 
