@@ -43,7 +43,7 @@ from server.api.schemas import (
     CompletionResponse,
     ModelCard,
     ModelList,
-    _OpenAIBase,
+    OpenAIBase,
 )
 from server.api.service import (
     ClientDisconnected,
@@ -306,7 +306,7 @@ async def _completion_plan(svc: Service, info: Any, body: CompletionRequest, pre
 PROMPT_TAIL, PROMPT_TAIL_CONTINUED = 16, 1024
 
 
-async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat: bool) -> _Choices:
+async def _start(request: Request, principal: Principal, body: OpenAIBase, chat: bool) -> _Choices:
     svc = get_service(request)
     info = get_info(request)
     if body.stream_options is not None and not body.stream:
@@ -460,7 +460,7 @@ async def _start(request: Request, principal: Principal, body: _OpenAIBase, chat
 
 
 async def _thinking_budgets(
-    svc: Service, body: _OpenAIBase, plan: _Plan, chat: bool
+    svc: Service, body: OpenAIBase, plan: _Plan, chat: bool
 ) -> list[ThinkingBudget | None]:
     """vLLM's thinking_token_budget, one per prompt: where its output starts (inside a thinking or not) is what the
     reasoning parser reads at the prompt's end (a chat's was read already)."""
@@ -507,7 +507,7 @@ _NOT_WITH_BEAMS = (
 )
 
 
-def _beam_params(body: _OpenAIBase, plan: _Plan, structured: bool) -> BeamParams | None:
+def _beam_params(body: OpenAIBase, plan: _Plan, structured: bool) -> BeamParams | None:
     """vLLM's use_beam_search (n beams) and length_penalty, checked against what beam search cannot honour."""
     if not body.use_beam_search:
         if body.length_penalty not in (None, 1.0):
@@ -714,7 +714,7 @@ def _prompt_logprobs(ch: _Choices, res: GenerationResult) -> Any:
 UsageMode = Literal["", "final", "continuous"]
 
 
-def _usage_mode(body: _OpenAIBase) -> UsageMode:
+def _usage_mode(body: OpenAIBase) -> UsageMode:
     o = body.stream_options
     if o is None or not o.include_usage:
         return ""

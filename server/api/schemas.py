@@ -359,7 +359,7 @@ UNSUPPORTED_DOC = "vLLM's; not supported here: any value but null (false, empty)
 MAX_MODEL_ID = 2 * MAX_NAME_LENGTH + 2 + 18
 
 
-class _OpenAIBase(BaseModel):
+class OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(
@@ -498,7 +498,7 @@ class _OpenAIBase(BaseModel):
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
 
 
-class CompletionRequest(_OpenAIBase):
+class CompletionRequest(OpenAIBase):
     prompt: (
         PromptText
         | Annotated[list[PromptText], Field(min_length=1, max_length=64)]
@@ -607,7 +607,7 @@ class ChatTemplateFields(BaseModel):
     )
 
 
-class ChatCompletionRequest(_OpenAIBase, ChatTemplateFields):
+class ChatCompletionRequest(OpenAIBase, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     include_reasoning: bool = Field(
         True,
