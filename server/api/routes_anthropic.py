@@ -18,11 +18,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
+from server.api.chat_pipeline import Choices, as_openai_error, chat_plan, chat_stream, start_choices
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, anthropic_error, loc_param
 from server.api.model_ids import parse_model, served_names
 from server.api.routes_generate import SSE_DOC
-from server.api.routes_openai import _as_openai_error, _chat_plan, _Choices, _start, chat_stream
 from server.api.schemas import MAX_MODEL_ID, ChatCompletionRequest, StopText, TopK, TopP, check_text
 from server.api.streaming import EngineEventStream
 from server.api.tool_parsers import loads
@@ -353,7 +353,7 @@ class _Stream:
     (thinking, text, each tool call), then the message's stop reason and usage; the blocks are kept for the
     unstreamed answer."""
 
-    def __init__(self, ch: _Choices, message_id: str, model: str) -> None:
+    def __init__(self, ch: Choices, message_id: str, model: str) -> None:
         self.ch, self.id, self.model = ch, message_id, model
         self.blocks: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None
@@ -494,7 +494,7 @@ async def messages(
         chat.thinking_token_budget = None  # (a model without a reasoning parser: no thinking to bound)
     info = get_info(request)
     info.prompt_param, info.max_tokens_param = PARAMS
-    ch = await _start(request, principal, chat, chat=True)
+    ch = await start_choices(request, principal, chat, chat_plan)
     stream = _Stream(ch, "msg_" + info.request_id, body.model)
     if body.stream:
         return EngineEventStream(ch.runs, stream.events, end=None, error_frame=stream.failed)
@@ -517,6 +517,6 @@ async def count_tokens(
     try:
         prefix = await svc.resolve(tenant, name, version, param="model")
     except APIError as e:
-        raise _as_openai_error(e, body.model) from None
-    plan = await _chat_plan(svc, info, chat, prefix)
+        raise as_openai_error(e, body.model) from None
+    plan = await chat_plan(svc, info, chat, prefix)
     return {"input_tokens": len(plan.prompts[0])}

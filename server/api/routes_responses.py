@@ -22,11 +22,11 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
+from server.api.chat_pipeline import Choices, chat_plan, chat_stream, start_choices
 from server.api.deps import get_info
 from server.api.errors import COMMON_ERRORS, APIError, loc_param
 from server.api.reasoning import END as REASONING_END
 from server.api.routes_generate import SSE_DOC
-from server.api.routes_openai import _Choices, _start, chat_stream
 from server.api.schemas import (
     MAX_MODEL_ID,
     ChatCompletionRequest,
@@ -364,7 +364,7 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
 
 
 # ----------------------------------------------------------------------------------------------- answers
-def _usage(ch: _Choices, reasoning_tokens: int = 0) -> dict[str, Any]:
+def _usage(ch: Choices, reasoning_tokens: int = 0) -> dict[str, Any]:
     u = ch.usage()
     return {
         "input_tokens": u["prompt_tokens"],
@@ -473,7 +473,7 @@ async def responses(
     info = get_info(request)
     info.prompt_param, info.max_tokens_param = "input", "max_output_tokens"
     try:
-        ch = await _start(request, principal, chat, chat=True)
+        ch = await start_choices(request, principal, chat, chat_plan)
     except APIError as e:
         _rename(e)
         raise
@@ -560,7 +560,7 @@ class _Stream:
     as the chat deltas come, then completed (or incomplete: cut short by max_output_tokens, its last item too); an
     error after the stream began is an `error` event and `response.failed`."""
 
-    def __init__(self, ch: _Choices, answer: _Answer) -> None:
+    def __init__(self, ch: Choices, answer: _Answer) -> None:
         self.ch = ch
         self.answer = answer
         self.seq = 0
