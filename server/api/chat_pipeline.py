@@ -28,7 +28,7 @@ from server.api.errors import APIError, field_name
 from server.api.logprobs import TokenTexts, chat_logprobs
 from server.api.model_ids import hinted, model_not_found, parse_model, served_names
 from server.api.reasoning import ReasoningStream
-from server.api.routes_generate import DISCONNECTED, chunked_events, usage
+from server.api.routes_generate import DISCONNECTED, usage
 from server.api.schemas import ChatCompletionRequest, OpenAIBase
 from server.api.service import (
     ClientDisconnected,
@@ -38,6 +38,7 @@ from server.api.service import (
     race_disconnect,
     truncate_prompt,
 )
+from server.api.streaming import chunked_events
 from server.api.tools import CallListStream, ToolPlan, template_messages, tool_plan
 from server.engine.token_bytes import TokenIdTexts
 from server.engine.types import StructuredOutputs, ThinkingBudget

@@ -34,9 +34,8 @@ from server.api.service import (
     render_prompt,
     truncate_prompt,
 )
-from server.api.streaming import EngineEventStream, json_off_loop, sse
+from server.api.streaming import EngineEventStream, chunked_events, json_off_loop, sse
 from server.api.tools import template_messages
-from server.engine import TokenEvent, TokenLogprob
 
 router = APIRouter(tags=["generate"])
 
@@ -158,29 +157,6 @@ async def generate(
             "prompt_logprobs": generate_prompt_logprobs(res.prompt_logprobs, svc.token_text),
         },
     )
-
-
-async def all_events(run: GenerationRun) -> AsyncIterator[TokenEvent]:
-    """The run's first event (returned by its start) and the rest."""
-    yield await run.started()
-    async for ev in run.events():
-        yield ev
-
-
-async def chunked_events(
-    run: GenerationRun,
-) -> AsyncIterator[tuple[TokenEvent, list[int], list[TokenLogprob] | None]]:
-    """The events worth a stream chunk (new text, or the end) with the ids and logprobs of every token since the
-    previous chunk: a token whose text is held back (part of a character, a possible stop string) is still reported."""
-    ids: list[int] = []
-    pending: list[TokenLogprob] = []
-    want = run.req.sampling.logprobs is not None
-    async for ev in all_events(run):
-        ids.extend(ev.token_ids)
-        pending.extend(ev.logprobs or [])
-        if ev.text or ev.finished:
-            yield ev, ids, (pending if want else None)
-            ids, pending = [], []
 
 
 async def _frames(

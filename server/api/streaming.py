@@ -4,7 +4,8 @@
 the client disconnects (Starlette cancels the streaming task; a run's close aborts its engine request, which frees
 its KV within one engine step), even when the body iterator was never started. `merge` interleaves the frames of
 several runs (OpenAI `n` and prompt lists) in the order they are produced. `json_off_loop`: a whole (unstreamed)
-answer, which can hold thousands of log-probabilities, checked and encoded on a worker thread.
+answer, which can hold thousands of log-probabilities, checked and encoded on a worker thread. `all_events` is a
+run's engine events from its first; `chunked_events` those worth a frame, with the tokens since the last one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.api.errors import APIError
 from server.api.service import GenerationRun
+from server.engine import TokenEvent, TokenLogprob
 
 log = logging.getLogger("prefixserve.api")
 
@@ -62,6 +64,29 @@ async def merge(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def all_events(run: GenerationRun) -> AsyncIterator[TokenEvent]:
+    """The run's first event (returned by its start) and the rest."""
+    yield await run.started()
+    async for ev in run.events():
+        yield ev
+
+
+async def chunked_events(
+    run: GenerationRun,
+) -> AsyncIterator[tuple[TokenEvent, list[int], list[TokenLogprob] | None]]:
+    """The events worth a stream chunk (new text, or the end) with the ids and logprobs of every token since the
+    previous chunk: a token whose text is held back (part of a character, a possible stop string) is still reported."""
+    ids: list[int] = []
+    pending: list[TokenLogprob] = []
+    want = run.req.sampling.logprobs is not None
+    async for ev in all_events(run):
+        ids.extend(ev.token_ids)
+        pending.extend(ev.logprobs or [])
+        if ev.text or ev.finished:
+            yield ev, ids, (pending if want else None)
+            ids, pending = [], []
 
 
 def stream_error(e: APIError) -> dict[str, Any]:
