@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("prefixserve.api")
@@ -234,10 +235,23 @@ def loc_param(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
+def _error_text(err: dict[str, Any]) -> str:
+    """A pydantic error's message: a validator's own words without pydantic's "Value error, " before them."""
+    return str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
 def _validation_message(err: dict[str, Any]) -> str:
     loc = loc_param(tuple(err.get("loc", ())))
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    msg = _error_text(err)
     return f"{loc}: {msg}" if loc else msg
+
+
+def invalid_field(e: ValidationError, param: Callable[[tuple[Any, ...]], str | None]) -> APIError:
+    """The 422 `invalid_value` of a model the server built from a request's body (the Responses and Messages routes'
+    chat completion) that failed to validate: its first error's message, and for `param` the request's own field,
+    which `param(loc)` names from where pydantic found the error in the built model's fields."""
+    first = e.errors()[0]
+    return APIError(422, _error_text(first), code="invalid_value", param=param(tuple(first.get("loc", ()))))
 
 
 def _allowed_methods(request: Request) -> list[str]:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from server.api.auth import Principal, get_principal
 from server.api.chat_pipeline import Choices, as_openai_error, chat_plan, chat_stream, start_choices
 from server.api.deps import get_info, get_service
-from server.api.errors import COMMON_ERRORS, APIError, anthropic_error, loc_param
+from server.api.errors import COMMON_ERRORS, APIError, anthropic_error, invalid_field, loc_param
 from server.api.model_ids import parse_model, served_names
 from server.api.routes_generate import SSE_DOC
 from server.api.schemas import MAX_MODEL_ID, ChatCompletionRequest, StopText, TopK, TopP, check_text
@@ -302,19 +302,22 @@ def chat_request(body: MessagesRequest, stream: bool | None = None) -> ChatCompl
     try:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = tuple(first.get("loc", ()))
-        if loc[:1] == ("messages",) and len(loc) > 1 and isinstance(loc[1], int):
-            origin = origins[loc[1]]
-            loc = ("system",) if origin is None else ("messages", origin)
-        elif loc[:1] == ("tools",):
-            loc = loc[:2]
-        elif loc[:1] == ("stop",):
-            loc = ("stop_sequences", *loc[1:])
-        elif loc[:1] == ("thinking_token_budget",):
-            loc = ("thinking", "budget_tokens")
-        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        raise APIError(422, message, code="invalid_value", param=loc_param(loc)) from None
+        raise invalid_field(e, lambda loc: _field(loc, origins)) from None
+
+
+def _field(loc: tuple[Any, ...], origins: list[int | None]) -> str | None:
+    """The Messages request's field that a chat field came from (`loc`: pydantic's location in `chat_request`'s
+    fields; `origins`: each chat message's request message, None for `system`)."""
+    if loc[:1] == ("messages",) and len(loc) > 1 and isinstance(loc[1], int):
+        origin = origins[loc[1]]
+        loc = ("system",) if origin is None else ("messages", origin)
+    elif loc[:1] == ("tools",):
+        loc = loc[:2]
+    elif loc[:1] == ("stop",):
+        loc = ("stop_sequences", *loc[1:])
+    elif loc[:1] == ("thinking_token_budget",):
+        loc = ("thinking", "budget_tokens")
+    return loc_param(loc)
 
 
 def _tool_use_id(call_id: str) -> str:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from server.api.auth import Principal, get_principal
 from server.api.chat_pipeline import Choices, chat_plan, chat_stream, start_choices
 from server.api.deps import get_info
-from server.api.errors import COMMON_ERRORS, APIError, loc_param
+from server.api.errors import COMMON_ERRORS, APIError, invalid_field, loc_param
 from server.api.reasoning import END as REASONING_END
 from server.api.routes_generate import SSE_DOC
 from server.api.schemas import (
@@ -350,17 +350,20 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     try:
         chat = ChatCompletionRequest.model_validate(fields)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = tuple(first.get("loc", ()))
-        if loc[:1] == ("messages",) and len(loc) > 1 and isinstance(loc[1], int):
-            origin = origins[loc[1]]  # the input item (or the instructions) the message came from
-            loc = ("instructions",) if origin is None else ("input", origin, *loc[2:])
-        elif loc[:1] == ("tools",) and loc[2:3] == ("function",):
-            loc = (*loc[:2], *loc[3:])  # a Responses tool has no `function` wrapper
-        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        raise APIError(422, message, code="invalid_value", param=_param(loc_param(loc))) from None
+        raise invalid_field(e, lambda loc: _field(loc, origins)) from None
     chat._drop_turns = body.truncation == "auto"
     return chat
+
+
+def _field(loc: tuple[Any, ...], origins: list[int | None]) -> str | None:
+    """The Responses request's field that a chat field came from (`loc`: pydantic's location in `chat_request`'s
+    fields; `origins`: each chat message's input item, None for the instructions)."""
+    if loc[:1] == ("messages",) and len(loc) > 1 and isinstance(loc[1], int):
+        origin = origins[loc[1]]  # the input item (or the instructions) the message came from
+        loc = ("instructions",) if origin is None else ("input", origin, *loc[2:])
+    elif loc[:1] == ("tools",) and loc[2:3] == ("function",):
+        loc = (*loc[:2], *loc[3:])  # a Responses tool has no `function` wrapper
+    return _param(loc_param(loc))
 
 
 # ----------------------------------------------------------------------------------------------- answers
