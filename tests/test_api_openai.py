@@ -741,8 +741,8 @@ def test_text_with_control_characters_is_taken_but_not_nul(oai):
 def test_openai_routes_answer_too_long_and_gone_as_openai_does():
     """The mapping of the /v1 routes: every "too long" is a 400 context_length_exceeded whose message has the words
     clients match on; a prefix gone before its first step is an unknown model; anything else passes through."""
+    from server.api.chat_pipeline import as_openai_error
     from server.api.errors import APIError
-    from server.api.routes_openai import _as_openai_error
 
     kv = APIError(
         413,
@@ -750,14 +750,14 @@ def test_openai_routes_answer_too_long_and_gone_as_openai_does():
         code="context_length_exceeded",
         param="max_tokens",
     )
-    got = _as_openai_error(kv, "acme/faq")
+    got = as_openai_error(kv, "acme/faq")
     assert (got.status, got.code, got.param) == (400, "context_length_exceeded", "max_tokens")
     assert "maximum context length" in got.message and kv.message in got.message
-    prompt = _as_openai_error(
+    prompt = as_openai_error(
         APIError(413, "prompt has 9 tokens; the limit is 4", code="prompt_too_long", param="messages"), "m"
     )
     assert (prompt.status, prompt.code, prompt.param) == (400, "context_length_exceeded", "messages")
-    gone = _as_openai_error(
+    gone = as_openai_error(
         APIError(404, "prefix 'faq' not found", code="prefix_not_found", param="prefix"), "acme/faq"
     )
     assert (gone.status, gone.code, gone.param) == (
@@ -766,9 +766,9 @@ def test_openai_routes_answer_too_long_and_gone_as_openai_does():
         "model",
     ) and "acme/faq" in gone.message
     busy = APIError(503, "server busy", code="queue_full")
-    assert _as_openai_error(busy, "m") is busy
+    assert as_openai_error(busy, "m") is busy
     tpm = APIError(413, "over the tokens per minute", code="tokens_per_minute_exceeded")
-    assert _as_openai_error(tpm, "m") is tpm
+    assert as_openai_error(tpm, "m") is tpm
 
 
 def test_openai_logit_bias(oai):

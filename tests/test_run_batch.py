@@ -277,14 +277,14 @@ def test_a_line_the_server_fails_on_is_that_lines_error(
     import server.batch
     from server.cli import main
 
-    real_plan = routes._chat_plan
+    real_plan = routes.chat_plan
 
     async def plan(svc, info, body, prefix):
         if body.messages[0].content == "boom":
             raise RuntimeError("a bug")
         return await real_plan(svc, info, body, prefix)
 
-    monkeypatch.setattr(routes, "_chat_plan", plan)
+    monkeypatch.setattr(routes, "chat_plan", plan)  # (the chat route reads it at each call)
     real_run = server.batch.run_batch  # (the command's app on the fixtures' model and store: no model load)
     monkeypatch.setattr(
         server.batch,

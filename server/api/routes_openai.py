@@ -21,7 +21,6 @@ from server.api.auth import Principal, get_principal
 from server.api.chat_pipeline import (
     Choices,
     Plan,
-    as_openai_error,
     chat_plan,
     chat_stream,
     decode_ids,
@@ -62,12 +61,6 @@ from server.api.tools import ToolPlan
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-# the names these had here before the chat pipeline was a module of its own, which tests still reach for:
-# test_api_openai imports `_as_openai_error`; test_run_batch replaces `_chat_plan`, which the chat route looks up here
-# at each call
-_as_openai_error = as_openai_error
-_chat_plan = chat_plan
 
 
 def chat_params(body: ChatCompletionRequest) -> tuple[str, str]:
@@ -350,7 +343,7 @@ async def chat_completions(
 ) -> Any:
     info = get_info(request)
     info.prompt_param, info.max_tokens_param = chat_params(body)
-    ch = await start_choices(request, principal, body, _chat_plan)
+    ch = await start_choices(request, principal, body, chat_plan)
     cid = "chatcmpl-" + get_info(request).request_id  # (vLLM: X-Request-Id, when given)
     if body.stream:
         return EngineEventStream(ch.runs, lambda: _chat_frames(ch, cid, _usage_mode(body)))
