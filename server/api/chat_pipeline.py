@@ -28,7 +28,6 @@ from server.api.errors import APIError, field_name
 from server.api.logprobs import TokenTexts, chat_logprobs
 from server.api.model_ids import hinted, model_not_found, parse_model, served_names
 from server.api.reasoning import ReasoningStream
-from server.api.routes_generate import DISCONNECTED, usage
 from server.api.schemas import ChatCompletionRequest, OpenAIBase
 from server.api.service import (
     ClientDisconnected,
@@ -38,7 +37,7 @@ from server.api.service import (
     race_disconnect,
     truncate_prompt,
 )
-from server.api.streaming import chunked_events
+from server.api.streaming import DISCONNECTED, chunked_events, decode_ids, usage
 from server.api.tools import CallListStream, ToolPlan, template_messages, tool_plan
 from server.engine.token_bytes import TokenIdTexts
 from server.engine.types import StructuredOutputs, ThinkingBudget
@@ -513,12 +512,6 @@ def as_openai_error(e: APIError, model: str, served: tuple[str, ...] = ()) -> AP
     elif "maximum context length" not in message:  # the engine's KV-cache budget
         message = f"This request exceeds the maximum context length this server can hold: {e.message}"
     return APIError(400, message, code="context_length_exceeded", param=e.param, headers=e.headers)
-
-
-def decode_ids(tokenizer: Any, ids: list[int]) -> str:
-    """Token ids' text as the tokenizer spells it, special tokens and spaces as they are (a prompt as the model reads
-    it)."""
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 Chunk = Callable[..., bytes]  # (delta, finish_reason, logprobs=None) -> one SSE frame of a choice

@@ -22,9 +22,8 @@ from server.api.chat_pipeline import Choices, as_openai_error, chat_plan, chat_s
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, anthropic_error, invalid_field, loc_param
 from server.api.model_ids import parse_model, served_names
-from server.api.routes_generate import SSE_DOC
 from server.api.schemas import MAX_MODEL_ID, ChatCompletionRequest, StopText, TopK, TopP, check_text
-from server.api.streaming import EngineEventStream
+from server.api.streaming import SSE_DOC, EngineEventStream
 from server.api.tool_parsers import loads
 
 router = APIRouter(prefix="/v1", tags=["anthropic"])

@@ -34,40 +34,19 @@ from server.api.service import (
     render_prompt,
     truncate_prompt,
 )
-from server.api.streaming import EngineEventStream, chunked_events, json_off_loop, sse
+from server.api.streaming import (
+    DISCONNECTED,
+    SSE_DOC,
+    EngineEventStream,
+    chunked_events,
+    decode_ids,
+    json_off_loop,
+    sse,
+    usage,
+)
 from server.api.tools import template_messages
 
 router = APIRouter(tags=["generate"])
-
-SSE_EVENT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "One Server-Sent Event; `data` is a JSON chunk, the last event's `data` is `[DONE]`",
-    "required": ["data"],
-    "properties": {
-        "data": {"type": "string"},
-        "event": {"type": "string"},
-        "id": {"type": "string"},
-        "retry": {"type": "integer"},
-    },
-}
-SSE_DOC: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "JSON, or with `stream: true` Server-Sent Events (`data: {chunk}` ... `data: [DONE]`)",
-        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
-    }
-}
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-DISCONNECTED = 499  # nginx's "client closed request": logged, never seen by a client
 
 
 @router.post(
@@ -251,9 +230,5 @@ async def detokenize(
     if any(t >= vocab for t in body.tokens):
         raise APIError(422, f"token ids must be below {vocab}", code="invalid_value", param="tokens")
     # (off the event loop, as tokenizing: a long list takes a while)
-    text = await svc.tokenize(_detokenize, svc.bundle.tokenizer, body.tokens)
+    text = await svc.tokenize(decode_ids, svc.bundle.tokenizer, body.tokens)
     return DetokenizeResponse(prompt=text)
-
-
-def _detokenize(tokenizer: Any, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -36,7 +36,6 @@ from server.api.logprobs import (
     vllm_prompt_logprobs,
 )
 from server.api.model_ids import model_not_found, parse_model, served_names
-from server.api.routes_generate import SSE_DOC, usage
 from server.api.schemas import (
     BASE_PREFIX,
     ChatCompletionRequest,
@@ -55,7 +54,7 @@ from server.api.service import (
     render_prompt,
     truncate_prompt,
 )
-from server.api.streaming import EngineEventStream, chunked_events, json_off_loop, merge, sse
+from server.api.streaming import SSE_DOC, EngineEventStream, chunked_events, json_off_loop, merge, sse, usage
 from server.api.tools import ToolPlan
 
 router = APIRouter(prefix="/v1", tags=["openai"])

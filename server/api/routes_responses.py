@@ -26,7 +26,6 @@ from server.api.chat_pipeline import Choices, chat_plan, chat_stream, start_choi
 from server.api.deps import get_info
 from server.api.errors import COMMON_ERRORS, APIError, invalid_field, loc_param
 from server.api.reasoning import END as REASONING_END
-from server.api.routes_generate import SSE_DOC
 from server.api.schemas import (
     MAX_MODEL_ID,
     ChatCompletionRequest,
@@ -41,7 +40,7 @@ from server.api.schemas import (
     check_text,
 )
 from server.api.service import Service
-from server.api.streaming import EngineEventStream, json_off_loop
+from server.api.streaming import SSE_DOC, EngineEventStream, json_off_loop
 from server.api.tool_parsers import HERMES_END
 
 router = APIRouter(prefix="/v1", tags=["openai"])

@@ -42,7 +42,6 @@ from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, with_tgi_error_type
 from server.api.logprobs import finite_logprob
 from server.api.model_ids import TGI_PLACEHOLDER_MODELS, parse_model
-from server.api.routes_generate import DISCONNECTED, SSE_DOC
 from server.api.routes_ops import ready
 from server.api.schemas import (
     BASE_PREFIX,
@@ -63,7 +62,7 @@ from server.api.service import (
     render_prompt,
     truncate_prompt,
 )
-from server.api.streaming import EngineEventStream, all_events, sse, stream_error
+from server.api.streaming import DISCONNECTED, SSE_DOC, EngineEventStream, all_events, sse, stream_error
 from server.engine import SamplingParams, StructuredOutputs, TokenEvent, TokenLogprob
 from server.engine.detokenizer import IncrementalDetokenizer
 

@@ -30,6 +30,43 @@ DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "One Server-Sent Event; `data` is a JSON chunk, the last event's `data` is `[DONE]`",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+SSE_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON, or with `stream: true` Server-Sent Events (`data: {chunk}` ... `data: [DONE]`)",
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+    }
+}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+DISCONNECTED = 499  # nginx's "client closed request": logged, never seen by a client
+
+
+def decode_ids(tokenizer: Any, ids: list[int]) -> str:
+    """Token ids' text as the tokenizer spells it, special tokens and spaces as they are (a prompt as the model reads
+    it)."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n\n"
 
