@@ -1041,3 +1041,28 @@ def test_offline_store_commands_check_reserved_names_without_loading_the_http_ap
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert "tenant id 'jobs' cannot store prefixes" in out.stderr
     assert out.stdout.strip().splitlines()[-1] == f"RC {cli.EXIT_USAGE} []"
+
+
+def test_the_command_ends_without_the_interpreters_teardown():
+    """`prefixserve` (`cli.console`) ends with main's code, its output and logs flushed, and does not wait for threads
+    still running (the interpreter's teardown could abort in native code after a clean drain: SIGABRT, -6)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys, threading, time\n"
+        "from server import cli\n"
+        "threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon: a teardown would wait for it\n"
+        "def main():\n"
+        "    logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+        "    logging.getLogger('x').info('logged')\n"
+        "    sys.stdout.write('written')  # (no newline: flushed by end_process, not by a line buffer)\n"
+        "    return 3\n"
+        "cli.main = main\n"
+        "cli.console()\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=50)
+    assert out.returncode == 3 and out.stdout == "written" and "logged" in out.stderr
+    assert time.monotonic() - t0 < 40  # did not wait for the 60 s thread
