@@ -1,7 +1,5 @@
 """`python -m server` == `prefixserve`."""
 
-import sys
+from server.cli import console
 
-from server.cli import main
-
-sys.exit(main())
+console()

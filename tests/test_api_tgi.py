@@ -263,6 +263,29 @@ def test_size_errors_name_only_tgis_fields(server_factory):
     assert size_fields_named(err["message"]) == {"inputs"}, err
 
 
+def test_engine_refusals_and_template_errors_name_tgis_fields(server_factory, api_bundle, monkeypatch):
+    """What the engine refuses itself (its admission: a prefix that grew between the API's check and the engine's)
+    is told in TGI's field names too, not the engine's `prompt` / `max_tokens`; a prompt the chat template cannot
+    render names `inputs`."""
+    from server.api.service import Service
+    from tests.fixtures.server import chat_template
+
+    s = server_factory(max_model_len=64)
+    put_random_prefix(s.store, api_bundle, "acme", "bot", prefix_length=4, seed=5, prompt_format="chat")
+    c = s.client()
+    monkeypatch.setattr(Service, "_check", lambda *a, **kw: None)  # (the engine's validate answers)
+    body = {"inputs": "hello " * 40, "parameters": {"adapter_id": "acme/bot", "max_new_tokens": 30}}
+    err = assert_error(c.post("/tgi/generate", json=body), 413, "context_length_exceeded")
+    assert size_fields_named(err["message"]) == {"inputs", "max_new_tokens"}, err
+    monkeypatch.undo()
+    with chat_template(
+        api_bundle.tokenizer, "{{ raise_exception('Only user/assistant roles are supported') }}"
+    ):
+        body = {"inputs": "hi", "parameters": {"adapter_id": "acme/bot", "max_new_tokens": 2}}
+        err = assert_error(c.post("/tgi/generate", json=body), 422, "invalid_prompt")
+    assert err["param"] == "inputs" and "inputs" in err["message"] and "prompt" not in err["message"], err
+
+
 def test_tgi_clients_get_their_error_type_and_every_token_a_logprob(srv):
     c = srv.client(KEY)
     for body, status, kind in (

@@ -227,14 +227,13 @@ def test_bench_http_open_loop_sends_one_schedule_at_every_level_and_ends_with_th
     levels = asyncio.run(bench_http.amain(args))["levels"]
     assert [lv["completed"] for lv in levels] == [5, 5] and len(sent) == 10
     plan = bench_http.arrival_offsets(5, 10.0, 1.0, seed=1)
-    # (bounds loose above: a loaded CI machine wakes late, never early; the old code's run lasted 0.81 s)
+    # (loose bounds: a loaded CI machine wakes late, never early, but a late first send makes the others look early
+    # next to it; the old code's run lasted 0.81 s, on another schedule at each level)
     for i, level in enumerate(levels):
-        assert 0.49 <= level["duration_s"] < 0.7, (
-            level
-        )  # the last arrival is at 5 / 10 s, and nothing after it
+        assert 0.49 <= level["duration_s"] < 0.8, level  # the last arrival at 5 / 10 s, nothing after it
         at = [t - sent[5 * i] for t in sent[5 * i : 5 * i + 5]]  # each send after the level's first one
         for k in range(1, 5):
-            assert plan[k] - plan[0] - 0.005 <= at[k] < plan[k] - plan[0] + 0.15, (i, at, plan)
+            assert plan[k] - plan[0] - 0.05 <= at[k] < plan[k] - plan[0] + 0.15, (i, at, plan)
 
 
 def test_bench_http_goodput_counts_a_one_token_output_as_tpot_0(monkeypatch):

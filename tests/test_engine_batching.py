@@ -530,14 +530,17 @@ def test_the_default_pool_holds_one_request_at_the_full_context(tiny_llama_bundl
     b = tiny_llama_bundle
     block_bytes = KVPool.bytes_per_block(b.spec.num_layers, b.spec.num_kv_heads, b.spec.head_dim, 16, b.dtype)
     monkeypatch.setattr(engine_mod, "DEFAULT_KV_CACHE_BYTES", 8 * block_bytes)  # 128 tokens: too few for 256
-    with caplog.at_level("WARNING", logger=engine_mod.log.name):
+    with caplog.at_level("INFO", logger=engine_mod.log.name):
         eng = LLMEngine(b, DictPrefixProvider(), EngineConfig(max_model_len=256))
     assert eng.max_request_tokens >= eng.max_model_len == 256
-    assert eng.pool.num_blocks == 2 * (256 // 16 + 1)
-    assert "holds at most" not in caplog.text
+    assert eng.pool.num_blocks == 2 * (
+        -(-257 // 16) + 1
+    )  # (a prompt filling the context may score one token)
+    assert "holds at most" not in caplog.text and "KV cache: 36 blocks of 16 tokens" in caplog.text
     eng.add_request(
         Request("full", [1] * 200, SamplingParams(max_tokens=56))
     )  # the whole context is admitted
+    eng.add_request(Request("scored", [1] * 256, SamplingParams(max_tokens=1)))  # echo's scoring token too
     # a short context keeps the default budget, and an explicit budget is taken as it is (with its warning)
     assert LLMEngine(b, DictPrefixProvider(), EngineConfig(max_model_len=32)).pool.num_blocks == 8
     with caplog.at_level("WARNING", logger=engine_mod.log.name):

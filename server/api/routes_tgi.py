@@ -429,7 +429,9 @@ async def _start(
         info.version = prefix.version
         structured = await _structured(svc, p)
         svc.check_prompt_chars(len(body.inputs), PROMPT_PARAM, truncating=p.truncate is not None)
-        ids = await svc.tokenize(_prompt_ids, svc.bundle.tokenizer, body.inputs, prefix, p.truncate)
+        ids = await svc.tokenize(
+            _prompt_ids, svc.bundle.tokenizer, body.inputs, prefix, p.truncate, param=PROMPT_PARAM
+        )
         sampling = _sampling(svc, p, svc.llm.room(prefix.prefix_length, len(ids)), structured)
         info.max_tokens_given = p.max_new_tokens is not None
         # every token is reported with its log-probability and its alternatives; decoder_input_details: each

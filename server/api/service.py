@@ -581,6 +581,13 @@ class GenerationRun:
         except REFUSALS as e:
             raise self._refusal(e) from None
 
+    def _route_words(self, why: str) -> str:
+        """An engine's size refusal in the route's own field names: the engine (`LLMEngine.validate`, the
+        scheduler's admission) writes its sizes as `prompt (N ...)` and `max_tokens (N)`, the request's fields may
+        be `inputs` and `max_new_tokens` (TGI) or `input` and `max_output_tokens` (Responses)."""
+        prompt, out = field_name(self.info.prompt_param), field_name(self.info.max_tokens_param)
+        return why.replace("prompt (", f"{prompt} (").replace("max_tokens (", f"{out} (")
+
     def _refusal(self, e: Exception) -> APIError:
         """The answer to the engine refusing the request (one of `REFUSALS`): it never ran."""
         self.refused = True
@@ -588,7 +595,8 @@ class GenerationRun:
         if isinstance(e, QueueFull):
             return unavailable(f"server busy: {e}", retry, code="queue_full")
         if isinstance(e, RequestTooLarge):
-            return APIError(413, str(e), code="context_length_exceeded", param=self.info.max_tokens_param)
+            why = self._route_words(str(e))
+            return APIError(413, why, code="context_length_exceeded", param=self.info.max_tokens_param)
         if isinstance(e, ValueError):
             return APIError(422, str(e), code="invalid_value")
         return unavailable(f"engine unavailable: {e}", retry, code="engine_unavailable")
@@ -626,7 +634,7 @@ class GenerationRun:
             return APIError(422, f"prefix cannot be served: {ev.error}", code=code, param="prefix")
         if status == 413:
             # a context error as `Service._check`'s (the /v1 routes answer it as OpenAI does: a 400 clients know)
-            why = ev.error or "request too large for the KV cache"
+            why = self._route_words(ev.error or "request too large for the KV cache")
             return APIError(413, why, code="context_length_exceeded", param=self.info.max_tokens_param)
         # the id the client and the access log know (X-Request-ID), and the engine's
         log.error("request %s (engine request %s): generation failed: %s (%s)", self.info.request_id,
@@ -1226,12 +1234,12 @@ class Service:
                 return await loop.run_in_executor(self._tokenizer_pool, fn, *args)
         except (ValueError, TypeError, UnicodeError, TemplateError) as e:
             raise APIError(
-                422, f"cannot render the prompt: {e}", code="invalid_prompt", param=param
+                422, f"cannot render the {field_name(param)}: {e}", code="invalid_prompt", param=param
             ) from None
         except RecursionError:  # (a tool's parameters nested hundreds deep, through the template's tojson)
             raise APIError(
                 422,
-                "cannot render the prompt: it is nested too deeply",
+                f"cannot render the {field_name(param)}: it is nested too deeply",
                 code="invalid_prompt",
                 param=param,
             ) from None

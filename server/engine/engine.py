@@ -71,7 +71,9 @@ def default_kv_blocks(context: int, block_size: int, block_bytes: int) -> int:
     """The pool's blocks when no budget is configured: 512 MiB, or more where one request at the full `context`
     would not fit in half the pool less a block (the most one request may hold, `LLMEngine.validate`), so that the
     default serves the whole context without a warning (vLLM likewise sizes its cache to hold max_model_len)."""
-    one_request = 2 * (-(-context // block_size) + 1)
+    one_request = 2 * (
+        -(-(context + 1) // block_size) + 1
+    )  # (+ 1: a prompt filling the context may score a token)
     return max(DEFAULT_KV_CACHE_BYTES // block_bytes, one_request)
 
 
@@ -176,6 +178,17 @@ class LLMEngine:
             )
         # a request's own tokens (prompt + output) may hold at most half the pool less a block (`validate`)
         self.max_request_tokens = max((num_blocks // 2 - 1) * cfg.block_size, 0)
+        log.info(
+            "KV cache: %d blocks of %d tokens, %.0f MiB (%s); one request holds up to %d tokens, the context is %d",
+            num_blocks,
+            cfg.block_size,
+            num_blocks * block_bytes / 2**20,
+            "kv_cache_mb"
+            if cfg.kv_cache_bytes is not None
+            else "default: 512 MiB or one request at the context",
+            self.max_request_tokens,
+            self.max_model_len,
+        )
         if self.max_request_tokens < self.max_model_len:
             log.warning(
                 "the KV cache (%d blocks of %d tokens) holds at most %d tokens of one request's prompt and output, "
