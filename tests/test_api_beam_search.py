@@ -288,13 +288,21 @@ def test_a_full_queue_does_not_fail_an_accepted_search(server_factory, api_bundl
     """Its later steps are the work of an accepted request: a queue filled by others meanwhile does not refuse them
     (it did: a 503 after work was done)."""
     import threading
-    import time
 
     from tests.fixtures.server import put_random_prefix, slow_engine
 
     s = server_factory(max_num_seqs=2, max_queued=1)
     put_random_prefix(s.store, api_bundle, "acme")
     slow_engine(s.svc, 0.01)
+    engine = s.svc.engine
+    submit = engine.submit
+    admitted = threading.Event()
+
+    def submit_seen(req, on_event):
+        submit(req, on_event)  # (raises QueueFull when refused)
+        admitted.set()
+
+    engine.submit = submit_seen  # (nothing else is submitted before the search's first step)
     c = s.client()
     results: dict[str, int] = {}
 
@@ -311,7 +319,8 @@ def test_a_full_queue_does_not_fail_an_accepted_search(server_factory, api_bundl
 
     t = threading.Thread(target=beam)
     t.start()
-    time.sleep(0.3)
+    # the others come once the engine took the search's first step (its only one that a full queue may refuse)
+    assert admitted.wait(30), results
     others = [
         threading.Thread(target=lambda i=i: results.__setitem__(i, c.post("/generate", json={
             "tenant_id": "acme", "prompt": f"p{i}", "max_tokens": 30, "ignore_eos": True}).status_code))
