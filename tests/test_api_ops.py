@@ -486,25 +486,37 @@ def test_a_lookup_joining_a_read_begun_before_a_new_version_does_not_cache_the_o
     (old) answer, but must not cache it as the latest with its own newer generation: the next request serves the
     new version (it served the old one until the metadata TTL ran out)."""
     s = server_factory(prefixes={("acme", "p"): {"seed": 1}}, prefix_meta_ttl_s=60)
-    real = s.store.get_meta
+    real, get_meta = s.store.get_meta, s.svc._get_meta
+    read, joined = threading.Event(), threading.Event()
+    lookups = []
 
     def slow(*a, **kw):
         meta = real(*a, **kw)
-        time.sleep(0.6)  # the store answers late: the read was made before the new version landed
+        read.set()  # A's read is made (version 1)...
+        joined.wait(30)  # ... and answers late: once B's lookup joined it, after the new version landed
         return meta
 
+    async def lookup_seen(*a):
+        lookups.append(a)
+        if len(lookups) == 2:
+            # B's: it joins A's read before this thread lets that read end (no await until then)
+            joined.set()
+        return await get_meta(*a)
+
     body = {"tenant_id": "acme", "prefix": "p", "prompt": "x", "max_tokens": 1}
-    s.store.get_meta = slow
+    s.store.get_meta, s.svc._get_meta = slow, lookup_seen
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
             a = ex.submit(lambda: s.client().post("/generate", json=body).json())
-            time.sleep(0.2)
+            assert read.wait(30)
             put_random_prefix(s.store, api_bundle, "acme", "p", seed=2)
             s.svc.meta_cache.invalidate(("acme", "p"))  # (what the store's change event does)
             b = ex.submit(lambda: s.client().post("/generate", json=body).json())
-            assert a.result()["prefix_version"] == 1 and b.result()["prefix_version"] in (1, 2)
+            # (B shares A's answer: the old version)
+            assert a.result()["prefix_version"] == b.result()["prefix_version"] == 1
     finally:
-        s.store.get_meta = real
+        s.store.get_meta, s.svc._get_meta = real, get_meta
+    assert len(lookups) == 2 and joined.is_set()
     assert s.client().post("/generate", json=body).json()["prefix_version"] == 2
 
 
