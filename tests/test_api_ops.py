@@ -633,20 +633,38 @@ def test_engine_stats_lines_while_requests_run_and_none_when_idle(server_factory
         "/generate", json={"tenant_id": "acme", "prompt": "go", "max_tokens": 40, "ignore_eos": True}
     )
     assert r.status_code == 200
-    time.sleep(0.5)  # the line after the work, then idle intervals
-    lines = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "engine_stats"]
+
+    def stats_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "engine_stats"]
+
+    def ended(x: logging.LogRecord) -> bool:
+        return x.fields["running"] == x.fields["waiting"] == 0
+
+    deadline = time.monotonic() + 10  # the line after the work (none else says running 0 and waiting 0)
+    while not any(ended(x) for x in stats_lines()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    lines = stats_lines()
     assert lines, "no engine stats line while a request ran"
+    assert ended(lines[-1]) and not any(ended(x) for x in lines[:-1]), [x.fields for x in lines]
     busy = [x for x in lines if x.fields["running"] == 1]
-    # the tokens show up as the steps make them, not when the request ends (the first line may precede them)
-    assert len(busy) >= 3 and all(x.fields["generation_tokens_per_s"] > 0 for x in busy[1:])
-    tokens = sum(x.fields["generation_tokens_per_s"] * x.fields["interval_s"] for x in lines)
+
+    def tokens_of(xs: list[logging.LogRecord]) -> float:
+        return sum(x.fields["generation_tokens_per_s"] * x.fields["interval_s"] for x in xs)
+
+    # the tokens show up as the steps make them, not when the request ends (the first line may precede them):
+    # most of them in the lines while it ran, and most of those lines show some (an interval in which a loaded
+    # machine ran no step shows none)
+    assert len(busy) >= 3 and tokens_of(busy) >= 20, [x.fields for x in lines]
+    moving = [x for x in busy[1:] if x.fields["generation_tokens_per_s"] > 0]
+    assert len(moving) >= len(busy[1:]) / 2, [x.fields for x in lines]
+    tokens = tokens_of(lines)
     assert tokens == pytest.approx(40, abs=1.5)  # every generated token shows up in some line, once
     prompt = sum(x.fields["prompt_tokens_per_s"] * x.fields["interval_s"] for x in lines)
     assert prompt == pytest.approx(r.json()["usage"]["prompt_tokens"], abs=1.5)
     assert "Avg generation throughput: " in lines[0].getMessage() and "Running: " in lines[0].getMessage()
     n = len(lines)
     time.sleep(0.4)  # idle: no more lines
-    assert len([r for r in caplog.records if getattr(r, "fields", {}).get("event") == "engine_stats"]) == n
+    assert len(stats_lines()) == n
 
 
 def test_engine_stats_line_figures():
