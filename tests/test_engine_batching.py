@@ -1305,7 +1305,7 @@ def test_load_errors_of_keys_never_asked_again_are_forgotten(tiny_llama_bundle):
 
     eng = make_engine(tiny_llama_bundle, {})
     pc = eng.prefix_cache
-    pc.error_ttl_s = 0.05
+    pc.error_ttl_s = 60.0  # none swept while the fetches end (their errors are dated as each one's does)
     for v in range(5):
         key = PrefixKey("t", "gone", v + 1)
         assert pc.lookup(key) is None  # a fetch starts, and fails: no such prefix
@@ -1314,6 +1314,7 @@ def test_load_errors_of_keys_never_asked_again_are_forgotten(tiny_llama_bundle):
         pc.process()
         time.sleep(0.005)
     assert len(pc._errors) == 5
+    pc.error_ttl_s = 0.05
     time.sleep(0.06)
     pc.process()
     assert pc._errors == {}
