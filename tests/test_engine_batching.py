@@ -550,6 +550,21 @@ def test_the_default_pool_holds_one_request_at_the_full_context(tiny_llama_bundl
     assert small.pool.num_blocks == 8 and small.max_request_tokens < 256 and "holds at most" in caplog.text
 
 
+def test_a_pool_larger_than_the_gpus_free_memory_is_refused_saying_what_to_set(monkeypatch):
+    """Before torch's out-of-memory error at the allocation: the default pool grows with the context, so a long
+    context on a small GPU is told to lower max_model_len (or set kv_cache_mb); a configured one, kv_cache_mb."""
+    from server.engine.engine import check_pool_fits
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000 * 2**20, 80 * 2**30))
+    cuda = torch.device("cuda")
+    check_pool_fits(999 * 2**20, cuda, default=True)  # fits
+    with pytest.raises(ValueError, match=r"needs 8,192 MiB \(the default.*only 1,000 MiB .*max_model_len"):
+        check_pool_fits(8 * 2**30, cuda, default=True)
+    with pytest.raises(ValueError, match=r"needs 2,000 MiB but .* set kv_cache_mb lower"):
+        check_pool_fits(2000 * 2**20, cuda, default=False)
+    check_pool_fits(2**40, torch.device("cpu"), default=True)  # (not checked off the GPU)
+
+
 def test_refused_requests_do_not_hold_queue_places(tiny_llama_bundle):
     """A request that fails validation (413/400) leaves no trace in the queue count: after max_waiting of them a
     valid request is still accepted (else every request gets 503 from then on)."""

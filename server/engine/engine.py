@@ -77,6 +77,21 @@ def default_kv_blocks(context: int, block_size: int, block_bytes: int) -> int:
     return max(DEFAULT_KV_CACHE_BYTES // block_bytes, one_request)
 
 
+def check_pool_fits(pool_bytes: int, device: torch.device, default: bool) -> None:
+    """On a GPU, a KV pool larger than the memory free there is a ValueError that says what to set, before torch's
+    out-of-memory error at its allocation (the default pool grows with the context: a Llama-3-8B shape in bf16 needs
+    8 GiB at 32k positions). Other devices are not checked."""
+    if device.type != "cuda":
+        return
+    free, _total = torch.cuda.mem_get_info(device)
+    if pool_bytes > free:
+        how = "set max_model_len lower or kv_cache_mb" if default else "set kv_cache_mb lower"
+        raise ValueError(
+            f"the KV cache needs {pool_bytes / 2**20:,.0f} MiB{' (the default: one request at the context)' * default}"
+            f" but only {free / 2**20:,.0f} MiB of GPU memory is free: {how}"
+        )
+
+
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 64
@@ -189,6 +204,7 @@ class LLMEngine:
             self.max_request_tokens,
             self.max_model_len,
         )
+        check_pool_fits(num_blocks * block_bytes, bundle.device, cfg.kv_cache_bytes is None)
         if self.max_request_tokens < self.max_model_len:
             log.warning(
                 "the KV cache (%d blocks of %d tokens) holds at most %d tokens of one request's prompt and output, "
