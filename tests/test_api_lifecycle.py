@@ -361,7 +361,7 @@ def test_sigterm_waits_for_a_request_whose_body_is_still_arriving(subprocess_ser
     client's connection was cut)."""
     from urllib.parse import urlsplit
 
-    sp = subprocess_server(shutdown_grace_s=30, trace_inflight=True)
+    sp = subprocess_server(shutdown_grace_s=30)
     c = sp.client()
     assert c.get("/ready").status_code == 200
     body = json.dumps(
@@ -373,7 +373,11 @@ def test_sigterm_waits_for_a_request_whose_body_is_still_arriving(subprocess_ser
         sock.sendall(head.encode() + body[:10])
         # the server let it in and is reading its body (probes are not counted: it is the only one; a server that
         # counted it only once its body was read fails here)
-        wait_until(lambda: "in flight: 1" in sp.log(), timeout=30, interval=0.02)
+        wait_until(
+            lambda: metric_value(c.get("/metrics").text, "prefixserve:http_requests_in_flight") == 1.0,
+            timeout=30,
+            interval=0.02,
+        )
         sp.terminate()
         wait_until(lambda: c.get("/ready").status_code == 503, timeout=30, interval=0.02)
         time.sleep(2.5)  # past the 2 s the drain used to wait for requests it counted

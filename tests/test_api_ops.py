@@ -99,6 +99,9 @@ def test_metrics_present_and_updated(server_factory, api_bundle):
     put_random_prefix(s.store, api_bundle, "acme", prefix_length=10)
     c = s.client()
     before = c.get("/metrics").text
+    assert (
+        metric_value(before, "prefixserve:http_requests_in_flight") == 0
+    )  # (a scrape is a probe: not counted)
     for name in (
         "prefixserve:time_to_first_token_seconds_count",
         "prefixserve:inter_token_latency_seconds_count",

@@ -657,7 +657,11 @@ def create_app(
 
     def snapshot() -> dict[str, Any] | None:
         st = holder.get("st")
-        return st.svc.snapshot() if st is not None and st.svc is not None else None
+        if st is None:
+            return None
+        snap = st.svc.snapshot() if st.svc is not None else {}
+        snap["http_requests_in_flight"] = st.inflight  # (what a drain waits for)
+        return snap
 
     metrics = Metrics(snapshot)
     st = AppState(

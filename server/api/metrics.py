@@ -99,6 +99,12 @@ class _EngineCollector(Collector):
         for st in sorted(set(JOB_STATUSES) | set(counts)):
             jobs.add_metric([st], counts.get(st, 0))
         yield jobs
+        g = GaugeMetricFamily(
+            P + "http_requests_in_flight",
+            "HTTP requests let in and not yet answered, bodies still arriving included (what a drain waits for)",
+        )
+        g.add_metric([], s.get("http_requests_in_flight", 0))
+        yield g
         up = GaugeMetricFamily(P + "ready", "1 when the server is ready to serve")
         up.add_metric([], 1.0 if s.get("ready") else 0.0)
         yield up
