@@ -992,7 +992,7 @@ def test_a_request_for_the_latest_runs_on_the_new_latest_if_its_version_is_prune
 def test_a_prefix_that_changes_faster_than_a_request_can_load_it_is_a_503(srv, monkeypatch):
     """Every version a request for the latest is given is gone again before it loads (versions put and pruned
     many times a second): after a few tries a retryable 503, not a 404 for a name that exists."""
-    from server.api import service
+    from server.api import run
     from server.api.service import ResolvedPrefix
 
     tries = []
@@ -1001,7 +1001,7 @@ def test_a_prefix_that_changes_faster_than_a_request_can_load_it_is_a_503(srv, m
         tries.append(1)
         return dataclasses.replace(self.prefix, version=1000 + len(tries))
 
-    monkeypatch.setattr(service.GenerationRun, "_newer_latest", always_newer)
+    monkeypatch.setattr(run.GenerationRun, "_newer_latest", always_newer)
     c = srv.client()
     body = {"tenant_id": "acme", "prompt": "x", "max_tokens": 2}
     key = ("acme", "default")
@@ -1010,7 +1010,7 @@ def test_a_prefix_that_changes_faster_than_a_request_can_load_it_is_a_503(srv, m
     r = gen(c, **body)
     err = assert_error(r, 503, "prefix_changing")
     assert r.headers["retry-after"] and "retry" in err["message"]
-    assert len(tries) == service.MAX_LATEST_ATTEMPTS - 1
+    assert len(tries) == run.MAX_LATEST_ATTEMPTS - 1
 
 
 def test_meta_cache_refuses_a_fetch_raced_by_a_change_and_stays_bounded():

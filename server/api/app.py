@@ -39,7 +39,8 @@ from server.api.errors import (
 from server.api.limits import RateLimiter
 from server.api.metrics import Metrics
 from server.api.reload import ConfigReloader, loaded_signatures
-from server.api.service import CURRENT_REQUEST, ClientDisconnected, RequestInfo, Service, rate_limiter
+from server.api.run import ClientDisconnected
+from server.api.service import CURRENT_REQUEST, RequestInfo, Service, rate_limiter
 from server.api.stats_log import log_stats
 from server.settings import Settings
 

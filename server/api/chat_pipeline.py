@@ -28,15 +28,9 @@ from server.api.errors import APIError, field_name
 from server.api.logprobs import TokenTexts, chat_logprobs
 from server.api.model_ids import hinted, model_not_found, parse_model, served_names
 from server.api.reasoning import ReasoningStream
+from server.api.run import ClientDisconnected, GenerationResult, GenerationRun, race_disconnect
 from server.api.schemas import ChatCompletionRequest, OpenAIBase
-from server.api.service import (
-    ClientDisconnected,
-    GenerationResult,
-    GenerationRun,
-    Service,
-    race_disconnect,
-    truncate_prompt,
-)
+from server.api.service import Service, truncate_prompt
 from server.api.streaming import DISCONNECTED, chunked_events, decode_ids, usage
 from server.api.tools import CallListStream, ToolPlan, template_messages, tool_plan
 from server.engine.token_bytes import TokenIdTexts

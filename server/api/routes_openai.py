@@ -36,6 +36,7 @@ from server.api.logprobs import (
     vllm_prompt_logprobs,
 )
 from server.api.model_ids import model_not_found, parse_model, served_names
+from server.api.run import GenerationResult, GenerationRun
 from server.api.schemas import (
     BASE_PREFIX,
     ChatCompletionRequest,
@@ -46,14 +47,7 @@ from server.api.schemas import (
     ModelList,
     OpenAIBase,
 )
-from server.api.service import (
-    GenerationResult,
-    GenerationRun,
-    Service,
-    prompt_format,
-    render_prompt,
-    truncate_prompt,
-)
+from server.api.service import Service, prompt_format, render_prompt, truncate_prompt
 from server.api.streaming import SSE_DOC, EngineEventStream, chunked_events, json_off_loop, merge, sse, usage
 from server.api.tools import ToolPlan
 

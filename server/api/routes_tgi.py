@@ -43,6 +43,7 @@ from server.api.errors import COMMON_ERRORS, APIError, with_tgi_error_type
 from server.api.logprobs import finite_logprob
 from server.api.model_ids import TGI_PLACEHOLDER_MODELS, parse_model
 from server.api.routes_ops import ready
+from server.api.run import ClientDisconnected, GenerationRun, race_disconnect
 from server.api.schemas import (
     BASE_PREFIX,
     MAX_MODEL_ID,
@@ -53,15 +54,7 @@ from server.api.schemas import (
     Seed,
     StopText,
 )
-from server.api.service import (
-    ClientDisconnected,
-    GenerationRun,
-    ResolvedPrefix,
-    Service,
-    race_disconnect,
-    render_prompt,
-    truncate_prompt,
-)
+from server.api.service import ResolvedPrefix, Service, render_prompt, truncate_prompt
 from server.api.streaming import DISCONNECTED, SSE_DOC, EngineEventStream, all_events, sse, stream_error
 from server.engine import SamplingParams, StructuredOutputs, TokenEvent, TokenLogprob
 from server.engine.detokenizer import IncrementalDetokenizer

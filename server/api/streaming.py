@@ -21,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.api.errors import APIError
-from server.api.service import GenerationRun
+from server.api.run import GenerationRun
 from server.engine import TokenEvent, TokenLogprob
 
 log = logging.getLogger("prefixserve.api")
