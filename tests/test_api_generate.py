@@ -951,7 +951,7 @@ def test_a_request_for_the_latest_runs_on_the_new_latest_if_its_version_is_prune
     and v1 removed (`keep_versions=1`, or a delete) runs on v2 and says so, exactly as a request pinned to v2;
     a request pinned to v1 still gets 404, as does one whose name is gone altogether. The stale resolution is
     put back in the metadata cache by hand: that is the state of a request resolved just before the new put."""
-    from server.api.service import ResolvedPrefix
+    from server.api.prefix_meta import ResolvedPrefix
 
     c, svc, store = srv.client(), srv.svc, srv.store
     key = ("umbrella", "default")
@@ -993,7 +993,7 @@ def test_a_prefix_that_changes_faster_than_a_request_can_load_it_is_a_503(srv, m
     """Every version a request for the latest is given is gone again before it loads (versions put and pruned
     many times a second): after a few tries a retryable 503, not a 404 for a name that exists."""
     from server.api import run
-    from server.api.service import ResolvedPrefix
+    from server.api.prefix_meta import ResolvedPrefix
 
     tries = []
 
@@ -1014,7 +1014,7 @@ def test_a_prefix_that_changes_faster_than_a_request_can_load_it_is_a_503(srv, m
 
 
 def test_meta_cache_refuses_a_fetch_raced_by_a_change_and_stays_bounded():
-    from server.api.service import PrefixMetaCache, ResolvedPrefix
+    from server.api.prefix_meta import PrefixMetaCache, ResolvedPrefix
 
     cache = PrefixMetaCache(ttl_s=60)
     a, b = ("acme", "a"), ("acme", "b")
@@ -1044,7 +1044,7 @@ def test_meta_cache_refuses_a_fetch_raced_by_a_change_and_stays_bounded():
 def test_meta_cache_refuses_a_fetch_begun_before_a_resync_clear():
     """A store resync (`clear`: a version number may now name another record) while a lookup's fetch is under
     way: what that fetch read is not cached, though no invalidation of the name was seen."""
-    from server.api.service import PrefixMetaCache, ResolvedPrefix
+    from server.api.prefix_meta import PrefixMetaCache, ResolvedPrefix
 
     cache = PrefixMetaCache(ttl_s=60)
     a = ("acme", "a")

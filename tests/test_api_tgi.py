@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from server.api.prefix_meta import ResolvedPrefix
 from server.api.routes_tgi import TGIParameters, TGIRequest, _frames, _prompt_ids, _Shape
-from server.api.service import ResolvedPrefix
 from server.engine import TokenEvent
 from server.model import render_prompt
 from tests.fixtures.server import assert_error, put_random_prefix, size_fields_named

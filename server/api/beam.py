@@ -23,8 +23,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from server.api.errors import unavailable
+from server.api.prefix_meta import ResolvedPrefix
 from server.api.run import MAX_LATEST_ATTEMPTS, REFUSALS, GenerationRun, churned, newer_latest
-from server.api.service import RequestInfo, ResolvedPrefix
+from server.api.service import RequestInfo
 from server.engine import Request, SamplingParams, TokenEvent, TokenLogprob
 from server.engine.detokenizer import decode_output
 

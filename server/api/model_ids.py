@@ -7,8 +7,9 @@ from fastapi import Request
 from prefix_store.names import is_valid_name
 from server.api.auth import Principal
 from server.api.errors import APIError
+from server.api.prefix_meta import ResolvedPrefix
 from server.api.schemas import BASE_PREFIX, DEFAULT_PREFIX
-from server.api.service import ResolvedPrefix, Service
+from server.api.service import Service
 
 
 def model_not_found(model: str, served: tuple[str, ...] = ()) -> APIError:

@@ -14,6 +14,7 @@ from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError
 from server.api.logprobs import generate_logprobs, generate_prompt_logprobs
 from server.api.model_ids import resolve_model
+from server.api.prefix_meta import ResolvedPrefix
 from server.api.run import ClientDisconnected, GenerationRun, race_disconnect
 from server.api.schemas import (
     BASE_PREFIX,
@@ -26,7 +27,7 @@ from server.api.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from server.api.service import ResolvedPrefix, prompt_format, render_prompt, truncate_prompt
+from server.api.service import prompt_format, render_prompt, truncate_prompt
 from server.api.streaming import (
     DISCONNECTED,
     SSE_DOC,

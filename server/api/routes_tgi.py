@@ -42,6 +42,7 @@ from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, with_tgi_error_type
 from server.api.logprobs import finite_logprob
 from server.api.model_ids import TGI_PLACEHOLDER_MODELS, parse_model
+from server.api.prefix_meta import ResolvedPrefix
 from server.api.routes_ops import ready
 from server.api.run import ClientDisconnected, GenerationRun, race_disconnect
 from server.api.schemas import (
@@ -54,7 +55,7 @@ from server.api.schemas import (
     Seed,
     StopText,
 )
-from server.api.service import ResolvedPrefix, Service, render_prompt, truncate_prompt
+from server.api.service import Service, render_prompt, truncate_prompt
 from server.api.streaming import DISCONNECTED, SSE_DOC, EngineEventStream, all_events, sse, stream_error
 from server.engine import SamplingParams, StructuredOutputs, TokenEvent, TokenLogprob
 from server.engine.detokenizer import IncrementalDetokenizer

@@ -23,7 +23,8 @@ from server.api.errors import APIError, field_name, unavailable
 from server.engine import QueueFull, Request, RequestTooLarge, SamplingParams, TokenEvent, TokenLogprob
 
 if TYPE_CHECKING:
-    from server.api.service import RequestInfo, ResolvedPrefix, Service
+    from server.api.prefix_meta import ResolvedPrefix
+    from server.api.service import RequestInfo, Service
 
 log = logging.getLogger("prefixserve.api")
 

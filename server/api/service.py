@@ -13,7 +13,6 @@ import contextvars
 import dataclasses
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -27,6 +26,7 @@ from server.api.errors import APIError, field_name, unavailable
 from server.api.limits import RateLimiter, RedisRateLimiter, TenantLimit, load_limits_file
 from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
+from server.api.prefix_meta import PrefixMetaCache, Refusal, ResolvedPrefix
 from server.api.reasoning import ReasoningParser, get_reasoning_parser
 from server.api.run import GenerationRun, race_disconnect
 from server.api.schemas import BASE_PREFIX, ResponseFormat, StructuredOutputsParam, check_text
@@ -192,22 +192,6 @@ class StorePrefixProvider:
         return kv, rec.meta.sha256
 
 
-@dataclass(frozen=True)
-class ResolvedPrefix:
-    tenant_id: str
-    name: str | None  # None: base model
-    version: int | None
-    prefix_length: int
-    prompt_format: str
-    pinned: bool = False  # the request named its version (else: the latest when it was resolved)
-
-    @property
-    def key(self) -> PrefixKey | None:
-        if self.name is None or self.version is None:
-            return None
-        return PrefixKey(self.tenant_id, self.name, self.version)
-
-
 @dataclass
 class RequestInfo:
     """What the request log line and access metrics need; filled in by the handlers."""
@@ -271,83 +255,7 @@ def store_refused(e: errors.StoreRefused, doing: str) -> APIError:
     )
 
 
-class PrefixMetaCache:
-    """(tenant, name, version or None for the latest) → resolved metadata, so cached prefixes keep working while
-    the store is down, and → why it cannot be served (a `Refusal`). Invalidation is per name: a change to a name
-    drops its latest and every pinned version."""
-
-    MAX_GENERATIONS = 4096  # names remembered as changed; past it every fetch under way is refused once
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._entries: dict[tuple[str, str], dict[int | None, tuple[ResolvedPrefix | Refusal, float]]] = {}
-        # name -> the change count at its last invalidation; a fetch that began before it does not put its result
-        self._changed_at: dict[tuple[str, str], int] = {}
-        self._changes = 0
-        self._floor = 0  # fetches that began before it are refused (`_changed_at` was forgotten then)
-        self._epoch = 0  # bumped by `clear`
-        self._lock = threading.Lock()
-
-    def get(
-        self, key: tuple[str, str], version: int | None = None
-    ) -> tuple[ResolvedPrefix | Refusal | None, bool, tuple[int, int]]:
-        """(entry, fresh, generation: give it back to `put`)."""
-        with self._lock:
-            ent = self._entries.get(key, {}).get(version)
-            gen = (self._epoch, self._changes)
-        if ent is None:
-            return None, False, gen
-        return ent[0], time.monotonic() - ent[1] < self.ttl_s, gen
-
-    def generation(self) -> tuple[int, int]:
-        """Now, as `get` gives it: a fetch that begins now puts its result with this."""
-        with self._lock:
-            return (self._epoch, self._changes)
-
-    def put(
-        self,
-        key: tuple[str, str],
-        value: ResolvedPrefix | Refusal,
-        gen: tuple[int, int],
-        version: int | None = None,
-    ) -> None:
-        epoch, began = gen
-        with self._lock:
-            # no invalidation raced with the fetch
-            if epoch == self._epoch and began >= self._floor and self._changed_at.get(key, 0) <= began:
-                self._entries.setdefault(key, {})[version] = (value, time.monotonic())
-
-    def invalidate(self, key: tuple[str, str]) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
-            self._changes += 1
-            if len(self._changed_at) >= self.MAX_GENERATIONS:  # bounded however many names ever change
-                self._changed_at.clear()
-                self._floor = self._changes
-            self._changed_at[key] = self._changes
-
-    def clear(self) -> None:
-        """Drop every entry (change events may have been missed: a version number may now name another record,
-        with another length or prompt format); fetches under way do not put theirs back."""
-        with self._lock:
-            self._entries.clear()
-            self._epoch += 1
-
-
 # ----------------------------------------------------------------------------------------------- generation
-@dataclass(frozen=True)
-class Refusal:
-    """A name (or version) no version of which this server can serve (each was trained for another base model),
-    cached like a resolution: finding that out reads every version's metadata. Raised as the APIError it was."""
-
-    status: int
-    message: str
-    code: str
-
-    def error(self, param: str) -> APIError:
-        return APIError(self.status, self.message, code=self.code, param=param)
-
-
 def _retrieved(task: asyncio.Future[Any]) -> None:
     """A done callback that reads a task's outcome, so that asyncio does not log an exception nobody awaited."""
     if not task.cancelled():
