@@ -55,7 +55,8 @@ async def wait_disconnect(receive: Callable[[], Any]) -> None:
             return
 
 
-def _outcome_read(fut: asyncio.Future[Any]) -> None:
+def outcome_read(fut: asyncio.Future[Any]) -> None:
+    """A done callback that reads a task's outcome, so that asyncio does not log an exception nobody awaited."""
     if not fut.cancelled():
         fut.exception()
 
@@ -73,7 +74,7 @@ async def race_disconnect(receive: Callable[[], Any] | None, coro: Any) -> Any:
         watcher.cancel()
         # nobody awaits it now: its outcome is read when it ends (a gather whose parts were cancelled ends with a
         # CancelledError *exception*, which asyncio logs as "never retrieved", one traceback per request)
-        task.add_done_callback(_outcome_read)
+        task.add_done_callback(outcome_read)
         raise
     if task in done:
         watcher.cancel()

@@ -1,6 +1,6 @@
 """Runtime state of one server: model bundle, store, engine, job manager, prefix metadata cache, tenant slots.
 
-`Service.generate(...)` is the one path every generation route takes: resolve the prefix, render and tokenize the
+`Service.generate_many(...)` is the one path every generation route takes: resolve the prefix, render and tokenize the
 prompt (off the event loop), check limits, take a tenant slot, submit to the AsyncEngine and turn its token events
 into a `GenerationRun` (server/api/run.py) that the route reads to completion or streams.
 """
@@ -28,7 +28,7 @@ from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
 from server.api.prefix_meta import PrefixMetaCache, Refusal, ResolvedPrefix
 from server.api.reasoning import ReasoningParser, get_reasoning_parser
-from server.api.run import GenerationRun, race_disconnect
+from server.api.run import GenerationRun, outcome_read, race_disconnect
 from server.api.schemas import BASE_PREFIX, ResponseFormat, StructuredOutputsParam, check_text
 from server.api.structured import engine_spec
 from server.api.tool_parsers import ToolParser, detect, get_parser
@@ -256,12 +256,6 @@ def store_refused(e: errors.StoreRefused, doing: str) -> APIError:
 
 
 # ----------------------------------------------------------------------------------------------- generation
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    """A done callback that reads a task's outcome, so that asyncio does not log an exception nobody awaited."""
-    if not task.cancelled():
-        task.exception()
-
-
 # ----------------------------------------------------------------------------------------------- service
 def default_limit(settings: Settings) -> TenantLimit:
     """Every tenant's limits from the settings (before the limits file's overrides)."""
@@ -1083,7 +1077,7 @@ class Service:
         tasks = [asyncio.ensure_future(r.start()) for r in runs]
         for r, t in zip(runs, tasks, strict=True):
             r._starting = t
-            t.add_done_callback(_retrieved)  # a sibling that fails after its stream ended: nobody awaits it
+            t.add_done_callback(outcome_read)  # a sibling that fails after its stream ended: nobody awaits it
         try:
             if stream and len(tasks) > 1:
                 # a stream opens with the first choice's first event, and each choice streams from its own (as
