@@ -117,7 +117,7 @@ def test_openai_response_format_and_parse(oai):
         max_tokens=120,
         extra_body={"response_format": {"type": "json_object"}},
     )
-    assert j.choices[0].text.lstrip().startswith("{")  # (sampled without a seed: JSON may lead with whitespace)
+    assert j.choices[0].text.lstrip().startswith("{")  # (sampled, no seed: JSON may lead with whitespace)
     # "text" is no constraint: the same as leaving it out
     plain = dict(
         model="acme/default", prompt="x", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
