@@ -15,6 +15,7 @@ import pytest
 from server.api.schemas import ChatCompletionRequest
 from server.api.tool_parsers import AutoStream, detect, get_parser
 from server.api.tools import CallListStream, tool_plan
+from tests.fixtures.server import chat_template
 
 KEY = "sk-acme-tools"
 WEATHER = {
@@ -972,11 +973,8 @@ def test_message_fields_reach_the_template_as_vllm_passes_them(srv):
     assert kw["documents"] == docs and kw["builtin_tools"] == ["brave_search"]
     # the template's own error (here: a raise_exception on a role) is the client's, naming the field
     strict = "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}{% endfor %}"
-    saved, tok.chat_template = tok.chat_template, strict
-    try:
+    with chat_template(tok, strict):
         r = srv.client(KEY).post("/v1/chat/completions", json={**body, "documents": None})
-    finally:
-        tok.chat_template = saved
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "messages" and "no tool turns" in err["message"], err
