@@ -11,7 +11,7 @@ import pytest
 from server.api.logprobs import TextOffsets, TokenTexts, chat_logprobs, completion_logprobs
 from server.engine import TokenLogprob
 from tests.fixtures.models import make_tiny_tokenizer
-from tests.fixtures.server import PARTS_TEMPLATE, assert_error, metric_value, parse_sse
+from tests.fixtures.server import PARTS_TEMPLATE, assert_error, chat_template, metric_value, parse_sse
 
 KEY = "sk-acme-1b2c3d4e"
 
@@ -1173,21 +1173,19 @@ def test_a_template_that_loops_over_content_gets_the_parts(srv):
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}]
     c = srv.client(KEY)
-    saved = tok.chat_template
-    try:
-        for template, text in ((PARTS_TEMPLATE, "Helloworld"), (saved, "Hello\nworld")):
-            tok.chat_template = template
+    for template, text in ((PARTS_TEMPLATE, "Helloworld"), (tok.chat_template, "Hello\nworld")):
+        with chat_template(tok, template):
             want = tok.apply_chat_template(
                 [msgs[0], {"role": "user", "content": parts if template == PARTS_TEMPLATE else "Hello\nworld"}],
                 add_generation_prompt=True, tokenize=False,
             )  # fmt: skip
             assert text in want
             r = c.post("/tokenize", json={"model": "acme/default", "messages": msgs})
-            assert r.status_code == 200, r.text
-            assert r.json()["tokens"] == tok(want, add_special_tokens=False)["input_ids"]
-        # an empty final assistant message to continue is one empty text part (no part: transformers finds nothing
-        # to continue and raises), as vLLM gives it
-        tok.chat_template = PARTS_TEMPLATE
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == tok(want, add_special_tokens=False)["input_ids"]
+    # an empty final assistant message to continue is one empty text part (no part: transformers finds nothing
+    # to continue and raises), as vLLM gives it
+    with chat_template(tok, PARTS_TEMPLATE):
         for empty in ("", None):
             opts = {"add_generation_prompt": False, "continue_final_message": True}
             body = {
@@ -1198,8 +1196,6 @@ def test_a_template_that_loops_over_content_gets_the_parts(srv):
             r = c.post("/tokenize", json=body)
             assert r.status_code == 200, r.text
             assert tok.decode(r.json()["tokens"]).endswith("<assistant>")
-    finally:
-        tok.chat_template = saved
     # a message's text copied or pickled keeps its parts (made again from them, not from the joined text)
     import copy
     import pickle
