@@ -506,3 +506,10 @@ def test_developer_parts_call_outputs_metadata_and_text_format_as_openai_names_t
     fmt = {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}
     err = assert_error(c.post("/v1/responses", json={**GREEDY, "input": "x", "text": {"format": fmt}}), 400)
     assert err["param"] == "text.format.schema" and "json_schema" not in err["message"], err
+    # the compiler's words quoting the user's schema stay as they were (only the field's name is renamed)
+    fmt = {"type": "json_schema", "name": "x", "schema": {"type": "response_format.json_schema.name"}}
+    err = assert_error(c.post("/v1/responses", json={**GREEDY, "input": "x", "text": {"format": fmt}}), 400)
+    assert (
+        err["message"].startswith("invalid text.format.schema: ")
+        and "response_format.json_schema.name" in err["message"]
+    ), err

@@ -495,12 +495,17 @@ async def responses(
 def _rename(e: APIError) -> None:
     """An error of the chat path in the Responses request's names: its `param`, and the response_format errors'
     words (text.format has no json_schema wrapper). The errors about the prompt's and the output's sizes need
-    neither: they name `input` and `max_output_tokens` already (the route's `RequestInfo` names)."""
+    neither: they name `input` and `max_output_tokens` already (the route's `RequestInfo` names). A schema that
+    does not compile is "invalid <param>: <the compiler's words>": only the part before the colon is ours to rename
+    (the compiler's words may quote the user's schema)."""
     param = _param(e.param)
     if e.param is not None and e.param.startswith("response_format"):
+        ours, colon, theirs = e.message, "", ""
+        if e.code == "invalid_structured_output":
+            ours, colon, theirs = e.message.partition(": ")
         for field in ("name", "schema", "strict", "description"):
-            e.message = e.message.replace(f"json_schema.{field}", field)
-        e.message = e.message.replace("response_format", "text.format")
+            ours = ours.replace(f"json_schema.{field}", field)
+        e.message = ours.replace("response_format", "text.format") + colon + theirs
     e.param = param
 
 
