@@ -8,7 +8,13 @@ import pytest
 
 from server.engine import PrefixKey, Request, SamplingParams
 from server.engine.sampler import NON_FINITE, sample
-from server.engine.thinking import ThinkingState, closing_tag_rest, tokens_after_tag
+from server.engine.thinking import (
+    MAX_OVERSHOOT,
+    ThinkingState,
+    closing_tag_rest,
+    cut_character,
+    tokens_after_tag,
+)
 from server.engine.types import ThinkingBudget
 from tests.engine_utils import hf_greedy, make_engine, random_kv, random_prompt
 
@@ -69,6 +75,38 @@ def test_the_state_follows_the_thinking_as_the_parser_does_and_forces_its_closin
         _budget(-1)
     with pytest.raises(ValueError, match="tags"):
         ThinkingBudget(1, "<t>", "", ((),))
+
+
+def test_a_budget_spent_inside_a_character_lets_the_model_finish_it():
+    """A byte-level BPE splits a non-ASCII character over tokens: the closing tag is forced once the character is
+    whole (a grammar after the thinking takes no `<` after a character's first byte), at most MAX_OVERSHOOT tokens
+    late; a byte that starts no character (or ASCII) is whole."""
+    assert not cut_character(b"") and not cut_character(b"a") and not cut_character("é".encode())
+    assert cut_character(b"a\xc3") and cut_character("😀".encode()[:3]) and cut_character(b"\xe2\x82")
+    assert not cut_character(b"\x82") and not cut_character(b"\xf0x") and not cut_character(b"\xff")
+    b = _Bytes()
+
+    def forced(budget: int, ids: list[int]) -> list[int | None]:
+        s = ThinkingState(_budget(budget, opened=True), b)
+        out = []
+        for t in ids:
+            out.append(s.forced())
+            s.feed(t)
+        return [*out, s.forced()]
+
+    lt = ord("<")
+    # 2 tokens: "a" and é's first byte; é's second byte is the model's, then the tag
+    assert forced(2, [*_ids("aé")]) == [None, None, None, lt]
+    assert forced(1, [*_ids("😀")]) == [
+        None,
+        None,
+        None,
+        None,
+        lt,
+    ]  # (the 4th byte: MAX_OVERSHOOT tokens late)
+    assert forced(1, _ids("ab")) == [None, lt, lt]
+    # first bytes that never end (each starts another character): forced after MAX_OVERSHOOT tokens anyway
+    assert forced(1, [0xE0] * 6) == [None] * (1 + MAX_OVERSHOOT) + [lt] * 3
 
 
 def test_prompt_thinking_is_counted_in_tokens_after_its_last_opening_tag():
@@ -214,3 +252,45 @@ def test_a_closing_tag_spelled_by_other_tokens_ends_the_thinking(smollm2_bundle)
         rest.append(f)
         s.feed(f)
     assert tok.decode(rest) == "think>" and s.state == "answer"
+
+
+def test_a_structured_answer_after_a_budget_that_cuts_a_character(tiny_llama_bundle):
+    """A thinking budget with a structured answer (its grammar follows the thinking): budgets that end the thinking
+    inside a character (the tiny model's byte-level tokens split them) once failed the request with the grammar
+    refusing the forced `<`; each now answers JSON that parses (or is cut by its length)."""
+    pytest.importorskip("llguidance")
+    import json
+
+    from server.engine import StructuredOutputs
+
+    b = tiny_llama_bundle
+    tok = b.tokenizer
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    so = StructuredOutputs("json", json.dumps(schema), any_whitespace=False, think="opened")
+    rest = closing_tag_rest(tok, "</think>")
+    eng = make_engine(b, {})
+    cases = [(budget, seed) for budget in (1, 2, 8) for seed in range(4)]
+    reqs = [
+        Request(
+            f"{budget}-{seed}",
+            random_prompt(250, 9, seed),
+            SamplingParams(
+                max_tokens=60,
+                thinking_budget=ThinkingBudget(budget, "<think>", "</think>", rest, opened=True),
+                structured=so,
+            ),
+        )
+        for budget, seed in cases
+    ]
+    late = 0
+    for (budget, _), out in zip(cases, eng.generate(reqs), strict=True):
+        assert out.error is None, (out.request_id, out.error)
+        text = tok.decode(out.token_ids)
+        _, tag, answer = text.partition("</think>")
+        assert tag, out.request_id
+        cut = out.token_ids.index(tok.convert_tokens_to_ids("<"))  # where the forced tag starts
+        assert budget <= cut <= budget + MAX_OVERSHOOT, (out.request_id, cut)
+        late += cut > budget
+        if out.finish_reason == "stop":
+            assert "n" in json.loads(answer)
+    assert late, "no budget ended inside a character: the case is not exercised"

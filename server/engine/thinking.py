@@ -8,7 +8,9 @@ SmolLM2 `</think>` and ` </think>` share no token): an output opens a thinking o
 (`ThinkingBudget.opened`); the first closing tag ends it, and nothing after that is thinking. Once N tokens were
 written inside it, the closing tag is forced from where the output already is in it (a model that began the tag
 itself is not made to write it twice). The engine takes a forced token whatever the logits say; its log-probability
-is still the model's.
+is still the model's. A budget spent in the middle of a character (a byte-level BPE splits most non-ASCII characters
+over tokens) lets the model finish the character first, at most MAX_OVERSHOOT tokens more: a grammar that follows
+the output (thinking before a structured answer) takes no `<` after a character's first byte.
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ from server.engine.token_bytes import TokenTexts
 from server.engine.types import ThinkingBudget
 
 MAX_LEAD = 64  # whitespace that may come before an opening tag (bytes here, characters in the parser: ASCII)
+MAX_OVERSHOOT = (
+    3  # tokens past the budget that finish a cut character (each adds at least one of its 3 last bytes)
+)
+
+
+def cut_character(data: bytes) -> bool:
+    """Whether `data` ends inside a UTF-8 character (its first byte and fewer than all of the rest)."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 != 0x80:  # not a continuation byte: the character's first byte (or ASCII)
+            need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+            return back < need
+    return False
 
 
 class ThinkingState:
@@ -58,13 +73,15 @@ class ThinkingState:
         if self.end in self.buf:
             self.state, self.forcing = "answer", []
         else:
-            self.buf = self.buf[-(len(self.end) - 1) :] if len(self.end) > 1 else b""
+            self.buf = self.buf[-max(len(self.end) - 1, 3) :]  # (3: the start of a cut character)
 
     def forced(self) -> int | None:
         """The token the output must take next (the closing tag's next one once the budget is spent), or None."""
         if self.state != "thinking" or self.count < self.budget.tokens:
             return None
         if not self.forcing:
+            if cut_character(self.buf) and self.count < self.budget.tokens + MAX_OVERSHOOT:
+                return None
             # the longest end of the output that is a start of the closing tag (shorter than the whole tag)
             k = next(
                 (
