@@ -776,3 +776,28 @@ def test_compiler_errors_keep_neither_the_grammar_dump_nor_a_panic_backtrace():
     said = "panicked at src/earley/parser.rs:12: index out of bounds\n<backtrace>\n   0: llguidance::x\n   1: std"
     assert _without_dump(said) == "panicked at src/earley/parser.rs:12: index out of bounds"
     assert _without_dump("unexpected token 'x'\n<state>\nrule r0 ::= SECRET") == "unexpected token 'x'"
+
+
+def test_a_token_the_grammar_refuses_is_not_the_outputs(tiny_llama_bundle, monkeypatch):
+    """A grammar that refuses a token the mask let through (a parser limit) fails the request: the refused token is
+    neither sent nor counted in its usage, and the engine's generated-token count leaves it out too."""
+    from server.engine.structured import Constraint
+
+    b = tiny_llama_bundle
+    calls: dict[int, int] = {}
+    accept = Constraint.accept
+
+    def refuse_the_fourth(self: Constraint, token: int) -> bool:
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        return calls[id(self)] < 4 and accept(self, token)
+
+    monkeypatch.setattr(Constraint, "accept", refuse_the_fourth)
+    eng = make_engine(b, {})
+    eng.add_request(_req("r", b.spec, StructuredOutputs("regex", "[a-z]{30}"), 0))
+    events = []
+    while eng.has_unfinished():
+        events += eng.step()
+    sent = [t for ev in events for t in ev.token_ids]
+    last = events[-1]
+    assert last.finished and last.finish_reason == "error" and last.error_type == "GrammarError"
+    assert len(sent) == 3 and last.completion_tokens == 3 and eng.num_generated_tokens == 3, (sent, last)

@@ -886,15 +886,16 @@ class LLMEngine:
             gap = (now - seq.last_token,)
             seq.itl.append(gap[0])
         seq.last_token = now
+        # the mask allowed the token, so a refusal is a parser/lexer limit the grammar ran into (or a forced token
+        # the grammar does not take); the refused token is not the output's (nor counted in its usage)
+        if seq.constraint is not None and not seq.constraint.accept(tok):
+            seq.error, seq.error_type = f"structured output: {seq.constraint.error}", "GrammarError"
+            return self._finish(seq, "error")
         seq.output.append(tok)
         self.num_generated_tokens += 1
         if seq.thinking is not None:
             seq.thinking.feed(tok)
         p = seq.req.sampling
-        # the mask allowed the token, so a refusal is a parser/lexer limit the grammar ran into
-        if seq.constraint is not None and not seq.constraint.accept(tok):
-            seq.error, seq.error_type = f"structured output: {seq.constraint.error}", "GrammarError"
-            return self._finish(seq, "error")
         reason = None
         delta = ""
         if (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids:
