@@ -8,7 +8,13 @@ import json
 
 import pytest
 
-from tests.fixtures.server import PARTS_TEMPLATE, chat_template, size_fields_named, template_calls
+from tests.fixtures.server import (
+    PARTS_TEMPLATE,
+    assert_error,
+    chat_template,
+    size_fields_named,
+    template_calls,
+)
 
 anthropic = pytest.importorskip("anthropic")
 
@@ -329,6 +335,42 @@ def test_output_config_format_and_thinking_blocks(server_factory, srv, claude):
     assert [(b.type, getattr(b, "thinking", None)) for b in final.content] == [
         (b.type, getattr(b, "thinking", None)) for b in whole.content
     ]
+
+
+def test_the_structured_outputs_betas_output_format(srv):
+    """`output_format` (the structured-outputs beta's field, before output_config.format) holds the answer to its
+    schema as output_config.format does (it was ignored: unconstrained text); given both, or malformed, it is a
+    400 naming it; a schema that does not compile names the field it came in."""
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    fmt = {"type": "json_schema", "schema": schema}
+    c = srv.client(KEY)
+    base = {"model": "acme/bot", "max_tokens": 40, "messages": ASK, "temperature": 0}
+    beta = c.post("/v1/messages", json={**base, "output_format": fmt})
+    ga = c.post("/v1/messages", json={**base, "output_config": {"format": fmt}})
+    assert beta.status_code == ga.status_code == 200, (beta.text, ga.text)
+    assert beta.json()["content"] == ga.json()["content"]
+    text = ga.json()["content"][0]["text"]
+    assert "".join(text.split()).startswith('{"n"'), text
+    both = {**base, "output_format": fmt, "output_config": {"format": fmt}}
+    for body, param in (
+        (both, "output_format"),
+        ({**base, "output_format": {"type": "json_schema"}}, "output_format"),
+        ({**base, "output_config": {"format": {"type": "json"}}}, "output_config.format"),
+    ):
+        err = assert_error(c.post("/v1/messages", json=body), 400)
+        assert err["param"] == param, err
+    bad = {"type": "json_schema", "schema": {"type": "nope"}}
+    for body, param in (
+        ({**base, "output_format": bad}, "output_format.schema"),
+        ({**base, "output_config": {"format": bad}}, "output_config.format.schema"),
+    ):  # (it named response_format.json_schema.schema, a field Anthropic's API does not have)
+        err = assert_error(c.post("/v1/messages", json=body), 400)
+        assert err["param"] == param and err["message"].startswith(f"invalid {param}: "), err
+    tools = [{"name": "f", "input_schema": {"type": "object"}}]
+    body = {**base, "output_format": fmt, "tools": tools, "tool_choice": {"type": "any"}}
+    err = assert_error(c.post("/v1/messages", json=body), 400)
+    assert err["param"] == "output_format" and "response_format" not in err["message"], err
 
 
 def test_stream_blocks_in_order_with_repeats_and_odd_tool_arguments(srv, claude, monkeypatch):

@@ -508,6 +508,24 @@ def as_openai_error(e: APIError, model: str, served: tuple[str, ...] = ()) -> AP
     return APIError(400, message, code="context_length_exceeded", param=e.param, headers=e.headers)
 
 
+def rename_format(e: APIError, field: str) -> bool:
+    """A chat error about its `response_format` in the words of a route that takes the JSON-schema format as
+    `field` (Responses' `text.format`, Messages' `output_config.format`), whose format has no `json_schema` wrapper:
+    its param and the field names in its message. A schema that does not compile is "invalid <param>: <the
+    compiler's words>": only the part before the colon is ours to rename (the compiler's words may quote the user's
+    schema). False (nothing changed) for an error about another field."""
+    if e.param is None or not e.param.startswith("response_format"):
+        return False
+    ours, colon, theirs = e.message, "", ""
+    if e.code == "invalid_structured_output":
+        ours, colon, theirs = e.message.partition(": ")
+    for name in ("name", "schema", "strict", "description"):
+        ours = ours.replace(f"json_schema.{name}", name)
+    e.message = ours.replace("response_format", field) + colon + theirs
+    e.param = field + e.param.removeprefix("response_format").removeprefix(".json_schema")
+    return True
+
+
 Chunk = Callable[..., bytes]  # (delta, finish_reason, logprobs=None) -> one SSE frame of a choice
 
 

@@ -18,7 +18,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
-from server.api.chat_pipeline import Choices, as_openai_error, chat_plan, chat_stream, start_choices
+from server.api.chat_pipeline import (
+    Choices,
+    as_openai_error,
+    chat_plan,
+    chat_stream,
+    rename_format,
+    start_choices,
+)
 from server.api.deps import get_info, get_service
 from server.api.errors import COMMON_ERRORS, APIError, anthropic_error, invalid_field, loc_param
 from server.api.model_ids import parse_model, served_names
@@ -72,6 +79,9 @@ class MessagesRequest(BaseModel):
         None,
         description="format {'type': 'json_schema', 'schema'}: the answer follows the schema (structured outputs); "
         "effort: the chat template's reasoning_effort",
+    )
+    output_format: dict[str, Any] | None = Field(
+        None, description="the structured-outputs beta's name for output_config.format (the same object)"
     )
     thinking: dict[str, Any] | None = Field(
         None,
@@ -220,23 +230,25 @@ def _tool_choice(body: MessagesRequest) -> tuple[Any, bool | None]:
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
 
-def _output_config(config: dict[str, Any] | None) -> dict[str, Any]:
-    """Chat fields of Anthropic's output_config: its JSON-schema format, its effort."""
+def _output_config(
+    config: dict[str, Any] | None, beta_format: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Chat fields of Anthropic's output_config: its JSON-schema format (or the structured-outputs beta's
+    `output_format`), its effort."""
     out: dict[str, Any] = {}
-    if not config:
-        return out
-    fmt = config.get("format")
+    config = config or {}
+    fmt, where = config.get("format"), "output_config.format"
+    if beta_format is not None:
+        if fmt is not None:
+            raise APIError(422, "give output_config.format or output_format, not both", param="output_format")
+        fmt, where = beta_format, "output_format"
     if fmt is not None:
         if (
             not isinstance(fmt, dict)
             or fmt.get("type") != "json_schema"
             or not isinstance(fmt.get("schema"), dict)
         ):
-            raise APIError(
-                422,
-                "output_config.format is {'type': 'json_schema', 'schema': {...}}",
-                param="output_config.format",
-            )
+            raise APIError(422, f"{where} is {{'type': 'json_schema', 'schema': {{...}}}}", param=where)
         out["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": "output", "schema": fmt["schema"]},
@@ -297,7 +309,7 @@ def chat_request(body: MessagesRequest, stream: bool | None = None) -> ChatCompl
     if last.get("role") == "assistant" and _joined(last.get("content")) and not last.get("tool_calls"):
         # a prefill: the answer continues the last assistant turn's text (Anthropic's), which it does not repeat
         fields.update(continue_final_message=True, add_generation_prompt=False)
-    fields.update(_output_config(body.output_config))
+    fields.update(_output_config(body.output_config, body.output_format))
     try:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as e:
@@ -355,8 +367,9 @@ class _Stream:
     (thinking, text, each tool call), then the message's stop reason and usage; the blocks are kept for the
     unstreamed answer."""
 
-    def __init__(self, ch: Choices, message_id: str, model: str) -> None:
+    def __init__(self, ch: Choices, message_id: str, model: str, format_field: str) -> None:
         self.ch, self.id, self.model = ch, message_id, model
+        self.format_field = format_field  # the request's structured-output format (errors name it)
         self.blocks: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None
         self.args: dict[int, list[str]] = {}  # block index -> its tool call's argument text so far
@@ -476,10 +489,15 @@ class _Stream:
         yield _frame({"type": "message_stop"})
 
     async def drain(self) -> None:
-        async for _ in self.events():
-            pass
+        try:
+            async for _ in self.events():
+                pass
+        except APIError as e:
+            rename_format(e, self.format_field)
+            raise
 
     def failed(self, e: APIError) -> bytes:
+        rename_format(e, self.format_field)
         return _frame(anthropic_error(e.status, e.message))
 
 
@@ -496,8 +514,13 @@ async def messages(
         chat.thinking_token_budget = None  # (a model without a reasoning parser: no thinking to bound)
     info = get_info(request)
     info.prompt_param, info.max_tokens_param = PARAMS
-    ch = await start_choices(request, principal, chat, chat_plan)
-    stream = _Stream(ch, "msg_" + info.request_id, body.model)
+    fmt = "output_format" if body.output_format is not None else "output_config.format"
+    try:
+        ch = await start_choices(request, principal, chat, chat_plan)
+    except APIError as e:
+        rename_format(e, fmt)
+        raise
+    stream = _Stream(ch, "msg_" + info.request_id, body.model, fmt)
     if body.stream:
         return EngineEventStream(ch.runs, stream.events, end=None, error_frame=stream.failed)
     gone = await ch.drain(request, stream.drain)

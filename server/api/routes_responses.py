@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.api.auth import Principal, get_principal
-from server.api.chat_pipeline import Choices, chat_plan, chat_stream, start_choices
+from server.api.chat_pipeline import Choices, chat_plan, chat_stream, rename_format, start_choices
 from server.api.deps import get_info
 from server.api.errors import COMMON_ERRORS, APIError, invalid_field, loc_param
 from server.api.reasoning import END as REASONING_END
@@ -495,18 +495,9 @@ async def responses(
 def _rename(e: APIError) -> None:
     """An error of the chat path in the Responses request's names: its `param`, and the response_format errors'
     words (text.format has no json_schema wrapper). The errors about the prompt's and the output's sizes need
-    neither: they name `input` and `max_output_tokens` already (the route's `RequestInfo` names). A schema that
-    does not compile is "invalid <param>: <the compiler's words>": only the part before the colon is ours to rename
-    (the compiler's words may quote the user's schema)."""
-    param = _param(e.param)
-    if e.param is not None and e.param.startswith("response_format"):
-        ours, colon, theirs = e.message, "", ""
-        if e.code == "invalid_structured_output":
-            ours, colon, theirs = e.message.partition(": ")
-        for field in ("name", "schema", "strict", "description"):
-            ours = ours.replace(f"json_schema.{field}", field)
-        e.message = ours.replace("response_format", "text.format") + colon + theirs
-    e.param = param
+    neither: they name `input` and `max_output_tokens` already (the route's `RequestInfo` names)."""
+    if not rename_format(e, "text.format"):
+        e.param = _param(e.param)
 
 
 def _frame(event: dict[str, Any]) -> bytes:

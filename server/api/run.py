@@ -296,7 +296,7 @@ class GenerationRun:
             return unavailable(f"prefix unavailable: {ev.error}", self.svc.settings.retry_after_s, code=code)
         if code == "structured_output_failed":
             return APIError(
-                422, ev.error or "structured output failed", code=code, param="structured_outputs"
+                422, ev.error or "structured output failed", code=code, param=self.info.structured_param
             )
         if code == "no_token_allowed":
             return APIError(422, ev.error or "no token can be sampled", code=code)

@@ -214,6 +214,8 @@ class RequestInfo:
     # `inputs` and `parameters.max_new_tokens`); messages name a dotted one by its last part
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
+    # the body's field that a structured output failing during generation names (set where its spec is compiled)
+    structured_param: str = "structured_outputs"
     # False: the output's length was not asked for (chat without max_tokens fills the room left): a prompt too
     # long for the context is the prompt's fault alone, and its error says so
     max_tokens_given: bool = True
@@ -872,7 +874,11 @@ class Service:
         return await self.compile_spec(dataclasses.replace(spec, think=think), param)
 
     async def compile_spec(self, spec: StructuredOutputs, param: str) -> StructuredOutputs:
-        """`spec` with its grammar compiled and attached; 422 naming `param` if it is invalid."""
+        """`spec` with its grammar compiled and attached; 422 naming `param` if it is invalid (and a failure
+        while following it names `param` too)."""
+        info = CURRENT_REQUEST.get()
+        if info is not None:
+            info.structured_param = param
         if spec.think is not None and self.reasoning is not None:  # (the thinking's tags are the parser's)
             spec = dataclasses.replace(spec, think_tags=(self.reasoning.start, self.reasoning.end))
         grammars = self.llm.grammars
