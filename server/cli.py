@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from server import __version__
-from server.settings import LOG_LEVELS, env_get, unknown_env
+from server.settings import CERT_REQS, LOG_LEVELS, env_get, setting_name, unknown_env
 
 log = logging.getLogger("prefixserve.cli")
 
@@ -42,6 +42,8 @@ FLUSH_S = 2
 # ------------------------------------------------------------------------------------------------ serve
 # `--store` as the worker and `prefixes` commands spell it
 FLAG_ALIASES = {"store_url": ("--store",)}
+# a choice's other spellings: vLLM's --ssl-cert-reqs is a number
+CHOICE_ALIASES = {"ssl_cert_reqs": CERT_REQS}
 # keys on the command line end up in `ps` output: env or file only (and never echoed in an error)
 SECRET_FIELDS = frozenset({"api_keys", "admin_key"})
 
@@ -103,7 +105,9 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         if typ is bool:
             p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(ann) is typing.Literal:
-            p.add_argument(*flags, dest=name, choices=list(typing.get_args(ann)), default=None, help=help_)
+            aliases = CHOICE_ALIASES.get(name, {})
+            p.add_argument(*flags, dest=name, choices=list(typing.get_args(ann)), default=None, help=help_,
+                           type=lambda v, a=aliases: a.get(v.strip(), v))  # fmt: skip
         else:
             p.add_argument(*flags, dest=name, type=conv, default=None, help=help_)
 
@@ -123,6 +127,7 @@ def make_server(app: Any, settings: Any) -> Any:
     import uvicorn
 
     from server.http_protocol import HeaderDeadlineProtocol
+    from server.tls import uvicorn_ssl_options
 
     class DrainingServer(uvicorn.Server):
         _loop: asyncio.AbstractEventLoop | None = None
@@ -143,7 +148,12 @@ def make_server(app: Any, settings: Any) -> Any:
             if self.started and sockets:
                 # uvicorn says where it listens only for sockets it bound itself
                 host, port = sockets[0].getsockname()[:2]
-                log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+                log.info(
+                    "listening on %s://%s:%d",
+                    "https" if self.config.is_ssl else "http",
+                    f"[{host}]" if ":" in host else host,
+                    port,
+                )
 
         def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
             if (
@@ -205,7 +215,8 @@ def make_server(app: Any, settings: Any) -> Any:
         # the drain above waited already: what is left (an upload, say) gets this long more, not a second grace
         timeout_graceful_shutdown=FLUSH_S,
         timeout_keep_alive=5,
-        http=HeaderDeadlineProtocol,  # (a request's headers must arrive within 30 s)
+        http=HeaderDeadlineProtocol,  # (a request's headers must arrive within 30 s; over TLS too)
+        **uvicorn_ssl_options(settings),  # (HTTPS: uvicorn terminates TLS)
     )
     return DrainingServer(config)
 
@@ -220,7 +231,7 @@ def describe_settings_error(e: Exception) -> str:
     parts = []
     for err in e.errors(include_url=False):
         field = str(err["loc"][0]) if err["loc"] else ""
-        where = f"PREFIXSERVE_{field.upper()} / --{field.replace('_', '-')}" if field else "settings"
+        where = setting_name(field) if field else "settings"
         msg = str(err["msg"])
         given = err.get("input")
         shown = ""
@@ -288,6 +299,7 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
     from prefix_store.errors import StoreError
     from server.api import create_app
     from server.logging_utils import setup_logging
+    from server.tls import check_tls_files
 
     setup_logging(settings.log_level, settings.log_json)
     log.info("settings: %s", json.dumps(settings.public_dict(), default=str))
@@ -296,6 +308,12 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
     # SIGHUP (a closed terminal, `systemctl reload`) killed the server at once, without a drain; from here on,
     # during the model load too, it is ignored
     signal.signal(signal.SIGHUP, _ignore_hangup)
+    try:
+        # (`serve` checked them already; here for a caller of run_server, as uvicorn's error, an SSLError, would be
+        # taken for the port's below, once the model has loaded)
+        check_tls_files(settings)
+    except ValueError as e:
+        return _startup_failed(e)
     try:
         sock = bind_listen_socket(settings.host, settings.port)
     except OSError as e:
@@ -335,10 +353,13 @@ def run_server(settings: Any, *, bundle: Any = None, store: Any = None, job_mana
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    from server.tls import check_tls_files
+
     try:
         settings = settings_from_args(ns)
         settings.tenant_keys()  # fail fast on a malformed key list
         check_model_settings(settings)
+        check_tls_files(settings)  # (before the model loads: uvicorn reads them once it has)
     except Exception as e:
         return invalid_settings(e)
     if settings.torch_threads:

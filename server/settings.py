@@ -62,6 +62,27 @@ class Settings(BaseSettings):
     # ------------------------------------------------------------------ HTTP
     host: str = Field("127.0.0.1", description="Bind address")
     port: int = Field(8000, ge=0, le=65535, description="Bind port")
+    ssl_keyfile: Path | None = Field(
+        None,
+        description="HTTPS: the server certificate's private key (PEM, not encrypted), with ssl_certfile; default: "
+        "plain HTTP",
+    )
+    ssl_certfile: Path | None = Field(
+        None,
+        description="HTTPS: the server certificate (PEM, intermediates after it; it may hold the key too, then "
+        "ssl_keyfile may be left out)",
+    )
+    ssl_ca_certs: Path | None = Field(
+        None,
+        description="Mutual TLS: CA certificates (PEM) that client certificates must be signed by (needs "
+        "ssl_cert_reqs optional or required)",
+    )
+    ssl_cert_reqs: Literal["none", "optional", "required"] = Field(
+        "none",
+        description="Client certificates: 'none' (not asked for), 'optional' (verified against ssl_ca_certs if "
+        "sent), 'required' (a connection without one signed by ssl_ca_certs fails its handshake); vLLM's 0, 1, 2 "
+        "are accepted",
+    )
 
     # ------------------------------------------------------------------ auth
     api_keys: SecretStr | None = Field(
@@ -372,6 +393,24 @@ class Settings(BaseSettings):
             check_store_url(v)  # (its port and db, as a store's)
         return v
 
+    @field_validator("ssl_cert_reqs", mode="before")
+    @classmethod
+    def _cert_reqs(cls, v: Any) -> Any:
+        # vLLM's and uvicorn's --ssl-cert-reqs is ssl.CERT_NONE/OPTIONAL/REQUIRED as a number; Python's names too
+        if isinstance(v, bool):
+            return v  # (not a number here: refused as not one of the choices)
+        if isinstance(v, int):
+            v = str(v)
+        if isinstance(v, str):
+            v = v.strip().lower().removeprefix("cert_")
+            return CERT_REQS.get(v, v)
+        return v
+
+    @field_validator("ssl_keyfile", "ssl_certfile", "ssl_ca_certs")
+    @classmethod
+    def _expand_tls_path(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser()
+
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
@@ -386,12 +425,45 @@ class Settings(BaseSettings):
                 "async_decode on cannot run with speculative_tokens > 0 (a step's drafts need the tokens "
                 "sampled before it); use async_decode auto or off"
             )
+        self._check_tls()
         return self
+
+    def _check_tls(self) -> None:
+        """The TLS settings go together (their files are read by `server.tls.check_tls_files`, at start-up)."""
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError(
+                f"{setting_name('ssl_keyfile')} is set but {setting_name('ssl_certfile')} is not: HTTPS needs the "
+                "server certificate as well as its key"
+            )
+        if self.ssl_certfile is None and (self.ssl_ca_certs is not None or self.ssl_cert_reqs != "none"):
+            given = "ssl_ca_certs" if self.ssl_ca_certs is not None else "ssl_cert_reqs"
+            raise ValueError(
+                f"{setting_name(given)} is set but {setting_name('ssl_certfile')} is not: client certificates are "
+                "asked for only over HTTPS (set ssl_certfile and ssl_keyfile)"
+            )
+        if self.ssl_cert_reqs != "none" and self.ssl_ca_certs is None:
+            raise ValueError(
+                f"{setting_name('ssl_cert_reqs')} {self.ssl_cert_reqs} needs {setting_name('ssl_ca_certs')}: the "
+                "CA certificates that client certificates are verified against"
+            )
+        if self.ssl_ca_certs is not None and self.ssl_cert_reqs == "none":
+            # (uvicorn, and vLLM with its default --ssl-cert-reqs 0, would load the CA and never ask a client for a
+            # certificate: a server its operator believes closed to clients without one)
+            raise ValueError(
+                f"{setting_name('ssl_ca_certs')} is set but {setting_name('ssl_cert_reqs')} is none, so no client "
+                "certificate would be asked for: set ssl_cert_reqs to required (vLLM's 2) or optional (1), or unset "
+                "ssl_ca_certs"
+            )
 
     # ------------------------------------------------------------------ helpers
     @property
     def auth_enabled(self) -> bool:
         return bool(self.tenant_keys()) or self.admin_key is not None
+
+    @property
+    def ssl_enabled(self) -> bool:
+        """The server speaks HTTPS (only): a certificate is set."""
+        return self.ssl_certfile is not None
 
     def served_model_names(self) -> tuple[str, ...]:
         """`served_model_name`'s names (empty: the model's own name is used)."""
@@ -441,6 +513,15 @@ class Settings(BaseSettings):
         for k in ("store_url", "jobs_url", "limits_url"):
             d[k] = redact_url(d[k])
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+# vLLM's (and uvicorn's) --ssl-cert-reqs numbers: ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED
+CERT_REQS = {"0": "none", "1": "optional", "2": "required"}
+
+
+def setting_name(field: str) -> str:
+    """How a setting is named to the user: its variable and its flag."""
+    return f"{ENV_PREFIX}{field.upper()} / --{field.replace('_', '-')}"
 
 
 STORE_SCHEMES = ("", "file", "redis", "rediss", "unix")  # "": a plain path
