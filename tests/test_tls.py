@@ -1,0 +1,288 @@
+"""HTTPS serving (`--ssl-certfile`, `--ssl-keyfile`, `--ssl-ca-certs`, `--ssl-cert-reqs`, as vLLM's): the settings'
+checks before anything loads, the header deadline over TLS, and a real server process over HTTPS and mutual TLS.
+
+Certificates are made with the `openssl` command in a temporary folder: a throwaway CA, a server certificate for
+127.0.0.1 and localhost, a client certificate it signed, and one it did not.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server import cli
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command (test certs)"
+)
+
+EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # a client certificate the CA did not sign
+    rogue_key: Path
+    other_key: Path  # a key that is no certificate's here
+    encrypted_key: Path  # the server's key, encrypted
+
+    def trusting(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+        """A client's context trusting the CA, presenting `cert` if given."""
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        if cert is not None:
+            ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+def _issue(d: Path, name: str, ca: str, ext: str) -> tuple[Path, Path]:
+    key, csr, cert, extfile = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem", d / f"{name}.ext"
+    _openssl("req", *EC, "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+    extfile.write_text(ext + "\nauthorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
+    _openssl("x509", "-req", "-in", csr, "-CA", d / f"{ca}.pem", "-CAkey", d / f"{ca}.key", "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", extfile)  # fmt: skip
+    return cert, key
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", *EC, "-keyout", d / f"{name}.key", "-out", d / f"{name}.pem", "-days", "2",
+             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    leaf = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+    server = _issue(
+        d, "server", "ca", leaf + "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost"
+    )
+    client = _issue(d, "client", "ca", leaf + "extendedKeyUsage=clientAuth")
+    rogue = _issue(d, "rogue", "rogue-ca", leaf + "extendedKeyUsage=clientAuth")
+    other = d / "other.key"
+    _openssl("genpkey", "-algorithm", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", other)
+    encrypted = d / "encrypted.key"
+    _openssl("pkey", "-in", server[1], "-aes256", "-passout", "pass:secret", "-out", encrypted)
+    return Pki(d / "ca.pem", *server, *client, *rogue, other, encrypted)
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def _tls_args(pki: Pki, **over: str | Path | None) -> list[str]:
+    given = {"ssl_certfile": pki.server_cert, "ssl_keyfile": pki.server_key, **over}
+    return [a for k, v in given.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        (
+            {"ssl_certfile": None},
+            "PREFIXSERVE_SSL_KEYFILE / --ssl-keyfile is set but PREFIXSERVE_SSL_CERTFILE / --ssl-certfile is not",
+        ),
+        (
+            {"ssl_certfile": "missing.pem"},
+            "PREFIXSERVE_SSL_CERTFILE / --ssl-certfile: cannot read missing.pem",
+        ),
+        ({"ssl_keyfile": "missing.key"}, "PREFIXSERVE_SSL_KEYFILE / --ssl-keyfile: cannot read missing.key"),
+        ({"ssl_certfile": "server.key"}, "--ssl-certfile: server.key holds no PEM certificate"),
+        ({"ssl_keyfile": "ca.pem"}, "--ssl-keyfile: ca.pem holds no PEM private key"),
+        (
+            {"ssl_keyfile": "other.key"},
+            "--ssl-keyfile: the private key in other.key is not the key of the cert",
+        ),
+        ({"ssl_keyfile": "encrypted.key"}, "--ssl-keyfile: the private key in encrypted.key is encrypted"),
+        (
+            {"ssl_keyfile": None},
+            "--ssl-certfile: {d}/server.pem holds no private key: set PREFIXSERVE_SSL_KEYFILE",
+        ),
+        (
+            {"ssl_cert_reqs": "2"},
+            "PREFIXSERVE_SSL_CERT_REQS / --ssl-cert-reqs required needs PREFIXSERVE_SSL_CA_CERTS / --ssl-ca-certs",
+        ),
+        ({"ssl_cert_reqs": "optional"}, "--ssl-cert-reqs optional needs PREFIXSERVE_SSL_CA_CERTS"),
+        (
+            {"ssl_ca_certs": "ca.pem"},
+            "--ssl-ca-certs is set but PREFIXSERVE_SSL_CERT_REQS / --ssl-cert-reqs is none",
+        ),
+        (
+            {"ssl_ca_certs": "server.key", "ssl_cert_reqs": "2"},
+            "--ssl-ca-certs: server.key holds no PEM CA cert",
+        ),
+        (
+            {"ssl_certfile": None, "ssl_keyfile": None, "ssl_ca_certs": "ca.pem", "ssl_cert_reqs": "2"},
+            "PREFIXSERVE_SSL_CA_CERTS / --ssl-ca-certs is set but PREFIXSERVE_SSL_CERTFILE / --ssl-certfile is not",
+        ),
+    ],
+)
+def test_tls_settings_that_cannot_work_are_refused_in_one_line(pki, over, needle, capsys, monkeypatch):
+    """Exit 2 before the model loads, naming the variable, the flag and the file (uvicorn's answer was a traceback
+    once the model had loaded, "[SSL] PEM lib" for most of them, and an encrypted key a passphrase prompt)."""
+    monkeypatch.chdir(pki.ca.parent)  # (the file names above are relative to it)
+    assert cli.main(["serve", "--port", "0", "--device", "cpu", *_tls_args(pki, **over)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "invalid settings" in err and needle.format(d=pki.ca.parent) in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_ssl_cert_reqs_takes_vllms_numbers_and_names(pki, monkeypatch):
+    from server.settings import Settings
+    from server.tls import uvicorn_ssl_options
+
+    base = {"ssl_certfile": pki.server_cert, "ssl_keyfile": pki.server_key, "ssl_ca_certs": pki.ca}
+    for given, want in [
+        (2, "required"),
+        ("1", "optional"),
+        ("CERT_REQUIRED", "required"),
+        (" Optional ", "optional"),
+    ]:
+        assert Settings(**base, ssl_cert_reqs=given).ssl_cert_reqs == want
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        Settings(**base, ssl_cert_reqs=3)
+    monkeypatch.setenv("PREFIXSERVE_SSL_CERT_REQS", "2")
+    assert Settings(**base).ssl_cert_reqs == "required"
+    ns = cli.build_parser().parse_args(["serve", "--ssl-cert-reqs", "1"])
+    assert ns.ssl_cert_reqs == "optional"
+    with pytest.raises(SystemExit):  # (argparse: not a choice)
+        cli.build_parser().parse_args(["serve", "--ssl-cert-reqs", "3"])
+    opts = uvicorn_ssl_options(Settings(**base, ssl_cert_reqs="required"))
+    assert opts == {"ssl_certfile": str(pki.server_cert), "ssl_keyfile": str(pki.server_key),
+                    "ssl_ca_certs": str(pki.ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}  # fmt: skip
+    monkeypatch.delenv("PREFIXSERVE_SSL_CERT_REQS")
+    plain = Settings()
+    assert uvicorn_ssl_options(plain) == {} and not plain.ssl_enabled
+    assert cli.make_server(object(), plain).config.is_ssl is False  # the default stays plain HTTP
+
+
+# ------------------------------------------------------------------------------------------------ in process
+def _serve_in_thread(settings, app):
+    """`make_server` (the server `serve` runs) with `app`, in a thread, on a socket of its own."""
+    sock = cli.bind_listen_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = cli.make_server(app, settings)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    return server, thread, port
+
+
+async def _ok_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = scope["scheme"].encode()
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_over_tls_the_header_deadline_holds_and_the_log_says_https(pki, monkeypatch, caplog):
+    """uvicorn hands the protocol TLS's transport: a connection whose request headers stop coming is still closed
+    once they are late, complete requests are served (the app sees scheme https), and the start-up line gives the
+    https:// URL (it said http:// whatever the settings)."""
+    from server.http_protocol import HeaderDeadlineProtocol
+    from server.settings import Settings
+
+    monkeypatch.setattr(HeaderDeadlineProtocol, "header_timeout_s", 0.5)
+    caplog.set_level(logging.INFO, logger="prefixserve.cli")
+    settings = Settings(ssl_certfile=pki.server_cert, ssl_keyfile=pki.server_key)
+    server, thread, port = _serve_in_thread(settings, _ok_app)
+    try:
+        assert f"listening on https://127.0.0.1:{port}" in caplog.text
+        ctx = pki.trusting()
+        with httpx.Client(verify=ctx) as c:
+            r = c.get(f"https://127.0.0.1:{port}/")
+            assert r.status_code == 200 and r.text == "https"
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and no more
+        try:
+            got = slow.recv(100)
+        except (ssl.SSLError, ConnectionResetError):
+            got = b""
+        assert got == b""  # closed by the deadline (within the 10 s socket timeout), not answered
+        slow.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_plain_http_start_up_line_says_http(caplog):
+    from server.settings import Settings
+
+    caplog.set_level(logging.INFO, logger="prefixserve.cli")
+    server, thread, port = _serve_in_thread(Settings(), _ok_app)
+    try:
+        assert f"listening on http://127.0.0.1:{port}" in caplog.text
+        assert httpx.get(f"http://127.0.0.1:{port}/").text == "http"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+# ------------------------------------------------------------------------------------------------ real server
+GENERATE = {"tenant_id": "acme", "prefix": "base", "prompt": "Hello", "max_tokens": 4}  # (base: no prefix)
+
+
+def test_a_server_process_serves_https(pki, subprocess_server):
+    """`serve`'s own path (run_server) with the TLS settings: HTTPS with the CA's trust, the SDK with a client of
+    that trust; plain HTTP on the port, or HTTPS without the CA, gets nothing."""
+    from prefixserve_client import Client
+
+    sp = subprocess_server(
+        ssl_certfile=str(pki.server_cert), ssl_keyfile=str(pki.server_key), verify=pki.trusting()
+    )
+    assert sp.url.startswith("https://127.0.0.1:")
+    port = sp.url.rsplit(":", 1)[1]
+    assert f"listening on https://127.0.0.1:{port}" in sp.log()
+    with sp.client() as c:
+        assert c.get("/health").status_code == 200
+        r = c.post("/generate", json=GENERATE)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+    with pytest.raises(httpx.TransportError):  # the port speaks TLS only
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # (default trust: not our CA)
+        httpx.get(f"{sp.url}/health", timeout=10)
+    with Client(base_url=sp.url, http_client=httpx.Client(verify=pki.trusting(), timeout=60)) as sdk:
+        assert sdk.health().status == "ok"
+        out = sdk.generate("acme", "Hello", prefix="base", max_tokens=4)
+        assert out.usage.completion_tokens >= 1
+
+
+def test_mutual_tls_requires_a_client_certificate_the_ca_signed(pki, subprocess_server):
+    """ssl_cert_reqs 2 (required) with ssl_ca_certs: no client certificate, or one another CA signed, fails the
+    handshake (no HTTP answer at all); the CA's client certificate is served."""
+    with_cert = pki.trusting(pki.client_cert, pki.client_key)
+    sp = subprocess_server(ssl_certfile=str(pki.server_cert), ssl_keyfile=str(pki.server_key),
+                           ssl_ca_certs=str(pki.ca), ssl_cert_reqs=2, verify=with_cert)  # fmt: skip
+    with sp.client() as c:
+        assert c.get("/health").status_code == 200
+        assert c.post("/generate", json=GENERATE).status_code == 200
+    for ctx in (pki.trusting(), pki.trusting(pki.rogue_cert, pki.rogue_key)):
+        with httpx.Client(verify=ctx, timeout=10) as c, pytest.raises(httpx.TransportError):
+            c.get(f"{sp.url}/health")
+    with httpx.Client(verify=with_cert, timeout=10) as c:  # (the server still serves after refusing those)
+        assert c.get(f"{sp.url}/health").status_code == 200
