@@ -246,7 +246,7 @@ def test_plain_http_start_up_line_says_http(caplog):
 GENERATE = {"tenant_id": "acme", "prefix": "base", "prompt": "Hello", "max_tokens": 4}  # (base: no prefix)
 
 
-def test_a_server_process_serves_https(pki, subprocess_server):
+def test_a_server_process_serves_https(pki, subprocess_server, monkeypatch):
     """`serve`'s own path (run_server) with the TLS settings: HTTPS with the CA's trust, the SDK with a client of
     that trust; plain HTTP on the port, or HTTPS without the CA, gets nothing."""
     from prefixserve_client import Client
@@ -270,6 +270,10 @@ def test_a_server_process_serves_https(pki, subprocess_server):
         assert sdk.health().status == "ok"
         out = sdk.generate("acme", "Hello", prefix="base", max_tokens=4)
         assert out.usage.completion_tokens >= 1
+    # without an http_client of its own, the SDK's httpx takes the CA from SSL_CERT_FILE (as the README says)
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    with Client(base_url=sp.url) as sdk:
+        assert sdk.health().status == "ok"
 
 
 def test_mutual_tls_requires_a_client_certificate_the_ca_signed(pki, subprocess_server):
