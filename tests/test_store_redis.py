@@ -95,6 +95,36 @@ def test_stray_blob_without_metadata_is_invisible(store):
         store.get("acme", "bot", 2)
 
 
+def test_a_blob_is_read_in_pieces_and_a_version_deleted_meanwhile_is_not_found(store, monkeypatch):
+    """A blob larger than BLOB_CHUNK comes in GETRANGE pieces (one GET of a large blob held the GIL for the whole
+    reply: the engine's decoding stalled); the pieces make the stored bytes, and a version deleted between two
+    pieces is not found, never a cut blob."""
+    import prefix_store.redis_store as rs
+
+    kv = torch.arange(2 * 2 * 1 * 4 * 8, dtype=torch.float32).reshape(2, 2, 1, 4, 8)
+    store.put("acme", "bot", "prefix_tuning", {"kv": kv}, base_model_fingerprint=FP, prefix_length=4)
+    size = store._r.strlen(store._blob_key("acme", "bot", 1))
+    monkeypatch.setattr(rs, "BLOB_CHUNK", 100)
+    ranges: list[tuple[int, int]] = []
+    getrange = store._r.getrange
+
+    def spy(key, start, end):
+        ranges.append((start, end))
+        return getrange(key, start, end)
+
+    monkeypatch.setattr(store._r, "getrange", spy)
+    assert torch.equal(store.get("acme", "bot").tensors["kv"], kv)
+    assert ranges == [(o, min(o + 100, size) - 1) for o in range(100, size, 100)] and len(ranges) >= 3
+
+    def deleting(key, start, end):
+        store._r.delete(key)
+        return getrange(key, start, end)
+
+    monkeypatch.setattr(store._r, "getrange", deleting)
+    with pytest.raises(errors.PrefixNotFound):
+        store.get("acme", "bot", 1)
+
+
 def test_events_from_another_namespace_are_not_delivered(redis_store_url):
     mine = open_store(redis_store_url)
     other = open_store(redis_store_url.replace("prefix=", "prefix=x-"))
