@@ -309,6 +309,19 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------------ training
     training_workers: int = Field(1, ge=0, description="Training workers inside the server process (0: none)")
+    training_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Intra-op threads of each in-process training job; default: half the cores (serving keeps the "
+        "rest)",
+    )
+    training_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Niceness of in-process training threads (Linux): serving wins the CPU when both want it; 0: "
+        "as serving",
+    )
     training_max_seconds: float | None = Field(
         3600.0,
         gt=0,

@@ -1418,3 +1418,23 @@ def test_no_job_is_claimed_before_the_server_is_ready(tiny_llama_bundle, tmp_pat
     assert seen == [False] and not jm._started and not jm._threads
     rec = JobManager(tiny_llama_bundle, store, in_process_workers=0).get(job)
     assert rec.status == "queued" and rec.attempts == 0
+
+
+def test_training_threads_and_niceness_are_settings(tiny_llama_bundle, tmp_path):
+    """`training_threads` / `training_nice` reach the in-process job manager (they were its constructor's only:
+    an operator could not give training fewer threads or serving's priority); unset, half the cores and nice 10."""
+    from server.api.app import _make_job_manager
+    from server.settings import Settings
+    from server.training.trainer import default_train_threads
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    for given, threads, nice in (
+        ({}, default_train_threads(), 10),
+        ({"training_threads": 3, "training_nice": 0}, 3, 0),
+    ):
+        settings = Settings(store_url=store.url, training_workers=0, **given)
+        jm = _make_job_manager(settings, tiny_llama_bundle, store)
+        assert (jm.train_threads, jm.train_nice) == (threads, nice)
+    for bad in ({"training_threads": 0}, {"training_nice": 20}, {"training_nice": -1}):
+        with pytest.raises(ValueError):
+            Settings(**bad)

@@ -467,6 +467,8 @@ def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> An
         jobs_url=settings.jobs_url,
         in_process_workers=settings.training_workers,
         max_jobs_per_tenant=settings.max_jobs_per_tenant,
+        train_threads=settings.training_threads,
+        train_nice=settings.training_nice,
         limits=TrainingLimits(
             max_examples=settings.training_max_examples,
             max_total_tokens=settings.training_max_total_tokens,
