@@ -283,13 +283,13 @@ def validate_tensors(kind: str, tensors: Mapping[str, torch.Tensor], prefix_leng
         raise InvalidPrefix(f"'kv' has an empty dimension: shape {list(shape)}")
     dims = {"L": shape[0], "P": prefix_length}
     for key, (rank, checks) in _KIND_TENSORS[kind].items():
-        t = tensors.get(key)
-        if t is None:
+        kind_tensor = tensors.get(key)
+        if kind_tensor is None:
             continue
-        if t.dim() != rank or any(t.shape[i] != dims[sym] for i, sym in checks.items()):
+        if kind_tensor.dim() != rank or any(kind_tensor.shape[i] != dims[sym] for i, sym in checks.items()):
             want = ", ".join(f"dim {i} = {sym} = {dims[sym]}" for i, sym in checks.items())
             raise InvalidPrefix(
-                f"{kind} tensor {key!r} must have rank {rank} with {want}; got {list(t.shape)}"
+                f"{kind} tensor {key!r} must have rank {rank} with {want}; got {list(kind_tensor.shape)}"
             )
     for key, t in tensors.items():
         if key != "kv" and t.numel() and not bool(torch.isfinite(t).all()):

@@ -40,8 +40,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -58,6 +58,22 @@ from prefix_store.urls import pop_query_param
 log = logging.getLogger("prefix_store")
 
 BLOB_CHUNK = 8 << 20  # bytes of a blob read at a time (see the module docstring)
+
+_T = TypeVar("_T")
+
+
+def _as_bytes(replies: list[bytes | str | None]) -> list[bytes | None]:
+    """An MGET's values: bytes, the client being made without decode_responses (redis-py's types cannot tell)."""
+    return cast(list[bytes | None], replies)
+
+
+def _text(reply: bytes | str) -> str:
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
+def _ints(members: Iterable[Any]) -> builtins.list[int]:
+    """A ZRANGE's members (without scores) as ints (redis-py's type also covers WITHSCORES replies)."""
+    return [int(x) for x in members]
 
 
 def reconnect_once(for_asyncio: bool = False) -> Any:
@@ -174,7 +190,7 @@ class RedisStore(PrefixStore):
                 raise StoreUnavailable(f"redis at {self._where} cannot serve ({what}): {e}") from e
             raise StoreRefused(f"redis at {self._where} refused ({what}): {e}") from e
 
-    def _transaction(self, fn: Callable[[redis.client.Pipeline], object], watch: tuple[str, ...]) -> object:
+    def _transaction(self, fn: Callable[[redis.client.Pipeline], _T], watch: tuple[str, ...]) -> _T:
         """Run ``fn(pipe)`` under WATCH until EXEC succeeds; ``fn`` reads, calls ``pipe.multi()``, queues."""
         with self._r.pipeline(transaction=True) as pipe:
             while True:
@@ -289,6 +305,8 @@ class RedisStore(PrefixStore):
         self, tenant_id: str, name: str, version: int | None, *, with_blob: bool
     ) -> tuple[PrefixMeta, bytes | None]:
         t, n = tenant_id, name
+        meta_b: bytes | str | None
+        blob: bytes | None
         with self._errors(f"get {label(t, n, version)}"):
             # latest may be deleted and re-put between the two round trips (a writer deleting latest versions in a
             # loop beat 3 tries once, on a loaded machine: the test of it failed); each try is two round trips
@@ -329,7 +347,7 @@ class RedisStore(PrefixStore):
     def _names(self, tenant_id: str | None) -> builtins.list[tuple[str, str]]:
         with self._errors("list prefixes"):
             if tenant_id is None:
-                tenants = [x.decode() for x in self._r.smembers(self._tenants_key())]
+                tenants = [_text(x) for x in self._r.smembers(self._tenants_key())]
             else:
                 tenants = [tenant_id]
             pipe = self._r.pipeline(transaction=False)
@@ -359,7 +377,7 @@ class RedisStore(PrefixStore):
         for i in range(0, len(versions), META_BATCH):
             chunk = versions[i : i + META_BATCH]
             with self._errors(f"get versions of {label(t, n)}"):
-                raws: list[bytes | None] = self._r.mget([self._meta_key(t, n, v) for v in chunk])  # type: ignore[assignment]
+                raws = _as_bytes(self._r.mget([self._meta_key(t, n, v) for v in chunk]))
             yield from raws
 
     def _version_counter(self, tenant_id: str, name: str) -> int:
@@ -372,7 +390,7 @@ class RedisStore(PrefixStore):
         out = []
         with self._errors("list prefixes"):
             for key in self._r.scan_iter(match=pattern, count=1000):
-                t, sep, n = (key.decode() if isinstance(key, bytes) else key)[len(head) :].partition(":")
+                t, sep, n = _text(key)[len(head) :].partition(":")
                 if sep and is_valid_name(t) and is_valid_name(n):
                     out.append((t, n))
         return out
@@ -391,7 +409,7 @@ class RedisStore(PrefixStore):
 
     def _versions(self, tenant_id: str, name: str) -> builtins.list[int]:
         with self._errors(f"versions of {label(tenant_id, name)}"):
-            return [int(x) for x in self._r.zrange(self._versions_key(tenant_id, name), 0, -1)]
+            return _ints(self._r.zrange(self._versions_key(tenant_id, name), 0, -1))
 
     def _delete(self, tenant_id: str, name: str) -> int:
         t, n = tenant_id, name
@@ -402,7 +420,7 @@ class RedisStore(PrefixStore):
         )
 
         def commit(pipe: redis.client.Pipeline) -> int:
-            found = [int(x) for x in pipe.zrange(versions_key, 0, -1)]
+            found = _ints(pipe.zrange(versions_key, 0, -1))
             if not found:
                 pipe.unwatch()
                 raise PrefixNotFound(f"prefix {label(t, n)} not found")
@@ -410,7 +428,7 @@ class RedisStore(PrefixStore):
             return max(found)
 
         with self._errors(f"delete {label(t, n)}"):
-            return int(self._transaction(commit, watch=(versions_key, names_key, latest_key)))  # type: ignore[arg-type]
+            return self._transaction(commit, watch=(versions_key, names_key, latest_key))
 
     def _queue_delete_name(
         self, pipe: redis.client.Pipeline, t: str, n: str, found: builtins.list[int]
@@ -432,7 +450,7 @@ class RedisStore(PrefixStore):
         versions_key, latest_key = self._versions_key(t, n), self._latest_key(t, n)
 
         def commit(pipe: redis.client.Pipeline) -> None:
-            found = [int(x) for x in pipe.zrange(versions_key, 0, -1)]
+            found = _ints(pipe.zrange(versions_key, 0, -1))
             if version not in found:
                 pipe.unwatch()
                 raise PrefixNotFound(f"prefix {label(t, n, version)} not found")
@@ -466,8 +484,10 @@ class RedisStore(PrefixStore):
         try:
             cfg: dict[str, str] = {}
             for name in ("maxmemory", "maxmemory-policy", "appendonly", "save"):
-                for k, v in self._r.config_get(name).items():
-                    cfg[k.decode() if isinstance(k, bytes) else k] = v.decode() if isinstance(v, bytes) else v
+                # (bytes from this client: redis-py's type says str | None)
+                reply = cast(dict[bytes | str, bytes | str], self._r.config_get(name))
+                for k, v in reply.items():
+                    cfg[_text(k)] = _text(v)
         except redis.RedisError:
             return []
         out = []
