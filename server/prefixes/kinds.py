@@ -154,6 +154,7 @@ class PrefixTuningParams(nn.Module):
         else:
             emb = torch.randn(prefix_length, width) * 0.02
         self.embedding = nn.Parameter(emb)
+        self.mlp: nn.Sequential | None
         if projection:
             self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, out))
         else:
@@ -161,6 +162,13 @@ class PrefixTuningParams(nn.Module):
 
     def flat(self) -> torch.Tensor:
         return self.mlp(self.embedding) if self.mlp is not None else self.embedding
+
+    def linears(self) -> tuple[nn.Linear, nn.Linear]:
+        """The MLP's input and output layers (a module made with `projection`)."""
+        assert self.mlp is not None, "no MLP: made without projection"
+        first, last = self.mlp[0], self.mlp[2]
+        assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+        return first, last
 
     def kv(self) -> torch.Tensor:
         return flat_to_kv(self.flat(), self.spec)

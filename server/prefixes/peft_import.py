@@ -147,13 +147,12 @@ def peft_adapter(
     spec = bundle.spec
     peft_type = check_peft_config(cfg, spec)
     saved = _find(weights, "prompt_embeddings")
-    raw_emb = _find(weights, "embedding.weight") if saved is None else None
-    if saved is None and raw_emb is None:
+    emb = saved if saved is not None else _find(weights, "embedding.weight")
+    if emb is None:
         raise InvalidPrefix(
             "adapter has no prompt_embeddings / prefix_encoder.embedding.weight tensor "
             f"(found: {', '.join(sorted(weights)) or 'nothing'})"
         )
-    emb = saved if saved is not None else raw_emb
     # before any cast: an integer/bool/float8 tensor is no trained adapter (an export's int kv is refused too), and
     # a huge soft prompt would compile to an all-zero kv (see MAX_TRAINED_ABS)
     check_trained_values(emb, "prompt_embeddings" if saved is not None else "embedding.weight")
@@ -172,8 +171,9 @@ def peft_adapter(
                 f"adapter was made with {k_heads} key/value heads; this base model has {spec.num_kv_heads} "
                 "(the adapter does not fit this base model)"
             )
-        mlp = {ours: _find(weights, theirs) for theirs, ours in _MLP_KEYS.items()}
-        if saved is None and all(t is not None for t in mlp.values()):  # raw encoder with the MLP
+        found = {ours: _find(weights, theirs) for theirs, ours in _MLP_KEYS.items()}
+        mlp = {ours: t for ours, t in found.items() if t is not None}
+        if saved is None and len(mlp) == len(found):  # raw encoder with the MLP
             for theirs, ours in _MLP_KEYS.items():
                 check_trained_values(mlp[ours], theirs)
             tensors = {"embedding": emb, **{k: v.float() for k, v in mlp.items()}}

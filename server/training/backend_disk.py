@@ -23,6 +23,7 @@ flock is per host: run workers of one job directory on one machine (use Redis fo
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import json
@@ -471,7 +472,7 @@ class DiskJobBackend:
         """Let go of a claim without touching the record (it was taken over)."""
         self._let_go(claim)
 
-    def _requeue_orphans(self) -> list[str]:
+    def _requeue_orphans(self) -> builtins.list[str]:
         """Queued jobs without a queue marker (the submitting process died between writing the record and the
         marker; its client got no answer, but the job holds a slot of the tenant's limit and its Idempotency-Key
         answers with it): give them their marker. A tenant's active entry without a record (it died before the
@@ -504,10 +505,10 @@ class DiskJobBackend:
                     self._unlock(fd)
         return found
 
-    def reclaim_stale(self) -> list[str]:
+    def reclaim_stale(self) -> builtins.list[str]:
         """Requeue or fail the running jobs whose worker died (lock free) or hung (no heartbeat); enqueue queued
         jobs whose submitter died before their queue marker."""
-        touched = []
+        touched: list[str] = []
         try:
             touched += self._requeue_orphans()
             markers = list(self._dirs["running"].iterdir())

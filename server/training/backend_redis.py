@@ -22,13 +22,14 @@ presumed dead cannot overwrite the outcome). Terminal jobs expire after ``retent
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -172,6 +173,10 @@ class RedisClaim:
     entry_id: str
 
 
+# an XRANGE reply: (entry id, fields) pairs
+StreamRange = list[tuple[bytes | str, dict[bytes | str, bytes | str]]]
+
+
 def _dec(v: bytes | str | None) -> Any:
     if v is None:
         return None
@@ -180,6 +185,11 @@ def _dec(v: bytes | str | None) -> Any:
 
 def _text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+def _members(reply: Iterable[Any]) -> list[str]:
+    """A ZRANGE's members (without scores; redis-py's type also covers WITHSCORES replies) as text."""
+    return [_text(x) for x in reply]
 
 
 class RedisJobBackend:
@@ -255,7 +265,7 @@ class RedisJobBackend:
         d = rec.to_dict()
         return {k: json.dumps(d[k], sort_keys=True, allow_nan=False) for k in RECORD_FIELDS}
 
-    def _decode(self, h: dict[bytes, bytes]) -> JobRecord | None:
+    def _decode(self, h: dict[str, bytes | str | None]) -> JobRecord | None:
         if not h:
             return None
         d = {}
@@ -273,7 +283,7 @@ class RedisJobBackend:
         vals = self._r.hmget(self._job(job_id), RECORD_FIELDS)
         if all(v is None for v in vals):
             return None
-        return self._decode(dict(zip(RECORD_FIELDS, vals, strict=True)))  # type: ignore[arg-type]
+        return self._decode(dict(zip(RECORD_FIELDS, vals, strict=True)))
 
     # ------------------------------------------------------------------------------------------ API side
     def ping(self) -> None:
@@ -284,7 +294,7 @@ class RedisJobBackend:
         """The job a submission with this Idempotency-Key created, while it is remembered."""
         with self._errors("read the job"):
             job_id = self._r.get(self._idempotency(tenant_id, key))
-            rec = self._read(job_id.decode()) if job_id else None
+            rec = self._read(_text(job_id)) if job_id else None
         return rec if rec is not None and rec.tenant_id == tenant_id else None
 
     def create(self, rec: JobRecord, examples: list[dict[str, str]], max_active: int) -> JobRecord:
@@ -300,6 +310,7 @@ class RedisJobBackend:
                 flat += [k, v]
             keys = [self._active(rec.tenant_id), self._job(rec.job_id), self._index, self._tenant(rec.tenant_id),
                     self._stream, self._idempotency(rec.tenant_id, key or "")]  # fmt: skip
+            args: list[str | int | float]
             args = [max_active, rec.job_id, rec.created, "" if key is None else self._job(""),
                     max(1, int(IDEMPOTENCY_TTL_S)), *flat]  # fmt: skip
             out = self._create(keys=keys, args=args)
@@ -323,7 +334,7 @@ class RedisJobBackend:
     def list(self, tenant_id: str | None = None) -> list[JobRecord]:
         with self._errors("list jobs"):
             zkey = self._index if tenant_id is None else self._tenant(tenant_id)
-            ids = [i.decode() for i in self._r.zrange(zkey, 0, -1)]
+            ids = _members(self._r.zrange(zkey, 0, -1))
             pipe = self._r.pipeline(transaction=False)
             for i in ids:
                 pipe.hmget(self._job(i), RECORD_FIELDS)
@@ -347,10 +358,10 @@ class RedisJobBackend:
         """Jobs by status, for /metrics: one field of each job (its status), not the whole record decoded."""
         out: dict[str, int] = {}
         with self._errors("count jobs"):
-            ids = self._r.zrange(self._index, 0, -1)
+            ids = _members(self._r.zrange(self._index, 0, -1))
             pipe = self._r.pipeline(transaction=False)
             for i in ids:
-                pipe.hget(self._job(i.decode()), "status")
+                pipe.hget(self._job(i), "status")
             for v in pipe.execute():
                 if v is None:  # expired: list() drops it from the index
                     continue
@@ -402,7 +413,8 @@ class RedisJobBackend:
                 break
         for _ in range(FAIR_SCAN if not entries else 0):
             got = self._r.xreadgroup(GROUP, worker_id, {self._stream: ">"}, count=1, block=block_ms)
-            for _stream, msgs in got or []:
+            # (a RESP2 reply, this client's: [[stream, entries]]; redis-py's type also covers RESP3's dict)
+            for _stream, msgs in cast(list[list[Any]] | None, got) or []:
                 entries.extend(msgs)
             if not entries or not self._defer(*entries[0]):
                 break
@@ -450,7 +462,8 @@ class RedisJobBackend:
         eid = _text(entry_id)
         # the entries after this one: not delivered yet (an entry delivered to a worker that died before taking it
         # still says queued, but no read returns it until it is stale: counting it deferred every job meanwhile)
-        head = self._r.xrange(self._stream, f"({eid}", "+", count=FAIR_SCAN)
+        # (entries with their fields: redis-py's type also covers deleted entries, and no reply)
+        head = cast(StreamRange, self._r.xrange(self._stream, f"({eid}", "+", count=FAIR_SCAN))
         with self._r.pipeline(transaction=False) as pipe:
             ids = [_text(d.get(b"job_id") or d.get("job_id") or b"") for _e, d in head]
             for j in ids:
@@ -573,7 +586,7 @@ class RedisJobBackend:
     def release(self, claim: RedisClaim) -> None:
         return None  # the new owner holds the stream entry now
 
-    def reclaim_stale(self) -> list[str]:
+    def reclaim_stale(self) -> builtins.list[str]:
         return []  # XAUTOCLAIM inside claim() does it
 
     def prune(self) -> int:

@@ -134,6 +134,11 @@ TOP_LEVEL_FIELDS = {
 }
 
 
+def hp_name(key: str) -> str:
+    """A hyperparameter's own name for one of its spellings (`lr`: `learning_rate`)."""
+    return HP_ALIASES.get(key, key)
+
+
 def canonical_request(request: Any) -> Any:
     """The form of a submission that its Idempotency-Key is compared by: one logical request in any of the
     accepted spellings gives one form (hyperparameters at the top level or nested, `lr` or `learning_rate`, a field
@@ -159,9 +164,9 @@ def canonical_request(request: Any) -> Any:
         if key in TOP_LEVEL_FIELDS:
             out[key] = norm(v)
         else:
-            hp[HP_ALIASES.get(key, key)] = norm(v)
+            hp[hp_name(key)] = norm(v)
     if isinstance(nested, Mapping):
-        hp.update({HP_ALIASES.get(k, k): norm(v) for k, v in nested.items() if v is not None})
+        hp.update({hp_name(k): norm(v) for k, v in nested.items() if v is not None})
     elif nested is not None:  # not an object: invalid, compared as given
         out["hyperparameters"] = norm(nested)
     if hp:

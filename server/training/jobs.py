@@ -576,7 +576,7 @@ class JobManager:
                 summary = dict(stored.training or {})
                 log.info("job %s: found its prefix already stored as version %d", rec.job_id, stored.version)
                 self._record_success(claim, stored.version, summary, final_progress(progress, summary))
-                return
+                return None
             want = rec.base_model_fingerprint
             if want is not None and want != self.bundle.fingerprint:
                 raise _ForeignModel(want)
@@ -689,6 +689,7 @@ class JobManager:
             log.error("job %s: unexpected error", rec.job_id, exc_info=True)
             halt()
             self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
+        return None
 
     @staticmethod
     def _transient(

@@ -126,6 +126,8 @@ def _token_embeddings(bundle: Any, ids: list[int]) -> torch.Tensor:
 def _fit_output_layer(mod: PrefixTuningParams, target: torch.Tensor) -> None:
     """Set the MLP's output layer so that its output for the initial embedding is (nearly) ``target [P, out]``:
     bias = mean over positions, weight = ridge least squares on the tanh activations (exact when hidden >= P)."""
+    assert mod.mlp is not None  # (made with projection)
+    _, last = mod.linears()
     with torch.no_grad():
         z = mod.mlp[1](mod.mlp[0](mod.embedding)).double()  # [P, h]
         bias = target.double().mean(0)
@@ -135,8 +137,8 @@ def _fit_output_layer(mod: PrefixTuningParams, target: torch.Tensor) -> None:
         lam = 1e-8 * float(gram.diagonal().mean()) + 1e-12
         eye = torch.eye(gram.shape[0], dtype=gram.dtype)
         w = z.T @ torch.linalg.solve(gram + lam * eye, resid)  # [h, out]
-        mod.mlp[2].weight.copy_(w.T.float())
-        mod.mlp[2].bias.copy_(bias.float())
+        last.weight.copy_(w.T.float())
+        last.bias.copy_(bias.float())
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -285,7 +287,7 @@ class _PrefixTuning(_Method):
             spec, prefix_length, hidden=hp.mlp_hidden, projection=True, init_embedding=emb
         )
         with torch.no_grad():  # nn.Linear's default init, but from our seeded generator
-            for lin in (mod.mlp[0], mod.mlp[2]):
+            for lin in mod.linears():
                 bound = 1.0 / math.sqrt(lin.in_features)
                 lin.weight.uniform_(-bound, bound, generator=gen)
                 lin.bias.uniform_(-bound, bound, generator=gen)
