@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -828,6 +828,7 @@ class LLMEngine:
                 i += n
                 continue
             plp = seq.prompt_logprobs
+            assert plp is not None  # (all logits and no draft: its prompt log-probabilities were asked for)
             first = len(plp)  # the next prompt token without a log-probability
             targets = range(max(first, r.own_cached + 1), min(r.own_cached + n + 1, len(seq.prompt)))
             if targets and targets[0] == first:  # in order; a recomputation after preemption adds nothing
@@ -1182,7 +1183,7 @@ class AsyncEngine:
         self._inbox.put(("fail_all", error, error_type))
         self._wake.set()
 
-    async def generate(self, req: Request) -> AsyncIterator[TokenEvent]:
+    async def generate(self, req: Request) -> AsyncGenerator[TokenEvent, None]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[TokenEvent] = asyncio.Queue()
         # registered before `submit` looks at `dead`: a death after that look still reaches this consumer

@@ -40,7 +40,7 @@ def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
             if eager is not None:
                 return eager(
                     module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-                )  # type: ignore[no-any-return]
+                )
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,7 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     for m in linears:
         n = m.weight.shape[0]
         m.weight = nn.Parameter(w[o : o + n], requires_grad=False)
-        if has_bias:
+        if b is not None:  # (has_bias)
             m.bias = nn.Parameter(b[o : o + n], requires_grad=False)
         o += n
     return w, b
@@ -287,7 +288,8 @@ class ModelRunner:
         base = m.model
         self.embed = base.embed_tokens.weight
         self.eps = cfg.rms_norm_eps
-        self.layers = []
+        # each layer's weights and linears by name (the families' forwards read their own)
+        self.layers: list[dict[str, Any]] = []
         for layer in base.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv_w, qkv_b = _fuse([a.q_proj, a.k_proj, a.v_proj])
@@ -652,6 +654,7 @@ class ModelRunner:
             o = triton_ops.paged_prefill(qp, kv[0], kv[1], p.tables, p.meta, self.pool.block_size, scale, p.q)
             outs.append(o.reshape(qp.shape[0], hq * d))
         elif p is not None:
+            assert p.tok_idx is not None and p.out_idx is not None
             qp = q.index_select(0, p.tok_idx).view(p.g, p.q, hq, d).transpose(1, 2)
             o = self._attend(kv, qp, p, scale).transpose(1, 2).reshape(p.g * p.q, hq * d)
             outs.append(o.index_select(0, p.out_idx))
@@ -752,12 +755,14 @@ class ModelRunner:
         n = inp.num_tokens
         h = F.embedding(inp.input_ids, self.wte) + F.embedding(inp.positions, self.wpe)
         for li, L in enumerate(self.layers):
-            x = F.layer_norm(h, (sp.hidden_size,), *L["ln1"], self.eps)
+            ln_w, ln_b = L["ln1"]
+            x = F.layer_norm(h, (sp.hidden_size,), ln_w, ln_b, self.eps)
             q, k, v = L["qkv"](x).view(n, 3, hq, d).unbind(1)
             self._write_kv(li, k, v, inp.write_slots)
             o = self._attention(li, q, inp, self.scale)
             h = h + L["o"](o)
-            x = F.layer_norm(h, (sp.hidden_size,), *L["ln2"], self.eps)
+            ln_w, ln_b = L["ln2"]
+            x = F.layer_norm(h, (sp.hidden_size,), ln_w, ln_b, self.eps)
             h = h + L["fc2"](self.act(L["fc"](x)))
         h = h.index_select(0, inp.sample_idx)
         return F.layer_norm(h, (sp.hidden_size,), *self.ln_f, self.eps)
@@ -802,8 +807,11 @@ class _DecodeGraphs:
         else:
             self.gather = torch.full((b * s,), runner.pool.scratch_slot, dtype=torch.long, device=dev)
             self.mask = torch.zeros(b * s, dtype=runner.dtype, device=dev)
-        self.entries: dict[tuple[int, int], tuple[object | None, StepInputs, torch.Tensor | None]] = {}
-        self.pool = None
+        self.entries: dict[
+            tuple[int, int], tuple[torch.cuda.CUDAGraph | None, StepInputs, torch.Tensor | None]
+        ] = {}
+        # the graphs' shared memory pool (set at the first capture)
+        self.pool: torch.cuda._POOL_HANDLE | None = None
         self.logits: torch.Tensor | None = None  # the captured graphs' output (set at the first capture)
         self.num_captured = 0
         self.num_replays = 0
@@ -866,13 +874,16 @@ class _DecodeGraphs:
             grp.meta.copy_(src.meta)
         else:
             assert grp.gather is not None and grp.mask is not None
+            assert src.gather is not None and src.mask is not None
             grp.gather.copy_(src.gather)
             grp.mask.copy_(src.mask)
 
-    def _capture(self, key: tuple[int, int]) -> tuple[object | None, StepInputs, torch.Tensor | None]:
+    def _capture(
+        self, key: tuple[int, int]
+    ) -> tuple[torch.cuda.CUDAGraph | None, StepInputs, torch.Tensor | None]:
         st = self._views(*key)
         self._fill(st, None)
-        graph = None
+        graph: torch.cuda.CUDAGraph | None = None
         out = None
         if self.capture:
             side = torch.cuda.Stream(device=self.runner.device)
@@ -918,7 +929,7 @@ class _DecodeGraphs:
         if graph is None:
             out = self.runner._forward(st)
         else:
-            graph.replay()  # type: ignore[attr-defined]
+            graph.replay()
         self.num_replays += 1
         self.used.add(key)
         assert out is not None

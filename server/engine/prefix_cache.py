@@ -191,7 +191,7 @@ class PrefixCache:
             self.stats.fetches += 1
             self._loading[key] = fut
             if self.on_loaded is not None:
-                fut.add_done_callback(lambda _f: self.on_loaded())
+                fut.add_done_callback(lambda _f: self._notify_loaded())
         return None
 
     def claim(self, key: PrefixKey) -> None:
@@ -325,6 +325,11 @@ class PrefixCache:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- internals
+    def _notify_loaded(self) -> None:
+        # (read when called: the engine's async front end sets it, maybe after a fetch started)
+        if self.on_loaded is not None:
+            self.on_loaded()
+
     def _fetch(self, key: PrefixKey) -> tuple[torch.Tensor, str]:
         """Loader thread: the provider's `kv[L, 2, K, P, D]`, staged for the pool's copy (`KVPool.stage`), and its
         digest."""

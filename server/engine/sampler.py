@@ -338,7 +338,8 @@ def sample(
             raise ValueError("rows with processed scores need their token histories")
         scores = logits.clone()
         for i in processed:
-            scores[i] = process_scores(logits[i], params[i], *histories[i], eos_ids)  # type: ignore[index]
+            assert histories is not None  # (checked above)
+            scores[i] = process_scores(logits[i], params[i], *histories[i], eos_ids)
         if masks is not None:
             apply_masks(scores, *masks)
     checks = [greedy_tokens(scores), finite_rows(logits).long()]

@@ -59,9 +59,9 @@ class NgramIndex:
         if k <= 0:
             return []
         for n in range(min(self.max_n, last), self.min_n - 1, -1):
-            e = latest.get(tuple(tokens[last - n + 1 :]))
-            if e is not None:
-                return tokens[e + 1 : e + 1 + k]
+            end = latest.get(tuple(tokens[last - n + 1 :]))
+            if end is not None:
+                return tokens[end + 1 : end + 1 + k]
         return []
 
 

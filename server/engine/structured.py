@@ -27,7 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -39,13 +39,23 @@ MAX_JSON_WHITESPACE = 33
 JSON_WHITESPACE = rf"[\x20\x0A\x0D\x09]{{0,{MAX_JSON_WHITESPACE}}}"
 
 
+class _GrammarLimits(TypedDict):  # (LLParserLimits' keyword arguments used here)
+    step_lexer_fuel: int
+    initial_lexer_fuel: int
+    max_lexer_states: int
+
+
 # llguidance's parser limits, tighter than its defaults (step lexer fuel 200k, initial 1M, 250k lexer states): a
 # request's masks are computed on the engine thread, so one tenant's grammar must not slow every step. Measured on
 # this project's CPU (SmolLM2's vocabulary): realistic grammars (a 40-property schema with patterns and enums,
 # maxLength 1000, date-time/email/uuid formats, an SQL-like Lark grammar) stay under 0.5 ms a mask either way, while
 # the regex ((a{50}){50}){50} cost 46 ms a step (235 ms at worst) with the defaults and is refused at its first mask
 # with these (a 422 before it is queued: `compile` computes that first mask).
-GRAMMAR_LIMITS = {"step_lexer_fuel": 50_000, "initial_lexer_fuel": 200_000, "max_lexer_states": 50_000}
+GRAMMAR_LIMITS: _GrammarLimits = {
+    "step_lexer_fuel": 50_000,
+    "initial_lexer_fuel": 200_000,
+    "max_lexer_states": 50_000,
+}
 # The limits do not bound a mask's time well ((a{300}){300} passes them at 55 ms a step), so the engine also times
 # masks (`MaskBudget`): a request whose mask takes over the budget MASK_STRIKES times ends with an error, and a
 # grammar whose first mask already takes MASK_STRIKES budgets is refused when it is compiled.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ def smoke_test(
 ) -> None:
     """Compile and run every kernel once at the model's head shape (raises what a launch would: a missing C
     compiler, an unsupported GPU, not enough shared memory), before the engine relies on them."""
-    kw = dict(device=device, dtype=dtype)
+    kw: dict[str, Any] = {"device": device, "dtype": dtype}
     hq, hk, d = num_heads, num_kv_heads, head_dim
     x = torch.ones(2, 32, **kw)
     rms_norm(x, torch.ones(32, **kw), 1e-6, residual=torch.zeros(2, 32, **kw))
@@ -85,7 +86,7 @@ def smoke_test_prefill(
     """`smoke_test` for the paged prefill kernel, both of its query-block variants (a row of 2 tokens, one of 17).
     Separate: where only this kernel cannot run (its tiles want more shared memory than a GPU has, say), decode
     keeps its kernels."""
-    kw = dict(device=device, dtype=dtype)
+    kw: dict[str, Any] = {"device": device, "dtype": dtype}
     kc = torch.zeros(33, num_kv_heads, head_dim, **kw)
     for n in (2, 17):
         meta = torch.tensor([[0], [n], [0], [0], [0]], dtype=torch.long, device=device)

@@ -272,11 +272,11 @@ def _gguf_progress_as_configured() -> Iterator[None]:
     if bar is None or hf_logging.is_progress_bar_enabled():
         yield
         return
-    gguf_utils.tqdm = functools.partial(bar, disable=True)  # type: ignore[attr-defined]
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
-        gguf_utils.tqdm = bar  # type: ignore[attr-defined]
+        gguf_utils.tqdm = bar
 
 
 def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
@@ -308,7 +308,8 @@ def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
         model.generation_config.pad_token_id = eos_id
     # the GGUF quantizer has already dequantized every tensor: save a plain float32 checkpoint
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        # (an attribute transformers sets without declaring it: mypy types it by nn.Module.__setattr__)
+        model.hf_quantizer = None  # type: ignore[assignment]
     with contextlib.suppress(AttributeError):
         delattr(model.config, "quantization_config")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -446,7 +447,8 @@ def load_model(
         )
     _freeze(hf)
     fingerprint = _cached_fingerprint(folder, cache, hf, tokenizer)
-    hf = hf.to(device=dev, dtype=dt)
+    # (transformers wraps `to` with functools.wraps, which mypy cannot bind to the instance)
+    hf = hf.to(device=dev, dtype=dt)  # type: ignore[call-arg]
     bundle = bundle_from_model(hf, tokenizer, name=name, fingerprint=fingerprint)
     bundle.extra["folder"] = str(folder)
     log.info(
