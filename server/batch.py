@@ -164,7 +164,8 @@ async def run_lines(
                 return await everything
             stopped = asyncio.ensure_future(stop.wait())
             try:
-                await asyncio.wait([everything, stopped], return_when=asyncio.FIRST_COMPLETED)
+                either: list[asyncio.Future[Any]] = [everything, stopped]
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopped.cancel()
             if everything.done():

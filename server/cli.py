@@ -91,8 +91,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         args = getattr(ann, "__args__", (ann,))
         typ = next((a for a in args if a is not type(None)), str)
         conv: Any
-        if optional_number(ann) is not None:
-            conv = _or_none(typ)
+        if (num := optional_number(ann)) is not None:
+            conv = _or_none(num)
         elif typ in (int, float):
             conv = typ
         else:
@@ -476,7 +476,7 @@ def env_settings(ns: argparse.Namespace, fields: dict[str, str]) -> Any:
             value = env_get(ENV_PREFIX + field.upper()) or None  # (in any case, as `serve` reads them)
         if value is not None:
             given[field] = value
-    return Settings(_env_prefix=ENV_PREFIX + "CLI_UNREAD_", **given)  # type: ignore[call-arg]
+    return Settings(_env_prefix=ENV_PREFIX + "CLI_UNREAD_", **given)
 
 
 WORKER_SETTINGS = {"store_url": "store", "model": "model", "jobs_url": "jobs_url", "device": "device",

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefix_store import PrefixStore, open_store
@@ -164,6 +165,7 @@ def _admit_upload(st: AppState, headers: dict[bytes, bytes], path: str) -> str:
     tenant = m["tenant"]
     check_prefix_access(principal, tenant, m["name"])
     svc = st.svc
+    assert svc is not None  # (the middleware answers 503 until the service is built)
     # (Retry-After is added as the error is sent)
     if tenant in svc.uploading_tenants:
         raise APIError(503, "an upload of this tenant is in progress; retry shortly", code="too_many_uploads")
@@ -367,7 +369,7 @@ class ServiceMiddleware:
                     st.tenant_body_bytes.pop(owner, None)
             if body_buf is not None:
                 body_buf.close()
-            if uploading is not None:
+            if uploading is not None and st.svc is not None:
                 st.svc.uploading_tenants.discard(uploading)
             if counted:
                 st.inflight -= 1
@@ -716,7 +718,7 @@ def create_app(
         (r.path_regex, r.path, set(r.methods))
         for router in routers
         for r in router.routes
-        if getattr(r, "methods", None)
+        if isinstance(r, Route) and r.methods
     ]
     app.add_middleware(ServiceMiddleware, state=st)
     if settings.cors_allow_origins:

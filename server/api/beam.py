@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -190,7 +190,8 @@ class BeamSearch:
         # transformers' candidates per step: enough that `width` do not end whichever end-of-sequence ids come
         k = max(2, 1 + (0 if ignore_eos else len(eos))) * width
         want = self.sampling.logprobs or 0
-        running, done = [Beam()], []
+        running = [Beam()]
+        done: list[Beam] = []
         for step in range(self.sampling.max_tokens):
             steps = await asyncio.gather(*(self._step(b.tokens, max(k, want)) for b in running))
             last = step == self.sampling.max_tokens - 1
@@ -235,7 +236,7 @@ class BeamSearch:
         )
 
 
-async def _no_events() -> AsyncIterator[TokenEvent]:
+async def _no_events() -> AsyncGenerator[TokenEvent, None]:
     return
     yield  # (an async generator)
 

@@ -15,7 +15,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -526,10 +526,14 @@ def rename_format(e: APIError, field: str) -> bool:
     return True
 
 
-Chunk = Callable[..., bytes]  # (delta, finish_reason, logprobs=None) -> one SSE frame of a choice
+# what `chunk` makes of a delta: one SSE frame of a choice (bytes), or a route's own values
+FrameT = TypeVar("FrameT")
+Chunk = Callable[..., FrameT]  # (delta, finish_reason, logprobs=None) -> FrameT
 
 
-def chat_stream(run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan) -> AsyncIterator[Any]:
+def chat_stream(
+    run: GenerationRun, chunk: Chunk[FrameT], text: TokenTexts, tools: ToolPlan
+) -> AsyncIterator[FrameT]:
     """A chat choice as `chunk(delta, finish_reason, logprobs)` values: the role's delta first, then the content or
     tool call deltas as they come, then the finish reason (the same for the Responses API's events)."""
     stream = {"named": _stream_named, "required": _stream_required, "auto": _stream_auto}.get(
@@ -539,8 +543,8 @@ def chat_stream(run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolP
 
 
 async def _stream_text(
-    run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
-) -> AsyncIterator[bytes]:
+    run: GenerationRun, chunk: Chunk[FrameT], text: TokenTexts, tools: ToolPlan
+) -> AsyncIterator[FrameT]:
     first = {"role": "assistant", "content": ""}
     pieces = _stream_pieces(
         run, chunk, text, first, lambda piece: {"content": piece}, tools.thinking(), tools.show_reasoning
@@ -550,8 +554,8 @@ async def _stream_text(
 
 
 async def _stream_named(
-    run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
-) -> AsyncIterator[bytes]:
+    run: GenerationRun, chunk: Chunk[FrameT], text: TokenTexts, tools: ToolPlan
+) -> AsyncIterator[FrameT]:
     """A forced named call: its arguments stream as they come (OpenAI's tool_calls deltas); with a reasoning parser,
     after the thinking, the call announced with its first arguments."""
     assert tools.named is not None
@@ -590,13 +594,13 @@ def _thinking_delta(thought: str) -> dict[str, Any]:
 
 async def _stream_pieces(
     run: GenerationRun,
-    chunk: Chunk,
+    chunk: Chunk[FrameT],
     text: TokenTexts,
     first: dict[str, Any],
     delta: Callable[[str], dict[str, Any] | None],
     thinking: ReasoningStream | None = None,
     shown: bool = True,
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[FrameT]:
     """The `first` delta, then `delta(text piece)` as the text comes (the thinking first as `reasoning` deltas, with
     a reasoning parser, unless not `shown`: its tokens' logprobs then go with the next chunk), then the finish
     reason."""
@@ -628,8 +632,8 @@ class _PendingLogprobs:
 
 
 async def _stream_required(
-    run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
-) -> AsyncIterator[bytes]:
+    run: GenerationRun, chunk: Chunk[FrameT], text: TokenTexts, tools: ToolPlan
+) -> AsyncIterator[FrameT]:
     """'required': each call's id and name as soon as its name is written, then its arguments as they come (the
     output is a JSON list the grammar forces: `CallListStream` follows it). A list cut short by max_tokens ends
     with what was sent and finish_reason "length"."""
@@ -650,8 +654,8 @@ async def _stream_required(
 
 
 async def _stream_auto(
-    run: GenerationRun, chunk: Chunk, text: TokenTexts, tools: ToolPlan
-) -> AsyncIterator[bytes]:
+    run: GenerationRun, chunk: Chunk[FrameT], text: TokenTexts, tools: ToolPlan
+) -> AsyncIterator[FrameT]:
     """'auto': the text as soon as it cannot be the start of a call, each call as soon as it is complete
     (`AutoStream`), in output order; a chunk's logprobs are those of the tokens since the previous chunk."""
     yield chunk({"role": "assistant", "content": ""}, None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -235,12 +235,12 @@ def loc_param(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-def _error_text(err: dict[str, Any]) -> str:
+def _error_text(err: Mapping[str, Any]) -> str:
     """A pydantic error's message: a validator's own words without pydantic's "Value error, " before them."""
     return str(err.get("msg", "invalid value")).removeprefix("Value error, ")
 
 
-def _validation_message(err: dict[str, Any]) -> str:
+def _validation_message(err: Mapping[str, Any]) -> str:
     loc = loc_param(tuple(err.get("loc", ())))
     msg = _error_text(err)
     return f"{loc}: {msg}" if loc else msg

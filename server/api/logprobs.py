@@ -100,7 +100,10 @@ def completion_logprobs(
     """OpenAI legacy format; `offsets` follows the choice's text across calls (a stream's chunks, echo then
     output). `first_token`: echoed prompts start with a token nothing predicts, reported with null
     log-probabilities; `prompt`: these are (echoed) prompt tokens."""
-    tokens, starts, values, tops = [], [], [], []
+    tokens: list[str] = []
+    starts: list[int] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
     entries: list[tuple[int, TokenLogprob | None]] = [(first_token, None)] if first_token is not None else []
     entries += [(lp.token_id, lp) for lp in lps]
     for token_id, lp in entries:

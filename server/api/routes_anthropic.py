@@ -455,7 +455,7 @@ class _Stream:
                 fn = c.get("function") or {}
                 args = fn.get("arguments")
                 if c.get("id") or fn.get("name"):  # a call's first fragment: its own block
-                    block = {
+                    block: dict[str, Any] = {
                         "type": "tool_use",
                         "id": _tool_use_id(c.get("id") or ""),
                         "name": fn.get("name") or "",

@@ -695,19 +695,19 @@ class _Stream:
                     self.tokens.pass_over(HERMES_END)
             for c in delta.get("tool_calls") or []:
                 fn = c.get("function") or {}
-                item = self.calls.get(c["index"])
-                if item is None:
-                    item = _call_item(
+                call = self.calls.get(c["index"])
+                if call is None:
+                    call = _call_item(
                         _item_id("fc"), c.get("id") or "", fn.get("name") or "", "", "in_progress"
                     )
-                    self.calls[c["index"]] = item
-                    for f in self.start(item):
+                    self.calls[c["index"]] = call
+                    for f in self.start(call):
                         yield f
                 args = fn.get("arguments") or ""
                 if args:
-                    item["arguments"] += args
-                    yield self.frame("response.function_call_arguments.delta", item_id=item["id"],
-                                     output_index=answer.output.index(item), delta=args)  # fmt: skip
+                    call["arguments"] += args
+                    yield self.frame("response.function_call_arguments.delta", item_id=call["id"],
+                                     output_index=answer.output.index(call), delta=args)  # fmt: skip
         self.ch.finish_stream()
         status = self.status = _status(run.final.finish_reason if run.final is not None else None)
         if not answer.output:  # nothing was written: still one message, as the unstreamed answer has

@@ -430,6 +430,7 @@ async def _start(
         info.max_tokens_given = p.max_new_tokens is not None
         # every token is reported with its log-probability and its alternatives; decoder_input_details: each
         # prompt token's too
+        assert sampling.logprobs is not None  # (`_sampling` always asks for them)
         out_entries = sampling.max_tokens * (sampling.logprobs + 1)
         in_entries = len(ids) if p.decoder_input_details else 0
         if in_entries > out_entries:
@@ -567,7 +568,7 @@ def _error_frame(e: APIError) -> bytes:
     return sse(with_tgi_error_type(stream_error(e), e.status))
 
 
-TGI_DOC = {
+TGI_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON, or with `stream: true` Server-Sent Events (`data: {token, generated_text, details}`, "
         "no `[DONE]`: TGI's protocol)",

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -170,7 +170,7 @@ class GenerationRun:
         self.generated = 0  # tokens generated so far
         self.token_ids: list[int] = []  # ... and their ids
         self.cached_tokens = 0  # prompt tokens taken from the prompt cache (known from the first event on)
-        self._agen: AsyncIterator[TokenEvent] | None = None
+        self._agen: AsyncGenerator[TokenEvent, None] | None = None
         self._t0 = time.monotonic()
         # this run's time to first token and queue time (the request's `info`, shared by its runs, holds the last's)
         self._ttft: float | None = None

@@ -289,8 +289,8 @@ class Service:
     draining: bool = False
     started_at: float = field(default_factory=time.time)
     _tenant_active: dict[str, int] = field(default_factory=dict)
-    _inflight_meta: dict[tuple[str, str, int | None], tuple[asyncio.Future, tuple[int, int]]] = field(
-        default_factory=dict
+    _inflight_meta: dict[tuple[str, str, int | None], tuple[asyncio.Future[PrefixMeta], tuple[int, int]]] = (
+        field(default_factory=dict)
     )
     _revalidating: set[tuple[str, str, int | None]] = field(default_factory=set)
     _background: set[asyncio.Future] = field(default_factory=set)  # (kept referenced until done)
@@ -433,7 +433,7 @@ class Service:
                 " and ".join(hidden),
             )
         svc.served_names = settings.served_model_names() or (bundle.name,)
-        parser = settings.tool_call_parser
+        parser: str = settings.tool_call_parser
         if parser == "auto":
             parser = detect(getattr(bundle.tokenizer, "chat_template", None))
         svc.tool_parser = get_parser(parser)
@@ -699,8 +699,8 @@ class Service:
             fut = asyncio.ensure_future(asyncio.to_thread(self.servable_meta, *key, version))
             flight = self._inflight_meta[k] = (fut, self.meta_cache.generation())
             fut.add_done_callback(lambda _f: self._inflight_meta.pop(k, None))
-        fut, began = flight
-        return await asyncio.shield(fut), began
+        shared, began = flight
+        return await asyncio.shield(shared), began
 
     # ------------------------------------------------------------------ generation
     async def tokenize(self, fn: Callable[..., T], *args: Any, param: str = "prompt") -> T:

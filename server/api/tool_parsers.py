@@ -278,7 +278,7 @@ def _pythonic_split(text: str, names: Tools) -> tuple[str, Calls]:
         if node.args or any(k.arg is None for k in node.keywords):
             return text, []  # keyword arguments only, as the format has them
         try:
-            calls.append((node.func.id, {k.arg: _literal(k.value) for k in node.keywords}))  # type: ignore[misc]
+            calls.append((node.func.id, {k.arg: _literal(k.value) for k in node.keywords}))
         except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             return text, []
     return ws, calls

@@ -379,7 +379,7 @@ def template_messages(messages: list[ChatMessage], short_ids: bool = False) -> l
     as transformers' templates take them) and tool results' ids (`short_ids`: as `template_call_id` makes them)."""
     out = []
     for m, t in zip(messages, chat_messages(messages), strict=True):
-        msg = dict(t)
+        msg: dict[str, Any] = dict(t)
         if m.tool_calls:
             msg["tool_calls"] = [
                 {"id": template_call_id(c.id, short_ids), "type": "function", "function": {"name": c.function.name, "arguments": _args(c.function.arguments)}}
