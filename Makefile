@@ -32,8 +32,9 @@ serve: install
 test: install $(VENV)/.test-tools
 	$(PY) scripts/run_tests.py
 
+# mypy: the server packages, as pyproject.toml's [tool.mypy] configures it (the SDK's --strict check is a test)
 lint: install
-	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check . && $(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
@@ -43,4 +44,4 @@ bench: install
 		--prefix-len 32 --dtype float32 --repeats 2 --threads 2
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
