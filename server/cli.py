@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -105,11 +106,15 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         if typ is bool:
             p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(ann) is typing.Literal:
-            aliases = CHOICE_ALIASES.get(name, {})
             p.add_argument(*flags, dest=name, choices=list(typing.get_args(ann)), default=None, help=help_,
-                           type=lambda v, a=aliases: a.get(v.strip(), v))  # fmt: skip
+                           type=functools.partial(_choice, CHOICE_ALIASES.get(name, {})))  # fmt: skip
         else:
             p.add_argument(*flags, dest=name, type=conv, default=None, help=help_)
+
+
+def _choice(aliases: dict[str, str], given: str) -> str:
+    """A choice flag's value, other spellings (`CHOICE_ALIASES`) as the choice they stand for."""
+    return aliases.get(given.strip(), given)
 
 
 def settings_from_args(ns: argparse.Namespace) -> Any:
