@@ -367,7 +367,8 @@ def _stepped(eng) -> list[int]:
 def test_newcomers_and_prompt_chunks_join_the_chain(bundle):
     """Requests admitted while a chain runs (three slots for ten requests), long prompts cut into chunks of an
     8-token budget, and rows the budget left out all run in chained steps beside the rows fed device tokens: the
-    same tokens as the synchronous engine and transformers, and almost every step chained."""
+    same tokens as the synchronous engine and transformers, and almost every step chained (but for the steps that
+    preempt a row for a tenant below its share)."""
     keys, reqs = mixed_workload(bundle.spec, (8, 20), 8, 6)
     vocab = bundle.spec.vocab_size
     reqs += [
@@ -380,7 +381,9 @@ def test_newcomers_and_prompt_chunks_join_the_chain(bundle):
         off = make_engine(bundle, keys, async_decode="off", **cfg)
         got, want = on.generate(reqs), off.generate(reqs)
         assert [o.token_ids for o in got] == [o.token_ids for o in want], cfg
-        assert on.num_async_steps >= steps[0] - 2, (on.num_async_steps, steps[0], cfg)
+        # a fair preemption (a tenant below its share of full rows) is the scheduler's own step: the chain breaks
+        fair = on.scheduler.num_fair_preemptions
+        assert on.num_async_steps >= steps[0] - 2 - 2 * fair, (on.num_async_steps, steps[0], fair, cfg)
         assert on.pool.num_used == off.pool.num_used and not on.has_unfinished()
         for r, o in zip(reqs, got, strict=True):
             kv = keys[r.prefix] if r.prefix is not None else None

@@ -641,11 +641,19 @@ class LLMEngine:
         """A follow-up step may be launched unless the scheduler has work the chain cannot take: a running row
         without a token in flight, or a waiting request it could admit now (a free slot, and a prefix that is
         resident, fetched or not yet asked for), that needs its tokens on the host (penalties, a grammar, prompt
-        logprobs: `_joinable`). The others join the follow-up; a waiting request whose prefix is still being fetched
-        does not stop the chain."""
+        logprobs: `_joinable`), or a full batch that owes a waiting tenant below its share a row (the scheduler's step
+        preempts for it: `Scheduler._preempt_for_starved`). The others join the follow-up; a waiting request whose
+        prefix is still being fetched does not stop the chain."""
         s = self.scheduler
         carried = {id(q) for q in fl.seqs}
         if any(id(q) not in carried and not self._joinable(q) for q in s.running):
+            return False
+        if (
+            s.cfg.fair
+            and s.waiting
+            and len(s.running) >= self.cfg.max_num_seqs
+            and s._starved_victim() is not None
+        ):
             return False
         if s.waiting and len(s.running) < self.cfg.max_num_seqs:
             pc = self.prefix_cache

@@ -3,9 +3,17 @@
 Running requests come first (one token each when decoding, or their next prefill chunk); newcomers are admitted while
 the step's token budget, the sequence limit and free KV blocks allow, tenants taking turns (the tenant with the fewest
 running requests first, each tenant's own in arrival order; `fair=False`: arrival order). A newcomer whose prefix is
-still being fetched is skipped (others behind it go ahead). When the pool runs dry, idle prefixes are evicted first,
-then the newest running request is preempted (its blocks freed, recomputed later). Requests carry a priority (vLLM's;
-default 0): a lower one is admitted before every higher one and preempted after them.
+still being fetched is skipped (others behind it go ahead). Requests carry a priority (vLLM's; default 0): a lower value
+is admitted before every higher one, preempted after them, and never preempted to make room for one.
+
+Fair turns (`fair=True`, LoRAX-like): each tenant with work (rows running or requests waiting) has an even share of
+the rows, `max_num_seqs // tenants` (at least 1), and of the KV blocks rows hold or could take. While every row is
+taken, a waiting request (its prefix at hand) of a tenant below its row share takes the place of the newest row of
+the tenant furthest above its own, one a step (`_preempt_for_starved`). When the pool runs dry, idle prefixes are
+evicted first, then a running request is preempted (its blocks freed, recomputed later): of the worst priority level,
+the newest row of the tenant holding the most blocks above its share (`_keep_order`), else the newest row. A row
+preempted for being above its tenant's share waits its tenant's turn to resume; others resume first (vLLM's rule).
+`fair=False`: the newest row of the worst priority level, and no preemption for turns.
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.failed: list[Sequence] = []  # prefix load failures, reported by the engine
         self.num_preemptions = 0
-        self.num_fair_preemptions = 0  # of which made room for a tenant with nothing running
+        self.num_fair_preemptions = 0  # of which gave a row to a tenant below its share
         self.cache_query_tokens = 0  # own tokens of admitted requests (prompt cache on)
         self.cache_hit_tokens = 0  # of which found in the prompt cache
         self._fresh: list[int] = []  # blocks registered by the step being scheduled (see `_register`)
@@ -235,9 +243,11 @@ class Scheduler:
             self._preempt_for_starved()
         budget = self.cfg.max_num_batched_tokens
         items: list[ScheduledItem] = []
-        # a row short of blocks preempts the last in this order (`_victim`): never one already scheduled this step
-        for seq in self._ranked():
-            if seq not in self.running:  # preempted below by an earlier row
+        # a row short of blocks preempts the last in this order still running (`_victim`): never one already
+        # scheduled this step (the order is fixed for the step: blocks taken below do not reorder it)
+        order, over = self._keep_order()
+        for seq in list(order):
+            if seq.status is not SeqStatus.RUNNING:  # preempted below by an earlier row
                 continue
             n = self._chunk(seq, budget)
             if n <= 0:
@@ -245,10 +255,14 @@ class Scheduler:
             draft = self._draft(seq, budget) if n == 1 and seq.to_compute == 1 else []
             n += len(draft)
             while not self._ensure_blocks(seq, n):
-                victim = self._victim()
+                victim = self._victim(order)
                 if victim is seq and len(self.running) == 1 and self._release_waiting_prefixes(seq):
                     continue  # the only row: the prefixes that waiting rows hold give way, not its KV
                 self._preempt(victim)
+                if id(victim) in over:
+                    # taken because its tenant held more than its share: it waits its tenant's turn (not ahead of
+                    # the tenants it made room for), as a fair preemption's victim does
+                    victim.preempted = False
                 if victim is seq:
                     break
             if seq.status is not SeqStatus.RUNNING:
@@ -392,24 +406,54 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if id(s) not in taken)
         return items
 
-    def _preempt_for_starved(self) -> None:
-        """A full batch while a tenant with nothing running waits (its prefix at hand): the newest row of the
-        tenant running the most, if that is more than an even share, gives it its place. That row is recomputed
-        later and waits its tenant's turn (not ahead of the tenant it made room for). Without this, one tenant's
-        burst that filled the batch held every other tenant's requests until its own ended."""
+    def _tenant_rows(self) -> dict[str | None, int]:
+        """Running rows per tenant."""
         counts: dict[str | None, int] = {}
         for r in self.running:
             counts[r.req.tenant] = counts.get(r.req.tenant, 0) + 1
-        top = max(counts, key=lambda t: counts[t])
-        if counts[top] <= max(1, self.cfg.max_num_seqs // (len(counts) + 1)):
-            return  # every running tenant is within its share (and none gives up its only row)
-        starved = next((s for s in self.waiting if s.req.tenant not in counts and self._ready(s)), None)
-        if starved is None:
+        return counts
+
+    def _num_tenants(self, running: dict[str | None, int]) -> int:
+        """Tenants with work: rows running (`running`'s keys) or requests waiting (preempted rows among them)."""
+        return len(running.keys() | {s.req.tenant for s in self.waiting})
+
+    def _starved_victim(self) -> Sequence | None:
+        """The row to give up its place when every row is taken (`_preempt_for_starved`), or None.
+
+        Each tenant with work (rows running or requests waiting) has an even share of the rows: `max_num_seqs //
+        tenants`, at least 1. Rounded down, the shares fit in the batch together, so while the rows are full a
+        tenant below its share means another is above its own (one that could give a row up). The request that a
+        freed row would go to (the first ready one in `_admission_order`) gets one if its tenant runs fewer rows
+        than its share: the newest row of the tenant furthest above its share (ties: whose row is newer), among its
+        rows of a priority value no lower than the request's, of the worst such level. So no tenant is taken below
+        its share, none gives up its only row, and a lower priority value never yields to a higher one."""
+        counts = self._tenant_rows()
+        share = max(1, self.cfg.max_num_seqs // self._num_tenants(counts))
+        if all(c <= share for c in counts.values()):
+            return None
+        starved = next((s for s in self._admission_order(counts) if self._ready(s)), None)
+        if starved is None or counts.get(starved.req.tenant, 0) >= share:
+            return None
+        prio = starved.req.priority
+        best: tuple[int, int] | None = None
+        victim = None
+        for r in self._by_place():  # worst priority, then newest, last
+            c = counts[r.req.tenant]
+            if c > share and r.req.priority >= prio and r.req.tenant != starved.req.tenant:
+                key = (r.req.priority, c)
+                if best is None or key >= best:
+                    best, victim = key, r
+        return victim
+
+    def _preempt_for_starved(self) -> None:
+        """A full batch while a request of a tenant below its share of the rows waits (`_starved_victim`): the
+        newest row of the tenant furthest above its share gives it its place (one a step). That row is recomputed
+        later and waits its tenant's turn (not ahead of the tenant it made room for). Without this, one tenant's
+        flood that filled the batch held every other tenant's requests until its own rows ended (each request of a
+        steady tenant beside it, not only its first: the next one finds that tenant running)."""
+        victim = self._starved_victim()
+        if victim is None:
             return
-        rows = [r for r in self._ranked() if r.req.tenant == top and r.req.priority >= starved.req.priority]
-        if not rows:
-            return
-        victim = rows[-1]
         self._preempt(victim)
         victim.preempted = False  # (preempted rows are admitted first: this one waits its tenant's turn)
         self.num_fair_preemptions += 1
@@ -422,13 +466,71 @@ class Scheduler:
         return isinstance(self.prefixes.lookup(key, count=False), PrefixEntry)
 
     def _ranked(self) -> list[Sequence]:
-        """Running requests in the order they keep their places: priority (lower value first), then age."""
+        """Running requests in the order they keep their places (`_keep_order`)."""
+        return self._keep_order()[0]
+
+    def _keep_order(self) -> tuple[list[Sequence], set[int]]:
+        """Running requests in the order they keep their places when the KV pool runs dry: priority (lower value
+        first), then age; and the id()s of those placed by their tenant's excess (below).
+
+        `cfg.fair`, with more than one tenant with work: each has an even share of the blocks that rows hold or
+        could take (their own blocks, a tenant's shared prompt-cache blocks once, plus the free ones). Within the
+        worst priority level the last places go to the rows of tenants above their share, taken in turn from the
+        tenant furthest above it, newest first (each row taken counts its blocks off its tenant's excess), until no
+        tenant of that level is above its share (then the rest by age), or none of the level's rows is left (then
+        the next level the same way). So a tenant flooding the pool with long requests loses its own newest rows,
+        not another tenant's just-started ones."""
+        ranked = self._by_place()
+        if not self.cfg.fair or len(ranked) < 2:
+            return ranked, set()
+        rows: dict[str | None, list[Sequence]] = {}
+        for r in ranked:
+            rows.setdefault(r.req.tenant, []).append(r)
+        tenants = self._num_tenants(dict.fromkeys(rows, 0))
+        if tenants < 2:
+            return ranked, set()
+        held = {t: len(set().union(*(r.own_blocks for r in rs))) for t, rs in rows.items()}
+        share = (sum(held.values()) + self.pool.num_free) // tenants
+        excess = {t: h - share for t, h in held.items() if h > share}
+        if not excess:
+            return ranked, set()
+        # taken from the back: the worst level's rows, per tenant (age order); `rest` keeps the untaken in order
+        age = {id(r): i for i, r in enumerate(self.running)}
+        rest = ranked
+        tail: list[Sequence] = []
+        while rest:
+            level = rest[-1].req.priority
+            stacks: dict[str | None, list[Sequence]] = {}
+            for r in rest:
+                if r.req.priority == level and r.req.tenant in excess:
+                    stacks.setdefault(r.req.tenant, []).append(r)
+            taken: list[Sequence] = []
+            while True:
+                live = [t for t, st in stacks.items() if st and excess[t] > 0]
+                if not live:
+                    break
+                t = max(live, key=lambda t: (excess[t], age[id(stacks[t][-1])]))
+                r = stacks[t].pop()
+                taken.append(r)
+                excess[t] -= max(1, len(r.own_blocks))
+            tail.extend(taken)
+            gone = {id(r) for r in taken}
+            rest = [r for r in rest if id(r) not in gone]
+            if not rest or rest[-1].req.priority == level:
+                break  # rows of this level within share remain: the rest go by age
+        return rest + tail[::-1], {id(r) for r in tail}
+
+    def _by_place(self) -> list[Sequence]:
+        """Running requests by priority (lower value first), then age: the order they keep their places in
+        without fair scheduling."""
         running = self.running
         return [running[i] for i in sorted(range(len(running)), key=lambda i: (running[i].req.priority, i))]
 
-    def _victim(self) -> Sequence:
-        """The running request to preempt: the last to keep its place (lowest priority, the newest among those)."""
-        return self._ranked()[-1]
+    def _victim(self, order: list[Sequence]) -> Sequence:
+        """The running request to preempt: the last of `order` (`_keep_order`, fixed for the step) still running."""
+        while order[-1].status is not SeqStatus.RUNNING:
+            order.pop()
+        return order[-1]
 
     def _admission_order(self, counts: dict[str | None, int]) -> Iterator[Sequence]:
         """Waiting requests in the order they may start: by priority (lower first), and within a priority
