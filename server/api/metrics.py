@@ -78,7 +78,7 @@ class _EngineCollector(Collector):
             ),
             (
                 "num_fair_preemptions",
-                "Of those, preemptions that made room for a tenant with nothing running (fair scheduling)",
+                "Of those, preemptions that gave a row to a tenant below its even share of the rows (fair scheduling)",
             ),
             ("spec_decode_num_draft_tokens", "Speculative (prompt-lookup) tokens drafted and verified"),
             (
