@@ -209,3 +209,29 @@ def test_when_the_pool_runs_dry_fcfs_and_priorities_keep_their_victims(tiny_llam
     worse = _hog(b, quiet_priority=1)
     assert any(v.startswith("quiet") for v in worse.victims), worse.victims
     assert all(run.gap > 1 for run in (fcfs, worse))
+
+
+@pytest.mark.parametrize("async_decode", ["off", "on"])
+def test_a_tenant_over_its_block_share_keeps_its_place_in_the_token_budget(tiny_llama_bundle, async_decode):
+    """Tenant A's 6 long rows hold more than half of a 120-block pool that is not short (about 20 blocks stay
+    free: nothing is preempted); tenant B's 700-token prompt arrives with a 64-token step budget. Rows get the
+    budget by priority then age, so each of A's rows still decodes a token every step (the budget went in the
+    victim order before: B's chunk took it first and A's newest row got no token for 11 steps)."""
+    b = tiny_llama_bundle
+    run = _engine(
+        b,
+        max_num_seqs=16,
+        max_num_batched_tokens=64,
+        long_prefill_tokens=0,
+        kv_cache_bytes=pool_bytes(b, 120),
+        async_decode=async_decode,
+    )
+    for _ in range(6):
+        run.added[_add(run, b, "A", 150, 200)] = 0
+    for step in range(120):
+        if step == 20:
+            _add(run, b, "B", 700, 5)
+        run.step(step)
+    assert run.victims == []
+    assert run.gap == 1, run.gap
+    assert all(len(run.got[r]) >= 90 for r in run.added)

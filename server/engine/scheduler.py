@@ -1,18 +1,20 @@
 """Continuous batching: every step decodes all running requests and admits waiting ones within a token budget.
 
-Running requests come first (one token each when decoding, or their next prefill chunk); newcomers are admitted while
-the step's token budget, the sequence limit and free KV blocks allow, tenants taking turns (the tenant with the fewest
-running requests first, each tenant's own in arrival order; `fair=False`: arrival order). A newcomer whose prefix is
-still being fetched is skipped (others behind it go ahead). Requests carry a priority (vLLM's; default 0): a lower value
-is admitted before every higher one, preempted after them, and never preempted to make room for one.
+Running requests come first, by priority then age (one token each when decoding, or their next prefill chunk);
+newcomers are admitted while the step's token budget, the sequence limit and free KV blocks allow, tenants taking
+turns (the tenant with the fewest running requests first, each tenant's own in arrival order; `fair=False`: arrival
+order). A newcomer whose prefix is still being fetched is skipped (others behind it go ahead). Requests carry a
+priority (vLLM's; default 0): a lower value is admitted before every higher one, preempted after them, and never
+preempted to make room for one.
 
 Fair turns (`fair=True`, LoRAX-like): each tenant with work (rows running or requests waiting) has an even share of
 the rows, `max_num_seqs // tenants` (at least 1), and of the KV blocks rows hold or could take. While every row is
 taken, a waiting request (its prefix at hand) of a tenant below its row share takes the place of the newest row of
 the tenant furthest above its own, one a step (`_preempt_for_starved`). When the pool runs dry, idle prefixes are
-evicted first, then a running request is preempted (its blocks freed, recomputed later): of the worst priority level,
-the newest row of the tenant holding the most blocks above its share (`_keep_order`), else the newest row. A row
-preempted for being above its tenant's share waits its tenant's turn to resume; others resume first (vLLM's rule).
+evicted first, then a running request is preempted (its blocks freed, recomputed later): of the worst priority
+level, the newest row of the tenant holding the most blocks above its share (`_keep_order`), else the newest row;
+never a row already scheduled this step, unless the row short of blocks is the last left (itself). A row preempted
+for being above its tenant's share waits its tenant's turn to resume; others resume first (vLLM's rule).
 `fair=False`: the newest row of the worst priority level, and no preemption for turns.
 """
 
@@ -243,10 +245,13 @@ class Scheduler:
             self._preempt_for_starved()
         budget = self.cfg.max_num_batched_tokens
         items: list[ScheduledItem] = []
-        # a row short of blocks preempts the last in this order still running (`_victim`): never one already
-        # scheduled this step (the order is fixed for the step: blocks taken below do not reorder it)
-        order, over = self._keep_order()
-        for seq in list(order):
+        # rows get the step's budget in their place order (priority, then age); a row short of blocks preempts the
+        # last running row in the fair victim order (`_keep_order`, computed once a victim is needed and fixed for
+        # the step) that was not scheduled this step, else itself
+        keep: list[Sequence] | None = None
+        over: set[int] = set()
+        scheduled: set[int] = set()
+        for seq in self._ranked():
             if seq.status is not SeqStatus.RUNNING:  # preempted below by an earlier row
                 continue
             n = self._chunk(seq, budget)
@@ -255,7 +260,9 @@ class Scheduler:
             draft = self._draft(seq, budget) if n == 1 and seq.to_compute == 1 else []
             n += len(draft)
             while not self._ensure_blocks(seq, n):
-                victim = self._victim(order)
+                if keep is None:
+                    keep, over = self._keep_order()
+                victim = self._victim(keep, scheduled)
                 if victim is seq and len(self.running) == 1 and self._release_waiting_prefixes(seq):
                     continue  # the only row: the prefixes that waiting rows hold give way, not its KV
                 self._preempt(victim)
@@ -267,6 +274,7 @@ class Scheduler:
                     break
             if seq.status is not SeqStatus.RUNNING:
                 continue
+            scheduled.add(id(seq))
             items.append(ScheduledItem(seq, n, draft))
             self._register(seq, seq.num_cached + n - len(draft))  # drafted tokens are not known to be right
             self.spec_draft_tokens += len(draft)
@@ -437,7 +445,7 @@ class Scheduler:
         prio = starved.req.priority
         best: tuple[int, int] | None = None
         victim = None
-        for r in self._by_place():  # worst priority, then newest, last
+        for r in self._ranked():  # worst priority, then newest, last
             c = counts[r.req.tenant]
             if c > share and r.req.priority >= prio and r.req.tenant != starved.req.tenant:
                 key = (r.req.priority, c)
@@ -465,10 +473,6 @@ class Scheduler:
             return True
         return isinstance(self.prefixes.lookup(key, count=False), PrefixEntry)
 
-    def _ranked(self) -> list[Sequence]:
-        """Running requests in the order they keep their places (`_keep_order`)."""
-        return self._keep_order()[0]
-
     def _keep_order(self) -> tuple[list[Sequence], set[int]]:
         """Running requests in the order they keep their places when the KV pool runs dry: priority (lower value
         first), then age; and the id()s of those placed by their tenant's excess (below).
@@ -480,7 +484,7 @@ class Scheduler:
         tenant of that level is above its share (then the rest by age), or none of the level's rows is left (then
         the next level the same way). So a tenant flooding the pool with long requests loses its own newest rows,
         not another tenant's just-started ones."""
-        ranked = self._by_place()
+        ranked = self._ranked()
         if not self.cfg.fair or len(ranked) < 2:
             return ranked, set()
         rows: dict[str | None, list[Sequence]] = {}
@@ -520,16 +524,18 @@ class Scheduler:
                 break  # rows of this level within share remain: the rest go by age
         return rest + tail[::-1], {id(r) for r in tail}
 
-    def _by_place(self) -> list[Sequence]:
-        """Running requests by priority (lower value first), then age: the order they keep their places in
-        without fair scheduling."""
+    def _ranked(self) -> list[Sequence]:
+        """Running requests by priority (lower value first), then age: the order they get the step's token budget
+        in (and, without fair scheduling, keep their places in when the KV pool runs dry)."""
         running = self.running
         return [running[i] for i in sorted(range(len(running)), key=lambda i: (running[i].req.priority, i))]
 
-    def _victim(self, order: list[Sequence]) -> Sequence:
-        """The running request to preempt: the last of `order` (`_keep_order`, fixed for the step) still running."""
-        while order[-1].status is not SeqStatus.RUNNING:
-            order.pop()
+    @staticmethod
+    def _victim(order: list[Sequence], scheduled: set[int]) -> Sequence:
+        """The running request to preempt: the last of `order` (`_keep_order`, fixed for the step) still running and
+        not scheduled this step (the row asking for blocks is not yet: it is the last resort, itself)."""
+        while order[-1].status is not SeqStatus.RUNNING or id(order[-1]) in scheduled:
+            order.pop()  # (neither can become a victim again this step)
         return order[-1]
 
     def _admission_order(self, counts: dict[str | None, int]) -> Iterator[Sequence]:
