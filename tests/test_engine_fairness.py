@@ -5,11 +5,13 @@ its share loses its newest rows, not another tenant's; FCFS and priorities keep 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
 
 from server.engine import LLMEngine, Request, SamplingParams
+from server.engine.scheduler import FAIR_PREEMPT_LIMIT
 from tests.engine_utils import make_engine, pool_bytes, random_prompt
 
 
@@ -75,13 +77,15 @@ def _add(run: Run, bundle, tenant: str, prompt: int, new: int, priority: int = 0
     return rid
 
 
-def _flood(bundle, *, flood_priority: int = 0, quiet_priority: int = 0, steps: int = 110, **cfg) -> Run:
-    """Tenant "flood" keeps 8 requests of 40 tokens queued or running (a client at its concurrency limit: each that
+def _flood(
+    bundle, *, flood_priority: int = 0, quiet_priority: int = 0, steps: int = 110, flood_new: int = 40, **cfg
+) -> Run:
+    """Tenant "flood" keeps 8 requests of `flood_new` tokens queued or running (a client at its concurrency limit: each that
     ends is replaced), filling all 8 rows; tenant "quiet" sends a 6-token request every 4 steps, so it has one or
     two running whenever the next arrives."""
     run = _engine(bundle, max_num_seqs=8, **cfg)
     for _ in range(8):
-        _add(run, bundle, "flood", 12, 40, flood_priority)
+        _add(run, bundle, "flood", 12, flood_new, flood_priority)
     for step in range(steps):
         if 8 <= step <= steps - 30 and step % 4 == 0:
             run.added[_add(run, bundle, "quiet", 12, 6, quiet_priority)] = step
@@ -89,7 +93,7 @@ def _flood(bundle, *, flood_priority: int = 0, quiet_priority: int = 0, steps: i
         run.step(step)
         for rid in run.finished - done:
             if rid.startswith("flood"):
-                _add(run, bundle, "flood", 12, 40, flood_priority)
+                _add(run, bundle, "flood", 12, flood_new, flood_priority)
     return run
 
 
@@ -121,6 +125,24 @@ def test_a_steady_quiet_tenant_beside_a_flood_starts_every_request_at_once(tiny_
         victims = [v for v in dict.fromkeys(run.victims) if v in run.finished]
         assert victims
         _check_exact(b, run, victims[:3] + [r for r in run.added if r in run.finished][:3])
+
+
+def test_a_row_gives_its_place_to_a_tenant_below_its_share_at_most_twice(tiny_llama_bundle):
+    """Long flood requests (120 tokens) beside the quiet tenant's steady stream: each quiet arrival preempts a flood
+    row, and without a bound the same flood requests were preempted again and again (one 27 times here, 70 fair
+    preemptions in all), recomputed from scratch each time. A row gives its place up at most `FAIR_PREEMPT_LIMIT`
+    (2) times, the least-preempted rows first; quiet's requests still start (later, when no flood row is left
+    to give one up) and every request ends."""
+    b = tiny_llama_bundle
+    run = _flood(b, steps=330, flood_new=120, async_decode="off")
+    while run.eng.has_unfinished():
+        run.step(len(run.fair_per_step))
+    per_request = Counter(run.victims)
+    assert run.eng.scheduler.num_fair_preemptions >= 10
+    assert sum(per_request.values()) == run.eng.scheduler.num_fair_preemptions  # (the pool never runs dry)
+    assert max(per_request.values()) == FAIR_PREEMPT_LIMIT == 2, per_request
+    assert all(rid in run.finished for rid in run.added)
+    assert max(run.fair_per_step) == 1
 
 
 def test_fcfs_keeps_arrival_order_under_a_flood(tiny_llama_bundle):

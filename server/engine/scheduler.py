@@ -10,12 +10,13 @@ preempted to make room for one.
 Fair turns (`fair=True`, LoRAX-like): each tenant with work (rows running or requests waiting) has an even share of
 the rows, `max_num_seqs // tenants` (at least 1), and of the KV blocks rows hold or could take. While every row is
 taken, a waiting request (its prefix at hand) of a tenant below its row share takes the place of the newest row of
-the tenant furthest above its own, one a step (`_preempt_for_starved`). When the pool runs dry, idle prefixes are
-evicted first, then a running request is preempted (its blocks freed, recomputed later): of the worst priority
-level, the newest row of the tenant holding the most blocks above its share (`_keep_order`), else the newest row;
-never a row already scheduled this step, unless the row short of blocks is the last left (itself). A row preempted
-for being above its tenant's share waits its tenant's turn to resume; others resume first (vLLM's rule).
-`fair=False`: the newest row of the worst priority level, and no preemption for turns.
+the tenant furthest above its own, one a step (`_preempt_for_starved`; a row gives its place up `FAIR_PREEMPT_LIMIT`
+times at most). When the pool runs dry, idle prefixes are evicted first, then a running request is preempted (its
+blocks freed, recomputed later): of the worst priority level, the newest row of the tenant holding the most blocks
+above its share (`_keep_order`), else the newest row; never a row already scheduled this step, unless the row short
+of blocks is the last left (itself). A row preempted for being above its tenant's share waits its tenant's turn to
+resume; others resume first (vLLM's rule). `fair=False`: the newest row of the worst priority level, and no
+preemption for turns.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class SchedulerConfig:
     long_prefill_tokens: int = 0
 
 
+# a row gives its place to a tenant below its share of the rows at most this many times (`_starved_victim`): each
+# time it is recomputed from scratch, and a steady stream of a light tenant's requests beside a flood would otherwise
+# preempt about once per arrival, the same long request again and again without bound (27 times in one review run)
+FAIR_PREEMPT_LIMIT = 2
 PROMPT_LOGPROBS_CHUNK = 512  # 512 x a 128k vocabulary x 4 bytes = 256 MiB of logits at most
 
 
@@ -434,7 +439,9 @@ class Scheduler:
         freed row would go to (the first ready one in `_admission_order`) gets one if its tenant runs fewer rows
         than its share: the newest row of the tenant furthest above its share (ties: whose row is newer), among its
         rows of a priority value no lower than the request's, of the worst such level. So no tenant is taken below
-        its share, none gives up its only row, and a lower priority value never yields to a higher one."""
+        its share, none gives up its only row, and a lower priority value never yields to a higher one. Among that
+        tenant's rows, the one given up the fewest times so far (then the newest); a row that gave its place up
+        `FAIR_PREEMPT_LIMIT` times keeps it (if none is left to give, the request waits for a row to end)."""
         counts = self._tenant_rows()
         share = max(1, self.cfg.max_num_seqs // self._num_tenants(counts))
         if all(c <= share for c in counts.values()):
@@ -443,12 +450,17 @@ class Scheduler:
         if starved is None or counts.get(starved.req.tenant, 0) >= share:
             return None
         prio = starved.req.priority
-        best: tuple[int, int] | None = None
+        best: tuple[int, int, int] | None = None
         victim = None
         for r in self._ranked():  # worst priority, then newest, last
             c = counts[r.req.tenant]
-            if c > share and r.req.priority >= prio and r.req.tenant != starved.req.tenant:
-                key = (r.req.priority, c)
+            if (
+                c > share
+                and r.req.priority >= prio
+                and r.req.tenant != starved.req.tenant
+                and r.fair_preemptions < FAIR_PREEMPT_LIMIT
+            ):
+                key = (r.req.priority, c, -r.fair_preemptions)
                 if best is None or key >= best:
                     best, victim = key, r
         return victim
@@ -464,6 +476,7 @@ class Scheduler:
             return
         self._preempt(victim)
         victim.preempted = False  # (preempted rows are admitted first: this one waits its tenant's turn)
+        victim.fair_preemptions += 1
         self.num_fair_preemptions += 1
 
     def _ready(self, seq: Sequence) -> bool:

@@ -37,6 +37,7 @@ class Sequence:
         self.output: list[int] = []
         self.status = SeqStatus.WAITING
         self.preempted = False  # waits to resume: admitted before requests that never ran
+        self.fair_preemptions = 0  # times it gave its row to a tenant below its share (`FAIR_PREEMPT_LIMIT`)
         self.prefix: PrefixEntry | None = None
         self.prefix_digest: str | None = None  # the tensors it first ran on (`PrefixEntry.digest`)
         self.own_blocks: list[int] = []
