@@ -257,3 +257,34 @@ def test_a_tenant_over_its_block_share_keeps_its_place_in_the_token_budget(tiny_
     assert run.victims == []
     assert run.gap == 1, run.gap
     assert all(len(run.got[r]) >= 90 for r in run.added)
+
+
+def test_older_rows_of_the_tenant_over_its_block_share_are_the_victims(tiny_llama_bundle):
+    """Tenant A's 6 rows (older, sharing a 10-block system prompt) and B's 3 (newer) grow in a 60-block pool.
+    Rows get the budget oldest first, yet when the pool runs dry A's rows are preempted, not B's; and A's excess
+    counts what a row frees: its own 5 blocks, not the 10 shared that its other rows keep (so 2 of A's rows pay
+    off an excess of 10, where 1 did before)."""
+    b = tiny_llama_bundle
+    run = _engine(b, max_num_seqs=16, kv_cache_bytes=pool_bytes(b, 60))
+    system = random_prompt(b.spec.vocab_size, 160, 999)
+    for i in range(6):
+        req = Request(
+            f"A-{i}", system + random_prompt(b.spec.vocab_size, 8, i), SamplingParams(max_tokens=200, ignore_eos=True),
+            cache_salt="A",
+        )  # fmt: skip
+        run.reqs[req.request_id] = req
+        run.eng.add_request(req)
+    for step in range(3):
+        run.step(step)
+    for _ in range(3):
+        _add(run, b, "B", 40, 200)
+    sched = run.eng.scheduler
+    marked = None
+    for step in range(3, 130):
+        if marked is None and sched.pool.num_free < 3:
+            order, over = sched._keep_order()
+            marked = [r.request_id for r in order if id(r) in over]
+        run.step(step)
+    assert marked == ["A-4", "A-5"], marked
+    assert len(run.victims) >= 3
+    assert all(v.startswith("A") for v in run.victims[:3]), run.victims

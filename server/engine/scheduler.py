@@ -13,17 +13,16 @@ taken, a waiting request (its prefix at hand) of a tenant below its row share ta
 the tenant furthest above its own, one a step (`_preempt_for_starved`; a row gives its place up `FAIR_PREEMPT_LIMIT`
 times at most). When the pool runs dry, idle prefixes are evicted first, then a running request is preempted (its
 blocks freed, recomputed later): of the worst priority level, the newest row of the tenant holding the most blocks
-above its share (`_keep_order`), else the newest row; never a row already scheduled this step, unless the row short
-of blocks is the last left (itself). A row preempted for being above its tenant's share waits its tenant's turn to
-resume; others resume first (vLLM's rule). `fair=False`: the newest row of the worst priority level, and no
-preemption for turns.
+above its share (`_keep_order`), else the newest row (rows get the step's tokens by priority then age all the same).
+A row preempted for being above its tenant's share waits its tenant's turn to resume; others resume first (vLLM's
+rule). `fair=False`: the newest row of the worst priority level, and no preemption for turns.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -249,25 +248,31 @@ class Scheduler:
         if self.cfg.fair and self.waiting and len(self.running) >= self.cfg.max_num_seqs:
             self._preempt_for_starved()
         budget = self.cfg.max_num_batched_tokens
-        items: list[ScheduledItem] = []
-        # rows get the step's budget in their place order (priority, then age); a row short of blocks preempts the
-        # last running row in the fair victim order (`_keep_order`, computed once a victim is needed and fixed for
-        # the step) that was not scheduled this step, else itself
-        keep: list[Sequence] | None = None
-        over: set[int] = set()
-        scheduled: set[int] = set()
+        # planned in place order (priority, then age): the rows' tokens within the step's budget
+        plan: list[tuple[Sequence, int, list[int]]] = []
+        taken = 0  # new blocks the planned rows need (a draft takes only blocks to spare beyond them)
         for seq in self._ranked():
-            if seq.status is not SeqStatus.RUNNING:  # preempted below by an earlier row
-                continue
             n = self._chunk(seq, budget)
             if n <= 0:
                 continue
-            draft = self._draft(seq, budget) if n == 1 and seq.to_compute == 1 else []
+            draft = self._draft(seq, budget, taken) if n == 1 and seq.to_compute == 1 else []
             n += len(draft)
+            taken += max(0, self.pool.blocks_for(seq.num_cached + n) - len(seq.own_blocks))
+            plan.append((seq, n, draft))
+            budget -= n
+        # then their blocks, in the same order; a row short of them preempts the last running row in the victim
+        # order (`_keep_order`, computed once a victim is needed and fixed for the step), itself at worst. Nothing
+        # is registered or scheduled before every row has its blocks, so any row may be the victim: one planned
+        # earlier gives back its blocks, its planned tokens go to the newcomers
+        keep: list[Sequence] | None = None
+        over: set[int] = set()
+        for seq, n, _ in plan:
+            if seq.status is not SeqStatus.RUNNING:  # preempted below by an earlier row
+                continue
             while not self._ensure_blocks(seq, n):
                 if keep is None:
                     keep, over = self._keep_order()
-                victim = self._victim(keep, scheduled)
+                victim = self._victim(keep)
                 if victim is seq and len(self.running) == 1 and self._release_waiting_prefixes(seq):
                     continue  # the only row: the prefixes that waiting rows hold give way, not its KV
                 self._preempt(victim)
@@ -277,13 +282,14 @@ class Scheduler:
                     victim.preempted = False
                 if victim is seq:
                     break
+        items: list[ScheduledItem] = []
+        for seq, n, draft in plan:
             if seq.status is not SeqStatus.RUNNING:
+                budget += n
                 continue
-            scheduled.add(id(seq))
             items.append(ScheduledItem(seq, n, draft))
             self._register(seq, seq.num_cached + n - len(draft))  # drafted tokens are not known to be right
             self.spec_draft_tokens += len(draft)
-            budget -= n
         if self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             items.extend(self._admit(budget))
         self._drop_drafts_beside_long_prefills(items)
@@ -304,10 +310,11 @@ class Scheduler:
                 it.num_tokens -= len(it.draft)
                 it.draft = []
 
-    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+    def _draft(self, seq: Sequence, budget: int, taken: int = 0) -> list[int]:
         """Speculative tokens for a decoding row (prompt lookup), within the step's budget, the tokens the request
         may still produce, the model's positions and the blocks the row holds or the pool has free beyond one per
-        running row (what their plain decode steps may need): a draft never preempts or evicts anything."""
+        running row (what their plain decode steps may need) and the new blocks `taken` by the rows planned before
+        it this step: a draft never preempts or evicts anything."""
         cfg = self.cfg
         if cfg.spec_tokens <= 0 or not speculable(seq.req.sampling):
             return []
@@ -317,7 +324,7 @@ class Scheduler:
         k = min(cfg.spec_tokens, budget - 1, seq.req.sampling.max_tokens - len(seq.output) - 1)
         if cfg.max_model_len is not None:
             k = min(k, cfg.max_model_len - seq.prefix_len - seq.num_tokens)
-        spare = max(0, self.pool.num_free - len(self.running))
+        spare = max(0, self.pool.num_free - taken - len(self.running))
         room = (len(seq.own_blocks) + spare) * self.pool.block_size - seq.num_cached - 1
         k = min(k, room)
         if seq.ngrams is None:
@@ -493,9 +500,9 @@ class Scheduler:
         `cfg.fair`, with more than one tenant with work: each has an even share of the blocks that rows hold or
         could take (their own blocks, a tenant's shared prompt-cache blocks once, plus the free ones). Within the
         worst priority level the last places go to the rows of tenants above their share, taken in turn from the
-        tenant furthest above it, newest first (each row taken counts its blocks off its tenant's excess), until no
-        tenant of that level is above its share (then the rest by age), or none of the level's rows is left (then
-        the next level the same way). So a tenant flooding the pool with long requests loses its own newest rows,
+        tenant furthest above it, newest first (each row taken counts the blocks it would free off its tenant's
+        excess: those no untaken row of its tenant also holds), until no tenant of that level is above its share
+        (then the rest by age), or none of the level's rows is left (then the next level the same way). So a tenant flooding the pool with long requests loses its own newest rows,
         not another tenant's just-started ones."""
         ranked = self._ranked()
         if not self.cfg.fair or len(ranked) < 2:
@@ -511,8 +518,14 @@ class Scheduler:
         excess = {t: h - share for t, h in held.items() if h > share}
         if not excess:
             return ranked, set()
-        # taken from the back: the worst level's rows, per tenant (age order); `rest` keeps the untaken in order
+        # taken from the back: the worst level's rows, per tenant (age order); `rest` keeps the untaken in order. A
+        # row taken frees the blocks that no other untaken row of its tenant holds (`refs`: a shared prompt-cache
+        # block counts once it is its last holder)
         age = {id(r): i for i, r in enumerate(self.running)}
+        refs: dict[str | None, Counter[int]] = {t: Counter() for t in excess}
+        for t in excess:
+            for r in rows[t]:
+                refs[t].update(r.own_blocks)
         rest = ranked
         tail: list[Sequence] = []
         while rest:
@@ -529,7 +542,9 @@ class Scheduler:
                 t = max(live, key=lambda t: (excess[t], age[id(stacks[t][-1])]))
                 r = stacks[t].pop()
                 taken.append(r)
-                excess[t] -= max(1, len(r.own_blocks))
+                held_by = refs[t]
+                held_by.subtract(r.own_blocks)
+                excess[t] -= sum(1 for b in r.own_blocks if not held_by[b])
             tail.extend(taken)
             gone = {id(r) for r in taken}
             rest = [r for r in rest if id(r) not in gone]
@@ -544,11 +559,10 @@ class Scheduler:
         return [running[i] for i in sorted(range(len(running)), key=lambda i: (running[i].req.priority, i))]
 
     @staticmethod
-    def _victim(order: list[Sequence], scheduled: set[int]) -> Sequence:
-        """The running request to preempt: the last of `order` (`_keep_order`, fixed for the step) still running and
-        not scheduled this step (the row asking for blocks is not yet: it is the last resort, itself)."""
-        while order[-1].status is not SeqStatus.RUNNING or id(order[-1]) in scheduled:
-            order.pop()  # (neither can become a victim again this step)
+    def _victim(order: list[Sequence]) -> Sequence:
+        """The running request to preempt: the last of `order` (`_keep_order`, fixed for the step) still running."""
+        while order[-1].status is not SeqStatus.RUNNING:
+            order.pop()
         return order[-1]
 
     def _admission_order(self, counts: dict[str | None, int]) -> Iterator[Sequence]:
