@@ -340,7 +340,7 @@ class Scheduler:
         counts: dict[str | None, int] = {}  # running requests per tenant, as admissions go on
         if self.cfg.fair:
             for r in self.running:
-                counts[r.req.tenant] = counts.get(r.req.tenant, 0) + 1
+                counts[r.tenant] = counts.get(r.tenant, 0) + 1
 
         def fail(seq: Sequence, error: str, error_type: str, entry: PrefixEntry | None = None) -> None:
             """Reported by the engine after the step. `entry`: its prefix, installed for it: no longer held for
@@ -418,7 +418,7 @@ class Scheduler:
             seq.preempted = False
             self.running.append(seq)
             taken.add(id(seq))
-            counts[seq.req.tenant] = counts.get(seq.req.tenant, 0) + 1
+            counts[seq.tenant] = counts.get(seq.tenant, 0) + 1
             items.append(ScheduledItem(seq, n))
             self._register(seq, seq.num_cached + n)
             budget -= n
@@ -430,12 +430,12 @@ class Scheduler:
         """Running rows per tenant."""
         counts: dict[str | None, int] = {}
         for r in self.running:
-            counts[r.req.tenant] = counts.get(r.req.tenant, 0) + 1
+            counts[r.tenant] = counts.get(r.tenant, 0) + 1
         return counts
 
     def _num_tenants(self, running: dict[str | None, int]) -> int:
         """Tenants with work: rows running (`running`'s keys) or requests waiting (preempted rows among them)."""
-        return len(running.keys() | {s.req.tenant for s in self.waiting})
+        return len(running.keys() | {s.tenant for s in self.waiting})
 
     def _starved_victim(self) -> Sequence | None:
         """The row to give up its place when every row is taken (`_preempt_for_starved`), or None.
@@ -453,18 +453,18 @@ class Scheduler:
         share = max(1, self.cfg.max_num_seqs // self._num_tenants(counts))
         if all(c <= share for c in counts.values()):
             return None
-        starved = next((s for s in self._admission_order(counts) if self._ready(s)), None)
-        if starved is None or counts.get(starved.req.tenant, 0) >= share:
+        starved = self._first_ready(counts)
+        if starved is None or counts.get(starved.tenant, 0) >= share:
             return None
         prio = starved.req.priority
         best: tuple[int, int, int] | None = None
         victim = None
         for r in self._ranked():  # worst priority, then newest, last
-            c = counts[r.req.tenant]
+            c = counts[r.tenant]
             if (
                 c > share
                 and r.req.priority >= prio
-                and r.req.tenant != starved.req.tenant
+                and r.tenant != starved.tenant
                 and r.fair_preemptions < FAIR_PREEMPT_LIMIT
             ):
                 key = (r.req.priority, c, -r.fair_preemptions)
@@ -485,6 +485,32 @@ class Scheduler:
         victim.preempted = False  # (preempted rows are admitted first: this one waits its tenant's turn)
         victim.fair_preemptions += 1
         self.num_fair_preemptions += 1
+
+    def _first_ready(self, counts: dict[str | None, int]) -> Sequence | None:
+        """The first request of `_admission_order(counts)` that `_ready` accepts, without building the order: it
+        is the waiting requests sorted by priority, then (`cfg.fair`) preempted ones first, then their tenant's
+        running count, then arrival (the counts stay fixed here). Asked in that order, so fetches start as they
+        would walking the order."""
+        waiting = list(self.waiting)
+        if self.cfg.fair:
+            keys = [
+                (s.req.priority, 0, 0, i) if s.preempted else (s.req.priority, 1, counts.get(s.tenant, 0), i)
+                for i, s in enumerate(waiting)
+            ]
+        else:
+            keys = [(s.req.priority, 0, 0, i) for i, s in enumerate(waiting)]
+        if not keys:
+            return None
+        first = waiting[min(keys)[3]]
+        if self._ready(first):
+            return first
+        heapq.heapify(keys)
+        heapq.heappop(keys)  # (`first`)
+        while keys:
+            seq = waiting[heapq.heappop(keys)[3]]
+            if self._ready(seq):
+                return seq
+        return None
 
     def _ready(self, seq: Sequence) -> bool:
         """Whether `seq` could be admitted now as far as its prefix goes (a fetch is started if it is not)."""
@@ -509,7 +535,7 @@ class Scheduler:
             return ranked, set()
         rows: dict[str | None, list[Sequence]] = {}
         for r in ranked:
-            rows.setdefault(r.req.tenant, []).append(r)
+            rows.setdefault(r.tenant, []).append(r)
         tenants = self._num_tenants(dict.fromkeys(rows, 0))
         if tenants < 2:
             return ranked, set()
@@ -532,8 +558,8 @@ class Scheduler:
             level = rest[-1].req.priority
             stacks: dict[str | None, list[Sequence]] = {}
             for r in rest:
-                if r.req.priority == level and r.req.tenant in excess:
-                    stacks.setdefault(r.req.tenant, []).append(r)
+                if r.req.priority == level and r.tenant in excess:
+                    stacks.setdefault(r.tenant, []).append(r)
             taken: list[Sequence] = []
             while True:
                 live = [t for t, st in stacks.items() if st and excess[t] > 0]
@@ -588,7 +614,7 @@ class Scheduler:
             if seq.preempted:
                 yield seq
             else:
-                queues.setdefault(seq.req.tenant, deque()).append((i, seq))
+                queues.setdefault(seq.tenant, deque()).append((i, seq))
         heap = [(counts.get(t, 0), q[0][0], k) for k, (t, q) in enumerate(queues.items())]
         tenants = list(queues)
         heapq.heapify(heap)

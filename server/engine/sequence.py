@@ -33,6 +33,7 @@ class Sequence:
     ) -> None:
         self.req = req
         self.request_id = req.request_id
+        self.tenant = req.tenant  # (read often by the fair scheduler; a request's tenant does not change)
         self.prompt = list(req.prompt_token_ids)
         self.output: list[int] = []
         self.status = SeqStatus.WAITING
