@@ -373,3 +373,75 @@ def test_stale_nan_in_reused_kv_blocks_is_never_read(tiny_llama_bundle, graphs):
     )  # every block (the scratch block is never lent)
     outs = eng.generate(reqs)
     assert [(o.finish_reason, o.token_ids) for o in outs] == [(o.finish_reason, o.token_ids) for o in ref]
+
+
+def test_length_buckets_cut_only_where_padding_pays_for_a_part():
+    from server.engine.model_runner import length_buckets
+
+    # rows of one length (make bench's shape), or lengths within a quarter of each other: one group
+    assert length_buckets([(1, 112)] * 8, 3, 256) is None
+    assert length_buckets([(1, 96), (1, 112), (1, 112), (1, 96)], 3, 1) is None
+    # one long row beside short ones: the short rows together, the long one alone (row indices, shortest first)
+    assert length_buckets([(1, 64), (1, 4128), (1, 48), (1, 64)], 3, 682) == [[2, 0, 3], [1]]
+    # ... unless the padding saved does not pay for the part
+    assert length_buckets([(1, 64), (1, 4128), (1, 48), (1, 64)], 3, 13_000) is None
+    assert length_buckets([(1, 64), (1, 4128), (1, 48), (1, 64)], 1, 0) is None
+    # three lengths: three parts; at most two: the cheaper cut (4 x 2,048 + 4,096 < 2 x 64 + 3 x 4,096)
+    sizes = [(1, 4096), (1, 2048), (1, 2048), (1, 64), (1, 64)]
+    assert length_buckets(sizes, 3, 100) == [[3, 4], [1, 2], [0]]
+    assert length_buckets(sizes, 2, 100) == [[3, 4, 1, 2], [0]]
+    # multi-token rows: query tokens x key slots (one group: 3 x 256 x 4,200), so a 256-token chunk is not padded to
+    # another row's keys nor a row of few tokens to its queries
+    assert length_buckets([(256, 512), (3, 4200), (5, 64)], 3, 4096) == [[2], [0], [1]]
+    assert length_buckets([(256, 512), (256, 544), (5, 64)], 3, 4096) == [[2], [0, 1]]
+
+
+@pytest.mark.parametrize("bundle_name", ["tiny_llama_bundle", "tiny_gpt2_bundle"])
+def test_one_long_row_beside_short_ones_attends_in_length_buckets_and_stays_exact(bundle_name, request):
+    """One tenant's long prefix beside seven short rows: the torch path's attention (prompt step and decode steps)
+    splits into length buckets, the short rows' keys no longer padded to the long row's, and every row's greedy
+    tokens equal the same request alone and transformers."""
+    bundle = request.getfixturevalue(bundle_name)
+    spec = bundle.spec
+    long_key = PrefixKey("long", "default", 1)
+    keys = {long_key: random_kv(spec, 900, seed=1)}
+    keys |= {PrefixKey(f"s{i}", "default", 1): random_kv(spec, 4 * i, seed=2 + i) for i in range(1, 7)}
+    prefixes = [long_key, None, *[PrefixKey(f"s{i}", "default", 1) for i in range(1, 7)]]
+    reqs = [
+        Request(
+            f"r{i}", random_prompt(spec.vocab_size, 3 + i, seed=i), SamplingParams(NEW, ignore_eos=True), k
+        )
+        for i, k in enumerate(prefixes)
+    ]
+    eng = make_engine(bundle, keys, kv_cache_bytes=pool_bytes(bundle, 256))
+    # every prefix resident first, so that the prompts go in together rather than as their prefixes arrive
+    eng.generate([Request(f"w{i}", [1], SamplingParams(1), k) for i, k in enumerate(keys)])
+    steps = []
+    prepare = eng.runner.prepare
+
+    def spy(rows):
+        inp = prepare(rows)
+        steps.append((len(rows), inp))
+        return inp
+
+    eng.runner.prepare = spy  # type: ignore[method-assign]
+    outs = eng.generate(reqs)
+    bs = eng.pool.block_size
+    long_slots = -(-900 // bs) * bs
+    decode = [inp.decode for n, inp in steps if n == len(reqs) and inp.prefill is None]
+    assert decode, "no step decoded every row"
+    for grp in decode:
+        assert grp is not None and grp.parts is not None and grp.gather is None
+        # the short rows in one part of at most a few blocks, the long row alone at its own width
+        assert [p.g for p in grp.parts] == [7, 1]
+        assert grp.parts[0].s <= 4 * bs  # prefix 24 + 20 own tokens at most
+        assert grp.parts[1].s >= long_slots
+    # the prompts went in together, the long prefix's row in a part of its own
+    prompt = steps[0][1].prefill
+    assert prompt is not None and prompt.g == len(reqs) and prompt.parts is not None
+    assert [q.s >= long_slots for q in prompt.parts] == [False, True] and prompt.parts[1].g == 1
+    for r, out in zip(reqs, outs, strict=True):
+        kv = keys[r.prefix] if r.prefix is not None else None
+        alone = make_engine(bundle, keys, kv_cache_bytes=pool_bytes(bundle, 256)).generate([r])[0]
+        assert out.token_ids == alone.token_ids, f"{r.request_id}: bucketed batch differs from alone"
+        assert out.token_ids == hf_greedy(bundle.hf_model, kv, r.prompt_token_ids, NEW), r.request_id

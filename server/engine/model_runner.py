@@ -5,19 +5,25 @@ built once and the transformers modules are re-pointed at views of them). Every 
 block table: its tenant's shared prefix blocks followed by its own blocks. Linear layers run on the flattened tokens
 (no padding; decode rows' tokens first). Attention runs in two groups, one query token per row (decode) and padded
 multi-token rows (prefill chunks), each with an additive mask built once per step from the logical position of every
-gathered key slot. With `kernels="triton"` (CUDA) both groups instead go through Triton paged kernels that read the
-block tables directly (no gathered keys, no mask), and Llama's norms, rotary + KV write and activation are fused
-kernels (triton_kernels.py).
+gathered key slot. A group's keys are gathered padded to its longest row, so where one row is much longer than the
+others (a tenant's 4,096-position prefix, a long chat) the group is cut into at most three length buckets
+(`length_buckets`: rows sorted by key slots, the cuts that least padded work plus a fixed cost per bucket), each
+gathered, masked and attended on its own and the outputs put back in row order; equal-length rows stay one group.
+Steps replayed as CUDA graphs (and their eager stand-in, `graphs="eager"`) keep one group at their bucket's shape.
+With `kernels="triton"` (CUDA) both groups instead go through Triton paged kernels that read the block tables directly
+(no gathered keys, no mask, no padding), and Llama's norms, rotary + KV write and activation are fused kernels
+(triton_kernels.py).
 All index tensors are built on the host in `prepare` and reach the device through pinned memory, so the forward never
 syncs with the device and the host can prepare a step while the previous one runs.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +65,14 @@ class _Group:
     # slots and key slots to read ([3, g]); padding rows read the scratch block's first slot
     tables: torch.Tensor | None = None
     meta: torch.Tensor | None = None
-    tok_idx: torch.Tensor | None = None  # prefill: [g * q] flat token of each query slot (padding -> 0)
-    out_idx: torch.Tensor | None = None  # prefill: [n] query slot of each flat token of the group, in order
+    # [g * q] flat token of each query slot (padding -> 0): prefill groups, and the parts of a split decode group
+    tok_idx: torch.Tensor | None = None
+    # [n] query slot of each flat token of the group, in order: prefill (padded slots), split groups (the parts'
+    # outputs concatenated)
+    out_idx: torch.Tensor | None = None
+    # length buckets: the group's rows attended as sub-groups, each padded to its own longest row (`length_buckets`); the
+    # group itself then has no gathered keys or mask of its own
+    parts: list[_Group] | None = None
 
 
 @dataclass
@@ -123,6 +135,79 @@ def _row_bucket(m: int) -> int:
     return -(-m // step) * step
 
 
+def length_buckets(sizes: list[tuple[int, int]], max_parts: int, part_cost: int) -> list[list[int]] | None:
+    """Length buckets for rows of (query tokens, key slots): the row indices sorted by key slots and cut into at
+    most `max_parts` runs so that the padded attention work, the sum over runs of rows x their most query tokens x
+    their most key slots, plus `part_cost` per run past the first, is least; None where one group is best.
+
+    The gathered attention's cost grows with that padded work: with one row's 4,096-slot prefix beside three
+    short rows, one group gathers (and masks) 4 x 4,096 key slots a layer, the buckets 4,096 + 3 x ~64. Rows of
+    a similar length (at most a quarter apart: grouped before cutting, which bounds the search to a few dozen
+    candidate cuts) are never cut apart, and a step whose padding could not pay for one more part is not searched
+    at all (equal rows cost one pass over them)."""
+    n = len(sizes)
+    if n < 2:
+        return None
+    q_all = max(q for q, _ in sizes)
+    s_all = max(s for _, s in sizes)
+    waste = n * q_all * s_all - sum(q * s for q, s in sizes)
+    if waste <= part_cost:
+        return None
+    order = sorted(range(n), key=lambda i: sizes[i][1])
+    # units: runs of rows with at most a quarter more key slots than the run's first, kept together
+    unit_rows: list[list[int]] = []
+    unit_q: list[int] = []
+    unit_s: list[int] = []
+    first = -1
+    for i in order:
+        q, s = sizes[i]
+        if first < 0 or 4 * s > 5 * first:
+            unit_rows.append([])
+            unit_q.append(0)
+            unit_s.append(0)
+            first = s
+        unit_rows[-1].append(i)
+        unit_q[-1] = max(unit_q[-1], q)
+        unit_s[-1] = max(unit_s[-1], s)
+    m = len(unit_rows)
+    if m < 2:
+        return None
+    count = [0]
+    for rows in unit_rows:
+        count.append(count[-1] + len(rows))
+    # cost[i][j]: units i..j-1 as one run
+    cost = [[0] * (m + 1) for _ in range(m + 1)]
+    for i in range(m):
+        qm = 0
+        for j in range(i + 1, m + 1):
+            qm = max(qm, unit_q[j - 1])
+            cost[i][j] = (count[j] - count[i]) * qm * unit_s[j - 1]
+    # best[j], cut[k][j]: the cheapest way to cover units 0..j-1 with k + 1 runs, and where its last run starts
+    best = cost[0][:]
+    cuts_at: list[list[int]] = [[0] * (m + 1)]
+    total, parts = best[m], 1
+    for k in range(1, min(max_parts, m)):
+        nxt = [_BIG * _BIG] * (m + 1)
+        at = [0] * (m + 1)
+        for j in range(k + 1, m + 1):
+            for i in range(k, j):
+                c = best[i] + cost[i][j]
+                if c < nxt[j]:
+                    nxt[j], at[j] = c, i
+        best = nxt
+        cuts_at.append(at)
+        if best[m] + k * part_cost < total:
+            total, parts = best[m] + k * part_cost, k + 1
+    if parts == 1:
+        return None
+    bounds = [m]
+    for k in range(parts - 1, 0, -1):
+        bounds.append(cuts_at[k][bounds[-1]])
+    bounds.append(0)
+    bounds.reverse()
+    return [[i for u in range(a, b) for i in unit_rows[u]] for a, b in itertools.pairwise(bounds)]
+
+
 def cpu_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN prepacked linears: CPU, a torch built with oneDNN, the private ops present, and float32 or bfloat16 on
     a CPU with native bf16 instructions (AVX512-BF16 / AMX; elsewhere bf16 GEMMs are emulated and slower)."""
@@ -162,6 +247,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
+    # length buckets (`length_buckets`): at most this many sub-groups per eager attention group (1: never split)
+    max_parts = 3
+    # a bucket is worth its fixed cost where it saves gathering (and attending over) this many bytes of keys and
+    # values a layer. CPU: in a 1-thread microbenchmark of SmolLM2's shapes (2-core EPYC) a short rows' SDPA call
+    # with its gathers took ~30-40 us, one row's 4,128 fp32 key slots (1.5 KB each) ~0.9 ms, ~0.2 us a slot: 1 MiB
+    # (~680 slots, ~140 us) is ~4x a part's cost. CUDA: a part's ~5 kernel launches against HBM bandwidth
+    PART_BYTES: ClassVar[dict[str, int]] = {"cpu": 1 << 20, "cuda": 64 << 20}
+
     def __init__(
         self,
         bundle: ModelBundle,
@@ -213,6 +306,11 @@ class ModelRunner:
         self.packed = avail if packed_weights is None else bool(packed_weights)
         # before the family's set-up: the hf path's start-up probe runs through the chosen attention
         self._init_kernels(kernels)
+        # what one more length bucket costs (its attention call, its mask, its rows' queries and outputs gathered),
+        # in query x key slots of attention work: the slots whose keys and values fill PART_BYTES[device type]
+        sp = self.spec
+        slot_bytes = 2 * sp.num_kv_heads * sp.head_dim * torch.finfo(self.dtype).bits // 8
+        self.part_cost = max(self.PART_BYTES.get(self.device.type, self.PART_BYTES["cuda"]) // slot_bytes, 1)
         m = bundle.hf_model
         cfg = m.config
         if self.family == "llama":
@@ -466,12 +564,16 @@ class ModelRunner:
         pre: _Group | None = None
         if paged and decode:
             dec = self._paged_group(views[4], views[5], n_dec, 1)
+        elif (
+            decode and key is not None
+        ):  # a graph's padded step: one group at the bucket's shape (its buffers)
+            dec = self._group(decode, n_dec, None, key[1])
         elif decode:
-            dec = self._group(decode, n_dec, 0, key[1] if key else None)
+            dec = self._split_group(decode, flat_start)
         if paged_pre:
             pre = self._paged_group(views[-2], views[-1], len(prefill), max(len(r.tokens) for r in prefill))
         elif prefill:
-            pre = self._group(prefill, len(prefill), len(decode))
+            pre = self._split_group(prefill, flat_start)
         return StepInputs(
             input_ids=views[0],
             positions=views[1],
@@ -555,9 +657,42 @@ class ModelRunner:
         width = max(len(r.prefix_blocks) + len(r.own_blocks) for r in members)
         return meta, self._flat_tables(members, len(members), width)
 
-    def _group(self, members: list[RowInput], g: int, first_token: int, slots: int | None = None) -> _Group:
+    def _split_group(self, members: list[RowInput], flat_start: dict[int, int]) -> _Group:
+        """The eager gathered-attention group of `members` (all decode rows, or all multi-token rows), cut into
+        length buckets where one long row would pad every other row's keys (and mask) to its length."""
+        bs = self.pool.block_size
+        starts = [flat_start[id(r)] for r in members]
+        q_max = max(len(r.tokens) for r in members)
+        sizes = [(len(r.tokens), (len(r.prefix_blocks) + len(r.own_blocks)) * bs) for r in members]
+        cuts = length_buckets(sizes, self.max_parts, self.part_cost)
+        if cuts is None:
+            return self._group(members, len(members), starts if q_max > 1 else None)
+        parts = [self._group([members[i] for i in c], len(c), [starts[i] for i in c]) for c in cuts]
+        # where each flat token of the group lands in the parts' padded outputs, concatenated
+        where: dict[int, int] = {}
+        o = 0
+        for c, p in zip(cuts, parts, strict=True):
+            for k, i in enumerate(c):
+                where[i] = o + k * p.q
+            o += p.g * p.q
+        out_idx = [where[i] + j for i, r in enumerate(members) for j in range(len(r.tokens))]
+        return _Group(
+            g=len(members),
+            q=q_max,
+            s=max(p.s for p in parts),
+            gather=None,
+            mask=None,
+            out_idx=self._upload_parts([out_idx])[0],
+            parts=parts,
+        )
+
+    def _group(
+        self, members: list[RowInput], g: int, starts: list[int] | None, slots: int | None = None
+    ) -> _Group:
         """Key slots and masks for `members` padded to `g` rows (padding rows see only the scratch slot) and, if
-        given, to `slots` key slots per row (padding slots point at the scratch block, masked).
+        given, to `slots` key slots per row (padding slots point at the scratch block, masked). `starts`: each
+        member's first flat token (prefill groups and the parts of a split group: the group gathers its queries);
+        without it the members are the step's first `g` flat tokens.
 
         The host uploads a few numbers per row (block tables, lengths, positions); the gathered slot indices and
         the additive mask, `g x q x s` values, are built where they are used, on the device."""
@@ -576,16 +711,18 @@ class ModelRunner:
         # a padding row attends to its first (scratch) slot
         info += [r.own_cached + len(r.tokens) for r in members] + [1] * pad
         prefill = q_max > 1
+        gathers = starts is not None
+        info += (starts or [0] * len(members)) + [0] * pad
         parts = [tables, info]
         if prefill:  # flat query slot of each real token, in order (host lists: no device sync)
             parts.append([i * q_max + j for i, n in enumerate(q_lens) for j in range(n)])
         views = self._upload_parts(parts)
         dev = self.device
-        q_len, starts, prefix_len, prefix_slots, own_valid = views[1].view(5, g)
+        q_len, start_pos, prefix_len, prefix_slots, own_valid, flat = views[1].view(6, g)
         qj = torch.arange(q_max, device=dev)[None]
         valid_q = qj < q_len[:, None]
-        q_pos = torch.where(valid_q, starts[:, None] + qj, _BIG - 1)
-        tok_idx = torch.where(valid_q, first_token + (torch.cumsum(q_len, 0) - q_len)[:, None] + qj, 0)
+        q_pos = torch.where(valid_q, start_pos[:, None] + qj, _BIG - 1)
+        tok_idx = torch.where(valid_q, flat[:, None] + qj, 0)
         s = nb_max * bs
         j = torch.arange(s, device=dev)[None]
         gather = (
@@ -610,7 +747,7 @@ class ModelRunner:
             s=s,
             gather=gather,
             mask=mask,
-            tok_idx=tok_idx.reshape(-1) if prefill else None,
+            tok_idx=tok_idx.reshape(-1) if gathers else None,
             out_idx=views[2] if prefill else None,
         )
 
@@ -643,6 +780,16 @@ class ModelRunner:
                 q[: dec.g], kv[0], kv[1], dec.tables, dec.meta, self.pool.block_size, scale
             )
             outs.append(o.reshape(dec.g, hq * d))
+        elif dec is not None and dec.parts is not None:  # length buckets, the rows put back in order
+            assert dec.out_idx is not None
+            parts = []
+            for part in dec.parts:
+                assert part.tok_idx is not None
+                o = self._attend(
+                    kv, q.index_select(0, part.tok_idx).unsqueeze(2), part, scale
+                )  # [g, Hq, 1, D]
+                parts.append(o.reshape(part.g, hq * d))
+            outs.append(torch.cat(parts).index_select(0, dec.out_idx))
         elif dec is not None:
             o = self._attend(kv, q[: dec.g].unsqueeze(2), dec, scale)  # [g, Hq, 1, D]
             outs.append(o.reshape(dec.g, hq * d))
@@ -654,10 +801,13 @@ class ModelRunner:
             o = triton_ops.paged_prefill(qp, kv[0], kv[1], p.tables, p.meta, self.pool.block_size, scale, p.q)
             outs.append(o.reshape(qp.shape[0], hq * d))
         elif p is not None:
-            assert p.tok_idx is not None and p.out_idx is not None
-            qp = q.index_select(0, p.tok_idx).view(p.g, p.q, hq, d).transpose(1, 2)
-            o = self._attend(kv, qp, p, scale).transpose(1, 2).reshape(p.g * p.q, hq * d)
-            outs.append(o.index_select(0, p.out_idx))
+            parts = []
+            for sp in p.parts if p.parts is not None else [p]:
+                assert sp.tok_idx is not None
+                qp = q.index_select(0, sp.tok_idx).view(sp.g, sp.q, hq, d).transpose(1, 2)
+                parts.append(self._attend(kv, qp, sp, scale).transpose(1, 2).reshape(sp.g * sp.q, hq * d))
+            assert p.out_idx is not None
+            outs.append((parts[0] if len(parts) == 1 else torch.cat(parts)).index_select(0, p.out_idx))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
