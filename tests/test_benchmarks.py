@@ -437,3 +437,34 @@ def test_the_gpu_runs_modules_import_without_the_api_stack():
         timeout=120,
     )
     assert r.returncode == 0 and r.stdout.split() == ["imported", str(len(mods))], r.stderr[-3000:]
+
+
+def test_bench_isolation_runs_every_shape_with_buckets_on_and_off(tiny_folder, capsys, monkeypatch):
+    from benchmarks import bench_isolation
+    from server.engine.model_runner import ModelRunner
+
+    # the tiny model's key slots are 256 bytes: at the CPU's default a bucket would have to save 4,096 of them, more
+    # than its 1,024 positions allow beside three short rows
+    monkeypatch.setitem(ModelRunner.PART_BYTES, "cpu", 64 << 10)
+
+    argv = [
+        "--model",
+        str(tiny_folder),
+        "--threads",
+        "1",
+        "--long",
+        "600",
+        "--chat",
+        "300",
+        "--prompt-len",
+        "5",
+    ]
+    out = bench_isolation.main([*argv, "--new-tokens", "4", "--tenants", "3", "--repeats", "2"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    for shape in ("mixed", "chat", "short", "equal"):
+        assert out[f"{shape}_identical"] is True
+        assert out[f"{shape}_on_ms"] > 0 and out[f"{shape}_off_ms"] > 0
+        assert out[f"{shape}_off_groups"] == 1
+    # the long rows' steps attend in buckets, the others in one group
+    assert out["mixed_on_groups"] == out["chat_on_groups"] == 2
+    assert out["short_on_groups"] == out["equal_on_groups"] == 1
