@@ -294,22 +294,27 @@ def test_grammar_past_the_parser_limits_is_a_422_and_the_server_carries_on(srv):
     err = assert_error(gen(srv, structured_outputs=so), 422, code="structured_output_failed")
     assert err["param"] == "structured_outputs.regex" and "too many expressions" in err["message"]
     assert gen(srv, structured_outputs={"choice": ["fine"]}).json()["text"] == "fine"
+
     # the error names the field the grammar came in: each route's own (it named structured_outputs, whatever the
     # request sent)
-    schema = {
-        "type": "object",
-        "properties": {"a": {"type": "string", "pattern": "^d{1,5}((a{60}){60}){60}$"}},
-    }
-    schema["required"] = ["a"]
+    # (each route its own schema: one compiled by an earlier request fails at its first token, not mid-generation)
+    def schema(first: str) -> dict:
+        pattern = f"^{first}{{1,5}}((a{{60}}){{60}}){{60}}$"
+        return {
+            "type": "object",
+            "properties": {"a": {"type": "string", "pattern": pattern}},
+            "required": ["a"],
+        }
+
     c, ask = srv.client(KEY), [{"role": "user", "content": "x"}]
-    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema("d")}}
     for route, body, param in (
         ("/v1/chat/completions", {"messages": ask, "response_format": fmt, "max_tokens": 400},
          "response_format.json_schema.schema"),
-        ("/v1/messages", {"messages": ask, "output_format": {"type": "json_schema", "schema": schema},
+        ("/v1/messages", {"messages": ask, "output_format": {"type": "json_schema", "schema": schema("e")},
                           "max_tokens": 400}, "output_format.schema"),
         ("/v1/responses", {"input": "x", "max_output_tokens": 400,
-                           "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}},
+                           "text": {"format": {"type": "json_schema", "name": "x", "schema": schema("f")}}},
          "text.format.schema"),
     ):  # fmt: skip
         r = c.post(route, json={"model": "acme", "temperature": 0, **body})

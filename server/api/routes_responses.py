@@ -571,9 +571,14 @@ class _Stream:
         self.status = "in_progress"
 
     async def drain(self) -> None:
-        """The whole answer into `self.answer`, its events not sent (an unstreamed request)."""
-        async for _ in self.events():
-            pass
+        """The whole answer into `self.answer`, its events not sent (an unstreamed request); an error in the
+        Responses request's names (a grammar failing mid-generation names text.format, not response_format)."""
+        try:
+            async for _ in self.events():
+                pass
+        except APIError as e:
+            _rename(e)
+            raise
 
     def frame(self, kind: str, **fields: Any) -> bytes:
         self.seq += 1
