@@ -371,6 +371,20 @@ def test_vllm_guided_fields_are_honoured_not_ignored(oai, srv):
     bad = {"model": "acme/default", "prompt": "x", "guided_json": ITEM, "guided_whitespace_pattern": "[ ]?"}
     err = assert_error(srv.client(KEY).post("/v1/completions", json=bad), 400)
     assert err["param"] == "guided_whitespace_pattern"
+    # errors name the guided_* field sent (they named structured_outputs.*, which the request did not have)
+    for extra, param in (
+        ({"guided_regex": "("}, "guided_regex"),
+        ({"guided_json": {"type": "nope"}}, "guided_json"),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_json"),
+    ):
+        for route, ask in (
+            ("/v1/completions", {"prompt": "x"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+        ):
+            err = assert_error(
+                srv.client(KEY).post(route, json={"model": "acme/default", **ask, **extra}), 400
+            )
+            assert err["param"] == param and "structured_outputs" not in err["message"], (route, extra, err)
 
 
 def test_structural_tags_hold_what_follows_a_trigger(srv):

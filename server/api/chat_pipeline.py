@@ -309,7 +309,11 @@ async def start_choices(
         structured = await svc.compile_spec(replace(forced, think=think), "tool_choice")
     else:
         structured = await svc.structured(
-            so, body.response_format, body.guided_whitespace_pattern == "", think=think
+            so,
+            body.response_format,
+            body.guided_whitespace_pattern == "",
+            think=think,
+            guided=so is not None and body.structured_outputs is None,  # (made from the guided_* fields)
         )
     sampling = svc.sampling(
         max_tokens=plan.max_tokens,

@@ -864,11 +864,13 @@ class Service:
         response_format: ResponseFormat | None = None,
         compact: bool = False,
         think: ThinkMode | None = None,
+        guided: bool = False,
     ) -> StructuredOutputs | None:
         """The engine spec of a body's structured_outputs / response_format with its grammar compiled and attached
         (off the event loop unless the compiler's cache has it), so an invalid schema, regex or grammar is a 422
-        naming it and the engine never compiles on its thread. `think`: a reasoning model's thinking comes first."""
-        spec, param = engine_spec(so, response_format, compact)
+        naming it and the engine never compiles on its thread. `think`: a reasoning model's thinking comes first.
+        `guided`: `so` came from the body's guided_* fields (errors name those)."""
+        spec, param = engine_spec(so, response_format, compact, guided)
         if spec is None:
             return None
         return await self.compile_spec(dataclasses.replace(spec, think=think), param)

@@ -31,10 +31,14 @@ def _given(so: StructuredOutputsParam) -> dict[str, str]:
 
 
 def engine_spec(
-    so: StructuredOutputsParam | None, rf: ResponseFormat | None = None, compact: bool = False
+    so: StructuredOutputsParam | None,
+    rf: ResponseFormat | None = None,
+    compact: bool = False,
+    guided: bool = False,
 ) -> tuple[StructuredOutputs | None, str]:
     """(spec or None, the body field that errors about it name). `compact`: a response_format's JSON without
-    whitespace between tokens (vLLM's `guided_whitespace_pattern: ""`)."""
+    whitespace between tokens (vLLM's `guided_whitespace_pattern: ""`). `guided`: `so` was made from the older
+    guided_json / guided_regex / guided_choice / guided_grammar fields, which errors then name."""
     if rf is not None and rf.type != "text":
         if so is not None:
             raise APIError(
@@ -66,6 +70,12 @@ def engine_spec(
     if so is None:
         return None, ""
     given = _given(so)
+    if len(given) != 1 and guided:
+        raise APIError(
+            422,
+            f"give one of the guided_* fields (got {', '.join('guided_' + k for k in given)})",
+            param="guided_json",
+        )
     if len(given) != 1:
         got = f" (got {', '.join(given)})" if given else ""
         raise APIError(
@@ -75,4 +85,4 @@ def engine_spec(
         )
     ((kind, text),) = given.items()
     spec = StructuredOutputs(kind, text, any_whitespace=not so.disable_any_whitespace)  # type: ignore[arg-type]
-    return spec, f"structured_outputs.{kind}"
+    return spec, f"guided_{kind}" if guided else f"structured_outputs.{kind}"
