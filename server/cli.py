@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from server import __version__
-from server.settings import CERT_REQS, LOG_LEVELS, env_get, setting_name, unknown_env
+from server.settings import LOG_LEVELS, cert_reqs_choice, env_get, setting_name, unknown_env
 
 log = logging.getLogger("prefixserve.cli")
 
@@ -43,8 +42,10 @@ FLUSH_S = 2
 # ------------------------------------------------------------------------------------------------ serve
 # `--store` as the worker and `prefixes` commands spell it
 FLAG_ALIASES = {"store_url": ("--store",)}
-# a choice's other spellings: vLLM's --ssl-cert-reqs is a number
-CHOICE_ALIASES = {"ssl_cert_reqs": CERT_REQS}
+# a choice flag's other spellings, as its setting takes them: vLLM's --ssl-cert-reqs is a number
+CHOICE_ALIASES: dict[str, Callable[[str], str]] = {"ssl_cert_reqs": cert_reqs_choice}
+# where and how `serve` listens: run-batch serves no socket, so it takes none of them (from flags or the environment)
+LISTEN_FIELDS = frozenset({"host", "port", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs"})
 # keys on the command line end up in `ps` output: env or file only (and never echoed in an error)
 SECRET_FIELDS = frozenset({"api_keys", "admin_key"})
 
@@ -81,12 +82,13 @@ def _or_none(typ: type) -> Any:
     return conv
 
 
-def _add_settings_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per Settings field (`--max-prompt-tokens` ↔ PREFIXSERVE_MAX_PROMPT_TOKENS); flags win over env."""
+def _add_settings_flags(p: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
+    """One flag per Settings field (`--max-prompt-tokens` ↔ PREFIXSERVE_MAX_PROMPT_TOKENS) but `skip`'s; flags win
+    over env."""
     from server.settings import Settings, optional_number
 
     for name, f in Settings.model_fields.items():
-        if name in SECRET_FIELDS:
+        if name in SECRET_FIELDS or name in skip:
             continue
         ann = f.annotation
         args = getattr(ann, "__args__", (ann,))
@@ -107,14 +109,9 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(ann) is typing.Literal:
             p.add_argument(*flags, dest=name, choices=list(typing.get_args(ann)), default=None, help=help_,
-                           type=functools.partial(_choice, CHOICE_ALIASES.get(name, {})))  # fmt: skip
+                           type=CHOICE_ALIASES.get(name, str))  # fmt: skip
         else:
             p.add_argument(*flags, dest=name, type=conv, default=None, help=help_)
-
-
-def _choice(aliases: dict[str, str], given: str) -> str:
-    """A choice flag's value, other spellings (`CHOICE_ALIASES`) as the choice they stand for."""
-    return aliases.get(given.strip(), given)
 
 
 def settings_from_args(ns: argparse.Namespace) -> Any:
@@ -384,9 +381,12 @@ def cmd_run_batch(ns: argparse.Namespace) -> int:
     from prefix_store.errors import StoreError
     from server.batch import duplicate_id, read_lines, run_batch, write_lines
     from server.logging_utils import setup_logging
+    from server.settings import Settings, settings_from
 
     try:
-        settings = settings_from_args(ns)
+        # (the environment's listening settings, TLS's included, are a server's: left at their defaults here)
+        unset = {f: Settings.model_fields[f].default for f in LISTEN_FIELDS}
+        settings = settings_from(vars(ns), fixed=unset)
         settings.tenant_keys()
         check_model_settings(settings)
     except Exception as e:
@@ -1070,7 +1070,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument(
         "--max-concurrency", type=int, default=None, help="requests in flight at once (default: max_num_seqs)"
     )
-    _add_settings_flags(bp)
+    _add_settings_flags(bp, skip=LISTEN_FIELDS)
     bp.set_defaults(func=cmd_run_batch)
 
     wp = sub.add_parser(

@@ -414,10 +414,7 @@ class Settings(BaseSettings):
             return v  # (not a number here: refused as not one of the choices)
         if isinstance(v, int):
             v = str(v)
-        if isinstance(v, str):
-            v = v.strip().lower().removeprefix("cert_")
-            return CERT_REQS.get(v, v)
-        return v
+        return cert_reqs_choice(v) if isinstance(v, str) else v
 
     @field_validator("ssl_keyfile", "ssl_certfile", "ssl_ca_certs")
     @classmethod
@@ -532,6 +529,12 @@ class Settings(BaseSettings):
 CERT_REQS = {"0": "none", "1": "optional", "2": "required"}
 
 
+def cert_reqs_choice(given: str) -> str:
+    """An ssl_cert_reqs value as its choice: vLLM's numbers, Python's names (CERT_REQUIRED), any case."""
+    v = given.strip().lower().removeprefix("cert_")
+    return CERT_REQS.get(v, v)
+
+
 def setting_name(field: str) -> str:
     """How a setting is named to the user: its variable and its flag."""
     return f"{ENV_PREFIX}{field.upper()} / --{field.replace('_', '-')}"
@@ -564,10 +567,13 @@ def redact_url(url: str | None) -> str | None:
     return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", f"{scheme}{sep}{rest}")
 
 
-def settings_from(overrides: dict[str, Any] | None = None) -> Settings:
-    """Environment + `.env`-free defaults, overridden by non-None `overrides` (CLI flags)."""
+def settings_from(
+    overrides: dict[str, Any] | None = None, fixed: Mapping[str, Any] | None = None
+) -> Settings:
+    """Environment + `.env`-free defaults, overridden by non-None `overrides` (CLI flags); `fixed`'s fields are
+    those values whatever the environment says (None included)."""
     kw = {k: v for k, v in (overrides or {}).items() if v is not None and k in Settings.model_fields}
-    return Settings(**kw)
+    return Settings(**{**kw, **(fixed or {})})
 
 
 # PREFIXSERVE_* variables that are not settings: the model cache and the default store folder, and the client SDK's

@@ -177,7 +177,14 @@ def test_the_command_writes_the_results_file(tmp_path, capsys, monkeypatch, root
         str(tmp_path / "c"),
     ]
     common += ["--kv-cache-mb", "16", "--max-model-len", "256"]
+    # a server's listening settings are not a batch's: TLS settings in the environment (here alone, which `serve`
+    # refuses) are left alone, and there are no such flags
+    monkeypatch.setenv("PREFIXSERVE_SSL_KEYFILE", str(tmp_path / "server.key"))
+    with pytest.raises(SystemExit):
+        main(["run-batch", "-i", str(src), "-o", str(dst), "--ssl-certfile", "x.pem", *common])
+    assert "unrecognized arguments: --ssl-certfile" in capsys.readouterr().err
     assert main(["run-batch", "-i", str(src), "-o", str(dst), *common]) == 0
+    monkeypatch.delenv("PREFIXSERVE_SSL_KEYFILE")
     out = [json.loads(x) for x in dst.read_text().splitlines()]
     assert [o["custom_id"] for o in out] == ["one", "two"]
     texts = [o["response"]["body"]["choices"][0]["text"] for o in out]

@@ -160,8 +160,9 @@ def test_ssl_cert_reqs_takes_vllms_numbers_and_names(pki, monkeypatch):
         Settings(**base, ssl_cert_reqs=3)
     monkeypatch.setenv("PREFIXSERVE_SSL_CERT_REQS", "2")
     assert Settings(**base).ssl_cert_reqs == "required"
-    ns = cli.build_parser().parse_args(["serve", "--ssl-cert-reqs", "1"])
-    assert ns.ssl_cert_reqs == "optional"
+    # the flag takes what the setting takes (CERT_REQUIRED was refused by argparse, accepted from the environment)
+    for given, want in (("1", "optional"), ("CERT_REQUIRED", "required"), ("Required", "required")):
+        assert cli.build_parser().parse_args(["serve", "--ssl-cert-reqs", given]).ssl_cert_reqs == want
     with pytest.raises(SystemExit):  # (argparse: not a choice)
         cli.build_parser().parse_args(["serve", "--ssl-cert-reqs", "3"])
     opts = uvicorn_ssl_options(Settings(**base, ssl_cert_reqs="required"))
