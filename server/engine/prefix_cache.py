@@ -190,8 +190,7 @@ class PrefixCache:
             fut = self._executor.submit(self._fetch, key)
             self.stats.fetches += 1
             self._loading[key] = fut
-            if self.on_loaded is not None:
-                fut.add_done_callback(lambda _f: self._notify_loaded())
+            fut.add_done_callback(lambda _f: self._notify_loaded())
         return None
 
     def claim(self, key: PrefixKey) -> None:
