@@ -138,7 +138,9 @@ def _row_bucket(m: int) -> int:
 def length_buckets(sizes: list[tuple[int, int]], max_parts: int, part_cost: int) -> list[list[int]] | None:
     """Length buckets for rows of (query tokens, key slots): the row indices sorted by key slots and cut into at
     most `max_parts` runs so that the padded attention work, the sum over runs of rows x their most query tokens x
-    their most key slots, plus `part_cost` per run past the first, is least; None where one group is best.
+    their most key slots, plus `part_cost` per run past the first, is least among such cuts of the key-slot order;
+    None where one group is best. Only key lengths are sorted and cut: prefill rows of a similar key length but very
+    different query lengths (a 512-token chunk beside a 3-token one) stay in one run, padded to the longer chunk.
 
     The gathered attention's cost grows with that padded work: with one row's 4,096-slot prefix beside three
     short rows, one group gathers (and masks) 4 x 4,096 key slots a layer, the buckets 4,096 + 3 x ~64. Rows of
