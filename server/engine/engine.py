@@ -887,6 +887,11 @@ class LLMEngine:
     def _append(
         self, seq: Sequence, tok: int, now: float, lp: TokenLogprob | None = None
     ) -> TokenEvent | None:
+        # the mask allowed the token, so a refusal is a parser/lexer limit the grammar ran into (or a forced token
+        # the grammar does not take); the refused token is not the output's (nor counted in its usage or timings)
+        if seq.constraint is not None and not seq.constraint.accept(tok):
+            seq.error, seq.error_type = f"structured output: {seq.constraint.error}", "GrammarError"
+            return self._finish(seq, "error")
         gap: tuple[float, ...] = ()
         if seq.first_token is None:
             seq.first_token = now
@@ -895,11 +900,6 @@ class LLMEngine:
             gap = (now - seq.last_token,)
             seq.itl.append(gap[0])
         seq.last_token = now
-        # the mask allowed the token, so a refusal is a parser/lexer limit the grammar ran into (or a forced token
-        # the grammar does not take); the refused token is not the output's (nor counted in its usage)
-        if seq.constraint is not None and not seq.constraint.accept(tok):
-            seq.error, seq.error_type = f"structured output: {seq.constraint.error}", "GrammarError"
-            return self._finish(seq, "error")
         seq.output.append(tok)
         self.num_generated_tokens += 1
         if seq.thinking is not None:
