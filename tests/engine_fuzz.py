@@ -55,6 +55,7 @@ from server.engine import (
     TokenEvent,
 )
 from server.engine.kv_cache import KVPool
+from server.engine.sampler import NO_TOKEN_IN_GRAMMAR
 from server.model import ModelBundle, bundle_from_model
 from tests.engine_utils import hf_greedy, random_kv
 from tests.fixtures.models import make_tiny_causal_lm, make_tiny_tokenizer, tiny_gpt2, tiny_llama
@@ -627,6 +628,19 @@ class _SeedRun:
         need = pb + pool.blocks_for(len(p.req.prompt_token_ids) + p.req.sampling.max_tokens)
         return pb >= pool.num_blocks or need > pool.num_blocks
 
+    @staticmethod
+    def _deterministic_error(p: Plan, fin: TokenEvent) -> bool:
+        """Whether the error is the request's own, one it meets at the same token run anywhere: a grammar that its
+        allowed_token_ids or bad_words leave no token to go on with (e.g. `[a-z]+` with the letters banned), at the
+        first token or after some. Its tokens, text and error are then checked against the request run alone."""
+        sp = p.req.sampling
+        return (
+            fin.error_type == "GrammarError"
+            and NO_TOKEN_IN_GRAMMAR in (fin.error or "")
+            and sp.structured is not None
+            and bool(sp.allowed_token_ids or sp.bad_words_token_ids)
+        )
+
     def _mismatches(
         self,
         p: Plan,
@@ -659,6 +673,8 @@ class _SeedRun:
             return [f"got {toks} ({fin.finish_reason}) want {want}"]
         if alone is not None and fin.finish_reason != alone.finish_reason:
             issues.append(f"finish {fin.finish_reason} vs alone {alone.finish_reason}")
+        if alone is not None and fin.finish_reason == "error" and fin.error_type != alone.error_type:
+            issues.append(f"error {fin.error_type}: {fin.error} vs alone {alone.error_type}: {alone.error}")
         if sp.logprobs is not None:
             alone = alone or self.refs.alone(label, kv, p.req, mml)
             got = [lp for ev in evs for lp in (ev.logprobs or [])]
@@ -712,7 +728,7 @@ class _SeedRun:
                     if fin.error_type == "InjectedError":  # its tokens so far must still be right
                         partial = True
                         self.counters.fault_failed_requests += 1
-                    else:
+                    elif not self._deterministic_error(p, fin):
                         if not self._error_expected(p, fin):
                             self.failures.append(f"{rid}: error {fin.error_type}: {fin.error}")
                         continue

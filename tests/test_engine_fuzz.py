@@ -4,13 +4,14 @@ these into trivial runs. Long runs over many seeds: `python -m tests.engine_fuzz
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
 
-from server.engine import LLMEngine
+from server.engine import LLMEngine, TokenEvent
 from server.engine.kv_cache import KVPool
-from tests.engine_fuzz import MODELS, Counters, run_seed
+from tests.engine_fuzz import MODELS, Counters, References, _SeedRun, run_seed
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -148,3 +149,42 @@ def test_fuzzer_catches_a_leaked_block(monkeypatch: pytest.MonkeyPatch) -> None:
     res = run_seed(QUICK_SEED)
     assert calls[0] > 3
     assert any(f.startswith(("LEAK", "refcount")) for f in res.failures), res.failures
+
+
+# a seed that draws `[a-z]{1,40}` with bad_words banning every letter (tokens 40-199): r2 and r3 fail at their first
+# token with GrammarError, the request's own error, which the fuzzer must check against the request run alone
+GRAMMAR_DEAD_END_SEED = 8246
+
+
+def _grammar_errors(run: _SeedRun) -> list[str]:
+    return [
+        rid
+        for rid, fin in run.finished.items()
+        if isinstance(fin, TokenEvent) and fin.error_type == "GrammarError"
+    ]
+
+
+def test_a_grammar_the_requests_bad_words_dead_end_is_checked_against_the_request_alone() -> None:
+    """A structured request whose bad_words (or allowed_token_ids) leave its grammar no token fails with
+    GrammarError wherever it runs: the fuzzer checks that error, and the tokens before it, against the request run
+    alone rather than reporting it as a failure (seeds 8037 and 8246 did)."""
+    run = _SeedRun(GRAMMAR_DEAD_END_SEED)
+    res = run.run()
+    assert res.ok, res.failures
+    assert sorted(_grammar_errors(run)) == ["r2", "r3"]
+    assert res.counters.checked >= 2
+
+
+def test_fuzzer_catches_a_grammar_error_the_request_alone_does_not_have(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not vacuous: the error must be the one the request meets alone."""
+    alone = References.alone
+
+    def alone_without_the_error(self: References, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = alone(self, *args, **kwargs)
+        return dataclasses.replace(out, error_type="NoTokenAllowed") if out.error_type else out
+
+    monkeypatch.setattr(References, "alone", alone_without_the_error)
+    res = run_seed(GRAMMAR_DEAD_END_SEED)
+    assert any("vs alone NoTokenAllowed" in f for f in res.failures), res.failures

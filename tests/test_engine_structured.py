@@ -801,3 +801,34 @@ def test_a_token_the_grammar_refuses_is_not_the_outputs(tiny_llama_bundle, monke
     last = events[-1]
     assert last.finished and last.finish_reason == "error" and last.error_type == "GrammarError"
     assert len(sent) == 3 and last.completion_tokens == 3 and eng.num_generated_tokens == 3, (sent, last)
+
+
+def test_a_grammar_its_bad_words_or_allowed_tokens_leave_no_token_for_fails_where_it_dead_ends(
+    tiny_llama_bundle,
+):
+    """The grammar's mask and the request's own token masks (bad_words, allowed_token_ids) together may leave no
+    token: the request fails with GrammarError at that token, keeping the tokens before it (the fuzzer's seeds 8037
+    and 8246 draw `[a-z]{1,40}` with bad_words banning every letter); a ban that leaves the grammar a token is
+    followed. Tokens of the tiny byte tokenizer: "0"-"9" are 15-24, "-" 12, "a"-"z" 64-89."""
+    b = tiny_llama_bundle
+    letters = tuple((t,) for t in range(64, 90))
+    prompt = random_prompt(b.spec.vocab_size, 6, 0)
+
+    def req(rid: str, so: StructuredOutputs, **kw) -> Request:
+        return Request(rid, prompt, SamplingParams(max_tokens=20, ignore_eos=True, structured=so, **kw))
+
+    reqs = [
+        req("first", StructuredOutputs("regex", "[a-z]{1,40}"), bad_words_token_ids=letters),
+        req("later", REGEX, bad_words_token_ids=letters),
+        req("allowed", REGEX, allowed_token_ids=tuple(range(40, 80))),
+        req("some", StructuredOutputs("regex", "[a-z]{1,40}"), bad_words_token_ids=letters[:25]),
+    ]
+    out = {o.request_id: o for o in make_engine(b, {}).generate(reqs)}
+    for rid, n_sent in (("first", 0), ("later", 4), ("allowed", 0)):
+        o = out[rid]
+        assert o.finish_reason == "error" and o.error_type == "GrammarError", (rid, o)
+        assert "no token can continue the output" in (o.error or "")
+        assert len(o.token_ids) == n_sent, (rid, o.token_ids)
+    sent = out["later"].token_ids  # three digits and "-": then only banned letters can go on
+    assert all(15 <= t <= 24 for t in sent[:3]) and sent[3] == 12, sent
+    assert out["some"].error is None and set(out["some"].text) == {"z"}, out["some"]
