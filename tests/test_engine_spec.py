@@ -488,3 +488,63 @@ def test_events_carry_one_inter_token_gap_per_step_and_the_engine_counts_its_tok
     hit = eng.scheduler.cache_hit_tokens
     assert hit > 0 and eng.num_prompt_tokens_computed == 2 * len(prompt) - hit
     assert eng.num_generated_tokens == 32
+
+
+class _DraftAtLength:
+    """Stands in for NgramIndex: drafts `k` wrong tokens (token 1) only when the row holds `length` tokens."""
+
+    length = 0
+
+    def __init__(self, *a) -> None:
+        pass
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        return [1] * k if len(tokens) == self.length else []
+
+
+@pytest.mark.parametrize("k", [16, 4])
+def test_a_draft_keeps_back_the_blocks_of_rows_planned_after_it(tiny_llama_bundle, monkeypatch, k):
+    """A decoding row ranked first drafts on a step where two rows admitted after it are mid-prefill, each chunk
+    (17 tokens) taking 2 new blocks: 4 free blocks for 3 running rows fit the plain step exactly. The draft must keep
+    back the blocks of the rows planned after it, not only one per running row (it took the 4th block and the last
+    row was preempted). k=16: the draft may run beside those chunks; k=4: it would be dropped beside them
+    (`_drop_drafts_beside_long_prefills`), so it must not take blocks either (it kept them)."""
+    from server.engine import scheduler
+
+    b = tiny_llama_bundle
+    V = b.spec.vocab_size
+    monkeypatch.setattr(_DraftAtLength, "length", 48)  # row a's 46-token prompt and 2 outputs: its third step
+    monkeypatch.setattr(scheduler, "NgramIndex", _DraftAtLength)
+
+    def run(spec, blocks=11):
+        eng = make_engine(
+            b, {}, kv_cache_bytes=pool_bytes(b, blocks), speculative_tokens=spec, long_prefill_tokens=32
+        )
+        s = eng.scheduler
+        a = Request("a", random_prompt(V, 46, 1), SamplingParams(max_tokens=6, ignore_eos=True))
+        eng.add_request(a)
+        outs: dict[str, list[int]] = {}
+        free = []
+        for i in range(20):
+            if (
+                i == 1
+            ):  # b and c are admitted beside a's first decode step with 32-token chunks (2 blocks each)
+                for r in ("b", "c"):
+                    sp = SamplingParams(max_tokens=1, ignore_eos=True)
+                    eng.add_request(Request(r, random_prompt(V, 49, ord(r)), sp))
+            if i == 2:
+                free.append((s.pool.num_free, len(s.running)))
+            for ev in eng.step():
+                outs.setdefault(ev.request_id, []).extend(ev.token_ids)
+            if not eng.has_unfinished():
+                break
+        assert free == [(blocks - 7, 3)]  # the draft's step: 11 blocks leave one more than the running rows
+        return s.num_preemptions, s.spec_draft_tokens, outs
+
+    plain, _, plain_out = run(0)
+    spec, _, spec_out = run(k)
+    assert plain == 0 and spec == 0
+    assert spec_out == plain_out
+    # with a block to spare beyond every planned row's and one per running row, that step does draft
+    roomy, drafted, roomy_out = run(k, blocks=16)
+    assert roomy == 0 and drafted == (3 if k == 16 else 0) and roomy_out == plain_out  # 3: max_tokens left

@@ -250,16 +250,14 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         # planned in place order (priority, then age): the rows' tokens within the step's budget
         plan: list[tuple[Sequence, int, list[int]]] = []
-        taken = 0  # new blocks the planned rows need (a draft takes only blocks to spare beyond them)
         for seq in self._ranked():
             n = self._chunk(seq, budget)
             if n <= 0:
                 continue
-            draft = self._draft(seq, budget, taken) if n == 1 and seq.to_compute == 1 else []
-            n += len(draft)
-            taken += max(0, self.pool.blocks_for(seq.num_cached + n) - len(seq.own_blocks))
-            plan.append((seq, n, draft))
+            plan.append((seq, n, []))
             budget -= n
+        if self.cfg.spec_tokens > 0:
+            budget = self._plan_drafts(plan, budget)
         # then their blocks, in the same order; a row short of them preempts the last running row in the victim
         # order (`_keep_order`, computed once a victim is needed and fixed for the step), itself at worst. Nothing
         # is registered or scheduled before every row has its blocks, so any row may be the victim: one planned
@@ -295,6 +293,29 @@ class Scheduler:
         self._drop_drafts_beside_long_prefills(items)
         return items
 
+    def _new_blocks(self, seq: Sequence, n: int) -> int:
+        """New blocks that `n` more tokens of `seq` take beyond those it holds."""
+        return max(0, self.pool.blocks_for(seq.num_cached + n) - len(seq.own_blocks))
+
+    def _plan_drafts(self, plan: list[tuple[Sequence, int, list[int]]], budget: int) -> int:
+        """Add drafts to the planned decoding rows (in `plan`'s order), once every planned row's own tokens and
+        their new blocks are known: a draft takes only blocks beyond all of them (a row planned after the drafting
+        one may be mid-prefill and need several), and only the step's budget they leave. No draft where a planned
+        chunk is longer than k + 1 tokens (`_drop_drafts_beside_long_prefills` would drop it and keep its blocks).
+        The budget left."""
+        taken = sum(self._new_blocks(seq, n) for seq, n, _ in plan)
+        allowed = all(n <= self.cfg.spec_tokens + 1 for _, n, _ in plan)
+        for i, (seq, n, _) in enumerate(plan):
+            if n != 1 or seq.to_compute != 1:
+                continue
+            own = self._new_blocks(seq, 1)
+            draft = self._draft(seq, budget + 1, taken - own, allowed)
+            if draft:
+                plan[i] = (seq, 1 + len(draft), draft)
+                taken += self._new_blocks(seq, 1 + len(draft)) - own
+                budget -= len(draft)
+        return budget
+
     def _drop_drafts_beside_long_prefills(self, items: list[ScheduledItem]) -> None:
         """Rows verifying a draft are attended with the step's prefill chunks, each padded to the longest chunk's
         length: next to a long prompt chunk a 5-token draft would cost that chunk's attention. Such a step decodes
@@ -310,16 +331,19 @@ class Scheduler:
                 it.num_tokens -= len(it.draft)
                 it.draft = []
 
-    def _draft(self, seq: Sequence, budget: int, taken: int = 0) -> list[int]:
-        """Speculative tokens for a decoding row (prompt lookup), within the step's budget, the tokens the request
-        may still produce, the model's positions and the blocks the row holds or the pool has free beyond one per
-        running row (what their plain decode steps may need) and the new blocks `taken` by the rows planned before
-        it this step: a draft never preempts or evicts anything."""
+    def _draft(self, seq: Sequence, budget: int, taken: int = 0, allowed: bool = True) -> list[int]:
+        """Speculative tokens for a decoding row (prompt lookup), within the step's budget (its own token
+        included), the tokens the request may still produce, the model's positions and the blocks the row holds or
+        the pool has free beyond one per running row (what their plain decode steps may need) and the new blocks
+        `taken` by the other rows planned this step (`_plan_drafts`): a draft never preempts or evicts anything.
+        `allowed`: False counts the step against the row's back-off but drafts nothing."""
         cfg = self.cfg
         if cfg.spec_tokens <= 0 or not speculable(seq.req.sampling):
             return []
         if seq.spec_wait > 0:  # its recent drafts all failed: decode plainly for a while
             seq.spec_wait -= 1
+            return []
+        if not allowed:
             return []
         k = min(cfg.spec_tokens, budget - 1, seq.req.sampling.max_tokens - len(seq.output) - 1)
         if cfg.max_model_len is not None:
