@@ -70,8 +70,8 @@ class _Group:
     # [n] query slot of each flat token of the group, in order: prefill (padded slots), split groups (the parts'
     # outputs concatenated)
     out_idx: torch.Tensor | None = None
-    # length buckets: the group's rows attended as sub-groups, each padded to its own longest row (`length_buckets`); the
-    # group itself then has no gathered keys or mask of its own
+    # length buckets: the group's rows attended as sub-groups, each padded to its own longest row
+    # (`length_buckets`); the group itself then has no gathered keys or mask of its own
     parts: list[_Group] | None = None
 
 

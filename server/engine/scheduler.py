@@ -552,8 +552,8 @@ class Scheduler:
         worst priority level the last places go to the rows of tenants above their share, taken in turn from the
         tenant furthest above it, newest first (each row taken counts the blocks it would free off its tenant's
         excess: those no untaken row of its tenant also holds), until no tenant of that level is above its share
-        (then the rest by age), or none of the level's rows is left (then the next level the same way). So a tenant flooding the pool with long requests loses its own newest rows,
-        not another tenant's just-started ones."""
+        (then the rest by age), or none of the level's rows is left (then the next level the same way). So a tenant
+        flooding the pool with long requests loses its own newest rows, not another tenant's just-started ones."""
         ranked = self._ranked()
         if not self.cfg.fair or len(ranked) < 2:
             return ranked, set()
