@@ -28,6 +28,7 @@ from server.engine.sampler import (
     INVALID_DISTRIBUTION,
     NO_TOKEN_ALLOWED,
     NO_TOKEN_IN_GRAMMAR,
+    NO_TOKEN_IN_GRAMMAR_MASKED,
     NON_FINITE,
     finite_rows,
     greedy_tokens,
@@ -49,7 +50,11 @@ from server.model.spec import ModelBundle
 
 log = logging.getLogger("prefixserve.engine")
 # a sampling failure the request caused (every token excluded), by its reason: the API answers them as 422s
-_SAMPLING_ERRORS = {NO_TOKEN_IN_GRAMMAR: "GrammarError", NO_TOKEN_ALLOWED: "NoTokenAllowed"}
+_SAMPLING_ERRORS = {
+    NO_TOKEN_IN_GRAMMAR: "GrammarError",
+    NO_TOKEN_IN_GRAMMAR_MASKED: "GrammarError",
+    NO_TOKEN_ALLOWED: "NoTokenAllowed",
+}
 
 EventCallback = Callable[[TokenEvent], None]
 

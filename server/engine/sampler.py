@@ -19,6 +19,8 @@ NON_FINITE = "the model produced non-finite logits for this request"
 INVALID_DISTRIBUTION = "sampling failed: the distribution is not valid"
 # a row whose request leaves it no token (the request's fault, not the server's)
 NO_TOKEN_IN_GRAMMAR = "no token can continue the output within its structured-output constraint"
+# ... where the request's own token masks take part (they may be what left the grammar nothing)
+NO_TOKEN_IN_GRAMMAR_MASKED = NO_TOKEN_IN_GRAMMAR + " and its allowed_token_ids / bad_words"
 NO_TOKEN_ALLOWED = "no token can be sampled: allowed_token_ids, bad_words and min_tokens exclude every token"
 
 
@@ -358,7 +360,13 @@ def sample(
     if restricted:
         for i, live in enumerate(host[-1]):
             if not live and i not in failed:
-                failed[i] = NO_TOKEN_IN_GRAMMAR if params[i].structured is not None else NO_TOKEN_ALLOWED
+                p = params[i]
+                if p.structured is None:
+                    failed[i] = NO_TOKEN_ALLOWED
+                elif p.allowed_token_ids or p.bad_words_token_ids:
+                    failed[i] = NO_TOKEN_IN_GRAMMAR_MASKED
+                else:
+                    failed[i] = NO_TOKEN_IN_GRAMMAR
     for i in rows:
         if i in failed:
             continue
