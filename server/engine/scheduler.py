@@ -511,30 +511,9 @@ class Scheduler:
         self.num_fair_preemptions += 1
 
     def _first_ready(self, counts: dict[str | None, int]) -> Sequence | None:
-        """The first request of `_admission_order(counts)` that `_ready` accepts, without building the order: it
-        is the waiting requests sorted by priority, then (`cfg.fair`) preempted ones first, then their tenant's
-        running count, then arrival (the counts stay fixed here). Asked in that order, so fetches start as they
-        would walking the order."""
-        waiting = list(self.waiting)
-        if self.cfg.fair:
-            keys = [
-                (s.req.priority, 0, 0, i) if s.preempted else (s.req.priority, 1, counts.get(s.tenant, 0), i)
-                for i, s in enumerate(waiting)
-            ]
-        else:
-            keys = [(s.req.priority, 0, 0, i) for i, s in enumerate(waiting)]
-        if not keys:
-            return None
-        first = waiting[min(keys)[3]]
-        if self._ready(first):
-            return first
-        heapq.heapify(keys)
-        heapq.heappop(keys)  # (`first`)
-        while keys:
-            seq = waiting[heapq.heappop(keys)[3]]
-            if self._ready(seq):
-                return seq
-        return None
+        """The first request of `_admission_order(counts)` that `_ready` accepts (a lazy walk: fetches start as
+        they would walking the order)."""
+        return next((s for s in self._admission_order(counts) if self._ready(s)), None)
 
     def _ready(self, seq: Sequence) -> bool:
         """Whether `seq` could be admitted now as far as its prefix goes (a fetch is started if it is not)."""
