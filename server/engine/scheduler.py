@@ -361,10 +361,8 @@ class Scheduler:
         `only`: requests it refuses are passed over too (the engine's async chain admits those it can defer)."""
         items: list[ScheduledItem] = []
         taken: set[int] = set()  # id() of sequences leaving the waiting queue
-        counts: dict[str | None, int] = {}  # running requests per tenant, as admissions go on
-        if self.cfg.fair:
-            for r in self.running:
-                counts[r.tenant] = counts.get(r.tenant, 0) + 1
+        # running requests per tenant, as admissions go on
+        counts: dict[str | None, int] = self._tenant_rows() if self.cfg.fair else {}
 
         def fail(seq: Sequence, error: str, error_type: str, entry: PrefixEntry | None = None) -> None:
             """Reported by the engine after the step. `entry`: its prefix, installed for it: no longer held for
