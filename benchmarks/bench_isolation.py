@@ -24,17 +24,19 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from server.engine import DictPrefixProvider, EngineConfig, LLMEngine, PrefixKey, Request, SamplingParams
-from server.engine.kv_cache import KVPool
+import torch  # noqa: E402
 
-
-def random_kv(spec, n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((spec.num_layers, 2, spec.num_kv_heads, n, spec.head_dim), generator=g)
+from benchmarks.bench_engine import random_kv  # noqa: E402
+from server.engine import DictPrefixProvider, EngineConfig, LLMEngine, PrefixKey, Request, SamplingParams  # noqa: E402
+from server.engine.kv_cache import KVPool  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
