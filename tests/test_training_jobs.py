@@ -164,7 +164,7 @@ def test_store_failure_fails_the_job(managers, store, monkeypatch, caplog):
         raise StoreUnavailable("prefix store down")
 
     monkeypatch.setattr(store, "put_once", down)
-    monkeypatch.setattr(jobs_mod.time, "sleep", lambda s: None)
+    monkeypatch.setattr(jobs_mod, "RETRY_BACKOFF_S", 0.0)
     jm = managers(in_process_workers=1)
     jm.start()
     rec = jm.submit(request_(epochs=1))
@@ -210,7 +210,7 @@ def test_a_put_that_stored_but_answered_an_error_succeeds_with_one_version(manag
 
     monkeypatch.setattr(store, "put_once", lost_answer)
     monkeypatch.setattr(jm.backend, "owns", owns_once_down)
-    monkeypatch.setattr(jobs_mod.time, "sleep", lambda s: None)
+    monkeypatch.setattr(jobs_mod, "RETRY_BACKOFF_S", 0.0)
     jm.start()
     rec = jm.submit(request_(epochs=1))
     done = wait_status(jm, rec.job_id, ("succeeded", "failed"))
@@ -236,7 +236,7 @@ def test_a_put_whose_outcome_cannot_be_known_leaves_the_job_running(managers, st
 
     monkeypatch.setattr(store, "put_once", put_down)
     monkeypatch.setattr(store, "versions", versions)
-    monkeypatch.setattr(jobs_mod.time, "sleep", lambda s: None)
+    monkeypatch.setattr(jobs_mod, "RETRY_BACKOFF_S", 0.0)
     # (the disk reclaimer would take the released job for a dead worker's within a second and requeue it, a race
     # with the look below: what the run itself leaves is what is checked here)
     monkeypatch.setattr(jm.backend, "reclaim_stale", lambda: [])
@@ -261,7 +261,7 @@ def test_a_failure_to_record_success_after_storing_does_not_fail_the_job(manager
         return real(claim, status, **kw)
 
     monkeypatch.setattr(jm.backend, "finish", flaky)
-    monkeypatch.setattr(jobs_mod.time, "sleep", lambda s: None)
+    monkeypatch.setattr(jobs_mod, "RETRY_BACKOFF_S", 0.0)
     jm.start()
     rec = jm.submit(request_(epochs=1))
     done = wait_status(jm, rec.job_id, ("succeeded", "failed"))
@@ -672,16 +672,19 @@ def test_a_job_backend_outage_after_training_is_waited_out(managers, store, monk
     owns, cancel_requested = jm.backend.owns, jm.backend.cancel_requested
     outage: dict[str, float] = {}
     tries: list[str] = []
+    answered: list[str] = []
 
     def down_for_a_while(fn, starts: bool):
         # the outage begins at the ownership check after training (the cancel flag is also read before every
-        # step, which must not start it), and lasts longer than the quick tries of before (~1.5 s here)
+        # step, which must not start it), and lasts longer than the quick tries of before (~0.15 s here)
         def call(claim):
             if starts:
                 outage.setdefault("start", time.monotonic())
-            if "start" in outage and time.monotonic() - outage["start"] < 2.5:
+            if "start" in outage and time.monotonic() - outage["start"] < 0.25:
                 tries.append(fn.__name__)
                 raise StoreUnavailable("connection refused")
+            if "start" in outage:
+                answered.append(fn.__name__)
             return fn(claim)
 
         return call
@@ -689,11 +692,13 @@ def test_a_job_backend_outage_after_training_is_waited_out(managers, store, monk
     monkeypatch.setattr(jm.backend, "owns", down_for_a_while(owns, True))
     monkeypatch.setattr(jm.backend, "cancel_requested", down_for_a_while(cancel_requested, False))
     monkeypatch.setattr(jobs_mod, "TRANSIENT_ATTEMPTS", 3)
+    monkeypatch.setattr(jobs_mod, "RETRY_BACKOFF_S", 0.05)  # (a tenth of the real waits)
     assert jm.work("w1", max_jobs=1) == 1
     done = jm.get(rec.job_id)
     assert done.status == "succeeded" and done.attempts == 1, done.error
     assert store.versions("acme", "bot") == [done.prefix_version]
-    assert tries.count("owns") >= 3  # it did wait (tries at 0, 0.5, 1.5 s into the outage)
+    # it did wait: tries at 0, 0.05, 0.15 s into the outage, ..., then an answer (not a guess after 3 tries)
+    assert tries.count("owns") >= 3 and "owns" in answered, (tries, answered)
 
     def unreachable(claim):
         raise StoreUnavailable("connection refused")
@@ -1045,9 +1050,10 @@ def test_sigkilled_server_during_training_leaves_nothing_and_job_is_reclaimed(
     import httpx
 
     srv = subprocess_server(store_url=store.url, training_workers=1)
-    # long enough (1,600 optimizer steps) that the kill lands mid-job; the server persists progress only on its
-    # heartbeats (every 2 s), so "running" is what the test can see
-    r = httpx.post(f"{srv.url}/prefixes", json=request_(n=32, epochs=100), timeout=30)
+    # long enough (400 optimizer steps, ~3 s on a 2-core machine) that the kill, 0.2 s after the job is seen
+    # running, lands mid-job; the server persists progress only on its heartbeats (every 2 s), so "running" is
+    # what the test can see
+    r = httpx.post(f"{srv.url}/prefixes", json=request_(n=32, epochs=25), timeout=30)
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
     api = managers()

@@ -381,7 +381,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from server.engine import triton_kernels as K
 
+seen = set()
+
 def build(fn, sig, cex, cap, **options):
+    # the same kernel at the same tiles for another model is compiled once: the query heads per KV head (REP) only
+    # pick the live lanes of a tile (RP: a power of two) or a head's KV head, so Llama-3.2-1B's attention (4 of
+    # them, head_dim 64) lowers as SmolLM2's (3, head_dim 64) does
+    tiles = {k: v for k, v in cex.items() if k != "REP"}
+    key = (fn.__name__, *(tuple(sorted(d.items())) for d in (sig, tiles, options)), cap)
+    if key in seen:
+        return
+    seen.add(key)
     names = fn.arg_names
     full = {n: ("constexpr" if n in cex else sig[n]) for n in names}
     src = ASTSource(fn=fn, signature=full, constexprs={(names.index(k),): v for k, v in cex.items()})
@@ -390,9 +400,9 @@ def build(fn, sig, cex, cap, **options):
     limit = {80: 166912, 90: 232448}[cap]
     assert k.metadata.shared <= limit, (fn.__name__, cex, cap, k.metadata.shared)
 
-# (query heads, KV heads, head_dim, hidden, intermediate): SmolLM2-135M, Llama-3.2-1B, Llama-3-8B, the tests' tiny
-# Llama
-shapes = [(9, 3, 64, 576, 1536), (32, 8, 64, 2048, 8192), (32, 8, 128, 4096, 14336), (4, 2, 16, 64, 128)]
+# (query heads, KV heads, head_dim, hidden, intermediate): SmolLM2-135M, Llama-3.2-1B, Llama-3-8B (the tests' tiny
+# Llama is left out: its kernels compile for real whenever the suite runs on a GPU)
+shapes = [(9, 3, 64, 576, 1536), (32, 8, 64, 2048, 8192), (32, 8, 128, 4096, 14336)]
 n = 0
 for cap in map(int, sys.argv[1:]):
     for dt in ("bf16", "fp16", "fp32"):
@@ -429,7 +439,7 @@ for cap in map(int, sys.argv[1:]):
             build(K.silu_mul_kernel, dict(gu_ptr=p, out_ptr=p, stride_gu=i32, stride_o=i32, inter=i32),
                   dict(BLOCK=min(1024, 1 << (inter - 1).bit_length())), cap)
             n += 8
-print(n, "compiled")
+print(n, "compiled", len(seen))
 """
 
 
@@ -439,7 +449,7 @@ print(n, "compiled")
 def test_kernels_compile_for_ampere_and_hopper():
     """Triton's interpreter checks what the kernels compute, not that they lower to GPU code: compile each one ahead
     of time for sm_80 (A100) and sm_90 (H100/H200) with Triton's bundled ptxas, in bf16, fp16 and fp32, at the shapes
-    of SmolLM2-135M, Llama-3.2-1B, Llama-3-8B and the tests' tiny Llama, with the launchers' pipeline depths,
+    of SmolLM2-135M, Llama-3.2-1B and Llama-3-8B, with the launchers' pipeline depths,
     within the GPUs' shared memory per block. Needs no GPU."""
     import os
     import subprocess
@@ -465,4 +475,4 @@ def test_kernels_compile_for_ampere_and_hopper():
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-        assert out.split()[0] == str(3 * 4 * 8), out
+        assert out.split()[0] == str(3 * 3 * 8), out
