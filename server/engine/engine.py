@@ -647,19 +647,17 @@ class LLMEngine:
         without a token in flight, or a waiting request it could admit now (a free slot, and a prefix that is
         resident, fetched or not yet asked for), that needs its tokens on the host (penalties, a grammar, prompt
         logprobs: `_joinable`), or a full batch that owes a waiting tenant below its share a row (the scheduler's step
-        preempts for it: `Scheduler._preempt_for_starved`). The others join the follow-up; a waiting request whose
-        prefix is still being fetched does not stop the chain."""
+        preempts for it: `Scheduler._starved_victim`), or rows to spare and a request that the last admission stopped
+        at for want of blocks its tenant's share has room for (`Scheduler._block_starved_victim`). The others join
+        the follow-up; a waiting request whose prefix is still being fetched does not stop the chain."""
         s = self.scheduler
         carried = {id(q) for q in fl.seqs}
         if any(id(q) not in carried and not self._joinable(q) for q in s.running):
             return False
-        if (
-            s.cfg.fair
-            and s.waiting
-            and len(s.running) >= self.cfg.max_num_seqs
-            and s._starved_victim() is not None
-        ):
-            return False
+        if s.cfg.fair and s.waiting:
+            full = len(s.running) >= self.cfg.max_num_seqs
+            if (s._starved_victim() if full else s._block_starved_victim()) is not None:
+                return False
         if s.waiting and len(s.running) < self.cfg.max_num_seqs:
             pc = self.prefix_cache
             return not any(

@@ -10,8 +10,10 @@ preempted to make room for one.
 Fair turns (`fair=True`, LoRAX-like): each tenant with work (rows running or requests waiting) has an even share of
 the rows, `max_num_seqs // tenants` (at least 1), and of the KV blocks rows hold or could take. While every row is
 taken, a waiting request (its prefix at hand) of a tenant below its row share takes the place of the newest row of
-the tenant furthest above its own, one a step (`_preempt_for_starved`; a row gives its place up `FAIR_PREEMPT_LIMIT`
-times at most). When the pool runs dry, idle prefixes are evicted first, then a running request is preempted (its
+the tenant furthest above its own, one a step (`_starved_victim`; a row gives its place up `FAIR_PREEMPT_LIMIT`
+times at most). With rows to spare, a waiting request that its tenant's share of the blocks has room for but the
+pool has not takes, the same way, the blocks of the newest row of the tenant most above its block share
+(`_block_starved_victim`). When the pool runs dry, idle prefixes are evicted first, then a running request is preempted (its
 blocks freed, recomputed later): of the worst priority level, the newest row of the tenant holding the most blocks
 above its share (`_keep_order`), else the newest row (rows get the step's tokens by priority then age all the same).
 A row preempted for being above its tenant's share waits its tenant's turn to resume; others resume first (vLLM's
@@ -85,6 +87,8 @@ class Scheduler:
         self._prefill_cap = 0  # this step's cap on a prompt's chunk (`begin_step`); 0: none
         self.spec_draft_tokens = 0  # drafted tokens scheduled for verification
         self.spec_accepted_tokens = 0  # of which the model agreed with (counted by the engine)
+        # the waiting request the last admission stopped at for want of KV blocks (`_block_starved_victim`)
+        self._short_of_blocks: Sequence | None = None
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -245,8 +249,12 @@ class Scheduler:
     def schedule(self) -> list[ScheduledItem]:
         self.begin_step()
         self._fresh = []
-        if self.cfg.fair and self.waiting and len(self.running) >= self.cfg.max_num_seqs:
-            self._preempt_for_starved()
+        if self.cfg.fair and self.waiting:
+            if len(self.running) >= self.cfg.max_num_seqs:
+                self._fair_preempt(self._starved_victim())
+            else:
+                self._fair_preempt(self._block_starved_victim())
+        self._short_of_blocks = None
         budget = self.cfg.max_num_batched_tokens
         # planned in place order (priority, then age): the rows' tokens within the step's budget
         plan: list[tuple[Sequence, int, list[int]]] = []
@@ -424,6 +432,7 @@ class Scheduler:
             ):
                 self.free(seq, keep_prefix=self._requeued(seq))  # its prefix and any cached blocks it took
                 seq.num_cached = 0
+                self._short_of_blocks = seq
                 break
             # counted once it is admitted (it may wait, and be matched again, many steps first)
             seq.admission = (
@@ -460,7 +469,7 @@ class Scheduler:
         return len(running.keys() | {s.tenant for s in self.waiting})
 
     def _starved_victim(self) -> Sequence | None:
-        """The row to give up its place when every row is taken (`_preempt_for_starved`), or None.
+        """The row to give up its place when every row is taken (`_fair_preempt`), or None.
 
         Each tenant with work (rows running or requests waiting) has an even share of the rows: `max_num_seqs //
         tenants`, at least 1. Rounded down, the shares fit in the batch together, so while the rows are full a
@@ -494,13 +503,44 @@ class Scheduler:
                     best, victim = key, r
         return victim
 
-    def _preempt_for_starved(self) -> None:
-        """A full batch while a request of a tenant below its share of the rows waits (`_starved_victim`): the
-        newest row of the tenant furthest above its share gives it its place (one a step). That row is recomputed
-        later and waits its tenant's turn (not ahead of the tenant it made room for). Without this, one tenant's
-        flood that filled the batch held every other tenant's requests until its own rows ended (each request of a
-        steady tenant beside it, not only its first: the next one finds that tenant running)."""
-        victim = self._starved_victim()
+    def _block_starved_victim(self) -> Sequence | None:
+        """The row to give up its KV blocks, rows to spare, or None: the waiting request the last admission stopped
+        at for want of blocks (`_short_of_blocks`, still the first ready one) is of a tenant whose blocks, with those
+        its first chunk takes, stay within its share of the pool (`_block_shares`), and another tenant holds more
+        than its own: the last row `_keep_order` places for that excess (its tenant's newest of the worst priority
+        level), of a priority value no lower than the request's and given up fewer than `FAIR_PREEMPT_LIMIT` times.
+        Without this a tenant's long rows that filled the pool held another tenant's short requests until one of
+        them needed a block (111 steps in `benchmarks/bench_fair_steps.py`'s 80-block workload)."""
+        seq = self._short_of_blocks
+        if seq is None or seq.status is not SeqStatus.WAITING or len(self.running) >= self.cfg.max_num_seqs:
+            return None
+        if self._first_ready(self._tenant_rows()) is not seq:  # (another request comes first now)
+            return None
+        shares = self._block_shares()
+        if shares is None:
+            return None
+        held, share = shares
+        need = self.pool.blocks_for(self._chunk(seq, self.cfg.max_num_batched_tokens))
+        if need <= self.pool.num_free or held.get(seq.tenant, 0) + need > share:
+            return None
+        keep, over = self._keep_order()
+        for r in reversed(keep):
+            if id(r) not in over:
+                break
+            if (
+                r.tenant != seq.tenant
+                and r.req.priority >= seq.req.priority
+                and r.fair_preemptions < FAIR_PREEMPT_LIMIT
+            ):
+                return r
+        return None
+
+    def _fair_preempt(self, victim: Sequence | None) -> None:
+        """`victim` (`_starved_victim`, `_block_starved_victim`) gives its place or its blocks to a tenant below its
+        share. It is recomputed later and waits its tenant's turn (not ahead of the tenant it made room for).
+        Without this, one tenant's flood that filled the batch held every other tenant's requests until its own
+        rows ended (each request of a steady tenant beside it, not only its first: the next one finds that tenant
+        running)."""
         if victim is None:
             return
         self._preempt(victim)
@@ -537,11 +577,10 @@ class Scheduler:
         rows: dict[str | None, list[Sequence]] = {}
         for r in ranked:
             rows.setdefault(r.tenant, []).append(r)
-        tenants = self._num_tenants(dict.fromkeys(rows, 0))
-        if tenants < 2:
+        shares = self._block_shares(rows)
+        if shares is None:
             return ranked, set()
-        held = {t: len(set().union(*(r.own_blocks for r in rs))) for t, rs in rows.items()}
-        share = (sum(held.values()) + self.pool.num_free) // tenants
+        held, share = shares
         excess = {t: h - share for t, h in held.items() if h > share}
         if not excess:
             return ranked, set()
@@ -579,6 +618,24 @@ class Scheduler:
                 break  # rows of this level within share remain: the rest go by age
         return rest + tail[::-1], {id(r) for r in tail}
 
+    def _block_shares(
+        self, rows: dict[str | None, list[Sequence]] | None = None
+    ) -> tuple[dict[str | None, int], int] | None:
+        """The blocks each tenant's running rows hold (`rows`, default all of them by tenant; a shared prompt-cache
+        block counted once) and the even share of them each tenant with work has (those held, plus the free ones,
+        split evenly). None without fair scheduling or with fewer than two tenants with work."""
+        if not self.cfg.fair:
+            return None
+        if rows is None:
+            rows = {}
+            for r in self.running:
+                rows.setdefault(r.tenant, []).append(r)
+        tenants = self._num_tenants(dict.fromkeys(rows, 0))
+        if tenants < 2:
+            return None
+        held = {t: len(set().union(*(r.own_blocks for r in rs))) for t, rs in rows.items()}
+        return held, (sum(held.values()) + self.pool.num_free) // tenants
+
     def _ranked(self) -> list[Sequence]:
         """Running requests by priority (lower value first), then age: the order they get the step's token budget
         in (and, without fair scheduling, keep their places in when the KV pool runs dry)."""
@@ -594,8 +651,9 @@ class Scheduler:
 
     def _admission_order(self, counts: dict[str | None, int]) -> Iterator[Sequence]:
         """Waiting requests in the order they may start: by priority (lower first), and within a priority
-        first-come-first-served unless `cfg.fair`: then preempted requests first (they were running), then tenants
-        take turns, the one with the fewest running requests first (ties: whose oldest waiting request came first),
+        first-come-first-served unless `cfg.fair`: then preempted requests first (they were running; not those of a
+        tenant that holds more KV blocks than its share, `_block_shares`: they wait its turn), then tenants take
+        turns, the one with the fewest running requests first (ties: whose oldest waiting request came first),
         each tenant's requests in arrival order. So one tenant's burst cannot hold every other tenant's requests
         behind it. `counts` (running per tenant) is read each time a tenant's turn comes round, so the caller's
         admissions count."""
@@ -611,11 +669,18 @@ class Scheduler:
             yield from waiting
             return
         queues: dict[str | None, deque[tuple[int, Sequence]]] = {}
+        over: set[str | None] | None = (
+            None  # tenants holding more blocks than their share (once one is asked for)
+        )
         for i, seq in enumerate(waiting):
             if seq.preempted:
-                yield seq
-            else:
-                queues.setdefault(seq.tenant, deque()).append((i, seq))
+                if over is None:
+                    shares = self._block_shares()
+                    over = {t for t, h in shares[0].items() if h > shares[1]} if shares else set()
+                if seq.tenant not in over:
+                    yield seq
+                    continue
+            queues.setdefault(seq.tenant, deque()).append((i, seq))
         heap = [(counts.get(t, 0), q[0][0], k) for k, (t, q) in enumerate(queues.items())]
         tenants = list(queues)
         heapq.heapify(heap)
