@@ -572,14 +572,40 @@ def _permanent(e: Exception) -> bool:
     return isinstance(status, int) and 400 <= status < 500 and status != 429
 
 
+def _tls_context(ns: argparse.Namespace) -> Any:
+    """The client's TLS context from `--cacert` / `--cert` / `--key` (curl's names), or None when none is given
+    (httpx's default trust, which takes SSL_CERT_FILE). ValueError: files that cannot be used, in one line."""
+    if not (ns.cacert or ns.cert or ns.key):
+        return None
+    import ssl
+
+    if ns.key and not ns.cert:
+        raise ValueError("--key needs --cert (the client certificate it is the key of)")
+    try:
+        ctx = ssl.create_default_context(cafile=ns.cacert)  # (without --cacert: the default trust)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"--cacert {ns.cacert}: {getattr(e, 'strerror', None) or e}") from None
+    if ns.cert:
+        try:
+            ctx.load_cert_chain(ns.cert, ns.key)
+        except ssl.SSLError as e:
+            what = f"--cert {ns.cert}" + (f" / --key {ns.key}" if ns.key else "")
+            why = "a PEM certificate and its private key (in the same file unless --key)"
+            raise ValueError(f"{what}: cannot load {why}: {e}") from None
+        except OSError as e:
+            raise ValueError(f"--cert {ns.cert} / --key {ns.key}: {e.strerror or e}") from None
+    return ctx
+
+
 class _HTTPJobs:
     """Fallback when the SDK is not installed: plain httpx."""
 
-    def __init__(self, base_url: str, api_key: str | None) -> None:
+    def __init__(self, base_url: str, api_key: str | None, tls: Any = None) -> None:
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=base_url, headers=headers, timeout=30)
+        verify = tls if tls is not None else True
+        self.client = httpx.Client(base_url=base_url, headers=headers, timeout=30, verify=verify)
 
     def _check(self, r: Any) -> dict[str, Any]:
         if r.status_code >= 400:
@@ -628,10 +654,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
             spec[fld] = v
     base_url, key = _base_url(ns), _api_key(ns)
     try:
-        client = _sdk_jobs(base_url, key)
+        tls = _tls_context(ns)
+    except ValueError as e:
+        print(f"prefixserve: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        client = _sdk_jobs(base_url, key, tls)
     except Exception:
         client = None
-    jobs = client or _HTTPJobs(base_url, key)
+    jobs = client or _HTTPJobs(base_url, key, tls)
     try:
         job = jobs.submit(spec)
     except Exception as e:
@@ -701,13 +732,19 @@ def _wait(jobs: Any, job_id: str, interval: float, quiet: bool = False, give_up_
     return EXIT_OK
 
 
-def _sdk_jobs(base_url: str, api_key: str | None) -> Any:
-    """Adapter over the `prefixserve_client` SDK (dict results), or None if it is not installed."""
+def _sdk_jobs(base_url: str, api_key: str | None, tls: Any = None) -> Any:
+    """Adapter over the `prefixserve_client` SDK (dict results), or None if it is not installed. `tls`: an
+    ssl.SSLContext for its HTTP client (`_tls_context`), or None."""
     try:
         import prefixserve_client
     except ImportError:
         return None
-    client = prefixserve_client.Client(base_url=base_url, api_key=api_key)
+    http = None
+    if tls is not None:
+        import httpx
+
+        http = httpx.Client(verify=tls, timeout=60)
+    client = prefixserve_client.Client(base_url=base_url, api_key=api_key, http_client=http)
 
     def as_dict(obj: Any) -> dict[str, Any]:
         for attr in ("model_dump", "to_dict", "dict"):
@@ -1124,6 +1161,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--base-url", default=None, help="server URL [env PREFIXSERVE_BASE_URL]")
     tp.add_argument("--api-key", default=None, help="tenant key [env PREFIXSERVE_API_KEY]")
+    tp.add_argument(
+        "--cacert", default=None, metavar="FILE", help="HTTPS: trust the CA certificates in FILE (PEM)"
+    )
+    tp.add_argument(
+        "--cert",
+        default=None,
+        metavar="FILE",
+        help="HTTPS: present this client certificate (PEM; with its key unless --key), for a server that asks "
+        "for one (--ssl-cert-reqs)",
+    )
+    tp.add_argument("--key", default=None, metavar="FILE", help="HTTPS: the private key of --cert (PEM)")
     tp.add_argument("--no-wait", action="store_true", help="print the job and return at once")
     tp.add_argument("--poll-interval", type=_positive_float, default=1.0, help="seconds between polls (1)")
     tp.add_argument(

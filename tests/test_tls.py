@@ -7,6 +7,7 @@ Certificates are made with the `openssl` command in a temporary folder: a throwa
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -277,9 +278,10 @@ def test_a_server_process_serves_https(pki, subprocess_server, monkeypatch):
         assert sdk.health().status == "ok"
 
 
-def test_mutual_tls_requires_a_client_certificate_the_ca_signed(pki, subprocess_server):
+def test_mutual_tls_requires_a_client_certificate_the_ca_signed(pki, subprocess_server, tmp_path, capsys):
     """ssl_cert_reqs 2 (required) with ssl_ca_certs: no client certificate, or one another CA signed, fails the
-    handshake (no HTTP answer at all); the CA's client certificate is served."""
+    handshake (no HTTP answer at all); the CA's client certificate is served. `prefixserve train` presents one with
+    curl's `--cacert` / `--cert` / `--key` (it could not before: its submit failed the handshake)."""
     with_cert = pki.trusting(pki.client_cert, pki.client_key)
     sp = subprocess_server(ssl_certfile=str(pki.server_cert), ssl_keyfile=str(pki.server_key),
                            ssl_ca_certs=str(pki.ca), ssl_cert_reqs=2, verify=with_cert)  # fmt: skip
@@ -291,3 +293,19 @@ def test_mutual_tls_requires_a_client_certificate_the_ca_signed(pki, subprocess_
             c.get(f"{sp.url}/health")
     with httpx.Client(verify=with_cert, timeout=10) as c:  # (the server still serves after refusing those)
         assert c.get(f"{sp.url}/health").status_code == 200
+
+    from server.cli import main
+
+    data = tmp_path / "examples.jsonl"
+    data.write_text('{"prompt": "hi", "completion": "hello"}\n')
+    train = ["train", "--tenant-id", "acme", "--name", "tls", "--data", str(data), "--base-url", sp.url,
+             "--no-wait", "--cacert", str(pki.ca)]  # fmt: skip
+    capsys.readouterr()
+    assert main([*train, "--cert", str(pki.client_cert), "--key", str(pki.client_key)]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert job["status"] == "queued" and job["tenant_id"] == "acme" and job["name"] == "tls"
+    assert main(train) == 1  # no client certificate: the handshake fails
+    assert "submit failed" in capsys.readouterr().err
+    assert main([*train, "--cert", str(pki.ca)]) == 2  # a certificate without its key: said in one line
+    err = capsys.readouterr().err
+    assert err.startswith(f"prefixserve: --cert {pki.ca}: ") and err.count("\n") == 1, err
