@@ -576,8 +576,9 @@ def settings_from(
     return Settings(**{**kw, **(fixed or {})})
 
 
-# PREFIXSERVE_* variables that are not settings: the model cache and the default store folder, and the client SDK's
-OTHER_ENV = frozenset({"CACHE", "HOME", "API_KEY", "BASE_URL"})
+# PREFIXSERVE_* variables that are not settings: the model cache and the default store folder, the client SDK's,
+# and the container probe's client certificate (server/healthcheck.py)
+OTHER_ENV = frozenset({"CACHE", "HOME", "API_KEY", "BASE_URL", "HEALTHCHECK_CERTFILE", "HEALTHCHECK_KEYFILE"})
 
 
 def unknown_env(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:

@@ -12,6 +12,7 @@ import fnmatch
 import json
 import re
 import shlex
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,8 +299,9 @@ def test_the_import_check_imports_the_installed_packages(df: Dockerfile) -> None
 def test_port(df: Dockerfile, compose: dict[str, Any]) -> None:
     assert df.last("EXPOSE").args.split() == ["8000"]
     assert df.env()["PREFIXSERVE_PORT"] == "8000"
-    hc = df.last("HEALTHCHECK").args
-    assert "127.0.0.1:{port}/health" in hc and "os.environ.get('PREFIXSERVE_PORT') or '8000'" in hc
+    assert (
+        "server.healthcheck" in df.last("HEALTHCHECK").args
+    )  # (it reads PREFIXSERVE_PORT: test_healthcheck.py)
     # published on the host's loopback only: open mode (no keys, the default) makes every caller the admin
     assert compose["services"]["server"]["ports"] == ["127.0.0.1:8000:8000"]
     assert compose["services"]["server-gpu"]["ports"][0].startswith("127.0.0.1:")
@@ -321,12 +323,24 @@ def test_non_root_user_with_home(df: Dockerfile) -> None:
     assert df.env()["HOME"] == "/home/prefixserve"
 
 
-def test_healthcheck_uses_python_urllib_on_health(df: Dockerfile) -> None:
+def test_healthcheck_runs_the_installed_probe(df: Dockerfile, compose: dict[str, Any]) -> None:
+    """The image's and the compose file's healthchecks run server/healthcheck.py (standard library only, so the
+    image's python runs it without loading torch), a module of the installed package (what it does:
+    tests/test_healthcheck.py)."""
     hc = df.last("HEALTHCHECK").args
     assert "--interval=" in hc and "--start-period=" in hc
     cmd = json.loads(hc[hc.index("CMD") + 3 :].strip())
-    assert cmd[:2] == ["python", "-c"] and "urllib.request" in cmd[2] and "/health" in cmd[2]
-    ast.parse(cmd[2])  # the inline program is valid Python
+    assert cmd == ["python", "-m", "server.healthcheck"]
+    for s in ("server", "server-gpu"):
+        assert compose["services"][s]["healthcheck"]["test"] == ["CMD", *cmd], s
+    src = (ROOT / "server" / "healthcheck.py").read_text()
+    imported = {
+        (n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+        for n in ast.walk(ast.parse(src))
+        if isinstance(n, ast.Import | ast.ImportFrom)
+        for a in n.names
+    }
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
 
 
 def test_volumes_and_env(df: Dockerfile) -> None:

@@ -276,6 +276,11 @@ def test_a_server_process_serves_https(pki, subprocess_server, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
     with Client(base_url=sp.url) as sdk:
         assert sdk.health().status == "ok"
+    # the container's probe follows the server's settings: HTTPS once ssl_certfile is set (plain HTTP fails)
+    from server import healthcheck
+
+    assert healthcheck.main({"PREFIXSERVE_PORT": port, "PREFIXSERVE_SSL_CERTFILE": str(pki.server_cert)}) == 0
+    assert healthcheck.main({"PREFIXSERVE_PORT": port}) == 1
 
 
 def test_mutual_tls_requires_a_client_certificate_the_ca_signed(pki, subprocess_server, tmp_path, capsys):
@@ -293,6 +298,13 @@ def test_mutual_tls_requires_a_client_certificate_the_ca_signed(pki, subprocess_
             c.get(f"{sp.url}/health")
     with httpx.Client(verify=with_cert, timeout=10) as c:  # (the server still serves after refusing those)
         assert c.get(f"{sp.url}/health").status_code == 200
+    # the container's probe presents PREFIXSERVE_HEALTHCHECK_CERTFILE / _KEYFILE (without them: no answer)
+    from server import healthcheck
+
+    probe = {"PREFIXSERVE_PORT": sp.url.rsplit(":", 1)[1], "PREFIXSERVE_SSL_CERTFILE": str(pki.server_cert)}
+    assert healthcheck.main(probe) == 1
+    probe |= {"PREFIXSERVE_HEALTHCHECK_CERTFILE": str(pki.client_cert)}
+    assert healthcheck.main({**probe, "PREFIXSERVE_HEALTHCHECK_KEYFILE": str(pki.client_key)}) == 0
 
     from server.cli import main
 
