@@ -31,6 +31,11 @@ class InvalidPrefix(StoreError, ValueError):
     safetensors bytes, or tensors that disagree with their metadata."""
 
 
+class PrefixValuesOutOfRange(InvalidPrefix):
+    """A well-formed record whose values are NaN, infinite or larger than a prefix may hold (a training that ran
+    away, not a corrupt record)."""
+
+
 class StoreUnavailable(StoreError):
     """The backend (Redis server, filesystem) cannot be reached or cannot be written."""
 

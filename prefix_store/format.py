@@ -25,7 +25,7 @@ from typing import Any, Literal
 import safetensors.torch
 import torch
 
-from prefix_store.errors import ChecksumMismatch, FingerprintMismatch, InvalidPrefix
+from prefix_store.errors import ChecksumMismatch, FingerprintMismatch, InvalidPrefix, PrefixValuesOutOfRange
 
 FORMAT_VERSION = 1
 
@@ -241,9 +241,9 @@ def check_kv_values(kv: torch.Tensor) -> None:
     lo, hi = torch.aminmax(kv)  # one pass, no copy (NaN propagates into both)
     biggest = max(-float(lo), float(hi))
     if not math.isfinite(biggest):
-        raise InvalidPrefix("prefix kv contains NaN or infinite values")
+        raise PrefixValuesOutOfRange("prefix kv contains NaN or infinite values")
     if biggest > MAX_KV_ABS:
-        raise InvalidPrefix(
+        raise PrefixValuesOutOfRange(
             f"prefix kv holds values up to {biggest:.3g}; at most {MAX_KV_ABS:g} in magnitude is accepted"
         )
 
@@ -293,7 +293,7 @@ def validate_tensors(kind: str, tensors: Mapping[str, torch.Tensor], prefix_leng
             )
     for key, t in tensors.items():
         if key != "kv" and t.numel() and not bool(torch.isfinite(t).all()):
-            raise InvalidPrefix(f"tensor {key!r} contains NaN or infinite values")
+            raise PrefixValuesOutOfRange(f"tensor {key!r} contains NaN or infinite values")
     check_kv_values(kv)
 
 

@@ -471,3 +471,16 @@ def test_completions_are_trained_as_the_model_writes_them_after_a_prompt():
     tiny = make_tiny_tokenizer()
     for text in (" ZEBRA", "ZEBRA: HI", "\nHello", " 日本語", "  two"):
         assert completion_ids(tiny, text) == tiny(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_a_run_whose_values_ran_away_fails_as_diverged_with_advice(tiny_llama_bundle):
+    """A learning rate at the top of the accepted range (10) on a few examples trains every step, and the prefix
+    compiles to KV over what the store holds (1e4): the run says so as a diverged training with what to change,
+    not as the store's refusal after it (`InvalidPrefix` at the put, a failed job that read like a store fault)."""
+    from server.training import TrainingDiverged
+
+    ex = [{"prompt": f"q{i}", "completion": " A"} for i in range(4)]
+    with pytest.raises(
+        TrainingDiverged, match=r"prefix kv holds values up to .*lower the learning_rate \(was 10\)"
+    ):
+        train_prefix(tiny_llama_bundle, "prefix_tuning", ex, 16, {"learning_rate": 10.0})

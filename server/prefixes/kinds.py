@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from prefix_store.errors import InvalidPrefix
+from prefix_store.errors import InvalidPrefix, PrefixValuesOutOfRange
 from prefix_store.format import check_kv_values, check_tensor_dtype
 from server.model.spec import ModelBundle, ModelSpec
 
@@ -89,7 +89,7 @@ MAX_TRAINED_ABS = 1e6
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
-        raise InvalidPrefix(f"{what} contains NaN or infinite values")
+        raise PrefixValuesOutOfRange(f"{what} contains NaN or infinite values")
 
 
 def check_trained_values(t: torch.Tensor, what: str) -> None:
@@ -100,7 +100,7 @@ def check_trained_values(t: torch.Tensor, what: str) -> None:
     _check_finite(t, f"tensor {what!r}")
     biggest = float(t.abs().max())
     if biggest > MAX_TRAINED_ABS:
-        raise InvalidPrefix(
+        raise PrefixValuesOutOfRange(
             f"tensor {what!r} holds values up to {biggest:.3g}; at most {MAX_TRAINED_ABS:g} in magnitude is accepted"
         )
 

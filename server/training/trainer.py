@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from prefix_store.errors import InvalidPrefix
+from prefix_store.errors import InvalidPrefix, PrefixValuesOutOfRange
+from prefix_store.format import check_kv_values
 from server.model import default_prompt_format
 from server.prefixes import (
     PREFIX_TUNING_KEYS,
@@ -57,6 +58,7 @@ from server.prefixes import (
     prefix_tuning_params,
     propagation_hooks,
 )
+from server.prefixes.kinds import check_trained_values
 from server.training.config import (
     MIN_EXAMPLES_FOR_EVAL,
     Hyperparameters,
@@ -78,7 +80,7 @@ PROGRESS_LOG_S = 60.0  # a long training says how far it got this often (INFO)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or the trained prefix holds values the store refuses."""
 
 
 @dataclass
@@ -574,7 +576,9 @@ def train_prefix(
     epoch)`` is called after every step. ``init_tensors`` (a stored version's tensors of the same method and
     prefix length) continue training from there instead of the init. ``label`` names the training in its log lines
     (a job's id and prefix: concurrent jobs are told apart). Raises ``TrainingValidationError`` for bad
-    input (before any compute), ``TrainingDiverged`` if the loss becomes non-finite.
+    input (before any compute), ``TrainingDiverged`` if the loss becomes non-finite or the result holds values
+    the store refuses (the prefix's KV over ``prefix_store.format.MAX_KV_ABS``, its trained tensors over
+    ``server.prefixes.kinds.MAX_TRAINED_ABS``).
     """
     t_start = time.perf_counter()
     limits = limits or TrainingLimits()
@@ -698,11 +702,19 @@ def _train(
             if ev is not None:
                 eval_curve.append([epoch, round(ev, 6)])
 
-    with torch.no_grad():
-        kv = method.compile()
-    if not torch.isfinite(kv).all():
-        raise TrainingDiverged("the compiled prefix contains non-finite values")
-    tensors = {"kv": kv, **method.trained_tensors()}
+    try:  # what the store would refuse after the whole run (compiling checks the KV): said as what it is
+        with torch.no_grad():
+            kv = method.compile()
+        tensors = {"kv": kv, **method.trained_tensors()}
+        check_kv_values(kv)
+        for key, t in tensors.items():
+            if key != "kv":
+                check_trained_values(t, key)
+    except PrefixValuesOutOfRange as e:
+        raise TrainingDiverged(
+            f"the trained prefix cannot be stored ({e}): its values ran away; lower the learning_rate (was "
+            f"{hp.learning_rate:g})" + (" or set max_grad_norm" if hp.max_grad_norm <= 0 else "")
+        ) from None
     final_eval = eval_curve[-1][1] if eval_curve else None
     summary: dict[str, Any] = {
         "method": method_name,
