@@ -166,6 +166,8 @@ def test_continue_training_from_a_stored_version(server_factory):
     assert err["param"] == "method"
     err = assert_error(c.post("/prefixes", json={**more, "prompt_format": "chat"}), 422)  # v1 was trained raw
     assert err["param"] == "prompt_format"
+    nested = {**more, "hyperparameters": {"prompt_format": "chat"}}  # (as the SDK and the CLI send it)
+    assert assert_error(c.post("/prefixes", json=nested), 422)["param"] == "hyperparameters.prompt_format"
     # the same
     same = c.post("/prefixes", json={**more, "prompt_format": "raw", "epochs": 1})
     assert same.status_code == 202

@@ -286,12 +286,15 @@ class JobManager:
         for key, have in inherited.items():
             if have is None:
                 continue
-            asked = out.get(key, hp_given.get(key) if isinstance(hp_given, dict) else None)
+            # (the field is named where it was sent: at the top level or in "hyperparameters")
+            param, asked = key, out.get(key)
+            if asked is None and isinstance(hp_given, dict) and hp_given.get(key) is not None:
+                param, asked = f"hyperparameters.{key}", hp_given[key]
             if asked is None:
                 out[key] = have
             elif asked != have:  # what it was trained with is what it continues with
                 raise TrainingValidationError(
-                    f"init_from: {meta.label} has {key} {have!r}, the request {asked!r}", param=key
+                    f"init_from: {meta.label} has {key} {have!r}, the request {asked!r}", param=param
                 )
         out["init_from"] = {"name": meta.name, "version": meta.version}
         return out
