@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -61,6 +62,14 @@ def _non_negative_float(v: str) -> float:
     x = float(v)
     if not x >= 0 or x == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {v}")
+    return x
+
+
+def _finite_float(v: str) -> float:
+    """A number JSON can carry (nan and inf cannot be sent: the server checks the range)."""
+    x = float(v)
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {v}")
     return x
 
 
@@ -520,7 +529,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
 TRAIN_OPTIONS = (  # flag, type, job field, help (unset: the server's default for the method)
     ("--prefix-length", int, "prefix_length", "prefix positions P (default: the method's)"),
     ("--epochs", int, "epochs", "passes over the examples"),
-    ("--lr", float, "lr", "learning rate (default: the method's)"),
+    ("--lr", _finite_float, "lr", "learning rate (default: the method's)"),
     ("--batch-size", int, "batch_size", "examples per optimizer step"),
     ("--max-steps", int, "max_steps", "stop after this many optimizer steps"),
     ("--seed", int, "seed", "seed of the initialization, split and order (the same seed: the same prefix)"),

@@ -465,13 +465,14 @@ def test_waiting_on_a_job_gives_up_on_a_server_gone_for_long_and_says_so_once(ca
     assert "stopped waiting" not in capsys.readouterr().err
 
 
-def test_train_refuses_a_poll_interval_that_is_not_positive(capsys):
-    for bad in ("-1", "0", "inf"):
+def test_train_refuses_a_poll_interval_that_is_not_positive_and_a_learning_rate_json_cannot_carry(capsys):
+    """(--lr nan / inf reached the submit, which failed with "Out of range float values are not JSON compliant",
+    exit 1)"""
+    for flag, bad in (("--poll-interval", "-1"), ("--poll-interval", "0"), ("--poll-interval", "inf"),
+                      ("--lr", "nan"), ("--lr", "inf"), ("--lr", "-inf")):  # fmt: skip
         with pytest.raises(SystemExit) as e:
-            cli.main(
-                ["train", "--tenant-id", "acme", "--name", "x", "--data", "x.jsonl", "--poll-interval", bad]
-            )
-        assert e.value.code == cli.EXIT_USAGE and "--poll-interval" in capsys.readouterr().err
+            cli.main(["train", "--tenant-id", "acme", "--name", "x", "--data", "x.jsonl", f"{flag}={bad}"])
+        assert e.value.code == cli.EXIT_USAGE and f"argument {flag}: must be" in capsys.readouterr().err
 
 
 def test_import_peft_into_the_store(tmp_path, capsys):
