@@ -742,8 +742,8 @@ def test_tenant_gate_holds_each_tenant_to_its_share():
 
 
 def test_a_body_sent_without_a_json_content_type_says_so(srv):
-    """`curl -d '{...}'` sends a form content type: the answer says to send JSON (it said "Input should be a valid
-    dictionary"), on /generate and /v1 alike; the same body as JSON works."""
+    """`curl -d '{...}'` sends a form content type, a bare client none: the answer says to send JSON (it said
+    "Input should be a valid dictionary"), on /generate, /v1 and /prefixes alike; the same body as JSON works."""
     c = srv.client()
     body = json.dumps({"tenant_id": "acme", "prefix": "base", "prompt": "hi", "max_tokens": 2})
     form = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -751,6 +751,16 @@ def test_a_body_sent_without_a_json_content_type_says_so(srv):
     assert "application/json" in err["message"] and err["param"] == "content-type"
     v1 = json.dumps({"model": "acme/base", "prompt": "hi", "max_tokens": 2})
     assert_error(c.post("/v1/completions", content=v1, headers=form), 415, "unsupported_media_type")
+    for path, sent in (
+        ("/generate", body),
+        ("/v1/completions", v1),
+        ("/prefixes", "{}"),
+        ("/invocations", v1),
+    ):
+        err = assert_error(
+            c.post(path, content=sent), 415, "unsupported_media_type"
+        )  # no Content-Type at all
+        assert "(none was sent)" in err["message"], path
     assert c.post("/generate", content=body, headers={"Content-Type": "application/json"}).status_code == 200
 
 

@@ -284,11 +284,13 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
         if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
             return error_response(422, "request body is required", code="missing_body", request=request)
         ctype = request.headers.get("content-type", "")
-        if tuple(first.get("loc", ())) == ("body",) and ctype and "json" not in ctype.lower():
-            # `curl -d '{...}'` sends a form: FastAPI read no JSON and said "a valid dictionary" was expected
+        if tuple(first.get("loc", ())) == ("body",) and "json" not in ctype.lower():
+            # `curl -d '{...}'` sends a form, a bare client none: FastAPI read no JSON and said "a valid dictionary"
+            # was expected
+            sent = f"this one was {ctype[:80]!r}" if ctype else "none was sent"
             return error_response(
                 415,
-                f"the request body must be JSON: send Content-Type: application/json (this one was {ctype[:80]!r})",
+                f"the request body must be JSON: send Content-Type: application/json ({sent})",
                 code="unsupported_media_type",
                 param="content-type",
                 request=request,

@@ -531,10 +531,13 @@ invocations_router = APIRouter(tags=["openai"])
 )
 async def invocations(request: Request, principal: Principal = Depends(get_principal)) -> Any:
     ctype = request.headers.get("content-type", "")
-    if ctype and "json" not in ctype.lower():  # (as the /v1 routes answer it)
+    if (
+        "json" not in ctype.lower()
+    ):  # (as the /v1 routes answer it; none at all too, as FastAPI's body parsing)
+        sent = f"this one was {ctype[:80]!r}" if ctype else "none was sent"
         raise APIError(
             415,
-            f"the request body must be JSON: send Content-Type: application/json (this one was {ctype[:80]!r})",
+            f"the request body must be JSON: send Content-Type: application/json ({sent})",
             code="unsupported_media_type",
             param="content-type",
         )
