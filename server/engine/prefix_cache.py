@@ -153,6 +153,8 @@ class PrefixCache:
         self._freq: dict[tuple[str, str], int] = {}
         self._since_aging = 0
         self._loading: dict[PrefixKey, Future] = {}
+        # fetched prefixes whose install found the pool short: the blocks each needs (`blocks_wanted`)
+        self._short: dict[PrefixKey, int] = {}
         # waiting requests that asked for each prefix and have not taken it yet (`claim`/`unclaim`): an entry
         # none of them still wants is not held for them (an aborted request's prefix must not block others)
         self._wanted: dict[PrefixKey, int] = {}
@@ -188,6 +190,7 @@ class PrefixCache:
             if self.max_pending is not None and len(self._loading) + self._fresh() >= self.max_pending:
                 return None  # fetched once those ahead of it are in use
             fut = self._executor.submit(self._fetch, key)
+            self._short.pop(key, None)  # (an earlier fetch's, dropped)
             self.stats.fetches += 1
             self._loading[key] = fut
             fut.add_done_callback(lambda _f: self._notify_loaded())
@@ -286,8 +289,31 @@ class PrefixCache:
             try:
                 self._install(key, kv, digest)
             except OutOfBlocks:
+                self._short[key] = n_blocks
                 continue  # retry next step once running requests free blocks
             del self._loading[key]
+            self._short.pop(key, None)
+
+    def blocks_wanted(self, key: PrefixKey) -> int:
+        """The KV blocks a fetched prefix waits for (its install found the pool short), else 0."""
+        fut = self._loading.get(key)
+        if fut is None or not fut.done() or key in self.entries:
+            return 0
+        return self._short.get(key, 0)
+
+    def install_fetched(self, key: PrefixKey) -> bool:
+        """Install a fetched prefix that waits for blocks (`blocks_wanted`) now, not at the next step's `process`
+        (a fair preemption has just freed blocks for the request that wants it); whether it is resident."""
+        if not self.blocks_wanted(key):
+            return False
+        kv, digest = self._loading[key].result()
+        try:
+            self._install(key, kv, digest)
+        except OutOfBlocks:
+            return False
+        del self._loading[key]
+        self._short.pop(key, None)
+        return True
 
     def evict(self, blocks_needed: int, spare_fresh: bool = False) -> bool:
         """Evict idle prefixes (least frequently used first) until `blocks_needed` blocks are free; True on

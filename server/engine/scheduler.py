@@ -89,6 +89,10 @@ class Scheduler:
         self.spec_accepted_tokens = 0  # of which the model agreed with (counted by the engine)
         # the waiting request the last admission stopped at for want of KV blocks (`_block_starved_victim`)
         self._short_of_blocks: Sequence | None = None
+        # the waiting request a fair preemption of this step made room for: admitted before any other (`_order_within`)
+        self._yield_to: Sequence | None = None
+        # tenants holding more KV blocks than their share, as of this step's first need (`_over_block_share`)
+        self._over_share: set[str | None] | None = None
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -234,6 +238,7 @@ class Scheduler:
         # (decoding: a row with its next token to feed, or with it in flight: the async chain's)
         decoding = any(s.to_compute == 0 or (s.output and s.to_compute <= 1) for s in self.running)
         self._prefill_cap = cap if cap > 0 and decoding else 0
+        self._over_share = None
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of `seq` to run this step. A prefill with prompt logprobs returns every position's logits
@@ -250,10 +255,13 @@ class Scheduler:
         self.begin_step()
         self._fresh = []
         if self.cfg.fair and self.waiting:
-            if len(self.running) >= self.cfg.max_num_seqs:
-                self._fair_preempt(self._starved_victim())
-            else:
-                self._fair_preempt(self._block_starved_victim())
+            full = len(self.running) >= self.cfg.max_num_seqs
+            victim = self._starved_victim() if full else self._block_starved_victim()
+            if victim is not None:
+                # the request it makes room for is admitted first this step: by the rows it waits behind (the
+                # victim's tenant ran fewer rows), the victim itself took them back, recomputed, at once
+                self._yield_to = self._first_ready(self._tenant_rows()) if full else self._short_of_blocks
+                self._fair_preempt(victim)
         self._short_of_blocks = None
         budget = self.cfg.max_num_batched_tokens
         # planned in place order (priority, then age): the rows' tokens within the step's budget
@@ -298,6 +306,7 @@ class Scheduler:
             self.spec_draft_tokens += len(draft)
         if self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             items.extend(self._admit(budget))
+        self._yield_to = None
         self._drop_drafts_beside_long_prefills(items)
         return items
 
@@ -369,6 +378,7 @@ class Scheduler:
         `only`: requests it refuses are passed over too (the engine's async chain admits those it can defer)."""
         items: list[ScheduledItem] = []
         taken: set[int] = set()  # id() of sequences leaving the waiting queue
+        self._short_of_blocks = None  # (this admission's first request short of blocks, if any)
         # running requests per tenant, as admissions go on
         counts: dict[str | None, int] = self._tenant_rows() if self.cfg.fair else {}
 
@@ -395,8 +405,12 @@ class Scheduler:
                 if isinstance(got, PrefixLoadError):
                     fail(seq, got.message, got.error_type)
                     continue
+                if got is None and self.prefixes.install_fetched(seq.req.prefix):
+                    got = self.prefixes.entries[seq.req.prefix]  # (a fair preemption made room)
                 if got is None:
-                    continue  # still being fetched: others go ahead
+                    if self._short_of_blocks is None and self.prefixes.blocks_wanted(seq.req.prefix):
+                        self._short_of_blocks = seq  # fetched, and the pool has no room for it
+                    continue  # still being fetched (or installed): others go ahead
                 limit = self.cfg.max_model_len
                 if limit is not None and got.length + len(seq.prompt) > limit:
                     why = f"prefix ({got.length}) + prompt ({len(seq.prompt)}) tokens exceed the context limit of {limit}"
@@ -432,7 +446,8 @@ class Scheduler:
             ):
                 self.free(seq, keep_prefix=self._requeued(seq))  # its prefix and any cached blocks it took
                 seq.num_cached = 0
-                self._short_of_blocks = seq
+                if self._short_of_blocks is None:
+                    self._short_of_blocks = seq
                 break
             # counted once it is admitted (it may wait, and be matched again, many steps first)
             seq.admission = (
@@ -514,24 +529,36 @@ class Scheduler:
         seq = self._short_of_blocks
         if seq is None or seq.status is not SeqStatus.WAITING or len(self.running) >= self.cfg.max_num_seqs:
             return None
-        if self._first_ready(self._tenant_rows()) is not seq:  # (another request comes first now)
+        need = self.pool.blocks_for(self._chunk(seq, self.cfg.max_num_batched_tokens))
+        if seq.req.prefix is not None and seq.prefix is None:  # (its prefix, fetched, waits for blocks too)
+            need += self.prefixes.blocks_wanted(seq.req.prefix)
+        if need <= self.pool.num_free:
             return None
+        # (the cheap checks first: this runs each step while the request stays short)
         shares = self._block_shares()
         if shares is None:
             return None
         held, share = shares
-        need = self.pool.blocks_for(self._chunk(seq, self.cfg.max_num_batched_tokens))
-        if need <= self.pool.num_free or held.get(seq.tenant, 0) + need > share:
+        if self._over_share is None:  # (this step's, for `_order_within`: computed once)
+            self._over_share = {t for t, h in held.items() if h > share}
+        if held.get(seq.tenant, 0) + need > share:
             return None
-        keep, over = self._keep_order()
+        prio = seq.req.priority
+        if not any(
+            held[r.tenant] > share
+            and r.tenant != seq.tenant
+            and r.req.priority >= prio
+            and r.fair_preemptions < FAIR_PREEMPT_LIMIT
+            for r in self.running
+        ):  # (no row could be the victim: `_keep_order`'s work is spared)
+            return None
+        if self._first_ready(self._tenant_rows()) is not seq:  # (another request comes first now)
+            return None
+        keep, over = self._keep_order(shares)
         for r in reversed(keep):
             if id(r) not in over:
                 break
-            if (
-                r.tenant != seq.tenant
-                and r.req.priority >= seq.req.priority
-                and r.fair_preemptions < FAIR_PREEMPT_LIMIT
-            ):
+            if r.tenant != seq.tenant and r.req.priority >= prio and r.fair_preemptions < FAIR_PREEMPT_LIMIT:
                 return r
         return None
 
@@ -554,13 +581,18 @@ class Scheduler:
         return next((s for s in self._admission_order(counts) if self._ready(s)), None)
 
     def _ready(self, seq: Sequence) -> bool:
-        """Whether `seq` could be admitted now as far as its prefix goes (a fetch is started if it is not)."""
+        """Whether `seq` could be admitted now as far as its prefix goes (a fetch is started if it is not): resident,
+        or fetched and waiting for the blocks to install it (what a fair preemption gives it: `_admit` installs it)."""
         key = seq.req.prefix
         if key is None or seq.prefix is not None:
             return True
-        return isinstance(self.prefixes.lookup(key, count=False), PrefixEntry)
+        return isinstance(self.prefixes.lookup(key, count=False), PrefixEntry) or bool(
+            self.prefixes.blocks_wanted(key)
+        )
 
-    def _keep_order(self) -> tuple[list[Sequence], set[int]]:
+    def _keep_order(
+        self, shares: tuple[dict[str | None, int], int] | None = None
+    ) -> tuple[list[Sequence], set[int]]:
         """Running requests in the order they keep their places when the KV pool runs dry: priority (lower value
         first), then age; and the id()s of those placed by their tenant's excess (below).
 
@@ -577,7 +609,9 @@ class Scheduler:
         rows: dict[str | None, list[Sequence]] = {}
         for r in ranked:
             rows.setdefault(r.tenant, []).append(r)
-        shares = self._block_shares(rows)
+        shares = shares or self._block_shares(
+            rows
+        )  # (`shares`: the caller's, of the same rows, just computed)
         if shares is None:
             return ranked, set()
         held, share = shares
@@ -636,6 +670,14 @@ class Scheduler:
         held = {t: len(set().union(*(r.own_blocks for r in rs))) for t, rs in rows.items()}
         return held, (sum(held.values()) + self.pool.num_free) // tenants
 
+    def _over_block_share(self) -> set[str | None]:
+        """The tenants whose rows hold more blocks than their share (`_block_shares`), computed once a step (their
+        preempted rows wait their turn: `_order_within`)."""
+        if self._over_share is None:
+            shares = self._block_shares()
+            self._over_share = {t for t, h in shares[0].items() if h > shares[1]} if shares else set()
+        return self._over_share
+
     def _ranked(self) -> list[Sequence]:
         """Running requests by priority (lower value first), then age: the order they get the step's token budget
         in (and, without fair scheduling, keep their places in when the KV pool runs dry)."""
@@ -669,17 +711,15 @@ class Scheduler:
             yield from waiting
             return
         queues: dict[str | None, deque[tuple[int, Sequence]]] = {}
-        over: set[str | None] | None = (
-            None  # tenants holding more blocks than their share (once one is asked for)
-        )
+        first = self._yield_to
+        if first is not None and any(s is first for s in waiting):
+            yield first
         for i, seq in enumerate(waiting):
-            if seq.preempted:
-                if over is None:
-                    shares = self._block_shares()
-                    over = {t for t, h in shares[0].items() if h > shares[1]} if shares else set()
-                if seq.tenant not in over:
-                    yield seq
-                    continue
+            if seq is first:
+                continue
+            if seq.preempted and seq.tenant not in self._over_block_share():
+                yield seq
+                continue
             queues.setdefault(seq.tenant, deque()).append((i, seq))
         heap = [(counts.get(t, 0), q[0][0], k) for k, (t, q) in enumerate(queues.items())]
         tenants = list(queues)
