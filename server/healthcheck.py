@@ -1,7 +1,7 @@
 """`python -m server.healthcheck`: the container's liveness probe (the image's HEALTHCHECK, the compose file's).
 
-GET /health on the loopback at the server's port (PREFIXSERVE_PORT, default 8000): exit 0 on a 200, else 1 with
-one line on stderr. It reads the server's own settings from the environment, so it follows them: HTTPS when
+GET /health at the server's address (PREFIXSERVE_HOST; the loopback when it listens on every address, as the image's
+0.0.0.0) and port (PREFIXSERVE_PORT, default 8000): exit 0 on a 200, else 1 with one line on stderr. It reads the server's own settings from the environment, so it follows them: HTTPS when
 PREFIXSERVE_SSL_CERTFILE is set (the certificate is not verified: the probe checks that the local process answers,
 not who it is, and the certificate need not name 127.0.0.1); under PREFIXSERVE_SSL_CERT_REQS required, a client
 certificate is needed, PREFIXSERVE_HEALTHCHECK_CERTFILE (and _KEYFILE, unless the certificate file holds the key),
@@ -20,9 +20,15 @@ TIMEOUT_S = 4.0
 
 
 def probe_url(environ: dict[str, str] | os._Environ[str]) -> str:
+    """The server's /health: at PREFIXSERVE_HOST (the loopback when it listens on every address), its port."""
     port = environ.get("PREFIXSERVE_PORT") or "8000"
     scheme = "https" if environ.get("PREFIXSERVE_SSL_CERTFILE") else "http"
-    return f"{scheme}://127.0.0.1:{port}/health"
+    host = (environ.get("PREFIXSERVE_HOST") or "").strip()
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):  # an IPv6 address
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}/health"
 
 
 def tls_context(environ: dict[str, str] | os._Environ[str]) -> ssl.SSLContext:

@@ -1063,6 +1063,9 @@ def test_sagemaker_invocations_serve_chat_and_completion_bodies(srv):
     assert assert_error(c.post("/invocations", content=b"x", headers={"content-type": "text/plain"}), 415)
     assert assert_error(c.post("/invocations", content=b"", headers={"content-type": "application/json"}), 400,
                         "missing_body")  # fmt: skip
+    # no body and no Content-Type: what /v1 answers
+    assert_error(c.post("/invocations"), 400, "missing_body")
+    assert_error(c.post("/v1/chat/completions"), 400, "missing_body")
 
 
 def test_return_token_ids(srv):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -66,3 +67,43 @@ def test_the_module_runs_as_the_images_healthcheck_runs_it(health_server):
     run = [sys.executable, "-m", "server.healthcheck"]
     assert subprocess.run(run, env={**env, "PREFIXSERVE_PORT": str(port)}, timeout=60).returncode == 0
     assert healthcheck.probe_url(env) == "http://127.0.0.1:8000/health"
+
+
+def test_the_probe_asks_the_address_the_server_listens_on():
+    """PREFIXSERVE_HOST: the loopback when the server listens on every address (the image's 0.0.0.0), else that
+    address (an IPv6 one in brackets). A server on ::1 only answers there, not at 127.0.0.1."""
+    url = healthcheck.probe_url
+    for host in ("", "0.0.0.0", "::", "[::]"):
+        assert url({"PREFIXSERVE_HOST": host, "PREFIXSERVE_PORT": "9"}) == "http://127.0.0.1:9/health", host
+    assert url({"PREFIXSERVE_HOST": "10.1.2.3"}) == "http://10.1.2.3:8000/health"
+    assert (
+        url({"PREFIXSERVE_HOST": "::1", "PREFIXSERVE_SSL_CERTFILE": "c.pem"}) == "https://[::1]:8000/health"
+    )
+    assert url({"PREFIXSERVE_HOST": "[fe80::1]"}) == "http://[fe80::1]:8000/health"
+
+
+def test_the_probe_reaches_a_server_on_the_ipv6_loopback():
+    class V6(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    try:
+        srv = V6(("::1", 0), Handler)
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = str(srv.server_address[1])
+        assert healthcheck.main({"PREFIXSERVE_HOST": "::1", "PREFIXSERVE_PORT": port}) == 0
+        assert healthcheck.main({"PREFIXSERVE_PORT": port}) == 1  # (nothing at 127.0.0.1)
+    finally:
+        srv.shutdown()
+        srv.server_close()

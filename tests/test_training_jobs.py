@@ -662,7 +662,7 @@ def test_a_worker_with_another_base_model_gives_the_job_back_for_one_with_its_mo
     assert failed.status == "failed" and "a worker must load the server's model" in failed.error
 
 
-def test_a_job_backend_outage_after_training_is_waited_out(managers, store, monkeypatch):
+def test_a_job_backend_outage_after_training_is_waited_out(managers, store, monkeypatch, caplog):
     """The job backend stops answering as training ends (its prefix in memory): the run waits for it to come back
     and records its success, instead of throwing the trained prefix away for another attempt to train again."""
     from prefix_store.errors import StoreUnavailable
@@ -693,12 +693,15 @@ def test_a_job_backend_outage_after_training_is_waited_out(managers, store, monk
     monkeypatch.setattr(jm.backend, "cancel_requested", down_for_a_while(cancel_requested, False))
     monkeypatch.setattr(jobs_mod, "TRANSIENT_ATTEMPTS", 3)
     monkeypatch.setattr(jobs_mod, "RETRY_BACKOFF_S", 0.05)  # (a tenth of the real waits)
+    caplog.set_level(logging.WARNING, logger="prefixserve")
     assert jm.work("w1", max_jobs=1) == 1
     done = jm.get(rec.job_id)
     assert done.status == "succeeded" and done.attempts == 1, done.error
     assert store.versions("acme", "bot") == [done.prefix_version]
-    # it did wait: tries at 0, 0.05, 0.15 s into the outage, ..., then an answer (not a guess after 3 tries)
+    # it did wait: tries at 0, 0.05, 0.15 s into the outage, ..., then an answer, not a guess after 3 tries
     assert tries.count("owns") >= 3 and "owns" in answered, (tries, answered)
+    guessed = [r.getMessage() for r in caplog.records if "going on as if" in r.getMessage()]
+    assert not guessed, guessed
 
     def unreachable(claim):
         raise StoreUnavailable("connection refused")

@@ -384,11 +384,9 @@ from server.engine import triton_kernels as K
 seen = set()
 
 def build(fn, sig, cex, cap, **options):
-    # the same kernel at the same tiles for another model is compiled once: the query heads per KV head (REP) only
-    # pick the live lanes of a tile (RP: a power of two) or a head's KV head, so Llama-3.2-1B's attention (4 of
-    # them, head_dim 64) lowers as SmolLM2's (3, head_dim 64) does
-    tiles = {k: v for k, v in cex.items() if k != "REP"}
-    key = (fn.__name__, *(tuple(sorted(d.items())) for d in (sig, tiles, options)), cap)
+    # the same kernel at the same constants for another model is compiled once (the norm, SiLU and merge kernels
+    # of Llama-3.2-1B and Llama-3-8B share theirs)
+    key = (fn.__name__, *(tuple(sorted(d.items())) for d in (sig, cex, options)), cap)
     if key in seen:
         return
     seen.add(key)

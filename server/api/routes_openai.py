@@ -531,9 +531,10 @@ invocations_router = APIRouter(tags=["openai"])
 )
 async def invocations(request: Request, principal: Principal = Depends(get_principal)) -> Any:
     ctype = request.headers.get("content-type", "")
-    if (
-        "json" not in ctype.lower()
-    ):  # (as the /v1 routes answer it; none at all too, as FastAPI's body parsing)
+    raw = await request.body()
+    if not raw.strip():  # (first, as the /v1 routes answer a request without a body)
+        raise APIError(422, "request body is required", code="missing_body")
+    if "json" not in ctype.lower():  # as the /v1 routes answer it (no Content-Type at all too)
         sent = f"this one was {ctype[:80]!r}" if ctype else "none was sent"
         raise APIError(
             415,
@@ -541,9 +542,6 @@ async def invocations(request: Request, principal: Principal = Depends(get_princ
             code="unsupported_media_type",
             param="content-type",
         )
-    raw = await request.body()
-    if not raw.strip():
-        raise APIError(422, "request body is required", code="missing_body")
     try:
         data = json.loads(raw)
     except ValueError:
