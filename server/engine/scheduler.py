@@ -13,11 +13,12 @@ taken, a waiting request (its prefix at hand) of a tenant below its row share ta
 the tenant furthest above its own, one a step (`_starved_victim`; a row gives its place up `FAIR_PREEMPT_LIMIT`
 times at most). With rows to spare, a waiting request that its tenant's share of the blocks has room for but the
 pool has not takes, the same way, the blocks of the newest row of the tenant most above its block share
-(`_block_starved_victim`). When the pool runs dry, idle prefixes are evicted first, then a running request is preempted (its
-blocks freed, recomputed later): of the worst priority level, the newest row of the tenant holding the most blocks
-above its share (`_keep_order`), else the newest row (rows get the step's tokens by priority then age all the same).
-A row preempted for being above its tenant's share waits its tenant's turn to resume; others resume first (vLLM's
-rule). `fair=False`: the newest row of the worst priority level, and no preemption for turns.
+(`_block_starved_victim`); either request is admitted first in that step. When the pool runs dry, idle prefixes
+are evicted first, then a running request is preempted (its blocks freed, recomputed later): of the worst priority
+level, the newest row of the tenant holding the most blocks above its share (`_keep_order`), else the newest row
+(rows get the step's tokens by priority then age all the same). A row preempted for being above its tenant's share,
+or while its tenant holds more blocks than its share, waits its tenant's turn to resume; others resume first
+(vLLM's rule). `fair=False`: the newest row of the worst priority level, and no preemption for turns.
 """
 
 from __future__ import annotations
@@ -609,9 +610,8 @@ class Scheduler:
         rows: dict[str | None, list[Sequence]] = {}
         for r in ranked:
             rows.setdefault(r.tenant, []).append(r)
-        shares = shares or self._block_shares(
-            rows
-        )  # (`shares`: the caller's, of the same rows, just computed)
+        # (`shares`: the caller's, of the same rows, just computed)
+        shares = shares or self._block_shares(rows)
         if shares is None:
             return ranked, set()
         held, share = shares
