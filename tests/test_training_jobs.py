@@ -717,6 +717,25 @@ def test_a_job_backend_outage_after_training_is_waited_out(managers, store, monk
     assert jm._after_training("read the cancel flag", unreachable, claim, unknown=False) is False
 
 
+def test_a_chat_format_the_model_cannot_render_is_named_where_it_was_sent(
+    managers, tiny_llama_bundle, monkeypatch
+):
+    """A base model without a chat template: `prompt_format: chat` is refused naming the field as sent, at the top
+    level (as a plain HTTP body may send it) or under "hyperparameters" (as the SDK sends it; it was named the nested
+    way always)."""
+    from server.training import TrainingValidationError
+
+    monkeypatch.setattr(tiny_llama_bundle.tokenizer, "chat_template", None)
+    jm = managers()
+    for req, param in (
+        (request_(prompt_format="chat"), "hyperparameters.prompt_format"),
+        ({**request_(), "prompt_format": "chat"}, "prompt_format"),
+    ):
+        with pytest.raises(TrainingValidationError, match="needs a tokenizer with a chat template") as e:
+            jm.submit(req)
+        assert e.value.param == param, req
+
+
 def test_defaults_stay_within_the_operators_limits(managers):
     """A prefix length or step count left to the method never exceeds the server's limits (the job would be
     accepted, then fail on its worker), and the step limit bounds what a job runs, whatever its epochs x examples."""

@@ -230,8 +230,13 @@ class JobManager:
         from server.model import default_prompt_format
 
         fmt = hp.prompt_format or default_prompt_format(self.bundle)
-        encode_examples(self.bundle, spec.examples, fmt, spec.prefix_length, append_eos=hp.append_eos,
-                        limits=self.limits)  # fmt: skip
+        try:
+            encode_examples(self.bundle, spec.examples, fmt, spec.prefix_length, append_eos=hp.append_eos,
+                            limits=self.limits)  # fmt: skip
+        except TrainingValidationError as e:
+            if e.param == "hyperparameters.prompt_format" and request.get("prompt_format") is not None:
+                e.param = "prompt_format"  # (named where it was sent)
+            raise
         stored = {**hp.to_dict(), "prompt_format": fmt}
         if not stored["min_steps"]:
             # what a request with its own epochs resolves to anyway; left out, workers from before min_steps
