@@ -1936,6 +1936,19 @@ def test_a_lone_surrogate_reaches_the_server_as_an_escape(srv: Any, client: Any)
     assert bad.headers["content-type"] == "application/json"
 
 
+def test_a_number_json_cannot_carry_is_refused_naming_its_field(srv: Any, client: Any) -> None:
+    """NaN or an infinity anywhere in a body: a ValueError naming the field (json's own said only "Out of range
+    float values are not JSON compliant"), and nothing is sent."""
+    srv.on("POST", "/prefixes", Resp(202, _job("queued", 0)))
+    with pytest.raises(ValueError, match=r"^hyperparameters\.learning_rate is nan: JSON has no NaN"):
+        client.prefixes.train(
+            "acme", "bot", examples=[{"prompt": "a", "completion": "b"}], learning_rate=float("nan")
+        )
+    with pytest.raises(ValueError, match=r"^temperature is inf: "):
+        client.generate("acme", "hi", temperature=float("inf"))
+    assert srv.calls("POST", "/prefixes") == [] and srv.calls("POST", "/generate") == []
+
+
 def test_a_deep_copy_of_a_job_shares_its_client(srv: Any, client: Any) -> None:
     srv.on("GET", "/prefixes/jobs/job0001", _job("running", 1))
     job = client.prefixes.get_job("job0001")

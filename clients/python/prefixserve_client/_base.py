@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import random
 import re
@@ -188,9 +189,36 @@ def encode_json(obj: Any) -> bytes:
     """A request's JSON body, UTF-8. Text that UTF-8 cannot carry (a lone surrogate, from a broken decode) is sent
     as JSON escapes, for the server to answer with its 422 naming the field, not a UnicodeEncodeError here."""
     try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # (json's own message names no field)
+        bad = _non_finite(obj)
+        if bad is None:
+            raise
+        raise ValueError(
+            f"{bad[0] or 'the request body'} is {bad[1]!r}: JSON has no NaN or infinity to send"
+        ) from None
+    try:
+        return text.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _non_finite(obj: Any, path: str = "") -> Optional[tuple[str, float]]:
+    """The first float in `obj` that JSON cannot carry (NaN, an infinity), with its path (``temperature``,
+    ``hyperparameters.learning_rate``, ``messages[0]...``), or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path, obj)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found = _non_finite(v, f"{path}.{k}" if path else str(k))
+            if found is not None:
+                return found
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found = _non_finite(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def default_headers(api_key: Optional[str], extra: Optional[dict[str, str]]) -> dict[str, str]:
