@@ -321,3 +321,35 @@ def test_validate_and_compile_refuse_mismatches(tiny_llama_bundle):
         compile_prefix_tuning(dict(other.state_dict()), sp)
     with pytest.raises(ValueError, match="unknown prefix kind"):
         compile_record(b, "lora", {})
+
+
+def test_prefix_tuning_shapes_are_checked_before_anything_is_allocated(tiny_llama_bundle):
+    """A record's MLP shapes decide what the module allocates: zero-width tensors (no bytes in the file) declaring a
+    1e9-wide MLP made it allocate gigabytes, or fail with a 500 (`DefaultCPUAllocator: can't allocate memory`),
+    before `load_state_dict` refused them; a 0-D weight was an IndexError (a 500). Each is an InvalidPrefix at
+    once, from the shapes alone."""
+    import time
+
+    from server.prefixes.kinds import prefix_tuning_params
+
+    sp = tiny_llama_bundle.spec
+    out = sp.num_layers * 2 * sp.num_kv_heads * sp.head_dim
+    n = 10**9
+    bombs = [
+        {"embedding": torch.zeros(1, 0), "mlp.0.weight": torch.zeros(n, 0), "mlp.0.bias": torch.zeros(0),
+         "mlp.2.weight": torch.zeros(out, 0), "mlp.2.bias": torch.zeros(out)},
+        {"embedding": torch.zeros(1, 4), "mlp.0.weight": torch.zeros(n, 0), "mlp.0.bias": torch.zeros(n // 10**6),
+         "mlp.2.weight": torch.zeros(out, 0), "mlp.2.bias": torch.zeros(out)},
+        {"embedding": torch.zeros(1, 4), "mlp.0.weight": torch.zeros(()), "mlp.0.bias": torch.zeros(8),
+         "mlp.2.weight": torch.zeros(out, 8), "mlp.2.bias": torch.zeros(out)},
+        {"embedding": torch.zeros(1, 4), "mlp.0.weight": torch.zeros(8, 4), "mlp.0.bias": torch.zeros(8),
+         "mlp.2.weight": torch.zeros(out, 8)},  # no mlp.2.bias
+        {"embedding": torch.zeros(2, out + 1)},  # no MLP: the prefix itself, of another model's width
+    ]  # fmt: skip
+    for tensors in bombs:
+        t0 = time.perf_counter()
+        with pytest.raises(InvalidPrefix, match=r"do not fit this base model|must be \[P, E\]"):
+            prefix_tuning_params(tensors, sp)
+        assert time.perf_counter() - t0 < 0.5, {k: list(v.shape) for k, v in tensors.items()}
+    fine = PrefixTuningParams(sp, 2, hidden=8, embed_dim=4)
+    prefix_tuning_params(dict(fine.state_dict()), sp)  # (what fits still loads)

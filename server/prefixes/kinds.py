@@ -181,9 +181,35 @@ def prefix_tuning_params(tensors: dict[str, torch.Tensor], spec: ModelSpec) -> P
         raise InvalidPrefix(f"prefix-tuning tensors need 'embedding' (got {', '.join(sorted(tensors))})")
     emb = tensors["embedding"]
     projection = "mlp.0.weight" in tensors
-    if emb.dim() != 2 or emb.shape[0] < 1:
-        raise InvalidPrefix(f"prefix-tuning embedding must be [P, ...], got {list(emb.shape)}")
-    hidden = tensors["mlp.0.weight"].shape[0] if projection else 1
+    if emb.dim() != 2 or emb.shape[0] < 1 or emb.shape[1] < 1:
+        raise InvalidPrefix(f"prefix-tuning embedding must be [P, E], got {list(emb.shape)}")
+    out = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
+    # every shape checked before the module is built: it allocates what the shapes say (a 1 KB file declaring an
+    # MLP [3e6, 0] made it allocate gigabytes, or fail with a 500, before load_state_dict refused the tensors)
+    if projection:
+        w0 = tensors["mlp.0.weight"]
+        hidden = w0.shape[0] if w0.dim() == 2 else 0
+        want = {
+            "mlp.0.weight": (hidden, emb.shape[1]),
+            "mlp.0.bias": (hidden,),
+            "mlp.2.weight": (out, hidden),
+            "mlp.2.bias": (out,),
+        }
+        for key, shape in want.items():
+            got = tensors.get(key)
+            if got is None or tuple(got.shape) != shape or hidden < 1:
+                raise InvalidPrefix(
+                    f"prefix-tuning tensors do not fit this base model: {key!r} must be "
+                    f"{list(shape) if hidden >= 1 else '[width >= 1, E]'} (embedding [P, {emb.shape[1]}], an MLP of "
+                    f"width {hidden}, out {out}), got " + (f"{list(got.shape)}" if got is not None else "none")
+                )
+    else:
+        hidden = 1
+        if emb.shape[1] != out:
+            raise InvalidPrefix(
+                f"prefix-tuning tensors do not fit this base model: an embedding without an MLP is the prefix "
+                f"itself, [P, {out}], got {list(emb.shape)}"
+            )
     mod = PrefixTuningParams(
         spec,
         emb.shape[0],
