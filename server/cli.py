@@ -919,13 +919,17 @@ def cmd_prefixes_export(ns: argparse.Namespace) -> int:
 def cmd_prefixes_import(ns: argparse.Namespace) -> int:
     from prefix_store import errors
     from prefix_store.export import read_export
-    from server.prefixes.transfer import exported
+    from server.prefixes.transfer import portable
 
     if _reserved(ns.tenant_id, ns.name):
         return EXIT_USAGE
     try:
-        incoming = exported(read_export(Path(ns.file).read_bytes()), ns.prompt_format)
-    except (OSError, errors.StoreError) as e:
+        incoming = portable(read_export(Path(ns.file).read_bytes()), ns.prompt_format)
+    except (
+        OSError,
+        RecursionError,
+        errors.StoreError,
+    ) as e:  # (RecursionError: JSON nested past Python's stack)
         print(f"prefixserve: cannot import {ns.file}: {e}", file=sys.stderr)
         return EXIT_FAIL
     meta = _on_store(ns.store, lambda s: incoming.put(s, ns.tenant_id, ns.name), "import failed: ")

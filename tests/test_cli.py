@@ -736,6 +736,27 @@ def test_prefixes_import_refuses_what_the_server_would_not_serve(tmp_path, capsy
         assert cli.main(args) == cli.EXIT_FAIL
         err = capsys.readouterr().err
         assert why in err and "Traceback" not in err, err
+    # what an upload refuses without a model, refused here too (they were stored, then could not be moved on: the
+    # upload elsewhere refused them, or answered a 500)
+    from prefix_store.export import export_prefix
+
+    out = base.shape[0] * 2 * base.shape[2] * base.shape[4]
+    mlp = {"embedding": torch.zeros(4, 8), "mlp.0.weight": torch.zeros(16, 8), "mlp.0.bias": torch.zeros(16),
+           "mlp.2.weight": torch.zeros(out, 16), "mlp.2.bias": torch.zeros(out)}  # fmt: skip
+    for name, tensors, extra, why in (
+        ("junk", {"junk": torch.zeros(2)}, {}, "unexpected tensors ['junk']"),
+        ("zero-d", {**mlp, "mlp.0.weight": torch.zeros(())}, {}, "'mlp.0.weight' must be [width >= 1, E]"),
+        ("bomb", {**mlp, "embedding": torch.zeros(4, 0)}, {}, "embedding must be [P, E], got [4, 0]"),
+        ("xml", {}, {"prompt_format": "xml"}, "prompt_format 'xml' is not one of chat, raw"),
+    ):
+        meta = src.put("acme", name, "prefix_tuning", {"kv": base, **tensors},
+                       base_model_fingerprint=bundle.fingerprint, prefix_length=4, extra=extra)  # fmt: skip
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(export_prefix(src.get("acme", name, meta.version)))
+        args = ["prefixes", "import", str(path), "--tenant-id", "acme", "--name", name, "--store", url]
+        assert cli.main(args) == cli.EXIT_FAIL, name
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err, err
     assert open_store(url).list() == []
 
 

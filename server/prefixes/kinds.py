@@ -174,42 +174,51 @@ class PrefixTuningParams(nn.Module):
         return flat_to_kv(self.flat(), self.spec)
 
 
-def prefix_tuning_params(tensors: dict[str, torch.Tensor], spec: ModelSpec) -> PrefixTuningParams:
-    """The module of a prefix-tuning state dict (`embedding` and, with the MLP, `mlp.0.weight`, `mlp.0.bias`,
-    `mlp.2.weight`, `mlp.2.bias`: `PREFIX_TUNING_KEYS`). Raises InvalidPrefix if they do not fit."""
+def prefix_tuning_shapes(tensors: dict[str, torch.Tensor], out: int) -> tuple[int, bool]:
+    """Check a prefix-tuning state dict's shapes for a model whose prefix KV has `out` (L·2·K·D) values a position
+    (`embedding [P, E]`, with the MLP `mlp.0.weight [h, E]`, `mlp.0.bias [h]`, `mlp.2.weight [out, h]`,
+    `mlp.2.bias [out]`; without it `embedding [P, out]`); returns (h, projection). Raises InvalidPrefix.
+
+    Every shape is checked before anything is built from them: a module allocates what they say (a 1 KB file
+    declaring an MLP [3e6, 0] made the server allocate gigabytes, or fail with a 500, before load_state_dict
+    refused the tensors). Needs no model: `prefixserve prefixes import` checks a record with it too."""
     if "embedding" not in tensors:
         raise InvalidPrefix(f"prefix-tuning tensors need 'embedding' (got {', '.join(sorted(tensors))})")
     emb = tensors["embedding"]
-    projection = "mlp.0.weight" in tensors
     if emb.dim() != 2 or emb.shape[0] < 1 or emb.shape[1] < 1:
         raise InvalidPrefix(f"prefix-tuning embedding must be [P, E], got {list(emb.shape)}")
-    out = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
-    # every shape checked before the module is built: it allocates what the shapes say (a 1 KB file declaring an
-    # MLP [3e6, 0] made it allocate gigabytes, or fail with a 500, before load_state_dict refused the tensors)
-    if projection:
-        w0 = tensors["mlp.0.weight"]
-        hidden = w0.shape[0] if w0.dim() == 2 else 0
-        want = {
-            "mlp.0.weight": (hidden, emb.shape[1]),
-            "mlp.0.bias": (hidden,),
-            "mlp.2.weight": (out, hidden),
-            "mlp.2.bias": (out,),
-        }
-        for key, shape in want.items():
-            got = tensors.get(key)
-            if got is None or tuple(got.shape) != shape or hidden < 1:
-                raise InvalidPrefix(
-                    f"prefix-tuning tensors do not fit this base model: {key!r} must be "
-                    f"{list(shape) if hidden >= 1 else '[width >= 1, E]'} (embedding [P, {emb.shape[1]}], an MLP of "
-                    f"width {hidden}, out {out}), got " + (f"{list(got.shape)}" if got is not None else "none")
-                )
-    else:
-        hidden = 1
+    if "mlp.0.weight" not in tensors:
         if emb.shape[1] != out:
             raise InvalidPrefix(
                 f"prefix-tuning tensors do not fit this base model: an embedding without an MLP is the prefix "
                 f"itself, [P, {out}], got {list(emb.shape)}"
             )
+        return 1, False
+    w0 = tensors["mlp.0.weight"]
+    hidden = w0.shape[0] if w0.dim() == 2 else 0
+    want = {
+        "mlp.0.weight": (hidden, emb.shape[1]),
+        "mlp.0.bias": (hidden,),
+        "mlp.2.weight": (out, hidden),
+        "mlp.2.bias": (out,),
+    }
+    for key, shape in want.items():
+        got = tensors.get(key)
+        if got is None or tuple(got.shape) != shape or hidden < 1:
+            raise InvalidPrefix(
+                f"prefix-tuning tensors do not fit this base model: {key!r} must be "
+                f"{list(shape) if hidden >= 1 else '[width >= 1, E]'} (embedding [P, {emb.shape[1]}], an MLP of "
+                f"width {hidden}, out {out}), got " + (f"{list(got.shape)}" if got is not None else "none")
+            )
+    return hidden, True
+
+
+def prefix_tuning_params(tensors: dict[str, torch.Tensor], spec: ModelSpec) -> PrefixTuningParams:
+    """The module of a prefix-tuning state dict (`embedding` and, with the MLP, `mlp.0.weight`, `mlp.0.bias`,
+    `mlp.2.weight`, `mlp.2.bias`: `PREFIX_TUNING_KEYS`). Raises InvalidPrefix if they do not fit."""
+    out = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
+    hidden, projection = prefix_tuning_shapes(tensors, out)
+    emb = tensors["embedding"]
     mod = PrefixTuningParams(
         spec,
         emb.shape[0],
@@ -233,10 +242,10 @@ TRAINED_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_trained_tensors(kind: str, tensors: dict[str, torch.Tensor], spec: ModelSpec) -> None:
-    """Raise InvalidPrefix unless the tensors besides `kv` are the kind's trained tensors (`TRAINED_KEYS`: what
-    `init_from` continues from), floating-point and fitting this base model. A record made elsewhere (an upload)
-    carries nothing else."""
+def check_trained_names_and_shapes(kind: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What `check_trained_tensors` checks without a base model (`prefixserve prefixes import`): the tensors
+    besides `kv` are the kind's trained tensors, with finite values in range, and a prefix-tuning MLP's shapes agree
+    with each other and with the `kv` beside them. Returns the trained tensors; raises InvalidPrefix."""
     trained_keys = TRAINED_KEYS.get(kind, ())
     odd = sorted(set(tensors) - {"kv", *trained_keys})
     if odd:
@@ -246,6 +255,17 @@ def check_trained_tensors(kind: str, tensors: dict[str, torch.Tensor], spec: Mod
     trained = {k: tensors[k] for k in trained_keys if k in tensors}
     for key, t in trained.items():
         check_trained_values(t, key)  # they seed init_from training
+    kv = tensors.get("kv")
+    if kind == "prefix_tuning" and trained and isinstance(kv, torch.Tensor) and kv.dim() == 5:
+        prefix_tuning_shapes(trained, kv.shape[0] * 2 * kv.shape[2] * kv.shape[4])
+    return trained
+
+
+def check_trained_tensors(kind: str, tensors: dict[str, torch.Tensor], spec: ModelSpec) -> None:
+    """Raise InvalidPrefix unless the tensors besides `kv` are the kind's trained tensors (`TRAINED_KEYS`: what
+    `init_from` continues from), floating-point and fitting this base model. A record made elsewhere (an upload)
+    carries nothing else."""
+    trained = check_trained_names_and_shapes(kind, tensors)
     if kind == "prefix_tuning" and trained:
         prefix_tuning_params(trained, spec)
         return

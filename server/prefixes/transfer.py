@@ -2,7 +2,8 @@
 
 The HTTP upload route turns the bytes it is given into an :class:`IncomingPrefix` here and stores it with one
 `store.put` (a new version, atomic like any other): either the prefix fits this server's base model and is stored
-whole, or nothing is written. `prefixserve prefixes import` stores a verified export as it is, with no model loaded.
+whole, or nothing is written. `prefixserve prefixes import` stores a verified export checked as far as no model is
+needed (`portable`), with no model loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prefix_store.errors import InvalidPrefix
 from prefix_store.export import is_export, read_export
 from prefix_store.format import IDEMPOTENCY, check_fingerprint, label, load_safetensors
 from server.model.spec import ModelBundle
-from server.prefixes.kinds import check_trained_tensors, validate_kv
+from server.prefixes.kinds import check_trained_names_and_shapes, check_trained_tensors, validate_kv
 from server.prefixes.peft_import import (
     PeftAdapter,
     check_peft_config,
@@ -109,6 +110,15 @@ def from_export(
     check_prefix_length(rec.meta.prefix_length, max_prefix_length, bundle.spec)
     validate_kv(rec.kv, bundle.spec, rec.meta.prefix_length)
     check_trained_tensors(rec.meta.kind, rec.tensors, bundle.spec)
+    return portable(rec, prompt_format)
+
+
+def portable(rec: PrefixRecord, prompt_format: str | None = None) -> IncomingPrefix:
+    """A verified export as an upload stores it, checked as far as no base model is needed (what `prefixserve
+    prefixes import` stores; `from_export` checks the fit to the model first): the kind's own trained tensors
+    (`check_trained_names_and_shapes`), metadata of a bounded size with a known prompt format, and the training job
+    id renamed. Raises InvalidPrefix."""
+    check_trained_names_and_shapes(rec.meta.kind, rec.tensors)
     incoming = exported(rec, prompt_format)
     fmt = incoming.extra.get("prompt_format")
     if fmt is not None and fmt not in PROMPT_FORMATS:
