@@ -176,6 +176,15 @@ def test_import_refuses_unsupported_or_broken_folders(tmp_path):
     st.unlink()
     with pytest.raises(FileNotFoundError, match="adapter_model"):
         import_peft(tmp_path / "trunc", bundle, store, "acme", "x")
+    # a .bin that is no state dict: said so (its use raised "'Tensor' object has no attribute 'endswith'")
+    for odd in ([torch.zeros(3)], torch.zeros(3), {"prompt_embeddings": 3}):
+        torch.save(odd, tmp_path / "trunc" / "adapter_model.bin")
+        with pytest.raises(InvalidPrefix, match="is not a state dict of named tensors"):
+            import_peft(tmp_path / "trunc", bundle, store, "acme", "x")
+    # a config nested past Python's stack: an InvalidPrefix, not a RecursionError (a 422 naming adapter_config)
+    (tmp_path / "trunc" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InvalidPrefix, match="is not valid JSON"):
+        import_peft(tmp_path / "trunc", bundle, store, "acme", "x")
     assert store.list("acme") == []
 
 

@@ -51,7 +51,15 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
             return load_file(str(st))
         binf = folder / "adapter_model.bin"
         if binf.exists():
-            return torch.load(binf, map_location="cpu", weights_only=True)
+            got = torch.load(binf, map_location="cpu", weights_only=True)
+            if (
+                not isinstance(got, dict)
+                or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in got.items())
+            ):  # (a list, a bare tensor, a dict of numbers: its use raised 'Tensor' object has no attribute ...)
+                raise InvalidPrefix(f"{binf} is not a state dict of named tensors (got {type(got).__name__})")
+            return got
+    except InvalidPrefix:
+        raise
     except Exception as e:  # truncated / corrupt file
         raise InvalidPrefix(f"cannot read the adapter weights in {folder}: {e}") from None
     raise FileNotFoundError(f"{folder} has no adapter_model.safetensors or adapter_model.bin")
@@ -128,7 +136,7 @@ def parse_adapter_config(data: bytes, what: str = "adapter_config.json") -> dict
     """PEFT's adapter_config.json as a dict (InvalidPrefix if it is not a JSON object)."""
     try:
         cfg = json.loads(data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # (RecursionError: nested past Python's stack)
         raise InvalidPrefix(f"{what} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise InvalidPrefix(f"{what} must be a JSON object, got {type(cfg).__name__}")
