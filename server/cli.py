@@ -925,11 +925,8 @@ def cmd_prefixes_import(ns: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         incoming = portable(read_export(Path(ns.file).read_bytes()), ns.prompt_format)
-    except (
-        OSError,
-        RecursionError,
-        errors.StoreError,
-    ) as e:  # (RecursionError: JSON nested past Python's stack)
+    # (RecursionError: metadata JSON nested past Python's stack)
+    except (OSError, RecursionError, errors.StoreError) as e:
         print(f"prefixserve: cannot import {ns.file}: {e}", file=sys.stderr)
         return EXIT_FAIL
     meta = _on_store(ns.store, lambda s: incoming.put(s, ns.tenant_id, ns.name), "import failed: ")

@@ -345,10 +345,11 @@ def test_prefix_tuning_shapes_are_checked_before_anything_is_allocated(tiny_llam
         {"embedding": torch.zeros(1, 4), "mlp.0.weight": torch.zeros(8, 4), "mlp.0.bias": torch.zeros(8),
          "mlp.2.weight": torch.zeros(out, 8)},  # no mlp.2.bias
         {"embedding": torch.zeros(2, out + 1)},  # no MLP: the prefix itself, of another model's width
+        {"embedding": torch.zeros(2, out), "mlp.0.bias": torch.zeros(8)},  # part of an MLP
     ]  # fmt: skip
     for tensors in bombs:
         t0 = time.perf_counter()
-        with pytest.raises(InvalidPrefix, match=r"do not fit this base model|must be \[P, E\]"):
+        with pytest.raises(InvalidPrefix, match=r"do not fit this base model|must be \[P, E\]|an MLP needs"):
             prefix_tuning_params(tensors, sp)
         assert time.perf_counter() - t0 < 0.5, {k: list(v.shape) for k, v in tensors.items()}
     fine = PrefixTuningParams(sp, 2, hidden=8, embed_dim=4)

@@ -188,6 +188,11 @@ def prefix_tuning_shapes(tensors: dict[str, torch.Tensor], out: int) -> tuple[in
     if emb.dim() != 2 or emb.shape[0] < 1 or emb.shape[1] < 1:
         raise InvalidPrefix(f"prefix-tuning embedding must be [P, E], got {list(emb.shape)}")
     if "mlp.0.weight" not in tensors:
+        stray = sorted(k for k in tensors if k.startswith("mlp."))
+        if stray:
+            raise InvalidPrefix(
+                f"prefix-tuning tensors {stray} without 'mlp.0.weight': an MLP needs all four"
+            )
         if emb.shape[1] != out:
             raise InvalidPrefix(
                 f"prefix-tuning tensors do not fit this base model: an embedding without an MLP is the prefix "
