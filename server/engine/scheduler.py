@@ -503,17 +503,11 @@ class Scheduler:
         starved = self._first_ready(counts)
         if starved is None or counts.get(starved.tenant, 0) >= share:
             return None
-        prio = starved.req.priority
         best: tuple[int, int, int] | None = None
         victim = None
         for r in self._ranked():  # worst priority, then newest, last
             c = counts[r.tenant]
-            if (
-                c > share
-                and r.req.priority >= prio
-                and r.tenant != starved.tenant
-                and r.fair_preemptions < FAIR_PREEMPT_LIMIT
-            ):
+            if c > share and self._may_yield(r, starved):
                 key = (r.req.priority, c, -r.fair_preemptions)
                 if best is None or key >= best:
                     best, victim = key, r
@@ -540,18 +534,11 @@ class Scheduler:
         if shares is None:
             return None
         held, share = shares
-        if self._over_share is None:  # (this step's, for `_order_within`: computed once)
-            self._over_share = {t for t, h in held.items() if h > share}
+        self._over_block_share(shares)  # (this step's, for `_order_within`: computed once)
         if held.get(seq.tenant, 0) + need > share:
             return None
-        prio = seq.req.priority
-        if not any(
-            held[r.tenant] > share
-            and r.tenant != seq.tenant
-            and r.req.priority >= prio
-            and r.fair_preemptions < FAIR_PREEMPT_LIMIT
-            for r in self.running
-        ):  # (no row could be the victim: `_keep_order`'s work is spared)
+        # (no row could be the victim: `_keep_order`'s work is spared)
+        if not any(held[r.tenant] > share and self._may_yield(r, seq) for r in self.running):
             return None
         if self._first_ready(self._tenant_rows()) is not seq:  # (another request comes first now)
             return None
@@ -559,9 +546,20 @@ class Scheduler:
         for r in reversed(keep):
             if id(r) not in over:
                 break
-            if r.tenant != seq.tenant and r.req.priority >= prio and r.fair_preemptions < FAIR_PREEMPT_LIMIT:
+            if self._may_yield(r, seq):
                 return r
         return None
+
+    @staticmethod
+    def _may_yield(r: Sequence, seq: Sequence) -> bool:
+        """Whether running row `r` may give its place or its blocks to waiting `seq` (`_starved_victim`,
+        `_block_starved_victim`): another tenant's, of a priority value no lower, given up fewer than
+        `FAIR_PREEMPT_LIMIT` times."""
+        return (
+            r.tenant != seq.tenant
+            and r.req.priority >= seq.req.priority
+            and r.fair_preemptions < FAIR_PREEMPT_LIMIT
+        )
 
     def _fair_preempt(self, victim: Sequence | None) -> None:
         """`victim` (`_starved_victim`, `_block_starved_victim`) gives its place or its blocks to a tenant below its
@@ -670,11 +668,11 @@ class Scheduler:
         held = {t: len(set().union(*(r.own_blocks for r in rs))) for t, rs in rows.items()}
         return held, (sum(held.values()) + self.pool.num_free) // tenants
 
-    def _over_block_share(self) -> set[str | None]:
-        """The tenants whose rows hold more blocks than their share (`_block_shares`), computed once a step (their
-        preempted rows wait their turn: `_order_within`)."""
+    def _over_block_share(self, shares: tuple[dict[str | None, int], int] | None = None) -> set[str | None]:
+        """The tenants whose rows hold more blocks than their share (`_block_shares`, or the caller's `shares` just
+        computed), computed once a step (their preempted rows wait their turn: `_order_within`)."""
         if self._over_share is None:
-            shares = self._block_shares()
+            shares = shares or self._block_shares()
             self._over_share = {t for t, h in shares[0].items() if h > shares[1]} if shares else set()
         return self._over_share
 
