@@ -286,13 +286,18 @@ class PrefixCache:
                 why += str(self.pool.num_blocks)
                 self._errors[key] = (PrefixLoadError(key, why, "RequestTooLarge"), time.monotonic())
                 continue
-            try:
-                self._install(key, kv, digest)
-            except OutOfBlocks:
-                self._short[key] = n_blocks
-                continue  # retry next step once running requests free blocks
-            del self._loading[key]
-            self._short.pop(key, None)
+            if not self._install_loaded(key, kv, digest):
+                self._short[key] = n_blocks  # retried next step, once running requests free blocks
+
+    def _install_loaded(self, key: PrefixKey, kv: torch.Tensor, digest: str) -> bool:
+        """Install a finished fetch of `key`; whether the pool had room (else it stays loaded, to retry)."""
+        try:
+            self._install(key, kv, digest)
+        except OutOfBlocks:
+            return False
+        del self._loading[key]
+        self._short.pop(key, None)
+        return True
 
     def blocks_wanted(self, key: PrefixKey) -> int:
         """The KV blocks a fetched prefix waits for (its install found the pool short), else 0."""
@@ -306,14 +311,7 @@ class PrefixCache:
         (a fair preemption has just freed blocks for the request that wants it); whether it is resident."""
         if not self.blocks_wanted(key):
             return False
-        kv, digest = self._loading[key].result()
-        try:
-            self._install(key, kv, digest)
-        except OutOfBlocks:
-            return False
-        del self._loading[key]
-        self._short.pop(key, None)
-        return True
+        return self._install_loaded(key, *self._loading[key].result())
 
     def evict(self, blocks_needed: int, spare_fresh: bool = False) -> bool:
         """Evict idle prefixes (least frequently used first) until `blocks_needed` blocks are free; True on
