@@ -116,6 +116,17 @@ def unavailable(message: str, retry_after: int, code: str = "unavailable") -> AP
     return APIError(503, message, code=code, headers={"Retry-After": str(retry_after)})
 
 
+def not_json(ctype: str) -> APIError:
+    """The 415 of a body sent without a JSON Content-Type (`curl -d` sends a form, a bare client none)."""
+    sent = f"this one was {ctype[:80]!r}" if ctype else "none was sent"
+    return APIError(
+        415,
+        f"the request body must be JSON: send Content-Type: application/json ({sent})",
+        code="unsupported_media_type",
+        param="content-type",
+    )
+
+
 def tgi_error_type(status: int) -> str | None:
     """TGI's `error_type` of an error status: its clients (text-generation, lorax) raise ValidationError,
     OverloadedError or GenerationError by it; None where they should go by the status (404: NotFoundError)."""
@@ -285,16 +296,9 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             return error_response(422, "request body is required", code="missing_body", request=request)
         ctype = request.headers.get("content-type", "")
         if tuple(first.get("loc", ())) == ("body",) and "json" not in ctype.lower():
-            # `curl -d '{...}'` sends a form, a bare client none: FastAPI read no JSON and said "a valid dictionary"
-            # was expected
-            sent = f"this one was {ctype[:80]!r}" if ctype else "none was sent"
-            return error_response(
-                415,
-                f"the request body must be JSON: send Content-Type: application/json ({sent})",
-                code="unsupported_media_type",
-                param="content-type",
-                request=request,
-            )
+            # (FastAPI read no JSON and said "a valid dictionary" was expected)
+            e = not_json(ctype)
+            return error_response(e.status, e.message, code=e.code, param=e.param, request=request)
         messages = list(dict.fromkeys(_validation_message(e) for e in errors))  # unions repeat themselves
         message = "; ".join(messages[:5])
         if len(messages) > 5:

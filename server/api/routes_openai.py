@@ -27,7 +27,7 @@ from server.api.chat_pipeline import (
     start_choices,
 )
 from server.api.deps import app_state, get_info, get_service, store_call
-from server.api.errors import COMMON_ERRORS, APIError
+from server.api.errors import COMMON_ERRORS, APIError, not_json
 from server.api.logprobs import (
     TextOffsets,
     TokenTexts,
@@ -535,13 +535,7 @@ async def invocations(request: Request, principal: Principal = Depends(get_princ
     if not raw.strip():  # (first, as the /v1 routes answer a request without a body)
         raise APIError(422, "request body is required", code="missing_body")
     if "json" not in ctype.lower():  # as the /v1 routes answer it (no Content-Type at all too)
-        sent = f"this one was {ctype[:80]!r}" if ctype else "none was sent"
-        raise APIError(
-            415,
-            f"the request body must be JSON: send Content-Type: application/json ({sent})",
-            code="unsupported_media_type",
-            param="content-type",
-        )
+        raise not_json(ctype)
     try:
         data = json.loads(raw)
     except ValueError:
