@@ -84,6 +84,13 @@ class _ForeignModel(Exception):
 TRANSIENT_ATTEMPTS = 5
 # the wait before its first retry, doubled for each further one up to 16 times this (0.5 s, 1 s, 2 s, 4 s, then 8 s)
 RETRY_BACKOFF_S = 0.5
+
+
+def retry_delay(attempt: int) -> float:
+    """The wait before retry `attempt + 1` (0-based `attempt`): RETRY_BACKOFF_S doubled per attempt, 16x at most."""
+    return RETRY_BACKOFF_S * 2 ** min(attempt, 4)
+
+
 # once a job is trained its prefix is in memory: the job backend gets this many tries to answer whether the job
 # is still this worker's (backing off 0.5 s, 1 s, 2 s, 4 s, then 8 s: about 2 minutes in all) before the run goes on
 AFTER_TRAINING_ATTEMPTS = 18
@@ -716,7 +723,7 @@ class JobManager:
                 if attempt == n - 1 or (stopping is not None and stopping()):
                     raise
                 log.warning("job %s: could not %s (attempt %d): %s", job, what, attempt + 1, e)
-                delay = RETRY_BACKOFF_S * 2 ** min(attempt, 4)
+                delay = retry_delay(attempt)
                 if stopping is None:
                     time.sleep(delay)
                     continue
@@ -778,7 +785,7 @@ class JobManager:
                 log.warning(
                     "job %s: could not record its success (attempt %d): %s", rec.job_id, attempt + 1, e
                 )
-                time.sleep(RETRY_BACKOFF_S * 2 ** min(attempt, 4))
+                time.sleep(retry_delay(attempt))
                 continue
             log.info("job %s succeeded: %s/%s v%d in %.1fs", rec.job_id, rec.tenant_id, rec.name, version,
                      summary.get("wall_time_s", 0.0))  # fmt: skip
