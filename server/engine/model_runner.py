@@ -566,9 +566,8 @@ class ModelRunner:
         pre: _Group | None = None
         if paged and decode:
             dec = self._paged_group(views[4], views[5], n_dec, 1)
-        elif (
-            decode and key is not None
-        ):  # a graph's padded step: one group at the bucket's shape (its buffers)
+        elif decode and key is not None:
+            # a graph's padded step: one group at the bucket's shape (its buffers)
             dec = self._group(decode, n_dec, None, key[1])
         elif decode:
             dec = self._split_group(decode, flat_start)
