@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # env_ignore_empty: `PREFIXSERVE_HOST=` is unset, not "" (which uvicorn binds as every interface)
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
-        extra="ignore",
+        extra="forbid",
         validate_default=True,
         hide_input_in_errors=True,
         env_ignore_empty=True,

@@ -1016,6 +1016,20 @@ def test_make_serve_takes_the_servers_own_port_variables():
     assert "--port 9200" in out.stdout
 
 
+def test_settings_refuse_a_keyword_that_is_no_setting(monkeypatch):
+    """`Settings(keep_versions=3)` (which lives in the store URL) was dropped without a word (extra="ignore"), so
+    an embedding program ran on the default; a keyword no setting reads is an error naming it. Unknown
+    PREFIXSERVE_* variables stay a warning (the server's environment is shared with other tools)."""
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    with pytest.raises(ValidationError, match="keep_versions"):
+        Settings(keep_versions=3)
+    monkeypatch.setenv("PREFIXSERVE_KEEP_VERSIONS", "3")
+    assert Settings(max_queued=4).max_queued == 4
+
+
 def test_unknown_prefixserve_variables_are_warned_of(monkeypatch, caplog, tmp_path):
     """A mistyped PREFIXSERVE_* variable was ignored without a word (an open server for PREFIXSERVE_APIKEYS): the
     server logs each one it does not read, with the setting it probably meant (as vLLM warns of VLLM_* ones)."""
