@@ -150,6 +150,10 @@ def make_server(app: Any, settings: Any) -> Any:
             await super().serve(sockets)
 
         async def startup(self, sockets: Any = None) -> None:
+            state = getattr(getattr(app, "state", None), "ps", None)
+            if self.config.is_ssl and state is not None:
+                # (loaded by now; the app's lifespan, run below, starts the reloader that renews its certificate)
+                state.tls_context = self.config.ssl
             try:
                 await super().startup(sockets)
             except OSError:
@@ -300,7 +304,7 @@ def _startup_failed(e: BaseException) -> int:
 
 def _ignore_hangup(*_: Any) -> None:
     log.warning(
-        "SIGHUP ignored: the keys and limits files are re-read when they change (config_reload_s); SIGTERM drains "
+        "SIGHUP ignored: the keys, limits and TLS files are re-read when they change (config_reload_s); SIGTERM drains "
         "and stops the server"
     )
 

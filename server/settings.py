@@ -144,8 +144,9 @@ class Settings(BaseSettings):
     config_reload_s: float = Field(
         2.0,
         ge=0,
-        description="How often api_keys_file and tenant_limits_file are checked for changes (0: never); a change "
-        "applies once the file has stayed the same for one interval, a bad file is logged and the old one kept",
+        description="How often api_keys_file, tenant_limits_file and the ssl_* files are checked for changes (0: "
+        "never); a change applies once the file has stayed the same for one interval, a bad file is logged and the "
+        "old one kept",
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413 above)")
     max_upload_bytes: int = Field(

@@ -41,6 +41,8 @@ class Pki:
     rogue_key: Path
     other_key: Path  # a key that is no certificate's here
     encrypted_key: Path  # the server's key, encrypted
+    renewed_cert: Path  # another certificate for the server, with its own key (a renewal)
+    renewed_key: Path
 
     def trusting(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
         """A client's context trusting the CA, presenting `cert` if given."""
@@ -84,7 +86,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _openssl("genpkey", "-algorithm", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", other)
     encrypted = d / "encrypted.key"
     _openssl("pkey", "-in", server[1], "-aes256", "-passout", "pass:secret", "-out", encrypted)
-    return Pki(d / "ca.pem", *server, *client, *rogue, other, encrypted)
+    renewed = _issue(
+        d, "renewed", "ca", leaf + "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost"
+    )
+    return Pki(d / "ca.pem", *server, *client, *rogue, other, encrypted, *renewed)
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -242,6 +247,69 @@ def test_plain_http_start_up_line_says_http(caplog):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def _served_certificate(port: int, ctx: ssl.SSLContext) -> bytes:
+    """The certificate a new connection to the server gets (DER)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def _der(pem: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem.read_text())
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(pki, api_bundle, tmp_path, caplog):
+    """vLLM's --enable-ssl-refresh, always on: the certificate and key files replaced while the server runs are
+    served to new connections, an open connection keeps working; a certificate written before its key (they do
+    not match yet) is refused and the old pair kept, then taken once the key is written; a bad file is refused
+    too. Each counted in config_reloads_total{file="tls"}."""
+    from prefix_store import open_store
+    from server.api import create_app
+    from server.settings import Settings
+    from tests.fixtures.server import metric_value
+    from tests.test_api_reload import eventually, replace
+
+    def reloads(result: str) -> float:
+        text = keep.get(f"https://127.0.0.1:{port}/metrics").text
+        return (
+            metric_value(text, "prefixserve:config_reloads_total", {"file": "tls", "result": result}) or 0.0
+        )
+
+    cert, key = tmp_path / "tls" / "server.pem", tmp_path / "tls" / "server.key"
+    cert.parent.mkdir()
+    replace(cert, pki.server_cert.read_text())
+    replace(key, pki.server_key.read_text())
+    store = open_store(f"file://{tmp_path}/store")
+    settings = Settings(store_url=store.url, ssl_certfile=cert, ssl_keyfile=key, config_reload_s=0.05,
+                        kv_cache_mb=16, max_model_len=512, training_workers=0, shutdown_grace_s=5)  # fmt: skip
+    caplog.set_level(logging.INFO, logger="prefixserve.reload")
+    server, thread, port = _serve_in_thread(settings, create_app(settings, bundle=api_bundle, store=store))
+    ctx = pki.trusting()
+    keep = httpx.Client(verify=ctx, timeout=30)  # one connection, open across the renewal
+    try:
+        assert keep.get(f"https://127.0.0.1:{port}/health").status_code == 200
+        assert _served_certificate(port, ctx) == _der(pki.server_cert)
+        replace(cert, pki.renewed_cert.read_text())  # the new certificate, its key not written yet
+        eventually(lambda: reloads("error") == 1)
+        assert "is not the key of the certificate" in caplog.text
+        assert _served_certificate(port, ctx) == _der(pki.server_cert)  # the old pair, whole
+        replace(key, pki.renewed_key.read_text())
+        eventually(lambda: _served_certificate(port, ctx) == _der(pki.renewed_cert))
+        assert reloads("ok") == 1
+        assert keep.get(f"https://127.0.0.1:{port}/health").status_code == 200  # (the open connection)
+        replace(cert, "not a certificate\n")
+        eventually(lambda: reloads("error") == 2)
+        assert _served_certificate(port, ctx) == _der(pki.renewed_cert)
+        assert "no PEM certificate" in caplog.text
+    finally:
+        keep.close()
+        server.should_exit = True
+        thread.join(10)
+        store.close()
 
 
 # ------------------------------------------------------------------------------------------------ real server

@@ -211,7 +211,8 @@ class Metrics:
         )
         self.config_reloads = Counter(
             P + "config_reloads",
-            "Reloads of the API keys file and the tenant limits file, by file and result (ok, error)",
+            "Reloads of the API keys file, the tenant limits file and the TLS files, by file (api_keys, "
+            "tenant_limits, tls) and result (ok, error)",
             ["file", "result"],
             registry=r,
         )
