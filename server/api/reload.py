@@ -132,7 +132,8 @@ class ConfigReloader:
                 ctx.load_verify_locations(cafile=s.ssl_ca_certs)
 
         assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(load(), self._loop).result()
+        # (bounded: a loop that stops meanwhile must not leave this thread, which shutdown joins, waiting forever)
+        asyncio.run_coroutine_threadsafe(load(), self._loop).result(timeout=30)
         return "new connections get the new certificate"
 
     def check(self) -> None:
