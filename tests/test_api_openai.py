@@ -593,7 +593,7 @@ def test_abandoned_multi_choice_stream_frees_every_request(srv):
     assert srv.svc.llm.num_running == 0 and srv.svc.llm.num_waiting == 0
     m = httpx.get(srv.url + "/metrics").text
     assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "abort"}) == 4
-    assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "length"}) is None
+    assert metric_value(m, "prefixserve:request_success_total", {"finished_reason": "length"}) == 0
 
 
 # ------------------------------------------------------------------------------------- echo, token-id prompts

@@ -102,6 +102,11 @@ def test_metrics_present_and_updated(server_factory, api_bundle):
     assert (
         metric_value(before, "prefixserve:http_requests_in_flight") == 0
     )  # (a scrape is a probe: not counted)
+    # the fixed label values exist from the start, at 0 (as vLLM's): rate() sees the first increment
+    for reason in ("stop", "length", "abort", "error"):
+        assert metric_value(before, "prefixserve:request_success_total", {"finished_reason": reason}) == 0
+    for reason in ("too_long", "rate_limit", "tenant_limit", "queue_full"):
+        assert metric_value(before, "prefixserve:requests_rejected_total", {"reason": reason}) == 0
     for name in (
         "prefixserve:time_to_first_token_seconds_count",
         "prefixserve:inter_token_latency_seconds_count",

@@ -61,8 +61,8 @@ def test_usage_per_tenant_and_prefix_matches_what_responses_reported(server_fact
 
     (mine,) = a.get("/usage").json()["data"]
     assert mine["tenant_id"] == "acme" and mine["requests"] == 5 and mine["completions"] == 6
-    # n=2: each sample counts its prompt (the engine ran both); completions as reported
-    want_prompt = sum(u["prompt_tokens"] for u in reported) + 2 * cu["prompt_tokens"]
+    # n=2: the prompt counts once, as the response's usage says (Prometheus' prompt_tokens_total: per sample)
+    want_prompt = sum(u["prompt_tokens"] for u in reported) + cu["prompt_tokens"]
     assert mine["prompt_tokens"] == want_prompt
     assert (
         mine["completion_tokens"] == sum(u["completion_tokens"] for u in reported) + cu["completion_tokens"]
@@ -159,6 +159,87 @@ def test_aborted_stream_and_failed_request_are_counted(server_factory):
 
 
 # ------------------------------------------------------------------------------------------ rate limits
+def test_samples_of_one_prompt_bill_it_once_as_the_response_says(server_factory):
+    """`n`, TGI's `best_of` and beam search run one engine request per sample: /usage billed the prompt n times
+    while the response's usage (what a tenant adds up) says it once. Now both agree, per distinct prompt of a
+    prompt list; Prometheus' prompt_tokens_total keeps counting it per sample, as vLLM's does."""
+    from tests.fixtures.server import metric_value
+
+    s = server_factory()
+    c = s.client()
+
+    def prom() -> float:
+        return metric_value(c.get("/metrics").text, "prefixserve:prompt_tokens_total") or 0.0
+
+    def mine() -> dict:
+        (u,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
+        return u
+
+    before = prom()
+    r = c.post("/v1/completions", json={"model": "acme/base", "prompt": ["Once upon", "a time there"],
+                                        "max_tokens": 3, "n": 3, "seed": 1})  # fmt: skip
+    assert r.status_code == 200, r.text
+    first = r.json()["usage"]
+    u = mine()
+    assert (
+        u["prompt_tokens"] == first["prompt_tokens"] and u["completion_tokens"] == first["completion_tokens"]
+    )
+    assert u["requests"] == 1 and u["completions"] == 6
+    assert prom() - before == 3 * first["prompt_tokens"]
+    r = c.post("/v1/completions", json={"model": "acme/base", "prompt": "Hello", "max_tokens": 2, "n": 2,
+                                        "use_beam_search": True})  # fmt: skip
+    assert r.status_code == 200, r.text
+    beams = r.json()["usage"]
+    r = c.post("/generate", json={"tenant_id": "acme", "prefix": "base", "prompt": "Hello", "max_tokens": 2,
+                                  "ignore_eos": True})  # fmt: skip
+    alone = r.json()["usage"]
+    u2 = mine()
+    assert u2["prompt_tokens"] - u["prompt_tokens"] == beams["prompt_tokens"] + alone["prompt_tokens"]
+    assert u2["completion_tokens"] - u["completion_tokens"] == (
+        beams["completion_tokens"] + alone["completion_tokens"]
+    )
+
+
+def test_a_request_the_client_leaves_while_queued_is_an_aborted_completion(server_factory):
+    """A request waiting for a batch row when its client gives up was counted as an abort by the metrics and
+    charged to the rate limit, but /usage left it out (neither a request nor a completion): it is both, aborted,
+    with no tokens."""
+    import httpx
+
+    from tests.fixtures.server import metric_value
+
+    s = server_factory(max_num_seqs=1)
+    slow_engine(s.svc, 0.02)
+    c = s.client()
+    long = {"tenant_id": "acme", "prefix": "base", "prompt": "Hi", "max_tokens": 150, "ignore_eos": True}
+    holder = threading.Thread(target=lambda: c.post("/generate", json=long), daemon=True)
+    holder.start()
+    deadline = time.monotonic() + 10
+    while s.svc.llm.num_running == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    aborts = metric_value(
+        c.get("/metrics").text, "prefixserve:request_success_total", {"finished_reason": "abort"}
+    )
+    for stream in (False, True):
+        with pytest.raises(httpx.ReadTimeout):
+            body = {**long, "tenant_id": "globex", "max_tokens": 5, "stream": stream}
+            with httpx.Client(base_url=s.url, timeout=0.5) as quick:
+                r = quick.post("/generate", json=body)
+                r.read()
+    deadline = time.monotonic() + 10
+    while True:
+        (u,) = c.get("/usage", params={"tenant_id": "globex"}).json()["data"]
+        if u["aborted"] == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert u["requests"] == u["completions"] == u["aborted"] == 2
+    assert u["prompt_tokens"] == u["completion_tokens"] == u["failed"] == 0
+    text = c.get("/metrics").text
+    assert metric_value(text, "prefixserve:request_success_total", {"finished_reason": "abort"}) == aborts + 2
+    holder.join(30)
+
+
 def test_requests_per_minute_429_with_retry_after_and_headers(server_factory):
     s = server_factory(keys={"acme": "k-a", "globex": "k-g"}, tenant_requests_per_minute=2)
     clock = Clock()

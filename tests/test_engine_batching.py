@@ -1331,6 +1331,10 @@ def test_load_errors_of_keys_never_asked_again_are_forgotten(tiny_llama_bundle):
         pc.process()
         time.sleep(0.005)
     assert len(pc._errors) == 5
+    # a request answered from a remembered error is a miss (hits + misses = lookups; it counted as neither)
+    misses, hits = pc.stats.misses, pc.stats.hits
+    assert pc.lookup(PrefixKey("t", "gone", 1)) is pc._errors[PrefixKey("t", "gone", 1)][0]
+    assert (pc.stats.misses, pc.stats.hits) == (misses + 1, hits)
     pc.error_ttl_s = 0.05
     time.sleep(0.06)
     pc.process()

@@ -110,6 +110,10 @@ class _EngineCollector(Collector):
         yield up
 
 
+FINISH_REASONS = ("stop", "length", "abort", "error")  # request_success_total's finished_reason
+REJECT_REASONS = ("too_long", "rate_limit", "tenant_limit", "queue_full")  # requests_rejected_total's reason
+
+
 class Metrics:
     def __init__(self, state: Callable[[], dict[str, Any] | None] | None = None) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -216,6 +220,12 @@ class Metrics:
             ["file", "result"],
             registry=r,
         )
+        # every known label value from the start, at 0 (as vLLM's request_success): rate() and increase() then see
+        # the first one, and a dashboard finds the series before anything happened
+        for reason in FINISH_REASONS:
+            self.request_success.labels(reason)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         if state is not None:
             r.register(_EngineCollector(state))
 

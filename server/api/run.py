@@ -48,6 +48,32 @@ class ClientDisconnected(Exception):
     pass
 
 
+def share_prompts(runs: list[GenerationRun], prompts: list[list[int]]) -> None:
+    """Group the consecutive runs of one prompt (the same token list: `n` samples, `best_of`, a beam's choices) so
+    that they bill it once; a run alone bills its own."""
+    i = 0
+    while i < len(runs):
+        j = i + 1
+        while j < len(runs) and prompts[j] is prompts[i]:
+            j += 1
+        if j - i > 1:
+            share = PromptShare(left=j - i)
+            for r in runs[i:j]:
+                r.share = share
+        i = j
+
+
+@dataclass
+class PromptShare:
+    """The runs of one prompt in one HTTP request (OpenAI `n`, TGI `best_of`, a beam search's choices): their
+    prompt is billed once, as the response's usage counts it, by the last of them to close, with the fewest
+    cached tokens of those billed (the sample that computed the shared prefill)."""
+
+    left: int  # runs not closed yet
+    billed: bool = False  # one of them was billed (it answered)
+    cached: int | None = None
+
+
 async def wait_disconnect(receive: Callable[[], Any]) -> None:
     while True:
         msg = await receive()
@@ -180,6 +206,10 @@ class GenerationRun:
         self._starting: asyncio.Future[TokenEvent] | None = None  # `start` under way (`_start_runs`' task)
         self.refused = False  # the engine refused it (full queue, too large): it never ran, nor was aborted
         self.bill_output = True  # False: its generated tokens are not part of the answer (echo, max_tokens 0)
+        self.share: PromptShare | None = None  # its prompt's other samples (None: billed its own prompt)
+        self._aborted_queued = (
+            False  # the client left before its first event (counted as an abort, no tokens)
+        )
         self._closed = False
 
     async def start(self) -> TokenEvent:
@@ -223,6 +253,11 @@ class GenerationRun:
                 )
             raise self._error(ev)
         return ev
+
+    @property
+    def submitted(self) -> bool:
+        """Handed to the engine (its request may be queued, running or over)."""
+        return self._agen is not None
 
     async def started(self) -> TokenEvent:
         """The first event: at once if `start` has it, else once its task (`Service._start_runs`) does; raises
@@ -416,6 +451,7 @@ class GenerationRun:
                 with contextlib.suppress(Exception):
                     await self._agen.aclose()  # its finally aborts an unfinished request
             if self._agen is not None and self.final is None and not self.refused:
+                self._aborted_queued = self.first is None
                 self.info.finish_reason = self.info.finish_reason or "abort"
                 m = self.svc.metrics
                 m.request_success.labels("abort").inc()
@@ -435,9 +471,12 @@ class GenerationRun:
 
     async def _account(self) -> None:
         """Usage of an engine request that ran (the engine sent an event): its prompt and generated tokens unless
-        it failed (the caller got an error, not an answer) or was aborted before its first token; the rest of its
-        reservation goes back to the tenant's token budget."""
+        it failed (the caller got an error, not an answer) or was aborted before its first token (then a
+        completion, aborted, of no tokens: it was admitted and queued); the rest of its reservation goes back to
+        the tenant's token budget. The samples of one prompt bill it once (`PromptShare`)."""
         consumed = 0
+        usage, tenant, name = self.svc.usage, self.prefix.tenant_id, self.prefix.name
+        share = self.share
         if self.first is not None:
             fin = self.final
             outcome = fin.finish_reason or "stop" if fin is not None else "abort"
@@ -445,8 +484,19 @@ class GenerationRun:
             prompt = len(self.req.prompt_token_ids) if billed else 0
             generated = self.generated if billed and self.bill_output else 0
             cached = self.cached_tokens if billed else 0
+            if share is not None:
+                if billed:
+                    share.billed = True
+                    share.cached = cached if share.cached is None else min(share.cached, cached)
+                prompt = cached = 0
             consumed = prompt + generated
-            self.svc.usage.completion(
-                self.prefix.tenant_id, self.prefix.name, outcome, prompt, cached, generated
-            )
-        await self.svc.limiter.refund(self.prefix.tenant_id, self.reserved_tokens - consumed)
+            usage.completion(tenant, name, outcome, prompt, cached, generated)
+        elif self._aborted_queued:
+            usage.completion(tenant, name, "abort", 0, 0, 0)
+        if share is not None:
+            share.left -= 1
+            if share.left == 0 and share.billed:
+                prompt = len(self.req.prompt_token_ids)
+                consumed += prompt
+                usage.prompt(tenant, name, prompt, share.cached or 0)
+        await self.svc.limiter.refund(tenant, self.reserved_tokens - consumed)

@@ -28,7 +28,7 @@ from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
 from server.api.prefix_meta import PrefixMetaCache, Refusal, ResolvedPrefix
 from server.api.reasoning import ReasoningParser, get_reasoning_parser
-from server.api.run import GenerationRun, outcome_read, race_disconnect
+from server.api.run import GenerationRun, outcome_read, race_disconnect, share_prompts
 from server.api.schemas import BASE_PREFIX, ResponseFormat, StructuredOutputsParam, check_text
 from server.api.structured import engine_spec
 from server.api.tool_parsers import ToolParser, detect, get_parser
@@ -1082,6 +1082,7 @@ class Service:
             for r in runs:
                 await r.close()
             raise
+        share_prompts(runs, [ids for ids, _ in jobs])
         tasks = [asyncio.ensure_future(r.start()) for r in runs]
         for r, t in zip(runs, tasks, strict=True):
             r._starting = t
@@ -1111,6 +1112,10 @@ class Service:
                 await r.close()
             if isinstance(e, APIError) and any(r.first is not None for r in runs):
                 e.ran = True  # type: ignore[attr-defined]  # not refused: the engine ran it
+            elif not isinstance(e, APIError) and any(r.submitted and not r.refused for r in runs):
+                # the client left (or the server cut it) while it waited for its first token: it was admitted
+                # and queued, and its runs count as aborted completions
+                self.usage.request(prefix.tenant_id, prefix.name)
             raise
         return runs
 

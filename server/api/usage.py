@@ -3,7 +3,9 @@
 Prometheus metrics carry no tenant labels (ids are private, and thousands of tenants would blow up the series), so
 per-tenant counts live here. Every engine request counts its prompt (the part taken from the prompt cache also as
 `cached_tokens`) and the tokens it generated, also when the client left before the end; a request the engine
-failed counts no tokens.
+failed counts no tokens, one the client left before its first token counts as an aborted completion of none. The
+samples of one prompt (`n`, `best_of`, beams) count it once, as the response's usage does (Prometheus'
+`prompt_tokens_total` counts it per sample, as vLLM's does).
 
 `UsageMeter` counts in the server process from its start (`since`), like the Prometheus counters. With
 ``limits_url`` the counts go to Redis instead (`RedisUsageMeter`): every replica adds to the same counters, which
@@ -90,6 +92,10 @@ class UsageMeter:
                 completion_tokens=completion,
             ),
         )
+
+    def prompt(self, tenant: str, prefix: str | None, prompt: int, cached: int) -> None:
+        """The prompt of several samples (OpenAI `n`, `best_of`, beams), billed once for all of them."""
+        self._add(tenant, _both(prefix, prompt_tokens=prompt, cached_tokens=cached))
 
     def rejected(self, tenant: str) -> None:
         self._add(tenant, {"rejected": 1})

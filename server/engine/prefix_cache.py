@@ -179,13 +179,13 @@ class PrefixCache:
             if count:
                 self.stats.hits += 1
             return e
+        if count:
+            self.stats.misses += 1  # (a remembered load error too: the prefix is not resident)
         err = self._errors.get(key)
         if err is not None:
             if time.monotonic() - err[1] < self.error_ttl_s:
                 return err[0]
             del self._errors[key]
-        if count:
-            self.stats.misses += 1
         if key not in self._loading:
             if self.max_pending is not None and len(self._loading) + self._fresh() >= self.max_pending:
                 return None  # fetched once those ahead of it are in use
