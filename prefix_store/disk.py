@@ -101,6 +101,11 @@ def _mkdir_durable(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def _last_changed(path: Path) -> float:
+    st = path.stat()
+    return max(st.st_mtime, st.st_ctime)
+
+
 class DiskStore(PrefixStore):
     backend = "disk"
 
@@ -190,7 +195,11 @@ class DiskStore(PrefixStore):
     @staticmethod
     def _remove_leftovers(ndir: Path, older_than: float | None = None) -> int:
         """Remove temp files and blobs without a marker (crashed writes), or only those last changed before the
-        unix time `older_than`; returns how many. Without `older_than` only call while holding the lock."""
+        unix time `older_than`; returns how many. Without `older_than` only call while holding the lock.
+
+        "Last changed" is the later of the modification and the inode change time: a restore (`cp -a`, `rsync -a`,
+        `tar x`) keeps a backup's old mtime, and a version's tensor file restored before its commit marker must not
+        look like an old crash's leftover to a store opening meanwhile (its ctime is the copy's)."""
         entries = os.listdir(ndir)
         committed = {m.group(1) for e in entries if (m := _META_RE.fullmatch(e))}
         removed = 0
@@ -199,7 +208,7 @@ class DiskStore(PrefixStore):
             if not (e.startswith(TMP_PREFIX) or (m and m.group(1) not in committed)):
                 continue
             with contextlib.suppress(FileNotFoundError):
-                if older_than is None or (ndir / e).stat().st_mtime < older_than:
+                if older_than is None or _last_changed(ndir / e) < older_than:
                     log.info("removing leftover of an interrupted write: %s", ndir / e)
                     os.unlink(ndir / e)
                     removed += 1
@@ -406,17 +415,25 @@ class DiskStore(PrefixStore):
         if not self._name_dir(tenant_id, name).is_dir():
             raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
         try:
-            with self._locked(tenant_id, name):
-                return self._delete_locked(tenant_id, name)
+            with self._locked(tenant_id, name) as lock_fd:
+                return self._delete_locked(tenant_id, name, lock_fd)
         except OSError as e:
             raise self._unavailable(f"delete prefix {label(tenant_id, name)}", e) from e
 
-    def _delete_locked(self, tenant_id: str, name: str) -> int:
+    def _count_to(self, lock_fd: int, highest: int) -> None:
+        """Before a version leaves the disk, the counter covers it: a put(version=N) killed between its commit
+        marker and its counter write left the counter below N, which only the marker's scan made up for; once N
+        is deleted, N would be handed out again, to other tensors."""
+        if self._read_counter(lock_fd) < highest:
+            self._write_counter(lock_fd, highest)
+
+    def _delete_locked(self, tenant_id: str, name: str, lock_fd: int) -> int:
         """Every version, in one rename into the trash, then the journal line (call holding the name's lock)."""
         ndir = self._name_dir(tenant_id, name)
         found = self._scan(ndir)
         if not found:
             raise PrefixNotFound(f"prefix {label(tenant_id, name)} not found")
+        self._count_to(lock_fd, found[-1])
         trash = self.root / TRASH
         _mkdir_durable(trash)
         doomed = trash / uuid.uuid4().hex  # (tenant and name can be as long as a file name may be, not both)
@@ -432,12 +449,13 @@ class DiskStore(PrefixStore):
         if not ndir.is_dir():
             raise PrefixNotFound(f"prefix {label(tenant_id, name, version)} not found")
         try:
-            with self._locked(tenant_id, name):
+            with self._locked(tenant_id, name) as lock_fd:
                 found = self._scan(ndir)
                 if version not in found:
                     raise PrefixNotFound(f"prefix {label(tenant_id, name, version)} not found")
                 if found == [version]:  # the last one: the name goes, in the one-step way
-                    return self._delete_locked(tenant_id, name)
+                    return self._delete_locked(tenant_id, name, lock_fd)
+                self._count_to(lock_fd, found[-1])
                 os.unlink(ndir / f"v{version}.json")  # the commit marker first: from here the version is gone
                 _fsync_dir(ndir)
                 with contextlib.suppress(FileNotFoundError):

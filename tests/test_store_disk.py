@@ -136,22 +136,57 @@ def test_a_name_as_long_as_names_may_be_is_deleted(store, tmp_path):
 
 def test_leftovers_of_crashed_writes_are_swept_when_old(tmp_path):
     """A name whose only write crashed, or that no put comes back to, keeps its temp files until a store opens and
-    sweeps those old enough to be a crash's (a write in progress is left alone)."""
+    sweeps those old enough to be a crash's (a write in progress is left alone). Old means not changed in any
+    way for that long: a tensor file restored from a backup (`cp -a` keeps its old mtime) before its commit
+    marker is copied is young by its ctime, and stays (the sweep deleted it: the version was then unreadable)."""
     s = open_store(f"file://{tmp_path}/root")
     put(s)
     ndir = tmp_path / "root" / "acme" / "bot"
     orphan = tmp_path / "root" / "acme" / "orphan"
     orphan.mkdir()
     old = [orphan / ".tmp-dead-v1.safetensors", ndir / ".tmp-dead-v2.json", ndir / "v2.safetensors"]
-    fresh = ndir / ".tmp-live-v3.safetensors"
-    for f in (*old, fresh):
-        f.write_bytes(b"x" * 10)
-    hour_ago = time.time() - 2 * 3600
     for f in old:
-        os.utime(f, (hour_ago, hour_ago))
-    assert isinstance(s, DiskStore) and s._sweep_leftovers() == 3
-    assert not any(f.exists() for f in old) and fresh.exists()
+        f.write_bytes(b"x" * 10)
+    time.sleep(0.1)  # (file times are those of a coarser clock than time.time())
+    cutoff = time.time()
+    time.sleep(0.1)
+    fresh = ndir / ".tmp-live-v3.safetensors"
+    restored = ndir / "v4.safetensors"  # a backup's, its marker not copied yet
+    for f in (fresh, restored):
+        f.write_bytes(b"x" * 10)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(restored, (hours_ago, hours_ago))
+    assert isinstance(s, DiskStore) and s._sweep_leftovers(min_age_s=time.time() - cutoff) == 3
+    assert not any(f.exists() for f in old) and fresh.exists() and restored.exists()
     assert s.get("acme", "bot").meta.version == 1
+
+
+def test_a_version_number_is_not_handed_out_again_after_a_copy_died_before_its_counter(tmp_path, monkeypatch):
+    """put(version=N) (a copy) writes the name's counter after the commit marker: one killed in between left the
+    counter below N, made up for only by the scan of N's marker. Deleting N (or the whole name) then let later
+    puts be given N again, for other tensors (a cache keyed on tenant, name, version served the old ones)."""
+    for whole_name in (False, True):
+        s = open_store(f"file://{tmp_path}/root{int(whole_name)}")
+        assert isinstance(s, DiskStore)
+        put(s, fill=1.0)
+        put(s, fill=2.0)
+
+        def killed(fd: int, version: int) -> None:
+            raise SystemExit("killed")
+
+        with monkeypatch.context() as m:
+            m.setattr(DiskStore, "_write_counter", staticmethod(killed))
+            with pytest.raises(SystemExit):
+                put(s, fill=5.0, version=5)
+        assert s.get("acme", "bot").meta.version == 5  # committed, and served
+        if whole_name:
+            s.delete("acme", "bot")
+        else:
+            s.delete("acme", "bot", version=5)
+        assert [put(s, fill=9.0 + i).version for i in range(2)] == [6, 7]
+        with pytest.raises(errors.PrefixNotFound):
+            s.get("acme", "bot", 5)
+        s.close()
 
 
 def test_trash_left_by_a_crashed_delete_is_cleaned(tmp_path):
