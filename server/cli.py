@@ -151,9 +151,11 @@ def make_server(app: Any, settings: Any) -> Any:
 
         async def startup(self, sockets: Any = None) -> None:
             state = getattr(getattr(app, "state", None), "ps", None)
-            if self.config.is_ssl and state is not None:
+            if self.config.ssl is not None and state is not None:
                 # (loaded by now; the app's lifespan, run below, starts the reloader that renews its certificate)
-                state.tls_context = self.config.ssl
+                from server.tls import RenewableTLS
+
+                state.tls = RenewableTLS(self.config.ssl)
             try:
                 await super().startup(sockets)
             except OSError:

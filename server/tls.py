@@ -81,3 +81,45 @@ def uvicorn_ssl_options(settings: Any) -> dict[str, Any]:
         "ssl_ca_certs": None if settings.ssl_ca_certs is None else str(settings.ssl_ca_certs),
         "ssl_cert_reqs": CERT_REQS[settings.ssl_cert_reqs],
     }
+
+
+def _fresh_context(settings: Any, verify_mode: ssl.VerifyMode) -> ssl.SSLContext:
+    """A server context holding only the TLS files as they are now (ValueError if they changed while read)."""
+    cert, key, ca = settings.ssl_certfile, settings.ssl_keyfile, settings.ssl_ca_certs
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key, password=_ask_password)
+        if ca is not None:
+            ctx.load_verify_locations(cafile=ca)
+    except (ssl.SSLError, OSError, _Encrypted) as e:
+        # (they passed check_tls_files a moment ago: a renewal is writing them)
+        raise ValueError(f"the files changed while they were read ({e or type(e).__name__})") from None
+    ctx.verify_mode = verify_mode
+    return ctx
+
+
+class RenewableTLS:
+    """uvicorn's server context, whose certificate, key and client CA files may be renewed while it serves
+    (`renew`, by the config reloader): each renewal is a context of its own, built from the files once they pass
+    `check_tls_files`, which new connections switch to as their handshake begins (the live context's SNI
+    callback, which OpenSSL runs for every handshake, with or without SNI). Nothing is ever changed in a context
+    in use: a renewal that fails leaves what is served as it was (loading a certificate into the live context
+    dropped its key first, and a mismatched key then left it with none), the new context holds only the new files
+    (loading into the live one kept a certificate of another key type, and every CA it had trusted), and no
+    thread touches a context another uses. Open connections keep theirs."""
+
+    def __init__(self, live: ssl.SSLContext) -> None:
+        self.live = live
+        self.current: ssl.SSLContext | None = None  # None: the live context's own files
+        live.sni_callback = self._pick
+
+    def _pick(self, conn: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        current = self.current
+        if current is not None:
+            conn.context = current
+
+    def renew(self, settings: Any) -> None:
+        """Serve the files as they are now to new connections (ValueError naming the setting if one cannot be
+        used, nothing changed then)."""
+        check_tls_files(settings)  # (the one-line reasons)
+        self.current = _fresh_context(settings, self.live.verify_mode)

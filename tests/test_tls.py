@@ -266,7 +266,8 @@ def test_a_renewed_certificate_is_served_without_a_restart(pki, api_bundle, tmp_
     """vLLM's --enable-ssl-refresh, always on: the certificate and key files replaced while the server runs are
     served to new connections, an open connection keeps working; a certificate written before its key (they do
     not match yet) is refused and the old pair kept, then taken once the key is written; a bad file is refused
-    too. Each counted in config_reloads_total{file="tls"}."""
+    too. Each counted in config_reloads_total{file="tls"}. The client CA file is renewed whole: a CA taken out of
+    it is no longer trusted (loading into the live context only ever added CAs)."""
     from prefix_store import open_store
     from server.api import create_app
     from server.settings import Settings
@@ -279,16 +280,18 @@ def test_a_renewed_certificate_is_served_without_a_restart(pki, api_bundle, tmp_
             metric_value(text, "prefixserve:config_reloads_total", {"file": "tls", "result": result}) or 0.0
         )
 
-    cert, key = tmp_path / "tls" / "server.pem", tmp_path / "tls" / "server.key"
+    cert, key, ca = (tmp_path / "tls" / f for f in ("server.pem", "server.key", "clients-ca.pem"))
     cert.parent.mkdir()
     replace(cert, pki.server_cert.read_text())
     replace(key, pki.server_key.read_text())
+    replace(ca, pki.ca.read_text())
     store = open_store(f"file://{tmp_path}/store")
-    settings = Settings(store_url=store.url, ssl_certfile=cert, ssl_keyfile=key, config_reload_s=0.05,
-                        kv_cache_mb=16, max_model_len=512, training_workers=0, shutdown_grace_s=5)  # fmt: skip
+    settings = Settings(store_url=store.url, ssl_certfile=cert, ssl_keyfile=key, ssl_ca_certs=ca,
+                        ssl_cert_reqs="required", config_reload_s=0.05, kv_cache_mb=16, max_model_len=512,
+                        training_workers=0, shutdown_grace_s=5)  # fmt: skip
     caplog.set_level(logging.INFO, logger="prefixserve.reload")
     server, thread, port = _serve_in_thread(settings, create_app(settings, bundle=api_bundle, store=store))
-    ctx = pki.trusting()
+    ctx = pki.trusting(pki.client_cert, pki.client_key)
     keep = httpx.Client(verify=ctx, timeout=30)  # one connection, open across the renewal
     try:
         assert keep.get(f"https://127.0.0.1:{port}/health").status_code == 200
@@ -299,17 +302,60 @@ def test_a_renewed_certificate_is_served_without_a_restart(pki, api_bundle, tmp_
         assert _served_certificate(port, ctx) == _der(pki.server_cert)  # the old pair, whole
         replace(key, pki.renewed_key.read_text())
         eventually(lambda: _served_certificate(port, ctx) == _der(pki.renewed_cert))
-        assert reloads("ok") == 1
+        eventually(lambda: reloads("ok") == 1)  # (counted once the switch is made: just after)
         assert keep.get(f"https://127.0.0.1:{port}/health").status_code == 200  # (the open connection)
         replace(cert, "not a certificate\n")
         eventually(lambda: reloads("error") == 2)
         assert _served_certificate(port, ctx) == _der(pki.renewed_cert)
         assert "no PEM certificate" in caplog.text
+        # the clients' CA replaced by another: the first's client certificates are refused, the other's served
+        replace(cert, pki.renewed_cert.read_text())
+        rogue = pki.trusting(pki.rogue_cert, pki.rogue_key)
+        replace(ca, (pki.ca.parent / "rogue-ca.pem").read_text())
+        eventually(lambda: reloads("ok") == 2)
+        assert _served_certificate(port, rogue) == _der(pki.renewed_cert)
+        with httpx.Client(verify=ctx, timeout=10) as fresh, pytest.raises(httpx.TransportError):
+            fresh.get(f"https://127.0.0.1:{port}/health")
+        assert keep.get(f"https://127.0.0.1:{port}/health").status_code == 200
     finally:
         keep.close()
         server.should_exit = True
         thread.join(10)
         store.close()
+
+
+def test_a_renewal_caught_mid_write_changes_nothing_served(pki, tmp_path, monkeypatch):
+    """Files that pass the check and change before they are loaded (a renewal writing them that moment) are
+    refused with nothing served changed: loading them into the live context dropped its key first and left it
+    with none, every new handshake failing."""
+    import server.tls as tls
+    from server.settings import Settings
+    from tests.test_api_reload import replace
+
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    replace(cert, pki.server_cert.read_text())
+    replace(key, pki.server_key.read_text())
+    settings = Settings(ssl_certfile=cert, ssl_keyfile=key)
+    live = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    live.load_cert_chain(cert, key)
+    renewable = tls.RenewableTLS(live)
+    renewable.renew(settings)
+    first = renewable.current
+    assert first is not None and first is not live
+    checked = tls.check_tls_files
+
+    def check_then_renewal_writes(s):
+        checked(s)
+        replace(cert, pki.renewed_cert.read_text())  # its key not written yet
+
+    monkeypatch.setattr(tls, "check_tls_files", check_then_renewal_writes)
+    with pytest.raises(ValueError, match="changed while they were read"):
+        renewable.renew(settings)
+    assert renewable.current is first  # what new connections get is as it was
+    monkeypatch.setattr(tls, "check_tls_files", checked)
+    replace(key, pki.renewed_key.read_text())
+    renewable.renew(settings)
+    assert renewable.current is not first
 
 
 # ------------------------------------------------------------------------------------------------ real server

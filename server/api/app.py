@@ -90,9 +90,7 @@ class AppState:
     owns_jobs: bool = False
     route_methods: list[tuple[Any, str, set[str]]] = field(default_factory=list)  # for 405 Allow headers
     config_loaded: dict[str, Any] = field(default_factory=dict)  # signatures of the config files as read
-    tls_context: Any = (
-        None  # uvicorn's ssl.SSLContext, where the CLI's server terminates TLS (reloaded certs go in)
-    )
+    tls: Any = None  # server.tls.RenewableTLS: uvicorn's context, where the CLI's server terminates TLS
     freeze_gc: bool = False  # after start-up, move what exists to the GC's permanent generation (the CLI's)
     _idle: asyncio.Event | None = field(default=None, repr=False)
 

@@ -79,14 +79,12 @@ class ConfigReloader:
     interval_s: float
     files: list[Watched] = field(default_factory=list)
 
-    _loop: asyncio.AbstractEventLoop | None = None
-
     def __post_init__(self) -> None:
         appliers = {"api_keys": self._keys, "tenant_limits": self._limits, "tls": self._tls}
         for name, paths in config_files(self.state.settings).items():
             if name == "tenant_limits" and self.state.limiter is None:
                 continue
-            if name == "tls" and getattr(self.state, "tls_context", None) is None:
+            if name == "tls" and getattr(self.state, "tls", None) is None:
                 continue  # (an app served without uvicorn's TLS: run-batch, a test client)
             self.files.append(Watched(name, paths, appliers[name]))
         loaded = getattr(self.state, "config_loaded", {})
@@ -116,24 +114,8 @@ class ConfigReloader:
         return f"{len(overrides)} entries"
 
     def _tls(self) -> str:
-        """The certificate files checked in a context of their own (so a certificate that is not its key's leaves
-        the served one as it was), then loaded into the server's, on the event loop's thread: the one that makes
-        connections from it (OpenSSL's context is not to be changed while another thread uses it). New connections
-        get the new certificate; open ones keep theirs."""
-        from server.tls import check_tls_files
-
-        s = self.state.settings
-        check_tls_files(s)
-        ctx = self.state.tls_context
-
-        async def load() -> None:
-            ctx.load_cert_chain(s.ssl_certfile, s.ssl_keyfile)
-            if s.ssl_ca_certs is not None:
-                ctx.load_verify_locations(cafile=s.ssl_ca_certs)
-
-        assert self._loop is not None
-        # (bounded: a loop that stops meanwhile must not leave this thread, which shutdown joins, waiting forever)
-        asyncio.run_coroutine_threadsafe(load(), self._loop).result(timeout=30)
+        """New connections get the files as they are now (`RenewableTLS`); open ones keep theirs."""
+        self.state.tls.renew(self.state.settings)
         return "new connections get the new certificate"
 
     def check(self) -> None:
@@ -166,7 +148,6 @@ class ConfigReloader:
     async def run(self) -> None:
         if not self.files or self.interval_s <= 0:
             return
-        self._loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval_s)
             try:
