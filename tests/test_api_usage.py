@@ -240,6 +240,31 @@ def test_a_request_the_client_leaves_while_queued_is_an_aborted_completion(serve
     holder.join(30)
 
 
+def test_a_beam_search_left_mid_search_bills_what_it_ran(server_factory):
+    """A beam search's choices have one event each, when the search ends: one its client left after many steps
+    was metered as aborted completions of no tokens, its whole reservation refunded (beam searches cost nothing
+    if left before their end). The prompt is billed once and each choice the tokens its beam had."""
+    import httpx
+
+    s = server_factory()
+    slow_engine(s.svc, 0.02)
+    c = s.client()
+    body = {"model": "globex/base", "prompt": "Once upon a time", "max_tokens": 400, "n": 2,
+            "use_beam_search": True, "ignore_eos": True}  # fmt: skip
+    with httpx.Client(base_url=s.url, timeout=0.6) as quick, pytest.raises(httpx.ReadTimeout):
+        quick.post("/v1/completions", json=body)
+    deadline = time.monotonic() + 10
+    while True:
+        (u,) = c.get("/usage", params={"tenant_id": "globex"}).json()["data"]
+        if u["completions"] == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert u["requests"] == 1 and u["completions"] == u["aborted"] == 2
+    whole = c.post("/v1/completions", json={**body, "max_tokens": 1}).json()["usage"]
+    assert u["prompt_tokens"] == whole["prompt_tokens"]  # once, as a search run to its end bills it
+    assert 2 <= u["completion_tokens"] < 2 * 400 and u["completion_tokens"] % 2 == 0
+
+
 def test_requests_per_minute_429_with_retry_after_and_headers(server_factory):
     s = server_factory(keys={"acme": "k-a", "globex": "k-g"}, tenant_requests_per_minute=2)
     clock = Clock()

@@ -120,6 +120,7 @@ class BeamSearch:
         self.first_scheduled: float | None = None
         self.cached_tokens = 0
         self.steps = 0  # engine requests made
+        self.rounds = 0  # steps of every live beam done: each beam has this many tokens
 
     def result(self) -> asyncio.Task[list[TokenEvent]]:
         if self.task is None:
@@ -194,6 +195,7 @@ class BeamSearch:
         done: list[Beam] = []
         for step in range(self.sampling.max_tokens):
             steps = await asyncio.gather(*(self._step(b.tokens, max(k, want)) for b in running))
+            self.rounds = step + 1
             last = step == self.sampling.max_tokens - 1
             running = best_beams(
                 running, steps, done, width, lambda t: not ignore_eos and t in eos, want, k, last
@@ -274,7 +276,17 @@ class BeamRun(GenerationRun):
             self.info.version = self.prefix.version
         return replace(events[self.index], request_id=self.req.request_id)
 
+    @property
+    def ran(self) -> bool:
+        """Its one event comes when the search ends; a search the client left after its first step ran the prompt
+        and that many tokens of each beam, billed as a sampled choice's tokens so far are (it was refunded
+        whole: beam searches left before their end cost nothing)."""
+        return self.first is not None or self.search.rounds > 0
+
     async def close(self) -> None:
         if not self._closed:
             self.search.closed()
+            if self.first is None:
+                self.generated = self.search.rounds
+                self.cached_tokens = self.search.cached_tokens
         await super().close()

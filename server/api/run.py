@@ -255,6 +255,11 @@ class GenerationRun:
         return ev
 
     @property
+    def ran(self) -> bool:
+        """The engine ran it: its first event came (a prompt prefilled, a token or an error)."""
+        return self.first is not None
+
+    @property
     def submitted(self) -> bool:
         """Handed to the engine (its request may be queued, running or over)."""
         return self._agen is not None
@@ -451,13 +456,13 @@ class GenerationRun:
                 with contextlib.suppress(Exception):
                     await self._agen.aclose()  # its finally aborts an unfinished request
             if self._agen is not None and self.final is None and not self.refused:
-                self._aborted_queued = self.first is None
+                self._aborted_queued = not self.ran
                 self.info.finish_reason = self.info.finish_reason or "abort"
                 m = self.svc.metrics
                 m.request_success.labels("abort").inc()
                 m.e2e.observe(time.monotonic() - self._t0)
                 # it was prefilled (its first token came) before the client left
-                if self.first is not None:
+                if self.ran:
                     m.prompt_tokens.inc(len(self.req.prompt_token_ids))
                     m.generation_tokens.inc(self.generated if self.bill_output else 0)
                     # ... and its log line says what it cost (with several choices: what they wrote together)
@@ -477,7 +482,7 @@ class GenerationRun:
         consumed = 0
         usage, tenant, name = self.svc.usage, self.prefix.tenant_id, self.prefix.name
         share = self.share
-        if self.first is not None:
+        if self.ran:
             fin = self.final
             outcome = fin.finish_reason or "stop" if fin is not None else "abort"
             billed = outcome != "error" and bool(self.generated or outcome in ("stop", "length"))
