@@ -320,12 +320,16 @@ def test_tokens_per_minute_charges_prompt_plus_max_tokens_and_refunds_the_rest(s
     assert big.status_code == 429 and int(big.headers["retry-after"]) == -(-p * 60 // 200)
     clock.t += 60
     assert gen(c, "acme", max_tokens=left).status_code == 200
-    # n samples are charged together: more than the whole budget is a 413, less but more than is left a 429,
-    # and either way nothing is taken
+    # n samples are charged together, their prompt once (OpenAI's prompt + n x max_tokens, as the response's
+    # usage bills it): more than the whole budget is a 413, less but more than is left a 429, and either way
+    # nothing is taken
     clock.t += 60
-    body = {"model": "acme/base", "prompt": "Once upon a time", "max_tokens": 70 - p, "n": 3}
+    m = (200 - p) // 3 + 1
+    body = {"model": "acme/base", "prompt": "Once upon a time", "max_tokens": m, "n": 3, "ignore_eos": True}
     assert_error(c.post("/v1/completions", json=body), 413, "tokens_per_minute_exceeded")
-    assert c.post("/v1/completions", json={**body, "n": 2}).status_code == 200
+    r = c.post("/v1/completions", json={**body, "n": 2})
+    assert r.status_code == 200 and r.headers["x-ratelimit-remaining-tokens"] == str(200 - p - 2 * m)
+    assert remaining(c, "acme") == 200 - p - 2 * m  # all of it used: the prompt once
     assert_error(c.post("/v1/completions", json={**body, "n": 2}), 429, "rate_limit_exceeded")
     clock.t += 60
     assert remaining(c, "acme") == 200
@@ -337,7 +341,7 @@ def test_tokens_per_minute_charges_prompt_plus_max_tokens_and_refunds_the_rest(s
 
     s.svc.llm.validate = refuse
     try:
-        r = c.post("/v1/completions", json={**body, "n": 1})
+        r = c.post("/v1/completions", json={**body, "n": 2})  # (its prompt, charged once, comes back too)
     finally:
         s.svc.llm.validate = real
     assert_error(r, 400)
@@ -349,10 +353,14 @@ def test_tokens_per_minute_charges_prompt_plus_max_tokens_and_refunds_the_rest(s
     r = c.post("/v1/completions", json=score)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 0
     assert remaining(c, "acme") == 200 - p
+    clock.t += 60
+    r = c.post("/v1/completions", json={**score, "n": 3})  # (the prompt once for its samples)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == p
+    assert remaining(c, "acme") == 200 - p
     (after,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
     assert (
         after["completion_tokens"] == rep["completion_tokens"]
-        and after["prompt_tokens"] == rep["prompt_tokens"] + p
+        and after["prompt_tokens"] == rep["prompt_tokens"] + 2 * p
     )
     assert (
         c.get("/usage", params={"tenant_id": "probe"}).json()["data"][0]["limits"]["remaining_tokens"] is None

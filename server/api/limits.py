@@ -1,7 +1,7 @@
 """Per-tenant rate limits: requests and tokens per minute (OpenAI's RPM / TPM), as token buckets.
 
-A generation request is charged one request when it is admitted, and each engine request it makes (OpenAI `n`,
-prompt lists) ``prompt + max_tokens`` tokens; what a request did not use is refunded when it ends, so the token
+A generation request is charged one request when it is admitted, and for each prompt it holds ``prompt + n x
+max_tokens`` tokens (OpenAI's count: `n` samples, `best_of`, beams share their prompt); what a request did not use is refunded when it ends, so the token
 budget follows what tenants really consumed, and a request the server then refuses to start (the tenant's
 concurrency limit, a full queue) is given back whole. A bucket holds one minute of budget and refills continuously, so a
 tenant may burst up to its per-minute limit and then proceeds at the limit's pace. Over the limit: 429 with a
@@ -219,7 +219,7 @@ class RateLimiter:
         prompt_param: str = "prompt",
         max_tokens_param: str = "max_tokens",
     ) -> dict[str, str]:
-        """Charge one request and `tokens` (prompt + max_tokens of all its samples), both or neither; returns the
+        """Charge one request and `tokens` (prompt + n x max_tokens of each of its prompts), both or neither; returns the
         x-ratelimit-* headers. Raises APIError 413 (more tokens than the whole budget) or 429 + Retry-After.
         `prompt_param`, `max_tokens_param`: the request's own fields for the two (`RequestInfo`'s), which the 413
         names."""

@@ -48,28 +48,37 @@ class ClientDisconnected(Exception):
     pass
 
 
+def prompt_groups(prompts: list[list[int]]) -> list[int]:
+    """For each engine request of an HTTP request, the index of the first of its prompt's: consecutive requests of
+    one prompt (the same token list: `n` samples, `best_of`, a beam's choices) are one group."""
+    out: list[int] = []
+    for i, ids in enumerate(prompts):
+        out.append(out[i - 1] if i and ids is prompts[i - 1] else i)
+    return out
+
+
 def share_prompts(runs: list[GenerationRun], prompts: list[list[int]]) -> None:
-    """Group the consecutive runs of one prompt (the same token list: `n` samples, `best_of`, a beam's choices) so
-    that they bill it once; a run alone bills its own."""
-    i = 0
-    while i < len(runs):
-        j = i + 1
-        while j < len(runs) and prompts[j] is prompts[i]:
-            j += 1
-        if j - i > 1:
-            share = PromptShare(left=j - i)
-            for r in runs[i:j]:
+    """Group the runs of one prompt so that they bill it once (its tokens reserved by the first, the holder); a
+    run alone bills its own."""
+    firsts = prompt_groups(prompts)
+    for start in sorted(set(firsts)):
+        group = [r for r, f in zip(runs, firsts, strict=True) if f == start]
+        if len(group) > 1:
+            share = PromptShare(left=len(group), holder=group[0])
+            for r in group:
                 r.share = share
-        i = j
 
 
 @dataclass
 class PromptShare:
     """The runs of one prompt in one HTTP request (OpenAI `n`, TGI `best_of`, a beam search's choices): their
     prompt is billed once, as the response's usage counts it, by the last of them to close, with the fewest
-    cached tokens of those billed (the sample that computed the shared prefill)."""
+    cached tokens of those billed (the sample that computed the shared prefill). Its tokens were charged to the
+    rate limit once, in the holder's reservation (OpenAI's prompt + n x max_tokens), and go back to the tenant's
+    budget if none of them is billed."""
 
     left: int  # runs not closed yet
+    holder: GenerationRun  # the one whose reserved tokens include the prompt's
     billed: bool = False  # one of them was billed (it answered)
     cached: int | None = None
 
@@ -498,10 +507,15 @@ class GenerationRun:
             usage.completion(tenant, name, outcome, prompt, cached, generated)
         elif self._aborted_queued:
             usage.completion(tenant, name, "abort", 0, 0, 0)
+        refund = self.reserved_tokens - consumed
         if share is not None:
+            prompt = len(self.req.prompt_token_ids)
+            if share.holder is self:
+                refund -= prompt  # (the group's: kept until its last run closes)
             share.left -= 1
-            if share.left == 0 and share.billed:
-                prompt = len(self.req.prompt_token_ids)
-                consumed += prompt
-                usage.prompt(tenant, name, prompt, share.cached or 0)
-        await self.svc.limiter.refund(tenant, self.reserved_tokens - consumed)
+            if share.left == 0:
+                if share.billed:
+                    usage.prompt(tenant, name, prompt, share.cached or 0)
+                else:
+                    refund += prompt  # none of them answered: the prompt costs nothing
+        await self.svc.limiter.refund(tenant, refund)

@@ -28,7 +28,7 @@ from server.api.logprobs import TokenTexts
 from server.api.metrics import Metrics, count_jobs
 from server.api.prefix_meta import PrefixMetaCache, Refusal, ResolvedPrefix
 from server.api.reasoning import ReasoningParser, get_reasoning_parser
-from server.api.run import GenerationRun, outcome_read, race_disconnect, share_prompts
+from server.api.run import GenerationRun, outcome_read, prompt_groups, race_disconnect, share_prompts
 from server.api.schemas import BASE_PREFIX, ResponseFormat, StructuredOutputsParam, check_text
 from server.api.structured import engine_spec
 from server.api.tool_parsers import ToolParser, detect, get_parser
@@ -926,7 +926,9 @@ class Service:
         for ids, sampling in jobs:
             self._check(info, prefix, ids, sampling, scoring=not bill_output)
         tenant = prefix.tenant_id
-        costs = [len(ids) + sp.max_tokens for ids, sp in jobs]
+        # the samples of one prompt charge it once (OpenAI's prompt + n x max_tokens), in the first one's reservation
+        firsts = prompt_groups([ids for ids, _ in jobs])
+        costs = [sp.max_tokens + (len(ids) if firsts[i] == i else 0) for i, (ids, sp) in enumerate(jobs)]
         try:
             info.headers.update(
                 await self.limiter.charge(
