@@ -216,9 +216,8 @@ class GenerationRun:
         self.refused = False  # the engine refused it (full queue, too large): it never ran, nor was aborted
         self.bill_output = True  # False: its generated tokens are not part of the answer (echo, max_tokens 0)
         self.share: PromptShare | None = None  # its prompt's other samples (None: billed its own prompt)
-        self._aborted_queued = (
-            False  # the client left before its first event (counted as an abort, no tokens)
-        )
+        # the client left before its first event (counted as an abort, of no tokens)
+        self._aborted_queued = False
         self._closed = False
 
     async def start(self) -> TokenEvent:
