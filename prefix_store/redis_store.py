@@ -202,6 +202,32 @@ class RedisStore(PrefixStore):
                 except WatchError:
                     continue
 
+    def _transaction_once(self, body: Callable[[redis.client.Pipeline], int], watch: tuple[str, ...]) -> int:
+        """A change that takes effect once however often its transaction is run: redis-py answers a connection
+        lost during EXEC (sent, its reply lost) with a WatchError, so `_transaction` runs it again, and a stalled
+        Redis may run an EXEC whose reply timed out. ``body`` reads, calls ``pipe.multi()``, queues the change and
+        returns its result; a token written with it makes a run that finds it answer that result instead of
+        changing the store again (a delete re-run after a lost reply answered "not found" for what it had deleted,
+        or deleted a version put since)."""
+        token_key = self._key("once", uuid.uuid4().hex)
+
+        def commit(pipe: redis.client.Pipeline) -> int:
+            mine = pipe.get(token_key)
+            if mine is not None:  # an earlier run took effect
+                pipe.multi()
+                return int(mine)
+            result = body(pipe)
+            pipe.set(token_key, result, ex=PUT_TOKEN_TTL_S)
+            return result
+
+        try:
+            result = self._transaction(commit, watch=watch)
+        except (redis.ConnectionError, redis.TimeoutError):
+            result = self._transaction(commit, watch=watch)  # (as a put's: it may have run)
+        with contextlib.suppress(redis.RedisError):  # done with: else it expires
+            self._r.delete(token_key)
+        return result
+
     # -------------------------------------------------------------------------------------- primitives
     def _put_with(self, reader: Any, t: str, n: str, idempotency_key: str) -> PrefixMeta | None:
         """The stored version of the name put with this Idempotency-Key (newest first)."""
@@ -428,7 +454,7 @@ class RedisStore(PrefixStore):
             return max(found)
 
         with self._errors(f"delete {label(t, n)}"):
-            return self._transaction(commit, watch=(versions_key, names_key, latest_key))
+            return self._transaction_once(commit, watch=(versions_key, names_key, latest_key))
 
     def _queue_delete_name(
         self, pipe: redis.client.Pipeline, t: str, n: str, found: builtins.list[int]
@@ -449,23 +475,23 @@ class RedisStore(PrefixStore):
         t, n = tenant_id, name
         versions_key, latest_key = self._versions_key(t, n), self._latest_key(t, n)
 
-        def commit(pipe: redis.client.Pipeline) -> None:
+        def commit(pipe: redis.client.Pipeline) -> int:
             found = _ints(pipe.zrange(versions_key, 0, -1))
             if version not in found:
                 pipe.unwatch()
                 raise PrefixNotFound(f"prefix {label(t, n, version)} not found")
             if found == [version]:  # the last one: the name goes
                 self._queue_delete_name(pipe, t, n, found)
-                return
+                return version
             pipe.multi()
             pipe.delete(self._blob_key(t, n, version), self._meta_key(t, n, version))
             pipe.zrem(versions_key, str(version))
             pipe.set(latest_key, max(v for v in found if v != version))
             pipe.publish(self._channel, self._change_message(ChangeEvent("delete", t, n, version)))
+            return version
 
         with self._errors(f"delete {label(t, n, version)}"):
-            self._transaction(commit, watch=(versions_key, self._names_key(t), latest_key))
-        return version
+            return self._transaction_once(commit, watch=(versions_key, self._names_key(t), latest_key))
 
     def _exists(self, tenant_id: str, name: str, version: int | None) -> bool:
         with self._errors(f"exists {label(tenant_id, name, version)}"):

@@ -399,6 +399,44 @@ def test_a_put_whose_exec_reply_was_lost_writes_one_version(store, monkeypatch):
     assert store.versions("acme", "bot") == [1, 2]  # not written a second time as version 4
 
 
+def test_a_delete_whose_exec_reply_was_lost_takes_effect_once(store, monkeypatch):
+    """A delete re-run after its EXEC's reply was lost (a WatchError from redis-py) found what it had deleted gone
+    and answered 404 (its own replica's caches never heard of it); a whole-name delete re-run after another
+    client's put deleted that version too. The token written with it makes the re-run answer the first run's
+    result, and the delete is announced to its own process's subscribers."""
+    import redis
+    from redis.exceptions import WatchError
+
+    real = redis.client.Pipeline.execute
+    lost: list[int] = []
+    between: list = []
+
+    def losing(self, *a, **k):
+        queued = [c[0][0] for c in self.command_stack]
+        out = real(self, *a, **k)
+        if not lost and "PUBLISH" in queued and "DEL" in queued:  # a delete's EXEC: it ran, its reply is lost
+            lost.append(1)
+            for act in between:
+                act()
+            raise WatchError("A ConnectionError occurred while watching one or more keys")
+        return out
+
+    events: list = []
+    store.subscribe(events.append)
+    for fill in (1.0, 2.0, 3.0):
+        put(store, fill=fill)
+    monkeypatch.setattr(redis.client.Pipeline, "execute", losing)
+    store.delete("acme", "bot", 2)  # (it raised PrefixNotFound)
+    assert lost == [1] and store.versions("acme", "bot") == [1, 3]
+    assert [(e.op, e.version) for e in events if e.op == "delete"] == [("delete", 2)]
+    # the whole name, with another client's put landing between the lost reply and the re-run
+    lost.clear()
+    between.append(lambda: put(store, fill=4.0))
+    store.delete("acme", "bot")
+    assert lost == [1] and store.versions("acme", "bot") == [4]  # the put after the delete stays
+    assert torch.equal(store.get("acme", "bot").kv, make_kv(4.0))
+
+
 def test_a_redis_configured_to_lose_prefixes_is_named(redis_server_factory):
     """A Redis that evicts any key when full (`allkeys-*`) or keeps nothing on disk loses stored prefixes: the
     store says so (the server logs it at start-up); none for a durable one, or where CONFIG is not allowed."""
