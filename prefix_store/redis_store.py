@@ -384,19 +384,27 @@ class RedisStore(PrefixStore):
     def _metas(self, keys: builtins.list[tuple[str, str]]) -> builtins.list[PrefixMeta]:
         if not keys:
             return []
-        with self._errors("list prefixes"):
-            latest = self._r.mget([self._latest_key(t, n) for t, n in keys])
-            found = [(t, n, int(v)) for (t, n), v in zip(keys, latest, strict=True) if v is not None]
-            metas = self._r.mget([self._meta_key(t, n, v) for t, n, v in found]) if found else []
-        out = []
-        for (t, n, v), raw in zip(found, metas, strict=True):
-            if raw is None:
-                continue  # deleted meanwhile
-            try:
-                out.append(PrefixMeta.from_json(raw))
-            except InvalidPrefix as e:
-                log.warning("skipping prefix %s in listing: %s", label(t, n, v), e)
-        return out
+        got: dict[tuple[str, str], PrefixMeta] = {}
+        pending = keys
+        # a latest version deleted between the two round trips (pruned by a new put, a rollback) leaves the name
+        # with another latest: read again, as `_load` does (it was left out of the listing)
+        for _attempt in range(10):
+            with self._errors("list prefixes"):
+                latest = self._r.mget([self._latest_key(t, n) for t, n in pending])
+                found = [(t, n, int(v)) for (t, n), v in zip(pending, latest, strict=True) if v is not None]
+                metas = self._r.mget([self._meta_key(t, n, v) for t, n, v in found]) if found else []
+            pending = []
+            for (t, n, v), raw in zip(found, metas, strict=True):
+                if raw is None:
+                    pending.append((t, n))  # its latest version went meanwhile
+                    continue
+                try:
+                    got[(t, n)] = PrefixMeta.from_json(raw)
+                except InvalidPrefix as e:
+                    log.warning("skipping prefix %s in listing: %s", label(t, n, v), e)
+            if not pending:
+                break
+        return [got[k] for k in keys if k in got]
 
     def _raw_metas(self, tenant_id: str, name: str, versions: builtins.list[int]) -> Iterator[bytes | None]:
         t, n = tenant_id, name

@@ -437,6 +437,32 @@ def test_a_delete_whose_exec_reply_was_lost_takes_effect_once(store, monkeypatch
     assert torch.equal(store.get("acme", "bot").kv, make_kv(4.0))
 
 
+def test_a_listing_keeps_a_name_whose_latest_version_goes_while_it_reads(store, redis_store_url):
+    """list() reads the latest pointers, then their metadata: a latest version deleted in between (a rollback, a
+    put's keep_versions pruning) left the name out of the listing though it held a version the whole time."""
+    other = open_store(redis_store_url)
+    put(store, n="q", fill=1.0)
+    put(store, n="q", fill=2.0)
+    put(store, n="r", fill=1.0)
+    real = store._r.mget
+    done: list[int] = []
+
+    def mget(keys, *a):
+        out = real(keys, *a)
+        if not done:
+            done.append(1)
+            other.delete("acme", "q", 2)  # after the latest pointers were read
+        return out
+
+    store._r.mget = mget
+    try:
+        assert [(m.name, m.version) for m in store.list("acme")] == [("q", 1), ("r", 1)]
+    finally:
+        store._r.mget = real
+        other.close()
+    assert done == [1]
+
+
 def test_a_redis_configured_to_lose_prefixes_is_named(redis_server_factory):
     """A Redis that evicts any key when full (`allkeys-*`) or keeps nothing on disk loses stored prefixes: the
     store says so (the server logs it at start-up); none for a durable one, or where CONFIG is not allowed."""
