@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -75,7 +76,7 @@ class PrefixStore(abc.ABC):
         self._sub_lock = threading.Lock()
         self._closed = False
         self.keep_versions: int | None = None  # newest versions kept per name after a put (None: all)
-        self._origin = uuid.uuid4().hex  # marks the changes this object publishes to other processes
+        self._origin_id = uuid.uuid4().hex
 
     # ------------------------------------------------------------------------------------------ public API
     def put(
@@ -393,6 +394,12 @@ class PrefixStore(abc.ABC):
             raise InvalidPrefix(
                 f"metadata stored under {label(tenant_id, name, version)} describes {meta.label}; refusing it"
             )
+
+    @property
+    def _origin(self) -> str:
+        """Marks the changes this object publishes to other processes: its own per process, so that a child
+        forked with it open and its parent hear each other's (each took the other's for its own)."""
+        return f"{self._origin_id}.{os.getpid()}"
 
     def _change_message(self, event: ChangeEvent) -> str:
         """A change as other processes read it (Redis pub/sub, the file store's journal): JSON with our origin."""

@@ -463,6 +463,35 @@ def test_a_listing_keeps_a_name_whose_latest_version_goes_while_it_reads(store, 
     assert done == [1]
 
 
+def _forked_subscriber(store, q) -> None:
+    got: list = []
+    store.subscribe(lambda e: got.append((e.op, e.version)))
+    assert store.wait_subscribed(5)
+    q.put("ready")
+    deadline = time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    q.put(got)
+
+
+def test_a_store_shared_through_fork_hears_the_other_process(store):
+    """A store object inherited through fork() kept its parent's origin mark, so each process took the other's
+    change messages for its own and dropped them: the child's subscriber never heard of the parent's puts."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_forked_subscriber, args=(store, q))
+    child.start()
+    try:
+        assert q.get(timeout=20) == "ready"
+        put(store, fill=1.0)
+        put(store, fill=2.0)
+        assert q.get(timeout=20) == [("put", 1), ("put", 2)]
+    finally:
+        child.join(10)
+
+
 def test_a_redis_configured_to_lose_prefixes_is_named(redis_server_factory):
     """A Redis that evicts any key when full (`allkeys-*`) or keeps nothing on disk loses stored prefixes: the
     store says so (the server logs it at start-up); none for a durable one, or where CONFIG is not allowed."""
