@@ -94,6 +94,11 @@ DEFAULT_CONNECT_TIMEOUT = 2.0
 META_BATCH = 128  # metadata records read in one round trip when looking through older versions
 # how long a put's token says which version it wrote: as long as the put may retry its transaction
 PUT_TOKEN_TTL_S = 3600
+# the change subscription pings Redis this often when it heard nothing, and takes it for lost without a pong
+# this long after (redis-py's health check pings but never checks the answer: a subscription whose connection
+# went silent, a black-holed path, stayed "subscribed", missing every change, until TCP gave up, ~15 minutes)
+SUBSCRIPTION_PING_S = 10.0
+SUBSCRIPTION_PONG_WAIT_S = 10.0
 _UNAVAILABLE_REPLIES = (
     "LOADING",
     "READONLY",
@@ -145,6 +150,7 @@ class RedisStore(PrefixStore):
         self._stop = threading.Event()
         self._subscribed = threading.Event()  # the listener's subscription is active
         self._settled = threading.Event()  # the listener has subscribed or failed at least once
+        self._ping_s, self._pong_wait_s = SUBSCRIPTION_PING_S, SUBSCRIPTION_PONG_WAIT_S
 
     def __repr__(self) -> str:
         return f"RedisStore('redis {self._where}', namespace={self.namespace!r})"
@@ -584,11 +590,24 @@ class RedisStore(PrefixStore):
             try:
                 pubsub = self._r.pubsub()
                 pubsub.subscribe(self._channel)
+                heard, probe, probed_at = time.monotonic(), None, 0.0
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=0.2)
+                    now = time.monotonic()
                     if msg is None:
+                        if probe is not None and now - probed_at > self._pong_wait_s:
+                            raise redis.ConnectionError(
+                                f"no answer to a ping in {self._pong_wait_s:g}s (the connection went silent)"
+                            )
+                        if probe is None and now - heard >= self._ping_s:
+                            probe, probed_at = uuid.uuid4().hex, now
+                            pubsub.ping(probe)
                         continue
-                    if msg["type"] == "subscribe":
+                    heard = now
+                    if msg["type"] == "pong":
+                        if probe is not None and _text(msg["data"]) == probe:
+                            probe = None
+                    elif msg["type"] == "subscribe":
                         self._subscribed.set()
                         self._settled.set()
                         delay = 0.05

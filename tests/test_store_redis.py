@@ -463,6 +463,38 @@ def test_a_listing_keeps_a_name_whose_latest_version_goes_while_it_reads(store, 
     assert done == [1]
 
 
+def test_a_change_subscription_that_goes_silent_is_renewed(store, monkeypatch):
+    """redis-py's pub/sub health check pings but never checks the answer: a subscription whose connection went
+    silent (a black-holed path) stayed "subscribed", missing every change, until TCP gave up (~15 minutes). The
+    listener pings when it has heard nothing for a while and, with no pong, subscribes again on a new connection
+    and tells its subscribers that changes may have been missed."""
+    import redis
+
+    silent: list[bool] = []
+    real = redis.client.PubSub.get_message
+
+    def get_message(self, *a, **k):
+        if silent:  # nothing comes through: no message, no pong
+            time.sleep(k.get("timeout") or 0.0)
+            return None
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(redis.client.PubSub, "get_message", get_message)
+    store._ping_s, store._pong_wait_s = 0.2, 0.3
+    got: queue.Queue = queue.Queue()
+    store.subscribe(got.put)
+    assert store.wait_subscribed(5)
+    time.sleep(0.8)  # pings answered: still subscribed, nothing delivered
+    assert store.wait_subscribed(0) and got.empty()
+    silent.append(True)
+    deadline = time.monotonic() + 10
+    while store.wait_subscribed(0):  # given up on once its ping goes unanswered
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    silent.clear()
+    assert wait_for(got).op == "resync" and store.wait_subscribed(5)
+
+
 def _forked_subscriber(store, q) -> None:
     got: list = []
     store.subscribe(lambda e: got.append((e.op, e.version)))
