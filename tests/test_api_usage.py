@@ -265,6 +265,46 @@ def test_a_beam_search_left_mid_search_bills_what_it_ran(server_factory):
     assert 2 <= u["completion_tokens"] < 2 * 400 and u["completion_tokens"] % 2 == 0
 
 
+def test_a_beam_search_that_fails_after_some_rounds_costs_nothing(server_factory, tmp_path, monkeypatch):
+    """A beam search answered with an error after some of its rounds ran (a 503 `prefix_changing`: its prefix's
+    versions went away under it) counts as refused, as any failed request: nothing billed, its tokens and request
+    given back (it was billed the rounds run while its request was refunded: a retry paid again)."""
+    from server.api import beam as beam_mod
+    from server.engine import TokenEvent
+
+    f = tmp_path / "limits.json"
+    f.write_text(json.dumps({"*": {"tokens_per_minute": 5000, "requests_per_minute": 100}}))
+    s = server_factory(tenant_limits_file=str(f))
+    s.svc.limiter.clock = Clock()
+    real = s.svc.engine.generate
+
+    def generate(req):
+        if req.continuation and len(req.prompt_token_ids) >= 8:  # a later step: its prefix version is gone
+
+            async def gone():
+                yield TokenEvent(request_id=req.request_id, token_ids=[], text="", finished=True,
+                                 finish_reason="error", error="gone", error_type="prefix_not_found")  # fmt: skip
+
+            return gone()
+        return real(req)
+
+    async def same(self, ev):
+        return self.prefix
+
+    monkeypatch.setattr(s.svc.engine, "generate", generate)
+    monkeypatch.setattr(beam_mod.BeamSearch, "_churned", lambda self, ev: True)
+    monkeypatch.setattr(beam_mod.BeamSearch, "_newer_latest", same)
+    c = s.client()
+    body = {"model": "acme/base", "prompt": "Once upon a time", "max_tokens": 50, "n": 2,
+            "use_beam_search": True, "ignore_eos": True}  # fmt: skip
+    r = c.post("/v1/completions", json=body)
+    assert_error(r, 503, "prefix_changing")
+    assert r.headers["x-ratelimit-remaining-tokens"] == "5000"
+    (u,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
+    assert u["prompt_tokens"] == u["completion_tokens"] == u["completions"] == u["requests"] == 0
+    assert u["limits"]["remaining_tokens"] == 5000 and u["limits"]["remaining_requests"] == 100
+
+
 def test_requests_per_minute_429_with_retry_after_and_headers(server_factory):
     s = server_factory(keys={"acme": "k-a", "globex": "k-g"}, tenant_requests_per_minute=2)
     clock = Clock()

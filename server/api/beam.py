@@ -193,6 +193,7 @@ class BeamSearch:
         want = self.sampling.logprobs or 0
         running = [Beam()]
         done: list[Beam] = []
+        self.rounds = 0  # (a run again on the name's latest version starts over)
         for step in range(self.sampling.max_tokens):
             steps = await asyncio.gather(*(self._step(b.tokens, max(k, want)) for b in running))
             self.rounds = step + 1
@@ -280,8 +281,9 @@ class BeamRun(GenerationRun):
     def ran(self) -> bool:
         """Its one event comes when the search ends; a search the client left after its first step ran the prompt
         and that many tokens of each beam, billed as a sampled choice's tokens so far are (it was refunded
-        whole: beam searches left before their end cost nothing)."""
-        return self.first is not None or self.search.rounds > 0
+        whole: beam searches left before their end cost nothing). One that failed (a 503 to retry) is not: the
+        caller got an error, and the request counts as refused."""
+        return self.first is not None or (self.search.rounds > 0 and not self.refused)
 
     async def close(self) -> None:
         if not self._closed:
