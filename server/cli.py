@@ -155,7 +155,7 @@ def make_server(app: Any, settings: Any) -> Any:
                 # (loaded by now; the app's lifespan, run below, starts the reloader that renews its certificate)
                 from server.tls import RenewableTLS
 
-                state.tls = RenewableTLS(self.config.ssl)
+                state.tls = RenewableTLS(self.config.ssl, asyncio.get_running_loop())
             try:
                 await super().startup(sockets)
             except OSError:

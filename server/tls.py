@@ -8,7 +8,9 @@ prompting on the terminal for a passphrase).
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,20 +108,45 @@ class RenewableTLS:
     in use: a renewal that fails leaves what is served as it was (loading a certificate into the live context
     dropped its key first, and a mismatched key then left it with none), the new context holds only the new files
     (loading into the live one kept a certificate of another key type, and every CA it had trusted), and no
-    thread touches a context another uses. Open connections keep theirs."""
+    thread touches a context another uses: the callback is set on the event loop's thread (the one that makes
+    connections), at the first renewal (with a callback set, CPython fails a handshake whose SNI is not ASCII,
+    which RFC 6066 forbids, and reports each as an unraisable exception: those reports are dropped). Open
+    connections keep theirs; a session resumed from before a renewal keeps the verification it had (OpenSSL's
+    session cache belongs to the live context)."""
 
-    def __init__(self, live: ssl.SSLContext) -> None:
-        self.live = live
+    def __init__(self, live: ssl.SSLContext, loop: asyncio.AbstractEventLoop) -> None:
+        self.live, self.loop = live, loop
         self.current: ssl.SSLContext | None = None  # None: the live context's own files
-        live.sni_callback = self._pick
+        self._installed = False
 
     def _pick(self, conn: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
         current = self.current
         if current is not None:
             conn.context = current
 
+    def _install(self) -> None:
+        if not self._installed:
+            self._installed = True
+            _quiet_non_ascii_sni()
+            self.live.sni_callback = self._pick
+
     def renew(self, settings: Any) -> None:
         """Serve the files as they are now to new connections (ValueError naming the setting if one cannot be
-        used, nothing changed then)."""
+        used, nothing changed then). From any thread."""
         check_tls_files(settings)  # (the one-line reasons)
         self.current = _fresh_context(settings, self.live.verify_mode)
+        if not self._installed:
+            self.loop.call_soon_threadsafe(self._install)
+
+
+def _quiet_non_ascii_sni() -> None:
+    """Drop CPython's unraisable-exception report of a handshake whose SNI is not ASCII (the handshake fails):
+    any peer could fill the log with them."""
+    previous = sys.unraisablehook
+
+    def hook(u: Any) -> None:
+        if u.exc_type is UnicodeDecodeError and isinstance(u.object, bytes) and u.err_msg is None:
+            return
+        previous(u)
+
+    sys.unraisablehook = hook

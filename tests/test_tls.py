@@ -336,12 +336,17 @@ def test_a_renewal_caught_mid_write_changes_nothing_served(pki, tmp_path, monkey
     replace(cert, pki.server_cert.read_text())
     replace(key, pki.server_key.read_text())
     settings = Settings(ssl_certfile=cert, ssl_keyfile=key)
+    import asyncio
+
     live = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     live.load_cert_chain(cert, key)
-    renewable = tls.RenewableTLS(live)
+    loop = asyncio.new_event_loop()
+    monkeypatch.setattr(loop, "call_soon_threadsafe", lambda f, *a: f(*a))  # (no loop runs here)
+    renewable = tls.RenewableTLS(live, loop)
+    assert live.sni_callback is None  # set at the first renewal only
     renewable.renew(settings)
     first = renewable.current
-    assert first is not None and first is not live
+    assert first is not None and first is not live and live.sni_callback is not None
     checked = tls.check_tls_files
 
     def check_then_renewal_writes(s):
@@ -356,6 +361,7 @@ def test_a_renewal_caught_mid_write_changes_nothing_served(pki, tmp_path, monkey
     replace(key, pki.renewed_key.read_text())
     renewable.renew(settings)
     assert renewable.current is not first
+    loop.close()
 
 
 # ------------------------------------------------------------------------------------------------ real server
