@@ -104,8 +104,8 @@ class RenewableTLS:
     """uvicorn's server context, whose certificate, key and client CA files may be renewed while it serves
     (`renew`, by the config reloader): each renewal is a context of its own, built from the files once they pass
     `check_tls_files`, which new connections switch to as their handshake begins (the live context's SNI
-    callback, which OpenSSL runs for every handshake, with or without SNI). Nothing is ever changed in a context
-    in use: a renewal that fails leaves what is served as it was (loading a certificate into the live context
+    callback, which OpenSSL runs for every handshake, with or without SNI). No certificate, key or CA store of a
+    context in use is ever changed: a renewal that fails leaves what is served as it was (loading a certificate into the live context
     dropped its key first, and a mismatched key then left it with none), the new context holds only the new files
     (loading into the live one kept a certificate of another key type, and every CA it had trusted), and no
     thread touches a context another uses: the callback is set on the event loop's thread (the one that makes
