@@ -72,6 +72,21 @@ def test_malformed_json_and_invalid_utf8_are_400(srv):
     assert_error(raw(c, b'{"tenant_id": "acme", "prompt": "\xff\xfe bad"}'), 400, "invalid_json")
 
 
+def test_valid_json_the_parser_refuses_is_not_called_invalid(server_factory):
+    """JSON nested past Python's recursion limit, or with an integer of over 4300 digits, is valid JSON that the
+    server cannot parse: "not valid JSON" sent its writer looking for a syntax error that is not there."""
+    c = server_factory().client()
+    deep = b"[" * 1500 + b"]" * 1500
+    err = assert_error(
+        raw(c, b'{"tenant_id": "acme", "prompt": "x", "x": ' + deep + b"}"), 400, "invalid_json"
+    )
+    assert "nested too deeply" in err["message"]
+    err = assert_error(
+        raw(c, b'{"tenant_id": "acme", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"), 400
+    )
+    assert "more than 4300 digits" in err["message"] and err["code"] == "invalid_json"
+
+
 @pytest.mark.parametrize(
     "field,value",
     [

@@ -197,6 +197,9 @@ def test_schema_level_errors_and_nothing_changes(srv, oai):
         {"structured_outputs": {"regex": "a", "whitespace_pattern": " "}},  # not ours: named, not ignored
     ):
         assert_error(gen(srv, **body), 422)
+    # an integer past 64 bits: the compiler's limit is named (it said "Value is not JSON serializable")
+    big = {"structured_outputs": {"json": {"type": "integer", "maximum": 2**64}}}
+    assert "integer beyond 64 bits" in assert_error(gen(srv, **big), 422)["message"]
     base = {"model": "acme/default", "prompt": "x", "max_tokens": 4}
     err = assert_error(
         c.post(

@@ -265,6 +265,18 @@ def invalid_field(e: ValidationError, param: Callable[[tuple[Any, ...]], str | N
     return APIError(422, _error_text(first), code="invalid_value", param=param(tuple(first.get("loc", ()))))
 
 
+def _unparsed_body(cause: BaseException | None) -> str:
+    """Why a body that is JSON by its content type could not be parsed: Python's json refuses some valid JSON too,
+    and "not valid JSON" would send its writer looking for a syntax error that is not there."""
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to be parsed (over about a thousand levels of JSON)"
+    if isinstance(cause, ValueError) and "digits" in str(
+        cause
+    ):  # (Python's int limit, sys.set_int_max_str_digits)
+        return "request body holds a number of more than 4300 digits, which cannot be parsed"
+    return "request body is not valid JSON (UTF-8)"
+
+
 def _allowed_methods(request: Request) -> list[str]:
     """Methods served at this path by the route template that matches it first (Starlette's own Allow header
     lists only the methods of the first route object, not of every route sharing the template)."""
@@ -336,9 +348,7 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             if allowed:
                 return error_response(405, message, headers={"Allow": ", ".join(allowed)}, request=request)
         elif status == 400 and "parsing the body" in str(exc.detail):
-            return error_response(
-                400, "request body is not valid JSON (UTF-8)", code="invalid_json", request=request
-            )
+            return error_response(400, _unparsed_body(exc.__cause__), code="invalid_json", request=request)
         else:
             message = str(exc.detail) if exc.detail else "error"
         return error_response(

@@ -100,6 +100,20 @@ class GrammarError(ValueError):
         super().__init__(message)
 
 
+def _has_big_int(value: Any) -> bool:
+    """Whether a parsed JSON value holds an integer outside 64 bits (signed or unsigned)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**64:
+            return True
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
 def _without_dump(error: str) -> str:
     """llguidance's error without the parser state and grammar dump it appends (user content, possibly huge) and
     without the Rust backtrace of a caught panic (the server's internals)."""
@@ -199,6 +213,10 @@ def _answer_grammar(so: StructuredOutputs, added: frozenset[str] = frozenset()) 
         try:
             return LLMatcher.grammar_from_json_schema(schema, overrides=ws)  # type: ignore[arg-type]
         except ValueError as e:
+            if "not JSON serializable" in str(e) and _has_big_int(schema):
+                raise GrammarError(
+                    "the JSON schema holds an integer beyond 64 bits, which the grammar compiler does not take"
+                ) from None
             raise GrammarError(f"invalid JSON schema: {e}") from None
     if so.kind == "choice":
         try:
