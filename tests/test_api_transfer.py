@@ -219,6 +219,42 @@ def test_refused_uploads_are_4xx_and_store_nothing(server_factory, tmp_path):
     assert upload(a, "acme", "x", good).status_code == 201
 
 
+def test_an_upload_the_server_has_no_room_to_receive_is_a_503(server_factory, monkeypatch):
+    """An upload's body is spooled to the temporary folder twice (the server's buffer, then the multipart
+    parser's file): a full disk at the first was a 500 (an unhandled OSError), at the second a 400 `invalid_json`
+    blaming the client. Both are a 503 to retry, nothing stored, and the next upload works."""
+    import errno
+    import tempfile
+
+    import starlette.formparsers
+
+    s = server_factory(prefixes={("acme", "src"): {"prefix_length": 5, "seed": 1}})
+    c = s.client()
+    data = c.get("/prefixes/acme/src/download").content
+
+    class Full(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("server.api.app.tempfile.SpooledTemporaryFile", Full)
+        err = assert_error(upload(c, "acme", "copy", data), 503, "server_busy")
+        assert "no room to receive" in err["message"]
+    real = starlette.formparsers.MultiPartParser.parse
+
+    async def parse_on_a_full_disk(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(starlette.formparsers.MultiPartParser, "parse", parse_on_a_full_disk)
+        r = upload(c, "acme", "copy", data)
+        assert_error(r, 503, "server_busy")
+        assert r.headers["retry-after"]
+    assert starlette.formparsers.MultiPartParser.parse is real
+    assert not s.store.exists("acme", "copy")
+    assert upload(c, "acme", "copy", data).status_code == 201
+
+
 def test_an_upload_with_an_idempotency_key_stores_one_version(server_factory):
     """A retried upload (same key, same file) answers the first one's version and stores nothing; the key with
     another file is a 422 that stores nothing; an export carries no key into the store it is uploaded to."""

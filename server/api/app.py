@@ -354,7 +354,20 @@ class ServiceMiddleware:
                                 path,
                             )
                             return
-                    body_buf.write(body)
+                    try:
+                        body_buf.write(body)
+                    except OSError as e:  # an upload spooled to a full temporary folder
+                        log.error("request %s: cannot buffer its body: %s", rid, e)
+                        await _send_error(
+                            send_wrapper,
+                            503,
+                            "the server has no room to receive this body now; retry shortly",
+                            "server_busy",
+                            rid,
+                            settings.retry_after_s,
+                            path,
+                        )
+                        return
                     if not msg.get("more_body", False):
                         break
                 body_buf.seek(0)

@@ -61,7 +61,9 @@ async def store_call(
         raise APIError(404, f"{what} not found", code="prefix_not_found") from None
     except errors.InvalidName as e:
         raise APIError(422, str(e), code="invalid_name") from None
-    except errors.StoreUnavailable:
+    except errors.StoreUnavailable as e:
+        if svc.store_ok:  # (once as it goes down: why, a full disk say)
+            log.warning("request %s: prefix store unavailable: %s", requester_id(), e)
         svc.store_ok = False
         raise unavailable(
             "prefix store unavailable", svc.settings.retry_after_s, code="store_unavailable"

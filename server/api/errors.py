@@ -348,7 +348,19 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             if allowed:
                 return error_response(405, message, headers={"Allow": ", ".join(allowed)}, request=request)
         elif status == 400 and "parsing the body" in str(exc.detail):
-            return error_response(400, _unparsed_body(exc.__cause__), code="invalid_json", request=request)
+            cause = exc.__cause__
+            if isinstance(
+                cause, OSError
+            ):  # the server's own trouble (a multipart file spooled to a full disk)
+                log.error("request body not parsed: %s", cause)
+                return error_response(
+                    503,
+                    "the server has no room to receive this body now; retry shortly",
+                    code="server_busy",
+                    retry_after=retry_after,
+                    request=request,
+                )
+            return error_response(400, _unparsed_body(cause), code="invalid_json", request=request)
         else:
             message = str(exc.detail) if exc.detail else "error"
         return error_response(
