@@ -405,18 +405,19 @@ class PrefixStore(abc.ABC):
         """A change as other processes read it (Redis pub/sub, the file store's journal): JSON with our origin."""
         return json.dumps({**event.to_dict(), "origin": self._origin}, separators=(",", ":"))
 
-    def _notify_foreign(self, message: bytes | str) -> None:
+    def _notify_foreign(self, message: bytes | str) -> bool:
         """Deliver a change message another store object published (our own were delivered as they were made); a
-        malformed one is logged and dropped."""
+        malformed one is logged and dropped (False)."""
         try:
             d = json.loads(message)
             if d.get("origin") == self._origin:
-                return
+                return True
             event = ChangeEvent.from_dict(d)
         except (ValueError, AttributeError) as e:
             log.warning("prefix store %r: ignoring a malformed change message: %s", self, e)
-            return
+            return False
         self._notify(event)
+        return True
 
     def _notify_resync(self) -> None:
         """Change events may have been missed (a subscription was lost and is back): subscribers drop what they

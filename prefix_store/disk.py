@@ -122,6 +122,7 @@ class DiskStore(PrefixStore):
         self.poll_s = poll_s
         self.changes_max_bytes = changes_max_bytes
         self._follower_thread: threading.Thread | None = None
+        self._journal_missed = False  # a change not (wholly) written to the journal: the next line says so
         self._follower_lock = threading.Lock()
         self._stop = threading.Event()
         # the root existed (or was made) once: if it goes (a restore under way, a volume unmounted), nothing here
@@ -496,11 +497,17 @@ class DiskStore(PrefixStore):
     # -------------------------------------------------------------------------------- change journal
     def _journal(self, event: ChangeEvent) -> None:
         """Append `event` for other processes (call holding the name's lock). A failure is logged, not raised: the
-        change itself is committed (other processes then see it within their metadata TTL)."""
+        change itself is committed; the next line written is preceded by a "resync" (other processes drop what they
+        cached: they missed a change), and they see it within their metadata TTL meanwhile."""
         line = self._change_message(event).encode() + b"\n"
+        if self._journal_missed:
+            missed = ChangeEvent(op="resync", tenant_id="", name="", version=0)
+            line = self._change_message(missed).encode() + b"\n" + line
         try:
             journal.append(self.root / CHANGES, line, self.changes_max_bytes)
+            self._journal_missed = False
         except OSError as e:
+            self._journal_missed = True
             log.warning("prefix store: could not record %s in the change journal: %s", event, e)
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
@@ -527,7 +534,8 @@ class DiskStore(PrefixStore):
                     log.warning("prefix store: cannot read the change journal %s: %s", follower.jdir, e)
                     continue
                 for line in lines:
-                    self._notify_foreign(line)
+                    if not self._notify_foreign(line):
+                        follower.lost = True  # (a line cut short by a full disk: that change was missed)
                 if follower.lost:  # changes were missed: subscribers drop what they cached
                     follower.lost = False
                     self._notify_resync()

@@ -21,6 +21,7 @@ The journal is for live notification only: not fsynced, never replayed; a follow
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -69,12 +70,18 @@ def append(jdir: Path, line: bytes, max_bytes: int) -> None:
     _first_segment(jdir)
     with _flock(jdir, fcntl.LOCK_SH):
         seg = _segments(jdir)[-1]  # the current one: no rotation runs while we hold the lock shared
-        fd = os.open(jdir / str(seg), os.O_WRONLY | os.O_APPEND)
+        fd = os.open(jdir / str(seg), os.O_RDWR | os.O_APPEND)
         try:
-            os.write(fd, line)
+            end = os.fstat(fd).st_size
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                # an earlier line cut short (a full disk): ended here, or this one would be read as part of it
+                line = b"\n" + line
+            written = os.write(fd, line)
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)
+    if written < len(line):
+        raise OSError(errno.ENOSPC, f"the change journal took {written} of the line's {len(line)} bytes")
     if size <= max_bytes:
         return
     with _flock(jdir, fcntl.LOCK_EX):

@@ -352,7 +352,9 @@ def test_a_follower_far_behind_goes_on_from_the_oldest_segment(tmp_path, caplog)
     follower.close()
 
 
-def test_malformed_journal_lines_are_ignored(tmp_path):
+def test_malformed_journal_lines_are_taken_for_missed_changes(tmp_path):
+    """A line that does not parse is skipped, the lines around it delivered, and subscribers get one "resync": it
+    may be a change cut short (a full disk), so what they cached may be stale."""
     import queue
 
     root = tmp_path / "root"
@@ -365,6 +367,7 @@ def test_malformed_journal_lines_are_ignored(tmp_path):
         f.write(b'{"op": "explode", "tenant_id": "a", "name": "b", "version": 1}\n')
         f.write(b'{"op": "put", "tenant_id": "a", "name": "b", "version": 3}\n')
     assert got.get(timeout=5).version == 3
+    assert got.get(timeout=5).op == "resync"
     time.sleep(0.2)
     assert got.empty()
     store.close()
@@ -379,6 +382,36 @@ def test_close_stops_the_journal_follower(tmp_path):
     assert not thread.is_alive()
     with pytest.raises(errors.StoreError):
         store.subscribe(lambda ev: None)
+
+
+def test_a_journal_line_cut_short_by_a_full_disk_resyncs_followers(tmp_path, monkeypatch):
+    """A put that committed while the disk had room for 1 byte of its journal line: the next line was appended to
+    that fragment, and followers dropped both as one malformed line (a put, then a delete, missed without a
+    word: other replicas served the deleted prefix). The fragment is ended before the next line, the writer puts
+    a "resync" before it, a follower takes a malformed line for missed changes, and the next change arrives."""
+    import queue
+
+    from prefix_store import journal
+
+    writer = DiskStore(tmp_path / "root")
+    follower = DiskStore(tmp_path / "root", poll_s=0.05)
+    got: queue.Queue = queue.Queue()
+    follower.subscribe(got.put)
+    put(writer, n="a")
+    assert [(e.op, e.name) for e in _drain(got, 1)] == [("put", "a")]
+    real = os.write
+    with monkeypatch.context() as m:
+        m.setattr(journal.os, "write", lambda fd, data: real(fd, data[:1]))  # the disk is full after 1 byte
+        put(writer, n="b")  # committed; its line cut short
+    assert writer.exists("acme", "b")
+    time.sleep(0.2)
+    writer.delete("acme", "b")  # room again
+    events = [(e.op, e.name) for e in _drain(got, 3)]
+    assert sorted(events) == [("delete", "b"), ("resync", ""), ("resync", "")]
+    put(writer, n="c")
+    assert [(e.op, e.name) for e in _drain(got, 1)] == [("put", "c")]
+    writer.close()
+    follower.close()
 
 
 def test_a_store_restored_under_a_follower_resyncs_it(tmp_path, caplog):
