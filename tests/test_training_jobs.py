@@ -1319,6 +1319,50 @@ def _disk_job(backend, tenant: str, job_id: str):
     return backend.create(rec, [{"prompt": "q", "completion": "a"}], max_active=1)
 
 
+def test_a_worker_that_could_not_heartbeat_through_a_full_disk_is_not_failed_when_it_clears(
+    tmp_path, monkeypatch
+):
+    """Two servers sharing a job folder; the disk is full for longer than `stale_after_s` while one trains, so its
+    heartbeats fail. The other's reclaimer failed the job ("stopped heartbeating") the moment the disk had room
+    again, before the worker's next heartbeat could land. A reclaimer judges no job stale while it cannot write a
+    record, and gives each one `stale_after_s` from when it can again; a worker that stays silent past that is
+    still failed."""
+    import builtins
+
+    from server.training import backend_disk
+    from server.training.backend_disk import DiskJobBackend
+
+    worker = DiskJobBackend(tmp_path / "jobs", stale_after_s=30)
+    other = DiskJobBackend(tmp_path / "jobs", stale_after_s=30)
+    _disk_job(worker, "acme", "job-a")
+    claim = worker.claim("w1")
+    assert claim is not None
+    rec = worker.get("job-a")
+    rec.heartbeat = time.time() - 40  # its last heartbeat before the disk filled up
+    worker._write(rec)
+    real_open = builtins.open
+
+    def full(path, mode="r", *a, **k):
+        if "w" in mode and ".tmp-probe-" in str(path):
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(backend_disk, "open", full, raising=False)
+        assert other.reclaim_stale() == [] and other.get("job-a").status == "running"
+    # room again: the worker has stale_after_s to heartbeat (it was failed here, before its next heartbeat)
+    assert other.reclaim_stale() == [] and other.get("job-a").status == "running"
+    assert not worker.heartbeat(claim, None) and other.reclaim_stale() == []
+    # one that stays silent past stale_after_s from then is failed, as before
+    rec = worker.get("job-a")
+    rec.heartbeat = time.time() - 40
+    worker._write(rec)
+    other._writable_since = time.time() - 31
+    assert other.reclaim_stale() == ["job-a"]
+    assert "stopped heartbeating" in other.get("job-a").error
+    assert not list(other._dirs["records"].glob(".tmp-probe-*"))
+
+
 def test_a_torn_examples_file_fails_its_job_and_the_queue_goes_on(tmp_path):
     """A job whose examples file a crash left torn fails with the reason; the next job is taken (every worker
     retried the torn one forever, and nothing else trained)."""

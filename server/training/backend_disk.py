@@ -29,6 +29,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,9 @@ class DiskJobBackend:
             str, tuple[int, int, str, str]
         ] = {}  # `_scan`'s last answer (replaced whole, never edited)
         self._dirs = {n: self.root / n for n in _DIRS}
+        # when this process last saw the records' folder become writable again after it could not write there
+        # (a full disk): no worker could heartbeat meanwhile, so staleness is measured from then (0: always was)
+        self._writable_since: float | None = 0.0
         try:
             for d in self._dirs.values():
                 d.mkdir(parents=True, exist_ok=True)
@@ -509,6 +513,8 @@ class DiskJobBackend:
         """Requeue or fail the running jobs whose worker died (lock free) or hung (no heartbeat); enqueue queued
         jobs whose submitter died before their queue marker."""
         touched: list[str] = []
+        if not self._records_writable():
+            return touched  # (no heartbeat can be written now: none is judged stale)
         try:
             touched += self._requeue_orphans()
             markers = list(self._dirs["running"].iterdir())
@@ -523,7 +529,7 @@ class DiskJobBackend:
                     rec is not None
                     and rec.status == "running"
                     and rec.heartbeat is not None
-                    and time.time() - rec.heartbeat > self.stale_after_s
+                    and time.time() - max(rec.heartbeat, self._writable_since or 0.0) > self.stale_after_s
                     and not self._found_stored(rec)
                 ):
                     rec.status, rec.finished = "failed", time.time()
@@ -549,6 +555,32 @@ class DiskJobBackend:
             finally:
                 self._unlock(fd)
         return touched
+
+    def _records_writable(self) -> bool:
+        """Whether a record can be written now (a probe file in the records' folder); notes when it could not and
+        can again, from which a worker's heartbeat is given `stale_after_s` more (it was failed by another worker
+        the moment a disk full for longer than that had room again, before its next heartbeat could land)."""
+        probe = (
+            self._dirs["records"] / f".tmp-probe-{os.getpid()}-{threading.get_ident()}"
+        )  # (left by a crash: pruned)
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"x" * 64)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if self._writable_since is not None:
+                log.warning("job records at %s cannot be written (%s): no job is judged stale until they can",
+                            self._dirs["records"], e)  # fmt: skip
+            self._writable_since = None
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+        if self._writable_since is None:
+            self._writable_since = time.time()
+            log.info("job records at %s can be written again", self._dirs["records"])
+        return True
 
     def _found_stored(self, rec: JobRecord) -> bool:
         """End a running job whose worker is gone or hung as succeeded if a run of it stored its prefix (a cancel
