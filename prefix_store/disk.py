@@ -139,6 +139,9 @@ class DiskStore(PrefixStore):
             threading.Thread(target=self._sweep_leftovers, name="prefix-store-sweep", daemon=True).start()
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _location(self) -> str:
+        return str(self.root)
+
     def _name_dir(self, tenant_id: str, name: str) -> Path:
         return self.root / tenant_id / name
 

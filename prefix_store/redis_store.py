@@ -155,6 +155,9 @@ class RedisStore(PrefixStore):
     def __repr__(self) -> str:
         return f"RedisStore('redis {self._where}', namespace={self.namespace!r})"
 
+    def _location(self) -> str:
+        return self._where
+
     # ------------------------------------------------------------------------------------------- keys
     def _key(self, *parts: object) -> str:
         return ":".join((self.namespace, *map(str, parts)))

@@ -159,9 +159,11 @@ def test_store_failure_fails_the_job(managers, store, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="prefixserve")
     tries = []
 
+    where = store._location()  # (a path, a Redis host: the operator's, not for the tenant's eyes)
+
     def down(*a, **k):
         tries.append(1)
-        raise StoreUnavailable("prefix store down")
+        raise StoreUnavailable(f"prefix store at {where}: prefix store down")
 
     monkeypatch.setattr(store, "put_once", down)
     monkeypatch.setattr(jobs_mod, "RETRY_BACKOFF_S", 0.0)
@@ -169,7 +171,7 @@ def test_store_failure_fails_the_job(managers, store, monkeypatch, caplog):
     jm.start()
     rec = jm.submit(request_(epochs=1))
     done = wait_status(jm, rec.job_id, ("succeeded", "failed"))
-    assert done.status == "failed" and "prefix store down" in done.error
+    assert done.status == "failed" and "prefix store down" in done.error and where not in done.error
     assert len(tries) == jobs_mod.TRANSIENT_ATTEMPTS and store.list() == []
     deadline = time.monotonic() + 5  # (the line follows the recorded outcome)
     while time.monotonic() < deadline and not any(" failed: " in r.getMessage() for r in caplog.records):

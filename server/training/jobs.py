@@ -701,7 +701,11 @@ class JobManager:
                 self.backend.release(claim)
         except (TrainingValidationError, TrainingDiverged, StoreError, ValueError) as e:
             halt()
-            self._finish(claim, "failed", error=f"{type(e).__name__}: {e}", progress=dict(progress))
+            error = f"{type(e).__name__}: {e}"
+            if isinstance(e, StoreError):  # (the tenant reads it: the store's path or host is the operator's)
+                log.error("job %s: %s", rec.job_id, error)
+                error = self.store.redact(error)
+            self._finish(claim, "failed", error=error, progress=dict(progress))
         except Exception as e:
             log.error("job %s: unexpected error", rec.job_id, exc_info=True)
             halt()
