@@ -37,6 +37,17 @@ def gen(c, tenant: str | None = None, **kw):
     return c.post("/generate", json=body)
 
 
+def usage_once(c, tenant: str, done, timeout: float = 10.0) -> dict:
+    """The tenant's /usage entry once `done(entry)` holds (counts land as runs close, or a replica flushes), or
+    as it is at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (u,) = c.get("/usage", params={"tenant_id": tenant}).json()["data"]
+        if done(u) or time.monotonic() > deadline:
+            return u
+        time.sleep(0.05)
+
+
 # ------------------------------------------------------------------------------------------ usage
 def test_usage_per_tenant_and_prefix_matches_what_responses_reported(server_factory):
     s = server_factory(
@@ -126,12 +137,7 @@ def test_aborted_stream_and_failed_request_are_counted(server_factory):
                 seen += len(json.loads(line[6:])["token_ids"])
                 if seen >= 3:
                     break
-    deadline = time.monotonic() + 10
-    while True:
-        (u,) = c.get("/usage", params={"tenant_id": "acme"}).json()["data"]
-        if u["aborted"] == 1 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    u = usage_once(c, "acme", lambda u: u["aborted"] == 1)
     assert u["aborted"] == 1 and u["completions"] == 1 and u["requests"] == 1
     assert seen <= u["completion_tokens"] < 200 and u["prompt_tokens"] > 0
     # a prefix that cannot be served: the request fails in the engine, no tokens counted
@@ -227,12 +233,7 @@ def test_a_request_the_client_leaves_while_queued_is_an_aborted_completion(serve
             with httpx.Client(base_url=s.url, timeout=0.5) as quick:
                 r = quick.post("/generate", json=body)
                 r.read()
-    deadline = time.monotonic() + 10
-    while True:
-        (u,) = c.get("/usage", params={"tenant_id": "globex"}).json()["data"]
-        if u["aborted"] == 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    u = usage_once(c, "globex", lambda u: u["aborted"] == 2)
     assert u["requests"] == u["completions"] == u["aborted"] == 2
     assert u["prompt_tokens"] == u["completion_tokens"] == u["failed"] == 0
     text = c.get("/metrics").text
@@ -253,12 +254,7 @@ def test_a_beam_search_left_mid_search_bills_what_it_ran(server_factory):
             "use_beam_search": True, "ignore_eos": True}  # fmt: skip
     with httpx.Client(base_url=s.url, timeout=0.6) as quick, pytest.raises(httpx.ReadTimeout):
         quick.post("/v1/completions", json=body)
-    deadline = time.monotonic() + 10
-    while True:
-        (u,) = c.get("/usage", params={"tenant_id": "globex"}).json()["data"]
-        if u["completions"] == 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    u = usage_once(c, "globex", lambda u: u["completions"] == 2)
     assert u["requests"] == 1 and u["completions"] == u["aborted"] == 2
     whole = c.post("/v1/completions", json={**body, "max_tokens": 1}).json()["usage"]
     assert u["prompt_tokens"] == whole["prompt_tokens"]  # once, as a search run to its end bills it
@@ -881,12 +877,8 @@ def test_replicas_share_rate_limits_and_usage_through_redis(server_factory, redi
     assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == "0"
     assert_error(gen(c2, "acme"), 429, "rate_limit_exceeded")  # the third was spent on the other replica
     assert gen(c2, "globex").status_code == 200
-    deadline = time.monotonic() + 10  # the other replica flushes its counts within a second
-    while True:
-        (u,) = c2.get("/usage", params={"tenant_id": "acme"}).json()["data"]
-        if u["requests"] == 3 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    # the other replica flushes its counts within a second
+    u = usage_once(c2, "acme", lambda u: u["requests"] == 3)
     assert u["requests"] == 3 and u["completions"] == 3 and u["rejected"] == 1  # both replicas' counts
     assert u["completion_tokens"] == 3 * 6 and u["limits"]["remaining_requests"] == 0
     since = c1.get("/usage").json()["since"]
