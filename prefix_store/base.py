@@ -371,15 +371,17 @@ class PrefixStore(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
-    def _location(self) -> str:
-        """Where the store is, as its error messages name it (a path, a Redis host)."""
-        return self.url
+    def _locations(self) -> builtins.list[str]:
+        """Where the store is, as error messages name it (a path, a Redis host)."""
+        return [self.url]
 
     def redact(self, message: str) -> str:
         """`message` (a store error's) without the store's location, for a tenant to read (a training job's error):
         the server's paths and hosts are the operator's."""
-        where = self._location()
-        return message.replace(where, "(the server's store)") if where else message
+        for where in sorted(self._locations(), key=len, reverse=True):
+            if where:
+                message = message.replace(where, "(the server's store)")
+        return message
 
     # -------------------------------------------------------------------------------------------- helpers
     def _check_key(self, tenant_id: str, name: str, version: object) -> int | None:

@@ -123,6 +123,9 @@ class DiskStore(PrefixStore):
         self.changes_max_bytes = changes_max_bytes
         self._follower_thread: threading.Thread | None = None
         self._journal_missed = False  # a change not (wholly) written to the journal: the next line says so
+        self._journal_lock = (
+            threading.Lock()
+        )  # (puts of two names at once: the flag is read and set with the line)
         self._follower_lock = threading.Lock()
         self._stop = threading.Event()
         # the root existed (or was made) once: if it goes (a restore under way, a volume unmounted), nothing here
@@ -139,8 +142,8 @@ class DiskStore(PrefixStore):
             threading.Thread(target=self._sweep_leftovers, name="prefix-store-sweep", daemon=True).start()
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _location(self) -> str:
-        return str(self.root)
+    def _locations(self) -> list[str]:
+        return [str(self.root)]
 
     def _name_dir(self, tenant_id: str, name: str) -> Path:
         return self.root / tenant_id / name
@@ -503,15 +506,16 @@ class DiskStore(PrefixStore):
         change itself is committed; the next line written is preceded by a "resync" (other processes drop what they
         cached: they missed a change), and they see it within their metadata TTL meanwhile."""
         line = self._change_message(event).encode() + b"\n"
-        if self._journal_missed:
-            missed = ChangeEvent(op="resync", tenant_id="", name="", version=0)
-            line = self._change_message(missed).encode() + b"\n" + line
-        try:
-            journal.append(self.root / CHANGES, line, self.changes_max_bytes)
-            self._journal_missed = False
-        except OSError as e:
-            self._journal_missed = True
-            log.warning("prefix store: could not record %s in the change journal: %s", event, e)
+        with self._journal_lock:
+            if self._journal_missed:
+                missed = ChangeEvent(op="resync", tenant_id="", name="", version=0)
+                line = self._change_message(missed).encode() + b"\n" + line
+            try:
+                journal.append(self.root / CHANGES, line, self.changes_max_bytes)
+                self._journal_missed = False
+            except OSError as e:
+                self._journal_missed = True
+                log.warning("prefix store: could not record %s in the change journal: %s", event, e)
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Also delivers the changes other processes (and other store objects) make under the same root, read from

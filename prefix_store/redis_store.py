@@ -155,8 +155,9 @@ class RedisStore(PrefixStore):
     def __repr__(self) -> str:
         return f"RedisStore('redis {self._where}', namespace={self.namespace!r})"
 
-    def _location(self) -> str:
-        return self._where
+    def _locations(self) -> builtins.list[str]:
+        # "host:port/db" as ours name it, and "host:port" (or the socket's path) as redis-py's errors quote it
+        return [self._where, self._where.rpartition("/")[0]]
 
     # ------------------------------------------------------------------------------------------- keys
     def _key(self, *parts: object) -> str:

@@ -495,6 +495,15 @@ def test_a_change_subscription_that_goes_silent_is_renewed(store, monkeypatch):
     assert wait_for(got).op == "resync" and store.wait_subscribed(5)
 
 
+def test_a_store_error_redacted_for_a_tenant_names_no_host(store):
+    """A training job's error shows the tenant a store error without the operator's host: ours name it
+    `host:port/db`, redis-py's own (quoted inside ours) `host:port`, and both are taken out."""
+    host_port = store._where.rpartition("/")[0]
+    text = f"redis at {store._where} is unavailable (put): Error 111 connecting to {host_port}. Connection refused."
+    redacted = store.redact(text)
+    assert host_port not in redacted and "Connection refused" in redacted
+
+
 def _forked_subscriber(store, q) -> None:
     got: list = []
     store.subscribe(lambda e: got.append((e.op, e.version)))

@@ -159,7 +159,7 @@ def test_store_failure_fails_the_job(managers, store, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="prefixserve")
     tries = []
 
-    where = store._location()  # (a path, a Redis host: the operator's, not for the tenant's eyes)
+    where = store._locations()[0]  # (a path, a Redis host: the operator's, not for the tenant's eyes)
 
     def down(*a, **k):
         tries.append(1)
