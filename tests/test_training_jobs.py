@@ -1355,12 +1355,24 @@ def test_a_worker_that_could_not_heartbeat_through_a_full_disk_is_not_failed_whe
     # room again: the worker has stale_after_s to heartbeat (it was failed here, before its next heartbeat)
     assert other.reclaim_stale() == [] and other.get("job-a").status == "running"
     assert not worker.heartbeat(claim, None) and other.reclaim_stale() == []
-    # one that stays silent past stale_after_s from then is failed, as before
+    # a reclaimer that was not looking while the disk was full (busy training, started since) finds the heartbeat
+    # stale: it confirms it a pass later, by when the worker's heartbeat has landed
+    fresh = DiskJobBackend(tmp_path / "jobs", stale_after_s=30)
+    fresh.stale_confirm_s = 0.2
     rec = worker.get("job-a")
     rec.heartbeat = time.time() - 40
     worker._write(rec)
-    other._writable_since = time.time() - 31
-    assert other.reclaim_stale() == ["job-a"]
+    assert fresh.reclaim_stale() == [] and not worker.heartbeat(claim, None)
+    time.sleep(0.25)
+    assert fresh.reclaim_stale() == [] and fresh.get("job-a").status == "running"
+    # one that stays silent past stale_after_s, confirmed, is failed, as before
+    rec = worker.get("job-a")
+    rec.heartbeat = time.time() - 40
+    worker._write(rec)
+    assert fresh.reclaim_stale() == []
+    time.sleep(0.25)
+    assert fresh.reclaim_stale() == ["job-a"]
+    other = fresh
     assert "stopped heartbeating" in other.get("job-a").error
     assert not list(other._dirs["records"].glob(".tmp-probe-*"))
 

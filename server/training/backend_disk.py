@@ -70,6 +70,7 @@ def _touch(path: Path) -> None:
         pass
 
 
+STALE_CONFIRM_S = 5.0  # a hung worker's stale heartbeat is confirmed this long later before its job is failed
 _DIRS = ("records", "examples", "locks", "queue", "running", "active", "cancel", "idempotency", "served")
 
 
@@ -104,6 +105,11 @@ class DiskJobBackend:
         # when this process last saw the records' folder become writable again after it could not write there
         # (a full disk): no worker could heartbeat meanwhile, so staleness is measured from then (0: always was)
         self._writable_since: float | None = 0.0
+        # job id -> (its heartbeat, when this process first found it stale): failed only if a pass at least
+        # `stale_confirm_s` later finds the same heartbeat (one that could not be written through a full disk lands
+        # within a heartbeat once it clears, and this process may not have been looking while it was full)
+        self._stale_seen: dict[str, tuple[float, float]] = {}
+        self.stale_confirm_s = STALE_CONFIRM_S
         try:
             for d in self._dirs.values():
                 d.mkdir(parents=True, exist_ok=True)
@@ -520,6 +526,9 @@ class DiskJobBackend:
             markers = list(self._dirs["running"].iterdir())
         except OSError:
             return touched
+        running = {m.name for m in markers}
+        for gone in [j for j in self._stale_seen if j not in running]:
+            del self._stale_seen[gone]
         for marker in markers:
             job_id = marker.name
             fd = self._trylock(job_id)
@@ -530,8 +539,10 @@ class DiskJobBackend:
                     and rec.status == "running"
                     and rec.heartbeat is not None
                     and time.time() - max(rec.heartbeat, self._writable_since or 0.0) > self.stale_after_s
+                    and self._stale_confirmed(job_id, rec.heartbeat)
                     and not self._found_stored(rec)
                 ):
+                    self._stale_seen.pop(job_id, None)
                     rec.status, rec.finished = "failed", time.time()
                     # (the error is the tenant's to read: the worker's name, its host and pid, goes to the log)
                     rec.error = (
@@ -555,6 +566,13 @@ class DiskJobBackend:
             finally:
                 self._unlock(fd)
         return touched
+
+    def _stale_confirmed(self, job_id: str, heartbeat: float) -> bool:
+        seen = self._stale_seen.get(job_id)
+        if seen is None or seen[0] != heartbeat:
+            self._stale_seen[job_id] = (heartbeat, time.monotonic())
+            return self.stale_confirm_s <= 0
+        return time.monotonic() - seen[1] >= self.stale_confirm_s
 
     def _records_writable(self) -> bool:
         """Whether a record can be written now (a probe file in the records' folder); notes when it could not and
