@@ -60,9 +60,10 @@ def prompt_groups(prompts: list[list[int]]) -> list[int]:
 def share_prompts(runs: list[GenerationRun], prompts: list[list[int]]) -> None:
     """Group the runs of one prompt so that they bill it once (its tokens reserved by the first, the holder); a
     run alone bills its own."""
-    firsts = prompt_groups(prompts)
-    for start in sorted(set(firsts)):
-        group = [r for r, f in zip(runs, firsts, strict=True) if f == start]
+    groups: dict[int, list[GenerationRun]] = {}
+    for r, first in zip(runs, prompt_groups(prompts), strict=True):
+        groups.setdefault(first, []).append(r)
+    for group in groups.values():
         if len(group) > 1:
             share = PromptShare(left=len(group), holder=group[0])
             for r in group:
