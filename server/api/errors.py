@@ -349,10 +349,10 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
                 return error_response(405, message, headers={"Allow": ", ".join(allowed)}, request=request)
         elif status == 400 and "parsing the body" in str(exc.detail):
             cause = exc.__cause__
-            if isinstance(
-                cause, OSError
-            ):  # the server's own trouble (a multipart file spooled to a full disk)
-                log.error("request body not parsed: %s", cause)
+            # the server's own trouble (a multipart file spooled to a full disk), not the client's
+            if isinstance(cause, OSError):
+                rid = getattr(request.scope.get("prefixserve"), "request_id", None) or "-"
+                log.error("request %s: its body could not be received: %s", rid, cause)
                 return error_response(
                     503,
                     "the server has no room to receive this body now; retry shortly",
