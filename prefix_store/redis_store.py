@@ -11,7 +11,7 @@ query parameters go to redis-py (``socket_timeout=...``, ``password=...``). Keys
     <ns>:latest:<t>:<n>       highest stored version
     <ns>:names:<t>            set: names of tenant t with at least one version
     <ns>:tenants              set: tenants with at least one name
-    <ns>:put:<token>          the version one put() call wrote, while the call runs: see below
+    <ns>:once:<token>         the result of one put() or delete() call's transaction, while the call runs: see below
     channel <ns>:changes      JSON ChangeEvent (+ "origin") published after every put/delete
 
 A put reads the counter under WATCH and commits the next version number with blob, metadata, indexes, the
@@ -20,7 +20,8 @@ other clients see the whole version or nothing, the change message goes out exac
 and numbers are dense (a failed put or an idempotent repeat takes none). redis-py answers a connection lost
 during EXEC with a WatchError (its reply may be lost after the write), and the transaction runs again: each put
 writes a token naming its version in the same EXEC, and a retry that finds it answers that version instead of
-writing a second one. A delete removes every version in one WATCHed
+writing a second one (deletes too: a re-run answers what the first deleted). A delete removes every version in one
+WATCHed
 MULTI/EXEC; deleting one version removes its keys and moves ``latest`` back to the highest remaining one in another
 (the name goes with its last version). Reads of a version fetch metadata, the blob's size and its first
 BLOB_CHUNK bytes in one MULTI/EXEC (a consistent snapshot), then the rest of a larger blob in BLOB_CHUNK pieces: a
@@ -93,7 +94,7 @@ DEFAULT_SOCKET_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 2.0
 META_BATCH = 128  # metadata records read in one round trip when looking through older versions
 # how long a put's token says which version it wrote: as long as the put may retry its transaction
-PUT_TOKEN_TTL_S = 3600
+ONCE_TOKEN_TTL_S = 3600
 # the change subscription pings Redis this often when it heard nothing, and takes it for lost without a pong
 # this long after (redis-py's health check pings but never checks the answer: a subscription whose connection
 # went silent, a black-holed path, stayed "subscribed", missing every change, until TCP gave up, ~15 minutes)
@@ -217,8 +218,9 @@ class RedisStore(PrefixStore):
         lost during EXEC (sent, its reply lost) with a WatchError, so `_transaction` runs it again, and a stalled
         Redis may run an EXEC whose reply timed out. ``body`` reads, calls ``pipe.multi()``, queues the change and
         returns its result; a token written with it makes a run that finds it answer that result instead of
-        changing the store again (a delete re-run after a lost reply answered "not found" for what it had deleted,
-        or deleted a version put since)."""
+        changing the store again (a put re-run wrote a second version; a delete answered "not found" for what it
+        had deleted, or deleted a version put since). One more run after a timeout or a lost connection: Redis may
+        have run the EXEC (stalled), and a caller told 503 would do it again."""
         token_key = self._key("once", uuid.uuid4().hex)
 
         def commit(pipe: redis.client.Pipeline) -> int:
@@ -227,7 +229,7 @@ class RedisStore(PrefixStore):
                 pipe.multi()
                 return int(mine)
             result = body(pipe)
-            pipe.set(token_key, result, ex=PUT_TOKEN_TTL_S)
+            pipe.set(token_key, result, ex=ONCE_TOKEN_TTL_S)
             return result
 
         try:
@@ -273,39 +275,31 @@ class RedisStore(PrefixStore):
                 if earlier is not None:
                     return earlier, False
             counter_key, latest_key = self._counter_key(t, n), self._latest_key(t, n)
-            token_key = self._key("put", uuid.uuid4().hex)
+            # what the run of the transaction that took effect found or wrote (a run that finds an earlier run's
+            # token, its EXEC's reply lost, is not this body: these stay that run's, even if the version it wrote
+            # was deleted since: writing it again would undo the delete)
             found: list[PrefixMeta] = []
             written: list[PrefixMeta] = []
-            attempts: dict[int, PrefixMeta] = {}  # the metadata each run of the transaction wrote, by version
 
-            def commit(pipe: redis.client.Pipeline) -> None:
+            def commit(pipe: redis.client.Pipeline) -> int:
                 found.clear()
                 written.clear()
-                mine = pipe.get(token_key)
-                # an earlier EXEC of this put did write, its reply was lost: done (even if that version was
-                # deleted since: writing it again would undo the delete)
-                if mine is not None:
-                    written.append(attempts[int(mine)])
-                    pipe.multi()
-                    return
                 if idempotency_key is not None:  # a concurrent one: WATCHed, so checked atomically
                     earlier = self._put_with(pipe, t, n, idempotency_key)
                     if earlier is not None:
                         found.append(earlier)
                         pipe.multi()
-                        return
+                        return earlier.version
                 # the version number is taken in the transaction: a repeat that finds its first attempt, or a put
                 # that fails, leaves no gap in the numbering
                 version = version_to_take(t, n, int(pipe.get(counter_key) or 0) + 1, asked)
                 meta = enc.meta(t, n, version, time.time() if created is None else created)
-                attempts[version] = meta
                 written.append(meta)
                 meta_json = meta.to_json()
                 message = self._change_message(ChangeEvent("put", t, n, version))
                 latest = pipe.get(latest_key)
                 pipe.multi()
                 pipe.set(counter_key, version)
-                pipe.set(token_key, version, ex=PUT_TOKEN_TTL_S)
                 pipe.set(self._blob_key(t, n, version), enc.blob)
                 pipe.set(self._meta_key(t, n, version), meta_json)
                 pipe.zadd(self._versions_key(t, n), {str(version): version})
@@ -314,17 +308,9 @@ class RedisStore(PrefixStore):
                 if latest is None or int(latest) < version:  # a slower writer never moves it backwards
                     pipe.set(latest_key, version)
                 pipe.publish(self._channel, message)
+                return version
 
-            watched = (counter_key, latest_key, self._versions_key(t, n))
-            try:
-                self._transaction(commit, watch=watched)
-            except (redis.ConnectionError, redis.TimeoutError):
-                # no reply to EXEC: it may have run (Redis stalled, the reply was lost). Once more: a run that
-                # wrote left its token, which the retry finds (answering that version); else it writes now. The
-                # caller got a 503 for a put that was stored, and a retry without a key stored it twice.
-                self._transaction(commit, watch=watched)
-            with contextlib.suppress(redis.RedisError):  # done with: else it expires
-                self._r.delete(token_key)
+            self._transaction_once(commit, watch=(counter_key, latest_key, self._versions_key(t, n)))
         if found:
             return found[0], False
         return written[0], True
