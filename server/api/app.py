@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prefix_store import PrefixStore, open_store
 from server.api.auth import MIN_KEY_CHARS, KeyRing, with_api_key_header
 from server.api.errors import (
+    NO_ROOM,
     APIError,
     SafeJSONResponse,
     install_error_handlers,
@@ -361,7 +362,7 @@ class ServiceMiddleware:
                         await _send_error(
                             send_wrapper,
                             503,
-                            "the server has no room to receive this body now; retry shortly",
+                            NO_ROOM,
                             "server_busy",
                             rid,
                             settings.retry_after_s,

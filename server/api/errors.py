@@ -116,6 +116,11 @@ def unavailable(message: str, retry_after: int, code: str = "unavailable") -> AP
     return APIError(503, message, code=code, headers={"Retry-After": str(retry_after)})
 
 
+NO_ROOM = (
+    "the server has no room to receive this body now; retry shortly"  # (a 503 `server_busy`: a full disk)
+)
+
+
 def not_json(ctype: str) -> APIError:
     """The 415 of a body sent without a JSON Content-Type (`curl -d` sends a form, a bare client none)."""
     sent = f"this one was {ctype[:80]!r}" if ctype else "none was sent"
@@ -355,7 +360,7 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
                 log.error("request %s: its body could not be received: %s", rid, cause)
                 return error_response(
                     503,
-                    "the server has no room to receive this body now; retry shortly",
+                    NO_ROOM,
                     code="server_busy",
                     retry_after=retry_after,
                     request=request,

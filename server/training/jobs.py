@@ -702,10 +702,9 @@ class JobManager:
         except (TrainingValidationError, TrainingDiverged, StoreError, ValueError) as e:
             halt()
             error = f"{type(e).__name__}: {e}"
-            if isinstance(e, StoreError):  # (the tenant reads it: the store's path or host is the operator's)
-                log.error("job %s: %s", rec.job_id, error)
-                error = self.store.redact(error)
-            self._finish(claim, "failed", error=error, progress=dict(progress))
+            # (the tenant reads the record's: the store's path or host is the operator's, in the log line only)
+            shown = self.store.redact(error) if isinstance(e, StoreError) else error
+            self._finish(claim, "failed", error=shown, progress=dict(progress), logged=error)
         except Exception as e:
             log.error("job %s: unexpected error", rec.job_id, exc_info=True)
             halt()
@@ -797,14 +796,15 @@ class JobManager:
         log.error("job %s: stored version %d but could not record it; it will be recorded when the job is picked "
                   "up again", rec.job_id, version)  # fmt: skip
 
-    def _finish(self, claim: Any, status: str, **fields: Any) -> None:
+    def _finish(self, claim: Any, status: str, logged: str | None = None, **fields: Any) -> None:
+        """End the job with `fields`; its log line says `logged` (else the record's error)."""
         try:
             self.backend.finish(claim, status, **fields)
             rec = claim.record
+            said = logged or fields.get("error")
             # a failed job is worth a look (an operator alerts on warnings); a cancelled one is what was asked
             log.log(logging.WARNING if status == "failed" else logging.INFO, "job %s (%s/%s) %s%s", rec.job_id,
-                    rec.tenant_id, rec.name, status, f": {fields.get('error')}" if fields.get("error")
-                    and status != "cancelled" else "")  # fmt: skip
+                    rec.tenant_id, rec.name, status, f": {said}" if said and status != "cancelled" else "")  # fmt: skip
         except Exception as e:
             log.warning("job %s: could not record %s: %s", claim.record.job_id, status, e)
 
