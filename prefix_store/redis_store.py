@@ -12,6 +12,7 @@ query parameters go to redis-py (``socket_timeout=...``, ``password=...``). Keys
     <ns>:names:<t>            set: names of tenant t with at least one version
     <ns>:tenants              set: tenants with at least one name
     <ns>:once:<token>         the result of one put() or delete() call's transaction, while the call runs: see below
+    <ns>:read:<token>         a copy of a blob a reader pinned, while it reads it in pieces: see below
     channel <ns>:changes      JSON ChangeEvent (+ "origin") published after every put/delete
 
 A put reads the counter under WATCH and commits the next version number with blob, metadata, indexes, the
@@ -27,7 +28,10 @@ MULTI/EXEC; deleting one version removes its keys and moves ``latest`` back to t
 BLOB_CHUNK bytes in one MULTI/EXEC (a consistent snapshot), then the rest of a larger blob in BLOB_CHUNK pieces: a
 version's keys are never rewritten (numbers are never reused), so the pieces are its bytes unless it was deleted
 meanwhile, which a short read tells. In pieces because redis-py parses a reply holding the GIL: one GET of a 180 MiB
-blob kept every other thread (the engine's decoding) waiting up to 0.2-1 s; 8 MiB pieces, about 13 ms.
+blob kept every other thread (the engine's decoding) waiting up to 0.2-1 s; 8 MiB pieces, about 13 ms. A read of
+the latest version that lost it to a delete a few times in a row (writers under ``keep_versions=1`` replacing it
+faster than its pieces come) pins the next one it resolves: the same MULTI/EXEC copies the blob to a ``read`` key
+(expiring, deleted once read) and the pieces come from the copy.
 
 Connection problems raise StoreUnavailable after at most one quick reconnect attempt; sockets time out after a
 few seconds, so a dead or hung Redis never blocks a caller indefinitely.
@@ -59,6 +63,10 @@ from prefix_store.urls import pop_query_param
 log = logging.getLogger("prefix_store")
 
 BLOB_CHUNK = 8 << 20  # bytes of a blob read at a time (see the module docstring)
+UNPINNED_TRIES = 3  # reads of the latest version lost to a delete before the reader pins the version it reads
+PINNED_COPY_TTL_MS = (
+    120_000  # a pinned copy outlives its reader by this much at most (a reader killed mid-read)
+)
 
 _T = TypeVar("_T")
 
@@ -332,10 +340,10 @@ class RedisStore(PrefixStore):
         with self._errors(f"get {label(t, n, version)}"):
             # latest may be deleted and re-put between the two round trips (a writer deleting latest versions in a
             # loop beat 3 tries once, on a loaded machine: the test of it failed); each try is two round trips
-            for _attempt in range(10):
+            for attempt in range(10):
                 v = self._resolve(t, n, version)
                 if with_blob:
-                    meta_b, blob = self._read_version(t, n, v)
+                    meta_b, blob = self._read_version(t, n, v, pin=attempt >= UNPINNED_TRIES)
                 else:
                     meta_b, blob = self._r.get(self._meta_key(t, n, v)), None
                 if meta_b is not None or version is not None:
@@ -346,25 +354,38 @@ class RedisStore(PrefixStore):
             raise InvalidPrefix(f"prefix {label(t, n, v)}: its tensor blob is missing")
         return PrefixMeta.from_json(meta_b), blob
 
-    def _read_version(self, t: str, n: str, v: int) -> tuple[bytes | None, bytes | None]:
+    def _read_version(
+        self, t: str, n: str, v: int, *, pin: bool = False
+    ) -> tuple[bytes | None, bytes | None]:
         """(metadata, blob) of version `v`, either None where missing; both None if it was deleted while its
-        blob was read."""
+        blob was read. `pin`: a blob larger than one piece is copied in the first transaction and read from the
+        copy, which no delete touches."""
         key = self._blob_key(t, n, v)
         pipe = self._r.pipeline(transaction=True)
         pipe.get(self._meta_key(t, n, v))
         pipe.strlen(key)
         pipe.getrange(key, 0, BLOB_CHUNK - 1)
-        meta_b, size, first = pipe.execute()
-        if not size:
-            return meta_b, None
-        parts, got = [first], len(first)
-        while got < size:
-            piece = self._r.getrange(key, got, min(got + BLOB_CHUNK, size) - 1)
-            if not piece:
-                return None, None  # deleted meanwhile
-            parts.append(piece)
-            got += len(piece)
-        return meta_b, first if len(parts) == 1 else b"".join(parts)
+        copy = None
+        if pin:  # (a copy of a blob that fits one piece is made too, and dropped unread: pins are rare)
+            copy = self._key("read", uuid.uuid4().hex)
+            pipe.copy(key, copy)
+            pipe.pexpire(copy, PINNED_COPY_TTL_MS)
+        meta_b, size, first, *_ = pipe.execute()
+        try:
+            if not size:
+                return meta_b, None
+            parts, got = [first], len(first)
+            while got < size:
+                piece = self._r.getrange(copy or key, got, min(got + BLOB_CHUNK, size) - 1)
+                if not piece:
+                    return None, None  # deleted meanwhile
+                parts.append(piece)
+                got += len(piece)
+            return meta_b, first if len(parts) == 1 else b"".join(parts)
+        finally:
+            if copy is not None:
+                with contextlib.suppress(redis.RedisError):  # (it expires anyway)
+                    self._r.delete(copy)
 
     def _names(self, tenant_id: str | None) -> builtins.list[tuple[str, str]]:
         with self._errors("list prefixes"):

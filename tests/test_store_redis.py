@@ -125,6 +125,35 @@ def test_a_blob_is_read_in_pieces_and_a_version_deleted_meanwhile_is_not_found(s
         store.get("acme", "bot", 1)
 
 
+def test_the_latest_large_blob_is_read_while_writers_replace_it_faster_than_its_pieces_come(
+    store, monkeypatch
+):
+    """Under keep_versions=1 every put deletes the version before it: a writer faster than the pieces of a large
+    latest blob deleted each version a reader had resolved before its last piece, and get() gave up with a
+    PrefixNotFound though a version existed the whole time. After a few such tries the reader pins the version it
+    resolves (a copy of its blob, taken in the transaction that reads its metadata) and reads the copy."""
+    import prefix_store.redis_store as rs
+
+    store.keep_versions = 1
+    put(store, fill=1.0)
+    monkeypatch.setattr(rs, "BLOB_CHUNK", 100)
+    getrange = store._r.getrange
+    puts = [1.0]
+
+    def racing(key, start, end):
+        puts.append(puts[-1] + 1.0)
+        put(store, fill=puts[-1])  # a newer version, and the one being read is gone
+        return getrange(key, start, end)
+
+    monkeypatch.setattr(store._r, "getrange", racing)
+    got = store.get("acme", "bot")
+    monkeypatch.setattr(store._r, "getrange", getrange)
+    assert torch.equal(got.tensors["kv"], make_kv(float(got.meta.version)))  # the version read, whole
+    assert 1 < got.meta.version < len(puts)  # read while newer ones came
+    ns = store.namespace
+    assert not [k for k in store._r.scan_iter(match=f"{ns}:read:*")]  # the copy is gone once read
+
+
 def test_events_from_another_namespace_are_not_delivered(redis_store_url):
     mine = open_store(redis_store_url)
     other = open_store(redis_store_url.replace("prefix=", "prefix=x-"))
