@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -275,10 +276,8 @@ def _unparsed_body(cause: BaseException | None) -> str:
     and "not valid JSON" would send its writer looking for a syntax error that is not there."""
     if isinstance(cause, RecursionError):
         return "request body is nested too deeply to be parsed (over about a thousand levels of JSON)"
-    if isinstance(cause, ValueError) and "digits" in str(
-        cause
-    ):  # (Python's int limit, sys.set_int_max_str_digits)
-        return "request body holds a number of more than 4300 digits, which cannot be parsed"
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # (Python's int limit)
+        return f"request body holds a number of more than {sys.get_int_max_str_digits()} digits, which cannot be parsed"
     return "request body is not valid JSON (UTF-8)"
 
 
