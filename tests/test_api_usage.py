@@ -615,6 +615,37 @@ def test_redis_rate_limiter_shares_budgets_and_falls_back_when_redis_is_down(red
     asyncio.run(main())
 
 
+def test_redis_buckets_survive_the_redis_clock_stepping_back(redis_store_url):
+    """The buckets refill by Redis' clock (TIME): stepped back (an NTP step, a failover to a replica whose clock is
+    behind) below a bucket's last write, the refill went negative: each bucket lost step x capacity / 60 (an hour:
+    every active tenant refused for an hour, `Retry-After: 3541`), and a level below zero read as "no limit". A step
+    back now refills nothing for that charge and counts on from the new time."""
+    import redis as redis_sync
+
+    from prefix_store.redis_store import split_url
+    from server.api.limits import RedisRateLimiter
+
+    async def main():
+        rl = RedisRateLimiter(redis_store_url, TenantLimit(requests_per_minute=10, tokens_per_minute=1000))
+        r = redis_sync.Redis.from_url(split_url(redis_store_url)[0])
+        try:
+            await rl.charge("back", 400)
+            for kind in ("requests", "tokens"):  # as if Redis' clock went an hour back after that write
+                key = rl._key("back", kind)
+                r.hset(key, "ts", str(float(r.hget(key, "ts")) + 3600))
+            h = await rl.charge("back", 100)  # refused with a Retry-After of ~an hour before
+            assert (
+                h["x-ratelimit-remaining-tokens"] == "500" and h["x-ratelimit-remaining-requests"] == "8"
+            ), h
+            left = await rl.state("back")
+            assert 500 <= left["remaining_tokens"] <= 510 and left["remaining_requests"] == 8, left
+        finally:
+            await rl.close()
+            r.close()
+
+    asyncio.run(main())
+
+
 def test_redis_buckets_refill_at_capacity_per_minute(redis_store_url):
     from server.api.limits import RedisRateLimiter
 

@@ -289,7 +289,9 @@ class RateLimiter:
 
 # Both buckets of a tenant in one atomic step, on Redis' own clock (replicas' clocks may differ).
 # KEYS: requests bucket, tokens bucket. ARGV: requests capacity, tokens capacity (0: no limit), requests, tokens.
-# Returns {refused?, wait seconds, "requests" | "tokens" | "", requests level, tokens level} (levels -1: no limit).
+# Returns {refused?, wait seconds, "requests" | "tokens" | "", requests level, tokens level} (levels "": no limit).
+# A clock stepped back below a bucket's last write (NTP, a failover to a replica behind) refills nothing for that
+# call, and the bucket counts on from the new time (a negative refill emptied it for as long as the step).
 _LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -298,7 +300,7 @@ local function level(key, cap)
   local v = redis.call('HMGET', key, 'level', 'ts')
   local l, ts = tonumber(v[1]), tonumber(v[2])
   if l == nil then return cap end
-  return math.min(cap, l + (now - ts) * cap / 60)
+  return math.min(cap, l + math.max(0, now - ts) * cap / 60)
 end
 local rcap, tcap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rcost, tcost = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -318,7 +320,7 @@ for i, pair in ipairs({{KEYS[1], r}, {KEYS[2], k}}) do
     redis.call('EXPIRE', pair[1], 120)
   end
 end
-return {short ~= '' and 1 or 0, tostring(wait), short, tostring(r or -1), tostring(k or -1)}
+return {short ~= '' and 1 or 0, tostring(wait), short, r and tostring(r) or '', k and tostring(k) or ''}
 """
 
 FALLBACK_S = 5.0  # after Redis failed, use the local buckets this long before asking it again
@@ -371,8 +373,8 @@ class RedisRateLimiter(RateLimiter):
             return self._apply_local(tenant, lim, requests, tokens)
         refused, wait, short, r, k = (x.decode() if isinstance(x, bytes) else x for x in res)
         return Levels(
-            None if float(r) < 0 else float(r),
-            None if float(k) < 0 else float(k),
+            float(r) if r else None,
+            float(k) if k else None,
             float(wait) if int(refused) else 0.0,
             short,
         )
