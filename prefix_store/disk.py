@@ -164,6 +164,25 @@ class DiskStore(PrefixStore):
         finally:
             os.close(fd)  # releases the lock
 
+    @contextlib.contextmanager
+    def _unless_locked(self, tenant_id: str, name: str) -> Iterator[bool]:
+        """The name's lock if nobody holds it (True, held for the block), else False at once. A name without a lock
+        file (restored from a backup without it) has no put under way: True, nothing held."""
+        try:
+            fd = os.open(self.root / tenant_id / f"{name}{LOCK_SUFFIX}", os.O_RDONLY)
+        except FileNotFoundError:
+            yield True
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
+
     @staticmethod
     def _read_counter(fd: int) -> int:
         raw = os.pread(fd, _COUNTER_WIDTH, 0)
@@ -224,14 +243,17 @@ class DiskStore(PrefixStore):
     def _sweep_leftovers(self, min_age_s: float = LEFTOVER_AGE_S) -> int:
         """Remove what writes that crashed left behind (temp files, blobs without a marker) older than `min_age_s`,
         in every name directory; returns how many. Run in the background when the store opens: a put cleans its own
-        name's leftovers, but a name no put comes back to (or one whose first put crashed) kept them for good."""
+        name's leftovers, but a name no put comes back to (or one whose first put crashed) kept them for good.
+        A name whose lock is held is skipped: a put is under way there (it cleans up itself), and the age of its
+        files says nothing about that (a clock stepped forward, a put stalled for long)."""
         removed = 0
         cutoff = time.time() - min_age_s
         try:
             for t in self._subdirs(self.root):
                 for n in self._subdirs(self.root / t):
-                    with contextlib.suppress(FileNotFoundError):  # (a name deleted meanwhile)
-                        removed += self._remove_leftovers(self.root / t / n, older_than=cutoff)
+                    with contextlib.suppress(FileNotFoundError), self._unless_locked(t, n) as free:
+                        if free:  # (FileNotFoundError: a name deleted meanwhile)
+                            removed += self._remove_leftovers(self.root / t / n, older_than=cutoff)
         except OSError as e:
             log.warning(
                 "prefix store %s: sweeping the leftovers of interrupted writes failed: %s", self.root, e

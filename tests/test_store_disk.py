@@ -161,6 +161,27 @@ def test_leftovers_of_crashed_writes_are_swept_when_old(tmp_path):
     assert s.get("acme", "bot").meta.version == 1
 
 
+def test_the_sweep_leaves_the_files_of_a_put_under_way_whatever_their_age(tmp_path):
+    """The background sweep judged leftovers by age alone: with the clock stepped forward an hour (NTP, a VM
+    resumed), or a put stalled that long, it deleted the tensor file of a put between its tensor file and its
+    commit marker, and the committed version was unreadable. It skips the names whose lock a put holds."""
+    s = open_store(f"file://{tmp_path}/root")
+    assert isinstance(s, DiskStore)
+    put(s)
+    ndir = tmp_path / "root" / "acme" / "bot"
+    with s._locked("acme", "bot"):  # a put under way: its tensor file written, its marker not yet
+        blob = ndir / "v2.safetensors"
+        blob.write_bytes((ndir / "v1.safetensors").read_bytes())
+        time.sleep(0.1)
+        assert s._sweep_leftovers(min_age_s=0.05) == 0 and blob.exists()
+        (ndir / "v2.json").write_bytes(
+            (ndir / "v1.json").read_bytes().replace(b'"version": 1', b'"version": 2')
+        )
+    assert s._sweep_leftovers(min_age_s=0.05) == 0 and s.get("acme", "bot").meta.version == 2
+    blob.with_suffix(".json").unlink()  # a crashed put's, with nobody holding the lock: swept
+    assert s._sweep_leftovers(min_age_s=0.05) == 1 and not blob.exists()
+
+
 def test_a_version_number_is_not_handed_out_again_after_a_copy_died_before_its_counter(tmp_path, monkeypatch):
     """put(version=N) (a copy) writes the name's counter after the commit marker: one killed in between left the
     counter below N, made up for only by the scan of N's marker. Deleting N (or the whole name) then let later
