@@ -19,8 +19,11 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+TMP_PREFIX = ".tmp-"  # the temporary files of writes (what a sweep of writes killed midway looks for)
+
+
 def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

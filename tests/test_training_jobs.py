@@ -1393,7 +1393,7 @@ def test_a_torn_examples_file_fails_its_job_and_the_queue_goes_on(tmp_path):
     _disk_job(b, "acme", "job-c")  # the tenant's slot is free again (no 429)
 
 
-def test_a_torn_job_record_is_set_aside_and_frees_its_tenant(tmp_path):
+def test_a_torn_job_record_is_set_aside_and_frees_its_tenant(tmp_path, monkeypatch):
     """An unreadable record (torn by a crash): the job is set aside, and its tenant's only job slot comes back at
     the next reclaim instead of answering 429 forever; stray temporary files are swept after an hour."""
     import os
@@ -1411,12 +1411,21 @@ def test_a_torn_job_record_is_set_aside_and_frees_its_tenant(tmp_path):
     assert not path.exists() and path.with_name(path.name + ".unreadable").exists()
     b.reclaim_stale()
     _disk_job(b, "acme", "job-b")
-    old, new = b._dirs["records"] / ".tmp-old", b._dirs["records"] / ".tmp-new"
-    for f in (old, new):
-        f.write_text("x")
+    # what a record write killed before its rename leaves (the sweep looked for a name no write gave its files)
+    with monkeypatch.context() as m:
+        m.setattr("server.fsutil.os.replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+        m.setattr("server.fsutil.os.unlink", lambda *a: None)
+        with pytest.raises(OSError):
+            b._write(b._read("job-b"))
+    (old,) = b._dirs["records"].glob(".*.tmp*")
+    new = b._dirs["records"] / ".tmp-new"
+    new.write_text("x")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
+    legacy = b._dirs["records"] / ".job-x.json.abc123.tmp"  # (named so by older builds)
+    legacy.write_text("x")
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))
     b.prune()
-    assert not old.exists() and new.exists()
+    assert not old.exists() and not legacy.exists() and new.exists()
 
 
 def test_listing_one_tenants_jobs_reads_only_its_records(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from prefix_store.errors import StoreUnavailable
-from server.fsutil import write_atomic
+from server.fsutil import TMP_PREFIX, write_atomic
 from server.training.records import (
     ACTIVE,
     IDEMPOTENCY_TTL_S,
@@ -579,7 +580,7 @@ class DiskJobBackend:
         can again, from which a worker's heartbeat is given `stale_after_s` more (it was failed by another worker
         the moment a disk full for longer than that had room again, before its next heartbeat could land)."""
         probe = (
-            self._dirs["records"] / f".tmp-probe-{os.getpid()}-{threading.get_ident()}"
+            self._dirs["records"] / f"{TMP_PREFIX}probe-{os.getpid()}-{threading.get_ident()}"
         )  # (left by a crash: pruned)
         try:
             with open(probe, "wb") as f:
@@ -657,7 +658,8 @@ class DiskJobBackend:
         # the temporary files of writes that died (a write takes well under a minute)
         old_tmp = time.time() - 3600
         for d in (self._dirs["records"], self._dirs["examples"], *self._dirs["idempotency"].glob("*")):
-            for tmp in d.glob(".tmp-*"):
+            # (".<name>.<random>.tmp": older builds' writes)
+            for tmp in itertools.chain(d.glob(f"{TMP_PREFIX}*"), d.glob(".*.tmp")):
                 with contextlib.suppress(OSError):
                     if tmp.stat().st_mtime < old_tmp:
                         tmp.unlink()
