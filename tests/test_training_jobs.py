@@ -1377,6 +1377,40 @@ def test_a_worker_that_could_not_heartbeat_through_a_full_disk_is_not_failed_whe
     assert not list(other._dirs["records"].glob(".tmp-probe-*"))
 
 
+def test_a_hung_worker_is_failed_though_the_clock_stepped_back_after_its_last_heartbeat(tmp_path):
+    """A job's staleness was its heartbeat's age by the wall clock alone: stepped back an hour after a worker's
+    last heartbeat (NTP, a VM restored), or a reclaimer on a host whose clock is behind the worker's, that age
+    stayed negative and a hung worker kept its job for the hour. A heartbeat this process watched stand still
+    for `stale_after_s` by its own monotonic clock is stale whatever the wall clock says."""
+    from server.training.backend_disk import DiskJobBackend
+
+    worker = DiskJobBackend(tmp_path / "jobs", stale_after_s=0.6)
+    reaper = DiskJobBackend(tmp_path / "jobs", stale_after_s=0.6)
+    reaper.stale_confirm_s = 0.2
+    _disk_job(worker, "acme", "job-a")
+    claim = worker.claim("w1")  # holds the job's lock: hung, not dead
+    assert claim is not None
+    rec = worker.get("job-a")
+    rec.heartbeat = time.time() + 3600  # written before the clock went an hour back
+    worker._write(rec)
+    assert reaper.reclaim_stale() == []
+    time.sleep(0.3)
+    assert reaper.reclaim_stale() == [] and reaper.get("job-a").status == "running"  # (0.3 s < stale_after_s)
+    time.sleep(0.4)
+    assert reaper.reclaim_stale() == ["job-a"] and "stopped heartbeating" in reaper.get("job-a").error
+    # a live worker's heartbeat moves: however far ahead its clock, its job stays
+    _disk_job(worker, "acme", "job-b")
+    claim = worker.claim("w1")
+    assert claim is not None and claim.record.job_id == "job-b"
+    for _ in range(4):
+        rec = worker.get("job-b")
+        rec.heartbeat = time.time() + 3600 + _
+        worker._write(rec)
+        assert reaper.reclaim_stale() == []
+        time.sleep(0.25)
+    assert reaper.get("job-b").status == "running"
+
+
 def test_a_torn_examples_file_fails_its_job_and_the_queue_goes_on(tmp_path):
     """A job whose examples file a crash left torn fails with the reason; the next job is taken (every worker
     retried the torn one forever, and nothing else trained)."""

@@ -106,9 +106,10 @@ class DiskJobBackend:
         # when this process last saw the records' folder become writable again after it could not write there
         # (a full disk): no worker could heartbeat meanwhile, so staleness is measured from then (0: always was)
         self._writable_since: float | None = 0.0
-        # job id -> (its heartbeat, when this process first found it stale): failed only if a pass at least
+        # job id -> (its heartbeat, when this process first saw it, monotonic): failed only if a pass at least
         # `stale_confirm_s` later finds the same heartbeat (one that could not be written through a full disk lands
-        # within a heartbeat once it clears, and this process may not have been looking while it was full)
+        # within a heartbeat once it clears, and this process may not have been looking while it was full); a
+        # heartbeat watched standing still for `stale_after_s` is stale whatever the wall clock says (`_hung`)
         self._stale_seen: dict[str, tuple[float, float]] = {}
         self.stale_confirm_s = STALE_CONFIRM_S
         try:
@@ -539,17 +540,16 @@ class DiskJobBackend:
                     rec is not None
                     and rec.status == "running"
                     and rec.heartbeat is not None
-                    and time.time() - max(rec.heartbeat, self._writable_since or 0.0) > self.stale_after_s
-                    and self._stale_confirmed(job_id, rec.heartbeat)
+                    and self._hung(job_id, rec.heartbeat)
                     and not self._found_stored(rec)
                 ):
-                    self._stale_seen.pop(job_id, None)
                     rec.status, rec.finished = "failed", time.time()
                     # (the error is the tenant's to read: the worker's name, its host and pid, goes to the log)
                     rec.error = (
-                        f"its worker stopped heartbeating ({time.time() - rec.heartbeat:.0f}s "
+                        f"its worker stopped heartbeating ({self._silent_s(job_id, rec.heartbeat):.0f}s "
                         f"> {self.stale_after_s:g}s) while holding the job; marked failed"
                     )
+                    self._stale_seen.pop(job_id, None)
                     self._write(rec)
                     self._end(rec)
                     touched.append(job_id)
@@ -568,12 +568,25 @@ class DiskJobBackend:
                 self._unlock(fd)
         return touched
 
-    def _stale_confirmed(self, job_id: str, heartbeat: float) -> bool:
+    def _hung(self, job_id: str, heartbeat: float) -> bool:
+        """Whether the worker holding a job has hung: this process has watched its heartbeat stand still for
+        `stale_confirm_s`, and it is older than `stale_after_s` by the wall clock (counted from when records could
+        be written again, `_writable_since`) or by that watch: a wall clock stepped back after the heartbeat (or
+        a worker's clock ahead of this host's) kept its age negative, and a hung worker its job, for the step."""
+        now = time.monotonic()
         seen = self._stale_seen.get(job_id)
         if seen is None or seen[0] != heartbeat:
-            self._stale_seen[job_id] = (heartbeat, time.monotonic())
-            return self.stale_confirm_s <= 0
-        return time.monotonic() - seen[1] >= self.stale_confirm_s
+            self._stale_seen[job_id] = seen = (heartbeat, now)
+        if now - seen[1] < self.stale_confirm_s:
+            return False
+        return self._silent_s(job_id, heartbeat) > self.stale_after_s
+
+    def _silent_s(self, job_id: str, heartbeat: float) -> float:
+        """How long a job's heartbeat has stood still: by the wall clock from it (or from when records could be
+        written again), and at least as long as this process has watched it stand still."""
+        seen = self._stale_seen.get(job_id)
+        watched = time.monotonic() - seen[1] if seen is not None and seen[0] == heartbeat else 0.0
+        return max(time.time() - max(heartbeat, self._writable_since or 0.0), watched)
 
     def _records_writable(self) -> bool:
         """Whether a record can be written now (a probe file in the records' folder); notes when it could not and
@@ -598,6 +611,7 @@ class DiskJobBackend:
                 os.unlink(probe)
         if self._writable_since is None:
             self._writable_since = time.time()
+            self._stale_seen.clear()  # (heartbeats could not land meanwhile: each is watched anew from now)
             log.info("job records at %s can be written again", self._dirs["records"])
         return True
 
