@@ -1411,6 +1411,76 @@ def test_a_hung_worker_is_failed_though_the_clock_stepped_back_after_its_last_he
     assert reaper.get("job-b").status == "running"
 
 
+def test_turns_and_queue_order_survive_the_clock_stepping_back(tmp_path, monkeypatch):
+    """Tenants' turns went by when each was last served, and the queue by when each job was queued, both by the
+    wall clock: stepped back an hour (NTP, a VM restored), the tenant served after the step looked served least
+    recently and took every claim for the hour (ABAAAAABBBBB), and a job queued after the step went before those
+    queued earlier. Both are now stamped after the latest stamp there."""
+    from server.training.backend_disk import DiskJobBackend
+    from server.training.records import JobRecord
+
+    real = time.time
+    offset = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+    b = DiskJobBackend(tmp_path / "jobs")
+
+    def submit(job_id: str, tenant: str) -> None:
+        rec = JobRecord(job_id=job_id, tenant_id=tenant, name="p", method="prefix_tuning", prefix_length=4)
+        b.create(rec, [{"prompt": "x", "completion": "y"}], max_active=100)
+
+    for i in range(4):
+        submit(f"job-a{i}", "A")
+        submit(f"job-b{i}", "B")
+    order = []
+    for k in range(8):
+        if k == 2:
+            offset[0] -= 3600
+        claim = b.claim("w")
+        assert claim is not None
+        order.append(claim.record.tenant_id)
+        b.finish(claim, "succeeded")
+    assert "".join(order) == "ABABABAB"
+    submit("job-c1", "C")
+    submit("job-c2", "C")
+    offset[0] -= 3600
+    submit("job-c3", "C")
+    got = []
+    while (claim := b.claim("w")) is not None:
+        got.append(claim.record.job_id)
+        b.finish(claim, "succeeded")
+    assert got == ["job-c1", "job-c2", "job-c3"]
+
+
+def test_redis_turns_go_by_the_redis_clock_not_the_workers(redis_store_url, monkeypatch):
+    """On Redis a tenant's last start was stamped with the claiming worker's clock: a worker whose clock is behind
+    the others' (or stepped back) made its tenant look served least recently, and it took the turns. Stamped
+    with Redis' clock, which every worker shares."""
+    from server.training.jobs import open_backend
+    from server.training.records import JobRecord
+
+    real = time.time
+    offset = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+    b = open_backend(redis_store_url, max_attempts=2, stale_after_s=60, retention_s=60)
+    try:
+        for i in range(3):
+            for t in ("A", "B"):
+                rec = JobRecord(
+                    job_id=f"job-{t}{i}", tenant_id=t, name="p", method="prefix_tuning", prefix_length=4
+                )
+                b.create(rec, [{"prompt": "x", "completion": "y"}], max_active=100)
+        order = []
+        for k in range(6):
+            offset[0] = -3600.0 if k % 2 == 0 else 0.0  # two workers, one of them an hour behind
+            claim = b.claim("w", block_ms=0)
+            assert claim is not None
+            order.append(claim.record.tenant_id)
+            b.finish(claim, "succeeded")
+        assert "".join(order) == "ABABAB"
+    finally:
+        b.close()
+
+
 def test_a_torn_examples_file_fails_its_job_and_the_queue_goes_on(tmp_path):
     """A job whose examples file a crash left torn fails with the reason; the next job is taken (every worker
     retried the torn one forever, and nothing else trained)."""

@@ -204,7 +204,25 @@ class DiskJobBackend:
             self._unlock(fd)
 
     def _enqueue(self, rec: JobRecord) -> None:
-        _touch(self._dirs["queue"] / f"{int(time.time() * 1e6):020d}-{rec.job_id}~{rec.tenant_id}")
+        # named by when it was queued, and after every marker there: a clock stepped back (NTP, a VM restored)
+        # would put a job queued now before those queued earlier
+        queue = self._dirs["queue"]
+        stamp = int(time.time() * 1e6)
+        with contextlib.suppress(OSError):
+            stamps = [int(m.name[:20]) for m in queue.iterdir() if m.name[:20].isdigit()]
+            stamp = max([stamp, *(s + 1 for s in stamps)])
+        _touch(queue / f"{stamp:020d}-{rec.job_id}~{rec.tenant_id}")
+
+    def _served_stamp(self) -> float:
+        """When a job starting now is served, for the turn order: now, or just after the latest stamp there if that
+        is later (a clock stepped back made the tenant served after the step look served least recently, and it
+        took every claim for the length of the step)."""
+        stamp = time.time()
+        with contextlib.suppress(OSError), os.scandir(self._dirs["served"]) as entries:
+            for e in entries:
+                with contextlib.suppress(OSError):
+                    stamp = max(stamp, e.stat().st_mtime + 1e-3)
+        return stamp
 
     def _turns(self, tenants: set[str]) -> dict[str, tuple[int, float]]:
         """Each tenant's place in the turn order: (its running jobs, when its last job started); lower goes first."""
@@ -417,8 +435,9 @@ class DiskJobBackend:
                     self._write(rec)
                     _unlink(marker)
                     served = self._dirs["served"] / rec.tenant_id
+                    stamp = self._served_stamp()
                     _touch(served)
-                    os.utime(served, (now, now))
+                    os.utime(served, (stamp, stamp))
                 except BaseException:
                     self._unlock(fd)
                     raise

@@ -7,7 +7,7 @@ Keys (``<ns>``: the store URL's ``prefix`` namespace, default ``prefixserve``)::
     <ns>:jobs:index            ZSET job_id -> created (every job)
     <ns>:jobs:tenant:<tenant>  ZSET job_id -> created (a tenant's jobs)
     <ns>:jobs:active:<tenant>  SET of the tenant's queued or running jobs (the per-tenant limit)
-    <ns>:jobs:served           HASH tenant -> when a job of it last started (fair turns, `_defer`)
+    <ns>:jobs:served           HASH tenant -> when a job of it last started, by Redis' clock (fair turns, `_defer`)
     <ns>:jobs:idem:<tenant>:<h>  the job_id submitted with Idempotency-Key k (h = sha256(k)); expires after
                                IDEMPOTENCY_TTL_S
 
@@ -506,7 +506,9 @@ class RedisJobBackend:
                 return None
             if int(res[1]) > 1:
                 log.warning("job %s: taken over by %s (attempt %d)", job_id, worker_id, int(res[1]))
-            self._r.hset(self._served, rec.tenant_id, repr(time.time()))
+            # on Redis' clock, which every worker shares (a worker's own, behind the others', won it the turns)
+            sec, usec = self._r.time()
+            self._r.hset(self._served, rec.tenant_id, f"{sec}.{usec:06d}")
             return RedisClaim(rec, json.loads(ex), worker_id, entry_id)
         if what in ("cancel_requested", "exhausted"):
             rec = self._read(job_id)
