@@ -433,6 +433,13 @@ def test_seconds_until_slot_estimates_the_soonest_running_job_end():
     # a job at step 0 says nothing of its pace: its limit (an hour by default) is no estimate
     assert estimate(rec("running", 995.0, 0, 100, max_seconds=3600.0)) is None
     assert estimate(rec("running", 990.0, 0, 100, max_seconds=float("inf"))) is None
+    # the pace on the worker's clock (start to last heartbeat): this server's an hour behind changes nothing
+    now = 1_000.0 - 3600
+    late = rec("running", 980.0, 10, 40)
+    late.heartbeat = 1_000.0
+    assert estimate(late) == pytest.approx(60.0)
+    late.limits = {"max_seconds": 50.0}
+    assert estimate(late) == pytest.approx(30.0)
 
 
 # ------------------------------------------------------------------------------------------------ idempotency

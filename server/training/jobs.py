@@ -376,20 +376,23 @@ class JobManager:
     def seconds_until_slot(self, tenant_id: str, now: float | None = None) -> float | None:
         """About how long until one of ``tenant_id``'s unfinished jobs ends (the Retry-After of a submission refused
         with TooManyJobs): the soonest estimate among its running jobs, from their pace so far and bounded by their
-        time limit; None when none has made a step yet (queued ones wait on other tenants' jobs too)."""
+        time limit; None when none has made a step yet (queued ones wait on other tenants' jobs too). A job's pace
+        is read on its worker's clock (start to last heartbeat, which wrote its progress): this server's may differ
+        from it (a 30 s skew halved the estimate, a minute's made it 0)."""
         now = time.time() if now is None else now
         soonest: float | None = None
         for rec in self.backend.list(tenant_id):
             if rec.status != "running" or rec.started is None:
                 continue
-            elapsed = max(0.0, now - rec.started)
+            at = rec.heartbeat if rec.heartbeat is not None else now
+            elapsed = max(0.0, at - rec.started)
             step, total = rec.progress.get("step") or 0, rec.progress.get("total_steps") or 0
             left = elapsed / step * max(0, total - step) if step > 0 and total > 0 else None
             max_s = (rec.limits or {}).get("max_seconds")
             if left is not None and isinstance(max_s, (int, float)) and math.isfinite(max_s):
                 # the time limit only bounds an estimate: a job at step 0 says nothing of its pace (its limit,
                 # an hour by default, would be a poor guess)
-                left = min(left, max(0.0, rec.started + max_s - now))
+                left = min(left, max(0.0, rec.started + max_s - at))
             if left is not None:
                 soonest = left if soonest is None else min(soonest, left)
         return soonest
