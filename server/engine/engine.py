@@ -402,6 +402,11 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
 
+    def idle(self) -> None:
+        """What an engine with nothing to run does when woken: apply the store's changes and take in finished
+        prefix fetches (a step does that; an idle replica's changes piled up, then all waited on its next request)."""
+        self.prefix_cache.process()
+
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -1306,6 +1311,7 @@ class AsyncEngine:
                         self._wake.wait(0.05)
                         self._wake.clear()
                 else:
+                    self.engine.idle()
                     self._flush()  # events of requests that ended while being added or by fail_all
                     self._wake.wait(0.5)
                     self._wake.clear()

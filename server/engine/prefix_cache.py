@@ -162,8 +162,10 @@ class PrefixCache:
         self._errors_swept = time.monotonic()
         # daemon threads: a fetch hung on a dead store never holds the process's exit
         self._executor = DaemonThreadPool(loader_threads, "prefix-loader")
-        self._invalidated: list[tuple[str, str] | None] = []  # None: every name
-        self._lock = threading.Lock()  # guards _invalidated (written from store subscriber threads)
+        # names changed in the store since the last `process` (one entry a name however often it changed), or all
+        self._invalidated: set[tuple[str, str]] = set()
+        self._invalidated_all = False
+        self._lock = threading.Lock()  # guards both (written from store subscriber threads)
 
     # ---------------------------------------------------------------- engine thread API
     @property
@@ -253,11 +255,12 @@ class PrefixCache:
         """Apply invalidations and move finished fetches into the pool (engine thread, once per step)."""
         self._sweep_errors()
         with self._lock:
-            inval, self._invalidated = self._invalidated, []
-        for which in inval:
+            names, every = self._invalidated, self._invalidated_all
+            self._invalidated, self._invalidated_all = set(), False
+        if names or every:  # one pass over each table, however many names changed
 
-            def matches(k: PrefixKey | None, which: tuple[str, str] | None = which) -> bool:
-                return k is not None and (which is None or (k.tenant_id, k.name) == which)
+            def matches(k: PrefixKey | None) -> bool:
+                return k is not None and (every or (k.tenant_id, k.name) in names)
 
             for e in [e for k, e in self.entries.items() if matches(k)]:
                 e.stale = True
@@ -266,6 +269,7 @@ class PrefixCache:
             # a fetch under way (or finished, not yet installed) may hold the old tensors: fetched again on demand
             for k in [k for k in self._loading if matches(k)]:
                 del self._loading[k]
+                self._short.pop(k, None)
             for k in [k for k in self._errors if matches(k)]:
                 del self._errors[k]
             # (prompt blocks computed with other tensors hang off their digest: unreachable from new ones)
@@ -331,16 +335,19 @@ class PrefixCache:
         return self.pool.num_free >= blocks_needed
 
     def invalidate(self, tenant_id: str, name: str) -> None:
-        """Thread-safe: mark a prefix name stale (store change event); applied at the next step."""
+        """Thread-safe: mark a prefix name stale (store change event); applied at the next step, or by an idle
+        engine when woken."""
         with self._lock:
-            self._invalidated.append((tenant_id, name))
+            if not self._invalidated_all:
+                self._invalidated.add((tenant_id, name))
         if self.on_loaded is not None:
             self.on_loaded()
 
     def invalidate_all(self) -> None:
         """Thread-safe: mark every prefix stale (change events may have been missed); applied at the next step."""
         with self._lock:
-            self._invalidated.append(None)
+            self._invalidated_all = True
+            self._invalidated.clear()
         if self.on_loaded is not None:
             self.on_loaded()
 
