@@ -12,7 +12,6 @@ query parameters go to redis-py (``socket_timeout=...``, ``password=...``). Keys
     <ns>:names:<t>            set: names of tenant t with at least one version
     <ns>:tenants              set: tenants with at least one name
     <ns>:once:<token>         the result of one put() or delete() call's transaction, while the call runs: see below
-    <ns>:read:<token>         a copy of a blob a reader pinned, while it reads it in pieces: see below
     channel <ns>:changes      JSON ChangeEvent (+ "origin") published after every put/delete
 
 A put reads the counter under WATCH and commits the next version number with blob, metadata, indexes, the
@@ -30,8 +29,8 @@ version's keys are never rewritten (numbers are never reused), so the pieces are
 meanwhile, which a short read tells. In pieces because redis-py parses a reply holding the GIL: one GET of a 180 MiB
 blob kept every other thread (the engine's decoding) waiting up to 0.2-1 s; 8 MiB pieces, about 13 ms. A read of
 the latest version that lost it to a delete a few times in a row (writers under ``keep_versions=1`` replacing it
-faster than its pieces come) pins the next one it resolves: the same MULTI/EXEC copies the blob to a ``read`` key
-(expiring, deleted once read) and the pieces come from the copy.
+faster than its pieces come) reads the next one it resolves whole in its MULTI/EXEC, holding the GIL that once
+(a copy to read in pieces doubled the blob's memory in Redis: past maxmemory every MULTI was refused).
 
 Connection problems raise StoreUnavailable after at most one quick reconnect attempt; sockets time out after a
 few seconds, so a dead or hung Redis never blocks a caller indefinitely.
@@ -63,10 +62,7 @@ from prefix_store.urls import pop_query_param
 log = logging.getLogger("prefix_store")
 
 BLOB_CHUNK = 8 << 20  # bytes of a blob read at a time (see the module docstring)
-UNPINNED_TRIES = 3  # reads of the latest version lost to a delete before the reader pins the version it reads
-PINNED_COPY_TTL_MS = (
-    120_000  # a pinned copy outlives its reader by this much at most (a reader killed mid-read)
-)
+UNPINNED_TRIES = 3  # reads of the latest version lost to a delete before a reader reads one whole at once
 
 _T = TypeVar("_T")
 
@@ -358,34 +354,27 @@ class RedisStore(PrefixStore):
         self, t: str, n: str, v: int, *, pin: bool = False
     ) -> tuple[bytes | None, bytes | None]:
         """(metadata, blob) of version `v`, either None where missing; both None if it was deleted while its
-        blob was read. `pin`: a blob larger than one piece is copied in the first transaction and read from the
-        copy, which no delete touches."""
+        blob was read. `pin`: the whole blob in the one transaction (no piece can find it deleted)."""
         key = self._blob_key(t, n, v)
         pipe = self._r.pipeline(transaction=True)
         pipe.get(self._meta_key(t, n, v))
+        if pin:
+            pipe.get(key)
+            meta_b, blob = pipe.execute()
+            return meta_b, blob or None
         pipe.strlen(key)
         pipe.getrange(key, 0, BLOB_CHUNK - 1)
-        copy = None
-        if pin:  # (a copy of a blob that fits one piece is made too, and dropped unread: pins are rare)
-            copy = self._key("read", uuid.uuid4().hex)
-            pipe.copy(key, copy)
-            pipe.pexpire(copy, PINNED_COPY_TTL_MS)
-        meta_b, size, first, *_ = pipe.execute()
-        try:
-            if not size:
-                return meta_b, None
-            parts, got = [first], len(first)
-            while got < size:
-                piece = self._r.getrange(copy or key, got, min(got + BLOB_CHUNK, size) - 1)
-                if not piece:
-                    return None, None  # deleted meanwhile
-                parts.append(piece)
-                got += len(piece)
-            return meta_b, first if len(parts) == 1 else b"".join(parts)
-        finally:
-            if copy is not None:
-                with contextlib.suppress(redis.RedisError):  # (it expires anyway)
-                    self._r.delete(copy)
+        meta_b, size, first = pipe.execute()
+        if not size:
+            return meta_b, None
+        parts, got = [first], len(first)
+        while got < size:
+            piece = self._r.getrange(key, got, min(got + BLOB_CHUNK, size) - 1)
+            if not piece:
+                return None, None  # deleted meanwhile
+            parts.append(piece)
+            got += len(piece)
+        return meta_b, first if len(parts) == 1 else b"".join(parts)
 
     def _names(self, tenant_id: str | None) -> builtins.list[tuple[str, str]]:
         with self._errors("list prefixes"):
