@@ -167,16 +167,21 @@ class DiskStore(PrefixStore):
     @contextlib.contextmanager
     def _unless_locked(self, tenant_id: str, name: str) -> Iterator[bool]:
         """The name's lock if nobody holds it (True, held for the block), else False at once. A name without a lock
-        file (restored from a backup without it) has no put under way: True, nothing held."""
+        file (restored from a backup without it) has no put under way: True, nothing held. A lock that cannot be
+        tried (no permission, no locks on this filesystem): False, the name is left alone."""
         try:
-            fd = os.open(self.root / tenant_id / f"{name}{LOCK_SUFFIX}", os.O_RDONLY)
+            # (read-write: NFS emulates flock with byte-range locks, and an exclusive one needs a writable file)
+            fd = os.open(self.root / tenant_id / f"{name}{LOCK_SUFFIX}", os.O_RDWR)
         except FileNotFoundError:
             yield True
+            return
+        except OSError:
+            yield False
             return
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError:  # (BlockingIOError: a put holds it)
                 yield False
             else:
                 yield True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
@@ -161,7 +163,7 @@ def test_leftovers_of_crashed_writes_are_swept_when_old(tmp_path):
     assert s.get("acme", "bot").meta.version == 1
 
 
-def test_the_sweep_leaves_the_files_of_a_put_under_way_whatever_their_age(tmp_path):
+def test_the_sweep_leaves_the_files_of_a_put_under_way_whatever_their_age(tmp_path, monkeypatch):
     """The background sweep judged leftovers by age alone: with the clock stepped forward an hour (NTP, a VM
     resumed), or a put stalled that long, it deleted the tensor file of a put between its tensor file and its
     commit marker, and the committed version was unreadable. It skips the names whose lock a put holds."""
@@ -179,6 +181,24 @@ def test_the_sweep_leaves_the_files_of_a_put_under_way_whatever_their_age(tmp_pa
         )
     assert s._sweep_leftovers(min_age_s=0.05) == 0 and s.get("acme", "bot").meta.version == 2
     blob.with_suffix(".json").unlink()  # a crashed put's, with nobody holding the lock: swept
+    other = tmp_path / "root" / "acme" / "other"
+    other.mkdir()
+    (other / "v1.safetensors").write_bytes(b"x")
+    time.sleep(0.1)
+    real = fcntl.flock
+
+    def no_locks(fd, op):  # a filesystem without locks (ENOLCK), as some NFS set-ups: that name is left alone
+        if op & fcntl.LOCK_NB:
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real(fd, op)
+
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_locks)
+        assert (
+            s._sweep_leftovers(min_age_s=0.05) == 1
+            and blob.exists()
+            and not (other / "v1.safetensors").exists()
+        )
     assert s._sweep_leftovers(min_age_s=0.05) == 1 and not blob.exists()
 
 
