@@ -106,11 +106,11 @@ class DiskJobBackend:
         # when this process last saw the records' folder become writable again after it could not write there
         # (a full disk): no worker could heartbeat meanwhile, so staleness is measured from then (0: always was)
         self._writable_since: float | None = 0.0
-        # job id -> (its heartbeat, when this process first saw it, monotonic): failed only if a pass at least
-        # `stale_confirm_s` later finds the same heartbeat (one that could not be written through a full disk lands
+        # job id -> (its heartbeat, when this process first saw it and first found it stale, monotonic): failed
+        # only if a pass at least `stale_confirm_s` after it was found stale finds the same heartbeat (one that could not be written through a full disk lands
         # within a heartbeat once it clears, and this process may not have been looking while it was full); a
         # heartbeat watched standing still for `stale_after_s` is stale whatever the wall clock says (`_hung`)
-        self._stale_seen: dict[str, tuple[float, float]] = {}
+        self._stale_seen: dict[str, tuple[float, float, float | None]] = {}
         self.stale_confirm_s = STALE_CONFIRM_S
         try:
             for d in self._dirs.values():
@@ -588,17 +588,21 @@ class DiskJobBackend:
         return touched
 
     def _hung(self, job_id: str, heartbeat: float) -> bool:
-        """Whether the worker holding a job has hung: this process has watched its heartbeat stand still for
-        `stale_confirm_s`, and it is older than `stale_after_s` by the wall clock (counted from when records could
-        be written again, `_writable_since`) or by that watch: a wall clock stepped back after the heartbeat (or
-        a worker's clock ahead of this host's) kept its age negative, and a hung worker its job, for the step."""
+        """Whether the worker holding a job has hung: its heartbeat is older than `stale_after_s` by the wall clock
+        (counted from when records could be written again, `_writable_since`) or by how long this process has
+        watched it stand still (a wall clock stepped back after the heartbeat, or a worker's clock ahead of this
+        host's, kept its age negative, and a hung worker its job, for the step), and a pass `stale_confirm_s`
+        after this process first found it so still finds it."""
         now = time.monotonic()
         seen = self._stale_seen.get(job_id)
         if seen is None or seen[0] != heartbeat:
-            self._stale_seen[job_id] = seen = (heartbeat, now)
-        if now - seen[1] < self.stale_confirm_s:
+            self._stale_seen[job_id] = seen = (heartbeat, now, None)
+        if self._silent_s(job_id, heartbeat) <= self.stale_after_s:
             return False
-        return self._silent_s(job_id, heartbeat) > self.stale_after_s
+        if seen[2] is None:  # first found stale now: confirmed by a pass `stale_confirm_s` later
+            self._stale_seen[job_id] = (heartbeat, seen[1], now)
+            return self.stale_confirm_s <= 0
+        return now - seen[2] >= self.stale_confirm_s
 
     def _silent_s(self, job_id: str, heartbeat: float) -> float:
         """How long a job's heartbeat has stood still: by the wall clock from it (or from when records could be
