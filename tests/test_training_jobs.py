@@ -1465,7 +1465,7 @@ def test_turns_and_queue_order_survive_the_clock_stepping_back(tmp_path, monkeyp
 def test_redis_turns_go_by_the_redis_clock_not_the_workers(redis_store_url, monkeypatch):
     """On Redis a tenant's last start was stamped with the claiming worker's clock: a worker whose clock is behind
     the others' (or stepped back) made its tenant look served least recently, and it took the turns. Stamped
-    with Redis' clock, which every worker shares."""
+    with Redis' clock, which every worker shares, and after the latest stamp (Redis' clock may step back too)."""
     from server.training.jobs import open_backend
     from server.training.records import JobRecord
 
@@ -1474,6 +1474,9 @@ def test_redis_turns_go_by_the_redis_clock_not_the_workers(redis_store_url, monk
     monkeypatch.setattr(time, "time", lambda: real() + offset[0])
     b = open_backend(redis_store_url, max_attempts=2, stale_after_s=60, retention_s=60)
     try:
+        # and Redis' own clock stepped back an hour since B was last served
+        ahead = f"{float(b._r.time()[0]) + 3600:.6f}"
+        b._r.hset(b._served, mapping={"B": ahead, "@latest": ahead})
         for i in range(3):
             for t in ("A", "B"):
                 rec = JobRecord(

@@ -5,8 +5,11 @@ Layout (``<root>``: e.g. ``/var/lib/prefixserve.jobs``)::
     records/<job_id>.json     the JobRecord (written atomically: temp file, fsync, rename)
     examples/<job_id>.json    the examples (deleted when the job ends)
     locks/<job_id>.lock       flock-ed by the worker running the job for as long as it runs
-    queue/<created>-<job_id>~<tenant>  marker of a queued job (by name, within the tenants' turns: `claim`)
-    served/<tenant>           its mtime: when a job of the tenant last started (fair turns)
+    queue/<stamp>-<job_id>~<tenant>  marker of a queued job (by name, within the tenants' turns: `claim`); stamp:
+                              when it was queued (µs), or after the latest marker there if that is later
+    served/<tenant>           its mtime: when a job of the tenant last started (fair turns), or just after the
+                              latest such stamp (``served/@latest``'s mtime) if that is later: a clock that
+                              steps back must not make the tenant served after the step look served least
     running/<job_id>          marker of a running job (what the reclaimer scans)
     active/<tenant>/<job_id>  queued or running jobs of a tenant (the per-tenant limit)
     cancel/<job_id>           exists once a cancel was requested (the trainer stats it every step)
@@ -213,16 +216,17 @@ class DiskJobBackend:
             stamp = max([stamp, *(s + 1 for s in stamps)])
         _touch(queue / f"{stamp:020d}-{rec.job_id}~{rec.tenant_id}")
 
-    def _served_stamp(self) -> float:
-        """When a job starting now is served, for the turn order: now, or just after the latest stamp there if that
-        is later (a clock stepped back made the tenant served after the step look served least recently, and it
-        took every claim for the length of the step)."""
+    def _serve(self, tenant_id: str) -> None:
+        """Stamp the tenant's last start, for the turn order: now, or just after the latest stamp if that is later
+        (a clock stepped back made the tenant served after the step look served least recently, and it took every
+        claim for the length of the step). The latest is ``served/@latest``'s mtime (no tenant id holds a '@')."""
+        latest = self._dirs["served"] / "@latest"
         stamp = time.time()
-        with contextlib.suppress(OSError), os.scandir(self._dirs["served"]) as entries:
-            for e in entries:
-                with contextlib.suppress(OSError):
-                    stamp = max(stamp, e.stat().st_mtime + 1e-3)
-        return stamp
+        with contextlib.suppress(OSError):
+            stamp = max(stamp, latest.stat().st_mtime + 1e-3)
+        for path in (self._dirs["served"] / tenant_id, latest):
+            _touch(path)
+            os.utime(path, (stamp, stamp))
 
     def _turns(self, tenants: set[str]) -> dict[str, tuple[int, float]]:
         """Each tenant's place in the turn order: (its running jobs, when its last job started); lower goes first."""
@@ -434,10 +438,7 @@ class DiskJobBackend:
                     _touch(self._running(job_id))
                     self._write(rec)
                     _unlink(marker)
-                    served = self._dirs["served"] / rec.tenant_id
-                    stamp = self._served_stamp()
-                    _touch(served)
-                    os.utime(served, (stamp, stamp))
+                    self._serve(rec.tenant_id)
                 except BaseException:
                     self._unlock(fd)
                     raise

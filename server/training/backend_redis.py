@@ -7,7 +7,8 @@ Keys (``<ns>``: the store URL's ``prefix`` namespace, default ``prefixserve``)::
     <ns>:jobs:index            ZSET job_id -> created (every job)
     <ns>:jobs:tenant:<tenant>  ZSET job_id -> created (a tenant's jobs)
     <ns>:jobs:active:<tenant>  SET of the tenant's queued or running jobs (the per-tenant limit)
-    <ns>:jobs:served           HASH tenant -> when a job of it last started, by Redis' clock (fair turns, `_defer`)
+    <ns>:jobs:served           HASH tenant -> when a job of it last started, by Redis' clock, and "@latest" -> the
+                               latest of those (fair turns, `_defer`, `_SERVE`)
     <ns>:jobs:idem:<tenant>:<h>  the job_id submitted with Idempotency-Key k (h = sha256(k)); expires after
                                IDEMPOTENCY_TTL_S
 
@@ -162,6 +163,19 @@ end
 return st
 """
 
+# KEYS: the served hash. ARGV: tenant. Its last start by Redis' clock (every worker's), or just after the latest
+# stamp (field "@latest"; no tenant id holds a '@') if that is later: a clock stepped back (a failover to a replica
+# behind) must not make the tenant served after the step look served least recently. Returns the stamp.
+_SERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local latest = tonumber(redis.call('HGET', KEYS[1], '@latest') or '0')
+if now <= latest then now = latest + 0.001 end
+local s = string.format('%.6f', now)
+redis.call('HSET', KEYS[1], ARGV[1], s, '@latest', s)
+return s
+"""
+
 EMPTY_PROGRESS = json.dumps({"epoch": 0, "loss": None, "step": 0, "total_steps": None}, sort_keys=True)
 
 
@@ -216,6 +230,7 @@ class RedisJobBackend:
         self._finish = self._r.register_script(_FINISH)
         self._requeue = self._r.register_script(_REQUEUE)
         self._cancel = self._r.register_script(_CANCEL)
+        self._serve = self._r.register_script(_SERVE)
         self._group_ready = False
 
     def __repr__(self) -> str:
@@ -507,8 +522,7 @@ class RedisJobBackend:
             if int(res[1]) > 1:
                 log.warning("job %s: taken over by %s (attempt %d)", job_id, worker_id, int(res[1]))
             # on Redis' clock, which every worker shares (a worker's own, behind the others', won it the turns)
-            sec, usec = self._r.time()
-            self._r.hset(self._served, rec.tenant_id, f"{sec}.{usec:06d}")
+            self._serve(keys=[self._served], args=[rec.tenant_id])
             return RedisClaim(rec, json.loads(ex), worker_id, entry_id)
         if what in ("cancel_requested", "exhausted"):
             rec = self._read(job_id)
