@@ -1511,7 +1511,7 @@ def test_a_torn_examples_file_fails_its_job_and_the_queue_goes_on(tmp_path):
     _disk_job(b, "acme", "job-c")  # the tenant's slot is free again (no 429)
 
 
-def test_a_torn_job_record_is_set_aside_and_frees_its_tenant(tmp_path, monkeypatch):
+def test_a_torn_job_record_is_set_aside_and_frees_its_tenant(tmp_path):
     """An unreadable record (torn by a crash): the job is set aside, and its tenant's only job slot comes back at
     the next reclaim instead of answering 429 forever; stray temporary files are swept after an hour."""
     import os
@@ -1530,11 +1530,11 @@ def test_a_torn_job_record_is_set_aside_and_frees_its_tenant(tmp_path, monkeypat
     b.reclaim_stale()
     _disk_job(b, "acme", "job-b")
     # what a record write killed before its rename leaves (the sweep looked for a name no write gave its files)
-    with monkeypatch.context() as m:
-        m.setattr("server.fsutil.os.replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
-        m.setattr("server.fsutil.os.unlink", lambda *a: None)
-        with pytest.raises(OSError):
-            b._write(b._read("job-b"))
+    killed = "import os, sys; from pathlib import Path; from server import fsutil\n"
+    killed += "os.replace = lambda *a: os._exit(9)\nfsutil.write_atomic(Path(sys.argv[1]), 'x')"
+    target = b._record("job-b")
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run([sys.executable, "-c", killed, str(target)], cwd=root).returncode == 9
     (old,) = b._dirs["records"].glob(".*.tmp*")
     new = b._dirs["records"] / ".tmp-new"
     new.write_text("x")

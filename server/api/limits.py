@@ -291,7 +291,8 @@ class RateLimiter:
 # KEYS: requests bucket, tokens bucket. ARGV: requests capacity, tokens capacity (0: no limit), requests, tokens.
 # Returns {refused?, wait seconds, "requests" | "tokens" | "", requests level, tokens level} (levels "": no limit).
 # A clock stepped back below a bucket's last write (NTP, a failover to a replica behind) refills nothing for that
-# call, and the bucket counts on from the new time (a negative refill emptied it for as long as the step).
+# call, and the bucket counts on from the new time (a negative refill emptied it for as long as the step; a level
+# left below zero by that, in a bucket written by an older build, counts as empty).
 _LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -300,7 +301,7 @@ local function level(key, cap)
   local v = redis.call('HMGET', key, 'level', 'ts')
   local l, ts = tonumber(v[1]), tonumber(v[2])
   if l == nil then return cap end
-  return math.min(cap, l + math.max(0, now - ts) * cap / 60)
+  return math.min(cap, math.max(0, l) + math.max(0, now - ts) * cap / 60)
 end
 local rcap, tcap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rcost, tcost = tonumber(ARGV[3]), tonumber(ARGV[4])
