@@ -120,6 +120,12 @@ class Settings(BaseSettings):
         64, ge=1, description="Generation requests in flight per tenant before 429 + Retry-After"
     )
     max_jobs_per_tenant: int = Field(2, ge=1, description="Queued + running training jobs per tenant (429)")
+    jobs_kept_per_tenant: int = Field(
+        1000,
+        ge=1,
+        description="Finished training jobs kept per tenant: past it (by a tenth) a submission deletes the "
+        "tenant's oldest finished ones (all are deleted 7 days after they finished)",
+    )
     tenant_requests_per_minute: int | None = Field(
         None,
         ge=1,

@@ -409,6 +409,32 @@ def test_too_many_jobs_per_tenant(managers):
     jm.submit(request_(name="c"))  # a slot is free again
 
 
+def test_a_tenants_finished_jobs_are_kept_up_to_a_cap(managers, store):
+    """Finished jobs were kept 7 days whatever their number, and `max_jobs_per_tenant` counts only unfinished
+    ones: a tenant submitting and cancelling in a loop (9 ms a cycle) left a record (and on disk a lock file and a
+    queue marker) each time, and every listing read them all (3,000: 352 ms, 3 MiB). A submission past
+    `jobs_kept_per_tenant` (by a tenth) deletes the tenant's oldest finished jobs; unfinished ones and other
+    tenants' stay."""
+    api = managers(max_jobs_per_tenant=2, jobs_kept_per_tenant=10)
+    other = api.submit(request_(tenant="globex"))
+    api.cancel(other.job_id)
+    running = api.submit(request_(name="keep"))
+    ids = []
+    for i in range(25):
+        rec = api.submit(request_(name=f"n{i}"))
+        api.cancel(rec.job_id)
+        ids.append(rec.job_id)
+    mine = {r.job_id for r in api.list("acme")}
+    finished = [j for j in ids if j in mine]
+    assert 10 <= len(finished) <= 11 and finished == ids[-len(finished) :]  # the newest, in order
+    assert running.job_id in mine and api.get(running.job_id).status == "queued"
+    assert [r.job_id for r in api.list("globex")] == [other.job_id]
+    backend = api.backend
+    if hasattr(backend, "_dirs"):  # what the disk queue keeps of the deleted ones: nothing
+        names = [p.name for d in ("records", "locks", "queue") for p in backend._dirs[d].iterdir()]
+        assert not [n for n in names if any(j in n for j in ids[:14])], names
+
+
 def test_seconds_until_slot_estimates_the_soonest_running_job_end():
     """The Retry-After of a submission refused with TooManyJobs: the soonest end among the tenant's running jobs,
     from their pace (elapsed / step × steps left), bounded by their time limit; None without any estimate."""

@@ -484,6 +484,7 @@ def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> An
         jobs_url=settings.jobs_url,
         in_process_workers=settings.training_workers,
         max_jobs_per_tenant=settings.max_jobs_per_tenant,
+        jobs_kept_per_tenant=settings.jobs_kept_per_tenant,
         train_threads=settings.training_threads,
         train_nice=settings.training_nice,
         limits=TrainingLimits(

@@ -386,12 +386,37 @@ class DiskJobBackend:
                     rec.error = "cancelled before it started"
                     self._write(rec)
                     self._end(rec)
+                    self._unqueue(job_id)
                 else:  # "running" with a free lock: its worker died; the reclaimer ends it cancelled
                     _touch(self._cancel(job_id))
                     rec.cancel_requested = True
                 return rec
             finally:
                 self._unlock(fd)
+
+    def _unqueue(self, job_id: str) -> None:
+        """Remove a job's queue marker (a claim drops the marker of a job no longer queued, but with no worker
+        running they piled up, and each claim lists them all)."""
+        with contextlib.suppress(OSError):
+            for m in self._dirs["queue"].iterdir():
+                if _marker_job(m.name)[0] == job_id:
+                    _unlink(m)
+
+    def trim(self, tenant_id: str, keep: int) -> int:
+        """Delete the tenant's oldest finished jobs past its newest `keep` (once past `keep` by a tenth, so that
+        their records are read once in that many submissions); returns how many."""
+        with self._errors("delete old jobs"):
+            finished = [
+                j for j, (_i, _m, t, st) in self._scan().items() if t == tenant_id and st not in ACTIVE
+            ]
+            if len(finished) <= keep + keep // 10:
+                return 0
+            recs = [r for j in finished if (r := self._read(j)) is not None and r.terminal]
+            recs.sort(key=lambda r: (r.finished or r.created, r.created, r.job_id))
+            for rec in recs[: max(0, len(recs) - keep)]:
+                _unlink(self._record(rec.job_id))
+                _unlink(self._lock(rec.job_id))
+            return max(0, len(recs) - keep)
 
     # ------------------------------------------------------------------------------------------ worker side
     def claim(self, worker_id: str) -> DiskClaim | None:

@@ -36,6 +36,7 @@ import redis
 
 from prefix_store.errors import StoreUnavailable
 from server.training.records import (
+    ACTIVE,
     IDEMPOTENCY_TTL_S,
     UNDECIDED,
     JobRecord,
@@ -368,6 +369,34 @@ class RedisJobBackend:
                     self._r.zrem(self._index, *gone)
         out.sort(key=lambda r: (r.created, r.job_id))
         return out
+
+    def trim(self, tenant_id: str, keep: int) -> int:
+        """Delete the tenant's oldest finished jobs past its newest `keep` (once past `keep` by a tenth); returns
+        how many. Unfinished ones stay, whatever their age."""
+        zkey = self._tenant(tenant_id)
+        with self._errors("delete old jobs"):
+            total = self._r.zcard(zkey)
+            if total <= keep + keep // 10:
+                return 0
+            ids = _members(self._r.zrange(zkey, 0, -1))
+            pipe = self._r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self._job(i), ["status", "created", "finished"])
+            rows = pipe.execute()
+            ended = []
+            for i, (status, created, finished) in zip(ids, rows, strict=True):
+                st = _dec(status)
+                if st is None or st not in ACTIVE:  # (None: expired)
+                    ended.append((_dec(finished) or _dec(created) or 0.0, i))
+            ended.sort()
+            old = [i for _t, i in ended[: max(0, len(ended) - keep)]]
+            if old:
+                pipe = self._r.pipeline(transaction=False)
+                pipe.delete(*(self._job(i) for i in old))
+                pipe.zrem(zkey, *old)
+                pipe.zrem(self._index, *old)
+                pipe.execute()
+            return len(old)
 
     def counts(self) -> dict[str, int]:
         """Jobs by status, for /metrics: one field of each job (its status), not the whole record decoded."""

@@ -191,6 +191,7 @@ class JobManager:
         retention_s: float = 7 * 86400,
         worker_name: str | None = None,
         train_nice: int = 10,
+        jobs_kept_per_tenant: int = 1000,
     ) -> None:
         if stale_after_s <= heartbeat_s:
             raise ValueError("stale_after_s must be larger than heartbeat_s")
@@ -199,6 +200,7 @@ class JobManager:
         self.limits = limits or TrainingLimits()
         self.in_process_workers = in_process_workers
         self.max_jobs_per_tenant = max_jobs_per_tenant
+        self.jobs_kept_per_tenant = jobs_kept_per_tenant
         self.train_threads = train_threads if train_threads is not None else default_train_threads()
         self.train_nice = train_nice
         self.heartbeat_s = heartbeat_s
@@ -351,7 +353,20 @@ class JobManager:
             rec.job_id, rec.tenant_id, rec.name, rec.method, rec.prefix_length, rec.num_examples,
         )  # fmt: skip
         self._wake.set()
+        self._trim(rec.tenant_id)
         return rec, False
+
+    def _trim(self, tenant_id: str) -> None:
+        """Delete the tenant's oldest finished jobs past `jobs_kept_per_tenant` (bookkeeping of a submission: a
+        failure is logged, the submission stands)."""
+        try:
+            n = self.backend.trim(tenant_id, self.jobs_kept_per_tenant)
+        except Exception as e:
+            log.warning("jobs of tenant %s: deleting its oldest finished jobs failed: %s", tenant_id, e)
+            return
+        if n:
+            log.info("jobs of tenant %s: deleted its %d oldest finished jobs (%d kept)", tenant_id, n,
+                     self.jobs_kept_per_tenant)  # fmt: skip
 
     @staticmethod
     def _replayed(earlier: JobRecord, digest: str | None) -> JobRecord:
