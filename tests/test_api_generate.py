@@ -1041,6 +1041,28 @@ def test_meta_cache_refuses_a_fetch_raced_by_a_change_and_stays_bounded():
     assert cache.get(a)[0].version == 2
 
 
+def test_meta_cache_keeps_the_names_and_versions_used_last_up_to_a_bound():
+    """Entries went only with a change event or a 404: a server that looked up every name of a large store (and
+    pinned versions) kept every one (2,500 of 2,500 twelve seconds past their TTL). It keeps the names looked up
+    last, and the versions of a name looked up last, up to a bound; the others are read again when asked for."""
+    from server.api.prefix_meta import PrefixMetaCache, ResolvedPrefix
+
+    cache = PrefixMetaCache(ttl_s=60)
+    cache.MAX_NAMES, cache.MAX_VERSIONS = 4, 3
+    gen = cache.generation()
+    for i in range(4):
+        cache.put(("t", f"n{i}"), ResolvedPrefix("t", f"n{i}", 1, 8, "raw"), gen)
+    assert cache.get(("t", "n0"))[0] is not None  # used: the least recently used is n1 now
+    cache.put(("t", "n4"), ResolvedPrefix("t", "n4", 1, 8, "raw"), gen)
+    assert [cache.get(("t", f"n{i}"))[0] is not None for i in range(5)] == [True, False, True, True, True]
+    for v in range(1, 6):
+        cache.put(("t", "n0"), ResolvedPrefix("t", "n0", v, 8, "raw"), gen, version=v)
+    cache.get(("t", "n0"), 3)
+    cache.put(("t", "n0"), ResolvedPrefix("t", "n0", 6, 8, "raw"), gen, version=6)
+    assert [v for v in range(1, 7) if cache.get(("t", "n0"), v)[0] is not None] == [3, 5, 6]
+    assert len(cache._entries) <= 4 and all(len(d) <= 3 for d in cache._entries.values())
+
+
 def test_meta_cache_refuses_a_fetch_begun_before_a_resync_clear():
     """A store resync (`clear`: a version number may now name another record) while a lookup's fetch is under
     way: what that fetch read is not cached, though no invalidation of the name was seen."""

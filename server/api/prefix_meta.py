@@ -49,6 +49,12 @@ class PrefixMetaCache:
     drops its latest and every pinned version."""
 
     MAX_GENERATIONS = 4096  # names remembered as changed; past it every fetch under way is refused once
+    MAX_NAMES = (
+        65536  # names kept, the least recently used going first (a large store's every name: read again)
+    )
+    MAX_VERSIONS = (
+        32  # entries kept per name (its latest and pinned versions), the least recently used going first
+    )
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
@@ -65,7 +71,13 @@ class PrefixMetaCache:
     ) -> tuple[ResolvedPrefix | Refusal | None, bool, tuple[int, int]]:
         """(entry, fresh, generation: give it back to `put`)."""
         with self._lock:
-            ent = self._entries.get(key, {}).get(version)
+            versions = self._entries.pop(key, None)
+            ent = None
+            if versions is not None:
+                self._entries[key] = versions  # (the most recently used last)
+                ent = versions.pop(version, None)
+                if ent is not None:
+                    versions[version] = ent
             gen = (self._epoch, self._changes)
         if ent is None:
             return None, False, gen
@@ -87,7 +99,14 @@ class PrefixMetaCache:
         with self._lock:
             # no invalidation raced with the fetch
             if epoch == self._epoch and began >= self._floor and self._changed_at.get(key, 0) <= began:
-                self._entries.setdefault(key, {})[version] = (value, time.monotonic())
+                versions = self._entries.pop(key, None) or {}
+                self._entries[key] = versions
+                versions.pop(version, None)
+                versions[version] = (value, time.monotonic())
+                if len(versions) > self.MAX_VERSIONS:
+                    del versions[next(iter(versions))]
+                if len(self._entries) > self.MAX_NAMES:
+                    del self._entries[next(iter(self._entries))]
 
     def invalidate(self, key: tuple[str, str]) -> None:
         with self._lock:
