@@ -200,6 +200,35 @@ def test_cancel_a_job_writes_nothing(server_factory):
     assert_error(c.post("/prefixes/jobs/job-does-not-exist/cancel"), 404)
 
 
+def test_job_listing_pages(server_factory):
+    """`GET /prefixes/jobs` pages as `GET /prefixes` does (`limit`, `after` = the page before's `last_id`, `has_more`),
+    oldest first; without `limit`, every job; an `after` that names no job here is a 422 naming it."""
+    s = server_factory(training_workers=0, max_jobs_per_tenant=10)
+    c = s.client()
+    ids = []
+    for i in range(5):
+        job = c.post("/prefixes", json={"tenant_id": "acme", "name": f"p{i}", "examples": EXAMPLES}).json()
+        ids.append(job["job_id"])
+    whole = c.get("/prefixes/jobs", params={"tenant_id": "acme"}).json()
+    assert [j["job_id"] for j in whole["data"]] == ids and whole["has_more"] is False
+    got, after = [], None
+    while True:
+        page = c.get(
+            "/prefixes/jobs", params={"tenant_id": "acme", "limit": 2, **({"after": after} if after else {})}
+        )
+        body = page.json()
+        assert page.status_code == 200 and len(body["data"]) <= 2
+        got += [j["job_id"] for j in body["data"]]
+        assert body["first_id"] == body["data"][0]["job_id"] and body["last_id"] == got[-1]
+        after = body["last_id"]
+        if not body["has_more"]:
+            break
+    assert got == ids
+    err = assert_error(c.get("/prefixes/jobs", params={"after": "job-gone"}), 422, "invalid_value")
+    assert err["param"] == "after" and "job-gone" in err["message"]
+    assert_error(c.get("/prefixes/jobs", params={"limit": 0}), 422)
+
+
 def test_training_submission_with_an_idempotency_key_creates_one_job(server_factory):
     """A retried submission (same Idempotency-Key, same body) answers the first one's job and creates nothing, even
     past the per-tenant job limit; the key with another body, or a malformed key, is a 422 that creates nothing;

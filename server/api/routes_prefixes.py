@@ -110,6 +110,7 @@ def _training_errors() -> tuple[type[Exception], type[Exception], type[Exception
 
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_LIST_LIMIT = 10_000  # one page of GET /prefixes or /prefixes/jobs at most
 
 
 def _idempotency_key(key: str | None) -> str | None:
@@ -193,14 +194,40 @@ async def train(
 async def list_jobs(
     request: Request,
     tenant_id: str | None = Query(None, pattern=NAME_PATTERN),
+    limit: int | None = Query(
+        None, ge=1, le=MAX_LIST_LIMIT, description="At most this many jobs (a page); absent: all of them"
+    ),
+    after: str | None = Query(
+        None,
+        pattern=JOB_ID_PATTERN,
+        description="Job id cursor: the jobs listed after it, oldest first (the `last_id` of the page before)",
+    ),
     principal: Principal = Depends(get_principal),
 ) -> Any:
     svc = get_service(request)
     jm = _jobs(svc)
     tenant = principal.resolve_tenant(tenant_id) if (tenant_id or not principal.admin) else None
     recs = await _call_jobs(svc, jm.list, tenant) if tenant else await _call_jobs(svc, jm.list)
-    data = [_job_dict(r, principal) for r in recs if tenant is None or _job_tenant(r) == tenant]
-    return {"object": "list", "data": data}
+    recs = [r for r in recs if tenant is None or _job_tenant(r) == tenant]
+    if after is not None:
+        at = next((i for i, r in enumerate(recs) if r.job_id == after), None)
+        if at is None:
+            raise APIError(
+                422,
+                f"after must be the last_id of a listing: no job {after!r} here (finished jobs are deleted in time)",
+                code="invalid_value",
+                param="after",
+            )
+        recs = recs[at + 1 :]
+    has_more = limit is not None and len(recs) > limit
+    page = recs[:limit] if limit is not None else recs
+    return {
+        "object": "list",
+        "data": [_job_dict(r, principal) for r in page],
+        "has_more": has_more,
+        "first_id": page[0].job_id if page else None,
+        "last_id": page[-1].job_id if page else None,
+    }
 
 
 @router.get(
@@ -238,7 +265,6 @@ async def cancel_job(
 
 
 # --------------------------------------------------------------------------------------------- prefixes
-MAX_LIST_LIMIT = 10_000  # one page of GET /prefixes at most
 
 
 def _prefix_info(meta: Any, versions: list[int] | None = None) -> dict[str, Any]:

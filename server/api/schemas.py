@@ -862,6 +862,9 @@ class JobInfo(BaseModel):
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobInfo]
+    has_more: bool = Field(False, description="More jobs follow this page: ask again with `after=last_id`")
+    first_id: str | None = Field(None, description="Job id of the page's first job (None: empty)")
+    last_id: str | None = Field(None, description="Job id of the page's last job: the next `after`")
 
 
 class TenantInfo(BaseModel):
