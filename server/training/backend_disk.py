@@ -110,9 +110,10 @@ class DiskJobBackend:
         # (a full disk): no worker could heartbeat meanwhile, so staleness is measured from then (0: always was)
         self._writable_since: float | None = 0.0
         # job id -> (its heartbeat, when this process first saw it and first found it stale, monotonic): failed
-        # only if a pass at least `stale_confirm_s` after it was found stale finds the same heartbeat (one that could not be written through a full disk lands
-        # within a heartbeat once it clears, and this process may not have been looking while it was full); a
-        # heartbeat watched standing still for `stale_after_s` is stale whatever the wall clock says (`_hung`)
+        # only if a pass at least `stale_confirm_s` after it was found stale finds the same heartbeat (one that
+        # could not be written through a full disk lands within a heartbeat once it clears, and this process may
+        # not have been looking while it was full); a heartbeat watched standing still for `stale_after_s` is
+        # stale whatever the wall clock says (`_hung`)
         self._stale_seen: dict[str, tuple[float, float, float | None]] = {}
         self.stale_confirm_s = STALE_CONFIRM_S
         try:
