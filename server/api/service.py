@@ -881,6 +881,9 @@ class Service:
         info = CURRENT_REQUEST.get()
         if info is not None:
             info.structured_param = param
+        spec = dataclasses.replace(
+            spec, cache_salt=requester()
+        )  # (a tenant's grammars are its own cache entries)
         if spec.think is not None and self.reasoning is not None:  # (the thinking's tags are the parser's)
             spec = dataclasses.replace(spec, think_tags=(self.reasoning.start, self.reasoning.end))
         grammars = self.llm.grammars

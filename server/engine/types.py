@@ -48,6 +48,9 @@ class StructuredOutputs:
     think: ThinkMode | None = None
     # the thinking's opening and closing tags (the reasoning parser's)
     think_tags: tuple[str, str] = ("<think>", "</think>")
+    # whose entry of the compiled-grammar cache this is (the server's: the tenant): no tenant is handed a grammar
+    # another compiled, so none can time which specs another sent (a cache hit is faster). Not used to compile.
+    cache_salt: str = ""
     # The compiled grammar (GrammarCompiler.compile's result) when the caller compiled it first: the engine starts
     # from it instead of its compiler's LRU cache, which may have evicted it meanwhile. Not part of equality.
     compiled: Any = field(default=None, compare=False, repr=False)
