@@ -330,7 +330,12 @@ class PrefixStore(abc.ABC):
 
     @abc.abstractmethod
     def ping(self) -> None:
-        """Raise StoreUnavailable if the backend cannot be used."""
+        """Raise StoreUnavailable if the backend cannot be used (a read-only one can: `read_only`)."""
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the store only serves reads (every change raises StoreReadOnly)."""
+        return False
 
     def durability_warnings(self) -> builtins.list[str]:
         """What in the backend's own configuration could lose stored prefixes (a server's start-up warnings);

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from prefix_store import journal
 from prefix_store.base import PrefixStore, Subscriber, version_to_take
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreRefused, StoreUnavailable
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreReadOnly, StoreRefused, StoreUnavailable
 from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
 
@@ -149,7 +149,18 @@ class DiskStore(PrefixStore):
         return self.root / tenant_id / name
 
     def _unavailable(self, what: str, e: OSError) -> StoreUnavailable:
+        if e.errno == errno.EROFS:
+            return StoreReadOnly(f"prefix store at {self.root}: cannot {what}: its filesystem is read-only")
         return StoreUnavailable(f"prefix store at {self.root}: cannot {what}: {e.strerror or e}")
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the store's filesystem is mounted read-only: it serves its prefixes and refuses every change
+        (StoreReadOnly); its ping passes (prefixes baked into an image, a ReadOnlyMany volume)."""
+        try:
+            return bool(os.statvfs(self.root).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
 
     @contextlib.contextmanager
     def _locked(self, tenant_id: str, name: str) -> Iterator[int]:
@@ -524,7 +535,7 @@ class DiskStore(PrefixStore):
 
     def ping(self) -> None:
         self._check_root()
-        if not os.access(self.root, os.W_OK | os.X_OK):
+        if not os.access(self.root, os.W_OK | os.X_OK) and not self.read_only:
             raise self._unavailable("write", OSError(errno.EACCES, "permission denied"))
 
     # -------------------------------------------------------------------------------- change journal

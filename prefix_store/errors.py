@@ -40,6 +40,11 @@ class StoreUnavailable(StoreError):
     """The backend (Redis server, filesystem) cannot be reached or cannot be written."""
 
 
+class StoreReadOnly(StoreUnavailable):
+    """A change to a store that can only be read (a file store whose filesystem is mounted read-only): it serves
+    its prefixes, and takes no change until it is mounted read-write."""
+
+
 class StoreRefused(StoreError):
     """The backend refused an operation for a reason of its own (a Redis error reply such as WRONGTYPE or NOPERM,
     a store already closed): the deployment's fault, neither the caller's nor a record's, and not transient."""
@@ -52,6 +57,7 @@ __all__ = [
     "InvalidPrefix",
     "PrefixNotFound",
     "StoreError",
+    "StoreReadOnly",
     "StoreRefused",
     "StoreUnavailable",
 ]

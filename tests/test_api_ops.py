@@ -765,3 +765,50 @@ def test_the_drain_line_counts_training_jobs_running_here(server_factory, caplog
     assert said == [
         "draining: refusing new requests, 0 in flight; 2 training job(s) running here go back to the queue"
     ]
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A folder and a read-only bind mount of it (mount(8): needs root, else the test is skipped, saying so)."""
+    import shutil
+    import subprocess
+
+    src, mnt = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount(8) here to make a read-only filesystem")
+    first = subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True, text=True)
+    if first.returncode != 0:
+        pytest.skip(f"cannot bind-mount here (not root?): {first.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(mnt)], check=True, capture_output=True)
+        yield src, mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_store_on_a_read_only_filesystem_is_served_and_refuses_writes(
+    server_factory, api_bundle, read_only_mount, caplog
+):
+    """Prefixes on a read-only volume (baked into an image, a ReadOnlyMany claim): the store's ping asked for a
+    writable folder, so /ready stayed 503 for good and no traffic came, though every read worked. A store whose
+    filesystem is mounted read-only is ready (`store: ok (read-only)`), says so once at start-up, serves its
+    prefixes, and refuses changes with a 503 that says why."""
+    from prefix_store import open_store
+
+    src, mnt = read_only_mount
+    writer = open_store(f"file://{src}/store")
+    put_random_prefix(writer, api_bundle, "acme", "default", prefix_length=4, seed=1)
+    writer.close()
+    caplog.set_level(logging.WARNING, logger="prefixserve")
+    s = server_factory(store_url=f"file://{mnt}/store")
+    c = s.client()
+    r = c.get("/ready")
+    assert r.status_code == 200 and r.json()["checks"]["store"] == "ok (read-only)", r.text
+    assert any("read-only" in m for m in caplog.messages), caplog.messages
+    body = {"tenant_id": "acme", "prefix": "default", "prompt": "hi", "max_tokens": 2}
+    assert c.post("/generate", json=body).status_code == 200
+    err = assert_error(c.delete("/prefixes/acme/default"), 503, "store_read_only")
+    assert "read-only" in err["message"]
+    assert c.get("/prefixes/acme/default").status_code == 200

@@ -566,6 +566,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except Exception as e:
         store_reachable = False
         log.warning("prefix store %r not reachable at start-up (%s); /ready reports not ready", st.store, e)
+    else:
+        if st.store.read_only:
+            log.warning(
+                "prefix store %r is on a read-only filesystem: its prefixes are served; uploads, deletes, copies "
+                "and training results are refused (503 store_read_only)",
+                st.store,
+            )
     if st.job_manager is None:
         try:
             st.job_manager = await asyncio.to_thread(_make_job_manager, s, st.bundle, st.store)

@@ -14,6 +14,7 @@ from server.api.errors import APIError, unavailable
 from server.api.service import RequestInfo, Service, requester_id, store_refused
 
 T = TypeVar("T")
+READ_ONLY = "the prefix store is read-only (its filesystem is mounted read-only): it serves its prefixes, and takes no change"
 log = logging.getLogger("prefixserve.api")
 
 
@@ -61,6 +62,8 @@ async def store_call(
         raise APIError(404, f"{what} not found", code="prefix_not_found") from None
     except errors.InvalidName as e:
         raise APIError(422, str(e), code="invalid_name") from None
+    except errors.StoreReadOnly:
+        raise unavailable(READ_ONLY, svc.settings.retry_after_s, code="store_read_only") from None
     except errors.StoreUnavailable as e:
         if svc.store_ok:  # (once as it goes down: why, a full disk say)
             log.warning("request %s: prefix store unavailable: %s", requester_id(), e)

@@ -40,18 +40,27 @@ async def health(request: Request) -> Any:
     return Health()
 
 
+def _ping(store: Any) -> bool:
+    """Ping the store; whether it is read-only (served, but it takes no change)."""
+    store.ping()
+    return bool(store.read_only)
+
+
 async def check_store(svc: Any) -> str | None:
     """Ping the prefix store (bounded by STORE_PING_TIMEOUT_S) and record the answer in `svc.store_ok`, which
-    `/metrics`' `prefixserve:ready` reads; returns what went wrong (None: reachable)."""
+    `/metrics`' `prefixserve:ready` reads; returns what went wrong (None: reachable; "read-only": reachable, and
+    it takes no change)."""
     try:
         # on its own thread: the default pool may be busy with every request's store lookups
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.run_in_executor(svc._probe_pool, svc.store.ping), STORE_PING_TIMEOUT_S)
+        read_only = await asyncio.wait_for(
+            loop.run_in_executor(svc._probe_pool, _ping, svc.store), STORE_PING_TIMEOUT_S
+        )
     except Exception as e:
         svc.store_ok = False
         return type(e).__name__
     svc.store_ok = True
-    return None
+    return "read-only" if read_only else None
 
 
 @router.get("/version", summary="The server's version (vLLM's /version)")
@@ -73,13 +82,20 @@ async def ready(request: Request) -> Any:
     if svc is not None:
         checks["engine"] = "ok" if svc.engine_alive() else "dead"
         problem = await check_store(svc)
-        checks["store"] = "ok" if problem is None else f"unavailable ({problem})"
+        if problem in (None, "read-only"):
+            checks["store"] = (
+                "ok" if problem is None else "ok (read-only)"
+            )  # (served: a read-only store is ready)
+        else:
+            checks["store"] = f"unavailable ({problem})"
     checks["lifecycle"] = "shutting_down" if st.draining else "serving"
-    ok = all(v in ("ok", "serving") for v in checks.values())
+    ok = all(v in ("ok", "ok (read-only)", "serving") for v in checks.values())
     model = svc.bundle.name if svc is not None else None
     if ok:
         return Readiness(status="ready", model=model, checks=checks)
-    failing = ", ".join(f"{k}: {v}" for k, v in checks.items() if v not in ("ok", "serving"))
+    failing = ", ".join(
+        f"{k}: {v}" for k, v in checks.items() if v not in ("ok", "ok (read-only)", "serving")
+    )
     body = {
         "status": "not_ready",
         "model": model,

@@ -402,9 +402,13 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
 
-    def idle(self) -> None:
+    def tend_prefixes(self) -> None:
         """What an engine with nothing to run does when woken: apply the store's changes and take in finished
         prefix fetches (a step does that; an idle replica's changes piled up, then all waited on its next request)."""
+        if (
+            self._cuda_device is not None
+        ):  # (an install copies into the pool: this thread's device, as a step's)
+            torch.cuda.set_device(self._cuda_device)
         self.prefix_cache.process()
 
     @property
@@ -1311,7 +1315,7 @@ class AsyncEngine:
                         self._wake.wait(0.05)
                         self._wake.clear()
                 else:
-                    self.engine.idle()
+                    self.engine.tend_prefixes()
                     self._flush()  # events of requests that ended while being added or by fail_all
                     self._wake.wait(0.5)
                     self._wake.clear()

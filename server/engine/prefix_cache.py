@@ -252,7 +252,8 @@ class PrefixCache:
             del self._errors[key]
 
     def process(self) -> None:
-        """Apply invalidations and move finished fetches into the pool (engine thread, once per step)."""
+        """Apply invalidations and move finished fetches into the pool (engine thread: once per step, and when an
+        idle engine is woken)."""
         self._sweep_errors()
         with self._lock:
             names, every = self._invalidated, self._invalidated_all
@@ -344,7 +345,8 @@ class PrefixCache:
             self.on_loaded()
 
     def invalidate_all(self) -> None:
-        """Thread-safe: mark every prefix stale (change events may have been missed); applied at the next step."""
+        """Thread-safe: mark every prefix stale (change events may have been missed); applied at the next step, or
+        by an idle engine when woken."""
         with self._lock:
             self._invalidated_all = True
             self._invalidated.clear()
