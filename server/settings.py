@@ -123,8 +123,9 @@ class Settings(BaseSettings):
     jobs_kept_per_tenant: int = Field(
         1000,
         ge=1,
-        description="Finished training jobs kept per tenant: past it (by a tenth) a submission deletes the "
-        "tenant's oldest finished ones (all are deleted 7 days after they finished)",
+        description="Finished training jobs kept per tenant: past it by a tenth, a submission deletes the "
+        "tenant's oldest finished ones, but none its Idempotency-Key still answers with (24 h); all are deleted 7 "
+        "days after they finished",
     )
     tenant_requests_per_minute: int | None = Field(
         None,

@@ -418,6 +418,8 @@ def test_a_tenants_finished_jobs_are_kept_up_to_a_cap(managers, store):
     api = managers(max_jobs_per_tenant=2, jobs_kept_per_tenant=10)
     other = api.submit(request_(tenant="globex"))
     api.cancel(other.job_id)
+    keyed, _ = api.submit_once(request_(name="keyed"), "retry-me")
+    api.cancel(keyed.job_id)
     running = api.submit(request_(name="keep"))
     ids = []
     for i in range(25):
@@ -429,10 +431,17 @@ def test_a_tenants_finished_jobs_are_kept_up_to_a_cap(managers, store):
     assert 10 <= len(finished) <= 11 and finished == ids[-len(finished) :]  # the newest, in order
     assert running.job_id in mine and api.get(running.job_id).status == "queued"
     assert [r.job_id for r in api.list("globex")] == [other.job_id]
+    # the oldest, but its Idempotency-Key still answers with it (a retry must not queue the training again)
+    assert keyed.job_id in mine and api.submit_once(request_(name="keyed"), "retry-me") == (
+        api.get(keyed.job_id),
+        True,
+    )
     backend = api.backend
     if hasattr(backend, "_dirs"):  # what the disk queue keeps of the deleted ones: nothing
         names = [p.name for d in ("records", "locks", "queue") for p in backend._dirs[d].iterdir()]
         assert not [n for n in names if any(j in n for j in ids[:14])], names
+    else:  # the stream holds the queued job's entry only (the cancelled ones' went with them)
+        assert backend._r.xlen(backend._stream) == 1
 
 
 def test_seconds_until_slot_estimates_the_soonest_running_job_end():

@@ -51,6 +51,7 @@ from server.training.records import (
     found_stored,
     idempotency_slot,
     stored_by_dead_worker,
+    trimmable,
 )
 
 log = logging.getLogger("prefixserve.training.jobs")
@@ -405,7 +406,8 @@ class DiskJobBackend:
 
     def trim(self, tenant_id: str, keep: int) -> int:
         """Delete the tenant's oldest finished jobs past its newest `keep` (once past `keep` by a tenth, so that
-        their records are read once in that many submissions); returns how many."""
+        their records are read once in that many submissions), but none an Idempotency-Key still answers with;
+        returns how many."""
         with self._errors("delete old jobs"):
             finished = [
                 j for j, (_i, _m, t, st) in self._scan().items() if t == tenant_id and st not in ACTIVE
@@ -413,11 +415,11 @@ class DiskJobBackend:
             if len(finished) <= keep + keep // 10:
                 return 0
             recs = [r for j in finished if (r := self._read(j)) is not None and r.terminal]
-            recs.sort(key=lambda r: (r.finished or r.created, r.created, r.job_id))
-            for rec in recs[: max(0, len(recs) - keep)]:
+            old = trimmable(recs, keep, time.time())
+            for rec in old:
                 _unlink(self._record(rec.job_id))
                 _unlink(self._lock(rec.job_id))
-            return max(0, len(recs) - keep)
+            return len(old)
 
     # ------------------------------------------------------------------------------------------ worker side
     def claim(self, worker_id: str) -> DiskClaim | None:

@@ -3,7 +3,8 @@
 Keys (``<ns>``: the store URL's ``prefix`` namespace, default ``prefixserve``)::
 
     <ns>:jobs:queue            Stream; entries {"job_id"}; consumer group "trainers"
-    <ns>:jobs:job:<job_id>     Hash: one field per JobRecord field (JSON values) + "examples" while the job is open
+    <ns>:jobs:job:<job_id>     Hash: one field per JobRecord field (JSON values) + "examples" while the job is open,
+                               + "queue_entry" (its stream entry's id, while queued: a cancel removes the entry)
     <ns>:jobs:index            ZSET job_id -> created (every job)
     <ns>:jobs:tenant:<tenant>  ZSET job_id -> created (a tenant's jobs)
     <ns>:jobs:active:<tenant>  SET of the tenant's queued or running jobs (the per-tenant limit)
@@ -44,6 +45,7 @@ from server.training.records import (
     found_stored,
     idempotency_slot,
     stored_by_dead_worker,
+    trimmable,
 )
 
 log = logging.getLogger("prefixserve.training.jobs")
@@ -73,7 +75,7 @@ redis.call('SADD', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
 if ARGV[4] ~= '' then redis.call('SET', KEYS[6], ARGV[2], 'EX', ARGV[5]) end
-redis.call('XADD', KEYS[5], '*', 'job_id', ARGV[2])
+redis.call('HSET', KEYS[2], 'queue_entry', redis.call('XADD', KEYS[5], '*', 'job_id', ARGV[2]))
 return {1}
 """
 
@@ -143,11 +145,13 @@ redis.call('HSET', KEYS[1], 'status', '"queued"', 'worker', 'null', 'started', '
            'progress', '{"epoch": 0, "loss": null, "step": 0, "total_steps": null}')
 redis.call('XACK', KEYS[2], 'trainers', ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
-redis.call('XADD', KEYS[2], '*', 'job_id', cjson.decode(redis.call('HGET', KEYS[1], 'job_id')))
+local job_id = cjson.decode(redis.call('HGET', KEYS[1], 'job_id'))
+redis.call('HSET', KEYS[1], 'queue_entry', redis.call('XADD', KEYS[2], '*', 'job_id', job_id))
 return 1
 """
 
-# KEYS: job hash, active set. ARGV: job_id, now, ttl. -> previous status ('missing' if none)
+# KEYS: job hash, active set, stream. ARGV: job_id, now, ttl. -> previous status ('missing' if none)
+# (a queued job's stream entry goes with it: with no worker reading the stream, they piled up)
 _CANCEL = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
@@ -156,12 +160,24 @@ if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished', ARGV[2], 'cancel_requested', 'true',
              'error', '"cancelled before it started"')
   redis.call('HDEL', KEYS[1], 'examples')
+  local entry = redis.call('HGET', KEYS[1], 'queue_entry')
+  if entry then redis.call('XDEL', KEYS[3], entry) end
   redis.call('SREM', KEYS[2], ARGV[1])
   if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 elseif st == 'running' then
   redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
 end
 return st
+"""
+
+# KEYS: stream, job hash. ARGV: entry id, job_id. A queued job's entry moved to the stream's end (fair turns), its
+# id kept in the job hash (`queue_entry`: a cancel removes it) unless the job went meanwhile.
+_MOVE_BACK = """
+redis.call('XACK', KEYS[1], 'trainers', ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+local entry = redis.call('XADD', KEYS[1], '*', 'job_id', ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'queue_entry', entry) end
+return entry
 """
 
 # KEYS: the served hash. ARGV: tenant. Its last start by Redis' clock (every worker's), or just after the latest
@@ -232,6 +248,7 @@ class RedisJobBackend:
         self._requeue = self._r.register_script(_REQUEUE)
         self._cancel = self._r.register_script(_CANCEL)
         self._serve = self._r.register_script(_SERVE)
+        self._move_back = self._r.register_script(_MOVE_BACK)
         self._group_ready = False
 
     def __repr__(self) -> str:
@@ -371,25 +388,18 @@ class RedisJobBackend:
         return out
 
     def trim(self, tenant_id: str, keep: int) -> int:
-        """Delete the tenant's oldest finished jobs past its newest `keep` (once past `keep` by a tenth); returns
-        how many. Unfinished ones stay, whatever their age."""
+        """Delete the tenant's oldest finished jobs past its newest `keep` (once past `keep` by a tenth), but none an
+        Idempotency-Key still answers with; returns how many. Unfinished ones stay, whatever their age."""
         zkey = self._tenant(tenant_id)
         with self._errors("delete old jobs"):
-            total = self._r.zcard(zkey)
-            if total <= keep + keep // 10:
-                return 0
-            ids = _members(self._r.zrange(zkey, 0, -1))
             pipe = self._r.pipeline(transaction=False)
-            for i in ids:
-                pipe.hmget(self._job(i), ["status", "created", "finished"])
-            rows = pipe.execute()
-            ended = []
-            for i, (status, created, finished) in zip(ids, rows, strict=True):
-                st = _dec(status)
-                if st is None or st not in ACTIVE:  # (None: expired)
-                    ended.append((_dec(finished) or _dec(created) or 0.0, i))
-            ended.sort()
-            old = [i for _t, i in ended[: max(0, len(ended) - keep)]]
+            pipe.zcard(zkey)
+            pipe.scard(self._active(tenant_id))
+            total, active = pipe.execute()
+            if total - active <= keep + keep // 10:
+                return 0
+            finished = [r for r in self.list(tenant_id) if r.status not in ACTIVE]  # (drops expired ones too)
+            old = [r.job_id for r in trimmable(finished, keep, time.time())]
             if old:
                 pipe = self._r.pipeline(transaction=False)
                 pipe.delete(*(self._job(i) for i in old))
@@ -420,7 +430,7 @@ class RedisJobBackend:
             if rec is None:
                 return None
             self._cancel(
-                keys=[self._job(job_id), self._active(rec.tenant_id)],
+                keys=[self._job(job_id), self._active(rec.tenant_id), self._stream],
                 args=[job_id, json.dumps(time.time()), int(self.retention_s)],
             )
             return self._read(job_id)
@@ -521,11 +531,7 @@ class RedisJobBackend:
         turns = self._turns(others | {tenant})
         if min(turns[t] for t in others) >= turns[tenant]:
             return False
-        with self._r.pipeline(transaction=True) as pipe:
-            pipe.xack(self._stream, GROUP, eid)
-            pipe.xdel(self._stream, eid)
-            pipe.xadd(self._stream, {"job_id": job_id})
-            pipe.execute()
+        self._move_back(keys=[self._stream, self._job(job_id)], args=[eid, job_id])
         log.debug("job %s (%s) waits for another tenant's turn", job_id, tenant)
         return True
 

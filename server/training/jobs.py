@@ -201,6 +201,9 @@ class JobManager:
         self.in_process_workers = in_process_workers
         self.max_jobs_per_tenant = max_jobs_per_tenant
         self.jobs_kept_per_tenant = jobs_kept_per_tenant
+        self._untrimmed: dict[
+            str, int
+        ] = {}  # tenant -> its submissions here since its jobs were last trimmed
         self.train_threads = train_threads if train_threads is not None else default_train_threads()
         self.train_nice = train_nice
         self.heartbeat_s = heartbeat_s
@@ -357,8 +360,16 @@ class JobManager:
         return rec, False
 
     def _trim(self, tenant_id: str) -> None:
-        """Delete the tenant's oldest finished jobs past `jobs_kept_per_tenant` (bookkeeping of a submission: a
+        """Delete the tenant's oldest finished jobs past `jobs_kept_per_tenant` (bookkeeping of a submission, once
+        in a tenth of that many of the tenant's submissions here: a trim reads every record's status on disk; a
         failure is logged, the submission stands)."""
+        with self._lock:
+            if len(self._untrimmed) > 10_000:  # (bounded: forgetting a count only puts a trim off)
+                self._untrimmed.clear()
+            n = self._untrimmed[tenant_id] = self._untrimmed.get(tenant_id, 0) + 1
+            if n < max(1, self.jobs_kept_per_tenant // 10):
+                return
+            self._untrimmed[tenant_id] = 0
         try:
             n = self.backend.trim(tenant_id, self.jobs_kept_per_tenant)
         except Exception as e:

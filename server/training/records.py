@@ -44,6 +44,15 @@ def idempotency_slot(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def trimmable(finished: list[JobRecord], keep: int, now: float) -> list[JobRecord]:
+    """Of a tenant's finished jobs, those to delete so that its newest `keep` remain (oldest first), less those an
+    Idempotency-Key still answers with (submitted with one less than IDEMPOTENCY_TTL_S ago: a retry of their
+    submission must find them, not queue the same training again)."""
+    by_age = sorted(finished, key=lambda r: (r.finished or r.created, r.created, r.job_id))
+    old = by_age[: max(0, len(by_age) - keep)]
+    return [r for r in old if r.idempotency_key is None or now - r.created >= IDEMPOTENCY_TTL_S]
+
+
 def new_job_id() -> str:
     return f"job-{uuid.uuid4().hex[:20]}"
 
