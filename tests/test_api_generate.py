@@ -1048,7 +1048,7 @@ def test_meta_cache_keeps_the_names_and_versions_used_last_up_to_a_bound():
     from server.api.prefix_meta import PrefixMetaCache, ResolvedPrefix
 
     cache = PrefixMetaCache(ttl_s=60)
-    cache.MAX_NAMES, cache.MAX_VERSIONS = 4, 3
+    cache.MAX_ENTRIES, cache.MAX_VERSIONS = 4, 3
     gen = cache.generation()
     for i in range(4):
         cache.put(("t", f"n{i}"), ResolvedPrefix("t", f"n{i}", 1, 8, "raw"), gen)
@@ -1060,7 +1060,8 @@ def test_meta_cache_keeps_the_names_and_versions_used_last_up_to_a_bound():
     cache.get(("t", "n0"), 3)
     cache.put(("t", "n0"), ResolvedPrefix("t", "n0", 6, 8, "raw"), gen, version=6)
     assert [v for v in range(1, 7) if cache.get(("t", "n0"), v)[0] is not None] == [3, 5, 6]
-    assert len(cache._entries) <= 4 and all(len(d) <= 3 for d in cache._entries.values())
+    assert cache._count == sum(len(d) for d in cache._entries.values()) <= 4
+    assert all(len(d) <= 3 for d in cache._entries.values())
 
 
 def test_meta_cache_refuses_a_fetch_begun_before_a_resync_clear():

@@ -49,16 +49,15 @@ class PrefixMetaCache:
     drops its latest and every pinned version."""
 
     MAX_GENERATIONS = 4096  # names remembered as changed; past it every fetch under way is refused once
-    MAX_NAMES = (
-        65536  # names kept, the least recently used going first (a large store's every name: read again)
-    )
-    MAX_VERSIONS = (
-        32  # entries kept per name (its latest and pinned versions), the least recently used going first
-    )
+    # entries kept in all, the least recently used names' going first (a large store's every name: read again)
+    MAX_ENTRIES = 65536
+    # entries kept per name (its latest and pinned versions), the least recently used going first
+    MAX_VERSIONS = 32
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._entries: dict[tuple[str, str], dict[int | None, tuple[ResolvedPrefix | Refusal, float]]] = {}
+        self._count = 0  # entries in all (of every name)
         # name -> the change count at its last invalidation; a fetch that began before it does not put its result
         self._changed_at: dict[tuple[str, str], int] = {}
         self._changes = 0
@@ -101,16 +100,17 @@ class PrefixMetaCache:
             if epoch == self._epoch and began >= self._floor and self._changed_at.get(key, 0) <= began:
                 versions = self._entries.pop(key, None) or {}
                 self._entries[key] = versions
-                versions.pop(version, None)
+                self._count += 1 - (versions.pop(version, None) is not None)
                 versions[version] = (value, time.monotonic())
                 if len(versions) > self.MAX_VERSIONS:
                     del versions[next(iter(versions))]
-                if len(self._entries) > self.MAX_NAMES:
-                    del self._entries[next(iter(self._entries))]
+                    self._count -= 1
+                while self._count > self.MAX_ENTRIES and len(self._entries) > 1:
+                    self._count -= len(self._entries.pop(next(iter(self._entries))))
 
     def invalidate(self, key: tuple[str, str]) -> None:
         with self._lock:
-            self._entries.pop(key, None)
+            self._count -= len(self._entries.pop(key, {}))
             self._changes += 1
             if len(self._changed_at) >= self.MAX_GENERATIONS:  # bounded however many names ever change
                 self._changed_at.clear()
@@ -122,4 +122,5 @@ class PrefixMetaCache:
         with another length or prompt format); fetches under way do not put theirs back."""
         with self._lock:
             self._entries.clear()
+            self._count = 0
             self._epoch += 1
