@@ -30,7 +30,9 @@ meanwhile, which a short read tells. In pieces because redis-py parses a reply h
 blob kept every other thread (the engine's decoding) waiting up to 0.2-1 s; 8 MiB pieces, about 13 ms. A read of
 the latest version that lost it to a delete a few times in a row (writers under ``keep_versions=1`` replacing it
 faster than its pieces come) reads the next one it resolves whole in its MULTI/EXEC, holding the GIL that once
-(a copy to read in pieces doubled the blob's memory in Redis: past maxmemory every MULTI was refused).
+(a copy to read in pieces doubled the blob's memory in Redis: past maxmemory every MULTI was refused). That reply
+sits whole in Redis' output buffer for the client: a ``client-output-buffer-limit normal`` below a blob's size
+makes Redis drop the connection, and that read fails (StoreUnavailable) until the writers slow down.
 
 Connection problems raise StoreUnavailable after at most one quick reconnect attempt; sockets time out after a
 few seconds, so a dead or hung Redis never blocks a caller indefinitely.
