@@ -1322,6 +1322,28 @@ def test_prefix_pages(srv: Any, client: Any) -> None:
     assert [p.name for p in client.prefixes.iter()] == ["faq"]
 
 
+def test_job_pages(srv: Any, client: Any) -> None:
+    def page(ids: list[str], more: bool) -> Resp:
+        data = [{**JOB, "job_id": i} for i in ids]
+        return Resp(
+            200, {"object": "list", "data": data, "has_more": more, "first_id": ids[0], "last_id": ids[-1]}
+        )
+
+    srv.on("GET", "/prefixes/jobs", page(["job-a", "job-b"], True), page(["job-c"], False))
+    assert [j.job_id for j in client.prefixes.iter_jobs("acme", page_size=2)] == ["job-a", "job-b", "job-c"]
+    queries = [c.query for c in srv.calls("GET", "/prefixes/jobs")]
+    assert queries == ["tenant_id=acme&limit=2", "tenant_id=acme&limit=2&after=job-b"]
+    srv.on("GET", "/prefixes/jobs", Resp(200, {"object": "list", "data": [JOB]}))  # a server without paging
+    assert [j.job_id for j in client.prefixes.iter_jobs()] == [JOB["job_id"]]
+
+    async def walk() -> list[str]:
+        srv.on("GET", "/prefixes/jobs", page(["job-a"], True), page(["job-b"], False))
+        async with ps.AsyncClient(base_url=srv.url, max_retries=0) as c:
+            return [j.job_id async for j in c.prefixes.iter_jobs(page_size=1)]
+
+    assert asyncio.run(walk()) == ["job-a", "job-b"]
+
+
 # ------------------------------------------------------------------------------------------ configuration
 def test_env_vars(srv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     srv.on("GET", "/health", Resp(200, {"status": "ok"}))

@@ -157,6 +157,21 @@ class AsyncPrefixes:
         r = await self._client._request("GET", "/prefixes/jobs", params=params)
         return [self._job(job) for job in _base.parse_list(AsyncJob, r)]
 
+    async def iter_jobs(
+        self, tenant_id: Optional[str] = None, *, page_size: int = 100
+    ) -> AsyncIterator[AsyncJob]:
+        """Every training job (as :meth:`list_jobs`, oldest first), fetched a page of ``page_size`` at a time."""
+        after = None
+        while True:
+            params = _base.list_params(tenant_id, page_size, after)
+            r = await self._client._request("GET", "/prefixes/jobs", params=params)
+            jobs = [self._job(job) for job in _base.parse_list(AsyncJob, r)]
+            for job in jobs:
+                yield job
+            after = _base.next_after(r, [j.job_id for j in jobs])
+            if after is None:
+                return
+
     async def list(
         self, tenant_id: Optional[str] = None, *, limit: Optional[int] = None, after: Optional[str] = None
     ) -> PrefixPage:

@@ -717,6 +717,16 @@ def list_params(
     return {k: v for k, v in params.items() if v is not None and v != ""} or None
 
 
+def next_after(response: httpx.Response, ids: list[str]) -> Optional[str]:
+    """The ``after`` of the page following a listing's page (its ``last_id``), or None when none follows (``has_more``
+    false or absent: a server without paging answered everything at once)."""
+    body = response.json()
+    if not (isinstance(body, dict) and body.get("has_more") and ids):
+        return None
+    last = body.get("last_id")
+    return last if isinstance(last, str) and last else ids[-1]
+
+
 def parse_page(response: httpx.Response) -> PrefixPage:
     """A ``GET /prefixes`` body as a :class:`PrefixPage` (a server without paging: one page, ``has_more`` False)."""
     items = parse_list(PrefixInfo, response)

@@ -176,6 +176,19 @@ class Prefixes:
         r = self._client._request("GET", "/prefixes/jobs", params=params)
         return [self._job(job) for job in _base.parse_list(Job, r)]
 
+    def iter_jobs(self, tenant_id: Optional[str] = None, *, page_size: int = 100) -> Iterator[Job]:
+        """Every training job (as :meth:`list_jobs`, oldest first), fetched a page of ``page_size`` at a time."""
+        after = None
+        while True:
+            r = self._client._request(
+                "GET", "/prefixes/jobs", params=_base.list_params(tenant_id, page_size, after)
+            )
+            jobs = [self._job(job) for job in _base.parse_list(Job, r)]
+            yield from jobs
+            after = _base.next_after(r, [j.job_id for j in jobs])
+            if after is None:
+                return
+
     def list(
         self, tenant_id: Optional[str] = None, *, limit: Optional[int] = None, after: Optional[str] = None
     ) -> PrefixPage:
