@@ -500,7 +500,8 @@ def env_settings(ns: argparse.Namespace, fields: dict[str, str]) -> Any:
 
 
 WORKER_SETTINGS = {"store_url": "store", "model": "model", "jobs_url": "jobs_url", "device": "device",
-                   "dtype": "dtype", "cache": "cache", "log_level": "log_level", "log_json": "log_json"}  # fmt: skip
+                   "dtype": "dtype", "cache": "cache", "log_level": "log_level", "log_json": "log_json",
+                   "jobs_retention_s": "jobs_retention_s"}  # fmt: skip
 
 
 def cmd_worker(ns: argparse.Namespace) -> int:
@@ -527,6 +528,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         dtype=ns.dtype,
         cache_dir=ns.cache,
         train_threads=ns.threads,
+        retention_s=st.jobs_retention_s,
     )
     return int(rc or 0)
 
@@ -1147,6 +1149,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="torch threads a job trains with (default: every core; a worker process exists to train)",
+    )
+    wp.add_argument(
+        "--jobs-retention-s",
+        type=float,
+        default=None,
+        help="how long a job this worker ends is kept [env PREFIXSERVE_JOBS_RETENTION_S; 7 days]",
     )
     wp.add_argument(
         "--log-level",

@@ -124,8 +124,14 @@ class Settings(BaseSettings):
         1000,
         ge=1,
         description="Finished training jobs kept per tenant: past it by a tenth, a submission deletes the "
-        "tenant's oldest finished ones, but none its Idempotency-Key still answers with (24 h); all are deleted 7 "
-        "days after they finished",
+        "tenant's oldest finished ones, but none its Idempotency-Key still answers with (24 h)",
+    )
+    jobs_retention_s: float = Field(
+        7 * 86400.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="How long a finished training job is kept (its record, for GET /prefixes/jobs); 0: until "
+        "`jobs_kept_per_tenant` deletes it. Applied by the process that ends the job (set it on workers too)",
     )
     tenant_requests_per_minute: int | None = Field(
         None,

@@ -268,6 +268,15 @@ def test_training_submission_with_an_idempotency_key_creates_one_job(server_fact
     assert replay.json()["job_id"] == job["job_id"] and replay.json()["status"] == "cancelled"
 
 
+def test_job_retention_and_cap_are_the_servers_settings(server_factory):
+    """How long finished jobs are kept (`jobs_retention_s`, 7 days: it was a constant) and how many a tenant keeps
+    reach the job queue the server opens."""
+    s = server_factory(training_workers=0, jobs_retention_s=60, jobs_kept_per_tenant=5)
+    jm = s.state.job_manager
+    assert jm.backend.retention_s == 60 and jm.jobs_kept_per_tenant == 5
+    assert server_factory(training_workers=0).state.job_manager.backend.retention_s == 7 * 86400
+
+
 def test_trainer_validation_is_422_with_param(server_factory):
     s = server_factory()
     c = s.client()

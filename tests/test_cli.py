@@ -61,6 +61,12 @@ def test_worker_flags_reach_the_worker(monkeypatch, capsys):
     assert cli.cmd_worker(parse(["worker", "--store", "/tmp/s", "--log-level", "error"])) == 0
     assert seen[0]["args"] == ("/tmp/s", "smollm2") and seen[0]["train_threads"] == 3
     assert seen[1]["train_threads"] is None
+    # how long the jobs it ends are kept (the server's `jobs_retention_s`): flag, else env, else 7 days
+    assert seen[1]["retention_s"] == 7 * 86400
+    monkeypatch.setenv("PREFIXSERVE_JOBS_RETENTION_S", "3600")
+    assert cli.cmd_worker(parse(["worker", "--store", "/tmp/s", "--log-level", "error"])) == 0
+    assert cli.cmd_worker(parse(["worker", "--store", "/tmp/s", "--jobs-retention-s", "60"])) == 0
+    assert seen[2]["retention_s"] == 3600 and seen[3]["retention_s"] == 60
     with pytest.raises(SystemExit):
         parse(["worker", "--store", "/tmp/s", "--threads", "0"])
     assert "positive integer" in capsys.readouterr().err

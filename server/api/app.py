@@ -485,6 +485,7 @@ def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> An
         in_process_workers=settings.training_workers,
         max_jobs_per_tenant=settings.max_jobs_per_tenant,
         jobs_kept_per_tenant=settings.jobs_kept_per_tenant,
+        retention_s=settings.jobs_retention_s,
         train_threads=settings.training_threads,
         train_nice=settings.training_nice,
         limits=TrainingLimits(

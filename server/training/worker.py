@@ -32,6 +32,7 @@ def run_worker(
     max_attempts: int = 2,
     poll_s: float = 0.5,
     bundle: Any = None,
+    retention_s: float = 7 * 86400,
 ) -> int:
     """Run jobs until ``stop_event`` is set (or ``max_jobs`` ran); returns how many ran.
 
@@ -55,6 +56,7 @@ def run_worker(
         stale_after_s=stale_after_s,
         max_attempts=max_attempts,
         poll_s=poll_s,
+        retention_s=retention_s,
     )
     stop = stop_event or threading.Event()
     worker_id = f"{jm.worker_name}-proc"
