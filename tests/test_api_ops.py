@@ -788,21 +788,44 @@ def read_only_mount(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.fixture(params=["mounted", "patched"])
+def read_only_store(request, tmp_path, monkeypatch, api_bundle):
+    """The URL of a file store holding acme/default, read-only: on a real read-only bind mount, or told so by
+    patching (it runs where mount(8) is not allowed: the filesystem's flag, and EROFS for every change)."""
+    from prefix_store import open_store
+
+    src, url = tmp_path, f"file://{tmp_path}/store"
+    if request.param == "mounted":
+        src, mnt = request.getfixturevalue("read_only_mount")
+        url = f"file://{mnt}/store"
+    writer = open_store(f"file://{src}/store")
+    put_random_prefix(writer, api_bundle, "acme", "default", prefix_length=4, seed=1)
+    writer.close()
+    if request.param == "mounted":
+        return url
+    import errno
+
+    from prefix_store.disk import DiskStore
+
+    monkeypatch.setattr(DiskStore, "read_only", property(lambda self: True))
+
+    def refuse(self, *a, **kw):
+        raise self._unavailable("change it", OSError(errno.EROFS, "Read-only file system"))
+
+    for primitive in ("_put", "_delete", "_delete_version"):
+        monkeypatch.setattr(DiskStore, primitive, refuse)
+    return url
+
+
 def test_a_store_on_a_read_only_filesystem_is_served_and_refuses_writes(
-    server_factory, api_bundle, read_only_mount, caplog
+    server_factory, read_only_store, caplog
 ):
     """Prefixes on a read-only volume (baked into an image, a ReadOnlyMany claim): the store's ping asked for a
     writable folder, so /ready stayed 503 for good and no traffic came, though every read worked. A store whose
     filesystem is mounted read-only is ready (`store: ok (read-only)`), says so once at start-up, serves its
     prefixes, and refuses changes with a 503 that says why."""
-    from prefix_store import open_store
-
-    src, mnt = read_only_mount
-    writer = open_store(f"file://{src}/store")
-    put_random_prefix(writer, api_bundle, "acme", "default", prefix_length=4, seed=1)
-    writer.close()
     caplog.set_level(logging.WARNING, logger="prefixserve")
-    s = server_factory(store_url=f"file://{mnt}/store")
+    s = server_factory(store_url=read_only_store)
     c = s.client()
     r = c.get("/ready")
     assert r.status_code == 200 and r.json()["checks"]["store"] == "ok (read-only)", r.text
@@ -812,3 +835,6 @@ def test_a_store_on_a_read_only_filesystem_is_served_and_refuses_writes(
     err = assert_error(c.delete("/prefixes/acme/default"), 503, "store_read_only")
     assert "read-only" in err["message"]
     assert c.get("/prefixes/acme/default").status_code == 200
+    # a training job's prefix could never be stored: refused, not trained and then failed
+    train = {"tenant_id": "acme", "name": "new", "examples": [{"prompt": "a", "completion": "b"}]}
+    assert_error(c.post("/prefixes", json=train), 503, "store_read_only")

@@ -444,6 +444,19 @@ def test_a_tenants_finished_jobs_are_kept_up_to_a_cap(managers, store):
         assert backend._r.xlen(backend._stream) == 1
 
 
+def test_a_worker_beside_a_read_only_store_takes_no_job(managers, store, monkeypatch, caplog):
+    """A worker whose prefix store is read-only (a serving replica on a read-only volume, sharing the job queue with a
+    trainer that can write) took jobs, trained them, then failed them after retrying the put: it leaves them to a
+    worker that can store their prefix, and says so once."""
+    api = managers()
+    rec = api.submit(request_())
+    monkeypatch.setattr(type(store), "read_only", property(lambda self: True))
+    caplog.set_level(logging.WARNING, logger="prefixserve.training")
+    assert api.run_one("w-ro", block_s=0.01) is False and api.run_one("w-ro", block_s=0.01) is False
+    assert api.get(rec.job_id).status == "queued"
+    assert sum("read-only" in m for m in caplog.messages) == 1
+
+
 def test_seconds_until_slot_estimates_the_soonest_running_job_end():
     """The Retry-After of a submission refused with TooManyJobs: the soonest end among the tenant's running jobs,
     from their pace (elapsed / step × steps left), bounded by their time limit; None without any estimate."""

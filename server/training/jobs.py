@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreUnavailable
+from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, StoreReadOnly, StoreUnavailable
 from prefix_store.format import PrefixMeta
 from prefix_store.names import is_valid_name
 from prefix_store.outage import RepeatedFailure
@@ -201,9 +201,9 @@ class JobManager:
         self.in_process_workers = in_process_workers
         self.max_jobs_per_tenant = max_jobs_per_tenant
         self.jobs_kept_per_tenant = jobs_kept_per_tenant
-        self._untrimmed: dict[
-            str, int
-        ] = {}  # tenant -> its submissions here since its jobs were last trimmed
+        # tenant -> its submissions here since its jobs were last trimmed
+        self._untrimmed: dict[str, int] = {}
+        self._read_only_told = False
         self.train_threads = train_threads if train_threads is not None else default_train_threads()
         self.train_nice = train_nice
         self.heartbeat_s = heartbeat_s
@@ -537,6 +537,9 @@ class JobManager:
         if wait > 0:
             stop.wait(wait)
             return False
+        if self._store_read_only():  # its prefix could not be stored: a worker of a writable store runs it
+            stop.wait(max(block_s, 1.0))
+            return False
         if self.backend.kind == "redis":
             claim = self.backend.claim(worker_id, block_ms=max(1, int(block_s * 1000)))
         else:
@@ -548,6 +551,18 @@ class JobManager:
         if claim is None:
             return False
         return self._run(claim, stop)
+
+    def _store_read_only(self) -> bool:
+        """Whether the prefix store is read-only (told once in the log, while it is so)."""
+        try:
+            read_only = bool(self.store.read_only)
+        except Exception:
+            read_only = False
+        if read_only != self._read_only_told:
+            self._read_only_told = read_only
+            if read_only:
+                log.warning("the prefix store is read-only: this process's training workers take no job")
+        return read_only
 
     def _run(self, claim: Any, stop: threading.Event) -> bool:
         """Run a claimed job to its end; False if it was given back unrun (another base model's)."""
@@ -751,6 +766,8 @@ class JobManager:
         for attempt in range(n):
             try:
                 return fn(*args)
+            except StoreReadOnly:  # (not passing: a store mounted read-only stays so)
+                raise
             except StoreUnavailable as e:
                 if attempt == n - 1 or (stopping is not None and stopping()):
                     raise
