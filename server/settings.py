@@ -123,8 +123,9 @@ class Settings(BaseSettings):
     jobs_kept_per_tenant: int = Field(
         1000,
         ge=1,
-        description="Finished training jobs kept per tenant: past it by a tenth, a submission deletes the "
-        "tenant's oldest finished ones, but none its Idempotency-Key still answers with (24 h)",
+        description="Finished training jobs kept per tenant: about every tenth of this many submissions (per "
+        "server) deletes the tenant's oldest finished ones past it, sparing as many again that an Idempotency-Key "
+        "still answers with (24 h)",
     )
     jobs_retention_s: float = Field(
         7 * 86400.0,

@@ -999,11 +999,14 @@ def test_store_changes_are_applied_while_the_engine_is_idle(tiny_llama_bundle):
         cache.invalidate("t0", "p")
 
         def applied() -> bool:
-            return (
-                not cache._invalidated
-                and {k.tenant_id for k in cache.entries} == {"t1", "t2"}
-                and eng.engine.pool.num_used == sum(len(e.blocks) for e in cache.entries.values())
-            )
+            try:  # (the engine thread may change the table while it is read)
+                return (
+                    not cache._invalidated
+                    and {k.tenant_id for k in list(cache.entries)} == {"t1", "t2"}
+                    and eng.engine.pool.num_used == sum(len(e.blocks) for e in list(cache.entries.values()))
+                )
+            except RuntimeError:
+                return False
 
         deadline = time.monotonic() + 5
         while not applied() and time.monotonic() < deadline:

@@ -586,6 +586,16 @@ def test_503_retry_after_http_date(srv: Any, client: Any) -> None:
     assert second.t - m0 >= ahead - 0.01
 
 
+def test_a_read_only_store_is_not_retried(srv: Any, client: Any) -> None:
+    """503 `store_read_only` (the server's prefix store is mounted read-only): no retry can change it, so the
+    error comes at once, though a 503 with Retry-After is otherwise retried."""
+    body = error_json(503, "the prefix store is read-only", "service_unavailable_error", "store_read_only")
+    srv.on("DELETE", "/prefixes/acme/faq", Resp(503, body, {"Retry-After": "0"}))
+    with pytest.raises(ps.APIStatusError) as e:
+        client.prefixes.delete("acme", "faq")
+    assert e.value.code == "store_read_only" and len(srv.calls("DELETE", "/prefixes/acme/faq")) == 1
+
+
 def test_retries_stop_at_max_retries(srv: Any) -> None:
     srv.on(
         "POST",
@@ -1342,6 +1352,19 @@ def test_job_pages(srv: Any, client: Any) -> None:
             return [j.job_id async for j in c.prefixes.iter_jobs(page_size=1)]
 
     assert asyncio.run(walk()) == ["job-a", "job-b"]
+    # the cursor job was deleted meanwhile (the server trims a tenant's oldest finished jobs): the listing starts
+    # again and gives no job twice
+    gone = Resp(
+        422,
+        error_json(
+            422, "after must be the last_id of a listing", "invalid_request_error", "invalid_value", "after"
+        ),
+    )
+    srv.on("GET", "/prefixes/jobs", page(["job-a", "job-b"], True), gone, page(["job-b", "job-c"], False))
+    assert [j.job_id for j in client.prefixes.iter_jobs(page_size=2)] == ["job-a", "job-b", "job-c"]
+    with pytest.raises(ps.UnprocessableEntity):  # (a 422 of the first page is the caller's to see)
+        srv.on("GET", "/prefixes/jobs", gone)
+        list(client.prefixes.iter_jobs(page_size=2))
 
 
 # ------------------------------------------------------------------------------------------ configuration

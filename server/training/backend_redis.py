@@ -171,12 +171,15 @@ return st
 """
 
 # KEYS: stream, job hash. ARGV: entry id, job_id. A queued job's entry moved to the stream's end (fair turns), its
-# id kept in the job hash (`queue_entry`: a cancel removes it) unless the job went meanwhile.
+# id kept in the job hash (`queue_entry`: a cancel removes it); a job no longer queued (cancelled meanwhile, gone)
+# only loses its entry.
 _MOVE_BACK = """
 redis.call('XACK', KEYS[1], 'trainers', ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
+local st = redis.call('HGET', KEYS[2], 'status')
+if not st or cjson.decode(st) ~= 'queued' then return false end  -- (cancelled meanwhile: no entry left behind)
 local entry = redis.call('XADD', KEYS[1], '*', 'job_id', ARGV[2])
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'queue_entry', entry) end
+redis.call('HSET', KEYS[2], 'queue_entry', entry)
 return entry
 """
 

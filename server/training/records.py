@@ -45,12 +45,15 @@ def idempotency_slot(key: str) -> str:
 
 
 def trimmable(finished: list[JobRecord], keep: int, now: float) -> list[JobRecord]:
-    """Of a tenant's finished jobs, those to delete so that its newest `keep` remain (oldest first), less those an
-    Idempotency-Key still answers with (submitted with one less than IDEMPOTENCY_TTL_S ago: a retry of their
-    submission must find them, not queue the same training again)."""
+    """Of a tenant's finished jobs, those to delete so that its newest `keep` remain (oldest first), less the newest
+    `keep` of those an Idempotency-Key still answers with (submitted with one less than IDEMPOTENCY_TTL_S ago: a
+    retry of their submission must find them, not queue the same training again). At most as many again: the SDK
+    sends a key with every submission, and sparing them all left the cap nothing to bound for a day."""
     by_age = sorted(finished, key=lambda r: (r.finished or r.created, r.created, r.job_id))
     old = by_age[: max(0, len(by_age) - keep)]
-    return [r for r in old if r.idempotency_key is None or now - r.created >= IDEMPOTENCY_TTL_S]
+    answering = [r for r in old if r.idempotency_key is not None and now - r.created < IDEMPOTENCY_TTL_S]
+    spared = {r.job_id for r in answering[max(0, len(answering) - keep) :]}
+    return [r for r in old if r.job_id not in spared]
 
 
 def new_job_id() -> str:

@@ -12,7 +12,7 @@ import httpx
 from . import _base
 from ._base import Examples, StructuredOutputsArg, TimeoutTypes
 from ._client import _json_or_none, _seg
-from ._exceptions import status_error_from_response
+from ._exceptions import UnprocessableEntity, status_error_from_response
 from .types import (
     AsyncJob,
     DeletedPrefix,
@@ -160,13 +160,21 @@ class AsyncPrefixes:
     async def iter_jobs(
         self, tenant_id: Optional[str] = None, *, page_size: int = 100
     ) -> AsyncIterator[AsyncJob]:
-        """Every training job (as :meth:`list_jobs`, oldest first), fetched a page of ``page_size`` at a time."""
-        after = None
+        """Every training job (as :meth:`list_jobs`, oldest first), fetched a page of ``page_size`` at a time; see
+        :meth:`Prefixes.iter_jobs`."""
+        after: Optional[str] = None
+        seen: set[str] = set()
         while True:
-            params = _base.list_params(tenant_id, page_size, after)
-            r = await self._client._request("GET", "/prefixes/jobs", params=params)
+            try:
+                params = _base.list_params(tenant_id, page_size, after)
+                r = await self._client._request("GET", "/prefixes/jobs", params=params)
+            except UnprocessableEntity as e:
+                if after is None or e.param != "after":
+                    raise
+                after = None
+                continue
             jobs = [self._job(job) for job in _base.parse_list(AsyncJob, r)]
-            for job in jobs:
+            for job in _base.unseen(jobs, seen):
                 yield job
             after = _base.next_after(r, [j.job_id for j in jobs])
             if after is None:

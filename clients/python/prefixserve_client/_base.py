@@ -27,7 +27,7 @@ from ._exceptions import (
     status_error_from_event,
 )
 from ._version import __version__
-from .types import Generation, PrefixInfo, PrefixPage, StreamDelta
+from .types import Generation, JobInfo, PrefixInfo, PrefixPage, StreamDelta
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_PREFIX = "default"  # the prefix of a generation that names none
@@ -45,6 +45,8 @@ RETRY_STATUSES = frozenset({429, 503})
 RETRY_STATUSES_IF_SAFE = frozenset({408, 502, 504})
 # the 503 codes of GET /health that no retry can change: the inference engine died, only a restart brings it back
 FINAL_HEALTH_CODES = frozenset({"engine_dead"})
+# 503 codes of every route that no retry can change: the prefix store is mounted read-only
+FINAL_CODES = frozenset({"store_read_only"})
 
 Examples = Union[Sequence[dict[str, Any]], str, os.PathLike[str]]
 # {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...} / {"json_object": True} /
@@ -654,6 +656,7 @@ def write_file_atomic(path: PathLike, data: bytes) -> None:
 
 # --------------------------------------------------------------------------------------------- responses
 ModelT = TypeVar("ModelT", bound=BaseModel)
+JobT = TypeVar("JobT", bound=JobInfo)
 
 
 def _where(response: httpx.Response) -> str:
@@ -717,6 +720,13 @@ def list_params(
     return {k: v for k, v in params.items() if v is not None and v != ""} or None
 
 
+def unseen(jobs: list[JobT], seen: set[str]) -> list[JobT]:
+    """The jobs not in `seen` (by id), which they join: a listing started again gives none twice."""
+    out = [j for j in jobs if j.job_id not in seen]
+    seen.update(j.job_id for j in out)
+    return out
+
+
 def next_after(response: httpx.Response, ids: list[str]) -> Optional[str]:
     """The ``after`` of the page following a listing's page (its ``last_id``), or None when none follows (``has_more``
     false or absent: a server without paging answered everything at once)."""
@@ -763,7 +773,8 @@ def retry_delay(
     """Seconds to wait before retry number ``attempt`` (0-based) after ``error``; None: do not retry.
 
     429 and 503 are retried for every request (the server did nothing); 408, 502 and 504 only for one that is ``safe``
-    to repeat; an error whose ``code`` is in ``final_codes`` never (what it says a retry cannot change).
+    to repeat; an error whose ``code`` is in ``final_codes`` or ``FINAL_CODES`` never (what it says a retry cannot
+    change).
 
     Exponential backoff (0.5 s, 1 s, 2 s, ... capped at 8 s) with jitter. A ``Retry-After`` from the server is
     honoured: the wait is never shorter than it; above ``MAX_RETRY_AFTER_S`` the error is raised instead.
@@ -772,7 +783,7 @@ def retry_delay(
     backoff: float = min(MAX_BACKOFF_S, INITIAL_BACKOFF_S * (2**attempt))
     backoff *= 0.5 + random.random() / 2  # "equal jitter": in [backoff/2, backoff]
     if isinstance(error, APIStatusError):
-        if error.code is not None and error.code in final_codes:
+        if error.code is not None and (error.code in final_codes or error.code in FINAL_CODES):
             return None
         retried = error.status_code in RETRY_STATUSES or (
             safe and error.status_code in RETRY_STATUSES_IF_SAFE

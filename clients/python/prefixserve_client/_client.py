@@ -12,7 +12,7 @@ import httpx
 
 from . import _base
 from ._base import Examples, StructuredOutputsArg, TimeoutTypes
-from ._exceptions import status_error_from_response
+from ._exceptions import UnprocessableEntity, status_error_from_response
 from .types import (
     DeletedPrefix,
     Generation,
@@ -177,14 +177,22 @@ class Prefixes:
         return [self._job(job) for job in _base.parse_list(Job, r)]
 
     def iter_jobs(self, tenant_id: Optional[str] = None, *, page_size: int = 100) -> Iterator[Job]:
-        """Every training job (as :meth:`list_jobs`, oldest first), fetched a page of ``page_size`` at a time."""
-        after = None
+        """Every training job (as :meth:`list_jobs`, oldest first), fetched a page of ``page_size`` at a time. A
+        page whose cursor job was deleted meanwhile (the server deletes a tenant's oldest finished jobs) starts the
+        listing again, skipping the jobs already given."""
+        after: Optional[str] = None
+        seen: set[str] = set()
         while True:
-            r = self._client._request(
-                "GET", "/prefixes/jobs", params=_base.list_params(tenant_id, page_size, after)
-            )
+            try:
+                params = _base.list_params(tenant_id, page_size, after)
+                r = self._client._request("GET", "/prefixes/jobs", params=params)
+            except UnprocessableEntity as e:
+                if after is None or e.param != "after":
+                    raise
+                after = None
+                continue
             jobs = [self._job(job) for job in _base.parse_list(Job, r)]
-            yield from jobs
+            yield from _base.unseen(jobs, seen)
             after = _base.next_after(r, [j.job_id for j in jobs])
             if after is None:
                 return
