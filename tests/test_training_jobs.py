@@ -1333,6 +1333,29 @@ def test_redis_jobs_cancelled_while_queued_leave_no_pending_entries(tiny_llama_b
         store.close()
 
 
+def test_redis_a_job_cancelled_while_its_turn_is_deferred_leaves_no_entry(tiny_llama_bundle, redis_store_url):
+    """A worker moving a queued job's entry to the stream's end (another tenant's turn first) while the job is
+    cancelled: the move added a fresh entry for the cancelled job, left until some worker read it."""
+    store = open_store(redis_store_url)
+    api = JobManager(tiny_llama_bundle, store, **{**FAST, "in_process_workers": 0})
+    try:
+        b = api.backend
+        job = api.submit(request_()).job_id
+        ((entry, _),) = b._r.xrange(b._stream)  # read by a worker, which then defers it...
+        api.cancel(job)  # ...as the job is cancelled
+        assert b._move_back(keys=[b._stream, b._job(job)], args=[entry, job]) is None
+        assert b._r.xlen(b._stream) == 0 and api.get(job).status == "cancelled"
+        queued = api.submit(request_(name="other")).job_id  # one still queued is moved, and its entry known
+        ((entry, _),) = b._r.xrange(b._stream)
+        moved = b._move_back(keys=[b._stream, b._job(queued)], args=[entry, queued])
+        assert [e for e, _ in b._r.xrange(b._stream)] == [moved] and b._r.hget(
+            b._job(queued), "queue_entry"
+        ) == moved
+    finally:
+        api.shutdown()
+        store.close()
+
+
 def test_redis_job_queue_survives_losing_its_stream(tiny_llama_bundle, redis_store_url):
     """The stream key gone (a Redis restart without persistence, a flush): the next submit makes a bare stream, and
     the workers create the consumer group again instead of failing with NOGROUP forever."""
