@@ -271,6 +271,28 @@ def test_a_failure_to_record_success_after_storing_does_not_fail_the_job(manager
     assert done.status == "succeeded" and done.prefix_version == 1 and store.versions("acme", "bot") == [1]
 
 
+def test_the_version_a_job_stored_is_found_whatever_its_workers_clock(managers, store):
+    """Versions older than the job (by the job's server's clock, less an hour for skew) were not looked at: a worker
+    whose clock was more than an hour behind stored the prefix and died, and the job failed (`giving up`) beside it.
+    The newest versions are always looked at; past them, the time bound keeps a long history from being read."""
+    api = managers()
+    rec = api.submit(request_(epochs=1))
+    kv = {"kv": torch.zeros(2, 2, 2, 3, 16)}
+
+    def put(job_id: str, created: float) -> None:
+        store.put("acme", "bot", "prompt_tuning", kv, base_model_fingerprint="x", prefix_length=3,
+                  training={"job_id": job_id}, created=created)  # fmt: skip
+
+    put(rec.job_id, rec.created - 7200)  # by a worker two hours behind
+    for i in range(3):
+        put(f"job-other-{i}", rec.created + i)
+    found = api._stored_by(rec)
+    assert found is not None and found.version == 1
+    for i in range(jobs_mod.RECENT_VERSIONS):  # a long history since: past the newest, the time bound holds
+        put(f"job-later-{i}", rec.created - 7200)
+    assert api._stored_by(rec) is None
+
+
 def test_a_job_whose_prefix_an_earlier_run_stored_is_not_trained_again(managers, store, monkeypatch):
     """A worker died between storing the prefix and recording the job's success: the run that picks the job up
     again finds the version by the job id in its summary and records it, instead of storing a second one."""

@@ -103,6 +103,7 @@ FOREIGN_GIVE_UP_S = 900.0
 # how far the clocks of the machines running servers and workers may disagree (NTP keeps them far closer): looking
 # for the version a job stored goes back this much before the job's submission time
 CLOCK_SKEW_S = 3600.0
+RECENT_VERSIONS = 16  # a name's newest versions looked at for a job's, whatever their dates
 # how often a worker deletes terminal jobs past their retention (and stale Idempotency-Keys): at its first reclaim,
 # then this often (a long-lived process used to prune once, so old records piled up and every list read them all)
 PRUNE_EVERY_S = 3600.0
@@ -802,15 +803,16 @@ class JobManager:
 
     def _stored_by(self, rec: JobRecord) -> PrefixMeta | None:
         """The version this job already stored, if any: a run that died (or could not record its success) after
-        `store.put` left it, with the job id in its training summary. Only versions made since the job was
-        submitted are looked at: a version is dated by its worker's clock, the job by its server's, so "since"
-        allows for clocks that disagree by up to CLOCK_SKEW_S."""
-        for v in reversed(self.store.versions(rec.tenant_id, rec.name)):
+        `store.put` left it, with the job id in its training summary. The newest RECENT_VERSIONS versions are
+        looked at, and older ones made since the job was submitted: a version is dated by its worker's clock, the
+        job by its server's, so "since" allows for clocks that disagree by up to CLOCK_SKEW_S (a worker further
+        behind stored versions that read as older: its job failed beside its prefix)."""
+        for i, v in enumerate(reversed(self.store.versions(rec.tenant_id, rec.name))):
             try:
                 meta = self.store.get_meta(rec.tenant_id, rec.name, v)
             except (PrefixNotFound, InvalidPrefix):  # gone, or a record that cannot be read: not this job's
                 continue
-            if meta.created < rec.created - CLOCK_SKEW_S:
+            if i >= RECENT_VERSIONS and meta.created < rec.created - CLOCK_SKEW_S:
                 return None
             if (meta.training or {}).get("job_id") == rec.job_id:
                 return meta
