@@ -14,8 +14,17 @@ from server.api.errors import APIError, unavailable
 from server.api.service import RequestInfo, Service, requester_id, store_refused
 
 T = TypeVar("T")
-READ_ONLY = "the prefix store is read-only (its filesystem is mounted read-only): it serves its prefixes, and takes no change"
 log = logging.getLogger("prefixserve.api")
+
+
+def read_only_error(svc: Service) -> APIError:
+    """The 503 `store_read_only` of a change to a store mounted read-only (no retry changes it, the SDK's none)."""
+    return unavailable(
+        "the prefix store is read-only (its filesystem is mounted read-only): it serves its prefixes, and takes no "
+        "change",
+        svc.settings.retry_after_s,
+        code="store_read_only",
+    )
 
 
 def app_state(request: Request) -> Any:
@@ -63,7 +72,7 @@ async def store_call(
     except errors.InvalidName as e:
         raise APIError(422, str(e), code="invalid_name") from None
     except errors.StoreReadOnly:
-        raise unavailable(READ_ONLY, svc.settings.retry_after_s, code="store_read_only") from None
+        raise read_only_error(svc) from None
     except errors.StoreUnavailable as e:
         if svc.store_ok:  # (once as it goes down: why, a full disk say)
             log.warning("request %s: prefix store unavailable: %s", requester_id(), e)

@@ -40,6 +40,11 @@ async def health(request: Request) -> Any:
     return Health()
 
 
+READY_CHECKS = frozenset(
+    {"ok", "ok (read-only)", "serving"}
+)  # what each of /ready's checks says when it passes
+
+
 def _ping(store: Any) -> bool:
     """Ping the store; whether it is read-only (served, but it takes no change)."""
     store.ping()
@@ -82,20 +87,13 @@ async def ready(request: Request) -> Any:
     if svc is not None:
         checks["engine"] = "ok" if svc.engine_alive() else "dead"
         problem = await check_store(svc)
-        if problem in (None, "read-only"):
-            checks["store"] = (
-                "ok" if problem is None else "ok (read-only)"
-            )  # (served: a read-only store is ready)
-        else:
-            checks["store"] = f"unavailable ({problem})"
+        # (a read-only store is served: ready)
+        checks["store"] = {None: "ok", "read-only": "ok (read-only)"}.get(problem, f"unavailable ({problem})")
     checks["lifecycle"] = "shutting_down" if st.draining else "serving"
-    ok = all(v in ("ok", "ok (read-only)", "serving") for v in checks.values())
+    failing = ", ".join(f"{k}: {v}" for k, v in checks.items() if v not in READY_CHECKS)
     model = svc.bundle.name if svc is not None else None
-    if ok:
+    if not failing:
         return Readiness(status="ready", model=model, checks=checks)
-    failing = ", ".join(
-        f"{k}: {v}" for k, v in checks.items() if v not in ("ok", "ok (read-only)", "serving")
-    )
     body = {
         "status": "not_ready",
         "model": model,

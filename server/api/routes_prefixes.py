@@ -19,7 +19,7 @@ from prefix_store.export import export_prefix
 from prefix_store.format import IDEMPOTENCY, PrefixMeta
 from prefix_store.names import MAX_NAME_LENGTH, is_valid_name, reserved
 from server.api.auth import Principal, get_principal
-from server.api.deps import READ_ONLY, app_state, get_info, get_service, store_call
+from server.api.deps import app_state, get_info, get_service, read_only_error, store_call
 from server.api.errors import COMMON_ERRORS, APIError, unavailable
 from server.api.schemas import (
     NAME_PATTERN,
@@ -160,7 +160,7 @@ async def train(
     info.tenant, info.prefix = tenant, body.name
     _check_new_prefix(tenant, body.name)
     if await asyncio.to_thread(lambda: svc.store.read_only):  # (its prefix could never be stored)
-        raise unavailable(READ_ONLY, svc.settings.retry_after_s, code="store_read_only")
+        raise read_only_error(svc)
     key = _idempotency_key(idempotency_key)
     spec = body.model_dump(exclude_none=True)
     spec["tenant_id"] = tenant
