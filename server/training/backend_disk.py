@@ -45,6 +45,7 @@ from server.fsutil import TMP_PREFIX, write_atomic
 from server.training.records import (
     ACTIVE,
     IDEMPOTENCY_TTL_S,
+    RETENTION_S,
     UNDECIDED,
     JobRecord,
     TooManyJobs,
@@ -95,7 +96,7 @@ class DiskJobBackend:
     kind = "disk"
 
     def __init__(self, root: str | os.PathLike[str], *, max_attempts: int = 2, stale_after_s: float = 60.0,
-                 retention_s: float = 7 * 86400) -> None:  # fmt: skip
+                 retention_s: float = RETENTION_S) -> None:  # fmt: skip
         self.root = Path(root).expanduser().absolute()
         self.url = "file://" + str(self.root)
         self.max_attempts = max_attempts
@@ -406,8 +407,8 @@ class DiskJobBackend:
 
     def trim(self, tenant_id: str, keep: int) -> int:
         """Delete the tenant's oldest finished jobs past its newest `keep` (once past `keep` by a tenth, so that
-        their records are read once in that many submissions), but none an Idempotency-Key still answers with;
-        returns how many."""
+        their records are read once in that many submissions), sparing those `trimmable` spares (an
+        Idempotency-Key still answers with them); returns how many."""
         with self._errors("delete old jobs"):
             finished = [
                 j for j, (_i, _m, t, st) in self._scan().items() if t == tenant_id and st not in ACTIVE

@@ -39,6 +39,7 @@ from prefix_store.errors import StoreUnavailable
 from server.training.records import (
     ACTIVE,
     IDEMPOTENCY_TTL_S,
+    RETENTION_S,
     UNDECIDED,
     JobRecord,
     TooManyJobs,
@@ -230,7 +231,7 @@ class RedisJobBackend:
     kind = "redis"
 
     def __init__(self, url: str, namespace: str, *, max_attempts: int = 2, stale_after_s: float = 60.0,
-                 retention_s: float = 7 * 86400, socket_timeout: float = 5.0) -> None:  # fmt: skip
+                 retention_s: float = RETENTION_S, socket_timeout: float = 5.0) -> None:  # fmt: skip
         self.url = url
         self.ns = namespace
         self.max_attempts = max_attempts
@@ -391,8 +392,9 @@ class RedisJobBackend:
         return out
 
     def trim(self, tenant_id: str, keep: int) -> int:
-        """Delete the tenant's oldest finished jobs past its newest `keep` (once past `keep` by a tenth), but none an
-        Idempotency-Key still answers with; returns how many. Unfinished ones stay, whatever their age."""
+        """Delete the tenant's oldest finished jobs past its newest `keep` (once past `keep` by a tenth), sparing those
+        `trimmable` spares (an Idempotency-Key still answers with them); returns how many. Unfinished ones stay,
+        whatever their age."""
         zkey = self._tenant(tenant_id)
         with self._errors("delete old jobs"):
             pipe = self._r.pipeline(transaction=False)

@@ -45,6 +45,7 @@ from server.training.config import (
 from server.training.data import encode_examples
 from server.training.records import (
     ACTIVE,
+    RETENTION_S,
     IdempotencyKeyReused,
     JobNotFound,
     JobRecord,
@@ -189,7 +190,7 @@ class JobManager:
         stale_after_s: float = 30.0,
         max_attempts: int = 2,
         poll_s: float = 0.5,
-        retention_s: float = 7 * 86400,
+        retention_s: float = RETENTION_S,
         worker_name: str | None = None,
         train_nice: int = 10,
         jobs_kept_per_tenant: int = 1000,

@@ -31,6 +31,7 @@ class IdempotencyKeyReused(ValueError):
 
 # How long a training submission's Idempotency-Key is remembered (as long as its job's record, at most this).
 IDEMPOTENCY_TTL_S = 86400.0
+RETENTION_S = 7 * 86400.0  # how long a finished job is kept by default (the server's `jobs_retention_s`)
 
 
 def request_digest(request: dict[str, Any]) -> str:

@@ -13,6 +13,8 @@ import signal
 import threading
 from typing import Any
 
+from server.training.records import RETENTION_S
+
 log = logging.getLogger("prefixserve.training.worker")
 
 
@@ -32,7 +34,7 @@ def run_worker(
     max_attempts: int = 2,
     poll_s: float = 0.5,
     bundle: Any = None,
-    retention_s: float = 7 * 86400,
+    retention_s: float = RETENTION_S,
 ) -> int:
     """Run jobs until ``stop_event`` is set (or ``max_jobs`` ran); returns how many ran.
 
