@@ -123,9 +123,8 @@ class DiskStore(PrefixStore):
         self.changes_max_bytes = changes_max_bytes
         self._follower_thread: threading.Thread | None = None
         self._journal_missed = False  # a change not (wholly) written to the journal: the next line says so
-        self._journal_lock = (
-            threading.Lock()
-        )  # (puts of two names at once: the flag is read and set with the line)
+        # (puts of two names at once: the flag is read and set with the line)
+        self._journal_lock = threading.Lock()
         self._follower_lock = threading.Lock()
         self._stop = threading.Event()
         # the root existed (or was made) once: if it goes (a restore under way, a volume unmounted), nothing here

@@ -186,11 +186,8 @@ class ChangeEvent:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ChangeEvent:
         op = d.get("op")
-        if op not in (
-            "put",
-            "delete",
-            "resync",
-        ):  # (resync: a writer's earlier change did not reach the journal)
+        # (resync: a writer's earlier change did not reach the journal)
+        if op not in ("put", "delete", "resync"):
             raise ValueError(f"unknown change event op {op!r}")
         version = d.get("version")
         if not isinstance(version, int) or isinstance(version, bool):

@@ -117,9 +117,8 @@ def unavailable(message: str, retry_after: int, code: str = "unavailable") -> AP
     return APIError(503, message, code=code, headers={"Retry-After": str(retry_after)})
 
 
-NO_ROOM = (
-    "the server has no room to receive this body now; retry shortly"  # (a 503 `server_busy`: a full disk)
-)
+# a 503 `server_busy`: a full disk
+NO_ROOM = "the server has no room to receive this body now; retry shortly"
 
 
 def not_json(ctype: str) -> APIError:

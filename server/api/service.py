@@ -881,9 +881,8 @@ class Service:
         info = CURRENT_REQUEST.get()
         if info is not None:
             info.structured_param = param
-        spec = dataclasses.replace(
-            spec, cache_salt=requester()
-        )  # (a tenant's grammars are its own cache entries)
+        # a tenant's grammars are its own cache entries (no tenant can time which specs another sent)
+        spec = dataclasses.replace(spec, cache_salt=requester())
         if spec.think is not None and self.reasoning is not None:  # (the thinking's tags are the parser's)
             spec = dataclasses.replace(spec, think_tags=(self.reasoning.start, self.reasoning.end))
         grammars = self.llm.grammars

@@ -405,9 +405,8 @@ class LLMEngine:
     def tend_prefixes(self) -> None:
         """What an engine with nothing to run does when woken: apply the store's changes and take in finished
         prefix fetches (a step does that; an idle replica's changes piled up, then all waited on its next request)."""
-        if (
-            self._cuda_device is not None
-        ):  # (an install copies into the pool: this thread's device, as a step's)
+        # (an install copies into the pool: on this thread's current device, as a step's kernels)
+        if self._cuda_device is not None:
             torch.cuda.set_device(self._cuda_device)
         self.prefix_cache.process()
 
