@@ -246,3 +246,42 @@ def test_raw_adds_bos_only_when_the_tokenizer_does():
     assert raw[0] == bos and tok.decode(raw[1:]) == "hi"
     chat = render_prompt(tok, "hi", "chat")
     assert chat.count(bos) == 2  # the template's own markers only: no extra BOS in front
+
+
+def test_embedded_conversion_survives_another_process_sweep_after_a_clock_step(tmp_path, monkeypatch):
+    """Leftover conversion folders are swept by age; a conversion under way in another process holds its folder's
+    lock, so a sweep run while the wall clock reads two hours later leaves it alone (and the conversion ends whole),
+    while a dead conversion's folder of the same age is removed."""
+    parent = tmp_path / "models"
+    parent.mkdir()
+    dead = parent / ".tmp-convert-dead"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x")
+    swept: list[list[str]] = []
+
+    def sweep_meanwhile(*_a: object, **_kw: object) -> None:
+        later = time.time() + 7200.0
+        with pytest.MonkeyPatch.context() as clock:
+            clock.setattr(loader_mod.time, "time", lambda: later)
+            loader_mod._remove_stale_temp_dirs(parent)  # as another process starting its conversion would
+        swept.append(sorted(p.name for p in parent.glob(".tmp-convert-*")))
+
+    def gguf_tokenizer(*_a, **_kw):
+        t = make_tiny_tokenizer()
+        save = t.save_pretrained
+
+        def save_after_sweep(path, *a, **kw):
+            sweep_meanwhile()
+            return save(path, *a, **kw)
+
+        t.save_pretrained = save_after_sweep
+        return t
+
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *_a, **_kw: make_tiny_llama()
+    )
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", gguf_tokenizer)
+    target = ensure_embedded_converted(tmp_path)
+    assert len(swept) == 1 and len(swept[0]) == 1 and swept[0][0] != dead.name  # ours kept, the dead one gone
+    assert (target / "config.json").exists() and (target / "tokenizer_config.json").exists()
+    assert not list(parent.glob(".tmp-convert-*"))

@@ -8,6 +8,7 @@ leaves a half folder) and later starts load that folder in about a second.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -236,12 +237,20 @@ def embedded_gguf_dir() -> Path:
 
 
 def _remove_stale_temp_dirs(parent: Path, max_age_s: float = 3600.0) -> None:
-    """Temp folders left by a crashed conversion (never picked up by loads; only disk space)."""
+    """Temp folders left by a crashed conversion (never picked up by loads; only disk space). Age alone does not
+    say a conversion died: one under way (in another process) holds its folder's lock, and its folder is left
+    alone however old it looks (a wall clock stepped forward)."""
     now = time.time()
     for d in parent.glob(".tmp-convert-*"):
         with contextlib.suppress(OSError):
-            if now - d.stat().st_mtime > max_age_s:
+            if now - d.stat().st_mtime <= max_age_s:
+                continue
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError (held, or no locks here): leave it
                 shutil.rmtree(d, ignore_errors=True)
+            finally:
+                os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -315,7 +324,11 @@ def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(target.parent)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-convert-"))
+    lock = os.open(tmp, os.O_RDONLY)
     try:
+        # held until the folder is the cache (or removed): another process's sweep leaves it alone
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by service users
@@ -327,6 +340,8 @@ def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
         if isinstance(e, OSError) and (target / "config.json").exists():  # another process won the race
             return target
         raise
+    finally:
+        os.close(lock)
     log.info("converted in %.1fs", time.perf_counter() - t0)
     return target
 
