@@ -72,7 +72,8 @@ LOGIT_BIAS_DOC = (
 )
 MIN_TOKENS_DOC = "vLLM: end-of-sequence and stop_token_ids cannot end the output before this many tokens"
 MIN_P_DOC = (
-    "vLLM: drop tokens less likely than min_p times the most likely one (after top-k and top-p; 0 disables)"
+    "vLLM: drop tokens less likely than min_p times the most likely one (0 disables); applied after top-k and top-p "
+    "as transformers does (vLLM v1 applies it before them: the two differ only when min_p and top_p are both set)"
 )
 TYPICAL_P_DOC = (
     "TGI / transformers: locally typical sampling, keep the tokens whose surprisal is closest to the entropy, the "

@@ -92,7 +92,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    # vLLM / transformers: drop tokens less likely than min_p x the most likely one (after top-k and top-p)
+    # drop tokens less likely than min_p x the most likely one (after top-k and top-p: transformers' order)
     min_p: float = 0.0
     # TGI / transformers (locally typical sampling, Meister et al. 2022): keep the tokens whose surprisal is
     # closest to the distribution's entropy, the fewest whose mass reaches typical_p (after min-p; 1 disables).
