@@ -158,6 +158,9 @@ class PrefixCache:
         # waiting requests that asked for each prefix and have not taken it yet (`claim`/`unclaim`): an entry
         # none of them still wants is not held for them (an aborted request's prefix must not block others)
         self._wanted: dict[PrefixKey, int] = {}
+        # entries installed less than fresh_s ago and not yet taken: the only ones that can be fresh (`_fresh`
+        # looks at these, not at every resident entry: it runs for each waiting request an admission walks past)
+        self._untaken: dict[PrefixKey, PrefixEntry] = {}
         self._errors: dict[PrefixKey, tuple[PrefixLoadError, float]] = {}
         self._errors_swept = time.monotonic()
         # daemon threads: a fetch hung on a dead store never holds the process's exit
@@ -386,7 +389,9 @@ class PrefixCache:
         if old is not None and old.active == 0:  # (an idle entry replaced: its blocks go back)
             self._drop(old)
             old = None
-        self.entries[key] = PrefixEntry(key=key, length=p, blocks=blocks, nbytes=nbytes, digest=digest)
+        self.entries[key] = self._untaken[key] = PrefixEntry(
+            key=key, length=p, blocks=blocks, nbytes=nbytes, digest=digest
+        )
         self.idle_blocks += n_blocks
         n, b = self.resident
         self.resident = (n + 1, b + nbytes) if old is None else (n, b + nbytes - old.nbytes)
@@ -395,6 +400,8 @@ class PrefixCache:
         """Evict idle entries, least frequently used first, until `incoming` more bytes fit the budget; never one
         fetched for a request that has not taken it yet (the budget stretches for those: at most `max_pending` of
         them), nor one in use."""
+        if self.resident_bytes + incoming <= self.budget_bytes:
+            return  # (without ranking every entry)
         now = time.monotonic()
         for e in self._victims():
             if self.resident_bytes + incoming <= self.budget_bytes or self.is_fresh(e, now):
@@ -417,8 +424,15 @@ class PrefixCache:
         )
 
     def _fresh(self) -> int:
+        """Resident entries that are fresh (`is_fresh`); those that never can be again leave `_untaken`."""
         now = time.monotonic()
-        return sum(self.is_fresh(e, now) for e in self.entries.values())
+        n = 0
+        for key, e in list(self._untaken.items()):
+            if e.used or self.entries.get(key) is not e or now - e.installed >= self.fresh_s:
+                del self._untaken[key]
+            else:
+                n += self.is_fresh(e, now)
+        return n
 
     def frequency(self, key: PrefixKey) -> int:
         return self._freq.get((key.tenant_id, key.name), 0)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -33,6 +33,7 @@ from server.engine.kv_cache import KVPool
 from server.engine.prefix_cache import PrefixCache, PrefixEntry, PrefixLoadError
 from server.engine.sequence import SeqStatus, Sequence
 from server.engine.spec import NgramIndex, speculable
+from server.engine.waiting import WaitQueue
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Scheduler:
         self.cfg = cfg
         self.pool = pool
         self.prefixes = prefixes
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue()
         self.running: list[Sequence] = []
         self.failed: list[Sequence] = []  # prefix load failures, reported by the engine
         self.num_preemptions = 0
@@ -378,7 +379,7 @@ class Scheduler:
         allow; a request whose prefix is still being fetched is passed over, the first that does not fit stops.
         `only`: requests it refuses are passed over too (the engine's async chain admits those it can defer)."""
         items: list[ScheduledItem] = []
-        taken: set[int] = set()  # id() of sequences leaving the waiting queue
+        taken: list[Sequence] = []  # sequences leaving the waiting queue
         self._short_of_blocks = None  # (this admission's first request short of blocks, if any)
         # running requests per tenant, as admissions go on
         counts: dict[str | None, int] = self._tenant_rows() if self.cfg.fair else {}
@@ -388,7 +389,7 @@ class Scheduler:
             it (nor counted as fetched ahead of use)."""
             seq.error, seq.error_type = error, error_type
             self.failed.append(seq)
-            taken.add(id(seq))
+            taken.append(seq)
             if entry is not None:
                 entry.used = True
 
@@ -464,13 +465,13 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             seq.preempted = False
             self.running.append(seq)
-            taken.add(id(seq))
+            taken.append(seq)
             counts[seq.tenant] = counts.get(seq.tenant, 0) + 1
             items.append(ScheduledItem(seq, n))
             self._register(seq, seq.num_cached + n)
             budget -= n
-        if taken:
-            self.waiting = deque(s for s in self.waiting if id(s) not in taken)
+        for seq in taken:
+            self.waiting.remove(seq)
         return items
 
     def _tenant_rows(self) -> dict[str | None, int]:
@@ -482,7 +483,8 @@ class Scheduler:
 
     def _num_tenants(self, running: dict[str | None, int]) -> int:
         """Tenants with work: rows running (`running`'s keys) or requests waiting (preempted rows among them)."""
-        return len(running.keys() | {s.tenant for s in self.waiting})
+        waiting = self.waiting.tenants()
+        return len(waiting) + sum(1 for t in running if t not in waiting)
 
     def _starved_victim(self) -> Sequence | None:
         """The row to give up its place when every row is taken (`_fair_preempt`), or None.
@@ -697,37 +699,63 @@ class Scheduler:
         each tenant's requests in arrival order. So one tenant's burst cannot hold every other tenant's requests
         behind it. `counts` (running per tenant) is read each time a tenant's turn comes round, so the caller's
         admissions count."""
-        levels = sorted({seq.req.priority for seq in self.waiting})
-        if len(levels) <= 1:
-            yield from self._order_within(list(self.waiting), counts)
-            return
-        for level in levels:
-            yield from self._order_within([s for s in self.waiting if s.req.priority == level], counts)
+        for level in self.waiting.levels():
+            yield from self._order_within(level, counts)
 
-    def _order_within(self, waiting: list[Sequence], counts: dict[str | None, int]) -> Iterator[Sequence]:
+    def _order_within(self, level: int, counts: dict[str | None, int]) -> Iterator[Sequence]:
+        """`_admission_order` within one priority value, read from the queue's index (`WaitQueue`): a walk costs
+        the tenants running and the requests it yields, not the queue's length nor the number of tenants waiting."""
+        waiting = self.waiting
         if not self.cfg.fair:
-            yield from waiting
+            yield from waiting.level(level)
             return
-        queues: dict[str | None, deque[tuple[int, Sequence]]] = {}
+        skipped: list[Sequence] = []
         first = self._yield_to
-        if first is not None and any(s is first for s in waiting):
+        if first is not None and first in waiting and first.req.priority == level:
             yield first
-        for i, seq in enumerate(waiting):
-            if seq is first:
-                continue
-            if seq.preempted and seq.tenant not in self._over_block_share():
+            skipped.append(first)
+        for seq in waiting.fronts(level):  # (every preempted request is one of them)
+            if seq is not first and seq.preempted and seq.tenant not in self._over_block_share():
                 yield seq
-                continue
-            queues.setdefault(seq.tenant, deque()).append((i, seq))
-        heap = [(counts.get(t, 0), q[0][0], k) for k, (t, q) in enumerate(queues.items())]
-        tenants = list(queues)
-        heapq.heapify(heap)
-        while heap:
-            _, _, k = heapq.heappop(heap)
-            q = queues[tenants[k]]
-            yield q.popleft()[1]
-            if q:
-                heapq.heappush(heap, (counts.get(tenants[k], 0), q[0][0], k))
+                skipped.append(seq)
+        # Then each tenant's next request by (its running requests, its place in the queue): a heap of tenants,
+        # which those with no running request (the most, with many tenants) join only once their first request's
+        # place comes up in `heads` (their key until then), so a walk costs the tenants running and the requests
+        # taken, not every tenant waiting. The queues are read as they are walked (nothing changes the waiting
+        # queue while an admission order is walked).
+        skip = {id(s) for s in skipped}
+        touched = {s.tenant for s in skipped}
+        by_tenant = waiting.by_tenant(level)
+        rest: list[Iterator[Sequence]] = []
+        heap: list[tuple[int, int, int, Sequence]] = []
+
+        def join(t: str | None) -> None:
+            mine = by_tenant[t]
+            it = iter(mine) if t not in touched else (s for s in mine if id(s) not in skip)
+            head = next(it, None)
+            if head is not None:
+                heapq.heappush(heap, (counts.get(t, 0), waiting.pos(head), len(rest), head))
+                rest.append(it)
+
+        # (a tenant with requests passed over above joins at its first request's place: no later than its key's)
+        early = counts.keys() & by_tenant.keys()
+        for t in early:
+            join(t)
+        heads = waiting.heads(level)
+        i = 0
+        while True:
+            while i < len(heads) and (not heap or (0, heads[i][0]) < heap[0][:2]):
+                t = heads[i][1]
+                i += 1
+                if t not in early:
+                    join(t)
+            if not heap:
+                return
+            _, _, k, seq = heapq.heappop(heap)
+            yield seq
+            after = next(rest[k], None)
+            if after is not None:
+                heapq.heappush(heap, (counts.get(after.tenant, 0), waiting.pos(after), k, after))
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
