@@ -404,6 +404,19 @@ def test_bench_sampler_prints_a_row_per_batch_and_sampling(capsys):
     assert len(rows) == 2 * len(bench_sampler.CASES) and all(float(r.split("|")[3]) > 0 for r in rows)
 
 
+def test_bench_sched_overhead_holds_the_queue_at_its_depth_and_reports_a_row_each(capsys):
+    """Each row's queue is kept at the asked depth (what the scheduler's time is measured against)."""
+    from benchmarks import bench_sched_overhead
+
+    bench_sched_overhead.main(
+        ["--waiting", "0", "40", "--tenants", "3", "--steps", "5", "--max-num-seqs", "4"]
+    )
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [(r["waiting"], r["tenants"]) for r in rows] == [(0, 3), (40, 3)]
+    assert rows[1]["queued at end"] >= 40 and rows[0]["queued at end"] <= 4
+    assert all(0 < r["schedule ms p50"] <= r["schedule ms p99"] for r in rows)
+
+
 # what the GPU image lacks (it has torch, transformers, triton and pytest): the API stack, and jinja2 to be safe
 _NOT_ON_THE_GPU_IMAGE = r"""
 import importlib, sys
