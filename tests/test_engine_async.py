@@ -407,6 +407,28 @@ def test_newcomers_that_need_the_host_break_the_chain(bundle):
     assert plp is not None and len(plp) == len(reqs[4].prompt_token_ids)
 
 
+def test_a_newcomer_that_needs_the_host_starts_at_once_beside_a_chain(bundle):
+    """With rows to spare, a request whose tokens the host decides (a repetition penalty) that arrives while two
+    rows decode in a chain gets its first token within two steps: the chain stops for it (it cannot join a chained
+    step), rather than carrying on for as long as the chained rows run."""
+    keys, reqs = mixed_workload(bundle.spec, (8,), 2, 40)
+    eng = make_engine(bundle, keys, async_decode="on", max_num_seqs=4)
+    for r in reqs:
+        eng.add_request(r)
+    for _ in range(4):
+        eng.step()
+    assert eng.num_async_steps > 0
+    late = Request("late", random_prompt(bundle.spec.vocab_size, 4, 7),
+                   SamplingParams(max_tokens=3, repetition_penalty=1.3, ignore_eos=True), next(iter(keys)))  # fmt: skip
+    eng.add_request(late)
+    first = None
+    for step in range(1, 20):
+        if any(ev.request_id == "late" and ev.token_ids for ev in eng.step()):
+            first = step
+            break
+    assert first is not None and first <= 2, first
+
+
 def test_a_newcomer_whose_prefix_fails_to_load_mid_chain_ends_alone(bundle):
     """A request admitted while a chain runs whose prefix cannot be loaded (not in the store) ends with its error;
     the chained rows carry on exactly."""

@@ -47,7 +47,11 @@ def _random_ops(rnd: random.Random, n: int) -> Iterator[tuple[str, Sequence | No
 @pytest.mark.parametrize("seed", range(5))
 def test_waitqueue_orders_are_a_deques(seed):
     rnd = random.Random(seed)
-    q, ref = WaitQueue(), deque()
+
+    def marked(s: Sequence) -> bool:
+        return int(s.request_id[1:]) % 3 == 0
+
+    q, ref = WaitQueue(marked), deque()
     for op, s in _random_ops(rnd, 600):
         getattr(q, op)(s)
         getattr(ref, op)(s)
@@ -56,6 +60,7 @@ def test_waitqueue_orders_are_a_deques(seed):
             assert len(q) == len(ref) and bool(q) == bool(ref)
             assert q.levels() == sorted({x.req.priority for x in ref})
             assert set(q.tenants()) == {x.tenant for x in ref}
+            assert sorted(map(id, q.marked())) == sorted(id(x) for x in ref if marked(x))
             for level in q.levels():
                 mine = [x for x in ref if x.req.priority == level]
                 assert q.level(level) == mine

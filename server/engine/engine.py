@@ -252,6 +252,7 @@ class LLMEngine:
             ),
             self.pool,
             self.prefix_cache,
+            marked=lambda seq: not self._joinable(seq),  # (what `_chain_ok` looks for among the waiting)
         )
         if bundle.device.type == "cuda":
             # the runner's start-up kernels launch on this thread's current device (an index: set_device refuses
@@ -668,10 +669,7 @@ class LLMEngine:
                 return False
         if s.waiting and len(s.running) < self.cfg.max_num_seqs:
             pc = self.prefix_cache
-            return not any(
-                not self._joinable(q) and (q.req.prefix is None or pc.settled(q.req.prefix))
-                for q in s.waiting
-            )
+            return not any(q.req.prefix is None or pc.settled(q.req.prefix) for q in s.waiting.marked())
         return True
 
     def _follow_up(self, fl: _Inflight) -> _Inflight | None:

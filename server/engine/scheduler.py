@@ -74,11 +74,19 @@ class ScheduledItem:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, pool: KVPool, prefixes: PrefixCache) -> None:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        pool: KVPool,
+        prefixes: PrefixCache,
+        marked: Callable[[Sequence], bool] | None = None,
+    ) -> None:
+        """`marked`: a fixed property of requests that the engine looks for among the waiting ones
+        (`WaitQueue.marked`)."""
         self.cfg = cfg
         self.pool = pool
         self.prefixes = prefixes
-        self.waiting = WaitQueue()
+        self.waiting = WaitQueue(marked)
         self.running: list[Sequence] = []
         self.failed: list[Sequence] = []  # prefix load failures, reported by the engine
         self.num_preemptions = 0

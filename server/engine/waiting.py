@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable, Iterator, KeysView, Mapping
+from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping
 from collections.abc import Sequence as Sequence_
 
 from server.engine.sequence import Sequence
@@ -56,7 +56,10 @@ class WaitQueue:
     priority level's and each tenant's requests in that order (`level`, `by_tenant`, `heads`) and the tenants waiting
     (`tenants`) at hand. `pos(seq)` orders requests of different tenants: smaller is nearer the front."""
 
-    def __init__(self) -> None:
+    def __init__(self, marked: Callable[[Sequence], bool] | None = None) -> None:
+        """`marked`: a fixed property of a request (decided when it joins) whose holders `marked()` lists."""
+        self._is_marked = marked
+        self._marked: dict[int, Sequence] = {}
         self._all = _Ends()
         self._levels: dict[int, _Ends] = {}
         self._tenants: dict[int, dict[str | None, _Ends]] = {}  # priority -> tenant -> its requests
@@ -103,6 +106,8 @@ class WaitQueue:
             bisect.insort(heads, (self._pos[id(seq)], tenant))
         for e in (self._all, self._levels.setdefault(level, _Ends()), mine):
             (e.appendleft if front else e.append)(seq)
+        if self._is_marked is not None and self._is_marked(seq):
+            self._marked[id(seq)] = seq
         self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
 
     @staticmethod
@@ -117,6 +122,7 @@ class WaitQueue:
         if pos is None:
             raise ValueError(f"request {seq.request_id} is not waiting")
         level, tenant = seq.req.priority, seq.tenant
+        self._marked.pop(id(seq), None)
         self._all.remove(seq)
         by_level = self._levels[level]
         by_level.remove(seq)
@@ -169,6 +175,10 @@ class WaitQueue:
         order: a preempted request is always one of them."""
         ends = self._levels.get(priority)
         return [*reversed(ends.front.values())] if ends is not None else []
+
+    def marked(self) -> Iterable[Sequence]:
+        """The waiting requests `marked` accepted, in no particular order (a live view)."""
+        return self._marked.values()
 
     def tenants(self) -> KeysView[str | None]:
         """The tenants with a request waiting (a live view)."""
