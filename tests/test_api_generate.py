@@ -1064,6 +1064,42 @@ def test_meta_cache_keeps_the_names_and_versions_used_last_up_to_a_bound():
     assert all(len(d) <= 3 for d in cache._entries.values())
 
 
+def test_meta_cache_count_stays_true_through_refreshes_invalidations_and_clears():
+    """Looking a name up again once its TTL ran out (a re-put), a change event for a name and a store resync
+    (clear) leave the count of cached entries true: it does not drift up and start dropping the names still
+    in use (nor down, letting the cache grow past its bound)."""
+    from server.api.prefix_meta import PrefixMetaCache, ResolvedPrefix
+
+    def put(cache, name):
+        cache.put(("t", name), ResolvedPrefix("t", name, 1, 8, "raw"), cache.generation())
+
+    def cached(cache):
+        assert cache._count == sum(len(d) for d in cache._entries.values()) <= cache.MAX_ENTRIES
+        return sorted(n for (_, n), d in cache._entries.items() if d)
+
+    cache = PrefixMetaCache(ttl_s=60)
+    cache.MAX_ENTRIES = 4
+    for name in "abc":
+        put(cache, name)
+    for _ in range(5):  # one name's refreshes replace its entry
+        put(cache, "c")
+    assert cached(cache) == ["a", "b", "c"]
+    for name in "abc":
+        cache.invalidate(("t", name))
+    for name in "de":
+        put(cache, name)
+    assert cached(cache) == ["d", "e"]
+    for name in "fgh":
+        put(cache, name)
+    cache.clear()
+    for name in "ij":
+        put(cache, name)
+    assert cached(cache) == ["i", "j"]
+    for name in "klm":
+        put(cache, name)
+    assert cached(cache) == ["j", "k", "l", "m"]
+
+
 def test_meta_cache_refuses_a_fetch_begun_before_a_resync_clear():
     """A store resync (`clear`: a version number may now name another record) while a lookup's fetch is under
     way: what that fetch read is not cached, though no invalidation of the name was seen."""

@@ -1367,6 +1367,37 @@ def test_job_pages(srv: Any, client: Any) -> None:
         list(client.prefixes.iter_jobs(page_size=2))
 
 
+def test_async_job_pages_start_again_after_a_deleted_cursor(srv: Any) -> None:
+    """`AsyncClient.prefixes.iter_jobs`, as the sync one: the job a page ended with deleted meanwhile (the server
+    trims a tenant's oldest finished jobs) makes the walk start again from the first page, yielding no job twice;
+    a 422 of the first page is the caller's to see."""
+
+    def page(ids: list[str], more: bool) -> Resp:
+        data = [{**JOB, "job_id": i} for i in ids]
+        return Resp(
+            200, {"object": "list", "data": data, "has_more": more, "first_id": ids[0], "last_id": ids[-1]}
+        )
+
+    gone = Resp(
+        422,
+        error_json(
+            422, "after must be the last_id of a listing", "invalid_request_error", "invalid_value", "after"
+        ),
+    )
+
+    async def walk() -> list[str]:
+        async with ps.AsyncClient(base_url=srv.url, max_retries=0) as c:
+            return [j.job_id async for j in c.prefixes.iter_jobs(page_size=2)]
+
+    srv.on("GET", "/prefixes/jobs", page(["job-a", "job-b"], True), gone, page(["job-b", "job-c"], False))
+    assert asyncio.run(walk()) == ["job-a", "job-b", "job-c"]
+    queries = [c.query for c in srv.calls("GET", "/prefixes/jobs")]
+    assert queries == ["limit=2", "limit=2&after=job-b", "limit=2"]
+    srv.on("GET", "/prefixes/jobs", gone)
+    with pytest.raises(ps.UnprocessableEntity):
+        asyncio.run(walk())
+
+
 # ------------------------------------------------------------------------------------------ configuration
 def test_env_vars(srv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     srv.on("GET", "/health", Resp(200, {"status": "ok"}))

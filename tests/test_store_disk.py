@@ -202,6 +202,33 @@ def test_the_sweep_leaves_the_files_of_a_put_under_way_whatever_their_age(tmp_pa
     assert s._sweep_leftovers(min_age_s=0.05) == 1 and not blob.exists()
 
 
+def test_the_sweep_leaves_a_name_alone_whose_lock_file_cannot_be_opened(tmp_path, monkeypatch):
+    """A name whose lock file cannot be opened (no permission: another user's store) may have a put under way
+    that the sweep cannot see: its files are left alone, whatever their age; they are swept once the lock can
+    be tried again."""
+    from prefix_store.disk import LOCK_SUFFIX
+
+    s = open_store(f"file://{tmp_path}/root")
+    assert isinstance(s, DiskStore)
+    put(s)
+    blob = tmp_path / "root" / "acme" / "bot" / "v2.safetensors"  # a put's tensor file, its marker not yet
+    blob.write_bytes(b"x")
+    time.sleep(0.1)
+    real = os.open
+
+    def denied(path, flags, *a, **kw):
+        if str(path).endswith(LOCK_SUFFIX):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, flags, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", denied)
+        assert s._sweep_leftovers(min_age_s=0.05) == 0 and blob.exists()
+    assert s._sweep_leftovers(min_age_s=0.05) == 1 and not blob.exists()
+    assert s.get("acme", "bot").meta.version == 1
+    s.close()
+
+
 def test_a_version_number_is_not_handed_out_again_after_a_copy_died_before_its_counter(tmp_path, monkeypatch):
     """put(version=N) (a copy) writes the name's counter after the commit marker: one killed in between left the
     counter below N, made up for only by the scan of N's marker. Deleting N (or the whole name) then let later

@@ -293,6 +293,27 @@ def test_the_version_a_job_stored_is_found_whatever_its_workers_clock(managers, 
     assert api._stored_by(rec) is None
 
 
+def test_exactly_the_newest_recent_versions_are_looked_at_whatever_their_age(managers, store):
+    """The newest RECENT_VERSIONS versions of a name are looked at for the one a job stored, however old their
+    dates; one further back, dated before the job (less the clock skew allowed), is not: with a long history the
+    look stops there instead of reading every version's metadata."""
+    api = managers()
+    rec = api.submit(request_(epochs=1))
+    kv = {"kv": torch.zeros(2, 2, 2, 3, 16)}
+
+    def put(job_id: str) -> None:
+        store.put("acme", "bot", "prompt_tuning", kv, base_model_fingerprint="x", prefix_length=3,
+                  training={"job_id": job_id}, created=rec.created - 7200)  # fmt: skip
+
+    put(rec.job_id)
+    for i in range(jobs_mod.RECENT_VERSIONS - 1):
+        put(f"job-later-{i}")
+    found = api._stored_by(rec)  # the newest RECENT_VERSIONS: the job's among them
+    assert found is not None and found.version == 1
+    put("job-one-more")  # now RECENT_VERSIONS newer ones: the job's is past them, and older than the job
+    assert api._stored_by(rec) is None
+
+
 def test_a_job_whose_prefix_an_earlier_run_stored_is_not_trained_again(managers, store, monkeypatch):
     """A worker died between storing the prefix and recording the job's success: the run that picks the job up
     again finds the version by the job id in its summary and records it, instead of storing a second one."""
@@ -472,6 +493,54 @@ def test_a_tenants_finished_jobs_are_kept_up_to_a_cap(managers, store):
         assert backend._r.xlen(backend._stream) == 1
 
 
+def _finished(job_id, created, finished, key=None):
+    return JobRecord(job_id=job_id, tenant_id="acme", name="bot", method="prefix_tuning", prefix_length=4,
+                     status="cancelled", created=created, finished=finished, idempotency_key=key)  # fmt: skip
+
+
+def test_the_jobs_that_finished_last_are_kept_whenever_they_were_submitted():
+    """The cap on a tenant's finished jobs keeps the ones that finished last: a long training submitted first
+    but finished a moment ago stays, and a job submitted after it but cancelled long ago goes."""
+    from server.training.records import trimmable
+
+    now = time.time()
+    long_training = _finished("job-long", created=now - 100, finished=now - 1)
+    cancelled = _finished("job-cancelled", created=now - 50, finished=now - 49)
+    assert [r.job_id for r in trimmable([long_training, cancelled], 1, now)] == ["job-cancelled"]
+    assert [r.job_id for r in trimmable([cancelled, long_training], 1, now)] == ["job-cancelled"]
+
+
+def test_the_newest_jobs_an_idempotency_key_answers_with_are_spared_by_the_cap():
+    """Past the cap, of the old jobs an Idempotency-Key still answers with, the newest `keep` are spared (the
+    submissions most likely to be retried find their job instead of queueing the training again); the oldest
+    keyed ones go."""
+    from server.training.records import trimmable
+
+    now = time.time()
+    keyed = [_finished(f"job-k{i}", now - 100 + i, now - 100 + i, key=f"key-{i}") for i in range(4)]
+    plain = [_finished(f"job-p{i}", now - 10 + i, now - 10 + i) for i in range(2)]
+    assert sorted(r.job_id for r in trimmable(keyed + plain, 2, now)) == ["job-k0", "job-k1"]
+
+
+def test_a_submission_stands_when_deleting_the_oldest_finished_jobs_fails(
+    managers, store, monkeypatch, caplog
+):
+    """Deleting a tenant's oldest finished jobs is bookkeeping done after a submission is queued: when it fails (the
+    job store went away a moment) the submission still answers with its job, which is queued and runs; a retry
+    would queue the training twice. The failure is logged."""
+    api = managers(jobs_kept_per_tenant=1)  # every submission trims
+
+    def fail(*a, **kw):
+        raise StoreUnavailable("jobs store unavailable")
+
+    monkeypatch.setattr(api.backend, "trim", fail)
+    caplog.set_level(logging.WARNING, logger="prefixserve.training")
+    rec = api.submit(request_())
+    assert rec.status == "queued" and api.get(rec.job_id).status == "queued"
+    assert [r.job_id for r in api.list("acme")] == [rec.job_id]
+    assert "deleting its oldest finished jobs failed" in caplog.text
+
+
 def test_a_worker_beside_a_read_only_store_takes_no_job(managers, store, monkeypatch, caplog):
     """A worker whose prefix store is read-only (a serving replica on a read-only volume, sharing the job queue with a
     trainer that can write) took jobs, trained them, then failed them after retrying the put: it leaves them to a
@@ -483,6 +552,23 @@ def test_a_worker_beside_a_read_only_store_takes_no_job(managers, store, monkeyp
     assert api.run_one("w-ro", block_s=0.01) is False and api.run_one("w-ro", block_s=0.01) is False
     assert api.get(rec.job_id).status == "queued"
     assert sum("read-only" in m for m in caplog.messages) == 1
+
+
+def test_a_read_only_store_is_not_retried_as_a_store_gone_a_moment():
+    """A store write refused because the store is read-only (mounted so: it stays so) fails at once, where a store
+    unreachable a moment is retried with back-off: the job is not held up by seconds of back-off first."""
+    from prefix_store.errors import StoreReadOnly
+
+    calls = []
+
+    def put():
+        calls.append(1)
+        raise StoreReadOnly("the prefix store is read-only")
+
+    t0 = time.monotonic()
+    with pytest.raises(StoreReadOnly):
+        JobManager._transient("store the prefix", put, attempts=3, job="job-a")
+    assert len(calls) == 1 and time.monotonic() - t0 < 0.4
 
 
 def test_seconds_until_slot_estimates_the_soonest_running_job_end():
@@ -1249,6 +1335,15 @@ def test_run_worker_runs_queued_jobs(managers, store, tiny_llama_bundle):
     assert {m.name for m in store.list("acme")} == {"p0", "p1"}
 
 
+def test_run_worker_hands_its_retention_to_the_jobs_backend(store, tiny_llama_bundle, monkeypatch):
+    """`prefixserve worker --jobs-retention-s` (PREFIXSERVE_JOBS_RETENTION_S) sets how long the jobs the worker
+    ends are kept: the backend it opens deletes them after that time, not after the default 7 days."""
+    seen: list[float] = []
+    monkeypatch.setattr(JobManager, "work", lambda self, *a, **kw: seen.append(self.backend.retention_s) or 0)
+    assert run_worker(store.url, bundle=tiny_llama_bundle, max_jobs=0, train_threads=1, retention_s=60) == 0
+    assert seen == [60]
+
+
 def test_ping_reports_an_unreachable_backend(tiny_llama_bundle, tmp_path):
     st = open_store(f"file://{tmp_path / 's'}")
     jm = JobManager(tiny_llama_bundle, st, jobs_url="redis://127.0.0.1:1/0", in_process_workers=0)
@@ -1378,6 +1473,44 @@ def test_redis_a_job_cancelled_while_its_turn_is_deferred_leaves_no_entry(tiny_l
         store.close()
 
 
+def test_redis_a_requeued_job_cancelled_leaves_no_entry(tiny_llama_bundle, redis_store_url):
+    """A job put back in the queue (its worker shut down, or its job was taken back) and then cancelled: its fresh
+    stream entry goes with it, not left for some worker to read (they piled up with no worker reading)."""
+    store = open_store(redis_store_url)
+    api = JobManager(tiny_llama_bundle, store, **{**FAST, "in_process_workers": 0})
+    try:
+        b = api.backend
+        job = api.submit(request_()).job_id
+        claim = b.claim("w1", block_ms=10)
+        assert claim is not None and claim.record.job_id == job
+        b.requeue(claim, "its worker shut down")
+        assert api.get(job).status == "queued" and b._r.xlen(b._stream) == 1
+        api.cancel(job)
+        assert api.get(job).status == "cancelled" and b._r.xlen(b._stream) == 0
+    finally:
+        api.shutdown()
+        store.close()
+
+
+def test_redis_deleting_a_tenants_oldest_jobs_drops_them_from_the_global_index(
+    tiny_llama_bundle, redis_store_url
+):
+    """The jobs the per-tenant cap deletes leave the index of every job too (what an admin's listing and the
+    job counts read), not only the tenant's: it does not grow with every job ever submitted."""
+    store = open_store(redis_store_url)
+    api = JobManager(tiny_llama_bundle, store, **{**FAST, "in_process_workers": 0, "jobs_kept_per_tenant": 2})
+    try:
+        b = api.backend
+        for i in range(8):
+            api.cancel(api.submit(request_(name=f"n{i}")).job_id)
+        kept = {r.job_id for r in api.list("acme")}
+        assert len(kept) < 8
+        assert {m.decode() for m in b._r.zrange(b._index, 0, -1)} == kept
+    finally:
+        api.shutdown()
+        store.close()
+
+
 def test_redis_job_queue_survives_losing_its_stream(tiny_llama_bundle, redis_store_url):
     """The stream key gone (a Redis restart without persistence, a flush): the next submit makes a bare stream, and
     the workers create the consumer group again instead of failing with NOGROUP forever."""
@@ -1483,6 +1616,72 @@ def test_a_worker_that_could_not_heartbeat_through_a_full_disk_is_not_failed_whe
     assert not list(other._dirs["records"].glob(".tmp-probe-*"))
 
 
+def test_a_heartbeat_watched_before_the_disk_filled_gets_stale_after_s_once_it_clears(tmp_path, monkeypatch):
+    """A reclaimer that watched a worker's heartbeat before the disk filled up: the worker could not heartbeat
+    while it was full, and the time it was full does not count as the heartbeat standing still. Once records can
+    be written again the worker has `stale_after_s` to heartbeat; its job is not failed the moment the disk
+    clears. (Both clocks are moved by the test: seconds of slack, whatever the machine's load.)"""
+    import builtins
+
+    from server.training import backend_disk
+    from server.training.backend_disk import DiskJobBackend
+
+    real_time, real_mono = time.time, time.monotonic
+    ahead = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real_time() + ahead[0])
+    monkeypatch.setattr(time, "monotonic", lambda: real_mono() + ahead[0])
+    worker = DiskJobBackend(tmp_path / "jobs", stale_after_s=5)
+    reaper = DiskJobBackend(tmp_path / "jobs", stale_after_s=5)
+    reaper.stale_confirm_s = 0
+    _disk_job(worker, "acme", "job-a")
+    claim = worker.claim("w1")
+    assert claim is not None
+    assert not worker.heartbeat(claim, None)
+    assert reaper.reclaim_stale() == []  # watching the heartbeat from now
+    real_open = builtins.open
+
+    def full(path, mode="r", *a, **k):
+        if "w" in mode and ".tmp-probe-" in str(path):
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(backend_disk, "open", full, raising=False)
+        ahead[0] += 6  # full for longer than stale_after_s
+        assert reaper.reclaim_stale() == []
+    assert reaper.reclaim_stale() == [] and reaper.get("job-a").status == "running"
+    assert not worker.heartbeat(claim, None)
+    assert reaper.reclaim_stale() == [] and reaper.get("job-a").status == "running"
+
+
+def test_a_stale_heartbeat_is_confirmed_stale_confirm_s_after_it_was_found_stale(tmp_path, monkeypatch):
+    """A reclaimer that finds a heartbeat stale fails its job only on a pass `stale_confirm_s` after it first found
+    it stale (giving a worker whose disk was full meanwhile the time to get its heartbeat in), not after it first
+    saw the heartbeat: a heartbeat watched for long while fresh is not failed the moment it turns stale. (Both
+    clocks are moved by the test: seconds of slack either side, whatever the machine's load.)"""
+    from server.training.backend_disk import DiskJobBackend
+
+    real_time, real_mono = time.time, time.monotonic
+    ahead = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real_time() + ahead[0])
+    monkeypatch.setattr(time, "monotonic", lambda: real_mono() + ahead[0])
+    worker = DiskJobBackend(tmp_path / "jobs", stale_after_s=30)
+    reaper = DiskJobBackend(tmp_path / "jobs", stale_after_s=30)
+    reaper.stale_confirm_s = 5.0
+    _disk_job(worker, "acme", "job-a")
+    claim = worker.claim("w1")
+    assert claim is not None
+    rec = worker.get("job-a")
+    rec.heartbeat = time.time() - 20  # stale 10 s from now
+    worker._write(rec)
+    assert reaper.reclaim_stale() == []  # fresh: first seen now
+    ahead[0] += 11
+    assert reaper.reclaim_stale() == []  # found stale now: to be confirmed 5 s later
+    assert reaper.reclaim_stale() == [] and reaper.get("job-a").status == "running"  # not yet
+    ahead[0] += 6
+    assert reaper.reclaim_stale() == ["job-a"] and "stopped heartbeating" in reaper.get("job-a").error
+
+
 def test_a_hung_worker_is_failed_though_the_clock_stepped_back_after_its_last_heartbeat(tmp_path):
     """A job's staleness was its heartbeat's age by the wall clock alone: stepped back an hour after a worker's
     last heartbeat (NTP, a VM restored), or a reclaimer on a host whose clock is behind the worker's, that age
@@ -1559,6 +1758,32 @@ def test_turns_and_queue_order_survive_the_clock_stepping_back(tmp_path, monkeyp
         got.append(claim.record.job_id)
         b.finish(claim, "succeeded")
     assert got == ["job-c1", "job-c2", "job-c3"]
+
+
+def test_jobs_queued_after_the_clock_stepped_back_keep_their_order_whatever_their_ids(tmp_path, monkeypatch):
+    """Jobs queued after the wall clock stepped back are each stamped after every job already queued, not with
+    the same stamp: they are claimed in the order they were queued, not in their job ids' order."""
+    from server.training.backend_disk import DiskJobBackend
+    from server.training.records import JobRecord
+
+    real = time.time
+    offset = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+    b = DiskJobBackend(tmp_path / "jobs")
+
+    def submit(job_id: str) -> None:
+        rec = JobRecord(job_id=job_id, tenant_id="A", name="p", method="prefix_tuning", prefix_length=4)
+        b.create(rec, [{"prompt": "x", "completion": "y"}], max_active=100)
+
+    submit("job-z1")
+    offset[0] -= 3600
+    submit("job-y2")
+    submit("job-x3")
+    got = []
+    while (claim := b.claim("w")) is not None:
+        got.append(claim.record.job_id)
+        b.finish(claim, "succeeded")
+    assert got == ["job-z1", "job-y2", "job-x3"]
 
 
 def test_redis_turns_go_by_the_redis_clock_not_the_workers(redis_store_url, monkeypatch):
