@@ -252,7 +252,8 @@ class LLMEngine:
             ),
             self.pool,
             self.prefix_cache,
-            marked=lambda seq: not self._joinable(seq),  # (what `_chain_ok` looks for among the waiting)
+            # (what `_chain_ok` looks for among the waiting; not a bound method: no cycle through the engine)
+            marked=lambda seq: not LLMEngine._joinable(seq),
         )
         if bundle.device.type == "cuda":
             # the runner's start-up kernels launch on this thread's current device (an index: set_device refuses
