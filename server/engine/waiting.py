@@ -1,11 +1,12 @@
 """The scheduler's queue of waiting requests, indexed by priority and tenant so that a step's admission order costs
-what it admits and the number of tenants waiting, not the queue's length.
+the tenants running and the requests it yields, not the queue's length nor the number of tenants waiting.
 
 Requests join at the back (`append`: new ones) or at the front (`appendleft`: preempted or un-admitted rows, which
 were running), and leave from anywhere (`remove`: admitted, aborted). Every request sits in three orderings at once:
 the whole queue, its priority level, and its tenant within its level; each is an `_Ends`: two insertion-ordered
-dicts, the front one read backwards, so each of those operations is O(1) and the order of every view is the order
-the requests would have in one deque. Per level, the tenants are also kept sorted by the place of their first
+dicts, the front one read backwards, so each of those operations is O(1) (reading a view's first request is
+amortized O(1): a dict passes over the slots of removed entries until it next resizes) and the order of every view is
+the order the requests would have in one deque. Per level, the tenants are also kept sorted by the place of their first
 request (`heads`; O(log tenants) to find, a memmove to insert), which is what lets the fair order visit only the
 tenants it serves (`Scheduler._order_within`).
 """
