@@ -429,6 +429,41 @@ def test_a_newcomer_that_needs_the_host_starts_at_once_beside_a_chain(bundle):
     assert first is not None and first <= 2, first
 
 
+def test_a_follow_up_that_fails_part_way_through_its_admissions_takes_every_newcomer_back(bundle):
+    """A chained step that fails to launch after it admitted a newcomer (here: an error injected once, right after
+    an admission): every request it admitted goes back to the queue, once, and is admitted afresh; the outputs are
+    the synchronous engine's and every block comes back."""
+    keys, reqs = mixed_workload(bundle.spec, (8, 20), 8, 6)
+    off = make_engine(bundle, keys, async_decode="off", max_num_seqs=3)
+    want = off.generate(reqs)
+    on = make_engine(bundle, keys, async_decode="on", max_num_seqs=3)
+    sched = on.scheduler
+    admit, register = sched._admit, sched._register
+    state = {"armed": False, "fired": 0}
+
+    def admit_once_failing(budget, only=None, admitted=None):
+        state["armed"] = only is not None and not state["fired"]  # (only the chain's admissions pass `only`)
+        try:
+            return admit(budget, only) if admitted is None else admit(budget, only, admitted)
+        finally:
+            state["armed"] = False
+
+    def register_or_fail(seq, n):
+        if state["armed"]:
+            state["armed"], state["fired"] = False, 1
+            raise RuntimeError("injected after an admission")
+        return register(seq, n)
+
+    sched._admit = admit_once_failing
+    sched._register = register_or_fail
+    got = on.generate(reqs)
+    assert state["fired"] == 1 and on.num_async_steps > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    assert not on.has_unfinished() and not sched.running and not sched.waiting
+    assert on.pool.num_used == off.pool.num_used
+
+
 def test_a_newcomer_whose_prefix_fails_to_load_mid_chain_ends_alone(bundle):
     """A request admitted while a chain runs whose prefix cannot be loaded (not in the store) ends with its error;
     the chained rows carry on exactly."""

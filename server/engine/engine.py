@@ -718,8 +718,7 @@ class LLMEngine:
             sched._register(seq, seq.num_cached + n)
         rows = [self._row(seq, [0], sample=True) for seq in carried]  # token 0: replaced on the device
         if sched.waiting and budget > 0 and len(sched.running) < self.cfg.max_num_seqs:
-            admitted = sched._admit(budget, only=self._joinable)
-            self._follow_admitted = [it.seq for it in admitted]
+            admitted = sched._admit(budget, only=self._joinable, admitted=self._follow_admitted)
             extra += [(it.seq, it.num_tokens) for it in admitted]
         if not rows and not extra:
             return None

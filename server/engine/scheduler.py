@@ -382,10 +382,17 @@ class Scheduler:
             seq.ngrams = NgramIndex(cfg.spec_min_n, cfg.spec_max_n)
         return seq.ngrams.propose(seq.tokens, k)
 
-    def _admit(self, budget: int, only: Callable[[Sequence], bool] | None = None) -> list[ScheduledItem]:
+    def _admit(
+        self,
+        budget: int,
+        only: Callable[[Sequence], bool] | None = None,
+        admitted: list[Sequence] | None = None,
+    ) -> list[ScheduledItem]:
         """Admit waiting requests in `_admission_order` while the token budget, the sequence limit and free blocks
         allow; a request whose prefix is still being fetched is passed over, the first that does not fit stops.
-        `only`: requests it refuses are passed over too (the engine's async chain admits those it can defer)."""
+        `only`: requests it refuses are passed over too (the engine's async chain admits those it can defer).
+        `admitted`: the caller's list, given each request as it is admitted (a caller whose step fails part-way
+        through the admissions knows every one to take back: `unadmit`)."""
         items: list[ScheduledItem] = []
         taken: list[Sequence] = []  # sequences leaving the waiting queue
         self._short_of_blocks = None  # (this admission's first request short of blocks, if any)
@@ -401,85 +408,93 @@ class Scheduler:
             if entry is not None:
                 entry.used = True
 
-        for seq in self._admission_order(counts):
-            if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
-                break
-            if only is not None and not only(seq):
-                continue
-            if seq.req.prefix is not None and seq.prefix is None:
-                got = self.prefixes.lookup(seq.req.prefix, count=not seq.prefix_counted)
-                seq.prefix_counted = True
-                if not seq.prefix_claimed:
-                    self.prefixes.claim(seq.req.prefix)
-                    seq.prefix_claimed = True
-                if isinstance(got, PrefixLoadError):
-                    fail(seq, got.message, got.error_type)
+        try:
+            for seq in self._admission_order(counts):
+                if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
+                    break
+                if only is not None and not only(seq):
                     continue
-                if got is None and self.prefixes.install_fetched(seq.req.prefix):
-                    got = self.prefixes.entries[seq.req.prefix]  # (a fair preemption made room)
-                if got is None:
-                    if self._short_of_blocks is None and self.prefixes.blocks_wanted(seq.req.prefix):
-                        self._short_of_blocks = seq  # fetched, and the pool has no room for it
-                    continue  # still being fetched (or installed): others go ahead
-                limit = self.cfg.max_model_len
-                if limit is not None and got.length + len(seq.prompt) > limit:
-                    why = f"prefix ({got.length}) + prompt ({len(seq.prompt)}) tokens exceed the context limit of {limit}"
-                    fail(seq, why, "RequestTooLarge", got)
-                    continue
-                need = len(got.blocks) + self.pool.blocks_for(len(seq.prompt) + seq.req.sampling.max_tokens)
-                if need > self.pool.num_blocks:  # could never run, however long it waited
-                    why = (
-                        f"prefix ({got.length}) + prompt ({len(seq.prompt)}) + max_tokens "
-                        f"({seq.req.sampling.max_tokens}) need {need} KV cache blocks; the cache holds "
-                        f"{self.pool.num_blocks}"
+                if seq.req.prefix is not None and seq.prefix is None:
+                    got = self.prefixes.lookup(seq.req.prefix, count=not seq.prefix_counted)
+                    seq.prefix_counted = True
+                    if not seq.prefix_claimed:
+                        self.prefixes.claim(seq.req.prefix)
+                        seq.prefix_claimed = True
+                    if isinstance(got, PrefixLoadError):
+                        fail(seq, got.message, got.error_type)
+                        continue
+                    if got is None and self.prefixes.install_fetched(seq.req.prefix):
+                        got = self.prefixes.entries[seq.req.prefix]  # (a fair preemption made room)
+                    if got is None:
+                        if self._short_of_blocks is None and self.prefixes.blocks_wanted(seq.req.prefix):
+                            self._short_of_blocks = seq  # fetched, and the pool has no room for it
+                        continue  # still being fetched (or installed): others go ahead
+                    limit = self.cfg.max_model_len
+                    if limit is not None and got.length + len(seq.prompt) > limit:
+                        why = f"prefix ({got.length}) + prompt ({len(seq.prompt)}) tokens exceed the context limit of {limit}"
+                        fail(seq, why, "RequestTooLarge", got)
+                        continue
+                    need = len(got.blocks) + self.pool.blocks_for(
+                        len(seq.prompt) + seq.req.sampling.max_tokens
                     )
-                    fail(seq, why, "RequestTooLarge", got)
-                    continue
-                if seq.output and seq.prefix_digest not in (None, got.digest):
-                    # preempted after it produced tokens, its prefix's tensors changed meanwhile (the same version
-                    # number after a store was emptied): resuming would continue them on other tensors
-                    why = "its prefix changed while the request waited to resume; retry"
-                    fail(seq, why, "PrefixChanged", got)
-                    continue
-                if seq.prefix_digest not in (None, got.digest) and seq.prompt_logprobs is not None:
-                    # preempted mid-prefill, before anything was sent: the prompt logprobs computed on the old
-                    # tensors are computed again on the new ones (every value a request reports is from one prefix)
-                    del seq.prompt_logprobs[1:]
-                self.prefixes.acquire(got)
-                seq.prefix = got
-                seq.prefix_digest = got.digest
-                self._unclaim(seq)
-            queried = self._match_cached(seq)
-            n = self._chunk(seq, budget)
-            if not self._ensure_blocks(seq, n) and not (
-                not self.running and self._release_waiting_prefixes(seq) and self._ensure_blocks(seq, n)
-            ):
-                self.free(seq, keep_prefix=self._requeued(seq))  # its prefix and any cached blocks it took
-                seq.num_cached = 0
-                if self._short_of_blocks is None:
-                    self._short_of_blocks = seq
-                break
-            # counted once it is admitted (it may wait, and be matched again, many steps first)
-            seq.admission = (
-                len(seq.tokens) if queried else 0,
-                seq.num_cached if queried else 0,
-                seq.preempted,
-            )
-            if seq.admission_counted:
-                seq.admission_counted = False
-            else:
-                self.cache_query_tokens += seq.admission[0]
-                self.cache_hit_tokens += seq.admission[1]
-            seq.status = SeqStatus.RUNNING
-            seq.preempted = False
-            self.running.append(seq)
-            taken.append(seq)
-            counts[seq.tenant] = counts.get(seq.tenant, 0) + 1
-            items.append(ScheduledItem(seq, n))
-            self._register(seq, seq.num_cached + n)
-            budget -= n
-        for seq in taken:
-            self.waiting.remove(seq)
+                    if need > self.pool.num_blocks:  # could never run, however long it waited
+                        why = (
+                            f"prefix ({got.length}) + prompt ({len(seq.prompt)}) + max_tokens "
+                            f"({seq.req.sampling.max_tokens}) need {need} KV cache blocks; the cache holds "
+                            f"{self.pool.num_blocks}"
+                        )
+                        fail(seq, why, "RequestTooLarge", got)
+                        continue
+                    if seq.output and seq.prefix_digest not in (None, got.digest):
+                        # preempted after it produced tokens, its prefix's tensors changed meanwhile (the same version
+                        # number after a store was emptied): resuming would continue them on other tensors
+                        why = "its prefix changed while the request waited to resume; retry"
+                        fail(seq, why, "PrefixChanged", got)
+                        continue
+                    if seq.prefix_digest not in (None, got.digest) and seq.prompt_logprobs is not None:
+                        # preempted mid-prefill, before anything was sent: the prompt logprobs computed on the old
+                        # tensors are computed again on the new ones (every value a request reports is from one prefix)
+                        del seq.prompt_logprobs[1:]
+                    self.prefixes.acquire(got)
+                    seq.prefix = got
+                    seq.prefix_digest = got.digest
+                    self._unclaim(seq)
+                queried = self._match_cached(seq)
+                n = self._chunk(seq, budget)
+                if not self._ensure_blocks(seq, n) and not (
+                    not self.running and self._release_waiting_prefixes(seq) and self._ensure_blocks(seq, n)
+                ):
+                    self.free(
+                        seq, keep_prefix=self._requeued(seq)
+                    )  # its prefix and any cached blocks it took
+                    seq.num_cached = 0
+                    if self._short_of_blocks is None:
+                        self._short_of_blocks = seq
+                    break
+                # counted once it is admitted (it may wait, and be matched again, many steps first)
+                seq.admission = (
+                    len(seq.tokens) if queried else 0,
+                    seq.num_cached if queried else 0,
+                    seq.preempted,
+                )
+                if seq.admission_counted:
+                    seq.admission_counted = False
+                else:
+                    self.cache_query_tokens += seq.admission[0]
+                    self.cache_hit_tokens += seq.admission[1]
+                seq.status = SeqStatus.RUNNING
+                seq.preempted = False
+                self.running.append(seq)
+                taken.append(seq)
+                if admitted is not None:
+                    admitted.append(seq)
+                counts[seq.tenant] = counts.get(seq.tenant, 0) + 1
+                items.append(ScheduledItem(seq, n))
+                self._register(seq, seq.num_cached + n)
+                budget -= n
+        finally:  # (also when a step fails part-way: what left the queue is not in it twice)
+            for seq in taken:
+                self.waiting.remove(seq)
         return items
 
     def _tenant_rows(self) -> dict[str | None, int]:
