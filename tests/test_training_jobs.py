@@ -5,6 +5,7 @@ while a job trains on the same model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1568,9 +1570,7 @@ def test_a_worker_that_could_not_heartbeat_through_a_full_disk_is_not_failed_whe
     again, before the worker's next heartbeat could land. A reclaimer judges no job stale while it cannot write a
     record, and gives each one `stale_after_s` from when it can again; a worker that stays silent past that is
     still failed."""
-    import builtins
 
-    from server.training import backend_disk
     from server.training.backend_disk import DiskJobBackend
 
     worker = DiskJobBackend(tmp_path / "jobs", stale_after_s=30)
@@ -1581,15 +1581,7 @@ def test_a_worker_that_could_not_heartbeat_through_a_full_disk_is_not_failed_whe
     rec = worker.get("job-a")
     rec.heartbeat = time.time() - 40  # its last heartbeat before the disk filled up
     worker._write(rec)
-    real_open = builtins.open
-
-    def full(path, mode="r", *a, **k):
-        if "w" in mode and ".tmp-probe-" in str(path):
-            raise OSError(28, "No space left on device")
-        return real_open(path, mode, *a, **k)
-
-    with monkeypatch.context() as m:
-        m.setattr(backend_disk, "open", full, raising=False)
+    with _disk_full_for_records():
         assert other.reclaim_stale() == [] and other.get("job-a").status == "running"
     # room again: the worker has stale_after_s to heartbeat (it was failed here, before its next heartbeat)
     assert other.reclaim_stale() == [] and other.get("job-a").status == "running"
@@ -1616,28 +1608,13 @@ def test_a_worker_that_could_not_heartbeat_through_a_full_disk_is_not_failed_whe
     assert not list(other._dirs["records"].glob(".tmp-probe-*"))
 
 
-def test_a_heartbeat_watched_before_the_disk_filled_gets_stale_after_s_once_it_clears(tmp_path, monkeypatch):
-    """A reclaimer that watched a worker's heartbeat before the disk filled up: the worker could not heartbeat
-    while it was full, and the time it was full does not count as the heartbeat standing still. Once records can
-    be written again the worker has `stale_after_s` to heartbeat; its job is not failed the moment the disk
-    clears. (Both clocks are moved by the test: seconds of slack, whatever the machine's load.)"""
+@contextlib.contextmanager
+def _disk_full_for_records() -> Iterator[None]:
+    """Inside the block the jobs folder's disk is full: writing a job backend's probe file fails with ENOSPC."""
     import builtins
 
     from server.training import backend_disk
-    from server.training.backend_disk import DiskJobBackend
 
-    real_time, real_mono = time.time, time.monotonic
-    ahead = [0.0]
-    monkeypatch.setattr(time, "time", lambda: real_time() + ahead[0])
-    monkeypatch.setattr(time, "monotonic", lambda: real_mono() + ahead[0])
-    worker = DiskJobBackend(tmp_path / "jobs", stale_after_s=5)
-    reaper = DiskJobBackend(tmp_path / "jobs", stale_after_s=5)
-    reaper.stale_confirm_s = 0
-    _disk_job(worker, "acme", "job-a")
-    claim = worker.claim("w1")
-    assert claim is not None
-    assert not worker.heartbeat(claim, None)
-    assert reaper.reclaim_stale() == []  # watching the heartbeat from now
     real_open = builtins.open
 
     def full(path, mode="r", *a, **k):
@@ -1645,8 +1622,39 @@ def test_a_heartbeat_watched_before_the_disk_filled_gets_stale_after_s_once_it_c
             raise OSError(28, "No space left on device")
         return real_open(path, mode, *a, **k)
 
-    with monkeypatch.context() as m:
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(backend_disk, "open", full, raising=False)
+        yield
+
+
+def _watched_job(tmp_path, monkeypatch, stale_after_s: float, stale_confirm_s: float):
+    """A worker running job-a and a reclaimer beside it, with both clocks (wall, monotonic) moved forward by the
+    test (`ahead[0] += s`): seconds of slack, whatever the machine's load."""
+    from server.training.backend_disk import DiskJobBackend
+
+    real_time, real_mono = time.time, time.monotonic
+    ahead = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real_time() + ahead[0])
+    monkeypatch.setattr(time, "monotonic", lambda: real_mono() + ahead[0])
+    worker = DiskJobBackend(tmp_path / "jobs", stale_after_s=stale_after_s)
+    reaper = DiskJobBackend(tmp_path / "jobs", stale_after_s=stale_after_s)
+    reaper.stale_confirm_s = stale_confirm_s
+    _disk_job(worker, "acme", "job-a")
+    claim = worker.claim("w1")
+    assert claim is not None
+    return ahead, worker, reaper, claim
+
+
+def test_a_heartbeat_watched_before_the_disk_filled_gets_stale_after_s_once_it_clears(tmp_path, monkeypatch):
+    """A reclaimer that watched a worker's heartbeat before the disk filled up: the worker could not heartbeat
+    while it was full, and the time it was full does not count as the heartbeat standing still. Once records can
+    be written again the worker has `stale_after_s` to heartbeat; its job is not failed the moment the disk
+    clears. (Both clocks are moved by the test: seconds of slack, whatever the machine's load.)"""
+
+    ahead, worker, reaper, claim = _watched_job(tmp_path, monkeypatch, stale_after_s=5, stale_confirm_s=0)
+    assert not worker.heartbeat(claim, None)
+    assert reaper.reclaim_stale() == []  # watching the heartbeat from now
+    with _disk_full_for_records():
         ahead[0] += 6  # full for longer than stale_after_s
         assert reaper.reclaim_stale() == []
     assert reaper.reclaim_stale() == [] and reaper.get("job-a").status == "running"
@@ -1659,18 +1667,8 @@ def test_a_stale_heartbeat_is_confirmed_stale_confirm_s_after_it_was_found_stale
     it stale (giving a worker whose disk was full meanwhile the time to get its heartbeat in), not after it first
     saw the heartbeat: a heartbeat watched for long while fresh is not failed the moment it turns stale. (Both
     clocks are moved by the test: seconds of slack either side, whatever the machine's load.)"""
-    from server.training.backend_disk import DiskJobBackend
 
-    real_time, real_mono = time.time, time.monotonic
-    ahead = [0.0]
-    monkeypatch.setattr(time, "time", lambda: real_time() + ahead[0])
-    monkeypatch.setattr(time, "monotonic", lambda: real_mono() + ahead[0])
-    worker = DiskJobBackend(tmp_path / "jobs", stale_after_s=30)
-    reaper = DiskJobBackend(tmp_path / "jobs", stale_after_s=30)
-    reaper.stale_confirm_s = 5.0
-    _disk_job(worker, "acme", "job-a")
-    claim = worker.claim("w1")
-    assert claim is not None
+    ahead, worker, reaper, _ = _watched_job(tmp_path, monkeypatch, stale_after_s=30, stale_confirm_s=5.0)
     rec = worker.get("job-a")
     rec.heartbeat = time.time() - 20  # stale 10 s from now
     worker._write(rec)
