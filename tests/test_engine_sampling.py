@@ -516,6 +516,8 @@ def test_apply_penalties_formulas():
         3.0,
     ]  # the prompt token 4 is not penalized
     assert row.tolist() == [2.0, -2.0, 1.0, 0.5, 3.0]  # the input is left alone
+    # an empty history (the engine refuses empty prompts, so only a direct caller has one) penalizes nothing
+    assert process_scores(row, SamplingParams(repetition_penalty=2.0), [], []).tolist() == row.tolist()
 
 
 def test_logprobs_match_transformers_in_a_mixed_batch(setup):

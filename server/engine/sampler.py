@@ -268,7 +268,10 @@ def process_scores(
         ids = torch.tensor([t for t, _ in bias], device=row.device)
         row.index_add_(0, ids, torch.tensor([b for _, b in bias], dtype=row.dtype, device=row.device))
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(prompt + output, device=row.device).clamp_(0, vocab - 1).unique()
+        # (long: an empty history is an empty index, not a float tensor)
+        seen = (
+            torch.tensor(prompt + output, dtype=torch.long, device=row.device).clamp_(0, vocab - 1).unique()
+        )
         vals = row[seen]
         row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.frequency_penalty or p.presence_penalty) and output:
