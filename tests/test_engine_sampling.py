@@ -1105,6 +1105,16 @@ def test_a_uniform_point_of_zero_never_picks_a_leading_token_of_weight_zero(monk
     assert tokens.tolist() == [2, 1]
 
 
+def test_a_draw_that_lands_on_a_weight_zero_token_takes_the_most_likely_one(monkeypatch):
+    """Cumulative sums that rounding left apart on either side of a weight-0 token (a GPU's parallel scan may) give
+    the point a sliver to land in: such a draw takes the row's most likely token, never the excluded one (here
+    the search is made to land there)."""
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3], [0.6, 0.4, 0.0, 0.0], [0.1, 0.9, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "searchsorted", lambda *a, **k: torch.tensor([[1], [3], [1]]))
+    tokens, ok = draw(probs, [None] * 3)
+    assert tokens.tolist() == [2, 0, 1] and ok.all()
+
+
 def test_allowed_token_ids_past_the_vocabulary_are_ignored():
     vocab = 8
     row = torch.arange(vocab, dtype=torch.float32)

@@ -81,15 +81,22 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tuple
     `torch.multinomial` reads two validity checks back to the host (an async decode step waited on the GPU at
     every sampled row), and its exponential race draws a random number per vocabulary entry (~1 ms a row on a
     CPU, against ~0.05 ms for the sums). A token of weight 0 is never drawn (the first index whose cumulative sum
-    passes the point). Each row's draw depends only on its own weights and generator, so a seed gives the same
-    tokens whatever shares the batch. A row that is not valid gets an arbitrary token in range."""
+    passes the point; and should the sums on either side of a weight-0 token come out apart, as a parallel scan's
+    rounding may leave them on a GPU, a draw landing on it takes the row's most likely token instead: a ~1e-7
+    event, not a token a grammar or top-k excluded). Each row's draw depends only on its own weights and generator,
+    so a seed gives the same tokens whatever shares the batch. A row that is not valid gets an arbitrary token in
+    range."""
     dev = probs.device
     u = torch.stack([torch.rand((), generator=g, device=dev) for g in generators])
     cdf = probs.cumsum(-1)
     total = cdf[:, -1]  # NaN or inf if any weight is
     ok = torch.isfinite(total) & (total > 0)
     tokens = torch.searchsorted(cdf, (u * total).unsqueeze(1), right=True).squeeze(1)
-    return tokens.clamp_(0, probs.shape[-1] - 1), ok
+    tokens = tokens.clamp_(0, probs.shape[-1] - 1)
+    zero = probs.gather(1, tokens.unsqueeze(1)).squeeze(1) <= 0
+    if dev.type != "cpu" or bool(zero.any()):  # (a host sync costs nothing on a CPU; a GPU step never waits)
+        tokens = torch.where(zero, probs.argmax(-1), tokens)
+    return tokens, ok
 
 
 def filter_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
