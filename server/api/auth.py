@@ -1,7 +1,7 @@
 """API keys: Bearer tokens mapped to tenants, plus one operator (admin) key.
 
-* Keys are compared in constant time (`hmac.compare_digest` on SHA-256 digests, every entry checked) and never
-  logged or echoed.
+* Keys are kept and looked up as SHA-256 digests only (a dict by digest: one lookup whatever the number of keys; its
+  timing depends on the digest of what was sent, which tells nothing of any key) and never logged or echoed.
 * A tenant key acts only as its tenant: anything naming another tenant answers 404, exactly as if it did not exist.
 * The admin key acts as every tenant and may use the admin routes (403 for tenant keys).
 * With no key configured at all the server runs open (every caller is treated as admin) and warns at start-up.
@@ -75,25 +75,21 @@ class KeyRing:
         return cls(settings.tenant_keys(), admin)
 
     def __init__(self, tenant_keys: dict[str, str], admin_key: str | None) -> None:
-        self._entries = [(_digest(k), t) for k, t in tenant_keys.items()]
+        self._tenant_of: dict[bytes, str] = {_digest(k): t for k, t in tenant_keys.items()}
         self._admin = _digest(admin_key) if admin_key else None
         # which keys are short (for the start-up warning; never the keys themselves)
         self.short_keys = sorted({f"tenant {t}'s" for k, t in tenant_keys.items() if len(k) < MIN_KEY_CHARS})
         if admin_key and len(admin_key) < MIN_KEY_CHARS:
             self.short_keys.insert(0, "the admin's")
-        self.enabled = bool(self._entries) or self._admin is not None
-        self.tenants = sorted({t for _, t in self._entries})
+        self.enabled = bool(self._tenant_of) or self._admin is not None
+        self.tenants = sorted(set(self._tenant_of.values()))
 
     def lookup(self, key: str) -> Principal | None:
         d = _digest(key)
-        found: Principal | None = None
-        # check every entry so the time taken does not depend on which (or whether one) matched
         if self._admin is not None and hmac.compare_digest(d, self._admin):
-            found = Principal(tenant_id=None, admin=True)
-        for digest, tenant in self._entries:
-            if hmac.compare_digest(d, digest) and found is None:
-                found = Principal(tenant_id=tenant, admin=False)
-        return found
+            return Principal(tenant_id=None, admin=True)
+        tenant = self._tenant_of.get(d)
+        return Principal(tenant_id=tenant, admin=False) if tenant is not None else None
 
     def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> Principal:
         if not self.enabled:
