@@ -257,8 +257,10 @@ def test_keys_are_held_and_looked_up_as_digests_in_one_step_whatever_their_numbe
     held = repr(vars(ring))
     assert KEY_A not in held and ADMIN not in held and "key-00001" not in held
     digests: list[bytes] = []
-    real = auth._digest
+    compared: list[bytes] = []
+    real, real_compare = auth._digest, auth.hmac.compare_digest
     monkeypatch.setattr(auth, "_digest", lambda k: digests.append(real(k)) or digests[-1])
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append(b) or real_compare(a, b))
     for key, want in (
         (KEY_A, "acme"),
         ("key-09999-" + "x" * 24, "t9999"),
@@ -266,8 +268,10 @@ def test_keys_are_held_and_looked_up_as_digests_in_one_step_whatever_their_numbe
         (ADMIN, None),
     ):
         digests.clear()
+        compared.clear()
         p = ring.lookup(key)
         assert len(digests) == 1, key  # the sent key's digest alone: nothing computed per configured key
+        assert len(compared) <= 1, key  # (the admin key's digest at most): no pass over the configured keys
         assert (p.tenant_id if p else None) == want and (p is None or not p.admin or key == ADMIN)
     assert ring.lookup(ADMIN).admin and ring.tenants[:2] == ["acme", "globex"]
 
