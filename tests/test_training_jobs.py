@@ -1751,11 +1751,16 @@ def test_turns_and_queue_order_survive_the_clock_stepping_back(tmp_path, monkeyp
     submit("job-c2", "C")
     offset[0] -= 3600
     submit("job-c3", "C")
+    assert _run_all(b) == ["job-c1", "job-c2", "job-c3"]
+
+
+def _run_all(b) -> list[str]:
+    """Claim and finish every queued job: their ids in the order they were claimed."""
     got = []
     while (claim := b.claim("w")) is not None:
         got.append(claim.record.job_id)
         b.finish(claim, "succeeded")
-    assert got == ["job-c1", "job-c2", "job-c3"]
+    return got
 
 
 def test_jobs_queued_after_the_clock_stepped_back_keep_their_order_whatever_their_ids(tmp_path, monkeypatch):
@@ -1777,11 +1782,7 @@ def test_jobs_queued_after_the_clock_stepped_back_keep_their_order_whatever_thei
     offset[0] -= 3600
     submit("job-y2")
     submit("job-x3")
-    got = []
-    while (claim := b.claim("w")) is not None:
-        got.append(claim.record.job_id)
-        b.finish(claim, "succeeded")
-    assert got == ["job-z1", "job-y2", "job-x3"]
+    assert _run_all(b) == ["job-z1", "job-y2", "job-x3"]
 
 
 def test_redis_turns_go_by_the_redis_clock_not_the_workers(redis_store_url, monkeypatch):
