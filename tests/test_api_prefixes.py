@@ -278,6 +278,20 @@ def test_job_retention_and_cap_are_the_servers_settings(server_factory):
     jm = s.state.job_manager
     assert jm.backend.retention_s == 60 and jm.jobs_kept_per_tenant == 5
     assert server_factory(training_workers=0).state.job_manager.backend.retention_s == 7 * 86400
+    # the settings' defaults are the job classes' own (settings.py spells them out: importing the training package
+    # for them would load torch into every command)
+    import inspect
+
+    from server.settings import Settings
+    from server.training.jobs import JobManager
+    from server.training.records import RETENTION_S
+
+    defaults = Settings()
+    assert defaults.jobs_retention_s == RETENTION_S
+    assert (
+        defaults.jobs_kept_per_tenant
+        == inspect.signature(JobManager).parameters["jobs_kept_per_tenant"].default
+    )
 
 
 def test_trainer_validation_is_422_with_param(server_factory):

@@ -40,9 +40,8 @@ async def health(request: Request) -> Any:
     return Health()
 
 
-READY_CHECKS = frozenset(
-    {"ok", "ok (read-only)", "serving"}
-)  # what each of /ready's checks says when it passes
+# what each of /ready's checks says when it passes
+READY_CHECKS = frozenset({"ok", "ok (read-only)", "serving"})
 
 
 def _ping(store: Any) -> bool:
