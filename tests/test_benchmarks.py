@@ -417,6 +417,19 @@ def test_bench_sched_overhead_holds_the_queue_at_its_depth_and_reports_a_row_eac
     assert all(0 < r["schedule ms p50"] <= r["schedule ms p99"] for r in rows)
 
 
+def test_bench_sched_overhead_with_a_small_cache_and_slow_reads_fetches_again():
+    """`--cache-prefixes N --fetch-ms T`: the cache holds N prefixes and each store read takes T ms, so the tenants
+    beyond N are fetched again and again (what the misses' rows measure)."""
+    from benchmarks import bench_sched_overhead
+    from tests.fixtures.models import tiny_llama
+
+    kw = {"waiting": 12, "tenants": 6, "fair": True, "max_num_seqs": 4, "steps": 30}
+    slow = bench_sched_overhead.run(tiny_llama(0), cache_prefixes=2, fetch_ms=5, **kw)
+    roomy = bench_sched_overhead.run(tiny_llama(0), **kw)
+    assert slow["fetches"] > 6 and slow["evictions"] > 0
+    assert roomy["fetches"] == 6 and roomy["evictions"] == 0
+
+
 # what the GPU image lacks (it has torch, transformers, triton and pytest): the API stack, and jinja2 to be safe
 _NOT_ON_THE_GPU_IMAGE = r"""
 import importlib, sys

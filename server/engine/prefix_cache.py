@@ -192,7 +192,7 @@ class PrefixCache:
                 return err[0]
             del self._errors[key]
         if key not in self._loading:
-            if self.max_pending is not None and len(self._loading) + self._fresh() >= self.max_pending:
+            if self._capped():
                 return None  # fetched once those ahead of it are in use
             fut = self._executor.submit(self._fetch, key)
             self._short.pop(key, None)  # (an earlier fetch's, dropped)
@@ -200,6 +200,27 @@ class PrefixCache:
             self._loading[key] = fut
             fut.add_done_callback(lambda _f: self._notify_loaded())
         return None
+
+    def unchanged_miss(self, key: PrefixKey) -> bool:
+        """Whether asking for `key` now would change nothing and give nothing: `lookup(key, count=False)` would
+        return None without starting a fetch (one is under way, or `max_pending` are), and no fetched prefix of
+        `key` waits for blocks (`blocks_wanted`, which `install_fetched` would act on). False where unsure. The
+        scheduler passes over the requests that already asked for `key` on this alone: with many tenants missing
+        the cache they are most of the waiting queue, every step."""
+        e = self.entries.get(key)
+        if (e is not None and not e.stale) or (self._errors and key in self._errors):
+            return False
+        if key in self._loading:
+            return not (self._short and key in self._short)  # (each `in` hashes the key: skipped when empty)
+        return self._capped()
+
+    def _capped(self) -> bool:
+        """No fetch may start now: `max_pending` prefixes are fetched ahead of use (loading, or resident and not
+        taken yet by the request they were fetched for)."""
+        if self.max_pending is None:
+            return False
+        loading = len(self._loading)
+        return loading >= self.max_pending or loading + self._fresh() >= self.max_pending
 
     def claim(self, key: PrefixKey) -> None:
         """A waiting request wants `key` (fetched for it, held for it until it takes it or goes away)."""

@@ -599,6 +599,20 @@ class Scheduler:
         victim.fair_preemptions += 1
         self.num_fair_preemptions += 1
 
+    def _passed_over(self, seq: Sequence) -> bool:
+        """Whether `_admit` would pass `seq` over without changing anything, and `_ready` refuse it: it has asked
+        for its prefix already (claimed it, and so was counted) and asking again would start nothing
+        (`PrefixCache.unchanged_miss`: its fetch is under way, or every fetch slot is taken). `_admission_order`
+        leaves those out, on this check alone: with many tenants missing the prefix cache they are most of the
+        queue, walked every step."""
+        key = seq.req.prefix
+        return (
+            key is not None
+            and seq.prefix is None
+            and seq.prefix_claimed
+            and self.prefixes.unchanged_miss(key)
+        )
+
     def _first_ready(self, counts: dict[str | None, int]) -> Sequence | None:
         """The first request of `_admission_order(counts)` that `_ready` accepts (a lazy walk: fetches start as
         they would walking the order)."""
@@ -727,19 +741,26 @@ class Scheduler:
 
     def _order_within(self, level: int, counts: dict[str | None, int]) -> Iterator[Sequence]:
         """`_admission_order` within one priority value, read from the queue's index (`WaitQueue`): a walk costs
-        the tenants running and the requests it yields, not the queue's length nor the number of tenants waiting."""
+        the tenants running and the requests it yields, not the queue's length nor the number of tenants waiting.
+        Requests `_passed_over` are left out, checked where they would be yielded (what the caller would do with
+        one, nothing, changes nothing: the order of the rest is the same)."""
         waiting = self.waiting
+        passed_over = self._passed_over
         if not self.cfg.fair:
-            yield from waiting.level(level)
+            for seq in waiting.level(level):
+                if not passed_over(seq):
+                    yield seq
             return
         skipped: list[Sequence] = []
         first = self._yield_to
         if first is not None and first in waiting and first.req.priority == level:
-            yield first
+            if not passed_over(first):
+                yield first
             skipped.append(first)
         for seq in waiting.fronts(level):  # (every preempted request is one of them)
             if seq is not first and seq.preempted and seq.tenant not in self._over_block_share():
-                yield seq
+                if not passed_over(seq):
+                    yield seq
                 skipped.append(seq)
         # Then each tenant's next request by (its running requests, its place in the queue): a heap of tenants,
         # which those with no running request (the most, with many tenants) join only once their first request's
@@ -770,12 +791,21 @@ class Scheduler:
             while i < len(heads) and (not heap or (0, heads[i][0]) < heap[0][:2]):
                 t = heads[i][1]
                 i += 1
-                if t not in early:
-                    join(t)
+                if t in early:
+                    continue
+                sole = waiting.sole(level, t) if t not in touched else None
+                if sole is not None:
+                    # its key, (0, its place), is the heap's least: it would be popped at once, and nothing of its
+                    # tenant follows it (most tenants, with many: no heap round trip)
+                    if not passed_over(sole):
+                        yield sole
+                    continue
+                join(t)
             if not heap:
                 return
             _, _, k, seq = heapq.heappop(heap)
-            yield seq
+            if not passed_over(seq):
+                yield seq
             after = next(rest[k], None)
             if after is not None:
                 heapq.heappush(heap, (counts.get(after.tenant, 0), waiting.pos(after), k, after))

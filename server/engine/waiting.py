@@ -171,6 +171,11 @@ class WaitQueue:
         order: live views, not copies (iterating one while the queue changes raises RuntimeError)."""
         return self._tenants.get(priority, {})
 
+    def sole(self, priority: int, tenant: str | None) -> Sequence | None:
+        """The tenant's one request of this priority value if it has exactly one, else None (KeyError if none)."""
+        mine = self._tenants[priority][tenant]
+        return mine.head() if len(mine) == 1 else None
+
     def fronts(self, priority: int) -> list[Sequence]:
         """The requests of one priority value that joined at the front (preempted or un-admitted rows), in queue
         order: a preempted request is always one of them."""
