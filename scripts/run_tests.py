@@ -2,7 +2,7 @@
 
 The tests run in parallel worker processes (pytest-xdist): most of the suite's time is spent waiting (servers
 starting, subprocesses, timeouts, Redis round trips), so two workers on 2 cores take about 0.56 of the serial time
-(358 s against 638 s on the 2-core EPYC, 2026-12-07). Workers: `PYTEST_WORKERS` (0: serial, in this process), else
+(358 s against 638 s on a 2-core Intel Xeon, 2026-12-07; 3 workers: 299 s). Workers: `PYTEST_WORKERS` (0: serial, in this process), else
 the CPUs this process may use, at least 2 and at most 4 (each worker loads torch and the test models: memory, not
 CPU, bounds more). Passing `-n`/`--numprocesses` or `-p no:xdist` yourself overrides it. Tests marked
 `xdist_group` run in one worker, in file order (`--dist loadgroup`): one reads what the others of its group recorded.
