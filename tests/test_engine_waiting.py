@@ -126,13 +126,20 @@ def _walk(
     return out
 
 
+@pytest.mark.parametrize("walk", ["as chosen", "queue order", "heap"])
 @pytest.mark.parametrize("seed", range(8))
-def test_fair_admission_order_from_the_index_is_the_plain_order(seed):
+def test_fair_admission_order_from_the_index_is_the_plain_order(seed, walk, monkeypatch):
     """Random queues (priorities, preempted and un-admitted requests at the front, a request a fair preemption made
-    room for, tenants over their block share), and admissions counted as the order is walked, as `_admit` does."""
+    room for, tenants over their block share), and admissions counted as the order is walked, as `_admit` does.
+    `walk`: the tenants with no row running taken in the queue's order or through the heap, whichever the
+    scheduler chooses (by their share of the level), or always the one (the order is the same)."""
     rnd = random.Random(seed)
     eng = make_engine(tiny_llama(0), {}, max_num_seqs=8)
     sched = eng.scheduler
+    if walk != "as chosen":  # (the choice reads the level's size alone)
+        monkeypatch.setattr(
+            sched.waiting, "level_count", lambda level: 10**9 if walk == "queue order" else -1
+        )
     for op, s in _random_ops(rnd, 300):
         getattr(sched.waiting, op)(s)
         if op == "appendleft":

@@ -27,6 +27,7 @@ import heapq
 import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 
 from server.engine.kv_cache import KVPool
@@ -773,19 +774,41 @@ class Scheduler:
         rest: list[Iterator[Sequence]] = []
         heap: list[tuple[int, int, int, Sequence]] = []
 
-        def join(t: str | None) -> None:
-            mine = by_tenant[t]
-            it = iter(mine) if t not in touched else (s for s in mine if id(s) not in skip)
+        def join(t: str | None, after: int | None = None) -> None:
+            """Tenant `t` joins the heap with its first request not yielded above (nor at or before `after`)."""
+            it: Iterator[Sequence] = iter(by_tenant[t])
+            if t in touched:
+                it = (s for s in it if id(s) not in skip)
+            if after is not None:
+                it = itertools.dropwhile(lambda s: waiting.pos(s) <= after, it)
             head = next(it, None)
             if head is not None:
                 heapq.heappush(heap, (counts.get(t, 0), waiting.pos(head), len(rest), head))
                 rest.append(it)
 
+        early = counts.keys() & by_tenant.keys()  # (tenants with rows running: counts are at least 1)
+        heads: Sequence_[tuple[int, str | None]] = waiting.heads(level)
+        ahead = sum(waiting.tenant_count(level, t) for t in early)
+        if waiting.level_count(level) >= 2 * ahead:
+            # Every request of a tenant with no row running comes before any other (its key's count is 0), and
+            # those come in queue order: while they are at least half the level, walking the level's own order is
+            # cheaper than the heap (with many tenants missing the prefix cache, each has several requests, all
+            # passed over). A tenant whose request is admitted here runs a row now: its later requests join the
+            # heap below, with the running tenants'.
+            admitted: dict[str | None, int] = {}
+            for seq in waiting.in_order(level):
+                t = seq.tenant
+                if t in early or t in admitted or id(seq) in skip or passed_over(seq):
+                    continue
+                yield seq
+                if t in counts:
+                    admitted[t] = waiting.pos(seq)
+            for t, p in admitted.items():
+                join(t, after=p)
+            heads = ()
         # (a tenant with requests passed over above joins at its first request's place: no later than its key's)
-        early = counts.keys() & by_tenant.keys()
         for t in early:
             join(t)
-        heads = waiting.heads(level)
         i = 0
         while True:
             while i < len(heads) and (not heap or (0, heads[i][0]) < heap[0][:2]):

@@ -171,6 +171,22 @@ class WaitQueue:
         order: live views, not copies (iterating one while the queue changes raises RuntimeError)."""
         return self._tenants.get(priority, {})
 
+    def in_order(self, priority: int) -> Iterator[Sequence]:
+        """The requests of one priority value in queue order: a live view (iterating it while the queue changes
+        raises RuntimeError); `level` copies."""
+        ends = self._levels.get(priority)
+        return iter(ends) if ends is not None else iter(())
+
+    def level_count(self, priority: int) -> int:
+        """Requests of one priority value waiting."""
+        ends = self._levels.get(priority)
+        return len(ends) if ends is not None else 0
+
+    def tenant_count(self, priority: int, tenant: str | None) -> int:
+        """Requests of one priority value and tenant waiting."""
+        ends = self._tenants.get(priority, {}).get(tenant)
+        return len(ends) if ends is not None else 0
+
     def sole(self, priority: int, tenant: str | None) -> Sequence | None:
         """The tenant's one request of this priority value if it has exactly one, else None (KeyError if none)."""
         mine = self._tenants[priority][tenant]
