@@ -63,7 +63,7 @@ def test_waitqueue_orders_are_a_deques(seed):
             assert sorted(map(id, q.marked())) == sorted(id(x) for x in ref if marked(x))
             for level in q.levels():
                 mine = [x for x in ref if x.req.priority == level]
-                assert q.level(level) == mine
+                assert list(q.in_order(level)) == mine
                 tenants = {t: list(mine) for t, mine in q.by_tenant(level).items()}
                 assert set(tenants) == {x.tenant for x in mine}
                 for t, got in tenants.items():

@@ -742,13 +742,13 @@ class Scheduler:
 
     def _order_within(self, level: int, counts: dict[str | None, int]) -> Iterator[Sequence]:
         """`_admission_order` within one priority value, read from the queue's index (`WaitQueue`): a walk costs
-        the tenants running and the requests it yields, not the queue's length nor the number of tenants waiting.
-        Requests `_passed_over` are left out, checked where they would be yielded (what the caller would do with
-        one, nothing, changes nothing: the order of the rest is the same)."""
+        the tenants running and the requests it visits (yields, or passes over), not the queue's length nor the
+        number of tenants waiting. Requests `_passed_over` are left out, checked where they would be yielded (what
+        the caller would do with one, nothing, changes nothing: the order of the rest is the same)."""
         waiting = self.waiting
         passed_over = self._passed_over
         if not self.cfg.fair:
-            for seq in waiting.level(level):
+            for seq in waiting.in_order(level):
                 if not passed_over(seq):
                     yield seq
             return

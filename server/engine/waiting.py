@@ -54,7 +54,7 @@ class _Ends:
 
 class WaitQueue:
     """Waiting requests in order (iterating gives the order of one deque that took the same appends), with each
-    priority level's and each tenant's requests in that order (`level`, `by_tenant`, `heads`) and the tenants waiting
+    priority level's and each tenant's requests in that order (`in_order`, `by_tenant`, `heads`) and the tenants waiting
     (`tenants`) at hand. `pos(seq)` orders requests of different tenants: smaller is nearer the front."""
 
     def __init__(self, marked: Callable[[Sequence], bool] | None = None) -> None:
@@ -156,11 +156,6 @@ class WaitQueue:
         """The priority values waiting, lowest (first served) first."""
         return sorted(self._levels)
 
-    def level(self, priority: int) -> list[Sequence]:
-        """The requests of one priority value, in queue order (a copy)."""
-        ends = self._levels.get(priority)
-        return [*ends] if ends is not None else []
-
     def heads(self, priority: int) -> Sequence_[tuple[int, str | None]]:
         """(position of its first request, tenant) of each tenant with a request of this priority value, in queue
         order of those first requests: a live view (read, do not keep, while the queue changes)."""
@@ -173,7 +168,7 @@ class WaitQueue:
 
     def in_order(self, priority: int) -> Iterator[Sequence]:
         """The requests of one priority value in queue order: a live view (iterating it while the queue changes
-        raises RuntimeError); `level` copies."""
+        raises RuntimeError)."""
         ends = self._levels.get(priority)
         return iter(ends) if ends is not None else iter(())
 
