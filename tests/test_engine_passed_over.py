@@ -144,3 +144,32 @@ def test_a_request_that_gave_its_claim_back_claims_again_while_its_fetch_is_unde
             break
     assert not eng.has_unfinished() and key not in cache._wanted
     cache.shutdown()
+
+
+def test_an_admission_that_stops_asks_the_walk_for_nothing_more(tiny_llama_bundle):
+    """`_admit` stops (the rows are full) before it asks the admission order for another request: the walk, which
+    passes over requests waiting for a fetch on its own, does not run on past them into the next priority level's
+    preempted requests (whose check computes the step's block shares, `_over_share`, kept for the step)."""
+    b = tiny_llama_bundle
+    key = PrefixKey("A", "p", 1)
+    prov = KeyGated({key: random_kv(b.spec, 5, seed=0)})  # (its fetch never ends here)
+    eng = LLMEngine(b, prov, EngineConfig(max_num_seqs=2, kv_cache_bytes=pool_bytes(b, 32)))
+    sched = eng.scheduler
+    sp = SamplingParams(max_tokens=50, ignore_eos=True)
+    eng.add_request(Request("R", [1, 2, 3], sp, None, cache_salt="A"))
+    eng.add_request(Request("a1", [1, 2, 3], sp, key, cache_salt="A"))
+    sched.begin_step()
+    sched.schedule()  # R runs; a1 asked for its prefix (fetch under way)
+    assert sched._passed_over(next(s for s in sched.waiting if s.request_id == "a1"))
+    eng.add_request(Request("X", [4, 5, 6], sp, None, cache_salt="B"))
+    eng.add_request(Request("P", [7, 8, 9], sp, None, cache_salt="D", priority=1))
+    p = next(s for s in sched.waiting if s.request_id == "P")
+    sched.waiting.remove(p)
+    p.preempted = True
+    sched.waiting.appendleft(p)  # (a preempted row of priority 1)
+    sched.begin_step()
+    sched.schedule()
+    assert [s.request_id for s in sched.running] == ["R", "X"]
+    assert sched._over_share is None  # (never looked at: the rows were full)
+    prov.gates[key].set()
+    eng.prefix_cache.shutdown()

@@ -410,8 +410,12 @@ class Scheduler:
                 entry.used = True
 
         try:
-            for seq in self._admission_order(counts):
-                if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
+            order = self._admission_order(counts)
+            # (checked before the next request is asked for: the walk would otherwise run on past requests it
+            # passes over, into the next priority level's preempted requests and their block shares, for nothing)
+            while budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+                seq = next(order, None)
+                if seq is None:
                     break
                 if only is not None and not only(seq):
                     continue
@@ -786,7 +790,7 @@ class Scheduler:
                 heapq.heappush(heap, (counts.get(t, 0), waiting.pos(head), len(rest), head))
                 rest.append(it)
 
-        early = counts.keys() & by_tenant.keys()  # (tenants with rows running: counts are at least 1)
+        early = {t for t in counts.keys() & by_tenant.keys() if counts[t] > 0}  # (tenants with rows running)
         heads: Sequence_[tuple[int, str | None]] = waiting.heads(level)
         ahead = sum(waiting.tenant_count(level, t) for t in early)
         if waiting.level_count(level) >= 2 * ahead:
@@ -801,7 +805,7 @@ class Scheduler:
                 if t in early or t in admitted or id(seq) in skip or passed_over(seq):
                     continue
                 yield seq
-                if t in counts:
+                if counts.get(t, 0) > 0:  # (admitted)
                     admitted[t] = waiting.pos(seq)
             for t, p in admitted.items():
                 join(t, after=p)
