@@ -818,16 +818,8 @@ class Scheduler:
             while i < len(heads) and (not heap or (0, heads[i][0]) < heap[0][:2]):
                 t = heads[i][1]
                 i += 1
-                if t in early:
-                    continue
-                sole = waiting.sole(level, t) if t not in touched else None
-                if sole is not None:
-                    # its key, (0, its place), is the heap's least: it would be popped at once, and nothing of its
-                    # tenant follows it (most tenants, with many: no heap round trip)
-                    if not passed_over(sole):
-                        yield sole
-                    continue
-                join(t)
+                if t not in early:
+                    join(t)
             if not heap:
                 return
             _, _, k, seq = heapq.heappop(heap)

@@ -182,11 +182,6 @@ class WaitQueue:
         ends = self._tenants.get(priority, {}).get(tenant)
         return len(ends) if ends is not None else 0
 
-    def sole(self, priority: int, tenant: str | None) -> Sequence | None:
-        """The tenant's one request of this priority value if it has exactly one, else None (KeyError if none)."""
-        mine = self._tenants[priority][tenant]
-        return mine.head() if len(mine) == 1 else None
-
     def fronts(self, priority: int) -> list[Sequence]:
         """The requests of one priority value that joined at the front (preempted or un-admitted rows), in queue
         order: a preempted request is always one of them."""
