@@ -1,5 +1,5 @@
 """The scheduler's queue of waiting requests, indexed by priority and tenant so that a step's admission order costs
-the tenants running and the requests it yields, not the queue's length nor the number of tenants waiting.
+the tenants running and the requests it visits, not the queue's length nor the number of tenants waiting.
 
 Requests join at the back (`append`: new ones) or at the front (`appendleft`: preempted or un-admitted rows, which
 were running), and leave from anywhere (`remove`: admitted, aborted). Every request sits in three orderings at once:
