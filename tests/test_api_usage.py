@@ -972,8 +972,8 @@ def test_a_stream_left_early_refunds_its_unused_tokens_when_the_limiter_awaits(s
 
 
 def test_full_rate_limit_buckets_are_forgotten():
-    """A bucket that refilled to capacity is what a new tenant gets: swept once a minute (every tenant id ever seen
-    kept its buckets for ever), the others kept with their levels."""
+    """A bucket untouched for a minute has refilled to capacity, what a new tenant gets: forgotten (every tenant id
+    ever seen kept its buckets for ever), the others kept with their levels."""
     import asyncio
 
     from server.api.limits import RateLimiter, TenantLimit
@@ -989,7 +989,70 @@ def test_full_rate_limit_buckets_are_forgotten():
         for _ in range(9):
             await lim.charge("busy", 100)
         assert len(lim._requests) == 1 and (await lim.state("busy"))["remaining_requests"] == 1
-        now[0] = 62.0  # the sweep waits a minute: nothing to forget yet
-        assert len(lim._tokens) == 1
+        now[0] = 62.0  # busy was touched a second ago: kept
+        await lim.state("other")
+        assert list(lim._tokens) == ["busy", "other"]
+        now[0] = 121.5  # busy idle for a minute, other not yet
+        await lim.state("third")
+        assert list(lim._tokens) == ["other", "third"]
+
+    asyncio.run(scenario())
+    # what makes forgetting exact: a minute refills a bucket to exactly its capacity (60 x (123 / 60) < 123)
+    b = Bucket(123, 0.0)
+    b.add(-123)
+    assert b.refill(60.0) == 123
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_forgetting_rate_limit_buckets_changes_no_answer(seed):
+    """Random charges, refunds and reads of many tenants at random times, from a limiter that forgets idle
+    buckets and one that never does: the same answer (headers, 429s with their Retry-After, states) every time;
+    and the forgetting one holds only the tenants touched in the last minute."""
+    import asyncio
+    import random
+
+    from server.api.errors import APIError
+    from server.api.limits import FORGET_AFTER_S, RateLimiter, TenantLimit
+
+    class Keeping(RateLimiter):
+        def _sweep(self, now: float) -> None:
+            pass
+
+    rng = random.Random(seed)
+    now = [0.0]
+    default = TenantLimit(requests_per_minute=5, tokens_per_minute=300)
+    # 123 a minute: 60 x (123 / 60) < 123, a bucket a minute idle is full all the same
+    overrides = {
+        "t0": {"tokens_per_minute": None},
+        "t1": {"requests_per_minute": 2},
+        "t2": {"tokens_per_minute": 123},
+    }
+    forgetting = RateLimiter(default, overrides, clock=lambda: now[0])
+    keeping = Keeping(default, overrides, clock=lambda: now[0])
+    touched: dict[str, float] = {}
+
+    async def step(lim: RateLimiter, op: str, tenant: str, n: int) -> object:
+        try:
+            if op == "charge":
+                return await lim.charge(tenant, n)
+            if op == "refund":
+                return await lim.refund(tenant, n, requests=n % 2)
+            return await lim.state(tenant)
+        except APIError as e:
+            return (e.status, e.headers)
+
+    async def scenario() -> None:
+        for _ in range(600):
+            now[0] += rng.choice([0.0, 0.5, 3.0, 20.0, 59.9, 60.0, 75.0])
+            tenant, n = f"t{rng.randrange(12)}", rng.randrange(120)
+            op = rng.choice(["charge", "charge", "refund", "state"])
+            assert await step(forgetting, op, tenant, n) == await step(keeping, op, tenant, n), (
+                op,
+                tenant,
+                n,
+            )
+            touched[tenant] = now[0]
+            recent = {t for t, at in touched.items() if now[0] - at < FORGET_AFTER_S}
+            assert set(forgetting._requests) <= recent and set(forgetting._tokens) <= recent
 
     asyncio.run(scenario())
