@@ -68,7 +68,14 @@ def test_requests_refused_before_routing_are_counted_under_their_route(server_fa
 
 
 def test_info_says_what_the_server_runs(server_factory, api_bundle):
-    s = server_factory(keys={"acme": KEY_A}, max_model_len=384, max_num_seqs=12, speculative_tokens=2)
+    s = server_factory(
+        keys={"acme": KEY_A},
+        max_model_len=384,
+        max_num_seqs=12,
+        speculative_tokens=2,
+        max_new_tokens=40,
+        max_prompt_tokens=300,
+    )
     assert_error(s.client().get("/info"), 401)  # like every API route when keys are set
     info = s.client(KEY_A).get("/info").json()
     assert info["model_fingerprint"] == api_bundle.fingerprint and info["model"] == api_bundle.name
@@ -91,6 +98,13 @@ def test_info_says_what_the_server_runs(server_factory, api_bundle):
         assert isinstance(got, ps.ServerInfo) and got.max_model_len == 384 and got.model_fingerprint
         assert got.kv_cache == kv
         assert {m.max_model_len for m in c.models().data} == {384}
+        # the request limits: what a client needs to size max_tokens (the room /tokenize leaves was 384 less the
+        # prompt, and max_tokens that large a 422)
+        assert (got.max_new_tokens, got.max_prompt_tokens) == (40, 300)
+        t = c.tokenize("acme", "hello there", prefix="base", prompt_format="raw")
+        assert t.max_new_tokens == 40 and t.room == 40
+        out = c.generate("acme", "hello there", prefix="base", prompt_format="raw", max_tokens=t.room)
+        assert out.usage.completion_tokens <= 40
 
 
 def test_metrics_present_and_updated(server_factory, api_bundle):

@@ -596,6 +596,24 @@ def test_a_read_only_store_is_not_retried(srv: Any, client: Any) -> None:
     assert e.value.code == "store_read_only" and len(srv.calls("DELETE", "/prefixes/acme/faq")) == 1
 
 
+def test_a_server_without_training_is_not_retried_nor_waited_out(srv: Any, client: Any) -> None:
+    """503 `no_training` (the server runs without training): only a restart changes it, so submitting, listing
+    and a job's wait raise at once (each retried 3 times, ~3 s, and `wait` polled for its whole `max_outage`)."""
+    body = error_json(
+        503, "training is not enabled on this server", "service_unavailable_error", "no_training"
+    )
+    srv.on("GET", "/prefixes/jobs", Resp(503, body, {"Retry-After": "0"}))
+    with pytest.raises(ps.APIStatusError) as e:
+        client.prefixes.list_jobs()
+    assert e.value.code == "no_training" and len(srv.calls("GET", "/prefixes/jobs")) == 1
+    srv.on("GET", "/prefixes/jobs/job0001", _job("running", 1), Resp(503, body, {"Retry-After": "0"}))
+    job = client.prefixes.get_job("job0001")
+    t0 = time.monotonic()
+    with pytest.raises(ps.APIStatusError) as e:
+        job.wait(poll_interval=0.01, max_outage=30)
+    assert e.value.code == "no_training" and time.monotonic() - t0 < 5
+
+
 def test_retries_stop_at_max_retries(srv: Any) -> None:
     srv.on(
         "POST",
@@ -924,6 +942,38 @@ def test_stream_sse_details(srv: Any, client: Any) -> None:
     )
     srv.on("POST", "/generate", Resp(200, sse=[], raw=raw))
     assert [d.text for d in client.stream("acme", "Hi")] == ["a", "b", "c"]
+
+
+def test_stream_skips_what_is_no_delta_as_the_sse_spec_says(srv: Any, client: Any) -> None:
+    """A byte order mark before the first field (the spec ignores one; it made the first event's field
+    "\ufeffdata" and the event was lost), a keep-alive `data:` with nothing in it (raised "malformed stream
+    event") and an event type this client does not know (`event: ping`, made an empty delta) are skipped, sync and
+    async."""
+    raw = (
+        "\ufeffdata: ".encode()
+        + chunk("a").encode()
+        + b"\n\ndata:\n\n"
+        + b"event: ping\ndata: {}\n\n"
+        + b"event: message\ndata: "
+        + chunk("b", "stop", USAGE).encode()
+        + b"\n\ndata: [DONE]\n\n"
+    )
+    srv.on("POST", "/generate", Resp(200, sse=[], raw=raw))
+    assert [d.text for d in client.stream("acme", "Hi")] == ["a", "b"]
+
+    async def go() -> list[str]:
+        async with ps.AsyncClient(srv.url) as ac:
+            return [d.text async for d in ac.stream("acme", "Hi")]
+
+    assert asyncio.run(go()) == ["a", "b"]
+    # a BOM anywhere but at the start is text, and an `event: error` is an error whatever its data
+    from prefixserve_client import _base
+
+    parser = _base.SSEParser()
+    assert parser.feed("") == [] and parser.feed("\ufeffdata: x\n\n") == [(None, "x")]
+    assert parser.feed("\ufeffdata: y\n\n") == []  # field "\ufeffdata": not data
+    with pytest.raises(ps.APIConnectionError):
+        _base.StreamState(None).handle("error", "")
 
 
 def test_stream_text_keeps_unicode_line_separators(srv: Any, client: Any) -> None:
@@ -2058,3 +2108,5 @@ def test_tokenized_room_is_within_the_context_and_the_kv_caches_share() -> None:
     assert ps.Tokenized(count=10, prefix_length=8, max_model_len=50, max_request_tokens=100).room == 32
     assert ps.Tokenized(count=10, prefix_length=8, max_model_len=50).room == 32  # an older server
     assert ps.Tokenized(count=10).room is None
+    # and no more than the server lets a request ask for (a 422 max_tokens_too_large otherwise)
+    assert ps.Tokenized(count=10, prefix_length=8, max_model_len=1000, max_new_tokens=32).room == 32

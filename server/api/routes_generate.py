@@ -207,6 +207,7 @@ async def tokenize(
         prefix_length=prefix.prefix_length,
         max_model_len=svc.llm.max_model_len,
         max_request_tokens=svc.llm.request_tokens(prefix.prefix_length),
+        max_new_tokens=svc.settings.max_new_tokens,
         prompt_format=fmt,
     )
 

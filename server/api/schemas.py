@@ -911,6 +911,8 @@ class ServerInfo(BaseModel):
         description="Prompt + output tokens one request may hold in the KV cache (half the pool less a block; "
         "kv_cache_mb raises it): requests need both limits"
     )
+    max_prompt_tokens: int = Field(description="Longest prompt after rendering; past it 413")
+    max_new_tokens: int = Field(description="Largest max_tokens a request may ask for; past it 422")
     max_num_seqs: int = Field(description="Requests decoded in one batch at most")
     max_batched_tokens: int = Field(
         description="Tokens in one engine step at most (prefill chunks + decodes)"
@@ -1000,6 +1002,7 @@ class TokenizeResponse(BaseModel):
         description="Prompt + output one request of this prefix may hold in the KV cache (its share of the pool, "
         "less than /info's where the prefix's own blocks leave less)"
     )
+    max_new_tokens: int = Field(description="Largest max_tokens a request may ask for (the server's limit)")
     prompt_format: str
 
 

@@ -19,6 +19,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from ._exceptions import (
+    FINAL_CODES,
     APIConnectionError,
     APIResponseValidationError,
     APIStatusError,
@@ -45,8 +46,6 @@ RETRY_STATUSES = frozenset({429, 503})
 RETRY_STATUSES_IF_SAFE = frozenset({408, 502, 504})
 # the 503 codes of GET /health that no retry can change: the inference engine died, only a restart brings it back
 FINAL_HEALTH_CODES = frozenset({"engine_dead"})
-# 503 codes of every route that no retry can change: the prefix store is mounted read-only
-FINAL_CODES = frozenset({"store_read_only"})
 
 Examples = Union[Sequence[dict[str, Any]], str, os.PathLike[str]]
 # {"json": schema} / {"regex": ...} / {"choice": [...]} / {"grammar": ...} / {"json_object": True} /
@@ -939,8 +938,12 @@ class SSEParser:
     def __init__(self) -> None:
         self._lines = LineSplitter()
         self._events = SSEDecoder()
+        self._started = False
 
     def feed(self, text: str) -> list[tuple[Optional[str], str]]:
+        if not self._started and text:  # one byte order mark at the start of the stream is not part of it
+            self._started = True
+            text = text.removeprefix("\ufeff")
         events = (self._events.feed(line) for line in self._lines.feed(text))
         return [ev for ev in events if ev is not None]
 
@@ -996,6 +999,8 @@ class StreamState:
         if data.strip() == DONE:
             self.done = True
             return None
+        if event not in (None, "", "message", "error") or (event != "error" and not data.strip()):
+            return None  # an event type this client does not know, or a keep-alive without data: skipped
         try:
             payload = json.loads(data)
         except json.JSONDecodeError:

@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # pragma: no cover
 # the job an error carries: a Job from a Client, an AsyncJob from an AsyncClient
 _J = TypeVar("_J", bound="JobInfo")
 
+# 503 codes of every route that no retry can change: the prefix store is mounted read-only, the server runs without
+# training (only a restart with other settings changes either)
+FINAL_CODES = frozenset({"store_read_only", "no_training"})
+
 __all__ = [
     "APIConnectionError",
     "APIResponseValidationError",

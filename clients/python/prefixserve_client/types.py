@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Union
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
 
 from ._exceptions import (
+    FINAL_CODES,
     APIConnectionError,
     APIStatusError,
     TrainingCancelled,
@@ -159,6 +160,8 @@ class ServerInfo(_Model):
     max_model_len: Optional[int] = None  # context limit: prefix + prompt + output
     # prompt + output one request may hold in the KV cache (a request needs both limits)
     max_request_tokens: Optional[int] = None
+    max_prompt_tokens: Optional[int] = None  # longest prompt after rendering (413 past it)
+    max_new_tokens: Optional[int] = None  # largest max_tokens a request may ask for (422 past it)
     max_num_seqs: Optional[int] = None  # requests decoded in one batch at most
     max_batched_tokens: Optional[int] = None  # tokens in one engine step at most (prefill chunks + decodes)
     max_queued: Optional[int] = None  # requests waiting at most; past it 503 with Retry-After
@@ -193,18 +196,22 @@ class Tokenized(_Model):
     prefix_length: int = 0
     max_model_len: Optional[int] = None
     max_request_tokens: Optional[int] = None  # prompt + output one request may hold in the KV cache
+    max_new_tokens: Optional[int] = None  # the largest max_tokens the server takes
     prompt_format: Optional[str] = None
     token_strs: Optional[list[str]] = None  # each token's string, when asked (return_token_strs)
 
     @property
     def room(self) -> Optional[int]:
-        """Output tokens that still fit after the prefix and this prompt: in the context and in the KV cache's share
-        of one request (None if unknown)."""
+        """Output tokens that still fit after the prefix and this prompt, and that a request may ask for: in the
+        context, in the KV cache's share of one request and under the server's max_tokens limit (None if
+        unknown)."""
         if self.max_model_len is None:
             return None
         room = self.max_model_len - self.prefix_length - self.count
         if self.max_request_tokens is not None:
             room = min(room, self.max_request_tokens - self.count)
+        if self.max_new_tokens is not None:
+            room = min(room, self.max_new_tokens)
         return room
 
 
@@ -380,8 +387,9 @@ _AWAY_STATUSES = frozenset({502, 503, 504})
 
 
 def _server_away(e: Exception) -> bool:
+    """The error of a poll that a later poll may not see (not a 503 whose code says only a restart changes it)."""
     return isinstance(e, APIConnectionError) or (
-        isinstance(e, APIStatusError) and e.status_code in _AWAY_STATUSES
+        isinstance(e, APIStatusError) and e.status_code in _AWAY_STATUSES and e.code not in FINAL_CODES
     )
 
 
