@@ -24,6 +24,141 @@ def raw(client, body: bytes, path: str = "/generate"):
     return client.post(path, content=body, headers={"content-type": "application/json"})
 
 
+def _nest(depth: int, leaf: object = "x") -> object:
+    """`leaf` inside `depth` arrays and objects in turn (depth 0: the leaf itself)."""
+    out = leaf
+    for i in range(depth):
+        out = [out] if i % 2 else {"a": out}
+    return out
+
+
+def _depth(doc: object) -> int:
+    if isinstance(doc, dict):
+        return 1 + max((_depth(v) for v in doc.values()), default=0)
+    if isinstance(doc, list):
+        return 1 + max((_depth(v) for v in doc), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_json_depth_is_measured_as_parsing_would_find_it(seed):
+    """`json_too_deep` against the parsed document's depth, on random documents whose strings hold brackets,
+    quotes and escapes (inside a string a bracket is text), near the limit and with many brackets."""
+    import random
+
+    from server.api.errors import json_too_deep
+
+    rng = random.Random(seed)
+    pieces = ['"', "[", "]", "{", "}", "\\", "x", "\n", "\u00e9"]
+
+    def doc(depth: int) -> object:
+        if depth == 0:
+            return "".join(rng.choice(pieces) for _ in range(rng.randrange(6)))
+        kids = [doc(depth - 1)] + [doc(rng.randrange(depth)) for _ in range(rng.randrange(3))]
+        rng.shuffle(kids)
+        return kids if rng.random() < 0.5 else {f"k{i}]{{": k for i, k in enumerate(kids)}
+
+    for _ in range(40):
+        d = doc(rng.choice([1, 3, 7, 8, 9, 15]))
+        text = json.dumps(d, ensure_ascii=rng.random() < 0.5).encode()
+        for limit in (1, 2, 4, 7, 8, 9, 14):
+            assert json_too_deep(text, limit) == (_depth(d) > limit), (text[:200], limit)
+
+
+def test_a_body_nested_past_the_limit_is_refused_on_every_route_before_it_runs(server_factory):
+    """Python's parsers, the chat template and the response serialiser each failed at a depth of their own: tool
+    parameters 400 deep were a 400 on Python 3.11 and served on 3.12, a Responses request echoing `text` 300 deep
+    ran, was billed, and then failed to serialise (a 500), /invocations' own parse let a RecursionError out (a 500
+    and a dropped connection). Now every JSON body deeper than MAX_JSON_DEPTH is a 400 before it runs, in the
+    route's error shape, charging nothing; one at the limit is served."""
+    from server.api.errors import MAX_JSON_DEPTH
+
+    s = server_factory(keys={"acme": "k-acme-1234567890abcdefghij"}, tenant_tokens_per_minute=100_000)
+    c = s.client("k-acme-1234567890abcdefghij")
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def tool(depth: int) -> list[dict]:
+        # the parameters sit 5 levels into the body (body, tools, [0], function, parameters)
+        return [
+            {
+                "type": "function",
+                "function": {"name": "f", "parameters": _nest(depth - 5, {"type": "string"})},
+            }
+        ]
+
+    def bodies(depth: int) -> list[tuple[str, dict]]:
+        return [
+            (
+                "/generate",
+                {
+                    "tenant_id": "acme",
+                    "prefix": "base",
+                    "prompt": "x",
+                    "max_tokens": 2,
+                    "x": _nest(depth - 1),
+                },
+            ),
+            (
+                "/v1/chat/completions",
+                {"model": "acme/base", "messages": msgs, "max_tokens": 2, "tools": tool(depth)},
+            ),
+            (
+                "/v1/responses",
+                {"model": "acme/base", "input": "hi", "max_output_tokens": 2, "text": _nest(depth - 1)},
+            ),
+            ("/invocations", {"model": "acme/base", "prompt": "x", "max_tokens": 2, "x": _nest(depth - 1)}),
+            (
+                "/tgi/generate",
+                {
+                    "inputs": "x",
+                    "parameters": {"adapter_id": "acme/base", "max_new_tokens": 2},
+                    "x": _nest(depth - 1),
+                },
+            ),
+            (
+                "/v1/messages",
+                {"model": "acme/base", "messages": msgs, "max_tokens": 2, "metadata": _nest(depth - 1)},
+            ),
+        ]
+
+    before = c.get("/usage", params={"tenant_id": "acme"}).json()["data"][0]
+    for path, body in bodies(MAX_JSON_DEPTH + 1):
+        text = json.dumps(body).encode()
+        r = raw(c, text, path)
+        assert r.status_code == 400, (path, r.status_code, r.text[:300])
+        if path == "/v1/messages":
+            assert r.json()["error"]["type"] == "invalid_request_error", r.text
+            continue
+        err = assert_error(r, 400, "invalid_json")
+        assert f"more than {MAX_JSON_DEPTH} levels" in err["message"], err
+        if path.startswith("/tgi"):
+            assert r.json().get("error_type") == "validation", r.text
+    after = c.get("/usage", params={"tenant_id": "acme"}).json()["data"][0]
+    assert after == before  # nothing ran, nothing charged
+    for path, body in bodies(MAX_JSON_DEPTH):  # at the limit: served, or refused on the body's merits (`x`)
+        r = raw(c, json.dumps(body).encode(), path)
+        assert r.status_code < 500 and "levels of JSON" not in r.text, (path, r.status_code, r.text[:300])
+        if path in ("/v1/chat/completions", "/v1/responses"):
+            assert r.status_code == 200, (path, r.text[:300])
+
+
+def test_invocations_reads_json_as_the_other_routes_do(srv):
+    """/invocations parses its body itself: a Content-Type FastAPI would not read as JSON is a 415 there too
+    (`application/jsonx` was served), and JSON Python's parser cannot read is a 400 naming why."""
+    c = srv.client()
+    body = json.dumps({"model": "acme/base", "prompt": "x", "max_tokens": 2}).encode()
+    for ctype in ("application/jsonx", "text/json", "text/plain"):
+        for path in ("/invocations", "/v1/completions"):
+            r = c.post(path, content=body, headers={"content-type": ctype})
+            assert_error(r, 415, "unsupported_media_type")
+    r = c.post(
+        "/invocations", content=body, headers={"content-type": "application/vnd.api+json; charset=utf-8"}
+    )
+    assert r.status_code == 200, r.text
+    err = assert_error(raw(c, b'{"prompt": "x", "max_tokens": ', "/invocations"), 400, "invalid_json")
+    assert "not valid JSON" in err["message"], err
+
+
 def assert_error_allow(r) -> list[str]:
     assert_error(r, 405, "method_not_allowed")
     return [m.strip() for m in r.headers["allow"].split(",")]

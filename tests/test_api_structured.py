@@ -439,7 +439,7 @@ def test_structural_tags_hold_what_follows_a_trigger(srv):
 def test_schemas_nested_or_chained_deep_are_refused_or_served_never_a_crash(srv):
     """One tenant's request must not take the server down: a chain of 3,000 definitions (it overflowed the
     compiling thread's stack: SIGSEGV) is compiled and served; one over the $ref limit is refused naming the field;
-    tool parameters nested 400 deep (a RecursionError in the chat template: a 500) are a 400."""
+    tool parameters nested 400 deep (a RecursionError in the chat template: a 500) are a 400 (the body's depth)."""
     pytest.importorskip("llguidance")
     from server.engine.structured import MAX_SCHEMA_REFS
 
@@ -467,5 +467,5 @@ def test_schemas_nested_or_chained_deep_are_refused_or_served_never_a_crash(srv)
         deep = {"type": "object", "properties": {"a": deep}}
     tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
     r = c.post("/v1/chat/completions", json={**chat, "tools": [tool]})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_prompt", r.text
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
     assert c.get("/health").status_code == 200

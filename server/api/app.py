@@ -35,6 +35,9 @@ from server.api.errors import (
     APIError,
     SafeJSONResponse,
     install_error_handlers,
+    is_json_type,
+    json_too_deep,
+    nested_too_deep,
     note_error_code,
     with_path_shape,
 )
@@ -330,7 +333,7 @@ class ServiceMiddleware:
                     if not upload and not probe:  # (an upload spools to a file, one per tenant)
                         st.body_bytes += len(body)
                         buffered += len(body)
-                        if owner is not None:
+                        if owner is not None and body:  # (an empty one leaves no entry: nothing to take back)
                             held = st.tenant_body_bytes.get(owner, 0) + len(body)
                             st.tenant_body_bytes[owner] = held
                             if held > MAX_BUFFERED_BODIES_PER_TENANT * settings.max_body_bytes:
@@ -371,6 +374,16 @@ class ServiceMiddleware:
                         return
                     if not msg.get("more_body", False):
                         break
+                # one depth for every JSON body, whichever of Python's parsers, templates and serialisers would
+                # reach it (each fails at a depth of its own, some after the request has run)
+                ctype = headers.get(b"content-type", b"").decode("latin-1")
+                if (
+                    isinstance(body_buf, io.BytesIO)
+                    and is_json_type(ctype)
+                    and json_too_deep(body_buf.getvalue())
+                ):
+                    await _send_api_error(send_wrapper, nested_too_deep(), rid, 1, path)
+                    return
                 body_buf.seek(0)
                 receive = _replay(body_buf, size, receive)
             await self.app(scope, receive, send_wrapper)

@@ -121,6 +121,14 @@ def unavailable(message: str, retry_after: int, code: str = "unavailable") -> AP
 NO_ROOM = "the server has no room to receive this body now; retry shortly"
 
 
+def is_json_type(ctype: str) -> bool:
+    """Whether a Content-Type says JSON as FastAPI reads one (strictly): application/json or application/*+json,
+    parameters aside; none at all is not."""
+    main = ctype.partition(";")[0].strip().lower()
+    kind, _, sub = main.partition("/")
+    return kind == "application" and (sub == "json" or sub.endswith("+json"))
+
+
 def not_json(ctype: str) -> APIError:
     """The 415 of a body sent without a JSON Content-Type (`curl -d` sends a form, a bare client none)."""
     sent = f"this one was {ctype[:80]!r}" if ctype else "none was sent"
@@ -270,7 +278,40 @@ def invalid_field(e: ValidationError, param: Callable[[tuple[Any, ...]], str | N
     return APIError(422, _error_text(first), code="invalid_value", param=param(tuple(first.get("loc", ()))))
 
 
-def _unparsed_body(cause: BaseException | None) -> str:
+# JSON request bodies nest at most this deep (a tool's parameters or a response_format schema: tens of levels at
+# most in practice). Past it Python's parsers and serialisers fail at depths that differ between Pythons and between
+# paths: tool parameters 400 deep were a RecursionError in the chat template on 3.11 and rendered on 3.12; a
+# Responses request echoing a field ~255 deep failed to serialise after it had run and been billed (a 500).
+MAX_JSON_DEPTH = 128
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text `body` opens more than `limit` arrays and objects inside one another (what is inside
+    strings aside). Every step is a pass in C, O(size): a body with at most `limit` opening brackets is answered by
+    counting them; else its strings go, then all but its brackets, and the deepest point is a running sum's
+    maximum."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    import numpy as np
+
+    brackets = np.frombuffer(_JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    if brackets.size <= limit:
+        return False
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return bool(np.cumsum(steps, dtype=np.int64).max() > limit)
+
+
+def nested_too_deep() -> APIError:
+    return APIError(
+        400,
+        f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels of JSON arrays and objects)",
+        code="invalid_json",
+    )
+
+
+def unparsed_body(cause: BaseException | None) -> str:
     """Why a body that is JSON by its content type could not be parsed: Python's json refuses some valid JSON too,
     and "not valid JSON" would send its writer looking for a syntax error that is not there."""
     if isinstance(cause, RecursionError):
@@ -310,7 +351,7 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
         if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
             return error_response(422, "request body is required", code="missing_body", request=request)
         ctype = request.headers.get("content-type", "")
-        if tuple(first.get("loc", ())) == ("body",) and "json" not in ctype.lower():
+        if tuple(first.get("loc", ())) == ("body",) and not is_json_type(ctype):
             # (FastAPI read no JSON and said "a valid dictionary" was expected)
             e = not_json(ctype)
             return error_response(e.status, e.message, code=e.code, param=e.param, request=request)
@@ -363,7 +404,7 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
                     retry_after=retry_after,
                     request=request,
                 )
-            return error_response(400, _unparsed_body(cause), code="invalid_json", request=request)
+            return error_response(400, unparsed_body(cause), code="invalid_json", request=request)
         else:
             message = str(exc.detail) if exc.detail else "error"
         return error_response(

@@ -27,7 +27,7 @@ from server.api.chat_pipeline import (
     start_choices,
 )
 from server.api.deps import app_state, get_info, get_service, store_call
-from server.api.errors import COMMON_ERRORS, APIError, not_json
+from server.api.errors import COMMON_ERRORS, APIError, is_json_type, not_json, unparsed_body
 from server.api.logprobs import (
     TextOffsets,
     TokenTexts,
@@ -534,12 +534,12 @@ async def invocations(request: Request, principal: Principal = Depends(get_princ
     raw = await request.body()
     if not raw.strip():  # (first, as the /v1 routes answer a request without a body)
         raise APIError(422, "request body is required", code="missing_body")
-    if "json" not in ctype.lower():  # as the /v1 routes answer it (no Content-Type at all too)
+    if not is_json_type(ctype):  # as the /v1 routes answer it (no Content-Type at all too)
         raise not_json(ctype)
     try:
         data = json.loads(raw)
-    except ValueError:
-        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, unparsed_body(e), code="invalid_json") from None
     kind: type[ChatCompletionRequest] | type[CompletionRequest]
     if isinstance(data, dict) and "messages" in data:
         kind = ChatCompletionRequest
