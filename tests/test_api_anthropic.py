@@ -462,3 +462,17 @@ def test_a_call_announced_with_its_first_argument_piece_streams_whole(srv, claud
     assert "".join(pieces) == '{"city": "Paris"}'
     whole = claude.messages.create(**kw)
     assert whole.content[0].input == {"city": "Paris"} and whole.stop_reason == "tool_use"
+
+
+def test_a_prompt_too_long_is_the_same_400_for_messages_and_count_tokens(server_factory):
+    """Anthropic answers a prompt past the context as a 400 `invalid_request_error`; /v1/messages did, its
+    count_tokens answered the same body a 413 (a prompt of more characters than the token limit could hold, refused
+    before tokenizing; one of fewer characters is counted, whatever its tokens)."""
+    s = server_factory(prefixes={("acme", "bot"): {"seed": 5, "prompt_format": "chat"}}, max_prompt_tokens=16)
+    c = s.client()
+    most = 2 * 16 * s.svc.max_token_chars
+    body = {"model": "acme/bot", "max_tokens": 4, "messages": [{"role": "user", "content": "x" * (most + 1)}]}
+    msg, count = c.post("/v1/messages", json=body), c.post("/v1/messages/count_tokens", json=body)
+    assert msg.status_code == count.status_code == 400, (msg.text, count.text)
+    assert msg.json()["error"]["type"] == count.json()["error"]["type"] == "invalid_request_error"
+    assert "maximum context length" in count.json()["error"]["message"], count.text

@@ -1013,6 +1013,30 @@ def test_a_prefix_that_changes_faster_than_a_request_can_load_it_is_a_503(srv, m
     assert len(tries) == run.MAX_LATEST_ATTEMPTS - 1
 
 
+def test_a_version_that_never_was_leaves_the_names_cached_metadata(srv):
+    """A 404 for a version the server never held is no news of a change: the name's latest (and its pinned
+    versions) stay cached (every such 404 dropped them, and kept fetches under way from caching). A version it
+    held and the store no longer has is: the name is looked up again."""
+    c = srv.client()
+    body = {"tenant_id": "acme", "prompt": "x", "max_tokens": 2}
+    key, cache = ("acme", "default"), srv.svc.meta_cache
+    assert gen(c, **body).status_code == 200 and gen(c, **body, prefix_version=1).status_code == 200
+    assert cache.get(key)[0] is not None and cache.get(key, 1)[0] is not None
+    changes = cache.generation()
+    assert_error(gen(c, **body, prefix_version=99), 404, "prefix_not_found")
+    assert (
+        cache.get(key)[0] is not None and cache.get(key, 1)[0] is not None and cache.generation() == changes
+    )
+    # a version it holds, gone from the store unheard of (its entry run past the TTL): the name goes
+    from server.api.prefix_meta import ResolvedPrefix
+
+    _, _, now = cache.get(key, 7)
+    cache.put(key, ResolvedPrefix(*key, 7, 8, "raw", pinned=True), now, version=7)
+    cache.ttl_s = 0.0
+    assert_error(gen(c, **body, prefix_version=7), 404, "prefix_not_found")
+    assert cache.get(key)[0] is None
+
+
 def test_meta_cache_refuses_a_fetch_raced_by_a_change_and_stays_bounded():
     from server.api.prefix_meta import PrefixMetaCache, ResolvedPrefix
 

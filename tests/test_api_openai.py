@@ -1208,3 +1208,20 @@ def test_a_template_that_loops_over_content_gets_the_parts(srv):
     text = message_text(parts)
     for again in (copy.copy(text), copy.deepcopy(text), pickle.loads(pickle.dumps(text))):
         assert again == "Hello\nworld" and again.parts == ("Hello", "world")
+
+
+def test_a_content_part_that_cannot_be_served_is_named_where_it_is(srv):
+    """A part other than text is a 400 naming the part (`messages[1].content[1]`), a text part that is not valid
+    text names the message's content; both said `messages`, on chat, /tokenize and /invocations alike."""
+    c = srv.client(KEY)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    parts = [{"type": "text", "text": "look"}, image]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}]
+    for path in ("/v1/chat/completions", "/tokenize", "/invocations"):
+        err = assert_error(c.post(path, json={"model": "acme/default", "messages": msgs}), 400)
+        assert (err["code"], err["param"]) == ("unsupported_content", "messages[1].content[1]"), (path, err)
+    bad = [{"role": "user", "content": [{"type": "text", "text": "a\ud800b"}]}]
+    r = c.post("/v1/chat/completions", content=json.dumps({"model": "acme/default", "messages": bad}),
+               headers={"content-type": "application/json"})  # fmt: skip
+    err = assert_error(r, 400)  # (the /v1 routes answer invalid fields 400, as OpenAI)
+    assert err["param"] == "messages[0].content", err

@@ -541,7 +541,8 @@ async def count_tokens(
     tenant, name, version = parse_model(body.model, principal, served_names(request, svc))
     try:
         prefix = await svc.resolve(tenant, name, version, param="model")
+        # (a prompt too long: the 400 /v1/messages answers for it, not a 413)
+        plan = await chat_plan(svc, info, chat, prefix)
     except APIError as e:
         raise as_openai_error(e, body.model) from None
-    plan = await chat_plan(svc, info, chat, prefix)
     return {"input_tokens": len(plan.prompts[0])}

@@ -150,24 +150,27 @@ def render_messages(
     return list(_model.render_messages(tokenizer, messages, tools, **options))
 
 
-def _message_text(content: Any) -> str:
+def _message_text(content: Any, param: str) -> str:
     """The text of an OpenAI chat message's content (`chat_content.message_text`: a string, or text parts kept as
-    `TextParts`; other parts are refused)."""
+    `TextParts`; other parts are refused). `param`: the content's place in the body (`messages[i].content`)."""
     try:
         text = message_text(content)
     except NotTextPart as e:
-        raise APIError(400, str(e), code="unsupported_content", param="messages") from None
+        raise APIError(400, str(e), code="unsupported_content", param=f"{param}[{e.index}]") from None
     if isinstance(text, TextParts):  # (a string was checked as the request was read)
         try:
             check_text(text)
         except ValueError as e:
-            raise APIError(422, str(e), param="messages") from None
+            raise APIError(422, str(e), param=param) from None
     return text
 
 
 def chat_messages(messages: Iterable[Any]) -> list[dict[str, str]]:
     """OpenAI chat messages (role + content) as the chat template takes them."""
-    return [{"role": m.role, "content": _message_text(m.content)} for m in messages]
+    return [
+        {"role": m.role, "content": _message_text(m.content, f"messages[{i}].content")}
+        for i, m in enumerate(messages)
+    ]
 
 
 class StorePrefixProvider:
@@ -623,7 +626,11 @@ class Service:
             # cache what that fetch read as current: the older of the two generations decides
             gen = min(gen, began)
         except errors.PrefixNotFound:
-            self.meta_cache.invalidate(key)
+            # the name (or a version this server had cached) is gone: a change it did not hear of, so what it holds
+            # of the name may be stale too; a version it never held tells nothing (asking for version 99 again and
+            # again dropped the name's latest, and kept fetches under way from caching it)
+            if version is None or self.meta_cache.get(key, version)[0] is not None:
+                self.meta_cache.invalidate(key)
             what = f"prefix {name!r}" if version is None else f"prefix {name!r} version {version}"
             raise APIError(404, f"{what} not found", code="prefix_not_found", param=param) from None
         except errors.InvalidName as e:

@@ -85,7 +85,11 @@ class TextParts(str):
 
 
 class NotTextPart(ValueError):
-    """A message's content part that is not text (an image, audio, ...)."""
+    """A message's content part that is not text (an image, audio, ...); `index`: its place in the content."""
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 def message_text(content: Any) -> str:
@@ -95,9 +99,9 @@ def message_text(content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     parts = []
-    for part in content:
+    for i, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise NotTextPart("only text content parts are supported")
+            raise NotTextPart("only text content parts are supported", i)
         parts.append(part["text"])
     # joined by newlines, as vLLM does ("Hello" + "world" is not "Helloworld"), unless the template loops over them
     return TextParts(parts)
