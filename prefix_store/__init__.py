@@ -20,7 +20,7 @@ from prefix_store import errors
 from prefix_store.base import PrefixStore
 from prefix_store.format import KINDS, ChangeEvent, PrefixMeta, PrefixRecord
 from prefix_store.names import validate_name
-from prefix_store.urls import pop_query_param
+from prefix_store.urls import file_url, pop_query_param
 
 DEFAULT_HOME = "~/.local/share/prefixserve"
 
@@ -29,7 +29,7 @@ def default_store_url(home: str | None = None) -> str:
     """``file://`` + `home`, else ``$PREFIXSERVE_HOME`` (default ``~/.local/share/prefixserve``). (The server's
     settings pass `home` as they read it, in any case: this package imports nothing from the server.)"""
     home = home or os.environ.get("PREFIXSERVE_HOME") or DEFAULT_HOME
-    return "file://" + str(Path(home).expanduser().absolute())
+    return file_url(Path(home).expanduser().absolute())
 
 
 def expand_home(url: str) -> str:

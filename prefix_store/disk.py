@@ -47,6 +47,7 @@ from prefix_store.base import PrefixStore, Subscriber, version_to_take
 from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreReadOnly, StoreRefused, StoreUnavailable
 from prefix_store.format import ChangeEvent, EncodedPrefix, PrefixMeta, idempotency_key_of, label
 from prefix_store.names import is_valid_name
+from prefix_store.urls import file_url
 
 log = logging.getLogger("prefix_store")
 
@@ -118,8 +119,12 @@ class DiskStore(PrefixStore):
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser().absolute()
-        self.url = "file://" + str(self.root)
+        self.url = file_url(self.root)
         self.poll_s = poll_s
+        # how often a subscribed store (a server's) sweeps leftovers again: the sweep at opening skips those of a
+        # crash just before it (a supervisor restarting the server at once), and a name no put comes back to kept
+        # them until a restart an hour later
+        self.sweep_every_s = LEFTOVER_AGE_S
         self.changes_max_bytes = changes_max_bytes
         self._follower_thread: threading.Thread | None = None
         self._journal_missed = False  # a change not (wholly) written to the journal: the next line says so
@@ -570,8 +575,12 @@ class DiskStore(PrefixStore):
         return unsubscribe
 
     def _follow(self, follower: journal.Follower) -> None:
+        next_sweep = time.monotonic() + self.sweep_every_s
         try:
             while not self._stop.wait(self.poll_s):
+                if time.monotonic() >= next_sweep:
+                    self._sweep_leftovers()
+                    next_sweep = time.monotonic() + self.sweep_every_s
                 try:
                     lines = follower.poll()
                 except OSError as e:

@@ -3,7 +3,14 @@ reaches its backend (redis-py refuses unknown parameters)."""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+import os
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+
+def file_url(path: str | os.PathLike[str]) -> str:
+    """The ``file://`` URL of an absolute path, percent-encoded so that reading it back gives the same path: a '#',
+    '?' or '%' in a folder's name was cut off or decoded (two stores `home#1`, `home#2` were one, `home`)."""
+    return "file://" + quote(os.fspath(path))
 
 
 def pop_query_param(url: str, key: str) -> tuple[str, str | None]:

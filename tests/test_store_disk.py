@@ -163,6 +163,27 @@ def test_leftovers_of_crashed_writes_are_swept_when_old(tmp_path):
     assert s.get("acme", "bot").meta.version == 1
 
 
+def test_a_serving_store_sweeps_leftovers_again_while_it_runs(tmp_path, monkeypatch):
+    """The sweep ran once, as the store opened: the leftovers of a crash just before (a supervisor restarting the
+    server at once) were too young then, and a name no put came back to kept them (a 2 MB tensor file) until a
+    restart an hour later. A subscribed store (a server's) sweeps again every `sweep_every_s`."""
+    s = open_store(f"file://{tmp_path}/root")
+    assert isinstance(s, DiskStore)
+    sweep = s._sweep_leftovers
+    monkeypatch.setattr(s, "_sweep_leftovers", lambda: sweep(min_age_s=0.05))  # (an hour old, in the product)
+    s.poll_s, s.sweep_every_s = 0.02, 0.2
+    orphan = tmp_path / "root" / "acme" / "orphan"
+    orphan.mkdir(parents=True)
+    left = orphan / "v1.safetensors"  # a put killed before its commit marker
+    left.write_bytes(b"x" * 10)
+    s.subscribe(lambda event: None)
+    deadline = time.monotonic() + 10
+    while left.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left.exists()
+    s.close()
+
+
 def test_the_sweep_leaves_the_files_of_a_put_under_way_whatever_their_age(tmp_path, monkeypatch):
     """The background sweep judged leftovers by age alone: with the clock stepped forward an hour (NTP, a VM
     resumed), or a put stalled that long, it deleted the tensor file of a put between its tensor file and its
@@ -348,6 +369,23 @@ def test_store_urls(tmp_path):
     for bad in ("file://relative/path", "ftp://x/y", "s3://bucket/x", "rel", "rediss//h:6379/0", "h:6379/0"):
         with pytest.raises(ValueError):
             open_store(bad)
+
+
+@pytest.mark.parametrize("name", ["home#1", "h?x", "p%41", "with space", "ünï"])
+def test_a_folder_name_that_urls_encode_is_the_store_it_names(tmp_path, monkeypatch, name):
+    """The store URLs the server builds from a folder (PREFIXSERVE_HOME, a store's own `url`, the training jobs
+    beside it) are percent-encoded: `home#1` and `home#2` both opened `home` (the fragment cut off), `h?x` opened
+    `h`, `p%41` opened `pA` — and the jobs of two such stores were one queue, trained against the other store."""
+    from server.training.jobs import jobs_location, open_backend
+
+    monkeypatch.setenv("PREFIXSERVE_HOME", str(tmp_path / name))
+    s = open_store()
+    assert s.root == tmp_path / name and open_store(s.url).root == s.root
+    jobs = open_backend(jobs_location(s), max_attempts=1, stale_after_s=60, retention_s=60)
+    assert jobs.root == tmp_path / f"{name}.jobs"
+    assert open_backend(jobs.url, max_attempts=1, stale_after_s=60, retention_s=60).root == jobs.root
+    put(s)
+    assert (tmp_path / name / "acme" / "bot" / "v1.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------ change journal

@@ -1974,3 +1974,74 @@ def test_training_threads_and_niceness_are_settings(tiny_llama_bundle, tmp_path)
     for bad in ({"training_threads": 0}, {"training_nice": 20}, {"training_nice": -1}):
         with pytest.raises(ValueError):
             Settings(**bad)
+
+
+@pytest.mark.parametrize("where", ["finish", "cancel_queued", "bad_examples"])
+def test_disk_job_whose_process_died_after_its_final_record_gives_its_slot_back(
+    tiny_llama_bundle, tmp_path, monkeypatch, where
+):
+    """A process killed between writing a job's final record and its bookkeeping (`_end`: the tenant's active
+    entry, the examples file, the running marker) left the entry holding one of the tenant's job slots until the
+    record was pruned (7 days): with max_jobs_per_tenant crashes, the tenant could submit nothing. The reclaimer
+    clears that bookkeeping (once), and the job keeps its final status."""
+    store = open_store(f"file://{tmp_path / 'store'}")
+    jm = JobManager(tiny_llama_bundle, store, **{**FAST, "in_process_workers": 0}, max_jobs_per_tenant=1)
+    backend = jm.backend
+    rec = jm.submit(request_(epochs=1))
+    end = backend._end
+
+    def die(*a, **k):
+        raise _Crash()
+
+    with monkeypatch.context() as m:
+        m.setattr(backend, "_end", die)
+        if where == "finish":
+            with pytest.raises(_Crash):
+                jm.run_one("w")
+        elif where == "cancel_queued":
+            with pytest.raises(_Crash):
+                backend.cancel(rec.job_id)
+        else:
+            backend._examples(rec.job_id).write_text("{torn", encoding="utf-8")
+            with pytest.raises(_Crash):
+                backend.claim("w")
+    for fd in range(3, 1024):  # the dead process's locks go with it
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(f"{rec.job_id}.lock"):
+                os.close(fd)
+    status = backend.get(rec.job_id).status
+    assert status in ("succeeded", "cancelled", "failed") and any(backend._dirs["active"].glob("*/*"))
+    with pytest.raises(TooManyJobs):  # the slot is held
+        jm.submit(request_(epochs=1))
+    monkeypatch.setattr(backend, "_end", end)
+    assert (
+        rec.job_id in backend.reclaim_stale() + backend.reclaim_stale()
+    )  # (a running marker: the next pass)
+    assert rec.job_id not in backend.reclaim_stale()  # once
+    assert not any(backend._dirs["active"].glob("*/*")) and not backend._examples(rec.job_id).exists()
+    assert not any(backend._dirs["running"].iterdir()) and not any(backend._dirs["queue"].iterdir())
+    assert backend.get(rec.job_id).status == status
+    again = jm.submit(request_(epochs=1))  # the slot is back
+    assert jm.run_one("w") and jm.get(again.job_id).status == "succeeded"
+    jm.shutdown()
+    store.close()
+
+
+def test_disk_running_job_that_lost_its_marker_is_recovered(tiny_llama_bundle, tmp_path):
+    """A running job's record is fsynced, its running marker is not: after a power cut the record can say
+    `running` with no marker, the only thing the reclaimer looked for, and the job stayed running for ever (its
+    tenant's slot too). With its worker gone (its lock free), it is recovered as a dead worker's job."""
+    store = open_store(f"file://{tmp_path / 'store'}")
+    jm = JobManager(tiny_llama_bundle, store, **{**FAST, "in_process_workers": 0}, max_jobs_per_tenant=1)
+    backend = jm.backend
+    rec = jm.submit(request_(epochs=1))
+    claim = _ghost_claim(jm)
+    _kill_ghost(jm, claim)
+    backend._running(rec.job_id).unlink()  # lost with the power
+    assert backend.get(rec.job_id).status == "running"
+    assert rec.job_id in backend.reclaim_stale()
+    assert backend.get(rec.job_id).status == "queued" and backend.reclaim_stale() == []
+    assert jm.run_one("w") and jm.get(rec.job_id).status == "succeeded"
+    assert not any(backend._dirs["active"].glob("*/*"))
+    jm.shutdown()
+    store.close()

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from prefix_store.errors import StoreUnavailable
+from prefix_store.urls import file_url
 from server.fsutil import TMP_PREFIX, write_atomic
 from server.training.records import (
     ACTIVE,
@@ -98,7 +99,7 @@ class DiskJobBackend:
     def __init__(self, root: str | os.PathLike[str], *, max_attempts: int = 2, stale_after_s: float = 60.0,
                  retention_s: float = RETENTION_S) -> None:  # fmt: skip
         self.root = Path(root).expanduser().absolute()
-        self.url = "file://" + str(self.root)
+        self.url = file_url(self.root)
         self.max_attempts = max_attempts
         self.stale_after_s = stale_after_s
         self.retention_s = retention_s
@@ -387,9 +388,11 @@ class DiskJobBackend:
                 if rec.status == "queued":
                     rec.status, rec.finished, rec.cancel_requested = "cancelled", time.time(), True
                     rec.error = "cancelled before it started"
+                    # its marker first: a process that dies after it leaves a queued record without one (the
+                    # reclaimer enqueues it again) or a final one without one (the reclaimer ends it)
+                    self._unqueue(job_id)
                     self._write(rec)
                     self._end(rec)
-                    self._unqueue(job_id)
                 else:  # "running" with a free lock: its worker died; the reclaimer ends it cancelled
                     _touch(self._cancel(job_id))
                     rec.cancel_requested = True
@@ -454,9 +457,9 @@ class DiskJobBackend:
                         # it fails, and the queue goes on
                         rec.status, rec.finished = "failed", time.time()
                         rec.error = f"its training examples could not be read: {type(e).__name__}: {e}"[:500]
+                        _unlink(marker)  # (first, as in `cancel`)
                         self._write(rec)
                         self._end(rec)
-                        _unlink(marker)
                         self._unlock(fd)
                         log.error("job %s: %s", job_id, rec.error)
                         continue
@@ -537,8 +540,10 @@ class DiskJobBackend:
         """Queued jobs without a queue marker (the submitting process died between writing the record and the
         marker; its client got no answer, but the job holds a slot of the tenant's limit and its Idempotency-Key
         answers with it): give them their marker. A tenant's active entry without a record (it died before the
-        record) is dropped. Under the submit lock, so no creation is in progress, and each job's lock, so no claim
-        is."""
+        record) is dropped, and so is the bookkeeping of a job whose final record was written by a process that
+        died before `_end` (its entry held one of the tenant's slots until the record was pruned, days later); a
+        running job with neither a worker nor its running marker is recovered as a dead worker's.
+        Under the submit lock, so no creation is in progress, and each job's lock, so no claim is."""
         found: list[str] = []
         with self._submit_lock():
             queued = {_marker_job(m.name)[0] for m in self._dirs["queue"].iterdir()}
@@ -562,6 +567,17 @@ class DiskJobBackend:
                         log.warning(
                             "job %s: queued without a queue marker (its submitter died); enqueued", job_id
                         )
+                    elif rec is not None and rec.terminal:
+                        self._end(rec)
+                        found.append(job_id)
+                    elif rec is not None and rec.status == "running":
+                        # its worker is gone (the lock is free) and so is its running marker, which the reclaimer
+                        # looks for: markers are not fsynced, a power cut can take one the record outlived
+                        log.warning("job %s: running without a running marker or a worker", job_id)
+                        self._recover(rec)
+                        found.append(job_id)
+                        log.warning("job %s: %s, its process died before clearing its slot; cleared", job_id,
+                                    rec.status)  # fmt: skip
                 finally:
                     self._unlock(fd)
         return found
@@ -609,7 +625,7 @@ class DiskJobBackend:
             try:
                 rec = self._read(job_id)
                 if rec is None or rec.status != "running":
-                    _unlink(marker)
+                    _unlink(marker)  # (a final record's other bookkeeping: `_requeue_orphans`, next pass)
                     continue
                 touched.append(job_id)
                 self._recover(rec)

@@ -32,6 +32,7 @@ from prefix_store.errors import InvalidPrefix, PrefixNotFound, StoreError, Store
 from prefix_store.format import PrefixMeta
 from prefix_store.names import is_valid_name
 from prefix_store.outage import RepeatedFailure
+from prefix_store.urls import file_url
 from server.prefixes import TRAINED_KEYS
 from server.training.config import (
     InitFromNotFound,
@@ -132,7 +133,7 @@ def jobs_location(store: Any, jobs_url: str | None = None) -> str:
     if root is None:
         raise ValueError(f"cannot place training jobs next to store {store!r}: pass jobs_url")
     root = Path(root)
-    return "file://" + str(root.parent / f"{root.name}.jobs")
+    return file_url(root.parent / f"{root.name}.jobs")
 
 
 def open_backend(location: str, *, max_attempts: int, stale_after_s: float, retention_s: float) -> Any:
