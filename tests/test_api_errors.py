@@ -172,8 +172,8 @@ def test_unknown_route_404_and_wrong_method_405(srv):
     assert "POST" in r.headers["allow"]
     assert_error(c.delete("/v1/models"), 405)
     # Allow lists every method served at the path, across routes
-    assert set(assert_error_allow(c.request("OPTIONS", "/prefixes"))) == {"GET", "POST"}
-    assert set(assert_error_allow(c.put("/prefixes/acme/default"))) == {"GET", "DELETE"}
+    assert set(assert_error_allow(c.request("OPTIONS", "/prefixes"))) == {"GET", "HEAD", "POST"}
+    assert set(assert_error_allow(c.put("/prefixes/acme/default"))) == {"GET", "HEAD", "DELETE"}
     # made-up methods (any token is one) share one metric label: they cannot grow /metrics without bound (with
     # httptools, uvicorn's fast parser, a method it does not know is a 400 before the app, as in vLLM)
     for i in range(5):
@@ -1071,3 +1071,21 @@ def test_a_request_whose_headers_never_finish_is_closed(monkeypatch):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_head_is_served_wherever_get_is(server_factory):
+    """HEAD of a GET route answers as its GET would, without the body (it was a 405 everywhere but /health and
+    /ready: `HEAD /tgi/health`, TGI's probe, too), behind the same key check; Allow lists it; the OpenAPI document
+    lists no HEAD operation."""
+    s = server_factory(keys={"acme": "k-acme-1234567890abcdefghij"}, prefixes={("acme", "faq"): {"seed": 1}})
+    c, anon = s.client("k-acme-1234567890abcdefghij"), s.client()
+    for path in ("/info", "/version", "/metrics", "/v1/models", "/prefixes", "/usage", "/tgi/health", "/tgi/info",
+                 "/prefixes/acme/faq", "/health"):  # fmt: skip
+        got, head = c.get(path), c.head(path)
+        assert got.status_code == head.status_code == 200, (path, got.status_code, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
+    assert anon.head("/info").status_code == 401 and anon.head("/version").status_code == 200
+    assert c.head("/prefixes/acme/nope").status_code == 404
+    assert "HEAD" in [m.strip() for m in c.put("/info").headers["allow"].split(",")]
+    ops = c.get("/openapi.json").json()["paths"]
+    assert not any("head" in methods for methods in ops.values())

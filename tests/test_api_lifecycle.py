@@ -340,12 +340,13 @@ def test_the_server_process_freezes_its_start_up_objects_for_the_gc(api_bundle, 
     from server.settings import Settings
     from tests.fixtures.server import start_server
 
-    assert gc.get_freeze_count() == 0
+    before = gc.get_freeze_count()  # (0 on Python 3.11; 3.12 starts with a few hundred there)
+    assert before < 10_000
     store = open_store(f"file://{tmp_path / 'store'}")
     s = Settings(store_url=store.url, kv_cache_mb=16, max_model_len=512, training_workers=0)
     server, thread, url = start_server(create_app(s, bundle=api_bundle, store=store, freeze_gc=True))
     try:
-        assert gc.get_freeze_count() > 10_000
+        assert gc.get_freeze_count() > before + 10_000
         body = {"tenant_id": "acme", "prefix": "base", "prompt": "hi", "max_tokens": 2}
         assert httpx.post(url + "/generate", json=body, timeout=30).status_code == 200
     finally:

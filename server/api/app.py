@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -751,12 +752,18 @@ def create_app(
     )
     for router in routers:
         app.include_router(router)
-    st.route_methods = [
-        (r.path_regex, r.path, set(r.methods))
-        for router in routers
-        for r in router.routes
-        if isinstance(r, Route) and r.methods
-    ]
+    # HEAD wherever GET is served, as HTTP has it (and TGI's own router: `HEAD /health` is a probe there): the GET's
+    # status and headers, no body (the server sends none for a HEAD); out of the OpenAPI document, as the probes'
+    served = [r for router in routers for r in router.routes if isinstance(r, Route) and r.methods]
+    with_head = {r.path for r in served if "HEAD" in (r.methods or ())}
+    for r in list(served):
+        if isinstance(r, APIRoute) and "GET" in (r.methods or ()) and r.path not in with_head:
+            app.add_api_route(
+                r.path, r.endpoint, methods=["HEAD"], response_model=None, include_in_schema=False,
+                dependencies=r.dependencies, response_class=r.response_class,
+            )  # fmt: skip
+            served.append(app.routes[-1])  # type: ignore[arg-type]
+    st.route_methods = [(r.path_regex, r.path, set(r.methods or ())) for r in served]
     app.add_middleware(ServiceMiddleware, state=st)
     if settings.cors_allow_origins:
         # outermost: a browser's preflight (OPTIONS, no key) is answered before the key check
