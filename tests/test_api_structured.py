@@ -469,3 +469,21 @@ def test_schemas_nested_or_chained_deep_are_refused_or_served_never_a_crash(srv)
     r = c.post("/v1/chat/completions", json={**chat, "tools": [tool]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
     assert c.get("/health").status_code == 200
+
+
+def test_a_tool_schema_that_does_not_compile_is_an_error_of_tools(srv):
+    """tool_choice "required" (or a named tool) constrains the output to the tools' parameters: one that does not
+    compile (a bad regex) was "invalid tool_choice", naming a field the client had right."""
+    pytest.importorskip("llguidance")
+    params = {"type": "object", "properties": {"x": {"type": "string", "pattern": "a(b"}}, "required": ["x"]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": params}}
+    body = {
+        "model": "acme",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "tools": [tool],
+    }
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        r = srv.client(KEY).post("/v1/chat/completions", json={**body, "tool_choice": choice})
+        err = assert_error(r, 400)
+        assert err["param"] == "tools" and err["message"].startswith("invalid tools"), err

@@ -306,7 +306,8 @@ async def start_choices(
         think = svc.reasoning.think_mode(tools.opened)
     structured: StructuredOutputs | None
     if forced is not None:
-        structured = await svc.compile_spec(replace(forced, think=think), "tool_choice")
+        # (the grammar is made of the tools' parameters: a schema that does not compile is an error of `tools`)
+        structured = await svc.compile_spec(replace(forced, think=think), "tools")
     else:
         structured = await svc.structured(
             so,
