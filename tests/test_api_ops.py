@@ -187,6 +187,12 @@ def test_metrics_present_and_updated(server_factory, api_bundle):
     c.get("/prefixes/acme/some-random-name-123")
     m = c.get("/metrics").text
     assert "acme" not in m and "some-random-name" not in m
+    # echo with max_tokens 0 runs with 1 (its token not part of the answer): the client asked for 0
+    body = {"model": "acme/base", "prompt": "hello", "max_tokens": 0, "echo": True}
+    assert c.post("/v1/completions", json=body).status_code == 200
+    m = c.get("/metrics").text
+    assert metric_value(m, "prefixserve:request_params_max_tokens_count") == 4
+    assert metric_value(m, "prefixserve:request_params_max_tokens_sum") == 15
 
 
 def test_request_log_lines_have_fields_but_no_prompt_or_key(server_factory, api_bundle, caplog):

@@ -404,7 +404,8 @@ class GenerationRun:
         generated = ev.completion_tokens if self.bill_output else 0
         m.request_prompt_tokens.observe(ev.prompt_tokens)
         m.request_generation_tokens.observe(generated)
-        m.request_max_tokens.observe(self.req.sampling.max_tokens)
+        # (what the client asked for: echo with max_tokens 0 runs with 1, its token not part of the answer)
+        m.request_max_tokens.observe(self.req.sampling.max_tokens if self.bill_output else 0)
         queue, ttft = self._queue, self._ttft
         if queue is None or ttft is None:  # (no token of the answer: echo with max_tokens 0)
             return
