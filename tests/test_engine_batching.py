@@ -1417,7 +1417,12 @@ def test_idle_prefix_blocks_are_counted_as_the_cache_changes(tiny_llama_bundle):
     check()
     assert pc.entries and eng.pool.num_used - pc.idle_blocks == 0
     eng.add_request(_req("running", [1, 2, 3], kl[2], max_tokens=50))
-    eng.step()
+    for _ in range(200):  # (until its prefix, evicted, is fetched again on the loader thread)
+        eng.step()
+        if eng.num_running:
+            break
+        time.sleep(0.01)
+    assert eng.num_running == 1
     assert eng.pool.num_used - pc.idle_blocks > 0  # a running request holds its own blocks and its prefix
 
 

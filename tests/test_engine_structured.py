@@ -344,15 +344,17 @@ def test_thousands_of_choices(tiny_llama_bundle):
         (StructuredOutputs("choice", '["ok", 3]'), "non-empty list"),
         (StructuredOutputs("grammar", "start: undefined_rule"), "undefined_rule"),
         (StructuredOutputs("regex", "a\ud800"), "surrogate"),
-        # nested past the JSON parser's recursion limit (a RecursionError, once a 500)
-        (StructuredOutputs("json", "[" * 5000 + "]" * 5000), "RecursionError"),
+        # nested past the JSON parser's recursion limit (a RecursionError, once a 500; Python 3.13's parser reads it,
+        # and a list is no schema)
+        (StructuredOutputs("json", "[" * 5000 + "]" * 5000), "RecursionError|must be an object"),
         (StructuredOutputs("choice", "[" * 5000 + "]" * 5000), "non-empty list"),
     ],
 )
 def test_invalid_specs_raise_grammar_error(tiny_llama_bundle, so, needle):
     g = GrammarCompiler(tiny_llama_bundle.tokenizer, tiny_llama_bundle.spec.vocab_size, 0)
-    with pytest.raises(GrammarError, match=re.escape(needle)):
+    with pytest.raises(GrammarError) as e:
         g.compile(so)
+    assert any(n in str(e.value) for n in needle.split("|")), (needle, str(e.value))
     assert g.compilations == 0
 
 
