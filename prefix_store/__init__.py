@@ -13,6 +13,7 @@ from ``server``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -60,12 +61,16 @@ def file_store_root(url: str) -> Path | None:
 
 def check_store_url(url: str) -> None:
     """ValueError unless `url` is a store URL `open_store` takes (scheme, an absolute file path, keep_versions, a
-    numeric Redis db), decided without opening or connecting to anything: a mistyped URL is an error at start-up,
+    numeric Redis db, options the backend knows), decided without opening or connecting to anything: a mistyped URL is an error at start-up,
     not after the model has loaded."""
     url, _ = _take_keep_versions(url)
     scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
         _file_url_path(url)
+        if urlsplit(url).query:  # (a mistyped keep_versions kept every version, quietly)
+            raise ValueError(
+                f"a file store URL takes one option, keep_versions=N; got {urlsplit(url).query!r}"
+            )
     elif scheme in ("redis", "rediss"):
         try:
             urlsplit(url).port  # noqa: B018  (a port that is not a number raises here, as redis-py would later)
@@ -79,6 +84,7 @@ def check_store_url(url: str) -> None:
             raise ValueError(
                 f"the Redis database in a store URL is a number (redis://host:port/0), got {db!r}"
             )
+        _check_redis_options(url)
     elif scheme == "" and url:
         if not Path(url).expanduser().is_absolute():
             # a folder under the working directory: where a mistyped URL ("rediss//host:6379/0", "host:6379/0")
@@ -87,10 +93,35 @@ def check_store_url(url: str) -> None:
                 f"a prefix store path must be absolute, got {url!r} (or a URL: file:///abs/path, "
                 "redis://host:port/db)"
             )
-    elif scheme != "unix":
+    elif scheme == "unix":
+        _check_redis_options(url)
+    else:
         raise ValueError(
             f"unsupported prefix store URL {url!r}: use file:///abs/path or redis://host:port/db"
         )
+
+
+def _check_redis_options(url: str) -> None:
+    """ValueError for a Redis URL option that is not ours (`prefix`, `keep_versions`) nor redis-py's: redis-py makes
+    any option a keyword argument of each connection, and a mistyped one (`keep_version=2`) was a TypeError at the
+    first command, after the model had loaded (a server never ready, the CLI a traceback). Builds a connection
+    object, which connects to nothing."""
+    import redis
+
+    from prefix_store.redis_store import split_url
+
+    client_url, _ = split_url(url)  # (and the namespace's name)
+    try:
+        redis.ConnectionPool.from_url(client_url).make_connection()
+    except TypeError as e:
+        unknown = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+        what = repr(unknown.group(1)) if unknown else str(e)
+        raise ValueError(
+            f"unknown option {what} in a Redis URL (ours: prefix, keep_versions; and redis-py's connection "
+            "options: socket_timeout, health_check_interval, ...)"
+        ) from None
+    except redis.RedisError as e:
+        raise ValueError(f"invalid Redis URL: {e}") from None
 
 
 def _take_keep_versions(url: str) -> tuple[str, int | None]:

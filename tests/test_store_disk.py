@@ -371,6 +371,31 @@ def test_store_urls(tmp_path):
             open_store(bad)
 
 
+def test_an_option_a_store_url_does_not_take_is_refused_before_anything_opens():
+    """redis-py makes any query option a keyword argument of each connection: a mistyped one (`keep_version=2`,
+    `prefx=`) was a TypeError at the first command, after the model had loaded (a server never ready, a CLI
+    traceback); on a file URL it was ignored (every version kept). Both are a ValueError naming the option, from
+    the check settings run at start-up; the options of ours and of redis-py's still pass."""
+    from prefix_store import check_store_url
+
+    for url, option in (
+        ("redis://127.0.0.1:6379/0?keep_version=2", "'keep_version'"),
+        ("redis://127.0.0.1:6379/0?prefix=ns&prefx=ns", "'prefx'"),
+        ("unix:///tmp/redis.sock?nope=1", "'nope'"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", "socket_timeout"),
+        ("file:///tmp/store?keep_version=2", "keep_version=2"),
+    ):
+        with pytest.raises(ValueError, match=option):
+            check_store_url(url)
+    for url in (
+        "redis://127.0.0.1:6379/0?prefix=ns&keep_versions=2&socket_timeout=2&health_check_interval=10",
+        "rediss://:secret@127.0.0.1:6380/1?ssl_cert_reqs=none",
+        "unix:///tmp/redis.sock?db=1",
+        "file:///tmp/store?keep_versions=3",
+    ):
+        check_store_url(url)
+
+
 @pytest.mark.parametrize("name", ["home#1", "h?x", "p%41", "with space", "ünï"])
 def test_a_folder_name_that_urls_encode_is_the_store_it_names(tmp_path, monkeypatch, name):
     """The store URLs the server builds from a folder (PREFIXSERVE_HOME, a store's own `url`, the training jobs
