@@ -248,7 +248,8 @@ def describe_settings_error(e: Exception) -> str:
     parts = []
     for err in e.errors(include_url=False):
         field = str(err["loc"][0]) if err["loc"] else ""
-        where = setting_name(field) if field else "settings"
+        # (with the other spelling of its flag: `worker --store` has no --store-url)
+        where = " / ".join((setting_name(field), *FLAG_ALIASES.get(field, ()))) if field else "settings"
         msg = str(err["msg"])
         given = err.get("input")
         shown = ""
@@ -275,11 +276,49 @@ def check_model_settings(settings: Any) -> None:
         if not triton_ops.available(device):
             raise ValueError(f"kernels 'triton' needs triton and a CUDA device (device here: {device.type})")
     if settings.model not in ("", EMBEDDED_NAME):
-        folder = Path(settings.model).expanduser()
-        if not (folder / "config.json").is_file():
+        check_model_folder(Path(settings.model).expanduser(), settings.model)
+    else:  # the embedded model's cache: a folder that cannot be made fails now, not after a 20 s conversion
+        from server.model.loader import default_cache_dir
+
+        models = default_cache_dir() / "models"
+        try:
+            models.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
             raise ValueError(
-                f"model {settings.model!r}: not {EMBEDDED_NAME!r} nor a Hugging Face model folder (no config.json)"
-            )
+                f"PREFIXSERVE_CACHE: cannot make the model cache {models}: {e.strerror or e}"
+            ) from None
+        if not os.access(models, os.W_OK | os.X_OK) and not (models / "smollm2-135m-instruct").is_dir():
+            raise ValueError(f"PREFIXSERVE_CACHE: the model cache {models} is not writable")
+
+
+# what a Hugging Face model folder holds its weights in (one of)
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+
+
+def check_model_folder(folder: Path, given: str) -> None:
+    """A model folder the server can load, by what it says of itself (its config, its files): ValueError naming
+    what is wrong, before anything loads (a BERT folder, a config that does not parse or a folder without weights
+    was a traceback from the server's start-up, seconds in)."""
+    from transformers import AutoConfig
+
+    from server.model.loader import EMBEDDED_NAME
+    from server.model.spec import spec_from_config
+
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"model {given!r}: not {EMBEDDED_NAME!r} nor a Hugging Face model folder (no config.json)"
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # (a config that is not JSON, names no known model_type, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model {given!r}: its config.json cannot be read: {first}") from None
+    try:
+        spec_from_config(config)
+    except ValueError as e:
+        raise ValueError(f"model {given!r}: {e}") from None
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ValueError(f"model {given!r}: the folder has no weights ({', '.join(WEIGHT_FILES)})")
 
 
 def bind_listen_socket(host: str, port: int) -> socket.socket:

@@ -138,7 +138,10 @@ def test_serve_refuses_bad_settings(monkeypatch, capsys):
     [
         (["--device", "tpu"], "unknown device"),
         (["--dtype", "float64"], "dtype must be"),
-        (["--store-url", "bogus://x"], "--store-url: unsupported scheme"),
+        (
+            ["--store-url", "bogus://x"],
+            "--store-url / --store: unsupported scheme",
+        ),  # (as `worker` spells it too)
         (["--jobs-url", "redsi://redis:6379/0"], "--jobs-url: unsupported scheme"),  # was a folder "redsi:"
         (["--limits-url", "file:///tmp/x"], "--limits-url: unsupported scheme"),
         (["--model", "/nonexistent/model"], "no config.json"),
@@ -157,6 +160,10 @@ def test_serve_refuses_bad_settings(monkeypatch, capsys):
             ["--speculative-tokens", "4", "--async-decode", "on"],
             "async_decode on cannot run with speculative",
         ),
+        # an option the store's backend does not take (redis-py: a TypeError at the first command, after the
+        # model loaded; a file URL: ignored)
+        (["--store-url", "redis://127.0.0.1:6379/0?keep_version=2"], "unknown option 'keep_version'"),
+        (["--jobs-url", "file:///tmp/jobs?keep_version=2"], "takes one option, keep_versions=N"),
     ],
 )
 def test_serve_refuses_unusable_settings_in_one_line(args, needle, capsys, tmp_path, monkeypatch):
@@ -168,6 +175,38 @@ def test_serve_refuses_unusable_settings_in_one_line(args, needle, capsys, tmp_p
     err = capsys.readouterr().err
     assert "invalid settings" in err and needle in err and "Traceback" not in err and "s3cret" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_refuses_a_model_folder_it_cannot_load_in_one_line(capsys, tmp_path, monkeypatch):
+    """A folder that is no decoder-only causal LM, whose config.json does not parse, or that has no weights, and an
+    embedded model's cache that cannot be made: exit 2 saying why, before anything loads (each was a traceback
+    from the server's start-up; the cache one after a 20 s conversion)."""
+    import json
+
+    def folder(name: str, config: str, weights: bool = False) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(config)
+        if weights:
+            (d / "model.safetensors").write_bytes(b"")
+        return str(d)
+
+    llama = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2,
+             "num_hidden_layers": 1, "intermediate_size": 8, "vocab_size": 10}  # fmt: skip
+    bert = {"model_type": "bert", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
+            "intermediate_size": 8, "vocab_size": 10}  # fmt: skip
+    for model, needle in (
+        (folder("bert", json.dumps(bert), weights=True), "not a decoder-only causal LM"),
+        (folder("torn", "{not json", weights=True), "its config.json cannot be read"),
+        (folder("empty", json.dumps(llama)), "the folder has no weights"),
+    ):
+        assert cli.main(["serve", "--port", "0", "--model", model]) == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setenv("PREFIXSERVE_CACHE", str(tmp_path / "torn" / "config.json" / "cache"))  # under a file
+    assert cli.main(["serve", "--port", "0"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "PREFIXSERVE_CACHE: cannot make the model cache" in err, err
 
 
 def test_an_empty_keys_file_does_not_start_an_open_server(tmp_path, capsys, monkeypatch):

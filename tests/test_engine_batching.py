@@ -548,6 +548,14 @@ def test_the_default_pool_holds_one_request_at_the_full_context(tiny_llama_bundl
             b, DictPrefixProvider(), EngineConfig(kv_cache_bytes=8 * block_bytes, max_model_len=256)
         )
     assert small.pool.num_blocks == 8 and small.max_request_tokens < 256 and "holds at most" in caplog.text
+    # a pool that holds no request at all is refused (a server said it was ready and refused every request)
+    assert (
+        LLMEngine(b, DictPrefixProvider(), EngineConfig(kv_cache_bytes=4 * block_bytes)).max_request_tokens
+        == 16
+    )
+    for blocks in (1, 3):
+        with pytest.raises(ValueError, match="holds no request: at least 4 blocks"):
+            LLMEngine(b, DictPrefixProvider(), EngineConfig(kv_cache_bytes=blocks * block_bytes))
 
 
 def test_a_pool_larger_than_the_gpus_free_memory_is_refused_saying_what_to_set(monkeypatch):

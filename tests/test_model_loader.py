@@ -285,3 +285,22 @@ def test_embedded_conversion_survives_another_process_sweep_after_a_clock_step(t
     assert len(swept) == 1 and len(swept[0]) == 1 and swept[0][0] != dead.name  # ours kept, the dead one gone
     assert (target / "config.json").exists() and (target / "tokenizer_config.json").exists()
     assert not list(parent.glob(".tmp-convert-*"))
+
+
+def test_a_killed_conversions_folder_goes_at_a_later_start_once_the_cache_exists(tmp_path):
+    """SIGTERM during start-up exits at once (no clean-up runs): its conversion's temp folder (~200 MB) stayed for
+    good, since the sweep ran only while converting, spared folders under an hour old, and once a later start had
+    converted none converted again. Every load sweeps now, and a folder whose lock is free is a dead conversion's
+    a minute on; a folder younger than that (between its creation and its lock) is left."""
+    models = tmp_path / "models"
+    target = models / "smollm2-135m-instruct"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    dead, young = models / ".tmp-convert-dead", models / ".tmp-convert-young"
+    for d in (dead, young):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 100)
+    minutes_ago = time.time() - 120
+    os.utime(dead, (minutes_ago, minutes_ago))
+    assert ensure_embedded_converted(tmp_path) == target
+    assert not dead.exists() and young.exists()

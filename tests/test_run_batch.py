@@ -304,8 +304,10 @@ def test_a_line_the_server_fails_on_is_that_lines_error(
     )
     src, dst, folder = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "model"
     src.write_text("\n".join(lines) + "\n")
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    api_bundle.hf_model.config.save_pretrained(
+        folder
+    )  # (what the settings check reads; the model is injected)
+    (folder / "model.safetensors").write_bytes(b"")
     caplog.set_level(logging.INFO, logger="prefixserve")
     rc = main(["run-batch", "-i", str(src), "-o", str(dst), "--max-concurrency", "2", "--model", str(folder),
                "--store-url", srv.store.url, "--kv-cache-mb", "16", "--max-model-len", "512"])  # fmt: skip

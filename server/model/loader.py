@@ -236,10 +236,12 @@ def embedded_gguf_dir() -> Path:
     return folder
 
 
-def _remove_stale_temp_dirs(parent: Path, max_age_s: float = 3600.0) -> None:
-    """Temp folders left by a crashed conversion (never picked up by loads; only disk space). Age alone does not
-    say a conversion died: one under way (in another process) holds its folder's lock, and its folder is left
-    alone however old it looks (a wall clock stepped forward)."""
+def _remove_stale_temp_dirs(parent: Path, max_age_s: float = 60.0) -> None:
+    """Temp folders left by a crashed conversion (never picked up by loads; only disk space: ~200 MB each). A
+    conversion under way (in another process) holds its folder's lock, and its folder is left alone however old it
+    looks (a wall clock stepped forward); the age only spares a folder between its creation and its lock. Run on
+    every load: a conversion killed (SIGTERM in start-up exits at once) was left for good once a later start had
+    converted, since none converts again."""
     now = time.time()
     for d in parent.glob(".tmp-convert-*"):
         with contextlib.suppress(OSError):
@@ -298,7 +300,11 @@ def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache_dir / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists():
+        _remove_stale_temp_dirs(target.parent)  # (a conversion killed before a start that converted again)
         return target
+    target.parent.mkdir(
+        parents=True, exist_ok=True
+    )  # (a cache that cannot be made: now, not after converting)
     src = embedded_gguf_dir()
     log.info("converting the embedded SmolLM2-135M-Instruct GGUF once into %s (~20-60 s)", target)
     t0 = time.perf_counter()
@@ -321,7 +327,6 @@ def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
         model.hf_quantizer = None  # type: ignore[assignment]
     with contextlib.suppress(AttributeError):
         delattr(model.config, "quantization_config")
-    target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(target.parent)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-convert-"))
     lock = os.open(tmp, os.O_RDONLY)
