@@ -758,6 +758,38 @@ def test_token_limit_checked_at_submit(tiny_llama_bundle, store):
     jm.shutdown()
 
 
+def test_a_record_over_the_upload_limit_is_refused_at_submit_naming_what_fits(tiny_llama_bundle, store):
+    """A prefix-tuning MLP of 8192 made a 397 MB record on SmolLM2: its download could not be uploaded again (64 MiB)
+    and each prefix-cache miss read it all. The record (KV and trained tensors, float32) must fit the server's
+    max_upload_bytes: a wider MLP is a 422 naming the widest that fits (which is accepted), and a prefix too long
+    for any MLP, or for another kind, names the longest that fits."""
+    from server.training import TrainingLimits
+    from server.training.trainer import trainable_parameter_count
+
+    sp = tiny_llama_bundle.spec
+    kv_per_position = sp.num_layers * 2 * sp.num_kv_heads * sp.head_dim
+
+    def size(method: str, p: int, h: int) -> int:
+        return 4 * (kv_per_position * p + trainable_parameter_count(method, sp, p, h))
+
+    most = size("prefix_tuning", 3, 100)
+    jm = JobManager(
+        tiny_llama_bundle, store, in_process_workers=0, limits=TrainingLimits(max_record_bytes=most)
+    )
+    with pytest.raises(TrainingValidationError, match="at most 100 fits") as ei:
+        jm.submit(request_(mlp_hidden=101))
+    assert ei.value.param == "hyperparameters.mlp_hidden"
+    assert jm.submit(request_(mlp_hidden=100)).status == "queued"
+    for method in ("prefix_propagation", "prompt_tuning"):
+        longest = max(p for p in range(1, 400) if size(method, p, 0) <= most)
+        req = {**request_(method=method), "prefix_length": longest + 1}
+        if longest + 1 <= 256:
+            with pytest.raises(TrainingValidationError, match=f"at most {longest} positions fit") as ei:
+                jm.submit({**req, "tenant_id": f"t-{method}"})
+            assert ei.value.param == "prefix_length"
+    jm.shutdown()
+
+
 def test_a_job_runs_under_the_limits_it_was_accepted_with(managers):
     """The accepting server's limits travel in the job record: a worker with other (default) limits runs the job
     under them, both ways (a larger epoch limit it would refuse, a time limit it does not have)."""
@@ -2045,3 +2077,25 @@ def test_disk_running_job_that_lost_its_marker_is_recovered(tiny_llama_bundle, t
     assert not any(backend._dirs["active"].glob("*/*"))
     jm.shutdown()
     store.close()
+
+
+def test_hyperparameters_that_would_learn_nothing_are_refused(tiny_llama_bundle, store):
+    """Accepted before and useless: learning_rate x weight_decay >= 1 (AdamW scales the prefix by 1 - their product
+    each step: zeroed, the job "succeeded" having learnt nothing; or flipped until it diverged after every step),
+    and a completion that is only the end-of-sequence token's text (taught the model to answer nothing)."""
+    jm = JobManager(tiny_llama_bundle, store, in_process_workers=0)
+    for hp, param in (
+        ({"learning_rate": 0.1, "weight_decay": 10}, "hyperparameters.weight_decay"),
+        ({"learning_rate": 1.0, "weight_decay": 1}, "hyperparameters.weight_decay"),
+    ):
+        with pytest.raises(TrainingValidationError, match="below 1") as ei:
+            jm.submit(request_(**hp))
+        assert ei.value.param == param
+    assert jm.submit(request_(learning_rate=0.1, weight_decay=5)).status == "queued"  # (0.5: allowed)
+    eos = tiny_llama_bundle.tokenizer.eos_token
+    req = request_(tenant="t2")
+    req["examples"][1] = {"prompt": "q", "completion": eos}
+    with pytest.raises(TrainingValidationError, match="only the end-of-sequence token") as ei:
+        jm.submit(req)
+    assert ei.value.param == "examples[1].completion"
+    jm.shutdown()

@@ -509,6 +509,8 @@ def _make_job_manager(settings: Settings, bundle: Any, store: PrefixStore) -> An
             max_steps=settings.training_max_steps,
             max_seconds=settings.training_max_seconds,
             max_positions=serving_context(settings.max_model_len, bundle.spec.max_positions),
+            # (less the room a record's header and the upload's multipart take)
+            max_record_bytes=max(settings.max_upload_bytes - 2**16, 1),
         ),
     )
 

@@ -64,6 +64,10 @@ class TrainingLimits:
     # training time of one job (seconds): past it, training ends after the step under way and the job succeeds with
     # the prefix trained so far (its summary says `stopped: "time_limit"`); None: no limit
     max_seconds: float | None = None
+    # bytes of the stored record (the served KV and the trained tensors, float32): the server's max_upload_bytes, so
+    # that a download can be uploaded again (an mlp_hidden of 8192 made 397 MB records, 16x slower to fetch on a
+    # prefix-cache miss); None: no limit
+    max_record_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -301,7 +305,17 @@ def resolve_hyperparameters(
     elif "min_steps" not in out:
         # a default never exceeds the operator's limit
         out["min_steps"] = min(base.min_steps, limits.max_steps)
-    return dataclasses.replace(base, **out)
+    hp = dataclasses.replace(base, **out)
+    if hp.learning_rate * hp.weight_decay >= 1.0:
+        # AdamW scales the prefix by 1 - lr x weight_decay every step: at 1 it is zeroed (the job "succeeded" with
+        # nothing learnt), past it flipped until it diverged
+        name = "weight_decay" if "weight_decay" in out else "learning_rate"
+        raise TrainingValidationError(
+            f"learning_rate x weight_decay must be below 1 (AdamW scales the prefix by 1 - their product each step); "
+            f"got {hp.learning_rate:g} x {hp.weight_decay:g}",
+            param=labels.get(name, f"hyperparameters.{name}"),
+        )
+    return hp
 
 
 def check_prefix_length(value: Any, limits: TrainingLimits | None = None) -> int:

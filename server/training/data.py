@@ -94,6 +94,13 @@ def encode_examples(
             raise TrainingValidationError(
                 f"examples[{i}].completion has no tokens", param=f"examples[{i}].completion"
             )
+        if eos is not None and all(t == eos for t in comp_ids):
+            # ("<|im_end|>" as text is the end-of-sequence token: the example taught the model to answer nothing)
+            raise TrainingValidationError(
+                f"examples[{i}].completion is only the end-of-sequence token (the server adds it after each "
+                "completion); give the text to learn",
+                param=f"examples[{i}].completion",
+            )
         if eos is not None:
             comp_ids.append(eos)
         ids = tuple(int(t) for t in prompt_ids + comp_ids)

@@ -55,7 +55,12 @@ from server.training.records import (
     new_job_id,
     request_digest,
 )
-from server.training.trainer import TrainingDiverged, default_train_threads, train_prefix
+from server.training.trainer import (
+    TrainingDiverged,
+    default_train_threads,
+    train_prefix,
+    trainable_parameter_count,
+)
 
 log = logging.getLogger("prefixserve.training.jobs")
 
@@ -244,6 +249,7 @@ class JobManager:
         hp = spec.hyperparameters
         from server.model import default_prompt_format
 
+        self._check_record_size(spec, hp)
         fmt = hp.prompt_format or default_prompt_format(self.bundle)
         try:
             encode_examples(self.bundle, spec.examples, fmt, spec.prefix_length, append_eos=hp.append_eos,
@@ -258,6 +264,40 @@ class JobManager:
             # existed (which refuse unknown hyperparameters) can still run the job
             del stored["min_steps"]
         return spec, stored
+
+    def _check_record_size(self, spec: Any, hp: Any) -> None:
+        """TrainingValidationError when the record the job would store (its KV and trained tensors, float32) is
+        over `max_record_bytes`, naming the largest mlp_hidden (prefix_tuning) or prefix_length that fits."""
+        most = self.limits.max_record_bytes
+        if most is None:
+            return
+        sp, P = self.bundle.spec, spec.prefix_length
+        kv = sp.num_layers * 2 * sp.num_kv_heads * P * sp.head_dim
+
+        def record_bytes(prefix_length: int, mlp_hidden: int) -> int:
+            kv_n = kv // P * prefix_length
+            return 4 * (kv_n + trainable_parameter_count(spec.method, sp, prefix_length, mlp_hidden))
+
+        need = record_bytes(P, hp.mlp_hidden)
+        if need <= most:
+            return
+        mib = f"{need / 2**20:.0f} MiB, more than the {most / 2**20:.0f} MiB a record may take (max_upload_bytes)"
+        if spec.method == "prefix_tuning" and record_bytes(P, 1) <= most:
+            fits = max(h for h in (2**i for i in range(14)) if record_bytes(P, h) <= most)
+            lo, hi = fits, fits * 2
+            while hi - lo > 1:  # (the largest that fits, between two powers of two)
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if record_bytes(P, mid) <= most else (lo, mid)
+            raise TrainingValidationError(
+                f"mlp_hidden {hp.mlp_hidden} makes a record of {mib}; at most {lo} fits",
+                param="hyperparameters.mlp_hidden",
+            )
+        fits = max((n for n in range(1, P) if record_bytes(n, 1 if spec.method == "prefix_tuning" else 0) <= most),
+                   default=0)  # fmt: skip
+        raise TrainingValidationError(
+            f"a prefix of {P} positions makes a record of {mib}; at most {fits} positions fit",
+            param="prefix_length",
+        )
 
     def job_limits(self, rec: JobRecord) -> TrainingLimits:
         """The limits `rec` runs under: those it was accepted with (a record from before they were kept: ours)."""
