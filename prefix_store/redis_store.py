@@ -114,7 +114,19 @@ _UNAVAILABLE_REPLIES = (
     "NOREPLICAS",
     "CLUSTERDOWN",
     "TRYAGAIN",
+    "OOM",
 )
+# ... as redis-py raises them: it strips the code from these replies' messages (and inside MULTI/EXEC prefixes every
+# error with "Command # n (...) of pipeline caused error: "), so the code alone missed them: a read-only replica, a
+# master link down or a full Redis (maxmemory) answered 500 instead of 503 + Retry-After
+_UNAVAILABLE_ERRORS = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.OutOfMemoryError,
+)
+_PIPELINE_ERROR = "of pipeline caused error: "
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -203,7 +215,8 @@ class RedisStore(PrefixStore):
         ) as e:  # not a Redis server at that address (an HTTP port, say)
             raise StoreUnavailable(f"redis at {self._where} does not answer as Redis ({what}): {e}") from e
         except ResponseError as e:
-            if str(e).startswith(_UNAVAILABLE_REPLIES):
+            reply = str(e).rpartition(_PIPELINE_ERROR)[2]
+            if isinstance(e, _UNAVAILABLE_ERRORS) or reply.startswith(_UNAVAILABLE_REPLIES):
                 raise StoreUnavailable(f"redis at {self._where} cannot serve ({what}): {e}") from e
             raise StoreRefused(f"redis at {self._where} refused ({what}): {e}") from e
 

@@ -588,3 +588,30 @@ def test_a_redis_configured_to_lose_prefixes_is_named(redis_server_factory):
         assert store.durability_warnings() == []
     finally:
         store.close()
+
+
+def test_a_redis_that_cannot_serve_now_is_unavailable_not_a_refusal(redis_server_factory):
+    """redis-py strips the code from READONLY, MASTERDOWN and OOM replies (and prefixes every error inside
+    MULTI/EXEC with "Command # n ... of pipeline caused error: "), so the check by code missed them: a read-only
+    replica (a master demoted in a failover), a replica whose master link is down, a full Redis (maxmemory) were
+    StoreRefused, a 500 with no Retry-After. They are StoreUnavailable (503 + Retry-After), and pass."""
+    srv = redis_server_factory
+    store = RedisStore(srv.url)
+    r = srv.client()
+    try:
+        put(store)
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", "1")  # full
+        with pytest.raises(errors.StoreUnavailable, match="maxmemory"):
+            put(store, fill=2.0)
+        r.config_set("maxmemory", "0")
+        r.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a master that never answers
+        with pytest.raises(errors.StoreUnavailable, match="read only replica"):
+            put(store, fill=3.0)
+        r.config_set("replica-serve-stale-data", "no")
+        with pytest.raises(errors.StoreUnavailable, match="MASTER"):
+            store.get("acme", "bot")
+        r.execute_command("REPLICAOF", "NO", "ONE")
+        assert put(store, fill=4.0).version == 2 and store.get("acme", "bot").meta.version == 2
+    finally:
+        store.close()
