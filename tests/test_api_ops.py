@@ -407,6 +407,53 @@ def test_a_hung_store_costs_cached_prefixes_nothing(server_factory, api_bundle, 
     store.close()
 
 
+def test_store_calls_stalled_in_numbers_do_not_hold_up_the_other_requests(
+    server_factory, api_bundle, tmp_path
+):
+    """Store calls held by a stalled store (each for its socket timeout) ran on the default thread pool, which
+    renders every response: six listings on a 2-core machine filled it, and a request for a cached prefix took
+    seconds. They have threads of their own: with more calls stalled than any default pool has threads, a cached
+    prefix is served at once, and the stalled calls end once the store answers."""
+    import threading
+
+    from prefix_store import open_store
+
+    store = open_store(f"file://{tmp_path / 's'}")
+    put_random_prefix(store, api_bundle, "acme", seed=1)
+    s = server_factory(store=store)
+    c = s.client()
+    body = {"tenant_id": "acme", "prompt": "x y z", "max_tokens": 4}
+    want = c.post("/generate", json=body).json()["text"]  # (its metadata cached now)
+    stall = threading.Event()
+    real_list_page = store.list_page
+
+    def stalled(*a, **k):
+        stall.wait(30)
+        return real_list_page(*a, **k)
+
+    store.list_page = stalled  # type: ignore[method-assign]
+    listings: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: listings.append(s.client().get("/prefixes").status_code))
+        for _ in range(40)  # (more than the 32 threads a default pool has at most)
+    ]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # (every listing sent and stalled)
+        t0 = time.monotonic()
+        r = c.post("/generate", json=body)
+        assert r.status_code == 200 and r.json()["text"] == want
+        assert time.monotonic() - t0 < 2.0, "a cached prefix waited behind stalled store calls"
+        assert not listings
+    finally:
+        stall.set()
+        for t in threads:
+            t.join(30)
+    assert listings == [200] * 40
+    store.close()
+
+
 def test_a_refresh_that_finds_the_prefix_unservable_stops_serving_it(
     server_factory, api_bundle, tmp_path, monkeypatch
 ):

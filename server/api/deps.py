@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -62,7 +61,7 @@ async def store_call(
     """Run a blocking store call off the event loop, mapping store errors to API errors. `written_from`: the call
     writes what the request field of that name gave, so a record the store refuses is that field's 422."""
     try:
-        out = await asyncio.to_thread(fn, *args, **kw)
+        out = await svc.in_store_pool(fn, *args, **kw)
     except errors.InvalidPrefix as e:
         if written_from is None:
             raise APIError(422, f"stored prefix cannot be read: {e}", code="prefix_corrupt") from None

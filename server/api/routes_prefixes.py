@@ -76,7 +76,7 @@ def _job_tenant(rec: Any) -> str | None:
 
 async def _call_jobs(svc: Service, fn: Any, *args: Any) -> Any:
     try:
-        return await asyncio.to_thread(fn, *args)
+        return await svc.in_store_pool(fn, *args)
     except errors.StoreUnavailable:
         raise unavailable(
             "job store unavailable", svc.settings.retry_after_s, code="store_unavailable"
@@ -159,7 +159,7 @@ async def train(
     tenant = principal.resolve_tenant(body.tenant_id)
     info.tenant, info.prefix = tenant, body.name
     _check_new_prefix(tenant, body.name)
-    if await asyncio.to_thread(lambda: svc.store.read_only):  # (its prefix could never be stored)
+    if await svc.in_store_pool(lambda: svc.store.read_only):  # (its prefix could never be stored)
         raise read_only_error(svc)
     key = _idempotency_key(idempotency_key)
     spec = body.model_dump(exclude_none=True)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -60,6 +61,7 @@ TOKENIZE_PER_TENANT = (
     2  # a tenant's prompts tokenizing at once (more wait their turn, not on the pool's queue)
 )
 COMPILE_PER_TENANT = 1  # a tenant's grammars compiling at once
+STORE_THREADS = 8  # store and job-backend calls under way at once (`Service.in_store_pool`)
 
 
 class TenantGate:
@@ -319,6 +321,10 @@ class Service:
         default_factory=lambda: DaemonThreadPool(max(1, ((os.cpu_count() or 1) + 1) // 2), "grammar")
     )
     _probe_pool: DaemonThreadPool = field(default_factory=lambda: DaemonThreadPool(1, "store-ping"))
+    # store and job-backend calls on threads of their own: a stalled Redis holds each call for its socket timeout
+    # (5 s), and six such lookups filled the default pool (six threads on 2 cores) that renders every response, so
+    # requests for cached prefixes waited seconds behind them
+    _store_pool: DaemonThreadPool = field(default_factory=lambda: DaemonThreadPool(STORE_THREADS, "store"))
     _tokenize_gate: TenantGate = field(default_factory=lambda: TenantGate(TOKENIZE_PER_TENANT))
     _compile_gate: TenantGate = field(default_factory=lambda: TenantGate(COMPILE_PER_TENANT))
     tool_parser: ToolParser = field(default_factory=lambda: get_parser("hermes"))
@@ -477,8 +483,14 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.to_thread(self.engine.shutdown)
-        for pool in (self._tokenizer_pool, self._compile_pool, self._probe_pool):
+        for pool in (self._tokenizer_pool, self._compile_pool, self._probe_pool, self._store_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+
+    async def in_store_pool(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """`fn(*args, **kw)` (a prefix store or job backend call) on the store's threads, in this context's copy (as
+        `asyncio.to_thread`: the request's log fields)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kw)
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, call)
 
     # ------------------------------------------------------------------ state for /ready and /metrics
     def engine_alive(self) -> bool:
@@ -703,7 +715,7 @@ class Service:
         k = (*key, version)
         flight = self._inflight_meta.get(k)
         if flight is None:
-            fut = asyncio.ensure_future(asyncio.to_thread(self.servable_meta, *key, version))
+            fut = asyncio.ensure_future(self.in_store_pool(self.servable_meta, *key, version))
             flight = self._inflight_meta[k] = (fut, self.meta_cache.generation())
             fut.add_done_callback(lambda _f: self._inflight_meta.pop(k, None))
         shared, began = flight
