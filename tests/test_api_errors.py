@@ -65,6 +65,18 @@ def test_json_depth_is_measured_as_parsing_would_find_it(seed):
             assert json_too_deep(text, limit) == (_depth(d) > limit), (text[:200], limit)
 
 
+def test_measuring_depth_takes_one_pass_whatever_the_body():
+    """A string never closed, full of escaped quotes, made the string-skipping regex start a scan to the end of the
+    body at each quote: quadratic (80 KB: 30 s; a 1 MB body would hold the event loop for about an hour). One pass:
+    60 KB of them are measured in milliseconds (the quadratic scan took ~20 s), 1 MB in ~40 ms."""
+    from server.api.errors import json_too_deep
+
+    body = b"[" * 200 + b'"' + b'\\"' * 30_000
+    t0 = time.monotonic()
+    assert json_too_deep(body)
+    assert time.monotonic() - t0 < 2.0
+
+
 def test_a_body_nested_past_the_limit_is_refused_on_every_route_before_it_runs(server_factory):
     """Python's parsers, the chat template and the response serialiser each failed at a depth of their own: tool
     parameters 400 deep were a 400 on Python 3.11 and served on 3.12, a Responses request echoing `text` 300 deep

@@ -283,7 +283,9 @@ def invalid_field(e: ValidationError, param: Callable[[tuple[Any, ...]], str | N
 # paths: tool parameters 400 deep were a RecursionError in the chat template on 3.11 and rendered on 3.12; a
 # Responses request echoing a field ~255 deep failed to serialise after it had run and been billed (a 500).
 MAX_JSON_DEPTH = 128
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# a string, or one never closed to the end of the body (else each of its escaped quotes started another scan to the
+# end: quadratic, an hour of the event loop for a 1 MB body)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
