@@ -283,13 +283,12 @@ class JobManager:
             return
         mib = f"{need / 2**20:.0f} MiB, more than the {most / 2**20:.0f} MiB a record may take (max_upload_bytes)"
         if spec.method == "prefix_tuning" and record_bytes(P, 1) <= most:
-            fits = max(h for h in (2**i for i in range(14)) if record_bytes(P, h) <= most)
-            lo, hi = fits, fits * 2
-            while hi - lo > 1:  # (the largest that fits, between two powers of two)
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if record_bytes(P, mid) <= most else (lo, mid)
+            per_unit = record_bytes(P, 1) - record_bytes(
+                P, 0
+            )  # (the record grows linearly with the MLP's width)
             raise TrainingValidationError(
-                f"mlp_hidden {hp.mlp_hidden} makes a record of {mib}; at most {lo} fits",
+                f"mlp_hidden {hp.mlp_hidden} makes a record of {mib}; at most "
+                f"{(most - record_bytes(P, 0)) // per_unit} fits",
                 param="hyperparameters.mlp_hidden",
             )
         fits = max((n for n in range(1, P) if record_bytes(n, 1 if spec.method == "prefix_tuning" else 0) <= most),
