@@ -61,8 +61,8 @@ def file_store_root(url: str) -> Path | None:
 
 def check_store_url(url: str) -> None:
     """ValueError unless `url` is a store URL `open_store` takes (scheme, an absolute file path, keep_versions, a
-    numeric Redis db, options the backend knows), decided without opening or connecting to anything: a mistyped URL is an error at start-up,
-    not after the model has loaded."""
+    numeric Redis db, options the backend knows), decided without opening or connecting to anything: a mistyped
+    URL is an error at start-up, not after the model has loaded."""
     url, _ = _take_keep_versions(url)
     scheme = urlsplit(url).scheme.lower()
     if scheme == "file":

@@ -278,16 +278,17 @@ def check_model_settings(settings: Any) -> None:
     if settings.model not in ("", EMBEDDED_NAME):
         check_model_folder(Path(settings.model).expanduser(), settings.model)
     else:  # the embedded model's cache: a folder that cannot be made fails now, not after a 20 s conversion
-        from server.model.loader import default_cache_dir
+        from server.model.loader import embedded_folder
 
-        models = default_cache_dir() / "models"
+        target = embedded_folder()
+        models = target.parent
         try:
             models.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(
                 f"PREFIXSERVE_CACHE: cannot make the model cache {models}: {e.strerror or e}"
             ) from None
-        if not os.access(models, os.W_OK | os.X_OK) and not (models / "smollm2-135m-instruct").is_dir():
+        if not os.access(models, os.W_OK | os.X_OK) and not target.is_dir():
             raise ValueError(f"PREFIXSERVE_CACHE: the model cache {models} is not writable")
 
 

@@ -92,19 +92,23 @@ def load_limits_file(path: str | Path | None) -> dict[str, dict[str, int | None]
     return parse_limits(data, f"tenant limits file {p}")
 
 
+# a bucket refills its whole capacity in this long (its limit is per minute)
+REFILL_S = 60.0
+
+
 class Bucket:
     """`capacity` units, refilled at `capacity` per minute."""
 
     def __init__(self, capacity: int, now: float) -> None:
         self.capacity = capacity
         self.level = float(capacity)
-        self.rate = capacity / 60.0
+        self.rate = capacity / REFILL_S
         self.t = now
 
     def refill(self, now: float) -> float:
         # a minute refills the whole capacity: exactly, not short by a rounding error (60 x (123 / 60) < 123)
         dt = now - self.t
-        self.level = self.capacity if dt >= 60.0 else min(self.capacity, self.level + dt * self.rate)
+        self.level = self.capacity if dt >= REFILL_S else min(self.capacity, self.level + dt * self.rate)
         self.t = now
         return self.level
 
@@ -138,7 +142,7 @@ def _duration(seconds: float) -> str:
 
 # A bucket untouched this long has refilled to capacity whatever its level was (a level never goes below 0 and a
 # bucket refills its capacity in a minute): it is what a tenant without a bucket gets, so it can be forgotten.
-FORGET_AFTER_S = 60.0
+FORGET_AFTER_S = REFILL_S
 # at most this many a call: a request never pays for thousands of tenants gone idle together, and the tables still
 # shrink faster than a call can grow them (one bucket each)
 FORGET_PER_CALL = 32

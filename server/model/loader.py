@@ -290,6 +290,12 @@ def _gguf_progress_as_configured() -> Iterator[None]:
         gguf_utils.tqdm = bar
 
 
+def embedded_folder(cache_dir: Path | None = None) -> Path:
+    """Where the converted embedded model lives: `cache_dir` (default `$PREFIXSERVE_CACHE` or
+    `~/.cache/prefixserve`) / `models/smollm2-135m-instruct`."""
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "models" / "smollm2-135m-instruct"
+
+
 def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
     """Folder of the dequantized embedded model, converting the GGUF once (atomic: temp dir + rename).
 
@@ -297,8 +303,7 @@ def ensure_embedded_converted(cache_dir: Path | None = None) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache_dir / "models" / "smollm2-135m-instruct"
+    target = embedded_folder(cache_dir)
     if (target / "config.json").exists():
         _remove_stale_temp_dirs(target.parent)  # (a conversion killed before a start that converted again)
         return target
