@@ -30,6 +30,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefix_store import PrefixStore, open_store
+from prefix_store.errors import StoreError
 from server.api.auth import MIN_KEY_CHARS, KeyRing, with_api_key_header
 from server.api.errors import (
     NO_ROOM,
@@ -97,6 +98,8 @@ class AppState:
     config_loaded: dict[str, Any] = field(default_factory=dict)  # signatures of the config files as read
     tls: Any = None  # server.tls.RenewableTLS: uvicorn's context, where the CLI's server terminates TLS
     freeze_gc: bool = False  # after start-up, move what exists to the GC's permanent generation (the CLI's)
+    # start-up failed for a reason its one log line says (a setting, a file): uvicorn is not handed the traceback
+    startup_explained: bool = False
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     def begin_drain(self) -> None:
@@ -194,7 +197,23 @@ class ServiceMiddleware:
         self.app = app
         self.state = state
 
+    def _lifespan_send(self, send: Send) -> Send:
+        """Starlette hands uvicorn a failed start-up's traceback, which uvicorn logs whole; where the lifespan's
+        own line already said what to change (a setting too small, a file that cannot be read), that line is the
+        message and the traceback only noise (kept at debug level)."""
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.state.startup_explained:
+                log.debug("start-up failure:\n%s", message.get("message", ""))
+                message = {**message, "message": ""}
+            await send(message)
+
+        return lifespan_send
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._lifespan_send(send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -535,6 +554,11 @@ def _store_hints(store: PrefixStore, fingerprint: str) -> None:
         log.warning("%s", hint)
 
 
+# failures of a setting or a file, which their message explains: logged as one line (--log-level debug adds the
+# traceback); anything else is a bug's, and uvicorn logs its traceback
+_EXPLAINED_STARTUP_ERRORS = (ValueError, OSError, StoreError)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     st: AppState = app.state.ps
@@ -573,9 +597,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             st.store = open_store(s.store_url)
             st.owns_store = True
     except Exception as e:
-        # one line that says what failed, before uvicorn's traceback (it exits the process itself)
+        # one line that says what failed (uvicorn exits the process itself); the traceback follows only where the
+        # failure is not one of a setting or a file (a bug's)
         doing = f"loading model {s.model}" if st.bundle is None else f"opening the prefix store {st.store!r}"
         log.error("cannot start: %s failed: %s: %s", doing, type(e).__name__, e)
+        st.startup_explained = isinstance(e, _EXPLAINED_STARTUP_ERRORS)
         raise
     store_reachable = True
     try:
@@ -607,11 +633,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             limits = dataclasses.replace(st.job_manager.limits, max_prefix_positions=svc.llm.max_prefix_len)
             st.job_manager.limits = limits
         await asyncio.to_thread(svc.start)
-    except BaseException:
+    except BaseException as e:
         # start-up failed: the job manager never started (no job claimed); its job backend's connection closes
         if st.owns_jobs and st.job_manager is not None:
             with contextlib.suppress(Exception):
                 st.job_manager.shutdown()
+        if isinstance(e, _EXPLAINED_STARTUP_ERRORS):  # e.g. a KV cache too small for one request
+            log.error("cannot start: %s", e)
+            st.startup_explained = True
         raise
     svc.usage.start()
     if st.freeze_gc:
