@@ -33,6 +33,9 @@ from typing import Any
 from server import __version__
 from server.settings import LOG_LEVELS, cert_reqs_choice, env_get, setting_name, unknown_env
 
+if typing.TYPE_CHECKING:
+    from server.settings import Settings
+
 log = logging.getLogger("prefixserve.cli")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
@@ -876,21 +879,27 @@ def _no_store_at(url: str, failure: str) -> bool:
 
 
 def _reserved(tenant_id: str, name: str) -> bool:
-    """Print why, if a stored prefix may not have this tenant id or name (what the API refuses too)."""
-    from prefix_store.names import reserved
+    """Print why, if a stored prefix may not have this tenant id or name (invalid or reserved: what the API and
+    the store refuse too), before anything slow (a model load) is done."""
+    from prefix_store.errors import InvalidName
+    from prefix_store.names import reserved, validate_name
 
+    try:
+        validate_name(tenant_id, "tenant_id")
+        validate_name(name, "name")
+    except InvalidName as e:
+        print(f"prefixserve: {e}", file=sys.stderr)
+        return True
     problem = reserved(tenant_id, name)
     if problem is not None:
         print(f"prefixserve: {problem[1]}", file=sys.stderr)
     return problem is not None
 
 
-def _load_bundle(ns: argparse.Namespace) -> Any:
-    """The base model named by `--model`/`--device`/`--dtype`/`--cache` (or their PREFIXSERVE_* variables; fp32
-    on the CPU by default: a one-off job beside a server that holds the GPU), with `ns.store` set from them too;
-    an exit code after printing why if the settings are invalid or the model does not load."""
-    from server.model import load_model
-
+def _one_off_settings(ns: argparse.Namespace) -> Settings | int:
+    """The settings of a one-off command that loads the model (`--model`/`--device`/`--dtype`/`--cache`/`--store`
+    or their PREFIXSERVE_* variables; fp32 on the CPU by default: a job beside a server that holds the GPU), with
+    `ns.store` set from them; an exit code after printing why if they are invalid."""
     if ns.device is None and not env_get("PREFIXSERVE_DEVICE"):
         ns.device = "cpu"
     try:
@@ -898,6 +907,18 @@ def _load_bundle(ns: argparse.Namespace) -> Any:
     except ValueError as e:
         return invalid_settings(e)
     ns.store = st.store_url
+    return st
+
+
+def _load_bundle(ns: argparse.Namespace, st: Settings | int | None = None) -> Any:
+    """The base model of `_one_off_settings` (`st`, or read now); an exit code after printing why if the settings
+    are invalid or the model does not load."""
+    from server.model import load_model
+
+    if st is None:
+        st = _one_off_settings(ns)
+    if isinstance(st, int):
+        return st
     try:
         return load_model(st.model, device=st.device, dtype=st.dtype, cache_dir=st.cache)
     except Exception as e:
@@ -906,10 +927,17 @@ def _load_bundle(ns: argparse.Namespace) -> Any:
 
 
 def cmd_import_peft(ns: argparse.Namespace) -> int:
+    from prefix_store.errors import StoreError
     from server.prefixes import import_peft
+    from server.prefixes.peft_import import read_peft_config
 
     if _reserved(ns.tenant_id, ns.name):
         return EXIT_USAGE
+    try:  # before the model loads: a wrong folder is said at once
+        read_peft_config(ns.adapter_dir)
+    except (OSError, StoreError) as e:
+        print(f"prefixserve: import failed: {e}", file=sys.stderr)
+        return EXIT_FAIL
     bundle = _load_bundle(ns)
     if isinstance(bundle, int):
         return bundle
@@ -1087,7 +1115,15 @@ def cmd_prefixes_adopt(ns: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"prefixserve: {e}", file=sys.stderr)
         return EXIT_USAGE
-    bundle = _load_bundle(ns)
+    st = _one_off_settings(ns)
+    if isinstance(st, int):
+        return st
+    try:  # before the model loads: a missing store is said at once
+        if _no_store_at(ns.store, "adopt failed: "):
+            return EXIT_FAIL
+    except ValueError as e:
+        return invalid_settings(e)
+    bundle = _load_bundle(ns, st)
     if isinstance(bundle, int):
         return bundle
 

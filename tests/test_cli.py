@@ -303,6 +303,25 @@ def test_a_model_that_fails_to_load_says_so_in_one_line_before_the_traceback(tmp
     assert any(m.startswith(f"cannot start: loading model {folder} failed: ") for m in said), said
 
 
+def test_a_setting_that_fails_start_up_is_one_line_without_a_traceback(tmp_path, caplog):
+    """A KV cache too small for one request fails start-up (exit 3) with the engine's one line saying what to raise;
+    uvicorn logged Starlette's 60-line traceback after it (no bug to debug: a setting)."""
+    folder = tmp_path / "wide"
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(tok, kv_heads=4, head_dim=2048).save_pretrained(folder)  # a 2 MiB KV block: 1 MiB holds 0
+    tok.save_pretrained(folder)
+    caplog.set_level(logging.INFO)
+    rc = cli.main(["serve", "--port", "0", "--model", str(folder), "--store-url", f"file://{tmp_path}/s",
+                   "--no-log-json", "--training-workers", "0", "--kv-cache-mb", "1"])  # fmt: skip
+    assert rc == cli.EXIT_STARTUP
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    said = [r.getMessage() for r in errors]
+    assert any(
+        m.startswith("cannot start: the KV cache (2 blocks") and "raise kv_cache_mb" in m for m in said
+    ), said
+    assert not any("Traceback" in m or r.exc_info for r, m in zip(errors, said, strict=True)), said
+
+
 def test_a_signal_during_start_up_exits_at_once(monkeypatch, api_bundle, tmp_path):
     """Ctrl-C or SIGTERM while the model loads exits at once (128 + the signal) instead of waiting out the load
     and the warm-up, then logging "listening" and draining nothing."""
@@ -932,9 +951,36 @@ def test_worker_and_import_peft_read_the_environment(monkeypatch, tmp_path, caps
         raise OSError("no such model")
 
     monkeypatch.setattr(server.model, "load_model", refuse)
+    (tmp_path / "adapter_config.json").write_text("{}")
     assert cli.main(["import-peft", str(tmp_path), "--tenant-id", "acme", "--name", "p"]) == cli.EXIT_FAIL
     assert tried[-1]["model"] == "/models/mine" and tried[-1]["device"] == "cpu"
     assert "cannot load model '/models/mine'" in capsys.readouterr().err
+    # what can be told without the model is told before it loads (seconds; a first run converts for ~20 s)
+    tried.clear()
+    bad = {
+        "invalid tenant_id 'a b'": ["import-peft", str(tmp_path), "--tenant-id", "a b", "--name", "p"],
+        "invalid name 'p/q'": ["import-peft", str(tmp_path), "--tenant-id", "acme", "--name", "p/q"],
+        "has no adapter_config.json": [
+            "import-peft",
+            str(tmp_path / "nope"),
+            "--tenant-id",
+            "acme",
+            "--name",
+            "p",
+        ],
+        "no prefix store at": [
+            "prefixes",
+            "adopt",
+            "--from-fingerprint",
+            "ab" * 6,
+            "--store",
+            f"file://{tmp_path}/x",
+        ],
+    }
+    for said, argv in bad.items():
+        assert cli.main(argv) in (cli.EXIT_USAGE, cli.EXIT_FAIL), argv
+        assert said in capsys.readouterr().err, argv
+    assert tried == [] and not (tmp_path / "x").exists()
 
 
 def test_prefixes_commands_read_only_the_store_setting(api_bundle, tmp_path, capsys, monkeypatch):

@@ -123,13 +123,18 @@ def check_peft_config(cfg: dict[str, Any], spec: ModelSpec) -> str:
 
 def read_peft_adapter(adapter_dir: str | Path, bundle: ModelBundle) -> PeftAdapter:
     """Read a PEFT adapter folder and compile it to the serving kv for this base model."""
-    folder = Path(adapter_dir)
-    cfg_path = folder / "adapter_config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{folder} has no adapter_config.json (not a PEFT adapter folder)")
-    cfg = parse_adapter_config(cfg_path.read_bytes(), str(cfg_path))
+    cfg = read_peft_config(adapter_dir)
     check_peft_config(cfg, bundle.spec)
-    return peft_adapter(cfg, _load_weights(folder), bundle)
+    return peft_adapter(cfg, _load_weights(Path(adapter_dir)), bundle)
+
+
+def read_peft_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """A PEFT adapter folder's adapter_config.json (FileNotFoundError if the folder has none, InvalidPrefix if it is
+    not a JSON object)."""
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json (not a PEFT adapter folder)")
+    return parse_adapter_config(cfg_path.read_bytes(), str(cfg_path))
 
 
 def parse_adapter_config(data: bytes, what: str = "adapter_config.json") -> dict[str, Any]:
