@@ -1,5 +1,5 @@
 """`python -m server` == `prefixserve`."""
 
-from server.cli import console
+from server.console import console
 
 console()

@@ -1390,10 +1390,12 @@ def end_process(rc: int) -> typing.NoReturn:
 
 
 def console() -> typing.NoReturn:
-    """The `prefixserve` command: `main`, then `end_process` (an exception, --help and usage errors included,
-    ends the usual way)."""
-    end_process(main())
+    """The entry point of `prefixserve` scripts installed before it moved to `server.console` (pip's scripts
+    import what pyproject.toml named when they were installed)."""
+    from server.console import console as run
+
+    run()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    console()
+    end_process(main())

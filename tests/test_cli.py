@@ -1170,15 +1170,46 @@ def test_offline_store_commands_check_reserved_names_without_loading_the_http_ap
     assert out.stdout.strip().splitlines()[-1] == f"RC {cli.EXIT_USAGE} []"
 
 
+@pytest.mark.parametrize("when", ["import", "main"])
+def test_ctrl_c_before_a_command_handles_it_ends_quietly_with_130(when):
+    """Ctrl-C in the command's first second or two (torch imports) printed a 40-frame KeyboardInterrupt traceback
+    from inside an import and exited -2; now one line and 130, as later."""
+    import subprocess
+    import sys
+
+    code = (
+        "import builtins, os, signal\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'torch' and WHEN == 'import':\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "from server import console\n"
+        "if WHEN == 'main':\n"
+        "    from server import cli\n"
+        "    def main():\n"
+        "        raise KeyboardInterrupt\n"
+        "    cli.main = main\n"
+        "console.console()\n"
+    ).replace("WHEN", repr(when))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 130 and out.stderr == "prefixserve: interrupted\n", (
+        out.returncode,
+        out.stderr[-2000:],
+    )
+
+
 def test_the_command_ends_without_the_interpreters_teardown():
-    """`prefixserve` (`cli.console`) ends with main's code, its output and logs flushed, and does not wait for threads
+    """`prefixserve` (`server.console`) ends with main's code, its output and logs flushed, and does not wait for threads
     still running (the interpreter's teardown could abort in native code after a clean drain: SIGABRT, -6)."""
     import subprocess
     import sys
 
     code = (
         "import logging, sys, threading, time\n"
-        "from server import cli\n"
+        "from server import cli, console\n"
         "threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon: a teardown would wait for it\n"
         "def main():\n"
         "    logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
@@ -1186,7 +1217,7 @@ def test_the_command_ends_without_the_interpreters_teardown():
         "    sys.stdout.write('written')  # (no newline: flushed by end_process, not by a line buffer)\n"
         "    return 3\n"
         "cli.main = main\n"
-        "cli.console()\n"
+        "console.console()\n"
     )
     root = Path(__file__).resolve().parents[1]
     t0 = time.monotonic()

@@ -283,7 +283,7 @@ def test_installs_what_make_install_installs_minus_dev(df: Dockerfile) -> None:
 
 
 def test_entrypoint_matches_console_script(df: Dockerfile, pyproject: dict[str, Any]) -> None:
-    assert pyproject["project"]["scripts"]["prefixserve"] == "server.cli:console"
+    assert pyproject["project"]["scripts"]["prefixserve"] == "server.console:console"
     assert df.last("ENTRYPOINT").json() == ["prefixserve"]
     # settings as ENV, not flags: a flag would beat the compose file's PREFIXSERVE_* values
     assert df.last("CMD").json() == ["serve"]
