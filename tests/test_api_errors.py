@@ -366,7 +366,7 @@ def test_body_size_limit_413_before_parsing(srv):
     assert '"error"' in head or "content-length" in head.lower()
 
 
-def test_openai_unsupported_parameters_are_rejected(srv):
+def test_openai_unsupported_parameters_are_rejected(srv, monkeypatch):
     c = srv.client()
     base = {"model": "acme/default", "prompt": "hi", "max_tokens": 2}
     for extra, param in (
@@ -402,6 +402,13 @@ def test_openai_unsupported_parameters_are_rejected(srv):
     )
     assert err["param"] == "top_logprobs" and err["code"] == "logprobs_too_large"
     assert_error(c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "logprobs": 21}), 422)
+    # a limit above the model's vocabulary is the vocabulary's: no more alternatives exist (the step raised)
+    vocab = srv.svc.bundle.spec.vocab_size
+    monkeypatch.setattr(srv.svc.settings, "max_logprobs", 1000)
+    for field in ("logprobs", "prompt_logprobs"):
+        r = c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "max_tokens": 1, field: vocab + 1})
+        err = assert_error(r, 422, "logprobs_too_large")
+        assert err["param"] == field and err["message"].endswith(f"at most {vocab}")
     assert_error(
         c.post("/generate", json={"tenant_id": "acme", "prompt": "x", "repetition_penalty": 2.5}), 422
     )

@@ -585,6 +585,28 @@ def test_logprobs_lines_are_as_wide_as_the_buffers_sized_for_them(k):
     assert [t for t, _ in got[1].top] == [0, 1, 2, 3, 4][:k]
 
 
+@pytest.mark.parametrize("which", ["logprobs", "prompt_logprobs"])
+def test_more_logprobs_than_the_vocabulary_is_refused_not_run(setup, which):
+    """A request asking for more alternatives than the model has tokens is refused before it runs: the step's top-k
+    over every row raised inside the step, which failed every request in it (other tenants' too)."""
+    b, keys = setup
+    vocab = b.spec.vocab_size
+    engine = make_engine(b, keys)
+    bad = Request(
+        "t1", random_prompt(vocab, 5, 2), SamplingParams(max_tokens=4, ignore_eos=True, **{which: vocab + 1})
+    )
+    with pytest.raises(
+        ValueError, match=f"{which} \\({vocab + 1}\\) is more than the vocabulary's {vocab} tokens"
+    ):
+        engine.validate(bad)
+    fits = dataclasses.replace(bad, sampling=dataclasses.replace(bad.sampling, **{which: vocab}))
+    other = Request("t0", random_prompt(vocab, 5, 1), SamplingParams(max_tokens=4, ignore_eos=True))
+    outs = engine.generate([other, fits])  # every alternative: the whole vocabulary, beside another tenant
+    assert [o.error for o in outs] == [None, None] and all(o.finish_reason == "length" for o in outs)
+    listed = outs[1].logprobs if which == "logprobs" else outs[1].prompt_logprobs[1:]
+    assert listed and all(len(lp.top) == vocab for lp in listed)
+
+
 def test_logprobs_skip_rows_that_failed():
     from server.engine.sampler import sample
 

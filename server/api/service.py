@@ -819,21 +819,23 @@ class Service:
             raise APIError(422, f"at most {s.max_stop_strings} stop strings are allowed", param="stop")
         if any(len(x) > s.max_stop_chars for x in stops):
             raise APIError(422, f"stop strings may be at most {s.max_stop_chars} characters", param="stop")
-        if logprobs is not None and logprobs > s.max_logprobs:
+        vocab = self.bundle.spec.vocab_size
+        # (a model of fewer tokens than max_logprobs: the engine cannot list more alternatives than it has)
+        most_logprobs = min(s.max_logprobs, vocab)
+        if logprobs is not None and logprobs > most_logprobs:
             raise APIError(
                 422,
-                f"{logprobs_param} must be at most {s.max_logprobs}",
+                f"{logprobs_param} must be at most {most_logprobs}",
                 code="logprobs_too_large",
                 param=logprobs_param,
             )
-        if prompt_logprobs is not None and prompt_logprobs > s.max_logprobs:
+        if prompt_logprobs is not None and prompt_logprobs > most_logprobs:
             raise APIError(
                 422,
-                f"prompt_logprobs must be at most {s.max_logprobs}",
+                f"prompt_logprobs must be at most {most_logprobs}",
                 code="logprobs_too_large",
                 param="prompt_logprobs",
             )
-        vocab = self.bundle.spec.vocab_size
         bias = tuple((int(t), float(v)) for t, v in (logit_bias or {}).items())
         if any(t >= vocab for t, _ in bias):
             raise APIError(422, f"logit_bias token ids must be below {vocab}", param="logit_bias")

@@ -325,6 +325,13 @@ class LLMEngine:
         vocab = self.bundle.spec.vocab_size
         if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise ValueError("prompt token id out of the vocabulary")
+        # (more alternatives than the vocabulary: the step's top-k over every row raised, failing its other rows)
+        for what, k in (
+            ("logprobs", req.sampling.logprobs),
+            ("prompt_logprobs", req.sampling.prompt_logprobs),
+        ):
+            if k is not None and k > vocab:
+                raise ValueError(f"{what} ({k}) is more than the vocabulary's {vocab} tokens")
         total = n + req.sampling.max_tokens
         # the last output token takes no position (it is never fed back): a prompt filling the context may still
         # ask for the one token after it (echo with max_tokens 0 scores a prompt so); else vLLM's prompt + output
