@@ -665,7 +665,21 @@ class ModelRunner:
         starts = [flat_start[id(r)] for r in members]
         q_max = max(len(r.tokens) for r in members)
         sizes = [(len(r.tokens), (len(r.prefix_blocks) + len(r.own_blocks)) * bs) for r in members]
-        cuts = length_buckets(sizes, self.max_parts, self.part_cost)
+        if q_max > 1 and self.device.type == "cpu":
+            # multi-token rows attend with the rows of their own chunk length only: the CPU's SDPA blocks a call's
+            # queries by their count (GQA folds the heads into that axis too), so a row padded to a longer row's
+            # chunk got other bits (~3e-6 in the logits) than alone. Padding keys is exact (whole blocks of 16
+            # masked slots add exact zeros), so rows of one length still share a call, cut by key length.
+            by_q: dict[int, list[int]] = {}
+            for i, (q, _) in enumerate(sizes):
+                by_q.setdefault(q, []).append(i)
+            runs: list[list[int]] = []
+            for rows in by_q.values():
+                sub = length_buckets([sizes[i] for i in rows], self.max_parts, self.part_cost)
+                runs += [[rows[k] for k in c] for c in sub] if sub else [rows]
+            cuts: list[list[int]] | None = runs if len(runs) > 1 else None
+        else:
+            cuts = length_buckets(sizes, self.max_parts, self.part_cost)
         if cuts is None:
             return self._group(members, len(members), starts if q_max > 1 else None)
         parts = [self._group([members[i] for i in c], len(c), [starts[i] for i in c]) for c in cuts]
