@@ -130,8 +130,11 @@ def test_the_served_model_name_is_the_key_tenants_base_model(srv, oai, server_fa
     assert chat.choices[0].finish_reason in ("stop", "length")
     assert oai.models.retrieve(served).id == served  # the id asked for, as vLLM's
     body = {"model": served, "prompt": "x", "max_tokens": 2}
-    err = assert_error(server_factory().client().post("/v1/completions", json=body), 404, "model_not_found")
+    open_client = server_factory().client()
+    err = assert_error(open_client.post("/v1/completions", json=body), 404, "model_not_found")
     assert "it names the base model only from a tenant API key" in err["message"]
+    # GET /v1/models/{name} answers the same 404 as the generation routes (it said only "not found")
+    assert assert_error(open_client.get(f"/v1/models/{served}"), 404, "model_not_found") == err
     # a tenant named like the model: its own default prefix, as before (from its key, or the admin's)
     named = server_factory(
         prefixes={(served, "default"): {"seed": 3}},
@@ -156,6 +159,7 @@ def test_the_served_model_name_is_the_key_tenants_base_model(srv, oai, server_fa
     own = server_factory(keys={"smol": "sk-smol"}, served_model_name="smol").client("sk-smol")
     err = assert_error(own.post("/v1/completions", json={**body, "model": "smol"}), 404, "model_not_found")
     assert err["message"] == "model 'smol' not found"
+    assert assert_error(own.get("/v1/models/smol"), 404, "model_not_found") == err
 
 
 def test_base_prompt_format_raw_sends_the_base_models_prompts_as_vllm_does(server_factory, api_bundle):

@@ -35,7 +35,7 @@ from server.api.logprobs import (
     completion_logprobs,
     vllm_prompt_logprobs,
 )
-from server.api.model_ids import model_not_found, parse_model, served_names
+from server.api.model_ids import hinted, model_not_found, parse_model, served_names
 from server.api.run import GenerationResult, GenerationRun
 from server.api.schemas import (
     BASE_PREFIX,
@@ -502,8 +502,10 @@ async def get_model(
     try:
         meta = await store_call(svc, svc.servable_meta, tenant, name, version, what="model")
     except APIError as e:
-        if e.status == 404:  # the code the generation routes give an unknown model
-            raise model_not_found(model) from None
+        if (
+            e.status == 404
+        ):  # what the generation routes answer an unknown model (with a base-model name's hint)
+            raise model_not_found(model, hinted(principal, model, served)) from None
         raise
     if meta.base_model_fingerprint != svc.bundle.fingerprint:
         raise APIError(
