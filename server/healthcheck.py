@@ -16,14 +16,16 @@ import sys
 import urllib.error
 import urllib.request
 
+from server.env import env_get
+
 TIMEOUT_S = 4.0
 
 
 def probe_url(environ: dict[str, str] | os._Environ[str]) -> str:
     """The server's /health: at PREFIXSERVE_HOST (the loopback when it listens on every address), its port."""
-    port = environ.get("PREFIXSERVE_PORT") or "8000"
-    scheme = "https" if environ.get("PREFIXSERVE_SSL_CERTFILE") else "http"
-    host = (environ.get("PREFIXSERVE_HOST") or "").strip()
+    port = env_get("PREFIXSERVE_PORT", environ) or "8000"
+    scheme = "https" if env_get("PREFIXSERVE_SSL_CERTFILE", environ) else "http"
+    host = (env_get("PREFIXSERVE_HOST", environ) or "").strip()
     if host in ("", "0.0.0.0", "::", "[::]"):
         host = "127.0.0.1"
     elif ":" in host and not host.startswith("["):  # an IPv6 address
@@ -35,9 +37,9 @@ def tls_context(environ: dict[str, str] | os._Environ[str]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    cert = environ.get("PREFIXSERVE_HEALTHCHECK_CERTFILE")
+    cert = env_get("PREFIXSERVE_HEALTHCHECK_CERTFILE", environ)
     if cert:
-        ctx.load_cert_chain(cert, environ.get("PREFIXSERVE_HEALTHCHECK_KEYFILE") or None)
+        ctx.load_cert_chain(cert, env_get("PREFIXSERVE_HEALTHCHECK_KEYFILE", environ) or None)
     return ctx
 
 

@@ -80,6 +80,9 @@ def test_the_probe_asks_the_address_the_server_listens_on():
         url({"PREFIXSERVE_HOST": "::1", "PREFIXSERVE_SSL_CERTFILE": "c.pem"}) == "https://[::1]:8000/health"
     )
     assert url({"PREFIXSERVE_HOST": "[fe80::1]"}) == "http://[fe80::1]:8000/health"
+    # names in any case, as the server reads them (pydantic-settings: case-insensitive); an empty value is unset
+    mixed = {"prefixserve_port": "18432", "Prefixserve_Ssl_Certfile": "c.pem", "PREFIXSERVE_HOST": ""}
+    assert url(mixed) == "https://127.0.0.1:18432/health"
 
 
 def test_the_probe_reaches_a_server_on_the_ipv6_loopback():
