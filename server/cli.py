@@ -2,7 +2,7 @@
 
 prefixserve serve [--host H] [--port P] [--model M] [--store-url URL] ...   (flags mirror PREFIXSERVE_* settings)
 prefixserve worker --store URL --model M                 (a training worker process; scale out by starting more)
-prefixserve train --tenant-id T --name N --method M --data examples.jsonl [--base-url URL]
+prefixserve train [--tenant-id T] --name N --method M --data examples.jsonl [--base-url URL]
 prefixserve import-peft ADAPTER_DIR --tenant-id T --name N --model M --store URL
 prefixserve prefixes list [--tenant-id T] --store URL
 prefixserve prefixes export TENANT NAME [--version V] -o FILE --store URL     (a file POST .../upload takes back)
@@ -1248,7 +1248,7 @@ def build_parser() -> argparse.ArgumentParser:
     wp.set_defaults(func=cmd_worker)
 
     tp = sub.add_parser("train", help="submit a training job to a running server and wait for it")
-    tp.add_argument("--tenant-id", required=True)
+    tp.add_argument("--tenant-id", default=None, help="default: the API key's tenant (as POST /prefixes)")
     tp.add_argument("--name", required=True, help="prefix name")
     tp.add_argument("--method", default=None, help="prefix_tuning, prefix_propagation or prompt_tuning")
     tp.add_argument(

@@ -458,8 +458,18 @@ def test_train_submits_and_waits_with_progress(
 
     t = threading.Thread(target=finish_later, daemon=True)
     t.start()
-    args = ["train", "--tenant-id", "acme", "--name", "zebra", "--method", "prefix_tuning"]
-    args += ["--data", str(_examples(tmp_path)), "--prefix-length", "8", "--epochs", "3"]
+    # --tenant-id or, without it, the key's tenant (as POST /prefixes takes it)
+    args = ["train", *(["--tenant-id", "acme"] if outcome == "succeeded" else []), "--name", "zebra"]
+    args += [
+        "--method",
+        "prefix_tuning",
+        "--data",
+        str(_examples(tmp_path)),
+        "--prefix-length",
+        "8",
+        "--epochs",
+        "3",
+    ]
     args += ["--base-url", s.url, "--poll-interval", "0.05", "--init-from", "zebra@3"]
     assert cli.main(args) == rc
     t.join()
