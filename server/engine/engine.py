@@ -459,15 +459,16 @@ class LLMEngine:
                 s.cached_prompt_tokens = s.num_cached
             end = s.num_cached + it.num_tokens - len(it.draft)
             plp = s.prompt_logprobs
-            rows.append(
-                self._row(
-                    s,
-                    s.tokens[s.num_cached : end] + it.draft,
-                    sample=end == s.num_tokens,
-                    all_logits=bool(it.draft)  # a verified draft needs the logits of every position
-                    or (plp is not None and len(plp) < len(s.prompt) and s.num_cached < len(s.prompt)),
-                )
+            row = self._row(
+                s,
+                s.tokens[s.num_cached : end] + it.draft,
+                sample=end == s.num_tokens,
+                all_logits=bool(it.draft)  # a verified draft needs the logits of every position
+                or (plp is not None and len(plp) < len(s.prompt) and s.num_cached < len(s.prompt)),
             )
+            # (a decoding row's token and its drafts; a prompt's last chunk never carries drafts)
+            row.verify = bool(it.draft) and end - s.num_cached == 1
+            rows.append(row)
         try:
             inp = self.runner.prepare(rows)
             logits = self.runner.forward(inp)

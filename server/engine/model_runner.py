@@ -50,6 +50,9 @@ class RowInput:
     own_cached: int  # own tokens already in the cache before this step
     sample: bool  # whether the last token's logits are needed
     all_logits: bool = False  # logits of every token of the row (prompt logprobs), in order
+    verify: bool = (
+        False  # a decoding row's last token and drafts (all_logits too): each attends as a decode row
+    )
 
 
 @dataclass
@@ -522,10 +525,37 @@ class ModelRunner:
         bs = self.pool.block_size
         decode = [r for r in rows if len(r.tokens) == 1]
         prefill = [r for r in rows if len(r.tokens) > 1]
+        # each token of a verify row (a decoding row + its drafts) attends as a decode row of its own on the CPU, so
+        # that its logits are the bits a plain decode step gives that position (a multi-token call's differ by
+        # ~1e-5): drafting, which depends on the rest of the batch, then never changes a greedy row's tokens
+        units: dict[int, list[RowInput]] = {}
+        if self.device.type == "cpu":
+            for r in prefill:
+                if r.verify:
+                    units[id(r)] = [
+                        RowInput(
+                            [t],
+                            r.start_pos + j,
+                            r.prefix_len,
+                            r.prefix_blocks,
+                            r.own_blocks,
+                            r.own_cached + j,
+                            r.sample,
+                        )
+                        for j, t in enumerate(r.tokens)
+                    ]
+            if units:
+                decode += [u for r in prefill if id(r) in units for u in units[id(r)]]
+                prefill = [r for r in prefill if id(r) not in units]
         key = None
         # graphs return one logit row per batch row: only for steps where every row samples its one token (a
         # 1-token prefill chunk that is not the prompt's last token samples nothing)
-        if self.graphs is not None and not prefill and all(r.sample and not r.all_logits for r in decode):
+        if (
+            self.graphs is not None
+            and not prefill
+            and not units
+            and all(r.sample and not r.all_logits for r in decode)
+        ):
             slots = max(len(r.prefix_blocks) + len(r.own_blocks) for r in decode) * bs
             key = self.graphs.bucket(len(decode), slots)
         ids: list[int] = []
@@ -539,6 +569,8 @@ class ModelRunner:
             positions.extend(range(r.start_pos, r.start_pos + n))
             for j in range(r.own_cached, r.own_cached + n):
                 write_slots.append(r.own_blocks[j // bs] * bs + j % bs)
+        for rid, us in units.items():  # a verify row's tokens: its units', one after another
+            flat_start[rid] = flat_start[id(us[0])]
         sample_idx: list[int] = []
         for r in rows:
             end = flat_start[id(r)] + len(r.tokens)
