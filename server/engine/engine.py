@@ -466,8 +466,9 @@ class LLMEngine:
                 all_logits=bool(it.draft)  # a verified draft needs the logits of every position
                 or (plp is not None and len(plp) < len(s.prompt) and s.num_cached < len(s.prompt)),
             )
-            # (a decoding row's token and its drafts; a prompt's last chunk never carries drafts)
-            row.verify = bool(it.draft) and end - s.num_cached == 1
+            # a greedy decoding row's token and its drafts: its tokens must be plain decoding's to the bit (a
+            # sampled row's drafts keep only its distribution, and a seeded row does not draft)
+            row.verify = bool(it.draft) and end - s.num_cached == 1 and s.req.sampling.greedy
             rows.append(row)
         try:
             inp = self.runner.prepare(rows)
