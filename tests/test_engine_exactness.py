@@ -3,6 +3,8 @@ transformers reference fed the same prefix KV (fp32)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from tests.engine_utils import (
     random_kv,
     random_prompt,
 )
+from tests.fixtures.models import tiny_llama
 
 PREFIX_LENS = (8, 20, 64)
 NEW = 10
@@ -138,35 +141,64 @@ def test_prepacked_linear_rows_do_not_depend_on_the_row_count():
             assert torch.equal(lin(x[:m]), ref[:m]), (n_in, n_out, m)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_a_prompts_logits_do_not_depend_on_the_prompts_prefilled_beside_it(family, request):
-    """A prompt's logits are the same bits alone and beside longer or shorter prompts in one step (GQA Llama and
-    GPT-2): multi-token rows were padded to the step's longest chunk in one attention call, whose SDPA blocks its
-    queries by their count, and moved by ~3e-6 (a near-tie then went the other way; found by a hunt)."""
+@functools.cache
+def _smollm2_shaped_llama():
+    """A 2-layer Llama with SmolLM2's attention shape (9 query heads on 3 KV heads of 64): the tiny models' heads
+    (2 KV heads of 16) hid that the CPU's SDPA kernel gives a decode row other bits beside other rows with 2+
+    threads."""
+    return tiny_llama(0, hidden=576, heads=9, kv_heads=3)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("family", ["llama-smollm2-heads", "llama", "gpt2"])
+def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(family, threads, request):
+    """Decode rows and prompt rows: each row's logits are the same bits alone and in any step, whatever the thread
+    count. Found by hunts: a prompt padded to a longer one's chunk in one attention call moved by ~3e-6 (a near-tie
+    then went the other way), and with 2+ threads the CPU's SDPA kernel moved a decode row with the batch size."""
     if not cpu_packing_available(torch.device("cpu"), torch.float32):
         pytest.skip(
             "this torch build has no oneDNN prepacked linear ops (F.linear's rows move with the row count)"
         )
-    b = request.getfixturevalue(f"tiny_{family}_bundle")
-    eng = make_engine(b, {})
-    pool, vocab = eng.pool, b.spec.vocab_size
+    if family == "llama-smollm2-heads":
+        b = _smollm2_shaped_llama()
+    else:
+        b = request.getfixturevalue(f"tiny_{family}_bundle")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        eng = make_engine(b, {})
+        pool, vocab, runner = eng.pool, b.spec.vocab_size, eng.runner
 
-    def row(n: int, seed: int) -> RowInput:
-        return RowInput(random_prompt(vocab, n, seed), 0, 0, [], pool.allocate(pool.blocks_for(n)), 0, True)
+        def run(rows: list[RowInput]) -> torch.Tensor:
+            return runner.forward(runner.prepare(rows))
 
-    rows = {n: row(n, 10 + n) for n in (5, 17, 18, 33, 40, 64, 90)}
-    twin = row(17, 99)  # the same length, other tokens
-    alone = {id(r): eng.runner.forward(eng.runner.prepare([r]))[0] for r in [*rows.values(), twin]}
-    for lengths in ([17, 33], [17, 18], [17, 64], [17, 33, 5], [5, 17, 40, 90], [17, 17]):
-        step = [rows[n] for n in lengths[:-1]] + [twin if lengths == [17, 17] else rows[lengths[-1]]]
-        got = eng.runner.forward(eng.runner.prepare(step))
-        assert got.shape[0] == len(step)
-        for r, logits in zip(step, got, strict=True):
-            assert torch.equal(logits, alone[id(r)]), (
-                lengths,
-                len(r.tokens),
-                (logits - alone[id(r)]).abs().max(),
+        def prompt(n: int, seed: int, room: int = 0) -> RowInput:
+            return RowInput(
+                random_prompt(vocab, n, seed), 0, 0, [], pool.allocate(pool.blocks_for(n + room)), 0, True
             )
+
+        decode = []
+        for n in (20, 70, 150, 5, 9, 11, 33, 7):
+            first = prompt(n, n, room=1)
+            run([first])  # its keys cached
+            decode.append(RowInput([5 + n % 7], n, 0, [], first.own_blocks, n, True))
+        prompts = {n: prompt(n, 10 + n) for n in (5, 17, 18, 33, 64)}
+        twin = prompt(17, 99)  # the same length, other tokens
+        every = [*decode, *prompts.values(), twin]
+        alone = {id(r): run([r])[0] for r in every}
+        d0, d1, d2 = decode[:3]
+        p = prompts
+        for step in (
+            [d0, d1], [d2, d0, d1], [d1, p[17]], [p[17], p[33]], [p[17], twin], [d0, p[17], p[18], p[5], d2],
+            [p[5], p[17], p[64], p[33], d1, d0, twin], decode, [*decode[::-1], *prompts.values()],
+        ):  # fmt: skip
+            got = run(step)
+            assert got.shape[0] == len(step)
+            for r, logits in zip(step, got, strict=True):
+                diff = (logits - alone[id(r)]).abs().max().item()
+                assert torch.equal(logits, alone[id(r)]), (len(step), len(r.tokens), r.own_cached, diff)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _logits(eng, prompt: list[int]) -> torch.Tensor:

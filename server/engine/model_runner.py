@@ -720,18 +720,11 @@ class ModelRunner:
         bs = self.pool.block_size
         sizes = [(len(r.tokens), (len(r.prefix_blocks) + len(r.own_blocks)) * bs) for r in members]
         if max(q for q, _ in sizes) > 1 and self.device.type == "cpu":
-            # multi-token rows attend with the rows of their own chunk length only: the CPU's SDPA blocks a call's
-            # queries by their count (GQA folds the heads into that axis too), so a row padded to a longer row's
-            # chunk got other bits (~3e-6 in the logits) than alone. Padding keys is exact (whole blocks of 16
-            # masked slots add exact zeros), so rows of one length still share a call, cut by key length.
-            by_q: dict[int, list[int]] = {}
-            for i, (q, _) in enumerate(sizes):
-                by_q.setdefault(q, []).append(i)
-            runs: list[list[int]] = []
-            for rows in by_q.values():
-                sub = length_buckets([sizes[i] for i in rows], self.max_parts, self.part_cost)
-                runs += [[rows[k] for k in c] for c in sub] if sub else [rows]
-            return runs if len(runs) > 1 else None
+            # multi-token rows attend one row a call: the CPU's SDPA blocks a call's queries by their count (GQA
+            # folds the heads into that axis too) and shares its work among the threads by the call's batch, so a
+            # row padded to a longer row's chunk (~3e-6 in the logits), or beside rows of its own length with 2+
+            # threads, got other bits than alone. The calls cost a few ms a step.
+            return [[i] for i in range(len(sizes))] if len(sizes) > 1 else None
         return length_buckets(sizes, self.max_parts, self.part_cost)
 
     def _parts(
@@ -854,7 +847,21 @@ class ModelRunner:
                 kv.index_select(1, grp.gather).view(2, grp.g, grp.s, k_heads, d).transpose(2, 3)
             )  # [2,g,K,S,D]
         qf = q.reshape(g, k_heads, hq // k_heads * nq, d)
-        o = F.scaled_dot_product_attention(qf, kvg[0], kvg[1], attn_mask=grp.mask, scale=scale)
+        if nq == 1 and self.device.type == "cpu":
+            # decode rows on the CPU: matmul, softmax, matmul. The CPU's SDPA kernel shares its work among the
+            # threads by the call's batch, so with 2+ threads a row's bits moved with the number of rows beside it
+            # (~1e-7 at SmolLM2's shape); these ops give a row the same bits whatever the batch, the thread count
+            # or the zero key slots a longer row pads it with (tested), and decode faster here (0.65-0.86x)
+            # (on contiguous keys and values: MKL's batched GEMM gave a transposed view's rows other bits by batch;
+            # and never one query row a head, which with 4 threads took a path that did too: GPT-2's rows, padded)
+            keys, values = kvg[0].contiguous(), kvg[1].contiguous()
+            rows = qf.shape[2]
+            if rows == 1:
+                qf = qf.expand(g, k_heads, 2, d)
+            scores = torch.matmul(qf, keys.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)
+            o = torch.matmul(torch.softmax(scores + grp.mask, dim=-1), values)[:, :, :rows]
+        else:
+            o = F.scaled_dot_product_attention(qf, kvg[0], kvg[1], attn_mask=grp.mask, scale=scale)
         # CUDA's fused kernels may return a non-contiguous layout (the CPU's math kernel does not): reshape, not view
         return o.reshape(g, hq, nq, d)
 
