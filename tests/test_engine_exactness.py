@@ -142,15 +142,20 @@ def test_prepacked_linear_rows_do_not_depend_on_the_row_count():
 
 
 @functools.cache
-def _smollm2_shaped_llama():
-    """A 2-layer Llama with SmolLM2's attention shape (9 query heads on 3 KV heads of 64): the tiny models' heads
-    (2 KV heads of 16) hid that the CPU's SDPA kernel gives a decode row other bits beside other rows with 2+
-    threads."""
-    return tiny_llama(0, hidden=576, heads=9, kv_heads=3)
+def _shaped_llama(shape: str):
+    """2-layer Llamas with real models' attention shapes: SmolLM2's (9 query heads on 3 KV heads of 64) and a
+    Llama-3-like one (4 query heads a KV head of 128). The tiny models' heads (2 KV heads of 16) hid that the CPU's
+    SDPA kernel gives a decode row other bits beside other rows with 2+ threads, and that a matmul's bits move with
+    the keys a row is padded to at 4+ query heads a KV head and 192-368 keys (review of the first fix)."""
+    if shape == "smollm2-heads":
+        return tiny_llama(0, hidden=576, heads=9, kv_heads=3)
+    return tiny_llama(0, hidden=256, heads=8, kv_heads=2, head_dim=128)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
-@pytest.mark.parametrize("family", ["llama-smollm2-heads", "llama", "gpt2"])
+@pytest.mark.parametrize(
+    "family", ["llama-smollm2-heads", "llama-gqa4-hd128", "llama", "gpt2", "gpt2-block4"]
+)
 def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(family, threads, request):
     """Decode rows and prompt rows: each row's logits are the same bits alone and in any step, whatever the thread
     count. Found by hunts: a prompt padded to a longer one's chunk in one attention call moved by ~3e-6 (a near-tie
@@ -159,14 +164,14 @@ def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(family, threads, requ
         pytest.skip(
             "this torch build has no oneDNN prepacked linear ops (F.linear's rows move with the row count)"
         )
-    if family == "llama-smollm2-heads":
-        b = _smollm2_shaped_llama()
+    if family.startswith("llama-"):
+        b = _shaped_llama(family.removeprefix("llama-"))
     else:
-        b = request.getfixturevalue(f"tiny_{family}_bundle")
+        b = request.getfixturevalue(f"tiny_{family.removesuffix('-block4')}_bundle")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        eng = make_engine(b, {})
+        eng = make_engine(b, {}, **({"block_size": 4} if family.endswith("-block4") else {}))
         pool, vocab, runner = eng.pool, b.spec.vocab_size, eng.runner
 
         def run(rows: list[RowInput]) -> torch.Tensor:
@@ -178,7 +183,7 @@ def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(family, threads, requ
             )
 
         decode = []
-        for n in (20, 70, 150, 5, 9, 11, 33, 7):
+        for n in (20, 70, 150, 5, 9, 11, 33, 7, 290, 301, 600):
             first = prompt(n, n, room=1)
             run([first])  # its keys cached
             decode.append(RowInput([5 + n % 7], n, 0, [], first.own_blocks, n, True))
@@ -191,6 +196,7 @@ def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(family, threads, requ
         for step in (
             [d0, d1], [d2, d0, d1], [d1, p[17]], [p[17], p[33]], [p[17], twin], [d0, p[17], p[18], p[5], d2],
             [p[5], p[17], p[64], p[33], d1, d0, twin], decode, [*decode[::-1], *prompts.values()],
+            *([a, b] for a in decode for b in decode if a is not b),  # every pair: one pads the other's keys
         ):  # fmt: skip
             got = run(step)
             assert got.shape[0] == len(step)

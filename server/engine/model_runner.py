@@ -140,6 +140,47 @@ def _row_bucket(m: int) -> int:
     return -(-m // step) * step
 
 
+KEY_CHUNK = 64
+
+
+def _chunked_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Decode rows' attention on the CPU, each row the same bits whatever shares its call: q `[g, K, r, D]` over
+    keys/values `[g, K, S, D]` (views welcome) with an additive mask `[g, 1, 1 or r, S]`.
+
+    The CPU's SDPA kernel shares its work among the threads by the call's batch: with 2+ threads a row's bits moved
+    with the number of rows beside it. Plain matmuls did too, by the key count a longer row pads a row to (MKL
+    picks kernels by shape: a small product, 4+ query heads a KV head at 192-368 keys) and for one query row a head.
+    So every GEMM here has one shape whatever the call: the keys in chunks of KEY_CHUNK slots (padding chunks are
+    masked and add exact zeros), one query row a head padded to two; the softmax's max is exact in any order, and the
+    chunks' sums are added in chunk order."""
+    g, kh, r, d = q.shape
+    rows = r
+    if r == 1:
+        q, r = q.expand(g, kh, 2, d), 2
+    s = keys.shape[2]
+    pad = -s % KEY_CHUNK
+    if pad:
+        keys, values = F.pad(keys, (0, 0, 0, pad)), F.pad(values, (0, 0, 0, pad))
+        mask = F.pad(mask, (0, pad), value=float("-inf"))
+    else:  # one memory layout, whatever view came in: MKL's batched GEMM picks its path by the operands' strides
+        keys, values = keys.contiguous(), values.contiguous()
+    n = (s + pad) // KEY_CHUNK
+    kc = keys.reshape(g, kh, n, KEY_CHUNK, d)
+    vc = values.reshape(g, kh, n, KEY_CHUNK, d)
+    scores = torch.matmul(q.unsqueeze(2), kc.transpose(-1, -2)) * scale  # [g, K, n, r, C]
+    mr = mask.shape[2]
+    scores = scores + mask.reshape(g, 1, mr, n, KEY_CHUNK).transpose(2, 3)
+    top = scores.amax(dim=(2, 4), keepdim=True)
+    p = torch.exp(scores - top)
+    # the chunks added one after another (a sum's order moved with the chunk count; cumsum is sequential, in double
+    # on the CPU): trailing padding chunks add exact zeros
+    total = p.sum(-1).cumsum(2)[:, :, -1]  # [g, K, r]
+    out = torch.matmul(p, vc).cumsum(2)[:, :, -1] / total.unsqueeze(-1)  # [g, K, r, D]
+    return out[:, :, :rows]
+
+
 def length_buckets(sizes: list[tuple[int, int]], max_parts: int, part_cost: int) -> list[list[int]] | None:
     """Length buckets for rows of (query tokens, key slots): the row indices sorted by key slots and cut into at
     most `max_parts` runs so that the padded attention work, the sum over runs of rows x their most query tokens x
@@ -848,18 +889,7 @@ class ModelRunner:
             )  # [2,g,K,S,D]
         qf = q.reshape(g, k_heads, hq // k_heads * nq, d)
         if nq == 1 and self.device.type == "cpu":
-            # decode rows on the CPU: matmul, softmax, matmul. The CPU's SDPA kernel shares its work among the
-            # threads by the call's batch, so with 2+ threads a row's bits moved with the number of rows beside it
-            # (~1e-7 at SmolLM2's shape); these ops give a row the same bits whatever the batch, the thread count
-            # or the zero key slots a longer row pads it with (tested), and decode faster here (0.65-0.86x)
-            # (on contiguous keys and values: MKL's batched GEMM gave a transposed view's rows other bits by batch;
-            # and never one query row a head, which with 4 threads took a path that did too: GPT-2's rows, padded)
-            keys, values = kvg[0].contiguous(), kvg[1].contiguous()
-            rows = qf.shape[2]
-            if rows == 1:
-                qf = qf.expand(g, k_heads, 2, d)
-            scores = torch.matmul(qf, keys.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)
-            o = torch.matmul(torch.softmax(scores + grp.mask, dim=-1), values)[:, :, :rows]
+            o = _chunked_attention(qf, kvg[0], kvg[1], grp.mask, d**-0.5 if scale is None else scale)
         else:
             o = F.scaled_dot_product_attention(qf, kvg[0], kvg[1], attn_mask=grp.mask, scale=scale)
         # CUDA's fused kernels may return a non-contiguous layout (the CPU's math kernel does not): reshape, not view
