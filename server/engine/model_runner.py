@@ -63,7 +63,8 @@ class _Group:
     q: int
     s: int
     gather: torch.Tensor | None  # [g * s] pool slot of each key (slots past the row's keys -> the zero slot)
-    # (shared: [s], the keys of one row every member attends, a verify row's tokens as decode rows: gathered once)
+    # (shared: [s], the keys of one row every member attends, a verify row's tokens as decode rows: gathered once;
+    # the CPU's chunked attention still copies them for each member)
     mask: torch.Tensor | None  # [g, 1, q, s] additive float mask (0 attend, -inf not)
     # paged decode (Triton kernel) instead of gather + mask: block tables [g, W] and, per row, prefix length, prefix
     # slots and key slots to read ([3, g]); padding rows read the scratch block's first slot
@@ -880,7 +881,9 @@ class ModelRunner:
         g, hq, nq, d = q.shape
         k_heads = kv.shape[2]
         assert grp.gather is not None and grp.mask is not None
-        if grp.shared:  # every row attends one row's keys: gathered once, seen through a stride-0 view
+        if grp.shared:
+            # every row attends one row's keys: gathered once, seen through a stride-0 view (the CPU's chunked
+            # attention copies them per member for its contiguous operands)
             kvg = kv.index_select(1, grp.gather).view(2, 1, grp.s, k_heads, d).transpose(2, 3)
             kvg = kvg.expand(2, grp.g, k_heads, grp.s, d)
         else:

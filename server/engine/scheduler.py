@@ -347,7 +347,9 @@ class Scheduler:
     def _drop_drafts_beside_long_prefills(self, items: list[ScheduledItem]) -> None:
         """Rows verifying a draft are attended with the step's prefill chunks, each padded to the longest chunk's
         length: next to a long prompt chunk a 5-token draft would cost that chunk's attention. Such a step decodes
-        those rows plainly (their extra blocks stay theirs for the tokens to come)."""
+        those rows plainly (their extra blocks stay theirs for the tokens to come). (The CPU attends every
+        multi-token row in a call of its own and a greedy row's drafts as decode rows, so there the drop only gives
+        up the drafts' speed; kept for one behaviour on every device.)"""
         if self.cfg.spec_tokens <= 0:
             return
         longest = max((it.num_tokens for it in items if not it.draft), default=1)
