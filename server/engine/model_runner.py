@@ -50,9 +50,8 @@ class RowInput:
     own_cached: int  # own tokens already in the cache before this step
     sample: bool  # whether the last token's logits are needed
     all_logits: bool = False  # logits of every token of the row (prompt logprobs), in order
-    verify: bool = (
-        False  # a decoding row's last token and drafts (all_logits too): each attends as a decode row
-    )
+    # a decoding row's last token and drafts (all_logits too): on the CPU each attends as a decode row
+    verify: bool = False
 
 
 @dataclass
@@ -848,9 +847,8 @@ class ModelRunner:
         # slots past a row's keys (the tail of a prefix's or its own last block, padding) read the pool's zero slot,
         # not what they hold: stale NaN there would survive the -inf mask (NaN score, 0 x NaN value)
         gather = torch.where(valid.reshape(g * s), gather, self.pool.zero_slot)
-        if (
-            shared
-        ):  # one row's keys: the last member's view holds them all (the others' masks hide the later ones)
+        if shared:
+            # one row's keys: the last member's view holds them all (the others' masks hide the later ones)
             gather = gather.view(g, s)[-1]
         k_pos = torch.where(in_prefix, j, prefix_len[:, None] + own_j)
         k_pos = torch.where(valid, k_pos, torch.full_like(k_pos, _BIG))
@@ -886,10 +884,8 @@ class ModelRunner:
             # attention copies them per member for its contiguous operands)
             kvg = kv.index_select(1, grp.gather).view(2, 1, grp.s, k_heads, d).transpose(2, 3)
             kvg = kvg.expand(2, grp.g, k_heads, grp.s, d)
-        else:
-            kvg = (
-                kv.index_select(1, grp.gather).view(2, grp.g, grp.s, k_heads, d).transpose(2, 3)
-            )  # [2,g,K,S,D]
+        else:  # [2, g, K, S, D]
+            kvg = kv.index_select(1, grp.gather).view(2, grp.g, grp.s, k_heads, d).transpose(2, 3)
         qf = q.reshape(g, k_heads, hq // k_heads * nq, d)
         if nq == 1 and self.device.type == "cpu":
             o = _chunked_attention(qf, kvg[0], kvg[1], grp.mask, d**-0.5 if scale is None else scale)
