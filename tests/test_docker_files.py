@@ -333,14 +333,18 @@ def test_healthcheck_runs_the_installed_probe(df: Dockerfile, compose: dict[str,
     assert cmd == ["python", "-m", "server.healthcheck"]
     for s in ("server", "server-gpu"):
         assert compose["services"][s]["healthcheck"]["test"] == ["CMD", *cmd], s
-    src = (ROOT / "server" / "healthcheck.py").read_text()
-    imported = {
-        (n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
-        for n in ast.walk(ast.parse(src))
-        if isinstance(n, ast.Import | ast.ImportFrom)
-        for a in n.names
-    }
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+    # standard library only, or server.env (the settings' case-insensitive reading of PREFIXSERVE_*), which is too,
+    # as the package's __init__ its import runs
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    for module, allowed in (("healthcheck", stdlib | {"server.env"}), ("env", stdlib), ("__init__", stdlib)):
+        src = (ROOT / "server" / f"{module}.py").read_text()
+        imported = {
+            (n.module if isinstance(n, ast.ImportFrom) else a.name)
+            for n in ast.walk(ast.parse(src))
+            if isinstance(n, ast.Import | ast.ImportFrom)
+            for a in n.names
+        }
+        assert {m if m in allowed else m.split(".")[0] for m in imported} <= allowed, (module, imported)
 
 
 def test_volumes_and_env(df: Dockerfile) -> None:
