@@ -62,8 +62,6 @@ class _Group:
     q: int
     s: int
     gather: torch.Tensor | None  # [g * s] pool slot of each key (slots past the row's keys -> the zero slot)
-    # (shared: [s], the keys of one row every member attends, a verify row's tokens as decode rows: gathered once;
-    # the CPU's chunked attention still copies them for each member)
     mask: torch.Tensor | None  # [g, 1, q, s] additive float mask (0 attend, -inf not)
     # paged decode (Triton kernel) instead of gather + mask: block tables [g, W] and, per row, prefix length, prefix
     # slots and key slots to read ([3, g]); padding rows read the scratch block's first slot
@@ -74,7 +72,6 @@ class _Group:
     # [n] query slot of each flat token of the group, in order: prefill (padded slots), split groups (the parts'
     # outputs concatenated)
     out_idx: torch.Tensor | None = None
-    shared: bool = False
     # length buckets: the group's rows attended as sub-groups, each padded to its own longest row
     # (`length_buckets`); the group itself then has no gathered keys or mask of its own
     parts: list[_Group] | None = None
@@ -647,8 +644,7 @@ class ModelRunner:
             # a graph's padded step: one group at the bucket's shape (its buffers)
             dec = self._group(decode, n_dec, None, key[1])
         elif decode:
-            at = {id(r): i for i, r in enumerate(decode)}
-            dec = self._split_group(decode, flat_start, [[at[id(u)] for u in us] for us in units.values()])
+            dec = self._split_group(decode, flat_start)
         if paged_pre:
             pre = self._paged_group(views[-2], views[-1], len(prefill), max(len(r.tokens) for r in prefill))
         elif prefill:
@@ -736,25 +732,15 @@ class ModelRunner:
         width = max(len(r.prefix_blocks) + len(r.own_blocks) for r in members)
         return meta, self._flat_tables(members, len(members), width)
 
-    def _split_group(
-        self, members: list[RowInput], flat_start: dict[int, int], shared: list[list[int]] | None = None
-    ) -> _Group:
+    def _split_group(self, members: list[RowInput], flat_start: dict[int, int]) -> _Group:
         """The eager gathered-attention group of `members` (all decode rows, or all multi-token rows), cut into
-        length buckets where one long row would pad every other row's keys (and mask) to its length. `shared`:
-        runs of members that attend one row's keys (a verify row's tokens as decode rows), a part each, whose keys
-        are gathered once."""
+        length buckets where one long row would pad every other row's keys (and mask) to its length."""
         starts = [flat_start[id(r)] for r in members]
         q_max = max(len(r.tokens) for r in members)
-        if shared:
-            own = {i for run in shared for i in run}
-            rest = [i for i in range(len(members)) if i not in own]
-            rest_cuts = self._cuts([members[i] for i in rest]) if rest else None
-            runs = [[rest[k] for k in c] for c in rest_cuts] if rest_cuts else [rest] if rest else []
-            return self._parts(members, starts, [*runs, *shared], len(runs))
         cuts = self._cuts(members)
         if cuts is None:
             return self._group(members, len(members), starts if q_max > 1 else None)
-        return self._parts(members, starts, cuts, len(cuts))
+        return self._parts(members, starts, cuts)
 
     def _cuts(self, members: list[RowInput]) -> list[list[int]] | None:
         """How `_split_group` cuts `members` into parts (indices into it; None: one group)."""
@@ -768,14 +754,9 @@ class ModelRunner:
             return [[i] for i in range(len(sizes))] if len(sizes) > 1 else None
         return length_buckets(sizes, self.max_parts, self.part_cost)
 
-    def _parts(
-        self, members: list[RowInput], starts: list[int], cuts: list[list[int]], unshared: int
-    ) -> _Group:
-        """`members` attended as the parts `cuts` (the ones from `unshared` on: runs sharing one row's keys)."""
-        parts = [
-            self._group([members[i] for i in c], len(c), [starts[i] for i in c], shared=k >= unshared)
-            for k, c in enumerate(cuts)
-        ]
+    def _parts(self, members: list[RowInput], starts: list[int], cuts: list[list[int]]) -> _Group:
+        """`members` attended as the parts `cuts`, their outputs put back in the members' order."""
+        parts = [self._group([members[i] for i in c], len(c), [starts[i] for i in c]) for c in cuts]
         # where each flat token of the group lands in the parts' padded outputs, concatenated
         where: dict[int, int] = {}
         o = 0
@@ -795,12 +776,7 @@ class ModelRunner:
         )
 
     def _group(
-        self,
-        members: list[RowInput],
-        g: int,
-        starts: list[int] | None,
-        slots: int | None = None,
-        shared: bool = False,
+        self, members: list[RowInput], g: int, starts: list[int] | None, slots: int | None = None
     ) -> _Group:
         """Key slots and masks for `members` padded to `g` rows (padding rows see only the scratch slot) and, if
         given, to `slots` key slots per row (padding slots point at the scratch block, masked). `starts`: each
@@ -847,9 +823,6 @@ class ModelRunner:
         # slots past a row's keys (the tail of a prefix's or its own last block, padding) read the pool's zero slot,
         # not what they hold: stale NaN there would survive the -inf mask (NaN score, 0 x NaN value)
         gather = torch.where(valid.reshape(g * s), gather, self.pool.zero_slot)
-        if shared:
-            # one row's keys: the last member's view holds them all (the others' masks hide the later ones)
-            gather = gather.view(g, s)[-1]
         k_pos = torch.where(in_prefix, j, prefix_len[:, None] + own_j)
         k_pos = torch.where(valid, k_pos, torch.full_like(k_pos, _BIG))
         allowed = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # [g, 1, q, s]
@@ -865,7 +838,6 @@ class ModelRunner:
             mask=mask,
             tok_idx=tok_idx.reshape(-1) if gathers else None,
             out_idx=views[2] if prefill else None,
-            shared=shared,
         )
 
     # ------------------------------------------------------------------ forward
@@ -879,13 +851,7 @@ class ModelRunner:
         g, hq, nq, d = q.shape
         k_heads = kv.shape[2]
         assert grp.gather is not None and grp.mask is not None
-        if grp.shared:
-            # every row attends one row's keys: gathered once, seen through a stride-0 view (the CPU's chunked
-            # attention copies them per member for its contiguous operands)
-            kvg = kv.index_select(1, grp.gather).view(2, 1, grp.s, k_heads, d).transpose(2, 3)
-            kvg = kvg.expand(2, grp.g, k_heads, grp.s, d)
-        else:  # [2, g, K, S, D]
-            kvg = kv.index_select(1, grp.gather).view(2, grp.g, grp.s, k_heads, d).transpose(2, 3)
+        kvg = kv.index_select(1, grp.gather).view(2, grp.g, grp.s, k_heads, d).transpose(2, 3)  # [2,g,K,S,D]
         qf = q.reshape(g, k_heads, hq // k_heads * nq, d)
         if nq == 1 and self.device.type == "cpu":
             o = _chunked_attention(qf, kvg[0], kvg[1], grp.mask, d**-0.5 if scale is None else scale)
