@@ -910,13 +910,12 @@ def _one_off_settings(ns: argparse.Namespace) -> Settings | int:
     return st
 
 
-def _load_bundle(ns: argparse.Namespace, st: Settings | int | None = None) -> Any:
-    """The base model of `_one_off_settings` (`st`, or read now); an exit code after printing why if the settings
-    are invalid or the model does not load."""
+def _load_bundle(ns: argparse.Namespace, settings: Settings | None = None) -> Any:
+    """The base model of `_one_off_settings` (`settings`, or read now); an exit code after printing why if the
+    settings are invalid or the model does not load."""
     from server.model import load_model
 
-    if st is None:
-        st = _one_off_settings(ns)
+    st = _one_off_settings(ns) if settings is None else settings
     if isinstance(st, int):
         return st
     try:

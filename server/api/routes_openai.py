@@ -502,9 +502,8 @@ async def get_model(
     try:
         meta = await store_call(svc, svc.servable_meta, tenant, name, version, what="model")
     except APIError as e:
-        if (
-            e.status == 404
-        ):  # what the generation routes answer an unknown model (with a base-model name's hint)
+        # what the generation routes answer an unknown model (with a base-model name's hint)
+        if e.status == 404:
             raise model_not_found(model, hinted(principal, model, served)) from None
         raise
     if meta.base_model_fingerprint != svc.bundle.fingerprint:

@@ -198,9 +198,8 @@ class LLMEngine:
             )
         # a request's own tokens (prompt + output) may hold at most half the pool less a block (`validate`)
         self.max_request_tokens = max((num_blocks // 2 - 1) * cfg.block_size, 0)
-        if (
-            self.max_request_tokens == 0
-        ):  # (a server that says it is ready and refuses every request: vLLM's too)
+        # (a server that says it is ready and refuses every request: vLLM's too)
+        if self.max_request_tokens == 0:
             raise ValueError(
                 f"the KV cache ({num_blocks} blocks of {cfg.block_size} tokens, "
                 f"{num_blocks * block_bytes / 2**20:.2f} MiB) holds no request: at least 4 blocks "
